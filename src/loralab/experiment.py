@@ -1,0 +1,145 @@
+"""Experiment folders (seed 004's format): ``adapter_config.json`` (any peft config, as written by
+``LoraConfig(...).save_pretrained``; absent = full fine-tuning) and ``training_parameters.json``
+(only what differs from the defaults in ``loralab.config``). Reading one checks everything that
+can be checked without loading a model and raises one ConfigError listing every problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loralab.config import ConfigError, TrainingParameters, build_parameters, suggest
+from loralab.models import check_model_id
+
+ADAPTER_FILE = "adapter_config.json"
+PARAMS_FILE = "training_parameters.json"
+
+
+@dataclass
+class Experiment:
+    path: Path
+    name: str
+    params: TrainingParameters
+    peft_config: Any  # a peft config, or None for full fine-tuning
+    train_params_sha: str
+    peft_config_sha: str | None
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def experiment_name(path: Path) -> str:
+    """``<method>/<name>`` relative to the nearest ``experiments`` folder, else the folder name."""
+    parts = path.resolve().parts
+    if "experiments" in parts:
+        idx = len(parts) - 1 - parts[::-1].index("experiments")
+        rest = parts[idx + 1 :]
+        if rest:
+            return "/".join(rest)
+    return path.resolve().name
+
+
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        problems.append(f"{path.name}: not valid JSON ({exc})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name}: must hold a JSON object, got {type(data).__name__}")
+        return None
+    return data
+
+
+def load_peft_config(data: dict, problems: list[str]):
+    """A peft config from adapter_config.json data; unknown keys and bad values become problems."""
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = data.get("peft_type", "LORA")
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        problems.append(f"adapter_config.json 'peft_type' = {peft_type!r} is unknown{suggest(str(peft_type), PEFT_TYPE_TO_CONFIG_MAPPING)}")
+        return None
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(f"adapter_config.json: unknown key '{key}'{suggest(key, fields)}")
+        else:
+            kwargs[key] = value
+    if peft_type == "LORA":
+        r = kwargs.get("r", 8)
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            problems.append(f"adapter_config.json 'r' = {r!r} must be a positive integer")
+        alpha = kwargs.get("lora_alpha", 8)
+        if not isinstance(alpha, (int, float)) or alpha <= 0:
+            problems.append(f"adapter_config.json 'lora_alpha' = {alpha!r} must be a positive number")
+        dropout = kwargs.get("lora_dropout", 0.0)
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            problems.append(f"adapter_config.json 'lora_dropout' = {dropout!r} must be in [0, 1)")
+    if any(p.startswith("adapter_config.json") for p in problems):
+        return None
+    try:
+        config = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"adapter_config.json: {exc}")
+        return None
+    if not isinstance(config, PeftConfig):  # pragma: no cover - mapping guarantees it
+        problems.append("adapter_config.json: not a peft config")
+    return config
+
+
+def read_experiment(path) -> Experiment:
+    """Read and check an experiment folder; raises ConfigError with every problem found."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError([f"experiment folder {str(path)!r} does not exist"], str(path))
+    problems: list[str] = []
+    overrides: dict = {}
+    params_path = path / PARAMS_FILE
+    if params_path.exists():
+        overrides = _read_json(params_path, problems) or {}
+    elif (path / "training_params.json").exists():
+        problems.append(f"found training_params.json; loralab reads {PARAMS_FILE} (rename it)")
+    peft_data = None
+    peft_config = None
+    if (path / ADAPTER_FILE).exists():
+        peft_data = _read_json(path / ADAPTER_FILE, problems)
+        if peft_data is not None:
+            peft_config = load_peft_config(peft_data, problems)
+    params = None
+    try:
+        params = build_parameters(overrides, source=str(params_path))
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if params is not None:
+        problems.extend(check_model_id(params.model_id))
+        from loralab.tasks import TASKS
+
+        if params.task not in TASKS:
+            problems.append(f"'task' = {params.task!r} is unknown{suggest(params.task, TASKS)}; known: {', '.join(sorted(TASKS))}")
+        else:
+            problems.extend(TASKS[params.task].check(params))
+        if params.optimizer == "lorafa" and peft_config is None:
+            problems.append("'optimizer' = 'lorafa' needs a LoRA adapter_config.json (LoRA-FA freezes lora_A)")
+        if params.init is not None and peft_config is None:
+            problems.append(f"'init' = {params.init!r} needs a LoRA adapter_config.json")
+        if params.magnitude_only_modules and not (peft_config is not None and getattr(peft_config, "use_dora", False)):
+            problems.append("'magnitude_only_modules' needs a DoRA adapter_config.json (use_dora: true)")
+    if problems:
+        raise ConfigError(problems, str(path))
+    return Experiment(
+        path=path,
+        name=experiment_name(path),
+        params=params,
+        peft_config=peft_config,
+        train_params_sha=sha256_json(params.to_dict()),
+        peft_config_sha=sha256_json(peft_data) if peft_data is not None else None,
+    )

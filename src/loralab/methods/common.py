@@ -1,0 +1,142 @@
+"""What every low-rank method shares: target resolution, the classification head, rank checks,
+building the peft model, and saving residual-init adapters in a form plain peft loads.
+
+Seed 000 adapts "all linear layers except the classifier head". What the head is depends on the
+architecture: RoBERTa's ``classifier`` has its own dense layer, while BERT models (MiniLM) feed the
+classifier through ``pooler.dense``; leaving that pooler frozen (or low-rank) leaves a one-layer
+regressor on frozen features, which fails STS-B at seed 000's learning rate. So the head, pooler
+included, trains fully (peft ``modules_to_save``) and is saved with the adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import torch
+from torch import nn
+
+HEAD_NAMES = ("classifier", "score", "pooler")
+OUTPUT_NAMES = ("lm_head",)
+
+
+def head_modules(model) -> list[str]:
+    """Top-level-ish names of the modules that form a classification head, which train fully."""
+    names = []
+    for name, module in model.named_modules():
+        leaf = name.split(".")[-1]
+        if leaf in ("classifier", "score") and name.count(".") == 0:
+            names.append(leaf)
+        elif leaf == "pooler" and module is not None and any(True for _ in module.parameters()):
+            names.append("pooler")
+    return sorted(set(names))
+
+
+def linear_names(model, exclude_heads: bool = True) -> list[str]:
+    """Qualified names of every nn.Linear outside the head (and outside lm_head)."""
+    heads = head_modules(model) if exclude_heads else []
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = name.split(".")
+        if any(p in heads for p in parts) or parts[-1] in OUTPUT_NAMES:
+            continue
+        out.append(name)
+    return out
+
+
+def resolve_config(model, peft_config, kind: str):
+    """A copy of the peft config with ``all-linear`` expanded to explicit names and the head saved.
+
+    Explicit names are needed anyway by peft's CorDA preprocessing, and they make the saved
+    adapter_config say exactly which layers were adapted.
+    """
+    cfg = copy.deepcopy(peft_config)
+    if cfg.target_modules in ("all-linear", None) or cfg.target_modules == {"all-linear"}:
+        cfg.target_modules = linear_names(model)
+    if kind == "seq_cls":
+        heads = head_modules(model)
+        cfg.modules_to_save = sorted(set(list(cfg.modules_to_save or []) + heads))
+        cfg.task_type = "SEQ_CLS"
+    elif kind == "causal_lm" and cfg.task_type is None:
+        cfg.task_type = "CAUSAL_LM"
+    return cfg
+
+
+def targeted_linears(model, cfg) -> dict[str, nn.Linear]:
+    """The modules peft will wrap, found with peft's own matching rule."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and check_target_module_exists(cfg, name)
+    }
+
+
+def rank_for(cfg, name: str) -> int:
+    from peft.utils.other import get_pattern_key
+
+    if cfg.rank_pattern:
+        key = get_pattern_key(cfg.rank_pattern.keys(), name)
+        if key in cfg.rank_pattern:
+            return cfg.rank_pattern[key]
+    return cfg.r
+
+
+def check_ranks(model, cfg) -> list[str]:
+    """A rank above min(in, out) cannot be a low-rank factorisation of that layer."""
+    problems = []
+    targets = targeted_linears(model, cfg)
+    if not targets:
+        problems.append(f"adapter_config.json 'target_modules' = {cfg.target_modules!r} matches no nn.Linear of the model")
+    bad = {}
+    for name, module in targets.items():
+        r = rank_for(cfg, name)
+        limit = min(module.in_features, module.out_features)
+        if r > limit:
+            bad.setdefault((r, limit, module.in_features, module.out_features), []).append(name)
+    for (r, limit, i, o), names in bad.items():
+        problems.append(
+            f"adapter_config.json 'r' = {r} is larger than layer {names[0]} ({i}->{o}) allows "
+            f"(at most {limit}); {len(names)} layer(s) affected"
+        )
+    return problems
+
+
+def build_peft(model, cfg):
+    from peft import get_peft_model
+
+    return get_peft_model(model, cfg, autocast_adapter_dtype=True)
+
+
+def lora_modules(peft_model):
+    """(name, LoraLayer) pairs of the peft model."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+
+
+class ResidualSaver:
+    """Saves an adapter whose init changed the base weights (PiSSA, OLoRA, CorDA, ...) as a plain
+    LoRA of rank 2r on the original base (ΔW = BA − B₀A₀, peft's documented conversion), so
+    ``PeftModel.from_pretrained(original_base, dir)`` reproduces the trained model."""
+
+    def __init__(self, peft_model):
+        self.dir = tempfile.TemporaryDirectory(prefix="loralab-init-")
+        cfg = peft_model.peft_config["default"]
+        original = cfg.init_lora_weights
+        cfg.init_lora_weights = True
+        peft_model.save_pretrained(self.dir.name)
+        cfg.init_lora_weights = original
+
+    def save(self, peft_model, out_dir):
+        peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=self.dir.name)
+
+
+@torch.no_grad()
+def freeze_lora_A(peft_model):
+    for name, param in peft_model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)

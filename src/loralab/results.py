@@ -1,0 +1,109 @@
+"""The result record and where it goes (seed 004): ``results/`` for a main run (branch main, clean
+tree, success), ``temporary_results/`` otherwise, ``cancelled_results/`` after Ctrl-C.
+``$LORALAB_RESULTS_DIR`` replaces the root folder (default: the current directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+REQUIRED = {
+    "run_info": ("created_at", "total_time", "experiment_name", "git", "train_params_sha", "peft_config_sha", "config"),
+    "train_info": ("status", "train_time", "trainable_params", "file_size", "metrics"),
+    "eval": (),
+    "meta_info": ("model", "dataset", "package_info", "system_info"),
+}
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "loralab")
+
+
+def git_state(where: Path) -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"commit": None, "branch": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    branch = git("rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
+    return {"commit": head.stdout.strip(), "branch": branch, "dirty": bool(status.stdout.strip())}
+
+
+def results_root() -> Path:
+    return Path(os.environ.get("LORALAB_RESULTS_DIR", "."))
+
+
+def route(status: str, git: dict) -> Path:
+    if status == "cancelled":
+        folder = "cancelled_results"
+    elif status == "success" and git.get("branch") == "main" and git.get("dirty") is False:
+        folder = "results"
+    else:
+        folder = "temporary_results"
+    return results_root() / folder
+
+
+def package_info() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def system_info() -> dict:
+    import torch
+
+    info = {
+        "system": platform.system(),
+        "release": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def validate(record: dict) -> list[str]:
+    """Missing sections/keys of a result record (used by tests and before writing)."""
+    problems = []
+    for section, keys in REQUIRED.items():
+        if section not in record:
+            problems.append(f"missing section {section}")
+            continue
+        for key in keys:
+            if key not in record[section]:
+                problems.append(f"missing {section}.{key}")
+    if "eval" in record and not all(isinstance(v, (int, float)) for v in record["eval"].values()):
+        problems.append("eval must map names to numbers")
+    return problems
+
+
+def write_result(record: dict, git: dict) -> Path:
+    status = record["train_info"]["status"]
+    folder = route(status, git)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = record["run_info"]["experiment_name"].replace("/", "--")
+    stamp = record["run_info"]["created_at"].replace(":", "-")
+    path = folder / f"{stem}--{stamp}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.rename(path)
+    return path

@@ -1,0 +1,163 @@
+"""GLUE classification and regression tasks (seed 000's table: CoLA, SST-2, MRPC, QNLI, RTE, STS-B).
+
+Training uses the train split, evaluation the validation (dev) split, as seed 000 did. Metrics are
+the GLUE ones, computed with scipy/scikit-learn rather than ``evaluate`` (which downloads metric code
+at run time): CoLA Matthews correlation, MRPC accuracy + F1, STS-B Pearson + Spearman (regression
+head, ``num_labels=1``), the rest accuracy.
+
+Data: a local folder in the classic GLUE TSV layout (``<data_dir>/glue/<Task>/{train,dev}.tsv`` or
+``<data_dir>/<Task>/...``) or the hub (``nyu-mll/glue``) when no data_dir is given.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HUB_ID = "nyu-mll/glue"
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    folder: str  # GLUE TSV folder name
+    hub_name: str
+    text_fields: tuple[str, ...]  # hub column names
+    tsv_columns: tuple  # (text column(s)..., label column) by header name or index
+    has_header: bool
+    num_labels: int
+    metrics: tuple[str, ...]
+    kind: str = "seq_cls"
+
+    # ---- data -------------------------------------------------------------------------------
+    def folder_path(self, data_dir) -> Path:
+        root = Path(data_dir).expanduser()
+        return root / "glue" / self.folder if (root / "glue").is_dir() else root / self.folder
+
+    def check(self, params) -> list[str]:
+        if not params.data_dir:
+            return []
+        if not Path(params.data_dir).expanduser().is_dir():
+            return [f"'data_dir' = {params.data_dir!r}: no such folder"]
+        problems = []
+        for split in ("train", "dev"):
+            path = self.folder_path(params.data_dir) / f"{split}.tsv"
+            if not path.exists():
+                problems.append(
+                    f"'data_dir' = {params.data_dir!r}: task {self.name} needs {path} (GLUE TSV layout: glue/{self.folder}/train.tsv and dev.tsv)"
+                )
+        return problems
+
+    def _read_tsv(self, path: Path) -> list[tuple]:
+        rows = []
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader) if self.has_header else None
+            idx = [header.index(c) if isinstance(c, str) else c for c in self.tsv_columns]
+            for line in reader:
+                if len(line) <= max(idx):
+                    continue
+                *texts, label = (line[i] for i in idx)
+                rows.append((tuple(texts), self._label(label)))
+        return rows
+
+    def _label(self, raw):
+        if self.num_labels == 1:
+            return float(raw)
+        if raw in ("entailment", "not_entailment"):
+            return 0 if raw == "entailment" else 1  # the hub's RTE/QNLI label ids
+        return int(raw)
+
+    def _read_hub(self, split: str) -> tuple[list[tuple], dict]:
+        import datasets  # lazy: only hub users need it
+
+        ds = datasets.load_dataset(HUB_ID, self.hub_name, split=split)
+        rows = [(tuple(r[f] for f in self.text_fields), r["label"]) for r in ds]
+        return rows, {"dataset": HUB_ID, "config": self.hub_name, "split": split, "fingerprint": ds._fingerprint}
+
+    def read(self, split: str, data_dir) -> tuple[list[tuple], dict]:
+        """Rows of (texts, label) for ``train`` or ``dev`` and their provenance."""
+        if not data_dir:
+            return self._read_hub("train" if split == "train" else "validation")
+        path = self.folder_path(data_dir) / f"{split}.tsv"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._read_tsv(path), {"file": str(path), "sha256": digest}
+
+    def tokenize(self, rows, tokenizer, params) -> list[dict]:
+        texts = list(zip(*[r[0] for r in rows])) if rows else []
+        enc = tokenizer(
+            *texts,
+            truncation=True,
+            max_length=params.max_length,
+            padding="max_length" if params.pad_to_max_length else False,
+        )
+        return [
+            {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": rows[i][1]}
+            | ({"token_type_ids": enc["token_type_ids"][i]} if "token_type_ids" in enc else {})
+            for i in range(len(rows))
+        ]
+
+    def load(self, params, tokenizer):
+        from loralab.tasks import TaskData
+
+        train_rows, train_prov = self.read("train", params.data_dir)
+        eval_rows, eval_prov = self.read("dev", params.data_dir)
+        if params.max_train_samples:
+            rng = np.random.default_rng(params.seed)
+            keep = np.sort(rng.permutation(len(train_rows))[: params.max_train_samples])
+            train_rows = [train_rows[i] for i in keep]
+        if params.max_eval_samples:
+            eval_rows = eval_rows[: params.max_eval_samples]
+        return TaskData(
+            train=self.tokenize(train_rows, tokenizer, params),
+            eval=self.tokenize(eval_rows, tokenizer, params),
+            provenance={"train": train_prov, "eval": eval_prov},
+        )
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def score(self, predictions, references) -> dict[str, float]:
+        return compute_metrics(self.metrics, np.asarray(predictions), np.asarray(references))
+
+    def evaluate(self, model, tokenizer, data, params, out_dir=None) -> dict[str, float]:
+        from loralab.train import predict
+
+        outputs = predict(model, tokenizer, data.eval, params)
+        preds = outputs[:, 0] if self.num_labels == 1 else outputs.argmax(-1)
+        refs = [f["labels"] for f in data.eval]
+        return self.score(preds, refs)
+
+
+def compute_metrics(names, preds, refs) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    out = {}
+    for name in names:
+        if name == "accuracy":
+            out[name] = float((preds == refs).mean())
+        elif name == "f1":
+            out[name] = float(f1_score(refs, preds))
+        elif name == "matthews_correlation":
+            out[name] = float(matthews_corrcoef(refs, preds))
+        elif name == "pearson":
+            out[name] = float(pearsonr(preds, refs)[0])
+        elif name == "spearmanr":
+            out[name] = float(spearmanr(preds, refs)[0])
+        else:
+            raise ValueError(f"unknown GLUE metric {name!r}")
+    return out
+
+
+_TASKS = [
+    GlueTask("glue/cola", "CoLA", "cola", ("sentence",), (3, 1), False, 2, ("matthews_correlation",)),
+    GlueTask("glue/sst2", "SST-2", "sst2", ("sentence",), ("sentence", "label"), True, 2, ("accuracy",)),
+    GlueTask("glue/mrpc", "MRPC", "mrpc", ("sentence1", "sentence2"), ("#1 String", "#2 String", "Quality"), True, 2, ("accuracy", "f1")),
+    GlueTask("glue/qnli", "QNLI", "qnli", ("question", "sentence"), ("question", "sentence", "label"), True, 2, ("accuracy",)),
+    GlueTask("glue/rte", "RTE", "rte", ("sentence1", "sentence2"), ("sentence1", "sentence2", "label"), True, 2, ("accuracy",)),
+    GlueTask("glue/stsb", "STS-B", "stsb", ("sentence1", "sentence2"), ("sentence1", "sentence2", "score"), True, 1, ("pearson", "spearmanr")),
+]
+TASKS = {t.name: t for t in _TASKS}

@@ -1,0 +1,294 @@
+"""The one training loop behind ``loralab run``: build the model and the method's adapter, train,
+evaluate, save a peft adapter, and return the result record. Read it top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loralab import results
+from loralab.experiment import Experiment
+from loralab.methods import choose_method
+from loralab.models import load_model, load_tokenizer, model_provenance
+from loralab.tasks import get_task
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def collate(features: list[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized features; token labels pad with -100, scalar labels stack."""
+    length = pad_to or max(len(f["input_ids"]) for f in features)
+    batch = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if key in features[0]:
+            batch[key] = torch.tensor([f[key] + [fill] * (length - len(f[key])) for f in features])
+    if "labels" in features[0]:
+        labels = [f["labels"] for f in features]
+        if isinstance(labels[0], list):
+            batch["labels"] = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels])
+        else:
+            batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+    return batch
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+@torch.no_grad()
+def predict(model, tokenizer, features, params) -> np.ndarray:
+    """Logits of a classification model over tokenized features, in order."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    pad_to = params.max_length if params.pad_to_max_length else None
+    for start in range(0, len(features), params.eval_batch_size):
+        chunk = [{k: v for k, v in f.items() if k != "labels"} for f in features[start : start + params.eval_batch_size]]
+        batch = {k: v.to(device) for k, v in collate(chunk, _pad_id(tokenizer), pad_to).items()}
+        out.append(model(**batch).logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+@dataclass
+class MethodContext:
+    """What a method may ask of the run: calibration data for data-driven inits."""
+
+    params: object
+    train_features: list
+    tokenizer: object
+
+    def calibration_samples(self) -> list[dict]:
+        cal = self.params.calibration
+        if cal["dataset"] is not None:
+            from loralab.decomposition.calibration import load_calibration  # data sets of seed 001
+
+            return load_calibration(cal["dataset"], self.tokenizer, cal["num_samples"], cal["seed"], self.params.data_dir)
+        n = min(cal["num_samples"], len(self.train_features))
+        if cal["sampling"] == "first":
+            idx = range(n)
+        else:
+            idx = sorted(np.random.default_rng(cal["seed"]).permutation(len(self.train_features))[:n].tolist())
+        return [{k: v for k, v in self.train_features[i].items() if k != "labels"} for i in idx]
+
+
+class MemoryMeter:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.samples: list[int] = []
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def sample(self):
+        if self.cuda:
+            self.samples.append(torch.cuda.memory_allocated())
+
+    def summary(self) -> dict:
+        if not self.cuda:
+            return {"peak_rss": results.peak_rss_bytes()}
+        s = np.array(self.samples or [0])
+        return {
+            "cuda_memory_avg": int(s.mean()),
+            "cuda_memory_max": int(torch.cuda.max_memory_allocated()),
+            "cuda_memory_99th": int(np.percentile(s, 99)),
+        }
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def output_dir(exp: Experiment, created_at: str) -> Path:
+    root = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
+    return root / f"{exp.name.replace('/', '--')}--{created_at.replace(':', '-')}"
+
+
+def build(exp: Experiment):
+    """Model, tokenizer, task data, adapted model, saver and method: everything before training.
+
+    Method-specific checks that need the model's layer shapes run here, before any training.
+    """
+    from loralab.config import ConfigError
+    from loralab.methods.common import resolve_config
+
+    params = exp.params
+    task = get_task(params.task)
+    tokenizer = load_tokenizer(params.model_id)
+    model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = _pad_id(tokenizer)
+    cfg = resolve_config(model, exp.peft_config, task.kind) if exp.peft_config is not None else None
+    method = choose_method(cfg, params)
+    problems = method.check(model, cfg, params)
+    if problems:
+        raise ConfigError(problems, str(exp.path))
+    data = task.load(params, tokenizer)
+    if not data.train:
+        raise ConfigError([f"task {params.task} has no training examples in {params.data_dir or 'the hub'}"], str(exp.path))
+    device = pick_device(params.device)
+    model.to(device)
+    ctx = MethodContext(params, data.train, tokenizer)
+    model, saver = method.apply(model, cfg, params, ctx)
+    return task, tokenizer, data, model, saver, method, cfg, device
+
+
+def make_optimizer(model, method, cfg, params):
+    custom = getattr(method, "make_optimizer", None)
+    optimizer = custom(model, cfg, params) if custom else None
+    if optimizer is None:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
+    return optimizer
+
+
+def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
+    """Train and evaluate one experiment; returns (result record, result path).
+
+    Ctrl-C during training writes a ``cancelled`` record and then re-raises KeyboardInterrupt.
+    """
+    from transformers import get_scheduler
+
+    params = exp.params
+    start = time.perf_counter()
+    created_at = results.now_iso()
+    git = results.git_state(exp.path)
+    seed_everything(params.seed)
+    task, tokenizer, data, model, saver, method, cfg, device = build(exp)
+    trainable = count_trainable(model)
+    optimizer = make_optimizer(model, method, cfg, params)
+
+    micro_per_epoch = math.ceil(len(data.train) / params.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // params.gradient_accumulation_steps)
+    total_steps = params.max_steps or max(1, math.ceil(params.num_epochs * steps_per_epoch))
+    scheduler = get_scheduler(
+        params.lr_scheduler, optimizer, num_warmup_steps=int(params.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    out_dir = output_dir(exp, created_at)
+    pad_to = params.max_length if params.pad_to_max_length else None
+    meter = MemoryMeter(device)
+    history: list[dict] = []
+    status, step, samples_seen, running = "success", 0, 0, []
+    rng = np.random.default_rng(params.seed)
+    train_time = 0.0
+    bar = tqdm(total=total_steps, desc=f"train {exp.name}", disable=not verbose, dynamic_ncols=True)
+
+    def log_eval(tag: str):
+        metrics = task.evaluate(model, tokenizer, data, params, out_dir if tag == "final" else None)
+        model.train()
+        return metrics
+
+    model.train()
+    try:
+        while step < total_steps:
+            order = rng.permutation(len(data.train))
+            batches = [order[i : i + params.batch_size] for i in range(0, len(order), params.batch_size)]
+            for i in range(0, len(batches) - params.gradient_accumulation_steps + 1, params.gradient_accumulation_steps):
+                t0 = time.perf_counter()
+                group = batches[i : i + params.gradient_accumulation_steps]
+                n_group = sum(len(b) for b in group)
+                loss_sum = 0.0
+                for idx in group:
+                    batch = {k: v.to(device) for k, v in collate([data.train[j] for j in idx], _pad_id(tokenizer), pad_to).items()}
+                    loss = model(**batch).loss
+                    (loss * len(idx) / n_group).backward()
+                    loss_sum += loss.item() * len(idx)
+                    meter.sample()
+                if params.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], params.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                samples_seen += n_group
+                running.append(loss_sum / n_group)
+                train_time += time.perf_counter() - t0
+                bar.update(1)
+                if step % params.logging_steps == 0 or step == total_steps:
+                    entry = {"step": step, "train loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0], "train samples": samples_seen}
+                    running = []
+                    if params.eval_steps and step % params.eval_steps == 0 and step != total_steps:
+                        entry.update({f"eval {k}": v for k, v in log_eval("step").items()})
+                    history.append(entry)
+                    bar.set_postfix(loss=f"{entry['train loss']:.4f}")
+                elif params.eval_steps and step % params.eval_steps == 0:
+                    history.append({"step": step, "train samples": samples_seen, **{f"eval {k}": v for k, v in log_eval("step").items()}})
+                if step >= total_steps:
+                    break
+    except KeyboardInterrupt:
+        status = "cancelled"
+    finally:
+        bar.close()
+
+    final_metrics: dict = {}
+    file_size = None
+    adapter_path = None
+    if status == "success":
+        final_metrics = log_eval("final")
+        history.append({"step": step, "train samples": samples_seen, **{f"final {k}": v for k, v in final_metrics.items()}})
+        adapter_path = out_dir / "adapter"
+        if saver is not None:
+            saver.save(model, adapter_path)
+        else:
+            model.save_pretrained(adapter_path)
+        tokenizer.save_pretrained(adapter_path)
+        weights = [p for p in adapter_path.iterdir() if p.suffix in (".safetensors", ".bin")]
+        file_size = sum(p.stat().st_size for p in weights)
+
+    record = {
+        "run_info": {
+            "created_at": created_at,
+            "total_time": time.perf_counter() - start,
+            "experiment_name": exp.name,
+            "git": git,
+            "train_params_sha": exp.train_params_sha,
+            "peft_config_sha": exp.peft_config_sha,
+            "method": method.NAME,
+            "config": {
+                "training_parameters": params.to_dict(),
+                "adapter_config": cfg.to_dict() if cfg is not None else None,
+            },
+        },
+        "train_info": {
+            "status": status,
+            "train_time": train_time,
+            "steps": step,
+            "total_steps": total_steps,
+            "trainable_params": trainable,
+            "file_size": file_size,
+            "adapter_path": str(adapter_path) if adapter_path else None,
+            **meter.summary(),
+            "metrics": history,
+        },
+        "eval": final_metrics,
+        "meta_info": {
+            "model": model_provenance(params.model_id),
+            "dataset": {"task": params.task, **data.provenance},
+            "package_info": results.package_info(),
+            "system_info": results.system_info(),
+        },
+    }
+    path = results.write_result(record, git)
+    if status == "cancelled":
+        raise KeyboardInterrupt(str(path))
+    return record, path
