@@ -1,0 +1,91 @@
+"""Memory-lean cross-entropy: the LM-head projection and the loss fused, chunked over tokens.
+
+A causal LM's loss normally materialises ``tokens × vocab`` logits, upcasts them to fp32 and keeps
+them (and their softmax) for backward: at 2,048 tokens and Llama-3's 128,256-word vocabulary that
+is a few GiB, more than all LoRA activations of a layer. Here the loss is computed chunk by chunk
+of tokens: each chunk's logits ``h_c Wᵀ`` live only while their loss and their gradients
+(``softmax − onehot``, folded back through W into ``∂L/∂h_c`` and, if W trains, into ``∂L/∂W``)
+are computed, all inside the forward. Backward then only scales those stored gradients by the
+incoming gradient, so neither pass ever holds more than one chunk of logits.
+
+The result equals ``F.cross_entropy(h @ W.T (+ b), labels, ignore_index=-100, reduction="sum")``
+to fp32 tolerance (logits and softmax are fp32 per chunk, as the plain loss upcasts them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, labels, chunk_size):
+        n, _ = hidden.shape
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, n, chunk_size):
+            h = hidden[start:start + chunk_size].to(weight.dtype)
+            y = labels[start:start + chunk_size]
+            logits = (h @ weight.T).float()
+            if bias is not None:
+                logits = logits + bias.float()
+            valid = y != IGNORE_INDEX
+            target = torch.where(valid, y, torch.zeros_like(y))
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+            if need_h or need_w or need_b:
+                # d(sum loss)/d logits = softmax - onehot on valid rows, 0 on ignored rows.
+                g = torch.softmax(logits, dim=-1)
+                g.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
+                g.mul_(valid[:, None])
+                if need_h:
+                    grad_h[start:start + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w.addmm_(g.T, h.float())
+                if need_b:
+                    grad_b += g.sum(dim=0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        dh, dw, db = ctx.dtypes
+        out_h = None if grad_h is None else (grad_h * grad_out).to(dh)
+        out_w = None if grad_w is None else (grad_w * grad_out).to(dw)
+        out_b = None if grad_b is None else (grad_b * grad_out).to(db)
+        return out_h, out_w, out_b, None, None
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                 bias: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (-100 ignored).
+
+    ``hidden`` is (tokens, d) or (..., d); labels match its leading shape. Returns an fp32 scalar
+    sum; divide by the number of valid labels for the mean.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size = {chunk_size!r}: must be a positive integer")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} tokens but labels has {labels.shape[0]}")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size)
+
+
+def plain_linear_cross_entropy(hidden, weight, labels, bias=None) -> torch.Tensor:
+    """The reference: full logits, fp32 upcast, summed cross-entropy."""
+    logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias).float()
+    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

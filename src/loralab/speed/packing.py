@@ -1,0 +1,128 @@
+"""No padding waste: packed causal-LM rows and length-grouped classification batches.
+
+Causal LMs: several samples are concatenated into one row, with ``position_ids`` restarting at 0
+for each sample and no ``attention_mask``. transformers (5.x) reads the restarts as sample
+boundaries (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal
+mask for sdpa / eager / flex attention, so no token attends across samples and each sample gets
+its own rotary positions. The first label of every sample is set to -100: after the usual shift
+it would otherwise be predicted from the previous sample's last token. Every other label (and the
+-100s of prompt masking) is kept, so the summed loss over a packed row equals the sum of the
+samples' unpacked losses.
+
+Classification: batches of samples of similar length (sorted inside shuffled mega-batches, as
+transformers' length-grouped sampler does), padded only to the longest sample of the batch.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+def pack_groups(lengths: list[int], max_tokens: int, *, seed: int | None = 0) -> list[list[int]]:
+    """Indices grouped so each group's total length is at most ``max_tokens`` (longer samples are
+    alone in their group and get truncated by ``pack_features``).
+
+    Order: shuffled (``seed``; None keeps the given order), then filled greedily in that order, so
+    the sample order stays random and no group waits for a better-fitting sample.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens = {max_tokens!r}: must be a positive integer")
+    order = list(range(len(lengths)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    groups, current, used = [], [], 0
+    for i in order:
+        n = min(lengths[i], max_tokens)
+        if current and used + n > max_tokens:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def pack_features(features: list[dict[str, Any]], max_tokens: int | None = None) -> dict[str, Any]:
+    """One packed row (batch size 1) from tokenized causal-LM features.
+
+    Each feature has ``input_ids`` and optionally ``labels`` (default: the input ids). Returns
+    torch tensors ``input_ids``, ``labels``, ``position_ids`` of shape (1, total) and the python
+    list ``seq_lens``. Samples longer than ``max_tokens`` are truncated to it.
+    """
+    import torch
+
+    if not features:
+        raise ValueError("pack_features needs at least one feature")
+    ids, labels, positions, seq_lens = [], [], [], []
+    for f in features:
+        sample_ids = list(f["input_ids"])
+        sample_labels = list(f.get("labels", sample_ids))
+        if len(sample_labels) != len(sample_ids):
+            raise ValueError(f"a feature has {len(sample_ids)} input_ids but {len(sample_labels)} labels")
+        if max_tokens is not None:
+            sample_ids, sample_labels = sample_ids[:max_tokens], sample_labels[:max_tokens]
+        if not sample_ids:
+            continue
+        sample_labels[0] = IGNORE_INDEX
+        ids += sample_ids
+        labels += sample_labels
+        positions += range(len(sample_ids))
+        seq_lens.append(len(sample_ids))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "seq_lens": seq_lens,
+    }
+
+
+def pad_features(features: list[dict[str, Any]], pad_token_id: int, *, pad_to: int | None = None,
+                 multiple_of: int = 8, label_key: str = "labels") -> dict[str, Any]:
+    """Right-padded batch: to ``pad_to`` if given, else to the longest sample rounded up to
+    ``multiple_of`` (tensor cores like multiples of 8). Sequence labels (an int per sample) are
+    stacked; token labels (a list per sample) are padded with -100."""
+    import torch
+
+    longest = max(len(f["input_ids"]) for f in features)
+    width = pad_to if pad_to is not None else -(-longest // multiple_of) * multiple_of
+    batch = {
+        "input_ids": torch.full((len(features), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
+    }
+    token_labels = features and isinstance(features[0].get(label_key), (list, tuple))
+    if token_labels:
+        batch[label_key] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    for row, f in enumerate(features):
+        ids = list(f["input_ids"])[:width]
+        batch["input_ids"][row, :len(ids)] = torch.tensor(ids)
+        batch["attention_mask"][row, :len(ids)] = 1
+        if token_labels:
+            lab = list(f[label_key])[:width]
+            batch[label_key][row, :len(lab)] = torch.tensor(lab)
+    if features and label_key in features[0] and not token_labels:
+        values = [f[label_key] for f in features]
+        dtype = torch.float if any(isinstance(v, float) for v in values) else torch.long
+        batch[label_key] = torch.tensor(values, dtype=dtype)
+    return batch
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, *, seed: int = 0,
+                           mega_batch: int = 50) -> list[list[int]]:
+    """Batches of indices with similar lengths: shuffle, cut into mega-batches of
+    ``batch_size × mega_batch`` samples, sort each by length, cut into batches, shuffle batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size!r}: must be a positive integer")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * mega_batch
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches

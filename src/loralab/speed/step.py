@@ -1,0 +1,170 @@
+"""The training step that ``loralab run`` and ``loralab bench`` share.
+
+- ``prepare_model(model, options)``: fast DoRA swap, fp32 adapter weights, input casts off under
+  autocast (so adapters read the bf16 activations instead of keeping fp32 copies of them), and
+  regional ``torch.compile`` of the decoder layers (off by default; parameter names unchanged).
+- ``causal_lm_loss(model, batch)``: mean next-token loss over labelled tokens and their count, with
+  the LM head fused into a chunked cross-entropy (``losses.py``) so no full logits are built.
+- ``seq_cls_loss(model, batch)``: the classification loss under the same autocast.
+- ``pack_features`` / ``pack_groups`` (packed causal-LM rows) and ``pad_features`` /
+  ``length_grouped_batches`` (classification) come from ``packing.py``.
+- ``adamw(model, lr, weight_decay)``: AdamW over the trainable parameters, fused on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loralab.speed.fast_dora import enable_fast_dora
+from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
+from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups, pad_features
+
+__all__ = ["SpeedOptions", "prepare_model", "causal_lm_loss", "seq_cls_loss", "adamw", "pack_features",
+           "pack_groups", "pad_features", "length_grouped_batches"]
+
+AUTOCAST_DTYPES = (None, "bfloat16", "float16")
+
+
+@dataclass
+class SpeedOptions:
+    fast_dora: bool = True
+    """Swap peft's DoRA forward for ``fast_dora`` (same outputs and adapter format)."""
+    autocast: str | None = None
+    """``bfloat16``/``float16``: run the step under autocast (adapters stay fp32); None: no autocast."""
+    compile: bool = False
+    """torch.compile each decoder layer (regional: short compile, names unchanged)."""
+    chunked_loss: bool = True
+    """Fused LM head + chunked cross-entropy instead of full logits."""
+    loss_chunk_size: int = 1024
+    """Tokens per cross-entropy chunk."""
+
+    def __post_init__(self):
+        problems = []
+        if self.autocast not in AUTOCAST_DTYPES:
+            problems.append(f"'autocast' = {self.autocast!r}; allowed: {', '.join(map(str, AUTOCAST_DTYPES))}")
+        for key in ("fast_dora", "compile", "chunked_loss"):
+            if not isinstance(getattr(self, key), bool):
+                problems.append(f"'{key}' = {getattr(self, key)!r}; allowed: true or false")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
+            problems.append(f"'loss_chunk_size' = {self.loss_chunk_size!r}; allowed: a positive integer")
+        if problems:
+            raise ValueError("speed options have problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> SpeedOptions:
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ValueError(f"unknown speed option(s) {', '.join(hints)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def _hf_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def prepare_model(model, options: SpeedOptions | dict | None = None):
+    """Apply the speed options to a (peft-wrapped) model in place and return it."""
+    options = options if isinstance(options, SpeedOptions) else SpeedOptions.from_dict(options)
+    if options.fast_dora:
+        enable_fast_dora(model)
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            # Keep activations in the autocast dtype; fp32 copies per adapter cost memory and time.
+            module.cast_input_dtype_enabled = options.autocast is None
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16) and "lora_" in name:
+            param.data = param.data.float()
+    if options.compile:
+        layers = _decoder_layers(model)
+        targets = layers if layers is not None else [model]
+        for layer in targets:
+            layer.compile()
+    model._loralab_speed = options
+    return model
+
+
+def _decoder_layers(model):
+    hf = _hf_model(model)
+    inner = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    for holder in (inner, getattr(inner, "encoder", None)):
+        layers = getattr(holder, "layers", None) if holder is not None else None
+        layers = layers if layers is not None else getattr(holder, "layer", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    return None
+
+
+def _options(model) -> SpeedOptions:
+    return getattr(model, "_loralab_speed", None) or SpeedOptions()
+
+
+def autocast_context(model, device_type: str):
+    dtype = _options(model).autocast
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+def _decoder_and_head(model):
+    """(decoder, lm_head) when the head is a plain linear layer the fused loss can replace."""
+    hf = _hf_model(model)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    decoder = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    config = getattr(hf, "config", None)
+    plain_head = type(head) is torch.nn.Linear
+    no_logit_tricks = config is not None and not getattr(config, "final_logit_softcapping", None) \
+        and getattr(config, "logit_scale", None) in (None, 1, 1.0)
+    if decoder is None or decoder is hf or not plain_head or not no_logit_tricks:
+        return None
+    return decoder, head
+
+
+def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
+    """Mean next-token cross-entropy over labelled tokens, and their number (a tensor).
+
+    ``batch`` holds ``input_ids``, ``labels`` and either ``attention_mask`` (padded) or
+    ``position_ids`` (packed, see ``pack_features``). ``chunked`` None follows the model's options.
+    """
+    options = _options(model)
+    chunked = options.chunked_loss if chunked is None else chunked
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    target = labels[:, 1:]
+    n_tokens = (target != IGNORE_INDEX).sum()
+    parts = _decoder_and_head(model) if chunked else None
+    with autocast_context(model, labels.device.type):
+        if parts is not None:
+            decoder, head = parts
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+            loss_sum = chunked_linear_cross_entropy(hidden, head.weight, target, head.bias, options.loss_chunk_size)
+        else:
+            logits = model(**inputs, use_cache=False).logits[:, :-1]
+            loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum / n_tokens.clamp_min(1), n_tokens
+
+
+def seq_cls_loss(model, batch: dict):
+    """Classification loss (the model's own) under the model's autocast, and the batch size."""
+    with autocast_context(model, batch["input_ids"].device.type):
+        loss = model(**batch).loss
+    return loss.float(), batch["input_ids"].shape[0]
+
+
+def adamw(model, lr: float = 1e-4, weight_decay: float = 0.0):
+    """AdamW over trainable parameters; fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)

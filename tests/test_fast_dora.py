@@ -1,0 +1,113 @@
+"""Fast DoRA equals peft's DoRA (outputs and gradients of A, B and magnitude) and saves as peft DoRA."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+from loralab.speed.fast_dora import FastDoraLinearVariant, dora_weight_norm, enable_fast_dora
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    return LlamaForCausalLM(cfg)
+
+
+def _pair(base, **lora_kwargs):
+    """peft DoRA with random (non-zero) A and B, and a copy with the fast forward."""
+    torch.manual_seed(1)
+    config = LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False, **lora_kwargs)
+    ref = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():  # move the magnitude off its init so m/n != 1 matters
+        for name, p in ref.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.rand_like(p))
+    fast = copy.deepcopy(ref)
+    assert enable_fast_dora(fast) > 0
+    return ref, fast
+
+
+def _compare(ref, fast, run, train: bool):
+    ref.train(train)
+    fast.train(train)
+    torch.manual_seed(2)
+    out_ref = run(ref)
+    torch.manual_seed(2)
+    out_fast = run(fast)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+    out_ref.pow(2).mean().backward()
+    out_fast.pow(2).mean().backward()
+    ref_params = dict(ref.named_parameters())
+    checked = {"lora_A": 0, "lora_B": 0, "lora_magnitude_vector": 0}
+    for name, p in fast.named_parameters():
+        if not p.requires_grad:
+            continue
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        for key in checked:
+            checked[key] += key in name
+    assert all(checked.values()), checked
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fast_dora_matches_peft_on_minilm(minilm_path, train):
+    base = AutoModel.from_pretrained(minilm_path)
+    ref, fast = _pair(base, target_modules=["query", "value", "dense"], lora_dropout=0.1 if train else 0.0)
+    ids = torch.randint(1000, 2000, (2, 16))
+    _compare(ref, fast, lambda m: m(input_ids=ids).last_hidden_state, train)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fast_dora_matches_peft_on_tiny_llama(train):
+    ref, fast = _pair(_tiny_llama(), target_modules="all-linear", lora_dropout=0.1 if train else 0.0)
+    ids = torch.randint(0, 256, (2, 12))
+    _compare(ref, fast, lambda m: m(input_ids=ids).logits, train)
+
+
+def test_weight_norm_formula_matches_dense_norm():
+    torch.manual_seed(0)
+    w, a, b = torch.randn(48, 32, dtype=torch.float64), torch.randn(4, 32, dtype=torch.float64), torch.randn(48, 4, dtype=torch.float64)
+    got = dora_weight_norm(w.pow(2).sum(1), w, a, b, scaling=0.7)
+    torch.testing.assert_close(got, torch.linalg.norm(w + 0.7 * b @ a, dim=1))
+
+
+def test_fast_dora_in_bf16_base_stays_close_to_fp32_reference():
+    ref, fast = _pair(_tiny_llama(), target_modules=["q_proj", "v_proj"])
+    fast = fast.to(torch.bfloat16)
+    for name, p in fast.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapters over a bf16 base, as peft's autocast_adapter_dtype does
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits.float(), ref(input_ids=ids).logits, rtol=0.05, atol=0.05)
+
+
+def test_fast_dora_saves_and_reloads_as_peft_dora(tmp_path):
+    base = _tiny_llama()
+    _, fast = _pair(base, target_modules="all-linear")
+    fast.eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        expected = fast(input_ids=ids).logits
+    fast.save_pretrained(tmp_path)
+    assert '"use_dora": true' in (tmp_path / "adapter_config.json").read_text()
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()  # plain peft DoRA
+    assert not any(isinstance(v, FastDoraLinearVariant) for m in reloaded.modules() for v in getattr(m, "lora_variant", {}).values())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        enable_fast_dora(reloaded)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert set(reloaded.state_dict()) == set(fast.state_dict())
+
+
+def test_weight_norm_cache_follows_a_changed_base_weight():
+    ref, fast = _pair(_tiny_llama(), target_modules=["q_proj"])
+    ids = torch.randint(0, 256, (1, 6))
+    for model in (ref, fast):
+        with torch.no_grad():
+            model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
