@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from loralab.tasks import glue
+from loralab.tasks import glue, instruct
 
 TASKS: dict[str, Any] = {
     **glue.TASKS,
+    **instruct.TASKS,
 }
 
 
