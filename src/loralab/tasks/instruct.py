@@ -259,7 +259,7 @@ class InstructTask:
                 f"task '{self.name}' loads {self.hub['path']!r} from the hub, which needs the 'datasets' package "
                 f"(pip install datasets); or set 'data_dir' to a folder holding {self.local_files[0]}"
             )
-        problems += _check_eval_names(self.eval_names(params))
+        problems += _check_evals(self.eval_names(params), params.eval_options)
         return problems
 
     def rows(self, params) -> tuple[list[dict], dict]:
@@ -326,22 +326,13 @@ class InstructTask:
         return metrics
 
 
-def _check_eval_names(names: list[str]) -> list[str]:
-    """Unknown evaluation names, with "did you mean", when loralab.evals publishes its registry."""
+def _check_evals(names: list[str], options: dict) -> list[str]:
+    """Unknown evaluation names ("did you mean") and bad eval options, found before any training."""
     try:
-        from loralab import evals
-    except ImportError:
+        from loralab.evals import validate_options
+    except ImportError:  # evaluations not in this checkout: they would fail at evaluation time
         return []
-    known = getattr(evals, "EVALS", None)
-    if not known:
-        return []
-    from loralab.config import suggest
-
-    return [
-        f"'eval_tasks' entry {n!r} is unknown{suggest(n, known)}; known: {', '.join(sorted(known))}"
-        for n in names
-        if n not in known
-    ]
+    return [f"'eval_tasks'/'eval_options': {p}" for p in validate_options(names, options)]
 
 
 TASKS: dict[str, InstructTask] = {
