@@ -28,17 +28,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, hidden, weight, bias, labels, chunk_size):
         n, _ = hidden.shape
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 logits (fp64 stays fp64)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(weight.dtype)
             y = labels[start:start + chunk_size]
-            logits = (h @ weight.T).float()
+            logits = (h @ weight.T).to(acc)
             if bias is not None:
-                logits = logits + bias.float()
+                logits = logits + bias.to(acc)
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, torch.zeros_like(y))
             lse = torch.logsumexp(logits, dim=-1)
@@ -52,7 +53,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
-                    grad_w.addmm_(g.T, h.float())
+                    grad_w.addmm_(g.T, h.to(acc))
                 if need_b:
                     grad_b += g.sum(dim=0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -87,5 +88,6 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
 
 def plain_linear_cross_entropy(hidden, weight, labels, bias=None) -> torch.Tensor:
     """The reference: full logits, fp32 upcast, summed cross-entropy."""
-    logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias).float()
+    logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

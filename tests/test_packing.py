@@ -1,0 +1,90 @@
+"""Packing: the packed loss equals the unpacked loss on the same samples, and no token attends
+across samples; grouping helpers cover every sample once."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups, pad_features
+from loralab.speed.step import causal_lm_loss
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval(), AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def _gsm8k_features(data_dir, tokenizer, n=3):
+    features = []
+    with open(data_dir / "gsm8k" / "train.jsonl") as fh:
+        for line in list(fh)[:n]:
+            row = json.loads(line)
+            prompt = tokenizer(f"Question: {row['question']}")["input_ids"][:24] + tokenizer("\nAnswer:")["input_ids"]
+            answer = tokenizer(" " + row["answer"])["input_ids"][:16]
+            features.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return features
+
+
+def test_packed_loss_equals_unpacked_loss(smollm2, data_dir):
+    model, tokenizer = smollm2
+    features = _gsm8k_features(data_dir, tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for f in features:  # one sample at a time: no padding, no packing
+            batch = {"input_ids": torch.tensor([f["input_ids"]]), "labels": torch.tensor([f["labels"]])}
+            loss, n = causal_lm_loss(model, batch, chunked=False)
+            total += loss.item() * n.item()
+            count += n.item()
+        packed = pack_features(features)
+        loss, n = causal_lm_loss(model, packed)
+    assert packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
+    assert n.item() == count
+    assert loss.item() == pytest.approx(total / count, rel=1e-4)
+
+
+def test_packed_samples_do_not_attend_across_boundaries():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    a, b, c = ({"input_ids": torch.randint(0, 100, (n,)).tolist()} for n in (7, 5, 9))
+    changed = {"input_ids": [(t + 7) % 100 for t in a["input_ids"]]}
+    with torch.no_grad():
+        logits = [model(**{k: v for k, v in pack_features(fs).items() if k in ("input_ids", "position_ids")},
+                        use_cache=False).logits[0] for fs in ([a, b, c], [changed, b, c])]
+        alone = model(input_ids=torch.tensor([b["input_ids"]]), use_cache=False).logits[0]
+    assert not torch.allclose(logits[0][:7], logits[1][:7])  # sample a itself changed
+    torch.testing.assert_close(logits[0][7:], logits[1][7:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0][7:12], alone, rtol=1e-5, atol=1e-5)  # own positions restart at 0
+
+
+def test_pack_features_masks_each_first_label_and_restarts_positions():
+    batch = pack_features([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}, {"input_ids": [1] * 9}], max_tokens=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["seq_lens"] == [3, 2, 4]
+
+
+def test_pack_groups_fill_the_token_budget_and_cover_every_sample():
+    lengths = [int(x) for x in torch.randint(1, 300, (500,), generator=torch.Generator().manual_seed(0))]
+    groups = pack_groups(lengths, max_tokens=1024, seed=3)
+    flat = sorted(i for g in groups for i in g)
+    assert flat == list(range(500))
+    assert all(sum(lengths[i] for i in g) <= 1024 for g in groups)
+    assert sum(lengths) / (len(groups) * 1024) > 0.8  # little budget left unused
+
+
+def test_length_grouped_batches_and_dynamic_padding():
+    lengths = [int(x) for x in torch.randint(3, 60, (1000,), generator=torch.Generator().manual_seed(0))]
+    batches = length_grouped_batches(lengths, batch_size=32, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded < 1.1 * sum(lengths)  # nearly no padding, against ~2x for random batches
+    batch = pad_features([{"input_ids": [1, 2, 3], "labels": 1}, {"input_ids": [4] * 10, "labels": 0}], pad_token_id=0)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 10]
+    assert batch["labels"].tolist() == [1, 0]
