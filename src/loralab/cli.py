@@ -12,6 +12,7 @@ COMMANDS = {
     "run": ("loralab.commands.run", "train, evaluate and save one or more experiment folders"),
     "methods": ("loralab.commands.methods", "list the adaptation methods, one line each"),
     "tasks": ("loralab.commands.tasks", "list the training tasks and evaluations"),
+    "bench": ("loralab.commands.bench", "training throughput: transformers + peft vs loralab, side by side"),
 }
 
 

@@ -25,33 +25,36 @@ def pack_groups(lengths: list[int], max_tokens: int, *, seed: int | None = 0) ->
     """Indices grouped so each group's total length is at most ``max_tokens`` (longer samples are
     alone in their group and get truncated by ``pack_features``).
 
-    Order: shuffled (``seed``; None keeps the given order), then filled greedily in that order, so
-    the sample order stays random and no group waits for a better-fitting sample.
+    Order: shuffled (``seed``; None keeps the given order), then each sample goes to the first
+    group with room (first fit, no sorting, so batches stay a random mix of lengths).
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens = {max_tokens!r}: must be a positive integer")
     order = list(range(len(lengths)))
     if seed is not None:
         random.Random(seed).shuffle(order)
-    groups, current, used = [], [], 0
-    for i in order:
+    groups, room = [], []
+    for i in order:  # first fit: the first open group with room, else a new group
         n = min(lengths[i], max_tokens)
-        if current and used + n > max_tokens:
-            groups.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        groups.append(current)
+        slot = next((g for g, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            groups.append([])
+            room.append(max_tokens)
+            slot = len(groups) - 1
+        groups[slot].append(i)
+        room[slot] -= n
     return groups
 
 
-def pack_features(features: list[dict[str, Any]], max_tokens: int | None = None) -> dict[str, Any]:
+def pack_features(features: list[dict[str, Any]], max_tokens: int | None = None, *,
+                  pad_to: int | None = None, pad_token_id: int = 0) -> dict[str, Any]:
     """One packed row (batch size 1) from tokenized causal-LM features.
 
     Each feature has ``input_ids`` and optionally ``labels`` (default: the input ids). Returns
     torch tensors ``input_ids``, ``labels``, ``position_ids`` of shape (1, total) and the python
-    list ``seq_lens``. Samples longer than ``max_tokens`` are truncated to it.
+    list ``seq_lens``. Samples longer than ``max_tokens`` are truncated to it. ``pad_to`` appends a
+    filler segment (its own positions, labels -100) so every row has the same length: fixed shapes
+    suit torch.compile and CUDA graphs, and the filler attends only to itself.
     """
     import torch
 
@@ -72,12 +75,27 @@ def pack_features(features: list[dict[str, Any]], max_tokens: int | None = None)
         labels += sample_labels
         positions += range(len(sample_ids))
         seq_lens.append(len(sample_ids))
+    if pad_to is not None and len(ids) < pad_to:
+        filler = pad_to - len(ids)
+        ids += [pad_token_id] * filler
+        labels += [IGNORE_INDEX] * filler
+        positions += range(filler)
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "seq_lens": seq_lens,
     }
+
+
+def pack_rows(groups: list[list[dict[str, Any]]], row_tokens: int, pad_token_id: int = 0) -> dict[str, Any]:
+    """Several packed rows of exactly ``row_tokens`` tokens, stacked into one (rows, row_tokens) batch."""
+    import torch
+
+    rows = [pack_features(g, row_tokens, pad_to=row_tokens, pad_token_id=pad_token_id) for g in groups]
+    batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
+    batch["seq_lens"] = [r["seq_lens"] for r in rows]
+    return batch
 
 
 def pad_features(features: list[dict[str, Any]], pad_token_id: int, *, pad_to: int | None = None,
