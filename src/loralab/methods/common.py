@@ -11,7 +11,6 @@ included, trains fully (peft ``modules_to_save``) and is saved with the adapter.
 from __future__ import annotations
 
 import copy
-import tempfile
 
 import torch
 from torch import nn
@@ -120,19 +119,48 @@ def lora_modules(peft_model):
 
 class ResidualSaver:
     """Saves an adapter whose init changed the base weights (PiSSA, OLoRA, CorDA, ...) as a plain
-    LoRA of rank 2r on the original base (ΔW = BA − B₀A₀, peft's documented conversion), so
-    ``PeftModel.from_pretrained(original_base, dir)`` reproduces the trained model."""
+    LoRA of rank 2r on the original base: ΔW = BA − B₀A₀ = [B | −B₀]·[A ; A₀] (peft's documented
+    conversion), so ``PeftModel.from_pretrained(original_base, dir)`` reproduces the trained model.
+
+    We do the concatenation ourselves from an in-memory snapshot of the initial A/B instead of
+    peft's ``path_initial_model_for_weight_conversion``: peft 0.21 reloads the initial adapter for
+    that, which fails with a KeyError when ``modules_to_save`` holds a BERT pooler.
+    """
 
     def __init__(self, peft_model):
-        self.dir = tempfile.TemporaryDirectory(prefix="loralab-init-")
-        cfg = peft_model.peft_config["default"]
-        original = cfg.init_lora_weights
-        cfg.init_lora_weights = True
-        peft_model.save_pretrained(self.dir.name)
-        cfg.init_lora_weights = original
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(peft_model)
+        self.initial = {k: v.detach().clone() for k, v in state.items() if "lora_A" in k or "lora_B" in k}
 
     def save(self, peft_model, out_dir):
-        peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=self.dir.name)
+        import json
+        import math
+        from pathlib import Path
+
+        from safetensors.torch import load_file, save_file
+
+        peft_model.save_pretrained(out_dir)
+        path = Path(out_dir) / "adapter_model.safetensors"
+        tensors = load_file(path)
+        for key, init in self.initial.items():
+            init = init.to(tensors[key].dtype)
+            if "lora_A" in key:
+                tensors[key] = torch.cat([tensors[key], init], dim=0).contiguous()
+            else:
+                tensors[key] = torch.cat([tensors[key], -init], dim=1).contiguous()
+        save_file(tensors, path, metadata={"format": "pt"})
+        cfg_path = Path(out_dir) / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        # rank doubles; alpha doubles too so alpha/r is unchanged (× √2 under rsLoRA: alpha/√r)
+        factor = math.sqrt(2) if cfg.get("use_rslora") else 2
+        cfg["r"] *= 2
+        cfg["lora_alpha"] *= factor
+        cfg["rank_pattern"] = {k: v * 2 for k, v in (cfg.get("rank_pattern") or {}).items()}
+        cfg["alpha_pattern"] = {k: v * factor for k, v in (cfg.get("alpha_pattern") or {}).items()}
+        cfg["init_lora_weights"] = True
+        cfg.pop("corda_config", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 @torch.no_grad()

@@ -153,7 +153,7 @@ def compute_metrics(names, preds, refs) -> dict[str, float]:
 
 
 _TASKS = [
-    GlueTask("glue/cola", "CoLA", "cola", ("sentence",), (3, 1), False, 2, ("matthews_correlation",)),
+    GlueTask("glue/cola", "CoLA", "cola", ("sentence",), (3, 1), False, 2, ("matthews_correlation", "accuracy")),
     GlueTask("glue/sst2", "SST-2", "sst2", ("sentence",), ("sentence", "label"), True, 2, ("accuracy",)),
     GlueTask("glue/mrpc", "MRPC", "mrpc", ("sentence1", "sentence2"), ("#1 String", "#2 String", "Quality"), True, 2, ("accuracy", "f1")),
     GlueTask("glue/qnli", "QNLI", "qnli", ("question", "sentence"), ("question", "sentence", "label"), True, 2, ("accuracy",)),

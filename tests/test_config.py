@@ -1,0 +1,131 @@
+"""Bad input stops a run before any training: exit code 2, every problem named at once, no result."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig
+
+from loralab.config import ConfigError, build_parameters, default_parameters, merge_parameters
+
+
+def write_exp(root: Path, params: dict, adapter: dict | None = None, name="exp") -> Path:
+    folder = root / "experiments" / "case" / name
+    folder.mkdir(parents=True)
+    (folder / "training_parameters.json").write_text(json.dumps(params))
+    if adapter is not None:
+        LoraConfig(**adapter).save_pretrained(folder)
+    return folder
+
+
+def run_cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "loralab", "run", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def no_results(env_root: Path) -> bool:
+    return not any(env_root.rglob("*.json")) if env_root.exists() else True
+
+
+def test_nested_dicts_merge_key_by_key():
+    merged, problems = merge_parameters({"calibration": {"num_samples": 32}})
+    assert not problems
+    assert merged["calibration"]["num_samples"] == 32
+    assert merged["calibration"]["seed"] == default_parameters()["calibration"]["seed"]
+    assert merged["calibration"]["sampling"] == "random"
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        build_parameters({"learning_rat": 1e-4, "batch_size": "32", "warmup_ratio": 1.5, "optimizer": "adamv", "calibration": {"n": 3}})
+    text = str(err.value)
+    assert "'learning_rat'" in text and "did you mean 'learning_rate'" in text
+    assert "'calibration.n'" in text and "num_samples" in text
+    # type/range checks run once the keys are known; fix the keys and the rest show up together
+    with pytest.raises(ConfigError) as err:
+        build_parameters({"batch_size": "32", "warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin"})
+    problems = err.value.problems
+    assert any("'batch_size'" in p and "wrong type" in p for p in problems)
+    build_parameters({"warmup_ratio": 0.1})  # a valid one passes
+    with pytest.raises(ConfigError) as err:
+        build_parameters({"warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin", "max_steps": 0})
+    text = str(err.value)
+    assert "'warmup_ratio' = 1.5" in text
+    assert "'optimizer' = 'adamv'" in text and "did you mean 'adamw'" in text and "lorafa" in text
+    assert "'lr_scheduler' = 'cosin'" in text
+    assert "'max_steps' = 0" in text
+    assert len(err.value.problems) == 4
+
+
+BASE = {"task": "glue/rte", "max_train_samples": 8, "max_eval_samples": 8, "max_steps": 1}
+
+
+@pytest.mark.parametrize(
+    "params,adapter,expected",
+    [
+        ({**BASE, "num_epoch": 3}, None, ["unknown key 'num_epoch'", "did you mean 'num_epochs'"]),
+        ({**BASE, "learning_rate": "fast"}, None, ["'learning_rate' = 'fast' has the wrong type"]),
+        ({**BASE, "batch_size": -4}, None, ["'batch_size' = -4 must be > 0"]),
+        ({**BASE, "task": "glue/rtee"}, None, ["'task' = 'glue/rtee' is unknown", "did you mean 'glue/rte'"]),
+        ({**BASE, "model_id": "./no/such/model"}, None, ["'model_id' = './no/such/model': no such local folder"]),
+        ({**BASE, "data_dir": "/nonexistent/data"}, None, ["'data_dir' = '/nonexistent/data': no such folder"]),
+    ],
+    ids=["unknown-key", "wrong-type", "impossible-value", "unknown-task", "missing-model-folder", "missing-data-dir"],
+)
+def test_bad_experiment_exits_2_without_result(tmp_path, params, adapter, expected, data_dir):
+    folder = write_exp(tmp_path, {"data_dir": str(data_dir), **params} if "data_dir" not in params else params, adapter)
+    results = tmp_path / "res"
+    proc = run_cli(folder, env_extra={"LORALAB_RESULTS_DIR": str(results)})
+    assert proc.returncode == 2, proc.stderr
+    for fragment in expected:
+        assert fragment in proc.stderr
+    assert no_results(results)
+
+
+def test_missing_data_file_named(tmp_path, data_dir):
+    fake = tmp_path / "data" / "glue" / "RTE"
+    fake.mkdir(parents=True)
+    (fake / "train.tsv").write_text((data_dir / "glue/RTE/train.tsv").read_text())
+    folder = write_exp(tmp_path, {**BASE, "data_dir": str(tmp_path / "data")})
+    proc = run_cli(folder, env_extra={"LORALAB_RESULTS_DIR": str(tmp_path / "res")})
+    assert proc.returncode == 2
+    assert "dev.tsv" in proc.stderr and "glue/RTE" in proc.stderr
+
+
+def test_all_problems_of_several_files_at_once(tmp_path, data_dir):
+    folder = write_exp(tmp_path, {**BASE, "data_dir": str(data_dir), "seed": "zero", "optimzer": "adamw"})
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 0, "lora_alpah": 8}))
+    proc = run_cli(folder, env_extra={"LORALAB_RESULTS_DIR": str(tmp_path / "res")})
+    assert proc.returncode == 2
+    for fragment in ("'optimzer'", "did you mean 'optimizer'", "'lora_alpah'", "'r' = 0"):
+        assert fragment in proc.stderr
+
+
+def test_rank_larger_than_layer_allows(tmp_path, data_dir):
+    folder = write_exp(tmp_path, {**BASE, "data_dir": str(data_dir)}, {"r": 512, "lora_alpha": 8, "target_modules": "all-linear"})
+    proc = run_cli(folder, env_extra={"LORALAB_RESULTS_DIR": str(tmp_path / "res")})
+    assert proc.returncode == 2, proc.stderr
+    assert "'r' = 512 is larger than layer" in proc.stderr and "at most 384" in proc.stderr
+    assert no_results(tmp_path / "res")
+
+
+def test_method_that_does_not_fit_the_model(tmp_path, data_dir):
+    """Seed 003's SVD LoRA-FA (as written) only has matching shapes on square layers."""
+    folder = write_exp(
+        tmp_path,
+        {**BASE, "data_dir": str(data_dir), "init": "svd_lorafa"},
+        {"r": 4, "lora_alpha": 1, "target_modules": ["query", "intermediate.dense"]},
+    )
+    proc = run_cli(folder, env_extra={"LORALAB_RESULTS_DIR": str(tmp_path / "res")})
+    assert proc.returncode == 2, proc.stderr
+    assert "'init' = 'svd_lorafa'" in proc.stderr and "square" in proc.stderr and "intermediate.dense" in proc.stderr
+    assert no_results(tmp_path / "res")
+
+
+def test_data_dir_from_environment(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("LORALAB_DATA_DIR", str(data_dir))
+    assert build_parameters({}).data_dir == str(data_dir)
+    assert build_parameters({"data_dir": "/x"}).data_dir == "/x"
