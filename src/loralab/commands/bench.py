@@ -14,7 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (tiny 3, full 8)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (tiny 1, full 3)")
     parser.add_argument("--only", default=None, help="keep workloads whose name contains this")
-    parser.add_argument("--compile", action="store_true", help="torch.compile loralab's decoder layers")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="switch off torch.compile of loralab's layers (on by default on cuda; off on cpu)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda)")
 
 
@@ -30,14 +31,19 @@ def run(args) -> int:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise SystemExit(f"--{key} = {value}: must be a positive integer")
+    def save(rows):
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(rows, indent=1) + "\n")
+
+    compile = device == "cuda" and not args.no_compile
     rows, profiles = run_bench(args.preset, device, steps=args.steps, warmup=args.warmup, only=args.only,
-                               compile=args.compile, profile=args.profile)
+                               compile=compile, profile=args.profile, on_row=save)
     print(table(rows))
     for text in profiles:
         print(text)
+    save(rows)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(rows, indent=1) + "\n")
         if profiles:
             args.output.with_suffix(".profile.txt").write_text("\n\n".join(profiles) + "\n")
     return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,10 +59,12 @@ class Workload:
     peer_dtype: str = "bfloat16"
     peer_pad_to_max: bool = False
     """Classification peer pads every batch to seq_len (seed 000)."""
-    rows: int = 4
+    rows: int = 2
     row_tokens: int = 1024
     """loralab's packed batch for real causal-LM lengths: rows × row_tokens."""
-    extra: dict = field(default_factory=dict)
+    steps: int | None = None
+    warmup: int | None = None
+    """Per-workload step counts for the full preset (short steps need more to time well)."""
 
 
 def presets(name: str) -> list[Workload]:
@@ -80,7 +82,7 @@ def presets(name: str) -> list[Workload]:
             Workload("llama-3.2-1b/fixed-4x512", "llama-3.2-1b", ("lora", "full")),
             Workload("llama-3.2-1b/gsm8k", "llama-3.2-1b", ("lora",), "gsm8k_sft", seq_len=768),
             Workload("roberta-base/sst2", "roberta-base", ("lora", "dora"), "sst2", batch_size=32, seq_len=128,
-                     rank=128, alpha=128, peer_dtype="float32", peer_pad_to_max=True),
+                     rank=128, alpha=128, peer_dtype="float32", peer_pad_to_max=True, steps=40, warmup=12),
         ]
     raise ValueError(f"preset {name!r} is unknown; known: tiny, full")
 
@@ -183,6 +185,8 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     dtype = getattr(torch, w.peer_dtype) if stack == "peer" or method == "full" else torch.bfloat16
     if device == "cpu":
         dtype = torch.float32
+    if compile:
+        torch._dynamo.reset()  # fresh compile caches: each run builds a new model
     model = wrap(build_model(w, device, dtype), w, method)
     model.train()
     if stack == "loralab":
@@ -240,17 +244,23 @@ def _profile(run, data, title: str) -> str:
 
 
 def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,
-              only: str | None = None, compile: bool = False, profile: bool = False, log=print):
-    """All rows of a preset; ``only`` keeps workloads whose name contains it."""
+              only: str | None = None, compile: bool = False, profile: bool = False, log=print, on_row=None):
+    """All rows of a preset; ``only`` keeps workloads whose name contains it.
+
+    cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
+    which would charge padded batches of varying length (the peer's) seconds per step.
+    """
     from tqdm import tqdm
 
-    steps = steps or (3 if preset == "tiny" else 8)
-    warmup = warmup or (1 if preset == "tiny" else 3)
+    if device == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods for s in ("peer", "loralab")]
     rows, profiles = [], []
     for w, method, stack in tqdm(plan, desc="bench", disable=None):
         try:
-            row = run_one(w, method, stack, device, steps, warmup, compile=compile and stack == "loralab",
+            n_steps = steps or (3 if preset == "tiny" else w.steps or 8)
+            n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
+            row = run_one(w, method, stack, device, n_steps, n_warmup, compile=compile and stack == "loralab",
                           profile_to=profiles if profile and stack == "loralab" else None)
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
@@ -259,6 +269,8 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
             torch.cuda.empty_cache()
         rows.append(row)
         log(format_row(row))
+        if on_row is not None:
+            on_row(rows)
     return rows, profiles
 
 

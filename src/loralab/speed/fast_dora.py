@@ -41,6 +41,8 @@ def _base_weight(module) -> torch.Tensor:
 def _cached_weight_sq(module, adapter: str) -> torch.Tensor:
     """``||W_i||²`` in fp32, recomputed only when W's storage or version changes (e.g. after a merge)."""
     holder = module.lora_magnitude_vector[adapter]
+    if torch.compiler.is_compiling() and getattr(holder, "_loralab_weight_sq", None) is not None:
+        return holder._loralab_weight_sq  # compiled steps trust the cache (W is frozen while training)
     weight = _base_weight(module)
     key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
     if getattr(holder, "_loralab_weight_sq_key", None) != key:

@@ -39,6 +39,8 @@ class SpeedOptions:
     """``bfloat16``/``float16``: run the step under autocast (adapters stay fp32); None: no autocast."""
     compile: bool = False
     """torch.compile each decoder layer (regional: short compile, names unchanged)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (``aot_eager`` checks graph capture without a C++ compiler)."""
     chunked_loss: bool = True
     """Fused LM head + chunked cross-entropy instead of full logits."""
     loss_chunk_size: int = 1024
@@ -90,7 +92,7 @@ def prepare_model(model, options: SpeedOptions | dict | None = None):
         layers = _decoder_layers(model)
         targets = layers if layers is not None else [model]
         for layer in targets:
-            layer.compile()
+            layer.compile(backend=options.compile_backend)
     model._loralab_speed = options
     return model
 
