@@ -1,0 +1,25 @@
+"""``loralab merge``: an adapter into its base (a plain transformers checkpoint), or a trained
+PiSSA/CorDA adapter into a rank-2r LoRA for the original base (``--to-lora``)."""
+
+from __future__ import annotations
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--base", help="base model (the residual model DIR for PiSSA/CorDA)")
+    p.add_argument("--adapter", required=True, help="peft adapter folder (the trained one)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--to-lora", metavar="INITIAL_ADAPTER", default=None,
+                   help="convert instead of merging: the initial PiSSA/CorDA adapter folder (e.g. DIR/adapter)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def run(args) -> int:
+    from loralab.merge import convert_to_lora, merge_adapter
+
+    if args.to_lora:
+        print(convert_to_lora(args.adapter, args.to_lora, args.out))
+        return 0
+    if not args.base:
+        raise SystemExit("--base is required to merge (or pass --to-lora INITIAL_ADAPTER to convert)")
+    print(merge_adapter(args.base, args.adapter, args.out, args.dtype))
+    return 0

@@ -1,0 +1,164 @@
+"""Calibration sets for CorDA/ASVD, as the official code builds them (``cordalib/datautils.py``).
+
+Corpora (wikitext2, ptb, c4) and question sets (nqopen, triviaqa, accepted as the seed's
+``traivia_qa``): the texts are joined by "\\n\\n"; each sample starts at a random character
+(``random.seed(seed)``, ``randint(0, len - seqlen - 1)``), takes ``seqlen * 10`` characters and
+keeps the first ``seqlen`` tokens. Instruction sets (MetaMATH, codefeedback, WizLMinstruct,
+alpaca, or a local .json/.jsonl file): ``random.sample(rows, n)`` (rows with a non-empty
+``input`` skipped, as the official code does), each row one sample in the Llama-2 chat format of
+the official code (``fmt="llama2-chat"``) or in the MetaMath training prompt (``fmt="training"``).
+``sampling="first"`` takes the first n instead (seed (a)'s choice). Seed 233 is the official one.
+
+Local copies in ``data_dir`` are used where they exist, otherwise the hub (``datasets``, imported
+lazily): nq_open dev (the official code samples train), alpaca_5000, wikitext-2 test (train
+is not local), PTB valid (train is not local). The substitution is logged in ``provenance``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+LLAMA2_CHAT = (
+    '<s>[INST] <<SYS>>\n"Below is an instruction that describes a task. Write a response that appropriately '
+    'completes the request."\n<</SYS>>\n\n{instruction} [/INST] {response} </s>\n'
+)
+TRAINING_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:{response}"
+)
+CORPORA = ("wikitext2", "ptb", "c4", "nqopen", "triviaqa")
+INSTRUCTION_SETS = ("MetaMATH", "codefeedback", "WizLMinstruct", "alpaca")
+ALIASES = {"traivia_qa": "triviaqa", "trivia_qa": "triviaqa", "nq_open": "nqopen", "metamath": "MetaMATH"}
+NAMES = CORPORA + INSTRUCTION_SETS
+
+# name -> (local file under data_dir, hub (path, config, split, field)) ; fields of instruction rows
+_LOCAL = {
+    "nqopen": "nq_open/NQ-open.dev.jsonl",
+    "alpaca": "alpaca/alpaca_5000.json",
+    "wikitext2": "wikitext-2/wiki.test.raw",
+    "ptb": "ptb/ptb.valid.txt",
+}
+_HUB = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "train", "sentence"),
+    "c4": ("allenai/c4", "en", "train", "text"),
+    "nqopen": ("nq_open", None, "train", "question"),
+    "triviaqa": ("trivia_qa", "rc", "train", "question"),
+    "MetaMATH": ("meta-math/MetaMathQA", None, "train", None),
+    "codefeedback": ("m-a-p/CodeFeedback-Filtered-Instruction", None, "train", None),
+    "WizLMinstruct": ("fxmeng/WizardLM_evol_instruct_V2_143k", None, "train", None),
+    "alpaca": ("tatsu-lab/alpaca", None, "train", None),
+}
+
+
+def canonical_name(name: str) -> str:
+    """The calibration set's canonical name; local paths pass through; unknown names rejected."""
+    name = ALIASES.get(name, ALIASES.get(name.lower(), name))
+    if name in NAMES or Path(name).exists():
+        return name
+    import difflib
+
+    close = difflib.get_close_matches(name, NAMES + tuple(ALIASES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"calibration dataset {name!r} is unknown{hint}; known: {', '.join(NAMES)}, or a local file")
+
+
+def _read_rows(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if path.suffix == ".json":
+        return json.loads(text)
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _pair(row: dict) -> tuple[str, str] | None:
+    """(instruction, response) of an instruction row; None for rows the official code skips."""
+    if "conversation" in row:  # WizardLM
+        return row["conversation"][0]["human"], row["conversation"][0]["assistant"]
+    if row.get("input"):  # alpaca rows with an input are skipped by the official code
+        return None
+    for q, a in (("query", "response"), ("query", "answer"), ("instruction", "output"), ("question", "answer")):
+        if q in row and a in row:
+            answer = row[a] if isinstance(row[a], str) else str(row[a][0] if isinstance(row[a], list) else row[a])
+            return row[q], answer
+    raise ValueError(f"instruction row has none of the known field pairs: {sorted(row)}")
+
+
+def load_source(name: str, data_dir=None) -> tuple[list, dict]:
+    """Raw rows (strings for corpora, dicts for instruction sets) and their provenance."""
+    path = Path(name)
+    if path.exists():
+        return _read_rows(path), {"source": str(path)}
+    if data_dir is not None and name in _LOCAL and (Path(data_dir) / _LOCAL[name]).exists():
+        local = Path(data_dir) / _LOCAL[name]
+        rows = _read_rows(local)
+        if name == "nqopen":
+            rows = [r["question"] for r in rows]
+        return rows, {"source": str(local), "note": "local substitute for the hub split"}
+    import datasets  # lazy: not installed on every machine
+
+    hub, config, split, field = _HUB[name]
+    ds = datasets.load_dataset(hub, config, split=split)
+    rows = list(ds[field]) if field else [dict(r) for r in ds]
+    return rows, {"source": f"hub:{hub}/{config}/{split}"}
+
+
+def is_corpus(name: str, rows: list) -> bool:
+    return name in CORPORA or (bool(rows) and isinstance(rows[0], str))
+
+
+def calibration_samples(
+    name: str, tokenizer, num_samples: int = 256, *, seed: int = 233, seqlen: int = 2048, data_dir=None,
+    fmt: str = "llama2-chat", sampling: str = "random",
+) -> tuple[list[torch.Tensor], dict]:
+    """Token-id tensors (1-D, no padding), one per calibration sample, and their provenance."""
+    if fmt not in ("llama2-chat", "training"):
+        raise ValueError(f"calibration format {fmt!r}; allowed: 'llama2-chat', 'training'")
+    if sampling not in ("random", "first"):
+        raise ValueError(f"calibration sampling {sampling!r}; allowed: 'random', 'first'")
+    name = canonical_name(name)
+    rows, provenance = load_source(name, data_dir)
+    rng = random.Random(seed)
+    samples = []
+    if is_corpus(name, rows):
+        text = "\n\n".join(rows)
+        for i in range(num_samples):
+            start = i * seqlen * 10 % max(1, len(text) - seqlen) if sampling == "first" else rng.randint(0, len(text) - seqlen - 1)
+            ids = tokenizer(text[start : start + seqlen * 10], return_tensors="pt").input_ids[0][:seqlen]
+            samples.append(ids)
+    else:
+        pairs = [p for p in map(_pair, rows) if p is not None]
+        if len(pairs) < num_samples:
+            raise ValueError(f"calibration set {name!r} has {len(pairs)} usable rows, fewer than {num_samples}")
+        chosen = pairs[:num_samples] if sampling == "first" else rng.sample(pairs, num_samples)
+        template = LLAMA2_CHAT if fmt == "llama2-chat" else TRAINING_PROMPT
+        for instruction, response in chosen:
+            if fmt == "training":  # the training target ends with EOS
+                response = response + (tokenizer.eos_token or "")
+            text = template.format(instruction=instruction, response=response)
+            samples.append(tokenizer(text, return_tensors="pt").input_ids[0][:seqlen])
+    provenance.update(name=name, num_samples=num_samples, seed=seed, seqlen=seqlen, fmt=fmt, sampling=sampling)
+    return samples, provenance
+
+
+def make_batches(samples: list[torch.Tensor], batch_size: int, pad_id: int, padding_side: str = "right") -> list[dict]:
+    """Pad 1-D token tensors into batches of ``input_ids`` and ``attention_mask`` (0 on pads).
+    Samples are sorted by length first so that batches waste little on padding."""
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [samples[i] for i in order[start : start + batch_size]]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, s in enumerate(chunk):
+            sl = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+            ids[row, sl] = s
+            mask[row, sl] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches

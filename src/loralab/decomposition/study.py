@@ -1,0 +1,150 @@
+"""The full-decompose study of CorDA (Fig. 2 / Table 6): perplexity when the r smallest
+components of every linear layer (the output layer too) are discarded.
+
+For each method the weight W of every nn.Linear is factored as U diag(S) V^T = W with
+- ``cov-aware`` (CorDA's CO-SVD): SVD of W C_fix, V = (Vh C_fix^-1)^T (see corda.py),
+- ``act-aware`` (ASVD): SVD of W diag(s), V = Vh^T / s, s = abs_mean^0.5 + 1e-6 (see asvd.py),
+- ``plain``: SVD of W,
+and replaced by U[:, :k] diag(S[:k]) V[:, :k]^T with k = min(out, in) - r. One calibration pass
+collects both the covariances and the abs-means; a tied output layer is untied first so that the
+input embeddings stay intact. WikiText-2 and PTB perplexity are measured per (method, r); the
+paper's finding is that cov-aware degrades least.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from loralab.decomposition.asvd import ALPHA, act_scaling
+from loralab.decomposition.corda import damped_inverse
+from loralab.decomposition.covariance import collect_input_stats
+
+METHODS = ("cov-aware", "act-aware", "plain")
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def untie_output(model: nn.Module) -> None:
+    """Give the output layer its own weight so that changing it leaves the input embeddings alone."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is inp.weight:
+        out.weight = nn.Parameter(inp.weight.detach().clone())
+        if hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
+
+
+def calibrate(model: nn.Module, batches, progress: bool = True) -> dict[str, dict]:
+    """Per-layer covariance (constant-256 normalisation, signed-max scaling) and abs-mean."""
+    layers = linear_layers(model)
+    stats = collect_input_stats(model, layers, batches, covariance=True, abs_mean=True, progress=progress)
+    out = {}
+    for st in stats:
+        for name in st.names:
+            out[name] = {"cov": st.cov / 256, "abs_mean": st.abs_mean}
+    return out
+
+
+def factor(weight: torch.Tensor, method: str, stat: dict | None, solver: str = "gram"):
+    """Full (U, S, V), singular values descending, with U diag(S) V^T = W (up to the damped inverse)."""
+    w = weight.float()
+    if method == "plain":
+        m, right = w, None
+    elif method == "act-aware":
+        s = act_scaling(stat["abs_mean"], ALPHA)
+        m, right = w * s[None, :], ("scale", s)
+    elif method == "cov-aware":
+        fixed, inv, _ = damped_inverse(stat["cov"])
+        m, right = w @ fixed, ("inv", inv)
+    else:
+        raise ValueError(f"full-decompose method {method!r}; allowed: {', '.join(METHODS)}")
+    if solver == "gram":
+        from loralab.decomposition.corda import _gram_svd
+
+        U, S, Vh = _gram_svd(m, min(m.shape), largest=True)
+    else:
+        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+    if right is None:
+        V = Vh.t()
+    elif right[0] == "scale":
+        V = Vh.t() / right[1][:, None]
+    else:
+        V = (Vh @ right[1]).t()
+    return U, S, V
+
+
+def truncated(U, S, V, r: int) -> torch.Tensor:
+    """U diag(S) V^T without its r smallest components."""
+    k = max(S.numel() - r, 0)
+    return (U[:, :k] * S[:k]) @ V[:, :k].t()
+
+
+def full_decompose(model: nn.Module, stats: dict, method: str, rs: list[int], evaluate, *, solver: str = "gram",
+                   names=None, progress: bool = True) -> dict[int, dict]:
+    """For each r in ``rs``: discard the r smallest components of every linear layer (or of the
+    layers in ``names``), call ``evaluate(model)``, and restore the original weights at the end."""
+    layers = {n: m for n, m in linear_layers(model).items() if names is None or n in names}
+    originals = {n: m.weight.data.clone() for n, m in layers.items()}
+    factors = {}
+    for name, module in tqdm(layers.items(), desc=f"decompose ({method})", disable=not progress):
+        factors[name] = factor(module.weight.data, method, stats.get(name), solver)
+    results = {}
+    try:
+        for r in rs:
+            for name, module in layers.items():
+                U, S, V = factors[name]
+                module.weight.data = truncated(U, S, V, r).to(originals[name].dtype)
+            results[r] = evaluate(model)
+    finally:
+        for name, module in layers.items():
+            module.weight.data = originals[name]
+    return results
+
+
+def markdown_table(rows: list[dict], corpora: list[str]) -> str:
+    head = "| method | r | " + " | ".join(f"{c} ppl" for c in corpora) + " |\n|---|---|" + "---|" * len(corpora) + "\n"
+    body = "".join(
+        f"| {row['method']} | {row['r']} | " + " | ".join(f"{row[c]:.3f}" for c in corpora) + " |\n" for row in rows
+    )
+    return head + body
+
+
+def plot(rows: list[dict], corpora: list[str], path: Path) -> Path | None:
+    """Fig. 2-style plot (perplexity against r, one line per method); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4))
+    axes = [axes] if len(corpora) == 1 else axes
+    for ax, corpus in zip(axes, corpora):
+        for method in dict.fromkeys(row["method"] for row in rows if row["method"] != "base"):
+            pts = sorted((row["r"], row[corpus]) for row in rows if row["method"] in (method, "base"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("r (smallest components discarded per layer)")
+        ax.set_ylabel(f"{corpus} perplexity")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: list[dict], corpora: list[str], out_dir, meta: dict) -> dict:
+    """results JSON + markdown table + PNG plot (if matplotlib is importable) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "full_decompose.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "full_decompose.md").write_text(markdown_table(rows, corpora))
+    png = plot(rows, corpora, out / "full_decompose.png")
+    return {"json": str(out / "full_decompose.json"), "md": str(out / "full_decompose.md"), "png": str(png) if png else None}

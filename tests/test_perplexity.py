@@ -1,0 +1,86 @@
+"""Perplexity (CorDA's evaluate_model) and the full-decompose study on the real SmolLM2-135M."""
+
+import math
+
+import pytest
+import torch
+
+from loralab.decomposition.calibration import calibration_samples, canonical_name, make_batches
+from loralab.decomposition.study import calibrate, factor, full_decompose, linear_layers, truncated, untie_output
+from loralab.evals.perplexity import load_corpus, perplexity
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32), tok
+
+
+def test_load_corpus_reads_local_files(data_dir):
+    wiki = load_corpus("wikitext2", data_dir)
+    ptb = load_corpus("ptb", data_dir)
+    assert "Robert Boulter" in wiki[:200] and "\n\n" in wiki
+    assert len(ptb) > 400_000 and not ptb.startswith(" ")
+    with pytest.raises(ValueError, match="known: wikitext2, ptb"):
+        load_corpus("c5", data_dir)
+
+
+def test_perplexity_matches_the_models_own_loss(smol, data_dir):
+    model, tok = smol
+    ids = tok(load_corpus("wikitext2", data_dir)[:4000], return_tensors="pt").input_ids[0]
+    ppl = perplexity(model, tok, ids, seq_len=128, max_windows=3)
+    with torch.no_grad():
+        losses = [model(input_ids=ids[i * 128:(i + 1) * 128][None], labels=ids[i * 128:(i + 1) * 128][None]).loss
+                  for i in range(3)]
+    assert ppl == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-4)
+    assert 1 < ppl < 200
+    # batching windows changes nothing; sliding windows with more context give a lower perplexity
+    assert perplexity(model, tok, ids, seq_len=128, max_windows=3, batch_size=3) == pytest.approx(ppl, rel=1e-4)
+    sliding = perplexity(model, tok, ids[: 3 * 128], seq_len=128, stride=64)
+    assert sliding < ppl
+
+
+def test_full_decompose_r0_reproduces_base_and_r_hurts(smol, data_dir):
+    base, tok = smol
+    import copy
+
+    model = copy.deepcopy(base)
+    untie_output(model)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    samples, _ = calibration_samples("alpaca", tok, 8, seqlen=64, data_dir=data_dir)
+    stats = calibrate(model, make_batches(samples, 4, tok.pad_token_id), progress=False)
+    assert "lm_head" in stats  # the output layer is decomposed too
+    ids = tok(load_corpus("ptb", data_dir)[:3000], return_tensors="pt").input_ids[0]
+    base_ppl = perplexity(model, tok, ids, seq_len=128, max_windows=2)
+    # restrict to two layers to stay fast: check the factorisations on them, and the study loop
+    keep = {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"}
+    layers = linear_layers(model)
+    for name in keep:
+        w = layers[name].weight.detach()
+        for method in ("cov-aware", "act-aware", "plain"):
+            U, S, V = factor(w, method, stats[name])
+            torch.testing.assert_close(truncated(U, S, V, 0), w, rtol=1e-3, atol=1e-4)
+    res = full_decompose(model, stats, "cov-aware", [0, 200], lambda m: perplexity(m, tok, ids, seq_len=128, max_windows=2),
+                         names=keep, progress=False)
+    assert res[0] == pytest.approx(base_ppl, rel=1e-3)
+    assert res[200] > res[0] * 1.001
+    assert perplexity(model, tok, ids, seq_len=128, max_windows=2) == pytest.approx(base_ppl, rel=1e-6)  # restored
+
+
+def test_calibration_names_and_formats(smol, data_dir):
+    _, tok = smol
+    assert canonical_name("traivia_qa") == "triviaqa"
+    with pytest.raises(ValueError, match="did you mean 'nqopen'"):
+        canonical_name("nqopne")
+    a, prov = calibration_samples("nqopen", tok, 3, seqlen=32, data_dir=data_dir)
+    b, _ = calibration_samples("nqopen", tok, 3, seqlen=32, data_dir=data_dir)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(len(x) == 32 for x in a)  # seeded, full windows
+    assert "nq_open" in prov["source"] and prov["seed"] == 233
+    chat, _ = calibration_samples("alpaca", tok, 2, seqlen=512, data_dir=data_dir)
+    train, _ = calibration_samples("alpaca", tok, 2, seqlen=512, data_dir=data_dir, fmt="training")
+    assert "[INST] <<SYS>>" in tok.decode(chat[0]) and "### Response:" in tok.decode(train[0])
+    batch = make_batches(chat + train, 3, tok.pad_token_id, "left")[0]
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
