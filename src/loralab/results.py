@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 from datetime import datetime, timezone
@@ -112,7 +113,7 @@ def write_result(record: dict, git: dict) -> Path:
     folder = route(status, git)
     folder.mkdir(parents=True, exist_ok=True)
     stem = record["run_info"]["experiment_name"].replace("/", "--")
-    stamp = record["run_info"]["created_at"].replace(":", "-")
+    stamp = re.sub(r"[^0-9A-Za-z_.-]", "-", record["run_info"]["created_at"])
     path = folder / f"{stem}--{stamp}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))

@@ -121,7 +121,8 @@ def count_trainable(model) -> int:
 
 def output_dir(exp: Experiment, created_at: str) -> Path:
     root = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
-    return root / f"{exp.name.replace('/', '--')}--{created_at.replace(':', '-')}"
+    stamp = "".join(c if c.isalnum() or c in "-_." else "-" for c in created_at)
+    return root / f"{exp.name.replace('/', '--')}--{stamp}"
 
 
 def build(exp: Experiment):

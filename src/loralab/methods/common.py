@@ -131,7 +131,7 @@ class ResidualSaver:
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(peft_model)
-        self.initial = {k: v.detach().clone() for k, v in state.items() if "lora_A" in k or "lora_B" in k}
+        self.initial = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if "lora_A" in k or "lora_B" in k}
 
     def save(self, peft_model, out_dir):
         import json
