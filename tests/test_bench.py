@@ -1,0 +1,34 @@
+"""`loralab bench --preset tiny --device cpu` runs end to end and reports both stacks."""
+
+import json
+
+from loralab.cli import main
+from loralab.speed.bench import presets, table
+from loralab.speed.lengths import sample_lengths
+
+
+def test_bench_tiny_cpu_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    expected = {(w.name, m, s) for w in presets("tiny") for m in w.methods for s in ("peer", "loralab")}
+    assert {(r["workload"], r["method"], r["stack"]) for r in rows} == expected
+    for r in rows:
+        assert set(r) >= {"workload", "method", "stack", "throughput", "unit", "peak_memory_gib", "mfu"}
+        assert r["throughput"] > 0, r
+        assert r["unit"] == ("samples/s" if "roberta" in r["workload"] else "tokens/s")
+    printed = capsys.readouterr().out
+    assert "| tiny-llama/fixed-2x64 | dora | loralab |" in printed and "| tiny-llama/fixed-2x64 | dora | peer |" in printed
+
+
+def test_table_reports_ours_over_peer():
+    rows = [{"workload": "w", "method": "lora", "stack": "peer", "throughput": 100.0, "unit": "tokens/s", "peak_memory_gib": 2.0, "mfu": 0.1},
+            {"workload": "w", "method": "lora", "stack": "loralab", "throughput": 250.0, "unit": "tokens/s", "peak_memory_gib": 1.0, "mfu": 0.25}]
+    assert "| w | lora | loralab | 250 tokens/s | 1.0 GiB | 25.0% | 2.50x |" in table(rows)
+
+
+def test_stored_length_histograms_look_like_the_data():
+    gsm = sample_lengths("gsm8k_sft", 2000, seed=0)
+    sst = sample_lengths("sst2", 2000, seed=0)
+    assert 150 < sum(gsm) / len(gsm) < 250 and max(gsm) <= 600  # GSM8K SFT samples: ~195 tokens
+    assert 10 < sum(sst) / len(sst) < 17 and max(sst) <= 70  # SST-2 sentences: ~13 tokens
