@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": ("loralab.commands.bench", "training throughput: transformers + peft vs loralab, side by side"),
     "decompose": ("loralab.commands.decompose", "CorDA KPA/IPA adapters and the full-decompose perplexity study"),
     "merge": ("loralab.commands.merge", "merge an adapter into its base, or convert PiSSA/CorDA to plain LoRA"),
+    "eval": ("loralab.commands.eval", "score a model on evaluations, or re-score saved generations"),
 }
 
 

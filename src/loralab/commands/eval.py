@@ -1,0 +1,119 @@
+"""``loralab eval``: score a model (base, adapter, or merged) on chosen evaluations, or re-score saved
+generations without a model (as bigcode's ``--load_generations_path``).
+
+    loralab eval --model ID_OR_PATH [--adapter DIR] --tasks gsm8k,humaneval [--max-samples N]
+                 [--output metrics.json] [--generations-out FILE.jsonl]
+    loralab eval --tasks gsm8k,humaneval --generations FILE.jsonl --output metrics.json
+
+The output maps task -> {metric: value}; generation lines are ``{"task", "id", "completion"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def add_arguments(parser):
+    parser.add_argument("--tasks", required=True, help="comma-separated evaluations, e.g. gsm8k,math,humaneval,mbpp")
+    parser.add_argument("--model", help="hub id, local folder, .gguf file or packaged:<name> (not with --generations)")
+    parser.add_argument("--adapter", help="peft adapter folder to load on top of --model")
+    parser.add_argument("--generations", help="re-score this JSONL of saved generations instead of running a model")
+    parser.add_argument("--generations-out", help="write the live run's generations to this JSONL")
+    parser.add_argument("--output", help="write the metrics JSON here (default: print only)")
+    parser.add_argument("--max-samples", help="evaluate only the first N problems: N for every task, or per task, e.g. gsm8k=200,mbpp=100")
+    parser.add_argument("--data-dir", help="local data folder (layout of shared/data); default $LORALAB_DATA_DIR, else the hub")
+    parser.add_argument("--options", default="{}", help='eval options as JSON, e.g. \'{"gsm8k": {"parser": "method_comparison"}}\'')
+    parser.add_argument("--max-new-tokens", type=int, help="override every task's source generation length")
+    parser.add_argument("--batch-size", type=int, help="generation batch size (default 16)")
+    parser.add_argument("--n-samples", type=int, help="completions per problem (pass@k)")
+    parser.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _problems(args, names, options) -> list[str]:
+    from loralab.evals import validate_options
+
+    problems = validate_options(names, options)
+    if args.generations and (args.model or args.adapter):
+        problems.append("--generations re-scores saved completions: give no --model/--adapter with it")
+    if not args.generations and not args.model:
+        problems.append("give --model (live run) or --generations (re-score)")
+    try:
+        limits = parse_max_samples(args.max_samples, names)
+    except ValueError:
+        limits = {}
+        problems.append(f"--max-samples = {args.max_samples!r} must be N or task=N,task=N with N > 0")
+    problems += [f"--max-samples names '{t}', which is not among --tasks" for t in limits if t not in names]
+    problems += [f"--max-samples for '{t}' = {n} must be > 0" for t, n in limits.items() if n is not None and n <= 0]
+    return problems
+
+
+def parse_max_samples(value: str | None, names: list[str]) -> dict[str, int | None]:
+    """``"200"`` -> every task 200; ``"gsm8k=200,mbpp=100"`` -> those two, the rest all problems."""
+    if value is None:
+        return {}
+    if "=" not in value:
+        return {n: int(value) for n in names}
+    pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+    return {k.strip(): int(v) for k, v in pairs}
+
+
+def _load(args):
+    import torch
+
+    from loralab.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, "causal_lm", dtype=args.dtype)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    return model.to(device).eval(), tokenizer
+
+
+def run(args) -> int:
+    import os
+
+    from loralab.evals import read_records, run_eval, score_generations, write_records
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as exc:
+        print(f"error: --options is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    problems = _problems(args, names, options)
+    if problems:
+        print("error: " + "\n  - ".join(["loralab eval has problem(s):"] + problems), file=sys.stderr)
+        return 2
+    data_dir = args.data_dir or os.environ.get("LORALAB_DATA_DIR")
+    start = time.time()
+    if args.generations:
+        records = [r for r in read_records(args.generations) if r["task"] in names]
+        metrics = score_generations(records, data_dir=data_dir, options=options)
+    else:
+        generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size),
+                                         ("n_samples", args.n_samples), ("backend", args.backend)) if v is not None}
+        model, tokenizer = _load(args)
+        metrics, records = {}, []
+        limits = parse_max_samples(args.max_samples, names)
+        for name in names:
+            metrics[name], recs = run_eval(name, model, tokenizer, data_dir=data_dir, generation=generation,
+                                           options=options, max_samples=limits.get(name))
+            records += recs
+            print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
+        if args.generations_out:
+            write_records(args.generations_out, records)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    print(f"done in {time.time() - start:.0f}s", file=sys.stderr)
+    return 0

