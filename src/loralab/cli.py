@@ -12,6 +12,7 @@ COMMANDS = {
     "run": ("loralab.commands.run", "train, evaluate and save one or more experiment folders"),
     "methods": ("loralab.commands.methods", "list the adaptation methods, one line each"),
     "tasks": ("loralab.commands.tasks", "list the training tasks and evaluations"),
+    "report": ("loralab.commands.report", "a method x task table from result files"),
     "bench": ("loralab.commands.bench", "training throughput: transformers + peft vs loralab, side by side"),
     "decompose": ("loralab.commands.decompose", "CorDA KPA/IPA adapters and the full-decompose perplexity study"),
     "merge": ("loralab.commands.merge", "merge an adapter into its base, or convert PiSSA/CorDA to plain LoRA"),
