@@ -114,11 +114,15 @@ def test_kpa_takes_smallest_ipa_largest_and_solvers_agree(smol):
     torch.testing.assert_close(kpa.S, full[-8:])
     torch.testing.assert_close(ipa.S, full[:8])
     assert kpa.S.max() < ipa.S.min()
-    for largest, ref in ((False, kpa), (True, ipa)):
+    # reference in fp64: the smallest components of W C are below fp32 SVD's accuracy
+    U, S, Vh = torch.linalg.svd(w.double() @ fixed.double(), full_matrices=False)
+    for largest, sl in ((False, slice(-8, None)), (True, slice(0, 8))):
+        ref = (U[:, sl] * S[sl]) @ Vh[sl] @ inv.double()
         for solver in ("gram", "lowrank") if largest else ("gram",):
             d = decompose_weight(w, fixed, inv, 8, largest=largest, solver=solver, niter=12)
-            torch.testing.assert_close(d.S, ref.S, rtol=2e-3, atol=1e-5)
-            torch.testing.assert_close(d.U * d.S @ d.V.T, ref.U * ref.S @ ref.V.T, rtol=1e-2, atol=2e-4)
+            torch.testing.assert_close(d.S.double(), S[sl], rtol=1e-3, atol=1e-7)
+            product = (d.U * d.S @ d.V.T).double()
+            assert ((product - ref).norm() / ref.norm()).item() < 1e-2, solver
     with pytest.raises(ValueError, match="largest components only"):
         decompose_weight(w, fixed, inv, 8, largest=False, solver="lowrank")
 

@@ -72,12 +72,15 @@ def find_shared_inputs(model: nn.Module, modules: dict[str, nn.Module], probe: d
     return groups
 
 
-def _forward(model: nn.Module, batch: dict) -> None:
+def _forward(model: nn.Module, batch: dict, last_logit_only: bool = False) -> None:
     device = next(model.parameters()).device
     kwargs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    extra = {"use_cache": False}
+    if last_logit_only:  # the output layer is no target: skip the (batch x tokens x vocab) logits
+        extra["logits_to_keep"] = 1
     try:
-        model(**kwargs, use_cache=False)
-    except TypeError:  # encoders take no use_cache
+        model(**kwargs, **extra)
+    except TypeError:  # encoders take no use_cache / logits_to_keep
         model(**kwargs)
 
 
@@ -152,6 +155,8 @@ def collect_input_stats(
         return fn
 
     handles = [modules[st.names[0]].register_forward_pre_hook(hook(st)) for st in stats]
+    out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    last_only = out_layer is not None and all(m is not out_layer for m in modules.values())
     was_training = model.training
     model.eval()
     try:
@@ -162,7 +167,7 @@ def collect_input_stats(
                     mask = torch.ones_like(batch["input_ids"])
                 state["mask"] = mask.to(device).bool()
                 state["info"] = (state["mask"].all(1).tolist(), state["mask"].sum(1).tolist())
-                _forward(model, {"input_ids": batch["input_ids"], "attention_mask": mask})
+                _forward(model, {"input_ids": batch["input_ids"], "attention_mask": mask}, last_only)
     finally:
         for h in handles:
             h.remove()
@@ -190,7 +195,7 @@ def _sample_scales(x: torch.Tensor, mask: torch.Tensor, scaling: str) -> list[fl
 
 def _accumulate(st: InputStats, x: torch.Tensor, mask: torch.Tensor, info, covariance, abs_mean, scaling, cov_dtype):
     device = x.device
-    fast = device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and cov_dtype == "float32"
+    half_in = x.dtype in (torch.float16, torch.bfloat16) and cov_dtype == "float32"
     partial = None
     if covariance and st.cov is None:  # cov_dtype "input": the activation dtype, as peft's fp16 option
         st.cov = torch.zeros(st.dim, st.dim, dtype=x.dtype, device=st.extra["home"])
@@ -211,12 +216,13 @@ def _accumulate(st: InputStats, x: torch.Tensor, mask: torch.Tensor, info, covar
         if s is not None and (s != s or s in (0.0, float("inf"))):
             raise ValueError(f"invalid scale {s} for the input of {st.names[0]}: nan, inf or an all-zero sample")
         target = partial if partial is not None else st.cov
-        if fast:
+        if half_in:
             # bf16/fp16 values are exact in TF32: exact products, fp32 sums, 1/s^2 applied in fp32
+            xf = xn.float()
             prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
             try:
-                target.addmm_(xn.t(), xn, alpha=1.0 if s is None else 1.0 / (s * s))
+                target.addmm_(xf.t(), xf, alpha=1.0 if s is None else 1.0 / (s * s))
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = prev
             continue

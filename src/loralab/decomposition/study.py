@@ -40,9 +40,9 @@ def untie_output(model: nn.Module) -> None:
             model.config.tie_word_embeddings = False
 
 
-def calibrate(model: nn.Module, batches, progress: bool = True) -> dict[str, dict]:
+def calibrate(model: nn.Module, batches, progress: bool = True, names=None) -> dict[str, dict]:
     """Per-layer covariance (constant-256 normalisation, signed-max scaling) and abs-mean."""
-    layers = linear_layers(model)
+    layers = {n: m for n, m in linear_layers(model).items() if names is None or n in names}
     stats = collect_input_stats(model, layers, batches, covariance=True, abs_mean=True, progress=progress)
     out = {}
     for st in stats:
@@ -52,22 +52,28 @@ def calibrate(model: nn.Module, batches, progress: bool = True) -> dict[str, dic
 
 
 def factor(weight: torch.Tensor, method: str, stat: dict | None, solver: str = "gram"):
-    """Full (U, S, V), singular values descending, with U diag(S) V^T = W (up to the damped inverse)."""
-    w = weight.float()
+    """Full (U, S, V), singular values descending, with U diag(S) V^T = W.
+
+    The damping lambda is chosen exactly as the official code does (fp32 inverse, tolerance 0.05),
+    but the factors are computed in fp64 with an fp64 inverse of that damped C: the official fp32
+    inverse is only accepted to ||C C^-1 - I||_F < 0.05, so its U S V^T can miss W by percents and
+    r = 0 would not reproduce the model."""
+    w = weight.double()
     if method == "plain":
         m, right = w, None
     elif method == "act-aware":
-        s = act_scaling(stat["abs_mean"], ALPHA)
+        s = act_scaling(stat["abs_mean"], ALPHA).double()
         m, right = w * s[None, :], ("scale", s)
     elif method == "cov-aware":
-        fixed, inv, _ = damped_inverse(stat["cov"])
-        m, right = w @ fixed, ("inv", inv)
+        fixed, _, _ = damped_inverse(stat["cov"])
+        fixed = fixed.double()
+        m, right = w @ fixed, ("inv", torch.linalg.inv(fixed))
     else:
         raise ValueError(f"full-decompose method {method!r}; allowed: {', '.join(METHODS)}")
     if solver == "gram":
         from loralab.decomposition.corda import _gram_svd
 
-        U, S, Vh = _gram_svd(m, min(m.shape), largest=True)
+        U, S, Vh = _gram_svd(m, min(m.shape), largest=True, out_dtype=torch.float64)
     else:
         U, S, Vh = torch.linalg.svd(m, full_matrices=False)
     if right is None:
@@ -76,7 +82,7 @@ def factor(weight: torch.Tensor, method: str, stat: dict | None, solver: str = "
         V = Vh.t() / right[1][:, None]
     else:
         V = (Vh @ right[1]).t()
-    return U, S, V
+    return U.float(), S.float(), V.float()
 
 
 def truncated(U, S, V, r: int) -> torch.Tensor:
