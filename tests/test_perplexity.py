@@ -31,14 +31,14 @@ def test_load_corpus_reads_local_files(data_dir):
 def test_perplexity_matches_the_models_own_loss(smol, data_dir):
     model, tok = smol
     ids = tok(load_corpus("wikitext2", data_dir)[:4000], return_tensors="pt").input_ids[0]
-    ppl = perplexity(model, tok, ids, seq_len=128, max_windows=2)
+    ppl = perplexity(model, tok, ids, seq_len=64, max_windows=2)
     with torch.no_grad():
         losses = [model(input_ids=ids[i * 128:(i + 1) * 128][None], labels=ids[i * 128:(i + 1) * 128][None]).loss
                   for i in range(2)]
     assert ppl == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-4)
     assert 1 < ppl < 200
     # batching windows changes nothing; sliding windows with more context give a lower perplexity
-    assert perplexity(model, tok, ids, seq_len=128, max_windows=2, batch_size=2) == pytest.approx(ppl, rel=1e-4)
+    assert perplexity(model, tok, ids, seq_len=64, max_windows=2, batch_size=2) == pytest.approx(ppl, rel=1e-4)
     sliding = perplexity(model, tok, ids[: 2 * 128], seq_len=128, stride=64)
     assert sliding < ppl
 
@@ -57,18 +57,18 @@ def test_full_decompose_r0_reproduces_base_and_r_hurts(smol, data_dir):
     stats = calibrate(model, make_batches(samples, 4, tok.pad_token_id), progress=False, names=keep)
     assert set(stats) == keep
     ids = tok(load_corpus("ptb", data_dir)[:3000], return_tensors="pt").input_ids[0]
-    base_ppl = perplexity(model, tok, ids, seq_len=128, max_windows=2)
+    base_ppl = perplexity(model, tok, ids, seq_len=64, max_windows=2)
     layers = linear_layers(model)
     for name in keep:
         w = layers[name].weight.detach()
         for method in ("cov-aware", "act-aware", "plain"):
             U, S, V = factor(w, method, stats[name])
             torch.testing.assert_close(truncated(U, S, V, 0), w, rtol=1e-3, atol=1e-4)
-    res = full_decompose(model, stats, "cov-aware", [0, 200], lambda m: perplexity(m, tok, ids, seq_len=128, max_windows=2),
+    res = full_decompose(model, stats, "cov-aware", [0, 200], lambda m: perplexity(m, tok, ids, seq_len=64, max_windows=2),
                          names=keep, progress=False)
     assert res[0] == pytest.approx(base_ppl, rel=1e-3)
     assert res[200] > res[0] * 1.001
-    assert perplexity(model, tok, ids, seq_len=128, max_windows=2) == pytest.approx(base_ppl, rel=1e-6)  # restored
+    assert perplexity(model, tok, ids, seq_len=64, max_windows=2) == pytest.approx(base_ppl, rel=1e-6)  # restored
 
 
 def test_calibration_names_and_formats(smol, data_dir):
