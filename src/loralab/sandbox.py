@@ -220,34 +220,38 @@ def _interpreter(private_uid: bool) -> str | None:
     return None
 
 
-def _user_process_count(uid: int) -> int:
-    count = 0
+def _uid_pids(uid: int) -> list[int]:
+    """Live (non-zombie) processes whose real uid is ``uid``."""
+    pids = []
     for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if os.stat(f"/proc/{pid}").st_uid == uid:
-                    count += 1
-            except OSError:
-                pass
-    return count
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                status = dict(line.split(":", 1) for line in fh if ":" in line)
+        except OSError:
+            continue
+        if int(status["Uid"].split()[0]) == uid and not status["State"].strip().startswith(("Z", "X")):
+            pids.append(int(pid))
+    return pids
 
 
-def _kill_uid(uid: int) -> None:
-    """Kill every process owned by ``uid`` (root mode: the sandbox's private uid), until none is left."""
-    for _ in range(50):
-        found = False
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                if os.stat(f"/proc/{pid}").st_uid == uid:
-                    found = True
-                    os.kill(int(pid), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
-        if not found:
+def _user_process_count(uid: int) -> int:
+    return len(_uid_pids(uid))
+
+
+def _kill_uid(uid: int, interpreter: str) -> None:
+    """Kill every process of ``uid`` (root mode: the sandbox's private uid). A fork bomb re-forks
+    while it is killed pid by pid, so a helper switches to that uid and calls ``kill(-1, SIGKILL)``,
+    which the kernel delivers to all of them at once."""
+    import subprocess
+
+    for _ in range(5):
+        if not _uid_pids(uid):
             return
-        time.sleep(0.02)
+        subprocess.run([interpreter, "-I", "-S", "-c", f"import os\nos.setuid({uid})\nos.kill(-1, 9)"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        time.sleep(0.05)
 
 
 def _acquire_slot() -> int:
@@ -286,7 +290,7 @@ def run_program(source: str, limits: Limits = Limits()) -> Result:
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as fh:
             fh.write(source)
         if uid is not None:
-            _kill_uid(uid)  # leftovers of an earlier run with this uid, should there be any
+            _kill_uid(uid, interpreter)  # leftovers of an earlier run with this uid, should there be any
             os.chown(workdir, uid, uid)
             os.chown(os.path.join(workdir, "program.py"), uid, uid)
             nproc = limits.max_processes
@@ -315,7 +319,7 @@ def run_program(source: str, limits: Limits = Limits()) -> Result:
                 except (ProcessLookupError, PermissionError):
                     pass
                 if uid is not None:
-                    _kill_uid(uid)
+                    _kill_uid(uid, interpreter)
                 proc.wait()
         duration = time.monotonic() - start
         return Result(status == "passed", status, returncode, duration,

@@ -25,7 +25,7 @@ def add_arguments(parser):
     parser.add_argument("--max-samples", help="evaluate only the first N problems: N for every task, or per task, e.g. gsm8k=200,mbpp=100")
     parser.add_argument("--data-dir", help="local data folder (layout of shared/data); default $LORALAB_DATA_DIR, else the hub")
     parser.add_argument("--options", default="{}", help='eval options as JSON, e.g. \'{"gsm8k": {"parser": "method_comparison"}}\'')
-    parser.add_argument("--max-new-tokens", type=int, help="override every task's source generation length")
+    parser.add_argument("--max-new-tokens", help="override the source generation length: N for every task, or per task, e.g. gsm8k=64,humaneval=96")
     parser.add_argument("--batch-size", type=int, help="generation batch size (default 16)")
     parser.add_argument("--n-samples", type=int, help="completions per problem (pass@k)")
     parser.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto")
@@ -48,11 +48,19 @@ def _problems(args, names, options) -> list[str]:
         problems.append(f"--max-samples = {args.max_samples!r} must be N or task=N,task=N with N > 0")
     problems += [f"--max-samples names '{t}', which is not among --tasks" for t in limits if t not in names]
     problems += [f"--max-samples for '{t}' = {n} must be > 0" for t, n in limits.items() if n is not None and n <= 0]
+    try:
+        tokens = parse_max_samples(args.max_new_tokens, names)
+    except ValueError:
+        tokens = {}
+        problems.append(f"--max-new-tokens = {args.max_new_tokens!r} must be N or task=N,task=N with N > 0")
+    problems += [f"--max-new-tokens names '{t}', which is not among --tasks" for t in tokens if t not in names]
+    problems += [f"--max-new-tokens for '{t}' = {n} must be > 0" for t, n in tokens.items() if n <= 0]
     return problems
 
 
 def parse_max_samples(value: str | None, names: list[str]) -> dict[str, int | None]:
-    """``"200"`` -> every task 200; ``"gsm8k=200,mbpp=100"`` -> those two, the rest all problems."""
+    """``"200"`` -> every task 200; ``"gsm8k=200,mbpp=100"`` -> those two, the rest unlimited.
+    (Also parses ``--max-new-tokens``.)"""
     if value is None:
         return {}
     if "=" not in value:
@@ -97,13 +105,15 @@ def run(args) -> int:
         records = [r for r in read_records(args.generations) if r["task"] in names]
         metrics = score_generations(records, data_dir=data_dir, options=options)
     else:
-        generation = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size),
-                                         ("n_samples", args.n_samples), ("backend", args.backend)) if v is not None}
+        generation = {k: v for k, v in (("batch_size", args.batch_size), ("n_samples", args.n_samples),
+                                         ("backend", args.backend)) if v is not None}
         model, tokenizer = _load(args)
         metrics, records = {}, []
         limits = parse_max_samples(args.max_samples, names)
+        tokens = parse_max_samples(args.max_new_tokens, names)
         for name in names:
-            metrics[name], recs = run_eval(name, model, tokenizer, data_dir=data_dir, generation=generation,
+            task_generation = {**generation, **({"max_new_tokens": tokens[name]} if name in tokens else {})}
+            metrics[name], recs = run_eval(name, model, tokenizer, data_dir=data_dir, generation=task_generation,
                                            options=options, max_samples=limits.get(name))
             records += recs
             print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)

@@ -122,7 +122,8 @@ def run_tests(name: str, problems: list[dict], completions: dict, options: dict)
     from loralab.sandbox import Limits, run_programs
 
     jobs = [(p["id"], test_program(name, p, c, options)) for p in problems for c in completions.get(p["id"], [])]
-    results = run_programs([src for _, src in jobs], Limits(timeout=float(options["timeout"])),
+    timeout = float(options["timeout"])
+    results = run_programs([src for _, src in jobs], Limits(timeout=timeout, cpu_seconds=int(timeout) + 2),
                            workers=int(options["workers"]), progress=f"{name} tests")
     by_id: dict = {}
     for (pid, _), res in zip(jobs, results):
