@@ -33,13 +33,13 @@ def test_perplexity_matches_the_models_own_loss(smol, data_dir):
     ids = tok(load_corpus("wikitext2", data_dir)[:4000], return_tensors="pt").input_ids[0]
     ppl = perplexity(model, tok, ids, seq_len=64, max_windows=2)
     with torch.no_grad():
-        losses = [model(input_ids=ids[i * 128:(i + 1) * 128][None], labels=ids[i * 128:(i + 1) * 128][None]).loss
+        losses = [model(input_ids=ids[i * 64:(i + 1) * 64][None], labels=ids[i * 64:(i + 1) * 64][None]).loss
                   for i in range(2)]
     assert ppl == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-4)
     assert 1 < ppl < 200
     # batching windows changes nothing; sliding windows with more context give a lower perplexity
     assert perplexity(model, tok, ids, seq_len=64, max_windows=2, batch_size=2) == pytest.approx(ppl, rel=1e-4)
-    sliding = perplexity(model, tok, ids[: 2 * 128], seq_len=128, stride=64)
+    sliding = perplexity(model, tok, ids[: 2 * 64], seq_len=64, stride=32)
     assert sliding < ppl
 
 
