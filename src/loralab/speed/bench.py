@@ -284,10 +284,10 @@ def format_row(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown table with ours/peer ratios."""
-    peer = {(r["workload"], r["method"]): r for r in rows if r["stack"] == "peer"}
+    peer = {(r["workload"], r["method"], r.get("run")): r for r in rows if r["stack"] == "peer"}
     lines = ["| workload | method | stack | throughput | peak memory | MFU | ours/peer |", "|---|---|---|--:|--:|--:|--:|"]
     for r in rows:
-        p = peer.get((r["workload"], r["method"]))
+        p = peer.get((r["workload"], r["method"], r.get("run")))
         ratio = ""
         if r["stack"] == "loralab" and p and p.get("throughput") and r.get("throughput"):
             ratio = f"{r['throughput'] / p['throughput']:.2f}x"
