@@ -27,32 +27,32 @@ def test_truncate_at_stop():
 
 def test_left_padded_batches_match_single_prompts(smollm2, data_dir):
     model, tokenizer = smollm2
-    problems = evals.EVALS["gsm8k"].load("gsm8k", data_dir, 3)  # prompts of different lengths
+    problems = evals.EVALS["gsm8k"].load("gsm8k", data_dir, 2)  # prompts of different lengths
     prompts = [evals.EVALS["gsm8k"].build_prompt("gsm8k", p, {"prompt": "corda"}) for p in problems]
-    batched = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=5, batch_size=3))
-    single = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=5, batch_size=1))
+    batched = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=4, batch_size=2))
+    single = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=4, batch_size=1))
     assert batched == single
     assert all(len(c) == 1 for c in batched) and any(c[0] for c in batched)
 
 
 def test_live_run_equals_rescoring_of_saved_generations(smollm2, data_dir, tmp_path):
     model, tokenizer = smollm2
-    generation = {"max_new_tokens": 8, "batch_size": 4}
+    generation = {"max_new_tokens": 6, "batch_size": 3}
     live = {}
     records = []
     for name in ("gsm8k", "boolq"):
         metrics, recs = evals.run_eval(name, model, tokenizer, data_dir=data_dir, generation=generation,
-                                       options={"boolq": {"num_beams": 1}}, max_samples=4, out_dir=tmp_path)
+                                       options={"boolq": {"num_beams": 1}}, max_samples=3, out_dir=tmp_path)
         live[name] = metrics
         records += recs
         assert (tmp_path / f"{name}.generations.jsonl").exists()
-    assert {(r["task"], r["id"]) for r in records} == {(t, i) for t in ("gsm8k", "boolq") for i in range(4)}
+    assert {(r["task"], r["id"]) for r in records} == {(t, i) for t in ("gsm8k", "boolq") for i in range(3)}
     # a completion that is correct by construction proves the scorer counts it
     records.append({"task": "gsm8k", "id": 4, "completion": "The answer is: 20"})  # gold of row 4 is 20
     rescored = evals.score_generations(records, data_dir=data_dir)
     assert rescored["boolq"] == live["boolq"]
-    assert rescored["gsm8k"]["n"] == 5
-    assert rescored["gsm8k"]["accuracy"] == pytest.approx((live["gsm8k"]["accuracy"] * 4 + 1) / 5)
+    assert rescored["gsm8k"]["n"] == 4
+    assert rescored["gsm8k"]["accuracy"] == pytest.approx((live["gsm8k"]["accuracy"] * 3 + 1) / 4)
 
     # the command line re-scores the files the live run wrote, with no model
     saved = tmp_path / "all.jsonl"
