@@ -8,7 +8,9 @@ Three tokenisation rules, each as its source wrote it:
   ``f"{output}{tokenizer.eos_token}"`` appended with no separator. Source and source+target are
   tokenized separately, each truncated to ``max_length`` (512 in every one of those scripts);
   labels = input_ids with the first ``n`` positions set to -100, ``n`` = the number of non-pad
-  tokens of the tokenized source. So exactly the response tokens and the EOS carry the loss.
+  tokens of the tokenized source. So the response tokens and the EOS carry the loss; where BPE
+  merges the prompt's final ``:`` with the response's first characters (``:-``), the sources
+  mask that merged token too, and so do we.
 - ``dora`` (NVlabs DoRA / LLM-Adapters ``finetune.py``): the whole indented prompt with the output
   inside, truncated to ``cutoff_len`` (256 in the DoRA scripts), EOS appended when it is not last
   and the text is shorter than the cutoff; ``train_on_inputs=True`` (their default), so labels =
@@ -236,6 +238,9 @@ class InstructTask:
 
     # -- contract ----------------------------------------------------------------------------
 
+    def _hub_name(self) -> str:
+        return self.hub.get("data_files") or self.hub["path"]
+
     def local_file(self, data_dir) -> Path | None:
         for rel in self.local_files:
             if (Path(data_dir) / rel).is_file():
@@ -249,14 +254,14 @@ class InstructTask:
         problems = []
         if params.data_dir:
             if self.local_file(params.data_dir) is None:
-                hub = self.hub.get("data_files") or self.hub.get("path")
+                hub = self._hub_name()
                 problems.append(
                     f"'data_dir' = {params.data_dir!r} holds none of {', '.join(self.local_files)} for task "
-                    f"'{self.name}'; put the file there, or set data_dir to null to load {hub!r} from the hub"
+                    f"'{self.name}'; put the file there, or set data_dir to null to download {hub!r}"
                 )
         elif importlib.util.find_spec("datasets") is None:
             problems.append(
-                f"task '{self.name}' loads {self.hub['path']!r} from the hub, which needs the 'datasets' package "
+                f"task '{self.name}' loads {self._hub_name()!r} from the hub, which needs the 'datasets' package "
                 f"(pip install datasets); or set 'data_dir' to a folder holding {self.local_files[0]}"
             )
         problems += _check_evals(self.eval_names(params), params.eval_options)
@@ -280,7 +285,9 @@ class InstructTask:
             split = f"train[:{n}]" if slice_at_load and n is not None else "train"
             ds = datasets.load_dataset(**self.hub, split=split)
             rows = ds.to_list()
-            provenance = {"source": "hub", **self.hub, "split": split, **_hub_provenance(self.hub["path"])}
+            provenance = {"source": "hub", **self.hub, "split": split}
+            if "data_files" not in self.hub:  # a URL has no hub revision
+                provenance.update(_hub_provenance(self.hub["path"]))
         if self.holdout and len(rows) > self.holdout:
             train_idx, _ = dora_split(len(rows), self.holdout)
             rows = [rows[i] for i in train_idx]
