@@ -52,6 +52,19 @@ def _generation_defaults() -> dict[str, Any]:
     }
 
 
+def _speed_defaults() -> dict[str, Any]:
+    return {
+        # exact rewrites (same numbers as the plain computation), on by default
+        "fast_dora": True,
+        "chunked_loss": True,
+        # change batching or numerics: opt in
+        "autocast": None,
+        "compile": False,
+        "group_by_length": False,
+        "packing": False,
+    }
+
+
 @dataclass
 class TrainingParameters:
     """Everything that is not the adapter: model, data, optimisation, evaluation."""
@@ -99,6 +112,9 @@ class TrainingParameters:
     generation: dict[str, Any] = field(default_factory=_generation_defaults)
     eval_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the evaluations (see ``loralab.evals``)."""
+    speed: dict[str, Any] = field(default_factory=_speed_defaults)
+    """loralab.speed: fast_dora, chunked_loss (exact, on); autocast (bfloat16|float16), compile,
+    group_by_length (classification), packing (causal LM, no cross-sample attention): off."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
 
@@ -106,7 +122,7 @@ class TrainingParameters:
         return dataclasses.asdict(self)
 
 
-NESTED = {"calibration": _calibration_defaults, "generation": _generation_defaults}
+NESTED = {"calibration": _calibration_defaults, "generation": _generation_defaults, "speed": _speed_defaults}
 
 
 def default_parameters() -> dict[str, Any]:
@@ -197,6 +213,12 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
         problems.append(f"'calibration.batch_size' = {cal['batch_size']!r} must be a positive integer")
     if cal["sampling"] not in CALIBRATION_SAMPLING:
         problems.append(f"'calibration.sampling' = {cal['sampling']!r} is not allowed; allowed: {', '.join(CALIBRATION_SAMPLING)}")
+    speed = values["speed"]
+    for key in ("fast_dora", "chunked_loss", "compile", "group_by_length", "packing"):
+        if not isinstance(speed[key], bool):
+            problems.append(f"'speed.{key}' = {speed[key]!r} must be true or false")
+    if speed["autocast"] not in (None, "bfloat16", "float16"):
+        problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: null, bfloat16, float16")
     gen = values["generation"]
     if not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
         problems.append(f"'generation.max_new_tokens' = {gen['max_new_tokens']!r} must be a positive integer")

@@ -19,6 +19,14 @@ from loralab import results
 from loralab.experiment import Experiment
 from loralab.methods import choose_method
 from loralab.models import load_model, load_tokenizer, model_provenance
+from loralab.speed.step import (
+    SpeedOptions,
+    causal_lm_loss,
+    length_grouped_batches,
+    pack_features,
+    prepare_model,
+    seq_cls_loss,
+)
 from loralab.tasks import get_task
 
 
@@ -154,6 +162,21 @@ def build(exp: Experiment):
     return task, tokenizer, data, model, saver, method, cfg, device
 
 
+def micro_batch_loss(model, features, kind, params, pad_id, pad_to, device):
+    """Mean loss of one micro-batch: padded, or (causal LM, ``speed.packing``) packed into one row
+    whose samples do not attend to each other; the LM head's loss is chunked (``speed.chunked_loss``)."""
+    if kind == "causal_lm":
+        if params.speed["packing"]:
+            batch = pack_features(features, pad_token_id=pad_id)
+            batch.pop("seq_lens", None)
+        else:
+            batch = collate(features, pad_id, pad_to)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return causal_lm_loss(model, batch)[0]
+    batch = {k: v.to(device) for k, v in collate(features, pad_id, pad_to).items()}
+    return seq_cls_loss(model, batch)[0]
+
+
 def make_optimizer(model, method, cfg, params):
     custom = getattr(method, "make_optimizer", None)
     optimizer = custom(model, cfg, params) if custom else None
@@ -176,8 +199,14 @@ def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
     git = results.git_state(exp.path)
     seed_everything(params.seed)
     task, tokenizer, data, model, saver, method, cfg, device = build(exp)
-    trainable = count_trainable(model)
     optimizer = make_optimizer(model, method, cfg, params)
+    trainable = count_trainable(model)
+    speed = SpeedOptions(
+        fast_dora=params.speed["fast_dora"], chunked_loss=params.speed["chunked_loss"],
+        autocast=params.speed["autocast"], compile=params.speed["compile"],
+    )
+    prepare_model(model, speed)
+    lengths = [len(f["input_ids"]) for f in data.train]
 
     micro_per_epoch = math.ceil(len(data.train) / params.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // params.gradient_accumulation_steps)
@@ -201,17 +230,21 @@ def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
 
     model.train()
     try:
+        epoch = 0
         while step < total_steps:
-            order = rng.permutation(len(data.train))
-            batches = [order[i : i + params.batch_size] for i in range(0, len(order), params.batch_size)]
+            if params.speed["group_by_length"]:
+                batches = length_grouped_batches(lengths, params.batch_size, seed=params.seed + epoch)
+            else:
+                order = rng.permutation(len(data.train))
+                batches = [order[i : i + params.batch_size] for i in range(0, len(order), params.batch_size)]
+            epoch += 1
             for i in range(0, len(batches) - params.gradient_accumulation_steps + 1, params.gradient_accumulation_steps):
                 t0 = time.perf_counter()
                 group = batches[i : i + params.gradient_accumulation_steps]
                 n_group = sum(len(b) for b in group)
                 loss_sum = 0.0
                 for idx in group:
-                    batch = {k: v.to(device) for k, v in collate([data.train[j] for j in idx], _pad_id(tokenizer), pad_to).items()}
-                    loss = model(**batch).loss
+                    loss = micro_batch_loss(model, [data.train[j] for j in idx], task.kind, params, _pad_id(tokenizer), pad_to, device)
                     (loss * len(idx) / n_group).backward()
                     loss_sum += loss.item() * len(idx)
                     meter.sample()

@@ -5,6 +5,7 @@ Chosen by ``optimizer: "lorafa"`` in training_parameters.json with a plain LoRA 
 """
 
 from loralab.methods import lora
+from loralab.methods.common import build_peft, freeze_lora_A
 
 NAME = "lorafa"
 SUMMARY = "LoRA-FA: A frozen, B trained with peft's LoRA-FA optimizer (optimizer=lorafa)"
@@ -15,7 +16,12 @@ def applies(cfg, params) -> bool:
 
 
 check = lora.check
-apply = lora.apply
+
+
+def apply(model, cfg, params, ctx):
+    peft_model = build_peft(model, cfg)
+    freeze_lora_A(peft_model)  # the method's own trainable set, before any optimizer exists
+    return peft_model, None
 
 
 def make_optimizer(model, cfg, params):
