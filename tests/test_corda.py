@@ -50,8 +50,9 @@ def _peft_reference(model, tok, config):
     preprocess_corda(model, config, run_model=run_model)
 
 
-@pytest.mark.parametrize("method", ["kpm", "ipm"])
-def test_matches_peft_preprocess_corda_smollm2(smol, method):
+def test_matches_peft_preprocess_corda_smollm2(smol):
+    """KPA here; IPA is checked against peft on MiniLM below (padded batch)."""
+    method = "kpm"
     base, tok = smol
     targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
     ref, ours = copy.deepcopy(base), copy.deepcopy(base)
