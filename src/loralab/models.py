@@ -58,15 +58,33 @@ def check_model_id(model_id: str) -> list[str]:
 
 
 def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
-    key = hashlib.sha256(f"{folder.resolve()}/{gguf_file}:{(folder / gguf_file).stat().st_size}".encode()).hexdigest()[:16]
+    # "v2": conversions made before the EOS fix below must not be reused
+    key = hashlib.sha256(f"v2:{folder.resolve()}/{gguf_file}:{(folder / gguf_file).stat().st_size}".encode()).hexdigest()[:16]
     out = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import shutil
+
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    # transformers refuses to save a model it loaded from GGUF ("not serializable"); the weights are
+    # already dequantised, so copy them into a plain model built from the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    # the GGUF tokenizer metadata may name a different EOS than the model's generation config
+    # (SmolLM2: <|im_start|> vs <|im_end|>); training must append the token generation stops at
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None and tokenizer.eos_token_id != eos:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)
