@@ -38,6 +38,12 @@ def _calibration_defaults() -> dict[str, Any]:
         # "random" (seed 000's README) or "first" (what seed 000's code actually did).
         "sampling": "random",
         "batch_size": 8,
+        # where CorDA sources disagree (loralab.decomposition.corda.DEFAULTS): normalisation,
+        # scaling, cov_dtype, ...; {} keeps the official code's choices
+        "corda_options": {},
+        # named calibration sets (seed 001): prompt format and sequence length
+        "format": "llama2-chat",
+        "seqlen": 2048,
     }
 
 
@@ -219,6 +225,17 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
             problems.append(f"'speed.{key}' = {speed[key]!r} must be true or false")
     if speed["autocast"] not in (None, "bfloat16", "float16"):
         problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: null, bfloat16, float16")
+    if cal["format"] not in ("llama2-chat", "training"):
+        problems.append(f"'calibration.format' = {cal['format']!r} is not allowed; allowed: llama2-chat, training")
+    if not isinstance(cal["corda_options"], dict):
+        problems.append(f"'calibration.corda_options' = {cal['corda_options']!r} must be a JSON object")
+    else:
+        from loralab.decomposition.corda import check_options
+
+        try:
+            check_options(cal["corda_options"])
+        except ValueError as exc:
+            problems.append(f"'calibration.corda_options': {exc}")
     gen = values["generation"]
     if not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
         problems.append(f"'generation.max_new_tokens' = {gen['max_new_tokens']!r} must be a positive integer")

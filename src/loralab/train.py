@@ -90,9 +90,13 @@ class MethodContext:
     def calibration_samples(self) -> list[dict]:
         cal = self.params.calibration
         if cal["dataset"] is not None:
-            from loralab.decomposition.calibration import load_calibration  # data sets of seed 001
+            from loralab.decomposition.calibration import calibration_samples  # seed 001's calibration sets
 
-            return load_calibration(cal["dataset"], self.tokenizer, cal["num_samples"], cal["seed"], self.params.data_dir)
+            samples, _ = calibration_samples(
+                cal["dataset"], self.tokenizer, cal["num_samples"], seed=cal["seed"], seqlen=cal["seqlen"],
+                data_dir=self.params.data_dir, fmt=cal["format"], sampling=cal["sampling"],
+            )
+            return [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
         n = min(cal["num_samples"], len(self.train_features))
         if cal["sampling"] == "first":
             idx = range(n)

@@ -7,8 +7,12 @@ model starts exactly at W.
 adapter_config.json: ``init_lora_weights: "corda"`` + ``corda_config: {corda_method: ...}``.
 Calibration (training_parameters ``calibration``): by default ``num_samples`` = 256 rows of the
 task's train split, sampled at random (seed 000's README; ``sampling: "first"`` is what seed 000's
-code did). peft's ``preprocess_corda`` computes the eigens (batch size 1, as peft requires), then
-peft's own ``corda_init`` builds the adapter. Saved converted to a rank-2r LoRA as PiSSA.
+code did), or a named calibration set (``calibration.dataset``: nqopen, metamath, alpaca, ...).
+``loralab.decomposition.attach_corda_eigens`` computes the eigens from padded batches (pads never
+enter C; peft's ``preprocess_corda`` needs batch size 1) and leaves the model exactly as peft's
+preprocessing would, so peft's own ``corda_init`` builds the adapter. ``calibration.corda_options``
+holds the options where the sources disagree (normalisation, scaling, cov dtype; defaults = the
+official code). Saved converted to a rank-2r LoRA as PiSSA.
 """
 
 import torch
@@ -31,20 +35,16 @@ def check(model, cfg, params) -> list[str]:
 
 
 def apply(model, cfg, params, ctx):
-    from peft.tuners.lora.corda import preprocess_corda
+    from loralab.decomposition import attach_corda_eigens
+    from loralab.decomposition.calibration import make_batches
 
-    samples = ctx.calibration_samples()
+    samples = [torch.tensor(f["input_ids"]) for f in ctx.calibration_samples()]
+    pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    batches = make_batches(samples, params.calibration["batch_size"], pad_id)
     device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     was_training = model.training
-    model.eval()
-
-    @torch.no_grad()
-    def run_model():
-        for feat in samples:
-            batch = {k: torch.tensor([v], device=device) for k, v in feat.items() if k != "labels"}
-            model(**batch)
-
-    preprocess_corda(model, cfg, run_model=run_model)
+    attach_corda_eigens(model, cfg, batches, options=params.calibration["corda_options"])
     model.train(was_training)
     peft_model = build_peft(model, cfg)
     return peft_model, ResidualSaver(peft_model)
