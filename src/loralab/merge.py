@@ -54,6 +54,27 @@ def _load_adapter(folder) -> tuple[dict, dict]:
     return config, weights
 
 
+def delta_as_lora(weights: dict, initial: dict, config: dict) -> tuple[dict, dict]:
+    """ΔW = BA − B₀A₀ = [B | −B₀]·[A ; A₀] as a plain LoRA of rank 2r (peft's documented
+    conversion): concatenated weights and the config with r and alpha doubled (alpha × √2 under
+    rsLoRA, so the scaling is unchanged). Keys missing from ``initial`` (biases, modules_to_save)
+    travel unchanged."""
+    out = {}
+    for key, a in weights.items():
+        if ".lora_A." in key and key in initial:
+            out[key] = torch.cat([a, initial[key].to(a.dtype)], dim=0)
+        elif ".lora_B." in key and key in initial:
+            out[key] = torch.cat([a, -initial[key].to(a.dtype)], dim=1)
+        else:
+            out[key] = a
+    factor = math.sqrt(2) if config.get("use_rslora") else 2
+    config = dict(config, r=config["r"] * 2, lora_alpha=config["lora_alpha"] * factor, init_lora_weights=True)
+    config["rank_pattern"] = {k: v * 2 for k, v in (config.get("rank_pattern") or {}).items()}
+    config["alpha_pattern"] = {k: v * factor for k, v in (config.get("alpha_pattern") or {}).items()}
+    config.pop("corda_config", None)
+    return out, config
+
+
 def convert_to_lora(trained: str, initial: str, out_dir: str) -> Path:
     """Write the rank-2r LoRA adapter (delta B A - B0 A0) that reproduces a trained PiSSA/CorDA
     adapter on the original, undecomposed base model."""
@@ -69,19 +90,7 @@ def convert_to_lora(trained: str, initial: str, out_dir: str) -> Path:
         problems.append("use_rslora with rank_pattern/alpha_pattern cannot be converted (peft raises too)")
     if problems:
         raise ValueError("cannot convert: " + "; ".join(problems))
-    out = {}
-    for key, a in w.items():
-        if ".lora_A." in key:
-            out[key] = torch.cat([a, w0[key]], dim=0)
-        elif ".lora_B." in key:
-            out[key] = torch.cat([a, -w0[key]], dim=1)
-        else:  # biases or modules_to_save travel unchanged
-            out[key] = a
-    factor = math.sqrt(2) if config.get("use_rslora") else 2
-    config = dict(config, r=config["r"] * 2, lora_alpha=config["lora_alpha"] * factor, init_lora_weights=True)
-    config["rank_pattern"] = {k: v * 2 for k, v in (config.get("rank_pattern") or {}).items()}
-    config["alpha_pattern"] = {k: v * 2 for k, v in (config.get("alpha_pattern") or {}).items()}
-    config.pop("corda_config", None)
+    out, config = delta_as_lora(w, w0, config)
     dest = Path(out_dir)
     dest.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, dest / "adapter_model.safetensors")

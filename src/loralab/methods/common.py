@@ -135,31 +135,17 @@ class ResidualSaver:
 
     def save(self, peft_model, out_dir):
         import json
-        import math
         from pathlib import Path
 
         from safetensors.torch import load_file, save_file
 
+        from loralab.merge import delta_as_lora
+
         peft_model.save_pretrained(out_dir)
         path = Path(out_dir) / "adapter_model.safetensors"
-        tensors = load_file(path)
-        for key, init in self.initial.items():
-            init = init.to(tensors[key].dtype)
-            if "lora_A" in key:
-                tensors[key] = torch.cat([tensors[key], init], dim=0).contiguous()
-            else:
-                tensors[key] = torch.cat([tensors[key], -init], dim=1).contiguous()
-        save_file(tensors, path, metadata={"format": "pt"})
         cfg_path = Path(out_dir) / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        # rank doubles; alpha doubles too so alpha/r is unchanged (× √2 under rsLoRA: alpha/√r)
-        factor = math.sqrt(2) if cfg.get("use_rslora") else 2
-        cfg["r"] *= 2
-        cfg["lora_alpha"] *= factor
-        cfg["rank_pattern"] = {k: v * 2 for k, v in (cfg.get("rank_pattern") or {}).items()}
-        cfg["alpha_pattern"] = {k: v * factor for k, v in (cfg.get("alpha_pattern") or {}).items()}
-        cfg["init_lora_weights"] = True
-        cfg.pop("corda_config", None)
+        tensors, cfg = delta_as_lora(load_file(path), self.initial, json.loads(cfg_path.read_text()))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
