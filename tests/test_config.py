@@ -129,3 +129,19 @@ def test_data_dir_from_environment(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("LORALAB_DATA_DIR", str(data_dir))
     assert build_parameters({}).data_dir == str(data_dir)
     assert build_parameters({"data_dir": "/x"}).data_dir == "/x"
+
+
+def test_shipped_glue_experiments_validate(monkeypatch):
+    """Every shipped GLUE folder (seed 000 tables, seed 003 study, quickstart) reads cleanly."""
+    from loralab.experiment import read_experiment
+
+    monkeypatch.delenv("LORALAB_DATA_DIR", raising=False)
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    folders = sorted(p.parent for p in root.rglob("training_parameters.json") if "llm" not in p.parts)
+    assert len(folders) >= 60 + 27 + 1
+    for folder in folders:
+        exp = read_experiment(folder)
+        assert exp.params.task.startswith("glue/")
+    corda = read_experiment(root / "glue-roberta" / "corda" / "rte")
+    assert corda.params.model_id == "FacebookAI/roberta-base" and corda.peft_config.r == 128
+    assert corda.peft_config.corda_config.corda_method == "ipm" and corda.params.calibration["num_samples"] == 256

@@ -195,8 +195,12 @@ def test_check_names_missing_files_and_unknown_evals(tmp_path, data_dir):
 # ------------------------------------------------------------------------------------ shipped experiments
 
 
-def test_shipped_llm_experiments_validate_and_are_up_to_date(tmp_path):
+def test_shipped_llm_experiments_validate_and_are_up_to_date(tmp_path, monkeypatch):
     from loralab.experiment import read_experiment
+
+    # the shipped LLM experiments read the hub (MetaMathQA etc. are hub-only); a LORALAB_DATA_DIR
+    # pointing at ../shared/data would send them to a folder without those files
+    monkeypatch.delenv("LORALAB_DATA_DIR", raising=False)
 
     folders = sorted(p.parent for p in (REPO / "experiments" / "llm").rglob("adapter_config.json"))
     assert len(folders) == 19
