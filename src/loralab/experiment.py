@@ -30,6 +30,15 @@ class Experiment:
     peft_config_sha: str | None
 
 
+def sha256_file(path) -> str:
+    """Content hash of a data or model file, streamed (files may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 

@@ -12,11 +12,12 @@ Data: a local folder in the classic GLUE TSV layout (``<data_dir>/glue/<Task>/{t
 from __future__ import annotations
 
 import csv
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from loralab.experiment import sha256_file
 
 HUB_ID = "nyu-mll/glue"
 
@@ -84,8 +85,7 @@ class GlueTask:
         if not data_dir:
             return self._read_hub("train" if split == "train" else "validation")
         path = self.folder_path(data_dir) / f"{split}.tsv"
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        return self._read_tsv(path), {"file": str(path), "sha256": digest}
+        return self._read_tsv(path), {"file": str(path), "sha256": sha256_file(path)}
 
     def tokenize(self, rows, tokenizer, params) -> list[dict]:
         texts = list(zip(*[r[0] for r in rows])) if rows else []

@@ -36,7 +36,6 @@ then from the local JSON/JSONL file named per task in ``LOCAL_FILES`` (first exi
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from loralab.experiment import sha256_file
 from loralab.tasks.instruct_templates import (
     ALPACA_NO_INPUT,
     PEFT_MC_QUERY,
@@ -170,14 +170,6 @@ def tokenize_rows(style: str, pair: Callable, rows: list[dict], tokenizer, max_l
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_records(path: Path) -> list[dict]:
