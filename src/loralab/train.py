@@ -19,6 +19,7 @@ from loralab import results
 from loralab.experiment import Experiment
 from loralab.methods import choose_method
 from loralab.models import load_model, load_tokenizer, model_provenance
+from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.step import (
     SpeedOptions,
     causal_lm_loss,
@@ -166,19 +167,32 @@ def build(exp: Experiment):
     return task, tokenizer, data, model, saver, method, cfg, device
 
 
-def micro_batch_loss(model, features, kind, params, pad_id, pad_to, device):
-    """Mean loss of one micro-batch: padded, or (causal LM, ``speed.packing``) packed into one row
-    whose samples do not attend to each other; the LM head's loss is chunked (``speed.chunked_loss``)."""
+def micro_batch(features, kind, params, pad_id, pad_to, device, bucket: bool = False) -> dict:
+    """One micro-batch on ``device``: padded, or (causal LM, ``speed.packing``) packed into one row
+    whose samples do not attend to each other. ``bucket`` rounds the padded width up to a few fixed
+    widths (``graphs.bucket_width``) so CUDA graphs can be replayed; padding is masked, so the
+    loss is the same."""
+    if kind == "causal_lm" and params.speed["packing"]:
+        width = bucket_width(sum(min(len(f["input_ids"]), params.max_length) for f in features)) if bucket else None
+        batch = pack_features(features, pad_to=width, pad_token_id=pad_id)
+        batch.pop("seq_lens", None)
+    else:
+        width = pad_to or (bucket_width(max(len(f["input_ids"]) for f in features)) if bucket else None)
+        batch = collate(features, pad_id, width)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_loss(kind: str):
+    """The mean-loss function of a task kind: chunked LM-head loss (``speed.chunked_loss``) for
+    causal LMs, the model's own loss for classification; both under ``speed.autocast``."""
     if kind == "causal_lm":
-        if params.speed["packing"]:
-            batch = pack_features(features, pad_token_id=pad_id)
-            batch.pop("seq_lens", None)
-        else:
-            batch = collate(features, pad_id, pad_to)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        return causal_lm_loss(model, batch)[0]
-    batch = {k: v.to(device) for k, v in collate(features, pad_id, pad_to).items()}
-    return seq_cls_loss(model, batch)[0]
+        return lambda model, batch: causal_lm_loss(model, batch)[0]
+    return lambda model, batch: seq_cls_loss(model, batch)[0]
+
+
+def micro_batch_loss(model, features, kind, params, pad_id, pad_to, device):
+    """Mean loss of one micro-batch (eager; the training loop goes through ``GraphedTraining``)."""
+    return batch_loss(kind)(model, micro_batch(features, kind, params, pad_id, pad_to, device))
 
 
 def make_optimizer(model, method, cfg, params):
@@ -186,7 +200,8 @@ def make_optimizer(model, method, cfg, params):
     optimizer = custom(model, cfg, params) if custom else None
     if optimizer is None:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
+        fused = bool(trainable) and trainable[0].is_cuda  # one kernel for all tensors on CUDA
+        optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay, fused=fused)
     return optimizer
 
 
@@ -220,6 +235,9 @@ def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
     )
     out_dir = output_dir(exp, created_at)
     pad_to = params.max_length if params.pad_to_max_length else None
+    graphs = params.speed["cuda_graphs"] and device.type == "cuda"
+    trainer = GraphedTraining(model, optimizer, batch_loss(task.kind), max_grad_norm=params.max_grad_norm,
+                              enabled=graphs, log=lambda msg: tqdm.write(f"loralab: {msg}"))
     meter = MemoryMeter(device)
     history: list[dict] = []
     status, step, samples_seen, running = "success", 0, 0, []
@@ -246,24 +264,23 @@ def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
                 t0 = time.perf_counter()
                 group = batches[i : i + params.gradient_accumulation_steps]
                 n_group = sum(len(b) for b in group)
-                loss_sum = 0.0
+                loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
                 for idx in group:
-                    loss = micro_batch_loss(model, [data.train[j] for j in idx], task.kind, params, _pad_id(tokenizer), pad_to, device)
-                    (loss * len(idx) / n_group).backward()
-                    loss_sum += loss.item() * len(idx)
+                    batch = micro_batch([data.train[j] for j in idx], task.kind, params, _pad_id(tokenizer), pad_to, device, bucket=graphs)
+                    loss_sum += trainer.micro(batch, len(idx) / n_group) * len(idx)
                     meter.sample()
-                if params.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], params.max_grad_norm)
-                optimizer.step()
+                trainer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 samples_seen += n_group
                 running.append(loss_sum / n_group)
+                if device.type == "cuda" and (step % params.logging_steps == 0 or step == total_steps):
+                    torch.cuda.synchronize()  # steps run ahead of the host; charge their GPU time here
                 train_time += time.perf_counter() - t0
                 bar.update(1)
                 if step % params.logging_steps == 0 or step == total_steps:
-                    entry = {"step": step, "train loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0], "train samples": samples_seen}
+                    entry = {"step": step, "train loss": float(torch.stack(running).mean()),
+                             "lr": float(scheduler.get_last_lr()[0]), "train samples": samples_seen}
                     running = []
                     if params.eval_steps and step % params.eval_steps == 0 and step != total_steps:
                         entry.update({f"eval {k}": v for k, v in log_eval("step").items()})

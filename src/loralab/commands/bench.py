@@ -16,6 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--only", default=None, help="keep workloads whose name contains this")
     parser.add_argument("--no-compile", action="store_true",
                         help="switch off torch.compile of loralab's layers (on by default on cuda; off on cpu)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run loralab's step eagerly instead of replaying CUDA graphs (on by default on cuda)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda)")
 
 
@@ -38,7 +40,8 @@ def run(args) -> int:
 
     compile = device == "cuda" and not args.no_compile
     rows, profiles = run_bench(args.preset, device, steps=args.steps, warmup=args.warmup, only=args.only,
-                               compile=compile, profile=args.profile, on_row=save)
+                               compile=compile, graphs=device == "cuda" and not args.no_cuda_graphs,
+                               profile=args.profile, on_row=save)
     print(table(rows))
     for text in profiles:
         print(text)

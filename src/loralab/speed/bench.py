@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from loralab.speed import step
+from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.lengths import sample_lengths
 from loralab.speed.packing import length_grouped_batches, pack_groups, pack_rows, pad_features
 
@@ -123,8 +124,10 @@ def matmul_params(model) -> int:
     return total
 
 
-def batches(w: Workload, stack: str, vocab: int, n_steps: int, device: str, pad_id: int):
-    """(batch, real units, real tokens) per step, on device. Units: tokens (causal LM) or samples."""
+def batches(w: Workload, stack: str, vocab: int, n_steps: int, device: str, pad_id: int, bucket: bool = False):
+    """(batch, real units, real tokens) per step, on device. Units: tokens (causal LM) or samples.
+    ``bucket``: loralab's classification batches padded to ``graphs.bucket_width`` (as ``loralab run``
+    pads them when CUDA graphs are on) instead of the longest sample rounded up to 8."""
     gen = torch.Generator().manual_seed(1)
     seq_cls = "roberta" in w.model
     out = []
@@ -141,7 +144,10 @@ def batches(w: Workload, stack: str, vocab: int, n_steps: int, device: str, pad_
                   else length_grouped_batches(lengths, w.batch_size, seed=1))
         for g in groups[:n_steps]:
             feats = [{"input_ids": torch.randint(3, vocab, (lengths[i],), generator=gen).tolist(), "labels": i % 2} for i in g]
-            batch = pad_features(feats, pad_id, pad_to=w.seq_len if w.peer_pad_to_max and stack == "peer" else None)
+            pad_to = w.seq_len if w.peer_pad_to_max and stack == "peer" else None
+            if stack == "loralab" and bucket:
+                pad_to = bucket_width(max(lengths[i] for i in g))
+            batch = pad_features(feats, pad_id, pad_to=pad_to)
             out.append((batch, len(g), sum(lengths[i] for i in g)))
     elif stack == "peer":
         lengths = sample_lengths(w.lengths, w.batch_size * n_steps, seed=1, max_len=w.seq_len)
@@ -172,15 +178,19 @@ def _peer_step(model, opt, batch):
     opt.zero_grad(set_to_none=True)
 
 
-def _ours_step(model, opt, batch, seq_cls: bool):
-    loss = step.seq_cls_loss(model, batch)[0] if seq_cls else step.causal_lm_loss(model, batch)[0]
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def _ours_loss(seq_cls: bool):
+    if seq_cls:
+        return lambda model, batch: step.seq_cls_loss(model, batch)[0]
+    return lambda model, batch: step.causal_lm_loss(model, batch)[0]
+
+
+def _ours_step(trainer: GraphedTraining, batch):
+    trainer.micro(batch, 1.0)
+    trainer.step()
 
 
 def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,
-            compile: bool = False, profile_to: list | None = None) -> dict:
+            compile: bool = False, graphs: bool = False, profile_to: list | None = None) -> dict:
     seq_cls = "roberta" in w.model
     dtype = getattr(torch, w.peer_dtype) if stack == "peer" or method == "full" else torch.bfloat16
     if device == "cpu":
@@ -189,20 +199,30 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
         torch._dynamo.reset()  # fresh compile caches: each run builds a new model
     model = wrap(build_model(w, device, dtype), w, method)
     model.train()
+    trainer = None
     if stack == "loralab":
         autocast = "bfloat16" if device == "cuda" else None
         step.prepare_model(model, step.SpeedOptions(autocast=autocast, compile=compile))
         opt = step.adamw(model, lr=1e-5)
-        run = lambda b: _ours_step(model, opt, b, seq_cls)  # noqa: E731
+        trainer = GraphedTraining(model, opt, _ours_loss(seq_cls), enabled=graphs, log=print)
+        run = lambda b: _ours_step(trainer, b)  # noqa: E731
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         run = lambda b: _peer_step(model, opt, b)  # noqa: E731
     vocab = MODELS[w.model]["vocab_size"]
     pad_id = MODELS[w.model].get("pad_token_id", 0)
-    data = batches(w, stack, vocab, warmup + steps, device, pad_id)
+    data = batches(w, stack, vocab, warmup + steps, device, pad_id, bucket=graphs and stack == "loralab")
     n_params = matmul_params(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for batch, _, _ in data[:warmup]:
+    # Every batch shape is met before timing (a real run meets each of its few shapes once in
+    # thousands of steps): compile and graph capture are not timed, for either stack.
+    seen, first_of_shape = set(), []
+    for batch, _, _ in data[warmup:]:
+        key = tuple(tuple(v.shape) for v in batch.values())
+        if key not in seen:
+            seen.add(key)
+            first_of_shape.append(batch)
+    for batch in [b for b, _, _ in data[:warmup]] + first_of_shape:
         run(batch)
     sync()
     if device == "cuda":
@@ -224,8 +244,9 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     row = {"workload": w.name, "method": method, "stack": stack, "throughput": round(throughput, 2),
            "unit": "samples/s" if seq_cls else "tokens/s", "peak_memory_gib": None if peak is None else round(peak, 2),
            "mfu": None if mfu is None else round(mfu, 4), "units_per_step": units / steps,
-           "step_ms": round(1000 * seconds / steps, 2), "compile": compile if stack == "loralab" else False}
-    del model, opt, data, run
+           "step_ms": round(1000 * seconds / steps, 2), "compile": compile if stack == "loralab" else False,
+           "cuda_graphs": bool(trainer is not None and trainer.graphed and trainer.graphs > 0)}
+    del model, opt, data, run, trainer
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -244,7 +265,8 @@ def _profile(run, data, title: str) -> str:
 
 
 def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,
-              only: str | None = None, compile: bool = False, profile: bool = False, log=print, on_row=None):
+              only: str | None = None, compile: bool = False, graphs: bool = False, profile: bool = False,
+              log=print, on_row=None):
     """All rows of a preset; ``only`` keeps workloads whose name contains it.
 
     cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
@@ -261,6 +283,7 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
             n_steps = steps or (3 if preset == "tiny" else w.steps or 8)
             n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
             row = run_one(w, method, stack, device, n_steps, n_warmup, compile=compile and stack == "loralab",
+                          graphs=graphs and stack == "loralab",
                           profile_to=profiles if profile and stack == "loralab" else None)
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,

@@ -116,7 +116,9 @@ def autocast_context(model, device_type: str):
     dtype = _options(model).autocast
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=getattr(torch, dtype))
+    # The autocast weight cache must not outlive a CUDA graph capture (torch's graph docs).
+    capturing = device_type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return torch.autocast(device_type, dtype=getattr(torch, dtype), cache_enabled=not capturing)
 
 
 def _decoder_and_head(model):

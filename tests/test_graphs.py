@@ -1,0 +1,143 @@
+"""CUDA-graph training (speed/graphs.py): bucketed padding keeps the loss, the step object follows
+the plain training loop (accumulation, clipping, schedule), the optimizer-state preparation moves
+nothing, and (on a GPU) replayed graphs give the same weights as eager steps."""
+
+import csv
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+from loralab.config import build_parameters
+from loralab.speed.graphs import GraphedTraining, bucket_width
+from loralab.speed.step import SpeedOptions, prepare_model, seq_cls_loss
+from loralab.train import batch_loss, micro_batch
+
+
+def test_bucket_width_bounds_padding_and_shapes():
+    widths = [bucket_width(n) for n in range(1, 2049)]
+    assert all(w >= n for n, w in zip(range(1, 2049), widths))
+    assert widths == sorted(widths)
+    assert all(w - n < (16 if n <= 128 else 64 if n <= 1024 else 256) for n, w in zip(range(1, 2049), widths))
+    assert len(set(widths[:128])) == 8 and len(set(widths[:512])) == 14  # few shapes to capture
+    with pytest.raises(ValueError):
+        bucket_width(0)
+
+
+def sst2_features(data_dir, tokenizer, n, offset=0):
+    with open(data_dir / "glue" / "SST-2" / "train.tsv") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1 + offset:1 + offset + n]
+    enc = tokenizer([r[0] for r in rows], truncation=True, max_length=128)
+    return [{"input_ids": ids, "attention_mask": m, "labels": int(r[1])}
+            for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], rows)]
+
+
+def lora_minilm(path, dora=False, dropout=None):
+    kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **kwargs)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], use_dora=dora,
+                        modules_to_save=["classifier"])
+    return get_peft_model(base, config)
+
+
+def test_bucketed_padding_keeps_the_loss(minilm_path, data_dir):
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    model = lora_minilm(minilm_path).eval()
+    params = build_parameters({"task": "glue/sst2"})
+    feats = sst2_features(data_dir, tok, 16)
+    natural = micro_batch(feats, "seq_cls", params, tok.pad_token_id, None, "cpu")
+    bucketed = micro_batch(feats, "seq_cls", params, tok.pad_token_id, None, "cpu", bucket=True)
+    longest = max(len(f["input_ids"]) for f in feats)
+    assert natural["input_ids"].shape[1] == longest
+    assert bucketed["input_ids"].shape[1] == bucket_width(longest) > longest  # real padding was added
+    with torch.no_grad():
+        torch.testing.assert_close(seq_cls_loss(model, bucketed)[0], seq_cls_loss(model, natural)[0], atol=1e-5, rtol=1e-5)
+
+
+def _plain_loop(model, batches, params, steps_groups):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params["lr"], weight_decay=0.01)
+    sched = get_scheduler("linear", opt, num_warmup_steps=1, num_training_steps=len(steps_groups))
+    for group in steps_groups:
+        n = sum(batches[i]["input_ids"].shape[0] for i in group)
+        for i in group:
+            loss = model(**batches[i]).loss
+            (loss * batches[i]["input_ids"].shape[0] / n).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], params["clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _graphed_loop(model, batches, params, steps_groups, enabled, prepare_state=False):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params["lr"], weight_decay=0.01)
+    sched = get_scheduler("linear", opt, num_warmup_steps=1, num_training_steps=len(steps_groups))
+    trainer = GraphedTraining(model, opt, batch_loss("seq_cls"), max_grad_norm=params["clip"], enabled=enabled)
+    if prepare_state:  # what a GPU run does before capturing; on CPU without `capturable`
+        for p in trainer.params:
+            p.grad = torch.zeros_like(p)
+        trainer._prepare_optimizer(torch.device("cpu"), capturable=False)
+    losses = []
+    for group in steps_groups:
+        n = sum(batches[i]["input_ids"].shape[0] for i in group)
+        for i in group:
+            losses.append(trainer.micro(batches[i], batches[i]["input_ids"].shape[0] / n))
+        trainer.step()
+        sched.step()
+    return trainer, losses
+
+
+@pytest.mark.parametrize("prepare_state", [False, True], ids=["eager", "prepared-optimizer-state"])
+def test_step_object_follows_the_plain_loop(minilm_path, data_dir, prepare_state):
+    """Accumulation weights, clipping, the LR schedule and (prepared) AdamW state give the same
+    weights as the textbook loop."""
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    params = build_parameters({"task": "glue/sst2"})
+    feats = sst2_features(data_dir, tok, 40)
+    sizes = [8, 8, 8, 8, 5, 3]  # uneven micro-batches: the weights matter
+    batches, start = [], 0
+    for s in sizes:
+        batches.append(micro_batch(feats[start:start + s], "seq_cls", params, tok.pad_token_id, None, "cpu"))
+        start += s
+    groups = [[0, 1], [2, 3], [4, 5]]
+    cfg = {"lr": 2e-3, "clip": 0.5}
+    ref = lora_minilm(minilm_path, dropout=0.0).train()
+    ours = copy.deepcopy(ref)
+    _plain_loop(ref, batches, cfg, groups)
+    _graphed_loop(ours, batches, cfg, groups, enabled=True, prepare_state=prepare_state)  # CPU: runs eagerly
+    moved = 0
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=name)
+        moved += a.requires_grad
+    assert moved > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_cuda_graph_replay_equals_eager(minilm_path, data_dir, dora):
+    """Several padded widths (one graph each), accumulation, clipping, schedule, bf16 autocast:
+    replayed graphs end at the same weights and losses as eager steps."""
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    params = build_parameters({"task": "glue/sst2"})
+    feats = sst2_features(data_dir, tok, 96, offset=1000)
+    feats.sort(key=lambda f: len(f["input_ids"]))  # widths from short to long: several buckets
+    batches = [micro_batch(feats[i:i + 8], "seq_cls", params, tok.pad_token_id, None, "cuda", bucket=True)
+               for i in range(0, 96, 8)]
+    widths = {b["input_ids"].shape[1] for b in batches}
+    assert len(widths) >= 2
+    groups = [[i, i + 1] for i in range(0, len(batches), 2)] * 2  # every shape replayed again
+    cfg = {"lr": 1e-3, "clip": 1.0}
+    models = []
+    for enabled in (False, True):
+        model = lora_minilm(minilm_path, dora=dora, dropout=0.0).cuda().train()
+        prepare_model(model, SpeedOptions(autocast="bfloat16"))
+        trainer, losses = _graphed_loop(model, batches, cfg, groups, enabled=enabled)
+        models.append((model, trainer, torch.stack(losses)))
+    (eager, t_eager, l_eager), (graphed, t_graphed, l_graphed) = models
+    assert not t_eager.graphed and t_graphed.graphed and t_graphed.graph_optimizer
+    assert t_graphed.graphs == len(widths)  # captured, not fallen back
+    torch.testing.assert_close(l_graphed, l_eager, atol=1e-4, rtol=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
