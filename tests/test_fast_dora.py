@@ -54,7 +54,7 @@ def _compare(ref, fast, run, train: bool):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_fast_dora_matches_peft_on_minilm(minilm_path, train):
-    base = AutoModel.from_pretrained(minilm_path)
+    base = AutoModel.from_pretrained(minilm_path, dtype=torch.float32)  # the GPU box carries fp16
     ref, fast = _pair(base, target_modules=["query", "value", "dense"], lora_dropout=0.1 if train else 0.0)
     ids = torch.randint(1000, 2000, (2, 16))
     _compare(ref, fast, lambda m: m(input_ids=ids).last_hidden_state, train)

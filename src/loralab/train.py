@@ -237,7 +237,7 @@ def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
     pad_to = params.max_length if params.pad_to_max_length else None
     graphs = params.speed["cuda_graphs"] and device.type == "cuda"
     trainer = GraphedTraining(model, optimizer, batch_loss(task.kind), max_grad_norm=params.max_grad_norm,
-                              enabled=graphs, log=lambda msg: tqdm.write(f"loralab: {msg}"))
+                              enabled=graphs)
     meter = MemoryMeter(device)
     history: list[dict] = []
     status, step, samples_seen, running = "success", 0, 0, []

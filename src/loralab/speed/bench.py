@@ -204,7 +204,7 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
         autocast = "bfloat16" if device == "cuda" else None
         step.prepare_model(model, step.SpeedOptions(autocast=autocast, compile=compile))
         opt = step.adamw(model, lr=1e-5)
-        trainer = GraphedTraining(model, opt, _ours_loss(seq_cls), enabled=graphs, log=print)
+        trainer = GraphedTraining(model, opt, _ours_loss(seq_cls), enabled=graphs)
         run = lambda b: _ours_step(trainer, b)  # noqa: E731
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -18,8 +18,10 @@ How it stays exact:
   then reset, so the first real step is AdamW's first step;
 - warm-up passes before a capture run with weight 0 (they add nothing to the gradients).
 Shapes must repeat for replay to pay: callers bucket padded widths (``bucket_width``). Anything
-the capture cannot take (a host sync inside the model, an optimizer torch cannot capture) falls
-back to eager execution with one warning, never to a wrong result.
+the capture cannot take stops the run with an error that names the switch (``speed.cuda_graphs``,
+``loralab bench --no-cuda-graphs``): a failed capture leaves CUDA's random-number state unusable,
+so an eager fallback in the same process is not safe. Optimizers torch cannot capture (e.g. peft's
+LoRA-FA optimizer) step eagerly, and shapes beyond ``max_graphs`` run eagerly.
 
 torch's ``make_graphed_callables`` graphs a module's forward/backward but not the optimizer, and
 ``torch.compile(mode="reduce-overhead")`` recompiles per width and breaks on peft's Python-level
@@ -28,7 +30,6 @@ dispatch; a whole-step capture of our own step is what removes every launch.
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -58,24 +59,22 @@ class GraphedTraining:
     ``loss_fn(model, batch)`` returns the mean loss of a micro-batch (a scalar tensor).
     ``micro(batch, weight)`` backpropagates ``weight * loss`` (accumulating) and returns the loss,
     detached, without a host sync; ``step()`` clips (``max_grad_norm`` > 0), steps the optimizer
-    and zeroes the gradients. With ``enabled`` False, on CPU, or after a failed capture the same
-    calls run eagerly; ``graphed`` says which.
+    and zeroes the gradients. With ``enabled`` False or on CPU the same calls run eagerly;
+    ``graphed`` says which.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], *, max_grad_norm: float = 0.0,
-                 enabled: bool = True, max_graphs: int = 32, warmup: int = 2, log: Callable[[str], None] | None = None):
+                 enabled: bool = True, max_graphs: int = 32, warmup: int = 2):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = max_grad_norm
         self.max_graphs, self.warmup = max_graphs, warmup
-        self.log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
         device = self.params[0].device if self.params else torch.device("cpu")
         self.graphed = bool(enabled and device.type == "cuda" and self.params)
         self.graph_optimizer = self.graphed and type(optimizer) in CAPTURABLE_OPTIMIZERS
         self._micro: dict[tuple, tuple] = {}
         self._step_graph = None
-        self._micro_failed = False
         if self.graphed:
             self._pool = torch.cuda.graph_pool_handle()
             self._weight = torch.zeros((), device=device)
@@ -121,8 +120,7 @@ class GraphedTraining:
                     self._eager_step()
                 self._step_graph = graph
             except RuntimeError as exc:
-                self._give_up(f"optimizer step ({type(self.optimizer).__name__})", exc, optimizer_only=True)
-                return self._eager_step()
+                raise self._failure(f"optimizer step ({type(self.optimizer).__name__})", exc) from exc
         self._step_graph.replay()
 
     # -- micro-steps -------------------------------------------------------------------------
@@ -132,14 +130,14 @@ class GraphedTraining:
         return loss.detach()
 
     def micro(self, batch: dict, weight: float = 1.0) -> torch.Tensor:
-        if not self.graphed or self._micro_failed:
+        if not self.graphed:
             return self._eager_micro(batch, weight)
         key = _shape_key(batch)
         entry = self._micro.get(key)
         if entry is None:
-            entry = self._capture(batch, key) if len(self._micro) < self.max_graphs else None
-            if entry is None:  # too many shapes, or the capture failed
+            if len(self._micro) >= self.max_graphs:
                 return self._eager_micro(batch, weight)
+            entry = self._capture(batch, key)
         graph, inputs, loss = entry
         for name, value in batch.items():
             inputs[name].copy_(value, non_blocking=True)
@@ -161,20 +159,16 @@ class GraphedTraining:
             with torch.cuda.graph(graph, pool=self._pool):
                 loss = self._eager_micro(inputs, self._weight)
         except RuntimeError as exc:
-            torch.cuda.synchronize()
-            self._give_up(f"forward/backward of shape {[tuple(v.shape) for v in batch.values()]}", exc)
-            return None
+            raise self._failure(f"forward/backward of shapes {[tuple(v.shape) for v in batch.values()]}", exc) from exc
         self._micro[key] = (graph, inputs, loss)
         return self._micro[key]
 
-    def _give_up(self, what: str, exc: Exception, optimizer_only: bool = False):
-        self.log(f"CUDA graph capture of the {what} failed; running it eagerly ({str(exc).splitlines()[0][:200]})")
-        if optimizer_only:
-            self.graph_optimizer = False
-        else:
-            # A model that cannot be captured once will not be captured for other shapes either.
-            self._micro.clear()
-            self._micro_failed = True
+    @staticmethod
+    def _failure(what: str, exc: Exception) -> RuntimeError:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        return RuntimeError(f"CUDA graph capture of the {what} failed: {first}. Run without CUDA graphs: "
+                            "set \"speed\": {\"cuda_graphs\": false} in training_parameters.json "
+                            "(loralab bench: --no-cuda-graphs).")
 
     @property
     def graphs(self) -> int:

@@ -116,9 +116,9 @@ def autocast_context(model, device_type: str):
     dtype = _options(model).autocast
     if dtype is None:
         return contextlib.nullcontext()
-    # The autocast weight cache must not outlive a CUDA graph capture (torch's graph docs).
-    capturing = device_type == "cuda" and torch.cuda.is_current_stream_capturing()
-    return torch.autocast(device_type, dtype=getattr(torch, dtype), cache_enabled=not capturing)
+    # The same context in warm-up and in CUDA graph capture (the weight cache lives and dies inside
+    # the captured step): a different autocast state would make torch.compile recompile mid-capture.
+    return torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
 def _decoder_and_head(model):
