@@ -16,7 +16,11 @@ How it stays exact:
   torch's LR schedulers fill in place, so the schedule is followed; its state is created before
   capture by a step at learning rate 0 on zero gradients (no parameter moves) whose step count is
   then reset, so the first real step is AdamW's first step;
-- warm-up passes before a capture run with weight 0 (they add nothing to the gradients).
+- warm-up passes before a capture run with weight 0 (they add nothing to the gradients), and
+  they run with transformers told that a capture is under way (``_as_if_capturing``): while
+  capturing, transformers builds attention masks without looking at the data (no host sync), and
+  the warm-up must take that same path, or torch.compile'd layers would meet a new input (a mask
+  instead of None) inside the capture and recompile there, which a capture cannot survive.
 Shapes must repeat for replay to pay: callers bucket padded widths (``bucket_width``). Anything
 the capture cannot take stops the run with an error that names the switch (``speed.cuda_graphs``,
 ``loralab bench --no-cuda-graphs``): a failed capture leaves CUDA's random-number state unusable,
@@ -30,11 +34,31 @@ dispatch; a whole-step capture of our own step is what removes every launch.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
 CAPTURABLE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
+
+@contextlib.contextmanager
+def _as_if_capturing():
+    """transformers' ``is_tracing`` answers True (as it does inside a capture) for the duration."""
+    try:
+        from transformers.utils import import_utils
+    except ImportError:  # no transformers: nothing to align
+        yield
+        return
+    original = getattr(import_utils, "is_cuda_stream_capturing", None)
+    if original is None:
+        yield
+        return
+    import_utils.is_cuda_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        import_utils.is_cuda_stream_capturing = original
 
 
 def bucket_width(n: int) -> int:
@@ -151,7 +175,7 @@ class GraphedTraining:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), _as_if_capturing():
                 for _ in range(self.warmup):
                     self._eager_micro(inputs, self._weight)
             torch.cuda.current_stream().wait_stream(side)
