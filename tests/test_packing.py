@@ -88,3 +88,27 @@ def test_length_grouped_batches_and_dynamic_padding():
     assert batch["input_ids"].shape == (2, 16)
     assert batch["attention_mask"].sum(1).tolist() == [3, 10]
     assert batch["labels"].tolist() == [1, 0]
+
+
+def test_plain_causal_batches_use_unmasked_causal_attention(smollm2, data_dir):
+    """A batch with neither padding nor packing runs through SDPA's is_causal path (no mask built,
+    also inside a CUDA graph capture) and gives the loss of the masked computation."""
+    from loralab.speed.step import CAUSAL_SDPA
+
+    model, tokenizer = smollm2
+    features = _gsm8k_features(data_dir, tokenizer, n=2)
+    width = min(len(f["input_ids"]) for f in features)
+    ids = torch.tensor([f["input_ids"][:width] for f in features])
+    labels = torch.tensor([f["labels"][:width] for f in features])
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_hook(
+        lambda module, args, out: seen.append(module.config._attn_implementation))
+    try:
+        with torch.no_grad():
+            plain, _ = causal_lm_loss(model, {"input_ids": ids, "labels": labels})
+            masked, _ = causal_lm_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+    finally:
+        hook.remove()
+    assert seen == [CAUSAL_SDPA, "sdpa"]
+    assert model.config._attn_implementation == "sdpa"  # restored
+    assert plain.item() == pytest.approx(masked.item(), rel=1e-5)

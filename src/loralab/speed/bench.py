@@ -222,11 +222,11 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
         if key not in seen:
             seen.add(key)
             first_of_shape.append(batch)
+    if device == "cuda":  # peak over warm-up too: graph capture and compile allocate there
+        torch.cuda.reset_peak_memory_stats()
     for batch in [b for b, _, _ in data[:warmup]] + first_of_shape:
         run(batch)
     sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for batch, _, _ in data[warmup:]:
         run(batch)
