@@ -63,6 +63,7 @@ def _speed_defaults() -> dict[str, Any]:
         # exact rewrites (same numbers as the plain computation), on by default
         "fast_dora": True,
         "chunked_loss": True,
+        "fused_lora": True,
         "cuda_graphs": True,  # CUDA only: replay each padded width's step (widths bucketed)
         # change batching or numerics: opt in
         "autocast": None,
@@ -120,7 +121,7 @@ class TrainingParameters:
     eval_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the evaluations (see ``loralab.evals``)."""
     speed: dict[str, Any] = field(default_factory=_speed_defaults)
-    """loralab.speed: fast_dora, chunked_loss, cuda_graphs (exact, on); autocast (bfloat16|float16), compile,
+    """loralab.speed: fast_dora, chunked_loss, fused_lora, cuda_graphs (exact, on); autocast (bfloat16|float16), compile,
     group_by_length (classification), packing (causal LM, no cross-sample attention): off."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
@@ -221,7 +222,7 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
     if cal["sampling"] not in CALIBRATION_SAMPLING:
         problems.append(f"'calibration.sampling' = {cal['sampling']!r} is not allowed; allowed: {', '.join(CALIBRATION_SAMPLING)}")
     speed = values["speed"]
-    for key in ("fast_dora", "chunked_loss", "cuda_graphs", "compile", "group_by_length", "packing"):
+    for key in ("fast_dora", "chunked_loss", "fused_lora", "cuda_graphs", "compile", "group_by_length", "packing"):
         if not isinstance(speed[key], bool):
             problems.append(f"'speed.{key}' = {speed[key]!r} must be true or false")
     if speed["autocast"] not in (None, "bfloat16", "float16"):

@@ -221,7 +221,7 @@ def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
     optimizer = make_optimizer(model, method, cfg, params)
     trainable = count_trainable(model)
     speed = SpeedOptions(
-        fast_dora=params.speed["fast_dora"], chunked_loss=params.speed["chunked_loss"],
+        fast_dora=params.speed["fast_dora"], chunked_loss=params.speed["chunked_loss"], fused_lora=params.speed["fused_lora"],
         autocast=params.speed["autocast"], compile=params.speed["compile"],
     )
     prepare_model(model, speed)

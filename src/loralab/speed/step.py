@@ -1,6 +1,6 @@
 """The training step that ``loralab run`` and ``loralab bench`` share.
 
-- ``prepare_model(model, options)``: fast DoRA swap, fp32 adapter weights, input casts off under
+- ``prepare_model(model, options)``: fast DoRA swap, fused LoRA forward, fp32 adapter weights, input casts off under
   autocast (so adapters read the bf16 activations instead of keeping fp32 copies of them), and
   regional ``torch.compile`` of the decoder layers (off by default; parameter names unchanged).
 - ``causal_lm_loss(model, batch)``: mean next-token loss over labelled tokens and their count, with
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loralab.speed.fast_dora import enable_fast_dora
+from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
 from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups, pad_features
 
@@ -35,6 +36,8 @@ AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 class SpeedOptions:
     fast_dora: bool = True
     """Swap peft's DoRA forward for ``fast_dora`` (same outputs and adapter format)."""
+    fused_lora: bool = True
+    """Plain LoRA layers accumulate the adapter term inside the matmuls (``fused_lora``)."""
     autocast: str | None = None
     """``bfloat16``/``float16``: run the step under autocast (adapters stay fp32); None: no autocast."""
     compile: bool = False
@@ -50,7 +53,7 @@ class SpeedOptions:
         problems = []
         if self.autocast not in AUTOCAST_DTYPES:
             problems.append(f"'autocast' = {self.autocast!r}; allowed: {', '.join(map(str, AUTOCAST_DTYPES))}")
-        for key in ("fast_dora", "compile", "chunked_loss"):
+        for key in ("fast_dora", "fused_lora", "compile", "chunked_loss"):
             if not isinstance(getattr(self, key), bool):
                 problems.append(f"'{key}' = {getattr(self, key)!r}; allowed: true or false")
         if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
@@ -81,6 +84,8 @@ def prepare_model(model, options: SpeedOptions | dict | None = None):
     options = options if isinstance(options, SpeedOptions) else SpeedOptions.from_dict(options)
     if options.fast_dora:
         enable_fast_dora(model)
+    if options.fused_lora:
+        enable_fused_lora(model)
     for module in model.modules():
         if hasattr(module, "lora_A"):
             # Keep activations in the autocast dtype; fp32 copies per adapter cost memory and time.
