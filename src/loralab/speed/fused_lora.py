@@ -46,7 +46,8 @@ class _FusedLoraLinear(torch.autograd.Function):
             w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
             out = F.linear(x2, w, None if bias is None else bias.to(dtype))
             xa = x2 @ a.T
-            out.addmm_(xa, b.T, alpha=scaling)
+            # out of place: under torch.compile an in-place addmm_ is functionalised into addmm + copy
+            out = torch.addmm(out, xa, b.T, alpha=scaling)
         ctx.save_for_backward(x2, xa, w, a, b)
         ctx.scaling = scaling
         ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
@@ -63,8 +64,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         g_xa = (g @ b).mul_(s)
         dx = da = db = None
         if need_x:
-            dx = g @ w
-            dx.addmm_(g_xa, a)
+            dx = torch.addmm(g @ w, g_xa, a)
             dx = dx.reshape(ctx.in_shape).to(x_dtype)
         if need_a:
             da = (g_xa.T @ x2).to(a_dtype)
