@@ -63,11 +63,11 @@ def _speed_defaults() -> dict[str, Any]:
         # exact rewrites (same numbers as the plain computation), on by default
         "fast_dora": True,
         "chunked_loss": True,
-        "fused_lora": True,
         "cuda_graphs": True,  # CUDA only: replay each padded width's step (widths bucketed)
         # change batching or numerics: opt in
         "autocast": None,
         "compile": False,
+        "fused_lora": False,  # exact, but measured slower than compiled peft layers on an H100
         "group_by_length": False,
         "packing": False,
     }
@@ -121,7 +121,7 @@ class TrainingParameters:
     eval_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the evaluations (see ``loralab.evals``)."""
     speed: dict[str, Any] = field(default_factory=_speed_defaults)
-    """loralab.speed: fast_dora, chunked_loss, fused_lora, cuda_graphs (exact, on); autocast (bfloat16|float16), compile,
+    """loralab.speed: fast_dora, chunked_loss, cuda_graphs (exact, on); fused_lora (exact, off); autocast (bfloat16|float16), compile,
     group_by_length (classification), packing (causal LM, no cross-sample attention): off."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""

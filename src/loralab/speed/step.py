@@ -36,8 +36,9 @@ AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 class SpeedOptions:
     fast_dora: bool = True
     """Swap peft's DoRA forward for ``fast_dora`` (same outputs and adapter format)."""
-    fused_lora: bool = True
-    """Plain LoRA layers accumulate the adapter term inside the matmuls (``fused_lora``)."""
+    fused_lora: bool = False
+    """Plain LoRA layers accumulate the adapter term inside the matmuls (``fused_lora``). Off: with
+    torch.compile on it measured 2.6 % slower on Llama-3-8B (results/bench/README.md)."""
     autocast: str | None = None
     """``bfloat16``/``float16``: run the step under autocast (adapters stay fp32); None: no autocast."""
     compile: bool = False
