@@ -2,6 +2,9 @@
 
 peer: transformers + peft as their docs show: ``get_peft_model`` (fp32 adapters over the base,
 peft's default), padded batches, ``model(**batch).loss``, ``torch.optim.AdamW``.
+liger (Llama models, CUDA, when ``liger-kernel`` is importable): the peer with Liger's kernels
+(RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) applied to the model before ``get_peft_model``,
+the strongest off-the-shelf stack issue 6 names.
 loralab: the same model and adapter through ``speed.step`` (what ``loralab run`` calls): fast DoRA,
 bf16 autocast with fp32 adapters, fused LM-head + chunked cross-entropy, packed rows (causal LM)
 or length-grouped dynamic padding (classification), fused AdamW, optional regional compile.
@@ -14,6 +17,7 @@ forward + input gradients) and 6N for full fine-tuning, N = parameters in matmul
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass
@@ -86,6 +90,31 @@ def presets(name: str) -> list[Workload]:
                      rank=128, alpha=128, peer_dtype="float32", peer_pad_to_max=True, steps=40, warmup=12),
         ]
     raise ValueError(f"preset {name!r} is unknown; known: tiny, full")
+
+
+def liger_available(w: Workload, device: str) -> bool:
+    import importlib.util
+
+    return device == "cuda" and w.model.startswith("llama") and importlib.util.find_spec("liger_kernel") is not None
+
+
+@contextlib.contextmanager
+def liger_patched(model):
+    """Liger's kernels on ``model`` for the duration; the module-level names Liger rebinds in
+    transformers' Llama code (RoPE, RMSNorm, MLP classes) are put back afterwards, so the rows
+    that follow run plain transformers again."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    try:
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
+        yield model
+    finally:
+        for name, value in saved.items():
+            if vars(modeling_llama).get(name) is not value:
+                setattr(modeling_llama, name, value)
 
 
 def build_model(w: Workload, device: str, dtype: torch.dtype):
@@ -191,13 +220,26 @@ def _ours_step(trainer: GraphedTraining, batch):
 
 def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,
             compile: bool = False, graphs: bool = False, profile_to: list | None = None) -> dict:
-    seq_cls = "roberta" in w.model
-    dtype = getattr(torch, w.peer_dtype) if stack == "peer" or method == "full" else torch.bfloat16
+    dtype = getattr(torch, w.peer_dtype) if stack in ("peer", "liger") or method == "full" else torch.bfloat16
     if device == "cpu":
         dtype = torch.float32
     if compile:
         torch._dynamo.reset()  # fresh compile caches: each run builds a new model
-    model = wrap(build_model(w, device, dtype), w, method)
+    patches = contextlib.ExitStack()
+    base = build_model(w, device, dtype)
+    if stack == "liger":
+        patches.enter_context(liger_patched(base))
+    with patches:
+        row = _run_built(w, wrap(base, w, method), method, stack, device, steps, warmup, compile, graphs, profile_to)
+    del base
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _run_built(w, model, method, stack, device, steps, warmup, compile, graphs, profile_to) -> dict:
+    seq_cls = "roberta" in w.model
     model.train()
     trainer = None
     if stack == "loralab":
@@ -211,7 +253,8 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
         run = lambda b: _peer_step(model, opt, b)  # noqa: E731
     vocab = MODELS[w.model]["vocab_size"]
     pad_id = MODELS[w.model].get("pad_token_id", 0)
-    data = batches(w, stack, vocab, warmup + steps, device, pad_id, bucket=graphs and stack == "loralab")
+    data = batches(w, "peer" if stack == "liger" else stack, vocab, warmup + steps, device, pad_id,
+                   bucket=graphs and stack == "loralab")
     n_params = matmul_params(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # Every batch shape is met before timing (a real run meets each of its few shapes once in
@@ -276,7 +319,8 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
 
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
-    plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods for s in ("peer", "loralab")]
+    plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods
+            for s in ("peer", "loralab", "liger") if s != "liger" or liger_available(w, device)]
     rows, profiles = [], []
     for w, method, stack in tqdm(plan, desc="bench", disable=None):
         try:
@@ -306,16 +350,20 @@ def format_row(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table with ours/peer ratios."""
-    peer = {(r["workload"], r["method"], r.get("run")): r for r in rows if r["stack"] == "peer"}
-    lines = ["| workload | method | stack | throughput | peak memory | MFU | ours/peer |", "|---|---|---|--:|--:|--:|--:|"]
+    """Markdown table with ours/peer ratios (and ours/liger when Liger rows exist)."""
+    by_stack = {stack: {(r["workload"], r["method"], r.get("run")): r for r in rows if r["stack"] == stack}
+                for stack in ("peer", "liger")}
+    peers = ["peer", "liger"] if by_stack["liger"] else ["peer"]
+    lines = ["| workload | method | stack | throughput | peak memory | MFU | " + " | ".join(f"ours/{p}" for p in peers) + " |",
+             "|---|---|---|--:|--:|--:|" + "--:|" * len(peers)]
     for r in rows:
-        p = peer.get((r["workload"], r["method"], r.get("run")))
-        ratio = ""
-        if r["stack"] == "loralab" and p and p.get("throughput") and r.get("throughput"):
-            ratio = f"{r['throughput'] / p['throughput']:.2f}x"
+        ratios = []
+        for stack in peers:
+            p = by_stack[stack].get((r["workload"], r["method"], r.get("run")))
+            ok = r["stack"] == "loralab" and p and p.get("throughput") and r.get("throughput")
+            ratios.append(f"{r['throughput'] / p['throughput']:.2f}x" if ok else "")
         thr = "—" if r.get("throughput") is None else f"{r['throughput']:,.0f} {r['unit']}"
         mem = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
         mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['workload']} | {r['method']} | {r['stack']} | {thr} | {mem} | {mfu} | {ratio} |")
+        lines.append(f"| {r['workload']} | {r['method']} | {r['stack']} | {thr} | {mem} | {mfu} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
