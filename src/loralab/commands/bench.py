@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
                         help="switch off torch.compile of loralab's layers (on by default on cuda; off on cpu)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="run loralab's step eagerly instead of replaying CUDA graphs (on by default on cuda)")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda), in a second pass after all rows are timed")
 
 
 def run(args) -> int:
