@@ -189,3 +189,17 @@ def test_cuda_graph_replay_equals_eager_causal_lm(layout):
     torch.testing.assert_close(l_graphed, l_eager, atol=1e-4, rtol=1e-4)
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_warm_up_sees_transformers_capture_path():
+    """The warm-up before a capture must take transformers' capture-time code path; this pins the
+    hook it uses (transformers' is_tracing), so a transformers upgrade that moves it fails here
+    rather than as a recompile inside a GPU capture."""
+    from transformers.utils.import_utils import is_tracing
+
+    from loralab.speed.graphs import _as_if_capturing
+
+    assert not is_tracing()
+    with _as_if_capturing():
+        assert is_tracing()
+    assert not is_tracing()
