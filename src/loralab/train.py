@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +173,7 @@ def micro_batch(features, kind, params, pad_id, pad_to, device, bucket: bool = F
     widths (``graphs.bucket_width``) so CUDA graphs can be replayed; padding is masked, so the
     loss is the same."""
     if kind == "causal_lm" and params.speed["packing"]:
-        width = bucket_width(sum(min(len(f["input_ids"]), params.max_length) for f in features)) if bucket else None
+        width = bucket_width(sum(len(f["input_ids"]) for f in features)) if bucket else None
         batch = pack_features(features, pad_to=width, pad_token_id=pad_id)
         batch.pop("seq_lens", None)
     else:
@@ -188,11 +188,6 @@ def batch_loss(kind: str):
     if kind == "causal_lm":
         return lambda model, batch: causal_lm_loss(model, batch)[0]
     return lambda model, batch: seq_cls_loss(model, batch)[0]
-
-
-def micro_batch_loss(model, features, kind, params, pad_id, pad_to, device):
-    """Mean loss of one micro-batch (eager; the training loop goes through ``GraphedTraining``)."""
-    return batch_loss(kind)(model, micro_batch(features, kind, params, pad_id, pad_to, device))
 
 
 def make_optimizer(model, method, cfg, params):
@@ -220,11 +215,8 @@ def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
     task, tokenizer, data, model, saver, method, cfg, device = build(exp)
     optimizer = make_optimizer(model, method, cfg, params)
     trainable = count_trainable(model)
-    speed = SpeedOptions(
-        fast_dora=params.speed["fast_dora"], chunked_loss=params.speed["chunked_loss"], fused_lora=params.speed["fused_lora"],
-        autocast=params.speed["autocast"], compile=params.speed["compile"],
-    )
-    prepare_model(model, speed)
+    option_names = {f.name for f in fields(SpeedOptions)}
+    prepare_model(model, SpeedOptions(**{k: v for k, v in params.speed.items() if k in option_names}))
     lengths = [len(f["input_ids"]) for f in data.train]
 
     micro_per_epoch = math.ceil(len(data.train) / params.batch_size)

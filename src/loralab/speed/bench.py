@@ -223,7 +223,7 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     dtype = getattr(torch, w.peer_dtype) if stack in ("peer", "liger") or method == "full" else torch.bfloat16
     if device == "cpu":
         dtype = torch.float32
-    _clean(device)  # a fresh start, whatever ran before in this process
+    _clean(device)
     patches = contextlib.ExitStack()
     base = build_model(w, device, dtype)
     if stack == "liger":
@@ -232,15 +232,12 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     with patches:
         row = _run_built(w, wrap(base, w, method), method, stack, device, steps, warmup, compile, graphs, profile_to)
     row["reserved_gib_at_start"] = None if reserved is None else round(reserved, 2)
-    del base
-    _clean(device)
     return row
 
 
 def _clean(device: str) -> None:
-    """Leave nothing of a row behind for the next: compiled code (which holds the model), graph
-    pools, cached blocks. A peer row run after a compiled, graphed row without this measured up to
-    35 % slower on real-length batches (results/bench/README.md)."""
+    """Nothing of earlier rows left for the next one: compiled code (which holds its model), CUDA
+    graph pools, cached blocks. Called at the start of every row, so also after a failed one."""
     torch._dynamo.reset()
     gc.collect()
     if device == "cuda":
@@ -299,10 +296,6 @@ def _run_built(w, model, method, stack, device, steps, warmup, compile, graphs, 
            "mfu": None if mfu is None else round(mfu, 4), "units_per_step": units / steps,
            "step_ms": round(1000 * seconds / steps, 2), "compile": compile if stack == "loralab" else False,
            "cuda_graphs": bool(trainer is not None and trainer.graphed and trainer.graphs > 0)}
-    del model, opt, data, run, trainer
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -341,8 +334,6 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
                    "peak_memory_gib": None, "mfu": None, "error": f"out of memory: {str(exc)[:120]}"}
-            gc.collect()
-            torch.cuda.empty_cache()
         rows.append(row)
         log(format_row(row))
         if on_row is not None:

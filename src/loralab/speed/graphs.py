@@ -39,7 +39,9 @@ from typing import Callable
 
 import torch
 
-CAPTURABLE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+# Optimizers whose state ``_prepare_optimizer`` can create without changing the first real step
+# (Adam's moments start at 0 either way; SGD's momentum buffer would not start at the gradient).
+CAPTURABLE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
 
 
 @contextlib.contextmanager
