@@ -183,14 +183,18 @@ def test_corda_kpa_and_ipa_pick_smallest_and_largest(tmp_path, data_dir, base_st
     assert norms["corda_ipa"] > 10 * norms["corda_kpa"]
 
 
+def built_layer_and_base_weight(tmp_path, data_dir, base_state, case, module):
+    """The method's layer ``module`` after ``build`` and the untouched base model's weight there."""
+    adapter, overrides, _ = CASES[case]
+    seed_everything(0)
+    model = build(make_experiment(tmp_path, case, adapter, overrides, data_dir))[3]
+    layer = dict(model.named_modules())[f"base_model.model.{module}"]
+    return layer, dict(base_model(base_state).named_modules())[module].weight
+
+
 def test_svd_lorafa_as_written_matches_seed_formula(tmp_path, data_dir, base_state):
     """A = (U_r S_r)ᵀ and B = first r columns of Vh, W unchanged: seed 003's code, transposes included."""
-    adapter, overrides, _ = CASES["svd_lorafa"]
-    exp = make_experiment(tmp_path, "svd_lorafa", adapter, overrides, data_dir)
-    seed_everything(0)
-    model = build(exp)[3]
-    layer = dict(model.named_modules())["base_model.model.bert.encoder.layer.1.attention.self.key"]
-    W = dict(base_model(base_state).named_modules())["bert.encoder.layer.1.attention.self.key"].weight
+    layer, W = built_layer_and_base_weight(tmp_path, data_dir, base_state, "svd_lorafa", "bert.encoder.layer.1.attention.self.key")
     u, s, vh = torch.linalg.svd(W)
     torch.testing.assert_close(layer.lora_A["default"].weight, (u[:, :4] * s[:4]).T)
     torch.testing.assert_close(layer.lora_B["default"].weight, vh[:, :4])
@@ -199,12 +203,8 @@ def test_svd_lorafa_as_written_matches_seed_formula(tmp_path, data_dir, base_sta
 
 
 def test_svd_lorafa_corrected_is_rank_r_part(tmp_path, data_dir, base_state):
-    adapter, overrides, _ = CASES["svd_lorafa_corrected"]
-    exp = make_experiment(tmp_path, "svd_lorafa_corrected", adapter, overrides, data_dir)
-    seed_everything(0)
-    model = build(exp)[3]
-    layer = dict(model.named_modules())["base_model.model.bert.encoder.layer.0.intermediate.dense"]
-    W = dict(base_model(base_state).named_modules())["bert.encoder.layer.0.intermediate.dense"].weight
+    layer, W = built_layer_and_base_weight(tmp_path, data_dir, base_state, "svd_lorafa_corrected",
+                                           "bert.encoder.layer.0.intermediate.dense")
     u, s, vh = torch.linalg.svd(W, full_matrices=False)
     rank_r = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
     delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight

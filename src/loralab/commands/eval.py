@@ -41,21 +41,19 @@ def _problems(args, names, options) -> list[str]:
         problems.append("--generations re-scores saved completions: give no --model/--adapter with it")
     if not args.generations and not args.model:
         problems.append("give --model (live run) or --generations (re-score)")
-    try:
-        limits = parse_max_samples(args.max_samples, names)
-    except ValueError:
-        limits = {}
-        problems.append(f"--max-samples = {args.max_samples!r} must be N or task=N,task=N with N > 0")
-    problems += [f"--max-samples names '{t}', which is not among --tasks" for t in limits if t not in names]
-    problems += [f"--max-samples for '{t}' = {n} must be > 0" for t, n in limits.items() if n is not None and n <= 0]
-    try:
-        tokens = parse_max_samples(args.max_new_tokens, names)
-    except ValueError:
-        tokens = {}
-        problems.append(f"--max-new-tokens = {args.max_new_tokens!r} must be N or task=N,task=N with N > 0")
-    problems += [f"--max-new-tokens names '{t}', which is not among --tasks" for t in tokens if t not in names]
-    problems += [f"--max-new-tokens for '{t}' = {n} must be > 0" for t, n in tokens.items() if n <= 0]
+    problems += _per_task_problems("--max-samples", args.max_samples, names)
+    problems += _per_task_problems("--max-new-tokens", args.max_new_tokens, names)
     return problems
+
+
+def _per_task_problems(flag: str, value: str | None, names: list[str]) -> list[str]:
+    """What is wrong with a per-task option (``N`` or ``task=N,...``, see ``parse_max_samples``)."""
+    try:
+        parsed = parse_max_samples(value, names)
+    except ValueError:
+        return [f"{flag} = {value!r} must be N or task=N,task=N with N > 0"]
+    return ([f"{flag} names '{t}', which is not among --tasks" for t in parsed if t not in names]
+            + [f"{flag} for '{t}' = {n} must be > 0" for t, n in parsed.items() if n <= 0])
 
 
 def parse_max_samples(value: str | None, names: list[str]) -> dict[str, int | None]:
