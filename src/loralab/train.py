@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from loralab import results
 from loralab.experiment import Experiment
 from loralab.methods import choose_method
+from loralab.methods.context import MethodContext
 from loralab.models import load_model, load_tokenizer, model_provenance
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.step import (
@@ -78,32 +79,6 @@ def predict(model, tokenizer, features, params) -> np.ndarray:
         out.append(model(**batch).logits.float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy()
-
-
-@dataclass
-class MethodContext:
-    """What a method may ask of the run: calibration data for data-driven inits."""
-
-    params: object
-    train_features: list
-    tokenizer: object
-
-    def calibration_samples(self) -> list[dict]:
-        cal = self.params.calibration
-        if cal["dataset"] is not None:
-            from loralab.decomposition.calibration import calibration_samples  # seed 001's calibration sets
-
-            samples, _ = calibration_samples(
-                cal["dataset"], self.tokenizer, cal["num_samples"], seed=cal["seed"], seqlen=cal["seqlen"],
-                data_dir=self.params.data_dir, fmt=cal["format"], sampling=cal["sampling"],
-            )
-            return [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
-        n = min(cal["num_samples"], len(self.train_features))
-        if cal["sampling"] == "first":
-            idx = range(n)
-        else:
-            idx = sorted(np.random.default_rng(cal["seed"]).permutation(len(self.train_features))[:n].tolist())
-        return [{k: v for k, v in self.train_features[i].items() if k != "labels"} for i in idx]
 
 
 class MemoryMeter:
