@@ -15,7 +15,8 @@ from peft import LoraConfig, PeftModel
 
 from loralab.experiment import read_experiment
 from loralab.models import load_model
-from loralab.train import build, collate, make_optimizer, seed_everything
+from loralab.data import collate
+from loralab.train import build, make_optimizer, seed_everything
 
 TARGETS = "all-linear"
 ATTN = ["query", "key", "value", "attention.output.dense"]

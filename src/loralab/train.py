@@ -19,6 +19,7 @@ from loralab import results
 from loralab.experiment import Experiment
 from loralab.methods import choose_method
 from loralab.methods.context import MethodContext
+from loralab.data import collate, pad_id as _pad_id
 from loralab.models import load_model, load_tokenizer, model_provenance
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.step import (
@@ -43,42 +44,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def collate(features: list[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized features; token labels pad with -100, scalar labels stack."""
-    length = pad_to or max(len(f["input_ids"]) for f in features)
-    batch = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
-        if key in features[0]:
-            batch[key] = torch.tensor([f[key] + [fill] * (length - len(f[key])) for f in features])
-    if "labels" in features[0]:
-        labels = [f["labels"] for f in features]
-        if isinstance(labels[0], list):
-            batch["labels"] = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels])
-        else:
-            batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
-    return batch
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-@torch.no_grad()
-def predict(model, tokenizer, features, params) -> np.ndarray:
-    """Logits of a classification model over tokenized features, in order."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    pad_to = params.max_length if params.pad_to_max_length else None
-    for start in range(0, len(features), params.eval_batch_size):
-        chunk = [{k: v for k, v in f.items() if k != "labels"} for f in features[start : start + params.eval_batch_size]]
-        batch = {k: v.to(device) for k, v in collate(chunk, _pad_id(tokenizer), pad_to).items()}
-        out.append(model(**batch).logits.float().cpu())
-    model.train(was_training)
-    return torch.cat(out).numpy()
 
 
 class MemoryMeter:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from loralab.data import collate, pad_id
 from loralab.experiment import sha256_file
 
 HUB_ID = "nyu-mll/glue"
@@ -123,12 +125,26 @@ class GlueTask:
         return compute_metrics(self.metrics, np.asarray(predictions), np.asarray(references))
 
     def evaluate(self, model, tokenizer, data, params, out_dir=None) -> dict[str, float]:
-        from loralab.train import predict
-
         outputs = predict(model, tokenizer, data.eval, params)
         preds = outputs[:, 0] if self.num_labels == 1 else outputs.argmax(-1)
         refs = [f["labels"] for f in data.eval]
         return self.score(preds, refs)
+
+
+@torch.no_grad()
+def predict(model, tokenizer, features, params) -> np.ndarray:
+    """Logits of a classification model over tokenized features, in order."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    pad_to = params.max_length if params.pad_to_max_length else None
+    for start in range(0, len(features), params.eval_batch_size):
+        chunk = [{k: v for k, v in f.items() if k != "labels"} for f in features[start : start + params.eval_batch_size]]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id(tokenizer), pad_to).items()}
+        out.append(model(**batch).logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()
 
 
 def compute_metrics(names, preds, refs) -> dict[str, float]:
