@@ -13,7 +13,17 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 from loralab.config import build_parameters
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.step import SpeedOptions, prepare_model, seq_cls_loss
-from loralab.train import batch_loss, micro_batch
+from loralab.data import collate
+
+
+def micro_batch(feats, kind, params, pad_id, pad_to, device, bucket=False):
+    """A padded micro-batch (the runner's Step pads the same way), optionally to a bucketed width."""
+    width = pad_to or (bucket_width(max(len(f["input_ids"]) for f in feats)) if bucket else None)
+    return {k: v.to(device) for k, v in collate(feats, pad_id, width).items()}
+
+
+def batch_loss(kind):
+    return lambda model, batch: seq_cls_loss(model, batch)[0]
 
 
 def test_bucket_width_bounds_padding_and_shapes():
@@ -153,7 +163,10 @@ def test_cuda_graph_replay_equals_eager_causal_lm(layout):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loralab.speed.packing import pack_rows
-    from loralab.train import batch_loss as make_loss
+    from loralab.speed.step import causal_lm_loss
+
+    def make_loss(kind):
+        return lambda model, batch: causal_lm_loss(model, batch)[0]
 
     gen = torch.Generator().manual_seed(0)
     if layout == "plain":

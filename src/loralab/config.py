@@ -19,6 +19,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "lorafa")
 INITS = (None, "svd_lorafa", "svd_lorafa_corrected", "lorafa_qr")
 CALIBRATION_SAMPLING = ("random", "first")
+LOSS_NORMALIZATIONS = ("tokens", "samples")
 
 
 class ConfigError(ValueError):
@@ -59,17 +60,20 @@ def _generation_defaults() -> dict[str, Any]:
 
 
 def _speed_defaults() -> dict[str, Any]:
+    # "auto" settles per run in loralab.speed.defaults.resolve_speed (the one place that decides
+    # what pays on which device and model); the resolved values go into the result record.
     return {
-        # exact rewrites (same numbers as the plain computation), on by default
+        # exact rewrites (same numbers as the plain computation)
         "fast_dora": True,
         "chunked_loss": True,
-        "cuda_graphs": True,  # CUDA only: replay each padded width's step (widths bucketed)
-        # change batching or numerics: opt in
-        "autocast": None,
-        "compile": False,
+        "cuda_graphs": "auto",  # CUDA: replay each padded width's step (widths bucketed)
         "fused_lora": False,  # exact, but measured slower than compiled peft layers on an H100
-        "group_by_length": False,
-        "packing": False,
+        # bf16-noise-level or batching changes that do not change the optimizer batch
+        "autocast": "auto",  # CUDA + bf16/fp16 base: autocast to the base dtype; else none
+        "compile": "auto",  # CUDA causal LMs: regional torch.compile of the decoder layers
+        "packing": "auto",  # causal LMs: samples packed into rows (no cross-sample attention)
+        "micro_batch": "auto",  # samples per forward (packed: samples' worth of tokens); CUDA: probed
+        "group_by_length": False,  # changes which samples share an optimizer batch: opt in
     }
 
 
@@ -95,6 +99,16 @@ class TrainingParameters:
     """torch AdamW's default, which seed 000's GLUE script used."""
     max_grad_norm: float = 0.0
     """0 disables clipping (seed 000 did not clip)."""
+    loss_normalization: str = "tokens"
+    """How the optimizer batch's loss is averaged, exactly, whatever the micro-batch:
+    ``tokens``: sum of every labelled token's loss / number of labelled tokens in the optimizer
+    batch (transformers >= 4.46); ``samples``: mean over samples of each sample's token mean (what
+    a per-device batch of 1 computed in older transformers). Equal for classification."""
+    checkpoint_steps: int | None = None
+    """Write a checkpoint every N optimizer steps (None: every 10 % of the run; 0: only on
+    SIGINT/SIGTERM). ``loralab run DIR --resume`` continues the latest one."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
     max_length: int = 128
     pad_to_max_length: bool = False
     """True pads every batch to max_length (seed 000 parity); False pads dynamically."""
@@ -121,8 +135,9 @@ class TrainingParameters:
     eval_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the evaluations (see ``loralab.evals``)."""
     speed: dict[str, Any] = field(default_factory=_speed_defaults)
-    """loralab.speed: fast_dora, chunked_loss, cuda_graphs (exact, on); fused_lora (exact, off); autocast (bfloat16|float16), compile,
-    group_by_length (classification), packing (causal LM, no cross-sample attention): off."""
+    """loralab.speed: fast_dora, chunked_loss (exact, on); cuda_graphs, autocast, compile, packing,
+    micro_batch ("auto": decided per device and model by loralab.speed.defaults); fused_lora,
+    group_by_length (off). An explicit value always wins over "auto"."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
 
@@ -222,11 +237,24 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
     if cal["sampling"] not in CALIBRATION_SAMPLING:
         problems.append(f"'calibration.sampling' = {cal['sampling']!r} is not allowed; allowed: {', '.join(CALIBRATION_SAMPLING)}")
     speed = values["speed"]
-    for key in ("fast_dora", "chunked_loss", "fused_lora", "cuda_graphs", "compile", "group_by_length", "packing"):
+    for key in ("fast_dora", "chunked_loss", "fused_lora", "group_by_length"):
         if not isinstance(speed[key], bool):
             problems.append(f"'speed.{key}' = {speed[key]!r} must be true or false")
-    if speed["autocast"] not in (None, "bfloat16", "float16"):
-        problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: null, bfloat16, float16")
+    for key in ("cuda_graphs", "compile", "packing"):
+        if not (isinstance(speed[key], bool) or speed[key] == "auto"):
+            problems.append(f"'speed.{key}' = {speed[key]!r} must be true, false or \"auto\"")
+    if speed["autocast"] not in (None, "auto", "bfloat16", "float16"):
+        problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
+    mb = speed["micro_batch"]
+    if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
+        problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
+    if values["loss_normalization"] not in LOSS_NORMALIZATIONS:
+        problems.append(f"'loss_normalization' = {values['loss_normalization']!r} is not allowed"
+                        f"{suggest(str(values['loss_normalization']), LOSS_NORMALIZATIONS)}; allowed: {', '.join(LOSS_NORMALIZATIONS)}")
+    if values["checkpoint_steps"] is not None and values["checkpoint_steps"] < 0:
+        problems.append(f"'checkpoint_steps' = {values['checkpoint_steps']!r} must be >= 0 (0: only on SIGINT/SIGTERM; null: every 10 % of the run)")
+    if values["keep_checkpoints"] < 1:
+        problems.append(f"'keep_checkpoints' = {values['keep_checkpoints']!r} must be >= 1")
     if cal["format"] not in ("llama2-chat", "training"):
         problems.append(f"'calibration.format' = {cal['format']!r} is not allowed; allowed: llama2-chat, training")
     if not isinstance(cal["corda_options"], dict):

@@ -1,5 +1,7 @@
 """The result record and where it goes (seed 004): ``results/`` for a main run (branch main, clean
-tree, success), ``temporary_results/`` otherwise, ``cancelled_results/`` after Ctrl-C.
+tree, success), ``temporary_results/`` otherwise (failed and diverged runs included),
+``cancelled_results/`` after SIGINT/SIGTERM. Records are validated, then written atomically
+(temporary file + rename).
 ``$LORALAB_RESULTS_DIR`` replaces the root folder (default: the current directory).
 """
 
@@ -21,6 +23,7 @@ REQUIRED = {
     "eval": (),
     "meta_info": ("model", "dataset", "package_info", "system_info"),
 }
+STATUSES = ("success", "failed", "cancelled", "diverged")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "loralab")
 
 
@@ -105,10 +108,23 @@ def validate(record: dict) -> list[str]:
                 problems.append(f"missing {section}.{key}")
     if "eval" in record and not all(isinstance(v, (int, float)) for v in record["eval"].values()):
         problems.append("eval must map names to numbers")
+    status = record.get("train_info", {}).get("status")
+    if status not in STATUSES:
+        problems.append(f"train_info.status = {status!r}; allowed: {', '.join(STATUSES)}")
+    if status in ("failed", "diverged"):
+        error = record["train_info"].get("error") or {}
+        for key in ("type", "message", "phase"):
+            if key not in error:
+                problems.append(f"a {status} record needs train_info.error.{key}")
     return problems
 
 
 def write_result(record: dict, git: dict) -> Path:
+    """Validate ``record`` and write it atomically where its status and git state route it.
+    Raises ValueError naming what is missing (a bug: the runner builds the record)."""
+    problems = validate(record)
+    if problems:
+        raise ValueError("result record is invalid: " + "; ".join(problems))
     status = record["train_info"]["status"]
     folder = route(status, git)
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,6 +132,9 @@ def write_result(record: dict, git: dict) -> Path:
     stamp = re.sub(r"[^0-9A-Za-z_.-]", "-", record["run_info"]["created_at"])
     path = folder / f"{stem}--{stamp}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.rename(path)
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(record, indent=2, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
     return path

@@ -1,35 +1,42 @@
-"""The one training loop behind ``loralab run``: build the model and the method's adapter, train,
-evaluate, save a peft adapter, and return the result record. Read it top to bottom.
+"""The one training loop behind ``loralab run``: build -> loop -> save -> evaluate -> record.
+
+- build: the model, the task data, the method's adapter (``calibrate`` for data-driven inits), the
+  optimizer, the schedule and the step (``loralab.step``: micro-batching, exact loss
+  normalisation, packing, CUDA graphs); on ``--resume``, the newest matching checkpoint.
+- loop: one optimizer batch (``batch_size × gradient_accumulation_steps`` samples; the last of an
+  epoch may be shorter, and is weighted exactly) per step; logging, evaluation and checkpoints
+  every N steps; a signal stops after the step with a checkpoint.
+- save first, evaluate second: adapter and tokenizer are on disk before any evaluation, which
+  runs in the precision training used.
+- record: one result file for every ending (``loralab.lifecycle``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
+import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loralab import results
+from loralab import checkpoint, results
+from loralab.config import ConfigError
+from loralab.data import pad_id as _pad_id
 from loralab.experiment import Experiment
+from loralab.lifecycle import Cancelled, Diverged, Lifecycle, error_info
 from loralab.methods import choose_method
 from loralab.methods.context import MethodContext
-from loralab.data import collate, pad_id as _pad_id
 from loralab.models import load_model, load_tokenizer, model_provenance
-from loralab.speed.graphs import GraphedTraining, bucket_width
-from loralab.speed.step import (
-    SpeedOptions,
-    causal_lm_loss,
-    length_grouped_batches,
-    pack_features,
-    prepare_model,
-    seq_cls_loss,
-)
+from loralab.speed.defaults import resolve_speed
+from loralab.speed.step import SpeedOptions, autocast_context, length_grouped_batches, prepare_model
+from loralab.step import MicroBatchOOM, Step, probe_micro_batch
 from loralab.tasks import get_task
 
 
@@ -78,14 +85,42 @@ def output_dir(exp: Experiment, created_at: str) -> Path:
     return root / f"{exp.name.replace('/', '--')}--{stamp}"
 
 
-def build(exp: Experiment):
+@dataclass
+class Built:
+    """Everything ``build`` makes before training."""
+
+    task: object
+    tokenizer: object
+    data: object
+    model: torch.nn.Module
+    saver: object
+    method: object
+    cfg: object
+    device: torch.device
+
+    def _fields(self) -> tuple:
+        return (self.task, self.tokenizer, self.data, self.model, self.saver, self.method, self.cfg, self.device)
+
+    def __iter__(self):  # older callers unpack the former 8-tuple
+        return iter(self._fields())
+
+    def __getitem__(self, i):
+        return self._fields()[i]
+
+
+def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | None = None,
+          trainable_names: list[str] | None = None):
     """Model, tokenizer, task data, adapted model, saver and method: everything before training.
 
-    Method-specific checks that need the model's layer shapes run here, before any training.
+    Method-specific checks that need the model's layer shapes run here, before any training; data
+    that cannot be read is bad input (ConfigError). ``init_state`` (resume of an init that rewrote
+    the base weights) rebuilds the adapter from the saved init instead of redoing the
+    decomposition; ``trainable_names`` then restores which tensors train.
+    Returns a ``Built``; unpacks as the former 8-tuple for older callers.
     """
-    from loralab.config import ConfigError
-    from loralab.methods.common import resolve_config
+    from loralab.methods.common import ResidualSaver, build_peft, resolve_config
 
+    life = life or Lifecycle()
     params = exp.params
     task = get_task(params.task)
     tokenizer = load_tokenizer(params.model_id)
@@ -97,37 +132,31 @@ def build(exp: Experiment):
     problems = method.check(model, cfg, params)
     if problems:
         raise ConfigError(problems, str(exp.path))
-    data = task.load(params, tokenizer)
+    try:
+        data = task.load(params, tokenizer)
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, TypeError, IndexError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError([f"task {params.task}: its data could not be read from {params.data_dir or 'the hub'}: "
+                           f"{type(exc).__name__}: {exc}"], str(exp.path)) from exc
     if not data.train:
         raise ConfigError([f"task {params.task} has no training examples in {params.data_dir or 'the hub'}"], str(exp.path))
     device = pick_device(params.device)
     model.to(device)
-    ctx = MethodContext(params, data.train, tokenizer)
-    model, saver = method.apply(model, cfg, params, ctx)
-    return task, tokenizer, data, model, saver, method, cfg, device
-
-
-def micro_batch(features, kind, params, pad_id, pad_to, device, bucket: bool = False) -> dict:
-    """One micro-batch on ``device``: padded, or (causal LM, ``speed.packing``) packed into one row
-    whose samples do not attend to each other. ``bucket`` rounds the padded width up to a few fixed
-    widths (``graphs.bucket_width``) so CUDA graphs can be replayed; padding is masked, so the
-    loss is the same."""
-    if kind == "causal_lm" and params.speed["packing"]:
-        width = bucket_width(sum(len(f["input_ids"]) for f in features)) if bucket else None
-        batch = pack_features(features, pad_to=width, pad_token_id=pad_id)
-        batch.pop("seq_lens", None)
+    if init_state is not None:
+        plain = copy.deepcopy(cfg)
+        plain.init_lora_weights = True
+        model = build_peft(model, plain)
+        checkpoint.restore_init_state(init_state, model)
+        wanted = set(trainable_names or [])
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in wanted)
+        saver = ResidualSaver(model)
     else:
-        width = pad_to or (bucket_width(max(len(f["input_ids"]) for f in features)) if bucket else None)
-        batch = collate(features, pad_id, width)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def batch_loss(kind: str):
-    """The mean-loss function of a task kind: chunked LM-head loss (``speed.chunked_loss``) for
-    causal LMs, the model's own loss for classification; both under ``speed.autocast``."""
-    if kind == "causal_lm":
-        return lambda model, batch: causal_lm_loss(model, batch)[0]
-    return lambda model, batch: seq_cls_loss(model, batch)[0]
+        ctx = MethodContext(params, data.train, tokenizer)
+        with life.enter("calibrate"):
+            model, saver = method.apply(model, cfg, params, ctx)
+    return Built(task, tokenizer, data, model, saver, method, cfg, device)
 
 
 def make_optimizer(model, method, cfg, params):
@@ -140,109 +169,329 @@ def make_optimizer(model, method, cfg, params):
     return optimizer
 
 
-def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
+def epoch_batches(n: int, lengths: list[int], size: int, epoch: int, params) -> list[list[int]]:
+    """The optimizer batches of one epoch (indices): a fixed function of (seed, epoch), so a resumed
+    run sees the same order. The last batch may be shorter (no sample dropped)."""
+    if params.speed["group_by_length"]:
+        return length_grouped_batches(lengths, size, seed=params.seed + epoch)
+    order = np.random.default_rng([params.seed, epoch]).permutation(n)
+    return [order[i:i + size].tolist() for i in range(0, n, size)]
+
+
+def find_resume(exp: Experiment, out_root: Path) -> tuple[Path | None, Path | None]:
+    """(run output dir, checkpoint) of the newest checkpoint of this experiment whose configuration
+    hashes match; (None, None) when there is none. Raises ConfigError naming the changed keys when
+    checkpoints exist but none matches."""
+    stem = exp.name.replace("/", "--") + "--"
+    found = []
+    for run_dir in out_root.glob(stem + "*") if out_root.is_dir() else []:
+        for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+            found.append((ckpt.stat().st_mtime, run_dir, ckpt))
+    if not found:
+        return None, None
+    found.sort(key=lambda t: t[0])
+    for _, run_dir, ckpt in reversed(found):
+        state = checkpoint.read_state(ckpt)
+        if state.get("train_params_sha") == exp.train_params_sha and state.get("peft_config_sha") == exp.peft_config_sha:
+            return run_dir, ckpt
+    newest = checkpoint.read_state(found[-1][2])
+    changes = checkpoint.config_changes(newest.get("config", {}), _config(exp))
+    raise ConfigError([f"--resume: the configuration changed since checkpoint {found[-1][2]}; changed keys: "
+                       + ("; ".join(changes) or "(hash differs)")
+                       + ". Restore them, or run without --resume to start afresh."], str(exp.path))
+
+
+def _config(exp: Experiment) -> dict:
+    return {"training_parameters": exp.params.to_dict(),
+            "adapter_config": exp.peft_config.to_dict() if exp.peft_config is not None else None}
+
+
+def _say(verbose: bool):
+    def say(line: str):
+        print(f"[loralab] {line}", file=sys.stderr, flush=True)
+    return say
+
+
+def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False) -> tuple[dict, Path]:
     """Train and evaluate one experiment; returns (result record, result path).
 
-    Ctrl-C during training writes a ``cancelled`` record and then re-raises KeyboardInterrupt.
+    Every ending writes a record (``loralab.lifecycle``). A cancelled run raises
+    ``KeyboardInterrupt(path)`` after writing it, a failed or diverged one re-raises its error with
+    ``result_path`` set on it; bad input raises ConfigError before anything is written.
     """
-    from transformers import get_scheduler
-
     params = exp.params
+    say = _say(verbose)
     start = time.perf_counter()
     created_at = results.now_iso()
     git = results.git_state(exp.path)
-    seed_everything(params.seed)
-    task, tokenizer, data, model, saver, method, cfg, device = build(exp)
-    optimizer = make_optimizer(model, method, cfg, params)
-    trainable = count_trainable(model)
+    out_root = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
+    run_dir, resume_from = find_resume(exp, out_root) if resume else (None, None)
+    if resume and resume_from is None:
+        say("--resume: no checkpoint of this experiment yet; starting from the beginning")
+    out_dir = run_dir or output_dir(exp, created_at)
+    ckpt_root = out_dir / "checkpoints"
+    life = Lifecycle(log=say)
+    record = {"status": "success", "error": None, "step": 0, "history": [], "final": {}, "adapter_path": None,
+              "file_size": None, "train_time": 0.0, "samples": 0, "tokens": 0, "speed": {}, "timing": {},
+              "total_steps": None, "trainable": None, "method": None, "cfg": None, "provenance": {}, "meter": None,
+              "checkpoint": str(resume_from) if resume_from else None, "resumed_from": str(resume_from) if resume_from else None}
+    state = {}
+    with life:
+        try:
+            seed_everything(params.seed)
+            resume_state = checkpoint.read_state(resume_from) if resume_from else None
+            init_state = ckpt_root / checkpoint.INIT_STATE
+            built = build(exp, life,
+                          init_state=init_state if resume_state and resume_state.get("init_state") else None,
+                          trainable_names=resume_state.get("trainable_names") if resume_state else None)
+            record.update(method=built.method, cfg=built.cfg, provenance=built.data.provenance)
+            say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
+                f"({len(built.data.train)} train / {len(built.data.eval)} eval examples), method {built.method.NAME}, "
+                f"device {built.device}; adapter -> {out_dir / 'adapter'}")
+            state = _train(exp, built, life, say, record, out_dir, ckpt_root, resume_from, resume_state, verbose)
+            with life.enter("save"):
+                _save(built, out_dir / "adapter", record)
+                say(f"adapter saved to {out_dir / 'adapter'}")
+            with life.enter("evaluate"):
+                say(f"evaluating {params.task} ({len(built.data.eval)} examples)")
+                t0 = time.perf_counter()
+                metrics = _evaluate(built, params, out_dir)
+                record["timing"]["final_eval_s"] = time.perf_counter() - t0
+                record["final"] = metrics
+                record["history"].append({"step": record["step"], "train samples": record["samples"],
+                                          **{f"final {k}": v for k, v in metrics.items()}})
+        except ConfigError:
+            raise
+        except Cancelled as exc:
+            record["status"] = "cancelled"
+            record["error"] = {"type": "Cancelled", "message": str(exc) or "SIGINT", "phase": life.phase}
+        except KeyboardInterrupt:
+            record["status"] = "cancelled"
+            record["error"] = {"type": "KeyboardInterrupt", "message": "SIGINT", "phase": life.phase}
+        except Diverged as exc:
+            record["status"] = "diverged"
+            last = checkpoint.list_checkpoints(ckpt_root)
+            record["error"] = {**error_info(exc, life.phase), "step": exc.step,
+                               "last_good_checkpoint": str(last[-1]) if last else None}
+            record["exception"] = exc
+        except Exception as exc:  # noqa: BLE001 - every ending gets a record; re-raised below
+            record["status"] = "failed"
+            record["error"] = error_info(exc, life.phase)
+            record["exception"] = exc
+    result = _record(exp, record, created_at, git, start, state)
+    path = results.write_result(result, git)
+    if record["status"] == "cancelled":
+        raise KeyboardInterrupt(str(path))
+    if record["status"] in ("failed", "diverged"):
+        exc = record["exception"]
+        exc.result_path = path
+        raise exc
+    return result, path
+
+
+def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path, ckpt_root: Path,
+           resume_from: Path | None, resume_state: dict | None, verbose: bool) -> dict:
+    from transformers import get_scheduler
+
+    params = exp.params
+    model, device, task = built.model, built.device, built.task
+    speed = resolve_speed(params.speed, device=device, kind=task.kind, base_dtype=params.dtype)
+    optimizer = make_optimizer(model, built.method, built.cfg, params)
+    record["trainable"] = count_trainable(model)
     option_names = {f.name for f in fields(SpeedOptions)}
-    prepare_model(model, SpeedOptions(**{k: v for k, v in params.speed.items() if k in option_names}))
-    lengths = [len(f["input_ids"]) for f in data.train]
-
-    micro_per_epoch = math.ceil(len(data.train) / params.batch_size)
-    steps_per_epoch = max(1, micro_per_epoch // params.gradient_accumulation_steps)
+    prepare_model(model, SpeedOptions(**{k: v for k, v in speed.items() if k in option_names}))
+    n = len(built.data.train)
+    lengths = [len(f["input_ids"]) for f in built.data.train]
+    opt_batch = params.batch_size * params.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(n / opt_batch)
     total_steps = params.max_steps or max(1, math.ceil(params.num_epochs * steps_per_epoch))
-    scheduler = get_scheduler(
-        params.lr_scheduler, optimizer, num_warmup_steps=int(params.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
-    out_dir = output_dir(exp, created_at)
-    pad_to = params.max_length if params.pad_to_max_length else None
-    graphs = params.speed["cuda_graphs"] and device.type == "cuda"
-    trainer = GraphedTraining(model, optimizer, batch_loss(task.kind), max_grad_norm=params.max_grad_norm,
-                              enabled=graphs)
+    record["total_steps"] = total_steps
+    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=int(params.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    ckpt_every = params.checkpoint_steps if params.checkpoint_steps is not None else max(1, total_steps // 10)
+    pad = _pad_id(built.tokenizer)
+    micro = speed["micro_batch"]
+    if micro == "auto":  # CUDA: probed with the built model
+        micro = probe_micro_batch(model, built.data.train, kind=task.kind, packing=speed["packing"],
+                                  max_length=params.max_length, limit=opt_batch, pad_id=pad, device=device, log=say)
+    elif micro is None:
+        micro = params.batch_size
+    speed["micro_batch"] = micro
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        say(f"resumed from {resume_from} (step {state['step']} of {total_steps})")
+    else:
+        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "history": [],
+                 "running": [], "train_time": 0.0, "warmup_time": 0.0, "steady_time": 0.0, "steady_tokens": 0,
+                 "steady_samples": 0}
+        if built.saver is not None and hasattr(built.saver, "initial"):
+            checkpoint.save_init_state(ckpt_root, model)  # resume without redoing the decomposition
+            state["init_state"] = True
+    state.update(train_params_sha=exp.train_params_sha, peft_config_sha=exp.peft_config_sha, config=_config(exp),
+                 trainable_names=[n for n, p in model.named_parameters() if p.requires_grad])
+    step_fn = Step(model, optimizer, kind=task.kind, normalization=params.loss_normalization, micro_batch=micro,
+                   packing=speed["packing"], max_length=params.max_length,
+                   pad_to=params.max_length if params.pad_to_max_length else None, pad_id=pad, device=device,
+                   graphs=speed["cuda_graphs"], max_grad_norm=params.max_grad_norm, log=say)
+    if resume_from is not None:
+        checkpoint.load_rng(resume_from)  # last: nothing between here and the next step draws
     meter = MemoryMeter(device)
-    history: list[dict] = []
-    status, step, samples_seen, running = "success", 0, 0, []
-    rng = np.random.default_rng(params.seed)
-    train_time = 0.0
-    bar = tqdm(total=total_steps, desc=f"train {exp.name}", disable=not verbose, dynamic_ncols=True)
+    record.update(meter=meter, speed=speed)
+    running = [torch.tensor(x, device=device) for x in state["running"]]
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def log_eval(tag: str):
-        metrics = task.evaluate(model, tokenizer, data, params, out_dir if tag == "final" else None)
+    def sync_checks(step: int):
+        """At logging/checkpoint points (one host sync): stop on a non-finite loss or weight."""
+        if int(bad_step) >= 0:
+            raise Diverged(int(bad_step), "non-finite loss")
+        if trainable and not bool(torch.stack(torch._foreach_norm(trainable)).isfinite().all()):
+            raise Diverged(step, "non-finite trainable weight")
+
+    def write_checkpoint(step: int):
+        state["running"] = [float(x) for x in running]
+        path = checkpoint.save(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                               keep=params.keep_checkpoints)
+        record["checkpoint"] = str(path)
+
+    def evaluate_now() -> dict:
+        metrics = _evaluate(built, params, None)
         model.train()
         return metrics
 
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {exp.name}", disable=not verbose,
+               dynamic_ncols=True, file=sys.stderr)
     model.train()
+    window = {"t": 0.0, "tokens": 0, "samples": 0, "clean": True}
     try:
-        epoch = 0
-        while step < total_steps:
-            if params.speed["group_by_length"]:
-                batches = length_grouped_batches(lengths, params.batch_size, seed=params.seed + epoch)
-            else:
-                order = rng.permutation(len(data.train))
-                batches = [order[i : i + params.batch_size] for i in range(0, len(order), params.batch_size)]
-            epoch += 1
-            for i in range(0, len(batches) - params.gradient_accumulation_steps + 1, params.gradient_accumulation_steps):
-                t0 = time.perf_counter()
-                group = batches[i : i + params.gradient_accumulation_steps]
-                n_group = sum(len(b) for b in group)
-                loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-                for idx in group:
-                    batch = micro_batch([data.train[j] for j in idx], task.kind, params, _pad_id(tokenizer), pad_to, device, bucket=graphs)
-                    loss_sum += trainer.micro(batch, len(idx) / n_group) * len(idx)
+        with life.enter("train"):
+            while state["step"] < total_steps:
+                batches = epoch_batches(n, lengths, opt_batch, state["epoch"], params)
+                while state["batch_in_epoch"] < len(batches) and state["step"] < total_steps:
+                    t0 = time.perf_counter()
+                    graphs_before = step_fn.trainer.graphs
+                    stats = step_fn([built.data.train[j] for j in batches[state["batch_in_epoch"]]])
+                    scheduler.step()
                     meter.sample()
-                trainer.step()
-                scheduler.step()
-                step += 1
-                samples_seen += n_group
-                running.append(loss_sum / n_group)
-                if device.type == "cuda" and (step % params.logging_steps == 0 or step == total_steps):
-                    torch.cuda.synchronize()  # steps run ahead of the host; charge their GPU time here
-                train_time += time.perf_counter() - t0
-                bar.update(1)
-                if step % params.logging_steps == 0 or step == total_steps:
-                    entry = {"step": step, "train loss": float(torch.stack(running).mean()),
-                             "lr": float(scheduler.get_last_lr()[0]), "train samples": samples_seen}
-                    running = []
-                    if params.eval_steps and step % params.eval_steps == 0 and step != total_steps:
-                        entry.update({f"eval {k}": v for k, v in log_eval("step").items()})
-                    history.append(entry)
-                    bar.set_postfix(loss=f"{entry['train loss']:.4f}")
-                elif params.eval_steps and step % params.eval_steps == 0:
-                    history.append({"step": step, "train samples": samples_seen, **{f"eval {k}": v for k, v in log_eval("step").items()}})
-                if step >= total_steps:
-                    break
-    except KeyboardInterrupt:
-        status = "cancelled"
+                    state["step"] += 1
+                    state["batch_in_epoch"] += 1
+                    step = state["step"]
+                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(stats.loss), step, bad_step)
+                    running.append(stats.loss.detach())
+                    state["samples"] += stats.samples
+                    state["tokens"] += stats.tokens
+                    log_now = step % params.logging_steps == 0 or step == total_steps
+                    ckpt_now = ckpt_every > 0 and step % ckpt_every == 0 and step != total_steps
+                    sync = log_now or ckpt_now or life.stop_requested
+                    if sync and device.type == "cuda":
+                        torch.cuda.synchronize()  # steps run ahead of the host; charge their GPU time here
+                    dt = time.perf_counter() - t0
+                    state["train_time"] += dt
+                    window["t"] += dt
+                    window["tokens"] += stats.tokens
+                    window["samples"] += stats.samples
+                    window["clean"] &= step_fn.trainer.graphs == graphs_before and step > 1
+                    if sync:
+                        key = "steady" if window["clean"] else "warmup"
+                        state[f"{key}_time"] += window["t"]
+                        if window["clean"]:
+                            state["steady_tokens"] += window["tokens"]
+                            state["steady_samples"] += window["samples"]
+                        window = {"t": 0.0, "tokens": 0, "samples": 0, "clean": True}
+                        sync_checks(step)
+                    bar.update(1)
+                    if log_now:
+                        entry = {"step": step, "train loss": float(torch.stack(running).mean()),
+                                 "lr": float(scheduler.get_last_lr()[0]), "train samples": state["samples"],
+                                 "train tokens": state["tokens"]}
+                        running = []
+                        if params.eval_steps and step % params.eval_steps == 0 and step != total_steps:
+                            entry.update({f"eval {k}": v for k, v in evaluate_now().items()})
+                        state["history"].append(entry)
+                        rate = state["steady_tokens"] / state["steady_time"] if state["steady_time"] else None
+                        bar.set_postfix(loss=f"{entry['train loss']:.4f}", lr=f"{entry['lr']:.2e}",
+                                        **({"tok/s": f"{rate:,.0f}"} if rate else {}))
+                    elif params.eval_steps and step % params.eval_steps == 0:
+                        state["history"].append({"step": step, "train samples": state["samples"],
+                                                 **{f"eval {k}": v for k, v in evaluate_now().items()}})
+                    if ckpt_now:
+                        write_checkpoint(step)
+                    if life.stop_requested:
+                        write_checkpoint(step)
+                        raise Cancelled(life.stop_requested)
+                if state["batch_in_epoch"] >= len(batches):
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
     finally:
         bar.close()
+        record.update(step=state["step"], history=state["history"], samples=state["samples"], tokens=state["tokens"],
+                      train_time=state["train_time"])
+        record["timing"].update(warmup_s=state["warmup_time"], steady_s=state["steady_time"],
+                                steady_tokens=state["steady_tokens"], steady_samples=state["steady_samples"],
+                                micro_batch=step_fn.micro_batch, oom_retries=step_fn.oom_retries,
+                                cuda_graphs=step_fn.trainer.graphs)
+    return state
 
-    final_metrics: dict = {}
-    file_size = None
-    adapter_path = None
-    if status == "success":
-        final_metrics = log_eval("final")
-        history.append({"step": step, "train samples": samples_seen, **{f"final {k}": v for k, v in final_metrics.items()}})
-        adapter_path = out_dir / "adapter"
-        if saver is not None:
-            saver.save(model, adapter_path)
-        else:
-            model.save_pretrained(adapter_path)
-        tokenizer.save_pretrained(adapter_path)
-        weights = [p for p in adapter_path.iterdir() if p.suffix in (".safetensors", ".bin")]
-        file_size = sum(p.stat().st_size for p in weights)
 
-    record = {
+def _save(built: Built, path: Path, record: dict) -> None:
+    """The adapter (or full model) and tokenizer; only trained tensors (no frozen embedding copies)."""
+    model = built.model
+    if built.saver is not None:
+        built.saver.save(model, path)
+    elif hasattr(model, "peft_config"):
+        model.save_pretrained(path, save_embedding_layers=_embeddings_trained(model))
+    else:
+        model.save_pretrained(path)
+    built.tokenizer.save_pretrained(path)
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+    record["adapter_path"] = str(path)
+    record["file_size"] = sum(p.stat().st_size for p in weights)
+
+
+def _embeddings_trained(model) -> bool:
+    """True only when a base embedding matrix itself trains (peft's heuristic saves frozen copies
+    whenever lm_head/embed_tokens carry LoRA: 1.4 GB for Llama-3-8B that never changed)."""
+    hf = model.get_base_model()
+    layers = [hf.get_input_embeddings(), hf.get_output_embeddings()]
+    return any(getattr(layer, "weight", None) is not None and layer.weight.requires_grad for layer in layers if layer is not None)
+
+
+def _evaluate(built: Built, params, out_dir) -> dict:
+    """The task's metrics, in the precision training used (the model's autocast)."""
+    with torch.no_grad(), autocast_context(built.model, built.device.type):
+        return built.task.evaluate(built.model, built.tokenizer, built.data, params, out_dir)
+
+
+def _record(exp: Experiment, r: dict, created_at: str, git: dict, start: float, state: dict) -> dict:
+    params = exp.params
+    timing = r["timing"]
+    steady = timing.get("steady_s") or 0.0
+    method = r["method"]
+    train_info = {
+        "status": r["status"],
+        "train_time": r["train_time"],
+        "steps": r["step"],
+        "total_steps": r["total_steps"],
+        "trainable_params": r["trainable"],
+        "file_size": r["file_size"],
+        "adapter_path": r["adapter_path"],
+        "checkpoint": r["checkpoint"],
+        "resumed_from": r["resumed_from"],
+        "train_samples": r["samples"],
+        "train_tokens": r["tokens"],
+        "tokens_per_second": timing.get("steady_tokens", 0) / steady if steady else None,
+        "samples_per_second": timing.get("steady_samples", 0) / steady if steady else None,
+        "warmup_time": timing.get("warmup_s"),
+        "timing": timing,
+        "speed": {k: v for k, v in r["speed"].items()},
+        "loss_normalization": params.loss_normalization,
+        **(r["meter"].summary() if r["meter"] is not None else {}),
+        "metrics": r["history"],
+    }
+    if r["error"] is not None:
+        train_info["error"] = r["error"]
+    parts = getattr(method, "parts", None)
+    return {
         "run_info": {
             "created_at": created_at,
             "total_time": time.perf_counter() - start,
@@ -250,32 +499,21 @@ def run_experiment(exp: Experiment, verbose: bool = False) -> tuple[dict, Path]:
             "git": git,
             "train_params_sha": exp.train_params_sha,
             "peft_config_sha": exp.peft_config_sha,
-            "method": method.NAME,
+            "method": method.NAME if method is not None else None,
+            "method_parts": dict(parts) if parts else None,
+            "task": params.task,
+            "seed": params.seed,
             "config": {
                 "training_parameters": params.to_dict(),
-                "adapter_config": cfg.to_dict() if cfg is not None else None,
+                "adapter_config": r["cfg"].to_dict() if r["cfg"] is not None else None,
             },
         },
-        "train_info": {
-            "status": status,
-            "train_time": train_time,
-            "steps": step,
-            "total_steps": total_steps,
-            "trainable_params": trainable,
-            "file_size": file_size,
-            "adapter_path": str(adapter_path) if adapter_path else None,
-            **meter.summary(),
-            "metrics": history,
-        },
-        "eval": final_metrics,
+        "train_info": train_info,
+        "eval": r["final"],
         "meta_info": {
             "model": model_provenance(params.model_id),
-            "dataset": {"task": params.task, **data.provenance},
+            "dataset": {"task": params.task, **r["provenance"]},
             "package_info": results.package_info(),
             "system_info": results.system_info(),
         },
     }
-    path = results.write_result(record, git)
-    if status == "cancelled":
-        raise KeyboardInterrupt(str(path))
-    return record, path

@@ -117,6 +117,12 @@ class GraphedTraining:
             group["capturable"] = capturable
             if not isinstance(group["lr"], torch.Tensor):
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        if all(p in opt.state and opt.state[p] for p in self.params):
+            # resumed from a checkpoint: the state exists; only its step counts must live on the device
+            for state in opt.state.values():
+                if "step" in state and not (isinstance(state["step"], torch.Tensor) and state["step"].device == device):
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=device).clone()
+            return
         lrs = [group["lr"].clone() for group in opt.param_groups]
         for group in opt.param_groups:
             group["lr"].zero_()
@@ -135,6 +141,14 @@ class GraphedTraining:
             torch._foreach_zero_([p.grad for p in self.params])
         else:
             self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients (a step abandoned after an out-of-memory error)."""
+        if self.graphed:
+            torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
+        else:
+            for p in self.params:
+                p.grad = None
 
     def step(self) -> None:
         if not self.graph_optimizer:

@@ -9,7 +9,10 @@ are computed, all inside the forward. Backward then only scales those stored gra
 incoming gradient, so neither pass ever holds more than one chunk of logits.
 
 The result equals ``F.cross_entropy(h @ W.T (+ b), labels, ignore_index=-100, reduction="sum")``
-to fp32 tolerance (logits and softmax are fp32 per chunk, as the plain loss upcasts them).
+to fp32 tolerance (logits and softmax are fp32 per chunk, as the plain loss upcasts them). With
+per-token ``weights`` it is the weighted sum ``Σ_t w_t · CE_t``: the training step gives every token
+the weight that makes the optimizer batch's loss exact under either normalisation
+(``loralab.step``), so micro-batches add up to it whatever their size.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ IGNORE_INDEX = -100
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights):
         with torch.autocast(hidden.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, chunk_size)
+            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, labels, chunk_size):
+    def _forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights):
         n, _ = hidden.shape
         acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 logits (fp64 stays fp64)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
@@ -44,12 +47,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = torch.where(valid, y, torch.zeros_like(y))
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, target[:, None]).squeeze(1)
-            total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+            w = valid.to(acc)
+            if token_weights is not None:
+                w = w * token_weights[start:start + chunk_size].to(acc)
+            total += ((lse - picked) * w).sum()
             if need_h or need_w or need_b:
                 # d(sum loss)/d logits = softmax - onehot on valid rows, 0 on ignored rows.
                 g = torch.softmax(logits, dim=-1)
                 g.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
-                g.mul_(valid[:, None])
+                g.mul_(w[:, None])
                 if need_h:
                     grad_h[start:start + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
@@ -67,15 +73,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         out_h = None if grad_h is None else (grad_h * grad_out).to(dh)
         out_w = None if grad_w is None else (grad_w * grad_out).to(dw)
         out_b = None if grad_b is None else (grad_b * grad_out).to(db)
-        return out_h, out_w, out_b, None, None
+        return out_h, out_w, out_b, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 bias: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+                                 bias: torch.Tensor | None = None, chunk_size: int = 1024,
+                                 token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (-100 ignored).
 
-    ``hidden`` is (tokens, d) or (..., d); labels match its leading shape. Returns an fp32 scalar
-    sum; divide by the number of valid labels for the mean.
+    ``hidden`` is (tokens, d) or (..., d); labels (and ``token_weights``, float, optional) match its
+    leading shape. Returns an fp32 scalar: ``Σ_t w_t · CE_t`` over valid tokens (w = 1 when
+    ``token_weights`` is None, so divide by the number of valid labels for the mean).
+    Raises ValueError when the shapes disagree or ``chunk_size`` < 1.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size = {chunk_size!r}: must be a positive integer")
@@ -83,7 +92,11 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     labels = labels.reshape(-1)
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} tokens but labels has {labels.shape[0]}")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size)
+    if token_weights is not None:
+        token_weights = token_weights.reshape(-1)
+        if token_weights.shape[0] != labels.shape[0]:
+            raise ValueError(f"token_weights has {token_weights.shape[0]} entries but labels has {labels.shape[0]}")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, token_weights)
 
 
 def plain_linear_cross_entropy(hidden, weight, labels, bias=None) -> torch.Tensor:

@@ -3,8 +3,9 @@
 - ``prepare_model(model, options)``: fast DoRA swap, fused LoRA forward, fp32 adapter weights, input casts off under
   autocast (so adapters read the bf16 activations instead of keeping fp32 copies of them), and
   regional ``torch.compile`` of the decoder layers (off by default; parameter names unchanged).
-- ``causal_lm_loss(model, batch)``: mean next-token loss over labelled tokens and their count, with
-  the LM head fused into a chunked cross-entropy (``losses.py``) so no full logits are built.
+- ``causal_lm_loss(model, batch)``: mean (or, with ``loss_weights``, weighted-sum) next-token loss
+  over labelled tokens and their count, with the LM head fused into a chunked cross-entropy
+  (``losses.py``) so no full logits are built.
 - ``seq_cls_loss(model, batch)``: the classification loss under the same autocast.
 - ``pack_features`` / ``pack_groups`` (packed causal-LM rows) and ``pad_features`` /
   ``length_grouped_batches`` (classification) come from ``packing.py``.
@@ -182,16 +183,21 @@ def plain_causal_attention(hf_model):
 
 
 def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
-    """Mean next-token cross-entropy over labelled tokens, and their number (a tensor).
+    """Next-token cross-entropy over labelled tokens, and their number (a tensor).
 
-    ``batch`` holds ``input_ids``, ``labels`` and either ``attention_mask`` (padded) or
-    ``position_ids`` (packed, see ``pack_features``). ``chunked`` None follows the model's options.
+    ``batch`` holds ``input_ids`` (B, L), ``labels`` (B, L) and either ``attention_mask`` (padded)
+    or ``position_ids`` (packed, see ``pack_features``). Without ``loss_weights`` the loss is the
+    mean over labelled tokens; with ``loss_weights`` (B, L float, aligned with ``labels``) it is the
+    weighted sum ``Σ_t w_t · CE_t`` (``loralab.step`` sets w so that micro-batches add up to the
+    optimizer batch's exact loss). ``chunked`` None follows the model's options.
     """
     options = _options(model)
     chunked = options.chunked_loss if chunked is None else chunked
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
     target = labels[:, 1:]
+    weights = batch.get("loss_weights")
+    weights = weights[:, 1:] if weights is not None else None
     n_tokens = (target != IGNORE_INDEX).sum()
     parts = _decoder_and_head(model) if chunked else None
     plain = "attention_mask" not in inputs and "position_ids" not in inputs
@@ -200,19 +206,37 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
         if parts is not None:
             decoder, head = parts
             hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
-            loss_sum = chunked_linear_cross_entropy(hidden, head.weight, target, head.bias, options.loss_chunk_size)
+            loss_sum = chunked_linear_cross_entropy(hidden, head.weight, target, head.bias, options.loss_chunk_size,
+                                                    token_weights=weights)
         else:
             logits = model(**inputs, use_cache=False).logits[:, :-1]
-            loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                        ignore_index=IGNORE_INDEX, reduction="none")
+            loss_sum = (per_token * weights.reshape(-1).float()).sum() if weights is not None else per_token.sum()
+    if weights is not None:
+        return loss_sum, n_tokens
     return loss_sum / n_tokens.clamp_min(1), n_tokens
 
 
 def seq_cls_loss(model, batch: dict):
-    """Classification loss (the model's own) under the model's autocast, and the batch size."""
+    """Classification loss under the model's autocast, and the batch size.
+
+    Without ``loss_weights`` it is the model's own mean loss; with ``loss_weights`` (B,) the
+    weighted sum of per-sample losses, computed as transformers' sequence-classification heads
+    define them (one label: mean squared error, regression; otherwise cross-entropy).
+    """
+    weights = batch.get("loss_weights")
+    inputs = {k: v for k, v in batch.items() if k != "loss_weights"}
     with autocast_context(model, batch["input_ids"].device.type):
-        loss = model(**batch).loss
-    return loss.float(), batch["input_ids"].shape[0]
+        if weights is None:
+            return model(**inputs).loss.float(), batch["input_ids"].shape[0]
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits.float()
+    if logits.shape[-1] == 1:  # regression head (num_labels=1), as transformers' problem_type inference
+        per_sample = (logits.squeeze(-1) - labels.float()) ** 2
+    else:
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+    return (per_sample * weights.float()).sum(), batch["input_ids"].shape[0]
 
 
 def adamw(model, lr: float = 1e-4, weight_decay: float = 0.0):

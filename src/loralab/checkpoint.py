@@ -1,0 +1,182 @@
+"""Training checkpoints: what a killed run needs to continue as if it had never stopped.
+
+A checkpoint is a folder ``<output dir>/checkpoints/step-<N>/`` holding
+- ``trainable.safetensors``: every trainable tensor (adapter factors, DoRA magnitudes, heads);
+- ``optimizer.pt``: optimizer and LR-scheduler state;
+- ``state.json``: step, samples and tokens seen, data position (epoch, optimizer batch), the
+  metrics history so far, train time, the effective configuration and its hashes;
+- ``rng.pt``: Python, NumPy, torch CPU and CUDA random states.
+It is written into ``step-<N>.tmp`` and renamed when complete (a kill mid-write leaves no
+half checkpoint), and only the newest ``keep_checkpoints`` are kept.
+
+Inits that rewrite the base weights (PiSSA, OLoRA, CorDA, corrected SVD-LoRA-FA, ...) also get
+``<output dir>/checkpoints/init_state.safetensors`` once: the adapted layers' residual base
+weights and the initial adapter, so a resumed run rebuilds the model from it without redoing the
+decomposition (``restore_init_state``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE = "state.json"
+INIT_STATE = "init_state.safetensors"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, and the adapter's frozen ones too (LoRA-FA's fixed A): a resumed run
+    must not depend on re-drawing them."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters()
+            if p.requires_grad or "lora_" in n}
+
+
+def _portable_optimizer_state(optimizer) -> dict:
+    state = optimizer.state_dict()
+    groups = []
+    for group in state["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("lr"), torch.Tensor):  # CUDA-graph optimizers hold lr on the device
+            group["lr"] = float(group["lr"])
+        groups.append(group)
+    return {"state": state["state"], "param_groups": groups}
+
+
+def save(root: Path, step: int, *, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; prune to the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f"step-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": _portable_optimizer_state(optimizer), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1, default=str))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
+             and (p / STATE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE).read_text())
+
+
+def load(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Load checkpoint ``path`` into model, optimizer and scheduler; returns its ``state.json``
+    (the caller restores the RNG last, with ``set_rng_state(torch.load(path / 'rng.pt'))``)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unexpected = [n for n in tensors if n not in params]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    opt = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return read_state(path)
+
+
+def load_rng(path: Path) -> None:
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two nested configuration dicts (``a.b`` paths)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
+# -- inits that rewrite the base weights --------------------------------------------------------
+def save_init_state(root: Path, model) -> Path:
+    """The adapted layers' base weights and every LoRA tensor right after the method's init."""
+    from safetensors.torch import save_file
+
+    from loralab.methods.common import lora_modules
+
+    tensors = {}
+    for name, module in lora_modules(model):
+        tensors[f"{name}.base_layer.weight"] = module.get_base_layer().weight.detach().to("cpu", copy=True).contiguous()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            tensors[name] = p.detach().to("cpu", copy=True).contiguous()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / INIT_STATE
+    tmp = root / (INIT_STATE + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def restore_init_state(path: Path, model) -> None:
+    """Write a saved init state back into a model built with the same adapter layout."""
+    from safetensors.torch import load_file
+
+    from loralab.methods.common import lora_modules
+
+    tensors = load_file(str(path))
+    modules = dict(lora_modules(model))
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key.endswith(".base_layer.weight") and key[: -len(".base_layer.weight")] in modules:
+            weight = modules[key[: -len(".base_layer.weight")]].get_base_layer().weight
+            weight.copy_(value.to(weight.device, weight.dtype))
+        elif key in params:
+            params[key].copy_(value.to(params[key].device, params[key].dtype))
+        else:
+            raise RuntimeError(f"init state {path} holds {key!r}, which the rebuilt model lacks")

@@ -1,0 +1,246 @@
+"""One optimizer step over one optimizer batch: micro-batching, packing, bucketing, the exact loss
+normalisation, CUDA graphs (or their eager twin) and the optimizer — used by ``loralab run`` and
+``loralab bench --experiment``.
+
+The optimizer batch is the experiment's ``batch_size × gradient_accumulation_steps`` samples and
+never changes; ``speed.micro_batch`` only decides how it is cut into forwards. Every token ``t``
+of sample ``s`` carries a weight so that the sum over micro-batches of ``Σ_t w_t · CE_t`` is
+exactly the optimizer batch's loss, whatever the cut, the padding or the packing:
+
+- ``loss_normalization = "tokens"``:  L = Σ_s Σ_t CE_{s,t} / N,  N = labelled tokens of the optimizer
+  batch, so w_t = 1 / N (transformers >= 4.46's ``num_items_in_batch``);
+- ``loss_normalization = "samples"``: L = (1/S) Σ_s (1/n_s) Σ_t CE_{s,t},  n_s = labelled tokens of
+  sample s, S = samples with n_s > 0, so w_t = 1 / (S · n_s) (a per-device batch of 1 in older
+  transformers, as seeds 000/001 trained).
+Classification has one label per sample, so both are the sample mean (w_s = 1/S).
+
+Micro-batches: padded rows (sorted by length inside the optimizer batch, padded to the longest or
+to a bucketed width for CUDA graphs), or — ``speed.packing`` — rows of ``max_length`` tokens,
+each packing several samples (first fit) with restarting positions, ``micro_batch`` rows per
+forward. A CUDA out-of-memory error halves the micro-batch, zeroes the partial gradients and
+redoes the step (logged); at micro-batch 1 it stops with what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from loralab.speed.graphs import GraphedTraining, bucket_width
+from loralab.speed.losses import IGNORE_INDEX
+from loralab.speed.packing import pack_groups
+from loralab.speed.step import causal_lm_loss, seq_cls_loss
+
+TARGET_TOKENS = 4096
+"""Auto micro-batch: tokens per forward beyond which a larger forward stops paying. An 8B step at
+4 x 512 tokens is already 97 % GPU-busy on an H100 (results/bench/README.md); 4,096 keeps an 8B
+LoRA step under 40 GiB."""
+MEMORY_FRACTION = 0.8
+"""Auto micro-batch: the probed peak must stay below this share of the GPU's memory (the rest is
+margin for CUDA graph pools, fragmentation and longer rows than the probe's)."""
+
+
+class MicroBatchOOM(RuntimeError):
+    """Out of GPU memory at micro-batch 1: nothing left to shrink."""
+
+
+def labelled_tokens(feature: dict) -> int:
+    """Tokens of a causal-LM sample that carry a loss (its labels after the next-token shift)."""
+    labels = feature.get("labels", feature["input_ids"])
+    if not isinstance(labels, (list, tuple)):
+        return 1  # classification: one label
+    return sum(1 for y in labels[1:] if y != IGNORE_INDEX)
+
+
+def sample_weights(features: list[dict], normalization: str) -> list[float]:
+    """Per-sample token weight w_s (see the module docstring); 0 for samples without a label."""
+    counts = [labelled_tokens(f) for f in features]
+    if normalization == "tokens":
+        total = sum(counts)
+        return [1.0 / total if total else 0.0] * len(features)
+    if normalization == "samples":
+        labelled = sum(1 for n in counts if n > 0)
+        return [1.0 / (labelled * n) if n > 0 else 0.0 for n in counts]
+    raise ValueError(f"loss_normalization = {normalization!r}; allowed: tokens, samples")
+
+
+@dataclass
+class StepStats:
+    loss: torch.Tensor
+    """The optimizer batch's loss (device scalar; read it only when logging: no host sync)."""
+    samples: int
+    tokens: int
+    """Real (non-pad) input tokens."""
+
+
+class Step:
+    """Callable: ``step(features) -> StepStats``, one optimizer step over ``features`` (the optimizer
+    batch, a list of tokenized samples with ``input_ids`` and ``labels``).
+
+    ``kind`` is ``causal_lm`` or ``seq_cls``; ``micro_batch`` the samples (packed: rows of
+    ``max_length`` tokens) per forward, None for all at once; ``graphs`` replays CUDA graphs
+    (``speed/graphs.py``), else the same calls run eagerly. ``log`` receives one line per event
+    (micro-batch shrunk after an OOM).
+    """
+
+    def __init__(self, model, optimizer, *, kind: str, normalization: str, micro_batch: int | None,
+                 packing: bool, max_length: int, pad_to: int | None, pad_id: int, device: torch.device,
+                 graphs: bool, max_grad_norm: float, log: Callable[[str], None] = print):
+        self.model, self.optimizer, self.kind = model, optimizer, kind
+        self.normalization, self.micro_batch, self.packing = normalization, micro_batch, packing and kind == "causal_lm"
+        self.max_length, self.pad_to, self.pad_id, self.device = max_length, pad_to, pad_id, device
+        self.bucket = graphs
+        self.log = log
+        loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
+        self.trainer = GraphedTraining(model, optimizer, lambda m, b: loss(m, b)[0], max_grad_norm=max_grad_norm,
+                                       enabled=graphs)
+        self.oom_retries = 0
+
+    # -- building micro-batches ------------------------------------------------------------
+    def plan(self, features: list[dict]) -> list[dict]:
+        """The micro-batches (host tensors, with ``loss_weights``) of one optimizer batch."""
+        weights = sample_weights(features, self.normalization)
+        if self.packing:
+            return self._packed(features, weights)
+        order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+        size = self.micro_batch or len(features)
+        return [self._padded([features[i] for i in order[k:k + size]], [weights[i] for i in order[k:k + size]])
+                for k in range(0, len(order), size)]
+
+    def _padded(self, feats: list[dict], weights: list[float]) -> dict:
+        longest = max(len(f["input_ids"]) for f in feats)
+        width = self.pad_to or (bucket_width(longest) if self.bucket else longest)
+        n = len(feats)
+        batch = {"input_ids": torch.full((n, width), self.pad_id, dtype=torch.long),
+                 "attention_mask": torch.zeros((n, width), dtype=torch.long)}
+        if "token_type_ids" in feats[0]:
+            batch["token_type_ids"] = torch.zeros((n, width), dtype=torch.long)
+        token_labels = isinstance(feats[0].get("labels"), (list, tuple))
+        if token_labels:
+            batch["labels"] = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+            batch["loss_weights"] = torch.zeros((n, width), dtype=torch.float32)
+        for row, f in enumerate(feats):
+            k = len(f["input_ids"])
+            batch["input_ids"][row, :k] = torch.tensor(f["input_ids"])
+            batch["attention_mask"][row, :k] = 1
+            if "token_type_ids" in batch:
+                batch["token_type_ids"][row, :k] = torch.tensor(f["token_type_ids"])
+            if token_labels:
+                batch["labels"][row, :k] = torch.tensor(f["labels"])
+                batch["loss_weights"][row, :k] = weights[row]
+        if not token_labels:
+            labels = [f["labels"] for f in feats]
+            batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+            batch["loss_weights"] = torch.tensor(weights, dtype=torch.float32)
+        return batch
+
+    def _packed(self, features: list[dict], weights: list[float]) -> list[dict]:
+        width = self.max_length
+        lengths = [min(len(f["input_ids"]), width) for f in features]
+        rows = pack_groups(lengths, width, seed=None)  # first fit, in data order
+        per_forward = self.micro_batch or len(rows)
+        out = []
+        for k in range(0, len(rows), per_forward):
+            chunk = rows[k:k + per_forward]
+            longest = max(sum(lengths[i] for i in row) for row in chunk)
+            row_width = bucket_width(longest) if self.bucket else longest
+            ids = torch.full((len(chunk), row_width), self.pad_id, dtype=torch.long)
+            labels = torch.full((len(chunk), row_width), IGNORE_INDEX, dtype=torch.long)
+            positions = torch.zeros((len(chunk), row_width), dtype=torch.long)
+            w = torch.zeros((len(chunk), row_width), dtype=torch.float32)
+            for r, row in enumerate(chunk):
+                at = 0
+                for i in row:
+                    n = lengths[i]
+                    f = features[i]
+                    ids[r, at:at + n] = torch.tensor(f["input_ids"][:n])
+                    lab = torch.tensor(list(f.get("labels", f["input_ids"]))[:n])
+                    lab[0] = IGNORE_INDEX  # not predicted from the previous sample's last token
+                    labels[r, at:at + n] = lab
+                    positions[r, at:at + n] = torch.arange(n)
+                    w[r, at:at + n] = weights[i]
+                    at += n
+                if at < row_width:  # filler: its own positions, no loss, attends only to itself
+                    positions[r, at:] = torch.arange(row_width - at)
+            out.append({"input_ids": ids, "labels": labels, "position_ids": positions, "loss_weights": w})
+        return out
+
+    # -- the step ----------------------------------------------------------------------------
+    def __call__(self, features: list[dict]) -> StepStats:
+        tokens = sum(len(f["input_ids"]) for f in features)
+        while True:
+            try:
+                total = torch.zeros((), device=self.device)
+                for batch in self.plan(features):
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                    total += self.trainer.micro(batch, 1.0)
+                self.trainer.step()
+                return StepStats(total, len(features), tokens)
+            except torch.OutOfMemoryError as exc:
+                self._shrink(features, exc)
+
+    def _shrink(self, features: list[dict], exc: Exception) -> None:
+        self.trainer.zero_grad()
+        torch.cuda.empty_cache()
+        current = self.micro_batch or len(features)
+        longest = max(len(f["input_ids"]) for f in features)
+        if current <= 1:
+            free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (0, 0)
+            raise MicroBatchOOM(
+                f"out of GPU memory at micro-batch 1 ({'a packed row of ' + str(self.max_length) if self.packing else 'one sample of ' + str(longest)} "
+                f"tokens; {total / 2**30:.1f} GiB on the device, {free / 2**30:.1f} GiB free after emptying the cache): "
+                "lower max_length, turn on speed.packing for causal LMs, use a bf16 base (dtype: bfloat16) or a "
+                f"smaller model. ({str(exc).splitlines()[0][:200]})") from exc
+        self.micro_batch = max(1, current // 2)
+        self.oom_retries += 1
+        self.log(f"out of GPU memory at micro-batch {current} (longest sample {longest} tokens): "
+                 f"micro-batch now {self.micro_batch}, step redone")
+
+
+def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,
+                      pad_id: int, device: torch.device, target_tokens: int = TARGET_TOKENS,
+                      memory_fraction: float = MEMORY_FRACTION, log: Callable[[str], None] = print) -> int:
+    """Largest micro-batch (samples, or packed rows of ``max_length``) up to ``limit`` whose worst
+    case forward+backward peaks below ``memory_fraction`` of the GPU, doubling from 1 and
+    stopping once a forward holds ``target_tokens`` tokens. The worst case is the longest training
+    sample repeated (packed: full rows). Weights are not changed (gradients zeroed, RNG restored).
+    """
+    if device.type != "cuda":
+        raise ValueError("probe_micro_batch needs a CUDA device")
+    longest = max(features, key=lambda f: len(f["input_ids"]))
+    width = max_length if packing else len(longest["input_ids"])
+    total_memory = torch.cuda.get_device_properties(device).total_memory
+    budget = memory_fraction * total_memory
+    loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    chosen, m = 1, 1
+    with torch.random.fork_rng(devices=[device]):
+        while True:
+            step = Step(model, None, kind=kind, normalization="tokens", micro_batch=None, packing=False,
+                        max_length=max_length, pad_to=width, pad_id=pad_id, device=device, graphs=False,
+                        max_grad_norm=0.0)
+            feats = [longest] * m
+            batch = {k: v.to(device) for k, v in step._padded(feats, [1.0 / m] * m).items()}
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                loss(model, batch)[0].backward()
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device)
+            except torch.OutOfMemoryError:
+                peak = float("inf")
+            for p in params:
+                p.grad = None
+            del batch
+            torch.cuda.empty_cache()
+            if peak > budget:
+                break
+            chosen = m
+            if m >= limit or m * width >= target_tokens:
+                break
+            m = min(2 * m, limit)
+    log(f"micro-batch {chosen} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
+        f"probed up to {m}, budget {budget / 2**30:.1f} GiB)")
+    return chosen
