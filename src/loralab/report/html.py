@@ -50,7 +50,8 @@ def _table_html(header, body, best_cells=(), css="results") -> str:
         for j, cell in enumerate(row):
             text = escape(cell)
             if (i, j) in best_cells:
-                text = f"<b>{text}</b>"
+                mean, _, rest = text.partition(" ")
+                text = f"<b>{mean}</b> {rest}".strip()
             cls = ' class="few"' if FEW in cell else ""
             tds.append(f"<td{cls}>{text}</td>")
         out.append("<tr>" + "".join(tds) + "</tr>")

@@ -67,7 +67,7 @@ def curves_svg(runs: list[Run], task: str, colour: dict) -> tuple[str, list[str]
     evaluation is a marker at the last step. Returns (svg, what was drawn, for the page's checks)."""
     plt = _pyplot()
     by_label = defaultdict(list)
-    for r in runs:
+    for r in sorted(runs, key=lambda r: list(colour).index(r.label)):
         by_label[r.label].append(r)
     metric = headline_metric(task, {k for r in runs for k in r.metrics})
     factor = scale(metric) if metric else 1.0

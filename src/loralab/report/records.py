@@ -32,14 +32,15 @@ STATUSES = ("success", "failed", "cancelled", "diverged")
 DISPLAY = {
     "full": "Full FT", "lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "pissa": "PiSSA",
     "olora": "OLoRA", "corda": "CorDA", "lorafa": "LoRA-FA", "svd_lorafa": "SVD LoRA-FA",
-    "svd_lorafa_corrected": "SVD LoRA-FA (corrected)", "lorafa_qr": "LoRA-FA (QR init)",
+    "svd_lorafa_corrected": "SVD LoRA-FA corrected", "lorafa_qr": "LoRA-FA QR-init",
     "magnitude_only": "DoRA (magnitude-only)", "eva": "EVA", "milora": "MiLoRA", "loftq": "LoftQ",
     "lora_ga": "LoRA-GA", "loraplus": "LoRA+",
 }
 CORDA_MODES = {"ipm": "IPA", "kpm": "KPA"}
 # The parts a plain LoRA run has; a label names only the parts that differ from these.
-DEFAULT_PARTS = {"layer": ("lora", None, ""), "init": (None, "", "default", "kaiming", "gaussian", "true", "True", True),
-                 "optimizer": ("adamw", None, "")}
+DEFAULT_PARTS = {"layer": ("lora", None, ""),
+                 "init": (None, "", "default", "none", "lora", "kaiming", "gaussian", "true", "True", True),
+                 "optimizer": ("adamw", "adamw_torch", None, "")}
 # Configuration keys that do not change what is trained or measured (so runs differing only here
 # are replicates, not variants). Dotted paths into training_parameters / adapter_config.
 IGNORED_KEYS = {
@@ -210,6 +211,8 @@ def parse_record(record: dict, source: Path) -> Run:
     method = run_info.get("method") or "unknown"
     parts = run_info.get("method_parts") or derive_parts(method, params, adapter)
     parts = {k: parts.get(k) for k in ("layer", "init", "optimizer")}
+    if adapter is None and parts["layer"] in (None, "", "none"):
+        parts["layer"] = "full"  # no adapter config: full fine-tuning, whatever the parts say
     error = train_info.get("error")
     return Run(
         source=source, status=status, experiment=name,

@@ -19,7 +19,8 @@ HEADLINE = {"glue/cola": "matthews_correlation", "glue/stsb": "pearson"}
 TASK_ORDER = ["glue/sst2", "glue/mrpc", "glue/cola", "glue/qnli", "glue/rte", "glue/stsb"]
 TASK_NAMES = {"glue/sst2": "SST-2", "glue/mrpc": "MRPC", "glue/cola": "CoLA", "glue/qnli": "QNLI",
               "glue/rte": "RTE", "glue/stsb": "STS-B"}
-METHOD_ORDER = [DISPLAY[k] for k in ("full", "lora", "rslora", "dora", "pissa", "olora", "corda", "lorafa")]
+METHOD_ORDER = [DISPLAY[k] for k in ("full", "lora", "rslora", "dora", "pissa", "olora", "corda", "lorafa", "lorafa_qr",
+                                     "svd_lorafa", "svd_lorafa_corrected")]
 
 
 class ReportError(ValueError):
