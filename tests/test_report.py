@@ -142,6 +142,16 @@ def test_seeds_pooled_with_interval_few_seeds_marked_and_comparison(tmp_path):
     assert cmp.p == pytest.approx(0.5)
 
 
+def test_rows_other_than_methods_pool_runs_and_say_so():
+    report = build_report([GLUE_MINILM], by="init,task")
+    (t,) = report.tables
+    assert t.rows == ["corda", "default", "pissa"] and t.pooled and not t.comparisons
+    # "default" pools Full FT, LoRA and DoRA on MRPC: 76.96, 70.83, 70.83 -> mean 72.88, n=3 runs
+    assert t.cells[("default", "glue/mrpc")].summary.mean == pytest.approx((76.96 + 70.83 + 70.83) / 3, abs=0.01)
+    md = to_markdown(report)
+    assert "(n runs)" in md and "(mean of cells)" in md
+
+
 def test_rerun_of_the_same_seed_supersedes_the_older_file(tmp_path):
     write(tmp_path, "old.json", make_record(name="s/lora/mrpc", metrics={"accuracy": 0.5}, stamp="2026-01-01T00:00:00+00:00"))
     write(tmp_path, "new.json", make_record(name="s/lora/mrpc", metrics={"accuracy": 0.6}, stamp="2026-02-01T00:00:00+00:00"))

@@ -9,11 +9,10 @@ from __future__ import annotations
 import base64
 import json
 from collections import defaultdict
-from datetime import datetime, timezone
 from html import escape
 
 from loralab.report.build import Report
-from loralab.report.render import COMPARISON_HEADER, FEW, comparison_rows, error_line, legend, table_grid
+from loralab.report.render import COMPARISON_HEADER, FEW, comparison_intro, comparison_rows, error_line, legend, table_grid
 from loralab.report.tables import _sort_cols, _sort_rows, task_name
 
 CSS = """
@@ -76,9 +75,13 @@ def to_html(report: Report, command: str = "loralab report") -> str:
     """The whole page. Imports matplotlib (through ``plots``) only when there are runs to plot."""
     used = report.used
     labels = _sort_rows({r.label for r in used})
-    parts = [f"<h1>loralab report</h1><p>Generated {datetime.now(timezone.utc).replace(microsecond=0).isoformat()} by "
-             f"<code>{escape(command)}</code> from {escape(', '.join(report.inputs))}: {len(used)} successful run(s) in "
-             f"the tables, {len(report.not_success)} not finished, {len(report.problems)} file(s) not used.</p>"]
+    newest = max((r.created_at for r in report.runs), default="–")
+    # no generation time on the page: the same results give the same file (a committed report only
+    # changes when its results do)
+    parts = [f"<h1>loralab report</h1><p>Made by <code>{escape(command)}</code> from "
+             f"{escape(', '.join(report.inputs))}: {len(used)} successful run(s) in the tables, "
+             f"{len(report.not_success)} not finished, {len(report.problems)} file(s) not used; newest run "
+             f"{escape(newest)}.</p>"]
     if report.unreadable:
         parts.append('<div class="warn" id="unreadable"><b>Files that could not be read</b><ul>'
                      + "".join(f"<li><code>{escape(str(p.path))}</code>: {escape(p.reason)}</li>" for p in report.unreadable)
@@ -89,7 +92,7 @@ def to_html(report: Report, command: str = "loralab report") -> str:
     for t in report.tables:
         parts.append(f"<h3>{escape(t.title)}</h3>{_results_table(t)}<p class='legend'>{escape(legend(t))}</p>")
         if t.comparisons:
-            parts.append("<p>Paired comparison over the same tasks and seeds (A − B; sign test two-sided, ties dropped):</p>")
+            parts.append(f"<p>{escape(comparison_intro(t))}</p>")
             parts.append(_table_html(COMPARISON_HEADER, comparison_rows(t), css="comparison"))
     if used:
         from loralab.report.plots import colours, curves_svg, efficiency_svg

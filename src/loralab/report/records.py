@@ -90,7 +90,7 @@ class Run:
     def axis(self, name: str):
         """The value of a grouping field (``--by``): method, task, set, seed, model, layer, init, optimizer."""
         if name in ("layer", "init", "optimizer"):
-            return str(self.parts.get(name))
+            return str(self.parts.get(name) or "default")
         return {"method": self.label, "task": self.task, "set": self.experiment_set, "seed": self.seed,
                 "model": self.model}[name]
 

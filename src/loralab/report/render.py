@@ -50,15 +50,25 @@ def _summary_text(s, scaled) -> str:
 
 
 def col_name(t: Table, col) -> str:
-    return task_name(col) if t.col_field == "task" else str(col)
+    return task_name(col) if t.col_field == "task" else f"seed {col}" if t.col_field == "seed" else str(col)
+
+
+def row_name(t: Table, row) -> str:
+    return task_name(row) if t.row_field == "task" else f"seed {row}" if t.row_field == "seed" else str(row)
 
 
 def legend(t: Table) -> str:
     pct = int(CONFIDENCE * 100)
     best = "lowest" if t.lower_better else "highest"
+    where = "along the row" if t.col_field == "method" else "in the column"
+    if t.pooled:
+        return (f"Cells pool every run with the row's {t.row_field} and the column's {t.col_field} (methods, "
+                f"seeds and anything else the table does not split by): mean ± sd over those runs [{pct} % "
+                f"percentile-bootstrap interval] (n runs); {FEW} fewer than {MIN_SEEDS} runs; bold: {best} mean "
+                f"{where}; avg: mean of the cell means.")
     return (f"Cells: mean ± sd over seeds [{pct} % percentile-bootstrap interval of the mean, {N_RESAMPLES:,} "
             f"resamples] (n seeds); {FEW} fewer than {MIN_SEEDS} seeds (interval missing or unreliable); "
-            f"bold: {best} mean in the column; avg: mean over the columns per seed.")
+            f"bold: {best} mean {where}; avg: mean over the columns per seed.")
 
 
 def comparison_rows(t: Table) -> list[list[str]]:
@@ -66,19 +76,30 @@ def comparison_rows(t: Table) -> list[list[str]]:
     for c in t.comparisons:
         interval = f"[{num(c.low, t.scaled)}, {num(c.high, t.scaled)}]" if c.low is not None else "–"
         p = "–" if c.p is None else f"{c.p:.3g}"
-        rows.append([f"{c.a} − {c.b}", str(c.n), f"{c.mean_diff:+.2f}" if t.scaled else f"{c.mean_diff:+.4g}", interval,
+        tasks, seeds = len({k[0] for k in c.keys}), len({k[1] for k in c.keys})
+        rows.append([f"{c.a} − {c.b}", f"{c.n} ({tasks} × {seeds})", f"{c.mean_diff:+.2f}" if t.scaled else f"{c.mean_diff:+.4g}", interval,
                      f"{c.wins}/{c.losses}/{c.ties}", p])
     return rows
 
 
-COMPARISON_HEADER = ["A − B", "pairs (task, seed)", "mean difference", "95 % interval", "wins/losses/ties", "sign test p"]
+COMPARISON_HEADER = ["A − B", "pairs (tasks × seeds)", "mean difference", "95 % interval", "wins/losses/ties", "sign test p"]
+
+
+def comparison_intro(t: Table) -> str:
+    n = max(c.n for c in t.comparisons)
+    text = (f"Paired comparison (A − B) over the (task, seed) pairs both rows have: mean difference, "
+            f"{int(CONFIDENCE * 100)} % percentile-bootstrap interval over the pairs, two-sided sign test "
+            f"(ties dropped; with {n} pairs no p can be below {2 * 0.5 ** n:.3g}).")
+    if all(len({k[1] for k in c.keys}) == 1 for c in t.comparisons):
+        text += " One seed: the pairs are tasks, so the interval shows spread across tasks, not seed noise."
+    return text
 
 
 def table_grid(t: Table, bold_md: bool = True) -> tuple[list[str], list[list[str]]]:
     header = [t.row_field, "trainable params"] + [col_name(t, c) for c in t.cols] + (["avg"] if t.avg else [])
     body = []
     for row in t.rows:
-        line = [str(row), t.params.get(row, "–")] + [cell_text(t, row, c, bold_md=bold_md) for c in t.cols]
+        line = [row_name(t, row), t.params.get(row, "–")] + [cell_text(t, row, c, bold_md=bold_md) for c in t.cols]
         if t.avg:
             line.append(cell_text(t, row, "avg", bold_md=bold_md))
         body.append(line)
@@ -95,7 +116,7 @@ def to_markdown(report: Report) -> str:
         header, body = table_grid(t)
         out += [f"### {t.title}", ""] + _md_table(header, body) + ["", legend(t), ""]
         if t.comparisons:
-            out += ["Paired comparison over the same tasks and seeds (A − B; sign test two-sided, ties dropped):", ""]
+            out += [comparison_intro(t), ""]
             out += _md_table(COMPARISON_HEADER, comparison_rows(t)) + [""]
     if report.not_success:
         out += ["### Runs that did not finish", ""]
@@ -115,13 +136,15 @@ def error_line(r) -> str:
 
 
 def problem_lines(report: Report, markdown: bool = False) -> list[str]:
+    """Unreadable files and superseded runs; JSON files that are not result records (bench
+    tables, eval scores, a report's own report.json) are counted on stderr only, not in markdown."""
     out = []
     for p in report.unreadable:
         out.append(f"skipped {p.path}: {p.reason}")
     for old, new in report.superseded:
         out.append(f"superseded {old.source} ({old.created_at}) by the newer run {new.source}")
     others = [p for p in report.problems if p.kind == "not a record"]
-    if others:
+    if others and not markdown:
         out.append(f"ignored {len(others)} JSON file(s) that are not result records: "
                    + ", ".join(str(p.path) for p in others[:5]) + (" ..." if len(others) > 5 else ""))
     if markdown and out:

@@ -99,6 +99,7 @@ class Table:
     best: set  # (row, col) pairs in bold; col may be "avg"
     lower_better: bool
     scaled: bool
+    pooled: bool = False  # some cell pools runs that are not seed replicates (n counts runs)
     comparisons: list = field(default_factory=list)  # Paired
 
 
@@ -167,38 +168,55 @@ def _one_table(members, split, row_field, col_field, name, overrides, failed, sp
         values = [r.metrics[metric] * scale(metric) for r in rs]
         cells[(row, col)] = Cell(values, rs, metric, summarize(values), dict(failed.get((split_key, row, col), {})))
         metric_of_col[col].add(metric)
-    rows = _sort_rows({k[0] for k in cells})
-    cols = _sort_cols({k[1] for k in cells})
+    rows = (_sort_cols if row_field == "task" else _sort_rows)({k[0] for k in cells})
+    cols = (_sort_rows if col_field == "method" else _sort_cols)({k[1] for k in cells})
     metrics_used = sorted({c.metric for c in cells.values()})
     lower = all(lower_is_better(m) for m in metrics_used)
     scaled = all(scale(m) != 1.0 for m in metrics_used)
     params = {}
     for row in rows:
-        counts = sorted({format_params(r.trainable_params) for c in cols if (row, c) in cells for r in cells[(row, c)].runs})
-        params[row] = "–".join(counts) if len(counts) <= 2 else f"{counts[0]}–{counts[-1]}"
-    avg = {row: _average(cells, row, cols) for row in rows} if len(cols) > 1 else {}
+        counts = sorted({r.trainable_params for c in cols if (row, c) in cells for r in cells[(row, c)].runs
+                         if r.trainable_params is not None})
+        shown = sorted({format_params(n) for n in counts}, key=lambda f: counts[[format_params(n) for n in counts].index(f)])
+        params[row] = "–" if not shown else shown[0] if len(shown) == 1 else f"{shown[0]}–{shown[-1]}"
+    # pooled: a cell holds runs that are not seed replicates (rows/columns other than method x task)
+    pooled = any(len({r.seed for r in c.runs}) < len(c.runs) for c in cells.values())
+    avg = {row: _average(cells, row, cols, pooled) for row in rows} if len(cols) > 1 else {}
     best = set()
-    for col in cols + (["avg"] if avg else []):
-        vals = {row: (avg[row].mean if col == "avg" and avg[row] else None) if col == "avg"
-                else (cells[(row, col)].summary.mean if (row, col) in cells else None) for row in rows}
-        vals = {k: v for k, v in vals.items() if v is not None}
-        if len(vals) > 1:
-            target = (min if lower else max)(vals.values())
-            best |= {(row, col) for row, v in vals.items() if v == target}
-    described = []
-    for col in cols:
-        described.append(f"{task_name(col) if col_field == 'task' else col} {'/'.join(sorted(metric_of_col[col]))}")
+    # bold marks the best method: down each column when methods are rows, along each row when they are columns
+    if col_field == "method":
+        for row in rows:
+            vals = {col: cells[(row, col)].summary.mean for col in cols if (row, col) in cells}
+            if len(vals) > 1:
+                target = (min if lower else max)(vals.values())
+                best |= {(row, col) for col, v in vals.items() if v == target}
+    else:
+        for col in cols + (["avg"] if avg else []):
+            if col == "avg":
+                vals = {row: avg[row].mean for row in rows if avg[row] is not None}
+            else:
+                vals = {row: cells[(row, col)].summary.mean for row in rows if (row, col) in cells}
+            if len(vals) > 1:
+                target = (min if lower else max)(vals.values())
+                best |= {(row, col) for row, v in vals.items() if v == target}
+    if col_field == "task":
+        described = ", ".join(f"{task_name(col)} {'/'.join(sorted(metric_of_col[col]))}" for col in cols)
+    else:
+        described = "/".join(metrics_used)
     where = " · ".join(task_name(v) if k == "task" else str(v) for k, v in split.items())
-    title = (f"{where}: " if where else "") + ", ".join(described) + (" (×100)" if scaled else "")
+    title = (f"{where}: " if where else "") + described + (" (×100)" if scaled else "")
     return Table(title, {**split, "metric": name}, row_field, col_field, rows, cols, cells, params, avg, best, lower,
-                 scaled)
+                 scaled, pooled)
 
 
-def _average(cells, row, cols) -> Summary | None:
+def _average(cells, row, cols, pooled: bool = False) -> Summary | None:
     """Mean over the columns: per seed where every column has that seed (so sd and interval are
-    over seeds), else the mean of the cell means with no interval (n=0); None if a column is missing."""
+    over seeds), else (or when cells pool other runs) the mean of the cell means with no interval
+    (n=0); None if a column is missing."""
     if any((row, c) not in cells for c in cols):
         return None
+    if pooled:
+        return Summary(sum(cells[(row, c)].summary.mean for c in cols) / len(cols), None, None, None, 0)
     per_seed = defaultdict(dict)
     for c in cols:
         for r, v in zip(cells[(row, c)].runs, cells[(row, c)].values):
@@ -222,7 +240,7 @@ def _match_row(name: str, rows) -> str:
 def _comparisons(t: Table, compare, baseline) -> list[Paired]:
     """Paired comparisons over (column, seed) keys. Default: every row against ``baseline``, or
     against LoRA where the table has it, else against the first row."""
-    if "seed" in (t.row_field, t.col_field) or len(t.rows) < 2:
+    if "seed" in (t.row_field, t.col_field) or t.pooled or len(t.rows) < 2:
         return []
 
     def keyed(row):
