@@ -19,7 +19,7 @@ CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}table.results td{white-space:nowrap;vertical-align:top}.ci{color:#666;font-size:.85em}th{background:#f3f3f3}
 .few{color:#8a5a00}.legend{color:#555;font-size:.9em}.warn{background:#fff4e5;border-left:4px solid #e69500;padding:.5em 1em}
 figure.plot{margin:1em 0}figure.plot img{max-width:100%}figcaption{color:#555;font-size:.9em}
 details{margin:.3em 0}summary{cursor:pointer}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:12px}
@@ -51,6 +51,13 @@ def _table_html(header, body, best_cells=(), css="results") -> str:
             if (i, j) in best_cells:
                 mean, _, rest = text.partition(" ")
                 text = f"<b>{mean}</b> {rest}".strip()
+            if css == "results" and " [" in text:  # the interval and n on a second line
+                head, _, tail = text.partition(" [")
+                text = f'{head}<br><span class="ci">[{tail}</span>'
+            elif css == "results" and " (n=" in text:
+                head, _, tail = text.partition(" (n=")
+                text = f'{head}<br><span class="ci">(n={tail}</span>'
+
             cls = ' class="few"' if FEW in cell else ""
             tds.append(f"<td{cls}>{text}</td>")
         out.append("<tr>" + "".join(tds) + "</tr>")
@@ -129,8 +136,8 @@ def to_html(report: Report, command: str = "loralab report") -> str:
         git = r.git or {}
         state = f"{git.get('commit') or 'unknown commit'} on {git.get('branch') or '?'}" + (
             ", dirty tree" if git.get("dirty") else "" if git.get("dirty") is False else ", tree state unknown")
-        summary = (f"{r.status} · {r.experiment_set} · {r.label} · {task_name(r.task)} · seed {r.seed} · "
-                   + ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items()) + f" · git {state}")
+        summary = " · ".join(x for x in (r.status, r.experiment_set, r.label, task_name(r.task), f"seed {r.seed}",
+                                          ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items()), f"git {state}") if x)
         parts.append(f'<details class="run"><summary>{escape(summary)}</summary><div>'
                      f"<p>file <code>{escape(str(r.source))}</code>, created {escape(r.created_at)}</p>"
                      + _json_block("configuration", r.config)

@@ -61,6 +61,11 @@ def series(runs: list[Run], key: str, factor: float = 1.0):
     return steps, mean, sd, np.array([v.size for v in vals])
 
 
+def _last_step(r: Run) -> float:
+    steps = [e["step"] for e in r.history if isinstance(e.get("step"), (int, float))]
+    return float(r.train_info.get("steps") or (max(steps) if steps else 0))
+
+
 def curves_svg(runs: list[Run], task: str, colour: dict) -> tuple[str, list[str]]:
     """One figure for one task: train loss, the headline evaluation metric and the learning rate
     against optimizer step; one line per method (mean over seeds), shaded mean ± sd. The final
@@ -80,9 +85,12 @@ def curves_svg(runs: list[Run], task: str, colour: dict) -> tuple[str, list[str]
             c = colour[label]
             steps, mean, sd, n = series(rs, key, f)
             if key.startswith("eval "):
-                fs, fm, fsd, fn = series(rs, "final " + metric, f)
-                if fs.size:
-                    ax.errorbar(fs, fm, yerr=fsd if fn.max() > 1 else None, fmt="o", color=c, ms=5, capsize=3)
+                # the final evaluation (the record's ``eval``) at the run's last step: mean ± sd over seeds
+                finals = [(_last_step(r), r.metrics[metric] * f) for r in rs if metric in r.metrics]
+                if finals:
+                    xs, ys = np.array(finals, dtype=float).T
+                    ax.errorbar([xs.mean()], [ys.mean()], yerr=[ys.std(ddof=1)] if ys.size > 1 else None, fmt="o",
+                                color=c, ms=5, capsize=3)
                     drawn.append(f"{label}: final {metric}")
             if steps.size == 0:
                 continue

@@ -188,7 +188,9 @@ def parse_record(record: dict, source: Path) -> Run:
         raise RecordError(f"run_info.experiment_name = {name!r} is not a name")
     task = run_info.get("task") or params.get("task") or (meta.get("dataset") or {}).get("task")
     if not isinstance(task, str):
-        raise RecordError("no task recorded (run_info.task, run_info.config.training_parameters.task)")
+        if status == "success":
+            raise RecordError("no task recorded (run_info.task, run_info.config.training_parameters.task)")
+        task = "unknown"  # a run that failed early may not have got that far; it is still listed
     seed = run_info.get("seed", params.get("seed"))
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RecordError(f"seed = {seed!r} is not an integer")
@@ -322,7 +324,8 @@ def assign_labels(runs: list[Run]) -> None:
             by_task[r.task].append(f)
         for fs in by_task.values():
             keys = set().union(*fs)
-            differing |= {k for k in keys if len({repr(f.get(k)) for f in fs}) > 1}
+            # a key only some records have (an older record format) is not a difference
+            differing |= {k for k in keys if len({repr(f[k]) for f in fs if k in f}) > 1}
         for r, f in zip(members, flats):
             r.variant = {k: f.get(k) for k in sorted(differing)}
             if differing:
