@@ -15,8 +15,7 @@ from report_records import GLUE_MINILM, make_record, write
 from loralab.cli import main
 from loralab.report import build_report
 from loralab.report.render import to_markdown
-from loralab.report.stats import pareto_front, paired, summarize
-
+from loralab.report.stats import paired, pareto_front, summarize
 
 # --- statistics, against values worked out by hand ------------------------------------------------
 

@@ -41,7 +41,7 @@ def test_html_report_renders_every_table_and_plot(tmp_path):
 
     dom = _chromium("--dump-dom", page.as_uri()).stdout
     assert 'data-loaded="yes"' in dom  # the page's load handler ran
-    tables = re.findall(r'<table class="results" data-rows="(\d+)" data-columns="(\d+)">(.*?)</table>', dom, re.S)
+    tables = re.findall(r'<table class="results" data-rows="(\d+)" data-columns="(\d+)">(.*?)</table>', dom, re.DOTALL)
     assert [(r, c) for r, c, _ in tables] == [("5", "3")]
     body = tables[0][2]
     assert body.count("<tr>") == 1 + 5 and "<b>81.62</b>" in body  # header + one row per method; best in bold

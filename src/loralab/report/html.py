@@ -85,10 +85,10 @@ def to_html(report: Report, command: str = "loralab report") -> str:
     newest = max((r.created_at for r in report.runs), default="–")
     # no generation time on the page: the same results give the same file (a committed report only
     # changes when its results do)
-    parts = [f"<h1>loralab report</h1><p>Made by <code>{escape(command)}</code> from "
-             f"{escape(', '.join(report.inputs))}: {len(used)} successful run(s) in the tables, "
-             f"{len(report.not_success)} not finished, {len(report.problems)} file(s) not used; newest run "
-             f"{escape(newest)}.</p>"]
+    parts = [(f"<h1>loralab report</h1><p>Made by <code>{escape(command)}</code> from "
+              f"{escape(', '.join(report.inputs))}: {len(used)} successful run(s) in the tables, "
+              f"{len(report.not_success)} not finished, {len(report.problems)} file(s) not used; newest run "
+              f"{escape(newest)}.</p>")]
     if report.unreadable:
         parts.append('<div class="warn" id="unreadable"><b>Files that could not be read</b><ul>'
                      + "".join(f"<li><code>{escape(str(p.path))}</code>: {escape(p.reason)}</li>" for p in report.unreadable)

@@ -89,7 +89,7 @@ def comparison_intro(t: Table) -> str:
     n = max(c.n for c in t.comparisons)
     text = (f"Paired comparison (A − B) over the (task, seed) pairs both rows have: mean difference, "
             f"{int(CONFIDENCE * 100)} % percentile-bootstrap interval over the pairs, two-sided sign test "
-            f"(ties dropped; with {n} pairs no p can be below {2 * 0.5 ** n:.3g}).")
+            f"(ties dropped; with {n} pair{'s' if n != 1 else ''} no p can be below {min(1.0, 2 * 0.5 ** n):.3g}).")
     if all(len({k[1] for k in c.keys}) == 1 for c in t.comparisons):
         text += " One seed: the pairs are tasks, so the interval shows spread across tasks, not seed noise."
     return text
