@@ -241,3 +241,33 @@ def test_top_level_help_reads_as_user_help(capsys):
     for command in ("run", "report", "methods", "tasks", "eval", "merge", "decompose", "bench"):
         assert f"    {command}" in out
     assert "``" not in out
+
+
+# --- plots and page without a browser ------------------------------------------------------------
+
+def test_curves_draw_evaluations_during_training_and_bands_over_seeds(tmp_path):
+    from loralab.report.plots import colours, curves_svg, series
+
+    for seed in (0, 1):
+        rec = make_record("lora", "mrpc", name="s/lora/mrpc", seed=seed)
+        history = rec["train_info"]["metrics"]
+        history[9]["eval accuracy"] = 0.60 + 0.1 * seed  # step 100, as eval_steps writes it
+        write(tmp_path, f"s{seed}.json", rec)
+    runs = build_report([tmp_path]).used
+    steps, mean, sd, n = series(runs, "eval accuracy", 100.0)
+    assert steps.tolist() == [100.0] and n.tolist() == [2]
+    assert mean == pytest.approx([65.0]) and sd == pytest.approx([np.sqrt(50)])  # 60 and 70: sd sqrt(50)
+    svg, drawn = curves_svg(runs, "glue/mrpc", colours(["LoRA"]))
+    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
+    assert drawn == ["LoRA: train loss", "LoRA: final accuracy", "LoRA: eval accuracy", "LoRA: lr"]
+
+
+def test_html_page_escapes_recorded_text(tmp_path):
+    from loralab.report.html import to_html
+
+    write(tmp_path, "ok.json", make_record(name="s/lora/mrpc"))
+    write(tmp_path, "failed.json", make_record(name="s/lora/mrpc", seed=1, status="failed", train_info={
+        "error": {"type": "ValueError", "message": "<script>alert(1)</script>", "phase": "build"}}))
+    page = to_html(build_report([tmp_path]))
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("<script>") == 1  # the page's own load check only
