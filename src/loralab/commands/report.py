@@ -66,13 +66,17 @@ def run(args) -> int:
         return to_html(report, command=command_line(args))
 
     writers = {"md": lambda: to_markdown(report), "csv": lambda: to_csv(report), "json": lambda: to_json(report), "html": html}
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for fmt in [args.format] if args.format else FORMATS:
-            path = out / f"report.{fmt}"
-            path.write_text(writers[fmt]())
-            print(f"wrote {path}", file=sys.stderr)
-    else:
-        sys.stdout.write(writers[args.format or "md"]())
+    try:
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            for fmt in [args.format] if args.format else FORMATS:
+                path = out / f"report.{fmt}"
+                path.write_text(writers[fmt]())
+                print(f"wrote {path}", file=sys.stderr)
+        else:
+            sys.stdout.write(writers[args.format or "md"]())
+    except ImportError as exc:  # matplotlib missing from a stripped-down install
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
