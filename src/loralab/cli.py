@@ -1,5 +1,6 @@
 """The ``loralab`` command: each subcommand is one module in ``loralab.commands`` with
-``add_arguments(parser)`` and ``run(args) -> int``. No logic lives here."""
+``add_arguments(parser)`` and ``run(args) -> int``. No logic lives here; the user-facing text is
+``DESCRIPTION`` and ``EPILOG`` below (``loralab --help``)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,42 @@ import sys
 # name -> (module, one-line help). A new subcommand is one module plus one line here.
 COMMANDS = {
     "run": ("loralab.commands.run", "train, evaluate and save one or more experiment folders"),
+    "report": ("loralab.commands.report", "tables over seeds, curves, Pareto plots and an HTML page from result files"),
     "methods": ("loralab.commands.methods", "list the adaptation methods, one line each"),
     "tasks": ("loralab.commands.tasks", "list the training tasks and evaluations"),
-    "report": ("loralab.commands.report", "a method x task table from result files"),
-    "bench": ("loralab.commands.bench", "training throughput: transformers + peft vs loralab, side by side"),
-    "decompose": ("loralab.commands.decompose", "CorDA KPA/IPA adapters and the full-decompose perplexity study"),
-    "merge": ("loralab.commands.merge", "merge an adapter into its base, or convert PiSSA/CorDA to plain LoRA"),
     "eval": ("loralab.commands.eval", "score a model on evaluations, or re-score saved generations"),
+    "merge": ("loralab.commands.merge", "merge an adapter into its base, or convert PiSSA/CorDA to plain LoRA"),
+    "decompose": ("loralab.commands.decompose", "CorDA KPA/IPA adapters and the full-decompose perplexity study"),
+    "bench": ("loralab.commands.bench", "training throughput: transformers + peft vs loralab, side by side"),
 }
+
+DESCRIPTION = """\
+Train, evaluate and compare low-rank adaptation methods (LoRA, rsLoRA, DoRA, PiSSA, OLoRA, CorDA,
+LoRA-FA and SVD-initialised LoRA-FA) on one protocol. An experiment is a folder holding an
+adapter_config.json (any peft LoRA config; absent = full fine-tuning) and a
+training_parameters.json (only what differs from the defaults). Each run writes a result JSON
+file (results/, temporary_results/ or cancelled_results/) and a plain peft adapter (outputs/)."""
+
+EPILOG = """\
+examples:
+  loralab run -v experiments/quickstart/lora-minilm-sst2     # one run (set LORALAB_DATA_DIR for local data)
+  loralab run experiments/glue-minilm/*/rte                  # a whole column of a table
+  loralab report results/glue-minilm                         # method x task table, mean ± sd over seeds
+  loralab report results/glue-minilm --out report/           # + report.html (plots, runs, configs)
+
+'loralab COMMAND --help' describes a command's options."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loralab", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="loralab", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().replace("``", ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        mod.add_arguments(p)
     return parser
 
 

@@ -1,0 +1,14 @@
+"""``loralab report``: result files → tables with statistics over seeds, curves, efficiency
+(Pareto) plots and one self-contained HTML page.
+
+Modules: ``records`` (files → runs, grouped by what each run recorded), ``stats`` (mean, sd,
+bootstrap interval, paired sign test, Pareto front), ``tables`` (method × task tables),
+``build`` (the report as data), ``render`` (markdown, CSV, JSON), ``plots`` (matplotlib figures
+as inline SVG) and ``html`` (the page).
+"""
+
+from loralab.report.build import Report, build_report
+from loralab.report.records import Problem, Run, load_runs
+from loralab.report.tables import ReportError
+
+__all__ = ["Problem", "Report", "ReportError", "Run", "build_report", "load_runs"]

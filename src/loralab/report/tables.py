@@ -1,0 +1,278 @@
+"""Runs → tables (seed 000's layout: method rows, task columns, trainable parameters, average,
+best in bold), every cell a ``Summary`` over seeds, plus paired comparisons of methods.
+
+Headline metric per task (seed 000's convention): CoLA Matthews correlation, STS-B Pearson,
+accuracy elsewhere (the first recorded metric where a task has no accuracy). Fractions
+(accuracy, F1, correlations, pass@k) are shown ×100; metrics whose name says loss, perplexity or
+error are shown as recorded and lower is better.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from loralab.report.records import AXES, DISPLAY, Run
+from loralab.report.stats import MIN_SEEDS, Paired, Summary, paired, summarize
+
+HEADLINE = {"glue/cola": "matthews_correlation", "glue/stsb": "pearson"}
+TASK_ORDER = ["glue/sst2", "glue/mrpc", "glue/cola", "glue/qnli", "glue/rte", "glue/stsb"]
+TASK_NAMES = {"glue/sst2": "SST-2", "glue/mrpc": "MRPC", "glue/cola": "CoLA", "glue/qnli": "QNLI",
+              "glue/rte": "RTE", "glue/stsb": "STS-B"}
+METHOD_ORDER = [DISPLAY[k] for k in ("full", "lora", "rslora", "dora", "pissa", "olora", "corda", "lorafa", "lorafa_qr",
+                                     "svd_lorafa", "svd_lorafa_corrected")]
+
+
+class ReportError(ValueError):
+    """Bad report options (an unknown --by field, --metric form or compared row); names the value and what is allowed."""
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(s in metric.lower() for s in ("loss", "perplexity", "ppl", "error"))
+
+
+def scale(metric: str) -> float:
+    return 1.0 if lower_is_better(metric) else 100.0
+
+
+def task_name(task: str) -> str:
+    return TASK_NAMES.get(task, task.split("/")[-1])
+
+
+def headline_metric(task: str, available) -> str | None:
+    available = list(available)
+    want = HEADLINE.get(task, "accuracy")
+    if want in available:
+        return want
+    return available[0] if available else None
+
+
+def parse_metrics(specs: list[str] | None) -> tuple[list[str | None], dict[str, str]]:
+    """``--metric`` values: ``NAME`` (one table per NAME, for every task) or ``TASK=NAME``
+    (override one task's headline). Returns (names or [None] for headline, overrides)."""
+    names, overrides = [], {}
+    for spec in specs or []:
+        if "=" in spec:
+            task, _, name = spec.partition("=")
+            if not task or not name:
+                raise ReportError(f"--metric {spec!r}: expected NAME or TASK=NAME (e.g. glue/cola=accuracy)")
+            overrides[task] = name
+        elif spec:
+            names.append(spec)
+    return names or [None], overrides
+
+
+def parse_by(by: str) -> tuple[str, str]:
+    fields = [f.strip() for f in by.split(",")]
+    bad = [f for f in fields if f not in AXES]
+    if len(fields) != 2 or bad or fields[0] == fields[1]:
+        raise ReportError(f"--by {by!r}: expected ROWS,COLUMNS, two different fields of {', '.join(AXES)}")
+    return fields[0], fields[1]
+
+
+@dataclass
+class Cell:
+    """One table cell: the scaled values of its runs (one per seed unless the seed is an axis)."""
+
+    values: list[float]
+    runs: list[Run]
+    metric: str
+    summary: Summary
+    excluded: dict = field(default_factory=dict)  # status -> count of non-success runs for this cell
+
+    @property
+    def few_seeds(self) -> bool:
+        return self.summary.n < MIN_SEEDS
+
+
+@dataclass
+class Table:
+    title: str
+    split: dict  # the non-axis grouping values this table holds (experiment set, task, metric)
+    row_field: str
+    col_field: str
+    rows: list
+    cols: list
+    cells: dict  # (row, col) -> Cell
+    params: dict  # row -> formatted trainable parameters
+    avg: dict  # row -> Summary | None
+    best: set  # (row, col) pairs in bold; col may be "avg"
+    lower_better: bool
+    scaled: bool
+    pooled: bool = False  # some cell pools runs that are not seed replicates (n counts runs)
+    comparisons: list = field(default_factory=list)  # Paired
+
+
+def _sort_rows(rows):
+    def key(r):
+        s = str(r)
+        for i, m in enumerate(METHOD_ORDER):
+            if s == m or s.startswith(m + " ("):
+                return (i, s)
+        return (len(METHOD_ORDER), s)
+
+    return sorted(rows, key=key)
+
+
+def _sort_cols(cols):
+    return sorted(cols, key=lambda c: (TASK_ORDER.index(c) if c in TASK_ORDER else len(TASK_ORDER), str(c)))
+
+
+def format_params(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def build_tables(runs: list[Run], excluded_runs: list[Run], by: str = "method,task", metrics: list[str] | None = None,
+                 compare: list[str] | None = None, baseline: str | None = None) -> list[Table]:
+    """Tables from successful runs (``runs``); ``excluded_runs`` (failed, cancelled, diverged)
+    are counted in the cells they would have filled. One table per experiment set (unless ``set``
+    is an axis), per task (unless ``task`` is an axis) and per ``--metric NAME``.
+
+    Raises ReportError for a bad ``by``, metric spec or compared row name."""
+    row_field, col_field = parse_by(by)
+    names, overrides = parse_metrics(metrics)
+    split_fields = [f for f in ("set", "task") if f not in (row_field, col_field)]
+    groups = defaultdict(list)
+    for r in runs:
+        groups[tuple(r.axis(f) for f in split_fields)].append(r)
+    failed = defaultdict(lambda: defaultdict(int))
+    for r in excluded_runs:
+        key = tuple(r.axis(f) for f in split_fields)
+        failed[(key, r.axis(row_field), r.axis(col_field))][r.status] += 1
+    tables = []
+    for split_key in sorted(groups, key=str):
+        members = groups[split_key]
+        for name in names:
+            t = _one_table(members, dict(zip(split_fields, split_key)), row_field, col_field, name, overrides,
+                           failed, split_key)
+            if t.cells:
+                t.comparisons = _comparisons(t, compare, baseline)
+                tables.append(t)
+    return tables
+
+
+def _one_table(members, split, row_field, col_field, name, overrides, failed, split_key) -> Table:
+    by_cell = defaultdict(list)
+    for r in members:
+        metric = overrides.get(r.task) or name or headline_metric(r.task, r.metrics)
+        if metric in r.metrics:
+            by_cell[(r.axis(row_field), r.axis(col_field), metric)].append(r)
+    cells, metric_of_col = {}, defaultdict(set)
+    for (row, col, metric), rs in by_cell.items():
+        rs = sorted(rs, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
+        values = [r.metrics[metric] * scale(metric) for r in rs]
+        cells[(row, col)] = Cell(values, rs, metric, summarize(values), dict(failed.get((split_key, row, col), {})))
+        metric_of_col[col].add(metric)
+    rows = (_sort_cols if row_field == "task" else _sort_rows)({k[0] for k in cells})
+    cols = (_sort_rows if col_field == "method" else _sort_cols)({k[1] for k in cells})
+    metrics_used = sorted({c.metric for c in cells.values()})
+    lower = all(lower_is_better(m) for m in metrics_used)
+    scaled = all(scale(m) != 1.0 for m in metrics_used)
+    params = {}
+    for row in rows:
+        counts = sorted({r.trainable_params for c in cols if (row, c) in cells for r in cells[(row, c)].runs
+                         if r.trainable_params is not None})
+        shown = sorted({format_params(n) for n in counts}, key=lambda f: counts[[format_params(n) for n in counts].index(f)])
+        params[row] = "–" if not shown else shown[0] if len(shown) == 1 else f"{shown[0]}–{shown[-1]}"
+    # pooled: a cell holds runs that are not seed replicates (rows/columns other than method x task)
+    pooled = any(len({r.seed for r in c.runs}) < len(c.runs) for c in cells.values())
+    avg = {row: _average(cells, row, cols, pooled) for row in rows} if len(cols) > 1 else {}
+    best = set()
+    # bold marks the best method: down each column when methods are rows, along each row when they are columns
+    if col_field == "method":
+        for row in rows:
+            vals = {col: cells[(row, col)].summary.mean for col in cols if (row, col) in cells}
+            if len(vals) > 1:
+                target = (min if lower else max)(vals.values())
+                best |= {(row, col) for col, v in vals.items() if v == target}
+    else:
+        for col in cols + (["avg"] if avg else []):
+            if col == "avg":
+                vals = {row: avg[row].mean for row in rows if avg[row] is not None}
+            else:
+                vals = {row: cells[(row, col)].summary.mean for row in rows if (row, col) in cells}
+            if len(vals) > 1:
+                target = (min if lower else max)(vals.values())
+                best |= {(row, col) for row, v in vals.items() if v == target}
+    if col_field == "task":
+        described = ", ".join(f"{task_name(col)} {'/'.join(sorted(metric_of_col[col]))}" for col in cols)
+    else:
+        described = "/".join(metrics_used)
+    where = " · ".join(task_name(v) if k == "task" else str(v) for k, v in split.items())
+    title = (f"{where}: " if where else "") + described + (" (×100)" if scaled else "")
+    return Table(title, {**split, "metric": name}, row_field, col_field, rows, cols, cells, params, avg, best, lower,
+                 scaled, pooled)
+
+
+def _average(cells, row, cols, pooled: bool = False) -> Summary | None:
+    """Mean over the columns: per seed where every column has that seed (so sd and interval are
+    over seeds), else (or when cells pool other runs) the mean of the cell means with no interval
+    (n=0); None if a column is missing."""
+    if any((row, c) not in cells for c in cols):
+        return None
+    if pooled:
+        return Summary(sum(cells[(row, c)].summary.mean for c in cols) / len(cols), None, None, None, 0)
+    per_seed = defaultdict(dict)
+    for c in cols:
+        for r, v in zip(cells[(row, c)].runs, cells[(row, c)].values):
+            per_seed[r.seed][c] = v
+    complete = [sum(d.values()) / len(cols) for d in per_seed.values() if len(d) == len(cols)]
+    if complete:
+        return summarize(complete)
+    return Summary(sum(cells[(row, c)].summary.mean for c in cols) / len(cols), None, None, None, 0)
+
+
+def _match_row(name: str, rows) -> str:
+    for r in rows:
+        if str(r).lower() == name.lower():
+            return r
+    starts = [r for r in rows if str(r).lower().startswith(name.lower())]
+    if len(starts) == 1:
+        return starts[0]
+    raise ReportError(f"no single table row {name!r}; rows are: {', '.join(map(str, rows))}")
+
+
+def _comparisons(t: Table, compare, baseline) -> list[Paired]:
+    """Paired comparisons over (column, seed) keys. Default: every row against ``baseline``, or
+    against LoRA where the table has it, else against the first row."""
+    if "seed" in (t.row_field, t.col_field) or t.pooled or len(t.rows) < 2:
+        return []
+
+    def keyed(row):
+        out = defaultdict(list)
+        for c in t.cols:
+            if (row, c) in t.cells:
+                for r, v in zip(t.cells[(row, c)].runs, t.cells[(row, c)].values):
+                    out[(c, r.seed)].append(v)
+        return {k: sum(v) / len(v) for k, v in out.items()}
+
+    pairs = []
+    if compare:
+        for spec in compare:
+            a, sep, b = spec.partition(",")
+            if not sep:
+                raise ReportError(f"--compare {spec!r}: expected A,B (two row names)")
+            try:
+                pairs.append((_match_row(a.strip(), t.rows), _match_row(b.strip(), t.rows)))
+            except ReportError:
+                continue  # the pair is in another table
+    else:
+        if baseline:
+            try:
+                base = _match_row(baseline, t.rows)
+            except ReportError:
+                return []
+        else:
+            base = DISPLAY["lora"] if DISPLAY["lora"] in t.rows else t.rows[0]
+        pairs = [(row, base) for row in t.rows if row != base]
+    out = []
+    for a, b in pairs:
+        res = paired(str(a), keyed(a), str(b), keyed(b))
+        if res is not None:
+            out.append(res)
+    return out
