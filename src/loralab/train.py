@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -206,15 +207,21 @@ def _config(exp: Experiment) -> dict:
             "adapter_config": exp.peft_config.to_dict() if exp.peft_config is not None else None}
 
 
+class _SkipEvaluation(Exception):
+    """Internal: training-only runs leave the evaluation phase at once."""
+
+
 def _say(verbose: bool):
     def say(line: str):
         print(f"[loralab] {line}", file=sys.stderr, flush=True)
     return say
 
 
-def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False) -> tuple[dict, Path]:
+def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
+                   evaluate: bool = True) -> tuple[dict, Path]:
     """Train and evaluate one experiment; returns (result record, result path).
 
+    ``evaluate`` False skips the final evaluation (``loralab bench --experiment`` times training only).
     Every ending writes a record (``loralab.lifecycle``). A cancelled run raises
     ``KeyboardInterrupt(path)`` after writing it, a failed or diverged one re-raises its error with
     ``result_path`` set on it; bad input raises ConfigError before anything is written.
@@ -252,7 +259,9 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False)
             with life.enter("save"):
                 _save(built, out_dir / "adapter", record)
                 say(f"adapter saved to {out_dir / 'adapter'}")
-            with life.enter("evaluate"):
+            with life.enter("evaluate") if evaluate else contextlib.nullcontext():
+                if not evaluate:
+                    raise _SkipEvaluation
                 say(f"evaluating {params.task} ({len(built.data.eval)} examples)")
                 t0 = time.perf_counter()
                 metrics = _evaluate(built, params, out_dir)
@@ -260,6 +269,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False)
                 record["final"] = metrics
                 record["history"].append({"step": record["step"], "train samples": record["samples"],
                                           **{f"final {k}": v for k, v in metrics.items()}})
+        except _SkipEvaluation:
+            pass
         except ConfigError:
             raise
         except Cancelled as exc:
