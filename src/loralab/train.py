@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -207,10 +206,6 @@ def _config(exp: Experiment) -> dict:
             "adapter_config": exp.peft_config.to_dict() if exp.peft_config is not None else None}
 
 
-class _SkipEvaluation(Exception):
-    """Internal: training-only runs leave the evaluation phase at once."""
-
-
 def _say(verbose: bool):
     def say(line: str):
         print(f"[loralab] {line}", file=sys.stderr, flush=True)
@@ -259,18 +254,15 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             with life.enter("save"):
                 _save(built, out_dir / "adapter", record)
                 say(f"adapter saved to {out_dir / 'adapter'}")
-            with life.enter("evaluate") if evaluate else contextlib.nullcontext():
-                if not evaluate:
-                    raise _SkipEvaluation
-                say(f"evaluating {params.task} ({len(built.data.eval)} examples)")
-                t0 = time.perf_counter()
-                metrics = _evaluate(built, params, out_dir)
-                record["timing"]["final_eval_s"] = time.perf_counter() - t0
-                record["final"] = metrics
-                record["history"].append({"step": record["step"], "train samples": record["samples"],
-                                          **{f"final {k}": v for k, v in metrics.items()}})
-        except _SkipEvaluation:
-            pass
+            if evaluate:
+                with life.enter("evaluate"):
+                    say(f"evaluating {params.task} ({len(built.data.eval)} examples)")
+                    t0 = time.perf_counter()
+                    metrics = _evaluate(built, params, out_dir)
+                    record["timing"]["final_eval_s"] = time.perf_counter() - t0
+                    record["final"] = metrics
+                    record["history"].append({"step": record["step"], "train samples": record["samples"],
+                                              **{f"final {k}": v for k, v in metrics.items()}})
         except ConfigError:
             raise
         except Cancelled as exc:
