@@ -1,0 +1,150 @@
+"""``loralab run DIR... --gpus N|all [--gpus-per-run K]``: many experiment folders at once, one run
+per GPU (or per group of K GPUs, each group one ``torchrun`` launch), each a ``loralab run`` of
+its own in a subprocess that sees only its GPUs (``CUDA_VISIBLE_DEVICES``).
+
+A folder whose experiment already has a ``success`` result for the same configuration (its
+``train_params_sha`` and ``peft_config_sha``, under ``LORALAB_RESULTS_DIR``) is skipped, so a
+half-done sweep run again continues with the runs that have no result yet. Each run's output goes
+to ``<LORALAB_OUTPUT_DIR or outputs>/sweep-logs/<experiment>.log``; one line per start and end on
+stdout. SIGINT/SIGTERM is passed on to the running children (each writes its ``cancelled``
+record), and no new run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def parse_gpus(value: str, available: list[str]) -> list[str]:
+    """The GPU ids a sweep may use: ``all`` or a count N (the first N of ``available``).
+    Raises ValueError naming the value and what is allowed."""
+    if value == "all":
+        if not available:
+            raise ValueError("--gpus all: no GPU is visible (CUDA_VISIBLE_DEVICES / torch.cuda.device_count())")
+        return list(available)
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"--gpus {value!r}: allowed: 'all' or a positive integer") from None
+    if n < 1 or n > len(available):
+        raise ValueError(f"--gpus {n}: allowed: 1 to {len(available)} (visible GPUs: {', '.join(available) or 'none'})")
+    return list(available[:n])
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may hand out: ``CUDA_VISIBLE_DEVICES`` when set, else 0..count-1."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def has_success(exp) -> Path | None:
+    """A ``success`` result of this experiment with the same configuration hashes, or None."""
+    from loralab.results import results_root
+
+    stem = exp.name.replace("/", "--") + "--"
+    for folder in ("results", "temporary_results"):
+        for path in sorted((results_root() / folder).glob(stem + "*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            run = record.get("run_info", {})
+            if (record.get("train_info", {}).get("status") == "success" and run.get("experiment_name") == exp.name
+                    and run.get("train_params_sha") == exp.train_params_sha
+                    and run.get("peft_config_sha") == exp.peft_config_sha):
+                return path
+    return None
+
+
+@dataclass
+class _Job:
+    exp: object
+    gpus: list[str]
+    proc: subprocess.Popen
+    log: Path
+    started: float
+
+
+def command(exp_path: str, n_gpus: int, resume: bool) -> list[str]:
+    """The child's command line: ``loralab run`` for one GPU, ``torchrun --standalone`` for more."""
+    run = ["-m", "loralab", "run", str(exp_path)] + (["--resume"] if resume else [])
+    if n_gpus == 1:
+        return [sys.executable, *run]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}", *run]
+
+
+def run_sweep(experiments: list, gpus: list[str], *, per_run: int = 1, resume: bool = False,
+              out=sys.stdout, poll_s: float = 0.5) -> int:
+    """Run ``experiments`` (``Experiment`` objects) concurrently on ``gpus`` (ids), ``per_run`` GPUs each.
+
+    Returns 0 when every run succeeded (or was skipped), else the first failing run's exit code
+    (``loralab run``'s codes; 130 when cancelled). Raises ValueError when ``per_run`` does not fit.
+    """
+    if per_run < 1 or per_run > len(gpus):
+        raise ValueError(f"--gpus-per-run {per_run}: allowed: 1 to {len(gpus)} (the GPUs of the sweep)")
+    slots = [gpus[i:i + per_run] for i in range(0, len(gpus) - per_run + 1, per_run)]
+    logs = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs")) / "sweep-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for exp in experiments:
+        done = has_success(exp)
+        if done is not None:
+            print(f"skip {exp.name}: success result {done}", file=out, flush=True)
+        else:
+            todo.append(exp)
+    print(f"sweep: {len(todo)} run(s) on {len(slots)} slot(s) of {per_run} GPU(s) "
+          f"({', '.join(','.join(s) for s in slots)}); logs in {logs}", file=out, flush=True)
+    stop = {"signal": None}
+    previous = {}
+
+    def handle(signum, frame):
+        stop["signal"] = signum
+        for job in running:
+            if job.proc.poll() is None:
+                job.proc.send_signal(signum)
+
+    running: list[_Job] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handle)
+    code = 0
+    try:
+        free = list(slots)
+        while (todo and stop["signal"] is None) or running:
+            while todo and free and stop["signal"] is None:
+                exp, slot = todo.pop(0), free.pop(0)
+                log = logs / f"{exp.name.replace('/', '--')}.log"
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(slot)}
+                with open(log, "ab") as fh:
+                    proc = subprocess.Popen(command(str(exp.path), len(slot), resume), env=env, stdout=fh,
+                                            stderr=subprocess.STDOUT)
+                running.append(_Job(exp, slot, proc, log, time.perf_counter()))
+                print(f"start {exp.name} on GPU {','.join(slot)}", file=out, flush=True)
+            time.sleep(poll_s)
+            for job in list(running):
+                rc = job.proc.poll()
+                if rc is None:
+                    continue
+                running.remove(job)
+                free.append(job.gpus)
+                took = time.perf_counter() - job.started
+                word = {0: "done", 130: "cancelled"}.get(rc, f"exit {rc}")
+                print(f"{word} {job.exp.name} ({took:.0f} s; log {job.log})", file=out, flush=True)
+                if rc != 0 and code == 0:
+                    code = rc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop["signal"] is not None:
+        return 130
+    return code
