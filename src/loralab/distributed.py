@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -255,14 +255,17 @@ def _sum_hook(state, bucket):
 
 
 def wrap(model: torch.nn.Module, loss_fn: Callable, launch: Launch | None = None,
-         device: torch.device | None = None) -> torch.nn.Module:
+         device: torch.device | None = None, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The module the training step calls: ``LossModule(model, loss_fn)``, under DDP or FSDP2.
 
     DDP: parameters and buffers are broadcast from rank 0 (every rank starts from the same init,
     residual base weights included); gradients are summed (``_sum_hook``). FSDP2: every module
     class named in the model's ``_no_split_modules`` (its decoder layers) is one shard group, the
     rest (embeddings, final norm, LM head) the root's; gradients are summed (divide factor 1).
-    Parameters become DTensors: build the optimizer after this call. ``model`` is not copied.
+    ``compute_dtype`` (the run's autocast dtype, bf16/fp16): parameters are gathered in it and
+    gradients reduced in fp32 (``MixedPrecisionPolicy``), the compute autocast does on one GPU;
+    None gathers them as stored. Parameters become DTensors: build the optimizer after this call.
+    ``model`` is not copied. Raises ValueError (FSDP) for a model naming no layer classes.
     """
     launch = launch or current()
     module = LossModule(model, loss_fn)
@@ -275,7 +278,7 @@ def wrap(model: torch.nn.Module, loss_fn: Callable, launch: Launch | None = None
         ddp.register_comm_hook(None, _sum_hook)
         return ddp
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cuda" if device is not None and device.type == "cuda" else "cpu", (launch.world_size,))
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -284,30 +287,26 @@ def wrap(model: torch.nn.Module, loss_fn: Callable, launch: Launch | None = None
         raise ValueError(f"FSDP: {type(hf).__name__} names no layer classes in _no_split_modules; "
                          "use DDP (loralab run --sharding ddp)")
     groups = [m for m in model.modules() if type(m).__name__ in names]
+    # inputs stay as they are: the batch's fp32 loss weights must not be rounded to bf16
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None,
+                                  cast_forward_inputs=False)
     for layer in groups:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)
-    for m in [*groups, module]:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+    for m in [*groups, module]:  # a plain SUM (gloo has no PREMUL_SUM), divided by 1
         m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
     return module
 
 
 @contextlib.contextmanager
 def no_sync(wrapped: torch.nn.Module, skip: bool):
-    """Gradient accumulation without communication (``skip``): DDP's ``no_sync``, FSDP2's
-    ``set_requires_gradient_sync(False)``; nothing for a plain module."""
-    if not skip:
-        yield
-        return
-    if hasattr(wrapped, "no_sync"):
+    """DDP: accumulate this micro-batch's gradients without communication (``skip``). FSDP2 always
+    reduce-scatters (sums of sharded gradients add up the same; keeping unsharded gradients across
+    micro-batches would cost a whole model's gradients per rank). Nothing for a plain module."""
+    if skip and hasattr(wrapped, "no_sync"):
         with wrapped.no_sync():
             yield
-    elif hasattr(wrapped, "set_requires_gradient_sync"):
-        wrapped.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            wrapped.set_requires_gradient_sync(True)
     else:
         yield
 
@@ -334,7 +333,10 @@ def gathered(wrapped):
 def full_state_dict(wrapped, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
     """FSDP2: the whole model's state (CPU tensors, names as in the unwrapped model) on rank 0,
     None on the others; every rank must call. ``trainable_only``: only tensors that train."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not current().is_main:
@@ -344,7 +346,7 @@ def full_state_dict(wrapped, trainable_only: bool = False) -> dict[str, torch.Te
     for name, value in state.items():
         if wanted is not None and name not in wanted:
             continue
-        out[name[len("model."):] if name.startswith("model.") else name] = value
+        out[name.removeprefix("model.")] = value
     return out
 
 

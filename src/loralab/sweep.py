@@ -76,15 +76,15 @@ class _Job:
     started: float
 
 
-def command(exp_path: str, n_gpus: int, resume: bool) -> list[str]:
+def command(exp_path: str, n_gpus: int, resume: bool, sharding: str = "ddp") -> list[str]:
     """The child's command line: ``loralab run`` for one GPU, ``torchrun --standalone`` for more."""
-    run = ["-m", "loralab", "run", str(exp_path)] + (["--resume"] if resume else [])
+    run = ["-m", "loralab", "run", str(exp_path), "--sharding", sharding] + (["--resume"] if resume else [])
     if n_gpus == 1:
         return [sys.executable, *run]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}", *run]
 
 
-def run_sweep(experiments: list, gpus: list[str], *, per_run: int = 1, resume: bool = False,
+def run_sweep(experiments: list, gpus: list[str], *, per_run: int = 1, resume: bool = False, sharding: str = "ddp",
               out=sys.stdout, poll_s: float = 0.5) -> int:
     """Run ``experiments`` (``Experiment`` objects) concurrently on ``gpus`` (ids), ``per_run`` GPUs each.
 
@@ -126,7 +126,7 @@ def run_sweep(experiments: list, gpus: list[str], *, per_run: int = 1, resume: b
                 log = logs / f"{exp.name.replace('/', '--')}.log"
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(slot)}
                 with open(log, "ab") as fh:
-                    proc = subprocess.Popen(command(str(exp.path), len(slot), resume), env=env, stdout=fh,
+                    proc = subprocess.Popen(command(str(exp.path), len(slot), resume, sharding), env=env, stdout=fh,
                                             stderr=subprocess.STDOUT)
                 running.append(_Job(exp, slot, proc, log, time.perf_counter()))
                 print(f"start {exp.name} on GPU {','.join(slot)}", file=out, flush=True)

@@ -1,0 +1,157 @@
+"""Issue 13's GPU measurements; ``scripts/gpu_distributed.sh`` runs it, plain or under torchrun.
+
+  speed   Llama-3-8B shape (random bf16 weights, ``speed/bench.py``'s config), LoRA r32 on every
+          linear layer of the decoder, loralab's ``Step`` as ``loralab run`` builds it: bf16
+          autocast, regional compile, CUDA graphs on one GPU (off under DDP, as ``train.py`` does).
+          Optimizer batch 64 rows x 512 tokens, micro-batch 8 rows per rank. Tokens/s over the
+          steps after ``--warmup``.
+  fsdp    Llama-3-8B shape full fine-tuning: fp32 weights, bf16 compute (FSDP2 gathers in bf16,
+          reduces in fp32), AdamW; FSDP2 over every rank (``distributed.wrap``). Per-GPU peak memory.
+  corda   CorDA's calibration statistics of SmolLM2-135M (bf16) over 64 real GSM8K questions,
+          one process or data-parallel (``distributed.collect_input_stats``), saved to ``--save``.
+One JSON line on stdout (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from loralab import distributed
+from loralab.speed.bench import LLAMA3_8B
+from loralab.speed.step import SpeedOptions, prepare_model
+from loralab.step import Step, loss_function
+
+
+def llama_8b(dtype: torch.dtype, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(LLAMA3_8B)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def rows(n: int, length: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (n, length), generator=g).tolist()
+    return [{"input_ids": r, "labels": r} for r in ids]
+
+
+def peaks(device) -> list[float]:
+    """Peak allocated GiB of every rank (rank order)."""
+    mine = torch.cuda.max_memory_allocated(device) / 2**30
+    if not distributed.current().distributed:
+        return [mine]
+    out = [None] * distributed.current().world_size
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def timed(step: Step, batch: int, length: int, warmup: int, steps: int, device) -> dict:
+    for k in range(warmup):
+        step(rows(batch, length, seed=k))
+    torch.cuda.synchronize(device)
+    distributed.barrier()
+    t0 = time.perf_counter()
+    losses = []
+    for k in range(steps):
+        losses.append(step(rows(batch, length, seed=warmup + k)).loss)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {"tokens_per_s": batch * length * steps / seconds, "step_s": seconds / steps,
+            "losses": [float(x) for x in losses]}
+
+
+def speed(args, launch, device) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    model = llama_8b(torch.bfloat16, device)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=targets))
+    prepare_model(model, SpeedOptions(autocast="bfloat16", compile=not args.no_compile))
+    graphs = not launch.distributed and not args.no_graphs
+    wrapped = distributed.wrap(model, loss_function("causal_lm"), launch, device) if launch.distributed else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    step = Step(model, optimizer, kind="causal_lm", normalization="tokens", micro_batch=args.micro_batch,
+                packing=False, max_length=args.length, pad_to=None, pad_id=0, device=device, graphs=graphs,
+                max_grad_norm=1.0, log=print if launch.is_main else (lambda s: None), wrapped=wrapped)
+    out = timed(step, args.batch, args.length, args.warmup, args.steps, device)
+    return {**out, "cuda_graphs": graphs, "compile": not args.no_compile, "peak_gib": peaks(device)}
+
+
+def fsdp(args, launch, device) -> dict:
+    model = llama_8b(torch.float32, device)  # fp32 master weights: 16 B/param with AdamW, 128 GB at 8B
+    model.requires_grad_(True)
+    prepare_model(model, SpeedOptions(autocast="bfloat16", compile=False))
+    wrapped = distributed.wrap(model, loss_function("causal_lm"), launch, device, compute_dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    except (RuntimeError, TypeError):  # fused AdamW without DTensor support
+        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    torch.cuda.reset_peak_memory_stats(device)
+    step = Step(model, optimizer, kind="causal_lm", normalization="tokens", micro_batch=args.micro_batch,
+                packing=False, max_length=args.length, pad_to=None, pad_id=0, device=device, graphs=False,
+                max_grad_norm=1.0, log=print if launch.is_main else (lambda s: None), wrapped=wrapped)
+    out = timed(step, args.batch, args.length, args.warmup, args.steps, device)
+    return {**out, "parameters": sum(p.numel() for p in params), "optimizer": type(optimizer).__name__,
+            "fused": bool(optimizer.defaults.get("fused")), "peak_gib": peaks(device)}
+
+
+def corda(args, launch, device) -> dict:
+    from loralab.models import load_model, load_tokenizer
+
+    model = load_model("packaged:smollm2-135m", "causal_lm", 2, "bfloat16").to(device)
+    tok = load_tokenizer("packaged:smollm2-135m")
+    path = os.path.join(os.environ.get("LORALAB_DATA_DIR", ".devdata"), "gsm8k", "train.jsonl")
+    with open(path) as fh:
+        questions = [json.loads(line)["question"] for _, line in zip(range(64), fh)]
+    tok.padding_side = "right"
+    batches = []
+    for k in range(0, len(questions), 8):
+        enc = tok(questions[k:k + 8], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    t0 = time.perf_counter()
+    stats = distributed.collect_input_stats(model, modules, batches, progress=False)
+    seconds = time.perf_counter() - t0
+    if launch.is_main and args.save:
+        torch.save({"|".join(st.names): (st.cov.cpu(), st.samples) for st in stats}, args.save)
+    return {"groups": len(stats), "samples": stats[0].samples, "seconds": seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("speed", "fsdp", "corda"))
+    parser.add_argument("--batch", type=int, default=64, help="optimizer batch (rows)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward, per rank")
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--save")
+    args = parser.parse_args()
+    launch = distributed.init("cuda", "fsdp" if args.mode == "fsdp" else "ddp")
+    device = torch.device("cuda", launch.local_rank)
+    torch.cuda.set_device(device)
+    try:
+        result = {"speed": speed, "fsdp": fsdp, "corda": corda}[args.mode](args, launch, device)
+        if launch.is_main:
+            print(json.dumps({"mode": args.mode, "world_size": launch.world_size, "backend": launch.backend,
+                              "gpu": torch.cuda.get_device_name(device), **vars(args), **result}), flush=True)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``loralab run DIR... --gpus``: folders run concurrently as subprocesses, one per slot, and a
+re-run skips the folders that already have a success result for the same configuration (real
+MiniLM, real GLUE rows; on CPU each slot is an empty CUDA_VISIBLE_DEVICES)."""
+
+import json
+import os
+from io import StringIO
+from pathlib import Path
+
+import pytest
+
+from loralab.experiment import read_experiment
+from loralab.sweep import command, parse_gpus, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parse_gpus_names_bad_values():
+    assert parse_gpus("all", ["0", "1", "2"]) == ["0", "1", "2"]
+    assert parse_gpus("2", ["4", "5", "6"]) == ["4", "5"]
+    with pytest.raises(ValueError, match="allowed: 1 to 3"):
+        parse_gpus("4", ["0", "1", "2"])
+    with pytest.raises(ValueError, match="'all' or a positive integer"):
+        parse_gpus("two", ["0"])
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        parse_gpus("all", [])
+    assert command("exp", 2, True)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _folder(root: Path, name: str, data_dir, lr: float) -> Path:
+    folder = root / "experiments" / "sweep" / name
+    folder.mkdir(parents=True)
+    params = {"task": "glue/rte", "data_dir": str(data_dir), "max_train_samples": 16, "max_eval_samples": 8,
+              "batch_size": 8, "num_epochs": 1, "learning_rate": lr, "device": "cpu"}
+    (folder / "training_parameters.json").write_text(json.dumps(params))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                           "target_modules": ["query", "value"]}))
+    return folder
+
+
+@pytest.mark.slow
+def test_sweep_runs_folders_concurrently_and_skips_finished_ones(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    a, b = _folder(tmp_path, "a", data_dir, 1e-3), _folder(tmp_path, "b", data_dir, 2e-3)
+    exps = [read_experiment(a), read_experiment(b)]
+    out = StringIO()
+    assert run_sweep(exps, ["", ""], out=out, poll_s=0.1) == 0, out.getvalue()
+    log = out.getvalue()
+    assert log.index("start sweep/b") < log.index("done sweep/a")  # both ran at once
+    results = sorted(Path(os.environ["LORALAB_RESULTS_DIR"]).rglob("*.json"))
+    assert len(results) == 2
+    # a re-run finds both done; a changed configuration runs again
+    params = json.loads((b / "training_parameters.json").read_text())
+    (b / "training_parameters.json").write_text(json.dumps({**params, "learning_rate": 3e-3}))
+    out = StringIO()
+    assert run_sweep([read_experiment(a), read_experiment(b)], [""], out=out, poll_s=0.1) == 0, out.getvalue()
+    assert "skip sweep/a" in out.getvalue() and "start sweep/b" in out.getvalue()
+    assert "skip sweep/b" not in out.getvalue()
+    assert len(list(Path(os.environ["LORALAB_RESULTS_DIR"]).rglob("*.json"))) == 3
