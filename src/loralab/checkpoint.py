@@ -81,9 +81,17 @@ def save(root: Path, step: int, *, model, optimizer, scheduler, state: dict, kee
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop older ones and half-written ``.tmp`` folders
+    (a run killed mid-save leaves one behind, or one checkpoint too many)."""
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    for tmp in root.glob("step-*.tmp") if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -134,13 +134,16 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         raise ConfigError(problems, str(exp.path))
     try:
         data = task.load(params, tokenizer)
-    except (OSError, ValueError, KeyError, UnicodeDecodeError, TypeError, IndexError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - data that cannot be read is bad input: exit 2, no result
         raise ConfigError([f"task {params.task}: its data could not be read from {params.data_dir or 'the hub'}: "
-                           f"{type(exc).__name__}: {exc}"], str(exp.path)) from exc
+                           f"{type(exc).__name__}: {str(exc)[:500]}"], str(exp.path)) from exc
     if not data.train:
         raise ConfigError([f"task {params.task} has no training examples in {params.data_dir or 'the hub'}"], str(exp.path))
+    problems = check_labels(task, data)
+    if problems:
+        raise ConfigError(problems, str(exp.path))
     device = pick_device(params.device)
     model.to(device)
     if init_state is not None:
@@ -157,6 +160,25 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         with life.enter("calibrate"):
             model, saver = method.apply(model, cfg, params, ctx)
     return Built(task, tokenizer, data, model, saver, method, cfg, device)
+
+
+def check_labels(task, data) -> list[str]:
+    """Classification labels must be class ids in [0, num_labels) (regression: numbers); a label
+    outside the task's classes would otherwise fail deep inside the loss, or train silently wrong."""
+    if task.kind != "seq_cls":
+        return []
+    n = getattr(task, "num_labels", 2)
+    problems = []
+    for split, feats in (("train", data.train), ("eval", data.eval)):
+        for i, f in enumerate(feats):
+            y = f.get("labels")
+            ok = isinstance(y, (int, float)) and not isinstance(y, bool) if n == 1 else \
+                isinstance(y, int) and not isinstance(y, bool) and 0 <= y < n
+            if not ok:
+                allowed = "a number" if n == 1 else f"a class id in 0..{n - 1}"
+                problems.append(f"{split} example {i}: label {y!r} is not {allowed} for task {task.name}")
+                break
+    return problems
 
 
 def make_optimizer(model, method, cfg, params):
@@ -322,6 +344,7 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
     speed["micro_batch"] = micro
     if resume_from is not None:
         state = checkpoint.load(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        checkpoint.prune(ckpt_root, params.keep_checkpoints)
         say(f"resumed from {resume_from} (step {state['step']} of {total_steps})")
     else:
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "history": [],
