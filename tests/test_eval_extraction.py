@@ -46,7 +46,8 @@ def test_gsm8k_corda_quirks_are_opt_in(data_dir):
     assert gsm8k.is_correct("The answer is: 1,450,000 dollars", big, default)
     assert not gsm8k.is_correct("The answer is: 1,450,000 dollars", big, corda)  # CorDA reads 1,450
     assert gsm8k.is_correct("The answer is: 36/2", answer, default)
-    assert gsm8k.extract_corda("The answer is: 5/0", default) == 5.0  # CorDA: a/0 -> a
+    assert gsm8k.extract_corda("The answer is: 5/0", default) is None  # a/0 has no value
+    assert gsm8k.extract_corda("The answer is: 5/0", corda) == 5.0  # CorDA's regex: a/0 -> a
 
 
 @pytest.mark.parametrize("name", ["math", "math500"])
