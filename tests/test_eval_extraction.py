@@ -145,10 +145,12 @@ def test_validate_options_names_every_problem():
 
 
 def test_generation_precedence():
+    """None = the source's; any explicit value wins, even one equal to an old global default."""
     opts = evals.resolve_options("gsm8k", {})
-    defaults = {"max_new_tokens": 512, "batch_size": 16, "temperature": 0.0, "top_p": 1.0, "n_samples": 1, "backend": "auto"}
-    assert evals.generation_settings("gsm8k", defaults, opts).max_new_tokens == 1024  # the source's
-    assert evals.generation_settings("gsm8k", {**defaults, "max_new_tokens": 64}, opts).max_new_tokens == 64
+    unset = {"max_new_tokens": None, "batch_size": 16, "temperature": None, "top_p": None, "n_samples": None, "backend": "auto"}
+    assert evals.generation_settings("gsm8k", unset, opts).max_new_tokens == 1024  # the source's
+    assert evals.generation_settings("gsm8k", {**unset, "max_new_tokens": 64}, opts).max_new_tokens == 64
+    assert evals.generation_settings("gsm8k", {**unset, "max_new_tokens": 512}, opts).max_new_tokens == 512  # issue 12
     code_opts = evals.resolve_options("humaneval", {"sampling": "bigcode"})
-    s = evals.generation_settings("humaneval", defaults, code_opts)
+    s = evals.generation_settings("humaneval", unset, code_opts)
     assert (s.temperature, s.top_p, s.max_length) == (0.2, 0.95, 512)

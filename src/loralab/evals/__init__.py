@@ -16,11 +16,22 @@ Generation settings, in increasing precedence:
 1. ``GenerationSettings`` defaults (``loralab.generation``);
 2. the evaluation's source protocol (e.g. GSM8K: 1,024 new tokens and CorDA's stop strings; code:
    512 tokens prompt included; commonsense: 4-beam search, 32 tokens);
-3. the ``generation`` dict (``TrainingParameters.generation``): ``batch_size`` and ``backend`` always
-   apply; ``max_new_tokens``, ``temperature``, ``top_p`` and ``n_samples`` override the source only
-   where they differ from loralab's global defaults (``config.default_parameters()["generation"]``),
-   i.e. where an experiment or the command line set them on purpose. A source's prompt-inclusive
-   ``max_length`` (code: 512) still caps an explicit ``max_new_tokens``.
+3. the ``generation`` dict (``TrainingParameters.generation``, or the command line): every key
+   whose value is not None wins, whatever its value (issue 12: an explicit ``max_new_tokens: 512``
+   used to be ignored because 512 was also loralab's default). None means "the source's". An
+   explicit ``max_new_tokens`` also lifts a source's prompt-inclusive ``max_length`` (code: 512),
+   so the explicit budget is the budget.
+The effective settings go into the result: ``run_eval``'s metrics hold them under ``generation``
+(``generation_record``).
+
+Generation records (``{"task", "id", "completion", "prompt"}``) always hold the exact prompt the
+completion continues, so any harness can re-score them; ``score_generations`` hands a record's
+``prompt`` to the scorer (code builds its program from it), and takes records without one under
+the evaluation's documented default protocol.
+
+Non-numeric parts of a result: ``generation`` (a dict) and ``warnings`` (a list of text, only when
+a scorer has something to say, e.g. code: most programs do not compile, likely another harness's
+protocol). ``numeric(metrics)`` keeps the numbers.
 
 Options: ``options`` maps option names to values (a name applies to every selected evaluation that
 has it, e.g. ``{"prompt": "seed000"}``), or an evaluation name to that evaluation's own options
@@ -55,8 +66,6 @@ EVALS = {
     "wikitext2": language_modeling,
     "ptb": language_modeling,
 }
-ALWAYS_FROM_GENERATION = ("batch_size", "backend")
-PROTOCOL_KEYS = ("max_new_tokens", "temperature", "top_p", "n_samples")
 
 
 def _suggest(name, known) -> str:
@@ -109,21 +118,36 @@ def resolve_options(name: str, options: dict | None) -> dict:
 
 def generation_settings(name: str, generation: dict | None, options: dict):
     """The effective ``GenerationSettings`` (see the module docstring for the precedence)."""
-    from loralab.config import default_parameters
     from loralab.generation import GenerationSettings
 
     settings = dict(EVALS[name].source_generation(name, options))
-    defaults = default_parameters()["generation"]
-    for key, value in (generation or {}).items():
-        if key in ALWAYS_FROM_GENERATION or (key in PROTOCOL_KEYS and value != defaults.get(key)):
-            settings[key] = value
+    explicit = {k: v for k, v in (generation or {}).items() if v is not None}
+    if "max_new_tokens" in explicit:
+        settings["max_length"] = None
+    settings.update(explicit)
     return GenerationSettings(**settings)
 
 
-def run_eval(name, model, tokenizer, *, data_dir=None, generation=None, options=None, max_samples=None, out_dir=None):
-    """Evaluate an in-memory model; returns (metrics, generation records ``{"task", "id", "completion"}``).
+def generation_record(settings) -> dict:
+    """The settings as recorded in a result, with ``backend`` resolved (``auto`` -> what ran)."""
+    from dataclasses import asdict
 
-    With ``out_dir``, the records are also written to ``out_dir/<name>.generations.jsonl``."""
+    from loralab.generation import resolve_backend
+
+    return {**asdict(settings), "backend": resolve_backend(settings.backend)}
+
+
+def numeric(metrics: dict) -> dict[str, float]:
+    """Only the numbers of a result (what a training run's flat metric dict holds)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_eval(name, model, tokenizer, *, data_dir=None, generation=None, options=None, max_samples=None, out_dir=None):
+    """Evaluate an in-memory model; returns (metrics, generation records ``{"task", "id", "completion", "prompt"}``).
+
+    Generative evaluations add the effective settings (``metrics["generation"]``, see
+    ``generation_record``). With ``out_dir``, the records are also written to
+    ``out_dir/<name>.generations.jsonl``."""
     problems = validate_options([name], options)
     if problems:
         from loralab.config import ConfigError
@@ -141,21 +165,34 @@ def run_eval(name, model, tokenizer, *, data_dir=None, generation=None, options=
     prompts = [module.build_prompt(name, p, opts) for p in items]
     outputs = generate(model, tokenizer, prompts, settings, progress=f"{name} generation")
     completions = {p["id"]: outs for p, outs in zip(items, outputs)}
-    records = [{"task": name, "id": p["id"], "completion": c} for p, outs in zip(items, outputs) for c in outs]
+    records = [{"task": name, "id": p["id"], "completion": c, "prompt": prompt}
+               for p, prompt, outs in zip(items, prompts, outputs) for c in outs]
     metrics = module.score(name, items, completions, opts)
+    metrics["generation"] = generation_record(settings)
+    _warn(metrics)
     if out_dir is not None:
         write_records(Path(out_dir) / f"{name}.generations.jsonl", records)
     return metrics, records
 
 
-def score_generations(records, *, data_dir=None, options=None) -> dict[str, dict[str, float]]:
+def _warn(metrics: dict) -> None:
+    import sys
+
+    for text in metrics.get("warnings", []):
+        print(f"warning: {text}", file=sys.stderr)
+
+
+def score_generations(records, *, data_dir=None, options=None) -> dict[str, dict]:
     """Re-score saved generations without a model (bigcode's ``--load_generations_path``).
 
     Each task is scored on exactly the problems that have records, so re-scoring a run made with
-    ``max_samples`` gives the live numbers."""
+    ``max_samples`` gives the live numbers. A record's ``prompt`` (the exact text its completion
+    continues) is handed to the scorer; records without one follow the evaluation's default."""
     by_task: dict[str, dict] = {}
+    prompts: dict[str, dict] = {}
     for r in records:
         by_task.setdefault(r["task"], {}).setdefault(str(r["id"]), []).append(r["completion"])
+        prompts.setdefault(r["task"], {}).setdefault(str(r["id"]), []).append(r.get("prompt"))
     problems = validate_options(list(by_task), options)
     problems += [f"evaluation '{t}' has no saved generations to score (it runs on a model)"
                  for t in by_task if t in EVALS and not hasattr(EVALS[t], "score")]
@@ -170,8 +207,13 @@ def score_generations(records, *, data_dir=None, options=None) -> dict[str, dict
         missing = sorted(set(completions) - set(items))
         if missing:
             raise ValueError(f"{task}: {len(missing)} generation id(s) not in the dataset, e.g. {missing[:3]}")
-        chosen = [items[i] for i in items if i in completions]
+        chosen = []
+        for i in items:
+            if i in completions:
+                given = prompts[task][i]
+                chosen.append({**items[i], "prompts": given} if any(g is not None for g in given) else items[i])
         results[task] = module.score(task, chosen, {p["id"]: completions[str(p["id"])] for p in chosen}, opts)
+        _warn(results[task])
     return results
 
 
