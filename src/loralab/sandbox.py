@@ -278,6 +278,11 @@ def _interpreter(private_uid: bool) -> str | None:
 
 def _uid_pids(uid: int) -> list[int]:
     """Live (non-zombie) processes whose real uid is ``uid``."""
+    return _uid_pids_in_range(uid, 1)
+
+
+def _uid_pids_in_range(first_uid: int, count: int) -> list[int]:
+    """Live (non-zombie) processes whose real uid is in ``first_uid .. first_uid + count - 1``."""
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -287,7 +292,7 @@ def _uid_pids(uid: int) -> list[int]:
                 status = dict(line.split(":", 1) for line in fh if ":" in line)
         except OSError:
             continue
-        if int(status["Uid"].split()[0]) == uid and not status["State"].strip().startswith(("Z", "X")):
+        if 0 <= int(status["Uid"].split()[0]) - first_uid < count and not status["State"].strip().startswith(("Z", "X")):
             pids.append(int(pid))
     return pids
 
