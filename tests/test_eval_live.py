@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from loralab import evals
+from loralab.tasks import evaluations as evals
 from loralab.cli import main
-from loralab.generation import GenerationSettings, generate, truncate_at_stop
+from loralab.tasks.generation import GenerationSettings, generate, truncate_at_stop
 
 
 @pytest.fixture(scope="module")

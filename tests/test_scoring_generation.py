@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from loralab import evals
+from loralab.tasks import evaluations as evals
 from loralab.cli import main
 from loralab.config import TrainingParameters
 from loralab.tasks import get_task

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from loralab import evals, sandbox
-from loralab.evals import code
-from loralab.sandbox import Limits, run_program, run_programs
+from loralab.tasks import evaluations as evals, sandbox
+from loralab.tasks import code
+from loralab.tasks.sandbox import Limits, run_program, run_programs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_uid_slots_are_unique_across_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("LORALAB_SANDBOX_LOCK_DIR", str(tmp_path / "locks"))
     held = [sandbox._acquire_slot() for _ in range(3)]
     mine = {slot for slot, _ in held}
-    script = ("import json, sys\nfrom loralab import sandbox\n"
+    script = ("import json, sys\nfrom loralab.tasks import sandbox\n"
               "print(json.dumps([sandbox._acquire_slot()[0] for _ in range(5)]))\nsys.stdout.flush()\n")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     theirs = json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,

@@ -34,7 +34,7 @@ def add_arguments(parser):
 
 
 def _problems(args, names, options) -> list[str]:
-    from loralab.evals import validate_options
+    from loralab.tasks.evaluations import validate_options
 
     problems = validate_options(names, options)
     if args.generations and (args.model or args.adapter):
@@ -85,7 +85,7 @@ def _load(args):
 def run(args) -> int:
     import os
 
-    from loralab.evals import read_records, run_eval, score_generations, write_records
+    from loralab.tasks.evaluations import read_records, run_eval, score_generations, write_records
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:

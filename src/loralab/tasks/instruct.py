@@ -301,7 +301,7 @@ class InstructTask:
             task=self.name, style=self.style, max_length=params.max_length, train_examples=len(features),
             dropped_without_target=dropped,
         )
-        # Generation evaluations read their own test sets (loralab.evals), so no eval records here.
+        # Generation evaluations read their own test sets (loralab.tasks.evaluations), so no eval records here.
         # Their effective settings are a function of params: recorded with the data's provenance.
         provenance["evaluations"] = self.evaluation_settings(params)
         return TaskData(train=features, eval=[], provenance=provenance)
@@ -309,7 +309,7 @@ class InstructTask:
     def evaluation_settings(self, params) -> dict[str, dict]:
         """Per evaluation: the effective options and generation settings (``generation_record``:
         the source protocol overridden by every non-None key of ``params.generation``)."""
-        from loralab import evals
+        from loralab.tasks import evaluations as evals
 
         out = {}
         for name in self.eval_names(params):
@@ -324,7 +324,7 @@ class InstructTask:
         """Flat ``<evaluation>/<metric>`` numbers; with ``out_dir``, ``generations.jsonl`` (records
         with their prompts) and ``evaluations.json`` (each evaluation's full result: numbers, the
         effective generation settings and any warnings)."""
-        from loralab.evals import numeric, run_eval  # lazy: written alongside, imports heavy scorers
+        from loralab.tasks.evaluations import numeric, run_eval  # lazy: written alongside, imports heavy scorers
 
         metrics: dict[str, float] = {}
         full: dict[str, dict] = {}
@@ -350,7 +350,7 @@ class InstructTask:
 def _check_evals(names: list[str], options: dict) -> list[str]:
     """Unknown evaluation names ("did you mean") and bad eval options, found before any training."""
     try:
-        from loralab.evals import validate_options
+        from loralab.tasks.evaluations import validate_options
     except ImportError:  # evaluations not in this checkout: they would fail at evaluation time
         return []
     return [f"'eval_tasks'/'eval_options': {p}" for p in validate_options(names, options)]

@@ -15,7 +15,7 @@ Gold: the text after ``"#### "`` with commas removed (CorDA: ``int(answer.split(
 
 Answer extraction (option ``parser``):
 - ``corda`` (default): split on ``'The answer is: '``, none -> invalid; take the last part,
-  ``strip()``, the first number as read by ``loralab.evals.numeric`` (thousands separators plain and
+  ``strip()``, the first number as read by ``loralab.tasks.numeric`` (thousands separators plain and
   LaTeX, currency, units, ``\\boxed``, ``\\frac``, negatives, decimals; a fraction ``a/b`` becomes
   a/b, ``a/0`` is no number). Correct iff equal to the gold. Three CorDA behaviours that give wrong results are options, off by default:
   ``round_predictions`` (CorDA rounds every prediction to an int, so 17.6 counts as 18),
@@ -27,7 +27,7 @@ Answer extraction (option ``parser``):
   trailing ``.!?``, the first delimiter present in the list order ``["The answer is: ", "The answer is ",
   "The final answer is: ", "The final answer is ", "#### "]``, the text after its LAST occurrence, first
   line, stripped of `` .!?$%``; then, unlike peft (which compares ``Decimal``s, so ``1,000`` or
-  ``$57{,}500$`` never equal 1000 / 57500), both sides are read by ``loralab.evals.numeric`` and compared
+  ``$57{,}500$`` never equal 1000 / 57500), both sides are read by ``loralab.tasks.numeric`` and compared
   as numbers when both are one number, else as strings. The gold is parsed from the full GSM8K answer
   with the same function.
 """
@@ -39,7 +39,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from loralab.evals.numeric import first_number, numbers_equal
+from loralab.tasks.numeric import first_number, numbers_equal
 
 PROMPT_CORDA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"

@@ -12,7 +12,7 @@ Prediction (``process_results``): the text after the last ``'The answer is: '`` 
 the first ``'.\\n'``, stripped, one trailing ``.`` dropped, stripped.
 
 Equivalence (option ``equivalence``):
-- ``math_verify`` (default): when both sides are one number each, ``loralab.evals.numeric`` (the
+- ``math_verify`` (default): when both sides are one number each, ``loralab.tasks.numeric`` (the
   reader GSM8K uses) decides a match first (math-verify reads neither ``\\$1,000`` nor ``−3``, and
   reads ``50\\%`` as 0.5); otherwise Hugging Face ``math-verify`` parses both sides (LaTeX or plain
   expressions) and compares them symbolically and numerically.
@@ -30,8 +30,8 @@ import json
 from math import isclose
 from pathlib import Path
 
-from loralab.evals.gsm8k import PROMPTS, STOP
-from loralab.evals.numeric import numbers_equal
+from loralab.tasks.gsm8k import PROMPTS, STOP
+from loralab.tasks.numeric import numbers_equal
 
 OPTIONS = {
     "prompt": ("corda", ("corda", "seed000")),

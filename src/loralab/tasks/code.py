@@ -19,7 +19,7 @@ CorDA call with default settings:
   call "greedy". ``n_samples`` from the generation settings gives more samples per problem.
 - pass@k: the unbiased estimator of Chen et al. (``1 - C(n-c, k) / C(n, k)``, computed as a product),
   averaged over problems, for each k in ``ks`` with k <= n (bigcode: k in [1, 10, 100]).
-- Execution: every program in its own sandboxed process (``loralab.sandbox``), ``timeout`` 3 s as
+- Execution: every program in its own sandboxed process (``loralab.tasks.sandbox``), ``timeout`` 3 s as
   bigcode. A program passes iff the sandbox saw its test code run to the end (not merely exit 0:
   ``os._exit(0)`` before ``check()`` fails). The program (prompt + completion) and the test code
   are compiled apart and run in one namespace, so a completion cannot swallow the tests with an
@@ -131,7 +131,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def run_tests(name: str, problems: list[dict], completions: dict, options: dict) -> dict:
     """id -> list of sandbox results (one per completion). A problem's ``"prompts"`` (one per
     completion, None where unknown) overrides the bigcode prompt for that completion."""
-    from loralab.sandbox import Limits, run_programs
+    from loralab.tasks.sandbox import Limits, run_programs
 
     jobs = []
     for p in problems:
