@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from loralab.tasks import evaluations as evals
 from loralab.tasks import commonsense, competition_math, gsm8k, nqopen
+from loralab.tasks import evaluations as evals
 
 
 def _gsm8k_rows(data_dir, split):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from loralab.tasks import evaluations as evals
 from loralab.cli import main
+from loralab.tasks import evaluations as evals
 from loralab.tasks.generation import GenerationSettings, generate, truncate_at_stop
 
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from loralab.tasks import evaluations as evals
 from loralab.cli import main
 from loralab.config import TrainingParameters
+from loralab.tasks import evaluations as evals
 from loralab.tasks import get_task
 
 UNSET = {"max_new_tokens": None, "batch_size": 16, "temperature": None, "top_p": None, "n_samples": None, "backend": "auto"}

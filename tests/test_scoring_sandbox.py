@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from loralab.tasks import evaluations as evals, sandbox
-from loralab.tasks import code
+from loralab.tasks import code, sandbox
+from loralab.tasks import evaluations as evals
 from loralab.tasks.sandbox import Limits, run_program, run_programs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_timeouts_are_counted_apart_and_rerun_alone(monkeypatch):
     real = sandbox.run_program
     calls = []
 
-    def loaded_then_idle(source, limits=Limits(), test=""):
+    def loaded_then_idle(source, limits, test=""):
         """The sleeper's first run sees a loaded machine (0.3 s of wall clock in all); later runs do not."""
         calls.append(source)
         loaded = "sleep" in source and calls.count(source) == 1
@@ -160,8 +160,8 @@ def _hostile_rows(problems):
     kinds = [
         "\n    import os\n    while True:\n        os.fork()\n",  # fork bomb (NPROC of its own uid)
         "\n    import os, signal\n    os.kill(-1, signal.SIGKILL)\n",  # every process it may signal
-        "\n    import os, signal\n    for pid in range(2, 40000):\n        try:\n            os.kill(pid, signal.SIGKILL)\n"
-        "        except OSError:\n            pass\n",
+        ("\n    import os, signal\n    for pid in range(2, 40000):\n        try:\n            os.kill(pid, signal.SIGKILL)\n"
+         "        except OSError:\n            pass\n"),
         "\n    return None\nimport os\nos._exit(0)\n",
         "\n    x = bytearray(1 << 40)\n",
         "\n    import os\n    while True:\n        if os.fork() == 0:\n            os.setsid()\n",

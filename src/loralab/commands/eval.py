@@ -5,7 +5,11 @@ generations without a model (as bigcode's ``--load_generations_path``).
                  [--output metrics.json] [--generations-out FILE.jsonl]
     loralab eval --tasks gsm8k,humaneval --generations FILE.jsonl --output metrics.json
 
-The output maps task -> {metric: value}; generation lines are ``{"task", "id", "completion"}``.
+The output maps task -> {metric: value, ...}: a live run adds ``generation`` (the effective
+settings: the source protocol, overridden by every flag given), and a scorer may add ``warnings``
+(e.g. code: most programs do not compile, likely another harness's protocol). Generation lines are
+``{"task", "id", "completion", "prompt"}``; ``prompt`` (the exact text the completion continues) is
+optional in a file to re-score, and code builds its programs from it when present.
 """
 
 from __future__ import annotations

@@ -14,14 +14,13 @@ from loralab.tasks import (
     code,
     commonsense,
     competition_math,
-    evaluations,
     gsm8k,
     language_modeling,
     nqopen,
     numeric,
     perplexity,
 )
-from loralab.tasks.evaluations import *  # noqa: F403 - this package is an alias of that module
+from loralab.tasks.evaluations import *  # this package is an alias of that module
 from loralab.tasks.evaluations import EVALS, read_records, run_eval, score_generations, validate_options  # noqa: F401
 
 for _module in (code, commonsense, competition_math, gsm8k, language_modeling, nqopen, numeric, perplexity):
