@@ -29,6 +29,8 @@ Decisions, each tested in ``tests/test_scoring_numeric.py``:
 - Units and words after a number are ignored by ``find_numbers``; ``parse_number`` accepts a
   whole string that is one number followed only by currency, ``%``, ``\\text{unit}`` or words of
   two or more letters (``5 cm``, ``12 dollars``), never an expression (``5x``, ``5 and 7``).
+- Not read as one number: scientific notation (``1.5e3``, ``1.5 \\times 10^3`` read 1.5 first),
+  mixed numbers (``2 1/2`` reads 2), number words (``five``). None of these appears in GSM8K golds.
 - Values are exact ``Fraction``s, so ``0.1 + 0.2``-style float error never decides a comparison;
   ``a/0`` has no value (None).
 """
