@@ -8,7 +8,9 @@ serve several names):
   own id where it has one: HumanEval/MBPP ``task_id``, MATH ``unique_id``; else the 0-based row);
 - ``build_prompt(name, problem, options) -> str`` and ``source_generation(name, options) -> dict``
   (the source's decoding protocol: ``max_new_tokens``, ``stop``, ``temperature``, ...);
-- ``score(name, problems, completions, options) -> dict``, ``completions`` mapping id -> [str].
+- ``score(name, problems, completions, options) -> dict``, ``completions`` mapping id -> [str]; a
+  problem may carry ``prompts`` (one per completion, None where unknown: the text that completion
+  continues, from saved generation rows), which a scorer that rebuilds the model's input uses.
 
 A module with ``run(name, model, tokenizer, ...)`` (perplexity, lm-eval) is called instead.
 
