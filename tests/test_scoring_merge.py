@@ -162,3 +162,13 @@ def test_wrong_base_and_missing_arguments_exit_2(peft_adapter, tmp_path, capsys)
     assert "--base is required" in capsys.readouterr().err
     assert _merge(tmp_path / "nowhere", tmp_path) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_to_lora_mismatch_exits_2(peft_adapter, tmp_path, capsys):
+    import shutil
+
+    initial = tmp_path / "initial"
+    shutil.copytree(peft_adapter, initial)
+    _edit_config(initial, r=4)
+    assert main(["merge", "--adapter", str(peft_adapter), "--to-lora", str(initial), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot convert: 'r': trained 2 vs initial 4" in capsys.readouterr().err
