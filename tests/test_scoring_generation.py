@@ -96,8 +96,6 @@ def test_cli_output_holds_the_effective_settings(data_dir, tmp_path):
     assert row["prompt"].startswith("Below is an instruction") and row["prompt"].endswith("Let's think step by step.")
 
 
-@pytest.mark.xfail(strict=True, reason="needs loralab.config's generation defaults max_new_tokens/temperature/top_p/"
-                   "n_samples = None (the source's); remove this marker with that change")
 def test_a_default_training_run_keeps_every_source_protocol():
     """With nothing set in an experiment, each evaluation runs under its source's protocol
     (GSM8K 1,024 tokens, commonsense 4 beams x 32 tokens, code 512 tokens prompt included)."""
