@@ -86,12 +86,18 @@ def save(root: Path, step: int, *, model, optimizer, scheduler, state: dict, kee
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop older ones and half-written ``.tmp`` folders
-    (a run killed mid-save leaves one behind, or one checkpoint too many)."""
+    """Keep the newest ``keep`` complete checkpoints. An old one is renamed away before it is
+    deleted, so a kill mid-delete leaves no half checkpoint under a checkpoint's name; leftovers of
+    killed saves or deletes (``.tmp``, ``.del``, folders without ``state.json``) are removed."""
+    if not root.is_dir():
+        return
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob("step-*.tmp") if root.is_dir() else []:
-        shutil.rmtree(tmp, ignore_errors=True)
+        doomed = old.with_name(old.name + ".del")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in root.glob("step-*"):
+        if leftover.is_dir() and (leftover.suffix in (".tmp", ".del") or not (leftover / STATE).exists()):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -124,7 +126,8 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
     params = exp.params
     task = get_task(params.task)
     tokenizer = load_tokenizer(params.model_id)
-    model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)
+    with _quiet_load_report():
+        model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = _pad_id(tokenizer)
     cfg = resolve_config(model, exp.peft_config, task.kind) if exp.peft_config is not None else None
@@ -179,6 +182,21 @@ def check_labels(task, data) -> list[str]:
                 problems.append(f"{split} example {i}: label {y!r} is not {allowed} for task {task.name}")
                 break
     return problems
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers prints a load report ("classifier.weight | MISSING") for every classification
+    run: the head is new by design and trains with the adapter. Said once by the opening line
+    instead; real load problems still raise."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def make_optimizer(model, method, cfg, params):
@@ -245,6 +263,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     """
     params = exp.params
     say = _say(verbose)
+    # peft asks transformers a deprecated question on every model it wraps; not ours to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     start = time.perf_counter()
     created_at = results.now_iso()
     git = results.git_state(exp.path)
@@ -271,7 +291,9 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             record.update(method=built.method, cfg=built.cfg, provenance=built.data.provenance)
             say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
                 f"({len(built.data.train)} train / {len(built.data.eval)} eval examples), method {built.method.NAME}, "
-                f"device {built.device}; adapter -> {out_dir / 'adapter'}")
+                f"device {built.device}; adapter -> {out_dir / 'adapter'}, result -> {results.results_root()}"
+                + ("; the classification head starts from random weights and trains with the adapter"
+                   if built.task.kind == "seq_cls" else ""))
             state = _train(exp, built, life, say, record, out_dir, ckpt_root, resume_from, resume_state, verbose)
             with life.enter("save"):
                 _save(built, out_dir / "adapter", record)
@@ -385,7 +407,8 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
         model.train()
         return metrics
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {exp.name}", disable=not verbose,
+    # a live bar on a terminal (or with -v): loss, learning rate, steady tokens/s, ETA
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {exp.name}", disable=False if verbose else None,
                dynamic_ncols=True, file=sys.stderr)
     model.train()
     window = {"t": 0.0, "tokens": 0, "samples": 0, "clean": True}
