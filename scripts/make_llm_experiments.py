@@ -32,6 +32,8 @@ SEED000_TRAIN = {
     "max_length": 512, "max_train_samples": 100_000, "num_epochs": 1, "batch_size": 1,
     "gradient_accumulation_steps": 128, "learning_rate": 2e-5, "lr_scheduler": "cosine",
     "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0, "dtype": "bfloat16", "seed": 0,
+    # batch 1 x accumulation 128 in HF Trainer before 4.46: the mean of per-sample token means
+    "loss_normalization": "samples",
 }
 SEED000_NOTE = """\
 Source: seed 000 (purplepig4657/llm-low-rank-adaptation-eval, {script}) with the README's table
@@ -73,6 +75,8 @@ SEED001_TRAIN = {
     "model_id": "meta-llama/Llama-2-7b-hf", "task": "metamath", "max_length": 512, "max_train_samples": 100_000,
     "num_epochs": 1, "batch_size": 1, "gradient_accumulation_steps": 128, "learning_rate": 2e-5,
     "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0, "dtype": "bfloat16",
+    # transformers 4.40.1 (the repository's requirements), batch 1 x accumulation 128: per-sample means
+    "loss_normalization": "samples",
 }
 SEED001_NOTE = """\
 Source: seed 001 (iboing/CorDA, NeurIPS 2024), Llama-2-7B fine-tuned on MetaMathQA train[:100000]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from loralab import evals
-from loralab.evals import commonsense, competition_math, gsm8k, nqopen
+from loralab.tasks import commonsense, competition_math, gsm8k, nqopen
+from loralab.tasks import evaluations as evals
 
 
 def _gsm8k_rows(data_dir, split):
@@ -46,7 +46,8 @@ def test_gsm8k_corda_quirks_are_opt_in(data_dir):
     assert gsm8k.is_correct("The answer is: 1,450,000 dollars", big, default)
     assert not gsm8k.is_correct("The answer is: 1,450,000 dollars", big, corda)  # CorDA reads 1,450
     assert gsm8k.is_correct("The answer is: 36/2", answer, default)
-    assert gsm8k.extract_corda("The answer is: 5/0", default) == 5.0  # CorDA: a/0 -> a
+    assert gsm8k.extract_corda("The answer is: 5/0", default) is None  # a/0 has no value
+    assert gsm8k.extract_corda("The answer is: 5/0", corda) == 5.0  # CorDA's regex: a/0 -> a
 
 
 @pytest.mark.parametrize("name", ["math", "math500"])
@@ -144,10 +145,12 @@ def test_validate_options_names_every_problem():
 
 
 def test_generation_precedence():
+    """None = the source's; any explicit value wins, even one equal to an old global default."""
     opts = evals.resolve_options("gsm8k", {})
-    defaults = {"max_new_tokens": 512, "batch_size": 16, "temperature": 0.0, "top_p": 1.0, "n_samples": 1, "backend": "auto"}
-    assert evals.generation_settings("gsm8k", defaults, opts).max_new_tokens == 1024  # the source's
-    assert evals.generation_settings("gsm8k", {**defaults, "max_new_tokens": 64}, opts).max_new_tokens == 64
+    unset = {"max_new_tokens": None, "batch_size": 16, "temperature": None, "top_p": None, "n_samples": None, "backend": "auto"}
+    assert evals.generation_settings("gsm8k", unset, opts).max_new_tokens == 1024  # the source's
+    assert evals.generation_settings("gsm8k", {**unset, "max_new_tokens": 64}, opts).max_new_tokens == 64
+    assert evals.generation_settings("gsm8k", {**unset, "max_new_tokens": 512}, opts).max_new_tokens == 512  # issue 12
     code_opts = evals.resolve_options("humaneval", {"sampling": "bigcode"})
-    s = evals.generation_settings("humaneval", defaults, code_opts)
+    s = evals.generation_settings("humaneval", unset, code_opts)
     assert (s.temperature, s.top_p, s.max_length) == (0.2, 0.95, 512)

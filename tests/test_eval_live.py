@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from loralab import evals
 from loralab.cli import main
-from loralab.generation import GenerationSettings, generate, truncate_at_stop
+from loralab.tasks import evaluations as evals
+from loralab.tasks.generation import GenerationSettings, generate, truncate_at_stop
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_live_run_equals_rescoring_of_saved_generations(smollm2, data_dir, tmp_p
     # a completion that is correct by construction proves the scorer counts it
     records.append({"task": "gsm8k", "id": 4, "completion": "The answer is: 20"})  # gold of row 4 is 20
     rescored = evals.score_generations(records, data_dir=data_dir)
-    assert rescored["boolq"] == live["boolq"]
+    assert rescored["boolq"] == evals.numeric(live["boolq"])
     assert rescored["gsm8k"]["n"] == 4
     assert rescored["gsm8k"]["accuracy"] == pytest.approx((live["gsm8k"]["accuracy"] * 3 + 1) / 4)
 
@@ -59,7 +59,7 @@ def test_live_run_equals_rescoring_of_saved_generations(smollm2, data_dir, tmp_p
     saved.write_text("".join((tmp_path / f"{n}.generations.jsonl").read_text() for n in ("gsm8k", "boolq")))
     out = tmp_path / "metrics.json"
     assert main(["eval", "--tasks", "gsm8k,boolq", "--generations", str(saved), "--output", str(out), "--data-dir", str(data_dir)]) == 0
-    assert json.loads(out.read_text()) == live
+    assert {t: evals.numeric(m) for t, m in json.loads(out.read_text()).items()} == {t: evals.numeric(m) for t, m in live.items()}
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -37,8 +37,9 @@ def test_merged_model_equals_unmerged(smol, tmp_path, use_dora):
     from peft import LoraConfig, get_peft_model
 
     base, tok = smol
+    # without task_type the base's own architecture is used; with it, the task type's class (issue 12)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[0, 5],
-                        use_dora=use_dora)
+                        use_dora=use_dora, task_type="CAUSAL_LM" if use_dora else None)
     peft_model = get_peft_model(copy.deepcopy(base), config)
     _train_step(peft_model)
     expected = _logits(peft_model, tok)

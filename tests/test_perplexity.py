@@ -7,7 +7,7 @@ import torch
 
 from loralab.decomposition.calibration import calibration_samples, canonical_name, make_batches
 from loralab.decomposition.study import calibrate, factor, full_decompose, linear_layers, truncated, untie_output
-from loralab.evals.perplexity import load_corpus, perplexity
+from loralab.tasks.perplexity import load_corpus, perplexity
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def test_short_run_lowers_loss_and_writes_valid_result(tmp_path, data_dir, monke
         {
             "task": "glue/stsb",
             "data_dir": str(data_dir),
-            "max_train_samples": 96,
+            "max_train_samples": 160,  # 96 left pearson at 0.27-0.3+ depending on the data order
             "max_eval_samples": 64,
             "batch_size": 16,
             "num_epochs": 4,

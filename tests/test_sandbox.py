@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from loralab import evals
-from loralab.evals import code
-from loralab.sandbox import Limits, describe, run_program, run_programs
+from loralab.tasks import code
+from loralab.tasks import evaluations as evals
+from loralab.tasks.sandbox import Limits, describe, run_program, run_programs
 
 
 def _reference_completion(name, problem):
@@ -105,7 +105,7 @@ def test_hostile_programs_fail_cleanly(kind, tmp_path, listener, monkeypatch):
 
 
 def test_no_stray_processes_after_fork_bomb():
-    from loralab.sandbox import SANDBOX_UID_BASE, UID_SLOTS
+    from loralab.tasks.sandbox import SANDBOX_UID_BASE, UID_SLOTS
 
     run_program("import os\nwhile True:\n    if os.fork() == 0:\n        os.setsid()\n", Limits(timeout=1.0))
     if os.geteuid() != 0:

@@ -81,9 +81,23 @@ def save(root: Path, step: int, *, model, optimizer, scheduler, state: dict, kee
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep)
     return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints. An old one is renamed away before it is
+    deleted, so a kill mid-delete leaves no half checkpoint under a checkpoint's name; leftovers of
+    killed saves or deletes (``.tmp``, ``.del``, folders without ``state.json``) are removed."""
+    if not root.is_dir():
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        doomed = old.with_name(old.name + ".del")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in root.glob("step-*"):
+        if leftover.is_dir() and (leftover.suffix in (".tmp", ".del") or not (leftover / STATE).exists()):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -49,12 +49,14 @@ def _calibration_defaults() -> dict[str, Any]:
 
 
 def _generation_defaults() -> dict[str, Any]:
+    # None: the evaluation's source protocol (e.g. GSM8K 1,024 new tokens, commonsense 32); an
+    # explicit value always wins over it (loralab.tasks.evaluations.generation_settings).
     return {
-        "max_new_tokens": 512,
+        "max_new_tokens": None,
         "batch_size": 16,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "n_samples": 1,
+        "temperature": None,
+        "top_p": None,
+        "n_samples": None,
         "backend": "auto",
     }
 
@@ -133,7 +135,7 @@ class TrainingParameters:
     """Causal LMs: evaluations to run after training (empty: the task's default)."""
     generation: dict[str, Any] = field(default_factory=_generation_defaults)
     eval_options: dict[str, Any] = field(default_factory=dict)
-    """Options passed to the evaluations (see ``loralab.evals``)."""
+    """Options passed to the evaluations (see ``loralab.tasks.evaluations``)."""
     speed: dict[str, Any] = field(default_factory=_speed_defaults)
     """loralab.speed: fast_dora, chunked_loss (exact, on); cuda_graphs, autocast, compile, packing,
     micro_batch ("auto": decided per device and model by loralab.speed.defaults); fused_lora,
@@ -267,7 +269,7 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
         except ValueError as exc:
             problems.append(f"'calibration.corda_options': {exc}")
     gen = values["generation"]
-    if not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
+    if gen["max_new_tokens"] is not None and not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
         problems.append(f"'generation.max_new_tokens' = {gen['max_new_tokens']!r} must be a positive integer")
     return problems
 

@@ -72,7 +72,7 @@ def load_peft_config(data: dict, problems: list[str]):
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     peft_type = data.get("peft_type", "LORA")
-    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         problems.append(f"adapter_config.json 'peft_type' = {peft_type!r} is unknown{suggest(str(peft_type), PEFT_TYPE_TO_CONFIG_MAPPING)}")
         return None
     cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
@@ -93,12 +93,25 @@ def load_peft_config(data: dict, problems: list[str]):
         dropout = kwargs.get("lora_dropout", 0.0)
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             problems.append(f"adapter_config.json 'lora_dropout' = {dropout!r} must be in [0, 1)")
+        targets = kwargs.get("target_modules")
+        if not (targets is None or isinstance(targets, str)
+                or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            problems.append(f"adapter_config.json 'target_modules' = {targets!r} must be a name, a regex or a list of names")
+        init = kwargs.get("init_lora_weights", True)
+        if not isinstance(init, (bool, str)):
+            problems.append(f"adapter_config.json 'init_lora_weights' = {init!r} must be true, false or a method name")
+        for flag in ("use_dora", "use_rslora"):
+            if not isinstance(kwargs.get(flag, False), bool):
+                problems.append(f"adapter_config.json '{flag}' = {kwargs[flag]!r} must be true or false")
+        task_type = kwargs.get("task_type")
+        if task_type is not None and not isinstance(task_type, str):
+            problems.append(f"adapter_config.json 'task_type' = {task_type!r} must be a string such as CAUSAL_LM or SEQ_CLS")
     if any(p.startswith("adapter_config.json") for p in problems):
         return None
     try:
         config = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        problems.append(f"adapter_config.json: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever peft's __post_init__ rejects is bad input
+        problems.append(f"adapter_config.json: {type(exc).__name__}: {exc}")
         return None
     if not isinstance(config, PeftConfig):  # pragma: no cover - mapping guarantees it
         problems.append("adapter_config.json: not a peft config")

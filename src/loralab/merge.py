@@ -2,7 +2,17 @@
 
 ``merge_adapter``: base (a residual model for PiSSA/CorDA, the original one for LoRA/DoRA) plus
 a peft adapter -> one plain transformers checkpoint, through peft's ``merge_and_unload``
-(W' = W + s B A; DoRA rescales by its magnitude vector).
+(W' = W + s B A; DoRA rescales by its magnitude vector). The model class comes from the
+adapter's ``task_type`` (``TASK_CLASSES``: ``SEQ_CLS`` -> ``AutoModelForSequenceClassification``
+with ``num_labels`` read from the saved head, ``CAUSAL_LM`` -> ``AutoModelForCausalLM``, ...), so
+a classification adapter's trained head (``modules_to_save``: classifier, pooler) becomes part of
+the checkpoint and ``AutoModelForSequenceClassification.from_pretrained(out)`` gives the unmerged
+model's logits (issue 12: the head used to be dropped). An adapter without ``task_type`` and
+without saved modules merges into the base checkpoint's own architecture. What cannot be merged faithfully raises
+``MergeError`` naming the problem: an unknown ``task_type`` (or none, with saved modules), a prompt-learning adapter
+(nothing to merge into weights), base weights that loading had to initialise at random and that
+the adapter does not carry (the merged model would not be the trained one), a base that does not
+fit the adapter.
 
 ``convert_to_lora``: PiSSA and CorDA train on a residual W_res = W - s B0 A0, so the trained model
 is W_res + s B A = W + s (B A - B0 A0). That delta is a rank-2r LoRA on the original base:
@@ -22,21 +32,110 @@ from pathlib import Path
 
 import torch
 
+TASK_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+"""peft ``task_type`` -> the transformers class whose checkpoint the merge writes."""
+LABEL_HEADS = ("classifier", "score")
+
+
+class MergeError(ValueError):
+    """The adapter cannot be merged into a faithful checkpoint; the message says why."""
+
+
+def _num_labels(weights: dict) -> int | None:
+    """Rows of the saved head's output layer (``classifier``/``score``, BERT's or RoBERTa's)."""
+    candidates = [(k, v) for k, v in weights.items() if k.endswith(".weight") and v.ndim == 2
+                  and any(f".{h}." in f".{k}" for h in LABEL_HEADS) and "lora_" not in k]
+    if not candidates:
+        return None
+    out_proj = [v for k, v in candidates if k.endswith("out_proj.weight")]  # RoBERTa: classifier.dense, then out_proj
+    return int((out_proj or [candidates[-1][1]])[0].shape[0])
+
+
+def _check_adapter(adapter: str) -> tuple[dict, dict]:
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise MergeError(f"--adapter {adapter!r} holds no adapter_config.json: not a peft adapter folder")
+    config, weights = _load_adapter(folder)
+    if config.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING",
+                                   "ADAPTION_PROMPT", "CPT"):
+        raise MergeError(f"peft_type {config['peft_type']!r} is a prompt-learning adapter: it adds virtual tokens, "
+                         "not weight deltas, so there is nothing to merge; load it with PeftModel.from_pretrained instead")
+    task_type = config.get("task_type")
+    if task_type is None and config.get("modules_to_save"):
+        raise MergeError(f"adapter_config.json has no 'task_type' but saves modules {config['modules_to_save']!r}: cannot "
+                         f"tell which model (and head) they belong to; set 'task_type' in {adapter}/adapter_config.json "
+                         f"to one of {', '.join(TASK_CLASSES)}")
+    if task_type is not None and task_type not in TASK_CLASSES:
+        raise MergeError(f"adapter_config.json 'task_type' = {task_type!r} is not one loralab can merge; "
+                         f"allowed: {', '.join(TASK_CLASSES)}")
+    return config, weights
+
+
+def _model_class(task_type: str | None, path: str):
+    """The transformers class to load the base with: the task type's, or (no task type, no saved
+    modules) the base checkpoint's own architecture, which keeps every weight the base has."""
+    import transformers
+
+    if task_type is not None:
+        return getattr(transformers, TASK_CLASSES[task_type])
+    architectures = transformers.AutoConfig.from_pretrained(path).architectures or []
+    if not architectures or not hasattr(transformers, architectures[0]):
+        raise MergeError(f"the adapter has no 'task_type' and the base {path!r} names no known architecture "
+                         f"({architectures!r}); set 'task_type' in adapter_config.json to one of {', '.join(TASK_CLASSES)}")
+    return getattr(transformers, architectures[0])
+
 
 def merge_adapter(base: str, adapter: str, out_dir: str, dtype: str = "float32") -> Path:
-    """Load ``base`` (folder or hub id), apply the peft adapter in ``adapter``, merge, save."""
+    """Load ``base`` (folder, hub id or ``packaged:<name>``) as the adapter's ``task_type`` says,
+    apply the peft adapter in ``adapter``, merge, save to ``out_dir`` (weights, config, tokenizer).
+
+    Raises ``MergeError`` (see the module docstring) before writing anything when the result would
+    not be the trained model."""
+    import transformers
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loralab.models import resolve_model_path
 
+    config, weights = _check_adapter(adapter)
+    task_type = config.get("task_type")
     path = resolve_model_path(base)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    kwargs = {}
+    if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        num_labels = _num_labels(weights)
+        if num_labels is None:
+            raise MergeError(f"task_type {task_type} but the adapter saves no classification head (modules_to_save = "
+                             f"{config.get('modules_to_save')!r}): the head it was trained with is lost, so no merged "
+                             "checkpoint can reproduce it")
+        kwargs["num_labels"] = num_labels
+        if task_type == "SEQ_CLS":
+            kwargs["problem_type"] = "regression" if num_labels == 1 else "single_label_classification"
+    cls = _model_class(task_type, path)
+    model, info = cls.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True, **kwargs)
+    saved = set(config.get("modules_to_save") or [])
+    unsaved = [k for k in info["missing_keys"] if not any(part in saved for part in k.split("."))]
+    if unsaved:
+        raise MergeError(f"loading {base!r} as {cls.__name__} initialised {len(unsaved)} weight(s) at random "
+                         f"that the adapter does not carry (e.g. {unsaved[:3]}); the merged model would not be the "
+                         f"trained one. modules_to_save = {sorted(saved)!r}")
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except Exception as exc:  # noqa: BLE001 - peft/torch raise many types for a mismatched pair; all mean "refuse"
+        raise MergeError(f"the adapter does not fit base {base!r}: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    try:
+        merged = peft_model.merge_and_unload()
+    except Exception as exc:  # noqa: BLE001 - e.g. a layer type peft cannot merge
+        raise MergeError(f"peft cannot merge this adapter: {type(exc).__name__}: {str(exc)[:500]}") from exc
     out = Path(out_dir)
     merged.save_pretrained(out)
     try:
-        AutoTokenizer.from_pretrained(path).save_pretrained(out)
+        transformers.AutoTokenizer.from_pretrained(path).save_pretrained(out)
     except (OSError, ValueError):  # a weights-only folder has no tokenizer to copy
         pass
     return out

@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -124,7 +126,8 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
     params = exp.params
     task = get_task(params.task)
     tokenizer = load_tokenizer(params.model_id)
-    model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)
+    with _quiet_load_report():
+        model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = _pad_id(tokenizer)
     cfg = resolve_config(model, exp.peft_config, task.kind) if exp.peft_config is not None else None
@@ -134,13 +137,16 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         raise ConfigError(problems, str(exp.path))
     try:
         data = task.load(params, tokenizer)
-    except (OSError, ValueError, KeyError, UnicodeDecodeError, TypeError, IndexError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - data that cannot be read is bad input: exit 2, no result
         raise ConfigError([f"task {params.task}: its data could not be read from {params.data_dir or 'the hub'}: "
-                           f"{type(exc).__name__}: {exc}"], str(exp.path)) from exc
+                           f"{type(exc).__name__}: {str(exc)[:500]}"], str(exp.path)) from exc
     if not data.train:
         raise ConfigError([f"task {params.task} has no training examples in {params.data_dir or 'the hub'}"], str(exp.path))
+    problems = check_labels(task, data)
+    if problems:
+        raise ConfigError(problems, str(exp.path))
     device = pick_device(params.device)
     model.to(device)
     if init_state is not None:
@@ -157,6 +163,40 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         with life.enter("calibrate"):
             model, saver = method.apply(model, cfg, params, ctx)
     return Built(task, tokenizer, data, model, saver, method, cfg, device)
+
+
+def check_labels(task, data) -> list[str]:
+    """Classification labels must be class ids in [0, num_labels) (regression: numbers); a label
+    outside the task's classes would otherwise fail deep inside the loss, or train silently wrong."""
+    if task.kind != "seq_cls":
+        return []
+    n = getattr(task, "num_labels", 2)
+    problems = []
+    for split, feats in (("train", data.train), ("eval", data.eval)):
+        for i, f in enumerate(feats):
+            y = f.get("labels")
+            ok = isinstance(y, (int, float)) and not isinstance(y, bool) if n == 1 else \
+                isinstance(y, int) and not isinstance(y, bool) and 0 <= y < n
+            if not ok:
+                allowed = "a number" if n == 1 else f"a class id in 0..{n - 1}"
+                problems.append(f"{split} example {i}: label {y!r} is not {allowed} for task {task.name}")
+                break
+    return problems
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers prints a load report ("classifier.weight | MISSING") for every classification
+    run: the head is new by design and trains with the adapter. Said once by the opening line
+    instead; real load problems still raise."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def make_optimizer(model, method, cfg, params):
@@ -223,6 +263,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     """
     params = exp.params
     say = _say(verbose)
+    # peft asks transformers a deprecated question on every model it wraps; not ours to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     start = time.perf_counter()
     created_at = results.now_iso()
     git = results.git_state(exp.path)
@@ -249,7 +291,9 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             record.update(method=built.method, cfg=built.cfg, provenance=built.data.provenance)
             say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
                 f"({len(built.data.train)} train / {len(built.data.eval)} eval examples), method {built.method.NAME}, "
-                f"device {built.device}; adapter -> {out_dir / 'adapter'}")
+                f"device {built.device}; adapter -> {out_dir / 'adapter'}, result -> {results.results_root()}"
+                + ("; the classification head starts from random weights and trains with the adapter"
+                   if built.task.kind == "seq_cls" else ""))
             state = _train(exp, built, life, say, record, out_dir, ckpt_root, resume_from, resume_state, verbose)
             with life.enter("save"):
                 _save(built, out_dir / "adapter", record)
@@ -322,6 +366,7 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
     speed["micro_batch"] = micro
     if resume_from is not None:
         state = checkpoint.load(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        checkpoint.prune(ckpt_root, params.keep_checkpoints)
         say(f"resumed from {resume_from} (step {state['step']} of {total_steps})")
     else:
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "history": [],
@@ -362,7 +407,8 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
         model.train()
         return metrics
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {exp.name}", disable=not verbose,
+    # a live bar on a terminal (or with -v): loss, learning rate, steady tokens/s, ETA
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {exp.name}", disable=False if verbose else None,
                dynamic_ncols=True, file=sys.stderr)
     model.train()
     window = {"t": 0.0, "tokens": 0, "samples": 0, "clean": True}

@@ -5,7 +5,11 @@ generations without a model (as bigcode's ``--load_generations_path``).
                  [--output metrics.json] [--generations-out FILE.jsonl]
     loralab eval --tasks gsm8k,humaneval --generations FILE.jsonl --output metrics.json
 
-The output maps task -> {metric: value}; generation lines are ``{"task", "id", "completion"}``.
+The output maps task -> {metric: value, ...}: a live run adds ``generation`` (the effective
+settings: the source protocol, overridden by every flag given), and a scorer may add ``warnings``
+(e.g. code: most programs do not compile, likely another harness's protocol). Generation lines are
+``{"task", "id", "completion", "prompt"}``; ``prompt`` (the exact text the completion continues) is
+optional in a file to re-score, and code builds its programs from it when present.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def add_arguments(parser):
 
 
 def _problems(args, names, options) -> list[str]:
-    from loralab.evals import validate_options
+    from loralab.tasks.evaluations import validate_options
 
     problems = validate_options(names, options)
     if args.generations and (args.model or args.adapter):
@@ -85,7 +89,7 @@ def _load(args):
 def run(args) -> int:
     import os
 
-    from loralab.evals import read_records, run_eval, score_generations, write_records
+    from loralab.tasks.evaluations import read_records, run_eval, score_generations, write_records
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:

@@ -1,5 +1,6 @@
-"""``loralab merge``: an adapter into its base (a plain transformers checkpoint), or a trained
-PiSSA/CorDA adapter into a rank-2r LoRA for the original base (``--to-lora``)."""
+"""``loralab merge``: an adapter into its base (a plain transformers checkpoint of the adapter's
+task kind, head included), or a trained PiSSA/CorDA adapter into a rank-2r LoRA for the original
+base (``--to-lora``). Exit 2 with the reason when it cannot be done faithfully."""
 
 from __future__ import annotations
 
@@ -14,12 +15,20 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from loralab.merge import convert_to_lora, merge_adapter
+    """0 on success; 2 with a message on stderr when the adapter cannot be merged or converted."""
+    import sys
 
-    if args.to_lora:
-        print(convert_to_lora(args.adapter, args.to_lora, args.out))
-        return 0
-    if not args.base:
-        raise SystemExit("--base is required to merge (or pass --to-lora INITIAL_ADAPTER to convert)")
-    print(merge_adapter(args.base, args.adapter, args.out, args.dtype))
+    from loralab.merge import MergeError, convert_to_lora, merge_adapter
+
+    if not args.to_lora and not args.base:
+        print("error: --base is required to merge (or pass --to-lora INITIAL_ADAPTER to convert)", file=sys.stderr)
+        return 2
+    try:
+        if args.to_lora:
+            print(convert_to_lora(args.adapter, args.to_lora, args.out))
+        else:
+            print(merge_adapter(args.base, args.adapter, args.out, args.dtype))
+    except (MergeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: loralab merge: {exc}", file=sys.stderr)
+        return 2
     return 0

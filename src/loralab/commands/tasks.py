@@ -11,7 +11,7 @@ def run(args) -> int:
     for name, task in TASKS.items():
         print(f"{name:<20} {task.kind}")
     try:
-        from loralab.evals import EVALS
+        from loralab.tasks.evaluations import EVALS
     except ImportError:
         return 0
     print("\nevaluations: " + ", ".join(sorted(EVALS)))

@@ -1,7 +1,15 @@
-"""Training tasks: one file per task family, one line per task in ``TASKS``.
+"""Tasks: what a model trains on and how it is scored, one file per family.
 
-A task turns raw data into tokenized training features and scores a model on its evaluation
-split. The runner knows nothing else about it. The contract (a Protocol, no base class):
+Training tasks, one line each in ``TASKS``: ``glue`` (GLUE classification/regression) and
+``instruct`` (SFT of causal LMs, templates in ``instruct_templates``). Evaluations of causal LMs,
+one line each in ``evaluations.EVALS``: ``gsm8k``, ``competition_math`` (MATH, MATH-500), ``code``
+(HumanEval, MBPP), ``commonsense``, ``nqopen``, ``language_modeling`` + ``perplexity`` (corpora).
+What they share sits beside them: ``numeric`` (one reader of numeric answers), ``generation``
+(batched generation, two backends) and ``sandbox`` (running generated programs). Nothing here
+imports ``loralab.train``; a training task's ``evaluate`` runs the evaluations by name.
+
+A training task turns raw data into tokenized training features and scores a model on its
+evaluation split. The runner knows nothing else about it. The contract (a Protocol, no base class):
 
 - ``name``: the registry key, e.g. ``glue/rte``.
 - ``kind``: ``"seq_cls"`` (AutoModelForSequenceClassification; ``num_labels`` 1 = regression) or

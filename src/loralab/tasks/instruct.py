@@ -301,20 +301,41 @@ class InstructTask:
             task=self.name, style=self.style, max_length=params.max_length, train_examples=len(features),
             dropped_without_target=dropped,
         )
-        # Generation evaluations read their own test sets (loralab.evals), so no eval records here.
+        # Generation evaluations read their own test sets (loralab.tasks.evaluations), so no eval records here.
+        # Their effective settings are a function of params: recorded with the data's provenance.
+        provenance["evaluations"] = self.evaluation_settings(params)
         return TaskData(train=features, eval=[], provenance=provenance)
 
+    def evaluation_settings(self, params) -> dict[str, dict]:
+        """Per evaluation: the effective options and generation settings (``generation_record``:
+        the source protocol overridden by every non-None key of ``params.generation``)."""
+        from loralab.tasks import evaluations as evals
+
+        out = {}
+        for name in self.eval_names(params):
+            options = evals.resolve_options(name, params.eval_options)
+            entry: dict[str, Any] = {"options": options}
+            if hasattr(evals.EVALS[name], "source_generation"):
+                entry["generation"] = evals.generation_record(evals.generation_settings(name, params.generation, options))
+            out[name] = entry
+        return out
+
     def evaluate(self, model, tokenizer, data, params, out_dir) -> dict[str, float]:
-        from loralab.evals import run_eval  # lazy: written alongside, imports heavy scorers
+        """Flat ``<evaluation>/<metric>`` numbers; with ``out_dir``, ``generations.jsonl`` (records
+        with their prompts) and ``evaluations.json`` (each evaluation's full result: numbers, the
+        effective generation settings and any warnings)."""
+        from loralab.tasks.evaluations import numeric, run_eval  # lazy: written alongside, imports heavy scorers
 
         metrics: dict[str, float] = {}
+        full: dict[str, dict] = {}
         records: list[dict] = []
         for name in self.eval_names(params):
             result, recs = run_eval(
                 name, model, tokenizer, data_dir=params.data_dir, generation=params.generation,
                 options=params.eval_options, max_samples=params.max_eval_samples, out_dir=out_dir,
             )
-            metrics.update({f"{name}/{k}": v for k, v in result.items()})
+            full[name] = result
+            metrics.update({f"{name}/{k}": v for k, v in numeric(result).items()})
             records += [{"task": name, **r} if "task" not in r else r for r in recs]
         if out_dir is not None:
             path = Path(out_dir) / "generations.jsonl"
@@ -322,13 +343,14 @@ class InstructTask:
             with open(path, "w", encoding="utf-8") as fh:
                 for r in records:
                     fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            (Path(out_dir) / "evaluations.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
         return metrics
 
 
 def _check_evals(names: list[str], options: dict) -> list[str]:
     """Unknown evaluation names ("did you mean") and bad eval options, found before any training."""
     try:
-        from loralab.evals import validate_options
+        from loralab.tasks.evaluations import validate_options
     except ImportError:  # evaluations not in this checkout: they would fail at evaluation time
         return []
     return [f"'eval_tasks'/'eval_options': {p}" for p in validate_options(names, options)]

@@ -15,26 +15,31 @@ Gold: the text after ``"#### "`` with commas removed (CorDA: ``int(answer.split(
 
 Answer extraction (option ``parser``):
 - ``corda`` (default): split on ``'The answer is: '``, none -> invalid; take the last part,
-  ``strip()``, the first number; a fraction ``a/b`` becomes a/b (``a/0`` becomes a). Correct iff
-  equal to the gold. Three CorDA behaviours that give wrong results are options, off by default:
+  ``strip()``, the first number as read by ``loralab.tasks.numeric`` (thousands separators plain and
+  LaTeX, currency, units, ``\\boxed``, ``\\frac``, negatives, decimals; a fraction ``a/b`` becomes
+  a/b, ``a/0`` is no number). Correct iff equal to the gold. Three CorDA behaviours that give wrong results are options, off by default:
   ``round_predictions`` (CorDA rounds every prediction to an int, so 17.6 counts as 18),
   ``percent_equivalence`` (CorDA's ``math_equal`` also accepts gold/100 and gold*100, so 1800 counts
-  for 18), ``corda_number_regex`` (CorDA's ``[\\-+]?\\d*[\\.,/]?\\d+`` reads "1,450,000" as 1450;
-  our default regex reads whole thousands-separated numbers; 3 test and 48 train golds need it).
+  for 18), ``corda_number_regex`` (CorDA's ``[\\-+]?\\d*[\\.,/]?\\d+`` on the raw text, which reads
+  "1,450,000" as 1450 and ``$57{,}500$`` as 57, and ``a/0`` as a; 3 test and 48 train golds need
+  whole thousands-separated numbers).
 - ``method_comparison``: peft ``method_comparison/MetaMathQA/utils.py`` ``parse_answer``: strip, drop
   trailing ``.!?``, the first delimiter present in the list order ``["The answer is: ", "The answer is ",
   "The final answer is: ", "The final answer is ", "#### "]``, the text after its LAST occurrence, first
-  line, stripped of `` .!?$%``; numbers (``a/b`` as a fraction) compared as Decimal floats, else strings.
-  The gold is parsed from the full GSM8K answer with the same function.
+  line, stripped of `` .!?$%``; then, unlike peft (which compares ``Decimal``s, so ``1,000`` or
+  ``$57{,}500$`` never equal 1000 / 57500), both sides are read by ``loralab.tasks.numeric`` and compared
+  as numbers when both are one number, else as strings. The gold is parsed from the full GSM8K answer
+  with the same function.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
+
+from loralab.tasks.numeric import first_number, numbers_equal
 
 PROMPT_CORDA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -58,8 +63,6 @@ OPTIONS = {
 }
 
 CORDA_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
-# A whole number: thousands groups, decimals, or a fraction of two such numbers.
-NUMBER = re.compile(r"[\-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:/\d+)?")
 MC_DELIMITERS = ["The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### "]
 
 
@@ -110,11 +113,14 @@ def extract_corda(completion: str, options: dict) -> float | None:
     if len(parts) < 2:
         return None
     text = parts[-1].strip()
-    pattern = CORDA_NUMBER if options["corda_number_regex"] else NUMBER
-    for match in pattern.finditer(text):
-        if any(ch.isdigit() for ch in match.group()):
+    if options["corda_number_regex"]:
+        for match in CORDA_NUMBER.finditer(text):
             return _number(match.group(), options)
-    return None
+        return None
+    value = first_number(text)
+    if value is None:
+        return None
+    return float(round(value)) if options["round_predictions"] else float(value)
 
 
 def gold_value(answer: str) -> float:
@@ -129,16 +135,6 @@ def parse_method_comparison(text: str) -> str | None:
     return None
 
 
-def _decimal(s: str) -> Decimal | None:
-    try:
-        if "/" in s:
-            num, den = s.split("/", 1)
-            return None if Decimal(den) == 0 else Decimal(num) / Decimal(den)
-        return Decimal(s)
-    except (InvalidOperation, ValueError):
-        return None
-
-
 def is_correct(completion: str, answer: str, options: dict) -> bool:
     if options["parser"] == "method_comparison":
         pred, gold = parse_method_comparison(completion), parse_method_comparison(answer)
@@ -146,10 +142,8 @@ def is_correct(completion: str, answer: str, options: dict) -> bool:
             raise ValueError(f"gold answer has no delimiter: {answer!r}")
         if pred is None:
             return False
-        p, g = _decimal(pred), _decimal(gold)
-        if p is not None and g is not None:
-            return float(p) == float(g)
-        return pred == gold
+        same = numbers_equal(pred, gold)
+        return pred == gold if same is None else same
     pred = extract_corda(completion, options)
     if pred is None:
         return False

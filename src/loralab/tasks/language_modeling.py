@@ -1,6 +1,6 @@
 """Perplexity on WikiText-2 (test) and PTB, CorDA's sanity check that a decomposition keeps the model
 (``cordalib/evaluate_utils.py``: 2,048-token windows). The corpus loading and the sliding-window
-computation live in ``loralab.evals.perplexity``; this module only registers them as evaluations.
+computation live in ``loralab.tasks.perplexity``; this module only registers them as evaluations.
 Options: ``seq_len`` (2048), ``stride`` (None: non-overlapping windows), ``batch_size`` (1).
 """
 
@@ -10,7 +10,7 @@ OPTIONS = {"seq_len": (2048, None), "stride": (None, None), "batch_size": (1, No
 
 
 def run(name: str, model, tokenizer, *, data_dir, options: dict, **_) -> tuple[dict, list]:
-    from loralab.evals.perplexity import load_corpus, perplexity  # written separately; imported late on purpose
+    from loralab.tasks.perplexity import load_corpus, perplexity  # written separately; imported late on purpose
 
     text = load_corpus(name, data_dir)
     ppl = perplexity(model, tokenizer, text, seq_len=int(options["seq_len"]), stride=options["stride"],

@@ -12,7 +12,9 @@ Prediction (``process_results``): the text after the last ``'The answer is: '`` 
 the first ``'.\\n'``, stripped, one trailing ``.`` dropped, stripped.
 
 Equivalence (option ``equivalence``):
-- ``math_verify`` (default): Hugging Face ``math-verify`` parses both sides (LaTeX or plain
+- ``math_verify`` (default): when both sides are one number each, ``loralab.tasks.numeric`` (the
+  reader GSM8K uses) decides a match first (math-verify reads neither ``\\$1,000`` nor ``−3``, and
+  reads ``50\\%`` as 0.5); otherwise Hugging Face ``math-verify`` parses both sides (LaTeX or plain
   expressions) and compares them symbolically and numerically.
 - ``corda``: CorDA's ``is_equiv``: ``strip_string`` normalisation of both sides (below), then
   ``math_equal`` (numeric with rel_tol 1e-4 incl. x100 and /100, bracket-insensitive string match,
@@ -28,7 +30,8 @@ import json
 from math import isclose
 from pathlib import Path
 
-from loralab.evals.gsm8k import PROMPTS, STOP
+from loralab.tasks.gsm8k import PROMPTS, STOP
+from loralab.tasks.numeric import numbers_equal
 
 OPTIONS = {
     "prompt": ("corda", ("corda", "seed000")),
@@ -251,6 +254,8 @@ def is_equiv_corda(pred: str | None, gold: str | None, exception_is_correct: boo
 def is_equiv_math_verify(pred: str | None, gold: str | None) -> bool:
     if pred is None or gold is None:
         return False
+    if numbers_equal(pred, gold):
+        return True
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig(), ExprExtractionConfig()]

