@@ -1,5 +1,5 @@
 """loralab.distributed on CPU: the launch read from torchrun's variables, each optimizer batch split
-exactly once over the ranks, outputs gathered back in input order, and CorDA's calibration
+exactly once over the ranks, evaluation work split by rank and gathered back in input order, and CorDA's calibration
 statistics collected on two gloo processes (each on half of real SST-2 sentences through the real
 MiniLM encoder) equal to one process over all of them."""
 
@@ -73,17 +73,29 @@ def _worker(rank, world, port, data_dir, out):
                       MASTER_PORT=str(port))
     distributed.init("cpu")
     try:
-        torch.save(_calibrate(data_dir), f"{out}/rank{rank}.pt")
+        squares = distributed.gather_in_order(lambda xs: [x * x for x in xs], list(range(7)))
+        batches = distributed.share([[0, 1], [2], [3, 4], [5]])  # a generation loop's batches
+        results = [[] for _ in range(6)]
+        for batch in batches:
+            for i in batch:
+                results[i].append(f"out{i}")
+        merged = distributed.merge_shared(results)
+        torch.save({"stats": _calibrate(data_dir), "squares": squares, "batches": batches, "merged": merged},
+                   f"{out}/rank{rank}.pt")
     finally:
         distributed.shutdown()
 
 
 @pytest.mark.slow
-def test_two_process_calibration_equals_one_process(tmp_path, data_dir):
+def test_two_processes_calibrate_like_one_and_gather_outputs_in_order(tmp_path, data_dir):
     one = _calibrate(data_dir)
     mp.spawn(_worker, args=(2, _free_port(), data_dir, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        two = torch.load(tmp_path / f"rank{rank}.pt")
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["squares"] == [x * x for x in range(7)]  # gathered back in input order
+        assert saved["batches"] == [[[0, 1], [3, 4]], [[2], [5]]][rank]  # whole batches, dealt by rank
+        assert saved["merged"] == [[f"out{i}"] for i in range(6)]
+        two = saved["stats"]
         assert two.keys() == one.keys()
         for key, (cov, abs_mean, samples) in one.items():
             assert two[key][2] == samples == 12  # every sentence counted once

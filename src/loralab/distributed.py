@@ -215,9 +215,10 @@ def shard(features: Sequence[dict], weights: Sequence[float], launch: Launch | N
 def gather_in_order(fn: Callable[[list], list], items: Sequence) -> list:
     """``fn(items)`` computed data-parallel: rank r runs ``fn`` on ``items[r::world]`` (one output per
     item, picklable), and every rank gets all outputs in input order. For generation/prediction
-    loops whose outputs are then scored once (the same metrics as one process)."""
+    loops whose outputs are then scored once (the same metrics as one process). One process or
+    FSDP: ``fn(items)`` on every rank."""
     launch = current()
-    if not launch.distributed:
+    if not _splits_work():
         return list(fn(list(items)))
     mine = list(fn(list(items[launch.rank::launch.world_size])))
     if len(mine) != len(items[launch.rank::launch.world_size]):
@@ -229,6 +230,36 @@ def gather_in_order(fn: Callable[[list], list], items: Sequence) -> list:
     for r, part in enumerate(parts):
         out[r::launch.world_size] = part
     return out
+
+
+def _splits_work() -> bool:
+    """Whether ranks may run different forwards: DDP (each holds the model), not FSDP (every
+    forward gathers parameters from all ranks, so all must run the same ones)."""
+    launch = current()
+    return launch.distributed and launch.sharding == "ddp"
+
+
+def share(items: Sequence) -> list:
+    """This rank's items of an evaluation loop (``items[rank::world]``) under DDP; all of them for
+    one process or FSDP. Pair with ``merge_shared``. E.g. in a generation loop over batches:
+    ``batches = distributed.share(batches)`` ... ``results = distributed.merge_shared(results)``."""
+    launch = current()
+    return list(items[launch.rank::launch.world_size]) if _splits_work() else list(items)
+
+
+def merge_shared(results: list[list]) -> list[list]:
+    """Every rank's ``results`` (one list per input; empty where another rank's ``share`` held the
+    input) merged on every rank, in input order. Identity when ``share`` did not split."""
+    if not _splits_work():
+        return results
+    mine = {i: r for i, r in enumerate(results) if r}
+    parts = [None] * current().world_size
+    dist.all_gather_object(parts, mine)
+    merged = [list(r) for r in results]
+    for part in parts:
+        for i, r in part.items():
+            merged[i] = r
+    return merged
 
 
 # -- wrapping the model ---------------------------------------------------------------------------

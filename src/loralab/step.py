@@ -19,6 +19,11 @@ to a bucketed width for CUDA graphs), or — ``speed.packing`` — rows of ``max
 each packing several samples (first fit) with restarting positions, ``micro_batch`` rows per
 forward. A CUDA out-of-memory error halves the micro-batch, zeroes the partial gradients and
 redoes the step (logged); at micro-batch 1 it stops with what to change.
+
+More than one process (``torchrun``/``accelerate``, ``loralab.distributed``): every rank computes
+the weights of the whole optimizer batch, runs only its shard (``distributed.shard``), and the
+ranks' gradients are summed (DDP / FSDP2 around the model and its loss), so the step is the one
+process's step. Micro-batches before the last one accumulate without communication (``no_sync``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from loralab import distributed
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
@@ -82,26 +88,35 @@ class Step:
     ``kind`` is ``causal_lm`` or ``seq_cls``; ``micro_batch`` the samples (packed: rows of
     ``max_length`` tokens) per forward, None for all at once; ``graphs`` replays CUDA graphs
     (``speed/graphs.py``), else the same calls run eagerly. ``log`` receives one line per event
-    (micro-batch shrunk after an OOM).
+    (micro-batch shrunk after an OOM). ``wrapped``: the model under DDP/FSDP2
+    (``distributed.wrap(model, loss_function(kind))``) when more than one process trains; each
+    rank then runs its shard of ``features`` and ``StepStats.loss`` is the whole batch's loss.
     """
 
     def __init__(self, model, optimizer, *, kind: str, normalization: str, micro_batch: int | None,
                  packing: bool, max_length: int, pad_to: int | None, pad_id: int, device: torch.device,
-                 graphs: bool, max_grad_norm: float, log: Callable[[str], None] = print):
+                 graphs: bool, max_grad_norm: float, log: Callable[[str], None] = print, wrapped=None):
         self.model, self.optimizer, self.kind = model, optimizer, kind
         self.normalization, self.micro_batch, self.packing = normalization, micro_batch, packing and kind == "causal_lm"
         self.max_length, self.pad_to, self.pad_id, self.device = max_length, pad_to, pad_id, device
         self.bucket = graphs
         self.log = log
-        loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
-        self.trainer = GraphedTraining(model, optimizer, lambda m, b: loss(m, b)[0], max_grad_norm=max_grad_norm,
-                                       enabled=graphs)
+        self.wrapped = wrapped
+        if wrapped is not None:  # DDP/FSDP2 hooks run in the wrapper's forward; no CUDA graphs
+            self.trainer = GraphedTraining(wrapped, optimizer, lambda m, b: m(b)[0], max_grad_norm=max_grad_norm,
+                                           enabled=False)
+        else:
+            loss = loss_function(kind)
+            self.trainer = GraphedTraining(model, optimizer, lambda m, b: loss(m, b)[0],
+                                           max_grad_norm=max_grad_norm, enabled=graphs)
         self.oom_retries = 0
 
     # -- building micro-batches ------------------------------------------------------------
     def plan(self, features: list[dict]) -> list[dict]:
         """The micro-batches (host tensors, with ``loss_weights``) of one optimizer batch."""
         weights = sample_weights(features, self.normalization)
+        if self.wrapped is not None:  # weights of the whole batch, samples of this rank
+            features, weights = distributed.shard(features, weights)
         if self.packing:
             return self._packed(features, weights)
         order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
@@ -173,13 +188,29 @@ class Step:
         while True:
             try:
                 total = torch.zeros((), device=self.device)
+                if self.wrapped is not None:
+                    return self._distributed(features, tokens, total)
                 for batch in self.plan(features):
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                     total += self.trainer.micro(batch, 1.0)
                 self.trainer.step()
                 return StepStats(total, len(features), tokens)
             except torch.OutOfMemoryError as exc:
+                if self.wrapped is not None:  # a retry on one rank alone would leave the others waiting
+                    raise MicroBatchOOM(f"out of GPU memory at micro-batch {self.micro_batch} on rank "
+                                        f"{distributed.current().rank}: with more than one process the "
+                                        "micro-batch is not shrunk; set speed.micro_batch lower") from exc
                 self._shrink(features, exc)
+
+    def _distributed(self, features: list[dict], tokens: int, total: torch.Tensor) -> StepStats:
+        """This rank's shard; gradients summed over ranks on the last micro-batch's backward."""
+        batches = self.plan(features)
+        for k, batch in enumerate(batches):
+            batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
+            with distributed.no_sync(self.wrapped, skip=k < len(batches) - 1):
+                total += self.trainer.micro(batch, 1.0)
+        self.trainer.step()
+        return StepStats(distributed.sum_(total), len(features), tokens)
 
     def _shrink(self, features: list[dict], exc: Exception) -> None:
         self.trainer.zero_grad()
@@ -197,6 +228,11 @@ class Step:
         self.oom_retries += 1
         self.log(f"out of GPU memory at micro-batch {current} (longest sample {longest} tokens): "
                  f"micro-batch now {self.micro_batch}, step redone")
+
+
+def loss_function(kind: str) -> Callable:
+    """``loss(model, batch) -> (weighted loss sum, count)`` of a task kind (``speed/step.py``)."""
+    return causal_lm_loss if kind == "causal_lm" else seq_cls_loss
 
 
 def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,

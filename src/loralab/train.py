@@ -9,6 +9,10 @@
 - save first, evaluate second: adapter and tokenizer are on disk before any evaluation, which
   runs in the precision training used.
 - record: one result file for every ending (``loralab.lifecycle``).
+
+Under ``torchrun`` / ``accelerate launch`` (``loralab.distributed``) every rank builds the model and
+runs the same loop over the same optimizer batches, each on its shard (``Step``); every rank
+evaluates; rank 0 alone logs and writes checkpoints, the adapter and the result.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loralab import checkpoint, results
+from loralab import checkpoint, distributed, results
 from loralab.config import ConfigError
 from loralab.data import pad_id as _pad_id
 from loralab.experiment import Experiment
@@ -38,7 +42,7 @@ from loralab.methods.context import MethodContext
 from loralab.models import load_model, load_tokenizer, model_provenance
 from loralab.speed.defaults import resolve_speed
 from loralab.speed.step import SpeedOptions, autocast_context, length_grouped_batches, prepare_model
-from loralab.step import MicroBatchOOM, Step, probe_micro_batch
+from loralab.step import MicroBatchOOM, Step, loss_function, probe_micro_batch
 from loralab.tasks import get_task
 
 
@@ -99,6 +103,8 @@ class Built:
     method: object
     cfg: object
     device: torch.device
+    wrapped: object = None
+    """The model and its loss under DDP/FSDP2 (``distributed.wrap``) when more than one process trains."""
 
     def _fields(self) -> tuple:
         return (self.task, self.tokenizer, self.data, self.model, self.saver, self.method, self.cfg, self.device)
@@ -246,6 +252,10 @@ def _config(exp: Experiment) -> dict:
             "adapter_config": exp.peft_config.to_dict() if exp.peft_config is not None else None}
 
 
+def _quiet(line: str) -> None:
+    """Ranks other than 0 log nothing."""
+
+
 def _say(verbose: bool):
     def say(line: str):
         print(f"[loralab] {line}", file=sys.stderr, flush=True)
@@ -262,11 +272,12 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     ``result_path`` set on it; bad input raises ConfigError before anything is written.
     """
     params = exp.params
-    say = _say(verbose)
+    launch = distributed.current()
+    say = _say(verbose) if launch.is_main else _quiet
     # peft asks transformers a deprecated question on every model it wraps; not ours to act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     start = time.perf_counter()
-    created_at = results.now_iso()
+    created_at = distributed.broadcast_object(results.now_iso())  # one output folder for all ranks
     git = results.git_state(exp.path)
     out_root = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
     run_dir, resume_from = find_resume(exp, out_root) if resume else (None, None)
@@ -326,7 +337,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             record["error"] = error_info(exc, life.phase)
             record["exception"] = exc
     result = _record(exp, record, created_at, git, start, state)
-    path = results.write_result(result, git)
+    path = results.write_result(result, git) if launch.is_main else None
     if record["status"] == "cancelled":
         raise KeyboardInterrupt(str(path))
     if record["status"] in ("failed", "diverged"):
@@ -342,11 +353,19 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
 
     params = exp.params
     model, device, task = built.model, built.device, built.task
+    launch = distributed.current()
     speed = resolve_speed(params.speed, device=device, kind=task.kind, base_dtype=params.dtype)
+    if launch.distributed:
+        _distributed_speed(speed, launch, built, say)
     optimizer = make_optimizer(model, built.method, built.cfg, params)
     record["trainable"] = count_trainable(model)
     option_names = {f.name for f in fields(SpeedOptions)}
     prepare_model(model, SpeedOptions(**{k: v for k, v in speed.items() if k in option_names}))
+    if launch.distributed:
+        autocast = getattr(torch, speed["autocast"]) if speed.get("autocast") else None
+        built.wrapped = distributed.wrap(model, loss_function(task.kind), launch, device, compute_dtype=autocast)
+        if launch.sharding == "fsdp":  # parameters are DTensors now
+            optimizer = make_optimizer(model, built.method, built.cfg, params)
     n = len(built.data.train)
     lengths = [len(f["input_ids"]) for f in built.data.train]
     opt_batch = params.batch_size * params.gradient_accumulation_steps
@@ -361,26 +380,29 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
     if micro == "auto":  # CUDA: probed with the built model
         micro = probe_micro_batch(model, built.data.train, kind=task.kind, packing=speed["packing"],
                                   max_length=params.max_length, limit=opt_batch, pad_id=pad, device=device, log=say)
+        micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
     elif micro is None:
         micro = params.batch_size
     speed["micro_batch"] = micro
     if resume_from is not None:
         state = checkpoint.load(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
-        checkpoint.prune(ckpt_root, params.keep_checkpoints)
+        if launch.is_main:
+            checkpoint.prune(ckpt_root, params.keep_checkpoints)
         say(f"resumed from {resume_from} (step {state['step']} of {total_steps})")
     else:
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "history": [],
                  "running": [], "train_time": 0.0, "warmup_time": 0.0, "steady_time": 0.0, "steady_tokens": 0,
                  "steady_samples": 0}
         if built.saver is not None and hasattr(built.saver, "initial"):
-            checkpoint.save_init_state(ckpt_root, model)  # resume without redoing the decomposition
+            if launch.is_main:
+                checkpoint.save_init_state(ckpt_root, model)  # resume without redoing the decomposition
             state["init_state"] = True
     state.update(train_params_sha=exp.train_params_sha, peft_config_sha=exp.peft_config_sha, config=_config(exp),
                  trainable_names=[n for n, p in model.named_parameters() if p.requires_grad])
     step_fn = Step(model, optimizer, kind=task.kind, normalization=params.loss_normalization, micro_batch=micro,
                    packing=speed["packing"], max_length=params.max_length,
                    pad_to=params.max_length if params.pad_to_max_length else None, pad_id=pad, device=device,
-                   graphs=speed["cuda_graphs"], max_grad_norm=params.max_grad_norm, log=say)
+                   graphs=speed["cuda_graphs"], max_grad_norm=params.max_grad_norm, log=say, wrapped=built.wrapped)
     if resume_from is not None:
         checkpoint.load_rng(resume_from)  # last: nothing between here and the next step draws
     meter = MemoryMeter(device)
@@ -398,17 +420,22 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
 
     def write_checkpoint(step: int):
         state["running"] = [float(x) for x in running]
-        path = checkpoint.save(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                               keep=params.keep_checkpoints)
-        record["checkpoint"] = str(path)
+        if launch.distributed and launch.sharding == "fsdp":
+            return  # not written under FSDP (logged at start)
+        if launch.is_main:  # DDP: every rank holds the same weights and optimizer state
+            path = checkpoint.save(ckpt_root, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                   state=state, keep=params.keep_checkpoints)
+            record["checkpoint"] = str(path)
+        distributed.barrier()
 
     def evaluate_now() -> dict:
         metrics = _evaluate(built, params, None)
         model.train()
         return metrics
 
-    # a live bar on a terminal (or with -v): loss, learning rate, steady tokens/s, ETA
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {exp.name}", disable=False if verbose else None,
+    # a live bar on a terminal (or with -v): loss, learning rate, steady tokens/s, ETA; rank 0 only
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {exp.name}",
+               disable=(False if verbose else None) if launch.is_main else True,
                dynamic_ncols=True, file=sys.stderr)
     model.train()
     window = {"t": 0.0, "tokens": 0, "samples": 0, "clean": True}
@@ -431,7 +458,10 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
                     state["tokens"] += stats.tokens
                     log_now = step % params.logging_steps == 0 or step == total_steps
                     ckpt_now = ckpt_every > 0 and step % ckpt_every == 0 and step != total_steps
-                    sync = log_now or ckpt_now or life.stop_requested
+                    stop_now = bool(life.stop_requested)
+                    if launch.distributed:  # every rank stops after the same step: agreed at log/checkpoint steps
+                        stop_now = (log_now or ckpt_now) and distributed.any_rank(stop_now)
+                    sync = log_now or ckpt_now or stop_now
                     if sync and device.type == "cuda":
                         torch.cuda.synchronize()  # steps run ahead of the host; charge their GPU time here
                     dt = time.perf_counter() - t0
@@ -465,9 +495,9 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
                                                  **{f"eval {k}": v for k, v in evaluate_now().items()}})
                     if ckpt_now:
                         write_checkpoint(step)
-                    if life.stop_requested:
+                    if stop_now:
                         write_checkpoint(step)
-                        raise Cancelled(life.stop_requested)
+                        raise Cancelled(life.stop_requested or "SIGTERM")
                 if state["batch_in_epoch"] >= len(batches):
                     state["epoch"] += 1
                     state["batch_in_epoch"] = 0
@@ -479,18 +509,44 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
                                 steady_tokens=state["steady_tokens"], steady_samples=state["steady_samples"],
                                 micro_batch=step_fn.micro_batch, oom_retries=step_fn.oom_retries,
                                 cuda_graphs=step_fn.trainer.graphs)
+        record["launch"] = launch.record(step_fn.micro_batch)
     return state
+
+
+def _distributed_speed(speed: dict, launch, built: Built, say) -> None:
+    """What more than one process turns off (in place, logged): CUDA graphs (no collectives in a
+    capture); under FSDP also compile, the micro-batch probe and mid-run checkpoints."""
+    if speed.get("cuda_graphs"):
+        say(f"CUDA graphs off: {launch.world_size} processes ({launch.sharding}) reduce gradients outside any capture")
+        speed["cuda_graphs"] = False
+    if launch.sharding != "fsdp":
+        return
+    if built.saver is not None:
+        raise ConfigError([(f"method {built.method.NAME} rewrites the base weights, which FSDP shards; "
+                            "run it with DDP (loralab run --sharding ddp)")])
+    if speed.get("compile"):
+        say("compile off under FSDP (regional compile of sharded layers is not supported here)")
+        speed["compile"] = False
+    if speed.get("micro_batch") == "auto":
+        say("micro-batch: no probe under FSDP; the experiment's batch_size (set speed.micro_batch to change)")
+        speed["micro_batch"] = None
+    say("no mid-run checkpoints under FSDP: the adapter/model is gathered and written at the end")
 
 
 def _save(built: Built, path: Path, record: dict) -> None:
     """The adapter (or full model) and tokenizer; only trained tensors (no frozen embedding copies)."""
     model = built.model
+    gathered = {}
+    if distributed.is_sharded(built.wrapped):  # FSDP: a collective, then rank 0 writes
+        gathered = {"state_dict": distributed.full_state_dict(built.wrapped)}
+    if not distributed.is_main():
+        return
     if built.saver is not None:
         built.saver.save(model, path)
     elif hasattr(model, "peft_config"):
-        model.save_pretrained(path, save_embedding_layers=_embeddings_trained(model))
+        model.save_pretrained(path, save_embedding_layers=_embeddings_trained(model), **gathered)
     else:
-        model.save_pretrained(path)
+        model.save_pretrained(path, **gathered)
     built.tokenizer.save_pretrained(path)
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
     record["adapter_path"] = str(path)
@@ -506,8 +562,11 @@ def _embeddings_trained(model) -> bool:
 
 
 def _evaluate(built: Built, params, out_dir) -> dict:
-    """The task's metrics, in the precision training used (the model's autocast)."""
-    with torch.no_grad(), autocast_context(built.model, built.device.type):
+    """The task's metrics, in the precision training used (the model's autocast). More than one
+    process: every rank evaluates (generation loops split their batches over DDP ranks with
+    ``distributed.share``); rank 0 alone writes files."""
+    out_dir = out_dir if distributed.is_main() else None
+    with torch.no_grad(), autocast_context(built.model, built.device.type), distributed.gathered(built.wrapped):
         return built.task.evaluate(built.model, built.tokenizer, built.data, params, out_dir)
 
 
@@ -534,6 +593,7 @@ def _record(exp: Experiment, r: dict, created_at: str, git: dict, start: float, 
         "timing": timing,
         "speed": {k: v for k, v in r["speed"].items()},
         "loss_normalization": params.loss_normalization,
+        "distributed": r.get("launch") or distributed.current().record(None),
         **(r["meter"].summary() if r["meter"] is not None else {}),
         "metrics": r["history"],
     }

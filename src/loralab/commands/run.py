@@ -1,4 +1,10 @@
-"""``loralab run DIR [DIR ...] [-v] [--resume]``: train, save, evaluate each experiment folder in turn.
+"""``loralab run DIR [DIR ...] [-v] [--resume] [--sharding ddp|fsdp] [--gpus N|all [--gpus-per-run K]]``:
+train, save, evaluate each experiment folder in turn.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs this command and they train each
+experiment together (``loralab.distributed``; ``--sharding fsdp`` for models that do not fit one
+GPU); rank 0 alone prints. ``--gpus`` instead runs the folders concurrently, one ``loralab run``
+per GPU (``loralab.sweep``), skipping folders that already have a success result.
 
 Every folder is checked before the first one trains; any problem stops everything with exit
 code 2 and no result file. Every run that starts writes a record, whatever its ending:
@@ -6,6 +12,7 @@ exit 0 success, 1 failed (the error, its phase and the record's path on stderr),
 130 cancelled (SIGINT/SIGTERM; a checkpoint is written first when training).
 """
 
+import os
 import sys
 
 
@@ -15,13 +22,19 @@ def add_arguments(parser):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint of each experiment whose configuration matches "
                              "(refused, naming the changed keys, when it changed); no checkpoint: start afresh")
+    parser.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp",
+                        help="under torchrun/accelerate: ddp (each GPU holds the model) or fsdp (FSDP2 shards it)")
+    parser.add_argument("--gpus", metavar="N|all",
+                        help="run the folders concurrently, one run per GPU (subprocesses); folders with a "
+                             "success result for the same configuration are skipped")
+    parser.add_argument("--gpus-per-run", type=int, default=1, metavar="K",
+                        help="with --gpus: GPUs per run, each run a torchrun launch of K processes")
 
 
 def run(args) -> int:
+    from loralab import distributed
     from loralab.config import ConfigError
     from loralab.experiment import read_experiment
-    from loralab.lifecycle import Diverged
-    from loralab.train import run_experiment
 
     experiments, failed = [], False
     for path in args.experiments:
@@ -32,26 +45,65 @@ def run(args) -> int:
             failed = True
     if failed:
         return 2
+    if args.gpus is not None:
+        return _sweep(args, experiments)
+    try:
+        launch = distributed.init(experiments[0].params.device, args.sharding)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run_all(args, experiments, launch)
+    finally:
+        distributed.shutdown()
+
+
+def _sweep(args, experiments) -> int:
+    from loralab import sweep
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: --gpus starts its own processes; run it without torchrun/accelerate", file=sys.stderr)
+        return 2
+    try:
+        gpus = sweep.parse_gpus(args.gpus, sweep.visible_gpus())
+        return sweep.run_sweep(experiments, gpus, per_run=args.gpus_per_run, resume=args.resume,
+                               sharding=args.sharding)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_all(args, experiments, launch) -> int:
+    from loralab.config import ConfigError
+    from loralab.lifecycle import Diverged
+    from loralab.train import run_experiment
+
     code = 0
+    who = "" if launch.is_main else f"rank {launch.rank}: "  # ranks other than 0 report only failures
     for exp in experiments:
         try:
             record, path = run_experiment(exp, verbose=args.verbose, resume=args.resume)
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{who}error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
-            print(f"cancelled: result written to {exc}", file=sys.stderr)
+            if launch.is_main:
+                print(f"cancelled: result written to {exc}", file=sys.stderr)
             return 130
-        except Diverged as exc:
-            print(f"diverged: {exc}; result written to {getattr(exc, 'result_path', '?')}", file=sys.stderr)
+        except Diverged as exc:  # seen by every rank at the same step: they go on together
+            if launch.is_main:
+                print(f"diverged: {exc}; result written to {getattr(exc, 'result_path', '?')}", file=sys.stderr)
             code = 3
             continue
         except Exception as exc:  # noqa: BLE001 - the record is written; report and go on to the next folder
             where = getattr(exc, "result_path", None)
-            print(f"failed: {exp.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"{who}failed: {exp.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                   + (f"; result written to {where}" if where else ""), file=sys.stderr)
             code = code or 1
+            if launch.distributed:  # a failure may be this rank's alone: stop, so the launcher stops the others
+                return code
             continue
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in record["eval"].items())
-        print(f"{exp.name}: {record['run_info']['method']} {metrics} -> {path}")
+        if launch.is_main:
+            metrics = ", ".join(f"{k}={v:.4f}" for k, v in record["eval"].items())
+            print(f"{exp.name}: {record['run_info']['method']} {metrics} -> {path}")
     return code
