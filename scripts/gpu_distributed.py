@@ -7,8 +7,9 @@
           steps after ``--warmup``.
   fsdp    Llama-3-8B shape full fine-tuning: fp32 weights, bf16 compute (FSDP2 gathers in bf16,
           reduces in fp32), AdamW; FSDP2 over every rank (``distributed.wrap``). Per-GPU peak memory.
-  corda   CorDA's calibration statistics of SmolLM2-135M (bf16) over 64 real GSM8K questions,
-          one process or data-parallel (``distributed.collect_input_stats``), saved to ``--save``.
+  corda   CorDA's calibration statistics (input covariances of every linear layer) of MiniLM-L6
+          over 256 real SST-2 sentences, one process or data-parallel
+          (``distributed.collect_input_stats``), saved to ``--save``.
 One JSON line on stdout (rank 0).
 """
 
@@ -110,17 +111,16 @@ def fsdp(args, launch, device) -> dict:
 def corda(args, launch, device) -> dict:
     from loralab.models import load_model, load_tokenizer
 
-    model = load_model("packaged:smollm2-135m", "causal_lm", 2, "bfloat16").to(device)
-    tok = load_tokenizer("packaged:smollm2-135m")
-    path = os.path.join(os.environ.get("LORALAB_DATA_DIR", ".devdata"), "gsm8k", "train.jsonl")
+    model = load_model("packaged:minilm-l6", "seq_cls", 2, "float32").to(device)
+    tok = load_tokenizer("packaged:minilm-l6")
+    path = os.path.join(os.environ.get("LORALAB_DATA_DIR", ".devdata"), "glue", "SST-2", "train.tsv")
     with open(path) as fh:
-        questions = [json.loads(line)["question"] for _, line in zip(range(64), fh)]
-    tok.padding_side = "right"
+        sentences = [line.split("\t")[0] for _, line in zip(range(257), fh)][1:]  # 256 real sentences
     batches = []
-    for k in range(0, len(questions), 8):
-        enc = tok(questions[k:k + 8], padding=True, truncation=True, max_length=256, return_tensors="pt")
+    for k in range(0, len(sentences), 32):
+        enc = tok(sentences[k:k + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n}
     t0 = time.perf_counter()
     stats = distributed.collect_input_stats(model, modules, batches, progress=False)
     seconds = time.perf_counter() - t0

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Issue 13's measurements on kind nvidia-h200-x2 (2 GPUs, NCCL), in parts; all four fit one
-# 10-minute device call (about 7 minutes; a part can be run alone):
-#   equal   `loralab run` of a SmolLM2-135M LoRA recipe on GSM8K (fp32, run's defaults) on 1 GPU and
-#           under torchrun on 2 GPUs (NCCL): loss history and adapter compared
+# Issue 13's measurements on kind nvidia-h200-x2 (2 GPUs, NCCL), in parts; all four are meant to
+# fit one 10-minute device call (a part can also run alone):
+#   equal   `loralab run` of a MiniLM-L6 LoRA recipe on SST-2 (fp32, run's defaults; the carried
+#           model with dropout set to 0, so neither launch draws anything at random) on 1 GPU and
+#           under torchrun on 2 GPUs (NCCL): loss history, adapter and accuracy compared
 #   speed   Llama-3-8B shape (random weights) LoRA r32 tokens/s: 1 GPU (run's defaults: graphs +
-#           compile; and without graphs) vs 2 GPUs (DDP), optimizer batch 64 x 512 tokens
+#           compile; and without graphs) vs 2 GPUs (DDP), optimizer batch 64 x 512 tokens; the
+#           same rows in the same order, so the bf16 loss curves are compared too
 #   fsdp    Llama-3-8B shape full fine-tuning (fp32 weights + AdamW: 128 GB of state, more than one
-#           H200) with FSDP2 over 2 GPUs: tokens/s and peak memory per GPU
-#   corda   CorDA calibration statistics of SmolLM2 over 64 GSM8K questions, 1 process vs 2
-# Expects .devdata/smollm2-135m (transformers folder + tokenizer) and .devdata/gsm8k/train.jsonl
-# carried along (as scripts/gpu_speed.sh's .devdata). Results: $OUT/*.json, logs $OUT/*.log.
+#           H200 holds) with FSDP2 over 2 GPUs: tokens/s and peak memory per GPU
+#   corda   CorDA calibration covariances of MiniLM-L6 over 256 SST-2 sentences, 1 process vs 2
+# Expects .devdata/minilm-l6 (fp16 safetensors + tokenizer) and .devdata/glue/SST-2 carried along,
+# as scripts/gpu_speed.sh does. Results: $OUT/*.json, logs $OUT/*.log.
 # Usage: bash scripts/gpu_distributed.sh equal speed fsdp corda
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -23,27 +25,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$OUT/gpu.txt"
 TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node=2"
 
-for part in "$@"; do
-  case $part in
-    equal)
-      dir=/tmp/exp/dist/smollm2-gsm8k-lora
-      mkdir -p "$dir"
-      python - "$dir" <<'EOF'
-import json, sys
+equal_setup() {
+  rm -rf /tmp/packaged /tmp/exp/dist && mkdir -p /tmp/packaged && cp -r .devdata/minilm-l6 /tmp/packaged/
+  python - <<'EOF'
+import json
 from peft import LoraConfig
-d = sys.argv[1]
-LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM").save_pretrained(d)
-json.dump({"model_id": "packaged:smollm2-135m", "task": "gsm8k", "max_train_samples": 256, "max_length": 384,
-           "batch_size": 16, "gradient_accumulation_steps": 2, "num_epochs": 1, "learning_rate": 5e-4,
-           "lr_scheduler": "constant", "logging_steps": 1, "dtype": "float32", "eval_tasks": ["gsm8k"],
-           "max_eval_samples": 16, "generation": {"max_new_tokens": 128, "batch_size": 16}, "seed": 0},
-          open(f"{d}/training_parameters.json", "w"))
+path = "/tmp/packaged/minilm-l6/config.json"
+config = json.load(open(path))
+config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+json.dump(config, open(path, "w"), indent=1)
+d = "/tmp/exp/dist/minilm-sst2-lora"
+LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear").save_pretrained(d)
+json.dump({"task": "glue/sst2", "max_train_samples": 4096, "max_eval_samples": None, "batch_size": 32,
+           "gradient_accumulation_steps": 2, "num_epochs": 1, "learning_rate": 5e-4, "logging_steps": 4,
+           "dtype": "float32", "seed": 0}, open(f"{d}/training_parameters.json", "w"))
 EOF
-      CUDA_VISIBLE_DEVICES=0 LORALAB_RESULTS_DIR=/tmp/res-1 LORALAB_OUTPUT_DIR=/tmp/out-1 \
-        python -m loralab run -v "$dir" 2>&1 | tee "$OUT/equal_1gpu.log"
-      LORALAB_RESULTS_DIR=/tmp/res-2 LORALAB_OUTPUT_DIR=/tmp/out-2 \
-        $TORCHRUN -m loralab run -v "$dir" 2>&1 | tee "$OUT/equal_2gpu.log"
-      python - <<'EOF' | tee "$OUT/equal.json"
+}
+
+equal_compare() {
+  python - <<'EOF'
 import glob, json
 from pathlib import Path
 from safetensors.torch import load_file
@@ -54,16 +54,13 @@ rel = max(float((ads[1][k] - v).norm() / v.norm().clamp_min(1e-12)) for k, v in 
 print(json.dumps({"losses_1gpu": loss[0], "losses_2gpu": loss[1],
                   "max_loss_rel_diff": max(abs(a - b) / abs(a) for a, b in zip(*loss)),
                   "adapter_max_rel_l2": rel, "eval": [r["eval"] for r in recs],
-                  "tokens_per_s": [r["train_info"]["tokens_per_second"] for r in recs],
+                  "samples_per_s": [r["train_info"]["samples_per_second"] for r in recs],
                   "distributed": [r["train_info"]["distributed"] for r in recs]}, indent=1))
 EOF
-      ;;
-    speed)
-      CUDA_VISIBLE_DEVICES=0 python scripts/gpu_distributed.py speed 2>&1 | tee "$OUT/speed_1gpu.log"
-      CUDA_VISIBLE_DEVICES=0 python scripts/gpu_distributed.py speed --no-graphs 2>&1 | tee "$OUT/speed_1gpu_nographs.log"
-      $TORCHRUN scripts/gpu_distributed.py speed 2>&1 | tee "$OUT/speed_2gpu.log"
-      grep -h '^{' "$OUT"/speed_*.log > "$OUT/speed.jsonl"
-      python - "$OUT/speed.jsonl" <<'EOF'
+}
+
+speed_summary() {
+  python - "$1" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 one = next(r for r in rows if r["world_size"] == 1 and r["cuda_graphs"])
@@ -72,26 +69,47 @@ two = next(r for r in rows if r["world_size"] == 2)
 print(f"8B LoRA r32 tokens/s: 1 GPU {one['tokens_per_s']:,.0f} (graphs) / {eager['tokens_per_s']:,.0f} (no graphs); "
       f"2 GPUs {two['tokens_per_s']:,.0f}: x{two['tokens_per_s'] / one['tokens_per_s']:.2f} vs defaults, "
       f"x{two['tokens_per_s'] / eager['tokens_per_s']:.2f} vs no graphs; peak GiB {one['peak_gib']} / {two['peak_gib']}")
-print("losses 1 GPU", one["losses"], "2 GPUs", two["losses"])
+print("losses 1 GPU", one["losses"], "2 GPUs", two["losses"], "max rel diff",
+      max(abs(a - b) / abs(a) for a, b in zip(one["losses"], two["losses"])))
 EOF
-      ;;
+}
+
+corda_compare() {
+  python - <<'EOF'
+import json, torch
+a, b = torch.load("/tmp/corda_1.pt"), torch.load("/tmp/corda_2.pt")
+assert a.keys() == b.keys()
+rel = {k: float((b[k][0] - a[k][0]).norm() / a[k][0].norm()) for k in a}
+eig = max(float(((torch.linalg.eigvalsh(b[k][0].double()) - torch.linalg.eigvalsh(a[k][0].double())).abs().max()
+                 / torch.linalg.eigvalsh(a[k][0].double()).abs().max())) for k in a)
+print(json.dumps({"groups": len(a), "samples": [a[next(iter(a))][1], b[next(iter(b))][1]],
+                  "max_cov_rel_l2": max(rel.values()), "max_eigenvalue_rel_diff": eig}, indent=1))
+EOF
+}
+
+for part in "$@"; do
+  case $part in
+    equal)
+      equal_setup
+      dir=/tmp/exp/dist/minilm-sst2-lora
+      CUDA_VISIBLE_DEVICES=0 LORALAB_PACKAGED_DIR=/tmp/packaged LORALAB_RESULTS_DIR=/tmp/res-1 LORALAB_OUTPUT_DIR=/tmp/out-1 \
+        python -m loralab run -v "$dir" 2>&1 | tee "$OUT/equal_1gpu.log"
+      LORALAB_PACKAGED_DIR=/tmp/packaged LORALAB_RESULTS_DIR=/tmp/res-2 LORALAB_OUTPUT_DIR=/tmp/out-2 \
+        $TORCHRUN -m loralab run -v "$dir" 2>&1 | tee "$OUT/equal_2gpu.log"
+      equal_compare | tee "$OUT/equal.json" ;;
+    speed)
+      CUDA_VISIBLE_DEVICES=0 python scripts/gpu_distributed.py speed 2>&1 | tee "$OUT/speed_1gpu.log"
+      CUDA_VISIBLE_DEVICES=0 python scripts/gpu_distributed.py speed --no-graphs 2>&1 | tee "$OUT/speed_1gpu_nographs.log"
+      $TORCHRUN scripts/gpu_distributed.py speed 2>&1 | tee "$OUT/speed_2gpu.log"
+      grep -h '^{' "$OUT"/speed_*.log > "$OUT/speed.jsonl"
+      speed_summary "$OUT/speed.jsonl" | tee "$OUT/speed_summary.txt" ;;
     fsdp)
       $TORCHRUN scripts/gpu_distributed.py fsdp --batch 16 --micro-batch 4 --warmup 1 --steps 3 2>&1 | tee "$OUT/fsdp_2gpu.log"
       grep -h '^{' "$OUT/fsdp_2gpu.log" > "$OUT/fsdp.json" ;;
     corda)
       CUDA_VISIBLE_DEVICES=0 python scripts/gpu_distributed.py corda --save /tmp/corda_1.pt 2>&1 | tee "$OUT/corda_1gpu.log"
       $TORCHRUN scripts/gpu_distributed.py corda --save /tmp/corda_2.pt 2>&1 | tee "$OUT/corda_2gpu.log"
-      python - <<'EOF' | tee "$OUT/corda.json"
-import json, torch
-a, b = torch.load("/tmp/corda_1.pt"), torch.load("/tmp/corda_2.pt")
-assert a.keys() == b.keys()
-rel = {k: float((b[k][0] - a[k][0]).norm() / a[k][0].norm()) for k in a}
-eig = max(float(((torch.linalg.eigvalsh(b[k][0].double()) - torch.linalg.eigvalsh(a[k][0].double())).abs().max()
-                 / torch.linalg.eigvalsh(a[k][0].double()).abs().max())) for k in list(a)[:8])
-print(json.dumps({"groups": len(a), "samples": [a[next(iter(a))][1], b[next(iter(b))][1]],
-                  "max_cov_rel_l2": max(rel.values()), "max_eigenvalue_rel_diff_first8": eig}, indent=1))
-EOF
-      ;;
+      corda_compare | tee "$OUT/corda.json" ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done
