@@ -29,6 +29,7 @@ torch.distributed.checkpoint.state_dict (gathering a sharded state).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,10 @@ def init(device: str = "auto", sharding: str = "ddp") -> Launch:
                                 **({"device_id": torch.device("cuda", launch.local_rank)} if cuda else {}))
     _LAUNCH = Launch(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=launch.local_rank,
                      backend=dist.get_backend(), sharding=sharding)
+    if not _LAUNCH.is_main:  # progress bars on rank 0 only (transformers' own; loralab's check is_main)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return _LAUNCH
 
 
@@ -304,8 +309,11 @@ def wrap(model: torch.nn.Module, loss_fn: Callable, launch: Launch | None = None
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         cuda = device is not None and device.type == "cuda"
+        # buffers (rotary tables, position ids) are the same on every rank: no sync in each forward
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
         ddp = DDP(module, device_ids=[device.index if device.index is not None else launch.local_rank] if cuda else None,
-                  broadcast_buffers=False, gradient_as_bucket_view=True)
+                  gradient_as_bucket_view=True, **no_buffer_sync)
         ddp.register_comm_hook(None, _sum_hook)
         return ddp
     from torch.distributed.device_mesh import init_device_mesh
