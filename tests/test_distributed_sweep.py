@@ -58,3 +58,15 @@ def test_sweep_runs_folders_concurrently_and_skips_finished_ones(tmp_path, data_
     assert "skip sweep/a" in out.getvalue() and "start sweep/b" in out.getvalue()
     assert "skip sweep/b" not in out.getvalue()
     assert len(list(Path(os.environ["LORALAB_RESULTS_DIR"]).rglob("*.json"))) == 3
+
+
+def test_run_gpus_without_a_visible_gpu_is_an_error(tmp_path, data_dir, monkeypatch, capsys):
+    from loralab.cli import main
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    folder = _folder(tmp_path, "a", data_dir, 1e-3)
+    assert main(["run", str(folder), "--gpus", "all"]) == 2
+    assert "no GPU is visible" in capsys.readouterr().err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert main(["run", str(folder), "--gpus", "3"]) == 2
+    assert "allowed: 1 to 2" in capsys.readouterr().err
