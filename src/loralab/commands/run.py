@@ -47,6 +47,9 @@ def run(args) -> int:
         return 2
     if args.gpus is not None:
         return _sweep(args, experiments)
+    if args.gpus_per_run != 1:
+        print(f"error: --gpus-per-run {args.gpus_per_run} needs --gpus N|all (the sweep's GPUs)", file=sys.stderr)
+        return 2
     try:
         launch = distributed.init(experiments[0].params.device, args.sharding)
     except ValueError as exc:
