@@ -15,9 +15,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (tiny 1, full 3)")
     parser.add_argument("--only", default=None, help="keep workloads whose name contains this")
     parser.add_argument("--no-compile", action="store_true",
-                        help="switch off torch.compile of loralab's layers (on by default on cuda; off on cpu)")
+                        help="speed.compile = false for the loralab stack (default: loralab run's, on for causal LMs on cuda)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
-                        help="run loralab's step eagerly instead of replaying CUDA graphs (on by default on cuda)")
+                        help="speed.cuda_graphs = false for the loralab stack (default: loralab run's, on on cuda)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda), in a second pass after all rows are timed")
 
 
@@ -38,10 +38,13 @@ def run(args) -> int:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text(json.dumps(rows, indent=1) + "\n")
 
-    compile = device == "cuda" and not args.no_compile
+    speed = {}  # explicit keys win over loralab run's defaults
+    if args.no_compile:
+        speed["compile"] = False
+    if args.no_cuda_graphs:
+        speed["cuda_graphs"] = False
     rows, profiles = run_bench(args.preset, device, steps=args.steps, warmup=args.warmup, only=args.only,
-                               compile=compile, graphs=device == "cuda" and not args.no_cuda_graphs,
-                               profile=args.profile, on_row=save)
+                               speed=speed, profile=args.profile, on_row=save)
     print(table(rows))
     for text in profiles:
         print(text)

@@ -1,23 +1,32 @@
-"""``loralab bench``: the peer stack and loralab's training step, side by side on one device.
+"""``loralab bench``: the peer stack and ``loralab run``'s training step, side by side on one device.
 
 peer: transformers + peft as their docs show: ``get_peft_model`` (fp32 adapters over the base,
 peft's default), padded batches, ``model(**batch).loss``, ``torch.optim.AdamW``.
 liger (Llama models, CUDA, when ``liger-kernel`` is importable): the peer with Liger's kernels
 (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) applied to the model before ``get_peft_model``,
 the strongest off-the-shelf stack issue 6 names.
-loralab: the same model and adapter through ``speed.step`` (what ``loralab run`` calls): fast DoRA,
-bf16 autocast with fp32 adapters, fused LM-head + chunked cross-entropy, packed rows (causal LM)
-or length-grouped dynamic padding (classification), fused AdamW, optional regional compile.
+loralab: the same model, adapter and optimizer batches through what ``loralab run`` builds with
+no ``speed`` keys (``loralab_step``): ``resolve_speed``'s defaults for the device, ``prepare_model``
+and ``loralab.step.Step`` (packing into rows of the workload's length for causal LMs, the
+auto micro-batch probe, bucketed widths and CUDA graphs, exact token-mean loss, fused AdamW).
+Nothing is tuned by hand; ``--no-compile`` / ``--no-cuda-graphs`` are explicit speed keys.
 
-Models are built from their configs (dicts below) with random weights; lengths are fixed or drawn
-from real histograms (``lengths.json``). Throughput counts real (non-pad) tokens or samples.
+Models are built from their configs (dicts below) with random weights in the workload's dtype
+(the recipe's base dtype, the same for every stack; float32 on CPU); each optimizer step gets the
+same ``batch_size`` samples in every stack, of fixed length or with lengths drawn from real
+histograms (``lengths.json``). Throughput counts real (non-pad) tokens or samples.
 MFU = throughput × FLOPs per token / peak, with 4N FLOPs per token for adapters (frozen base:
 forward + input gradients) and 6N for full fine-tuning, N = parameters in matmuls (no embeddings).
+
+``run_experiment_bench`` (``loralab bench --experiment DIR``) times one experiment folder instead:
+``loralab run``'s own path (``train.run_experiment``) against transformers ``Trainer`` + peft set
+up as the recipe says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass
@@ -25,9 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from loralab.speed import step
-from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.lengths import sample_lengths
-from loralab.speed.packing import length_grouped_batches, pack_groups, pack_rows, pad_features
+from loralab.speed.packing import pad_features
+from loralab.step import Step, probe_micro_batch
 
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
@@ -35,6 +44,15 @@ LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, 
 LLAMA32_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
                   max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+LLAMA32_3B = dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                  num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                  max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SMOLLM2_135M = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 ROBERTA_BASE = dict(model_type="roberta", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                     num_attention_heads=12, vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
                     pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
@@ -43,8 +61,34 @@ TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num
 TINY_ROBERTA = dict(model_type="roberta", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, vocab_size=512, max_position_embeddings=160, type_vocab_size=1,
                     pad_token_id=1, bos_token_id=0, eos_token_id=2)
-MODELS = {"llama-3-8b": LLAMA3_8B, "llama-3.2-1b": LLAMA32_1B, "roberta-base": ROBERTA_BASE,
-          "tiny-llama": TINY_LLAMA, "tiny-roberta": TINY_ROBERTA}
+MODELS = {"llama-3-8b": LLAMA3_8B, "llama-3.2-1b": LLAMA32_1B, "llama-3.2-3b": LLAMA32_3B, "llama-2-7b": LLAMA2_7B,
+          "smollm2-135m": SMOLLM2_135M, "roberta-base": ROBERTA_BASE, "tiny-llama": TINY_LLAMA,
+          "tiny-roberta": TINY_ROBERTA}
+"""Architectures (transformers config keys) by shape name; also the ``random:<shape>`` model ids
+(``loralab.models``). Shapes from the models' published config.json files."""
+HUB_SHAPES = {
+    "meta-llama/Meta-Llama-3-8B": "llama-3-8b", "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-8b",
+    "meta-llama/Llama-3.1-8B": "llama-3-8b", "meta-llama/Llama-3.1-8B-Instruct": "llama-3-8b",
+    "meta-llama/Llama-3.2-1B": "llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct": "llama-3.2-1b",
+    "meta-llama/Llama-3.2-3B": "llama-3.2-3b", "meta-llama/Llama-3.2-3B-Instruct": "llama-3.2-3b",
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b", "yahma/llama-7b-hf": "llama-2-7b",
+    "HuggingFaceTB/SmolLM2-135M": "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+    "packaged:smollm2-135m": "smollm2-135m",
+    "FacebookAI/roberta-base": "roberta-base", "roberta-base": "roberta-base",
+}
+"""``--random-weights``: the shape that stands in for a model id (LLaMA-1 7B has LLaMA-2 7B's shape)."""
+
+
+def random_model_id(model_id: str) -> str:
+    """``random:<shape>`` for a known hub id (or a ``random:`` id, unchanged); ValueError naming
+    the known ids otherwise."""
+    if model_id.startswith("random:"):
+        return model_id
+    if model_id not in HUB_SHAPES:
+        raise ValueError(f"--random-weights: no known shape for model_id {model_id!r}; known: "
+                         f"{', '.join(sorted(HUB_SHAPES))} (or set model_id to one of "
+                         f"{', '.join('random:' + m for m in MODELS)})")
+    return "random:" + HUB_SHAPES[model_id]
 ROBERTA_TARGETS = r".*encoder.*\.(query|key|value|dense)$"  # all linear layers but the classifier head
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
 
@@ -61,12 +105,10 @@ class Workload:
     """Fixed length; else the peer's truncation / pad-to length."""
     rank: int = 32
     alpha: int = 64
-    peer_dtype: str = "bfloat16"
+    dtype: str = "bfloat16"
+    """The base model's dtype (the recipe's ``dtype``), for every stack (float32 on CPU)."""
     peer_pad_to_max: bool = False
     """Classification peer pads every batch to seq_len (seed 000)."""
-    rows: int = 2
-    row_tokens: int = 1024
-    """loralab's packed batch for real causal-LM lengths: rows × row_tokens."""
     steps: int | None = None
     warmup: int | None = None
     """Per-workload step counts for the full preset (short steps need more to time well)."""
@@ -76,9 +118,9 @@ def presets(name: str) -> list[Workload]:
     if name == "tiny":
         return [
             Workload("tiny-llama/fixed-2x64", "tiny-llama", ("lora", "dora", "full"), batch_size=2, seq_len=64, rank=8, alpha=16),
-            Workload("tiny-llama/gsm8k", "tiny-llama", ("lora",), "gsm8k_sft", batch_size=2, seq_len=256, rank=8, alpha=16, rows=2, row_tokens=512),
+            Workload("tiny-llama/gsm8k", "tiny-llama", ("lora",), "gsm8k_sft", batch_size=2, seq_len=256, rank=8, alpha=16),
             Workload("tiny-roberta/sst2", "tiny-roberta", ("lora",), "sst2", batch_size=8, seq_len=128, rank=8, alpha=8,
-                     peer_dtype="float32", peer_pad_to_max=True),
+                     dtype="float32", peer_pad_to_max=True),
         ]
     if name == "full":
         return [
@@ -87,7 +129,7 @@ def presets(name: str) -> list[Workload]:
             Workload("llama-3.2-1b/fixed-4x512", "llama-3.2-1b", ("lora", "full")),
             Workload("llama-3.2-1b/gsm8k", "llama-3.2-1b", ("lora",), "gsm8k_sft", seq_len=768),
             Workload("roberta-base/sst2", "roberta-base", ("lora", "dora"), "sst2", batch_size=32, seq_len=128,
-                     rank=128, alpha=128, peer_dtype="float32", peer_pad_to_max=True, steps=40, warmup=12),
+                     rank=128, alpha=128, dtype="float32", peer_pad_to_max=True, steps=40, warmup=12),
         ]
     raise ValueError(f"preset {name!r} is unknown; known: tiny, full")
 
@@ -153,51 +195,34 @@ def matmul_params(model) -> int:
     return total
 
 
-def batches(w: Workload, stack: str, vocab: int, n_steps: int, device: str, pad_id: int, bucket: bool = False):
-    """(batch, real units, real tokens) per step, on device. Units: tokens (causal LM) or samples.
-    ``bucket``: loralab's classification batches padded to ``graphs.bucket_width`` (as ``loralab run``
-    pads them when CUDA graphs are on) instead of the longest sample rounded up to 8."""
+def step_features(w: Workload, vocab: int, n_steps: int) -> list[list[dict]]:
+    """The optimizer batches of a row: ``n_steps`` lists of ``batch_size`` tokenized samples
+    (random ids in [3, vocab), fixed length or lengths drawn from ``w.lengths``), the same for
+    every stack. Causal LM: labels = input ids; classification: labels alternate 0/1."""
     gen = torch.Generator().manual_seed(1)
-    seq_cls = "roberta" in w.model
+    seq_cls = is_seq_cls(w)
+    n = w.batch_size * n_steps
+    lengths = [w.seq_len] * n if w.lengths == "fixed" else sample_lengths(w.lengths, n, seed=1, max_len=w.seq_len)
     out = []
-    if w.lengths == "fixed":
-        for _ in range(n_steps):
-            ids = torch.randint(3, vocab, (w.batch_size, w.seq_len), generator=gen)
-            batch = {"input_ids": ids, "labels": ids.clone()}
-            if stack == "peer":
-                batch["attention_mask"] = torch.ones_like(ids)
-            out.append((batch, ids.numel(), ids.numel()))
-    elif seq_cls:
-        lengths = sample_lengths(w.lengths, w.batch_size * n_steps, seed=1, max_len=w.seq_len)
-        groups = ([list(range(i, i + w.batch_size)) for i in range(0, len(lengths), w.batch_size)] if stack == "peer"
-                  else length_grouped_batches(lengths, w.batch_size, seed=1))
-        for g in groups[:n_steps]:
-            feats = [{"input_ids": torch.randint(3, vocab, (lengths[i],), generator=gen).tolist(), "labels": i % 2} for i in g]
-            pad_to = w.seq_len if w.peer_pad_to_max and stack == "peer" else None
-            if stack == "loralab" and bucket:
-                pad_to = bucket_width(max(lengths[i] for i in g))
-            batch = pad_features(feats, pad_id, pad_to=pad_to)
-            out.append((batch, len(g), sum(lengths[i] for i in g)))
-    elif stack == "peer":
-        lengths = sample_lengths(w.lengths, w.batch_size * n_steps, seed=1, max_len=w.seq_len)
-        for s in range(n_steps):
-            feats = [{"input_ids": torch.randint(3, vocab, (n,), generator=gen).tolist()}
-                     for n in lengths[s * w.batch_size:(s + 1) * w.batch_size]]
-            for f in feats:
-                f["labels"] = list(f["input_ids"])
-            batch = pad_features(feats, pad_id, multiple_of=1)
-            n = sum(len(f["input_ids"]) for f in feats)
-            out.append((batch, n, n))
-    else:
-        lengths = sample_lengths(w.lengths, (w.rows * w.row_tokens // 100 + 8) * n_steps, seed=1, max_len=w.row_tokens)
-        groups = pack_groups(lengths, w.row_tokens, seed=1)
-        for s in range(n_steps):
-            rows = [[{"input_ids": torch.randint(3, vocab, (lengths[i],), generator=gen).tolist()} for i in g]
-                    for g in groups[s * w.rows:(s + 1) * w.rows]]
-            batch = pack_rows(rows, w.row_tokens, pad_token_id=pad_id)
-            n = sum(sum(r) for r in batch.pop("seq_lens"))
-            out.append((batch, n, n))
-    return [({k: v.to(device) for k, v in b.items()}, n, t) for b, n, t in out]
+    for s in range(n_steps):
+        feats = []
+        for i in range(s * w.batch_size, (s + 1) * w.batch_size):
+            ids = torch.randint(3, vocab, (lengths[i],), generator=gen).tolist()
+            feats.append({"input_ids": ids, "labels": i % 2 if seq_cls else list(ids)})
+        out.append(feats)
+    return out
+
+
+def peer_batch(w: Workload, feats: list[dict], pad_id: int) -> dict:
+    """The peer's padded batch: to ``seq_len`` (``peer_pad_to_max``), else to the longest sample
+    (classification: rounded up to 8, as transformers' collators do)."""
+    if is_seq_cls(w):
+        return pad_features(feats, pad_id, pad_to=w.seq_len if w.peer_pad_to_max else None)
+    return pad_features(feats, pad_id, multiple_of=1)
+
+
+def is_seq_cls(w: Workload) -> bool:
+    return "roberta" in w.model
 
 
 def _peer_step(model, opt, batch):
@@ -207,30 +232,58 @@ def _peer_step(model, opt, batch):
     opt.zero_grad(set_to_none=True)
 
 
-def _ours_loss(seq_cls: bool):
-    if seq_cls:
-        return lambda model, batch: step.seq_cls_loss(model, batch)[0]
-    return lambda model, batch: step.causal_lm_loss(model, batch)[0]
+def loralab_step(model, features: list[list[dict]], *, kind: str, dtype: str, max_length: int, batch_size: int,
+                 device: str, speed: dict | None = None, learning_rate: float = 1e-5, log=print) -> tuple[Step, dict]:
+    """The step ``loralab run`` builds (``loralab.train._train``), for an adapted ``model``.
 
+    ``speed`` holds explicit ``speed`` keys (the experiment's; the bench's --no-compile /
+    --no-cuda-graphs); every other key is ``loralab.config``'s default, resolved by
+    ``resolve_speed`` for this device, task kind and base dtype. Then, as in ``loralab run``: fused
+    AdamW (``train.make_optimizer``), ``prepare_model``, the micro-batch probe when it is "auto"
+    (over all the row's samples, limit = the optimizer batch), ``Step`` with packing into rows of
+    ``max_length``, bucketed widths and CUDA graphs as resolved, token normalisation, no clipping.
+    Returns (step, resolved speed options).
+    """
+    from types import SimpleNamespace
 
-def _ours_step(trainer: GraphedTraining, batch):
-    trainer.micro(batch, 1.0)
-    trainer.step()
+    from loralab.config import _speed_defaults
+    from loralab.speed.defaults import resolve_speed
+    from loralab.train import make_optimizer
+
+    torch_device = torch.device(device)
+    options = {**_speed_defaults(), **(speed or {})}
+    resolved = resolve_speed(options, device=torch_device, kind=kind, base_dtype=dtype)
+    optimizer = make_optimizer(model, None, None, SimpleNamespace(learning_rate=learning_rate, weight_decay=0.0))
+    names = {f.name for f in dataclasses.fields(step.SpeedOptions)}
+    step.prepare_model(model, step.SpeedOptions(**{k: v for k, v in resolved.items() if k in names}))
+    pad_id = getattr(step._hf_model(model).config, "pad_token_id", None) or 0
+    micro = resolved["micro_batch"]
+    if micro == "auto":
+        micro = probe_micro_batch(model, [f for feats in features for f in feats], kind=kind,
+                                  packing=resolved["packing"], max_length=max_length, limit=batch_size,
+                                  pad_id=pad_id, device=torch_device, log=log)
+    elif micro is None:
+        micro = batch_size
+    resolved["micro_batch"] = micro
+    runner = Step(model, optimizer, kind=kind, normalization="tokens", micro_batch=micro, packing=resolved["packing"],
+                  max_length=max_length, pad_to=None, pad_id=pad_id, device=torch_device,
+                  graphs=resolved["cuda_graphs"], max_grad_norm=0.0, log=log)
+    return runner, resolved
 
 
 def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,
-            compile: bool = False, graphs: bool = False, profile_to: list | None = None) -> dict:
-    dtype = getattr(torch, w.peer_dtype) if stack in ("peer", "liger") or method == "full" else torch.bfloat16
-    if device == "cpu":
-        dtype = torch.float32
+            speed: dict | None = None, profile_to: list | None = None) -> dict:
+    """One row: build the model (the workload's dtype for every stack; float32 on CPU), adapt it,
+    time ``steps`` optimizer steps after ``warmup`` ones. ``speed``: explicit loralab speed keys."""
+    dtype = "float32" if device == "cpu" else w.dtype
     _clean(device)
     patches = contextlib.ExitStack()
-    base = build_model(w, device, dtype)
+    base = build_model(w, device, getattr(torch, dtype))
     if stack == "liger":
         patches.enter_context(liger_patched(base))
     reserved = torch.cuda.memory_reserved() / 2**30 if device == "cuda" else None
     with patches:
-        row = _run_built(w, wrap(base, w, method), method, stack, device, steps, warmup, compile, graphs, profile_to)
+        row = _run_built(w, wrap(base, w, method), method, stack, device, dtype, steps, warmup, speed, profile_to)
     row["reserved_gib_at_start"] = None if reserved is None else round(reserved, 2)
     return row
 
@@ -245,57 +298,64 @@ def _clean(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _run_built(w, model, method, stack, device, steps, warmup, compile, graphs, profile_to) -> dict:
-    seq_cls = "roberta" in w.model
+def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to) -> dict:
+    seq_cls = is_seq_cls(w)
     model.train()
-    trainer = None
+    spec = MODELS[w.model]
+    vocab, pad_id = spec["vocab_size"], spec.get("pad_token_id", 0)
+    data = step_features(w, vocab, warmup + steps)
+    resolved, runner = None, None
     if stack == "loralab":
-        autocast = "bfloat16" if device == "cuda" else None
-        step.prepare_model(model, step.SpeedOptions(autocast=autocast, compile=compile))
-        opt = step.adamw(model, lr=1e-5)
-        trainer = GraphedTraining(model, opt, _ours_loss(seq_cls), enabled=graphs)
-        run = lambda b: _ours_step(trainer, b)  # noqa: E731
+        runner, resolved = loralab_step(model, data, kind="seq_cls" if seq_cls else "causal_lm", dtype=dtype,
+                                        max_length=w.seq_len, batch_size=w.batch_size, device=device, speed=speed,
+                                        log=lambda line: None)
+        run = runner  # noqa: E731 - features of one optimizer batch in, one optimizer step
+        shape_of = lambda feats: tuple(tuple(tuple(v.shape) for v in b.values()) for b in runner.plan(feats))  # noqa: E731
+        inputs = data
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         run = lambda b: _peer_step(model, opt, b)  # noqa: E731
-    vocab = MODELS[w.model]["vocab_size"]
-    pad_id = MODELS[w.model].get("pad_token_id", 0)
-    data = batches(w, "peer" if stack == "liger" else stack, vocab, warmup + steps, device, pad_id,
-                   bucket=graphs and stack == "loralab")
+        shape_of = lambda b: tuple(tuple(v.shape) for v in b.values())  # noqa: E731
+        inputs = [{k: v.to(device) for k, v in peer_batch(w, feats, pad_id).items()} for feats in data]
     n_params = matmul_params(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # Every batch shape is met before timing (a real run meets each of its few shapes once in
     # thousands of steps): compile and graph capture are not timed, for either stack.
     seen, first_of_shape = set(), []
-    for batch, _, _ in data[warmup:]:
-        key = tuple(tuple(v.shape) for v in batch.values())
+    for item in inputs[warmup:]:
+        key = shape_of(item)
         if key not in seen:
             seen.add(key)
-            first_of_shape.append(batch)
+            first_of_shape.append(item)
     if device == "cuda":  # peak over warm-up too: graph capture and compile allocate there
         torch.cuda.reset_peak_memory_stats()
-    for batch in [b for b, _, _ in data[:warmup]] + first_of_shape:
-        run(batch)
+    for item in inputs[:warmup] + first_of_shape:
+        run(item)
     sync()
     start = time.perf_counter()
-    for batch, _, _ in data[warmup:]:
-        run(batch)
+    for item in inputs[warmup:]:
+        run(item)
     sync()
     seconds = time.perf_counter() - start
-    units = sum(n for _, n, _ in data[warmup:])
-    tokens = sum(t for _, _, t in data[warmup:])
+    timed = data[warmup:]
+    tokens = sum(len(f["input_ids"]) for feats in timed for f in feats)
+    units = sum(len(feats) for feats in timed) if seq_cls else tokens
     throughput = units / seconds
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     mfu = None
     if device in PEAK_FLOPS:
         mfu = tokens / seconds * (6 if method == "full" else 4) * n_params / PEAK_FLOPS[device]
     if profile_to is not None and device == "cuda":
-        profile_to.append(_profile(run, data[warmup:warmup + 2], f"{w.name} {method} {stack}"))
+        profile_to.append(_profile(run, inputs[warmup:warmup + 2], f"{w.name} {method} {stack}"))
     row = {"workload": w.name, "method": method, "stack": stack, "throughput": round(throughput, 2),
            "unit": "samples/s" if seq_cls else "tokens/s", "peak_memory_gib": None if peak is None else round(peak, 2),
            "mfu": None if mfu is None else round(mfu, 4), "units_per_step": units / steps,
-           "step_ms": round(1000 * seconds / steps, 2), "compile": compile if stack == "loralab" else False,
-           "cuda_graphs": bool(trainer is not None and trainer.graphed and trainer.graphs > 0)}
+           "step_ms": round(1000 * seconds / steps, 2), "dtype": dtype,
+           "compile": bool(resolved and resolved["compile"]),
+           "cuda_graphs": bool(runner is not None and runner.trainer.graphed and runner.trainer.graphs > 0)}
+    if resolved is not None:
+        row["speed"] = resolved
+        row["micro_batch"] = runner.micro_batch
     return row
 
 
@@ -303,17 +363,18 @@ def _profile(run, data, title: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for batch, _, _ in data:
-            run(batch)
+        for item in data:
+            run(item)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
     return f"== profile: {title} (2 steps) ==\n{table}"
 
 
 def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,
-              only: str | None = None, compile: bool = False, graphs: bool = False, profile: bool = False,
+              only: str | None = None, speed: dict | None = None, profile: bool = False,
               log=print, on_row=None):
-    """All rows of a preset; ``only`` keeps workloads whose name contains it.
+    """All rows of a preset; ``only`` keeps workloads whose name contains it; ``speed`` holds
+    explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults.
 
     cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
     which would charge padded batches of varying length (the peer's) seconds per step.
@@ -329,8 +390,7 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
         try:
             n_steps = steps or (3 if preset == "tiny" else w.steps or 8)
             n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
-            row = run_one(w, method, stack, device, n_steps, n_warmup, compile=compile and stack == "loralab",
-                          graphs=graphs and stack == "loralab")
+            row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed)
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
                    "peak_memory_gib": None, "mfu": None, "error": f"out of memory: {str(exc)[:120]}"}
@@ -342,8 +402,7 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
         # A second pass, after every row is timed: once the profiler has run in a process it
         # slows what follows (a peer row timed after a profiled row measured up to 30 % slower).
         for w, method, stack in [p for p in plan if p[2] == "loralab"]:
-            run_one(w, method, stack, device, 2, warmup or w.warmup or 3, compile=compile, graphs=graphs,
-                    profile_to=profiles)
+            run_one(w, method, stack, device, 2, warmup or w.warmup or 3, speed=speed, profile_to=profiles)
     return rows, profiles
 
 
