@@ -432,3 +432,286 @@ def table(rows: list[dict]) -> str:
         mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"| {r['workload']} | {r['method']} | {r['stack']} | {thr} | {mem} | {mfu} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# loralab bench --experiment DIR: one recipe through `loralab run` and through transformers' Trainer
+
+
+@contextlib.contextmanager
+def _environ(**values):
+    import os
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bench_copy(path, into, *, steps: int, random_weights: bool = False, task: str | None = None,
+               device: str | None = None):
+    """A copy of the experiment folder ``path`` under ``into/experiments/<its name>`` for a timing
+    run, read back with ``read_experiment``: ``max_steps`` = ``steps``, ``logging_steps`` 1 (every
+    step ends with a host sync, so ``loralab run`` can tell warm-up steps from steady ones),
+    no checkpoints, no evaluation during training; ``random_weights`` swaps the model for its
+    ``random:<shape>`` stand-in, ``task`` the training data (e.g. ``gsm8k`` for a MetaMathQA
+    recipe when MetaMathQA is not on disk), ``device`` the device. Everything else (batch,
+    accumulation, dtype, lr, schedule, max_length, speed keys, the adapter) is the recipe's.
+    Raises ConfigError (every problem) for a folder that is not a valid experiment after the
+    changes, ValueError for an unknown id under ``random_weights``.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from loralab.experiment import ADAPTER_FILE, PARAMS_FILE, experiment_name, read_experiment
+
+    original = read_experiment_params(Path(path))
+    overrides = dict(original)
+    overrides.update(max_steps=steps, logging_steps=1, checkpoint_steps=0, eval_steps=None)
+    if random_weights:
+        from loralab.config import default_parameters
+
+        overrides["model_id"] = random_model_id(original.get("model_id", default_parameters()["model_id"]))
+    if task is not None:
+        overrides["task"] = task
+    if device is not None:
+        overrides["device"] = device
+    target = Path(into) / "experiments" / experiment_name(Path(path))
+    target.mkdir(parents=True, exist_ok=True)
+    if (Path(path) / ADAPTER_FILE).exists():
+        shutil.copy(Path(path) / ADAPTER_FILE, target / ADAPTER_FILE)
+    (target / PARAMS_FILE).write_text(json.dumps(overrides, indent=2) + "\n")
+    return read_experiment(target)
+
+
+def read_experiment_params(path) -> dict:
+    """The raw ``training_parameters.json`` of an experiment folder ({} when absent); a folder
+    that does not exist or a file that is not a JSON object raises ConfigError."""
+    import json
+    from pathlib import Path
+
+    from loralab.config import ConfigError
+    from loralab.experiment import PARAMS_FILE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError([f"experiment folder {str(path)!r} does not exist"], str(path))
+    file = path / PARAMS_FILE
+    if not file.exists():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{PARAMS_FILE}: not valid JSON ({exc})"], str(path)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{PARAMS_FILE}: must hold a JSON object"], str(path))
+    return data
+
+
+def _gib(n) -> float | None:
+    return None if n is None else round(n / 2**30, 2)
+
+
+def _loralab_run_row(exp, workdir) -> dict:
+    """``loralab run``'s own path (``train.run_experiment(evaluate=False)``), results and outputs
+    under ``workdir``; the row is read off the result record: steady-state tokens/s as the run
+    reports it (steps after the first that captured no new CUDA graph; compile, capture and the
+    micro-batch probe are warm-up), peak memory = ``cuda_memory_max`` (from after the probe)."""
+    from loralab.train import run_experiment
+
+    with _environ(LORALAB_RESULTS_DIR=workdir / "results", LORALAB_OUTPUT_DIR=workdir / "outputs"):
+        record, _ = run_experiment(exp, verbose=False, evaluate=False)
+    info = record["train_info"]
+    timing = info["timing"]
+    losses = [m["train loss"] for m in info["metrics"] if "train loss" in m]
+    return {"stack": "loralab", "steps": info["steps"], "samples": info["train_samples"], "tokens": info["train_tokens"],
+            "tokens_per_second": info["tokens_per_second"], "samples_per_second": info["samples_per_second"],
+            "steady_steps": None, "steady_tokens": timing.get("steady_tokens"), "steady_seconds": timing.get("steady_s"),
+            "warmup_seconds": timing.get("warmup_s"), "train_seconds": info["train_time"],
+            "peak_memory_gib": _gib(info.get("cuda_memory_max")), "losses": losses,
+            "micro_batch": timing.get("micro_batch"), "cuda_graphs_captured": timing.get("cuda_graphs"),
+            "oom_retries": timing.get("oom_retries"), "speed": info["speed"]}
+
+
+def _trainer_row(exp, workdir, log) -> dict:
+    """transformers ``Trainer`` + peft as the recipe says: the same model (same random weights for
+    ``random:`` ids), ``get_peft_model`` with the recipe's adapter config (``all-linear`` expanded
+    as loralab does), per-device batch ``batch_size``, ``gradient_accumulation_steps``, bf16/fp16
+    mixed precision when the base dtype is bf16/fp16, the recipe's lr, scheduler, warm-up, weight
+    decay, max_grad_norm and seed, ``DataCollatorForSeq2Seq`` padding, and the very samples
+    ``loralab run`` trained on, in its order (``train.epoch_batches``; sequential sampler).
+    Step times come from a callback that synchronises the GPU at every optimizer step's end; the
+    steady state is steps 2..N (step 1 carries CUDA/cuBLAS initialisation and allocator growth).
+    """
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from loralab.data import pad_id as _pad_id
+    from loralab.methods.common import resolve_config
+    from loralab.models import load_model, load_tokenizer
+    from loralab.tasks import get_task
+    from loralab.train import epoch_batches, pick_device
+
+    params = exp.params
+    device = pick_device(params.device)
+    task = get_task(params.task)
+    if task.kind != "causal_lm":
+        raise ValueError(f"bench --experiment: the Trainer peer covers causal-LM recipes; task {params.task!r} is {task.kind}")
+    tokenizer = load_tokenizer(params.model_id)
+    train = task.load(params, tokenizer).train
+    model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = _pad_id(tokenizer)
+    if exp.peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, resolve_config(model, exp.peft_config, task.kind))
+    else:
+        model.requires_grad_(True)
+    opt_batch = params.batch_size * params.gradient_accumulation_steps
+    lengths = [len(f["input_ids"]) for f in train]
+    order, epoch = [], 0
+    while len(order) < params.max_steps * opt_batch:
+        for batch in epoch_batches(len(train), lengths, opt_batch, epoch, params):
+            order.extend(batch)
+            if len(order) >= params.max_steps * opt_batch:
+                break
+        epoch += 1
+    samples = [train[i] for i in order[:params.max_steps * opt_batch]]
+    per_step_tokens = [sum(len(f["input_ids"]) for f in samples[k * opt_batch:(k + 1) * opt_batch])
+                       for k in range(params.max_steps)]
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            self.times = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.times.append(time.perf_counter())
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    clock = Clock()
+    args = TrainingArguments(
+        output_dir=str(workdir / "trainer"), per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps, learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler, warmup_steps=int(params.warmup_ratio * params.max_steps),
+        weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, max_steps=params.max_steps,
+        bf16=params.dtype == "bfloat16", fp16=params.dtype == "float16", logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, seed=params.seed, dataloader_num_workers=0,
+        remove_unused_columns=False, use_cpu=not cuda)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = InOrder(model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; the losses are in the row
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    times = clock.times
+    steady_s = times[-1] - times[1] if len(times) > 2 else None
+    steady_tokens = sum(per_step_tokens[1:])
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    row = {"stack": "trainer", "steps": len(times) - 1, "samples": len(samples), "tokens": sum(per_step_tokens),
+           "tokens_per_second": steady_tokens / steady_s if steady_s else None,
+           "samples_per_second": (len(samples) - opt_batch) / steady_s if steady_s else None,
+           "steady_steps": len(times) - 2, "steady_tokens": steady_tokens, "steady_seconds": steady_s,
+           "warmup_seconds": times[1] - times[0] if len(times) > 1 else None, "train_seconds": times[-1] - times[0],
+           "peak_memory_gib": _gib(peak), "losses": losses, "micro_batch": params.batch_size,
+           "speed": {"bf16": args.bf16, "fp16": args.fp16, "optim": str(args.optim)}}
+    del trainer, model
+    return row
+
+
+def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, task: str | None = None,
+                         device: str | None = None, stacks: tuple[str, ...] = ("loralab", "trainer"),
+                         workdir=None, log=print) -> dict:
+    """One experiment folder's recipe, ``steps`` optimizer steps, through ``loralab run``'s own
+    path and through transformers' ``Trainer`` + peft, one after the other in this process on one
+    device (see ``bench_copy``, ``_loralab_run_row``, ``_trainer_row``).
+
+    Returns {experiment, model_id, random_weights, task, steps, optimizer_batch, device, rows,
+    ratio}: one row per stack with real (non-pad) tokens, steady-state tokens/s and samples/s,
+    warm-up seconds, peak memory (GiB, CUDA) and per-step losses; ``ratio`` = loralab / trainer
+    steady tokens/s. ``steps`` must be >= 2 (step 1 is warm-up for both stacks). Raises
+    ConfigError for a bad folder, ValueError for bad arguments.
+    """
+    import tempfile
+    from pathlib import Path
+
+    if steps < 2:
+        raise ValueError(f"--steps = {steps}: at least 2 (the first step is warm-up for both stacks)")
+    unknown = [s for s in stacks if s not in ("loralab", "trainer")]
+    if unknown:
+        raise ValueError(f"stacks {unknown}: allowed loralab, trainer")
+    with contextlib.ExitStack() as stack:
+        root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loralab-bench-")))
+        exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device)
+        params = exp.params
+        from loralab.train import pick_device
+
+        dev = pick_device(params.device)
+        if dev.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(False)  # as in the preset rows: no per-shape cuDNN plans
+        rows = []
+        for name in stacks:
+            _clean(dev.type)
+            log(f"bench --experiment {exp.name}: {name} stack, {steps} steps of "
+                f"{params.batch_size} x {params.gradient_accumulation_steps} on {dev} ({params.model_id}, {params.dtype})")
+            row = _loralab_run_row(exp, root) if name == "loralab" else _trainer_row(exp, root, log)
+            rows.append(row)
+            log(format_experiment_row(row))
+        _clean(dev.type)
+    by = {r["stack"]: r for r in rows}
+    ratio = None
+    if "loralab" in by and "trainer" in by and by["loralab"]["tokens_per_second"] and by["trainer"]["tokens_per_second"]:
+        ratio = by["loralab"]["tokens_per_second"] / by["trainer"]["tokens_per_second"]
+    return {"experiment": exp.name, "source": str(path), "model_id": params.model_id, "random_weights": random_weights,
+            "task": params.task, "dtype": params.dtype, "steps": steps,
+            "batch_size": params.batch_size, "gradient_accumulation_steps": params.gradient_accumulation_steps,
+            "optimizer_batch": params.batch_size * params.gradient_accumulation_steps, "max_length": params.max_length,
+            "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "rows": rows, "ratio": ratio}
+
+
+def format_experiment_row(row: dict) -> str:
+    tps = "—" if row.get("tokens_per_second") is None else f"{row['tokens_per_second']:,.0f} tokens/s"
+    mem = "—" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.1f} GiB"
+    return (f"{row['stack']:<8} {row['samples']:>6} samples {row['tokens']:>9,} tokens {tps:>18} {mem:>10} "
+            f"warm-up {row.get('warmup_seconds') or 0:.1f} s")
+
+
+def experiment_table(result: dict) -> str:
+    """Markdown table of ``run_experiment_bench``'s result (one row per stack, ratio on loralab's)."""
+    head = (f"{result['experiment']}: {result['model_id']} ({result['dtype']}"
+            f"{', random weights' if result['random_weights'] else ''}), task {result['task']}, "
+            f"{result['steps']} steps x {result['batch_size']} x {result['gradient_accumulation_steps']} = "
+            f"{result['steps'] * result['optimizer_batch']} samples, max_length {result['max_length']}, "
+            f"{result['gpu'] or result['device']}")
+    lines = [head, "",
+             "| stack | samples | real tokens | steady tokens/s | steady samples/s | peak memory | warm-up | step-1 loss | loralab/trainer |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in result["rows"]:
+        tps = "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}"
+        sps = "—" if r.get("samples_per_second") is None else f"{r['samples_per_second']:,.2f}"
+        mem = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
+        loss = f"{r['losses'][0]:.4f}" if r.get("losses") else "—"
+        ratio = f"{result['ratio']:.2f}x" if r["stack"] == "loralab" and result.get("ratio") else ""
+        name = "`loralab run`" if r["stack"] == "loralab" else "transformers Trainer + peft"
+        lines.append(f"| {name} | {r['samples']} | {r['tokens']:,} | {tps} | {sps} | {mem} | "
+                     f"{r.get('warmup_seconds') or 0:.1f} s | {loss} | {ratio} |")
+    return "\n".join(lines)
