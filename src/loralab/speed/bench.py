@@ -533,7 +533,9 @@ def _loralab_run_row(exp, workdir) -> dict:
     losses = [m["train loss"] for m in info["metrics"] if "train loss" in m]
     return {"stack": "loralab", "steps": info["steps"], "samples": info["train_samples"], "tokens": info["train_tokens"],
             "tokens_per_second": info["tokens_per_second"], "samples_per_second": info["samples_per_second"],
-            "steady_steps": None, "steady_tokens": timing.get("steady_tokens"), "steady_seconds": timing.get("steady_s"),
+            "steady_steps": (timing.get("steady_samples") or 0) // (exp.params.batch_size * exp.params.gradient_accumulation_steps),
+            "steady_tokens": timing.get("steady_tokens"), "steady_seconds": timing.get("steady_s"),
+            "overall_tokens_per_second": info["train_tokens"] / info["train_time"] if info["train_time"] else None,
             "warmup_seconds": timing.get("warmup_s"), "train_seconds": info["train_time"],
             "peak_memory_gib": _gib(info.get("cuda_memory_max")), "losses": losses,
             "micro_batch": timing.get("micro_batch"), "cuda_graphs_captured": timing.get("cuda_graphs"),
@@ -631,6 +633,7 @@ def _trainer_row(exp, workdir, log) -> dict:
            "samples_per_second": (len(samples) - opt_batch) / steady_s if steady_s else None,
            "steady_steps": len(times) - 2, "steady_tokens": steady_tokens, "steady_seconds": steady_s,
            "warmup_seconds": times[1] - times[0] if len(times) > 1 else None, "train_seconds": times[-1] - times[0],
+           "overall_tokens_per_second": sum(per_step_tokens) / (times[-1] - times[0]) if len(times) > 1 else None,
            "peak_memory_gib": _gib(peak), "losses": losses, "micro_batch": params.batch_size,
            "speed": {"bf16": args.bf16, "fp16": args.fp16, "optim": str(args.optim)}}
     del trainer, model
@@ -672,7 +675,9 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             _clean(dev.type)
             log(f"bench --experiment {exp.name}: {name} stack, {steps} steps of "
                 f"{params.batch_size} x {params.gradient_accumulation_steps} on {dev} ({params.model_id}, {params.dtype})")
+            allocated = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
             row = _loralab_run_row(exp, root) if name == "loralab" else _trainer_row(exp, root, log)
+            row["allocated_gib_at_start"] = _gib(allocated)  # left over from the stack before (should be ~0)
             rows.append(row)
             log(format_experiment_row(row))
         _clean(dev.type)
@@ -702,9 +707,11 @@ def experiment_table(result: dict) -> str:
             f"{result['steps']} steps x {result['batch_size']} x {result['gradient_accumulation_steps']} = "
             f"{result['steps'] * result['optimizer_batch']} samples, max_length {result['max_length']}, "
             f"{result['gpu'] or result['device']}")
-    lines = [head, "",
-             "| stack | samples | real tokens | steady tokens/s | steady samples/s | peak memory | warm-up | step-1 loss | loralab/trainer |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    lines = [head, "steady state: `loralab run`'s own (steps after the first that captured no new CUDA graph: "
+             "compile, capture and the micro-batch probe are warm-up); Trainer: steps 2..N (step ends synchronised). "
+             "Peak memory: torch.cuda.max_memory_allocated over training.", "",
+             "| stack | samples | real tokens | steady steps | steady tokens/s | steady samples/s | peak memory | warm-up | step-1 loss | loralab/trainer |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in result["rows"]:
         tps = "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}"
         sps = "—" if r.get("samples_per_second") is None else f"{r['samples_per_second']:,.2f}"
@@ -712,6 +719,6 @@ def experiment_table(result: dict) -> str:
         loss = f"{r['losses'][0]:.4f}" if r.get("losses") else "—"
         ratio = f"{result['ratio']:.2f}x" if r["stack"] == "loralab" and result.get("ratio") else ""
         name = "`loralab run`" if r["stack"] == "loralab" else "transformers Trainer + peft"
-        lines.append(f"| {name} | {r['samples']} | {r['tokens']:,} | {tps} | {sps} | {mem} | "
+        lines.append(f"| {name} | {r['samples']} | {r['tokens']:,} | {r.get('steady_steps')} | {tps} | {sps} | {mem} | "
                      f"{r.get('warmup_seconds') or 0:.1f} s | {loss} | {ratio} |")
     return "\n".join(lines)
