@@ -116,7 +116,7 @@ os.environ.update(LORALAB_RESULTS_DIR=str(root / "results"), LORALAB_OUTPUT_DIR=
 adapter = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "task_type": "CAUSAL_LM",
            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 recipe = {"model_id": model, "task": "gsm8k", "batch_size": 4, "gradient_accumulation_steps": 4, "max_length": 512,
-          "learning_rate": 5e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0,
+          "learning_rate": 2e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0,
           "max_steps": int(os.environ.get("C_STEPS", 30)), "logging_steps": 1, "checkpoint_steps": 0, "seed": 0, "eval_tasks": ["gsm8k"]}
 eager = {"cuda_graphs": False, "compile": False, "packing": False}
 runs = {"defaults": ("bfloat16", {}),

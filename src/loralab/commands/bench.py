@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", choices=("tiny", "full"), default=None,
                         help="tiny: small random models, about a minute on CPU; full: Llama-3-8B, Llama-3.2-1B, roberta-base shapes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--output", type=Path, default=None, help="write the rows as a JSON list here")
+    parser.add_argument("--output", type=Path, default=None, help="write the rows as a JSON list here (--experiment: one JSON object)")
     parser.add_argument("--experiment", type=Path, default=None, metavar="DIR",
                         help="bench one experiment folder's recipe: loralab run vs transformers Trainer + peft")
     parser.add_argument("--random-weights", action="store_true",
@@ -48,6 +48,8 @@ def run(args) -> int:
             raise SystemExit(f"--{key} = {value}: must be a positive integer")
     if args.experiment is not None:
         return _run_experiment(args, device)
+    if args.random_weights or args.task:
+        raise SystemExit("--random-weights and --task go with --experiment DIR")
 
     def save(rows):
         if args.output:
@@ -73,7 +75,7 @@ def run(args) -> int:
 
 def _run_experiment(args, device: str) -> int:
     from loralab.config import ConfigError
-    from loralab.speed.bench import experiment_table, run_experiment_bench
+    from loralab.speed.bench import BenchError, experiment_table, run_experiment_bench
 
     if args.preset or args.only or args.profile or args.warmup or args.no_compile or args.no_cuda_graphs:
         raise SystemExit("--experiment takes its speed options from the experiment's training_parameters.json; "
@@ -81,7 +83,7 @@ def _run_experiment(args, device: str) -> int:
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
                                       task=args.task, device=args.device)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, BenchError) as exc:
         raise SystemExit(f"loralab bench --experiment {args.experiment}: {exc}") from exc
     print(experiment_table(result))
     if args.output:

@@ -79,13 +79,17 @@ HUB_SHAPES = {
 """``--random-weights``: the shape that stands in for a model id (LLaMA-1 7B has LLaMA-2 7B's shape)."""
 
 
+class BenchError(ValueError):
+    """Bad input to ``loralab bench`` (an argument or a recipe it cannot bench), with what is allowed."""
+
+
 def random_model_id(model_id: str) -> str:
     """``random:<shape>`` for a known hub id (or a ``random:`` id, unchanged); ValueError naming
     the known ids otherwise."""
     if model_id.startswith("random:"):
         return model_id
     if model_id not in HUB_SHAPES:
-        raise ValueError(f"--random-weights: no known shape for model_id {model_id!r}; known: "
+        raise BenchError(f"--random-weights: no known shape for model_id {model_id!r}; known: "
                          f"{', '.join(sorted(HUB_SHAPES))} (or set model_id to one of "
                          f"{', '.join('random:' + m for m in MODELS)})")
     return "random:" + HUB_SHAPES[model_id]
@@ -464,7 +468,7 @@ def bench_copy(path, into, *, steps: int, random_weights: bool = False, task: st
     recipe when MetaMathQA is not on disk), ``device`` the device. Everything else (batch,
     accumulation, dtype, lr, schedule, max_length, speed keys, the adapter) is the recipe's.
     Raises ConfigError (every problem) for a folder that is not a valid experiment after the
-    changes, ValueError for an unknown id under ``random_weights``.
+    changes, BenchError (a ValueError) for an unknown id under ``random_weights``.
     """
     import json
     import shutil
@@ -564,7 +568,7 @@ def _trainer_row(exp, workdir, log) -> dict:
     device = pick_device(params.device)
     task = get_task(params.task)
     if task.kind != "causal_lm":
-        raise ValueError(f"bench --experiment: the Trainer peer covers causal-LM recipes; task {params.task!r} is {task.kind}")
+        raise BenchError(f"bench --experiment: the Trainer peer covers causal-LM recipes; task {params.task!r} is {task.kind}")
     tokenizer = load_tokenizer(params.model_id)
     train = task.load(params, tokenizer).train
     model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)
@@ -651,16 +655,16 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
     ratio}: one row per stack with real (non-pad) tokens, steady-state tokens/s and samples/s,
     warm-up seconds, peak memory (GiB, CUDA) and per-step losses; ``ratio`` = loralab / trainer
     steady tokens/s. ``steps`` must be >= 2 (step 1 is warm-up for both stacks). Raises
-    ConfigError for a bad folder, ValueError for bad arguments.
+    ConfigError for a bad folder, BenchError (a ValueError) for bad arguments.
     """
     import tempfile
     from pathlib import Path
 
     if steps < 2:
-        raise ValueError(f"--steps = {steps}: at least 2 (the first step is warm-up for both stacks)")
+        raise BenchError(f"--steps = {steps}: at least 2 (the first step is warm-up for both stacks)")
     unknown = [s for s in stacks if s not in ("loralab", "trainer")]
     if unknown:
-        raise ValueError(f"stacks {unknown}: allowed loralab, trainer")
+        raise BenchError(f"stacks {unknown}: allowed loralab, trainer")
     with contextlib.ExitStack() as stack:
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loralab-bench-")))
         exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device)
