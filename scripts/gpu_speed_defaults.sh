@@ -67,13 +67,14 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 rows = {x["stack"]: x for x in r["rows"]}
 ours, peer = rows["loralab"], rows["trainer"]
-print(f"\n(a) goal: >= 10,000 real tokens/s, >= 15x the Trainer, <= 40 GiB. loralab {ours['tokens_per_second'] or 0:,.0f} tokens/s "
-      f"over {ours['steady_steps']} steady step(s) (micro-batch {ours['micro_batch']}, warm-up {ours['warmup_seconds']:.1f} s), "
-      f"Trainer {peer['tokens_per_second'] or 0:,.0f} over steps 2-{peer['steps']}, ratio {r['ratio'] or 0:.2f}x, "
-      f"peak {ours['peak_memory_gib']} vs {peer['peak_memory_gib']} GiB; whole runs (warm-up included) "
-      f"{ours['overall_tokens_per_second']:,.0f} vs {peer['overall_tokens_per_second']:,.0f} tokens/s")
-print("step losses loralab:", [round(x, 4) for x in ours["losses"]])
-print("step losses Trainer:", [round(x, 4) for x in peer["losses"]])
+n = lambda row, key: row.get(key) or 0
+print(f"\n(a) goal: >= 10,000 real tokens/s, >= 15x the Trainer, <= 40 GiB. loralab {n(ours, 'tokens_per_second'):,.0f} tokens/s "
+      f"over {ours.get('steady_steps')} steady step(s) (micro-batch {ours.get('micro_batch')}, warm-up {n(ours, 'warmup_seconds'):.1f} s), "
+      f"Trainer {n(peer, 'tokens_per_second'):,.0f} over steps 2-{peer.get('steps')}, ratio {r['ratio'] or 0:.2f}x, "
+      f"peak {ours.get('peak_memory_gib')} vs {peer.get('peak_memory_gib')} GiB; whole runs (warm-up included) "
+      f"{n(ours, 'overall_tokens_per_second'):,.0f} vs {n(peer, 'overall_tokens_per_second'):,.0f} tokens/s")
+for row in (ours, peer):
+    print(f"step losses {row['stack']}:", [round(x, 4) for x in row.get("losses") or []], row.get("error") or "")
 EOF
 }
 
@@ -162,6 +163,6 @@ for part in "$@"; do
 done
 echo; echo "==== tables (paste into results/bench/README.md) ===="
 for f in "$OUT"/a.log "$OUT"/b.log "$OUT"/c.log; do
-  [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E '^\||^\(|^llm/|^step losses|^steady state' "$f"; }
+  [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E '^\||^\(|^llm/|^step losses|^steady state|failed: ' "$f"; }
 done
 exit $status

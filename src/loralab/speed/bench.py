@@ -660,6 +660,8 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
     import tempfile
     from pathlib import Path
 
+    from loralab.config import ConfigError
+
     if steps < 2:
         raise BenchError(f"--steps = {steps}: at least 2 (the first step is warm-up for both stacks)")
     unknown = [s for s in stacks if s not in ("loralab", "trainer")]
@@ -680,7 +682,17 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             log(f"bench --experiment {exp.name}: {name} stack, {steps} steps of "
                 f"{params.batch_size} x {params.gradient_accumulation_steps} on {dev} ({params.model_id}, {params.dtype})")
             allocated = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
-            row = _loralab_run_row(exp, root) if name == "loralab" else _trainer_row(exp, root, log)
+            try:
+                row = _loralab_run_row(exp, root) if name == "loralab" else _trainer_row(exp, root, log)
+            except (ConfigError, BenchError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one stack's failure is a row; the other stack still runs
+                import traceback
+
+                traceback.print_exc()
+                row = {"stack": name, "steps": 0, "samples": 0, "tokens": 0, "tokens_per_second": None,
+                       "samples_per_second": None, "peak_memory_gib": None, "losses": [],
+                       "error": f"{type(exc).__name__}: {str(exc).strip()[:400]}"}
             row["allocated_gib_at_start"] = _gib(allocated)  # left over from the stack before (should be ~0)
             rows.append(row)
             log(format_experiment_row(row))
@@ -701,7 +713,7 @@ def format_experiment_row(row: dict) -> str:
     tps = "—" if row.get("tokens_per_second") is None else f"{row['tokens_per_second']:,.0f} tokens/s"
     mem = "—" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.1f} GiB"
     return (f"{row['stack']:<8} {row['samples']:>6} samples {row['tokens']:>9,} tokens {tps:>18} {mem:>10} "
-            f"warm-up {row.get('warmup_seconds') or 0:.1f} s")
+            f"warm-up {row.get('warmup_seconds') or 0:.1f} s" + (f"  FAILED {row['error']}" if row.get("error") else ""))
 
 
 def experiment_table(result: dict) -> str:
@@ -725,4 +737,5 @@ def experiment_table(result: dict) -> str:
         name = "`loralab run`" if r["stack"] == "loralab" else "transformers Trainer + peft"
         lines.append(f"| {name} | {r['samples']} | {r['tokens']:,} | {r.get('steady_steps')} | {tps} | {sps} | {mem} | "
                      f"{r.get('warmup_seconds') or 0:.1f} s | {loss} | {ratio} |")
+    lines += [f"{r['stack']} failed: {r['error']}" for r in result["rows"] if r.get("error")]
     return "\n".join(lines)
