@@ -673,9 +673,7 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
         params = exp.params
         from loralab.train import pick_device
 
-        dev = pick_device(params.device)
-        if dev.type == "cuda":
-            torch.backends.cuda.enable_cudnn_sdp(False)  # as in the preset rows: no per-shape cuDNN plans
+        dev = pick_device(params.device)  # attention backends as torch picks them (no cuDNN switch, unlike the preset rows)
         rows = []
         for name in stacks:
             _clean(dev.type)
