@@ -6,7 +6,6 @@ import json
 import pytest
 
 from loralab.cli import main
-from loralab.config import ConfigError
 from loralab.models import check_model_id, load_model, random_config
 from loralab.speed.bench import bench_copy, random_model_id
 

@@ -164,7 +164,11 @@ def liger_patched(model):
 
 
 def build_model(w: Workload, device: str, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     spec = dict(MODELS[w.model])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
@@ -313,13 +317,13 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
         runner, resolved = loralab_step(model, data, kind="seq_cls" if seq_cls else "causal_lm", dtype=dtype,
                                         max_length=w.seq_len, batch_size=w.batch_size, device=device, speed=speed,
                                         log=lambda line: None)
-        run = runner  # noqa: E731 - features of one optimizer batch in, one optimizer step
-        shape_of = lambda feats: tuple(tuple(tuple(v.shape) for v in b.values()) for b in runner.plan(feats))  # noqa: E731
+        run = runner
+        shape_of = lambda feats: tuple(tuple(tuple(v.shape) for v in b.values()) for b in runner.plan(feats))
         inputs = data
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        run = lambda b: _peer_step(model, opt, b)  # noqa: E731
-        shape_of = lambda b: tuple(tuple(v.shape) for v in b.values())  # noqa: E731
+        run = lambda b: _peer_step(model, opt, b)
+        shape_of = lambda b: tuple(tuple(v.shape) for v in b.values())
         inputs = [{k: v.to(device) for k, v in peer_batch(w, feats, pad_id).items()} for feats in data]
     n_params = matmul_params(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -474,7 +478,12 @@ def bench_copy(path, into, *, steps: int, random_weights: bool = False, task: st
     import shutil
     from pathlib import Path
 
-    from loralab.experiment import ADAPTER_FILE, PARAMS_FILE, experiment_name, read_experiment
+    from loralab.experiment import (
+        ADAPTER_FILE,
+        PARAMS_FILE,
+        experiment_name,
+        read_experiment,
+    )
 
     original = read_experiment_params(Path(path))
     overrides = dict(original)
@@ -556,7 +565,13 @@ def _trainer_row(exp, workdir, log) -> dict:
     Step times come from a callback that synchronises the GPU at every optimizer step's end; the
     steady state is steps 2..N (step 1 carries CUDA/cuBLAS initialisation and allocator growth).
     """
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from loralab.data import pad_id as _pad_id
     from loralab.methods.common import resolve_config
@@ -721,9 +736,9 @@ def experiment_table(result: dict) -> str:
             f"{result['steps']} steps x {result['batch_size']} x {result['gradient_accumulation_steps']} = "
             f"{result['steps'] * result['optimizer_batch']} samples, max_length {result['max_length']}, "
             f"{result['gpu'] or result['device']}")
-    lines = [head, "steady state: `loralab run`'s own (steps after the first that captured no new CUDA graph: "
-             "compile, capture and the micro-batch probe are warm-up); Trainer: steps 2..N (step ends synchronised). "
-             "Peak memory: torch.cuda.max_memory_allocated over training.", "",
+    lines = [head, ("steady state: `loralab run`'s own (steps after the first that captured no new CUDA graph: "
+                    "compile, capture and the micro-batch probe are warm-up); Trainer: steps 2..N (step ends "
+                    "synchronised). Peak memory: torch.cuda.max_memory_allocated over training."), "",
              "| stack | samples | real tokens | steady steps | steady tokens/s | steady samples/s | peak memory | warm-up | step-1 loss | loralab/trainer |",
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in result["rows"]:
