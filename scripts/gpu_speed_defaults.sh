@@ -25,6 +25,8 @@
 #   device call 2, right after (carry .devdata/gsm8k .devdata/smollm2-135m .devdata/smollm2-gguf-b .whl):
 #                 bash scripts/gpu_speed_defaults.sh b c
 # If the machine went back between the calls, part c says so and stops; a and b need no model file.
+# The tree travels without .git: prefix the device command with LORALAB_GIT_COMMIT=<sha> so the
+# records name the commit (LORALAB_GIT_BRANCH defaults to main, LORALAB_GIT_DIRTY to 0).
 # Files land in $OUT (one JSON and one log per part); the tables are printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -132,7 +134,8 @@ for name, (dtype, speed) in runs.items():
     torch._dynamo.reset()
     record, _ = run_experiment(read_experiment(folder), evaluate=False)
     info = record["train_info"]
-    result["runs"][name] = {"dtype": dtype, "speed": info["speed"], "losses": [m["train loss"] for m in info["metrics"]],
+    losses = [m["train loss"] for m in info["metrics"] if "train loss" in m]
+    result["runs"][name] = {"dtype": dtype, "speed": info["speed"], "losses": losses,
                             "tokens_per_second": info["tokens_per_second"], "warmup_time": info["warmup_time"],
                             "train_time": info["train_time"], "peak_memory_gib": info.get("cuda_memory_max", 0) / 2**30}
 ref = result["runs"]["eager-fp32"]["losses"]
