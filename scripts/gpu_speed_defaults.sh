@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 
 prepare() {  # on the development machine: data, tokenizer folder, GGUF halves, gguf wheel
   set -e
-  local data=${LORALAB_DATA_DIR:-../shared/data} py=${PYTHON:-python}
+  local data=${LORALAB_DATA_DIR:-../shared/data} py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
   mkdir -p .devdata/gsm8k .devdata/smollm2-135m .devdata/smollm2-gguf-a .devdata/smollm2-gguf-b .whl
   cp "$data/gsm8k/train.jsonl" .devdata/gsm8k/
   local folder gguf
