@@ -106,7 +106,8 @@ class Workload:
     """``fixed`` or a histogram in lengths.json (``gsm8k_sft``, ``sst2``)."""
     batch_size: int = 4
     seq_len: int = 512
-    """Fixed length; else the peer's truncation / pad-to length."""
+    """Fixed length, else the cap on drawn lengths; the recipe's ``max_length`` (loralab packs rows
+    of this many tokens; the classification peer pads to it with ``peer_pad_to_max``)."""
     rank: int = 32
     alpha: int = 64
     dtype: str = "bfloat16"
