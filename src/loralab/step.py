@@ -33,10 +33,10 @@ from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
 from loralab.speed.step import causal_lm_loss, seq_cls_loss
 
-TARGET_TOKENS = 4096
-"""Auto micro-batch: tokens per forward beyond which a larger forward stops paying. An 8B step at
-4 x 512 tokens is already 97 % GPU-busy on an H100 (results/bench/README.md); 4,096 keeps an 8B
-LoRA step under 40 GiB."""
+TARGET_TOKENS = 2048
+"""Auto micro-batch: tokens per forward beyond which a larger forward stops paying. An 8B LoRA step
+at 4 x 512 tokens is already GPU-bound (15,837 tokens/s at 26.9 GiB on an H200); 8 x 512 ran
+14,567 tokens/s at 41.2 GiB on the seed-000 recipe (results/bench/README.md, "defaults")."""
 MEMORY_FRACTION = 0.8
 """Auto micro-batch: the probed peak must stay below this share of the GPU's memory (the rest is
 margin for CUDA graph pools, fragmentation and longer rows than the probe's)."""
