@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from loralab.cli import main
 from loralab.speed.bench import presets, table
 from loralab.speed.lengths import sample_lengths
 
 
+@pytest.mark.slow  # ~25 s on 2 shared cores
 def test_bench_tiny_cpu_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--output", str(out)]) == 0
@@ -17,6 +20,14 @@ def test_bench_tiny_cpu_end_to_end(tmp_path, capsys):
         assert set(r) >= {"workload", "method", "stack", "throughput", "unit", "peak_memory_gib", "mfu"}
         assert r["throughput"] > 0, r
         assert r["unit"] == ("samples/s" if "roberta" in r["workload"] else "tokens/s")
+        if r["stack"] == "loralab":  # loralab run's CPU defaults: no graphs, compile or autocast; packing for causal LMs
+            assert r["speed"]["packing"] == ("roberta" not in r["workload"]) and r["speed"]["cuda_graphs"] is False
+            assert r["micro_batch"] == next(w.batch_size for w in presets("tiny") if w.name == r["workload"])
+    # every stack trained on the same samples: same real units per step
+    for w in presets("tiny"):
+        for m in w.methods:
+            per_step = {r["stack"]: r["units_per_step"] for r in rows if r["workload"] == w.name and r["method"] == m}
+            assert per_step["loralab"] == per_step["peer"], (w.name, m, per_step)
     printed = capsys.readouterr().out
     assert "| tiny-llama/fixed-2x64 | dora | loralab |" in printed and "| tiny-llama/fixed-2x64 | dora | peer |" in printed
 

@@ -7,8 +7,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loralab.config import build_parameters
 from loralab.step import Step, sample_weights
 from loralab.tasks.instruct import TASKS as INSTRUCT
+
 
 class GradRecorder(torch.optim.Optimizer):
     """Stands in for AdamW: keeps a copy of the gradients the step produced, changes nothing."""
@@ -31,12 +33,11 @@ def smol(smollm2_path, data_dir):
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    from types import SimpleNamespace
 
     task = INSTRUCT["gsm8k"]  # prompt-masked features exactly as the gsm8k training task builds them
-    params = SimpleNamespace(max_length=96, max_train_samples=4, data_dir=str(data_dir), seed=0)
+    params = build_parameters({"task": "gsm8k", "max_length": 160, "max_train_samples": 16, "data_dir": str(data_dir)})
     data = task.load(params, tokenizer)
-    features = data.train[:4]
+    features = sorted(data.train, key=lambda f: len(f["input_ids"]))[:4]  # the 4 shortest real rows
     assert len({len(f["input_ids"]) for f in features}) > 1  # real, unequal lengths
     return model.train(), tokenizer, features
 
@@ -65,7 +66,7 @@ def textbook_grads(model, features, normalization):
 def step_grads(model, features, *, normalization, micro_batch, packing):
     opt = GradRecorder([p for p in model.parameters() if p.requires_grad])
     step = Step(model, opt, kind="causal_lm", normalization=normalization, micro_batch=micro_batch, packing=packing,
-                max_length=96, pad_to=None, pad_id=0, device=torch.device("cpu"), graphs=False, max_grad_norm=0.0)
+                max_length=160, pad_to=None, pad_id=0, device=torch.device("cpu"), graphs=False, max_grad_norm=0.0)
     stats = step(features)
     return stats.loss, opt.grads
 
@@ -110,7 +111,6 @@ def test_sample_weights_definition():
 
 def test_classification_step_equals_mean_over_samples(minilm_path, data_dir):
     """MiniLM on real RTE pairs (token_type_ids kept): a 3+2+2 cut equals one batch of 7."""
-    from types import SimpleNamespace
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -122,8 +122,8 @@ def test_classification_step_equals_mean_over_samples(minilm_path, data_dir):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     tok = AutoTokenizer.from_pretrained(minilm_path)
-    params = SimpleNamespace(max_length=128, max_train_samples=7, max_eval_samples=1, data_dir=str(data_dir), seed=0,
-                             pad_to_max_length=False)
+    params = build_parameters({"task": "glue/rte", "max_train_samples": 7, "max_eval_samples": 1,
+                               "data_dir": str(data_dir)})
     feats = get_task("glue/rte").load(params, tok).train[:7]
     assert "token_type_ids" in feats[0]
     grads = []
@@ -138,3 +138,20 @@ def test_classification_step_equals_mean_over_samples(minilm_path, data_dir):
     model(**collate(feats, 0)).loss.backward()  # transformers' own mean loss over the 7 pairs
     ref = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     assert rel(grads[0], ref) < 1e-4 and rel(grads[1], ref) < 1e-4
+
+
+def test_packed_plan_shapes_for_graphs_and_single_sample_rows():
+    """Under CUDA graphs packed micro-batches are max_length wide with a power-of-two row count
+    (few shapes to capture); rows holding one sample each drop position_ids (plain causal kernel)."""
+    feats = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in (100, 90, 80)]
+    step = Step(torch.nn.Linear(1, 1), None, kind="causal_lm", normalization="tokens", micro_batch=4, packing=True,
+                max_length=128, pad_to=None, pad_id=0, device=torch.device("cpu"), graphs=True, max_grad_norm=0.0)
+    (batch,) = step.plan(feats)
+    assert batch["input_ids"].shape == (4, 128)  # 3 rows of one sample, one zero-weight filler row
+    assert "position_ids" not in batch
+    assert batch["loss_weights"][3].sum() == 0
+    assert float(batch["loss_weights"].sum()) == pytest.approx(sum(n for n in (100, 90, 80)) / (99 + 89 + 79))
+    shared = [{"input_ids": list(range(1, 41)), "labels": list(range(1, 41))}] * 3
+    (batch,) = step.plan(shared)  # 3 x 40 tokens share one row: positions restart per sample
+    assert batch["input_ids"].shape == (1, 128)
+    assert batch["position_ids"][0, :81].tolist() == list(range(40)) * 2 + [0]

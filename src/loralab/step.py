@@ -39,10 +39,10 @@ from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
 from loralab.speed.step import causal_lm_loss, seq_cls_loss
 
-TARGET_TOKENS = 4096
-"""Auto micro-batch: tokens per forward beyond which a larger forward stops paying. An 8B step at
-4 x 512 tokens is already 97 % GPU-busy on an H100 (results/bench/README.md); 4,096 keeps an 8B
-LoRA step under 40 GiB."""
+TARGET_TOKENS = 2048
+"""Auto micro-batch: tokens per forward beyond which a larger forward stops paying. An 8B LoRA step
+at 4 x 512 tokens is already GPU-bound (15,837 tokens/s at 26.9 GiB on an H200); 8 x 512 ran
+14,567 tokens/s at 41.2 GiB on the seed-000 recipe (results/bench/README.md, "defaults")."""
 MEMORY_FRACTION = 0.8
 """Auto micro-batch: the probed peak must stay below this share of the GPU's memory (the rest is
 margin for CUDA graph pools, fragmentation and longer rows than the probe's)."""
@@ -160,11 +160,16 @@ class Step:
         for k in range(0, len(rows), per_forward):
             chunk = rows[k:k + per_forward]
             longest = max(sum(lengths[i] for i in row) for row in chunk)
-            row_width = bucket_width(longest) if self.bucket else longest
-            ids = torch.full((len(chunk), row_width), self.pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), row_width), IGNORE_INDEX, dtype=torch.long)
-            positions = torch.zeros((len(chunk), row_width), dtype=torch.long)
-            w = torch.zeros((len(chunk), row_width), dtype=torch.float32)
+            if self.bucket:
+                # CUDA graphs replay fixed shapes: rows max_length wide and a power-of-two row count
+                # (zero-weight filler rows), so an epoch needs a handful of graphs, not one per step
+                row_width, n_rows = width, 1 << (len(chunk) - 1).bit_length()
+            else:
+                row_width, n_rows = longest, len(chunk)
+            ids = torch.full((n_rows, row_width), self.pad_id, dtype=torch.long)
+            labels = torch.full((n_rows, row_width), IGNORE_INDEX, dtype=torch.long)
+            positions = torch.arange(row_width).repeat(n_rows, 1)  # filler: its own positions, no loss
+            w = torch.zeros((n_rows, row_width), dtype=torch.float32)
             for r, row in enumerate(chunk):
                 at = 0
                 for i in row:
@@ -177,9 +182,15 @@ class Step:
                     positions[r, at:at + n] = torch.arange(n)
                     w[r, at:at + n] = weights[i]
                     at += n
-                if at < row_width:  # filler: its own positions, no loss, attends only to itself
+                if at < row_width:
                     positions[r, at:] = torch.arange(row_width - at)
-            out.append({"input_ids": ids, "labels": labels, "position_ids": positions, "loss_weights": w})
+            batch = {"input_ids": ids, "labels": labels, "position_ids": positions, "loss_weights": w}
+            if all(len(row) == 1 for row in chunk):
+                # one sample per row: plain causal attention is exact (real tokens never attend to the
+                # filler after them, which has no loss), and without position_ids transformers keeps
+                # SDPA's causal kernel instead of building a mask (13 % of an 8B step when masked)
+                del batch["position_ids"]
+            out.append(batch)
         return out
 
     # -- the step ----------------------------------------------------------------------------

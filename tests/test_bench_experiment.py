@@ -1,0 +1,79 @@
+"""`loralab bench --experiment DIR`: one recipe through `loralab run` and through transformers'
+Trainer + peft, on a tiny random-weight Llama shape with real GSM8K rows and SmolLM2's tokenizer."""
+
+import json
+
+import pytest
+
+from loralab.cli import main
+from loralab.models import check_model_id, load_model, random_config
+from loralab.speed.bench import bench_copy, random_model_id
+
+ADAPTER = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+           "target_modules": ["q_proj", "v_proj", "lm_head"], "task_type": "CAUSAL_LM"}
+
+
+def make_experiment(root, model_id, **params):
+    folder = root / "experiments" / "llm" / "tiny-math" / "lora"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(ADAPTER))
+    recipe = {"model_id": model_id, "task": "gsm8k", "max_train_samples": 32, "batch_size": 2,
+              "gradient_accumulation_steps": 2, "max_length": 256, "learning_rate": 1e-3, "lr_scheduler": "cosine",
+              "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0, "eval_tasks": ["gsm8k"], **params}
+    (folder / "training_parameters.json").write_text(json.dumps(recipe))
+    return folder
+
+
+@pytest.mark.slow
+def test_bench_experiment_runs_both_stacks_on_the_same_samples(tmp_path, capsys):
+    folder = make_experiment(tmp_path, "random:tiny-llama")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--experiment", str(folder), "--steps", "3", "--device", "cpu", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["experiment"] == "llm/tiny-math/lora" and result["optimizer_batch"] == 4 and result["steps"] == 3
+    rows = {r["stack"]: r for r in result["rows"]}
+    assert set(rows) == {"loralab", "trainer"}
+    for r in rows.values():
+        assert set(r) >= {"samples", "tokens", "tokens_per_second", "samples_per_second", "peak_memory_gib",
+                          "warmup_seconds", "losses", "steady_tokens", "steady_seconds"}
+        assert r["samples"] == 12 and r["tokens_per_second"] > 0 and len(r["losses"]) == 3
+    # the very same samples (loralab run's order) went through both stacks
+    assert rows["loralab"]["tokens"] == rows["trainer"]["tokens"]
+    assert rows["loralab"]["steady_tokens"] == rows["trainer"]["steady_tokens"]  # steps 2..3 in both
+    # same weights (random:<shape> is seeded), same samples, token-mean loss in both: same step-1 loss
+    assert rows["loralab"]["losses"][0] == pytest.approx(rows["trainer"]["losses"][0], rel=1e-4)
+    assert result["ratio"] == pytest.approx(rows["loralab"]["tokens_per_second"] / rows["trainer"]["tokens_per_second"])
+    assert rows["loralab"]["speed"]["packing"] is True  # loralab run's CPU defaults, resolved
+    printed = capsys.readouterr().out
+    assert "| `loralab run` | 12 |" in printed and "| transformers Trainer + peft | 12 |" in printed
+
+
+def test_random_weights_maps_hub_ids_to_shapes(tmp_path):
+    folder = make_experiment(tmp_path, "meta-llama/Meta-Llama-3-8B")
+    exp = bench_copy(folder, tmp_path / "copy", steps=2, random_weights=True)
+    assert exp.params.model_id == "random:llama-3-8b" and exp.params.max_steps == 2
+    assert exp.params.checkpoint_steps == 0 and exp.params.logging_steps == 1
+    assert exp.params.batch_size == 2 and exp.params.gradient_accumulation_steps == 2  # the recipe's batch
+    assert exp.name == "llm/tiny-math/lora"
+    config = random_config("random:llama-3-8b", "causal_lm")
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (4096, 32, 128256)  # the real 8B shape
+    with pytest.raises(ValueError, match="no known shape for model_id 'someone/unknown-7b'.*meta-llama/Meta-Llama-3-8B"):
+        random_model_id("someone/unknown-7b")
+
+
+def test_random_model_ids_are_checked_and_reproducible():
+    assert check_model_id("random:tiny-llama") == []
+    problems = check_model_id("random:llama-4")
+    assert len(problems) == 1 and "unknown random shape 'llama-4'" in problems[0] and "random:llama-3-8b" in problems[0]
+    a = load_model("random:tiny-llama", "causal_lm")
+    b = load_model("random:tiny-llama", "causal_lm")
+    assert a.config.vocab_size == 49152  # grown to SmolLM2's tokenizer (the shape's 512 would not hold its ids)
+    assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_bench_experiment_reports_a_bad_folder(tmp_path):
+    folder = make_experiment(tmp_path, "random:tiny-llama", batch_size=0)
+    with pytest.raises(SystemExit, match="'batch_size' = 0 must be > 0"):
+        main(["bench", "--experiment", str(folder), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--steps = 1: at least 2"):
+        main(["bench", "--experiment", str(make_experiment(tmp_path / "b", "random:tiny-llama")), "--steps", "1"])
