@@ -89,6 +89,8 @@ def speed(args, launch, device) -> dict:
 
 
 def fsdp(args, launch, device) -> dict:
+    if not launch.distributed:
+        raise SystemExit("fsdp: run under torchrun with 2 or more processes")
     model = llama_8b(torch.float32, device)  # fp32 master weights: 16 B/param with AdamW, 128 GB at 8B
     model.requires_grad_(True)
     prepare_model(model, SpeedOptions(autocast="bfloat16", compile=False))
