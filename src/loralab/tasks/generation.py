@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
+from loralab import distributed
+
 BACKENDS = ("auto", "transformers", "vllm")
 
 
@@ -97,8 +99,9 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
         kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
     torch.manual_seed(settings.seed)
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    batches = distributed.share(batches)  # under DDP each rank generates its share (greedy: same outputs)
     try:
-        for batch in tqdm(batches, desc=progress or "generate", disable=progress is None):
+        for batch in tqdm(batches, desc=progress or "generate", disable=progress is None or not distributed.is_main()):
             budgets = [_budget(len(encoded[i]), settings) for i in batch]
             padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
             with torch.no_grad():
@@ -110,7 +113,7 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
                     results[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
     finally:
         model.train(was_training)
-    return results
+    return distributed.merge_shared(results)
 
 
 def _budget(prompt_tokens: int, settings: GenerationSettings) -> int:
