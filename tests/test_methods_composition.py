@@ -30,7 +30,7 @@ def test_pissa_with_lorafa_runs_lorafa_on_pissa(tmp_path, data_dir):
     exp = experiment(tmp_path, data_dir, {"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa"}, {"optimizer": "lorafa"})
     _, _, _, model, saver, method, cfg, _ = build(exp)
     assert method.NAME == "pissa+lorafa"
-    assert method.parts == {"layer": "lora", "init": "pissa", "optimizer": "lorafa"}
+    assert method.parts == {"layer": "lora", "init": "pissa", "optimizer": "lorafa", "base": "float"}
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
     optimizer = make_optimizer(model, method, cfg, exp.params)
     assert type(optimizer).__name__ == "LoraFAOptimizer"
@@ -86,5 +86,5 @@ def test_recorded_name_is_the_composition():
     for (layer, init, opt), name in cases.items():
         cfg = LoraConfig(r=4, **adapters.get(layer, {}), **adapters.get(init, {}))
         method = methods.choose_method(cfg, build_parameters({"optimizer": opt}))
-        assert method.NAME == name and method.parts == {"layer": layer, "init": init, "optimizer": opt}
+        assert method.NAME == name and method.parts == {"layer": layer, "init": init, "optimizer": opt, "base": "float"}
     assert methods.choose_method(None, build_parameters({})).NAME == "full"

@@ -48,6 +48,7 @@ INIT_SETTINGS = {
     "svd_lorafa": ({"target_modules": SQUARE, "lora_alpha": 1}, {"init": "svd_lorafa"}),
     "svd_lorafa_corrected": ({}, {"init": "svd_lorafa_corrected"}),
     "lorafa_qr": ({}, {"init": "lorafa_qr"}),
+    "loftq": ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}, {}),
 }
 
 
@@ -59,7 +60,7 @@ def test_every_registered_part_has_settings():
 def settings(layer, init, optimizer):
     adapter = {"r": R, "lora_alpha": 2 * R, "lora_dropout": 0.0, "target_modules": TARGETS, "layers_to_transform": LAYERS}
     params = {"task": "glue/rte", "max_length": 32, "learning_rate": 1e-2, "weight_decay": 0.0,
-              "calibration": {"num_samples": 16, "batch_size": 8}, "optimizer": optimizer}
+              "calibration": {"num_samples": 8, "batch_size": 8}, "optimizer": optimizer}
     for a, p in (INIT_SETTINGS[init], LAYER_SETTINGS[layer]):
         adapter.update(a)
         params.update(p)

@@ -20,9 +20,12 @@ def run(args) -> int:
             where = "  [optimizer]"
         elif kind == "layer":
             where = f"  [{part.keys}]"
+        elif kind == "base":
+            where = "  [quantization]"
         print(f"{kind:<9}  {name:<{width}}  {summary}{where}")
     combos = methods.combinations()
-    print(f"\n{len(combos)} combinations compose (layer x init x optimizer); the rest are refused at validation.")
+    print(f"\n{len(combos)} combinations compose (layer x init x optimizer), {len(methods.nf4_combinations())} of them "
+          "also on an NF4 base; the rest are refused at validation.")
     if getattr(args, "combinations", False):
         import itertools
 

@@ -2,8 +2,8 @@
 
 - the **layer**: ``lora``, ``rslora``, ``dora``, ``dora_magnitude_only``;
 - the **initialisation**: ``kaiming`` (LoRA's default), ``gaussian``, ``pissa``, ``olora``,
-  ``corda``, ``milora``, ``eva``, ``lora_ga``, and seed 003's ``svd_lorafa``,
-  ``svd_lorafa_corrected``, ``lorafa_qr``;
+  ``corda``, ``milora``, ``eva``, ``lora_ga``, seed 003's ``svd_lorafa``,
+  ``svd_lorafa_corrected``, ``lorafa_qr``, and ``loftq`` (NF4 base only);
 - the **optimizer**: ``adamw``, ``lorafa``, ``loraplus``.
 
 Each part lives in its method's file as a record (``parts.Layer`` / ``Init`` / ``Optimizer``) and is
@@ -16,9 +16,12 @@ derived from these dicts. A pair of parts that does not compose is declared by e
 (``refuses``) and is a config error naming both keys; every other combination is in the test
 matrix (``combinations()``; tests/test_methods_matrix.py).
 
+Under the method, the frozen base may be quantised (QLoRA, training_parameters ``quantization:
+"nf4"``; ``qlora.py``): recorded as ``parts["base"]``.
+
 ``choose_method(cfg, params)`` returns a ``Method``: ``NAME`` (recorded: the non-default parts
-joined by ``+``, e.g. ``pissa+lorafa``; ``lora`` when all are LoRA's), ``parts`` ({layer, init,
-optimizer}), ``check(model, cfg, params) -> problems``, ``apply(model, cfg, params, ctx) ->
+joined by ``+``, e.g. ``pissa+lorafa``; ``lora`` when all are LoRA's; ``qlora`` / ``nf4+...`` on
+an NF4 base), ``parts`` ({layer, init, optimizer, base}), ``check(model, cfg, params) -> problems``, ``apply(model, cfg, params, ctx) ->
 (model, saver | None)`` (which sets ``init_cost``), ``make_optimizer(model, cfg, params)``.
 Without an adapter_config.json the method is ``full`` fine-tuning.
 """
@@ -29,7 +32,7 @@ import itertools
 import time
 
 from loralab.methods import (
-    corda, dora, eva, full, lora, lora_ga, lorafa, loraplus, milora, olora, pissa, rslora, svd_lorafa,
+    corda, dora, eva, full, loftq, lora, lora_ga, lorafa, loraplus, milora, olora, pissa, qlora, rslora, svd_lorafa,
 )
 
 LAYERS = {p.name: p for p in (lora.LAYER, rslora.LAYER, dora.LAYER, dora.MAGNITUDE_ONLY)}
@@ -37,7 +40,7 @@ INITS = {
     p.name: p
     for p in (
         lora.KAIMING, lora.GAUSSIAN, pissa.INIT, olora.INIT, corda.INIT, milora.INIT, eva.INIT, lora_ga.INIT,
-        svd_lorafa.AS_WRITTEN, svd_lorafa.CORRECTED, svd_lorafa.QR,
+        svd_lorafa.AS_WRITTEN, svd_lorafa.CORRECTED, svd_lorafa.QR, loftq.INIT,
     )
 }
 OPTIMIZERS = {p.name: p for p in (lora.ADAMW, lorafa.OPTIMIZER, loraplus.OPTIMIZER)}
@@ -74,9 +77,12 @@ def refusal(layer: str, init: str, optimizer: str) -> str | None:
     return next((r for pair in _pairs(chosen) if (r := _reason(*pair))), None)
 
 
-def combinations() -> list[tuple[str, str, str]]:
-    """Every (layer, init, optimizer) that composes: the test matrix."""
-    return [c for c in itertools.product(LAYERS, INITS, OPTIMIZERS) if refusal(*c) is None]
+def combinations(base: str = "float") -> list[tuple[str, str, str]]:
+    """Every (layer, init, optimizer) that composes on a ``float`` or ``nf4`` base: the test matrix."""
+    return [
+        c for c in itertools.product(LAYERS, INITS, OPTIMIZERS)
+        if refusal(*c) is None and INITS[c[1]].base in ("any", base)
+    ]
 
 
 def _layer_of(cfg, params):
@@ -126,6 +132,7 @@ class Method:
         self.optimizer = OPTIMIZERS.get(params.optimizer)
         self.selection_problems: list[str] = []
         self.init_cost: dict | None = None
+        self.base = qlora.quantization(params)
         if cfg is None:
             return
         self.layer = _layer_of(cfg, params)
@@ -145,7 +152,7 @@ class Method:
     def parts(self) -> dict:
         """{"layer", "init", "optimizer"}: the composition, recorded with the result."""
         if self.is_full:
-            return {"layer": "full", "init": None, "optimizer": "adamw"}
+            return {"layer": "full", "init": None, "optimizer": "adamw", "base": self.base or "float"}
         init = None
         if self.init is not None:
             init = self.init.variant(self.cfg_given, None) if self.init.variant else self.init.name
@@ -153,6 +160,7 @@ class Method:
             "layer": self.layer.name if self.layer else None,
             "init": init,
             "optimizer": self.optimizer.name if self.optimizer else None,
+            "base": self.base or "float",
         }
 
     @property
@@ -161,7 +169,10 @@ class Method:
             return full.NAME
         parts = self.parts
         named = [parts[k] for k in ("layer", "init", "optimizer") if parts[k] not in (DEFAULTS[k], None)]
-        return "+".join(named) or "lora"
+        name = "+".join(named) or "lora"
+        if self.base == "nf4":
+            return "qlora" if name == "lora" else f"nf4+{name}"
+        return name
 
     def __repr__(self) -> str:
         return f"Method({self.NAME!r}, {self.parts})"
@@ -177,10 +188,18 @@ class Method:
                 problems.append(f"'init' = {params.init!r} needs an adapter (adapter_config.json)")
             if params.magnitude_only_modules:
                 problems.append("'magnitude_only_modules' needs a DoRA adapter (adapter_config.json 'use_dora': true)")
+            if self.base is not None:
+                problems.append(f"'quantization' = {self.base!r} needs an adapter (adapter_config.json): the quantised base is frozen")
             return problems
         problems = list(self.selection_problems)
         if self.layer is None or self.init is None or self.optimizer is None:
             return problems
+        problems += qlora.check(params, self.init)
+        if self.base == "nf4" and self.layer.name.startswith("dora") and params.speed.get("fast_dora", False):
+            problems.append(
+                f"'quantization' = 'nf4' with layer {self.layer.name!r} needs 'speed.fast_dora': false "
+                "(the fast DoRA forward reads the base weight, which is packed NF4 here)"
+            )
         chosen = {"layer": self.layer, "init": self.init, "optimizer": self.optimizer}
         for kind, part, other_kind, other in _pairs(chosen):
             reason = _reason(kind, part, other_kind, other)
@@ -204,7 +223,8 @@ class Method:
         {"seconds": wall time of the init incl. calibration, "device": "cuda"|"cpu",
         "peak_memory_bytes": peak CUDA memory allocated during the init (CUDA only),
         "memory_before_bytes": CUDA memory allocated before it (CUDA only),
-        "peak_rss_bytes": the process's peak resident memory so far (CPU only; not init-specific)}."""
+        "peak_rss_bytes": the process's peak resident memory so far (CPU only; not init-specific)};
+        with an NF4 base the quantisation is part of it."""
         import torch
 
         from loralab.methods.common import ResidualSaver, freeze_lora_A
@@ -218,6 +238,14 @@ class Method:
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
+        if self.base == "nf4":  # QLoRA: the frozen base in NF4 before the adapter is built on it
+            from loralab.methods.common import linear_names
+
+            names = linear_names(model)
+            if self.init.needs_float_weights:
+                modules = dict(model.named_modules())
+                ctx.float_weights = {n: modules[n].weight.detach().float().clone() for n in names}
+            qlora.quantize_linears(model, names)
         build_cfg = self.layer.configure(model, cfg, params)
         peft_model = self.init.build(model, build_cfg, params, ctx)
         if cuda:
@@ -253,4 +281,10 @@ def describe() -> list[tuple[str, str, str]]:
     rows = [("method", full.NAME, full.SUMMARY)]
     for kind, registry in (("layer", LAYERS), ("init", INITS), ("optimizer", OPTIMIZERS)):
         rows += [(kind, name, part.summary) for name, part in registry.items()]
+    rows.append(("base", "nf4", "QLoRA: frozen base in 4-bit NF4 (bitsandbytes), adapter on top (quantization=nf4)"))
     return rows
+
+
+def nf4_combinations() -> list[tuple[str, str, str]]:
+    """The combinations that compose on an NF4 base (QLoRA, LoftQ)."""
+    return combinations("nf4")

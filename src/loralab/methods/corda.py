@@ -50,6 +50,7 @@ INIT = Init(
     build=_build,
     check=_check,
     residual=True,
+    base="float",
     data_driven=True,
     variant=_variant,
 )

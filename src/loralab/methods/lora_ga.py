@@ -45,5 +45,6 @@ INIT = Init(
     build=_build,
     check=_check,
     residual=True,
+    base="float",
     data_driven=True,
 )

@@ -29,4 +29,5 @@ INIT = Init(
     values=("milora",),
     build=_build,
     residual=True,
+    base="float",
 )

@@ -14,4 +14,5 @@ INIT = Init(
     values=("olora",),
     build=lambda model, cfg, params, ctx: build_peft(model, cfg),
     residual=True,
+    base="float",
 )

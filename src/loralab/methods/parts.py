@@ -51,6 +51,10 @@ class Init:
     W; saved as a rank-2r LoRA on the original base). ``freezes_a``: A is part of the init and
     never trains. ``preserves_output``: the fresh adapter leaves the model's outputs unchanged.
     ``variant(cfg, params) -> str``: the recorded name when one init has modes (CorDA IPA/KPA).
+    ``base``: the frozen base it is defined on: ``"any"``, ``"float"`` (it rewrites or reads W in
+    full precision: the residual inits) or ``"nf4"`` (LoftQ: its factors fit W − NF4(W)).
+    ``needs_float_weights``: on an NF4 base, the original float weights are kept for ``build`` as
+    ``ctx.float_weights`` ({module name: (out, in) tensor}).
     """
 
     name: str
@@ -65,6 +69,8 @@ class Init:
     data_driven: bool = False
     variant: Callable | None = None
     refuses: dict = field(default_factory=dict)
+    base: str = "any"
+    needs_float_weights: bool = False
 
     def matches(self, value) -> bool:
         for v in self.values:

@@ -17,4 +17,5 @@ INIT = Init(
     values=("pissa", "pissa_niter_"),
     build=lambda model, cfg, params, ctx: build_peft(model, cfg),
     residual=True,
+    base="float",
 )

@@ -74,6 +74,7 @@ AS_WRITTEN = Init(
     freezes_a=True,
     preserves_output=False,
     refuses={"optimizer:loraplus": _LORAPLUS},
+    base="float",
 )
 CORRECTED = Init(
     name="svd_lorafa_corrected",
@@ -83,6 +84,7 @@ CORRECTED = Init(
     build=_builder(_corrected, residual=True),
     residual=True,
     freezes_a=True,
+    base="float",
     refuses={"optimizer:loraplus": _LORAPLUS},
 )
 QR = Init(
