@@ -21,6 +21,9 @@ class MethodContext:
     params: object
     train_features: list
     tokenizer: object
+    float_weights: dict | None = None
+    """On an NF4 base, the original weights ({module name: (out, in) float tensor}) for inits that
+    fit the quantisation error (LoftQ); set by ``Method.apply`` before it quantises."""
 
     def calibration_samples(self, labels: bool = False) -> list[dict]:
         """The calibration rows (``params.calibration``: dataset, num_samples, seed, sampling), as
