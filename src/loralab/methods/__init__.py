@@ -213,9 +213,12 @@ class Method:
     def check(self, model, cfg, params) -> list[str]:
         """Every problem of this configuration on this model (conflicts, ranks, shapes), at once."""
         problems = self.conflicts(cfg, params)
-        if self.is_full or problems:
+        if self.is_full:
             return problems
-        return self.layer.check(model, cfg, params) + self.init.check(model, cfg, params)
+        for part in (self.layer, self.init):
+            if part is not None:
+                problems += [p for p in part.check(model, cfg, params) if p not in problems]
+        return problems
 
     def apply(self, model, cfg, params, ctx):
         """Build the adapted model: layer config → init (calibration included) → layer finish →
