@@ -200,6 +200,9 @@ class Method:
                 f"'quantization' = 'nf4' with layer {self.layer.name!r} needs 'speed.fast_dora': false "
                 "(the fast DoRA forward reads the base weight, which is packed NF4 here)"
             )
+        if self.base == "nf4" and params.speed.get("fused_lora", False):
+            problems.append("'quantization' = 'nf4' with 'speed.fused_lora' = true: the fused LoRA matmul reads the base weight, "
+                            "which is packed NF4 here; set 'speed.fused_lora': false")
         chosen = {"layer": self.layer, "init": self.init, "optimizer": self.optimizer}
         for kind, part, other_kind, other in _pairs(chosen):
             reason = _reason(kind, part, other_kind, other)
