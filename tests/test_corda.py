@@ -179,3 +179,45 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="allowed"):
         check_options({"scaling": "max"})
     assert check_options(None)["norm_constant"] == 256
+
+
+def test_calibration_feeds_token_type_ids_as_training_does(minilm_path, data_dir):
+    """Issue 12 item 5: CorDA's covariance on real RTE sentence pairs equals the one computed from
+    what the training forward feeds layer 0's query (token_type_ids included); without the
+    token types (the old calibration) it differs, so the test can fail."""
+    from loralab.config import build_parameters
+    from loralab.data import collate
+    from loralab.methods.context import MethodContext
+    from loralab.models import load_model, load_tokenizer
+    from loralab.tasks import get_task
+
+    model = load_model("packaged:minilm-l6", "seq_cls", 2).eval()
+    tok = load_tokenizer("packaged:minilm-l6")
+    params = build_parameters({"task": "glue/rte", "data_dir": str(data_dir), "max_length": 128,
+                               "max_train_samples": 64, "calibration": {"num_samples": 64, "batch_size": 16}})
+    features = get_task("glue/rte").load(params, tok).train
+    assert any(1 in f["token_type_ids"] for f in features)
+    target = {"bert.encoder.layer.0.attention.self.query": model.bert.encoder.layer[0].attention.self.query}
+
+    batches = MethodContext(params, features, tok).calibration_batches()
+    assert all("token_type_ids" in b for b in batches)
+    ours = collect_input_stats(model, target, batches, progress=False)[0].cov
+
+    # what the training loop feeds the model: collate(features) (loralab.train.micro_batch)
+    seen = []
+    handle = target["bert.encoder.layer.0.attention.self.query"].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    batch = collate(features, tok.pad_token_id)
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    handle.remove()
+    x, mask = seen[0], batch["attention_mask"].bool()
+    ref = torch.zeros_like(ours)
+    for n in range(x.shape[0]):
+        xn = x[n][mask[n]]
+        xn = xn / xn.max().abs()  # CorDA's per-sample scale (signed max), as the official code
+        ref += xn.T @ xn
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+    no_types = [{k: v for k, v in b.items() if k != "token_type_ids"} for b in batches]
+    old = collect_input_stats(model, target, no_types, progress=False)[0].cov
+    assert torch.linalg.matrix_norm(old - ref) / torch.linalg.matrix_norm(ref) > 0.01

@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel
 from loralab.experiment import read_experiment
 from loralab.models import load_model
 from loralab.data import collate
+from loralab.methods.common import lora_modules
 from loralab.train import build, make_optimizer, seed_everything
 
 TARGETS = "all-linear"
@@ -41,6 +42,11 @@ CASES = {
     "svd_lorafa": ({"r": 4, "lora_alpha": 1, "target_modules": ATTN}, {"init": "svd_lorafa"}, False),
     "svd_lorafa_corrected": ({"r": 4, "lora_alpha": 8}, {"init": "svd_lorafa_corrected"}, True),
     "lorafa_qr": ({"r": 4, "lora_alpha": 8, "target_modules": ATTN}, {"init": "lorafa_qr"}, True),
+    "milora": ({"r": 4, "lora_alpha": 8}, {"init": "milora"}, True),
+    "eva": ({"r": 4, "lora_alpha": 8, "init_lora_weights": "eva", "eva_config": {"rho": 2.0}}, {}, True),
+    "lora_ga": ({"r": 4, "lora_alpha": 8, "init_lora_weights": "lora_ga", "lora_ga_config": {}}, {}, True),
+    "loraplus": ({"r": 4, "lora_alpha": 8}, {"optimizer": "loraplus"}, True),
+    "pissa_lorafa": ({"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa"}, {"optimizer": "lorafa"}, True),
 }
 
 
@@ -85,9 +91,17 @@ def logits(model, batch):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
-def expected_trainable(model, name, adapter, overrides):
+A_FROZEN_INITS = ("svd_lorafa", "svd_lorafa_corrected", "lorafa_qr")
+
+
+def a_frozen(overrides) -> bool:
+    return overrides.get("optimizer") == "lorafa" or overrides.get("init") in A_FROZEN_INITS
+
+
+def expected_trainable(model, name, adapter, overrides, ranks=None):
     """Closed form: LoRA r·(in+out) per adapted layer, DoRA + out, LoRA-FA only B (r·out);
-    magnitude-only modules out; plus the fully trained head (classifier and pooler)."""
+    magnitude-only modules out; plus the fully trained head (classifier and pooler). ``ranks``:
+    per-layer ranks where the init redistributes them (EVA), else r everywhere."""
     from loralab.methods.common import head_modules, linear_names
 
     head = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in head_modules(model) or ".pooler." in f".{n}")
@@ -96,12 +110,11 @@ def expected_trainable(model, name, adapter, overrides):
     modules = dict(model.named_modules())
     targets = adapter.get("target_modules", TARGETS)
     names = linear_names(model) if targets == "all-linear" else [n for n in linear_names(model) if any(n.endswith(t) for t in targets)]
-    r = adapter["r"]
     total = head
-    a_frozen = overrides.get("optimizer") == "lorafa" or overrides.get("init")
     for n in names:
         lin = modules[n]
-        total += r * lin.out_features + (0 if a_frozen else r * lin.in_features)
+        r = ranks[n] if ranks is not None else adapter["r"]
+        total += r * lin.out_features + (0 if a_frozen(overrides) else r * lin.in_features)
         if adapter.get("use_dora"):
             total += lin.out_features
     for n in linear_names(model):
@@ -129,7 +142,11 @@ def test_method_invariants(name, tmp_path, data_dir, base_state):
 
     # 2. trainable-parameter count matches the closed form
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == expected_trainable(base, name, adapter, overrides)
+    ranks = None
+    if name == "eva":  # EVA redistributes the budget r·layers by explained variance
+        ranks = {n.removeprefix("base_model.model."): m.r["default"] for n, m in lora_modules(model)}
+        assert sum(ranks.values()) == adapter["r"] * len(ranks) and len(set(ranks.values())) > 1
+    assert trainable == expected_trainable(base, name, adapter, overrides, ranks)
 
     # 3. two optimizer steps move exactly the trainable parameters
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -148,7 +165,7 @@ def test_method_invariants(name, tmp_path, data_dir, base_state):
         assert moved <= trainable_names, f"frozen parameters moved: {sorted(moved - trainable_names)[:3]}"
         lora_b = {n for n in trainable_names if "lora_B" in n}
         assert lora_b <= moved or overrides.get("magnitude_only_modules"), "lora_B did not move"
-        if overrides.get("optimizer") == "lorafa" or overrides.get("init"):
+        if a_frozen(overrides):
             assert not any("lora_A" in n for n in moved), "LoRA-FA must keep A fixed"
         if overrides.get("magnitude_only_modules"):
             mag_only = [n for n in moved if "attention.output.dense" in n or "intermediate.dense" in n]
@@ -166,8 +183,13 @@ def test_method_invariants(name, tmp_path, data_dir, base_state):
     else:
         reloaded = PeftModel.from_pretrained(base_model(base_state), out_dir)
         saved_cfg = json.loads((out_dir / "adapter_config.json").read_text())
-        assert saved_cfg["init_lora_weights"] is True or saved_cfg["init_lora_weights"] == "true" or saved_cfg["init_lora_weights"] is True
+        # plain LoRA weights; EVA keeps peft's own "eva" tag (loading never re-runs its init)
+        assert saved_cfg["init_lora_weights"] in (True, "eva" if name == "eva" else True)
     torch.testing.assert_close(logits(reloaded, batch), trained, atol=1e-4, rtol=1e-4)
+
+    # 5. merging the trained adapter into the weights gives the same logits
+    if adapter is not None:
+        torch.testing.assert_close(logits(model.merge_and_unload(), batch), trained, atol=1e-4, rtol=1e-4)
 
 
 def test_corda_kpa_and_ipa_pick_smallest_and_largest(tmp_path, data_dir, base_state):
@@ -175,6 +197,7 @@ def test_corda_kpa_and_ipa_pick_smallest_and_largest(tmp_path, data_dir, base_st
     norms = {}
     for name in ("corda_ipa", "corda_kpa"):
         adapter, overrides, _ = CASES[name]
+        adapter = {**adapter, "target_modules": ["query"]}  # only layer 0's query is looked at
         exp = make_experiment(tmp_path / name, name, adapter, overrides, data_dir)
         seed_everything(0)
         model = build(exp)[3]

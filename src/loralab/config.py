@@ -16,8 +16,19 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "lorafa")
-INITS = (None, "svd_lorafa", "svd_lorafa_corrected", "lorafa_qr")
+
+
+def __getattr__(name):
+    """``INITS`` and ``OPTIMIZERS``: the allowed 'init' / 'optimizer' values, derived from the methods
+    registry (``loralab.methods.PARAM_INITS`` / ``PARAM_OPTIMIZERS``), read lazily because methods
+    sit a floor above config."""
+    if name in ("INITS", "OPTIMIZERS"):
+        from loralab import methods
+
+        return methods.PARAM_INITS if name == "INITS" else methods.PARAM_OPTIMIZERS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 CALIBRATION_SAMPLING = ("random", "first")
 LOSS_NORMALIZATIONS = ("tokens", "samples")
 
@@ -226,7 +237,7 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
         problems.append(f"'weight_decay' = {values['weight_decay']!r} must be >= 0")
     if values["max_grad_norm"] < 0:
         problems.append(f"'max_grad_norm' = {values['max_grad_norm']!r} must be >= 0 (0 disables clipping)")
-    for name, allowed in (("dtype", DTYPES), ("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS), ("init", INITS), ("device", ("auto", "cpu", "cuda"))):
+    for name, allowed in (("dtype", DTYPES), ("lr_scheduler", SCHEDULERS), ("optimizer", __getattr__("OPTIMIZERS")), ("init", __getattr__("INITS")), ("device", ("auto", "cpu", "cuda"))):
         if values[name] not in allowed:
             shown = ", ".join(str(a) for a in allowed)
             hint = suggest(values[name], [a for a in allowed if a]) if isinstance(values[name], str) else ""

@@ -90,7 +90,8 @@ def attach_corda_eigens(model: nn.Module, lora_config, batches, *, options: dict
     """Attach CorDA eigens to every target module of ``model``, as peft's ``preprocess_corda``.
 
     ``batches``: iterable of dicts with ``input_ids`` and ``attention_mask`` (any batch size,
-    right or left padded). ``options``: see ``loralab.decomposition.corda.DEFAULTS``; the defaults
+    right or left padded) and whatever else training passes (``token_type_ids`` of sentence
+    pairs; see ``covariance.MODEL_INPUTS``). ``options``: see ``loralab.decomposition.corda.DEFAULTS``; the defaults
     follow the official CorDA code (C / 256); pass ``{"normalisation": "count"}`` for peft's C / N.
     """
     CordaEigens = _eigens_class()

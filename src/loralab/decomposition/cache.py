@@ -50,7 +50,7 @@ def model_fingerprint(model: torch.nn.Module, names: list[str], values_per_weigh
 def batches_digest(batches) -> str:
     h = hashlib.sha256()
     for batch in batches:
-        for key in ("input_ids", "attention_mask"):
+        for key in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
             if key in batch:
                 h.update(key.encode())
                 h.update(tensor_digest(torch.as_tensor(batch[key])).encode())

@@ -72,9 +72,14 @@ def find_shared_inputs(model: nn.Module, modules: dict[str, nn.Module], probe: d
     return groups
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+"""What a calibration batch passes to the model: everything a training batch does but the labels
+(BERT sentence pairs need their token_type_ids, or the second sentence runs as segment 0)."""
+
+
 def _forward(model: nn.Module, batch: dict, last_logit_only: bool = False) -> None:
     device = next(model.parameters()).device
-    kwargs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    kwargs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
     extra = {"use_cache": False}
     if last_logit_only:  # the output layer is no target: skip the (batch x tokens x vocab) logits
         extra["logits_to_keep"] = 1
@@ -116,7 +121,8 @@ def collect_input_stats(
     gpu_budget: int | None = None,
     progress: bool = True,
 ) -> list[InputStats]:
-    """Run ``model`` over ``batches`` (dicts of input_ids/attention_mask) and accumulate, per
+    """Run ``model`` over ``batches`` (dicts of input_ids, attention_mask and, where the task has
+    them, token_type_ids / position_ids: ``MODEL_INPUTS``, as training passes them) and accumulate, per
     distinct input of the ``modules``, the scaled covariance sum and/or the abs-mean sum.
 
     ``scaling``: ``signed_max`` divides sample n by |max(X_n)| (official code and peft);
@@ -128,7 +134,7 @@ def collect_input_stats(
     if not batches:
         raise ValueError("calibration needs at least one batch")
     first = batches[0]
-    probe = {k: first[k][:1, :2] for k in ("input_ids", "attention_mask") if k in first}
+    probe = {k: first[k][:1, :2] for k in MODEL_INPUTS if k in first}
     probe["attention_mask"] = torch.ones_like(probe["input_ids"])
     stats = [InputStats(names=g, dim=_in_features(modules[g[0]])) for g in find_shared_inputs(model, modules, probe)]
     device = next(model.parameters()).device
@@ -167,7 +173,7 @@ def collect_input_stats(
                     mask = torch.ones_like(batch["input_ids"])
                 state["mask"] = mask.to(device).bool()
                 state["info"] = (state["mask"].all(1).tolist(), state["mask"].sum(1).tolist())
-                _forward(model, {"input_ids": batch["input_ids"], "attention_mask": mask}, last_only)
+                _forward(model, {**batch, "attention_mask": mask}, last_only)
     finally:
         for h in handles:
             h.remove()

@@ -154,3 +154,41 @@ def freeze_lora_A(peft_model):
     for name, param in peft_model.named_parameters():
         if "lora_A" in name:
             param.requires_grad_(False)
+
+
+@torch.no_grad()
+def write_factors(layer, A: torch.Tensor, B: torch.Tensor, *, residual: bool) -> None:
+    """Write an init's factors into a peft LoRA layer (adapter ``default``).
+
+    ``A``: (r, in_features), ``B``: (out_features, r), any float dtype (cast to the adapter's).
+    ``residual=True`` also replaces the frozen base weight W by W − s·B·A (s = the layer's
+    scaling), computed in float32 from the factors as stored, so the model starts exactly at W
+    (PiSSA/MiLoRA/SVD-LoRA-FA style). Raises ValueError on a shape mismatch.
+    """
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    if tuple(A.shape) != tuple(a.shape) or tuple(B.shape) != tuple(b.shape):
+        raise ValueError(f"factor shapes A {tuple(A.shape)}, B {tuple(B.shape)}; the layer needs {tuple(a.shape)}, {tuple(b.shape)}")
+    a.copy_(A.to(a.dtype))
+    b.copy_(B.to(b.dtype))
+    if residual:
+        W = layer.get_base_layer().weight
+        s = layer.scaling["default"]
+        W.copy_((W.float() - s * (b.float() @ a.float())).to(W.dtype))
+
+
+def svd_factors(W: torch.Tensor, r: int, scaling: float, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with s·B·A = U_k S_k V_kᵀ for k = the ``largest`` (PiSSA) or ``smallest`` (MiLoRA) r
+    singular triplets of W (out×in), split as A = √(S/s)·Vᵀ, B = U·√(S/s) (PiSSA's split, Meng et al.
+    2024 eq. 2-3, and peft's ``pissa_init``). Exact SVD in float32."""
+    u, sv, vh = torch.linalg.svd(W.float(), full_matrices=False)
+    idx = slice(0, r) if which == "largest" else slice(sv.shape[0] - r, sv.shape[0])
+    root = (sv[idx] / scaling).sqrt()
+    return root[:, None] * vh[idx], u[:, idx] * root
+
+
+def init_each_layer(peft_model, factors, *, residual: bool) -> None:
+    """Apply ``factors(layer) -> (A, B)`` to every LoRA layer and write them (``write_factors``):
+    a new decomposition init is this call plus its factor function."""
+    for _, layer in lora_modules(peft_model):
+        A, B = factors(layer)
+        write_factors(layer, A, B, residual=residual)

@@ -1,5 +1,11 @@
 """What a method may ask of the run: its parameters, the training features and the tokenizer, and
-the calibration samples of data-driven inits (CorDA, ...)."""
+the calibration batches of data-driven inits (CorDA, EVA, LoRA-GA).
+
+Calibration feeds the model exactly what training feeds it: the task's own tokenized features
+(``token_type_ids`` of BERT sentence pairs included) batched by ``loralab.data.collate``, the
+function the training loop batches with. A named calibration set (``calibration.dataset``) has
+plain text, so its rows carry ``input_ids`` and ``attention_mask`` only.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,15 @@ class MethodContext:
     params: object
     train_features: list
     tokenizer: object
+    float_weights: dict | None = None
+    """On an NF4 base, the original weights ({module name: (out, in) float tensor}) for inits that
+    fit the quantisation error (LoftQ); set by ``Method.apply`` before it quantises."""
 
-    def calibration_samples(self) -> list[dict]:
+    def calibration_samples(self, labels: bool = False) -> list[dict]:
+        """The calibration rows (``params.calibration``: dataset, num_samples, seed, sampling), as
+        training features: dicts of token lists (``input_ids``, ``attention_mask``, and
+        ``token_type_ids`` where the task has them). ``labels=True`` keeps the training label (a
+        named text set gets its input ids as causal-LM labels)."""
         cal = self.params.calibration
         if cal["dataset"] is not None:
             from loralab.decomposition.calibration import calibration_samples  # seed 001's calibration sets
@@ -25,10 +38,25 @@ class MethodContext:
                 cal["dataset"], self.tokenizer, cal["num_samples"], seed=cal["seed"], seqlen=cal["seqlen"],
                 data_dir=self.params.data_dir, fmt=cal["format"], sampling=cal["sampling"],
             )
-            return [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
+            rows = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
+            return [r | {"labels": list(r["input_ids"])} for r in rows] if labels else rows
         n = min(cal["num_samples"], len(self.train_features))
         if cal["sampling"] == "first":
             idx = range(n)
         else:
             idx = sorted(np.random.default_rng(cal["seed"]).permutation(len(self.train_features))[:n].tolist())
-        return [{k: v for k, v in self.train_features[i].items() if k != "labels"} for i in idx]
+        return [{k: v for k, v in self.train_features[i].items() if labels or k != "labels"} for i in idx]
+
+    def calibration_batches(self, device=None, labels: bool = False) -> list[dict]:
+        """``calibration_samples`` in batches of ``calibration.batch_size`` (longest rows first, so
+        little is padded), padded by the training collate; tensors on ``device``. Pads carry
+        attention_mask 0 and never enter a statistic."""
+        from loralab.data import collate, pad_id
+
+        rows = self.calibration_samples(labels=labels)
+        rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
+        size = self.params.calibration["batch_size"]
+        batches = [collate(rows[i : i + size], pad_id(self.tokenizer)) for i in range(0, len(rows), size)]
+        if device is not None:
+            batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        return batches

@@ -4,47 +4,53 @@ IPA (instruction-previewed, ``corda_method: "ipm"``) takes the largest r compone
 KPA (knowledge-preserved, ``"kpm"``) the smallest; the residual W − U_r S_r V_rᵀ is frozen, so the
 model starts exactly at W.
 
-adapter_config.json: ``init_lora_weights: "corda"`` + ``corda_config: {corda_method: ...}``.
+An init variation: ``init_lora_weights: "corda"`` + ``corda_config: {corda_method: ...}``.
 Calibration (training_parameters ``calibration``): by default ``num_samples`` = 256 rows of the
 task's train split, sampled at random (seed 000's README; ``sampling: "first"`` is what seed 000's
-code did), or a named calibration set (``calibration.dataset``: nqopen, metamath, alpaca, ...).
-``loralab.decomposition.attach_corda_eigens`` computes the eigens from padded batches (pads never
-enter C; peft's ``preprocess_corda`` needs batch size 1) and leaves the model exactly as peft's
-preprocessing would, so peft's own ``corda_init`` builds the adapter. ``calibration.corda_options``
-holds the options where the sources disagree (normalisation, scaling, cov dtype; defaults = the
-official code). Saved converted to a rank-2r LoRA as PiSSA.
+code did), or a named calibration set (``calibration.dataset``: nqopen, metamath, alpaca, ...);
+batched by ``MethodContext.calibration_batches``, exactly as training batches them
+(token_type_ids of sentence pairs included). ``loralab.decomposition.attach_corda_eigens``
+computes the eigens from padded batches (pads never enter C; peft's ``preprocess_corda`` needs
+batch size 1) and leaves the model exactly as peft's preprocessing would, so peft's own
+``corda_init`` builds the adapter. ``calibration.corda_options`` holds the options where the
+sources disagree (normalisation, scaling, cov dtype; defaults = the official code). Saved
+converted to a rank-2r LoRA as PiSSA. Shares the LoRA layer and every optimizer.
 """
 
-import torch
-
-from loralab.methods.common import ResidualSaver, build_peft, check_ranks
-
-NAME = "corda"
-SUMMARY = "CorDA: covariance-oriented SVD, IPA = largest r / KPA = smallest r, residual frozen (init_lora_weights=corda)"
+from loralab.methods.common import build_peft
+from loralab.methods.parts import Init
 
 
-def applies(cfg, params) -> bool:
-    return cfg is not None and str(cfg.init_lora_weights).lower() == "corda"
-
-
-def check(model, cfg, params) -> list[str]:
-    problems = check_ranks(model, cfg)
+def _check(model, cfg, params) -> list[str]:
     if cfg.corda_config is None:
-        problems.append("adapter_config.json sets init_lora_weights='corda' but no 'corda_config' ({corda_method: ipm|kpm})")
-    return problems
+        return ["adapter_config.json sets init_lora_weights='corda' but no 'corda_config' ({corda_method: ipm|kpm})"]
+    return []
 
 
-def apply(model, cfg, params, ctx):
+def _build(model, cfg, params, ctx):
     from loralab.decomposition import attach_corda_eigens
-    from loralab.decomposition.calibration import make_batches
 
-    samples = [torch.tensor(f["input_ids"]) for f in ctx.calibration_samples()]
-    pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-    batches = make_batches(samples, params.calibration["batch_size"], pad_id)
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    batches = ctx.calibration_batches(device=next(model.parameters()).device)
     was_training = model.training
     attach_corda_eigens(model, cfg, batches, options=params.calibration["corda_options"])
     model.train(was_training)
-    peft_model = build_peft(model, cfg)
-    return peft_model, ResidualSaver(peft_model)
+    return build_peft(model, cfg)
+
+
+def _variant(cfg, params) -> str:
+    method = getattr(cfg.corda_config, "corda_method", None) if cfg.corda_config is not None else None
+    return {"ipm": "corda_ipa", "kpm": "corda_kpa"}.get(method, "corda")
+
+
+INIT = Init(
+    name="corda",
+    summary="covariance-oriented SVD, IPA = largest r / KPA = smallest r, residual frozen (init_lora_weights=corda)",
+    key="init_lora_weights",
+    values=("corda",),
+    build=_build,
+    check=_check,
+    residual=True,
+    base="float",
+    data_driven=True,
+    variant=_variant,
+)

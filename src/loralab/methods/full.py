@@ -1,18 +1,13 @@
-"""Full fine-tuning: no adapter file in the experiment; every parameter trains (seed 000's baseline)."""
+"""Full fine-tuning: no adapter file in the experiment; every parameter trains (seed 000's baseline).
+
+Not composed of parts: there is no adapter layer, so no adapter init or adapter optimizer applies.
+"""
 
 NAME = "full"
 SUMMARY = "full fine-tuning (no adapter_config.json): every weight trains"
 
 
-def applies(cfg, params) -> bool:
-    return cfg is None
-
-
-def check(model, cfg, params) -> list[str]:
-    return []
-
-
-def apply(model, cfg, params, ctx):
+def apply(model):
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, None
+    return model

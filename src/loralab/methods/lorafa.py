@@ -1,32 +1,27 @@
 """LoRA-FA (Zhang et al., 2023): A frozen at its init, only B trains, with the gradient of B
-projected by (A Aᵀ)⁻¹ / s² (peft's ``create_lorafa_optimizer``).
+projected by (A Aᵀ)⁻¹ / s² (peft's ``create_lorafa_optimizer``, per-layer scaling).
 
-Chosen by ``optimizer: "lorafa"`` in training_parameters.json with a plain LoRA adapter config.
+An optimizer variation: ``optimizer: "lorafa"`` in training_parameters.json. It composes with
+every init (A is frozen at whatever the init made it: Kaiming for plain LoRA-FA, the principal
+singular vectors under PiSSA, ...) and refuses the DoRA layers (see ``dora.py``).
 """
 
-from loralab.methods import lora
-from loralab.methods.common import build_peft, freeze_lora_A
-
-NAME = "lorafa"
-SUMMARY = "LoRA-FA: A frozen, B trained with peft's LoRA-FA optimizer (optimizer=lorafa)"
+from loralab.methods.common import freeze_lora_A
+from loralab.methods.parts import Optimizer
 
 
-def applies(cfg, params) -> bool:
-    return cfg is not None and params.optimizer == "lorafa" and params.init is None
-
-
-check = lora.check
-
-
-def apply(model, cfg, params, ctx):
-    peft_model = build_peft(model, cfg)
-    freeze_lora_A(peft_model)  # the method's own trainable set, before any optimizer exists
-    return peft_model, None
-
-
-def make_optimizer(model, cfg, params):
+def _make(model, cfg, params):
     from peft.optimizers import create_lorafa_optimizer
 
     return create_lorafa_optimizer(
         model, r=cfg.r, lora_alpha=cfg.lora_alpha, lr=params.learning_rate, weight_decay=params.weight_decay
     )
+
+
+OPTIMIZER = Optimizer(
+    name="lorafa",
+    summary="A frozen, B trained with peft's LoRA-FA optimizer (projected gradient)",
+    make=_make,
+    prepare=lambda peft_model, cfg, params: freeze_lora_A(peft_model),
+    freezes_a=True,
+)

@@ -1,22 +1,18 @@
 """OLoRA (Büyükakyüz, 2024): QR of W; B = Q[:, :r], A = R[:r], residual W − sBA frozen.
 
-``init_lora_weights: "olora"``; peft does the init; saved converted to rank 2r as PiSSA.
+An init variation: ``init_lora_weights: "olora"``; peft does the init; saved converted to rank 2r
+as PiSSA. Shares the LoRA layer and every optimizer.
 """
 
-from loralab.methods.common import ResidualSaver, build_peft, check_ranks
+from loralab.methods.common import build_peft
+from loralab.methods.parts import Init
 
-NAME = "olora"
-SUMMARY = "OLoRA: orthonormal (QR) init, residual frozen (init_lora_weights=olora)"
-
-
-def applies(cfg, params) -> bool:
-    return cfg is not None and str(cfg.init_lora_weights).lower() == "olora"
-
-
-def check(model, cfg, params) -> list[str]:
-    return check_ranks(model, cfg)
-
-
-def apply(model, cfg, params, ctx):
-    peft_model = build_peft(model, cfg)
-    return peft_model, ResidualSaver(peft_model)
+INIT = Init(
+    name="olora",
+    summary="orthonormal (QR) init, residual frozen (init_lora_weights=olora)",
+    key="init_lora_weights",
+    values=("olora",),
+    build=lambda model, cfg, params, ctx: build_peft(model, cfg),
+    residual=True,
+    base="float",
+)

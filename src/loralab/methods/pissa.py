@@ -1,25 +1,21 @@
 """PiSSA (Meng et al., 2024): adapter = top-r singular triplets of W, residual W − U_r S_r V_rᵀ frozen.
 
-``init_lora_weights: "pissa"`` (exact SVD) or ``"pissa_niter_N"`` (randomized, N subspace
-iterations) in adapter_config.json; peft does the init. The model starts exactly at W. Because the
-base weight changes, the trained adapter is saved converted to a plain rank-2r LoRA on the original
-base (ΔW = BA − B₀A₀), which plain ``PeftModel.from_pretrained`` loads.
+An init variation: ``init_lora_weights: "pissa"`` (exact SVD) or ``"pissa_niter_N"`` (randomized,
+N subspace iterations) in adapter_config.json; peft does the init (A = √(S_r/s)·V_rᵀ,
+B = U_r·√(S_r/s)). The model starts exactly at W. Because the base weight changes, the trained
+adapter is saved converted to a plain rank-2r LoRA on the original base (ΔW = BA − B₀A₀), which
+plain ``PeftModel.from_pretrained`` loads. Shares the LoRA layer and every optimizer.
 """
 
-from loralab.methods.common import ResidualSaver, build_peft, check_ranks
+from loralab.methods.common import build_peft
+from loralab.methods.parts import Init
 
-NAME = "pissa"
-SUMMARY = "PiSSA: principal singular components as the adapter, residual frozen (init_lora_weights=pissa[_niter_N])"
-
-
-def applies(cfg, params) -> bool:
-    return cfg is not None and str(cfg.init_lora_weights).lower().startswith("pissa")
-
-
-def check(model, cfg, params) -> list[str]:
-    return check_ranks(model, cfg)
-
-
-def apply(model, cfg, params, ctx):
-    peft_model = build_peft(model, cfg)
-    return peft_model, ResidualSaver(peft_model)
+INIT = Init(
+    name="pissa",
+    summary="principal r singular triplets as the adapter, residual frozen (init_lora_weights=pissa[_niter_N])",
+    key="init_lora_weights",
+    values=("pissa", "pissa_niter_"),
+    build=lambda model, cfg, params, ctx: build_peft(model, cfg),
+    residual=True,
+    base="float",
+)

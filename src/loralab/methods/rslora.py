@@ -1,17 +1,21 @@
 """rsLoRA (Kalajdzievski, 2023): LoRA with scaling alpha/sqrt(r) so that learning is rank-stable.
 
-Chosen by ``use_rslora: true`` in adapter_config.json; peft implements it.
+A layer variation: ``use_rslora: true`` in adapter_config.json; peft implements it. Everything
+else (inits, optimizers) composes unchanged, since every init reads the layer's own scaling.
 """
 
-from loralab.methods import lora
-
-NAME = "rslora"
-SUMMARY = "rsLoRA: LoRA with scaling alpha/sqrt(r) (use_rslora)"
+from loralab.methods.lora import _ranks
+from loralab.methods.parts import Layer
 
 
-def applies(cfg, params) -> bool:
-    return cfg is not None and bool(getattr(cfg, "use_rslora", False)) and not getattr(cfg, "use_dora", False)
+def _selects(cfg, params) -> bool:
+    return bool(getattr(cfg, "use_rslora", False)) and not getattr(cfg, "use_dora", False) and not params.magnitude_only_modules
 
 
-check = lora.check
-apply = lora.apply
+LAYER = Layer(
+    name="rslora",
+    summary="LoRA with scaling alpha/sqrt(r) (use_rslora)",
+    selects=_selects,
+    keys="adapter_config.json 'use_rslora'",
+    check=_ranks,
+)

@@ -1,6 +1,9 @@
 """GLUE classification and regression tasks (seed 000's table: CoLA, SST-2, MRPC, QNLI, RTE, STS-B).
 
-Training uses the train split, evaluation the validation (dev) split, as seed 000 did. Metrics are
+Training uses the train split, evaluation the validation (dev) split, as seed 000 did; or, for
+choosing hyper-parameters without touching dev, ``eval_split: "holdout"``: a fixed random
+``holdout_fraction`` of the train split (drawn with ``holdout_seed``, the same rows for every
+method and training seed) is evaluated on and left out of training. Metrics are
 the GLUE ones, computed with scipy/scikit-learn rather than ``evaluate`` (which downloads metric code
 at run time): CoLA Matthews correlation, MRPC accuracy + F1, STS-B Pearson + Spearman (regression
 head, ``num_labels=1``), the rest accuracy.
@@ -42,11 +45,11 @@ class GlueTask:
         return root / "glue" / self.folder if (root / "glue").is_dir() else root / self.folder
 
     def check(self, params) -> list[str]:
+        problems = check_holdout(params)
         if not params.data_dir:
-            return []
+            return problems
         if not Path(params.data_dir).expanduser().is_dir():
-            return [f"'data_dir' = {params.data_dir!r}: no such folder"]
-        problems = []
+            return problems + [f"'data_dir' = {params.data_dir!r}: no such folder"]
         for split in ("train", "dev"):
             path = self.folder_path(params.data_dir) / f"{split}.tsv"
             if not path.exists():
@@ -107,7 +110,16 @@ class GlueTask:
         from loralab.tasks import TaskData
 
         train_rows, train_prov = self.read("train", params.data_dir)
-        eval_rows, eval_prov = self.read("dev", params.data_dir)
+        split = getattr(params, "eval_split", "dev")
+        if split == "dev":
+            eval_rows, eval_prov = self.read("dev", params.data_dir)
+        else:
+            train_rows, eval_rows = holdout_split(
+                train_rows, getattr(params, "holdout_fraction", 0.1), getattr(params, "holdout_seed", 0)
+            )
+            eval_prov = {**train_prov, "split": "holdout", "rows": len(eval_rows),
+                         "holdout_fraction": getattr(params, "holdout_fraction", 0.1), "holdout_seed": getattr(params, "holdout_seed", 0)}
+            train_prov = {**train_prov, "minus_holdout": len(eval_rows)}
         if params.max_train_samples:
             rng = np.random.default_rng(params.seed)
             keep = np.sort(rng.permutation(len(train_rows))[: params.max_train_samples])
@@ -129,6 +141,38 @@ class GlueTask:
         preds = outputs[:, 0] if self.num_labels == 1 else outputs.argmax(-1)
         refs = [f["labels"] for f in data.eval]
         return self.score(preds, refs)
+
+
+EVAL_SPLITS = ("dev", "holdout")
+
+
+def check_holdout(params) -> list[str]:
+    """Problems of ``eval_split`` / ``holdout_fraction`` / ``holdout_seed`` (read with defaults
+    dev / 0.1 / 0 while config.py does not declare them)."""
+    problems = []
+    split = getattr(params, "eval_split", "dev")
+    fraction = getattr(params, "holdout_fraction", 0.1)
+    seed = getattr(params, "holdout_seed", 0)
+    if split not in EVAL_SPLITS:
+        problems.append(f"'eval_split' = {split!r} is not allowed; allowed: {', '.join(EVAL_SPLITS)}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        problems.append(f"'holdout_fraction' = {fraction!r} must be a number in (0, 1)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        problems.append(f"'holdout_seed' = {seed!r} must be an integer")
+    return problems
+
+
+def holdout_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train rows, held-out rows): round(fraction · n) rows drawn by
+    ``numpy.random.default_rng(seed).permutation(n)`` (at least one, at most n − 1), both parts in
+    file order. Independent of the training seed, so every method and seed sees the same split.
+    Raises ValueError for fewer than two rows."""
+    n = len(rows)
+    if n < 2:
+        raise ValueError(f"a held-out split needs at least 2 training rows, got {n}")
+    k = min(n - 1, max(1, round(fraction * n)))
+    held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 @torch.no_grad()
