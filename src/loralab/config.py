@@ -128,6 +128,11 @@ class TrainingParameters:
     seed: int = 0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    eval_split: str = "dev"
+    """GLUE: ``dev`` (the task's dev split) or ``holdout`` (a fixed ``holdout_fraction`` of train,
+    drawn with ``holdout_seed``, left out of training: for choosing hyper-parameters without dev)."""
+    holdout_fraction: float = 0.1
+    holdout_seed: int = 0
     eval_steps: int | None = None
     """Evaluate every N optimizer steps (None: only at the end)."""
     eval_batch_size: int = 64
