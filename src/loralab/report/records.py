@@ -34,7 +34,8 @@ DISPLAY = {
     "olora": "OLoRA", "corda": "CorDA", "lorafa": "LoRA-FA", "svd_lorafa": "SVD LoRA-FA",
     "svd_lorafa_corrected": "SVD LoRA-FA corrected", "lorafa_qr": "LoRA-FA QR-init",
     "magnitude_only": "DoRA (magnitude-only)", "eva": "EVA", "milora": "MiLoRA", "loftq": "LoftQ",
-    "lora_ga": "LoRA-GA", "loraplus": "LoRA+",
+    "lora_ga": "LoRA-GA", "loraplus": "LoRA+", "corda_ipa": "CorDA (IPA)", "corda_kpa": "CorDA (KPA)",
+    "dora_magnitude_only": "DoRA (magnitude-only)", "nf4": "QLoRA (NF4)",
 }
 CORDA_MODES = {"ipm": "IPA", "kpm": "KPA"}
 # The parts a plain LoRA run has; a label names only the parts that differ from these.
