@@ -2,8 +2,8 @@
 the plain training loop (accumulation, clipping, schedule), the optimizer-state preparation moves
 nothing, and (on a GPU) replayed graphs give the same weights as eager steps."""
 
-import csv
 import copy
+import csv
 
 import pytest
 import torch
@@ -11,9 +11,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 from loralab.config import build_parameters
+from loralab.data import collate
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.step import SpeedOptions, prepare_model, seq_cls_loss
-from loralab.data import collate
 
 
 def micro_batch(feats, kind, params, pad_id, pad_to, device, bucket=False):

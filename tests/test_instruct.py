@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from loralab.config import ConfigError, build_parameters
-from loralab.tasks import TASKS, get_task
-from loralab.tasks import instruct
+from loralab.tasks import TASKS, get_task, instruct
 from loralab.tasks.instruct_templates import ALPACA_INPUT, ALPACA_NO_INPUT, DORA_INPUT, DORA_NO_INPUT, PEFT_MC_QUERY
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,17 +6,16 @@
 - the saved adapter reloads with plain peft on the original base and gives the same logits.
 """
 
-import copy
 import json
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-from loralab.experiment import read_experiment
-from loralab.models import load_model
 from loralab.data import collate
+from loralab.experiment import read_experiment
 from loralab.methods.common import lora_modules
+from loralab.models import load_model
 from loralab.train import build, make_optimizer, seed_everything
 
 TARGETS = "all-linear"

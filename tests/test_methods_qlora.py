@@ -17,13 +17,14 @@ from peft import LoraConfig, PeftModel
 
 pytest.importorskip("bitsandbytes")
 
+from test_methods_matrix import R, closed_form, logits, settings, world  # noqa: E402,F401  (shared fixture)
+
 from loralab import methods  # noqa: E402
 from loralab.config import build_parameters  # noqa: E402
 from loralab.data import collate  # noqa: E402
 from loralab.methods.common import linear_names, resolve_config  # noqa: E402
 from loralab.methods.context import MethodContext  # noqa: E402
 from loralab.methods.qlora import dequantized_copy, quantize_linears  # noqa: E402
-from test_methods_matrix import R, closed_form, logits, settings, world  # noqa: E402,F401  (shared fixture)
 
 
 def pairwise_cover(combos):

@@ -12,7 +12,6 @@ from peft import LoraConfig
 
 from loralab import methods
 from loralab.config import build_parameters
-from loralab.data import collate
 from loralab.methods.common import resolve_config
 from loralab.methods.context import MethodContext
 from loralab.models import load_model, load_tokenizer

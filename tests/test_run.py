@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import torch
 from peft import LoraConfig, PeftModel
 
 from loralab.cli import main

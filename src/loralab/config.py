@@ -140,9 +140,13 @@ class TrainingParameters:
     dtype: str = "float32"
     """Base-model dtype; adapter weights stay float32."""
     optimizer: str = "adamw"
-    """``adamw`` or ``lorafa`` (peft's LoRA-FA optimizer)."""
+    """``adamw``, ``lorafa`` (peft's LoRA-FA optimizer) or ``loraplus`` (peft's LoRA+ optimizer)."""
     init: str | None = None
-    """Inits peft lacks: svd_lorafa (seed 003 as written), svd_lorafa_corrected, lorafa_qr."""
+    """Inits peft lacks: milora, svd_lorafa (seed 003 as written), svd_lorafa_corrected, lorafa_qr."""
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the optimizer part: ``loraplus_lr_ratio`` (LoRA+, default 16)."""
+    quantization: str | None = None
+    """``nf4``: the frozen base in 4-bit NormalFloat (QLoRA, bitsandbytes); None: float weights."""
     magnitude_only_modules: list[str] = field(default_factory=list)
     """DoRA modules whose magnitude alone trains (seed 002's Wdecompose_target_modules)."""
     calibration: dict[str, Any] = field(default_factory=_calibration_defaults)

@@ -149,12 +149,13 @@ def read_experiment(path) -> Experiment:
             problems.append(f"'task' = {params.task!r} is unknown{suggest(params.task, TASKS)}; known: {', '.join(sorted(TASKS))}")
         else:
             problems.extend(TASKS[params.task].check(params))
-        if params.optimizer == "lorafa" and peft_config is None:
-            problems.append("'optimizer' = 'lorafa' needs a LoRA adapter_config.json (LoRA-FA freezes lora_A)")
-        if params.init is not None and peft_config is None:
-            problems.append(f"'init' = {params.init!r} needs a LoRA adapter_config.json")
-        if params.magnitude_only_modules and not (peft_config is not None and getattr(peft_config, "use_dora", False)):
-            problems.append("'magnitude_only_modules' needs a DoRA adapter_config.json (use_dora: true)")
+        if not any(p.startswith("adapter_config.json") for p in problems):
+            from loralab.methods import choose_method  # the registry knows which parts compose
+
+            try:
+                problems.extend(choose_method(peft_config, params).conflicts(peft_config, params))
+            except ConfigError as exc:
+                problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems, str(path))
     return Experiment(

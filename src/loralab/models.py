@@ -87,9 +87,9 @@ def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
     out = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)

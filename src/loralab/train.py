@@ -38,11 +38,12 @@ from loralab.data import pad_id as _pad_id
 from loralab.experiment import Experiment
 from loralab.lifecycle import Cancelled, Diverged, Lifecycle, error_info
 from loralab.methods import choose_method
+from loralab.methods.common import embeddings_trained
 from loralab.methods.context import MethodContext
 from loralab.models import load_model, load_tokenizer, model_provenance
 from loralab.speed.defaults import resolve_speed
 from loralab.speed.step import SpeedOptions, autocast_context, length_grouped_batches, prepare_model
-from loralab.step import MicroBatchOOM, Step, loss_function, probe_micro_batch
+from loralab.step import Step, loss_function, probe_micro_batch
 from loralab.tasks import get_task
 
 
@@ -544,21 +545,13 @@ def _save(built: Built, path: Path, record: dict) -> None:
     if built.saver is not None:
         built.saver.save(model, path)
     elif hasattr(model, "peft_config"):
-        model.save_pretrained(path, save_embedding_layers=_embeddings_trained(model), **gathered)
+        model.save_pretrained(path, save_embedding_layers=embeddings_trained(model), **gathered)
     else:
         model.save_pretrained(path, **gathered)
     built.tokenizer.save_pretrained(path)
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
     record["adapter_path"] = str(path)
     record["file_size"] = sum(p.stat().st_size for p in weights)
-
-
-def _embeddings_trained(model) -> bool:
-    """True only when a base embedding matrix itself trains (peft's heuristic saves frozen copies
-    whenever lm_head/embed_tokens carry LoRA: 1.4 GB for Llama-3-8B that never changed)."""
-    hf = model.get_base_model()
-    layers = [hf.get_input_embeddings(), hf.get_output_embeddings()]
-    return any(getattr(layer, "weight", None) is not None and layer.weight.requires_grad for layer in layers if layer is not None)
 
 
 def _evaluate(built: Built, params, out_dir) -> dict:
@@ -610,6 +603,7 @@ def _record(exp: Experiment, r: dict, created_at: str, git: dict, start: float, 
             "peft_config_sha": exp.peft_config_sha,
             "method": method.NAME if method is not None else None,
             "method_parts": dict(parts) if parts else None,
+            "init_cost": getattr(method, "init_cost", None),
             "task": params.task,
             "seed": params.seed,
             "config": {

@@ -20,9 +20,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from loralab import distributed
 from loralab.decomposition import cache
-from loralab.decomposition.corda import check_options, damped_inverse, decompose_weight, resolve_solver
-from loralab.decomposition.covariance import collect_input_stats
+from loralab.decomposition.corda import (
+    check_options,
+    damped_inverse,
+    decompose_weight,
+    resolve_solver,
+)
+from loralab.distributed import (
+    collect_input_stats,  # data-parallel under torchrun, plain otherwise
+)
 
 
 def corda_targets(model: nn.Module, lora_config) -> dict[str, nn.Module]:
@@ -80,7 +88,7 @@ def covariances(model, targets: dict[str, nn.Module], batches, opts: dict) -> li
         norm = opts["norm_constant"] if opts["normalisation"] == "constant" else st.samples
         st.cov /= norm
         out.append((st.names, st.cov, st.samples))
-    if key is not None:
+    if key is not None and distributed.is_main():  # one writer when several ranks calibrate
         cache.save(opts["cache_dir"], "covariance", key, out)
     return out
 
@@ -161,7 +169,8 @@ def attach_corda_eigens(model: nn.Module, lora_config, batches, *, options: dict
             result[name] = (module.eigens.S_WC, module.eigens.U_WC, module.eigens.V_WC)
         del fixed, inv
     if eig_key is not None:
-        cache.save(opts["cache_dir"], "eigens", eig_key, result)
+        if distributed.is_main():
+            cache.save(opts["cache_dir"], "eigens", eig_key, result)
     _finish(targets, lora_config, groups, cc)
 
 

@@ -88,8 +88,13 @@ def run_study(model_id: str, rs: list[int], methods: list[str], *, calib_dataset
               seq_len: int = 2048, max_windows=None, corpora=("wikitext2", "ptb"), data_dir=None, out_dir=None,
               use_cache=False, dtype="float32", device="cpu", fmt="llama2-chat", solver="gram") -> list[dict]:
     """Base perplexity plus one row per (method, r); written to ``out_dir`` if given."""
-    from loralab.decomposition.study import calibrate, full_decompose, untie_output, write_report
-    from loralab.evals.perplexity import load_corpus, perplexity
+    from loralab.decomposition.study import (
+        calibrate,
+        full_decompose,
+        untie_output,
+        write_report,
+    )
+    from loralab.tasks.perplexity import load_corpus, perplexity
 
     model, tokenizer, path = _load(model_id, dtype, device)
     untie_output(model)

@@ -27,8 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 DEFAULTS = {
     "normalisation": "constant",  # official: C / 256; "count": peft, C / number of samples

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 
 from loralab.decomposition.asvd import ALPHA, act_scaling
 from loralab.decomposition.corda import damped_inverse
-from loralab.decomposition.covariance import collect_input_stats
+from loralab.distributed import (
+    collect_input_stats,  # data-parallel under torchrun, plain otherwise
+)
 
 METHODS = ("cov-aware", "act-aware", "plain")
 

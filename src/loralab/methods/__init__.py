@@ -32,7 +32,21 @@ import itertools
 import time
 
 from loralab.methods import (
-    corda, dora, eva, full, loftq, lora, lora_ga, lorafa, loraplus, milora, olora, pissa, qlora, rslora, svd_lorafa,
+    corda,
+    dora,
+    eva,
+    full,
+    loftq,
+    lora,
+    lora_ga,
+    lorafa,
+    loraplus,
+    milora,
+    olora,
+    pissa,
+    qlora,
+    rslora,
+    svd_lorafa,
 )
 
 LAYERS = {p.name: p for p in (lora.LAYER, rslora.LAYER, dora.LAYER, dora.MAGNITUDE_ONLY)}
@@ -221,6 +235,8 @@ class Method:
         for part in (self.layer, self.init):
             if part is not None:
                 problems += [p for p in part.check(model, cfg, params) if p not in problems]
+        if self.init is not None and self.init.residual:
+            problems += tied_residual_problems(model, cfg, self.init.name)
         return problems
 
     def apply(self, model, cfg, params, ctx):
@@ -294,3 +310,24 @@ def describe() -> list[tuple[str, str, str]]:
 def nf4_combinations() -> list[tuple[str, str, str]]:
     """The combinations that compose on an NF4 base (QLoRA, LoftQ)."""
     return combinations("nf4")
+
+
+def tied_residual_problems(model, cfg, init: str) -> list[str]:
+    """A residual init rewrites W into W − s·B₀A₀; on a weight tied to another module (SmolLM2's
+    lm_head shares embed_tokens, tie_word_embeddings) that would silently rewrite the input
+    embeddings too, which the rank-2r adapter on the original base cannot undo."""
+    from loralab.methods.common import targeted_linears
+
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, __import__("torch").nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    problems = []
+    for name, module in targeted_linears(model, cfg).items():
+        shared = [n for n in owners.get(id(module.weight), []) if n != name]
+        if shared:
+            problems.append(f"'init_lora_weights'/'init' = {init!r} rewrites the weight of {name}, which is tied to "
+                            f"{shared[0]} (tie_word_embeddings): take {name.split('.')[-1]} out of target_modules "
+                            "or use an init that leaves W unchanged")
+    return problems

@@ -117,6 +117,16 @@ def lora_modules(peft_model):
     return [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def embeddings_trained(peft_model) -> bool:
+    """True only when a base embedding matrix itself trains. peft's ``save_embedding_layers="auto"``
+    stores full frozen copies of ``embed_tokens``/``lm_head`` whenever they carry LoRA (1.4 GB for
+    Llama-3-8B that never changed); the adapter should hold what trained."""
+    hf = peft_model.get_base_model()
+    layers = [hf.get_input_embeddings(), hf.get_output_embeddings()]
+    return any(getattr(layer, "weight", None) is not None and layer.weight.requires_grad
+               for layer in layers if layer is not None)
+
+
 class ResidualSaver:
     """Saves an adapter whose init changed the base weights (PiSSA, OLoRA, CorDA, ...) as a plain
     LoRA of rank 2r on the original base: ΔW = BA − B₀A₀ = [B | −B₀]·[A ; A₀] (peft's documented
@@ -141,7 +151,7 @@ class ResidualSaver:
 
         from loralab.merge import delta_as_lora
 
-        peft_model.save_pretrained(out_dir)
+        peft_model.save_pretrained(out_dir, save_embedding_layers=embeddings_trained(peft_model))
         path = Path(out_dir) / "adapter_model.safetensors"
         cfg_path = Path(out_dir) / "adapter_config.json"
         tensors, cfg = delta_as_lora(load_file(path), self.initial, json.loads(cfg_path.read_text()))

@@ -12,7 +12,15 @@ from collections import defaultdict
 from html import escape
 
 from loralab.report.build import Report
-from loralab.report.render import COMPARISON_HEADER, FEW, comparison_intro, comparison_rows, error_line, legend, table_grid
+from loralab.report.render import (
+    COMPARISON_HEADER,
+    FEW,
+    comparison_intro,
+    comparison_rows,
+    error_line,
+    legend,
+    table_grid,
+)
 from loralab.report.tables import _sort_cols, _sort_rows, task_name
 
 CSS = """
