@@ -62,8 +62,12 @@ def test_matches_peft_preprocess_corda_smollm2(smol):
     e_ref, e_ours = _eigens(ref), _eigens(ours)
     assert sorted(e_ref) == sorted(e_ours) and len(e_ref) == 4
     for name in e_ref:
-        for k in ("S_WC", "U_WC", "V_WC"):
-            torch.testing.assert_close(getattr(e_ours[name], k), getattr(e_ref[name], k), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(e_ours[name].S_WC, e_ref[name].S_WC, rtol=1e-5, atol=1e-6)
+        for k in ("U_WC", "V_WC"):
+            # unit-norm singular vectors in fp32: a component moves by ~eps/gap between two correct
+            # SVDs (seen: 3.8e-6 on 1 of 12,288 components, with this machine's BLAS threads), so
+            # agreement is checked to 1e-5 absolute, five digits of a unit vector
+            torch.testing.assert_close(getattr(e_ours[name], k), getattr(e_ref[name], k), rtol=1e-5, atol=1e-5)
     assert not ours.training and not ref.training  # preprocess_corda leaves eval mode
     # peft's own corda_init on both: identical adapters and residuals
     p_ref = get_peft_model(ref, _config(method, targets, [1]))
