@@ -156,3 +156,13 @@ def test_shipped_glue_experiments_validate(monkeypatch):
     corda = read_experiment(root / "glue-roberta" / "corda" / "rte")
     assert corda.params.model_id == "FacebookAI/roberta-base" and corda.peft_config.r == 128
     assert corda.peft_config.corda_config.corda_method == "ipm" and corda.params.calibration["num_samples"] == 256
+
+
+def test_folder_without_config_files_is_not_an_experiment(tmp_path):
+    """`loralab run experiments/glue-minilm/lora` (the parent of the task folders) must not start
+    full fine-tuning on every default."""
+    parent = tmp_path / "experiments" / "glue-minilm" / "lora"
+    (parent / "rte").mkdir(parents=True)
+    result = run_cli(parent)
+    assert result.returncode == 2
+    assert "not an experiment folder" in result.stderr and "rte" in result.stderr

@@ -126,6 +126,10 @@ def read_experiment(path) -> Experiment:
     problems: list[str] = []
     overrides: dict = {}
     params_path = path / PARAMS_FILE
+    if not params_path.exists() and not (path / ADAPTER_FILE).exists() and not (path / "training_params.json").exists():
+        inside = sorted(p.name for p in path.iterdir() if p.is_dir())[:3]
+        raise ConfigError([f"{str(path)!r} holds neither {PARAMS_FILE} nor {ADAPTER_FILE}: not an experiment folder"
+                           + (f" (its subfolders, e.g. {', '.join(inside)}, may be)" if inside else "")], str(path))
     if params_path.exists():
         overrides = _read_json(params_path, problems) or {}
     elif (path / "training_params.json").exists():
