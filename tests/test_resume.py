@@ -142,6 +142,8 @@ def test_sigterm_writes_checkpoint_and_cancelled_record_then_resumes(tmp_path, d
     done = run(folder, env, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(final(root), reference)
+    again = run(folder, env, "--resume")  # nothing left to do: refused, not retrained
+    assert again.returncode == 2 and "already finished" in again.stderr
 
 
 def test_changed_config_refuses_to_resume_naming_the_key(tmp_path, data_dir):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import random
@@ -225,6 +226,9 @@ def epoch_batches(n: int, lengths: list[int], size: int, epoch: int, params) -> 
     return [order[i:i + size].tolist() for i in range(0, n, size)]
 
 
+FINISHED = "finished.json"
+
+
 def find_resume(exp: Experiment, out_root: Path) -> tuple[Path | None, Path | None]:
     """(run output dir, checkpoint) of the newest checkpoint of this experiment whose configuration
     hashes match; (None, None) when there is none. Raises ConfigError naming the changed keys when
@@ -240,6 +244,11 @@ def find_resume(exp: Experiment, out_root: Path) -> tuple[Path | None, Path | No
     for _, run_dir, ckpt in reversed(found):
         state = checkpoint.read_state(ckpt)
         if state.get("train_params_sha") == exp.train_params_sha and state.get("peft_config_sha") == exp.peft_config_sha:
+            done = run_dir / "checkpoints" / FINISHED
+            if done.exists():
+                raise ConfigError([f"--resume: the newest run of this experiment ({run_dir}) already finished; its result is "
+                                   f"{json.loads(done.read_text()).get('result')}. Run without --resume to train it again."],
+                                  str(exp.path))
             return run_dir, ckpt
     newest = checkpoint.read_state(found[-1][2])
     changes = checkpoint.config_changes(newest.get("config", {}), _config(exp))
@@ -339,6 +348,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             record["exception"] = exc
     result = _record(exp, record, created_at, git, start, state)
     path = results.write_result(result, git) if launch.is_main else None
+    if record["status"] == "success" and launch.is_main and (out_dir / "checkpoints").is_dir():
+        (out_dir / "checkpoints" / FINISHED).write_text(json.dumps({"result": str(path)}))  # --resume: nothing left
     if record["status"] == "cancelled":
         raise KeyboardInterrupt(str(path))
     if record["status"] in ("failed", "diverged"):
