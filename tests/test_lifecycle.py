@@ -60,7 +60,9 @@ def test_non_finite_loss_stops_as_diverged(tmp_path, data_dir, capsys):
     assert info["error"]["last_good_checkpoint"] is None or "step-" in info["error"]["last_good_checkpoint"]
 
 
-def test_bf16_autocast_generation_mismatch_reproduced_then_fixed(smollm2_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the GPU twin of the CPU regression needs CUDA")])])
+def test_bf16_autocast_generation_mismatch_reproduced_then_fixed(smollm2_path, device):
     """A bf16 base with fp32 adapters prepared for bf16 autocast: generation outside autocast fails
     as the field report says; inside the run's autocast (what evaluation now uses) it works."""
     from peft import get_peft_model
@@ -68,14 +70,14 @@ def test_bf16_autocast_generation_mismatch_reproduced_then_fixed(smollm2_path):
 
     from loralab.speed.step import SpeedOptions, autocast_context, prepare_model
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16).to(device)
     model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     prepare_model(model, SpeedOptions(autocast="bfloat16"))
     tok = AutoTokenizer.from_pretrained(smollm2_path)
-    ids = tok("Question: 2 + 3 =", return_tensors="pt")
+    ids = tok("Question: 2 + 3 =", return_tensors="pt").to(device)
     with pytest.raises(RuntimeError, match="dtype"):
         model.generate(**ids, max_new_tokens=2, do_sample=False)
-    with torch.no_grad(), autocast_context(model, "cpu"):
+    with torch.no_grad(), autocast_context(model, device):
         out = model.generate(**ids, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 2
 
