@@ -50,6 +50,7 @@ def _peft_reference(model, tok, config):
     preprocess_corda(model, config, run_model=run_model)
 
 
+@pytest.mark.slow
 def test_matches_peft_preprocess_corda_smollm2(smol):
     """KPA here; IPA is checked against peft on MiniLM below (padded batch)."""
     method = "kpm"

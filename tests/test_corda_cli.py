@@ -6,6 +6,7 @@ import torch
 pytest.importorskip("attr", reason="peft's corda module imports the attrs package")
 
 
+@pytest.mark.slow
 def test_decompose_save_path_round_trip_and_cache(smollm2_path, data_dir, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

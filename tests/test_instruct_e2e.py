@@ -6,9 +6,12 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from loralab.cli import main
 
 
+@pytest.mark.slow
 def test_sft_run_lowers_loss_and_rescoring_matches(tmp_path, data_dir, smollm2_path):
     from peft import LoraConfig
 

@@ -43,6 +43,7 @@ def test_perplexity_matches_the_models_own_loss(smol, data_dir):
     assert sliding < ppl
 
 
+@pytest.mark.slow
 def test_full_decompose_r0_reproduces_base_and_r_hurts(smol, data_dir):
     base, tok = smol
     import copy

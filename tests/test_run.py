@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from peft import LoraConfig, PeftModel
 
 from loralab.cli import main
@@ -23,6 +24,7 @@ def make(tmp_path, name, params, adapter=None):
     return folder
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_writes_valid_result(tmp_path, data_dir, monkeypatch):
     folder = make(
         tmp_path,
@@ -75,6 +77,7 @@ def test_routing_rules():
     assert route("cancelled", clean_main).name == "cancelled_results"
 
 
+@pytest.mark.slow
 def test_sigint_writes_cancelled_result(tmp_path, data_dir):
     folder = make(
         tmp_path,

@@ -19,6 +19,7 @@ def _reference_completion(name, problem):
     return problem["code"]
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_pass_164(data_dir):
     problems = code.load("humaneval", data_dir, None)
     assert len(problems) == 164
@@ -30,6 +31,7 @@ def test_humaneval_canonical_solutions_pass_164(data_dir):
     assert code.score("humaneval", problems[:8], wrong, options)["pass@1"] == 0.0
 
 
+@pytest.mark.slow
 def test_mbpp_reference_code_passes_on_test_split(data_dir):
     problems = code.load("mbpp", data_dir, None)
     assert len(problems) == 500 and problems[0]["id"] == 11 and problems[-1]["id"] == 510

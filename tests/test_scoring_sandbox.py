@@ -78,6 +78,7 @@ def test_generic_programs_need_their_test_to_finish():
     assert not run_program("open('test.py', 'w').write('pass')\nx = 1\n", test="assert x == 2").passed
 
 
+@pytest.mark.slow
 def test_uid_slots_are_unique_across_processes(tmp_path, monkeypatch):
     """Each process's slot counter starts at 0; the flock on the slot's file keeps a second
     process off a slot this one holds, and a dead holder's slot comes free."""
@@ -109,6 +110,7 @@ def test_lock_dir_owned_by_someone_else_is_refused(tmp_path, monkeypatch):
         sandbox.lock_dir()
 
 
+@pytest.mark.slow
 def test_timeouts_are_counted_apart_and_rerun_alone(monkeypatch):
     real = sandbox.run_program
     calls = []
@@ -129,6 +131,7 @@ def test_timeouts_are_counted_apart_and_rerun_alone(monkeypatch):
     assert len(calls) == 5  # the two timeouts ran twice
 
 
+@pytest.mark.slow
 def test_code_score_counts_timeouts_apart_from_failures(humaneval):
     options = evals.resolve_options("humaneval", {"timeout": 1.0})
     problems = [humaneval["HumanEval/0"], humaneval["HumanEval/1"], humaneval["HumanEval/2"]]
