@@ -263,11 +263,11 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
     params = [p for p in model.parameters() if p.requires_grad]
     chosen, m = 1, 1
+    # one padder for every probe size (built once: it wraps the model, nothing else changes)
+    step = Step(model, None, kind=kind, normalization="tokens", micro_batch=None, packing=False,
+                max_length=max_length, pad_to=width, pad_id=pad_id, device=device, graphs=False, max_grad_norm=0.0)
     with torch.random.fork_rng(devices=[device]):
         while True:
-            step = Step(model, None, kind=kind, normalization="tokens", micro_batch=None, packing=False,
-                        max_length=max_length, pad_to=width, pad_id=pad_id, device=device, graphs=False,
-                        max_grad_norm=0.0)
             feats = [longest] * m
             batch = {k: v.to(device) for k, v in step._padded(feats, [1.0 / m] * m).items()}
             torch.cuda.synchronize(device)

@@ -316,12 +316,14 @@ def tied_residual_problems(model, cfg, init: str) -> list[str]:
     """A residual init rewrites W into W − s·B₀A₀; on a weight tied to another module (SmolLM2's
     lm_head shares embed_tokens, tie_word_embeddings) that would silently rewrite the input
     embeddings too, which the rank-2r adapter on the original base cannot undo."""
+    import torch
+
     from loralab.methods.common import targeted_linears
 
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if isinstance(weight, __import__("torch").nn.Parameter):
+        if isinstance(weight, torch.nn.Parameter):
             owners.setdefault(id(weight), []).append(name)
     problems = []
     for name, module in targeted_linears(model, cfg).items():
