@@ -7,6 +7,7 @@ settings: 3 epochs, lr 4e-5, batch 32, max_length 128, linear schedule, AdamW wi
   experiments/glue-roberta/<method>/<task>/   seed 000 (roberta-base, r=128, alpha=128, dropout 0)
   experiments/glue-minilm/<method>/<task>/    the same recipe on MiniLM-L6 (runs offline)
   experiments/lorafa-svd/<task>/<init>-r<r>-lr<lr>/   seed 003 (roberta-base, attention q/k/v/o)
+  experiments/lorafa-svd-minilm/<task>/<init>-r<r>-lr<lr>/   the same study on MiniLM-L6 (runs offline)
 """
 
 import json
@@ -40,6 +41,13 @@ def write(folder: Path, params: dict, adapter: dict | None):
         LoraConfig(**adapter).save_pretrained(folder)
         # peft writes a README.md model card; the experiment folder does not need it
         (folder / "README.md").unlink(missing_ok=True)
+        # peft keeps a module list as a set and writes it in hash order: sort it, so that
+        # regenerating gives the same file (and the same configuration hash in results)
+        path = folder / "adapter_config.json"
+        config = json.loads(path.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main():
@@ -54,12 +62,17 @@ def main():
                 if extra is not None:
                     adapter = {"r": 128, "lora_alpha": 128, "lora_dropout": 0.0, "target_modules": "all-linear", **extra}
                 write(ROOT / family / method / task, params, adapter)
-    shutil.rmtree(ROOT / "lorafa-svd", ignore_errors=True)
+    for family, model_id in (("lorafa-svd", "FacebookAI/roberta-base"), ("lorafa-svd-minilm", None)):
+        shutil.rmtree(ROOT / family, ignore_errors=True)
+        write_seed003(family, model_id)
+
+
+def write_seed003(family: str, model_id: str | None):
     for task, n_train in SEED003_TASKS.items():
         for init in SEED003_INITS:
             for r, lr in SEED003_GRID:
                 params = {
-                    "model_id": "FacebookAI/roberta-base",
+                    **({"model_id": model_id} if model_id else {}),
                     "task": f"glue/{task}",
                     "init": init,
                     "batch_size": 64,
@@ -71,7 +84,7 @@ def main():
                 }
                 # the seed's minLoRA default alpha = 1, so scaling = 1/r
                 adapter = {"r": r, "lora_alpha": 1, "lora_dropout": 0.0, "target_modules": ATTENTION}
-                write(ROOT / "lorafa-svd" / task / f"{init}-r{r}-lr{lr:g}", params, adapter)
+                write(ROOT / family / task / f"{init}-r{r}-lr{lr:g}", params, adapter)
 
 
 if __name__ == "__main__":

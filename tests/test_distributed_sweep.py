@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loralab.experiment import read_experiment
-from loralab.sweep import command, parse_gpus, run_sweep
+from loralab.sweep import command, parse_gpus, run_sweep, slots_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,15 @@ def test_parse_gpus_names_bad_values():
     with pytest.raises(ValueError, match="no GPU is visible"):
         parse_gpus("all", [])
     assert command("exp", 2, True)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_slots_share_gpus_or_group_them():
+    assert slots_for(["0", "1"], runs_per_gpu=3) == [["0"], ["1"]] * 3  # first runs spread over both GPUs
+    assert slots_for(["0", "1", "2", "3", "4"], per_run=2) == [["0", "1"], ["2", "3"]]
+    with pytest.raises(ValueError, match="--runs-per-gpu 0: allowed: a positive integer"):
+        slots_for(["0"], runs_per_gpu=0)
+    with pytest.raises(ValueError, match="allowed: one of them above 1"):
+        slots_for(["0", "1"], per_run=2, runs_per_gpu=2)
 
 
 def _folder(root: Path, name: str, data_dir, lr: float) -> Path:
@@ -70,3 +79,5 @@ def test_run_gpus_without_a_visible_gpu_is_an_error(tmp_path, data_dir, monkeypa
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert main(["run", str(folder), "--gpus", "3"]) == 2
     assert "allowed: 1 to 2" in capsys.readouterr().err
+    assert main(["run", str(folder), "--runs-per-gpu", "4"]) == 2  # a sweep option without --gpus
+    assert "--runs-per-gpu 4 needs --gpus" in capsys.readouterr().err

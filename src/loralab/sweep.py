@@ -1,6 +1,11 @@
-"""``loralab run DIR... --gpus N|all [--gpus-per-run K]``: many experiment folders at once, one run
-per GPU (or per group of K GPUs, each group one ``torchrun`` launch), each a ``loralab run`` of
-its own in a subprocess that sees only its GPUs (``CUDA_VISIBLE_DEVICES``).
+"""``loralab run DIR... --gpus N|all [--gpus-per-run K | --runs-per-gpu M]``: many experiment folders
+at once, one run per GPU (or per group of K GPUs, each group one ``torchrun`` launch; or M runs
+sharing each GPU), each a ``loralab run`` of its own in a subprocess that sees only its GPUs
+(``CUDA_VISIBLE_DEVICES``).
+
+``--runs-per-gpu``: a small model's step is launch-bound (MiniLM at batch 32 leaves an H200
+mostly idle), so M processes on one GPU overlap their host work (start-up, data, evaluation,
+Python) and keep it busier. Each run still has the whole GPU's memory in view: M must fit.
 
 A folder whose experiment already has a ``success`` result for the same configuration (its
 ``train_params_sha`` and ``peft_config_sha``, under ``LORALAB_RESULTS_DIR``) is skipped, so a
@@ -84,16 +89,29 @@ def command(exp_path: str, n_gpus: int, resume: bool, sharding: str = "ddp") -> 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}", *run]
 
 
-def run_sweep(experiments: list, gpus: list[str], *, per_run: int = 1, resume: bool = False, sharding: str = "ddp",
-              out=sys.stdout, poll_s: float = 0.5) -> int:
-    """Run ``experiments`` (``Experiment`` objects) concurrently on ``gpus`` (ids), ``per_run`` GPUs each.
-
-    Returns 0 when every run succeeded (or was skipped), else the first failing run's exit code
-    (``loralab run``'s codes; 130 when cancelled). Raises ValueError when ``per_run`` does not fit.
-    """
+def slots_for(gpus: list[str], per_run: int = 1, runs_per_gpu: int = 1) -> list[list[str]]:
+    """The sweep's slots (each the GPU ids of one concurrent run): groups of ``per_run`` GPUs, or
+    each GPU ``runs_per_gpu`` times (interleaved, so the first runs spread over all GPUs).
+    Raises ValueError naming the bad option and what is allowed."""
     if per_run < 1 or per_run > len(gpus):
         raise ValueError(f"--gpus-per-run {per_run}: allowed: 1 to {len(gpus)} (the GPUs of the sweep)")
-    slots = [gpus[i:i + per_run] for i in range(0, len(gpus) - per_run + 1, per_run)]
+    if runs_per_gpu < 1:
+        raise ValueError(f"--runs-per-gpu {runs_per_gpu}: allowed: a positive integer")
+    if runs_per_gpu > 1 and per_run > 1:
+        raise ValueError(f"--runs-per-gpu {runs_per_gpu} with --gpus-per-run {per_run}: allowed: one of them above 1")
+    groups = [gpus[i:i + per_run] for i in range(0, len(gpus) - per_run + 1, per_run)]
+    return [list(g) for _ in range(runs_per_gpu) for g in groups]
+
+
+def run_sweep(experiments: list, gpus: list[str], *, per_run: int = 1, runs_per_gpu: int = 1, resume: bool = False,
+              sharding: str = "ddp", out=sys.stdout, poll_s: float = 0.5) -> int:
+    """Run ``experiments`` (``Experiment`` objects) concurrently on ``gpus`` (ids), ``per_run`` GPUs
+    each, or ``runs_per_gpu`` runs sharing each GPU.
+
+    Returns 0 when every run succeeded (or was skipped), else the first failing run's exit code
+    (``loralab run``'s codes; 130 when cancelled). Raises ValueError when the options do not fit.
+    """
+    slots = slots_for(gpus, per_run, runs_per_gpu)
     logs = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs")) / "sweep-logs"
     logs.mkdir(parents=True, exist_ok=True)
     todo = []

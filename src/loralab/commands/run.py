@@ -1,4 +1,4 @@
-"""``loralab run DIR [DIR ...] [-v] [--resume] [--sharding ddp|fsdp] [--gpus N|all [--gpus-per-run K]]``:
+"""``loralab run DIR [DIR ...] [-v] [--resume] [--sharding ddp|fsdp] [--gpus N|all [--gpus-per-run K | --runs-per-gpu M]]``:
 train, save, evaluate each experiment folder in turn.
 
 Under ``torchrun`` / ``accelerate launch`` every process runs this command and they train each
@@ -29,6 +29,8 @@ def add_arguments(parser):
                              "success result for the same configuration are skipped")
     parser.add_argument("--gpus-per-run", type=int, default=1, metavar="K",
                         help="with --gpus: GPUs per run, each run a torchrun launch of K processes")
+    parser.add_argument("--runs-per-gpu", type=int, default=1, metavar="M",
+                        help="with --gpus: M runs share each GPU at once (small models, whose steps leave a GPU idle)")
 
 
 def run(args) -> int:
@@ -47,9 +49,10 @@ def run(args) -> int:
         return 2
     if args.gpus is not None:
         return _sweep(args, experiments)
-    if args.gpus_per_run != 1:
-        print(f"error: --gpus-per-run {args.gpus_per_run} needs --gpus N|all (the sweep's GPUs)", file=sys.stderr)
-        return 2
+    for flag, value in (("--gpus-per-run", args.gpus_per_run), ("--runs-per-gpu", args.runs_per_gpu)):
+        if value != 1:
+            print(f"error: {flag} {value} needs --gpus N|all (the sweep's GPUs)", file=sys.stderr)
+            return 2
     try:
         launch = distributed.init(experiments[0].params.device, args.sharding)
     except ValueError as exc:
@@ -69,8 +72,8 @@ def _sweep(args, experiments) -> int:
         return 2
     try:
         gpus = sweep.parse_gpus(args.gpus, sweep.visible_gpus())
-        return sweep.run_sweep(experiments, gpus, per_run=args.gpus_per_run, resume=args.resume,
-                               sharding=args.sharding)
+        return sweep.run_sweep(experiments, gpus, per_run=args.gpus_per_run, runs_per_gpu=args.runs_per_gpu,
+                               resume=args.resume, sharding=args.sharding)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
