@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from loralab import trackers
+
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -137,6 +139,15 @@ class TrainingParameters:
     """Evaluate every N optimizer steps (None: only at the end)."""
     eval_batch_size: int = 64
     logging_steps: int = 10
+    report_to: list[str] | str = field(default_factory=list)
+    """Where training curves also go, as in transformers' TrainingArguments: a list of
+    ``tensorboard``, ``wandb`` (or one name); ``"none"`` / ``[]`` (default): nowhere but stderr and
+    the result. Each needs its package (``pip install tensorboard`` / ``wandb``); see
+    ``loralab.trackers``."""
+    logging_dir: str | None = None
+    """TensorBoard's folder; None: ``tensorboard/`` inside the run's output folder."""
+    wandb_project: str | None = None
+    """W&B project; None: $WANDB_PROJECT, else ``loralab``."""
     dtype: str = "float32"
     """Base-model dtype; adapter weights stay float32."""
     optimizer: str = "adamw"
@@ -165,6 +176,16 @@ class TrainingParameters:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+NOT_HASHED = ("report_to", "logging_dir", "wandb_project")
+"""Keys that change where curves are mirrored, never a number: left out of ``train_params_sha``, so
+turning a tracker on neither blocks ``--resume`` nor reruns a sweep's finished experiments."""
+
+
+def hashed_parameters(params: TrainingParameters) -> dict[str, Any]:
+    """The parameters ``train_params_sha`` covers: all but ``NOT_HASHED``."""
+    return {k: v for k, v in params.to_dict().items() if k not in NOT_HASHED}
 
 
 NESTED = {"calibration": _calibration_defaults, "generation": _generation_defaults, "speed": _speed_defaults}
@@ -202,6 +223,8 @@ def merge_parameters(overrides: dict[str, Any]) -> tuple[dict[str, Any], list[st
 def _type_ok(value, annotation: str) -> bool:
     if value is None:
         return "None" in annotation
+    if " | " in annotation:
+        return any(_type_ok(value, part) for part in annotation.split(" | ") if part != "None")
     if "bool" in annotation:
         return isinstance(value, bool)
     if annotation.startswith("int"):
@@ -288,10 +311,29 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
             check_options(cal["corda_options"])
         except ValueError as exc:
             problems.append(f"'calibration.corda_options': {exc}")
+    problems.extend(_report_to_problems(values["report_to"]))
     gen = values["generation"]
     if gen["max_new_tokens"] is not None and not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
         problems.append(f"'generation.max_new_tokens' = {gen['max_new_tokens']!r} must be a positive integer")
     return problems
+
+
+def _report_to_problems(value) -> list[str]:
+    """Unknown backends (with "did you mean"), and backends whose package is not installed: a
+    missing package stops the run here, before any model is loaded."""
+    names = [value] if isinstance(value, str) else value
+    allowed = f"a list of {', '.join(trackers.BACKENDS)} (or one of them), or \"none\" / [] for none"
+    problems = []
+    for name in names:
+        if name not in (*trackers.BACKENDS, "none"):
+            hint = suggest(name, trackers.BACKENDS) if isinstance(name, str) else ""
+            problems.append(f"'report_to' = {value!r}: {name!r} is not allowed{hint}; allowed: {allowed}")
+    if problems:
+        return problems
+    if "none" in names and len(names) > 1:
+        return [f"'report_to' = {value!r}: \"none\" turns reporting off and cannot be combined; allowed: {allowed}"]
+    return [f"'report_to' = {value!r} asks for {name}, whose package is not installed: pip install {package}"
+            for name, package in trackers.missing_packages(names).items()]
 
 
 def build_parameters(overrides: dict[str, Any], source: str = "training_parameters.json") -> TrainingParameters:
@@ -301,6 +343,7 @@ def build_parameters(overrides: dict[str, Any], source: str = "training_paramete
         problems = check_parameters(merged)
     if problems:
         raise ConfigError(problems, source)
+    merged["report_to"] = trackers.backends(merged["report_to"])  # always a list inside
     if merged["data_dir"] is None and os.environ.get("LORALAB_DATA_DIR"):
         merged["data_dir"] = os.environ["LORALAB_DATA_DIR"]
     return TrainingParameters(**merged)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loralab.config import ConfigError, TrainingParameters, build_parameters, suggest
+from loralab.config import ConfigError, TrainingParameters, build_parameters, hashed_parameters, suggest
 from loralab.models import check_model_id
 
 ADAPTER_FILE = "adapter_config.json"
@@ -167,6 +167,6 @@ def read_experiment(path) -> Experiment:
         name=experiment_name(path),
         params=params,
         peft_config=peft_config,
-        train_params_sha=sha256_json(params.to_dict()),
+        train_params_sha=sha256_json(hashed_parameters(params)),
         peft_config_sha=sha256_json(peft_data) if peft_data is not None else None,
     )

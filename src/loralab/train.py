@@ -4,8 +4,9 @@
   optimizer, the schedule and the step (``loralab.step``: micro-batching, exact loss
   normalisation, packing, CUDA graphs); on ``--resume``, the newest matching checkpoint.
 - loop: one optimizer batch (``batch_size × gradient_accumulation_steps`` samples; the last of an
-  epoch may be shorter, and is weighted exactly) per step; logging, evaluation and checkpoints
-  every N steps; a signal stops after the step with a checkpoint.
+  epoch may be shorter, and is weighted exactly) per step; logging (stderr, and TensorBoard / W&B
+  with ``report_to``: ``loralab.trackers``), evaluation and checkpoints every N steps; a signal
+  stops after the step with a checkpoint.
 - save first, evaluate second: adapter and tokenizer are on disk before any evaluation, which
   runs in the precision training used.
 - record: one result file for every ending (``loralab.lifecycle``).
@@ -46,6 +47,7 @@ from loralab.speed.defaults import resolve_speed
 from loralab.speed.step import SpeedOptions, autocast_context, length_grouped_batches, prepare_model
 from loralab.step import Step, loss_function, probe_micro_batch
 from loralab.tasks import get_task
+from loralab.trackers import Trackers
 
 
 def seed_everything(seed: int) -> None:
@@ -301,6 +303,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
               "total_steps": None, "trainable": None, "method": None, "cfg": None, "provenance": {}, "meter": None,
               "checkpoint": str(resume_from) if resume_from else None, "resumed_from": str(resume_from) if resume_from else None}
     state = {}
+    trackers = Trackers()  # none until built; ranks other than 0 keep none
     with life:
         try:
             seed_everything(params.seed)
@@ -310,12 +313,14 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
                           init_state=init_state if resume_state and resume_state.get("init_state") else None,
                           trainable_names=resume_state.get("trainable_names") if resume_state else None)
             record.update(method=built.method, cfg=built.cfg, provenance=built.data.provenance)
+            if launch.is_main:
+                trackers = Trackers.open(params, out_dir, _config(exp), (resume_state or {}).get("step", 0))
             say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
                 f"({len(built.data.train)} train / {len(built.data.eval)} eval examples), method {built.method.NAME}, "
                 f"device {built.device}; adapter -> {out_dir / 'adapter'}, result -> {results.results_root()}"
                 + ("; the classification head starts from random weights and trains with the adapter"
                    if built.task.kind == "seq_cls" else ""))
-            state = _train(exp, built, life, say, record, out_dir, ckpt_root, resume_from, resume_state, verbose)
+            state = _train(exp, built, life, say, trackers, record, ckpt_root, resume_from, resume_state, verbose)
             with life.enter("save"):
                 _save(built, out_dir / "adapter", record)
                 say(f"adapter saved to {out_dir / 'adapter'}")
@@ -326,6 +331,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
                     metrics = _evaluate(built, params, out_dir)
                     record["timing"]["final_eval_s"] = time.perf_counter() - t0
                     record["final"] = metrics
+                    trackers.log({f"eval/{k}": v for k, v in metrics.items()}, record["step"])
                     record["history"].append({"step": record["step"], "train samples": record["samples"],
                                               **{f"final {k}": v for k, v in metrics.items()}})
         except ConfigError:
@@ -346,6 +352,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             record["status"] = "failed"
             record["error"] = error_info(exc, life.phase)
             record["exception"] = exc
+        finally:
+            trackers.close(record["status"])
     result = _record(exp, record, created_at, git, start, state)
     path = results.write_result(result, git) if launch.is_main else None
     if record["status"] == "success" and launch.is_main and (out_dir / "checkpoints").is_dir():
@@ -359,7 +367,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     return result, path
 
 
-def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path, ckpt_root: Path,
+def _train(exp, built: Built, life: Lifecycle, say, trackers: Trackers, record: dict, ckpt_root: Path,
            resume_from: Path | None, resume_state: dict | None, verbose: bool) -> dict:
     from transformers import get_scheduler
 
@@ -419,6 +427,8 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
         checkpoint.load_rng(resume_from)  # last: nothing between here and the next step draws
     meter = MemoryMeter(device)
     record.update(meter=meter, speed=speed)
+    trackers.log_config({"resolved": {"method": built.method.NAME, "total_steps": total_steps,
+                                      "trainable_params": record["trainable"], "speed": speed}}, state["step"])
     running = [torch.tensor(x, device=device) for x in state["running"]]
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -440,8 +450,9 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
             record["checkpoint"] = str(path)
         distributed.barrier()
 
-    def evaluate_now() -> dict:
+    def evaluate_now(step: int) -> dict:
         metrics = _evaluate(built, params, None)
+        trackers.log({f"eval/{k}": v for k, v in metrics.items()}, step)
         model.train()
         return metrics
 
@@ -496,15 +507,17 @@ def _train(exp, built: Built, life: Lifecycle, say, record: dict, out_dir: Path,
                                  "lr": float(scheduler.get_last_lr()[0]), "train samples": state["samples"],
                                  "train tokens": state["tokens"]}
                         running = []
-                        if params.eval_steps and step % params.eval_steps == 0 and step != total_steps:
-                            entry.update({f"eval {k}": v for k, v in evaluate_now().items()})
-                        state["history"].append(entry)
                         rate = state["steady_tokens"] / state["steady_time"] if state["steady_time"] else None
+                        trackers.log({"train/loss": entry["train loss"], "train/learning_rate": entry["lr"],
+                                      "train/tokens_per_second": rate}, step)
+                        if params.eval_steps and step % params.eval_steps == 0 and step != total_steps:
+                            entry.update({f"eval {k}": v for k, v in evaluate_now(step).items()})
+                        state["history"].append(entry)
                         bar.set_postfix(loss=f"{entry['train loss']:.4f}", lr=f"{entry['lr']:.2e}",
                                         **({"tok/s": f"{rate:,.0f}"} if rate else {}))
                     elif params.eval_steps and step % params.eval_steps == 0:
                         state["history"].append({"step": step, "train samples": state["samples"],
-                                                 **{f"eval {k}": v for k, v in evaluate_now().items()}})
+                                                 **{f"eval {k}": v for k, v in evaluate_now(step).items()}})
                     if ckpt_now:
                         write_checkpoint(step)
                     if stop_now:
