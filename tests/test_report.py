@@ -271,3 +271,18 @@ def test_html_page_escapes_recorded_text(tmp_path):
     page = to_html(build_report([tmp_path]))
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert page.count("<script>") == 1  # the page's own load check only
+
+
+def test_cost_table_pools_a_rows_runs_init_seconds_and_peaks(tmp_path):
+    costs = [(2.0, 100 * 2**20, 10.0, 2**30), (4.0, 300 * 2**20, 20.0, 3 * 2**30), (3.0, 200 * 2**20, 30.0, 2 * 2**30)]
+    for seed, (secs, init_peak, train_s, peak) in enumerate(costs):
+        write(tmp_path, f"pissa-{seed}.json", make_record(
+            "pissa", "mrpc", name="set/pissa/mrpc", seed=seed, metrics={"accuracy": 0.7},
+            run_info={"init_cost": {"seconds": secs, "device": "cuda", "peak_memory_bytes": init_peak}},
+            train_info={"train_time": train_s, "cuda_memory_max": peak}))
+    write(tmp_path, "lora.json", make_record("lora", "mrpc", name="set/lora/mrpc", seed=0, metrics={"accuracy": 0.7},
+                                             run_info={"init_cost": None}))
+    md = to_markdown(build_report([tmp_path]))
+    # hand: init mean (2+4+3)/3 = 3, largest init peak 300 MiB; train mean 20 over [10, 30]; largest peak 3 GiB
+    assert "| set | PiSSA | 3 | 3.00 [2.00, 4.00] | 0.29 GiB | 20.00 [10.00, 30.00] | 3.00 GiB |" in md
+    assert "| set | LoRA | 1 | – | – |" in md  # a record without init_cost (older files) shows none

@@ -14,9 +14,12 @@ from html import escape
 from loralab.report.build import Report
 from loralab.report.render import (
     COMPARISON_HEADER,
+    COST_HEADER,
+    COST_LEGEND,
     FEW,
     comparison_intro,
     comparison_rows,
+    cost_table_rows,
     error_line,
     legend,
     table_grid,
@@ -128,6 +131,9 @@ def to_html(report: Report, command: str = "loralab report") -> str:
             parts.append(_img(efficiency_svg(by_set[name], tasks, colour), f"efficiency {name}",
                               f"{name}: headline metric against peak memory and train time, one point per run; "
                               "Pareto front joined, dominated runs grey"))
+    if used:
+        parts.append('<h2 id="cost">Cost</h2>' + _table_html(COST_HEADER, cost_table_rows(report), css="cost")
+                     + f"<p class='legend'>{escape(COST_LEGEND)}</p>")
     parts.append('<h2 id="not-finished">Runs that did not finish</h2>')
     if report.not_success:
         rows = [[r.status, r.experiment, str(r.seed), str((r.error or {}).get("phase", "–")), error_line(r), str(r.source)]

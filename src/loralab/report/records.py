@@ -87,6 +87,7 @@ class Run:
     train_info: dict
     error: dict | None = None
     variant: dict = field(default_factory=dict)
+    init_cost: dict | None = None  # run_info.init_cost: the adapter init's seconds and peak memory
 
     def axis(self, name: str):
         """The value of a grouping field (``--by``): method, task, set, seed, model, layer, init, optimizer."""
@@ -228,6 +229,7 @@ def parse_record(record: dict, source: Path) -> Run:
         total_time=_number(run_info.get("total_time"), "run_info.total_time"),
         peak_memory=memory, memory_kind=kind, config=config, git=run_info.get("git") or {},
         environment=meta, train_info=train_info, error=error if isinstance(error, dict) else None,
+        init_cost=run_info.get("init_cost") if isinstance(run_info.get("init_cost"), dict) else None,
     )
 
 

@@ -8,7 +8,7 @@ import json
 
 from loralab.report.build import Report
 from loralab.report.stats import CONFIDENCE, MIN_SEEDS, N_RESAMPLES
-from loralab.report.tables import Table, task_name
+from loralab.report.tables import Table, cost_rows, task_name
 
 FEW = "†"
 
@@ -110,6 +110,25 @@ def _md_table(header, body) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
 
 
+COST_HEADER = ["experiments", "row", "runs", "init s, mean [min, max]", "init peak", "train s, mean [min, max]", "train peak"]
+COST_LEGEND = ("Cost per run, over the row's tasks and seeds: the adapter init (decomposition, calibration "
+               "included) and training; peaks are the largest over the runs (CUDA max allocated, or CPU peak "
+               "resident set). Runs that shared a GPU (`--runs-per-gpu`) measure seconds under that contention.")
+
+
+def _gib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _secs(v) -> str:
+    return "–" if v is None else f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
+
+
+def cost_table_rows(report: Report) -> list[list[str]]:
+    return [[c.experiment_set, c.label, str(c.n), _secs(c.init_seconds), _gib(c.init_peak_bytes), _secs(c.train_seconds),
+             _gib(c.peak_bytes)] for c in cost_rows(report.used)]
+
+
 def to_markdown(report: Report) -> str:
     out = []
     for t in report.tables:
@@ -118,6 +137,8 @@ def to_markdown(report: Report) -> str:
         if t.comparisons:
             out += [comparison_intro(t), ""]
             out += _md_table(COMPARISON_HEADER, comparison_rows(t)) + [""]
+    if report.used:
+        out += ["### Cost", ""] + _md_table(COST_HEADER, cost_table_rows(report)) + ["", COST_LEGEND, ""]
     if report.not_success:
         out += ["### Runs that did not finish", ""]
         out += _md_table(["status", "experiment", "seed", "phase", "error", "file"], [
@@ -192,6 +213,9 @@ def as_dict(report: Report) -> dict:
                        "resamples": N_RESAMPLES, "min_seeds": MIN_SEEDS,
                        "sign_test": "scipy.stats.binomtest, two-sided, ties dropped"},
         "tables": tables,
+        "cost": [{"experiments": c.experiment_set, "row": c.label, "runs": c.n, "init_seconds": c.init_seconds,
+                  "init_peak_bytes": c.init_peak_bytes, "train_seconds": c.train_seconds, "peak_bytes": c.peak_bytes,
+                  "memory_kind": c.memory_kind} for c in cost_rows(report.used)],
         "not_finished": [{"status": r.status, "experiment": r.experiment, "seed": r.seed, "task": r.task,
                           "error": r.error, "file": str(r.source)} for r in report.not_success],
         "problems": [{"file": str(p.path), "reason": p.reason, "kind": p.kind} for p in report.problems],
