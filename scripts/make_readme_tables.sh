@@ -14,6 +14,6 @@ report() {
 }
 SETS="glue-minilm glue-minilm-seeds svd-family/seed000-lr svd-family/tuned svd-family/sweep lorafa-svd-minilm"
 for set in $SETS; do
-  for format in html md csv; do report "results/$set" --format $format --out "results/$set" 2>/dev/null; done
+  for format in html md csv; do report "results/$set" --format $format --out "results/$set"; done
 done
 for set in $SETS; do echo "## results/$set"; cat "results/$set/report.md"; done

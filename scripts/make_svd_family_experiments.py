@@ -79,7 +79,7 @@ def write_runs(kind: str, lrs: dict[tuple[str, str], float]):
 
 
 def write_initial():
-    for kind in ("seed000-lr", "sweep", "tuned"):
+    for kind in ("seed000-lr", "sweep"):  # tuned/ is --pick's, from results: left as it is
         shutil.rmtree(ROOT / kind, ignore_errors=True)
     write_runs("seed000-lr", {(m, t): SEED000_LR for m in METHODS for t in TASKS})
     for method, (adapter_extra, params_extra) in METHODS.items():

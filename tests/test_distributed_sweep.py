@@ -54,11 +54,13 @@ def test_sweep_runs_folders_concurrently_and_skips_finished_ones(tmp_path, data_
     a, b = _folder(tmp_path, "a", data_dir, 1e-3), _folder(tmp_path, "b", data_dir, 2e-3)
     exps = [read_experiment(a), read_experiment(b)]
     out = StringIO()
-    assert run_sweep(exps, ["", ""], out=out, poll_s=0.1) == 0, out.getvalue()
+    assert run_sweep(exps, [""], runs_per_gpu=2, out=out, poll_s=0.1) == 0, out.getvalue()  # two runs, one "GPU"
     log = out.getvalue()
     assert log.index("start sweep/b") < log.index("done sweep/a")  # both ran at once
     results = sorted(Path(os.environ["LORALAB_RESULTS_DIR"]).rglob("*.json"))
     assert len(results) == 2
+    # each record says its timings were taken sharing the GPU
+    assert [json.loads(p.read_text())["meta_info"]["system_info"]["runs_per_gpu"] for p in results] == [2, 2]
     # a re-run finds both done; a changed configuration runs again
     params = json.loads((b / "training_parameters.json").read_text())
     (b / "training_parameters.json").write_text(json.dumps({**params, "learning_rate": 3e-3}))

@@ -33,9 +33,13 @@ def test_failing_evaluation_keeps_adapter_and_writes_failed_record(tmp_path, dat
 
     monkeypatch.setattr(GlueTask, "evaluate", broken)
     folder = make(tmp_path, "lora/rte", {"task": "glue/rte", "max_train_samples": 8, "max_eval_samples": 4,
-                                         "batch_size": 4, "max_steps": 2}, {"r": 2, "target_modules": ["query"]})
+                                         "batch_size": 4, "max_steps": 2, "logging_steps": 1},
+                  {"r": 2, "target_modules": ["query"]})
     assert main(["run", str(folder)]) == 1
-    assert "failed: lora/rte: RuntimeError: scorer crashed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "failed: lora/rte: RuntimeError: scorer crashed" in err
+    # no terminal, no -v: no live bar, so each logging step is a plain line
+    assert "[loralab] step 1/2: loss " in err and "[loralab] step 2/2: loss " in err
     (record,) = records(tmp_path)
     assert validate(record) == []
     info = record["train_info"]

@@ -286,3 +286,17 @@ def test_cost_table_pools_a_rows_runs_init_seconds_and_peaks(tmp_path):
     # hand: init mean (2+4+3)/3 = 3, largest init peak 300 MiB; train mean 20 over [10, 30]; largest peak 3 GiB
     assert "| set | PiSSA | 3 | 3.00 [2.00, 4.00] | 0.29 GiB | 20.00 [10.00, 30.00] | 3.00 GiB |" in md
     assert "| set | LoRA | 1 | – | – |" in md  # a record without init_cost (older files) shows none
+
+
+def test_compare_rows_whose_labels_hold_commas(tmp_path):
+    for task, init, r, lr, acc in [("mrpc", "svd_lorafa", 4, 4e-4, 0.70), ("mrpc", "svd_lorafa", 2, 1e-4, 0.66),
+                                   ("rte", "svd_lorafa", 4, 4e-4, 0.55), ("rte", "svd_lorafa", 2, 1e-4, 0.52)]:
+        rec = make_record("lora", task, name=f"lorafa/{task}/{init}-r{r}-lr{lr:g}", metrics={"accuracy": acc},
+                          params={"init": init, "optimizer": "lorafa", "learning_rate": lr}, adapter={"r": r})
+        rec["run_info"]["method"] = "svd_lorafa"
+        write(tmp_path, f"{task}-{r}.json", rec)
+    report = build_report([tmp_path], compare=["SVD LoRA-FA (lr=0.0004, r=4),SVD LoRA-FA (lr=0.0001, r=2)"])
+    (t,) = report.tables
+    (cmp,) = t.comparisons  # hand: (70 − 66 + 55 − 52) / 2 = 3.5 over the two tasks
+    assert (cmp.a, cmp.b, cmp.n, cmp.wins) == ("SVD LoRA-FA (lr=0.0004, r=4)", "SVD LoRA-FA (lr=0.0001, r=2)", 2, 2)
+    assert cmp.mean_diff == pytest.approx(3.5)

@@ -85,6 +85,8 @@ def system_info() -> dict:
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    if os.environ.get("LORALAB_RUNS_PER_GPU"):  # set by a sweep with --runs-per-gpu: timings were shared
+        info["runs_per_gpu"] = int(os.environ["LORALAB_RUNS_PER_GPU"])
     return info
 
 

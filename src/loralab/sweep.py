@@ -143,6 +143,8 @@ def run_sweep(experiments: list, gpus: list[str], *, per_run: int = 1, runs_per_
                 exp, slot = todo.pop(0), free.pop(0)
                 log = logs / f"{exp.name.replace('/', '--')}.log"
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(slot)}
+                if runs_per_gpu > 1:  # recorded in the result's system_info: its seconds were measured sharing a GPU
+                    env["LORALAB_RUNS_PER_GPU"] = str(runs_per_gpu)
                 with open(log, "ab") as fh:
                     proc = subprocess.Popen(command(str(exp.path), len(slot), resume, sharding), env=env, stdout=fh,
                                             stderr=subprocess.STDOUT)

@@ -317,7 +317,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
                 trackers = Trackers.open(params, out_dir, _config(exp), (resume_state or {}).get("step", 0))
             say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
                 f"({len(built.data.train)} train / {len(built.data.eval)} eval examples), method {built.method.NAME}, "
-                f"device {built.device}; adapter -> {out_dir / 'adapter'}, result -> {results.results_root()}"
+                f"device {built.device}; adapter -> {out_dir / 'adapter'}, result -> "
+                f"{results.route('success', git).resolve()}/ (on success)"
                 + ("; the classification head starts from random weights and trains with the adapter"
                    if built.task.kind == "seq_cls" else ""))
             state = _train(exp, built, life, say, trackers, record, ckpt_root, resume_from, resume_state, verbose)
@@ -515,6 +516,10 @@ def _train(exp, built: Built, life: Lifecycle, say, trackers: Trackers, record: 
                         state["history"].append(entry)
                         bar.set_postfix(loss=f"{entry['train loss']:.4f}", lr=f"{entry['lr']:.2e}",
                                         **({"tok/s": f"{rate:,.0f}"} if rate else {}))
+                        if bar.disable:  # no live bar (stderr is no terminal, no -v): one line per log step
+                            evals = "".join(f", {k} {v:.4g}" for k, v in entry.items() if k.startswith("eval "))
+                            say(f"step {step}/{total_steps}: loss {entry['train loss']:.4f}, lr {entry['lr']:.2e}"
+                                + (f", {rate:,.0f} tokens/s" if rate else "") + evals)
                     elif params.eval_steps and step % params.eval_steps == 0:
                         state["history"].append({"step": step, "train samples": state["samples"],
                                                  **{f"eval {k}": v for k, v in evaluate_now(step).items()}})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loralab.report.records import Problem, Run, load_runs
-from loralab.report.tables import ReportError, Table, build_tables
+from loralab.report.tables import ReportError, Table, build_tables, split_pair
 
 
 @dataclass
@@ -43,7 +43,7 @@ def build_report(paths, by: str = "method,task", metrics=None, compare=None, bas
     tables = build_tables(used, [r for r in runs if r.status != "success"], by=by, metrics=metrics,
                           compare=compare, baseline=baseline)
     for spec in compare or []:
-        a, _, b = spec.partition(",")
+        a, _, b = split_pair(spec)
         if not any(c.a.lower().startswith(a.strip().lower()) and c.b.lower().startswith(b.strip().lower())
                    for t in tables for c in t.comparisons):
             rows = sorted({str(row) for t in tables for row in t.rows})

@@ -227,6 +227,17 @@ def _average(cells, row, cols, pooled: bool = False) -> Summary | None:
     return Summary(sum(cells[(row, c)].summary.mean for c in cols) / len(cols), None, None, None, 0)
 
 
+def split_pair(spec: str) -> tuple[str, str, str]:
+    """``--compare A,B`` split at its first comma outside parentheses, like ``str.partition``: row
+    labels of variants hold commas (``SVD LoRA-FA (lr=0.0004, r=4)``)."""
+    depth = 0
+    for i, ch in enumerate(spec):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            return spec[:i], ",", spec[i + 1:]
+    return spec, "", ""
+
+
 def _match_row(name: str, rows) -> str:
     for r in rows:
         if str(r).lower() == name.lower():
@@ -254,7 +265,7 @@ def _comparisons(t: Table, compare, baseline) -> list[Paired]:
     pairs = []
     if compare:
         for spec in compare:
-            a, sep, b = spec.partition(",")
+            a, sep, b = split_pair(spec)
             if not sep:
                 raise ReportError(f"--compare {spec!r}: expected A,B (two row names)")
             try:
