@@ -32,6 +32,7 @@ def _logits(model, tok):
         return model(**x).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merged_model_equals_unmerged(smol, tmp_path, use_dora):
     from peft import LoraConfig, get_peft_model
@@ -56,6 +57,7 @@ def test_merged_model_equals_unmerged(smol, tmp_path, use_dora):
     torch.testing.assert_close(_logits(merged, tok), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_corda_rank_2r_conversion_reproduces_trained_model(smol, tmp_path):
     pytest.importorskip("attr", reason="peft's corda module imports the attrs package")
     from peft import LoraConfig, PeftModel, get_peft_model

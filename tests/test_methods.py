@@ -122,7 +122,11 @@ def expected_trainable(model, name, adapter, overrides, ranks=None):
     return total
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# the fast subset keeps one case per kind (plain, weight-decomposed, frozen-A); the rest run in the full suite
+FAST_CASES = {"lora", "dora", "svd_lorafa"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_CASES else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
 def test_method_invariants(name, tmp_path, data_dir, base_state):
     adapter, overrides, preserves = CASES[name]
     exp = make_experiment(tmp_path, name, adapter, overrides, data_dir)

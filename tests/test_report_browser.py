@@ -26,6 +26,7 @@ def _chromium(*args, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
 
 
+@pytest.mark.slow
 def test_html_report_renders_every_table_and_plot(tmp_path):
     failed = make_record(name="glue-minilm/lora/rte", seed=1, status="failed", params={"task": "glue/rte"}, train_info={
         "error": {"type": "RuntimeError", "message": "CUDA out of memory", "traceback": "Traceback (most recent call last) ...",

@@ -142,6 +142,7 @@ def test_code_score_counts_timeouts_apart_from_failures(humaneval):
     assert m["pass@1"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.slow
 def test_human_eval_protocol_warns_and_rescores_with_its_prompt(humaneval, data_dir):
     """openai/human-eval completions continue the unstripped prompt: under loralab's default
     (bigcode) protocol they do not compile, and the result says so; given their prompt, they pass."""
