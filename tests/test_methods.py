@@ -132,8 +132,9 @@ def test_method_invariants(name, tmp_path, data_dir, base_state):
     exp = make_experiment(tmp_path, name, adapter, overrides, data_dir)
     base = base_model(base_state)
     seed_everything(0)
-    task, tokenizer, data, model, saver, method, cfg, device = build(exp)
-    batch = collate(data.train[:8], tokenizer.pad_token_id)
+    built = build(exp)
+    model, saver, method, cfg = built.model, built.saver, built.method, built.cfg
+    batch = collate(built.data.train[:8], built.tokenizer.pad_token_id)
 
     # 1. a fresh adapter leaves the logits unchanged where the method claims so
     ref = logits(base, batch)
@@ -203,7 +204,7 @@ def test_corda_kpa_and_ipa_pick_smallest_and_largest(tmp_path, data_dir, base_st
         adapter = {**adapter, "target_modules": ["query"]}  # only layer 0's query is looked at
         exp = make_experiment(tmp_path / name, name, adapter, overrides, data_dir)
         seed_everything(0)
-        model = build(exp)[3]
+        model = build(exp).model
         layer = dict(model.named_modules())["base_model.model.bert.encoder.layer.0.attention.self.query"]
         delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
         norms[name] = torch.linalg.matrix_norm(delta, ord=2).item()
@@ -214,7 +215,7 @@ def built_layer_and_base_weight(tmp_path, data_dir, base_state, case, module):
     """The method's layer ``module`` after ``build`` and the untouched base model's weight there."""
     adapter, overrides, _ = CASES[case]
     seed_everything(0)
-    model = build(make_experiment(tmp_path, case, adapter, overrides, data_dir))[3]
+    model = build(make_experiment(tmp_path, case, adapter, overrides, data_dir)).model
     layer = dict(model.named_modules())[f"base_model.model.{module}"]
     return layer, dict(base_model(base_state).named_modules())[module].weight
 

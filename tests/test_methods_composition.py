@@ -28,13 +28,14 @@ def test_pissa_with_lorafa_runs_lorafa_on_pissa(tmp_path, data_dir):
     """Was: PiSSA with AdamW on A (the optimizer ignored). Now: PiSSA's A frozen, peft's LoRA-FA."""
     seed_everything(0)
     exp = experiment(tmp_path, data_dir, {"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa"}, {"optimizer": "lorafa"})
-    _, _, _, model, saver, method, cfg, _ = build(exp)
+    built = build(exp)
+    model, method, cfg = built.model, built.method, built.cfg
     assert method.NAME == "pissa+lorafa"
     assert method.parts == {"layer": "lora", "init": "pissa", "optimizer": "lorafa", "base": "float"}
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
     optimizer = make_optimizer(model, method, cfg, exp.params)
     assert type(optimizer).__name__ == "LoraFAOptimizer"
-    assert saver is not None  # residual init: saved as a rank-2r LoRA
+    assert built.saver is not None  # residual init: saved as a rank-2r LoRA
     layer = dict(model.named_modules())["base_model.model.bert.encoder.layer.0.attention.self.query"]
     s = layer.scaling["default"]
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight

@@ -110,15 +110,6 @@ class Built:
     wrapped: object = None
     """The model and its loss under DDP/FSDP2 (``distributed.wrap``) when more than one process trains."""
 
-    def _fields(self) -> tuple:
-        return (self.task, self.tokenizer, self.data, self.model, self.saver, self.method, self.cfg, self.device)
-
-    def __iter__(self):  # older callers unpack the former 8-tuple
-        return iter(self._fields())
-
-    def __getitem__(self, i):
-        return self._fields()[i]
-
 
 def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | None = None,
           trainable_names: list[str] | None = None):
