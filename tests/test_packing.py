@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups, pad_features
+from loralab.data import collate
+from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups
 from loralab.speed.step import causal_lm_loss
 
 
@@ -84,7 +85,7 @@ def test_length_grouped_batches_and_dynamic_padding():
     assert sorted(i for b in batches for i in b) == list(range(1000))
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     assert padded < 1.1 * sum(lengths)  # nearly no padding, against ~2x for random batches
-    batch = pad_features([{"input_ids": [1, 2, 3], "labels": 1}, {"input_ids": [4] * 10, "labels": 0}], pad_token_id=0)
+    batch = collate([{"input_ids": [1, 2, 3], "labels": 1}, {"input_ids": [4] * 10, "labels": 0}], 0, multiple_of=8)
     assert batch["input_ids"].shape == (2, 16)
     assert batch["attention_mask"].sum(1).tolist() == [3, 10]
     assert batch["labels"].tolist() == [1, 0]

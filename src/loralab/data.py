@@ -4,20 +4,39 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # the label of a position that takes no loss (torch's cross_entropy default)
 
-def collate(features: list[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized features; token labels pad with -100, scalar labels stack."""
-    length = pad_to or max(len(f["input_ids"]) for f in features)
-    batch = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
-        if key in features[0]:
-            batch[key] = torch.tensor([f[key] + [fill] * (length - len(f[key])) for f in features])
-    if "labels" in features[0]:
-        labels = [f["labels"] for f in features]
-        if isinstance(labels[0], list):
-            batch["labels"] = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels])
-        else:
-            batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+
+def collate(features: list[dict], pad_id: int, pad_to: int | None = None, *, multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized features into one batch: the one padding routine of training (``Step``),
+    evaluation, calibration and the bench's peer.
+
+    Width: ``pad_to`` when given (longer samples are cut there), else the longest sample rounded up
+    to ``multiple_of``. ``input_ids`` pad with ``pad_id``; ``attention_mask`` is 1 over each sample's
+    tokens; ``token_type_ids`` (when the features have them) pad with 0; token labels (a list per
+    sample) pad with -100; scalar labels stack (float32 for regression, int64 otherwise).
+    Returns int64 tensors of shape (batch, width), scalar labels of shape (batch,)."""
+    longest = max(len(f["input_ids"]) for f in features)
+    width = pad_to if pad_to is not None else -(-longest // multiple_of) * multiple_of
+    n = len(features)
+    batch = {"input_ids": torch.full((n, width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((n, width), dtype=torch.long)}
+    if "token_type_ids" in features[0]:
+        batch["token_type_ids"] = torch.zeros((n, width), dtype=torch.long)
+    labels = [f["labels"] for f in features] if "labels" in features[0] else None
+    token_labels = labels is not None and isinstance(labels[0], (list, tuple))
+    if token_labels:
+        batch["labels"] = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for row, f in enumerate(features):
+        k = min(len(f["input_ids"]), width)
+        batch["input_ids"][row, :k] = torch.tensor(f["input_ids"][:k])
+        batch["attention_mask"][row, :k] = 1
+        if "token_type_ids" in batch:
+            batch["token_type_ids"][row, :k] = torch.tensor(f["token_type_ids"][:k])
+        if token_labels:
+            batch["labels"][row, :k] = torch.tensor(labels[row][:k])
+    if labels is not None and not token_labels:
+        batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
     return batch
 
 

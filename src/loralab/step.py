@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from loralab import distributed
+from loralab.data import collate
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
@@ -126,29 +127,10 @@ class Step:
 
     def _padded(self, feats: list[dict], weights: list[float]) -> dict:
         longest = max(len(f["input_ids"]) for f in feats)
-        width = self.pad_to or (bucket_width(longest) if self.bucket else longest)
-        n = len(feats)
-        batch = {"input_ids": torch.full((n, width), self.pad_id, dtype=torch.long),
-                 "attention_mask": torch.zeros((n, width), dtype=torch.long)}
-        if "token_type_ids" in feats[0]:
-            batch["token_type_ids"] = torch.zeros((n, width), dtype=torch.long)
-        token_labels = isinstance(feats[0].get("labels"), (list, tuple))
-        if token_labels:
-            batch["labels"] = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-            batch["loss_weights"] = torch.zeros((n, width), dtype=torch.float32)
-        for row, f in enumerate(feats):
-            k = len(f["input_ids"])
-            batch["input_ids"][row, :k] = torch.tensor(f["input_ids"])
-            batch["attention_mask"][row, :k] = 1
-            if "token_type_ids" in batch:
-                batch["token_type_ids"][row, :k] = torch.tensor(f["token_type_ids"])
-            if token_labels:
-                batch["labels"][row, :k] = torch.tensor(f["labels"])
-                batch["loss_weights"][row, :k] = weights[row]
-        if not token_labels:
-            labels = [f["labels"] for f in feats]
-            batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
-            batch["loss_weights"] = torch.tensor(weights, dtype=torch.float32)
+        batch = collate(feats, self.pad_id, self.pad_to or (bucket_width(longest) if self.bucket else longest))
+        w = torch.tensor(weights, dtype=torch.float32)
+        # per-token weights over each row's tokens (token labels), else one weight per sample
+        batch["loss_weights"] = batch["attention_mask"] * w[:, None] if batch["labels"].dim() == 2 else w
         return batch
 
     def _packed(self, features: list[dict], weights: list[float]) -> list[dict]:

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from loralab.data import collate
 from loralab.speed import step
 from loralab.speed.lengths import sample_lengths
-from loralab.speed.packing import pad_features
 from loralab.step import Step, probe_micro_batch
 
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -226,8 +226,8 @@ def peer_batch(w: Workload, feats: list[dict], pad_id: int) -> dict:
     """The peer's padded batch: to ``seq_len`` (``peer_pad_to_max``), else to the longest sample
     (classification: rounded up to 8, as transformers' collators do)."""
     if is_seq_cls(w):
-        return pad_features(feats, pad_id, pad_to=w.seq_len if w.peer_pad_to_max else None)
-    return pad_features(feats, pad_id, multiple_of=1)
+        return collate(feats, pad_id, w.seq_len if w.peer_pad_to_max else None, multiple_of=8)
+    return collate(feats, pad_id)
 
 
 def is_seq_cls(w: Workload) -> bool:

@@ -98,36 +98,6 @@ def pack_rows(groups: list[list[dict[str, Any]]], row_tokens: int, pad_token_id:
     return batch
 
 
-def pad_features(features: list[dict[str, Any]], pad_token_id: int, *, pad_to: int | None = None,
-                 multiple_of: int = 8, label_key: str = "labels") -> dict[str, Any]:
-    """Right-padded batch: to ``pad_to`` if given, else to the longest sample rounded up to
-    ``multiple_of`` (tensor cores like multiples of 8). Sequence labels (an int per sample) are
-    stacked; token labels (a list per sample) are padded with -100."""
-    import torch
-
-    longest = max(len(f["input_ids"]) for f in features)
-    width = pad_to if pad_to is not None else -(-longest // multiple_of) * multiple_of
-    batch = {
-        "input_ids": torch.full((len(features), width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
-    }
-    token_labels = features and isinstance(features[0].get(label_key), (list, tuple))
-    if token_labels:
-        batch[label_key] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-    for row, f in enumerate(features):
-        ids = list(f["input_ids"])[:width]
-        batch["input_ids"][row, :len(ids)] = torch.tensor(ids)
-        batch["attention_mask"][row, :len(ids)] = 1
-        if token_labels:
-            lab = list(f[label_key])[:width]
-            batch[label_key][row, :len(lab)] = torch.tensor(lab)
-    if features and label_key in features[0] and not token_labels:
-        values = [f[label_key] for f in features]
-        dtype = torch.float if any(isinstance(v, float) for v in values) else torch.long
-        batch[label_key] = torch.tensor(values, dtype=dtype)
-    return batch
-
-
 def length_grouped_batches(lengths: list[int], batch_size: int, *, seed: int = 0,
                            mega_batch: int = 50) -> list[list[int]]:
     """Batches of indices with similar lengths: shuffle, cut into mega-batches of

@@ -7,8 +7,8 @@
   over labelled tokens and their count, with the LM head fused into a chunked cross-entropy
   (``losses.py``) so no full logits are built.
 - ``seq_cls_loss(model, batch)``: the classification loss under the same autocast.
-- ``pack_features`` / ``pack_groups`` (packed causal-LM rows) and ``pad_features`` /
-  ``length_grouped_batches`` (classification) come from ``packing.py``.
+- ``pack_features`` / ``pack_groups`` (packed causal-LM rows) and ``length_grouped_batches``
+  (classification) come from ``packing.py``; padding is ``loralab.data.collate``.
 - ``adamw(model, lr, weight_decay)``: AdamW over the trainable parameters, fused on CUDA.
 """
 
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
-from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups, pad_features
+from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups
 
 __all__ = ["SpeedOptions", "prepare_model", "causal_lm_loss", "seq_cls_loss", "adamw", "pack_features",
-           "pack_groups", "pad_features", "length_grouped_batches"]
+           "pack_groups", "length_grouped_batches"]
 
 AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 
