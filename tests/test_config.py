@@ -166,3 +166,14 @@ def test_folder_without_config_files_is_not_an_experiment(tmp_path):
     result = run_cli(parent)
     assert result.returncode == 2
     assert "not an experiment folder" in result.stderr and "rte" in result.stderr
+
+
+def test_warmup_steps_round_up_like_the_trainer():
+    from transformers import TrainingArguments
+
+    from loralab.train import warmup_steps
+
+    for ratio, total in [(0.03, 5), (0.03, 1000), (0.06, 1170), (0.1, 7), (0.0, 50)]:
+        reference = TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to=[]).get_warmup_steps(total)
+        assert warmup_steps(ratio, total) == reference, (ratio, total)
+    assert warmup_steps(0.03, 5) == 1  # was int(0.15) = 0: no warm-up where the Trainer has one step

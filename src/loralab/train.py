@@ -210,6 +210,13 @@ def make_optimizer(model, method, cfg, params):
     return optimizer
 
 
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """Warm-up steps for ``warmup_ratio``: ``ceil(ratio * total_steps)``, as transformers'
+    ``TrainingArguments.get_warmup_steps`` computes it (the Trainer the seeds' scripts ran), so a
+    short run warms up like the seed's (3 % of 5 steps is 1 step, whose lr is 0, not none)."""
+    return math.ceil(ratio * total_steps)
+
+
 def epoch_batches(n: int, lengths: list[int], size: int, epoch: int, params) -> list[list[int]]:
     """The optimizer batches of one epoch (indices): a fixed function of (seed, epoch), so a resumed
     run sees the same order. The last batch may be shorter (no sample dropped)."""
@@ -384,7 +391,7 @@ def _train(exp, built: Built, life: Lifecycle, say, trackers: Trackers, record: 
     steps_per_epoch = math.ceil(n / opt_batch)
     total_steps = params.max_steps or max(1, math.ceil(params.num_epochs * steps_per_epoch))
     record["total_steps"] = total_steps
-    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=int(params.warmup_ratio * total_steps),
+    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(params.warmup_ratio, total_steps),
                               num_training_steps=total_steps)
     ckpt_every = params.checkpoint_steps if params.checkpoint_steps is not None else max(1, total_steps // 10)
     pad = _pad_id(built.tokenizer)

@@ -578,7 +578,7 @@ def _trainer_row(exp, workdir, log) -> dict:
     from loralab.methods.common import resolve_config
     from loralab.models import load_model, load_tokenizer
     from loralab.tasks import get_task
-    from loralab.train import epoch_batches, pick_device
+    from loralab.train import epoch_batches, pick_device, warmup_steps
 
     params = exp.params
     device = pick_device(params.device)
@@ -631,7 +631,7 @@ def _trainer_row(exp, workdir, log) -> dict:
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"), per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.gradient_accumulation_steps, learning_rate=params.learning_rate,
-        lr_scheduler_type=params.lr_scheduler, warmup_steps=int(params.warmup_ratio * params.max_steps),
+        lr_scheduler_type=params.lr_scheduler, warmup_steps=warmup_steps(params.warmup_ratio, params.max_steps),
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, max_steps=params.max_steps,
         bf16=params.dtype == "bfloat16", fp16=params.dtype == "float16", logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, seed=params.seed, dataloader_num_workers=0,
