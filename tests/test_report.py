@@ -300,3 +300,12 @@ def test_compare_rows_whose_labels_hold_commas(tmp_path):
     (cmp,) = t.comparisons  # hand: (70 − 66 + 55 − 52) / 2 = 3.5 over the two tasks
     assert (cmp.a, cmp.b, cmp.n, cmp.wins) == ("SVD LoRA-FA (lr=0.0004, r=4)", "SVD LoRA-FA (lr=0.0001, r=2)", 2, 2)
     assert cmp.mean_diff == pytest.approx(3.5)
+
+
+def test_a_table_scored_off_the_dev_split_says_so(tmp_path):
+    write(tmp_path, "sweep.json", make_record("lora", "mrpc", name="sweep/lora/mrpc", seed=0, metrics={"accuracy": 0.7},
+                                              params={"eval_split": "holdout", "holdout_fraction": 0.1}))
+    (t,) = build_report([tmp_path]).tables
+    assert t.title.endswith("scored on the held-out part of train (eval_split holdout)")
+    (t,) = build_report([GLUE_MINILM]).tables
+    assert "scored on" not in t.title  # dev, the default, goes unsaid

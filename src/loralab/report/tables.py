@@ -205,6 +205,10 @@ def _one_table(members, split, row_field, col_field, name, overrides, failed, sp
         described = "/".join(metrics_used)
     where = " · ".join(task_name(v) if k == "task" else str(v) for k, v in split.items())
     title = (f"{where}: " if where else "") + described + (" (×100)" if scaled else "")
+    splits = {(r.config.get("training_parameters") or {}).get("eval_split", "dev") for c in cells.values() for r in c.runs}
+    if splits - {"dev", None}:  # scores not on the dev split (a learning-rate sweep's held-out part of train)
+        named = {"holdout": "the held-out part of train (eval_split holdout)"}
+        title += f", scored on {' / '.join(sorted(named.get(str(s), str(s)) for s in splits))}"
     return Table(title, {**split, "metric": name}, row_field, col_field, rows, cols, cells, params, avg, best, lower,
                  scaled, pooled)
 
