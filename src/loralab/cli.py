@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # name -> (module, one-line help). A new subcommand is one module plus one line here.
@@ -50,7 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _KnownNoise(logging.Filter):
+    """Drops bitsandbytes' start-up warning that its optional CPU 4-bit kernel (the `kernels`
+    package) is missing: it prints on every import of peft on CPUs with AVX512-BF16, and
+    bitsandbytes then uses its own CPU code, which is what loralab's CPU QLoRA runs. Said once in
+    the README (the nf4 row of the methods table), not on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in str(record.msg)
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KnownNoise())
     args = build_parser().parse_args(argv)
     return int(importlib.import_module(args._module).run(args) or 0)
 
