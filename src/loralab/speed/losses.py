@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from loralab.data import IGNORE_INDEX
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

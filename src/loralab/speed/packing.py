@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-IGNORE_INDEX = -100
+from loralab.data import IGNORE_INDEX
 
 
 def pack_groups(lengths: list[int], max_tokens: int, *, seed: int | None = 0) -> list[list[int]]:

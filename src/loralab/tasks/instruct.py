@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from loralab.data import IGNORE_INDEX
 from loralab.experiment import sha256_file
 from loralab.tasks.instruct_templates import (
     ALPACA_NO_INPUT,
@@ -51,7 +52,6 @@ from loralab.tasks.instruct_templates import (
     dora_prompt,
 )
 
-IGNORE_INDEX = -100
 DORA_VAL_SET_SIZE = 120
 DORA_SPLIT_SEED = 42
 PEFT_MC_MAX_CHARS = 1300
