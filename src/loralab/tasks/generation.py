@@ -1,29 +1,42 @@
-"""Text generation for the generative evaluations: one call, two backends, identical semantics.
+"""Text generation for the generative evaluations: one call, three backends, identical semantics.
 
-- ``vllm``: used when vLLM is importable and CUDA is available (``backend="auto"``), as CorDA's and
-  seed 000's GSM8K/MATH scripts do. vLLM needs a model on disk, so an in-memory (peft) model is
-  merged into a copy and saved to a temporary folder first.
+- ``engine``: loralab's own generation engine (``loralab.engine``): continuous batching over a
+  slot KV cache, CUDA graphs for the decode step, the model's own (peft) modules. ``backend="auto"``
+  picks it whenever the model is one it runs and no beam search is asked for.
 - ``transformers``: batched ``model.generate`` with **left padding** (decoder-only models must
-  continue right after the prompt), prompts sorted by length so each batch pads little.
+  continue right after the prompt), prompts sorted by length so each batch pads little. The
+  reference backend, and the one beam search (``num_beams > 1``) runs on.
+- ``vllm``: only when asked (it pins its own torch/CUDA and needs a model on disk: an in-memory
+  peft model is merged into a copy and saved to a temporary folder first).
 
-Both return only the new text (the prompt is not repeated, as vLLM's ``output.text``), and both
-cut every completion at the first stop string, the stop string itself excluded (vLLM's
-``stop=...`` semantics, and bigcode's ``_stop_at_stop_token``). The transformers backend also stops
-generating early once every sequence of a batch holds a stop string, via transformers'
-``stop_strings``; the truncation after generation is what defines the result in both backends.
+All return only the new text (the prompt is not repeated, as vLLM's ``output.text``), and all cut
+every completion at the first stop string, the stop string itself excluded (vLLM's ``stop=...``
+semantics, and bigcode's ``_stop_at_stop_token``). Stop strings are searched in the **generated
+text only**: transformers' own ``stop_strings`` also match across the end of the prompt (a prompt
+ending in "\n" with a stop string "\nclass" stopped after one token), so the transformers backend
+stops early through ``_GeneratedStop`` instead. The truncation after generation is what defines
+the result in every backend.
+
+Randomness: the engine samples with a generator per request and sample (seeded from ``seed``, the
+request's index and the sample's); the transformers backend seeds inside ``torch.random.fork_rng``.
+Neither reads or advances the caller's global random state, so evaluating during training
+(``eval_steps``) leaves the training run as it would have been without it.
 
 ``max_length`` (bigcode's ``max_length_generation``: prompt + completion tokens) gives each prompt
 its own budget of ``max_length - len(prompt)`` new tokens.
+
+Under DDP each rank generates its share of the prompts (``distributed.share``) and every rank gets
+all completions in input order; sampling seeds follow the prompt's index in the whole call, so the
+completions are those of one process.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 
 from loralab import distributed
 
-BACKENDS = ("auto", "transformers", "vllm")
+BACKENDS = ("auto", "engine", "transformers", "vllm")
 
 
 @dataclass
@@ -42,6 +55,10 @@ class GenerationSettings:
     batch_size: int = 16
     backend: str = "auto"
     seed: int = 0
+    slots: int = 256
+    """Engine: sequences decoded together (fewer when the KV-cache budget holds fewer)."""
+    memory_fraction: float = 0.9
+    """Engine: fraction of the GPU's free memory the KV cache may take."""
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> str:
@@ -54,28 +71,92 @@ def truncate_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, model=None, settings: GenerationSettings | None = None) -> str:
+    """The backend that runs: ``backend`` unless it is ``auto``, which picks ``engine`` when the engine
+    runs ``model`` (any model when ``model`` is None) and no beam search is asked for, else
+    ``transformers``. Raises ValueError for an unknown backend, or for ``engine`` asked for a model it
+    cannot run or with beam search (the message says why and names the ``transformers`` backend)."""
     if backend not in BACKENDS:
         raise ValueError(f"generation backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    reason = _engine_refusal(model, settings)
+    if backend == "engine" and reason:
+        raise ValueError(f"generation backend 'engine' cannot run this: {reason}; use backend 'transformers'")
     if backend != "auto":
         return backend
-    if importlib.util.find_spec("vllm") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return "vllm"
-    return "transformers"
+    return "transformers" if reason else "engine"
 
 
-def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, progress: str | None = None) -> list[list[str]]:
-    """``settings.n_samples`` completions for each prompt, stop strings applied."""
-    backend = resolve_backend(settings.backend)
-    run = _generate_vllm if backend == "vllm" else _generate_transformers
-    outputs = run(model, tokenizer, prompts, settings, progress)
+def _engine_refusal(model, settings: GenerationSettings | None) -> str | None:
+    if settings is not None and settings.num_beams > 1:
+        return f"beam search (num_beams = {settings.num_beams}) runs on transformers"
+    if model is None:
+        return None
+    from loralab.engine import engine_unsupported
+
+    return engine_unsupported(model)
+
+
+def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, progress: str | None = None,
+             on_complete=None) -> list[list[str]]:
+    """``settings.n_samples`` completions for each prompt, stop strings applied: ``[len(prompts)][n_samples]``.
+
+    ``on_complete(i, completions)``, when given, is called once per prompt ``i`` (an index into
+    ``prompts``) as soon as its samples are finished and cut at the stop strings (the engine: in the
+    order prompts finish; transformers: batch by batch; under DDP only for this rank's prompts).
+    Raises ValueError for an unknown backend or one that cannot run the model (``resolve_backend``)."""
+    backend = resolve_backend(settings.backend, model, settings)
+    run = {"engine": _generate_engine, "vllm": _generate_vllm, "transformers": _generate_transformers}[backend]
+    done = None
+    if on_complete is not None:
+        def done(i, completions):
+            on_complete(i, [truncate_at_stop(c, settings.stop) for c in completions])
+    outputs = run(model, tokenizer, prompts, settings, progress, done)
     return [[truncate_at_stop(c, settings.stop) for c in sample] for sample in outputs]
 
 
-def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettings, progress):
+def _eos_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids as transformers' ``generate`` takes them: the model's generation config,
+    else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, progress, done):
+    """The engine on this rank's share of ``prompts``; every rank returns all completions."""
+    from tqdm import tqdm
+
+    from loralab.engine import Engine, Sampling, StopStrings
+
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    mine = distributed.share(list(range(len(prompts))))
+    results: list[list[str]] = [[] for _ in prompts]
+    bar = tqdm(total=len(mine), desc=progress or "generate", unit="prompt",
+               disable=progress is None or not distributed.is_main())
+
+    def finished(k, samples):
+        i = mine[k]
+        results[i] = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
+        bar.update(1)
+        if done is not None:
+            done(i, results[i])
+
+    if mine:
+        engine = Engine(model, max_slots=settings.slots, memory_fraction=settings.memory_fraction)
+        sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed)
+        engine.generate([encoded[i] for i in mine], [_budget(len(encoded[i]), settings) for i in mine],
+                        sampling=sampling, n_samples=settings.n_samples, eos_ids=_eos_ids(model, tokenizer),
+                        stop=StopStrings(tokenizer, list(settings.stop)) if settings.stop else None,
+                        request_ids=mine, on_finish=finished)
+    bar.close()
+    return distributed.merge_shared(results)
+
+
+def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettings, progress, done=None):
     import torch
     from tqdm import tqdm
 
@@ -95,25 +176,49 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     else:  # explicit, so a model's own generation_config cannot switch sampling on
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if settings.stop:
-        kwargs.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
-    torch.manual_seed(settings.seed)
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     batches = distributed.share(batches)  # under DDP each rank generates its share (greedy: same outputs)
+    devices = [device] if device.type == "cuda" else []
     try:
-        for batch in tqdm(batches, desc=progress or "generate", disable=progress is None or not distributed.is_main()):
-            budgets = [_budget(len(encoded[i]), settings) for i in batch]
-            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
-            with torch.no_grad():
-                out = model.generate(**padded, max_new_tokens=max(budgets), **kwargs)
-            new = out[:, padded["input_ids"].shape[1]:]
-            for row, i in enumerate(batch):
-                for s in range(settings.n_samples):
-                    tokens = new[row * settings.n_samples + s][: budgets[row]]
-                    results[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
+        # sampling seeds inside a fork of the global random state: the caller's (a training run's) is left as it was
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(settings.seed)
+            for batch in tqdm(batches, desc=progress or "generate", disable=progress is None or not distributed.is_main()):
+                budgets = [_budget(len(encoded[i]), settings) for i in batch]
+                padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
+                if settings.stop:
+                    kwargs["stopping_criteria"] = _generated_stop(tokenizer, settings.stop, padded["input_ids"].shape[1])
+                with torch.no_grad():
+                    out = model.generate(**padded, max_new_tokens=max(budgets), **kwargs)
+                new = out[:, padded["input_ids"].shape[1]:]
+                for row, i in enumerate(batch):
+                    for s in range(settings.n_samples):
+                        tokens = new[row * settings.n_samples + s][: budgets[row]]
+                        results[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
+                    if done is not None:
+                        done(i, results[i])
     finally:
         model.train(was_training)
     return distributed.merge_shared(results)
+
+
+def _generated_stop(tokenizer, stops: list[str], prompt_width: int):
+    """A transformers ``StoppingCriteriaList`` ending each row once a stop string is in the text it
+    generated (the tokens past the padded prompt, ``prompt_width`` wide), never matching across the
+    prompt's end."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from loralab.engine import StopStrings
+
+    checker = StopStrings(tokenizer, list(stops))
+
+    class GeneratedStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            rows = input_ids[:, prompt_width:].tolist()
+            return torch.tensor([checker.hit(r) for r in rows], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([GeneratedStop()])
 
 
 def _budget(prompt_tokens: int, settings: GenerationSettings) -> int:

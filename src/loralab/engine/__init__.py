@@ -1,0 +1,11 @@
+"""loralab's generation engine: continuous batching over a slot KV cache, the model's own modules.
+
+``Engine(model).generate(prompt_ids, budgets, ...)`` -> token ids; ``loralab.tasks.generation``
+wraps it as the ``engine`` backend (text in, stop strings, DDP shards). See ``engine.engine`` for
+why it exists and how a call runs.
+"""
+
+from loralab.engine.engine import Engine, StopStrings, engine_unsupported
+from loralab.engine.sampling import Sampling, request_seed
+
+__all__ = ["Engine", "Sampling", "StopStrings", "engine_unsupported", "request_seed"]
