@@ -4,11 +4,17 @@
 workload x method x stack. ``loralab bench --experiment DIR [--random-weights] [--steps N]``:
 one experiment folder's recipe through ``loralab run``'s own path and through transformers'
 ``Trainer`` + peft (``loralab.speed.bench.run_experiment_bench``).
+``loralab bench --eval [--model random:llama-3-8b] [--rows engine,transformers,generate_batch]``:
+generation throughput on GSM8K test prompts, loralab's engine against transformers ``generate``
+(batched) and ``generate_batch``, with the decode-step bound of the card
+(``loralab.bench.generation``).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 
@@ -32,6 +38,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="speed.cuda_graphs = false for the loralab stack (default: loralab run's, on on cuda)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda), in a second pass after all rows are timed")
+    group = parser.add_argument_group("generation (--eval)")
+    group.add_argument("--eval", action="store_true",
+                       help="generation bench: loralab's engine vs transformers generate (batched) and generate_batch on GSM8K prompts")
+    group.add_argument("--model", default=None,
+                       help="a shape of loralab.speed.bench.MODELS (e.g. llama-3-8b, tiny-llama: random weights) or a real "
+                            "model id (e.g. packaged:smollm2-135m); default random:llama-3-8b")
+    group.add_argument("--rows", default=None, help="comma-separated, default engine,transformers,generate_batch")
+    group.add_argument("--num-prompts", default=None, help="first N GSM8K test prompts (default all 1,319)")
+    group.add_argument("--max-new-tokens", default=None, help="budget of new tokens per prompt (default 256)")
+    group.add_argument("--stopping", default=None,
+                       help="budget: no stop strings, EOS off (every request runs its budget); source: GSM8K's source "
+                            "stop strings and EOS; auto (default): budget for random weights, source for real models")
+    group.add_argument("--batch-sizes", default=None, help="batch sizes the transformers row tries, best reported (default 64,128)")
+    group.add_argument("--peer-prompts", default=None,
+                       help="run the transformers and generate_batch rows on the first N prompts only, full-task time "
+                            "extrapolated (default: all)")
+    group.add_argument("--slots", default=None, help="engine slots (sequences decoded together), also the batch of the printed bound (default 256)")
+    group.add_argument("--rank", default=None, help="LoRA rank of the all-linear adapter (default 32)")
+    group.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default bfloat16; float32 on cpu)")
+    group.add_argument("--data-dir", default=None, help="local data folder (layout of shared/data); default $LORALAB_DATA_DIR, else the hub")
 
 
 def run(args) -> int:
@@ -46,6 +72,8 @@ def run(args) -> int:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise SystemExit(f"--{key} = {value}: must be a positive integer")
+    if args.eval or any(getattr(args, key) is not None for key in _EVAL_ONLY):
+        return _run_eval(args, device)
     if args.experiment is not None:
         return _run_experiment(args, device)
     if args.random_weights or args.task:
@@ -89,4 +117,114 @@ def _run_experiment(args, device: str) -> int:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return 0
+
+
+_EVAL_ONLY = ("model", "rows", "num_prompts", "max_new_tokens", "stopping", "batch_sizes", "peer_prompts", "slots",
+              "rank", "dtype", "data_dir")
+_TRAINING_ONLY = ("preset", "experiment", "task", "steps", "warmup", "only")
+_TRAINING_SWITCHES = ("random_weights", "no_compile", "no_cuda_graphs", "profile")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _positive_ints(key: str, value: str | None, default, problems: list[str]):
+    """``value`` as positive integer(s) (comma-separated for a tuple default), else a problem."""
+    if value is None:
+        return default
+    many = isinstance(default, tuple)
+    try:
+        numbers = tuple(int(v) for v in value.split(",")) if many else (int(value),)
+    except ValueError:
+        numbers = ()
+    if not numbers or min(numbers) < 1:
+        what = "comma-separated positive integers, e.g. 64,128" if many else "a positive integer"
+        problems.append(f"{_flag(key)} = {value!r}: must be {what}")
+        return default
+    return numbers if many else numbers[0]
+
+
+def eval_settings(args, device: str):
+    """``EvalBenchSettings`` from the command line, or the list of every problem with it."""
+    import os
+
+    from loralab.bench.generation import ROWS, STOPPING, EvalBenchSettings
+    from loralab.config import suggest
+    from loralab.models import RANDOM_PREFIX, check_model_id, random_shapes
+
+    problems = []
+    if not args.eval:
+        given = [_flag(k) for k in _EVAL_ONLY if getattr(args, k) is not None]
+        problems.append(f"{', '.join(given)} go(es) with --eval")
+    problems += [f"{_flag(k)} is a training-bench option; it does not apply to --eval"
+                 for k in _TRAINING_ONLY if getattr(args, k) is not None]
+    problems += [f"{_flag(k)} is a training-bench option; it does not apply to --eval"
+                 for k in _TRAINING_SWITCHES if getattr(args, k)]
+    defaults = EvalBenchSettings()
+    model = args.model or defaults.model
+    decoders = [name for name, spec in random_shapes().items() if spec["model_type"] == "llama"]
+    shape = model[len(RANDOM_PREFIX):] if model.startswith(RANDOM_PREFIX) else model
+    if shape in random_shapes():
+        if shape not in decoders:
+            problems.append(f"--model = {args.model!r}: not a decoder shape; allowed shapes: {', '.join(decoders)}")
+        model = RANDOM_PREFIX + shape
+    elif model.startswith(RANDOM_PREFIX) or (":" not in model and "/" not in model and not Path(model).exists()):
+        problems.append(f"--model = {args.model!r}: unknown shape{suggest(shape, decoders)}; allowed: a shape of "
+                        f"{', '.join(decoders)} (random weights) or a real model id such as packaged:smollm2-135m")
+    else:
+        problems += [p.replace("'model_id'", "--model") for p in check_model_id(model)]
+    rows = tuple(r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip())
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows or len(set(rows)) != len(rows):
+        problems.append(f"--rows = {args.rows!r}: allowed: a comma-separated subset of {', '.join(ROWS)} without repeats"
+                        + (f"; unknown: {', '.join(unknown)}{suggest(unknown[0], ROWS)}" if unknown else ""))
+    stopping = args.stopping or defaults.stopping
+    if stopping not in STOPPING:
+        problems.append(f"--stopping = {args.stopping!r}: allowed: {', '.join(STOPPING)}{suggest(stopping, STOPPING)}")
+    dtype = args.dtype or (defaults.dtype if device == "cuda" else "float32")
+    if dtype not in DTYPES:
+        problems.append(f"--dtype = {args.dtype!r}: allowed: {', '.join(DTYPES)}{suggest(dtype, DTYPES)}")
+    numbers = {key: _positive_ints(key, getattr(args, key), getattr(defaults, key), problems)
+               for key in ("num_prompts", "max_new_tokens", "batch_sizes", "peer_prompts", "slots", "rank")}
+    if problems:
+        return problems
+    return EvalBenchSettings(model=model, device=device, rows=rows, stopping=stopping, dtype=dtype,
+                             data_dir=args.data_dir or os.environ.get("LORALAB_DATA_DIR"), **numbers)
+
+
+def canonical_command(settings, output) -> str:
+    """The ``loralab bench --eval`` command line that reproduces ``settings`` (every value explicit)."""
+    parts = ["loralab", "bench", "--eval", "--model", settings.model, "--device", settings.device,
+             "--rows", ",".join(settings.rows), "--max-new-tokens", str(settings.max_new_tokens),
+             "--stopping", settings.stopping, "--batch-sizes", ",".join(map(str, settings.batch_sizes)),
+             "--slots", str(settings.slots), "--rank", str(settings.rank), "--dtype", settings.dtype]
+    for flag, value in (("--num-prompts", settings.num_prompts), ("--peer-prompts", settings.peer_prompts),
+                        ("--data-dir", settings.data_dir), ("--output", output)):
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _run_eval(args, device: str) -> int:
+    from loralab.bench.generation import default_output, run_eval_bench, table
+
+    settings = eval_settings(args, device)
+    if isinstance(settings, list):
+        print("error: " + "\n  - ".join(["loralab bench --eval has problem(s):"] + settings), file=sys.stderr)
+        return 2
+    command = canonical_command(settings, args.output)
+    output = {}
+
+    def save(report):
+        path = output.setdefault("path", args.output or default_output(settings.model, report["meta"]["created_at"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+    report = run_eval_bench(settings, command=command, on_row=save)
+    save(report)
+    print(table(report))
+    print(f"written: {output['path']}")
     return 0
