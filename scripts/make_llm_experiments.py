@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 from loralab.config import NESTED, default_parameters
+from loralab.tasks.commonsense import COMMONSENSE
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COMMONSENSE = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa"]
 
 # --------------------------------------------------------------------------------------------- seed 000
 # purplepig4657/llm-low-rank-adaptation-eval: math_train.py / code_train.py, README table values
@@ -95,7 +95,7 @@ SEED002_TRAIN = {
     "model_id": "yahma/llama-7b-hf", "task": "commonsense170k", "max_length": 256, "num_epochs": 3,
     "batch_size": 16, "gradient_accumulation_steps": 1, "lr_scheduler": "linear", "weight_decay": 0.0,
     "warmup_ratio": 0.0031, "max_grad_norm": 1.0, "dtype": "float16", "seed": 42,
-    "eval_tasks": COMMONSENSE,
+    "eval_tasks": list(COMMONSENSE),
 }
 SEED002_NOTE = """\
 Source: seed 002 (NVlabs/DoRA commonsense_reasoning, {script} and finetune.py), LLaMA-7B

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from loralab.cli import main
-from loralab.tasks import evaluations as evals
+from loralab.tasks import evaluate as evals
 from loralab.tasks.generation import GenerationSettings, generate, truncate_at_stop
 
 
@@ -50,7 +50,10 @@ def test_live_run_equals_rescoring_of_saved_generations(smollm2, data_dir, tmp_p
     # a completion that is correct by construction proves the scorer counts it
     records.append({"task": "gsm8k", "id": 4, "completion": "The answer is: 20"})  # gold of row 4 is 20
     rescored = evals.score_generations(records, data_dir=data_dir)
-    assert rescored["boolq"] == evals.numeric(live["boolq"])
+    assert evals.numeric(rescored["boolq"]) == evals.numeric(live["boolq"])
+    assert live["gsm8k"]["headline"] == rescored["gsm8k"]["headline"] == "accuracy"
+    assert set(live["gsm8k"]["seconds"]) == {"load", "generate", "score", "total"}
+    assert live["gsm8k"]["seconds"]["total"] >= live["gsm8k"]["seconds"]["generate"] > 0
     assert rescored["gsm8k"]["n"] == 4
     assert rescored["gsm8k"]["accuracy"] == pytest.approx((live["gsm8k"]["accuracy"] * 3 + 1) / 4)
 

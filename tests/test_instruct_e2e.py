@@ -15,7 +15,7 @@ from loralab.cli import main
 def test_sft_run_lowers_loss_and_rescoring_matches(tmp_path, data_dir, smollm2_path):
     from peft import LoraConfig
 
-    from loralab.tasks.evaluations import read_records, score_generations
+    from loralab.tasks.evaluate import read_records, score_generations
 
     exp = tmp_path / "experiments" / "llm-e2e" / "smollm2-gsm8k-lora"
     exp.mkdir(parents=True)

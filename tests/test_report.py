@@ -99,6 +99,36 @@ def test_recorded_fields_win_over_the_configuration(tmp_path):
     assert (run.seed, run.label) == (3, "PiSSA + LoRA-FA")
 
 
+def test_recorded_headline_is_the_column_an_sft_run_is_shown_by(tmp_path):
+    """An SFT run's flat eval holds several evaluations; the headline its task recorded
+    (meta_info.dataset.headline) picks the cell, not the first key, in tables and figures."""
+    from loralab.report.plots import colours, efficiency_svg
+    from loralab.report.tables import runs_headline
+
+    metrics = {"boolq/accuracy": 0.61, "boolq/n": 3270.0, "piqa/accuracy": 0.72, "piqa/n": 1838.0}
+    for seed, piqa in ((0, 0.72), (1, 0.74)):
+        rec = make_record("lora", "mrpc", name="cs/lora", seed=seed, metrics={**metrics, "piqa/accuracy": piqa},
+                          params={"task": "commonsense170k"})
+        rec["meta_info"]["dataset"]["headline"] = "piqa/accuracy"
+        write(tmp_path, f"s{seed}.json", rec)
+    old = make_record("lora", "mrpc", name="cs-old/lora", metrics=metrics, params={"task": "commonsense170k"})
+    write(tmp_path, "old.json", old)  # written before runs recorded a headline: the first metric, as before
+    report = build_report([tmp_path])
+    by_set = {t.split["set"]: t for t in report.tables}
+    cell = by_set["cs"].cells[("LoRA", "commonsense170k")]
+    assert cell.metric == "piqa/accuracy" and cell.values == pytest.approx([72.0, 74.0])
+    assert by_set["cs-old"].cells[("LoRA", "commonsense170k")].metric == "boolq/accuracy"
+    new_runs = [r for r in report.used if r.experiment_set == "cs"]
+    assert runs_headline("commonsense170k", new_runs) == "piqa/accuracy"
+    svg = efficiency_svg(new_runs, ["commonsense170k"], colours(["LoRA"]))
+    assert "piqa/accuracy" in svg and "boolq/accuracy" not in svg  # the axis label names the headline
+    # a GLUE record written now names its first metric, the one the convention picks for old records
+    bad = make_record("lora", "mrpc", name="bad/lora")
+    bad["meta_info"]["dataset"]["headline"] = 3
+    write(tmp_path / "bad", "bad.json", bad)
+    assert "headline" in build_report([tmp_path / "bad"]).problems[0].reason
+
+
 def test_quickstart_run_gets_its_own_table_not_a_row(tmp_path):
     quick = make_record("lora", "mrpc", name="quickstart/lora-minilm-sst2", metrics={"accuracy": 0.827},
                         params={"task": "glue/sst2", "max_train_samples": 2000, "learning_rate": 5e-4})

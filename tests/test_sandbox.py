@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loralab.tasks import code
-from loralab.tasks import evaluations as evals
+from loralab.tasks import evaluate as evals
 from loralab.tasks.sandbox import Limits, describe, run_program, run_programs
 
 

@@ -7,11 +7,12 @@ import pytest
 
 from loralab.cli import main
 from loralab.config import TrainingParameters
-from loralab.tasks import evaluations as evals
+from loralab.tasks import evaluate as evals
 from loralab.tasks import get_task
+from loralab.tasks.generation import BACKENDS, resolve_backend
 
 UNSET = {"max_new_tokens": None, "batch_size": 16, "temperature": None, "top_p": None, "n_samples": None, "backend": "auto"}
-GENERATIVE = [n for n, m in evals.EVALS.items() if hasattr(m, "source_generation")]
+GENERATIVE = [n for n, e in evals.EVALS.items() if e.output_type == "generate"]
 
 
 @pytest.mark.parametrize("name", GENERATIVE)
@@ -54,7 +55,8 @@ def test_training_run_records_effective_settings_per_evaluation():
     assert recorded["gsm8k"]["options"]["parser"] == "method_comparison"
     assert recorded["humaneval"]["generation"]["max_new_tokens"] == 512
     assert recorded["humaneval"]["generation"]["stop"][0] == "\nclass"
-    assert recorded["gsm8k"]["generation"]["backend"] in ("transformers", "vllm")  # "auto" resolved
+    assert recorded["gsm8k"]["generation"]["backend"] in set(BACKENDS) - {"auto"}  # "auto" resolved
+    assert (recorded["gsm8k"]["headline"], recorded["humaneval"]["headline"]) == ("accuracy", "pass@1")
     unset = task.evaluation_settings(TrainingParameters(task="metamath", eval_tasks=["gsm8k"], generation=dict(UNSET)))
     assert unset["gsm8k"]["generation"]["max_new_tokens"] == 1024
     json.dumps(recorded)  # goes into a JSON result as is
@@ -74,7 +76,7 @@ def test_live_results_hold_settings_and_records_hold_prompts(smollm2, data_dir, 
     metrics, records = evals.run_eval("humaneval", model, tokenizer, data_dir=data_dir,
                                       generation={"max_new_tokens": 6, "batch_size": 2}, max_samples=2, out_dir=tmp_path)
     assert metrics["generation"]["max_new_tokens"] == 6 and metrics["generation"]["max_length"] is None
-    assert metrics["generation"]["temperature"] == 0.0 and metrics["generation"]["backend"] == "transformers"
+    assert metrics["generation"]["temperature"] == 0.0 and metrics["generation"]["backend"] == resolve_backend("auto")
     problems = evals.EVALS["humaneval"].load("humaneval", data_dir, 2)
     assert [r["prompt"] for r in records] == [p["prompt"].strip() for p in problems]
     saved = evals.read_records(tmp_path / "humaneval.generations.jsonl")

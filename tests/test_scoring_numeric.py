@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 
 from loralab.tasks import competition_math, gsm8k
-from loralab.tasks import evaluations as evals
+from loralab.tasks import evaluate as evals
 from loralab.tasks.numeric import find_numbers, first_number, normalise, numbers_equal, parse_number
 
 # (model output after "The answer is: ", the number it states)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loralab.tasks import code, sandbox
-from loralab.tasks import evaluations as evals
+from loralab.tasks import evaluate as evals
 from loralab.tasks.sandbox import Limits, run_program, run_programs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,9 @@ generations without a model (as bigcode's ``--load_generations_path``).
                  [--output metrics.json] [--generations-out FILE.jsonl]
     loralab eval --tasks gsm8k,humaneval --generations FILE.jsonl --output metrics.json
 
-The output maps task -> {metric: value, ...}: a live run adds ``generation`` (the effective
+``--tasks`` takes evaluation names and groups (``commonsense`` = its eight tasks). The output maps
+task -> {metric: value, ...} plus ``headline`` (the metric a table shows) and ``seconds`` (load,
+generate, score, total); a live run adds ``generation`` (the effective
 settings: the source protocol, overridden by every flag given), and a scorer may add ``warnings``
 (e.g. code: most programs do not compile, likely another harness's protocol). Generation lines are
 ``{"task", "id", "completion", "prompt"}``; ``prompt`` (the exact text the completion continues) is
@@ -20,7 +22,7 @@ import time
 
 
 def add_arguments(parser):
-    parser.add_argument("--tasks", required=True, help="comma-separated evaluations, e.g. gsm8k,math,humaneval,mbpp")
+    parser.add_argument("--tasks", required=True, help="comma-separated evaluations or groups, e.g. gsm8k,math,humaneval,mbpp,commonsense")
     parser.add_argument("--model", help="hub id, local folder, .gguf file or packaged:<name> (not with --generations)")
     parser.add_argument("--adapter", help="peft adapter folder to load on top of --model")
     parser.add_argument("--generations", help="re-score this JSONL of saved generations instead of running a model")
@@ -38,9 +40,10 @@ def add_arguments(parser):
 
 
 def _problems(args, names, options) -> list[str]:
-    from loralab.tasks.evaluations import validate_options
+    from loralab.tasks.evaluate import expand, validate_options
 
     problems = validate_options(names, options)
+    names = expand(names)
     if args.generations and (args.model or args.adapter):
         problems.append("--generations re-scores saved completions: give no --model/--adapter with it")
     if not args.generations and not args.model:
@@ -89,7 +92,7 @@ def _load(args):
 def run(args) -> int:
     import os
 
-    from loralab.tasks.evaluations import read_records, run_eval, score_generations, write_records
+    from loralab.tasks.evaluate import expand, read_records, run_eval, score_generations, write_records
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
@@ -101,6 +104,7 @@ def run(args) -> int:
     if problems:
         print("error: " + "\n  - ".join(["loralab eval has problem(s):"] + problems), file=sys.stderr)
         return 2
+    names = expand(names)
     data_dir = args.data_dir or os.environ.get("LORALAB_DATA_DIR")
     start = time.time()
     if args.generations:

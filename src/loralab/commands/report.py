@@ -21,7 +21,8 @@ def add_arguments(parser):
                              "(default method,task; seeds are pooled into each cell unless seed is one of them)")
     parser.add_argument("--metric", action="append", metavar="NAME|TASK=NAME",
                         help="metric to tabulate: NAME for every task (repeat for more tables) or TASK=NAME to replace "
-                             "one task's headline (default: CoLA matthews_correlation, STS-B pearson, else accuracy)")
+                             "one task's headline (default: the headline each run recorded; older records: CoLA "
+                             "matthews_correlation, STS-B pearson, else accuracy)")
     parser.add_argument("--compare", action="append", metavar="A,B",
                         help="paired comparison of two table rows over shared tasks and seeds (repeatable; default: "
                              "every row against --baseline)")

@@ -1,4 +1,4 @@
-"""``loralab tasks``: the training tasks (and, when installed, the evaluations)."""
+"""``loralab tasks``: the training tasks and the evaluations (family, output type, headline metric)."""
 
 
 def add_arguments(parser):
@@ -7,12 +7,13 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from loralab.tasks import TASKS
+    from loralab.tasks.evaluate import EVALS, GROUPS
 
     for name, task in TASKS.items():
         print(f"{name:<20} {task.kind}")
-    try:
-        from loralab.tasks.evaluations import EVALS
-    except ImportError:
-        return 0
-    print("\nevaluations: " + ", ".join(sorted(EVALS)))
+    print("\nevaluations:")
+    for name, ev in EVALS.items():
+        print(f"{name:<20} {ev.family:<18} {ev.output_type:<11} {ev.headline:<12} {ev.description}")
+    for name, members in GROUPS.items():
+        print(f"\ngroup {name}: {', '.join(members)}")
     return 0

@@ -15,7 +15,7 @@ import numpy as np
 
 from loralab.report.records import Run
 from loralab.report.stats import pareto_front
-from loralab.report.tables import headline_metric, scale, task_name
+from loralab.report.tables import runs_headline, scale, task_name
 
 GIB = 1024**3
 
@@ -74,7 +74,7 @@ def curves_svg(runs: list[Run], task: str, colour: dict) -> tuple[str, list[str]
     by_label = defaultdict(list)
     for r in sorted(runs, key=lambda r: list(colour).index(r.label)):
         by_label[r.label].append(r)
-    metric = headline_metric(task, {k for r in runs for k in r.metrics})
+    metric = runs_headline(task, runs)
     factor = scale(metric) if metric else 1.0
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     panels = [("train loss", "train loss", 1.0), (f"eval {metric}", f"{metric}" + (" ×100" if factor != 1 else ""), factor),
@@ -117,7 +117,7 @@ def efficiency_svg(runs: list[Run], tasks: list[str], colour: dict) -> str:
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.2 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
         rs = [r for r in runs if r.task == task]
-        metric = headline_metric(task, {k for r in rs for k in r.metrics})
+        metric = runs_headline(task, rs)
         kinds = {r.memory_kind for r in rs if r.peak_memory is not None}
         mem_label = {"cuda": "peak CUDA memory allocated (GiB)", "rss": "peak resident memory, CPU (GiB)"}
         xlabels = [mem_label.get(next(iter(kinds)), "peak memory (GiB)") if len(kinds) == 1

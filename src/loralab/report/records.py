@@ -8,6 +8,9 @@ Reading order for each field (newer records first, then the fallback every older
 * method: ``run_info.method_parts`` {layer, init, optimizer} → derived from ``run_info.method``,
   ``training_parameters`` (``init``, ``optimizer``) and the adapter config (``use_dora``,
   ``use_rslora``, ``init_lora_weights``, ``corda_config.corda_method``)
+* headline: ``meta_info.dataset.headline`` (the metric the run's task names for tables: written by
+  the task since issue 19; GLUE its first metric, an SFT run ``<first evaluation>/<its headline>``)
+  → None, and the tables fall back to their convention (``tables.headline_metric``)
 * experiment set: the first component of ``run_info.experiment_name`` (``glue-minilm`` in
   ``glue-minilm/lora/mrpc``; a name without ``/``, from a folder outside ``experiments/``, is its own set).
 
@@ -88,6 +91,7 @@ class Run:
     error: dict | None = None
     variant: dict = field(default_factory=dict)
     init_cost: dict | None = None  # run_info.init_cost: the adapter init's seconds and peak memory
+    headline: str | None = None  # the recorded headline metric (meta_info.dataset.headline); None in older records
 
     def axis(self, name: str):
         """The value of a grouping field (``--by``): method, task, set, seed, model, layer, init, optimizer."""
@@ -218,6 +222,9 @@ def parse_record(record: dict, source: Path) -> Run:
     if adapter is None and parts["layer"] in (None, "", "none"):
         parts["layer"] = "full"  # no adapter config: full fine-tuning, whatever the parts say
     error = train_info.get("error")
+    headline = (meta.get("dataset") or {}).get("headline") if isinstance(meta.get("dataset"), dict) else None
+    if headline is not None and not isinstance(headline, str):
+        raise RecordError(f"meta_info.dataset.headline = {headline!r} is not a metric name")
     return Run(
         source=source, status=status, experiment=name,
         experiment_set=name.split("/")[0],
@@ -230,6 +237,7 @@ def parse_record(record: dict, source: Path) -> Run:
         peak_memory=memory, memory_kind=kind, config=config, git=run_info.get("git") or {},
         environment=meta, train_info=train_info, error=error if isinstance(error, dict) else None,
         init_cost=run_info.get("init_cost") if isinstance(run_info.get("init_cost"), dict) else None,
+        headline=headline,
     )
 
 

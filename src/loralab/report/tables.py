@@ -1,8 +1,9 @@
 """Runs → tables (seed 000's layout: method rows, task columns, trainable parameters, average,
 best in bold), every cell a ``Summary`` over seeds, plus paired comparisons of methods.
 
-Headline metric per task (seed 000's convention): CoLA Matthews correlation, STS-B Pearson,
-accuracy elsewhere (the first recorded metric where a task has no accuracy). Fractions
+Headline metric of a run: the one it recorded (``Run.headline``, when its metrics hold it); for
+records written before runs recorded it, seed 000's convention: CoLA Matthews correlation, STS-B
+Pearson, accuracy elsewhere (the first recorded metric where a task has no accuracy). Fractions
 (accuracy, F1, correlations, pass@k) are shown ×100; metrics whose name says loss, perplexity or
 error are shown as recorded and lower is better.
 """
@@ -39,12 +40,26 @@ def task_name(task: str) -> str:
     return TASK_NAMES.get(task, task.split("/")[-1])
 
 
-def headline_metric(task: str, available) -> str | None:
+def headline_metric(task: str, available, recorded: str | None = None) -> str | None:
+    """The metric a table shows for ``task``: ``recorded`` (the run's own headline) when it is among
+    ``available`` (metric names, in recorded order), else the convention above; None without metrics."""
     available = list(available)
+    if recorded is not None and recorded in available:
+        return recorded
     want = HEADLINE.get(task, "accuracy")
     if want in available:
         return want
     return available[0] if available else None
+
+
+def runs_headline(task: str, runs) -> str | None:
+    """One headline for several runs of ``task`` (a figure's axis): the headline most of them
+    recorded (ties: the first recorded), else the convention over their metric names in recorded order."""
+    from collections import Counter
+
+    recorded = Counter(r.headline for r in runs if r.headline is not None and r.headline in r.metrics)
+    available = list(dict.fromkeys(k for r in runs for k in r.metrics))
+    return headline_metric(task, available, recorded.most_common(1)[0][0] if recorded else None)
 
 
 def parse_metrics(specs: list[str] | None) -> tuple[list[str | None], dict[str, str]]:
@@ -159,7 +174,7 @@ def build_tables(runs: list[Run], excluded_runs: list[Run], by: str = "method,ta
 def _one_table(members, split, row_field, col_field, name, overrides, failed, split_key) -> Table:
     by_cell = defaultdict(list)
     for r in members:
-        metric = overrides.get(r.task) or name or headline_metric(r.task, r.metrics)
+        metric = overrides.get(r.task) or name or headline_metric(r.task, r.metrics, r.headline)
         if metric in r.metrics:
             by_cell[(r.axis(row_field), r.axis(col_field), metric)].append(r)
     cells, metric_of_col = {}, defaultdict(set)

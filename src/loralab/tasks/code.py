@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from loralab.tasks.base import Eval
+
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```"]
 MBPP_TEST_IDS = range(11, 511)
@@ -128,23 +130,60 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def run_tests(name: str, problems: list[dict], completions: dict, options: dict) -> dict:
-    """id -> list of sandbox results (one per completion). A problem's ``"prompts"`` (one per
-    completion, None where unknown) overrides the bigcode prompt for that completion."""
-    from loralab.tasks.sandbox import Limits, run_programs
+def _jobs(name: str, problem: dict, completions: list[str], options: dict) -> list[tuple[str, str]]:
+    """(program, test code) for each completion of one problem; the problem's ``"prompts"`` (one per
+    completion, None where unknown) override the bigcode prompt for that completion."""
+    given = problem.get("prompts") or []
+    return [test_program(name, problem, c, options, given[i] if i < len(given) else None) for i, c in enumerate(completions)]
 
-    jobs = []
-    for p in problems:
-        given = p.get("prompts") or []
-        for i, c in enumerate(completions.get(p["id"], [])):
-            jobs.append((p["id"], *test_program(name, p, c, options, given[i] if i < len(given) else None)))
+
+def _limits(options: dict):
+    from loralab.tasks.sandbox import Limits
+
     timeout = float(options["timeout"])
-    results = run_programs([program for _, program, _ in jobs], Limits(timeout=timeout, cpu_seconds=int(timeout) + 2),
-                           workers=int(options["workers"]), progress=f"{name} tests", tests=[t for _, _, t in jobs])
+    return Limits(timeout=timeout, cpu_seconds=int(timeout) + 2)
+
+
+def run_tests(name: str, problems: list[dict], completions: dict, options: dict) -> dict:
+    """id -> list of sandbox results (one per completion), ``workers`` programs at a time, timed-out
+    programs re-run once alone (``sandbox.run_programs``)."""
+    from loralab.tasks.sandbox import run_programs
+
+    jobs = [(p["id"], *job) for p in problems for job in _jobs(name, p, completions.get(p["id"], []), options)]
+    results = run_programs([program for _, program, _ in jobs], _limits(options), workers=int(options["workers"]),
+                           progress=f"{name} tests", tests=[t for _, _, t in jobs])
     by_id: dict = {}
     for (pid, _, _), res in zip(jobs, results):
         by_id.setdefault(pid, []).append(res)
     return by_id
+
+
+def score_problem(name: str, problem: dict, completions: list[str], options: dict) -> list[tuple]:
+    """One problem's programs run in their sandboxes, one after another: a list of (program, test,
+    ``sandbox.Result``), one per completion. Timed-out programs are re-run by ``aggregate``, once
+    every other program is done (so alone, as ``run_programs`` does)."""
+    from loralab.tasks.sandbox import run_program
+
+    limits = _limits(options)
+    return [(program, test, run_program(program, limits, test)) for program, test in _jobs(name, problem, completions, options)]
+
+
+def aggregate(name: str, problems: list[dict], outcomes: list[list[tuple]], options: dict) -> dict:
+    """``score``'s metrics from ``score_problem``'s outcomes (in problem order), after re-running
+    each timed-out program once alone (that result kept, ``Result.rerun``)."""
+    from loralab.tasks.sandbox import run_program
+
+    limits = _limits(options)
+    by_id: dict = {}
+    for p, outcome in zip(problems, outcomes):
+        results = []
+        for program, test, res in outcome:
+            if res.status == "timeout":
+                res = run_program(program, limits, test)
+                res.rerun = True
+            results.append(res)
+        by_id[p["id"]] = results
+    return metrics_from_results(name, problems, by_id, options)
 
 
 def does_not_compile(result) -> bool:
@@ -166,10 +205,15 @@ def protocol_warning(name: str, n_programs: int, n_not_compiling: int) -> str | 
 
 
 def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict:
+    """Run every program (``run_tests``) and score them (``metrics_from_results``)."""
+    return metrics_from_results(name, problems, run_tests(name, problems, completions, options), options)
+
+
+def metrics_from_results(name: str, problems: list[dict], by_id: dict, options: dict) -> dict:
     """pass@k for each k in ``ks`` that every problem has enough samples for (pass@1 always), plus
     program counts: ``programs``, ``failed``, ``timed_out`` (after the lone re-run), ``reruns``,
-    ``not_compiling``; ``warnings`` (a list of text) only when there is something to say."""
-    by_id = run_tests(name, problems, completions, options)
+    ``not_compiling``; ``warnings`` (a list of text) only when there is something to say.
+    ``by_id``: problem id -> sandbox results; a problem without any counts as failed."""
     counts = [(len(by_id.get(p["id"], [])), sum(r.passed for r in by_id.get(p["id"], []))) for p in problems]
     n_min = min((n for n, _ in counts), default=0)
     metrics: dict = {}
@@ -188,3 +232,15 @@ def score(name: str, problems: list[dict], completions: dict, options: dict) -> 
     if warning:
         metrics["warnings"] = [warning]
     return metrics
+
+
+def _eval(name: str, description: str) -> Eval:
+    # programs run in sandbox subprocesses, so threads (``workers`` of them) wait on them during generation
+    return Eval(name, family="code", output_type="generate", headline="pass@1", options=OPTIONS, load=load,
+                build_prompt=build_prompt, source_generation=source_generation, score_problem=score_problem,
+                aggregate=aggregate, pool="thread", description=description)
+
+
+EVALS = (_eval("humaneval", "HumanEval (164), bigcode's protocol, sandboxed pass@k"),
+         _eval("mbpp", "MBPP test (task_ids 11-510), bigcode's InCoder-style prompt, sandboxed pass@k"),
+         _eval("mbpp_sanitized", "MBPP sanitized test (257), the mbpp protocol on the sanitized prompts"))

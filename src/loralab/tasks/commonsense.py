@@ -22,6 +22,8 @@ import json
 import re
 from pathlib import Path
 
+from loralab.tasks.base import Eval, fraction_correct
+
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
     "                ### Instruction:\n"
@@ -29,6 +31,9 @@ PROMPT = (
     "                ### Response:\n"
     "                "
 )
+COMMONSENSE = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa")
+"""The eight tasks, in the order of the experiment files (the one definition: the SFT task's default
+evaluations, the ``commonsense`` group and the scripts read it)."""
 PATTERNS = {
     "boolq": r"true|false",
     "piqa": r"solution1|solution2",
@@ -87,6 +92,24 @@ def extract_answer(name: str, completion: str) -> str:
     return found[0] if found else ""
 
 
+def score_problem(name: str, problem: dict, completions: list[str], options: dict) -> bool:
+    """Whether the answer extracted from the first completion is the gold one (none: wrong)."""
+    return bool(completions) and extract_answer(name, completions[0]) == problem["answer"]
+
+
+aggregate = fraction_correct("accuracy")
+
+
 def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict[str, float]:
-    correct = [bool(completions.get(p["id"])) and extract_answer(name, completions[p["id"]][0]) == p["answer"] for p in problems]
-    return {"accuracy": sum(correct) / len(correct) if correct else 0.0, "n": len(correct)}
+    return _BY_NAME[name].score(problems, completions, options)
+
+
+# Scoring is one regular expression per problem: after generation, in this process.
+EVALS = tuple(
+    Eval(name, family="commonsense", output_type="generate", headline="accuracy", options=OPTIONS, load=load,
+         build_prompt=build_prompt, source_generation=source_generation, score_problem=score_problem,
+         aggregate=aggregate, pool=None, description=f"LLM-Adapters/DoRA commonsense: {name}")
+    for name in COMMONSENSE
+)
+GROUPS = {"commonsense": COMMONSENSE}
+_BY_NAME = {e.name: e for e in EVALS}

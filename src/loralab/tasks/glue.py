@@ -107,7 +107,7 @@ class GlueTask:
         ]
 
     def load(self, params, tokenizer):
-        from loralab.tasks import TaskData
+        from loralab.tasks.base import TaskData
 
         train_rows, train_prov = self.read("train", params.data_dir)
         split = getattr(params, "eval_split", "dev")
@@ -129,7 +129,7 @@ class GlueTask:
         return TaskData(
             train=self.tokenize(train_rows, tokenizer, params),
             eval=self.tokenize(eval_rows, tokenizer, params),
-            provenance={"train": train_prov, "eval": eval_prov},
+            provenance={"train": train_prov, "eval": eval_prov, "headline": self.metrics[0]},
         )
 
     # ---- evaluation -------------------------------------------------------------------------

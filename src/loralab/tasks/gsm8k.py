@@ -39,6 +39,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+from loralab.tasks.base import Eval, fraction_correct
 from loralab.tasks.numeric import first_number, numbers_equal
 
 PROMPT_CORDA = (
@@ -153,7 +154,23 @@ def is_correct(completion: str, answer: str, options: dict) -> bool:
     return pred == gold
 
 
+def score_problem(name: str, problem: dict, completions: list[str], options: dict) -> bool:
+    """Whether the first completion is correct (no completion: wrong)."""
+    return bool(completions) and is_correct(completions[0], problem["answer"], options)
+
+
+aggregate = fraction_correct("accuracy")
+
+
 def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict[str, float]:
     """Accuracy over problems (first completion of each; a missing one counts as wrong)."""
-    correct = [bool(completions.get(p["id"])) and is_correct(completions[p["id"]][0], p["answer"], options) for p in problems]
-    return {"accuracy": sum(correct) / len(correct) if correct else 0.0, "n": len(correct)}
+    return EVALS[0].score(problems, completions, options)
+
+
+# Scoring is a regular expression per problem (~20 us; 27 ms for the 1,319 test problems), so it
+# runs after generation in this process: a worker pool would cost more than it saves.
+EVALS = (
+    Eval("gsm8k", family="gsm8k", output_type="generate", headline="accuracy", options=OPTIONS, load=load,
+         build_prompt=build_prompt, source_generation=source_generation, score_problem=score_problem,
+         aggregate=aggregate, pool=None, description="GSM8K test (1,319), CorDA's prompt and answer extraction"),
+)

@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 from loralab.data import IGNORE_INDEX
 from loralab.experiment import sha256_file
+from loralab.tasks.commonsense import COMMONSENSE
 from loralab.tasks.instruct_templates import (
     ALPACA_NO_INPUT,
     PEFT_MC_QUERY,
@@ -55,7 +56,6 @@ from loralab.tasks.instruct_templates import (
 DORA_VAL_SET_SIZE = 120
 DORA_SPLIT_SEED = 42
 PEFT_MC_MAX_CHARS = 1300
-COMMONSENSE_EVALS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa")
 COMMONSENSE_170K_URL = (
     "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/ft-training_set/commonsense_170k.json"
 )
@@ -240,7 +240,10 @@ class InstructTask:
         return None
 
     def eval_names(self, params) -> list[str]:
-        return list(params.eval_tasks) or list(self.default_evals)
+        """The evaluations to run, groups expanded (``eval_tasks``, else ``default_evals``)."""
+        from loralab.tasks.evaluate import expand
+
+        return expand(list(params.eval_tasks) or list(self.default_evals))
 
     def check(self, params) -> list[str]:
         problems = []
@@ -293,7 +296,7 @@ class InstructTask:
         return rows, provenance
 
     def load(self, params, tokenizer):
-        from loralab.tasks import TaskData
+        from loralab.tasks.base import TaskData
 
         rows, provenance = self.rows(params)
         features, dropped = tokenize_rows(self.style, PAIRS[self.pair], rows, tokenizer, params.max_length)
@@ -301,21 +304,25 @@ class InstructTask:
             task=self.name, style=self.style, max_length=params.max_length, train_examples=len(features),
             dropped_without_target=dropped,
         )
-        # Generation evaluations read their own test sets (loralab.tasks.evaluations), so no eval records here.
+        # Generation evaluations read their own test sets (loralab.tasks.evaluate), so no eval records here.
         # Their effective settings are a function of params: recorded with the data's provenance.
         provenance["evaluations"] = self.evaluation_settings(params)
+        names = list(provenance["evaluations"])
+        if names:  # the report's column for this run: the first evaluation's headline metric
+            provenance["headline"] = f"{names[0]}/{provenance['evaluations'][names[0]]['headline']}"
         return TaskData(train=features, eval=[], provenance=provenance)
 
     def evaluation_settings(self, params) -> dict[str, dict]:
-        """Per evaluation: the effective options and generation settings (``generation_record``:
-        the source protocol overridden by every non-None key of ``params.generation``)."""
-        from loralab.tasks import evaluations as evals
+        """Per evaluation: its headline metric, the effective options and, for a generative one, the
+        generation settings (``generation_record``: the source protocol overridden by every non-None
+        key of ``params.generation``)."""
+        from loralab.tasks import evaluate as evals
 
         out = {}
         for name in self.eval_names(params):
             options = evals.resolve_options(name, params.eval_options)
-            entry: dict[str, Any] = {"options": options}
-            if hasattr(evals.EVALS[name], "source_generation"):
+            entry: dict[str, Any] = {"headline": evals.EVALS[name].headline, "options": options}
+            if evals.EVALS[name].output_type == "generate":
                 entry["generation"] = evals.generation_record(evals.generation_settings(name, params.generation, options))
             out[name] = entry
         return out
@@ -323,8 +330,8 @@ class InstructTask:
     def evaluate(self, model, tokenizer, data, params, out_dir) -> dict[str, float]:
         """Flat ``<evaluation>/<metric>`` numbers; with ``out_dir``, ``generations.jsonl`` (records
         with their prompts) and ``evaluations.json`` (each evaluation's full result: numbers, the
-        effective generation settings and any warnings)."""
-        from loralab.tasks.evaluations import numeric, run_eval  # lazy: written alongside, imports heavy scorers
+        effective generation settings, headline, seconds and any warnings)."""
+        from loralab.tasks.evaluate import numeric, run_eval  # lazy: imports every family and its scorers
 
         metrics: dict[str, float] = {}
         full: dict[str, dict] = {}
@@ -349,10 +356,8 @@ class InstructTask:
 
 def _check_evals(names: list[str], options: dict) -> list[str]:
     """Unknown evaluation names ("did you mean") and bad eval options, found before any training."""
-    try:
-        from loralab.tasks.evaluations import validate_options
-    except ImportError:  # evaluations not in this checkout: they would fail at evaluation time
-        return []
+    from loralab.tasks.evaluate import validate_options
+
     return [f"'eval_tasks'/'eval_options': {p}" for p in validate_options(names, options)]
 
 
@@ -403,7 +408,7 @@ TASKS: dict[str, InstructTask] = {
         name="commonsense170k", pair="dora", style="dora",
         hub={"path": "json", "data_files": COMMONSENSE_170K_URL},
         local_files=("llm-adapters/ft-training_set/commonsense_170k.json", "commonsense_170k.json"),
-        default_evals=COMMONSENSE_EVALS, holdout=DORA_VAL_SET_SIZE,
+        default_evals=COMMONSENSE, holdout=DORA_VAL_SET_SIZE,
         description="LLM-Adapters commonsense_170k, DoRA's indented template, train_on_inputs, cutoff 256",
     ),
     "metamath_peft": InstructTask(

@@ -19,6 +19,8 @@ import re
 import string
 from pathlib import Path
 
+from loralab.tasks.base import Eval, fraction_correct
+
 DESCRIPTION = "Answer these questions:\n\n"
 TEMPLATE = "Q: {question}?\nA:"
 UNTIL = ["\n", ".", ","]
@@ -57,20 +59,36 @@ def is_correct(completion: str, answers: list[str]) -> bool:
     return any(pred == normalize(a) for a in answers)
 
 
+def score_problem(name: str, problem: dict, completions: list[str], options: dict) -> bool:
+    """Whether the first completion matches any gold answer (none: wrong)."""
+    return bool(completions) and is_correct(completions[0], problem["answer"])
+
+
+aggregate = fraction_correct("exact_match")
+
+
 def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict[str, float]:
-    correct = [bool(completions.get(p["id"])) and is_correct(completions[p["id"]][0], p["answer"]) for p in problems]
-    return {"exact_match": sum(correct) / len(correct) if correct else 0.0, "n": len(correct)}
+    return EVALS[0].score(problems, completions, options)
 
 
-def run_lm_eval(name: str, model, tokenizer, *, generation: dict, max_samples: int | None) -> tuple[dict, list]:
-    """lm-eval's own task on the in-memory model (no generations are returned)."""
+def run_lm_eval(name: str, model, tokenizer, *, generation: dict | None = None, max_samples: int | None = None,
+                **_) -> dict:
+    """lm-eval's own task on the in-memory model: ``{"exact_match": float}`` (no generations)."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError as exc:
         raise ImportError(f"'{name}' needs the optional dependency lm-eval (pip install lm-eval)") from exc
     task = LM_EVAL_TASKS[name]
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(generation.get("batch_size", 8)))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int((generation or {}).get("batch_size") or 8))
     out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=max_samples)
-    metrics = out["results"][task]
-    return {"exact_match": float(metrics["exact_match,remove_whitespace"])}, []
+    return {"exact_match": float(out["results"][task]["exact_match,remove_whitespace"])}
+
+
+EVALS = (
+    Eval("nq_open", family="nqopen", output_type="generate", headline="exact_match", options=OPTIONS, load=load,
+         build_prompt=build_prompt, source_generation=source_generation, score_problem=score_problem,
+         aggregate=aggregate, pool=None, description="NQ-open dev (3,610), lm-eval 0.4's protocol, our scorer"),
+    *(Eval(name, family="nqopen", output_type="lm_eval", headline="exact_match", run=run_lm_eval,
+           description=f"lm-eval's {task} task (optional dependency lm-eval)") for name, task in LM_EVAL_TASKS.items()),
+)
