@@ -41,6 +41,16 @@ def test_every_family_exports_its_records_once_and_groups_name_known_evaluations
     assert "did you mean 'commonsense'" in evals.validate_options(["comonsense"], None)[0]
 
 
+def test_tasks_command_lists_each_evaluation_with_its_family_output_type_and_headline(capsys):
+    from loralab.cli import main
+
+    assert main(["tasks"]) == 0
+    lines = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["humaneval"] == ["code", "generate", "pass@1"]
+    assert lines["wikitext2"] == ["language_modeling", "perplexity", "perplexity"]
+    assert lines["glue/rte"] == ["seq_cls"]
+
+
 def test_a_record_missing_what_its_output_type_needs_is_refused():
     from loralab.tasks.base import Eval
 

@@ -26,20 +26,31 @@ evaluation split. The runner knows nothing else about it. The contract (a Protoc
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from loralab.tasks import glue, instruct
 from loralab.tasks.base import Task, TaskData  # noqa: F401  (the records live in base; imported here by name)
 
-TASKS: dict[str, Any] = {
-    **glue.TASKS,
-    **instruct.TASKS,
-}
+
+@functools.cache
+def _training_tasks() -> dict[str, Any]:
+    """name -> training task (``TASKS``). Built on first use, not at import: a scoring worker process
+    that imports one evaluation family then pays no torch import (glue's)."""
+    from loralab.tasks import glue, instruct
+
+    return {**glue.TASKS, **instruct.TASKS}
+
+
+def __getattr__(name: str):
+    if name == "TASKS":
+        return _training_tasks()
+    raise AttributeError(f"module 'loralab.tasks' has no attribute {name!r}")
 
 
 def get_task(name: str):
     from loralab.config import ConfigError, suggest
 
-    if name not in TASKS:
-        raise ConfigError([f"'task' = {name!r} is unknown{suggest(name, TASKS)}; known: {', '.join(sorted(TASKS))}"])
-    return TASKS[name]
+    tasks = _training_tasks()
+    if name not in tasks:
+        raise ConfigError([f"'task' = {name!r} is unknown{suggest(name, tasks)}; known: {', '.join(sorted(tasks))}"])
+    return tasks[name]
