@@ -42,6 +42,14 @@ def test_sft_run_lowers_loss_and_rescoring_matches(tmp_path, data_dir, smollm2_p
     assert record["meta_info"]["dataset"]["sha256"] == "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"
     accuracy = record["eval"]["gsm8k/accuracy"]
     assert 0.0 <= accuracy <= 1.0 and record["eval"]["gsm8k/n"] == 2
+    # the headline the task recorded is the cell the report shows; the evaluation's timing is kept apart
+    assert record["meta_info"]["dataset"]["headline"] == "gsm8k/accuracy"
+    from loralab.report import build_report
+
+    (table,) = build_report(results).tables
+    assert next(iter(table.cells.values())).metric == "gsm8k/accuracy"
+    full = json.loads(next(Path(os.environ["LORALAB_OUTPUT_DIR"]).rglob("evaluations.json")).read_text())["gsm8k"]
+    assert full["headline"] == "accuracy" and full["seconds"]["total"] > 0
 
     generations = sorted(Path(os.environ["LORALAB_OUTPUT_DIR"]).rglob("generations.jsonl"))
     assert len(generations) == 1

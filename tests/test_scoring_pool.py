@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -184,3 +186,24 @@ def test_code_scored_by_threads_during_generation_equals_whole_list(data_dir, mo
     assert evals.numeric(metrics) == evals.numeric(whole) and metrics["headline"] == "pass@1"
     assert seen["done_during_generation"]
     assert metrics["seconds"]["score"] < 0.5 * (time.perf_counter() - start)  # the tail after generation is short
+
+
+def _dies_in_a_worker(name, problem, completions, options):
+    """A scorer whose worker process dies (as a spawn child of an unguarded script does)."""
+    if multiprocessing.parent_process() is not None:
+        os._exit(3)
+    return bool(completions)
+
+
+@pytest.mark.slow
+def test_dead_scoring_workers_fall_back_to_this_process_with_a_warning(capsys):
+    from loralab.tasks.base import Eval, fraction_correct
+
+    ev = Eval("dies", family="test", output_type="generate", headline="accuracy", load=len, build_prompt=len,
+              source_generation=len, score_problem=_dies_in_a_worker, aggregate=fraction_correct("accuracy"),
+              pool="process")
+    with evals.ScoringPool(ev, [{"id": i} for i in range(4)], {}, workers=1) as pool:
+        for i in range(4):
+            pool.submit(i, ["x"] if i % 2 else [])
+        assert pool.result() == {"accuracy": 0.5, "n": 4}
+    assert "scoring workers stopped" in capsys.readouterr().err

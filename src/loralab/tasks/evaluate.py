@@ -57,6 +57,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import BrokenExecutor
 from pathlib import Path
 
 from loralab.tasks import code, commonsense, competition_math, gsm8k, language_modeling, nqopen
@@ -187,7 +188,10 @@ class ScoringPool:
     when ``ev.pool`` is None; submitting an index again replaces its completions. ``result()``
     scores what was never submitted as having no completion, waits for every outcome and returns
     ``ev.aggregate`` over them in problem order. Use as a context manager: leaving it shuts the
-    pool down (unstarted work cancelled)."""
+    pool down (unstarted work cancelled). Process pools use spawn (a forked child would inherit CUDA
+    state and the generating threads), so a script that calls ``run_eval`` must guard its top level
+    with ``if __name__ == "__main__":`` (the ``loralab`` command does); if the workers die, the
+    problems are scored in this process with a warning, giving the same metrics."""
 
     def __init__(self, ev: Eval, problems: list[dict], options: dict, workers: int | None = None):
         self.ev, self.problems, self.options = ev, problems, options
@@ -195,6 +199,7 @@ class ScoringPool:
         self._submitted: dict[int, list[str]] = {}
         self._futures: dict = {}
         self._executor = None
+        self._broken = False
         self._lock = threading.Lock()
 
     def _pool(self):
@@ -204,7 +209,6 @@ class ScoringPool:
             if self.ev.pool == "process":
                 import multiprocessing
 
-                # spawn: a forked child would inherit CUDA state and the generating threads
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
             else:
                 self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"score-{self.ev.name}")
@@ -221,17 +225,34 @@ class ScoringPool:
             old = self._futures.pop(index, None)
             if old is not None:
                 old.cancel()
-            self._futures[index] = self._pool().submit(self.ev.score_problem, self.ev.name, self.problems[index],
-                                                       completions, self.options)
+            if self._broken:
+                return
+            try:
+                self._futures[index] = self._pool().submit(self.ev.score_problem, self.ev.name, self.problems[index],
+                                                           completions, self.options)
+            except BrokenExecutor:
+                self._give_up()
+
+    def _give_up(self) -> None:
+        """Workers died (a spawn child cannot start when the calling script lacks the
+        ``if __name__ == "__main__":`` guard): say so once and score the rest in this process."""
+        if not self._broken:
+            self._broken = True
+            print(f"warning: {self.ev.name}: scoring workers stopped; scoring in this process instead (a script that "
+                  "runs evaluations must guard its top level with `if __name__ == \"__main__\":`, as spawn requires)",
+                  file=sys.stderr)
+
+    def _outcome(self, i: int):
+        future = None if self._broken else self._futures.get(i)
+        if future is not None:
+            try:
+                return future.result()
+            except BrokenExecutor:
+                self._give_up()
+        return self.ev.score_problem(self.ev.name, self.problems[i], self._submitted.get(i, []), self.options)
 
     def result(self) -> dict:
-        outcomes = []
-        for i, problem in enumerate(self.problems):
-            future = self._futures.get(i)
-            if future is not None:
-                outcomes.append(future.result())
-            else:
-                outcomes.append(self.ev.score_problem(self.ev.name, problem, self._submitted.get(i, []), self.options))
+        outcomes = [self._outcome(i) for i in range(len(self.problems))]
         return self.ev.aggregate(self.ev.name, self.problems, outcomes, self.options)
 
     def close(self) -> None:
