@@ -320,7 +320,7 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
         for i, outs in enumerate(outputs):  # no-op for what on_complete already handed over unchanged
             pool.submit(i, outs)
         metrics = pool.result()
-    t3 = time.perf_counter()
+        t3 = time.perf_counter()  # the pool's shutdown counts in total only
     records = [{"task": ev.name, "id": p["id"], "completion": c, "prompt": prompt}
                for p, prompt, outs in zip(items, prompts, outputs) for c in outs]
     metrics["generation"] = generation_record(settings)
