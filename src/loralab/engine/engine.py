@@ -42,6 +42,9 @@ PREFIX_MIN = 16
 """A common prefix shorter than this is prefilled with each prompt (copying it would not pay)."""
 LENGTH_BUCKET = 128
 """Decode attends to the cache rounded up to this many positions (one CUDA graph per bucket)."""
+REFILL_FRACTION = 8
+"""Free slots are refilled once 1/8 of them are free (or the queue is shorter): each prefill forward
+then carries many prompts, and the other slots wait at most one prefill per 1/8 of them."""
 SLOT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -92,17 +95,19 @@ class Engine:
     ``max_slots``: sequences decoded together (fewer when the cache budget holds fewer);
     ``memory_fraction``: of the device's free memory for the cache (``cache.cache_budget``);
     ``prefill_tokens``: tokens per prefill forward; ``cuda_graphs``: None = on CUDA when the
-    model's position tables allow. Raises ValueError for a model the engine cannot run
+    model's position tables allow; ``merge``: adapters merged into copies of the projections for
+    the call (``DecoderRunner.merge_copies``; the model itself is never changed). Raises ValueError for a model the engine cannot run
     (``model.unsupported_reason``)."""
 
-    def __init__(self, model, *, max_slots: int = 256, memory_fraction: float = 0.9, prefill_tokens: int = 8192,
-                 cuda_graphs: bool | None = None):
+    def __init__(self, model, *, max_slots: int = 512, memory_fraction: float = 0.9, prefill_tokens: int = 8192,
+                 cuda_graphs: bool | None = None, merge: bool = True):
         if max_slots < 1 or prefill_tokens < 1:
             raise ValueError(f"max_slots ({max_slots}) and prefill_tokens ({prefill_tokens}) must be >= 1")
         self.runner = DecoderRunner(model)
         self.max_slots = max_slots
         self.memory_fraction = memory_fraction
         self.prefill_tokens = prefill_tokens
+        self.merge = merge
         on_cuda = self.runner.device.type == "cuda"
         self.cuda_graphs = (on_cuda and rope_is_static(model)) if cuda_graphs is None else (cuda_graphs and on_cuda)
         self.stats: dict = {}
@@ -133,6 +138,8 @@ class Engine:
         started = time.perf_counter()
         try:
             with torch.no_grad():
+                merged = self.runner.merge_copies() if self.merge else 0
+                self.stats = {"merged_projections": merged}
                 return self._generate(prompts, budgets, sampling, n_samples, set(eos_ids), stop, request_ids, on_finish)
         finally:
             model.train(was_training)
@@ -140,6 +147,7 @@ class Engine:
             # the cache and graphs belong to one call: a live model trains on between calls
             self._cache = None
             self._graphs = {}
+            self.runner.release()
 
     # -- internals ---------------------------------------------------------------------------------
     def _generate(self, prompts, budgets, sampling, n_samples, eos_ids, stop, request_ids, on_finish):
@@ -155,8 +163,9 @@ class Engine:
         self._graphs = {}
         self._tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self._positions = torch.zeros(slots, dtype=torch.long, device=device)
-        self.stats = {"slots": slots, "max_len": max_len, "decode_steps": 0, "prefill_tokens": 0, "new_tokens": 0,
-                      "cuda_graphs": self.cuda_graphs, "graphs": 0}
+        self.stats = {**self.stats, "slots": slots, "max_len": max_len, "decode_steps": 0, "prefill_tokens": 0, "new_tokens": 0,
+                      "cuda_graphs": self.cuda_graphs, "graphs": 0,
+                      "prefill_s": 0.0, "decode_s": 0.0}
         prefix = self.stats["prefix_tokens"] = self._common_prefix(prompts)
         if prefix:
             self._prefill([(cache.prefix_slot, 0, prompts[0][:prefix])], want_logits=False)
@@ -167,6 +176,7 @@ class Engine:
         live: list[_Seq | None] = [None] * slots
         results: list[list[list[int] | None]] = [[None] * n_samples for _ in prompts]
         remaining = [n_samples] * len(prompts)
+        refill_at = max(1, slots // REFILL_FRACTION)
 
         def finish(slot: int) -> None:
             seq = live[slot]
@@ -189,14 +199,17 @@ class Engine:
 
         while queue or any(s is not None for s in live):
             free = [i for i, s in enumerate(live) if s is None]
-            if free and queue:
+            # refill in batches: a prefill forward of a few prompts costs as much as one of many
+            if free and queue and (len(free) >= min(refill_at, len(queue)) or len(free) == slots):
                 placed = []
                 for slot in free[:len(queue)]:
                     live[slot] = queue.popleft()
                     placed.append(slot)
+                t = time.perf_counter()
                 cache.copy_prefix(torch.tensor(placed, device=device), prefix)
                 logits = self._prefill([(slot, prefix, live[slot].prompt[prefix:]) for slot in placed], want_logits=True)
                 tokens = choose(logits, sampling, [live[s].generator for s in placed]).tolist()
+                self.stats["prefill_s"] += time.perf_counter() - t
                 for slot, token in zip(placed, tokens):
                     accept(slot, token)
                 continue  # refill any slot that ended at its first token before decoding
@@ -210,8 +223,10 @@ class Engine:
             length = min(max_len, -(-(max(positions) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
             self._positions[:n].copy_(torch.tensor(positions), non_blocking=True)
             self._tokens[:n].copy_(torch.tensor(tokens), non_blocking=True)
+            t = time.perf_counter()
             logits = self._decode(n, length)
-            nxt = choose(logits, sampling, [live[i].generator if i < len(live) and live[i] else None for i in range(n)]).tolist()
+            nxt = choose(logits, sampling, [live[i].generator if live[i] else None for i in range(n)]).tolist()
+            self.stats["decode_s"] += time.perf_counter() - t
             self.stats["decode_steps"] += 1
             for i in active:
                 accept(i, nxt[i])
@@ -303,7 +318,7 @@ class Engine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._decode_eager(n, length)
-        self.stats["graphs"] += 1
+        self.stats["graphs"] = self.stats.get("graphs", 0) + 1
         return graph, out
 
 

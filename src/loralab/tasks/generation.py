@@ -55,7 +55,7 @@ class GenerationSettings:
     batch_size: int = 16
     backend: str = "auto"
     seed: int = 0
-    slots: int = 256
+    slots: int = 512
     """Engine: sequences decoded together (fewer when the KV-cache budget holds fewer)."""
     memory_fraction: float = 0.9
     """Engine: fraction of the GPU's free memory the KV cache may take."""
