@@ -37,6 +37,7 @@ def test_every_family_exports_its_records_once_and_groups_name_known_evaluations
         "gsm8k": "accuracy", "math": "accuracy", "humaneval": "pass@1", "nq_open": "exact_match", "ptb": "perplexity"}
     # the commonsense list is defined once: the group, the SFT task's default evaluations
     assert evals.GROUPS["commonsense"] is commonsense.COMMONSENSE
+    assert set(commonsense.PATTERNS) == set(commonsense.COMMONSENSE)  # one answer pattern per task
     assert instruct.TASKS["commonsense170k"].default_evals is commonsense.COMMONSENSE
     assert evals.expand(["gsm8k", "commonsense", "boolq"]) == ["gsm8k", *commonsense.COMMONSENSE]
     assert evals.validate_options(["commonsense"], {"num_beams": 1}) == []
