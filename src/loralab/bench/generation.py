@@ -84,7 +84,7 @@ class EvalBenchSettings:
     """Batch sizes tried by the ``transformers`` row; the best is reported."""
     peer_prompts: int | None = None
     """Run the transformers and generate_batch rows on the first N prompts only (None = all)."""
-    slots: int = 256
+    slots: int = 512
     """The engine's slots (sequences decoded together; fewer when its KV-cache budget holds fewer),
     and the batch of the printed decode-step bound."""
     rank: int = 32

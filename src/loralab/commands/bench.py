@@ -54,7 +54,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--peer-prompts", default=None,
                        help="run the transformers and generate_batch rows on the first N prompts only, full-task time "
                             "extrapolated (default: all)")
-    group.add_argument("--slots", default=None, help="engine slots (sequences decoded together), also the batch of the printed bound (default 256)")
+    group.add_argument("--slots", default=None, help="engine slots (sequences decoded together), also the batch of the printed bound (default 512, the engine's)")
     group.add_argument("--rank", default=None, help="LoRA rank of the all-linear adapter (default 32)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default bfloat16; float32 on cpu)")
     group.add_argument("--data-dir", default=None, help="local data folder (layout of shared/data); default $LORALAB_DATA_DIR, else the hub")

@@ -32,9 +32,11 @@ def add_arguments(parser):
     parser.add_argument("--data-dir", help="local data folder (layout of shared/data); default $LORALAB_DATA_DIR, else the hub")
     parser.add_argument("--options", default="{}", help='eval options as JSON, e.g. \'{"gsm8k": {"parser": "method_comparison"}}\'')
     parser.add_argument("--max-new-tokens", help="override the source generation length: N for every task, or per task, e.g. gsm8k=64,humaneval=96")
-    parser.add_argument("--batch-size", type=int, help="generation batch size (default 16)")
+    parser.add_argument("--batch-size", type=int, help="the transformers backend's generation batch (default 16)")
+    parser.add_argument("--slots", type=int, help="the engine's slots: sequences decoded together (default 512, fewer when the KV cache budget holds fewer)")
     parser.add_argument("--n-samples", type=int, help="completions per problem (pass@k)")
-    parser.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto")
+    parser.add_argument("--backend", choices=("auto", "engine", "transformers", "vllm"), default="auto",
+                        help="auto: loralab's engine, or transformers for beam search and models the engine does not run")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
@@ -48,6 +50,9 @@ def _problems(args, names, options) -> list[str]:
         problems.append("--generations re-scores saved completions: give no --model/--adapter with it")
     if not args.generations and not args.model:
         problems.append("give --model (live run) or --generations (re-score)")
+    for flag, value in (("--slots", args.slots), ("--batch-size", args.batch_size), ("--n-samples", args.n_samples)):
+        if value is not None and value < 1:
+            problems.append(f"{flag} = {value}: must be a positive whole number")
     problems += _per_task_problems("--max-samples", args.max_samples, names)
     problems += _per_task_problems("--max-new-tokens", args.max_new_tokens, names)
     return problems
@@ -111,7 +116,7 @@ def run(args) -> int:
         records = [r for r in read_records(args.generations) if r["task"] in names]
         metrics = score_generations(records, data_dir=data_dir, options=options)
     else:
-        generation = {k: v for k, v in (("batch_size", args.batch_size), ("n_samples", args.n_samples),
+        generation = {k: v for k, v in (("batch_size", args.batch_size), ("slots", args.slots), ("n_samples", args.n_samples),
                                          ("backend", args.backend)) if v is not None}
         model, tokenizer = _load(args)
         metrics, records = {}, []

@@ -152,13 +152,14 @@ def generation_settings(name: str, generation: dict | None, options: dict):
     return GenerationSettings(**settings)
 
 
-def generation_record(settings) -> dict:
-    """The settings as recorded in a result, with ``backend`` resolved (``auto`` -> what ran)."""
+def generation_record(settings, model=None) -> dict:
+    """The settings as recorded in a result, with ``backend`` resolved for ``model`` (``auto`` -> what
+    ran: the engine, or transformers for beam search and models the engine does not run)."""
     from dataclasses import asdict
 
     from loralab.tasks.generation import resolve_backend
 
-    return {**asdict(settings), "backend": resolve_backend(settings.backend)}
+    return {**asdict(settings), "backend": resolve_backend(settings.backend, model, settings)}
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -314,6 +315,7 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     prompts = [ev.build_prompt(ev.name, p, opts) for p in items]
     t1 = time.perf_counter()
     with ScoringPool(ev, items, opts) as pool:
+        # a test may replace ``generate`` with one that has no on_complete
         extra = {"on_complete": pool.submit} if "on_complete" in inspect.signature(gen.generate).parameters else {}
         outputs = gen.generate(model, tokenizer, prompts, settings, progress=f"{ev.name} generation", **extra)
         t2 = time.perf_counter()
@@ -323,7 +325,7 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
         t3 = time.perf_counter()  # the pool's shutdown counts in total only
     records = [{"task": ev.name, "id": p["id"], "completion": c, "prompt": prompt}
                for p, prompt, outs in zip(items, prompts, outputs) for c in outs]
-    metrics["generation"] = generation_record(settings)
+    metrics["generation"] = generation_record(settings, model)
     return metrics, records, {"load": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
 
 
