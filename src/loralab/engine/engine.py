@@ -137,7 +137,9 @@ class Engine:
         model.eval()
         started = time.perf_counter()
         try:
-            with torch.no_grad():
+            # autocast off: a training loop's autocast would cache cast weights that a captured graph
+            # outlives; the engine computes in the model's own dtype (merged copies in the base's)
+            with torch.no_grad(), torch.autocast(runner.device.type, enabled=False):
                 merged = self.runner.merge_copies() if self.merge else 0
                 self.stats = {"merged_projections": merged}
                 return self._generate(prompts, budgets, sampling, n_samples, set(eos_ids), stop, request_ids, on_finish)
