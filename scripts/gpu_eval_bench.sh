@@ -64,7 +64,7 @@ PARTS=("$@")
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PYTHON -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-echo "git: none (the device copy of the tree has no .git)" | tee -a "$OUT/gpu.txt"
+echo "git: the device copy of the tree carries no git state of its own; the commit that ran is in results/eval-bench/README.md" | tee -a "$OUT/gpu.txt"
 
 # step NAME CAP_SECONDS CMD...: run CMD under the smaller of its cap and what is left before the deadline
 step() {
@@ -112,6 +112,9 @@ for part in "${PARTS[@]}"; do
     bench8b)
       step bench8b 200 $PYTHON -m loralab bench --eval --model random:llama-3-8b --device cuda --max-new-tokens 256 \
         --batch-sizes 64,128 --peer-prompts "$PEER_PROMPTS" --output "$OUT/bench8b.json" ;;
+    genbatch)  # transformers' generate_batch alone (in bench8b it ran past the step's cap)
+      step genbatch 200 $PYTHON -m loralab bench --eval --model random:llama-3-8b --device cuda --max-new-tokens 256 \
+        --rows generate_batch --peer-prompts 64 --output "$OUT/genbatch.json" ;;
     gsm8k)
       make_adapter
       step gsm8k 240 $PYTHON -m loralab eval --model random:llama-3-8b --adapter "$ADAPTER" --tasks gsm8k \
@@ -130,7 +133,7 @@ for part in "${PARTS[@]}"; do
       make_adapter
       step commonsense 300 $PYTHON -m loralab eval --model random:llama-3-8b --adapter "$ADAPTER" --tasks "$COMMONSENSE" \
         --max-new-tokens 32 --options '{"num_beams": 1}' --dtype bfloat16 --device cuda --output "$OUT/commonsense.json" ;;
-    *) echo "unknown part $part (known: prepare stage bench8b gsm8k smollm2 commonsense)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare stage bench8b genbatch gsm8k smollm2 commonsense)"; exit 2 ;;
   esac
 done
 echo "total $((SECONDS - START))s" | tee -a "$OUT/summary.txt"
