@@ -316,7 +316,10 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     t1 = time.perf_counter()
     with ScoringPool(ev, items, opts) as pool:
         # a test may replace ``generate`` with one that has no on_complete
-        extra = {"on_complete": pool.submit} if "on_complete" in inspect.signature(gen.generate).parameters else {}
+        params = inspect.signature(gen.generate).parameters
+        engine_stats: dict = {}
+        extra = {"on_complete": pool.submit} if "on_complete" in params else {}
+        extra.update({"stats": engine_stats} if "stats" in params else {})
         outputs = gen.generate(model, tokenizer, prompts, settings, progress=f"{ev.name} generation", **extra)
         t2 = time.perf_counter()
         for i, outs in enumerate(outputs):  # no-op for what on_complete already handed over unchanged
@@ -326,6 +329,8 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     records = [{"task": ev.name, "id": p["id"], "completion": c, "prompt": prompt}
                for p, prompt, outs in zip(items, prompts, outputs) for c in outs]
     metrics["generation"] = generation_record(settings, model)
+    if engine_stats:  # what the engine did on this rank: new tokens, slots, steps, seconds
+        metrics["engine"] = {k: v for k, v in engine_stats.items() if isinstance(v, (int, float, bool))}
     return metrics, records, {"load": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
 
 

@@ -97,12 +97,14 @@ def _engine_refusal(model, settings: GenerationSettings | None) -> str | None:
 
 
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, progress: str | None = None,
-             on_complete=None) -> list[list[str]]:
+             on_complete=None, stats: dict | None = None) -> list[list[str]]:
     """``settings.n_samples`` completions for each prompt, stop strings applied: ``[len(prompts)][n_samples]``.
 
     ``on_complete(i, completions)``, when given, is called once per prompt ``i`` (an index into
     ``prompts``) as soon as its samples are finished and cut at the stop strings (the engine: in the
     order prompts finish; transformers: batch by batch; under DDP only for this rank's prompts).
+    ``stats``, when given, receives the engine's counters of this rank (``new_tokens``, ``slots``,
+    ``decode_steps``, ``prefill_tokens``, ``prefill_s``, ``decode_s``, ``graphs``, ...).
     Raises ValueError for an unknown backend or one that cannot run the model (``resolve_backend``)."""
     backend = resolve_backend(settings.backend, model, settings)
     run = {"engine": _generate_engine, "vllm": _generate_vllm, "transformers": _generate_transformers}[backend]
@@ -110,7 +112,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     if on_complete is not None:
         def done(i, completions):
             on_complete(i, [truncate_at_stop(c, settings.stop) for c in completions])
-    outputs = run(model, tokenizer, prompts, settings, progress, done)
+    outputs = run(model, tokenizer, prompts, settings, progress, done, **({"stats": stats} if backend == "engine" else {}))
     return [[truncate_at_stop(c, settings.stop) for c in sample] for sample in outputs]
 
 
@@ -126,7 +128,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
-def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, progress, done):
+def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, progress, done, stats=None):
     """The engine on this rank's share of ``prompts``; every rank returns all completions."""
     from tqdm import tqdm
 
@@ -152,6 +154,8 @@ def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, pr
                         sampling=sampling, n_samples=settings.n_samples, eos_ids=_eos_ids(model, tokenizer),
                         stop=StopStrings(tokenizer, list(settings.stop)) if settings.stop else None,
                         request_ids=mine, on_finish=finished)
+        if stats is not None:
+            stats.update(engine.stats)
     bar.close()
     return distributed.merge_shared(results)
 

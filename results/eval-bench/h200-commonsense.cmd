@@ -1,0 +1,1 @@
+python -m loralab eval --model random:llama-3-8b --adapter /tmp/lora-r32-8b --tasks boolq,piqa,social_i_qa,winogrande,ARC-Easy,ARC-Challenge,openbookqa --max-new-tokens 32 --options {"num_beams": 1} --dtype bfloat16 --device cuda --output /root/out/commonsense.json
