@@ -216,13 +216,16 @@ class Engine:
                     accept(slot, token)
                 continue  # refill any slot that ended at its first token before decoding
             active = [i for i, s in enumerate(live) if s is not None]
-            n = _bucket_slots(active[-1] + 1, slots)
+            # buckets only where a CUDA graph is replayed per shape; eager steps take the exact sizes
+            n = _bucket_slots(active[-1] + 1, slots) if self.cuda_graphs else active[-1] + 1
             positions = [0] * n
             tokens = [0] * n
             for i in active:
                 positions[i] = live[i].position
                 tokens[i] = live[i].out[-1]
-            length = min(max_len, -(-(max(positions) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
+            length = max(positions) + 1
+            if self.cuda_graphs:
+                length = min(max_len, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
             self._positions[:n].copy_(torch.tensor(positions), non_blocking=True)
             self._tokens[:n].copy_(torch.tensor(tokens), non_blocking=True)
             t = time.perf_counter()
