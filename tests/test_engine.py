@@ -519,16 +519,13 @@ def test_global_rng_state_is_untouched(lora_model, tokenizer, few, backend, temp
     assert torch.equal(torch.get_rng_state(), state)
 
 
-EMPTY_PROMPT_TRANSFORMERS = pytest.mark.xfail(strict=True, reason=(
-    "generation.py's transformers backend does not check prompts: an empty prompt beside others becomes an all-pad "
-    "row that model.generate continues silently (transformers warns 'right-padding was detected'); alone it raises "
-    "RuntimeError 'cannot reshape tensor of 0 elements'. Neither is a ValueError naming the prompt"))
-
-
-@pytest.mark.parametrize("backend", ["engine", pytest.param("transformers", marks=EMPTY_PROMPT_TRANSFORMERS)])
-def test_empty_prompt_is_a_value_error(lora_model, tokenizer, few, backend):
-    with pytest.raises(ValueError, match="prompt"):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_prompt_is_a_value_error_naming_it(lora_model, tokenizer, few, backend):
+    # the transformers backend used to turn it into an all-pad row and continue silently
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] of 2 are empty"):
         generate(lora_model, tokenizer, [few[0], ""], GenerationSettings(max_new_tokens=2, backend=backend))
+    with pytest.raises(ValueError, match=r"prompt\(s\) \[0\] of 1 are empty"):
+        generate(lora_model, tokenizer, [""], GenerationSettings(max_new_tokens=2, backend=backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

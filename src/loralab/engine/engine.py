@@ -126,8 +126,12 @@ class Engine:
         hold the longest sequence."""
         if len(budgets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
-        if any(b < 1 for b in budgets) or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token and a budget of at least one new token")
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty:
+            raise ValueError(f"prompt(s) {empty[:5]} have no tokens: a completion needs a token to continue")
+        small = [(i, b) for i, b in enumerate(budgets) if b < 1]
+        if small:
+            raise ValueError(f"budget(s) below one new token (prompt, budget): {small[:5]}")
         if not prompts:
             return []
         request_ids = list(range(len(prompts))) if request_ids is None else request_ids
@@ -166,7 +170,7 @@ class Engine:
         self._tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self._positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.stats = {**self.stats, "slots": slots, "max_len": max_len, "decode_steps": 0, "prefill_tokens": 0, "new_tokens": 0,
-                      "cuda_graphs": self.cuda_graphs, "graphs": 0,
+                      "cuda_graphs": self.cuda_graphs, "graphs": 0, "prefill_rounds": 0,
                       "prefill_s": 0.0, "decode_s": 0.0}
         prefix = self.stats["prefix_tokens"] = self._common_prefix(prompts)
         if prefix:
@@ -208,6 +212,7 @@ class Engine:
                     live[slot] = queue.popleft()
                     placed.append(slot)
                 t = time.perf_counter()
+                self.stats["prefill_rounds"] += 1
                 cache.copy_prefix(torch.tensor(placed, device=device), prefix)
                 logits = self._prefill([(slot, prefix, live[slot].prompt[prefix:]) for slot in placed], want_logits=True)
                 tokens = choose(logits, sampling, [live[s].generator for s in placed]).tolist()

@@ -106,6 +106,11 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     ``stats``, when given, receives the engine's counters of this rank (``new_tokens``, ``slots``,
     ``decode_steps``, ``prefill_tokens``, ``prefill_s``, ``decode_s``, ``graphs``, ...).
     Raises ValueError for an unknown backend or one that cannot run the model (``resolve_backend``)."""
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"prompt(s) {empty[:5]} of {len(prompts)} are empty: a completion needs text to continue")
+    if settings.max_new_tokens < 1 or settings.n_samples < 1:
+        raise ValueError(f"max_new_tokens ({settings.max_new_tokens}) and n_samples ({settings.n_samples}) must be >= 1")
     backend = resolve_backend(settings.backend, model, settings)
     run = {"engine": _generate_engine, "vllm": _generate_vllm, "transformers": _generate_transformers}[backend]
     done = None
@@ -231,7 +236,7 @@ def _budget(prompt_tokens: int, settings: GenerationSettings) -> int:
     return max(1, min(settings.max_new_tokens, settings.max_length - prompt_tokens))
 
 
-def _generate_vllm(model, tokenizer, prompts, settings: GenerationSettings, progress):
+def _generate_vllm(model, tokenizer, prompts, settings: GenerationSettings, progress, done=None):
     """vLLM on a merged on-disk copy of ``model`` (untested here: the CPU machines have no vLLM)."""
     import copy
     import tempfile
