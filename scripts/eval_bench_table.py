@@ -52,3 +52,16 @@ print(f"\nGoal check: engine {engine['tokens_per_s']:,.0f} new tokens/s on {engi
       f"{'met' if ratio >= 7 else 'NOT met'}); GSM8K at 1,024 tokens in {gsm8k_wall} s (goal <= 180: "
       f"{'met' if gsm8k_wall is not None and gsm8k_wall <= 180 else 'NOT met'}); {cs_n:,} of the 22,419 commonsense "
       f"prompts in {cs_wall} s (the goal's 180 s is for all eight sets; hellaswag's file is not in this project's data).")
+
+cpu = root / "cpu-smollm2.json"
+if cpu.exists():
+    report = json.loads(cpu.read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    work = report["workload"]
+    print(f"\nOn this project's 2-core CPU (shared with other jobs), SmolLM2-135M-Instruct (real weights, fp32, LoRA r32 "
+          f"with B = 0), {work['prompts']} GSM8K prompts, budget {work['max_new_tokens']} with the source's stop strings "
+          f"and EOS: engine {rows['engine']['new_tokens']:,} new tokens in {rows['engine']['seconds']:.0f} s "
+          f"({rows['engine']['tokens_per_s']:.1f}/s), transformers generate (best batch {rows['transformers']['batch_size']}) "
+          f"{rows['transformers']['new_tokens']:,} in {rows['transformers']['seconds']:.0f} s "
+          f"({rows['transformers']['tokens_per_s']:.1f}/s): {rows['engine']['tokens_per_s'] / rows['transformers']['tokens_per_s']:.2f}x, "
+          f"so `auto` picks the engine on the CPU too.")
