@@ -9,7 +9,10 @@
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export LORALAB_DATA_DIR=.devdata LORALAB_PACKAGED_DIR=.devdata
-export LORALAB_GIT_BRANCH=main LORALAB_GIT_DIRTY=0
+# git state: the tree travels without .git, so records say commit/branch/dirty "unknown" unless the
+# launcher states what it measured on its side, e.g. LORALAB_GIT_COMMIT=$(git rev-parse HEAD)
+# LORALAB_GIT_BRANCH=$(git rev-parse --abbrev-ref HEAD) LORALAB_GIT_DIRTY=$(git status --porcelain -uno | grep -q . && echo 1 || echo 0);
+# each record names the variables it took ("source": "given by ..."). Nothing is assumed here.
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"

@@ -25,8 +25,7 @@
 #   device call 2, right after (carry .devdata/gsm8k .devdata/smollm2-135m .devdata/smollm2-gguf-b .whl):
 #                 bash scripts/gpu_speed_defaults.sh b c
 # If the machine went back between the calls, part c says so and stops; a and b need no model file.
-# The tree travels without .git: prefix the device command with LORALAB_GIT_COMMIT=<sha> so the
-# records name the commit (LORALAB_GIT_BRANCH defaults to main, LORALAB_GIT_DIRTY to 0).
+# The tree travels without .git: see the git-state note below.
 # Files land in $OUT (one JSON and one log per part); the tables are printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -54,7 +53,10 @@ if [ "${1:-}" = prepare ]; then prepare; exit; fi
 
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export LORALAB_DATA_DIR=.devdata LORALAB_PACKAGED_DIR=.devdata LORALAB_CACHE=${LORALAB_CACHE:-/tmp/loralab-cache}
-export LORALAB_GIT_BRANCH=${LORALAB_GIT_BRANCH:-main} LORALAB_GIT_DIRTY=${LORALAB_GIT_DIRTY:-0}
+# git state: the tree travels without .git, so records say commit/branch/dirty "unknown" unless the
+# launcher states what it measured on its side, e.g. LORALAB_GIT_COMMIT=$(git rev-parse HEAD)
+# LORALAB_GIT_BRANCH=$(git rev-parse --abbrev-ref HEAD) LORALAB_GIT_DIRTY=$(git status --porcelain -uno | grep -q . && echo 1 || echo 0);
+# each record names the variables it took ("source": "given by ..."). Nothing is assumed here.
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi

@@ -7,7 +7,9 @@ tree, success), ``temporary_results/`` otherwise (failed and diverged runs inclu
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -27,27 +29,74 @@ STATUSES = ("success", "failed", "cancelled", "diverged")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "loralab")
 
 
-def git_state(where: Path) -> dict:
+CODE_TREE = Path(__file__).resolve().parent  # the loralab package this process imported
+GIVEN = ("LORALAB_GIT_COMMIT", "LORALAB_GIT_BRANCH", "LORALAB_GIT_DIRTY")
+UNKNOWN = "unknown"
+
+
+def git_state(where: Path | None = None, experiment: Path | None = None) -> dict:
+    """Git commit, branch and dirty state of the tree the code runs from (``where``, default: the
+    loralab package's own folder), measured with ``git``: ``"source": "measured"``.
+
+    A tree without ``.git`` (a copy sent to a GPU machine) records ``"unknown"`` for all three,
+    never ``false``. Only there may the launcher state them, each by its own variable
+    (``LORALAB_GIT_COMMIT``, ``LORALAB_GIT_BRANCH``, ``LORALAB_GIT_DIRTY`` = 0/1), and the record names
+    the variables it took (``"source": "given by LORALAB_GIT_COMMIT"``); what is not given stays
+    unknown, so such a run goes to ``results/`` only when the launcher stated main and a clean tree.
+    ``code_sha256`` (of the package's ``.py`` files) is always measured, so a given commit can be
+    checked against the code that ran. With ``experiment`` (a folder) a measured state also says
+    whether that folder is committed in the same tree (``experiment_committed``): only then is a
+    run a main run (``route``).
+    """
+    where = Path(where) if where is not None else CODE_TREE
+    state = _measured(where)
+    if state is not None and experiment is not None:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(Path(experiment).resolve())], cwd=where,
+                                 capture_output=True, text=True, timeout=30)
+        state["experiment_committed"] = tracked.returncode == 0
+    if state is None:
+        state = {"commit": UNKNOWN, "branch": UNKNOWN, "dirty": UNKNOWN,
+                 "source": f"unknown: no git work tree at {where}"}
+        given = [name for name in GIVEN if os.environ.get(name)]
+        if given:
+            state["source"] = "given by " + ", ".join(given)
+            state["commit"] = os.environ.get("LORALAB_GIT_COMMIT") or UNKNOWN
+            state["branch"] = os.environ.get("LORALAB_GIT_BRANCH") or UNKNOWN
+            if os.environ.get("LORALAB_GIT_DIRTY"):
+                state["dirty"] = os.environ["LORALAB_GIT_DIRTY"] != "0"
+    state["code_sha256"] = code_sha256(CODE_TREE)
+    return state
+
+
+def _measured(where: Path) -> dict | None:
+    """The git state of the work tree holding ``where``; None when there is none (or ``where`` is
+    ignored by it, e.g. a package installed into a virtual environment inside a checkout)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30)
 
     try:
         head = git("rev-parse", "HEAD")
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        head = None
-    if head is None or head.returncode != 0:
-        # a copy of the tree without .git (e.g. a GPU box): the launcher may state the commit it sent
-        if os.environ.get("LORALAB_GIT_COMMIT"):
-            return {
-                "commit": os.environ["LORALAB_GIT_COMMIT"],
-                "branch": os.environ.get("LORALAB_GIT_BRANCH"),
-                "dirty": os.environ.get("LORALAB_GIT_DIRTY", "1") != "0",
-                "source": "environment",
-            }
-        return {"commit": None, "branch": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    branch = git("rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
-    return {"commit": head.stdout.strip(), "branch": branch, "dirty": bool(status.stdout.strip())}
+        if head.returncode != 0 or git("check-ignore", "-q", str(where)).returncode == 0:
+            return None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    except (FileNotFoundError, NotADirectoryError, subprocess.TimeoutExpired):
+        return None
+    if status.returncode != 0 or branch.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "branch": branch.stdout.strip(), "dirty": bool(status.stdout.strip()),
+            "source": "measured"}
+
+
+def code_sha256(root: Path) -> str:
+    """sha256 over the ``.py`` files under ``root`` (relative path and bytes, sorted by path): the
+    code that ran, measured whether or not the tree has ``.git``."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def results_root() -> Path:
@@ -57,7 +106,8 @@ def results_root() -> Path:
 def route(status: str, git: dict) -> Path:
     if status == "cancelled":
         folder = "cancelled_results"
-    elif status == "success" and git.get("branch") == "main" and git.get("dirty") is False:
+    elif (status == "success" and git.get("branch") == "main" and git.get("dirty") is False
+          and git.get("experiment_committed") is not False):
         folder = "results"
     else:
         folder = "temporary_results"
@@ -98,35 +148,107 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
+class InvalidRecord(ValueError):
+    """A result record that does not validate; it was not written."""
+
+
 def validate(record: dict) -> list[str]:
-    """Missing sections/keys of a result record (used by tests and before writing)."""
+    """Every problem of a result record: missing sections/keys, wrong types, unknown status, and any
+    NaN or infinity (strict JSON has none). Used by tests, by readers and before every write."""
     problems = []
     for section, keys in REQUIRED.items():
-        if section not in record:
-            problems.append(f"missing section {section}")
+        if not isinstance(record.get(section), dict):
+            problems.append(f"missing section {section}" if section not in record else f"{section} must be an object")
             continue
         for key in keys:
             if key not in record[section]:
                 problems.append(f"missing {section}.{key}")
-    if "eval" in record and not all(isinstance(v, (int, float)) for v in record["eval"].values()):
-        problems.append("eval must map names to numbers")
-    status = record.get("train_info", {}).get("status")
+    run_info, train_info = record.get("run_info") or {}, record.get("train_info") or {}
+    if not isinstance(record.get("eval"), dict):
+        record = {**record, "eval": {}}
+    for name, value in record["eval"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"eval.{name} = {value!r}: eval maps metric names to numbers")
+    for key, kinds in TYPES.items():
+        section, name = key.split(".")
+        if name not in (record.get(section) or {}):
+            continue  # named above when required
+        value = record[section][name]
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            allowed = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            problems.append(f"{key} = {value!r}: must be {allowed}")
+    git = run_info.get("git")
+    if isinstance(git, dict):
+        for key in ("commit", "branch", "dirty"):
+            if key not in git:
+                problems.append(f"missing run_info.git.{key}")
+        if git.get("dirty") not in (True, False, None, UNKNOWN):  # None: records before "unknown" existed
+            problems.append(f"run_info.git.dirty = {git.get('dirty')!r}: must be true, false or {UNKNOWN!r}")
+    status = train_info.get("status")
     if status not in STATUSES:
         problems.append(f"train_info.status = {status!r}; allowed: {', '.join(STATUSES)}")
     if status in ("failed", "diverged"):
-        error = record["train_info"].get("error") or {}
+        error = train_info.get("error") or {}
         for key in ("type", "message", "phase"):
             if key not in error:
                 problems.append(f"a {status} record needs train_info.error.{key}")
+    problems += [f"{where} = {value!r}: not finite (strict JSON has no NaN or infinity)"
+                 for where, value in _non_finite(record)]
     return problems
 
 
+TYPES = {  # section.key: allowed types (bool only where named)
+    "run_info.created_at": (str,),
+    "run_info.total_time": (int, float),
+    "run_info.experiment_name": (str,),
+    "run_info.git": (dict,),
+    "run_info.train_params_sha": (str,),
+    "run_info.peft_config_sha": (str, type(None)),
+    "run_info.config": (dict,),
+    "train_info.train_time": (int, float),
+    "train_info.trainable_params": (int, type(None)),
+    "train_info.file_size": (int, type(None)),
+    "train_info.metrics": (list,),
+    "meta_info.model": (dict, str),
+    "meta_info.dataset": (dict,),
+    "meta_info.package_info": (dict,),
+    "meta_info.system_info": (dict,),
+}
+
+
+def _non_finite(value, where: str = ""):
+    if isinstance(value, float) and not math.isfinite(value):
+        yield where or "record", value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, f"{where}[{i}]")
+
+
+def _plain(value):
+    """JSON's own types: numpy scalars become numbers, paths and other objects their ``str`` (as the
+    writer always did); floats stay as they are so that validation sees a NaN."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:  # numpy / torch scalar
+        return value.item()
+    return str(value)
+
+
 def write_result(record: dict, git: dict) -> Path:
-    """Validate ``record`` and write it atomically where its status and git state route it.
-    Raises ValueError naming what is missing (a bug: the runner builds the record)."""
+    """Validate ``record`` and write it as strict JSON (``allow_nan=False``), atomically, where its
+    status and git state route it. A record that does not validate is not written: InvalidRecord
+    names every problem (the run reports it and exits 1)."""
+    record = _plain(record)
     problems = validate(record)
     if problems:
-        raise ValueError("result record is invalid: " + "; ".join(problems))
+        raise InvalidRecord("result record not written: " + "; ".join(problems))
     status = record["train_info"]["status"]
     folder = route(status, git)
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +257,7 @@ def write_result(record: dict, git: dict) -> Path:
     path = folder / f"{stem}--{stamp}.json"
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as fh:
-        fh.write(json.dumps(record, indent=2, default=str))
+        fh.write(json.dumps(record, indent=2, allow_nan=False))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

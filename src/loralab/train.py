@@ -288,7 +288,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     start = time.perf_counter()
     created_at = distributed.broadcast_object(results.now_iso())  # one output folder for all ranks
-    git = results.git_state(exp.path)
+    git = results.git_state(experiment=exp.path)  # the tree the code runs from
     out_root = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
     run_dir, resume_from = find_resume(exp, out_root) if resume else (None, None)
     if resume and resume_from is None:
