@@ -48,6 +48,7 @@ from loralab.methods import (
     rslora,
     svd_lorafa,
 )
+from loralab.methods.parts import option_problems
 
 LAYERS = {p.name: p for p in (lora.LAYER, rslora.LAYER, dora.LAYER, dora.MAGNITUDE_ONLY)}
 INITS = {
@@ -204,8 +205,10 @@ class Method:
                 problems.append("'magnitude_only_modules' needs a DoRA adapter (adapter_config.json 'use_dora': true)")
             if self.base is not None:
                 problems.append(f"'quantization' = {self.base!r} needs an adapter (adapter_config.json): the quantised base is frozen")
-            return problems
+            return problems + option_problems(params, lora.ADAMW)
         problems = list(self.selection_problems)
+        if self.optimizer is not None:
+            problems += option_problems(params, self.optimizer)
         if self.layer is None or self.init is None or self.optimizer is None:
             return problems
         problems += qlora.check(params, self.init)
@@ -286,10 +289,9 @@ class Method:
         return peft_model, (ResidualSaver(peft_model) if self.init.residual else None)
 
     def make_optimizer(self, model, cfg, params):
-        """The method's optimizer, or None for the run's default AdamW."""
-        if self.is_full:
-            return None
-        return self.optimizer.make(model, cfg, params)
+        """The optimizer part's torch optimizer (full fine-tuning: the ``adamw`` part), built from
+        the run's optimizer settings (``parts.settings``)."""
+        return (lora.ADAMW if self.is_full else self.optimizer).make(model, cfg, params)
 
 
 def choose_method(cfg, params) -> Method:

@@ -3,12 +3,13 @@ trained with AdamW.
 
 peft does the layer and the init; this file declares LoRA's three parts: the ``lora`` layer, the
 ``kaiming`` init (peft's default, ``init_lora_weights: true``; ``"gaussian"`` draws A from
-N(0, 1/r) instead) and the ``adamw`` optimizer (the run's default torch AdamW over every
-trainable parameter). Every other method here changes one of these parts.
+N(0, 1/r) instead) and the ``adamw`` optimizer (torch AdamW over every trainable parameter, with
+the run's learning rate, weight decay, betas, eps and ``no_decay`` rule: ``parts.adamw``; full
+fine-tuning uses it too). Every other method here changes one of these parts.
 """
 
 from loralab.methods.common import build_peft, check_ranks
-from loralab.methods.parts import Init, Layer, Optimizer
+from loralab.methods.parts import Init, Layer, Optimizer, adamw, settings
 
 
 def _plain(cfg, params) -> bool:
@@ -46,4 +47,8 @@ GAUSSIAN = Init(
     values=("gaussian",),
     build=_build,
 )
-ADAMW = Optimizer(name="adamw", summary="torch AdamW over every trainable parameter (the run's default)")
+ADAMW = Optimizer(
+    name="adamw",
+    summary="torch AdamW over every trainable parameter (the run's default)",
+    make=lambda model, cfg, params: adamw(model, settings(params)),
+)

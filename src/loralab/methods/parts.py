@@ -84,12 +84,121 @@ class Init:
 @dataclass(frozen=True)
 class Optimizer:
     """How the trainable parameters are updated. ``prepare(peft_model, cfg, params)`` runs after
-    the init (e.g. LoRA-FA freezes A); ``make(model, cfg, params)`` returns a torch optimizer, or
-    None for the run's default AdamW over every trainable parameter."""
+    the init (e.g. LoRA-FA freezes A); ``make(model, cfg, params)`` returns the torch optimizer,
+    built from ``settings(params)`` (every part honours every setting: learning rate, weight decay,
+    betas, eps and the ``no_decay`` rule; ``param_groups`` applies them). ``options``: the
+    ``optimizer_options`` keys of this part alone, with their defaults (the shared ones are
+    ``SHARED_OPTIONS``)."""
 
     name: str
     summary: str
-    make: Callable = lambda model, cfg, params: None
+    make: Callable = None
     prepare: Callable = lambda peft_model, cfg, params: None
     freezes_a: bool = False
     refuses: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+
+# ---- the optimizer settings every optimizer part honours ------------------------------------------
+SHARED_OPTIONS = {"betas": (0.9, 0.999), "eps": 1e-8, "no_decay": ()}
+"""``optimizer_options`` keys every optimizer part reads, with their defaults (torch AdamW's betas
+and eps; weight decay on every trainable parameter, as seed 000's torch AdamW). ``no_decay``: the
+kinds of parameter that get no weight decay, of ``NO_DECAY_KINDS``."""
+NO_DECAY_KINDS = ("bias", "norm")
+"""``bias``: parameters named ``*.bias``; ``norm``: the parameters of a normalisation module
+(LayerNorm, RMSNorm: any module class whose name ends in ``Norm``)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The optimizer settings of one run, read once from training_parameters."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    no_decay: tuple[str, ...]
+    options: dict  # optimizer_options as given (part-specific keys included)
+
+
+def settings(params) -> Settings:
+    """``learning_rate``, ``weight_decay`` and ``optimizer_options`` (``SHARED_OPTIONS`` defaults)."""
+    options = dict(getattr(params, "optimizer_options", None) or {})
+    merged = {**SHARED_OPTIONS, **options}
+    return Settings(lr=float(params.learning_rate), weight_decay=float(params.weight_decay),
+                    betas=tuple(float(b) for b in merged["betas"]), eps=float(merged["eps"]),
+                    no_decay=tuple(merged["no_decay"]), options=options)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def option_problems(params, part: Optimizer | None) -> list[str]:
+    """Every problem of ``optimizer_options`` for optimizer ``part`` (unknown keys with "did you
+    mean", values out of range), at once."""
+    from loralab.config import suggest
+
+    options = getattr(params, "optimizer_options", None) or {}
+    if not isinstance(options, dict):
+        return [f"'optimizer_options' = {options!r} must be a JSON object"]
+    allowed = {**SHARED_OPTIONS, **(part.options if part else {})}
+    problems = []
+    for key, value in options.items():
+        where = f"'optimizer_options.{key}' = {value!r}"
+        if key not in allowed:
+            name = part.name if part else getattr(params, "optimizer", "?")
+            problems.append(f"{where} is not an option of optimizer {name!r}{suggest(str(key), allowed)}; "
+                            f"allowed: {', '.join(sorted(allowed))}")
+        elif key == "betas":
+            if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(b) and 0 <= b < 1 for b in value)):
+                problems.append(f"{where} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        elif key == "no_decay":
+            if not (isinstance(value, (list, tuple)) and all(v in NO_DECAY_KINDS for v in value)):
+                problems.append(f"{where} must be a list of {', '.join(NO_DECAY_KINDS)} (parameters without weight decay)")
+        elif not (_number(value) and value > 0):
+            problems.append(f"{where} must be a number > 0")
+    return problems
+
+
+def decayed(model, no_decay) -> dict[str, bool]:
+    """{trainable parameter name: whether weight decay applies} under the ``no_decay`` kinds."""
+    norm_params = set()
+    if "norm" in no_decay:
+        for module in model.modules():
+            if type(module).__name__.endswith("Norm"):
+                norm_params |= {id(p) for p in module.parameters(recurse=False)}
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            exempt = ("bias" in no_decay and name.split(".")[-1] == "bias") or id(p) in norm_params
+            out[name] = not exempt
+    return out
+
+
+def param_groups(model, s: Settings, lr_of: Callable = None) -> list[dict]:
+    """The trainable parameters grouped by (learning rate, decayed), in ``named_parameters`` order;
+    every group states lr, weight_decay, betas and eps. ``lr_of(name, param, model)`` is a part's
+    learning-rate rule (LoRA+: λ·lr for B); default: ``s.lr`` for all."""
+    decay = decayed(model, s.no_decay)
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if name not in decay:
+            continue
+        lr = s.lr if lr_of is None else lr_of(name, p, model)
+        key = (lr, decay[name])
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "lr": lr, "weight_decay": s.weight_decay if decay[name] else 0.0,
+                           "betas": s.betas, "eps": s.eps}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def adamw(model, s: Settings, lr_of: Callable = None):
+    """torch AdamW over ``param_groups`` (fused on CUDA: one kernel for all tensors)."""
+    import torch
+
+    groups = param_groups(model, s, lr_of)
+    fused = any(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay, fused=fused)
