@@ -1,0 +1,172 @@
+"""The result writer (issue 21): strict JSON, a record that does not validate is not written, and
+git provenance measured from the tree, ``unknown`` without ``.git``, given only by named variables."""
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loralab import results
+from loralab.results import InvalidRecord, git_state, route, validate, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+GIVEN = ("LORALAB_GIT_COMMIT", "LORALAB_GIT_BRANCH", "LORALAB_GIT_DIRTY")
+
+
+def real_record(folder="glue-minilm-seeds", task="stsb") -> dict:
+    """A record as a real run wrote it (MiniLM-L6, STS-B, H200)."""
+    path = next(p for p in sorted((ROOT / "results" / folder).glob("*.json")) if f"--{task}--" in p.name)
+    return json.loads(path.read_text())
+
+
+def strict_load(path: Path):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture
+def no_given(monkeypatch):
+    for name in GIVEN:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_every_record_in_results_validates():
+    paths = [p for p in (ROOT / "results").rglob("*.json") if "run_info" in (d := json.loads(p.read_text()))
+             and isinstance(d, dict)]
+    assert len(paths) > 400
+    bad = {str(p): validate(json.loads(p.read_text())) for p in paths}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+@pytest.mark.parametrize("where, value", [
+    (("eval", "pearson"), float("nan")),  # issue 21 input 4: a constant STS-B prediction
+    (("eval", "spearmanr"), float("inf")),
+    (("train_info", "metrics", 0, "train loss"), float("nan")),
+    (("run_info", "total_time"), float("-inf")),
+])
+def test_non_finite_record_is_not_written(tmp_path, monkeypatch, where, value):
+    monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path))
+    record = real_record()
+    target = record
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    with pytest.raises(InvalidRecord) as info:
+        write_result(record, {"branch": "main", "dirty": False})
+    assert "not finite" in str(info.value) and str(where[-1]) in str(info.value)
+    assert "\n" not in str(info.value)  # the CLI prints the first line
+    assert not list(tmp_path.rglob("*.json*"))
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda r: r["run_info"].pop("git"), "missing run_info.git"),
+    (lambda r: r.pop("meta_info"), "missing section meta_info"),
+    (lambda r: r["eval"].update(accuracy="0.9"), "eval.accuracy"),
+    (lambda r: r["eval"].update(accuracy=True), "eval.accuracy"),
+    (lambda r: r["train_info"].update(trainable_params=1.5), "train_info.trainable_params"),
+    (lambda r: r["run_info"].update(created_at=123), "run_info.created_at"),
+    (lambda r: r["run_info"]["git"].update(dirty="no"), "run_info.git.dirty"),
+    (lambda r: r["train_info"].update(status="done"), "train_info.status"),
+])
+def test_invalid_record_names_the_problem_and_is_not_written(tmp_path, monkeypatch, change, named):
+    monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path))
+    record = real_record()
+    change(record)
+    with pytest.raises(InvalidRecord, match=named.replace(".", r"\.")):
+        write_result(record, {"branch": "main", "dirty": False})
+    assert not list(tmp_path.rglob("*.json*"))
+
+
+def test_valid_record_is_strict_json_with_plain_numbers(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path))
+    record = real_record("svd-family/tuned", "cola")
+    record["eval"]["matthews_correlation"] = np.float32(0.25)  # numpy scalars become JSON numbers
+    record["train_info"]["adapter_path"] = tmp_path / "adapter"
+    path = write_result(copy.deepcopy(record), {"branch": "main", "dirty": True})
+    assert path.parent.name == "temporary_results"
+    back = strict_load(path)
+    assert back["eval"]["matthews_correlation"] == pytest.approx(0.25)
+    assert back["train_info"]["adapter_path"] == str(tmp_path / "adapter")
+    assert validate(back) == []
+
+
+@pytest.mark.slow  # ~10 s: the CLI imports torch and reads the experiment
+def test_cli_says_why_and_exits_1_when_the_record_does_not_validate(tmp_path, monkeypatch, capsys):
+    """The run path: run_experiment's write raises InvalidRecord, `loralab run` names it, exit 1."""
+    from loralab import train
+    from loralab.cli import main
+
+    monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path / "res"))
+    record = real_record()
+    record["eval"]["pearson"] = float("nan")
+
+    def fake_run(exp, verbose=False, resume=False):
+        return record, results.write_result(record, results.git_state(experiment=exp.path))
+
+    monkeypatch.setattr(train, "run_experiment", fake_run)
+    code = main(["run", str(ROOT / "experiments" / "glue-minilm" / "lora" / "stsb")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "InvalidRecord" in err and "eval.pearson = nan" in err
+    assert not list(tmp_path.rglob("*.json*"))
+
+
+def test_tree_without_git_records_unknown(tmp_path, no_given):
+    git = git_state(tmp_path)
+    assert git["commit"] == git["branch"] == git["dirty"] == "unknown"  # never false
+    assert git["source"].startswith("unknown: no git work tree")
+    assert len(git["code_sha256"]) == 64
+    assert route("success", git).name == "temporary_results"
+
+
+def test_given_values_are_named_and_only_what_was_given(tmp_path, no_given, monkeypatch):
+    monkeypatch.setenv("LORALAB_GIT_COMMIT", "dda3f86")
+    git = git_state(tmp_path)
+    assert git["commit"] == "dda3f86" and git["dirty"] == "unknown" and git["branch"] == "unknown"
+    assert git["source"] == "given by LORALAB_GIT_COMMIT"
+    assert route("success", git).name == "temporary_results"
+    monkeypatch.setenv("LORALAB_GIT_BRANCH", "main")
+    monkeypatch.setenv("LORALAB_GIT_DIRTY", "0")
+    git = git_state(tmp_path)
+    assert git["dirty"] is False
+    assert git["source"] == "given by LORALAB_GIT_COMMIT, LORALAB_GIT_BRANCH, LORALAB_GIT_DIRTY"
+    assert route("success", git).name == "results"  # the launcher said so, and the record says it did
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_git_tree_is_measured_and_given_values_ignored(tmp_path, no_given, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "exp").mkdir(parents=True)
+    (repo / "exp" / "training_parameters.json").write_text("{}")
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "x")
+    monkeypatch.setenv("LORALAB_GIT_DIRTY", "0")  # a tree with .git is measured, whatever is given
+    git = git_state(repo, experiment=repo / "exp")
+    assert git["source"] == "measured" and git["branch"] == "main" and git["dirty"] is False
+    assert git["experiment_committed"] is True and len(git["commit"]) == 40
+    assert route("success", git).name == "results"
+    (repo / "exp" / "training_parameters.json").write_text('{"seed": 1}')
+    assert git_state(repo)["dirty"] is True
+    outside = git_state(repo, experiment=tmp_path)
+    assert outside["experiment_committed"] is False
+    _git(repo, "checkout", "-q", "--", ".")
+    assert route("success", git_state(repo, experiment=tmp_path)).name == "temporary_results"
+
+
+def test_code_sha256_measures_the_code(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    first = results.code_sha256(tmp_path)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.py").write_text("cache")
+    assert results.code_sha256(tmp_path) == first
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert results.code_sha256(tmp_path) != first
