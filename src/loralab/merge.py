@@ -14,6 +14,26 @@ without saved modules merges into the base checkpoint's own architecture. What c
 the adapter does not carry (the merged model would not be the trained one), a base that does not
 fit the adapter.
 
+Exact for every base variation and for tied weights (issue 21), or refused:
+- **The base the adapter trained on.** loralab saves ``loralab_base.json`` beside
+  adapter_config.json (``methods/qlora.py``: ``BASE_FILE``). For an NF4 base (QLoRA, LoftQ) the
+  merge loads the float checkpoint, quantises the recorded modules exactly as training did, checks
+  the packed codes against the recorded fingerprints, dequantises, and merges there: the trained
+  model computed with the dequantised NF4 weights, not the float ones (merging into the float base
+  changed 1-4 argmax tokens in 64). Missing bitsandbytes, or a base that quantises to other codes,
+  is a ``MergeError``. A folder without the file (a plain peft adapter) trained on a float base.
+- **Tied weights.** SmolLM2's ``lm_head`` shares ``embed_tokens``' tensor; a merge writes its delta
+  into both. A module the adapter touches (a LoRA layer's base, a ``modules_to_save`` module) whose
+  weight is shared gets its own copy first, and the written config says
+  ``tie_word_embeddings: false``.
+- **Precision.** The merge runs in float32 (the base loaded in the dtype it trained in, then
+  upcast); ``--dtype`` only casts the written checkpoint.
+
+``merged_copy(peft_model)`` is the same merge for a model in memory (the vLLM generation path): the
+adapter's state and config are lifted off a copy, its base is dequantised and untied, and the
+adapter is put back and merged, so a fast forward patch, a residual base (PiSSA, ...) or a
+modules_to_save copy are all reproduced as trained.
+
 ``convert_to_lora``: PiSSA and CorDA train on a residual W_res = W - s B0 A0, so the trained model
 is W_res + s B A = W + s (B A - B0 A0). That delta is a rank-2r LoRA on the original base:
 A' = [A ; A0] (stacked on the rank axis), B' = [B | -B0], with r and lora_alpha doubled so
@@ -25,12 +45,14 @@ adapter folders, with no model in memory.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -92,18 +114,144 @@ def _model_class(task_type: str | None, path: str):
     return getattr(transformers, architectures[0])
 
 
+def read_base_record(adapter) -> dict:
+    """The adapter folder's ``loralab_base.json``, or ``{"base": "float"}`` for a plain peft
+    adapter without one. Raises ``MergeError`` for a record loralab cannot reproduce."""
+    from loralab.methods.qlora import BASE_FILE, RECORD_FORMAT
+
+    path = Path(adapter) / BASE_FILE
+    if not path.is_file():
+        return {"base": "float"}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as exc:
+        raise MergeError(f"{path} is not valid JSON ({exc}): cannot tell which base the adapter trained on") from exc
+    if record.get("format", RECORD_FORMAT) > RECORD_FORMAT:
+        raise MergeError(f"{path} has format {record['format']}, newer than this loralab reads ({RECORD_FORMAT}); upgrade loralab")
+    if record.get("base") not in ("float", "nf4"):
+        raise MergeError(f"{path}: 'base' = {record.get('base')!r} is not one loralab can reproduce; allowed: 'float', 'nf4'")
+    if record["base"] == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            q = record.get("quantization", {})
+            raise MergeError(
+                f"the adapter trained on an NF4 base ({path}: {q.get('quant_type', 'nf4')}, blocks of {q.get('blocksize')}, "
+                f"bitsandbytes {q.get('version')}): merging it exactly means quantising the base the same way, which "
+                "needs the PyPI package 'bitsandbytes' (pip install bitsandbytes); it is not installed") from exc
+    return record
+
+
+def _touched_modules(peft_model) -> list[tuple[str, nn.Module, bool]]:
+    """(name, module holding the base weight, is a modules_to_save copy) for everything the adapter changes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    out = []
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            out.append((name, module.original_module, True))
+        elif isinstance(module, BaseTunerLayer):
+            out.append((name, module.get_base_layer(), False))
+    return out
+
+
+@torch.no_grad()
+def untie_touched(peft_model) -> list[str]:
+    """Give every weight the adapter changes and another module shares (a tied ``lm_head`` /
+    ``embed_tokens``) its own copy, so merging leaves the other module as it was. Returns
+    "a <-> b" for each tie broken (empty: nothing touched is tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in peft_model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    broken = []
+    for name, base, saved_copy in _touched_modules(peft_model):
+        for pname, p in list(base.named_parameters(recurse=False)):
+            others = [o for o in owners.get(id(p), []) if o != name and not o.startswith(name + ".")]
+            if not others:
+                continue
+            broken.append(f"{_base_name(name)} <-> {_base_name(others[0])}")
+            if not saved_copy:  # a modules_to_save copy already holds its own tensor
+                setattr(base, pname, nn.Parameter(p.detach().clone(), requires_grad=False))
+    return broken
+
+
+def _base_name(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+
+
+def _merge_onto(base, config, state: dict):
+    """The one merge: ``base`` holds float weights (dequantised where the adapter trained on NF4);
+    put the adapter (peft ``config`` + state dict) on it, untie what it touches, merge, unload."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    config = copy.deepcopy(config)
+    config.init_lora_weights = True  # the trained factors are loaded below; no init may touch the base
+    config.inference_mode = True
+    try:
+        peft_model = get_peft_model(base, config)
+        expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+        missing = sorted(expected - set(state))
+        if missing:
+            raise MergeError(f"the adapter lacks {len(missing)} tensor(s) its config implies (e.g. {missing[:2]})")
+        result = set_peft_model_state_dict(peft_model, state)
+    except MergeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - peft/torch raise many types for a mismatched pair; all mean "refuse"
+        raise MergeError(f"the adapter does not fit the base: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    if result.unexpected_keys:
+        raise MergeError(f"the adapter holds {len(result.unexpected_keys)} tensor(s) the base has no place for "
+                         f"(e.g. {result.unexpected_keys[:2]})")
+    broken = untie_touched(peft_model)
+    try:
+        merged = peft_model.merge_and_unload()
+    except Exception as exc:  # noqa: BLE001 - e.g. a layer type peft cannot merge
+        raise MergeError(f"peft cannot merge this adapter: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    if broken:
+        for cfg in {id(c): c for c in (merged.config, merged.config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False
+    return merged
+
+
+def merged_copy(model):
+    """A standalone model computing what the in-memory ``model`` computes: a peft model's active
+    adapter merged exactly (NF4 base dequantised, touched tied weights untied, in float32 where the
+    base is quantised); a model without an adapter is deep-copied. ``model`` is left unchanged."""
+    from peft import get_peft_model_state_dict
+
+    from loralab.methods.qlora import dequantize_linears
+
+    work = copy.deepcopy(model)
+    if not hasattr(work, "peft_config"):
+        return work
+    name = work.active_adapter
+    config = work.peft_config[name]
+    if config.is_prompt_learning:
+        raise MergeError(f"peft_type {config.peft_type} is a prompt-learning adapter: nothing to merge into weights")
+    state = {k: v.detach().clone() for k, v in
+             get_peft_model_state_dict(work, adapter_name=name, save_embedding_layers=False).items()}
+    base = work.unload()
+    return _merge_onto(dequantize_linears(base), config, state)
+
+
 def merge_adapter(base: str, adapter: str, out_dir: str, dtype: str = "float32") -> Path:
-    """Load ``base`` (folder, hub id or ``packaged:<name>``) as the adapter's ``task_type`` says,
-    apply the peft adapter in ``adapter``, merge, save to ``out_dir`` (weights, config, tokenizer).
+    """Load ``base`` (folder, hub id or ``packaged:<name>``) as the adapter's ``task_type`` says and
+    as it trained (``loralab_base.json``: float, or NF4 re-quantised and dequantised), apply the peft
+    adapter in ``adapter``, merge in float32, save to ``out_dir`` in ``dtype`` (weights, config,
+    tokenizer).
 
     Raises ``MergeError`` (see the module docstring) before writing anything when the result would
     not be the trained model."""
     import transformers
-    from peft import PeftModel
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
 
+    from loralab.methods import qlora
     from loralab.models import resolve_model_path
 
     config, weights = _check_adapter(adapter)
+    record = read_base_record(adapter)
     task_type = config.get("task_type")
     path = resolve_model_path(base)
     kwargs = {}
@@ -117,23 +265,27 @@ def merge_adapter(base: str, adapter: str, out_dir: str, dtype: str = "float32")
         if task_type == "SEQ_CLS":
             kwargs["problem_type"] = "regression" if num_labels == 1 else "single_label_classification"
     cls = _model_class(task_type, path)
-    model, info = cls.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True, **kwargs)
+    trained_dtype = getattr(torch, record.get("dtype", "float32"))
+    model, info = cls.from_pretrained(path, dtype=trained_dtype, output_loading_info=True, **kwargs)
     saved = set(config.get("modules_to_save") or [])
     unsaved = [k for k in info["missing_keys"] if not any(part in saved for part in k.split("."))]
     if unsaved:
         raise MergeError(f"loading {base!r} as {cls.__name__} initialised {len(unsaved)} weight(s) at random "
                          f"that the adapter does not carry (e.g. {unsaved[:3]}); the merged model would not be the "
                          f"trained one. modules_to_save = {sorted(saved)!r}")
-    try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
-    except Exception as exc:  # noqa: BLE001 - peft/torch raise many types for a mismatched pair; all mean "refuse"
-        raise MergeError(f"the adapter does not fit base {base!r}: {type(exc).__name__}: {str(exc)[:500]}") from exc
-    try:
-        merged = peft_model.merge_and_unload()
-    except Exception as exc:  # noqa: BLE001 - e.g. a layer type peft cannot merge
-        raise MergeError(f"peft cannot merge this adapter: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    model = model.float()
+    if record["base"] == "nf4":
+        q = record.get("quantization", {})
+        if q.get("device") == "cuda" and torch.cuda.is_available():
+            model = model.to("cuda")  # bitsandbytes quantises on the weights' device, as training did
+        problems = qlora.quantize_as_recorded(model, record)
+        if problems:
+            raise MergeError(f"the adapter trained on an NF4 base that {base!r} does not reproduce bit for bit: "
+                             + "; ".join(problems))
+        model = qlora.dequantize_linears(model)
+    merged = _merge_onto(model, PeftConfig.from_pretrained(adapter), load_peft_weights(adapter, device="cpu"))
     out = Path(out_dir)
-    merged.save_pretrained(out)
+    merged.to(device="cpu", dtype=getattr(torch, dtype)).save_pretrained(out)
     try:
         transformers.AutoTokenizer.from_pretrained(path).save_pretrained(out)
     except (OSError, ValueError):  # a weights-only folder has no tokenizer to copy

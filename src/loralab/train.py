@@ -42,6 +42,7 @@ from loralab.lifecycle import Cancelled, Diverged, Lifecycle, error_info
 from loralab.methods import choose_method
 from loralab.methods.common import embeddings_trained
 from loralab.methods.context import MethodContext
+from loralab.methods.qlora import write_base_record
 from loralab.models import load_model, load_tokenizer, model_provenance
 from loralab.speed.defaults import resolve_speed
 from loralab.speed.step import SpeedOptions, autocast_context, length_grouped_batches, prepare_model
@@ -575,6 +576,8 @@ def _save(built: Built, path: Path, record: dict) -> None:
         model.save_pretrained(path, save_embedding_layers=embeddings_trained(model), **gathered)
     else:
         model.save_pretrained(path, **gathered)
+    if hasattr(model, "peft_config"):  # the base it trained on (float / NF4), for an exact `loralab merge`
+        write_base_record(model, path)
     built.tokenizer.save_pretrained(path)
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
     record["adapter_path"] = str(path)

@@ -16,9 +16,21 @@ LoftQ (``loftq.py``) is the init made for this base. Refused with NF4: the resid
 OLoRA, CorDA, MiLoRA, LoRA-GA, corrected SVD LoRA-FA) and seed 003's as-written SVD init. Their base is W − s·B₀A₀, which has to be quantised *after*
 the init (QPiSSA's recipe); the adapter then belongs to that quantised residual, which plain
 ``PeftModel.from_pretrained`` on the quantised original cannot reproduce. Not built here.
+
+Every adapter folder loralab saves gets ``loralab_base.json`` (``BASE_FILE``) beside
+adapter_config.json: the base the adapter trained on (``float`` or ``nf4``, the frozen weights'
+dtype; for NF4 the bitsandbytes settings and version, the device that quantised, and per quantised
+module a SHA-256 of its packed weight and quantisation state). It is a file of its own, not a key
+in adapter_config.json, because peft's config loader drops (and warns about) keys it does not
+know, so a field there would not survive a load/save round trip; plain peft ignores the file, so
+the folder stays a plain peft adapter. ``loralab merge`` reads it to re-quantise the base the same
+way (``quantize_as_recorded``) and merge into the dequantised weights the trained model computed
+with.
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 from torch import nn
@@ -58,8 +70,8 @@ def check(params, init) -> list[str]:
 @torch.no_grad()
 def quantize_linears(model: nn.Module, names: list[str], compute_dtype=torch.float32) -> nn.Module:
     """Replace the nn.Linear modules ``names`` of ``model`` (in place) by bitsandbytes NF4
-    ``Linear4bit`` layers holding the same weights quantised (blocks of 64, no double
-    quantisation), on the weights' device; biases stay in float. Returns ``model``."""
+    ``Linear4bit`` layers holding the same weights quantised (blocks of 64, bitsandbytes' default
+    double quantisation of the absmax statistics), on the weights' device; biases stay in float. Returns ``model``."""
     import bitsandbytes as bnb
 
     modules = dict(model.named_modules())
@@ -84,16 +96,121 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     dequantised weights (what the quantised base computes, for merge and reference checks)."""
     import copy
 
-    import bitsandbytes as bnb
+    return dequantize_linears(copy.deepcopy(model))
+
+
+def _is_nf4(module) -> bool:
+    return hasattr(getattr(module, "weight", None), "quant_state") and type(module).__name__ == "Linear4bit"
+
+
+@torch.no_grad()
+def dequantize_linears(model: nn.Module) -> nn.Module:
+    """In place: every bitsandbytes ``Linear4bit`` of ``model`` becomes an nn.Linear holding the
+    dequantised weight (the float weight every forward of the NF4 layer computes with), on the same
+    device; bitsandbytes is imported only when there is one. Returns ``model``."""
+    found = [(name, m) for name, m in model.named_modules() if _is_nf4(m)]
+    if not found:
+        return model
     from peft.utils.integrations import dequantize_bnb_weight
 
-    out = copy.deepcopy(model)
-    for name, module in list(out.named_modules()):
-        if isinstance(module, bnb.nn.Linear4bit):
-            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            lin.weight.data = dequantize_bnb_weight(module.weight, module.weight.quant_state).float()
-            if module.bias is not None:
-                lin.bias.data = module.bias.data.float().clone()
-            parent, _, leaf = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, leaf, lin)
-    return out
+    for name, module in found:
+        weight = dequantize_bnb_weight(module.weight, module.weight.quant_state)
+        lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                        device=weight.device, dtype=weight.dtype)
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            lin.bias = nn.Parameter(module.bias.detach().to(weight.dtype).clone(), requires_grad=False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+    return model
+
+
+# ---- the base an adapter needs, saved beside it ---------------------------------------------------
+BASE_FILE = "loralab_base.json"
+RECORD_FORMAT = 1
+
+
+def _fingerprint(weight) -> str:
+    """SHA-256 of an NF4 weight as stored: packed 4-bit codes, absmax (and the nested state)."""
+    import hashlib
+
+    qs = weight.quant_state
+    parts = [weight.data, qs.absmax] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
+    h = hashlib.sha256()
+    for t in parts:
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _settings(module) -> dict:
+    w = module.weight
+    return {"quant_type": w.quant_type, "blocksize": int(w.blocksize), "double_quant": bool(w.compress_statistics),
+            "quant_storage": str(w.quant_storage).removeprefix("torch."),
+            "dequantized_dtype": str(w.quant_state.dtype).removeprefix("torch."),
+            "compute_dtype": str(module.compute_dtype).removeprefix("torch.") if module.compute_dtype else None}
+
+
+def _base_name(name: str) -> str:
+    """A module's name in the transformers model under peft's wrappers."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def base_record(model: nn.Module) -> dict:
+    """The base ``model`` (a peft model or a plain one) computes with: ``{"base": "float", ...}`` or
+    the NF4 record (settings, bitsandbytes version, device, a fingerprint per quantised module)."""
+    quantised = {_base_name(n): m for n, m in model.named_modules() if _is_nf4(m)}
+    floats = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    record = {"format": RECORD_FORMAT, "written_by": "loralab", "base": "nf4" if quantised else "float",
+              "dtype": str(floats[0].dtype).removeprefix("torch.") if floats else "float32"}
+    if not quantised:
+        return record
+    import bitsandbytes
+
+    settings = {name: _settings(m) for name, m in quantised.items()}
+    distinct = {json.dumps(s, sort_keys=True) for s in settings.values()}
+    first = next(iter(quantised.values()))
+    record["quantization"] = {"library": "bitsandbytes", "version": bitsandbytes.__version__,
+                              "device": first.weight.device.type, **next(iter(settings.values()))}
+    if len(distinct) > 1:  # never made by quantize_linears; kept exact anyway
+        record["module_settings"] = settings
+    record["modules"] = {name: _fingerprint(m.weight) for name, m in quantised.items()}
+    return record
+
+
+def write_base_record(model: nn.Module, folder) -> None:
+    """Write ``BASE_FILE`` (``base_record``) into the adapter folder ``folder``."""
+    from pathlib import Path
+
+    (Path(folder) / BASE_FILE).write_text(json.dumps(base_record(model), indent=1) + "\n")
+
+
+def quantize_as_recorded(model: nn.Module, record: dict) -> list[str]:
+    """Quantise ``model``'s recorded modules in place as ``quantize_linears`` does and compare them
+    with the record (settings and fingerprints). Returns the differences; [] means the base is
+    bitwise the one the adapter trained on."""
+    import bitsandbytes
+
+    names = list(record["modules"])
+    modules = dict(model.named_modules())
+    absent = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+    if absent:
+        return [f"the base has no linear layer {absent[0]!r} ({len(absent)} recorded module(s) absent): "
+                "not the model the adapter trained on"]
+    quantize_linears(model, names, compute_dtype=getattr(torch, record["quantization"].get("compute_dtype") or "float32"))
+    modules = dict(model.named_modules())
+    q = record["quantization"]
+    problems = []
+    wanted = record.get("module_settings") or {n: {k: q.get(k) for k in _settings(modules[n])} for n in names}
+    differ = [n for n in names if _settings(modules[n]) != wanted[n]]
+    if differ:
+        problems.append(f"quantising here gives settings {_settings(modules[differ[0]])} for {differ[0]!r}, the adapter's "
+                        f"base had {wanted[differ[0]]} ({len(differ)} module(s) differ)")
+    changed = [n for n in names if n not in differ and _fingerprint(modules[n].weight) != record["modules"][n]]
+    if changed:
+        here = next(p for p in model.parameters()).device.type
+        problems.append(
+            f"{len(changed)} of {len(names)} NF4 module(s) quantise to other codes than the adapter's base (e.g. "
+            f"{changed[0]!r}): a different base checkpoint or dtype, or a quantiser that rounds differently "
+            f"(recorded: bitsandbytes {q.get('version')} on {q.get('device')}; here: bitsandbytes "
+            f"{bitsandbytes.__version__} on {here})")
+    return problems
