@@ -39,7 +39,7 @@ def test_engine_and_transformers_rows_run_every_request_to_its_budget(tmp_path, 
     meta = report["meta"]
     assert meta["device"] == "cpu" and meta["command"].startswith("loralab bench --eval --model random:tiny-llama")
     assert set(meta["package_info"]) >= {"torch", "transformers", "peft"}
-    assert ("git" in meta) and (meta["git"] is None) == ("git_note" in meta)
+    assert meta["git"]["source"] == "measured" and meta["git"]["commit"] not in (None, False)  # this checkout has .git
     assert report["bound"]["card"] is None  # no card constants for a CPU
     printed = capsys.readouterr().out
     assert "| engine | 5 | 35 |" in printed and "| transformers | 5 | 35 |" in printed

@@ -437,19 +437,17 @@ def run_eval_bench(settings: EvalBenchSettings, *, command: str = "", on_row=Non
 
 
 def meta_info(settings: EvalBenchSettings, command: str, device_name: str | None) -> dict:
-    """Device, package versions, the command and git state (``git: null`` on a tree without .git,
-    unless the launcher states the commit: ``loralab.results.git_state``)."""
+    """Device, package versions, the command and git state as ``loralab.results.git_state`` measures
+    it for the code that runs (``"unknown"`` on a tree without .git unless the launcher states it,
+    and the record names who did)."""
     from loralab.models import model_provenance
     from loralab.results import git_state, now_iso, package_info, system_info
 
-    git = git_state(Path.cwd())
+    git = git_state()
     meta = {"created_at": now_iso(), "command": command, "argv": sys.argv, "device": settings.device, "device_name": device_name,
             "package_info": package_info(), "system_info": system_info(), "settings": asdict(settings),
             "model": model_provenance(settings.model)}
-    if git.get("commit") is None:
-        meta.update(git=None, git_note="no .git on this tree")
-    else:
-        meta["git"] = git
+    meta["git"] = git
     return meta
 
 
