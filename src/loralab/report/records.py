@@ -29,6 +29,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loralab.tasks.metrics import DEGENERATE, convention
+
 STATUSES = ("success", "failed", "cancelled", "diverged")
 
 # How a name from the registry is written in a table (seed 000's spelling); unknown names print as recorded.
@@ -64,7 +66,8 @@ class RecordError(ValueError):
 @dataclass
 class Run:
     """One result record. ``metrics`` are the final evaluation (name → number, as recorded, not
-    scaled); memory in bytes; times in seconds."""
+    scaled); ``degenerate`` the names among them the record flags (``eval.degenerate``: scored by
+    the convention of ``loralab.tasks.metrics``, not measured); memory in bytes; times in seconds."""
 
     source: Path
     status: str
@@ -92,6 +95,7 @@ class Run:
     variant: dict = field(default_factory=dict)
     init_cost: dict | None = None  # run_info.init_cost: the adapter init's seconds and peak memory
     headline: str | None = None  # the recorded headline metric (meta_info.dataset.headline); None in older records
+    degenerate: frozenset = frozenset()
 
     def axis(self, name: str):
         """The value of a grouping field (``--by``): method, task, set, seed, model, layer, init, optimizer."""
@@ -203,10 +207,19 @@ def parse_record(record: dict, source: Path) -> Run:
     evals = record.get("eval") or {}
     if not isinstance(evals, dict):
         raise RecordError(f"eval must map names to numbers, got {type(evals).__name__}")
+    degenerate = evals.get(DEGENERATE, [])
+    if not (isinstance(degenerate, list) and all(isinstance(d, str) for d in degenerate)):
+        raise RecordError(f"eval.{DEGENERATE} = {degenerate!r} is not a list of metric names")
+    evals = {k: v for k, v in evals.items() if k != DEGENERATE}
     metrics = {k: v for k, v in evals.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if status == "success" and len(metrics) != len(evals):
         bad = next(k for k in evals if k not in metrics)
         raise RecordError(f"eval.{bad} = {evals[bad]!r} is not a number")
+    if unknown := [d for d in degenerate if d not in metrics]:
+        raise RecordError(f"eval.{DEGENERATE} names {unknown[0]!r}, which eval does not hold")
+    for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v):  # a record written before issue 21's rule
+            metrics[k], degenerate = convention(k), [*degenerate, k]
     history = train_info.get("metrics") or []
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
         raise RecordError("train_info.metrics must be a list of objects")
@@ -237,7 +250,7 @@ def parse_record(record: dict, source: Path) -> Run:
         peak_memory=memory, memory_kind=kind, config=config, git=run_info.get("git") or {},
         environment=meta, train_info=train_info, error=error if isinstance(error, dict) else None,
         init_cost=run_info.get("init_cost") if isinstance(run_info.get("init_cost"), dict) else None,
-        headline=headline,
+        headline=headline, degenerate=frozenset(degenerate),
     )
 
 

@@ -5,22 +5,25 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 
 from loralab.report.build import Report
 from loralab.report.stats import CONFIDENCE, MIN_SEEDS, N_RESAMPLES
 from loralab.report.tables import Table, cost_rows, task_name
 
 FEW = "†"
+DEGENERATE = "‡"  # some seed's score is degenerate (loralab.tasks.metrics): a convention, not a measurement
 
 
 def num(x: float | None, scaled: bool = True) -> str:
-    if x is None:
+    if x is None or not math.isfinite(x):
         return "–"
     return f"{x:.2f}" if scaled else f"{x:.4g}"
 
 
 def cell_text(t: Table, row, col, *, bold_md: bool = True) -> str:
-    """``mean ± sd [low, high] (n=k)`` with † under MIN_SEEDS seeds and excluded runs noted."""
+    """``mean ± sd [low, high] (n=k)`` with † under MIN_SEEDS seeds, ‡k where k seeds' scores are
+    degenerate, and excluded runs noted."""
     if col == "avg":
         s = t.avg.get(row)
         if s is None:
@@ -33,6 +36,8 @@ def cell_text(t: Table, row, col, *, bold_md: bool = True) -> str:
         if c is None:
             return "–"
         core = _summary_text(c.summary, t.scaled)
+        if c.degenerate:
+            core += f" {DEGENERATE}{c.degenerate}"
         if c.excluded:
             core += " (+" + ", ".join(f"{n} {status}" for status, n in sorted(c.excluded.items())) + ")"
     mean, _, rest = core.partition(" ")
@@ -58,6 +63,17 @@ def row_name(t: Table, row) -> str:
 
 
 def legend(t: Table) -> str:
+    return _legend(t) + (degenerate_note(t) if any(c.degenerate for c in t.cells.values()) else "")
+
+
+def degenerate_note(t: Table) -> str:
+    worst = "the largest finite number" if t.lower_better else "0"
+    return (f" {DEGENERATE}k: k seeds' scores are degenerate (a constant prediction's correlation, F1 without a "
+            f"positive prediction, a non-finite value), recorded as {worst} by convention and counted in the mean; in "
+            f"a paired comparison a degenerate score loses to any non-degenerate one.")
+
+
+def _legend(t: Table) -> str:
     pct = int(CONFIDENCE * 100)
     best = "lowest" if t.lower_better else "highest"
     where = "along the row" if t.col_field == "method" else "in the column"
@@ -177,13 +193,14 @@ def to_csv(report: Report) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["table", "row", "column", "metric", "scale", "mean", "sd", "ci_low", "ci_high", "n", "seeds",
-                "values", "trainable_params", "excluded_runs"])
+                "values", "trainable_params", "excluded_runs", "degenerate_seeds"])
     for t in report.tables:
         for (row, col), c in sorted(t.cells.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
             s = c.summary
             w.writerow([t.title, row, col, c.metric, "x100" if t.scaled else "x1", s.mean, s.sd, s.low, s.high, s.n,
                         " ".join(str(r.seed) for r in c.runs), " ".join(f"{v:.6g}" for v in c.values),
-                        t.params.get(row), " ".join(f"{k}={v}" for k, v in sorted(c.excluded.items()))])
+                        t.params.get(row), " ".join(f"{k}={v}" for k, v in sorted(c.excluded.items())),
+                        " ".join(str(r.seed) for r in c.runs if c.metric in r.degenerate)])
     return buf.getvalue()
 
 
@@ -200,7 +217,8 @@ def as_dict(report: Report) -> dict:
             "scale": 100 if t.scaled else 1, "lower_is_better": t.lower_better,
             "cells": [{"row": str(row), "column": str(col), "metric": c.metric, **c.summary.to_dict(),
                        "values": c.values, "seeds": [r.seed for r in c.runs], "files": [str(r.source) for r in c.runs],
-                       "excluded_runs": c.excluded, "fewer_than_min_seeds": c.few_seeds}
+                       "excluded_runs": c.excluded, "fewer_than_min_seeds": c.few_seeds,
+                       "degenerate_seeds": [r.seed for r in c.runs if c.metric in r.degenerate]}
                       for (row, col), c in t.cells.items()],
             "trainable_params": {str(k): v for k, v in t.params.items()},
             "average": {str(k): (v.to_dict() if v else None) for k, v in t.avg.items()},

@@ -9,6 +9,12 @@ seeds any bootstrap interval is too narrow (it cannot see variation the few seed
 therefore mark cells with fewer than ``MIN_SEEDS`` seeds. The resampling is seeded, so a report is
 reproducible. The sign test is ``scipy.stats.binomtest`` (two-sided, p = 0.5) on wins and losses,
 ties dropped (Conover, *Practical Nonparametric Statistics*, 3rd ed., §3.4).
+
+Degenerate scores (``loralab.tasks.metrics``: a constant prediction's correlation, recorded as 0
+by convention and flagged) count in the paired comparison as what they are: **a degenerate score
+loses to a non-degenerate one, whatever the two numbers** (a real correlation of -0.02 beats a
+collapsed seed's conventional 0), and two degenerate scores tie. The mean difference and its
+interval still use the recorded numbers.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def bootstrap_interval(values, confidence: float = CONFIDENCE) -> tuple[float, f
     from scipy.stats import bootstrap
 
     v = np.asarray(values, dtype=float)
-    if v.size < 2:
+    if v.size < 2 or not np.isfinite(v).all():
         return None, None
     if np.ptp(v) == 0:
         return float(v[0]), float(v[0])
@@ -59,7 +65,10 @@ def summarize(values) -> Summary:
     if v.size == 0:
         raise ValueError("summarize needs at least one value")
     low, high = bootstrap_interval(v)
-    return Summary(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None, low, high, int(v.size))
+    with np.errstate(over="ignore", invalid="ignore"):  # a degenerate perplexity is the largest float
+        mean = float(np.sum(v / v.size))
+        sd = float(v.std(ddof=1)) if v.size > 1 else None
+    return Summary(mean, sd if sd is None or math.isfinite(sd) else None, low, high, int(v.size))
 
 
 @dataclass
@@ -85,19 +94,34 @@ class Paired:
                 "sign_test_p": self.p, "pairs": [list(k) for k in self.keys]}
 
 
-def paired(a_name: str, a: dict, b_name: str, b: dict) -> Paired | None:
+def outcome(diff: float, a_degenerate: bool = False, b_degenerate: bool = False) -> int:
+    """+1 (A wins), -1 (A loses) or 0 (tie) for one pair: a degenerate side loses to a
+    non-degenerate one whatever the numbers; otherwise the sign of ``diff`` (A − B)."""
+    if a_degenerate != b_degenerate:
+        return -1 if a_degenerate else 1
+    if a_degenerate:
+        return 0
+    return int(np.sign(diff))
+
+
+def paired(a_name: str, a: dict, b_name: str, b: dict, a_degenerate=(), b_degenerate=()) -> Paired | None:
     """Compare two methods on the keys both have (``a``, ``b``: key → value, e.g. (task, seed) →
-    score). None when they share no key."""
+    score; ``a_degenerate`` / ``b_degenerate``: the keys whose score is degenerate). None when they
+    share no key."""
     from scipy.stats import binomtest
 
     keys = sorted(set(a) & set(b), key=str)
     if not keys:
         return None
-    d = np.array([a[k] - b[k] for k in keys], dtype=float)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = np.array([a[k] - b[k] for k in keys], dtype=float)
     low, high = bootstrap_interval(d)
-    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    signs = [outcome(diff, k in set(a_degenerate), k in set(b_degenerate)) for diff, k in zip(d, keys)]
+    wins, losses = signs.count(1), signs.count(-1)
     p = binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue if wins + losses else None
-    return Paired(a_name, b_name, len(keys), float(d.mean()), low, high, wins, losses, len(keys) - wins - losses,
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean_diff = float(np.sum(d / d.size))
+    return Paired(a_name, b_name, len(keys), mean_diff, low, high, wins, losses, len(keys) - wins - losses,
                   None if p is None else float(p), keys)
 
 

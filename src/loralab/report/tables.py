@@ -96,6 +96,11 @@ class Cell:
     excluded: dict = field(default_factory=dict)  # status -> count of non-success runs for this cell
 
     @property
+    def degenerate(self) -> int:
+        """How many of its runs flag this metric degenerate (scored by convention, not measured)."""
+        return sum(self.metric in r.degenerate for r in self.runs)
+
+    @property
     def few_seeds(self) -> bool:
         return self.summary.n < MIN_SEEDS
 
@@ -274,12 +279,15 @@ def _comparisons(t: Table, compare, baseline) -> list[Paired]:
         return []
 
     def keyed(row):
-        out = defaultdict(list)
+        out, degenerate = defaultdict(list), set()
         for c in t.cols:
             if (row, c) in t.cells:
-                for r, v in zip(t.cells[(row, c)].runs, t.cells[(row, c)].values):
+                cell = t.cells[(row, c)]
+                for r, v in zip(cell.runs, cell.values):
                     out[(c, r.seed)].append(v)
-        return {k: sum(v) / len(v) for k, v in out.items()}
+                    if cell.metric in r.degenerate:
+                        degenerate.add((c, r.seed))
+        return {k: sum(v) / len(v) for k, v in out.items()}, degenerate
 
     pairs = []
     if compare:
@@ -302,7 +310,8 @@ def _comparisons(t: Table, compare, baseline) -> list[Paired]:
         pairs = [(row, base) for row in t.rows if row != base]
     out = []
     for a, b in pairs:
-        res = paired(str(a), keyed(a), str(b), keyed(b))
+        (va, da), (vb, db) = keyed(a), keyed(b)
+        res = paired(str(a), va, str(b), vb, da, db)
         if res is not None:
             out.append(res)
     return out

@@ -6,7 +6,8 @@ choosing hyper-parameters without touching dev, ``eval_split: "holdout"``: a fix
 method and training seed) is evaluated on and left out of training. Metrics are
 the GLUE ones, computed with scipy/scikit-learn rather than ``evaluate`` (which downloads metric code
 at run time): CoLA Matthews correlation, MRPC accuracy + F1, STS-B Pearson + Spearman (regression
-head, ``num_labels=1``), the rest accuracy.
+head, ``num_labels=1``), the rest accuracy; a degenerate one (a constant prediction's correlation,
+F1 without a positive prediction) is scored 0 and flagged, by the rule in ``tasks.metrics``.
 
 Data: a local folder in the classic GLUE TSV layout (``<data_dir>/glue/<Task>/{train,dev}.tsv`` or
 ``<data_dir>/<Task>/...``) or the hub (``nyu-mll/glue``) when no data_dir is given.
@@ -23,6 +24,7 @@ import torch
 
 from loralab.data import collate, pad_id
 from loralab.experiment import sha256_file
+from loralab.tasks.metrics import score_all
 
 HUB_ID = "nyu-mll/glue"
 
@@ -133,10 +135,10 @@ class GlueTask:
         )
 
     # ---- evaluation -------------------------------------------------------------------------
-    def score(self, predictions, references) -> dict[str, float]:
+    def score(self, predictions, references) -> dict:
         return compute_metrics(self.metrics, np.asarray(predictions), np.asarray(references))
 
-    def evaluate(self, model, tokenizer, data, params, out_dir=None) -> dict[str, float]:
+    def evaluate(self, model, tokenizer, data, params, out_dir=None) -> dict:
         outputs = predict(model, tokenizer, data.eval, params)
         preds = outputs[:, 0] if self.num_labels == 1 else outputs.argmax(-1)
         refs = [f["labels"] for f in data.eval]
@@ -191,25 +193,11 @@ def predict(model, tokenizer, features, params) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def compute_metrics(names, preds, refs) -> dict[str, float]:
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import f1_score, matthews_corrcoef
-
-    out = {}
-    for name in names:
-        if name == "accuracy":
-            out[name] = float((preds == refs).mean())
-        elif name == "f1":
-            out[name] = float(f1_score(refs, preds))
-        elif name == "matthews_correlation":
-            out[name] = float(matthews_corrcoef(refs, preds))
-        elif name == "pearson":
-            out[name] = float(pearsonr(preds, refs)[0])
-        elif name == "spearmanr":
-            out[name] = float(spearmanr(preds, refs)[0])
-        else:
-            raise ValueError(f"unknown GLUE metric {name!r}")
-    return out
+def compute_metrics(names, preds, refs) -> dict:
+    """``{metric: number}`` under the one rule for degenerate metrics (``tasks.metrics``): a
+    constant prediction's correlation (Pearson, Spearman, MCC) and F1 without a positive
+    prediction are 0 and listed under ``"degenerate"``; nothing NaN or infinite is returned."""
+    return score_all(names, np.asarray(preds), np.asarray(refs))
 
 
 _TASKS = [

@@ -7,18 +7,20 @@ Options: ``seq_len`` (2048), ``stride`` (None: non-overlapping windows), ``batch
 from __future__ import annotations
 
 from loralab.tasks.base import Eval
+from loralab.tasks.metrics import settle
 
 OPTIONS = {"seq_len": (2048, None), "stride": (None, None), "batch_size": (1, None)}
 
 
 def run(name: str, model, tokenizer, *, data_dir, options: dict, **_) -> dict:
-    """``{"perplexity": float}`` of ``model`` on the corpus ``name`` (``wikitext2`` or ``ptb``)."""
+    """``{"perplexity": float}`` of ``model`` on the corpus ``name`` (``wikitext2`` or ``ptb``); an
+    overflowing or NaN perplexity (a diverged model) is degenerate (``tasks.metrics``)."""
     from loralab.tasks.perplexity import load_corpus, perplexity
 
     text = load_corpus(name, data_dir)
     ppl = perplexity(model, tokenizer, text, seq_len=int(options["seq_len"]), stride=options["stride"],
                      batch_size=int(options["batch_size"]))
-    return {"perplexity": float(ppl)}
+    return settle({"perplexity": float(ppl)})
 
 
 EVALS = tuple(Eval(name, family="language_modeling", output_type="perplexity", headline="perplexity", options=OPTIONS,

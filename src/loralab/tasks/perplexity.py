@@ -12,6 +12,7 @@ which gives every scored token more context. ``max_windows`` scores only the fir
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -34,12 +35,17 @@ def load_corpus(name: str, data_dir=None) -> str:
     return "\n\n".join(datasets.load_dataset(hub, config, split=split)[field])
 
 
+LOG_FLOAT_MAX = math.log(sys.float_info.max)
+
+
 @torch.no_grad()
 def perplexity(
     model, tokenizer, text: str, seq_len: int = 2048, stride: int | None = None, batch_size: int = 1,
     max_windows: int | None = None, progress: bool = False,
 ) -> float:
-    """exp(mean token NLL) of ``model`` on ``text`` (a string, or its 1-D token ids tensor)."""
+    """exp(mean token NLL) of ``model`` on ``text`` (a string, or its 1-D token ids tensor); ``inf``
+    where that overflows a float, NaN for a NaN loss (``tasks.metrics.settle`` turns both into the
+    degenerate convention before a record sees them)."""
     ids = text if isinstance(text, torch.Tensor) else tokenizer(text, return_tensors="pt").input_ids[0]
     device = next(model.parameters()).device
     windows = []  # (start, end, number of leading tokens not scored)
@@ -73,4 +79,5 @@ def perplexity(
             nll += scored.double().sum().item()
             count += scored.numel()
     model.train(was_training)
-    return math.exp(nll / count)
+    mean = nll / count
+    return math.inf if mean > LOG_FLOAT_MAX else math.exp(mean)  # math.exp raises OverflowError past it
