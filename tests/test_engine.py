@@ -535,7 +535,7 @@ def test_zero_budget_is_a_value_error(lora_model, tokenizer, few, backend):
 
 
 def test_unknown_backend_and_beams_on_the_engine_are_value_errors(lora_model, tokenizer, few):
-    with pytest.raises(ValueError, match="'vlm' is unknown; allowed: auto, engine, transformers, vllm"):
+    with pytest.raises(ValueError, match="backend = 'vlm': allowed: auto, engine, transformers, vllm"):
         generate(lora_model, tokenizer, few[:1], GenerationSettings(backend="vlm"))
     with pytest.raises(ValueError, match=r"beam search \(num_beams = 4\).*transformers"):
         generate(lora_model, tokenizer, few[:1], GenerationSettings(num_beams=4, backend="engine"))

@@ -167,6 +167,10 @@ def validate(record: dict) -> list[str]:
     if not isinstance(record.get("eval"), dict):
         record = {**record, "eval": {}}
     for name, value in record["eval"].items():
+        if name == "degenerate":  # loralab.tasks.metrics: the names of metrics scored by the degenerate rule
+            if not isinstance(value, list) or not all(isinstance(v, str) and v in record["eval"] and v != name for v in value):
+                problems.append(f"eval.degenerate = {value!r}: must list names of eval's metrics")
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"eval.{name} = {value!r}: eval maps metric names to numbers")
     for key, kinds in TYPES.items():

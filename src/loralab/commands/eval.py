@@ -34,7 +34,11 @@ def add_arguments(parser):
     parser.add_argument("--max-new-tokens", help="override the source generation length: N for every task, or per task, e.g. gsm8k=64,humaneval=96")
     parser.add_argument("--batch-size", type=int, help="the transformers backend's generation batch (default 16)")
     parser.add_argument("--slots", type=int, help="the engine's slots: sequences decoded together (default 512, fewer when the KV cache budget holds fewer)")
-    parser.add_argument("--n-samples", type=int, help="completions per problem (pass@k)")
+    parser.add_argument("--n-samples", type=int, help="completions per problem (pass@k; give --temperature > 0 too)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, every task's default unless its source samples)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
+    parser.add_argument("--top-k", type=int, help="top-k filtering, 0 = off (with --temperature > 0)")
+    parser.add_argument("--seed", type=int, help="sampling seed (each prompt and sample draws from its own generator)")
     parser.add_argument("--backend", choices=("auto", "engine", "transformers", "vllm"), default="auto",
                         help="auto: loralab's engine, or transformers for beam search and models the engine does not run")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -53,6 +57,18 @@ def _problems(args, names, options) -> list[str]:
     for flag, value in (("--slots", args.slots), ("--batch-size", args.batch_size), ("--n-samples", args.n_samples)):
         if value is not None and value < 1:
             problems.append(f"{flag} = {value}: must be a positive whole number")
+    for flag, value, ok, rule in (("--temperature", args.temperature, lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+                                  ("--top-p", args.top_p, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+                                  ("--top-k", args.top_k, lambda v: v >= 0, "must be >= 0 (0 = off)")):
+        if value is not None and not ok(value):
+            problems.append(f"{flag} = {value}: {rule}")
+    if not names:
+        problems.append(f"--tasks = {args.tasks!r}: name at least one evaluation or group (loralab tasks lists them)")
+    if args.backend == "vllm" and not args.generations:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            problems.append("--backend vllm: vLLM is not installed here (pip install vllm); the default engine needs nothing more")
     problems += _per_task_problems("--max-samples", args.max_samples, names)
     problems += _per_task_problems("--max-new-tokens", args.max_new_tokens, names)
     return problems
@@ -112,24 +128,40 @@ def run(args) -> int:
     names = expand(names)
     data_dir = args.data_dir or os.environ.get("LORALAB_DATA_DIR")
     start = time.time()
+    failed: list[str] = []
     if args.generations:
         records = [r for r in read_records(args.generations) if r["task"] in names]
         metrics = score_generations(records, data_dir=data_dir, options=options)
     else:
         generation = {k: v for k, v in (("batch_size", args.batch_size), ("slots", args.slots), ("n_samples", args.n_samples),
-                                         ("backend", args.backend)) if v is not None}
+                                         ("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k),
+                                         ("seed", args.seed), ("backend", args.backend)) if v is not None}
+        problem = _not_a_generator(args.model, names)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         model, tokenizer = _load(args)
         metrics, records = {}, []
         limits = parse_max_samples(args.max_samples, names)
         tokens = parse_max_samples(args.max_new_tokens, names)
         for name in names:
             task_generation = {**generation, **({"max_new_tokens": tokens[name]} if name in tokens else {})}
-            metrics[name], recs = run_eval(name, model, tokenizer, data_dir=data_dir, generation=task_generation,
-                                           options=options, max_samples=limits.get(name))
+            try:
+                metrics[name], recs = run_eval(name, model, tokenizer, data_dir=data_dir, generation=task_generation,
+                                               options=options, max_samples=limits.get(name))
+            except (ValueError, OSError, ConnectionError) as exc:  # one task's data or setting: the others still run
+                failed.append(name)
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                metrics[name] = {"error": f"{type(exc).__name__}: {message}"}
+                print(f"error: {name}: {type(exc).__name__}: {message}", file=sys.stderr)
+                continue
             records += recs
             print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
-        if args.generations_out:
-            write_records(args.generations_out, records)
+            if args.generations_out:  # after every task, so an interrupted run keeps what it generated
+                write_records(args.generations_out, records)
+        if failed:
+            print(f"error: {len(failed)} of {len(names)} evaluation(s) failed ({', '.join(failed)}); "
+                  "the others are in the output", file=sys.stderr)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:
@@ -137,4 +169,28 @@ def run(args) -> int:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
     print(f"done in {time.time() - start:.0f}s", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
+
+
+def _not_a_generator(model_id: str, names: list[str]) -> str | None:
+    """Why ``model_id`` cannot generate (its config names only encoder architectures, e.g. MiniLM's
+    ``BertModel``, whose causal-LM head transformers would initialise at random), or None."""
+    from loralab.tasks.evaluate import EVALS
+
+    if not any(EVALS[n].output_type == "generate" for n in names):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        from loralab.models import RANDOM_PREFIX, resolve_model_path
+
+        if model_id.startswith(RANDOM_PREFIX):
+            return None
+        architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model_id)), "architectures", None) or []
+    except (OSError, ValueError):
+        return None  # not readable here: loading reports it
+    generating = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+    if architectures and not any(a.endswith(generating) for a in architectures):
+        return (f"--model {model_id}: its architectures ({', '.join(architectures)}) are not a causal language model, "
+                "so generative evaluations would run a randomly initialised LM head")
+    return None

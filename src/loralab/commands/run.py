@@ -110,6 +110,9 @@ def _run_all(args, experiments, launch) -> int:
                 return code
             continue
         if launch.is_main:
-            metrics = ", ".join(f"{k}={v:.4f}" for k, v in record["eval"].items())
+            scores = record["eval"]
+            degenerate = set(scores.get("degenerate") or [])
+            metrics = ", ".join(f"{k}={v:.4f}" + (" (degenerate)" if k in degenerate else "")
+                                for k, v in scores.items() if k != "degenerate")
             print(f"{exp.name}: {record['run_info']['method']} {metrics} -> {path}")
     return code

@@ -149,7 +149,7 @@ def to_html(report: Report, command: str = "loralab report") -> str:
     for r in sorted(report.runs, key=lambda r: (r.experiment_set, r.label, r.task, str(r.seed))):
         git = r.git or {}
         state = f"{git.get('commit') or 'unknown commit'} on {git.get('branch') or '?'}" + (
-            ", dirty tree" if git.get("dirty") else "" if git.get("dirty") is False else ", tree state unknown")
+            ", dirty tree" if git.get("dirty") is True else "" if git.get("dirty") is False else ", tree state unknown")
         summary = " · ".join(x for x in (r.status, r.experiment_set, r.label, task_name(r.task), f"seed {r.seed}",
                                           ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items()), f"git {state}") if x)
         parts.append(f'<details class="run"><summary>{escape(summary)}</summary><div>'

@@ -62,6 +62,7 @@ from pathlib import Path
 
 from loralab.tasks import code, commonsense, competition_math, gsm8k, language_modeling, nqopen
 from loralab.tasks.base import Eval
+from loralab.tasks.metrics import settle
 
 FAMILIES = (gsm8k, competition_math, code, commonsense, nqopen, language_modeling)
 
@@ -103,7 +104,14 @@ def validate_options(names, options: dict | None) -> list[str]:
                 for n in names if n not in EVALS and n not in GROUPS]
     known = expand(n for n in names if n in EVALS or n in GROUPS)
     for key, value in (options or {}).items():
-        if key in EVALS:
+        if key in GROUPS:  # a group's options apply to each of its members
+            if not isinstance(value, dict):
+                problems.append(f"eval option '{key}' must be a dict of options for {key}'s evaluations, got {value!r}")
+                continue
+            for member in GROUPS[key]:
+                for sub, sub_value in value.items():
+                    problems += _check_option(member, sub, sub_value, f"{key}.{sub}")
+        elif key in EVALS:
             if not isinstance(value, dict):
                 problems.append(f"eval option '{key}' must be a dict of {key}'s options, got {value!r}")
                 continue
@@ -131,11 +139,15 @@ def _check_option(name: str, key: str, value, label: str) -> list[str]:
 
 
 def resolve_options(name: str, options: dict | None) -> dict:
-    """Defaults of ``name``'s options updated by the flat options, then by ``options[name]``."""
+    """Defaults of ``name``'s options updated by the flat options, then by the options of a group
+    holding ``name`` (e.g. ``{"commonsense": {"num_beams": 1}}``), then by ``options[name]``."""
     spec = EVALS[name].options
     resolved = {k: v[0] for k, v in spec.items()}
     options = options or {}
     resolved.update({k: v for k, v in options.items() if k in spec})
+    for group, members in GROUPS.items():
+        if name in members and isinstance(options.get(group), dict):
+            resolved.update(options[group])
     resolved.update((options.get(name) or {}) if isinstance(options.get(name), dict) else {})
     return resolved
 
@@ -157,9 +169,17 @@ def generation_record(settings, model=None) -> dict:
     ran: the engine, or transformers for beam search and models the engine does not run)."""
     from dataclasses import asdict
 
-    from loralab.tasks.generation import resolve_backend
+    from loralab.tasks.generation import auto_reason, resolve_backend
 
-    return {**asdict(settings), "backend": resolve_backend(settings.backend, model, settings)}
+    backend = resolve_backend(settings.backend, model, settings)
+    # each backend's own knobs only: batch_size is the transformers backend's, slots/memory the engine's
+    unused = {"engine": ("batch_size",), "transformers": ("slots", "memory_fraction"),
+              "vllm": ("batch_size", "slots", "memory_fraction")}[backend]
+    record = {k: v for k, v in asdict(settings).items() if k not in unused}
+    record["backend"] = backend
+    if settings.backend == "auto" and backend != "engine":
+        record["backend_reason"] = auto_reason(model, settings)
+    return record
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -298,6 +318,8 @@ def run_eval(name, model, tokenizer, *, data_dir=None, generation=None, options=
     start = time.perf_counter()
     metrics, records, seconds = LOOPS[ev.output_type](ev, model, tokenizer, opts, data_dir=data_dir,
                                                      generation=generation, max_samples=max_samples)
+    # one rule for degenerate scores (NaN, infinity: e.g. an lm-eval bridge's), loralab.tasks.metrics
+    metrics = settle(metrics)
     metrics["headline"] = ev.headline
     metrics["seconds"] = {**seconds, "total": time.perf_counter() - start}
     _warn(metrics)

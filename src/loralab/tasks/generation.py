@@ -1,4 +1,4 @@
-"""Text generation for the generative evaluations: one call, three backends, identical semantics.
+r"""Text generation for the generative evaluations: one call, three backends, identical semantics.
 
 - ``engine``: loralab's own generation engine (``loralab.engine``): continuous batching over a
   slot KV cache, CUDA graphs for the decode step, the model's own (peft) modules. ``backend="auto"``
@@ -41,6 +41,16 @@ BACKENDS = ("auto", "engine", "transformers", "vllm")
 
 @dataclass
 class GenerationSettings:
+    """How to generate: the budget, decoding, stop strings and the backend's own knobs.
+
+    Decoding: ``temperature`` 0 is greedy (beam search when ``num_beams`` > 1, transformers only);
+    above 0 it samples with ``top_p`` / ``top_k`` (0 = off) from a generator seeded by ``seed``, the
+    prompt's index and the sample's. ``n_samples`` completions per prompt (pass@k; with greedy
+    decoding they are identical, and ``generate`` warns). ``stop``: strings that end a completion,
+    matched in the generated text only and cut from it (a single string is taken as one stop
+    string). Backend knobs: ``batch_size`` is the transformers backend's batch; ``slots`` and
+    ``memory_fraction`` are the engine's. No chat template is applied: the prompt is the text
+    given. Raises ValueError for a value out of range (the field, the value, what is allowed)."""
     max_new_tokens: int = 512
     max_length: int | None = None
     """Prompt + completion budget in tokens (bigcode); when set it bounds max_new_tokens per prompt."""
@@ -59,6 +69,27 @@ class GenerationSettings:
     """Engine: sequences decoded together (fewer when the KV-cache budget holds fewer)."""
     memory_fraction: float = 0.9
     """Engine: fraction of the GPU's free memory the KV cache may take."""
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            self.stop = [self.stop]
+        problems = [f"{name} = {value!r}: {rule}" for name, value, ok, rule in (
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "must be >= 1"),
+            ("max_length", self.max_length, self.max_length is None or self.max_length >= 2, "must be None or >= 2"),
+            ("temperature", self.temperature, self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k, self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("num_beams", self.num_beams, self.num_beams >= 1, "must be >= 1"),
+            ("n_samples", self.n_samples, self.n_samples >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "must be >= 1"),
+            ("slots", self.slots, self.slots >= 1, "must be >= 1"),
+            ("memory_fraction", self.memory_fraction, 0 < self.memory_fraction <= 1, "must be in (0, 1]"),
+            ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+        ) if not ok]
+        if self.backend not in BACKENDS:
+            problems.append(f"backend = {self.backend!r}: allowed: {', '.join(BACKENDS)}")
+        if problems:
+            raise ValueError("generation settings: " + "; ".join(problems))
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> str:
@@ -80,10 +111,22 @@ def resolve_backend(backend: str, model=None, settings: GenerationSettings | Non
         raise ValueError(f"generation backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
     reason = _engine_refusal(model, settings)
     if backend == "engine" and reason:
-        raise ValueError(f"generation backend 'engine' cannot run this: {reason}; use backend 'transformers'")
+        hint = "; or set num_beams 1 (e.g. loralab eval --options '{\"<task>\": {\"num_beams\": 1}}')" if "beam" in reason else ""
+        raise ValueError(f"generation backend 'engine' cannot run this: {reason}; use backend 'transformers'{hint}")
+    if backend == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("generation backend 'vllm' is not installed here (pip install vllm, where it installs "
+                             "against your torch); the default backend 'engine' needs nothing more")
     if backend != "auto":
         return backend
     return "transformers" if reason else "engine"
+
+
+def auto_reason(model, settings: GenerationSettings) -> str | None:
+    """Why ``auto`` does not pick the engine for ``model`` and ``settings`` (None when it does)."""
+    return _engine_refusal(model, settings)
 
 
 def _engine_refusal(model, settings: GenerationSettings | None) -> str | None:
@@ -109,8 +152,11 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"prompt(s) {empty[:5]} of {len(prompts)} are empty: a completion needs text to continue")
-    if settings.max_new_tokens < 1 or settings.n_samples < 1:
-        raise ValueError(f"max_new_tokens ({settings.max_new_tokens}) and n_samples ({settings.n_samples}) must be >= 1")
+    if settings.n_samples > 1 and settings.temperature == 0 and settings.num_beams == 1:
+        import warnings
+
+        warnings.warn(f"n_samples = {settings.n_samples} with greedy decoding (temperature 0) gives identical samples; "
+                      "set a temperature > 0 for pass@k", stacklevel=2)
     backend = resolve_backend(settings.backend, model, settings)
     run = {"engine": _generate_engine, "vllm": _generate_vllm, "transformers": _generate_transformers}[backend]
     done = None

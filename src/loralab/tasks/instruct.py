@@ -333,7 +333,7 @@ class InstructTask:
         effective generation settings, headline, seconds and any warnings)."""
         from loralab.tasks.evaluate import numeric, run_eval  # lazy: imports every family and its scorers
 
-        metrics: dict[str, float] = {}
+        metrics: dict = {}  # "<eval>/<metric>" -> number, plus "degenerate": [names] when any
         full: dict[str, dict] = {}
         records: list[dict] = []
         for name in self.eval_names(params):
@@ -343,6 +343,9 @@ class InstructTask:
             )
             full[name] = result
             metrics.update({f"{name}/{k}": v for k, v in numeric(result).items()})
+            flagged = [f"{name}/{k}" for k in result.get("degenerate") or []]
+            if flagged:  # loralab.tasks.metrics' rule, carried into the run's flat metrics
+                metrics["degenerate"] = [*metrics.get("degenerate", []), *flagged]
             records += [{"task": name, **r} if "task" not in r else r for r in recs]
         if out_dir is not None:
             path = Path(out_dir) / "generations.jsonl"
