@@ -155,7 +155,10 @@ class TrainingParameters:
     init: str | None = None
     """Inits peft lacks: milora, svd_lorafa (seed 003 as written), svd_lorafa_corrected, lorafa_qr."""
     optimizer_options: dict[str, Any] = field(default_factory=dict)
-    """Options of the optimizer part: ``loraplus_lr_ratio`` (LoRA+, default 16)."""
+    """Options of the optimizer part (``loralab.methods.parts``): ``betas`` (default [0.9, 0.999]),
+    ``eps`` (1e-8), ``no_decay`` (``["bias"]``, ``["norm"]`` or both: parameters left out of weight
+    decay; default none) for every part; LoRA+ adds ``loraplus_lr_ratio`` (16) and
+    ``loraplus_lr_embedding`` (1e-6). Unknown names are reported with the part's allowed ones."""
     quantization: str | None = None
     """``nf4``: the frozen base in 4-bit NormalFloat (QLoRA, bitsandbytes); None: float weights."""
     magnitude_only_modules: list[str] = field(default_factory=list)

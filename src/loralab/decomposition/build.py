@@ -94,6 +94,7 @@ def run_study(model_id: str, rs: list[int], methods: list[str], *, calib_dataset
         untie_output,
         write_report,
     )
+    from loralab.tasks.metrics import settle
     from loralab.tasks.perplexity import load_corpus, perplexity
 
     model, tokenizer, path = _load(model_id, dtype, device)
@@ -101,7 +102,8 @@ def run_study(model_id: str, rs: list[int], methods: list[str], *, calib_dataset
     texts = {c: tokenizer(load_corpus(c, data_dir), return_tensors="pt").input_ids[0] for c in corpora}
 
     def evaluate(m):
-        return {c: perplexity(m, tokenizer, texts[c], seq_len=seq_len, max_windows=max_windows) for c in corpora}
+        # an overflowing perplexity (a rank that destroys the model) is recorded by the degenerate rule
+        return settle({c: perplexity(m, tokenizer, texts[c], seq_len=seq_len, max_windows=max_windows) for c in corpora})
 
     batches, provenance = calibration_batches(path, tokenizer, calib_dataset, calib_size, seed, calib_seqlen,
                                               batch_size, data_dir, fmt, "random", use_cache)
