@@ -385,6 +385,29 @@ def test_bfloat16_output_is_the_float32_merge_rounded_once(smol2, tmp_path):
         assert torch.equal(bf16[key], value.to(torch.bfloat16)), key
 
 
+@pytest.mark.slow
+def test_merged_copy_of_a_bfloat16_base_is_the_float32_merge_rounded_once(smol2):
+    """The vLLM path on a bf16 base: merged in float32, rounded once to the base's dtype (a merge in
+    bf16 would round the base, the delta and their sum)."""
+    from peft import get_peft_model
+
+    bases, _, batch = smol2
+    model = get_peft_model(copy.deepcopy(bases[True][1]).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    bf16, fp32 = merged_copy(model), merged_copy(model, dtype=torch.float32)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.lm_head.weight is not bf16.model.embed_tokens.weight and not bf16.config.tie_word_embeddings
+    for (key, a), (_, b) in zip(bf16.state_dict().items(), fp32.state_dict().items()):
+        assert torch.equal(a, b.to(torch.bfloat16)), key
+    with torch.no_grad():
+        assert torch.isfinite(bf16(input_ids=batch["input_ids"]).logits).all()
+
+
 # ---- refusals: exit 2 naming what is missing ------------------------------------------------------
 @pytest.fixture
 def nf4_adapter(mini, tmp_path):

@@ -214,13 +214,15 @@ def _merge_onto(base, config, state: dict):
     return merged
 
 
-def merged_copy(model):
+def merged_copy(model, dtype: torch.dtype | None = None):
     """A standalone model computing what the in-memory ``model`` computes: a peft model's active
-    adapter merged exactly (NF4 base dequantised, touched tied weights untied, in float32 where the
-    base is quantised); a model without an adapter is deep-copied. ``model`` is left unchanged."""
+    adapter merged exactly (NF4 base dequantised, touched tied weights untied, the merge done in
+    float32), returned in ``dtype`` (default: the dtype of the base's unquantised weights, e.g.
+    float32, or bfloat16 for a bf16 base: then rounded once, after the merge). A model without an
+    adapter is deep-copied. ``model`` is left unchanged."""
     from peft import get_peft_model_state_dict
 
-    from loralab.methods.qlora import dequantize_linears
+    from loralab.methods.qlora import base_dtype, dequantize_linears
 
     work = copy.deepcopy(model)
     if not hasattr(work, "peft_config"):
@@ -229,10 +231,11 @@ def merged_copy(model):
     config = work.peft_config[name]
     if config.is_prompt_learning:
         raise MergeError(f"peft_type {config.peft_type} is a prompt-learning adapter: nothing to merge into weights")
+    dtype = dtype or base_dtype(work)
     state = {k: v.detach().clone() for k, v in
              get_peft_model_state_dict(work, adapter_name=name, save_embedding_layers=False).items()}
-    base = work.unload()
-    return _merge_onto(dequantize_linears(base), config, state)
+    base = dequantize_linears(work.unload()).float()
+    return _merge_onto(base, config, state).to(dtype)
 
 
 def merge_adapter(base: str, adapter: str, out_dir: str, dtype: str = "float32") -> Path:

@@ -1,6 +1,8 @@
 """``loralab merge``: an adapter into its base (a plain transformers checkpoint of the adapter's
 task kind, head included), or a trained PiSSA/CorDA adapter into a rank-2r LoRA for the original
-base (``--to-lora``). Exit 2 with the reason when it cannot be done faithfully."""
+base (``--to-lora``). The merge is into the base the adapter trained on (its ``loralab_base.json``:
+an NF4 base is re-quantised, checked and dequantised), with tied weights it touches untied. Exit 2
+with the reason when it cannot be done faithfully (e.g. bitsandbytes missing for an NF4 adapter)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--to-lora", metavar="INITIAL_ADAPTER", default=None,
                    help="convert instead of merging: the initial PiSSA/CorDA adapter folder (e.g. DIR/adapter)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written checkpoint; the merge itself is done in float32 and rounded once")
 
 
 def run(args) -> int:

@@ -155,13 +155,18 @@ def _base_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer", "")
 
 
+def base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the base was loaded in: that of its frozen, unquantised float weights."""
+    floats = [p for n, p in model.named_parameters() if p.is_floating_point() and not p.requires_grad and "lora_" not in n]
+    return floats[0].dtype if floats else torch.float32
+
+
 def base_record(model: nn.Module) -> dict:
     """The base ``model`` (a peft model or a plain one) computes with: ``{"base": "float", ...}`` or
     the NF4 record (settings, bitsandbytes version, device, a fingerprint per quantised module)."""
     quantised = {_base_name(n): m for n, m in model.named_modules() if _is_nf4(m)}
-    floats = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
     record = {"format": RECORD_FORMAT, "written_by": "loralab", "base": "nf4" if quantised else "float",
-              "dtype": str(floats[0].dtype).removeprefix("torch.") if floats else "float32"}
+              "dtype": str(base_dtype(model)).removeprefix("torch.")}
     if not quantised:
         return record
     import bitsandbytes
