@@ -356,7 +356,9 @@ def test_the_unfixed_merges_were_wrong(smol2, tmp_path):
     """The two failing inputs as the issue measured them, kept as a check that the cases above test
     something: merging a tied lm_head without untying, and merging a QLoRA adapter into the float
     base (what ``loralab merge`` did before the adapter recorded its base), both miss the trained
-    logits by far more than the tolerance; argmax agreement drops below 100%."""
+    logits by far more than the tolerance. (On the full 30-layer SmolLM2, 3 AdamW steps, 157 real
+    tokens: tied head 1.07 max |Δlogit|, 155/157 argmax; QLoRA into the float base 16.4, 138/157;
+    the exact merges 7e-5 and 1.5e-4, 157/157.)"""
     from transformers import AutoModelForCausalLM
 
     base_dir, model, lm_logits = _lm_adapter(LM_CASES[0], smol2, tmp_path / "tied")
