@@ -283,16 +283,16 @@ def _budget(prompt_tokens: int, settings: GenerationSettings) -> int:
 
 
 def _generate_vllm(model, tokenizer, prompts, settings: GenerationSettings, progress, done=None):
-    """vLLM on a merged on-disk copy of ``model`` (untested here: the CPU machines have no vLLM)."""
-    import copy
+    """vLLM on a merged on-disk copy of ``model`` (``merge.merged_copy``: exact for NF4/LoftQ bases
+    and tied embeddings, the model untouched; untested here: no vLLM on these machines)."""
     import tempfile
 
     from vllm import LLM, SamplingParams
 
+    from loralab.merge import merged_copy
+
     with tempfile.TemporaryDirectory(prefix="loralab-vllm-") as folder:
-        merged = copy.deepcopy(model)
-        if hasattr(merged, "merge_and_unload"):
-            merged = merged.merge_and_unload()
+        merged = merged_copy(model)
         merged.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del merged
