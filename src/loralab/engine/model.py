@@ -44,12 +44,22 @@ def unsupported_reason(model, max_len: int | None = None) -> str | None:
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and (max_len is None or window < max_len):
         return f"sliding-window attention (window {window}) is not implemented in the engine"
+    if _sharded(base):
+        return "its parameters are sharded (FSDP DTensors); the engine needs whole weights on one device"
     peft_config = getattr(model, "peft_config", None) or {}
     for name, cfg in peft_config.items():
         if not getattr(cfg, "peft_type", None) or str(getattr(cfg.peft_type, "value", cfg.peft_type)) in (
                 "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING"):
             return f"peft adapter {name!r} ({cfg.peft_type}) changes the input, not the layers"
     return None
+
+
+def _sharded(module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor cannot have sharded it
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def rope_is_static(model) -> bool:
