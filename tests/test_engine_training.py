@@ -99,13 +99,17 @@ SAMPLED = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 0.95, "n_samples": 
 
 def _model(path: str):
     """SmolLM2 (fp32) with a LoRA whose B is random (init_lora_weights False) and scaled down to
-    look trained (the model still answers some BoolQ questions), so the engine's merged copies
+    look trained, so the engine's merged copies
     change the outputs; the same weights in every process (seeded)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # 4 of 30 layers (real weights): sharding over processes does not depend on depth, and each
+    # process pays for the model's forwards (the full model made this the suite's 3rd-slowest test)
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config).eval()
