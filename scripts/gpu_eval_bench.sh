@@ -25,22 +25,14 @@ DATA=${DATA:-.devdata}
 if [ "${1:-}" = prepare ]; then
   set -e
   src=${LORALAB_DATA_DIR:-../shared/data} py=${PYTHON:-.venv/bin/python}
-  mkdir -p .devdata/gsm8k .devdata/smollm2-135m .devdata/smollm2-gguf-a .devdata/smollm2-gguf-b .whl
+  mkdir -p .devdata/gsm8k
   cp "$src/gsm8k/test.jsonl" .devdata/gsm8k/
   for t in boolq piqa social_i_qa hellaswag winogrande ARC-Easy ARC-Challenge openbookqa; do
     if [ -f "$src/llm-adapters/dataset/$t/test.json" ]; then
       mkdir -p ".devdata/llm-adapters/dataset/$t" && cp "$src/llm-adapters/dataset/$t/test.json" ".devdata/llm-adapters/dataset/$t/"
     fi
   done
-  folder=$(PYTHONPATH=src $py -c "from loralab.models import resolve_model_path as r; print(r('packaged:smollm2-135m'))")
-  cp "$folder"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json} .devdata/smollm2-135m/
-  cp "$folder"/chat_template.jinja .devdata/smollm2-135m/ 2>/dev/null || true
-  gguf=$(PYTHONPATH=src $py -c "from loralab.models import PACKAGED, _package_dir; m, _, f = PACKAGED['packaged:smollm2-135m']; print(_package_dir(m) / f)")
-  head -c 50000000 "$gguf" > .devdata/smollm2-gguf-a/part
-  tail -c +50000001 "$gguf" > .devdata/smollm2-gguf-b/part
-  sha256sum "$gguf" | cut -d' ' -f1 > .devdata/smollm2-gguf-b/SHA256
-  basename "$gguf" > .devdata/smollm2-gguf-b/NAME
-  $py -m pip download -q --no-deps --only-binary=:all: -d .whl gguf==0.19.0
+  PYTHON=$py bash scripts/prepare_smollm2_devdata.sh
   du -sh .devdata/* .whl
   exit 0
 fi

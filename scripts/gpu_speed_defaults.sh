@@ -33,19 +33,10 @@ mkdir -p "$OUT"
 
 prepare() {  # on the development machine: data, tokenizer folder, GGUF halves, gguf wheel
   set -e
-  local data=${LORALAB_DATA_DIR:-../shared/data} py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-  mkdir -p .devdata/gsm8k .devdata/smollm2-135m .devdata/smollm2-gguf-a .devdata/smollm2-gguf-b .whl
+  local data=${LORALAB_DATA_DIR:-../shared/data}
+  mkdir -p .devdata/gsm8k
   cp "$data/gsm8k/train.jsonl" .devdata/gsm8k/
-  local folder gguf
-  folder=$(PYTHONPATH=src $py -c "from loralab.models import resolve_model_path as r; print(r('packaged:smollm2-135m'))")
-  cp "$folder"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json} .devdata/smollm2-135m/
-  cp "$folder"/chat_template.jinja .devdata/smollm2-135m/ 2>/dev/null || true
-  gguf=$(PYTHONPATH=src $py -c "from loralab.models import PACKAGED, _package_dir; m, _, f = PACKAGED['packaged:smollm2-135m']; print(_package_dir(m) / f)")
-  head -c 50000000 "$gguf" > .devdata/smollm2-gguf-a/part
-  tail -c +50000001 "$gguf" > .devdata/smollm2-gguf-b/part
-  sha256sum "$gguf" | cut -d' ' -f1 > .devdata/smollm2-gguf-b/SHA256
-  basename "$gguf" > .devdata/smollm2-gguf-b/NAME
-  $py -m pip download -q --no-deps --only-binary=:all: -d .whl gguf==0.19.0
+  bash scripts/prepare_smollm2_devdata.sh
   du -sh .devdata/* .whl
 }
 

@@ -249,9 +249,9 @@ def transformers_tokens(model, eos: set[int]):
 
 
 def eos_of(model, tokenizer) -> set[int]:
-    from loralab.tasks.generation import _eos_ids
+    from loralab.tasks.generation import eos_ids
 
-    return _eos_ids(model, tokenizer) | {tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1}
+    return eos_ids(model, tokenizer) | {tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1}
 
 
 def run_both(model, tokenizer, texts, settings, engines, **kwargs):
@@ -484,7 +484,7 @@ def test_max_length_budgets_each_prompt(lora_model, tokenizer, prompts, backend,
 def test_sampling_is_reproducible_and_independent_of_batch_composition(lora_model, tokenizer, prompts, engines):
     from dataclasses import replace
 
-    from loralab.tasks.generation import _eos_ids
+    from loralab.tasks.generation import eos_ids
 
     few = prompts["mbpp"][0][:5]
     settings = GenerationSettings(max_new_tokens=4, temperature=0.9, top_p=0.95, top_k=50, n_samples=3, seed=7,
@@ -500,7 +500,7 @@ def test_sampling_is_reproducible_and_independent_of_batch_composition(lora_mode
     order = [3, 0, 4, 1, 2]
     ids = [tokenizer(t)["input_ids"] for t in few]
     shuffled = Engine(lora_model, max_slots=3).generate(
-        [ids[k] for k in order], [4] * len(order), n_samples=3, eos_ids=_eos_ids(lora_model, tokenizer),
+        [ids[k] for k in order], [4] * len(order), n_samples=3, eos_ids=eos_ids(lora_model, tokenizer),
         sampling=Sampling(temperature=0.9, top_p=0.95, top_k=50, seed=7), request_ids=order)
     assert shuffled == [tokens[k] for k in order]
 

@@ -134,11 +134,13 @@ def load_adapted_model(model_id: str, device: str, dtype: str, rank: int, seed: 
     return model.eval(), tokenizer
 
 
-def gsm8k_workload(tokenizer, model_id: str, settings: EvalBenchSettings) -> Workload:
+def gsm8k_workload(model, tokenizer, settings: EvalBenchSettings) -> Workload:
     """The first ``num_prompts`` GSM8K test prompts (the evaluation's default options: CorDA's
-    template) and the stopping rules of ``settings.stopping``."""
+    template) and the stopping rules of ``settings.stopping`` (end-of-sequence ids as every backend
+    stops on them: ``tasks.generation.eos_ids``)."""
     from loralab.models import RANDOM_PREFIX
     from loralab.tasks import gsm8k
+    from loralab.tasks.generation import eos_ids
 
     options = {key: spec[0] for key, spec in gsm8k.OPTIONS.items()}
     problems = gsm8k.load("gsm8k", settings.data_dir, settings.num_prompts)
@@ -146,16 +148,11 @@ def gsm8k_workload(tokenizer, model_id: str, settings: EvalBenchSettings) -> Wor
     ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     stopping = settings.stopping
     if stopping == "auto":
-        stopping = "budget" if model_id.startswith(RANDOM_PREFIX) else "source"
+        stopping = "budget" if settings.model.startswith(RANDOM_PREFIX) else "source"
     if stopping == "budget":
         return Workload(prompts, ids, settings.max_new_tokens)
     stop = gsm8k.source_generation("gsm8k", options)["stop"]
-    return Workload(prompts, ids, settings.max_new_tokens, list(stop), eos_ids(tokenizer))
-
-
-def eos_ids(tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return [] if eos is None else [eos]
+    return Workload(prompts, ids, settings.max_new_tokens, list(stop), sorted(eos_ids(model, tokenizer)))
 
 
 # ---------------------------------------------------------------- counting
@@ -395,7 +392,7 @@ def run_eval_bench(settings: EvalBenchSettings, *, command: str = "", on_row=Non
     model, tokenizer = load_adapted_model(settings.model, settings.device, settings.dtype, settings.rank, settings.seed)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    work = gsm8k_workload(tokenizer, settings.model, settings)
+    work = gsm8k_workload(model, tokenizer, settings)
     n_peer = min(settings.peer_prompts or len(work.prompts), len(work.prompts))
     with torch.no_grad():  # warm the device (CUDA context, kernels) outside every row's clock
         model(input_ids=torch.tensor([work.ids[0]], device=settings.device))

@@ -54,14 +54,9 @@ def _problems(args, names, options) -> list[str]:
         problems.append("--generations re-scores saved completions: give no --model/--adapter with it")
     if not args.generations and not args.model:
         problems.append("give --model (live run) or --generations (re-score)")
-    for flag, value in (("--slots", args.slots), ("--batch-size", args.batch_size), ("--n-samples", args.n_samples)):
-        if value is not None and value < 1:
-            problems.append(f"{flag} = {value}: must be a positive whole number")
-    for flag, value, ok, rule in (("--temperature", args.temperature, lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
-                                  ("--top-p", args.top_p, lambda v: 0 < v <= 1, "must be in (0, 1]"),
-                                  ("--top-k", args.top_k, lambda v: v >= 0, "must be >= 0 (0 = off)")):
-        if value is not None and not ok(value):
-            problems.append(f"{flag} = {value}: {rule}")
+    from loralab.tasks.generation import setting_problems
+
+    problems += [f"--{name.replace('_', '-')} = {value}: {rule}" for name, value, rule in setting_problems(_flags(args))]
     if not names:
         problems.append(f"--tasks = {args.tasks!r}: name at least one evaluation or group (loralab tasks lists them)")
     if args.backend == "vllm" and not args.generations:
@@ -72,6 +67,13 @@ def _problems(args, names, options) -> list[str]:
     problems += _per_task_problems("--max-samples", args.max_samples, names)
     problems += _per_task_problems("--max-new-tokens", args.max_new_tokens, names)
     return problems
+
+
+def _flags(args) -> dict:
+    """The generation settings given on the command line (``GenerationSettings`` field -> value)."""
+    given = {"batch_size": args.batch_size, "slots": args.slots, "n_samples": args.n_samples, "temperature": args.temperature,
+             "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "backend": args.backend}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _per_task_problems(flag: str, value: str | None, names: list[str]) -> list[str]:
@@ -133,9 +135,7 @@ def run(args) -> int:
         records = [r for r in read_records(args.generations) if r["task"] in names]
         metrics = score_generations(records, data_dir=data_dir, options=options)
     else:
-        generation = {k: v for k, v in (("batch_size", args.batch_size), ("slots", args.slots), ("n_samples", args.n_samples),
-                                         ("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k),
-                                         ("seed", args.seed), ("backend", args.backend)) if v is not None}
+        generation = _flags(args)
         problem = _not_a_generator(args.model, names)
         if problem:
             print(f"error: {problem}", file=sys.stderr)

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from loralab.engine.cache import SlotCache, bytes_per_token, cache_budget, plan_slots
-from loralab.engine.model import DecoderRunner, rope_is_static, unsupported_reason
+from loralab.engine.model import DecoderRunner, rope_is_static
 from loralab.engine.sampling import Sampling, choose, request_seed
 
 log = logging.getLogger(__name__)
@@ -266,20 +266,19 @@ class Engine:
         pieces = [[(slot, start + k, ids[k:k + limit]) for k in range(0, len(ids), limit)] for slot, start, ids in rows]
         last_hidden: list[torch.Tensor | None] = [None] * len(rows)
         for depth in range(max(len(p) for p in pieces)):
-            todo = [(r, p[depth]) for r, p in enumerate(pieces) if depth < len(p)]
-            todo.sort(key=lambda item: len(item[1][2]))
-            group: list = []
-            for item in todo + [None]:
-                width = max((len(x[1][2]) for x in group + ([item] if item else [])), default=0)
-                if item is not None and (not group or width * (len(group) + 1) <= limit):
-                    group.append(item)
-                    continue
+            todo = sorted(((r, p[depth]) for r, p in enumerate(pieces) if depth < len(p)), key=lambda item: len(item[1][2]))
+            # rows sorted by length: a group padded to its last (longest) row, cut where it would pass the limit
+            groups: list[list] = [[]]
+            for item in todo:
+                if groups[-1] and len(item[1][2]) * (len(groups[-1]) + 1) > limit:
+                    groups.append([])
+                groups[-1].append(item)
+            for group in groups:
                 self.stats["prefill_tokens"] += sum(len(x[1][2]) for x in group)
                 hidden = self._prefill_forward([x[1] for x in group])
                 for b, (r, (_, _, ids)) in enumerate(group):
                     if depth == len(pieces[r]) - 1:
                         last_hidden[r] = hidden[b, len(ids) - 1]
-                group = [item] if item is not None else []
         if not want_logits:
             return None
         return runner.logits(torch.stack(last_hidden))
@@ -331,7 +330,3 @@ class Engine:
         self.stats["graphs"] = self.stats.get("graphs", 0) + 1
         return graph, out
 
-
-def engine_unsupported(model, max_len: int | None = None) -> str | None:
-    """Why ``Engine(model)`` would refuse ``model`` (None when it runs it)."""
-    return unsupported_reason(model, max_len)

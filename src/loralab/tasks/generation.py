@@ -14,7 +14,7 @@ every completion at the first stop string, the stop string itself excluded (vLLM
 semantics, and bigcode's ``_stop_at_stop_token``). Stop strings are searched in the **generated
 text only**: transformers' own ``stop_strings`` also match across the end of the prompt (a prompt
 ending in "\n" with a stop string "\nclass" stopped after one token), so the transformers backend
-stops early through ``_GeneratedStop`` instead. The truncation after generation is what defines
+stops early through ``_generated_stop`` instead. The truncation after generation is what defines
 the result in every backend.
 
 Randomness: the engine samples with a generator per request and sample (seeded from ``seed``, the
@@ -73,23 +73,33 @@ class GenerationSettings:
     def __post_init__(self):
         if isinstance(self.stop, str):  # one stop string, not its characters
             self.stop = [self.stop]
-        problems = [f"{name} = {value!r}: {rule}" for name, value, ok, rule in (
-            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "must be >= 1"),
-            ("max_length", self.max_length, self.max_length is None or self.max_length >= 2, "must be None or >= 2"),
-            ("temperature", self.temperature, self.temperature >= 0, "must be >= 0 (0 = greedy)"),
-            ("top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", self.top_k, self.top_k >= 0, "must be >= 0 (0 = off)"),
-            ("num_beams", self.num_beams, self.num_beams >= 1, "must be >= 1"),
-            ("n_samples", self.n_samples, self.n_samples >= 1, "must be >= 1"),
-            ("batch_size", self.batch_size, self.batch_size >= 1, "must be >= 1"),
-            ("slots", self.slots, self.slots >= 1, "must be >= 1"),
-            ("memory_fraction", self.memory_fraction, 0 < self.memory_fraction <= 1, "must be in (0, 1]"),
-            ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-        ) if not ok]
-        if self.backend not in BACKENDS:
-            problems.append(f"backend = {self.backend!r}: allowed: {', '.join(BACKENDS)}")
+        problems = [f"{name} = {value!r}: {rule}" for name, value, rule in setting_problems(vars(self))]
         if problems:
             raise ValueError("generation settings: " + "; ".join(problems))
+
+
+_POSITIVE = (lambda v: v >= 1, "must be a positive whole number")
+RULES = {
+    "max_new_tokens": _POSITIVE,
+    "max_length": (lambda v: v is None or v >= 2, "must be None or >= 2"),
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "num_beams": _POSITIVE,
+    "n_samples": _POSITIVE,
+    "batch_size": _POSITIVE,
+    "slots": _POSITIVE,
+    "memory_fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "stop": (lambda v: all(isinstance(s, str) and s for s in v), "must be non-empty strings"),
+    "backend": (lambda v: v in BACKENDS, f"allowed: {', '.join(BACKENDS)}"),
+}
+"""The one check of each ``GenerationSettings`` field: (ok, what is allowed); the settings and
+``loralab eval``'s flags both read it."""
+
+
+def setting_problems(values: dict) -> list[tuple[str, object, str]]:
+    """``(field, value, rule)`` for each value in ``values`` (field -> value) that ``RULES`` refuses."""
+    return [(name, value, RULES[name][1]) for name, value in values.items() if name in RULES and not RULES[name][0](value)]
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> str:
@@ -109,7 +119,7 @@ def resolve_backend(backend: str, model=None, settings: GenerationSettings | Non
     cannot run or with beam search (the message says why and names the ``transformers`` backend)."""
     if backend not in BACKENDS:
         raise ValueError(f"generation backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
-    reason = _engine_refusal(model, settings)
+    reason = auto_reason(model, settings)
     if backend == "engine" and reason:
         hint = "; or set num_beams 1 (e.g. loralab eval --options '{\"<task>\": {\"num_beams\": 1}}')" if "beam" in reason else ""
         raise ValueError(f"generation backend 'engine' cannot run this: {reason}; use backend 'transformers'{hint}")
@@ -124,19 +134,15 @@ def resolve_backend(backend: str, model=None, settings: GenerationSettings | Non
     return "transformers" if reason else "engine"
 
 
-def auto_reason(model, settings: GenerationSettings) -> str | None:
+def auto_reason(model, settings: GenerationSettings | None) -> str | None:
     """Why ``auto`` does not pick the engine for ``model`` and ``settings`` (None when it does)."""
-    return _engine_refusal(model, settings)
-
-
-def _engine_refusal(model, settings: GenerationSettings | None) -> str | None:
     if settings is not None and settings.num_beams > 1:
         return f"beam search (num_beams = {settings.num_beams}) runs on transformers"
     if model is None:
         return None
-    from loralab.engine import engine_unsupported
+    from loralab.engine import unsupported_reason
 
-    return engine_unsupported(model)
+    return unsupported_reason(model)
 
 
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, progress: str | None = None,
@@ -167,7 +173,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     return [[truncate_at_stop(c, settings.stop) for c in sample] for sample in outputs]
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     """End-of-sequence ids as transformers' ``generate`` takes them: the model's generation config,
     else the tokenizer's."""
     config = getattr(model, "generation_config", None)
@@ -202,7 +208,7 @@ def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, pr
         engine = Engine(model, max_slots=settings.slots, memory_fraction=settings.memory_fraction)
         sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed)
         engine.generate([encoded[i] for i in mine], [_budget(len(encoded[i]), settings) for i in mine],
-                        sampling=sampling, n_samples=settings.n_samples, eos_ids=_eos_ids(model, tokenizer),
+                        sampling=sampling, n_samples=settings.n_samples, eos_ids=eos_ids(model, tokenizer),
                         stop=StopStrings(tokenizer, list(settings.stop)) if settings.stop else None,
                         request_ids=mine, on_finish=finished)
         if stats is not None:
