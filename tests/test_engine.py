@@ -539,3 +539,36 @@ def test_unknown_backend_and_beams_on_the_engine_are_value_errors(lora_model, to
         generate(lora_model, tokenizer, few[:1], GenerationSettings(backend="vlm"))
     with pytest.raises(ValueError, match=r"beam search \(num_beams = 4\).*transformers"):
         generate(lora_model, tokenizer, few[:1], GenerationSettings(num_beams=4, backend="engine"))
+
+
+def test_sharded_parameters_send_auto_to_transformers(tmp_path):
+    """The kind behind CI's FSDP failure: a model whose weights are DTensor shards (FSDP2) is not
+    whole on one device, so the engine refuses it by name and ``auto`` resolves to transformers."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.engine import unsupported_reason
+    from loralab.tasks.generation import resolve_backend
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config)
+    assert unsupported_reason(model) is None and resolve_backend("auto", model) == "engine"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        proj = model.model.layers[0].mlp.up_proj
+        proj.weight = torch.nn.Parameter(distribute_tensor(proj.weight.data, mesh))
+        assert "sharded" in unsupported_reason(model)
+        assert resolve_backend("auto", model) == "transformers"
+        with pytest.raises(ValueError, match="sharded"):
+            resolve_backend("engine", model)
+    finally:
+        dist.destroy_process_group()
