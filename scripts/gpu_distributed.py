@@ -23,7 +23,7 @@ import time
 import torch
 
 from loralab import distributed
-from loralab.speed.bench import LLAMA3_8B
+from loralab.models import LLAMA3_8B
 from loralab.speed.step import SpeedOptions, prepare_model
 from loralab.step import Step, loss_function
 

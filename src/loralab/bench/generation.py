@@ -72,7 +72,7 @@ CARDS = {
 @dataclass
 class EvalBenchSettings:
     model: str = "random:llama-3-8b"
-    """``random:<shape>`` (a shape of ``loralab.speed.bench.MODELS``) or a real model id."""
+    """``random:<shape>`` (a shape of ``loralab.models.MODELS``) or a real model id."""
     device: str = "cuda"
     rows: tuple[str, ...] = ROWS
     num_prompts: int | None = None
