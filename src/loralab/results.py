@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import subprocess
 from datetime import datetime, timezone
@@ -145,7 +144,22 @@ def peak_rss_bytes() -> int:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    """The current UTC time to the second in ISO 8601 with ``Z`` for UTC, e.g. ``2026-12-04T22:05:21Z``:
+    a record's ``created_at`` (Python's ``datetime.fromisoformat`` reads it). File and folder names
+    carry it through ``stamp``."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stamp(created_at: str) -> str:
+    """The file- and folder-name form of an ISO 8601 time with an offset: converted to UTC, colons as
+    dashes, ``Z`` for UTC, e.g. ``2026-12-04T22:05:21Z`` and ``2026-12-04T23:05:21+01:00`` both give
+    ``2026-12-04T22-05-21Z`` (the old sanitised ``...T22-05-21-00-00`` read like part of the time).
+    Result files (``write_result``) and run output folders are named with it. Raises ValueError for
+    a string that is not an ISO 8601 time or has no offset."""
+    when = datetime.fromisoformat(created_at)
+    if when.tzinfo is None:
+        raise ValueError(f"{created_at!r} has no UTC offset (loralab writes UTC times ending in 'Z')")
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
 
 
 class InvalidRecord(ValueError):
@@ -188,6 +202,12 @@ def validate(record: dict) -> list[str]:
                 problems.append(f"missing run_info.git.{key}")
         if git.get("dirty") not in (True, False, None, UNKNOWN):  # None: records before "unknown" existed
             problems.append(f"run_info.git.dirty = {git.get('dirty')!r}: must be true, false or {UNKNOWN!r}")
+    created_at = run_info.get("created_at")
+    if isinstance(created_at, str):
+        try:
+            stamp(created_at)
+        except ValueError:
+            problems.append(f"run_info.created_at = {created_at!r}: must be an ISO 8601 time with a UTC offset")
     status = train_info.get("status")
     if status not in STATUSES:
         problems.append(f"train_info.status = {status!r}; allowed: {', '.join(STATUSES)}")
@@ -257,8 +277,7 @@ def write_result(record: dict, git: dict) -> Path:
     folder = route(status, git)
     folder.mkdir(parents=True, exist_ok=True)
     stem = record["run_info"]["experiment_name"].replace("/", "--")
-    stamp = re.sub(r"[^0-9A-Za-z_.-]", "-", record["run_info"]["created_at"])
-    path = folder / f"{stem}--{stamp}.json"
+    path = folder / f"{stem}--{stamp(record['run_info']['created_at'])}.json"
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as fh:
         fh.write(json.dumps(record, indent=2, allow_nan=False))

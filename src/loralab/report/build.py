@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from loralab.report.records import Problem, Run, load_runs
 from loralab.report.tables import ReportError, Table, build_tables, split_pair
+from loralab.results import stamp
 
 
 @dataclass
@@ -27,6 +28,15 @@ class Report:
         return [p for p in self.problems if p.kind == "unreadable"]
 
 
+def created(run) -> str:
+    """Sort key of a run by its ``created_at``: the UTC stamp (``results.stamp``), so records with
+    ``Z`` and with ``+00:00`` (or another offset) order by time; an unreadable time sorts first."""
+    try:
+        return stamp(run.created_at)
+    except ValueError:
+        return ""
+
+
 def build_report(paths, by: str = "method,task", metrics=None, compare=None, baseline=None) -> Report:
     """Read ``paths`` (files or folders) and build every table.
 
@@ -34,7 +44,7 @@ def build_report(paths, by: str = "method,task", metrics=None, compare=None, bas
     runs, problems = load_runs(paths)
     newest: dict = {}
     superseded = []
-    for r in sorted((r for r in runs if r.status == "success"), key=lambda r: r.created_at):
+    for r in sorted((r for r in runs if r.status == "success"), key=created):
         key = (r.experiment_set, r.label, r.task, r.seed, r.model)
         if key in newest:
             superseded.append((newest[key], r))

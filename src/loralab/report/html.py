@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from html import escape
 
-from loralab.report.build import Report
+from loralab.report.build import Report, created
 from loralab.report.render import (
     COMPARISON_HEADER,
     COST_HEADER,
@@ -93,7 +93,7 @@ def to_html(report: Report, command: str = "loralab report") -> str:
     """The whole page. Imports matplotlib (through ``plots``) only when there are runs to plot."""
     used = report.used
     labels = _sort_rows({r.label for r in used})
-    newest = max((r.created_at for r in report.runs), default="–")
+    newest = max(report.runs, key=created).created_at if report.runs else "–"
     # no generation time on the page: the same results give the same file (a committed report only
     # changes when its results do)
     parts = [(f"<h1>loralab report</h1><p>Made by <code>{escape(command)}</code> from "
