@@ -1,6 +1,6 @@
 """Issue 13's GPU measurements; ``scripts/gpu_distributed.sh`` runs it, plain or under torchrun.
 
-  speed   Llama-3-8B shape (random bf16 weights, ``speed/bench.py``'s config), LoRA r32 on every
+  speed   Llama-3-8B shape (random bf16 weights, ``loralab.models.LLAMA3_8B``), LoRA r32 on every
           linear layer of the decoder, loralab's ``Step`` as ``loralab run`` builds it: bf16
           autocast, regional compile, CUDA graphs on one GPU (off under DDP, as ``train.py`` does).
           Optimizer batch 64 rows x 512 tokens, micro-batch 8 rows per rank. Tokens/s over the

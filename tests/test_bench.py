@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from loralab.bench.runner import table
+from loralab.bench.workloads import presets
 from loralab.cli import main
-from loralab.speed.bench import presets, table
 from loralab.speed.lengths import sample_lengths
 
 

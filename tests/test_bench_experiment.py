@@ -5,9 +5,10 @@ import json
 
 import pytest
 
+from loralab.bench.experiment import bench_copy
+from loralab.bench.workloads import random_model_id
 from loralab.cli import main
 from loralab.models import check_model_id, load_model, random_config
-from loralab.speed.bench import bench_copy, random_model_id
 
 ADAPTER = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
            "target_modules": ["q_proj", "v_proj", "lm_head"], "task_type": "CAUSAL_LM"}

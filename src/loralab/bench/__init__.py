@@ -3,7 +3,10 @@ call loralab's public entry points and the peers' as a user would, and record wh
 
 - ``generation``: ``loralab bench --eval``, loralab's generation engine against transformers
   ``generate`` (batched) and ``generate_batch`` (continuous batching), side by side on one device.
+- ``workloads``, ``peers``, ``runner``: ``loralab bench [--preset]``, the peer stacks (transformers +
+  peft as their docs show, Liger) against the step ``loralab run`` builds, on random-weight shapes.
+- ``experiment``: ``loralab bench --experiment DIR``, one recipe through ``loralab run`` and through
+  transformers ``Trainer`` + peft.
 
-The training bench still lives in ``loralab.speed.bench`` (the shape table ``MODELS`` with it).
 Nothing below this package imports it.
 """

@@ -3,7 +3,7 @@
 ``loralab bench [--preset tiny|full]``: random-weight models of fixed shapes, one row per
 workload x method x stack. ``loralab bench --experiment DIR [--random-weights] [--steps N]``:
 one experiment folder's recipe through ``loralab run``'s own path and through transformers'
-``Trainer`` + peft (``loralab.speed.bench.run_experiment_bench``).
+``Trainer`` + peft (``loralab.bench.experiment.run_experiment_bench``).
 ``loralab bench --eval [--model random:llama-3-8b] [--rows engine,transformers,generate_batch]``:
 generation throughput on GSM8K test prompts, loralab's engine against transformers ``generate``
 (batched) and ``generate_batch``, with the decode-step bound of the card
@@ -63,7 +63,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from loralab.speed.bench import run_bench, table
+    from loralab.bench.runner import run_bench, table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -102,8 +102,9 @@ def run(args) -> int:
 
 
 def _run_experiment(args, device: str) -> int:
+    from loralab.bench.experiment import experiment_table, run_experiment_bench
+    from loralab.bench.workloads import BenchError
     from loralab.config import ConfigError
-    from loralab.speed.bench import BenchError, experiment_table, run_experiment_bench
 
     if args.preset or args.only or args.profile or args.warmup or args.no_compile or args.no_cuda_graphs:
         raise SystemExit("--experiment takes its speed options from the experiment's training_parameters.json; "

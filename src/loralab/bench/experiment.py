@@ -1,0 +1,215 @@
+"""``loralab bench --experiment DIR``: one experiment folder's recipe through ``loralab run``'s own
+path (``train.run_experiment``) and through transformers ``Trainer`` + peft set up as the recipe
+says (``loralab.bench.peers.trainer_row``), one after the other on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from loralab.bench.peers import trainer_row
+from loralab.bench.runner import clean
+from loralab.bench.workloads import BenchError, gib, random_model_id
+
+
+@contextlib.contextmanager
+def _environ(**values):
+    import os
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bench_copy(path, into, *, steps: int, random_weights: bool = False, task: str | None = None,
+               device: str | None = None):
+    """A copy of the experiment folder ``path`` under ``into/experiments/<its name>`` for a timing
+    run, read back with ``read_experiment``: ``max_steps`` = ``steps``, ``logging_steps`` 1 (every
+    step ends with a host sync, so ``loralab run`` can tell warm-up steps from steady ones),
+    no checkpoints, no evaluation during training; ``random_weights`` swaps the model for its
+    ``random:<shape>`` stand-in, ``task`` the training data (e.g. ``gsm8k`` for a MetaMathQA
+    recipe when MetaMathQA is not on disk), ``device`` the device. Everything else (batch,
+    accumulation, dtype, lr, schedule, max_length, speed keys, the adapter) is the recipe's.
+    Raises ConfigError (every problem) for a folder that is not a valid experiment after the
+    changes, BenchError (a ValueError) for an unknown id under ``random_weights``.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from loralab.experiment import (
+        ADAPTER_FILE,
+        PARAMS_FILE,
+        experiment_name,
+        read_experiment,
+    )
+
+    original = read_experiment_params(Path(path))
+    overrides = dict(original)
+    overrides.update(max_steps=steps, logging_steps=1, checkpoint_steps=0, eval_steps=None)
+    if random_weights:
+        from loralab.config import default_parameters
+
+        overrides["model_id"] = random_model_id(original.get("model_id", default_parameters()["model_id"]))
+    if task is not None:
+        overrides["task"] = task
+    if device is not None:
+        overrides["device"] = device
+    target = Path(into) / "experiments" / experiment_name(Path(path))
+    target.mkdir(parents=True, exist_ok=True)
+    if (Path(path) / ADAPTER_FILE).exists():
+        shutil.copy(Path(path) / ADAPTER_FILE, target / ADAPTER_FILE)
+    (target / PARAMS_FILE).write_text(json.dumps(overrides, indent=2) + "\n")
+    return read_experiment(target)
+
+
+def read_experiment_params(path) -> dict:
+    """The raw ``training_parameters.json`` of an experiment folder ({} when absent); a folder
+    that does not exist or a file that is not a JSON object raises ConfigError."""
+    import json
+    from pathlib import Path
+
+    from loralab.config import ConfigError
+    from loralab.experiment import PARAMS_FILE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError([f"experiment folder {str(path)!r} does not exist"], str(path))
+    file = path / PARAMS_FILE
+    if not file.exists():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{PARAMS_FILE}: not valid JSON ({exc})"], str(path)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{PARAMS_FILE}: must hold a JSON object"], str(path))
+    return data
+
+
+def _loralab_run_row(exp, workdir) -> dict:
+    """``loralab run``'s own path (``train.run_experiment(evaluate=False)``), results and outputs
+    under ``workdir``; the row is read off the result record: steady-state tokens/s as the run
+    reports it (steps after the first that captured no new CUDA graph; compile, capture and the
+    micro-batch probe are warm-up), peak memory = ``cuda_memory_max`` (from after the probe)."""
+    from loralab.train import run_experiment
+
+    with _environ(LORALAB_RESULTS_DIR=workdir / "results", LORALAB_OUTPUT_DIR=workdir / "outputs"):
+        record, _ = run_experiment(exp, verbose=False, evaluate=False)
+    info = record["train_info"]
+    timing = info["timing"]
+    losses = [m["train loss"] for m in info["metrics"] if "train loss" in m]
+    return {"stack": "loralab", "steps": info["steps"], "samples": info["train_samples"], "tokens": info["train_tokens"],
+            "tokens_per_second": info["tokens_per_second"], "samples_per_second": info["samples_per_second"],
+            "steady_steps": (timing.get("steady_samples") or 0) // (exp.params.batch_size * exp.params.gradient_accumulation_steps),
+            "steady_tokens": timing.get("steady_tokens"), "steady_seconds": timing.get("steady_s"),
+            "overall_tokens_per_second": info["train_tokens"] / info["train_time"] if info["train_time"] else None,
+            "warmup_seconds": timing.get("warmup_s"), "train_seconds": info["train_time"],
+            "peak_memory_gib": gib(info.get("cuda_memory_max")), "losses": losses,
+            "micro_batch": timing.get("micro_batch"), "cuda_graphs_captured": timing.get("cuda_graphs"),
+            "oom_retries": timing.get("oom_retries"), "speed": info["speed"]}
+
+
+def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, task: str | None = None,
+                         device: str | None = None, stacks: tuple[str, ...] = ("loralab", "trainer"),
+                         workdir=None, log=print) -> dict:
+    """One experiment folder's recipe, ``steps`` optimizer steps, through ``loralab run``'s own
+    path and through transformers' ``Trainer`` + peft, one after the other in this process on one
+    device (see ``bench_copy``, ``_loralab_run_row``, ``peers.trainer_row``).
+
+    Returns {experiment, model_id, random_weights, task, steps, optimizer_batch, device, rows,
+    ratio}: one row per stack with real (non-pad) tokens, steady-state tokens/s and samples/s,
+    warm-up seconds, peak memory (GiB, CUDA) and per-step losses; ``ratio`` = loralab / trainer
+    steady tokens/s. ``steps`` must be >= 2 (step 1 is warm-up for both stacks). Raises
+    ConfigError for a bad folder, BenchError (a ValueError) for bad arguments.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from loralab.config import ConfigError
+
+    if steps < 2:
+        raise BenchError(f"--steps = {steps}: at least 2 (the first step is warm-up for both stacks)")
+    unknown = [s for s in stacks if s not in ("loralab", "trainer")]
+    if unknown:
+        raise BenchError(f"stacks {unknown}: allowed loralab, trainer")
+    with contextlib.ExitStack() as stack:
+        root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loralab-bench-")))
+        exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device)
+        params = exp.params
+        from loralab.train import pick_device
+
+        dev = pick_device(params.device)  # attention backends as torch picks them (no cuDNN switch, unlike the preset rows)
+        rows = []
+        for name in stacks:
+            clean(dev.type)
+            log(f"bench --experiment {exp.name}: {name} stack, {steps} steps of "
+                f"{params.batch_size} x {params.gradient_accumulation_steps} on {dev} ({params.model_id}, {params.dtype})")
+            allocated = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+            try:
+                row = _loralab_run_row(exp, root) if name == "loralab" else trainer_row(exp, root, log)
+            except (ConfigError, BenchError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one stack's failure is a row; the other stack still runs
+                import traceback
+
+                traceback.print_exc()
+                row = {"stack": name, "steps": 0, "samples": 0, "tokens": 0, "tokens_per_second": None,
+                       "samples_per_second": None, "peak_memory_gib": None, "losses": [],
+                       "error": f"{type(exc).__name__}: {str(exc).strip()[:400]}"}
+            row["allocated_gib_at_start"] = gib(allocated)  # left over from the stack before (should be ~0)
+            rows.append(row)
+            log(format_experiment_row(row))
+        clean(dev.type)
+    by = {r["stack"]: r for r in rows}
+    ratio = None
+    if "loralab" in by and "trainer" in by and by["loralab"]["tokens_per_second"] and by["trainer"]["tokens_per_second"]:
+        ratio = by["loralab"]["tokens_per_second"] / by["trainer"]["tokens_per_second"]
+    return {"experiment": exp.name, "source": str(path), "model_id": params.model_id, "random_weights": random_weights,
+            "task": params.task, "dtype": params.dtype, "steps": steps,
+            "batch_size": params.batch_size, "gradient_accumulation_steps": params.gradient_accumulation_steps,
+            "optimizer_batch": params.batch_size * params.gradient_accumulation_steps, "max_length": params.max_length,
+            "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "rows": rows, "ratio": ratio}
+
+
+def format_experiment_row(row: dict) -> str:
+    """One stack's row of ``run_experiment_bench`` as the one progress line it logs."""
+    tps = "—" if row.get("tokens_per_second") is None else f"{row['tokens_per_second']:,.0f} tokens/s"
+    mem = "—" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.1f} GiB"
+    return (f"{row['stack']:<8} {row['samples']:>6} samples {row['tokens']:>9,} tokens {tps:>18} {mem:>10} "
+            f"warm-up {row.get('warmup_seconds') or 0:.1f} s" + (f"  FAILED {row['error']}" if row.get("error") else ""))
+
+
+def experiment_table(result: dict) -> str:
+    """Markdown table of ``run_experiment_bench``'s result (one row per stack, ratio on loralab's)."""
+    head = (f"{result['experiment']}: {result['model_id']} ({result['dtype']}"
+            f"{', random weights' if result['random_weights'] else ''}), task {result['task']}, "
+            f"{result['steps']} steps x {result['batch_size']} x {result['gradient_accumulation_steps']} = "
+            f"{result['steps'] * result['optimizer_batch']} samples, max_length {result['max_length']}, "
+            f"{result['gpu'] or result['device']}")
+    lines = [head, ("steady state: `loralab run`'s own (steps after the first that captured no new CUDA graph: "
+                    "compile, capture and the micro-batch probe are warm-up); Trainer: steps 2..N (step ends "
+                    "synchronised). Peak memory: torch.cuda.max_memory_allocated over training."), "",
+             "| stack | samples | real tokens | steady steps | steady tokens/s | steady samples/s | peak memory | warm-up | step-1 loss | loralab/trainer |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in result["rows"]:
+        tps = "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}"
+        sps = "—" if r.get("samples_per_second") is None else f"{r['samples_per_second']:,.2f}"
+        mem = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
+        loss = f"{r['losses'][0]:.4f}" if r.get("losses") else "—"
+        ratio = f"{result['ratio']:.2f}x" if r["stack"] == "loralab" and result.get("ratio") else ""
+        name = "`loralab run`" if r["stack"] == "loralab" else "transformers Trainer + peft"
+        lines.append(f"| {name} | {r['samples']} | {r['tokens']:,} | {r.get('steady_steps')} | {tps} | {sps} | {mem} | "
+                     f"{r.get('warmup_seconds') or 0:.1f} s | {loss} | {ratio} |")
+    lines += [f"{r['stack']} failed: {r['error']}" for r in result["rows"] if r.get("error")]
+    return "\n".join(lines)

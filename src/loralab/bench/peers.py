@@ -1,0 +1,184 @@
+"""The training bench's peers: transformers + peft set up as their docs show.
+
+peer: ``get_peft_model`` (fp32 adapters over the base, peft's default), padded batches,
+``model(**batch).loss``, ``torch.optim.AdamW``.
+liger (Llama models, CUDA, when ``liger-kernel`` is importable): the peer with Liger's kernels
+(RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) applied to the model before ``get_peft_model``,
+the strongest off-the-shelf stack issue 6 names.
+trainer (``loralab bench --experiment``): transformers ``Trainer`` + peft set up as the recipe says
+(``trainer_row``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from loralab.bench.workloads import BenchError, Workload, gib, is_seq_cls
+from loralab.data import collate
+
+ROBERTA_TARGETS = r".*encoder.*\.(query|key|value|dense)$"  # all linear layers but the classifier head
+
+
+def liger_available(w: Workload, device: str) -> bool:
+    """Whether the Liger row runs for ``w`` here: a Llama shape on CUDA with ``liger-kernel`` importable."""
+    import importlib.util
+
+    return device == "cuda" and w.model.startswith("llama") and importlib.util.find_spec("liger_kernel") is not None
+
+
+@contextlib.contextmanager
+def liger_patched(model):
+    """Liger's kernels on ``model`` for the duration; the module-level names Liger rebinds in
+    transformers' Llama code (RoPE, RMSNorm, MLP classes) are put back afterwards, so the rows
+    that follow run plain transformers again."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    try:
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
+        yield model
+    finally:
+        for name, value in saved.items():
+            if vars(modeling_llama).get(name) is not value:
+                setattr(modeling_llama, name, value)
+
+
+def wrap(model, w: Workload, method: str):
+    """``model`` adapted as the peft docs show: ``get_peft_model`` with a LoRA (``dora``: DoRA) of the
+    workload's rank and alpha on all linear layers (roberta: every encoder linear, not the head);
+    ``full``: every parameter trainable, the model itself."""
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    seq_cls = "roberta" in w.model
+    config = LoraConfig(r=w.rank, lora_alpha=w.alpha, lora_dropout=0.0, use_dora=method == "dora",
+                        target_modules=ROBERTA_TARGETS if seq_cls else "all-linear",
+                        task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def peer_batch(w: Workload, feats: list[dict], pad_id: int) -> dict:
+    """The peer's padded batch: to ``seq_len`` (``peer_pad_to_max``), else to the longest sample
+    (classification: rounded up to 8, as transformers' collators do)."""
+    if is_seq_cls(w):
+        return collate(feats, pad_id, w.seq_len if w.peer_pad_to_max else None, multiple_of=8)
+    return collate(feats, pad_id)
+
+
+def peer_step(model, opt, batch) -> None:
+    """One peer optimizer step: ``model(**batch).loss``, backward, ``opt.step()``, zero grads."""
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def trainer_row(exp, workdir, log) -> dict:
+    """transformers ``Trainer`` + peft as the recipe says: the same model (same random weights for
+    ``random:`` ids), ``get_peft_model`` with the recipe's adapter config (``all-linear`` expanded
+    as loralab does), per-device batch ``batch_size``, ``gradient_accumulation_steps``, bf16/fp16
+    mixed precision when the base dtype is bf16/fp16, the recipe's lr, scheduler, warm-up, weight
+    decay, max_grad_norm and seed, ``DataCollatorForSeq2Seq`` padding, and the very samples
+    ``loralab run`` trained on, in its order (``train.epoch_batches``; sequential sampler).
+    Step times come from a callback that synchronises the GPU at every optimizer step's end; the
+    steady state is steps 2..N (step 1 carries CUDA/cuBLAS initialisation and allocator growth).
+    """
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from loralab.data import pad_id as _pad_id
+    from loralab.methods.common import resolve_config
+    from loralab.models import load_model, load_tokenizer
+    from loralab.tasks import get_task
+    from loralab.train import epoch_batches, pick_device, warmup_steps
+
+    params = exp.params
+    device = pick_device(params.device)
+    task = get_task(params.task)
+    if task.kind != "causal_lm":
+        raise BenchError(f"bench --experiment: the Trainer peer covers causal-LM recipes; task {params.task!r} is {task.kind}")
+    tokenizer = load_tokenizer(params.model_id)
+    train = task.load(params, tokenizer).train
+    model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = _pad_id(tokenizer)
+    if exp.peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, resolve_config(model, exp.peft_config, task.kind))
+    else:
+        model.requires_grad_(True)
+    opt_batch = params.batch_size * params.gradient_accumulation_steps
+    lengths = [len(f["input_ids"]) for f in train]
+    order, epoch = [], 0
+    while len(order) < params.max_steps * opt_batch:
+        for batch in epoch_batches(len(train), lengths, opt_batch, epoch, params):
+            order.extend(batch)
+            if len(order) >= params.max_steps * opt_batch:
+                break
+        epoch += 1
+    samples = [train[i] for i in order[:params.max_steps * opt_batch]]
+    per_step_tokens = [sum(len(f["input_ids"]) for f in samples[k * opt_batch:(k + 1) * opt_batch])
+                       for k in range(params.max_steps)]
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            self.times = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.times.append(time.perf_counter())
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    clock = Clock()
+    args = TrainingArguments(
+        output_dir=str(workdir / "trainer"), per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps, learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler, warmup_steps=warmup_steps(params.warmup_ratio, params.max_steps),
+        weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, max_steps=params.max_steps,
+        bf16=params.dtype == "bfloat16", fp16=params.dtype == "float16", logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, seed=params.seed, dataloader_num_workers=0,
+        remove_unused_columns=False, use_cpu=not cuda)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = InOrder(model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; the losses are in the row
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    times = clock.times
+    steady_s = times[-1] - times[1] if len(times) > 2 else None
+    steady_tokens = sum(per_step_tokens[1:])
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    row = {"stack": "trainer", "steps": len(times) - 1, "samples": len(samples), "tokens": sum(per_step_tokens),
+           "tokens_per_second": steady_tokens / steady_s if steady_s else None,
+           "samples_per_second": (len(samples) - opt_batch) / steady_s if steady_s else None,
+           "steady_steps": len(times) - 2, "steady_tokens": steady_tokens, "steady_seconds": steady_s,
+           "warmup_seconds": times[1] - times[0] if len(times) > 1 else None, "train_seconds": times[-1] - times[0],
+           "overall_tokens_per_second": sum(per_step_tokens) / (times[-1] - times[0]) if len(times) > 1 else None,
+           "peak_memory_gib": gib(peak), "losses": losses, "micro_batch": params.batch_size,
+           "speed": {"bf16": args.bf16, "fp16": args.fp16, "optim": str(args.optim)}}
+    del trainer, model
+    return row

@@ -1,0 +1,243 @@
+"""``loralab bench``: the peer stacks and ``loralab run``'s training step, side by side on one device.
+
+One row per workload x method x stack (``loralab.bench.workloads`` for the workloads,
+``loralab.bench.peers`` for the peer and Liger stacks).
+loralab: the same model, adapter and optimizer batches through what ``loralab run`` builds with
+no ``speed`` keys (``loralab_step``): ``resolve_speed``'s defaults for the device, ``prepare_model``
+and ``loralab.step.Step`` (packing into rows of the workload's length for causal LMs, the
+auto micro-batch probe, bucketed widths and CUDA graphs, exact token-mean loss, fused AdamW).
+Nothing is tuned by hand; ``--no-compile`` / ``--no-cuda-graphs`` are explicit speed keys.
+
+Throughput counts real (non-pad) tokens or samples.
+MFU = throughput × FLOPs per token / peak, with 4N FLOPs per token for adapters (frozen base:
+forward + input gradients) and 6N for full fine-tuning, N = parameters in matmuls (no embeddings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import time
+
+import torch
+
+from loralab.bench.peers import liger_available, liger_patched, peer_batch, peer_step, wrap
+from loralab.bench.workloads import Workload, build_model, is_seq_cls, presets, step_features
+from loralab.models import MODELS
+from loralab.speed import step
+from loralab.step import Step, probe_micro_batch
+
+PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls per token: all but embeddings (LM head counted)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name or "embed" in name.lower() or p.dim() < 2:
+            continue
+        total += p.numel()
+    return total
+
+
+def loralab_step(model, features: list[list[dict]], *, kind: str, dtype: str, max_length: int, batch_size: int,
+                 device: str, speed: dict | None = None, learning_rate: float = 1e-5, log=print) -> tuple[Step, dict]:
+    """The step ``loralab run`` builds (``loralab.train._train``), for an adapted ``model``.
+
+    ``speed`` holds explicit ``speed`` keys (the experiment's; the bench's --no-compile /
+    --no-cuda-graphs); every other key is ``loralab.config``'s default, resolved by
+    ``resolve_speed`` for this device, task kind and base dtype. Then, as in ``loralab run``: fused
+    AdamW (``train.make_optimizer``), ``prepare_model``, the micro-batch probe when it is "auto"
+    (over all the row's samples, limit = the optimizer batch), ``Step`` with packing into rows of
+    ``max_length``, bucketed widths and CUDA graphs as resolved, token normalisation, no clipping.
+    Returns (step, resolved speed options).
+    """
+    from types import SimpleNamespace
+
+    from loralab.config import _speed_defaults
+    from loralab.speed.defaults import resolve_speed
+    from loralab.train import make_optimizer
+
+    torch_device = torch.device(device)
+    options = {**_speed_defaults(), **(speed or {})}
+    resolved = resolve_speed(options, device=torch_device, kind=kind, base_dtype=dtype)
+    optimizer = make_optimizer(model, None, None, SimpleNamespace(learning_rate=learning_rate, weight_decay=0.0))
+    names = {f.name for f in dataclasses.fields(step.SpeedOptions)}
+    step.prepare_model(model, step.SpeedOptions(**{k: v for k, v in resolved.items() if k in names}))
+    pad_id = getattr(step._hf_model(model).config, "pad_token_id", None) or 0
+    micro = resolved["micro_batch"]
+    if micro == "auto":
+        micro = probe_micro_batch(model, [f for feats in features for f in feats], kind=kind,
+                                  packing=resolved["packing"], max_length=max_length, limit=batch_size,
+                                  pad_id=pad_id, device=torch_device, log=log)
+    elif micro is None:
+        micro = batch_size
+    resolved["micro_batch"] = micro
+    runner = Step(model, optimizer, kind=kind, normalization="tokens", micro_batch=micro, packing=resolved["packing"],
+                  max_length=max_length, pad_to=None, pad_id=pad_id, device=torch_device,
+                  graphs=resolved["cuda_graphs"], max_grad_norm=0.0, log=log)
+    return runner, resolved
+
+
+def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,
+            speed: dict | None = None, profile_to: list | None = None) -> dict:
+    """One row: build the model (the workload's dtype for every stack; float32 on CPU), adapt it,
+    time ``steps`` optimizer steps after ``warmup`` ones. ``speed``: explicit loralab speed keys."""
+    dtype = "float32" if device == "cpu" else w.dtype
+    clean(device)
+    patches = contextlib.ExitStack()
+    base = build_model(w, device, getattr(torch, dtype))
+    if stack == "liger":
+        patches.enter_context(liger_patched(base))
+    reserved = torch.cuda.memory_reserved() / 2**30 if device == "cuda" else None
+    with patches:
+        row = _run_built(w, wrap(base, w, method), method, stack, device, dtype, steps, warmup, speed, profile_to)
+    row["reserved_gib_at_start"] = None if reserved is None else round(reserved, 2)
+    return row
+
+
+def clean(device: str) -> None:
+    """Nothing of earlier rows left for the next one: compiled code (which holds its model), CUDA
+    graph pools, cached blocks. Called at the start of every row, so also after a failed one."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to) -> dict:
+    seq_cls = is_seq_cls(w)
+    model.train()
+    spec = MODELS[w.model]
+    vocab, pad_id = spec["vocab_size"], spec.get("pad_token_id", 0)
+    data = step_features(w, vocab, warmup + steps)
+    resolved, runner = None, None
+    if stack == "loralab":
+        runner, resolved = loralab_step(model, data, kind="seq_cls" if seq_cls else "causal_lm", dtype=dtype,
+                                        max_length=w.seq_len, batch_size=w.batch_size, device=device, speed=speed,
+                                        log=lambda line: None)
+        run = runner
+        shape_of = lambda feats: tuple(tuple(tuple(v.shape) for v in b.values()) for b in runner.plan(feats))
+        inputs = data
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        run = lambda b: peer_step(model, opt, b)
+        shape_of = lambda b: tuple(tuple(v.shape) for v in b.values())
+        inputs = [{k: v.to(device) for k, v in peer_batch(w, feats, pad_id).items()} for feats in data]
+    n_params = matmul_params(model)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    # Every batch shape is met before timing (a real run meets each of its few shapes once in
+    # thousands of steps): compile and graph capture are not timed, for either stack.
+    seen, first_of_shape = set(), []
+    for item in inputs[warmup:]:
+        key = shape_of(item)
+        if key not in seen:
+            seen.add(key)
+            first_of_shape.append(item)
+    if device == "cuda":  # peak over warm-up too: graph capture and compile allocate there
+        torch.cuda.reset_peak_memory_stats()
+    for item in inputs[:warmup] + first_of_shape:
+        run(item)
+    sync()
+    start = time.perf_counter()
+    for item in inputs[warmup:]:
+        run(item)
+    sync()
+    seconds = time.perf_counter() - start
+    timed = data[warmup:]
+    tokens = sum(len(f["input_ids"]) for feats in timed for f in feats)
+    units = sum(len(feats) for feats in timed) if seq_cls else tokens
+    throughput = units / seconds
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    mfu = None
+    if device in PEAK_FLOPS:
+        mfu = tokens / seconds * (6 if method == "full" else 4) * n_params / PEAK_FLOPS[device]
+    if profile_to is not None and device == "cuda":
+        profile_to.append(_profile(run, inputs[warmup:warmup + 2], f"{w.name} {method} {stack}"))
+    row = {"workload": w.name, "method": method, "stack": stack, "throughput": round(throughput, 2),
+           "unit": "samples/s" if seq_cls else "tokens/s", "peak_memory_gib": None if peak is None else round(peak, 2),
+           "mfu": None if mfu is None else round(mfu, 4), "units_per_step": units / steps,
+           "step_ms": round(1000 * seconds / steps, 2), "dtype": dtype,
+           "compile": bool(resolved and resolved["compile"]),
+           "cuda_graphs": bool(runner is not None and runner.trainer.graphed and runner.trainer.graphs > 0)}
+    if resolved is not None:
+        row["speed"] = resolved
+        row["micro_batch"] = runner.micro_batch
+    return row
+
+
+def _profile(run, data, title: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for item in data:
+            run(item)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    return f"== profile: {title} (2 steps) ==\n{table}"
+
+
+def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,
+              only: str | None = None, speed: dict | None = None, profile: bool = False,
+              log=print, on_row=None):
+    """All rows of a preset; ``only`` keeps workloads whose name contains it; ``speed`` holds
+    explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults.
+
+    cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
+    which would charge padded batches of varying length (the peer's) seconds per step.
+    """
+    from tqdm import tqdm
+
+    if device == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods
+            for s in ("peer", "loralab", "liger") if s != "liger" or liger_available(w, device)]
+    rows, profiles = [], []
+    for w, method, stack in tqdm(plan, desc="bench", disable=None):
+        try:
+            n_steps = steps or (3 if preset == "tiny" else w.steps or 8)
+            n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
+            row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed)
+        except torch.OutOfMemoryError as exc:
+            row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
+                   "peak_memory_gib": None, "mfu": None, "error": f"out of memory: {str(exc)[:120]}"}
+        rows.append(row)
+        log(format_row(row))
+        if on_row is not None:
+            on_row(rows)
+    if profile and device == "cuda":
+        # A second pass, after every row is timed: once the profiler has run in a process it
+        # slows what follows (a peer row timed after a profiled row measured up to 30 % slower).
+        for w, method, stack in [p for p in plan if p[2] == "loralab"]:
+            run_one(w, method, stack, device, 2, warmup or w.warmup or 3, speed=speed, profile_to=profiles)
+    return rows, profiles
+
+
+def format_row(row: dict) -> str:
+    thr = "—" if row.get("throughput") is None else f"{row['throughput']:,.0f} {row['unit']}"
+    mem = "—" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.1f} GiB"
+    mfu = "—" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
+    return f"{row['workload']:<26} {row['method']:<5} {row['stack']:<8} {thr:>20} {mem:>10} {mfu:>7}" + (
+        f"  {row['error']}" if row.get("error") else "")
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table with ours/peer ratios (and ours/liger when Liger rows exist)."""
+    by_stack = {stack: {(r["workload"], r["method"], r.get("run")): r for r in rows if r["stack"] == stack}
+                for stack in ("peer", "liger")}
+    peers = ["peer", "liger"] if by_stack["liger"] else ["peer"]
+    lines = ["| workload | method | stack | throughput | peak memory | MFU | " + " | ".join(f"ours/{p}" for p in peers) + " |",
+             "|---|---|---|--:|--:|--:|" + "--:|" * len(peers)]
+    for r in rows:
+        ratios = []
+        for stack in peers:
+            p = by_stack[stack].get((r["workload"], r["method"], r.get("run")))
+            ok = r["stack"] == "loralab" and p and p.get("throughput") and r.get("throughput")
+            ratios.append(f"{r['throughput'] / p['throughput']:.2f}x" if ok else "")
+        thr = "—" if r.get("throughput") is None else f"{r['throughput']:,.0f} {r['unit']}"
+        mem = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
+        mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['workload']} | {r['method']} | {r['stack']} | {thr} | {mem} | {mfu} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
