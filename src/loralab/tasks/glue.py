@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from loralab.data import collate, pad_id
-from loralab.experiment import sha256_file
+from loralab.results import sha256_file
 from loralab.tasks.metrics import score_all
 
 HUB_ID = "nyu-mll/glue"
@@ -52,12 +52,14 @@ class GlueTask:
             return problems
         if not Path(params.data_dir).expanduser().is_dir():
             return problems + [f"'data_dir' = {params.data_dir!r}: no such folder"]
-        for split in ("train", "dev"):
-            path = self.folder_path(params.data_dir) / f"{split}.tsv"
-            if not path.exists():
-                problems.append(
-                    f"'data_dir' = {params.data_dir!r}: task {self.name} needs {path} (GLUE TSV layout: glue/{self.folder}/train.tsv and dev.tsv)"
-                )
+        root = Path(params.data_dir).expanduser()
+        folder = self.folder_path(root)
+        # the folder the user must fill, relative to data_dir: the one found, else the GLUE layout's
+        where = folder.relative_to(root).as_posix() if folder.is_dir() else f"glue/{self.folder}"
+        missing = [f"{where}/{split}.tsv" for split in ("train", "dev") if not (root / where / f"{split}.tsv").exists()]
+        if missing:
+            problems.append(f"'data_dir' = {params.data_dir!r}: task {self.name} needs {' and '.join(missing)} in it "
+                            f"(GLUE TSV layout: train.tsv and dev.tsv in {where}/)")
         return problems
 
     def _read_tsv(self, path: Path) -> list[tuple]:
