@@ -7,7 +7,6 @@ can be checked without loading a model and raises one ConfigError listing every 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from loralab.config import ConfigError, TrainingParameters, build_parameters, hashed_parameters, suggest
 from loralab.models import check_model_id
+from loralab.results import sha256_json
 
 ADAPTER_FILE = "adapter_config.json"
 PARAMS_FILE = "training_parameters.json"
@@ -28,19 +28,6 @@ class Experiment:
     peft_config: Any  # a peft config, or None for full fine-tuning
     train_params_sha: str
     peft_config_sha: str | None
-
-
-def sha256_file(path) -> str:
-    """Content hash of a data or model file, streamed (files may be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def experiment_name(path: Path) -> str:

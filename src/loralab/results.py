@@ -98,6 +98,23 @@ def code_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_file(path) -> str:
+    """Hex sha256 of a data or model file's bytes, read in 1 MiB chunks (files may be large);
+    raises OSError when the file cannot be read. Recorded as a dataset's ``sha256``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    """Hex sha256 of ``json.dumps(obj, sort_keys=True)``: the record's ``train_params_sha`` and
+    ``peft_config_sha`` (key order does not change it; resume matches runs by it, so the
+    serialisation must not change). Raises TypeError for values JSON cannot hold."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def results_root() -> Path:
     return Path(os.environ.get("LORALAB_RESULTS_DIR", "."))
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from loralab.data import collate, pad_id
-from loralab.experiment import sha256_file
+from loralab.results import sha256_file
 from loralab.tasks.metrics import score_all
 
 HUB_ID = "nyu-mll/glue"

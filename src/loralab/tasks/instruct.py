@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loralab.data import IGNORE_INDEX
-from loralab.experiment import sha256_file
+from loralab.results import sha256_file
 from loralab.tasks.commonsense import COMMONSENSE
 from loralab.tasks.instruct_templates import (
     ALPACA_NO_INPUT,
