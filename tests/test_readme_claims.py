@@ -51,10 +51,10 @@ def report_md(*folders: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("heading, folders", [
-    ("## Measured: seed 000's GLUE recipe on MiniLM-L6, 3 seeds (H200)", [("glue-minilm-seeds",)]),
+    ("### The CorDA reproduction's GLUE recipe on MiniLM-L6, 3 seeds (H200)", [("glue-minilm-seeds",)]),
     ("### The SVD-init family under one protocol (measured, H200)",
      [("svd-family/tuned",), ("svd-family/seed000-lr",)]),
-    ("### Seed 003's LoRA-FA study on MiniLM-L6", [("lorafa-svd-minilm",)]),
+    ("### The LoRA-FA study (reference README 003) on MiniLM-L6", [("lorafa-svd-minilm",)]),
 ])
 def test_measured_tables_are_the_reports_output(heading, folders):
     """Each table row of the section is a line `loralab report` prints from the named folder(s)."""
@@ -101,7 +101,7 @@ def wins_over_lora(folder: Path) -> dict[str, dict]:
 
 def test_glue_seeds_summary_sentence_matches_records():
     """Issue 21 input 5: "PiSSA and CorDA beat LoRA on every task and seed" was false (a tie)."""
-    text = " ".join(section("## Measured: seed 000's GLUE recipe on MiniLM-L6, 3 seeds (H200)").split())
+    text = " ".join(section("### The CorDA reproduction's GLUE recipe on MiniLM-L6, 3 seeds (H200)").split())
     counts = wins_over_lora(RESULTS / "glue-minilm-seeds")
     pissa, corda = counts["pissa"], counts["corda_ipa"]
     phrase = []
@@ -123,7 +123,7 @@ def test_paired_rows_count_wins_losses_ties_from_records():
     """The paired table's wins/losses/ties column of the 3-seed GLUE table, recounted from the records."""
     names = {"Full FT": "full", "DoRA": "dora", "PiSSA": "pissa", "CorDA (IPA)": "corda_ipa"}
     counts = wins_over_lora(RESULTS / "glue-minilm-seeds")
-    text = section("## Measured: seed 000's GLUE recipe on MiniLM-L6, 3 seeds (H200)")
+    text = section("### The CorDA reproduction's GLUE recipe on MiniLM-L6, 3 seeds (H200)")
     for label, method in names.items():
         row = next(r for r in table_rows(text) if r.startswith(f"| {label} − LoRA |"))
         c = counts[method]
@@ -134,7 +134,7 @@ def test_runs_per_gpu_sentence_counts_the_records():
     """Input 6: the README said every record carries runs_per_gpu; it states the count instead."""
     all_records = records(RESULTS)
     without = [r for r in all_records if "runs_per_gpu" not in r["meta_info"]["system_info"]]
-    text = " ".join(section("## Multi-GPU").split())
+    text = " ".join(section("### Multi-GPU training and sweeps").split())
     if not [r for r in all_records if "runs_per_gpu" in r["meta_info"]["system_info"]]:
         assert f"The {len(without)} result records in `results/` predate that field and do not carry it" in text
     else:
@@ -210,7 +210,7 @@ def test_multi_gpu_figures_have_raw_files():
     """Input 7: every figure of the Multi-GPU table is in a raw file of results/distributed/, or its
     row says the raw file is missing (and then makes no scaling claim)."""
     sources = {"MiniLM-L6 LoRA": "equal", "full fine-tuning": "fsdp", "CorDA covariances": "corda"}
-    rows = table_rows(section("## Multi-GPU"))[1:]
+    rows = table_rows(section("### Multi-GPU measured"))[1:]
     assert rows
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -230,4 +230,4 @@ def test_multi_gpu_figures_have_raw_files():
 
 def test_no_scaling_claim_without_raw_file():
     assert ">2x" not in README and "2.03x on 2 GPUs" not in README
-    assert "raw file missing" in section("## Multi-GPU")
+    assert "raw file missing" in section("### Multi-GPU measured")
