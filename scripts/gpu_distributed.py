@@ -9,7 +9,7 @@
           reduces in fp32), AdamW; FSDP2 over every rank (``distributed.wrap``). Per-GPU peak memory.
   corda   CorDA's calibration statistics (input covariances of every linear layer) of MiniLM-L6
           over 256 real SST-2 sentences, one process or data-parallel
-          (``distributed.collect_input_stats``), saved to ``--save``.
+          (``decomposition.parallel.collect_input_stats``), saved to ``--save``.
 One JSON line on stdout (rank 0).
 """
 
@@ -23,6 +23,7 @@ import time
 import torch
 
 from loralab import distributed
+from loralab.decomposition import parallel
 from loralab.models import LLAMA3_8B
 from loralab.speed.step import SpeedOptions, prepare_model
 from loralab.step import Step, loss_function
@@ -124,7 +125,7 @@ def corda(args, launch, device) -> dict:
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n}
     t0 = time.perf_counter()
-    stats = distributed.collect_input_stats(model, modules, batches, progress=False)
+    stats = parallel.collect_input_stats(model, modules, batches, progress=False)
     seconds = time.perf_counter() - t0
     if launch.is_main and args.save:
         torch.save({"|".join(st.names): (st.cov.cpu(), st.samples) for st in stats}, args.save)

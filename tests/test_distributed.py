@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from loralab import distributed
+from loralab.decomposition import parallel
 from loralab.distributed import Launch, launch_from_env, shard
 
 
@@ -64,7 +65,7 @@ def _calibrate(data_dir):
     model = load_model("packaged:minilm-l6", "seq_cls", 2, "float32")
     tok = load_tokenizer("packaged:minilm-l6")
     modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layer.0." in n}
-    stats = distributed.collect_input_stats(model, modules, _sst2_batches(data_dir, tok), abs_mean=True, progress=False)
+    stats = parallel.collect_input_stats(model, modules, _sst2_batches(data_dir, tok), abs_mean=True, progress=False)
     return {tuple(st.names): (st.cov, st.abs_mean, st.samples) for st in stats}
 
 

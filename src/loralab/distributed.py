@@ -191,8 +191,16 @@ def min_over_ranks(value: int) -> int:
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (no host sync); returns ``tensor``."""
-    if current().distributed:
+    """In-place sum over ranks; returns ``tensor``. No host sync for a tensor on this rank's
+    collective device; a CPU tensor under NCCL travels through this rank's GPU and back."""
+    if not current().distributed:
+        return tensor
+    dev = _device()
+    if dev.type == "cuda" and tensor.device != dev:
+        moved = tensor.to(dev)
+        dist.all_reduce(moved)
+        tensor.copy_(moved)
+    else:
         dist.all_reduce(tensor)
     return tensor
 
@@ -388,46 +396,3 @@ def full_state_dict(wrapped, trainable_only: bool = False) -> dict[str, torch.Te
         out[name.removeprefix("model.")] = value
     return out
 
-
-# -- calibration -------------------------------------------------------------------------------------
-def all_reduce_input_stats(stats: list) -> list:
-    """Sum ``decomposition.covariance.InputStats`` (covariance, abs-mean, sample count) over ranks in
-    place; returns ``stats``. Statistics are sums over samples, so the sum of the ranks' shards is
-    the statistic of the whole calibration set (up to fp32 summation order). CPU-resident
-    accumulators travel through this rank's GPU under NCCL."""
-    launch = current()
-    if not launch.distributed:
-        return stats
-    dev = _device()
-    for st in stats:
-        for attr in ("cov", "abs_mean"):
-            t = getattr(st, attr)
-            if t is None:
-                continue
-            if t.device != dev and dev.type == "cuda":
-                moved = t.to(dev)
-                dist.all_reduce(moved)
-                t.copy_(moved)
-                del moved
-            else:
-                dist.all_reduce(t)
-        count = torch.tensor([st.samples], device=dev)
-        dist.all_reduce(count)
-        st.samples = int(count.item())
-    return stats
-
-
-def collect_input_stats(model, modules, batches, **kwargs) -> list:
-    """``decomposition.covariance.collect_input_stats`` data-parallel: rank r collects
-    ``batches[r::world]``, then the statistics are summed over ranks (``all_reduce_input_stats``),
-    so every rank gets those of the whole calibration set: the same decomposition as one process.
-    Fewer batches than ranks: every rank collects all of them (no sum). Same arguments and returns."""
-    from loralab.decomposition.covariance import collect_input_stats as collect
-
-    launch = current()
-    batches = list(batches)
-    if not launch.distributed or len(batches) < launch.world_size:
-        return collect(model, modules, batches, **kwargs)
-    kwargs = {**kwargs, "progress": kwargs.get("progress", True) and launch.is_main}
-    stats = collect(model, modules, batches[launch.rank::launch.world_size], **kwargs)
-    return all_reduce_input_stats(stats)

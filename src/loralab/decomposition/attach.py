@@ -28,7 +28,7 @@ from loralab.decomposition.corda import (
     decompose_weight,
     resolve_solver,
 )
-from loralab.distributed import (
+from loralab.decomposition.parallel import (
     collect_input_stats,  # data-parallel under torchrun, plain otherwise
 )
 

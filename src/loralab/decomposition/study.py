@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from loralab.decomposition.asvd import ALPHA, act_scaling
 from loralab.decomposition.corda import damped_inverse
-from loralab.distributed import (
+from loralab.decomposition.parallel import (
     collect_input_stats,  # data-parallel under torchrun, plain otherwise
 )
 
