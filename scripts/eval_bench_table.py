@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from loralab.bench.generation import table
+from loralab.bench.generation_table import table
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/eval-bench")
 

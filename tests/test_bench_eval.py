@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from loralab.bench.generation import CARDS, Workload, decode_bound, table, tokens_to_end
+from loralab.bench.generation_rows import Workload, tokens_to_end
+from loralab.bench.generation_table import CARDS, decode_bound, table
 from loralab.cli import main
 
 FIELDS = {"row", "prompts", "new_tokens", "seconds", "tokens_per_s", "full_task_seconds", "peak_gib",

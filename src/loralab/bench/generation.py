@@ -18,55 +18,33 @@ Workloads (``stopping``):
 - ``source`` (default for real models): GSM8K's source protocol (CorDA / seed 000) stop strings and
   the model's EOS, with ``max_new_tokens`` as the budget.
 
-New tokens are counted per request from the token ids each row returns: up to and including the
-token that ends it (EOS, the token that completes a stop string in the generated text, or the
-budget), so tokens a batched ``generate`` keeps producing for finished rows do not count.
-Seconds are wall time of the whole call (CUDA synchronised), setup inside it (graph capture,
-compilation, cache allocation) included; one untimed forward pass warms the device first. Peak
-memory is ``torch.cuda.max_memory_allocated`` (reset before each row). ``peer_prompts`` runs the
-peer rows on the first N prompts only (their full-task seconds are then extrapolated by prompt
-count and marked so); the engine always runs every prompt.
-
-Beside the table: the decode-step bound for the card (``CARDS``): one decode step of ``slots``
-sequences reads every weight once plus the KV cache of each sequence (memory bound), and does
-2 FLOP per matmul parameter per sequence plus attention (compute bound); max new tokens/s =
-slots / max(memory time, compute time).
+Rows and token counting: ``loralab.bench.generation_rows``; the decode-step bound of the card and
+the table: ``loralab.bench.generation_table``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import random
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from loralab.bench.generation_rows import (
+    RowSkipped,
+    Workload,
+    clean,
+    engine_row,
+    generate_batch_row,
+    peak_gib,
+    transformers_row,
+)
+from loralab.bench.generation_table import decode_bound
 
 ROWS = ("engine", "transformers", "generate_batch")
 STOPPING = ("auto", "budget", "source")
 REAL_MODEL = "packaged:smollm2-135m"
 GSM8K_TEST = 1319
 """GSM8K test problems (openai/gsm8k main test)."""
-
-
-@dataclass(frozen=True)
-class Card:
-    """Decode-step limits of one accelerator: bytes/s of HBM and dense bf16 FLOP/s."""
-
-    hbm_nominal: float
-    hbm_usable: float
-    bf16_flops: float
-    source: str
-
-
-CARDS = {
-    "H200": Card(hbm_nominal=4.8e12, hbm_usable=4.3e12, bf16_flops=790e12,
-                 source="NVIDIA H200 SXM datasheet: 4.8 TB/s HBM3e (989 TFLOP/s dense bf16 nominal); usable "
-                        "figures as measured on this project's H200 (issue 19): ~4.3 TB/s streaming, "
-                        "~790 TFLOP/s bf16 dense matmul"),
-}
-"""Keyed by a substring of ``torch.cuda.get_device_name()``; a card not here gets no bound."""
 
 
 @dataclass
@@ -91,20 +69,6 @@ class EvalBenchSettings:
     dtype: str = "bfloat16"
     data_dir: str | None = None
     seed: int = 0
-
-
-@dataclass
-class Workload:
-    prompts: list[str]
-    ids: list[list[int]]
-    budget: int
-    stop: list[str] = field(default_factory=list)
-    eos: list[int] = field(default_factory=list)
-    """Token ids that end a request (empty: EOS off)."""
-
-    @property
-    def name(self) -> str:
-        return "source" if self.stop or self.eos else "budget"
 
 
 # ---------------------------------------------------------------- model and prompts
@@ -155,230 +119,6 @@ def gsm8k_workload(model, tokenizer, settings: EvalBenchSettings) -> Workload:
     return Workload(prompts, ids, settings.max_new_tokens, list(stop), sorted(eos_ids(model, tokenizer)))
 
 
-# ---------------------------------------------------------------- counting
-
-
-def tokens_to_end(ids, tokenizer, work: Workload) -> int:
-    """New tokens of one request up to and including the one that ends it: the first EOS, the
-    token completing the first stop string in the generated text, or the budget."""
-    ids = [int(t) for t in ids][: work.budget]
-    for i, t in enumerate(ids):
-        if t in work.eos:
-            ids = ids[: i + 1]
-            break
-    if not work.stop or not _has_stop(tokenizer.decode(ids, skip_special_tokens=True), work.stop):
-        return len(ids)
-    lo, hi = 1, len(ids)  # smallest prefix whose text holds a stop string (text grows with the prefix)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _has_stop(tokenizer.decode(ids[:mid], skip_special_tokens=True), work.stop):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def _has_stop(text: str, stop: list[str]) -> bool:
-    return any(s in text for s in stop)
-
-
-# ---------------------------------------------------------------- rows
-
-
-class RowSkipped(Exception):
-    """A row that cannot run here (the reason is its message)."""
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _clean(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib(device: str) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-
-
-class _TokenTap:
-    """A tokenizer that remembers the ids of its latest ``decode`` calls, so the token ids behind
-    each completion the public ``generate`` hands to ``on_complete`` can be counted exactly (the
-    call returns text, and text does not re-tokenize to the same ids: random-weight models emit
-    ids past the tokenizer's vocabulary, which decode to nothing). Everything else is the
-    wrapped tokenizer's."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer, self.recent = tokenizer, []
-
-    def decode(self, ids, *args, **kwargs):
-        text = self._tokenizer.decode(ids, *args, **kwargs)
-        self.recent = (self.recent + [([int(t) for t in ids], text)])[-4:]
-        return text
-
-    def __call__(self, *args, **kwargs):
-        return self._tokenizer(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
-def engine_row(model, tokenizer, work: Workload, device: str, slots: int) -> dict:
-    """loralab's engine through the public ``generate`` call (every prompt), ``slots`` slots.
-
-    Tokens per request come from the ids behind the completion ``on_complete`` receives (checked:
-    they decode to it); the engine drops the EOS token it stops at, so a request that ended before
-    its budget without a stop string gets that token back. A request whose ids cannot be matched
-    is counted by re-tokenizing its text (``retokenized`` says how many)."""
-    from loralab.tasks.generation import GenerationSettings, generate, truncate_at_stop
-
-    tap = _TokenTap(tokenizer)
-    counts, retokenized = {}, []
-
-    def complete(i, completions):
-        match = next((ids for ids, text in reversed(tap.recent) if truncate_at_stop(text, work.stop) == completions[0]), None)
-        if match is None:
-            retokenized.append(i)
-            counts[i] = len(tokenizer(completions[0], add_special_tokens=False)["input_ids"])
-            return
-        n = tokens_to_end(match, tokenizer, work)
-        ended_by_stop = bool(work.stop) and _has_stop(tokenizer.decode(match, skip_special_tokens=True), work.stop)
-        counts[i] = n + (1 if n < work.budget and not ended_by_stop else 0)
-
-    settings = GenerationSettings(max_new_tokens=work.budget, stop=list(work.stop), temperature=0.0,
-                                  backend="engine", slots=slots)
-    with _eos(model, work):
-        start = time.perf_counter()
-        generate(model, tap, work.prompts, settings, on_complete=complete)
-        _sync(device)
-        seconds = time.perf_counter() - start
-    return {"prompts": len(work.prompts), "new_tokens": sum(counts.values()), "seconds": seconds, "slots": slots,
-            "token_count": "returned token ids", "retokenized": len(retokenized)}
-
-
-@contextlib.contextmanager
-def _eos(model, work: Workload):
-    """The model's generation config names ``work.eos`` as its end-of-sequence ids for the call
-    (an empty list: none, so a budget workload runs every request to its budget)."""
-    config = model.generation_config
-    saved = config.eos_token_id
-    config.eos_token_id = list(work.eos)
-    try:
-        yield
-    finally:
-        config.eos_token_id = saved
-
-
-def transformers_row(model, tokenizer, work: Workload, device: str, batch_sizes, n_prompts: int) -> dict:
-    """``model.generate`` batched with left padding, prompts sorted by length; each batch size of
-    ``batch_sizes`` runs the same first ``n_prompts`` prompts, the fastest is the row."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    order = sorted(range(n_prompts), key=lambda i: len(work.ids[i]))
-    kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-              "pad_token_id": tokenizer.pad_token_id, "max_new_tokens": work.budget}
-    if work.stop:
-        kwargs.update(stop_strings=list(work.stop), tokenizer=tokenizer)
-    if work.eos:
-        kwargs["eos_token_id"] = list(work.eos)
-    else:  # EOS off: its logit is masked until the budget, so every request runs to it
-        kwargs["min_new_tokens"] = work.budget
-    candidates = []
-    for size in batch_sizes:
-        _clean(device)
-        tokens = 0
-        start = time.perf_counter()
-        for b in range(0, len(order), size):
-            batch = order[b:b + size]
-            padded = tokenizer.pad({"input_ids": [work.ids[i] for i in batch]}, return_tensors="pt").to(device)
-            with torch.no_grad():
-                out = model.generate(**padded, **kwargs)
-            new = out[:, padded["input_ids"].shape[1]:].tolist()
-            tokens += sum(tokens_to_end(row, tokenizer, work) for row in new)
-        _sync(device)
-        seconds = time.perf_counter() - start
-        candidates.append({"batch_size": size, "new_tokens": tokens, "seconds": seconds,
-                           "tokens_per_s": tokens / seconds, "peak_gib": _peak_gib(device)})
-    best = max(candidates, key=lambda c: c["tokens_per_s"])
-    return {"prompts": n_prompts, "new_tokens": best["new_tokens"], "seconds": best["seconds"],
-            "peak_gib": best["peak_gib"], "batch_size": best["batch_size"], "candidates": candidates,
-            "token_count": "returned token ids"}
-
-
-def generate_batch_row(model, tokenizer, work: Workload, device: str, n_prompts: int) -> dict:
-    """transformers' continuous batching, ``model.generate_batch`` with its default config (stop
-    strings are not part of its API: requests run to EOS or the budget; counts stop at the string)."""
-    from transformers import GenerationConfig
-
-    if not hasattr(model, "generate_batch"):
-        import transformers
-
-        raise RowSkipped(f"transformers {transformers.__version__} has no generate_batch")
-    config = GenerationConfig(max_new_tokens=work.budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=list(work.eos) if work.eos else -1)  # -1: EOS disabled (its API)
-    start = time.perf_counter()
-    outputs = model.generate_batch(inputs=[list(i) for i in work.ids[:n_prompts]], generation_config=config,
-                                   progress_bar=False)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    failed = [o for o in outputs.values() if getattr(o, "error", None)]
-    if len(outputs) != n_prompts or failed:
-        raise RowSkipped(f"generate_batch returned {len(outputs)} of {n_prompts} requests, {len(failed)} failed"
-                         + (f" (first error: {failed[0].error})" if failed else ""))
-    tokens = sum(tokens_to_end(o.generated_tokens, tokenizer, work) for o in outputs.values())
-    return {"prompts": n_prompts, "new_tokens": tokens, "seconds": seconds, "token_count": "returned token ids"}
-
-
-# ---------------------------------------------------------------- bound
-
-
-def decode_bound(model, device_name: str | None, slots: int, context: float) -> dict:
-    """Max new tokens/s of one decode step of ``slots`` sequences with ``context`` tokens each in
-    cache, on the card named ``device_name`` (``CARDS``); ``None`` fields for an unknown card.
-
-    Memory: every matmul weight read once per step (bytes as stored; adapter weights included,
-    the input embedding only gathers ``slots`` rows so it is left out unless tied to the LM head),
-    plus each sequence's K and V (2 x layers x kv_heads x head_dim x dtype bytes per token).
-    Compute: 2 FLOP per matmul parameter per sequence, plus attention's 4 x layers x heads x
-    head_dim FLOP per cached token."""
-    embedding = model.get_input_embeddings().weight
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    params = [p for p in model.parameters() if tied or p is not embedding]
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    matmul_params = sum(p.numel() for p in params)
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    kv_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * embedding.element_size()
-    attention_flop_per_token = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
-    out = {"slots": slots, "context_tokens": round(context, 1), "weight_bytes": weight_bytes,
-           "matmul_params": matmul_params, "kv_bytes_per_token": kv_per_token, "card": None}
-    card_name = next((k for k in CARDS if device_name and k in device_name), None)
-    if card_name is None:
-        return {**out, "note": f"no constants for device {device_name!r} (known: {', '.join(CARDS)})"}
-    card = CARDS[card_name]
-    step_bytes = weight_bytes + slots * context * kv_per_token
-    step_flop = slots * (2 * matmul_params + attention_flop_per_token * context)
-    memory_s, weights_only_s, compute_s = step_bytes / card.hbm_usable, weight_bytes / card.hbm_usable, step_flop / card.bf16_flops
-    return {**out, "card": card_name, "card_constants": asdict(card),
-            "memory_bound_tokens_per_s": slots / memory_s,
-            "memory_bound_weights_only_tokens_per_s": slots / weights_only_s,
-            "compute_bound_tokens_per_s": slots / compute_s,
-            "max_tokens_per_s": slots / max(memory_s, compute_s)}
-
-
 # ---------------------------------------------------------------- the bench
 
 
@@ -407,7 +147,7 @@ def run_eval_bench(settings: EvalBenchSettings, *, command: str = "", on_row=Non
         "rows": [],
     }
     for name in settings.rows:
-        _clean(settings.device)
+        clean(settings.device)
         row = {"row": name}
         try:
             if name == "engine":
@@ -422,7 +162,7 @@ def run_eval_bench(settings: EvalBenchSettings, *, command: str = "", on_row=Non
             row["skipped"] = f"{type(exc).__name__}: {exc}"
             print(f"row {name} failed: {row['skipped']}", file=sys.stderr)
         if "skipped" not in row:
-            row.setdefault("peak_gib", _peak_gib(settings.device))
+            row.setdefault("peak_gib", peak_gib(settings.device))
             row["tokens_per_s"] = row["new_tokens"] / row["seconds"]
             row["extrapolated"] = row["prompts"] < len(work.prompts)
             row["full_task_seconds"] = row["seconds"] * len(work.prompts) / row["prompts"]
@@ -451,40 +191,3 @@ def meta_info(settings: EvalBenchSettings, command: str, device_name: str | None
 def default_output(model_id: str, created_at: str) -> Path:
     stem = model_id.replace(":", "-").replace("/", "--")
     return Path("results") / "eval-bench" / f"{stem}--{created_at.replace(':', '-')}.json"
-
-
-def table(report: dict) -> str:
-    """Markdown: one line per row, then the decode-step bound."""
-    rows = [r for r in report["rows"] if "skipped" not in r]
-    peers = [r["tokens_per_s"] for r in rows if r["row"] != "engine"]
-    best_peer = max(peers) if peers else None
-    lines = ["| row | prompts | new tokens | seconds | new tokens/s | full task s | peak GiB | vs best peer | notes |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|---|"]
-    for r in report["rows"]:
-        if "skipped" in r:
-            lines.append(f"| {r['row']} | | | | | | | | skipped: {r['skipped']} |")
-            continue
-        notes = []
-        if r.get("batch_size"):
-            notes.append(f"batch {r['batch_size']} (tried {', '.join(str(c['batch_size']) for c in r['candidates'])})")
-        if r["extrapolated"]:
-            notes.append("full task extrapolated by prompt count")
-        if r["row"] == "generate_batch" and report["workload"]["stop"]:
-            notes.append("no stop strings in its API")
-        if report["workload"]["stopping"] == "budget" and not r["all_to_budget"]:
-            notes.append("not every request ran to its budget")
-        peak = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        ratio = f"{r['tokens_per_s'] / best_peer:.2f}x" if best_peer else ""
-        lines.append(f"| {r['row']} | {r['prompts']:,} | {r['new_tokens']:,} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} "
-                     f"| {r['full_task_seconds']:.1f} | {peak} | {ratio} | {'; '.join(notes)} |")
-    b = report["bound"]
-    if b.get("card"):
-        lines.append(f"\nDecode-step bound on {b['card']} at {b['slots']} sequences of ~{b['context_tokens']:.0f} tokens: "
-                     f"memory {b['memory_bound_tokens_per_s']:,.0f} new tokens/s "
-                     f"(weights only {b['memory_bound_weights_only_tokens_per_s']:,.0f}; {b['weight_bytes'] / 1e9:.1f} GB of "
-                     f"weights, {b['kv_bytes_per_token'] / 1024:.0f} KiB of KV per token), compute "
-                     f"{b['compute_bound_tokens_per_s']:,.0f} new tokens/s -> at most {b['max_tokens_per_s']:,.0f} new tokens/s. "
-                     f"Constants: {b['card_constants']['source']}.")
-    else:
-        lines.append(f"\nDecode-step bound: {b.get('note', 'no card')}")
-    return "\n".join(lines)

@@ -7,7 +7,7 @@ one experiment folder's recipe through ``loralab run``'s own path and through tr
 ``loralab bench --eval [--model random:llama-3-8b] [--rows engine,transformers,generate_batch]``:
 generation throughput on GSM8K test prompts, loralab's engine against transformers ``generate``
 (batched) and ``generate_batch``, with the decode-step bound of the card
-(``loralab.bench.generation``).
+(``loralab.bench.generation``, ``generation_rows``, ``generation_table``).
 """
 
 from __future__ import annotations
@@ -210,7 +210,8 @@ def canonical_command(settings, output) -> str:
 
 
 def _run_eval(args, device: str) -> int:
-    from loralab.bench.generation import default_output, run_eval_bench, table
+    from loralab.bench.generation import default_output, run_eval_bench
+    from loralab.bench.generation_table import table
 
     settings = eval_settings(args, device)
     if isinstance(settings, list):
