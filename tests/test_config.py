@@ -12,6 +12,7 @@ from peft import LoraConfig
 
 from loralab.cli import main
 from loralab.config import ConfigError, build_parameters, default_parameters, merge_parameters
+from loralab.experiment import checked_parameters
 
 
 def write_exp(root: Path, params: dict, adapter: dict | None = None, name="exp") -> Path:
@@ -50,19 +51,21 @@ def test_nested_dicts_merge_key_by_key():
 
 
 def test_every_problem_reported_at_once():
+    """Config's own checks and the registry checks (``experiment.checked_parameters``, what reading
+    an experiment runs) in one list."""
     with pytest.raises(ConfigError) as err:
-        build_parameters({"learning_rat": 1e-4, "batch_size": "32", "warmup_ratio": 1.5, "optimizer": "adamv", "calibration": {"n": 3}})
+        checked_parameters({"learning_rat": 1e-4, "batch_size": "32", "warmup_ratio": 1.5, "optimizer": "adamv", "calibration": {"n": 3}})
     text = str(err.value)
     assert "'learning_rat'" in text and "did you mean 'learning_rate'" in text
     assert "'calibration.n'" in text and "num_samples" in text
     # type/range checks run once the keys are known; fix the keys and the rest show up together
     with pytest.raises(ConfigError) as err:
-        build_parameters({"batch_size": "32", "warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin"})
+        checked_parameters({"batch_size": "32", "warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin"})
     problems = err.value.problems
     assert any("'batch_size'" in p and "wrong type" in p for p in problems)
-    build_parameters({"warmup_ratio": 0.1})  # a valid one passes
+    checked_parameters({"warmup_ratio": 0.1})  # a valid one passes
     with pytest.raises(ConfigError) as err:
-        build_parameters({"warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin", "max_steps": 0})
+        checked_parameters({"warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin", "max_steps": 0})
     text = str(err.value)
     assert "'warmup_ratio' = 1.5" in text
     assert "'optimizer' = 'adamv'" in text and "did you mean 'adamw'" in text and "lorafa" in text
@@ -80,11 +83,15 @@ BASE = {"task": "glue/rte", "max_train_samples": 8, "max_eval_samples": 8, "max_
         ({**BASE, "num_epoch": 3}, None, ["unknown key 'num_epoch'", "did you mean 'num_epochs'"]),
         ({**BASE, "learning_rate": "fast"}, None, ["'learning_rate' = 'fast' has the wrong type"]),
         ({**BASE, "batch_size": -4}, None, ["'batch_size' = -4 must be > 0"]),
+        ({**BASE, "batch_size": -4, "optimizer": "adamv", "init": "milorra", "calibration": {"corda_options": {"scaling": "max"}}},
+         None, ["'batch_size' = -4 must be > 0", "'optimizer' = 'adamv' is not allowed (did you mean 'adamw'?); allowed: adamw,",
+                "'init' = 'milorra' is not allowed (did you mean 'milora'?); allowed: None,", "'calibration.corda_options': "]),
         ({**BASE, "task": "glue/rtee"}, None, ["'task' = 'glue/rtee' is unknown", "did you mean 'glue/rte'"]),
         ({**BASE, "model_id": "./no/such/model"}, None, ["'model_id' = './no/such/model': no such local folder"]),
         ({**BASE, "data_dir": "/nonexistent/data"}, None, ["'data_dir' = '/nonexistent/data': no such folder"]),
     ],
-    ids=["unknown-key", "wrong-type", "impossible-value", "unknown-task", "missing-model-folder", "missing-data-dir"],
+    ids=["unknown-key", "wrong-type", "impossible-value", "unregistered-values", "unknown-task", "missing-model-folder",
+         "missing-data-dir"],
 )
 def test_bad_experiment_exits_2_without_result(tmp_path, params, adapter, expected, data_dir):
     folder = write_exp(tmp_path, {"data_dir": str(data_dir), **params} if "data_dir" not in params else params, adapter)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from loralab import config, methods
+from loralab import methods
 from loralab.config import ConfigError, build_parameters
-from loralab.experiment import read_experiment
+from loralab.experiment import checked_parameters, read_experiment
 from loralab.train import build, make_optimizer, seed_everything
 
 
@@ -67,12 +67,16 @@ def test_conflicting_parts_are_config_errors_naming_both_keys(tmp_path, data_dir
 
 
 def test_config_values_come_from_the_registry():
-    assert config.INITS == methods.PARAM_INITS and "milora" in config.INITS
-    assert config.OPTIMIZERS == tuple(methods.OPTIMIZERS) and "loraplus" in config.OPTIMIZERS
+    """'init' and 'optimizer' are checked against the methods registry when an experiment is read
+    (loralab.experiment: config, a floor below the methods, knows no registry)."""
+    assert "milora" in methods.PARAM_INITS and "loraplus" in methods.PARAM_OPTIMIZERS
     with pytest.raises(ConfigError) as err:
-        build_parameters({"init": "milorra", "optimizer": "lora_plus"})
+        checked_parameters({"init": "milorra", "optimizer": "lora_plus"})
     text = str(err.value)
     assert "did you mean 'milora'" in text and "did you mean 'loraplus'" in text
+    assert "allowed: " + ", ".join(str(v) for v in methods.PARAM_INITS) in text
+    assert "allowed: " + ", ".join(methods.PARAM_OPTIMIZERS) in text
+    assert tuple(methods.PARAM_OPTIMIZERS) == tuple(methods.OPTIMIZERS)
 
 
 def test_recorded_name_is_the_composition():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,17 +19,6 @@ from loralab import trackers
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-
-
-def __getattr__(name):
-    """``INITS`` and ``OPTIMIZERS``: the allowed 'init' / 'optimizer' values, derived from the methods
-    registry (``loralab.methods.PARAM_INITS`` / ``PARAM_OPTIMIZERS``), read lazily because methods
-    sit a floor above config."""
-    if name in ("INITS", "OPTIMIZERS"):
-        from loralab import methods
-
-        return methods.PARAM_INITS if name == "INITS" else methods.PARAM_OPTIMIZERS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 CALIBRATION_SAMPLING = ("random", "first")
@@ -243,8 +233,21 @@ def _type_ok(value, annotation: str) -> bool:
     return True
 
 
-def check_parameters(values: dict[str, Any]) -> list[str]:
-    """Every type and range problem of a merged parameter dict."""
+def not_allowed(values: dict[str, Any], name: str, allowed) -> list[str]:
+    """``["'<name>' = <value> is not allowed (did you mean ...); allowed: a, b"]`` when
+    ``values[name]`` is not in ``allowed`` (a sequence; None shows as None), else ``[]``."""
+    if values[name] in allowed:
+        return []
+    shown = ", ".join(str(a) for a in allowed)
+    hint = suggest(values[name], [a for a in allowed if a]) if isinstance(values[name], str) else ""
+    return [f"'{name}' = {values[name]!r} is not allowed{hint}; allowed: {shown}"]
+
+
+def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], list[str]]] = ()) -> list[str]:
+    """Every type and range problem of a merged parameter dict, one line each. Type problems
+    alone when there are any; otherwise the value checks here, then ``checks``: functions of the
+    merged dict returning problems, by which a floor above adds what needs its registries
+    (``loralab.experiment``: 'init', 'optimizer', 'calibration.corda_options')."""
     problems = []
     for f in dataclasses.fields(TrainingParameters):
         value = values[f.name]
@@ -272,11 +275,8 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
         problems.append(f"'weight_decay' = {values['weight_decay']!r} must be >= 0")
     if values["max_grad_norm"] < 0:
         problems.append(f"'max_grad_norm' = {values['max_grad_norm']!r} must be >= 0 (0 disables clipping)")
-    for name, allowed in (("dtype", DTYPES), ("lr_scheduler", SCHEDULERS), ("optimizer", __getattr__("OPTIMIZERS")), ("init", __getattr__("INITS")), ("device", ("auto", "cpu", "cuda"))):
-        if values[name] not in allowed:
-            shown = ", ".join(str(a) for a in allowed)
-            hint = suggest(values[name], [a for a in allowed if a]) if isinstance(values[name], str) else ""
-            problems.append(f"'{name}' = {values[name]!r} is not allowed{hint}; allowed: {shown}")
+    for name, allowed in (("dtype", DTYPES), ("lr_scheduler", SCHEDULERS), ("device", ("auto", "cpu", "cuda"))):
+        problems.extend(not_allowed(values, name, allowed))
     cal = values["calibration"]
     if not (isinstance(cal["num_samples"], int) and cal["num_samples"] > 0):
         problems.append(f"'calibration.num_samples' = {cal['num_samples']!r} must be a positive integer")
@@ -305,19 +305,14 @@ def check_parameters(values: dict[str, Any]) -> list[str]:
         problems.append(f"'keep_checkpoints' = {values['keep_checkpoints']!r} must be >= 1")
     if cal["format"] not in ("llama2-chat", "training"):
         problems.append(f"'calibration.format' = {cal['format']!r} is not allowed; allowed: llama2-chat, training")
-    if not isinstance(cal["corda_options"], dict):
+    if not isinstance(cal["corda_options"], dict):  # its keys: loralab.experiment checks them
         problems.append(f"'calibration.corda_options' = {cal['corda_options']!r} must be a JSON object")
-    else:
-        from loralab.decomposition.corda import check_options
-
-        try:
-            check_options(cal["corda_options"])
-        except ValueError as exc:
-            problems.append(f"'calibration.corda_options': {exc}")
     problems.extend(_report_to_problems(values["report_to"]))
     gen = values["generation"]
     if gen["max_new_tokens"] is not None and not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
         problems.append(f"'generation.max_new_tokens' = {gen['max_new_tokens']!r} must be a positive integer")
+    for check in checks:
+        problems.extend(check(values))
     return problems
 
 
@@ -339,11 +334,15 @@ def _report_to_problems(value) -> list[str]:
             for name, package in trackers.missing_packages(names).items()]
 
 
-def build_parameters(overrides: dict[str, Any], source: str = "training_parameters.json") -> TrainingParameters:
-    """Merge, check and build; raises ConfigError naming every problem."""
+def build_parameters(overrides: dict[str, Any], source: str = "training_parameters.json",
+                     checks: Sequence[Callable[[dict], list[str]]] = ()) -> TrainingParameters:
+    """Merge, check and build; raises ConfigError naming every problem. The values that only the
+    registries above config know ('init', 'optimizer', 'calibration.corda_options') are checked
+    by the ``checks`` given (``check_parameters``): ``loralab.experiment.checked_parameters``
+    passes them, as reading an experiment does."""
     merged, problems = merge_parameters(overrides)
     if not problems:
-        problems = check_parameters(merged)
+        problems = check_parameters(merged, checks)
     if problems:
         raise ConfigError(problems, source)
     merged["report_to"] = trackers.backends(merged["report_to"])  # always a list inside

@@ -2,6 +2,9 @@
 ``LoraConfig(...).save_pretrained``; absent = full fine-tuning) and ``training_parameters.json``
 (only what differs from the defaults in ``loralab.config``). Reading one checks everything that
 can be checked without loading a model and raises one ConfigError listing every problem.
+
+The checks that need the registries (the methods' inits and optimizers, CorDA's options, the
+tasks) are made here, a floor above them, and reported together with config's own problems.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loralab.config import ConfigError, TrainingParameters, build_parameters, hashed_parameters, suggest
+from loralab import methods
+from loralab.config import ConfigError, TrainingParameters, build_parameters, hashed_parameters, not_allowed, suggest
+from loralab.decomposition.corda import check_options
 from loralab.models import check_model_id
 from loralab.results import sha256_json
 
@@ -28,6 +33,29 @@ class Experiment:
     peft_config: Any  # a peft config, or None for full fine-tuning
     train_params_sha: str
     peft_config_sha: str | None
+
+
+def registry_problems(values: dict[str, Any]) -> list[str]:
+    """The training parameters only the registries above ``config`` can check, one problem per
+    line, worded as config's own: 'init' and 'optimizer' against the methods registry
+    (``methods.PARAM_INITS`` / ``PARAM_OPTIMIZERS``, with "did you mean") and
+    'calibration.corda_options' against CorDA's options (``decomposition.corda.check_options``).
+    ``values``: a merged parameter dict whose types ``config.check_parameters`` has checked."""
+    problems = not_allowed(values, "optimizer", methods.PARAM_OPTIMIZERS)
+    problems += not_allowed(values, "init", methods.PARAM_INITS)
+    if isinstance(values["calibration"]["corda_options"], dict):
+        try:
+            check_options(values["calibration"]["corda_options"])
+        except ValueError as exc:
+            problems.append(f"'calibration.corda_options': {exc}")
+    return problems
+
+
+def checked_parameters(overrides: dict[str, Any], source: str = PARAMS_FILE) -> TrainingParameters:
+    """``config.build_parameters`` of ``overrides`` (a ``training_parameters.json`` dict) with the
+    registry checks (``registry_problems``) reported together with config's own problems; raises
+    ConfigError naming every problem (``source`` names the file)."""
+    return build_parameters(overrides, source=source, checks=(registry_problems,))
 
 
 def experiment_name(path: Path) -> str:
@@ -129,7 +157,7 @@ def read_experiment(path) -> Experiment:
             peft_config = load_peft_config(peft_data, problems)
     params = None
     try:
-        params = build_parameters(overrides, source=str(params_path))
+        params = checked_parameters(overrides, source=str(params_path))
     except ConfigError as exc:
         problems.extend(exc.problems)
     if params is not None:
