@@ -23,10 +23,11 @@ import time
 import torch
 
 from loralab import distributed
+from loralab.config import Speed
 from loralab.decomposition import parallel
 from loralab.models import LLAMA3_8B
-from loralab.speed.step import SpeedOptions, prepare_model
-from loralab.step import Step, loss_function
+from loralab.run.step import Step, loss_function
+from loralab.speed.step import prepare_model
 
 
 def llama_8b(dtype: torch.dtype, device: torch.device):
@@ -77,7 +78,7 @@ def speed(args, launch, device) -> dict:
     model = llama_8b(torch.bfloat16, device)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=targets))
-    prepare_model(model, SpeedOptions(autocast="bfloat16", compile=not args.no_compile))
+    prepare_model(model, Speed(autocast="bfloat16", compile=not args.no_compile))
     graphs = not launch.distributed and not args.no_graphs
     wrapped = distributed.wrap(model, loss_function("causal_lm"), launch, device) if launch.distributed else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -94,7 +95,7 @@ def fsdp(args, launch, device) -> dict:
         raise SystemExit("fsdp: run under torchrun with 2 or more processes")
     model = llama_8b(torch.float32, device)  # fp32 master weights: 16 B/param with AdamW, 128 GB at 8B
     model.requires_grad_(True)
-    prepare_model(model, SpeedOptions(autocast="bfloat16", compile=False))
+    prepare_model(model, Speed(autocast="bfloat16", compile=False))
     wrapped = distributed.wrap(model, loss_function("causal_lm"), launch, device, compute_dtype=torch.bfloat16)
     torch.cuda.empty_cache()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from loralab.data import pad_id
 from loralab.experiment import read_experiment
-from loralab.step import Step
-from loralab.train import _save, build, make_optimizer
+from loralab.run import _save
+from loralab.run.build import build
+from loralab.run.record import Record
+from loralab.run.step import Step
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +34,15 @@ def test_lm_head_adapter_holds_only_lora_tensors_and_reloads(tmp_path, data_dir,
          "max_length": 64, "learning_rate": 1e-2, "data_dir": str(data_dir)}))
     exp = read_experiment(folder)
     built = build(exp)
-    optimizer = make_optimizer(built.model, built.method, built.cfg, exp.params)
+    optimizer = built.method.make_optimizer(built.model, built.cfg, exp.params)
     Step(built.model, optimizer, kind="causal_lm", normalization="tokens", micro_batch=None, packing=True,
          max_length=64, pad_to=None, pad_id=pad_id(built.tokenizer), device=torch.device("cpu"), graphs=False,
          max_grad_norm=0.0)(built.data.train[:4])
-    record = {}
+    record = Record()
     _save(built, tmp_path / "adapter", record)
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert tensors and all("lora_" in k for k in tensors), [k for k in tensors if "lora_" not in k]
-    assert record["file_size"] < 5e6  # rank-4 factors, not a 49,152 x 576 embedding matrix
+    assert record.file_size < 5e6  # rank-4 factors, not a 49,152 x 576 embedding matrix
     ids = torch.tensor([built.data.train[0]["input_ids"][:24]])
     base = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
     with torch.no_grad():

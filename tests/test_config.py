@@ -178,7 +178,7 @@ def test_folder_without_config_files_is_not_an_experiment(tmp_path):
 def test_warmup_steps_round_up_like_the_trainer():
     from transformers import TrainingArguments
 
-    from loralab.train import warmup_steps
+    from loralab.run.build import warmup_steps
 
     for ratio, total in [(0.03, 5), (0.03, 1000), (0.06, 1170), (0.1, 7), (0.0, 50)]:
         reference = TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to=[]).get_warmup_steps(total)

@@ -40,7 +40,7 @@ def _train(root, name: str, data_dir, **extra) -> dict:
     """A 3-step LoRA SFT of SmolLM2 (dropout 0.1), one GSM8K train row a step, no final evaluation;
     returns the per-step losses, the evaluations logged during training and the adapter."""
     from loralab.experiment import read_experiment
-    from loralab.train import run_experiment
+    from loralab.run import run_experiment
 
     folder = root / "experiments" / "eval-steps" / name
     folder.mkdir(parents=True)
@@ -51,7 +51,7 @@ def _train(root, name: str, data_dir, **extra) -> dict:
               "learning_rate": 3e-3, "lr_scheduler": "constant", "weight_decay": 0.0, "logging_steps": 1,
               "eval_tasks": ["gsm8k"], "max_eval_samples": 2, "device": "cpu", "seed": 0, **extra}
     (folder / "training_parameters.json").write_text(json.dumps(params))
-    record, _ = run_experiment(read_experiment(folder), evaluate=False)
+    record, _ = run_experiment(read_experiment(folder), evaluate=False).unwrap()
     metrics = record["train_info"]["metrics"]
     adapter = load_file(os.path.join(record["train_info"]["adapter_path"], "adapter_model.safetensors"))
     return {"losses": [m["train loss"] for m in metrics if "train loss" in m],

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 from loralab.config import build_parameters
 from loralab.data import collate
 from loralab.speed.graphs import GraphedTraining, bucket_width
-from loralab.speed.step import SpeedOptions, prepare_model, seq_cls_loss
+from loralab.speed.step import PLAIN, prepare_model, seq_cls_loss
 
 
 def micro_batch(feats, kind, params, pad_id, pad_to, device, bucket=False):
@@ -143,7 +143,7 @@ def test_cuda_graph_replay_equals_eager(minilm_path, data_dir, dora):
     models = []
     for enabled in (False, True):
         model = lora_minilm(minilm_path, dora=dora, dropout=0.0).cuda().train()
-        prepare_model(model, SpeedOptions())
+        prepare_model(model, PLAIN)
         trainer, losses = _graphed_loop(model, batches, cfg, groups, enabled=enabled)
         models.append((model, trainer, torch.stack(losses)))
     (eager, t_eager, l_eager), (graphed, t_graphed, l_graphed) = models
@@ -162,7 +162,7 @@ def test_cuda_graph_replay_equals_eager_causal_lm(layout):
     packed rows (block-diagonal masks) replay to the same losses and weights as eager steps."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loralab.speed.packing import pack_rows
+    from loralab.run.step import Step
     from loralab.speed.step import causal_lm_loss
 
     def make_loss(kind):
@@ -175,10 +175,11 @@ def test_cuda_graph_replay_equals_eager_causal_lm(layout):
     else:
         batches = []
         for _ in range(4):
-            rows = [[{"input_ids": torch.randint(3, 500, (n,), generator=gen).tolist()} for n in (20, 30, 9)]
-                    for _ in range(2)]
-            batch = pack_rows(rows, 64)
-            batch.pop("seq_lens")
+            feats = [{"input_ids": torch.randint(3, 500, (n,), generator=gen).tolist()} for n in (20, 30, 9) * 2]
+            packer = Step(torch.nn.Module(), None, kind="causal_lm", normalization="tokens", micro_batch=None,
+                          packing=True, max_length=64, pad_to=None, pad_id=0, device=torch.device("cpu"),
+                          graphs=True, max_grad_norm=0.0)
+            (batch,) = packer.plan(feats)  # two rows of 64 tokens, as the training step packs them
             batches.append(batch)
     batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
     results = []
@@ -188,7 +189,7 @@ def test_cuda_graph_replay_equals_eager_causal_lm(layout):
                              num_key_value_heads=2, vocab_size=512, attn_implementation="sdpa")
         model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         model = model.cuda().train()
-        prepare_model(model, SpeedOptions())
+        prepare_model(model, PLAIN)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         trainer = GraphedTraining(model, opt, make_loss("causal_lm"), max_grad_norm=1.0, enabled=enabled)
         losses = []

@@ -72,11 +72,12 @@ def test_bf16_autocast_generation_mismatch_reproduced_then_fixed(smollm2_path, d
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loralab.speed.step import SpeedOptions, autocast_context, prepare_model
+    from loralab.config import Speed
+    from loralab.speed.step import autocast_context, prepare_model
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16).to(device)
     model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    prepare_model(model, SpeedOptions(autocast="bfloat16"))
+    prepare_model(model, Speed(autocast="bfloat16", compile=False))
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     ids = tok("Question: 2 + 3 =", return_tensors="pt").to(device)
     with pytest.raises(RuntimeError, match="dtype"):

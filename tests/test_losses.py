@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from loralab.config import Speed
 from loralab.speed.losses import chunked_linear_cross_entropy, plain_linear_cross_entropy
-from loralab.speed.step import SpeedOptions, causal_lm_loss, prepare_model
+from loralab.speed.step import causal_lm_loss, prepare_model
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
@@ -45,7 +46,7 @@ def test_causal_lm_loss_chunked_equals_model_loss():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=400))
-    prepare_model(model, SpeedOptions(loss_chunk_size=5))
+    prepare_model(model, Speed(autocast=None, compile=False, loss_chunk_size=5))
     ids = torch.randint(0, 400, (2, 11))
     labels = ids.clone()
     labels[:, :3] = -100

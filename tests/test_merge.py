@@ -126,7 +126,7 @@ def _adapter_changes(model, fn, tol) -> float:
 def _train_with_method(model, cfg, params, features, tokenizer, batch, steps=2):
     """loralab's method (init, layer, optimizer) on ``model`` and ``steps`` real optimizer steps."""
     from loralab.methods.context import MethodContext
-    from loralab.train import seed_everything
+    from loralab.run.build import seed_everything
 
     method = methods.choose_method(cfg, params)
     assert method.check(model, cfg, params) == [], method.check(model, cfg, params)
@@ -146,7 +146,7 @@ def _train_with_method(model, cfg, params, features, tokenizer, batch, steps=2):
 
 
 def _save_like_train(model, saver, folder):
-    """What train._save writes: the adapter (rank-2r LoRA for residual inits) and loralab_base.json."""
+    """What loralab.run._save writes: the adapter (rank-2r LoRA for residual inits) and loralab_base.json."""
     from loralab.methods.qlora import write_base_record
 
     (saver.save if saver is not None else lambda m, d: m.save_pretrained(d))(model, folder)
@@ -187,8 +187,8 @@ def mini(tmp_path_factory, data_dir):
     (``_cut_vocabulary``), saved as the base folder."""
     from loralab.config import build_parameters
     from loralab.models import load_model, load_tokenizer
+    from loralab.run.build import seed_everything
     from loralab.tasks import get_task
-    from loralab.train import seed_everything
 
     seed_everything(0)
     model = load_model("packaged:minilm-l6", "seq_cls", 2).eval()

@@ -16,7 +16,7 @@ from loralab.data import collate
 from loralab.experiment import read_experiment
 from loralab.methods.common import lora_modules
 from loralab.models import load_model
-from loralab.train import build, make_optimizer, seed_everything
+from loralab.run.build import build, seed_everything
 
 TARGETS = "all-linear"
 ATTN = ["query", "key", "value", "attention.output.dense"]
@@ -154,7 +154,7 @@ def test_method_invariants(name, tmp_path, data_dir, base_state):
 
     # 3. two optimizer steps move exactly the trainable parameters
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = make_optimizer(model, method, cfg, exp.params)
+    optimizer = method.make_optimizer(model, cfg, exp.params)
     model.train()
     for _ in range(2):
         loss = model(**batch).loss

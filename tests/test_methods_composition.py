@@ -1,5 +1,5 @@
 """Issue 12 item 6: methods are composed, not matched by first ``applies()``. The three failing
-configurations of the issue, through ``loralab.train.build`` as a run sees them, plus the config
+configurations of the issue, through ``loralab.run.build.build`` as a run sees them, plus the config
 values derived from the registry."""
 
 import json
@@ -11,7 +11,7 @@ from peft import LoraConfig
 from loralab import methods
 from loralab.config import ConfigError, build_parameters
 from loralab.experiment import checked_parameters, read_experiment
-from loralab.train import build, make_optimizer, seed_everything
+from loralab.run.build import build, seed_everything
 
 
 def experiment(tmp_path, data_dir, adapter, params):
@@ -33,7 +33,7 @@ def test_pissa_with_lorafa_runs_lorafa_on_pissa(tmp_path, data_dir):
     assert method.NAME == "pissa+lorafa"
     assert method.parts == {"layer": "lora", "init": "pissa", "optimizer": "lorafa", "base": "float"}
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
-    optimizer = make_optimizer(model, method, cfg, exp.params)
+    optimizer = method.make_optimizer(model, cfg, exp.params)
     assert type(optimizer).__name__ == "LoraFAOptimizer"
     assert built.saver is not None  # residual init: saved as a rank-2r LoRA
     layer = dict(model.named_modules())["base_model.model.bert.encoder.layer.0.attention.self.query"]

@@ -22,8 +22,8 @@ from loralab.data import collate
 from loralab.methods.common import lora_modules, resolve_config
 from loralab.methods.context import MethodContext
 from loralab.models import load_model, load_tokenizer
+from loralab.run.build import seed_everything
 from loralab.tasks import get_task
-from loralab.train import seed_everything
 
 TARGETS = ["query", "value", "intermediate.dense"]
 SQUARE = ["query", "value"]

@@ -15,9 +15,9 @@ from loralab.config import build_parameters
 from loralab.methods.common import resolve_config
 from loralab.methods.context import MethodContext
 from loralab.models import load_model, load_tokenizer
+from loralab.run.build import seed_everything
 from loralab.tasks import get_task
 from loralab.tasks.glue import check_holdout, holdout_split
-from loralab.train import seed_everything
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query"
 
@@ -124,7 +124,7 @@ def test_loraplus_gives_b_sixteen_times_the_learning_rate(world):
 @pytest.mark.parametrize("case", ["milora", "eva", "lora_ga", "loraplus"])
 def test_short_real_run_lowers_the_loss(case, tmp_path, data_dir):
     from loralab.experiment import read_experiment
-    from loralab.train import run_experiment
+    from loralab.run import run_experiment
 
     adapter = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["query", "value"]}
     params = {"task": "glue/rte", "data_dir": str(data_dir), "max_train_samples": 16, "max_eval_samples": 8,
@@ -137,7 +137,7 @@ def test_short_real_run_lowers_the_loss(case, tmp_path, data_dir):
     folder.mkdir(parents=True)
     LoraConfig(**adapter).save_pretrained(folder)
     (folder / "training_parameters.json").write_text(json.dumps(params))
-    record, _ = run_experiment(read_experiment(folder))
+    record, _ = run_experiment(read_experiment(folder)).unwrap()
     losses = [m["train loss"] for m in record["train_info"]["metrics"] if "train loss" in m]
     assert record["run_info"]["method"] == {"milora": "milora", "eva": "eva", "lora_ga": "lora_ga", "loraplus": "loraplus"}[case]
     assert losses[-1] < 0.8 * losses[0], losses

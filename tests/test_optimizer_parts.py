@@ -18,8 +18,8 @@ from loralab.config import build_parameters
 from loralab.methods.common import resolve_config
 from loralab.methods.context import MethodContext
 from loralab.models import load_model, load_tokenizer
+from loralab.run.build import seed_everything
 from loralab.tasks import get_task
-from loralab.train import make_optimizer, seed_everything
 
 PARTS = ["adamw", "loraplus", "lorafa", "full"]
 SETTINGS = {
@@ -45,7 +45,7 @@ def world(minilm_path, data_dir):
 
 
 def _built(world, part: str, overrides: dict):
-    """(model, optimizer, params) as train.py builds them."""
+    """(model, optimizer, params) as the run path builds them (``loralab.run.build``)."""
     base, tok, features = world
     params = build_parameters({"max_length": 64, "optimizer": "adamw" if part == "full" else part, **overrides})
     model = copy.deepcopy(base)
@@ -56,7 +56,7 @@ def _built(world, part: str, overrides: dict):
     method = methods.choose_method(cfg, params)
     assert method.check(model, cfg, params) == []
     model, _ = method.apply(model, cfg, params, MethodContext(params, features, tok))
-    return model, make_optimizer(model, method, cfg, params), params
+    return model, method.make_optimizer(model, cfg, params), params
 
 
 def _expected(part: str, name: str, p, params) -> dict:

@@ -1,5 +1,6 @@
-"""Packing: the packed loss equals the unpacked loss on the same samples, and no token attends
-across samples; grouping helpers cover every sample once."""
+"""Packing as the training step packs (``loralab.run.step.Step``): the packed loss equals the
+unpacked loss on the same samples, and no token attends across samples; grouping helpers cover
+every sample once."""
 
 import json
 
@@ -8,8 +9,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from loralab.data import collate
-from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups
+from loralab.run.step import Step
+from loralab.speed.packing import length_grouped_batches, pack_groups
 from loralab.speed.step import causal_lm_loss
+
+
+def packed(features, max_length=None, pad_id=0, bucket=False):
+    """The packed micro-batches the training step builds from ``features`` (one forward; rows of
+    ``max_length`` tokens, default: all samples in one row; ``bucket``: CUDA-graph shapes)."""
+    width = max_length or sum(len(f["input_ids"]) for f in features)
+    step = Step(torch.nn.Module(), None, kind="causal_lm", normalization="tokens", micro_batch=None, packing=True,
+                max_length=width, pad_to=None, pad_id=pad_id, device=torch.device("cpu"), graphs=bucket,
+                max_grad_norm=0.0)
+    return step.plan(features)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +51,9 @@ def test_packed_loss_equals_unpacked_loss(smollm2, data_dir):
             loss, n = causal_lm_loss(model, batch, chunked=False)
             total += loss.item() * n.item()
             count += n.item()
-        packed = pack_features(features)
-        loss, n = causal_lm_loss(model, packed)
-    assert packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
+        (batch,) = packed(features)  # weighted by 1 / labelled tokens: the weighted sum is the mean
+        loss, n = causal_lm_loss(model, batch)
+    assert batch["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
     assert n.item() == count
     assert loss.item() == pytest.approx(total / count, rel=1e-4)
 
@@ -54,7 +66,7 @@ def test_packed_samples_do_not_attend_across_boundaries():
     a, b, c = ({"input_ids": torch.randint(0, 100, (n,)).tolist()} for n in (7, 5, 9))
     changed = {"input_ids": [(t + 7) % 100 for t in a["input_ids"]]}
     with torch.no_grad():
-        logits = [model(**{k: v for k, v in pack_features(fs).items() if k in ("input_ids", "position_ids")},
+        logits = [model(**{k: v for k, v in packed(fs)[0].items() if k in ("input_ids", "position_ids")},
                         use_cache=False).logits[0] for fs in ([a, b, c], [changed, b, c])]
         alone = model(input_ids=torch.tensor([b["input_ids"]]), use_cache=False).logits[0]
     assert not torch.allclose(logits[0][:7], logits[1][:7])  # sample a itself changed
@@ -62,12 +74,21 @@ def test_packed_samples_do_not_attend_across_boundaries():
     torch.testing.assert_close(logits[0][7:12], alone, rtol=1e-5, atol=1e-5)  # own positions restart at 0
 
 
-def test_pack_features_masks_each_first_label_and_restarts_positions():
-    batch = pack_features([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}, {"input_ids": [1] * 9}], max_tokens=4)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 1, 1, 1]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, 1, 1, 1]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert batch["seq_lens"] == [3, 2, 4]
+def test_packing_masks_each_first_label_restarts_positions_and_truncates():
+    features = [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}, {"input_ids": [1] * 12}]
+    (batch,) = packed(features, max_length=9, pad_id=0)  # the third sample is cut to 9 tokens, its own row
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0, 0], [1] * 9]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100, -100], [-100] + [1] * 8]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], list(range(9))]
+    assert (batch["loss_weights"][0, 5:] == 0).all()  # the filler carries no loss
+
+
+def test_packing_for_cuda_graphs_fills_rows_of_max_length_and_a_power_of_two_row_count():
+    features = [{"input_ids": list(range(3, 3 + n))} for n in (20, 30, 9, 20, 30, 9, 40)]
+    (batch,) = packed(features, max_length=64, bucket=True)
+    assert batch["input_ids"].shape == (4, 64)  # 3 rows of samples, one zero-weight filler row
+    assert (batch["loss_weights"][3] == 0).all()
+    assert batch["position_ids"][0].tolist()[:60] == list(range(20)) + list(range(30)) + list(range(9)) + [0]
 
 
 def test_pack_groups_fill_the_token_budget_and_cover_every_sample():

@@ -97,7 +97,7 @@ def test_valid_record_is_strict_json_with_plain_numbers(tmp_path, monkeypatch):
 @pytest.mark.slow  # ~10 s: the CLI imports torch and reads the experiment
 def test_cli_says_why_and_exits_1_when_the_record_does_not_validate(tmp_path, monkeypatch, capsys):
     """The run path: run_experiment's write raises InvalidRecord, `loralab run` names it, exit 1."""
-    from loralab import train
+    from loralab import run as run_path
     from loralab.cli import main
 
     monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path / "res"))
@@ -107,7 +107,7 @@ def test_cli_says_why_and_exits_1_when_the_record_does_not_validate(tmp_path, mo
     def fake_run(exp, verbose=False, resume=False):
         return record, results.write_result(record, results.git_state(experiment=exp.path))
 
-    monkeypatch.setattr(train, "run_experiment", fake_run)
+    monkeypatch.setattr(run_path, "run_experiment", fake_run)
     code = main(["run", str(ROOT / "experiments" / "glue-minilm" / "lora" / "stsb")])
     err = capsys.readouterr().err
     assert code == 1

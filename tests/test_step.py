@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loralab.config import build_parameters
-from loralab.step import Step, sample_weights
+from loralab.run.step import Step, sample_weights
 from loralab.tasks.instruct import TASKS as INSTRUCT
 
 

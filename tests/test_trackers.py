@@ -208,9 +208,9 @@ def test_misspelt_backend_is_named_with_the_allowed_values():
 
 def test_missing_package_stops_before_any_model_loads(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: find_spec and import fail
-    import loralab.train
+    from loralab.run import build as build_module
 
-    monkeypatch.setattr(loralab.train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(build_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     folder = make(tmp_path, short_run(data_dir, report_to="wandb"))
     assert main(["run", str(folder)]) == 2
     err = capsys.readouterr().err

@@ -156,41 +156,28 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 # -- inits that rewrite the base weights --------------------------------------------------------
-def save_init_state(root: Path, model) -> Path:
-    """The adapted layers' base weights and every LoRA tensor right after the method's init."""
+def save_init_state(root: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an init's tensors (``loralab.run.build.init_tensors``: the adapted layers' base weights
+    and every LoRA tensor right after the method's init) to ``root/init_state.safetensors``, atomically."""
     from safetensors.torch import save_file
 
-    from loralab.methods.common import lora_modules
-
-    tensors = {}
-    for name, module in lora_modules(model):
-        tensors[f"{name}.base_layer.weight"] = module.get_base_layer().weight.detach().to("cpu", copy=True).contiguous()
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            tensors[name] = p.detach().to("cpu", copy=True).contiguous()
+    cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
     root.mkdir(parents=True, exist_ok=True)
     path = root / INIT_STATE
     tmp = root / (INIT_STATE + ".tmp")
-    save_file(tensors, str(tmp))
+    save_file(cpu, str(tmp))
     os.replace(tmp, path)
     return path
 
 
 @torch.no_grad()
-def restore_init_state(path: Path, model) -> None:
-    """Write a saved init state back into a model built with the same adapter layout."""
+def restore_init_state(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Copy a saved init state into ``targets`` (name -> the live tensor of a model built with the
+    same adapter layout, as ``save_init_state`` was given them). Raises RuntimeError for a saved
+    tensor the model lacks."""
     from safetensors.torch import load_file
 
-    from loralab.methods.common import lora_modules
-
-    tensors = load_file(str(path))
-    modules = dict(lora_modules(model))
-    params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        if key.endswith(".base_layer.weight") and key[: -len(".base_layer.weight")] in modules:
-            weight = modules[key[: -len(".base_layer.weight")]].get_base_layer().weight
-            weight.copy_(value.to(weight.device, weight.dtype))
-        elif key in params:
-            params[key].copy_(value.to(params[key].device, params[key].dtype))
-        else:
+    for key, value in load_file(str(path)).items():
+        if key not in targets:
             raise RuntimeError(f"init state {path} holds {key!r}, which the rebuilt model lacks")
+        targets[key].copy_(value.to(targets[key].device, targets[key].dtype))

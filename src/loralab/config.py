@@ -64,22 +64,102 @@ def _generation_defaults() -> dict[str, Any]:
     }
 
 
+@dataclass
+class Speed:
+    """How a run computes its steps (``training_parameters.json``'s ``speed``): defaults, checks and
+    what ``"auto"`` means on each device, in one place. An explicit value always wins over "auto";
+    the resolved values (no "auto" left) go into the result record under ``train_info.speed``.
+
+    What auto picks, and why:
+
+    | option | auto on CUDA | auto on CPU | why |
+    |---|---|---|---|
+    | ``cuda_graphs`` | on | off | exact; removes kernel-launch overhead (results/bench/README.md) |
+    | ``autocast`` | the base dtype when it is bf16/fp16, else off | off | a bf16 base already computes in bf16; autocast keeps the fp32 adapters from forcing fp32 copies of activations |
+    | ``compile`` | on for causal LMs | off | regional compile paid +29 % on Llama-3-8B (bench, H100); classification steps are launch-bound and graphs already remove that |
+    | ``packing`` | on for causal LMs | on for causal LMs | exact per-token loss with per-token weights; no pad tokens |
+    | ``micro_batch`` | probed at start (``loralab.run.step.probe_micro_batch``) | the experiment's ``batch_size`` | the optimizer batch never changes; only how it is cut into forwards |
+    """
+
+    # exact rewrites (same numbers as the plain computation)
+    fast_dora: bool = True
+    """Swap peft's DoRA forward for ``speed/fast_dora`` (same outputs and adapter format)."""
+    chunked_loss: bool = True
+    """Fused LM head + chunked cross-entropy instead of full logits (``speed/losses``)."""
+    cuda_graphs: bool | str = "auto"
+    """CUDA: replay each padded width's step (widths bucketed)."""
+    fused_lora: bool = False
+    """Exact, but measured slower than compiled peft layers on an H100 (2.6 % on Llama-3-8B)."""
+    # bf16-noise-level or batching changes that do not change the optimizer batch
+    autocast: str | None = "auto"
+    """CUDA + bf16/fp16 base: autocast to the base dtype (adapters stay fp32); null: none."""
+    compile: bool | str = "auto"
+    """CUDA causal LMs: regional torch.compile of the decoder layers (names unchanged)."""
+    packing: bool | str = "auto"
+    """Causal LMs: samples packed into rows (no cross-sample attention)."""
+    micro_batch: int | str | None = "auto"
+    """Samples per forward (packed: rows of max_length); CUDA: probed; None: the batch_size."""
+    group_by_length: bool = False
+    """Changes which samples share an optimizer batch: opt in."""
+    # set by code (the bench, tests), never by an experiment
+    compile_backend: str = field(default="inductor", metadata={"code_only": True})
+    """torch.compile backend (``aot_eager`` checks graph capture without a C++ compiler)."""
+    loss_chunk_size: int = field(default=1024, metadata={"code_only": True})
+    """Tokens per cross-entropy chunk."""
+
+    @classmethod
+    def experiment_keys(cls) -> list[str]:
+        """The keys an experiment's ``speed`` holds (every field but the code-only ones)."""
+        return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("code_only")]
+
+    @staticmethod
+    def problems(speed: dict[str, Any]) -> list[str]:
+        """Every problem of an experiment's ``speed`` dict (all keys present), one line each."""
+        problems = []
+        for key in ("fast_dora", "chunked_loss", "fused_lora", "group_by_length"):
+            if not isinstance(speed[key], bool):
+                problems.append(f"'speed.{key}' = {speed[key]!r} must be true or false")
+        for key in ("cuda_graphs", "compile", "packing"):
+            if not (isinstance(speed[key], bool) or speed[key] == "auto"):
+                problems.append(f"'speed.{key}' = {speed[key]!r} must be true, false or \"auto\"")
+        if speed["autocast"] not in (None, "auto", "bfloat16", "float16"):
+            problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
+        mb = speed["micro_batch"]
+        if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
+            problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
+        return problems
+
+    def resolve(self, *, device_type: str, kind: str, base_dtype: str) -> Speed:
+        """A copy with every ``"auto"`` replaced by the value for this run (see the table).
+
+        ``device_type`` is ``cuda`` or ``cpu``, ``kind`` the task kind (``causal_lm``, ``seq_cls``),
+        ``base_dtype`` the experiment's ``dtype``. ``micro_batch`` stays ``"auto"`` on CUDA: only a
+        memory probe with the built model settles it (``loralab.run.step.make_step``).
+        """
+        cuda = device_type == "cuda"
+        causal = kind == "causal_lm"
+        out = dataclasses.replace(self)
+        if out.cuda_graphs == "auto":
+            out.cuda_graphs = cuda
+        if out.autocast == "auto":
+            out.autocast = base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None
+        if out.compile == "auto":
+            out.compile = cuda and causal
+        if out.packing == "auto":
+            out.packing = causal
+        if out.micro_batch == "auto" and not cuda:
+            out.micro_batch = None  # CPU: the experiment's batch_size per forward
+        if out.cuda_graphs and not cuda:
+            out.cuda_graphs = False  # an explicit true on CPU: nothing to capture
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """The experiment keys and their values, as the result record holds them."""
+        return {key: getattr(self, key) for key in self.experiment_keys()}
+
+
 def _speed_defaults() -> dict[str, Any]:
-    # "auto" settles per run in loralab.speed.defaults.resolve_speed (the one place that decides
-    # what pays on which device and model); the resolved values go into the result record.
-    return {
-        # exact rewrites (same numbers as the plain computation)
-        "fast_dora": True,
-        "chunked_loss": True,
-        "cuda_graphs": "auto",  # CUDA: replay each padded width's step (widths bucketed)
-        "fused_lora": False,  # exact, but measured slower than compiled peft layers on an H100
-        # bf16-noise-level or batching changes that do not change the optimizer batch
-        "autocast": "auto",  # CUDA + bf16/fp16 base: autocast to the base dtype; else none
-        "compile": "auto",  # CUDA causal LMs: regional torch.compile of the decoder layers
-        "packing": "auto",  # causal LMs: samples packed into rows (no cross-sample attention)
-        "micro_batch": "auto",  # samples per forward (packed: samples' worth of tokens); CUDA: probed
-        "group_by_length": False,  # changes which samples share an optimizer batch: opt in
-    }
+    return Speed().record()
 
 
 @dataclass
@@ -161,8 +241,8 @@ class TrainingParameters:
     eval_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the evaluations (see ``loralab.tasks.evaluations``)."""
     speed: dict[str, Any] = field(default_factory=_speed_defaults)
-    """loralab.speed: fast_dora, chunked_loss (exact, on); cuda_graphs, autocast, compile, packing,
-    micro_batch ("auto": decided per device and model by loralab.speed.defaults); fused_lora,
+    """``Speed``'s keys: fast_dora, chunked_loss (exact, on); cuda_graphs, autocast, compile, packing,
+    micro_batch ("auto": decided per device and model by ``Speed.resolve``); fused_lora,
     group_by_length (off). An explicit value always wins over "auto"."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
@@ -284,18 +364,7 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
         problems.append(f"'calibration.batch_size' = {cal['batch_size']!r} must be a positive integer")
     if cal["sampling"] not in CALIBRATION_SAMPLING:
         problems.append(f"'calibration.sampling' = {cal['sampling']!r} is not allowed; allowed: {', '.join(CALIBRATION_SAMPLING)}")
-    speed = values["speed"]
-    for key in ("fast_dora", "chunked_loss", "fused_lora", "group_by_length"):
-        if not isinstance(speed[key], bool):
-            problems.append(f"'speed.{key}' = {speed[key]!r} must be true or false")
-    for key in ("cuda_graphs", "compile", "packing"):
-        if not (isinstance(speed[key], bool) or speed[key] == "auto"):
-            problems.append(f"'speed.{key}' = {speed[key]!r} must be true, false or \"auto\"")
-    if speed["autocast"] not in (None, "auto", "bfloat16", "float16"):
-        problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
-    mb = speed["micro_batch"]
-    if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
-        problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
+    problems += Speed.problems(values["speed"])
     if values["loss_normalization"] not in LOSS_NORMALIZATIONS:
         problems.append(f"'loss_normalization' = {values['loss_normalization']!r} is not allowed"
                         f"{suggest(str(values['loss_normalization']), LOSS_NORMALIZATIONS)}; allowed: {', '.join(LOSS_NORMALIZATIONS)}")

@@ -1,5 +1,5 @@
 """``loralab bench --experiment DIR``: one experiment folder's recipe through ``loralab run``'s own
-path (``train.run_experiment``) and through transformers ``Trainer`` + peft set up as the recipe
+path (``loralab.run.run_experiment``) and through transformers ``Trainer`` + peft set up as the recipe
 says (``loralab.bench.peers.trainer_row``), one after the other on one device.
 """
 
@@ -97,14 +97,14 @@ def read_experiment_params(path) -> dict:
 
 
 def _loralab_run_row(exp, workdir) -> dict:
-    """``loralab run``'s own path (``train.run_experiment(evaluate=False)``), results and outputs
+    """``loralab run``'s own path (``loralab.run.run_experiment(evaluate=False)``), results and outputs
     under ``workdir``; the row is read off the result record: steady-state tokens/s as the run
     reports it (steps after the first that captured no new CUDA graph; compile, capture and the
     micro-batch probe are warm-up), peak memory = ``cuda_memory_max`` (from after the probe)."""
-    from loralab.train import run_experiment
+    from loralab.run import run_experiment
 
     with _environ(LORALAB_RESULTS_DIR=workdir / "results", LORALAB_OUTPUT_DIR=workdir / "outputs"):
-        record, _ = run_experiment(exp, verbose=False, evaluate=False)
+        record, _ = run_experiment(exp, verbose=False, evaluate=False).unwrap()  # a failed run raises, as before
     info = record["train_info"]
     timing = info["timing"]
     losses = [m["train loss"] for m in info["metrics"] if "train loss" in m]
@@ -146,7 +146,7 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loralab-bench-")))
         exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device)
         params = exp.params
-        from loralab.train import pick_device
+        from loralab.run.build import pick_device
 
         dev = pick_device(params.device)  # attention backends as torch picks them (no cuDNN switch, unlike the preset rows)
         rows = []

@@ -86,7 +86,7 @@ def trainer_row(exp, workdir, log) -> dict:
     as loralab does), per-device batch ``batch_size``, ``gradient_accumulation_steps``, bf16/fp16
     mixed precision when the base dtype is bf16/fp16, the recipe's lr, scheduler, warm-up, weight
     decay, max_grad_norm and seed, ``DataCollatorForSeq2Seq`` padding, and the very samples
-    ``loralab run`` trained on, in its order (``train.epoch_batches``; sequential sampler).
+    ``loralab run`` trained on, in its order (``loralab.run.loop.epoch_batches``; sequential sampler).
     Step times come from a callback that synchronises the GPU at every optimizer step's end; the
     steady state is steps 2..N (step 1 carries CUDA/cuBLAS initialisation and allocator growth).
     """
@@ -101,8 +101,9 @@ def trainer_row(exp, workdir, log) -> dict:
     from loralab.data import pad_id as _pad_id
     from loralab.methods.common import resolve_config
     from loralab.models import load_model, load_tokenizer
+    from loralab.run.build import pick_device, warmup_steps
+    from loralab.run.loop import epoch_batches
     from loralab.tasks import get_task
-    from loralab.train import epoch_batches, pick_device, warmup_steps
 
     params = exp.params
     device = pick_device(params.device)

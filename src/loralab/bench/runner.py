@@ -3,8 +3,8 @@
 One row per workload x method x stack (``loralab.bench.workloads`` for the workloads,
 ``loralab.bench.peers`` for the peer and Liger stacks).
 loralab: the same model, adapter and optimizer batches through what ``loralab run`` builds with
-no ``speed`` keys (``loralab_step``): ``resolve_speed``'s defaults for the device, ``prepare_model``
-and ``loralab.step.Step`` (packing into rows of the workload's length for causal LMs, the
+no ``speed`` keys (``loralab_step``, through ``loralab.run.step.make_step``): ``Speed``'s defaults
+for the device, ``prepare_model`` and the ``Step`` (packing into rows of the workload's length for causal LMs, the
 auto micro-batch probe, bucketed widths and CUDA graphs, exact token-mean loss, fused AdamW).
 Nothing is tuned by hand; ``--no-compile`` / ``--no-cuda-graphs`` are explicit speed keys.
 
@@ -16,7 +16,6 @@ forward + input gradients) and 6N for full fine-tuning, N = parameters in matmul
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import time
 
@@ -25,8 +24,8 @@ import torch
 from loralab.bench.peers import liger_available, liger_patched, peer_batch, peer_step, wrap
 from loralab.bench.workloads import Workload, build_model, is_seq_cls, presets, step_features
 from loralab.models import MODELS
-from loralab.speed import step
-from loralab.step import Step, probe_micro_batch
+from loralab.run.step import Step, make_step
+from loralab.speed.step import _hf_model
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
 
@@ -43,41 +42,25 @@ def matmul_params(model) -> int:
 
 def loralab_step(model, features: list[list[dict]], *, kind: str, dtype: str, max_length: int, batch_size: int,
                  device: str, speed: dict | None = None, learning_rate: float = 1e-5, log=print) -> tuple[Step, dict]:
-    """The step ``loralab run`` builds (``loralab.train._train``), for an adapted ``model``.
+    """The step ``loralab run`` builds, for an adapted ``model``: ``loralab.run.step.make_step``.
 
     ``speed`` holds explicit ``speed`` keys (the experiment's; the bench's --no-compile /
-    --no-cuda-graphs); every other key is ``loralab.config``'s default, resolved by
-    ``resolve_speed`` for this device, task kind and base dtype. Then, as in ``loralab run``: fused
-    AdamW (``train.make_optimizer``), ``prepare_model``, the micro-batch probe when it is "auto"
-    (over all the row's samples, limit = the optimizer batch), ``Step`` with packing into rows of
-    ``max_length``, bucketed widths and CUDA graphs as resolved, token normalisation, no clipping.
-    Returns (step, resolved speed options).
+    --no-cuda-graphs); every other key is ``loralab.config.Speed``'s default, resolved for this
+    device, task kind and base dtype. The optimizer is the ``adamw`` optimizer part's (fused AdamW
+    on CUDA, weight decay 0); then, as in ``loralab run``: ``prepare_model``, the micro-batch probe
+    when it is "auto" (over all the row's samples, limit = the optimizer batch), ``Step`` with
+    packing into rows of ``max_length``, bucketed widths and CUDA graphs as resolved, token
+    normalisation, no clipping. Returns (step, resolved speed settings as the record holds them).
     """
-    from types import SimpleNamespace
+    from loralab.config import build_parameters
+    from loralab.methods.lora import ADAMW
 
-    from loralab.config import _speed_defaults
-    from loralab.speed.defaults import resolve_speed
-    from loralab.train import make_optimizer
-
-    torch_device = torch.device(device)
-    options = {**_speed_defaults(), **(speed or {})}
-    resolved = resolve_speed(options, device=torch_device, kind=kind, base_dtype=dtype)
-    optimizer = make_optimizer(model, None, None, SimpleNamespace(learning_rate=learning_rate, weight_decay=0.0))
-    names = {f.name for f in dataclasses.fields(step.SpeedOptions)}
-    step.prepare_model(model, step.SpeedOptions(**{k: v for k, v in resolved.items() if k in names}))
-    pad_id = getattr(step._hf_model(model).config, "pad_token_id", None) or 0
-    micro = resolved["micro_batch"]
-    if micro == "auto":
-        micro = probe_micro_batch(model, [f for feats in features for f in feats], kind=kind,
-                                  packing=resolved["packing"], max_length=max_length, limit=batch_size,
-                                  pad_id=pad_id, device=torch_device, log=log)
-    elif micro is None:
-        micro = batch_size
-    resolved["micro_batch"] = micro
-    runner = Step(model, optimizer, kind=kind, normalization="tokens", micro_batch=micro, packing=resolved["packing"],
-                  max_length=max_length, pad_to=None, pad_id=pad_id, device=torch_device,
-                  graphs=resolved["cuda_graphs"], max_grad_norm=0.0, log=log)
-    return runner, resolved
+    optimizer = ADAMW.make(model, None, build_parameters({"learning_rate": learning_rate, "weight_decay": 0.0}))
+    pad_id = getattr(_hf_model(model).config, "pad_token_id", None) or 0
+    runner, resolved = make_step(model, optimizer, speed=speed or {}, kind=kind, dtype=dtype, device=torch.device(device),
+                                 features=[f for feats in features for f in feats], batch_size=batch_size,
+                                 limit=batch_size, max_length=max_length, pad_id=pad_id, log=log)
+    return runner, resolved.record()
 
 
 def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,

@@ -80,39 +80,44 @@ def _sweep(args, experiments) -> int:
 
 
 def _run_all(args, experiments, launch) -> int:
+    from loralab import run as run_path
     from loralab.config import ConfigError
-    from loralab.lifecycle import Diverged
-    from loralab.train import run_experiment
 
     code = 0
     who = "" if launch.is_main else f"rank {launch.rank}: "  # ranks other than 0 report only failures
     for exp in experiments:
         try:
-            record, path = run_experiment(exp, verbose=args.verbose, resume=args.resume)
+            outcome = run_path.run_experiment(exp, verbose=args.verbose, resume=args.resume)
         except ConfigError as exc:
             print(f"{who}error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt as exc:
+        except KeyboardInterrupt:  # after the record was written (a signal during the write)
             if launch.is_main:
-                print(f"cancelled: result written to {exc}", file=sys.stderr)
+                print("cancelled: result written to ", file=sys.stderr)
             return 130
-        except Diverged as exc:  # seen by every rank at the same step: they go on together
+        except Exception as exc:  # noqa: BLE001 - the record could not be written (InvalidRecord, disk)
+            outcome = run_path.Outcome("failed", {}, None, exc)
+        if outcome.status == "cancelled":
             if launch.is_main:
-                print(f"diverged: {exc}; result written to {getattr(exc, 'result_path', '?')}", file=sys.stderr)
+                print(f"cancelled: result written to {outcome.path}", file=sys.stderr)
+            return 130
+        if outcome.status == "diverged":  # seen by every rank at the same step: they go on together
+            if launch.is_main:
+                print(f"diverged: {outcome.error}; result written to {outcome.path or '?'}", file=sys.stderr)
             code = 3
             continue
-        except Exception as exc:  # noqa: BLE001 - the record is written; report and go on to the next folder
-            where = getattr(exc, "result_path", None)
+        if outcome.status == "failed":
+            exc = outcome.error
             print(f"{who}failed: {exp.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                  + (f"; result written to {where}" if where else ""), file=sys.stderr)
+                  + (f"; result written to {outcome.path}" if outcome.path else ""), file=sys.stderr)
             code = code or 1
             if launch.distributed:  # a failure may be this rank's alone: stop, so the launcher stops the others
                 return code
             continue
         if launch.is_main:
-            scores = record["eval"]
+            scores = outcome.result["eval"]
             degenerate = set(scores.get("degenerate") or [])
             metrics = ", ".join(f"{k}={v:.4f}" + (" (degenerate)" if k in degenerate else "")
                                 for k, v in scores.items() if k != "degenerate")
-            print(f"{exp.name}: {record['run_info']['method']} {metrics} -> {path}")
+            print(f"{exp.name}: {outcome.result['run_info']['method']} {metrics} -> {outcome.path}")
     return code

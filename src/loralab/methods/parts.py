@@ -92,7 +92,8 @@ class Optimizer:
 
     name: str
     summary: str
-    make: Callable = None
+    make: Callable
+    """Always builds the optimizer (the run path has no fallback; the ``adamw`` part builds AdamW)."""
     prepare: Callable = lambda peft_model, cfg, params: None
     freezes_a: bool = False
     refuses: dict = field(default_factory=dict)

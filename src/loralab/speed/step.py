@@ -1,89 +1,43 @@
-"""The training step that ``loralab run`` and ``loralab bench`` share.
+"""The step's kernels: what ``loralab.run.step`` applies to a model and calls for its losses.
 
-- ``prepare_model(model, options)``: fast DoRA swap, fused LoRA forward, fp32 adapter weights, input casts off under
+- ``prepare_model(model, speed)``: fast DoRA swap, fused LoRA forward, fp32 adapter weights, input casts off under
   autocast (so adapters read the bf16 activations instead of keeping fp32 copies of them), and
   regional ``torch.compile`` of the decoder layers (off by default; parameter names unchanged).
 - ``causal_lm_loss(model, batch)``: mean (or, with ``loss_weights``, weighted-sum) next-token loss
   over labelled tokens and their count, with the LM head fused into a chunked cross-entropy
   (``losses.py``) so no full logits are built.
 - ``seq_cls_loss(model, batch)``: the classification loss under the same autocast.
-- ``pack_features`` / ``pack_groups`` (packed causal-LM rows) and ``length_grouped_batches``
-  (classification) come from ``packing.py``; padding is ``loralab.data.collate``.
-- ``adamw(model, lr, weight_decay)``: AdamW over the trainable parameters, fused on CUDA.
+Packing and micro-batching live in ``loralab.run.step.Step``; settings in ``loralab.config.Speed``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from loralab.config import Speed
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
-from loralab.speed.packing import length_grouped_batches, pack_features, pack_groups
-
-__all__ = ["SpeedOptions", "prepare_model", "causal_lm_loss", "seq_cls_loss", "adamw", "pack_features",
-           "pack_groups", "length_grouped_batches"]
-
-AUTOCAST_DTYPES = (None, "bfloat16", "float16")
-
-
-@dataclass
-class SpeedOptions:
-    fast_dora: bool = True
-    """Swap peft's DoRA forward for ``fast_dora`` (same outputs and adapter format)."""
-    fused_lora: bool = False
-    """Plain LoRA layers accumulate the adapter term inside the matmuls (``fused_lora``). Off: with
-    torch.compile on it measured 2.6 % slower on Llama-3-8B (results/bench/README.md)."""
-    autocast: str | None = None
-    """``bfloat16``/``float16``: run the step under autocast (adapters stay fp32); None: no autocast."""
-    compile: bool = False
-    """torch.compile each decoder layer (regional: short compile, names unchanged)."""
-    compile_backend: str = "inductor"
-    """torch.compile backend (``aot_eager`` checks graph capture without a C++ compiler)."""
-    chunked_loss: bool = True
-    """Fused LM head + chunked cross-entropy instead of full logits."""
-    loss_chunk_size: int = 1024
-    """Tokens per cross-entropy chunk."""
-
-    def __post_init__(self):
-        problems = []
-        if self.autocast not in AUTOCAST_DTYPES:
-            problems.append(f"'autocast' = {self.autocast!r}; allowed: {', '.join(map(str, AUTOCAST_DTYPES))}")
-        for key in ("fast_dora", "fused_lora", "compile", "chunked_loss"):
-            if not isinstance(getattr(self, key), bool):
-                problems.append(f"'{key}' = {getattr(self, key)!r}; allowed: true or false")
-        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
-            problems.append(f"'loss_chunk_size' = {self.loss_chunk_size!r}; allowed: a positive integer")
-        if problems:
-            raise ValueError("speed options have problems:\n" + "\n".join(f"  - {p}" for p in problems))
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> SpeedOptions:
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in values if k not in known]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1)
-                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-            raise ValueError(f"unknown speed option(s) {', '.join(hints)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
 
 
 def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def prepare_model(model, options: SpeedOptions | dict | None = None):
-    """Apply the speed options to a (peft-wrapped) model in place and return it."""
-    options = options if isinstance(options, SpeedOptions) else SpeedOptions.from_dict(options)
+PLAIN = Speed(autocast=None, compile=False)
+"""What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
+
+
+def prepare_model(model, options: Speed):
+    """Apply resolved speed settings (``Speed.resolve``: no "auto" in autocast or compile) to a
+    (peft-wrapped) model in place and return it. Raises ValueError for unresolved settings."""
+    unresolved = [k for k in ("autocast", "compile") if getattr(options, k) == "auto"]
+    if unresolved:
+        raise ValueError(f"prepare_model needs resolved speed settings; {', '.join(unresolved)} still 'auto' "
+                         "(Speed.resolve)")
     if options.fast_dora:
         enable_fast_dora(model)
     if options.fused_lora:
@@ -115,8 +69,8 @@ def _decoder_layers(model):
     return None
 
 
-def _options(model) -> SpeedOptions:
-    return getattr(model, "_loralab_speed", None) or SpeedOptions()
+def _options(model) -> Speed:
+    return getattr(model, "_loralab_speed", None) or PLAIN
 
 
 def autocast_context(model, device_type: str):
@@ -186,9 +140,9 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
     """Next-token cross-entropy over labelled tokens, and their number (a tensor).
 
     ``batch`` holds ``input_ids`` (B, L), ``labels`` (B, L) and either ``attention_mask`` (padded)
-    or ``position_ids`` (packed, see ``pack_features``). Without ``loss_weights`` the loss is the
+    or ``position_ids`` (packed, see ``loralab.run.step.Step``). Without ``loss_weights`` the loss is the
     mean over labelled tokens; with ``loss_weights`` (B, L float, aligned with ``labels``) it is the
-    weighted sum ``Σ_t w_t · CE_t`` (``loralab.step`` sets w so that micro-batches add up to the
+    weighted sum ``Σ_t w_t · CE_t`` (``loralab.run.step`` sets w so that micro-batches add up to the
     optimizer batch's exact loss). ``chunked`` None follows the model's options.
     """
     options = _options(model)
@@ -237,10 +191,3 @@ def seq_cls_loss(model, batch: dict):
     else:
         per_sample = F.cross_entropy(logits, labels, reduction="none")
     return (per_sample * weights.float()).sum(), batch["input_ids"].shape[0]
-
-
-def adamw(model, lr: float = 1e-4, weight_decay: float = 0.0):
-    """AdamW over trainable parameters; fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)

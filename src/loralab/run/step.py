@@ -1,6 +1,6 @@
 """One optimizer step over one optimizer batch: micro-batching, packing, bucketing, the exact loss
-normalisation, CUDA graphs (or their eager twin) and the optimizer — used by ``loralab run`` and
-``loralab bench --experiment``.
+normalisation, CUDA graphs (or their eager twin) and the optimizer; ``make_step`` is the one
+factory that builds it (``loralab run`` and ``loralab bench`` both call it).
 
 The optimizer batch is the experiment's ``batch_size × gradient_accumulation_steps`` samples and
 never changes; ``speed.micro_batch`` only decides how it is cut into forwards. Every token ``t``
@@ -34,11 +34,12 @@ from typing import Callable
 import torch
 
 from loralab import distributed
+from loralab.config import ConfigError, Speed
 from loralab.data import collate
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
-from loralab.speed.step import causal_lm_loss, seq_cls_loss
+from loralab.speed.step import causal_lm_loss, prepare_model, seq_cls_loss
 
 TARGET_TOKENS = 2048
 """Auto micro-batch: tokens per forward beyond which a larger forward stops paying. An 8B LoRA step
@@ -273,3 +274,65 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     log(f"micro-batch {chosen} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
         f"probed up to {m}, budget {budget / 2**30:.1f} GiB)")
     return chosen
+
+
+def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: Callable[[str], None]) -> None:
+    """What more than one process turns off (in place, logged): CUDA graphs (no collectives in a
+    capture); under FSDP also compile, the micro-batch probe and mid-run checkpoints. Raises
+    ConfigError under FSDP when ``rewrites_base`` names a method whose init rewrites the base weights."""
+    if speed.cuda_graphs:
+        log(f"CUDA graphs off: {launch.world_size} processes ({launch.sharding}) reduce gradients outside any capture")
+        speed.cuda_graphs = False
+    if launch.sharding != "fsdp":
+        return
+    if rewrites_base is not None:
+        raise ConfigError([(f"method {rewrites_base} rewrites the base weights, which FSDP shards; "
+                            "run it with DDP (loralab run --sharding ddp)")])
+    if speed.compile:
+        log("compile off under FSDP (regional compile of sharded layers is not supported here)")
+        speed.compile = False
+    if speed.micro_batch == "auto":
+        log("micro-batch: no probe under FSDP; the experiment's batch_size (set speed.micro_batch to change)")
+        speed.micro_batch = None
+    log("no mid-run checkpoints under FSDP: the adapter/model is gathered and written at the end")
+
+
+def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, device: torch.device, features: list[dict],
+              batch_size: int, limit: int, max_length: int, pad_id: int, normalization: str = "tokens",
+              pad_to: int | None = None, max_grad_norm: float = 0.0, launch=None, rewrites_base: str | None = None,
+              remake_optimizer: Callable | None = None, log: Callable[[str], None] = print) -> tuple[Step, Speed]:
+    """The one factory of a run's step: resolve ``speed`` for this device, task ``kind`` and base
+    ``dtype`` (``Speed.resolve``; a dict holds an experiment's ``speed`` keys), turn off what more
+    than one process cannot do (``distributed_speed``), prepare the model (``speed.step.prepare_model``),
+    wrap it under DDP/FSDP2 (``launch``: a ``distributed.Launch``; None or one process: no wrap),
+    settle ``micro_batch`` (CUDA "auto": probed over ``features`` up to ``limit`` samples, the
+    smallest over ranks; None: ``batch_size``) and build the ``Step``.
+
+    ``optimizer`` is the method's optimizer; under FSDP the parameters change (DTensors) and
+    ``remake_optimizer()`` builds it again (``Step.optimizer`` is then the new one).
+    Returns (step, resolved settings, no "auto" left).
+    """
+    settings = speed if isinstance(speed, Speed) else Speed(**speed)
+    resolved = settings.resolve(device_type=device.type, kind=kind, base_dtype=dtype)
+    multi = launch is not None and launch.distributed
+    if multi:
+        distributed_speed(resolved, launch, rewrites_base=rewrites_base, log=log)
+    prepare_model(model, resolved)
+    wrapped = None
+    if multi:
+        autocast = getattr(torch, resolved.autocast) if resolved.autocast else None
+        wrapped = distributed.wrap(model, loss_function(kind), launch, device, compute_dtype=autocast)
+        if launch.sharding == "fsdp" and remake_optimizer is not None:  # parameters are DTensors now
+            optimizer = remake_optimizer()
+    micro = resolved.micro_batch
+    if micro == "auto":  # CUDA: probed with the built model
+        micro = probe_micro_batch(model, features, kind=kind, packing=resolved.packing, max_length=max_length,
+                                  limit=limit, pad_id=pad_id, device=device, log=log)
+        micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
+    elif micro is None:
+        micro = batch_size
+    resolved.micro_batch = micro
+    step = Step(model, optimizer, kind=kind, normalization=normalization, micro_batch=micro, packing=resolved.packing,
+                max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,
+                max_grad_norm=max_grad_norm, log=log, wrapped=wrapped)
+    return step, resolved

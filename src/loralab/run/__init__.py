@@ -1,0 +1,240 @@
+"""The run path behind ``loralab run``: build -> step -> loop -> save -> evaluate -> record.
+
+- ``build`` (``run.build``): the model, the task data, the method's adapter (``calibrate`` for
+  data-driven inits), the method's optimizer and the schedule; on ``--resume``, the newest
+  matching checkpoint (``run.record.find_resume``).
+- ``make_step`` (``run.step``): speed settings resolved, the model prepared and (more than one
+  process) wrapped, the micro-batch settled; the ``Step`` (micro-batching, exact loss
+  normalisation, packing, CUDA graphs).
+- ``loop`` (``run.loop``): the optimizer steps, logging, evaluation and checkpoints every N steps.
+- save first, evaluate second: adapter and tokenizer are on disk before any evaluation, which
+  runs in the precision training used.
+- record (``run.record``): one result file for every ending, returned as an ``Outcome``.
+
+Under ``torchrun`` / ``accelerate launch`` (``loralab.distributed``) every rank builds the model and
+runs the same loop over the same optimizer batches, each on its shard (``Step``); every rank
+evaluates; rank 0 alone logs and writes checkpoints, the adapter and the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from loralab import checkpoint, distributed, results
+from loralab.config import ConfigError
+from loralab.data import pad_id as _pad_id
+from loralab.experiment import Experiment
+from loralab.methods.common import embeddings_trained
+from loralab.methods.qlora import write_base_record
+from loralab.run import build, loop
+from loralab.run.build import Built, count_trainable, init_tensors, make_scheduler, output_dir, seed_everything
+from loralab.run.meter import Meter
+from loralab.run.record import (
+    FINISHED,
+    Cancelled,
+    Diverged,
+    Lifecycle,
+    Outcome,
+    Record,
+    config_of,
+    error_info,
+    find_resume,
+)
+from loralab.run.step import make_step
+from loralab.speed.step import autocast_context
+from loralab.trackers import Trackers
+
+__all__ = ["run_experiment", "Outcome", "output_dir"]
+
+
+def _quiet(line: str) -> None:
+    """Ranks other than 0 log nothing."""
+
+
+def _say(line: str) -> None:
+    print(f"[loralab] {line}", file=sys.stderr, flush=True)
+
+
+def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False, evaluate: bool = True) -> Outcome:
+    """Train and evaluate one experiment; returns its ``Outcome`` (status, result record, path, error).
+
+    ``evaluate`` False skips the final evaluation (``loralab bench --experiment`` times training only).
+    Every ending writes a record and is returned, not raised; bad input raises ConfigError before
+    anything is written, and a record that fails validation raises ``results.InvalidRecord``.
+    """
+    params = exp.params
+    launch = distributed.current()
+    say = _say if launch.is_main else _quiet
+    # peft asks transformers a deprecated question on every model it wraps; not ours to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    start = time.perf_counter()
+    created_at = distributed.broadcast_object(results.now_iso())  # one output folder for all ranks
+    git = results.git_state(experiment=exp.path)  # the tree the code runs from
+    out_root = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
+    run_dir, resume_from = find_resume(exp, out_root) if resume else (None, None)
+    if resume and resume_from is None:
+        say("--resume: no checkpoint of this experiment yet; starting from the beginning")
+    out_dir = run_dir or output_dir(exp, created_at)
+    ckpt_root = out_dir / "checkpoints"
+    life = Lifecycle(log=say)
+    record = Record(checkpoint=str(resume_from) if resume_from else None,
+                    resumed_from=str(resume_from) if resume_from else None)
+    error = None
+    trackers = Trackers()  # none until built; ranks other than 0 keep none
+    with life:
+        try:
+            seed_everything(params.seed)
+            resume_state = checkpoint.read_state(resume_from) if resume_from else None
+            init_state = ckpt_root / checkpoint.INIT_STATE
+            built = build.build(exp, life,
+                                init_state=init_state if resume_state and resume_state.get("init_state") else None,
+                                trainable_names=resume_state.get("trainable_names") if resume_state else None)
+            record.method, record.cfg, record.provenance = built.method, built.cfg, built.data.provenance
+            if launch.is_main:
+                trackers = Trackers.open(params, out_dir, config_of(exp), (resume_state or {}).get("step", 0))
+            say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
+                f"({len(built.data.train)} train / {len(built.data.eval)} eval examples), method {built.method.NAME}, "
+                f"device {built.device}; adapter -> {out_dir / 'adapter'}, result -> "
+                f"{results.route('success', git).resolve()}/ (on success)"
+                + ("; the classification head starts from random weights and trains with the adapter"
+                   if built.task.kind == "seq_cls" else ""))
+            _train(exp, built, life, say, trackers, record, ckpt_root, resume_from, verbose)
+            with life.enter("save"):
+                _save(built, out_dir / "adapter", record)
+                say(f"adapter saved to {out_dir / 'adapter'}")
+            if evaluate:
+                with life.enter("evaluate"):
+                    say(f"evaluating {params.task} ({len(built.data.eval)} examples)")
+                    t0 = time.perf_counter()
+                    metrics = _evaluate(built, params, out_dir)
+                    record.timing["final_eval_s"] = time.perf_counter() - t0
+                    record.final = metrics
+                    trackers.log({f"eval/{k}": v for k, v in metrics.items()}, record.step)
+                    record.history.append({"step": record.step, "train samples": record.samples,
+                                           **{f"final {k}": v for k, v in metrics.items()}})
+        except ConfigError:
+            raise
+        except Cancelled as exc:
+            record.end("cancelled", {"type": "Cancelled", "message": str(exc) or "SIGINT", "phase": life.phase})
+            error = exc
+        except KeyboardInterrupt:
+            record.end("cancelled", {"type": "KeyboardInterrupt", "message": "SIGINT", "phase": life.phase})
+            error = Cancelled("SIGINT")
+        except Diverged as exc:
+            last = checkpoint.list_checkpoints(ckpt_root)
+            record.end("diverged", {**error_info(exc, life.phase), "step": exc.step,
+                                    "last_good_checkpoint": str(last[-1]) if last else None})
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - every ending gets a record and is returned
+            record.end("failed", error_info(exc, life.phase))
+            error = exc
+        finally:
+            trackers.close(record.status)
+    result = record.result(exp, created_at, git, start)
+    path = results.write_result(result, git) if launch.is_main else None
+    if record.status == "success" and launch.is_main and ckpt_root.is_dir():
+        (ckpt_root / FINISHED).write_text(json.dumps({"result": str(path)}))  # --resume: nothing left
+    return Outcome(record.status, result, path, error)
+
+
+def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Trackers, record: Record, ckpt_root: Path,
+           resume_from: Path | None, verbose: bool) -> None:
+    """Make the step, restore a checkpoint, run the loop; the record learns what happened."""
+    params, model, launch = exp.params, built.model, distributed.current()
+    record.trainable = count_trainable(model)
+    opt_batch = params.batch_size * params.gradient_accumulation_steps
+    step_fn, speed = make_step(
+        model, built.optimizer, speed=params.speed, kind=built.task.kind, dtype=params.dtype, device=built.device,
+        features=built.data.train, batch_size=params.batch_size, limit=opt_batch, max_length=params.max_length,
+        pad_id=_pad_id(built.tokenizer), normalization=params.loss_normalization,
+        pad_to=params.max_length if params.pad_to_max_length else None, max_grad_norm=params.max_grad_norm,
+        launch=launch, rewrites_base=built.method.NAME if built.saver is not None else None,
+        remake_optimizer=lambda: built.make_optimizer(params), log=say)
+    built.wrapped = step_fn.wrapped
+    if step_fn.optimizer is not built.optimizer:  # FSDP: remade over the sharded parameters
+        built.optimizer, built.scheduler = step_fn.optimizer, make_scheduler(step_fn.optimizer, params, built.total_steps)
+    record.total_steps = built.total_steps
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model=model, optimizer=built.optimizer, scheduler=built.scheduler)
+        if launch.is_main:
+            checkpoint.prune(ckpt_root, params.keep_checkpoints)
+        say(f"resumed from {resume_from} (step {state['step']} of {built.total_steps})")
+    else:
+        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "history": [],
+                 "running": [], "train_time": 0.0, "warmup_time": 0.0, "steady_time": 0.0, "steady_tokens": 0,
+                 "steady_samples": 0}
+        if built.saver is not None and hasattr(built.saver, "initial"):
+            if launch.is_main:
+                checkpoint.save_init_state(ckpt_root, init_tensors(model))  # resume without redoing the decomposition
+            state["init_state"] = True
+    state.update(train_params_sha=exp.train_params_sha, peft_config_sha=exp.peft_config_sha, config=config_of(exp),
+                 trainable_names=[n for n, p in model.named_parameters() if p.requires_grad])
+    if resume_from is not None:
+        checkpoint.load_rng(resume_from)  # last: nothing between here and the next step draws
+    meter = Meter(built.device, state)
+    record.meter, record.speed = meter.memory, speed.record()
+    trackers.log_config({"resolved": {"method": built.method.NAME, "total_steps": built.total_steps,
+                                      "trainable_params": record.trainable, "speed": record.speed}}, state["step"])
+
+    def save_checkpoint(step: int) -> None:
+        if launch.distributed and launch.sharding == "fsdp":
+            return  # not written under FSDP (logged at start)
+        if launch.is_main:  # DDP: every rank holds the same weights and optimizer state
+            record.checkpoint = str(checkpoint.save(ckpt_root, step, model=model, optimizer=built.optimizer,
+                                                    scheduler=built.scheduler, state=state, keep=params.keep_checkpoints))
+        distributed.barrier()
+
+    def evaluate_now(step: int) -> dict:
+        metrics = _evaluate(built, params, None)
+        trackers.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        model.train()
+        return metrics
+
+    try:
+        loop.train(exp.name, params, built, step_fn, state, life=life, meter=meter, trackers=trackers,
+                   evaluate=evaluate_now, save_checkpoint=save_checkpoint, say=say, verbose=verbose)
+    finally:
+        record.step, record.history, record.samples = state["step"], state["history"], state["samples"]
+        record.tokens, record.train_time = state["tokens"], state["train_time"]
+        record.timing.update(meter.timing(), micro_batch=step_fn.micro_batch, oom_retries=step_fn.oom_retries,
+                             cuda_graphs=step_fn.trainer.graphs)
+        record.launch = launch.record(step_fn.micro_batch)
+
+
+def _save(built: Built, path: Path, record: Record) -> None:
+    """The adapter (or full model) and tokenizer; only trained tensors (no frozen embedding copies)."""
+    model = built.model
+    gathered = {}
+    if distributed.is_sharded(built.wrapped):  # FSDP: a collective, then rank 0 writes
+        gathered = {"state_dict": distributed.full_state_dict(built.wrapped)}
+    if not distributed.is_main():
+        return
+    if built.saver is not None:
+        built.saver.save(model, path)
+    elif hasattr(model, "peft_config"):
+        model.save_pretrained(path, save_embedding_layers=embeddings_trained(model), **gathered)
+    else:
+        model.save_pretrained(path, **gathered)
+    if hasattr(model, "peft_config"):  # the base it trained on (float / NF4), for an exact `loralab merge`
+        write_base_record(model, path)
+    built.tokenizer.save_pretrained(path)
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+    record.adapter_path = str(path)
+    record.file_size = sum(p.stat().st_size for p in weights)
+
+
+def _evaluate(built: Built, params, out_dir) -> dict:
+    """The task's metrics, in the precision training used (the model's autocast). More than one
+    process: every rank evaluates (generation loops split their batches over DDP ranks with
+    ``distributed.share``); rank 0 alone writes files."""
+    out_dir = out_dir if distributed.is_main() else None
+    with torch.no_grad(), autocast_context(built.model, built.device.type), distributed.gathered(built.wrapped):
+        return built.task.evaluate(built.model, built.tokenizer, built.data, params, out_dir)
+

@@ -1,0 +1,244 @@
+"""A run's context and its record: phases, signals, every ending as a value, resume, the result.
+
+Endings (``train_info.status`` of the record): ``success``; ``failed`` (an exception: its type,
+message, traceback tail and the phase it came from: build, calibrate, train, save, evaluate);
+``cancelled`` (SIGINT or SIGTERM); ``diverged`` (a non-finite loss or weight). ``run_experiment``
+returns every ending as an ``Outcome`` value; ``loralab run`` maps it to its exit code.
+
+Signals: loralab installs its own handlers whatever the inherited disposition (a job started in
+the background, under nohup or by a scheduler may inherit SIGINT as *ignored*, and Python then
+installs no KeyboardInterrupt handler at all). During training the first signal asks the loop to
+stop after the current optimizer step, write a checkpoint and a ``cancelled`` record; a second one,
+or a signal in any other phase, interrupts at once (``Cancelled``, a KeyboardInterrupt caught by
+the run and turned into its ``cancelled`` outcome).
+
+Resume: ``find_resume`` picks the newest checkpoint whose configuration hashes match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loralab import checkpoint, distributed, results
+from loralab.config import ConfigError
+from loralab.experiment import Experiment
+from loralab.models import model_provenance
+
+PHASES = ("build", "calibrate", "train", "save", "evaluate")
+FINISHED = "finished.json"
+"""Written into a successful run's checkpoint folder: ``--resume`` has nothing left to do."""
+
+
+class Cancelled(KeyboardInterrupt):
+    """SIGINT or SIGTERM received; the message is the signal's name."""
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or trainable weight; ``step`` is the first step seen non-finite."""
+
+    def __init__(self, step: int, what: str):
+        self.step, self.what = step, what
+        super().__init__(f"{what} at step {step}")
+
+
+class Lifecycle:
+    """Tracks the phase and the stop request; use as a context manager around a run (it installs
+    the SIGINT/SIGTERM handlers on the main thread and restores the previous ones on exit)."""
+
+    def __init__(self, log=print):
+        self.phase = "build"
+        self.stop_requested: str | None = None
+        self.log = log
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.phase == "train" and self.stop_requested is None:
+            self.stop_requested = name
+            self.log(f"{name}: stopping after this step (checkpoint, then a cancelled record); again to stop at once")
+            return
+        raise Cancelled(name)
+
+    @contextlib.contextmanager
+    def enter(self, phase: str):
+        """Mark the phase a failure would be attributed to (one of ``PHASES``)."""
+        assert phase in PHASES, phase
+        previous, self.phase = self.phase, phase
+        yield  # an exception leaves self.phase at the failing phase, for the record
+        self.phase = previous
+
+
+def error_info(exc: BaseException, phase: str, lines: int = 25) -> dict:
+    """The ``train_info.error`` entry of a failed record: type, message (first 2,000 characters),
+    phase and the last ``lines`` lines of the traceback."""
+    tail = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    text = "".join(tail).rstrip().splitlines()
+    return {"type": type(exc).__name__, "message": str(exc)[:2000], "phase": phase,
+            "traceback": "\n".join(text[-lines:])}
+
+
+@dataclass
+class Outcome:
+    """How a run ended, as a value: ``status`` (success, failed, cancelled, diverged), the result
+    record written, its path (None on ranks other than 0) and, unless it succeeded, the error
+    (``Cancelled`` for a cancelled run)."""
+
+    status: str
+    result: dict
+    path: Path | None
+    error: BaseException | None = None
+
+    def unwrap(self) -> tuple[dict, Path | None]:
+        """(result record, path) of a successful run; raises the run's error otherwise (with
+        ``result_path`` set on it), for callers that want an exception."""
+        if self.error is not None:
+            self.error.result_path = self.path
+            raise self.error
+        return self.result, self.path
+
+
+def config_of(exp: Experiment) -> dict:
+    """The effective configuration recorded in results and checkpoints."""
+    return {"training_parameters": exp.params.to_dict(),
+            "adapter_config": exp.peft_config.to_dict() if exp.peft_config is not None else None}
+
+
+def find_resume(exp: Experiment, out_root: Path) -> tuple[Path | None, Path | None]:
+    """(run output dir, checkpoint) of the newest checkpoint of this experiment whose configuration
+    hashes match; (None, None) when there is none. Raises ConfigError naming the changed keys when
+    checkpoints exist but none matches, or when the newest matching run already finished."""
+    stem = exp.name.replace("/", "--") + "--"
+    found = []
+    for run_dir in out_root.glob(stem + "*") if out_root.is_dir() else []:
+        for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+            found.append((ckpt.stat().st_mtime, run_dir, ckpt))
+    if not found:
+        return None, None
+    found.sort(key=lambda t: t[0])
+    for _, run_dir, ckpt in reversed(found):
+        state = checkpoint.read_state(ckpt)
+        if state.get("train_params_sha") == exp.train_params_sha and state.get("peft_config_sha") == exp.peft_config_sha:
+            done = run_dir / "checkpoints" / FINISHED
+            if done.exists():
+                raise ConfigError([f"--resume: the newest run of this experiment ({run_dir}) already finished; its result is "
+                                   f"{json.loads(done.read_text()).get('result')}. Run without --resume to train it again."],
+                                  str(exp.path))
+            return run_dir, ckpt
+    newest = checkpoint.read_state(found[-1][2])
+    changes = checkpoint.config_changes(newest.get("config", {}), config_of(exp))
+    raise ConfigError([f"--resume: the configuration changed since checkpoint {found[-1][2]}; changed keys: "
+                       + ("; ".join(changes) or "(hash differs)")
+                       + ". Restore them, or run without --resume to start afresh."], str(exp.path))
+
+
+@dataclass
+class Record:
+    """What a run learns about itself, filled as it goes; ``result`` turns it into the result
+    record (``loralab.results`` schema) once, at the end."""
+
+    checkpoint: str | None = None
+    resumed_from: str | None = None
+    status: str = "success"
+    error: dict | None = None
+    step: int = 0
+    history: list = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    adapter_path: str | None = None
+    file_size: int | None = None
+    train_time: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    speed: dict = field(default_factory=dict)
+    """The resolved speed settings (no "auto" left)."""
+    timing: dict = field(default_factory=dict)
+    total_steps: int | None = None
+    trainable: int | None = None
+    method: object = None
+    cfg: object = None
+    provenance: dict = field(default_factory=dict)
+    meter: object = None
+    """The run's ``MemoryMeter`` (its summary goes into ``train_info``)."""
+    launch: dict | None = None
+
+    def end(self, status: str, error: dict | None = None) -> None:
+        """Set the ending (``success``, ``failed``, ``cancelled``, ``diverged``) and its error entry."""
+        self.status, self.error = status, error
+
+    def result(self, exp: Experiment, created_at: str, git: dict, start: float) -> dict:
+        """The result record: run_info, train_info, eval, meta_info. ``start`` is the run's
+        ``time.perf_counter()`` at its beginning (``total_time`` in seconds)."""
+        params = exp.params
+        timing = self.timing
+        steady = timing.get("steady_s") or 0.0
+        method = self.method
+        train_info = {
+            "status": self.status,
+            "train_time": self.train_time,
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "trainable_params": self.trainable,
+            "file_size": self.file_size,
+            "adapter_path": self.adapter_path,
+            "checkpoint": self.checkpoint,
+            "resumed_from": self.resumed_from,
+            "train_samples": self.samples,
+            "train_tokens": self.tokens,
+            "tokens_per_second": timing.get("steady_tokens", 0) / steady if steady else None,
+            "samples_per_second": timing.get("steady_samples", 0) / steady if steady else None,
+            "warmup_time": timing.get("warmup_s"),
+            "timing": timing,
+            "speed": dict(self.speed),
+            "loss_normalization": params.loss_normalization,
+            "distributed": self.launch or distributed.current().record(None),
+            **(self.meter.summary() if self.meter is not None else {}),
+            "metrics": self.history,
+        }
+        if self.error is not None:
+            train_info["error"] = self.error
+        parts = getattr(method, "parts", None)
+        return {
+            "run_info": {
+                "created_at": created_at,
+                "total_time": time.perf_counter() - start,
+                "experiment_name": exp.name,
+                "git": git,
+                "train_params_sha": exp.train_params_sha,
+                "peft_config_sha": exp.peft_config_sha,
+                "method": method.NAME if method is not None else None,
+                "method_parts": dict(parts) if parts else None,
+                "init_cost": getattr(method, "init_cost", None),
+                "task": params.task,
+                "seed": params.seed,
+                "config": {
+                    "training_parameters": params.to_dict(),
+                    "adapter_config": self.cfg.to_dict() if self.cfg is not None else None,
+                },
+            },
+            "train_info": train_info,
+            "eval": self.final,
+            "meta_info": {
+                "model": model_provenance(params.model_id),
+                "dataset": {"task": params.task, **self.provenance},
+                "package_info": results.package_info(),
+                "system_info": results.system_info(),
+            },
+        }
