@@ -124,7 +124,8 @@ def to_html(report: Report, command: str = "loralab report") -> str:
             for task in _sort_cols({r.task for r in by_set[name]}):
                 svg, _ = curves_svg([r for r in by_set[name] if r.task == task], task, colour)
                 parts.append(_img(svg, f"curves {name} {task}", f"{name} · {task_name(task)}: train loss, evaluation "
-                                  "metric and learning rate against step; mean over seeds, band ± sd"))
+                                  "metric and learning rate against step; mean over seeds, band ± sd; where runs evaluated only "
+                                  "at the end, the final evaluation per method; lines that coincide are dashed in turn"))
         parts.append('<h2 id="efficiency">Accuracy against cost</h2>')
         for name in sorted(by_set):
             tasks = _sort_cols({r.task for r in by_set[name]})

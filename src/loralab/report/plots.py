@@ -39,11 +39,34 @@ def _svg(fig) -> str:
     return buf.getvalue()
 
 
+PALETTE = ("#0072B2", "#FF7F00", "#2CA02C", "#E7298A", "#000000", "#44AA99", "#8C564B", "#332288", "#BCBD22",
+           "#D62728", "#A6761D", "#CC79A7")
+"""Twelve qualitative colours of distinct hue, picked greedily from the Okabe-Ito, Tol, ColorBrewer
+and tab10 palettes for the largest smallest CIELAB distance: ΔE76 >= 41 between any two of the first
+ten, >= 36 among all twelve (tab10 has 28 between its purple and pink, tab20 17 within its pairs).
+None is light enough to vanish on white or is the grey of dominated points."""
+
+SLOTS = {"LoRA": 0, "DoRA": 1, "PiSSA": 2, "CorDA (IPA)": 3, "CorDA": 3, "Full FT": 4, "rsLoRA": 5, "OLoRA": 6,
+         "LoRA-FA": 7, "LoRA-FA QR-init": 8, "SVD LoRA-FA": 9, "SVD LoRA-FA corrected": 10, "CorDA (KPA)": 11}
+"""A method's own slot of ``PALETTE``, so it has the same colour in every report."""
+
+
 def colours(labels) -> dict:
-    """A fixed colour per label (tab10, then tab20), the same in every figure of a report."""
-    plt = _pyplot()
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    """label -> colour (``#rrggbb``), the same in every figure of a report. A method named in
+    ``SLOTS`` takes its own colour (the same in every report); any other label (a variant such as
+    ``LoRA (r=4)``, another method) the first free colour, its method's own first where free. Past
+    twelve labels colours repeat (the learning-rate panel's dashes still tell the lines apart)."""
+    labels = list(labels)
+    out = {label: PALETTE[SLOTS[label]] for label in labels if label in SLOTS}
+    for label in labels:
+        if label in out:
+            continue
+        used = set(out.values())
+        method = label.rsplit(" (", 1)[0] if label.endswith(")") else label
+        free = [c for c in PALETTE if c not in used]
+        own = PALETTE[SLOTS[method]] if method in SLOTS else None
+        out[label] = own if own in free else free[0] if free else PALETTE[len(out) % len(PALETTE)]
+    return out
 
 
 def series(runs: list[Run], key: str, factor: float = 1.0):
@@ -66,10 +89,64 @@ def _last_step(r: Run) -> float:
     return float(r.train_info.get("steps") or (max(steps) if steps else 0))
 
 
+def _gid(kind: str, label: str) -> str:
+    """An SVG id naming what an artist draws (``final-LoRA``), for the page's checks."""
+    return kind + "-" + "".join(c if c.isalnum() else "_" for c in label)
+
+
+def line_styles(lines: dict, tol: float = 0.01) -> dict:
+    """label -> matplotlib line style for lines drawn on one panel (``lines``: label -> (steps,
+    values)): a line that coincides with others (same steps, every value within ``tol`` of the
+    panel's value span) is dashed in an interleaved phase (line j of m draws the j-th of every m
+    dashes), so every colour shows where they overlap; any other line is solid."""
+    values = [v for _, v in lines.values() if len(v)]
+    span = (max(v.max() for v in values) - min(v.min() for v in values)) if values else 0.0
+    groups: list[list] = []
+    for label, (steps, vals) in lines.items():
+        if not len(vals):
+            continue
+        for group in groups:
+            s0, v0 = lines[group[0]]
+            if np.array_equal(steps, s0) and np.all(np.abs(vals - v0) <= tol * span):
+                group.append(label)
+                break
+        else:
+            groups.append([label])
+    dash = 3.0
+    return {label: (j * dash, (dash, dash * (len(g) - 1))) if len(g) > 1 else "-"
+            for g in groups for j, label in enumerate(g)}
+
+
+def _final_by_method(ax, by_label: dict, metric: str, f: float, colour: dict, drawn: list) -> None:
+    """The evaluation panel when runs evaluated once, at the end: one column per method (all would
+    share the last step), the mean as a bar with ± sd over seeds and its value written beside it,
+    each seed's score a hollow dot spread across the column."""
+    for i, (label, rs) in enumerate(by_label.items()):
+        ys = np.array([r.metrics[metric] * f for r in rs if metric in r.metrics], dtype=float)
+        if ys.size == 0:
+            continue
+        c = colour[label]
+        xs = i + (np.arange(ys.size) - (ys.size - 1) / 2) * (0.5 / ys.size)  # seeds side by side, not stacked
+        ax.scatter(xs, ys, s=16, facecolors="none", edgecolors=c, linewidths=0.8, zorder=2, gid=_gid("seeds", label))
+        ax.errorbar([i], [ys.mean()], yerr=[ys.std(ddof=1)] if ys.size > 1 else None, fmt="_", ms=16, mew=2,
+                    color=c, capsize=4, zorder=3, gid=_gid("final", label))
+        ax.annotate(f"{ys.mean():.2f}", (i, ys.mean()), xytext=(0, 5), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=7, color=c)
+        drawn.append(f"{label}: final {metric}")
+    ax.set_xticks(range(len(by_label)), [lab if len(lab) <= 28 else lab[:27] + "…" for lab in by_label],
+                  rotation=30, ha="right")  # the legend above has the full labels
+    ax.set_xlim(-0.6, len(by_label) - 0.4)
+    ax.set_xlabel("final evaluation, per method (bar: mean ± sd over seeds; dots: seeds)")
+
+
 def curves_svg(runs: list[Run], task: str, colour: dict) -> tuple[str, list[str]]:
     """One figure for one task: train loss, the headline evaluation metric and the learning rate
     against optimizer step; one line per method (mean over seeds), shaded mean ± sd. The final
-    evaluation is a marker at the last step. Returns (svg, what was drawn, for the page's checks)."""
+    evaluation is a marker at the last step, the methods' markers side by side; where no run
+    evaluated during training the panel shows the final evaluation per method instead
+    (``_final_by_method``). Lines that coincide (the same learning-rate schedule, near-identical
+    losses) are dashed in interleaved phases (``line_styles``), so none hides another. Returns
+    (svg, what was drawn, for the page's checks)."""
     plt = _pyplot()
     by_label = defaultdict(list)
     for r in sorted(runs, key=lambda r: list(colour).index(r.label)):
@@ -79,28 +156,37 @@ def curves_svg(runs: list[Run], task: str, colour: dict) -> tuple[str, list[str]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     panels = [("train loss", "train loss", 1.0), (f"eval {metric}", f"{metric}" + (" ×100" if factor != 1 else ""), factor),
               ("lr", "learning rate", 1.0)]
+    once = not any(series(rs, f"eval {metric}")[0].size for rs in by_label.values())  # evaluated at the end only
     drawn = []
     for ax, (key, ylabel, f) in zip(axes, panels):
-        for label, rs in by_label.items():
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if key.startswith("eval ") and once:
+            _final_by_method(ax, by_label, metric, f, colour, drawn)
+            continue
+        drawn_series = {label: series(rs, key, f) for label, rs in by_label.items()}
+        styles = line_styles({label: (v[0], v[1]) for label, v in drawn_series.items()})
+        for i, (label, rs) in enumerate(by_label.items()):
             c = colour[label]
-            steps, mean, sd, n = series(rs, key, f)
+            steps, mean, sd, n = drawn_series[label]
             if key.startswith("eval "):
-                # the final evaluation (the record's ``eval``) at the run's last step: mean ± sd over seeds
+                # the final evaluation (the record's ``eval``) at the run's last step: mean ± sd over seeds,
+                # the methods' markers side by side (they share the last step)
                 finals = [(_last_step(r), r.metrics[metric] * f) for r in rs if metric in r.metrics]
                 if finals:
                     xs, ys = np.array(finals, dtype=float).T
-                    ax.errorbar([xs.mean()], [ys.mean()], yerr=[ys.std(ddof=1)] if ys.size > 1 else None, fmt="o",
-                                color=c, ms=5, capsize=3)
+                    dodge = (i - (len(by_label) - 1) / 2) * 0.015 * max(xs.mean(), 1.0)
+                    ax.errorbar([xs.mean() + dodge], [ys.mean()], yerr=[ys.std(ddof=1)] if ys.size > 1 else None,
+                                fmt="o", color=c, ms=5, capsize=3, gid=_gid("final", label))
                     drawn.append(f"{label}: final {metric}")
             if steps.size == 0:
                 continue
-            ax.plot(steps, mean, color=c, lw=1.4, label=f"{label} (n={max(n)})", marker="." if steps.size < 3 else None)
+            ax.plot(steps, mean, color=c, lw=1.4, ls=styles[label], label=f"{label} (n={max(n)})",
+                    marker="." if steps.size < 3 else None, gid=_gid(key.split()[0], label))
             if n.max() > 1:
                 ax.fill_between(steps, mean - sd, mean + sd, color=c, alpha=0.2, lw=0)
             drawn.append(f"{label}: {key}")
         ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
