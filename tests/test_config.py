@@ -155,11 +155,14 @@ def test_shipped_glue_experiments_validate(monkeypatch):
 
     monkeypatch.delenv("LORALAB_DATA_DIR", raising=False)
     root = Path(__file__).resolve().parents[1] / "experiments"
-    folders = sorted(p.parent for p in root.rglob("training_parameters.json") if "llm" not in p.parts)
+    causal_quickstart = root / "quickstart" / "lora-smollm2-gsm8k"  # the one causal-LM folder outside llm/
+    folders = sorted(p.parent for p in root.rglob("training_parameters.json")
+                     if "llm" not in p.parts and p.parent != causal_quickstart)
     assert len(folders) >= 60 + 27 + 1
     for folder in folders:
         exp = read_experiment(folder)
         assert exp.params.task.startswith("glue/")
+    assert read_experiment(causal_quickstart).params.task == "gsm8k"
     corda = read_experiment(root / "glue-roberta" / "corda" / "rte")
     assert corda.params.model_id == "FacebookAI/roberta-base" and corda.peft_config.r == 128
     assert corda.peft_config.corda_config.corda_method == "ipm" and corda.params.calibration["num_samples"] == 256

@@ -235,8 +235,9 @@ class TrainingParameters:
     """DoRA modules whose magnitude alone trains (seed 002's Wdecompose_target_modules)."""
     calibration: dict[str, Any] = field(default_factory=_calibration_defaults)
     """Data-driven inits (CorDA): dataset, num_samples, seed, sampling, batch_size."""
-    eval_tasks: list[str] = field(default_factory=list)
-    """Causal LMs: evaluations to run after training (empty: the task's default)."""
+    eval_tasks: list[str] | None = None
+    """Causal LMs: evaluations to run after training; null (default): the task's own default
+    evaluations; ``[]``: none (the run trains, saves and records empty eval metrics)."""
     generation: dict[str, Any] = field(default_factory=_generation_defaults)
     eval_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the evaluations (see ``loralab.tasks.evaluations``)."""
@@ -257,8 +258,17 @@ turning a tracker on neither blocks ``--resume`` nor reruns a sweep's finished e
 
 
 def hashed_parameters(params: TrainingParameters) -> dict[str, Any]:
-    """The parameters ``train_params_sha`` covers: all but ``NOT_HASHED``."""
-    return {k: v for k, v in params.to_dict().items() if k not in NOT_HASHED}
+    """The parameters ``train_params_sha`` covers: all but ``NOT_HASHED``.
+
+    ``eval_tasks`` null (unset: the task's default evaluations) hashes as ``[]``, the old default
+    that meant the same, so the hashes of experiments that do not set it are unchanged; an
+    explicit ``[]`` (no evaluation, issue 24; it used to mean the default) hashes as ``"none"``."""
+    out = {k: v for k, v in params.to_dict().items() if k not in NOT_HASHED}
+    if out.get("eval_tasks") is None:
+        out["eval_tasks"] = []
+    elif out["eval_tasks"] == []:
+        out["eval_tasks"] = "none"
+    return out
 
 
 NESTED = {"calibration": _calibration_defaults, "generation": _generation_defaults, "speed": _speed_defaults}

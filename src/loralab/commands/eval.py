@@ -23,7 +23,8 @@ import time
 
 def add_arguments(parser):
     parser.add_argument("--tasks", required=True, help="comma-separated evaluations or groups, e.g. gsm8k,math,humaneval,mbpp,commonsense")
-    parser.add_argument("--model", help="hub id, local folder, .gguf file or packaged:<name> (not with --generations)")
+    parser.add_argument("--model", help="hub id, local folder, .gguf file or packaged:<name> (not with --generations); "
+                        "default with --adapter: the adapter's base_model_name_or_path (packaged:<name> resolved)")
     parser.add_argument("--adapter", help="peft adapter folder to load on top of --model")
     parser.add_argument("--generations", help="re-score this JSONL of saved generations instead of running a model")
     parser.add_argument("--generations-out", help="write the live run's generations to this JSONL")
@@ -53,7 +54,8 @@ def _problems(args, names, options) -> list[str]:
     if args.generations and (args.model or args.adapter):
         problems.append("--generations re-scores saved completions: give no --model/--adapter with it")
     if not args.generations and not args.model:
-        problems.append("give --model (live run) or --generations (re-score)")
+        problems.append("give --model (live run), --adapter whose adapter_config.json names its base model, "
+                        "or --generations (re-score)")
     from loralab.tasks.generation import setting_problems
 
     problems += [f"--{name.replace('_', '-')} = {value}: {rule}" for name, value, rule in setting_problems(_flags(args))]
@@ -118,6 +120,10 @@ def run(args) -> int:
     from loralab.tasks.evaluate import expand, read_records, run_eval, score_generations, write_records
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.adapter and not args.model and not args.generations:
+        from loralab.models import adapter_base_id
+
+        args.model = adapter_base_id(args.adapter)  # the id the run recorded (packaged:<name>, hub id, folder)
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as exc:
@@ -140,7 +146,13 @@ def run(args) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-        model, tokenizer = _load(args)
+        from loralab.models import Unreachable
+
+        try:
+            model, tokenizer = _load(args)
+        except Unreachable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         metrics, records = {}, []
         limits = parse_max_samples(args.max_samples, names)
         tokens = parse_max_samples(args.max_new_tokens, names)
@@ -149,6 +161,9 @@ def run(args) -> int:
             try:
                 metrics[name], recs = run_eval(name, model, tokenizer, data_dir=data_dir, generation=task_generation,
                                                options=options, max_samples=limits.get(name))
+            except Unreachable as exc:  # offline: every hub task would wait and fail alike; exit 2 as loralab run
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             except (ValueError, OSError, ConnectionError) as exc:  # one task's data or setting: the others still run
                 failed.append(name)
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

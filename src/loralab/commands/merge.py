@@ -8,7 +8,8 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--base", help="base model (the residual model DIR for PiSSA/CorDA)")
+    p.add_argument("--base", help="base model (the residual model DIR for PiSSA/CorDA); default: the adapter's "
+                   "base_model_name_or_path (a packaged:<name> id is resolved)")
     p.add_argument("--adapter", required=True, help="peft adapter folder (the trained one)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--to-lora", metavar="INITIAL_ADAPTER", default=None,
@@ -22,15 +23,22 @@ def run(args) -> int:
     import sys
 
     from loralab.merge import MergeError, convert_to_lora, merge_adapter
+    from loralab.models import Unreachable, adapter_base_id
 
     if not args.to_lora and not args.base:
-        print("error: --base is required to merge (or pass --to-lora INITIAL_ADAPTER to convert)", file=sys.stderr)
+        args.base = adapter_base_id(args.adapter)
+    if not args.to_lora and not args.base:
+        print("error: --base is required to merge when the adapter's adapter_config.json names no base model "
+              "(or pass --to-lora INITIAL_ADAPTER to convert)", file=sys.stderr)
         return 2
     try:
         if args.to_lora:
             print(convert_to_lora(args.adapter, args.to_lora, args.out))
         else:
             print(merge_adapter(args.base, args.adapter, args.out, args.dtype))
+    except Unreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (MergeError, ValueError, FileNotFoundError) as exc:
         print(f"error: loralab merge: {exc}", file=sys.stderr)
         return 2

@@ -55,6 +55,15 @@ class Task(Protocol):
     def evaluate(self, model, tokenizer, data: TaskData, params, out_dir) -> dict[str, float]: ...
 
 
+def eval_count(task, data: TaskData, params) -> int:
+    """How many examples or problems the run's final evaluation scores (for the opening line): the
+    task's own ``eval_count(data, params)`` where it has one (SFT tasks, whose generative problems
+    load at evaluation time, so ``data.eval`` is empty; ``eval_tasks: []`` gives 0), else
+    ``len(data.eval)`` (classification: the tokenized evaluation features)."""
+    count = getattr(task, "eval_count", None)
+    return int(count(data, params)) if count is not None else len(data.eval)
+
+
 @dataclass(frozen=True)
 class Eval:
     """One evaluation. Callables take the evaluation ``name`` first, so one family function can

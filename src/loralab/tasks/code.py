@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loralab.models import hub_dataset
 from loralab.tasks.base import Eval
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>"]
@@ -82,9 +83,7 @@ def _load_humaneval(data_dir) -> list[dict]:
 
         return list(read_problems().values())
     except ImportError:
-        import datasets
-
-        return list(datasets.load_dataset("openai/openai_humaneval", split="test"))
+        return list(hub_dataset("openai/openai_humaneval", split="test", what="evaluation data"))
 
 
 def _load_mbpp(data_dir, sanitized: bool) -> list[dict]:
@@ -94,11 +93,9 @@ def _load_mbpp(data_dir, sanitized: bool) -> list[dict]:
                 return json.load(fh)
         with open(Path(data_dir) / "mbpp" / "mbpp.jsonl", encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
-    import datasets
-
     config = "sanitized" if sanitized else "full"
     return [r for split in ("train", "validation", "test", "prompt")
-            for r in datasets.load_dataset("google-research-datasets/mbpp", config, split=split)]
+            for r in hub_dataset("google-research-datasets/mbpp", config, split=split, what="evaluation data")]
 
 
 def build_prompt(name: str, problem: dict, options: dict) -> str:

@@ -22,6 +22,7 @@ import json
 import re
 from pathlib import Path
 
+from loralab.models import hub_dataset
 from loralab.tasks.base import Eval, fraction_correct
 
 PROMPT = (
@@ -68,10 +69,8 @@ def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
 
 
 def _hellaswag_from_hub() -> list[dict]:
-    import datasets
-
     rows = []
-    for r in datasets.load_dataset("Rowan/hellaswag", split="validation"):
+    for r in hub_dataset("Rowan/hellaswag", split="validation", what="evaluation data"):
         e = r["endings"]
         instruction = HELLASWAG_INSTRUCTION.format(activity_label=r["activity_label"], ctx=r["ctx"], e1=e[0], e2=e[1], e3=e[2], e4=e[3])
         rows.append({"instruction": instruction, "answer": f"ending{int(r['label']) + 1}"})

@@ -30,6 +30,7 @@ import json
 from math import isclose
 from pathlib import Path
 
+from loralab.models import hub_dataset
 from loralab.tasks.base import Eval, fraction_correct
 from loralab.tasks.gsm8k import PROMPTS, STOP
 from loralab.tasks.numeric import numbers_equal
@@ -50,14 +51,12 @@ def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
         with open(Path(data_dir) / "math" / sub / "test.jsonl", encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
     else:
-        import datasets
-
         if name == "math500":
-            rows = list(datasets.load_dataset("HuggingFaceH4/MATH-500", split="test"))
+            rows = list(hub_dataset("HuggingFaceH4/MATH-500", split="test", what="evaluation data"))
         else:  # hub copies lack the original file names: unique_id is test/<subject>/<row>.json
             rows = []
             for subject in SUBJECTS:
-                for i, r in enumerate(datasets.load_dataset("EleutherAI/hendrycks_math", subject, split="test")):
+                for i, r in enumerate(hub_dataset("EleutherAI/hendrycks_math", subject, split="test", what="evaluation data")):
                     rows.append({**r, "unique_id": f"test/{subject}/{i}.json"})
     rows = rows[:max_samples] if max_samples else rows
     return [{"id": r["unique_id"], "problem": r["problem"], "solution": r["solution"]} for r in rows]

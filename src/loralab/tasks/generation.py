@@ -32,6 +32,8 @@ completions are those of one process.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 
 from loralab import distributed
@@ -185,41 +187,112 @@ def eos_ids(model, tokenizer) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
+class Progress:
+    """A generation bar that counts problems (prompts; all of a prompt's samples done = one) and
+    shows the new tokens per second of the finished ones, refreshed every ``tick`` seconds by a
+    daemon thread, so elapsed time and ``live()``'s text (e.g. the engine's decode step) move
+    even while no problem finishes. ``desc`` None or ``enabled`` False: no bar, no thread.
+    Thread-safe; use as a context manager (leaving it stops the thread and closes the bar)."""
+
+    def __init__(self, total: int, desc: str | None, enabled: bool = True, live=None, tick: float = 1.0):
+        from tqdm import tqdm
+
+        self.enabled = desc is not None and enabled
+        self.bar = tqdm(total=total, desc=desc or "generate", unit="problem", disable=not self.enabled)
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.live = live
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if self.enabled:
+            self._thread = threading.Thread(target=self._tick, args=(tick,), daemon=True, name="generation-progress")
+            self._thread.start()
+
+    def _postfix(self) -> None:
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        extra = self.live() if self.live is not None else ""
+        self.bar.set_postfix_str(f"{rate:.1f} new tok/s" + (f", {extra}" if extra else ""), refresh=False)
+
+    def _tick(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                self._postfix()
+                self.bar.refresh()
+
+    def done(self, problems: int = 1, new_tokens: int = 0) -> None:
+        """``problems`` more finished, which generated ``new_tokens`` tokens in all."""
+        with self._lock:
+            self.tokens += new_tokens
+            self._postfix()
+            self.bar.update(problems)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._postfix()
+            self.bar.close()
+
+
+def note(text: str, progress: str | None) -> None:
+    """One line on stderr for a step that takes a while without a bar (main rank, progress on)."""
+    if progress is not None and distributed.is_main():
+        import sys
+
+        print(f"[loralab] {progress}: {text}", file=sys.stderr, flush=True)
+
+
+def _new_tokens(ids: list[int], eos: set[int]) -> int:
+    """Tokens generated before the first end-of-sequence token (padding after it not counted)."""
+    for k, t in enumerate(ids):
+        if t in eos:
+            return k
+    return len(ids)
+
+
 def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, progress, done, stats=None):
     """The engine on this rank's share of ``prompts``; every rank returns all completions."""
-    from tqdm import tqdm
-
     from loralab.engine import Engine, Sampling, StopStrings
 
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     mine = distributed.share(list(range(len(prompts))))
     results: list[list[str]] = [[] for _ in prompts]
-    bar = tqdm(total=len(mine), desc=progress or "generate", unit="prompt",
-               disable=progress is None or not distributed.is_main())
+    if not mine:
+        return distributed.merge_shared(results)
+    note(f"{len(mine)} problems on loralab's engine (adapters merged into copies of the layers first)", progress)
+    engine = Engine(model, max_slots=settings.slots, memory_fraction=settings.memory_fraction)
 
-    def finished(k, samples):
-        i = mine[k]
-        results[i] = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
-        bar.update(1)
-        if done is not None:
-            done(i, results[i])
+    def live() -> str:  # what the engine is doing while no problem has finished
+        stats = getattr(engine, "stats", None) or {}
+        if not stats:
+            return "merging adapters"
+        return f"decode step {stats['decode_steps']}" if stats.get("decode_steps") else "prefill"
 
-    if mine:
-        engine = Engine(model, max_slots=settings.slots, memory_fraction=settings.memory_fraction)
+    with Progress(len(mine), progress, distributed.is_main(), live=live) as bar:
+        def finished(k, samples):
+            i = mine[k]
+            results[i] = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
+            bar.done(1, sum(len(s) for s in samples))
+            if done is not None:
+                done(i, results[i])
+
         sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed)
         engine.generate([encoded[i] for i in mine], [_budget(len(encoded[i]), settings) for i in mine],
                         sampling=sampling, n_samples=settings.n_samples, eos_ids=eos_ids(model, tokenizer),
                         stop=StopStrings(tokenizer, list(settings.stop)) if settings.stop else None,
                         request_ids=mine, on_finish=finished)
-        if stats is not None:
-            stats.update(engine.stats)
-    bar.close()
+    if stats is not None:
+        stats.update(engine.stats)
     return distributed.merge_shared(results)
 
 
 def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettings, progress, done=None):
     import torch
-    from tqdm import tqdm
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -240,11 +313,16 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     batches = distributed.share(batches)  # under DDP each rank generates its share (greedy: same outputs)
     devices = [device] if device.type == "cuda" else []
+    eos = eos_ids(model, tokenizer)
+    current = {"batch": 0}
+    bar = Progress(sum(len(b) for b in batches), progress, distributed.is_main(),
+                   live=lambda: f"batch {current['batch']}/{len(batches)}")
     try:
         # sampling seeds inside a fork of the global random state: the caller's (a training run's) is left as it was
-        with torch.random.fork_rng(devices=devices):
+        with bar, torch.random.fork_rng(devices=devices):
             torch.manual_seed(settings.seed)
-            for batch in tqdm(batches, desc=progress or "generate", disable=progress is None or not distributed.is_main()):
+            for number, batch in enumerate(batches, 1):
+                current["batch"] = number
                 budgets = [_budget(len(encoded[i]), settings) for i in batch]
                 padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
                 if settings.stop:
@@ -252,12 +330,15 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
                 with torch.no_grad():
                     out = model.generate(**padded, max_new_tokens=max(budgets), **kwargs)
                 new = out[:, padded["input_ids"].shape[1]:]
+                generated = 0
                 for row, i in enumerate(batch):
                     for s in range(settings.n_samples):
                         tokens = new[row * settings.n_samples + s][: budgets[row]]
+                        generated += _new_tokens(tokens.tolist(), eos)
                         results[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
                     if done is not None:
                         done(i, results[i])
+                bar.done(len(batch), generated)
     finally:
         model.train(was_training)
     return distributed.merge_shared(results)

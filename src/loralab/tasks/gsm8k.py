@@ -39,6 +39,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+from loralab.models import hub_dataset
 from loralab.tasks.base import Eval, fraction_correct
 from loralab.tasks.numeric import first_number, numbers_equal
 
@@ -73,9 +74,7 @@ def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
         with open(Path(data_dir) / "gsm8k" / "test.jsonl", encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
     else:
-        import datasets
-
-        rows = list(datasets.load_dataset("openai/gsm8k", "main", split="test"))
+        rows = list(hub_dataset("openai/gsm8k", "main", split="test", what="evaluation data"))
     rows = rows[:max_samples] if max_samples else rows
     return [{"id": i, "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
 

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loralab.data import IGNORE_INDEX
 from loralab.results import sha256_file
 from loralab.tasks.commonsense import COMMONSENSE
 from loralab.tasks.instruct_templates import (
@@ -51,6 +50,12 @@ from loralab.tasks.instruct_templates import (
     PEFT_MC_QUERY,
     alpaca_prompt,
     dora_prompt,
+)
+from loralab.tasks.instruct_tokenize import (  # noqa: F401  (re-exported: the tokenisation rules)
+    encode_dora,
+    encode_masked,
+    encode_peft_mc,
+    tokenize_rows,
 )
 
 DORA_VAL_SET_SIZE = 120
@@ -99,74 +104,6 @@ PAIRS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "peft_mc": lambda r: (PEFT_MC_QUERY.format(query=r["query"]), r["response"]),
     "dora": lambda r: (dora_prompt(r["instruction"], r.get("input") or "", r["output"]), ""),
 }
-
-
-# ----------------------------------------------------------------------------- tokenisation
-
-
-def _batches(items: list, size: int = 1000):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def encode_masked(tokenizer, sources: list[str], targets: list[str], max_length: int) -> list[dict]:
-    """Alpaca/MetaMath/CorDA: labels keep only the positions after the tokenized source."""
-    pad = tokenizer.pad_token_id
-    full = tokenizer([s + t for s, t in zip(sources, targets)], truncation=True, max_length=max_length)["input_ids"]
-    src = tokenizer(list(sources), truncation=True, max_length=max_length)["input_ids"]
-    features = []
-    for ids, source_ids in zip(full, src):
-        n_source = sum(1 for t in source_ids if t != pad)
-        labels = [IGNORE_INDEX] * min(n_source, len(ids)) + list(ids[n_source:])
-        features.append({"input_ids": list(ids), "attention_mask": [1] * len(ids), "labels": labels})
-    return features
-
-
-def encode_dora(tokenizer, texts: list[str], max_length: int) -> list[dict]:
-    """DoRA/LLM-Adapters ``tokenize``: truncate, add EOS if missing and there is room; loss on everything."""
-    eos = tokenizer.eos_token_id
-    features = []
-    for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]:
-        ids = list(ids)
-        if ids[-1] != eos and len(ids) < max_length:
-            ids.append(eos)
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
-    return features
-
-
-def encode_peft_mc(tokenizer, sources: list[str], targets: list[str], max_length: int) -> list[dict]:
-    """peft method_comparison: prompt + response, no masking; EOS appended where it fits."""
-    eos = tokenizer.eos_token_id
-    features = []
-    for ids in tokenizer([s + t for s, t in zip(sources, targets)], truncation=True, max_length=max_length)["input_ids"]:
-        ids = list(ids)
-        if len(ids) < max_length:
-            ids.append(eos)
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
-    return features
-
-
-def tokenize_rows(style: str, pair: Callable, rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
-    """Tokenized features and how many rows were dropped for having no supervised token."""
-    from tqdm.auto import tqdm
-
-    if tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has no eos_token; SFT targets end with it")
-    features = []
-    for chunk in tqdm(list(_batches(rows)), desc=f"tokenize ({style})", unit="k rows", leave=False):
-        pairs = [pair(r) for r in chunk]
-        sources = [p[0] for p in pairs]
-        if style == "masked":
-            targets = [p[1] + tokenizer.eos_token for p in pairs]
-            features += encode_masked(tokenizer, sources, targets, max_length)
-        elif style == "dora":
-            features += encode_dora(tokenizer, sources, max_length)
-        elif style == "peft_mc":
-            features += encode_peft_mc(tokenizer, sources, [p[1] for p in pairs], max_length)
-        else:
-            raise ValueError(f"unknown tokenisation style {style!r}")
-    kept = [f for f in features if any(label != IGNORE_INDEX for label in f["labels"])]
-    return kept, len(features) - len(kept)
 
 
 # ----------------------------------------------------------------------------- data
@@ -218,7 +155,7 @@ class InstructTask:
     local_files: tuple[str, ...]
     """Candidate files under ``data_dir``, first existing one wins."""
     default_evals: tuple[str, ...]
-    """Evaluations run when ``eval_tasks`` is empty. Alpaca and WizardLM have none: their sources
+    """Evaluations run when ``eval_tasks`` is unset (None). Alpaca and WizardLM have none: their sources
     judged them with MT-Bench, which loralab does not implement."""
     description: str
     holdout: int = 0
@@ -240,10 +177,11 @@ class InstructTask:
         return None
 
     def eval_names(self, params) -> list[str]:
-        """The evaluations to run, groups expanded (``eval_tasks``, else ``default_evals``)."""
+        """The evaluations to run, groups expanded: ``eval_tasks`` as given (``[]``: none), or
+        ``default_evals`` when it is None (unset)."""
         from loralab.tasks.evaluate import expand
 
-        return expand(list(params.eval_tasks) or list(self.default_evals))
+        return expand(list(self.default_evals) if params.eval_tasks is None else list(params.eval_tasks))
 
     def check(self, params) -> list[str]:
         problems = []
@@ -275,10 +213,10 @@ class InstructTask:
             if slice_at_load and n is not None:
                 rows = rows[:n]
         else:
-            import datasets  # lazy: the GPU machine has no `datasets`; local files need none
+            from loralab.models import hub_dataset
 
             split = f"train[:{n}]" if slice_at_load and n is not None else "train"
-            ds = datasets.load_dataset(**self.hub, split=split)
+            ds = hub_dataset(**self.hub, split=split, what="training data")
             rows = ds.to_list()
             provenance = {"source": "hub", **self.hub, "split": split}
             if "data_files" not in self.hub:  # a URL has no hub revision
@@ -327,19 +265,31 @@ class InstructTask:
             out[name] = entry
         return out
 
+    def eval_count(self, data, params) -> int:
+        """How many problems the final evaluation scores: the problems of each generative
+        evaluation (its test set, cut to ``max_eval_samples``), summed; perplexity and lm-eval
+        evaluations, which score token windows or the harness's own documents, count 0. For the
+        run's opening line (``data.eval`` is empty for SFT tasks: problems load at evaluation)."""
+        from loralab.tasks.evaluate import EVALS
+
+        return sum(len(EVALS[n].load(n, params.data_dir, params.max_eval_samples))
+                   for n in self.eval_names(params) if EVALS[n].output_type == "generate")
+
     def evaluate(self, model, tokenizer, data, params, out_dir) -> dict[str, float]:
-        """Flat ``<evaluation>/<metric>`` numbers; with ``out_dir``, ``generations.jsonl`` (records
-        with their prompts) and ``evaluations.json`` (each evaluation's full result: numbers, the
-        effective generation settings, headline, seconds and any warnings)."""
-        from loralab.tasks.evaluate import numeric, run_eval  # lazy: imports every family and its scorers
+        """Flat ``<evaluation>/<metric>`` numbers; with ``out_dir``, ``generations.jsonl`` (every
+        evaluation's records with their prompts, rewritten after each evaluation) and
+        ``evaluations.json`` (each evaluation's full result: numbers, the effective generation
+        settings, headline, seconds and any warnings). No evaluation (``eval_tasks: []``): ``{}``."""
+        from loralab.tasks.evaluate import numeric, run_eval, write_records  # lazy: every family and its scorers
 
         metrics: dict = {}  # "<eval>/<metric>" -> number, plus "degenerate": [names] when any
         full: dict[str, dict] = {}
         records: list[dict] = []
         for name in self.eval_names(params):
+            # out_dir None: run_eval's own <name>.generations.jsonl would repeat generations.jsonl
             result, recs = run_eval(
                 name, model, tokenizer, data_dir=params.data_dir, generation=params.generation,
-                options=params.eval_options, max_samples=params.max_eval_samples, out_dir=out_dir,
+                options=params.eval_options, max_samples=params.max_eval_samples, out_dir=None,
             )
             full[name] = result
             metrics.update({f"{name}/{k}": v for k, v in numeric(result).items()})
@@ -347,12 +297,10 @@ class InstructTask:
             if flagged:  # loralab.tasks.metrics' rule, carried into the run's flat metrics
                 metrics["degenerate"] = [*metrics.get("degenerate", []), *flagged]
             records += [{"task": name, **r} if "task" not in r else r for r in recs]
-        if out_dir is not None:
-            path = Path(out_dir) / "generations.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as fh:
-                for r in records:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            if out_dir is not None and recs:  # after every evaluation, so an interrupted run keeps them
+                write_records(Path(out_dir) / "generations.jsonl", records)
+        if out_dir is not None and full:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / "evaluations.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
         return metrics
 
