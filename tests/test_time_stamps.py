@@ -13,6 +13,7 @@ from report_records import make_record, write
 
 from loralab import results
 from loralab.report.build import build_report
+from loralab.run import output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ")
@@ -64,18 +65,10 @@ def test_a_created_at_that_is_not_a_time_is_not_written(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.json"))
 
 
-def _output_dir():
-    try:  # the run path's own module once train.py has moved there
-        from loralab.run import output_dir
-    except ImportError:
-        from loralab.train import output_dir
-    return output_dir
-
-
 def test_run_output_folder_ends_in_the_utc_stamp(tmp_path, monkeypatch):
     monkeypatch.setenv("LORALAB_OUTPUT_DIR", str(tmp_path))
     created_at = results.now_iso()
-    folder = _output_dir()(SimpleNamespace(name="quickstart/lora-minilm-sst2"), created_at)
+    folder = output_dir(SimpleNamespace(name="quickstart/lora-minilm-sst2"), created_at)
     assert folder.name == f"quickstart--lora-minilm-sst2--{results.stamp(created_at)}"
 
 
