@@ -2,7 +2,7 @@
 
   speed   Llama-3-8B shape (random bf16 weights, ``loralab.models.LLAMA3_8B``), LoRA r32 on every
           linear layer of the decoder, loralab's ``Step`` as ``loralab run`` builds it: bf16
-          autocast, regional compile, CUDA graphs on one GPU (off under DDP, as ``train.py`` does).
+          autocast, regional compile, CUDA graphs on one GPU (off under DDP, as ``loralab.run.step.make_step`` does).
           Optimizer batch 64 rows x 512 tokens, micro-batch 8 rows per rank. Tokens/s over the
           steps after ``--warmup``.
   fsdp    Llama-3-8B shape full fine-tuning: fp32 weights, bf16 compute (FSDP2 gathers in bf16,

@@ -12,7 +12,7 @@
 #       stack on loralab run's defaults. ~3 min.
 #   c   defaults vs eager on a short real recipe: SmolLM2-135M-Instruct (the packaged GGUF), GSM8K,
 #       LoRA r16 on every linear layer, 4 x 4 samples a step, 30 steps, three runs through
-#       train.run_experiment: `defaults` (bf16 base, no speed keys), `eager-bf16` (bf16 base,
+#       loralab.run.run_experiment: `defaults` (bf16 base, no speed keys), `eager-bf16` (bf16 base,
 #       bf16 autocast; no graphs, compile or packing: bf16 rounding alone) and `eager-fp32`
 #       (float32 base, {"cuda_graphs": false, "compile": false, "autocast": null, "packing": false}).
 #       Reports the max relative per-step loss difference of each against eager-fp32. ~2 min.
@@ -104,7 +104,7 @@ import json, os, sys, tempfile
 from pathlib import Path
 import torch
 from loralab.experiment import read_experiment
-from loralab.train import run_experiment
+from loralab.run import run_experiment
 
 model, out = sys.argv[1], sys.argv[2]
 root = Path(tempfile.mkdtemp(prefix="speed-defaults-"))
@@ -125,7 +125,7 @@ for name, (dtype, speed) in runs.items():
     (folder / "adapter_config.json").write_text(json.dumps(adapter))
     (folder / "training_parameters.json").write_text(json.dumps({**recipe, "dtype": dtype, "speed": speed}))
     torch._dynamo.reset()
-    record, _ = run_experiment(read_experiment(folder), evaluate=False)
+    record, _ = run_experiment(read_experiment(folder), evaluate=False).unwrap()
     info = record["train_info"]
     losses = [m["train loss"] for m in info["metrics"] if "train loss" in m]
     result["runs"][name] = {"dtype": dtype, "speed": info["speed"], "losses": losses,

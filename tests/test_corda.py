@@ -208,7 +208,7 @@ def test_calibration_feeds_token_type_ids_as_training_does(minilm_path, data_dir
     assert all("token_type_ids" in b for b in batches)
     ours = collect_input_stats(model, target, batches, progress=False)[0].cov
 
-    # what the training loop feeds the model: collate(features) (loralab.train.micro_batch)
+    # what the training loop feeds the model: collate(features) (loralab.run.step.Step)
     seen = []
     handle = target["bert.encoder.layer.0.attention.self.query"].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     batch = collate(features, tok.pad_token_id)

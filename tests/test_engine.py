@@ -144,7 +144,7 @@ def train_batches(tokenizer, data_dir):
 
 
 def build_adapter(base, method_name: str, tokenizer, data_dir, *, steps=None, seed: int = 0):
-    """``base`` (copied) with the method's adapter, built as ``loralab.train`` builds it; then ``steps``
+    """``base`` (copied) with the method's adapter, built as ``loralab.run.build`` builds it; then ``steps``
     (batches) of the method's own optimizer, or when None, B set to seeded random values. The fresh
     adapter's weights are kept in ``model.fresh_adapter`` (see ``fresh_adapter``)."""
     adapter, overrides = METHODS[method_name]

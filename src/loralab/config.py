@@ -67,45 +67,21 @@ def _generation_defaults() -> dict[str, Any]:
 @dataclass
 class Speed:
     """How a run computes its steps (``training_parameters.json``'s ``speed``): defaults, checks and
-    what ``"auto"`` means on each device, in one place. An explicit value always wins over "auto";
-    the resolved values (no "auto" left) go into the result record under ``train_info.speed``.
+    what ``"auto"`` means per device, task kind and base dtype (``resolve``), in one place. An
+    explicit value always wins; the resolved values go into the record's ``train_info.speed``.
+    None of them changes the optimizer batch; the exact rewrites do not change the numbers either."""
 
-    What auto picks, and why:
-
-    | option | auto on CUDA | auto on CPU | why |
-    |---|---|---|---|
-    | ``cuda_graphs`` | on | off | exact; removes kernel-launch overhead (results/bench/README.md) |
-    | ``autocast`` | the base dtype when it is bf16/fp16, else off | off | a bf16 base already computes in bf16; autocast keeps the fp32 adapters from forcing fp32 copies of activations |
-    | ``compile`` | on for causal LMs | off | regional compile paid +29 % on Llama-3-8B (bench, H100); classification steps are launch-bound and graphs already remove that |
-    | ``packing`` | on for causal LMs | on for causal LMs | exact per-token loss with per-token weights; no pad tokens |
-    | ``micro_batch`` | probed at start (``loralab.run.step.probe_micro_batch``) | the experiment's ``batch_size`` | the optimizer batch never changes; only how it is cut into forwards |
-    """
-
-    # exact rewrites (same numbers as the plain computation)
-    fast_dora: bool = True
-    """Swap peft's DoRA forward for ``speed/fast_dora`` (same outputs and adapter format)."""
-    chunked_loss: bool = True
-    """Fused LM head + chunked cross-entropy instead of full logits (``speed/losses``)."""
-    cuda_graphs: bool | str = "auto"
-    """CUDA: replay each padded width's step (widths bucketed)."""
-    fused_lora: bool = False
-    """Exact, but measured slower than compiled peft layers on an H100 (2.6 % on Llama-3-8B)."""
-    # bf16-noise-level or batching changes that do not change the optimizer batch
-    autocast: str | None = "auto"
-    """CUDA + bf16/fp16 base: autocast to the base dtype (adapters stay fp32); null: none."""
-    compile: bool | str = "auto"
-    """CUDA causal LMs: regional torch.compile of the decoder layers (names unchanged)."""
-    packing: bool | str = "auto"
-    """Causal LMs: samples packed into rows (no cross-sample attention)."""
-    micro_batch: int | str | None = "auto"
-    """Samples per forward (packed: rows of max_length); CUDA: probed; None: the batch_size."""
-    group_by_length: bool = False
-    """Changes which samples share an optimizer batch: opt in."""
-    # set by code (the bench, tests), never by an experiment
-    compile_backend: str = field(default="inductor", metadata={"code_only": True})
-    """torch.compile backend (``aot_eager`` checks graph capture without a C++ compiler)."""
-    loss_chunk_size: int = field(default=1024, metadata={"code_only": True})
-    """Tokens per cross-entropy chunk."""
+    fast_dora: bool = True  # exact: peft's DoRA forward swapped for speed/fast_dora (same adapter format)
+    chunked_loss: bool = True  # exact: fused LM head + chunked cross-entropy, no full logits (speed/losses)
+    cuda_graphs: bool | str = "auto"  # exact; auto: on CUDA (no kernel-launch overhead; widths bucketed), off on CPU
+    fused_lora: bool = False  # exact, but 2.6 % slower than compiled peft layers on Llama-3-8B (H100)
+    autocast: str | None = "auto"  # auto: the base dtype on CUDA with a bf16/fp16 base (adapters stay fp32), else null
+    compile: bool | str = "auto"  # auto: CUDA causal LMs (regional, +29 % on Llama-3-8B); classification is launch-bound
+    packing: bool | str = "auto"  # auto: causal LMs (exact per-token weights, no pad tokens)
+    micro_batch: int | str | None = "auto"  # samples (packed: rows) per forward; auto: probed on CUDA, batch_size on CPU
+    group_by_length: bool = False  # changes which samples share an optimizer batch: opt in
+    compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
+    loss_chunk_size: int = field(default=1024, metadata={"code_only": True})  # tokens per cross-entropy chunk
 
     @classmethod
     def experiment_keys(cls) -> list[str]:
@@ -115,13 +91,11 @@ class Speed:
     @staticmethod
     def problems(speed: dict[str, Any]) -> list[str]:
         """Every problem of an experiment's ``speed`` dict (all keys present), one line each."""
-        problems = []
-        for key in ("fast_dora", "chunked_loss", "fused_lora", "group_by_length"):
-            if not isinstance(speed[key], bool):
-                problems.append(f"'speed.{key}' = {speed[key]!r} must be true or false")
-        for key in ("cuda_graphs", "compile", "packing"):
-            if not (isinstance(speed[key], bool) or speed[key] == "auto"):
-                problems.append(f"'speed.{key}' = {speed[key]!r} must be true, false or \"auto\"")
+        types = {f.name: f.type for f in dataclasses.fields(Speed) if not f.metadata.get("code_only")}
+        problems = [f"'speed.{k}' = {speed[k]!r} must be true or false"
+                    for k, t in types.items() if t == "bool" and not isinstance(speed[k], bool)]
+        problems += [f"'speed.{k}' = {speed[k]!r} must be true, false or \"auto\"" for k, t in types.items()
+                     if t == "bool | str" and not (isinstance(speed[k], bool) or speed[k] == "auto")]
         if speed["autocast"] not in (None, "auto", "bfloat16", "float16"):
             problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
         mb = speed["micro_batch"]
@@ -130,27 +104,14 @@ class Speed:
         return problems
 
     def resolve(self, *, device_type: str, kind: str, base_dtype: str) -> Speed:
-        """A copy with every ``"auto"`` replaced by the value for this run (see the table).
-
-        ``device_type`` is ``cuda`` or ``cpu``, ``kind`` the task kind (``causal_lm``, ``seq_cls``),
-        ``base_dtype`` the experiment's ``dtype``. ``micro_batch`` stays ``"auto"`` on CUDA: only a
-        memory probe with the built model settles it (``loralab.run.step.make_step``).
-        """
-        cuda = device_type == "cuda"
-        causal = kind == "causal_lm"
-        out = dataclasses.replace(self)
-        if out.cuda_graphs == "auto":
-            out.cuda_graphs = cuda
-        if out.autocast == "auto":
-            out.autocast = base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None
-        if out.compile == "auto":
-            out.compile = cuda and causal
-        if out.packing == "auto":
-            out.packing = causal
-        if out.micro_batch == "auto" and not cuda:
-            out.micro_batch = None  # CPU: the experiment's batch_size per forward
-        if out.cuda_graphs and not cuda:
-            out.cuda_graphs = False  # an explicit true on CPU: nothing to capture
+        """A copy with every ``"auto"`` replaced for this run: ``device_type`` ``cuda``/``cpu``, task
+        ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``. ``micro_batch`` stays "auto"
+        on CUDA: only a memory probe with the built model settles it (``loralab.run.step.make_step``)."""
+        cuda, causal = device_type == "cuda", kind == "causal_lm"
+        auto = {"cuda_graphs": cuda, "autocast": base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None,
+                "compile": cuda and causal, "packing": causal, **({} if cuda else {"micro_batch": None})}
+        out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
+        out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
         return out
 
     def record(self) -> dict[str, Any]:

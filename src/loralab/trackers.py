@@ -2,7 +2,7 @@
 
 Why a module of our own: transformers' integrations (``TensorBoardCallback``, ``WandbCallback``,
 ``TrainingArguments.report_to``) are ``TrainerCallback``s driven by ``Trainer``'s events, and
-loralab's loop (``loralab.train``) is not a ``Trainer``; it calls ``Trackers`` itself. Off by
+loralab's loop (``loralab.run.loop``) is not a ``Trainer``; it calls ``Trackers`` itself. Off by
 default: then nothing is imported and nothing is written. The result JSON stays the record of a
 run; trackers mirror its curves for watching them live.
 

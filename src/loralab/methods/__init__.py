@@ -179,7 +179,7 @@ class Method:
         }
 
     @property
-    def NAME(self) -> str:  # noqa: N802  the name train.py records
+    def NAME(self) -> str:  # noqa: N802  the name the run's record holds
         if self.is_full:
             return full.NAME
         parts = self.parts
@@ -192,7 +192,7 @@ class Method:
     def __repr__(self) -> str:
         return f"Method({self.NAME!r}, {self.parts})"
 
-    # ---- the interface train.py uses ----------------------------------------------------------
+    # ---- the interface the run path uses (loralab.run.build) -----------------------------------
     def conflicts(self, cfg, params) -> list[str]:
         """Selection and composition problems, without the model: each names both keys."""
         if self.is_full:
@@ -296,7 +296,7 @@ class Method:
 
 def choose_method(cfg, params) -> Method:
     """The composed method of (resolved adapter config or None, training parameters). Never raises
-    for a bad combination: ``Method.check`` lists the problems (train.build raises ConfigError)."""
+    for a bad combination: ``Method.check`` lists the problems (loralab.run.build raises ConfigError)."""
     return Method(cfg, params)
 
 

@@ -12,7 +12,7 @@ The result equals ``F.cross_entropy(h @ W.T (+ b), labels, ignore_index=-100, re
 to fp32 tolerance (logits and softmax are fp32 per chunk, as the plain loss upcasts them). With
 per-token ``weights`` it is the weighted sum ``Σ_t w_t · CE_t``: the training step gives every token
 the weight that makes the optimizer batch's loss exact under either normalisation
-(``loralab.step``), so micro-batches add up to it whatever their size.
+(``loralab.run.step``), so micro-batches add up to it whatever their size.
 """
 
 from __future__ import annotations
