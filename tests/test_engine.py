@@ -166,8 +166,7 @@ def build_adapter(base, method_name: str, tokenizer, data_dir, *, steps=None, se
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
     else:
         model.fresh_adapter = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-        optimizer = method.make_optimizer(model, cfg, params) or torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=params.learning_rate, weight_decay=0.0)
+        optimizer = method.make_optimizer(model, cfg, params)
         model.train()
         for batch in steps:
             model(**batch).loss.backward()

@@ -61,16 +61,11 @@ FLOORS = {
 }
 
 TRANSITIONAL = {
-    # The old run path, being replaced by loralab.run.* (floor 3): delete once the files are gone.
-    "loralab.train": 3,
-    "loralab.step": 3,
-    "loralab.lifecycle": 3,
+    # Modules on their way out, placed on a floor until they are gone (none today).
 }
 
 TRANSITIONAL_ARROWS = {
-    # (importer, imported) pairs allowed to point upward for now. checkpoint reads the adapter's
-    # tensors through methods.common.lora_modules; the run-path work hands it the tensors instead.
-    ("loralab.checkpoint", "loralab.methods.common"),
+    # (importer, imported) pairs allowed to point upward for now (none today).
 }
 
 MAX_LINES = 400
@@ -79,9 +74,6 @@ TRANSITIONAL_LONG = {
     # Today's files over MAX_LINES, being shrunk or split by other work: delete each entry then.
     "tasks/evaluate.py",
     "tasks/instruct.py",
-    "train.py",
-    # the speed settings dataclass (Speed) moving into config.py takes it past 400 lines: split it
-    "config.py",
 }
 
 

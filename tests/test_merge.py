@@ -132,8 +132,7 @@ def _train_with_method(model, cfg, params, features, tokenizer, batch, steps=2):
     assert method.check(model, cfg, params) == [], method.check(model, cfg, params)
     seed_everything(0)
     model, saver = method.apply(model, cfg, params, MethodContext(params, features, tokenizer))
-    opt = method.make_optimizer(model, cfg, params) or torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=params.learning_rate, weight_decay=0.0)
+    opt = method.make_optimizer(model, cfg, params)
     model.train()
     for _ in range(steps):
         model(**batch).loss.backward()

@@ -130,8 +130,7 @@ def test_combination_invariants(combo, world, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == closed_form(base, model, cfg, method)
 
-    optimizer_ = method.make_optimizer(model, cfg, params) or torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=params.learning_rate, weight_decay=0.0)
+    optimizer_ = method.make_optimizer(model, cfg, params)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     model(**batch).loss.backward()

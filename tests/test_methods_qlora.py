@@ -97,8 +97,7 @@ def test_nf4_combination_invariants(combo, world, quantized_base, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == closed_form(base, model, cfg, method)
 
-    opt = method.make_optimizer(model, cfg, params) or torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=params.learning_rate, weight_decay=0.0)
+    opt = method.make_optimizer(model, cfg, params)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     model(**batch).loss.backward()
