@@ -148,7 +148,7 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
            resume_from: Path | None, verbose: bool) -> None:
     """Make the step, restore a checkpoint, run the loop; the record learns what happened."""
     params, model, launch = exp.params, built.model, distributed.current()
-    record.trainable = count_trainable(model)
+    record.trainable, record.total_steps = count_trainable(model), built.total_steps
     opt_batch = params.batch_size * params.gradient_accumulation_steps
     step_fn, speed = make_step(
         model, built.optimizer, speed=params.speed, kind=built.task.kind, dtype=params.dtype, device=built.device,
@@ -160,7 +160,6 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
     built.wrapped = step_fn.wrapped
     if step_fn.optimizer is not built.optimizer:  # FSDP: remade over the sharded parameters
         built.optimizer, built.scheduler = step_fn.optimizer, make_scheduler(step_fn.optimizer, params, built.total_steps)
-    record.total_steps = built.total_steps
     if resume_from is not None:
         state = checkpoint.load(resume_from, model=model, optimizer=built.optimizer, scheduler=built.scheduler)
         if launch.is_main:
