@@ -1,8 +1,9 @@
 """Issue 13's GPU measurements; ``scripts/gpu_distributed.sh`` runs it, plain or under torchrun.
 
   speed   Llama-3-8B shape (random bf16 weights, ``loralab.models.LLAMA3_8B``), LoRA r32 on every
-          linear layer of the decoder, loralab's ``Step`` as ``loralab run`` builds it: bf16
-          autocast, regional compile, CUDA graphs on one GPU (off under DDP, as ``loralab.run.step.make_step`` does).
+          linear layer of the decoder, loralab's ``Step`` as ``loralab run`` builds it
+          (``loralab.run.step.make_step``): bf16 autocast, regional compile, CUDA graphs on one GPU
+          (off under DDP).
           Optimizer batch 64 rows x 512 tokens, micro-batch 8 rows per rank. Tokens/s over the
           steps after ``--warmup``.
   fsdp    Llama-3-8B shape full fine-tuning: fp32 weights, bf16 compute (FSDP2 gathers in bf16,
@@ -23,11 +24,9 @@ import time
 import torch
 
 from loralab import distributed
-from loralab.config import Speed
 from loralab.decomposition import parallel
 from loralab.models import LLAMA3_8B
-from loralab.run.step import Step, loss_function
-from loralab.speed.step import prepare_model
+from loralab.run.step import Step, make_step
 
 
 def llama_8b(dtype: torch.dtype, device: torch.device):
@@ -78,14 +77,13 @@ def speed(args, launch, device) -> dict:
     model = llama_8b(torch.bfloat16, device)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=targets))
-    prepare_model(model, Speed(autocast="bfloat16", compile=not args.no_compile))
     graphs = not launch.distributed and not args.no_graphs
-    wrapped = distributed.wrap(model, loss_function("causal_lm"), launch, device) if launch.distributed else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    step = Step(model, optimizer, kind="causal_lm", normalization="tokens", micro_batch=args.micro_batch,
-                packing=False, max_length=args.length, pad_to=None, pad_id=0, device=device, graphs=graphs,
-                max_grad_norm=1.0, log=print if launch.is_main else (lambda s: None), wrapped=wrapped)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    settings = {"autocast": "bfloat16", "compile": not args.no_compile, "cuda_graphs": graphs, "packing": False,
+                "micro_batch": args.micro_batch}
+    step, _ = make_step(model, optimizer, speed=settings, kind="causal_lm", dtype="bfloat16", device=device, features=[],
+                        batch_size=args.batch, limit=args.batch, max_length=args.length, pad_id=0, max_grad_norm=1.0,
+                        launch=launch, log=print if launch.is_main else (lambda s: None))
     out = timed(step, args.batch, args.length, args.warmup, args.steps, device)
     return {**out, "cuda_graphs": graphs, "compile": not args.no_compile, "peak_gib": peaks(device)}
 
@@ -95,18 +93,22 @@ def fsdp(args, launch, device) -> dict:
         raise SystemExit("fsdp: run under torchrun with 2 or more processes")
     model = llama_8b(torch.float32, device)  # fp32 master weights: 16 B/param with AdamW, 128 GB at 8B
     model.requires_grad_(True)
-    prepare_model(model, Speed(autocast="bfloat16", compile=False))
-    wrapped = distributed.wrap(model, loss_function("causal_lm"), launch, device, compute_dtype=torch.bfloat16)
+
+    def adamw():  # over the DTensors make_step's FSDP2 wrap leaves
+        params = [p for p in model.parameters() if p.requires_grad]
+        try:
+            return torch.optim.AdamW(params, lr=1e-5, fused=True)
+        except (RuntimeError, TypeError):  # fused AdamW without DTensor support
+            return torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+    settings = {"autocast": "bfloat16", "compile": False, "cuda_graphs": False, "packing": False,
+                "micro_batch": args.micro_batch}
+    step, _ = make_step(model, None, speed=settings, kind="causal_lm", dtype="float32", device=device, features=[],
+                        batch_size=args.batch, limit=args.batch, max_length=args.length, pad_id=0, max_grad_norm=1.0,
+                        launch=launch, remake_optimizer=adamw, log=print if launch.is_main else (lambda s: None))
+    optimizer, params = step.optimizer, [p for p in model.parameters() if p.requires_grad]
     torch.cuda.empty_cache()
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    except (RuntimeError, TypeError):  # fused AdamW without DTensor support
-        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     torch.cuda.reset_peak_memory_stats(device)
-    step = Step(model, optimizer, kind="causal_lm", normalization="tokens", micro_batch=args.micro_batch,
-                packing=False, max_length=args.length, pad_to=None, pad_id=0, device=device, graphs=False,
-                max_grad_norm=1.0, log=print if launch.is_main else (lambda s: None), wrapped=wrapped)
     out = timed(step, args.batch, args.length, args.warmup, args.steps, device)
     return {**out, "parameters": sum(p.numel() for p in params), "optimizer": type(optimizer).__name__,
             "fused": bool(optimizer.defaults.get("fused")), "peak_gib": peaks(device)}
