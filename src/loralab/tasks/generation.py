@@ -210,9 +210,10 @@ class Progress:
             self._thread.start()
 
     def _postfix(self) -> None:
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        extra = self.live() if self.live is not None else ""
-        self.bar.set_postfix_str(f"{rate:.1f} new tok/s" + (f", {extra}" if extra else ""), refresh=False)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        parts = [f"{self.tokens / elapsed:.1f} new tok/s" if self.tokens else "",
+                 self.live() if self.live is not None else ""]
+        self.bar.set_postfix_str(", ".join(p for p in parts if p), refresh=False)
 
     def _tick(self, every: float) -> None:
         while not self._stop.wait(every):
@@ -266,12 +267,17 @@ def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, pr
         return distributed.merge_shared(results)
     note(f"{len(mine)} problems on loralab's engine (adapters merged into copies of the layers first)", progress)
     engine = Engine(model, max_slots=settings.slots, memory_fraction=settings.memory_fraction)
+    started = time.perf_counter()
 
-    def live() -> str:  # what the engine is doing while no problem has finished
+    def live() -> str:  # what the engine is doing, also while no problem has finished
         stats = getattr(engine, "stats", None) or {}
         if not stats:
             return "merging adapters"
-        return f"decode step {stats['decode_steps']}" if stats.get("decode_steps") else "prefill"
+        steps = stats.get("decode_steps", 0)
+        if not steps:
+            return "prefill"
+        # each decode step adds one token to every unfinished sequence
+        return f"decode step {steps} ({steps / max(time.perf_counter() - started, 1e-9):.2f}/s)"
 
     with Progress(len(mine), progress, distributed.is_main(), live=live) as bar:
         def finished(k, samples):
