@@ -42,6 +42,7 @@ class Watch:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     def see(self, loss: torch.Tensor, step: int) -> None:
+        """Note ``step`` if its loss (a device scalar) is the first non-finite one; no host sync."""
         self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), step, self.bad_step)
 
     def check(self, step: int) -> None:

@@ -29,6 +29,7 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(device)
 
     def sample(self):
+        """Record the allocated CUDA memory now (once per optimizer step); nothing on CPU."""
         if self.cuda:
             self.samples.append(torch.cuda.memory_allocated())
 
