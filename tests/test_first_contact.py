@@ -177,3 +177,10 @@ def test_merge_resolves_a_packaged_base_from_the_adapter(packaged_adapter, tmp_p
     out = tmp_path / "merged"
     assert main(["merge", "--adapter", str(packaged_adapter), "--out", str(out)]) == 0
     assert (out / "config.json").is_file()
+
+
+def test_unreachable_hub_model_in_loralab_eval_exits_2_fast(no_hub, data_dir, capsys):
+    start = time.perf_counter()
+    assert main(["eval", "--model", "nobody-here/no-such-model", "--tasks", "gsm8k", "--data-dir", str(data_dir)]) == 2
+    assert time.perf_counter() - start < 20
+    _assert_offline_help(capsys.readouterr().err, "tokenizer 'nobody-here/no-such-model'")

@@ -115,7 +115,7 @@ def hub_offline_reason() -> str | None:
 def hub_dataset(*args, what: str = "dataset", **kwargs):
     """``datasets.load_dataset(*args, **kwargs)``; raises ``Unreachable`` at once when the hub cannot
     be reached (with HF_HUB_OFFLINE=1: when the dataset is not in the Hugging Face cache either)."""
-    name = " ".join(str(a) for a in args) or str(kwargs.get("path", "?"))
+    name = " ".join(str(a) for a in args) or str(kwargs.get("data_files") or kwargs.get("path", "?"))
     reason = hub_offline_reason()
     if reason is not None and not reason.startswith("HF_HUB_OFFLINE"):
         raise Unreachable(what, name, reason)
@@ -129,7 +129,7 @@ def hub_dataset(*args, what: str = "dataset", **kwargs):
         raise Unreachable(what, name, f"{reason} and it is not in the Hugging Face cache") from exc
 
 
-def _is_hub_id(model_id: str) -> bool:
+def is_hub_id(model_id: str) -> bool:
     """Whether ``from_pretrained(model_id)`` would go to the hub (not a local path, packaged or random id)."""
     return not (model_id.startswith(("packaged:", RANDOM_PREFIX, ".", "/", "~")) or os.path.exists(os.path.expanduser(model_id)))
 
@@ -138,7 +138,7 @@ def _from_pretrained(loader, model_id: str, what: str, **kwargs):
     """``loader(resolve_model_path(model_id), **kwargs)``; for a hub id while the hub is unreachable,
     only the local cache is read, and a miss raises ``Unreachable`` (no retries)."""
     path = resolve_model_path(model_id)
-    if not _is_hub_id(path):
+    if not is_hub_id(path):
         return loader(path, **kwargs)
     reason = hub_offline_reason()
     if reason is None:

@@ -17,6 +17,7 @@ optional in a file to re-score, and code builds its programs from it when presen
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -115,8 +116,6 @@ def _load(args):
 
 
 def run(args) -> int:
-    import os
-
     from loralab.tasks.evaluate import expand, read_records, run_eval, score_generations, write_records
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -197,10 +196,10 @@ def _not_a_generator(model_id: str, names: list[str]) -> str | None:
     try:
         from transformers import AutoConfig
 
-        from loralab.models import RANDOM_PREFIX, resolve_model_path
+        from loralab.models import RANDOM_PREFIX, hub_offline_reason, is_hub_id, resolve_model_path
 
-        if model_id.startswith(RANDOM_PREFIX):
-            return None
+        if model_id.startswith(RANDOM_PREFIX) or (is_hub_id(model_id) and hub_offline_reason()):
+            return None  # an unreachable hub model: loading reports it at once, without the config's retries
         architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model_id)), "architectures", None) or []
     except (OSError, ValueError):
         return None  # not readable here: loading reports it

@@ -32,11 +32,11 @@ completions are those of one process.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
 from loralab import distributed
+from loralab.tasks.progress import Progress, new_tokens, note  # noqa: F401  (note: re-exported for evaluate)
 
 BACKENDS = ("auto", "engine", "transformers", "vllm")
 
@@ -187,75 +187,6 @@ def eos_ids(model, tokenizer) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
-class Progress:
-    """A generation bar that counts problems (prompts; all of a prompt's samples done = one) and
-    shows the new tokens per second of the finished ones, refreshed every ``tick`` seconds by a
-    daemon thread, so elapsed time and ``live()``'s text (e.g. the engine's decode step) move
-    even while no problem finishes. ``desc`` None or ``enabled`` False: no bar, no thread.
-    Thread-safe; use as a context manager (leaving it stops the thread and closes the bar)."""
-
-    def __init__(self, total: int, desc: str | None, enabled: bool = True, live=None, tick: float = 1.0):
-        from tqdm import tqdm
-
-        self.enabled = desc is not None and enabled
-        self.bar = tqdm(total=total, desc=desc or "generate", unit="problem", disable=not self.enabled)
-        self.tokens = 0
-        self.start = time.perf_counter()
-        self.live = live
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = None
-        if self.enabled:
-            self._thread = threading.Thread(target=self._tick, args=(tick,), daemon=True, name="generation-progress")
-            self._thread.start()
-
-    def _postfix(self) -> None:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        parts = [f"{self.tokens / elapsed:.1f} new tok/s" if self.tokens else "",
-                 self.live() if self.live is not None else ""]
-        self.bar.set_postfix_str(", ".join(p for p in parts if p), refresh=False)
-
-    def _tick(self, every: float) -> None:
-        while not self._stop.wait(every):
-            with self._lock:
-                self._postfix()
-                self.bar.refresh()
-
-    def done(self, problems: int = 1, new_tokens: int = 0) -> None:
-        """``problems`` more finished, which generated ``new_tokens`` tokens in all."""
-        with self._lock:
-            self.tokens += new_tokens
-            self._postfix()
-            self.bar.update(problems)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        with self._lock:
-            self._postfix()
-            self.bar.close()
-
-
-def note(text: str, progress: str | None) -> None:
-    """One line on stderr for a step that takes a while without a bar (main rank, progress on)."""
-    if progress is not None and distributed.is_main():
-        import sys
-
-        print(f"[loralab] {progress}: {text}", file=sys.stderr, flush=True)
-
-
-def _new_tokens(ids: list[int], eos: set[int]) -> int:
-    """Tokens generated before the first end-of-sequence token (padding after it not counted)."""
-    for k, t in enumerate(ids):
-        if t in eos:
-            return k
-    return len(ids)
-
-
 def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, progress, done, stats=None):
     """The engine on this rank's share of ``prompts``; every rank returns all completions."""
     from loralab.engine import Engine, Sampling, StopStrings
@@ -340,7 +271,7 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
                 for row, i in enumerate(batch):
                     for s in range(settings.n_samples):
                         tokens = new[row * settings.n_samples + s][: budgets[row]]
-                        generated += _new_tokens(tokens.tolist(), eos)
+                        generated += new_tokens(tokens.tolist(), eos)
                         results[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
                     if done is not None:
                         done(i, results[i])
@@ -385,6 +316,7 @@ def _generate_vllm(model, tokenizer, prompts, settings: GenerationSettings, prog
     from loralab.merge import merged_copy
 
     with tempfile.TemporaryDirectory(prefix="loralab-vllm-") as folder:
+        note("merging the adapter into a copy of the model and saving it for vLLM", progress)
         merged = merged_copy(model)
         merged.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
