@@ -184,3 +184,16 @@ def test_unreachable_hub_model_in_loralab_eval_exits_2_fast(no_hub, data_dir, ca
     assert main(["eval", "--model", "nobody-here/no-such-model", "--tasks", "gsm8k", "--data-dir", str(data_dir)]) == 2
     assert time.perf_counter() - start < 20
     _assert_offline_help(capsys.readouterr().err, "tokenizer 'nobody-here/no-such-model'")
+
+
+def test_a_run_with_eval_tasks_empty_succeeds_without_evaluation(tmp_path, data_dir):
+    import os
+
+    exp = _experiment(tmp_path, {"model_id": "random:tiny-llama", "task": "gsm8k", "data_dir": str(data_dir),
+                                 "max_train_samples": 2, "max_steps": 1, "batch_size": 2, "max_length": 64,
+                                 "eval_tasks": [], "device": "cpu"})
+    assert main(["run", str(exp)]) == 0
+    (path,) = Path(os.environ["LORALAB_RESULTS_DIR"]).rglob("*.json")
+    record = json.loads(path.read_text())
+    assert record["train_info"]["status"] == "success" and record["eval"] == {}
+    assert not list(Path(os.environ["LORALAB_OUTPUT_DIR"]).rglob("*generations.jsonl"))
