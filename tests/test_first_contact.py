@@ -197,3 +197,41 @@ def test_a_run_with_eval_tasks_empty_succeeds_without_evaluation(tmp_path, data_
     record = json.loads(path.read_text())
     assert record["train_info"]["status"] == "success" and record["eval"] == {}
     assert not list(Path(os.environ["LORALAB_OUTPUT_DIR"]).rglob("*generations.jsonl"))
+
+
+def test_opening_line_counts_what_is_scored_and_says_where_the_result_goes_and_why(tmp_path, data_dir, monkeypatch,
+                                                                                    capsys):
+    """An experiment folder outside loralab's tree: the opening line counts the problems the final
+    evaluation scores (3, not 0), shows the adapter and result folders the same way (relative to the
+    working folder here), and says why the record goes where it goes; the record carries the code's
+    git state, measured from loralab's own tree; the adapter records the model id the user gave."""
+    import os
+
+    from loralab import results
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORALAB_RESULTS_DIR", "loralab-results")
+    monkeypatch.setenv("LORALAB_OUTPUT_DIR", "loralab-outputs")
+    exp = _experiment(tmp_path, {"model_id": "random:tiny-llama", "task": "gsm8k", "data_dir": str(data_dir),
+                                 "max_train_samples": 2, "max_steps": 1, "batch_size": 2, "max_length": 64,
+                                 "eval_tasks": ["gsm8k"], "max_eval_samples": 3, "generation": {"max_new_tokens": 2},
+                                 "device": "cpu"})
+    assert main(["run", str(exp)]) == 0
+    err = capsys.readouterr().err
+    opening = next(line for line in err.splitlines() if "eval examples)" in line)
+    assert " train / 3 eval examples)" in opening
+    assert "evaluating gsm8k (3 examples)" in err
+    adapter = opening.split("adapter -> ")[1].split(",")[0]
+    assert adapter.startswith("loralab-outputs" + os.sep) and adapter.endswith("adapter")
+    (path,) = Path("loralab-results").rglob("*.json")
+    record = json.loads(path.read_text())
+    git = record["run_info"]["git"]
+    assert git == {**git, **{k: v for k, v in results.git_state().items() if k in ("commit", "branch")}}
+    reason = results.route_reason(git)
+    assert f"result -> {path.parent}/ on success ({reason})" in opening
+    if git["commit"] != results.UNKNOWN:  # a checkout: an outside folder is never a main run
+        assert git["experiment_committed"] is False and path.parent.name == "temporary_results"
+        assert reason in ("the experiment folder is not committed in loralab's tree",
+                          "the code has uncommitted changes") or reason.startswith("the code is on branch")
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "random:tiny-llama"

@@ -20,8 +20,8 @@ A module the table does not cover fails the test: place a new file by adding it 
 to ``FLOORS``. An arrow goes from the importing module to the module it names: ``from loralab.x
 import y`` points at ``loralab.x.y`` when that is a module, else at ``loralab.x``; relative imports
 are resolved. A circle is a strongly connected component of that graph with more than one module.
-``TRANSITIONAL`` and ``TRANSITIONAL_LONG`` hold today's exceptions while other work removes them;
-they only ever shrink.
+There are no exceptions besides the sandbox's length: an upward arrow is mended by moving code
+down (or the importer up), never by an allowlist.
 """
 
 from __future__ import annotations
@@ -60,23 +60,8 @@ FLOORS = {
     "loralab.__main__": 5,
 }
 
-TRANSITIONAL = {
-    # Modules on their way out, placed on a floor until they are gone (none today).
-}
-
-TRANSITIONAL_ARROWS = {
-    # (importer, imported) pairs allowed to point upward for now (none today).
-}
-
 MAX_LINES = 400
 LONG_ALLOWED = {"tasks/sandbox.py"}  # the sandbox's seccomp/rlimit set-up reads best in one file
-TRANSITIONAL_LONG = {
-    # Today's files over MAX_LINES, being shrunk or split by other work: delete each entry then.
-    "tasks/evaluate.py",
-    "tasks/instruct.py",
-}
-
-
 def module_name(path: Path) -> str:
     """``src/loralab/a/b.py`` -> ``loralab.a.b``; a package's ``__init__.py`` is the package."""
     parts = list(path.relative_to(SRC).with_suffix("").parts)
@@ -91,8 +76,8 @@ def all_modules() -> dict[str, Path]:
 
 
 def floor_of(module: str) -> int | None:
-    """The floor of ``module`` (longest covering key of TRANSITIONAL, then FLOORS), None if uncovered."""
-    table = {**FLOORS, **TRANSITIONAL}
+    """The floor of ``module`` (longest covering key of FLOORS), None if uncovered."""
+    table = FLOORS
     best = None
     for key in table:
         covers = module == key or (key != "loralab" and module.startswith(key + "."))
@@ -175,7 +160,7 @@ def test_no_import_points_to_a_floor_above():
     upward = []
     for file, line, importer, imported in arrows():
         low, high = floor_of(importer), floor_of(imported)
-        if None not in (low, high) and high > low and (importer, imported) not in TRANSITIONAL_ARROWS:
+        if None not in (low, high) and high > low:
             upward.append(f"{file}:{line}: {importer} (floor {low}) -> {imported} (floor {high})")
     assert not upward, "imports from a floor above:\n" + "\n".join(upward)
 
@@ -195,7 +180,7 @@ def test_no_long_files():
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE).as_posix()
         lines = len(path.read_text().splitlines())
-        if lines > MAX_LINES and rel not in LONG_ALLOWED | TRANSITIONAL_LONG:
+        if lines > MAX_LINES and rel not in LONG_ALLOWED:
             long[rel] = lines
     assert not long, f"files over {MAX_LINES} lines (split by responsibility): {long}"
 

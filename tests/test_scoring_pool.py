@@ -9,7 +9,6 @@ not what these tests are about (``test_eval_live`` runs the real one)."""
 
 from __future__ import annotations
 
-import ast
 import concurrent.futures
 import multiprocessing
 import os
@@ -61,19 +60,6 @@ def test_a_record_missing_what_its_output_type_needs_is_refused():
         Eval("x", family="x", output_type="generate", headline="accuracy", load=len, build_prompt=len, source_generation=len)
     with pytest.raises(ValueError, match="output_type"):
         Eval("x", family="x", output_type="rank", headline="accuracy")
-
-
-def test_tasks_import_nothing_from_a_floor_above():
-    """Floors (ARCHITECTURE.md point 2): tasks/ sits below run, train, bench, report, sweep, commands, cli."""
-    above = ("loralab.run", "loralab.train", "loralab.bench", "loralab.report", "loralab.sweep", "loralab.commands",
-             "loralab.cli")
-    upward = []
-    for path in sorted((SRC / "tasks").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            upward += [f"{path.name}: {n}" for n in names if n.startswith(above)]
-    assert upward == []
 
 
 # --- pooled scoring equals whole-list scoring -----------------------------------------------------

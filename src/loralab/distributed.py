@@ -9,7 +9,7 @@ nothing here changes a single-process run.
 
 Exact optimizer batches on N ranks. The data order is a fixed function of (seed, epoch)
 (``train.epoch_batches``), so every rank holds the whole optimizer batch and computes every
-sample's token weight w from it (``loralab.step.sample_weights``: 1/N_tokens, or 1/(S·n_s)).
+sample's token weight w from it (``loralab.run.step.sample_weights``: 1/N_tokens, or 1/(S·n_s)).
 Each rank then runs only its shard (``shard``: samples sorted by length and dealt round-robin,
 so ranks get near-equal tokens) and backpropagates Σ_shard w·CE. The gradients are **summed**
 across ranks (DDP with a sum communication hook, FSDP2 with a gradient divide factor of 1), so

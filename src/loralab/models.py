@@ -385,7 +385,7 @@ def random_config(model_id: str, kind: str, num_labels: int = 2):
 
 def _random_model(model_id: str, kind: str, num_labels: int, dtype: str):
     """A ``random:`` model in ``dtype``, built on the GPU when there is one (an 8B init on the CPU
-    takes minutes; ``loralab.train.build`` moves it to the run's device afterwards). The global
+    takes minutes; ``loralab.run.build.build`` moves it to the run's device afterwards). The global
     random state is left as it was."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -130,6 +130,22 @@ def route(status: str, git: dict) -> Path:
     return results_root() / folder
 
 
+def route_reason(git: dict) -> str:
+    """Why a successful run's record goes where ``route`` sends it, in words for the run's opening
+    line: ``results/`` only for code on a clean ``main`` with the experiment folder committed in the
+    same tree; otherwise ``temporary_results/`` and the first reason that keeps it there."""
+    if git.get("branch") == UNKNOWN or git.get("dirty") == UNKNOWN:
+        return ("the code's git state is unknown (no git work tree; a launcher may state it with "
+                "LORALAB_GIT_COMMIT / LORALAB_GIT_BRANCH / LORALAB_GIT_DIRTY)")
+    if git.get("branch") != "main":
+        return f"the code is on branch {git.get('branch')}, not main"
+    if git.get("dirty") is not False:
+        return "the code has uncommitted changes"
+    if git.get("experiment_committed") is False:
+        return "the experiment folder is not committed in loralab's tree"
+    return f"main at {str(git.get('commit'))[:7]}, clean, experiment committed"
+
+
 def package_info() -> dict:
     out = {}
     for name in PACKAGES:

@@ -93,7 +93,7 @@ def _run_all(args, experiments, launch) -> int:
             return 2
         except KeyboardInterrupt:  # after the record was written (a signal during the write)
             if launch.is_main:
-                print("cancelled: result written to ", file=sys.stderr)
+                print("cancelled while the result was being written: it may be missing or incomplete", file=sys.stderr)
             return 130
         except Exception as exc:  # noqa: BLE001 - the record could not be written (InvalidRecord, disk)
             outcome = run_path.Outcome("failed", {}, None, exc)

@@ -100,10 +100,10 @@ def load_source(name: str, data_dir=None) -> tuple[list, dict]:
         if name == "nqopen":
             rows = [r["question"] for r in rows]
         return rows, {"source": str(local), "note": "local substitute for the hub split"}
-    import datasets  # lazy: not installed on every machine
+    from loralab.models import hub_dataset  # Unreachable (exit 2, naming the local alternatives) when offline
 
     hub, config, split, field = _HUB[name]
-    ds = datasets.load_dataset(hub, config, split=split)
+    ds = hub_dataset(hub, config, split=split, what="calibration dataset")
     rows = list(ds[field]) if field else [dict(r) for r in ds]
     return rows, {"source": f"hub:{hub}/{config}/{split}"}
 

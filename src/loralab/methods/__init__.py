@@ -11,7 +11,7 @@ one line in ``LAYERS`` / ``INITS`` / ``OPTIMIZERS`` below. A configuration selec
 kind: the layer from adapter_config.json (``use_dora``, ``use_rslora``) and training_parameters
 ``magnitude_only_modules``; the init from adapter_config ``init_lora_weights`` (peft's inits) or
 training_parameters ``init`` (inits peft lacks), never both; the optimizer from ``optimizer``.
-The allowed values of ``init`` and ``optimizer`` (``config.INITS``, ``config.OPTIMIZERS``) are
+The allowed values of ``init`` and ``optimizer`` (``PARAM_INITS``, ``PARAM_OPTIMIZERS``; checked by ``experiment.registry_problems``) are
 derived from these dicts. A pair of parts that does not compose is declared by either part
 (``refuses``) and is a config error naming both keys; every other combination is in the test
 matrix (``combinations()``; tests/test_methods_matrix.py).
@@ -61,9 +61,9 @@ INITS = {
 OPTIMIZERS = {p.name: p for p in (lora.ADAMW, lorafa.OPTIMIZER, loraplus.OPTIMIZER)}
 
 PARAM_INITS = (None,) + tuple(n for n, p in INITS.items() if p.key == "init")
-"""Allowed training_parameters ``init`` values (config.INITS)."""
+"""Allowed training_parameters ``init`` values (checked by ``experiment.registry_problems``)."""
 PARAM_OPTIMIZERS = tuple(OPTIMIZERS)
-"""Allowed training_parameters ``optimizer`` values (config.OPTIMIZERS)."""
+"""Allowed training_parameters ``optimizer`` values (checked by ``experiment.registry_problems``)."""
 PEFT_INIT_VALUES = tuple(v for p in INITS.values() if p.key == "init_lora_weights" for v in p.values)
 DEFAULTS = {"layer": "lora", "init": "kaiming", "optimizer": "adamw"}
 

@@ -33,6 +33,7 @@ from loralab.data import pad_id as _pad_id
 from loralab.experiment import Experiment
 from loralab.methods.common import embeddings_trained
 from loralab.methods.qlora import write_base_record
+from loralab.models import portable_model_id
 from loralab.run import build, loop
 from loralab.run.build import Built, count_trainable, init_tensors, make_scheduler, output_dir, seed_everything
 from loralab.run.meter import Meter
@@ -49,6 +50,7 @@ from loralab.run.record import (
 )
 from loralab.run.step import make_step
 from loralab.speed.step import autocast_context
+from loralab.tasks.base import eval_count
 from loralab.trackers import Trackers
 
 __all__ = ["run_experiment", "Outcome", "output_dir"]
@@ -56,6 +58,16 @@ __all__ = ["run_experiment", "Outcome", "output_dir"]
 
 def _quiet(line: str) -> None:
     """Ranks other than 0 log nothing."""
+
+
+def _shown(path: Path) -> str:
+    """A path as the user reads it beside the run's other paths: relative to the working folder
+    when it lies under it, else absolute."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
 
 
 def _say(line: str) -> None:
@@ -99,19 +111,20 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             record.method, record.cfg, record.provenance = built.method, built.cfg, built.data.provenance
             if launch.is_main:
                 trackers = Trackers.open(params, out_dir, config_of(exp), (resume_state or {}).get("step", 0))
+            n_eval = eval_count(built.task, built.data, params) if evaluate else 0
             say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
-                f"({len(built.data.train)} train / {len(built.data.eval)} eval examples), method {built.method.NAME}, "
-                f"device {built.device}; adapter -> {out_dir / 'adapter'}, result -> "
-                f"{results.route('success', git).resolve()}/ (on success)"
+                f"({len(built.data.train)} train / {n_eval} eval examples), method {built.method.NAME}, "
+                f"device {built.device}; adapter -> {_shown(out_dir / 'adapter')}, result -> "
+                f"{_shown(results.route('success', git))}/ on success ({results.route_reason(git)})"
                 + ("; the classification head starts from random weights and trains with the adapter"
                    if built.task.kind == "seq_cls" else ""))
             _train(exp, built, life, say, trackers, record, ckpt_root, resume_from, verbose)
             with life.enter("save"):
-                _save(built, out_dir / "adapter", record)
-                say(f"adapter saved to {out_dir / 'adapter'}")
+                _save(built, out_dir / "adapter", record, params.model_id)
+                say(f"adapter saved to {_shown(out_dir / 'adapter')}")
             if evaluate:
                 with life.enter("evaluate"):
-                    say(f"evaluating {params.task} ({len(built.data.eval)} examples)")
+                    say(f"evaluating {params.task} ({n_eval} examples)")
                     t0 = time.perf_counter()
                     metrics = _evaluate(built, params, out_dir)
                     record.timing["final_eval_s"] = time.perf_counter() - t0
@@ -207,9 +220,14 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
         record.launch = launch.record(step_fn.micro_batch)
 
 
-def _save(built: Built, path: Path, record: Record) -> None:
-    """The adapter (or full model) and tokenizer; only trained tensors (no frozen embedding copies)."""
+def _save(built: Built, path: Path, record: Record, model_id: str) -> None:
+    """The adapter (or full model) and tokenizer; only trained tensors (no frozen embedding copies).
+    The adapter's ``base_model_name_or_path`` is the model id the experiment gave
+    (``models.portable_model_id``: a hub id or ``packaged:<name>``), not a path inside this
+    machine's virtual environment or cache, so the adapter travels."""
     model = built.model
+    for cfg in getattr(model, "peft_config", {}).values():
+        cfg.base_model_name_or_path = portable_model_id(model_id)
     gathered = {}
     if distributed.is_sharded(built.wrapped):  # FSDP: a collective, then rank 0 writes
         gathered = {"state_dict": distributed.full_state_dict(built.wrapped)}

@@ -1,1 +1,2 @@
-"""Speed: fast DoRA, packing, memory-lean loss and the shared training step (see ``step.py``)."""
+"""Speed kernels and graph capture: fast DoRA, fused LoRA, packing, the memory-lean loss, CUDA graphs
+(the step that uses them is ``loralab.run.step``)."""

@@ -83,9 +83,9 @@ class GlueTask:
         return int(raw)
 
     def _read_hub(self, split: str) -> tuple[list[tuple], dict]:
-        import datasets  # lazy: only hub users need it
+        from loralab.models import hub_dataset  # only hub users need it; Unreachable at once when offline
 
-        ds = datasets.load_dataset(HUB_ID, self.hub_name, split=split)
+        ds = hub_dataset(HUB_ID, self.hub_name, split=split)
         rows = [(tuple(r[f] for f in self.text_fields), r["label"]) for r in ds]
         return rows, {"dataset": HUB_ID, "config": self.hub_name, "split": split, "fingerprint": ds._fingerprint}
 

@@ -34,9 +34,9 @@ def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
         with open(Path(data_dir) / "nq_open" / "NQ-open.dev.jsonl", encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
     else:
-        import datasets
+        from loralab.models import hub_dataset  # Unreachable (exit 2) at once when offline
 
-        rows = list(datasets.load_dataset("google-research-datasets/nq_open", split="validation"))
+        rows = list(hub_dataset("google-research-datasets/nq_open", split="validation"))
     rows = rows[:max_samples] if max_samples else rows
     return [{"id": i, "question": r["question"], "answer": list(r["answer"])} for i, r in enumerate(rows)]
 

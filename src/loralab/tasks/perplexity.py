@@ -29,10 +29,10 @@ def load_corpus(name: str, data_dir=None) -> str:
     if data_dir is not None and (Path(data_dir) / _LOCAL[name]).exists():
         lines = (Path(data_dir) / _LOCAL[name]).read_text(encoding="utf-8").splitlines()
         return "\n\n".join(line.strip() if name == "ptb" else line for line in lines if line.strip())
-    import datasets  # lazy: not installed on every machine
+    from loralab.models import hub_dataset  # Unreachable (exit 2) at once when offline
 
     hub, config, split, field = _HUB[name]
-    return "\n\n".join(datasets.load_dataset(hub, config, split=split)[field])
+    return "\n\n".join(hub_dataset(hub, config, split=split)[field])
 
 
 LOG_FLOAT_MAX = math.log(sys.float_info.max)
