@@ -158,7 +158,12 @@ def test_random_base_weights_not_in_the_adapter_exit_2(peft_adapter, tmp_path, c
 def test_wrong_base_and_missing_arguments_exit_2(peft_adapter, tmp_path, capsys):
     assert _merge(peft_adapter, tmp_path, base="packaged:smollm2-135m") == 2
     assert "loralab merge:" in capsys.readouterr().err
-    assert main(["merge", "--adapter", str(peft_adapter), "--out", str(tmp_path / "o")]) == 2
+    import shutil
+
+    baseless = tmp_path / "baseless"  # without --base the adapter's recorded base is used; none recorded: exit 2
+    shutil.copytree(peft_adapter, baseless)
+    _edit_config(baseless, base_model_name_or_path=None)
+    assert main(["merge", "--adapter", str(baseless), "--out", str(tmp_path / "o")]) == 2
     assert "--base is required" in capsys.readouterr().err
     assert _merge(tmp_path / "nowhere", tmp_path) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
