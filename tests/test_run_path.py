@@ -8,20 +8,38 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loralab.config import ConfigError, Speed, _speed_defaults, build_parameters
+from loralab.config import ConfigError, Speed, _speed_defaults, build_parameters, hashed_parameters
 from loralab.methods.lora import ADAMW
 from loralab.run.record import Cancelled, Outcome
 from loralab.run.step import make_step
 
+HASHED_SPEED_DEFAULTS = {"fast_dora": True, "chunked_loss": True, "cuda_graphs": "auto", "fused_lora": False,
+                         "autocast": "auto", "compile": "auto", "packing": "auto", "micro_batch": "auto",
+                         "group_by_length": False}
+
 
 def test_experiment_speed_defaults_are_unchanged():
-    """The experiment's ``speed`` dict is hashed (``train_params_sha``): its keys, order and values
-    stay what they were before the settings became one dataclass."""
-    assert _speed_defaults() == {"fast_dora": True, "chunked_loss": True, "cuda_graphs": "auto", "fused_lora": False,
-                                 "autocast": "auto", "compile": "auto", "packing": "auto", "micro_batch": "auto",
-                                 "group_by_length": False}
+    """The experiment's ``speed`` dict is hashed (``train_params_sha``): the hashed keys, order and
+    values stay what they were before the settings became one dataclass; a key added since
+    (``memory_fraction``) is hashed only when an experiment sets it away from its default."""
+    assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "loss_chunk_size" not in build_parameters({}).speed  # code-only settings stay out of experiments
+    assert "micro_batch_probe" not in build_parameters({}).speed
+    hashed = hashed_parameters(build_parameters({}))["speed"]
+    assert hashed == HASHED_SPEED_DEFAULTS and list(hashed) == list(HASHED_SPEED_DEFAULTS)
+    assert hashed_parameters(build_parameters({"speed": {"memory_fraction": 0.5}}))["speed"] == \
+        {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.5}
+
+
+def test_memory_fraction_is_checked():
+    with pytest.raises(ConfigError) as err:
+        build_parameters({"speed": {"memory_fraction": 1.5}})
+    assert "'speed.memory_fraction' = 1.5 must be a number in (0, 1]" in str(err.value)
+    for bad in (0, True, "half"):
+        with pytest.raises(ConfigError, match="'speed.memory_fraction'"):
+            build_parameters({"speed": {"memory_fraction": bad}})
+    assert build_parameters({"speed": {"memory_fraction": 1}}).speed["memory_fraction"] == 1
 
 
 @pytest.mark.parametrize("device,kind,dtype", list(itertools.product(["cpu", "cuda"], ["causal_lm", "seq_cls"],
@@ -69,7 +87,10 @@ def test_make_step_on_cpu_resolves_prepares_and_steps():
     step, speed = make_step(model, optimizer, speed={}, kind="causal_lm", dtype="float32", device=torch.device("cpu"),
                             features=features, batch_size=2, limit=4, max_length=16, pad_id=0, log=lambda s: None)
     assert speed.record() == {**_speed_defaults(), "cuda_graphs": False, "autocast": None, "compile": False,
-                              "packing": True, "micro_batch": 2}
+                              "packing": True, "micro_batch": 2, "micro_batch_probe": {
+                                  "micro_batch": 2, "reason": "not probed on cpu: the experiment's batch_size",
+                                  "sizes": [], "peaks_gib": [], "tokens_per_second": [], "budget_gib": None,
+                                  "memory_fraction": None, "min_gain": None, "row_tokens": None}}
     assert model._loralab_speed is speed  # prepared with the resolved settings
     assert step.optimizer is optimizer and step.micro_batch == 2 and step.packing and step.wrapped is None
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -85,3 +106,69 @@ def test_an_ending_is_a_value_and_unwrap_raises_it():
     with pytest.raises(Cancelled) as err:
         cancelled.unwrap()
     assert err.value.result_path == "r.json"
+
+
+GIB = 2**30
+
+
+def decide(measured, limit=16, budget=30 * GIB, **kw):
+    from loralab.run.probe import Trial, decide_micro_batch
+
+    return decide_micro_batch([Trial(*t) for t in measured], limit=limit, budget=budget, **kw)
+
+
+def test_probe_decision_doubles_while_it_pays_and_fits():
+    assert decide([]).next_size == 1
+    grows = decide([(1, 20 * GIB, 4000.0), (2, 22 * GIB, 7000.0)])
+    assert grows.micro_batch is None and grows.next_size == 4
+    assert decide([(1, 20 * GIB, 4000.0)], limit=3).next_size == 2 and decide([(2, 1, 1.0)], limit=3).next_size == 3
+
+
+def test_probe_decision_stops_at_the_memory_budget():
+    over = decide([(1, 20 * GIB, 4000.0), (2, 24 * GIB, 7000.0), (4, 31 * GIB, 9000.0)])
+    assert (over.micro_batch, over.next_size) == (2, None)
+    assert over.reason.startswith("memory: micro-batch 4 peaked at 31.0 GiB, over the 30.0 GiB budget")
+    oom = decide([(1, 20 * GIB, 4000.0), (2, float("inf"), None)])
+    assert oom.micro_batch == 1 and "micro-batch 2 out of memory" in oom.reason
+    first = decide([(1, 40 * GIB, 4000.0)])
+    assert first.micro_batch == 1 and "1 is the least" in first.reason  # nothing smaller to fall back to
+
+
+def test_probe_decision_stops_when_gains_flatten():
+    flat = decide([(1, 10 * GIB, 8000.0), (2, 12 * GIB, 14000.0), (4, 16 * GIB, 14500.0)])
+    assert flat.micro_batch == 2 and flat.reason.startswith("flat: micro-batch 4 gained +3.6 % tokens/s over 2")
+    slower = decide([(1, 10 * GIB, 8000.0), (2, 12 * GIB, 7000.0)])
+    assert slower.micro_batch == 1
+    # a zero threshold keeps any gain (the bench's tuned peer: its best micro-batch within the memory)
+    assert decide([(1, 10 * GIB, 8000.0), (2, 12 * GIB, 8100.0)], min_gain=0.0).next_size == 4
+
+
+def test_probe_decision_stops_at_the_optimizer_batch_and_respects_an_explicit_micro_batch():
+    at_limit = decide([(1, GIB, 100.0), (2, GIB, 300.0), (4, GIB, 900.0)], limit=4)
+    assert (at_limit.micro_batch, at_limit.reason) == (4, "limit: the optimizer batch (4)")
+    explicit = decide([], explicit=3)
+    assert (explicit.micro_batch, explicit.next_size, explicit.reason) == (3, None, "explicit: speed.micro_batch")
+    assert decide([(1, None, None), (2, None, None)], budget=None, limit=2).micro_batch == 2  # nothing measured: no stop
+
+
+def test_probe_record_keeps_sizes_peaks_rates_and_the_reason():
+    from loralab.run.probe import Trial, decide_micro_batch, probe_record
+
+    trials = [Trial(1, 20 * GIB, 4000.0), Trial(2, float("inf"), None)]
+    decision = decide_micro_batch(trials, limit=8, budget=30 * GIB)
+    record = probe_record(trials, decision, budget=30 * GIB, memory_fraction=0.25, row_tokens=512)
+    assert record == {"micro_batch": 1, "reason": decision.reason, "sizes": [1, 2], "peaks_gib": [20.0, "oom"],
+                      "tokens_per_second": [4000.0, None], "budget_gib": 30.0, "memory_fraction": 0.25,
+                      "min_gain": 0.05, "row_tokens": 512}
+
+
+def test_the_probe_builds_the_step_shape():
+    from loralab.run.probe import worst_case_batch
+
+    longest = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    packed = worst_case_batch(longest, 2, packing=True, width=8, pad_id=0)
+    assert set(packed) == {"input_ids", "labels", "loss_weights"}  # no mask: SDPA's causal kernel, as the step
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 5, 6, 7, 5, 6]] * 2 and packed["labels"][0, 0] == -100
+    assert packed["loss_weights"].sum().item() == pytest.approx(1.0)
+    padded = worst_case_batch(longest, 2, packing=False, width=4, pad_id=0)
+    assert padded["input_ids"].shape == (2, 4) and padded["loss_weights"].sum().item() == pytest.approx(1.0)

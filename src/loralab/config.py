@@ -80,11 +80,8 @@ class Speed:
     packing: bool | str = "auto"  # auto: causal LMs (exact per-token weights, no pad tokens)
     micro_batch: int | str | None = "auto"  # samples (packed: rows) per forward; auto: probed on CUDA, batch_size on CPU
     group_by_length: bool = False  # changes which samples share an optimizer batch: opt in
-    memory_fraction: float = field(default=0.25, metadata={"added": True})
-    """Auto micro-batch: a probed forward+backward may peak at this share of the GPU at most. 0.25
-    is 35.1 GiB on an H200 (140.4 GiB): below the 37.7 GiB the tuned peer (bf16 autocast, fused
-    AdamW, Liger) used at its best micro-batch of 8 x 512 on the Llama-3-8B LoRA shape, above
-    loralab's own 26.9 GiB at 4 x 512 (issue 22), so the default uses no more than the tuned peer."""
+    memory_fraction: float = field(default=0.25, metadata={"added": True})  # auto micro-batch: the probed peak's cap, share of
+    # the GPU; 0.25 = 35.1 GiB of an H200, under the tuned peer's 37.7 GiB at its best (8B LoRA, 8 x 512, issue 22)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     loss_chunk_size: int = field(default=1024, metadata={"code_only": True})  # tokens per cross-entropy chunk
@@ -104,9 +101,8 @@ class Speed:
                      if t == "bool | str" and not (isinstance(speed[k], bool) or speed[k] == "auto")]
         if speed["autocast"] not in (None, "auto", "bfloat16", "float16"):
             problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
-        fraction = speed["memory_fraction"]
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            problems.append(f"'speed.memory_fraction' = {fraction!r} must be a number in (0, 1]")
+        if not (type(speed["memory_fraction"]) in (int, float) and 0 < speed["memory_fraction"] <= 1):
+            problems.append(f"'speed.memory_fraction' = {speed['memory_fraction']!r} must be a number in (0, 1]")
         mb = speed["micro_batch"]
         if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
             problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
@@ -124,21 +120,9 @@ class Speed:
         return out
 
     def record(self) -> dict[str, Any]:
-        """The experiment keys and their values, as the result record holds them, plus
-        ``micro_batch_probe`` once ``make_step`` has settled the micro-batch (sizes probed, peaks,
-        tokens/s, the choice and why; ``loralab.run.step.probe_record``)."""
-        out = {key: getattr(self, key) for key in self.experiment_keys()}
-        if self.micro_batch_probe is not None:
-            out["micro_batch_probe"] = self.micro_batch_probe
-        return out
-
-    @staticmethod
-    def hashed(speed: dict[str, Any]) -> dict[str, Any]:
-        """An experiment's ``speed`` dict as ``train_params_sha`` covers it: keys added after hashes
-        were first recorded (field metadata ``added``) are left out while at their default, so the
-        experiments written before them keep their hashes."""
-        defaults = {f.name: f.default for f in dataclasses.fields(Speed) if f.metadata.get("added")}
-        return {k: v for k, v in speed.items() if not (k in defaults and v == defaults[k])}
+        """The experiment keys and values as the record holds them, plus ``micro_batch_probe`` once set."""
+        return {**{k: getattr(self, k) for k in self.experiment_keys()}, **({"micro_batch_probe": self.micro_batch_probe}
+                                                                           if self.micro_batch_probe else {})}
 
 
 def _speed_defaults() -> dict[str, Any]:
@@ -247,7 +231,8 @@ def hashed_parameters(params: TrainingParameters) -> dict[str, Any]:
     that meant the same, so the hashes of experiments that do not set it are unchanged; an
     explicit ``[]`` (no evaluation, issue 24; it used to mean the default) hashes as ``"none"``."""
     out = {k: v for k, v in params.to_dict().items() if k not in NOT_HASHED}
-    out["speed"] = Speed.hashed(out["speed"])
+    added = {f.name: f.default for f in dataclasses.fields(Speed) if f.metadata.get("added")}  # hashed once set
+    out["speed"] = {k: v for k, v in out["speed"].items() if not (k in added and v == added[k])}
     if out.get("eval_tasks") is None:
         out["eval_tasks"] = []
     elif out["eval_tasks"] == []:

@@ -36,18 +36,11 @@ import torch
 from loralab import distributed
 from loralab.config import ConfigError, Speed
 from loralab.data import collate
+from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
 from loralab.speed.step import causal_lm_loss, prepare_model, seq_cls_loss
-
-TARGET_TOKENS = 2048
-"""Auto micro-batch: tokens per forward beyond which a larger forward stops paying. An 8B LoRA step
-at 4 x 512 tokens is already GPU-bound (15,837 tokens/s at 26.9 GiB on an H200); 8 x 512 ran
-14,567 tokens/s at 41.2 GiB on the seed-000 recipe (results/bench/README.md, "defaults")."""
-MEMORY_FRACTION = 0.8
-"""Auto micro-batch: the probed peak must stay below this share of the GPU's memory (the rest is
-margin for CUDA graph pools, fragmentation and longer rows than the probe's)."""
 
 
 class MicroBatchOOM(RuntimeError):
@@ -229,53 +222,6 @@ def loss_function(kind: str) -> Callable:
     return causal_lm_loss if kind == "causal_lm" else seq_cls_loss
 
 
-def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,
-                      pad_id: int, device: torch.device, target_tokens: int = TARGET_TOKENS,
-                      memory_fraction: float = MEMORY_FRACTION, log: Callable[[str], None] = print) -> int:
-    """Largest micro-batch (samples, or packed rows of ``max_length``) up to ``limit`` whose worst
-    case forward+backward peaks below ``memory_fraction`` of the GPU, doubling from 1 and
-    stopping once a forward holds ``target_tokens`` tokens. The worst case is the longest training
-    sample repeated (packed: full rows). Weights are not changed (gradients zeroed, RNG restored).
-    """
-    if device.type != "cuda":
-        raise ValueError("probe_micro_batch needs a CUDA device")
-    longest = max(features, key=lambda f: len(f["input_ids"]))
-    width = max_length if packing else len(longest["input_ids"])
-    total_memory = torch.cuda.get_device_properties(device).total_memory
-    budget = memory_fraction * total_memory
-    loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    chosen, m = 1, 1
-    # one padder for every probe size (built once: it wraps the model, nothing else changes)
-    step = Step(model, None, kind=kind, normalization="tokens", micro_batch=None, packing=False,
-                max_length=max_length, pad_to=width, pad_id=pad_id, device=device, graphs=False, max_grad_norm=0.0)
-    with torch.random.fork_rng(devices=[device]):
-        while True:
-            feats = [longest] * m
-            batch = {k: v.to(device) for k, v in step._padded(feats, [1.0 / m] * m).items()}
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            try:
-                loss(model, batch)[0].backward()
-                torch.cuda.synchronize(device)
-                peak = torch.cuda.max_memory_allocated(device)
-            except torch.OutOfMemoryError:
-                peak = float("inf")
-            for p in params:
-                p.grad = None
-            del batch
-            torch.cuda.empty_cache()
-            if peak > budget:
-                break
-            chosen = m
-            if m >= limit or m * width >= target_tokens:
-                break
-            m = min(2 * m, limit)
-    log(f"micro-batch {chosen} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
-        f"probed up to {m}, budget {budget / 2**30:.1f} GiB)")
-    return chosen
-
-
 def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: Callable[[str], None]) -> None:
     """What more than one process turns off (in place, logged): CUDA graphs (no collectives in a
     capture); under FSDP also compile, the micro-batch probe and mid-run checkpoints. Raises
@@ -305,8 +251,9 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     ``dtype`` (``Speed.resolve``; a dict holds an experiment's ``speed`` keys), turn off what more
     than one process cannot do (``distributed_speed``), prepare the model (``speed.step.prepare_model``),
     wrap it under DDP/FSDP2 (``launch``: a ``distributed.Launch``; None or one process: no wrap),
-    settle ``micro_batch`` (CUDA "auto": probed over ``features`` up to ``limit`` samples, the
-    smallest over ranks; None: ``batch_size``) and build the ``Step``.
+    settle ``micro_batch`` (CUDA "auto": ``run.probe.probe_micro_batch`` over ``features`` up to
+    ``limit`` samples within ``memory_fraction`` of the GPU, the smallest over ranks; None:
+    ``batch_size``; the choice and why in ``resolved.micro_batch_probe``) and build the ``Step``.
 
     ``optimizer`` is the method's optimizer; under FSDP the parameters change (DTensors) and
     ``remake_optimizer()`` builds it again (``Step.optimizer`` is then the new one).
@@ -326,12 +273,20 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             optimizer = remake_optimizer()
     micro = resolved.micro_batch
     if micro == "auto":  # CUDA: probed with the built model
-        micro = probe_micro_batch(model, features, kind=kind, packing=resolved.packing, max_length=max_length,
-                                  limit=limit, pad_id=pad_id, device=device, log=log)
+        micro, probe = probe_micro_batch(model, features, kind=kind, packing=resolved.packing, max_length=max_length,
+                                         limit=limit, pad_id=pad_id, device=device,
+                                         memory_fraction=resolved.memory_fraction, log=log)
         micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
-    elif micro is None:
-        micro = batch_size
-    resolved.micro_batch = micro
+        probe["micro_batch"] = micro
+    else:
+        why = "explicit: speed.micro_batch" if micro is not None else (
+            f"not probed on {device.type}: the experiment's batch_size" if device.type != "cuda"
+            else "not probed under FSDP: the experiment's batch_size")
+        micro = batch_size if micro is None else micro
+        decision = decide_micro_batch([], limit=limit, budget=None, explicit=micro)
+        probe = probe_record([], decision, budget=None, memory_fraction=None, row_tokens=None, min_gain=None)
+        probe["reason"] = why
+    resolved.micro_batch, resolved.micro_batch_probe = micro, probe
     step = Step(model, optimizer, kind=kind, normalization=normalization, micro_batch=micro, packing=resolved.packing,
                 max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,
                 max_grad_norm=max_grad_norm, log=log, wrapped=wrapped)

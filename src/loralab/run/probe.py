@@ -1,0 +1,158 @@
+"""The auto micro-batch: how many samples (packed: rows of ``max_length`` tokens) one forward holds.
+
+``probe_micro_batch`` measures, on the GPU, one forward+backward of the worst case (the longest
+training sample repeated; packed: full rows) at micro-batch 1, 2, 4, ... up to the optimizer
+batch: its peak memory and its tokens/s on the step's own shape (the prepared model: autocast,
+compile, chunked loss; packed rows without a mask, as the step runs them). ``decide_micro_batch``
+is the rule, a pure function of those measurements:
+
+- stop when a size peaks above the budget (``speed.memory_fraction`` of the GPU) or runs out of
+  memory: the size before it (1 at least: nothing is smaller);
+- stop when doubling gained less than ``MIN_GAIN`` tokens/s: the smaller size (as fast, less memory);
+- stop at the optimizer batch (``limit``): a forward never holds more than one optimizer batch.
+
+An explicit ``speed.micro_batch`` is never probed. The choice, the reason and every measurement go
+into the record (``train_info.speed.micro_batch_probe``, ``probe_record``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from loralab.data import collate
+from loralab.speed.losses import IGNORE_INDEX
+from loralab.speed.step import causal_lm_loss, seq_cls_loss
+
+MIN_GAIN = 0.05
+"""Auto micro-batch: a doubling that gains less than 5 % tokens/s is not worth its memory (timing
+one or two forwards on a busy GPU varies by 1-2 %). On the 8B LoRA shape 4 x 512 ran 15,837
+tokens/s at 26.9 GiB and 8 x 512 14,567 at 41.2 GiB on an H200 (results/bench/README.md)."""
+TIMED_REPEATS = 2
+"""Forward+backward passes timed per probed size, after one untimed pass (compile, allocator growth)."""
+
+
+@dataclass
+class Trial:
+    """One probed micro-batch: ``size`` samples (packed: rows), ``peak`` bytes (``inf``: out of
+    memory; None: not measured, CPU) and ``rate`` tokens/s of a forward+backward (None: not timed)."""
+
+    size: int
+    peak: float | None
+    rate: float | None
+
+
+@dataclass
+class Decision:
+    """``micro_batch`` chosen (None: not yet), else ``next_size`` to probe; ``reason`` in words."""
+
+    micro_batch: int | None
+    next_size: int | None
+    reason: str
+
+
+def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None, min_gain: float = MIN_GAIN,
+                       explicit: int | None = None) -> Decision:
+    """The auto micro-batch rule over the sizes measured so far (``trials``, in probing order:
+    1, 2, 4, ... capped at ``limit``). ``budget``: bytes a forward may peak at (None: no cap);
+    ``min_gain``: the least tokens/s gain that makes a doubling pay (0: any gain); ``explicit``:
+    a micro-batch set by the experiment, taken as it is. Returns the choice and why, or the next
+    size to probe. A rate of None (not timed) counts as paying."""
+    if explicit is not None:
+        return Decision(explicit, None, "explicit: speed.micro_batch")
+    if not trials:
+        return Decision(None, 1, "")
+    last, before = trials[-1], trials[-2] if len(trials) > 1 else None
+    if last.peak is not None and budget is not None and last.peak > budget:
+        what = "out of memory" if last.peak == float("inf") else f"peaked at {last.peak / 2**30:.1f} GiB"
+        if before is None:
+            return Decision(1, None, f"memory: micro-batch 1 {what}, over the {budget / 2**30:.1f} GiB budget; 1 is the least")
+        return Decision(before.size, None, f"memory: micro-batch {last.size} {what}, over the {budget / 2**30:.1f} GiB budget")
+    if before is not None and None not in (before.rate, last.rate) and last.rate < before.rate * (1 + min_gain):
+        gain = last.rate / before.rate - 1
+        return Decision(before.size, None, f"flat: micro-batch {last.size} gained {100 * gain:+.1f} % tokens/s over "
+                                           f"{before.size}, less than {100 * min_gain:.0f} %")
+    if last.size >= limit:
+        return Decision(last.size, None, f"limit: the optimizer batch ({limit})")
+    return Decision(None, min(2 * last.size, limit), "")
+
+
+def probe_record(trials: list[Trial], decision: Decision, *, budget: float | None, memory_fraction: float | None,
+                 row_tokens: int | None, min_gain: float | None = MIN_GAIN) -> dict:
+    """What the record keeps of a micro-batch decision: the choice, the reason, each probed size
+    with its peak (GiB, None: not measured or out of memory as ``"oom"``) and tokens/s, the budget
+    (GiB), the fraction it came from, the gain threshold and the tokens of one probed row."""
+    def peak(t: Trial):
+        return "oom" if t.peak == float("inf") else None if t.peak is None else round(t.peak / 2**30, 2)
+
+    return {"micro_batch": decision.micro_batch, "reason": decision.reason, "sizes": [t.size for t in trials],
+            "peaks_gib": [peak(t) for t in trials],
+            "tokens_per_second": [None if t.rate is None else round(t.rate, 1) for t in trials],
+            "budget_gib": None if budget is None else round(budget / 2**30, 2), "memory_fraction": memory_fraction,
+            "min_gain": min_gain, "row_tokens": row_tokens}
+
+
+def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id: int) -> dict:
+    """``m`` copies of the longest sample as the step would feed them: packed, rows of ``width``
+    tokens (the sample's ids repeated to fill a row) without mask or positions; else padded to
+    ``width`` with an attention mask. Per-token weights sum to 1 over the batch."""
+    if not packing:
+        batch = collate([longest] * m, pad_id, width)
+        tokens = batch["labels"].dim() == 2
+        w = torch.full((m,), 1.0 / (m * len(longest["input_ids"]) if tokens else m))
+        batch["loss_weights"] = batch["attention_mask"] * w[:, None] if tokens else w
+        return batch
+    ids = torch.tensor(longest["input_ids"]).repeat(width // len(longest["input_ids"]) + 1)[:width]
+    ids = ids.repeat(m, 1)
+    labels = ids.clone()
+    labels[:, 0] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels, "loss_weights": torch.full((m, width), 1.0 / (m * width))}
+
+
+def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,
+                      pad_id: int, device: torch.device, memory_fraction: float, min_gain: float = MIN_GAIN,
+                      log: Callable[[str], None] = print) -> tuple[int, dict]:
+    """The auto micro-batch on a CUDA ``device`` (module docstring): probes 1, 2, 4, ... up to
+    ``limit`` with the worst case of ``features`` until ``decide_micro_batch`` settles. Weights are
+    not changed (gradients dropped, RNG restored). Returns (micro-batch, ``probe_record``).
+    Raises ValueError off CUDA (nothing to measure there)."""
+    if device.type != "cuda":
+        raise ValueError("probe_micro_batch needs a CUDA device")
+    longest = max(features, key=lambda f: len(f["input_ids"]))
+    width = max_length if packing else len(longest["input_ids"])
+    budget = memory_fraction * torch.cuda.get_device_properties(device).total_memory
+    loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    trials: list[Trial] = []
+    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain)
+    with torch.random.fork_rng(devices=[device]):
+        while decision.micro_batch is None:
+            m = decision.next_size
+            batch = {k: v.to(device) for k, v in worst_case_batch(longest, m, packing=packing, width=width,
+                                                                    pad_id=pad_id).items()}
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                for i in range(1 + TIMED_REPEATS):
+                    if i == 1:
+                        torch.cuda.synchronize(device)
+                        start = time.perf_counter()
+                    loss(model, batch)[0].backward()
+                torch.cuda.synchronize(device)
+                rate = TIMED_REPEATS * m * width / (time.perf_counter() - start)
+                trials.append(Trial(m, torch.cuda.max_memory_allocated(device), rate))
+            except torch.OutOfMemoryError:
+                trials.append(Trial(m, float("inf"), None))
+            for p in params:
+                p.grad = None
+            del batch
+            torch.cuda.empty_cache()
+            decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain)
+    record = probe_record(trials, decision, budget=budget, memory_fraction=memory_fraction, row_tokens=width,
+                          min_gain=min_gain)
+    log(f"micro-batch {decision.micro_batch} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
+        f"probed {record['sizes']}, {decision.reason})")
+    return decision.micro_batch, record
