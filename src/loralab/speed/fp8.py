@@ -1,0 +1,169 @@
+"""An FP8 frozen linear layer: weights in float8_e4m3fn with one scale per output channel,
+activations quantised per token at every forward, both GEMMs through ``torch._scaled_mm``.
+
+The scaling rule (the "row-wise" recipe of torchao's float8 training and of DeepSeek-V3's
+per-channel/per-token scales, written here from the rule, not copied):
+
+- a matrix X (rows r) is stored as ``Xq = fp8(X / s)`` with ``s_r = max(amax_r, EPS) / 448``
+  per row (448 is float8_e4m3fn's largest finite value, so every row uses the full range; the
+  division is in float32, the cast rounds to nearest even and saturates at ±448);
+- the weight W (out N x in K) is quantised once, per output channel: ``W ≈ diag(s_w) · Wq``;
+- forward, per token: ``x ≈ diag(s_x) · xq`` and
+  ``y = x Wᵀ ≈ diag(s_x) · (xq · Wqᵀ) · diag(s_w)``: one ``_scaled_mm(xq, Wqᵀ, scale_a=s_x (M,1),
+  scale_b=s_w (1,N))``, float32 accumulation, written in the activation dtype (bfloat16 on the
+  speed path; the autocast dtype under autocast);
+- input gradient: ``dx = dy · W = dy · diag(s_w) · Wq``. Here s_w lies along the *reduced*
+  axis (N), so it cannot be an output scale; it is folded into the gradient before that is
+  quantised per row: ``G = dy · diag(s_w) ≈ diag(s_g) · Gq``, then
+  ``dx ≈ diag(s_g) · (Gq · Wq)``: ``_scaled_mm(Gq, Wq, scale_a=s_g (M,1), scale_b=1 (1,K))``.
+  Wq is the second operand here in (N, K) orientation, which the CUDA kernel wants column-major:
+  a transposed copy of the FP8 codes is made per backward (1 byte per weight).
+- no weight gradient: the base is frozen (``Fp8Linear.weight`` never requires grad).
+
+``_scaled_mm`` runs on CPU in torch 2.13 (a reference kernel, slower than bf16 there) and on CUDA
+from compute capability 8.9 (Ada, Hopper: H100/H200); the CUDA kernel needs both dimensions of
+the weight divisible by 16 (``fits``). torchao's float8 was not used: it is not installed and its
+releases pin torch versions; ``_scaled_mm`` is in the torch in use, so nothing extra installs.
+
+``Fp8Linear`` subclasses ``nn.Linear`` so peft's default dispatch wraps it in its plain LoRA/DoRA
+``Linear`` (``isinstance(target, nn.Linear)``): the adapter is an ordinary peft adapter that
+loads on the float or the FP8 base without registering anything (a custom module mapping is not
+saved in adapter_config.json and would have to be registered before every load). What peft
+reads from its base layer, it gets right: ``compute_dtype`` (the dtype the adapter is moved to,
+as for bitsandbytes layers), and ``W_q`` + ``dequantize()``, which peft's
+``dequantize_module_weight`` calls (the hook HQQ layers use), so peft's DoRA computes its weight
+norm on the dequantised FP8 weight the layer computes with. The codes are stored as a uint8
+Parameter (bytes of float8_e4m3fn) and the scales as int32 bits of float32, so ``model.to(dtype)``
+or peft's dtype moves never re-round them (they cast floating tensors only). Merging an adapter
+into this layer in place is not supported (peft would add a float delta to the codes): merge into
+``dequantize()`` as ``loralab.merge`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""float8_e4m3fn's largest finite value."""
+EPS = 1e-12
+"""Floor of a row's amax, so an all-zero row gets a finite scale (and codes 0)."""
+ALIGN = 16
+"""``_scaled_mm``'s CUDA kernel needs the weight's in and out features divisible by this."""
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise FP8 quantisation of a 2-D tensor ``x`` (M, K), any float dtype.
+
+    Returns ``(codes, scales)``: codes (M, K) float8_e4m3fn = fp8(x / s) (round to nearest even,
+    saturated at ±448) and scales (M, 1) float32, ``s = max(amax_row, EPS) / 448``, so that
+    ``x ≈ codes.float() * scales``."""
+    xf = x.float()
+    scales = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / FP8_MAX
+    codes = (xf / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return codes, scales
+
+
+def fits(linear: nn.Linear) -> bool:
+    """Whether ``linear``'s weight shape suits the FP8 kernel (both dimensions divisible by 16)."""
+    return linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """y = x Wᵀ with FP8 operands; backward gives dx only (module docstring: the formulas)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales):
+        out_dtype = _out_dtype(x)
+        xq, sx = quantize_rows(x)
+        y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scales.view(1, -1), out_dtype=out_dtype)
+        ctx.save_for_backward(codes, scales)
+        ctx.in_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, scales = ctx.saved_tensors
+        gq, sg = quantize_rows(grad.float() * scales.view(1, -1))
+        w_colmajor = codes.t().contiguous().t()  # (N, K) laid out column-major for the CUDA kernel
+        ones = torch.ones(1, codes.shape[1], device=codes.device, dtype=torch.float32)
+        dx = torch._scaled_mm(gq, w_colmajor, scale_a=sg, scale_b=ones, out_dtype=ctx.in_dtype)
+        return dx, None, None
+
+
+def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ Wᵀ`` for ``W ≈ codes.float() * scales[:, None]``.
+
+    ``x`` (..., K) any float dtype; ``codes`` (N, K) float8_e4m3fn; ``scales`` (N,) float32.
+    Returns (..., N) in the activation dtype (the autocast dtype under autocast). Differentiable
+    in ``x`` only. Raises RuntimeError from ``_scaled_mm`` on a device without an FP8 kernel
+    (CUDA below compute capability 8.9) or, on CUDA, for K or N not divisible by 16."""
+    lead = x.shape[:-1]
+    y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), codes, scales)
+    return y.reshape(*lead, codes.shape[0])
+
+
+class Fp8Linear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is FP8 with per-output-channel scales.
+
+    Build it with ``Fp8Linear.from_linear(linear)``. ``weight``: (out, in) uint8 Parameter holding
+    the float8_e4m3fn codes (never requires grad); ``weight_scale``: (out,) float32;
+    ``bias``: the original bias (float, frozen). ``forward(x)`` = ``fp8_linear(x, ...) + bias``.
+    ``dequantize()`` returns the float32 weight the layer computes with: ``codes * scale``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=torch.float32,
+                 device=None):
+        nn.Module.__init__(self)  # no float weight is ever allocated
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.uint8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("scale_bits", torch.zeros(out_features, dtype=torch.int32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        """The FP8 layer of ``linear`` (any float dtype, any device; left unchanged)."""
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=w.dtype,
+                    device=w.device)
+        codes, scales = quantize_rows(w)
+        layer.weight.data = codes.view(torch.uint8)
+        layer.scale_bits = scales.reshape(-1).contiguous().view(torch.int32)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """(out, in) float8_e4m3fn view of the stored weight."""
+        return self.weight.view(FP8)
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        """(out,) float32 per-channel scales."""
+        return self.scale_bits.view(torch.float32)
+
+    @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802  the attribute peft's dequantize_module_weight looks for
+        """The stored codes (peft reads this attribute's device, and then calls ``dequantize``)."""
+        return self.weight
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32 weight: codes · scale per output channel."""
+        return self.codes.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fp8_linear(x, self.codes, self.weight_scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3fn"
