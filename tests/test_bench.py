@@ -1,10 +1,11 @@
-"""`loralab bench --preset tiny --device cpu` runs end to end and reports both stacks."""
+"""`loralab bench --preset tiny --device cpu` runs end to end and reports loralab, the docs peer and the
+tuned peer (no Liger on CPU), with loralab's ratios over the best peer row."""
 
 import json
 
 import pytest
 
-from loralab.bench.runner import table
+from loralab.bench.runner import add_ratios, table
 from loralab.bench.workloads import presets
 from loralab.cli import main
 from loralab.speed.lengths import sample_lengths
@@ -15,7 +16,7 @@ def test_bench_tiny_cpu_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())
-    expected = {(w.name, m, s) for w in presets("tiny") for m in w.methods for s in ("peer", "loralab")}
+    expected = {(w.name, m, s) for w in presets("tiny") for m in w.methods for s in ("peer", "loralab", "tuned")}
     assert {(r["workload"], r["method"], r["stack"]) for r in rows} == expected
     for r in rows:
         assert set(r) >= {"workload", "method", "stack", "throughput", "unit", "peak_memory_gib", "mfu"}
@@ -24,19 +25,46 @@ def test_bench_tiny_cpu_end_to_end(tmp_path, capsys):
         if r["stack"] == "loralab":  # loralab run's CPU defaults: no graphs, compile or autocast; packing for causal LMs
             assert r["speed"]["packing"] == ("roberta" not in r["workload"]) and r["speed"]["cuda_graphs"] is False
             assert r["micro_batch"] == next(w.batch_size for w in presets("tiny") if w.name == r["workload"])
+            assert r["speed"]["micro_batch_probe"]["reason"] == "not probed on cpu: the experiment's batch_size"
+            same = [p for p in rows if (p["workload"], p["method"]) == (r["workload"], r["method"]) and p is not r]
+            best = max(same, key=lambda p: p["throughput"])
+            assert r["best_peer"] == best["stack"] and r["ratio_best_peer"] == round(r["throughput"] / best["throughput"], 3)
+            docs = next(p for p in same if p["stack"] == "peer")
+            assert r["ratio_docs_peer"] == round(r["throughput"] / docs["throughput"], 3)
+        if r["stack"] == "tuned":  # what Trainer(bf16=True, optim="adamw_torch_fused") does on CPU: no autocast
+            assert r["speed"] == {"autocast": None, "optim": "adamw_torch_fused", "liger": False}
+            probe = r["micro_batch_probe"]
+            batch = next(w.batch_size for w in presets("tiny") if w.name == r["workload"])
+            assert probe["sizes"][0] == 1 and probe["sizes"] == [min(2**k, batch) for k in range(len(probe["sizes"]))]
+            assert r["micro_batch"] == probe["micro_batch"] in probe["sizes"] and probe["reason"]
+            assert len(probe["tokens_per_second"]) == len(probe["sizes"]) and all(probe["tokens_per_second"])
+            assert probe["peaks_gib"] == [None] * len(probe["sizes"]) and probe["budget_gib"] is None  # CPU
     # every stack trained on the same samples: same real units per step
     for w in presets("tiny"):
         for m in w.methods:
             per_step = {r["stack"]: r["units_per_step"] for r in rows if r["workload"] == w.name and r["method"] == m}
-            assert per_step["loralab"] == per_step["peer"], (w.name, m, per_step)
+            assert per_step["loralab"] == per_step["peer"] == per_step["tuned"], (w.name, m, per_step)
     printed = capsys.readouterr().out
     assert "| tiny-llama/fixed-2x64 | dora | loralab |" in printed and "| tiny-llama/fixed-2x64 | dora | peer |" in printed
 
 
-def test_table_reports_ours_over_peer():
+def test_table_reports_ours_over_the_best_peer_and_the_docs_peer():
     rows = [{"workload": "w", "method": "lora", "stack": "peer", "throughput": 100.0, "unit": "tokens/s", "peak_memory_gib": 2.0, "mfu": 0.1},
-            {"workload": "w", "method": "lora", "stack": "loralab", "throughput": 250.0, "unit": "tokens/s", "peak_memory_gib": 1.0, "mfu": 0.25}]
-    assert "| w | lora | loralab | 250 tokens/s | 1.0 GiB | 25.0% | 2.50x |" in table(rows)
+            {"workload": "w", "method": "lora", "stack": "loralab", "throughput": 250.0, "unit": "tokens/s", "peak_memory_gib": 1.0, "mfu": 0.25,
+             "micro_batch": 4}]
+    assert "| w | lora | loralab | 250 tokens/s | 1.0 GiB | 25.0% | 4 | 2.50x (peer) | 2.50x |" in table(rows)
+    rows += [{"workload": "w", "method": "lora", "stack": "tuned", "throughput": 200.0, "unit": "tokens/s", "peak_memory_gib": 1.0,
+              "mfu": 0.2, "micro_batch": 2},
+             {"workload": "w", "method": "lora", "stack": "liger", "throughput": 150.0, "unit": "tokens/s", "peak_memory_gib": 1.5, "mfu": 0.15},
+             {"workload": "v", "method": "lora", "stack": "tuned", "throughput": 900.0, "unit": "tokens/s", "peak_memory_gib": 1.0, "mfu": 0.9}]
+    text = table(rows)
+    assert "| w | lora | loralab | 250 tokens/s | 1.0 GiB | 25.0% | 4 | 1.25x (tuned) | 2.50x |" in text  # not workload v's
+    assert "| w | lora | tuned | 200 tokens/s | 1.0 GiB | 20.0% | 2 |  |  |" in text
+    add_ratios(rows)
+    assert (rows[1]["best_peer"], rows[1]["ratio_best_peer"], rows[1]["ratio_docs_peer"]) == ("tuned", 1.25, 2.5)
+    rows[0]["throughput"] = None  # a failed docs peer: no docs ratio, the best of the others still
+    add_ratios(rows)
+    assert (rows[1]["best_peer"], rows[1]["ratio_docs_peer"]) == ("tuned", None)
 
 
 def test_stored_length_histograms_look_like_the_data():

@@ -1,12 +1,18 @@
-"""The training bench's peers: transformers + peft set up as their docs show.
+"""The training bench's peers: transformers + peft as their docs show, and as a careful user runs them.
 
-peer: ``get_peft_model`` (fp32 adapters over the base, peft's default), padded batches,
-``model(**batch).loss``, ``torch.optim.AdamW``.
+peer (the docs peer): ``get_peft_model`` (fp32 adapters over the base, peft's default), padded
+batches, ``model(**batch).loss``, ``torch.optim.AdamW``.
 liger (Llama models, CUDA, when ``liger-kernel`` is importable): the peer with Liger's kernels
 (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) applied to the model before ``get_peft_model``,
 the strongest off-the-shelf stack issue 6 names.
-trainer (``loralab bench --experiment``): transformers ``Trainer`` + peft set up as the recipe says
-(``trainer_row``).
+tuned (issue 22): what ``Trainer(bf16=True, optim="adamw_torch_fused", use_liger_kernel=True)``
+computes: bf16 autocast around the forward on CUDA (fp16 for an fp16 base; none on CPU, as
+``bf16=False``), fused AdamW, Liger where ``liger_available``, and its best micro-batch within
+loralab's measured peak (``tuned_micro_batch``: doubling from 1 up to the optimizer batch, as
+loralab's probe does, until the peak passes loralab's or runs out of memory, keeping the fastest),
+with gradient accumulation over the optimizer batch.
+trainer (``loralab bench --experiment``): transformers ``Trainer`` + peft with the recipe's
+optimisation and the tuned settings (``trainer_row``).
 """
 
 from __future__ import annotations
@@ -78,6 +84,88 @@ def peer_step(model, opt, batch) -> None:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def tuned_settings(w: Workload, device: str) -> dict:
+    """The tuned peer's settings on ``device``: ``autocast`` (CUDA: float16 for an fp16 base, else
+    bfloat16, as ``Trainer(bf16=True)``; CPU: None), ``optim`` (fused AdamW, ``adamw_torch_fused``)
+    and ``liger`` (``liger_available``)."""
+    autocast = None if device != "cuda" else "float16" if w.dtype == "float16" else "bfloat16"
+    return {"autocast": autocast, "optim": "adamw_torch_fused", "liger": liger_available(w, device)}
+
+
+def _autocast(device: str, autocast: str | None):
+    return torch.autocast(device, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+
+
+def tuned_chunks(w: Workload, feats: list[dict], pad_id: int, micro_batch: int, device: str) -> list[tuple[dict, float]]:
+    """One optimizer batch for the tuned peer: ``micro_batch`` samples per padded forward (on
+    ``device``), each with its share of the batch's loss (labelled tokens, classification:
+    samples), so the accumulated gradient is the whole batch's token mean, as the Trainer's
+    ``num_items_in_batch``."""
+    groups = [feats[k:k + micro_batch] for k in range(0, len(feats), micro_batch)]
+    weight = (lambda g: len(g)) if is_seq_cls(w) else (lambda g: sum(len(f["input_ids"]) - 1 for f in g))
+    total = sum(weight(g) for g in groups)
+    return [({k: v.to(device) for k, v in peer_batch(w, g, pad_id).items()}, weight(g) / total) for g in groups]
+
+
+def tuned_step(model, opt, chunks: list[tuple[dict, float]], device: str, autocast: str | None) -> None:
+    """One tuned-peer optimizer step: per chunk, ``model(**batch).loss`` under autocast, scaled by
+    its share, backward; then ``opt.step()`` and zero grads."""
+    for batch, share in chunks:
+        with _autocast(device, autocast):
+            loss = model(**batch).loss * share
+        loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def tuned_micro_batch(model, w: Workload, feats: list[dict], pad_id: int, device: str, autocast: str | None,
+                      budget_gib: float | None, limit: int) -> tuple[int, dict]:
+    """The tuned peer's best micro-batch, found as loralab's probe finds its own
+    (``loralab.run.probe.decide_micro_batch``): one untimed and two timed forward+backward passes
+    of the longest sample in ``feats`` repeated m times, padded as the peer pads, for m = 1, 2,
+    4, ... up to ``limit`` (the optimizer batch); it stops when the peak passes ``budget_gib``
+    (loralab's measured peak; None: no cap), at an out-of-memory error, or when a doubling is not
+    faster (gain threshold 0). Peaks are measured on CUDA only. Gradients are dropped. Returns
+    (micro-batch, ``probe_record`` with ``budget_from``)."""
+    from loralab.run.probe import Trial, decide_micro_batch, probe_record
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    longest = max(feats, key=lambda f: len(f["input_ids"]))
+    budget = None if budget_gib is None else budget_gib * 2**30
+    trials: list[Trial] = []
+    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0)
+    while decision.micro_batch is None:
+        m = decision.next_size
+        batch = {k: v.to(device) for k, v in peer_batch(w, [longest] * m, pad_id).items()}
+        tokens = int(batch["attention_mask"].sum()) if not is_seq_cls(w) else m
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            for i in range(3):
+                if i == 1:
+                    sync()
+                    start = time.perf_counter()
+                with _autocast(device, autocast):
+                    loss = model(**batch).loss
+                loss.backward()
+            sync()
+            rate = 2 * tokens / (time.perf_counter() - start)
+            trials.append(Trial(m, torch.cuda.max_memory_allocated() if cuda else None, rate))
+        except torch.OutOfMemoryError:
+            trials.append(Trial(m, float("inf"), None))
+        loss = batch = None
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+        decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0)
+    record = probe_record(trials, decision, budget=budget, memory_fraction=None,
+                          row_tokens=len(longest["input_ids"]), min_gain=0.0)
+    record["budget_from"] = "loralab's measured peak" if budget is not None else None
+    return decision.micro_batch, record
 
 
 def trainer_row(exp, workdir, log) -> dict:

@@ -1,7 +1,10 @@
 """``loralab bench``: the peer stacks and ``loralab run``'s training step, side by side on one device.
 
 One row per workload x method x stack (``loralab.bench.workloads`` for the workloads,
-``loralab.bench.peers`` for the peer and Liger stacks).
+``loralab.bench.peers`` for the peer stacks: the docs peer, Liger, and the tuned peer, which runs
+after loralab's row and searches its micro-batch within loralab's measured peak).
+Ratios (``add_ratios``, the table) are loralab's throughput over the best peer row's (the fastest
+of docs peer, Liger and tuned on the same workload and method), with the docs peer's beside it.
 loralab: the same model, adapter and optimizer batches through what ``loralab run`` builds with
 no ``speed`` keys (``loralab_step``, through ``loralab.run.step.make_step``): ``Speed``'s defaults
 for the device, ``prepare_model`` and the ``Step`` (packing into rows of the workload's length for causal LMs, the
@@ -21,13 +24,25 @@ import time
 
 import torch
 
-from loralab.bench.peers import liger_available, liger_patched, peer_batch, peer_step, wrap
+from loralab.bench.peers import (
+    liger_available,
+    liger_patched,
+    peer_batch,
+    peer_step,
+    tuned_chunks,
+    tuned_micro_batch,
+    tuned_settings,
+    tuned_step,
+    wrap,
+)
 from loralab.bench.workloads import Workload, build_model, is_seq_cls, presets, step_features
 from loralab.models import MODELS
 from loralab.run.step import Step, make_step
 from loralab.speed.step import _hf_model
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
+PEER_STACKS = ("peer", "liger", "tuned")
+"""Rows that are peers of loralab's: the docs peer first (``ours/docs peer``), then the others."""
 
 
 def matmul_params(model) -> int:
@@ -64,18 +79,20 @@ def loralab_step(model, features: list[list[dict]], *, kind: str, dtype: str, ma
 
 
 def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,
-            speed: dict | None = None, profile_to: list | None = None) -> dict:
+            speed: dict | None = None, profile_to: list | None = None, budget_gib: float | None = None) -> dict:
     """One row: build the model (the workload's dtype for every stack; float32 on CPU), adapt it,
-    time ``steps`` optimizer steps after ``warmup`` ones. ``speed``: explicit loralab speed keys."""
+    time ``steps`` optimizer steps after ``warmup`` ones. ``speed``: explicit loralab speed keys;
+    ``budget_gib``: the tuned peer's memory cap (loralab's peak on this workload and method)."""
     dtype = "float32" if device == "cpu" else w.dtype
     clean(device)
     patches = contextlib.ExitStack()
     base = build_model(w, device, getattr(torch, dtype))
-    if stack == "liger":
+    if stack == "liger" or (stack == "tuned" and liger_available(w, device)):
         patches.enter_context(liger_patched(base))
     reserved = torch.cuda.memory_reserved() / 2**30 if device == "cuda" else None
     with patches:
-        row = _run_built(w, wrap(base, w, method), method, stack, device, dtype, steps, warmup, speed, profile_to)
+        row = _run_built(w, wrap(base, w, method), method, stack, device, dtype, steps, warmup, speed, profile_to,
+                         budget_gib)
     row["reserved_gib_at_start"] = None if reserved is None else round(reserved, 2)
     return row
 
@@ -90,13 +107,13 @@ def clean(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to) -> dict:
+def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to, budget_gib=None) -> dict:
     seq_cls = is_seq_cls(w)
     model.train()
     spec = MODELS[w.model]
     vocab, pad_id = spec["vocab_size"], spec.get("pad_token_id", 0)
     data = step_features(w, vocab, warmup + steps)
-    resolved, runner = None, None
+    resolved, runner, tuned = None, None, None
     if stack == "loralab":
         runner, resolved = loralab_step(model, data, kind="seq_cls" if seq_cls else "causal_lm", dtype=dtype,
                                         max_length=w.seq_len, batch_size=w.batch_size, device=device, speed=speed,
@@ -104,6 +121,15 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
         run = runner
         shape_of = lambda feats: tuple(tuple(tuple(v.shape) for v in b.values()) for b in runner.plan(feats))
         inputs = data
+    elif stack == "tuned":
+        tuned = tuned_settings(w, device)
+        micro, probe = tuned_micro_batch(model, w, [f for feats in data for f in feats], pad_id, device,
+                                         tuned["autocast"], budget_gib, limit=w.batch_size)
+        tuned.update(micro_batch=micro, micro_batch_probe=probe)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        run = lambda chunks: tuned_step(model, opt, chunks, device, tuned["autocast"])
+        shape_of = lambda chunks: tuple(tuple(tuple(v.shape) for v in b.values()) for b, _ in chunks)
+        inputs = [tuned_chunks(w, feats, pad_id, micro, device) for feats in data]
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         run = lambda b: peer_step(model, opt, b)
@@ -148,6 +174,10 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
     if resolved is not None:
         row["speed"] = resolved
         row["micro_batch"] = runner.micro_batch
+    if tuned is not None:
+        row["micro_batch"] = tuned.pop("micro_batch")
+        row["micro_batch_probe"] = tuned.pop("micro_batch_probe")
+        row["speed"] = tuned
     return row
 
 
@@ -176,17 +206,20 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
     plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods
-            for s in ("peer", "loralab", "liger") if s != "liger" or liger_available(w, device)]
+            for s in ("peer", "loralab", "liger", "tuned") if s != "liger" or liger_available(w, device)]
     rows, profiles = [], []
     for w, method, stack in tqdm(plan, desc="bench", disable=None):
         try:
             n_steps = steps or (3 if preset == "tiny" else w.steps or 8)
             n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
-            row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed)
+            budget = next((r.get("peak_memory_gib") for r in rows if (r["workload"], r["method"], r["stack"])
+                           == (w.name, method, "loralab")), None)  # the tuned peer's cap: loralab's peak
+            row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed, budget_gib=budget)
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
                    "peak_memory_gib": None, "mfu": None, "error": f"out of memory: {str(exc)[:120]}"}
         rows.append(row)
+        add_ratios(rows)
         log(format_row(row))
         if on_row is not None:
             on_row(rows)
@@ -206,21 +239,35 @@ def format_row(row: dict) -> str:
         f"  {row['error']}" if row.get("error") else "")
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table with ours/peer ratios (and ours/liger when Liger rows exist)."""
-    by_stack = {stack: {(r["workload"], r["method"], r.get("run")): r for r in rows if r["stack"] == stack}
-                for stack in ("peer", "liger")}
-    peers = ["peer", "liger"] if by_stack["liger"] else ["peer"]
-    lines = ["| workload | method | stack | throughput | peak memory | MFU | " + " | ".join(f"ours/{p}" for p in peers) + " |",
-             "|---|---|---|--:|--:|--:|" + "--:|" * len(peers)]
+def add_ratios(rows: list[dict]) -> None:
+    """Set, on every loralab row with a throughput, ``best_peer`` (the peer stack with the highest
+    throughput on the same workload, method and run), ``ratio_best_peer`` (loralab / that peer) and
+    ``ratio_docs_peer`` (loralab / the docs peer); None where that peer has no throughput."""
     for r in rows:
-        ratios = []
-        for stack in peers:
-            p = by_stack[stack].get((r["workload"], r["method"], r.get("run")))
-            ok = r["stack"] == "loralab" and p and p.get("throughput") and r.get("throughput")
-            ratios.append(f"{r['throughput'] / p['throughput']:.2f}x" if ok else "")
+        if r["stack"] != "loralab":
+            continue
+        same = [p for p in rows if p["stack"] in PEER_STACKS and p.get("throughput")
+                and (p["workload"], p["method"], p.get("run")) == (r["workload"], r["method"], r.get("run"))]
+        best = max(same, key=lambda p: p["throughput"], default=None)
+        docs = next((p for p in same if p["stack"] == "peer"), None)
+        ok = bool(r.get("throughput"))
+        r["best_peer"] = best["stack"] if best else None
+        r["ratio_best_peer"] = round(r["throughput"] / best["throughput"], 3) if ok and best else None
+        r["ratio_docs_peer"] = round(r["throughput"] / docs["throughput"], 3) if ok and docs else None
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table, one line per row, with the micro-batch of the rows that choose one and, on
+    loralab's rows, ours / best peer (which one in brackets) and ours / docs peer (``add_ratios``)."""
+    add_ratios(rows)
+    lines = ["| workload | method | stack | throughput | peak memory | MFU | micro-batch | ours/best peer | ours/docs peer |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        best = f"{r['ratio_best_peer']:.2f}x ({r['best_peer']})" if r.get("ratio_best_peer") else ""
+        docs = f"{r['ratio_docs_peer']:.2f}x" if r.get("ratio_docs_peer") else ""
         thr = "—" if r.get("throughput") is None else f"{r['throughput']:,.0f} {r['unit']}"
         mem = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
         mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['workload']} | {r['method']} | {r['stack']} | {thr} | {mem} | {mfu} | " + " | ".join(ratios) + " |")
+        micro = "" if r.get("micro_batch") is None else str(r["micro_batch"])
+        lines.append(f"| {r['workload']} | {r['method']} | {r['stack']} | {thr} | {mem} | {mfu} | {micro} | {best} | {docs} |")
     return "\n".join(lines)
