@@ -197,7 +197,7 @@ class TrainingParameters:
     decay; default none) for every part; LoRA+ adds ``loraplus_lr_ratio`` (16) and
     ``loraplus_lr_embedding`` (1e-6). Unknown names are reported with the part's allowed ones."""
     quantization: str | None = None
-    """``nf4``: the frozen base in 4-bit NormalFloat (QLoRA, bitsandbytes); None: float weights."""
+    """``nf4``: base in 4-bit NormalFloat (QLoRA, bitsandbytes); ``fp8``: float8 e4m3 (methods/fp8base.py); None: float."""
     magnitude_only_modules: list[str] = field(default_factory=list)
     """DoRA modules whose magnitude alone trains (seed 002's Wdecompose_target_modules)."""
     calibration: dict[str, Any] = field(default_factory=_calibration_defaults)

@@ -21,7 +21,11 @@ Exact for every base variation and for tied weights (issue 21), or refused:
   the packed codes against the recorded fingerprints, dequantises, and merges there: the trained
   model computed with the dequantised NF4 weights, not the float ones (merging into the float base
   changed 1-4 argmax tokens in 64). Missing bitsandbytes, or a base that quantises to other codes,
-  is a ``MergeError``. A folder without the file (a plain peft adapter) trained on a float base.
+  is a ``MergeError``. An FP8 base (``methods/fp8base.py``) is reproduced the same way: the
+  recorded modules re-quantised by the same rule (per-channel amax/448, float8_e4m3fn), their codes
+  and scales checked against the fingerprints, and the merge made into codes · scale (the trained
+  model's weights exactly; its FP8 activation rounding is not part of a merged checkpoint). A
+  folder without the file (a plain peft adapter) trained on a float base.
 - **Tied weights.** SmolLM2's ``lm_head`` shares ``embed_tokens``' tensor; a merge writes its delta
   into both. A module the adapter touches (a LoRA layer's base, a ``modules_to_save`` module) whose
   weight is shared gets its own copy first, and the written config says
@@ -128,8 +132,9 @@ def read_base_record(adapter) -> dict:
         raise MergeError(f"{path} is not valid JSON ({exc}): cannot tell which base the adapter trained on") from exc
     if record.get("format", RECORD_FORMAT) > RECORD_FORMAT:
         raise MergeError(f"{path} has format {record['format']}, newer than this loralab reads ({RECORD_FORMAT}); upgrade loralab")
-    if record.get("base") not in ("float", "nf4"):
-        raise MergeError(f"{path}: 'base' = {record.get('base')!r} is not one loralab can reproduce; allowed: 'float', 'nf4'")
+    if record.get("base") not in ("float", "nf4", "fp8"):
+        raise MergeError(f"{path}: 'base' = {record.get('base')!r} is not one loralab can reproduce; "
+                         "allowed: 'float', 'nf4', 'fp8'")
     if record["base"] == "nf4":
         try:
             import bitsandbytes  # noqa: F401
@@ -240,7 +245,7 @@ def merged_copy(model, dtype: torch.dtype | None = None):
 
 def merge_adapter(base: str, adapter: str, out_dir: str, dtype: str = "float32") -> Path:
     """Load ``base`` (folder, hub id or ``packaged:<name>``) as the adapter's ``task_type`` says and
-    as it trained (``loralab_base.json``: float, or NF4 re-quantised and dequantised), apply the peft
+    as it trained (``loralab_base.json``: float, or NF4 / FP8 re-quantised and dequantised), apply the peft
     adapter in ``adapter``, merge in float32, save to ``out_dir`` in ``dtype`` (weights, config,
     tokenizer).
 
@@ -250,7 +255,7 @@ def merge_adapter(base: str, adapter: str, out_dir: str, dtype: str = "float32")
     from peft import PeftConfig
     from peft.utils import load_peft_weights
 
-    from loralab.methods import qlora
+    from loralab.methods import fp8base, qlora
     from loralab.models import resolve_model_path
 
     config, weights = _check_adapter(adapter)
@@ -286,6 +291,12 @@ def merge_adapter(base: str, adapter: str, out_dir: str, dtype: str = "float32")
             raise MergeError(f"the adapter trained on an NF4 base that {base!r} does not reproduce bit for bit: "
                              + "; ".join(problems))
         model = qlora.dequantize_linears(model)
+    elif record["base"] == "fp8":
+        problems = fp8base.quantize_as_recorded(model, record)
+        if problems:
+            raise MergeError(f"the adapter trained on an FP8 base that {base!r} does not reproduce bit for bit: "
+                             + "; ".join(problems))
+        model = fp8base.dequantize_linears(model)
     merged = _merge_onto(model, PeftConfig.from_pretrained(adapter), load_peft_weights(adapter, device="cpu"))
     out = Path(out_dir)
     merged.to(device="cpu", dtype=getattr(torch, dtype)).save_pretrained(out)

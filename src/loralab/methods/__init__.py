@@ -17,11 +17,11 @@ derived from these dicts. A pair of parts that does not compose is declared by e
 matrix (``combinations()``; tests/test_methods_matrix.py).
 
 Under the method, the frozen base may be quantised (QLoRA, training_parameters ``quantization:
-"nf4"``; ``qlora.py``): recorded as ``parts["base"]``.
+"nf4"``; ``qlora.py``; or FP8, ``quantization: "fp8"``; ``fp8base.py``): recorded as ``parts["base"]``.
 
 ``choose_method(cfg, params)`` returns a ``Method``: ``NAME`` (recorded: the non-default parts
 joined by ``+``, e.g. ``pissa+lorafa``; ``lora`` when all are LoRA's; ``qlora`` / ``nf4+...`` on
-an NF4 base), ``parts`` ({layer, init, optimizer, base}), ``check(model, cfg, params) -> problems``, ``apply(model, cfg, params, ctx) ->
+an NF4 base, ``fp8+...`` on an FP8 base), ``parts`` ({layer, init, optimizer, base}), ``check(model, cfg, params) -> problems``, ``apply(model, cfg, params, ctx) ->
 (model, saver | None)`` (which sets ``init_cost``), ``make_optimizer(model, cfg, params)``.
 Without an adapter_config.json the method is ``full`` fine-tuning.
 """
@@ -35,6 +35,7 @@ from loralab.methods import (
     corda,
     dora,
     eva,
+    fp8base,
     full,
     loftq,
     lora,
@@ -93,7 +94,7 @@ def refusal(layer: str, init: str, optimizer: str) -> str | None:
 
 
 def combinations(base: str = "float") -> list[tuple[str, str, str]]:
-    """Every (layer, init, optimizer) that composes on a ``float`` or ``nf4`` base: the test matrix."""
+    """Every (layer, init, optimizer) that composes on a ``float``, ``nf4`` or ``fp8`` base: the test matrix."""
     return [
         c for c in itertools.product(LAYERS, INITS, OPTIMIZERS)
         if refusal(*c) is None and INITS[c[1]].base in ("any", base)
@@ -147,6 +148,7 @@ class Method:
         self.optimizer = OPTIMIZERS.get(params.optimizer)
         self.selection_problems: list[str] = []
         self.init_cost: dict | None = None
+        self.base_fallback: dict = {}
         self.base = qlora.quantization(params)
         if cfg is None:
             return
@@ -187,6 +189,8 @@ class Method:
         name = "+".join(named) or "lora"
         if self.base == "nf4":
             return "qlora" if name == "lora" else f"nf4+{name}"
+        if self.base == "fp8":
+            return f"fp8+{name}"
         return name
 
     def __repr__(self) -> str:
@@ -212,14 +216,15 @@ class Method:
         if self.layer is None or self.init is None or self.optimizer is None:
             return problems
         problems += qlora.check(params, self.init)
-        if self.base == "nf4" and self.layer.name.startswith("dora") and params.speed.get("fast_dora", False):
+        packed = {"nf4": "packed NF4", "fp8": "FP8 codes with per-channel scales"}.get(self.base)
+        if packed and self.layer.name.startswith("dora") and params.speed.get("fast_dora", False):
             problems.append(
-                f"'quantization' = 'nf4' with layer {self.layer.name!r} needs 'speed.fast_dora': false "
-                "(the fast DoRA forward reads the base weight, which is packed NF4 here)"
+                f"'quantization' = {self.base!r} with layer {self.layer.name!r} needs 'speed.fast_dora': false "
+                f"(the fast DoRA forward reads the base weight, which is {packed} here)"
             )
-        if self.base == "nf4" and params.speed.get("fused_lora", False):
-            problems.append("'quantization' = 'nf4' with 'speed.fused_lora' = true: the fused LoRA matmul reads the base weight, "
-                            "which is packed NF4 here; set 'speed.fused_lora': false")
+        if packed and params.speed.get("fused_lora", False):
+            problems.append(f"'quantization' = {self.base!r} with 'speed.fused_lora' = true: the fused LoRA matmul reads the base "
+                            f"weight, which is {packed} here; set 'speed.fused_lora': false")
         chosen = {"layer": self.layer, "init": self.init, "optimizer": self.optimizer}
         for kind, part, other_kind, other in _pairs(chosen):
             reason = _reason(kind, part, other_kind, other)
@@ -249,7 +254,8 @@ class Method:
         "peak_memory_bytes": peak CUDA memory allocated during the init (CUDA only),
         "memory_before_bytes": CUDA memory allocated before it (CUDA only),
         "peak_rss_bytes": the process's peak resident memory so far (CPU only; not init-specific)};
-        with an NF4 base the quantisation is part of it."""
+        with an NF4 or FP8 base the quantisation is part of it (FP8: ``base_fallback`` then holds
+        {name: [out, in]} of the layers left in float)."""
         import torch
 
         from loralab.methods.common import ResidualSaver, freeze_lora_A
@@ -271,6 +277,10 @@ class Method:
                 modules = dict(model.named_modules())
                 ctx.float_weights = {n: modules[n].weight.detach().float().clone() for n in names}
             qlora.quantize_linears(model, names)
+        if self.base == "fp8":  # the FP8 base likewise (fp8base.py); unfit shapes stay float, recorded
+            from loralab.methods.common import linear_names
+
+            self.base_fallback = fp8base.quantize_linears(model, linear_names(model))
         build_cfg = self.layer.configure(model, cfg, params)
         peft_model = self.init.build(model, build_cfg, params, ctx)
         if cuda:
@@ -306,12 +316,19 @@ def describe() -> list[tuple[str, str, str]]:
     for kind, registry in (("layer", LAYERS), ("init", INITS), ("optimizer", OPTIMIZERS)):
         rows += [(kind, name, part.summary) for name, part in registry.items()]
     rows.append(("base", "nf4", "QLoRA: frozen base in 4-bit NF4 (bitsandbytes), adapter on top (quantization=nf4)"))
+    rows.append(("base", "fp8", "frozen base in FP8 e4m3, per-channel weight / per-token activation scales, "
+                                "torch._scaled_mm GEMMs (quantization=fp8)"))
     return rows
 
 
 def nf4_combinations() -> list[tuple[str, str, str]]:
     """The combinations that compose on an NF4 base (QLoRA, LoftQ)."""
     return combinations("nf4")
+
+
+def fp8_combinations() -> list[tuple[str, str, str]]:
+    """The combinations that compose on an FP8 base (those whose init is defined on any base)."""
+    return combinations("fp8")
 
 
 def tied_residual_problems(model, cfg, init: str) -> list[str]:

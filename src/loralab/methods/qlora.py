@@ -26,6 +26,9 @@ know, so a field there would not survive a load/save round trip; plain peft igno
 the folder stays a plain peft adapter. ``loralab merge`` reads it to re-quantise the base the same
 way (``quantize_as_recorded``) and merge into the dequantised weights the trained model computed
 with.
+
+The FP8 base (``quantization: "fp8"``) is this module's sibling, ``fp8base.py``: ``check`` applies
+the same composition rule to it, ``dequantize_linears`` and ``base_record`` cover both.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ import json
 import torch
 from torch import nn
 
-QUANTIZATIONS = (None, "nf4")
+from loralab.methods import fp8base
+
+QUANTIZATIONS = (None, "nf4", "fp8")
+"""Allowed ``quantization`` values: float weights, NF4 (here), FP8 (``fp8base.py``)."""
 RESIDUAL_REASON = (
     "the residual base W − s·B₀A₀ would have to be quantised after the init (QPiSSA), and plain "
     "PeftModel.from_pretrained on the NF4 original could not reproduce it"
@@ -51,12 +57,13 @@ def check(params, init) -> list[str]:
     """Problems of the ``quantization`` value and its combination with the init."""
     value = quantization(params)
     if value not in QUANTIZATIONS:
-        return [f"'quantization' = {value!r} is not allowed; allowed: null, nf4"]
+        return [f"'quantization' = {value!r} is not allowed; allowed: null, nf4, fp8"]
     key = None
     if init is not None:
         key = f"'init' = {params.init!r}" if init.key == "init" else f"adapter_config.json 'init_lora_weights' (init {init.name!r})"
-    if value == "nf4" and init is not None and init.base == "float":
-        return [f"'quantization' = 'nf4' with {key} does not compose: {RESIDUAL_REASON}"]
+    if value in ("nf4", "fp8") and init is not None and init.base == "float":
+        reason = RESIDUAL_REASON if value == "nf4" else fp8base.RESIDUAL_REASON
+        return [f"'quantization' = {value!r} with {key} does not compose: {reason}"]
     if value != "nf4" and init is not None and init.base == "nf4":
         return [f"{key} needs 'quantization' = 'nf4' (got {value!r}): its factors fit the NF4 quantisation error"]
     if value == "nf4":
@@ -64,6 +71,8 @@ def check(params, init) -> list[str]:
             import bitsandbytes  # noqa: F401
         except ImportError:
             return ["'quantization' = 'nf4' needs the PyPI package 'bitsandbytes' (pip install bitsandbytes)"]
+    if value == "fp8" and not (hasattr(torch, "float8_e4m3fn") and hasattr(torch, "_scaled_mm")):
+        return [f"'quantization' = 'fp8' needs torch.float8_e4m3fn and torch._scaled_mm (torch {torch.__version__} lacks them)"]
     return []
 
 
@@ -92,8 +101,8 @@ def quantize_linears(model: nn.Module, names: list[str], compute_dtype=torch.flo
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
-    """A float32 copy of ``model`` whose NF4 ``Linear4bit`` layers are plain nn.Linear with the
-    dequantised weights (what the quantised base computes, for merge and reference checks)."""
+    """A float32 copy of ``model`` whose NF4 ``Linear4bit`` (and FP8 ``Fp8Linear``) layers are plain
+    nn.Linear with the dequantised weights (what the quantised base computes, for merge and reference checks)."""
     import copy
 
     return dequantize_linears(copy.deepcopy(model))
@@ -107,7 +116,9 @@ def _is_nf4(module) -> bool:
 def dequantize_linears(model: nn.Module) -> nn.Module:
     """In place: every bitsandbytes ``Linear4bit`` of ``model`` becomes an nn.Linear holding the
     dequantised weight (the float weight every forward of the NF4 layer computes with), on the same
-    device; bitsandbytes is imported only when there is one. Returns ``model``."""
+    device; bitsandbytes is imported only when there is one. FP8 layers (``fp8base``) likewise
+    become nn.Linear of codes · scale. Returns ``model``."""
+    fp8base.dequantize_linears(model)
     found = [(name, m) for name, m in model.named_modules() if _is_nf4(m)]
     if not found:
         return model
@@ -162,11 +173,14 @@ def base_dtype(model: nn.Module) -> torch.dtype:
 
 
 def base_record(model: nn.Module) -> dict:
-    """The base ``model`` (a peft model or a plain one) computes with: ``{"base": "float", ...}`` or
-    the NF4 record (settings, bitsandbytes version, device, a fingerprint per quantised module)."""
+    """The base ``model`` (a peft model or a plain one) computes with: ``{"base": "float", ...}``,
+    the NF4 record (settings, bitsandbytes version, device, a fingerprint per quantised module) or
+    the FP8 record (``fp8base.record``)."""
     quantised = {_base_name(n): m for n, m in model.named_modules() if _is_nf4(m)}
     record = {"format": RECORD_FORMAT, "written_by": "loralab", "base": "nf4" if quantised else "float",
               "dtype": str(base_dtype(model)).removeprefix("torch.")}
+    if not quantised and fp8base.has_fp8(model):
+        return fp8base.record(model, record)
     if not quantised:
         return record
     import bitsandbytes

@@ -1,0 +1,179 @@
+"""The FP8 base (``quantization: "fp8"``, methods/fp8base.py) in the invariant matrix: every
+registered (layer, init, optimizer) either composes on it (``methods.fp8_combinations()``, run
+here) or is refused at validation naming both keys (every init defined on another base: the
+residual inits need the float W, LoftQ needs NF4).
+
+Per combination, on the real MiniLM-L6 and real RTE rows (as tests/test_methods_matrix.py): the
+base really is FP8; the fresh adapter leaves the FP8 model's logits unchanged; the trainable
+count matches the closed form; one step moves exactly the trainable parameters; the saved adapter
+reloads with plain ``PeftModel.from_pretrained`` on a freshly FP8-quantised original base with
+equal logits (the quantisation is deterministic); merging into the dequantised base (codes ·
+scale) in float32 equals the trained model with its FP8 layers dequantised (the weights it trained
+with), and differs from the trained FP8 forward only by activation rounding (measured ≤ 0.02 on
+logits of scale ~1; bound 0.1). Then ``loralab merge`` of an FP8 adapter: exact, and refused on
+another base."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from test_merge import CLS_TOL, _cli_merge, _save_like_train, _train_with_method, mini  # noqa: F401
+from test_methods_matrix import closed_form, logits, settings, world  # noqa: F401  (shared fixtures)
+from transformers import AutoModelForSequenceClassification
+
+from loralab import methods
+from loralab.config import build_parameters
+from loralab.data import collate
+from loralab.methods.common import linear_names, resolve_config
+from loralab.methods.context import MethodContext
+from loralab.methods.fp8base import quantize_linears
+from loralab.methods.qlora import dequantized_copy
+from loralab.speed.fp8 import Fp8Linear
+
+FP8_CASES = methods.fp8_combinations()
+FAST = {("lora", "kaiming", "adamw"), ("dora", "kaiming", "adamw")}
+ACTIVATION_TOL = 0.1
+"""Max |logit| difference allowed between the FP8 forward and the same weights unquantised."""
+
+
+def fp8_params(overrides):
+    return build_parameters({**overrides, "quantization": "fp8", "speed": {"fast_dora": False}})
+
+
+@pytest.fixture(scope="module")
+def fp8_base(world):
+    model = copy.deepcopy(world[0])
+    quantize_linears(model, linear_names(model))
+    return model
+
+
+def _cases():
+    return [pytest.param(c, id="+".join(c), marks=() if c in FAST else pytest.mark.slow) for c in FP8_CASES]
+
+
+@pytest.mark.parametrize("combo", _cases())
+def test_fp8_combination_invariants(combo, world, fp8_base, tmp_path):
+    layer, init, optimizer = combo
+    base, tokenizer, features = world
+    adapter, overrides = settings(layer, init, optimizer)
+    params = fp8_params(overrides)
+    model = copy.deepcopy(base)
+    cfg = resolve_config(model, LoraConfig(**adapter), "seq_cls")
+    method = methods.choose_method(cfg, params)
+    assert method.parts["base"] == "fp8" and method.NAME.startswith("fp8+")
+    assert method.check(model, cfg, params) == []
+    batch = collate(features[:8], tokenizer.pad_token_id)
+    quantized = copy.deepcopy(fp8_base)
+    ref = logits(quantized, batch)
+    assert (ref - logits(base, batch)).abs().max() > 1e-3  # the base really is FP8
+
+    model, saver = method.apply(model, cfg, params, MethodContext(params, features, tokenizer))
+    assert saver is None and method.base_fallback == {}
+    assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == len(linear_names(base))
+    torch.testing.assert_close(logits(model, batch), ref, atol=1e-5, rtol=1e-5)
+    method._mag_only = set(overrides.get("magnitude_only_modules", []))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == closed_form(base, model, cfg, method)
+
+    opt = method.make_optimizer(model, cfg, params)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    model(**batch).loss.backward()
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved <= trainable and any("lora_B" in n or "magnitude" in n for n in moved)
+
+    trained = logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(fp8_base), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded, batch), trained, atol=1e-6, rtol=1e-6)
+    weights_trained = logits(dequantized_copy(model), batch)  # the trained weights, activations unrounded
+    floats = PeftModel.from_pretrained(dequantized_copy(quantized), tmp_path / "adapter")
+    torch.testing.assert_close(logits(floats.merge_and_unload(), batch), weights_trained, atol=1e-4, rtol=1e-4)
+    assert (weights_trained - trained).abs().max() < ACTIVATION_TOL
+
+
+REFUSED_INITS = [n for n, p in methods.INITS.items() if p.base != "any"]
+
+
+@pytest.mark.parametrize("init", REFUSED_INITS)
+def test_fp8_refuses_inits_defined_on_another_base_naming_both_keys(init):
+    adapter, overrides = settings("lora", init, "adamw")
+    params = fp8_params(overrides)
+    cfg = LoraConfig(**adapter)
+    problems = methods.choose_method(cfg, params).conflicts(cfg, params)
+    key = "'init'" if methods.INITS[init].key == "init" else "init_lora_weights"
+    assert any("'quantization'" in p and "'fp8'" in p and key in p for p in problems), problems
+
+
+def test_every_combination_composes_on_fp8_or_is_refused():
+    """The matrix is complete: each (layer, init, optimizer) the float base takes is either run on
+    FP8 above or refused with the quantization key named."""
+    for combo in methods.combinations():
+        if combo in FP8_CASES:
+            continue
+        adapter, overrides = settings(*combo)
+        params = fp8_params(overrides)
+        cfg = LoraConfig(**adapter)
+        problems = methods.choose_method(cfg, params).conflicts(cfg, params)
+        assert any("'quantization' = 'fp8'" in p for p in problems), (combo, problems)
+
+
+def test_fp8_refuses_fast_paths_that_read_the_base_weight():
+    adapter, overrides = settings("dora", "kaiming", "adamw")
+    params = build_parameters({**overrides, "quantization": "fp8", "speed": {"fast_dora": True, "fused_lora": True}})
+    cfg = LoraConfig(**adapter)
+    text = " ".join(methods.choose_method(cfg, params).conflicts(cfg, params))
+    assert "'speed.fast_dora': false" in text and "'speed.fused_lora': false" in text
+
+
+def test_unknown_quantization_is_refused_with_the_allowed_values():
+    adapter, overrides = settings("lora", "kaiming", "adamw")
+    params = build_parameters({**overrides, "quantization": "fp4"})
+    cfg = LoraConfig(**adapter)
+    assert any("allowed: null, nf4, fp8" in p for p in methods.choose_method(cfg, params).conflicts(cfg, params))
+
+
+# ---- loralab merge of an FP8 adapter ---------------------------------------------------------------
+@pytest.fixture
+def fp8_adapter(mini, tmp_path):
+    """A LoRA adapter trained 2 steps on the 2-layer MiniLM's FP8 base, saved as loralab run saves it."""
+    base_dir, float_base, tokenizer, features = mini
+    adapter, overrides = settings("lora", "kaiming", "adamw")
+    params = fp8_params(overrides)
+    model = copy.deepcopy(float_base)
+    cfg = resolve_config(model, LoraConfig(**adapter), "seq_cls")
+    batch = collate(features[:8], tokenizer.pad_token_id)
+    model, saver, method = _train_with_method(model, cfg, params, features, tokenizer, batch)
+    _save_like_train(model, saver, tmp_path / "adapter")
+    return base_dir, tmp_path / "adapter", model, batch
+
+
+def test_fp8_adapter_merges_into_the_dequantised_base(fp8_adapter, tmp_path):
+    base_dir, adapter, model, batch = fp8_adapter
+    record = json.loads((adapter / "loralab_base.json").read_text())
+    assert record["base"] == "fp8" and record["quantization"]["format"] == "float8_e4m3fn"
+    assert record["fallback"] == {} and "bert.encoder.layer.0.attention.self.query" in record["modules"]
+    assert _cli_merge(base_dir, adapter, tmp_path / "merged") == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        want = dequantized_copy(model).eval()(**inputs).logits
+        torch.testing.assert_close(merged(**inputs).logits, want, **CLS_TOL)
+        assert (model(**inputs).logits - want).abs().max() < ACTIVATION_TOL
+
+
+def test_fp8_adapter_on_another_base_exits_2(fp8_adapter, mini, tmp_path, capsys):
+    _, adapter, _, _ = fp8_adapter
+    _, float_base, tokenizer, _ = mini
+    other = copy.deepcopy(float_base)
+    with torch.no_grad():
+        other.bert.encoder.layer[1].output.dense.weight[3].mul_(1.5)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    assert _cli_merge(tmp_path / "other", adapter, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "FP8 base" in err and "bert.encoder.layer.1.output.dense" in err
+    assert not (tmp_path / "out").exists()
