@@ -45,8 +45,17 @@ def test_bench_experiment_runs_both_stacks_on_the_same_samples(tmp_path, capsys)
     assert rows["loralab"]["losses"][0] == pytest.approx(rows["trainer"]["losses"][0], rel=1e-4)
     assert result["ratio"] == pytest.approx(rows["loralab"]["tokens_per_second"] / rows["trainer"]["tokens_per_second"])
     assert rows["loralab"]["speed"]["packing"] is True  # loralab run's CPU defaults, resolved
+    assert result["best_peer"] == "trainer" and result["ratio_best_peer"] == result["ratio"]
+    # the careful Trainer: fused AdamW, no autocast on CPU (bf16=False there), no Liger (CUDA only),
+    # its best per-device batch found by doubling within the optimizer batch, accumulation keeping it
+    trainer = rows["trainer"]
+    assert trainer["speed"] == {"bf16": False, "fp16": False, "optim": "adamw_torch_fused", "liger": False}
+    probe = trainer["micro_batch_probe"]
+    assert probe["sizes"] == [1, 2, 4][:len(probe["sizes"])] and trainer["micro_batch"] == probe["micro_batch"]
+    assert trainer["micro_batch"] * trainer["gradient_accumulation_steps"] == 4 and probe["reason"]
+    assert len(probe["tokens_per_second"]) == len(probe["sizes"]) and probe["budget_gib"] is None  # no GPU peak on CPU
     printed = capsys.readouterr().out
-    assert "| `loralab run` | 12 |" in printed and "| transformers Trainer + peft | 12 |" in printed
+    assert "| `loralab run` | 12 |" in printed and "| transformers Trainer + peft (tuned) | 12 |" in printed
 
 
 def test_random_weights_maps_hub_ids_to_shapes(tmp_path):

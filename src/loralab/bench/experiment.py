@@ -1,6 +1,8 @@
 """``loralab bench --experiment DIR``: one experiment folder's recipe through ``loralab run``'s own
 path (``loralab.run.run_experiment``) and through transformers ``Trainer`` + peft set up as the recipe
-says (``loralab.bench.peers.trainer_row``), one after the other on one device.
+says and tuned as a careful user tunes it (``loralab.bench.peers.trainer_row``: bf16 autocast, fused
+AdamW, Liger where it installs, its best per-device batch within loralab's measured peak), one after
+the other on one device.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
     Returns {experiment, model_id, random_weights, task, steps, optimizer_batch, device, rows,
     ratio}: one row per stack with real (non-pad) tokens, steady-state tokens/s and samples/s,
     warm-up seconds, peak memory (GiB, CUDA) and per-step losses; ``ratio`` = loralab / trainer
-    steady tokens/s. ``steps`` must be >= 2 (step 1 is warm-up for both stacks). Raises
+    steady tokens/s (the Trainer row is the one peer row, so also ``ratio_best_peer``, with
+    ``best_peer`` naming it). ``steps`` must be >= 2 (step 1 is warm-up for both stacks). Raises
     ConfigError for a bad folder, BenchError (a ValueError) for bad arguments.
     """
     import tempfile
@@ -156,7 +159,8 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
                 f"{params.batch_size} x {params.gradient_accumulation_steps} on {dev} ({params.model_id}, {params.dtype})")
             allocated = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
             try:
-                row = _loralab_run_row(exp, root) if name == "loralab" else trainer_row(exp, root, log)
+                budget = next((r.get("peak_memory_gib") for r in rows if r["stack"] == "loralab"), None)
+                row = _loralab_run_row(exp, root) if name == "loralab" else trainer_row(exp, root, log, budget)
             except (ConfigError, BenchError):
                 raise
             except Exception as exc:  # noqa: BLE001 - one stack's failure is a row; the other stack still runs
@@ -179,7 +183,7 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             "batch_size": params.batch_size, "gradient_accumulation_steps": params.gradient_accumulation_steps,
             "optimizer_batch": params.batch_size * params.gradient_accumulation_steps, "max_length": params.max_length,
             "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "rows": rows, "ratio": ratio}
+            "rows": rows, "ratio": ratio, "best_peer": "trainer" if ratio else None, "ratio_best_peer": ratio}
 
 
 def format_experiment_row(row: dict) -> str:
@@ -200,16 +204,18 @@ def experiment_table(result: dict) -> str:
     lines = [head, ("steady state: `loralab run`'s own (steps after the first that captured no new CUDA graph: "
                     "compile, capture and the micro-batch probe are warm-up); Trainer: steps 2..N (step ends "
                     "synchronised). Peak memory: torch.cuda.max_memory_allocated over training."), "",
-             "| stack | samples | real tokens | steady steps | steady tokens/s | steady samples/s | peak memory | warm-up | step-1 loss | loralab/trainer |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| stack | samples | real tokens | steady steps | steady tokens/s | steady samples/s | peak memory | warm-up | step-1 loss | micro-batch | loralab/trainer |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in result["rows"]:
         tps = "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}"
         sps = "—" if r.get("samples_per_second") is None else f"{r['samples_per_second']:,.2f}"
         mem = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
         loss = f"{r['losses'][0]:.4f}" if r.get("losses") else "—"
         ratio = f"{result['ratio']:.2f}x" if r["stack"] == "loralab" and result.get("ratio") else ""
-        name = "`loralab run`" if r["stack"] == "loralab" else "transformers Trainer + peft"
+        name = "`loralab run`" if r["stack"] == "loralab" else "transformers Trainer + peft (tuned)"
+        micro = "" if r.get("micro_batch") is None else str(r["micro_batch"]) + (
+            f" x {r['gradient_accumulation_steps']}" if r.get("gradient_accumulation_steps") else "")
         lines.append(f"| {name} | {r['samples']} | {r['tokens']:,} | {r.get('steady_steps')} | {tps} | {sps} | {mem} | "
-                     f"{r.get('warmup_seconds') or 0:.1f} s | {loss} | {ratio} |")
+                     f"{r.get('warmup_seconds') or 0:.1f} s | {loss} | {micro} | {ratio} |")
     lines += [f"{r['stack']} failed: {r['error']}" for r in result["rows"] if r.get("error")]
     return "\n".join(lines)

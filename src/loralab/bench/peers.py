@@ -18,6 +18,7 @@ optimisation and the tuned settings (``trainer_row``).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 
 import torch
@@ -122,25 +123,39 @@ def tuned_step(model, opt, chunks: list[tuple[dict, float]], device: str, autoca
 
 def tuned_micro_batch(model, w: Workload, feats: list[dict], pad_id: int, device: str, autocast: str | None,
                       budget_gib: float | None, limit: int) -> tuple[int, dict]:
-    """The tuned peer's best micro-batch, found as loralab's probe finds its own
+    """The tuned peer's best micro-batch (``search_micro_batch``) for the longest sample in
+    ``feats`` repeated m times, padded as the peer pads, m up to ``limit`` (the optimizer batch)."""
+    longest = max(feats, key=lambda f: len(f["input_ids"]))
+
+    def make_batch(m):
+        return {k: v.to(device) for k, v in peer_batch(w, [longest] * m, pad_id).items()}
+
+    return search_micro_batch(model, make_batch, device=device, autocast=autocast, budget_gib=budget_gib,
+                              limit=limit, row_tokens=len(longest["input_ids"]))
+
+
+def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, budget_gib: float | None,
+                       limit: int, row_tokens: int) -> tuple[int, dict]:
+    """A peer's best micro-batch, found as loralab's probe finds its own
     (``loralab.run.probe.decide_micro_batch``): one untimed and two timed forward+backward passes
-    of the longest sample in ``feats`` repeated m times, padded as the peer pads, for m = 1, 2,
-    4, ... up to ``limit`` (the optimizer batch); it stops when the peak passes ``budget_gib``
+    (``model(**batch).loss`` under ``autocast``) of ``make_batch(m)`` (the worst case, on
+    ``device``) for m = 1, 2, 4, ... up to ``limit``; it stops when the peak passes ``budget_gib``
     (loralab's measured peak; None: no cap), at an out-of-memory error, or when a doubling is not
-    faster (gain threshold 0). Peaks are measured on CUDA only. Gradients are dropped. Returns
-    (micro-batch, ``probe_record`` with ``budget_from``)."""
+    faster (gain threshold 0), keeping the fastest size within the memory. Peaks are measured on
+    CUDA only; rates count real tokens (classification: samples). Gradients are dropped.
+    Returns (micro-batch, ``probe_record`` with ``budget_from``)."""
     from loralab.run.probe import Trial, decide_micro_batch, probe_record
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    longest = max(feats, key=lambda f: len(f["input_ids"]))
     budget = None if budget_gib is None else budget_gib * 2**30
     trials: list[Trial] = []
     decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0)
     while decision.micro_batch is None:
         m = decision.next_size
-        batch = {k: v.to(device) for k, v in peer_batch(w, [longest] * m, pad_id).items()}
-        tokens = int(batch["attention_mask"].sum()) if not is_seq_cls(w) else m
+        batch = make_batch(m)
+        labels = batch.get("labels")
+        tokens = int(batch["attention_mask"].sum()) if labels is not None and labels.dim() == 2 else m
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -162,19 +177,22 @@ def tuned_micro_batch(model, w: Workload, feats: list[dict], pad_id: int, device
         if cuda:
             torch.cuda.empty_cache()
         decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0)
-    record = probe_record(trials, decision, budget=budget, memory_fraction=None,
-                          row_tokens=len(longest["input_ids"]), min_gain=0.0)
+    record = probe_record(trials, decision, budget=budget, memory_fraction=None, row_tokens=row_tokens, min_gain=0.0)
     record["budget_from"] = "loralab's measured peak" if budget is not None else None
     return decision.micro_batch, record
 
 
-def trainer_row(exp, workdir, log) -> dict:
-    """transformers ``Trainer`` + peft as the recipe says: the same model (same random weights for
-    ``random:`` ids), ``get_peft_model`` with the recipe's adapter config (``all-linear`` expanded
-    as loralab does), per-device batch ``batch_size``, ``gradient_accumulation_steps``, bf16/fp16
-    mixed precision when the base dtype is bf16/fp16, the recipe's lr, scheduler, warm-up, weight
-    decay, max_grad_norm and seed, ``DataCollatorForSeq2Seq`` padding, and the very samples
-    ``loralab run`` trained on, in its order (``loralab.run.loop.epoch_batches``; sequential sampler).
+def trainer_row(exp, workdir, log, budget_gib: float | None = None) -> dict:
+    """transformers ``Trainer`` + peft as a careful user runs the recipe: the same model (same
+    random weights for ``random:`` ids), ``get_peft_model`` with the recipe's adapter config
+    (``all-linear`` expanded as loralab does), the recipe's optimizer batch, lr, scheduler,
+    warm-up, weight decay, max_grad_norm and seed, ``DataCollatorForSeq2Seq`` padding, and the very
+    samples ``loralab run`` trained on, in its order (``loralab.run.loop.epoch_batches``;
+    sequential sampler); tuned as issue 22 asks: on CUDA ``bf16=True`` (``fp16`` for an fp16
+    base; on CPU neither), ``optim="adamw_torch_fused"``, ``use_liger_kernel`` where Liger imports
+    (CUDA), and the best ``per_device_train_batch_size`` within ``budget_gib`` (loralab's measured
+    peak; ``search_micro_batch`` over powers of two dividing the optimizer batch) with
+    ``gradient_accumulation_steps`` keeping the optimizer batch.
     Step times come from a callback that synchronises the GPU at every optimizer step's end; the
     steady state is steps 2..N (step 1 carries CUDA/cuBLAS initialisation and allocator growth).
     """
@@ -223,6 +241,20 @@ def trainer_row(exp, workdir, log) -> dict:
                        for k in range(params.max_steps)]
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    bf16, fp16 = cuda and params.dtype != "float16", cuda and params.dtype == "float16"
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    if liger:  # what Trainer(use_liger_kernel=True) applies, applied for the search too
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model.get_base_model() if hasattr(model, "get_base_model") else model)
+    longest = max(samples, key=lambda f: len(f["input_ids"]))
+    model.to(device)
+    micro, probe = search_micro_batch(
+        model, lambda m: {k: v.to(device) for k, v in collator([longest] * m).items()}, device=device.type,
+        autocast="bfloat16" if bf16 else "float16" if fp16 else None, budget_gib=budget_gib,
+        limit=opt_batch & -opt_batch, row_tokens=len(longest["input_ids"]))  # limit: largest power of 2 dividing it
+    log(f"trainer: per-device batch {micro} x accumulation {opt_batch // micro} ({probe['reason']})")
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -242,14 +274,13 @@ def trainer_row(exp, workdir, log) -> dict:
 
     clock = Clock()
     args = TrainingArguments(
-        output_dir=str(workdir / "trainer"), per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps, learning_rate=params.learning_rate,
+        output_dir=str(workdir / "trainer"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=opt_batch // micro, learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler, warmup_steps=warmup_steps(params.warmup_ratio, params.max_steps),
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, max_steps=params.max_steps,
-        bf16=params.dtype == "bfloat16", fp16=params.dtype == "float16", logging_steps=1, save_strategy="no",
+        bf16=bf16, fp16=fp16, optim="adamw_torch_fused", use_liger_kernel=liger, logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, seed=params.seed, dataloader_num_workers=0,
         remove_unused_columns=False, use_cpu=not cuda)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = InOrder(model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=[clock])
     trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; the losses are in the row
     if cuda:
@@ -267,7 +298,9 @@ def trainer_row(exp, workdir, log) -> dict:
            "steady_steps": len(times) - 2, "steady_tokens": steady_tokens, "steady_seconds": steady_s,
            "warmup_seconds": times[1] - times[0] if len(times) > 1 else None, "train_seconds": times[-1] - times[0],
            "overall_tokens_per_second": sum(per_step_tokens) / (times[-1] - times[0]) if len(times) > 1 else None,
-           "peak_memory_gib": gib(peak), "losses": losses, "micro_batch": params.batch_size,
-           "speed": {"bf16": args.bf16, "fp16": args.fp16, "optim": str(args.optim)}}
+           "peak_memory_gib": gib(peak), "losses": losses, "micro_batch": micro,
+           "gradient_accumulation_steps": opt_batch // micro, "micro_batch_probe": probe,
+           "speed": {"bf16": args.bf16, "fp16": args.fp16, "optim": getattr(args.optim, "value", str(args.optim)),
+                     "liger": liger}}
     del trainer, model
     return row
