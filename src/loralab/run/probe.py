@@ -11,6 +11,10 @@ is the rule, a pure function of those measurements:
 - stop when doubling gained less than ``MIN_GAIN`` tokens/s: the smaller size (as fast, less memory);
 - stop at the optimizer batch (``limit``): a forward never holds more than one optimizer batch.
 
+The budget is a share of the whole card, so it shrinks with the card: the default 0.25
+(``config.Speed.memory_fraction``: 35.1 GiB on an H200, under the tuned peer's 37.7 GiB) is 20 GiB
+on an 80 GB H100, where the 8B LoRA shape (26.9 GiB at 4 x 512) gets a smaller micro-batch than the
+fixed 2,048-token target gave it; set ``speed.memory_fraction`` to 0.35 or more there.
 An explicit ``speed.micro_batch`` is never probed. The choice, the reason and every measurement go
 into the record (``train_info.speed.micro_batch_probe``, ``probe_record``).
 """
@@ -73,8 +77,9 @@ def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None,
         return Decision(before.size, None, f"memory: micro-batch {last.size} {what}, over the {budget / 2**30:.1f} GiB budget")
     if before is not None and None not in (before.rate, last.rate) and last.rate < before.rate * (1 + min_gain):
         gain = last.rate / before.rate - 1
+        least = f"less than {100 * min_gain:.0f} %" if min_gain > 0 else "not faster"
         return Decision(before.size, None, f"flat: micro-batch {last.size} gained {100 * gain:+.1f} % tokens/s over "
-                                           f"{before.size}, less than {100 * min_gain:.0f} %")
+                                           f"{before.size}, {least}")
     if last.size >= limit:
         return Decision(last.size, None, f"limit: the optimizer batch ({limit})")
     return Decision(None, min(2 * last.size, limit), "")
