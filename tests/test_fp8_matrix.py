@@ -14,6 +14,7 @@ not carry). Then ``loralab merge`` of an FP8 adapter: exact, and refused on anot
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,40 @@ def test_fp8_adapter_on_another_base_exits_2(fp8_adapter, mini, tmp_path, capsys
     err = capsys.readouterr().err
     assert "FP8 base" in err and "bert.encoder.layer.1.output.dense" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_loralab_run_with_an_fp8_base_records_it_and_merges(tmp_path, data_dir, monkeypatch, minilm_path):
+    """``loralab run`` with quantization fp8 trains (method fp8+lora), saves loralab_base.json with
+    base fp8, and ``loralab merge`` of that adapter gives what the adapter computes on the
+    dequantised FP8 base."""
+    from peft import PeftModel
+
+    from loralab.cli import main
+    from loralab.models import load_model, load_tokenizer
+
+    folder = tmp_path / "experiments" / "fp8" / "sst2"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}))
+    (folder / "training_parameters.json").write_text(json.dumps({
+        "task": "glue/sst2", "data_dir": str(data_dir), "max_train_samples": 32, "max_eval_samples": 8,
+        "batch_size": 16, "max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1, "quantization": "fp8",
+        "speed": {"fast_dora": False, "fused_lora": False}}))
+    monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path / "res"))
+    assert main(["run", str(folder)]) == 0
+    record = json.loads(next((tmp_path / "res").rglob("*.json")).read_text())
+    assert record["run_info"]["method"] == "fp8+lora" and record["run_info"]["method_parts"]["base"] == "fp8"
+    adapter = record["train_info"]["adapter_path"]
+    base_record = json.loads((Path(adapter) / "loralab_base.json").read_text())
+    assert base_record["base"] == "fp8" and base_record["fallback"] == {}
+    assert _cli_merge("packaged:minilm-l6", adapter, tmp_path / "merged") == 0
+
+    tokenizer = load_tokenizer("packaged:minilm-l6")
+    rows = tokenizer(["a gripping, funny film", "dull and far too long"], return_tensors="pt", padding=True)
+    model = load_model("packaged:minilm-l6", "seq_cls", 2)
+    quantize_linears(model, linear_names(model))
+    unmerged = PeftModel.from_pretrained(dequantized_copy(model), adapter).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**rows).logits, unmerged(**rows).logits, **CLS_TOL)
