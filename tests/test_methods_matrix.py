@@ -36,32 +36,40 @@ LAYER_SETTINGS = {  # layer -> (adapter kwargs, training parameters)
     "dora": ({"use_dora": True}, {}),
     "dora_magnitude_only": ({"use_dora": True, "target_modules": SQUARE}, {"magnitude_only_modules": ["attention.output.dense"]}),
 }
-INIT_SETTINGS = {
-    "kaiming": ({}, {}),
-    "gaussian": ({"init_lora_weights": "gaussian"}, {}),
-    "pissa": ({"init_lora_weights": "pissa"}, {}),
-    "olora": ({"init_lora_weights": "olora"}, {}),
-    "corda": ({"init_lora_weights": "corda", "corda_config": {"corda_method": "ipm"}}, {}),
-    "milora": ({}, {"init": "milora"}),
-    "eva": ({"init_lora_weights": "eva", "eva_config": {"rho": 2.0}}, {}),
-    "lora_ga": ({"init_lora_weights": "lora_ga", "lora_ga_config": {}}, {}),
-    "svd_lorafa": ({"target_modules": SQUARE, "lora_alpha": 1}, {"init": "svd_lorafa"}),
-    "svd_lorafa_corrected": ({}, {"init": "svd_lorafa_corrected"}),
-    "lorafa_qr": ({}, {"init": "lorafa_qr"}),
-    "loftq": ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}, {}),
+INIT_EXTRA = {  # init -> what it needs beyond selecting it (peft's per-init config blocks, square layers)
+    "corda": ({"corda_config": {"corda_method": "ipm"}}, {}),
+    "eva": ({"eva_config": {"rho": 2.0}}, {}),
+    "lora_ga": ({"lora_ga_config": {}}, {}),
+    "svd_lorafa": ({"target_modules": SQUARE, "lora_alpha": 1}, {}),
+    "loftq": ({"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}, {}),
 }
+
+
+def init_settings(name: str) -> tuple[dict, dict]:
+    """(adapter kwargs, training parameters) selecting a registered init: its registry key and first
+    value (``init_lora_weights`` in the adapter config, or ``init`` in the training parameters),
+    plus ``INIT_EXTRA``. A new init registered in ``loralab.methods.INITS`` joins the matrix without
+    an edit here unless it needs a config block of its own."""
+    part = methods.INITS[name]
+    adapter, params = ({"init_lora_weights": part.values[0]}, {}) if part.key == "init_lora_weights" else ({}, {"init": name})
+    extra_adapter, extra_params = INIT_EXTRA.get(name, ({}, {}))
+    return {**adapter, **extra_adapter}, {**params, **extra_params}
 
 
 def test_every_registered_part_has_settings():
     assert set(LAYER_SETTINGS) == set(methods.LAYERS)
-    assert set(INIT_SETTINGS) == set(methods.INITS)
+    assert set(INIT_EXTRA) <= set(methods.INITS)
+    for name, part in methods.INITS.items():  # the derived settings select the part they were derived from
+        adapter, params = init_settings(name)
+        value = adapter.get("init_lora_weights", True) if part.key == "init_lora_weights" else params.get("init")
+        assert part.matches(value), (name, value)
 
 
 def settings(layer, init, optimizer):
     adapter = {"r": R, "lora_alpha": 2 * R, "lora_dropout": 0.0, "target_modules": TARGETS, "layers_to_transform": LAYERS}
     params = {"task": "glue/rte", "max_length": 32, "learning_rate": 1e-2, "weight_decay": 0.0,
               "calibration": {"num_samples": 8, "batch_size": 8}, "optimizer": optimizer}
-    for a, p in (INIT_SETTINGS[init], LAYER_SETTINGS[layer]):
+    for a, p in (init_settings(init), LAYER_SETTINGS[layer]):
         adapter.update(a)
         params.update(p)
     return adapter, params
