@@ -24,14 +24,15 @@ def run(args) -> int:
             where = "  [quantization]"
         print(f"{kind:<9}  {name:<{width}}  {summary}{where}")
     combos = methods.combinations()
-    print(f"\n{len(combos)} (layer, init, optimizer) combinations compose on a float base and "
-          f"{len(methods.nf4_combinations())} on an NF4 base (quantization: nf4); the rest are refused at validation.")
+    print(f"\n{len(combos)} (layer, init, optimizer) combinations compose on a float base, "
+          f"{len(methods.nf4_combinations())} on an NF4 base (quantization: nf4) and "
+          f"{len(methods.fp8_combinations())} on an FP8 base (quantization: fp8); the rest are refused at validation.")
     if getattr(args, "combinations", False):
         import itertools
 
         for layer, init, opt in itertools.product(methods.LAYERS, methods.INITS, methods.OPTIMIZERS):
             reason = methods.refusal(layer, init, opt)
-            bases = [b for b in ("float", "nf4") if (layer, init, opt) in methods.combinations(b)]
+            bases = [b for b in ("float", "nf4", "fp8") if (layer, init, opt) in methods.combinations(b)]
             status = f"ok ({', '.join(bases)})" if reason is None else "refused"
             print(f"  {status:<16} {layer} + {init} + {opt}" + (f"  ({reason})" if reason else ""))
     return 0
