@@ -255,11 +255,18 @@ def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
     eos = eos[0] if isinstance(eos, list) else eos
     if eos is not None and tokenizer.eos_token_id != eos:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
-    tmp = out.with_name(out.name + ".tmp")
+    # written beside the target under a per-process name, then renamed: two processes converting at
+    # once (parallel test workers, ranks of one job) never write into each other's folder
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same conversion first: keep its folder
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
