@@ -183,16 +183,19 @@ def test_unreachable_hub_model_in_loralab_eval_exits_2_fast(no_hub, data_dir, ca
     start = time.perf_counter()
     assert main(["eval", "--model", "nobody-here/no-such-model", "--tasks", "gsm8k", "--data-dir", str(data_dir)]) == 2
     assert time.perf_counter() - start < 20
-    _assert_offline_help(capsys.readouterr().err, "tokenizer 'nobody-here/no-such-model'")
+    _assert_offline_help(capsys.readouterr().err, "the tokenizer of model_id 'nobody-here/no-such-model'")
 
 
-def test_a_run_with_eval_tasks_empty_succeeds_without_evaluation(tmp_path, data_dir):
+def test_a_run_with_eval_tasks_empty_succeeds_without_evaluation(tmp_path, data_dir, capsys):
     import os
 
     exp = _experiment(tmp_path, {"model_id": "random:tiny-llama", "task": "gsm8k", "data_dir": str(data_dir),
                                  "max_train_samples": 2, "max_steps": 1, "batch_size": 2, "max_length": 64,
                                  "eval_tasks": [], "device": "cpu"})
     assert main(["run", str(exp)]) == 0
+    out = capsys.readouterr()
+    assert "no evaluation: eval_tasks is []" in out.err and "evaluating" not in out.err
+    assert ": lora no evaluation -> " in out.out  # the closing line says so, not an empty metrics slot
     (path,) = Path(os.environ["LORALAB_RESULTS_DIR"]).rglob("*.json")
     record = json.loads(path.read_text())
     assert record["train_info"]["status"] == "success" and record["eval"] == {}

@@ -84,11 +84,16 @@ class Unreachable(ConfigError):
     One message for every kind: what, which, why, and the local alternatives."""
 
     def __init__(self, what: str, name: str, reason: str):
+        packaged = ", ".join(sorted(PACKAGED))
+        cache = ("HF_HUB_OFFLINE is set, so only files already in the Hugging Face cache are read"
+                 if reason.startswith("HF_HUB_OFFLINE") else
+                 "for files already in the Hugging Face cache, HF_HUB_OFFLINE=1")
         super().__init__([
             f"cannot fetch {what} {name!r}: {reason}. Work offline with local copies instead: for data, 'data_dir' in "
-            "training_parameters.json (or $LORALAB_DATA_DIR, or loralab eval --data-dir) naming a folder laid out as "
-            "shared/data; for a model, a local folder (config.json and weights) or a packaged:<name> id as 'model_id' "
-            "(loralab eval --model); for files already in the Hugging Face cache, HF_HUB_OFFLINE=1"], f"{what} {name!r}")
+            "training_parameters.json (or $LORALAB_DATA_DIR, or loralab eval --data-dir) naming a local data folder "
+            "(e.g. glue/SST-2/train.tsv, gsm8k/train.jsonl: README, 'Your own model and data'); for a model, a local "
+            f"folder (config.json and weights) or a packaged model ({packaged}) as 'model_id' (loralab eval --model); "
+            f"{cache}"], f"{what} {name!r}")
 
 
 def hub_offline_reason() -> str | None:
@@ -146,7 +151,7 @@ def _from_pretrained(loader, model_id: str, what: str, **kwargs):
     try:
         return loader(path, local_files_only=True, **kwargs)
     except OSError as exc:
-        raise Unreachable(what, model_id, reason) from exc
+        raise Unreachable(f"the {what} of model_id", model_id, reason) from exc
 
 
 def portable_model_id(model_id: str) -> str:
@@ -236,9 +241,12 @@ def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
     if (out / "config.json").exists():
         return out
     import shutil
+    import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"[loralab] {gguf_file}: dequantising the GGUF file once into a transformers folder under {out.parent} "
+          "(tens of seconds; later loads read that folder)", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
     # transformers refuses to save a model it loaded from GGUF ("not serializable"); the weights are

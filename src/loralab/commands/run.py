@@ -117,7 +117,15 @@ def _run_all(args, experiments, launch) -> int:
         if launch.is_main:
             scores = outcome.result["eval"]
             degenerate = set(scores.get("degenerate") or [])
-            metrics = ", ".join(f"{k}={v:.4f}" + (" (degenerate)" if k in degenerate else "")
-                                for k, v in scores.items() if k != "degenerate")
+            metrics = ", ".join(f"{k}={_number(k, v)}" + (" (degenerate)" if k in degenerate else "")
+                                for k, v in scores.items() if k != "degenerate") or "no evaluation"
             print(f"{exp.name}: {outcome.result['run_info']['method']} {metrics} -> {outcome.path}")
     return code
+
+
+def _number(key: str, value) -> str:
+    """A metric for the closing line: counts (``gsm8k/n``) as integers, scores to four decimals."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    count = key == "n" or key.endswith("/n")
+    return str(int(value)) if count and float(value).is_integer() else f"{value:.4f}"

@@ -122,7 +122,9 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             with life.enter("save"):
                 _save(built, out_dir / "adapter", record, params.model_id)
                 say(f"adapter saved to {_shown(out_dir / 'adapter')}")
-            if evaluate:
+            if evaluate and params.eval_tasks == [] and n_eval == 0:
+                say("no evaluation: eval_tasks is [] (leave the key out for the task's default evaluations)")
+            elif evaluate:
                 with life.enter("evaluate"):
                     say(f"evaluating {params.task} ({n_eval} examples)")
                     t0 = time.perf_counter()
