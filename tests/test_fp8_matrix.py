@@ -32,7 +32,12 @@ from loralab.methods.fp8base import quantize_linears
 from loralab.methods.qlora import dequantized_copy
 from loralab.speed.fp8 import Fp8Linear
 
-FP8_CASES = methods.fp8_combinations()
+FP8_CASES = [c for c in methods.fp8_combinations()
+             if c[2] == methods.DEFAULTS["optimizer"] or c[:2] == (methods.DEFAULTS["layer"], methods.DEFAULTS["init"])]
+"""Every layer with every init that composes on FP8 (both touch the base layer: DoRA's norm and the
+data-driven inits read it), each optimizer once on LoRA/kaiming: the FP8 base changes the frozen
+layer only, and every optimizer's pairing with each layer and init is run on the float base
+(tests/test_methods_matrix.py); ``test_every_fp8_part_is_run`` checks no part is left out."""
 FAST = {("lora", "kaiming", "adamw"), ("dora", "kaiming", "adamw")}
 ACTIVATION_TOL = 0.01
 """Max |logit| difference allowed between the FP8 forward and the same weights unquantised (merge test: measured 0.0003)."""
@@ -47,6 +52,12 @@ def fp8_base(world):
     model = copy.deepcopy(world[0])
     quantize_linears(model, linear_names(model))
     return model
+
+
+def test_every_fp8_part_is_run():
+    composing = methods.fp8_combinations()
+    for kind in range(3):
+        assert {c[kind] for c in FP8_CASES} == {c[kind] for c in composing}
 
 
 def _cases():
@@ -109,9 +120,10 @@ def test_fp8_refuses_inits_defined_on_another_base_naming_both_keys(init):
 
 def test_every_combination_composes_on_fp8_or_is_refused():
     """The matrix is complete: each (layer, init, optimizer) the float base takes is either run on
-    FP8 above or refused with the quantization key named."""
+    FP8 (``methods.fp8_combinations()``, whose covering set runs above) or refused with the
+    quantization key named."""
     for combo in methods.combinations():
-        if combo in FP8_CASES:
+        if combo in methods.fp8_combinations():
             continue
         adapter, overrides = settings(*combo)
         params = fp8_params(overrides)
