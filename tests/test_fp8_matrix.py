@@ -20,7 +20,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from test_merge import CLS_TOL, _cli_merge, _save_like_train, _train_with_method, mini  # noqa: F401
-from test_methods_matrix import closed_form, logits, settings, world  # noqa: F401  (shared fixtures)
+from test_methods_matrix import count_and_step, logits, settings, world  # noqa: F401  (shared fixtures)
 from transformers import AutoModelForSequenceClassification
 
 from loralab import methods
@@ -84,17 +84,7 @@ def test_fp8_combination_invariants(combo, world, fp8_base, tmp_path):
     assert saver is None and method.base_fallback == {}
     assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == len(linear_names(base))
     torch.testing.assert_close(logits(model, batch), ref, atol=1e-5, rtol=1e-5)
-    method._mag_only = set(overrides.get("magnitude_only_modules", []))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == closed_form(base, model, cfg, method)
-
-    opt = method.make_optimizer(model, cfg, params)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.train()
-    model(**batch).loss.backward()
-    opt.step()
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert moved <= trainable and any("lora_B" in n or "magnitude" in n for n in moved)
+    count_and_step(base, model, cfg, method, params, overrides, batch)
 
     trained = logits(model, batch)
     model.save_pretrained(tmp_path / "adapter")

@@ -109,6 +109,24 @@ def closed_form(base, model, cfg, method) -> int:
     return total
 
 
+def count_and_step(base, model, cfg, method, params, overrides, batch) -> set[str]:
+    """The trainable-parameter count equals the closed form, and one optimizer step (the method's
+    own optimizer) moves only trainable parameters, some B or magnitude among them. Returns the
+    names of the trainable parameters. Shared by the float, NF4 and FP8 matrices."""
+    method._mag_only = set(overrides.get("magnitude_only_modules", []))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == closed_form(base, model, cfg, method)
+    optimizer = method.make_optimizer(model, cfg, params)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved <= trainable, f"frozen parameters moved: {sorted(moved - trainable)[:3]}"
+    assert any("lora_B" in n or "magnitude" in n for n in moved)
+    return trainable
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("combo", methods.combinations(), ids=lambda c: "+".join(c))
 def test_combination_invariants(combo, world, tmp_path):
@@ -134,18 +152,7 @@ def test_combination_invariants(combo, world, tmp_path):
     else:
         assert (fresh - ref).abs().max() > 1e-4
 
-    method._mag_only = set(overrides.get("magnitude_only_modules", []))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == closed_form(base, model, cfg, method)
-
-    optimizer_ = method.make_optimizer(model, cfg, params)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.train()
-    model(**batch).loss.backward()
-    optimizer_.step()
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert moved <= trainable, f"frozen parameters moved: {sorted(moved - trainable)[:3]}"
-    assert any("lora_B" in n or "magnitude" in n for n in moved)
+    trainable = count_and_step(base, model, cfg, method, params, overrides, batch)
     if method.init.freezes_a or method.optimizer.freezes_a:
         assert not any("lora_A" in n for n in trainable)
 

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel
 
 pytest.importorskip("bitsandbytes")
 
-from test_methods_matrix import R, closed_form, logits, settings, world  # noqa: E402,F401  (shared fixture)
+from test_methods_matrix import R, count_and_step, logits, settings, world  # noqa: E402,F401  (shared fixture)
 
 from loralab import methods  # noqa: E402
 from loralab.config import build_parameters  # noqa: E402
@@ -93,17 +93,7 @@ def test_nf4_combination_invariants(combo, world, quantized_base, tmp_path):
             err = float_weights[name.removeprefix("base_model.model.")].weight - dequantize_bnb_weight(q, q.quant_state).float()
             delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
             assert torch.linalg.matrix_norm(err - delta) < torch.linalg.matrix_norm(err), name
-    method._mag_only = set(overrides.get("magnitude_only_modules", []))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == closed_form(base, model, cfg, method)
-
-    opt = method.make_optimizer(model, cfg, params)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.train()
-    model(**batch).loss.backward()
-    opt.step()
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert moved <= trainable and any("lora_B" in n or "magnitude" in n for n in moved)
+    count_and_step(base, model, cfg, method, params, overrides, batch)
 
     trained = logits(model, batch)
     model.save_pretrained(tmp_path / "adapter")
