@@ -1,6 +1,6 @@
 """Issue 13's GPU measurements; ``scripts/gpu_distributed.sh`` runs it, plain or under torchrun.
 
-  speed   Llama-3-8B shape (random bf16 weights, ``loralab.models.LLAMA3_8B``), LoRA r32 on every
+  speed   Llama-3-8B shape (random bf16 weights, ``loralab.shapes.LLAMA3_8B``), LoRA r32 on every
           linear layer of the decoder, loralab's ``Step`` as ``loralab run`` builds it
           (``loralab.run.step.make_step``): bf16 autocast, regional compile, CUDA graphs on one GPU
           (off under DDP).
@@ -25,8 +25,8 @@ import torch
 
 from loralab import distributed
 from loralab.decomposition import parallel
-from loralab.models import LLAMA3_8B
 from loralab.run.step import Step, make_step
+from loralab.shapes import LLAMA3_8B
 
 
 def llama_8b(dtype: torch.dtype, device: torch.device):

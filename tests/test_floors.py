@@ -40,6 +40,7 @@ FLOORS = {
     "loralab.config": 0,
     "loralab.results": 0,
     "loralab.models": 0,
+    "loralab.shapes": 0,
     "loralab.data": 0,
     "loralab.distributed": 0,
     "loralab.trackers": 0,

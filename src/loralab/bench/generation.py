@@ -50,7 +50,7 @@ GSM8K_TEST = 1319
 @dataclass
 class EvalBenchSettings:
     model: str = "random:llama-3-8b"
-    """``random:<shape>`` (a shape of ``loralab.models.MODELS``) or a real model id."""
+    """``random:<shape>`` (a shape of ``loralab.shapes.MODELS``) or a real model id."""
     device: str = "cuda"
     rows: tuple[str, ...] = ROWS
     num_prompts: int | None = None

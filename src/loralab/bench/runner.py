@@ -36,8 +36,8 @@ from loralab.bench.peers import (
     wrap,
 )
 from loralab.bench.workloads import Workload, build_model, is_seq_cls, presets, step_features
-from loralab.models import MODELS
 from loralab.run.step import Step, make_step
+from loralab.shapes import MODELS
 from loralab.speed.step import _hf_model
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16

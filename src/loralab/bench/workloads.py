@@ -1,6 +1,6 @@
 """The training bench's workloads: random-weight models of fixed shapes and the batches every stack gets.
 
-Models are built from their configs (``loralab.models.MODELS``) with random weights in the
+Models are built from their configs (``loralab.shapes.MODELS``) with random weights in the
 workload's dtype (the recipe's base dtype, the same for every stack; float32 on CPU); each
 optimizer step gets the same ``batch_size`` samples in every stack, of fixed length or with
 lengths drawn from real histograms (``loralab/speed/lengths.json``).
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loralab.models import HUB_SHAPES, MODELS
+from loralab.shapes import HUB_SHAPES, MODELS
 from loralab.speed.lengths import sample_lengths
 
 

@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--eval", action="store_true",
                        help="generation bench: loralab's engine vs transformers generate (batched) and generate_batch on GSM8K prompts")
     group.add_argument("--model", default=None,
-                       help="a shape of loralab.models.MODELS (e.g. llama-3-8b, tiny-llama: random weights) or a real "
+                       help="a shape of loralab.shapes.MODELS (e.g. llama-3-8b, tiny-llama: random weights) or a real "
                             "model id (e.g. packaged:smollm2-135m); default random:llama-3-8b")
     group.add_argument("--rows", default=None, help="comma-separated, default engine,transformers,generate_batch")
     group.add_argument("--num-prompts", default=None, help="first N GSM8K test prompts (default all 1,319)")
