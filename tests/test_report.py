@@ -353,3 +353,19 @@ def test_known_library_noise_is_filtered(tmp_path):
     assert ours.returncode == 0, ours.stderr
     if "gemm_4bit_forward" in plain.stderr:  # this CPU triggers it: loralab must not print it
         assert "gemm_4bit_forward" not in ours.stderr
+
+
+def test_terminal_lists_five_superseded_runs_and_counts_the_rest():
+    """A report over many re-runs names five superseded files on the terminal and counts the rest;
+    the Markdown report lists them all."""
+    from types import SimpleNamespace
+
+    from loralab.report.render import problem_lines
+
+    runs = [(SimpleNamespace(source=f"old{i}.json", created_at="t"), SimpleNamespace(source=f"new{i}.json"))
+            for i in range(8)]
+    report = SimpleNamespace(unreadable=[], superseded=runs, problems=[])
+    lines = problem_lines(report)
+    assert [line.startswith("superseded old") for line in lines] == [True] * 5 + [False]
+    assert "3 more superseded runs" in lines[-1]
+    assert sum(line.startswith("- superseded old") for line in problem_lines(report, markdown=True)) == 8

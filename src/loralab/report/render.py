@@ -178,8 +178,12 @@ def problem_lines(report: Report, markdown: bool = False) -> list[str]:
     out = []
     for p in report.unreadable:
         out.append(f"skipped {p.path}: {p.reason}")
-    for old, new in report.superseded:
+    shown = report.superseded if markdown else report.superseded[:5]  # the terminal gets a count
+    for old, new in shown:
         out.append(f"superseded {old.source} ({old.created_at}) by the newer run {new.source}")
+    if len(report.superseded) > len(shown):
+        out.append(f"... and {len(report.superseded) - len(shown)} more superseded runs (all listed in the "
+                   "Markdown report's 'Files not used')")
     others = [p for p in report.problems if p.kind == "not a record"]
     if others and not markdown:
         out.append(f"ignored {len(others)} JSON file(s) that are not result records: "
