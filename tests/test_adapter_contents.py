@@ -42,6 +42,8 @@ def test_lm_head_adapter_holds_only_lora_tensors_and_reloads(tmp_path, data_dir,
     _save(built, tmp_path / "adapter", record, exp.params.model_id)
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "packaged:smollm2-135m"  # the id given, not a cache path
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "base_model: packaged:smollm2-135m" in card and ".cache" not in card  # peft's model card too
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert tensors and all("lora_" in k for k in tensors), [k for k in tensors if "lora_" not in k]
     assert record.file_size < 5e6  # rank-4 factors, not a 49,152 x 576 embedding matrix

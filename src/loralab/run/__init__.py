@@ -228,19 +228,31 @@ def _save(built: Built, path: Path, record: Record, model_id: str) -> None:
     (``models.portable_model_id``: a hub id or ``packaged:<name>``), not a path inside this
     machine's virtual environment or cache, so the adapter travels."""
     model = built.model
+    portable = portable_model_id(model_id)
     for cfg in getattr(model, "peft_config", {}).values():
-        cfg.base_model_name_or_path = portable_model_id(model_id)
+        cfg.base_model_name_or_path = portable
     gathered = {}
     if distributed.is_sharded(built.wrapped):  # FSDP: a collective, then rank 0 writes
         gathered = {"state_dict": distributed.full_state_dict(built.wrapped)}
     if not distributed.is_main():
         return
-    if built.saver is not None:
-        built.saver.save(model, path)
-    elif hasattr(model, "peft_config"):
-        model.save_pretrained(path, save_embedding_layers=embeddings_trained(model), **gathered)
-    else:
-        model.save_pretrained(path, **gathered)
+    # peft's model card (the adapter's README.md) names the base from the model's config and its
+    # name_or_path (a tag): the same id there, restored after saving
+    hf = model.get_base_model() if hasattr(model, "peft_config") else None
+    config = getattr(hf, "config", None)
+    loaded_from = (getattr(config, "_name_or_path", None), getattr(hf, "name_or_path", None))
+    if config is not None:
+        config._name_or_path = hf.name_or_path = portable
+    try:
+        if built.saver is not None:
+            built.saver.save(model, path)
+        elif hasattr(model, "peft_config"):
+            model.save_pretrained(path, save_embedding_layers=embeddings_trained(model), **gathered)
+        else:
+            model.save_pretrained(path, **gathered)
+    finally:
+        if config is not None:
+            config._name_or_path, hf.name_or_path = loaded_from
     if hasattr(model, "peft_config"):  # the base it trained on (float / NF4), for an exact `loralab merge`
         write_base_record(model, path)
     built.tokenizer.save_pretrained(path)
