@@ -369,3 +369,16 @@ def test_terminal_lists_five_superseded_runs_and_counts_the_rest():
     assert [line.startswith("superseded old") for line in lines] == [True] * 5 + [False]
     assert "3 more superseded runs" in lines[-1]
     assert sum(line.startswith("- superseded old") for line in problem_lines(report, markdown=True)) == 8
+
+
+def test_generation_settings_do_not_split_classification_seeds(tmp_path):
+    """GLUE runs that differ only in keys steering generative evaluation (no text is generated for
+    classification) are seeds of one row, not variants; a learning rate still splits them."""
+    write(tmp_path, "a.json", make_record(seed=0, params={"generation": {"max_new_tokens": 512}, "eval_tasks": []}))
+    write(tmp_path, "b.json", make_record(seed=1, params={"generation": {"max_new_tokens": None}, "eval_tasks": None},
+                                          stamp="2026-11-22T23:01:00+00:00"))
+    (t,) = build_report([tmp_path]).tables
+    assert t.rows == ["LoRA"] and next(iter(t.cells.values())).summary.n == 2
+    write(tmp_path, "c.json", make_record(seed=2, params={"learning_rate": 1e-3}, stamp="2026-11-22T23:02:00+00:00"))
+    (t,) = build_report([tmp_path]).tables
+    assert len(t.rows) == 2

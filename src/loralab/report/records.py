@@ -55,6 +55,9 @@ IGNORED_KEYS = {
     "generation.batch_size", "generation.backend",
 }
 IGNORED_PREFIXES: tuple[str, ...] = ()
+GENERATIVE_KEYS = ("generation.", "eval_tasks", "eval_options")
+"""Keys that only steer generative evaluation: ignored for classification runs (``glue/...``), where
+no text is generated, so GLUE runs that differ only there stay seeds of one variant."""
 SHORT_KEYS = {"learning_rate": "lr", "lora_alpha": "alpha", "num_epochs": "epochs", "batch_size": "batch",
               "max_train_samples": "train samples", "warmup_ratio": "warmup"}
 
@@ -310,13 +313,15 @@ def _normalise(value):
 
 def flat_config(run: Run) -> dict:
     """training_parameters and adapter_config flattened to dotted keys (adapter keys prefixed
-    ``adapter.`` only where they clash), minus ``IGNORED_KEYS``; values normalised (sets sorted)."""
+    ``adapter.`` only where they clash), minus ``IGNORED_KEYS`` (and ``GENERATIVE_KEYS`` for a
+    classification run); values normalised (sets sorted)."""
     out = {}
+    ignored = IGNORED_PREFIXES + (GENERATIVE_KEYS if run.task.startswith("glue/") else ())
 
     def walk(obj, prefix):
         for k, v in obj.items():
             key = f"{prefix}{k}"
-            if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
+            if key in IGNORED_KEYS or key.startswith(ignored):
                 continue
             if isinstance(v, dict) and v:
                 walk(v, key + ".")
