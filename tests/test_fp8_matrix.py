@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from test_merge import CLS_TOL, _cli_merge, _save_like_train, _train_with_method, mini  # noqa: F401
+from test_merge import CLS_TOL, _cli_merge, _save_like_train, _train_with_method, mini, run_quantized_sst2  # noqa: F401
 from test_methods_matrix import count_and_step, logits, settings, world  # noqa: F401  (shared fixtures)
 from transformers import AutoModelForSequenceClassification
 
@@ -189,22 +189,10 @@ def test_loralab_run_with_an_fp8_base_records_it_and_merges(tmp_path, data_dir, 
     dequantised FP8 base."""
     from peft import PeftModel
 
-    from loralab.cli import main
     from loralab.models import load_model, load_tokenizer
 
-    folder = tmp_path / "experiments" / "fp8" / "sst2"
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}))
-    (folder / "training_parameters.json").write_text(json.dumps({
-        "task": "glue/sst2", "data_dir": str(data_dir), "max_train_samples": 32, "max_eval_samples": 8,
-        "batch_size": 16, "max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1, "quantization": "fp8",
-        "speed": {"fast_dora": False, "fused_lora": False}}))
-    monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path / "res"))
-    assert main(["run", str(folder)]) == 0
-    record = json.loads(next((tmp_path / "res").rglob("*.json")).read_text())
+    record, adapter = run_quantized_sst2(tmp_path, data_dir, monkeypatch, "fp8")
     assert record["run_info"]["method"] == "fp8+lora" and record["run_info"]["method_parts"]["base"] == "fp8"
-    adapter = record["train_info"]["adapter_path"]
     base_record = json.loads((Path(adapter) / "loralab_base.json").read_text())
     assert base_record["base"] == "fp8" and base_record["fallback"] == {}
     assert _cli_merge("packaged:minilm-l6", adapter, tmp_path / "merged") == 0

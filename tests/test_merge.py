@@ -479,6 +479,23 @@ def peft_adapter(tmp_path, minilm_path):
     return tmp_path / "adapter"
 
 
+def run_quantized_sst2(tmp_path, data_dir, monkeypatch, quantization: str) -> tuple[dict, str]:
+    """``loralab run`` of a 2-step LoRA on 32 SST-2 sentences over a ``quantization`` base (the fast
+    paths that read the base weight off); returns (its result record, its adapter folder)."""
+    folder = tmp_path / "experiments" / quantization / "sst2"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}))
+    (folder / "training_parameters.json").write_text(json.dumps({
+        "task": "glue/sst2", "data_dir": str(data_dir), "max_train_samples": 32, "max_eval_samples": 8,
+        "batch_size": 16, "max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1, "quantization": quantization,
+        "speed": {"fast_dora": False, "fused_lora": False}}))
+    monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path / "res"))
+    assert main(["run", str(folder)]) == 0
+    record = json.loads(next((tmp_path / "res").rglob("*.json")).read_text())
+    return record, record["train_info"]["adapter_path"]
+
+
 @pytest.mark.slow
 def test_runner_writes_the_base_record_and_its_qlora_adapter_merges_exactly(tmp_path, data_dir, monkeypatch, minilm_path):
     """``loralab run`` with quantization nf4 saves loralab_base.json; ``loralab merge`` of that
@@ -490,18 +507,7 @@ def test_runner_writes_the_base_record_and_its_qlora_adapter_merges_exactly(tmp_
     from loralab.methods.qlora import quantize_linears
     from loralab.models import load_model, load_tokenizer
 
-    folder = tmp_path / "experiments" / "qlora" / "sst2"
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}))
-    (folder / "training_parameters.json").write_text(json.dumps({
-        "task": "glue/sst2", "data_dir": str(data_dir), "max_train_samples": 32, "max_eval_samples": 8,
-        "batch_size": 16, "max_steps": 2, "learning_rate": 5e-3, "logging_steps": 1, "quantization": "nf4",
-        "speed": {"fast_dora": False, "fused_lora": False}}))
-    monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path / "res"))
-    assert main(["run", str(folder)]) == 0
-    record = json.loads(next((tmp_path / "res").rglob("*.json")).read_text())
-    adapter = record["train_info"]["adapter_path"]
+    record, adapter = run_quantized_sst2(tmp_path, data_dir, monkeypatch, "nf4")
     base_record = json.loads((Path(adapter) / "loralab_base.json").read_text())
     assert base_record["base"] == "nf4" and base_record["quantization"]["quant_type"] == "nf4"
     assert _cli_merge("packaged:minilm-l6", adapter, tmp_path / "merged") == 0
