@@ -170,3 +170,22 @@ def test_code_sha256_measures_the_code(tmp_path):
     assert results.code_sha256(tmp_path) == first
     (tmp_path / "a.py").write_text("x = 2\n")
     assert results.code_sha256(tmp_path) != first
+
+
+@pytest.mark.parametrize("git", [
+    {"branch": "main", "dirty": False, "commit": "abc1234", "experiment_committed": True},
+    {"branch": "main", "dirty": False, "commit": "abc1234"},
+    {"branch": "main", "dirty": False, "commit": "abc1234", "experiment_committed": False},
+    {"branch": "main", "dirty": True, "commit": "abc1234"},
+    {"branch": "dev", "dirty": False, "commit": "abc1234"},
+    {"branch": "unknown", "dirty": "unknown", "commit": "unknown"},
+    {"branch": "main", "dirty": "unknown", "commit": "abc1234"},
+])
+def test_the_opening_lines_reason_is_the_routing_rule(git):
+    """The reason the opening line gives and the folder the record goes to come from one rule: a
+    reason is named exactly when a successful run does not go to results/."""
+    from loralab.results import not_main_run, route, route_reason
+
+    to_results = route("success", git).name == "results"
+    assert (not_main_run(git) is None) == to_results
+    assert route_reason(git).startswith("main at ") == to_results

@@ -119,21 +119,10 @@ def results_root() -> Path:
     return Path(os.environ.get("LORALAB_RESULTS_DIR", "."))
 
 
-def route(status: str, git: dict) -> Path:
-    if status == "cancelled":
-        folder = "cancelled_results"
-    elif (status == "success" and git.get("branch") == "main" and git.get("dirty") is False
-          and git.get("experiment_committed") is not False):
-        folder = "results"
-    else:
-        folder = "temporary_results"
-    return results_root() / folder
-
-
-def route_reason(git: dict) -> str:
-    """Why a successful run's record goes where ``route`` sends it, in words for the run's opening
-    line: ``results/`` only for code on a clean ``main`` with the experiment folder committed in the
-    same tree; otherwise ``temporary_results/`` and the first reason that keeps it there."""
+def not_main_run(git: dict) -> str | None:
+    """Why a run of this code is not a main run, in words (the first reason: the code's git state
+    unknown, another branch, uncommitted changes, or the experiment folder outside loralab's tree);
+    None for a main run: branch ``main``, clean, the experiment committed in the same tree."""
     if git.get("branch") == UNKNOWN or git.get("dirty") == UNKNOWN:
         return ("the code's git state is unknown (no git work tree; a launcher may state it with "
                 "LORALAB_GIT_COMMIT / LORALAB_GIT_BRANCH / LORALAB_GIT_DIRTY)")
@@ -143,7 +132,24 @@ def route_reason(git: dict) -> str:
         return "the code has uncommitted changes"
     if git.get("experiment_committed") is False:
         return "the experiment folder is not committed in loralab's tree"
-    return f"main at {str(git.get('commit'))[:7]}, clean, experiment committed"
+    return None
+
+
+def route(status: str, git: dict) -> Path:
+    """The folder a record goes to: ``results/`` for a successful main run (``not_main_run``),
+    ``cancelled_results/`` for a cancelled one, ``temporary_results/`` otherwise."""
+    if status == "cancelled":
+        folder = "cancelled_results"
+    elif status == "success" and not_main_run(git) is None:
+        folder = "results"
+    else:
+        folder = "temporary_results"
+    return results_root() / folder
+
+
+def route_reason(git: dict) -> str:
+    """Why a successful run's record goes where ``route`` sends it, for the run's opening line."""
+    return not_main_run(git) or f"main at {str(git.get('commit'))[:7]}, clean, experiment committed"
 
 
 def package_info() -> dict:

@@ -112,7 +112,9 @@ def run_sweep(experiments: list, gpus: list[str], *, per_run: int = 1, runs_per_
     (``loralab run``'s codes; 130 when cancelled). Raises ValueError when the options do not fit.
     """
     slots = slots_for(gpus, per_run, runs_per_gpu)
-    logs = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs")) / "sweep-logs"
+    from loralab.run.build import output_root
+
+    logs = output_root() / "sweep-logs"
     logs.mkdir(parents=True, exist_ok=True)
     todo = []
     for exp in experiments:

@@ -189,5 +189,8 @@ def meta_info(settings: EvalBenchSettings, command: str, device_name: str | None
 
 
 def default_output(model_id: str, created_at: str) -> Path:
+    """``results/eval-bench/<model id>--<results.stamp(created_at)>.json``."""
+    from loralab.results import stamp
+
     stem = model_id.replace(":", "-").replace("/", "--")
-    return Path("results") / "eval-bench" / f"{stem}--{created_at.replace(':', '-')}.json"
+    return Path("results") / "eval-bench" / f"{stem}--{stamp(created_at)}.json"

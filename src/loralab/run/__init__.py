@@ -19,7 +19,6 @@ evaluates; rank 0 alone logs and writes checkpoints, the adapter and the result.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -35,7 +34,15 @@ from loralab.methods.common import embeddings_trained
 from loralab.methods.qlora import write_base_record
 from loralab.models import portable_model_id
 from loralab.run import build, loop
-from loralab.run.build import Built, count_trainable, init_tensors, make_scheduler, output_dir, seed_everything
+from loralab.run.build import (
+    Built,
+    count_trainable,
+    init_tensors,
+    make_scheduler,
+    output_dir,
+    output_root,
+    seed_everything,
+)
 from loralab.run.meter import Meter
 from loralab.run.record import (
     FINISHED,
@@ -89,7 +96,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     start = time.perf_counter()
     created_at = distributed.broadcast_object(results.now_iso())  # one output folder for all ranks
     git = results.git_state(experiment=exp.path)  # the tree the code runs from
-    out_root = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
+    out_root = output_root()
     run_dir, resume_from = find_resume(exp, out_root) if resume else (None, None)
     if resume and resume_from is None:
         say("--resume: no checkpoint of this experiment yet; starting from the beginning")

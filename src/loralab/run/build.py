@@ -51,10 +51,14 @@ def count_trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def output_root() -> Path:
+    """Where runs write adapters, checkpoints and logs: ``$LORALAB_OUTPUT_DIR``, default ``outputs``."""
+    return Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
+
+
 def output_dir(exp: Experiment, created_at: str) -> Path:
-    """``$LORALAB_OUTPUT_DIR`` (default ``outputs``) / ``<experiment name>--<results.stamp(created_at)>``."""
-    root = Path(os.environ.get("LORALAB_OUTPUT_DIR", "outputs"))
-    return root / f"{exp.name.replace('/', '--')}--{results.stamp(created_at)}"
+    """``output_root()`` / ``<experiment name>--<results.stamp(created_at)>``."""
+    return output_root() / f"{exp.name.replace('/', '--')}--{results.stamp(created_at)}"
 
 
 def warmup_steps(ratio: float, total_steps: int) -> int:
