@@ -58,22 +58,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PYTHON -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
 echo "git: the device copy of the tree carries no git state of its own; the commit that ran is in results/eval-bench/README.md" | tee -a "$OUT/gpu.txt"
 
-# step NAME CAP_SECONDS CMD...: run CMD under the smaller of its cap and what is left before the deadline
-step() {
-  local name=$1 cap=$2; shift 2
-  local left=$((DEADLINE - (SECONDS - START) - 5))
-  local limit=$((cap < left ? cap : left))
-  echo "$*" > "$OUT/$name.cmd"
-  if [ "$limit" -lt 20 ]; then
-    echo "$name: skipped, ${left}s left before the deadline" | tee -a "$OUT/summary.txt"
-    return
-  fi
-  echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
-  local t0=$SECONDS
-  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "$name: exit $rc in $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/summary.txt"
-}
+source "$(dirname "$0")/gpu_step.sh"  # step NAME CAP_SECONDS CMD...
 
 make_adapter() {  # a LoRA r32 all-linear adapter of the 8B shape with random B, saved once per machine
   [ -f "$ADAPTER/adapter_config.json" ] && return

@@ -50,21 +50,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PYTHON -c "import importlib.util as u, torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'liger_kernel', 'yes' if u.find_spec('liger_kernel') else 'NOT importable: no Liger rows')" | tee -a "$OUT/gpu.txt"
 echo "commit: ${LORALAB_GIT_COMMIT:-unknown (the tree travels without .git; the launcher names it)}" | tee -a "$OUT/gpu.txt"
 
-# step NAME CAP_SECONDS CMD...: run CMD under the smaller of its cap and what is left before the deadline
-step() {
-  local name=$1 cap=$2; shift 2
-  local left=$((DEADLINE - (SECONDS - START) - 5))
-  local limit=$((cap < left ? cap : left))
-  if [ "$limit" -lt 30 ]; then
-    echo "$name: skipped, ${left}s left before the deadline" | tee -a "$OUT/summary.txt"
-    return
-  fi
-  echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
-  local t0=$SECONDS
-  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "$name: exit $rc in $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/summary.txt"
-}
+STEP_MIN_S=30
+source "$(dirname "$0")/gpu_step.sh"  # step NAME CAP_SECONDS CMD...
 
 for part in "${PARTS[@]}"; do
   case $part in
