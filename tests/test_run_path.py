@@ -21,8 +21,8 @@ HASHED_SPEED_DEFAULTS = {"fast_dora": True, "chunked_loss": True, "cuda_graphs":
 def test_experiment_speed_defaults_are_unchanged():
     """The experiment's ``speed`` dict is hashed (``train_params_sha``): the hashed keys, order and
     values stay what they were before the settings became one dataclass; a key added since
-    (``memory_fraction``) is hashed only when an experiment sets it away from its default."""
-    assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25}
+    (``memory_fraction``, ``grad_reduce``) is hashed only when an experiment sets it away from its default."""
+    assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "loss_chunk_size" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed

@@ -64,6 +64,10 @@ def _generation_defaults() -> dict[str, Any]:
     }
 
 
+GRAD_REDUCE = ("ddp", "after_backward")
+"""``speed.grad_reduce``'s values (see ``Speed``)."""
+
+
 @dataclass
 class Speed:
     """How a run computes its steps (``training_parameters.json``'s ``speed``): defaults, checks and
@@ -82,6 +86,9 @@ class Speed:
     group_by_length: bool = False  # changes which samples share an optimizer batch: opt in
     memory_fraction: float = field(default=0.25, metadata={"added": True})  # auto micro-batch: the probed peak's cap, share of
     # the GPU; 0.25 = 35.1 GiB of an H200, under the tuned peer's 37.7 GiB at its best (8B LoRA, 8 x 512, issue 22)
+    grad_reduce: str = field(default="ddp", metadata={"added": True})  # more than one DDP process: "ddp" (DDP's
+    # bucketed all-reduce during the backward; CUDA graphs off) or "after_backward" (one summed all-reduce of the
+    # gradients after the last micro-batch, outside any capture, so CUDA graphs stay on: run/reduce.py, issue 23)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     loss_chunk_size: int = field(default=1024, metadata={"code_only": True})  # tokens per cross-entropy chunk
@@ -103,6 +110,8 @@ class Speed:
             problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
         if not (type(speed["memory_fraction"]) in (int, float) and 0 < speed["memory_fraction"] <= 1):
             problems.append(f"'speed.memory_fraction' = {speed['memory_fraction']!r} must be a number in (0, 1]")
+        if speed["grad_reduce"] not in GRAD_REDUCE:
+            problems.append(f"'speed.grad_reduce' = {speed['grad_reduce']!r} is not allowed; allowed: {', '.join(GRAD_REDUCE)}")
         mb = speed["micro_batch"]
         if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
             problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
@@ -355,31 +364,13 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
         problems.append(f"'calibration.format' = {cal['format']!r} is not allowed; allowed: llama2-chat, training")
     if not isinstance(cal["corda_options"], dict):  # its keys: loralab.experiment checks them
         problems.append(f"'calibration.corda_options' = {cal['corda_options']!r} must be a JSON object")
-    problems.extend(_report_to_problems(values["report_to"]))
+    problems.extend(trackers.report_to_problems(values["report_to"]))
     gen = values["generation"]
     if gen["max_new_tokens"] is not None and not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
         problems.append(f"'generation.max_new_tokens' = {gen['max_new_tokens']!r} must be a positive integer")
     for check in checks:
         problems.extend(check(values))
     return problems
-
-
-def _report_to_problems(value) -> list[str]:
-    """Unknown backends (with "did you mean"), and backends whose package is not installed: a
-    missing package stops the run here, before any model is loaded."""
-    names = [value] if isinstance(value, str) else value
-    allowed = f"a list of {', '.join(trackers.BACKENDS)} (or one of them), or \"none\" / [] for none"
-    problems = []
-    for name in names:
-        if name not in (*trackers.BACKENDS, "none"):
-            hint = suggest(name, trackers.BACKENDS) if isinstance(name, str) else ""
-            problems.append(f"'report_to' = {value!r}: {name!r} is not allowed{hint}; allowed: {allowed}")
-    if problems:
-        return problems
-    if "none" in names and len(names) > 1:
-        return [f"'report_to' = {value!r}: \"none\" turns reporting off and cannot be combined; allowed: {allowed}"]
-    return [f"'report_to' = {value!r} asks for {name}, whose package is not installed: pip install {package}"
-            for name, package in trackers.missing_packages(names).items()]
 
 
 def build_parameters(overrides: dict[str, Any], source: str = "training_parameters.json",

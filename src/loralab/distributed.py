@@ -231,7 +231,7 @@ def gather_in_order(fn: Callable[[list], list], items: Sequence) -> list:
     loops whose outputs are then scored once (the same metrics as one process). One process or
     FSDP: ``fn(items)`` on every rank."""
     launch = current()
-    if not _splits_work():
+    if not splits_work():
         return list(fn(list(items)))
     mine = list(fn(list(items[launch.rank::launch.world_size])))
     if len(mine) != len(items[launch.rank::launch.world_size]):
@@ -245,7 +245,7 @@ def gather_in_order(fn: Callable[[list], list], items: Sequence) -> list:
     return out
 
 
-def _splits_work() -> bool:
+def splits_work() -> bool:
     """Whether ranks may run different forwards: DDP (each holds the model), not FSDP (every
     forward gathers parameters from all ranks, so all must run the same ones)."""
     launch = current()
@@ -257,13 +257,13 @@ def share(items: Sequence) -> list:
     one process or FSDP. Pair with ``merge_shared``. E.g. in a generation loop over batches:
     ``batches = distributed.share(batches)`` ... ``results = distributed.merge_shared(results)``."""
     launch = current()
-    return list(items[launch.rank::launch.world_size]) if _splits_work() else list(items)
+    return list(items[launch.rank::launch.world_size]) if splits_work() else list(items)
 
 
 def merge_shared(results: list[list]) -> list[list]:
     """Every rank's ``results`` (one list per input; empty where another rank's ``share`` held the
     input) merged on every rank, in input order. Identity when ``share`` did not split."""
-    if not _splits_work():
+    if not splits_work():
         return results
     mine = {i: r for i, r in enumerate(results) if r}
     parts = [None] * current().world_size

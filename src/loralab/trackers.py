@@ -25,6 +25,7 @@ online keeps the first values of steps it has seen (it ignores steps below the r
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import numbers
@@ -49,6 +50,26 @@ def backends(report_to) -> list[str]:
 def missing_packages(names) -> dict[str, str]:
     """backend -> package, for the requested backends whose package is not installed (not imported)."""
     return {n: BACKENDS[n] for n in backends(names) if importlib.util.find_spec(BACKENDS[n]) is None}
+
+
+def report_to_problems(value) -> list[str]:
+    """``report_to``'s problems (``config.check_parameters``), one line each: unknown backends (with
+    "did you mean"), and backends whose package is not installed: a missing package stops the run
+    here, before any model is loaded."""
+    names = [value] if isinstance(value, str) else value
+    allowed = f"a list of {', '.join(BACKENDS)} (or one of them), or \"none\" / [] for none"
+    problems = []
+    for name in names:
+        if name not in (*BACKENDS, "none"):
+            close = difflib.get_close_matches(name, list(BACKENDS), n=1) if isinstance(name, str) else []
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"'report_to' = {value!r}: {name!r} is not allowed{hint}; allowed: {allowed}")
+    if problems:
+        return problems
+    if "none" in names and len(names) > 1:
+        return [f"'report_to' = {value!r}: \"none\" turns reporting off and cannot be combined; allowed: {allowed}"]
+    return [f"'report_to' = {value!r} asks for {name}, whose package is not installed: pip install {package}"
+            for name, package in missing_packages(names).items()]
 
 
 def scalars(metrics: dict, prefix: str = "") -> dict[str, float]:

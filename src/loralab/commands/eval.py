@@ -1,6 +1,11 @@
 """``loralab eval``: score a model (base, adapter, or merged) on chosen evaluations, or re-score saved
 generations without a model (as bigcode's ``--load_generations_path``).
 
+Data-parallel under ``torchrun --nproc_per_node N -m loralab eval ...`` (or ``accelerate launch``):
+every rank loads the model on its GPU, generates its share of the prompts (``distributed.share``:
+prompt i on rank i mod N) and gets every completion back (``merge_shared``); rank 0 prints and
+writes the output and generation files. Greedy completions are the one-process completions.
+
     loralab eval --model ID_OR_PATH [--adapter DIR] --tasks gsm8k,humaneval [--max-samples N]
                  [--output metrics.json] [--generations-out FILE.jsonl]
     loralab eval --tasks gsm8k,humaneval --generations FILE.jsonl --output metrics.json
@@ -101,8 +106,7 @@ def parse_max_samples(value: str | None, names: list[str]) -> dict[str, int | No
 
 
 def _load(args):
-    import torch
-
+    from loralab import distributed
     from loralab.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -111,11 +115,23 @@ def _load(args):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    return model.to(device).eval(), tokenizer
+    return model.to(distributed.device_for(args.device)).eval(), tokenizer  # cuda: this rank's GPU
 
 
 def run(args) -> int:
+    from loralab import distributed
+
+    if args.generations:  # re-scoring runs no model: one process's work
+        return _run(args, main=True)
+    launch = distributed.init(args.device)  # one process: nothing happens
+    try:
+        return _run(args, main=launch.is_main)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args, main: bool) -> int:
+    """``run``'s body; ``main``: this process prints the metrics and writes the files (rank 0)."""
     from loralab.tasks.evaluate import expand, read_records, run_eval, score_generations, write_records
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -170,12 +186,16 @@ def run(args) -> int:
                 print(f"error: {name}: {type(exc).__name__}: {message}", file=sys.stderr)
                 continue
             records += recs
+            if not main:
+                continue
             print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
             if args.generations_out:  # after every task, so an interrupted run keeps what it generated
                 write_records(args.generations_out, records)
-        if failed:
+        if failed and main:
             print(f"error: {len(failed)} of {len(names)} evaluation(s) failed ({', '.join(failed)}); "
                   "the others are in the output", file=sys.stderr)
+    if not main:
+        return 1 if failed else 0
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:

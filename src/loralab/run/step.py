@@ -22,8 +22,10 @@ redoes the step (logged); at micro-batch 1 it stops with what to change.
 
 More than one process (``torchrun``/``accelerate``, ``loralab.distributed``): every rank computes
 the weights of the whole optimizer batch, runs only its shard (``distributed.shard``), and the
-ranks' gradients are summed (DDP / FSDP2 around the model and its loss), so the step is the one
-process's step. Micro-batches before the last one accumulate without communication (``no_sync``).
+ranks' gradients are summed (DDP / FSDP2 around the model and its loss, or with
+``speed.grad_reduce: "after_backward"`` once after the last backward, outside the CUDA graphs:
+``run/reduce.py``), so the step is the one process's step. Micro-batches before the last one
+accumulate without communication (``no_sync``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from loralab import distributed
 from loralab.config import ConfigError, Speed
 from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
+from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
@@ -86,17 +89,24 @@ class Step:
     (micro-batch shrunk after an OOM). ``wrapped``: the model under DDP/FSDP2
     (``distributed.wrap(model, loss_function(kind))``) when more than one process trains; each
     rank then runs its shard of ``features`` and ``StepStats.loss`` is the whole batch's loss.
+    ``reduce_after_backward`` (more than one process, no wrapper: ``speed.grad_reduce``): the same
+    shards, the gradients summed over ranks after the last micro-batch (``run/reduce.py``), so
+    ``graphs`` may stay on.
     """
 
     def __init__(self, model, optimizer, *, kind: str, normalization: str, micro_batch: int | None,
                  packing: bool, max_length: int, pad_to: int | None, pad_id: int, device: torch.device,
-                 graphs: bool, max_grad_norm: float, log: Callable[[str], None] = print, wrapped=None):
+                 graphs: bool, max_grad_norm: float, log: Callable[[str], None] = print, wrapped=None,
+                 reduce_after_backward: bool = False):
+        if wrapped is not None and reduce_after_backward:
+            raise ValueError("Step: a DDP/FSDP wrapper reduces gradients itself; reduce_after_backward needs none")
         self.model, self.optimizer, self.kind = model, optimizer, kind
         self.normalization, self.micro_batch, self.packing = normalization, micro_batch, packing and kind == "causal_lm"
         self.max_length, self.pad_to, self.pad_id, self.device = max_length, pad_to, pad_id, device
         self.bucket = graphs
         self.log = log
-        self.wrapped = wrapped
+        self.wrapped, self.reduce_after_backward = wrapped, reduce_after_backward
+        self.data_parallel = wrapped is not None or reduce_after_backward  # each rank runs its shard
         if wrapped is not None:  # DDP/FSDP2 hooks run in the wrapper's forward; no CUDA graphs
             self.trainer = GraphedTraining(wrapped, optimizer, lambda m, b: m(b)[0], max_grad_norm=max_grad_norm,
                                            enabled=False)
@@ -110,7 +120,7 @@ class Step:
     def plan(self, features: list[dict]) -> list[dict]:
         """The micro-batches (host tensors, with ``loss_weights``) of one optimizer batch."""
         weights = sample_weights(features, self.normalization)
-        if self.wrapped is not None:  # weights of the whole batch, samples of this rank
+        if self.data_parallel:  # weights of the whole batch, samples of this rank
             features, weights = distributed.shard(features, weights)
         if self.packing:
             return self._packed(features, weights)
@@ -180,10 +190,13 @@ class Step:
                 for batch in self.plan(features):
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                     total += self.trainer.micro(batch, 1.0)
+                if self.reduce_after_backward:  # between the captured backward and the captured step
+                    all_reduce_grads(self.trainer.params, every_grad_present=self.trainer.graphed)
+                    distributed.sum_(total)
                 self.trainer.step()
                 return StepStats(total, len(features), tokens)
             except torch.OutOfMemoryError as exc:
-                if self.wrapped is not None:  # a retry on one rank alone would leave the others waiting
+                if self.data_parallel:  # a retry on one rank alone would leave the others waiting
                     raise MicroBatchOOM(f"out of GPU memory at micro-batch {self.micro_batch} on rank "
                                         f"{distributed.current().rank}: with more than one process the "
                                         "micro-batch is not shrunk; set speed.micro_batch lower") from exc
@@ -224,9 +237,17 @@ def loss_function(kind: str) -> Callable:
 
 def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: Callable[[str], None]) -> None:
     """What more than one process turns off (in place, logged): CUDA graphs (no collectives in a
-    capture); under FSDP also compile, the micro-batch probe and mid-run checkpoints. Raises
-    ConfigError under FSDP when ``rewrites_base`` names a method whose init rewrites the base weights."""
-    if speed.cuda_graphs:
+    capture) unless ``grad_reduce`` is ``after_backward`` (gradients summed outside the capture);
+    under FSDP also compile, the micro-batch probe and mid-run checkpoints. Raises ConfigError under
+    FSDP when ``rewrites_base`` names a method whose init rewrites the base weights, or with
+    ``grad_reduce: after_backward`` (FSDP2 reduce-scatters sharded gradients itself)."""
+    if launch.sharding == "fsdp" and speed.grad_reduce == "after_backward":
+        raise ConfigError([("'speed.grad_reduce' = 'after_backward' needs every rank to hold the whole model; "
+                            "--sharding fsdp shards it: set speed.grad_reduce to \"ddp\" or run with --sharding ddp")])
+    if speed.grad_reduce == "after_backward":
+        log(f"gradients summed over {launch.world_size} processes after each step's backward, outside the CUDA "
+            f"graphs (speed.grad_reduce: after_backward; graphs {'on' if speed.cuda_graphs else 'off'})")
+    elif speed.cuda_graphs:
         log(f"CUDA graphs off: {launch.world_size} processes ({launch.sharding}) reduce gradients outside any capture")
         speed.cuda_graphs = False
     if launch.sharding != "fsdp":
@@ -266,7 +287,10 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
         distributed_speed(resolved, launch, rewrites_base=rewrites_base, log=log)
     prepare_model(model, resolved)
     wrapped = None
-    if multi:
+    after_backward = multi and resolved.grad_reduce == "after_backward"
+    if after_backward:
+        broadcast_parameters(model)  # rank 0's init everywhere, as DDP's wrap does
+    elif multi:
         autocast = getattr(torch, resolved.autocast) if resolved.autocast else None
         wrapped = distributed.wrap(model, loss_function(kind), launch, device, compute_dtype=autocast)
         if launch.sharding == "fsdp" and remake_optimizer is not None:  # parameters are DTensors now
@@ -289,5 +313,5 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     resolved.micro_batch, resolved.micro_batch_probe = micro, probe
     step = Step(model, optimizer, kind=kind, normalization=normalization, micro_batch=micro, packing=resolved.packing,
                 max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,
-                max_grad_norm=max_grad_norm, log=log, wrapped=wrapped)
+                max_grad_norm=max_grad_norm, log=log, wrapped=wrapped, reduce_after_backward=after_backward)
     return step, resolved

@@ -57,6 +57,7 @@ import sys
 import time
 from pathlib import Path
 
+from loralab import distributed
 from loralab.tasks import code, commonsense, competition_math, gsm8k, language_modeling, nqopen
 from loralab.tasks.base import Eval
 from loralab.tasks.metrics import settle
@@ -242,9 +243,22 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     records = [{"task": ev.name, "id": p["id"], "completion": c, "prompt": prompt}
                for p, prompt, outs in zip(items, prompts, outputs) for c in outs]
     metrics["generation"] = generation_record(settings, model)
-    if engine_stats:  # what the engine did on this rank: new tokens, slots, steps, seconds
-        metrics["engine"] = {k: v for k, v in engine_stats.items() if isinstance(v, (int, float, bool))}
+    counters = {k: v for k, v in engine_stats.items() if isinstance(v, (int, float, bool))}
+    ranks = _every_rank(counters)
+    if counters:  # what the engine did on this rank: new tokens, slots, steps, seconds
+        metrics["engine"] = counters
+    if len(ranks) > 1 and any(ranks):  # data-parallel: each rank's share, and the new tokens of all
+        metrics["engine_per_rank"] = ranks
+        metrics["new_tokens"] = sum(r.get("new_tokens", 0) for r in ranks)
     return metrics, records, {"load": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
+
+
+def _every_rank(counters: dict) -> list[dict]:
+    """Every rank's ``counters`` in rank order when the ranks split the prompts (DDP: a collective,
+    every rank calls it, with or without counters); ``[counters]`` otherwise (one process, FSDP)."""
+    if not distributed.splits_work():
+        return [counters]
+    return distributed.gather_in_order(lambda mine: [counters for _ in mine], list(range(distributed.current().world_size)))
 
 
 def _run_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generation, max_samples):
