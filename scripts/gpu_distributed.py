@@ -1,11 +1,15 @@
-"""Issue 13's GPU measurements; ``scripts/gpu_distributed.sh`` runs it, plain or under torchrun.
+"""Issues 13 and 23's measurements; ``scripts/gpu_distributed.sh`` and ``scripts/gpu_two_gpus.sh`` run
+it, plain or under torchrun.
 
-  speed   Llama-3-8B shape (random bf16 weights, ``loralab.shapes.LLAMA3_8B``), LoRA r32 on every
-          linear layer of the decoder, loralab's ``Step`` as ``loralab run`` builds it
-          (``loralab.run.step.make_step``): bf16 autocast, regional compile, CUDA graphs on one GPU
-          (off under DDP).
-          Optimizer batch 64 rows x 512 tokens, micro-batch 8 rows per rank. Tokens/s over the
-          steps after ``--warmup``.
+  speed   a ``--shape`` of ``loralab.shapes.MODELS`` (default Llama-3-8B; random bf16 weights;
+          ``--layers`` cuts the decoder for a CPU dry run), LoRA r32 on every linear layer of the
+          decoder, the step ``loralab run`` builds (``loralab.run.step.make_step`` with the adamw
+          optimizer part): every ``speed`` setting at its default (on CUDA: bf16 autocast, regional
+          compile, packing, CUDA graphs on one GPU, the micro-batch probed) unless a flag says
+          otherwise (``--no-graphs``, ``--no-compile``, ``--micro-batch N``, ``--grad-reduce``).
+          ``--batch`` is the optimizer batch of all ranks (rows of ``--length`` tokens). Tokens/s
+          over the ``--steps`` after ``--warmup`` (compile, captures and the probe not timed).
+          Runs on CPU too (gloo; ``--device cpu``) for a dry run of the script.
   fsdp    Llama-3-8B shape full fine-tuning: fp32 weights, bf16 compute (FSDP2 gathers in bf16,
           reduces in fp32), AdamW; FSDP2 over every rank (``distributed.wrap``). Per-GPU peak memory.
   corda   CorDA's calibration statistics (input covariances of every linear layer) of MiniLM-L6
@@ -26,13 +30,15 @@ import torch
 from loralab import distributed
 from loralab.decomposition import parallel
 from loralab.run.step import Step, make_step
-from loralab.shapes import LLAMA3_8B
+from loralab.shapes import LLAMA3_8B, MODELS
 
 
-def llama_8b(dtype: torch.dtype, device: torch.device):
+def llama_8b(dtype: torch.dtype, device: torch.device, shape: str = "llama-3-8b", layers: int | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(LLAMA3_8B)
+    spec = dict(LLAMA3_8B if shape == "llama-3-8b" else MODELS[shape])
+    if layers:
+        spec["num_hidden_layers"] = layers
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -40,15 +46,15 @@ def llama_8b(dtype: torch.dtype, device: torch.device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def rows(n: int, length: int, seed: int) -> list[dict]:
+def rows(n: int, length: int, seed: int, vocab: int = LLAMA3_8B["vocab_size"]) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (n, length), generator=g).tolist()
+    ids = torch.randint(0, vocab, (n, length), generator=g).tolist()
     return [{"input_ids": r, "labels": r} for r in ids]
 
 
-def peaks(device) -> list[float]:
-    """Peak allocated GiB of every rank (rank order)."""
-    mine = torch.cuda.max_memory_allocated(device) / 2**30
+def peaks(device) -> list[float | None]:
+    """Peak allocated GiB of every rank (rank order); None on CPU."""
+    mine = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if not distributed.current().distributed:
         return [mine]
     out = [None] * distributed.current().world_size
@@ -56,16 +62,17 @@ def peaks(device) -> list[float]:
     return out
 
 
-def timed(step: Step, batch: int, length: int, warmup: int, steps: int, device) -> dict:
+def timed(step: Step, batch: int, length: int, warmup: int, steps: int, device, vocab: int = LLAMA3_8B["vocab_size"]) -> dict:
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for k in range(warmup):
-        step(rows(batch, length, seed=k))
-    torch.cuda.synchronize(device)
+        step(rows(batch, length, seed=k, vocab=vocab))
+    sync()
     distributed.barrier()
     t0 = time.perf_counter()
     losses = []
     for k in range(steps):
-        losses.append(step(rows(batch, length, seed=warmup + k)).loss)
-    torch.cuda.synchronize(device)
+        losses.append(step(rows(batch, length, seed=warmup + k, vocab=vocab)).loss)
+    sync()
     seconds = time.perf_counter() - t0
     return {"tokens_per_s": batch * length * steps / seconds, "step_s": seconds / steps,
             "losses": [float(x) for x in losses]}
@@ -74,18 +81,33 @@ def timed(step: Step, batch: int, length: int, warmup: int, steps: int, device) 
 def speed(args, launch, device) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    model = llama_8b(torch.bfloat16, device)
+    from loralab.config import build_parameters
+    from loralab.methods.lora import ADAMW
+
+    model = llama_8b(torch.bfloat16, device, args.shape, args.layers)
+    vocab = model.config.vocab_size
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=targets))
-    graphs = not launch.distributed and not args.no_graphs
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    settings = {"autocast": "bfloat16", "compile": not args.no_compile, "cuda_graphs": graphs, "packing": False,
-                "micro_batch": args.micro_batch}
-    step, _ = make_step(model, optimizer, speed=settings, kind="causal_lm", dtype="bfloat16", device=device, features=[],
-                        batch_size=args.batch, limit=args.batch, max_length=args.length, pad_id=0, max_grad_norm=1.0,
-                        launch=launch, log=print if launch.is_main else (lambda s: None))
-    out = timed(step, args.batch, args.length, args.warmup, args.steps, device)
-    return {**out, "cuda_graphs": graphs, "compile": not args.no_compile, "peak_gib": peaks(device)}
+    optimizer = ADAMW.make(model, None, build_parameters({"learning_rate": 1e-5, "weight_decay": 0.0}))  # the run's
+    settings = {"grad_reduce": args.grad_reduce}  # the rest: loralab run's defaults, resolved for this device
+    if args.no_graphs:
+        settings["cuda_graphs"] = False
+    if args.no_compile:
+        settings["compile"] = False
+    if args.micro_batch != "auto":
+        settings["micro_batch"] = int(args.micro_batch)
+    probe_rows = rows(args.batch, args.length, seed=10_000, vocab=vocab)  # the probe's samples (not timed)
+    step, resolved = make_step(model, optimizer, speed=settings, kind="causal_lm", dtype="bfloat16", device=device,
+                               features=probe_rows, batch_size=args.batch // launch.world_size, limit=args.batch // launch.world_size,
+                               max_length=args.length, pad_id=0, max_grad_norm=1.0, launch=launch,
+                               log=print if launch.is_main else (lambda s: None))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the probe's own peaks are in its record
+    out = timed(step, args.batch, args.length, args.warmup, args.steps, device, vocab)
+    record = resolved.record()
+    return {**out, "speed": record, "cuda_graphs": step.trainer.graphed and step.trainer.graphs > 0,
+            "graphs_captured": step.trainer.graphs, "compile": record["compile"], "micro_batch_per_rank": step.micro_batch,
+            "ddp_wrapper": step.wrapped is not None, "peak_gib": peaks(device)}
 
 
 def fsdp(args, launch, device) -> dict:
@@ -102,7 +124,7 @@ def fsdp(args, launch, device) -> dict:
             return torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
     settings = {"autocast": "bfloat16", "compile": False, "cuda_graphs": False, "packing": False,
-                "micro_batch": args.micro_batch}
+                "micro_batch": "auto" if args.micro_batch == "auto" else int(args.micro_batch)}
     step, _ = make_step(model, None, speed=settings, kind="causal_lm", dtype="float32", device=device, features=[],
                         batch_size=args.batch, limit=args.batch, max_length=args.length, pad_id=0, max_grad_norm=1.0,
                         launch=launch, remake_optimizer=adamw, log=print if launch.is_main else (lambda s: None))
@@ -139,7 +161,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=("speed", "fsdp", "corda"))
     parser.add_argument("--batch", type=int, default=64, help="optimizer batch (rows)")
-    parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward, per rank")
+    parser.add_argument("--micro-batch", default="auto", help="rows per forward, per rank (speed: auto = the run's "
+                        "probe; fsdp: give a number)")
+    parser.add_argument("--grad-reduce", default="ddp", choices=("ddp", "after_backward"), help="speed.grad_reduce")
+    parser.add_argument("--shape", default="llama-3-8b", help="a loralab.shapes.MODELS name (speed)")
+    parser.add_argument("--layers", type=int, help="decoder layers (a cut shape for a CPU dry run)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
@@ -147,14 +174,16 @@ def main():
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--save")
     args = parser.parse_args()
-    launch = distributed.init("cuda", "fsdp" if args.mode == "fsdp" else "ddp")
-    device = torch.device("cuda", launch.local_rank)
-    torch.cuda.set_device(device)
+    launch = distributed.init(args.device, "fsdp" if args.mode == "fsdp" else "ddp")
+    device = distributed.device_for(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     try:
         result = {"speed": speed, "fsdp": fsdp, "corda": corda}[args.mode](args, launch, device)
         if launch.is_main:
             print(json.dumps({"mode": args.mode, "world_size": launch.world_size, "backend": launch.backend,
-                              "gpu": torch.cuda.get_device_name(device), **vars(args), **result}), flush=True)
+                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                              **vars(args), **result}), flush=True)
     finally:
         distributed.shutdown()
 
