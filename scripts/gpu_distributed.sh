@@ -4,15 +4,14 @@
 #   equal   `loralab run` of a MiniLM-L6 LoRA recipe on SST-2 (fp32, run's defaults; the carried
 #           model with dropout set to 0, so neither launch draws anything at random) on 1 GPU and
 #           under torchrun on 2 GPUs (NCCL): loss history, adapter and accuracy compared
-#   speed   Llama-3-8B shape (random weights) LoRA r32 tokens/s: 1 GPU (run's defaults: graphs +
-#           compile; and without graphs) vs 2 GPUs (DDP), optimizer batch 64 x 512 tokens; the
-#           same rows in the same order, so the bf16 loss curves are compared too
+#   (the 8B LoRA speed part moved to scripts/gpu_two_gpus.sh scaling: issue 23 measures it against the best
+#           1-GPU path, CUDA graphs included)
 #   fsdp    Llama-3-8B shape full fine-tuning (fp32 weights + AdamW: 128 GB of state, more than one
 #           H200 holds) with FSDP2 over 2 GPUs: tokens/s and peak memory per GPU
 #   corda   CorDA calibration covariances of MiniLM-L6 over 256 SST-2 sentences, 1 process vs 2
 # Expects .devdata/minilm-l6 (fp16 safetensors + tokenizer) and .devdata/glue/SST-2 carried along,
 # as scripts/gpu_speed.sh does. Results: $OUT/*.json, logs $OUT/*.log.
-# Usage: bash scripts/gpu_distributed.sh equal speed fsdp corda
+# Usage: bash scripts/gpu_distributed.sh equal fsdp corda
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export LORALAB_DATA_DIR=.devdata LORALAB_PACKAGED_DIR=.devdata
@@ -62,21 +61,6 @@ print(json.dumps({"losses_1gpu": loss[0], "losses_2gpu": loss[1],
 EOF
 }
 
-speed_summary() {
-  python - "$1" <<'EOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-one = next(r for r in rows if r["world_size"] == 1 and r["cuda_graphs"])
-eager = next(r for r in rows if r["world_size"] == 1 and not r["cuda_graphs"])
-two = next(r for r in rows if r["world_size"] == 2)
-print(f"8B LoRA r32 tokens/s: 1 GPU {one['tokens_per_s']:,.0f} (graphs) / {eager['tokens_per_s']:,.0f} (no graphs); "
-      f"2 GPUs {two['tokens_per_s']:,.0f}: x{two['tokens_per_s'] / one['tokens_per_s']:.2f} vs defaults, "
-      f"x{two['tokens_per_s'] / eager['tokens_per_s']:.2f} vs no graphs; peak GiB {one['peak_gib']} / {two['peak_gib']}")
-print("losses 1 GPU", one["losses"], "2 GPUs", two["losses"], "max rel diff",
-      max(abs(a - b) / abs(a) for a, b in zip(one["losses"], two["losses"])))
-EOF
-}
-
 corda_compare() {
   python - <<'EOF'
 import json, torch
@@ -100,12 +84,6 @@ for part in "$@"; do
       LORALAB_PACKAGED_DIR=/tmp/packaged LORALAB_RESULTS_DIR=/tmp/res-2 LORALAB_OUTPUT_DIR=/tmp/out-2 \
         $TORCHRUN -m loralab run -v "$dir" 2>&1 | tee "$OUT/equal_2gpu.log"
       equal_compare | tee "$OUT/equal.json" ;;
-    speed)
-      CUDA_VISIBLE_DEVICES=0 python scripts/gpu_distributed.py speed 2>&1 | tee "$OUT/speed_1gpu.log"
-      CUDA_VISIBLE_DEVICES=0 python scripts/gpu_distributed.py speed --no-graphs 2>&1 | tee "$OUT/speed_1gpu_nographs.log"
-      $TORCHRUN scripts/gpu_distributed.py speed 2>&1 | tee "$OUT/speed_2gpu.log"
-      grep -h '^{' "$OUT"/speed_*.log > "$OUT/speed.jsonl"
-      speed_summary "$OUT/speed.jsonl" | tee "$OUT/speed_summary.txt" ;;
     fsdp)
       $TORCHRUN scripts/gpu_distributed.py fsdp --batch 16 --micro-batch 4 --warmup 1 --steps 3 2>&1 | tee "$OUT/fsdp_2gpu.log"
       grep -h '^{' "$OUT/fsdp_2gpu.log" > "$OUT/fsdp.json" ;;

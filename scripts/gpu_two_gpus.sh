@@ -58,7 +58,7 @@ else
 fi
 ADAPTER=/tmp/two-gpus-adapter
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU: dry run on $(nproc) CPU cores"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU: dry run on $(getconf _NPROCESSORS_ONLN) CPU cores"
   $PYTHON -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())"
   echo "commit: ${LORALAB_GIT_COMMIT:-unknown (the tree travels without .git; the launcher names it)}"
   echo "model: $MODEL"

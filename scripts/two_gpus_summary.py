@@ -1,8 +1,8 @@
 """Issue 23's table from the files ``scripts/gpu_two_gpus.sh`` writes (see its header).
 
-    python scripts/two_gpus_summary.py DIR     # DIR: the part files (speed_*.json, recipe_*.json, eval_*.json/.jsonl)
+    python scripts/two_gpus_summary.py DIR [--print-only]   # DIR: the part files (speed_*.json, recipe_*.json, eval_*)
 
-Writes DIR/summary.json (every figure the table shows, the goals and whether each was met) and
+Writes DIR/summary.json (not with --print-only) (every figure the table shows, the goals and whether each was met) and
 prints the markdown table the README's multi-GPU section carries. A part whose files are missing
 is said to be not measured; nothing is filled in.
 """
@@ -136,12 +136,15 @@ def table(s: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    write = "--print-only" not in argv
+    argv = [a for a in argv if a != "--print-only"]
     if len(argv) != 1 or not Path(argv[0]).is_dir():
         print(__doc__, file=sys.stderr)
         return 2
     d = Path(argv[0])
     summary = {"scaling": scaling(d), "recipe": recipe(d), "evaluation": evaluation(d)}
-    (d / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if write:
+        (d / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(table(summary))
     return 0
 

@@ -1,0 +1,1 @@
+/work/main/.venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m loralab eval --model random:smollm2-135m --adapter /tmp/two-gpus-adapter --tasks gsm8k --max-samples 6 --max-new-tokens 8 --dtype float32 --device cpu --output /tmp/dry/eval_2gpu.json --generations-out /tmp/dry/eval_2gpu.jsonl

@@ -1,0 +1,1 @@
+env LORALAB_RESULTS_DIR=/tmp/two-gpus/res-recipe_2gpu_ddp LORALAB_OUTPUT_DIR=/tmp/two-gpus/out-recipe_2gpu_ddp /work/main/.venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m loralab run /tmp/two-gpus/experiments/seed000/recipe_2gpu_ddp

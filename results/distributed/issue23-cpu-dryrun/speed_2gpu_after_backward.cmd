@@ -1,0 +1,1 @@
+/work/main/.venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 scripts/gpu_distributed.py speed --device cpu --shape smollm2-135m --layers 2 --length 64 --warmup 1 --steps 2 --batch 8 --grad-reduce after_backward
