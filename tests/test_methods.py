@@ -36,7 +36,11 @@ CASES = {
     "pissa_niter": ({"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa_niter_4"}, {}, True),
     "olora": ({"r": 4, "lora_alpha": 8, "init_lora_weights": "olora"}, {}, True),
     "corda_ipa": ({"r": 4, "lora_alpha": 4, "init_lora_weights": "corda", "corda_config": {"corda_method": "ipm"}}, {}, True),
-    "corda_kpa": ({"r": 4, "lora_alpha": 4, "init_lora_weights": "corda", "corda_config": {"corda_method": "kpm"}}, {}, True),
+    # KPA's A is scaled by C^-1 (8 calibration rows here): at lr 1e-2 two Adam steps reach a state whose fp32 logits
+    # differ from float64's by 1.3e-3, so no reload could meet 1e-4 (and the thread count changed the run itself);
+    # at 1e-3 fp32 and float64 agree to 2.6e-6. The fragile setting's save is checked per layer in test_corda_reload.py.
+    "corda_kpa": ({"r": 4, "lora_alpha": 4, "init_lora_weights": "corda", "corda_config": {"corda_method": "kpm"}},
+                  {"learning_rate": 1e-3}, True),
     "lorafa": ({"r": 4, "lora_alpha": 8}, {"optimizer": "lorafa"}, True),
     "svd_lorafa": ({"r": 4, "lora_alpha": 1, "target_modules": ATTN}, {"init": "svd_lorafa"}, False),
     "svd_lorafa_corrected": ({"r": 4, "lora_alpha": 8}, {"init": "svd_lorafa_corrected"}, True),
