@@ -124,7 +124,9 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
                 f"device {built.device}; adapter -> {_shown(out_dir / 'adapter')}, result -> "
                 f"{_shown(results.route('success', git))}/ on success ({results.route_reason(git)})"
                 + ("; the classification head starts from random weights and trains with the adapter"
-                   if built.task.kind == "seq_cls" else ""))
+                   if built.task.kind == "seq_cls" else "")
+                + ("; an FP8 base on the CPU runs torch's reference _scaled_mm, slower than float matmuls (FP8 pays on "
+                   "GPUs with FP8 tensor cores)" if params.quantization == "fp8" and built.device.type == "cpu" else ""))
             _train(exp, built, life, say, trackers, record, ckpt_root, resume_from, verbose)
             with life.enter("save"):
                 _save(built, out_dir / "adapter", record, params.model_id)
