@@ -16,7 +16,9 @@ def test_bench_tiny_cpu_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())
-    expected = {(w.name, m, s) for w in presets("tiny") for m in w.methods for s in ("peer", "loralab", "tuned")}
+    expected = {(w.name, m, s) for w in presets("tiny") for m in w.methods for s in ("peer", "loralab", "tuned")
+                if s == "loralab" or not m.startswith("fp8+")}  # an FP8 base: loralab's row only
+    assert ("tiny-llama/fixed-2x64", "fp8+lora", "loralab") in expected
     assert {(r["workload"], r["method"], r["stack"]) for r in rows} == expected
     for r in rows:
         assert set(r) >= {"workload", "method", "stack", "throughput", "unit", "peak_memory_gib", "mfu"}
@@ -26,7 +28,9 @@ def test_bench_tiny_cpu_end_to_end(tmp_path, capsys):
             assert r["speed"]["packing"] == ("roberta" not in r["workload"]) and r["speed"]["cuda_graphs"] is False
             assert r["micro_batch"] == next(w.batch_size for w in presets("tiny") if w.name == r["workload"])
             assert r["speed"]["micro_batch_probe"]["reason"] == "not probed on cpu: the experiment's batch_size"
-            same = [p for p in rows if (p["workload"], p["method"]) == (r["workload"], r["method"]) and p is not r]
+            # an FP8-base row against the float method's peers (fp8+lora: lora's)
+            same = [p for p in rows if (p["workload"], p["method"]) == (r["workload"], r["method"].removeprefix("fp8+"))
+                    and p["stack"] != "loralab"]
             best = max(same, key=lambda p: p["throughput"])
             assert r["best_peer"] == best["stack"] and r["ratio_best_peer"] == round(r["throughput"] / best["throughput"], 3)
             docs = next(p for p in same if p["stack"] == "peer")
@@ -42,8 +46,11 @@ def test_bench_tiny_cpu_end_to_end(tmp_path, capsys):
     # every stack trained on the same samples: same real units per step
     for w in presets("tiny"):
         for m in w.methods:
-            per_step = {r["stack"]: r["units_per_step"] for r in rows if r["workload"] == w.name and r["method"] == m}
-            assert per_step["loralab"] == per_step["peer"] == per_step["tuned"], (w.name, m, per_step)
+            per_step = {f"{r['method']} {r['stack']}": r["units_per_step"] for r in rows if r["workload"] == w.name
+                        and r["method"].removeprefix("fp8+") == m.removeprefix("fp8+")}
+            assert len(per_step) >= 3 and len(set(per_step.values())) == 1, (w.name, m, per_step)  # FP8 rows too
+    fp8 = next(r for r in rows if r["method"] == "fp8+lora")
+    assert fp8["speed"]["fast_dora"] is False and fp8["ratio_best_peer"] > 0  # over lora's peers
     printed = capsys.readouterr().out
     assert "| tiny-llama/fixed-2x64 | dora | loralab |" in printed and "| tiny-llama/fixed-2x64 | dora | peer |" in printed
 

@@ -35,7 +35,7 @@ from loralab.bench.peers import (
     tuned_step,
     wrap,
 )
-from loralab.bench.workloads import Workload, build_model, is_seq_cls, presets, step_features
+from loralab.bench.workloads import FP8, Workload, build_model, float_method, is_seq_cls, presets, step_features
 from loralab.run.step import Step, make_step
 from loralab.shapes import MODELS
 from loralab.speed.step import _hf_model
@@ -87,12 +87,21 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     clean(device)
     patches = contextlib.ExitStack()
     base = build_model(w, device, getattr(torch, dtype))
+    if method.startswith(FP8):  # the frozen base in FP8 before the adapter is built on it, as loralab run does
+        if stack != "loralab":
+            raise ValueError(f"method {method!r}: only the loralab stack runs an FP8 base")
+        from loralab.methods.common import linear_names
+        from loralab.methods.fp8base import quantize_linears
+
+        quantize_linears(base, linear_names(base))
+        # DoRA's fast forward and the fused LoRA matmul read the float base weight: off, as the run's check asks
+        speed = {**(speed or {}), "fast_dora": False, "fused_lora": False}
     if stack == "liger" or (stack == "tuned" and liger_available(w, device)):
         patches.enter_context(liger_patched(base))
     reserved = torch.cuda.memory_reserved() / 2**30 if device == "cuda" else None
     with patches:
-        row = _run_built(w, wrap(base, w, method), method, stack, device, dtype, steps, warmup, speed, profile_to,
-                         budget_gib)
+        row = _run_built(w, wrap(base, w, float_method(method)), method, stack, device, dtype, steps, warmup, speed,
+                         profile_to, budget_gib)
     row["reserved_gib_at_start"] = None if reserved is None else round(reserved, 2)
     return row
 
@@ -206,7 +215,8 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
     plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods
-            for s in ("peer", "loralab", "liger", "tuned") if s != "liger" or liger_available(w, device)]
+            for s in ("peer", "loralab", "liger", "tuned") if (s != "liger" or liger_available(w, device))
+            and (s == "loralab" or not m.startswith(FP8))]
     rows, profiles = [], []
     for w, method, stack in tqdm(plan, desc="bench", disable=None):
         try:
@@ -241,13 +251,14 @@ def format_row(row: dict) -> str:
 
 def add_ratios(rows: list[dict]) -> None:
     """Set, on every loralab row with a throughput, ``best_peer`` (the peer stack with the highest
-    throughput on the same workload, method and run), ``ratio_best_peer`` (loralab / that peer) and
-    ``ratio_docs_peer`` (loralab / the docs peer); None where that peer has no throughput."""
+    throughput on the same workload, method and run; an FP8-base row: the float method's peers),
+    ``ratio_best_peer`` (loralab / that peer) and ``ratio_docs_peer`` (loralab / the docs peer); None
+    where that peer has no throughput."""
     for r in rows:
         if r["stack"] != "loralab":
             continue
         same = [p for p in rows if p["stack"] in PEER_STACKS and p.get("throughput")
-                and (p["workload"], p["method"], p.get("run")) == (r["workload"], r["method"], r.get("run"))]
+                and (p["workload"], p["method"], p.get("run")) == (r["workload"], float_method(r["method"]), r.get("run"))]
         best = max(same, key=lambda p: p["throughput"], default=None)
         docs = next((p for p in same if p["stack"] == "peer"), None)
         ok = bool(r.get("throughput"))

@@ -37,6 +37,16 @@ def gib(n) -> float | None:
     return None if n is None else round(n / 2**30, 2)
 
 
+FP8 = "fp8+"
+"""Method prefix of a row whose frozen base is FP8 (``quantization: "fp8"``, ``methods/fp8base.py``):
+``fp8+lora``, ``fp8+dora``. Only loralab runs it; its ratios are over the peers of the float method."""
+
+
+def float_method(method: str) -> str:
+    """The method without the FP8-base prefix (``fp8+dora`` -> ``dora``)."""
+    return method.removeprefix(FP8)
+
+
 @dataclass
 class Workload:
     name: str
@@ -64,14 +74,15 @@ def presets(name: str) -> list[Workload]:
     Llama-3.2-1B and roberta-base shapes); ValueError for another name."""
     if name == "tiny":
         return [
-            Workload("tiny-llama/fixed-2x64", "tiny-llama", ("lora", "dora", "full"), batch_size=2, seq_len=64, rank=8, alpha=16),
+            Workload("tiny-llama/fixed-2x64", "tiny-llama", ("lora", "dora", "full", "fp8+lora"), batch_size=2, seq_len=64,
+                     rank=8, alpha=16),
             Workload("tiny-llama/gsm8k", "tiny-llama", ("lora",), "gsm8k_sft", batch_size=2, seq_len=256, rank=8, alpha=16),
             Workload("tiny-roberta/sst2", "tiny-roberta", ("lora",), "sst2", batch_size=8, seq_len=128, rank=8, alpha=8,
                      dtype="float32", peer_pad_to_max=True),
         ]
     if name == "full":
         return [
-            Workload("llama-3-8b/fixed-4x512", "llama-3-8b", ("lora", "dora")),
+            Workload("llama-3-8b/fixed-4x512", "llama-3-8b", ("lora", "dora", "fp8+lora", "fp8+dora")),
             Workload("llama-3-8b/gsm8k", "llama-3-8b", ("lora", "dora"), "gsm8k_sft", seq_len=768),
             Workload("llama-3.2-1b/fixed-4x512", "llama-3.2-1b", ("lora", "full")),
             Workload("llama-3.2-1b/gsm8k", "llama-3.2-1b", ("lora",), "gsm8k_sft", seq_len=768),
