@@ -29,6 +29,7 @@ import os
 import time
 
 import torch
+from gpu_distributed import llama_8b  # scripts/ is on sys.path: the same random-weight shape builder
 
 
 def batches(n_steps: int, batch: int, length: int) -> list[list[dict]]:
@@ -49,21 +50,6 @@ def batches(n_steps: int, batch: int, length: int) -> list[list[dict]]:
     return [rows[k * batch:(k + 1) * batch] for k in range(n_steps)]
 
 
-def build(shape: str, layers: int | None, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from loralab.shapes import MODELS
-
-    spec = dict(MODELS[shape])
-    if layers:
-        spec["num_hidden_layers"] = layers
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
 def run_variant(variant: str, args, data, device) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -74,7 +60,7 @@ def run_variant(variant: str, args, data, device) -> dict:
     from loralab.run.step import make_step
 
     dtype = "float32" if variant == "fp32" else "bfloat16"
-    model = build(args.shape, args.layers, getattr(torch, dtype), device)
+    model = llama_8b(getattr(torch, dtype), device, args.shape, args.layers)
     speed = {}
     if variant == "fp8":
         quantize_linears(model, linear_names(model))
