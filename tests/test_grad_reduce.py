@@ -109,3 +109,20 @@ def test_grad_reduce_is_checked_hashed_only_when_set_and_refused_under_fsdp():
     with pytest.raises(ConfigError, match=r"speed.grad_reduce.*--sharding fsdp"):
         make_step(_model(0), None, speed={"grad_reduce": "after_backward"}, kind="causal_lm", dtype="float32",
                   device=torch.device("cpu"), features=[], batch_size=2, limit=2, max_length=8, pad_id=0, launch=launch)
+
+
+def test_run_refuses_after_backward_under_fsdp_before_loading_anything(tmp_path, capsys):
+    import json
+
+    from peft import LoraConfig
+
+    from loralab.cli import main
+
+    folder = tmp_path / "experiments" / "dist" / "fsdp-after"
+    folder.mkdir(parents=True)
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(folder)
+    (folder / "training_parameters.json").write_text(json.dumps({
+        "model_id": "a/model-that-does-not-exist", "task": "gsm8k", "speed": {"grad_reduce": "after_backward"}}))
+    assert main(["run", str(folder), "--sharding", "fsdp"]) == 2  # a hub id that cannot load: never reached
+    err = capsys.readouterr().err
+    assert "'speed.grad_reduce' = 'after_backward'" in err and "--sharding fsdp" in err

@@ -45,6 +45,13 @@ def run(args) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed = True
+    if args.sharding == "fsdp":  # before any model is built (the step factory refuses it again)
+        for exp in experiments:
+            if exp.params.speed.get("grad_reduce") == "after_backward":
+                print(f"error: {exp.name}: 'speed.grad_reduce' = 'after_backward' needs every rank to hold the whole "
+                      "model; --sharding fsdp shards it: set speed.grad_reduce to \"ddp\" or run with --sharding ddp",
+                      file=sys.stderr)
+                failed = True
     if failed:
         return 2
     if args.gpus is not None:
