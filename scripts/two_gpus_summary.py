@@ -77,10 +77,10 @@ def evaluation(d: Path) -> dict | None:
         return None
     one, two = one["gsm8k"], two["gsm8k"]
     rate1 = one["engine"]["new_tokens"] / one["seconds"]["generate"]
-    rate2 = two["new_tokens"] / two["seconds"]["generate"]
+    rate2 = two["engine_ranks"]["new_tokens"] / two["seconds"]["generate"]
     c1, c2 = _completions(d / "eval_1gpu.jsonl"), _completions(d / "eval_2gpu.jsonl")
     same = sum(a == b for a, b in zip(c1, c2))
-    return {"new_tokens": [one["engine"]["new_tokens"], two["new_tokens"]], "generate_s": [one["seconds"]["generate"],
+    return {"new_tokens": [one["engine"]["new_tokens"], two["engine_ranks"]["new_tokens"]], "generate_s": [one["seconds"]["generate"],
             two["seconds"]["generate"]], "total_s": [one["seconds"]["total"], two["seconds"]["total"]],
             "new_tokens_per_s": [rate1, rate2], "scaling": rate2 / rate1, "goal": 1.9, "met": rate2 / rate1 >= 1.9,
             "problems": one["n"], "identical_completions": same, "compared": min(len(c1), len(c2)),

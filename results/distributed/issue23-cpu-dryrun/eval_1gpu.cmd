@@ -1,1 +1,1 @@
-/work/main/.venv/bin/python -m loralab eval --model random:smollm2-135m --adapter /tmp/two-gpus-adapter --tasks gsm8k --max-samples 6 --max-new-tokens 8 --dtype float32 --device cpu --output /tmp/dry/eval_1gpu.json --generations-out /tmp/dry/eval_1gpu.jsonl
+/work/main/.venv/bin/python -m loralab eval --model random:smollm2-135m --adapter /tmp/two-gpus-adapter --tasks gsm8k --max-samples 6 --max-new-tokens 8 --dtype float32 --device cpu --output /tmp/dry2/eval_1gpu.json --generations-out /tmp/dry2/eval_1gpu.jsonl

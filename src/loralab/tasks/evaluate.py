@@ -247,9 +247,9 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     ranks = _every_rank(counters)
     if counters:  # what the engine did on this rank: new tokens, slots, steps, seconds
         metrics["engine"] = counters
-    if len(ranks) > 1 and any(ranks):  # data-parallel: each rank's share, and the new tokens of all
-        metrics["engine_per_rank"] = ranks
-        metrics["new_tokens"] = sum(r.get("new_tokens", 0) for r in ranks)
+    if len(ranks) > 1 and any(ranks):  # data-parallel: each rank's share and the new tokens of all (nested: not a score)
+        metrics["engine_ranks"] = {"world_size": len(ranks), "new_tokens": sum(r.get("new_tokens", 0) for r in ranks),
+                                   "per_rank": ranks}
     return metrics, records, {"load": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
 
 
