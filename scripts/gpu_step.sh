@@ -1,6 +1,7 @@
-# Sourced by the GPU scripts (gpu_eval_bench.sh, gpu_fair_bench.sh): one device call is one script
-# run under a deadline. Needs OUT, DEADLINE (seconds for the whole call) and START ($SECONDS at the
-# start); STEP_MIN_S (default 20) is the least time worth starting a step with.
+# Sourced by the GPU scripts (gpu_eval_bench.sh, gpu_fair_bench.sh, gpu_two_gpus.sh): one device call is
+# one script run under a deadline. Needs OUT, DEADLINE (seconds for the whole call) and START ($SECONDS at
+# the start); STEP_MIN_S (default 20) is the least time worth starting a step with; SUMMARY (default
+# $OUT/summary.txt) the file of one line per step.
 
 # step NAME CAP_SECONDS CMD...: run CMD under the smaller of its cap and what is left before the
 # deadline; the command, its log and one summary line (exit code, seconds) land under $OUT
@@ -10,12 +11,12 @@ step() {
   local limit=$((cap < left ? cap : left))
   echo "$*" > "$OUT/$name.cmd"
   if [ "$limit" -lt "${STEP_MIN_S:-20}" ]; then
-    echo "$name: skipped, ${left}s left before the deadline" | tee -a "$OUT/summary.txt"
+    echo "$name: skipped, ${left}s left before the deadline" | tee -a "${SUMMARY:-$OUT/summary.txt}"
     return
   fi
   echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
   local t0=$SECONDS
   timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
-  echo "$name: exit $rc in $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/summary.txt"
+  echo "$name: exit $rc in $((SECONDS - t0))s (limit ${limit}s)" | tee -a "${SUMMARY:-$OUT/summary.txt}"
 }

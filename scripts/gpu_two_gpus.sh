@@ -20,10 +20,19 @@
 #   device calls (kind nvidia-h200-x2; carry .devdata/gsm8k .devdata/smollm2-135m):
 #           LORALAB_GIT_COMMIT=<the commit measured> OUT=$OUT bash scripts/gpu_two_gpus.sh scaling
 #           ... recipe   and   ... eval   (one part per call)
-#   then:   python scripts/two_gpus_summary.py <the fetched files>  (summary.json and the README table)
+#   Each call writes gpu-<part>.txt and summary-<part>.txt (the card and versions; each step's exit status
+#   and seconds) beside its part's files, so the three calls' files go into one folder,
+#   results/distributed/issue23/, without overwriting each other; then, here:
+#           python scripts/two_gpus_summary.py results/distributed/issue23   (summary.json, the README table)
+#   PYTHON (default python3) must import torch, transformers and peft: the device's python3 does (torch 2.11,
+#   transformers 5.17, peft 0.21 when this was written); nothing is installed by the script.
+#   Budgets: the eval part's 1-GPU step decoded the 1,319 x 1,024 tokens in 143 s on one H200
+#   (results/eval-bench/h200-gsm8k-1024.json); each other step is a model build, a compile and a few
+#   steps (1-2 min). A step stopped at its cap (exit 124 in summary-<part>.txt) or skipped at the deadline:
+#   run its part again alone in a new call.
 # A dry run on CPU (2 gloo processes, SmolLM2's shape cut to 2 layers, a few steps and problems):
 #           DRY=1 OUT=/tmp/dry bash scripts/gpu_two_gpus.sh prepare-dry scaling recipe eval
-# Every step writes <step>.log and <step>.cmd under $OUT; summary.txt has each step's exit status and seconds.
+# Every step writes <step>.log and <step>.cmd under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
@@ -43,6 +52,8 @@ OUT=${OUT:-/tmp/out}
 PYTHON=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-570}  # seconds for the whole call (a device command may take 600)
 mkdir -p "$OUT"
+TAG=$(IFS=-; echo "$*")
+SUMMARY="$OUT/summary-$TAG.txt"
 START=$SECONDS
 TORCHRUN="$PYTHON -m torch.distributed.run --standalone --nproc_per_node=2"
 if [ "${DRY:-0}" = 1 ]; then  # CPU rehearsal: the same commands on a cut shape
@@ -56,13 +67,13 @@ else
   MODEL=random:llama-3-8b RECIPE_EXTRA='{"max_steps": 6}'
   EVAL_EXTRA="--max-new-tokens 1024 --dtype bfloat16"
 fi
-ADAPTER=/tmp/two-gpus-adapter
+ADAPTER=/tmp/two-gpus-adapter-${MODEL//[:\/]/-}  # one per model shape
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU: dry run on $(getconf _NPROCESSORS_ONLN) CPU cores"
   $PYTHON -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())"
   echo "commit: ${LORALAB_GIT_COMMIT:-unknown (the tree travels without .git; the launcher names it)}"
   echo "model: $MODEL"
-} | tee "$OUT/gpu.txt"
+} | tee "$OUT/gpu-$TAG.txt"
 
 source scripts/gpu_step.sh  # step NAME CAP_SECONDS CMD...
 
@@ -126,7 +137,7 @@ for part in "$@"; do
         reduce=ddp; [ "$name" = recipe_2gpu_after_backward ] && reduce=after_backward
         dir=$(recipe_folder "$name" "$reduce")
         launcher=$TORCHRUN; [ "$name" = recipe_1gpu ] && launcher="$ONE $PYTHON"
-        step "$name" 190 env LORALAB_RESULTS_DIR="/tmp/two-gpus/res-$name" LORALAB_OUTPUT_DIR="/tmp/two-gpus/out-$name" \
+        step "$name" 180 env LORALAB_RESULTS_DIR="/tmp/two-gpus/res-$name" LORALAB_OUTPUT_DIR="/tmp/two-gpus/out-$name" \
           $launcher -m loralab run "$dir"
         recipe_record "$name"
       done ;;
@@ -140,4 +151,4 @@ for part in "$@"; do
   esac
 done
 $PYTHON scripts/two_gpus_summary.py "$OUT" 2>&1 | tee "$OUT/table.md"
-echo "total $((SECONDS - START))s" | tee -a "$OUT/summary.txt"
+echo "total $((SECONDS - START))s" | tee -a "$SUMMARY"

@@ -43,5 +43,7 @@ def test_two_processes_evaluate_like_one(tmp_path, data_dir, monkeypatch):
     assert split["world_size"] == len(split["per_rank"]) == 2 and "engine_ranks" not in m1  # one process: its own
     assert split["new_tokens"] == sum(r["new_tokens"] for r in split["per_rank"]) == m1["engine"]["new_tokens"]
     assert all(r["new_tokens"] > 0 for r in split["per_rank"])  # both ranks generated
+    assert [r["problems"] for r in split["per_rank"]] == [3, 2] and m1["engine"]["problems"] == 5  # prompt i: rank i mod 2
+    assert "engine" not in m2  # no rank's counters passed off as the whole run's
     assert {k: v for k, v in m2.items() if isinstance(v, (int, float))} == \
         {k: v for k, v in m1.items() if isinstance(v, (int, float))}  # the scores a record keeps: the same

@@ -111,7 +111,7 @@ def test_grad_reduce_is_checked_hashed_only_when_set_and_refused_under_fsdp():
                   device=torch.device("cpu"), features=[], batch_size=2, limit=2, max_length=8, pad_id=0, launch=launch)
 
 
-def test_run_refuses_after_backward_under_fsdp_before_loading_anything(tmp_path, capsys):
+def test_run_refuses_after_backward_under_fsdp_before_loading_anything(tmp_path, capsys, monkeypatch):
     import json
 
     from peft import LoraConfig
@@ -126,3 +126,6 @@ def test_run_refuses_after_backward_under_fsdp_before_loading_anything(tmp_path,
     assert main(["run", str(folder), "--sharding", "fsdp"]) == 2  # a hub id that cannot load: never reached
     err = capsys.readouterr().err
     assert "'speed.grad_reduce' = 'after_backward'" in err and "--sharding fsdp" in err
+    monkeypatch.setenv("RANK", "1")  # another rank of a torchrun launch: the same exit, the message said once by rank 0
+    assert main(["run", str(folder), "--sharding", "fsdp"]) == 2
+    assert "grad_reduce" not in capsys.readouterr().err

@@ -33,6 +33,13 @@ def add_arguments(parser):
                         help="with --gpus: M runs share each GPU at once (small models, whose steps leave a GPU idle)")
 
 
+def _error(message: str) -> None:
+    """An error found before the process group exists: printed once, by rank 0 of a torchrun launch
+    (every rank finds it and exits 2; torchrun itself then reports exit 1 with its own traceback)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+
+
 def run(args) -> int:
     from loralab import distributed
     from loralab.config import ConfigError
@@ -43,14 +50,14 @@ def run(args) -> int:
         try:
             experiments.append(read_experiment(path))
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _error(str(exc))
             failed = True
     if args.sharding == "fsdp":  # before any model is built (the step factory refuses it again)
         for exp in experiments:
             if exp.params.speed.get("grad_reduce") == "after_backward":
-                print(f"error: {exp.name}: 'speed.grad_reduce' = 'after_backward' needs every rank to hold the whole "
-                      "model; --sharding fsdp shards it: set speed.grad_reduce to \"ddp\" or run with --sharding ddp",
-                      file=sys.stderr)
+                from loralab.run.step import GRAD_REDUCE_UNDER_FSDP
+
+                _error(f"{exp.name}: {GRAD_REDUCE_UNDER_FSDP}")
                 failed = True
     if failed:
         return 2

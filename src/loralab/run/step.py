@@ -235,6 +235,11 @@ def loss_function(kind: str) -> Callable:
     return causal_lm_loss if kind == "causal_lm" else seq_cls_loss
 
 
+GRAD_REDUCE_UNDER_FSDP = ("'speed.grad_reduce' = 'after_backward' needs every rank to hold the whole model, which "
+                          "--sharding fsdp shards: remove speed.grad_reduce (its default leaves the reduction to the "
+                          "DDP or FSDP wrapper) or run with --sharding ddp")
+
+
 def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: Callable[[str], None]) -> None:
     """What more than one process turns off (in place, logged): CUDA graphs (no collectives in a
     capture) unless ``grad_reduce`` is ``after_backward`` (gradients summed outside the capture);
@@ -242,14 +247,17 @@ def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: C
     FSDP when ``rewrites_base`` names a method whose init rewrites the base weights, or with
     ``grad_reduce: after_backward`` (FSDP2 reduce-scatters sharded gradients itself)."""
     if launch.sharding == "fsdp" and speed.grad_reduce == "after_backward":
-        raise ConfigError([("'speed.grad_reduce' = 'after_backward' needs every rank to hold the whole model; "
-                            "--sharding fsdp shards it: set speed.grad_reduce to \"ddp\" or run with --sharding ddp")])
+        raise ConfigError([GRAD_REDUCE_UNDER_FSDP])
     if speed.grad_reduce == "after_backward":
-        log(f"gradients summed over {launch.world_size} processes after each step's backward, outside the CUDA "
-            f"graphs (speed.grad_reduce: after_backward; graphs {'on' if speed.cuda_graphs else 'off'})")
+        log(f"{launch.world_size} processes ({launch.backend}): gradients summed once after each step's backward "
+            f"(speed.grad_reduce: after_backward){'; CUDA graphs stay on' if speed.cuda_graphs else ''}")
     elif speed.cuda_graphs:
-        log(f"CUDA graphs off: {launch.world_size} processes ({launch.sharding}) reduce gradients outside any capture")
+        log(f"{launch.world_size} processes ({launch.sharding}, {launch.backend}): CUDA graphs off, as DDP/FSDP reduce "
+            "gradients from hooks inside the backward, which a graph cannot capture (DDP: speed.grad_reduce "
+            "after_backward keeps them)")
         speed.cuda_graphs = False
+    else:
+        log(f"{launch.world_size} processes ({launch.sharding}, {launch.backend}): gradients summed by its hooks during the backward")
     if launch.sharding != "fsdp":
         return
     if rewrites_base is not None:

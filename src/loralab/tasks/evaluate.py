@@ -245,11 +245,11 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     metrics["generation"] = generation_record(settings, model)
     counters = {k: v for k, v in engine_stats.items() if isinstance(v, (int, float, bool))}
     ranks = _every_rank(counters)
-    if counters:  # what the engine did on this rank: new tokens, slots, steps, seconds
-        metrics["engine"] = counters
-    if len(ranks) > 1 and any(ranks):  # data-parallel: each rank's share and the new tokens of all (nested: not a score)
+    if len(ranks) > 1 and any(ranks):  # data-parallel: each rank's counters, new tokens summed (nested: not a score)
         metrics["engine_ranks"] = {"world_size": len(ranks), "new_tokens": sum(r.get("new_tokens", 0) for r in ranks),
                                    "per_rank": ranks}
+    elif counters:  # what the engine did: problems, new tokens, slots, steps, seconds
+        metrics["engine"] = counters
     return metrics, records, {"load": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
 
 

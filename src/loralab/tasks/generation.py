@@ -194,9 +194,15 @@ def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, pr
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     mine = distributed.share(list(range(len(prompts))))
     results: list[list[str]] = [[] for _ in prompts]
+    if stats is not None:
+        stats["problems"] = len(mine)  # this rank's share (all of them for one process)
     if not mine:
         return distributed.merge_shared(results)
-    note(f"{len(mine)} problems on loralab's engine (adapters merged into copies of the layers first)", progress)
+    launch = distributed.current()
+    where = (f"of {len(prompts)} on rank {launch.rank}'s engine ({launch.world_size} ranks share them)"
+             if len(mine) < len(prompts) else "on loralab's engine")
+    merged = " (adapters merged into copies of the layers first)" if getattr(model, "peft_config", None) else ""
+    note(f"{len(mine)} problem{'s' if len(mine) != 1 else ''} {where}{merged}", progress)
     engine = Engine(model, max_slots=settings.slots, memory_fraction=settings.memory_fraction)
     started = time.perf_counter()
 
@@ -224,7 +230,7 @@ def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, pr
                         stop=StopStrings(tokenizer, list(settings.stop)) if settings.stop else None,
                         request_ids=mine, on_finish=finished)
     if stats is not None:
-        stats.update(engine.stats)
+        stats.update(engine.stats, problems=len(mine))
     return distributed.merge_shared(results)
 
 
