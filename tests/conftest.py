@@ -31,6 +31,28 @@ def smollm2_path() -> str:
     return resolve_model_path("packaged:smollm2-135m")
 
 
+SMOLLM2_CUT_LAYERS = 2
+
+
+@pytest.fixture(scope="session")
+def smollm2_cut_path(smollm2_path, tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct cut to its first ``SMOLLM2_CUT_LAYERS`` of 30 decoder layers (real
+    weights, real tokenizer, tied head as shipped), saved once as a model folder that ``loralab run``
+    takes as ``model_id``. For run-path tests whose property does not depend on depth (every layer
+    runs the same code): each of their runs, often in several processes, otherwise pays for the 30
+    layers' training steps, generation and the 540 MB file's load and hash."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model.model.layers = model.model.layers[:SMOLLM2_CUT_LAYERS]
+    model.config.num_hidden_layers = SMOLLM2_CUT_LAYERS
+    folder = tmp_path_factory.mktemp("smollm2-cut") / f"smollm2-135m-{SMOLLM2_CUT_LAYERS}-layers"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_results(tmp_path, monkeypatch):
     """No test writes into the repository's results folders."""
