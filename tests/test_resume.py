@@ -42,6 +42,18 @@ def run(folder: Path, env: dict, *extra: str, timeout: int = 300) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_here(folder: Path, env: dict, monkeypatch, capsys, *extra: str) -> tuple[int, str]:
+    """``loralab run`` in this process, for a ``--resume`` refused before anything is built: its exit
+    code and stderr, without a launch's ~10 s of interpreter start and imports."""
+    from loralab.cli import main
+
+    for key in ("LORALAB_RESULTS_DIR", "LORALAB_OUTPUT_DIR", "LORALAB_DATA_DIR"):
+        monkeypatch.setenv(key, env[key])
+    capsys.readouterr()
+    code = main(["run", str(folder), *extra])
+    return code, capsys.readouterr().err
+
+
 def checkpoints(root: Path) -> list[Path]:
     return sorted((root / "out").glob("*/checkpoints/step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
 
@@ -119,7 +131,8 @@ def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path, data
     assert len(checkpoints(root)) <= PARAMS["keep_checkpoints"]  # older ones pruned
 
 
-def test_sigterm_writes_checkpoint_and_cancelled_record_then_resumes(tmp_path, data_dir, reference):
+def test_sigterm_writes_checkpoint_and_cancelled_record_then_resumes(tmp_path, data_dir, reference, monkeypatch,
+                                                                     capsys):
     root = tmp_path
     folder = make(root, "lora/stsb", PARAMS, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
     env = env_for(root, data_dir)
@@ -142,24 +155,14 @@ def test_sigterm_writes_checkpoint_and_cancelled_record_then_resumes(tmp_path, d
     done = run(folder, env, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(final(root), reference)
-    again = run(folder, env, "--resume")  # nothing left to do: refused, not retrained
-    assert again.returncode == 2 and "already finished" in again.stderr
+    code, err = run_here(folder, env, monkeypatch, capsys, "--resume")  # nothing left to do: refused, not retrained
+    assert code == 2 and "already finished" in err
 
 
-def test_changed_config_refuses_to_resume_naming_the_key(tmp_path, data_dir):
-    root = tmp_path
-    params = {**PARAMS, "num_epochs": 1}
-    folder = make(root, "lora/stsb", params, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
-    env = env_for(root, data_dir)
-    kill_at(folder, env, root, 1)
-    (folder / "training_parameters.json").write_text(json.dumps({**params, "learning_rate": 5e-4}))
-    done = run(folder, env, "--resume")
-    assert done.returncode == 2
-    assert "learning_rate: 0.001 -> 0.0005" in done.stderr
-    assert not list((root / "res").rglob("*.json"))  # refused before anything ran
-
-
-def test_pissa_resumes_from_saved_init_without_svd(tmp_path, data_dir):
+def test_pissa_resumes_from_saved_init_without_svd_and_refuses_a_changed_config(tmp_path, data_dir, monkeypatch,
+                                                                                capsys):
+    """Also the refusal of a changed configuration, on this test's killed run (it was a test of its
+    own, whose killed LoRA run cost a launch)."""
     root = tmp_path
     adapter = {"r": 4, "lora_alpha": 4, "target_modules": ["query", "value"], "init_lora_weights": "pissa"}
     params = {**PARAMS, "num_epochs": 1}
@@ -171,6 +174,12 @@ def test_pissa_resumes_from_saved_init_without_svd(tmp_path, data_dir):
     env = env_for(root, data_dir)
     kill_at(folder, env, root, 2)
     assert list((root / "out").glob("*/checkpoints/init_state.safetensors"))
+    (folder / "training_parameters.json").write_text(json.dumps({**params, "learning_rate": 5e-4}))
+    code, err = run_here(folder, env, monkeypatch, capsys, "--resume")
+    assert code == 2
+    assert "learning_rate: 0.001 -> 0.0005" in err
+    assert not list((root / "res").rglob("*.json"))  # refused before anything ran
+    (folder / "training_parameters.json").write_text(json.dumps(params))  # restored: the resume below goes on
     # resuming must not decompose again: make peft's PiSSA init fail if it is called
     env["LORALAB_TEST_FORBID_PISSA"] = "1"
     sitecustom = root / "site"
