@@ -1,4 +1,6 @@
-"""Generation as training and DDP use it, on the real SmolLM2-135M and real GSM8K rows (CPU):
+"""Generation as training and DDP use it, on the real SmolLM2-135M cut to its first 2 decoder layers
+(``smollm2_cut_path``: real weights and tokenizer; what is compared does not depend on depth) and
+real GSM8K rows (CPU):
 
 - evaluating during training (``eval_steps`` 1: a GSM8K generation after every step) leaves a
   LoRA run with ``lora_dropout`` 0.1 bitwise as it is without evaluation (every logged loss and
@@ -36,8 +38,8 @@ def _one_thread():
 # -- eval_steps leaves training unchanged ---------------------------------------------------------
 
 
-def _train(root, name: str, data_dir, **extra) -> dict:
-    """A 3-step LoRA SFT of SmolLM2 (dropout 0.1), one GSM8K train row a step, no final evaluation;
+def _train(root, name: str, data_dir, model_id: str, **extra) -> dict:
+    """A 3-step LoRA SFT of the SmolLM2 cut (dropout 0.1), one GSM8K train row a step, no final evaluation;
     returns the per-step losses, the evaluations logged during training and the adapter."""
     from loralab.experiment import read_experiment
     from loralab.run import run_experiment
@@ -46,7 +48,7 @@ def _train(root, name: str, data_dir, **extra) -> dict:
     folder.mkdir(parents=True)
     LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
                task_type="CAUSAL_LM").save_pretrained(folder)
-    params = {"model_id": "packaged:smollm2-135m", "task": "gsm8k", "data_dir": str(data_dir),
+    params = {"model_id": model_id, "task": "gsm8k", "data_dir": str(data_dir),
               "max_train_samples": 3, "max_length": 160, "batch_size": 1, "max_steps": 3,
               "learning_rate": 3e-3, "lr_scheduler": "constant", "weight_decay": 0.0, "logging_steps": 1,
               "eval_tasks": ["gsm8k"], "max_eval_samples": 2, "device": "cpu", "seed": 0, **extra}
@@ -70,15 +72,15 @@ def _count_calls(monkeypatch, module, names: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_eval_steps_leaves_a_dropout_run_bitwise_unchanged(tmp_path, data_dir, monkeypatch):
+def test_eval_steps_leaves_a_dropout_run_bitwise_unchanged(tmp_path, data_dir, monkeypatch, smollm2_cut_path):
     from loralab.tasks import generation
 
     calls = _count_calls(monkeypatch, generation, ["_generate_engine", "_generate_transformers"])
-    off = _train(tmp_path, "off", data_dir)
+    off = _train(tmp_path, "off", data_dir, smollm2_cut_path)
     assert len(off["losses"]) == 3 and not off["evals"] and not calls
     for backend in ("engine", "transformers"):
         calls.clear()
-        on = _train(tmp_path, backend, data_dir, eval_steps=1,
+        on = _train(tmp_path, backend, data_dir, smollm2_cut_path, eval_steps=1,
                     generation={"backend": backend, "max_new_tokens": 4, "batch_size": 2})
         # evaluated after steps 1 and 2 (the last step's evaluation is the final one, skipped here)
         assert [m["step"] for m in on["evals"]] == [1, 2], (backend, on["evals"])
@@ -98,18 +100,16 @@ SAMPLED = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 0.95, "n_samples": 
 
 
 def _model(path: str):
-    """SmolLM2 (fp32) with a LoRA whose B is random (init_lora_weights False) and scaled down to
+    """The SmolLM2 cut (fp32) with a LoRA whose B is random (init_lora_weights False) and scaled down to
     look trained, so the engine's merged copies
     change the outputs; the same weights in every process (seeded)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
+    # 2 of 30 layers (real weights): sharding over processes does not depend on depth, and each
+    # process pays for the model's load and forwards (the full model made this the suite's 3rd-slowest test)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    # 4 of 30 layers (real weights): sharding over processes does not depend on depth, and each
-    # process pays for the model's forwards (the full model made this the suite's 3rd-slowest test)
-    model.model.layers = model.model.layers[:4]
-    model.config.num_hidden_layers = 4
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config).eval()
@@ -163,15 +163,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_generate_and_evaluate_like_one(tmp_path, data_dir, smollm2_path):
-    one = _generations(smollm2_path, data_dir)
+def test_two_processes_generate_and_evaluate_like_one(tmp_path, data_dir, smollm2_cut_path):
+    one = _generations(smollm2_cut_path, data_dir)
     assert [len(c) for c in one["engine greedy"]] == [1] * N_PROMPTS
     assert [len(c) for c in one["engine sampled"]] == [2] * N_PROMPTS
     assert one["engine sampled"] != one["engine greedy"]  # sampling drew something else somewhere
     assert one["run_eval gsm8k"]["metrics"]["n"] == one["run_eval boolq"]["metrics"]["n"] == N_PROMPTS
     print("one process:", {k: v["metrics"] for k, v in one.items() if k.startswith("run_eval")})
     assert len(one["run_eval boolq"]["records"]) == 2 * N_PROMPTS
-    mp.spawn(_worker, args=(2, _free_port(), smollm2_path, data_dir, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), smollm2_cut_path, data_dir, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         two = torch.load(tmp_path / f"rank{rank}.pt")
         assert two.keys() == one.keys()
