@@ -1,7 +1,8 @@
 """``loralab eval`` under ``torchrun`` on CPU (2 gloo processes): each rank generates its share of
 the prompts on loralab's engine, and rank 0 writes the same greedy completions and metrics as one
 process, with every rank's engine counters (issue 23's data-parallel evaluation, on real SmolLM2
-weights and real GSM8K problems)."""
+weights cut to 2 layers (conftest's ``smollm2_cut_path``: the split does not depend on depth) and real
+GSM8K problems)."""
 
 import json
 import os
@@ -16,20 +17,20 @@ from loralab.cli import main
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["eval", "--model", "packaged:smollm2-135m", "--tasks", "gsm8k", "--max-samples", "5", "--max-new-tokens", "8",
-        "--device", "cpu"]
+ARGS = ["eval", "--tasks", "gsm8k", "--max-samples", "5", "--max-new-tokens", "8", "--device", "cpu"]
 
 
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_processes_evaluate_like_one(tmp_path, data_dir, monkeypatch):
+def test_two_processes_evaluate_like_one(tmp_path, data_dir, smollm2_cut_path, monkeypatch):
     monkeypatch.setenv("LORALAB_DATA_DIR", str(data_dir))
-    assert main([*ARGS, "--output", str(tmp_path / "one.json"), "--generations-out", str(tmp_path / "one.jsonl")]) == 0
+    args = [*ARGS, "--model", smollm2_cut_path]
+    assert main([*args, "--output", str(tmp_path / "one.json"), "--generations-out", str(tmp_path / "one.jsonl")]) == 0
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "LORALAB_DATA_DIR": str(data_dir)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "loralab", *ARGS,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "loralab", *args,
            "--output", str(tmp_path / "two.json"), "--generations-out", str(tmp_path / "two.jsonl")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
