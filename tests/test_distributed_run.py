@@ -57,25 +57,37 @@ def _env(tmp: Path, tag: str) -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-def _launch(folder: Path, env: dict, procs: int, *args) -> subprocess.Popen:
+def _launch(folder: Path, env: dict, procs: int, *args, stdout=subprocess.PIPE) -> subprocess.Popen:
     run = ["-m", "loralab", "run", str(folder), *args]
     if procs > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *run]
     else:
         cmd = [sys.executable, *run]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
-def _run(folder: Path, tmp: Path, tag: str, procs: int, *args) -> dict:
-    env = _env(tmp, tag)
-    proc = _launch(folder, env, procs, *args)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    results = sorted(Path(env["LORALAB_RESULTS_DIR"]).rglob("*.json"))
-    assert len(results) == 1, results  # written once, by rank 0
-    record = json.loads(results[0].read_text())
-    adapter = load_file(str(Path(record["train_info"]["adapter_path"]) / "adapter_model.safetensors"))
-    return {"record": record, "adapter": adapter, "log": out}
+def _runs(folder: Path, tmp: Path, *launches: tuple) -> list[dict]:
+    """Each launch ``(tag, processes, *args)`` of ``folder``, all started at once and then collected
+    (each writes its log to a file, so none waits on a pipe): a one-process run (one thread) beside a
+    two-process one keeps both cores busy instead of leaving one idle for its whole length."""
+    started = []
+    for tag, procs, *args in launches:
+        env = _env(tmp, tag)
+        log = open(tmp / f"{tag}.log", "w+")  # closed below, once the run has ended
+        started.append((env, log, _launch(folder, env, procs, *args, stdout=log)))
+    done = []
+    for env, log, proc in started:
+        proc.wait(timeout=600)
+        log.seek(0)
+        out = log.read()
+        log.close()
+        assert proc.returncode == 0, out[-3000:]
+        results = sorted(Path(env["LORALAB_RESULTS_DIR"]).rglob("*.json"))
+        assert len(results) == 1, results  # written once, by rank 0
+        record = json.loads(results[0].read_text())
+        adapter = load_file(str(Path(record["train_info"]["adapter_path"]) / "adapter_model.safetensors"))
+        done.append({"record": record, "adapter": adapter, "log": out})
+    return done
 
 
 def _losses(record: dict) -> list[float]:
@@ -98,7 +110,7 @@ def _assert_same_training(one: dict, two: dict):
 def lora_runs(tmp_path_factory, data_dir, smollm2_cut_path):
     tmp = tmp_path_factory.mktemp("dist-lora")
     folder = _experiment(tmp, "lora", True, data_dir, smollm2_cut_path)
-    return tmp, folder, _run(folder, tmp, "one", 1), _run(folder, tmp, "two", 2)
+    return tmp, folder, *_runs(folder, tmp, ("one", 1), ("two", 2))
 
 
 def test_two_processes_train_the_same_lora_as_one(lora_runs):
@@ -113,14 +125,14 @@ def test_two_processes_train_the_same_lora_as_one(lora_runs):
 
 def test_fsdp_over_two_processes_trains_the_same_lora_as_one(lora_runs):
     tmp, folder, one, _ = lora_runs
-    two = _run(folder, tmp, "fsdp", 2, "--sharding", "fsdp")  # adapter gathered from the shards
+    (two,) = _runs(folder, tmp, ("fsdp", 2, "--sharding", "fsdp"))  # adapter gathered from the shards
     _assert_same_training(one, two)
     assert two["record"]["train_info"]["distributed"]["sharding"] == "fsdp"
 
 
 def test_two_processes_train_the_same_pissa_as_one(tmp_path, data_dir, smollm2_cut_path):
     folder = _experiment(tmp_path, "pissa", "pissa", data_dir, smollm2_cut_path)
-    one, two = _run(folder, tmp_path, "one", 1), _run(folder, tmp_path, "two", 2)
+    one, two = _runs(folder, tmp_path, ("one", 1), ("two", 2))
     _assert_same_training(one, two)
     assert any("lora_A" in k for k in two["adapter"])  # saved as a plain LoRA of rank 2r on the original base
     assert next(v for k, v in two["adapter"].items() if "lora_A" in k).shape[0] == 8
