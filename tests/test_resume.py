@@ -54,6 +54,36 @@ def run_here(folder: Path, env: dict, monkeypatch, capsys, *extra: str) -> tuple
     return code, capsys.readouterr().err
 
 
+class Background:
+    """A ``loralab run`` started now and collected on first use (its stderr goes to a file, so it
+    never waits on a pipe): an uninterrupted reference runs beside the killed runs it is compared
+    with, instead of before them, and a launch's single-threaded start-up uses the other core."""
+
+    def __init__(self, folder: Path, env: dict, root: Path):
+        self.root = root
+        self.log = open(root / "run.log", "w+")  # closed by result() or stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "loralab", "run", str(folder)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        self._final = None
+
+    def result(self) -> tuple[dict, dict]:
+        """``final(root)`` once the run has ended with exit code 0."""
+        if self._final is None:
+            self.proc.wait(timeout=300)
+            self.log.seek(0)
+            err = self.log.read()
+            self.log.close()
+            assert self.proc.returncode == 0, err[-2000:]
+            self._final = final(self.root)
+        return self._final
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
 def checkpoints(root: Path) -> list[Path]:
     return sorted((root / "out").glob("*/checkpoints/step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
 
@@ -102,19 +132,19 @@ def assert_same_run(a: tuple[dict, dict], b: tuple[dict, dict]):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
+    """The uninterrupted run, running in the background from the first test that asks for it."""
     root = tmp_path_factory.mktemp("uninterrupted")
     folder = make(root, "lora/stsb", PARAMS, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
-    done = run(folder, env_for(root, data_dir))
-    assert done.returncode == 0, done.stderr[-2000:]
-    return final(root)
+    started = Background(folder, env_for(root, data_dir), root)
+    yield started
+    started.stop()
 
 
 def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path, data_dir, reference):
     root = tmp_path
     folder = make(root, "lora/stsb", PARAMS, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
     env = env_for(root, data_dir)
-    total = reference[0]["train_info"]["total_steps"]
-    assert total == 10  # ceil(40 / (4 x 2)) x 2 epochs
+    total = 10  # ceil(40 / (4 x 2)) x 2 epochs; the reference's total_steps, asserted once it has ended
     rng = random.Random(int(time.time()))
     first = rng.randint(1, 4)
     killed = kill_at(folder, env, root, first)
@@ -127,7 +157,8 @@ def test_sigkill_at_random_steps_then_resume_equals_uninterrupted(tmp_path, data
     assert "resumed from" in done.stderr
     record, tensors = final(root)
     assert record["train_info"]["resumed_from"]
-    assert_same_run((record, tensors), reference)
+    assert reference.result()[0]["train_info"]["total_steps"] == total
+    assert_same_run((record, tensors), reference.result())
     assert len(checkpoints(root)) <= PARAMS["keep_checkpoints"]  # older ones pruned
 
 
@@ -154,22 +185,21 @@ def test_sigterm_writes_checkpoint_and_cancelled_record_then_resumes(tmp_path, d
     assert ckpt.exists() and int(ckpt.name.split("-")[1]) == record["train_info"]["steps"]
     done = run(folder, env, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_run(final(root), reference)
+    assert_same_run(final(root), reference.result())
     code, err = run_here(folder, env, monkeypatch, capsys, "--resume")  # nothing left to do: refused, not retrained
     assert code == 2 and "already finished" in err
 
 
 def test_pissa_resumes_from_saved_init_without_svd_and_refuses_a_changed_config(tmp_path, data_dir, monkeypatch,
-                                                                                capsys):
+                                                                                capsys, request):
     """Also the refusal of a changed configuration, on this test's killed run (it was a test of its
     own, whose killed LoRA run cost a launch)."""
     root = tmp_path
     adapter = {"r": 4, "lora_alpha": 4, "target_modules": ["query", "value"], "init_lora_weights": "pissa"}
     params = {**PARAMS, "num_epochs": 1}
     ref_root = tmp_path / "ref"
-    ref = make(ref_root, "pissa/stsb", params, adapter)
-    done = run(ref, env_for(ref_root, data_dir))
-    assert done.returncode == 0, done.stderr[-2000:]
+    ref = Background(make(ref_root, "pissa/stsb", params, adapter), env_for(ref_root, data_dir), ref_root)
+    request.addfinalizer(ref.stop)
     folder = make(root, "pissa/stsb", params, adapter)
     env = env_for(root, data_dir)
     kill_at(folder, env, root, 2)
@@ -194,4 +224,4 @@ def test_pissa_resumes_from_saved_init_without_svd_and_refuses_a_changed_config(
     env["PYTHONPATH"] = f"{sitecustom}{os.pathsep}{env.get('PYTHONPATH', '')}"
     done = run(folder, env, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_run(final(root), final(ref_root))
+    assert_same_run(final(root), ref.result())
