@@ -164,14 +164,19 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_generate_and_evaluate_like_one(tmp_path, data_dir, smollm2_cut_path):
-    one = _generations(smollm2_cut_path, data_dir)
+    # the two ranks start first: this process's one-thread reference runs while they import and load
+    workers = mp.spawn(_worker, args=(2, _free_port(), smollm2_cut_path, data_dir, str(tmp_path)), nprocs=2, join=False)
+    try:
+        one = _generations(smollm2_cut_path, data_dir)
+    finally:
+        while not workers.join():
+            pass
     assert [len(c) for c in one["engine greedy"]] == [1] * N_PROMPTS
     assert [len(c) for c in one["engine sampled"]] == [2] * N_PROMPTS
     assert one["engine sampled"] != one["engine greedy"]  # sampling drew something else somewhere
     assert one["run_eval gsm8k"]["metrics"]["n"] == one["run_eval boolq"]["metrics"]["n"] == N_PROMPTS
     print("one process:", {k: v["metrics"] for k, v in one.items() if k.startswith("run_eval")})
     assert len(one["run_eval boolq"]["records"]) == 2 * N_PROMPTS
-    mp.spawn(_worker, args=(2, _free_port(), smollm2_cut_path, data_dir, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         two = torch.load(tmp_path / f"rank{rank}.pt")
         assert two.keys() == one.keys()
