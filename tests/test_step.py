@@ -1,6 +1,11 @@
 """The training step: the micro-batch never changes the result. Same gradients for 4x1, 1x4, 2x2,
 packed and unpacked, under both loss normalisations, against the textbook loss computed one sample
-at a time — on SmolLM2 with real GSM8K rows (and on MiniLM with real RTE pairs)."""
+at a time — on SmolLM2 with real GSM8K rows (and on MiniLM with real RTE pairs). SmolLM2 is cut to
+its first 2 decoder layers (conftest's ``smollm2_cut_path``, real weights): padding, packing and the
+loss weights act on the sequence at every layer alike, so the 28 others added cost (about 20 s on 2
+cores), not coverage. Measured against the textbook: losses within 1.3e-7 relative (5.5e-6 on all 30
+layers) and gradients within 2.4e-7 (1.3e-6), tolerances 1e-5 and 1e-4; tokens vs samples differ by
+1.5e-2 (9.8e-2), the floor 1e-3."""
 
 import pytest
 import torch
@@ -24,15 +29,15 @@ class GradRecorder(torch.optim.Optimizer):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_path, data_dir):
+def smol(smollm2_cut_path, data_dir):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_cut_path, dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     with torch.no_grad():  # B = 0 at init would give A no gradient; make both factors live
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_cut_path)
 
     task = INSTRUCT["gsm8k"]  # prompt-masked features exactly as the gsm8k training task builds them
     params = build_parameters({"task": "gsm8k", "max_length": 160, "max_train_samples": 16, "data_dir": str(data_dir)})
