@@ -14,6 +14,9 @@
 #           per_device_train_batch_size within loralab's peak, accumulation keeping the 128-sample batch).
 #           5 steps: with packing, steps 2-4 meet new micro-batch shapes (CUDA graph captures); step 5 is
 #           the first steady one (see gpu_speed_defaults.sh). ~4 min.
+#   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
+#           _scaled_mm) against torch's CPU reference kernel on the same codes, at the 8B shape's projections.
+#           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
 #   fp8loss scripts/fp8_loss_curves.py at the 8B shape: the same LoRA on 30 batches of 16 real GSM8K rows
 #           with an fp32, a bf16 and an FP8 base; whether FP8 moves from bf16 no more than bf16 from fp32.
 #           ~4 min (three model builds and compiles).
@@ -66,9 +69,11 @@ for part in "${PARTS[@]}"; do
     recipe)
       step recipe 330 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --output "$OUT/recipe.json" ;;
+    fp8check)
+      step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 330 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b recipe fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b recipe fp8check fp8loss)"; exit 2 ;;
   esac
 done
 
@@ -101,6 +106,11 @@ if (out / "fair8b.json").exists():
             print(f"- tuned peer {r['method']}: micro-batch {r.get('micro_batch')} of sizes {p.get('sizes')}, peaks "
                   f"{p.get('peaks_gib')} GiB, tokens/s {p.get('tokens_per_second')}, budget {p.get('budget_gib')} GiB "
                   f"({p.get('reason')}); speed {r.get('speed')}")
+if (out / "fp8check.json").exists():
+    r = json.loads((out / "fp8check.json").read_text())
+    worst = max(max(q["forward_cuda_vs_cpu"], q["grad_cuda_vs_cpu"]) for q in r["rows"])
+    print(f"\n## FP8 kernel on {r['device']}: CUDA vs CPU reference, worst relative error {worst:.2e} "
+          f"(tol {r['tol']}; {'ok' if r['ok'] else 'FAILED'})")
 if (out / "fp8loss.json").exists():
     r = json.loads((out / "fp8loss.json").read_text())
     print(f"\n## FP8 base against bf16 and fp32, {r['shape']}, {r['steps']} steps of {r['batch']} GSM8K rows\n")

@@ -228,6 +228,14 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
                    "peak_memory_gib": None, "mfu": None, "error": f"out of memory: {str(exc)[:120]}"}
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            # one row's failure (a kernel missing on this device, say) is recorded with its cause and
+            # the rest of the bench still runs: minutes of measured rows are not thrown away
+            import traceback
+
+            log(traceback.format_exc())
+            row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
+                   "peak_memory_gib": None, "mfu": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         rows.append(row)
         add_ratios(rows)
         log(format_row(row))

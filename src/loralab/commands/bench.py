@@ -98,6 +98,11 @@ def run(args) -> int:
     if args.output:
         if profiles:
             args.output.with_suffix(".profile.txt").write_text("\n\n".join(profiles) + "\n")
+    failed = [r for r in rows if r.get("error") and not r["error"].startswith("out of memory")]
+    if failed:  # an out-of-memory row is a measurement (that stack does not fit); any other error is not
+        print(f"{len(failed)} row(s) failed: " + "; ".join(f"{r['workload']} {r['method']} {r['stack']}: {r['error']}"
+                                                           for r in failed), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -76,6 +76,16 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
 
 
+def _scaled_mm(a, b, scale_a, scale_b, out_dtype):
+    """``torch._scaled_mm`` written in ``out_dtype``. CUDA's row-wise-scaled kernel writes bfloat16
+    only (torch raises for float32 or float16 output with (M,1)/(1,N) scales), so there the product
+    is taken in bfloat16 and cast: the same rounding a bf16 model's linear layers apply. The CPU
+    reference kernel writes any float dtype directly."""
+    kernel_dtype = torch.bfloat16 if a.is_cuda else out_dtype
+    y = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=kernel_dtype)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
 class _Fp8Matmul(torch.autograd.Function):
     """y = x Wᵀ with FP8 operands; backward gives dx only (module docstring: the formulas)."""
 
@@ -83,7 +93,7 @@ class _Fp8Matmul(torch.autograd.Function):
     def forward(ctx, x, codes, scales):
         out_dtype = _out_dtype(x)
         xq, sx = quantize_rows(x)
-        y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scales.view(1, -1), out_dtype=out_dtype)
+        y = _scaled_mm(xq, codes.t(), sx, scales.view(1, -1), out_dtype)
         ctx.save_for_backward(codes, scales)
         ctx.in_dtype = x.dtype
         return y
@@ -94,7 +104,7 @@ class _Fp8Matmul(torch.autograd.Function):
         gq, sg = quantize_rows(grad.float() * scales.view(1, -1))
         w_colmajor = codes.t().contiguous().t()  # (N, K) laid out column-major for the CUDA kernel
         ones = torch.ones(1, codes.shape[1], device=codes.device, dtype=torch.float32)
-        dx = torch._scaled_mm(gq, w_colmajor, scale_a=sg, scale_b=ones, out_dtype=ctx.in_dtype)
+        dx = _scaled_mm(gq, w_colmajor, sg, ones, ctx.in_dtype)
         return dx, None, None
 
 
