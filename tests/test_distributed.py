@@ -42,6 +42,17 @@ def test_shard_deals_every_sample_once_with_its_global_weight():
     assert few == ([feats[0]], [0.0])
 
 
+
+def test_recorded_micro_batch_per_rank_is_what_a_rank_runs():
+    # batch_size 8 (the micro-batch off the GPU) over 2 ranks: each rank runs 4 samples of the optimizer batch
+    feats = [{"input_ids": [1, 2, 3], "id": i} for i in range(8)]
+    launch = Launch(rank=0, world_size=2, backend="gloo")
+    most = max(len(shard(feats, [1.0] * 8, Launch(rank=r, world_size=2, backend="gloo"))[0]) for r in range(2))
+    assert launch.record(8, optimizer_batch=8)["micro_batch_per_rank"] == most == 4
+    assert launch.record(3, optimizer_batch=8)["micro_batch_per_rank"] == 3  # smaller than the share: as set
+    assert Launch().record(8, optimizer_batch=8)["micro_batch_per_rank"] == 8  # one process runs it all
+    assert launch.record(None, optimizer_batch=8)["micro_batch_per_rank"] is None
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -62,8 +62,13 @@ class Launch:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def record(self, micro_batch) -> dict:
-        """What the result records about the launch."""
+    def record(self, micro_batch, optimizer_batch: int | None = None) -> dict:
+        """What the result records about the launch. ``micro_batch_per_rank`` is the most samples (packed:
+        rows) one forward on a rank holds: ``micro_batch``, capped by the rank's share of an
+        ``optimizer_batch`` (each rank runs ceil(optimizer_batch / world_size) of it at most), so a
+        micro-batch larger than the share is not recorded as if a rank ran it."""
+        if micro_batch is not None and optimizer_batch:
+            micro_batch = min(micro_batch, -(-optimizer_batch // self.world_size))
         return {"world_size": self.world_size, "backend": self.backend,
                 "sharding": self.sharding if self.distributed else None, "micro_batch_per_rank": micro_batch}
 

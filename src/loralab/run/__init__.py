@@ -228,7 +228,7 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
         record.tokens, record.train_time = state["tokens"], state["train_time"]
         record.timing.update(meter.timing(), micro_batch=step_fn.micro_batch, oom_retries=step_fn.oom_retries,
                              cuda_graphs=step_fn.trainer.graphs)
-        record.launch = launch.record(step_fn.micro_batch)
+        record.launch = launch.record(step_fn.micro_batch, opt_batch)
 
 
 def _save(built: Built, path: Path, record: Record, model_id: str) -> None:
