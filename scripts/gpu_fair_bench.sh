@@ -15,7 +15,7 @@
 #           5 steps: with packing, steps 2-4 meet new micro-batch shapes (CUDA graph captures); step 5 is
 #           the first steady one (see gpu_speed_defaults.sh). ~4 min.
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
-#           _scaled_mm) against torch's CPU reference kernel on the same codes, at the 8B shape's projections.
+#           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
 #   fp8loss scripts/fp8_loss_curves.py at the 8B shape: the same LoRA on 30 batches of 16 real GSM8K rows
 #           with an fp32, a bf16 and an FP8 base; whether FP8 moves from bf16 no more than bf16 from fp32.
