@@ -79,3 +79,17 @@ def test_stored_length_histograms_look_like_the_data():
     sst = sample_lengths("sst2", 2000, seed=0)
     assert 150 < sum(gsm) / len(gsm) < 250 and max(gsm) <= 600  # GSM8K SFT samples: ~195 tokens
     assert 10 < sum(sst) / len(sst) < 17 and max(sst) <= 70  # SST-2 sentences: ~13 tokens
+
+
+def test_methods_keeps_those_rows_and_names_an_unknown_one(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--only", "tiny-llama/fixed"]
+    assert main([*argv, "--methods", "lora", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["method"], r["stack"]) for r in rows} == {("lora", "peer"), ("lora", "loralab"), ("lora", "tuned")}
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--methods", "lora,qlora"])
+    assert "'qlora' not in the preset 'tiny' (--only 'tiny-llama/fixed'); its methods: dora, fp8+lora, full, lora" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--experiment", str(tmp_path), "--methods", "lora"])
+    assert "--methods" in str(exc.value)

@@ -203,8 +203,9 @@ def _profile(run, data, title: str) -> str:
 
 def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,
               only: str | None = None, speed: dict | None = None, profile: bool = False,
-              log=print, on_row=None):
-    """All rows of a preset; ``only`` keeps workloads whose name contains it; ``speed`` holds
+              log=print, on_row=None, methods: tuple[str, ...] | None = None):
+    """All rows of a preset; ``only`` keeps workloads whose name contains it, ``methods`` (names as in the
+    preset, e.g. ``("fp8+lora",)``) the rows of those methods; ``speed`` holds
     explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults.
 
     cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
@@ -214,7 +215,7 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
 
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
-    plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods
+    plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods if not methods or m in methods
             for s in ("peer", "loralab", "liger", "tuned") if (s != "liger" or liger_available(w, device))
             and (s == "loralab" or not m.startswith(FP8))]
     rows, profiles = [], []

@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
                         help="timed steps per row (tiny 3, full 8); --experiment: optimizer steps per stack (default 3, at least 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (tiny 1, full 3)")
     parser.add_argument("--only", default=None, help="keep workloads whose name contains this")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods to keep (e.g. fp8+lora,lora); an FP8-base row's ratios need its "
+                             "float method's peer rows in the same run")
     parser.add_argument("--no-compile", action="store_true",
                         help="speed.compile = false for the loralab stack (default: loralab run's, on for causal LMs on cuda)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
@@ -89,8 +92,19 @@ def run(args) -> int:
         speed["compile"] = False
     if args.no_cuda_graphs:
         speed["cuda_graphs"] = False
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    if methods:
+        from loralab.bench.workloads import presets
+
+        kept = [w for w in presets(args.preset or "tiny") if not args.only or args.only in w.name]
+        known = sorted({m for w in kept for m in w.methods})
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise SystemExit(f"--methods {args.methods!r}: {', '.join(map(repr, unknown))} not in the preset "
+                             f"{args.preset or 'tiny'!r}" + (f" (--only {args.only!r})" if args.only else "")
+                             + f"; its methods: {', '.join(known)}")
     rows, profiles = run_bench(args.preset or "tiny", device, steps=args.steps, warmup=args.warmup, only=args.only,
-                               speed=speed, profile=args.profile, on_row=save)
+                               speed=speed, profile=args.profile, on_row=save, methods=methods)
     print(table(rows))
     for text in profiles:
         print(text)
@@ -111,9 +125,10 @@ def _run_experiment(args, device: str) -> int:
     from loralab.bench.workloads import BenchError
     from loralab.config import ConfigError
 
-    if args.preset or args.only or args.profile or args.warmup or args.no_compile or args.no_cuda_graphs:
+    if (args.preset or args.only or args.methods or args.profile or args.warmup or args.no_compile
+            or args.no_cuda_graphs):
         raise SystemExit("--experiment takes its speed options from the experiment's training_parameters.json; "
-                         "--preset, --only, --profile, --warmup, --no-compile and --no-cuda-graphs do not apply")
+                         "--preset, --only, --methods, --profile, --warmup, --no-compile and --no-cuda-graphs do not apply")
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
                                       task=args.task, device=args.device)
@@ -128,7 +143,7 @@ def _run_experiment(args, device: str) -> int:
 
 _EVAL_ONLY = ("model", "rows", "num_prompts", "max_new_tokens", "stopping", "batch_sizes", "peer_prompts", "slots",
               "rank", "dtype", "data_dir")
-_TRAINING_ONLY = ("preset", "experiment", "task", "steps", "warmup", "only")
+_TRAINING_ONLY = ("preset", "experiment", "task", "steps", "warmup", "only", "methods")
 _TRAINING_SWITCHES = ("random_weights", "no_compile", "no_cuda_graphs", "profile")
 DTYPES = ("float32", "bfloat16", "float16")
 
