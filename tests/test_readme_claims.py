@@ -7,6 +7,7 @@ records' git state was asserted) are recomputed from the raw records, not from t
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -251,3 +252,22 @@ def test_two_gpu_rehearsal_table_is_made_from_its_files():
     worst = max(r["max_loss_rel_diff_vs_1gpu"] for k, r in summary["recipe"]["rows"].items() if k != "1gpu")
     assert f"{worst:.1e}" in section("### Multi-GPU measured")
     assert summary["evaluation"]["identical_completions"] == summary["evaluation"]["compared"] == 6
+
+
+def test_fair_bench_section_is_the_scripts_output():
+    """The fairest-peer section's tables, goal rows and notes are what scripts/fair_bench_table.py prints from
+    results/bench-fair/, and the figures quoted elsewhere in the README come from the same files."""
+    run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", "results/bench-fair"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert run.returncode == 0, run.stderr
+    text = section("### Training speed against the fairest peer (H200)")
+    assert set(table_rows(text)) == set(table_rows(run.stdout))
+    notes = [line for line in run.stdout.splitlines() if line.startswith("- ")]
+    assert notes and all(line in text for line in notes)
+    rows = {(r["method"], r["stack"]): r for r in json.loads((RESULTS / "bench-fair" / "fair8b.json").read_text())}
+    fp8, bf16 = rows[("fp8+lora", "loralab")], rows[("lora", "loralab")]
+    quoted = (f"{fp8['throughput']:,.0f} tokens/s at {fp8['peak_memory_gib']:.1f} GiB against bf16's "
+              f"{bf16['throughput']:,.0f} at {bf16['peak_memory_gib']:.1f} GiB")
+    assert quoted in README
+    loss = json.loads((RESULTS / "bench-fair" / "fp8loss.json").read_text())
+    assert round(loss["gap_fp8_vs_bf16"] / loss["gap_bf16_vs_fp32"]) == 5 and "gap from bf16 five times" in README
