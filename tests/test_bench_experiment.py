@@ -2,6 +2,7 @@
 Trainer + peft, on a tiny random-weight Llama shape with real GSM8K rows and SmolLM2's tokenizer."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,15 @@ def test_bench_experiment_reports_a_bad_folder(tmp_path):
         main(["bench", "--experiment", str(folder), "--device", "cpu"])
     with pytest.raises(SystemExit, match="--steps = 1: at least 2"):
         main(["bench", "--experiment", str(make_experiment(tmp_path / "b", "random:tiny-llama")), "--steps", "1"])
+
+
+def test_an_encoder_recipe_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    import loralab.bench.experiment as experiment
+
+    trained = []
+    monkeypatch.setattr(experiment, "_loralab_run_row", lambda *a: trained.append(a))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--experiment", str(Path(__file__).parents[1] / "experiments/quickstart/lora-minilm-sst2"),
+              "--steps", "2"])
+    assert "the Trainer peer covers causal-LM recipes; task 'glue/sst2' is seq_cls" in str(exc.value)
+    assert trained == []

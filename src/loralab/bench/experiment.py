@@ -149,6 +149,13 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loralab-bench-")))
         exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device)
         params = exp.params
+        if "trainer" in stacks:  # refused before the loralab stack spends minutes training
+            from loralab.tasks import get_task
+
+            kind = get_task(params.task).kind
+            if kind != "causal_lm":
+                raise BenchError(f"the Trainer peer covers causal-LM recipes; task {params.task!r} is {kind} "
+                                 "(bench an encoder's speed with loralab bench --preset, e.g. its roberta rows)")
         from loralab.run.build import pick_device
 
         dev = pick_device(params.device)  # attention backends as torch picks them (no cuDNN switch, unlike the preset rows)

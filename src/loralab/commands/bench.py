@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--output", type=Path, default=None, help="write the rows as a JSON list here (--experiment: one JSON object)")
     parser.add_argument("--experiment", type=Path, default=None, metavar="DIR",
-                        help="bench one experiment folder's recipe: loralab run vs transformers Trainer + peft")
+                        help="bench one causal-LM experiment folder's recipe: loralab run vs transformers Trainer + peft")
     parser.add_argument("--random-weights", action="store_true",
                         help="--experiment: the recipe's model architecture with random weights (random:<shape> model id)")
     parser.add_argument("--task", default=None,
@@ -127,8 +127,9 @@ def _run_experiment(args, device: str) -> int:
 
     if (args.preset or args.only or args.methods or args.profile or args.warmup or args.no_compile
             or args.no_cuda_graphs):
-        raise SystemExit("--experiment takes its speed options from the experiment's training_parameters.json; "
-                         "--preset, --only, --methods, --profile, --warmup, --no-compile and --no-cuda-graphs do not apply")
+        raise SystemExit("--experiment benches the folder's own method and speed settings (its adapter_config.json and "
+                         "training_parameters.json); remove --preset, --only, --methods, --profile, --warmup, "
+                         "--no-compile and --no-cuda-graphs, which apply to the preset rows only")
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
                                       task=args.task, device=args.device)
