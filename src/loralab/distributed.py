@@ -8,7 +8,7 @@ joins the process group (NCCL on CUDA, gloo on CPU). Without them (or with ``WOR
 nothing here changes a single-process run.
 
 Exact optimizer batches on N ranks. The data order is a fixed function of (seed, epoch)
-(``train.epoch_batches``), so every rank holds the whole optimizer batch and computes every
+(``run.loop.epoch_batches``), so every rank holds the whole optimizer batch and computes every
 sample's token weight w from it (``loralab.run.step.sample_weights``: 1/N_tokens, or 1/(S·n_s)).
 Each rank then runs only its shard (``shard``: samples sorted by length and dealt round-robin,
 so ranks get near-equal tokens) and backpropagates Σ_shard w·CE. The gradients are **summed**
@@ -17,9 +17,8 @@ the optimizer sees Σ_ranks Σ_shard w·∇CE = ∇L of the whole optimizer batc
 process, whatever N, the micro-batch or the packing, with no reduction of token counts. (DDP's
 default averages; scaling the loss by N instead would be exact only when N is a power of two.)
 
-DDP wraps the model *and its loss* (``LossModule``), so the fused chunked loss and the model's
-speed options (``speed/step.py``) run unchanged inside DDP's forward. CUDA graphs capture no
-DDP/FSDP collectives: under more than one process they are turned off (logged).
+DDP wraps the model *and its loss* (``LossModule``): the fused chunked loss and the speed options run
+unchanged inside DDP's forward. CUDA graphs capture no collectives: off under DDP and FSDP (logged).
 
 Upstream: torch.nn.parallel.DistributedDataParallel (communication hooks:
 torch/distributed/algorithms/ddp_comm_hooks), torch.distributed.fsdp.fully_shard (FSDP2),
@@ -63,12 +62,10 @@ class Launch:
         return self.rank == 0
 
     def record(self, micro_batch, optimizer_batch: int | None = None) -> dict:
-        """What the result records about the launch. ``micro_batch_per_rank`` is the most samples (packed:
-        rows) one forward on a rank holds: ``micro_batch``, capped by the rank's share of an
-        ``optimizer_batch`` (each rank runs ceil(optimizer_batch / world_size) of it at most), so a
-        micro-batch larger than the share is not recorded as if a rank ran it."""
+        """What the result records about the launch; ``micro_batch_per_rank``: the most samples (packed: rows)
+        one forward on a rank holds, ``micro_batch`` capped by a rank's share of ``optimizer_batch``."""
         if micro_batch is not None and optimizer_batch:
-            micro_batch = min(micro_batch, -(-optimizer_batch // self.world_size))
+            micro_batch = min(micro_batch, -(-optimizer_batch // self.world_size))  # a share: ceil(batch / world)
         return {"world_size": self.world_size, "backend": self.backend,
                 "sharding": self.sharding if self.distributed else None, "micro_batch_per_rank": micro_batch}
 
