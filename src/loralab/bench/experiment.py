@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from loralab.bench.peers import trainer_row
+from loralab.bench.peers import require_causal_lm, trainer_row
 from loralab.bench.runner import clean
 from loralab.bench.workloads import BenchError, gib, random_model_id
 
@@ -150,12 +150,7 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
         exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device)
         params = exp.params
         if "trainer" in stacks:  # refused before the loralab stack spends minutes training
-            from loralab.tasks import get_task
-
-            kind = get_task(params.task).kind
-            if kind != "causal_lm":
-                raise BenchError(f"the Trainer peer covers causal-LM recipes; task {params.task!r} is {kind} "
-                                 "(bench an encoder's speed with loralab bench --preset, e.g. its roberta rows)")
+            require_causal_lm(params.task)
         from loralab.run.build import pick_device
 
         dev = pick_device(params.device)  # attention backends as torch picks them (no cuDNN switch, unlike the preset rows)

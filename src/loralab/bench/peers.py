@@ -182,6 +182,16 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
     return decision.micro_batch, record
 
 
+def require_causal_lm(task_name: str) -> None:
+    """BenchError unless ``task_name`` is a causal-LM task, the only kind ``trainer_row`` runs."""
+    from loralab.tasks import get_task
+
+    kind = get_task(task_name).kind
+    if kind != "causal_lm":
+        raise BenchError(f"the Trainer peer covers causal-LM recipes; task {task_name!r} is {kind} "
+                         "(bench an encoder's speed with loralab bench --preset, e.g. its roberta rows)")
+
+
 def trainer_row(exp, workdir, log, budget_gib: float | None = None) -> dict:
     """transformers ``Trainer`` + peft as a careful user runs the recipe: the same model (same
     random weights for ``random:`` ids), ``get_peft_model`` with the recipe's adapter config
@@ -213,9 +223,7 @@ def trainer_row(exp, workdir, log, budget_gib: float | None = None) -> dict:
 
     params = exp.params
     device = pick_device(params.device)
-    task = get_task(params.task)
-    if task.kind != "causal_lm":
-        raise BenchError(f"bench --experiment: the Trainer peer covers causal-LM recipes; task {params.task!r} is {task.kind}")
+    task = get_task(params.task)  # a causal LM: run_experiment_bench checks it first (require_causal_lm)
     tokenizer = load_tokenizer(params.model_id)
     train = task.load(params, tokenizer).train
     model = load_model(params.model_id, task.kind, getattr(task, "num_labels", 2), params.dtype)

@@ -35,7 +35,16 @@ from loralab.bench.peers import (
     tuned_step,
     wrap,
 )
-from loralab.bench.workloads import FP8, Workload, build_model, float_method, is_seq_cls, presets, step_features
+from loralab.bench.workloads import (
+    FP8,
+    BenchError,
+    Workload,
+    build_model,
+    float_method,
+    is_seq_cls,
+    presets,
+    step_features,
+)
 from loralab.run.step import Step, make_step
 from loralab.shapes import MODELS
 from loralab.speed.step import _hf_model
@@ -207,6 +216,7 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     """All rows of a preset; ``only`` keeps workloads whose name contains it, ``methods`` (names as in the
     preset, e.g. ``("fp8+lora",)``) the rows of those methods; ``speed`` holds
     explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults.
+    Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack.
 
     cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
     which would charge padded batches of varying length (the peer's) seconds per step.
@@ -215,7 +225,13 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
 
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
-    plan = [(w, m, s) for w in presets(preset) if not only or only in w.name for m in w.methods if not methods or m in methods
+    kept = [w for w in presets(preset) if not only or only in w.name]
+    known = sorted({m for w in kept for m in w.methods})
+    unknown = [m for m in methods or () if m not in known]
+    if unknown:
+        raise BenchError(f"{', '.join(map(repr, unknown))} not in the preset {preset!r}"
+                         + (f" (--only {only!r})" if only else "") + f"; its methods: {', '.join(known)}")
+    plan = [(w, m, s) for w in kept for m in w.methods if not methods or m in methods
             for s in ("peer", "loralab", "liger", "tuned") if (s != "liger" or liger_available(w, device))
             and (s == "loralab" or not m.startswith(FP8))]
     rows, profiles = [], []

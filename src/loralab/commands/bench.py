@@ -92,19 +92,14 @@ def run(args) -> int:
         speed["compile"] = False
     if args.no_cuda_graphs:
         speed["cuda_graphs"] = False
-    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
-    if methods:
-        from loralab.bench.workloads import presets
+    from loralab.bench.workloads import BenchError
 
-        kept = [w for w in presets(args.preset or "tiny") if not args.only or args.only in w.name]
-        known = sorted({m for w in kept for m in w.methods})
-        unknown = [m for m in methods if m not in known]
-        if unknown:
-            raise SystemExit(f"--methods {args.methods!r}: {', '.join(map(repr, unknown))} not in the preset "
-                             f"{args.preset or 'tiny'!r}" + (f" (--only {args.only!r})" if args.only else "")
-                             + f"; its methods: {', '.join(known)}")
-    rows, profiles = run_bench(args.preset or "tiny", device, steps=args.steps, warmup=args.warmup, only=args.only,
-                               speed=speed, profile=args.profile, on_row=save, methods=methods)
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    try:
+        rows, profiles = run_bench(args.preset or "tiny", device, steps=args.steps, warmup=args.warmup, only=args.only,
+                                   speed=speed, profile=args.profile, on_row=save, methods=methods)
+    except BenchError as exc:  # refused before any row ran
+        raise SystemExit(f"--methods {args.methods!r}: {exc}") from exc
     print(table(rows))
     for text in profiles:
         print(text)

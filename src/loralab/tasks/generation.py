@@ -230,7 +230,7 @@ def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, pr
                         stop=StopStrings(tokenizer, list(settings.stop)) if settings.stop else None,
                         request_ids=mine, on_finish=finished)
     if stats is not None:
-        stats.update(engine.stats, problems=len(mine))
+        stats.update(engine.stats)  # beside this rank's problem count, set above
     return distributed.merge_shared(results)
 
 
