@@ -36,7 +36,7 @@ from loralab.shapes import LLAMA3_8B, MODELS
 def llama_8b(dtype: torch.dtype, device: torch.device, shape: str = "llama-3-8b", layers: int | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(LLAMA3_8B if shape == "llama-3-8b" else MODELS[shape])
+    spec = dict(MODELS[shape])  # MODELS["llama-3-8b"] is LLAMA3_8B
     if layers:
         spec["num_hidden_layers"] = layers
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)

@@ -7,7 +7,6 @@ records' git state was asserted) are recomputed from the raw records, not from t
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -258,7 +257,7 @@ def test_fair_bench_section_is_the_scripts_output():
     """The fairest-peer section's tables, goal rows and notes are what scripts/fair_bench_table.py prints from
     results/bench-fair/, and the figures quoted elsewhere in the README come from the same files."""
     run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", "results/bench-fair"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                         text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
     text = section("### Training speed against the fairest peer (H200)")
     assert set(table_rows(text)) == set(table_rows(run.stdout))
