@@ -111,3 +111,72 @@ def test_weight_norm_cache_follows_a_changed_base_weight():
             model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- the FP8 base (quantization "fp8"): the fast norm from codes and per-channel scales -------------
+
+def _fp8_llama():
+    from loralab.methods.common import linear_names
+    from loralab.methods.fp8base import quantize_linears
+
+    base = _tiny_llama()
+    quantize_linears(base, linear_names(base))
+    return base
+
+
+def test_fast_dora_on_an_fp8_base_matches_peft_dora_on_it():
+    """No dropout: peft's DoRA on the FP8 layers (its norm from the dequantised float32 weight, the
+    base term from the FP8 layer's output) and the fast forward give the same outputs and grads."""
+    from loralab.speed.fp8 import Fp8Linear
+
+    base = _fp8_llama()
+    ref, fast = _pair(base, target_modules="all-linear")
+    assert any(isinstance(m, Fp8Linear) for m in fast.modules())
+    ids = torch.randint(0, 256, (2, 12))
+    _compare(ref, fast, lambda m: m(input_ids=ids).logits, train=True)
+
+
+def test_fast_dora_fp8_norm_equals_the_dequantised_dense_norm():
+    from loralab.speed.fast_dora import _norm
+
+    _, fast = _pair(_fp8_llama(), target_modules=["down_proj"])
+    layer = fast.get_base_model().model.layers[0].mlp.down_proj
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    dense = layer.get_base_layer().dequantize()
+    torch.testing.assert_close(_norm(layer, "default", a, b, s), torch.linalg.norm(dense + s * (b @ a), dim=1).detach(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fast_dora_fp8_dropout_branch_uses_the_fp8_kernel():
+    """With dropout the base term W·dropout(x) is the FP8 layer's product (not the dequantised weight's)."""
+    from loralab.speed.fast_dora import _DoraCombine, _norm
+    from loralab.speed.fp8 import fp8_linear
+
+    _, fast = _pair(_fp8_llama(), target_modules=["q_proj"], lora_dropout=0.5)
+    layer = fast.get_base_model().model.layers[0].self_attn.q_proj
+    layer.train()
+    x = torch.randn(3, 64)
+    torch.manual_seed(5)
+    got = layer(x)
+    torch.manual_seed(5)
+    xd = layer.lora_dropout["default"](x)
+    fp8 = layer.get_base_layer()
+    base = fp8_linear(xd, fp8.codes, fp8.weight_scale)
+    a, b, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    norm = _norm(layer, "default", a.weight, b.weight, s)
+    want = fp8(x) + _DoraCombine.apply(base, b(a(xd)), layer.lora_magnitude_vector["default"].weight, norm, s) - base
+    torch.testing.assert_close(got, want)
+
+
+def test_fast_dora_refuses_a_packed_base_weight():
+    class Packed(torch.nn.Linear):
+        pass
+
+    _, fast = _pair(_tiny_llama(), target_modules=["q_proj"])
+    from loralab.speed.fast_dora import disable_fast_dora
+
+    disable_fast_dora(fast)
+    layer = fast.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(ValueError, match="speed.fast_dora': false"):
+        enable_fast_dora(fast)

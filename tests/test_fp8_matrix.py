@@ -44,7 +44,7 @@ ACTIVATION_TOL = 0.01
 
 
 def fp8_params(overrides):
-    return build_parameters({**overrides, "quantization": "fp8", "speed": {"fast_dora": False}})
+    return build_parameters({**overrides, "quantization": "fp8"})  # speed defaults: fast DoRA on
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +122,16 @@ def test_every_combination_composes_on_fp8_or_is_refused():
         assert any("'quantization' = 'fp8'" in p for p in problems), (combo, problems)
 
 
-def test_fp8_refuses_fast_paths_that_read_the_base_weight():
+def test_fp8_refuses_the_fused_matmul_and_takes_fast_dora():
+    """The fused LoRA matmul reads a float base weight: refused. Fast DoRA has an FP8 norm
+    (codes times per-channel scales, tests/test_fast_dora.py): it composes; on NF4 it is refused."""
     adapter, overrides = settings("dora", "kaiming", "adamw")
     params = build_parameters({**overrides, "quantization": "fp8", "speed": {"fast_dora": True, "fused_lora": True}})
     cfg = LoraConfig(**adapter)
     text = " ".join(methods.choose_method(cfg, params).conflicts(cfg, params))
-    assert "'speed.fast_dora': false" in text and "'speed.fused_lora': false" in text
+    assert "'speed.fused_lora': false" in text and "fast_dora" not in text
+    nf4 = build_parameters({**overrides, "quantization": "nf4", "speed": {"fast_dora": True}})
+    assert "'speed.fast_dora': false" in " ".join(methods.choose_method(cfg, nf4).conflicts(cfg, nf4))
 
 
 def test_unknown_quantization_is_refused_with_the_allowed_values():

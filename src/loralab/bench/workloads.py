@@ -74,7 +74,7 @@ def presets(name: str) -> list[Workload]:
     Llama-3.2-1B and roberta-base shapes); ValueError for another name."""
     if name == "tiny":
         return [
-            Workload("tiny-llama/fixed-2x64", "tiny-llama", ("lora", "dora", "full", "fp8+lora"), batch_size=2, seq_len=64,
+            Workload("tiny-llama/fixed-2x64", "tiny-llama", ("lora", "dora", "full", "fp8+lora", "fp8+dora"), batch_size=2, seq_len=64,
                      rank=8, alpha=16),
             Workload("tiny-llama/gsm8k", "tiny-llama", ("lora",), "gsm8k_sft", batch_size=2, seq_len=256, rank=8, alpha=16),
             Workload("tiny-roberta/sst2", "tiny-roberta", ("lora",), "sst2", batch_size=8, seq_len=128, rank=8, alpha=8,

@@ -217,8 +217,8 @@ class Method:
             return problems
         problems += qlora.check(params, self.init)
         packed = {"nf4": "packed NF4", "fp8": "FP8 codes with per-channel scales"}.get(self.base)
-        if packed and self.layer.name.startswith("dora") and params.speed.get("fast_dora", False):
-            problems.append(
+        if self.base == "nf4" and self.layer.name.startswith("dora") and params.speed.get("fast_dora", False):
+            problems.append(  # the FP8 base has its own fast norm (speed/fast_dora: codes times per-channel scales)
                 f"'quantization' = {self.base!r} with layer {self.layer.name!r} needs 'speed.fast_dora': false "
                 f"(the fast DoRA forward reads the base weight, which is {packed} here)"
             )

@@ -16,6 +16,16 @@ not a buffer, so the state dict is unchanged); ``W Aᵀ`` is one (out × in) · 
 returned tensor for the magnitude's gradient (``∂L/∂m = Σ_t g ⊙ out / m``), so DoRA costs little
 more activation memory than LoRA.
 
+On an FP8 base (``loralab.speed.fp8.Fp8Linear``, ``quantization: "fp8"``) the weight is
+``W = diag(s_w)·Wq`` with float8_e4m3fn codes ``Wq``: ``||W_i||²`` is taken once from the
+dequantised weight, and ``W Aᵀ = diag(s_w)·(Wq Aᵀ)`` with the codes converted to the layer's
+compute dtype (exact: every e4m3 value is a bfloat16 value) for the product, so no float copy of
+the weight outlives the call. peft's DoRA on that base multiplies the float32 dequantised weight
+and builds ``W + s·BA`` in float32 per forward. With dropout in training, peft computes the base
+term ``W·dropout(x)`` with the dequantised weight; here it runs through the FP8 kernel as the
+layer's own output does (the difference is the per-token activation rounding the FP8 forward adds).
+The packed NF4 base has no such product and stays refused (``methods.Method.conflicts``).
+
 What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)``
 (or ``PeftModel.from_pretrained``) ``enable_fast_dora(model)`` swaps each linear layer's
 ``DoraLinearVariant`` for ``FastDoraLinearVariant``; parameters, names, init, merge and the saved
@@ -29,39 +39,69 @@ import torch.nn.functional as F
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
+from loralab.speed.fp8 import Fp8Linear, fp8_linear
+
 _EPS = 1e-12
 
 
+def _fp8_base(module) -> Fp8Linear | None:
+    base = module.get_base_layer()
+    return base if isinstance(base, Fp8Linear) else None
+
+
 def _base_weight(module) -> torch.Tensor:
-    """The frozen weight as (out, in), whatever the layer's storage convention."""
+    """The frozen weight as (out, in), whatever the layer's storage convention (an FP8 base: the
+    codes converted to its compute dtype; multiply row i by ``weight_scale[i]`` for W)."""
+    fp8 = _fp8_base(module)
+    if fp8 is not None:
+        return fp8.codes.to(_product_dtype(fp8))
     weight = module.get_base_layer().weight
     return weight.T if getattr(module, "fan_in_fan_out", False) else weight
 
 
+def _product_dtype(fp8: Fp8Linear) -> torch.dtype:
+    """The dtype the FP8 codes are multiplied in: the layer's compute dtype when it is a 16-bit
+    float (tensor cores; exact for the codes), else float32."""
+    return fp8.compute_dtype if fp8.compute_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _cached_weight_sq(module, adapter: str) -> torch.Tensor:
-    """``||W_i||²`` in fp32, recomputed only when W's storage or version changes (e.g. after a merge)."""
+    """``||W_i||²`` in fp32, recomputed only when W's storage or version changes (e.g. after a merge);
+    on an FP8 base, of the dequantised weight (codes · scale) and keyed on codes and scales."""
     holder = module.lora_magnitude_vector[adapter]
     if torch.compiler.is_compiling() and getattr(holder, "_loralab_weight_sq", None) is not None:
         return holder._loralab_weight_sq  # compiled steps trust the cache (W is frozen while training)
-    weight = _base_weight(module)
-    key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+    fp8 = _fp8_base(module)
+    stored = [fp8.weight, fp8.scale_bits] if fp8 is not None else [_base_weight(module)]
+    key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in stored)
     if getattr(holder, "_loralab_weight_sq_key", None) != key:
         with torch.no_grad():
+            weight = fp8.dequantize() if fp8 is not None else stored[0]
             holder._loralab_weight_sq = weight.float().pow(2).sum(dim=1)
         holder._loralab_weight_sq_key = key
     return holder._loralab_weight_sq
 
 
+def _norm(module, adapter: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    fp8 = _fp8_base(module)
+    return dora_weight_norm(_cached_weight_sq(module, adapter), _base_weight(module), lora_A, lora_B, scaling,
+                            row_scale=None if fp8 is None else fp8.weight_scale)
+
+
 @torch.no_grad()
 def dora_weight_norm(weight_sq: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                     lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Row norm of ``W + scaling·B A`` (fp32, detached) from r-sized products only.
+                     lora_B: torch.Tensor, scaling: float, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Row norm of ``W + scaling·B A`` (out,) fp32, detached, from r-sized products only.
 
-    ``weight`` is (out, in) in its own dtype; the W·Aᵀ product runs in that dtype (bf16 tensor
-    cores for a bf16 base) and everything after it in fp32.
+    ``weight_sq`` (out,) fp32 = ``||W_i||²``; ``weight`` (out, in) in its own dtype; ``lora_A``
+    (r, in), ``lora_B`` (out, r). The W·Aᵀ product runs in the weight's dtype (bf16 tensor cores
+    for a bf16 base) and everything after it in fp32. ``row_scale`` (out,) fp32: W is
+    ``diag(row_scale)·weight`` (an FP8 base's codes and per-channel scales); None: W is ``weight``.
     """
     a = lora_A.to(weight.dtype)
     wa = (weight @ a.T).float()  # (out, r)
+    if row_scale is not None:
+        wa = wa * row_scale[:, None]
     b = lora_B.float()
     a32 = lora_A.float()
     gram = a32 @ a32.T  # (r, r)
@@ -107,11 +147,9 @@ class FastDoraLinearVariant(DoraLinearVariant):
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
         magnitude = module.lora_magnitude_vector[active_adapter].weight
-        weight = _base_weight(module)
         bias = module.get_base_layer().bias
 
-        norm = dora_weight_norm(_cached_weight_sq(module, active_adapter), weight,
-                                lora_A.weight, lora_B.weight, scaling)
+        norm = _norm(module, active_adapter, lora_A.weight, lora_B.weight, scaling)
         if isinstance(dropout, nn.Identity) or not module.training:
             base = result if bias is None else result - bias
             lora = lora_B(lora_A(x))
@@ -119,14 +157,29 @@ class FastDoraLinearVariant(DoraLinearVariant):
             return out if bias is None else out + bias
         # With dropout peft rescales W·dropout(x), not the layer's own output: same here.
         x = dropout(x)
-        base = F.linear(x.to(weight.dtype), weight).to(result.dtype)
+        fp8 = _fp8_base(module)
+        if fp8 is not None:  # as the FP8 layer computes W·x (module docstring)
+            base = fp8_linear(x, fp8.codes, fp8.weight_scale).to(result.dtype)
+        else:
+            weight = _base_weight(module)
+            base = F.linear(x.to(weight.dtype), weight).to(result.dtype)
         out = _DoraCombine.apply(base, lora_B(lora_A(x)), magnitude, norm, scaling)
         return result + out - base
 
 
 def enable_fast_dora(model: nn.Module) -> int:
-    """Swap every linear DoRA variant in ``model`` for the fast one; returns how many were swapped."""
+    """Swap every linear DoRA variant in ``model`` for the fast one; returns how many were swapped.
+
+    Raises ValueError, before swapping any, when a DoRA layer's base weight is neither a float
+    tensor nor an FP8 layer (e.g. bitsandbytes' packed NF4): the norm needs W's values."""
     swapped = 0
+    dora = [(m, name) for m in model.modules() if isinstance(getattr(m, "lora_variant", None), dict)
+            for name, v in m.lora_variant.items() if type(v) is DoraLinearVariant]
+    for module, _ in dora:
+        if _fp8_base(module) is None and not module.get_base_layer().weight.is_floating_point():
+            base = module.get_base_layer()
+            raise ValueError(f"fast DoRA needs a float or FP8 base weight; {type(base).__name__} stores "
+                             f"{base.weight.dtype} ({type(base.weight).__name__}): set 'speed.fast_dora': false")
     for module in model.modules():
         variants = getattr(module, "lora_variant", None)
         if not isinstance(variants, dict):
