@@ -120,6 +120,11 @@ def main() -> None:
                           yes(result["ratio"] >= 5)))
             goals.append(("... at <= the Trainer's memory", f"{ours['peak_memory_gib']:.1f} GiB vs "
                           f"{trainer['peak_memory_gib']:.1f} GiB", yes(ours["peak_memory_gib"] <= trainer["peak_memory_gib"])))
+            at = result.get("at_trainer_memory")  # bench --experiment's run capped to the Trainer's peak (newer files)
+            if at:
+                goals.append(("seed 000 math recipe >= 5x the careful Trainer, loralab at <= its memory",
+                              f"{at['ratio']:.2f}x ({at['peak_memory_gib']:.1f} GiB vs {at['trainer_peak_memory_gib']:.1f} GiB)",
+                              yes(at["ratio"] >= 5 and at["within"])))
             notes.append(f"- Careful Trainer: per-device batch {trainer.get('micro_batch')} x accumulation "
                          f"{trainer.get('gradient_accumulation_steps')} ({(trainer.get('micro_batch_probe') or {}).get('reason')}).")
     if (out / "fp8loss.json").exists():

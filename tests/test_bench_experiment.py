@@ -57,6 +57,9 @@ def test_bench_experiment_runs_both_stacks_on_the_same_samples(tmp_path, capsys)
     assert len(probe["tokens_per_second"]) == len(probe["sizes"]) and probe["budget_gib"] is None  # no GPU peak on CPU
     printed = capsys.readouterr().out
     assert "| `loralab run` | 12 |" in printed and "| transformers Trainer + peft (tuned) | 12 |" in printed
+    # no GPU peaks: no run within the Trainer's memory, and the table says why
+    assert result["at_trainer_memory"] is None and result["at_trainer_memory_plan"]["run"] is False
+    assert "loralab@trainer-memory: no peak memory for both stacks" in printed
 
 
 def test_random_weights_maps_hub_ids_to_shapes(tmp_path):
@@ -100,3 +103,30 @@ def test_an_encoder_recipe_is_refused_before_anything_trains(tmp_path, monkeypat
               "--steps", "2"])
     assert "the Trainer peer covers causal-LM recipes; task 'glue/sst2' is seq_cls" in str(exc.value)
     assert trained == []
+
+
+RECIPE_H200 = Path(__file__).resolve().parents[1] / "results" / "bench-fair" / "recipe.json"
+
+
+def test_the_budget_within_the_trainers_memory_from_the_h200_recipe_rows():
+    """On the rows the H200 measured (results/bench-fair/recipe.json): loralab peaked at 28.94 GiB
+    with micro-batch 4 (probed at 27.38 GiB), the Trainer at 25.94 GiB; the second run's probe may
+    spend the Trainer's peak less what the probe does not hold (1.56 GiB): 24.38 GiB, which excludes
+    micro-batch 4 and keeps 2 (21.63 GiB probed)."""
+    from loralab.bench.experiment import peer_memory_budget
+    from loralab.run.probe import decide_micro_batch, Trial
+
+    rows = {r["stack"]: r for r in json.loads(RECIPE_H200.read_text())["rows"]}
+    total = 150_000_000_000  # bytes, any card size: the fraction scales with it
+    plan = peer_memory_budget(rows["loralab"], rows["trainer"], total)
+    assert plan["run"] and plan["margin_gib"] == pytest.approx(28.94 - 27.38, abs=0.01)
+    assert plan["budget_gib"] == pytest.approx(25.94 - 1.56, abs=0.01)
+    assert plan["memory_fraction"] * total / 2**30 == pytest.approx(plan["budget_gib"], abs=0.01)
+    probe = rows["loralab"]["speed"]["micro_batch_probe"]
+    trials = [Trial(m, g * 2**30, r) for m, g, r in zip(probe["sizes"], probe["peaks_gib"], probe["tokens_per_second"])]
+    assert decide_micro_batch(trials[:3], limit=128, budget=plan["memory_fraction"] * total, min_gain=0.05).micro_batch == 2
+    # nothing to do when loralab already fits, or when its micro-batch was set (not probed)
+    assert peer_memory_budget({**rows["loralab"], "peak_memory_gib": 25.0}, rows["trainer"], total)["fits"] is True
+    explicit = {**rows["loralab"], "speed": {**rows["loralab"]["speed"], "micro_batch_probe": None}}
+    assert "not probed" in peer_memory_budget(explicit, rows["trainer"], total)["reason"]
+    assert peer_memory_budget({**rows["loralab"], "error": "OOM"}, rows["trainer"], total)["run"] is False

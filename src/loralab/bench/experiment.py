@@ -33,13 +33,14 @@ def _environ(**values):
 
 
 def bench_copy(path, into, *, steps: int, random_weights: bool = False, task: str | None = None,
-               device: str | None = None):
+               device: str | None = None, speed: dict | None = None):
     """A copy of the experiment folder ``path`` under ``into/experiments/<its name>`` for a timing
     run, read back with ``read_experiment``: ``max_steps`` = ``steps``, ``logging_steps`` 1 (every
     step ends with a host sync, so ``loralab run`` can tell warm-up steps from steady ones),
     no checkpoints, no evaluation during training; ``random_weights`` swaps the model for its
     ``random:<shape>`` stand-in, ``task`` the training data (e.g. ``gsm8k`` for a MetaMathQA
-    recipe when MetaMathQA is not on disk), ``device`` the device. Everything else (batch,
+    recipe when MetaMathQA is not on disk), ``device`` the device, ``speed`` keys set over the
+    recipe's (e.g. ``memory_fraction`` for the row within the Trainer's memory). Everything else (batch,
     accumulation, dtype, lr, schedule, max_length, speed keys, the adapter) is the recipe's.
     Raises ConfigError (every problem) for a folder that is not a valid experiment after the
     changes, BenchError (a ValueError) for an unknown id under ``random_weights``.
@@ -66,6 +67,8 @@ def bench_copy(path, into, *, steps: int, random_weights: bool = False, task: st
         overrides["task"] = task
     if device is not None:
         overrides["device"] = device
+    if speed:
+        overrides["speed"] = {**(original.get("speed") or {}), **speed}
     target = Path(into) / "experiments" / experiment_name(Path(path))
     target.mkdir(parents=True, exist_ok=True)
     if (Path(path) / ADAPTER_FILE).exists():
@@ -121,6 +124,50 @@ def _loralab_run_row(exp, workdir) -> dict:
             "oom_retries": timing.get("oom_retries"), "speed": info["speed"]}
 
 
+AT_PEER_MEMORY = "loralab@trainer-memory"
+"""The stack name of ``loralab run`` again with its auto micro-batch capped so its peak stays within
+the Trainer's (issue 22: the recipe goal is ">= 5x the careful Trainer at <= its memory")."""
+
+
+def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
+    """The probe budget that keeps a second ``loralab run`` within the Trainer's measured peak.
+
+    The Trainer searched its micro-batch within loralab's peak (``peers.trainer_row``), so it can
+    land below it; the goal asks loralab to run at <= the Trainer's memory. The auto micro-batch
+    caps the *probed* peak (one forward+backward, ``run.probe``); the run's peak adds what the
+    probe does not hold (optimizer state, CUDA graph pools), measured on the first run as its peak
+    minus its probe's peak at the chosen size. So: budget = Trainer's peak - that margin, and
+    ``memory_fraction`` = budget / ``total_bytes`` (the card's memory).
+
+    ``ours``/``trainer``: rows of ``run_experiment_bench`` (GiB figures; ours with ``speed``'s
+    ``micro_batch_probe``). Returns {run, fits, reason, budget_gib, margin_gib, memory_fraction}:
+    ``run`` False with the reason when there is nothing to do (``fits``: loralab already within; else
+    no probe: an explicit micro-batch or no GPU, a failed row)."""
+    skip = {"run": False, "fits": False, "budget_gib": None, "margin_gib": None, "memory_fraction": None}
+    if ours.get("error") or trainer.get("error") or ours.get("peak_memory_gib") is None \
+            or trainer.get("peak_memory_gib") is None:
+        return {**skip, "reason": "no peak memory for both stacks (not on CUDA, or a stack failed)"}
+    if ours["peak_memory_gib"] <= trainer["peak_memory_gib"]:
+        return {**skip, "fits": True, "reason": f"loralab's peak {ours['peak_memory_gib']:.2f} GiB is within the Trainer's "
+                                  f"{trainer['peak_memory_gib']:.2f} GiB"}
+    probe = (ours.get("speed") or {}).get("micro_batch_probe") or {}
+    sizes, peaks = probe.get("sizes") or [], probe.get("peaks_gib") or []
+    chosen = ours.get("micro_batch")
+    if chosen not in sizes or peaks[sizes.index(chosen)] is None:
+        return {**skip, "reason": "loralab's micro-batch was not probed (an explicit speed.micro_batch): "
+                                  "nothing to cap"}
+    margin = max(0.0, ours["peak_memory_gib"] - peaks[sizes.index(chosen)])
+    budget = trainer["peak_memory_gib"] - margin
+    if budget <= 0:
+        return {**skip, "reason": f"the Trainer's peak {trainer['peak_memory_gib']:.2f} GiB is below loralab's "
+                                  f"unprobed memory ({margin:.2f} GiB)"}
+    return {"run": True, "fits": False, "budget_gib": round(budget, 2), "margin_gib": round(margin, 2),
+            "memory_fraction": budget * 2**30 / total_bytes,
+            "reason": f"loralab's peak {ours['peak_memory_gib']:.2f} GiB is over the Trainer's "
+                      f"{trainer['peak_memory_gib']:.2f} GiB; probe budget = that - {margin:.2f} GiB (run peak "
+                      f"minus probed peak at micro-batch {chosen})"}
+
+
 def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, task: str | None = None,
                          device: str | None = None, stacks: tuple[str, ...] = ("loralab", "trainer"),
                          workdir=None, log=print) -> dict:
@@ -129,10 +176,15 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
     device (see ``bench_copy``, ``_loralab_run_row``, ``peers.trainer_row``).
 
     Returns {experiment, model_id, random_weights, task, steps, optimizer_batch, device, rows,
-    ratio}: one row per stack with real (non-pad) tokens, steady-state tokens/s and samples/s,
-    warm-up seconds, peak memory (GiB, CUDA) and per-step losses; ``ratio`` = loralab / trainer
-    steady tokens/s (the Trainer row is the one peer row, so also ``ratio_best_peer``, with
-    ``best_peer`` naming it). ``steps`` must be >= 2 (step 1 is warm-up for both stacks). Raises
+    ratio, at_trainer_memory_plan, at_trainer_memory}: one row per stack with real (non-pad) tokens,
+    steady-state tokens/s and samples/s, warm-up seconds, peak memory (GiB, CUDA) and per-step
+    losses; ``ratio`` = loralab / trainer steady tokens/s (the Trainer row is the one peer row, so
+    also ``ratio_best_peer``, with ``best_peer`` naming it). When loralab's peak is over the
+    Trainer's (the Trainer searched within loralab's peak and may land below it), a third row,
+    ``AT_PEER_MEMORY``, runs ``loralab run`` again with its probe capped to stay within the
+    Trainer's peak (``peer_memory_budget``: the plan and its reason); ``at_trainer_memory`` = {stack,
+    ratio, peak_memory_gib, trainer_peak_memory_gib, within}: loralab's figure at <= the Trainer's
+    memory (its default row when that already fit; None off CUDA). ``steps`` must be >= 2 (step 1 is warm-up for both stacks). Raises
     ConfigError for a bad folder, BenchError (a ValueError) for bad arguments.
     """
     import tempfile
@@ -176,16 +228,44 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             rows.append(row)
             log(format_experiment_row(row))
         clean(dev.type)
-    by = {r["stack"]: r for r in rows}
-    ratio = None
+        by = {r["stack"]: r for r in rows}
+        plan = None
+        if "loralab" in by and "trainer" in by:
+            plan = peer_memory_budget(by["loralab"], by["trainer"],
+                                      torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 0)
+            log(f"bench --experiment {exp.name}: {AT_PEER_MEMORY}: {plan['reason']}")
+        if plan and plan["run"]:
+            capped_root = root / "at-trainer-memory"
+            capped = bench_copy(path, capped_root, steps=steps, random_weights=random_weights, task=task, device=device,
+                                speed={"memory_fraction": plan["memory_fraction"]})
+            try:
+                row = {**_loralab_run_row(capped, capped_root), "stack": AT_PEER_MEMORY}
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed row, as above
+                import traceback
+
+                traceback.print_exc()
+                row = {"stack": AT_PEER_MEMORY, "steps": 0, "samples": 0, "tokens": 0, "tokens_per_second": None,
+                       "samples_per_second": None, "peak_memory_gib": None, "losses": [],
+                       "error": f"{type(exc).__name__}: {str(exc).strip()[:400]}"}
+            rows.append(row)
+            by[AT_PEER_MEMORY] = row
+            log(format_experiment_row(row))
+            clean(dev.type)
+    ratio = at_memory = None
     if "loralab" in by and "trainer" in by and by["loralab"]["tokens_per_second"] and by["trainer"]["tokens_per_second"]:
         ratio = by["loralab"]["tokens_per_second"] / by["trainer"]["tokens_per_second"]
+        capped = by.get(AT_PEER_MEMORY, by["loralab"])  # loralab's default run when it already fit
+        if capped.get("tokens_per_second") and plan is not None and (plan["run"] or plan["fits"]):
+            at_memory = {"stack": capped["stack"], "ratio": capped["tokens_per_second"] / by["trainer"]["tokens_per_second"],
+                         "peak_memory_gib": capped["peak_memory_gib"], "trainer_peak_memory_gib": by["trainer"]["peak_memory_gib"],
+                         "within": capped["peak_memory_gib"] <= by["trainer"]["peak_memory_gib"]}
     return {"experiment": exp.name, "source": str(path), "model_id": params.model_id, "random_weights": random_weights,
             "task": params.task, "dtype": params.dtype, "steps": steps,
             "batch_size": params.batch_size, "gradient_accumulation_steps": params.gradient_accumulation_steps,
             "optimizer_batch": params.batch_size * params.gradient_accumulation_steps, "max_length": params.max_length,
             "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "rows": rows, "ratio": ratio, "best_peer": "trainer" if ratio else None, "ratio_best_peer": ratio}
+            "rows": rows, "ratio": ratio, "best_peer": "trainer" if ratio else None, "ratio_best_peer": ratio,
+            "at_trainer_memory_plan": plan, "at_trainer_memory": at_memory}
 
 
 def format_experiment_row(row: dict) -> str:
@@ -214,10 +294,17 @@ def experiment_table(result: dict) -> str:
         mem = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
         loss = f"{r['losses'][0]:.4f}" if r.get("losses") else "—"
         ratio = f"{result['ratio']:.2f}x" if r["stack"] == "loralab" and result.get("ratio") else ""
-        name = "`loralab run`" if r["stack"] == "loralab" else "transformers Trainer + peft (tuned)"
+        if r["stack"] == AT_PEER_MEMORY and result.get("at_trainer_memory"):
+            ratio = f"{result['at_trainer_memory']['ratio']:.2f}x"
+        name = {"loralab": "`loralab run`", AT_PEER_MEMORY: "`loralab run` within the Trainer's peak"}.get(
+            r["stack"], "transformers Trainer + peft (tuned)")
         micro = "" if r.get("micro_batch") is None else str(r["micro_batch"]) + (
             f" x {r['gradient_accumulation_steps']}" if r.get("gradient_accumulation_steps") else "")
         lines.append(f"| {name} | {r['samples']} | {r['tokens']:,} | {r.get('steady_steps')} | {tps} | {sps} | {mem} | "
                      f"{r.get('warmup_seconds') or 0:.1f} s | {loss} | {micro} | {ratio} |")
     lines += [f"{r['stack']} failed: {r['error']}" for r in result["rows"] if r.get("error")]
+    plan = result.get("at_trainer_memory_plan")
+    if plan:
+        lines.append(f"{AT_PEER_MEMORY}: {plan['reason']}" + (f" -> probe budget {plan['budget_gib']:.2f} GiB "
+                     f"(speed.memory_fraction {plan['memory_fraction']:.4f})" if plan["run"] else ""))
     return "\n".join(lines)
