@@ -130,3 +130,54 @@ def test_the_budget_within_the_trainers_memory_from_the_h200_recipe_rows():
     explicit = {**rows["loralab"], "speed": {**rows["loralab"]["speed"], "micro_batch_probe": None}}
     assert "not probed" in peer_memory_budget(explicit, rows["trainer"], total)["reason"]
     assert peer_memory_budget({**rows["loralab"], "error": "OOM"}, rows["trainer"], total)["run"] is False
+
+
+def test_liger_keeps_an_adapted_lm_head_in_the_loss():
+    """Liger's fused linear cross-entropy reads lm_head.weight, the frozen base weight under a peft
+    LoRA layer: a recipe that adapts the head (seed 000's) gets the fused loss off and Liger's
+    cross-entropy over the logits; without a head adapter, Liger's defaults."""
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.bench.peers import LIGER_DEFAULTS, liger_options
+
+    def tiny():
+        return load_model("random:tiny-llama", "causal_lm", 2, "float32")
+
+    head = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert liger_options(head) == {**LIGER_DEFAULTS, "fused_linear_cross_entropy": False, "cross_entropy": True}
+    body = get_peft_model(tiny(), LoraConfig(r=4, target_modules="all-linear"))  # peft's all-linear leaves the head
+    assert liger_options(body) == LIGER_DEFAULTS and LIGER_DEFAULTS["fused_linear_cross_entropy"] is True
+    assert liger_options(tiny()) == LIGER_DEFAULTS  # full fine-tuning: the head's own weight trains
+
+
+def test_liger_patched_puts_back_what_liger_rebinds_outside_the_model(monkeypatch):
+    """Liger's apply function rebinds transformers' Llama names and, with cross_entropy, torch's
+    cross_entropy for the process; the rows after the Trainer (loralab within its memory) must run
+    plain torch and transformers. Liger needs triton (not on CPU): a stand-in with its signature
+    rebinds what the real one rebinds (liger_kernel/transformers/monkey_patch.py)."""
+    import sys
+    import types
+
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    from loralab.bench.peers import liger_patched
+
+    calls = []
+
+    def apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True,
+                                    swiglu=True, model=None):
+        calls.append(dict(rope=rope, cross_entropy=cross_entropy, fused_linear_cross_entropy=fused_linear_cross_entropy))
+        modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (), {})
+        if cross_entropy:
+            torch.nn.functional.cross_entropy = lambda *a, **k: None
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_llama = apply_liger_kernel_to_llama
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    norm, ce = modeling_llama.LlamaRMSNorm, torch.nn.functional.cross_entropy
+    with liger_patched(object(), cross_entropy=True, fused_linear_cross_entropy=False):
+        assert modeling_llama.LlamaRMSNorm is not norm and torch.nn.functional.cross_entropy is not ce
+    assert modeling_llama.LlamaRMSNorm is norm and torch.nn.functional.cross_entropy is ce
+    assert calls == [{"rope": True, "cross_entropy": True, "fused_linear_cross_entropy": False}]

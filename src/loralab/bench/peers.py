@@ -36,20 +36,41 @@ def liger_available(w: Workload, device: str) -> bool:
     return device == "cuda" and w.model.startswith("llama") and importlib.util.find_spec("liger_kernel") is not None
 
 
+LIGER_DEFAULTS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": True}
+"""``apply_liger_kernel_to_llama``'s defaults, which ``Trainer(use_liger_kernel=True)`` applies."""
+
+
+def liger_options(model) -> dict:
+    """The Liger settings a careful user gives ``model`` (a peft model or a plain one).
+
+    Liger's fused linear cross-entropy multiplies the hidden states by ``lm_head.weight`` itself
+    (liger_kernel/transformers/model/llama.py, ``lce_maybe_trainable_lm_head``): on a peft LoRA
+    layer that is the frozen base weight, so an adapter on the LM head (seed 000's recipes adapt
+    ``lm_head``) neither acts in the loss nor gets a gradient, silently (trl's KTO trainer refuses
+    that pairing for this reason, huggingface/trl#6277). With the head adapted, the fused loss is
+    off and Liger's cross-entropy over the logits is on; otherwise Liger's defaults."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    adapted = head is not None and len(getattr(head, "lora_A", None) or {}) > 0
+    return {**LIGER_DEFAULTS, **({"cross_entropy": True, "fused_linear_cross_entropy": False} if adapted else {})}
+
+
 @contextlib.contextmanager
-def liger_patched(model):
-    """Liger's kernels on ``model`` for the duration; the module-level names Liger rebinds in
-    transformers' Llama code (RoPE, RMSNorm, MLP classes) are put back afterwards, so the rows
-    that follow run plain transformers again."""
+def liger_patched(model, **options):
+    """Liger's kernels on ``model`` for the duration (``options`` over ``LIGER_DEFAULTS``); what
+    Liger rebinds outside the instance, the names in transformers' Llama module (RoPE, RMSNorm,
+    MLP classes) and ``torch.nn.functional.cross_entropy`` (its ``cross_entropy`` option), is
+    put back afterwards, so the rows that follow run plain transformers and torch again."""
     from liger_kernel.transformers import apply_liger_kernel_to_llama
     from transformers.models.llama import modeling_llama
 
     saved = dict(vars(modeling_llama))
+    cross_entropy = torch.nn.functional.cross_entropy
     try:
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True, model=model)
+        apply_liger_kernel_to_llama(**{**LIGER_DEFAULTS, **options}, model=model)
         yield model
     finally:
+        torch.nn.functional.cross_entropy = cross_entropy
         for name, value in saved.items():
             if vars(modeling_llama).get(name) is not value:
                 setattr(modeling_llama, name, value)
@@ -200,24 +221,19 @@ def trainer_row(exp, workdir, log, budget_gib: float | None = None) -> dict:
     samples ``loralab run`` trained on, in its order (``loralab.run.loop.epoch_batches``;
     sequential sampler); tuned as issue 22 asks: on CUDA ``bf16=True`` (``fp16`` for an fp16
     base; on CPU neither), ``optim="adamw_torch_fused"``, ``use_liger_kernel`` where Liger imports
-    (CUDA), and the best ``per_device_train_batch_size`` within ``budget_gib`` (loralab's measured
+    (CUDA; ``liger_options``: the fused loss off when the recipe adapts the LM head), and the best
+    ``per_device_train_batch_size`` within ``budget_gib`` (loralab's measured
     peak; ``search_micro_batch`` over powers of two dividing the optimizer batch) with
     ``gradient_accumulation_steps`` keeping the optimizer batch.
     Step times come from a callback that synchronises the GPU at every optimizer step's end; the
     steady state is steps 2..N (step 1 carries CUDA/cuBLAS initialisation and allocator growth).
     """
-    from transformers import (
-        DataCollatorForSeq2Seq,
-        PrinterCallback,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import DataCollatorForSeq2Seq
 
     from loralab.data import pad_id as _pad_id
     from loralab.methods.common import resolve_config
     from loralab.models import load_model, load_tokenizer
-    from loralab.run.build import pick_device, warmup_steps
+    from loralab.run.build import pick_device
     from loralab.run.loop import epoch_batches
     from loralab.tasks import get_task
 
@@ -245,17 +261,31 @@ def trainer_row(exp, workdir, log, budget_gib: float | None = None) -> dict:
                 break
         epoch += 1
     samples = [train[i] for i in order[:params.max_steps * opt_batch]]
+    liger = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    liger_config = liger_options(model) if liger else None
+    with contextlib.ExitStack() as patches:
+        if liger:  # what Trainer(use_liger_kernel=True, liger_kernel_config=...) applies, applied for the search too
+            patches.enter_context(liger_patched(model.get_base_model() if hasattr(model, "get_base_model") else model,
+                                                **liger_config))
+        return _train_with_trainer(exp, workdir, log, budget_gib, model, samples, collator, device,
+                                   liger_config)
+
+
+def _train_with_trainer(exp, workdir, log, budget_gib, model, samples, collator, device, liger_config) -> dict:
+    """``trainer_row``'s search and timed run, with Liger (``liger_config``; None: off) already applied."""
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from loralab.run.build import warmup_steps
+
+    params = exp.params
+    liger = liger_config is not None
+    opt_batch = params.batch_size * params.gradient_accumulation_steps
     per_step_tokens = [sum(len(f["input_ids"]) for f in samples[k * opt_batch:(k + 1) * opt_batch])
                        for k in range(params.max_steps)]
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     bf16, fp16 = cuda and params.dtype != "float16", cuda and params.dtype == "float16"
-    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    if liger:  # what Trainer(use_liger_kernel=True) applies, applied for the search too
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model.get_base_model() if hasattr(model, "get_base_model") else model)
     longest = max(samples, key=lambda f: len(f["input_ids"]))
     model.to(device)
     micro, probe = search_micro_batch(
@@ -286,7 +316,8 @@ def trainer_row(exp, workdir, log, budget_gib: float | None = None) -> dict:
         gradient_accumulation_steps=opt_batch // micro, learning_rate=params.learning_rate,
         lr_scheduler_type=params.lr_scheduler, warmup_steps=warmup_steps(params.warmup_ratio, params.max_steps),
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, max_steps=params.max_steps,
-        bf16=bf16, fp16=fp16, optim="adamw_torch_fused", use_liger_kernel=liger, logging_steps=1, save_strategy="no",
+        bf16=bf16, fp16=fp16, optim="adamw_torch_fused", use_liger_kernel=liger, liger_kernel_config=liger_config,
+        logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, seed=params.seed, dataloader_num_workers=0,
         remove_unused_columns=False, use_cpu=not cuda)
     trainer = InOrder(model=model, args=args, train_dataset=samples, data_collator=collator, callbacks=[clock])
@@ -309,6 +340,6 @@ def trainer_row(exp, workdir, log, budget_gib: float | None = None) -> dict:
            "peak_memory_gib": gib(peak), "losses": losses, "micro_batch": micro,
            "gradient_accumulation_steps": opt_batch // micro, "micro_batch_probe": probe,
            "speed": {"bf16": args.bf16, "fp16": args.fp16, "optim": getattr(args.optim, "value", str(args.optim)),
-                     "liger": liger}}
+                     "liger": liger, **({"liger_kernel_config": liger_config} if liger else {})}}
     del trainer, model
     return row
