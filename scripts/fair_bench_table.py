@@ -127,6 +127,14 @@ def main() -> None:
                               yes(at["ratio"] >= 5 and at["within"])))
             notes.append(f"- Careful Trainer: per-device batch {trainer.get('micro_batch')} x accumulation "
                          f"{trainer.get('gradient_accumulation_steps')} ({(trainer.get('micro_batch_probe') or {}).get('reason')}).")
+            tuned = trainer.get("speed") or {}
+            if tuned.get("liger") and "liger_kernel_config" not in tuned:  # rows made before liger_options
+                notes.append("- This Trainer row ran Liger's defaults, whose fused linear cross-entropy reads the "
+                             "frozen `lm_head.weight`: a recipe that adapts `lm_head` (seed 000's does) trained its head "
+                             "adapter neither in the loss nor by gradient there, so that peer did less work than the "
+                             "recipe asks (the likely cause of its flat losses); the ratio above is against that peer. The Trainer "
+                             "peer now turns the fused loss off for an adapted head (results/bench-fair/README.md); not "
+                             "yet re-measured.")
     if (out / "fp8loss.json").exists():
         r = json.loads((out / "fp8loss.json").read_text())
         goals.append((f"FP8 vs bf16 loss gap <= bf16 vs fp32 ({r['shape']} shape, {r['steps']} steps of {r['batch']} "
