@@ -1,5 +1,5 @@
 """Issue 22's tables and goal check, made from the files ``scripts/gpu_fair_bench.sh`` wrote on one H200
-(fp8check.json, fair8b.json, fp8loss.json, recipe.json; whichever exist).
+(fp8check.json, fair8b.json, fair8bcache.json, fp8loss.json, recipe.json; whichever exist).
 
     python scripts/fair_bench_table.py [results/bench-fair]
 
@@ -108,6 +108,17 @@ def main() -> None:
                 notes.append(f"- Tuned peer, {r['method']}: micro-batch {r.get('micro_batch')} of {p.get('sizes')} "
                              f"(peaks {p.get('peaks_gib')} GiB against a budget of {p.get('budget_gib')} GiB, "
                              f"loralab's peak): {p.get('reason')}.")
+    if (out / "fair8bcache.json").exists():  # the same rows with the FP8 rows' transposed codes cached
+        from loralab.bench.runner import table
+
+        rows = json.loads((out / "fair8bcache.json").read_text())
+        share = next((r["speed"].get("fp8_transpose_cache") for r in rows if r["method"].startswith("fp8+")
+                      and r["stack"] == "loralab"), None)
+        print(f"The same rows with `--speed fp8_transpose_cache={share}` (`fair8bcache.json`: the FP8 rows keep the "
+              "column-major codes of the largest layers instead of copying them in each backward):\n\n"
+              + table(rows) + "\n")
+        goals += [(f"{goal} (fp8_transpose_cache {share})", figure, met) for goal, figure, met in bench_goals(rows)
+                  if "FP8" in goal]
     if (out / "recipe.json").exists():
         from loralab.bench.experiment import experiment_table
 

@@ -7,6 +7,10 @@
 #           (bf16 autocast, fused AdamW, Liger, its best micro-batch within loralab's measured peak; the
 #           sizes it tried, their peaks and rates are in each tuned row's micro_batch_probe). loralab's
 #           rows carry ratio_best_peer (and best_peer) and ratio_docs_peer. ~6-8 min (10 rows).
+#   fair8bcache  fair8b again with `--speed fp8_transpose_cache=0.81`: the FP8 rows keep the column-major
+#           codes of the MLP projections (the largest 81 % of the FP8 weight bytes) instead of copying them in
+#           every backward (~4.4 ms of a ~106 ms FP8 step in fp8prof.profile.txt; +5.2 GiB). Its files:
+#           fair8bcache.json/.log. Compare its fp8+lora/fp8+dora rows with fair8b's (same call if both fit).
 #   recipe  the shipped experiments/llm/seed000-llama3-8b-math/lora recipe at the 8B shape with random weights
 #           (SmolLM2's tokenizer; GSM8K train standing in for MetaMathQA, which is not on disk):
 #           `loralab bench --experiment ... --random-weights --task gsm8k --steps 5`, `loralab run`'s own
@@ -66,6 +70,9 @@ for part in "${PARTS[@]}"; do
     fair8b)
       step fair8b 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --output "$OUT/fair8b.json" ;;
+    fair8bcache)
+      step fair8bcache 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+        --speed fp8_transpose_cache=0.81 --output "$OUT/fair8bcache.json" ;;
     recipe)
       step recipe 330 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --output "$OUT/recipe.json" ;;
@@ -73,7 +80,7 @@ for part in "${PARTS[@]}"; do
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 330 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b recipe fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache recipe fp8check fp8loss)"; exit 2 ;;
   esac
 done
 

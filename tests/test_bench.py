@@ -95,3 +95,19 @@ def test_methods_keeps_those_rows_and_names_an_unknown_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--experiment", str(tmp_path), "--methods", "lora"])
     assert "--methods" in str(exc.value)
+
+
+def test_speed_option_sets_loralab_keys_and_fp8_keys_reach_the_fp8_rows_only(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--only", "tiny-llama/fixed"]
+    assert main([*argv, "--methods", "lora,fp8+lora", "--speed", "fp8_transpose_cache=1", "--speed", "chunked_loss=false",
+                 "--output", str(out)]) == 0
+    rows = {(r["method"], r["stack"]): r for r in json.loads(out.read_text())}
+    fp8, lora = rows[("fp8+lora", "loralab")]["speed"], rows[("lora", "loralab")]["speed"]
+    assert fp8["fp8_transpose_cache"] == 1 and lora["fp8_transpose_cache"] == 0.0  # the float row: the default
+    assert fp8["chunked_loss"] is False and lora["chunked_loss"] is False
+    for bad, said in [("fp8_transpose_cache", "KEY=VALUE expected"), ("fast_dor=true", "unknown key 'fast_dor'"),
+                      ("fp8_transpose_cache=2", "'speed.fp8_transpose_cache' = 2 must be a number in [0, 1]")]:
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--speed", bad])
+        assert said in str(exc.value), (bad, exc.value)

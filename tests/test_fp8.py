@@ -156,3 +156,73 @@ def test_dequantize_linears_gives_float_layers_of_codes_times_scale():
     w = model[0].dequantize()
     dequantize_linears(model)
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, w)
+
+
+# ---- speed.fp8_transpose_cache: the column-major codes kept instead of copied per backward ---------
+
+def test_cached_transpose_gives_the_same_bits_and_stays_out_of_the_state_dict():
+    torch.manual_seed(4)
+    layer = Fp8Linear.from_linear(nn.Linear(48, 64))
+    cached = copy.deepcopy(layer)
+    keys = set(layer.state_dict())
+    assert cached.cache_transpose() == 48 * 64 and cached.cache_transpose() == 0  # once
+    w = cached.codes_colmajor
+    assert w.shape == (64, 48) and w.stride() == (1, 64) and torch.equal(w.float(), layer.codes.float())
+    assert set(cached.state_dict()) == keys and layer.codes_colmajor is None
+    x = torch.randn(5, 48)
+    outs = []
+    for m in (layer, cached):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(torch.randn(5, 64, generator=torch.Generator().manual_seed(0)))
+        outs.append((y.detach(), xi.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    def colmajor_saved(m):  # what the forward saves for the backward: the cached copy goes to the backward
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            m(x.clone().requires_grad_(True))
+        return [t for t in saved if t.dtype == torch.float8_e4m3fn and t.stride() == (1, 64)]
+
+    assert colmajor_saved(layer) == [] and len(colmajor_saved(cached)) == 1
+    cached.to(torch.bfloat16)  # dtype moves leave the cached codes as they are
+    assert cached.codes_t_bits.dtype == torch.uint8 and torch.equal(cached.codes_colmajor.float(), layer.codes.float())
+
+
+def test_cache_transposes_takes_the_largest_layers_first_within_the_share():
+    from loralab.speed.fp8 import cache_transposes
+
+    class Block(nn.Module):  # a Llama block's proportions at 1/64 scale: q, k, v, o, gate, up, down
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = nn.Linear(64, 64), nn.Linear(64, 64)
+            self.k, self.v = nn.Linear(64, 16), nn.Linear(64, 16)
+            self.gate, self.up, self.down = nn.Linear(64, 224), nn.Linear(64, 224), nn.Linear(224, 64)
+
+    def fresh():
+        model = nn.Sequential(Block(), Block())
+        quantize_linears(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+        return model
+
+    total = 2 * (2 * 64 * 64 + 2 * 16 * 64 + 3 * 224 * 64)
+    mlp = 2 * 3 * 224 * 64
+    for share, want in [(0.0, 0), (0.5, 0), (mlp / total, mlp), (0.9, mlp), (1.0, total)]:
+        model = fresh()
+        got = cache_transposes(model, share)
+        assert got == {"layers": {0: 0, mlp: 6, total: 14}[want], "bytes": want, "total_bytes": total}, share
+        cached = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if getattr(m, "codes_t_bits", None) is not None}
+        assert cached == {0: set(), mlp: {"gate", "up", "down"}, total: {"q", "k", "v", "o", "gate", "up", "down"}}[want]
+    with pytest.raises(ValueError, match="share = 1.5"):
+        cache_transposes(fresh(), 1.5)
+
+
+def test_prepare_model_caches_the_transposes_the_speed_setting_asks_for():
+    import dataclasses
+
+    from loralab.speed.step import PLAIN, prepare_model
+
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32))
+    quantize_linears(model, ["0", "1"])
+    prepare_model(model, PLAIN)
+    assert all(m.codes_colmajor is None for m in model)
+    prepare_model(model, dataclasses.replace(PLAIN, fp8_transpose_cache=1.0))
+    assert all(m.codes_colmajor is not None for m in model)

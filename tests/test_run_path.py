@@ -22,7 +22,8 @@ def test_experiment_speed_defaults_are_unchanged():
     """The experiment's ``speed`` dict is hashed (``train_params_sha``): the hashed keys, order and
     values stay what they were before the settings became one dataclass; a key added since
     (``memory_fraction``, ``grad_reduce``) is hashed only when an experiment sets it away from its default."""
-    assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp"}
+    assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
+                                 "fp8_transpose_cache": 0.0}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "loss_chunk_size" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed
@@ -40,6 +41,23 @@ def test_memory_fraction_is_checked():
         with pytest.raises(ConfigError, match="'speed.memory_fraction'"):
             build_parameters({"speed": {"memory_fraction": bad}})
     assert build_parameters({"speed": {"memory_fraction": 1}}).speed["memory_fraction"] == 1
+
+
+def test_fp8_transpose_cache_is_checked_hashed_once_set_and_needs_the_fp8_base():
+    from peft import LoraConfig
+
+    from loralab import methods
+
+    for bad in (-0.1, 1.5, True, "all"):
+        with pytest.raises(ConfigError, match="'speed.fp8_transpose_cache'"):
+            build_parameters({"speed": {"fp8_transpose_cache": bad}})
+    assert hashed_parameters(build_parameters({"speed": {"fp8_transpose_cache": 0.81}}))["speed"] == \
+        {**HASHED_SPEED_DEFAULTS, "fp8_transpose_cache": 0.81}
+    cfg = LoraConfig(r=4, target_modules=["query"])
+    for base, refused in ((None, True), ("nf4", True), ("fp8", False)):
+        params = build_parameters({"quantization": base, "speed": {"fp8_transpose_cache": 1}})
+        problems = methods.choose_method(cfg, params).conflicts(cfg, params)
+        assert any("'speed.fp8_transpose_cache' = 1" in p and "'quantization': 'fp8'" in p for p in problems) is refused
 
 
 @pytest.mark.parametrize("device,kind,dtype", list(itertools.product(["cpu", "cuda"], ["causal_lm", "seq_cls"],

@@ -89,6 +89,9 @@ class Speed:
     grad_reduce: str = field(default="ddp", metadata={"added": True})  # more than one DDP process: "ddp" (DDP's
     # bucketed all-reduce during the backward; CUDA graphs off) or "after_backward" (one summed all-reduce of the
     # gradients after the last micro-batch, outside any capture, so CUDA graphs stay on: run/reduce.py, issue 23)
+    fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # quantization "fp8": share of the
+    # FP8 weight bytes also kept column-major for the input-gradient GEMM, largest layers first (speed/fp8.py
+    # cache_transposes; 0.81 = a Llama's MLP, 1 = all: 1 byte more per cached weight, no copy per backward). Exact.
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     loss_chunk_size: int = field(default=1024, metadata={"code_only": True})  # tokens per cross-entropy chunk
@@ -110,6 +113,10 @@ class Speed:
             problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
         if not (type(speed["memory_fraction"]) in (int, float) and 0 < speed["memory_fraction"] <= 1):
             problems.append(f"'speed.memory_fraction' = {speed['memory_fraction']!r} must be a number in (0, 1]")
+        cache = speed["fp8_transpose_cache"]
+        if not (type(cache) in (int, float) and 0 <= cache <= 1):
+            problems.append(f"'speed.fp8_transpose_cache' = {cache!r} must be a number in [0, 1] (a share of the FP8 "
+                            "weight bytes)")
         if speed["grad_reduce"] not in GRAD_REDUCE:
             problems.append(f"'speed.grad_reduce' = {speed['grad_reduce']!r} is not allowed; allowed: {', '.join(GRAD_REDUCE)}")
         mb = speed["micro_batch"]

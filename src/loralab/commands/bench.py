@@ -40,6 +40,9 @@ def add_arguments(parser) -> None:
                         help="speed.compile = false for the loralab stack (default: loralab run's, on for causal LMs on cuda)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="speed.cuda_graphs = false for the loralab stack (default: loralab run's, on on cuda)")
+    parser.add_argument("--speed", action="append", default=[], metavar="KEY=VALUE",
+                        help="an explicit speed key for the loralab stack, VALUE in JSON (repeatable), e.g. "
+                             "fp8_transpose_cache=0.81; FP8-only keys apply to the FP8-base rows")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda), in a second pass after all rows are timed")
     group = parser.add_argument_group("generation (--eval)")
     group.add_argument("--eval", action="store_true",
@@ -87,7 +90,7 @@ def run(args) -> int:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text(json.dumps(rows, indent=1) + "\n")
 
-    speed = {}  # explicit keys win over loralab run's defaults
+    speed = parse_speed(args.speed)  # explicit keys win over loralab run's defaults
     if args.no_compile:
         speed["compile"] = False
     if args.no_cuda_graphs:
@@ -115,16 +118,39 @@ def run(args) -> int:
     return 0
 
 
+def parse_speed(items: list[str]) -> dict:
+    """``--speed KEY=VALUE`` options as a speed dict (VALUE parsed as JSON, else taken as a string).
+    Raises SystemExit naming the item for a missing ``=``, an unknown key (with the allowed ones) or
+    a value ``config.Speed`` refuses (its message)."""
+    from loralab.config import Speed
+
+    out, keys = {}, Speed.experiment_keys()
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--speed {item!r}: KEY=VALUE expected (e.g. fp8_transpose_cache=0.81)")
+        if key not in keys:
+            raise SystemExit(f"--speed {item!r}: unknown key {key!r}; allowed: {', '.join(keys)}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    problems = Speed.problems({**Speed().record(), **out})
+    if problems:
+        raise SystemExit("--speed: " + "; ".join(problems))
+    return out
+
+
 def _run_experiment(args, device: str) -> int:
     from loralab.bench.experiment import experiment_table, run_experiment_bench
     from loralab.bench.workloads import BenchError
     from loralab.config import ConfigError
 
     if (args.preset or args.only or args.methods or args.profile or args.warmup or args.no_compile
-            or args.no_cuda_graphs):
+            or args.no_cuda_graphs or args.speed):
         raise SystemExit("--experiment benches the folder's own method and speed settings (its adapter_config.json and "
                          "training_parameters.json); remove --preset, --only, --methods, --profile, --warmup, "
-                         "--no-compile and --no-cuda-graphs, which apply to the preset rows only")
+                         "--no-compile, --no-cuda-graphs and --speed, which apply to the preset rows only")
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
                                       task=args.task, device=args.device)

@@ -269,6 +269,9 @@ def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: C
     if speed.micro_batch == "auto":
         log("micro-batch: no probe under FSDP; the experiment's batch_size (set speed.micro_batch to change)")
         speed.micro_batch = None
+    if speed.fp8_transpose_cache:
+        log("speed.fp8_transpose_cache off under FSDP (the cached codes are a buffer, which FSDP does not shard)")
+        speed.fp8_transpose_cache = 0.0
     log("no mid-run checkpoints under FSDP: the adapter/model is gathered and written at the end")
 
 

@@ -16,8 +16,11 @@ per-channel/per-token scales, written here from the rule, not copied):
   axis (N), so it cannot be an output scale; it is folded into the gradient before that is
   quantised per row: ``G = dy · diag(s_w) ≈ diag(s_g) · Gq``, then
   ``dx ≈ diag(s_g) · (Gq · Wq)``: ``_scaled_mm(Gq, Wq, scale_a=s_g (M,1), scale_b=1 (1,K))``.
-  Wq is the second operand here in (N, K) orientation, which the CUDA kernel wants column-major:
-  a transposed copy of the FP8 codes is made per backward (1 byte per weight).
+  Wq is the second operand here in (N, K) orientation, which the CUDA kernel wants column-major
+  (Hopper's FP8 tensor cores read both operands with the reduced axis contiguous): a transposed
+  copy of the FP8 codes is made per backward (1 byte per weight read and written; at the 8B shape
+  the copies of the MLP weights took ~4.4 ms of a ~106 ms step on an H200, results/bench-fair/
+  fp8prof.profile.txt), or, with ``cache_transposes``, kept once (1 more byte per cached weight).
 - no weight gradient: the base is frozen (``Fp8Linear.weight`` never requires grad).
 
 ``_scaled_mm`` runs on CPU in torch 2.13 (a reference kernel, slower than bf16 there) and on CUDA
@@ -90,33 +93,41 @@ class _Fp8Matmul(torch.autograd.Function):
     """y = x Wᵀ with FP8 operands; backward gives dx only (module docstring: the formulas)."""
 
     @staticmethod
-    def forward(ctx, x, codes, scales):
+    def forward(ctx, x, codes, scales, codes_colmajor):
         out_dtype = _out_dtype(x)
         xq, sx = quantize_rows(x)
         y = _scaled_mm(xq, codes.t(), sx, scales.view(1, -1), out_dtype)
-        ctx.save_for_backward(codes, scales)
+        if codes_colmajor is None:
+            ctx.save_for_backward(codes, scales)
+        else:
+            ctx.save_for_backward(codes, scales, codes_colmajor)
         ctx.in_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        codes, scales = ctx.saved_tensors
+        codes, scales, *cached = ctx.saved_tensors
         gq, sg = quantize_rows(grad.float() * scales.view(1, -1))
-        w_colmajor = codes.t().contiguous().t()  # (N, K) laid out column-major for the CUDA kernel
+        # (N, K) laid out column-major for the CUDA kernel: the cached copy, else one made now
+        w_colmajor = cached[0] if cached else codes.t().contiguous().t()
         ones = torch.ones(1, codes.shape[1], device=codes.device, dtype=torch.float32)
         dx = _scaled_mm(gq, w_colmajor, sg, ones, ctx.in_dtype)
-        return dx, None, None
+        return dx, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+               codes_colmajor: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ Wᵀ`` for ``W ≈ codes.float() * scales[:, None]``.
 
-    ``x`` (..., K) any float dtype; ``codes`` (N, K) float8_e4m3fn; ``scales`` (N,) float32.
-    Returns (..., N) in the activation dtype (the autocast dtype under autocast). Differentiable
-    in ``x`` only. Raises RuntimeError from ``_scaled_mm`` on a device without an FP8 kernel
-    (CUDA below compute capability 8.9) or, on CUDA, for K or N not divisible by 16."""
+    ``x`` (..., K) any float dtype; ``codes`` (N, K) float8_e4m3fn; ``scales`` (N,) float32;
+    ``codes_colmajor``: the same codes laid out column-major ((N, K) with strides (1, N)), used by
+    the input gradient instead of a copy made per backward (None: made per backward; the result
+    is the same bits either way). Returns (..., N) in the activation dtype (the autocast dtype
+    under autocast). Differentiable in ``x`` only. Raises RuntimeError from ``_scaled_mm`` on a
+    device without an FP8 kernel (CUDA below compute capability 8.9) or, on CUDA, for K or N not
+    divisible by 16."""
     lead = x.shape[:-1]
-    y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), codes, scales)
+    y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), codes, scales, codes_colmajor)
     return y.reshape(*lead, codes.shape[0])
 
 
@@ -171,9 +182,51 @@ class Fp8Linear(nn.Linear):
         """(out, in) float32 weight: codes · scale per output channel."""
         return self.codes.float() * self.weight_scale[:, None]
 
+    @property
+    def codes_colmajor(self) -> torch.Tensor | None:
+        """The codes as (out, in) float8_e4m3fn laid out column-major, when cached
+        (``cache_transpose``); None otherwise."""
+        bits = getattr(self, "codes_t_bits", None)
+        return None if bits is None else bits.view(FP8).t()
+
+    @torch.no_grad()
+    def cache_transpose(self) -> int:
+        """Keep a column-major copy of the codes for the input gradient (a non-persistent buffer:
+        not in the state dict, moved with the module). Returns the bytes it holds (0 if cached already)."""
+        if getattr(self, "codes_t_bits", None) is not None:
+            return 0
+        self.register_buffer("codes_t_bits", self.weight.detach().t().contiguous(), persistent=False)
+        return self.codes_t_bits.numel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.codes, self.weight_scale)
+        y = fp8_linear(x, self.codes, self.weight_scale, self.codes_colmajor)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3fn"
+
+
+def cache_transposes(model: nn.Module, share: float) -> dict:
+    """Cache the column-major codes (``Fp8Linear.cache_transpose``) of ``model``'s largest FP8
+    layers, largest first, while the cached bytes stay within ``share`` (0..1) of all FP8 weight
+    bytes (``speed.fp8_transpose_cache``). A Llama's MLP projections are ~81 % of its linear
+    weights: 0.81 caches exactly those at the 8B shape; 1 caches every layer (1 byte more per
+    weight). Layers of equal size are taken together or not at all. Returns {layers, bytes,
+    total_bytes} (counts over all FP8 layers). Raises ValueError for a share outside [0, 1]."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"share = {share!r}: a fraction in [0, 1] of the FP8 weight bytes")
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    total = sum(m.weight.numel() for m in layers)
+    by_size: dict[int, list[Fp8Linear]] = {}
+    for m in layers:
+        by_size.setdefault(m.weight.numel(), []).append(m)
+    cached = count = 0
+    for size in sorted(by_size, reverse=True):
+        group = by_size[size]
+        if cached + size * len(group) > share * total:
+            break
+        for m in group:
+            m.cache_transpose()
+        cached += size * len(group)
+        count += len(group)
+    return {"layers": count, "bytes": cached, "total_bytes": total}

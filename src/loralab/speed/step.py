@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from loralab.config import Speed
 from loralab.speed.fast_dora import enable_fast_dora
+from loralab.speed.fp8 import cache_transposes
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
 
@@ -40,6 +41,8 @@ def prepare_model(model, options: Speed):
                          "(Speed.resolve)")
     if options.fast_dora:
         enable_fast_dora(model)
+    if options.fp8_transpose_cache:
+        cache_transposes(model, options.fp8_transpose_cache)
     if options.fused_lora:
         enable_fused_lora(model)
     for module in model.modules():
