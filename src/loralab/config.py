@@ -91,7 +91,7 @@ class Speed:
     # gradients after the last micro-batch, outside any capture, so CUDA graphs stay on: run/reduce.py, issue 23)
     fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # quantization "fp8": share of the
     # FP8 weight bytes also kept column-major for the input-gradient GEMM, largest layers first (speed/fp8.py
-    # cache_transposes; 0.81 = a Llama's MLP, 1 = all: 1 byte more per cached weight, no copy per backward). Exact.
+    # cache_transposes; 0.81 = Llama-3-8B's MLP, 1 = all: 1 byte more per cached weight, no copy per backward). Exact.
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     loss_chunk_size: int = field(default=1024, metadata={"code_only": True})  # tokens per cross-entropy chunk
