@@ -11,6 +11,9 @@
 #           codes of the MLP projections (the largest 81 % of the FP8 weight bytes) instead of copying them in
 #           every backward (~4.4 ms of a ~106 ms FP8 step in fp8prof.profile.txt; +5.2 GiB). Its files:
 #           fair8bcache.json/.log. Compare its fp8+lora/fp8+dora rows with fair8b's (same call if both fit).
+#   profdora `loralab bench --preset full --only llama-3-8b/fixed --methods dora,fp8+dora --profile`: the two
+#           loralab DoRA rows' torch.profiler tables (profdora.profile.txt; the LoRA ones are fp8prof.profile.txt
+#           of 2026-12-04), for where DoRA's time goes on each base. ~5 min (3 peer rows, 2 loralab rows, 2 profiles).
 #   recipe  the shipped experiments/llm/seed000-llama3-8b-math/lora recipe at the 8B shape with random weights
 #           (SmolLM2's tokenizer; GSM8K train standing in for MetaMathQA, which is not on disk):
 #           `loralab bench --experiment ... --random-weights --task gsm8k --steps 5`, `loralab run`'s own
@@ -30,6 +33,9 @@
 #           LORALAB_GIT_COMMIT=<the commit measured> OUT=$OUT bash scripts/gpu_fair_bench.sh fair8b
 #   device call 2 (same carry): ... bash scripts/gpu_fair_bench.sh recipe fp8loss
 #   (fair8b takes most of a call since the FP8 rows joined it; the deadline guard skips what no longer fits.)
+#   After 2026-12-05's CPU-only session (fast DoRA on FP8, the transpose cache, the recipe's row within the
+#   Trainer's memory, the Trainer peer's head adapter under Liger), the calls to make, in this order:
+#   fair8b | fair8bcache | recipe | profdora (four calls, each alone; fp8check first in the first call).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -73,6 +79,9 @@ for part in "${PARTS[@]}"; do
     fair8bcache)
       step fair8bcache 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --speed fp8_transpose_cache=0.81 --output "$OUT/fair8bcache.json" ;;
+    profdora)
+      step profdora 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+        --methods dora,fp8+dora --profile --output "$OUT/profdora.json" ;;
     recipe)
       step recipe 330 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --output "$OUT/recipe.json" ;;
@@ -80,7 +89,7 @@ for part in "${PARTS[@]}"; do
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 330 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache recipe fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8loss)"; exit 2 ;;
   esac
 done
 
