@@ -103,6 +103,10 @@ def main() -> None:
               "rows' too:\n\n" + table(rows) + "\n")
         goals += bench_goals(rows)
         for r in rows:
+            if r["stack"] == "loralab" and r["method"] == "fp8+dora" and not r["speed"].get("fast_dora"):
+                notes.append("- The FP8-base DoRA row ran peft's DoRA forward (`speed.fast_dora` was refused on an FP8 "
+                             "base then), which dequantises each weight to float32 and builds W + s·BA in every forward; "
+                             "fast DoRA now takes its norm from the FP8 codes and scales: not yet measured.")
             if r["stack"] == "tuned":
                 p = r.get("micro_batch_probe") or {}
                 notes.append(f"- Tuned peer, {r['method']}: micro-batch {r.get('micro_batch')} of {p.get('sizes')} "

@@ -9,7 +9,8 @@
 #           rows carry ratio_best_peer (and best_peer) and ratio_docs_peer. ~6-8 min (10 rows).
 #   fair8bcache  fair8b again with `--speed fp8_transpose_cache=0.81`: the FP8 rows keep the column-major
 #           codes of the MLP projections (the largest 81 % of the FP8 weight bytes) instead of copying them in
-#           every backward (~4.4 ms of a ~106 ms FP8 step in fp8prof.profile.txt; +5.2 GiB). Its files:
+#           every backward (the kernels that hold those copies, fused with gradient quantisation, took ~4.4 ms of a ~106 ms FP8
+#           step in fp8prof.profile.txt: an upper bound; +5.2 GiB). Its files:
 #           fair8bcache.json/.log. Compare its fp8+lora/fp8+dora rows with fair8b's (same call if both fit).
 #   profdora `loralab bench --preset full --only llama-3-8b/fixed --methods dora,fp8+dora --profile`: the two
 #           loralab DoRA rows' torch.profiler tables (profdora.profile.txt; the LoRA ones are fp8prof.profile.txt

@@ -114,7 +114,7 @@ def test_the_budget_within_the_trainers_memory_from_the_h200_recipe_rows():
     spend the Trainer's peak less what the probe does not hold (1.56 GiB): 24.38 GiB, which excludes
     micro-batch 4 and keeps 2 (21.63 GiB probed)."""
     from loralab.bench.experiment import peer_memory_budget
-    from loralab.run.probe import decide_micro_batch, Trial
+    from loralab.run.probe import Trial, decide_micro_batch
 
     rows = {r["stack"]: r for r in json.loads(RECIPE_H200.read_text())["rows"]}
     total = 150_000_000_000  # bytes, any card size: the fraction scales with it
@@ -130,6 +130,8 @@ def test_the_budget_within_the_trainers_memory_from_the_h200_recipe_rows():
     explicit = {**rows["loralab"], "speed": {**rows["loralab"]["speed"], "micro_batch_probe": None}}
     assert "not probed" in peer_memory_budget(explicit, rows["trainer"], total)["reason"]
     assert peer_memory_budget({**rows["loralab"], "error": "OOM"}, rows["trainer"], total)["run"] is False
+    small = peer_memory_budget(rows["loralab"], {**rows["trainer"], "peak_memory_gib": 19.0}, total)  # 19 - 1.56 < 18.76
+    assert small["run"] is False and "no micro-batch fits" in small["reason"]
 
 
 def test_liger_keeps_an_adapted_lm_head_in_the_loss():

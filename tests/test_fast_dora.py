@@ -168,15 +168,43 @@ def test_fast_dora_fp8_dropout_branch_uses_the_fp8_kernel():
     torch.testing.assert_close(got, want)
 
 
-def test_fast_dora_refuses_a_packed_base_weight():
-    class Packed(torch.nn.Linear):
-        pass
+def test_fast_dora_refuses_a_packed_base_weight_before_swapping_any():
+    from peft.tuners.lora.variants import DoraLinearVariant
 
-    _, fast = _pair(_tiny_llama(), target_modules=["q_proj"])
     from loralab.speed.fast_dora import disable_fast_dora
 
+    _, fast = _pair(_tiny_llama(), target_modules=["q_proj"])
     disable_fast_dora(fast)
-    layer = fast.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-    layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.uint8), requires_grad=False)
+    layers = [layer.self_attn.q_proj for layer in fast.get_base_model().model.layers]
+    packed = layers[1].base_layer  # the second layer's weight stored as bytes, as a packed 4-bit layer stores it
+    packed.weight = torch.nn.Parameter(torch.zeros_like(packed.weight, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(ValueError, match="speed.fast_dora': false"):
         enable_fast_dora(fast)
+    assert all(type(layer.lora_variant["default"]) is DoraLinearVariant for layer in layers)  # none swapped
+
+
+def test_fast_dora_on_a_bf16_fp8_base_stays_close_to_peft_dora_on_it():
+    """The FP8 layers of a bf16 model multiply their codes in bf16 for W·Aᵀ (exact for the codes):
+    the fast norm matches the dense float32 norm of the dequantised weight to bf16 rounding, and the
+    logits stay as close to peft's DoRA on the same layers as bf16 allows (fp32 adapters)."""
+    from loralab.speed.fast_dora import _norm
+
+    base = _tiny_llama().to(torch.bfloat16)
+    from loralab.methods.common import linear_names
+    from loralab.methods.fp8base import quantize_linears
+
+    quantize_linears(base, linear_names(base))
+    ref, fast = _pair(base, target_modules="all-linear")
+    for model in (ref, fast):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    layer = fast.get_base_model().model.layers[0].mlp.down_proj
+    assert layer.get_base_layer().compute_dtype == torch.bfloat16
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    dense = torch.linalg.norm(layer.get_base_layer().dequantize() + s * (b @ a), dim=1)
+    torch.testing.assert_close(_norm(layer, "default", a, b, s), dense, rtol=2e-3, atol=1e-4)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float(),
+                                   rtol=0.05, atol=0.05)

@@ -186,26 +186,38 @@ def test_cached_transpose_gives_the_same_bits_and_stays_out_of_the_state_dict():
     assert colmajor_saved(layer) == [] and len(colmajor_saved(cached)) == 1
     cached.to(torch.bfloat16)  # dtype moves leave the cached codes as they are
     assert cached.codes_t_bits.dtype == torch.uint8 and torch.equal(cached.codes_colmajor.float(), layer.codes.float())
+    cached.codes_t_bits.zero_()  # the backward reads the cached copy: zero codes there, zero input gradient
+    xi = x.clone().requires_grad_(True)
+    cached(xi).sum().backward()
+    assert xi.grad.abs().max() == 0 and outs[1][1].abs().max() > 0
 
 
 def test_cache_transposes_takes_the_largest_layers_first_within_the_share():
+    """On Llama-3-8B's proportions (loralab.shapes.MODELS, every size / 16): the MLP projections are
+    80.8 % of the linear weight bytes, so 0.81 caches exactly them (the README's figure), 0.80
+    nothing (a group is whole or not at all), 1 everything."""
+    from loralab.shapes import MODELS
     from loralab.speed.fp8 import cache_transposes
 
-    class Block(nn.Module):  # a Llama block's proportions at 1/64 scale: q, k, v, o, gate, up, down
+    spec = MODELS["llama-3-8b"]
+    h, i = spec["hidden_size"] // 16, spec["intermediate_size"] // 16
+    kv = spec["num_key_value_heads"] * (spec["hidden_size"] // spec["num_attention_heads"]) // 16
+
+    class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.q, self.o = nn.Linear(64, 64), nn.Linear(64, 64)
-            self.k, self.v = nn.Linear(64, 16), nn.Linear(64, 16)
-            self.gate, self.up, self.down = nn.Linear(64, 224), nn.Linear(64, 224), nn.Linear(224, 64)
+            self.q, self.o, self.k, self.v = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, kv), nn.Linear(h, kv)
+            self.gate, self.up, self.down = nn.Linear(h, i), nn.Linear(h, i), nn.Linear(i, h)
 
     def fresh():
         model = nn.Sequential(Block(), Block())
         quantize_linears(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
         return model
 
-    total = 2 * (2 * 64 * 64 + 2 * 16 * 64 + 3 * 224 * 64)
-    mlp = 2 * 3 * 224 * 64
-    for share, want in [(0.0, 0), (0.5, 0), (mlp / total, mlp), (0.9, mlp), (1.0, total)]:
+    total = 2 * (2 * h * h + 2 * kv * h + 3 * i * h)
+    mlp = 2 * 3 * i * h
+    assert round(100 * mlp / total, 1) == 80.8
+    for share, want in [(0.0, 0), (0.8, 0), (0.81, mlp), (0.9, mlp), (1.0, total)]:
         model = fresh()
         got = cache_transposes(model, share)
         assert got == {"layers": {0: 0, mlp: 6, total: 14}[want], "bytes": want, "total_bytes": total}, share
@@ -224,5 +236,8 @@ def test_prepare_model_caches_the_transposes_the_speed_setting_asks_for():
     quantize_linears(model, ["0", "1"])
     prepare_model(model, PLAIN)
     assert all(m.codes_colmajor is None for m in model)
-    prepare_model(model, dataclasses.replace(PLAIN, fp8_transpose_cache=1.0))
+    options = dataclasses.replace(PLAIN, fp8_transpose_cache=1.0)
+    prepare_model(model, options)
     assert all(m.codes_colmajor is not None for m in model)
+    assert options.record()["fp8_transposes_cached"] == {"layers": 2, "bytes": 2 * 32 * 48, "total_bytes": 2 * 32 * 48}
+    assert "fp8_transposes_cached" not in PLAIN.record()

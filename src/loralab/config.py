@@ -65,6 +65,8 @@ def _generation_defaults() -> dict[str, Any]:
 
 
 GRAD_REDUCE = ("ddp", "after_backward")
+FP8_ONLY_SPEED = ("fp8_transpose_cache",)
+"""``Speed`` keys that act on an FP8 base only (``quantization: "fp8"``)."""
 """``speed.grad_reduce``'s values (see ``Speed``)."""
 
 
@@ -89,10 +91,10 @@ class Speed:
     grad_reduce: str = field(default="ddp", metadata={"added": True})  # more than one DDP process: "ddp" (DDP's
     # bucketed all-reduce during the backward; CUDA graphs off) or "after_backward" (one summed all-reduce of the
     # gradients after the last micro-batch, outside any capture, so CUDA graphs stay on: run/reduce.py, issue 23)
-    fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # quantization "fp8": share of the
-    # FP8 weight bytes also kept column-major for the input-gradient GEMM, largest layers first (speed/fp8.py
-    # cache_transposes; 0.81 = Llama-3-8B's MLP, 1 = all: 1 byte more per cached weight, no copy per backward). Exact.
+    fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # FP8 base: share of its weight bytes
+    # kept column-major for the input gradient, largest first (speed/fp8.py cache_transposes; 0.81: Llama-3-8B's MLP)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
+    fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     loss_chunk_size: int = field(default=1024, metadata={"code_only": True})  # tokens per cross-entropy chunk
 
@@ -136,9 +138,10 @@ class Speed:
         return out
 
     def record(self) -> dict[str, Any]:
-        """The experiment keys and values as the record holds them, plus ``micro_batch_probe`` once set."""
-        return {**{k: getattr(self, k) for k in self.experiment_keys()}, **({"micro_batch_probe": self.micro_batch_probe}
-                                                                           if self.micro_batch_probe else {})}
+        """The experiment keys and values as the record holds them, plus ``micro_batch_probe`` and
+        ``fp8_transposes_cached`` once set."""
+        found = {k: getattr(self, k) for k in ("micro_batch_probe", "fp8_transposes_cached") if getattr(self, k)}
+        return {**{k: getattr(self, k) for k in self.experiment_keys()}, **found}
 
 
 def _speed_defaults() -> dict[str, Any]:

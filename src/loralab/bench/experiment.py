@@ -158,9 +158,10 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
                                   "nothing to cap"}
     margin = max(0.0, ours["peak_memory_gib"] - peaks[sizes.index(chosen)])
     budget = trainer["peak_memory_gib"] - margin
-    if budget <= 0:
-        return {**skip, "reason": f"the Trainer's peak {trainer['peak_memory_gib']:.2f} GiB is below loralab's "
-                                  f"unprobed memory ({margin:.2f} GiB)"}
+    if sizes[0] == 1 and peaks[0] is not None and budget < peaks[0]:
+        return {**skip, "reason": f"the Trainer's peak {trainer['peak_memory_gib']:.2f} GiB less loralab's unprobed "
+                                  f"memory ({margin:.2f} GiB) is below loralab's micro-batch 1 ({peaks[0]:.2f} GiB "
+                                  "probed): no micro-batch fits"}
     return {"run": True, "fits": False, "budget_gib": round(budget, 2), "margin_gib": round(margin, 2),
             "memory_fraction": budget * 2**30 / total_bytes,
             "reason": f"loralab's peak {ours['peak_memory_gib']:.2f} GiB is over the Trainer's "

@@ -45,6 +45,7 @@ from loralab.bench.workloads import (
     presets,
     step_features,
 )
+from loralab.config import FP8_ONLY_SPEED
 from loralab.run.step import Step, make_step
 from loralab.shapes import MODELS
 from loralab.speed.step import _hf_model
@@ -105,8 +106,8 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
         quantize_linears(base, linear_names(base))
         # the fused LoRA matmul reads the float base weight: off, as the run's check asks (fast DoRA reads FP8 codes)
         speed = {**(speed or {}), "fused_lora": False}
-    elif speed and "fp8_transpose_cache" in speed:  # an FP8-only key: the float rows run without it
-        speed = {k: v for k, v in speed.items() if k != "fp8_transpose_cache"}
+    elif speed:  # FP8-only keys: the float rows run without them
+        speed = {k: v for k, v in speed.items() if k not in FP8_ONLY_SPEED}
     if stack == "liger" or (stack == "tuned" and liger_available(w, device)):
         patches.enter_context(liger_patched(base))
     reserved = torch.cuda.memory_reserved() / 2**30 if device == "cuda" else None

@@ -42,7 +42,8 @@ def add_arguments(parser) -> None:
                         help="speed.cuda_graphs = false for the loralab stack (default: loralab run's, on on cuda)")
     parser.add_argument("--speed", action="append", default=[], metavar="KEY=VALUE",
                         help="an explicit speed key for the loralab stack, VALUE in JSON (repeatable), e.g. "
-                             "fp8_transpose_cache=0.81; FP8-only keys apply to the FP8-base rows")
+                             "fp8_transpose_cache=0.81; FP8-only keys apply to the FP8-base rows, and those rows run "
+                             "fused_lora off whatever is given (loralab run refuses it on an FP8 base)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda), in a second pass after all rows are timed")
     group = parser.add_argument_group("generation (--eval)")
     group.add_argument("--eval", action="store_true",
@@ -166,7 +167,7 @@ def _run_experiment(args, device: str) -> int:
 _EVAL_ONLY = ("model", "rows", "num_prompts", "max_new_tokens", "stopping", "batch_sizes", "peer_prompts", "slots",
               "rank", "dtype", "data_dir")
 _TRAINING_ONLY = ("preset", "experiment", "task", "steps", "warmup", "only", "methods")
-_TRAINING_SWITCHES = ("random_weights", "no_compile", "no_cuda_graphs", "profile")
+_TRAINING_SWITCHES = ("random_weights", "no_compile", "no_cuda_graphs", "profile", "speed")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

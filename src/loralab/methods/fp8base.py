@@ -12,8 +12,9 @@ kernel's constraint) stays in float and is recorded (``fallback`` in the base re
 Composition follows NF4's rule, with the same check (``qlora.check``): the residual inits (PiSSA,
 OLoRA, CorDA, MiLoRA, LoRA-GA, corrected SVD LoRA-FA) and seed 003's as-written SVD init are
 refused naming both keys (their base W − s·B₀A₀ would have to be quantised after the init, and
-the saved rank-2r adapter on the FP8 original would not reproduce it); LoftQ needs NF4. The fast
-DoRA forward and the fused LoRA matmul read the base weight and are refused as for NF4.
+the saved rank-2r adapter on the FP8 original would not reproduce it); LoftQ needs NF4. The fused
+LoRA matmul reads the float base weight and is refused as for NF4; the fast DoRA forward takes its
+norm from the FP8 codes and scales (``speed/fast_dora.py``).
 
 Recorded in ``loralab_base.json`` (``qlora.BASE_FILE``): ``base: "fp8"``, the rule, torch's
 version, the device that quantised, a SHA-256 per quantised module of its codes and scales, and

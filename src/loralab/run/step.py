@@ -297,6 +297,12 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     if multi:
         distributed_speed(resolved, launch, rewrites_base=rewrites_base, log=log)
     prepare_model(model, resolved)
+    cached = resolved.fp8_transposes_cached
+    if cached is not None:
+        log(f"speed.fp8_transpose_cache {resolved.fp8_transpose_cache}: the column-major codes of {cached['layers']} FP8 "
+            f"layer(s) cached, {cached['bytes'] / 2**30:.2f} of {cached['total_bytes'] / 2**30:.2f} GiB"
+            + ("; NOTHING cached: the largest layers alone are a larger share (speed/fp8.py cache_transposes)"
+               if cached["layers"] == 0 else ""))
     wrapped = None
     after_backward = multi and resolved.grad_reduce == "after_backward"
     if after_backward:

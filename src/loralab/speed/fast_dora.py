@@ -173,9 +173,9 @@ def enable_fast_dora(model: nn.Module) -> int:
     Raises ValueError, before swapping any, when a DoRA layer's base weight is neither a float
     tensor nor an FP8 layer (e.g. bitsandbytes' packed NF4): the norm needs W's values."""
     swapped = 0
-    dora = [(m, name) for m in model.modules() if isinstance(getattr(m, "lora_variant", None), dict)
-            for name, v in m.lora_variant.items() if type(v) is DoraLinearVariant]
-    for module, _ in dora:
+    dora = [m for m in model.modules() if isinstance(getattr(m, "lora_variant", None), dict)
+            and any(type(v) is DoraLinearVariant for v in m.lora_variant.values())]
+    for module in dora:
         if _fp8_base(module) is None and not module.get_base_layer().weight.is_floating_point():
             base = module.get_base_layer()
             raise ValueError(f"fast DoRA needs a float or FP8 base weight; {type(base).__name__} stores "

@@ -19,7 +19,8 @@ per-channel/per-token scales, written here from the rule, not copied):
   Wq is the second operand here in (N, K) orientation, which the CUDA kernel wants column-major
   (Hopper's FP8 tensor cores read both operands with the reduced axis contiguous): a transposed
   copy of the FP8 codes is made per backward (1 byte per weight read and written; at the 8B shape
-  the copies of the MLP weights took ~4.4 ms of a ~106 ms step on an H200, results/bench-fair/
+  the kernels holding the copies of the MLP weights, fused with gradient quantisation, took ~4.4 ms of a
+  ~106 ms step on an H200, an upper bound on what the copies cost, results/bench-fair/
   fp8prof.profile.txt), or, with ``cache_transposes``, kept once (1 more byte per cached weight).
 - no weight gradient: the base is frozen (``Fp8Linear.weight`` never requires grad).
 

@@ -1,6 +1,7 @@
 """The step's kernels: what ``loralab.run.step`` applies to a model and calls for its losses.
 
-- ``prepare_model(model, speed)``: fast DoRA swap, fused LoRA forward, fp32 adapter weights, input casts off under
+- ``prepare_model(model, speed)``: fast DoRA swap, the FP8 base's cached transposed codes
+  (``speed.fp8_transpose_cache``), fused LoRA forward, fp32 adapter weights, input casts off under
   autocast (so adapters read the bf16 activations instead of keeping fp32 copies of them), and
   regional ``torch.compile`` of the decoder layers (off by default; parameter names unchanged).
 - ``causal_lm_loss(model, batch)``: mean (or, with ``loss_weights``, weighted-sum) next-token loss
@@ -41,8 +42,8 @@ def prepare_model(model, options: Speed):
                          "(Speed.resolve)")
     if options.fast_dora:
         enable_fast_dora(model)
-    if options.fp8_transpose_cache:
-        cache_transposes(model, options.fp8_transpose_cache)
+    if options.fp8_transpose_cache:  # what it cached goes into the record (0 layers: the share fits no group)
+        options.fp8_transposes_cached = cache_transposes(model, options.fp8_transpose_cache)
     if options.fused_lora:
         enable_fused_lora(model)
     for module in model.modules():
