@@ -8,6 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from loralab.speed.fast_dora import FastDoraLinearVariant, dora_weight_norm, enable_fast_dora
+from loralab.speed.fp8 import weight_times
 
 
 def _tiny_llama():
@@ -183,11 +184,15 @@ def test_fast_dora_refuses_a_packed_base_weight_before_swapping_any():
     assert all(type(layer.lora_variant["default"]) is DoraLinearVariant for layer in layers)  # none swapped
 
 
-def test_fast_dora_on_a_bf16_fp8_base_stays_close_to_peft_dora_on_it():
-    """The FP8 layers of a bf16 model multiply their codes in bf16 for W·Aᵀ (exact for the codes):
-    the fast norm matches the dense float32 norm of the dequantised weight to bf16 rounding, and the
-    logits stay as close to peft's DoRA on the same layers as bf16 allows (fp32 adapters)."""
+def test_fast_dora_on_a_bf16_fp8_base_stays_close_to_peft_dora_on_it(monkeypatch):
+    """The FP8 layers of a bf16 model take W·Aᵀ from their codes read as FP8 (speed/fp8.weight_times,
+    A split in two FP8 terms): the fast norm matches the dense float32 norm of the dequantised weight
+    to bf16 rounding, and the logits stay as close to peft's DoRA on the same layers as bf16 allows."""
+    from loralab.speed import fast_dora
     from loralab.speed.fast_dora import _norm
+
+    calls = []
+    monkeypatch.setattr(fast_dora, "weight_times", lambda *a: calls.append(1) or weight_times(*a))
 
     base = _tiny_llama().to(torch.bfloat16)
     from loralab.methods.common import linear_names
@@ -208,3 +213,4 @@ def test_fast_dora_on_a_bf16_fp8_base_stays_close_to_peft_dora_on_it():
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float(),
                                    rtol=0.05, atol=0.05)
+    assert len(calls) > 7  # every adapted layer's norm came from the FP8 codes

@@ -241,3 +241,25 @@ def test_prepare_model_caches_the_transposes_the_speed_setting_asks_for():
     assert all(m.codes_colmajor is not None for m in model)
     assert options.record()["fp8_transposes_cached"] == {"layers": 2, "bytes": 2 * 32 * 48, "total_bytes": 2 * 32 * 48}
     assert "fp8_transposes_cached" not in PLAIN.record()
+
+
+def test_weight_times_is_as_precise_as_a_bf16_product_and_reads_fp8_codes():
+    """W·aᵀ from the codes with a split into two FP8 terms: within bf16's error of the float32
+    product (the bf16 path: codes and a in bf16, product rounded to bf16), far inside one FP8 term's."""
+    from loralab.speed.fp8 import weight_times
+
+    torch.manual_seed(5)
+    layer = Fp8Linear.from_linear(nn.Linear(256, 96))
+    a = torch.randn(16, 256) * 0.05
+    exact = layer.dequantize().double() @ a.double().T
+    got = weight_times(layer.codes, layer.weight_scale, a)
+    assert got.shape == (96, 16) and got.dtype == torch.float32
+
+    def err(x):
+        return ((x.double() - exact).abs().max() / exact.abs().max()).item()
+
+    bf16 = ((layer.codes.to(torch.bfloat16) @ a.to(torch.bfloat16).T).float() * layer.weight_scale[:, None])
+    hi, s = quantize_rows(a)
+    one_term = (layer.codes.float() @ (hi.float() * s).T) * layer.weight_scale[:, None]
+    assert err(got) <= 2 * err(bf16) and err(got) < 2**-8, (err(got), err(bf16))
+    assert err(one_term) > 4 * err(got)  # the second term is what makes it bf16-precise

@@ -132,6 +132,27 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     return y.reshape(*lead, codes.shape[0])
 
 
+def weight_times(codes: torch.Tensor, scales: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``W·aᵀ`` for ``W = diag(scales)·codes``, reading the codes once as FP8 (no wider copy of them).
+
+    ``codes`` (N, K) float8_e4m3fn; ``scales`` (N,) float32; ``a`` (r, K) any float dtype. Returns
+    (N, r) float32. ``a`` is split into two row-scaled FP8 terms, ``a ≈ hi + lo`` with ``hi`` =
+    ``quantize_rows(a)`` and ``lo`` = ``quantize_rows(a − hi)``: about 8 significant bits, as bfloat16
+    carries, so the product is as precise as a bf16 base's ``W·aᵀ`` (each FP8 term's error is at most
+    2⁻⁴ of its row's largest value; the bound is 2⁻⁸ of ``a``'s row maximum). Both products come
+    from one ``_scaled_mm`` over ``[hi; lo]`` (2r columns), on CUDA written in bfloat16 (its row-wise
+    kernel's only output) and summed in float32. Used by fast DoRA's norm on an FP8 base, where
+    converting the codes to bf16 would read and write 3 bytes per weight more in every forward.
+    Raises RuntimeError from ``_scaled_mm`` where the kernel refuses the shapes (CUDA: N, K and 2r
+    divisible by 16)."""
+    r = a.shape[0]
+    hi, s_hi = quantize_rows(a)
+    lo, s_lo = quantize_rows(a.float() - hi.float() * s_hi)
+    both = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)]).view(FP8)  # (2r, K): column-major as (K, 2r)
+    y = _scaled_mm(codes, both.t(), scales.view(-1, 1), torch.cat([s_hi, s_lo]).view(1, -1), torch.float32)
+    return y[:, :r] + y[:, r:]
+
+
 class Fp8Linear(nn.Linear):
     """A frozen ``nn.Linear`` whose weight is FP8 with per-output-channel scales.
 
