@@ -5,7 +5,8 @@ the rule written out in float32 on the same device: ``(xq * s_x) @ (Wq * s_w)ᵀ
 ``(Gq * s_g) @ Wq`` with ``G = dy * s_w`` for the input gradient, from ``quantize_rows``' codes and scales. They
 differ only by accumulation order and the kernel's bfloat16 output. (torch 2.11's CPU ``_scaled_mm`` takes
 per-tensor scales only, so the CPU kernel cannot be the reference there; in torch 2.13 it can, and the CPU tests
-do.) Also the relative error against the float product, as a sanity bound. Prints and writes JSON
+do.) Also the relative error against the float product, as a sanity bound, and fast DoRA's ``weight_times``
+(W·Aᵀ for r = 32 from the codes) against float32, which must be within twice the bf16 path's error. Prints and writes JSON
 (``--output``); exits 1 when a CUDA result is further from the rule than ``--tol`` (relative Frobenius error).
 
     python scripts/fp8_cuda_check.py --output $OUT/fp8check.json
@@ -19,7 +20,7 @@ import sys
 
 import torch
 
-from loralab.speed.fp8 import fp8_linear, quantize_rows
+from loralab.speed.fp8 import fp8_linear, quantize_rows, weight_times
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,6 +50,13 @@ def check(m: int, k: int, n: int, seed: int = 0) -> dict:
     out["grad_cuda_vs_rule"] = rel(dx, dx_rule)
     out["forward_cuda_vs_float"] = rel(y, y_ref)
     out["grad_cuda_vs_float"] = rel(dx, dx_ref)
+    # fast DoRA's W·Aᵀ from the codes (weight_times: A in two FP8 terms) against the float32 product of the
+    # dequantised weight, beside the bf16 path it replaces (codes and A in bf16)
+    a = (torch.randn(32, k, generator=g) / k**0.5).cuda()
+    wa_ref = (codes.cuda().float() * scales.cuda()[:, None]) @ a.t()
+    wa_bf16 = (codes.cuda().to(torch.bfloat16) @ a.to(torch.bfloat16).t()).float() * scales.cuda()[:, None]
+    out["weight_times_cuda_vs_float"] = rel(weight_times(codes.cuda(), scales.cuda(), a), wa_ref)
+    out["weight_times_bf16_path_vs_float"] = rel(wa_bf16, wa_ref)
     return out
 
 
@@ -64,7 +72,8 @@ def main() -> int:
     rows = [check(*s) for s in shapes]
     report = {"device": torch.cuda.get_device_name(), "capability": list(cap), "torch": torch.__version__,
               "tol": args.tol, "rows": rows,
-              "ok": all(r["forward_cuda_vs_rule"] <= args.tol and r["grad_cuda_vs_rule"] <= args.tol for r in rows)}
+              "ok": all(r["forward_cuda_vs_rule"] <= args.tol and r["grad_cuda_vs_rule"] <= args.tol
+                        and r["weight_times_cuda_vs_float"] <= 2 * r["weight_times_bf16_path_vs_float"] for r in rows)}
     text = json.dumps(report, indent=1)
     print(text)
     if args.output:
