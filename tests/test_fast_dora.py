@@ -192,7 +192,7 @@ def test_fast_dora_on_a_bf16_fp8_base_stays_close_to_peft_dora_on_it(monkeypatch
     from loralab.speed.fast_dora import _norm
 
     calls = []
-    monkeypatch.setattr(fast_dora, "weight_times", lambda *a: calls.append(1) or weight_times(*a))
+    monkeypatch.setattr(fast_dora, "weight_times", lambda codes, *a: calls.append(codes.data_ptr()) or weight_times(codes, *a))
 
     base = _tiny_llama().to(torch.bfloat16)
     from loralab.methods.common import linear_names
@@ -213,4 +213,7 @@ def test_fast_dora_on_a_bf16_fp8_base_stays_close_to_peft_dora_on_it(monkeypatch
     with torch.no_grad():
         torch.testing.assert_close(fast(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float(),
                                    rtol=0.05, atol=0.05)
-    assert len(calls) > 7  # every adapted layer's norm came from the FP8 codes
+    from loralab.speed.fp8 import Fp8Linear
+
+    layers = {m.codes.data_ptr() for m in fast.modules() if isinstance(m, Fp8Linear)}
+    assert len(layers) == 14 and set(calls) == layers  # every adapted layer's norm came from its FP8 codes

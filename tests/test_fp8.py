@@ -246,13 +246,25 @@ def test_prepare_model_caches_the_transposes_the_speed_setting_asks_for():
 def test_weight_times_is_as_precise_as_a_bf16_product_and_reads_fp8_codes():
     """W·aᵀ from the codes with a split into two FP8 terms: within bf16's error of the float32
     product (the bf16 path: codes and a in bf16, product rounded to bf16), far inside one FP8 term's."""
-    from loralab.speed.fp8 import weight_times
+    from loralab.speed import fp8
 
     torch.manual_seed(5)
     layer = Fp8Linear.from_linear(nn.Linear(256, 96))
     a = torch.randn(16, 256) * 0.05
     exact = layer.dequantize().double() @ a.double().T
-    got = weight_times(layer.codes, layer.weight_scale, a)
+    seen = []
+    kernel = fp8._scaled_mm
+
+    def spy(x, y, *rest):
+        seen.append((x.dtype, y.dtype, tuple(y.shape), y.stride()))
+        return kernel(x, y, *rest)
+
+    fp8._scaled_mm = spy
+    try:
+        got = fp8.weight_times(layer.codes, layer.weight_scale, a)
+    finally:
+        fp8._scaled_mm = kernel
+    assert seen == [(torch.float8_e4m3fn, torch.float8_e4m3fn, (256, 32), (1, 256))]  # one FP8 GEMM over [hi; lo]
     assert got.shape == (96, 16) and got.dtype == torch.float32
 
     def err(x):

@@ -18,11 +18,11 @@ more activation memory than LoRA.
 
 On an FP8 base (``loralab.speed.fp8.Fp8Linear``, ``quantization: "fp8"``) the weight is
 ``W = diag(s_w)·Wq`` with float8_e4m3fn codes ``Wq``: ``||W_i||²`` is taken once from the
-dequantised weight, and ``W Aᵀ = diag(s_w)·(Wq Aᵀ)``: in a 16-bit model from the codes read as
+dequantised weight, and ``W Aᵀ = diag(s_w)·(Wq Aᵀ)``: in a bf16 model from the codes read as
 FP8 by one ``_scaled_mm`` with A split into two FP8 terms (``speed/fp8.weight_times``: as precise
 as a bf16 base's product, 1 byte read per weight instead of 5 for a bf16 copy of the codes and its
-product), in a float32 model (and for ranks the kernel cannot take) with the codes converted to
-float32 (exact). No float copy of the weight outlives the call. peft's DoRA on that base multiplies the float32 dequantised weight
+product), in an fp16 or float32 model (and for ranks the kernel cannot take) with the codes
+converted to that dtype (exact for the codes). No float copy of the weight outlives the call. peft's DoRA on that base multiplies the float32 dequantised weight
 and builds ``W + s·BA`` in float32 per forward. With dropout in training, peft computes the base
 term ``W·dropout(x)`` with the dequantised weight; here it runs through the FP8 kernel as the
 layer's own output does (the difference is the per-token activation rounding the FP8 forward adds).
@@ -87,8 +87,9 @@ def _cached_weight_sq(module, adapter: str) -> torch.Tensor:
 def _norm(module, adapter: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     fp8 = _fp8_base(module)
     weight_sq = _cached_weight_sq(module, adapter)
-    if fp8 is not None and _product_dtype(fp8) != torch.float32 and (2 * lora_A.shape[0]) % ALIGN == 0:
-        # a 16-bit model: W·Aᵀ from the FP8 codes read once (speed/fp8.weight_times), as precise as bf16's
+    if fp8 is not None and fp8.compute_dtype == torch.bfloat16 and (2 * lora_A.shape[0]) % ALIGN == 0:
+        # a bf16 model: W·Aᵀ from the FP8 codes read once (speed/fp8.weight_times), as precise as bf16's
+        # (an fp16 model keeps the fp16 product, which is ~8x more precise than the two-term split)
         with torch.no_grad():
             return _norm_from_products(weight_sq, weight_times(fp8.codes, fp8.weight_scale, lora_A), lora_A, lora_B,
                                        scaling)

@@ -137,9 +137,12 @@ def weight_times(codes: torch.Tensor, scales: torch.Tensor, a: torch.Tensor) -> 
 
     ``codes`` (N, K) float8_e4m3fn; ``scales`` (N,) float32; ``a`` (r, K) any float dtype. Returns
     (N, r) float32. ``a`` is split into two row-scaled FP8 terms, ``a ≈ hi + lo`` with ``hi`` =
-    ``quantize_rows(a)`` and ``lo`` = ``quantize_rows(a − hi)``: about 8 significant bits, as bfloat16
-    carries, so the product is as precise as a bf16 base's ``W·aᵀ`` (each FP8 term's error is at most
-    2⁻⁴ of its row's largest value; the bound is 2⁻⁸ of ``a``'s row maximum). Both products come
+    ``quantize_rows(a)`` and ``lo`` = ``quantize_rows(a − hi)``. Each term's rounding error is at
+    most 1/28 of its row's largest value (half a step at the top of e4m3's range), so every element
+    of ``hi + lo`` is within amax/784 ≈ 2⁻⁹·⁶ of ``a``'s row maximum (EPS aside). For rows of
+    similar magnitudes, as a LoRA A, that is as precise as a bf16 copy of ``a`` (measured against
+    float32: 6.7e-4 vs the bf16 path's 2.8e-3 with float32 output); it is worse than bf16 for rows
+    whose mass sits in a few entries (bf16 keeps 8 bits on every element). Both products come
     from one ``_scaled_mm`` over ``[hi; lo]`` (2r columns), on CUDA written in bfloat16 (its row-wise
     kernel's only output) and summed in float32. Used by fast DoRA's norm on an FP8 base, where
     converting the codes to bf16 would read and write 3 bytes per weight more in every forward.
