@@ -116,11 +116,11 @@ def test_weight_norm_cache_follows_a_changed_base_weight():
 
 # ---- the FP8 base (quantization "fp8"): the fast norm from codes and per-channel scales -------------
 
-def _fp8_llama():
+def _fp8_llama(dtype=torch.float32):
     from loralab.methods.common import linear_names
     from loralab.methods.fp8base import quantize_linears
 
-    base = _tiny_llama()
+    base = _tiny_llama().to(dtype)
     quantize_linears(base, linear_names(base))
     return base
 
@@ -194,12 +194,7 @@ def test_fast_dora_on_a_bf16_fp8_base_stays_close_to_peft_dora_on_it(monkeypatch
     calls = []
     monkeypatch.setattr(fast_dora, "weight_times", lambda codes, *a: calls.append(codes.data_ptr()) or weight_times(codes, *a))
 
-    base = _tiny_llama().to(torch.bfloat16)
-    from loralab.methods.common import linear_names
-    from loralab.methods.fp8base import quantize_linears
-
-    quantize_linears(base, linear_names(base))
-    ref, fast = _pair(base, target_modules="all-linear")
+    ref, fast = _pair(_fp8_llama(torch.bfloat16), target_modules="all-linear")
     for model in (ref, fast):
         for p in model.parameters():
             if p.requires_grad:

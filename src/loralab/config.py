@@ -65,9 +65,9 @@ def _generation_defaults() -> dict[str, Any]:
 
 
 GRAD_REDUCE = ("ddp", "after_backward")
+"""``speed.grad_reduce``'s values (see ``Speed``)."""
 FP8_ONLY_SPEED = ("fp8_transpose_cache",)
 """``Speed`` keys that act on an FP8 base only (``quantization: "fp8"``)."""
-"""``speed.grad_reduce``'s values (see ``Speed``)."""
 
 
 @dataclass

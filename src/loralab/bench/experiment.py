@@ -124,6 +124,16 @@ def _loralab_run_row(exp, workdir) -> dict:
             "oom_retries": timing.get("oom_retries"), "speed": info["speed"]}
 
 
+def _failed_row(stack: str, exc: Exception) -> dict:
+    """The row of a stack that raised: its traceback printed, the cause kept (400 characters)."""
+    import traceback
+
+    traceback.print_exc()
+    return {"stack": stack, "steps": 0, "samples": 0, "tokens": 0, "tokens_per_second": None,
+            "samples_per_second": None, "peak_memory_gib": None, "losses": [],
+            "error": f"{type(exc).__name__}: {str(exc).strip()[:400]}"}
+
+
 AT_PEER_MEMORY = "loralab@trainer-memory"
 """The stack name of ``loralab run`` again with its auto micro-batch capped so its peak stays within
 the Trainer's (issue 22: the recipe goal is ">= 5x the careful Trainer at <= its memory")."""
@@ -219,12 +229,7 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             except (ConfigError, BenchError):
                 raise
             except Exception as exc:  # noqa: BLE001 - one stack's failure is a row; the other stack still runs
-                import traceback
-
-                traceback.print_exc()
-                row = {"stack": name, "steps": 0, "samples": 0, "tokens": 0, "tokens_per_second": None,
-                       "samples_per_second": None, "peak_memory_gib": None, "losses": [],
-                       "error": f"{type(exc).__name__}: {str(exc).strip()[:400]}"}
+                row = _failed_row(name, exc)
             row["allocated_gib_at_start"] = gib(allocated)  # left over from the stack before (should be ~0)
             rows.append(row)
             log(format_experiment_row(row))
@@ -242,12 +247,7 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             try:
                 row = {**_loralab_run_row(capped, capped_root), "stack": AT_PEER_MEMORY}
             except Exception as exc:  # noqa: BLE001 - recorded as a failed row, as above
-                import traceback
-
-                traceback.print_exc()
-                row = {"stack": AT_PEER_MEMORY, "steps": 0, "samples": 0, "tokens": 0, "tokens_per_second": None,
-                       "samples_per_second": None, "peak_memory_gib": None, "losses": [],
-                       "error": f"{type(exc).__name__}: {str(exc).strip()[:400]}"}
+                row = _failed_row(AT_PEER_MEMORY, exc)
             rows.append(row)
             by[AT_PEER_MEMORY] = row
             log(format_experiment_row(row))

@@ -195,13 +195,10 @@ def enable_fast_dora(model: nn.Module) -> int:
             base = module.get_base_layer()
             raise ValueError(f"fast DoRA needs a float or FP8 base weight; {type(base).__name__} stores "
                              f"{base.weight.dtype} ({type(base.weight).__name__}): set 'speed.fast_dora': false")
-    for module in model.modules():
-        variants = getattr(module, "lora_variant", None)
-        if not isinstance(variants, dict):
-            continue
-        for name, variant in list(variants.items()):
+    for module in dora:
+        for name, variant in list(module.lora_variant.items()):
             if type(variant) is DoraLinearVariant:
-                variants[name] = FastDoraLinearVariant()
+                module.lora_variant[name] = FastDoraLinearVariant()
                 _cached_weight_sq(module, name)
                 swapped += 1
     return swapped

@@ -98,19 +98,16 @@ class _Fp8Matmul(torch.autograd.Function):
         out_dtype = _out_dtype(x)
         xq, sx = quantize_rows(x)
         y = _scaled_mm(xq, codes.t(), sx, scales.view(1, -1), out_dtype)
-        if codes_colmajor is None:
-            ctx.save_for_backward(codes, scales)
-        else:
-            ctx.save_for_backward(codes, scales, codes_colmajor)
+        ctx.save_for_backward(codes, scales, codes_colmajor)  # codes_colmajor None: copied in the backward
         ctx.in_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        codes, scales, *cached = ctx.saved_tensors
+        codes, scales, cached = ctx.saved_tensors
         gq, sg = quantize_rows(grad.float() * scales.view(1, -1))
         # (N, K) laid out column-major for the CUDA kernel: the cached copy, else one made now
-        w_colmajor = cached[0] if cached else codes.t().contiguous().t()
+        w_colmajor = cached if cached is not None else codes.t().contiguous().t()
         ones = torch.ones(1, codes.shape[1], device=codes.device, dtype=torch.float32)
         dx = _scaled_mm(gq, w_colmajor, sg, ones, ctx.in_dtype)
         return dx, None, None, None
