@@ -147,9 +147,19 @@ def test_liger_keeps_an_adapted_lm_head_in_the_loss():
 
     head = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     assert liger_options(head) == {**LIGER_DEFAULTS, "fused_linear_cross_entropy": False, "cross_entropy": True}
+    dora_head = get_peft_model(tiny(), LoraConfig(r=4, use_dora=True, target_modules=["lm_head"]))  # any adapter kind
+    assert liger_options(dora_head) == liger_options(head)
     body = get_peft_model(tiny(), LoraConfig(r=4, target_modules="all-linear"))  # peft's all-linear leaves the head
     assert liger_options(body) == LIGER_DEFAULTS and LIGER_DEFAULTS["fused_linear_cross_entropy"] is True
     assert liger_options(tiny()) == LIGER_DEFAULTS  # full fine-tuning: the head's own weight trains
+    # the preset bench's Liger and tuned rows take the same rule on the model they adapt (runner.run_one)
+    from loralab.bench.peers import wrap
+    from loralab.bench.workloads import float_method, presets
+
+    for w in presets("tiny"):
+        if w.model == "tiny-llama":
+            for m in w.methods:
+                assert liger_options(wrap(tiny(), w, float_method(m))) == LIGER_DEFAULTS, (w.name, m)
 
 
 def test_liger_patched_puts_back_what_liger_rebinds_outside_the_model(monkeypatch):

@@ -3,7 +3,7 @@
 peer (the docs peer): ``get_peft_model`` (fp32 adapters over the base, peft's default), padded
 batches, ``model(**batch).loss``, ``torch.optim.AdamW``.
 liger (Llama models, CUDA, when ``liger-kernel`` is importable): the peer with Liger's kernels
-(RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) applied to the model before ``get_peft_model``,
+(RMSNorm, SwiGLU, RoPE, fused linear cross-entropy; ``liger_options``) applied to the adapted model,
 the strongest off-the-shelf stack issue 6 names.
 tuned (issue 22): what ``Trainer(bf16=True, optim="adamw_torch_fused", use_liger_kernel=True)``
 computes: bf16 autocast around the forward on CUDA (fp16 for an fp16 base; none on CPU, as

@@ -26,6 +26,7 @@ import torch
 
 from loralab.bench.peers import (
     liger_available,
+    liger_options,
     liger_patched,
     peer_batch,
     peer_step,
@@ -108,12 +109,13 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
         speed = {**(speed or {}), "fused_lora": False}
     elif speed:  # FP8-only keys: the float rows run without them
         speed = {k: v for k, v in speed.items() if k not in FP8_ONLY_SPEED}
+    model = wrap(base, w, float_method(method))
     if stack == "liger" or (stack == "tuned" and liger_available(w, device)):
-        patches.enter_context(liger_patched(base))
+        # on the adapted model, as trainer_row: liger_options turns the fused loss off if the head is adapted
+        patches.enter_context(liger_patched(base, **liger_options(model)))
     reserved = torch.cuda.memory_reserved() / 2**30 if device == "cuda" else None
     with patches:
-        row = _run_built(w, wrap(base, w, float_method(method)), method, stack, device, dtype, steps, warmup, speed,
-                         profile_to, budget_gib)
+        row = _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to, budget_gib)
     row["reserved_gib_at_start"] = None if reserved is None else round(reserved, 2)
     return row
 
