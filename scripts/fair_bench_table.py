@@ -123,6 +123,33 @@ def main() -> None:
               + table(rows) + "\n")
         goals += [(f"{goal} (fp8_transpose_cache {share})", figure, met) for goal, figure, met in bench_goals(rows)
                   if "FP8" in goal]
+    kernel_rows = {v: json.loads((out / f"fp8kernel-{v}.json").read_text()) for v in ("torch", "triton", "triton-cache")
+                   if (out / f"fp8kernel-{v}.json").exists()}
+    if kernel_rows:  # the FP8 LoRA row alone with each quantisation kernel (and the cached transposes), one machine
+        print("FP8-base LoRA (`--methods fp8+lora`, loralab's row only) with each `speed.fp8_quantize_kernel`, one machine "
+              "(`fp8kernel-*.json`):\n\n| variant | tokens/s | peak memory | vs the torch ops |\n|---|--:|--:|--:|")
+        first = next(iter(kernel_rows.values()))[0]
+        for variant, rows in kernel_rows.items():
+            r = rows[0]
+            if not r.get("throughput"):
+                print(f"| {variant} | {r.get('error', 'no throughput')} | | |")
+                continue
+            ratio = r["throughput"] / first["throughput"] if first.get("throughput") else None
+            print(f"| {variant} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.1f} GiB | "
+                  + (f"{ratio:.3f}x" if ratio else "") + " |")
+        print()
+    if (out / "fp8quant.json").exists():
+        r = json.loads((out / "fp8quant.json").read_text())
+        for q in r["quantize"]:
+            notes.append(f"- Row-wise FP8 quantisation of {r['tokens']} x {q['cols']} bf16 on {r['device']}: torch ops "
+                         f"{q['torch_eager_ms']:.3f} ms eager, {q['torch_compiled_ms']:.3f} ms compiled; Triton kernel "
+                         f"{q['triton_ms']:.3f} ms ({q['triton_GBps']} GB/s), codes "
+                         f"{'bitwise equal' if q['bitwise_equal'] else 'DIFFERENT'} (`fp8quant.json`).")
+        mlp = {m["kernel"]: m for m in r["mlp"]}
+        if {"torch", "triton"} <= set(mlp):
+            notes.append(f"- Compiled FP8 Llama MLP, forward and backward of {r['tokens']} tokens: "
+                         f"{mlp['torch']['fwd_bwd_ms']:.3f} ms with the torch ops, {mlp['triton']['fwd_bwd_ms']:.3f} ms "
+                         "with the Triton kernel.")
     if (out / "recipe.json").exists():
         from loralab.bench.experiment import experiment_table
 

@@ -22,6 +22,13 @@
 #           per_device_train_batch_size within loralab's peak, accumulation keeping the 128-sample batch).
 #           5 steps: with packing, steps 2-4 meet new micro-batch shapes (CUDA graph captures); step 5 is
 #           the first steady one (see gpu_speed_defaults.sh). ~4 min.
+#   fp8quant scripts/fp8_quant_bench.py: row-wise quantisation alone (torch ops eager and compiled, the Triton
+#           kernel of speed/fp8_kernels.py, its codes checked bitwise against the torch ops on CUDA) and a compiled
+#           FP8 Llama MLP forward+backward with each kernel. ~1 min. Files: fp8quant.json/.log.
+#   fp8kernel `loralab bench ... --methods fp8+lora` three times on the same machine: the defaults, then
+#           `--speed fp8_quantize_kernel=triton`, then that and `--speed fp8_transpose_cache=0.81`: whether the
+#           Triton quantisation kernel (and the cached transposes) pay, side by side; set the defaults from it.
+#           ~4 min. Files: fp8kernel-{torch,triton,triton-cache}.json/.log.
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -37,6 +44,8 @@
 #   After 2026-12-05's CPU-only session (fast DoRA on FP8, the transpose cache, the recipe's row within the
 #   Trainer's memory, the Trainer peer's head adapter under Liger), the calls to make, in this order:
 #   fair8b | fair8bcache | recipe | profdora (four calls, each alone; fp8check first in the first call).
+#   After 2026-12-05's second CPU-only session (the Triton quantisation kernel), first of all:
+#   fp8check fp8quant fp8kernel (one call), then the four above with the defaults it settles.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -86,11 +95,21 @@ for part in "${PARTS[@]}"; do
     recipe)
       step recipe 330 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --output "$OUT/recipe.json" ;;
+    fp8quant)
+      step fp8quant 120 $PYTHON scripts/fp8_quant_bench.py --output "$OUT/fp8quant.json" ;;
+    fp8kernel)
+      for variant in torch triton triton-cache; do
+        extra=()
+        [ "$variant" != torch ] && extra+=(--speed fp8_quantize_kernel=triton)
+        [ "$variant" = triton-cache ] && extra+=(--speed fp8_transpose_cache=0.81)
+        step "fp8kernel-$variant" 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+          --methods fp8+lora "${extra[@]}" --output "$OUT/fp8kernel-$variant.json"
+      done ;;
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 330 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel fp8loss)"; exit 2 ;;
   esac
 done
 

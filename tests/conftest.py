@@ -4,6 +4,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter for the FP8 kernel's tests (test_fp8_kernels.py). Triton reads it when
+    # it is first imported (its standard library's functions are jitted then), so it is set before
+    # any test can import it; without CUDA nothing else here runs Triton kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("LORALAB_DATA_DIR", REPO.parent / "shared" / "data")).resolve()

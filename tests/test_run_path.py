@@ -23,7 +23,7 @@ def test_experiment_speed_defaults_are_unchanged():
     values stay what they were before the settings became one dataclass; a key added since
     (``memory_fraction``, ``grad_reduce``) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
-                                 "fp8_transpose_cache": 0.0}
+                                 "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "loss_chunk_size" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed
@@ -58,6 +58,24 @@ def test_fp8_transpose_cache_is_checked_hashed_once_set_and_needs_the_fp8_base()
         params = build_parameters({"quantization": base, "speed": {"fp8_transpose_cache": 1}})
         problems = methods.choose_method(cfg, params).conflicts(cfg, params)
         assert any("'speed.fp8_transpose_cache' = 1" in p and "'quantization': 'fp8'" in p for p in problems) is refused
+
+
+def test_fp8_quantize_kernel_is_checked_hashed_once_set_and_needs_the_fp8_base():
+    from peft import LoraConfig
+
+    from loralab import methods
+
+    with pytest.raises(ConfigError, match="'speed.fp8_quantize_kernel' = 'cuda' is not allowed; allowed: torch, triton"):
+        build_parameters({"speed": {"fp8_quantize_kernel": "cuda"}})
+    assert hashed_parameters(build_parameters({"speed": {"fp8_quantize_kernel": "triton"}}))["speed"] == \
+        {**HASHED_SPEED_DEFAULTS, "fp8_quantize_kernel": "triton"}
+    cfg = LoraConfig(r=4, target_modules=["query"])
+    for base, kernel, refused in ((None, "triton", True), ("nf4", "triton", True), ("fp8", "triton", False),
+                                  (None, "torch", False)):
+        params = build_parameters({"quantization": base, "speed": {"fp8_quantize_kernel": kernel}})
+        problems = methods.choose_method(cfg, params).conflicts(cfg, params)
+        assert any("'speed.fp8_quantize_kernel' = 'triton'" in p and "'quantization': 'fp8'" in p
+                   for p in problems) is refused, (base, kernel)
 
 
 @pytest.mark.parametrize("device,kind,dtype", list(itertools.product(["cpu", "cuda"], ["causal_lm", "seq_cls"],

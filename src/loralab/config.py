@@ -20,7 +20,6 @@ from loralab import trackers
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
-
 CALIBRATION_SAMPLING = ("random", "first")
 LOSS_NORMALIZATIONS = ("tokens", "samples")
 
@@ -66,7 +65,9 @@ def _generation_defaults() -> dict[str, Any]:
 
 GRAD_REDUCE = ("ddp", "after_backward")
 """``speed.grad_reduce``'s values (see ``Speed``)."""
-FP8_ONLY_SPEED = ("fp8_transpose_cache",)
+FP8_QUANTIZE_KERNELS = ("torch", "triton")
+"""``speed.fp8_quantize_kernel``'s values: torch ops (fused by inductor; speed/fp8.py) or speed/fp8_kernels.py."""
+FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")
 """``Speed`` keys that act on an FP8 base only (``quantization: "fp8"``)."""
 
 
@@ -93,6 +94,8 @@ class Speed:
     # gradients after the last micro-batch, outside any capture, so CUDA graphs stay on: run/reduce.py, issue 23)
     fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # FP8 base: share of its weight bytes
     # kept column-major for the input gradient, largest first (speed/fp8.py cache_transposes; 0.81: Llama-3-8B's MLP)
+    fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: what quantises its
+    # activations and gradients per row: "torch" ops (inductor fuses them) or our Triton kernel (speed/fp8_kernels.py)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
@@ -119,8 +122,9 @@ class Speed:
         if not (type(cache) in (int, float) and 0 <= cache <= 1):
             problems.append(f"'speed.fp8_transpose_cache' = {cache!r} must be a number in [0, 1] (a share of the FP8 "
                             "weight bytes)")
-        if speed["grad_reduce"] not in GRAD_REDUCE:
-            problems.append(f"'speed.grad_reduce' = {speed['grad_reduce']!r} is not allowed; allowed: {', '.join(GRAD_REDUCE)}")
+        for key, allowed in (("grad_reduce", GRAD_REDUCE), ("fp8_quantize_kernel", FP8_QUANTIZE_KERNELS)):
+            if speed[key] not in allowed:
+                problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
         mb = speed["micro_batch"]
         if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
             problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
@@ -356,22 +360,18 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
     for name, allowed in (("dtype", DTYPES), ("lr_scheduler", SCHEDULERS), ("device", ("auto", "cpu", "cuda"))):
         problems.extend(not_allowed(values, name, allowed))
     cal = values["calibration"]
-    if not (isinstance(cal["num_samples"], int) and cal["num_samples"] > 0):
-        problems.append(f"'calibration.num_samples' = {cal['num_samples']!r} must be a positive integer")
-    if not (isinstance(cal["batch_size"], int) and cal["batch_size"] > 0):
-        problems.append(f"'calibration.batch_size' = {cal['batch_size']!r} must be a positive integer")
-    if cal["sampling"] not in CALIBRATION_SAMPLING:
-        problems.append(f"'calibration.sampling' = {cal['sampling']!r} is not allowed; allowed: {', '.join(CALIBRATION_SAMPLING)}")
+    for key in ("num_samples", "batch_size"):
+        if not (isinstance(cal[key], int) and cal[key] > 0):
+            problems.append(f"'calibration.{key}' = {cal[key]!r} must be a positive integer")
+    for key, allowed in (("sampling", CALIBRATION_SAMPLING), ("format", ("llama2-chat", "training"))):
+        if cal[key] not in allowed:
+            problems.append(f"'calibration.{key}' = {cal[key]!r} is not allowed; allowed: {', '.join(allowed)}")
     problems += Speed.problems(values["speed"])
-    if values["loss_normalization"] not in LOSS_NORMALIZATIONS:
-        problems.append(f"'loss_normalization' = {values['loss_normalization']!r} is not allowed"
-                        f"{suggest(str(values['loss_normalization']), LOSS_NORMALIZATIONS)}; allowed: {', '.join(LOSS_NORMALIZATIONS)}")
+    problems.extend(not_allowed(values, "loss_normalization", LOSS_NORMALIZATIONS))
     if values["checkpoint_steps"] is not None and values["checkpoint_steps"] < 0:
         problems.append(f"'checkpoint_steps' = {values['checkpoint_steps']!r} must be >= 0 (0: only on SIGINT/SIGTERM; null: every 10 % of the run)")
     if values["keep_checkpoints"] < 1:
         problems.append(f"'keep_checkpoints' = {values['keep_checkpoints']!r} must be >= 1")
-    if cal["format"] not in ("llama2-chat", "training"):
-        problems.append(f"'calibration.format' = {cal['format']!r} is not allowed; allowed: llama2-chat, training")
     if not isinstance(cal["corda_options"], dict):  # its keys: loralab.experiment checks them
         problems.append(f"'calibration.corda_options' = {cal['corda_options']!r} must be a JSON object")
     problems.extend(trackers.report_to_problems(values["report_to"]))

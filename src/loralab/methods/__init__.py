@@ -199,11 +199,13 @@ class Method:
     # ---- the interface the run path uses (loralab.run.build) -----------------------------------
     def conflicts(self, cfg, params) -> list[str]:
         """Selection and composition problems, without the model: each names both keys."""
-        cache = params.speed.get("fp8_transpose_cache", 0)
-        cache_problem = ([f"'speed.fp8_transpose_cache' = {cache!r} caches FP8 codes; it needs 'quantization': 'fp8' "
-                          f"(here {self.base or 'null'}): remove it or set 0"] if cache and self.base != "fp8" else [])
+        cache, kernel = params.speed.get("fp8_transpose_cache", 0), params.speed.get("fp8_quantize_kernel", "torch")
+        fp8_only = [] if self.base == "fp8" else [
+            f"'speed.{key}' = {value!r} {does}; it needs 'quantization': 'fp8' (here {self.base or 'null'}): remove it"
+            for key, value, does in (("fp8_transpose_cache", cache, "caches FP8 codes"),
+                                     ("fp8_quantize_kernel", kernel, "quantises for the FP8 base")) if value not in (0, "torch")]
         if self.is_full:
-            problems = list(cache_problem)
+            problems = list(fp8_only)
             if params.optimizer != "adamw":
                 problems.append(f"'optimizer' = {params.optimizer!r} needs an adapter (adapter_config.json); full fine-tuning uses adamw")
             if params.init is not None:
@@ -213,7 +215,7 @@ class Method:
             if self.base is not None:
                 problems.append(f"'quantization' = {self.base!r} needs an adapter (adapter_config.json): the quantised base is frozen")
             return problems + option_problems(params, lora.ADAMW)
-        problems = list(self.selection_problems) + cache_problem
+        problems = list(self.selection_problems) + fp8_only
         if self.optimizer is not None:
             problems += option_problems(params, self.optimizer)
         if self.layer is None or self.init is None or self.optimizer is None:

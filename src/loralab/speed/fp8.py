@@ -48,6 +48,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loralab.config import FP8_QUANTIZE_KERNELS
+from loralab.speed.fp8_kernels import can_run_on, quantize_rows_triton
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 """float8_e4m3fn's largest finite value."""
@@ -67,6 +70,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / FP8_MAX
     codes = (xf / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return codes, scales
+
+
+def _quantize(x: torch.Tensor, col_scale: torch.Tensor | None, kernel: str):
+    """``quantize_rows(x · diag(col_scale))`` by ``kernel`` (``FP8_QUANTIZE_KERNELS``): "torch", the
+    ops above (under torch.compile inductor fuses them into neighbouring kernels), or "triton",
+    ``speed/fp8_kernels.py`` (one opaque kernel; the same codes and scales bit for bit)."""
+    if kernel == "triton":
+        return quantize_rows_triton(x, col_scale)
+    return quantize_rows(x if col_scale is None else x.float() * col_scale.view(1, -1))
 
 
 def fits(linear: nn.Linear) -> bool:
@@ -94,38 +106,39 @@ class _Fp8Matmul(torch.autograd.Function):
     """y = x Wᵀ with FP8 operands; backward gives dx only (module docstring: the formulas)."""
 
     @staticmethod
-    def forward(ctx, x, codes, scales, codes_colmajor):
+    def forward(ctx, x, codes, scales, codes_colmajor, kernel):
         out_dtype = _out_dtype(x)
-        xq, sx = quantize_rows(x)
+        xq, sx = _quantize(x, None, kernel)
         y = _scaled_mm(xq, codes.t(), sx, scales.view(1, -1), out_dtype)
         ctx.save_for_backward(codes, scales, codes_colmajor)  # codes_colmajor None: copied in the backward
-        ctx.in_dtype = x.dtype
+        ctx.in_dtype, ctx.kernel = x.dtype, kernel
         return y
 
     @staticmethod
     def backward(ctx, grad):
         codes, scales, cached = ctx.saved_tensors
-        gq, sg = quantize_rows(grad.float() * scales.view(1, -1))
+        gq, sg = _quantize(grad, scales, ctx.kernel)
         # (N, K) laid out column-major for the CUDA kernel: the cached copy, else one made now
         w_colmajor = cached if cached is not None else codes.t().contiguous().t()
         ones = torch.ones(1, codes.shape[1], device=codes.device, dtype=torch.float32)
         dx = _scaled_mm(gq, w_colmajor, sg, ones, ctx.in_dtype)
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-               codes_colmajor: torch.Tensor | None = None) -> torch.Tensor:
+               codes_colmajor: torch.Tensor | None = None, kernel: str = "torch") -> torch.Tensor:
     """``x @ Wᵀ`` for ``W ≈ codes.float() * scales[:, None]``.
 
     ``x`` (..., K) any float dtype; ``codes`` (N, K) float8_e4m3fn; ``scales`` (N,) float32;
     ``codes_colmajor``: the same codes laid out column-major ((N, K) with strides (1, N)), used by
     the input gradient instead of a copy made per backward (None: made per backward; the result
-    is the same bits either way). Returns (..., N) in the activation dtype (the autocast dtype
+    is the same bits either way); ``kernel``: what quantises x and the gradient per row, "torch" or
+    "triton" (``speed.fp8_quantize_kernel``; the same bits either way). Returns (..., N) in the activation dtype (the autocast dtype
     under autocast). Differentiable in ``x`` only. Raises RuntimeError from ``_scaled_mm`` on a
     device without an FP8 kernel (CUDA below compute capability 8.9) or, on CUDA, for K or N not
     divisible by 16."""
     lead = x.shape[:-1]
-    y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), codes, scales, codes_colmajor)
+    y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), codes, scales, codes_colmajor, kernel)
     return y.reshape(*lead, codes.shape[0])
 
 
@@ -159,7 +172,10 @@ class Fp8Linear(nn.Linear):
     Build it with ``Fp8Linear.from_linear(linear)``. ``weight``: (out, in) uint8 Parameter holding
     the float8_e4m3fn codes (never requires grad); ``weight_scale``: (out,) float32;
     ``bias``: the original bias (float, frozen). ``forward(x)`` = ``fp8_linear(x, ...) + bias``.
-    ``dequantize()`` returns the float32 weight the layer computes with: ``codes * scale``."""
+    ``dequantize()`` returns the float32 weight the layer computes with: ``codes * scale``.
+    ``quantize_kernel``: what quantises its activations and gradients ("torch"; ``use_quantize_kernel``)."""
+
+    quantize_kernel = "torch"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=torch.float32,
                  device=None):
@@ -221,7 +237,7 @@ class Fp8Linear(nn.Linear):
         return self.codes_t_bits.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.codes, self.weight_scale, self.codes_colmajor)
+        y = fp8_linear(x, self.codes, self.weight_scale, self.codes_colmajor, self.quantize_kernel)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -253,3 +269,19 @@ def cache_transposes(model: nn.Module, share: float) -> dict:
         cached += size * len(group)
         count += len(group)
     return {"layers": count, "bytes": cached, "total_bytes": total}
+
+
+def use_quantize_kernel(model: nn.Module, kernel: str) -> int:
+    """Set what quantises the activations and gradients of every FP8 layer of ``model``
+    (``speed.fp8_quantize_kernel``; the same codes either way). Returns how many layers it set.
+    Raises ValueError for a kernel outside ``FP8_QUANTIZE_KERNELS``, and RuntimeError, before
+    setting any, where "triton" cannot run on the layers' device (``fp8_kernels.can_run_on``)."""
+    if kernel not in FP8_QUANTIZE_KERNELS:
+        raise ValueError(f"fp8 quantize kernel {kernel!r}: allowed: {', '.join(FP8_QUANTIZE_KERNELS)}")
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    why = next((w for w in (can_run_on(m.weight.device) for m in layers) if w), None) if kernel == "triton" else None
+    if why:
+        raise RuntimeError(f"'speed.fp8_quantize_kernel' = 'triton': {why}")
+    for m in layers:
+        m.quantize_kernel = kernel
+    return len(layers)

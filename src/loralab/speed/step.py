@@ -1,9 +1,10 @@
 """The step's kernels: what ``loralab.run.step`` applies to a model and calls for its losses.
 
 - ``prepare_model(model, speed)``: fast DoRA swap, the FP8 base's cached transposed codes
-  (``speed.fp8_transpose_cache``), fused LoRA forward, fp32 adapter weights, input casts off under
-  autocast (so adapters read the bf16 activations instead of keeping fp32 copies of them), and
-  regional ``torch.compile`` of the decoder layers (off by default; parameter names unchanged).
+  (``speed.fp8_transpose_cache``) and quantisation kernel (``speed.fp8_quantize_kernel``), fused
+  LoRA forward, fp32 adapter weights, input casts off under autocast (so adapters read the bf16
+  activations instead of keeping fp32 copies of them), and regional ``torch.compile`` of the
+  decoder layers (off by default; parameter names unchanged).
 - ``causal_lm_loss(model, batch)``: mean (or, with ``loss_weights``, weighted-sum) next-token loss
   over labelled tokens and their count, with the LM head fused into a chunked cross-entropy
   (``losses.py``) so no full logits are built.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from loralab.config import Speed
 from loralab.speed.fast_dora import enable_fast_dora
-from loralab.speed.fp8 import cache_transposes
+from loralab.speed.fp8 import cache_transposes, use_quantize_kernel
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
 
@@ -44,6 +45,8 @@ def prepare_model(model, options: Speed):
         enable_fast_dora(model)
     if options.fp8_transpose_cache:  # what it cached goes into the record (0 layers: the share fits no group)
         options.fp8_transposes_cached = cache_transposes(model, options.fp8_transpose_cache)
+    if options.fp8_quantize_kernel != "torch":
+        use_quantize_kernel(model, options.fp8_quantize_kernel)
     if options.fused_lora:
         enable_fused_lora(model)
     for module in model.modules():

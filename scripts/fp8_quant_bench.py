@@ -1,0 +1,113 @@
+"""On a CUDA device with FP8: what ``speed.fp8_quantize_kernel`` changes, below the bench's rows.
+
+1. Row-wise quantisation alone, at the Llama-3-8B shape's activation sizes (2,048 tokens by 4,096,
+   14,336 and 1,024 columns, bf16): the torch ops eager, the torch ops compiled (what inductor makes
+   of them alone), and the Triton kernel (speed/fp8_kernels.py); the kernel's codes and scales must
+   equal the eager torch ops' bit for bit (exit 1 otherwise).
+2. A compiled Llama MLP of FP8 layers (gate, up, down; 4,096 -> 14,336 -> 4,096; 2,048 tokens),
+   forward and backward, with each kernel: where inductor fuses the quantisation into silu(gate)·up
+   and its backward ("torch"), or writes the bf16 tensors and leaves the quantisation to the kernel.
+Times are CUDA-event medians over ``--iters`` calls after warm-up. Prints a table, writes JSON:
+
+    python scripts/fp8_quant_bench.py --output $OUT/fp8quant.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loralab.speed.fp8 import Fp8Linear, quantize_rows, use_quantize_kernel
+from loralab.speed.fp8_kernels import quantize_rows_triton
+
+
+def timed(fn, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate = Fp8Linear.from_linear(nn.Linear(hidden, inter, bias=False, device="cuda", dtype=torch.bfloat16))
+        self.up = Fp8Linear.from_linear(nn.Linear(hidden, inter, bias=False, device="cuda", dtype=torch.bfloat16))
+        self.down = Fp8Linear.from_linear(nn.Linear(inter, hidden, bias=False, device="cuda", dtype=torch.bfloat16))
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output", default=None)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=2048)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_quant_bench.py needs a CUDA device")
+    torch.manual_seed(0)
+    m = args.tokens
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": m, "iters": args.iters,
+              "quantize": [], "mlp": []}
+    compiled_rows = torch.compile(quantize_rows)
+    ok = True
+    for k in (4096, 14336, 1024):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        col = torch.rand(k, device="cuda") + 0.5
+        got, want = quantize_rows_triton(x, col), quantize_rows(x.float() * col)
+        same = torch.equal(got[1], want[1]) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+        same_plain = torch.equal(quantize_rows_triton(x)[0].view(torch.uint8), quantize_rows(x)[0].view(torch.uint8))
+        ok &= same and same_plain
+        row = {"cols": k, "bitwise_equal": same and same_plain,
+               "torch_eager_ms": timed(lambda: quantize_rows(x), args.iters),
+               "torch_compiled_ms": timed(lambda: compiled_rows(x), args.iters),
+               "triton_ms": timed(lambda: quantize_rows_triton(x), args.iters)}
+        row["triton_GBps"] = round(m * k * 3 / row["triton_ms"] / 1e6, 1)  # bf16 read + fp8 written
+        report["quantize"].append(row)
+    for kernel in ("torch", "triton"):
+        torch._dynamo.reset()
+        mlp = Mlp(4096, 14336)
+        use_quantize_kernel(mlp, kernel)
+        fn = torch.compile(mlp)
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            x.grad = None
+            fn(x).backward(dy)
+
+        report["mlp"].append({"kernel": kernel, "fwd_bwd_ms": timed(step, args.iters),
+                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+        torch.cuda.reset_peak_memory_stats()
+    report["ok"] = ok
+    print(f"{'quantise (bf16 in)':<22} {'torch eager':>12} {'torch compiled':>15} {'triton':>9} {'GB/s':>7}  bits")
+    for r in report["quantize"]:
+        print(f"{m} x {r['cols']:<15} {r['torch_eager_ms']:>10.3f}ms {r['torch_compiled_ms']:>13.3f}ms "
+              f"{r['triton_ms']:>7.3f}ms {r['triton_GBps']:>7}  {'equal' if r['bitwise_equal'] else 'DIFFER'}")
+    for r in report["mlp"]:
+        print(f"compiled FP8 MLP fwd+bwd, kernel {r['kernel']:<7} {r['fwd_bwd_ms']:.3f} ms  (peak {r['peak_gib']} GiB)")
+    text = json.dumps(report, indent=1)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The Triton kernels of ``fp8_kernels.py`` (imported by it on first use: importing this module
+imports triton, which the CPU build of torch does not bring). What they compute and why: there."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def encode_e4m3(y):
+    """float32 ``y`` with |y| <= 448 or NaN → float8_e4m3fn bits (int32 0..255), round to nearest
+    even; NaN → 0x7F with y's sign bit."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80  # the arithmetic shift keeps the sign: 0x80 or 0
+    mag = bits & 0x7FFFFFFF
+    # normal e4m3 (|y| >= 2^-6): keep 3 of float32's 23 mantissa bits, ties to even; a carry
+    # into the exponent is the right rounding (e.g. 15.5 -> 16)
+    rounded = (mag + 0x7FFFF + ((mag >> 20) & 1)) & ~0xFFFFF
+    normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)  # exponent bias 127 -> 7
+    # subnormal e4m3 (|y| < 2^-6): multiples of 2^-9; adding 2^23 rounds |y|·512 to an integer,
+    # ties to even (8 = 2^-6, the smallest normal, whose code is also 8)
+    a = mag.to(tl.float32, bitcast=True)
+    sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(mag >= 0x3C800000, normal, sub)  # 0x3C800000: 2^-6
+    return sign | tl.where(mag > 0x7F800000, 0x7F, code)
+
+
+@triton.jit
+def clamp_448(y):
+    """``y`` clamped to [-448, 448], NaN kept (as torch.clamp; tl.minimum/maximum would drop it)."""
+    return tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
+
+@triton.jit
+def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride,
+                         HAS_COL: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    out_row = codes_ptr + row * n_cols
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_COL:
+            x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
+        y = clamp_448(tl.math.div_rn(x, scale))
+        tl.store(out_row + offs, encode_e4m3(y).to(tl.uint8), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_COL:
+                x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)
+        for start in range(0, n_cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_COL:
+                x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
+            y = clamp_448(tl.math.div_rn(x, scale))
+            tl.store(out_row + offs, encode_e4m3(y).to(tl.uint8), mask=mask)
+    tl.store(scales_ptr + row, scale)

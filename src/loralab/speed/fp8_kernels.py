@@ -1,0 +1,106 @@
+"""Row-wise FP8 quantisation as one Triton kernel (``speed.fp8_quantize_kernel: "triton"``).
+
+Why our own kernel: the FP8 base quantises every activation it multiplies (``speed/fp8.py``,
+``quantize_rows``: a row amax, a division, a saturating cast). Written as torch ops, inductor
+fuses them into the neighbouring pointwise work, and on an H200 at the Llama-3-8B shape those
+fused kernels took 37.0 of the FP8 step's 212.2 ms of CUDA time over two steps, 52 % of what the
+FP8 GEMMs saved (``results/bench-fair/fp8prof.profile.txt``). The largest, the MLP's
+``silu(gate)·up`` fused with the amax and cast of its output, took 222 µs per layer against 99 µs
+for the same pointwise kernel without the quantisation in the bf16 step: the reduction kernel
+walks its inputs twice. Here the quantisation is an opaque op (``torch.library.custom_op`` with
+its shapes registered, which torch.compile calls as it is and CUDA graphs capture): inductor writes the bf16 tensor the adapter needs
+anyway, and this kernel reads it once (one row per program, held in registers up to
+``ONE_PASS_MAX`` columns), writing 1 byte per element and one float32 scale per row. Whether it
+pays is measured, not assumed: the option stays off by default until an H200 bench says so
+(``scripts/gpu_fair_bench.sh fp8kernel``).
+
+The codes are bitwise those of ``speed.fp8.quantize_rows``: the same float32 division (IEEE,
+``div_rn``) and the float32 → float8_e4m3fn rounding (to nearest, ties to even, saturated at ±448)
+written out in integer arithmetic rather than taken from the hardware conversion. That costs a few
+integer instructions per element in a kernel bound by memory, and it makes the kernel's result the
+same under Triton's CPU interpreter (``TRITON_INTERPRET=1``, whose float8 cast does not round to
+nearest even), so CI checks the kernel GPUs run, bit for bit (tests/test_fp8_kernels.py).
+
+Triton is imported only when the kernel is first used: the CPU build of torch does not bring it,
+and a run that does not ask for this kernel never needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ONE_PASS_MAX = 16384
+"""Widest row one program holds in registers (Llama-3-8B's widest input, 14,336, fits); wider rows
+take two passes over global memory (the amax, then the codes)."""
+_LOOP_BLOCK = 4096
+
+
+def triton_available() -> str | None:
+    """None when the Triton kernel can run on ``cuda`` here; else why not (one line)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not importable (it comes with torch's CUDA builds; pip install triton)"
+    return None
+
+
+def can_run_on(device: torch.device) -> str | None:
+    """None when the kernel can run on tensors of ``device``; else why not (one line): CUDA with
+    Triton, or any device under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
+    missing = triton_available()
+    if missing:
+        return missing
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"the Triton kernel runs on CUDA (here {device.type}; TRITON_INTERPRET=1 runs it on CPU, slowly)"
+
+
+@functools.cache
+def _kernel():
+    import triton
+
+    from loralab.speed._fp8_triton import quantize_rows_kernel
+
+    return triton, quantize_rows_kernel
+
+
+@torch.library.custom_op("loralab::fp8_quantize_rows", mutates_args=())
+def _quantize_rows_op(x: torch.Tensor, col_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    triton, kernel = _kernel()
+    rows, cols = x.shape
+    codes = torch.empty((rows, cols), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    one_pass = cols <= ONE_PASS_MAX
+    block = triton.next_power_of_2(cols) if one_pass else _LOOP_BLOCK
+    if rows:
+        kernel[(rows,)](
+            x, col_scale if col_scale is not None else x, codes, scales, cols, x.stride(0),
+            HAS_COL=col_scale is not None, ONE_PASS=one_pass, BLOCK=block,
+            num_warps=max(4, min(16, block // 1024)))
+    return codes, scales
+
+
+@_quantize_rows_op.register_fake
+def _(x, col_scale):
+    return (x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+
+def quantize_rows_triton(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``speed.fp8.quantize_rows(x * col_scale)`` by the Triton kernel: the same codes, bit for bit.
+
+    ``x`` (M, K) float32, bfloat16 or float16 (rows may be strided, columns contiguous; made so
+    otherwise); ``col_scale`` (K,) float32 or None, multiplied into each row in float32 before the
+    amax (the input gradient's per-channel weight scales, ``speed/fp8.py``). Returns ``(codes,
+    scales)``: (M, K) float8_e4m3fn and (M, 1) float32. Raises RuntimeError where it cannot run
+    (``can_run_on``'s reason)."""
+    why = None if torch.compiler.is_compiling() else can_run_on(x.device)  # checked once when set, not per step
+    if why:
+        raise RuntimeError(f"FP8 quantisation kernel: {why}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    col = None if col_scale is None else col_scale.to(torch.float32).contiguous()
+    codes, scales = _quantize_rows_op(x, col)
+    return codes.view(torch.float8_e4m3fn), scales
