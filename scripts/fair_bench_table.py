@@ -128,13 +128,13 @@ def main() -> None:
     if kernel_rows:  # the FP8 LoRA row alone with each quantisation kernel (and the cached transposes), one machine
         print("FP8-base LoRA (`--methods fp8+lora`, loralab's row only) with each `speed.fp8_quantize_kernel`, one machine "
               "(`fp8kernel-*.json`):\n\n| variant | tokens/s | peak memory | vs the torch ops |\n|---|--:|--:|--:|")
-        first = next(iter(kernel_rows.values()))[0]
+        base = (kernel_rows.get("torch") or [{}])[0]  # the ratios are against the torch ops' row, when it ran
         for variant, rows in kernel_rows.items():
-            r = rows[0]
+            r = rows[0] if rows else {"error": "no row"}
             if not r.get("throughput"):
                 print(f"| {variant} | {r.get('error', 'no throughput')} | | |")
                 continue
-            ratio = r["throughput"] / first["throughput"] if first.get("throughput") else None
+            ratio = r["throughput"] / base["throughput"] if base.get("throughput") else None
             print(f"| {variant} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.1f} GiB | "
                   + (f"{ratio:.3f}x" if ratio else "") + " |")
         print()

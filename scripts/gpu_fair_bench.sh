@@ -24,7 +24,7 @@
 #           the first steady one (see gpu_speed_defaults.sh). ~4 min.
 #   fp8quant scripts/fp8_quant_bench.py: row-wise quantisation alone (torch ops eager and compiled, the Triton
 #           kernel of speed/fp8_kernels.py, its codes checked bitwise against the torch ops on CUDA) and a compiled
-#           FP8 Llama MLP forward+backward with each kernel. ~1 min. Files: fp8quant.json/.log.
+#           FP8 Llama MLP forward+backward with each kernel. ~1-2 min (five compiles). Files: fp8quant.json/.log.
 #   fp8kernel `loralab bench ... --methods fp8+lora` three times on the same machine: the defaults, then
 #           `--speed fp8_quantize_kernel=triton`, then that and `--speed fp8_transpose_cache=0.81`: whether the
 #           Triton quantisation kernel (and the cached transposes) pay, side by side; set the defaults from it.
@@ -96,7 +96,7 @@ for part in "${PARTS[@]}"; do
       step recipe 330 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --output "$OUT/recipe.json" ;;
     fp8quant)
-      step fp8quant 120 $PYTHON scripts/fp8_quant_bench.py --output "$OUT/fp8quant.json" ;;
+      step fp8quant 240 $PYTHON scripts/fp8_quant_bench.py --output "$OUT/fp8quant.json" ;;
     fp8kernel)
       for variant in torch triton triton-cache; do
         extra=()

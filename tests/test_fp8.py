@@ -1,6 +1,6 @@
 """The FP8 layer (loralab.speed.fp8, issue 22 point 3) on CPU, where torch 2.13's ``_scaled_mm``
 runs the real kernel: its quantisation against a reference of the scaling rule written here
-independently (per-row amax/448 and float8 e4m3 round-to-nearest-even done with Python floats,
+independently (per-row amax·(1/448) and float8 e4m3 round-to-nearest-even done with Python floats,
 no torch cast), bitwise on small matrices; forward and input gradient against float32 within the
 stated tolerances; the backward's formula; peft wrapping it; dtype casts leaving it intact."""
 
@@ -33,12 +33,12 @@ def e4m3_round(v: float) -> float:
 
 
 def reference_quantize(x: torch.Tensor):
-    """Per row: s = max(|row|)/448 in float32, codes = e4m3_round(x / s) (float32 division)."""
+    """Per row: s = max(|row|) · float32(1/448) in float32, codes = e4m3_round(x / s) (float32 division)."""
     rows = x.float().tolist()
     codes, scales = [], []
     for row in rows:
         amax = max(max(abs(v) for v in row), 1e-12)
-        s = torch.tensor(amax, dtype=torch.float32) / torch.tensor(448.0)  # float32, as the rule says
+        s = torch.tensor(amax, dtype=torch.float32) * torch.tensor(1 / 448.0)  # float32, as the rule says
         scales.append(s.item())
         q = (torch.tensor(row, dtype=torch.float32) / s).tolist()
         codes.append([e4m3_round(v) for v in q])

@@ -39,8 +39,8 @@ RESIDUAL_REASON = (
 )
 FALLBACK_ATTR = "loralab_fp8_fallback"
 """Attribute set on the quantised model: {module name: [out, in]} of the layers left in float."""
-RULE = {"format": "float8_e4m3fn", "weights": "per output channel, scale = amax / 448",
-        "activations": "per token, scale = amax / 448", "kernel": "torch._scaled_mm"}
+RULE = {"format": "float8_e4m3fn", "weights": "per output channel, scale = amax * float32(1/448)",
+        "activations": "per token, scale = amax * float32(1/448)", "kernel": "torch._scaled_mm"}
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ imports triton, which the CPU build of torch does not bring). What they compute 
 import triton
 import triton.language as tl
 
+INV_FP8_MAX: tl.constexpr = tl.constexpr(1.0 / 448.0)
+"""float32(1/448): the scale is amax times it, as in ``speed.fp8.quantize_rows``."""
+
 
 @triton.jit
 def encode_e4m3(y):
@@ -12,22 +15,37 @@ def encode_e4m3(y):
     bits = y.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80  # the arithmetic shift keeps the sign: 0x80 or 0
     mag = bits & 0x7FFFFFFF
+    nan = mag > 0x7F800000
+    mag = tl.where(nan, 0, mag)  # NaN's bits would overflow the rounding below; its code is set at the end
     # normal e4m3 (|y| >= 2^-6): keep 3 of float32's 23 mantissa bits, ties to even; a carry
     # into the exponent is the right rounding (e.g. 15.5 -> 16)
     rounded = (mag + 0x7FFFF + ((mag >> 20) & 1)) & ~0xFFFFF
     normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)  # exponent bias 127 -> 7
     # subnormal e4m3 (|y| < 2^-6): multiples of 2^-9; adding 2^23 rounds |y|·512 to an integer,
-    # ties to even (8 = 2^-6, the smallest normal, whose code is also 8)
-    a = mag.to(tl.float32, bitcast=True)
-    sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
-    code = tl.where(mag >= 0x3C800000, normal, sub)  # 0x3C800000: 2^-6
-    return sign | tl.where(mag > 0x7F800000, 0x7F, code)
+    # ties to even (8 = 2^-6, the smallest normal, whose code is also 8); only values below 2^-6 go in
+    small = tl.where(mag < 0x3C800000, mag, 0).to(tl.float32, bitcast=True)  # 0x3C800000: 2^-6
+    sub = ((small * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(mag >= 0x3C800000, normal, sub)
+    return sign | tl.where(nan, 0x7F, code)
 
 
 @triton.jit
 def clamp_448(y):
     """``y`` clamped to [-448, 448], NaN kept (as torch.clamp; tl.minimum/maximum would drop it)."""
     return tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
+
+
+@triton.jit
+def max_nan(a, b):
+    """max that propagates NaN (as torch.amax; tl.max's own combine drops it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def row_scale(amax):
+    """The row's scale from its amax (NaN kept): max(amax, 1e-12) · float32(1/448)."""
+    return max_nan(amax, 1e-12) * INV_FP8_MAX
+
 
 @triton.jit
 def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride,
@@ -41,7 +59,7 @@ def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_COL:
             x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
+        scale = row_scale(tl.reduce(tl.abs(x), 0, max_nan))
         y = clamp_448(tl.math.div_rn(x, scale))
         tl.store(out_row + offs, encode_e4m3(y).to(tl.uint8), mask=mask)
     else:
@@ -52,8 +70,8 @@ def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_COL:
                 x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)
+            amax = max_nan(amax, tl.abs(x))
+        scale = row_scale(tl.reduce(amax, 0, max_nan))
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols

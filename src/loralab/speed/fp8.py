@@ -4,9 +4,11 @@ activations quantised per token at every forward, both GEMMs through ``torch._sc
 The scaling rule (the "row-wise" recipe of torchao's float8 training and of DeepSeek-V3's
 per-channel/per-token scales, written here from the rule, not copied):
 
-- a matrix X (rows r) is stored as ``Xq = fp8(X / s)`` with ``s_r = max(amax_r, EPS) / 448``
-  per row (448 is float8_e4m3fn's largest finite value, so every row uses the full range; the
-  division is in float32, the cast rounds to nearest even and saturates at ±448);
+- a matrix X (rows r) is stored as ``Xq = fp8(X / s)`` with ``s_r = max(amax_r, EPS) · (1/448)``
+  per row (448 is float8_e4m3fn's largest finite value, so every row uses the full range; the scale
+  is a float32 multiply by 1/448 rounded to float32, which rounds alike on every device, where a
+  division by 448 does not: CUDA's kernels divide by a scalar through its reciprocal; the division
+  X / s is in float32, the cast rounds to nearest even and saturates at ±448);
 - the weight W (out N x in K) is quantised once, per output channel: ``W ≈ diag(s_w) · Wq``;
 - forward, per token: ``x ≈ diag(s_x) · xq`` and
   ``y = x Wᵀ ≈ diag(s_x) · (xq · Wqᵀ) · diag(s_w)``: one ``_scaled_mm(xq, Wqᵀ, scale_a=s_x (M,1),
@@ -64,10 +66,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise FP8 quantisation of a 2-D tensor ``x`` (M, K), any float dtype.
 
     Returns ``(codes, scales)``: codes (M, K) float8_e4m3fn = fp8(x / s) (round to nearest even,
-    saturated at ±448) and scales (M, 1) float32, ``s = max(amax_row, EPS) / 448``, so that
+    saturated at ±448) and scales (M, 1) float32, ``s = max(amax_row, EPS) · (1/448)``, so that
     ``x ≈ codes.float() * scales``."""
     xf = x.float()
-    scales = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / FP8_MAX
+    scales = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) * (1.0 / FP8_MAX)
     codes = (xf / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return codes, scales
 
@@ -75,7 +77,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quantize(x: torch.Tensor, col_scale: torch.Tensor | None, kernel: str):
     """``quantize_rows(x · diag(col_scale))`` by ``kernel`` (``FP8_QUANTIZE_KERNELS``): "torch", the
     ops above (under torch.compile inductor fuses them into neighbouring kernels), or "triton",
-    ``speed/fp8_kernels.py`` (one opaque kernel; the same codes and scales bit for bit)."""
+    ``speed/fp8_kernels.py`` (one opaque kernel; the eager torch ops' codes and scales bit for bit;
+    inductor's compiled division on CUDA may round a quotient differently, moving a code by one)."""
     if kernel == "triton":
         return quantize_rows_triton(x, col_scale)
     return quantize_rows(x if col_scale is None else x.float() * col_scale.view(1, -1))
@@ -133,7 +136,7 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     ``codes_colmajor``: the same codes laid out column-major ((N, K) with strides (1, N)), used by
     the input gradient instead of a copy made per backward (None: made per backward; the result
     is the same bits either way); ``kernel``: what quantises x and the gradient per row, "torch" or
-    "triton" (``speed.fp8_quantize_kernel``; the same bits either way). Returns (..., N) in the activation dtype (the autocast dtype
+    "triton" (``speed.fp8_quantize_kernel``; the eager torch ops' bits, ``_quantize``). Returns (..., N) in the activation dtype (the autocast dtype
     under autocast). Differentiable in ``x`` only. Raises RuntimeError from ``_scaled_mm`` on a
     device without an FP8 kernel (CUDA below compute capability 8.9) or, on CUDA, for K or N not
     divisible by 16."""
@@ -273,7 +276,7 @@ def cache_transposes(model: nn.Module, share: float) -> dict:
 
 def use_quantize_kernel(model: nn.Module, kernel: str) -> int:
     """Set what quantises the activations and gradients of every FP8 layer of ``model``
-    (``speed.fp8_quantize_kernel``; the same codes either way). Returns how many layers it set.
+    (``speed.fp8_quantize_kernel``; ``_quantize`` says how their codes compare). Returns how many layers it set.
     Raises ValueError for a kernel outside ``FP8_QUANTIZE_KERNELS``, and RuntimeError, before
     setting any, where "triton" cannot run on the layers' device (``fp8_kernels.can_run_on``)."""
     if kernel not in FP8_QUANTIZE_KERNELS:

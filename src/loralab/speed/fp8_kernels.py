@@ -4,22 +4,26 @@ Why our own kernel: the FP8 base quantises every activation it multiplies (``spe
 ``quantize_rows``: a row amax, a division, a saturating cast). Written as torch ops, inductor
 fuses them into the neighbouring pointwise work, and on an H200 at the Llama-3-8B shape those
 fused kernels took 37.0 of the FP8 step's 212.2 ms of CUDA time over two steps, 52 % of what the
-FP8 GEMMs saved (``results/bench-fair/fp8prof.profile.txt``). The largest, the MLP's
-``silu(gate)·up`` fused with the amax and cast of its output, took 222 µs per layer against 99 µs
-for the same pointwise kernel without the quantisation in the bf16 step: the reduction kernel
-walks its inputs twice. Here the quantisation is an opaque op (``torch.library.custom_op`` with
-its shapes registered, which torch.compile calls as it is and CUDA graphs capture): inductor writes the bf16 tensor the adapter needs
-anyway, and this kernel reads it once (one row per program, held in registers up to
-``ONE_PASS_MAX`` columns), writing 1 byte per element and one float32 scale per row. Whether it
-pays is measured, not assumed: the option stays off by default until an H200 bench says so
+FP8 GEMMs saved (``results/bench-fair/fp8prof.profile.txt``). The two largest are row reductions
+(``abs``, ``amax`` in their truncated names), one per layer per step each, at 222 and 167 µs per
+layer; the bf16 step's MLP pointwise kernels (``silu`` and its backward, 99 and 113 µs per layer)
+are missing from the FP8 step's list, so those reductions likely carry that work too. Here the
+quantisation is an opaque op (``torch.library.custom_op`` with its shapes registered, which
+torch.compile calls as it is and CUDA graphs capture): inductor writes the bf16 tensor the adapter
+reads anyway, and this kernel reads it once (one row per program, held in registers up to
+``ONE_PASS_MAX`` columns), writing 1 byte per element and one float32 scale per row. Whether it pays
+is measured, not assumed: the option stays off by default until an H200 bench says so
 (``scripts/gpu_fair_bench.sh fp8kernel``).
 
-The codes are bitwise those of ``speed.fp8.quantize_rows``: the same float32 division (IEEE,
-``div_rn``) and the float32 → float8_e4m3fn rounding (to nearest, ties to even, saturated at ±448)
+The codes are bitwise those of ``speed.fp8.quantize_rows`` run eagerly (on CPU or CUDA): the same
+scale (amax times float32(1/448)), the same float32 division (IEEE, ``div_rn``), NaN carried as
+torch carries it, and the float32 → float8_e4m3fn rounding (to nearest, ties to even, saturated at ±448)
 written out in integer arithmetic rather than taken from the hardware conversion. That costs a few
 integer instructions per element in a kernel bound by memory, and it makes the kernel's result the
 same under Triton's CPU interpreter (``TRITON_INTERPRET=1``, whose float8 cast does not round to
-nearest even), so CI checks the kernel GPUs run, bit for bit (tests/test_fp8_kernels.py).
+nearest even), so CI checks the kernel GPUs run, bit for bit (tests/test_fp8_kernels.py; on a GPU
+the same tests run the compiled kernel). The torch ops compiled by inductor for CUDA divide with
+Triton's default (approximate) division, so that path may move a code by one against both.
 
 Triton is imported only when the kernel is first used: the CPU build of torch does not bring it,
 and a run that does not ask for this kernel never needs it.
@@ -70,6 +74,8 @@ def _kernel():
 @torch.library.custom_op("loralab::fp8_quantize_rows", mutates_args=())
 def _quantize_rows_op(x: torch.Tensor, col_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     triton, kernel = _kernel()
+    if x.stride(-1) != 1:  # the kernel reads unit column strides (rows may be strided)
+        x = x.contiguous()
     rows, cols = x.shape
     codes = torch.empty((rows, cols), dtype=torch.uint8, device=x.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
@@ -89,18 +95,17 @@ def _(x, col_scale):
 
 
 def quantize_rows_triton(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``speed.fp8.quantize_rows(x * col_scale)`` by the Triton kernel: the same codes, bit for bit.
+    """``speed.fp8.quantize_rows(x * col_scale)`` by the Triton kernel: the eager torch ops' codes
+    and scales, bit for bit (NaN codes aside, whose sign bit differs between devices).
 
-    ``x`` (M, K) float32, bfloat16 or float16 (rows may be strided, columns contiguous; made so
-    otherwise); ``col_scale`` (K,) float32 or None, multiplied into each row in float32 before the
-    amax (the input gradient's per-channel weight scales, ``speed/fp8.py``). Returns ``(codes,
-    scales)``: (M, K) float8_e4m3fn and (M, 1) float32. Raises RuntimeError where it cannot run
-    (``can_run_on``'s reason)."""
-    why = None if torch.compiler.is_compiling() else can_run_on(x.device)  # checked once when set, not per step
+    ``x`` (M, K) float32, bfloat16 or float16 (rows may be strided; a copy is made unless its
+    columns are contiguous); ``col_scale`` (K,) float32 or None, multiplied into each row in float32
+    before the amax (the input gradient's per-channel weight scales, ``speed/fp8.py``). Returns
+    ``(codes, scales)``: (M, K) float8_e4m3fn and (M, 1) float32. Raises RuntimeError where it
+    cannot run (``can_run_on``'s reason)."""
+    why = None if torch.compiler.is_compiling() else can_run_on(x.device)  # compiled steps: checked when set
     if why:
         raise RuntimeError(f"FP8 quantisation kernel: {why}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     col = None if col_scale is None else col_scale.to(torch.float32).contiguous()
     codes, scales = _quantize_rows_op(x, col)
     return codes.view(torch.float8_e4m3fn), scales
