@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from loralab.speed.fast_dora import FastDoraLinearVariant, dora_weight_norm, enable_fast_dora
@@ -165,8 +166,33 @@ def test_fast_dora_fp8_dropout_branch_uses_the_fp8_kernel():
     base = fp8_linear(xd, fp8.codes, fp8.weight_scale)
     a, b, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
     norm = _norm(layer, "default", a.weight, b.weight, s)
-    want = fp8(x) + _DoraCombine.apply(base, b(a(xd)), layer.lora_magnitude_vector["default"].weight, norm, s) - base
+    want = fp8(x) + _DoraCombine.apply(base, b(a(xd)) * s, layer.lora_magnitude_vector["default"].weight, norm) - base
     torch.testing.assert_close(got, want)
+
+
+def test_the_combine_hands_base_and_adapter_one_gradient_tensor():
+    """The scaling rides on the r-wide intermediate (``_lora``), so the combine's backward gives the
+    base and the adapter output the same (tokens × out) tensor instead of making a scaled copy; and
+    the adapter's gradients still equal peft's ``B(A x)·s`` at a scaling that is not a power of two
+    (to float32 rounding)."""
+    from loralab.speed.fast_dora import _DoraCombine, _lora
+
+    torch.manual_seed(6)
+    a, b = nn.Linear(16, 4, bias=False), nn.Linear(4, 12, bias=False)
+    x, base = torch.randn(5, 16), torch.randn(5, 12, requires_grad=True)
+    magnitude, norm = (torch.rand(12) + 0.5).requires_grad_(), torch.rand(12) + 0.5
+    seen = {}
+    lora = _lora(a, b, x, 0.37)
+    base.register_hook(lambda g: seen.setdefault("base", g))
+    lora.register_hook(lambda g: seen.setdefault("lora", g))
+    _DoraCombine.apply(base, lora, magnitude, norm).pow(2).sum().backward()
+    assert seen["base"].data_ptr() == seen["lora"].data_ptr()
+    grads = [p.grad.clone() for p in (a.weight, b.weight, magnitude)]
+    for p in (a.weight, b.weight, magnitude):
+        p.grad = None
+    _DoraCombine.apply(base, b(a(x)) * 0.37, magnitude, norm).pow(2).sum().backward()
+    for got, p in zip(grads, (a.weight, b.weight, magnitude)):
+        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_fast_dora_refuses_a_packed_base_weight_before_swapping_any():
