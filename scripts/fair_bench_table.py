@@ -187,6 +187,10 @@ def main() -> None:
                      f"{100 * r['gap_fp8_vs_bf16'] / min(losses):.2f} % of the smallest loss on the curves ({min(losses):.2f}; "
                      f"they run from {max(losses):.2f}) and {r['gap_fp8_vs_bf16'] / r['gap_bf16_vs_fp32']:.1f} times "
                      "bf16's largest gap from fp32.")
+        if "gap_bf16_rerun" in r:  # newer files: a second, identical bf16 run on the same device
+            notes.append(f"- Two identical bf16 runs on {r['gpu']} moved apart by up to {r['gap_bf16_rerun']:.4f} "
+                         f"(first loss removed: {r['drift_bf16_rerun']:.4f}): the device's run-to-run floor under "
+                         "the gaps above.")
     if (out / "fp8check.json").exists():
         r = json.loads((out / "fp8check.json").read_text())
         worst = max(max(q["forward_cuda_vs_rule"], q["grad_cuda_vs_rule"]) for q in r["rows"])

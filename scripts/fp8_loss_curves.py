@@ -11,7 +11,9 @@ with SmolLM2's tokenizer from ``packaged:smollm2-135m``, at most ``--length`` to
 device). The variants differ only in the base:
   fp32  base weights float32, no autocast;
   bf16  base weights bfloat16, bf16 autocast (``loralab run``'s default for a bf16 base);
-  fp8   the bf16 base's linear layers in FP8 e4m3 (``methods/fp8base.quantize_linears``), bf16 autocast.
+  fp8   the bf16 base's linear layers in FP8 e4m3 (``methods/fp8base.quantize_linears``), bf16 autocast;
+  bf16_rerun  bf16 once more, the same in every setting: how far two identical runs move apart on this
+        device (nondeterministic kernels), the floor under every gap above (``gap_bf16_rerun``).
 The criterion (issue 22): max_step |loss_fp8 - loss_bf16| is no larger than max_step
 |loss_bf16 - loss_fp32|; also reported with each curve's first loss removed (``drift_*``: how the
 runs move apart, without the offset each base's rounding adds before any step). Prints and writes
@@ -59,7 +61,7 @@ def run_variant(variant: str, args, data, device) -> dict:
     from loralab.methods.lora import ADAMW
     from loralab.run.step import make_step
 
-    dtype = "float32" if variant == "fp32" else "bfloat16"
+    dtype = "float32" if variant == "fp32" else "bfloat16"  # bf16, bf16_rerun and fp8: a bf16 model
     model = llama_8b(getattr(torch, dtype), device, args.shape, args.layers)
     speed = {}
     if variant == "fp8":
@@ -97,7 +99,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     data = batches(args.steps, args.batch, args.length)
-    curves = {v: run_variant(v, args, data, device) for v in ("fp32", "bf16", "fp8")}
+    curves = {v: run_variant(v, args, data, device) for v in ("fp32", "bf16", "fp8", "bf16_rerun")}
     loss = {v: c["losses"] for v, c in curves.items()}
     gap = lambda a, b: max(abs(x - y) for x, y in zip(loss[a], loss[b]))  # noqa: E731
     # the same after removing each curve's first loss: how differently the runs *move*, apart from the
@@ -109,7 +111,8 @@ def main():
               "tokens": sum(len(f["input_ids"]) for b in data for f in b), "curves": curves,
               "gap_bf16_vs_fp32": gap("bf16", "fp32"), "gap_fp8_vs_bf16": gap("fp8", "bf16"),
               "gap_fp8_vs_fp32": gap("fp8", "fp32"), "drift_bf16_vs_fp32": drift("bf16", "fp32"),
-              "drift_fp8_vs_bf16": drift("fp8", "bf16")}
+              "drift_fp8_vs_bf16": drift("fp8", "bf16"), "gap_bf16_rerun": gap("bf16_rerun", "bf16"),
+              "drift_bf16_rerun": drift("bf16_rerun", "bf16")}
     result["fp8_within_bf16_gap"] = result["gap_fp8_vs_bf16"] <= result["gap_bf16_vs_fp32"]
     text = json.dumps(result, indent=1)
     print(text)

@@ -33,8 +33,8 @@
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
 #   fp8loss scripts/fp8_loss_curves.py at the 8B shape: the same LoRA on 30 batches of 16 real GSM8K rows
-#           with an fp32, a bf16 and an FP8 base; whether FP8 moves from bf16 no more than bf16 from fp32.
-#           ~4 min (three model builds and compiles).
+#           with an fp32, a bf16 and an FP8 base, and a second identical bf16 run (the device's run-to-run
+#           floor); whether FP8 moves from bf16 no more than bf16 from fp32. ~5 min (four builds and compiles).
 # Usage: here, once:  bash scripts/gpu_fair_bench.sh prepare   (fills the ignored .devdata/ and .whl/:
 #           GSM8K train, SmolLM2's tokenizer folder, the gguf and liger-kernel 0.8.5 wheels)
 #   device call 1 (carry .devdata/gsm8k .devdata/smollm2-135m .whl):
@@ -44,8 +44,11 @@
 #   After 2026-12-05's CPU-only session (fast DoRA on FP8, the transpose cache, the recipe's row within the
 #   Trainer's memory, the Trainer peer's head adapter under Liger), the calls to make, in this order:
 #   fair8b | fair8bcache | recipe | profdora (four calls, each alone; fp8check first in the first call).
-#   After 2026-12-05's second CPU-only session (the Triton quantisation kernel), first of all:
-#   fp8check fp8quant fp8kernel (one call), then the four above with the defaults it settles.
+#   After 2026-12-05's second CPU-only session (the Triton quantisation kernel, fast DoRA's one gradient
+#   tensor, the bf16 rerun in fp8loss), in this order while the session's device time lasts (~30 min, so
+#   about three calls): (1) fp8check fp8quant fp8kernel; set speed.fp8_quantize_kernel's and
+#   fp8_transpose_cache's defaults from it (or leave them); (2) fair8b with those defaults (every goal of
+#   the bench table, DoRA on both bases included); (3) recipe; then profdora, fp8loss.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -108,7 +111,7 @@ for part in "${PARTS[@]}"; do
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
-      step fp8loss 330 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
+      step fp8loss 400 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
     *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel fp8loss)"; exit 2 ;;
   esac
 done
