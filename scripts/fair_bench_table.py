@@ -123,11 +123,11 @@ def main() -> None:
               + table(rows) + "\n")
         goals += [(f"{goal} (fp8_transpose_cache {share})", figure, met) for goal, figure, met in bench_goals(rows)
                   if "FP8" in goal]
-    kernel_rows = {v: json.loads((out / f"fp8kernel-{v}.json").read_text()) for v in ("torch", "triton", "triton-cache")
+    kernel_rows = {v: json.loads((out / f"fp8kernel-{v}.json").read_text()) for v in ("torch", "triton", "triton-cache", "triton-cache-rank")
                    if (out / f"fp8kernel-{v}.json").exists()}
     if kernel_rows:  # the FP8 LoRA row alone with each quantisation kernel (and the cached transposes), one machine
-        print("FP8-base LoRA (`--methods fp8+lora`, loralab's row only) with each `speed.fp8_quantize_kernel`, one machine "
-              "(`fp8kernel-*.json`):\n\n| variant | tokens/s | peak memory | vs the torch ops |\n|---|--:|--:|--:|")
+        print("FP8-base LoRA (`--methods fp8+lora`, loralab's row only) with each `speed.fp8_quantize_kernel` (`-cache`: and "
+              "`fp8_transpose_cache` 0.81; `-rank`: and `lora_scale_at_rank`), one machine (`fp8kernel-*.json`):\n\n| variant | tokens/s | peak memory | vs the torch ops |\n|---|--:|--:|--:|")
         base = (kernel_rows.get("torch") or [{}])[0]  # the ratios are against the torch ops' row, when it ran
         for variant, rows in kernel_rows.items():
             r = rows[0] if rows else {"error": "no row"}

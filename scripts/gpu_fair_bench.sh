@@ -25,10 +25,11 @@
 #   fp8quant scripts/fp8_quant_bench.py: row-wise quantisation alone (torch ops eager and compiled, the Triton
 #           kernel of speed/fp8_kernels.py, its codes checked bitwise against the torch ops on CUDA) and a compiled
 #           FP8 Llama MLP forward+backward with each kernel. ~1-2 min (five compiles). Files: fp8quant.json/.log.
-#   fp8kernel `loralab bench ... --methods fp8+lora` three times on the same machine: the defaults, then
-#           `--speed fp8_quantize_kernel=triton`, then that and `--speed fp8_transpose_cache=0.81`: whether the
-#           Triton quantisation kernel (and the cached transposes) pay, side by side; set the defaults from it.
-#           ~4 min. Files: fp8kernel-{torch,triton,triton-cache}.json/.log.
+#   fp8kernel `loralab bench ... --methods fp8+lora` four times on the same machine: the defaults, then
+#           `--speed fp8_quantize_kernel=triton`, then also `--speed fp8_transpose_cache=0.81`, then also
+#           `--speed lora_scale_at_rank=true`: whether the Triton quantisation kernel, the cached transposes and
+#           LoRA's scaling at the rank pay, side by side; set the defaults from it. ~5-6 min.
+#           Files: fp8kernel-{torch,triton,triton-cache,triton-cache-rank}.json/.log.
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -101,11 +102,12 @@ for part in "${PARTS[@]}"; do
     fp8quant)
       step fp8quant 240 $PYTHON scripts/fp8_quant_bench.py --output "$OUT/fp8quant.json" ;;
     fp8kernel)
-      for variant in torch triton triton-cache; do
+      for variant in torch triton triton-cache triton-cache-rank; do
         extra=()
         [ "$variant" != torch ] && extra+=(--speed fp8_quantize_kernel=triton)
-        [ "$variant" = triton-cache ] && extra+=(--speed fp8_transpose_cache=0.81)
-        step "fp8kernel-$variant" 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+        [[ "$variant" == triton-cache* ]] && extra+=(--speed fp8_transpose_cache=0.81)
+        [ "$variant" = triton-cache-rank ] && extra+=(--speed lora_scale_at_rank=true)
+        step "fp8kernel-$variant" 150 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
           --methods fp8+lora "${extra[@]}" --output "$OUT/fp8kernel-$variant.json"
       done ;;
     fp8check)

@@ -23,7 +23,7 @@ def test_experiment_speed_defaults_are_unchanged():
     values stay what they were before the settings became one dataclass; a key added since
     (``memory_fraction``, ``grad_reduce``) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
-                                 "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch"}
+                                 "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch", "lora_scale_at_rank": False}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "loss_chunk_size" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed

@@ -94,8 +94,8 @@ class Speed:
     # gradients after the last micro-batch, outside any capture, so CUDA graphs stay on: run/reduce.py, issue 23)
     fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # FP8 base: share of its weight bytes
     # kept column-major for the input gradient, largest first (speed/fp8.py cache_transposes; 0.81: Llama-3-8B's MLP)
-    fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: what quantises its
-    # activations and gradients per row: "torch" ops (inductor fuses them) or our Triton kernel (speed/fp8_kernels.py)
+    fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: "torch" ops or speed/fp8_kernels
+    lora_scale_at_rank: bool = field(default=False, metadata={"added": True})  # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments

@@ -2,9 +2,10 @@
 
 - ``prepare_model(model, speed)``: fast DoRA swap, the FP8 base's cached transposed codes
   (``speed.fp8_transpose_cache``) and quantisation kernel (``speed.fp8_quantize_kernel``), fused
-  LoRA forward, fp32 adapter weights, input casts off under autocast (so adapters read the bf16
-  activations instead of keeping fp32 copies of them), and regional ``torch.compile`` of the
-  decoder layers (off by default; parameter names unchanged).
+  LoRA forward, LoRA's scaling at the rank (``speed.lora_scale_at_rank``), fp32 adapter weights,
+  input casts off under autocast (so adapters read the bf16 activations instead of keeping fp32
+  copies of them), and regional ``torch.compile`` of the decoder layers (off by default; parameter
+  names unchanged).
 - ``causal_lm_loss(model, batch)``: mean (or, with ``loss_weights``, weighted-sum) next-token loss
   over labelled tokens and their count, with the LM head fused into a chunked cross-entropy
   (``losses.py``) so no full logits are built.
@@ -24,6 +25,7 @@ from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, use_quantize_kernel
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
+from loralab.speed.rank_scaling import enable_rank_scaling
 
 
 def _hf_model(model):
@@ -49,6 +51,8 @@ def prepare_model(model, options: Speed):
         use_quantize_kernel(model, options.fp8_quantize_kernel)
     if options.fused_lora:
         enable_fused_lora(model)
+    if options.lora_scale_at_rank:  # after fused_lora, whose forward takes precedence where both apply
+        enable_rank_scaling(model)
     for module in model.modules():
         if hasattr(module, "lora_A"):
             # Keep activations in the autocast dtype; fp32 copies per adapter cost memory and time.

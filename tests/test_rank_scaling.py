@@ -1,0 +1,106 @@
+"""LoRA's scaling at the rank (speed/rank_scaling.py, ``speed.lora_scale_at_rank``): bit for bit
+peft's outputs and gradients where it applies (power-of-two scalings: fp32, and bf16 under autocast,
+with dropout), peft's own forward elsewhere; the backward makes one (tokens × out) tensor fewer."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loralab.speed.rank_scaling import _rank_scaled_forward, disable_rank_scaling, enable_rank_scaling, is_power_of_two
+
+
+def _llama(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def _pair(dtype, **lora):
+    config = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False, **lora)
+    ref = get_peft_model(_llama(dtype), config)
+    for p in ref.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    fast = copy.deepcopy(ref)
+    return ref, fast
+
+
+def _step(model, ids, autocast: bool):
+    torch.manual_seed(3)  # the same dropout masks in both models
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype, autocast, dropout", [(torch.float32, False, 0.0), (torch.float32, False, 0.3),
+                                                       (torch.bfloat16, True, 0.0)])
+def test_power_of_two_scalings_give_peft_bit_for_bit(dtype, autocast, dropout):
+    ref, fast = _pair(dtype, lora_alpha=16, lora_dropout=dropout)  # s = 2
+    assert enable_rank_scaling(fast) == 14 and enable_rank_scaling(fast) == 0  # 2 layers x 7 projections, once
+    ids = torch.randint(0, 96, (2, 12))
+    want_loss, want = _step(ref, ids, autocast)
+    got_loss, got = _step(fast, ids, autocast)
+    assert torch.equal(got_loss, want_loss) and set(got) == set(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert disable_rank_scaling(fast) == 14 and "forward" not in fast.base_model.model.model.layers[0].self_attn.q_proj.__dict__
+
+
+def test_the_backward_hands_lora_b_the_output_gradient_itself():
+    """peft's order builds s·grad for lora_B; here lora_B's output gradient is the layer's own."""
+    _, fast = _pair(torch.float32, lora_alpha=16)
+    layer = fast.base_model.model.model.layers[0].mlp.up_proj
+    enable_rank_scaling(fast)
+    seen = {}
+    x = torch.randn(3, 64)
+
+    def keep(name, grad):
+        seen[name] = grad
+
+    layer.lora_B["default"].register_full_backward_hook(lambda m, gin, gout: keep("b_out", gout[0]))
+    y = layer(x)
+    y.register_hook(lambda g: keep("y", g))
+    y.backward(torch.randn_like(y))
+    assert torch.equal(seen["b_out"], seen["y"])
+    disable_rank_scaling(fast)  # peft's order: lora_B's output gradient is s·grad
+    layer(x).backward(seen["y"])
+    assert torch.equal(seen["b_out"], 2 * seen["y"])
+
+
+def test_other_scalings_and_layers_take_peft_forward():
+    assert is_power_of_two(2.0) and is_power_of_two(0.125) and not is_power_of_two(16 / 8 ** 0.5)
+    assert not is_power_of_two(0.0) and not is_power_of_two(float("inf"))
+    _, fast = _pair(torch.float32, lora_alpha=16, use_rslora=True)  # s = 16/sqrt(8): not a power of two
+    enable_rank_scaling(fast)
+    layer = fast.base_model.model.model.layers[0].self_attn.q_proj
+    calls = []
+    original = type(layer).forward
+    type(layer).forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        out = layer(torch.randn(2, 64))
+    finally:
+        type(layer).forward = original
+    assert calls == [1] and out.shape == (2, 64)  # peft's own
+    _, dora = _pair(torch.float32, lora_alpha=16, use_dora=True)
+    enable_rank_scaling(dora)
+    assert dora.base_model.model.model.layers[0].self_attn.q_proj.forward.__func__ is _rank_scaled_forward
+    ids = torch.randint(0, 96, (1, 8))
+    dora(input_ids=ids)  # DoRA layers hold a variant: peft's forward (and its variant) runs
+
+
+def test_prepare_model_sets_it_from_the_speed_setting():
+    import dataclasses
+
+    from loralab.speed.step import PLAIN, prepare_model
+
+    _, fast = _pair(torch.float32, lora_alpha=16)
+    prepare_model(fast, dataclasses.replace(PLAIN, lora_scale_at_rank=True))
+    q = fast.base_model.model.model.layers[1].self_attn.q_proj
+    assert q.forward.__func__ is _rank_scaled_forward
+    _, plain = _pair(torch.float32, lora_alpha=16)
+    prepare_model(plain, PLAIN)
+    assert "forward" not in plain.base_model.model.model.layers[1].self_attn.q_proj.__dict__
