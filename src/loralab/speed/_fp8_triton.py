@@ -48,6 +48,15 @@ def row_scale(amax):
 
 
 @triton.jit
+def load_block(x_row, col_ptr, offs, mask, HAS_COL: tl.constexpr):
+    """One block of a row in float32, times its column scales when there are any."""
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COL:
+        x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride,
                          HAS_COL: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -56,9 +65,7 @@ def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride
     if ONE_PASS:
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COL:
-            x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
+        x = load_block(x_row, col_ptr, offs, mask, HAS_COL)
         scale = row_scale(tl.reduce(tl.abs(x), 0, max_nan))
         y = clamp_448(tl.math.div_rn(x, scale))
         tl.store(out_row + offs, encode_e4m3(y).to(tl.uint8), mask=mask)
@@ -67,17 +74,13 @@ def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_COL:
-                x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
+            x = load_block(x_row, col_ptr, offs, mask, HAS_COL)
             amax = max_nan(amax, tl.abs(x))
         scale = row_scale(tl.reduce(amax, 0, max_nan))
         for start in range(0, n_cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n_cols
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_COL:
-                x = x * tl.load(col_ptr + offs, mask=mask, other=0.0)
+            x = load_block(x_row, col_ptr, offs, mask, HAS_COL)
             y = clamp_448(tl.math.div_rn(x, scale))
             tl.store(out_row + offs, encode_e4m3(y).to(tl.uint8), mask=mask)
     tl.store(scales_ptr + row, scale)

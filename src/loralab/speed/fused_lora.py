@@ -100,24 +100,36 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs):
     return fused_lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name])
 
 
-def enable_fused_lora(model: nn.Module) -> int:
-    """Give every peft LoRA ``Linear`` in ``model`` the fused forward; returns how many."""
+def install_lora_forward(model: nn.Module, forward) -> int:
+    """Give every peft LoRA ``Linear`` of ``model`` without an instance forward the instance forward
+    ``forward`` (a function of (module, x, ...)); returns how many. Shared by the LoRA forward rewrites
+    (this file, ``rank_scaling.py``): the first one installed on a module keeps it."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLinear) and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_fused_forward, module)
+            module.forward = types.MethodType(forward, module)
             count += 1
     return count
+
+
+def remove_lora_forward(model: nn.Module, forward) -> int:
+    """peft's forward again where ``install_lora_forward`` set ``forward``; returns how many."""
+    count = 0
+    for module in model.modules():
+        method = module.__dict__.get("forward")
+        if isinstance(method, types.MethodType) and method.__func__ is forward:
+            del module.forward
+            count += 1
+    return count
+
+
+def enable_fused_lora(model: nn.Module) -> int:
+    """Give every peft LoRA ``Linear`` in ``model`` the fused forward; returns how many."""
+    return install_lora_forward(model, _fused_forward)
 
 
 def disable_fused_lora(model: nn.Module) -> int:
     """Back to peft's forward everywhere; returns how many modules changed."""
-    count = 0
-    for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward:
-            del module.forward
-            count += 1
-    return count
+    return remove_lora_forward(model, _fused_forward)

@@ -23,9 +23,10 @@ untouched), ``disable_rank_scaling`` removes it. Not measured on a GPU yet: off 
 from __future__ import annotations
 
 import math
-import types
 
 from torch import nn
+
+from loralab.speed.fused_lora import install_lora_forward, remove_lora_forward
 
 
 def is_power_of_two(value: float) -> bool:
@@ -52,22 +53,9 @@ def _rank_scaled_forward(self, x, *args, **kwargs):
 def enable_rank_scaling(model: nn.Module) -> int:
     """Give every peft LoRA ``Linear`` of ``model`` without an instance forward (``fused_lora``'s
     takes precedence) the rank-scaled forward; returns how many."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_rank_scaled_forward, module)
-            count += 1
-    return count
+    return install_lora_forward(model, _rank_scaled_forward)
 
 
 def disable_rank_scaling(model: nn.Module) -> int:
     """peft's forward again where ``enable_rank_scaling`` set this one; returns how many."""
-    count = 0
-    for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ is _rank_scaled_forward:
-            del module.forward
-            count += 1
-    return count
+    return remove_lora_forward(model, _rank_scaled_forward)
