@@ -188,6 +188,12 @@ def test_the_combine_hands_base_and_adapter_one_gradient_tensor():
     _DoraCombine.apply(base, lora, magnitude, norm).pow(2).sum().backward()
     assert seen["base"].data_ptr() == seen["lora"].data_ptr()
     grads = [p.grad.clone() for p in (a.weight, b.weight, magnitude)]
+    b_out = {}  # and lora_B's own output gradient is that tensor: the scaling sits at the rank (a B(Ax)·s
+    b.register_full_backward_hook(lambda m, gin, gout: b_out.update(g=gout[0]))  # would hand it s·grad)
+    for p in (a.weight, b.weight, magnitude):
+        p.grad = None
+    _DoraCombine.apply(base, _lora(a, b, x, 0.37), magnitude, norm).pow(2).sum().backward()
+    assert torch.equal(b_out["g"], seen["lora"])
     for p in (a.weight, b.weight, magnitude):
         p.grad = None
     _DoraCombine.apply(base, b(a(x)) * 0.37, magnitude, norm).pow(2).sum().backward()

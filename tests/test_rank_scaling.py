@@ -7,9 +7,16 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loralab.speed.rank_scaling import _rank_scaled_forward, disable_rank_scaling, enable_rank_scaling, is_power_of_two
+from loralab.speed.rank_scaling import (
+    _rank_scaled_forward,
+    disable_rank_scaling,
+    enable_rank_scaling,
+    is_power_of_two,
+    takes_rank_scaling,
+)
 
 
 def _llama(dtype=torch.float32):
@@ -104,3 +111,91 @@ def test_prepare_model_sets_it_from_the_speed_setting():
     _, plain = _pair(torch.float32, lora_alpha=16)
     prepare_model(plain, PLAIN)
     assert "forward" not in plain.base_model.model.model.layers[1].self_attn.q_proj.__dict__
+
+
+def _layer_pair(**lora):
+    """One peft LoRA Linear (64 -> 48) and its twin with the rank-scaled forward."""
+    torch.manual_seed(4)
+    model = get_peft_model(nn.Sequential(nn.Linear(64, 48)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                                         init_lora_weights=False, **lora))
+    twin = copy.deepcopy(model)
+    assert enable_rank_scaling(twin) == 1
+    return model, twin
+
+
+def _same(ref, fast, x, **kwargs):
+    outs = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi, **kwargs)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xi.grad))
+    return torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("case", ["merged", "disabled", "two adapters", "mixed batch", "lora_B bias", "float16"])
+def test_where_the_rewrite_does_not_apply_the_result_is_peft_own(case):
+    """Each case would differ from peft if the rewrite ran there (a merged or disabled adapter added
+    again, a second adapter dropped, per-sample adapters ignored, an unscaled bias, float16 rounding)."""
+    ref, fast = _layer_pair(lora_bias=case == "lora_B bias")
+    x = torch.randn(4, 64)
+    kwargs = {}
+    for m in (ref, fast):
+        layer = m.base_model.model[0]
+        if case == "merged":
+            m.merge_adapter()
+        elif case == "disabled":
+            layer.enable_adapters(False)  # what peft's disable_adapter() context does
+        elif case in ("two adapters", "mixed batch"):
+            torch.manual_seed(8)
+            m.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+            if case == "two adapters":
+                m.base_model.set_adapter(["default", "other"])
+            else:
+                m.eval()  # peft takes adapter_names in eval mode only
+        elif case == "float16":
+            m.half()
+    if case == "mixed batch":
+        kwargs["adapter_names"] = ["default", "other", "default", "__base__"]
+    if case == "float16":
+        x = x.half()
+    fast_layer = fast.base_model.model[0]
+    assert not takes_rank_scaling(fast_layer, x) or case == "mixed batch"  # adapter_names: a keyword argument
+    assert _same(ref, fast, x, **kwargs)
+
+
+def test_the_production_path_fp8_base_and_compile_agree_with_peft():
+    """What loralab runs: bf16 autocast with the adapters' input casts off (prepare_model), on a
+    float and on an FP8 base, eager, and compiled (aot_eager, one graph) against peft compiled alike:
+    peft's bits."""
+    import dataclasses
+
+    from loralab.methods.fp8base import quantize_linears
+    from loralab.speed.step import PLAIN, prepare_model
+
+    for fp8 in (False, True):
+        torch.manual_seed(5)
+        base = nn.Sequential(nn.Linear(64, 48, bias=False))
+        if fp8:
+            quantize_linears(base, ["0"])
+        ref = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["0"], init_lora_weights=False))
+        fast = copy.deepcopy(ref)
+        options = dataclasses.replace(PLAIN, autocast="bfloat16")
+        prepare_model(ref, options)
+        prepare_model(fast, dataclasses.replace(options, lora_scale_at_rank=True))
+        assert takes_rank_scaling(fast.base_model.model[0])
+        x = torch.randn(3, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _same(ref, fast, x), fp8
+            compiled = [torch.compile(m, backend="aot_eager", fullgraph=True) for m in (ref, fast)]
+            assert _same(*compiled, x), fp8
+
+
+def test_fused_lora_and_rank_scaling_together_are_refused():
+    import dataclasses
+
+    from loralab.speed.step import PLAIN, prepare_model
+
+    _, fast = _pair(torch.float32, lora_alpha=16)
+    with pytest.raises(ValueError, match="'speed.fused_lora' = true and 'speed.lora_scale_at_rank' = true"):
+        prepare_model(fast, dataclasses.replace(PLAIN, fused_lora=True, lora_scale_at_rank=True))

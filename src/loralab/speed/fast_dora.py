@@ -156,9 +156,11 @@ class _DoraCombine(torch.autograd.Function):
 def _lora(lora_A, lora_B, x, scaling):
     """``s·B(A x)`` computed as ``B(s·(A x))``: the scaling multiplies the r-wide intermediate, so the
     backward hands ``lora_B`` the combine's gradient as it is, where ``B(A x)·s`` would make one more
-    (tokens × out) tensor, ``s·grad``, per layer in every backward (at Llama-3-8B's shapes 176 MB per
-    layer). Exact where s is a power of two (peft's default alpha/r, e.g. 16/8); otherwise the one
-    rounding of s·(...) falls on the intermediate instead of the output."""
+    (tokens × out) tensor, ``s·grad``, per layer in every backward (at Llama-3-8B's shapes, 2,048
+    tokens, 176 MB per decoder layer of 7 adapted projections). The same values as the output-side
+    scaling in float32 and bfloat16 where s is a power of two (e.g. 16/8; ``speed/rank_scaling.py``
+    says why); otherwise, and in float16, the one rounding of s·(...) falls on the intermediate
+    instead of the output."""
     return lora_B(lora_A(x) * scaling)
 
 

@@ -38,7 +38,8 @@ PLAIN = Speed(autocast=None, compile=False)
 
 def prepare_model(model, options: Speed):
     """Apply resolved speed settings (``Speed.resolve``: no "auto" in autocast or compile) to a
-    (peft-wrapped) model in place and return it. Raises ValueError for unresolved settings."""
+    (peft-wrapped) model in place and return it. Raises ValueError for unresolved settings and for
+    ``fused_lora`` with ``lora_scale_at_rank``."""
     unresolved = [k for k in ("autocast", "compile") if getattr(options, k) == "auto"]
     if unresolved:
         raise ValueError(f"prepare_model needs resolved speed settings; {', '.join(unresolved)} still 'auto' "
@@ -49,9 +50,12 @@ def prepare_model(model, options: Speed):
         options.fp8_transposes_cached = cache_transposes(model, options.fp8_transpose_cache)
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
+    if options.fused_lora and options.lora_scale_at_rank:
+        raise ValueError("'speed.fused_lora' = true and 'speed.lora_scale_at_rank' = true both rewrite LoRA's "
+                         "forward (the fused one falls back to peft's order): set one of them false")
     if options.fused_lora:
         enable_fused_lora(model)
-    if options.lora_scale_at_rank:  # after fused_lora, whose forward takes precedence where both apply
+    if options.lora_scale_at_rank:
         enable_rank_scaling(model)
     for module in model.modules():
         if hasattr(module, "lora_A"):
