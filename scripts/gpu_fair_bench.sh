@@ -6,7 +6,8 @@
 #           probed within speed.memory_fraction) against the docs peer, the Liger peer and the tuned peer
 #           (bf16 autocast, fused AdamW, Liger, its best micro-batch within loralab's measured peak; the
 #           sizes it tried, their peaks and rates are in each tuned row's micro_batch_probe). loralab's
-#           rows carry ratio_best_peer (and best_peer) and ratio_docs_peer. ~6-8 min (10 rows).
+#           rows carry ratio_best_peer (and best_peer) and ratio_docs_peer. ~5-8 min (10 rows). SPEED="k=v ..."
+#           passes each as `--speed k=v` (loralab's rows; FP8-only keys reach the fp8+ rows only).
 #   fair8bcache  fair8b again with `--speed fp8_transpose_cache=0.81`: the FP8 rows keep the column-major
 #           codes of the MLP projections (the largest 81 % of the FP8 weight bytes) instead of copying them in
 #           every backward (the kernels that hold those copies, fused with gradient quantisation, took ~4.4 ms of a ~106 ms FP8
@@ -88,8 +89,10 @@ source "$(dirname "$0")/gpu_step.sh"  # step NAME CAP_SECONDS CMD...
 for part in "${PARTS[@]}"; do
   case $part in
     fair8b)
+      speed_args=()
+      for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done  # SPEED="k=v k=v": explicit loralab speed keys
       step fair8b 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
-        --output "$OUT/fair8b.json" ;;
+        "${speed_args[@]}" --output "$OUT/fair8b.json" ;;
     fair8bcache)
       step fair8bcache 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --speed fp8_transpose_cache=0.81 --output "$OUT/fair8bcache.json" ;;
