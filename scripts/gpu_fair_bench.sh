@@ -30,7 +30,8 @@
 #           `--speed fp8_quantize_kernel=triton`, then also `--speed fp8_transpose_cache=0.81`, then also
 #           `--speed lora_scale_at_rank=true`: whether the Triton quantisation kernel, the cached transposes and
 #           LoRA's scaling at the rank pay, side by side; set the defaults from it. ~5-6 min.
-#           Files: fp8kernel-{torch,triton,triton-cache,triton-cache-rank}.json/.log.
+#           Files: fp8kernel-{torch,triton,triton-cache,triton-cache-rank}.json/.log. VARIANTS="torch
+#           triton-cache-rank" runs a subset (e.g. beside fair8b in one call when device time is short).
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -105,7 +106,7 @@ for part in "${PARTS[@]}"; do
     fp8quant)
       step fp8quant 240 $PYTHON scripts/fp8_quant_bench.py --output "$OUT/fp8quant.json" ;;
     fp8kernel)
-      for variant in torch triton triton-cache triton-cache-rank; do
+      for variant in ${VARIANTS:-torch triton triton-cache triton-cache-rank}; do  # VARIANTS: a subset, in order
         extra=()
         [ "$variant" != torch ] && extra+=(--speed fp8_quantize_kernel=triton)
         [[ "$variant" == triton-cache* ]] && extra+=(--speed fp8_transpose_cache=0.81)
