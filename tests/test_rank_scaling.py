@@ -199,3 +199,20 @@ def test_fused_lora_and_rank_scaling_together_are_refused():
     _, fast = _pair(torch.float32, lora_alpha=16)
     with pytest.raises(ValueError, match="'speed.fused_lora' = true and 'speed.lora_scale_at_rank' = true"):
         prepare_model(fast, dataclasses.replace(PLAIN, fused_lora=True, lora_scale_at_rank=True))
+
+
+def test_the_run_logs_where_the_rewrite_applies():
+    """make_step says in how many layers the rewrite applies, and NOTHING where no scaling is a power of two."""
+    from loralab.run.step import make_step
+    from loralab.speed.rank_scaling import rank_scaling_summary
+
+    for rslora, taken in ((False, 14), (True, 0)):
+        _, model = _pair(torch.float32, lora_alpha=16, use_rslora=rslora)
+        lines = []
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        make_step(model, optimizer, speed={"lora_scale_at_rank": True}, kind="causal_lm", dtype="float32",
+                  device=torch.device("cpu"), features=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], batch_size=1,
+                  limit=1, max_length=8, pad_id=0, log=lines.append)
+        assert rank_scaling_summary(model) == (taken, 14)
+        said = [line for line in lines if line.startswith("speed.lora_scale_at_rank")]
+        assert said and f"in {taken} of 14 LoRA layer(s)" in said[0] and ("NOTHING" in said[0]) is (taken == 0)

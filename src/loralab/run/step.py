@@ -43,6 +43,7 @@ from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
+from loralab.speed.rank_scaling import rank_scaling_summary
 from loralab.speed.step import causal_lm_loss, prepare_model, seq_cls_loss
 
 
@@ -303,6 +304,10 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             f"layer(s) cached, {cached['bytes'] / 2**30:.2f} of {cached['total_bytes'] / 2**30:.2f} GiB"
             + ("; NOTHING cached: the largest layers alone are a larger share (speed/fp8.py cache_transposes)"
                if cached["layers"] == 0 else ""))
+    if resolved.lora_scale_at_rank:
+        taken, layers = rank_scaling_summary(model)
+        log(f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {taken} of {layers} LoRA layer(s)"
+            + ("; NOTHING: no scaling alpha/r is a power of two, or the layers hold variants or biases" if not taken else ""))
     wrapped = None
     after_backward = multi and resolved.grad_reduce == "after_backward"
     if after_backward:

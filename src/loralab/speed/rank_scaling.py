@@ -77,3 +77,12 @@ def enable_rank_scaling(model: nn.Module) -> int:
 def disable_rank_scaling(model: nn.Module) -> int:
     """peft's forward again where ``enable_rank_scaling`` set this one; returns how many."""
     return remove_lora_forward(model, _rank_scaled_forward)
+
+
+def rank_scaling_summary(model: nn.Module) -> tuple[int, int]:
+    """(layers whose forward is the rank-scaled one and whose adapter it applies to now, layers with
+    that forward): for the run's log, so a setting that applies nowhere (rsLoRA, α/r not a power of
+    two) does not pass unnoticed. Input-dependent cases (float16) are not counted out."""
+    layers = [m for m in model.modules()
+              if getattr(m.__dict__.get("forward"), "__func__", None) is _rank_scaled_forward]
+    return sum(takes_rank_scaling(m) for m in layers), len(layers)
