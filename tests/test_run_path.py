@@ -208,3 +208,21 @@ def test_the_probe_builds_the_step_shape():
     assert packed["loss_weights"].sum().item() == pytest.approx(1.0)
     padded = worst_case_batch(longest, 2, packing=False, width=4, pad_id=0)
     assert padded["input_ids"].shape == (2, 4) and padded["loss_weights"].sum().item() == pytest.approx(1.0)
+
+
+def test_every_fp8_only_speed_key_set_away_from_its_default_needs_the_fp8_base():
+    """The refusal follows config.FP8_ONLY_SPEED: a key added there is refused without the FP8 base
+    with no other change (a non-default value per key here; the test fails for a key it lacks)."""
+    from peft import LoraConfig
+
+    from loralab import methods
+    from loralab.config import FP8_ONLY_SPEED
+
+    values = {"fp8_transpose_cache": 0.5, "fp8_quantize_kernel": "triton"}
+    assert set(values) == set(FP8_ONLY_SPEED)
+    cfg = LoraConfig(r=4, target_modules=["query"])
+    for key, value in values.items():
+        for base in (None, "nf4", "fp8"):
+            params = build_parameters({"quantization": base, "speed": {key: value}})
+            problems = methods.choose_method(cfg, params).conflicts(cfg, params)
+            assert any(f"'speed.{key}' = {value!r}" in p and "'quantization': 'fp8'" in p for p in problems) is (base != "fp8")

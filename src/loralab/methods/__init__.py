@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import time
 
+from loralab.config import FP8_ONLY_SPEED, Speed
 from loralab.methods import (
     corda,
     dora,
@@ -199,11 +200,11 @@ class Method:
     # ---- the interface the run path uses (loralab.run.build) -----------------------------------
     def conflicts(self, cfg, params) -> list[str]:
         """Selection and composition problems, without the model: each names both keys."""
-        cache, kernel = params.speed.get("fp8_transpose_cache", 0), params.speed.get("fp8_quantize_kernel", "torch")
+        defaults = Speed().record()  # an FP8-only key set away from its default needs the FP8 base
         fp8_only = [] if self.base == "fp8" else [
-            f"'speed.{key}' = {value!r} {does}; it needs 'quantization': 'fp8' (here {self.base or 'null'}): remove it"
-            for key, value, does in (("fp8_transpose_cache", cache, "caches FP8 codes"),
-                                     ("fp8_quantize_kernel", kernel, "quantises for the FP8 base")) if value not in (0, "torch")]
+            f"'speed.{key}' = {params.speed[key]!r} acts on an FP8 base only; it needs 'quantization': 'fp8' "
+            f"(here {self.base or 'null'}): remove it" for key in FP8_ONLY_SPEED
+            if params.speed.get(key, defaults[key]) != defaults[key]]
         if self.is_full:
             problems = list(fp8_only)
             if params.optimizer != "adamw":

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from loralab.speed.fp8 import ALIGN, Fp8Linear, fp8_linear, weight_times
+from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times
 
 _EPS = 1e-12
 
@@ -185,7 +185,7 @@ class FastDoraLinearVariant(DoraLinearVariant):
         x = dropout(x)
         fp8 = _fp8_base(module)
         if fp8 is not None:  # as the FP8 layer computes W·x (module docstring)
-            base = fp8_linear(x, fp8.codes, fp8.weight_scale, fp8.codes_colmajor, fp8.quantize_kernel).to(result.dtype)
+            base = fp8.product(x).to(result.dtype)
         else:
             weight = _base_weight(module)
             base = F.linear(x.to(weight.dtype), weight).to(result.dtype)

@@ -239,8 +239,12 @@ class Fp8Linear(nn.Linear):
         self.register_buffer("codes_t_bits", self.weight.detach().t().contiguous(), persistent=False)
         return self.codes_t_bits.numel()
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Wᵀ`` without the bias, as the layer computes it (its cached codes and quantisation kernel)."""
+        return fp8_linear(x, self.codes, self.weight_scale, self.codes_colmajor, self.quantize_kernel)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.codes, self.weight_scale, self.codes_colmajor, self.quantize_kernel)
+        y = self.product(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -39,27 +39,31 @@ def is_power_of_two(value: float) -> bool:
     return value != 0 and math.isfinite(value) and math.frexp(abs(value))[0] == 0.5
 
 
-def _half(module, x: torch.Tensor) -> bool:
-    """Whether the adapter of ``module`` would compute in float16 (autocast's dtype, else its weights')."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type) == torch.float16
-    return torch.float16 in (x.dtype, next(iter(module.lora_A.values())).weight.dtype)
+def _rank_adapter(module, x: torch.Tensor | None) -> str | None:
+    """The one active adapter whose forward ``_rank_scaled_forward`` rewrites on ``module`` (for ``x``;
+    None: whatever the input), or None where peft's own forward runs (the module docstring's cases)."""
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
+    if (module.disable_adapters or module.merged or len(adapters) != 1 or adapters[0] in module.lora_variant
+            or module.lora_B[adapters[0]].bias is not None or not is_power_of_two(module.scaling[adapters[0]])):
+        return None
+    if x is not None:  # float16 compute: autocast's dtype under autocast, else the input's or the adapter's
+        half = (torch.get_autocast_dtype(x.device.type) == torch.float16 if torch.is_autocast_enabled(x.device.type)
+                else torch.float16 in (x.dtype, module.lora_A[adapters[0]].weight.dtype))
+        if half:
+            return None
+    return adapters[0]
 
 
 def takes_rank_scaling(module, x: torch.Tensor | None = None) -> bool:
     """Whether ``_rank_scaled_forward`` takes its path on ``module`` (for ``x``; None: whatever the input)."""
-    adapters = [a for a in module.active_adapters if a in module.lora_A]
-    return not (module.disable_adapters or module.merged or len(adapters) != 1 or adapters[0] in module.lora_variant
-                or module.lora_B[adapters[0]].bias is not None or not is_power_of_two(module.scaling[adapters[0]])
-                or (x is not None and _half(module, x)))
+    return _rank_adapter(module, x) is not None
 
 
 def _rank_scaled_forward(self, x, *args, **kwargs):
     """peft ``lora.Linear.forward`` with the scaling at the rank where that is exact, peft's own otherwise."""
-    if args or kwargs or not takes_rank_scaling(self, x):
+    name = None if args or kwargs else _rank_adapter(self, x)
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    adapters = [a for a in self.active_adapters if a in self.lora_A]
-    name = adapters[0]
     result = self.base_layer(x)
     result_dtype = result.dtype
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
