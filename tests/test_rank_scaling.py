@@ -201,8 +201,9 @@ def test_fused_lora_and_rank_scaling_together_are_refused():
         prepare_model(fast, dataclasses.replace(PLAIN, fused_lora=True, lora_scale_at_rank=True))
 
 
-def test_the_run_logs_where_the_rewrite_applies():
-    """make_step says in how many layers the rewrite applies, and NOTHING where no scaling is a power of two."""
+def test_the_run_logs_and_records_where_the_rewrite_applies():
+    """make_step says in how many layers the rewrite applies (and NOTHING where no scaling is a power of
+    two), and the record's train_info.speed keeps the count."""
     from loralab.run.step import make_step
     from loralab.speed.rank_scaling import rank_scaling_summary
 
@@ -210,9 +211,11 @@ def test_the_run_logs_where_the_rewrite_applies():
         _, model = _pair(torch.float32, lora_alpha=16, use_rslora=rslora)
         lines = []
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        make_step(model, optimizer, speed={"lora_scale_at_rank": True}, kind="causal_lm", dtype="float32",
-                  device=torch.device("cpu"), features=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], batch_size=1,
-                  limit=1, max_length=8, pad_id=0, log=lines.append)
+        _, resolved = make_step(model, optimizer, speed={"lora_scale_at_rank": True}, kind="causal_lm",
+                                dtype="float32", device=torch.device("cpu"),
+                                features=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], batch_size=1, limit=1,
+                                max_length=8, pad_id=0, log=lines.append)
         assert rank_scaling_summary(model) == (taken, 14)
+        assert resolved.record()["lora_scaled_at_rank"] == {"layers": taken, "lora_layers": 14}  # train_info.speed
         said = [line for line in lines if line.startswith("speed.lora_scale_at_rank")]
         assert said and f"in {taken} of 14 LoRA layer(s)" in said[0] and ("NOTHING" in said[0]) is (taken == 0)

@@ -63,10 +63,8 @@ def _generation_defaults() -> dict[str, Any]:
     }
 
 
-GRAD_REDUCE = ("ddp", "after_backward")
-"""``speed.grad_reduce``'s values (see ``Speed``)."""
-FP8_QUANTIZE_KERNELS = ("torch", "triton")
-"""``speed.fp8_quantize_kernel``'s values: torch ops (fused by inductor; speed/fp8.py) or speed/fp8_kernels.py."""
+GRAD_REDUCE = ("ddp", "after_backward")  # speed.grad_reduce's values (see Speed)
+FP8_QUANTIZE_KERNELS = ("torch", "triton")  # speed.fp8_quantize_kernel's: torch ops (speed/fp8.py) or speed/fp8_kernels
 FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")
 """``Speed`` keys that act on an FP8 base only (``quantization: "fp8"``)."""
 
@@ -98,6 +96,7 @@ class Speed:
     lora_scale_at_rank: bool = field(default=False, metadata={"added": True})  # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
+    lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     loss_chunk_size: int = field(default=1024, metadata={"code_only": True})  # tokens per cross-entropy chunk
 
@@ -142,9 +141,10 @@ class Speed:
         return out
 
     def record(self) -> dict[str, Any]:
-        """The experiment keys and values as the record holds them, plus ``micro_batch_probe`` and
-        ``fp8_transposes_cached`` once set."""
-        found = {k: getattr(self, k) for k in ("micro_batch_probe", "fp8_transposes_cached") if getattr(self, k)}
+        """The experiment keys and values as the record holds them, plus ``micro_batch_probe``,
+        ``fp8_transposes_cached`` and ``lora_scaled_at_rank`` once set."""
+        found = {k: getattr(self, k) for k in ("micro_batch_probe", "fp8_transposes_cached", "lora_scaled_at_rank")
+                 if getattr(self, k)}
         return {**{k: getattr(self, k) for k in self.experiment_keys()}, **found}
 
 

@@ -306,6 +306,7 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
                if cached["layers"] == 0 else ""))
     if resolved.lora_scale_at_rank:
         taken, layers = rank_scaling_summary(model)
+        resolved.lora_scaled_at_rank = {"layers": taken, "lora_layers": layers}
         log(f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {taken} of {layers} LoRA layer(s)"
             + ("; NOTHING: no scaling alpha/r is a power of two, or the layers hold variants or biases" if not taken else ""))
     wrapped = None
