@@ -191,6 +191,10 @@ def main() -> None:
             notes.append(f"- Two identical bf16 runs on {r['gpu']} moved apart by up to {r['gap_bf16_rerun']:.4f} "
                          f"(first loss removed: {r['drift_bf16_rerun']:.4f}): the device's run-to-run floor under "
                          "the gaps above.")
+        if "gap_fp8_weights_vs_bf16" in r:  # newer files: FP8's weight rounding alone (bf16 compute)
+            notes.append(f"- The FP8-rounded weights alone, computing in bf16, moved from bf16 by up to "
+                         f"{r['gap_fp8_weights_vs_bf16']:.4f} (first loss removed: {r['drift_fp8_weights_vs_bf16']:.4f}); "
+                         f"the FP8 activations and gradients on top of them by up to {r['gap_fp8_vs_fp8_weights']:.4f}.")
     if (out / "fp8check.json").exists():
         r = json.loads((out / "fp8check.json").read_text())
         worst = max(max(q["forward_cuda_vs_rule"], q["grad_cuda_vs_rule"]) for q in r["rows"])

@@ -12,12 +12,16 @@ device). The variants differ only in the base:
   fp32  base weights float32, no autocast;
   bf16  base weights bfloat16, bf16 autocast (``loralab run``'s default for a bf16 base);
   fp8   the bf16 base's linear layers in FP8 e4m3 (``methods/fp8base.quantize_linears``), bf16 autocast;
+  fp8_weights  the bf16 base with each linear weight rounded to FP8 e4m3 and back (codes · scale, then
+        bf16), computing in bf16 like bf16: the weight rounding alone, without FP8 activations and
+        gradients; ``gap_fp8_weights_vs_bf16`` against ``gap_fp8_vs_bf16`` says how much of FP8's gap the
+        weights' 3 mantissa bits make, which no FP8 base of this rule (per-channel e4m3) can avoid;
   bf16_rerun  bf16 once more, the same in every setting: how far two identical runs move apart on this
         device (nondeterministic kernels), the floor under every gap above (``gap_bf16_rerun``).
 The criterion (issue 22): max_step |loss_fp8 - loss_bf16| is no larger than max_step
 |loss_bf16 - loss_fp32|; also reported with each curve's first loss removed (``drift_*``: how the
 runs move apart, without the offset each base's rounding adds before any step). Prints and writes
-one JSON object: the four curves, the gaps and the drifts.
+one JSON object: the five curves, the gaps and the drifts.
 On CPU (``--device cpu``) it is a dry run of the script (autocast off there, so bf16 means bf16
 weights computing in bf16).
 """
@@ -57,12 +61,15 @@ def run_variant(variant: str, args, data, device, micro_batch=None) -> dict:
 
     from loralab.config import build_parameters
     from loralab.methods.common import linear_names
-    from loralab.methods.fp8base import quantize_linears
+    from loralab.methods.fp8base import dequantize_linears, quantize_linears
     from loralab.methods.lora import ADAMW
     from loralab.run.step import make_step
 
-    dtype = "float32" if variant == "fp32" else "bfloat16"  # bf16, bf16_rerun and fp8: a bf16 model
+    dtype = "float32" if variant == "fp32" else "bfloat16"  # every other variant: a bf16 model
     model = llama_8b(getattr(torch, dtype), device, args.shape, args.layers)
+    if variant == "fp8_weights":  # FP8's weight rounding, then back to a plain bf16 model
+        quantize_linears(model, linear_names(model))
+        dequantize_linears(model).to(torch.bfloat16)
     speed = {} if micro_batch is None else {"micro_batch": micro_batch}
     if variant == "fp8":
         quantize_linears(model, linear_names(model))
@@ -99,7 +106,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     data = batches(args.steps, args.batch, args.length)
-    curves = {v: run_variant(v, args, data, device) for v in ("fp32", "bf16", "fp8")}
+    curves = {v: run_variant(v, args, data, device) for v in ("fp32", "bf16", "fp8", "fp8_weights")}
     # the rerun at the first bf16 run's micro-batch, so only nondeterminism can move it (not the probe)
     curves["bf16_rerun"] = run_variant("bf16_rerun", args, data, device, curves["bf16"]["speed"].get("micro_batch"))
     loss = {v: c["losses"] for v, c in curves.items()}
@@ -114,7 +121,8 @@ def main():
               "gap_bf16_vs_fp32": gap("bf16", "fp32"), "gap_fp8_vs_bf16": gap("fp8", "bf16"),
               "gap_fp8_vs_fp32": gap("fp8", "fp32"), "drift_bf16_vs_fp32": drift("bf16", "fp32"),
               "drift_fp8_vs_bf16": drift("fp8", "bf16"), "gap_bf16_rerun": gap("bf16_rerun", "bf16"),
-              "drift_bf16_rerun": drift("bf16_rerun", "bf16")}
+              "drift_bf16_rerun": drift("bf16_rerun", "bf16"), "gap_fp8_weights_vs_bf16": gap("fp8_weights", "bf16"),
+              "gap_fp8_vs_fp8_weights": gap("fp8", "fp8_weights"), "drift_fp8_weights_vs_bf16": drift("fp8_weights", "bf16")}
     result["fp8_within_bf16_gap"] = result["gap_fp8_vs_bf16"] <= result["gap_bf16_vs_fp32"]
     text = json.dumps(result, indent=1)
     print(text)
