@@ -36,8 +36,9 @@
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
 #   fp8loss scripts/fp8_loss_curves.py at the 8B shape: the same LoRA on 30 batches of 16 real GSM8K rows
-#           with an fp32, a bf16 and an FP8 base, and a second identical bf16 run (the device's run-to-run
-#           floor); whether FP8 moves from bf16 no more than bf16 from fp32. ~5 min (four builds and compiles).
+#           with an fp32, a bf16 and an FP8 base, the bf16 base with FP8-rounded weights (the weights' share of
+#           the gap), and a second identical bf16 run (the device's run-to-run floor); whether FP8 moves from
+#           bf16 no more than bf16 from fp32. ~6 min (five builds and compiles).
 # Usage: here, once:  bash scripts/gpu_fair_bench.sh prepare   (fills the ignored .devdata/ and .whl/:
 #           GSM8K train, SmolLM2's tokenizer folder, the gguf and liger-kernel 0.8.5 wheels)
 #   device call 1 (carry .devdata/gsm8k .devdata/smollm2-135m .whl):
@@ -117,7 +118,7 @@ for part in "${PARTS[@]}"; do
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
-      step fp8loss 400 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
+      step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
     *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel fp8loss)"; exit 2 ;;
   esac
 done
