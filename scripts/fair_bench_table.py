@@ -123,19 +123,23 @@ def main() -> None:
               + table(rows) + "\n")
         goals += [(f"{goal} (fp8_transpose_cache {share})", figure, met) for goal, figure, met in bench_goals(rows)
                   if "FP8" in goal]
-    kernel_rows = {v: json.loads((out / f"fp8kernel-{v}.json").read_text()) for v in ("torch", "triton", "triton-cache", "triton-cache-rank")
-                   if (out / f"fp8kernel-{v}.json").exists()}
+    order = ("torch", "triton", "triton-cache", "triton-cache-rank")  # gpu_fair_bench.sh's VARIANTS, then any others
+    names = sorted((p.stem.removeprefix("fp8kernel-") for p in out.glob("fp8kernel-*.json")),
+                   key=lambda v: (order.index(v) if v in order else len(order), v))
+    kernel_rows = {v: json.loads((out / f"fp8kernel-{v}.json").read_text()) for v in names}
     if kernel_rows:  # the FP8 LoRA row alone with each quantisation kernel (and the cached transposes), one machine
         print("FP8-base LoRA (`--methods fp8+lora`, loralab's row only) with each `speed.fp8_quantize_kernel` (`-cache`: and "
-              "`fp8_transpose_cache` 0.81; `-rank`: and `lora_scale_at_rank`), one machine (`fp8kernel-*.json`):\n\n| variant | tokens/s | peak memory | vs the torch ops |\n|---|--:|--:|--:|")
+              "`fp8_transpose_cache` 0.81; `-rank`: and `lora_scale_at_rank`; `-mb4`: `micro_batch` 4 set, not probed), one "
+              "machine (`fp8kernel-*.json`):\n\n| variant | tokens/s | peak memory | micro-batch | vs the torch ops |\n"
+              "|---|--:|--:|--:|--:|")
         base = (kernel_rows.get("torch") or [{}])[0]  # the ratios are against the torch ops' row, when it ran
         for variant, rows in kernel_rows.items():
             r = rows[0] if rows else {"error": "no row"}
             if not r.get("throughput"):
-                print(f"| {variant} | {r.get('error', 'no throughput')} | | |")
+                print(f"| {variant} | {r.get('error', 'no throughput')} | | | |")
                 continue
             ratio = r["throughput"] / base["throughput"] if base.get("throughput") else None
-            print(f"| {variant} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.1f} GiB | "
+            print(f"| {variant} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.1f} GiB | {r.get('micro_batch', '')} | "
                   + (f"{ratio:.3f}x" if ratio else "") + " |")
         print()
     if (out / "fp8quant.json").exists():

@@ -1,0 +1,1 @@
+python3 -m loralab bench --preset full --device cuda --only llama-3-8b/fixed --methods fp8+lora --speed fp8_quantize_kernel=triton --speed fp8_transpose_cache=0.81 --speed lora_scale_at_rank=true --output /root/out/fp8kernel-triton-cache-rank.json
