@@ -46,7 +46,7 @@ def test_causal_lm_loss_chunked_equals_model_loss():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=400))
-    prepare_model(model, Speed(autocast=None, compile=False, loss_chunk_size=5))
+    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=False, loss_chunk_size=5))
     ids = torch.randint(0, 400, (2, 11))
     labels = ids.clone()
     labels[:, :3] = -100

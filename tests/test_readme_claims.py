@@ -270,3 +270,18 @@ def test_fair_bench_section_is_the_scripts_output():
     assert quoted in README
     loss = json.loads((RESULTS / "bench-fair" / "fp8loss.json").read_text())
     assert round(loss["gap_fp8_vs_bf16"] / loss["gap_bf16_vs_fp32"]) == 5 and "gap from bf16 five times" in README
+
+
+def test_fp8_kernel_figures_come_from_their_h100_files():
+    """The fairest-peer section's H100 sentence and the speed-defaults rows quote
+    results/bench-fp8kernel-h100/: throughputs and ratios against the torch-ops row of the same machine."""
+    folder = RESULTS / "bench-fp8kernel-h100"
+    rate = {v: json.loads((folder / f"fp8kernel-{v}.json").read_text())[0]["throughput"]
+            for v in ("torch", "torch-rank-mb4", "triton-mb4")}
+    base, rank, triton = rate["torch"], rate["torch-rank-mb4"], rate["triton-mb4"]
+    text = " ".join(README.split())
+    assert (f"at {base:,.0f} tokens/s with the old defaults, {rank:,.0f} with `lora_scale_at_rank` ({rank / base:.3f}x) "
+            f"and {triton:,.0f} with `fp8_quantize_kernel: \"triton\"` ({triton / base:.3f}x)") in text
+    assert f"{rank:,.0f} against {base:,.0f} tokens/s ({rank / base:.3f}x)" in text
+    assert f"{triton:,.0f} against {base:,.0f} tokens/s ({triton / base:.3f}x)" in text
+

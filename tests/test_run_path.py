@@ -23,7 +23,7 @@ def test_experiment_speed_defaults_are_unchanged():
     values stay what they were before the settings became one dataclass; a key added since
     (``memory_fraction``, ``grad_reduce``) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
-                                 "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch", "lora_scale_at_rank": False}
+                                 "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch", "lora_scale_at_rank": "auto"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "loss_chunk_size" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed
@@ -89,6 +89,7 @@ def test_auto_resolves_per_device_kind_and_dtype(device, kind, dtype):
     assert got.packing is causal
     assert got.micro_batch == ("auto" if cuda else None)  # CUDA: only the probe settles it
     assert (got.fast_dora, got.chunked_loss, got.fused_lora, got.group_by_length) == (True, True, False, False)
+    assert got.lora_scale_at_rank is True  # exact (tests/test_rank_scaling.py), so on wherever it applies
 
 
 def test_explicit_values_win_and_graphs_need_cuda():
@@ -98,6 +99,10 @@ def test_explicit_values_win_and_graphs_need_cuda():
         (True, None, False, False, 3)
     assert explicit.resolve(device_type="cpu", kind="causal_lm", base_dtype="float32").cuda_graphs is False
     assert explicit.cuda_graphs is True  # resolve returns a copy
+    fused = Speed(fused_lora=True).resolve(device_type="cuda", kind="causal_lm", base_dtype="bfloat16")
+    assert fused.lora_scale_at_rank is False  # an explicit fused_lora wins over the scaling's "auto"
+    kept = Speed(fused_lora=True, lora_scale_at_rank=True).resolve(device_type="cpu", kind="causal_lm", base_dtype="float32")
+    assert kept.lora_scale_at_rank is True  # explicit: prepare_model refuses the pair, naming both keys
 
 
 def test_speed_problems_are_the_config_errors():
@@ -123,7 +128,8 @@ def test_make_step_on_cpu_resolves_prepares_and_steps():
     step, speed = make_step(model, optimizer, speed={}, kind="causal_lm", dtype="float32", device=torch.device("cpu"),
                             features=features, batch_size=2, limit=4, max_length=16, pad_id=0, log=lambda s: None)
     assert speed.record() == {**_speed_defaults(), "cuda_graphs": False, "autocast": None, "compile": False,
-                              "packing": True, "micro_batch": 2, "micro_batch_probe": {
+                              "packing": True, "micro_batch": 2, "lora_scale_at_rank": True,
+                              "lora_scaled_at_rank": {"layers": 4, "lora_layers": 4}, "micro_batch_probe": {
                                   "micro_batch": 2, "reason": "not probed on cpu: the experiment's batch_size",
                                   "sizes": [], "peaks_gib": [], "tokens_per_second": [], "budget_gib": None,
                                   "memory_fraction": None, "min_gain": None, "row_tokens": None}}

@@ -19,7 +19,6 @@ from loralab import trackers
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-
 CALIBRATION_SAMPLING = ("random", "first")
 LOSS_NORMALIZATIONS = ("tokens", "samples")
 
@@ -93,7 +92,8 @@ class Speed:
     fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # FP8 base: share of its weight bytes
     # kept column-major for the input gradient, largest first (speed/fp8.py cache_transposes; 0.81: Llama-3-8B's MLP)
     fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: "torch" ops or speed/fp8_kernels
-    lora_scale_at_rank: bool = field(default=False, metadata={"added": True})  # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling)
+    lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True})  # exact: B(s·Ax) for B(Ax)·s
+    # (speed/rank_scaling); auto: on unless fused_lora is on (1.035x FP8 LoRA, 8B shape: results/bench-fp8kernel-h100)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
@@ -135,16 +135,16 @@ class Speed:
         on CUDA: only a memory probe with the built model settles it (``loralab.run.step.make_step``)."""
         cuda, causal = device_type == "cuda", kind == "causal_lm"
         auto = {"cuda_graphs": cuda, "autocast": base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None,
-                "compile": cuda and causal, "packing": causal, **({} if cuda else {"micro_batch": None})}
+                "compile": cuda and causal, "packing": causal, "lora_scale_at_rank": self.fused_lora is not True,
+                **({} if cuda else {"micro_batch": None})}
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
         return out
 
     def record(self) -> dict[str, Any]:
-        """The experiment keys and values as the record holds them, plus ``micro_batch_probe``,
-        ``fp8_transposes_cached`` and ``lora_scaled_at_rank`` once set."""
-        found = {k: getattr(self, k) for k in ("micro_batch_probe", "fp8_transposes_cached", "lora_scaled_at_rank")
-                 if getattr(self, k)}
+        """The experiment keys and values as the record holds them, plus what code set (``micro_batch_probe``,
+        ``fp8_transposes_cached``, ``lora_scaled_at_rank``) once set."""
+        found = {k: getattr(self, k) for k in ("micro_batch_probe", "fp8_transposes_cached", "lora_scaled_at_rank") if getattr(self, k)}
         return {**{k: getattr(self, k) for k in self.experiment_keys()}, **found}
 
 
