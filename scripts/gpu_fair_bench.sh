@@ -31,7 +31,8 @@
 #           `--speed lora_scale_at_rank=true`: whether the Triton quantisation kernel, the cached transposes and
 #           LoRA's scaling at the rank pay, side by side; set the defaults from it. ~5-6 min.
 #           Files: fp8kernel-{torch,triton,triton-cache,triton-cache-rank}.json/.log. VARIANTS="torch
-#           triton-cache-rank" runs a subset (e.g. beside fair8b in one call when device time is short).
+#           triton-cache-rank" runs a subset (e.g. beside fair8b in one call when device time is short);
+#           SPEED="k=v ..." adds those keys to every variant (micro_batch=4: one micro-batch for all of them).
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -53,6 +54,11 @@
 #   about three calls): (1) fp8check fp8quant fp8kernel; set speed.fp8_quantize_kernel's and
 #   fp8_transpose_cache's defaults from it (or leave them); (2) fair8b with those defaults (every goal of
 #   the bench table, DoRA on both bases included); (3) recipe; then profdora, fp8loss.
+#   After 2026-12-05's fourth session (one H100 call, results/bench-fp8kernel-h100/: the Triton kernel 0.969x,
+#   so fp8_quantize_kernel stays torch; lora_scale_at_rank 1.035x, now on by default), on an H200:
+#   (1) fp8check fair8b (every bench goal at the new defaults); (2) recipe; (3) fp8loss (five variants now:
+#   the FP8-rounded weights' share of the gap); then profdora, and fp8kernel with VARIANTS="torch triton-cache"
+#   SPEED="micro_batch=4" if the transpose cache is to be judged at an equal micro-batch.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -112,6 +118,7 @@ for part in "${PARTS[@]}"; do
         [ "$variant" != torch ] && extra+=(--speed fp8_quantize_kernel=triton)
         [[ "$variant" == triton-cache* ]] && extra+=(--speed fp8_transpose_cache=0.81)
         [ "$variant" = triton-cache-rank ] && extra+=(--speed lora_scale_at_rank=true)
+        for kv in ${SPEED:-}; do extra+=(--speed "$kv"); done  # SPEED="micro_batch=4": every variant alike
         step "fp8kernel-$variant" 150 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
           --methods fp8+lora "${extra[@]}" --output "$OUT/fp8kernel-$variant.json"
       done ;;
