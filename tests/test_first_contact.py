@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from loralab.cli import main
-from loralab.config import TrainingParameters, build_parameters, hashed_parameters
+from loralab.config import TrainingParameters, build_parameters
+from loralab.experiment import hashed_parameters
 from loralab.results import sha256_json
 from loralab.tasks.base import TaskData, eval_count
 from loralab.tasks.instruct import TASKS

@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from loralab import distributed
-from loralab.config import ConfigError, build_parameters, hashed_parameters
+from loralab.config import ConfigError, build_parameters
+from loralab.experiment import hashed_parameters
 from loralab.run.reduce import all_reduce_grads
 from loralab.run.step import make_step
 

@@ -94,7 +94,7 @@ def test_other_scalings_and_layers_take_peft_forward():
     assert calls == [1] and out.shape == (2, 64)  # peft's own
     _, dora = _pair(torch.float32, lora_alpha=16, use_dora=True)
     enable_rank_scaling(dora)
-    assert dora.base_model.model.model.layers[0].self_attn.q_proj.forward.__func__ is _rank_scaled_forward
+    assert dora.base_model.model.model.layers[0].self_attn.q_proj.forward.func is _rank_scaled_forward
     ids = torch.randint(0, 96, (1, 8))
     dora(input_ids=ids)  # DoRA layers hold a variant: peft's forward (and its variant) runs
 
@@ -107,7 +107,7 @@ def test_prepare_model_sets_it_from_the_speed_setting():
     _, fast = _pair(torch.float32, lora_alpha=16)
     prepare_model(fast, dataclasses.replace(PLAIN, lora_scale_at_rank=True))
     q = fast.base_model.model.model.layers[1].self_attn.q_proj
-    assert q.forward.__func__ is _rank_scaled_forward
+    assert q.forward.func is _rank_scaled_forward
     _, plain = _pair(torch.float32, lora_alpha=16)
     prepare_model(plain, PLAIN)
     assert "forward" not in plain.base_model.model.model.layers[1].self_attn.q_proj.__dict__
@@ -192,13 +192,41 @@ def test_the_production_path_fp8_base_and_compile_agree_with_peft():
 
 
 def test_fused_lora_and_rank_scaling_together_are_refused():
+    """At the edge (a config error, before any model loads: exit 2) and in prepare_model, naming both keys and
+    what to set; an explicit fused_lora alone turns the scaling's "auto" off instead."""
     import dataclasses
 
+    from loralab.config import ConfigError, build_parameters
     from loralab.speed.step import PLAIN, prepare_model
 
+    said = "'speed.lora_scale_at_rank' = true with 'speed.fused_lora' = true: both rewrite LoRA's forward; " \
+           "set lora_scale_at_rank to \"auto\" or false, or fused_lora to false"
+    with pytest.raises(ConfigError) as err:
+        build_parameters({"speed": {"fused_lora": True, "lora_scale_at_rank": True}})
+    assert said in str(err.value)
+    build_parameters({"speed": {"fused_lora": True}})  # auto: no conflict
     _, fast = _pair(torch.float32, lora_alpha=16)
-    with pytest.raises(ValueError, match="'speed.fused_lora' = true and 'speed.lora_scale_at_rank' = true"):
+    with pytest.raises(ValueError) as err:
         prepare_model(fast, dataclasses.replace(PLAIN, fused_lora=True, lora_scale_at_rank=True))
+    assert said in str(err.value)
+
+
+def test_a_prepared_model_pickles_and_deep_copies():
+    """The installed forward survives pickle (torch.save of a whole model) and deepcopy, still rank-scaled
+    and bound to its own module; the loaded model computes what the prepared one does."""
+    import io
+
+    _, fast = _pair(torch.float32, lora_alpha=16)
+    enable_rank_scaling(fast)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    ids = torch.tensor([[1, 5, 9, 3, 7], [2, 4, 6, 8, 10]])
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(fast)):
+        layer = twin.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.forward.args[0] is layer and takes_rank_scaling(layer)
+        assert torch.equal(twin(input_ids=ids).logits, fast(input_ids=ids).logits)
+        assert disable_rank_scaling(twin) == 14
 
 
 def test_the_run_logs_and_records_where_the_rewrite_applies():
@@ -219,3 +247,11 @@ def test_the_run_logs_and_records_where_the_rewrite_applies():
         assert resolved.record()["lora_scaled_at_rank"] == {"layers": taken, "lora_layers": 14}  # train_info.speed
         said = [line for line in lines if line.startswith("speed.lora_scale_at_rank")]
         assert said and f"in {taken} of 14 LoRA layer(s)" in said[0] and ("NOTHING" in said[0]) is (taken == 0)
+    _, model = _pair(torch.float32, lora_alpha=16, use_rslora=True)  # left at "auto": no alarm where it cannot apply
+    lines = []
+    make_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), speed={},
+              kind="causal_lm", dtype="float32", device=torch.device("cpu"),
+              features=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], batch_size=1, limit=1, max_length=8,
+              pad_id=0, log=lines.append)
+    said = [line for line in lines if line.startswith("speed.lora_scale_at_rank")]
+    assert said and "in 0 of 14" in said[0] and "NOTHING" not in said[0] and "not applicable" in said[0]

@@ -8,7 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loralab.config import ConfigError, Speed, _speed_defaults, build_parameters, hashed_parameters
+from loralab.config import ConfigError, Speed, _speed_defaults, build_parameters
+from loralab.experiment import hashed_parameters
 from loralab.methods.lora import ADAMW
 from loralab.run.record import Cancelled, Outcome
 from loralab.run.step import make_step
@@ -29,6 +30,11 @@ def test_experiment_speed_defaults_are_unchanged():
     assert "micro_batch_probe" not in build_parameters({}).speed
     hashed = hashed_parameters(build_parameters({}))["speed"]
     assert hashed == HASHED_SPEED_DEFAULTS and list(hashed) == list(HASHED_SPEED_DEFAULTS)
+    # lora_scale_at_rank's old default (false) and its new one ("auto") hash alike: an experiment that set
+    # false keeps its train_params_sha (--resume, sweeps); true is hashed
+    for value, hashed_as in ((False, None), ("auto", None), (True, True)):
+        assert hashed_parameters(build_parameters({"speed": {"lora_scale_at_rank": value}}))["speed"].get(
+            "lora_scale_at_rank") == hashed_as
     assert hashed_parameters(build_parameters({"speed": {"memory_fraction": 0.5}}))["speed"] == \
         {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.5}
 
@@ -89,7 +95,10 @@ def test_auto_resolves_per_device_kind_and_dtype(device, kind, dtype):
     assert got.packing is causal
     assert got.micro_batch == ("auto" if cuda else None)  # CUDA: only the probe settles it
     assert (got.fast_dora, got.chunked_loss, got.fused_lora, got.group_by_length) == (True, True, False, False)
-    assert got.lora_scale_at_rank is True  # exact (tests/test_rank_scaling.py), so on wherever it applies
+    # exact (tests/test_rank_scaling.py), so on wherever it applies; float16 computes take peft's forward anyway
+    assert got.lora_scale_at_rank is (dtype != "float16")
+    fp16_autocast = Speed(autocast="float16").resolve(device_type=device, kind=kind, base_dtype=dtype)
+    assert fp16_autocast.lora_scale_at_rank is False
 
 
 def test_explicit_values_win_and_graphs_need_cuda():

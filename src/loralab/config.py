@@ -64,6 +64,8 @@ def _generation_defaults() -> dict[str, Any]:
 
 GRAD_REDUCE = ("ddp", "after_backward")  # speed.grad_reduce's values (see Speed)
 FP8_QUANTIZE_KERNELS = ("torch", "triton")  # speed.fp8_quantize_kernel's: torch ops (speed/fp8.py) or speed/fp8_kernels
+FUSED_AND_RANK = ("'speed.lora_scale_at_rank' = true with 'speed.fused_lora' = true: both rewrite LoRA's forward; "
+                  "set lora_scale_at_rank to \"auto\" or false, or fused_lora to false")
 FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")
 """``Speed`` keys that act on an FP8 base only (``quantization: "fp8"``)."""
 
@@ -92,8 +94,9 @@ class Speed:
     fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # FP8 base: share of its weight bytes
     # kept column-major for the input gradient, largest first (speed/fp8.py cache_transposes; 0.81: Llama-3-8B's MLP)
     fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: "torch" ops or speed/fp8_kernels
-    lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True})  # exact: B(s·Ax) for B(Ax)·s
-    # (speed/rank_scaling); auto: on unless fused_lora is on (1.035x FP8 LoRA, 8B shape: results/bench-fp8kernel-h100)
+    lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
+    # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
+    # float16 (where it would take peft's forward); 1.035x FP8 LoRA at the 8B shape: results/bench-fp8kernel-h100
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
@@ -124,6 +127,8 @@ class Speed:
         for key, allowed in (("grad_reduce", GRAD_REDUCE), ("fp8_quantize_kernel", FP8_QUANTIZE_KERNELS)):
             if speed[key] not in allowed:
                 problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
+        if speed["fused_lora"] is True and speed["lora_scale_at_rank"] is True:
+            problems.append(FUSED_AND_RANK)
         mb = speed["micro_batch"]
         if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
             problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
@@ -135,10 +140,11 @@ class Speed:
         on CUDA: only a memory probe with the built model settles it (``loralab.run.step.make_step``)."""
         cuda, causal = device_type == "cuda", kind == "causal_lm"
         auto = {"cuda_graphs": cuda, "autocast": base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None,
-                "compile": cuda and causal, "packing": causal, "lora_scale_at_rank": self.fused_lora is not True,
-                **({} if cuda else {"micro_batch": None})}
+                "compile": cuda and causal, "packing": causal, **({} if cuda else {"micro_batch": None})}
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
+        if out.lora_scale_at_rank == "auto":
+            out.lora_scale_at_rank = out.fused_lora is not True and "float16" not in (base_dtype, out.autocast)
         return out
 
     def record(self) -> dict[str, Any]:
@@ -240,27 +246,6 @@ class TrainingParameters:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-NOT_HASHED = ("report_to", "logging_dir", "wandb_project")
-"""Keys that change where curves are mirrored, never a number: left out of ``train_params_sha``, so
-turning a tracker on neither blocks ``--resume`` nor reruns a sweep's finished experiments."""
-
-
-def hashed_parameters(params: TrainingParameters) -> dict[str, Any]:
-    """The parameters ``train_params_sha`` covers: all but ``NOT_HASHED``.
-
-    ``eval_tasks`` null (unset: the task's default evaluations) hashes as ``[]``, the old default
-    that meant the same, so the hashes of experiments that do not set it are unchanged; an
-    explicit ``[]`` (no evaluation, issue 24; it used to mean the default) hashes as ``"none"``."""
-    out = {k: v for k, v in params.to_dict().items() if k not in NOT_HASHED}
-    added = {f.name: f.default for f in dataclasses.fields(Speed) if f.metadata.get("added")}  # hashed once set
-    out["speed"] = {k: v for k, v in out["speed"].items() if not (k in added and v == added[k])}
-    if out.get("eval_tasks") is None:
-        out["eval_tasks"] = []
-    elif out["eval_tasks"] == []:
-        out["eval_tasks"] = "none"
-    return out
 
 
 NESTED = {"calibration": _calibration_defaults, "generation": _generation_defaults, "speed": _speed_defaults}

@@ -16,13 +16,35 @@ from pathlib import Path
 from typing import Any
 
 from loralab import methods
-from loralab.config import ConfigError, TrainingParameters, build_parameters, hashed_parameters, not_allowed, suggest
+from loralab.config import ConfigError, Speed, TrainingParameters, build_parameters, not_allowed, suggest
 from loralab.decomposition.corda import check_options
 from loralab.models import check_model_id
 from loralab.results import sha256_json
 
 ADAPTER_FILE = "adapter_config.json"
 PARAMS_FILE = "training_parameters.json"
+
+NOT_HASHED = ("report_to", "logging_dir", "wandb_project")
+"""Keys that change where curves are mirrored, never a number: left out of ``train_params_sha``, so
+turning a tracker on neither blocks ``--resume`` nor reruns a sweep's finished experiments."""
+
+
+def hashed_parameters(params: TrainingParameters) -> dict[str, Any]:
+    """The parameters ``train_params_sha`` covers: all but ``NOT_HASHED``.
+
+    ``eval_tasks`` null (unset: the task's default evaluations) hashes as ``[]``, the old default
+    that meant the same, so the hashes of experiments that do not set it are unchanged; an
+    explicit ``[]`` (no evaluation, issue 24; it used to mean the default) hashes as ``"none"``."""
+    out = {k: v for k, v in params.to_dict().items() if k not in NOT_HASHED}
+    # a speed key added later is hashed only away from its default (and any default it had before)
+    added = {f.name: (f.default, *f.metadata.get("old_defaults", ())) for f in dataclasses.fields(Speed)
+             if f.metadata.get("added")}
+    out["speed"] = {k: v for k, v in out["speed"].items() if not (k in added and any(v == d for d in added[k]))}
+    if out.get("eval_tasks") is None:
+        out["eval_tasks"] = []
+    elif out["eval_tasks"] == []:
+        out["eval_tasks"] = "none"
+    return out
 
 
 @dataclass

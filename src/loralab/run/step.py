@@ -307,8 +307,10 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     if resolved.lora_scale_at_rank:
         taken, layers = rank_scaling_summary(model)
         resolved.lora_scaled_at_rank = {"layers": taken, "lora_layers": layers}
+        why = "no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales at " \
+              "the rank itself) or biases"
         log(f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {taken} of {layers} LoRA layer(s)"
-            + ("; NOTHING: no scaling alpha/r is a power of two, or the layers hold variants or biases" if not taken else ""))
+            + ("" if taken else f"; NOTHING: {why}" if settings.lora_scale_at_rank is True else f"; not applicable: {why}"))
     wrapped = None
     after_backward = multi and resolved.grad_reduce == "after_backward"
     if after_backward:

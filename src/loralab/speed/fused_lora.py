@@ -28,7 +28,7 @@ peft's own forward otherwise; names, state dict and the saved adapter are untouc
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,9 @@ def install_lora_forward(model: nn.Module, forward) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLinear) and "forward" not in module.__dict__:
-            module.forward = types.MethodType(forward, module)
+            # a partial, not a bound method: pickle stores a bound method as getattr(module, name), which
+            # the loaded module would not have; a partial of a module-level function pickles and deep-copies
+            module.forward = functools.partial(forward, module)
             count += 1
     return count
 
@@ -119,7 +121,7 @@ def remove_lora_forward(model: nn.Module, forward) -> int:
     count = 0
     for module in model.modules():
         method = module.__dict__.get("forward")
-        if isinstance(method, types.MethodType) and method.__func__ is forward:
+        if isinstance(method, functools.partial) and method.func is forward:
             del module.forward
             count += 1
     return count

@@ -88,7 +88,7 @@ def disable_rank_scaling(model: nn.Module) -> int:
 def rank_scaling_summary(model: nn.Module) -> tuple[int, int]:
     """(layers whose forward is the rank-scaled one and whose adapter it applies to now, layers with
     that forward): for the run's log, so a setting that applies nowhere (rsLoRA, α/r not a power of
-    two) does not pass unnoticed. Input-dependent cases (float16) are not counted out."""
-    layers = [m for m in model.modules()
-              if getattr(m.__dict__.get("forward"), "__func__", None) is _rank_scaled_forward]
+    two) does not pass unnoticed. Input-dependent cases (float16) are not counted out: ``Speed.resolve``
+    leaves "auto" off where the adapters compute in float16."""
+    layers = [m for m in model.modules() if getattr(m.__dict__.get("forward"), "func", None) is _rank_scaled_forward]
     return sum(takes_rank_scaling(m) for m in layers), len(layers)

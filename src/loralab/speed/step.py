@@ -20,7 +20,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from loralab.config import Speed
+from loralab.config import FUSED_AND_RANK, Speed
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, use_quantize_kernel
 from loralab.speed.fused_lora import enable_fused_lora
@@ -51,8 +51,7 @@ def prepare_model(model, options: Speed):
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
     if options.fused_lora and options.lora_scale_at_rank:
-        raise ValueError("'speed.fused_lora' = true and 'speed.lora_scale_at_rank' = true both rewrite LoRA's "
-                         "forward (the fused one falls back to peft's order): set one of them false")
+        raise ValueError(FUSED_AND_RANK)
     if options.fused_lora:
         enable_fused_lora(model)
     if options.lora_scale_at_rank:
