@@ -22,7 +22,7 @@ take peft's own forward.
 What it shares with peft: everything but the line that adds the adapter's output; ``enable_rank_scaling``
 gives each plain-LoRA ``Linear`` an instance ``forward`` (state dict, names and the saved adapter are
 untouched), ``disable_rank_scaling`` removes it. On by default (``"auto"``: unless ``fused_lora`` is
-on): FP8-base LoRA at the Llama-3-8B shape ran 1.035x peft's order on an H100, micro-batch 4
+on or the adapters compute in float16): FP8-base LoRA at the Llama-3-8B shape ran 1.035x peft's order on an H100, micro-batch 4
 (results/bench-fp8kernel-h100/).
 """
 
