@@ -211,22 +211,29 @@ def test_fused_lora_and_rank_scaling_together_are_refused():
     assert said in str(err.value)
 
 
-def test_a_prepared_model_pickles_and_deep_copies():
-    """The installed forward survives pickle (torch.save of a whole model) and deepcopy, still rank-scaled
-    and bound to its own module; the loaded model computes what the prepared one does."""
+@pytest.mark.parametrize("rewrite", ["rank_scaling", "fused_lora"])
+def test_a_prepared_model_pickles_and_deep_copies(rewrite):
+    """Every forward install_lora_forward gives (the rank-scaled one, fused_lora's) survives pickle
+    (torch.save of a whole model) and deepcopy, bound to its own module; the loaded model computes what
+    the prepared one does, and the rewrite comes off it again."""
     import io
 
+    from loralab.speed.fused_lora import _fused_forward, disable_fused_lora, enable_fused_lora, installed_lora_forward
+
+    enable, disable, forward = {"rank_scaling": (enable_rank_scaling, disable_rank_scaling, _rank_scaled_forward),
+                                "fused_lora": (enable_fused_lora, disable_fused_lora, _fused_forward)}[rewrite]
     _, fast = _pair(torch.float32, lora_alpha=16)
-    enable_rank_scaling(fast)
+    fast.eval()  # fused_lora's path needs no dropout in training; eval takes it
+    assert enable(fast) == 14
     buffer = io.BytesIO()
     torch.save(fast, buffer)
     buffer.seek(0)
     ids = torch.tensor([[1, 5, 9, 3, 7], [2, 4, 6, 8, 10]])
     for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(fast)):
         layer = twin.base_model.model.model.layers[0].self_attn.q_proj
-        assert layer.forward.args[0] is layer and takes_rank_scaling(layer)
+        assert layer.forward.args[0] is layer and installed_lora_forward(layer) is forward
         assert torch.equal(twin(input_ids=ids).logits, fast(input_ids=ids).logits)
-        assert disable_rank_scaling(twin) == 14
+        assert disable(twin) == 14 and installed_lora_forward(layer) is None
 
 
 def test_the_run_logs_and_records_where_the_rewrite_applies():

@@ -43,7 +43,6 @@ from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
-from loralab.speed.rank_scaling import rank_scaling_summary
 from loralab.speed.step import causal_lm_loss, prepare_model, seq_cls_loss
 
 
@@ -304,13 +303,14 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             f"layer(s) cached, {cached['bytes'] / 2**30:.2f} of {cached['total_bytes'] / 2**30:.2f} GiB"
             + ("; NOTHING cached: the largest layers alone are a larger share (speed/fp8.py cache_transposes)"
                if cached["layers"] == 0 else ""))
-    if resolved.lora_scale_at_rank:
-        taken, layers = rank_scaling_summary(model)
-        resolved.lora_scaled_at_rank = {"layers": taken, "lora_layers": layers}
-        why = "no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales at " \
-              "the rank itself) or biases"
-        log(f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {taken} of {layers} LoRA layer(s)"
-            + ("" if taken else f"; NOTHING: {why}" if settings.lora_scale_at_rank is True else f"; not applicable: {why}"))
+    scaled = resolved.lora_scaled_at_rank
+    if scaled is not None:
+        line = f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {scaled['layers']} of {scaled['lora_layers']} LoRA layer(s)"
+        if scaled["layers"] == 0:  # NOTHING only where the experiment asked for it; "auto" just says why not
+            line += "; NOTHING: " if settings.lora_scale_at_rank is True else "; not applicable: "
+            line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
+                     "at the rank itself) or biases")
+        log(line)
     wrapped = None
     after_backward = multi and resolved.grad_reduce == "after_backward"
     if after_backward:

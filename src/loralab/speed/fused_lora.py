@@ -116,12 +116,17 @@ def install_lora_forward(model: nn.Module, forward) -> int:
     return count
 
 
+def installed_lora_forward(module: nn.Module):
+    """The function ``install_lora_forward`` gave ``module`` as its forward, or None."""
+    method = module.__dict__.get("forward")
+    return method.func if isinstance(method, functools.partial) else None
+
+
 def remove_lora_forward(model: nn.Module, forward) -> int:
     """peft's forward again where ``install_lora_forward`` set ``forward``; returns how many."""
     count = 0
     for module in model.modules():
-        method = module.__dict__.get("forward")
-        if isinstance(method, functools.partial) and method.func is forward:
+        if installed_lora_forward(module) is forward:
             del module.forward
             count += 1
     return count

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from loralab.speed.fused_lora import install_lora_forward, remove_lora_forward
+from loralab.speed.fused_lora import install_lora_forward, installed_lora_forward, remove_lora_forward
 
 
 def is_power_of_two(value: float) -> bool:
@@ -90,5 +90,5 @@ def rank_scaling_summary(model: nn.Module) -> tuple[int, int]:
     that forward): for the run's log, so a setting that applies nowhere (rsLoRA, α/r not a power of
     two) does not pass unnoticed. Input-dependent cases (float16) are not counted out: ``Speed.resolve``
     leaves "auto" off where the adapters compute in float16."""
-    layers = [m for m in model.modules() if getattr(m.__dict__.get("forward"), "func", None) is _rank_scaled_forward]
+    layers = [m for m in model.modules() if installed_lora_forward(m) is _rank_scaled_forward]
     return sum(takes_rank_scaling(m) for m in layers), len(layers)

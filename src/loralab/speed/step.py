@@ -25,7 +25,7 @@ from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, use_quantize_kernel
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
-from loralab.speed.rank_scaling import enable_rank_scaling
+from loralab.speed.rank_scaling import enable_rank_scaling, rank_scaling_summary
 
 
 def _hf_model(model):
@@ -54,8 +54,9 @@ def prepare_model(model, options: Speed):
         raise ValueError(FUSED_AND_RANK)
     if options.fused_lora:
         enable_fused_lora(model)
-    if options.lora_scale_at_rank:
+    if options.lora_scale_at_rank:  # where it applies goes into the record (0 layers: rsLoRA, DoRA, ...)
         enable_rank_scaling(model)
+        options.lora_scaled_at_rank = dict(zip(("layers", "lora_layers"), rank_scaling_summary(model)))
     for module in model.modules():
         if hasattr(module, "lora_A"):
             # Keep activations in the autocast dtype; fp32 copies per adapter cost memory and time.
