@@ -20,8 +20,9 @@ adapter-bearing layers with a variant (DoRA: ``fast_dora.py`` does the same insi
 take peft's own forward.
 
 What it shares with peft: everything but the line that adds the adapter's output; ``enable_rank_scaling``
-gives each plain-LoRA ``Linear`` an instance ``forward`` (state dict, names and the saved adapter are
-untouched), ``disable_rank_scaling`` removes it. On by default (``"auto"``: unless ``fused_lora`` is
+makes each plain-LoRA ``Linear`` a ``RankScaledLoraLinear`` (peft's class with this forward, installed
+as ``fused_lora.py``'s docstring says why; state dict, names and the saved adapter are untouched),
+``disable_rank_scaling`` makes it peft's again. On by default (``"auto"``: unless ``fused_lora`` is
 on or the adapters compute in float16): FP8-base LoRA at the Llama-3-8B shape ran 1.035x peft's order on an H100, micro-batch 4
 (results/bench-fp8kernel-h100/).
 """
@@ -31,9 +32,10 @@ from __future__ import annotations
 import math
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from loralab.speed.fused_lora import install_lora_forward, installed_lora_forward, remove_lora_forward
+from loralab.speed.fused_lora import install_lora_class, remove_lora_class
 
 
 def is_power_of_two(value: float) -> bool:
@@ -42,7 +44,7 @@ def is_power_of_two(value: float) -> bool:
 
 
 def _rank_adapter(module, x: torch.Tensor | None) -> str | None:
-    """The one active adapter whose forward ``_rank_scaled_forward`` rewrites on ``module`` (for ``x``;
+    """The one active adapter whose forward ``RankScaledLoraLinear`` rewrites on ``module`` (for ``x``;
     None: whatever the input), or None where peft's own forward runs (the module docstring's cases)."""
     adapters = [a for a in module.active_adapters if a in module.lora_A]
     if (module.disable_adapters or module.merged or len(adapters) != 1 or adapters[0] in module.lora_variant
@@ -57,38 +59,40 @@ def _rank_adapter(module, x: torch.Tensor | None) -> str | None:
 
 
 def takes_rank_scaling(module, x: torch.Tensor | None = None) -> bool:
-    """Whether ``_rank_scaled_forward`` takes its path on ``module`` (for ``x``; None: whatever the input)."""
+    """Whether ``RankScaledLoraLinear.forward`` takes its path on ``module`` (for ``x``; None: whatever the input)."""
     return _rank_adapter(module, x) is not None
 
 
-def _rank_scaled_forward(self, x, *args, **kwargs):
-    """peft ``lora.Linear.forward`` with the scaling at the rank where that is exact, peft's own otherwise."""
-    name = None if args or kwargs else _rank_adapter(self, x)
-    if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    result_dtype = result.dtype
-    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-    x = self._cast_input_dtype(x, lora_A.weight.dtype)
-    result = result + lora_B(lora_A(self.lora_dropout[name](x)) * self.scaling[name])
-    return result.to(result_dtype)
+class RankScaledLoraLinear(LoraLinear):
+    """peft ``lora.Linear`` with the scaling at the rank where that is exact, peft's own forward otherwise."""
+
+    def forward(self, x, *args, **kwargs):
+        name = None if args or kwargs else _rank_adapter(self, x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        result_dtype = result.dtype
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        x = self._cast_input_dtype(x, lora_A.weight.dtype)
+        result = result + lora_B(lora_A(self.lora_dropout[name](x)) * self.scaling[name])
+        return result.to(result_dtype)
 
 
 def enable_rank_scaling(model: nn.Module) -> int:
-    """Give every peft LoRA ``Linear`` of ``model`` without an instance forward the rank-scaled
-    forward (``prepare_model`` refuses it beside ``fused_lora``'s); returns how many."""
-    return install_lora_forward(model, _rank_scaled_forward)
+    """Make every peft LoRA ``Linear`` of ``model`` (still peft's own class) a ``RankScaledLoraLinear``
+    (``prepare_model`` refuses it beside ``fused_lora``'s); returns how many."""
+    return install_lora_class(model, RankScaledLoraLinear)
 
 
 def disable_rank_scaling(model: nn.Module) -> int:
     """peft's forward again where ``enable_rank_scaling`` set this one; returns how many."""
-    return remove_lora_forward(model, _rank_scaled_forward)
+    return remove_lora_class(model, RankScaledLoraLinear)
 
 
 def rank_scaling_summary(model: nn.Module) -> tuple[int, int]:
-    """(layers whose forward is the rank-scaled one and whose adapter it applies to now, layers with
+    """(layers of class ``RankScaledLoraLinear`` and whose adapter it applies to now, layers with
     that forward): for the run's log, so a setting that applies nowhere (rsLoRA, α/r not a power of
     two) does not pass unnoticed. Input-dependent cases (float16) are not counted out: ``Speed.resolve``
     leaves "auto" off where the adapters compute in float16."""
-    layers = [m for m in model.modules() if installed_lora_forward(m) is _rank_scaled_forward]
+    layers = [m for m in model.modules() if type(m) is RankScaledLoraLinear]
     return sum(takes_rank_scaling(m) for m in layers), len(layers)
