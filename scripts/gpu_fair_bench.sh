@@ -33,6 +33,9 @@
 #           Files: fp8kernel-{torch,triton,triton-cache,triton-cache-rank}.json/.log. VARIANTS="torch
 #           triton-cache-rank" runs a subset (e.g. beside fair8b in one call when device time is short);
 #           SPEED="k=v ..." adds those keys to every variant (micro_batch=4: one micro-batch for all of them).
+#   rankab  FP8-base LoRA (`--methods fp8+lora`) at `--speed micro_batch=4` with `lora_scale_at_rank` false, then
+#           true, back to back, REPEATS times (default 1): whether the default's 1.035x holds. ~1 min a row.
+#           Files: rankab-{false,true}-<repeat>.json/.log.
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -122,11 +125,18 @@ for part in "${PARTS[@]}"; do
         step "fp8kernel-$variant" 150 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
           --methods fp8+lora "${extra[@]}" --output "$OUT/fp8kernel-$variant.json"
       done ;;
+    rankab)
+      for rep in $(seq 1 "${REPEATS:-1}"); do  # LoRA's scaling at the rank off, then on, at one micro-batch
+        for on in false true; do
+          step "rankab-$on-$rep" 150 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+            --methods fp8+lora --speed micro_batch=4 --speed lora_scale_at_rank=$on --output "$OUT/rankab-$on-$rep.json"
+        done
+      done ;;
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel rankab fp8loss)"; exit 2 ;;
   esac
 done
 
