@@ -107,6 +107,11 @@ def main() -> None:
                 notes.append("- The FP8-base DoRA row ran peft's DoRA forward (`speed.fast_dora` was refused on an FP8 "
                              "base then), which dequantises each weight to float32 and builds W + s·BA in every forward; "
                              "fast DoRA now takes its norm from the FP8 codes and scales: not yet measured.")
+            if r["stack"] == "loralab" and (r.get("speed") or {}).get("micro_batch_probe", {}).get("sizes"):
+                p = r["speed"]["micro_batch_probe"]
+                notes.append(f"- loralab, {r['method']}: micro-batch {r.get('micro_batch')} of {p.get('sizes')} (peaks "
+                             f"{p.get('peaks_gib')} GiB against a budget of {p.get('budget_gib')} GiB, `memory_fraction` "
+                             f"{p.get('memory_fraction')} of the card): {p.get('reason')}.")
             if r["stack"] == "tuned":
                 p = r.get("micro_batch_probe") or {}
                 notes.append(f"- Tuned peer, {r['method']}: micro-batch {r.get('micro_batch')} of {p.get('sizes')} "
@@ -141,6 +146,16 @@ def main() -> None:
             ratio = r["throughput"] / base["throughput"] if base.get("throughput") else None
             print(f"| {variant} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.1f} GiB | {r.get('micro_batch', '')} | "
                   + (f"{ratio:.3f}x" if ratio else "") + " |")
+        print()
+    pairs = sorted({p.stem.rsplit("-", 1)[1] for p in out.glob("rankab-*-*.json")}, key=int)
+    if pairs:  # LoRA's scaling at the rank off, then on, back to back on one machine (gpu_fair_bench.sh rankab)
+        print("FP8-base LoRA (`--methods fp8+lora`, loralab's row only, `micro_batch` 4 set) with `lora_scale_at_rank` "
+              "off, then on, back to back (`rankab-*.json`):\n\n| repeat | off: tokens/s | on: tokens/s | on / off | "
+              "peak memory off / on |\n|--:|--:|--:|--:|--:|")
+        for k in pairs:
+            off, on = (json.loads((out / f"rankab-{v}-{k}.json").read_text())[0] for v in ("false", "true"))
+            print(f"| {k} | {off['throughput']:,.0f} | {on['throughput']:,.0f} | {on['throughput'] / off['throughput']:.3f}x | "
+                  f"{off['peak_memory_gib']:.1f} / {on['peak_memory_gib']:.1f} GiB |")
         print()
     if (out / "fp8quant.json").exists():
         r = json.loads((out / "fp8quant.json").read_text())

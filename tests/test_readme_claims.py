@@ -285,3 +285,34 @@ def test_fp8_kernel_figures_come_from_their_h100_files():
     assert f"{rank:,.0f} against {base:,.0f} tokens/s ({rank / base:.3f}x)" in text
     assert f"{triton:,.0f} against {base:,.0f} tokens/s ({triton / base:.3f}x)" in text
 
+
+
+def test_fair_bench_h100_section_is_the_scripts_output():
+    """The H100 fairest-peer section holds what scripts/fair_bench_table.py prints from results/bench-fair-h100/,
+    its reading quotes those files (the tuned peer's probe, the docs peer's step, the FP8 row's margin, the
+    regressed call), and the speed-defaults row quotes the back-to-back rank-scaling pairs."""
+    folder = RESULTS / "bench-fair-h100"
+    run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(folder)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = section("### Training speed against the fairest peer, current defaults (H100)")
+    assert set(table_rows(run.stdout)) <= set(table_rows(text)) and table_rows(run.stdout)
+    notes = [line for line in run.stdout.splitlines() if line.startswith("- ")]
+    assert notes and all(line in text for line in notes)
+    flat = " ".join(text.split())
+    rows = {(r["method"], r["stack"]): r for r in json.loads((folder / "fair8b.json").read_text())}
+    tuned, docs = rows[("lora", "tuned")], rows[("lora", "peer")]
+    probe_ms = 1000 * tuned["micro_batch_probe"]["row_tokens"] / tuned["micro_batch_probe"]["tokens_per_second"][0]
+    assert f"took {probe_ms:.0f} ms in its probe" in flat and f"of 2,048 tokens ({docs['step_ms']:.0f} ms)" in flat
+    assert f"no memory cap ({docs['peak_memory_gib']:.1f} GiB)" in flat
+    fp8 = rows[("fp8+lora", "loralab")]["speed"]["micro_batch_probe"]
+    assert f"peaked {fp8['peaks_gib'][2] - fp8['budget_gib']:.2f} GiB over the budget" in flat
+    regressed = {(r["method"], r["stack"]): r for r in json.loads((folder / "regressed-fair8b.json").read_text())}
+    assert (f"FP8 LoRA ran at {regressed[('fp8+lora', 'loralab')]['throughput']:,.0f} tokens/s there and bf16 LoRA "
+            f"at {regressed[('lora', 'loralab')]['throughput']:,.0f}") in flat
+    pairs = [[json.loads((folder / f"rankab-{v}-{k}.json").read_text())[0]["throughput"] for v in ("false", "true")]
+             for k in (1, 2)]
+    assert f"ran {pairs[0][1]:,.0f} and {pairs[1][1]:,.0f} tokens/s" in flat
+    (off1, on1), (off2, on2) = pairs
+    assert (f"{on1:,.0f} against {off1:,.0f} tokens/s ({on1 / off1:.3f}x) and {on2:,.0f} against {off2:,.0f} "
+            f"({on2 / off2:.3f}x)") in " ".join(README.split())
