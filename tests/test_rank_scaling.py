@@ -267,9 +267,14 @@ def test_the_run_logs_and_records_where_the_rewrite_applies():
     assert said and "in 0 of 14" in said[0] and "NOTHING" not in said[0] and "not applicable" in said[0]
 
 
-@pytest.mark.parametrize("rewrite", ["none", "rank_scaling", "fused_lora"])
-@pytest.mark.parametrize("dora", [False, True])
-def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora):
+_GRAPH_CASES = [(rewrite, dora, base) for rewrite in ("none", "rank_scaling", "fused_lora") for dora in (False, True)
+                for base in ("float32", "fp8")]
+
+
+@pytest.mark.parametrize("rewrite, dora, base", [  # the default's case in the fast subset, the rest in the full suite
+    case if case == ("rank_scaling", False, "float32") else pytest.param(*case, marks=pytest.mark.slow)
+    for case in _GRAPH_CASES])
+def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora, base):
     """prepare_model compiles each decoder layer: the layers must share their graphs, with or without a
     forward rewrite. Per-layer partials as instance forwards made each layer a new graph (torch
     guards an instance attribute by identity), so past 8 layers the rest ran eagerly: 0.35x on an H100
@@ -288,8 +293,15 @@ def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=10,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                             use_dora=dora, init_lora_weights=False))
+    llama = LlamaForCausalLM(cfg)
+    if base == "fp8":  # quantization: "fp8" (fused_lora reads a float weight: it takes peft's forward there)
+        from loralab.methods.common import linear_names
+        from loralab.methods.fp8base import quantize_linears
+
+        llama = llama.to(torch.bfloat16)
+        quantize_linears(llama, linear_names(llama))
+    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=dora,
+                                             init_lora_weights=False))
     options = dataclasses.replace(PLAIN, compile=True, compile_backend=counting_backend,
                                   lora_scale_at_rank=rewrite == "rank_scaling", fused_lora=rewrite == "fused_lora")
     prepare_model(model, options)
@@ -300,4 +312,4 @@ def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora):
     finally:
         torch._dynamo.reset()
     # two: the first layer's input (the frozen embeddings') needs no gradient, the other nine layers' do
-    assert len(graphs) == 2, f"{len(graphs)} graphs for 10 decoder layers with {rewrite}"
+    assert len(graphs) == 2, f"{len(graphs)} graphs for 10 decoder layers with {rewrite} ({base} base)"
