@@ -62,6 +62,10 @@
 #   (1) fp8check fair8b (every bench goal at the new defaults); (2) recipe; (3) fp8loss (five variants now:
 #   the FP8-rounded weights' share of the gap); then profdora, and fp8kernel with VARIANTS="torch triton-cache"
 #   SPEED="micro_batch=4" if the transpose cache is to be judged at an equal micro-batch.
+#   After 2026-12-05's fifth session (H100 only, results/bench-fair-h100/: the per-layer partials had made compiled
+#   layers recompile, fixed in b7fbcb6; rankab 1.028x/1.027x): on an H200, (1) fp8check fair8b (no H200 row has
+#   the current code); (2) recipe; (3) fp8loss; (4) profdora (DoRA is 0.79-0.84 of LoRA). On an H100 again:
+#   fair8b with SPEED="memory_fraction=0.35" (27.7 GiB: every loralab row at micro-batch 4, as on the H200).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
