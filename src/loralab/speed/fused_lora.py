@@ -28,12 +28,13 @@ are untouched.
 
 How a rewrite is installed (``install_lora_class``, shared with ``rank_scaling.py``): the module's
 class becomes a subclass of peft's ``lora.Linear`` that overrides ``forward``. Not an instance
-attribute: torch.compile guards an instance ``forward`` by its object's identity, so with one
-``functools.partial`` per layer each compiled decoder layer was a new graph, the recompile limit (8)
-was hit and the other layers ran eagerly (measured on an H100 at the Llama-3-8B shape: FP8-base LoRA
-5,863 tokens/s against 16,933 with the rewrite off, results/bench-fair-h100/). A class is guarded by
-its type, which every layer shares; it pickles and deep-copies by its import path (a bound method
-did not load back).
+attribute: a bound method as the instance ``forward`` compiles well but does not pickle (pickle
+stores it as ``getattr(module, name)``, which the loaded module lacks), and a ``functools.partial``
+pickles but torch.compile guards it by its identity, so with one per layer each compiled decoder
+layer was a new graph, the recompile limit (8) was hit and the other layers ran eagerly (measured on
+an H100 at the Llama-3-8B shape, micro-batch 2: FP8-base LoRA 5,863 tokens/s with the partials,
+14,907 with this class; results/bench-fair-h100/). A class is guarded by its type, which every layer
+shares, and pickles and deep-copies by its import path.
 """
 
 from __future__ import annotations
@@ -128,20 +129,23 @@ def install_lora_class(model: nn.Module, cls: type) -> int:
 
 
 def remove_lora_class(model: nn.Module, cls: type) -> int:
-    """peft's ``lora.Linear`` again where ``install_lora_class`` set ``cls``; returns how many."""
+    """peft's ``lora.Linear`` again where ``install_lora_class`` set ``cls``; returns how many. A module
+    given an instance ``forward`` since (accelerate's hooks keep the bound rewrite and call it) keeps
+    ``cls``, as ``install_lora_class`` leaves such modules alone: its class is what that forward needs."""
     count = 0
     for module in model.modules():
-        if type(module) is cls:
+        if type(module) is cls and "forward" not in module.__dict__:
             module.__class__ = LoraLinear
             count += 1
     return count
 
 
 def enable_fused_lora(model: nn.Module) -> int:
-    """Give every peft LoRA ``Linear`` in ``model`` the fused forward; returns how many."""
+    """Make the peft LoRA ``Linear`` layers of ``model`` ``FusedLoraLinear`` (those ``install_lora_class``
+    takes: peft's own class, no instance forward); returns how many."""
     return install_lora_class(model, FusedLoraLinear)
 
 
 def disable_fused_lora(model: nn.Module) -> int:
-    """Back to peft's forward everywhere; returns how many modules changed."""
+    """peft's class again where ``enable_fused_lora`` set it (``remove_lora_class``); returns how many."""
     return remove_lora_class(model, FusedLoraLinear)
