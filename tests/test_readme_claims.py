@@ -287,6 +287,7 @@ def test_fp8_kernel_figures_come_from_their_h100_files():
 
 
 
+@pytest.mark.slow  # runs the table script (imports torch, transformers): the fast subset keeps the H200 one
 def test_fair_bench_h100_section_is_the_scripts_output():
     """The H100 fairest-peer section holds what scripts/fair_bench_table.py prints from results/bench-fair-h100/,
     its reading quotes those files (the tuned peer's probe, the docs peer's step, the FP8 row's margin, the
