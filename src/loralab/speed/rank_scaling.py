@@ -23,8 +23,8 @@ What it shares with peft: everything but the line that adds the adapter's output
 makes each plain-LoRA ``Linear`` a ``RankScaledLoraLinear`` (peft's class with this forward, installed
 as ``fused_lora.py``'s docstring says why; state dict, names and the saved adapter are untouched),
 ``disable_rank_scaling`` makes it peft's again. On by default (``"auto"``: unless ``fused_lora`` is
-on or the adapters compute in float16): FP8-base LoRA at the Llama-3-8B shape ran 1.035x peft's order on an H100, micro-batch 4
-(results/bench-fp8kernel-h100/).
+on or the adapters compute in float16): FP8-base LoRA at the Llama-3-8B shape ran 1.028x and 1.027x peft's order on an
+H100, micro-batch 4, off and on back to back (results/bench-fair-h100/, rankab-*.json).
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def disable_rank_scaling(model: nn.Module) -> int:
 
 
 def rank_scaling_summary(model: nn.Module) -> tuple[int, int]:
-    """(layers of class ``RankScaledLoraLinear`` and whose adapter it applies to now, layers with
-    that forward): for the run's log, so a setting that applies nowhere (rsLoRA, α/r not a power of
+    """(layers of class ``RankScaledLoraLinear`` whose adapter it applies to now, layers of that
+    class): for the run's log, so a setting that applies nowhere (rsLoRA, α/r not a power of
     two) does not pass unnoticed. Input-dependent cases (float16) are not counted out: ``Speed.resolve``
     leaves "auto" off where the adapters compute in float16."""
     layers = [m for m in model.modules() if type(m) is RankScaledLoraLinear]
