@@ -183,6 +183,9 @@ def test_probe_decision_stops_at_the_memory_budget():
     assert oom.micro_batch == 1 and "micro-batch 2 out of memory" in oom.reason
     first = decide([(1, 40 * GIB, 4000.0)])
     assert first.micro_batch == 1 and "1 is the least" in first.reason  # nothing smaller to fall back to
+    # the H100's FP8 row: 19.84 over a 19.79 GiB budget reads as two different numbers
+    close = decide([(2, 15 * GIB, 5000.0), (4, 19.84 * GIB, 10800.0)], budget=19.79 * GIB)
+    assert "micro-batch 4 peaked at 19.84 GiB, over the 19.79 GiB budget" in close.reason
 
 
 def test_probe_decision_stops_when_gains_flatten():

@@ -71,10 +71,13 @@ def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None,
         return Decision(None, 1, "")
     last, before = trials[-1], trials[-2] if len(trials) > 1 else None
     if last.peak is not None and budget is not None and last.peak > budget:
-        what = "out of memory" if last.peak == float("inf") else f"peaked at {last.peak / 2**30:.1f} GiB"
+        # as many decimals as tell the two apart (19.84 over 19.79 GiB read "19.8 over 19.8" at one)
+        digits = next((d for d in (1, 2, 3) if f"{last.peak / 2**30:.{d}f}" != f"{budget / 2**30:.{d}f}"), 4)
+        what = "out of memory" if last.peak == float("inf") else f"peaked at {last.peak / 2**30:.{digits}f} GiB"
+        over = f"over the {budget / 2**30:.{digits}f} GiB budget"
         if before is None:
-            return Decision(1, None, f"memory: micro-batch 1 {what}, over the {budget / 2**30:.1f} GiB budget; 1 is the least")
-        return Decision(before.size, None, f"memory: micro-batch {last.size} {what}, over the {budget / 2**30:.1f} GiB budget")
+            return Decision(1, None, f"memory: micro-batch 1 {what}, {over}; 1 is the least")
+        return Decision(before.size, None, f"memory: micro-batch {last.size} {what}, {over}")
     if before is not None and None not in (before.rate, last.rate) and last.rate < before.rate * (1 + min_gain):
         gain = last.rate / before.rate - 1
         least = f"less than {100 * min_gain:.0f} %" if min_gain > 0 else "not faster"
