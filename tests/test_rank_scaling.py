@@ -269,15 +269,16 @@ def test_the_run_logs_and_records_where_the_rewrite_applies():
 
 # the default rewrite on each method and base; fused_lora on LoRA (DoRA takes peft's forward there); no rewrite once
 _GRAPH_CASES = [("rank_scaling", dora, base) for dora in (False, True) for base in ("float32", "fp8")] + \
-    [("fused_lora", False, base) for base in ("float32", "fp8")] + [("none", False, "float32")]
+    [("fused_lora", False, base) for base in ("float32", "fp8")] + [("none", False, "float32")] + \
+    [("rank_scaling", False, "fp8-cache")]  # per-layer state of another kind: the MLPs' cached transposes
 
 
 @pytest.mark.parametrize("rewrite, dora, base", [  # the default's case in the fast subset, the rest in the full suite
     case if case == ("rank_scaling", False, "float32") else pytest.param(*case, marks=pytest.mark.slow)
     for case in _GRAPH_CASES])
 def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora, base):
-    """prepare_model compiles each decoder layer: the layers must share their graphs, with or without a
-    forward rewrite. Per-layer partials as instance forwards made each layer a new graph (torch
+    """prepare_model compiles each decoder layer: the layers must share their graphs whatever per-layer state
+    it installs (a forward rewrite, fast DoRA's variants, FP8 cached transposes). Per-layer partials as instance forwards made each layer a new graph (torch
     guards a partial by identity; here 4 graphs for 4 layers), so past 8 layers the rest ran eagerly: FP8-base LoRA 0.39x on an H100
     at the Llama-3-8B shape, micro-batch 2 (results/bench-fair-h100/)."""
     import dataclasses
@@ -295,7 +296,7 @@ def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora, b
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     llama = LlamaForCausalLM(cfg)
-    if base == "fp8":  # quantization: "fp8" (fused_lora reads a float weight: it takes peft's forward there)
+    if base.startswith("fp8"):  # quantization: "fp8" (fused_lora reads a float weight: it takes peft's forward there)
         from loralab.methods.common import linear_names
         from loralab.methods.fp8base import quantize_linears
 
@@ -304,8 +305,11 @@ def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora, b
     model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=dora,
                                              init_lora_weights=False))
     options = dataclasses.replace(PLAIN, compile=True, compile_backend=counting_backend,
-                                  lora_scale_at_rank=rewrite == "rank_scaling", fused_lora=rewrite == "fused_lora")
+                                  lora_scale_at_rank=rewrite == "rank_scaling", fused_lora=rewrite == "fused_lora",
+                                  fp8_transpose_cache=0.81 if base == "fp8-cache" else 0.0)
     prepare_model(model, options)
+    # the cache holds the MLPs' 12 projections (2/3 of the bytes here), not the attention's 16: layers differ within
+    assert base != "fp8-cache" or options.fp8_transposes_cached["layers"] == 12
     ids = torch.randint(0, 96, (2, 8))
     try:
         for _ in range(2):
