@@ -93,18 +93,24 @@ def fused_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.
     return _FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling)
 
 
+def plain_active_adapter(module: LoraLinear) -> str | None:
+    """The one active adapter of peft LoRA layer ``module`` where the LoRA forward rewrites may apply:
+    adapters enabled and unmerged, exactly one active, no variant (DoRA) on it. None otherwise."""
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
+    if module.disable_adapters or module.merged or len(adapters) != 1 or adapters[0] in module.lora_variant:
+        return None
+    return adapters[0]
+
+
 class FusedLoraLinear(LoraLinear):
     """peft ``lora.Linear`` whose forward takes the fused path where it applies (``enable_fused_lora``)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        adapters = [a for a in self.active_adapters if a in self.lora_A]
+        name = None if args or kwargs else plain_active_adapter(self)
         base = self.get_base_layer()
-        if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
-                or adapters[0] in self.lora_variant or type(base) is not nn.Linear
-                or getattr(self, "fan_in_fan_out", False) or base.weight.requires_grad
-                or (base.bias is not None and base.bias.requires_grad)):
+        if (name is None or type(base) is not nn.Linear or getattr(self, "fan_in_fan_out", False)
+                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
             return super().forward(x, *args, **kwargs)
-        name = adapters[0]
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         if (not isinstance(dropout, nn.Identity) and self.training) or lora_a.bias is not None or lora_b.bias is not None:

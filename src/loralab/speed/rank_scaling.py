@@ -35,7 +35,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from loralab.speed.fused_lora import install_lora_class, remove_lora_class
+from loralab.speed.fused_lora import install_lora_class, plain_active_adapter, remove_lora_class
 
 
 def is_power_of_two(value: float) -> bool:
@@ -46,16 +46,15 @@ def is_power_of_two(value: float) -> bool:
 def _rank_adapter(module, x: torch.Tensor | None) -> str | None:
     """The one active adapter whose forward ``RankScaledLoraLinear`` rewrites on ``module`` (for ``x``;
     None: whatever the input), or None where peft's own forward runs (the module docstring's cases)."""
-    adapters = [a for a in module.active_adapters if a in module.lora_A]
-    if (module.disable_adapters or module.merged or len(adapters) != 1 or adapters[0] in module.lora_variant
-            or module.lora_B[adapters[0]].bias is not None or not is_power_of_two(module.scaling[adapters[0]])):
+    name = plain_active_adapter(module)
+    if name is None or module.lora_B[name].bias is not None or not is_power_of_two(module.scaling[name]):
         return None
     if x is not None:  # float16 compute: autocast's dtype under autocast, else the input's or the adapter's
         half = (torch.get_autocast_dtype(x.device.type) == torch.float16 if torch.is_autocast_enabled(x.device.type)
-                else torch.float16 in (x.dtype, module.lora_A[adapters[0]].weight.dtype))
+                else torch.float16 in (x.dtype, module.lora_A[name].weight.dtype))
         if half:
             return None
-    return adapters[0]
+    return name
 
 
 def takes_rank_scaling(module, x: torch.Tensor | None = None) -> bool:
