@@ -157,6 +157,25 @@ def main() -> None:
             print(f"| {k} | {off['throughput']:,.0f} | {on['throughput']:,.0f} | {on['throughput'] / off['throughput']:.3f}x | "
                   f"{off['peak_memory_gib']:.1f} / {on['peak_memory_gib']:.1f} GiB |")
         print()
+    pairs = sorted({p.stem.rsplit("-", 1)[1] for p in out.glob("dorab-*-*.json")}, key=int)
+    if pairs:  # DoRA's norm once per step off, then on, back to back on one machine (gpu_fair_bench.sh dorab)
+        print("DoRA (`--methods dora,fp8+dora`, loralab's rows only, the micro-batch probed) with `dora_norm_per_step` "
+              "off, then on with LoRA's rows beside (`dorab-*.json`):\n\n| repeat | method | off: tokens/s (micro-batch) | "
+              "on: tokens/s (micro-batch) | on / off | LoRA's row | DoRA / LoRA, on |\n|--:|---|--:|--:|--:|--:|--:|")
+        for k in pairs:
+            off, on = ({r["method"]: r for r in json.loads((out / f"dorab-{v}-{k}.json").read_text())}
+                       for v in ("false", "true"))
+            for method in ("dora", "fp8+dora"):
+                a, b = off.get(method, {}), on.get(method, {})
+                lora = on.get(method.replace("dora", "lora"), {})
+                if not (a.get("throughput") and b.get("throughput")):
+                    print(f"| {k} | {method} | {a.get('error', '')} | {b.get('error', '')} | | | |")
+                    continue
+                print(f"| {k} | {method} | {a['throughput']:,.0f} ({a.get('micro_batch')}) | {b['throughput']:,.0f} "
+                      f"({b.get('micro_batch')}) | {b['throughput'] / a['throughput']:.3f}x | "
+                      + (f"{lora['throughput']:,.0f} ({lora.get('micro_batch')}) | {b['throughput'] / lora['throughput']:.3f} |"
+                         if lora.get("throughput") else "| |"))
+        print()
     if (out / "fp8quant.json").exists():
         r = json.loads((out / "fp8quant.json").read_text())
         for q in r["quantize"]:

@@ -36,6 +36,11 @@
 #   rankab  FP8-base LoRA (`--methods fp8+lora`) at `--speed micro_batch=4` with `lora_scale_at_rank` false, then
 #           true, back to back, REPEATS times (default 1): whether the default's 1.035x holds. ~1 min a row.
 #           Files: rankab-{false,true}-<repeat>.json/.log.
+#   dorab   DoRA on both bases (`--methods dora,fp8+dora --stacks loralab`, the micro-batch probed) with
+#           `dora_norm_per_step` false, then true beside LoRA's rows (`lora,dora,fp8+lora,fp8+dora`), REPEATS times
+#           (default 1): what computing DoRA's weight norm once per optimizer step instead of in every micro-batch
+#           pays, and DoRA's ratio to LoRA in one run. SPEED="k=v ..." adds keys to both. ~6 min.
+#           Files: dorab-{false,true}-<repeat>.json/.log.
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -136,11 +141,22 @@ for part in "${PARTS[@]}"; do
             --methods fp8+lora --speed micro_batch=4 --speed lora_scale_at_rank=$on --output "$OUT/rankab-$on-$rep.json"
         done
       done ;;
+    dorab)
+      for rep in $(seq 1 "${REPEATS:-1}"); do  # DoRA's norm once per step off, then on (with LoRA's rows beside)
+        extra=()
+        for kv in ${SPEED:-}; do extra+=(--speed "$kv"); done
+        step "dorab-false-$rep" 220 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+          --methods dora,fp8+dora --stacks loralab --speed dora_norm_per_step=false "${extra[@]}" \
+          --output "$OUT/dorab-false-$rep.json"
+        step "dorab-true-$rep" 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+          --methods lora,dora,fp8+lora,fp8+dora --stacks loralab --speed dora_norm_per_step=true "${extra[@]}" \
+          --output "$OUT/dorab-true-$rep.json"
+      done ;;
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel rankab fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel rankab dorab fp8loss)"; exit 2 ;;
   esac
 done
 

@@ -97,6 +97,22 @@ def test_methods_keeps_those_rows_and_names_an_unknown_one(tmp_path, capsys):
     assert "--methods" in str(exc.value)
 
 
+def test_stacks_keeps_those_rows_and_names_an_unknown_one(tmp_path):
+    """--stacks loralab: an A/B of speed keys without minutes of peer rows (the DoRA pairs on the GPU)."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--only", "tiny-llama/fixed"]
+    assert main([*argv, "--methods", "dora,fp8+dora", "--stacks", "loralab", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["method"], r["stack"]) for r in rows} == {("dora", "loralab"), ("fp8+dora", "loralab")}
+    assert all(r["throughput"] and r["ratio_best_peer"] is None for r in rows)  # no peer ran: no ratio
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--stacks", "loralab,trainer"])
+    assert "--stacks 'loralab,trainer': 'trainer' not a stack; allowed: peer, loralab, liger, tuned" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--experiment", str(tmp_path), "--stacks", "loralab"])
+    assert "--stacks" in str(exc.value)
+
+
 def test_speed_option_sets_loralab_keys_and_fp8_keys_reach_the_fp8_rows_only(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--only", "tiny-llama/fixed"]

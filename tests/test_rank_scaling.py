@@ -2,6 +2,7 @@
 peft's outputs and gradients where it applies (power-of-two scalings: fp32, and bf16 under autocast,
 with dropout), peft's own forward elsewhere; the backward makes one (tokens × out) tensor fewer."""
 
+import contextlib
 import copy
 
 import pytest
@@ -270,7 +271,9 @@ def test_the_run_logs_and_records_where_the_rewrite_applies():
 # the default rewrite on each method and base; fused_lora on LoRA (DoRA takes peft's forward there); no rewrite once
 _GRAPH_CASES = [("rank_scaling", dora, base) for dora in (False, True) for base in ("float32", "fp8")] + \
     [("fused_lora", False, base) for base in ("float32", "fp8")] + [("none", False, "float32")] + \
-    [("rank_scaling", False, "fp8-cache")]  # per-layer state of another kind: the MLPs' cached transposes
+    [("rank_scaling", False, "fp8-cache")] + \
+    [("rank_scaling", True, "float32-step-norms")]  # per-layer state of another kind: the MLPs' cached transposes;
+# DoRA's norms stored per layer and read inside the step (speed.dora_norm_per_step)
 
 
 @pytest.mark.parametrize("rewrite, dora, base", [  # the default's case in the fast subset, the rest in the full suite
@@ -311,9 +314,16 @@ def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora, b
     # the cache holds the MLPs' 12 projections (2/3 of the bytes here), not the attention's 16: layers differ within
     assert base != "fp8-cache" or options.fp8_transposes_cached["layers"] == 12
     ids = torch.randint(0, 96, (2, 8))
+    step_norms = contextlib.nullcontext()
+    if base.endswith("step-norms"):
+        from loralab.speed.fast_dora import refresh_dora_norms, reusing_dora_norms
+
+        assert refresh_dora_norms(model) == 28
+        step_norms = reusing_dora_norms()
     try:
-        for _ in range(2):
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        with step_norms:
+            for _ in range(2):
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     finally:
         torch._dynamo.reset()
     # two: the first layer's input (the frozen embeddings') needs no gradient, the other three layers' do

@@ -22,9 +22,10 @@ HASHED_SPEED_DEFAULTS = {"fast_dora": True, "chunked_loss": True, "cuda_graphs":
 def test_experiment_speed_defaults_are_unchanged():
     """The experiment's ``speed`` dict is hashed (``train_params_sha``): the hashed keys, order and
     values stay what they were before the settings became one dataclass; a key added since
-    (``memory_fraction``, ``grad_reduce``) is hashed only when an experiment sets it away from its default."""
+    (``memory_fraction``, ``grad_reduce``, ``dora_norm_per_step``, ...) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
-                                 "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch", "lora_scale_at_rank": "auto"}
+                                 "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch", "lora_scale_at_rank": "auto",
+                                 "dora_norm_per_step": True}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "loss_chunk_size" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed
@@ -37,6 +38,8 @@ def test_experiment_speed_defaults_are_unchanged():
             "lora_scale_at_rank") == hashed_as
     assert hashed_parameters(build_parameters({"speed": {"memory_fraction": 0.5}}))["speed"] == \
         {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.5}
+    assert hashed_parameters(build_parameters({"speed": {"dora_norm_per_step": False}}))["speed"] == \
+        {**HASHED_SPEED_DEFAULTS, "dora_norm_per_step": False}
 
 
 def test_memory_fraction_is_checked():

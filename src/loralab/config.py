@@ -97,6 +97,8 @@ class Speed:
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100
+    dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # exact: fast DoRA's weight norm computed
+    # once per optimizer step, before its micro-batches, not in each (speed/fast_dora refresh_dora_norms); off under FSDP
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)

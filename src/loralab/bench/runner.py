@@ -53,6 +53,8 @@ from loralab.speed.step import _hf_model
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
 PEER_STACKS = ("peer", "liger", "tuned")
+STACKS = ("peer", "loralab", "liger", "tuned")
+"""Every stack a preset row runs on, in the order they run (the tuned peer after loralab: its memory cap)."""
 """Rows that are peers of loralab's: the docs peer first (``ours/docs peer``), then the others."""
 
 
@@ -217,11 +219,14 @@ def _profile(run, data, title: str) -> str:
 
 def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,
               only: str | None = None, speed: dict | None = None, profile: bool = False,
-              log=print, on_row=None, methods: tuple[str, ...] | None = None):
+              log=print, on_row=None, methods: tuple[str, ...] | None = None,
+              stacks: tuple[str, ...] | None = None):
     """All rows of a preset; ``only`` keeps workloads whose name contains it, ``methods`` (names as in the
-    preset, e.g. ``("fp8+lora",)``) the rows of those methods; ``speed`` holds
-    explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults.
-    Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack.
+    preset, e.g. ``("fp8+lora",)``) the rows of those methods, ``stacks`` (of ``STACKS``) the rows of
+    those stacks (the tuned peer is capped at loralab's peak only when loralab's row runs too); ``speed``
+    holds explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults.
+    Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack, or
+    in ``stacks`` that is not a stack.
 
     cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
     which would charge padded batches of varying length (the peer's) seconds per step.
@@ -236,8 +241,11 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     if unknown:
         raise BenchError(f"{', '.join(map(repr, unknown))} not in the preset {preset!r}"
                          + (f" (--only {only!r})" if only else "") + f"; its methods: {', '.join(known)}")
+    wrong = [s for s in stacks or () if s not in STACKS]
+    if wrong:
+        raise BenchError(f"{', '.join(map(repr, wrong))} not a stack; allowed: {', '.join(STACKS)}")
     plan = [(w, m, s) for w in kept for m in w.methods if not methods or m in methods
-            for s in ("peer", "loralab", "liger", "tuned") if (s != "liger" or liger_available(w, device))
+            for s in STACKS if (not stacks or s in stacks) and (s != "liger" or liger_available(w, device))
             and (s == "loralab" or not m.startswith(FP8))]
     rows, profiles = [], []
     for w, method, stack in tqdm(plan, desc="bench", disable=None):

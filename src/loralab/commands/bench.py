@@ -36,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods to keep (e.g. fp8+lora,lora); an FP8-base row's ratios need its "
                              "float method's peer rows in the same run")
+    parser.add_argument("--stacks", default=None,
+                        help="comma-separated stacks to keep (peer, loralab, liger, tuned; default all), e.g. loralab "
+                             "for an A/B of --speed keys; the tuned peer is held to loralab's peak only beside its row")
     parser.add_argument("--no-compile", action="store_true",
                         help="speed.compile = false for the loralab stack (default: loralab run's, on for causal LMs on cuda)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
@@ -99,11 +102,13 @@ def run(args) -> int:
     from loralab.bench.workloads import BenchError
 
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    stacks = tuple(m.strip() for m in args.stacks.split(",")) if args.stacks else None
     try:
         rows, profiles = run_bench(args.preset or "tiny", device, steps=args.steps, warmup=args.warmup, only=args.only,
-                                   speed=speed, profile=args.profile, on_row=save, methods=methods)
+                                   speed=speed, profile=args.profile, on_row=save, methods=methods, stacks=stacks)
     except BenchError as exc:  # refused before any row ran
-        raise SystemExit(f"--methods {args.methods!r}: {exc}") from exc
+        which = f"--stacks {args.stacks!r}" if "not a stack" in str(exc) else f"--methods {args.methods!r}"
+        raise SystemExit(f"{which}: {exc}") from exc
     print(table(rows))
     for text in profiles:
         print(text)
@@ -147,10 +152,10 @@ def _run_experiment(args, device: str) -> int:
     from loralab.bench.workloads import BenchError
     from loralab.config import ConfigError
 
-    if (args.preset or args.only or args.methods or args.profile or args.warmup or args.no_compile
+    if (args.preset or args.only or args.methods or args.stacks or args.profile or args.warmup or args.no_compile
             or args.no_cuda_graphs or args.speed):
         raise SystemExit("--experiment benches the folder's own method and speed settings (its adapter_config.json and "
-                         "training_parameters.json); remove --preset, --only, --methods, --profile, --warmup, "
+                         "training_parameters.json); remove --preset, --only, --methods, --stacks, --profile, --warmup, "
                          "--no-compile, --no-cuda-graphs and --speed, which apply to the preset rows only")
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
@@ -166,7 +171,7 @@ def _run_experiment(args, device: str) -> int:
 
 _EVAL_ONLY = ("model", "rows", "num_prompts", "max_new_tokens", "stopping", "batch_sizes", "peer_prompts", "slots",
               "rank", "dtype", "data_dir")
-_TRAINING_ONLY = ("preset", "experiment", "task", "steps", "warmup", "only", "methods")
+_TRAINING_ONLY = ("preset", "experiment", "task", "steps", "warmup", "only", "methods", "stacks")
 _TRAINING_SWITCHES = ("random_weights", "no_compile", "no_cuda_graphs", "profile", "speed")
 DTYPES = ("float32", "bfloat16", "float16")
 

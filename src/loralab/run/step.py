@@ -30,6 +30,7 @@ accumulate without communication (``no_sync``).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,7 @@ from loralab.config import ConfigError, Speed
 from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
+from loralab.speed.fast_dora import fast_dora_layers, refresh_dora_norms, reusing_dora_norms
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
@@ -91,13 +93,15 @@ class Step:
     rank then runs its shard of ``features`` and ``StepStats.loss`` is the whole batch's loss.
     ``reduce_after_backward`` (more than one process, no wrapper: ``speed.grad_reduce``): the same
     shards, the gradients summed over ranks after the last micro-batch (``run/reduce.py``), so
-    ``graphs`` may stay on.
+    ``graphs`` may stay on. ``dora_norms``: fast DoRA's weight norms are computed once per step, before
+    its first micro-batch, and read by every micro-batch (``speed.dora_norm_per_step``,
+    ``speed/fast_dora.refresh_dora_norms``).
     """
 
     def __init__(self, model, optimizer, *, kind: str, normalization: str, micro_batch: int | None,
                  packing: bool, max_length: int, pad_to: int | None, pad_id: int, device: torch.device,
                  graphs: bool, max_grad_norm: float, log: Callable[[str], None] = print, wrapped=None,
-                 reduce_after_backward: bool = False):
+                 reduce_after_backward: bool = False, dora_norms: bool = False):
         if wrapped is not None and reduce_after_backward:
             raise ValueError("Step: a DDP/FSDP wrapper reduces gradients itself; reduce_after_backward needs none")
         self.model, self.optimizer, self.kind = model, optimizer, kind
@@ -107,13 +111,15 @@ class Step:
         self.log = log
         self.wrapped, self.reduce_after_backward = wrapped, reduce_after_backward
         self.data_parallel = wrapped is not None or reduce_after_backward  # each rank runs its shard
+        self.dora_norms = dora_norms
+        before = (lambda: refresh_dora_norms(model)) if dora_norms else None
         if wrapped is not None:  # DDP/FSDP2 hooks run in the wrapper's forward; no CUDA graphs
             self.trainer = GraphedTraining(wrapped, optimizer, lambda m, b: m(b)[0], max_grad_norm=max_grad_norm,
-                                           enabled=False)
+                                           enabled=False, before_step=before)
         else:
             loss = loss_function(kind)
             self.trainer = GraphedTraining(model, optimizer, lambda m, b: loss(m, b)[0],
-                                           max_grad_norm=max_grad_norm, enabled=graphs)
+                                           max_grad_norm=max_grad_norm, enabled=graphs, before_step=before)
         self.oom_retries = 0
 
     # -- building micro-batches ------------------------------------------------------------
@@ -181,10 +187,15 @@ class Step:
 
     # -- the step ----------------------------------------------------------------------------
     def __call__(self, features: list[dict]) -> StepStats:
+        with reusing_dora_norms() if self.dora_norms else contextlib.nullcontext():
+            return self._step(features)
+
+    def _step(self, features: list[dict]) -> StepStats:
         tokens = sum(len(f["input_ids"]) for f in features)
         while True:
             try:
                 total = torch.zeros((), device=self.device)
+                self.trainer.begin()  # A and B are fixed from here to the optimizer step
                 if self.wrapped is not None:
                     return self._distributed(features, tokens, total)
                 for batch in self.plan(features):
@@ -311,6 +322,15 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
                      "at the rank itself) or biases")
         log(line)
+    dora_layers = 0
+    if resolved.dora_norm_per_step and multi and launch.sharding == "fsdp" and fast_dora_layers(model):
+        log("speed.dora_norm_per_step off under FSDP (the norm needs every rank's whole weights outside the forward)")
+        resolved.dora_norm_per_step = False
+    elif resolved.dora_norm_per_step:  # the norms computed once now, their tensors allocated before any capture
+        dora_layers = refresh_dora_norms(model)  # 0: no DoRA, or peft's own DoRA forward (speed.fast_dora false)
+    if dora_layers:
+        log(f"speed.dora_norm_per_step: DoRA's weight norm computed once per optimizer step, not per micro-batch, "
+            f"in {dora_layers} layer(s)")
     wrapped = None
     after_backward = multi and resolved.grad_reduce == "after_backward"
     if after_backward:
@@ -322,9 +342,10 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             optimizer = remake_optimizer()
     micro = resolved.micro_batch
     if micro == "auto":  # CUDA: probed with the built model
-        micro, probe = probe_micro_batch(model, features, kind=kind, packing=resolved.packing, max_length=max_length,
-                                         limit=limit, pad_id=pad_id, device=device,
-                                         memory_fraction=resolved.memory_fraction, log=log)
+        with reusing_dora_norms() if dora_layers else contextlib.nullcontext():  # the forwards the step will run
+            micro, probe = probe_micro_batch(model, features, kind=kind, packing=resolved.packing,
+                                             max_length=max_length, limit=limit, pad_id=pad_id, device=device,
+                                             memory_fraction=resolved.memory_fraction, log=log)
         micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
         probe["micro_batch"] = micro
     else:
@@ -338,5 +359,6 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     resolved.micro_batch, resolved.micro_batch_probe = micro, probe
     step = Step(model, optimizer, kind=kind, normalization=normalization, micro_batch=micro, packing=resolved.packing,
                 max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,
-                max_grad_norm=max_grad_norm, log=log, wrapped=wrapped, reduce_after_backward=after_backward)
+                max_grad_norm=max_grad_norm, log=log, wrapped=wrapped, reduce_after_backward=after_backward,
+                dora_norms=dora_layers > 0)
     return step, resolved

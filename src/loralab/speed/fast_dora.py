@@ -29,6 +29,18 @@ term ``W·dropout(x)`` with the dequantised weight; here it runs through the FP8
 layer's own output does (the difference is the per-token activation rounding the FP8 forward adds).
 The packed NF4 base has no such product and stays refused (``methods.Method.conflicts``).
 
+Once per optimizer step (``speed.dora_norm_per_step``, on by default): the norm depends on W (frozen),
+A and B, and A and B change only at the optimizer step, so a step of k micro-batches (gradient
+accumulation) needs it once, not k times. ``refresh_dora_norms(model)`` computes every fast DoRA
+layer's norm into a tensor kept on the layer (the step calls it before its first micro-batch, from a
+CUDA graph of its own when the step is graphed), and inside ``reusing_dora_norms()`` the forwards read
+that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms at an H100's
+3.35 TB/s), and at the default micro-batch of an 80 GB card (1 packed row of 4) it ran 4 times a step.
+Outside that context (evaluation, generation, a user's own loop) every forward
+computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm
+(bit for bit on CPU), except under autocast: the refresh runs outside it, so its r × r products
+(A Aᵀ, B·(A Aᵀ)) are float32 where bf16 autocast made them bf16 inside the forward.
+
 What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)``
 (or ``PeftModel.from_pretrained``) ``enable_fast_dora(model)`` swaps each linear layer's
 ``DoraLinearVariant`` for ``FastDoraLinearVariant``; parameters, names, init, merge and the saved
@@ -36,6 +48,8 @@ adapter are peft's own, so the adapter loads with plain ``PeftModel.from_pretrai
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +59,9 @@ from torch import nn
 from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times
 
 _EPS = 1e-12
+_REUSE_NORMS = False
+"""True inside ``reusing_dora_norms()``: forwards read the norms ``refresh_dora_norms`` stored (a module
+global, so torch.compile guards one value for every layer instead of one per layer)."""
 
 
 def _fp8_base(module) -> Fp8Linear | None:
@@ -176,7 +193,8 @@ class FastDoraLinearVariant(DoraLinearVariant):
         magnitude = module.lora_magnitude_vector[active_adapter].weight
         bias = module.get_base_layer().bias
 
-        norm = _norm(module, active_adapter, lora_A.weight, lora_B.weight, scaling)
+        stored = getattr(module.lora_magnitude_vector[active_adapter], "_loralab_norm", None) if _REUSE_NORMS else None
+        norm = stored if stored is not None else _norm(module, active_adapter, lora_A.weight, lora_B.weight, scaling)
         if isinstance(dropout, nn.Identity) or not module.training:
             base = result if bias is None else result - bias
             out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm)
@@ -191,6 +209,56 @@ class FastDoraLinearVariant(DoraLinearVariant):
             base = F.linear(x.to(weight.dtype), weight).to(result.dtype)
         out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm)
         return result + out - base
+
+
+def _fast_dora_adapters(model: nn.Module):
+    """(module, adapter name) of every fast DoRA variant in ``model`` whose factors exist."""
+    for module in model.modules():
+        variants = getattr(module, "lora_variant", None)
+        if isinstance(variants, dict):
+            for name, variant in variants.items():
+                if type(variant) is FastDoraLinearVariant and name in module.lora_A and name in module.lora_B:
+                    yield module, name
+
+
+def fast_dora_layers(model: nn.Module) -> int:
+    """How many layer-adapters of ``model`` run the fast DoRA forward."""
+    return sum(1 for _ in _fast_dora_adapters(model))
+
+
+@torch.no_grad()
+def refresh_dora_norms(model: nn.Module) -> int:
+    """Compute each fast DoRA layer's weight norm ``||W + s·BA||_row`` (out,) fp32 now and keep it on
+    the layer (``lora_magnitude_vector[adapter]._loralab_norm``, a plain attribute: the state dict is
+    unchanged), for the forwards inside ``reusing_dora_norms()``. Returns how many layer-adapters it
+    computed (0: no fast DoRA layer). Later calls write into the same tensors in place, so a CUDA graph
+    that captured this call, or a forward that read them, sees the new values. Call it whenever A or B
+    may have changed (the step: before its first micro-batch). Not under FSDP: it needs every rank's
+    whole W, A and B outside the forward."""
+    count = 0
+    for module, name in _fast_dora_adapters(model):
+        norm = _norm(module, name, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
+        holder = module.lora_magnitude_vector[name]
+        kept = getattr(holder, "_loralab_norm", None)
+        if kept is None or kept.shape != norm.shape or kept.device != norm.device:
+            holder._loralab_norm = norm.clone()
+        else:
+            kept.copy_(norm)
+        count += 1
+    return count
+
+
+@contextlib.contextmanager
+def reusing_dora_norms():
+    """Inside: fast DoRA forwards read the norms ``refresh_dora_norms`` stored (a layer it has not
+    computed computes its own). The caller guarantees A and B have not changed since that refresh:
+    the training step holds it over its micro-batches, between the refresh and the optimizer step."""
+    global _REUSE_NORMS
+    before, _REUSE_NORMS = _REUSE_NORMS, True
+    try:
+        yield
+    finally:
+        _REUSE_NORMS = before
 
 
 def enable_fast_dora(model: nn.Module) -> int:

@@ -83,7 +83,10 @@ class GraphedTraining:
     """Micro-steps and optimizer steps of one training run, replayed from CUDA graphs.
 
     ``loss_fn(model, batch)`` returns the mean loss of a micro-batch (a scalar tensor).
-    ``micro(batch, weight)`` backpropagates ``weight * loss`` (accumulating) and returns the loss,
+    ``begin()`` runs ``before_step`` (None: nothing), work due once per optimizer step before its
+    micro-batches that writes only into tensors it allocated on an earlier call (fast DoRA's norms:
+    ``refresh_dora_norms``); graphed, its first call runs eagerly and the second is captured, later
+    ones replay. ``micro(batch, weight)`` backpropagates ``weight * loss`` (accumulating) and returns the loss,
     detached, without a host sync; ``step()`` clips (``max_grad_norm`` > 0), steps the optimizer
     and zeroes the gradients. With ``enabled`` False or on CPU the same calls run eagerly;
     ``graphed`` says which.
@@ -91,8 +94,10 @@ class GraphedTraining:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], *, max_grad_norm: float = 0.0,
-                 enabled: bool = True, max_graphs: int = 32, warmup: int = 2):
+                 enabled: bool = True, max_graphs: int = 32, warmup: int = 2,
+                 before_step: Callable[[], object] | None = None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.before_step, self._begin_graph, self._begun = before_step, None, False
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = max_grad_norm
         self.max_graphs, self.warmup = max_graphs, warmup
@@ -162,6 +167,24 @@ class GraphedTraining:
             except RuntimeError as exc:
                 raise self._failure(f"optimizer step ({type(self.optimizer).__name__})", exc) from exc
         self._step_graph.replay()
+
+    def begin(self) -> None:
+        """``before_step`` ahead of a step's micro-batches (class docstring)."""
+        if self.before_step is None:
+            return
+        if not self.graphed or not self._begun:  # the eager first call allocates what later calls write into
+            self._begun = True
+            self.before_step()
+            return
+        if self._begin_graph is None:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self.before_step()
+                self._begin_graph = graph
+            except RuntimeError as exc:
+                raise self._failure("work before the step (before_step)", exc) from exc
+        self._begin_graph.replay()
 
     # -- micro-steps -------------------------------------------------------------------------
     def _eager_micro(self, batch: dict, weight) -> torch.Tensor:

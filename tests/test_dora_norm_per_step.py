@@ -1,0 +1,133 @@
+"""speed.dora_norm_per_step: fast DoRA's weight norm computed once per optimizer step and read by each of
+its micro-batches trains exactly as computing it in every forward, and is never read outside the step."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loralab.run.step import make_step
+from loralab.speed import fast_dora
+from loralab.speed.graphs import GraphedTraining
+
+
+def _dora_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    config = LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False, target_modules="all-linear")
+    return get_peft_model(LlamaForCausalLM(cfg), config)
+
+
+def _features(n=4, seed=3):  # 9-16 tokens: one sample per packed row of 16
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids} for ids in
+            (torch.randint(1, 256, (int(torch.randint(9, 17, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(n))]
+
+
+def _train(model, per_step: bool, steps=3, micro_batch=1, monkeypatch=None):
+    """``steps`` optimizer steps of 4 samples, ``micro_batch`` packed rows per forward; returns the log and
+    how many times the norm was computed."""
+    calls = []
+    if monkeypatch is not None:
+        norm = fast_dora._norm
+        monkeypatch.setattr(fast_dora, "_norm", lambda *a, **k: calls.append(1) or norm(*a, **k))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    lines = []
+    step, resolved = make_step(model, optimizer, speed={"micro_batch": micro_batch, "dora_norm_per_step": per_step},
+                               kind="causal_lm", dtype="float32", device=torch.device("cpu"), features=_features(),
+                               batch_size=4, limit=4, max_length=16, pad_id=0, log=lines.append)
+    assert resolved.dora_norm_per_step is per_step
+    for k in range(steps):
+        step(_features(seed=10 + k))
+    return lines, len(calls)
+
+
+def test_once_per_step_trains_bit_for_bit_as_every_forward(monkeypatch):
+    """Three steps of four micro-batches: the same weights, bit for bit, with the norm computed 14 times a
+    step (once per DoRA layer) instead of 14 x 4, plus the one computation when the step is built."""
+    every, once = _dora_llama(), _dora_llama()
+    with monkeypatch.context() as patch:
+        _, every_calls = _train(every, per_step=False, monkeypatch=patch)
+    with monkeypatch.context() as patch:
+        lines, once_calls = _train(once, per_step=True, monkeypatch=patch)
+    assert (every_calls, once_calls) == (14 * 4 * 3, 14 + 14 * 3)
+    assert any(line.startswith("speed.dora_norm_per_step") and "in 14 layer(s)" in line for line in lines), lines
+    trained = dict(every.named_parameters())
+    moved = 0
+    for name, p in once.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trained[name]), name
+            moved += "lora_magnitude_vector" in name
+    assert moved == 14
+
+
+def test_outside_the_step_a_forward_computes_its_own_norm():
+    """After the step, A and B have moved past the norms the step stored: an evaluation forward must not
+    read them. The stored norm is stale here (the last step's, before its optimizer update), yet the
+    model's output equals peft's own DoRA forward."""
+    model = _dora_llama()
+    _train(model, per_step=True, steps=2)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    stored = layer.lora_magnitude_vector["default"]._loralab_norm.clone()
+    fresh = fast_dora._norm(layer, "default", layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                            layer.scaling["default"])
+    assert not torch.allclose(stored, fresh, rtol=1e-6, atol=0)  # the optimizer moved A and B after the refresh
+    ids = torch.tensor([_features(1)[0]["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        fast_logits = model(input_ids=ids).logits
+        peft_model = copy.deepcopy(model)
+        assert fast_dora.disable_fast_dora(peft_model) == 14
+        torch.testing.assert_close(fast_logits, peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        with fast_dora.reusing_dora_norms():  # where the context is held, the stored (stale) norm is read
+            assert not torch.allclose(model(input_ids=ids).logits, fast_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_nothing_to_do_without_fast_dora():
+    """LoRA, or DoRA on peft's own forward (speed.fast_dora false): no refresh, no log line."""
+    model = _dora_llama()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    lines = []
+    step, _ = make_step(model, optimizer, speed={"fast_dora": False}, kind="causal_lm", dtype="float32",
+                        device=torch.device("cpu"), features=_features(), batch_size=4, limit=4, max_length=16,
+                        pad_id=0, log=lines.append)
+    assert step.dora_norms is False and step.trainer.before_step is None
+    assert not any("dora_norm_per_step" in line for line in lines)
+
+
+def test_begin_runs_before_step_on_every_step_when_not_graphed():
+    calls = []
+    linear = torch.nn.Linear(2, 2)
+    trainer = GraphedTraining(linear, torch.optim.SGD(linear.parameters(), lr=0.1), lambda m, b: m(b["x"]).sum(),
+                              before_step=lambda: calls.append(1))
+    for _ in range(3):
+        trainer.begin()
+    assert not trainer.graphed and len(calls) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_begin_replays_a_captured_refresh_that_follows_the_parameters():
+    """Graphed: the first begin() runs eagerly (allocating), the second captures, later ones replay; each
+    reads the parameters as they are then."""
+    linear = torch.nn.Linear(16, 16, device="cuda")
+    kept = {}
+
+    def refresh():
+        norm = linear.weight.float().pow(2).sum(dim=1).sqrt()
+        if "norm" not in kept:
+            kept["norm"] = norm.clone()
+        else:
+            kept["norm"].copy_(norm)
+
+    trainer = GraphedTraining(linear, torch.optim.AdamW(linear.parameters()), lambda m, b: m(b["x"]).sum(),
+                              before_step=refresh)
+    for k in range(4):
+        with torch.no_grad():
+            linear.weight.mul_(1.5)
+        trainer.begin()
+        torch.testing.assert_close(kept["norm"], linear.weight.norm(dim=1))
+    assert trainer._begin_graph is not None
