@@ -131,3 +131,25 @@ def test_begin_replays_a_captured_refresh_that_follows_the_parameters():
         trainer.begin()
         torch.testing.assert_close(kept["norm"], linear.weight.norm(dim=1))
     assert trainer._begin_graph is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the graphed step needs a GPU")
+def test_graphed_step_on_cuda_trains_as_every_forward():
+    """On CUDA with graphs: the captured refresh and the micro-batches that read its norms train as
+    computing the norm in every captured forward (float32, no autocast: the same products)."""
+    def train(per_step):
+        model = _dora_llama().cuda()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        step, resolved = make_step(model, optimizer, speed={"micro_batch": 1, "dora_norm_per_step": per_step,
+                                                            "cuda_graphs": True, "compile": False},
+                                   kind="causal_lm", dtype="float32", device=torch.device("cuda"),
+                                   features=_features(), batch_size=4, limit=4, max_length=16, pad_id=0, log=print)
+        assert step.trainer.graphed
+        for k in range(4):
+            step(_features(seed=10 + k))
+        assert (step.trainer._begin_graph is not None) is per_step
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+    every, once = train(False), train(True)
+    for name, value in once.items():
+        torch.testing.assert_close(value, every[name], rtol=1e-5, atol=1e-6, msg=name)
