@@ -33,8 +33,8 @@ def _train(model, per_step: bool, steps=3, micro_batch=1, monkeypatch=None):
     how many times the norm was computed."""
     calls = []
     if monkeypatch is not None:
-        norm = fast_dora._norm
-        monkeypatch.setattr(fast_dora, "_norm", lambda *a, **k: calls.append(1) or norm(*a, **k))
+        norm_of = fast_dora._norm_of
+        monkeypatch.setattr(fast_dora, "_norm_of", lambda *a, **k: calls.append(1) or norm_of(*a, **k))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     lines = []
     step, resolved = make_step(model, optimizer, speed={"micro_batch": micro_batch, "dora_norm_per_step": per_step},
@@ -153,3 +153,40 @@ def test_graphed_step_on_cuda_trains_as_every_forward():
     every, once = train(False), train(True)
     for name, value in once.items():
         torch.testing.assert_close(value, every[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("base", ["float32", "fp8"])
+def test_the_compiled_refresh_is_one_graph_for_every_layer_and_equals_eager(base):
+    """With compile on, the step's refresh runs the norm compiled (its small ops fused): tensors only, so
+    the graphs depend on the distinct projection shapes, not on the number of layers; the values are the
+    eager ones."""
+    model = _dora_llama()
+    if base == "fp8":  # the bf16 model's FP8 path: W·Aᵀ from the codes (speed/fp8.weight_times)
+        from loralab.methods.common import linear_names
+        from loralab.methods.fp8base import quantize_linears
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=256)
+        llama = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        quantize_linears(llama, linear_names(llama))
+        model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
+                                                 target_modules="all-linear"))
+    assert fast_dora.enable_fast_dora(model) == 14
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        assert fast_dora.refresh_dora_norms(model) == 14
+        eager = [m.lora_magnitude_vector["default"]._loralab_norm.clone() for m, _ in fast_dora._fast_dora_adapters(model)]
+        assert fast_dora.refresh_dora_norms(model, counting_backend) == 14
+        compiled = [m.lora_magnitude_vector["default"]._loralab_norm for m, _ in fast_dora._fast_dora_adapters(model)]
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert 1 <= len(graphs) <= 4, f"{len(graphs)} graphs for 4 projection shapes"  # q/o, k/v, gate/up, down

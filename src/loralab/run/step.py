@@ -95,13 +95,13 @@ class Step:
     shards, the gradients summed over ranks after the last micro-batch (``run/reduce.py``), so
     ``graphs`` may stay on. ``dora_norms``: fast DoRA's weight norms are computed once per step, before
     its first micro-batch, and read by every micro-batch (``speed.dora_norm_per_step``,
-    ``speed/fast_dora.refresh_dora_norms``).
+    ``speed/fast_dora.refresh_dora_norms``; ``dora_norms_backend``: its torch.compile backend, None: eager).
     """
 
     def __init__(self, model, optimizer, *, kind: str, normalization: str, micro_batch: int | None,
                  packing: bool, max_length: int, pad_to: int | None, pad_id: int, device: torch.device,
                  graphs: bool, max_grad_norm: float, log: Callable[[str], None] = print, wrapped=None,
-                 reduce_after_backward: bool = False, dora_norms: bool = False):
+                 reduce_after_backward: bool = False, dora_norms: bool = False, dora_norms_backend=None):
         if wrapped is not None and reduce_after_backward:
             raise ValueError("Step: a DDP/FSDP wrapper reduces gradients itself; reduce_after_backward needs none")
         self.model, self.optimizer, self.kind = model, optimizer, kind
@@ -112,7 +112,7 @@ class Step:
         self.wrapped, self.reduce_after_backward = wrapped, reduce_after_backward
         self.data_parallel = wrapped is not None or reduce_after_backward  # each rank runs its shard
         self.dora_norms = dora_norms
-        before = (lambda: refresh_dora_norms(model)) if dora_norms else None
+        before = (lambda: refresh_dora_norms(model, dora_norms_backend)) if dora_norms else None
         if wrapped is not None:  # DDP/FSDP2 hooks run in the wrapper's forward; no CUDA graphs
             self.trainer = GraphedTraining(wrapped, optimizer, lambda m, b: m(b)[0], max_grad_norm=max_grad_norm,
                                            enabled=False, before_step=before)
@@ -322,12 +322,12 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
                      "at the rank itself) or biases")
         log(line)
-    dora_layers = 0
+    dora_layers, norms_backend = 0, resolved.compile_backend if resolved.compile else None  # compiled as the layers
     if resolved.dora_norm_per_step and multi and launch.sharding == "fsdp" and fast_dora_layers(model):
         log("speed.dora_norm_per_step off under FSDP (the norm needs every rank's whole weights outside the forward)")
         resolved.dora_norm_per_step = False
     elif resolved.dora_norm_per_step:  # the norms computed once now, their tensors allocated before any capture
-        dora_layers = refresh_dora_norms(model)  # 0: no DoRA, or peft's own DoRA forward (speed.fast_dora false)
+        dora_layers = refresh_dora_norms(model, norms_backend)  # 0: no DoRA, or peft's own DoRA forward
     if dora_layers:
         log(f"speed.dora_norm_per_step: DoRA's weight norm computed once per optimizer step, not per micro-batch, "
             f"in {dora_layers} layer(s)")
@@ -360,5 +360,5 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     step = Step(model, optimizer, kind=kind, normalization=normalization, micro_batch=micro, packing=resolved.packing,
                 max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,
                 max_grad_norm=max_grad_norm, log=log, wrapped=wrapped, reduce_after_backward=after_backward,
-                dora_norms=dora_layers > 0)
+                dora_norms=dora_layers > 0, dora_norms_backend=norms_backend if dora_layers else None)
     return step, resolved
