@@ -71,6 +71,9 @@
 #   layers recompile, fixed in b7fbcb6; rankab 1.028x/1.027x): on an H200, (1) fp8check fair8b (no H200 row has
 #   the current code); (2) recipe; (3) fp8loss; (4) profdora (DoRA is 0.79-0.84 of LoRA). On an H100 again:
 #   fair8b with SPEED="memory_fraction=0.35" (27.7 GiB: every loralab row at micro-batch 4, as on the H200).
+#   After 2026-12-05's sixth session (H100 only, results/bench-dora-h100/: DoRA's norm once per step, 1.119x bf16 and
+#   1.035x FP8-base DoRA; DoRA / LoRA 0.880 and 0.874): on an H200, (1) fp8check fair8b; (2) recipe; (3) fp8loss;
+#   on an H100: dorab with SPEED="memory_fraction=0.35" (the DoRA / LoRA ratio at micro-batch 2-4).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

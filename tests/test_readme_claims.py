@@ -317,3 +317,22 @@ def test_fair_bench_h100_section_is_the_scripts_output():
     (off1, on1), (off2, on2) = pairs
     assert (f"{on1:,.0f} against {off1:,.0f} tokens/s ({on1 / off1:.3f}x) and {on2:,.0f} against {off2:,.0f} "
             f"({on2 / off2:.3f}x)") in " ".join(README.split())
+
+
+@pytest.mark.slow  # runs the table script (imports torch)
+def test_dora_norm_section_is_the_scripts_output():
+    """The DoRA-norm section holds the dorab table scripts/fair_bench_table.py prints from results/bench-dora-h100/,
+    and its reading and the speed-defaults row quote those files."""
+    folder = RESULTS / "bench-dora-h100"
+    run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(folder)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = section("### DoRA's weight norm once per optimizer step (H100)")
+    assert set(table_rows(run.stdout)) <= set(table_rows(text)) and table_rows(run.stdout)
+    off, on = ({r["method"]: r for r in json.loads((folder / f"dorab-{v}-1.json").read_text())} for v in ("false", "true"))
+    flat, readme = " ".join(text.split()), " ".join(README.split())
+    ratios = [on[m]["throughput"] / on[m.replace("dora", "lora")]["throughput"] for m in ("dora", "fp8+dora")]
+    assert f"{ratios[0]:.3f} and {ratios[1]:.3f} of LoRA's tokens/s" in flat and all(r < 0.9 for r in ratios)
+    for method, name in (("dora", "bf16 DoRA"), ("fp8+dora", "FP8-base DoRA")):
+        a, b = off[method]["throughput"], on[method]["throughput"]
+        assert f"{b / a:.3f}x {name} ({a:,.0f} against {b:,.0f}" in readme

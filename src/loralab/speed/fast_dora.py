@@ -35,7 +35,9 @@ accumulation) needs it once, not k times. ``refresh_dora_norms(model)`` computes
 layer's norm into a tensor kept on the layer (the step calls it before its first micro-batch, from a
 CUDA graph of its own when the step is graphed), and inside ``reusing_dora_norms()`` the forwards read
 that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms at an H100's
-3.35 TB/s), and at the default micro-batch of an 80 GB card (1 packed row of 4) it ran 4 times a step.
+3.35 TB/s), and at the default micro-batch of an 80 GB card (1 packed row of 4) it ran 4 times a step:
+once a step made bf16 DoRA 1.119x and FP8-base DoRA (2 micro-batches) 1.035x at the Llama-3-8B shape on
+an H100 (results/bench-dora-h100/).
 Outside that context (evaluation, generation, a user's own loop) every forward
 computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm
 (bit for bit on CPU), except under autocast: the refresh runs outside it, so its r × r products
