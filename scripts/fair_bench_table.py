@@ -58,6 +58,11 @@ def profile_summary(text: str) -> list[str]:
     return lines
 
 
+def repeats(out: Path, part: str) -> list[str]:
+    """The repeat numbers of an off/on part's files (``<part>-{false,true}-<repeat>.json``), in order."""
+    return sorted({p.stem.rsplit("-", 1)[1] for p in out.glob(f"{part}-*-*.json")}, key=int)
+
+
 def yes(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -147,7 +152,7 @@ def main() -> None:
             print(f"| {variant} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.1f} GiB | {r.get('micro_batch', '')} | "
                   + (f"{ratio:.3f}x" if ratio else "") + " |")
         print()
-    pairs = sorted({p.stem.rsplit("-", 1)[1] for p in out.glob("rankab-*-*.json")}, key=int)
+    pairs = repeats(out, "rankab")
     if pairs:  # LoRA's scaling at the rank off, then on, back to back on one machine (gpu_fair_bench.sh rankab)
         print("FP8-base LoRA (`--methods fp8+lora`, loralab's row only, `micro_batch` 4 set) with `lora_scale_at_rank` "
               "off, then on, back to back (`rankab-*.json`):\n\n| repeat | off: tokens/s | on: tokens/s | on / off | "
@@ -157,7 +162,7 @@ def main() -> None:
             print(f"| {k} | {off['throughput']:,.0f} | {on['throughput']:,.0f} | {on['throughput'] / off['throughput']:.3f}x | "
                   f"{off['peak_memory_gib']:.1f} / {on['peak_memory_gib']:.1f} GiB |")
         print()
-    pairs = sorted({p.stem.rsplit("-", 1)[1] for p in out.glob("dorab-*-*.json")}, key=int)
+    pairs = repeats(out, "dorab")
     if pairs:  # DoRA's norm once per step off, then on, back to back on one machine (gpu_fair_bench.sh dorab)
         print("DoRA (`--methods dora,fp8+dora`, loralab's rows only, the micro-batch probed) with `dora_norm_per_step` "
               "off, then on with LoRA's rows beside (`dorab-*.json`):\n\n| repeat | method | off: tokens/s (micro-batch) | "

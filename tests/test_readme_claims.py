@@ -287,18 +287,25 @@ def test_fp8_kernel_figures_come_from_their_h100_files():
 
 
 
+def _printed_tables_in(folder, heading: str) -> tuple[str, str]:
+    """What scripts/fair_bench_table.py prints from ``folder``, and the README section under ``heading``,
+    which must hold every table row printed (and some)."""
+    run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(folder)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = section(heading)
+    assert set(table_rows(run.stdout)) <= set(table_rows(text)) and table_rows(run.stdout)
+    return run.stdout, text
+
+
 @pytest.mark.slow  # runs the table script (imports torch, transformers): the fast subset keeps the H200 one
 def test_fair_bench_h100_section_is_the_scripts_output():
     """The H100 fairest-peer section holds what scripts/fair_bench_table.py prints from results/bench-fair-h100/,
     its reading quotes those files (the tuned peer's probe, the docs peer's step, the FP8 row's margin, the
     regressed call), and the speed-defaults row quotes the back-to-back rank-scaling pairs."""
     folder = RESULTS / "bench-fair-h100"
-    run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(folder)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
-    assert run.returncode == 0, run.stderr
-    text = section("### Training speed against the fairest peer, current defaults (H100)")
-    assert set(table_rows(run.stdout)) <= set(table_rows(text)) and table_rows(run.stdout)
-    notes = [line for line in run.stdout.splitlines() if line.startswith("- ")]
+    printed, text = _printed_tables_in(folder, "### Training speed against the fairest peer, current defaults (H100)")
+    notes = [line for line in printed.splitlines() if line.startswith("- ")]
     assert notes and all(line in text for line in notes)
     flat = " ".join(text.split())
     rows = {(r["method"], r["stack"]): r for r in json.loads((folder / "fair8b.json").read_text())}
@@ -324,11 +331,7 @@ def test_dora_norm_section_is_the_scripts_output():
     """The DoRA-norm section holds the dorab table scripts/fair_bench_table.py prints from results/bench-dora-h100/,
     and its reading and the speed-defaults row quote those files."""
     folder = RESULTS / "bench-dora-h100"
-    run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(folder)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
-    assert run.returncode == 0, run.stderr
-    text = section("### DoRA's weight norm once per optimizer step (H100)")
-    assert set(table_rows(run.stdout)) <= set(table_rows(text)) and table_rows(run.stdout)
+    _, text = _printed_tables_in(folder, "### DoRA's weight norm once per optimizer step (H100)")
     off, on = ({r["method"]: r for r in json.loads((folder / f"dorab-{v}-1.json").read_text())} for v in ("false", "true"))
     flat, readme = " ".join(text.split()), " ".join(README.split())
     ratios = [on[m]["throughput"] / on[m.replace("dora", "lora")]["throughput"] for m in ("dora", "fp8+dora")]

@@ -159,14 +159,18 @@ class GraphedTraining:
         if not self.graph_optimizer:
             return self._eager_step()
         if self._step_graph is None:
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    self._eager_step()
-                self._step_graph = graph
-            except RuntimeError as exc:
-                raise self._failure(f"optimizer step ({type(self.optimizer).__name__})", exc) from exc
+            self._step_graph = self._capture_call(self._eager_step, f"optimizer step ({type(self.optimizer).__name__})")
         self._step_graph.replay()
+
+    def _capture_call(self, fn: Callable[[], object], what: str) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of ``fn()`` in the shared pool (captured, not run); a failed capture raises ``_failure``."""
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                fn()
+            return graph
+        except RuntimeError as exc:
+            raise self._failure(what, exc) from exc
 
     def begin(self) -> None:
         """``before_step`` ahead of a step's micro-batches (class docstring)."""
@@ -177,13 +181,7 @@ class GraphedTraining:
             self.before_step()
             return
         if self._begin_graph is None:
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    self.before_step()
-                self._begin_graph = graph
-            except RuntimeError as exc:
-                raise self._failure("work before the step (before_step)", exc) from exc
+            self._begin_graph = self._capture_call(self.before_step, "work before the step (before_step)")
         self._begin_graph.replay()
 
     # -- micro-steps -------------------------------------------------------------------------
