@@ -111,6 +111,9 @@ def test_stacks_keeps_those_rows_and_names_an_unknown_one(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--experiment", str(tmp_path), "--stacks", "loralab"])
     assert "--stacks" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:  # nothing left to run: refused, not an empty table
+        main([*argv, "--stacks", "liger"])
+    assert "--stacks 'liger': no row to run: stacks liger of methods" in str(exc.value) and "Liger needs CUDA" in str(exc.value)
 
 
 def test_speed_option_sets_loralab_keys_and_fp8_keys_reach_the_fp8_rows_only(tmp_path):

@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model(seed: int):
+def _model(seed: int, dora: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -31,7 +31,8 @@ def _model(seed: int):
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            use_dora=dora))
 
 
 def _batches() -> list[list[dict]]:
@@ -46,8 +47,8 @@ def _batches() -> list[list[dict]]:
     return out
 
 
-def _train(seed: int, grad_reduce: str, launch=None) -> dict:
-    model = _model(seed)
+def _train(seed: int, grad_reduce: str, launch=None, dora: bool = False) -> dict:
+    model = _model(seed, dora)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     step, resolved = make_step(model, optimizer, speed={"grad_reduce": grad_reduce, "micro_batch": 1}, kind="causal_lm",
@@ -66,6 +67,8 @@ def _worker(rank, world, port, out):
     try:
         # each rank builds its own init (seed 100 + rank): the runs must train from rank 0's
         runs = {mode: _train(100 + rank, mode, launch) for mode in ("ddp", "after_backward")}
+        # DoRA: its cached ||W||² must follow the broadcast base weights, not this rank's own init
+        runs["dora"] = _train(100 + rank, "after_backward", launch, dora=True)
         # the all-reduce on its own: a gradient on rank 1 only, none anywhere, buckets of 2 values
         a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
         b.grad = torch.full((3,), 2.0) if rank == 1 else None
@@ -81,6 +84,7 @@ def _worker(rank, world, port, out):
 def test_after_backward_trains_like_ddp_and_one_process(tmp_path):
     torch.set_num_threads(1)
     one = _train(100, "after_backward")  # one process: the setting changes nothing
+    one_dora = _train(100, "after_backward", dora=True)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     init0, init1 = (dict(_model(seed).named_parameters()) for seed in (100, 101))
@@ -95,6 +99,8 @@ def test_after_backward_trains_like_ddp_and_one_process(tmp_path):
             # the sum of the same two shard gradients in another order than one process's backward
             torch.testing.assert_close(after["state"][name], value, rtol=1e-4, atol=1e-6)
             assert torch.equal(after["state"][name], ddp["state"][name]), name  # a + b both ways: bitwise
+        for name, value in one_dora["state"].items():
+            torch.testing.assert_close(runs["dora"]["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)
         unit = runs["unit"]
         assert torch.equal(unit["a"], torch.tensor([1.0, 3.0, 5.0]))
         assert torch.equal(unit["b"], torch.full((3,), 2.0))  # rank 0 took part with zeros

@@ -97,8 +97,9 @@ class Speed:
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100
-    dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # exact: fast DoRA's weight norm computed
-    # once per optimizer step, before its micro-batches, not in each (speed/fast_dora refresh_dora_norms); off under FSDP;
+    dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm computed once
+    # per optimizer step, before its micro-batches, not in each (speed/fast_dora refresh_dora_norms): bit for bit
+    # without autocast; under it the refresh's products are float32 where autocast made them bf16; off under FSDP;
     # 1.119x bf16 DoRA (4 micro-batches a step), 1.035x FP8-base DoRA (2) at the 8B shape: results/bench-dora-h100
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached

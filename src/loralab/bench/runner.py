@@ -53,9 +53,9 @@ from loralab.speed.step import _hf_model
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
 PEER_STACKS = ("peer", "liger", "tuned")
+"""Rows that are peers of loralab's: the docs peer first (``ours/docs peer``), then the others."""
 STACKS = ("peer", "loralab", "liger", "tuned")
 """Every stack a preset row runs on, in the order they run (the tuned peer after loralab: its memory cap)."""
-"""Rows that are peers of loralab's: the docs peer first (``ours/docs peer``), then the others."""
 
 
 def matmul_params(model) -> int:
@@ -247,6 +247,9 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     plan = [(w, m, s) for w in kept for m in w.methods if not methods or m in methods
             for s in STACKS if (not stacks or s in stacks) and (s != "liger" or liger_available(w, device))
             and (s == "loralab" or not m.startswith(FP8))]
+    if not plan:
+        raise BenchError(f"no row to run: stacks {', '.join(stacks or STACKS)} of methods {', '.join(methods or known)} "
+                         f"on {device} (Liger needs CUDA and liger-kernel; the FP8-base methods run on loralab only)")
     rows, profiles = [], []
     for w, method, stack in tqdm(plan, desc="bench", disable=None):
         try:

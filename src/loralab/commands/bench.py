@@ -107,7 +107,7 @@ def run(args) -> int:
         rows, profiles = run_bench(args.preset or "tiny", device, steps=args.steps, warmup=args.warmup, only=args.only,
                                    speed=speed, profile=args.profile, on_row=save, methods=methods, stacks=stacks)
     except BenchError as exc:  # refused before any row ran
-        which = f"--stacks {args.stacks!r}" if "not a stack" in str(exc) else f"--methods {args.methods!r}"
+        which = " ".join(f"--{k} {getattr(args, k)!r}" for k in ("methods", "stacks") if getattr(args, k)) or "bench"
         raise SystemExit(f"{which}: {exc}") from exc
     print(table(rows))
     for text in profiles:

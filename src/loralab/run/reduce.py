@@ -39,6 +39,9 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
+            # a collective writes past autograd's version counter: bump it, so caches keyed on it (fast
+            # DoRA's ||W||², speed/fast_dora) see rank 0's values instead of this rank's own init
+            torch.autograd.graph.increment_version(tensor)
 
 
 def all_reduce_grads(params: Sequence[torch.nn.Parameter], *, every_grad_present: bool = False,

@@ -330,7 +330,7 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
         dora_layers = refresh_dora_norms(model, norms_backend)  # 0: no DoRA, or peft's own DoRA forward
     if dora_layers:
         log(f"speed.dora_norm_per_step: DoRA's weight norm computed once per optimizer step, not per micro-batch, "
-            f"in {dora_layers} layer(s)")
+            f"for {dora_layers} layer adapter(s)")
     wrapped = None
     after_backward = multi and resolved.grad_reduce == "after_backward"
     if after_backward:

@@ -35,13 +35,15 @@ accumulation) needs it once, not k times. ``refresh_dora_norms(model)`` computes
 layer's norm into a tensor kept on the layer (the step calls it before its first micro-batch, from a
 CUDA graph of its own when the step is graphed), and inside ``reusing_dora_norms()`` the forwards read
 that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms at an H100's
-3.35 TB/s), and at the default micro-batch of an 80 GB card (1 packed row of 4) it ran 4 times a step:
-once a step made bf16 DoRA 1.119x and FP8-base DoRA (2 micro-batches) 1.035x at the Llama-3-8B shape on
-an H100 (results/bench-dora-h100/).
+3.35 TB/s); at the 8B shape's 4 x 512 tokens the H100's probe (memory_fraction 0.25) chose micro-batch 1,
+so it ran 4 times a step. Once a step made bf16 DoRA 1.119x there and FP8-base DoRA (2 micro-batches a
+step) 1.035x, one run each (results/bench-dora-h100/).
 Outside that context (evaluation, generation, a user's own loop) every forward
 computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm
-(bit for bit on CPU), except under autocast: the refresh runs outside it, so its r × r products
-(A Aᵀ, B·(A Aᵀ)) are float32 where bf16 autocast made them bf16 inside the forward.
+(bit for bit without autocast), except under autocast: the refresh runs outside it, so its products
+(A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the tensors' own dtypes where bf16
+autocast took them in bf16 inside the forward: closer to the float32 norm (on a tiny Llama, ~1e-4
+relative against the forward's ~1e-3), but not the same training bit for bit.
 
 What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)``
 (or ``PeftModel.from_pretrained``) ``enable_fast_dora(model)`` swaps each linear layer's
@@ -131,7 +133,10 @@ _COMPILED_NORMS: dict = {}
 
 
 def _compiled_norm_of(backend):
-    """``_norm_of`` compiled with ``backend`` (one per backend, shapes dynamic after the second one seen)."""
+    """``_norm_of`` compiled with ``backend``, one per backend. Called with detached tensors, not
+    Parameters: dynamo keeps a Parameter's shape static, so every (shape, rank) pair would be a graph of
+    its own and mixed ranks (``rank_pattern``, Eva) would pass the recompile limit; plain tensors go
+    dynamic after the second shape seen (3 graphs for 12 layers of mixed ranks, tests)."""
     if backend not in _COMPILED_NORMS:
         _COMPILED_NORMS[backend] = torch.compile(_norm_of, backend=backend, fullgraph=True)
     return _COMPILED_NORMS[backend]
@@ -262,12 +267,15 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     forward. Eager, each layer's norm is ~13 kernels (~25 on an FP8 base, its A split into two FP8
     terms), thousands a step at 8B, each a few microseconds of GPU time even replayed from a CUDA graph:
     at micro-batch 2 of an 8B FP8 base that cost more than the one forward's norm it saved (0.946x,
-    results/bench-fair-h100/dorab-*). One graph serves every layer (tensors only, shapes dynamic)."""
+    results/bench-dora-h100/eager-dorab-*). A few graphs serve every layer (``_compiled_norm_of``)."""
     norm_of = _norm_of if compile_backend is None else _compiled_norm_of(compile_backend)
     count = 0
     for module, name in _fast_dora_adapters(model):
         a, b = module.lora_A[name].weight, module.lora_B[name].weight
-        norm = norm_of(*_norm_inputs(module, name, a), a, b, module.scaling[name])
+        inputs = _norm_inputs(module, name, a)
+        if compile_backend is not None:  # plain tensors (``_compiled_norm_of``)
+            inputs, a, b = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs), a.detach(), b.detach()
+        norm = norm_of(*inputs, a, b, module.scaling[name])
         holder = module.lora_magnitude_vector[name]
         kept = getattr(holder, "_loralab_norm", None)
         if kept is None or kept.shape != norm.shape or kept.device != norm.device:

@@ -233,5 +233,6 @@ class GraphedTraining:
 
     @property
     def graphs(self) -> int:
-        """Number of captured micro-step graphs (for logs and the bench)."""
-        return len(self._micro)
+        """Number of captured graphs beside the optimizer step's: the micro-steps' and the before-step
+        work's (a change marks a step as not steady: ``run/meter.py``; for logs and the bench)."""
+        return len(self._micro) + (self._begin_graph is not None)
