@@ -181,6 +181,19 @@ def main() -> None:
                       + (f"{lora['throughput']:,.0f} ({lora.get('micro_batch')}) | {b['throughput'] / lora['throughput']:.3f} |"
                          if lora.get("throughput") else "| |"))
         print()
+    chunks = sorted((int(p.stem.split("-")[1]) for p in out.glob("losschunk-*.json")), reverse=True)
+    if chunks:  # the fused loss's chunk size (gpu_fair_bench.sh losschunk)
+        print("LoRA (`--methods lora,fp8+lora`, loralab's rows only, the micro-batch probed) at each `loss_chunk_size` "
+              "(`losschunk-*.json`):\n\n| loss_chunk_size | method | tokens/s | peak memory | micro-batch | probed peaks |\n"
+              "|--:|---|--:|--:|--:|---|")
+        for chunk in chunks:
+            for r in json.loads((out / f"losschunk-{chunk}.json").read_text()):
+                probe = (r.get("speed") or {}).get("micro_batch_probe") or {}
+                rate = f"{r['throughput']:,.0f}" if r.get("throughput") else r.get("error", "")
+                peak = "" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f} GiB"
+                print(f"| {chunk} | {r['method']} | {rate} | {peak} | {r.get('micro_batch', '')} | "
+                      f"{probe.get('peaks_gib', '')} |")
+        print()
     if (out / "fp8quant.json").exists():
         r = json.loads((out / "fp8quant.json").read_text())
         for q in r["quantize"]:

@@ -41,6 +41,10 @@
 #           (default 1): what computing DoRA's weight norm once per optimizer step instead of in every micro-batch
 #           pays, and DoRA's ratio to LoRA in one run. SPEED="k=v ..." adds keys to both. ~6 min.
 #           Files: dorab-{false,true}-<repeat>.json/.log.
+#   losschunk LoRA on both bases (`--methods lora,fp8+lora --stacks loralab`, the micro-batch probed) with
+#           `loss_chunk_size` 1024 (the default), then 128: the fused loss's chunk of logits (~10 bytes per token and
+#           vocabulary entry, on the step's peak) against speed. On an H100 at memory_fraction 0.25 FP8 LoRA's
+#           micro-batch 4 missed the budget by 0.05 GiB. ~4 min. Files: losschunk-{1024,128}.json/.log.
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -73,7 +77,8 @@
 #   fair8b with SPEED="memory_fraction=0.35" (27.7 GiB: every loralab row at micro-batch 4, as on the H200).
 #   After 2026-12-05's sixth session (H100 only, results/bench-dora-h100/: DoRA's norm once per step, 1.119x bf16 and
 #   1.035x FP8-base DoRA; DoRA / LoRA 0.880 and 0.874): on an H200, (1) fp8check fair8b; (2) recipe; (3) fp8loss;
-#   on an H100: dorab with SPEED="memory_fraction=0.35" (the DoRA / LoRA ratio at micro-batch 2-4).
+#   on an H100: losschunk (a smaller loss chunk may let FP8 LoRA's micro-batch 4 fit the 19.8 GiB budget, and the
+#   recipe's peak come under the Trainer's), then dorab with SPEED="memory_fraction=0.35".
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -155,11 +160,16 @@ for part in "${PARTS[@]}"; do
           --methods lora,dora,fp8+lora,fp8+dora --stacks loralab --speed dora_norm_per_step=true "${extra[@]}" \
           --output "$OUT/dorab-true-$rep.json"
       done ;;
+    losschunk)
+      for chunk in 1024 128; do  # the fused loss's chunk: default, then small (its transient lands on the peak)
+        step "losschunk-$chunk" 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+          --methods lora,fp8+lora --stacks loralab --speed loss_chunk_size=$chunk --output "$OUT/losschunk-$chunk.json"
+      done ;;
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel rankab dorab fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel rankab dorab losschunk fp8loss)"; exit 2 ;;
   esac
 done
 

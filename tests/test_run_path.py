@@ -25,9 +25,9 @@ def test_experiment_speed_defaults_are_unchanged():
     (``memory_fraction``, ``grad_reduce``, ``dora_norm_per_step``, ...) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
                                  "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch", "lora_scale_at_rank": "auto",
-                                 "dora_norm_per_step": True}
+                                 "dora_norm_per_step": True, "loss_chunk_size": 1024}
     assert list(_speed_defaults()) == Speed.experiment_keys()
-    assert "loss_chunk_size" not in build_parameters({}).speed  # code-only settings stay out of experiments
+    assert "compile_backend" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed
     hashed = hashed_parameters(build_parameters({}))["speed"]
     assert hashed == HASHED_SPEED_DEFAULTS and list(hashed) == list(HASHED_SPEED_DEFAULTS)
@@ -40,6 +40,11 @@ def test_experiment_speed_defaults_are_unchanged():
         {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.5}
     assert hashed_parameters(build_parameters({"speed": {"dora_norm_per_step": False}}))["speed"] == \
         {**HASHED_SPEED_DEFAULTS, "dora_norm_per_step": False}
+    assert hashed_parameters(build_parameters({"speed": {"loss_chunk_size": 128}}))["speed"] == \
+        {**HASHED_SPEED_DEFAULTS, "loss_chunk_size": 128}
+    for bad in (0, True, 1.5, "128"):
+        with pytest.raises(ConfigError, match="'speed.loss_chunk_size' = .* must be a positive integer"):
+            build_parameters({"speed": {"loss_chunk_size": bad}})
 
 
 def test_memory_fraction_is_checked():

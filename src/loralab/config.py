@@ -105,7 +105,11 @@ class Speed:
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
-    loss_chunk_size: int = field(default=1024, metadata={"code_only": True})  # tokens per cross-entropy chunk
+    loss_chunk_size: int = field(default=1024, metadata={"added": True})  # tokens per chunk of the fused LM-head
+    # cross-entropy (speed/losses): its transient, estimated from the code, is ~10 bytes per token and vocabulary entry
+    # (fp32 logits and softmax, a bf16 copy), ~1.2 GiB at 1,024 tokens of Llama-3's 128,256 words, ~0.6 GiB at one 512-token row, and it lands
+    # on the step's peak (every activation is held then); exact at any size (sums in another order). Not yet measured
+    # smaller on a GPU: gpu_fair_bench.sh losschunk
 
     @classmethod
     def experiment_keys(cls) -> list[str]:
@@ -133,6 +137,9 @@ class Speed:
                 problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
         if speed["fused_lora"] is True and speed["lora_scale_at_rank"] is True:
             problems.append(FUSED_AND_RANK)
+        chunk = speed["loss_chunk_size"]
+        if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0):
+            problems.append(f"'speed.loss_chunk_size' = {chunk!r} must be a positive integer (tokens per chunk)")
         mb = speed["micro_batch"]
         if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
             problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
