@@ -63,6 +63,12 @@ def repeats(out: Path, part: str) -> list[str]:
     return sorted({p.stem.rsplit("-", 1)[1] for p in out.glob(f"{part}-*-*.json")}, key=int)
 
 
+def off_on(out: Path, part: str, repeat: str) -> tuple[list[dict], list[dict]]:
+    """The rows of an off/on part's repeat: ``<part>-false-<repeat>.json``, then ``<part>-true-<repeat>.json``."""
+    off, on = (json.loads((out / f"{part}-{v}-{repeat}.json").read_text()) for v in ("false", "true"))
+    return off, on
+
+
 def yes(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -158,7 +164,7 @@ def main() -> None:
               "off, then on, back to back (`rankab-*.json`):\n\n| repeat | off: tokens/s | on: tokens/s | on / off | "
               "peak memory off / on |\n|--:|--:|--:|--:|--:|")
         for k in pairs:
-            off, on = (json.loads((out / f"rankab-{v}-{k}.json").read_text())[0] for v in ("false", "true"))
+            off, on = (rows[0] for rows in off_on(out, "rankab", k))
             print(f"| {k} | {off['throughput']:,.0f} | {on['throughput']:,.0f} | {on['throughput'] / off['throughput']:.3f}x | "
                   f"{off['peak_memory_gib']:.1f} / {on['peak_memory_gib']:.1f} GiB |")
         print()
@@ -168,8 +174,7 @@ def main() -> None:
               "off, then on with LoRA's rows beside (`dorab-*.json`):\n\n| repeat | method | off: tokens/s (micro-batch) | "
               "on: tokens/s (micro-batch) | on / off | LoRA's row | DoRA / LoRA, on |\n|--:|---|--:|--:|--:|--:|--:|")
         for k in pairs:
-            off, on = ({r["method"]: r for r in json.loads((out / f"dorab-{v}-{k}.json").read_text())}
-                       for v in ("false", "true"))
+            off, on = ({r["method"]: r for r in rows} for rows in off_on(out, "dorab", k))
             for method in ("dora", "fp8+dora"):
                 a, b = off.get(method, {}), on.get(method, {})
                 lora = on.get(method.replace("dora", "lora"), {})

@@ -83,14 +83,17 @@ def test_stored_length_histograms_look_like_the_data():
     assert 10 < sum(sst) / len(sst) < 17 and max(sst) <= 70  # SST-2 sentences: ~13 tokens
 
 
+TINY_FIXED = ["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--only", "tiny-llama/fixed"]
+"""One step of the tiny preset's fixed-shape Llama rows on CPU: the options' tests below."""
+
+
 def test_methods_keeps_those_rows_and_names_an_unknown_one(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--only", "tiny-llama/fixed"]
-    assert main([*argv, "--methods", "lora", "--output", str(out)]) == 0
+    assert main([*TINY_FIXED, "--methods", "lora", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {(r["method"], r["stack"]) for r in rows} == {("lora", "peer"), ("lora", "loralab"), ("lora", "tuned")}
     with pytest.raises(SystemExit) as exc:
-        main([*argv, "--methods", "lora,qlora"])
+        main([*TINY_FIXED, "--methods", "lora,qlora"])
     assert "'qlora' not in the preset 'tiny' (--only 'tiny-llama/fixed'); its methods: dora, fp8+dora, fp8+lora, full, lora" in str(exc.value)
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--experiment", str(tmp_path), "--methods", "lora"])
@@ -100,26 +103,24 @@ def test_methods_keeps_those_rows_and_names_an_unknown_one(tmp_path, capsys):
 def test_stacks_keeps_those_rows_and_names_an_unknown_one(tmp_path):
     """--stacks loralab: an A/B of speed keys without minutes of peer rows (the DoRA pairs on the GPU)."""
     out = tmp_path / "bench.json"
-    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--only", "tiny-llama/fixed"]
-    assert main([*argv, "--methods", "dora,fp8+dora", "--stacks", "loralab", "--output", str(out)]) == 0
+    assert main([*TINY_FIXED, "--methods", "dora,fp8+dora", "--stacks", "loralab", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {(r["method"], r["stack"]) for r in rows} == {("dora", "loralab"), ("fp8+dora", "loralab")}
     assert all(r["throughput"] and r["ratio_best_peer"] is None for r in rows)  # no peer ran: no ratio
     with pytest.raises(SystemExit) as exc:
-        main([*argv, "--stacks", "loralab,trainer"])
+        main([*TINY_FIXED, "--stacks", "loralab,trainer"])
     assert "--stacks 'loralab,trainer': 'trainer' not a stack; allowed: peer, loralab, liger, tuned" in str(exc.value)
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--experiment", str(tmp_path), "--stacks", "loralab"])
     assert "--stacks" in str(exc.value)
     with pytest.raises(SystemExit) as exc:  # nothing left to run: refused, not an empty table
-        main([*argv, "--stacks", "liger"])
+        main([*TINY_FIXED, "--stacks", "liger"])
     assert "--stacks 'liger': no row to run: stacks liger of methods" in str(exc.value) and "Liger needs CUDA" in str(exc.value)
 
 
 def test_speed_option_sets_loralab_keys_and_fp8_keys_reach_the_fp8_rows_only(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--only", "tiny-llama/fixed"]
-    assert main([*argv, "--methods", "lora,fp8+lora", "--speed", "fp8_transpose_cache=1", "--speed", "chunked_loss=false",
+    assert main([*TINY_FIXED, "--methods", "lora,fp8+lora", "--speed", "fp8_transpose_cache=1", "--speed", "chunked_loss=false",
                  "--output", str(out)]) == 0
     rows = {(r["method"], r["stack"]): r for r in json.loads(out.read_text())}
     fp8, lora = rows[("fp8+lora", "loralab")]["speed"], rows[("lora", "loralab")]["speed"]
@@ -128,5 +129,5 @@ def test_speed_option_sets_loralab_keys_and_fp8_keys_reach_the_fp8_rows_only(tmp
     for bad, said in [("fp8_transpose_cache", "KEY=VALUE expected"), ("fast_dor=true", "unknown key 'fast_dor'"),
                       ("fp8_transpose_cache=2", "'speed.fp8_transpose_cache' = 2 must be a number in [0, 1]")]:
         with pytest.raises(SystemExit) as exc:
-            main([*argv, "--speed", bad])
+            main([*TINY_FIXED, "--speed", bad])
         assert said in str(exc.value), (bad, exc.value)

@@ -322,15 +322,6 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
                      "at the rank itself) or biases")
         log(line)
-    dora_layers, norms_backend = 0, resolved.compile_backend if resolved.compile else None  # compiled as the layers
-    if resolved.dora_norm_per_step and multi and launch.sharding == "fsdp" and fast_dora_layers(model):
-        log("speed.dora_norm_per_step off under FSDP (the norm needs every rank's whole weights outside the forward)")
-        resolved.dora_norm_per_step = False
-    elif resolved.dora_norm_per_step:  # the norms computed once now, their tensors allocated before any capture
-        dora_layers = refresh_dora_norms(model, norms_backend)  # 0: no DoRA, or peft's own DoRA forward
-    if dora_layers:
-        log(f"speed.dora_norm_per_step: DoRA's weight norm computed once per optimizer step, not per micro-batch, "
-            f"for {dora_layers} layer adapter(s)")
     wrapped = None
     after_backward = multi and resolved.grad_reduce == "after_backward"
     if after_backward:
@@ -340,6 +331,15 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
         wrapped = distributed.wrap(model, loss_function(kind), launch, device, compute_dtype=autocast)
         if launch.sharding == "fsdp" and remake_optimizer is not None:  # parameters are DTensors now
             optimizer = remake_optimizer()
+    dora_layers, norms_backend = 0, resolved.compile_backend if resolved.compile else None  # compiled as the layers
+    if resolved.dora_norm_per_step and multi and launch.sharding == "fsdp" and fast_dora_layers(model):
+        log("speed.dora_norm_per_step off under FSDP (the norm needs every rank's whole weights outside the forward)")
+        resolved.dora_norm_per_step = False
+    elif resolved.dora_norm_per_step:  # after the broadcast (rank 0's weights); tensors allocated before any capture
+        dora_layers = refresh_dora_norms(model, norms_backend)  # 0: no DoRA, or peft's own DoRA forward
+    if dora_layers:
+        log(f"speed.dora_norm_per_step: DoRA's weight norm computed once per optimizer step, not per micro-batch, "
+            f"for {dora_layers} layer adapter(s)")
     micro = resolved.micro_batch
     if micro == "auto":  # CUDA: probed with the built model
         with reusing_dora_norms() if dora_layers else contextlib.nullcontext():  # the forwards the step will run

@@ -324,12 +324,7 @@ def enable_fast_dora(model: nn.Module) -> int:
 
 def disable_fast_dora(model: nn.Module) -> int:
     """Undo ``enable_fast_dora`` (peft's own DoRA forward again); returns how many were swapped."""
-    swapped = 0
-    for module in model.modules():
-        variants = getattr(module, "lora_variant", None)
-        if isinstance(variants, dict):
-            for name, variant in list(variants.items()):
-                if type(variant) is FastDoraLinearVariant:
-                    variants[name] = DoraLinearVariant()
-                    swapped += 1
-    return swapped
+    swapped = list(_fast_dora_adapters(model))
+    for module, name in swapped:
+        module.lora_variant[name] = DoraLinearVariant()
+    return len(swapped)
