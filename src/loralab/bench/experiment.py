@@ -145,8 +145,9 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
     The Trainer searched its micro-batch within loralab's peak (``peers.trainer_row``), so it can
     land below it; the goal asks loralab to run at <= the Trainer's memory. The auto micro-batch
     caps the *probed* peak (one forward+backward, ``run.probe``); the run's peak adds what the
-    probe does not hold (optimizer state, CUDA graph pools), measured on the first run as its peak
-    minus its probe's peak at the chosen size. So: budget = Trainer's peak - that margin, and
+    probe does not hold (CUDA graph pools; optimizer state, which records since 2026-12-05 count
+    themselves as ``optimizer_state_gib``), measured on the first run as its peak minus its
+    probe's peak at the chosen size minus that state. So: budget = Trainer's peak - that margin, and
     ``memory_fraction`` = budget / ``total_bytes`` (the card's memory).
 
     ``ours``/``trainer``: rows of ``run_experiment_bench`` (GiB figures; ours with ``speed``'s
@@ -166,17 +167,19 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
     if chosen not in sizes or peaks[sizes.index(chosen)] is None:
         return {**skip, "reason": "loralab's micro-batch was not probed (an explicit speed.micro_batch): "
                                   "nothing to cap"}
-    margin = max(0.0, ours["peak_memory_gib"] - peaks[sizes.index(chosen)])
+    state = probe.get("optimizer_state_gib") or 0.0  # the probe counts it against the budget itself
+    margin = max(0.0, ours["peak_memory_gib"] - peaks[sizes.index(chosen)] - state)
     budget = trainer["peak_memory_gib"] - margin
-    if sizes[0] == 1 and peaks[0] is not None and budget < peaks[0]:
+    if sizes[0] == 1 and peaks[0] is not None and budget < peaks[0] + state:
         return {**skip, "reason": f"the Trainer's peak {trainer['peak_memory_gib']:.2f} GiB less loralab's unprobed "
                                   f"memory ({margin:.2f} GiB) is below loralab's micro-batch 1 ({peaks[0]:.2f} GiB "
-                                  "probed): no micro-batch fits"}
+                                  f"probed{f' + {state:.2f} GiB of optimizer state' if state else ''}): no micro-batch fits"}
     return {"run": True, "fits": False, "budget_gib": round(budget, 2), "margin_gib": round(margin, 2),
             "memory_fraction": budget * 2**30 / total_bytes,
             "reason": f"loralab's peak {ours['peak_memory_gib']:.2f} GiB is over the Trainer's "
                       f"{trainer['peak_memory_gib']:.2f} GiB; probe budget = that - {margin:.2f} GiB (run peak "
-                      f"minus probed peak at micro-batch {chosen})"}
+                      f"minus probed peak at micro-batch {chosen}"
+                      + (f" minus the {state:.2f} GiB of optimizer state the probe counts" if state else "") + ")"}
 
 
 def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, task: str | None = None,

@@ -25,6 +25,7 @@ import torch
 
 from loralab.bench.workloads import BenchError, Workload, gib, is_seq_cls
 from loralab.data import collate
+from loralab.run.probe import pending_state_bytes
 
 ROBERTA_TARGETS = r".*encoder.*\.(query|key|value|dense)$"  # all linear layers but the classifier head
 
@@ -143,27 +144,30 @@ def tuned_step(model, opt, chunks: list[tuple[dict, float]], device: str, autoca
 
 
 def tuned_micro_batch(model, w: Workload, feats: list[dict], pad_id: int, device: str, autocast: str | None,
-                      budget_gib: float | None, limit: int) -> tuple[int, dict]:
+                      budget_gib: float | None, limit: int, held: float = 0.0) -> tuple[int, dict]:
     """The tuned peer's best micro-batch (``search_micro_batch``) for the longest sample in
-    ``feats`` repeated m times, padded as the peer pads, m up to ``limit`` (the optimizer batch)."""
+    ``feats`` repeated m times, padded as the peer pads, m up to ``limit`` (the optimizer batch);
+    ``held``: its optimizer's state bytes still to come."""
     longest = max(feats, key=lambda f: len(f["input_ids"]))
 
     def make_batch(m):
         return {k: v.to(device) for k, v in peer_batch(w, [longest] * m, pad_id).items()}
 
     return search_micro_batch(model, make_batch, device=device, autocast=autocast, budget_gib=budget_gib,
-                              limit=limit, row_tokens=len(longest["input_ids"]))
+                              limit=limit, row_tokens=len(longest["input_ids"]), held=held)
 
 
 def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, budget_gib: float | None,
-                       limit: int, row_tokens: int) -> tuple[int, dict]:
+                       limit: int, row_tokens: int, held: float = 0.0) -> tuple[int, dict]:
     """A peer's best micro-batch, found as loralab's probe finds its own
     (``loralab.run.probe.decide_micro_batch``): one untimed and two timed forward+backward passes
     (``model(**batch).loss`` under ``autocast``) of ``make_batch(m)`` (the worst case, on
     ``device``) for m = 1, 2, 4, ... up to ``limit``; it stops when the peak passes ``budget_gib``
     (loralab's measured peak; None: no cap), at an out-of-memory error, or when a doubling is not
-    faster (gain threshold 0), keeping the fastest size within the memory. Peaks are measured on
-    CUDA only; rates count real tokens (classification: samples). Gradients are dropped.
+    faster (gain threshold 0), keeping the fastest size within the memory; ``held``: the bytes of
+    optimizer state the peer's first step will add (``run.probe.pending_state_bytes``), counted
+    beside each peak as loralab's probe counts its own. Peaks are measured on CUDA only; rates
+    count real tokens (classification: samples). Gradients are dropped.
     Returns (micro-batch, ``probe_record`` with ``budget_from``)."""
     from loralab.run.probe import Trial, decide_micro_batch, probe_record
 
@@ -171,7 +175,7 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     budget = None if budget_gib is None else budget_gib * 2**30
     trials: list[Trial] = []
-    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0)
+    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0, held=held)
     while decision.micro_batch is None:
         m = decision.next_size
         batch = make_batch(m)
@@ -197,8 +201,9 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
         model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.empty_cache()
-        decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0)
-    record = probe_record(trials, decision, budget=budget, memory_fraction=None, row_tokens=row_tokens, min_gain=0.0)
+        decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0, held=held)
+    record = probe_record(trials, decision, budget=budget, memory_fraction=None, row_tokens=row_tokens, min_gain=0.0,
+                          held=held)
     record["budget_from"] = "loralab's measured peak" if budget is not None else None
     return decision.micro_batch, record
 
@@ -288,10 +293,12 @@ def _train_with_trainer(exp, workdir, log, budget_gib, model, samples, collator,
     bf16, fp16 = cuda and params.dtype != "float16", cuda and params.dtype == "float16"
     longest = max(samples, key=lambda f: len(f["input_ids"]))
     model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # adamw_torch_fused's state, counted as the run's
+    held = pending_state_bytes(torch.optim.AdamW(trainable, fused=True)) if cuda else 0
     micro, probe = search_micro_batch(
         model, lambda m: {k: v.to(device) for k, v in collator([longest] * m).items()}, device=device.type,
         autocast="bfloat16" if bf16 else "float16" if fp16 else None, budget_gib=budget_gib,
-        limit=opt_batch & -opt_batch, row_tokens=len(longest["input_ids"]))  # limit: largest power of 2 dividing it
+        limit=opt_batch & -opt_batch, row_tokens=len(longest["input_ids"]), held=held)  # limit: largest power of 2 dividing it
     log(f"trainer: per-device batch {micro} x accumulation {opt_batch // micro} ({probe['reason']})")
 
     class Clock(TrainerCallback):

@@ -47,6 +47,7 @@ from loralab.bench.workloads import (
     step_features,
 )
 from loralab.config import FP8_ONLY_SPEED
+from loralab.run.probe import pending_state_bytes
 from loralab.run.step import Step, make_step
 from loralab.shapes import MODELS
 from loralab.speed.step import _hf_model
@@ -148,10 +149,11 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
         inputs = data
     elif stack == "tuned":
         tuned = tuned_settings(w, device)
-        micro, probe = tuned_micro_batch(model, w, [f for feats in data for f in feats], pad_id, device,
-                                         tuned["autocast"], budget_gib, limit=w.batch_size)
-        tuned.update(micro_batch=micro, micro_batch_probe=probe)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        micro, probe = tuned_micro_batch(model, w, [f for feats in data for f in feats], pad_id, device,
+                                         tuned["autocast"], budget_gib, limit=w.batch_size,
+                                         held=pending_state_bytes(opt) if device == "cuda" else 0)
+        tuned.update(micro_batch=micro, micro_batch_probe=probe)
         run = lambda chunks: tuned_step(model, opt, chunks, device, tuned["autocast"])
         shape_of = lambda chunks: tuple(tuple(tuple(v.shape) for v in b.values()) for b, _ in chunks)
         inputs = [tuned_chunks(w, feats, pad_id, micro, device) for feats in data]

@@ -7,7 +7,11 @@ compile, chunked loss; packed rows without a mask, as the step runs them). ``dec
 is the rule, a pure function of those measurements:
 
 - stop when a size peaks above the budget (``speed.memory_fraction`` of the GPU) or runs out of
-  memory: the size before it (1 at least: nothing is smaller);
+  memory: the size before it (1 at least: nothing is smaller). The probe runs before the first
+  optimizer step, so the optimizer's state is not in its peak yet: the bytes it will take
+  (``pending_state_bytes``) count against the budget beside each probed peak (an H100 FP8 LoRA
+  row probed 19.78 GiB at micro-batch 4 against 19.79 and then ran at 20.45 GiB: AdamW's
+  0.66 GiB of state for the 8B r32 adapters, ``results/bench-probe-h100/``);
 - stop when doubling gained less than ``MIN_GAIN`` tokens/s: the smaller size (as fast, less memory);
 - stop at the optimizer batch (``limit``): a forward never holds more than one optimizer batch.
 
@@ -58,10 +62,34 @@ class Decision:
     reason: str
 
 
+def pending_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes ``optimizer``'s state will add at its first step: for every parameter whose state is
+    not allocated yet (0 once a step has run; that state is then in the memory the probe measures).
+
+    torch's Adam and AdamW keep ``exp_avg`` and ``exp_avg_sq`` (with ``amsgrad`` also
+    ``max_exp_avg_sq``) shaped and typed like the parameter, and a float32 ``step`` that lives on
+    the parameter's device when ``fused`` or ``capturable`` (torch/optim/adam.py, ``_init_group``);
+    SGD one ``momentum_buffer`` when ``momentum`` is set. Any other optimizer is counted as Adam
+    (two parameter-sized states, the common case); the allocator's rounding is not counted."""
+    total = 0
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, torch.optim.SGD):
+            copies, step = (1 if group.get("momentum", 0) else 0), 0
+        else:
+            copies = 3 if group.get("amsgrad", False) else 2
+            step = 4 if group.get("fused") or group.get("capturable") else 0
+        for p in group["params"]:
+            if p.requires_grad and not optimizer.state.get(p):
+                total += copies * p.numel() * p.element_size() + step
+    return total
+
+
 def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None, min_gain: float = MIN_GAIN,
-                       explicit: int | None = None) -> Decision:
+                       explicit: int | None = None, held: float = 0.0) -> Decision:
     """The auto micro-batch rule over the sizes measured so far (``trials``, in probing order:
     1, 2, 4, ... capped at ``limit``). ``budget``: bytes a forward may peak at (None: no cap);
+    ``held``: bytes the run will hold beyond a probed peak (the optimizer state not yet allocated,
+    ``pending_state_bytes``), counted against the budget beside every peak;
     ``min_gain``: the least tokens/s gain that makes a doubling pay (0: any gain); ``explicit``:
     a micro-batch set by the experiment, taken as it is. Returns the choice and why, or the next
     size to probe. A rate of None (not timed) counts as paying."""
@@ -70,10 +98,15 @@ def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None,
     if not trials:
         return Decision(None, 1, "")
     last, before = trials[-1], trials[-2] if len(trials) > 1 else None
-    if last.peak is not None and budget is not None and last.peak > budget:
+    if last.peak is not None and budget is not None and last.peak + held > budget:
         # as many decimals as tell the two apart (19.84 over 19.79 GiB read "19.8 over 19.8" at one)
-        digits = next((d for d in (1, 2, 3) if f"{last.peak / 2**30:.{d}f}" != f"{budget / 2**30:.{d}f}"), 4)
+        need = last.peak + held
+        digits = next((d for d in (1, 2, 3) if f"{need / 2**30:.{d}f}" != f"{budget / 2**30:.{d}f}"), 4)
+        if held and last.peak != float("inf"):  # the state is shown in hundredths: so are peak and budget
+            digits = max(digits, 2)
         what = "out of memory" if last.peak == float("inf") else f"peaked at {last.peak / 2**30:.{digits}f} GiB"
+        if held and last.peak != float("inf"):
+            what += f" + {held / 2**30:.2f} GiB of optimizer state"
         over = f"over the {budget / 2**30:.{digits}f} GiB budget"
         if before is None:
             return Decision(1, None, f"memory: micro-batch 1 {what}, {over}; 1 is the least")
@@ -89,10 +122,12 @@ def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None,
 
 
 def probe_record(trials: list[Trial], decision: Decision, *, budget: float | None, memory_fraction: float | None,
-                 row_tokens: int | None, min_gain: float | None = MIN_GAIN) -> dict:
+                 row_tokens: int | None, min_gain: float | None = MIN_GAIN, held: float = 0.0) -> dict:
     """What the record keeps of a micro-batch decision: the choice, the reason, each probed size
-    with its peak (GiB, None: not measured or out of memory as ``"oom"``) and tokens/s, the budget
-    (GiB), the fraction it came from, the gain threshold and the tokens of one probed row."""
+    with its peak (GiB, as measured; None: not measured, or out of memory as ``"oom"``) and
+    tokens/s, the budget (GiB), the fraction it came from, the gain threshold, the tokens of one
+    probed row and ``optimizer_state_gib`` (``held``: counted against the budget beside each peak;
+    None without a budget)."""
     def peak(t: Trial):
         return "oom" if t.peak == float("inf") else None if t.peak is None else round(t.peak / 2**30, 2)
 
@@ -100,7 +135,7 @@ def probe_record(trials: list[Trial], decision: Decision, *, budget: float | Non
             "peaks_gib": [peak(t) for t in trials],
             "tokens_per_second": [None if t.rate is None else round(t.rate, 1) for t in trials],
             "budget_gib": None if budget is None else round(budget / 2**30, 2), "memory_fraction": memory_fraction,
-            "min_gain": min_gain, "row_tokens": row_tokens}
+            "min_gain": min_gain, "row_tokens": row_tokens, "optimizer_state_gib": None if budget is None else round(held / 2**30, 2)}
 
 
 def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id: int) -> dict:
@@ -122,10 +157,12 @@ def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id
 
 def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,
                       pad_id: int, device: torch.device, memory_fraction: float, min_gain: float = MIN_GAIN,
+                      optimizer: torch.optim.Optimizer | None = None,
                       log: Callable[[str], None] = print) -> tuple[int, dict]:
     """The auto micro-batch on a CUDA ``device`` (module docstring): probes 1, 2, 4, ... up to
-    ``limit`` with the worst case of ``features`` until ``decide_micro_batch`` settles. Weights are
-    not changed (gradients dropped, RNG restored). Returns (micro-batch, ``probe_record``).
+    ``limit`` with the worst case of ``features`` until ``decide_micro_batch`` settles, counting
+    ``optimizer``'s state not yet allocated (``pending_state_bytes``) against the budget. Weights
+    are not changed (gradients dropped, RNG restored). Returns (micro-batch, ``probe_record``).
     Raises ValueError off CUDA (nothing to measure there)."""
     if device.type != "cuda":
         raise ValueError("probe_micro_batch needs a CUDA device")
@@ -134,8 +171,9 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     budget = memory_fraction * torch.cuda.get_device_properties(device).total_memory
     loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
     params = [p for p in model.parameters() if p.requires_grad]
+    held = 0 if optimizer is None else pending_state_bytes(optimizer)
     trials: list[Trial] = []
-    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain)
+    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
     with torch.random.fork_rng(devices=[device]):
         while decision.micro_batch is None:
             m = decision.next_size
@@ -158,9 +196,9 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
                 p.grad = None
             del batch
             torch.cuda.empty_cache()
-            decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain)
+            decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
     record = probe_record(trials, decision, budget=budget, memory_fraction=memory_fraction, row_tokens=width,
-                          min_gain=min_gain)
+                          min_gain=min_gain, held=held)
     log(f"micro-batch {decision.micro_batch} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
         f"probed {record['sizes']}, {decision.reason})")
     return decision.micro_batch, record

@@ -295,7 +295,8 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     than one process cannot do (``distributed_speed``), prepare the model (``speed.step.prepare_model``),
     wrap it under DDP/FSDP2 (``launch``: a ``distributed.Launch``; None or one process: no wrap),
     settle ``micro_batch`` (CUDA "auto": ``run.probe.probe_micro_batch`` over ``features`` up to
-    ``limit`` samples within ``memory_fraction`` of the GPU, the smallest over ranks; None:
+    ``limit`` samples within ``memory_fraction`` of the GPU with ``optimizer``'s state to come counted,
+    the smallest over ranks; None:
     ``batch_size``; the choice and why in ``resolved.micro_batch_probe``) and build the ``Step``.
 
     ``optimizer`` is the method's optimizer; under FSDP the parameters change (DTensors) and
@@ -345,7 +346,7 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
         with reusing_dora_norms() if dora_layers else contextlib.nullcontext():  # the forwards the step will run
             micro, probe = probe_micro_batch(model, features, kind=kind, packing=resolved.packing,
                                              max_length=max_length, limit=limit, pad_id=pad_id, device=device,
-                                             memory_fraction=resolved.memory_fraction, log=log)
+                                             memory_fraction=resolved.memory_fraction, optimizer=optimizer, log=log)
         micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
         probe["micro_batch"] = micro
     else:

@@ -1,0 +1,136 @@
+"""The auto micro-batch counts the optimizer state its probe cannot see (issue 22's memory budget).
+
+The probe runs before the first optimizer step, so AdamW's two moments are not in its peak: on an
+H100 an FP8 LoRA row probed 19.78 GiB at micro-batch 4 against a 19.79 GiB budget and then ran at
+20.45 GiB (results/bench-probe-h100/). ``pending_state_bytes`` says what the first step will add;
+``decide_micro_batch(held=...)`` counts it beside every probed peak.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from loralab.run.probe import Trial, decide_micro_batch, pending_state_bytes, probe_record
+
+GIB = 2**30
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def state_bytes(optimizer) -> int:
+    """What the optimizer's state holds now: every tensor's bytes."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def model_with_frozen_part(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False)).to(dtype)
+    model[0].requires_grad_(False)  # a frozen base: no state for it
+    return model
+
+
+def one_step(model, optimizer) -> None:
+    model(torch.randn(4, 16, dtype=next(model.parameters()).dtype)).float().pow(2).mean().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-3, amsgrad=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
+    lambda ps: torch.optim.SGD(ps, lr=1e-3),
+], ids=["adamw", "amsgrad", "fused", "adam", "sgd-momentum", "sgd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pending_state_is_what_the_first_step_allocates_and_nothing_after(make, dtype):
+    """The estimate equals the state's bytes after the first step (the state's ``step`` counted where
+    it is a tensor on the parameters' device: fused/capturable); a second step adds nothing."""
+    model = model_with_frozen_part(dtype)
+    optimizer = make([p for p in model.parameters()])  # the frozen layer's parameters too: they get no state
+    pending = pending_state_bytes(optimizer)
+    one_step(model, optimizer)
+    fused_step = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    steps_on_host = 0 if fused_step else sum(
+        s["step"].numel() * s["step"].element_size() for s in optimizer.state.values()
+        if isinstance(s.get("step"), torch.Tensor))
+    assert pending == state_bytes(optimizer) - steps_on_host
+    assert pending > 0 or isinstance(optimizer, torch.optim.SGD)
+    assert pending_state_bytes(optimizer) == 0  # allocated now: the probe's peak would include it
+
+
+def test_pending_state_of_a_real_lora_adapter_is_two_fp32_moments_of_its_parameters():
+    """peft's LoRA on the packaged MiniLM keeps its adapters in float32: AdamW will hold 8 bytes per
+    trainable parameter (the 8B r32 adapters' 84M parameters: 0.63 GiB)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model("bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, vocab_size=100)
+    model = get_peft_model(AutoModelForSequenceClassification.from_config(config),
+                           LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    assert pending_state_bytes(optimizer) == 8 * sum(p.numel() for p in trainable)
+
+
+def test_a_size_that_fits_alone_but_not_with_the_state_is_refused():
+    trials = [Trial(2, 15.0 * GIB, 5000.0), Trial(4, 19.78 * GIB, 10800.0)]
+    alone = decide_micro_batch(trials, limit=4, budget=19.79 * GIB)
+    assert alone.micro_batch == 4  # the old rule: the probed peak alone fits
+    held = decide_micro_batch(trials, limit=4, budget=19.79 * GIB, held=0.66 * GIB)
+    assert held.micro_batch == 2
+    assert held.reason == ("memory: micro-batch 4 peaked at 19.78 GiB + 0.66 GiB of optimizer state, "
+                           "over the 19.79 GiB budget")
+    oom = decide_micro_batch([Trial(1, 5 * GIB, 1.0), Trial(2, float("inf"), None)], limit=4, budget=GIB * 30,
+                             held=GIB)
+    assert oom.micro_batch == 1 and oom.reason == "memory: micro-batch 2 out of memory, over the 30.0 GiB budget"
+    record = probe_record(trials, held, budget=19.79 * GIB, memory_fraction=0.25, row_tokens=512, held=0.66 * GIB)
+    assert record["optimizer_state_gib"] == 0.66 and record["peaks_gib"] == [15.0, 19.78]  # peaks as measured
+
+
+def test_the_trainer_memory_margin_does_not_count_the_state_twice():
+    """``peer_memory_budget`` takes the run's unprobed memory as its peak minus the probed peak; a
+    record that counted the optimizer state in its probe leaves it out of that margin (else the
+    second run's probe would subtract it twice)."""
+    from loralab.bench.experiment import peer_memory_budget
+
+    rows = {r["stack"]: r for r in json.loads((ROOT / "results/bench-fair/recipe.json").read_text())["rows"]}
+    ours, trainer = rows["loralab"], rows["trainer"]
+    total = 150_000_000_000
+    before = peer_memory_budget(ours, trainer, total)
+    probe = {**ours["speed"]["micro_batch_probe"], "optimizer_state_gib": 0.66}
+    counted = peer_memory_budget({**ours, "speed": {**ours["speed"], "micro_batch_probe": probe}}, trainer, total)
+    assert counted["margin_gib"] == pytest.approx(before["margin_gib"] - 0.66, abs=0.011)
+    # the probe then counts the state beside each peak: the size it may choose is the same
+    for plan, held in ((before, 0.0), (counted, 0.66 * GIB)):
+        trials = [Trial(m, g * GIB, r) for m, g, r in zip(probe["sizes"], probe["peaks_gib"], probe["tokens_per_second"])]
+        assert decide_micro_batch(trials[:3], limit=128, budget=plan["memory_fraction"] * total, held=held).micro_batch == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the probe measures CUDA memory")
+def test_the_probe_records_the_state_it_counted_on_cuda():
+    from loralab.run.probe import probe_micro_batch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64)).cuda()
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, input_ids, **_):
+            return type("Out", (), {"logits": self.net(input_ids)})()
+
+    lm = LM()
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-3, fused=True)
+    features = [{"input_ids": list(range(3, 19)), "labels": list(range(3, 19))}]
+    micro, record = probe_micro_batch(lm, features, kind="causal_lm", packing=True, max_length=16, limit=4, pad_id=0,
+                                      device=torch.device("cuda"), memory_fraction=0.5, optimizer=optimizer,
+                                      log=lambda line: None)
+    assert record["optimizer_state_gib"] == round(pending_state_bytes(optimizer) / GIB, 2) and micro >= 1
