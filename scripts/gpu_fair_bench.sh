@@ -45,6 +45,10 @@
 #           `loss_chunk_size` 1024 (the default), then 128: the fused loss's chunk of logits (~10 bytes per token and
 #           vocabulary entry, on the step's peak) against speed. On an H100 at memory_fraction 0.25 FP8 LoRA's
 #           micro-batch 4 missed the budget by 0.05 GiB. ~4 min. Files: losschunk-{1024,128}.json/.log.
+#   probe8b loralab's rows only (`--methods lora,dora,fp8+lora,fp8+dora --stacks loralab`) at the defaults: since
+#           2026-12-05 the auto micro-batch counts AdamW's state beside each probed peak and, with loss_chunk_size
+#           "auto", probes a size over the budget again with 128-token loss chunks. Whether every run's peak is now
+#           within memory_fraction, and what it costs or gains. ~4 min. Files: probe8b.json/.log.
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -165,11 +169,14 @@ for part in "${PARTS[@]}"; do
         step "losschunk-$chunk" 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
           --methods lora,fp8+lora --stacks loralab --speed loss_chunk_size=$chunk --output "$OUT/losschunk-$chunk.json"
       done ;;
+    probe8b)  # loralab's four 8B rows at the defaults: the probe counting AdamW's state, the loss chunk "auto"
+      step probe8b 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+        --methods lora,dora,fp8+lora,fp8+dora --stacks loralab --output "$OUT/probe8b.json" ;;
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel rankab dorab losschunk fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel rankab dorab losschunk probe8b fp8loss)"; exit 2 ;;
   esac
 done
 

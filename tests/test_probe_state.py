@@ -113,24 +113,93 @@ def test_the_trainer_memory_margin_does_not_count_the_state_twice():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the probe measures CUDA memory")
-def test_the_probe_records_the_state_it_counted_on_cuda():
+@pytest.mark.parametrize("fraction", [0.5, 1e-6], ids=["fits", "over"])
+def test_the_probe_counts_the_state_and_tries_small_loss_chunks_on_cuda(fraction):
+    """A tiny Llama + peft LoRA as make_step prepares it: the record holds the state it counted;
+    with a budget nothing fits, micro-batch 1 is probed again at 128-token loss chunks and, still
+    over, keeps 1,024."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.config import Speed
     from loralab.run.probe import probe_micro_batch
+    from loralab.speed.step import prepare_model
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64)).cuda()
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).cuda()
+    speed = Speed(compile=False, cuda_graphs=False).resolve(device_type="cuda", kind="causal_lm", base_dtype="float32")
+    prepare_model(model, speed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    features = [{"input_ids": list(range(3, 67)), "labels": list(range(3, 67))}]
+    chunks = []
 
-    class LM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = model
+    def set_chunk(n):
+        chunks.append(n)
+        speed.loss_chunk_size = n
 
-        def forward(self, input_ids, **_):
-            return type("Out", (), {"logits": self.net(input_ids)})()
+    micro, record = probe_micro_batch(model, features, kind="causal_lm", packing=True, max_length=64, limit=4, pad_id=0,
+                                      device=torch.device("cuda"), memory_fraction=fraction, optimizer=optimizer,
+                                      loss_chunk=set_chunk, log=lambda line: None)
+    assert record["optimizer_state_gib"] == round(pending_state_bytes(optimizer) / GIB, 2)
+    if fraction == 0.5:
+        assert micro >= 1 and chunks == [1024] and record["loss_chunk_size"] == 1024  # nothing over: no retry
+    else:
+        assert micro == 1 and chunks == [1024, 128, 1024] and record["loss_chunk_size"] == 1024
+        assert record["small_loss_chunk_trial"]["size"] == 1 and "over it too" in record["reason"]
 
-    lm = LM()
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-3, fused=True)
-    features = [{"input_ids": list(range(3, 19)), "labels": list(range(3, 19))}]
-    micro, record = probe_micro_batch(lm, features, kind="causal_lm", packing=True, max_length=16, limit=4, pad_id=0,
-                                      device=torch.device("cuda"), memory_fraction=0.5, optimizer=optimizer,
-                                      log=lambda line: None)
-    assert record["optimizer_state_gib"] == round(pending_state_bytes(optimizer) / GIB, 2) and micro >= 1
+
+# The H100's losschunk rows (results/bench-probe-h100/losschunk-*.json): probed peaks (GiB) and tokens/s at
+# 1,024-token loss chunks, and the same size again at 128; AdamW's state for the 8B r32 adapters, 0.66 GiB.
+FP8_1024 = [Trial(1, 12.22 * GIB, 8600.0), Trial(2, 14.99 * GIB, 14950.0), Trial(4, 19.78 * GIB, 17300.0)]
+BUDGET, STATE = 19.79 * GIB, 0.66 * GIB
+
+
+def test_a_size_over_the_budget_takes_small_loss_chunks_when_they_fit_and_pay():
+    from loralab.run.probe import SMALL_LOSS_CHUNK, decide_loss_chunk
+
+    stop = decide_micro_batch(FP8_1024, limit=4, budget=BUDGET, held=STATE)
+    assert stop.micro_batch == 2  # 19.78 + 0.66 > 19.79
+    taken, decision = decide_loss_chunk(stop, FP8_1024, Trial(4, 18.28 * GIB, 16200.0), budget=BUDGET, held=STATE)
+    assert taken and decision.micro_batch == 4 and SMALL_LOSS_CHUNK == 128
+    assert decision.reason == ("memory: micro-batch 4 with 128-token loss chunks peaked at 18.28 GiB, within the "
+                               "19.79 GiB budget with the optimizer state, +8.4 % tokens/s over 2")
+    # the same fit at a rate that does not beat micro-batch 2 by 5 %: 1,024-token chunks at 2
+    flat, decision = decide_loss_chunk(stop, FP8_1024, Trial(4, 18.28 * GIB, 15300.0), budget=BUDGET, held=STATE)
+    assert not flat and decision.micro_batch == 2 and "gained +2.3 % tokens/s over 2, less than 5 %" in decision.reason
+
+
+def test_small_loss_chunks_that_still_do_not_fit_change_nothing():
+    from loralab.run.probe import decide_loss_chunk
+
+    bf16 = [Trial(1, 18.6 * GIB, 12000.0), Trial(2, 21.37 * GIB, 13000.0)]  # bf16 LoRA: 2 is over either way
+    stop = decide_micro_batch(bf16, limit=4, budget=BUDGET, held=STATE)
+    taken, decision = decide_loss_chunk(stop, bf16, Trial(2, 20.35 * GIB, 12500.0), budget=BUDGET, held=STATE)
+    assert not taken and decision.micro_batch == 1
+    assert decision.reason == stop.reason + "; micro-batch 2 with 128-token loss chunks peaked at 20.35 GiB, over it too"
+    oom, _ = decide_loss_chunk(stop, bf16, Trial(2, float("inf"), None), budget=BUDGET, held=STATE)
+    assert not oom
+
+
+def test_micro_batch_1_over_the_budget_shrinks_the_loss_chunks_rather_than_go_over():
+    from loralab.run.probe import decide_loss_chunk
+
+    one = [Trial(1, 19.3 * GIB, 11000.0)]
+    stop = decide_micro_batch(one, limit=4, budget=BUDGET, held=STATE)
+    assert stop.micro_batch == 1 and "1 is the least" in stop.reason
+    taken, decision = decide_loss_chunk(stop, one, Trial(1, 18.9 * GIB, 10500.0), budget=BUDGET, held=STATE)
+    assert taken and decision.micro_batch == 1  # slower, but within the memory the run is allowed
+    assert "micro-batch 1 with 128-token loss chunks peaked at 18.90 GiB, within it" in decision.reason
+
+
+def test_the_trainer_memory_rerun_runs_where_the_probe_can_shrink_the_loss_chunks():
+    from loralab.bench.experiment import peer_memory_budget
+
+    rows = {r["stack"]: r for r in json.loads((ROOT / "results/bench-fair/recipe.json").read_text())["rows"]}
+    ours, trainer = rows["loralab"], {**rows["trainer"], "peak_memory_gib": 19.0}
+    total = 150_000_000_000
+    assert peer_memory_budget(ours, trainer, total)["run"] is False  # an old record: no micro-batch fits
+    auto = {**ours["speed"]["micro_batch_probe"], "loss_chunk_size": 1024}
+    plan = peer_memory_budget({**ours, "speed": {**ours["speed"], "micro_batch_probe": auto}}, trainer, total)
+    assert plan["run"] is True and plan["budget_gib"] == pytest.approx(19.0 - plan["margin_gib"], abs=0.01)

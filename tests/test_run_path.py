@@ -25,7 +25,7 @@ def test_experiment_speed_defaults_are_unchanged():
     (``memory_fraction``, ``grad_reduce``, ``dora_norm_per_step``, ...) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
                                  "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch", "lora_scale_at_rank": "auto",
-                                 "dora_norm_per_step": True, "loss_chunk_size": 1024}
+                                 "dora_norm_per_step": True, "loss_chunk_size": "auto"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "compile_backend" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed
@@ -42,8 +42,11 @@ def test_experiment_speed_defaults_are_unchanged():
         {**HASHED_SPEED_DEFAULTS, "dora_norm_per_step": False}
     assert hashed_parameters(build_parameters({"speed": {"loss_chunk_size": 128}}))["speed"] == \
         {**HASHED_SPEED_DEFAULTS, "loss_chunk_size": 128}
-    for bad in (0, True, 1.5, "128"):
-        with pytest.raises(ConfigError, match="'speed.loss_chunk_size' = .* must be a positive integer"):
+    # its old default (1024) and the new "auto" hash alike: the loss is the same at any chunk
+    for value in (1024, "auto"):
+        assert "loss_chunk_size" not in hashed_parameters(build_parameters({"speed": {"loss_chunk_size": value}}))["speed"]
+    for bad in (0, True, 1.5, "128", "small"):
+        with pytest.raises(ConfigError, match="'speed.loss_chunk_size' = .* must be \"auto\" or a positive integer"):
             build_parameters({"speed": {"loss_chunk_size": bad}})
 
 
@@ -102,6 +105,10 @@ def test_auto_resolves_per_device_kind_and_dtype(device, kind, dtype):
     assert got.compile is (cuda and causal)
     assert got.packing is causal
     assert got.micro_batch == ("auto" if cuda else None)  # CUDA: only the probe settles it
+    assert got.loss_chunk_size == ("auto" if cuda and causal else 1024)  # the probe may shrink a causal LM's chunk
+    for explicit in ({"loss_chunk_size": 256}, {"micro_batch": 2}, {"chunked_loss": False}):  # nothing to settle
+        assert Speed(**explicit).resolve(device_type=device, kind=kind, base_dtype=dtype).loss_chunk_size == \
+            explicit.get("loss_chunk_size", 1024)
     assert (got.fast_dora, got.chunked_loss, got.fused_lora, got.group_by_length) == (True, True, False, False)
     # exact (tests/test_rank_scaling.py), so on wherever it applies; float16 computes take peft's forward anyway
     assert got.lora_scale_at_rank is (dtype != "float16")
@@ -150,7 +157,7 @@ def test_make_step_on_cpu_resolves_prepares_and_steps():
                                   "micro_batch": 2, "reason": "not probed on cpu: the experiment's batch_size",
                                   "sizes": [], "peaks_gib": [], "tokens_per_second": [], "budget_gib": None,
                                   "memory_fraction": None, "min_gain": None, "row_tokens": None,
-                                  "optimizer_state_gib": None}}
+                                  "optimizer_state_gib": None}, "loss_chunk_size": 1024}
     assert model._loralab_speed is speed  # prepared with the resolved settings
     assert step.optimizer is optimizer and step.micro_batch == 2 and step.packing and step.wrapped is None
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -70,6 +70,11 @@ FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")
 """``Speed`` keys that act on an FP8 base only (``quantization: "fp8"``)."""
 
 
+LOSS_CHUNK = 1024
+"""``speed.loss_chunk_size`` "auto": tokens per chunk of the fused LM-head cross-entropy, unless the
+auto micro-batch's probe shrinks it (``loralab.run.probe.decide_loss_chunk``)."""
+
+
 @dataclass
 class Speed:
     """How a run computes its steps (``training_parameters.json``'s ``speed``): defaults, checks and
@@ -97,19 +102,16 @@ class Speed:
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100
-    dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm computed once
-    # per optimizer step, before its micro-batches, not in each (speed/fast_dora refresh_dora_norms): bit for bit
-    # without autocast; under it the refresh's products are float32 where autocast made them bf16; off under FSDP;
-    # 1.119x bf16 DoRA (4 micro-batches a step), 1.035x FP8-base DoRA (2) at the 8B shape: results/bench-dora-h100
+    dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm once per
+    # optimizer step, not per micro-batch (speed/fast_dora refresh_dora_norms; bitwise without autocast, float32 products
+    # under it; off under FSDP): 1.119x bf16, 1.035x FP8-base DoRA at the 8B shape, results/bench-dora-h100
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
-    loss_chunk_size: int = field(default=1024, metadata={"added": True})  # tokens per chunk of the fused LM-head
-    # cross-entropy (speed/losses): its transient, estimated from the code, is ~10 bytes per token and vocabulary entry
-    # (fp32 logits and softmax, a bf16 copy), ~1.2 GiB at 1,024 tokens of Llama-3's 128,256 words, ~0.6 GiB at one 512-token row, and it lands
-    # on the step's peak (every activation is held then); exact at any size (sums in another order). Not yet measured
-    # smaller on a GPU: gpu_fair_bench.sh losschunk
+    loss_chunk_size: int | str = field(default="auto", metadata={"added": True, "old_defaults": (LOSS_CHUNK,)})
+    # tokens per chunk of the fused LM-head loss (speed/losses; exact at any size), ~10 bytes a token and word on the
+    # step's peak; auto: LOSS_CHUNK, or 128 where the probe finds a micro-batch fits only so (run/probe.py)
 
     @classmethod
     def experiment_keys(cls) -> list[str]:
@@ -138,8 +140,8 @@ class Speed:
         if speed["fused_lora"] is True and speed["lora_scale_at_rank"] is True:
             problems.append(FUSED_AND_RANK)
         chunk = speed["loss_chunk_size"]
-        if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0):
-            problems.append(f"'speed.loss_chunk_size' = {chunk!r} must be a positive integer (tokens per chunk)")
+        if not (chunk == "auto" or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0)):
+            problems.append(f"'speed.loss_chunk_size' = {chunk!r} must be \"auto\" or a positive integer (tokens per chunk)")
         mb = speed["micro_batch"]
         if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
             problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
@@ -148,12 +150,15 @@ class Speed:
     def resolve(self, *, device_type: str, kind: str, base_dtype: str) -> Speed:
         """A copy with every ``"auto"`` replaced for this run: ``device_type`` ``cuda``/``cpu``, task
         ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``. ``micro_batch`` stays "auto"
-        on CUDA: only a memory probe with the built model settles it (``loralab.run.step.make_step``)."""
+        on CUDA, and with it a causal LM's ``loss_chunk_size`` "auto": only a memory probe with the
+        built model settles them (``loralab.run.step.make_step``)."""
         cuda, causal = device_type == "cuda", kind == "causal_lm"
         auto = {"cuda_graphs": cuda, "autocast": base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None,
                 "compile": cuda and causal, "packing": causal, **({} if cuda else {"micro_batch": None})}
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
+        if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):
+            out.loss_chunk_size = LOSS_CHUNK  # else the probe settles it (loralab.run.step.make_step)
         if out.lora_scale_at_rank == "auto":
             out.lora_scale_at_rank = out.fused_lora is not True and "float16" not in (base_dtype, out.autocast)
         return out

@@ -153,7 +153,9 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
     ``ours``/``trainer``: rows of ``run_experiment_bench`` (GiB figures; ours with ``speed``'s
     ``micro_batch_probe``). Returns {run, fits, reason, budget_gib, margin_gib, memory_fraction}:
     ``run`` False with the reason when there is nothing to do (``fits``: loralab already within; else
-    no probe: an explicit micro-batch or no GPU, a failed row)."""
+    no probe: an explicit micro-batch or no GPU, a failed row; or micro-batch 1 probed over the
+    budget where the probe could not shrink the loss's chunks: records before ``loss_chunk_size``
+    "auto", or an explicit chunk)."""
     skip = {"run": False, "fits": False, "budget_gib": None, "margin_gib": None, "memory_fraction": None}
     if ours.get("error") or trainer.get("error") or ours.get("peak_memory_gib") is None \
             or trainer.get("peak_memory_gib") is None:
@@ -170,7 +172,8 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
     state = probe.get("optimizer_state_gib") or 0.0  # the probe counts it against the budget itself
     margin = max(0.0, ours["peak_memory_gib"] - peaks[sizes.index(chosen)] - state)
     budget = trainer["peak_memory_gib"] - margin
-    if sizes[0] == 1 and peaks[0] is not None and budget < peaks[0] + state:
+    shrinks = probe.get("loss_chunk_size") is not None  # "auto": the probe may shrink the loss's chunks to fit
+    if sizes[0] == 1 and peaks[0] is not None and budget < peaks[0] + state and not shrinks:
         return {**skip, "reason": f"the Trainer's peak {trainer['peak_memory_gib']:.2f} GiB less loralab's unprobed "
                                   f"memory ({margin:.2f} GiB) is below loralab's micro-batch 1 ({peaks[0]:.2f} GiB "
                                   f"probed{f' + {state:.2f} GiB of optimizer state' if state else ''}): no micro-batch fits"}

@@ -19,6 +19,9 @@ The budget is a share of the whole card, so it shrinks with the card: the defaul
 (``config.Speed.memory_fraction``: 35.1 GiB on an H200, under the tuned peer's 37.7 GiB) is 20 GiB
 on an 80 GB H100, where the 8B LoRA shape (26.9 GiB at 4 x 512) gets a smaller micro-batch than the
 fixed 2,048-token target gave it; set ``speed.memory_fraction`` to 0.35 or more there.
+With ``speed.loss_chunk_size`` "auto" (a causal LM's fused loss), a size over the budget is probed
+once more with ``SMALL_LOSS_CHUNK``-token chunks of the loss (``decide_loss_chunk``): the loss's
+logits chunk is the one transient on the step's peak that shrinks without changing a number.
 An explicit ``speed.micro_batch`` is never probed. The choice, the reason and every measurement go
 into the record (``train_info.speed.micro_batch_probe``, ``probe_record``).
 """
@@ -31,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from loralab.config import LOSS_CHUNK
 from loralab.data import collate
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.step import causal_lm_loss, seq_cls_loss
@@ -41,6 +45,13 @@ one or two forwards on a busy GPU varies by 1-2 %). On the 8B LoRA shape 4 x 512
 tokens/s at 26.9 GiB and 8 x 512 14,567 at 41.2 GiB on an H200 (results/bench/README.md)."""
 TIMED_REPEATS = 2
 """Forward+backward passes timed per probed size, after one untimed pass (compile, allocator growth)."""
+
+
+SMALL_LOSS_CHUNK = 128
+"""What "auto" shrinks the loss chunk to when a micro-batch does not fit. On an H100 (Llama-3-8B
+shape, r32 LoRA, ``results/bench-probe-h100/losschunk-*``) 128-token chunks probed 0.40 GiB lower at
+micro-batch 1 and 1.50 GiB lower at 4 x 512 tokens (FP8 base) than 1,024, and ran 0.959x (bf16,
+micro-batch 1) and 0.937x (FP8 base, micro-batch 4) as fast: each chunk reads the head's weight again."""
 
 
 @dataclass
@@ -121,6 +132,36 @@ def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None,
     return Decision(None, min(2 * last.size, limit), "")
 
 
+def decide_loss_chunk(decision: Decision, trials: list[Trial], small: Trial, *, budget: float, held: float = 0.0,
+                      min_gain: float = MIN_GAIN) -> tuple[bool, Decision]:
+    """Whether the size that went over the budget runs with ``SMALL_LOSS_CHUNK``-token loss chunks.
+
+    ``decision``: ``decide_micro_batch``'s memory stop after ``trials`` (the last one over
+    ``budget``); ``small``: that size probed again with the small chunks. It is taken when it fits
+    (peak + ``held`` within the budget) and either nothing smaller exists (micro-batch 1: the run
+    would go over the budget otherwise) or it beats the size before it by ``min_gain`` tokens/s
+    (the small chunks cost 4-6 %, a doubled micro-batch can gain more). Returns (small chunks
+    taken, the decision with its reason)."""
+    before = trials[-2] if len(trials) > 1 else None
+    fits = small.peak is not None and small.peak + held <= budget
+    peak = ("out of memory" if small.peak == float("inf") else "not measured" if small.peak is None
+            else f"peaked at {small.peak / 2**30:.2f} GiB")
+    what = f"micro-batch {small.size} with {SMALL_LOSS_CHUNK}-token loss chunks {peak}"
+    if not fits:
+        return False, Decision(decision.micro_batch, None, f"{decision.reason}; {what}, over it too")
+    if before is None:
+        return True, Decision(small.size, None, f"memory: {decision.reason.removeprefix('memory: ')}; {what}, within "
+                                                "it: the loss's chunks shrink rather than the run going over")
+    if None not in (small.rate, before.rate) and small.rate < before.rate * (1 + min_gain):
+        gain = small.rate / before.rate - 1
+        return False, Decision(decision.micro_batch, None, f"{decision.reason}; {what} but gained {100 * gain:+.1f} % "
+                                                           f"tokens/s over {before.size}, less than {100 * min_gain:.0f} %")
+    return True, Decision(small.size, None, f"memory: {what}, within the {budget / 2**30:.2f} GiB budget"
+                                            + ("" if held == 0 else " with the optimizer state")
+                                            + ("" if None in (small.rate, before.rate) else
+                                               f", {100 * (small.rate / before.rate - 1):+.1f} % tokens/s over {before.size}"))
+
+
 def probe_record(trials: list[Trial], decision: Decision, *, budget: float | None, memory_fraction: float | None,
                  row_tokens: int | None, min_gain: float | None = MIN_GAIN, held: float = 0.0) -> dict:
     """What the record keeps of a micro-batch decision: the choice, the reason, each probed size
@@ -157,12 +198,16 @@ def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id
 
 def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,
                       pad_id: int, device: torch.device, memory_fraction: float, min_gain: float = MIN_GAIN,
-                      optimizer: torch.optim.Optimizer | None = None,
+                      optimizer: torch.optim.Optimizer | None = None, loss_chunk: Callable[[int], None] | None = None,
                       log: Callable[[str], None] = print) -> tuple[int, dict]:
     """The auto micro-batch on a CUDA ``device`` (module docstring): probes 1, 2, 4, ... up to
     ``limit`` with the worst case of ``features`` until ``decide_micro_batch`` settles, counting
-    ``optimizer``'s state not yet allocated (``pending_state_bytes``) against the budget. Weights
-    are not changed (gradients dropped, RNG restored). Returns (micro-batch, ``probe_record``).
+    ``optimizer``'s state not yet allocated (``pending_state_bytes``) against the budget.
+    ``loss_chunk``: sets the fused loss's chunk (tokens; ``speed.loss_chunk_size`` "auto", starting
+    at ``LOSS_CHUNK``): a size over the budget is probed again at ``SMALL_LOSS_CHUNK``
+    (``decide_loss_chunk``), and the chunk is left as chosen. None: the chunk is fixed. Weights
+    are not changed (gradients dropped, RNG restored). Returns (micro-batch, ``probe_record``, with
+    ``loss_chunk_size`` the chunk chosen, None when fixed).
     Raises ValueError off CUDA (nothing to measure there)."""
     if device.type != "cuda":
         raise ValueError("probe_micro_batch needs a CUDA device")
@@ -173,32 +218,53 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     params = [p for p in model.parameters() if p.requires_grad]
     held = 0 if optimizer is None else pending_state_bytes(optimizer)
     trials: list[Trial] = []
+
+    def measure(m: int) -> Trial:
+        batch = {k: v.to(device) for k, v in worst_case_batch(longest, m, packing=packing, width=width,
+                                                                pad_id=pad_id).items()}
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            for i in range(1 + TIMED_REPEATS):
+                if i == 1:
+                    torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                loss(model, batch)[0].backward()
+            torch.cuda.synchronize(device)
+            trial = Trial(m, torch.cuda.max_memory_allocated(device),
+                          TIMED_REPEATS * m * width / (time.perf_counter() - start))
+        except torch.OutOfMemoryError:
+            trial = Trial(m, float("inf"), None)
+        for p in params:
+            p.grad = None
+        del batch
+        torch.cuda.empty_cache()
+        return trial
+
+    chunk, small = None, None
+    if loss_chunk is not None:
+        chunk = LOSS_CHUNK
+        loss_chunk(chunk)
     decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
     with torch.random.fork_rng(devices=[device]):
         while decision.micro_batch is None:
-            m = decision.next_size
-            batch = {k: v.to(device) for k, v in worst_case_batch(longest, m, packing=packing, width=width,
-                                                                    pad_id=pad_id).items()}
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            try:
-                for i in range(1 + TIMED_REPEATS):
-                    if i == 1:
-                        torch.cuda.synchronize(device)
-                        start = time.perf_counter()
-                    loss(model, batch)[0].backward()
-                torch.cuda.synchronize(device)
-                rate = TIMED_REPEATS * m * width / (time.perf_counter() - start)
-                trials.append(Trial(m, torch.cuda.max_memory_allocated(device), rate))
-            except torch.OutOfMemoryError:
-                trials.append(Trial(m, float("inf"), None))
-            for p in params:
-                p.grad = None
-            del batch
-            torch.cuda.empty_cache()
+            trials.append(measure(decision.next_size))
             decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
+            over = trials[-1].peak is not None and trials[-1].peak + held > budget
+            if decision.micro_batch is not None and over and loss_chunk is not None:
+                loss_chunk(SMALL_LOSS_CHUNK)
+                small = measure(trials[-1].size)
+                taken, decision = decide_loss_chunk(decision, trials, small, budget=budget, held=held,
+                                                    min_gain=min_gain)
+                chunk = SMALL_LOSS_CHUNK if taken else LOSS_CHUNK
+                loss_chunk(chunk)
     record = probe_record(trials, decision, budget=budget, memory_fraction=memory_fraction, row_tokens=width,
                           min_gain=min_gain, held=held)
+    record["loss_chunk_size"] = chunk
+    if small is not None:  # the size over the budget, probed again with small loss chunks
+        record["small_loss_chunk_trial"] = {"size": small.size, "peak_gib": probe_record(
+            [small], decision, budget=None, memory_fraction=None, row_tokens=None)["peaks_gib"][0],
+            "tokens_per_second": None if small.rate is None else round(small.rate, 1)}
     log(f"micro-batch {decision.micro_batch} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
         f"probed {record['sizes']}, {decision.reason})")
     return decision.micro_batch, record

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from loralab import distributed
-from loralab.config import ConfigError, Speed
+from loralab.config import LOSS_CHUNK, ConfigError, Speed
 from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
@@ -343,10 +343,14 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             f"for {dora_layers} layer adapter(s)")
     micro = resolved.micro_batch
     if micro == "auto":  # CUDA: probed with the built model
+        auto_chunk = resolved.loss_chunk_size == "auto"  # a causal LM's fused loss: the probe may shrink its chunk
         with reusing_dora_norms() if dora_layers else contextlib.nullcontext():  # the forwards the step will run
-            micro, probe = probe_micro_batch(model, features, kind=kind, packing=resolved.packing,
-                                             max_length=max_length, limit=limit, pad_id=pad_id, device=device,
-                                             memory_fraction=resolved.memory_fraction, optimizer=optimizer, log=log)
+            micro, probe = probe_micro_batch(
+                model, features, kind=kind, packing=resolved.packing, max_length=max_length, limit=limit, pad_id=pad_id,
+                device=device, memory_fraction=resolved.memory_fraction, optimizer=optimizer, log=log,
+                loss_chunk=(lambda n: setattr(resolved, "loss_chunk_size", n)) if auto_chunk else None)
+        if auto_chunk:
+            resolved.loss_chunk_size = probe["loss_chunk_size"] = distributed.min_over_ranks(resolved.loss_chunk_size)
         micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
         probe["micro_batch"] = micro
     else:
@@ -357,6 +361,8 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
         decision = decide_micro_batch([], limit=limit, budget=None, explicit=micro)
         probe = probe_record([], decision, budget=None, memory_fraction=None, row_tokens=None, min_gain=None)
         probe["reason"] = why
+    if resolved.loss_chunk_size == "auto":  # not probed (explicit micro-batch, FSDP): the default chunk
+        resolved.loss_chunk_size = LOSS_CHUNK
     resolved.micro_batch, resolved.micro_batch_probe = micro, probe
     step = Step(model, optimizer, kind=kind, normalization=normalization, micro_batch=micro, packing=resolved.packing,
                 max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,

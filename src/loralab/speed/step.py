@@ -20,7 +20,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from loralab.config import FUSED_AND_RANK, Speed
+from loralab.config import FUSED_AND_RANK, LOSS_CHUNK, Speed
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, use_quantize_kernel
 from loralab.speed.fused_lora import enable_fused_lora
@@ -175,7 +175,8 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
         if parts is not None:
             decoder, head = parts
             hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
-            loss_sum = chunked_linear_cross_entropy(hidden, head.weight, target, head.bias, options.loss_chunk_size,
+            chunk = LOSS_CHUNK if options.loss_chunk_size == "auto" else options.loss_chunk_size
+            loss_sum = chunked_linear_cross_entropy(hidden, head.weight, target, head.bias, chunk,
                                                     token_weights=weights)
         else:
             logits = model(**inputs, use_cache=False).logits[:, :-1]
