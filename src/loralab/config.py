@@ -71,8 +71,7 @@ FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")
 
 
 LOSS_CHUNK = 1024
-"""``speed.loss_chunk_size`` "auto": tokens per chunk of the fused LM-head cross-entropy, unless the
-auto micro-batch's probe shrinks it (``loralab.run.probe.decide_loss_chunk``)."""
+"""``speed.loss_chunk_size`` "auto": tokens per loss chunk, unless the probe shrinks it (run/probe.py)."""
 
 
 @dataclass
