@@ -203,3 +203,24 @@ def test_the_trainer_memory_rerun_runs_where_the_probe_can_shrink_the_loss_chunk
     auto = {**ours["speed"]["micro_batch_probe"], "loss_chunk_size": 1024}
     plan = peer_memory_budget({**ours, "speed": {**ours["speed"], "micro_batch_probe": auto}}, trainer, total)
     assert plan["run"] is True and plan["budget_gib"] == pytest.approx(19.0 - plan["margin_gib"], abs=0.01)
+
+
+def test_only_a_fused_loss_has_chunks_to_shrink():
+    """An adapted LM head (seed 000's recipes adapt ``lm_head``) takes the full logits: the probe has
+    no loss chunk to shrink there (on the H100 the recipe's retry peaked the same, results/bench-probe-h100)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.config import Speed
+    from loralab.speed.step import prepare_model, uses_fused_loss
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    speed = Speed().resolve(device_type="cpu", kind="causal_lm", base_dtype="float32")
+    for targets, fused in ((["q_proj"], True), (["q_proj", "lm_head"], False)):
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=targets))
+        prepare_model(model, speed)
+        assert uses_fused_loss(model) is fused
+    prepare_model(model := get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"])),
+                  Speed(chunked_loss=False).resolve(device_type="cpu", kind="causal_lm", base_dtype="float32"))
+    assert uses_fused_loss(model) is False

@@ -45,7 +45,7 @@ from loralab.speed.fast_dora import fast_dora_layers, refresh_dora_norms, reusin
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
-from loralab.speed.step import causal_lm_loss, prepare_model, seq_cls_loss
+from loralab.speed.step import causal_lm_loss, prepare_model, seq_cls_loss, uses_fused_loss
 
 
 class MicroBatchOOM(RuntimeError):
@@ -343,7 +343,8 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             f"for {dora_layers} layer adapter(s)")
     micro = resolved.micro_batch
     if micro == "auto":  # CUDA: probed with the built model
-        auto_chunk = resolved.loss_chunk_size == "auto"  # a causal LM's fused loss: the probe may shrink its chunk
+        # a causal LM's fused loss: the probe may shrink its chunk (an adapted head takes the full logits: nothing to shrink)
+        auto_chunk = resolved.loss_chunk_size == "auto" and kind == "causal_lm" and uses_fused_loss(model)
         with reusing_dora_norms() if dora_layers else contextlib.nullcontext():  # the forwards the step will run
             micro, probe = probe_micro_batch(
                 model, features, kind=kind, packing=resolved.packing, max_length=max_length, limit=limit, pad_id=pad_id,

@@ -97,6 +97,13 @@ def autocast_context(model, device_type: str):
     return torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
+def uses_fused_loss(model) -> bool:
+    """Whether ``causal_lm_loss`` takes the fused LM-head loss on ``model`` (``chunked_loss`` on and a
+    plain linear head: an adapted head, e.g. seed 000's ``lm_head`` LoRA, takes the full logits),
+    the only place ``loss_chunk_size`` acts."""
+    return _options(model).chunked_loss and _decoder_and_head(model) is not None
+
+
 def _decoder_and_head(model):
     """(decoder, lm_head) when the head is a plain linear layer the fused loss can replace."""
     hf = _hf_model(model)
