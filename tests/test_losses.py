@@ -60,3 +60,79 @@ def test_causal_lm_loss_chunked_equals_model_loss():
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
     unchunked, _ = causal_lm_loss(model, batch, chunked=False)
     torch.testing.assert_close(unchunked, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_chunked_cross_entropy_with_a_lora_head_equals_plain(chunk_size):
+    """The low-rank term of a LoRA head (logits + s · u Bᵀ) computed per chunk: the loss and the
+    gradients of hidden, u and B equal the full-logits reference (float64)."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 25, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 16, dtype=torch.float64)  # the frozen base head
+    a = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(300, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 300, (2, 25))
+    y[0, :5] = -100
+    weights = torch.rand(2, 25, dtype=torch.float64)
+    losses = []
+    for fn in (plain_linear_cross_entropy, chunked_linear_cross_entropy):
+        u = h @ a.T
+        kw = {"chunk_size": chunk_size, "token_weights": weights} if fn is chunked_linear_cross_entropy else {}
+        loss = fn(h, w, y, low_rank=(u, b, 0.5), **kw)
+        if fn is plain_linear_cross_entropy:  # the reference weights each token's loss itself
+            logits = torch.nn.functional.linear(h.reshape(-1, 16), w) + 0.5 * (u.reshape(-1, 4) @ b.T)
+            per = torch.nn.functional.cross_entropy(logits, y.reshape(-1), ignore_index=-100, reduction="none")
+            loss = (per * weights.reshape(-1)).sum()
+        losses.append((loss, torch.autograd.grad(loss * 0.37, [h, a, b])))
+    (ref, g_ref), (got, g_got) = losses
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for x, want in zip(g_got, g_ref):
+        torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="low_rank: u"):
+        chunked_linear_cross_entropy(h, w, y, low_rank=(h @ a.T, b[:10], 0.5))
+
+
+@pytest.mark.parametrize("rank_scaling", [False, True], ids=["peft-forward", "scale-at-rank"])
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj"]], ids=["head-adapted", "head-plain"])
+def test_causal_lm_loss_with_an_adapted_head_equals_peft(targets, rank_scaling):
+    """seed 000's recipes adapt ``lm_head``: the fused loss takes the LoRA head without full logits and
+    gives peft's loss and the adapters' gradients (the head's lora_A/lora_B included)."""
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.speed.step import uses_fused_loss
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=400))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=rank_scaling, loss_chunk_size=5))
+    assert uses_fused_loss(model) is True
+    ids = torch.randint(0, 400, (2, 11))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss, _ = causal_lm_loss(model, batch)
+    grads = torch.autograd.grad(loss, trainable)
+    ref = model(**batch).loss
+    grads_ref = torch.autograd.grad(ref, trainable)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_a_dora_or_merged_head_takes_the_full_logits():
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.speed.step import uses_fused_loss
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    speed = Speed(autocast=None, compile=False, lora_scale_at_rank=False)
+    dora = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["lm_head"], use_dora=True))
+    prepare_model(dora, Speed(autocast=None, compile=False, lora_scale_at_rank=False, fast_dora=False))
+    merged = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["lm_head"]))
+    prepare_model(merged, speed)
+    assert uses_fused_loss(merged) is True
+    merged.base_model.model.lm_head.merge()
+    assert uses_fused_loss(dora) is False and uses_fused_loss(merged) is False

@@ -206,8 +206,10 @@ def test_the_trainer_memory_rerun_runs_where_the_probe_can_shrink_the_loss_chunk
 
 
 def test_only_a_fused_loss_has_chunks_to_shrink():
-    """An adapted LM head (seed 000's recipes adapt ``lm_head``) takes the full logits: the probe has
-    no loss chunk to shrink there (on the H100 the recipe's retry peaked the same, results/bench-probe-h100)."""
+    """The probe's small-chunk retry needs the fused loss: a plain or LoRA head (seed 000's ``lm_head``)
+    takes it; a DoRA head, or ``chunked_loss`` off, takes the full logits, where the chunk changes
+    nothing (before the LoRA head joined the fused loss, the H100 recipe's retry peaked the same,
+    results/bench-probe-h100/recipe.json)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -216,11 +218,9 @@ def test_only_a_fused_loss_has_chunks_to_shrink():
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100)
-    speed = Speed().resolve(device_type="cpu", kind="causal_lm", base_dtype="float32")
-    for targets, fused in ((["q_proj"], True), (["q_proj", "lm_head"], False)):
-        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=targets))
-        prepare_model(model, speed)
-        assert uses_fused_loss(model) is fused
-    prepare_model(model := get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"])),
-                  Speed(chunked_loss=False).resolve(device_type="cpu", kind="causal_lm", base_dtype="float32"))
-    assert uses_fused_loss(model) is False
+    resolve = dict(device_type="cpu", kind="causal_lm", base_dtype="float32")
+    for targets, dora, chunked, fused in ((["q_proj"], False, True, True), (["q_proj", "lm_head"], False, True, True),
+                                          (["q_proj", "lm_head"], True, True, False), (["q_proj"], False, False, False)):
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=targets, use_dora=dora))
+        prepare_model(model, Speed(chunked_loss=chunked, fast_dora=False).resolve(**resolve))
+        assert uses_fused_loss(model) is fused, (targets, dora, chunked)

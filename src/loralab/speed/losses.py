@@ -8,6 +8,11 @@ of tokens: each chunk's logits ``h_c Wᵀ`` live only while their loss and their
 are computed, all inside the forward. Backward then only scales those stored gradients by the
 incoming gradient, so neither pass ever holds more than one chunk of logits.
 
+A LoRA-adapted head (seed 000's recipes adapt ``lm_head``) adds its low-rank term per chunk:
+logits ``h_c Wᵀ + s · u_c Bᵀ`` with ``u = dropout(h) Aᵀ`` (tokens × r) computed outside by autograd;
+the chunk's gradient goes into ``∂L/∂u_c = s · G_c B`` and ``∂L/∂B += s · G_cᵀ u_c`` (Hu et al. 2021,
+eq. 3; peft's ``lora.Linear.forward``), so the adapted head never holds the full logits either.
+
 The result equals ``F.cross_entropy(h @ W.T (+ b), labels, ignore_index=-100, reduction="sum")``
 to fp32 tolerance (logits and softmax are fp32 per chunk, as the plain loss upcasts them). With
 per-token ``weights`` it is the weighted sum ``Σ_t w_t · CE_t``: the training step gives every token
@@ -24,23 +29,32 @@ from loralab.data import IGNORE_INDEX
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights, u=None, lora_b=None, scale=1.0):
         with torch.autocast(hidden.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights)
+            return _ChunkedLinearCrossEntropy._forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights,
+                                                       u, lora_b, scale)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights):
+    def _forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights, u, lora_b, scale):
         n, _ = hidden.shape
         acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 logits (fp64 stays fp64)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        low_rank = u is not None
+        need_u, need_lb = low_rank and ctx.needs_input_grad[6], low_rank and ctx.needs_input_grad[7]
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_u = torch.empty_like(u) if need_u else None
+        grad_lb = torch.zeros(lora_b.shape, dtype=acc, device=lora_b.device) if need_lb else None
+        b_low = lora_b.to(weight.dtype) if low_rank else None  # the head's compute dtype, as autocast takes lora_B
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(weight.dtype)
             y = labels[start:start + chunk_size]
             logits = (h @ weight.T).to(acc)
+            if low_rank:
+                u_c = u[start:start + chunk_size].to(weight.dtype)
+                logits += scale * (u_c @ b_low.T).to(acc)
             if bias is not None:
                 logits = logits + bias.to(acc)
             valid = y != IGNORE_INDEX
@@ -51,7 +65,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if token_weights is not None:
                 w = w * token_weights[start:start + chunk_size].to(acc)
             total += ((lse - picked) * w).sum()
-            if need_h or need_w or need_b:
+            if need_h or need_w or need_b or need_u or need_lb:
                 # d(sum loss)/d logits = softmax - onehot on valid rows, 0 on ignored rows.
                 g = torch.softmax(logits, dim=-1)
                 g.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
@@ -62,27 +76,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.T, h.to(acc))
                 if need_b:
                     grad_b += g.sum(dim=0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+                if need_u:
+                    grad_u[start:start + chunk_size] = (scale * (g.to(weight.dtype) @ b_low)).to(u.dtype)
+                if need_lb:
+                    grad_lb.addmm_(g.T, u_c.to(acc), alpha=scale)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, grad_u, grad_lb)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype,
+                      None if u is None else u.dtype, None if lora_b is None else lora_b.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        dh, dw, db = ctx.dtypes
-        out_h = None if grad_h is None else (grad_h * grad_out).to(dh)
-        out_w = None if grad_w is None else (grad_w * grad_out).to(dw)
-        out_b = None if grad_b is None else (grad_b * grad_out).to(db)
-        return out_h, out_w, out_b, None, None, None
+        grads = [None if g is None else (g * grad_out).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        grad_h, grad_w, grad_b, grad_u, grad_lb = grads
+        return grad_h, grad_w, grad_b, None, None, None, grad_u, grad_lb, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  bias: torch.Tensor | None = None, chunk_size: int = 1024,
-                                 token_weights: torch.Tensor | None = None) -> torch.Tensor:
+                                 token_weights: torch.Tensor | None = None,
+                                 low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (-100 ignored).
 
     ``hidden`` is (tokens, d) or (..., d); labels (and ``token_weights``, float, optional) match its
-    leading shape. Returns an fp32 scalar: ``Σ_t w_t · CE_t`` over valid tokens (w = 1 when
+    leading shape. ``low_rank``: a LoRA head's ``(u, lora_B weight, scaling)``, u = ``lora_A(dropout(hidden))``
+    shaped (..., r) like hidden's leading shape, lora_B (vocab, r): the logits gain ``scaling · u @ lora_Bᵀ``
+    (module docstring). Returns an fp32 scalar: ``Σ_t w_t · CE_t`` over valid tokens (w = 1 when
     ``token_weights`` is None, so divide by the number of valid labels for the mean).
     Raises ValueError when the shapes disagree or ``chunk_size`` < 1.
     """
@@ -96,11 +115,22 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         token_weights = token_weights.reshape(-1)
         if token_weights.shape[0] != labels.shape[0]:
             raise ValueError(f"token_weights has {token_weights.shape[0]} entries but labels has {labels.shape[0]}")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, token_weights)
+    if low_rank is None:
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, token_weights)
+    u, lora_b, scale = low_rank
+    u = u.reshape(-1, u.shape[-1])
+    if u.shape[0] != labels.shape[0] or lora_b.shape != (weight.shape[0], u.shape[1]):
+        raise ValueError(f"low_rank: u {tuple(u.shape)} and lora_B {tuple(lora_b.shape)} do not fit {labels.shape[0]} "
+                         f"tokens and the head's {tuple(weight.shape)}")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, token_weights, u, lora_b,
+                                            float(scale))
 
 
-def plain_linear_cross_entropy(hidden, weight, labels, bias=None) -> torch.Tensor:
-    """The reference: full logits, fp32 upcast, summed cross-entropy."""
+def plain_linear_cross_entropy(hidden, weight, labels, bias=None, low_rank=None) -> torch.Tensor:
+    """The reference: full logits (with a LoRA head's ``low_rank`` term), fp32 upcast, summed cross-entropy."""
     logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    if low_rank is not None:
+        u, lora_b, scale = low_rank
+        logits = logits + scale * (u.reshape(-1, u.shape[-1]) @ lora_b.T)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

@@ -99,18 +99,47 @@ def autocast_context(model, device_type: str):
 
 def uses_fused_loss(model) -> bool:
     """Whether ``causal_lm_loss`` takes the fused LM-head loss on ``model`` (``chunked_loss`` on and a
-    plain linear head: an adapted head, e.g. seed 000's ``lm_head`` LoRA, takes the full logits),
-    the only place ``loss_chunk_size`` acts."""
+    plain linear head, or one plain LoRA adapter over it as seed 000's ``lm_head``; another adapted
+    head, e.g. DoRA's, takes the full logits), the only place ``loss_chunk_size`` acts."""
     return _options(model).chunked_loss and _decoder_and_head(model) is not None
 
 
+def _lora_head_adapter(head) -> str | None:
+    """The adapter of a LoRA head the fused loss computes itself: peft's ``lora.Linear`` (or loralab's
+    rewrite of it) over a plain ``nn.Linear``, not merged, adapters on, one active adapter of plain
+    LoRA (no DoRA or other variant, no ``lora_bias``); None otherwise."""
+    base = getattr(head, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not hasattr(head, "lora_A") or getattr(head, "merged", True) \
+            or getattr(head, "disable_adapters", True):
+        return None
+    active = list(getattr(head, "active_adapters", ()))
+    if len(active) != 1 or active[0] not in head.lora_A:
+        return None
+    a = active[0]
+    plain = type(head.lora_A[a]) is torch.nn.Linear and type(head.lora_B[a]) is torch.nn.Linear \
+        and head.lora_B[a].bias is None and not getattr(head, "use_dora", {}).get(a, False) \
+        and a not in getattr(head, "lora_variant", {})
+    return a if plain else None
+
+
+def _head_terms(head, hidden: torch.Tensor):
+    """(the base linear, ``low_rank`` for ``chunked_linear_cross_entropy`` or None) of a head
+    ``_decoder_and_head`` accepted: u = lora_A(dropout(hidden)) through autograd, as peft computes it."""
+    if type(head) is torch.nn.Linear:
+        return head, None
+    a = _lora_head_adapter(head)
+    u = head.lora_A[a](head.lora_dropout[a](hidden))
+    return head.base_layer, (u, head.lora_B[a].weight, head.scaling[a])
+
+
 def _decoder_and_head(model):
-    """(decoder, lm_head) when the head is a plain linear layer the fused loss can replace."""
+    """(decoder, lm_head) when the head is a plain linear layer the fused loss can replace, or one
+    plain LoRA adapter over one (``_lora_head_adapter``)."""
     hf = _hf_model(model)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     decoder = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
     config = getattr(hf, "config", None)
-    plain_head = type(head) is torch.nn.Linear
+    plain_head = type(head) is torch.nn.Linear or (head is not None and _lora_head_adapter(head) is not None)
     no_logit_tricks = config is not None and not getattr(config, "final_logit_softcapping", None) \
         and getattr(config, "logit_scale", None) in (None, 1, 1.0)
     if decoder is None or decoder is hf or not plain_head or not no_logit_tricks:
@@ -183,7 +212,8 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
             decoder, head = parts
             hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
             chunk = LOSS_CHUNK if options.loss_chunk_size == "auto" else options.loss_chunk_size
-            loss_sum = chunked_linear_cross_entropy(hidden, head.weight, target, head.bias, chunk,
+            linear, low_rank = _head_terms(head, hidden)
+            loss_sum = chunked_linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk, low_rank=low_rank,
                                                     token_weights=weights)
         else:
             logits = model(**inputs, use_cache=False).logits[:, :-1]
