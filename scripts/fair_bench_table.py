@@ -101,6 +101,27 @@ def bench_goals(rows: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
+def probe_table(out: Path, notes: list[str]) -> None:
+    """``probe8b.json`` (gpu_fair_bench.sh probe8b) beside ``fair8b.json``'s loralab rows, when present."""
+    after = {r["method"]: r for r in json.loads((out / "probe8b.json").read_text()) if r["stack"] == "loralab"}
+    before = {r["method"]: r for r in json.loads((out / "fair8b.json").read_text()) if r["stack"] == "loralab"} \
+        if (out / "fair8b.json").exists() else {}
+    print("loralab's 8B rows at the defaults with the probe counting AdamW's state and `loss_chunk_size` \"auto\" "
+          "(`probe8b.json`) beside the same rows before (`fair8b.json`):\n\n| method | before: tokens/s (micro-batch) | "
+          "before: peak | after: tokens/s (micro-batch, loss chunk) | after: peak | budget | after within it | after / before |\n"
+          "|---|--:|--:|--:|--:|--:|---|--:|")
+    for method, r in after.items():
+        b, probe = before.get(method, {}), (r.get("speed") or {}).get("micro_batch_probe") or {}
+        budget = probe.get("budget_gib")
+        was = f"{b['throughput']:,.0f} ({b.get('micro_batch')}) | {b['peak_memory_gib']:.2f} GiB" if b.get("throughput") else " | "
+        ratio = f"{r['throughput'] / b['throughput']:.3f}x" if b.get("throughput") else ""
+        print(f"| {method} | {was} | {r['throughput']:,.0f} ({r.get('micro_batch')}, {r['speed'].get('loss_chunk_size')}) | "
+              f"{r['peak_memory_gib']:.2f} GiB | {budget} GiB | {yes(r['peak_memory_gib'] <= budget)} | {ratio} |")
+        notes.append(f"- After, {method}: {probe.get('reason')} (probed {probe.get('sizes')} at {probe.get('peaks_gib')} GiB, "
+                     f"optimizer state {probe.get('optimizer_state_gib')} GiB).")
+    print()
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "results/bench-fair")
     goals, notes = [], []
@@ -198,6 +219,19 @@ def main() -> None:
                 peak = "" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f} GiB"
                 print(f"| {chunk} | {r['method']} | {rate} | {peak} | {r.get('micro_batch', '')} | "
                       f"{probe.get('peaks_gib', '')} |")
+        print()
+    if (out / "probe8b.json").exists():  # loralab's 8B rows after the probe learnt the optimizer state and small loss chunks
+        probe_table(out, notes)
+    if (out / "peerdiag.json").exists():  # scripts/peer_diag.py: the peer's time per forward at two sizes
+        r = json.loads((out / "peerdiag.json").read_text())
+        ms = {(x["variant"], x["micro_batch"]): x for x in r["rows"]}
+        print(f"transformers + peft LoRA at the 8B shape, one forward+backward on {r['gpu']} (`peerdiag.json`, "
+              "scripts/peer_diag.py):\n\n| variant | 1 x 512 tokens | 4 x 512 tokens | tokens/s at 1 | tokens/s at 4 |\n"
+              "|---|--:|--:|--:|--:|")
+        for variant in dict.fromkeys(v for v, _ in ms):
+            one, four = ms.get((variant, 1), {}), ms.get((variant, 4), {})
+            print(f"| {variant} | {one.get('ms', '')} ms | {four.get('ms', '')} ms | {one.get('tokens_per_s', 0):,.0f} | "
+                  f"{four.get('tokens_per_s', 0):,.0f} |")
         print()
     if (out / "fp8quant.json").exists():
         r = json.loads((out / "fp8quant.json").read_text())

@@ -83,6 +83,10 @@
 #   1.035x FP8-base DoRA; DoRA / LoRA 0.880 and 0.874): on an H200, (1) fp8check fair8b; (2) recipe; (3) fp8loss;
 #   on an H100: losschunk (a smaller loss chunk may let FP8 LoRA's micro-batch 4 fit the 19.8 GiB budget, and the
 #   recipe's peak come under the Trainer's), then dorab with SPEED="memory_fraction=0.35".
+#   After 2026-12-05's seventh session (H100 only, results/bench-probe-h100/: the probe counts AdamW's state, loss
+#   chunks "auto"; the fused loss takes a LoRA head since 07a6811, unmeasured): on an H100, (1) recipe (whether the
+#   seed 000 recipe's peak now comes under the Trainer's); (2) probe8b at HEAD. On an H200: fp8check fair8b, recipe,
+#   fp8loss.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -339,3 +339,31 @@ def test_dora_norm_section_is_the_scripts_output():
     for method, name in (("dora", "bf16 DoRA"), ("fp8+dora", "FP8-base DoRA")):
         a, b = off[method]["throughput"], on[method]["throughput"]
         assert f"{b / a:.3f}x {name} ({a:,.0f} against {b:,.0f}" in readme
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_probe_section_is_the_scripts_output():
+    """The probe section holds every table and note scripts/fair_bench_table.py prints from
+    results/bench-probe-h100/, and its reading and the speed-defaults row quote those files."""
+    folder = RESULTS / "bench-probe-h100"
+    printed, text = _printed_tables_in(folder, "### The micro-batch probe within its memory budget (H100)")
+    notes = [line for line in printed.splitlines() if line.startswith("- ")]
+    assert notes and all(line in text for line in notes)
+    flat, readme = " ".join(text.split()), " ".join(README.split())
+    chunk = {c: {r["method"]: r for r in json.loads((folder / f"losschunk-{c}.json").read_text())} for c in (1024, 128)}
+    fp8 = chunk[1024]["fp8+lora"]
+    probed = fp8["speed"]["micro_batch_probe"]
+    assert f"probed {probed['peaks_gib'][2]} GiB against the {probed['budget_gib']} GiB budget and ran at " \
+           f"{fp8['peak_memory_gib']} GiB" in flat
+    after = {r["method"]: r for r in json.loads((folder / "probe8b.json").read_text())}
+    before = {r["method"]: r for r in json.loads((folder / "fair8b.json").read_text()) if r["stack"] == "loralab"}
+    state = after["fp8+lora"]["speed"]["micro_batch_probe"]["optimizer_state_gib"]
+    assert f"counts that state ({state} GiB for these adapters)" in flat and f"moments: {state} GiB" in readme
+    assert all(r["peak_memory_gib"] <= r["speed"]["micro_batch_probe"]["budget_gib"] for r in after.values())
+    gain = after["fp8+lora"]["throughput"] / before["fp8+lora"]["throughput"]
+    assert after["fp8+lora"]["speed"]["loss_chunk_size"] == 128 and f"at {gain:.3f}x its micro-batch 2 row" in flat
+    slow = [chunk[128][m]["throughput"] / chunk[1024][m]["throughput"] for m in ("lora", "fp8+lora")]
+    lower = [chunk[1024][m]["speed"]["micro_batch_probe"]["peaks_gib"][k] - chunk[128][m]["speed"]["micro_batch_probe"]
+             ["peaks_gib"][k] for m, k in (("lora", 0), ("fp8+lora", 2))]
+    assert (f"128 ran {slow[0]:.3f}x and {slow[1]:.3f}x as fast as 1024 at the same micro-batch, {lower[0]:.2f} and "
+            f"{lower[1]:.2f} GiB lower; FP8 LoRA took micro-batch 4 at 128, {gain:.3f}x its micro-batch 2") in readme

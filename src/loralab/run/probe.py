@@ -10,8 +10,8 @@ is the rule, a pure function of those measurements:
   memory: the size before it (1 at least: nothing is smaller). The probe runs before the first
   optimizer step, so the optimizer's state is not in its peak yet: the bytes it will take
   (``pending_state_bytes``) count against the budget beside each probed peak (an H100 FP8 LoRA
-  row probed 19.78 GiB at micro-batch 4 against 19.79 and then ran at 20.45 GiB: AdamW's
-  0.66 GiB of state for the 8B r32 adapters, ``results/bench-probe-h100/``);
+  row probed 19.78 GiB at micro-batch 4 against 19.79 and then ran at 20.45 GiB; AdamW's state
+  for the 8B r32 adapters is 0.63 GiB, ``results/bench-probe-h100/``);
 - stop when doubling gained less than ``MIN_GAIN`` tokens/s: the smaller size (as fast, less memory);
 - stop at the optimizer batch (``limit``): a forward never holds more than one optimizer batch.
 
