@@ -136,3 +136,36 @@ def test_a_dora_or_merged_head_takes_the_full_logits():
     assert uses_fused_loss(merged) is True
     merged.base_model.model.lm_head.merge()
     assert uses_fused_loss(dora) is False and uses_fused_loss(merged) is False
+
+
+@pytest.mark.parametrize("case", ["bf16-base-no-autocast", "dropout-train"])
+def test_an_adapted_head_matches_peft_where_it_casts_or_drops_out(case):
+    """A bf16 base without autocast (CPU runs of seed 000's bf16 recipe): the head's input is cast to
+    the fp32 adapter as peft casts it. lora_dropout > 0 in training: the head's mask is drawn over
+    every position as peft draws it, so the loss and the random stream after it are peft's."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=400))
+    bf16 = case == "bf16-base-no-autocast"
+    model = get_peft_model(base.to(torch.bfloat16) if bf16 else base,
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False,
+                                      lora_dropout=0.0 if bf16 else 0.3))
+    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=False, loss_chunk_size=5))
+    model.train()
+    ids = torch.randint(0, 400, (2, 11))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    torch.manual_seed(7)
+    ref = model(**batch).loss
+    after_ref = torch.rand(3)
+    torch.manual_seed(7)
+    got, _ = causal_lm_loss(model, batch)
+    after_got = torch.rand(3)
+    if bf16:  # peft rounds the logits to bf16; the fused loss keeps them in fp32
+        torch.testing.assert_close(got, ref.float(), rtol=2e-2, atol=2e-2)
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(after_got, after_ref)

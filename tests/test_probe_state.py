@@ -163,8 +163,8 @@ def test_a_size_over_the_budget_takes_small_loss_chunks_when_they_fit_and_pay():
     assert stop.micro_batch == 2  # 19.78 + 0.66 > 19.79
     taken, decision = decide_loss_chunk(stop, FP8_1024, Trial(4, 18.28 * GIB, 16200.0), budget=BUDGET, held=STATE)
     assert taken and decision.micro_batch == 4 and SMALL_LOSS_CHUNK == 128
-    assert decision.reason == ("memory: micro-batch 4 with 128-token loss chunks peaked at 18.28 GiB, within the "
-                               "19.79 GiB budget with the optimizer state, +8.4 % tokens/s over 2")
+    assert decision.reason == ("memory: micro-batch 4 with 128-token loss chunks peaked at 18.28 GiB + 0.63 GiB of "
+                               "optimizer state, within the 19.79 GiB budget, +8.4 % tokens/s over 2")
     # the same fit at a rate that does not beat micro-batch 2 by 5 %: 1,024-token chunks at 2
     flat, decision = decide_loss_chunk(stop, FP8_1024, Trial(4, 18.28 * GIB, 15300.0), budget=BUDGET, held=STATE)
     assert not flat and decision.micro_batch == 2 and "gained +2.3 % tokens/s over 2, less than 5 %" in decision.reason
@@ -177,7 +177,8 @@ def test_small_loss_chunks_that_still_do_not_fit_change_nothing():
     stop = decide_micro_batch(bf16, limit=4, budget=BUDGET, held=STATE)
     taken, decision = decide_loss_chunk(stop, bf16, Trial(2, 20.35 * GIB, 12500.0), budget=BUDGET, held=STATE)
     assert not taken and decision.micro_batch == 1
-    assert decision.reason == stop.reason + "; micro-batch 2 with 128-token loss chunks peaked at 20.35 GiB, over it too"
+    assert decision.reason == stop.reason + ("; micro-batch 2 with 128-token loss chunks peaked at 20.35 GiB + 0.63 GiB "
+                                             "of optimizer state, over it too")
     oom, _ = decide_loss_chunk(stop, bf16, Trial(2, float("inf"), None), budget=BUDGET, held=STATE)
     assert not oom
 
@@ -190,7 +191,8 @@ def test_micro_batch_1_over_the_budget_shrinks_the_loss_chunks_rather_than_go_ov
     assert stop.micro_batch == 1 and "1 is the least" in stop.reason
     taken, decision = decide_loss_chunk(stop, one, Trial(1, 18.9 * GIB, 10500.0), budget=BUDGET, held=STATE)
     assert taken and decision.micro_batch == 1  # slower, but within the memory the run is allowed
-    assert "micro-batch 1 with 128-token loss chunks peaked at 18.90 GiB, within it" in decision.reason
+    assert "micro-batch 1 with 128-token loss chunks peaked at 18.90 GiB + 0.63 GiB of optimizer state, within it" \
+        in decision.reason
 
 
 def test_the_trainer_memory_rerun_runs_where_the_probe_can_shrink_the_loss_chunks():
@@ -224,3 +226,31 @@ def test_only_a_fused_loss_has_chunks_to_shrink():
         model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=targets, use_dora=dora))
         prepare_model(model, Speed(chunked_loss=chunked, fast_dora=False).resolve(**resolve))
         assert uses_fused_loss(model) is fused, (targets, dora, chunked)
+
+
+def replay(trials: dict, chunks: list):
+    """A ``measure`` for ``probe_sizes`` that returns the H100's recorded trial of each (size, chunk)."""
+    return lambda m: trials[(m, chunks[-1])]
+
+
+@pytest.mark.parametrize("case", ["taken", "retry-over", "retry-oom", "one-over", "fits"])
+def test_the_probe_search_leaves_the_chunk_it_chose(case):
+    """``probe_sizes`` over recorded trials (losschunk-*.json's FP8 rows): which sizes it measures at
+    which chunk, the chunk it leaves set, and the micro-batch."""
+    from loralab.run.probe import probe_sizes
+
+    trials = {(m, 1024): t for m, t in zip((1, 2, 4), FP8_1024)}
+    trials[(4, 128)] = {"taken": Trial(4, 18.28 * GIB, 16200.0), "retry-over": Trial(4, 19.5 * GIB, 16200.0),
+                        "retry-oom": Trial(4, float("inf"), None)}.get(case)
+    if case == "one-over":
+        trials = {(1, 1024): Trial(1, 19.3 * GIB, 3700.0), (1, 128): Trial(1, 18.9 * GIB, 3500.0)}
+    chunks = []
+    decision, measured, chunk, small = probe_sizes(replay(trials, chunks), limit=4, held=STATE, loss_chunk=chunks.append,
+                                                   budget=BUDGET if case != "fits" else 40 * GIB)
+    want = {"taken": (4, [1024, 128, 128], 128), "retry-over": (2, [1024, 128, 1024], 1024),
+            "retry-oom": (2, [1024, 128, 1024], 1024), "one-over": (1, [1024, 128, 128], 128),
+            "fits": (4, [1024], 1024)}[case]
+    assert (decision.micro_batch, chunks, chunk) == want
+    assert (small is None) == (case == "fits")
+    if case == "retry-over":  # under the budget alone, over it with the state: the message says so
+        assert "peaked at 19.50 GiB + 0.63 GiB of optimizer state, over it too" in decision.reason

@@ -75,7 +75,9 @@ class Decision:
 
 def pending_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes ``optimizer``'s state will add at its first step: for every parameter whose state is
-    not allocated yet (0 once a step has run; that state is then in the memory the probe measures).
+    not allocated yet (for torch's optimizers 0 once a step has run: the state is then in the memory
+    the probe measures; peft's ``LoraFAOptimizer`` keys its state by name, so it always counts as
+    to come: the probe runs before the first step, where that is right).
 
     torch's Adam and AdamW keep ``exp_avg`` and ``exp_avg_sq`` (with ``amsgrad`` also
     ``max_exp_avg_sq``) shaped and typed like the parameter, and a float32 ``step`` that lives on
@@ -145,7 +147,7 @@ def decide_loss_chunk(decision: Decision, trials: list[Trial], small: Trial, *, 
     before = trials[-2] if len(trials) > 1 else None
     fits = small.peak is not None and small.peak + held <= budget
     peak = ("out of memory" if small.peak == float("inf") else "not measured" if small.peak is None
-            else f"peaked at {small.peak / 2**30:.2f} GiB")
+            else f"peaked at {small.peak / 2**30:.2f} GiB" + (f" + {held / 2**30:.2f} GiB of optimizer state" if held else ""))
     what = f"micro-batch {small.size} with {SMALL_LOSS_CHUNK}-token loss chunks {peak}"
     if not fits:
         return False, Decision(decision.micro_batch, None, f"{decision.reason}; {what}, over it too")
@@ -157,7 +159,6 @@ def decide_loss_chunk(decision: Decision, trials: list[Trial], small: Trial, *, 
         return False, Decision(decision.micro_batch, None, f"{decision.reason}; {what} but gained {100 * gain:+.1f} % "
                                                            f"tokens/s over {before.size}, less than {100 * min_gain:.0f} %")
     return True, Decision(small.size, None, f"memory: {what}, within the {budget / 2**30:.2f} GiB budget"
-                                            + ("" if held == 0 else " with the optimizer state")
                                             + ("" if None in (small.rate, before.rate) else
                                                f", {100 * (small.rate / before.rate - 1):+.1f} % tokens/s over {before.size}"))
 
@@ -196,6 +197,33 @@ def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id
     return {"input_ids": ids, "labels": labels, "loss_weights": torch.full((m, width), 1.0 / (m * width))}
 
 
+def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | None, held: float = 0.0,
+                min_gain: float = MIN_GAIN, loss_chunk: Callable[[int], None] | None = None):
+    """The probe's search over sizes, given ``measure(m)`` (one size's ``Trial`` as the model runs
+    now): 1, 2, 4, ... until ``decide_micro_batch`` settles; with ``loss_chunk`` (the fused loss's
+    chunk setter, ``speed.loss_chunk_size`` "auto") set to ``LOSS_CHUNK`` first, a size over the
+    budget is measured again at ``SMALL_LOSS_CHUNK`` and ``decide_loss_chunk`` keeps one chunk,
+    which is left set. Returns (decision, trials, chunk or None when fixed, the small-chunk trial
+    or None)."""
+    trials: list[Trial] = []
+    chunk, small = None, None
+    if loss_chunk is not None:
+        chunk = LOSS_CHUNK
+        loss_chunk(chunk)
+    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
+    while decision.micro_batch is None:
+        trials.append(measure(decision.next_size))
+        decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
+        over = budget is not None and trials[-1].peak is not None and trials[-1].peak + held > budget
+        if decision.micro_batch is not None and over and loss_chunk is not None:
+            loss_chunk(SMALL_LOSS_CHUNK)
+            small = measure(trials[-1].size)
+            taken, decision = decide_loss_chunk(decision, trials, small, budget=budget, held=held, min_gain=min_gain)
+            chunk = SMALL_LOSS_CHUNK if taken else LOSS_CHUNK
+            loss_chunk(chunk)
+    return decision, trials, chunk, small
+
+
 def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,
                       pad_id: int, device: torch.device, memory_fraction: float, min_gain: float = MIN_GAIN,
                       optimizer: torch.optim.Optimizer | None = None, loss_chunk: Callable[[int], None] | None = None,
@@ -217,7 +245,6 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
     params = [p for p in model.parameters() if p.requires_grad]
     held = 0 if optimizer is None else pending_state_bytes(optimizer)
-    trials: list[Trial] = []
 
     def measure(m: int) -> Trial:
         batch = {k: v.to(device) for k, v in worst_case_batch(longest, m, packing=packing, width=width,
@@ -241,23 +268,9 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
         torch.cuda.empty_cache()
         return trial
 
-    chunk, small = None, None
-    if loss_chunk is not None:
-        chunk = LOSS_CHUNK
-        loss_chunk(chunk)
-    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
     with torch.random.fork_rng(devices=[device]):
-        while decision.micro_batch is None:
-            trials.append(measure(decision.next_size))
-            decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
-            over = trials[-1].peak is not None and trials[-1].peak + held > budget
-            if decision.micro_batch is not None and over and loss_chunk is not None:
-                loss_chunk(SMALL_LOSS_CHUNK)
-                small = measure(trials[-1].size)
-                taken, decision = decide_loss_chunk(decision, trials, small, budget=budget, held=held,
-                                                    min_gain=min_gain)
-                chunk = SMALL_LOSS_CHUNK if taken else LOSS_CHUNK
-                loss_chunk(chunk)
+        decision, trials, chunk, small = probe_sizes(measure, limit=limit, budget=budget, held=held, min_gain=min_gain,
+                                                     loss_chunk=loss_chunk)
     record = probe_record(trials, decision, budget=budget, memory_fraction=memory_fraction, row_tokens=width,
                           min_gain=min_gain, held=held)
     record["loss_chunk_size"] = chunk

@@ -343,17 +343,19 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
             f"for {dora_layers} layer adapter(s)")
     micro = resolved.micro_batch
     if micro == "auto":  # CUDA: probed with the built model
-        # a causal LM's fused loss: the probe may shrink its chunk (an adapted head takes the full logits: nothing to shrink)
+        # a causal LM's fused loss: the probe may shrink its chunk (a head it does not take, e.g. DoRA's, has none)
         auto_chunk = resolved.loss_chunk_size == "auto" and kind == "causal_lm" and uses_fused_loss(model)
         with reusing_dora_norms() if dora_layers else contextlib.nullcontext():  # the forwards the step will run
             micro, probe = probe_micro_batch(
                 model, features, kind=kind, packing=resolved.packing, max_length=max_length, limit=limit, pad_id=pad_id,
                 device=device, memory_fraction=resolved.memory_fraction, optimizer=optimizer, log=log,
                 loss_chunk=(lambda n: setattr(resolved, "loss_chunk_size", n)) if auto_chunk else None)
-        if auto_chunk:
-            resolved.loss_chunk_size = probe["loss_chunk_size"] = distributed.min_over_ranks(resolved.loss_chunk_size)
+        own = micro
         micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
         probe["micro_batch"] = micro
+        if auto_chunk:  # a rank whose own size is larger measured the common one at the default chunk, within budget
+            chunk = resolved.loss_chunk_size if own == micro else LOSS_CHUNK
+            resolved.loss_chunk_size = probe["loss_chunk_size"] = distributed.min_over_ranks(chunk)
     else:
         why = "explicit: speed.micro_batch" if micro is not None else (
             f"not probed on {device.type}: the experiment's batch_size" if device.type != "cuda"

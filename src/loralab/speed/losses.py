@@ -47,14 +47,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         grad_u = torch.empty_like(u) if need_u else None
         grad_lb = torch.zeros(lora_b.shape, dtype=acc, device=lora_b.device) if need_lb else None
-        b_low = lora_b.to(weight.dtype) if low_rank else None  # the head's compute dtype, as autocast takes lora_B
+        b_acc = lora_b.to(acc) if low_rank else None  # the low-rank logits term is added in fp32, into the logits
+        b_low = lora_b.to(weight.dtype) if need_u else None  # u's gradient in the head's compute dtype, as grad_h
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(weight.dtype)
             y = labels[start:start + chunk_size]
             logits = (h @ weight.T).to(acc)
-            if low_rank:
-                u_c = u[start:start + chunk_size].to(weight.dtype)
-                logits += scale * (u_c @ b_low.T).to(acc)
+            if low_rank:  # in place: no second (chunk x vocab) tensor
+                u_c = u[start:start + chunk_size].to(acc)
+                logits.addmm_(u_c, b_acc.T, alpha=scale)
             if bias is not None:
                 logits = logits + bias.to(acc)
             valid = y != IGNORE_INDEX
@@ -70,16 +71,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g = torch.softmax(logits, dim=-1)
                 g.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
                 g.mul_(w[:, None])
+                g_low = g.to(weight.dtype) if need_h or need_u else None  # one copy for both products
                 if need_h:
-                    grad_h[start:start + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                    grad_h[start:start + chunk_size] = (g_low @ weight).to(hidden.dtype)
                 if need_w:
                     grad_w.addmm_(g.T, h.to(acc))
                 if need_b:
                     grad_b += g.sum(dim=0)
                 if need_u:
-                    grad_u[start:start + chunk_size] = (scale * (g.to(weight.dtype) @ b_low)).to(u.dtype)
+                    grad_u[start:start + chunk_size] = ((g_low @ b_low) * scale).to(u.dtype)
                 if need_lb:
-                    grad_lb.addmm_(g.T, u_c.to(acc), alpha=scale)
+                    grad_lb.addmm_(g.T, u_c, alpha=scale)
         ctx.save_for_backward(grad_h, grad_w, grad_b, grad_u, grad_lb)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype,
                       None if u is None else u.dtype, None if lora_b is None else lora_b.dtype)

@@ -124,11 +124,15 @@ def _lora_head_adapter(head) -> str | None:
 
 def _head_terms(head, hidden: torch.Tensor):
     """(the base linear, ``low_rank`` for ``chunked_linear_cross_entropy`` or None) of a head
-    ``_decoder_and_head`` accepted: u = lora_A(dropout(hidden)) through autograd, as peft computes it."""
+    ``_decoder_and_head`` accepted, for ``hidden`` (B, L, d): u = lora_A(dropout(x)) (B, L - 1, r)
+    through autograd, x cast as peft's layer casts it (``_cast_input_dtype``: to the adapter's dtype
+    without autocast), dropout drawn over all L positions as peft's head draws it (same masks, same
+    random stream), the last position's row dropped as the loss drops its logits."""
     if type(head) is torch.nn.Linear:
         return head, None
     a = _lora_head_adapter(head)
-    u = head.lora_A[a](head.lora_dropout[a](hidden))
+    x = head._cast_input_dtype(hidden, head.lora_A[a].weight.dtype) if hasattr(head, "_cast_input_dtype") else hidden
+    u = head.lora_A[a](head.lora_dropout[a](x))[:, :-1]
     return head.base_layer, (u, head.lora_B[a].weight, head.scaling[a])
 
 
@@ -210,9 +214,10 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
     with autocast_context(model, labels.device.type), attention:
         if parts is not None:
             decoder, head = parts
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+            full = decoder(**inputs, use_cache=False).last_hidden_state
+            hidden = full[:, :-1]
             chunk = LOSS_CHUNK if options.loss_chunk_size == "auto" else options.loss_chunk_size
-            linear, low_rank = _head_terms(head, hidden)
+            linear, low_rank = _head_terms(head, full)
             loss_sum = chunked_linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk, low_rank=low_rank,
                                                     token_weights=weights)
         else:
