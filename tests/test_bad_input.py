@@ -139,3 +139,49 @@ def test_a_missing_packaged_model_names_the_package_to_install(monkeypatch):
     with pytest.raises(ModuleNotFoundError) as exc:
         models.resolve_model_path("packaged:minilm-l6")
     assert str(exc.value) == said
+
+
+def test_an_fp8_base_without_the_row_scaled_kernel_fails_at_build_naming_it(monkeypatch):
+    """torch 2.11's CPU ``_scaled_mm`` takes only per-tensor scales (seen on the device's torch): the
+    method that builds an FP8 base fails there, naming the key, the device, torch's version and what
+    it needs, instead of inside the first forward. A merge, which quantises without a forward, is
+    not stopped."""
+    import copy
+
+    import torch
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab import methods
+    from loralab.config import build_parameters
+    from loralab.methods.common import linear_names, resolve_config
+    from loralab.methods.context import MethodContext
+    from loralab.methods.fp8base import quantize_linears
+    from loralab.speed import fp8
+
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    real = torch._scaled_mm
+
+    def per_tensor_only(a, b, *, scale_a, scale_b, out_dtype):
+        if scale_a.numel() != 1 or scale_b.numel() != 1:  # torch 2.11's CPU kernel refuses row-wise scales
+            raise RuntimeError("Invalid scaling configuration.\nFor TensorWise scaling, a and b should be float8")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+    params = build_parameters({"quantization": "fp8"})
+    model = copy.deepcopy(base)
+    cfg = resolve_config(model, LoraConfig(r=2, target_modules=["q_proj"]), "causal_lm")
+    method = methods.choose_method(cfg, params)
+    monkeypatch.setattr(fp8, "_KERNEL_CHECKED", set())
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    with pytest.raises(RuntimeError) as err:
+        method.apply(model, cfg, params, MethodContext(params, [], None))
+    message = str(err.value)
+    assert 'quantization: "fp8"' in message and "on cpu" in message and torch.__version__ in message
+    assert "torch >= 2.13 on CPU" in message and "Invalid scaling configuration." in message
+    assert not any(isinstance(m, fp8.Fp8Linear) for m in model.modules())  # refused before quantising
+    merged_base = copy.deepcopy(base)
+    assert quantize_linears(merged_base, linear_names(merged_base)) == {}  # a merge's quantisation runs no kernel
+    monkeypatch.setattr(torch, "_scaled_mm", real)
+    model, _ = method.apply(copy.deepcopy(base), cfg, params, MethodContext(params, [], None))  # torch 2.13's runs
+    assert any(isinstance(m, fp8.Fp8Linear) for m in model.modules())

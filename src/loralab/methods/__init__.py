@@ -285,8 +285,11 @@ class Method:
             qlora.quantize_linears(model, names)
         if self.base == "fp8":  # the FP8 base likewise (fp8base.py); unfit shapes stay float, recorded
             from loralab.methods.common import linear_names
+            from loralab.speed.fp8 import check_kernel
 
-            self.base_fallback = fp8base.quantize_linears(model, linear_names(model))
+            names = linear_names(model)
+            check_kernel(dict(model.named_modules())[names[0]].weight.device)  # no kernel: fails here, naming it
+            self.base_fallback = fp8base.quantize_linears(model, names)
         build_cfg = self.layer.configure(model, cfg, params)
         peft_model = self.init.build(model, build_cfg, params, ctx)
         if cuda:

@@ -89,6 +89,31 @@ def fits(linear: nn.Linear) -> bool:
     return linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0
 
 
+_KERNEL_CHECKED: set[str] = set()
+
+
+def check_kernel(device: torch.device | str) -> None:
+    """Run one 16 x 16 row-scaled ``_scaled_mm`` on ``device`` (once per device and process), so a
+    torch or a GPU without the kernel FP8 layers need fails at build, naming what is missing,
+    instead of deep inside the first forward. Row-wise scales need torch >= 2.13 on CPU (torch
+    2.11's CPU kernel takes only per-tensor scales) and compute capability >= 8.9 on CUDA (Ada,
+    Hopper). Raises RuntimeError naming ``quantization: "fp8"``, the device, torch's version and the
+    kernel's own message."""
+    device = torch.device(device)
+    if str(device) in _KERNEL_CHECKED:
+        return
+    a = torch.ones(ALIGN, ALIGN, device=device).to(FP8)
+    scale = torch.ones(ALIGN, 1, device=device)
+    try:
+        _scaled_mm(a, a.t(), scale, scale.view(1, -1), torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as err:
+        raise RuntimeError(
+            f'quantization: "fp8" needs torch._scaled_mm with row-wise scales on {device}, which torch '
+            f"{torch.__version__} does not run there ({str(err).splitlines()[0]}); it needs torch >= 2.13 on CPU and "
+            "a GPU of compute capability >= 8.9 (H100, H200, Ada) on CUDA; or use quantization \"nf4\" or none") from err
+    _KERNEL_CHECKED.add(str(device))
+
+
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
