@@ -248,7 +248,7 @@ def test_every_method_and_base_merges_to_the_trained_classifier(combo, base, min
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     # rsLoRA + Gaussian + LoRA+ merged exactly (4.6e-6 apart in float64) but its fp32 forward rounded the logits by
-    # 1.6e-4 at 2 BLAS threads (3.9e-8 at 1): the fp32 check of a float base failed or passed with the thread count
+    # 1.6e-4 at 2 BLAS threads (it passed at 1): the fp32 check of a float base failed or passed with the thread count
     torch.testing.assert_close(exact(merged), exact(model), **CLS_TOL)
     torch.testing.assert_close(exact(merged_copy(model).eval()), exact(model), **CLS_TOL)
     torch.testing.assert_close(cls_logits(model), trained, atol=0, rtol=0)  # merged_copy left the model as it was
