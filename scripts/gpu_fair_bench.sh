@@ -16,6 +16,7 @@
 #   profdora `loralab bench --preset full --only llama-3-8b/fixed --methods dora,fp8+dora --profile`: the two
 #           loralab DoRA rows' torch.profiler tables (profdora.profile.txt; the LoRA ones are fp8prof.profile.txt
 #           of 2026-12-04), for where DoRA's time goes on each base. ~5 min (3 peer rows, 2 loralab rows, 2 profiles).
+#   recipeours the recipe's loralab row alone (`--stacks loralab`; no Trainer row, no ratio). ~2 min.
 #   recipe  the shipped experiments/llm/seed000-llama3-8b-math/lora recipe at the 8B shape with random weights
 #           (SmolLM2's tokenizer; GSM8K train standing in for MetaMathQA, which is not on disk):
 #           `loralab bench --experiment ... --random-weights --task gsm8k --steps 5`, `loralab run`'s own
@@ -85,8 +86,9 @@
 #   recipe's peak come under the Trainer's), then dorab with SPEED="memory_fraction=0.35".
 #   After 2026-12-05's seventh session (H100 only, results/bench-probe-h100/: the probe counts AdamW's state, loss
 #   chunks "auto"; the fused loss takes a LoRA head since 07a6811, unmeasured): on an H100, (1) recipe (whether the
-#   seed 000 recipe's peak now comes under the Trainer's); (2) probe8b at HEAD. On an H200: fp8check fair8b, recipe,
-#   fp8loss.
+#   seed 000 recipe's peak now comes under the Trainer's; `recipeours`, ~2 min, runs loralab's row alone against the
+#   Trainer's 19.21 GiB of results/bench-probe-h100/recipe.json); (2) probe8b at HEAD. On an H200: fp8check fair8b,
+#   recipe, fp8loss.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -138,6 +140,9 @@ for part in "${PARTS[@]}"; do
     recipe)
       step recipe 330 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --output "$OUT/recipe.json" ;;
+    recipeours)  # the recipe's loralab row alone (--stacks loralab): against a Trainer peak measured in an earlier call
+      step recipeours 200 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
+        --random-weights --task gsm8k --steps 5 --device cuda --stacks loralab --output "$OUT/recipeours.json" ;;
     fp8quant)
       step fp8quant 240 $PYTHON scripts/fp8_quant_bench.py --output "$OUT/fp8quant.json" ;;
     fp8kernel)
@@ -180,7 +185,7 @@ for part in "${PARTS[@]}"; do
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe fp8check fp8quant fp8kernel rankab dorab losschunk probe8b fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8check fp8quant fp8kernel rankab dorab losschunk probe8b fp8loss)"; exit 2 ;;
   esac
 done
 

@@ -193,3 +193,20 @@ def test_liger_patched_puts_back_what_liger_rebinds_outside_the_model(monkeypatc
         assert modeling_llama.LlamaRMSNorm is not norm and torch.nn.functional.cross_entropy is not ce
     assert modeling_llama.LlamaRMSNorm is norm and torch.nn.functional.cross_entropy is ce
     assert calls == [{"rope": True, "cross_entropy": True, "fused_linear_cross_entropy": False}]
+
+
+@pytest.mark.slow
+def test_bench_experiment_runs_one_stack_when_asked(tmp_path, capsys):
+    """``--stacks loralab``: loralab run's row alone (a GPU call then spends no minutes on the Trainer
+    whose peak an earlier call measured); no ratio, no capped rerun. A stack --experiment does not
+    run is refused, naming what it allows."""
+    folder = make_experiment(tmp_path, "random:tiny-llama")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--experiment", str(folder), "--steps", "2", "--device", "cpu", "--stacks", "loralab",
+                 "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["stack"] for r in result["rows"]] == ["loralab"] and result["rows"][0]["tokens_per_second"] > 0
+    assert result["ratio"] is None and result["at_trainer_memory_plan"] is None
+    for bad, why in (("peer", "unknown 'peer'"), ("loralab,loralab", "empty or repeated")):
+        with pytest.raises(SystemExit, match=f"{why}; allowed with --experiment: loralab, trainer"):
+            main(["bench", "--experiment", str(folder), "--device", "cpu", "--stacks", bad])

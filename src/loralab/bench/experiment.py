@@ -212,8 +212,9 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
     if steps < 2:
         raise BenchError(f"--steps = {steps}: at least 2 (the first step is warm-up for both stacks)")
     unknown = [s for s in stacks if s not in ("loralab", "trainer")]
-    if unknown:
-        raise BenchError(f"stacks {unknown}: allowed loralab, trainer")
+    if unknown or not stacks or len(set(stacks)) != len(stacks):
+        raise BenchError(f"--stacks {','.join(stacks)!r}: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty or repeated'}; "
+                         "allowed with --experiment: loralab, trainer (each once)")
     with contextlib.ExitStack() as stack:
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loralab-bench-")))
         exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device)

@@ -38,7 +38,9 @@ def add_arguments(parser) -> None:
                              "float method's peer rows in the same run")
     parser.add_argument("--stacks", default=None,
                         help="comma-separated stacks to keep (peer, loralab, liger, tuned; default all), e.g. loralab "
-                             "for an A/B of --speed keys; the tuned peer is held to loralab's peak only beside its row")
+                             "for an A/B of --speed keys; the tuned peer is held to loralab's peak only beside its row; "
+                             "--experiment: loralab, trainer (default both; the Trainer's search is capped at loralab's "
+                             "peak only beside its row)")
     parser.add_argument("--no-compile", action="store_true",
                         help="speed.compile = false for the loralab stack (default: loralab run's, on for causal LMs on cuda)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
@@ -152,14 +154,15 @@ def _run_experiment(args, device: str) -> int:
     from loralab.bench.workloads import BenchError
     from loralab.config import ConfigError
 
-    if (args.preset or args.only or args.methods or args.stacks or args.profile or args.warmup or args.no_compile
+    if (args.preset or args.only or args.methods or args.profile or args.warmup or args.no_compile
             or args.no_cuda_graphs or args.speed):
         raise SystemExit("--experiment benches the folder's own method and speed settings (its adapter_config.json and "
-                         "training_parameters.json); remove --preset, --only, --methods, --stacks, --profile, --warmup, "
+                         "training_parameters.json); remove --preset, --only, --methods, --profile, --warmup, "
                          "--no-compile, --no-cuda-graphs and --speed, which apply to the preset rows only")
+    stacks = tuple(s.strip() for s in args.stacks.split(",") if s.strip()) if args.stacks else ("loralab", "trainer")
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
-                                      task=args.task, device=args.device)
+                                      task=args.task, device=args.device, stacks=stacks)
     except (ConfigError, BenchError) as exc:
         raise SystemExit(f"loralab bench --experiment {args.experiment}: {exc}") from exc
     print(experiment_table(result))
