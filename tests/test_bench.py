@@ -110,9 +110,9 @@ def test_stacks_keeps_those_rows_and_names_an_unknown_one(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main([*TINY_FIXED, "--stacks", "loralab,trainer"])
     assert "--stacks 'loralab,trainer': 'trainer' not a stack; allowed: peer, loralab, liger, tuned" in str(exc.value)
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--experiment", str(tmp_path), "--stacks", "loralab"])
-    assert "--stacks" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:  # --experiment runs its own two stacks (tests/test_bench_experiment.py)
+        main(["bench", "--experiment", str(tmp_path), "--stacks", "tuned"])
+    assert "--stacks 'tuned': unknown 'tuned'; allowed with --experiment: loralab, trainer" in str(exc.value)
     with pytest.raises(SystemExit) as exc:  # nothing left to run: refused, not an empty table
         main([*TINY_FIXED, "--stacks", "liger"])
     assert "--stacks 'liger': no row to run: stacks liger of methods" in str(exc.value) and "Liger needs CUDA" in str(exc.value)

@@ -225,3 +225,18 @@ def test_pissa_resumes_from_saved_init_without_svd_and_refuses_a_changed_config(
     done = run(folder, env, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(final(root), ref.result())
+
+
+def test_leftovers_of_a_killed_save_or_prune_are_not_checkpoints(tmp_path):
+    """A SIGKILL between prune's rename and its delete leaves ``step-6.del`` with its state.json (the
+    random-kill test met it: --resume failed on int("6.del")); a killed save leaves ``step-7.tmp``.
+    Neither is listed or resumed from, and the next prune removes them."""
+    from loralab.checkpoint import STATE, list_checkpoints, prune
+
+    for name in ("step-3", "step-10", "step-6.del", "step-7.tmp", "step-8"):
+        (tmp_path / name).mkdir()
+        if name != "step-8":  # a folder without state.json: a save killed before it finished
+            (tmp_path / name / STATE).write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-3", "step-10"]  # numeric order, leftovers out
+    prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10"]

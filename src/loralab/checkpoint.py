@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -107,11 +108,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Complete checkpoints under ``root`` (folders ``step-<n>`` holding ``state.json``), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
-             and (p / STATE).exists()]
+    # only "step-<n>": a save or prune killed mid-way leaves "step-<n>.tmp" / "step-<n>.del", which may still hold a
+    # state.json (a SIGKILL between the rename and the delete; --resume then read int("6.del") and failed)
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / STATE).exists()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
