@@ -288,7 +288,8 @@ class Method:
             from loralab.speed.fp8 import check_kernel
 
             names = linear_names(model)
-            check_kernel(dict(model.named_modules())[names[0]].weight.device)  # no kernel: fails here, naming it
+            if names:  # no kernel: fails here, naming it
+                check_kernel(dict(model.named_modules())[names[0]].weight.device)
             self.base_fallback = fp8base.quantize_linears(model, names)
         build_cfg = self.layer.configure(model, cfg, params)
         peft_model = self.init.build(model, build_cfg, params, ctx)

@@ -163,6 +163,11 @@ def decide_loss_chunk(decision: Decision, trials: list[Trial], small: Trial, *, 
                                                f", {100 * (small.rate / before.rate - 1):+.1f} % tokens/s over {before.size}"))
 
 
+def _peak_gib(t: Trial) -> float | str | None:
+    """A trial's peak as the record keeps it: GiB to 2 places, ``"oom"``, or None (not measured)."""
+    return "oom" if t.peak == float("inf") else None if t.peak is None else round(t.peak / 2**30, 2)
+
+
 def probe_record(trials: list[Trial], decision: Decision, *, budget: float | None, memory_fraction: float | None,
                  row_tokens: int | None, min_gain: float | None = MIN_GAIN, held: float = 0.0) -> dict:
     """What the record keeps of a micro-batch decision: the choice, the reason, each probed size
@@ -170,11 +175,8 @@ def probe_record(trials: list[Trial], decision: Decision, *, budget: float | Non
     tokens/s, the budget (GiB), the fraction it came from, the gain threshold, the tokens of one
     probed row and ``optimizer_state_gib`` (``held``: counted against the budget beside each peak;
     None without a budget)."""
-    def peak(t: Trial):
-        return "oom" if t.peak == float("inf") else None if t.peak is None else round(t.peak / 2**30, 2)
-
     return {"micro_batch": decision.micro_batch, "reason": decision.reason, "sizes": [t.size for t in trials],
-            "peaks_gib": [peak(t) for t in trials],
+            "peaks_gib": [_peak_gib(t) for t in trials],
             "tokens_per_second": [None if t.rate is None else round(t.rate, 1) for t in trials],
             "budget_gib": None if budget is None else round(budget / 2**30, 2), "memory_fraction": memory_fraction,
             "min_gain": min_gain, "row_tokens": row_tokens, "optimizer_state_gib": None if budget is None else round(held / 2**30, 2)}
@@ -275,9 +277,8 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
                           min_gain=min_gain, held=held)
     record["loss_chunk_size"] = chunk
     if small is not None:  # the size over the budget, probed again with small loss chunks
-        record["small_loss_chunk_trial"] = {"size": small.size, "peak_gib": probe_record(
-            [small], decision, budget=None, memory_fraction=None, row_tokens=None)["peaks_gib"][0],
-            "tokens_per_second": None if small.rate is None else round(small.rate, 1)}
+        record["small_loss_chunk_trial"] = {"size": small.size, "peak_gib": _peak_gib(small),
+                                            "tokens_per_second": None if small.rate is None else round(small.rate, 1)}
     log(f"micro-batch {decision.micro_batch} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
         f"probed {record['sizes']}, {decision.reason})")
     return decision.micro_batch, record
