@@ -146,7 +146,8 @@ def test_the_probe_counts_the_state_and_tries_small_loss_chunks_on_cuda(fraction
     if fraction == 0.5:
         assert micro >= 1 and chunks == [1024] and record["loss_chunk_size"] == 1024  # nothing over: no retry
     else:
-        assert micro == 1 and chunks == [1024, 128, 1024] and record["loss_chunk_size"] == 1024
+        # micro-batch 1 over either way: 128 is kept only where it peaked lower (here the 64-token rows are one chunk)
+        assert micro == 1 and chunks[:2] == [1024, 128] and chunks[-1] == record["loss_chunk_size"]
         assert record["small_loss_chunk_trial"]["size"] == 1 and "over it too" in record["reason"]
 
 
@@ -193,6 +194,15 @@ def test_micro_batch_1_over_the_budget_shrinks_the_loss_chunks_rather_than_go_ov
     assert taken and decision.micro_batch == 1  # slower, but within the memory the run is allowed
     assert "micro-batch 1 with 128-token loss chunks peaked at 18.90 GiB + 0.63 GiB of optimizer state, within it" \
         in decision.reason
+    # over the budget at either chunk (the seed 000 recipe capped at the Trainer's peak): the lower peak is kept
+    over = [Trial(1, 19.5 * GIB, 11000.0)]
+    stop = decide_micro_batch(over, limit=4, budget=BUDGET, held=STATE)
+    lower, decision = decide_loss_chunk(stop, over, Trial(1, 19.3 * GIB, 10500.0), budget=BUDGET, held=STATE)
+    assert lower and decision.micro_batch == 1 and "over it too but lower" in decision.reason
+    same, decision = decide_loss_chunk(stop, over, Trial(1, 19.5 * GIB, 10500.0), budget=BUDGET, held=STATE)
+    assert not same and decision.reason.endswith("over it too")
+    oom, _ = decide_loss_chunk(stop, over, Trial(1, float("inf"), None), budget=BUDGET, held=STATE)
+    assert not oom
 
 
 def test_the_trainer_memory_rerun_runs_where_the_probe_can_shrink_the_loss_chunks():
@@ -233,7 +243,7 @@ def replay(trials: dict, chunks: list):
     return lambda m: trials[(m, chunks[-1])]
 
 
-@pytest.mark.parametrize("case", ["taken", "retry-over", "retry-oom", "one-over", "fits"])
+@pytest.mark.parametrize("case", ["taken", "retry-over", "retry-oom", "one-over", "one-over-both", "fits"])
 def test_the_probe_search_leaves_the_chunk_it_chose(case):
     """``probe_sizes`` over recorded trials (losschunk-*.json's FP8 rows): which sizes it measures at
     which chunk, the chunk it leaves set, and the micro-batch."""
@@ -244,11 +254,14 @@ def test_the_probe_search_leaves_the_chunk_it_chose(case):
                         "retry-oom": Trial(4, float("inf"), None)}.get(case)
     if case == "one-over":
         trials = {(1, 1024): Trial(1, 19.3 * GIB, 3700.0), (1, 128): Trial(1, 18.9 * GIB, 3500.0)}
+    if case == "one-over-both":  # micro-batch 1 over at either chunk: the lower peak
+        trials = {(1, 1024): Trial(1, 19.6 * GIB, 3700.0), (1, 128): Trial(1, 19.3 * GIB, 3500.0)}
     chunks = []
     decision, measured, chunk, small = probe_sizes(replay(trials, chunks), limit=4, held=STATE, loss_chunk=chunks.append,
                                                    budget=BUDGET if case != "fits" else 40 * GIB)
     want = {"taken": (4, [1024, 128, 128], 128), "retry-over": (2, [1024, 128, 1024], 1024),
             "retry-oom": (2, [1024, 128, 1024], 1024), "one-over": (1, [1024, 128, 128], 128),
+            "one-over-both": (1, [1024, 128, 128], 128),
             "fits": (4, [1024], 1024)}[case]
     assert (decision.micro_batch, chunks, chunk) == want
     assert (small is None) == (case == "fits")

@@ -142,14 +142,19 @@ def decide_loss_chunk(decision: Decision, trials: list[Trial], small: Trial, *, 
     ``budget``); ``small``: that size probed again with the small chunks. It is taken when it fits
     (peak + ``held`` within the budget) and either nothing smaller exists (micro-batch 1: the run
     would go over the budget otherwise) or it beats the size before it by ``min_gain`` tokens/s
-    (the small chunks cost 4-6 %, a doubled micro-batch can gain more). Returns (small chunks
-    taken, the decision with its reason)."""
+    (the small chunks cost 4-6 %, a doubled micro-batch can gain more). At micro-batch 1 over the
+    budget either way, the small chunks are taken when they peak lower (the least memory the run
+    can take). Returns (small chunks taken, the decision with its reason)."""
     before = trials[-2] if len(trials) > 1 else None
     fits = small.peak is not None and small.peak + held <= budget
     peak = ("out of memory" if small.peak == float("inf") else "not measured" if small.peak is None
             else f"peaked at {small.peak / 2**30:.2f} GiB" + (f" + {held / 2**30:.2f} GiB of optimizer state" if held else ""))
     what = f"micro-batch {small.size} with {SMALL_LOSS_CHUNK}-token loss chunks {peak}"
     if not fits:
+        lower = before is None and small.peak is not None and small.peak < trials[-1].peak
+        if lower:  # micro-batch 1 goes over either way: the run takes the least memory it can
+            return True, Decision(small.size, None, f"{decision.reason}; {what}, over it too but lower: the smaller "
+                                                    "chunks are kept, the run going over the budget either way")
         return False, Decision(decision.micro_batch, None, f"{decision.reason}; {what}, over it too")
     if before is None:
         return True, Decision(small.size, None, f"memory: {decision.reason.removeprefix('memory: ')}; {what}, within "
