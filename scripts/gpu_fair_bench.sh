@@ -50,6 +50,12 @@
 #           2026-12-05 the auto micro-batch counts AdamW's state beside each probed peak and, with loss_chunk_size
 #           "auto", probes a size over the budget again with 128-token loss chunks. Whether every run's peak is now
 #           within memory_fraction, and what it costs or gains. ~4 min. Files: probe8b.json/.log.
+#   actbudget bf16 LoRA at micro-batch $MB (default 2) with `speed.activation_memory_budget` 1.0, 0.8, 0.6 ($BUDGETS):
+#           torch's memory-budget partitioner recomputing in the backward what the compiled layers would save
+#           (on CPU at 0.8: 30 % fewer saved bytes per Llama layer). Peak and tokens/s side by side. ~2 min.
+#   probebudget LoRA on both bases, micro-batch probed, at `activation_memory_budget` $BUDGET (default 0.8). ~1.5 min.
+#   recipebudget the recipe's loralab row alone at `activation_memory_budget` $BUDGET (default 0.8), against the
+#           Trainer's peak of an earlier call. ~1 min.
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -181,11 +187,25 @@ for part in "${PARTS[@]}"; do
     probe8b)  # loralab's four 8B rows at the defaults: the probe counting AdamW's state, the loss chunk "auto"
       step probe8b 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods lora,dora,fp8+lora,fp8+dora --stacks loralab --output "$OUT/probe8b.json" ;;
+    actbudget)  # speed.activation_memory_budget at one micro-batch: saved activations against recomputation
+      for b in ${BUDGETS:-1.0 0.8 0.6}; do
+        step "actbudget-$b" 120 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+          --methods lora --stacks loralab --speed micro_batch=${MB:-2} --speed activation_memory_budget=$b \
+          --output "$OUT/actbudget-$b.json"
+      done ;;
+    probebudget)  # loralab's LoRA rows with the micro-batch probed at activation_memory_budget $BUDGET (default 0.8)
+      step probebudget 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+        --methods lora,fp8+lora --stacks loralab --speed activation_memory_budget=${BUDGET:-0.8} \
+        --output "$OUT/probebudget.json" ;;
+    recipebudget)  # the recipe's loralab row alone at activation_memory_budget $BUDGET (default 0.8)
+      step recipebudget 200 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
+        --random-weights --task gsm8k --steps 5 --device cuda --stacks loralab \
+        --speed activation_memory_budget=${BUDGET:-0.8} --output "$OUT/recipebudget.json" ;;
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8check fp8quant fp8kernel rankab dorab losschunk probe8b fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8check fp8quant fp8kernel rankab dorab losschunk probe8b actbudget probebudget recipebudget fp8loss)"; exit 2 ;;
   esac
 done
 

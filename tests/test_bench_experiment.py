@@ -207,6 +207,14 @@ def test_bench_experiment_runs_one_stack_when_asked(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["stack"] for r in result["rows"]] == ["loralab"] and result["rows"][0]["tokens_per_second"] > 0
     assert result["ratio"] is None and result["at_trainer_memory_plan"] is None
+    # --speed: keys over the recipe's for loralab's rows, recorded and named in the table
+    assert main(["bench", "--experiment", str(folder), "--steps", "2", "--device", "cpu", "--stacks", "loralab",
+                 "--speed", "loss_chunk_size=64", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["speed"] == {"loss_chunk_size": 64} and result["rows"][0]["speed"]["loss_chunk_size"] == 64
+    assert "speed.loss_chunk_size 64 (loralab)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown key 'loss_chunk'"):
+        main(["bench", "--experiment", str(folder), "--device", "cpu", "--speed", "loss_chunk=64"])
     for bad, why in (("peer", "unknown 'peer'"), ("loralab,loralab", "empty or repeated")):
         with pytest.raises(SystemExit, match=f"{why}; allowed with --experiment: loralab, trainer"):
             main(["bench", "--experiment", str(folder), "--device", "cpu", "--stacks", bad])

@@ -108,6 +108,8 @@ class Speed:
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
+    activation_memory_budget: float = field(default=1.0, metadata={"added": True})  # compiled layers: torch's
+    # memory-budget partitioner (share of the saved activations to keep; 1.0: torch's default min-cut) (speed/step.py)
     loss_chunk_size: int | str = field(default="auto", metadata={"added": True, "old_defaults": (LOSS_CHUNK,)})
     # tokens per chunk of the fused LM-head loss (speed/losses; exact at any size), ~10 bytes a token and word on the
     # step's peak; auto: LOSS_CHUNK, or 128 where the probe finds a micro-batch fits only so (run/probe.py)
@@ -127,8 +129,11 @@ class Speed:
                      if t == "bool | str" and not (isinstance(speed[k], bool) or speed[k] == "auto")]
         if speed["autocast"] not in (None, "auto", "bfloat16", "float16"):
             problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
-        if not (type(speed["memory_fraction"]) in (int, float) and 0 < speed["memory_fraction"] <= 1):
-            problems.append(f"'speed.memory_fraction' = {speed['memory_fraction']!r} must be a number in (0, 1]")
+        problems += [f"'speed.{k}' = {speed[k]!r} must be a number in (0, 1]" for k in ("memory_fraction",
+                     "activation_memory_budget") if not (type(speed[k]) in (int, float) and 0 < speed[k] <= 1)]
+        if speed["compile"] is False and speed["activation_memory_budget"] != 1:
+            problems.append(f"'speed.activation_memory_budget' = {speed['activation_memory_budget']!r} with 'speed.compile' "
+                            "= false: the budget acts on compiled layers; set compile to \"auto\" or true, or the budget to 1")
         cache = speed["fp8_transpose_cache"]
         if not (type(cache) in (int, float) and 0 <= cache <= 1):
             problems.append(f"'speed.fp8_transpose_cache' = {cache!r} must be a number in [0, 1] (a share of the FP8 "
@@ -339,11 +344,8 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
         return problems
 
     def positive(name, allow_none=False):
-        v = values[name]
-        if v is None and allow_none:
-            return
-        if v is None or v <= 0:
-            problems.append(f"'{name}' = {v!r} must be > 0")
+        if not (values[name] is None and allow_none) and (values[name] is None or values[name] <= 0):
+            problems.append(f"'{name}' = {values[name]!r} must be > 0")
 
     for name in ("batch_size", "gradient_accumulation_steps", "learning_rate", "max_length", "eval_batch_size", "logging_steps"):
         positive(name)
@@ -353,10 +355,8 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
         problems.append(f"'num_epochs' = {values['num_epochs']!r} must be > 0 unless max_steps is set")
     if not 0 <= values["warmup_ratio"] < 1:
         problems.append(f"'warmup_ratio' = {values['warmup_ratio']!r} must be in [0, 1)")
-    if values["weight_decay"] < 0:
-        problems.append(f"'weight_decay' = {values['weight_decay']!r} must be >= 0")
-    if values["max_grad_norm"] < 0:
-        problems.append(f"'max_grad_norm' = {values['max_grad_norm']!r} must be >= 0 (0 disables clipping)")
+    problems += [f"'{k}' = {values[k]!r} must be >= 0{why}" for k, why in (("weight_decay", ""),
+                 ("max_grad_norm", " (0 disables clipping)")) if values[k] < 0]
     for name, allowed in (("dtype", DTYPES), ("lr_scheduler", SCHEDULERS), ("device", ("auto", "cpu", "cuda"))):
         problems.extend(not_allowed(values, name, allowed))
     cal = values["calibration"]

@@ -187,10 +187,11 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
 
 def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, task: str | None = None,
                          device: str | None = None, stacks: tuple[str, ...] = ("loralab", "trainer"),
-                         workdir=None, log=print) -> dict:
+                         speed: dict | None = None, workdir=None, log=print) -> dict:
     """One experiment folder's recipe, ``steps`` optimizer steps, through ``loralab run``'s own
     path and through transformers' ``Trainer`` + peft, one after the other in this process on one
-    device (see ``bench_copy``, ``_loralab_run_row``, ``peers.trainer_row``).
+    device (see ``bench_copy``, ``_loralab_run_row``, ``peers.trainer_row``). ``speed``: keys set over
+    the recipe's for loralab's rows (an A/B of a speed key; the result records them), not the Trainer's.
 
     Returns {experiment, model_id, random_weights, task, steps, optimizer_batch, device, rows,
     ratio, at_trainer_memory_plan, at_trainer_memory}: one row per stack with real (non-pad) tokens,
@@ -217,7 +218,7 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
                          "allowed with --experiment: loralab, trainer (each once)")
     with contextlib.ExitStack() as stack:
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loralab-bench-")))
-        exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device)
+        exp = bench_copy(path, root, steps=steps, random_weights=random_weights, task=task, device=device, speed=speed)
         params = exp.params
         if "trainer" in stacks:  # refused before the loralab stack spends minutes training
             require_causal_lm(params.task)
@@ -249,12 +250,15 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             log(f"bench --experiment {exp.name}: {AT_PEER_MEMORY}: {plan['reason']}")
         if plan and plan["run"]:
             capped_root = root / "at-trainer-memory"
+            allocated = torch.cuda.memory_allocated(dev)  # anything left over is in the probe's peaks: budget it
             capped = bench_copy(path, capped_root, steps=steps, random_weights=random_weights, task=task, device=device,
-                                speed={"memory_fraction": plan["memory_fraction"]})
+                                speed={**(speed or {}), "memory_fraction": plan["memory_fraction"]
+                                       + allocated / torch.cuda.get_device_properties(dev).total_memory})
             try:
                 row = {**_loralab_run_row(capped, capped_root), "stack": AT_PEER_MEMORY}
             except Exception as exc:  # noqa: BLE001 - recorded as a failed row, as above
                 row = _failed_row(AT_PEER_MEMORY, exc)
+            row["allocated_gib_at_start"] = gib(allocated)
             rows.append(row)
             by[AT_PEER_MEMORY] = row
             log(format_experiment_row(row))
@@ -271,7 +275,7 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             "task": params.task, "dtype": params.dtype, "steps": steps,
             "batch_size": params.batch_size, "gradient_accumulation_steps": params.gradient_accumulation_steps,
             "optimizer_batch": params.batch_size * params.gradient_accumulation_steps, "max_length": params.max_length,
-            "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "speed": speed,
             "rows": rows, "ratio": ratio, "best_peer": "trainer" if ratio else None, "ratio_best_peer": ratio,
             "at_trainer_memory_plan": plan, "at_trainer_memory": at_memory}
 
@@ -290,6 +294,7 @@ def experiment_table(result: dict) -> str:
             f"{', random weights' if result['random_weights'] else ''}), task {result['task']}, "
             f"{result['steps']} steps x {result['batch_size']} x {result['gradient_accumulation_steps']} = "
             f"{result['steps'] * result['optimizer_batch']} samples, max_length {result['max_length']}, "
+            + "".join(f"speed.{k} {v} (loralab), " for k, v in (result.get("speed") or {}).items()) +
             f"{result['gpu'] or result['device']}")
     lines = [head, ("steady state: `loralab run`'s own (steps after the first that captured no new CUDA graph: "
                     "compile, capture and the micro-batch probe are warm-up); Trainer: steps 2..N (step ends "

@@ -130,6 +130,12 @@ def clean(device: str) -> None:
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
+        # cuBLAS's workspaces (one per stream it ran on, ~32 MiB each on Hopper) live in the caching
+        # allocator for the process's life: left alone they count in the next row's peak
+        # (pytorch/pytorch#95668; inductor's CUDA graph trees clear them the same way).
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
 
 

@@ -155,14 +155,16 @@ def _run_experiment(args, device: str) -> int:
     from loralab.config import ConfigError
 
     if (args.preset or args.only or args.methods or args.profile or args.warmup or args.no_compile
-            or args.no_cuda_graphs or args.speed):
-        raise SystemExit("--experiment benches the folder's own method and speed settings (its adapter_config.json and "
-                         "training_parameters.json); remove --preset, --only, --methods, --profile, --warmup, "
-                         "--no-compile, --no-cuda-graphs and --speed, which apply to the preset rows only")
+            or args.no_cuda_graphs):
+        raise SystemExit("--experiment benches the folder's own method and settings (its adapter_config.json and "
+                         "training_parameters.json; --speed sets speed keys over them for loralab's rows); remove "
+                         "--preset, --only, --methods, --profile, --warmup, --no-compile and --no-cuda-graphs, which "
+                         "apply to the preset rows only")
     stacks = tuple(s.strip() for s in args.stacks.split(",") if s.strip()) if args.stacks else ("loralab", "trainer")
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
-                                      task=args.task, device=args.device, stacks=stacks)
+                                      task=args.task, device=args.device, stacks=stacks,
+                                      speed=parse_speed(args.speed) or None)
     except (ConfigError, BenchError) as exc:
         raise SystemExit(f"loralab bench --experiment {args.experiment}: {exc}") from exc
     print(experiment_table(result))
