@@ -66,10 +66,11 @@ GRAD_REDUCE = ("ddp", "after_backward")  # speed.grad_reduce's values (see Speed
 FP8_QUANTIZE_KERNELS = ("torch", "triton")  # speed.fp8_quantize_kernel's: torch ops (speed/fp8.py) or speed/fp8_kernels
 FUSED_AND_RANK = ("'speed.lora_scale_at_rank' = true with 'speed.fused_lora' = true: both rewrite LoRA's forward; "
                   "set lora_scale_at_rank to \"auto\" or false, or fused_lora to false")
-FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")
-"""``Speed`` keys that act on an FP8 base only (``quantization: "fp8"``)."""
+FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")  # Speed keys acting on an FP8 base only
 
 
+ACTIVATION_BUDGET = 0.8  # speed.activation_memory_budget "auto" where layers compile: 8B shape, H100, 2 x 512 rows:
+# 0.982x tokens/s, 1.5 GiB less, so bf16 LoRA's probe takes micro-batch 2 (results/bench-actbudget-h100)
 LOSS_CHUNK = 1024
 """``speed.loss_chunk_size`` "auto": tokens per loss chunk, unless the probe shrinks it (run/probe.py)."""
 
@@ -108,8 +109,8 @@ class Speed:
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
-    activation_memory_budget: float = field(default=1.0, metadata={"added": True})  # compiled layers: torch's
-    # memory-budget partitioner (share of the saved activations to keep; 1.0: torch's default min-cut) (speed/step.py)
+    activation_memory_budget: float | str = field(default="auto", metadata={"added": True})  # compiled layers: torch's
+    # memory-budget partitioner (speed/step.py; 1.0: its min-cut); auto: ACTIVATION_BUDGET where layers compile, else 1.0
     loss_chunk_size: int | str = field(default="auto", metadata={"added": True, "old_defaults": (LOSS_CHUNK,)})
     # tokens per chunk of the fused LM-head loss (speed/losses; exact at any size), ~10 bytes a token and word on the
     # step's peak; auto: LOSS_CHUNK, or 128 where the probe finds a micro-batch fits only so (run/probe.py)
@@ -129,9 +130,10 @@ class Speed:
                      if t == "bool | str" and not (isinstance(speed[k], bool) or speed[k] == "auto")]
         if speed["autocast"] not in (None, "auto", "bfloat16", "float16"):
             problems.append(f"'speed.autocast' = {speed['autocast']!r} is not allowed; allowed: auto, null, bfloat16, float16")
-        problems += [f"'speed.{k}' = {speed[k]!r} must be a number in (0, 1]" for k in ("memory_fraction",
-                     "activation_memory_budget") if not (type(speed[k]) in (int, float) and 0 < speed[k] <= 1)]
-        if speed["compile"] is False and speed["activation_memory_budget"] != 1:
+        for k, auto in (("memory_fraction", ""), ("activation_memory_budget", '"auto" or ')):
+            if not (type(speed[k]) in (int, float) and 0 < speed[k] <= 1 or auto and speed[k] == "auto"):
+                problems.append(f"'speed.{k}' = {speed[k]!r} must be {auto}a number in (0, 1]")
+        if speed["compile"] is False and speed["activation_memory_budget"] not in (1, "auto"):
             problems.append(f"'speed.activation_memory_budget' = {speed['activation_memory_budget']!r} with 'speed.compile' "
                             "= false: the budget acts on compiled layers; set compile to \"auto\" or true, or the budget to 1")
         cache = speed["fp8_transpose_cache"]
@@ -143,12 +145,9 @@ class Speed:
                 problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
         if speed["fused_lora"] is True and speed["lora_scale_at_rank"] is True:
             problems.append(FUSED_AND_RANK)
-        chunk = speed["loss_chunk_size"]
-        if not (chunk == "auto" or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0)):
-            problems.append(f"'speed.loss_chunk_size' = {chunk!r} must be \"auto\" or a positive integer (tokens per chunk)")
-        mb = speed["micro_batch"]
-        if not (mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0)):
-            problems.append(f"'speed.micro_batch' = {mb!r} must be \"auto\" or a positive integer")
+        for k, unit in (("loss_chunk_size", " (tokens per chunk)"), ("micro_batch", "")):
+            if not (speed[k] == "auto" or (isinstance(speed[k], int) and not isinstance(speed[k], bool) and speed[k] > 0)):
+                problems.append(f"'speed.{k}' = {speed[k]!r} must be \"auto\" or a positive integer{unit}")
         return problems
 
     def resolve(self, *, device_type: str, kind: str, base_dtype: str) -> Speed:
@@ -163,6 +162,8 @@ class Speed:
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):
             out.loss_chunk_size = LOSS_CHUNK  # else the probe settles it (loralab.run.step.make_step)
+        if out.activation_memory_budget == "auto":
+            out.activation_memory_budget = ACTIVATION_BUDGET if out.compile else 1.0
         if out.lora_scale_at_rank == "auto":
             out.lora_scale_at_rank = out.fused_lora is not True and "float16" not in (base_dtype, out.autocast)
         return out
@@ -258,9 +259,8 @@ class TrainingParameters:
     eval_options: dict[str, Any] = field(default_factory=dict)
     """Options passed to the evaluations (see ``loralab.tasks.evaluations``)."""
     speed: dict[str, Any] = field(default_factory=_speed_defaults)
-    """``Speed``'s keys: fast_dora, chunked_loss (exact, on); cuda_graphs, autocast, compile, packing,
-    micro_batch ("auto": decided per device and model by ``Speed.resolve``); fused_lora,
-    group_by_length (off). An explicit value always wins over "auto"."""
+    """``Speed``'s keys (its field comments: what each does, what "auto" means per device and model, decided
+    by ``Speed.resolve``). An explicit value always wins over "auto"."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
 
