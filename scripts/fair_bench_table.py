@@ -102,12 +102,14 @@ def bench_goals(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def probe_table(out: Path, notes: list[str]) -> None:
-    """``probe8b.json`` (gpu_fair_bench.sh probe8b) beside ``fair8b.json``'s loralab rows, when present."""
+    """``probe8b.json`` (gpu_fair_bench.sh probe8b) beside the loralab rows before, when present:
+    ``probe8b-before.json`` (the same part at the defaults before), else ``fair8b.json``'s."""
     after = {r["method"]: r for r in json.loads((out / "probe8b.json").read_text()) if r["stack"] == "loralab"}
-    before = {r["method"]: r for r in json.loads((out / "fair8b.json").read_text()) if r["stack"] == "loralab"} \
-        if (out / "fair8b.json").exists() else {}
-    print("loralab's 8B rows at the defaults with the probe counting AdamW's state and `loss_chunk_size` \"auto\" "
-          "(`probe8b.json`) beside the same rows before (`fair8b.json`):\n\n| method | before: tokens/s (micro-batch) | "
+    source = next((n for n in ("probe8b-before.json", "fair8b.json") if (out / n).exists()), None)
+    before = {r["method"]: r for r in json.loads((out / source).read_text()) if r["stack"] == "loralab"} if source else {}
+    budget_note = " and `activation_memory_budget` \"auto\"" if source == "probe8b-before.json" else ""
+    print(f"loralab's 8B rows at the defaults with the probe counting AdamW's state, `loss_chunk_size` \"auto\"{budget_note} "
+          f"(`probe8b.json`) beside the same rows before (`{source}`):\n\n| method | before: tokens/s (micro-batch) | "
           "before: peak | after: tokens/s (micro-batch, loss chunk) | after: peak | budget | after within it | after / before |\n"
           "|---|--:|--:|--:|--:|--:|---|--:|")
     for method, r in after.items():
@@ -219,6 +221,21 @@ def main() -> None:
                 peak = "" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.2f} GiB"
                 print(f"| {chunk} | {r['method']} | {rate} | {peak} | {r.get('micro_batch', '')} | "
                       f"{probe.get('peaks_gib', '')} |")
+        print()
+    budgets = sorted((p.stem.removeprefix("actbudget-") for p in out.glob("actbudget-*.json")), key=float, reverse=True)
+    if budgets:  # speed.activation_memory_budget at one micro-batch (gpu_fair_bench.sh actbudget)
+        rows = {b: json.loads((out / f"actbudget-{b}.json").read_text())[0] for b in budgets}
+        base = rows.get("1.0", {})
+        print("bf16 LoRA at one micro-batch (`--speed micro_batch=...`) with each `activation_memory_budget` "
+              "(`actbudget-*.json`; one call, one machine):\n\n| activation_memory_budget | tokens/s | peak memory | "
+              "micro-batch | tokens/s vs 1.0 | peak vs 1.0 |\n|--:|--:|--:|--:|--:|--:|")
+        for b, r in rows.items():
+            if not r.get("throughput"):
+                print(f"| {b} | failed: {r.get('error', '')[:160]} | | | | |")
+                continue
+            vs = (f"{r['throughput'] / base['throughput']:.3f}x | {r['peak_memory_gib'] - base['peak_memory_gib']:+.2f} GiB"
+                  if base.get("throughput") else " | ")
+            print(f"| {b} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.2f} GiB | {r.get('micro_batch')} | {vs} |")
         print()
     if (out / "probe8b.json").exists():  # loralab's 8B rows after the probe learnt the optimizer state and small loss chunks
         probe_table(out, notes)

@@ -32,15 +32,16 @@ def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False)
+PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, activation_memory_budget=1.0)
 """What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
 
 
 def prepare_model(model, options: Speed):
-    """Apply resolved speed settings (``Speed.resolve``: no "auto" in autocast, compile or lora_scale_at_rank) to a
-    (peft-wrapped) model in place and return it. Raises ValueError for unresolved settings and for
-    ``fused_lora`` with ``lora_scale_at_rank``."""
-    unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank") if getattr(options, k) == "auto"]
+    """Apply resolved speed settings (``Speed.resolve``: no "auto" in autocast, compile, lora_scale_at_rank, nor
+    in activation_memory_budget where layers compile) to a (peft-wrapped) model in place and return it. Raises ValueError for unresolved
+    settings and for ``fused_lora`` with ``lora_scale_at_rank``."""
+    unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank", "activation_memory_budget")
+                  if getattr(options, k) == "auto" and (k != "activation_memory_budget" or options.compile)]
     if unresolved:
         raise ValueError(f"prepare_model needs resolved speed settings; {', '.join(unresolved)} still 'auto' "
                          "(Speed.resolve)")

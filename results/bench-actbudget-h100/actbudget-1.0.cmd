@@ -1,0 +1,1 @@
+python3 -m loralab bench --preset full --device cuda --only llama-3-8b/fixed --methods lora --stacks loralab --speed micro_batch=2 --speed activation_memory_budget=1.0 --output /root/out/actbudget-1.0.json
