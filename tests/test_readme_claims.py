@@ -367,3 +367,27 @@ def test_probe_section_is_the_scripts_output():
              ["peaks_gib"][k] for m, k in (("lora", 0), ("fp8+lora", 2))]
     assert (f"128 ran {slow[0]:.3f}x and {slow[1]:.3f}x as fast as 1024 at the same micro-batch, {lower[0]:.2f} and "
             f"{lower[1]:.2f} GiB lower; FP8 LoRA took micro-batch 4 at 128, {gain:.3f}x its micro-batch 2") in readme
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_activation_budget_section_is_the_scripts_output():
+    """The activation-budget section holds what scripts/fair_bench_table.py prints from
+    results/bench-actbudget-h100/, and the speed-defaults row and the default quote its files."""
+    from loralab.config import ACTIVATION_BUDGET
+
+    folder = RESULTS / "bench-actbudget-h100"
+    printed, text = _printed_tables_in(folder, "### Activations recomputed within a memory budget (H100)")
+    rows = {b: json.loads((folder / f"actbudget-{b}.json").read_text())[0] for b in ("1.0", "0.8")}
+    rate = rows["0.8"]["throughput"] / rows["1.0"]["throughput"]
+    less = rows["1.0"]["peak_memory_gib"] - rows["0.8"]["peak_memory_gib"]
+    assert f"{rate:.3f}x | {-less:+.2f} GiB" in printed and ACTIVATION_BUDGET == 0.8
+    assert f"2 x 512 rows: {rate:.3f}x tokens/s and {less:.2f} GiB less than 1.0" in " ".join(README.split())
+    tail = (folder / "call3-output-tail.txt").read_text()
+    before = {r["method"]: r for r in json.loads((folder / "probe8b-before.json").read_text())}
+    for line in ("lora  loralab       13,232 tokens/s", "fp8+lora loralab       17,193 tokens/s"):
+        assert line in tail
+    assert f"{13232 / before['lora']['throughput']:.3f}x its micro-batch 1" in " ".join(text.split())
+    assert f"4, {17193 / before['fp8+lora']['throughput']:.3f}x" in " ".join(text.split())
+    assert "| `loralab run` | 640 | 118,972 | 2 | 11,842 |" in tail
+    recipe = json.loads((folder / "call1-recipeours.json").read_text())["rows"][0]["tokens_per_second"]
+    assert f"11,842 tokens/s at 19.7 GiB, {11842 / recipe:.3f}x" in " ".join(text.split())
