@@ -146,9 +146,13 @@ for part in "${PARTS[@]}"; do
     recipe)
       step recipe 330 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --output "$OUT/recipe.json" ;;
-    recipeours)  # the recipe's loralab row alone (--stacks loralab): against a Trainer peak measured in an earlier call
+    recipeours)  # the recipe's loralab row alone (--stacks loralab): against a Trainer peak measured in an earlier call;
+      # SPEED="memory_fraction=0.2390": capped as the bench's rerun within that Trainer's peak would be
+      speed_args=()
+      for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done
       step recipeours 200 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
-        --random-weights --task gsm8k --steps 5 --device cuda --stacks loralab --output "$OUT/recipeours.json" ;;
+        --random-weights --task gsm8k --steps 5 --device cuda --stacks loralab "${speed_args[@]}" \
+        --output "$OUT/recipeours.json" ;;
     fp8quant)
       step fp8quant 240 $PYTHON scripts/fp8_quant_bench.py --output "$OUT/fp8quant.json" ;;
     fp8kernel)
