@@ -70,7 +70,7 @@ FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")  # Speed keys ac
 
 
 ACTIVATION_BUDGET = 0.8  # speed.activation_memory_budget "auto" where layers compile: 8B shape, H100, 2 x 512 rows:
-# 0.982x tokens/s, 1.5 GiB less, so bf16 LoRA's probe takes micro-batch 2 (results/bench-actbudget-h100)
+# 0.983x tokens/s, 1.52 GiB less, so bf16 LoRA's probe takes micro-batch 2 (results/bench-actbudget-h100)
 LOSS_CHUNK = 1024
 """``speed.loss_chunk_size`` "auto": tokens per loss chunk, unless the probe shrinks it (run/probe.py)."""
 

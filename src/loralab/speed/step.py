@@ -37,9 +37,9 @@ PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, activation
 
 
 def prepare_model(model, options: Speed):
-    """Apply resolved speed settings (``Speed.resolve``: no "auto" in autocast, compile, lora_scale_at_rank, nor
-    in activation_memory_budget where layers compile) to a (peft-wrapped) model in place and return it. Raises ValueError for unresolved
-    settings and for ``fused_lora`` with ``lora_scale_at_rank``."""
+    """Apply resolved speed settings (``Speed.resolve``: no "auto" in autocast, compile, lora_scale_at_rank,
+    nor in activation_memory_budget where layers compile) to a (peft-wrapped) model in place and return
+    it. Raises ValueError for unresolved settings and for ``fused_lora`` with ``lora_scale_at_rank``."""
     unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank", "activation_memory_budget")
                   if getattr(options, k) == "auto" and (k != "activation_memory_budget" or options.compile)]
     if unresolved:
