@@ -68,13 +68,48 @@ def test_budget_one_is_the_backend_itself_and_lower_wraps_it():
     assert budgeted_backend("inductor", 1.0) == "inductor"
     wrapped = budgeted_backend("aot_eager_decomp_partition", 0.5)
     assert callable(wrapped) and "activation_memory_budget=0.5" in wrapped.__name__
+    assert budgeted_backend("aot_eager_decomp_partition", 0.5) is wrapped  # one per (backend, budget)
+    assert budgeted_backend("aot_eager_decomp_partition", 0.7) is not wrapped
+
+
+def test_models_prepared_one_after_another_share_the_compiled_layers():
+    """One process training several experiments (``loralab run a b c ...``): torch keys compiled code
+    by the backend's identity, so a budgeted backend made anew per model compiled the layers again
+    for each (2 graphs more per model here) until torch's recompile limit (8) left them uncompiled
+    from the fifth model on, the record still saying compile true."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.speed.step import causal_lm_loss, prepare_model
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    counts = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        speed = Speed(compile=True, cuda_graphs=False, autocast=None, activation_memory_budget=0.8,
+                      compile_backend=counting).resolve(device_type="cpu", kind="causal_lm", base_dtype="float32")
+        prepare_model(model, speed)
+        ids = torch.randint(0, 64, (1, 16))
+        causal_lm_loss(model, {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})[0].backward()
+        counts.append(len(graphs))
+    torch._dynamo.reset()
+    assert counts[0] > 0 and counts == [counts[0]] * 3, counts
 
 
 @pytest.mark.parametrize("speed, message", [
     ({"activation_memory_budget": 0}, "'speed.activation_memory_budget' = 0 must be \"auto\" or a number in (0, 1]"),
     ({"activation_memory_budget": 1.5}, "'speed.activation_memory_budget' = 1.5 must be \"auto\" or a number in (0, 1]"),
     ({"activation_memory_budget": "low"}, "'speed.activation_memory_budget' = 'low'"),
-    ({"activation_memory_budget": 0.8, "compile": False}, "with 'speed.compile' = false: the budget acts on compiled layers"),
+    ({"activation_memory_budget": 0.8, "compile": False}, "with 'speed.compile' = false: the budget acts on compiled layers; set compile to true"),
 ])
 def test_bad_budgets_are_refused_naming_the_key(speed, message):
     with pytest.raises(ConfigError) as err:
@@ -92,6 +127,8 @@ def test_auto_is_the_budget_where_layers_compile_and_an_explicit_value_wins():
     assert resolved("cuda") == ACTIVATION_BUDGET  # compile auto: on for a CUDA causal LM
     assert resolved("cpu") == 1.0 and resolved("cuda", compile=False) == 1.0
     assert resolved("cuda", activation_memory_budget=1.0) == 1.0 and resolved("cpu", compile=True) == ACTIVATION_BUDGET
+    # an explicit budget where compile "auto" leaves layers uncompiled (CPU): nothing to partition, recorded as such
+    assert resolved("cpu", activation_memory_budget=0.6) == 1.0 and resolved("cuda", activation_memory_budget=0.6) == 0.6
     build_parameters({"speed": {"activation_memory_budget": 0.8, "compile": True}})  # no problem
     build_parameters({"speed": {"compile": False}})  # auto with compile off: nothing to refuse
 

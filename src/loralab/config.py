@@ -110,7 +110,7 @@ class Speed:
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     activation_memory_budget: float | str = field(default="auto", metadata={"added": True})  # compiled layers: torch's
-    # memory-budget partitioner (speed/step.py; 1.0: its min-cut); auto: ACTIVATION_BUDGET where layers compile, else 1.0
+    # memory-budget partitioner (speed/step.py; 1.0: its min-cut); auto: ACTIVATION_BUDGET; 1.0 where no layer compiles
     loss_chunk_size: int | str = field(default="auto", metadata={"added": True, "old_defaults": (LOSS_CHUNK,)})
     # tokens per chunk of the fused LM-head loss (speed/losses; exact at any size), ~10 bytes a token and word on the
     # step's peak; auto: LOSS_CHUNK, or 128 where the probe finds a micro-batch fits only so (run/probe.py)
@@ -135,7 +135,7 @@ class Speed:
                 problems.append(f"'speed.{k}' = {speed[k]!r} must be {auto}a number in (0, 1]")
         if speed["compile"] is False and speed["activation_memory_budget"] not in (1, "auto"):
             problems.append(f"'speed.activation_memory_budget' = {speed['activation_memory_budget']!r} with 'speed.compile' "
-                            "= false: the budget acts on compiled layers; set compile to \"auto\" or true, or the budget to 1")
+                            "= false: the budget acts on compiled layers; set compile to true, or the budget to \"auto\"")
         cache = speed["fp8_transpose_cache"]
         if not (type(cache) in (int, float) and 0 <= cache <= 1):
             problems.append(f"'speed.fp8_transpose_cache' = {cache!r} must be a number in [0, 1] (a share of the FP8 "
@@ -162,7 +162,7 @@ class Speed:
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):
             out.loss_chunk_size = LOSS_CHUNK  # else the probe settles it (loralab.run.step.make_step)
-        if out.activation_memory_budget == "auto":
+        if out.activation_memory_budget == "auto" or not out.compile:  # no compiled layer: nothing to partition
             out.activation_memory_budget = ACTIVATION_BUDGET if out.compile else 1.0
         if out.lora_scale_at_rank == "auto":
             out.lora_scale_at_rank = out.fused_lora is not True and "float16" not in (base_dtype, out.autocast)

@@ -252,8 +252,8 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             capped_root = root / "at-trainer-memory"
             allocated = torch.cuda.memory_allocated(dev)  # anything left over is in the probe's peaks: budget it
             capped = bench_copy(path, capped_root, steps=steps, random_weights=random_weights, task=task, device=device,
-                                speed={**(speed or {}), "memory_fraction": plan["memory_fraction"]
-                                       + allocated / torch.cuda.get_device_properties(dev).total_memory})
+                                speed={**(speed or {}), "memory_fraction": min(1.0, plan["memory_fraction"]
+                                       + allocated / torch.cuda.get_device_properties(dev).total_memory)})
             try:
                 row = {**_loralab_run_row(capped, capped_root), "stack": AT_PEER_MEMORY}
             except Exception as exc:  # noqa: BLE001 - recorded as a failed row, as above

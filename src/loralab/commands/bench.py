@@ -48,7 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--speed", action="append", default=[], metavar="KEY=VALUE",
                         help="an explicit speed key for the loralab stack, VALUE in JSON (repeatable), e.g. "
                              "fp8_transpose_cache=0.81; FP8-only keys apply to the FP8-base rows, and those rows run "
-                             "fused_lora off whatever is given (loralab run refuses it on an FP8 base)")
+                             "fused_lora off whatever is given (loralab run refuses it on an FP8 base); with "
+                             "--experiment, over the recipe's speed keys for loralab's rows")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda), in a second pass after all rows are timed")
     group = parser.add_argument_group("generation (--eval)")
     group.add_argument("--eval", action="store_true",

@@ -75,20 +75,35 @@ def prepare_model(model, options: Speed):
     return model
 
 
-def budgeted_backend(name: str, budget: float):
-    """The ``torch.compile`` backend ``name`` (e.g. "inductor") with torch's memory-budget partitioner
-    set to ``budget`` while it compiles (``torch._functorch.config.activation_memory_budget``: the
-    share of the activations the min-cut partitioner would save that the forward may keep; below 1
-    it recomputes the cheapest ops in the backward instead, pointwise first by its flop estimate).
-    1.0 (torch's default) returns ``name`` unchanged. Scoped to our layers' compiles, not set for the
-    process. Why: a Llama layer's compiled backward saves ~20 hidden-sizes of activations per token
-    (the MLP's gate, up and their product among them); at 0.8, ~14 (tests/test_speed_memory_budget.py).
-    Only backends that partition with min-cut (inductor, aot_eager_decomp_partition) act on it.
+_BUDGETED: dict = {}  # (backend, budget) -> the one wrapper (see budgeted_backend)
+
+
+def budgeted_backend(name, budget: float):
+    """The ``torch.compile`` backend ``name`` (e.g. "inductor", or a backend callable) with torch's
+    memory-budget partitioner set to ``budget`` while it compiles
+    (``torch._functorch.config.activation_memory_budget``: where the saved activations lie between
+    saving only the graph's inputs, 0, and what the default min-cut partition saves, 1; below 1 torch
+    first tries more aggressive min-cut settings, then chooses ops to recompute in the backward by
+    their estimated runtime, pointwise first). 1.0 (torch's default) returns ``name`` unchanged.
+    Scoped to our layers' compiles, not set for the process. Why: a Llama layer's compiled backward
+    saves ~20 hidden sizes of activations per token (the MLP's gate, up and their product among
+    them); at 0.8, ~14 (tests/test_speed_memory_budget.py). Only backends that partition with min-cut
+    (inductor, aot_eager_decomp_partition) act on it. One wrapper per (name, budget) for the process:
+    torch keys compiled code by the backend's identity, so a new wrapper per model would compile
+    every layer's code again and, past torch's recompile limit (8), leave layers uncompiled when
+    one process trains several experiments.
     Where the budgeted partition fails (torch 2.11's flop count of a grouped-query SDPA asserts at
     0.6 on the 8B shape), that graph compiles at torch's default instead, with a warning naming
-    the error: the run keeps its memory as without a budget rather than stopping."""
+    the error: the run keeps its memory as without a budget rather than stopping (an error of the
+    compile itself raises from the second try)."""
     if budget >= 1:
         return name
+    if (name, budget) not in _BUDGETED:
+        _BUDGETED[(name, budget)] = _budgeted(name, budget)
+    return _BUDGETED[(name, budget)]
+
+
+def _budgeted(name, budget: float):
     import warnings
 
     import torch._functorch.config as functorch_config
@@ -101,12 +116,12 @@ def budgeted_backend(name: str, budget: float):
             with functorch_config.patch(activation_memory_budget=budget):
                 return compile_fn(gm, example_inputs)
         except Exception as exc:  # noqa: BLE001 - torch's partitioner or its cost model; the default still compiles
-            warnings.warn(f"speed.activation_memory_budget {budget}: torch's memory-budget partition failed "
+            warnings.warn(f"loralab speed.activation_memory_budget {budget}: torch's memory-budget partition failed "
                           f"({type(exc).__name__}: {str(exc).strip()[:200]}); this graph compiles at torch's default "
-                          "(budget 1.0), keeping the activations it saves", RuntimeWarning, stacklevel=2)
+                          "(budget 1.0), keeping the activations it saves", RuntimeWarning, stacklevel=1)
             return compile_fn(gm, example_inputs)
 
-    backend.__name__ = f"{name}@activation_memory_budget={budget}"
+    backend.__name__ = f"{getattr(name, '__name__', name)}@activation_memory_budget={budget}"
     return backend
 
 
