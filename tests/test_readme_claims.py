@@ -304,7 +304,7 @@ def test_fair_bench_h100_section_is_the_scripts_output():
     its reading quotes those files (the tuned peer's probe, the docs peer's step, the FP8 row's margin, the
     regressed call), and the speed-defaults row quotes the back-to-back rank-scaling pairs."""
     folder = RESULTS / "bench-fair-h100"
-    printed, text = _printed_tables_in(folder, "### Training speed against the fairest peer, current defaults (H100)")
+    printed, text = _printed_tables_in(folder, "### Training speed against the fairest peer, the defaults of commit b7fbcb6 (H100)")
     notes = [line for line in printed.splitlines() if line.startswith("- ")]
     assert notes and all(line in text for line in notes)
     flat = " ".join(text.split())
