@@ -95,6 +95,10 @@
 #   seed 000 recipe's peak now comes under the Trainer's; `recipeours`, ~2 min, runs loralab's row alone against the
 #   Trainer's 19.21 GiB of results/bench-probe-h100/recipe.json); (2) probe8b at HEAD. On an H200: fp8check fair8b,
 #   recipe, fp8loss.
+#   After 2026-12-05's eighth session (H100 only, results/bench-actbudget-h100/: `activation_memory_budget` "auto" = 0.8;
+#   the recipe beside the Trainer at it, and DoRA's rows, unmeasured): on an H100, (1) recipe probe8b; on an H200:
+#   fp8check fair8b, recipe, fp8loss. The device's reply returns a limited number of files: end the device command
+#   with `cd $OUT && tar czf /tmp/b.tgz . && rm -rf $OUT/* && mv /tmp/b.tgz $OUT/` (one archive).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
