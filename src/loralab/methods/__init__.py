@@ -289,7 +289,7 @@ class Method:
 
             names = linear_names(model)
             if names:  # no kernel: fails here, naming it
-                check_kernel(dict(model.named_modules())[names[0]].weight.device)
+                check_kernel(model.get_submodule(names[0]).weight.device)
             self.base_fallback = fp8base.quantize_linears(model, names)
         build_cfg = self.layer.configure(model, cfg, params)
         peft_model = self.init.build(model, build_cfg, params, ctx)

@@ -16,6 +16,7 @@ Packing and micro-batching live in ``loralab.run.step.Step``; settings in ``lora
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,7 @@ def prepare_model(model, options: Speed):
     return model
 
 
-_BUDGETED: dict = {}  # (backend, budget) -> the one wrapper (see budgeted_backend)
-
-
+@functools.cache  # one wrapper per (backend, budget) for the process: see the docstring
 def budgeted_backend(name, budget: float):
     """The ``torch.compile`` backend ``name`` (e.g. "inductor", or a backend callable) with torch's
     memory-budget partitioner set to ``budget`` while it compiles
@@ -98,12 +97,6 @@ def budgeted_backend(name, budget: float):
     compile itself raises from the second try)."""
     if budget >= 1:
         return name
-    if (name, budget) not in _BUDGETED:
-        _BUDGETED[(name, budget)] = _budgeted(name, budget)
-    return _BUDGETED[(name, budget)]
-
-
-def _budgeted(name, budget: float):
     import warnings
 
     import torch._functorch.config as functorch_config
