@@ -27,25 +27,28 @@ STACK = {"peer": "docs", "liger": "Liger", "tuned": "tuned"}
 def profile_summary(text: str) -> list[str]:
     """One line per ``== profile: ...`` section of a ``loralab bench --profile`` file: total CUDA time, the
     GEMM kernels (cuBLAS ``nvjet``; FP8 ones have ``qq`` in the name) and inductor's fused kernels around
-    ``_scaled_mm`` (the per-token quantisation: amax, scale, cast), summed over the 20 kernels it lists."""
+    ``_scaled_mm`` (the per-token quantisation: amax, scale, cast), summed over the rows it lists (20 by total
+    time before 2026-12-06, 60 by self time since)."""
     lines, parts = [], {}
     for part in text.split("== profile: ")[1:]:
         title = part.split(" ==", 1)[0]
         total = float(part.split("Self CUDA time total: ")[1].split("ms")[0])
         gemm = fp8 = quant = 0.0
+        listed = 0
         for row in part.splitlines():
             cells = row.split()
             ms = next((float(c[:-2]) for c in cells if c.endswith("ms") and c[:-2].replace(".", "").isdigit()), None)
-            if ms is None or not cells:
+            if ms is None or not cells or row.startswith("Self C"):  # the totals below the table
                 continue
             name = cells[0]
+            listed += 1
             if name.startswith("nvjet"):
                 gemm += ms
                 fp8 += ms if "_qq" in name else 0.0
             elif name.startswith("triton") and "_scaled_mm" in name:
                 quant += ms
         lines.append(f"- Profile, {title}: {total:.1f} ms of CUDA time; GEMMs {gemm:.1f} ms (FP8 {fp8:.1f} ms), "
-                     f"kernels fused around `_scaled_mm` {quant:.1f} ms (among the 20 kernels the profile lists).")
+                     f"kernels fused around `_scaled_mm` {quant:.1f} ms (among the {listed} rows the profile lists).")
         parts[title.split()[1]] = (total, gemm, quant)
     if "lora" in parts and "fp8+lora" in parts:
         (t_bf, g_bf, _), (t_fp, g_fp, q_fp) = parts["lora"], parts["fp8+lora"]

@@ -46,6 +46,8 @@
 #           `loss_chunk_size` 1024 (the default), then 128: the fused loss's chunk of logits (~10 bytes per token and
 #           vocabulary entry, on the step's peak) against speed. On an H100 at memory_fraction 0.25 FP8 LoRA's
 #           micro-batch 4 missed the budget by 0.05 GiB. ~4 min. Files: losschunk-{1024,128}.json/.log.
+#   profld  loralab's bf16 LoRA and DoRA rows alone, each with a torch.profiler table (60 kernels by self CUDA time,
+#           profld.profile.txt): what DoRA's step spends beyond LoRA's, kernel by kernel. ~3 min.
 #   probe8b loralab's rows only (`--methods lora,dora,fp8+lora,fp8+dora --stacks loralab`) at the defaults: since
 #           2026-12-05 the auto micro-batch counts AdamW's state beside each probed peak and, with loss_chunk_size
 #           "auto", probes a size over the budget again with 128-token loss chunks. Whether every run's peak is now
@@ -192,6 +194,9 @@ for part in "${PARTS[@]}"; do
         step "losschunk-$chunk" 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
           --methods lora,fp8+lora --stacks loralab --speed loss_chunk_size=$chunk --output "$OUT/losschunk-$chunk.json"
       done ;;
+    profld)  # loralab's bf16 LoRA and DoRA rows, each profiled (60 kernels by self time): DoRA's kernels beside LoRA's
+      step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+        --methods lora,dora --stacks loralab --profile --output "$OUT/profld.json" ;;
     probe8b)  # loralab's four 8B rows at the defaults: the probe counting AdamW's state, the loss chunk "auto"
       step probe8b 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods lora,dora,fp8+lora,fp8+dora --stacks loralab --output "$OUT/probe8b.json" ;;

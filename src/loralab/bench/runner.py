@@ -214,6 +214,9 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
     return row
 
 
+PROFILE_ROWS = 60
+
+
 def _profile(run, data, title: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -221,7 +224,9 @@ def _profile(run, data, title: str) -> str:
         for item in data:
             run(item)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    # by self time, 60 rows: each kernel once (not again under every op that launched it), enough to set one
+    # method's kernels beside another's (e.g. DoRA's beside LoRA's)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS)
     return f"== profile: {title} (2 steps) ==\n{table}"
 
 
