@@ -46,6 +46,9 @@
 #           `loss_chunk_size` 1024 (the default), then 128: the fused loss's chunk of logits (~10 bytes per token and
 #           vocabulary entry, on the step's peak) against speed. On an H100 at memory_fraction 0.25 FP8 LoRA's
 #           micro-batch 4 missed the budget by 0.05 GiB. ~4 min. Files: losschunk-{1024,128}.json/.log.
+#   doraab  DoRA on both bases (loralab's rows, micro-batch probed) with the source of another commit (carry
+#           .devdata/oldsrc: `mkdir -p .devdata/oldsrc && git archive <commit> src | tar -x -C .devdata/oldsrc`), this
+#           tree, then the other again: an A/B of one change on one machine. ~5 min. Files: doraab-{old,new,old2}.json/.log.
 #   profld  loralab's bf16 LoRA and DoRA rows alone, each with a torch.profiler table (60 kernels by self CUDA time,
 #           profld.profile.txt): what DoRA's step spends beyond LoRA's, kernel by kernel. ~3 min.
 #   probe8b loralab's rows only (`--methods lora,dora,fp8+lora,fp8+dora --stacks loralab`) at the defaults: since
@@ -193,6 +196,14 @@ for part in "${PARTS[@]}"; do
       for chunk in 1024 128; do  # the fused loss's chunk: default, then small (its transient lands on the peak)
         step "losschunk-$chunk" 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
           --methods lora,fp8+lora --stacks loralab --speed loss_chunk_size=$chunk --output "$OUT/losschunk-$chunk.json"
+      done ;;
+    doraab)  # fast DoRA's refresh layer by layer (the source tree in .devdata/oldsrc, carried) against the stacked one
+      # (this tree), old, new, old again: DoRA on both bases at the probed micro-batch, loralab's rows alone
+      [ -d .devdata/oldsrc/src ] || { echo "doraab: carry .devdata/oldsrc (git archive <commit> src | tar -x -C .devdata/oldsrc)"; continue; }
+      for tree in old new old2; do
+        src=src; [ "$tree" != new ] && src=.devdata/oldsrc/src
+        step "doraab-$tree" 170 env PYTHONPATH=$src:/tmp/site $PYTHON -m loralab bench --preset full --device cuda \
+          --only llama-3-8b/fixed --methods dora,fp8+dora --stacks loralab --output "$OUT/doraab-$tree.json"
       done ;;
     profld)  # loralab's bf16 LoRA and DoRA rows, each profiled (60 kernels by self time): DoRA's kernels beside LoRA's
       step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \

@@ -30,11 +30,12 @@ def _features(n=4, seed=3):  # 9-16 tokens: one sample per packed row of 16
 
 def _train(model, per_step: bool, steps=3, micro_batch=1, monkeypatch=None):
     """``steps`` optimizer steps of 4 samples, ``micro_batch`` packed rows per forward; returns the log and
-    how many times the norm was computed."""
+    how many layer norms were computed (a forward's one, or a refresh's stacked group of L)."""
     calls = []
     if monkeypatch is not None:
-        norm_of = fast_dora._norm_of
-        monkeypatch.setattr(fast_dora, "_norm_of", lambda *a, **k: calls.append(1) or norm_of(*a, **k))
+        from_products = fast_dora._norm_from_products
+        monkeypatch.setattr(fast_dora, "_norm_from_products",
+                            lambda s, wa, *a: calls.append(wa.shape[0] if wa.dim() == 3 else 1) or from_products(s, wa, *a))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     lines = []
     step, resolved = make_step(model, optimizer, speed={"micro_batch": micro_batch, "dora_norm_per_step": per_step},
@@ -43,7 +44,7 @@ def _train(model, per_step: bool, steps=3, micro_batch=1, monkeypatch=None):
     assert resolved.dora_norm_per_step is per_step
     for k in range(steps):
         step(_features(seed=10 + k))
-    return lines, len(calls)
+    return lines, sum(calls)
 
 
 def test_once_per_step_trains_bit_for_bit_as_every_forward(monkeypatch):
@@ -107,6 +108,51 @@ def test_begin_runs_before_step_on_every_step_when_not_graphed():
     for _ in range(3):
         trainer.begin()
     assert not trainer.graphed and len(calls) == 3
+
+
+_VIEWS = {"select", "t", "transpose", "view", "unbind", "unsqueeze", "expand", "slice", "alias", "detach",
+          "_unsafe_view", "as_strided", "permute", "_to_copy_noop"}
+
+
+def _refresh_kernels(layers: int, base: str) -> tuple[int, int]:
+    """(non-view aten ops one eager refresh runs, layer-adapters) on a ``layers``-layer DoRA Llama."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _VIEWS:
+                Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    llama = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if base == "fp8":
+        from loralab.methods.common import linear_names
+        from loralab.methods.fp8base import quantize_linears
+
+        quantize_linears(llama, linear_names(llama))
+    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
+                                             target_modules="all-linear"))
+    fast_dora.enable_fast_dora(model)
+    fast_dora.refresh_dora_norms(model)  # the first call makes the kept tensors; later ones copy into them
+    with Count():
+        count = fast_dora.refresh_dora_norms(model)
+    return Count.ops, count
+
+
+@pytest.mark.parametrize("base", ["bf16", "fp8"])
+def test_the_refresh_costs_about_one_kernel_per_layer_adapter(base):
+    """The refresh stacks layers of one shape: each more layer-adapter adds its one W·Aᵀ GEMM (and its
+    share of the group's stacking), not the ~7 kernels of a norm of its own (~25 on an FP8 base, A split
+    into two FP8 terms), which at 8B made ~1,600 few-microsecond kernels a step."""
+    (few, n_few), (many, n_many) = _refresh_kernels(2, base), _refresh_kernels(6, base)
+    assert (n_few, n_many) == (14, 42)
+    per_adapter = (many - few) / (n_many - n_few)
+    assert per_adapter <= 1.5, f"{per_adapter:.2f} ops per added layer-adapter ({few} for {n_few}, {many} for {n_many})"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -37,10 +37,13 @@ CUDA graph of its own when the step is graphed), and inside ``reusing_dora_norms
 that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms at an H100's
 3.35 TB/s); at the 8B shape's 4 x 512 tokens the H100's probe (memory_fraction 0.25) chose micro-batch 1,
 so it ran 4 times a step. Once a step made bf16 DoRA 1.119x there and FP8-base DoRA (2 micro-batches a
-step) 1.035x, one run each (results/bench-dora-h100/).
+step) 1.035x, one run each (results/bench-dora-h100/). The refresh stacks the layers of one shape
+(``refresh_dora_norms``): one GEMM per layer and a few batched ops per shape, not a norm's dozen small
+kernels per layer.
 Outside that context (evaluation, generation, a user's own loop) every forward
 computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm
-(bit for bit without autocast), except under autocast: the refresh runs outside it, so its products
+(bit for bit without autocast on CPU; on CUDA the stacked refresh's batched matmuls may sum in
+another order than one layer's), except under autocast: the refresh runs outside it, so its products
 (A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the tensors' own dtypes where bf16
 autocast took them in bf16 inside the forward: closer to the float32 norm, but not the same training
 bit for bit.
@@ -60,7 +63,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times
+from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times, weights_times
 
 _EPS = 1e-12
 _REUSE_NORMS = False
@@ -132,14 +135,14 @@ def _norm(module, adapter: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
 _COMPILED_NORMS: dict = {}
 
 
-def _compiled_norm_of(backend):
-    """``_norm_of`` compiled with ``backend``, one per backend. Called with detached tensors, not
-    Parameters: dynamo keeps a Parameter's shape static, so every (shape, rank) pair would be a graph of
-    its own and mixed ranks (``rank_pattern``, Eva) would pass the recompile limit; plain tensors go
-    dynamic after the second shape seen (at most 4 graphs for 12 layers of 12 ranks in
+def _compiled_norm_from_products(backend):
+    """``_norm_from_products`` compiled with ``backend``, one per backend (the refresh's stacked groups). Called
+    with plain tensors, not Parameters: dynamo keeps a Parameter's shape static, so every (shape, rank) pair
+    would be a graph of its own and mixed ranks (``rank_pattern``, Eva) would pass the recompile limit;
+    plain tensors go dynamic after the second shape seen (at most 4 graphs for 12 layers of 12 ranks in
     tests/test_dora_norm_per_step.py)."""
     if backend not in _COMPILED_NORMS:
-        _COMPILED_NORMS[backend] = torch.compile(_norm_of, backend=backend, fullgraph=True)
+        _COMPILED_NORMS[backend] = torch.compile(_norm_from_products, backend=backend, fullgraph=True)
     return _COMPILED_NORMS[backend]
 
 
@@ -162,12 +165,14 @@ def dora_weight_norm(weight_sq: torch.Tensor, weight: torch.Tensor, lora_A: torc
 
 def _norm_from_products(weight_sq: torch.Tensor, wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                         scaling: float) -> torch.Tensor:
-    """``||W_i + s(BA)_i||`` from ``||W_i||²`` and ``W·Aᵀ`` (out, r) fp32 (the module docstring's expansion)."""
+    """``||W_i + s(BA)_i||`` from ``||W_i||²`` and ``W·Aᵀ`` (the module docstring's expansion): one layer,
+    ``weight_sq`` (out,), ``wa`` (out, r) fp32, ``lora_A`` (r, in), ``lora_B`` (out, r) -> (out,) fp32; or L
+    layers of one shape stacked on a leading axis ((L, out), (L, out, r), (L, r, in), (L, out, r) -> (L, out))."""
     b = lora_B.float()
     a32 = lora_A.float()
-    gram = a32 @ a32.T  # (r, r)
-    cross = (wa * b).sum(dim=1)
-    ba_sq = ((b @ gram) * b).sum(dim=1)
+    gram = a32 @ a32.transpose(-1, -2)  # (r, r)
+    cross = (wa * b).sum(dim=-1)
+    ba_sq = ((b @ gram) * b).sum(dim=-1)
     return (weight_sq + 2.0 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
 
 
@@ -254,6 +259,35 @@ def fast_dora_layers(model: nn.Module) -> int:
     return sum(1 for _ in _fast_dora_adapters(model))
 
 
+def _refresh_groups(model: nn.Module) -> dict:
+    """The fast DoRA layer-adapters of ``model`` grouped so each group's norms stack into one computation:
+    {(weight shape, dtype, device, how W·Aᵀ is taken, A's shape and dtype, B's dtype, scaling): [(module,
+    adapter, _norm_inputs)]}. Llama-3-8B's 224 layer-adapters make 5 groups (q and o, k and v, gate and up,
+    down share shapes)."""
+    groups: dict = {}
+    for module, name in _fast_dora_adapters(model):
+        a, b = module.lora_A[name].weight, module.lora_B[name].weight
+        inputs = _norm_inputs(module, name, a)
+        weight, row_scale, from_codes = inputs[1:]
+        key = (tuple(weight.shape), weight.dtype, weight.device, row_scale is None, from_codes, tuple(a.shape),
+               a.dtype, b.dtype, float(module.scaling[name]))
+        groups.setdefault(key, []).append((module, name, inputs))
+    return groups
+
+
+def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
+    """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer, from
+    their A's stacked (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer."""
+    _, weight, row_scale, from_codes = members[0][2]
+    if from_codes:
+        return weights_times([inputs[1] for *_, inputs in members], [inputs[2] for *_, inputs in members], a)
+    a = a.to(weight.dtype)
+    wa = torch.stack([inputs[1] @ a[i].T for i, (*_, inputs) in enumerate(members)]).float()
+    if row_scale is not None:
+        wa = wa * torch.stack([inputs[2] for *_, inputs in members])[..., None]
+    return wa
+
+
 @torch.no_grad()
 def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     """Compute each fast DoRA layer's weight norm ``||W + s·BA||_row`` (out,) fp32 now and keep it on
@@ -264,26 +298,35 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     may have changed (the step: before its first micro-batch). Not under FSDP: it needs every rank's
     whole W, A and B outside the forward.
 
-    ``compile_backend`` (e.g. "inductor"; None: eager): the norm's small ops fused as inside a compiled
-    forward. Eager, each layer's norm is ~13 kernels (~25 on an FP8 base, its A split into two FP8
-    terms), thousands a step at 8B, each a few microseconds of GPU time even replayed from a CUDA graph:
-    at micro-batch 2 of an 8B FP8 base that cost more than the one forward's norm it saved (0.946x,
-    results/bench-dora-h100/eager-dorab-*). A few graphs serve every layer (``_compiled_norm_of``)."""
-    norm_of = _norm_of if compile_backend is None else _compiled_norm_of(compile_backend)
+    Layers of one shape are computed together (``_refresh_groups``): their A's and B's stacked, the small
+    products batched, one GEMM per layer for W·Aᵀ, one copy into every kept norm. Layer by layer, each
+    norm was 16 eager aten ops (34 on an FP8 base, its A split into two FP8 terms; fewer kernels compiled),
+    thousands a step at 8B, most of them a few microseconds of GPU time even replayed from a CUDA graph;
+    stacked, it is one op per layer plus about 20 per group (28 on an FP8 base), counted on CPU by
+    tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the batched
+    matmuls' summation order. ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise
+    tail fused as inside a compiled forward (``_compiled_norm_from_products``); eagerly at micro-batch 2 of
+    an 8B FP8 base the per-layer refresh cost more than the one forward's norm it saved (0.946x,
+    results/bench-dora-h100/eager-dorab-*)."""
+    from_products = _norm_from_products if compile_backend is None else _compiled_norm_from_products(compile_backend)
     count = 0
-    for module, name in _fast_dora_adapters(model):
-        a, b = module.lora_A[name].weight, module.lora_B[name].weight
-        inputs = _norm_inputs(module, name, a)
-        if compile_backend is not None:  # plain tensors (``_compiled_norm_of``)
-            inputs, a, b = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs), a.detach(), b.detach()
-        norm = norm_of(*inputs, a, b, module.scaling[name])
-        holder = module.lora_magnitude_vector[name]
-        kept = getattr(holder, "_loralab_norm", None)
-        if kept is None or kept.shape != norm.shape or kept.device != norm.device:
-            holder._loralab_norm = norm.clone()
-        else:
-            kept.copy_(norm)
-        count += 1
+    for (*_, scaling), members in _refresh_groups(model).items():
+        weight_sq = torch.stack([inputs[0] for *_, inputs in members])
+        b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
+        a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
+        norms = from_products(weight_sq, _group_products(members, a), a, b, scaling)
+        kept, fresh = [], []
+        for (module, name, _), norm in zip(members, norms.unbind(0), strict=True):
+            holder = module.lora_magnitude_vector[name]
+            old = getattr(holder, "_loralab_norm", None)
+            if old is None or old.shape != norm.shape or old.device != norm.device:
+                holder._loralab_norm = norm.clone()
+            else:
+                kept.append(old)
+                fresh.append(norm)
+        if kept:
+            torch._foreach_copy_(kept, fresh)  # in place: one kernel for the group, not one per layer
+        count += len(members)
     return count
 
 

@@ -186,12 +186,25 @@ def weight_times(codes: torch.Tensor, scales: torch.Tensor, a: torch.Tensor) -> 
     converting the codes to bf16 would read and write 3 bytes per weight more in every forward.
     Raises RuntimeError from ``_scaled_mm`` where the kernel refuses the shapes (CUDA: N, K and 2r
     divisible by 16)."""
-    r = a.shape[0]
+    return weights_times([codes], [scales], a[None])[0]
+
+
+def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    """``weight_times`` for L layers of one shape at once: ``codes`` L tensors (N, K) float8_e4m3fn,
+    ``scales`` L tensors (N,) float32, ``a`` (L, r, K) (layer i's A is ``a[i]``). Returns (L, N, r)
+    float32, layer i's the same values as ``weight_times(codes[i], scales[i], a[i])``: the split of
+    A into two FP8 terms is row-wise, so it runs once over the whole stack (a few kernels for L
+    layers, not a few per layer); one ``_scaled_mm`` per layer reads its codes. Used by fast DoRA's
+    once-a-step norm refresh (``speed/fast_dora.refresh_dora_norms``)."""
+    r = a.shape[-2]
     hi, s_hi = quantize_rows(a)
     lo, s_lo = quantize_rows(a.float() - hi.float() * s_hi)
-    both = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)]).view(FP8)  # (2r, K): column-major as (K, 2r)
-    y = _scaled_mm(codes, both.t(), scales.view(-1, 1), torch.cat([s_hi, s_lo]).view(1, -1), torch.float32)
-    return y[:, :r] + y[:, r:]
+    both = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)], dim=-2).view(FP8)  # (L, 2r, K)
+    both_scales = torch.cat([s_hi, s_lo], dim=-2)  # (L, 2r, 1)
+    # both[i] is (2r, K) row-major, so both[i].t() is the column-major (K, 2r) operand the kernel wants
+    y = torch.stack([_scaled_mm(c, both[i].t(), s.view(-1, 1), both_scales[i].view(1, -1), torch.float32)
+                     for i, (c, s) in enumerate(zip(codes, scales, strict=True))])
+    return y[..., :r] + y[..., r:]
 
 
 class Fp8Linear(nn.Linear):
