@@ -61,6 +61,49 @@ def profile_summary(text: str) -> list[str]:
     return lines
 
 
+KINDS = (("GEMMs (cuBLAS)", ("nvjet", "sm80_xmma", "sm90_xmma", "cublas", "gemm")), ("attention (flash)", ("void pytorch_flash",)),
+         ("inductor's fused kernels", ("triton_",)), ("eager elementwise and reductions", ("void at::native",)))
+
+
+def profile_kinds(text: str) -> dict[str, dict[str, tuple[float, int]]]:
+    """{section title: {kind: (ms, calls)}} of a ``loralab bench --profile`` file, each listed kernel counted once
+    under the first of ``KINDS`` its name starts with (else "other"), plus "total" (the profile's own total)."""
+    sections = {}
+    for part in text.split("== profile: ")[1:]:
+        title = part.split(" ==", 1)[0]
+        kinds = {name: [0.0, 0] for name, _ in KINDS} | {"other": [0.0, 0]}
+        for row in part.splitlines():
+            cells = row[55:].split()
+            if len(cells) < 9 or row.startswith(("-", "Self C")) or not cells[-1].isdigit():
+                continue
+            unit = cells[5]
+            ms = float(unit[:-2]) if unit.endswith("ms") else float(unit[:-2]) / 1000 if unit.endswith("us") else None
+            if ms is None:
+                continue
+            kind = next((name for name, prefixes in KINDS if row.strip().startswith(prefixes)), "other")
+            kinds[kind][0] += ms
+            kinds[kind][1] += int(cells[-1])
+        total = float(part.split("Self CUDA time total: ")[1].split("ms")[0])
+        sections[title] = {k: (round(v[0], 3), v[1]) for k, v in kinds.items()} | {"total": (total, 0)}
+    return sections
+
+
+def profile_table(out: Path) -> None:
+    """``profld.profile.txt`` (gpu_fair_bench.sh profld): LoRA's and DoRA's two profiled steps by kernel kind."""
+    sections = profile_kinds((out / "profld.profile.txt").read_text())
+    rows = {r["method"]: r for r in json.loads((out / "profld.json").read_text())}
+    titles = list(sections)
+    methods = [t.split()[1] for t in titles]
+    head = " | ".join(f"{m} (micro-batch {rows.get(m, {}).get('micro_batch')}): ms, kernels" for m in methods)
+    print(f"Two profiled steps of 4 x 512 tokens per row (`profld.profile.txt`, the 60 kernels with the most self CUDA "
+          f"time), by kind of kernel:\n\n| kind | {head} |\n|---|" + "--:|" * len(titles))
+    for kind in [name for name, _ in KINDS] + ["other", "total"]:
+        cells = " | ".join((f"{sections[t][kind][0]:.1f} ms" + (f", {sections[t][kind][1]:,}" if kind != "total" else ""))
+                           for t in titles)
+        print(f"| {kind} | {cells} |")
+    print()
+
+
 def repeats(out: Path, part: str) -> list[str]:
     """The repeat numbers of an off/on part's files (``<part>-{false,true}-<repeat>.json``), in order."""
     return sorted({p.stem.rsplit("-", 1)[1] for p in out.glob(f"{part}-*-*.json")}, key=int)
@@ -212,6 +255,23 @@ def main() -> None:
                       + (f"{lora['throughput']:,.0f} ({lora.get('micro_batch')}) | {b['throughput'] / lora['throughput']:.3f} |"
                          if lora.get("throughput") else "| |"))
         print()
+    trees = [t for t in ("old", "new", "old2") if (out / f"doraab-{t}.json").exists()]
+    if trees:  # an A/B of two source trees on one machine (gpu_fair_bench.sh doraab): old, new, old again
+        ab = {t: {r["method"]: r for r in json.loads((out / f"doraab-{t}.json").read_text())} for t in trees}
+        print("DoRA (`--methods dora,fp8+dora`, loralab's rows only, the micro-batch probed) with the source tree before "
+              "the change (`old`, then `old2` after), and with it (`new`), one machine (`doraab-*.json`):\n\n| method | "
+              + " | ".join(f"{t}: tokens/s (micro-batch)" for t in trees) + " | new / mean of old |\n|---|"
+              + "--:|" * (len(trees) + 1))
+        for method in ("dora", "fp8+dora"):
+            rates = {t: ab[t].get(method, {}) for t in trees}
+            old = [r["throughput"] for t, r in rates.items() if t != "new" and r.get("throughput")]
+            new = rates.get("new", {}).get("throughput")
+            ratio = f"{new / (sum(old) / len(old)):.3f}x" if new and old else ""
+            print(f"| {method} | " + " | ".join(f"{r['throughput']:,.0f} ({r.get('micro_batch')})" if r.get("throughput")
+                                                 else r.get("error", "") for r in rates.values()) + f" | {ratio} |")
+        print()
+    if (out / "profld.profile.txt").exists():
+        profile_table(out)
     chunks = sorted((int(p.stem.split("-")[1]) for p in out.glob("losschunk-*.json")), reverse=True)
     if chunks:  # the fused loss's chunk size (gpu_fair_bench.sh losschunk)
         print("LoRA (`--methods lora,fp8+lora`, loralab's rows only, the micro-batch probed) at each `loss_chunk_size` "

@@ -50,7 +50,9 @@
 #           .devdata/oldsrc: `mkdir -p .devdata/oldsrc && git archive <commit> src | tar -x -C .devdata/oldsrc`), this
 #           tree, then the other again: an A/B of one change on one machine. ~5 min. Files: doraab-{old,new,old2}.json/.log.
 #   profld  loralab's bf16 LoRA and DoRA rows alone, each with a torch.profiler table (60 kernels by self CUDA time,
-#           profld.profile.txt): what DoRA's step spends beyond LoRA's, kernel by kernel. ~3 min.
+#           profld.profile.txt): what DoRA's step spends beyond LoRA's, kernel by kernel. ~3 min. METHODS="fp8+lora,fp8+dora":
+#           the FP8-base rows instead (on an H100 at memory_fraction 0.25 both run micro-batch 4, so their kernels compare one
+#           for one; bf16 DoRA runs micro-batch 1 there, LoRA 2).
 #   probe8b loralab's rows only (`--methods lora,dora,fp8+lora,fp8+dora --stacks loralab`) at the defaults: since
 #           2026-12-05 the auto micro-batch counts AdamW's state beside each probed peak and, with loss_chunk_size
 #           "auto", probes a size over the budget again with 128-token loss chunks. Whether every run's peak is now
@@ -207,7 +209,7 @@ for part in "${PARTS[@]}"; do
       done ;;
     profld)  # loralab's bf16 LoRA and DoRA rows, each profiled (60 kernels by self time): DoRA's kernels beside LoRA's
       step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
-        --methods lora,dora --stacks loralab --profile --output "$OUT/profld.json" ;;
+        --methods "${METHODS:-lora,dora}" --stacks loralab --profile --output "$OUT/profld.json" ;;
     probe8b)  # loralab's four 8B rows at the defaults: the probe counting AdamW's state, the loss chunk "auto"
       step probe8b 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods lora,dora,fp8+lora,fp8+dora --stacks loralab --output "$OUT/probe8b.json" ;;
