@@ -391,3 +391,30 @@ def test_activation_budget_section_is_the_scripts_output():
     assert "| `loralab run` | 640 | 118,972 | 2 | 11,842 |" in tail
     recipe = json.loads((folder / "call1-recipeours.json").read_text())["rows"][0]["tokens_per_second"]
     assert f"11,842 tokens/s at 19.7 GiB, {11842 / recipe:.3f}x" in " ".join(text.split())
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_refresh_h100_section_is_the_scripts_output():
+    """The a404391 H100 section holds every table and note scripts/fair_bench_table.py prints from
+    results/bench-refresh-h100/, and its reading's figures are those files' (goal ratios, the refresh A/B, the
+    recipe's two rows)."""
+    folder = RESULTS / "bench-refresh-h100"
+    printed, text = _printed_tables_in(folder, "### Training speed against the fairest peer, the defaults of commit a404391 (H100)")
+    notes = [line for line in printed.splitlines() if line.startswith("- ")]
+    assert notes and all(line in text for line in notes)
+    flat = " ".join(text.split())
+    rows = {(r["method"], r["stack"]): r for r in json.loads((folder / "fair8b.json").read_text())}
+    lora, fp8 = rows[("lora", "loralab")], rows[("fp8+lora", "loralab")]
+    assert f"({lora['ratio_best_peer']:.2f}x and {fp8['ratio_best_peer']:.2f}x the best peer)" in flat
+    dora = [rows[(m, "loralab")]["throughput"] / rows[(m.replace("dora", "lora"), "loralab")]["throughput"]
+            for m in ("dora", "fp8+dora")]
+    assert f"{dora[0]:.3f} bf16" in flat and f"{dora[1]:.3f} on the FP8 base" in flat and max(dora) < 0.9
+    ab = {t: {r["method"]: r["throughput"] for r in json.loads((folder / f"doraab-{t}.json").read_text())}
+          for t in ("old", "new", "old2")}
+    gains = {f"{ab['new'][m] / ((ab['old'][m] + ab['old2'][m]) / 2):.3f}x" for m in ("dora", "fp8+dora")}
+    assert gains == {"1.018x"} and "made DoRA 1.018x on both bases" in flat
+    recipe = json.loads((folder / "recipe.json").read_text())
+    ours, trainer = ({r["stack"]: r for r in recipe["rows"]}[s] for s in ("loralab", "trainer"))
+    capped = recipe["at_trainer_memory"]
+    assert (f"ran {recipe['ratio']:.2f}x the careful Trainer at {ours['peak_memory_gib']:.1f} GiB against its "
+            f"{trainer['peak_memory_gib']:.1f} GiB, and {capped['ratio']:.2f}x at {capped['peak_memory_gib']:.1f} GiB") in flat
