@@ -287,15 +287,26 @@ def test_fp8_kernel_figures_come_from_their_h100_files():
 
 
 
-def _printed_tables_in(folder, heading: str) -> tuple[str, str]:
+def _printed_tables_in(folder, heading: str, notes: bool = False) -> tuple[str, str]:
     """What scripts/fair_bench_table.py prints from ``folder``, and the README section under ``heading``,
-    which must hold every table row printed (and some)."""
+    which must hold every table row printed (and some), and with ``notes`` every "- " note line printed."""
     run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(folder)], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
     text = section(heading)
     assert set(table_rows(run.stdout)) <= set(table_rows(text)) and table_rows(run.stdout)
+    if notes:
+        printed = [line for line in run.stdout.splitlines() if line.startswith("- ")]
+        assert printed and all(line in text for line in printed)
     return run.stdout, text
+
+
+def _fair8b_section(folder, heading: str) -> tuple[str, dict]:
+    """The README section under ``heading`` (whitespace flattened), checked to hold every table row and note
+    scripts/fair_bench_table.py prints from ``folder``, and ``folder``'s fair8b rows by (method, stack)."""
+    _, text = _printed_tables_in(folder, heading, notes=True)
+    rows = {(r["method"], r["stack"]): r for r in json.loads((folder / "fair8b.json").read_text())}
+    return " ".join(text.split()), rows
 
 
 @pytest.mark.slow  # runs the table script (imports torch, transformers): the fast subset keeps the H200 one
@@ -304,11 +315,7 @@ def test_fair_bench_h100_section_is_the_scripts_output():
     its reading quotes those files (the tuned peer's probe, the docs peer's step, the FP8 row's margin, the
     regressed call), and the speed-defaults row quotes the back-to-back rank-scaling pairs."""
     folder = RESULTS / "bench-fair-h100"
-    printed, text = _printed_tables_in(folder, "### Training speed against the fairest peer, the defaults of commit b7fbcb6 (H100)")
-    notes = [line for line in printed.splitlines() if line.startswith("- ")]
-    assert notes and all(line in text for line in notes)
-    flat = " ".join(text.split())
-    rows = {(r["method"], r["stack"]): r for r in json.loads((folder / "fair8b.json").read_text())}
+    flat, rows = _fair8b_section(folder, "### Training speed against the fairest peer, the defaults of commit b7fbcb6 (H100)")
     tuned, docs = rows[("lora", "tuned")], rows[("lora", "peer")]
     probe_ms = 1000 * tuned["micro_batch_probe"]["row_tokens"] / tuned["micro_batch_probe"]["tokens_per_second"][0]
     assert f"took {probe_ms:.0f} ms in its probe" in flat and f"of 2,048 tokens ({docs['step_ms']:.0f} ms)" in flat
@@ -346,9 +353,7 @@ def test_probe_section_is_the_scripts_output():
     """The probe section holds every table and note scripts/fair_bench_table.py prints from
     results/bench-probe-h100/, and its reading and the speed-defaults row quote those files."""
     folder = RESULTS / "bench-probe-h100"
-    printed, text = _printed_tables_in(folder, "### The micro-batch probe within its memory budget (H100)")
-    notes = [line for line in printed.splitlines() if line.startswith("- ")]
-    assert notes and all(line in text for line in notes)
+    _, text = _printed_tables_in(folder, "### The micro-batch probe within its memory budget (H100)", notes=True)
     flat, readme = " ".join(text.split()), " ".join(README.split())
     chunk = {c: {r["method"]: r for r in json.loads((folder / f"losschunk-{c}.json").read_text())} for c in (1024, 128)}
     fp8 = chunk[1024]["fp8+lora"]
@@ -399,11 +404,7 @@ def test_refresh_h100_section_is_the_scripts_output():
     results/bench-refresh-h100/, and its reading's figures are those files' (goal ratios, the refresh A/B, the
     recipe's two rows)."""
     folder = RESULTS / "bench-refresh-h100"
-    printed, text = _printed_tables_in(folder, "### Training speed against the fairest peer, the defaults of commit a404391 (H100)")
-    notes = [line for line in printed.splitlines() if line.startswith("- ")]
-    assert notes and all(line in text for line in notes)
-    flat = " ".join(text.split())
-    rows = {(r["method"], r["stack"]): r for r in json.loads((folder / "fair8b.json").read_text())}
+    flat, rows = _fair8b_section(folder, "### Training speed against the fairest peer, the defaults of commit a404391 (H100)")
     lora, fp8 = rows[("lora", "loralab")], rows[("fp8+lora", "loralab")]
     assert f"({lora['ratio_best_peer']:.2f}x and {fp8['ratio_best_peer']:.2f}x the best peer)" in flat
     dora = [rows[(m, "loralab")]["throughput"] / rows[(m.replace("dora", "lora"), "loralab")]["throughput"]
