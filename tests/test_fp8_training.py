@@ -3,7 +3,8 @@ same LoRA run on a bf16 base and on the FP8 base (the real ``torch._scaled_mm`` 
 on CPU in torch 2.13; no emulation needed), same seed, same batches, same init.
 
 - MiniLM-L6 + SST-2 (``packaged:minilm-l6``, all 6 layers, LoRA r 8 on every linear layer, 12
-  steps over 4 batches of 16 real sentences): unmarked, ~22 s on the shared 2 cores.
+  steps over 4 batches of 16 real sentences): slow since 2026-12-06 (~9 s, the fast subset's largest
+  test, where that subset ran 112-126 s against its 2-minute limit); CI's full suite runs it.
 - SmolLM2-135M + GSM8K (``packaged:smollm2-135m`` cut to its first 6 of 30 decoder layers, the
   full model being ~5x slower on CPU; LoRA r 8 all-linear, 6 steps over 2 batches of 4 real
   problems, 160 tokens): slow, ~36 s. Cut to 6 layers the model's loss starts near 14 (above
@@ -82,6 +83,7 @@ def _compare(world, kind, steps, batch_size, lr, batches):
     return runs, fp8_gap, bf16_gap
 
 
+@pytest.mark.slow
 def test_minilm_sst2_fp8_loss_curve_follows_bf16(data_dir, minilm_path):
     """MiniLM-L6 + SST-2: max |loss_fp8 − loss_bf16| < 0.03 over the 12 steps (measured 0.0087,
     at step 11, losses 0.69 → 0.04; bf16 − fp32: 0.0021; torch 2.13 CPU, 2026-12-05), and every curve goes down."""
