@@ -138,7 +138,7 @@ def test_a_failing_budgeted_partition_compiles_at_the_default_with_a_warning(mon
     results/bench-actbudget-h100): the graph compiles without the budget, and the warning says so."""
     import torch._functorch.config as functorch_config
 
-    from loralab.speed.step import budgeted_backend
+    from loralab.speed.step import budget_partitions, budgeted_backend, partitions_since
 
     seen = []
 
@@ -149,7 +149,50 @@ def test_a_failing_budgeted_partition_compiles_at_the_default_with_a_warning(mon
         return gm.forward
 
     monkeypatch.setattr("torch._dynamo.lookup_backend", lambda name: fails_under_a_budget)
+    budgeted_backend.cache_clear()  # a wrapper made earlier in the process would hold the real backend
+    before = budget_partitions()
     compiled = budgeted_backend("inductor", 0.6)
     with pytest.warns(RuntimeWarning, match="budget 1.0"):
         fn = compiled(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [torch.zeros(1, 2)])
+    budgeted_backend.cache_clear()
     assert seen == [0.6, 1.0] and callable(fn)
+    # what the run records (train_info.timing.activation_memory_budget_partitions): the fallback, not the setting alone
+    assert partitions_since(before) == {"within_budget": 0, "fell_back": 1,
+                                        "error": "AssertionError: sdpa_flop_count: query/key/value shapes are incompatible"}
+
+
+@pytest.mark.slow
+def test_a_run_records_how_its_budgeted_partitions_went(monkeypatch, tmp_path, smollm2_cut_path, data_dir):
+    """`loralab run` with compiled layers at a budget below 1 records, beside the budget it asked for, how many
+    graphs torch partitioned within it and how many fell back to the default (SmolLM2 cut to 2 layers, real
+    GSM8K rows, aot_eager_decomp_partition standing in for inductor: the same min-cut partition, no kernels)."""
+    import json
+
+    from torch._dynamo import lookup_backend
+
+    from loralab.experiment import read_experiment
+    from loralab.run import run_experiment
+    from loralab.speed.step import budgeted_backend
+
+    partitioner = lookup_backend("aot_eager_decomp_partition")
+    monkeypatch.setattr("torch._dynamo.lookup_backend", lambda name: partitioner)
+    budgeted_backend.cache_clear()
+    folder = tmp_path / "experiments" / "budget"
+    folder.mkdir(parents=True)
+    from peft import LoraConfig
+
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM").save_pretrained(folder)
+    params = {"model_id": smollm2_cut_path, "task": "gsm8k", "data_dir": str(data_dir), "max_train_samples": 2,
+              "max_length": 96, "batch_size": 1, "max_steps": 2, "eval_tasks": [], "device": "cpu", "seed": 0,
+              "speed": {"compile": True, "cuda_graphs": False, "activation_memory_budget": 0.8}}
+    (folder / "training_parameters.json").write_text(json.dumps(params))
+    try:
+        torch._dynamo.reset()
+        record, _ = run_experiment(read_experiment(folder), evaluate=False).unwrap()
+    finally:
+        budgeted_backend.cache_clear()
+        torch._dynamo.reset()
+    info = record["train_info"]
+    assert info["speed"]["activation_memory_budget"] == 0.8 and info["speed"]["compile"] is True
+    partitions = info["timing"]["activation_memory_budget_partitions"]
+    assert partitions["within_budget"] >= 2 and partitions["fell_back"] == 0 and partitions["error"] is None, partitions

@@ -56,7 +56,7 @@ from loralab.run.record import (
     find_resume,
 )
 from loralab.run.step import make_step
-from loralab.speed.step import autocast_context
+from loralab.speed.step import autocast_context, budget_partitions, partitions_since
 from loralab.tasks.base import eval_count
 from loralab.trackers import Trackers
 
@@ -174,6 +174,7 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
     params, model, launch = exp.params, built.model, distributed.current()
     record.trainable, record.total_steps = count_trainable(model), built.total_steps
     opt_batch = params.batch_size * params.gradient_accumulation_steps
+    partitions = budget_partitions()  # before the step: its micro-batch probe may compile the layers
     step_fn, speed = make_step(
         model, built.optimizer, speed=params.speed, kind=built.task.kind, dtype=params.dtype, device=built.device,
         features=built.data.train, batch_size=params.batch_size, limit=opt_batch, max_length=params.max_length,
@@ -228,6 +229,8 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
         record.tokens, record.train_time = state["tokens"], state["train_time"]
         record.timing.update(meter.timing(), micro_batch=step_fn.micro_batch, oom_retries=step_fn.oom_retries,
                              cuda_graphs=step_fn.trainer.graphs)
+        if speed.compile and speed.activation_memory_budget < 1:  # did torch's budgeted partition hold?
+            record.timing["activation_memory_budget_partitions"] = partitions_since(partitions)
         record.launch = launch.record(step_fn.micro_batch, opt_batch)
 
 
