@@ -106,6 +106,12 @@
 #   the recipe beside the Trainer at it, and DoRA's rows, unmeasured): on an H100, (1) recipe probe8b; on an H200:
 #   fp8check fair8b, recipe, fp8loss. The device's reply returns a limited number of files: end the device command
 #   with `cd $OUT && tar czf /tmp/b.tgz . && rm -rf $OUT/* && mv /tmp/b.tgz $OUT/` (one archive).
+#   After 2026-12-06's session (H100 only, results/bench-refresh-h100/: the stacked DoRA refresh 1.018x; at a404391's
+#   defaults bf16 LoRA 1.67x and FP8 LoRA 2.15x the best peer, DoRA / LoRA 0.816 and 0.843, the recipe 13.36x at 19.7 GiB
+#   and 12.01x capped within the Trainer's 19.0): (1) on an H100, METHODS=fp8+lora,fp8+dora ... profld (both rows at
+#   micro-batch 4, so DoRA's kernels compare one for one with LoRA's: where its ~22 ms a step beyond LoRA's go, of which
+#   ~6 ms is the norm refresh and the magnitude gradient's reductions by estimate); (2) on an H200: fp8check fair8b,
+#   recipe, fp8loss (no H200 row has the code since 2026-12-04).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
