@@ -41,9 +41,9 @@ step) 1.035x, one run each (results/bench-dora-h100/). The refresh stacks the la
 (``refresh_dora_norms``): one GEMM per layer and a few batched ops per shape, not a norm's dozen small
 kernels per layer.
 Outside that context (evaluation, generation, a user's own loop) every forward
-computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm
-(bit for bit without autocast on CPU; on CUDA the stacked refresh's batched matmuls may sum in
-another order than one layer's), except under autocast: the refresh runs outside it, so its products
+computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm up
+to the summation order of the refresh's batched matmuls (``refresh_dora_norms``: bitwise at small widths,
+about 1e-7 in float32 at realistic ones), except under autocast: the refresh runs outside it, so its products
 (A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the tensors' own dtypes where bf16
 autocast took them in bf16 inside the forward: closer to the float32 norm, but not the same training
 bit for bit.
@@ -109,15 +109,27 @@ def _cached_weight_sq(module, adapter: str) -> torch.Tensor:
     return holder._loralab_weight_sq
 
 
-def _norm_inputs(module, adapter: str, lora_A: torch.Tensor) -> tuple:
-    """The tensors ``_norm_of`` needs, read from the layer: (weight_sq, weight, row_scale, from_codes)."""
+def _weight_parts(module, adapter: str, lora_A: torch.Tensor) -> tuple:
+    """How W·Aᵀ is taken for the layer, with no copy of its weight: (weight_sq, the stored weight (out, in),
+    the dtype to convert it to first or None, row_scale, from_codes). On an FP8 base the stored weight is
+    its codes: read as FP8 (``from_codes``) or converted to ``_product_dtype`` for the product."""
     fp8 = _fp8_base(module)
     weight_sq = _cached_weight_sq(module, adapter)
     if fp8 is not None and fp8.compute_dtype == torch.bfloat16 and (2 * lora_A.shape[0]) % ALIGN == 0:
         # a bf16 model: W·Aᵀ from the FP8 codes read once (speed/fp8.weight_times), as precise as bf16's
         # (an fp16 model keeps the fp16 product, which is ~8x more precise than the two-term split)
-        return weight_sq, fp8.codes, fp8.weight_scale, True
-    return weight_sq, _base_weight(module), None if fp8 is None else fp8.weight_scale, False
+        return weight_sq, fp8.codes, None, fp8.weight_scale, True
+    if fp8 is not None:
+        return weight_sq, fp8.codes, _product_dtype(fp8), fp8.weight_scale, False
+    weight = module.get_base_layer().weight
+    return weight_sq, weight.T if getattr(module, "fan_in_fan_out", False) else weight, None, None, False
+
+
+def _norm_inputs(module, adapter: str, lora_A: torch.Tensor) -> tuple:
+    """The tensors ``_norm_of`` needs, read from the layer: (weight_sq, weight, row_scale, from_codes); an FP8
+    base's codes converted for the product where it does not read them as FP8 (a copy, for this call only)."""
+    weight_sq, weight, dtype, row_scale, from_codes = _weight_parts(module, adapter, lora_A)
+    return weight_sq, weight if dtype is None else weight.to(dtype), row_scale, from_codes
 
 
 @torch.no_grad()
@@ -261,30 +273,33 @@ def fast_dora_layers(model: nn.Module) -> int:
 
 def _refresh_groups(model: nn.Module) -> dict:
     """The fast DoRA layer-adapters of ``model`` grouped so each group's norms stack into one computation:
-    {(weight shape, dtype, device, how W·Aᵀ is taken, A's shape and dtype, B's dtype, scaling): [(module,
-    adapter, _norm_inputs)]}. Llama-3-8B's 224 layer-adapters make 5 groups (q and o, k and v, gate and up,
-    down share shapes)."""
+    {(weight shape, stored and product dtypes, device, how W·Aᵀ is taken, A's shape and dtype, B's dtype,
+    scaling): [(module, adapter, _weight_parts)]}. The groups hold the layers' own weights, never a converted
+    copy (``_group_products`` converts one layer at a time). Llama-3-8B's 224 layer-adapters make 4 groups
+    (q and o, k and v, gate and up, down)."""
     groups: dict = {}
     for module, name in _fast_dora_adapters(model):
         a, b = module.lora_A[name].weight, module.lora_B[name].weight
-        inputs = _norm_inputs(module, name, a)
-        weight, row_scale, from_codes = inputs[1:]
-        key = (tuple(weight.shape), weight.dtype, weight.device, row_scale is None, from_codes, tuple(a.shape),
+        parts = _weight_parts(module, name, a)
+        _, weight, dtype, row_scale, from_codes = parts
+        key = (tuple(weight.shape), weight.dtype, dtype, weight.device, row_scale is None, from_codes, tuple(a.shape),
                a.dtype, b.dtype, float(module.scaling[name]))
-        groups.setdefault(key, []).append((module, name, inputs))
+        groups.setdefault(key, []).append((module, name, parts))
     return groups
 
 
 def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
     """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer, from
-    their A's stacked (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer."""
-    _, weight, row_scale, from_codes = members[0][2]
+    their A's stacked (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer (an FP8
+    base's codes converted per layer where it does not read them as FP8: one copy alive at a time)."""
+    _, weight, dtype, row_scale, from_codes = members[0][2]
     if from_codes:
-        return weights_times([inputs[1] for *_, inputs in members], [inputs[2] for *_, inputs in members], a)
-    a = a.to(weight.dtype)
-    wa = torch.stack([inputs[1] @ a[i].T for i, (*_, inputs) in enumerate(members)]).float()
+        return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
+    a = a.to(dtype or weight.dtype)
+    wa = torch.stack([(parts[1] if dtype is None else parts[1].to(dtype)) @ a[i].T
+                      for i, (*_, parts) in enumerate(members)]).float()
     if row_scale is not None:
-        wa = wa * torch.stack([inputs[2] for *_, inputs in members])[..., None]
+        wa = wa * torch.stack([parts[3] for *_, parts in members])[..., None]
     return wa
 
 
@@ -302,16 +317,18 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     products batched, one GEMM per layer for W·Aᵀ, one copy into every kept norm. Layer by layer, each
     norm was 16 eager aten ops (34 on an FP8 base, its A split into two FP8 terms; fewer kernels compiled),
     thousands a step at 8B, most of them a few microseconds of GPU time even replayed from a CUDA graph;
-    stacked, it is one op per layer plus about 20 per group (28 on an FP8 base), counted on CPU by
+    stacked, it is one op per layer (two where an FP8 base's codes are converted for the product: fp16 and
+    float32 models, odd ranks) plus about 19 per group (37 on an FP8 base), counted on CPU by
     tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the batched
-    matmuls' summation order. ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise
+    matmuls' summation order (the r x r Gram matrix A·Aᵀ by bmm where one layer's takes mm): on CPU bitwise
+    at the tests' small widths, within 1.5e-7 relative (about one float32 ulp) at hidden size 1024, rank 16. ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise
     tail fused as inside a compiled forward (``_compiled_norm_from_products``); eagerly at micro-batch 2 of
     an 8B FP8 base the per-layer refresh cost more than the one forward's norm it saved (0.946x,
     results/bench-dora-h100/eager-dorab-*)."""
     from_products = _norm_from_products if compile_backend is None else _compiled_norm_from_products(compile_backend)
     count = 0
     for (*_, scaling), members in _refresh_groups(model).items():
-        weight_sq = torch.stack([inputs[0] for *_, inputs in members])
+        weight_sq = torch.stack([parts[0] for *_, parts in members])
         b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
         a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
         norms = from_products(weight_sq, _group_products(members, a), a, b, scaling)

@@ -63,7 +63,8 @@ ALIGN = 16
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise FP8 quantisation of a 2-D tensor ``x`` (M, K), any float dtype.
+    """Row-wise FP8 quantisation of ``x`` (M, K), any float dtype; rows are along the last axis, so a
+    stack (L, M, K) quantises each of its L·M rows alike (``weights_times``).
 
     Returns ``(codes, scales)``: codes (M, K) float8_e4m3fn = fp8(x / s) (round to nearest even,
     saturated at ±448) and scales (M, 1) float32, ``s = max(amax_row, EPS) · (1/448)``, so that
