@@ -39,7 +39,8 @@ that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~
 so it ran 4 times a step. Once a step made bf16 DoRA 1.119x there and FP8-base DoRA (2 micro-batches a
 step) 1.035x, one run each (results/bench-dora-h100/). The refresh stacks the layers of one shape
 (``refresh_dora_norms``): one GEMM per layer and a few batched ops per shape, not a norm's dozen small
-kernels per layer.
+kernels per layer: 1.018x on both bases at the 8B shape on an H100 (old tree, new, old again on one
+machine: results/bench-refresh-h100/).
 Outside that context (evaluation, generation, a user's own loop) every forward
 computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm up
 to the summation order of the refresh's batched matmuls (``refresh_dora_norms``: bitwise at small widths,
