@@ -322,9 +322,11 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     float32 models, odd ranks) plus about 19 per group (37 on an FP8 base), counted on CPU by
     tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the batched
     matmuls' summation order (the r x r Gram matrix A·Aᵀ by bmm where one layer's takes mm): on CPU bitwise
-    at the tests' small widths, within 1.5e-7 relative (about one float32 ulp) at hidden size 1024, rank 16. ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise
-    tail fused as inside a compiled forward (``_compiled_norm_from_products``); eagerly at micro-batch 2 of
-    an 8B FP8 base the per-layer refresh cost more than the one forward's norm it saved (0.946x,
+    at the tests' small widths, within 1.5e-7 relative (about one float32 ulp) at hidden size 1024, rank 16.
+
+    ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise tail fused as inside a
+    compiled forward (``_compiled_norm_from_products``). The layer-by-layer refresh run eagerly had cost more
+    at micro-batch 2 of an 8B FP8 base than the one forward's norm it saved (0.946x,
     results/bench-dora-h100/eager-dorab-*)."""
     from_products = _norm_from_products if compile_backend is None else _compiled_norm_from_products(compile_backend)
     count = 0
