@@ -96,7 +96,8 @@ def profile_table(out: Path) -> None:
     methods = [t.split()[1] for t in titles]
     head = " | ".join(f"{m} (micro-batch {rows.get(m, {}).get('micro_batch')}): ms, kernels" for m in methods)
     print(f"Two profiled steps of 4 x 512 tokens per row (`profld.profile.txt`, the 60 kernels with the most self CUDA "
-          f"time), by kind of kernel:\n\n| kind | {head} |\n|---|" + "--:|" * len(titles))
+          "time), by kind of kernel; the kinds sum those 60 kernels, the total is the profile's whole CUDA time:"
+          f"\n\n| kind | {head} |\n|---|" + "--:|" * len(titles))
     for kind in [name for name, _ in KINDS] + ["other", "total"]:
         cells = " | ".join((f"{sections[t][kind][0]:.1f} ms" + (f", {sections[t][kind][1]:,}" if kind != "total" else ""))
                            for t in titles)

@@ -419,3 +419,8 @@ def test_refresh_h100_section_is_the_scripts_output():
     capped = recipe["at_trainer_memory"]
     assert (f"ran {recipe['ratio']:.2f}x the careful Trainer at {ours['peak_memory_gib']:.1f} GiB against its "
             f"{trainer['peak_memory_gib']:.1f} GiB, and {capped['ratio']:.2f}x at {capped['peak_memory_gib']:.1f} GiB") in flat
+    whole = (ours["overall_tokens_per_second"], trainer["overall_tokens_per_second"])
+    assert f"averaged {whole[0]:,.0f} tokens/s against the Trainer's {whole[1]:,.0f} ({whole[0] / whole[1]:.2f}x)" in flat
+    repeat = {r["method"]: r["throughput"] for r in json.loads((folder / "repeat8b.json").read_text())}
+    spread = max(abs(repeat[m] / rows[(m, "loralab")]["throughput"] - 1) for m in repeat)
+    assert spread < 0.0015 and "within 0.15 % of these" in flat
