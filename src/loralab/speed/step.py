@@ -108,41 +108,39 @@ def budgeted_backend(name, budget: float):
         try:
             with functorch_config.patch(activation_memory_budget=budget):
                 compiled = compile_fn(gm, example_inputs)
-            _PARTITIONS["within_budget"] += 1
+            _PARTITIONS.append(None)
             return compiled
         except Exception as exc:  # noqa: BLE001 - torch's partitioner or its cost model; the default still compiles
             error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
             warnings.warn(f"loralab speed.activation_memory_budget {budget}: torch's memory-budget partition failed "
                           f"({error}); this graph compiles at torch's default (budget 1.0), keeping the activations "
                           "it saves", RuntimeWarning, stacklevel=1)
-            _PARTITIONS["fell_back"] += 1
-            _PARTITIONS["errors"].append(error)
+            _PARTITIONS.append(error)
             return compile_fn(gm, example_inputs)
 
     backend.__name__ = f"{getattr(name, '__name__', name)}@activation_memory_budget={budget}"
     return backend
 
 
-_PARTITIONS = {"within_budget": 0, "fell_back": 0, "errors": []}
-"""Every ``budgeted_backend`` wrapper's compiles in this process: graphs partitioned within their budget,
-graphs compiled at torch's default after the budgeted partition failed, and those failures' messages."""
+_PARTITIONS: list[str | None] = []
+"""Every ``budgeted_backend`` compile in this process, in order: None where the graph was partitioned within
+its budget, the error's message where that partition failed and the graph compiled at torch's default."""
 
 
-def budget_partitions() -> dict:
-    """A snapshot of this process's budgeted compiles so far (``_PARTITIONS``), for ``partitions_since``."""
-    return {"within_budget": _PARTITIONS["within_budget"], "fell_back": _PARTITIONS["fell_back"],
-            "errors": len(_PARTITIONS["errors"])}
+def budget_partitions() -> int:
+    """A mark in this process's budgeted compiles (how many so far), for ``partitions_since``."""
+    return len(_PARTITIONS)
 
 
-def partitions_since(before: dict) -> dict:
-    """The budgeted compiles since the ``budget_partitions()`` snapshot ``before``: {"within_budget": graphs
-    partitioned within ``speed.activation_memory_budget``, "fell_back": graphs compiled at torch's default
-    after that partition failed, "error": the first such failure's message or None}. A run takes the
-    snapshot before it builds its step (the micro-batch probe compiles too) and this after training; a run
-    that reuses graphs an earlier experiment of the process compiled counts none."""
-    errors = _PARTITIONS["errors"][before["errors"]:]
-    return {"within_budget": _PARTITIONS["within_budget"] - before["within_budget"],
-            "fell_back": _PARTITIONS["fell_back"] - before["fell_back"], "error": errors[0] if errors else None}
+def partitions_since(mark: int) -> dict:
+    """The budgeted compiles since ``mark`` (``budget_partitions()``): {"within_budget": graphs partitioned
+    within ``speed.activation_memory_budget``, "fell_back": graphs compiled at torch's default after that
+    partition failed, "error": the first such failure's message or None}. A run takes the mark before it
+    builds its step (the micro-batch probe compiles too) and this after training; a run that reuses graphs
+    an earlier experiment of the process compiled counts none."""
+    errors = [e for e in _PARTITIONS[mark:] if e is not None]
+    return {"within_budget": len(_PARTITIONS) - mark - len(errors), "fell_back": len(errors),
+            "error": errors[0] if errors else None}
 
 
 def _decoder_layers(model):
