@@ -122,8 +122,7 @@ def _weight_parts(module, adapter: str, lora_A: torch.Tensor) -> tuple:
         return weight_sq, fp8.codes, None, fp8.weight_scale, True
     if fp8 is not None:
         return weight_sq, fp8.codes, _product_dtype(fp8), fp8.weight_scale, False
-    weight = module.get_base_layer().weight
-    return weight_sq, weight.T if getattr(module, "fan_in_fan_out", False) else weight, None, None, False
+    return weight_sq, _base_weight(module), None, None, False
 
 
 def _norm_inputs(module, adapter: str, lora_A: torch.Tensor) -> tuple:
@@ -135,7 +134,8 @@ def _norm_inputs(module, adapter: str, lora_A: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def _norm_of(weight_sq, weight, row_scale, from_codes: bool, lora_A, lora_B, scaling: float) -> torch.Tensor:
-    """The row norm from tensors only (``_norm_inputs``), so a few compiled graphs serve every layer."""
+    """One layer's row norm from tensors only (``_norm_inputs``): the per-forward norm, inside the layer's own
+    compiled graph where layers compile (the refresh stacks layers instead: ``refresh_dora_norms``)."""
     if from_codes:
         return _norm_from_products(weight_sq, weight_times(weight, row_scale, lora_A), lora_A, lora_B, scaling)
     return dora_weight_norm(weight_sq, weight, lora_A, lora_B, scaling, row_scale=row_scale)
