@@ -24,31 +24,37 @@ def pick(rows: list[dict], method: str, stack: str) -> dict:
 STACK = {"peer": "docs", "liger": "Liger", "tuned": "tuned"}
 
 
+def profile_sections(text: str) -> dict[str, tuple[float, list[tuple[str, float, int]]]]:
+    """{section title: (its whole CUDA time in ms, [(kernel or op name, self CUDA ms, calls) per table row])} of
+    a ``loralab bench --profile`` file (torch.profiler's table: a 55-character name column, then ten columns)."""
+    sections = {}
+    for part in text.split("== profile: ")[1:]:
+        title = part.split(" ==", 1)[0]
+        rows = []
+        for row in part.splitlines():
+            cells = row[55:].split()
+            if len(cells) < 10 or row.startswith(("-", "Self C")) or not cells[-1].isdigit():
+                continue
+            unit = cells[5]  # Self CUDA
+            ms = float(unit[:-2]) if unit.endswith("ms") else float(unit[:-2]) / 1000 if unit.endswith("us") else None
+            if ms is not None:
+                rows.append((row[:55].strip(), ms, int(cells[-1])))
+        sections[title] = (float(part.split("Self CUDA time total: ")[1].split("ms")[0]), rows)
+    return sections
+
+
 def profile_summary(text: str) -> list[str]:
     """One line per ``== profile: ...`` section of a ``loralab bench --profile`` file: total CUDA time, the
     GEMM kernels (cuBLAS ``nvjet``; FP8 ones have ``qq`` in the name) and inductor's fused kernels around
     ``_scaled_mm`` (the per-token quantisation: amax, scale, cast), summed over the rows it lists (20 by total
     time before 2026-12-06, 60 by self time since)."""
     lines, parts = [], {}
-    for part in text.split("== profile: ")[1:]:
-        title = part.split(" ==", 1)[0]
-        total = float(part.split("Self CUDA time total: ")[1].split("ms")[0])
-        gemm = fp8 = quant = 0.0
-        listed = 0
-        for row in part.splitlines():
-            cells = row.split()
-            ms = next((float(c[:-2]) for c in cells if c.endswith("ms") and c[:-2].replace(".", "").isdigit()), None)
-            if ms is None or not cells or row.startswith("Self C"):  # the totals below the table
-                continue
-            name = cells[0]
-            listed += 1
-            if name.startswith("nvjet"):
-                gemm += ms
-                fp8 += ms if "_qq" in name else 0.0
-            elif name.startswith("triton") and "_scaled_mm" in name:
-                quant += ms
+    for title, (total, rows) in profile_sections(text).items():
+        gemm = sum(ms for name, ms, _ in rows if name.startswith("nvjet"))
+        fp8 = sum(ms for name, ms, _ in rows if name.startswith("nvjet") and "_qq" in name)
+        quant = sum(ms for name, ms, _ in rows if name.startswith("triton") and "_scaled_mm" in name)
         lines.append(f"- Profile, {title}: {total:.1f} ms of CUDA time; GEMMs {gemm:.1f} ms (FP8 {fp8:.1f} ms), "
-                     f"kernels fused around `_scaled_mm` {quant:.1f} ms (among the {listed} rows the profile lists).")
+                     f"kernels fused around `_scaled_mm` {quant:.1f} ms (among the {len(rows)} rows the profile lists).")
         parts[title.split()[1]] = (total, gemm, quant)
     if "lora" in parts and "fp8+lora" in parts:
         (t_bf, g_bf, _), (t_fp, g_fp, q_fp) = parts["lora"], parts["fp8+lora"]
@@ -69,21 +75,12 @@ def profile_kinds(text: str) -> dict[str, dict[str, tuple[float, int]]]:
     """{section title: {kind: (ms, calls)}} of a ``loralab bench --profile`` file, each listed kernel counted once
     under the first of ``KINDS`` its name starts with (else "other"), plus "total" (the profile's own total)."""
     sections = {}
-    for part in text.split("== profile: ")[1:]:
-        title = part.split(" ==", 1)[0]
+    for title, (total, rows) in profile_sections(text).items():
         kinds = {name: [0.0, 0] for name, _ in KINDS} | {"other": [0.0, 0]}
-        for row in part.splitlines():
-            cells = row[55:].split()
-            if len(cells) < 9 or row.startswith(("-", "Self C")) or not cells[-1].isdigit():
-                continue
-            unit = cells[5]
-            ms = float(unit[:-2]) if unit.endswith("ms") else float(unit[:-2]) / 1000 if unit.endswith("us") else None
-            if ms is None:
-                continue
-            kind = next((name for name, prefixes in KINDS if row.strip().startswith(prefixes)), "other")
+        for name, ms, calls in rows:
+            kind = next((k for k, prefixes in KINDS if name.startswith(prefixes)), "other")
             kinds[kind][0] += ms
-            kinds[kind][1] += int(cells[-1])
-        total = float(part.split("Self CUDA time total: ")[1].split("ms")[0])
+            kinds[kind][1] += calls
         sections[title] = {k: (round(v[0], 3), v[1]) for k, v in kinds.items()} | {"total": (total, 0)}
     return sections
 
