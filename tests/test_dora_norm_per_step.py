@@ -116,8 +116,9 @@ _VIEWS = {"select", "t", "transpose", "view", "unbind", "unsqueeze", "expand", "
           "_unsafe_view", "as_strided", "permute"}
 
 
-def _fp8_dora_llama(layers: int, dtype=torch.bfloat16, base: str = "fp8", r: int = 8):
-    """A ``layers``-layer DoRA Llama in ``dtype``, its linear layers on an FP8 base unless ``base`` is "bf16"."""
+def _sized_dora_llama(layers: int, dtype=torch.bfloat16, base: str = "fp8", r: int = 8):
+    """A ``layers``-layer DoRA Llama in ``dtype`` (peft's DoRA forward: ``enable_fast_dora`` is the caller's),
+    its linear layers on an FP8 base unless ``base`` is "bf16"."""
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256)
@@ -127,10 +128,8 @@ def _fp8_dora_llama(layers: int, dtype=torch.bfloat16, base: str = "fp8", r: int
         from loralab.methods.fp8base import quantize_linears
 
         quantize_linears(llama, linear_names(llama))
-    model = get_peft_model(llama, LoraConfig(r=r, lora_alpha=2 * r, use_dora=True, init_lora_weights=False,
-                                             target_modules="all-linear"))
-    fast_dora.enable_fast_dora(model)
-    return model
+    return get_peft_model(llama, LoraConfig(r=r, lora_alpha=2 * r, use_dora=True, init_lora_weights=False,
+                                            target_modules="all-linear"))
 
 
 def _refresh_kernels(layers: int, base: str) -> tuple[int, int]:
@@ -147,7 +146,8 @@ def _refresh_kernels(layers: int, base: str) -> tuple[int, int]:
                 Count.ops += 1
             return func(*args, **(kwargs or {}))
 
-    model = _fp8_dora_llama(layers, torch.float16 if base == "fp8-fp16" else torch.bfloat16, base.split("-")[0])
+    model = _sized_dora_llama(layers, torch.float16 if base == "fp8-fp16" else torch.bfloat16, base.split("-")[0])
+    fast_dora.enable_fast_dora(model)
     fast_dora.refresh_dora_norms(model)  # the first call makes the kept tensors; later ones copy into them
     with Count():
         count = fast_dora.refresh_dora_norms(model)
@@ -171,7 +171,8 @@ def test_the_refresh_groups_hold_the_layers_own_weights_not_copies(dtype, r):
     rank whose 2r the FP8 kernel cannot take), the groups hold each layer's codes and the conversion happens one
     layer at a time: a converted copy of every weight held at once is twice (fp16) or four times (float32) the
     whole FP8 base, at the refresh's peak and, graphed, in the CUDA graph's pool."""
-    model = _fp8_dora_llama(2, dtype, r=r)
+    model = _sized_dora_llama(2, dtype, r=r)
+    fast_dora.enable_fast_dora(model)
     groups = fast_dora._refresh_groups(model)
     assert sum(len(m) for m in groups.values()) == 14
     for members in groups.values():
@@ -265,16 +266,7 @@ def test_the_compiled_refresh_is_a_few_graphs_for_every_layer_and_equals_eager(b
         model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
                                                                  target_modules="all-linear", rank_pattern=ranks))
     if base == "fp8":  # the bf16 model's FP8 path: W·Aᵀ from the codes (speed/fp8.weight_times)
-        from loralab.methods.common import linear_names
-        from loralab.methods.fp8base import quantize_linears
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=256)
-        llama = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        quantize_linears(llama, linear_names(llama))
-        model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
-                                                 target_modules="all-linear"))
+        model = _sized_dora_llama(2)
     assert fast_dora.enable_fast_dora(model) == 7 * layers
     graphs = []
 
