@@ -134,6 +134,7 @@ def test_the_budget_within_the_trainers_memory_from_the_h200_recipe_rows():
     assert small["run"] is False and "no micro-batch fits" in small["reason"]
 
 
+@pytest.mark.slow  # builds and runs the Liger peer's loss (3-5 s)
 def test_liger_keeps_an_adapted_lm_head_in_the_loss():
     """Liger's fused linear cross-entropy reads lm_head.weight, the frozen base weight under a peft
     LoRA layer: a recipe that adapts the head (seed 000's) gets the fused loss off and Liger's

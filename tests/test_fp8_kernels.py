@@ -43,6 +43,7 @@ def assert_same(x, col=None):
     return codes, scales
 
 
+@pytest.mark.slow  # 65,280 values through the interpreted kernel on CPU (4-7 s)
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_finite_bfloat16_value_quantises_to_the_same_bits(device):
     values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)

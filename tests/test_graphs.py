@@ -100,7 +100,8 @@ def _graphed_loop(model, batches, params, steps_groups, enabled, prepare_state=F
     return trainer, losses
 
 
-@pytest.mark.parametrize("prepare_state", [False, True], ids=["eager", "prepared-optimizer-state"])
+@pytest.mark.parametrize("prepare_state", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["eager", "prepared-optimizer-state"])  # the fast subset keeps one case
 def test_step_object_follows_the_plain_loop(minilm_path, data_dir, prepare_state):
     """Accumulation weights, clipping, the LR schedule and (prepared) AdamW state give the same
     weights as the textbook loop."""

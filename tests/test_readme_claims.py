@@ -253,6 +253,7 @@ def test_two_gpu_rehearsal_table_is_made_from_its_files():
     assert summary["evaluation"]["identical_completions"] == summary["evaluation"]["compared"] == 6
 
 
+@pytest.mark.slow  # runs the table script (imports torch, transformers); 6-11 s of the fast subset's 2 minutes
 def test_fair_bench_section_is_the_scripts_output():
     """The fairest-peer section's tables, goal rows and notes are what scripts/fair_bench_table.py prints from
     results/bench-fair/, and the figures quoted elsewhere in the README come from the same files."""
@@ -309,7 +310,7 @@ def _fair8b_section(folder, heading: str) -> tuple[str, dict]:
     return " ".join(text.split()), rows
 
 
-@pytest.mark.slow  # runs the table script (imports torch, transformers): the fast subset keeps the H200 one
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
 def test_fair_bench_h100_section_is_the_scripts_output():
     """The H100 fairest-peer section holds what scripts/fair_bench_table.py prints from results/bench-fair-h100/,
     its reading quotes those files (the tuned peer's probe, the docs peer's step, the FP8 row's margin, the
