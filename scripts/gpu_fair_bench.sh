@@ -55,7 +55,7 @@
 #           for one; bf16 DoRA runs micro-batch 1 there, LoRA 2).
 #   doraabl scripts/dora_ablation_bench.py: LoRA, DoRA and DoRA with every magnitude frozen (no magnitude gradient),
 #           on the FP8 and the bf16 base, all at micro-batch 4, as bench rows; and the norm refresh timed alone:
-#           which part of DoRA's step beyond LoRA's to work on. ~5-6 min. Files: doraabl.json/.log.
+#           which part of DoRA's step beyond LoRA's to work on. ~5-6 min (ABL_ARGS="--bases fp8": ~3). Files: doraabl.json/.log.
 #   probe8b loralab's rows only (`--methods lora,dora,fp8+lora,fp8+dora --stacks loralab`) at the defaults: since
 #           2026-12-05 the auto micro-batch counts AdamW's state beside each probed peak and, with loss_chunk_size
 #           "auto", probes a size over the budget again with 128-token loss chunks. Whether every run's peak is now
@@ -220,7 +220,7 @@ for part in "${PARTS[@]}"; do
       step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods "${METHODS:-lora,dora}" --stacks loralab --profile --output "$OUT/profld.json" ;;
     doraabl)  # fast DoRA by ablation at one micro-batch: LoRA, DoRA, DoRA with frozen magnitudes; the refresh alone
-      step doraabl 560 $PYTHON scripts/dora_ablation_bench.py --output "$OUT/doraabl.json" ;;
+      step doraabl 560 $PYTHON scripts/dora_ablation_bench.py ${ABL_ARGS:-} --output "$OUT/doraabl.json" ;;
     probe8b)  # loralab's four 8B rows at the defaults: the probe counting AdamW's state, the loss chunk "auto"
       step probe8b 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods lora,dora,fp8+lora,fp8+dora --stacks loralab --output "$OUT/probe8b.json" ;;
