@@ -13,6 +13,10 @@ differ only in what the variant changes:
                   backward only scales the gradient. Its gap to ``dora`` is what the magnitude's
                   gradient costs; its gap to ``lora`` is the rest (the norm refresh, the combine's scaling
                   forward and backward, the saved output).
+  dora-norm-once  fast DoRA whose step never refreshes the norm after the step is built (``run.step``'s
+                  ``refresh_dora_norms`` patched to do nothing after its first call; the norms go stale as A
+                  and B train): its gap to ``dora`` is what the once-per-step refresh costs inside the step
+                  (compiled and, on CUDA, graphed as the step runs it).
 
 each on the float base (bf16 on a GPU; the bench runs float32 on CPU) and on the FP8 base (``--bases``). After the ``dora`` row on each base the script also
 times ``speed.fast_dora.refresh_dora_norms`` alone on that row's model (eager, CUDA events, median of 10):
@@ -37,9 +41,10 @@ import torch
 
 from loralab.bench import runner
 from loralab.bench.workloads import FP8, presets
+from loralab.run import step as run_step
 from loralab.speed.fast_dora import refresh_dora_norms
 
-VARIANTS = ("lora", "dora", "dora-frozen-m")
+VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once")
 
 
 def _freeze_magnitudes(model) -> int:
@@ -52,29 +57,29 @@ def _freeze_magnitudes(model) -> int:
     return frozen
 
 
-def _refresh_ms(model, device: str, repeats: int = 10) -> float:
-    """Median milliseconds of one ``refresh_dora_norms(model)`` (eager), after one untimed call."""
-    refresh_dora_norms(model)
+def _refresh_ms(model, device: str, backend=None, repeats: int = 10) -> float:
+    """Median milliseconds of one ``refresh_dora_norms(model, backend)`` (not graphed), after one untimed call."""
+    refresh_dora_norms(model, backend)
     times = []
     for _ in range(repeats):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            refresh_dora_norms(model)
+            refresh_dora_norms(model, backend)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t = time.perf_counter()
-            refresh_dora_norms(model)
+            refresh_dora_norms(model, backend)
             times.append(1000 * (time.perf_counter() - t))
     return statistics.median(times)
 
 
 def run(args) -> list[dict]:
     workload = next(w for w in presets(args.preset) if args.only in w.name)
-    original_wrap = runner.wrap
-    rows = []
+    original_wrap, original_refresh = runner.wrap, run_step.refresh_dora_norms
+    rows, profiles = [], []
     for base in args.bases:
         for variant in args.variants:
             built = {}
@@ -89,34 +94,51 @@ def run(args) -> list[dict]:
             method = ("dora" if variant.startswith("dora") else "lora")
             method = FP8 + method if base == "fp8" else method
             runner.wrap = wrap
+            calls = []
+
+            def refresh_once(model, backend=None):
+                calls.append(1)
+                return original_refresh(model, backend) if len(calls) == 1 else 0
+
+            if variant == "dora-norm-once":
+                run_step.refresh_dora_norms = refresh_once
             try:
                 row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,
-                                     speed={"micro_batch": args.micro_batch})
+                                     speed={"micro_batch": args.micro_batch},
+                                     profile_to=profiles if variant in args.profile else None)
             finally:
                 runner.wrap = original_wrap
+                run_step.refresh_dora_norms = original_refresh
+            if variant == "dora-norm-once":
+                row["refresh_calls"] = len(calls)
             row.update(variant=variant, base=base, frozen_magnitudes=built.get("frozen", 0))
             if variant == "dora":
                 row["refresh_ms"] = round(_refresh_ms(built["model"], args.device), 3)
+                row["refresh_compiled_ms"] = round(_refresh_ms(built["model"], args.device, "inductor"), 3)
             built.clear()
             rows.append(row)
             print(f"{base:5s} {variant:14s} {row['step_ms']:8.1f} ms/step {row['throughput']:9,.0f} tokens/s "
-                  f"peak {row['peak_memory_gib']} GiB  refresh {row.get('refresh_ms', '-')} ms", flush=True)
+                  f"peak {row['peak_memory_gib']} GiB  refresh {row.get('refresh_ms', '-')} ms eager, "
+                  f"{row.get('refresh_compiled_ms', '-')} ms compiled", flush=True)
             if args.output:
                 with open(args.output, "w") as f:
                     json.dump(rows, f, indent=1)
+                if profiles:
+                    with open(args.output.removesuffix(".json") + ".profile.txt", "w") as f:
+                        f.write("\n\n".join(profiles))
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: each row's step, its gap to LoRA's on the same base, and the refresh's ms."""
-    lines = ["| base | variant | dtype | ms/step | tokens/s | peak GiB | ms over LoRA | refresh ms |",
-             "|---|---|---|--:|--:|--:|--:|--:|"]
+    lines = ["| base | variant | dtype | ms/step | tokens/s | peak GiB | ms over LoRA | refresh ms, eager | compiled |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         lora = next((x for x in rows if x["base"] == r["base"] and x["variant"] == "lora"), None)
         gap = "" if lora is None else f"{r['step_ms'] - lora['step_ms']:+.1f}"
         peak = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         lines.append(f"| {r['base']} | {r['variant']} | {r['dtype']} | {r['step_ms']:.1f} | {r['throughput']:,.0f} | {peak} | "
-                     f"{gap} | {r.get('refresh_ms', '')} |")
+                     f"{gap} | {r.get('refresh_ms', '')} | {r.get('refresh_compiled_ms', '')} |")
     return "\n".join(lines)
 
 
@@ -130,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", nargs="*", default=[], choices=list(VARIANTS),
+                   help="variants whose row also writes a torch.profiler table (<output>.profile.txt)")
     p.add_argument("--output")
     args = p.parse_args(argv)
     if args.device == "cuda":
