@@ -56,6 +56,8 @@
 #   doraabl scripts/dora_ablation_bench.py: LoRA, DoRA and DoRA with every magnitude frozen (no magnitude gradient),
 #           on the FP8 and the bf16 base, all at micro-batch 4, as bench rows; and the norm refresh timed alone:
 #           which part of DoRA's step beyond LoRA's to work on. ~5-6 min (ABL_ARGS="--bases fp8": ~3). Files: doraabl.json/.log.
+#   refreshgemm scripts/fp8_refresh_gemm_bench.py: the FP8 DoRA refresh's W·Aᵀ as _scaled_mm(codes, termsᵀ) (shipped)
+#           and as _scaled_mm(terms, codesᵀ), and its Gram bmm whole and split over K, at the 8B shapes. ~20 s.
 #   probe8b loralab's rows only (`--methods lora,dora,fp8+lora,fp8+dora --stacks loralab`) at the defaults: since
 #           2026-12-05 the auto micro-batch counts AdamW's state beside each probed peak and, with loss_chunk_size
 #           "auto", probes a size over the budget again with 128-token loss chunks. Whether every run's peak is now
@@ -219,6 +221,8 @@ for part in "${PARTS[@]}"; do
     profld)  # loralab's bf16 LoRA and DoRA rows, each profiled (60 kernels by self time): DoRA's kernels beside LoRA's
       step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods "${METHODS:-lora,dora}" --stacks loralab --profile --output "$OUT/profld.json" ;;
+    refreshgemm)  # the FP8 refresh's W·Aᵀ and Gram products, each in two forms, alone
+      step refreshgemm 120 $PYTHON scripts/fp8_refresh_gemm_bench.py --output "$OUT/refreshgemm.json" ;;
     doraabl)  # fast DoRA by ablation at one micro-batch: LoRA, DoRA, DoRA with frozen magnitudes; the refresh alone
       step doraabl 560 $PYTHON scripts/dora_ablation_bench.py ${ABL_ARGS:-} --output "$OUT/doraabl.json" ;;
     probe8b)  # loralab's four 8B rows at the defaults: the probe counting AdamW's state, the loss chunk "auto"

@@ -1,0 +1,119 @@
+"""The FP8 DoRA norm refresh's two costly products, each in two forms, timed alone on CUDA (issue 22).
+
+The refresh (``speed/fast_dora.refresh_dora_norms``) takes, per layer, ``W·Aᵀ`` from the FP8 codes through
+``speed/fp8.weights_times`` (``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``: an (N x 2r) output, 2r = 64 at r32)
+and, per group of L layers, the Gram matrices ``A·Aᵀ`` by one float32 bmm ((L, r, K) x (L, K, r)). In the
+profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the first ran ~20 us per layer
+(224 a step: ~4.5 ms, where reading the 7.5 GB of codes takes ~2.2 ms at 3.35 TB/s) and the second ~210 us per
+group. This times, at the 8B shapes:
+
+  codes-left   ``_scaled_mm(codes, termsᵀ)``: (N, 64) out, the shipped form
+  terms-left   ``_scaled_mm(terms, codesᵀ)``: (64, N) out, transposed after (the shape of a decode step's
+               GEMM, 64 tokens against a weight: the case FP8 inference tunes)
+  gram-bmm     ``a @ aᵀ`` float32 bmm, the shipped form
+  gram-split   the same sum split over 8 chunks of K (8 x L small bmm's, then a sum): more thread blocks
+
+and checks that each pair gives the same values (max relative difference printed). Prints a table with
+microseconds and the codes' read bandwidth; ``--output`` writes it as JSON.
+
+    python scripts/fp8_refresh_gemm_bench.py --output $OUT/refreshgemm.json     # on a GPU, ~20 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from loralab.speed.fp8 import FP8, quantize_rows
+
+SHAPES = {"q, o": (4096, 4096), "k, v": (1024, 4096), "gate, up": (14336, 4096), "down": (4096, 14336)}
+
+
+def _time_us(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / repeats
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def bench(rank: int, layers: int, repeats: int) -> list[dict]:
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        torch.manual_seed(0)
+        codes = (torch.randn(n, k, device="cuda") * 100).clamp(-448, 448).to(FP8)
+        scales = torch.rand(n, device="cuda") + 0.5
+        a = torch.randn(rank, k, device="cuda") / k ** 0.5
+        hi, s_hi = quantize_rows(a)
+        lo, s_lo = quantize_rows(a - hi.float() * s_hi)
+        terms = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)]).view(FP8)  # (2r, K)
+        t_scales = torch.cat([s_hi, s_lo])  # (2r, 1)
+
+        def codes_left():
+            return torch._scaled_mm(codes, terms.t(), scale_a=scales.view(-1, 1), scale_b=t_scales.view(1, -1),
+                                    out_dtype=torch.bfloat16)
+
+        def terms_left():
+            return torch._scaled_mm(terms, codes.t(), scale_a=t_scales, scale_b=scales.view(1, -1),
+                                    out_dtype=torch.bfloat16).t()
+
+        same = _rel(terms_left(), codes_left())
+        us_codes, us_terms = _time_us(codes_left, repeats), _time_us(terms_left, repeats)
+        stack = torch.randn(layers, rank, k, device="cuda") / k ** 0.5
+
+        def gram_bmm():
+            return stack @ stack.transpose(-1, -2)
+
+        def gram_split(chunks=8):
+            parts = stack.view(layers, rank, chunks, k // chunks).transpose(1, 2)  # (L, c, r, K/c)
+            return (parts @ parts.transpose(-1, -2)).sum(dim=1)
+
+        same_gram = _rel(gram_split(), gram_bmm())
+        us_bmm, us_split = _time_us(gram_bmm, repeats), _time_us(gram_split, repeats)
+        gb = n * k / 1e9
+        rows.append({"layers": name, "N": n, "K": k, "rank": rank, "codes_left_us": round(us_codes, 2),
+                     "terms_left_us": round(us_terms, 2), "codes_left_tb_s": round(gb / us_codes * 1e3, 3),
+                     "terms_left_tb_s": round(gb / us_terms * 1e3, 3), "product_max_rel_diff": same,
+                     "gram_layers": layers, "gram_bmm_us": round(us_bmm, 2), "gram_split_us": round(us_split, 2),
+                     "gram_max_rel_diff": same_gram})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--layers", type=int, default=64, help="layers per Gram group (8B: 64 for q and o)")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--output")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs CUDA (torch._scaled_mm's row-wise FP8 kernel)", file=sys.stderr)
+        return 2
+    rows = bench(args.rank, args.layers, args.repeats)
+    print(f"{torch.cuda.get_device_name()}, rank {args.rank}; us per call; TB/s = codes read per second")
+    print("| layers | N x K | codes-left us | TB/s | terms-left us | TB/s | max rel diff | gram bmm us | gram split us |"
+          " max rel diff |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        print(f"| {r['layers']} | {r['N']} x {r['K']} | {r['codes_left_us']} | {r['codes_left_tb_s']} | "
+              f"{r['terms_left_us']} | {r['terms_left_tb_s']} | {r['product_max_rel_diff']:.1e} | {r['gram_bmm_us']} | "
+              f"{r['gram_split_us']} | {r['gram_max_rel_diff']:.1e} |")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
