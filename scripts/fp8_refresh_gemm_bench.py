@@ -4,7 +4,7 @@ The refresh (``speed/fast_dora.refresh_dora_norms``) takes, per layer, ``W·Aᵀ
 ``speed/fp8.weights_times`` (``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``: an (N x 2r) output, 2r = 64 at r32)
 and, per group of L layers, the Gram matrices ``A·Aᵀ`` by one float32 bmm ((L, r, K) x (L, K, r)). In the
 profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the first ran ~20 us per layer
-(224 a step: ~4.5 ms, where reading the 7.5 GB of codes takes ~2.2 ms at 3.35 TB/s) and the second ~210 us per
+(224 a step: ~4.5 ms, where reading the 7.0 GB of codes takes ~2.1 ms at 3.35 TB/s) and the second ~210 us per
 group. This times, at the 8B shapes:
 
   codes-left   ``_scaled_mm(codes, termsᵀ)``: (N, 64) out, the shipped form

@@ -117,6 +117,11 @@
 #   micro-batch 4, so DoRA's kernels compare one for one with LoRA's: where its ~22 ms a step beyond LoRA's go, of which
 #   ~6 ms is the norm refresh and the magnitude gradient's reductions by estimate); (2) on an H200: fp8check fair8b,
 #   recipe, fp8loss (no H200 row has the code since 2026-12-04).
+#   After 2026-12-06's second session (H100 only, results/bench-doraabl-h100/: at micro-batch 4 bf16 DoRA is 0.906 of LoRA,
+#   FP8-base DoRA 0.870; of FP8 DoRA's 17.4 ms a step over LoRA the norm refresh is 9.1 ms and the magnitude gradient
+#   6.1 ms): (1) refreshgemm (~20 s: whether the refresh's W·Aᵀ in the transposed form, or its Gram split over K, is
+#   faster; then change weights_times / _norm_from_products and A/B with doraab); (2) on an H200: fp8check fair8b,
+#   recipe, fp8loss (no H200 row has the code since 2026-12-04).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
