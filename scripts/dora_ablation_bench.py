@@ -18,13 +18,17 @@ differ only in what the variant changes:
                   and B train): its gap to ``dora`` is what the once-per-step refresh costs inside the step
                   (compiled and, on CUDA, graphed as the step runs it).
 
-each on the float base (bf16 on a GPU; the bench runs float32 on CPU) and on the FP8 base (``--bases``). After the ``dora`` row on each base the script also
-times ``speed.fast_dora.refresh_dora_norms`` alone on that row's model (eager, CUDA events, median of 10):
-the refresh's share of the step. Not a unit of speed that a user sees (a user's DoRA trains its magnitude):
-a diagnostic, whose rows say which part to work on.
+each on the float base (``bf16``: bf16 on a GPU; the bench runs float32 on CPU, as the dtype column says) and
+on the FP8 base (``--bases``). After the ``dora`` row on each base the script also times
+``speed.fast_dora.refresh_dora_norms`` alone on that row's model, outside any CUDA graph (median of 10, CUDA
+events on a GPU), eager and with its elementwise tail compiled as the step compiles it. Not a unit of speed
+that a user sees (a user's DoRA trains its magnitude and refreshes its norm): a diagnostic, whose rows say
+which part to work on. The frozen variant also leaves the magnitudes out of AdamW and may change what the
+compiled layers save; ``refresh_python_calls`` counts the Python calls of the patched refresh (a CUDA graph's
+replay makes none), of which only the first computes.
 
-    python scripts/dora_ablation_bench.py --output $OUT/doraabl.json          # on a GPU, ~5-6 min
-    python scripts/dora_ablation_bench.py --device cpu --preset tiny          # the tiny preset, on CPU
+    python scripts/dora_ablation_bench.py --output $OUT/doraabl.json          # on an H100, ~2 min (8 rows)
+    python scripts/dora_ablation_bench.py --device cpu --preset tiny --only tiny-llama/fixed --micro-batch 2
 
 Prints a table (ms per step, tokens/s, peak) and writes the rows as JSON.
 """
@@ -76,8 +80,21 @@ def _refresh_ms(model, device: str, backend=None, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+def _workload(preset: str, only: str):
+    """The one workload of ``preset`` whose name contains ``only``; SystemExit naming the preset's workloads
+    where none or several match."""
+    names = [w.name for w in presets(preset)]
+    kept = [w for w in presets(preset) if only in w.name]
+    if len(kept) != 1:
+        raise SystemExit(f"--only {only!r} matches {len(kept)} workloads of the preset {preset!r} (one is needed); "
+                         f"its workloads: {', '.join(names)}")
+    return kept[0]
+
+
 def run(args) -> list[dict]:
-    workload = next(w for w in presets(args.preset) if args.only in w.name)
+    workload = _workload(args.preset, args.only)
+    print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps after "
+          f"{args.warmup} warm-up, {args.device}", flush=True)
     original_wrap, original_refresh = runner.wrap, run_step.refresh_dora_norms
     rows, profiles = [], []
     for base in args.bases:
@@ -110,7 +127,7 @@ def run(args) -> list[dict]:
                 runner.wrap = original_wrap
                 run_step.refresh_dora_norms = original_refresh
             if variant == "dora-norm-once":
-                row["refresh_calls"] = len(calls)
+                row["refresh_python_calls"] = len(calls)
             row.update(variant=variant, base=base, frozen_magnitudes=built.get("frozen", 0))
             if variant == "dora":
                 row["refresh_ms"] = round(_refresh_ms(built["model"], args.device), 3)
@@ -142,20 +159,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--preset", default="full")
-    p.add_argument("--only", default="llama-3-8b/fixed", help="the workload (a part of its name)")
-    p.add_argument("--bases", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (timed rows) or cpu (the tiny preset, a check)")
+    p.add_argument("--preset", default="full", help="the bench preset (full, tiny)")
+    p.add_argument("--only", default="llama-3-8b/fixed", help="the workload: a part of its name matching one")
+    p.add_argument("--bases", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"],
+                   help="fp8: the FP8 base; bf16: the workload's float base (float32 on CPU)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--micro-batch", type=_positive, default=4, help="samples per forward, every row alike")
+    p.add_argument("--steps", type=_positive, default=8, help="timed optimizer steps per row")
+    p.add_argument("--warmup", type=_positive, default=3, help="untimed steps before them")
     p.add_argument("--profile", nargs="*", default=[], choices=list(VARIANTS),
                    help="variants whose row also writes a torch.profiler table (<output>.profile.txt)")
     p.add_argument("--output")
     args = p.parse_args(argv)
+    if args.profile and (args.device != "cuda" or not args.output):
+        print("--profile: the profile is taken on CUDA only and written beside --output; none will be written",
+              file=sys.stderr)
     if args.device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # as run_bench: no cuDNN plan per new shape
     rows = run(args)

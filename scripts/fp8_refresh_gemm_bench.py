@@ -7,11 +7,13 @@ profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the fir
 (224 a step: ~4.5 ms, where reading the 7.0 GB of codes takes ~2.1 ms at 3.35 TB/s) and the second ~210 us per
 group. This times, at the 8B shapes:
 
-  codes-left   ``_scaled_mm(codes, termsᵀ)``: (N, 64) out, the shipped form
+  codes-left   ``_scaled_mm(codes, termsᵀ)``: (N, 64) out, the shipped form's GEMM (without the float32 cast
+               and the sum of the two terms that ``weights_times`` adds after it)
   terms-left   ``_scaled_mm(terms, codesᵀ)``: (64, N) out, transposed after (the shape of a decode step's
                GEMM, 64 tokens against a weight: the case FP8 inference tunes)
   gram-bmm     ``a @ aᵀ`` float32 bmm, the shipped form
-  gram-split   the same sum split over 8 chunks of K (8 x L small bmm's, then a sum): more thread blocks
+  gram-split   the same sum split over 8 chunks of K (one bmm over L x 8 blocks of a strided view, which the
+               bmm may copy inside the timed call, then a sum): more thread blocks
 
 and checks that each pair gives the same values (max relative difference printed). Prints a table with
 microseconds and the codes' read bandwidth; ``--output`` writes it as JSON.
@@ -33,11 +35,11 @@ from loralab.speed.fp8 import FP8, quantize_rows
 SHAPES = {"q, o": (4096, 4096), "k, v": (1024, 4096), "gate, up": (14336, 4096), "down": (4096, 14336)}
 
 
-def _time_us(fn, repeats: int) -> float:
+def _time_us(fn, repeats: int, device: str) -> float:
     """Mean microseconds of ``fn()`` over ``repeats`` calls after one untimed call: CUDA events on a GPU, the
     host clock on CPU (where the script only checks that the forms agree)."""
     fn()
-    if not torch.cuda.is_available():
+    if device != "cuda":
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
@@ -59,6 +61,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench(rank: int, layers: int, repeats: int, device: str = "cuda", shapes: dict = SHAPES) -> list[dict]:
     """One row per entry of ``shapes`` ({name: (N, K)}): both forms of each product timed, and their largest
     difference relative to the shipped form's largest value."""
+    if device == "cuda" and (2 * rank) % 16:
+        raise SystemExit(f"--rank {rank}: the FP8 kernel needs 2 x rank divisible by 16 on CUDA")
     rows = []
     for name, (n, k) in shapes.items():
         torch.manual_seed(0)
@@ -79,7 +83,7 @@ def bench(rank: int, layers: int, repeats: int, device: str = "cuda", shapes: di
                                     out_dtype=torch.bfloat16).t()
 
         same = _rel(terms_left(), codes_left())
-        us_codes, us_terms = _time_us(codes_left, repeats), _time_us(terms_left, repeats)
+        us_codes, us_terms = _time_us(codes_left, repeats, device), _time_us(terms_left, repeats, device)
         stack = torch.randn(layers, rank, k, device=device) / k ** 0.5
 
         def gram_bmm():
@@ -90,7 +94,7 @@ def bench(rank: int, layers: int, repeats: int, device: str = "cuda", shapes: di
             return (parts @ parts.transpose(-1, -2)).sum(dim=1)
 
         same_gram = _rel(gram_split(), gram_bmm())
-        us_bmm, us_split = _time_us(gram_bmm, repeats), _time_us(gram_split, repeats)
+        us_bmm, us_split = _time_us(gram_bmm, repeats, device), _time_us(gram_split, repeats, device)
         gb = n * k / 1e9
         rows.append({"layers": name, "N": n, "K": k, "rank": rank, "codes_left_us": round(us_codes, 2),
                      "terms_left_us": round(us_terms, 2), "codes_left_tb_s": round(gb / us_codes * 1e3, 3),
@@ -103,7 +107,8 @@ def bench(rank: int, layers: int, repeats: int, device: str = "cuda", shapes: di
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--layers", type=int, default=64, help="layers per Gram group (8B: 64 for q and o)")
+    p.add_argument("--layers", type=int, default=64,
+                   help="layers per Gram group, every shape alike (8B: 64 for q and o, k and v, gate and up; 32 for down)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--output")
     args = p.parse_args(argv)

@@ -53,9 +53,11 @@
 #           profld.profile.txt): what DoRA's step spends beyond LoRA's, kernel by kernel. ~3 min. METHODS="fp8+lora,fp8+dora":
 #           the FP8-base rows instead (on an H100 at memory_fraction 0.25 both run micro-batch 4, so their kernels compare one
 #           for one; bf16 DoRA runs micro-batch 1 there, LoRA 2).
-#   doraabl scripts/dora_ablation_bench.py: LoRA, DoRA and DoRA with every magnitude frozen (no magnitude gradient),
-#           on the FP8 and the bf16 base, all at micro-batch 4, as bench rows; and the norm refresh timed alone:
-#           which part of DoRA's step beyond LoRA's to work on. ~5-6 min (ABL_ARGS="--bases fp8": ~3). Files: doraabl.json/.log.
+#   doraabl scripts/dora_ablation_bench.py: LoRA, DoRA, DoRA with every magnitude frozen (no magnitude gradient) and
+#           DoRA whose step never refreshes its norm after the build, on the FP8 and the bf16 base, all at micro-batch 4,
+#           as bench rows; and the norm refresh timed alone: which part of DoRA's step beyond LoRA's to work on. ~2 min on
+#           an H100 (8 rows). ABL_ARGS passes options (e.g. "--bases fp8 --profile lora dora": doraabl.profile.txt).
+#           Files: doraabl.json/.log (.profile.txt).
 #   refreshgemm scripts/fp8_refresh_gemm_bench.py: the FP8 DoRA refresh's W·Aᵀ as _scaled_mm(codes, termsᵀ) (shipped)
 #           and as _scaled_mm(terms, codesᵀ), and its Gram bmm whole and split over K, at the 8B shapes. ~20 s.
 #   probe8b loralab's rows only (`--methods lora,dora,fp8+lora,fp8+dora --stacks loralab`) at the defaults: since
@@ -118,8 +120,8 @@
 #   ~6 ms is the norm refresh and the magnitude gradient's reductions by estimate); (2) on an H200: fp8check fair8b,
 #   recipe, fp8loss (no H200 row has the code since 2026-12-04).
 #   After 2026-12-06's second session (H100 only, results/bench-doraabl-h100/: at micro-batch 4 bf16 DoRA is 0.906 of LoRA,
-#   FP8-base DoRA 0.870; of FP8 DoRA's 17.4 ms a step over LoRA the norm refresh is 9.1 ms and the magnitude gradient
-#   6.1 ms): (1) refreshgemm (~20 s: whether the refresh's W·Aᵀ in the transposed form, or its Gram split over K, is
+#   FP8-base DoRA 0.870; of FP8 DoRA's 17.4 ms a step over LoRA the norm refresh is 9.2 ms, and frozen magnitudes save
+#   6.2 ms; the estimate above of ~6 ms for both is superseded): (1) refreshgemm (~20 s: whether the refresh's W·Aᵀ in the transposed form, or its Gram split over K, is
 #   faster; then change weights_times / _norm_from_products and A/B with doraab); (2) on an H200: fp8check fair8b,
 #   recipe, fp8loss (no H200 row has the code since 2026-12-04).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
@@ -153,6 +155,7 @@ PARTS=("$@")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PYTHON -c "import importlib.util as u, torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'liger_kernel', 'yes' if u.find_spec('liger_kernel') else 'NOT importable: no Liger rows')" | tee -a "$OUT/gpu.txt"
 echo "commit: ${LORALAB_GIT_COMMIT:-unknown (the tree travels without .git; the launcher names it)}" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=uuid --format=csv,noheader | sed 's/^/card: /' | tee -a "$OUT/gpu.txt"  # which card: compare calls on one
 
 STEP_MIN_S=30
 source "$(dirname "$0")/gpu_step.sh"  # step NAME CAP_SECONDS CMD...

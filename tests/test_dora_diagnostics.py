@@ -9,8 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from loralab.bench import runner
 from loralab.run import step as run_step
+from loralab.speed.fp8 import FP8, quantize_rows, weights_times
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,30 +26,69 @@ def _script(name: str):
 
 
 def test_the_refresh_products_alternative_forms_give_the_shipped_values():
-    """The W·Aᵀ product with the terms on the left is the shipped one transposed, bit for bit (same products,
-    one rounding to bf16 each); the Gram matrix split over K is the whole bmm up to summation order."""
+    """The W·Aᵀ product with the terms on the left is the script's shipped form transposed, bit for bit (same
+    products, one rounding to bf16 each), and that form is ``speed.fp8.weights_times``'s product up to its bf16
+    output; the Gram matrix split over K is the whole bmm up to summation order."""
     bench = _script("fp8_refresh_gemm_bench")
     rows = bench.bench(rank=4, layers=3, repeats=1, device="cpu", shapes={"small": (48, 64), "wide": (32, 128)})
     assert [r["layers"] for r in rows] == ["small", "wide"]
     for r in rows:
         assert r["product_max_rel_diff"] == 0.0
         assert r["gram_max_rel_diff"] < 1e-6
+    torch.manual_seed(0)
+    codes = (torch.randn(48, 64) * 100).clamp(-448, 448).to(FP8)
+    scales, a = torch.rand(48) + 0.5, torch.randn(4, 64) / 8
+    hi, s_hi = quantize_rows(a)
+    lo, s_lo = quantize_rows(a - hi.float() * s_hi)
+    terms = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)]).view(FP8)
+    form = torch._scaled_mm(codes, terms.t(), scale_a=scales.view(-1, 1), scale_b=torch.cat([s_hi, s_lo]).view(1, -1),
+                            out_dtype=torch.bfloat16).float()
+    shipped = weights_times([codes], [scales], a[None])[0]
+    assert torch.allclose(form[:, :4] + form[:, 4:], shipped, rtol=2 ** -7, atol=2 ** -7 * float(shipped.abs().max()))
 
 
 @pytest.mark.slow  # six bench rows of the tiny preset on CPU (~15 s)
-def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp_path):
+def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp_path, monkeypatch):
+    """The frozen variant's model trains A and B but no magnitude (and its magnitudes end as they began); the
+    norm-once variant's step computes the norm once (at its build) where the shipped step computes it at every
+    step; the script puts the step's refresh and the bench's wrap back."""
     ablation = _script("dora_ablation_bench")
-    refresh = run_step.refresh_dora_norms
+    real_refresh, real_wrap = run_step.refresh_dora_norms, runner.wrap
+    refreshes, models, initial = [], [], []
+
+    def counted_refresh(model, backend=None):
+        refreshes.append(model)
+        return real_refresh(model, backend)
+
+    def kept_wrap(model, w, method):
+        models.append(real_wrap(model, w, method))
+        initial.append({n: p.detach().clone() for n, p in models[-1].named_parameters() if "lora_" in n})
+        return models[-1]
+
+    monkeypatch.setattr(run_step, "refresh_dora_norms", counted_refresh)
+    monkeypatch.setattr(runner, "wrap", kept_wrap)
+    counts, params = {}, {}
     out = tmp_path / "abl.json"
-    ablation.main(["--device", "cpu", "--preset", "tiny", "--only", "tiny-llama/fixed", "--bases", "fp8", "bf16",
-                   "--variants", "dora", "dora-frozen-m", "dora-norm-once", "--micro-batch", "2",
-                   "--steps", "2", "--warmup", "1", "--output", str(out)])
-    rows = {(r["base"], r["variant"]): r for r in json.loads(out.read_text())}
-    assert run_step.refresh_dora_norms is refresh  # the step's own refresh is back after the variant
-    for base in ("fp8", "bf16"):
-        assert rows[base, "dora"]["frozen_magnitudes"] == 0 and rows[base, "dora"]["refresh_ms"] > 0
-        # the tiny Llama's 2 layers x 7 adapted projections: every magnitude frozen, none else
-        assert rows[base, "dora-frozen-m"]["frozen_magnitudes"] == 14
-        # make_step's own refresh, then every step's call (1 warm-up, the first of its shape, 2 timed) a no-op
-        assert rows[base, "dora-norm-once"]["refresh_calls"] == 5
-        assert rows[base, "dora-norm-once"]["method"] == ("fp8+dora" if base == "fp8" else "dora")
+    for variant in ("dora", "dora-frozen-m", "dora-norm-once"):
+        refreshes.clear()
+        ablation.main(["--device", "cpu", "--preset", "tiny", "--only", "tiny-llama/fixed", "--bases", "fp8",
+                       "--variants", variant, "--micro-batch", "2", "--steps", "2", "--warmup", "1",
+                       "--output", str(out)])
+        counts[variant] = len(refreshes)  # the step's calls (the script times the refresh alone through its own import)
+        params[variant] = {n: (p.requires_grad, p.detach().clone()) for n, p in models[-1].named_parameters()
+                           if "lora_" in n}
+        assert run_step.refresh_dora_norms is counted_refresh and runner.wrap is kept_wrap  # put back
+    row = json.loads(out.read_text())[0]
+    assert row["variant"] == "dora-norm-once" and row["refresh_python_calls"] == 5
+    # make_step's refresh, then one per step (1 warm-up, the first of its shape, 2 timed); norm-once: the first only
+    assert counts["dora"] == 1 + 4 and counts["dora-norm-once"] == 1
+    frozen = params["dora-frozen-m"]
+    magnitudes = [n for n in frozen if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == 14 and not any(frozen[n][0] for n in magnitudes)
+    assert all(frozen[n][0] for n in frozen if "lora_A" in n or "lora_B" in n)
+    assert all(grad for grad, _ in params["dora"].values())
+    # the frozen row's magnitudes end as they began while its B moved; the shipped row's magnitudes moved
+    frozen_start, dora_start = initial[1], initial[0]
+    assert all(torch.equal(frozen[n][1], frozen_start[n]) for n in magnitudes)
+    assert any(not torch.equal(frozen[n][1], frozen_start[n]) for n in frozen if "lora_B" in n)
+    assert any(not torch.equal(params["dora"][n][1], dora_start[n]) for n in magnitudes)
