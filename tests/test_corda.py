@@ -186,6 +186,7 @@ def test_options_are_checked():
     assert check_options(None)["norm_constant"] == 256
 
 
+@pytest.mark.slow  # a regression case (2-3 s); the fast subset keeps CorDA's decomposition tests
 def test_calibration_feeds_token_type_ids_as_training_does(minilm_path, data_dir):
     """Issue 12 item 5: CorDA's covariance on real RTE sentence pairs equals the one computed from
     what the training forward feeds layer 0's query (token_type_ids included); without the

@@ -38,7 +38,7 @@ FP8_CASES = [c for c in methods.fp8_combinations()
 data-driven inits read it), each optimizer once on LoRA/kaiming: the FP8 base changes the frozen
 layer only, and every optimizer's pairing with each layer and init is run on the float base
 (tests/test_methods_matrix.py); ``test_every_fp8_part_is_run`` checks no part is left out."""
-FAST = {("lora", "kaiming", "adamw"), ("dora", "kaiming", "adamw")}
+FAST = {("dora", "kaiming", "adamw")}  # the fast subset keeps the case that composes most (2026-12-06: it ran over 2 min)
 ACTIVATION_TOL = 0.01
 """Max |logit| difference allowed between the FP8 forward and the same weights unquantised (merge test: measured 0.0003)."""
 

@@ -88,6 +88,7 @@ def test_eva_components_are_the_top_principal_directions_of_the_layer_inputs(wor
     assert cosines[:2].min() > 0.99 and cosines.min() > 0.8, cosines
 
 
+@pytest.mark.slow  # 1.5 s; the full suite runs it
 def test_lora_ga_a_spans_the_top_right_singular_vectors_of_the_gradient(world):
     """A = V[:, :r]ᵀ of G = mean over calibration batches of dL/dW (peft's ArB2r); the base
     weight becomes W − s·B·A."""

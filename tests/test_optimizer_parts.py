@@ -22,6 +22,8 @@ from loralab.run.build import seed_everything
 from loralab.tasks import get_task
 
 PARTS = ["adamw", "loraplus", "lorafa", "full"]
+# full fine-tuning (the slowest case, 1-2.3 s each) runs in the full suite only
+FAST_PARTS = [p if p != "full" else pytest.param(p, marks=pytest.mark.slow) for p in PARTS]
 SETTINGS = {
     "defaults": {},
     "decay 0.1, betas, eps": {"learning_rate": 3e-3, "weight_decay": 0.1,
@@ -96,7 +98,7 @@ def test_parameter_groups_follow_the_recipe(world, part, setting):
         assert any("LayerNorm" in n for n in trainable)  # the norm rule has something to act on
 
 
-@pytest.mark.parametrize("part", PARTS)
+@pytest.mark.parametrize("part", FAST_PARTS)
 def test_weight_decay_moves_a_zero_gradient_parameter_by_lr_times_decay(world, part):
     """Zero gradients: Adam's own step is 0, so decayed parameters become p·(1 − lr·wd) exactly
     and exempt ones (biases, norms under ``no_decay``) stay; at weight decay 0 nothing moves."""
@@ -128,7 +130,7 @@ def test_weight_decay_moves_a_zero_gradient_parameter_by_lr_times_decay(world, p
     assert moved, "weight decay 0.1 gave the same parameters as 0"
 
 
-@pytest.mark.parametrize("part", PARTS)
+@pytest.mark.parametrize("part", FAST_PARTS)
 def test_a_real_step_at_weight_decay_0_1_differs_from_0(world, part):
     """The failing input: LoRA+ at weight decay 0.1 was bitwise identical to 0 after training."""
     from loralab.data import collate, pad_id
