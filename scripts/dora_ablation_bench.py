@@ -178,7 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=_positive, default=8, help="timed optimizer steps per row")
     p.add_argument("--warmup", type=_positive, default=3, help="untimed steps before them")
     p.add_argument("--profile", nargs="*", default=[], choices=list(VARIANTS),
-                   help="variants whose row also writes a torch.profiler table (<output>.profile.txt)")
+                   help="variants whose row also writes a torch.profiler table (<output>.profile.txt), taken right "
+                        "after the row's timing: rows timed after a profiled one may run slower (bench.runner.run_bench "
+                        "profiles in a second pass for that reason)")
     p.add_argument("--output")
     args = p.parse_args(argv)
     if args.profile and (args.device != "cuda" or not args.output):
