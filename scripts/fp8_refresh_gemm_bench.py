@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from loralab.speed.fp8 import FP8, quantize_rows
+from loralab.speed.fp8 import FP8, split_rows
 
 SHAPES = {"q, o": (4096, 4096), "k, v": (1024, 4096), "gate, up": (14336, 4096), "down": (4096, 14336)}
 
@@ -69,10 +69,7 @@ def bench(rank: int, layers: int, repeats: int, device: str = "cuda", shapes: di
         codes = (torch.randn(n, k, device=device) * 100).clamp(-448, 448).to(FP8)
         scales = torch.rand(n, device=device) + 0.5
         a = torch.randn(rank, k, device=device) / k ** 0.5
-        hi, s_hi = quantize_rows(a)
-        lo, s_lo = quantize_rows(a - hi.float() * s_hi)
-        terms = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)]).view(FP8)  # (2r, K)
-        t_scales = torch.cat([s_hi, s_lo])  # (2r, 1)
+        terms, t_scales = split_rows(a)  # (2r, K), (2r, 1)
 
         def codes_left():
             return torch._scaled_mm(codes, terms.t(), scale_a=scales.view(-1, 1), scale_b=t_scales.view(1, -1),

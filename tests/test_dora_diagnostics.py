@@ -13,7 +13,7 @@ import torch
 
 from loralab.bench import runner
 from loralab.run import step as run_step
-from loralab.speed.fp8 import FP8, quantize_rows, weights_times
+from loralab.speed.fp8 import FP8, split_rows, weights_times
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,10 +38,8 @@ def test_the_refresh_products_alternative_forms_give_the_shipped_values():
     torch.manual_seed(0)
     codes = (torch.randn(48, 64) * 100).clamp(-448, 448).to(FP8)
     scales, a = torch.rand(48) + 0.5, torch.randn(4, 64) / 8
-    hi, s_hi = quantize_rows(a)
-    lo, s_lo = quantize_rows(a - hi.float() * s_hi)
-    terms = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)]).view(FP8)
-    form = torch._scaled_mm(codes, terms.t(), scale_a=scales.view(-1, 1), scale_b=torch.cat([s_hi, s_lo]).view(1, -1),
+    terms, term_scales = split_rows(a)
+    form = torch._scaled_mm(codes, terms.t(), scale_a=scales.view(-1, 1), scale_b=term_scales.view(1, -1),
                             out_dtype=torch.bfloat16).float()
     shipped = weights_times([codes], [scales], a[None])[0]
     assert torch.allclose(form[:, :4] + form[:, 4:], shipped, rtol=2 ** -7, atol=2 ** -7 * float(shipped.abs().max()))

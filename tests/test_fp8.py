@@ -255,9 +255,9 @@ def test_weight_times_is_as_precise_as_a_bf16_product_and_reads_fp8_codes():
     seen = []
     kernel = fp8._scaled_mm
 
-    def spy(x, y, *rest):
+    def spy(x, y, *rest, **kw):
         seen.append((x.dtype, y.dtype, tuple(y.shape), y.stride()))
-        return kernel(x, y, *rest)
+        return kernel(x, y, *rest, **kw)
 
     fp8._scaled_mm = spy
     try:
@@ -275,3 +275,43 @@ def test_weight_times_is_as_precise_as_a_bf16_product_and_reads_fp8_codes():
     one_term = (layer.codes.float() @ (hi.float() * s).T) * layer.weight_scale[:, None]
     assert err(got) <= 2 * err(bf16) and err(got) < 2**-8, (err(got), err(bf16))
     assert err(one_term) > 4 * err(got)  # the second term is what makes it bf16-precise
+
+
+def test_weights_times_writes_each_layer_in_place_where_the_kernel_writes_bf16(monkeypatch):
+    """CUDA's row-wise kernel writes bf16 only. There each layer's product goes into one shared bf16 buffer in
+    place, one kernel a layer, not cast to float32 and stacked (two a layer and a copy: 228 of an 8B FP8 DoRA
+    step's kernels); the values are each layer's two bf16 products summed in float32, as the cast form gave.
+    CUDA's dtype rule is put in place on CPU here, whose kernel writes any dtype."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from loralab.speed import fp8
+
+    monkeypatch.setattr(fp8, "_kernel_dtype", lambda device, out_dtype: torch.bfloat16)
+
+    class Count(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(1)
+    layers = [Fp8Linear.from_linear(nn.Linear(64, 48, bias=False)) for _ in range(6)]
+    a = torch.randn(6, 8, 64) * 0.05
+    kernels = {}
+    for n in (2, 6):
+        codes, scales = [m.codes for m in layers[:n]], [m.weight_scale for m in layers[:n]]
+        Count.names = []
+        with Count():
+            got = fp8.weights_times(codes, scales, a[:n])
+        kernels[n] = [name for name in Count.names if name not in ("view", "t", "select", "slice", "alias")]
+        assert got.shape == (n, 48, 8) and got.dtype == torch.float32
+        for i in range(n):
+            terms, scales = fp8.split_rows(a[i])
+            y = torch._scaled_mm(layers[i].codes, terms.t(), scale_a=layers[i].weight_scale.view(-1, 1),
+                                 scale_b=scales.view(1, -1), out_dtype=torch.bfloat16).float()
+            assert torch.equal(got[i], y[:, :8] + y[:, 8:])
+    assert len(kernels[6]) - len(kernels[2]) == 4 and kernels[6].count("_scaled_mm") == 6, kernels
+    assert kernels[6].count("_to_copy") == kernels[2].count("_to_copy") and "stack" not in kernels[6]  # no cast a layer
+    with pytest.raises(ValueError, match="3 A's"):
+        fp8.weights_times([m.codes for m in layers[:2]], [m.weight_scale for m in layers[:2]], a[:3])

@@ -121,12 +121,20 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def _scaled_mm(a, b, scale_a, scale_b, out_dtype):
-    """``torch._scaled_mm`` written in ``out_dtype``. CUDA's row-wise-scaled kernel writes bfloat16
-    only (torch raises for float32 or float16 output with (M,1)/(1,N) scales), so there the product
-    is taken in bfloat16 and cast: the same rounding a bf16 model's linear layers apply. The CPU
-    reference kernel writes any float dtype directly."""
-    kernel_dtype = torch.bfloat16 if a.is_cuda else out_dtype
+def _kernel_dtype(device: torch.device, out_dtype: torch.dtype) -> torch.dtype:
+    """What ``_scaled_mm``'s kernel writes on ``device`` for a wanted ``out_dtype``: CUDA's row-wise-scaled
+    kernel writes bfloat16 only (torch raises for float32 or float16 output with (M,1)/(1,N) scales);
+    the CPU reference kernel writes any float dtype."""
+    return torch.bfloat16 if device.type == "cuda" else out_dtype
+
+
+def _scaled_mm(a, b, scale_a, scale_b, out_dtype, out=None):
+    """``torch._scaled_mm`` written in ``out_dtype``: on CUDA taken in bfloat16 (``_kernel_dtype``) and
+    cast, the same rounding a bf16 model's linear layers apply. ``out``: a tensor of the kernel's dtype
+    the product is written into in place (no new tensor, no cast); returned."""
+    kernel_dtype = _kernel_dtype(a.device, out_dtype)
+    if out is not None:
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out.dtype, out=out)
     y = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=kernel_dtype)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
@@ -190,22 +198,40 @@ def weight_times(codes: torch.Tensor, scales: torch.Tensor, a: torch.Tensor) -> 
     return weights_times([codes], [scales], a[None])[0]
 
 
+def split_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (..., r, K), any float dtype, as two row-scaled FP8 terms stacked on the row axis (``weight_times``
+    gives their precision): ``terms`` (..., 2r, K) float8_e4m3fn, rows ``[hi; lo]`` with ``hi, s_hi =
+    quantize_rows(a)`` and ``lo, s_lo = quantize_rows(a − hi·s_hi)``, and ``scales`` (..., 2r, 1) float32
+    ``[s_hi; s_lo]``, so that ``a ≈ (terms·scales)[..., :r, :] + (terms·scales)[..., r:, :]``."""
+    hi, s_hi = quantize_rows(a)
+    lo, s_lo = quantize_rows(a.float() - hi.float() * s_hi)
+    terms = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)], dim=-2).view(FP8)
+    return terms, torch.cat([s_hi, s_lo], dim=-2)
+
+
 def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
     """``weight_times`` for L layers of one shape at once: ``codes`` L tensors (N, K) float8_e4m3fn,
     ``scales`` L tensors (N,) float32, ``a`` (L, r, K) (layer i's A is ``a[i]``). Returns (L, N, r)
     float32, layer i's the same values as ``weight_times(codes[i], scales[i], a[i])``: the split of
     A into two FP8 terms is row-wise, so it runs once over the whole stack (a few kernels for L
-    layers, not a few per layer); one ``_scaled_mm`` per layer reads its codes. Used by fast DoRA's
-    once-a-step norm refresh (``speed/fast_dora.refresh_dora_norms``)."""
+    layers, not a few per layer); one ``_scaled_mm`` per layer reads its codes and writes its (N, 2r)
+    product in place into one (L, N, 2r) buffer of the kernel's dtype (bfloat16 on CUDA), and one
+    reduction sums each layer's two terms in float32: L + 4 kernels where a product per layer cast to
+    float32 and stacked took 2L + 4 (the casts were 228 of an 8B FP8 DoRA step's kernels,
+    results/bench-doraabl-h100). Used by fast DoRA's once-a-step norm refresh
+    (``speed/fast_dora.refresh_dora_norms``). Raises ValueError when ``codes``, ``scales`` and ``a``
+    do not count the same L layers."""
+    if not len(codes) == len(scales) == a.shape[0]:
+        raise ValueError(f"weights_times: {len(codes)} codes, {len(scales)} scales and {a.shape[0]} A's; "
+                         "one of each per layer is needed")
     r = a.shape[-2]
-    hi, s_hi = quantize_rows(a)
-    lo, s_lo = quantize_rows(a.float() - hi.float() * s_hi)
-    both = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)], dim=-2).view(FP8)  # (L, 2r, K)
-    both_scales = torch.cat([s_hi, s_lo], dim=-2)  # (L, 2r, 1)
-    # both[i] is (2r, K) row-major, so both[i].t() is the column-major (K, 2r) operand the kernel wants
-    y = torch.stack([_scaled_mm(c, both[i].t(), s.view(-1, 1), both_scales[i].view(1, -1), torch.float32)
-                     for i, (c, s) in enumerate(zip(codes, scales, strict=True))])
-    return y[..., :r] + y[..., r:]
+    terms, term_scales = split_rows(a)
+    dtype = _kernel_dtype(a.device, torch.float32)
+    y = torch.empty(len(codes), codes[0].shape[0], 2 * r, dtype=dtype, device=a.device)
+    for i, (c, s) in enumerate(zip(codes, scales)):
+        # terms[i] is (2r, K) row-major, so terms[i].t() is the column-major (K, 2r) operand the kernel wants
+        _scaled_mm(c, terms[i].t(), s.view(-1, 1), term_scales[i].view(1, -1), dtype, out=y[i])
+    return y.view(*y.shape[:-1], 2, r).sum(dim=-2, dtype=torch.float32)
 
 
 class Fp8Linear(nn.Linear):
