@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
+from kernel_timing import median_ms
 
 from loralab.bench import runner
 from loralab.bench.workloads import FP8, presets
@@ -63,21 +62,7 @@ def _freeze_magnitudes(model) -> int:
 
 def _refresh_ms(model, device: str, backend=None, repeats: int = 10) -> float:
     """Median milliseconds of one ``refresh_dora_norms(model, backend)`` (not graphed), after one untimed call."""
-    refresh_dora_norms(model, backend)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            refresh_dora_norms(model, backend)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            refresh_dora_norms(model, backend)
-            times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
+    return median_ms(lambda: refresh_dora_norms(model, backend), repeats, warmup=1, device=device)
 
 
 def _workload(preset: str, only: str):

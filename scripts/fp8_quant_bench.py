@@ -21,18 +21,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+from kernel_timing import median_ms
 from torch import nn
 
 from loralab.speed.fp8 import Fp8Linear, quantize_rows, use_quantize_kernel
 from loralab.speed.fp8_kernels import quantize_rows_triton
 
 
-def graph_timed(fn, iters: int) -> float:
+def graph_median_ms(fn, iters: int) -> float:
     """Milliseconds per call of ``fn()``: ``iters`` calls captured in one CUDA graph, replayed 5
     times, the median replay divided by ``iters``."""
     side = torch.cuda.Stream()
@@ -45,22 +45,7 @@ def graph_timed(fn, iters: int) -> float:
     with torch.cuda.graph(graph):
         for _ in range(iters):
             fn()
-    return timed(graph.replay, 5, warmup=1) / iters
-
-
-def timed(fn, iters: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()`` by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(graph.replay, 5, warmup=1) / iters
 
 
 class Mlp(nn.Module):
@@ -90,7 +75,7 @@ def mlp_row(kernel: str, tokens: int, iters: int) -> dict:
         x.grad = None
         fn(x).backward(dy)
 
-    ms = timed(step, iters)
+    ms = median_ms(step, iters, warmup=3)
     return {"kernel": kernel, "fwd_bwd_ms": ms, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
@@ -116,9 +101,9 @@ def main() -> int:
         same_plain = torch.equal(quantize_rows_triton(x)[0].view(torch.uint8), quantize_rows(x)[0].view(torch.uint8))
         ok &= same and same_plain
         row = {"cols": k, "bitwise_equal": same and same_plain,
-               "torch_eager_ms": graph_timed(lambda: quantize_rows(x), args.iters),
-               "torch_compiled_ms": graph_timed(lambda: compiled_rows(x), args.iters),
-               "triton_ms": graph_timed(lambda: quantize_rows_triton(x), args.iters)}
+               "torch_eager_ms": graph_median_ms(lambda: quantize_rows(x), args.iters),
+               "torch_compiled_ms": graph_median_ms(lambda: compiled_rows(x), args.iters),
+               "triton_ms": graph_median_ms(lambda: quantize_rows_triton(x), args.iters)}
         row["triton_GBps"] = round(m * k * 3 / row["triton_ms"] / 1e6, 1)  # bf16 read + fp8 written
         report["quantize"].append(row)
     for kernel in ("torch", "triton"):

@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
+from kernel_timing import median_ms
 
 from loralab.speed.fp8 import FP8, split_rows
 
@@ -36,22 +36,8 @@ SHAPES = {"q, o": (4096, 4096), "k, v": (1024, 4096), "gate, up": (14336, 4096),
 
 
 def _time_us(fn, repeats: int, device: str) -> float:
-    """Mean microseconds of ``fn()`` over ``repeats`` calls after one untimed call: CUDA events on a GPU, the
-    host clock on CPU (where the script only checks that the forms agree)."""
-    fn()
-    if device != "cuda":
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return 1e6 * (time.perf_counter() - start) / repeats
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / repeats
+    """Median microseconds of ``fn()`` over ``repeats`` calls after one untimed call (``kernel_timing``)."""
+    return 1000 * median_ms(fn, repeats, warmup=1, device=device)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -65,3 +65,20 @@ def _isolated_results(tmp_path, monkeypatch):
     """No test writes into the repository's results folders."""
     monkeypatch.setenv("LORALAB_RESULTS_DIR", str(tmp_path / "loralab-results"))
     monkeypatch.setenv("LORALAB_OUTPUT_DIR", str(tmp_path / "loralab-outputs"))
+
+
+@pytest.fixture
+def load_script(monkeypatch):
+    """``load_script(name)``: the module of ``scripts/<name>.py``, loaded as ``python scripts/<name>.py`` runs it,
+    with ``scripts/`` on ``sys.path`` (the scripts import their shared helpers from there, e.g. kernel_timing)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -4,9 +4,7 @@ scripts/fp8_refresh_gemm_bench.py; issue 22's DoRA goal)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +13,12 @@ from loralab.bench import runner
 from loralab.run import step as run_step
 from loralab.speed.fp8 import FP8, split_rows, weights_times
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_refresh_products_alternative_forms_give_the_shipped_values():
+def test_the_refresh_products_alternative_forms_give_the_shipped_values(load_script):
     """The W·Aᵀ product with the terms on the left is the script's shipped form transposed, bit for bit (same
     products, one rounding to bf16 each), and that form is ``speed.fp8.weights_times``'s product up to its bf16
     output; the Gram matrix split over K is the whole bmm up to summation order."""
-    bench = _script("fp8_refresh_gemm_bench")
+    bench = load_script("fp8_refresh_gemm_bench")
     rows = bench.bench(rank=4, layers=3, repeats=1, device="cpu", shapes={"small": (48, 64), "wide": (32, 128)})
     assert [r["layers"] for r in rows] == ["small", "wide"]
     for r in rows:
@@ -46,11 +35,11 @@ def test_the_refresh_products_alternative_forms_give_the_shipped_values():
 
 
 @pytest.mark.slow  # six bench rows of the tiny preset on CPU (~15 s)
-def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp_path, monkeypatch):
+def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp_path, monkeypatch, load_script):
     """The frozen variant's model trains A and B but no magnitude (and its magnitudes end as they began); the
     norm-once variant's step computes the norm once (at its build) where the shipped step computes it at every
     step; the script puts the step's refresh and the bench's wrap back."""
-    ablation = _script("dora_ablation_bench")
+    ablation = load_script("dora_ablation_bench")
     real_refresh, real_wrap = run_step.refresh_dora_norms, runner.wrap
     refreshes, models, initial = [], [], []
 

@@ -1,7 +1,6 @@
 """Instruction fine-tuning tasks: templates verbatim, loss masking on the real SmolLM2 tokenizer and
 real GSM8K / Alpaca / LLM-Adapters rows, source splits, and the shipped experiment folders."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -194,7 +193,7 @@ def test_check_names_missing_files_and_unknown_evals(tmp_path, data_dir):
 # ------------------------------------------------------------------------------------ shipped experiments
 
 
-def test_shipped_llm_experiments_validate_and_are_up_to_date(tmp_path, monkeypatch):
+def test_shipped_llm_experiments_validate_and_are_up_to_date(tmp_path, monkeypatch, load_script):
     from loralab.experiment import read_experiment
 
     # the shipped LLM experiments read the hub (MetaMathQA etc. are hub-only); a LORALAB_DATA_DIR
@@ -221,8 +220,6 @@ def test_shipped_llm_experiments_validate_and_are_up_to_date(tmp_path, monkeypat
     # Only non-default keys are stored.
     stored = json.loads((REPO / "experiments/llm/metamathqa-llama-3.2-3b/lora-rank32/training_parameters.json").read_text())
     assert "logging_steps" not in stored and stored["max_steps"] == 5000
-    spec = importlib.util.spec_from_file_location("make_llm_experiments", REPO / "scripts" / "make_llm_experiments.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_llm_experiments")
     assert script.main(["--check"]) == 0, "experiments/llm is out of date: run scripts/make_llm_experiments.py"
     assert script.main(["--check", "--out", str(tmp_path)]) == 1  # the check can fail
