@@ -49,6 +49,7 @@
 #   doraab  DoRA on both bases (loralab's rows, micro-batch probed) with the source of another commit (carry
 #           .devdata/oldsrc: `mkdir -p .devdata/oldsrc && git archive <commit> src | tar -x -C .devdata/oldsrc`), this
 #           tree, then the other again: an A/B of one change on one machine. ~5 min. Files: doraab-{old,new,old2}.json/.log.
+#           METHODS="fp8+dora" runs those rows only, SPEED="micro_batch=4" passes `--speed` keys to every run.
 #   profld  loralab's bf16 LoRA and DoRA rows alone, each with a torch.profiler table (60 kernels by self CUDA time,
 #           profld.profile.txt): what DoRA's step spends beyond LoRA's, kernel by kernel. ~3 min. METHODS="fp8+lora,fp8+dora":
 #           the FP8-base rows instead (on an H100 at memory_fraction 0.25 both run micro-batch 4, so their kernels compare one
@@ -218,13 +219,17 @@ for part in "${PARTS[@]}"; do
         step "losschunk-$chunk" 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
           --methods lora,fp8+lora --stacks loralab --speed loss_chunk_size=$chunk --output "$OUT/losschunk-$chunk.json"
       done ;;
-    doraab)  # fast DoRA's refresh layer by layer (the source tree in .devdata/oldsrc, carried) against the stacked one
-      # (this tree), old, new, old again: DoRA on both bases at the probed micro-batch, loralab's rows alone
+    doraab)  # another commit's source tree (.devdata/oldsrc, carried) against this one, old, new, old again: DoRA on
+      # both bases at the probed micro-batch, loralab's rows alone; METHODS="fp8+dora": those rows only; SPEED="k=v ..."
+      # passes each as `--speed k=v` to every run (micro_batch=4: one micro-batch for all)
       [ -d .devdata/oldsrc/src ] || { echo "doraab: carry .devdata/oldsrc (git archive <commit> src | tar -x -C .devdata/oldsrc)"; continue; }
+      speed_args=()
+      for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done
       for tree in old new old2; do
         src=src; [ "$tree" != new ] && src=.devdata/oldsrc/src
         step "doraab-$tree" 170 env PYTHONPATH=$src:/tmp/site $PYTHON -m loralab bench --preset full --device cuda \
-          --only llama-3-8b/fixed --methods dora,fp8+dora --stacks loralab --output "$OUT/doraab-$tree.json"
+          --only llama-3-8b/fixed --methods "${METHODS:-dora,fp8+dora}" --stacks loralab "${speed_args[@]}" \
+          --output "$OUT/doraab-$tree.json"
       done ;;
     profld)  # loralab's bf16 LoRA and DoRA rows, each profiled (60 kernels by self time): DoRA's kernels beside LoRA's
       step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
