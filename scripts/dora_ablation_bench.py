@@ -28,6 +28,7 @@ compiled layers save; ``refresh_python_calls`` counts the Python calls of the pa
 replay makes none), of which only the first computes.
 
     python scripts/dora_ablation_bench.py --output $OUT/doraabl.json          # on an H100, ~2 min (8 rows)
+    python scripts/dora_ablation_bench.py --bases fp8 --variants lora dora --refresh-forms   # and the refresh's forms
     python scripts/dora_ablation_bench.py --device cpu --preset tiny --only tiny-llama/fixed --micro-batch 2
 
 Prints a table (ms per step, tokens/s, peak) and writes the rows as JSON.
@@ -40,6 +41,7 @@ import json
 import sys
 
 import torch
+from dora_refresh_forms import FORMS, time_forms
 from kernel_timing import median_ms
 
 from loralab.bench import runner
@@ -117,6 +119,12 @@ def run(args) -> list[dict]:
             if variant == "dora":
                 row["refresh_ms"] = round(_refresh_ms(built["model"], args.device), 3)
                 row["refresh_compiled_ms"] = round(_refresh_ms(built["model"], args.device, "inductor"), 3)
+                if args.refresh_forms:  # graphed and compiled on CUDA as the step runs it; eager on CPU
+                    row["refresh_forms"] = time_forms(built["model"], args.device,
+                                                      "inductor" if args.device == "cuda" else None, args.refresh_forms)
+                    print(f"{base:5s} refresh forms: " + ", ".join(
+                        f"{k} {v['ms']} ms (max rel diff {v['max_rel_diff']:.1e})" for k, v in row["refresh_forms"].items()),
+                        flush=True)
             built.clear()
             rows.append(row)
             print(f"{base:5s} {variant:14s} {row['step_ms']:8.1f} ms/step {row['throughput']:9,.0f} tokens/s "
@@ -166,8 +174,13 @@ def main(argv=None) -> int:
                    help="variants whose row also writes a torch.profiler table (<output>.profile.txt), taken right "
                         "after the row's timing: rows timed after a profiled one may run slower (bench.runner.run_bench "
                         "profiles in a second pass for that reason)")
+    p.add_argument("--refresh-forms", nargs="*", default=None, choices=list(FORMS),
+                   help="after each dora row, time the norm refresh in these forms (none named: all), graphed as the "
+                        "step runs it, each form's norms checked against the shipped form's (dora_refresh_forms.py)")
     p.add_argument("--output")
     args = p.parse_args(argv)
+    if args.refresh_forms == []:
+        args.refresh_forms = list(FORMS)
     if args.profile and (args.device != "cuda" or not args.output):
         print("--profile: the profile is taken on CUDA only and written beside --output; none will be written",
               file=sys.stderr)

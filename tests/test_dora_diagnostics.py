@@ -79,3 +79,52 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
     assert all(torch.equal(frozen[n][1], frozen_start[n]) for n in magnitudes)
     assert any(not torch.equal(frozen[n][1], frozen_start[n]) for n in frozen if "lora_B" in n)
     assert any(not torch.equal(params["dora"][n][1], dora_start[n]) for n in magnitudes)
+
+
+def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_put_back(load_script, monkeypatch):
+    """Each refresh form of ``dora_refresh_forms`` runs its own products (counted) on a bf16 DoRA Llama on an FP8
+    base (W·Aᵀ read from the codes), gives the shipped norms up to summation order, and leaves ``speed.fast_dora``
+    as it was; a form computing wrong values shows as a large difference."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.methods.common import linear_names
+    from loralab.methods.fp8base import quantize_linears
+    from loralab.speed import fast_dora
+
+    forms = load_script("dora_refresh_forms")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).to(torch.bfloat16)
+    quantize_linears(llama, linear_names(llama))
+    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
+                                             target_modules="all-linear"))
+    fast_dora.enable_fast_dora(model)
+    shipped = (fast_dora.weights_times, fast_dora._norm_from_products)
+    calls = {"terms": 0, "gram": 0, "cast": 0}
+    terms_left, gram_split = forms.weights_times_terms_left, forms.norm_from_products_gram_split
+    cast_stack = forms.weights_times_cast_stack
+
+    def counted_cast(*args):
+        calls["cast"] += 1
+        return cast_stack(*args)
+
+    def counted_terms(*args):
+        calls["terms"] += 1
+        return terms_left(*args)
+
+    def counted_gram(*args):
+        calls["gram"] += 1
+        return gram_split(*args)
+
+    monkeypatch.setattr(forms, "weights_times_terms_left", counted_terms)
+    monkeypatch.setattr(forms, "norm_from_products_gram_split", counted_gram)
+    monkeypatch.setattr(forms, "weights_times_cast_stack", counted_cast)
+    got = forms.time_forms(model, "cpu", None, repeats=1)
+    assert list(got) == list(forms.FORMS) and all(v["calls"] == 14 for v in got.values())
+    assert all(v["max_rel_diff"] < 1e-5 for v in got.values()), got
+    # terms-left and both: 4 W·Aᵀ groups (q/o, k/v, gate/up, down) x (1 checked + 2 timed) calls; likewise the Gram
+    assert calls == {"terms": 2 * 4 * 3, "gram": 2 * 4 * 3, "cast": 4 * 3}, calls
+    assert (fast_dora.weights_times, fast_dora._norm_from_products) == shipped
+    monkeypatch.setattr(forms, "weights_times_terms_left", lambda codes, scales, a: terms_left(codes, scales, a) * 0)
+    assert forms.time_forms(model, "cpu", None, forms=["terms-left"], repeats=1)["terms-left"]["max_rel_diff"] > 1e-3

@@ -1,0 +1,141 @@
+"""Fast DoRA's once-a-step norm refresh on an FP8 base, timed as the step runs it, in other forms of its two
+costly products (issue 22: "DoRA within 10 % of LoRA"; used by ``dora_ablation_bench.py --refresh-forms``).
+
+The refresh (``speed/fast_dora.refresh_dora_norms``) was 9.2 ms of an 8B FP8 DoRA step's 17.4 ms over LoRA's on
+an H100 (results/bench-doraabl-h100). Its profile: ~20 us per layer for ``W·Aᵀ`` (``speed/fp8.weights_times``:
+``_scaled_mm(codes (N, K), termsᵀ (K, 2r))``, an (N x 2r) output) and ~210 us per group for the float32 Gram
+bmm ``A·Aᵀ`` ((L, r, K) x (L, K, r): L x r x r outputs, few thread blocks over a long K). The forms:
+
+  shipped      the code as it is
+  cast-stack   ``W·Aᵀ`` as before 2b6954e: each layer's product cast to float32 and the L products stacked (a cast
+               kernel per layer and a copy per group that the shipped form, writing in place, does not make)
+  terms-left   ``W·Aᵀ`` as ``(terms · codesᵀ)ᵀ``: ``_scaled_mm(terms (2r, K), codesᵀ (K, N))``, a (2r x N) output
+               per layer (the shape of a decode step's GEMM, which FP8 inference tunes), the two terms summed
+               in float32 and the stack read transposed
+  gram-split   the Gram matrix as the sum over 8 chunks of K of the chunks' Gram matrices (8x the blocks)
+  both         terms-left and gram-split
+
+Each form is put in place by patching ``speed.fast_dora``'s module globals (``weights_times`` and
+``_norm_from_products``, and clearing its compiled copies) for the time of its measure, then put back.
+``time_forms`` times ``refresh_dora_norms(model, backend)`` captured in one CUDA graph and replayed (median of
+20 replays), as the step's graph runs it; on CPU by the host clock, eager, a check that the forms agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from kernel_timing import median_ms
+
+from loralab.speed import fast_dora
+from loralab.speed import fp8 as fp8_mod
+
+FORMS = ("shipped", "cast-stack", "terms-left", "gram-split", "both")
+GRAM_CHUNKS = 8
+
+
+def weights_times_cast_stack(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    """``speed.fp8.weights_times``'s values as a7d0194 computed them: per layer a product cast to float32 (on
+    CUDA; the CPU kernel writes float32), the products stacked, then the two terms summed."""
+    r = a.shape[-2]
+    terms, term_scales = fp8_mod.split_rows(a)
+    y = torch.stack([fp8_mod._scaled_mm(c, terms[i].t(), s.view(-1, 1), term_scales[i].view(1, -1), torch.float32)
+                     for i, (c, s) in enumerate(zip(codes, scales, strict=True))])
+    return y[..., :r] + y[..., r:]
+
+
+def weights_times_terms_left(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    """``speed.fp8.weights_times``'s (L, N, r) float32 values, each layer's product taken with the terms on the
+    left: (2r, N) into one (L, 2r, N) buffer of the kernel's dtype, the two terms summed in float32, returned
+    as a transposed view."""
+    r = a.shape[-2]
+    terms, term_scales = fp8_mod.split_rows(a)
+    dtype = fp8_mod._kernel_dtype(a.device, torch.float32)
+    y = torch.empty(len(codes), 2 * r, codes[0].shape[0], dtype=dtype, device=a.device)
+    for i, (c, s) in enumerate(zip(codes, scales, strict=True)):
+        # terms[i] (2r, K) row-major; c.t() (K, N) is column-major, as the kernel wants its second operand
+        fp8_mod._scaled_mm(terms[i], c.t(), term_scales[i], s.view(1, -1), dtype, out=y[i])
+    return y.view(len(codes), 2, r, -1).sum(dim=1, dtype=torch.float32).transpose(-1, -2)
+
+
+def norm_from_products_gram_split(weight_sq, wa, lora_A, lora_B, scaling):
+    """``fast_dora._norm_from_products`` for a stack of layers ((L, r, K) A's), its Gram matrix summed over
+    ``GRAM_CHUNKS`` chunks of K (K must divide by it; else the whole bmm)."""
+    b, a32 = lora_B.float(), lora_A.float()
+    layers, r, k = a32.shape
+    if k % GRAM_CHUNKS:
+        gram = a32 @ a32.transpose(-1, -2)
+    else:
+        parts = a32.view(layers, r, GRAM_CHUNKS, k // GRAM_CHUNKS).transpose(1, 2)  # (L, c, r, K/c)
+        gram = (parts @ parts.transpose(-1, -2)).sum(dim=1)
+    cross = (wa * b).sum(dim=-1)
+    ba_sq = ((b @ gram) * b).sum(dim=-1)
+    return (weight_sq + 2.0 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
+
+
+@contextlib.contextmanager
+def form(name: str):
+    """``speed.fast_dora`` computing its refresh in form ``name`` (``FORMS``) inside the block; its functions
+    and compiled copies as they were after it."""
+    if name not in FORMS:
+        raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
+    saved = (fast_dora.weights_times, fast_dora._norm_from_products, dict(fast_dora._COMPILED_NORMS))
+    try:
+        if name in ("terms-left", "both"):
+            fast_dora.weights_times = weights_times_terms_left
+        if name == "cast-stack":
+            fast_dora.weights_times = weights_times_cast_stack
+        if name in ("gram-split", "both"):
+            fast_dora._norm_from_products = norm_from_products_gram_split
+        fast_dora._COMPILED_NORMS.clear()
+        yield
+    finally:
+        fast_dora.weights_times, fast_dora._norm_from_products = saved[0], saved[1]
+        fast_dora._COMPILED_NORMS.clear()
+        fast_dora._COMPILED_NORMS.update(saved[2])
+
+
+def _norms(model) -> list[torch.Tensor]:
+    return [m.lora_magnitude_vector[n]._loralab_norm.clone() for m, n in fast_dora._fast_dora_adapters(model)]
+
+
+def _refresh_ms(model, device: str, backend, repeats: int) -> float:
+    def refresh():
+        fast_dora.refresh_dora_norms(model, backend)
+
+    if device != "cuda":
+        return median_ms(refresh, repeats, warmup=1, device=device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles, then a call that writes in place (what the graph records)
+        for _ in range(2):
+            refresh()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        refresh()
+    ms = median_ms(graph.replay, repeats, warmup=2, device=device)
+    del graph
+    return ms
+
+
+def time_forms(model, device: str, backend=None, forms=FORMS, repeats: int = 20) -> dict:
+    """{form: {"ms": median ms of one refresh (graphed on CUDA), "max_rel_diff": the largest difference of its
+    norms from the shipped form's, relative to that layer's largest norm, "calls": how many layer-adapters it
+    computed}} for ``model``, a fast DoRA model (``backend``: ``refresh_dora_norms``' compile backend, as
+    ``speed.dora_norms_backend``; None: eager). The shipped form runs first whether asked or not (the
+    reference norms); the model's kept norms end as the shipped form computes them."""
+    with torch.no_grad():
+        fast_dora.refresh_dora_norms(model, backend)
+        reference = _norms(model)
+        out = {}
+        for name in forms:
+            with form(name):
+                calls = fast_dora.refresh_dora_norms(model, backend)
+                got = _norms(model)
+                ms = _refresh_ms(model, device, backend, repeats)
+            diff = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(got, reference))
+            out[name] = {"ms": round(ms, 3), "max_rel_diff": diff, "calls": calls}
+        fast_dora.refresh_dora_norms(model, backend)
+    return out
