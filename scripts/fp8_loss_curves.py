@@ -106,9 +106,16 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     data = batches(args.steps, args.batch, args.length)
-    curves = {v: run_variant(v, args, data, device) for v in ("fp32", "bf16", "fp8", "fp8_weights")}
-    # the rerun at the first bf16 run's micro-batch, so only nondeterminism can move it (not the probe)
-    curves["bf16_rerun"] = run_variant("bf16_rerun", args, data, device, curves["bf16"]["speed"].get("micro_batch"))
+    curves = {}
+    for variant in ("fp32", "bf16", "fp8", "fp8_weights", "bf16_rerun"):
+        # the rerun at the first bf16 run's micro-batch, so only nondeterminism can move it (not the probe)
+        micro_batch = curves["bf16"]["speed"].get("micro_batch") if variant == "bf16_rerun" else None
+        curves[variant] = run_variant(variant, args, data, device, micro_batch)
+        print(f"{variant}: {len(curves[variant]['losses'])} steps in {curves[variant]['seconds']:.0f} s, last loss "
+              f"{curves[variant]['losses'][-1]:.4f}", flush=True)
+        if args.output:  # the curves so far, kept if a deadline stops the script before the last variant
+            with open(args.output, "w") as fh:
+                json.dump({"partial": True, "curves": curves}, fh, indent=1)
     loss = {v: c["losses"] for v, c in curves.items()}
     gap = lambda a, b: max(abs(x - y) for x, y in zip(loss[a], loss[b]))  # noqa: E731
     # the same after removing each curve's first loss: how differently the runs *move*, apart from the
