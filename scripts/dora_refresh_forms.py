@@ -2,18 +2,20 @@
 costly products (issue 22: "DoRA within 10 % of LoRA"; used by ``dora_ablation_bench.py --refresh-forms``).
 
 The refresh (``speed/fast_dora.refresh_dora_norms``) was 9.2 ms of an 8B FP8 DoRA step's 17.4 ms over LoRA's on
-an H100 (results/bench-doraabl-h100). Its profile: ~20 us per layer for ``W·Aᵀ`` (``speed/fp8.weights_times``:
-``_scaled_mm(codes (N, K), termsᵀ (K, 2r))``, an (N x 2r) output) and ~210 us per group for the float32 Gram
-bmm ``A·Aᵀ`` ((L, r, K) x (L, K, r): L x r x r outputs, few thread blocks over a long K). The forms:
+an H100 (results/bench-doraabl-h100). Its profile: ~20 us per layer for ``W·Aᵀ`` (``speed/fp8.weights_times``)
+and ~210 us per group for the float32 Gram bmm ``A·Aᵀ`` ((L, r, K) x (L, K, r): L x r x r outputs, few thread
+blocks over a long K). The forms:
 
-  shipped      the code as it is
-  cast-stack   ``W·Aᵀ`` as before 2b6954e: each layer's product cast to float32 and the L products stacked (a cast
-               kernel per layer and a copy per group that the shipped form, writing in place, does not make)
-  terms-left   ``W·Aᵀ`` as ``(terms · codesᵀ)ᵀ``: ``_scaled_mm(terms (2r, K), codesᵀ (K, N))``, a (2r x N) output
-               per layer (the shape of a decode step's GEMM, which FP8 inference tunes), the two terms summed
-               in float32 and the stack read transposed
-  gram-split   the Gram matrix as the sum over 8 chunks of K of the chunks' Gram matrices (8x the blocks)
-  both         terms-left and gram-split
+  shipped      the code as it is: ``W·Aᵀ`` as ``(terms · codesᵀ)ᵀ``, ``_scaled_mm(terms (2r, K), codesᵀ (K, N))`` per
+               layer (since the terms-left form measured faster below), in place into one buffer, terms summed
+  cast-stack   ``W·Aᵀ`` as before 2b6954e: ``_scaled_mm(codes, termsᵀ)`` per layer, cast to float32, the L products
+               stacked (a cast kernel per layer and a copy per group)
+  codes-left   ``W·Aᵀ`` as from 2b6954e to 22cac1c: ``_scaled_mm(codes (N, K), termsᵀ (K, 2r))`` in place, an
+               (N x 2r) output per layer
+  gram-split   the shipped form with the Gram matrix summed over 8 chunks of K (8x the blocks)
+
+At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
+named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
 
 Each form is put in place by patching ``speed.fast_dora``'s module globals (``weights_times`` and
 ``_norm_from_products``, and clearing its compiled copies) for the time of its measure, then put back.
@@ -31,7 +33,7 @@ from kernel_timing import median_ms
 from loralab.speed import fast_dora
 from loralab.speed import fp8 as fp8_mod
 
-FORMS = ("shipped", "cast-stack", "terms-left", "gram-split", "both")
+FORMS = ("shipped", "cast-stack", "codes-left", "gram-split")
 GRAM_CHUNKS = 8
 
 
@@ -45,18 +47,17 @@ def weights_times_cast_stack(codes: list[torch.Tensor], scales: list[torch.Tenso
     return y[..., :r] + y[..., r:]
 
 
-def weights_times_terms_left(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
-    """``speed.fp8.weights_times``'s (L, N, r) float32 values, each layer's product taken with the terms on the
-    left: (2r, N) into one (L, 2r, N) buffer of the kernel's dtype, the two terms summed in float32, returned
-    as a transposed view."""
+def weights_times_codes_left(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    """``speed.fp8.weights_times``'s (L, N, r) float32 values, each layer's product taken with the codes on the
+    left, (N, 2r), in place into one (L, N, 2r) buffer of the kernel's dtype, the two terms summed in float32."""
     r = a.shape[-2]
     terms, term_scales = fp8_mod.split_rows(a)
     dtype = fp8_mod._kernel_dtype(a.device, torch.float32)
-    y = torch.empty(len(codes), 2 * r, codes[0].shape[0], dtype=dtype, device=a.device)
+    y = torch.empty(len(codes), codes[0].shape[0], 2 * r, dtype=dtype, device=a.device)
     for i, (c, s) in enumerate(zip(codes, scales, strict=True)):
-        # terms[i] (2r, K) row-major; c.t() (K, N) is column-major, as the kernel wants its second operand
-        fp8_mod._scaled_mm(terms[i], c.t(), term_scales[i], s.view(1, -1), dtype, out=y[i])
-    return y.view(len(codes), 2, r, -1).sum(dim=1, dtype=torch.float32).transpose(-1, -2)
+        # terms[i] is (2r, K) row-major, so terms[i].t() is the column-major (K, 2r) operand the kernel wants
+        fp8_mod._scaled_mm(c, terms[i].t(), s.view(-1, 1), term_scales[i].view(1, -1), dtype, out=y[i])
+    return y.view(*y.shape[:-1], 2, r).sum(dim=-2, dtype=torch.float32)
 
 
 def norm_from_products_gram_split(weight_sq, wa, lora_A, lora_B, scaling):
@@ -82,11 +83,11 @@ def form(name: str):
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
     saved = (fast_dora.weights_times, fast_dora._norm_from_products, dict(fast_dora._COMPILED_NORMS))
     try:
-        if name in ("terms-left", "both"):
-            fast_dora.weights_times = weights_times_terms_left
+        if name == "codes-left":
+            fast_dora.weights_times = weights_times_codes_left
         if name == "cast-stack":
             fast_dora.weights_times = weights_times_cast_stack
-        if name in ("gram-split", "both"):
+        if name == "gram-split":
             fast_dora._norm_from_products = norm_from_products_gram_split
         fast_dora._COMPILED_NORMS.clear()
         yield

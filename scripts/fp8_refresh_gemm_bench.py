@@ -1,14 +1,14 @@
 """The FP8 DoRA norm refresh's two costly products, each in two forms, timed alone on CUDA (issue 22).
 
 The refresh (``speed/fast_dora.refresh_dora_norms``) takes, per layer, ``W·Aᵀ`` from the FP8 codes through
-``speed/fp8.weights_times`` (``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``: an (N x 2r) output, 2r = 64 at r32)
-and, per group of L layers, the Gram matrices ``A·Aᵀ`` by one float32 bmm ((L, r, K) x (L, K, r)). In the
+``speed/fp8.weights_times`` (until 22cac1c ``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``, an (N x 2r) output,
+2r = 64 at r32; since, the terms-left form below) and, per group of L layers, the Gram matrices ``A·Aᵀ`` by one float32 bmm ((L, r, K) x (L, K, r)). In the
 profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the first ran ~20 us per layer
 (224 a step: ~4.5 ms, where reading the 7.0 GB of codes takes ~2.1 ms at 3.35 TB/s) and the second ~210 us per
 group. This times, at the 8B shapes:
 
-  codes-left   ``_scaled_mm(codes, termsᵀ)``: (N, 64) out, the shipped form's GEMM (without the float32 cast
-               and the sum of the two terms that ``weights_times`` adds after it)
+  codes-left   ``_scaled_mm(codes, termsᵀ)``: (N, 64) out, the GEMM ``weights_times`` took until 22cac1c
+               (without the sum of the two terms it adds after it)
   terms-left   ``_scaled_mm(terms, codesᵀ)``: (64, N) out, transposed after (the shape of a decode step's
                GEMM, 64 tokens against a weight: the case FP8 inference tunes)
   gram-bmm     ``a @ aᵀ`` float32 bmm, the shipped form
@@ -16,7 +16,10 @@ group. This times, at the 8B shapes:
                bmm may copy inside the timed call, then a sum): more thread blocks
 
 and checks that each pair gives the same values (max relative difference printed). Prints a table with
-microseconds and the codes' read bandwidth; ``--output`` writes it as JSON.
+microseconds and the codes' read bandwidth; ``--output`` writes it as JSON. Each call is timed alone (a
+synchronised pair of CUDA events): on an H100 the launch dominates (47-82 us a GEMM against ~20 us inside the
+step's CUDA graph, results/bench-refreshforms-h100); ``dora_ablation_bench.py --refresh-forms`` times the forms
+graphed, as the step runs them.
 
     python scripts/fp8_refresh_gemm_bench.py --output $OUT/refreshgemm.json     # on a GPU, ~20 s
 """

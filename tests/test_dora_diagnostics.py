@@ -15,9 +15,9 @@ from loralab.speed.fp8 import FP8, split_rows, weights_times
 
 
 def test_the_refresh_products_alternative_forms_give_the_shipped_values(load_script):
-    """The W·Aᵀ product with the terms on the left is the script's shipped form transposed, bit for bit (same
-    products, one rounding to bf16 each), and that form is ``speed.fp8.weights_times``'s product up to its bf16
-    output; the Gram matrix split over K is the whole bmm up to summation order."""
+    """The W·Aᵀ product with the terms on the left is the codes-left form transposed, bit for bit (same products,
+    one rounding to bf16 each), and that form is ``speed.fp8.weights_times``'s product up to its bf16 output; the
+    Gram matrix split over K is the whole bmm up to summation order."""
     bench = load_script("fp8_refresh_gemm_bench")
     rows = bench.bench(rank=4, layers=3, repeats=1, device="cpu", shapes={"small": (48, 64), "wide": (32, 128)})
     assert [r["layers"] for r in rows] == ["small", "wide"]
@@ -101,30 +101,20 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
                                              target_modules="all-linear"))
     fast_dora.enable_fast_dora(model)
     shipped = (fast_dora.weights_times, fast_dora._norm_from_products)
-    calls = {"terms": 0, "gram": 0, "cast": 0}
-    terms_left, gram_split = forms.weights_times_terms_left, forms.norm_from_products_gram_split
-    cast_stack = forms.weights_times_cast_stack
+    codes_left, calls = forms.weights_times_codes_left, {}
+    alternatives = ("weights_times_cast_stack", "weights_times_codes_left", "norm_from_products_gram_split")
+    for attr in alternatives:  # each form's own product, counted
 
-    def counted_cast(*args):
-        calls["cast"] += 1
-        return cast_stack(*args)
+        def counted(*args, _fn=getattr(forms, attr), _attr=attr):
+            calls[_attr] = calls.get(_attr, 0) + 1
+            return _fn(*args)
 
-    def counted_terms(*args):
-        calls["terms"] += 1
-        return terms_left(*args)
-
-    def counted_gram(*args):
-        calls["gram"] += 1
-        return gram_split(*args)
-
-    monkeypatch.setattr(forms, "weights_times_terms_left", counted_terms)
-    monkeypatch.setattr(forms, "norm_from_products_gram_split", counted_gram)
-    monkeypatch.setattr(forms, "weights_times_cast_stack", counted_cast)
+        monkeypatch.setattr(forms, attr, counted)
     got = forms.time_forms(model, "cpu", None, repeats=1)
     assert list(got) == list(forms.FORMS) and all(v["calls"] == 14 for v in got.values())
     assert all(v["max_rel_diff"] < 1e-5 for v in got.values()), got
-    # terms-left and both: 4 W·Aᵀ groups (q/o, k/v, gate/up, down) x (1 checked + 2 timed) calls; likewise the Gram
-    assert calls == {"terms": 2 * 4 * 3, "gram": 2 * 4 * 3, "cast": 4 * 3}, calls
+    # each form: 4 groups (q/o, k/v, gate/up, down) x (1 checked + 2 timed) calls of its product
+    assert calls == dict.fromkeys(alternatives, 4 * 3), calls
     assert (fast_dora.weights_times, fast_dora._norm_from_products) == shipped
-    monkeypatch.setattr(forms, "weights_times_terms_left", lambda codes, scales, a: terms_left(codes, scales, a) * 0)
-    assert forms.time_forms(model, "cpu", None, forms=["terms-left"], repeats=1)["terms-left"]["max_rel_diff"] > 1e-3
+    monkeypatch.setattr(forms, "weights_times_codes_left", lambda codes, scales, a: codes_left(codes, scales, a) * 0)
+    assert forms.time_forms(model, "cpu", None, forms=["codes-left"], repeats=1)["codes-left"]["max_rel_diff"] > 1e-3

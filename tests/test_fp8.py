@@ -264,7 +264,7 @@ def test_weight_times_is_as_precise_as_a_bf16_product_and_reads_fp8_codes():
         got = fp8.weight_times(layer.codes, layer.weight_scale, a)
     finally:
         fp8._scaled_mm = kernel
-    assert seen == [(torch.float8_e4m3fn, torch.float8_e4m3fn, (256, 32), (1, 256))]  # one FP8 GEMM over [hi; lo]
+    assert seen == [(torch.float8_e4m3fn, torch.float8_e4m3fn, (256, 96), (1, 256))]  # one FP8 GEMM: [hi; lo] by the codes
     assert got.shape == (96, 16) and got.dtype == torch.float32
 
     def err(x):
@@ -280,7 +280,7 @@ def test_weight_times_is_as_precise_as_a_bf16_product_and_reads_fp8_codes():
 def test_weights_times_writes_each_layer_in_place_where_the_kernel_writes_bf16(monkeypatch):
     """CUDA's row-wise kernel writes bf16 only. There each layer's product goes into one shared bf16 buffer in
     place, one kernel a layer, not cast to float32 and stacked (two a layer and a copy: 228 of an 8B FP8 DoRA
-    step's kernels); the values are each layer's two bf16 products summed in float32, as the cast form gave.
+    step's kernels); the values are each layer's two bf16 products (terms by codes) summed in float32.
     CUDA's dtype rule is put in place on CPU here, whose kernel writes any dtype."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -306,11 +306,11 @@ def test_weights_times_writes_each_layer_in_place_where_the_kernel_writes_bf16(m
             got = fp8.weights_times(codes, scales, a[:n])
         kernels[n] = [name for name in Count.names if name not in ("view", "t", "select", "slice", "alias")]
         assert got.shape == (n, 48, 8) and got.dtype == torch.float32
-        for i in range(n):
+        for i in range(n):  # the terms by the codes, (2r, N) in bf16, the two terms summed in float32
             terms, scales = fp8.split_rows(a[i])
-            y = torch._scaled_mm(layers[i].codes, terms.t(), scale_a=layers[i].weight_scale.view(-1, 1),
-                                 scale_b=scales.view(1, -1), out_dtype=torch.bfloat16).float()
-            assert torch.equal(got[i], y[:, :8] + y[:, 8:])
+            y = torch._scaled_mm(terms, layers[i].codes.t(), scale_a=scales,
+                                 scale_b=layers[i].weight_scale.view(1, -1), out_dtype=torch.bfloat16).float()
+            assert torch.equal(got[i], (y[:8] + y[8:]).T)
     assert len(kernels[6]) - len(kernels[2]) == 4 and kernels[6].count("_scaled_mm") == 6, kernels
     assert kernels[6].count("_to_copy") == kernels[2].count("_to_copy") and "stack" not in kernels[6]  # no cast a layer
     with pytest.raises(ValueError, match="3 A's"):

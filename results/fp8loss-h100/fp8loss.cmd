@@ -1,0 +1,1 @@
+python3 scripts/fp8_loss_curves.py --device cuda --output /root/out/fp8loss.json
