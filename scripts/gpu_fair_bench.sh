@@ -259,7 +259,7 @@ for part in "${PARTS[@]}"; do
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8check fp8quant fp8kernel rankab dorab losschunk probe8b actbudget probebudget recipebudget fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget fp8check fp8loss)"; exit 2 ;;
   esac
 done
 

@@ -425,3 +425,41 @@ def test_refresh_h100_section_is_the_scripts_output():
     repeat = {r["method"]: r["throughput"] for r in json.loads((folder / "repeat8b.json").read_text())}
     spread = max(abs(repeat[m] / rows[(m, "loralab")]["throughput"] - 1) for m in repeat)
     assert spread < 0.0015 and "within 0.15 % of these" in flat
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_refresh_forms_h100_section_is_the_scripts_output():
+    """The ac59585 H100 section holds every table and note scripts/fair_bench_table.py prints from
+    results/bench-refreshforms-h100/, and its reading's figures are those files' (goal ratios, the ablation's FP8
+    pair, the graphed refresh forms)."""
+    folder = RESULTS / "bench-refreshforms-h100"
+    flat, rows = _fair8b_section(folder, "### Training speed against the fairest peer, the defaults of commit ac59585 (H100)")
+    lora, fp8 = rows[("lora", "loralab")], rows[("fp8+lora", "loralab")]
+    assert f"({lora['ratio_best_peer']:.2f}x and {fp8['ratio_best_peer']:.2f}x the best peer)" in flat
+    dora = [rows[(m, "loralab")]["throughput"] / rows[(m.replace("dora", "lora"), "loralab")]["throughput"]
+            for m in ("dora", "fp8+dora")]
+    assert f"{dora[0]:.3f} bf16" in flat and f"{dora[1]:.3f} on the FP8 base" in flat and max(dora) < 0.9
+    peers = [rows[(m, "loralab")]["ratio_best_peer"] for m in ("dora", "fp8+dora")]
+    assert f"DoRA runs {peers[0]:.2f}x and {peers[1]:.2f}x the best peer's DoRA" in flat
+    abl = {r["variant"]: r for r in json.loads((folder / "doraabl.json").read_text())}
+    assert f"micro-batch 4 ran {abl['lora']['step_ms'] / abl['dora']['step_ms']:.3f}" in flat
+    forms = abl["dora"]["refresh_forms"]
+    for name, phrase in (("shipped", "took {} ms with each layer's product written in place"),
+                         ("cast-stack", "against {} ms cast and stacked"), ("terms-left", "on the left it took {} ms")):
+        assert phrase.format(f"{forms[name]['ms']:.3f}") in flat, name
+    assert max(v["max_rel_diff"] for v in forms.values()) < 1e-7
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_fp8_loss_h100_section_is_the_scripts_output():
+    """The H100 FP8 loss-curve section holds what scripts/fair_bench_table.py prints from results/fp8loss-h100/,
+    and its sentences' ratios are that file's."""
+    folder = RESULTS / "fp8loss-h100"
+    _, text = _printed_tables_in(folder, "### An FP8 base's loss curve at the 8B shape (H100)", notes=True)
+    flat = " ".join(text.split())
+    r = json.loads((folder / "fp8loss.json").read_text())
+    assert f"make {r['gap_fp8_weights_vs_bf16'] / r['gap_bf16_vs_fp32']:.1f} times" in " ".join(section(
+        "### Methods").split())
+    assert f"move the loss {r['gap_fp8_weights_vs_bf16'] / r['gap_bf16_vs_fp32']:.1f} times as far" in flat
+    assert f"on an H100, {r['gap_fp8_vs_bf16'] / r['gap_bf16_vs_fp32']:.1f} times" in " ".join(section("### Methods").split())
+    assert not r["fp8_within_bf16_gap"] and r["gap_fp8_weights_vs_bf16"] > r["gap_bf16_vs_fp32"]
