@@ -176,7 +176,8 @@ def main(argv=None) -> int:
                         "profiles in a second pass for that reason)")
     p.add_argument("--refresh-forms", nargs="*", default=None, choices=list(FORMS),
                    help="after each dora row, time the norm refresh in these forms (none named: all), graphed as the "
-                        "step runs it, each form's norms checked against the shipped form's (dora_refresh_forms.py)")
+                        "step runs it, each form's norms checked against the shipped form's (dora_refresh_forms.py); on "
+                        "a float base only gram-split changes anything (W·Aᵀ is not read from FP8 codes there)")
     p.add_argument("--output")
     args = p.parse_args(argv)
     if args.refresh_forms == []:

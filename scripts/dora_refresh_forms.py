@@ -7,10 +7,10 @@ and ~210 us per group for the float32 Gram bmm ``A·Aᵀ`` ((L, r, K) x (L, K, r
 blocks over a long K). The forms:
 
   shipped      the code as it is: ``W·Aᵀ`` as ``(terms · codesᵀ)ᵀ``, ``_scaled_mm(terms (2r, K), codesᵀ (K, N))`` per
-               layer (since the terms-left form measured faster below), in place into one buffer, terms summed
+               layer (since bbd7c40: "terms-left" measured faster at ac59585), in place into one buffer, terms summed
   cast-stack   ``W·Aᵀ`` as before 2b6954e: ``_scaled_mm(codes, termsᵀ)`` per layer, cast to float32, the L products
                stacked (a cast kernel per layer and a copy per group)
-  codes-left   ``W·Aᵀ`` as from 2b6954e to 22cac1c: ``_scaled_mm(codes (N, K), termsᵀ (K, 2r))`` in place, an
+  codes-left   ``W·Aᵀ`` as from 2b6954e through 22cac1c: ``_scaled_mm(codes (N, K), termsᵀ (K, 2r))`` in place, an
                (N x 2r) output per layer
   gram-split   the shipped form with the Gram matrix summed over 8 chunks of K (8x the blocks)
 

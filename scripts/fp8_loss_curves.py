@@ -21,7 +21,8 @@ device). The variants differ only in the base:
 The criterion (issue 22): max_step |loss_fp8 - loss_bf16| is no larger than max_step
 |loss_bf16 - loss_fp32|; also reported with each curve's first loss removed (``drift_*``: how the
 runs move apart, without the offset each base's rounding adds before any step). Prints and writes
-one JSON object: the five curves, the gaps and the drifts.
+one JSON object: the five curves, the gaps and the drifts; while it runs, ``--output`` holds
+``{"partial": true, "curves": ...}`` with the variants ended so far.
 On CPU (``--device cpu``) it is a dry run of the script (autocast off there, so bf16 means bf16
 weights computing in bf16).
 """
@@ -56,7 +57,7 @@ def batches(n_steps: int, batch: int, length: int) -> list[list[dict]]:
     return [rows[k * batch:(k + 1) * batch] for k in range(n_steps)]
 
 
-def run_variant(variant: str, args, data, device, micro_batch=None) -> dict:
+def run_variant(variant: str, args, data, device, fixed: dict | None = None) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from loralab.config import build_parameters
@@ -70,7 +71,7 @@ def run_variant(variant: str, args, data, device, micro_batch=None) -> dict:
     if variant == "fp8_weights":  # FP8's weight rounding, then back to a plain bf16 model
         quantize_linears(model, linear_names(model))
         dequantize_linears(model).to(torch.bfloat16)
-    speed = {} if micro_batch is None else {"micro_batch": micro_batch}
+    speed = dict(fixed or {})  # speed keys set rather than probed (the rerun's: the first bf16 run's choices)
     if variant == "fp8":
         quantize_linears(model, linear_names(model))
         speed.update(fast_dora=False, fused_lora=False)
@@ -108,9 +109,11 @@ def main():
     data = batches(args.steps, args.batch, args.length)
     curves = {}
     for variant in ("fp32", "bf16", "fp8", "fp8_weights", "bf16_rerun"):
-        # the rerun at the first bf16 run's micro-batch, so only nondeterminism can move it (not the probe)
-        micro_batch = curves["bf16"]["speed"].get("micro_batch") if variant == "bf16_rerun" else None
-        curves[variant] = run_variant(variant, args, data, device, micro_batch)
+        # the rerun at the first bf16 run's micro-batch and loss chunk (an explicit micro-batch skips the probe, which
+        # also picks the chunk), so only nondeterminism can move it
+        first = curves["bf16"]["speed"] if variant == "bf16_rerun" else {}
+        fixed = {k: first[k] for k in ("micro_batch", "loss_chunk_size") if first.get(k) is not None}
+        curves[variant] = run_variant(variant, args, data, device, fixed)
         print(f"{variant}: {len(curves[variant]['losses'])} steps in {curves[variant]['seconds']:.0f} s, last loss "
               f"{curves[variant]['losses'][-1]:.4f}", flush=True)
         if args.output:  # the curves so far, kept if a deadline stops the script before the last variant

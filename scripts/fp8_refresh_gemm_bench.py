@@ -1,13 +1,13 @@
 """The FP8 DoRA norm refresh's two costly products, each in two forms, timed alone on CUDA (issue 22).
 
 The refresh (``speed/fast_dora.refresh_dora_norms``) takes, per layer, ``W·Aᵀ`` from the FP8 codes through
-``speed/fp8.weights_times`` (until 22cac1c ``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``, an (N x 2r) output,
-2r = 64 at r32; since, the terms-left form below) and, per group of L layers, the Gram matrices ``A·Aᵀ`` by one float32 bmm ((L, r, K) x (L, K, r)). In the
+``speed/fp8.weights_times`` (through 22cac1c ``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``, an (N x 2r) output,
+2r = 64 at r32; since bbd7c40 the terms-left form below) and, per group of L layers, the Gram matrices ``A·Aᵀ`` by one float32 bmm ((L, r, K) x (L, K, r)). In the
 profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the first ran ~20 us per layer
 (224 a step: ~4.5 ms, where reading the 7.0 GB of codes takes ~2.1 ms at 3.35 TB/s) and the second ~210 us per
 group. This times, at the 8B shapes:
 
-  codes-left   ``_scaled_mm(codes, termsᵀ)``: (N, 64) out, the GEMM ``weights_times`` took until 22cac1c
+  codes-left   ``_scaled_mm(codes, termsᵀ)``: (N, 64) out, the GEMM ``weights_times`` took through 22cac1c
                (without the sum of the two terms it adds after it)
   terms-left   ``_scaled_mm(terms, codesᵀ)``: (64, N) out, transposed after (the shape of a decode step's
                GEMM, 64 tokens against a weight: the case FP8 inference tunes)
@@ -16,10 +16,10 @@ group. This times, at the 8B shapes:
                bmm may copy inside the timed call, then a sum): more thread blocks
 
 and checks that each pair gives the same values (max relative difference printed). Prints a table with
-microseconds and the codes' read bandwidth; ``--output`` writes it as JSON. Each call is timed alone (a
-synchronised pair of CUDA events): on an H100 the launch dominates (47-82 us a GEMM against ~20 us inside the
-step's CUDA graph, results/bench-refreshforms-h100); ``dora_ablation_bench.py --refresh-forms`` times the forms
-graphed, as the step runs them.
+microseconds and the codes' read bandwidth; ``--output`` writes it as JSON. Each timed sample is 10 calls back to
+back (``_time_us``): at ac59585 each call was timed alone and synchronised, and the launch dominated (47-82 us a
+GEMM on an H100 against ~20 us inside the step's CUDA graph, results/bench-refreshforms-h100).
+``dora_ablation_bench.py --refresh-forms`` times the forms graphed, as the step runs them.
 
     python scripts/fp8_refresh_gemm_bench.py --output $OUT/refreshgemm.json     # on a GPU, ~20 s
 """
@@ -38,9 +38,18 @@ from loralab.speed.fp8 import FP8, split_rows
 SHAPES = {"q, o": (4096, 4096), "k, v": (1024, 4096), "gate, up": (14336, 4096), "down": (4096, 14336)}
 
 
+BACK_TO_BACK = 10
+
+
 def _time_us(fn, repeats: int, device: str) -> float:
-    """Median microseconds of ``fn()`` over ``repeats`` calls after one untimed call (``kernel_timing``)."""
-    return 1000 * median_ms(fn, repeats, warmup=1, device=device)
+    """Microseconds per ``fn()``: the median over ``repeats`` samples (``kernel_timing``, after one untimed sample)
+    of ``BACK_TO_BACK`` calls queued back to back, so the GPU's time, not each call's launch, is what counts."""
+
+    def calls():
+        for _ in range(BACK_TO_BACK):
+            fn()
+
+    return 1000 * median_ms(calls, repeats, warmup=1, device=device) / BACK_TO_BACK
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,7 +58,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench(rank: int, layers: int, repeats: int, device: str = "cuda", shapes: dict = SHAPES) -> list[dict]:
     """One row per entry of ``shapes`` ({name: (N, K)}): both forms of each product timed, and their largest
-    difference relative to the shipped form's largest value."""
+    difference relative to the codes-left form's largest value (the whole bmm's for the Gram)."""
     if device == "cuda" and (2 * rank) % 16:
         raise SystemExit(f"--rank {rank}: the FP8 kernel needs 2 x rank divisible by 16 on CUDA")
     rows = []

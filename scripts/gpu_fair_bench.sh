@@ -59,7 +59,7 @@
 #           as bench rows; and the norm refresh timed alone: which part of DoRA's step beyond LoRA's to work on. ~2 min on
 #           an H100 (8 rows). ABL_ARGS passes options (e.g. "--bases fp8 --profile lora dora": doraabl.profile.txt).
 #           Files: doraabl.json/.log (.profile.txt).
-#   refreshgemm scripts/fp8_refresh_gemm_bench.py: the FP8 DoRA refresh's W·Aᵀ as _scaled_mm(codes, termsᵀ) (shipped)
+#   refreshgemm scripts/fp8_refresh_gemm_bench.py: the FP8 DoRA refresh's W·Aᵀ as _scaled_mm(codes, termsᵀ) (shipped through 22cac1c)
 #           and as _scaled_mm(terms, codesᵀ), and its Gram bmm whole and split over K, at the 8B shapes. ~20 s.
 #   probe8b loralab's rows only (`--methods lora,dora,fp8+lora,fp8+dora --stacks loralab`) at the defaults: since
 #           2026-12-05 the auto micro-batch counts AdamW's state beside each probed peak and, with loss_chunk_size
@@ -125,6 +125,11 @@
 #   6.2 ms; the estimate above of ~6 ms for both is superseded): (1) refreshgemm (~20 s: whether the refresh's W·Aᵀ in the transposed form, or its Gram split over K, is
 #   faster; then change weights_times / _norm_from_products and A/B with doraab); (2) on an H200: fp8check fair8b,
 #   recipe, fp8loss (no H200 row has the code since 2026-12-04).
+#   After 2026-12-06's third session (H100 only, results/bench-refreshforms-h100/ and results/fp8loss-h100/: the refresh
+#   written in place 1.02 ms faster graphed, the terms-left W·Aᵀ 0.14 ms more (shipped in bbd7c40), the Gram split over K
+#   0.38 ms (not shipped: it moves an FP8 test by one code); FP8-rounded weights alone 2.6x bf16's loss gap from fp32):
+#   (1) ABL_ARGS="--bases fp8 --variants lora dora --refresh-forms" doraabl at HEAD (~100 s: the shipped form's graphed
+#   refresh and the step); (2) on an H200: fp8check fair8b, then recipe (no H200 row has the code since 2026-12-04).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -131,3 +131,30 @@ def test_speed_option_sets_loralab_keys_and_fp8_keys_reach_the_fp8_rows_only(tmp
         with pytest.raises(SystemExit) as exc:
             main([*TINY_FIXED, "--speed", bad])
         assert said in str(exc.value), (bad, exc.value)
+
+
+def test_the_gpu_table_script_reports_a_partial_loss_curve_file_and_a_changed_rerun(load_script, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """scripts/fair_bench_table.py on an fp8loss.json that its script left partial (a deadline stopped it) says which
+    variants ended and computes no gap; on a whole file whose bf16 rerun ran another loss chunk, its note names
+    both chunks instead of calling the runs identical."""
+    script = load_script("fair_bench_table")
+    curve = {"losses": [2.0, 1.0], "seconds": 1.0, "speed": {"micro_batch": 2, "loss_chunk_size": 128}}
+    (tmp_path / "fp8loss.json").write_text(json.dumps({"partial": True, "curves": {"fp32": curve, "bf16": curve}}))
+    monkeypatch.setattr("sys.argv", ["fair_bench_table.py", str(tmp_path)])
+    script.main()
+    printed = capsys.readouterr().out
+    assert "`fp8loss.json` is partial: fp32, bf16 ended" in printed and "goal (issue 22)" not in printed
+    rerun = dict(curve, speed={"micro_batch": 2, "loss_chunk_size": 1024})
+    whole = {"shape": "llama-3-8b", "steps": 2, "batch": 16, "gpu": "a GPU", "fp8_within_bf16_gap": False,
+             "curves": {"fp32": curve, "bf16": curve, "bf16_rerun": rerun}, "gap_bf16_rerun": 0.003,
+             "drift_bf16_rerun": 0.003, **dict.fromkeys(("gap_fp8_vs_bf16", "gap_bf16_vs_fp32", "drift_fp8_vs_bf16",
+                                                         "drift_bf16_vs_fp32"), 0.01)}
+    (tmp_path / "fp8loss.json").write_text(json.dumps(whole))
+    script.main()
+    printed = capsys.readouterr().out
+    assert "with 1024-token loss chunks where the first's probe took 128" in printed and "identical" not in printed
+    whole["curves"]["bf16_rerun"] = curve
+    (tmp_path / "fp8loss.json").write_text(json.dumps(whole))
+    script.main()
+    assert "Two identical bf16 runs on a GPU" in capsys.readouterr().out
