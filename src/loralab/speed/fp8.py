@@ -217,11 +217,11 @@ def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torc
     once over the whole stack; then one ``_scaled_mm`` per layer, the terms on the left, ``[hi; lo]·codesᵀ``
     (2r, N), written in place into one (L, 2r, N) buffer of the kernel's dtype (bfloat16 on CUDA), and one
     reduction sums each layer's two terms in float32: one kernel a layer beside the split's and the sum's
-    few, where a product per layer cast to float32 and stacked took two a layer and a copy. For the 8B FP8 DoRA refresh, captured in a CUDA graph on an H100: 8.91
-    ms cast and stacked, 7.89 ms in place with the codes on the left (N, 2r), 7.75 ms with the terms on the
-    left (results/bench-refreshforms-h100). Used by fast DoRA's once-a-step norm refresh
-    (``speed/fast_dora.refresh_dora_norms``). Raises ValueError when ``codes``, ``scales`` and ``a`` do not
-    count the same L layers."""
+    few, where a product per layer cast to float32 and stacked took two a layer and a copy. The 8B FP8 DoRA
+    refresh, captured in a CUDA graph on two H100s: 8.89-8.91 ms cast and stacked, 7.88-7.89 ms in place
+    with the codes on the left (N, 2r), 7.75 ms with the terms on the left (results/bench-refreshforms-h100).
+    Used by fast DoRA's once-a-step norm refresh (``speed/fast_dora.refresh_dora_norms``). Raises
+    ValueError when ``codes``, ``scales`` and ``a`` do not count the same L layers."""
     if not len(codes) == len(scales) == a.shape[0]:
         raise ValueError(f"weights_times: {len(codes)} codes, {len(scales)} scales and {a.shape[0]} A's; "
                          "one of each per layer is needed")
