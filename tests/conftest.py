@@ -3,8 +3,17 @@
 import os
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of pytest-xdist's workers (`-n auto`, as .ci/run runs the suite): one compute thread per worker, and
+    # in the processes the tests start, so that two workers on two cores do not each run two threads (the
+    # suite took 12 min 2 s so on this project's 2-core machine, 21 min 58 s in one process, results/ci-times.md)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     # Triton's CPU interpreter for the FP8 kernel's tests (test_fp8_kernels.py). Triton reads it when

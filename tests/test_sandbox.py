@@ -111,22 +111,30 @@ def test_hostile_programs_fail_cleanly(kind, tmp_path, listener, monkeypatch):
     assert run_program("print('ok')").stdout.strip() == "ok"
 
 
-def test_no_stray_processes_after_fork_bomb():
-    from loralab.tasks.sandbox import SANDBOX_UID_BASE, UID_SLOTS
+def test_no_stray_processes_after_fork_bomb(monkeypatch):
+    """Root mode: no process of the fork bomb's private uid outlives its sandbox, and none of the uid range is
+    left that no running sandbox owns (``stray_pids``: sandboxes of parallel tests hold their slots)."""
+    from loralab.tasks import sandbox
 
-    run_program("import os\nwhile True:\n    if os.fork() == 0:\n        os.setsid()\n", Limits(timeout=1.0))
-    if os.geteuid() != 0:
-        return
-    live = []  # root mode: no live process of the private uid range is left
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
-        except OSError:
-            continue
-        uid = int(status["Uid"].split()[0])
-        if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + UID_SLOTS and not status["State"].strip().startswith("Z"):
-            live.append((pid, uid))
-    assert live == []
+    slots, held = [], []
+    acquire = sandbox._acquire_slot
+
+    def recorded():
+        slot, fd = acquire()
+        slots.append(slot)
+        return slot, fd
+
+    monkeypatch.setattr(sandbox, "_acquire_slot", recorded)
+    monkeypatch.setattr(sandbox, "_release_slot", held.append)  # the slot kept until checked: its uid stays ours
+    try:
+        run_program("import os\nwhile True:\n    if os.fork() == 0:\n        os.setsid()\n", Limits(timeout=1.0))
+        if os.geteuid() != 0:
+            return
+        assert len(slots) == 1 and sandbox._uid_pids(sandbox.SANDBOX_UID_BASE + slots[0]) == []
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert sandbox.stray_pids() == []
 
 
 def test_many_programs_in_parallel_keep_order():
@@ -138,3 +146,32 @@ def test_many_programs_in_parallel_keep_order():
 def test_describe_reports_layers():
     info = describe()
     assert "landlock_abi" in info and "probe" in info
+
+
+def test_stray_pids_counts_a_process_of_a_free_slot_and_not_one_of_a_held_slot():
+    """A process under the uid of a slot that a running sandbox holds is that sandbox's; under a free slot's uid it
+    is a leftover (root mode, where sandboxes run as private uids)."""
+    import subprocess
+    import sys
+
+    from loralab.tasks import sandbox
+
+    if os.geteuid() != 0:
+        pytest.skip("private uids need root")
+    slot, fd = sandbox._acquire_slot()
+    uid = sandbox.SANDBOX_UID_BASE + slot
+    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", f"import os, time\nos.setuid({uid})\ntime.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 10
+        while proc.pid not in sandbox._uid_pids(uid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.pid in sandbox._uid_pids(uid)
+        assert proc.pid not in sandbox.stray_pids()  # its slot is held
+        os.close(fd)
+        fd = None
+        assert proc.pid in sandbox.stray_pids()  # released: a leftover
+    finally:
+        proc.kill()
+        proc.wait()
+        if fd is not None:
+            os.close(fd)

@@ -196,6 +196,5 @@ def test_three_concurrent_evaluators_score_as_alone(humaneval, tmp_path):
     assert scores["honest_b"]["pass@1"] == 1.0 and scores["honest_b"]["programs"] == 164, scores["honest_b"]
     assert scores["hostile"]["pass@1"] == 0.0
     print(f"three evaluators: {time.monotonic() - start:.0f} s")
-    if os.geteuid() == 0:  # nothing of the sandbox uid range is left running
-        live = [pid for pid in sandbox._uid_pids_in_range(sandbox.SANDBOX_UID_BASE, sandbox.UID_SLOTS)]
-        assert live == []
+    if os.geteuid() == 0:  # nothing of the sandbox uid range is left running that no running sandbox owns
+        assert sandbox.stray_pids() == []

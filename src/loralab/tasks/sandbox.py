@@ -297,6 +297,34 @@ def _uid_pids_in_range(first_uid: int, count: int) -> list[int]:
     return pids
 
 
+def stray_pids() -> list[int]:
+    """Root mode: live processes of the sandbox uid range that no running sandbox owns, i.e. left behind by
+    one that ended (a sandbox kills its uid's processes before it releases its slot, so a process under the
+    uid of a free slot is a leak). Processes under a slot held by a running sandbox, in this process or
+    another (parallel tests, concurrent evaluators), are that sandbox's and not counted. Each free slot is
+    locked while its uid's processes are listed, so no sandbox starts one meanwhile."""
+    import fcntl
+
+    uids = set()
+    for pid in _uid_pids_in_range(SANDBOX_UID_BASE, UID_SLOTS):
+        try:
+            uids.add(os.stat(f"/proc/{pid}").st_uid)
+        except OSError:
+            continue
+    stray = []
+    for uid in sorted(u for u in uids if 0 <= u - SANDBOX_UID_BASE < UID_SLOTS):
+        fd = os.open(os.path.join(lock_dir(), f"{uid - SANDBOX_UID_BASE}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # a running sandbox holds the slot: its processes are its own
+            continue
+        stray += _uid_pids(uid)
+        os.close(fd)
+    return stray
+
+
 def _user_process_count(uid: int) -> int:
     return len(_uid_pids(uid))
 
