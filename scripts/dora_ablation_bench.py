@@ -70,11 +70,11 @@ def _refresh_ms(model, device: str, backend=None, repeats: int = 10) -> float:
 def _workload(preset: str, only: str):
     """The one workload of ``preset`` whose name contains ``only``; SystemExit naming the preset's workloads
     where none or several match."""
-    names = [w.name for w in presets(preset)]
-    kept = [w for w in presets(preset) if only in w.name]
+    workloads = presets(preset)
+    kept = [w for w in workloads if only in w.name]
     if len(kept) != 1:
         raise SystemExit(f"--only {only!r} matches {len(kept)} workloads of the preset {preset!r} (one is needed); "
-                         f"its workloads: {', '.join(names)}")
+                         f"its workloads: {', '.join(w.name for w in workloads)}")
     return kept[0]
 
 

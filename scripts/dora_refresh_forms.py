@@ -17,8 +17,8 @@ blocks over a long K). The forms:
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
 
-Each form is put in place by patching ``speed.fast_dora``'s module globals (``weights_times`` and
-``_norm_from_products``, and clearing its compiled copies) for the time of its measure, then put back.
+Each form is put in place by patching ``speed.fast_dora``'s module globals (``weights_times`` and ``_gram``,
+and clearing its compiled copies) for the time of its measure, then put back.
 ``time_forms`` times ``refresh_dora_norms(model, backend)`` captured in one CUDA graph and replayed (median of
 20 replays), as the step's graph runs it; on CPU by the host clock, eager, a check that the forms agree.
 """
@@ -60,19 +60,13 @@ def weights_times_codes_left(codes: list[torch.Tensor], scales: list[torch.Tenso
     return y.view(*y.shape[:-1], 2, r).sum(dim=-2, dtype=torch.float32)
 
 
-def norm_from_products_gram_split(weight_sq, wa, lora_A, lora_B, scaling):
-    """``fast_dora._norm_from_products`` for a stack of layers ((L, r, K) A's), its Gram matrix summed over
-    ``GRAM_CHUNKS`` chunks of K (K must divide by it; else the whole bmm)."""
-    b, a32 = lora_B.float(), lora_A.float()
-    layers, r, k = a32.shape
-    if k % GRAM_CHUNKS:
-        gram = a32 @ a32.transpose(-1, -2)
-    else:
-        parts = a32.view(layers, r, GRAM_CHUNKS, k // GRAM_CHUNKS).transpose(1, 2)  # (L, c, r, K/c)
-        gram = (parts @ parts.transpose(-1, -2)).sum(dim=1)
-    cross = (wa * b).sum(dim=-1)
-    ba_sq = ((b @ gram) * b).sum(dim=-1)
-    return (weight_sq + 2.0 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
+def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS) -> torch.Tensor:
+    """``fast_dora._gram`` (``A·Aᵀ`` of ``a`` (..., r, K)) summed over ``chunks`` chunks of K: more, smaller products
+    (K not divisible by ``chunks``: the whole product)."""
+    if a.shape[-1] % chunks:
+        return a @ a.transpose(-1, -2)
+    parts = a.unflatten(-1, (chunks, -1)).transpose(-2, -3)  # (..., chunks, r, K/chunks)
+    return (parts @ parts.transpose(-1, -2)).sum(dim=-3)
 
 
 @contextlib.contextmanager
@@ -81,18 +75,18 @@ def form(name: str):
     and compiled copies as they were after it."""
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
-    saved = (fast_dora.weights_times, fast_dora._norm_from_products, dict(fast_dora._COMPILED_NORMS))
+    saved = (fast_dora.weights_times, fast_dora._gram, dict(fast_dora._COMPILED_NORMS))
     try:
         if name == "codes-left":
             fast_dora.weights_times = weights_times_codes_left
         if name == "cast-stack":
             fast_dora.weights_times = weights_times_cast_stack
         if name == "gram-split":
-            fast_dora._norm_from_products = norm_from_products_gram_split
+            fast_dora._gram = gram_split
         fast_dora._COMPILED_NORMS.clear()
         yield
     finally:
-        fast_dora.weights_times, fast_dora._norm_from_products = saved[0], saved[1]
+        fast_dora.weights_times, fast_dora._gram = saved[0], saved[1]
         fast_dora._COMPILED_NORMS.clear()
         fast_dora._COMPILED_NORMS.update(saved[2])
 

@@ -2,8 +2,8 @@
 
 The refresh (``speed/fast_dora.refresh_dora_norms``) takes, per layer, ``W·Aᵀ`` from the FP8 codes through
 ``speed/fp8.weights_times`` (through 22cac1c ``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``, an (N x 2r) output,
-2r = 64 at r32; since bbd7c40 the terms-left form below) and, per group of L layers, the Gram matrices ``A·Aᵀ`` by one float32 bmm ((L, r, K) x (L, K, r)). In the
-profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the first ran ~20 us per layer
+2r = 64 at r32; since bbd7c40 the terms-left form below) and, per group of L layers, the Gram matrices ``A·Aᵀ``
+by one float32 bmm ((L, r, K) x (L, K, r)). In the profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the first ran ~20 us per layer
 (224 a step: ~4.5 ms, where reading the 7.0 GB of codes takes ~2.1 ms at 3.35 TB/s) and the second ~210 us per
 group. This times, at the 8B shapes:
 
@@ -12,8 +12,8 @@ group. This times, at the 8B shapes:
   terms-left   ``_scaled_mm(terms, codesᵀ)``: (64, N) out, transposed after (the shape of a decode step's
                GEMM, 64 tokens against a weight: the case FP8 inference tunes)
   gram-bmm     ``a @ aᵀ`` float32 bmm, the shipped form
-  gram-split   the same sum split over 8 chunks of K (one bmm over L x 8 blocks of a strided view, which the
-               bmm may copy inside the timed call, then a sum): more thread blocks
+  gram-split   the same sum split over 8 chunks of K (``dora_refresh_forms.gram_split``: one bmm over L x 8 blocks
+               of a strided view, which the bmm may copy inside the timed call, then a sum): more thread blocks
 
 and checks that each pair gives the same values (max relative difference printed). Prints a table with
 microseconds and the codes' read bandwidth; ``--output`` writes it as JSON. Each timed sample is 10 calls back to
@@ -31,13 +31,12 @@ import json
 import sys
 
 import torch
+from dora_refresh_forms import gram_split
 from kernel_timing import median_ms
 
 from loralab.speed.fp8 import FP8, split_rows
 
 SHAPES = {"q, o": (4096, 4096), "k, v": (1024, 4096), "gate, up": (14336, 4096), "down": (4096, 14336)}
-
-
 BACK_TO_BACK = 10
 
 
@@ -84,12 +83,11 @@ def bench(rank: int, layers: int, repeats: int, device: str = "cuda", shapes: di
         def gram_bmm():
             return stack @ stack.transpose(-1, -2)
 
-        def gram_split(chunks=8):
-            parts = stack.view(layers, rank, chunks, k // chunks).transpose(1, 2)  # (L, c, r, K/c)
-            return (parts @ parts.transpose(-1, -2)).sum(dim=1)
+        def split():
+            return gram_split(stack)
 
-        same_gram = _rel(gram_split(), gram_bmm())
-        us_bmm, us_split = _time_us(gram_bmm, repeats, device), _time_us(gram_split, repeats, device)
+        same_gram = _rel(split(), gram_bmm())
+        us_bmm, us_split = _time_us(gram_bmm, repeats, device), _time_us(split, repeats, device)
         gb = n * k / 1e9
         rows.append({"layers": name, "N": n, "K": k, "rank": rank, "codes_left_us": round(us_codes, 2),
                      "terms_left_us": round(us_terms, 2), "codes_left_tb_s": round(gb / us_codes * 1e3, 3),

@@ -182,11 +182,16 @@ def _norm_from_products(weight_sq: torch.Tensor, wa: torch.Tensor, lora_A: torch
     ``weight_sq`` (out,), ``wa`` (out, r) fp32, ``lora_A`` (r, in), ``lora_B`` (out, r) -> (out,) fp32; or L
     layers of one shape stacked on a leading axis ((L, out), (L, out, r), (L, r, in), (L, out, r) -> (L, out))."""
     b = lora_B.float()
-    a32 = lora_A.float()
-    gram = a32 @ a32.transpose(-1, -2)  # (r, r)
+    gram = _gram(lora_A.float())  # (r, r)
     cross = (wa * b).sum(dim=-1)
     ba_sq = ((b @ gram) * b).sum(dim=-1)
     return (weight_sq + 2.0 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """``A·Aᵀ`` (..., r, r) of ``a`` (..., r, K): a module global, so a diagnostic can time another summation
+    (scripts/dora_refresh_forms.py, "gram-split")."""
+    return a @ a.transpose(-1, -2)
 
 
 class _DoraCombine(torch.autograd.Function):

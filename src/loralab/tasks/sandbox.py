@@ -283,7 +283,12 @@ def _uid_pids(uid: int) -> list[int]:
 
 def _uid_pids_in_range(first_uid: int, count: int) -> list[int]:
     """Live (non-zombie) processes whose real uid is in ``first_uid .. first_uid + count - 1``."""
-    pids = []
+    return list(_uids_in_range(first_uid, count))
+
+
+def _uids_in_range(first_uid: int, count: int) -> dict[int, int]:
+    """{pid: real uid} of the live (non-zombie) processes whose real uid is in ``first_uid .. first_uid + count - 1``."""
+    uids = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -292,9 +297,10 @@ def _uid_pids_in_range(first_uid: int, count: int) -> list[int]:
                 status = dict(line.split(":", 1) for line in fh if ":" in line)
         except OSError:
             continue
-        if 0 <= int(status["Uid"].split()[0]) - first_uid < count and not status["State"].strip().startswith(("Z", "X")):
-            pids.append(int(pid))
-    return pids
+        uid = int(status["Uid"].split()[0])
+        if 0 <= uid - first_uid < count and not status["State"].strip().startswith(("Z", "X")):
+            uids[int(pid)] = uid
+    return uids
 
 
 def stray_pids() -> list[int]:
@@ -305,14 +311,8 @@ def stray_pids() -> list[int]:
     locked while its uid's processes are listed, so no sandbox starts one meanwhile."""
     import fcntl
 
-    uids = set()
-    for pid in _uid_pids_in_range(SANDBOX_UID_BASE, UID_SLOTS):
-        try:
-            uids.add(os.stat(f"/proc/{pid}").st_uid)
-        except OSError:
-            continue
     stray = []
-    for uid in sorted(u for u in uids if 0 <= u - SANDBOX_UID_BASE < UID_SLOTS):
+    for uid in sorted(set(_uids_in_range(SANDBOX_UID_BASE, UID_SLOTS).values())):
         fd = os.open(os.path.join(lock_dir(), f"{uid - SANDBOX_UID_BASE}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                      0o600)
         try:
