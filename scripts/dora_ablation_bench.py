@@ -17,6 +17,11 @@ differ only in what the variant changes:
                   ``refresh_dora_norms`` patched to do nothing after its first call; the norms go stale as A
                   and B train): its gap to ``dora`` is what the once-per-step refresh costs inside the step
                   (compiled and, on CUDA, graphed as the step runs it).
+  lora-probe-dynamic, dora-probe-dynamic
+                  LoRA and DoRA with ``run.step.forget_probe_compiles`` patched to keep the probe's compiled
+                  code: with ``--micro-batch auto`` (the probe) the step then captures its graphs from the
+                  layers' dynamic-shape compile, as before that reset was added; the same as lora and dora
+                  at an explicit micro-batch (no probe, nothing to forget).
 
 each on the float base (``bf16``: bf16 on a GPU; the bench runs float32 on CPU, as the dtype column says) and
 on the FP8 base (``--bases``). After the ``dora`` row on each base the script also times
@@ -49,7 +54,7 @@ from loralab.bench.workloads import FP8, presets
 from loralab.run import step as run_step
 from loralab.speed.fast_dora import refresh_dora_norms
 
-VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once")
+VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic")
 
 
 def _freeze_magnitudes(model) -> int:
@@ -82,7 +87,7 @@ def run(args) -> list[dict]:
     workload = _workload(args.preset, args.only)
     print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.device}", flush=True)
-    original_wrap, original_refresh = runner.wrap, run_step.refresh_dora_norms
+    original_wrap, original_refresh, original_forget = runner.wrap, run_step.refresh_dora_norms, run_step.forget_probe_compiles
     rows, profiles = [], []
     for base in args.bases:
         for variant in args.variants:
@@ -106,6 +111,8 @@ def run(args) -> list[dict]:
 
             if variant == "dora-norm-once":
                 run_step.refresh_dora_norms = refresh_once
+            if variant.endswith("-probe-dynamic"):
+                run_step.forget_probe_compiles = lambda: False
             try:
                 row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,
                                      speed={"micro_batch": args.micro_batch},
@@ -113,10 +120,11 @@ def run(args) -> list[dict]:
             finally:
                 runner.wrap = original_wrap
                 run_step.refresh_dora_norms = original_refresh
+                run_step.forget_probe_compiles = original_forget
             if variant == "dora-norm-once":
                 row["refresh_python_calls"] = len(calls)
             row.update(variant=variant, base=base, frozen_magnitudes=built.get("frozen", 0))
-            if variant == "dora":
+            if variant in ("dora", "dora-probe-dynamic"):
                 row["refresh_ms"] = round(_refresh_ms(built["model"], args.device), 3)
                 row["refresh_compiled_ms"] = round(_refresh_ms(built["model"], args.device, "inductor"), 3)
                 if args.refresh_forms:  # graphed and compiled on CUDA as the step runs it; eager on CPU
@@ -127,7 +135,7 @@ def run(args) -> list[dict]:
                         flush=True)
             built.clear()
             rows.append(row)
-            print(f"{base:5s} {variant:14s} {row['step_ms']:8.1f} ms/step {row['throughput']:9,.0f} tokens/s "
+            print(f"{base:5s} {variant:18s} mb {_micro_batch(row)} {row['step_ms']:8.1f} ms/step {row['throughput']:9,.0f} tokens/s "
                   f"peak {row['peak_memory_gib']} GiB  refresh {row.get('refresh_ms', '-')} ms eager, "
                   f"{row.get('refresh_compiled_ms', '-')} ms compiled", flush=True)
             if args.output:
@@ -141,15 +149,27 @@ def run(args) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """Markdown: each row's step, its gap to LoRA's on the same base, and the refresh's ms."""
-    lines = ["| base | variant | dtype | ms/step | tokens/s | peak GiB | ms over LoRA | refresh ms, eager | compiled |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    lines = ["| base | variant | dtype | micro-batch | ms/step | tokens/s | peak GiB | ms over LoRA | refresh ms, eager "
+             "| compiled |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         lora = next((x for x in rows if x["base"] == r["base"] and x["variant"] == "lora"), None)
         gap = "" if lora is None else f"{r['step_ms'] - lora['step_ms']:+.1f}"
         peak = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
-        lines.append(f"| {r['base']} | {r['variant']} | {r['dtype']} | {r['step_ms']:.1f} | {r['throughput']:,.0f} | {peak} | "
+        lines.append(f"| {r['base']} | {r['variant']} | {r['dtype']} | {_micro_batch(r)} | {r['step_ms']:.1f} | {r['throughput']:,.0f} | {peak} | "
                      f"{gap} | {r.get('refresh_ms', '')} | {r.get('refresh_compiled_ms', '')} |")
     return "\n".join(lines)
+
+
+def _micro_batch(row: dict) -> str:
+    """The row's micro-batch as its step ran it, with the probe's sizes where it probed (e.g. "4 (probed 1, 2, 4)")."""
+    speed = row.get("speed") or {}
+    probe = speed.get("micro_batch_probe") or {}
+    sizes = probe.get("sizes") or []
+    return f"{speed.get('micro_batch')}" + (f" (probed {', '.join(map(str, sizes))})" if sizes else "")
+
+
+def _micro_batch_arg(text: str) -> int | str:
+    return text if text == "auto" else _positive(text)
 
 
 def _positive(text: str) -> int:
@@ -167,7 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--bases", nargs="+", default=["fp8", "bf16"], choices=["fp8", "bf16"],
                    help="fp8: the FP8 base; bf16: the workload's float base (float32 on CPU)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--micro-batch", type=_positive, default=4, help="samples per forward, every row alike")
+    p.add_argument("--micro-batch", type=_micro_batch_arg, default=4,
+                   help="samples per forward, every row alike; auto: each row probes its own, as loralab run's default")
     p.add_argument("--steps", type=_positive, default=8, help="timed optimizer steps per row")
     p.add_argument("--warmup", type=_positive, default=3, help="untimed steps before them")
     p.add_argument("--profile", nargs="*", default=[], choices=list(VARIANTS),

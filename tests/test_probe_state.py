@@ -267,3 +267,38 @@ def test_the_probe_search_leaves_the_chunk_it_chose(case):
     assert (small is None) == (case == "fits")
     if case == "retry-over":  # under the budget alone, over it with the state: the message says so
         assert "peaked at 19.50 GiB + 0.63 GiB of optimizer state, over it too" in decision.reason
+
+
+def test_after_a_probe_over_several_sizes_the_step_compiles_its_own_size_statically():
+    """The probe runs sizes 1, 2, 4 through the compiled layers: dynamo compiles the second size with a symbolic
+    batch dimension and that graph then serves the chosen size too (no new compile), so without a reset the
+    step's CUDA graphs would capture the dynamic-shape kernels. ``forget_probe_compiles`` drops them: the chosen
+    size compiles again with every dimension static, as with an explicit micro-batch."""
+    from loralab.run.step import forget_probe_compiles
+
+    compiles = []
+
+    def backend(gm, example_inputs):  # records whether the graph has a symbolic size among its inputs
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        compiles.append(any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in v.shape)) for v in values))
+        return gm.forward
+
+    class Layer(torch.nn.Module):  # a module of ours: dynamo skips torch.nn's own forwards
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.proj(x))
+
+    torch.compiler.reset()
+    layer = Layer()
+    layer.compile(backend=backend)
+    for size in (1, 2, 4):  # the probe's sizes
+        layer(torch.randn(size, 8))
+    assert compiles == [False, True]  # size 4 ran the dynamic graph compiled at size 2
+    assert forget_probe_compiles() is True
+    layer(torch.randn(4, 8))  # the step's size
+    assert compiles == [False, True, False]
+    torch.compiler.reset()

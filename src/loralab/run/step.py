@@ -286,6 +286,18 @@ def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: C
     log("no mid-run checkpoints under FSDP: the adapter/model is gathered and written at the end")
 
 
+def forget_probe_compiles() -> bool:
+    """Drop every compiled graph (``torch.compiler.reset``) after a micro-batch probe that ran more than one
+    size through the compiled layers; returns True. Why: dynamo's automatic dynamic shapes compile a layer
+    again for its second size seen with the token dimension symbolic, and that graph then serves every
+    size, the chosen one included, so the step would capture its CUDA graphs from kernels tuned for no
+    size in particular. Reset, the step compiles its micro-batch's shape statically, as a run with an
+    explicit ``speed.micro_batch`` does; the price is one more compile of the layers (the probe's two, the
+    step's one). Global: compiled code of other models in the process compiles again on its next call."""
+    torch.compiler.reset()
+    return True
+
+
 def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, device: torch.device, features: list[dict],
               batch_size: int, limit: int, max_length: int, pad_id: int, normalization: str = "tokens",
               pad_to: int | None = None, max_grad_norm: float = 0.0, launch=None, rewrites_base: str | None = None,
@@ -350,6 +362,8 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
                 model, features, kind=kind, packing=resolved.packing, max_length=max_length, limit=limit, pad_id=pad_id,
                 device=device, memory_fraction=resolved.memory_fraction, optimizer=optimizer, log=log,
                 loss_chunk=(lambda n: setattr(resolved, "loss_chunk_size", n)) if auto_chunk else None)
+        if resolved.compile and len(probe["sizes"]) > 1:
+            probe["compiled_code_reset"] = forget_probe_compiles()
         own = micro
         micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
         probe["micro_batch"] = micro
