@@ -13,6 +13,10 @@ blocks over a long K). The forms:
   codes-left   ``W·Aᵀ`` as from 2b6954e through 22cac1c: ``_scaled_mm(codes (N, K), termsᵀ (K, 2r))`` in place, an
                (N x 2r) output per layer
   gram-split   the shipped form with the Gram matrix summed over 8 chunks of K (8x the blocks)
+  one-stream   the shipped form with every ``W·Aᵀ`` product and the Gram on the current stream
+               (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
+  streams-2, streams-8
+               the shipped form with the products spread over 2 or 8 streams (shipped: ``PRODUCT_STREAMS``)
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
@@ -32,8 +36,10 @@ from kernel_timing import median_ms
 
 from loralab.speed import fast_dora
 from loralab.speed import fp8 as fp8_mod
+from loralab.speed import streams as streams_mod
 
-FORMS = ("shipped", "cast-stack", "codes-left", "gram-split")
+FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "one-stream", "streams-2", "streams-8")
+STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 GRAM_CHUNKS = 8
 
 
@@ -75,7 +81,7 @@ def form(name: str):
     and compiled copies as they were after it."""
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
-    saved = (fast_dora.weights_times, fast_dora._gram, dict(fast_dora._COMPILED_NORMS))
+    saved = (fast_dora.weights_times, fast_dora._gram, dict(fast_dora._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS)
     try:
         if name == "codes-left":
             fast_dora.weights_times = weights_times_codes_left
@@ -83,10 +89,11 @@ def form(name: str):
             fast_dora.weights_times = weights_times_cast_stack
         if name == "gram-split":
             fast_dora._gram = gram_split
+        streams_mod.PRODUCT_STREAMS = STREAMS.get(name, saved[3])
         fast_dora._COMPILED_NORMS.clear()
         yield
     finally:
-        fast_dora.weights_times, fast_dora._gram = saved[0], saved[1]
+        fast_dora.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
         fast_dora._COMPILED_NORMS.clear()
         fast_dora._COMPILED_NORMS.update(saved[2])
 

@@ -315,3 +315,32 @@ def test_weights_times_writes_each_layer_in_place_where_the_kernel_writes_bf16(m
     assert kernels[6].count("_to_copy") == kernels[2].count("_to_copy") and "stack" not in kernels[6]  # no cast a layer
     with pytest.raises(ValueError, match="3 A's"):
         fp8.weights_times([m.codes for m in layers[:2]], [m.weight_scale for m in layers[:2]], a[:3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="the FP8 kernel and side streams need an FP8 GPU")
+def test_weights_times_on_side_streams_gives_the_one_stream_bits_eagerly_and_in_a_cuda_graph(monkeypatch):
+    """``PRODUCT_STREAMS`` spreads the per-layer products over side streams: the same values bit for bit as one
+    stream, eagerly and replayed from a captured CUDA graph (the fork and join make the graph's branches), and
+    a replay after A changed in place reads the new A."""
+    from loralab.speed import fp8, streams
+
+    torch.manual_seed(2)
+    layers = [Fp8Linear.from_linear(nn.Linear(256, 512, bias=False).cuda().bfloat16()) for _ in range(6)]
+    codes, scales = [m.codes for m in layers], [m.weight_scale for m in layers]
+    a = torch.randn(6, 32, 256, device="cuda") * 0.05
+    monkeypatch.setattr(streams, "PRODUCT_STREAMS", 1)
+    one = fp8.weights_times(codes, scales, a)
+    monkeypatch.setattr(streams, "PRODUCT_STREAMS", 4)
+    assert torch.equal(fp8.weights_times(codes, scales, a), one)
+    graph, out = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):
+        out = fp8.weights_times(codes, scales, a)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, one)
+    a.mul_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(streams, "PRODUCT_STREAMS", 1)
+    assert torch.equal(out, fp8.weights_times(codes, scales, a)) and not torch.equal(out, one)

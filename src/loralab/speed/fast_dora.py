@@ -34,13 +34,9 @@ A and B, and A and B change only at the optimizer step, so a step of k micro-bat
 accumulation) needs it once, not k times. ``refresh_dora_norms(model)`` computes every fast DoRA
 layer's norm into a tensor kept on the layer (the step calls it before its first micro-batch, from a
 CUDA graph of its own when the step is graphed), and inside ``reusing_dora_norms()`` the forwards read
-that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms at an H100's
-3.35 TB/s); at the 8B shape's 4 x 512 tokens the H100's probe (memory_fraction 0.25) chose micro-batch 1,
-so it ran 4 times a step. Once a step made bf16 DoRA 1.119x there and FP8-base DoRA (2 micro-batches a
-step) 1.035x, one run each (results/bench-dora-h100/). The refresh stacks the layers of one shape
-(``refresh_dora_norms``): one GEMM per layer and a few batched ops per shape, not a norm's dozen small
-kernels per layer: 1.018x on both bases at the 8B shape on an H100 (old tree, new, old again on one
-machine: results/bench-refresh-h100/).
+that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms at an H100's 3.35 TB/s).
+Once a step made bf16 DoRA 1.119x at micro-batch 1 of 4 and FP8-base DoRA (2 of 4) 1.035x on an H100
+(results/bench-dora-h100/); stacking the layers of one shape, 1.018x on both (results/bench-refresh-h100/).
 Outside that context (evaluation, generation, a user's own loop) every forward
 computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm up
 to the summation order of the refresh's batched matmuls (``refresh_dora_norms``: bitwise at small widths,
@@ -65,6 +61,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
 from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times, weights_times
+from loralab.speed.streams import aside, side_streams
 
 _EPS = 1e-12
 _REUSE_NORMS = False
@@ -88,8 +85,7 @@ def _base_weight(module) -> torch.Tensor:
 
 
 def _product_dtype(fp8: Fp8Linear) -> torch.dtype:
-    """The dtype the FP8 codes are multiplied in: the layer's compute dtype when it is a 16-bit
-    float (tensor cores; exact for the codes), else float32."""
+    """The dtype the FP8 codes are multiplied in: a 16-bit compute dtype (exact for the codes), else float32."""
     return fp8.compute_dtype if fp8.compute_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
@@ -149,11 +145,9 @@ _COMPILED_NORMS: dict = {}
 
 
 def _compiled_norm_from_products(backend):
-    """``_norm_from_products`` compiled with ``backend``, one per backend (the refresh's stacked groups). Called
-    with plain tensors, not Parameters: dynamo keeps a Parameter's shape static, so every (shape, rank) pair
-    would be a graph of its own and mixed ranks (``rank_pattern``, Eva) would pass the recompile limit;
-    plain tensors go dynamic after the second shape seen (at most 4 graphs for 12 layers of 12 ranks in
-    tests/test_dora_norm_per_step.py)."""
+    """``_norm_from_products`` compiled with ``backend``, one per backend (the refresh's stacked groups), called
+    with plain tensors: dynamo keeps a Parameter's shape static, so mixed ranks (``rank_pattern``, Eva) would pass
+    the recompile limit; plain tensors go dynamic after the second shape (tests/test_dora_norm_per_step.py)."""
     if backend not in _COMPILED_NORMS:
         _COMPILED_NORMS[backend] = torch.compile(_norm_from_products, backend=backend, fullgraph=True)
     return _COMPILED_NORMS[backend]
@@ -177,12 +171,13 @@ def dora_weight_norm(weight_sq: torch.Tensor, weight: torch.Tensor, lora_A: torc
 
 
 def _norm_from_products(weight_sq: torch.Tensor, wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                        scaling: float) -> torch.Tensor:
+                        scaling: float, gram: torch.Tensor | None = None) -> torch.Tensor:
     """``||W_i + s(BA)_i||`` from ``||W_i||²`` and ``W·Aᵀ`` (the module docstring's expansion): one layer,
     ``weight_sq`` (out,), ``wa`` (out, r) fp32, ``lora_A`` (r, in), ``lora_B`` (out, r) -> (out,) fp32; or L
-    layers of one shape stacked on a leading axis ((L, out), (L, out, r), (L, r, in), (L, out, r) -> (L, out))."""
+    layers of one shape stacked on a leading axis ((L, out), (L, out, r), (L, r, in), (L, out, r) -> (L, out)).
+    ``gram``: ``_gram(lora_A.float())`` where the caller took it already (the refresh, beside the products)."""
     b = lora_B.float()
-    gram = _gram(lora_A.float())  # (r, r)
+    gram = _gram(lora_A.float()) if gram is None else gram  # (r, r)
     cross = (wa * b).sum(dim=-1)
     ba_sq = ((b @ gram) * b).sum(dim=-1)
     return (weight_sq + 2.0 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
@@ -302,8 +297,13 @@ def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
     if from_codes:
         return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
     a = a.to(dtype or weight.dtype)
-    wa = torch.stack([(parts[1] if dtype is None else parts[1].to(dtype)) @ a[i].T
-                      for i, (*_, parts) in enumerate(members)]).float()
+    wa = torch.empty(len(members), weight.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
+    # each product in place, beside the others on side streams (speed/streams.py) unless it converts the codes
+    with side_streams(a.device, len(members) if dtype is None else 1) as stream_of:
+        for i, (*_, parts) in enumerate(members):
+            with stream_of(i):
+                torch.matmul(parts[1] if dtype is None else parts[1].to(dtype), a[i].T, out=wa[i])
+    wa = wa.float()
     if row_scale is not None:
         wa = wa * torch.stack([parts[3] for *_, parts in members])[..., None]
     return wa
@@ -320,26 +320,28 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     whole W, A and B outside the forward.
 
     Layers of one shape are computed together (``_refresh_groups``): their A's and B's stacked, the small
-    products batched, one GEMM per layer for W·Aᵀ, one copy into every kept norm. Layer by layer, each
-    norm was 16 eager aten ops (34 on an FP8 base, its A split into two FP8 terms; fewer kernels compiled),
-    thousands a step at 8B, most of them a few microseconds of GPU time even replayed from a CUDA graph;
-    stacked, it is one op per layer (two where an FP8 base's codes are converted for the product: fp16 and
-    float32 models, odd ranks) plus about 19 per group (37 on an FP8 base), counted on CPU by
-    tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the batched
-    matmuls' summation order (the r x r Gram matrix A·Aᵀ by bmm where one layer's takes mm): on CPU bitwise
-    at the tests' small widths, within 1.5e-7 relative (about one float32 ulp) at hidden size 1024, rank 16.
+    products batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, the group's Gram A·Aᵀ
+    beside them: speed/streams.py), one copy into every kept norm. Layer by layer each norm was 16 eager aten
+    ops (34 on an FP8 base), thousands a step at 8B; stacked, one op per layer (two where an FP8 base's codes
+    are converted: fp16 and float32 models, odd ranks) plus about 19 per group (37 on an FP8 base), counted on
+    CPU by tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the
+    batched matmuls' summation order (the Gram by bmm where one layer's takes mm): on CPU bitwise at the
+    tests' small widths, within 1.5e-7 relative (about one float32 ulp) at hidden size 1024, rank 16.
 
     ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise tail fused as inside a
-    compiled forward (``_compiled_norm_from_products``). The layer-by-layer refresh run eagerly had cost more
-    at micro-batch 2 of an 8B FP8 base than the one forward's norm it saved (0.946x,
-    results/bench-dora-h100/eager-dorab-*)."""
+    compiled forward (``_compiled_norm_from_products``); eager, the layer-by-layer refresh had cost more than
+    the forward's norm it saved (0.946x, results/bench-dora-h100/eager-dorab-*)."""
     from_products = _norm_from_products if compile_backend is None else _compiled_norm_from_products(compile_backend)
     count = 0
     for (*_, scaling), members in _refresh_groups(model).items():
         weight_sq = torch.stack([parts[0] for *_, parts in members])
         b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
         a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
-        norms = from_products(weight_sq, _group_products(members, a), a, b, scaling)
+        with aside(a.device) as run_aside:  # the Gram needs no weight: beside the products (speed/streams.py)
+            with run_aside():
+                gram = _gram(a.float())
+            wa = _group_products(members, a)
+        norms = from_products(weight_sq, wa, a, b, scaling, gram)
         kept, fresh = [], []
         for (module, name, _), norm in zip(members, norms.unbind(0), strict=True):
             holder = module.lora_magnitude_vector[name]

@@ -52,6 +52,7 @@ from torch import nn
 
 from loralab.config import FP8_QUANTIZE_KERNELS
 from loralab.speed.fp8_kernels import can_run_on, quantize_rows_triton
+from loralab.speed.streams import side_streams
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -214,8 +215,9 @@ def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torc
     ``scales`` L tensors (N,) float32, ``a`` (L, r, K) (layer i's A is ``a[i]``). Returns (L, N, r)
     float32 (a transposed view of an (L, r, N) tensor), layer i's the values of
     ``weight_times(codes[i], scales[i], a[i])``. The split of A into two FP8 terms is row-wise, so it runs
-    once over the whole stack; then one ``_scaled_mm`` per layer, the terms on the left, ``[hi; lo]·codesᵀ``
-    (2r, N), written in place into one (L, 2r, N) buffer of the kernel's dtype (bfloat16 on CUDA), and one
+    once over the whole stack; then one ``_scaled_mm`` per layer (on CUDA spread over side streams:
+    speed/streams.py), the terms on the left, ``[hi; lo]·codesᵀ`` (2r, N), written in place into one
+    (L, 2r, N) buffer of the kernel's dtype (bfloat16 on CUDA), and one
     reduction sums each layer's two terms in float32: one kernel a layer beside the split's and the sum's
     few, where a product per layer cast to float32 and stacked took two a layer and a copy. The 8B FP8 DoRA
     refresh, captured in a CUDA graph on two H100s: 8.89-8.91 ms cast and stacked, 7.88-7.89 ms in place
@@ -229,10 +231,13 @@ def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torc
     terms, term_scales = split_rows(a)
     dtype = _kernel_dtype(a.device, torch.float32)
     y = torch.empty(len(codes), 2 * r, codes[0].shape[0], dtype=dtype, device=a.device)
-    for i, (c, s) in enumerate(zip(codes, scales)):
-        # terms[i] (2r, K) row-major first, c.t() (K, N) column-major second: the operands' layouts the kernel wants
-        _scaled_mm(terms[i], c.t(), term_scales[i], s.view(1, -1), dtype, out=y[i])
+    with side_streams(a.device, len(codes)) as stream_of:
+        for i, (c, s) in enumerate(zip(codes, scales)):
+            with stream_of(i):
+                # terms[i] (2r, K) row-major first, c.t() (K, N) column-major second: the layouts the kernel wants
+                _scaled_mm(terms[i], c.t(), term_scales[i], s.view(1, -1), dtype, out=y[i])
     return y.view(len(codes), 2, r, -1).sum(dim=1, dtype=torch.float32).transpose(-1, -2)
+
 
 
 class Fp8Linear(nn.Linear):
