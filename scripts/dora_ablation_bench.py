@@ -17,9 +17,6 @@ differ only in what the variant changes:
                   ``refresh_dora_norms`` patched to do nothing after its first call; the norms go stale as A
                   and B train): its gap to ``dora`` is what the once-per-step refresh costs inside the step
                   (compiled and, on CUDA, graphed as the step runs it).
-  dora-grad-copy  fast DoRA with the combine as before the m / n scale was folded into B (``_OldCombine``,
-                  ``_old_lora``): the backward writes ``grad ⊙ m / n`` as a tensor both branches take, so on an
-                  FP8 base it is written for ``lora_B`` beside the FP8 quantisation of the same values
   lora-probe-dynamic, dora-probe-dynamic
                   LoRA and DoRA with ``run.step.forget_probe_compiles`` patched to keep the probe's compiled
                   code: with ``--micro-batch auto`` (the probe) the step then captures its graphs from the
@@ -55,40 +52,9 @@ from kernel_timing import median_ms
 from loralab.bench import runner
 from loralab.bench.workloads import FP8, presets
 from loralab.run import step as run_step
-from loralab.speed import fast_dora
 from loralab.speed.fast_dora import refresh_dora_norms
 
-VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic",
-            "dora-grad-copy")
-
-
-class _OldCombine(torch.autograd.Function):
-    """``speed.fast_dora._DoraCombine`` as before 2026-12-06's fold: ``out = (m / n) ⊙ (base + lora)``, both
-    inputs handed one gradient tensor ``grad ⊙ m / n``."""
-
-    @staticmethod
-    def forward(ctx, base, lora, magnitude, norm):
-        scale = (magnitude / norm).to(base.dtype)
-        out = (base + lora.to(base.dtype)) * scale
-        ctx.save_for_backward(out, magnitude, scale)
-        ctx.lora_dtype = lora.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out, magnitude, scale = ctx.saved_tensors
-        grad_h = grad * scale
-        grad_mag = None
-        if ctx.needs_input_grad[2]:
-            dot = (grad * out).reshape(-1, out.shape[-1]).sum(dim=0, dtype=torch.float32)
-            safe = torch.where(magnitude.abs() > 1e-12, magnitude, torch.ones_like(magnitude))
-            grad_mag = torch.where(magnitude.abs() > 1e-12, dot / safe, torch.zeros_like(dot)).to(magnitude.dtype)
-        return grad_h, grad_h.to(ctx.lora_dtype), grad_mag, None
-
-
-def _old_lora(lora_A, lora_B, x, scaling, row_scale):
-    """``speed.fast_dora._lora`` before the fold: ``B(s·(A x))``, the row scale left to the combine."""
-    return lora_B(lora_A(x) * scaling)
+VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic")
 
 
 def _freeze_magnitudes(model) -> int:
@@ -122,7 +88,6 @@ def run(args) -> list[dict]:
     print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.device}", flush=True)
     original_wrap, original_refresh, original_forget = runner.wrap, run_step.refresh_dora_norms, run_step.forget_probe_compiles
-    original_combine = fast_dora._DoraCombine, fast_dora._lora
     rows, profiles = [], []
     for base in args.bases:
         for variant in args.variants:
@@ -148,8 +113,6 @@ def run(args) -> list[dict]:
                 run_step.refresh_dora_norms = refresh_once
             if variant.endswith("-probe-dynamic"):
                 run_step.forget_probe_compiles = lambda: False
-            if variant == "dora-grad-copy":
-                fast_dora._DoraCombine, fast_dora._lora = _OldCombine, _old_lora
             try:
                 row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,
                                      speed={"micro_batch": args.micro_batch},
@@ -158,11 +121,10 @@ def run(args) -> list[dict]:
                 runner.wrap = original_wrap
                 run_step.refresh_dora_norms = original_refresh
                 run_step.forget_probe_compiles = original_forget
-                fast_dora._DoraCombine, fast_dora._lora = original_combine
             if variant == "dora-norm-once":
                 row["refresh_python_calls"] = len(calls)
             row.update(variant=variant, base=base, frozen_magnitudes=built.get("frozen", 0))
-            if variant in ("dora", "dora-probe-dynamic", "dora-grad-copy"):
+            if variant in ("dora", "dora-probe-dynamic"):
                 row["refresh_ms"] = round(_refresh_ms(built["model"], args.device), 3)
                 row["refresh_compiled_ms"] = round(_refresh_ms(built["model"], args.device, "inductor"), 3)
                 if args.refresh_forms:  # graphed and compiled on CUDA as the step runs it; eager on CPU

@@ -12,9 +12,10 @@ adds gigabytes at 8B scale. The row norm expands into terms that need only r-siz
 
 ``||W_i||²`` is constant while W is frozen, so it is computed once and cached (a plain attribute,
 not a buffer, so the state dict is unchanged); ``W Aᵀ`` is one (out × in) · (in × r) product and
-``A Aᵀ`` an r × r Gram matrix. The output combine (``_DoraCombine``) keeps only the returned tensor for
-the magnitude's gradient (``∂L/∂m = Σ_t g ⊙ out / m``); m / n and the scaling ride on B and the r-wide
-intermediate (``_lora``), so the adapter's backward takes the incoming gradient as it is.
+``A Aᵀ`` an r × r Gram matrix. The output combine is a small autograd function that keeps only the
+returned tensor for the magnitude's gradient (``∂L/∂m = Σ_t g ⊙ out / m``), so DoRA costs little
+more activation memory than LoRA, and the adapter's scaling is applied to its r-wide intermediate
+(``_lora``), so the backward makes one activation-sized gradient per layer, not two.
 
 On an FP8 base (``loralab.speed.fp8.Fp8Linear``, ``quantization: "fp8"``) the weight is
 ``W = diag(s_w)·Wq`` with float8_e4m3fn codes ``Wq``: ``||W_i||²`` is taken once from the
@@ -64,7 +65,8 @@ from loralab.speed.streams import aside, side_streams
 
 _EPS = 1e-12
 _REUSE_NORMS = False
-"""True inside ``reusing_dora_norms()``: forwards read the stored norms (a global: one compile guard, not one a layer)."""
+"""True inside ``reusing_dora_norms()``: forwards read the norms ``refresh_dora_norms`` stored (a module
+global, so torch.compile guards one value for every layer instead of one per layer)."""
 
 
 def _fp8_base(module) -> Fp8Linear | None:
@@ -188,16 +190,13 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
 
 
 class _DoraCombine(torch.autograd.Function):
-    """``out = (m / n) ⊙ base + lora`` with n constant and ``lora`` = ``(m / n) ⊙ s·B(A x)`` already (``_lora``, the
-    row scale folded into B); saves only ``out`` (and m, m / n). ``base`` gets ``grad ⊙ (m / n)``, ``lora`` the
-    gradient as it came: on an FP8 base the scaled gradient is then only the FP8 backward's input, which the
-    compiled layer quantises in the same kernel, instead of a (tokens x out) tensor written for ``lora_B`` too.
-    ∂out/∂m = out / m through both terms, so ``_lora`` folds in a detached m / n."""
+    """``out = (m / n) ⊙ (base + lora)`` with n constant (``lora`` already scaled: ``_lora``); saves
+    only ``out`` (and m, n). Both inputs get the same gradient tensor."""
 
     @staticmethod
     def forward(ctx, base, lora, magnitude, norm):
         scale = (magnitude / norm).to(base.dtype)
-        out = base * scale + lora.to(base.dtype)
+        out = (base + lora.to(base.dtype)) * scale
         ctx.save_for_backward(out, magnitude, scale)
         ctx.lora_dtype = lora.dtype
         return out
@@ -205,8 +204,9 @@ class _DoraCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         out, magnitude, scale = ctx.saved_tensors
-        grad_base = grad * scale if ctx.needs_input_grad[0] else None
-        grad_lora = grad.to(ctx.lora_dtype) if ctx.needs_input_grad[1] else None  # no copy when the dtypes agree
+        grad_h = grad * scale
+        grad_base = grad_h if ctx.needs_input_grad[0] else None
+        grad_lora = grad_h.to(ctx.lora_dtype) if ctx.needs_input_grad[1] else None  # no copy when the dtypes agree
         grad_mag = None
         if ctx.needs_input_grad[2]:
             # h / n = out / m; a zero magnitude row gets zero gradient instead of a division by zero.
@@ -216,14 +216,15 @@ class _DoraCombine(torch.autograd.Function):
         return grad_base, grad_lora, grad_mag, None
 
 
-def _lora(lora_A, lora_B, x, scaling, row_scale):
-    """``diag(row_scale)·s·B(A x)`` as ``(diag(row_scale)·B)(s·(A x))``: ``row_scale`` (out,) (DoRA's m / n, detached)
-    folded into B, an (out x r) product, so the combine hands this branch its gradient as it is; the scaling on
-    the r-wide intermediate, so the backward makes no (tokens x out) ``s·grad`` per layer either (176 MB per 8B
-    decoder layer at 2,048 tokens). The same values as the output-side scaling where s is a power of two
-    (``speed/rank_scaling.py``); otherwise the one rounding of s·(...) falls on the intermediate."""
-    weight = (lora_B.weight * row_scale[:, None]).to(lora_B.weight.dtype)
-    return F.linear(lora_A(x) * scaling, weight)  # no bias: peft refuses lora_bias with DoRA (LoraConfig)
+def _lora(lora_A, lora_B, x, scaling):
+    """``s·B(A x)`` computed as ``B(s·(A x))``: the scaling multiplies the r-wide intermediate, so the
+    backward hands ``lora_B`` the combine's gradient as it is, where ``B(A x)·s`` would make one more
+    (tokens × out) tensor, ``s·grad``, per layer in every backward (at Llama-3-8B's shapes, 2,048
+    tokens, 176 MB per decoder layer of 7 adapted projections). The same values as the output-side
+    scaling in float32 and bfloat16 where s is a power of two (e.g. 16/8; ``speed/rank_scaling.py``
+    says why); otherwise, and in float16, the one rounding of s·(...) falls on the intermediate
+    instead of the output."""
+    return lora_B(lora_A(x) * scaling)
 
 
 class FastDoraLinearVariant(DoraLinearVariant):
@@ -240,10 +241,9 @@ class FastDoraLinearVariant(DoraLinearVariant):
 
         stored = getattr(module.lora_magnitude_vector[active_adapter], "_loralab_norm", None) if _REUSE_NORMS else None
         norm = stored if stored is not None else _norm(module, active_adapter, lora_A.weight, lora_B.weight, scaling)
-        row_scale = (magnitude / norm).detach()
         if isinstance(dropout, nn.Identity) or not module.training:
             base = result if bias is None else result - bias
-            out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling, row_scale), magnitude, norm)
+            out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm)
             return out if bias is None else out + bias
         # With dropout peft rescales W·dropout(x), not the layer's own output: same here.
         x = dropout(x)
@@ -253,7 +253,7 @@ class FastDoraLinearVariant(DoraLinearVariant):
         else:
             weight = _base_weight(module)
             base = F.linear(x.to(weight.dtype), weight).to(result.dtype)
-        out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling, row_scale), magnitude, norm)
+        out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm)
         return result + out - base
 
 
