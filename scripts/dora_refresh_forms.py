@@ -13,6 +13,9 @@ blocks over a long K). The forms:
   codes-left   ``W·Aᵀ`` as from 2b6954e through 22cac1c: ``_scaled_mm(codes (N, K), termsᵀ (K, 2r))`` in place, an
                (N x 2r) output per layer
   gram-split   the shipped form with the Gram matrix summed over 8 chunks of K (8x the blocks)
+  gram-split-32  the same over 32 chunks of K (128 columns each at K 4096, 448 at 14336), the chunks made
+               contiguous first: the Gram's bmm was 4 kernels of ~1 ms a step beside the products on side streams
+               (results/bench-doraprof-h100), few thread blocks each over a long K
   one-stream   the shipped form with every ``W·Aᵀ`` product and the Gram on the current stream
                (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
   streams-2, streams-8
@@ -38,9 +41,10 @@ from loralab.speed import fast_dora
 from loralab.speed import fp8 as fp8_mod
 from loralab.speed import streams as streams_mod
 
-FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "one-stream", "streams-2", "streams-8")
-STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 GRAM_CHUNKS = 8
+FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "one-stream", "streams-2", "streams-8")
+GRAM_CHUNKS_OF = {"gram-split": GRAM_CHUNKS, "gram-split-32": 32}
+STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
 
 def weights_times_cast_stack(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
@@ -71,7 +75,7 @@ def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS) -> torch.Tensor:
     (K not divisible by ``chunks``: the whole product)."""
     if a.shape[-1] % chunks:
         return a @ a.transpose(-1, -2)
-    parts = a.unflatten(-1, (chunks, -1)).transpose(-2, -3)  # (..., chunks, r, K/chunks)
+    parts = a.unflatten(-1, (chunks, -1)).transpose(-2, -3).contiguous()  # (..., chunks, r, K/chunks)
     return (parts @ parts.transpose(-1, -2)).sum(dim=-3)
 
 
@@ -87,8 +91,8 @@ def form(name: str):
             fast_dora.weights_times = weights_times_codes_left
         if name == "cast-stack":
             fast_dora.weights_times = weights_times_cast_stack
-        if name == "gram-split":
-            fast_dora._gram = gram_split
+        if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
+            fast_dora._gram = lambda a, _chunks=GRAM_CHUNKS_OF[name]: gram_split(a, _chunks)
         streams_mod.PRODUCT_STREAMS = STREAMS.get(name, saved[3])
         fast_dora._COMPILED_NORMS.clear()
         yield

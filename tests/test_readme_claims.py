@@ -465,3 +465,50 @@ def test_fp8_loss_h100_section_is_the_scripts_output():
     assert f"move the loss {r['gap_fp8_weights_vs_bf16'] / r['gap_bf16_vs_fp32']:.1f} times as far" in flat
     assert f"on an H100, {r['gap_fp8_vs_bf16'] / r['gap_bf16_vs_fp32']:.1f} times" in " ".join(section("### Methods").split())
     assert not r["fp8_within_bf16_gap"] and r["gap_fp8_weights_vs_bf16"] > r["gap_bf16_vs_fp32"]
+
+
+def test_dora_against_lora_h100_section_is_its_files():
+    """The 3bfbb6f-10f2552 H100 DoRA section: every table row's micro-batches, step times and ratio are its call's
+    ``doraabl.json`` rows, and the reading's figures (the probe's cost, the refresh's forms, the fold's cost, the
+    peaks, the budget) are those files'."""
+    text = section("### DoRA against LoRA at the defaults, commits 3bfbb6f to 10f2552 (H100)")
+    flat = " ".join(text.split())
+    calls = {"3bfbb6f": "bench-probereset-h100", "a678485": "bench-streams-h100", "30ec92b": "bench-fold-h100",
+             "10f2552": "bench-doraprof-h100"}
+
+    def row(commit, base, name):
+        rows = json.loads((RESULTS / calls[commit] / "doraabl.json").read_text())
+        return next(r for r in rows if r["base"] == base and r["variant"] == name)
+
+    table = [r for r in table_rows(text) if not r.startswith("| commit")]
+    assert len(table) == 8
+    for line in table:
+        commit, what, base, micro, lora_ms, dora_ms, ratio = [c.strip() for c in line.strip("|").split("|")]
+        base = {"FP8": "fp8", "bf16": "bf16"}[base]
+        name = next((v for v in ("dora-probe-dynamic", "dora-grad-copy") if v in what), "dora")
+        lora = row(commit, base, "lora-probe-dynamic" if name == "dora-probe-dynamic" else "lora")
+        dora = row(commit, base, name)
+        assert micro == f"{lora['speed']['micro_batch']} / {dora['speed']['micro_batch']}", line
+        assert (lora_ms, dora_ms) == (f"{lora['step_ms']:.2f}", f"{dora['step_ms']:.2f}"), line
+        assert ratio == f"{dora['throughput'] / lora['throughput']:.4f}", line
+    kept, dropped = row("3bfbb6f", "fp8", "dora-probe-dynamic"), row("3bfbb6f", "fp8", "dora")
+    assert f"costing FP8 DoRA {kept['step_ms'] - dropped['step_ms']:.1f} ms a step" in flat
+    assert (f"LoRA {row('3bfbb6f', 'fp8', 'lora-probe-dynamic')['step_ms'] - row('3bfbb6f', 'fp8', 'lora')['step_ms']:.1f}"
+            " ms") in flat
+    old = {r["method"]: r["step_ms"] for r in json.loads((RESULTS / "bench-refreshforms-h100/fair8b.json").read_text())}
+    old_abl = json.loads((RESULTS / "bench-refreshforms-h100/doraabl.json").read_text())[1]
+    assert f"({old['fp8+dora']:.1f} against {old_abl['step_ms']:.1f} ms at ac59585)" in flat
+    fp8_forms, bf16_forms = (row("a678485", b, "dora")["refresh_forms"] for b in ("fp8", "bf16"))
+    assert (f"took {fp8_forms['shipped']['ms']:.3f} ms against {fp8_forms['one-stream']['ms']:.3f} ms on one stream"
+            in flat)
+    assert f"it took {bf16_forms['shipped']['ms']:.3f} against {bf16_forms['one-stream']['ms']:.3f} ms" in flat
+    assert f"gave {fp8_forms['streams-8']['ms']:.3f} ms on 8 streams" in flat
+    fold, no_fold = row("30ec92b", "fp8", "dora"), row("30ec92b", "fp8", "dora-grad-copy")
+    assert f"cost {fold['step_ms'] - no_fold['step_ms']:.1f} ms ({fold['step_ms']:.2f} against {no_fold['step_ms']:.2f}" in flat
+    assert f"peak from {dropped['peak_memory_gib']:.2f} to {row('a678485', 'fp8', 'dora')['peak_memory_gib']:.2f} GiB" in flat
+    budget = row("a678485", "bf16", "dora")["speed"]["micro_batch_probe"]["budget_gib"]
+    assert f"the H100's {budget:.2f} GiB budget" in flat
+    fp8 = [row(c, "fp8", n) for c, n in (("10f2552", "dora"), ("a678485", "dora"), ("30ec92b", "dora-grad-copy"))]
+    ratios = [r["throughput"] / row(c, "fp8", "lora")["throughput"] for r, c in zip(fp8, ("10f2552", "a678485", "30ec92b"))]
+    assert f"FP8 base: {ratios[0]:.4f}, {ratios[1]:.4f} and {ratios[2]:.4f} in three calls" in flat
+    assert all(0.898 < r < 0.9 for r in ratios) and "not met in any of them" in flat

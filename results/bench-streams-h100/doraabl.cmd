@@ -1,0 +1,1 @@
+python3 scripts/dora_ablation_bench.py --bases fp8 bf16 --variants lora dora --micro-batch auto --refresh-forms shipped one-stream streams-2 streams-8 --output /root/out/doraabl.json
