@@ -152,7 +152,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| base | variant | dtype | micro-batch | ms/step | tokens/s | peak GiB | ms over LoRA | refresh ms, eager "
              "| compiled |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        lora = next((x for x in rows if x["base"] == r["base"] and x["variant"] == "lora"), None)
+        twin = "lora-probe-dynamic" if r["variant"].endswith("-probe-dynamic") else "lora"  # its own kind of LoRA row
+        lora = next((x for x in rows if x["base"] == r["base"] and x["variant"] == twin), None)
         gap = "" if lora is None else f"{r['step_ms'] - lora['step_ms']:+.1f}"
         peak = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         lines.append(f"| {r['base']} | {r['variant']} | {r['dtype']} | {_micro_batch(r)} | {r['step_ms']:.1f} | {r['throughput']:,.0f} | {peak} | "

@@ -14,8 +14,8 @@ blocks over a long K). The forms:
                (N x 2r) output per layer
   gram-split   the shipped form with the Gram matrix summed over 8 chunks of K (8x the blocks)
   gram-split-32  the same over 32 chunks of K (128 columns each at K 4096, 448 at 14336), the chunks made
-               contiguous first: the Gram's bmm was 4 kernels of ~1 ms a step beside the products on side streams
-               (results/bench-doraprof-h100), few thread blocks each over a long K
+               contiguous first: the Gram's bmm was 4 kernels a step of ~0.5 ms each beside the products on side
+               streams (results/bench-doraprof-h100), few thread blocks each over a long K
   one-stream   the shipped form with every ``W·Aᵀ`` product and the Gram on the current stream
                (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
   streams-2, streams-8
@@ -43,7 +43,7 @@ from loralab.speed import streams as streams_mod
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "one-stream", "streams-2", "streams-8")
-GRAM_CHUNKS_OF = {"gram-split": GRAM_CHUNKS, "gram-split-32": 32}
+GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
 
@@ -70,12 +70,13 @@ def weights_times_codes_left(codes: list[torch.Tensor], scales: list[torch.Tenso
     return y.view(*y.shape[:-1], 2, r).sum(dim=-2, dtype=torch.float32)
 
 
-def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS) -> torch.Tensor:
+def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS, contiguous: bool = False) -> torch.Tensor:
     """``fast_dora._gram`` (``A·Aᵀ`` of ``a`` (..., r, K)) summed over ``chunks`` chunks of K: more, smaller products
     (K not divisible by ``chunks``: the whole product)."""
     if a.shape[-1] % chunks:
         return a @ a.transpose(-1, -2)
-    parts = a.unflatten(-1, (chunks, -1)).transpose(-2, -3).contiguous()  # (..., chunks, r, K/chunks)
+    parts = a.unflatten(-1, (chunks, -1)).transpose(-2, -3)  # (..., chunks, r, K/chunks)
+    parts = parts.contiguous() if contiguous else parts
     return (parts @ parts.transpose(-1, -2)).sum(dim=-3)
 
 
@@ -92,7 +93,7 @@ def form(name: str):
         if name == "cast-stack":
             fast_dora.weights_times = weights_times_cast_stack
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
-            fast_dora._gram = lambda a, _chunks=GRAM_CHUNKS_OF[name]: gram_split(a, _chunks)
+            fast_dora._gram = lambda a, _how=GRAM_CHUNKS_OF[name]: gram_split(a, *_how)
         streams_mod.PRODUCT_STREAMS = STREAMS.get(name, saved[3])
         fast_dora._COMPILED_NORMS.clear()
         yield

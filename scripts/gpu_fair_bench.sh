@@ -130,6 +130,12 @@
 #   0.38 ms (not shipped: it moves an FP8 test by one code); FP8-rounded weights alone 2.6x bf16's loss gap from fp32):
 #   (1) ABL_ARGS="--bases fp8 --variants lora dora --refresh-forms" doraabl at HEAD (~100 s: the shipped form's graphed
 #   refresh and the step); (2) on an H200: fp8check fair8b, then recipe (no H200 row has the code since 2026-12-04).
+#   After 2026-12-06's fourth session (H100 only; results/bench-probereset-h100, -streams-h100, -fold-h100, -doraprof-h100:
+#   the step drops the probe's compiled code, the refresh runs on side streams, FP8 DoRA / LoRA 0.8981-0.8998 at the
+#   defaults, just under 0.9): (1) ABL_ARGS="--bases fp8 --variants lora dora --micro-batch auto --refresh-forms shipped
+#   gram-split-32" doraabl (~150 s: whether the Gram, ~0.5 ms a group beside the products, is on the refresh's critical
+#   path); (2) on an H200: fp8check fair8b, then recipe. Outside this script the device's Python needs
+#   PYTHONPATH=src:scripts (a pytest run without it failed to import loralab in results/bench-streams-h100).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

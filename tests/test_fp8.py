@@ -333,6 +333,7 @@ def test_weights_times_on_side_streams_gives_the_one_stream_bits_eagerly_and_in_
     one = fp8.weights_times(codes, scales, a)
     monkeypatch.setattr(streams, "PRODUCT_STREAMS", 4)
     assert torch.equal(fp8.weights_times(codes, scales, a), one)
+    assert len(streams._STREAMS[(a.device, "products")]) >= 4  # the products did go to side streams
     graph, out = torch.cuda.CUDAGraph(), None
     with torch.cuda.graph(graph):
         out = fp8.weights_times(codes, scales, a)

@@ -302,3 +302,41 @@ def test_after_a_probe_over_several_sizes_the_step_compiles_its_own_size_statica
     layer(torch.randn(4, 8))  # the step's size
     assert compiles == [False, True, False]
     torch.compiler.reset()
+
+
+@pytest.mark.parametrize("sizes, compile_layers, reset", [([1, 2, 4], True, True), ([1], True, False),
+                                                          ([1, 2], False, False)])
+def test_make_step_drops_the_probes_compiled_code_only_after_several_compiled_sizes(monkeypatch, sizes,
+                                                                                   compile_layers, reset):
+    """make_step's wiring (the probe itself needs CUDA, so it is stood in for, and "auto" kept on CPU): after a
+    probe of several sizes through compiled layers the compiled code is dropped, logged and recorded; after one
+    size, or with compile off, nothing is dropped and the record says so."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.config import Speed
+    from loralab.run import step as run_step
+
+    real_resolve, dropped = Speed.resolve, []
+
+    def keep_auto(self, **kw):
+        out = real_resolve(self, **kw)
+        out.micro_batch = "auto"
+        return out
+
+    monkeypatch.setattr(Speed, "resolve", keep_auto)
+    monkeypatch.setattr(run_step, "probe_micro_batch", lambda model, features, **kw: (
+        sizes[-1], {"micro_batch": sizes[-1], "sizes": list(sizes), "reason": "stood in", "loss_chunk_size": None}))
+    monkeypatch.setattr(run_step, "forget_probe_compiles", lambda: dropped.append(1) or True)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64)),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    lines = []
+    _, resolved = run_step.make_step(model, optimizer, speed={"compile": compile_layers}, kind="causal_lm",
+                                     dtype="float32", device=torch.device("cpu"),
+                                     features=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], batch_size=4, limit=4,
+                                     max_length=8, pad_id=0, log=lines.append)
+    assert resolved.micro_batch_probe["compiled_code_reset"] is reset and len(dropped) == int(reset)
+    assert any("probe's compiled code" in line for line in lines) is reset

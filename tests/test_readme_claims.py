@@ -493,11 +493,13 @@ def test_dora_against_lora_h100_section_is_its_files():
         assert ratio == f"{dora['throughput'] / lora['throughput']:.4f}", line
     kept, dropped = row("3bfbb6f", "fp8", "dora-probe-dynamic"), row("3bfbb6f", "fp8", "dora")
     assert f"costing FP8 DoRA {kept['step_ms'] - dropped['step_ms']:.1f} ms a step" in flat
+    defaults = " ".join(section("### Training: optimizer batch, loss, speed defaults").split())
+    assert f"cost the 8B FP8 DoRA step {kept['step_ms'] - dropped['step_ms']:.1f} ms on an H100" in defaults
     assert (f"LoRA {row('3bfbb6f', 'fp8', 'lora-probe-dynamic')['step_ms'] - row('3bfbb6f', 'fp8', 'lora')['step_ms']:.1f}"
             " ms") in flat
     old = {r["method"]: r["step_ms"] for r in json.loads((RESULTS / "bench-refreshforms-h100/fair8b.json").read_text())}
     old_abl = json.loads((RESULTS / "bench-refreshforms-h100/doraabl.json").read_text())[1]
-    assert f"({old['fp8+dora']:.1f} against {old_abl['step_ms']:.1f} ms at ac59585)" in flat
+    assert f"({old['fp8+dora']:.1f} against {old_abl['step_ms']:.1f} ms, in another harness)" in flat
     fp8_forms, bf16_forms = (row("a678485", b, "dora")["refresh_forms"] for b in ("fp8", "bf16"))
     assert (f"took {fp8_forms['shipped']['ms']:.3f} ms against {fp8_forms['one-stream']['ms']:.3f} ms on one stream"
             in flat)
@@ -512,3 +514,7 @@ def test_dora_against_lora_h100_section_is_its_files():
     ratios = [r["throughput"] / row(c, "fp8", "lora")["throughput"] for r, c in zip(fp8, ("10f2552", "a678485", "30ec92b"))]
     assert f"FP8 base: {ratios[0]:.4f}, {ratios[1]:.4f} and {ratios[2]:.4f} in three calls" in flat
     assert all(0.898 < r < 0.9 for r in ratios) and "not met in any of them" in flat
+    assert f"{0.9 - max(ratios):.4f} to {0.9 - min(ratios):.4f} below the goal's 0.9" in flat
+    h200 = {r["method"]: r for r in json.loads((RESULTS / "bench-fair/fair8b.json").read_text()) if r["stack"] == "loralab"}
+    assert {h200[m]["speed"]["micro_batch"] for m in ("lora", "dora")} == {4}
+    assert f"within its {h200['dora']['speed']['micro_batch_probe']['budget_gib']:.2f} GiB budget" in flat

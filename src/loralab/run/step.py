@@ -288,12 +288,15 @@ def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: C
 
 def forget_probe_compiles() -> bool:
     """Drop every compiled graph (``torch.compiler.reset``) after a micro-batch probe that ran more than one
-    size through the compiled layers; returns True. Why: dynamo's automatic dynamic shapes compile a layer
-    again for its second size seen with the token dimension symbolic, and that graph then serves every
-    size, the chosen one included, so the step would capture its CUDA graphs from kernels tuned for no
-    size in particular. Reset, the step compiles its micro-batch's shape statically, as a run with an
-    explicit ``speed.micro_batch`` does; the price is one more compile of the layers (the probe's two, the
-    step's one). Global: compiled code of other models in the process compiles again on its next call."""
+    size through the compiled layers; returns True (False where a diagnostic patches it out). Why: dynamo's
+    automatic dynamic shapes compile a layer again for the second size it sees with the batch dimension
+    symbolic, and that graph then serves every size, the chosen one included, so the step would capture its
+    CUDA graphs from it: on an H100 the 8B FP8 DoRA step ran 140.4 ms so against 134.6 ms after the reset
+    (one row each, results/bench-probereset-h100; which kernels slow down was not profiled). Reset, the step
+    compiles its micro-batch's shape statically, as a run with an explicit ``speed.micro_batch`` does; the
+    price is one more compile of the layers (the probe's two, the step's one). Global: compiled code of other
+    models in the process (a sweep's earlier experiments, ``fast_dora``'s compiled norm) compiles again on
+    its next call."""
     torch.compiler.reset()
     return True
 
@@ -362,8 +365,10 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
                 model, features, kind=kind, packing=resolved.packing, max_length=max_length, limit=limit, pad_id=pad_id,
                 device=device, memory_fraction=resolved.memory_fraction, optimizer=optimizer, log=log,
                 loss_chunk=(lambda n: setattr(resolved, "loss_chunk_size", n)) if auto_chunk else None)
-        if resolved.compile and len(probe["sizes"]) > 1:
-            probe["compiled_code_reset"] = forget_probe_compiles()
+        probe["compiled_code_reset"] = bool(resolved.compile and len(probe["sizes"]) > 1 and forget_probe_compiles())
+        if probe["compiled_code_reset"]:
+            log(f"the probe's compiled code (sizes {probe['sizes']}) dropped: the step compiles micro-batch {micro} "
+                "again, with no symbolic size")
         own = micro
         micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
         probe["micro_batch"] = micro

@@ -4,52 +4,49 @@ Paper: DoRA, Liu et al. 2024 (arXiv:2402.09353). The update rule (peft's, §4.3 
 
     out = (m / ||W + s·BA||_row) ⊙ (W x + s·B A x) + bias,   the norm detached from the graph.
 
-peft computes the norm by materialising ``B A`` (through an identity matrix) and ``W + s·BA`` in
-the input dtype in every forward: two weight-sized temporaries per layer, which halves speed and
-adds gigabytes at 8B scale. The row norm expands into terms that need only r-sized products:
+peft computes the norm by materialising ``B A`` (through an identity matrix) and ``W + s·BA`` in the input dtype in
+every forward: two weight-sized temporaries per layer, which halves speed and adds gigabytes at 8B scale. The row
+norm expands into terms that need only r-sized products:
 
     ||W_i + s(BA)_i||² = ||W_i||² + 2s·Σ_j (W Aᵀ)_ij B_ij + s²·B_i (A Aᵀ) B_iᵀ
 
-``||W_i||²`` is constant while W is frozen, so it is computed once and cached (a plain attribute,
-not a buffer, so the state dict is unchanged); ``W Aᵀ`` is one (out × in) · (in × r) product and
-``A Aᵀ`` an r × r Gram matrix. The output combine is a small autograd function that keeps only the
-returned tensor for the magnitude's gradient (``∂L/∂m = Σ_t g ⊙ out / m``), so DoRA costs little
-more activation memory than LoRA, and the adapter's scaling is applied to its r-wide intermediate
-(``_lora``), so the backward makes one activation-sized gradient per layer, not two.
+``||W_i||²`` is constant while W is frozen, so it is computed once and cached (a plain attribute, not a buffer, so
+the state dict is unchanged); ``W Aᵀ`` is one (out × in) · (in × r) product and ``A Aᵀ`` an r × r Gram matrix. The
+output combine is a small autograd function that keeps only the returned tensor for the magnitude's gradient
+(``∂L/∂m = Σ_t g ⊙ out / m``), so DoRA costs little more activation memory than LoRA, and the adapter's scaling is
+applied to its r-wide intermediate (``_lora``), so the backward makes one activation-sized gradient per layer, not
+two.
 
-On an FP8 base (``loralab.speed.fp8.Fp8Linear``, ``quantization: "fp8"``) the weight is
-``W = diag(s_w)·Wq`` with float8_e4m3fn codes ``Wq``: ``||W_i||²`` is taken once from the
-dequantised weight, and ``W Aᵀ = diag(s_w)·(Wq Aᵀ)``: in a bf16 model from the codes read as
-FP8 by one ``_scaled_mm`` with A split into two FP8 terms (``speed/fp8.weight_times``: as precise
-as a bf16 base's product, 1 byte read per weight instead of 5 for a bf16 copy of the codes and its
-product), in an fp16 or float32 model (and for ranks the kernel cannot take) with the codes
-converted to that dtype (exact for the codes). No float copy of the weight outlives the call. peft's DoRA on that base multiplies the float32 dequantised weight
-and builds ``W + s·BA`` in float32 per forward. With dropout in training, peft computes the base
-term ``W·dropout(x)`` with the dequantised weight; here it runs through the FP8 kernel as the
-layer's own output does (the difference is the per-token activation rounding the FP8 forward adds).
+On an FP8 base (``loralab.speed.fp8.Fp8Linear``, ``quantization: "fp8"``) the weight is ``W = diag(s_w)·Wq`` with
+float8_e4m3fn codes ``Wq``: ``||W_i||²`` is taken once from the dequantised weight, and
+``W Aᵀ = diag(s_w)·(Wq Aᵀ)``: in a bf16 model from the codes read as FP8 by one ``_scaled_mm`` with A split into two FP8 terms
+(``speed/fp8.weight_times``: as precise as a bf16 base's product, 1 byte read per weight instead of 5 for a bf16
+copy of the codes and its product), in an fp16 or float32 model (and for ranks the kernel cannot take) with the
+codes converted to that dtype (exact for the codes). No float copy of the weight outlives the call. peft's DoRA on
+that base multiplies the float32 dequantised weight and builds ``W + s·BA`` in float32 per forward. With dropout in
+training, peft computes the base term ``W·dropout(x)`` with the dequantised weight; here it runs through the FP8
+kernel as the layer's own output does (the difference is the per-token activation rounding the FP8 forward adds).
 The packed NF4 base has no such product and stays refused (``methods.Method.conflicts``).
 
-Once per optimizer step (``speed.dora_norm_per_step``, on by default): the norm depends on W (frozen),
-A and B, and A and B change only at the optimizer step, so a step of k micro-batches (gradient
-accumulation) needs it once, not k times. ``refresh_dora_norms(model)`` computes every fast DoRA
-layer's norm into a tensor kept on the layer (the step calls it before its first micro-batch, from a
-CUDA graph of its own when the step is graphed), and inside ``reusing_dora_norms()`` the forwards read
-that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms at an H100's 3.35 TB/s).
-Once a step made bf16 DoRA 1.119x at micro-batch 1 of 4 and FP8-base DoRA (2 of 4) 1.035x on an H100
-(results/bench-dora-h100/); stacking the layers of one shape, 1.018x on both (results/bench-refresh-h100/).
-Outside that context (evaluation, generation, a user's own loop) every forward
-computes its norm, so a changed A or B is never read stale. The same values as the per-forward norm up
-to the summation order of the refresh's batched matmuls (``refresh_dora_norms``: bitwise at small widths,
-about 1e-7 in float32 at realistic ones), except under autocast: the refresh runs outside it, so its products
-(A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the tensors' own dtypes where bf16
-autocast took them in bf16 inside the forward: closer to the float32 norm, but not the same training
-bit for bit.
+Once per optimizer step (``speed.dora_norm_per_step``, on by default): the norm depends on W (frozen), A and B, and
+A and B change only at the optimizer step, so a step of k micro-batches (gradient accumulation) needs it once, not k
+times. ``refresh_dora_norms(model)`` computes every fast DoRA layer's norm into a tensor kept on the layer (the step
+calls it before its first micro-batch, from a CUDA graph of its own when the step is graphed), and inside
+``reusing_dora_norms()`` the forwards read that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in
+bf16: ~5 ms at an H100's 3.35 TB/s). Once a step made bf16 DoRA 1.119x (micro-batch 1, so 4 forwards a step) and
+FP8-base DoRA (micro-batch 2) 1.035x on an H100, one run each (results/bench-dora-h100/); stacking the layers of one
+shape, 1.018x on both (old tree, new, old again on one machine: results/bench-refresh-h100/). Outside that context
+(evaluation, generation, a user's own loop) every forward computes its norm, so a changed A or B is never read
+stale. The same values as the per-forward norm up to the summation order of the refresh's batched matmuls
+(``refresh_dora_norms``: bitwise at small widths, about 1e-7 in float32 at realistic ones), except under autocast:
+the refresh runs outside it, so its products (A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the
+tensors' own dtypes where bf16 autocast took them in bf16 inside the forward: closer to the float32 norm, but not
+the same training bit for bit.
 
-What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)``
-(or ``PeftModel.from_pretrained``) ``enable_fast_dora(model)`` swaps each linear layer's
-``DoraLinearVariant`` for ``FastDoraLinearVariant``; parameters, names, init, merge and the saved
-adapter are peft's own, so the adapter loads with plain ``PeftModel.from_pretrained``.
-"""
+What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)`` (or
+``PeftModel.from_pretrained``) ``enable_fast_dora(model)`` swaps each linear layer's ``DoraLinearVariant`` for
+``FastDoraLinearVariant``; parameters, names, init, merge and the saved adapter are peft's own, so the adapter loads
+with plain ``PeftModel.from_pretrained``."""
 
 from __future__ import annotations
 
@@ -147,7 +144,8 @@ _COMPILED_NORMS: dict = {}
 def _compiled_norm_from_products(backend):
     """``_norm_from_products`` compiled with ``backend``, one per backend (the refresh's stacked groups), called
     with plain tensors: dynamo keeps a Parameter's shape static, so mixed ranks (``rank_pattern``, Eva) would pass
-    the recompile limit; plain tensors go dynamic after the second shape (tests/test_dora_norm_per_step.py)."""
+    the recompile limit; plain tensors go dynamic after the second shape (at most 4 graphs for 12 layers of 12
+    ranks: tests/test_dora_norm_per_step.py)."""
     if backend not in _COMPILED_NORMS:
         _COMPILED_NORMS[backend] = torch.compile(_norm_from_products, backend=backend, fullgraph=True)
     return _COMPILED_NORMS[backend]
@@ -175,7 +173,8 @@ def _norm_from_products(weight_sq: torch.Tensor, wa: torch.Tensor, lora_A: torch
     """``||W_i + s(BA)_i||`` from ``||W_i||²`` and ``W·Aᵀ`` (the module docstring's expansion): one layer,
     ``weight_sq`` (out,), ``wa`` (out, r) fp32, ``lora_A`` (r, in), ``lora_B`` (out, r) -> (out,) fp32; or L
     layers of one shape stacked on a leading axis ((L, out), (L, out, r), (L, r, in), (L, out, r) -> (L, out)).
-    ``gram``: ``_gram(lora_A.float())`` where the caller took it already (the refresh, beside the products)."""
+    ``gram``: ``_gram(lora_A.float())``, (r, r) or (L, r, r) float32, where the caller took it already (the
+    refresh, beside the products)."""
     b = lora_B.float()
     gram = _gram(lora_A.float()) if gram is None else gram  # (r, r)
     cross = (wa * b).sum(dim=-1)
@@ -330,7 +329,7 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
 
     ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise tail fused as inside a
     compiled forward (``_compiled_norm_from_products``); eager, the layer-by-layer refresh had cost more than
-    the forward's norm it saved (0.946x, results/bench-dora-h100/eager-dorab-*)."""
+    the forward's norm it saved at micro-batch 2 of an 8B FP8 base (0.946x, results/bench-dora-h100/eager-dorab-*)."""
     from_products = _norm_from_products if compile_backend is None else _compiled_norm_from_products(compile_backend)
     count = 0
     for (*_, scaling), members in _refresh_groups(model).items():
