@@ -291,7 +291,7 @@ def forget_probe_compiles() -> bool:
     size through the compiled layers; returns True (False where a diagnostic patches it out). Why: dynamo's
     automatic dynamic shapes compile a layer again for the second size it sees with the batch dimension
     symbolic, and that graph then serves every size, the chosen one included, so the step would capture its
-    CUDA graphs from it: on an H100 the 8B FP8 DoRA step ran 140.4 ms so against 134.6 ms after the reset
+    CUDA graphs from it: on an H100 the 8B FP8 DoRA step ran 140.4 ms against 134.6 ms after the reset
     (one row each, results/bench-probereset-h100; which kernels slow down was not profiled). Reset, the step
     compiles its micro-batch's shape statically, as a run with an explicit ``speed.micro_batch`` does; the
     price is one more compile of the layers (the probe's two, the step's one). Global: compiled code of other

@@ -221,7 +221,8 @@ def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torc
     reduction sums each layer's two terms in float32: one kernel a layer beside the split's and the sum's
     few, where a product per layer cast to float32 and stacked took two a layer and a copy. The 8B FP8 DoRA
     refresh, captured in a CUDA graph on two H100s: 8.89-8.91 ms cast and stacked, 7.88-7.89 ms in place
-    with the codes on the left (N, 2r), 7.75 ms with the terms on the left (results/bench-refreshforms-h100).
+    with the codes on the left (N, 2r), 7.75 ms with the terms on the left (results/bench-refreshforms-h100);
+    7.73 ms on one stream against 5.11 ms on 4 side streams, on another H100 (results/bench-streams-h100).
     Used by fast DoRA's once-a-step norm refresh (``speed/fast_dora.refresh_dora_norms``). Raises
     ValueError when ``codes``, ``scales`` and ``a`` do not count the same L layers."""
     if not len(codes) == len(scales) == a.shape[0]:
@@ -237,7 +238,6 @@ def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torc
                 # terms[i] (2r, K) row-major first, c.t() (K, N) column-major second: the layouts the kernel wants
                 _scaled_mm(terms[i], c.t(), term_scales[i], s.view(1, -1), dtype, out=y[i])
     return y.view(len(codes), 2, r, -1).sum(dim=1, dtype=torch.float32).transpose(-1, -2)
-
 
 
 class Fp8Linear(nn.Linear):
