@@ -309,19 +309,13 @@ def stray_pids() -> list[int]:
     uid of a free slot is a leak). Processes under a slot held by a running sandbox, in this process or
     another (parallel tests, concurrent evaluators), are that sandbox's and not counted. Each free slot is
     locked while its uid's processes are listed, so no sandbox starts one meanwhile."""
-    import fcntl
-
-    stray = []
+    stray, folder = [], lock_dir()
     for uid in sorted(set(_uids_in_range(SANDBOX_UID_BASE, UID_SLOTS).values())):
-        fd = os.open(os.path.join(lock_dir(), f"{uid - SANDBOX_UID_BASE}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)  # a running sandbox holds the slot: its processes are its own
-            continue
+        fd = _try_slot(folder, uid - SANDBOX_UID_BASE)
+        if fd is None:
+            continue  # a running sandbox holds the slot: its processes are its own
         stray += _uid_pids(uid)
-        os.close(fd)
+        _release_slot(fd)
     return stray
 
 
@@ -362,22 +356,30 @@ def _acquire_slot() -> tuple[int, int]:
 
     ``flock`` locks belong to the open file description, so two threads of one process exclude
     each other as two processes do; a crashed holder's lock goes with its process."""
-    import fcntl
-
     folder = lock_dir()
     while True:
         with _slot_lock:
             start = next(_slot_counter)
         for i in range(UID_SLOTS):
             slot = (start + i) % UID_SLOTS
-            fd = os.open(os.path.join(folder, f"{slot}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            return slot, fd
+            fd = _try_slot(folder, slot)
+            if fd is not None:
+                return slot, fd
         time.sleep(0.05)  # all UID_SLOTS slots busy: wait for one
+
+
+def _try_slot(folder: str, slot: int) -> int | None:
+    """The open lock file of uid slot ``slot`` (in ``folder``, ``lock_dir()``), locked, or None where another
+    sandbox holds it; ``_release_slot`` gives it back."""
+    import fcntl
+
+    fd = os.open(os.path.join(folder, f"{slot}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _release_slot(fd: int) -> None:
