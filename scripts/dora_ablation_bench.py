@@ -22,6 +22,10 @@ differ only in what the variant changes:
                   code: with ``--micro-batch auto`` (the probe) the step then captures its graphs from the
                   layers' dynamic-shape compile, as before that reset was added; the same as lora and dora
                   at an explicit micro-batch (no probe, nothing to forget).
+  dora-per-group-gram
+                  fast DoRA whose step refreshes its norms as at 10f2552 (``dora_refresh_forms.refresh_per_group``:
+                  each layer group's Gram beside that group's products only), against the shipped refresh that
+                  takes every group's Gram first, beside all the products
 
 each on the float base (``bf16``: bf16 on a GPU; the bench runs float32 on CPU, as the dtype column says) and
 on the FP8 base (``--bases``). After the ``dora`` row on each base the script also times
@@ -35,6 +39,7 @@ replay makes none), of which only the first computes.
     python scripts/dora_ablation_bench.py --output $OUT/doraabl.json          # on an H100, ~2 min (8 rows)
     python scripts/dora_ablation_bench.py --bases fp8 --variants lora dora --refresh-forms   # and the refresh's forms
     python scripts/dora_ablation_bench.py --device cpu --preset tiny --only tiny-llama/fixed --micro-batch 2
+    python scripts/dora_ablation_bench.py --bases bf16 --variants lora dora --micro-batch auto --speed memory_fraction=0.441
 
 Prints a table (ms per step, tokens/s, peak) and writes the rows as JSON.
 """
@@ -46,15 +51,17 @@ import json
 import sys
 
 import torch
-from dora_refresh_forms import FORMS, time_forms
+from dora_refresh_forms import FORMS, refresh_per_group, time_forms
 from kernel_timing import median_ms
 
 from loralab.bench import runner
 from loralab.bench.workloads import FP8, presets
+from loralab.commands.bench import parse_speed
 from loralab.run import step as run_step
 from loralab.speed.fast_dora import refresh_dora_norms
 
-VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic")
+VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic",
+            "dora-per-group-gram")
 
 
 def _freeze_magnitudes(model) -> int:
@@ -111,11 +118,13 @@ def run(args) -> list[dict]:
 
             if variant == "dora-norm-once":
                 run_step.refresh_dora_norms = refresh_once
+            if variant == "dora-per-group-gram":
+                run_step.refresh_dora_norms = refresh_per_group
             if variant.endswith("-probe-dynamic"):
                 run_step.forget_probe_compiles = lambda: False
             try:
                 row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,
-                                     speed={"micro_batch": args.micro_batch},
+                                     speed={**args.speed, "micro_batch": args.micro_batch},
                                      profile_to=profiles if variant in args.profile else None)
             finally:
                 runner.wrap = original_wrap
@@ -200,8 +209,14 @@ def main(argv=None) -> int:
                    help="after each dora row, time the norm refresh in these forms (none named: all), graphed as the "
                         "step runs it, each form's norms checked against the shipped form's (dora_refresh_forms.py); on "
                         "a float base only gram-split changes anything (W·Aᵀ is not read from FP8 codes there)")
+    p.add_argument("--speed", action="append", default=[], metavar="KEY=VALUE",
+                   help="a `loralab bench --speed` key for every row (e.g. memory_fraction=0.441: an H200's default "
+                        "budget on an H100); the micro-batch is --micro-batch's")
     p.add_argument("--output")
     args = p.parse_args(argv)
+    args.speed = parse_speed(args.speed)
+    if "micro_batch" in args.speed:
+        p.error(f"--speed micro_batch={args.speed['micro_batch']}: give the micro-batch as --micro-batch (a number or auto)")
     if args.refresh_forms == []:
         args.refresh_forms = list(FORMS)
     if args.profile and (args.device != "cuda" or not args.output):

@@ -16,6 +16,9 @@ blocks over a long K). The forms:
   gram-split-32  the same over 32 chunks of K (128 columns each at K 4096, 448 at 14336), the chunks made
                contiguous first: the Gram's bmm was 4 kernels a step of ~0.5 ms each beside the products on side
                streams (results/bench-doraprof-h100), few thread blocks each over a long K
+  per-group-gram  the refresh as at 10f2552 (``refresh_per_group``): each group's Gram beside that group's products
+               only, the group's norms kept before the next group's products start (shipped since: every Gram first,
+               beside all the products, the norms after them)
   one-stream   the shipped form with every ``W·Aᵀ`` product and the Gram on the current stream
                (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
   streams-2, streams-8
@@ -42,7 +45,8 @@ from loralab.speed import fp8 as fp8_mod
 from loralab.speed import streams as streams_mod
 
 GRAM_CHUNKS = 8
-FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "one-stream", "streams-2", "streams-8")
+FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
+         "streams-8")
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -80,14 +84,36 @@ def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS, contiguous: bool = Fa
     return (parts @ parts.transpose(-1, -2)).sum(dim=-3)
 
 
+@torch.no_grad()
+def refresh_per_group(model, compile_backend=None) -> int:
+    """``fast_dora.refresh_dora_norms`` as at 10f2552: group after group, the group's Gram on the aside stream beside
+    that group's products only, its norms kept before the next group starts. The same values as the shipped form."""
+    tail = (fast_dora._norm_from_products if compile_backend is None
+            else fast_dora._compiled_norm_from_products(compile_backend))
+    count = 0
+    for (*_, scaling), members in fast_dora._refresh_groups(model).items():
+        a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
+        b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
+        with streams_mod.aside(a.device) as run_aside:
+            with run_aside():
+                gram = fast_dora._gram(a.float())
+            wa = fast_dora._group_products(members, a)
+        fast_dora._keep_norms(members, tail(torch.stack([parts[0] for *_, parts in members]), wa, a, b, scaling, gram))
+        count += len(members)
+    return count
+
+
 @contextlib.contextmanager
 def form(name: str):
     """``speed.fast_dora`` computing its refresh in form ``name`` (``FORMS``) inside the block; its functions
     and compiled copies as they were after it."""
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
-    saved = (fast_dora.weights_times, fast_dora._gram, dict(fast_dora._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS)
+    saved = (fast_dora.weights_times, fast_dora._gram, dict(fast_dora._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
+             fast_dora.refresh_dora_norms)
     try:
+        if name == "per-group-gram":
+            fast_dora.refresh_dora_norms = refresh_per_group
         if name == "codes-left":
             fast_dora.weights_times = weights_times_codes_left
         if name == "cast-stack":
@@ -99,6 +125,7 @@ def form(name: str):
         yield
     finally:
         fast_dora.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
+        fast_dora.refresh_dora_norms = saved[4]
         fast_dora._COMPILED_NORMS.clear()
         fast_dora._COMPILED_NORMS.update(saved[2])
 

@@ -56,19 +56,25 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
     monkeypatch.setattr(runner, "wrap", kept_wrap)
     counts, params = {}, {}
     out = tmp_path / "abl.json"
-    for variant in ("dora", "dora-frozen-m", "dora-norm-once"):
+    rows = {}
+    for variant in ("dora", "dora-frozen-m", "dora-norm-once", "dora-per-group-gram"):
         refreshes.clear()
         ablation.main(["--device", "cpu", "--preset", "tiny", "--only", "tiny-llama/fixed", "--bases", "fp8",
                        "--variants", variant, "--micro-batch", "2", "--steps", "2", "--warmup", "1",
-                       "--output", str(out)])
+                       "--output", str(out), "--speed", "memory_fraction=0.5"])
+        rows[variant] = json.loads(out.read_text())[0]
         counts[variant] = len(refreshes)  # the step's calls (the script times the refresh alone through its own import)
         params[variant] = {n: (p.requires_grad, p.detach().clone()) for n, p in models[-1].named_parameters()
                            if "lora_" in n}
         assert run_step.refresh_dora_norms is counted_refresh and runner.wrap is kept_wrap  # put back
-    row = json.loads(out.read_text())[0]
+    row = rows["dora-norm-once"]
     assert row["variant"] == "dora-norm-once" and row["refresh_python_calls"] == 5
-    # make_step's refresh, then one per step (1 warm-up, the first of its shape, 2 timed); norm-once: the first only
-    assert counts["dora"] == 1 + 4 and counts["dora-norm-once"] == 1
+    # make_step's refresh, then one per step (1 warm-up, the first of its shape, 2 timed); norm-once: the first only;
+    # per-group-gram: the script's own refresh in the step, never the shipped one
+    assert counts["dora"] == 1 + 4 and counts["dora-norm-once"] == 1 and counts["dora-per-group-gram"] == 0
+    assert all(r["speed"]["memory_fraction"] == 0.5 and r["speed"]["micro_batch"] == 2 for r in rows.values())
+    with pytest.raises(SystemExit):  # the micro-batch has one way in
+        ablation.main(["--device", "cpu", "--preset", "tiny", "--speed", "micro_batch=2"])
     frozen = params["dora-frozen-m"]
     magnitudes = [n for n in frozen if "lora_magnitude_vector" in n]
     assert len(magnitudes) == 14 and not any(frozen[n][0] for n in magnitudes)

@@ -33,15 +33,13 @@ A and B change only at the optimizer step, so a step of k micro-batches (gradien
 times. ``refresh_dora_norms(model)`` computes every fast DoRA layer's norm into a tensor kept on the layer (the step
 calls it before its first micro-batch, from a CUDA graph of its own when the step is graphed), and inside
 ``reusing_dora_norms()`` the forwards read that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in
-bf16: ~5 ms at an H100's 3.35 TB/s). Once a step made bf16 DoRA 1.119x (micro-batch 1, so 4 forwards a step) and
-FP8-base DoRA (micro-batch 2) 1.035x on an H100, one run each (results/bench-dora-h100/); stacking the layers of one
-shape, 1.018x on both (old tree, new, old again on one machine: results/bench-refresh-h100/). Outside that context
-(evaluation, generation, a user's own loop) every forward computes its norm, so a changed A or B is never read
-stale. The same values as the per-forward norm up to the summation order of the refresh's batched matmuls
-(``refresh_dora_norms``: bitwise at small widths, about 1e-7 in float32 at realistic ones), except under autocast:
+bf16: ~5 ms at an H100's 3.35 TB/s). Once a step made bf16 DoRA 1.119x (micro-batch 1) and FP8-base DoRA 1.035x
+(micro-batch 2) on an H100 (results/bench-dora-h100/); stacking layers, 1.018x (results/bench-refresh-h100/). Outside
+that context (evaluation, generation, a user's own loop) every forward computes its norm, so a changed A or B is
+never read stale. The same values as the per-forward norm up to the summation order of the refresh's batched
+matmuls (``refresh_dora_norms``: bitwise at small widths, about 1e-7 in float32 at realistic ones), except under autocast:
 the refresh runs outside it, so its products (A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the
-tensors' own dtypes where bf16 autocast took them in bf16 inside the forward: closer to the float32 norm, but not
-the same training bit for bit.
+tensors' own dtypes (bf16 in an autocast forward): closer to the float32 norm, not the same training bit for bit.
 
 What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)`` (or
 ``PeftModel.from_pretrained``) ``enable_fast_dora(model)`` swaps each linear layer's ``DoraLinearVariant`` for
@@ -318,42 +316,45 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     may have changed (the step: before its first micro-batch). Not under FSDP: it needs every rank's
     whole W, A and B outside the forward.
 
-    Layers of one shape are computed together (``_refresh_groups``): their A's and B's stacked, the small
-    products batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, the group's Gram A·Aᵀ
-    beside them: speed/streams.py), one copy into every kept norm. Layer by layer each norm was 16 eager aten
-    ops (34 on an FP8 base), thousands a step at 8B; stacked, one op per layer (two where an FP8 base's codes
-    are converted: fp16 and float32 models, odd ranks) plus about 19 per group (37 on an FP8 base), counted on
-    CPU by tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the
-    batched matmuls' summation order (the Gram by bmm where one layer's takes mm): on CPU bitwise at the
-    tests' small widths, within 1.5e-7 relative (about one float32 ulp) at hidden size 1024, rank 16.
-
-    ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise tail fused as inside a
-    compiled forward (``_compiled_norm_from_products``); eager, the layer-by-layer refresh had cost more than
+    Layers of one shape are computed together (``_refresh_groups``): A's and B's stacked, the small products
+    batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, every group's Gram A·Aᵀ taken first
+    on one more stream beside all of them: speed/streams.py), one copy into every kept norm. Layer by layer each
+    norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B; stacked, one op per layer (two where
+    an FP8 base's codes are converted) plus about 19 per group (37 on an FP8 base), counted on CPU by
+    tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the batched
+    matmuls' summation order: on CPU bitwise at the tests' small widths, within 1.5e-7 relative at hidden size
+    1024, rank 16. ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise tail fused as in
+    a compiled forward (``_compiled_norm_from_products``); eager, the layer-by-layer refresh had cost more than
     the forward's norm it saved at micro-batch 2 of an 8B FP8 base (0.946x, results/bench-dora-h100/eager-dorab-*)."""
     from_products = _norm_from_products if compile_backend is None else _compiled_norm_from_products(compile_backend)
-    count = 0
-    for (*_, scaling), members in _refresh_groups(model).items():
-        weight_sq = torch.stack([parts[0] for *_, parts in members])
-        b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
-        a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
-        with aside(a.device) as run_aside:  # the Gram needs no weight: beside the products (speed/streams.py)
-            with run_aside():
-                gram = _gram(a.float())
-            wa = _group_products(members, a)
-        norms = from_products(weight_sq, wa, a, b, scaling, gram)
-        kept, fresh = [], []
-        for (module, name, _), norm in zip(members, norms.unbind(0), strict=True):
-            holder = module.lora_magnitude_vector[name]
-            old = getattr(holder, "_loralab_norm", None)
-            if old is None or old.shape != norm.shape or old.device != norm.device:
-                holder._loralab_norm = norm.clone()
-            else:
-                kept.append(old)
-                fresh.append(norm)
-        if kept:
-            torch._foreach_copy_(kept, fresh)  # in place: one kernel for the group, not one per layer
-        count += len(members)
-    return count
+    groups = [(scaling, members, torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members]))
+              for (*_, scaling), members in _refresh_groups(model).items()]
+    if not groups:
+        return 0
+    with aside(groups[0][2].device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
+        with run_aside():
+            grams = [_gram(a.float()) for *_, a in groups]
+        products = [_group_products(members, a) for _, members, a in groups]
+    for (scaling, members, a), gram, wa in zip(groups, grams, products, strict=True):
+        _keep_norms(members, from_products(torch.stack([parts[0] for *_, parts in members]), wa, a,
+                                          torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members]),
+                                          scaling, gram))
+    return sum(len(members) for _, members, _ in groups)
+
+
+def _keep_norms(members: list, norms: torch.Tensor) -> None:
+    """Keep ``norms`` (L, out) on the group's L layers (``_loralab_norm``): in place where a layer has one."""
+    kept, fresh = [], []
+    for (module, name, _), norm in zip(members, norms.unbind(0), strict=True):
+        holder = module.lora_magnitude_vector[name]
+        old = getattr(holder, "_loralab_norm", None)
+        if old is None or old.shape != norm.shape or old.device != norm.device:
+            holder._loralab_norm = norm.clone()
+        else:
+            kept.append(old)
+            fresh.append(norm)
+    if kept:
+        torch._foreach_copy_(kept, fresh)  # in place: one kernel for the group, not one per layer
 
 
 @contextlib.contextmanager
