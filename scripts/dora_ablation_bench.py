@@ -26,6 +26,9 @@ differ only in what the variant changes:
                   fast DoRA whose step refreshes its norms as at 10f2552 (``dora_refresh_forms.refresh_per_group``:
                   each layer group's Gram beside that group's products only), against the shipped refresh that
                   takes every group's Gram first, beside all the products
+  dora-ratio-in-forward
+                  fast DoRA whose refresh keeps the norms only (``keep_norms_only``), so every forward computes the
+                  combine's scale m / n itself, as before the refresh kept it (one small kernel per layer-adapter)
 
 each on the float base (``bf16``: bf16 on a GPU; the bench runs float32 on CPU, as the dtype column says) and
 on the FP8 base (``--bases``). After the ``dora`` row on each base the script also times
@@ -58,10 +61,26 @@ from loralab.bench import runner
 from loralab.bench.workloads import FP8, presets
 from loralab.commands.bench import parse_speed
 from loralab.run import step as run_step
+from loralab.speed import fast_dora
 from loralab.speed.fast_dora import refresh_dora_norms
 
 VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic",
-            "dora-per-group-gram")
+            "dora-per-group-gram", "dora-ratio-in-forward")
+
+
+def keep_norms_only(members: list, norms: torch.Tensor) -> None:
+    """``fast_dora._keep_norms`` before the refresh kept m / n: the norms alone, in place where a layer has one."""
+    kept, fresh = [], []
+    for (module, name, _), norm in zip(members, norms.unbind(0), strict=True):
+        holder = module.lora_magnitude_vector[name]
+        old = getattr(holder, "_loralab_norm", None)
+        if old is None or old.shape != norm.shape or old.device != norm.device:
+            holder._loralab_norm = norm.clone()
+        else:
+            kept.append(old)
+            fresh.append(norm)
+    if kept:
+        torch._foreach_copy_(kept, fresh)
 
 
 def _freeze_magnitudes(model) -> int:
@@ -95,6 +114,7 @@ def run(args) -> list[dict]:
     print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.device}", flush=True)
     original_wrap, original_refresh, original_forget = runner.wrap, run_step.refresh_dora_norms, run_step.forget_probe_compiles
+    original_keep = fast_dora._keep_norms
     rows, profiles = [], []
     for base in args.bases:
         for variant in args.variants:
@@ -120,6 +140,8 @@ def run(args) -> list[dict]:
                 run_step.refresh_dora_norms = refresh_once
             if variant == "dora-per-group-gram":
                 run_step.refresh_dora_norms = refresh_per_group
+            if variant == "dora-ratio-in-forward":
+                fast_dora._keep_norms = keep_norms_only
             if variant.endswith("-probe-dynamic"):
                 run_step.forget_probe_compiles = lambda: False
             try:
@@ -130,6 +152,7 @@ def run(args) -> list[dict]:
                 runner.wrap = original_wrap
                 run_step.refresh_dora_norms = original_refresh
                 run_step.forget_probe_compiles = original_forget
+                fast_dora._keep_norms = original_keep
             if variant == "dora-norm-once":
                 row["refresh_python_calls"] = len(calls)
             row.update(variant=variant, base=base, frozen_magnitudes=built.get("frozen", 0))

@@ -11,6 +11,7 @@ import torch
 
 from loralab.bench import runner
 from loralab.run import step as run_step
+from loralab.speed import fast_dora
 from loralab.speed.fp8 import FP8, split_rows, weights_times
 
 
@@ -40,7 +41,7 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
     norm-once variant's step computes the norm once (at its build) where the shipped step computes it at every
     step; the script puts the step's refresh and the bench's wrap back."""
     ablation = load_script("dora_ablation_bench")
-    real_refresh, real_wrap = run_step.refresh_dora_norms, runner.wrap
+    real_refresh, real_wrap, real_keep, ratios = run_step.refresh_dora_norms, runner.wrap, fast_dora._keep_norms, {}
     refreshes, models, initial = [], [], []
 
     def counted_refresh(model, backend=None):
@@ -57,7 +58,7 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
     counts, params = {}, {}
     out = tmp_path / "abl.json"
     rows = {}
-    for variant in ("dora", "dora-frozen-m", "dora-norm-once", "dora-per-group-gram"):
+    for variant in ("dora", "dora-frozen-m", "dora-norm-once", "dora-per-group-gram", "dora-ratio-in-forward"):
         refreshes.clear()
         ablation.main(["--device", "cpu", "--preset", "tiny", "--only", "tiny-llama/fixed", "--bases", "fp8",
                        "--variants", variant, "--micro-batch", "2", "--steps", "2", "--warmup", "1",
@@ -67,11 +68,15 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
         params[variant] = {n: (p.requires_grad, p.detach().clone()) for n, p in models[-1].named_parameters()
                            if "lora_" in n}
         assert run_step.refresh_dora_norms is counted_refresh and runner.wrap is kept_wrap  # put back
+        assert fast_dora._keep_norms is real_keep
+        ratios[variant] = sum(hasattr(m.lora_magnitude_vector["default"], "_loralab_ratio")
+                              for m, _ in fast_dora._fast_dora_adapters(models[-1]))
     row = rows["dora-norm-once"]
     assert row["variant"] == "dora-norm-once" and row["refresh_python_calls"] == 5
     # make_step's refresh, then one per step (1 warm-up, the first of its shape, 2 timed); norm-once: the first only;
     # per-group-gram: the script's own refresh in the step, never the shipped one
     assert counts["dora"] == 1 + 4 and counts["dora-norm-once"] == 1 and counts["dora-per-group-gram"] == 0
+    assert ratios["dora"] == 14 and ratios["dora-ratio-in-forward"] == 0  # that row's forwards make m / n each time
     assert all(r["speed"]["memory_fraction"] == 0.5 and r["speed"]["micro_batch"] == 2 for r in rows.values())
     with pytest.raises(SystemExit):  # the micro-batch has one way in
         ablation.main(["--device", "cpu", "--preset", "tiny", "--speed", "micro_batch=2"])
@@ -96,7 +101,6 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
 
     from loralab.methods.common import linear_names
     from loralab.methods.fp8base import quantize_linears
-    from loralab.speed import fast_dora
 
     forms = load_script("dora_refresh_forms")
     torch.manual_seed(0)

@@ -68,6 +68,21 @@ def test_once_per_step_trains_bit_for_bit_as_every_forward(monkeypatch):
     assert moved == 14
 
 
+def test_the_refresh_keeps_m_over_n_in_place_beside_the_norm():
+    """The refresh keeps m / n (the combine's scale) beside each norm, the magnitude over the kept norm, and a later
+    refresh writes both into the same tensors (what a captured refresh graph writes) after a magnitude moved."""
+    model = _dora_llama()
+    assert fast_dora.enable_fast_dora(model) == 14 and fast_dora.refresh_dora_norms(model) == 14
+    holder = model.base_model.model.model.layers[0].mlp.down_proj.lora_magnitude_vector["default"]
+    ratio, norm = holder._loralab_ratio, holder._loralab_norm
+    assert torch.equal(ratio, holder.weight / norm)
+    with torch.no_grad():
+        holder.weight.mul_(1.5)
+    fast_dora.refresh_dora_norms(model)
+    assert holder._loralab_ratio is ratio and holder._loralab_norm is norm
+    assert torch.equal(ratio, holder.weight / norm)
+
+
 def test_outside_the_step_a_forward_computes_its_own_norm():
     """After the step, A and B have moved past the norms the step stored: an evaluation forward must not
     read them. The stored norm is stale here (the last step's, before its optimizer update), yet the

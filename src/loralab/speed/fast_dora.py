@@ -10,35 +10,34 @@ norm expands into terms that need only r-sized products:
 
     ||W_i + s(BA)_i||² = ||W_i||² + 2s·Σ_j (W Aᵀ)_ij B_ij + s²·B_i (A Aᵀ) B_iᵀ
 
-``||W_i||²`` is constant while W is frozen, so it is computed once and cached (a plain attribute, not a buffer, so
-the state dict is unchanged); ``W Aᵀ`` is one (out × in) · (in × r) product and ``A Aᵀ`` an r × r Gram matrix. The
-output combine is a small autograd function that keeps only the returned tensor for the magnitude's gradient
-(``∂L/∂m = Σ_t g ⊙ out / m``), so DoRA costs little more activation memory than LoRA, and the adapter's scaling is
-applied to its r-wide intermediate (``_lora``), so the backward makes one activation-sized gradient per layer, not
-two.
+``||W_i||²`` is constant while W is frozen, so it is computed once and cached (a plain attribute, not a buffer, so the
+state dict is unchanged); ``W Aᵀ`` is one (out × in) · (in × r) product and ``A Aᵀ`` an r × r Gram matrix. The output
+combine is a small autograd function that keeps only the returned tensor for the magnitude's gradient (``∂L/∂m = Σ_t g
+⊙ out / m``), so DoRA costs little more activation memory than LoRA, and the adapter's scaling is applied to its
+r-wide intermediate (``_lora``), so the backward makes one activation-sized gradient per layer, not two.
 
 On an FP8 base (``loralab.speed.fp8.Fp8Linear``, ``quantization: "fp8"``) the weight is ``W = diag(s_w)·Wq`` with
-float8_e4m3fn codes ``Wq``: ``||W_i||²`` is taken once from the dequantised weight, and
-``W Aᵀ = diag(s_w)·(Wq Aᵀ)``: in a bf16 model from the codes read as FP8 by one ``_scaled_mm`` with A split into two FP8 terms
-(``speed/fp8.weight_times``: as precise as a bf16 base's product, 1 byte read per weight instead of 5 for a bf16
-copy of the codes and its product), in an fp16 or float32 model (and for ranks the kernel cannot take) with the
-codes converted to that dtype (exact for the codes). No float copy of the weight outlives the call. peft's DoRA on
-that base multiplies the float32 dequantised weight and builds ``W + s·BA`` in float32 per forward. With dropout in
-training, peft computes the base term ``W·dropout(x)`` with the dequantised weight; here it runs through the FP8
-kernel as the layer's own output does (the difference is the per-token activation rounding the FP8 forward adds).
-The packed NF4 base has no such product and stays refused (``methods.Method.conflicts``).
+float8_e4m3fn codes ``Wq``: ``||W_i||²`` is taken once from the dequantised weight, and ``W Aᵀ = diag(s_w)·(Wq Aᵀ)``:
+in a bf16 model from the codes read as FP8 by one ``_scaled_mm`` with A split into two FP8 terms
+(``speed/fp8.weight_times``: as precise as a bf16 base's product, 1 byte read per weight instead of 5 for a bf16 copy
+of the codes and its product), in an fp16 or float32 model (and for ranks the kernel cannot take) with the codes
+converted to that dtype (exact for the codes). No float copy of the weight outlives the call. peft's DoRA on that base
+multiplies the float32 dequantised weight and builds ``W + s·BA`` in float32 per forward. With dropout in training,
+peft computes the base term ``W·dropout(x)`` with the dequantised weight; here it runs through the FP8 kernel as the
+layer's own output does (the difference is the per-token activation rounding the FP8 forward adds). The packed NF4
+base has no such product and stays refused (``methods.Method.conflicts``).
 
-Once per optimizer step (``speed.dora_norm_per_step``, on by default): the norm depends on W (frozen), A and B, and
-A and B change only at the optimizer step, so a step of k micro-batches (gradient accumulation) needs it once, not k
-times. ``refresh_dora_norms(model)`` computes every fast DoRA layer's norm into a tensor kept on the layer (the step
-calls it before its first micro-batch, from a CUDA graph of its own when the step is graphed), and inside
-``reusing_dora_norms()`` the forwards read that tensor. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in
-bf16: ~5 ms at an H100's 3.35 TB/s). Once a step made bf16 DoRA 1.119x (micro-batch 1) and FP8-base DoRA 1.035x
-(micro-batch 2) on an H100 (results/bench-dora-h100/); stacking layers, 1.018x (results/bench-refresh-h100/). Outside
-that context (evaluation, generation, a user's own loop) every forward computes its norm, so a changed A or B is
-never read stale. The same values as the per-forward norm up to the summation order of the refresh's batched
-matmuls (``refresh_dora_norms``: bitwise at small widths, about 1e-7 in float32 at realistic ones), except under autocast:
-the refresh runs outside it, so its products (A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the
+Once per optimizer step (``speed.dora_norm_per_step``, on by default): the norm depends on W (frozen), A and B, and A
+and B change only at the optimizer step, so a step of k micro-batches (gradient accumulation) needs it once, not k
+times. ``refresh_dora_norms(model)`` computes every fast DoRA layer's norm (and m / n) into tensors kept on the layer
+(the step calls it before its first micro-batch, from a CUDA graph of its own when the step is graphed), and inside
+``reusing_dora_norms()`` the forwards read them. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms
+at an H100's 3.35 TB/s). Once a step made bf16 DoRA 1.119x (micro-batch 1) and FP8-base DoRA 1.035x (micro-batch 2) on
+an H100 (results/bench-dora-h100/); stacking layers, 1.018x (results/bench-refresh-h100/). Outside that context
+(evaluation, generation, a user's own loop) every forward computes its norm, so a changed A or B is never read stale.
+The same values as the per-forward norm up to the summation order of the refresh's batched matmuls
+(``refresh_dora_norms``: bitwise at small widths, about 1e-7 in float32 at realistic ones), except under autocast: the
+refresh runs outside it, so its products (A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the
 tensors' own dtypes (bf16 in an autocast forward): closer to the float32 norm, not the same training bit for bit.
 
 What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)`` (or
@@ -187,21 +186,22 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
 
 
 class _DoraCombine(torch.autograd.Function):
-    """``out = (m / n) ⊙ (base + lora)`` with n constant (``lora`` already scaled: ``_lora``); saves
-    only ``out`` (and m, n). Both inputs get the same gradient tensor."""
+    """``out = (m / n) ⊙ (base + lora)`` with n constant (``lora`` already scaled: ``_lora``); saves only ``out``
+    (and m, m / n). Both inputs get the same gradient tensor. ``ratio``: m / n (out,) fp32 as the refresh kept it
+    (no per-layer kernel makes it in every forward), or None: computed here."""
 
     @staticmethod
-    def forward(ctx, base, lora, magnitude, norm):
-        scale = (magnitude / norm).to(base.dtype)
-        out = (base + lora.to(base.dtype)) * scale
-        ctx.save_for_backward(out, magnitude, scale)
+    def forward(ctx, base, lora, magnitude, norm, ratio=None):
+        ratio = magnitude / norm if ratio is None else ratio
+        out = (base + lora.to(base.dtype)) * ratio.to(base.dtype)
+        ctx.save_for_backward(out, magnitude, ratio)
         ctx.lora_dtype = lora.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out, magnitude, scale = ctx.saved_tensors
-        grad_h = grad * scale
+        out, magnitude, ratio = ctx.saved_tensors
+        grad_h = grad * ratio.to(grad.dtype)
         grad_base = grad_h if ctx.needs_input_grad[0] else None
         grad_lora = grad_h.to(ctx.lora_dtype) if ctx.needs_input_grad[1] else None  # no copy when the dtypes agree
         grad_mag = None
@@ -210,17 +210,16 @@ class _DoraCombine(torch.autograd.Function):
             dot = (grad * out).reshape(-1, out.shape[-1]).sum(dim=0, dtype=torch.float32)
             safe = torch.where(magnitude.abs() > _EPS, magnitude, torch.ones_like(magnitude))
             grad_mag = torch.where(magnitude.abs() > _EPS, dot / safe, torch.zeros_like(dot)).to(magnitude.dtype)
-        return grad_base, grad_lora, grad_mag, None
+        return grad_base, grad_lora, grad_mag, None, None
 
 
 def _lora(lora_A, lora_B, x, scaling):
-    """``s·B(A x)`` computed as ``B(s·(A x))``: the scaling multiplies the r-wide intermediate, so the
-    backward hands ``lora_B`` the combine's gradient as it is, where ``B(A x)·s`` would make one more
-    (tokens × out) tensor, ``s·grad``, per layer in every backward (at Llama-3-8B's shapes, 2,048
-    tokens, 176 MB per decoder layer of 7 adapted projections). The same values as the output-side
-    scaling in float32 and bfloat16 where s is a power of two (e.g. 16/8; ``speed/rank_scaling.py``
-    says why); otherwise, and in float16, the one rounding of s·(...) falls on the intermediate
-    instead of the output."""
+    """``s·B(A x)`` computed as ``B(s·(A x))``: the scaling multiplies the r-wide intermediate, so the backward
+    hands ``lora_B`` the combine's gradient as it is, where ``B(A x)·s`` would make one more (tokens × out) tensor,
+    ``s·grad``, per layer in every backward (at Llama-3-8B's shapes, 2,048 tokens, 176 MB per decoder layer of 7
+    adapted projections). The same values as the output-side scaling in float32 and bfloat16 where s is a power of
+    two (e.g. 16/8; ``speed/rank_scaling.py`` says why); otherwise, and in float16, the one rounding of s·(...)
+    falls on the intermediate instead of the output."""
     return lora_B(lora_A(x) * scaling)
 
 
@@ -233,14 +232,14 @@ class FastDoraLinearVariant(DoraLinearVariant):
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
-        magnitude = module.lora_magnitude_vector[active_adapter].weight
-        bias = module.get_base_layer().bias
-
-        stored = getattr(module.lora_magnitude_vector[active_adapter], "_loralab_norm", None) if _REUSE_NORMS else None
+        holder = module.lora_magnitude_vector[active_adapter]
+        magnitude, bias = holder.weight, module.get_base_layer().bias
+        stored = getattr(holder, "_loralab_norm", None) if _REUSE_NORMS else None
         norm = stored if stored is not None else _norm(module, active_adapter, lora_A.weight, lora_B.weight, scaling)
+        ratio = getattr(holder, "_loralab_ratio", None) if stored is not None else None
         if isinstance(dropout, nn.Identity) or not module.training:
             base = result if bias is None else result - bias
-            out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm)
+            out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm, ratio)
             return out if bias is None else out + bias
         # With dropout peft rescales W·dropout(x), not the layer's own output: same here.
         x = dropout(x)
@@ -250,7 +249,7 @@ class FastDoraLinearVariant(DoraLinearVariant):
         else:
             weight = _base_weight(module)
             base = F.linear(x.to(weight.dtype), weight).to(result.dtype)
-        out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm)
+        out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm, ratio)
         return result + out - base
 
 
@@ -308,13 +307,12 @@ def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
-    """Compute each fast DoRA layer's weight norm ``||W + s·BA||_row`` (out,) fp32 now and keep it on
-    the layer (``lora_magnitude_vector[adapter]._loralab_norm``, a plain attribute: the state dict is
-    unchanged), for the forwards inside ``reusing_dora_norms()``. Returns how many layer-adapters it
-    computed (0: no fast DoRA layer). Later calls write into the same tensors in place, so a CUDA graph
-    that captured this call, or a forward that read them, sees the new values. Call it whenever A or B
-    may have changed (the step: before its first micro-batch). Not under FSDP: it needs every rank's
-    whole W, A and B outside the forward.
+    """Compute each fast DoRA layer's weight norm n = ``||W + s·BA||_row`` (out,) fp32 and m / n now, and keep them
+    on the layer (``lora_magnitude_vector[adapter]._loralab_norm``, ``._loralab_ratio``: plain attributes, the state
+    dict is unchanged) for the forwards inside ``reusing_dora_norms()``. Returns how many layer-adapters it computed
+    (0: none). Later calls write into the same tensors, so a CUDA graph that captured this call, or a forward that
+    read them, sees the new values. Call it whenever A, B or a magnitude may have changed (the step: before its
+    first micro-batch). Not under FSDP: it needs every rank's whole W, A and B outside the forward.
 
     Layers of one shape are computed together (``_refresh_groups``): A's and B's stacked, the small products
     batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, every group's Gram A·Aᵀ taken first
@@ -343,16 +341,18 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
 
 
 def _keep_norms(members: list, norms: torch.Tensor) -> None:
-    """Keep ``norms`` (L, out) on the group's L layers (``_loralab_norm``): in place where a layer has one."""
+    """Keep ``norms`` (L, out) and m / n on the group's L layers (``_loralab_norm``, ``_loralab_ratio``): in place
+    where a layer has them."""
+    ratios = torch.stack([module.lora_magnitude_vector[name].weight.detach() for module, name, _ in members]) / norms
     kept, fresh = [], []
-    for (module, name, _), norm in zip(members, norms.unbind(0), strict=True):
+    for (module, name, _), norm, ratio in zip(members, norms.unbind(0), ratios.unbind(0), strict=True):
         holder = module.lora_magnitude_vector[name]
-        old = getattr(holder, "_loralab_norm", None)
-        if old is None or old.shape != norm.shape or old.device != norm.device:
-            holder._loralab_norm = norm.clone()
+        old = (getattr(holder, "_loralab_norm", None), getattr(holder, "_loralab_ratio", None))
+        if old[0] is None or old[1] is None or old[0].shape != norm.shape or old[0].device != norm.device:
+            holder._loralab_norm, holder._loralab_ratio = norm.clone(), ratio.clone()
         else:
-            kept.append(old)
-            fresh.append(norm)
+            kept += old
+            fresh += (norm, ratio)
     if kept:
         torch._foreach_copy_(kept, fresh)  # in place: one kernel for the group, not one per layer
 
@@ -360,7 +360,7 @@ def _keep_norms(members: list, norms: torch.Tensor) -> None:
 @contextlib.contextmanager
 def reusing_dora_norms():
     """Inside: fast DoRA forwards read the norms ``refresh_dora_norms`` stored (a layer it has not
-    computed computes its own). The caller guarantees A and B have not changed since that refresh:
+    computed computes its own). The caller guarantees A, B and the magnitudes have not changed since that refresh:
     the training step holds it over its micro-batches, between the refresh and the optimizer step."""
     global _REUSE_NORMS
     before, _REUSE_NORMS = _REUSE_NORMS, True
