@@ -518,3 +518,69 @@ def test_dora_against_lora_h100_section_is_its_files():
     h200 = {r["method"]: r for r in json.loads((RESULTS / "bench-fair/fair8b.json").read_text()) if r["stack"] == "loralab"}
     assert {h200[m]["speed"]["micro_batch"] for m in ("lora", "dora")} == {4}
     assert f"within its {h200['dora']['speed']['micro_batch_probe']['budget_gib']:.2f} GiB budget" in flat
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_ratio_h100_section_is_its_files():
+    """The 9a525c5 H100 section holds every table and note scripts/fair_bench_table.py prints from
+    results/bench-ratio-h100/; every DoRA row's micro-batches, step times and ratio are its call's ablation rows; the
+    reading's figures (goal ratios, what keeping m / n saved, the H200-budget ratio, the activation-budget peaks) are
+    those files', and "met" stands only beside ratios over 0.9."""
+    folder = RESULTS / "bench-ratio-h100"
+    flat, fair = _fair8b_section(folder, "### Training speed against the fairest peer, the defaults of commit 9a525c5 (H100)")
+    text = section("### Training speed against the fairest peer, the defaults of commit 9a525c5 (H100)")
+    files = {"7745008": [RESULTS / "bench-gramfirst-h100/doraabl.json"],
+             "9a525c5": [folder / "call2-doraabl.json", folder / "doraabl2.json", folder / "call2-doraabl-h200budget.json"]}
+
+    def rows_of(path):
+        return {(r["base"], r["variant"]): r for r in json.loads(path.read_text())}
+
+    table = [r for r in table_rows(text) if r.startswith(("| 7745008", "| 9a525c5"))]
+    assert len(table) == 9
+    for line in table:
+        commit, what, base, micro, lora_ms, dora_ms, ratio = [c.strip() for c in line.strip("|").split("|")]
+        base = {"FP8": "fp8", "bf16": "bf16"}[base]
+        variant = next((v for v in ("dora-per-group-gram", "dora-ratio-in-forward") if v in what), "dora")
+        variant = "dora-per-group-gram" if "each group's Gram" in what else variant
+        path = files[commit][0 if commit == "7745008" or "second call" not in what else 1]
+        path = files[commit][2] if "memory_fraction" in what else path
+        rows = rows_of(path)
+        lora, dora = rows[(base, "lora")], rows[(base, variant)]
+        assert micro == f"{lora['speed']['micro_batch']} / {dora['speed']['micro_batch']}", line
+        assert (lora_ms, dora_ms) == (f"{lora['step_ms']:.2f}", f"{dora['step_ms']:.2f}"), line
+        assert ratio == f"{dora['throughput'] / lora['throughput']:.4f}", line
+    call2, call3 = rows_of(files["9a525c5"][0]), rows_of(files["9a525c5"][1])
+    saved = call2[("fp8", "dora-ratio-in-forward")]["step_ms"] - call2[("fp8", "dora")]["step_ms"]
+    assert f"Keeping m / n in the refresh saved {saved:.2f} ms" in flat
+    ratios = [c[("fp8", "dora")]["throughput"] / c[("fp8", "lora")]["throughput"] for c in (call2, call3)]
+    ratios.append(fair[("fp8+dora", "loralab")]["throughput"] / fair[("fp8+lora", "loralab")]["throughput"])
+    assert f"FP8 DoRA / LoRA is now {ratios[0]:.4f}, {ratios[1]:.4f} and {ratios[2]:.4f}" in flat
+    assert min(ratios) > 0.9 and f"by {min(ratios) - 0.9:.4f} to {max(ratios) - 0.9:.4f}" in flat
+    bf16 = fair[("dora", "loralab")]["throughput"] / fair[("lora", "loralab")]["throughput"]
+    assert bf16 < 0.9 and f"bf16 DoRA / LoRA is {bf16:.3f}** (`fair8b`): not met" in flat
+    budget = rows_of(files["9a525c5"][2])
+    assert f"DoRA ran **{budget[('bf16', 'dora')]['throughput'] / budget[('bf16', 'lora')]['throughput']:.4f}**" in flat
+    assert {r["speed"]["memory_fraction"] for r in budget.values()} == {0.441}
+    for b in ("0.7", "0.6"):
+        act = json.loads((folder / f"actdora-{b}.json").read_text())[0]
+        assert act["speed"]["micro_batch"] == 2 and act["peak_memory_gib"] > 19.79
+        assert f"{act['peak_memory_gib']:.2f} GiB with" in flat
+    lora, fp8 = fair[("lora", "loralab")], fair[("fp8+lora", "loralab")]
+    assert f"({lora['ratio_best_peer']:.2f}x and {fp8['ratio_best_peer']:.2f}x the best peer)" in flat
+    peers = [fair[(m, "loralab")]["ratio_best_peer"] for m in ("dora", "fp8+dora")]
+    assert f"DoRA runs {peers[0]:.2f}x and {peers[1]:.2f}x the best peer's DoRA" in flat
+    docs, liger = fair[("lora", "peer")]["throughput"], fair[("lora", "liger")]["throughput"]
+    assert liger < docs and f"({liger:,.0f} against {docs:,.0f} tokens/s)" in flat
+
+
+def test_fp8_rounding_sentence_is_its_file():
+    """The FP8 loss-curve section's sentence on finer weight scales quotes results/fp8-rounding-cpu's table: the
+    per-row over 1x128 error factors and FP8's error over bf16's, each the range over the three groups."""
+    d = json.loads((RESULTS / "fp8-rounding-cpu/fp8_rounding.json").read_text())
+    t = {(r["group"], r["rounding"]): r["weight_error_median"] for r in d["table"]}
+    factor = [t[(g, "per-row")] / t[(g, "1x128")] for g in d["groups"]]
+    over_bf16 = [t[(g, r)] / t[(g, "bf16")] for g in d["groups"] for r in ("per-tensor", "per-row", "1x128", "128x128")]
+    flat = " ".join(section("### An FP8 base's loss curve at the 8B shape (H100)").split())
+    assert f"by a factor of only {min(factor):.3f} to {max(factor):.3f} against one per row" in flat
+    assert f"FP8's error stayed {min(over_bf16):.1f} to {max(over_bf16):.1f} times bf16's" in flat
+    assert d["per_row_bitwise_all"] is True and max(factor) < 1.05

@@ -1,0 +1,1 @@
+python3 scripts/dora_ablation_bench.py --bases fp8 bf16 --variants lora dora dora-per-group-gram --micro-batch auto --refresh-forms shipped per-group-gram gram-split-32 --output /root/out/doraabl.json
