@@ -14,8 +14,9 @@ differ only in what the variant changes:
                   gradient costs; its gap to ``lora`` is the rest (the norm refresh, the combine's scaling
                   forward and backward, the saved output).
   dora-norm-once  fast DoRA whose step never refreshes the norm after the step is built (``run.step``'s
-                  ``refresh_dora_norms`` patched to do nothing after its first call; the norms go stale as A
-                  and B train): its gap to ``dora`` is what the once-per-step refresh costs inside the step
+                  ``refresh_dora_norms`` patched to do nothing after its first call; the norms and the kept m / n
+                  go stale as A, B and m train, so the magnitude's gradient, which divides by the live m, is not
+                  DoRA's either): its gap to ``dora`` is what the once-per-step refresh costs inside the step
                   (compiled and, on CUDA, graphed as the step runs it).
   lora-probe-dynamic, dora-probe-dynamic
                   LoRA and DoRA with ``run.step.forget_probe_compiles`` patched to keep the probe's compiled
@@ -32,7 +33,7 @@ differ only in what the variant changes:
 
 each on the float base (``bf16``: bf16 on a GPU; the bench runs float32 on CPU, as the dtype column says) and
 on the FP8 base (``--bases``). After the ``dora`` row on each base the script also times
-``speed.fast_dora.refresh_dora_norms`` alone on that row's model, outside any CUDA graph (median of 10, CUDA
+``speed.dora_refresh.refresh_dora_norms`` alone on that row's model, outside any CUDA graph (median of 10, CUDA
 events on a GPU), eager and with its elementwise tail compiled as the step compiles it. Not a unit of speed
 that a user sees (a user's DoRA trains its magnitude and refreshes its norm): a diagnostic, whose rows say
 which part to work on. The frozen variant also leaves the magnitudes out of AdamW and may change what the
@@ -61,15 +62,15 @@ from loralab.bench import runner
 from loralab.bench.workloads import FP8, presets
 from loralab.commands.bench import parse_speed
 from loralab.run import step as run_step
-from loralab.speed import fast_dora
-from loralab.speed.fast_dora import refresh_dora_norms
+from loralab.speed import dora_refresh
+from loralab.speed.dora_refresh import refresh_dora_norms
 
 VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic",
             "dora-per-group-gram", "dora-ratio-in-forward")
 
 
 def keep_norms_only(members: list, norms: torch.Tensor) -> None:
-    """``fast_dora._keep_norms`` before the refresh kept m / n: the norms alone, in place where a layer has one."""
+    """``dora_refresh._keep_norms`` before the refresh kept m / n: the norms alone, in place where a layer has one."""
     kept, fresh = [], []
     for (module, name, _), norm in zip(members, norms.unbind(0), strict=True):
         holder = module.lora_magnitude_vector[name]
@@ -114,7 +115,7 @@ def run(args) -> list[dict]:
     print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps after "
           f"{args.warmup} warm-up, {args.device}", flush=True)
     original_wrap, original_refresh, original_forget = runner.wrap, run_step.refresh_dora_norms, run_step.forget_probe_compiles
-    original_keep = fast_dora._keep_norms
+    original_keep = dora_refresh._keep_norms
     rows, profiles = [], []
     for base in args.bases:
         for variant in args.variants:
@@ -141,7 +142,7 @@ def run(args) -> list[dict]:
             if variant == "dora-per-group-gram":
                 run_step.refresh_dora_norms = refresh_per_group
             if variant == "dora-ratio-in-forward":
-                fast_dora._keep_norms = keep_norms_only
+                dora_refresh._keep_norms = keep_norms_only
             if variant.endswith("-probe-dynamic"):
                 run_step.forget_probe_compiles = lambda: False
             try:
@@ -152,7 +153,7 @@ def run(args) -> list[dict]:
                 runner.wrap = original_wrap
                 run_step.refresh_dora_norms = original_refresh
                 run_step.forget_probe_compiles = original_forget
-                fast_dora._keep_norms = original_keep
+                dora_refresh._keep_norms = original_keep
             if variant == "dora-norm-once":
                 row["refresh_python_calls"] = len(calls)
             row.update(variant=variant, base=base, frozen_magnitudes=built.get("frozen", 0))

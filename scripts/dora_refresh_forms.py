@@ -1,7 +1,7 @@
 """Fast DoRA's once-a-step norm refresh on an FP8 base, timed as the step runs it, in other forms of its two
 costly products (issue 22: "DoRA within 10 % of LoRA"; used by ``dora_ablation_bench.py --refresh-forms``).
 
-The refresh (``speed/fast_dora.refresh_dora_norms``) was 9.2 ms of an 8B FP8 DoRA step's 17.4 ms over LoRA's on
+The refresh (``speed/dora_refresh.refresh_dora_norms``) was 9.2 ms of an 8B FP8 DoRA step's 17.4 ms over LoRA's on
 an H100 (results/bench-doraabl-h100). Its profile: ~20 us per layer for ``W·Aᵀ`` (``speed/fp8.weights_times``)
 and ~210 us per group for the float32 Gram bmm ``A·Aᵀ`` ((L, r, K) x (L, K, r): L x r x r outputs, few thread
 blocks over a long K). The forms:
@@ -40,7 +40,7 @@ import contextlib
 import torch
 from kernel_timing import median_ms
 
-from loralab.speed import fast_dora
+from loralab.speed import dora_refresh, fast_dora
 from loralab.speed import fp8 as fp8_mod
 from loralab.speed import streams as streams_mod
 
@@ -86,19 +86,19 @@ def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS, contiguous: bool = Fa
 
 @torch.no_grad()
 def refresh_per_group(model, compile_backend=None) -> int:
-    """``fast_dora.refresh_dora_norms`` as at 10f2552: group after group, the group's Gram on the aside stream beside
+    """``dora_refresh.refresh_dora_norms`` as at 10f2552: group after group, the group's Gram on the aside stream beside
     that group's products only, its norms kept before the next group starts. The same values as the shipped form."""
     tail = (fast_dora._norm_from_products if compile_backend is None
-            else fast_dora._compiled_norm_from_products(compile_backend))
+            else dora_refresh._compiled_norm_from_products(compile_backend))
     count = 0
-    for (*_, scaling), members in fast_dora._refresh_groups(model).items():
+    for (*_, scaling), members in dora_refresh._refresh_groups(model).items():
         a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
         b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
         with streams_mod.aside(a.device) as run_aside:
             with run_aside():
                 gram = fast_dora._gram(a.float())
-            wa = fast_dora._group_products(members, a)
-        fast_dora._keep_norms(members, tail(torch.stack([parts[0] for *_, parts in members]), wa, a, b, scaling, gram))
+            wa = dora_refresh._group_products(members, a)
+        dora_refresh._keep_norms(members, tail(torch.stack([parts[0] for *_, parts in members]), wa, a, b, scaling, gram))
         count += len(members)
     return count
 
@@ -109,25 +109,25 @@ def form(name: str):
     and compiled copies as they were after it."""
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
-    saved = (fast_dora.weights_times, fast_dora._gram, dict(fast_dora._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
-             fast_dora.refresh_dora_norms)
+    saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
+             dora_refresh.refresh_dora_norms)
     try:
         if name == "per-group-gram":
-            fast_dora.refresh_dora_norms = refresh_per_group
+            dora_refresh.refresh_dora_norms = refresh_per_group
         if name == "codes-left":
-            fast_dora.weights_times = weights_times_codes_left
+            dora_refresh.weights_times = weights_times_codes_left
         if name == "cast-stack":
-            fast_dora.weights_times = weights_times_cast_stack
+            dora_refresh.weights_times = weights_times_cast_stack
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
             fast_dora._gram = lambda a, _how=GRAM_CHUNKS_OF[name]: gram_split(a, *_how)
         streams_mod.PRODUCT_STREAMS = STREAMS.get(name, saved[3])
-        fast_dora._COMPILED_NORMS.clear()
+        dora_refresh._COMPILED_NORMS.clear()
         yield
     finally:
-        fast_dora.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
-        fast_dora.refresh_dora_norms = saved[4]
-        fast_dora._COMPILED_NORMS.clear()
-        fast_dora._COMPILED_NORMS.update(saved[2])
+        dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
+        dora_refresh.refresh_dora_norms = saved[4]
+        dora_refresh._COMPILED_NORMS.clear()
+        dora_refresh._COMPILED_NORMS.update(saved[2])
 
 
 def _norms(model) -> list[torch.Tensor]:
@@ -136,7 +136,7 @@ def _norms(model) -> list[torch.Tensor]:
 
 def _refresh_ms(model, device: str, backend, repeats: int) -> float:
     def refresh():
-        fast_dora.refresh_dora_norms(model, backend)
+        dora_refresh.refresh_dora_norms(model, backend)
 
     if device != "cuda":
         return median_ms(refresh, repeats, warmup=1, device=device)
@@ -161,15 +161,15 @@ def time_forms(model, device: str, backend=None, forms=FORMS, repeats: int = 20)
     ``speed.dora_norms_backend``; None: eager). The shipped form runs first whether asked or not (the
     reference norms); the model's kept norms end as the shipped form computes them."""
     with torch.no_grad():
-        fast_dora.refresh_dora_norms(model, backend)
+        dora_refresh.refresh_dora_norms(model, backend)
         reference = _norms(model)
         out = {}
         for name in forms:
             with form(name):
-                calls = fast_dora.refresh_dora_norms(model, backend)
+                calls = dora_refresh.refresh_dora_norms(model, backend)
                 got = _norms(model)
                 ms = _refresh_ms(model, device, backend, repeats)
             diff = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(got, reference))
             out[name] = {"ms": round(ms, 3), "max_rel_diff": diff, "calls": calls}
-        fast_dora.refresh_dora_norms(model, backend)
+        dora_refresh.refresh_dora_norms(model, backend)
     return out

@@ -1,6 +1,6 @@
 """The FP8 DoRA norm refresh's two costly products, each in two forms, timed alone on CUDA (issue 22).
 
-The refresh (``speed/fast_dora.refresh_dora_norms``) takes, per layer, ``W·Aᵀ`` from the FP8 codes through
+The refresh (``speed/dora_refresh.refresh_dora_norms``) takes, per layer, ``W·Aᵀ`` from the FP8 codes through
 ``speed/fp8.weights_times`` (through 22cac1c ``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``, an (N x 2r) output,
 2r = 64 at r32; since bbd7c40 the terms-left form below) and, per group of L layers, the Gram matrices ``A·Aᵀ``
 by one float32 bmm ((L, r, K) x (L, K, r)). In the profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the first ran ~20 us per layer

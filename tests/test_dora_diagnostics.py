@@ -11,7 +11,7 @@ import torch
 
 from loralab.bench import runner
 from loralab.run import step as run_step
-from loralab.speed import fast_dora
+from loralab.speed import dora_refresh, fast_dora
 from loralab.speed.fp8 import FP8, split_rows, weights_times
 
 
@@ -41,7 +41,7 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
     norm-once variant's step computes the norm once (at its build) where the shipped step computes it at every
     step; the script puts the step's refresh and the bench's wrap back."""
     ablation = load_script("dora_ablation_bench")
-    real_refresh, real_wrap, real_keep, ratios = run_step.refresh_dora_norms, runner.wrap, fast_dora._keep_norms, {}
+    real_refresh, real_wrap, real_keep, ratios = run_step.refresh_dora_norms, runner.wrap, dora_refresh._keep_norms, {}
     refreshes, models, initial = [], [], []
 
     def counted_refresh(model, backend=None):
@@ -68,7 +68,7 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
         params[variant] = {n: (p.requires_grad, p.detach().clone()) for n, p in models[-1].named_parameters()
                            if "lora_" in n}
         assert run_step.refresh_dora_norms is counted_refresh and runner.wrap is kept_wrap  # put back
-        assert fast_dora._keep_norms is real_keep
+        assert dora_refresh._keep_norms is real_keep
         ratios[variant] = sum(hasattr(m.lora_magnitude_vector["default"], "_loralab_ratio")
                               for m, _ in fast_dora._fast_dora_adapters(models[-1]))
     row = rows["dora-norm-once"]
@@ -76,7 +76,7 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
     # make_step's refresh, then one per step (1 warm-up, the first of its shape, 2 timed); norm-once: the first only;
     # per-group-gram: the script's own refresh in the step, never the shipped one
     assert counts["dora"] == 1 + 4 and counts["dora-norm-once"] == 1 and counts["dora-per-group-gram"] == 0
-    assert ratios["dora"] == 14 and ratios["dora-ratio-in-forward"] == 0  # that row's forwards make m / n each time
+    assert ratios["dora"] == ratios["dora-per-group-gram"] == 14 and ratios["dora-ratio-in-forward"] == 0  # that row's forwards make m / n each time
     assert all(r["speed"]["memory_fraction"] == 0.5 and r["speed"]["micro_batch"] == 2 for r in rows.values())
     with pytest.raises(SystemExit):  # the micro-batch has one way in
         ablation.main(["--device", "cpu", "--preset", "tiny", "--speed", "micro_batch=2"])
@@ -112,7 +112,7 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     fast_dora.enable_fast_dora(model)
     from loralab.speed import streams
 
-    shipped = (fast_dora.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS)
+    shipped = (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS)
     codes_left, calls = forms.weights_times_codes_left, {}
     alternatives = ("weights_times_cast_stack", "weights_times_codes_left", "gram_split")
     for attr in alternatives:  # each form's own product, counted
@@ -127,6 +127,6 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     assert all(v["max_rel_diff"] < 1e-5 for v in got.values()), got
     # each form: 4 groups (q/o, k/v, gate/up, down) x (1 checked + 2 timed) calls of its product
     assert calls == {**dict.fromkeys(alternatives, 4 * 3), "gram_split": 2 * 4 * 3}, calls  # two Gram forms
-    assert (fast_dora.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS) == shipped
+    assert (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS) == shipped
     monkeypatch.setattr(forms, "weights_times_codes_left", lambda codes, scales, a: codes_left(codes, scales, a) * 0)
     assert forms.time_forms(model, "cpu", None, forms=["codes-left"], repeats=1)["codes-left"]["max_rel_diff"] > 1e-3

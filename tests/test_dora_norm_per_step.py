@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loralab.run.step import make_step
-from loralab.speed import fast_dora
+from loralab.speed import dora_refresh, fast_dora
 from loralab.speed.graphs import GraphedTraining
 
 
@@ -72,15 +72,21 @@ def test_the_refresh_keeps_m_over_n_in_place_beside_the_norm():
     """The refresh keeps m / n (the combine's scale) beside each norm, the magnitude over the kept norm, and a later
     refresh writes both into the same tensors (what a captured refresh graph writes) after a magnitude moved."""
     model = _dora_llama()
-    assert fast_dora.enable_fast_dora(model) == 14 and fast_dora.refresh_dora_norms(model) == 14
+    assert fast_dora.enable_fast_dora(model) == 14 and dora_refresh.refresh_dora_norms(model) == 14
     holder = model.base_model.model.model.layers[0].mlp.down_proj.lora_magnitude_vector["default"]
     ratio, norm = holder._loralab_ratio, holder._loralab_norm
     assert torch.equal(ratio, holder.weight / norm)
     with torch.no_grad():
         holder.weight.mul_(1.5)
-    fast_dora.refresh_dora_norms(model)
+    dora_refresh.refresh_dora_norms(model)
     assert holder._loralab_ratio is ratio and holder._loralab_norm is norm
     assert torch.equal(ratio, holder.weight / norm)
+    ids = torch.tensor([_features(1)[0]["input_ids"]])
+    model.eval()
+    with torch.no_grad(), fast_dora.reusing_dora_norms():  # the forwards scale by the kept m / n
+        kept = model(input_ids=ids).logits
+        ratio.mul_(2)
+        assert not torch.allclose(model(input_ids=ids).logits, kept)
 
 
 def test_outside_the_step_a_forward_computes_its_own_norm():
@@ -163,9 +169,9 @@ def _refresh_kernels(layers: int, base: str) -> tuple[int, int]:
 
     model = _sized_dora_llama(layers, torch.float16 if base == "fp8-fp16" else torch.bfloat16, base.split("-")[0])
     fast_dora.enable_fast_dora(model)
-    fast_dora.refresh_dora_norms(model)  # the first call makes the kept tensors; later ones copy into them
+    dora_refresh.refresh_dora_norms(model)  # the first call makes the kept tensors; later ones copy into them
     with Count():
-        count = fast_dora.refresh_dora_norms(model)
+        count = dora_refresh.refresh_dora_norms(model)
     return Count.ops, count
 
 
@@ -188,13 +194,13 @@ def test_the_refresh_groups_hold_the_layers_own_weights_not_copies(dtype, r):
     whole FP8 base, at the refresh's peak and, graphed, in the CUDA graph's pool."""
     model = _sized_dora_llama(2, dtype, r=r)
     fast_dora.enable_fast_dora(model)
-    groups = fast_dora._refresh_groups(model)
+    groups = dora_refresh._refresh_groups(model)
     assert sum(len(m) for m in groups.values()) == 14
     for members in groups.values():
         for module, _, parts in members:
             assert parts[1].untyped_storage().data_ptr() == module.get_base_layer().weight.untyped_storage().data_ptr()
             assert parts[2] in (torch.float16, torch.float32, torch.bfloat16) and parts[4] is False
-    assert fast_dora.refresh_dora_norms(model) == 14
+    assert dora_refresh.refresh_dora_norms(model) == 14
     for module, name in fast_dora._fast_dora_adapters(model):
         a, b = module.lora_A[name].weight, module.lora_B[name].weight
         torch.testing.assert_close(module.lora_magnitude_vector[name]._loralab_norm,
@@ -211,7 +217,7 @@ def test_the_stacked_refresh_equals_one_layers_norm_to_a_float32_ulp():
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=16, lora_alpha=32, use_dora=True, init_lora_weights=False,
                                                              target_modules="all-linear"))
     fast_dora.enable_fast_dora(model)
-    assert fast_dora.refresh_dora_norms(model) == 7
+    assert dora_refresh.refresh_dora_norms(model) == 7
     for module, name in fast_dora._fast_dora_adapters(model):
         a, b = module.lora_A[name].weight, module.lora_B[name].weight
         torch.testing.assert_close(module.lora_magnitude_vector[name]._loralab_norm,
@@ -291,9 +297,9 @@ def test_the_compiled_refresh_is_a_few_graphs_for_every_layer_and_equals_eager(b
 
     torch._dynamo.reset()
     try:
-        assert fast_dora.refresh_dora_norms(model) == 7 * layers
+        assert dora_refresh.refresh_dora_norms(model) == 7 * layers
         eager = [m.lora_magnitude_vector["default"]._loralab_norm.clone() for m, _ in fast_dora._fast_dora_adapters(model)]
-        assert fast_dora.refresh_dora_norms(model, counting_backend) == 7 * layers
+        assert dora_refresh.refresh_dora_norms(model, counting_backend) == 7 * layers
         compiled = [m.lora_magnitude_vector["default"]._loralab_norm for m, _ in fast_dora._fast_dora_adapters(model)]
     finally:
         torch._dynamo.reset()

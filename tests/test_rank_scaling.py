@@ -316,7 +316,8 @@ def test_compiled_decoder_layers_share_one_graph_with_a_rewrite(rewrite, dora, b
     ids = torch.randint(0, 96, (2, 8))
     step_norms = contextlib.nullcontext()
     if base.endswith("step-norms"):
-        from loralab.speed.fast_dora import refresh_dora_norms, reusing_dora_norms
+        from loralab.speed.dora_refresh import refresh_dora_norms
+        from loralab.speed.fast_dora import reusing_dora_norms
 
         assert refresh_dora_norms(model) == 28
         step_norms = reusing_dora_norms()

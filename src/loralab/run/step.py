@@ -41,7 +41,8 @@ from loralab.config import LOSS_CHUNK, ConfigError, Speed
 from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
-from loralab.speed.fast_dora import fast_dora_layers, refresh_dora_norms, reusing_dora_norms
+from loralab.speed.dora_refresh import refresh_dora_norms
+from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
@@ -95,7 +96,7 @@ class Step:
     shards, the gradients summed over ranks after the last micro-batch (``run/reduce.py``), so
     ``graphs`` may stay on. ``dora_norms``: fast DoRA's weight norms are computed once per step, before
     its first micro-batch, and read by every micro-batch (``speed.dora_norm_per_step``,
-    ``speed/fast_dora.refresh_dora_norms``; ``dora_norms_backend``: its torch.compile backend, None: eager).
+    ``speed/dora_refresh.refresh_dora_norms``; ``dora_norms_backend``: its torch.compile backend, None: eager).
     """
 
     def __init__(self, model, optimizer, *, kind: str, normalization: str, micro_batch: int | None,

@@ -27,18 +27,9 @@ peft computes the base term ``W·dropout(x)`` with the dequantised weight; here 
 layer's own output does (the difference is the per-token activation rounding the FP8 forward adds). The packed NF4
 base has no such product and stays refused (``methods.Method.conflicts``).
 
-Once per optimizer step (``speed.dora_norm_per_step``, on by default): the norm depends on W (frozen), A and B, and A
-and B change only at the optimizer step, so a step of k micro-batches (gradient accumulation) needs it once, not k
-times. ``refresh_dora_norms(model)`` computes every fast DoRA layer's norm (and m / n) into tensors kept on the layer
-(the step calls it before its first micro-batch, from a CUDA graph of its own when the step is graphed), and inside
-``reusing_dora_norms()`` the forwards read them. The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms
-at an H100's 3.35 TB/s). Once a step made bf16 DoRA 1.119x (micro-batch 1) and FP8-base DoRA 1.035x (micro-batch 2) on
-an H100 (results/bench-dora-h100/); stacking layers, 1.018x (results/bench-refresh-h100/). Outside that context
-(evaluation, generation, a user's own loop) every forward computes its norm, so a changed A or B is never read stale.
-The same values as the per-forward norm up to the summation order of the refresh's batched matmuls
-(``refresh_dora_norms``: bitwise at small widths, about 1e-7 in float32 at realistic ones), except under autocast: the
-refresh runs outside it, so its products (A Aᵀ and B·(A Aᵀ) always, W·Aᵀ for a float32 weight) are taken in the
-tensors' own dtypes (bf16 in an autocast forward): closer to the float32 norm, not the same training bit for bit.
+Once per optimizer step (``speed.dora_norm_per_step``, on by default) the step computes every layer's norm and m / n
+in one refresh (``speed/dora_refresh.refresh_dora_norms``), and inside ``reusing_dora_norms()`` the forwards read
+them; outside it every forward computes its own.
 
 What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)`` (or
 ``PeftModel.from_pretrained``) ``enable_fast_dora(model)`` swaps each linear layer's ``DoraLinearVariant`` for
@@ -54,8 +45,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times, weights_times
-from loralab.speed.streams import aside, side_streams
+from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times
 
 _EPS = 1e-12
 _REUSE_NORMS = False
@@ -135,19 +125,6 @@ def _norm(module, adapter: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
     return _norm_of(*_norm_inputs(module, adapter, lora_A), lora_A, lora_B, scaling)
 
 
-_COMPILED_NORMS: dict = {}
-
-
-def _compiled_norm_from_products(backend):
-    """``_norm_from_products`` compiled with ``backend``, one per backend (the refresh's stacked groups), called
-    with plain tensors: dynamo keeps a Parameter's shape static, so mixed ranks (``rank_pattern``, Eva) would pass
-    the recompile limit; plain tensors go dynamic after the second shape (at most 4 graphs for 12 layers of 12
-    ranks: tests/test_dora_norm_per_step.py)."""
-    if backend not in _COMPILED_NORMS:
-        _COMPILED_NORMS[backend] = torch.compile(_norm_from_products, backend=backend, fullgraph=True)
-    return _COMPILED_NORMS[backend]
-
-
 @torch.no_grad()
 def dora_weight_norm(weight_sq: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                      lora_B: torch.Tensor, scaling: float, row_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,8 +164,9 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
 
 class _DoraCombine(torch.autograd.Function):
     """``out = (m / n) ⊙ (base + lora)`` with n constant (``lora`` already scaled: ``_lora``); saves only ``out``
-    (and m, m / n). Both inputs get the same gradient tensor. ``ratio``: m / n (out,) fp32 as the refresh kept it
-    (no per-layer kernel makes it in every forward), or None: computed here."""
+    (and m, m / n). Both inputs get the same gradient tensor. ``ratio``: m / n (out,) fp32 as the refresh kept it,
+    or None: divided here. Kept, the forward does not divide; its casts to the activations' dtype fuse into the
+    combine's elementwise kernels under torch.compile (eager, each is a small kernel, as the division was)."""
 
     @staticmethod
     def forward(ctx, base, lora, magnitude, norm, ratio=None):
@@ -266,95 +244,6 @@ def _fast_dora_adapters(model: nn.Module):
 def fast_dora_layers(model: nn.Module) -> int:
     """How many layer-adapters of ``model`` run the fast DoRA forward."""
     return sum(1 for _ in _fast_dora_adapters(model))
-
-
-def _refresh_groups(model: nn.Module) -> dict:
-    """The fast DoRA layer-adapters of ``model`` grouped so each group's norms stack into one computation:
-    {(weight shape, stored and product dtypes, device, how W·Aᵀ is taken, A's shape and dtype, B's dtype,
-    scaling): [(module, adapter, _weight_parts)]}. The groups hold the layers' own weights, never a converted
-    copy (``_group_products`` converts one layer at a time). Llama-3-8B's 224 layer-adapters make 4 groups
-    (q and o, k and v, gate and up, down)."""
-    groups: dict = {}
-    for module, name in _fast_dora_adapters(model):
-        a, b = module.lora_A[name].weight, module.lora_B[name].weight
-        parts = _weight_parts(module, name, a)
-        _, weight, dtype, row_scale, from_codes = parts
-        key = (tuple(weight.shape), weight.dtype, dtype, weight.device, row_scale is None, from_codes, tuple(a.shape),
-               a.dtype, b.dtype, float(module.scaling[name]))
-        groups.setdefault(key, []).append((module, name, parts))
-    return groups
-
-
-def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
-    """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer, from
-    their A's stacked (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer (an FP8
-    base's codes converted per layer where it does not read them as FP8: one copy alive at a time)."""
-    _, weight, dtype, row_scale, from_codes = members[0][2]
-    if from_codes:
-        return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
-    a = a.to(dtype or weight.dtype)
-    wa = torch.empty(len(members), weight.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
-    # each product in place, beside the others on side streams (speed/streams.py) unless it converts the codes
-    with side_streams(a.device, len(members) if dtype is None else 1) as stream_of:
-        for i, (*_, parts) in enumerate(members):
-            with stream_of(i):
-                torch.matmul(parts[1] if dtype is None else parts[1].to(dtype), a[i].T, out=wa[i])
-    wa = wa.float()
-    if row_scale is not None:
-        wa = wa * torch.stack([parts[3] for *_, parts in members])[..., None]
-    return wa
-
-
-@torch.no_grad()
-def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
-    """Compute each fast DoRA layer's weight norm n = ``||W + s·BA||_row`` (out,) fp32 and m / n now, and keep them
-    on the layer (``lora_magnitude_vector[adapter]._loralab_norm``, ``._loralab_ratio``: plain attributes, the state
-    dict is unchanged) for the forwards inside ``reusing_dora_norms()``. Returns how many layer-adapters it computed
-    (0: none). Later calls write into the same tensors, so a CUDA graph that captured this call, or a forward that
-    read them, sees the new values. Call it whenever A, B or a magnitude may have changed (the step: before its
-    first micro-batch). Not under FSDP: it needs every rank's whole W, A and B outside the forward.
-
-    Layers of one shape are computed together (``_refresh_groups``): A's and B's stacked, the small products
-    batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, every group's Gram A·Aᵀ taken first
-    on one more stream beside all of them: speed/streams.py), one copy into every kept norm. Layer by layer each
-    norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B; stacked, one op per layer (two where
-    an FP8 base's codes are converted) plus about 19 per group (37 on an FP8 base), counted on CPU by
-    tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the batched
-    matmuls' summation order: on CPU bitwise at the tests' small widths, within 1.5e-7 relative at hidden size
-    1024, rank 16. ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise tail fused as in
-    a compiled forward (``_compiled_norm_from_products``); eager, the layer-by-layer refresh had cost more than
-    the forward's norm it saved at micro-batch 2 of an 8B FP8 base (0.946x, results/bench-dora-h100/eager-dorab-*)."""
-    from_products = _norm_from_products if compile_backend is None else _compiled_norm_from_products(compile_backend)
-    groups = [(scaling, members, torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members]))
-              for (*_, scaling), members in _refresh_groups(model).items()]
-    if not groups:
-        return 0
-    with aside(groups[0][2].device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
-        with run_aside():
-            grams = [_gram(a.float()) for *_, a in groups]
-        products = [_group_products(members, a) for _, members, a in groups]
-    for (scaling, members, a), gram, wa in zip(groups, grams, products, strict=True):
-        _keep_norms(members, from_products(torch.stack([parts[0] for *_, parts in members]), wa, a,
-                                          torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members]),
-                                          scaling, gram))
-    return sum(len(members) for _, members, _ in groups)
-
-
-def _keep_norms(members: list, norms: torch.Tensor) -> None:
-    """Keep ``norms`` (L, out) and m / n on the group's L layers (``_loralab_norm``, ``_loralab_ratio``): in place
-    where a layer has them."""
-    ratios = torch.stack([module.lora_magnitude_vector[name].weight.detach() for module, name, _ in members]) / norms
-    kept, fresh = [], []
-    for (module, name, _), norm, ratio in zip(members, norms.unbind(0), ratios.unbind(0), strict=True):
-        holder = module.lora_magnitude_vector[name]
-        old = (getattr(holder, "_loralab_norm", None), getattr(holder, "_loralab_ratio", None))
-        if old[0] is None or old[1] is None or old[0].shape != norm.shape or old[0].device != norm.device:
-            holder._loralab_norm, holder._loralab_ratio = norm.clone(), ratio.clone()
-        else:
-            kept += old
-            fresh += (norm, ratio)
-    if kept:
-        torch._foreach_copy_(kept, fresh)  # in place: one kernel for the group, not one per layer
 
 
 @contextlib.contextmanager

@@ -223,7 +223,7 @@ def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torc
     refresh, captured in a CUDA graph on two H100s: 8.89-8.91 ms cast and stacked, 7.88-7.89 ms in place
     with the codes on the left (N, 2r), 7.75 ms with the terms on the left (results/bench-refreshforms-h100);
     7.73 ms on one stream against 5.11 ms on 4 side streams, on another H100 (results/bench-streams-h100).
-    Used by fast DoRA's once-a-step norm refresh (``speed/fast_dora.refresh_dora_norms``). Raises
+    Used by fast DoRA's once-a-step norm refresh (``speed/dora_refresh.refresh_dora_norms``). Raises
     ValueError when ``codes``, ``scales`` and ``a`` do not count the same L layers."""
     if not len(codes) == len(scales) == a.shape[0]:
         raise ValueError(f"weights_times: {len(codes)} codes, {len(scales)} scales and {a.shape[0]} A's; "
