@@ -140,7 +140,7 @@
 #   first, neutral; m / n kept by the refresh, -1.56 ms; FP8 DoRA / LoRA 0.904-0.908 at the defaults, met on an H100;
 #   bf16 0.825, DoRA's micro-batch 2 over the H100's budget, 0.919 at an H200's): (1) on an H200: fp8check fair8b, then
 #   recipe (the goals' own card: no H200 row has the code since 2026-12-04); (2) DoRA's bf16 memory at micro-batch 2
-#   (~21 GiB against 19.79 on an H100): its saved outputs of q, k, o and down, which no other op keeps.
+#   (~21 GiB against 19.79 on an H100): by our reading, its saved outputs of q, k, o and down, which no other op keeps.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -8,10 +8,11 @@ graph of its own when the step is graphed), and inside ``fast_dora.reusing_dora_
 The W·Aᵀ product reads all of W (16 GB for Llama-3-8B in bf16: ~5 ms at an H100's 3.35 TB/s). Once a step made bf16
 DoRA 1.119x (micro-batch 1) and FP8-base DoRA 1.035x (micro-batch 2) on an H100, one run each
 (results/bench-dora-h100/); stacking the layers of one shape, 1.018x on both (old tree, new, old again on one
-machine: results/bench-refresh-h100/); keeping m / n, so no forward divides and casts it (a kernel of its own per
-layer where the forward runs eager; fused into the combine's kernels under torch.compile), 1.56 ms of an 8B FP8
-DoRA step of 132.69 ms, one run each in one call (results/bench-ratio-h100/). Outside that context (evaluation,
-generation, a user's own loop) every forward computes its own, so a changed A, B or m is never read stale.
+machine: results/bench-refresh-h100/); keeping m / n, so no forward divides m by n (in a compiled forward that made,
+by our reading of the profile, a small kernel per layer, as m / n is also saved for the backward; the kept ratio's
+casts fuse into the combine's kernels), 1.56 ms of an 8B FP8 DoRA step of 132.69 ms, one run each in one call
+(results/bench-ratio-h100/). Outside that context (evaluation, generation, a user's own loop) every forward computes
+its own, so a changed A, B or m is never read stale.
 
 The same values as the per-forward norm up to the summation order of the batched matmuls (bitwise at small widths,
 about 1e-7 in float32 at realistic ones), except under autocast: the refresh runs outside it, so its products (A Aᵀ
