@@ -27,8 +27,9 @@ blocks over a long K). The forms:
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
 
-Each form is put in place by patching ``speed.fast_dora``'s module globals (``weights_times`` and ``_gram``,
-and clearing its compiled copies) for the time of its measure, then put back.
+Each form is put in place by patching module globals (``speed.dora_refresh``'s ``weights_times`` and
+``refresh_dora_norms``, ``speed.fast_dora``'s ``_gram``, ``speed.streams``' ``PRODUCT_STREAMS``; the refresh's
+compiled copies cleared) for the time of its measure, then put back.
 ``time_forms`` times ``refresh_dora_norms(model, backend)`` captured in one CUDA graph and replayed (median of
 20 replays), as the step's graph runs it; on CPU by the host clock, eager, a check that the forms agree.
 """
