@@ -89,17 +89,15 @@ def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS, contiguous: bool = Fa
 def refresh_per_group(model, compile_backend=None) -> int:
     """``dora_refresh.refresh_dora_norms`` as at 10f2552: group after group, the group's Gram on the aside stream beside
     that group's products only, its norms kept before the next group starts. The same values as the shipped form."""
-    tail = (fast_dora._norm_from_products if compile_backend is None
-            else dora_refresh._compiled_norm_from_products(compile_backend))
+    tail = dora_refresh._norms_tail(compile_backend)
     count = 0
     for (*_, scaling), members in dora_refresh._refresh_groups(model).items():
         a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
-        b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
         with streams_mod.aside(a.device) as run_aside:
             with run_aside():
                 gram = fast_dora._gram(a.float())
             wa = dora_refresh._group_products(members, a)
-        dora_refresh._keep_norms(members, tail(torch.stack([parts[0] for *_, parts in members]), wa, a, b, scaling, gram))
+        dora_refresh._keep_group(members, a, wa, gram, scaling, tail)
         count += len(members)
     return count
 

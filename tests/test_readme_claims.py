@@ -529,11 +529,15 @@ def test_ratio_h100_section_is_its_files():
     folder = RESULTS / "bench-ratio-h100"
     flat, fair = _fair8b_section(folder, "### Training speed against the fairest peer, the defaults of commit 9a525c5 (H100)")
     text = section("### Training speed against the fairest peer, the defaults of commit 9a525c5 (H100)")
-    files = {"7745008": [RESULTS / "bench-gramfirst-h100/doraabl.json"],
-             "9a525c5": [folder / "call2-doraabl.json", folder / "doraabl2.json", folder / "call2-doraabl-h200budget.json"]}
-
     def rows_of(path):
         return {(r["base"], r["variant"]): r for r in json.loads(path.read_text())}
+
+    def source(commit, what):  # the call a row names: its commit, then "second call" or the H200 budget
+        if commit == "7745008":
+            return RESULTS / "bench-gramfirst-h100/doraabl.json"
+        if "memory_fraction" in what:
+            return folder / "call2-doraabl-h200budget.json"
+        return folder / ("doraabl2.json" if "second call" in what else "call2-doraabl.json")
 
     table = [r for r in table_rows(text) if r.startswith(("| 7745008", "| 9a525c5"))]
     assert len(table) == 9
@@ -542,14 +546,12 @@ def test_ratio_h100_section_is_its_files():
         base = {"FP8": "fp8", "bf16": "bf16"}[base]
         variant = next((v for v in ("dora-per-group-gram", "dora-ratio-in-forward") if v in what), "dora")
         variant = "dora-per-group-gram" if "each group's Gram" in what else variant
-        path = files[commit][0 if commit == "7745008" or "second call" not in what else 1]
-        path = files[commit][2] if "memory_fraction" in what else path
-        rows = rows_of(path)
+        rows = rows_of(source(commit, what))
         lora, dora = rows[(base, "lora")], rows[(base, variant)]
         assert micro == f"{lora['speed']['micro_batch']} / {dora['speed']['micro_batch']}", line
         assert (lora_ms, dora_ms) == (f"{lora['step_ms']:.2f}", f"{dora['step_ms']:.2f}"), line
         assert ratio == f"{dora['throughput'] / lora['throughput']:.4f}", line
-    call2, call3 = rows_of(files["9a525c5"][0]), rows_of(files["9a525c5"][1])
+    call2, call3 = rows_of(folder / "call2-doraabl.json"), rows_of(folder / "doraabl2.json")
     saved = call2[("fp8", "dora-ratio-in-forward")]["step_ms"] - call2[("fp8", "dora")]["step_ms"]
     assert f"Keeping m / n in the refresh saved {saved:.2f} ms" in flat
     ratios = [c[("fp8", "dora")]["throughput"] / c[("fp8", "lora")]["throughput"] for c in (call2, call3)]
@@ -562,7 +564,7 @@ def test_ratio_h100_section_is_its_files():
     assert min(ratios) > 0.9 and f"by {min(ratios) - 0.9:.4f} to {max(ratios) - 0.9:.4f}" in flat
     bf16 = fair[("dora", "loralab")]["throughput"] / fair[("lora", "loralab")]["throughput"]
     assert bf16 < 0.9 and f"bf16 DoRA / LoRA is {bf16:.3f}** (`fair8b`): not met" in flat
-    budget = rows_of(files["9a525c5"][2])
+    budget = rows_of(folder / "call2-doraabl-h200budget.json")
     assert f"DoRA ran **{budget[('bf16', 'dora')]['throughput'] / budget[('bf16', 'lora')]['throughput']:.4f}**" in flat
     assert {r["speed"]["memory_fraction"] for r in budget.values()} == {0.441}
     for b in ("0.7", "0.6"):

@@ -35,11 +35,13 @@ from loralab.speed.streams import aside, side_streams
 _COMPILED_NORMS: dict = {}
 
 
-def _compiled_norm_from_products(backend):
-    """``_norm_from_products`` compiled with ``backend``, one per backend (the refresh's stacked groups), called
-    with plain tensors: dynamo keeps a Parameter's shape static, so mixed ranks (``rank_pattern``, Eva) would pass
-    the recompile limit; plain tensors go dynamic after the second shape (at most 4 graphs for 12 layers of 12
-    ranks: tests/test_dora_norm_per_step.py)."""
+def _norms_tail(backend):
+    """``fast_dora._norm_from_products`` (``backend`` None), or that function compiled with ``backend``, one per
+    backend (the refresh's stacked groups), called with plain tensors: dynamo keeps a Parameter's shape static, so
+    mixed ranks (``rank_pattern``, Eva) would pass the recompile limit; plain tensors go dynamic after the second
+    shape (at most 4 graphs for 12 layers of 12 ranks: tests/test_dora_norm_per_step.py)."""
+    if backend is None:
+        return fast_dora._norm_from_products
     if backend not in _COMPILED_NORMS:
         _COMPILED_NORMS[backend] = torch.compile(fast_dora._norm_from_products, backend=backend, fullgraph=True)
     return _COMPILED_NORMS[backend]
@@ -98,12 +100,12 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     group's alone, ~117 MB, before every Gram went first: results/bench-gramfirst-h100, where the step's peak did
     not move). Layer by layer each norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B;
     stacked, one op per layer (two where an FP8 base's codes are converted) plus about 21 per group (39 on an FP8
-    base), counted on CPU by tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``) up to the batched
-    matmuls' summation order: on CPU bitwise at the tests' small widths, within 1.5e-7 relative at hidden size
-    1024, rank 16. ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise tail fused as in
-    a compiled forward (``_compiled_norm_from_products``); eager, the layer-by-layer refresh had cost more than
+    base), counted on CPU by tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``)
+    up to the batched matmuls' summation order: on CPU bitwise at the tests' small widths, within 1.5e-7 relative
+    at hidden size 1024, rank 16. ``compile_backend`` (e.g. "inductor"; None: eager): the stacked elementwise tail fused as in
+    a compiled forward (``_norms_tail``); eager, the layer-by-layer refresh had cost more than
     the forward's norm it saved at micro-batch 2 of an 8B FP8 base (0.946x, results/bench-dora-h100/eager-dorab-*)."""
-    from_products = fast_dora._norm_from_products if compile_backend is None else _compiled_norm_from_products(compile_backend)
+    from_products = _norms_tail(compile_backend)
     groups = [(scaling, members, torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members]))
               for (*_, scaling), members in _refresh_groups(model).items()]
     if not groups:
@@ -113,10 +115,17 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
             grams = [fast_dora._gram(a.float()) for *_, a in groups]
         products = [_group_products(members, a) for _, members, a in groups]
     for (scaling, members, a), gram, wa in zip(groups, grams, products, strict=True):
-        _keep_norms(members, from_products(torch.stack([parts[0] for *_, parts in members]), wa, a,
-                                          torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members]),
-                                          scaling, gram))
+        _keep_group(members, a, wa, gram, scaling, from_products)
     return sum(len(members) for _, members, _ in groups)
+
+
+def _keep_group(members: list, a: torch.Tensor, wa: torch.Tensor, gram: torch.Tensor, scaling: float,
+                from_products) -> None:
+    """One group's norms from its products (``a`` (L, r, in) stacked A's, ``wa`` (L, out, r), ``gram`` (L, r, r)),
+    through ``from_products`` (``fast_dora._norm_from_products`` or its compiled copy), kept on its layers."""
+    weight_sq = torch.stack([parts[0] for *_, parts in members])
+    b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
+    _keep_norms(members, from_products(weight_sq, wa, a, b, scaling, gram))
 
 
 def _keep_norms(members: list, norms: torch.Tensor) -> None:
