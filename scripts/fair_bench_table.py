@@ -296,7 +296,9 @@ def main() -> None:
                 continue
             vs = (f"{r['throughput'] / base['throughput']:.3f}x | {r['peak_memory_gib'] - base['peak_memory_gib']:+.2f} GiB"
                   if base.get("throughput") else " | ")
-            print(f"| {b} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.2f} GiB | {r.get('micro_batch')} | {vs} |")
+            fell_back = (r.get("activation_memory_budget_partitions") or {}).get("fell_back")  # rows since 2026-12-06
+            label = f"{b} ({fell_back} graph(s) fell back to 1.0)" if fell_back else b
+            print(f"| {label} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.2f} GiB | {r.get('micro_batch')} | {vs} |")
         print()
     if (out / "probe8b.json").exists():  # loralab's 8B rows after the probe learnt the optimizer state and small loss chunks
         probe_table(out, notes)

@@ -158,3 +158,37 @@ def test_the_gpu_table_script_reports_a_partial_loss_curve_file_and_a_changed_re
     (tmp_path / "fp8loss.json").write_text(json.dumps(whole))
     script.main()
     assert "Two identical bf16 runs on a GPU" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two bench rows of the tiny preset on CPU, layers compiled (~10 s)
+def test_a_bench_row_records_whether_its_budgeted_partition_held(monkeypatch, recwarn):
+    """A loralab row at an activation budget below 1 says how torch's partition went, as `loralab run`'s record
+    does: a row at 0.6 whose partition failed (torch 2.11's grouped-query SDPA flop count on an H100,
+    results/bench-ratio-h100/actdora.log) ran at the default budget, and its row says so, not the 0.6 alone."""
+    import torch
+    import torch._functorch.config as functorch_config
+
+    from loralab.bench import runner
+    from loralab.speed.step import budgeted_backend
+
+    def fails_under_a_budget(gm, example_inputs):
+        if functorch_config.activation_memory_budget < 1:
+            raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
+        return gm.forward
+
+    monkeypatch.setattr("torch._dynamo.lookup_backend", lambda name: fails_under_a_budget)
+    workload = next(w for w in presets("tiny") if w.name.startswith("tiny-llama/fixed"))
+    rows = {}
+    try:
+        for budget in (0.6, 1.0):
+            budgeted_backend.cache_clear()
+            torch._dynamo.reset()
+            rows[budget] = runner.run_one(workload, "lora", "loralab", "cpu", 1, 1, speed={
+                "compile": True, "cuda_graphs": False, "activation_memory_budget": budget, "micro_batch": 2})
+    finally:
+        budgeted_backend.cache_clear()
+        torch._dynamo.reset()
+    held = rows[0.6]["activation_memory_budget_partitions"]
+    assert rows[0.6]["speed"]["activation_memory_budget"] == 0.6 and held["fell_back"] >= 1 and held["within_budget"] == 0
+    assert "sdpa_flop_count" in held["error"]
+    assert "activation_memory_budget_partitions" not in rows[1.0]  # nothing budgeted, nothing to say

@@ -50,7 +50,7 @@ from loralab.config import FP8_ONLY_SPEED
 from loralab.run.probe import pending_state_bytes
 from loralab.run.step import Step, make_step
 from loralab.shapes import MODELS
-from loralab.speed.step import _hf_model
+from loralab.speed.step import _hf_model, budget_partitions, partitions_since
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
 PEER_STACKS = ("peer", "liger", "tuned")
@@ -146,6 +146,7 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
     vocab, pad_id = spec["vocab_size"], spec.get("pad_token_id", 0)
     data = step_features(w, vocab, warmup + steps)
     resolved, runner, tuned = None, None, None
+    partitions = budget_partitions()  # the probe compiles too
     if stack == "loralab":
         runner, resolved = loralab_step(model, data, kind="seq_cls" if seq_cls else "causal_lm", dtype=dtype,
                                         max_length=w.seq_len, batch_size=w.batch_size, device=device, speed=speed,
@@ -207,6 +208,8 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
     if resolved is not None:
         row["speed"] = resolved
         row["micro_batch"] = runner.micro_batch
+        if resolved["compile"] and resolved["activation_memory_budget"] < 1:  # as loralab run records: did it hold?
+            row["activation_memory_budget_partitions"] = partitions_since(partitions)
     if tuned is not None:
         row["micro_batch"] = tuned.pop("micro_batch")
         row["micro_batch_probe"] = tuned.pop("micro_batch_probe")
