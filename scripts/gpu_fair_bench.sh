@@ -37,6 +37,10 @@
 #   rankab  FP8-base LoRA (`--methods fp8+lora`) at `--speed micro_batch=4` with `lora_scale_at_rank` false, then
 #           true, back to back, REPEATS times (default 1): whether the default's 1.035x holds. ~1 min a row.
 #           Files: rankab-{false,true}-<repeat>.json/.log.
+#   cacheab FP8-base LoRA and DoRA (METHODS, default "fp8+lora,fp8+dora"; loralab's rows) at micro-batch 4 with
+#           `fp8_transpose_cache` 0, 0.81 (the MLP's codes kept column-major, +5.25 GiB at the 8B shape) and 1 (SHARES), REPEATS
+#           times: what the copies of the codes made in every backward cost, at an equal micro-batch (the fp8kernel rows of
+#           2026-12-05 compared different micro-batches). ~1 min a row. Files: cacheab-<share>-<repeat>.json/.log.
 #   dorab   DoRA on both bases (`--methods dora,fp8+dora --stacks loralab`, the micro-batch probed) with
 #           `dora_norm_per_step` false, then true beside LoRA's rows (`lora,dora,fp8+lora,fp8+dora`), REPEATS times
 #           (default 1): what computing DoRA's weight norm once per optimizer step instead of in every micro-batch
@@ -219,6 +223,14 @@ for part in "${PARTS[@]}"; do
             --methods fp8+lora --speed micro_batch=4 --speed lora_scale_at_rank=$on --output "$OUT/rankab-$on-$rep.json"
         done
       done ;;
+    cacheab)
+      for rep in $(seq 1 "${REPEATS:-1}"); do  # FP8 transposes cached (share of the FP8 weight bytes) at one micro-batch
+        for share in ${SHARES:-0 0.81 1}; do
+          step "cacheab-$share-$rep" 200 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+            --methods "${METHODS:-fp8+lora,fp8+dora}" --stacks loralab --speed micro_batch=4 \
+            --speed fp8_transpose_cache=$share --output "$OUT/cacheab-$share-$rep.json"
+        done
+      done ;;
     dorab)
       for rep in $(seq 1 "${REPEATS:-1}"); do  # DoRA's norm once per step off, then on (with LoRA's rows beside)
         extra=()
@@ -275,7 +287,7 @@ for part in "${PARTS[@]}"; do
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget fp8check fp8loss)"; exit 2 ;;
   esac
 done
 
