@@ -127,7 +127,7 @@ def test_speed_option_sets_loralab_keys_and_fp8_keys_reach_the_fp8_rows_only(tmp
     assert fp8["fp8_transpose_cache"] == 1 and lora["fp8_transpose_cache"] == 0.0  # the float row: the default
     assert fp8["chunked_loss"] is False and lora["chunked_loss"] is False
     for bad, said in [("fp8_transpose_cache", "KEY=VALUE expected"), ("fast_dor=true", "unknown key 'fast_dor'"),
-                      ("fp8_transpose_cache=2", "'speed.fp8_transpose_cache' = 2 must be a number in [0, 1]")]:
+                      ("fp8_transpose_cache=2", "'speed.fp8_transpose_cache' = 2 must be \"auto\" or a number in [0, 1]")]:
         with pytest.raises(SystemExit) as exc:
             main([*TINY_FIXED, "--speed", bad])
         assert said in str(exc.value), (bad, exc.value)

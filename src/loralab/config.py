@@ -96,8 +96,9 @@ class Speed:
     grad_reduce: str = field(default="ddp", metadata={"added": True})  # more than one DDP process: "ddp" (DDP's
     # bucketed all-reduce during the backward; CUDA graphs off) or "after_backward" (one summed all-reduce of the
     # gradients after the last micro-batch, outside any capture, so CUDA graphs stay on: run/reduce.py, issue 23)
-    fp8_transpose_cache: float = field(default=0.0, metadata={"added": True})  # FP8 base: share of its weight bytes
-    # kept column-major for the input gradient, largest first (speed/fp8.py cache_transposes; 0.81: Llama-3-8B's MLP)
+    fp8_transpose_cache: float | str = field(default="auto", metadata={"added": True, "old_defaults": (0.0,)})
+    # FP8 base: share of its weight bytes kept column-major for the backward, largest first (speed/fp8.py cache_transposes;
+    # 0.81: Llama-3-8B's MLP); auto: what the probed micro-batch leaves of the budget (run/probe.py), 0 unprobed
     fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: "torch" ops or speed/fp8_kernels
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
@@ -136,10 +137,8 @@ class Speed:
         if speed["compile"] is False and speed["activation_memory_budget"] not in (1, "auto"):
             problems.append(f"'speed.activation_memory_budget' = {speed['activation_memory_budget']!r} with 'speed.compile' "
                             "= false: the budget acts on compiled layers; set compile to true, or the budget to \"auto\"")
-        cache = speed["fp8_transpose_cache"]
-        if not (type(cache) in (int, float) and 0 <= cache <= 1):
-            problems.append(f"'speed.fp8_transpose_cache' = {cache!r} must be a number in [0, 1] (a share of the FP8 "
-                            "weight bytes)")
+        if not (type(cache := speed["fp8_transpose_cache"]) in (int, float) and 0 <= cache <= 1 or cache == "auto"):
+            problems.append(f"'speed.fp8_transpose_cache' = {cache!r} must be \"auto\" or a number in [0, 1] (of the FP8 bytes)")
         for key, allowed in (("grad_reduce", GRAD_REDUCE), ("fp8_quantize_kernel", FP8_QUANTIZE_KERNELS)):
             if speed[key] not in allowed:
                 problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
@@ -152,12 +151,13 @@ class Speed:
 
     def resolve(self, *, device_type: str, kind: str, base_dtype: str) -> Speed:
         """A copy with every ``"auto"`` replaced for this run: ``device_type`` ``cuda``/``cpu``, task
-        ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``. ``micro_batch`` stays "auto"
-        on CUDA, and with it a causal LM's ``loss_chunk_size`` "auto": only a memory probe with the
-        built model settles them (``loralab.run.step.make_step``)."""
+        ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``. ``micro_batch`` stays "auto" on CUDA, and with
+        it a causal LM's ``loss_chunk_size`` and ``fp8_transpose_cache`` "auto": only a memory probe with the built
+        model settles them (``loralab.run.step.make_step``)."""
         cuda, causal = device_type == "cuda", kind == "causal_lm"
         auto = {"cuda_graphs": cuda, "autocast": base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None,
-                "compile": cuda and causal, "packing": causal, **({} if cuda else {"micro_batch": None})}
+                "compile": cuda and causal, "packing": causal, **({} if cuda else {"micro_batch": None}),
+                "fp8_transpose_cache": "auto" if cuda and self.micro_batch == "auto" else 0.0}  # no probe: nothing spare
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):

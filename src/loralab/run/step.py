@@ -39,7 +39,13 @@ import torch
 from loralab import distributed
 from loralab.config import LOSS_CHUNK, ConfigError, Speed
 from loralab.data import collate
-from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
+from loralab.run.probe import (
+    cache_spare_transposes,
+    decide_micro_batch,
+    log_transposes,
+    probe_micro_batch,
+    probe_record,
+)
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.speed.dora_refresh import refresh_dora_norms
 from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
@@ -281,9 +287,9 @@ def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: C
     if speed.micro_batch == "auto":
         log("micro-batch: no probe under FSDP; the experiment's batch_size (set speed.micro_batch to change)")
         speed.micro_batch = None
-    if speed.fp8_transpose_cache:
+    if speed.fp8_transpose_cache not in (0, "auto"):
         log("speed.fp8_transpose_cache off under FSDP (the cached codes are a buffer, which FSDP does not shard)")
-        speed.fp8_transpose_cache = 0.0
+    speed.fp8_transpose_cache = 0.0
     log("no mid-run checkpoints under FSDP: the adapter/model is gathered and written at the end")
 
 
@@ -325,12 +331,7 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     if multi:
         distributed_speed(resolved, launch, rewrites_base=rewrites_base, log=log)
     prepare_model(model, resolved)
-    cached = resolved.fp8_transposes_cached
-    if cached is not None:
-        log(f"speed.fp8_transpose_cache {resolved.fp8_transpose_cache}: the column-major codes of {cached['layers']} FP8 "
-            f"layer(s) cached, {cached['bytes'] / 2**30:.2f} of {cached['total_bytes'] / 2**30:.2f} GiB"
-            + ("; NOTHING cached: the largest layers alone are a larger share (speed/fp8.py cache_transposes)"
-               if cached["layers"] == 0 else ""))
+    log_transposes(resolved, log)
     scaled = resolved.lora_scaled_at_rank
     if scaled is not None:
         line = f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {scaled['layers']} of {scaled['lora_layers']} LoRA layer(s)"
@@ -384,6 +385,8 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
         decision = decide_micro_batch([], limit=limit, budget=None, explicit=micro)
         probe = probe_record([], decision, budget=None, memory_fraction=None, row_tokens=None, min_gain=None)
         probe["reason"] = why
+    if resolved.fp8_transpose_cache == "auto":  # what the probed micro-batch leaves of the budget, or nothing
+        resolved.fp8_transpose_cache = cache_spare_transposes(model, resolved, probe.get("spare_bytes"), log)
     if resolved.loss_chunk_size == "auto":  # not probed (explicit micro-batch, FSDP): the default chunk
         resolved.loss_chunk_size = LOSS_CHUNK
     resolved.micro_batch, resolved.micro_batch_probe = micro, probe

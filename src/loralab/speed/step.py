@@ -48,7 +48,8 @@ def prepare_model(model, options: Speed):
                          "(Speed.resolve)")
     if options.fast_dora:
         enable_fast_dora(model)
-    if options.fp8_transpose_cache:  # what it cached goes into the record (0 layers: the share fits no group)
+    if options.fp8_transpose_cache not in (0, "auto"):  # what it cached goes into the record (0 layers: the share fits
+        # no group); "auto" is settled after the micro-batch probe (loralab.run.step.make_step)
         options.fp8_transposes_cached = cache_transposes(model, options.fp8_transpose_cache)
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
