@@ -41,6 +41,8 @@
 #           `fp8_transpose_cache` 0, 0.81 (the MLP's codes kept column-major, +5.25 GiB at the 8B shape) and 1 (SHARES), REPEATS
 #           times: what the copies of the codes made in every backward cost, at an equal micro-batch (the fp8kernel rows of
 #           2026-12-05 compared different micro-batches). ~1 min a row. Files: cacheab-<share>-<repeat>.json/.log.
+#   cdtune  FP8-base LoRA (METHODS) at micro-batch 4 with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING 0, then 1: whether
+#           tuning the block sizes of inductor's kernels (the quantisation reductions among them) pays. ~3 min.
 #   dorab   DoRA on both bases (`--methods dora,fp8+dora --stacks loralab`, the micro-batch probed) with
 #           `dora_norm_per_step` false, then true beside LoRA's rows (`lora,dora,fp8+lora,fp8+dora`), REPEATS times
 #           (default 1): what computing DoRA's weight norm once per optimizer step instead of in every micro-batch
@@ -231,6 +233,13 @@ for part in "${PARTS[@]}"; do
             --speed fp8_transpose_cache=$share --output "$OUT/cacheab-$share-$rep.json"
         done
       done ;;
+    cdtune)  # inductor's coordinate-descent tuning of its generated kernels' block sizes (the FP8 quantisation
+      # reductions, ~21 % of the FP8 LoRA step), against the same row without it, one micro-batch
+      for on in 0 1; do
+        step "cdtune-$on" 240 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=$on $PYTHON -m loralab bench --preset full \
+          --device cuda --only llama-3-8b/fixed --methods "${METHODS:-fp8+lora}" --stacks loralab --speed micro_batch=4 \
+          --output "$OUT/cdtune-$on.json"
+      done ;;
     dorab)
       for rep in $(seq 1 "${REPEATS:-1}"); do  # DoRA's norm once per step off, then on (with LoRA's rows beside)
         extra=()
@@ -287,7 +296,7 @@ for part in "${PARTS[@]}"; do
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget fp8check fp8loss)"; exit 2 ;;
   esac
 done
 
