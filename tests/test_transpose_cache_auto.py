@@ -69,8 +69,11 @@ def cached_names(model):
 
 def test_cache_spare_transposes_keeps_the_largest_layers_within_the_spare_memory_and_records_it():
     mlp, total = 2 * 3 * 96 * 32, 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 96 * 32)
-    for spare, want in [(mlp - 1, set()), (mlp, {"gate", "up", "down"}), (total + 10, {"q", "k", "v", "o", "gate", "up", "down"}),
-                        (-5, set()), (None, set())]:
+    attn = 2 * (2 * 32 * 32 + 2 * 16 * 32)
+    # a spare too small for the MLP group still takes the attention projections that fit (q and o, the larger first)
+    for spare, want in [(mlp - 1, {"q", "o", "k", "v"}), (2 * 2 * 32 * 32, {"q", "o"}), (2 * 2 * 32 * 32 - 1, {"k", "v"}),
+                        (mlp, {"gate", "up", "down"}), (mlp + attn, {"q", "k", "v", "o", "gate", "up", "down"}),
+                        (total + 10, {"q", "k", "v", "o", "gate", "up", "down"}), (15, set()), (-5, set()), (None, set())]:
         model, speed, lines = fp8_blocks(), Speed(), []
         share = cache_spare_transposes(model, speed, spare, lines.append)
         assert cached_names(model) == want, spare

@@ -185,8 +185,8 @@ def transpose_cache_share(spare: int | None, fp8_bytes: int) -> float:
     weight) whose column-major copies fit in ``spare`` bytes (``spare_bytes``), in [0, 1]; 0 without a
     measured spare or an FP8 layer. Each cached byte is held for the whole run, and the per-backward copy it
     replaces (one layer's codes at a time) was already in the probed peak, so the run's peak grows by at most
-    the cached bytes; ``speed/fp8.cache_transposes`` takes the largest layers first, a group of equal-sized
-    layers whole or not at all, so it may cache less than the share."""
+    the cached bytes; ``speed/fp8.cache_transposes(..., fill=True)`` takes the largest layers first, a group
+    of equal-sized layers whole or not at all, skipping a group that does not fit for smaller ones."""
     if not spare or spare <= 0 or fp8_bytes <= 0:
         return 0.0
     return min(1.0, spare / fp8_bytes)
@@ -201,7 +201,7 @@ def cache_spare_transposes(model, speed, spare: int | None, log: Callable[[str],
     share = transpose_cache_share(spare, fp8_bytes)
     if not fp8_bytes:
         return 0.0
-    speed.fp8_transposes_cached = {**cache_transposes(model, share), "auto_spare_gib": None if spare is None
+    speed.fp8_transposes_cached = {**cache_transposes(model, share, fill=True), "auto_spare_gib": None if spare is None
                                    else round(spare / 2**30, 2)}
     log_transposes(speed, log)
     return round(share, 4)

@@ -322,11 +322,12 @@ class Fp8Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3fn"
 
 
-def cache_transposes(model: nn.Module, share: float) -> dict:
+def cache_transposes(model: nn.Module, share: float, fill: bool = False) -> dict:
     """Cache the column-major codes (``Fp8Linear.cache_transpose``) of ``model``'s largest FP8
     layers, largest first, while the cached bytes stay within ``share`` (0..1) of all FP8 weight
     bytes (``speed.fp8_transpose_cache``). Layers of equal size are taken together or not at
-    all, and the first group that does not fit ends the choice. Llama-3-8B's MLP projections are
+    all, and the first group that does not fit ends the choice (``fill``: it is skipped and smaller
+    groups are tried, as "auto" does to fill the memory a run leaves spare). Llama-3-8B's MLP projections are
     80.8 % of its linear weight bytes: 0.81 caches exactly those (at Llama-3.2-1B's 82.7 %, 0.81
     caches nothing: take 0.83); 1 caches every layer (1 byte more per weight). Returns {layers, bytes,
     total_bytes} (counts over all FP8 layers). Raises ValueError for a share outside [0, 1]."""
@@ -341,6 +342,8 @@ def cache_transposes(model: nn.Module, share: float) -> dict:
     for size in sorted(by_size, reverse=True):
         group = by_size[size]
         if cached + size * len(group) > share * total:
+            if fill:
+                continue
             break
         for m in group:
             m.cache_transpose()
