@@ -14,37 +14,31 @@ from loralab import methods
 from loralab.config import ConfigError, Speed
 from loralab.experiment import build_parameters, hashed_parameters
 from loralab.methods.fp8base import quantize_linears
-from loralab.run.probe import (
-    Decision,
-    Trial,
-    cache_spare_transposes,
-    spare_bytes,
-    transpose_cache_share,
-)
+from loralab.run.probe import SMALL_LOSS_CHUNK
+from loralab.run.spare_memory import HEADROOM, cache_spare_transposes, spare_bytes
 from loralab.speed.fp8 import Fp8Linear
 
 GIB = 2**30
 
 
-def test_spare_bytes_is_the_budget_left_beside_the_chosen_size():
-    trials = [Trial(1, 10 * GIB, 1.0), Trial(2, 14 * GIB, 1.9), Trial(4, 21 * GIB, 3.5)]
-    chosen = Decision(2, None, "memory: micro-batch 4 ...")
-    assert spare_bytes(chosen, trials, None, budget=20 * GIB, held=1 * GIB) == 5 * GIB
+def probe(**kw):
+    """A probe record as ``run.probe.probe_micro_batch`` writes it: sizes 1, 2, 4 against a 20 GiB budget."""
+    return {"micro_batch": 2, "sizes": [1, 2, 4], "peaks_gib": [10.0, 14.0, 21.0], "budget_gib": 20.0,
+            "optimizer_state_gib": 1.0, "loss_chunk_size": 1024, **kw}
+
+
+def test_spare_bytes_is_the_budget_left_beside_the_size_the_step_runs():
+    assert spare_bytes(probe(), 2, 1024) == 5 * GIB
+    assert spare_bytes(probe(), 1, 1024) == 9 * GIB  # a rank running the common, smaller size: that size's peak
     # the size over the budget probed again with small loss chunks, and taken: its own peak counts
-    small = Trial(4, 18 * GIB, 3.4)
-    assert spare_bytes(Decision(4, None, "memory: ..."), trials, small, budget=20 * GIB, held=1 * GIB) == 1 * GIB
-    # micro-batch 1 over the budget: negative, so nothing can be spent
-    assert spare_bytes(Decision(1, None, "1 is the least"), [Trial(1, 22 * GIB, 1.0)], None, budget=20 * GIB) == -2 * GIB
-    assert spare_bytes(Decision(1, None, ""), [Trial(1, None, None)], None, budget=20 * GIB) is None
-    assert spare_bytes(Decision(1, None, ""), [Trial(1, float("inf"), None)], None, budget=20 * GIB) is None
-
-
-def test_transpose_cache_share_fits_the_spare_bytes():
-    assert transpose_cache_share(3 * GIB, 6 * GIB) == 0.5
-    assert transpose_cache_share(9 * GIB, 6 * GIB) == 1.0  # at most every layer
-    for spare in (None, 0, -GIB):
-        assert transpose_cache_share(spare, 6 * GIB) == 0.0
-    assert transpose_cache_share(GIB, 0) == 0.0  # no FP8 layer
+    small = probe(small_loss_chunk_trial={"size": 4, "peak_gib": 18.0, "tokens_per_second": 3.4})
+    assert spare_bytes(small, 4, SMALL_LOSS_CHUNK) == 1 * GIB
+    assert spare_bytes(small, 4, 1024) == -2 * GIB  # not taken (or another rank's size): the default chunk's peak
+    assert spare_bytes(probe(sizes=[1], peaks_gib=[22.0]), 1, 1024) == -3 * GIB  # over the budget anyway
+    assert spare_bytes(probe(sizes=[1], peaks_gib=["oom"]), 1, 1024) is None
+    assert spare_bytes(probe(sizes=[1], peaks_gib=[None]), 1, 1024) is None
+    assert spare_bytes(probe(budget_gib=None), 2, 1024) is None  # explicit micro-batch: nothing probed
+    assert spare_bytes(probe(), 8, 1024) is None
 
 
 class Block(nn.Module):
@@ -67,24 +61,111 @@ def cached_names(model):
     return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if getattr(m, "codes_t_bits", None) is not None}
 
 
-def test_cache_spare_transposes_keeps_the_largest_layers_within_the_spare_memory_and_records_it():
+def test_cache_spare_transposes_keeps_the_largest_layers_within_the_spare_memory_less_headroom():
     mlp, total = 2 * 3 * 96 * 32, 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 96 * 32)
     attn = 2 * (2 * 32 * 32 + 2 * 16 * 32)
+    qo = 2 * 2 * 32 * 32
     # a spare too small for the MLP group still takes the attention projections that fit (q and o, the larger first)
-    for spare, want in [(mlp - 1, {"q", "o", "k", "v"}), (2 * 2 * 32 * 32, {"q", "o"}), (2 * 2 * 32 * 32 - 1, {"k", "v"}),
+    for spare, want in [(mlp - 1, {"q", "o", "k", "v"}), (qo, {"q", "o"}), (qo - 1, {"k", "v"}),
                         (mlp, {"gate", "up", "down"}), (mlp + attn, {"q", "k", "v", "o", "gate", "up", "down"}),
                         (total + 10, {"q", "k", "v", "o", "gate", "up", "down"}), (15, set()), (-5, set()), (None, set())]:
         model, speed, lines = fp8_blocks(), Speed(), []
-        share = cache_spare_transposes(model, speed, spare, lines.append)
+        share = cache_spare_transposes(model, speed, spare, None, lines.append)
         assert cached_names(model) == want, spare
         cached = speed.fp8_transposes_cached
         assert cached["bytes"] <= max(spare or 0, 0) and cached["total_bytes"] == total
+        assert share == round(cached["bytes"] / total, 4)  # the share cached, not the share spare
         assert cached["auto_spare_gib"] == (None if spare is None else round(spare / GIB, 2))
-        assert share == (0.0 if not spare or spare < 0 else round(min(1.0, spare / total), 4))
-        assert len(lines) == 1 and lines[0].startswith("speed.fp8_transpose_cache auto (auto: ")
-        assert ("NOTHING cached" in lines[0]) is (not want)
+        assert len(lines) == 1 and lines[0].startswith("speed.fp8_transpose_cache auto (")
+        assert ("nothing cached" in lines[0]) is (not want)
+    # HEADROOM of the budget stays free: with a headroom a little over the attention's bytes, a spare that holds
+    # everything no longer holds the MLP group, and the attention projections are what fits
+    model, speed = fp8_blocks(), Speed()
+    budget_gib = attn / (HEADROOM * GIB) * 1.01
+    cache_spare_transposes(model, speed, mlp + attn, budget_gib, print)
+    assert cached_names(model) == {"q", "k", "v", "o"}
+    assert speed.fp8_transposes_cached["auto_headroom_gib"] == round(HEADROOM * budget_gib, 2)
     float_model, speed = nn.Sequential(nn.Linear(32, 32)), Speed()
-    assert cache_spare_transposes(float_model, speed, GIB, print) == 0.0 and speed.fp8_transposes_cached is None
+    assert cache_spare_transposes(float_model, speed, GIB, 20.0, print) == 0.0 and speed.fp8_transposes_cached is None
+
+
+def tiny_fp8_llama():
+    """A one-layer Llama with an FP8 base and LoRA on its seven projections: codes of 9,216 bytes in the MLP
+    (gate, up, down: 96 x 32 each), 3,072 in attention (q, o: 32 x 32; k, v: 16 x 32)."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    quantize_linears(base.model, [n for n, m in base.model.named_modules() if isinstance(m, nn.Linear)])
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(base, LoraConfig(r=4, target_modules=projections))
+
+
+def cached_projections(model):
+    return {n.split(".")[-2].removesuffix("_proj") for n, m in model.named_modules()
+            if getattr(m, "codes_t_bits", None) is not None}
+
+
+@pytest.mark.parametrize("own, common, small_chunk, want", [
+    (2, 2, False, {"gate", "up", "down"}),  # 5.2 units spare at micro-batch 2, less 1 of headroom: the MLP's 4
+    (4, 2, False, {"gate", "up", "down"}),  # another rank ran 2: size 2's spare, not this rank's 4's (0.1)
+    (4, 4, True, {"q", "k", "v", "o"}),  # size 4 taken with small loss chunks: their peak, 2.5 units spare (0.1 at 1,024)
+    (2, 1, False, {"q", "k", "v", "o", "gate", "up", "down"}),  # size 1: 9 units spare, everything fits
+])
+def test_make_step_settles_auto_at_the_size_and_loss_chunk_every_rank_runs(monkeypatch, own, common, small_chunk, want):
+    """make_step's wiring (the probe needs CUDA, so it is stood in for, and "auto" kept on CPU): the spare
+    memory is read at the micro-batch and loss chunk the step runs, the least over ranks, less the headroom,
+    and what is cached is what is recorded. The stand-in probe speaks in units of 2,304 bytes (the MLP's codes
+    are 4 units, everything 5.33), written as GiB in the record as the real probe writes them."""
+    from loralab import distributed
+    from loralab.run import step as run_step
+
+    unit = 2304 / GIB
+    real_resolve = Speed.resolve
+
+    def keep_auto(self, **kw):
+        out = real_resolve(self, **kw)
+        out.micro_batch, out.fp8_transpose_cache = "auto", "auto"
+        out.loss_chunk_size = "auto" if small_chunk else out.loss_chunk_size
+        return out
+
+    def stand_in_probe(model, features, loss_chunk=None, **kw):
+        if loss_chunk is not None:
+            loss_chunk(SMALL_LOSS_CHUNK)
+        n = [1, 2, 4].index(own) + 1
+        return own, {"micro_batch": own, "sizes": [1, 2, 4][:n], "peaks_gib": [10 * unit, 13.8 * unit, 18.9 * unit][:n],
+                     "budget_gib": 20 * unit, "optimizer_state_gib": 1 * unit, "reason": "stood in",
+                     "small_loss_chunk_trial": {"size": 4, "peak_gib": 16.5 * unit, "tokens_per_second": None}}
+
+    monkeypatch.setattr(Speed, "resolve", keep_auto)
+    monkeypatch.setattr(run_step, "probe_micro_batch", stand_in_probe)
+    monkeypatch.setattr(run_step, "uses_fused_loss", lambda model: small_chunk)
+    monkeypatch.setattr(distributed, "min_over_ranks", lambda value: common if value == own else value)
+    model = tiny_fp8_llama()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    lines = []
+    _, resolved = run_step.make_step(model, optimizer, speed={"compile": False}, kind="causal_lm", dtype="float32",
+                                     device=torch.device("cpu"), features=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}],
+                                     batch_size=4, limit=4, max_length=8, pad_id=0, log=lines.append)
+    assert resolved.micro_batch == common and (resolved.loss_chunk_size == SMALL_LOSS_CHUNK) is small_chunk
+    assert cached_projections(model) == want
+    cached = resolved.record()["fp8_transposes_cached"]
+    assert cached["total_bytes"] == 12288 and resolved.fp8_transpose_cache == round(cached["bytes"] / 12288, 4)
+    assert sum(line.startswith("speed.fp8_transpose_cache auto (") for line in lines) == 1
+
+
+def test_fsdp_turns_auto_off_quietly_and_an_explicit_share_off_with_a_line():
+    from loralab.distributed import Launch
+    from loralab.run.step import distributed_speed
+
+    fsdp = Launch(rank=0, world_size=2, backend="nccl", sharding="fsdp")
+    for value, said in (("auto", False), (0.81, True)):
+        speed, lines = Speed(fp8_transpose_cache=value, compile=False, cuda_graphs=False), []
+        distributed_speed(speed, fsdp, rewrites_base=None, log=lines.append)
+        assert speed.fp8_transpose_cache == 0.0
+        assert any("fp8_transpose_cache off under FSDP" in line for line in lines) is said
 
 
 def test_auto_caches_nothing_where_nothing_is_probed():

@@ -36,7 +36,6 @@ import torch
 
 from loralab.config import LOSS_CHUNK
 from loralab.data import collate
-from loralab.speed.fp8 import Fp8Linear, cache_transposes
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.step import causal_lm_loss, seq_cls_loss
 
@@ -169,57 +168,6 @@ def decide_loss_chunk(decision: Decision, trials: list[Trial], small: Trial, *, 
                                                f", {100 * (small.rate / before.rate - 1):+.1f} % tokens/s over {before.size}"))
 
 
-def spare_bytes(decision: Decision, trials: list[Trial], small: Trial | None, *, budget: float, held: float = 0.0) -> int | None:
-    """What the budget leaves beside the chosen micro-batch: ``budget`` minus its probed peak (``small``: the
-    small-loss-chunk trial where that was taken) minus ``held``; negative where the run goes over the budget
-    anyway (micro-batch 1), None where the chosen size's peak was not measured."""
-    chosen = small if small is not None and small.size == decision.micro_batch else next(
-        (t for t in reversed(trials) if t.size == decision.micro_batch), None)
-    if chosen is None or chosen.peak is None or chosen.peak == float("inf"):
-        return None
-    return int(budget - chosen.peak - held)
-
-
-def transpose_cache_share(spare: int | None, fp8_bytes: int) -> float:
-    """``speed.fp8_transpose_cache`` "auto": the share of the FP8 weight bytes (``fp8_bytes``, 1 byte per
-    weight) whose column-major copies fit in ``spare`` bytes (``spare_bytes``), in [0, 1]; 0 without a
-    measured spare or an FP8 layer. Each cached byte is held for the whole run, and the per-backward copy it
-    replaces (one layer's codes at a time) was already in the probed peak, so the run's peak grows by at most
-    the cached bytes; ``speed/fp8.cache_transposes(..., fill=True)`` takes the largest layers first, a group
-    of equal-sized layers whole or not at all, skipping a group that does not fit for smaller ones."""
-    if not spare or spare <= 0 or fp8_bytes <= 0:
-        return 0.0
-    return min(1.0, spare / fp8_bytes)
-
-
-def cache_spare_transposes(model, speed, spare: int | None, log: Callable[[str], None] = print) -> float:
-    """Settle ``speed.fp8_transpose_cache`` "auto" on ``model`` after the micro-batch probe: cache the FP8
-    layers' column-major codes within ``spare`` bytes (``transpose_cache_share``), set
-    ``speed.fp8_transposes_cached`` (with the spare memory, GiB) and log it. Returns the share it used (0.0
-    where the model has no FP8 layer or nothing is spare)."""
-    fp8_bytes = sum(m.weight.numel() for m in model.modules() if isinstance(m, Fp8Linear))
-    share = transpose_cache_share(spare, fp8_bytes)
-    if not fp8_bytes:
-        return 0.0
-    speed.fp8_transposes_cached = {**cache_transposes(model, share, fill=True), "auto_spare_gib": None if spare is None
-                                   else round(spare / 2**30, 2)}
-    log_transposes(speed, log)
-    return round(share, 4)
-
-
-def log_transposes(speed, log: Callable[[str], None] = print) -> None:
-    """One log line of what ``speed.fp8_transposes_cached`` holds (nothing where no FP8 layer was cached or asked)."""
-    cached = speed.fp8_transposes_cached
-    if cached is None:
-        return
-    spare = cached.get("auto_spare_gib", False)
-    why = "" if spare is False else f" (auto: {'no measured spare memory' if spare is None else f'{spare:.2f} GiB spare in the budget'})"
-    log(f"speed.fp8_transpose_cache {speed.fp8_transpose_cache if spare is False else 'auto'}{why}: the column-major "
-        f"codes of {cached['layers']} FP8 layer(s) cached, {cached['bytes'] / 2**30:.2f} of "
-        f"{cached['total_bytes'] / 2**30:.2f} GiB" + ("; NOTHING cached: the largest layers alone are a larger share "
-                                                      "(speed/fp8.py cache_transposes)" if cached["layers"] == 0 else ""))
-
-
 def _peak_gib(t: Trial) -> float | str | None:
     """A trial's peak as the record keeps it: GiB to 2 places, ``"oom"``, or None (not measured)."""
     return "oom" if t.peak == float("inf") else None if t.peak is None else round(t.peak / 2**30, 2)
@@ -333,8 +281,6 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     record = probe_record(trials, decision, budget=budget, memory_fraction=memory_fraction, row_tokens=width,
                           min_gain=min_gain, held=held)
     record["loss_chunk_size"] = chunk
-    record["spare_bytes"] = spare_bytes(decision, trials, small if chunk == SMALL_LOSS_CHUNK else None,
-                                        budget=budget, held=held)
     if small is not None:  # the size over the budget, probed again with small loss chunks
         record["small_loss_chunk_trial"] = {"size": small.size, "peak_gib": _peak_gib(small),
                                             "tokens_per_second": None if small.rate is None else round(small.rate, 1)}

@@ -1,0 +1,93 @@
+"""``speed.fp8_transpose_cache`` "auto": what the probed micro-batch leaves of the memory budget, spent on the
+FP8 layers' column-major codes (issue 22: "the auto micro-batch spends the memory the run is allowed").
+
+An FP8 layer's input gradient reads its codes with the reduced axis contiguous, so every backward copies them
+transposed (``speed/fp8.py``: 1 byte per weight read and written), unless the copy is kept once
+(``Fp8Linear.cache_transpose``, 1 byte per weight held). The micro-batch probe (``run/probe.py``) stops at the
+optimizer batch, a size that no longer pays, or the budget; whatever the chosen size leaves below the budget
+would otherwise stay unused. "auto" keeps the copies of the largest layers that fit in it, after a headroom.
+
+The arithmetic, per run (``spare_bytes``, ``cache_spare_transposes``):
+
+    spare = budget − probed peak of the micro-batch the step runs (at the loss chunk it runs) − optimizer state
+    cached bytes ≤ spare − HEADROOM · budget        (the least spare over ranks, so every rank caches alike)
+
+The probed peak already holds one layer's per-backward copy, which caching removes, so the run's peak grows by
+at most the cached bytes. Where nothing was probed (CPU, an explicit ``speed.micro_batch``, FSDP) "auto" is 0
+(``config.Speed.resolve``, ``run.step.distributed_speed``). The cache gives the same bits as the copies
+(``tests/test_fp8.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from loralab.run.probe import SMALL_LOSS_CHUNK
+from loralab.speed.fp8 import Fp8Linear, cache_transposes
+
+HEADROOM = 0.05
+"""Share of the budget "auto" leaves unspent: what the probe's peak does not see (the allocator's rounding and
+fragmentation, the first optimizer step's temporaries, CUDA graph pools) and the record's rounding of peaks to
+0.01 GiB. On an H100 the probe's peak plus AdamW's state came within 0.04 GiB of a run's peak
+(results/bench-probe-h100/)."""
+
+
+def spare_bytes(probe: dict, micro_batch: int, loss_chunk: int | str | None) -> int | None:
+    """Bytes the budget leaves beside ``micro_batch`` in a probe record (``run.probe.probe_record`` with
+    ``loss_chunk_size`` and ``small_loss_chunk_trial``): ``budget_gib`` − that size's probed peak − the
+    optimizer state counted (``optimizer_state_gib``). The peak is the small-loss-chunk trial's where the run
+    takes ``SMALL_LOSS_CHUNK`` (``loss_chunk``) at that size, else the last trial of that size. Negative where
+    the run goes over the budget anyway (micro-batch 1); None where no budget or no such measured size
+    (out of memory, not probed)."""
+    small = probe.get("small_loss_chunk_trial")
+    if loss_chunk == SMALL_LOSS_CHUNK and small and small.get("size") == micro_batch:
+        peak = small.get("peak_gib")
+    else:
+        peaks = [p for size, p in zip(probe.get("sizes", []), probe.get("peaks_gib", [])) if size == micro_batch]
+        peak = peaks[-1] if peaks else None
+    budget = probe.get("budget_gib")
+    if budget is None or not isinstance(peak, (int, float)):
+        return None
+    return int((budget - peak - (probe.get("optimizer_state_gib") or 0.0)) * 2**30)
+
+
+def cache_spare_transposes(model, speed, spare: int | None, budget_gib: float | None,
+                           log: Callable[[str], None] = print) -> float:
+    """Settle ``speed.fp8_transpose_cache`` "auto" on ``model``: cache the column-major codes of its largest FP8
+    layers (``speed/fp8.cache_transposes(..., fill=True)``: a group of equal-sized layers whole or not at all,
+    one that does not fit skipped for smaller ones) within ``spare`` bytes (``spare_bytes``, the least over
+    ranks) less ``HEADROOM`` of the ``budget_gib`` (GiB). Sets ``speed.fp8_transposes_cached`` ({layers, bytes,
+    total_bytes} as ``cache_transposes`` counts them, and ``auto_spare_gib``, ``auto_headroom_gib``) and logs
+    it. Returns the share of the FP8 weight bytes cached (0.0 where the model has no FP8 layer or nothing fits),
+    which an explicit ``fp8_transpose_cache`` of that value would not always repeat (it stops at the first
+    group that does not fit)."""
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, Fp8Linear))
+    if not total:
+        return 0.0
+    headroom = int(HEADROOM * (budget_gib or 0.0) * 2**30)
+    room = 0 if spare is None else max(0, spare - headroom)
+    cached = cache_transposes(model, min(1.0, room / total), fill=True)
+    speed.fp8_transposes_cached = {**cached, "auto_spare_gib": None if spare is None else round(spare / 2**30, 2),
+                                   "auto_headroom_gib": round(headroom / 2**30, 2)}
+    log_transposes(speed, log)
+    return round(cached["bytes"] / total, 4)
+
+
+def log_transposes(speed, log: Callable[[str], None] = print) -> None:
+    """One log line of what ``speed.fp8_transposes_cached`` holds (nothing where no FP8 layer was cached or asked)."""
+    cached = speed.fp8_transposes_cached
+    if cached is None:
+        return
+    what = (f"the column-major codes of {cached['layers']} FP8 layer(s) cached, {cached['bytes'] / 2**30:.2f} of "
+            f"{cached['total_bytes'] / 2**30:.2f} GiB")
+    if "auto_spare_gib" not in cached:  # an explicit share
+        nothing = "; NOTHING cached: the largest layers alone are a larger share (speed/fp8.py cache_transposes)"
+        log(f"speed.fp8_transpose_cache {speed.fp8_transpose_cache}: {what}{nothing if not cached['layers'] else ''}")
+        return
+    spare = cached["auto_spare_gib"]
+    room = ("no measured spare memory" if spare is None else f"the micro-batch leaves nothing in the budget ({spare:.2f} "
+            "GiB)" if spare <= 0 else f"{spare:.2f} GiB left in the budget by the micro-batch, "
+            f"{cached['auto_headroom_gib']:.2f} GiB of it kept free")
+    nothing = "; nothing cached: not even the smallest layers' codes fit" if not cached["layers"] else ""
+    log(f"speed.fp8_transpose_cache auto ({room}): {what}{nothing}")
+
