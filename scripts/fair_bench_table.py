@@ -190,6 +190,12 @@ def main() -> None:
                 notes.append(f"- loralab, {r['method']}: micro-batch {r.get('micro_batch')} of {p.get('sizes')} (peaks "
                              f"{p.get('peaks_gib')} GiB against a budget of {p.get('budget_gib')} GiB, `memory_fraction` "
                              f"{p.get('memory_fraction')} of the card): {p.get('reason')}.")
+            cached = (r.get("speed") or {}).get("fp8_transposes_cached")
+            if r["stack"] == "loralab" and cached and "auto_spare_gib" in cached:  # "auto" spent the spare budget
+                notes.append(f"- loralab, {r['method']}: `fp8_transpose_cache` auto kept the column-major codes of "
+                             f"{cached['layers']} FP8 layers, {cached['bytes'] / 2**30:.2f} of {cached['total_bytes'] / 2**30:.2f}"
+                             f" GiB, within the {cached['auto_spare_gib']} GiB its micro-batch left in the budget (less "
+                             f"{cached['auto_headroom_gib']} GiB kept free).")
             if r["stack"] == "tuned":
                 p = r.get("micro_batch_probe") or {}
                 notes.append(f"- Tuned peer, {r['method']}: micro-batch {r.get('micro_batch')} of {p.get('sizes')} "
