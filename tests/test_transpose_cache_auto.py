@@ -1,6 +1,6 @@
 """``speed.fp8_transpose_cache`` "auto": the FP8 layers' column-major codes kept within what the probed
-micro-batch leaves of the memory budget (run/probe.py ``spare_bytes``, ``transpose_cache_share``,
-``cache_spare_transposes``). The cache itself gives the same bits (tests/test_fp8.py); these tests hold the
+micro-batch leaves of the memory budget (run/spare_memory.py ``spare_bytes``, ``cache_spare_transposes``;
+run/step.py ``make_step``). The cache itself gives the same bits (tests/test_fp8.py); these tests hold the
 choice: how much is spare, what is cached within it, what is recorded, and where "auto" means nothing."""
 
 from __future__ import annotations
@@ -170,14 +170,15 @@ def test_fsdp_turns_auto_off_quietly_and_an_explicit_share_off_with_a_line():
 
 def test_auto_caches_nothing_where_nothing_is_probed():
     for device, micro, want in (("cpu", "auto", 0.0), ("cuda", 4, 0.0), ("cuda", "auto", "auto")):
-        resolved = Speed(micro_batch=micro).resolve(device_type=device, kind="causal_lm", base_dtype="bfloat16")
+        resolved = Speed(micro_batch=micro, fp8_transpose_cache="auto").resolve(device_type=device, kind="causal_lm",
+                                                                                base_dtype="bfloat16")
         assert resolved.fp8_transpose_cache == want, (device, micro)
     explicit = Speed(micro_batch=4, fp8_transpose_cache=0.81).resolve(device_type="cuda", kind="causal_lm",
                                                                       base_dtype="bfloat16")
     assert explicit.fp8_transpose_cache == 0.81  # an explicit share always wins
 
 
-def test_auto_and_the_old_default_pass_on_any_base_and_hash_alike():
+def test_auto_and_zero_pass_on_any_base_and_only_auto_is_hashed():
     cfg = LoraConfig(r=4, target_modules=["query"])
     for value, refused_off_fp8 in (("auto", False), (0, False), (0.0, False), (0.5, True)):
         for base in (None, "nf4", "fp8"):
@@ -185,9 +186,9 @@ def test_auto_and_the_old_default_pass_on_any_base_and_hash_alike():
             problems = methods.choose_method(cfg, params).conflicts(cfg, params)
             said = any("'speed.fp8_transpose_cache'" in p for p in problems)
             assert said is (refused_off_fp8 and base != "fp8"), (value, base)
-    # 0 was the default before "auto": an experiment that set it keeps its train_params_sha
-    for value in ("auto", 0.0):
-        assert "fp8_transpose_cache" not in hashed_parameters(build_parameters({"speed": {"fp8_transpose_cache": value}}))["speed"]
+    # the default (0) is not hashed, so experiments keep their train_params_sha; "auto" is (it can change the peak)
+    assert "fp8_transpose_cache" not in hashed_parameters(build_parameters({"speed": {"fp8_transpose_cache": 0}}))["speed"]
+    assert hashed_parameters(build_parameters({"speed": {"fp8_transpose_cache": "auto"}}))["speed"]["fp8_transpose_cache"] == "auto"
     with pytest.raises(ConfigError, match="'speed.fp8_transpose_cache' = 'most' must be \"auto\" or a number"):
         build_parameters({"speed": {"fp8_transpose_cache": "most"}})
 

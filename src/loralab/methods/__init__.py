@@ -201,12 +201,12 @@ class Method:
     # ---- the interface the run path uses (loralab.run.build) -----------------------------------
     def conflicts(self, cfg, params) -> list[str]:
         """Selection and composition problems, without the model: each names both keys."""
-        defaults = Speed().record()  # an FP8-only key away from its defaults (today's and earlier ones) needs the FP8 base
-        olds = {f.name: f.metadata.get("old_defaults", ()) for f in dataclasses.fields(Speed)}
+        defaults = Speed().record()  # an FP8-only key away from its defaults (today's and earlier ones) needs the FP8 base;
+        olds = {f.name: f.metadata.get("old_defaults", ()) for f in dataclasses.fields(Speed)}  # "auto" fits the base
         fp8_only = [] if self.base == "fp8" else [
             f"'speed.{key}' = {params.speed[key]!r} acts on an FP8 base only; it needs 'quantization': 'fp8' "
             f"(here {self.base or 'null'}): remove it" for key in FP8_ONLY_SPEED
-            if params.speed.get(key, defaults[key]) not in (defaults[key], *olds[key])]
+            if params.speed.get(key, defaults[key]) not in (defaults[key], *olds[key], "auto")]
         if self.is_full:
             problems = list(fp8_only)
             if params.optimizer != "adamw":

@@ -6,6 +6,9 @@ transposed (``speed/fp8.py``: 1 byte per weight read and written), unless the co
 (``Fp8Linear.cache_transpose``, 1 byte per weight held). The micro-batch probe (``run/probe.py``) stops at the
 optimizer batch, a size that no longer pays, or the budget; whatever the chosen size leaves below the budget
 would otherwise stay unused. "auto" keeps the copies of the largest layers that fit in it, after a headroom.
+It is opt-in (the default stays 0) until a GPU run shows the copies' time is worth the memory at an equal
+micro-batch (``scripts/gpu_fair_bench.sh cacheab``): the step's time it saves is unmeasured; the upper bound from a
+profile is ~4.4 ms of a ~106 ms FP8 LoRA step on an H200 (``speed/fp8.py``).
 
 The arithmetic, per run (``spare_bytes``, ``cache_spare_transposes``):
 
