@@ -147,6 +147,12 @@
 #   bf16 0.825, DoRA's micro-batch 2 over the H100's budget, 0.919 at an H200's): (1) on an H200: fp8check fair8b, then
 #   recipe (the goals' own card: no H200 row has the code since 2026-12-04); (2) DoRA's bf16 memory at micro-batch 2
 #   (~21 GiB against 19.79 on an H100): by our reading, its saved outputs of q, k, o and down, which no other op keeps.
+#   After 2026-12-06's fourteenth session (H100 only, results/bench-transposecache-h100/: keeping the FP8 codes column-major
+#   1.055x FP8 LoRA and 1.047x FP8 DoRA at micro-batch 4, +6.5 GiB; `fp8_transpose_cache` "auto", the default since,
+#   spends what the probe leaves of the budget on it; most of that session's device time went to starts that got no
+#   machine): on an H200, (1) fp8check fair8b (every goal at the defaults: FP8 LoRA there was 1.88x the tuned peer at
+#   c0a3575, and "auto" now keeps every layer's codes within its 35 GiB); (2) recipe. On an H100: fair8b with
+#   SPEED="memory_fraction=0.441" (an H200's budget, the tuned peer at micro-batch 4 too), then cdtune.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -593,3 +593,25 @@ def test_fp8_rounding_sentence_is_its_file():
     assert f"by a factor of only {min(factor):.3f} to {max(factor):.3f} against one per row" in flat
     assert f"FP8's error stayed {min(over_bf16):.1f} to {max(over_bf16):.1f} times bf16's" in flat
     assert d["per_row_bitwise_all"] is True and max(factor) < 1.05
+
+
+def test_transpose_cache_row_is_its_files():
+    """The speed-defaults row of ``fp8_transpose_cache`` quotes results/bench-transposecache-h100: each tokens/s and
+    ratio against the same call's copying row, the bytes kept and the auto run's peak, and what auto kept there."""
+    d = RESULTS / "bench-transposecache-h100"
+    rows = {f: json.loads((d / f).read_text())[0] for f in (
+        "call16/cacheab-0-1.json", "call16/cacheab-1-1.json", "call17/r2/cacheab-0-1.json", "call17/r2/cacheab-1-1.json",
+        "call18/r3/cacheab-0-1.json", "call18/r3/cacheab-1-1.json", "call16/auto/auto441.json")}
+    rate = {f: r["throughput"] for f, r in rows.items()}
+    row = next(line for line in README.splitlines() if line.startswith("| `fp8_transpose_cache` ("))
+    lora1, lora2 = rate["call16/cacheab-1-1.json"], rate["call17/r2/cacheab-1-1.json"]
+    copy1, copy2 = rate["call16/cacheab-0-1.json"], rate["call17/r2/cacheab-0-1.json"]
+    assert f"LoRA at {lora1:,.0f} and {lora2:,.0f} tokens/s against {copy1:,.0f} and {copy2:,.0f} copying them" in row
+    assert f"({lora1 / copy1:.3f}x, {lora2 / copy2:.3f}x)" in row
+    dora, dcopy = rate["call18/r3/cacheab-1-1.json"], rate["call18/r3/cacheab-0-1.json"]
+    assert f"DoRA at {dora:,.0f} against {dcopy:,.0f} ({dora / dcopy:.3f}x)" in row
+    auto = rows["call16/auto/auto441.json"]
+    cached = auto["speed"]["fp8_transposes_cached"]
+    assert cached["bytes"] == cached["total_bytes"] and f"(+{cached['bytes'] / 2**30:.2f} GiB)" in row
+    assert auto["speed"]["memory_fraction"] == 0.441 and f"peaked at {auto['peak_memory_gib']:.2f} GiB" in row
+    assert min(lora1 / copy1, lora2 / copy2, dora / dcopy) > 1.0  # what made "auto" the default

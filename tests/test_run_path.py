@@ -24,7 +24,7 @@ def test_experiment_speed_defaults_are_unchanged():
     values stay what they were before the settings became one dataclass; a key added since
     (``memory_fraction``, ``grad_reduce``, ``dora_norm_per_step``, ...) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
-                                 "fp8_transpose_cache": 0.0, "fp8_quantize_kernel": "torch", "lora_scale_at_rank": "auto",
+                                 "fp8_transpose_cache": "auto", "fp8_quantize_kernel": "torch", "lora_scale_at_rank": "auto",
                                  "dora_norm_per_step": True, "activation_memory_budget": "auto", "loss_chunk_size": "auto"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "compile_backend" not in build_parameters({}).speed  # code-only settings stay out of experiments

@@ -178,7 +178,7 @@ def test_auto_caches_nothing_where_nothing_is_probed():
     assert explicit.fp8_transpose_cache == 0.81  # an explicit share always wins
 
 
-def test_auto_and_zero_pass_on_any_base_and_only_auto_is_hashed():
+def test_auto_and_the_old_default_pass_on_any_base_and_hash_alike():
     cfg = LoraConfig(r=4, target_modules=["query"])
     for value, refused_off_fp8 in (("auto", False), (0, False), (0.0, False), (0.5, True)):
         for base in (None, "nf4", "fp8"):
@@ -186,9 +186,10 @@ def test_auto_and_zero_pass_on_any_base_and_only_auto_is_hashed():
             problems = methods.choose_method(cfg, params).conflicts(cfg, params)
             said = any("'speed.fp8_transpose_cache'" in p for p in problems)
             assert said is (refused_off_fp8 and base != "fp8"), (value, base)
-    # the default (0) is not hashed, so experiments keep their train_params_sha; "auto" is (it can change the peak)
-    assert "fp8_transpose_cache" not in hashed_parameters(build_parameters({"speed": {"fp8_transpose_cache": 0}}))["speed"]
-    assert hashed_parameters(build_parameters({"speed": {"fp8_transpose_cache": "auto"}}))["speed"]["fp8_transpose_cache"] == "auto"
+    # 0 was the default before "auto": an experiment that set it keeps its train_params_sha, as one that sets "auto"
+    for value in ("auto", 0, 0.0):
+        assert "fp8_transpose_cache" not in hashed_parameters(build_parameters({"speed": {"fp8_transpose_cache": value}}))["speed"]
+    assert hashed_parameters(build_parameters({"speed": {"fp8_transpose_cache": 0.81}}))["speed"]["fp8_transpose_cache"] == 0.81
     with pytest.raises(ConfigError, match="'speed.fp8_transpose_cache' = 'most' must be \"auto\" or a number"):
         build_parameters({"speed": {"fp8_transpose_cache": "most"}})
 

@@ -96,9 +96,9 @@ class Speed:
     grad_reduce: str = field(default="ddp", metadata={"added": True})  # more than one DDP process: "ddp" (DDP's
     # bucketed all-reduce during the backward; CUDA graphs off) or "after_backward" (one summed all-reduce of the
     # gradients after the last micro-batch, outside any capture, so CUDA graphs stay on: run/reduce.py, issue 23)
-    fp8_transpose_cache: float | str = field(default=0.0, metadata={"added": True})  # FP8 base: share of its weight
-    # bytes kept column-major for the backward, largest first (speed/fp8.py cache_transposes; 0.81: Llama-3-8B's MLP);
-    # "auto" (opt-in until measured on a GPU): what the probed micro-batch leaves of the budget (run/spare_memory.py)
+    fp8_transpose_cache: float | str = field(default="auto", metadata={"added": True, "old_defaults": (0.0,)})  # FP8
+    # base: share of its weight bytes kept column-major for the backward, largest first (speed/fp8.py cache_transposes);
+    # auto: what the probed micro-batch leaves of the budget (run/spare_memory.py; 1.055x FP8 LoRA, all cached, H100)
     fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: "torch" ops or speed/fp8_kernels
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in

@@ -6,9 +6,12 @@ transposed (``speed/fp8.py``: 1 byte per weight read and written), unless the co
 (``Fp8Linear.cache_transpose``, 1 byte per weight held). The micro-batch probe (``run/probe.py``) stops at the
 optimizer batch, a size that no longer pays, or the budget; whatever the chosen size leaves below the budget
 would otherwise stay unused. "auto" keeps the copies of the largest layers that fit in it, after a headroom.
-It is opt-in (the default stays 0) until a GPU run shows the copies' time is worth the memory at an equal
-micro-batch (``scripts/gpu_fair_bench.sh cacheab``): the step's time it saves is unmeasured; the upper bound from a
-profile is ~4.4 ms of a ~106 ms FP8 LoRA step on an H200 (``speed/fp8.py``).
+Measured on one H100 at the Llama-3-8B shape, micro-batch 4 (results/bench-transposecache-h100/): every layer's
+codes kept (+6.5 GiB) ran FP8-base LoRA at 18,261 and 18,293 tokens/s against 17,320 and 17,326 copying them
+(1.055x), the MLP's alone (0.81, +5.25 GiB) 18,050, FP8-base DoRA 16,427 against 15,691 (1.047x); with
+``memory_fraction`` 0.441 "auto" kept every layer's (17.28 GiB spare) and the run peaked at 24.2 GiB, 0.08 GiB over
+the probe's peak + the optimizer state + the cached bytes. At the default 0.25 of an 80 GB card the 8B FP8 LoRA
+probe leaves 2.15 GiB (results/bench-ratio-h100/fair8b.json): by this arithmetic "auto" keeps q and o only (not run).
 
 The arithmetic, per run (``spare_bytes``, ``cache_spare_transposes``):
 

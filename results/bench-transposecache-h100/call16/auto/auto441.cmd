@@ -1,0 +1,1 @@
+python3 -m loralab bench --preset full --device cuda --only llama-3-8b/fixed --methods fp8+lora --stacks loralab --speed memory_fraction=0.441 --speed fp8_transpose_cache=auto --output /root/out/auto/auto441.json

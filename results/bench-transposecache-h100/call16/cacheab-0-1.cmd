@@ -1,0 +1,1 @@
+python3 -m loralab bench --preset full --device cuda --only llama-3-8b/fixed --methods fp8+lora --stacks loralab --speed micro_batch=4 --speed fp8_transpose_cache=0 --output /root/out/cacheab-0-1.json
