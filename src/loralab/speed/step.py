@@ -33,7 +33,7 @@ def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, activation_memory_budget=1.0)
+PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, activation_memory_budget=1.0, fp8_transpose_cache=0.0)
 """What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
 
 
