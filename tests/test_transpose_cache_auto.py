@@ -204,3 +204,17 @@ def test_prepare_model_leaves_auto_to_the_probe():
     prepare_model(model, options)
     assert cached_names(model) == set() and options.fp8_transposes_cached is None
     assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == 14  # FP8 layers there, none cached
+
+
+def test_plain_settings_leave_no_auto_that_prepare_model_acts_on():
+    """``PLAIN`` (what a model prepared outside ``make_step`` computes with) names a value for every key
+    ``prepare_model`` acts on, so such a model's record holds no "auto" that nothing settled (the FP8 cache's
+    "auto" is settled only by ``make_step`` after its probe)."""
+    import dataclasses
+
+    from loralab.speed.step import PLAIN
+
+    acted_on = ("autocast", "compile", "lora_scale_at_rank", "activation_memory_budget", "fp8_transpose_cache",
+                "fp8_quantize_kernel", "fused_lora", "fast_dora")
+    assert [k for k in acted_on if getattr(PLAIN, k) == "auto"] == []
+    assert set(acted_on) <= {f.name for f in dataclasses.fields(PLAIN)}
