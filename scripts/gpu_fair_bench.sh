@@ -153,6 +153,11 @@
 #   machine): on an H200, (1) fp8check fair8b (every goal at the defaults: FP8 LoRA there was 1.88x the tuned peer at
 #   c0a3575, and "auto" now keeps every layer's codes within its 35 GiB); (2) recipe. On an H100: fair8b with
 #   SPEED="memory_fraction=0.441" (an H200's budget, the tuned peer at micro-batch 4 too), then cdtune.
+#   After 2026-12-06's fifteenth session (H100 only, results/bench-fair-h100-1206/: at 5698f96's defaults 1.58x / 2.08x,
+#   DoRA / LoRA 0.817 / 0.899; at an H200's budget "auto" keeps every FP8 code, 2.18x at 24.2 GiB over the tuned peer's
+#   21.9; one probe stalled at micro-batch 4, since timed as the fastest pass and retimed on a drop of 20 %): on an H200,
+#   (1) fp8check fair8b (the goals' own card; no H200 row has the code since 2026-12-04); (2) recipe. On an H100:
+#   fair8b with SPEED="memory_fraction=0.441" again (whether the retimed probe keeps bf16 LoRA at micro-batch 4), cdtune.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -340,3 +340,51 @@ def test_make_step_drops_the_probes_compiled_code_only_after_several_compiled_si
                                      max_length=8, pad_id=0, log=lines.append)
     assert resolved.micro_batch_probe["compiled_code_reset"] is reset and len(dropped) == int(reset)
     assert any("probe's compiled code" in line for line in lines) is reset
+
+
+# call 4 of results/bench-fair-h100-1206 (bf16 LoRA, 8B shape, budget 34.92 GiB): micro-batch 4 stalled
+LORA_0441 = {1: Trial(1, 17.76 * GIB, 5011.7), 2: Trial(2, 19.84 * GIB, 9294.1)}
+
+
+@pytest.mark.parametrize("case", ["stall", "slow", "flat"])
+def test_a_size_far_slower_than_the_one_before_is_timed_again(case):
+    """A doubled size measured ``RETIME_DROP`` below the size before it is measured once more and the
+    faster kept (a stall in the timed passes made the probe keep micro-batch 2 at 7 % less speed);
+    one that is slow again stays slow, and one merely not faster is measured once."""
+    from loralab.run.probe import RETIME_DROP, probe_record, probe_sizes
+
+    fours = {"stall": [Trial(4, 23.51 * GIB, 5206.4), Trial(4, 23.50 * GIB, 14855.1)],
+             "slow": [Trial(4, 23.51 * GIB, 5206.4), Trial(4, 23.52 * GIB, 5300.0)],
+             "flat": [Trial(4, 23.51 * GIB, 9294.1 * (1 - RETIME_DROP) + 1)]}[case]
+    calls = []
+
+    def measure(m):
+        calls.append(m)
+        return LORA_0441[m] if m < 4 else fours.pop(0)
+
+    decision, trials, _, _ = probe_sizes(measure, limit=4, budget=34.92 * GIB, held=STATE)
+    record = probe_record(trials, decision, budget=34.92 * GIB, memory_fraction=0.441, row_tokens=512, held=STATE)
+    assert calls == ([1, 2, 4] if case == "flat" else [1, 2, 4, 4])
+    assert decision.micro_batch == (4 if case == "stall" else 2), decision.reason
+    if case == "flat":
+        assert trials[-1].retimed_from is None and record["retimed"] == []
+    else:  # the faster rate and the higher peak kept, the first rate recorded
+        kept = 14855.1 if case == "stall" else 5300.0
+        assert (trials[-1].rate, trials[-1].peak, trials[-1].retimed_from) == (kept, 23.52 * GIB if case == "slow"
+                                                                               else 23.51 * GIB, 5206.4)
+        assert record["retimed"] == [{"size": 4, "tokens_per_second": [5206.4, kept]}]
+        assert record["tokens_per_second"][-1] == kept
+
+
+def test_time_passes_counts_the_fastest_timed_pass(monkeypatch):
+    """``time_passes``: the untimed first pass and a stalled timed pass do not count (a fake clock)."""
+    from loralab.run import probe
+
+    clock, durations, syncs = [0.0], [30.0, 0.9, 0.3], []
+
+    def run_pass():
+        clock[0] += durations.pop(0)
+
+    monkeypatch.setattr(probe.time, "perf_counter", lambda: clock[0])
+    assert probe.time_passes(run_pass, lambda: syncs.append(clock[0]), repeats=2) == pytest.approx(0.3)
+    assert durations == [] and len(syncs) == 3  # every pass ran and was synchronised before its clock read

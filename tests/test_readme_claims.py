@@ -615,3 +615,55 @@ def test_transpose_cache_row_is_its_files():
     assert cached["bytes"] == cached["total_bytes"] and f"(+{cached['bytes'] / 2**30:.2f} GiB)" in row
     assert auto["speed"]["memory_fraction"] == 0.441 and f"peaked at {auto['peak_memory_gib']:.2f} GiB" in row
     assert min(lora1 / copy1, lora2 / copy2, dora / dcopy) > 1.0  # what made "auto" the default
+
+
+@pytest.mark.slow  # runs the table script four times (imports torch, transformers)
+def test_fair_h100_1206_section_is_its_files():
+    """The 5698f96 H100 section holds every table and note scripts/fair_bench_table.py prints from each folder of
+    results/bench-fair-h100-1206/, and its reading's figures (ratios, DoRA / LoRA, the codes "auto" kept, peaks, the
+    stalled probe, the recipe) are those files'; "not met" stands beside DoRA ratios under 0.9 only."""
+    heading = "### Training speed against the fairest peer, the defaults of commit 5698f96 (H100)"
+    folder = RESULTS / "bench-fair-h100-1206"
+    flat = ""
+    for sub in ("defaults", "h200budget", "h200budget-nocache", "recipe"):
+        _, text = _printed_tables_in(folder / sub, heading, notes=True)
+        flat = " ".join(text.split())
+
+    def rows(sub):
+        return {(r["method"], r["stack"]): r for r in json.loads((folder / sub / "fair8b.json").read_text())}
+
+    def ours(r, m):
+        return r[(m, "loralab")]
+
+    base, h200, copy = rows("defaults"), rows("h200budget"), rows("h200budget-nocache")
+    lora_ratio = lambda r: f"{ours(r, 'lora')['ratio_best_peer']:.2f}x and {ours(r, 'fp8+lora')['ratio_best_peer']:.2f}x"
+    dora = lambda r: [ours(r, m)["throughput"] / ours(r, m.replace("dora", "lora"))["throughput"] for m in ("dora", "fp8+dora")]
+    assert f"({lora_ratio(base)} the best peer)" in flat
+    d = dora(base)
+    assert max(d) < 0.9 and f"DoRA / LoRA is **{d[0]:.3f} bf16 and {d[1]:.3f} on the FP8 base**: not met" in flat
+    kept = [ours(base, m)["speed"]["fp8_transposes_cached"] for m in ("fp8+lora", "fp8+dora")]
+    assert kept[0]["layers"] == 64 and f"q and o codes ({kept[0]['bytes'] / 2**30:.2f} GiB)" in flat and kept[1]["layers"] == 0
+    assert {r["micro_batch"] for r in (ours(h200, m) for m in ("lora", "dora", "fp8+lora", "fp8+dora"))} == {4}
+    d = dora(h200)
+    assert f"LoRA runs {lora_ratio(h200)} the best peer, and DoRA / LoRA is {d[0]:.3f} and {d[1]:.3f}" in flat
+    fp8, tuned = ours(h200, "fp8+lora"), h200[("lora", "tuned")]
+    assert fp8["speed"]["fp8_transposes_cached"]["layers"] == 224 and fp8["peak_memory_gib"] > tuned["peak_memory_gib"]
+    assert f"peaks at {fp8['peak_memory_gib']:.1f} GiB. That is over the tuned peer's {tuned['peak_memory_gib']:.1f} GiB" in flat
+    fp8c = ours(copy, "fp8+lora")
+    assert fp8c["speed"]["fp8_transpose_cache"] == 0 and fp8c["peak_memory_gib"] <= copy[("lora", "tuned")]["peak_memory_gib"]
+    assert f"FP8 LoRA runs {fp8c['ratio_best_peer']:.2f}x the best peer at {fp8c['peak_memory_gib']:.1f} GiB" in flat
+    stalled = ours(copy, "lora")["speed"]["micro_batch_probe"]["tokens_per_second"]
+    good = ours(h200, "lora")["speed"]["micro_batch_probe"]["tokens_per_second"]
+    assert f"timed micro-batch 4 at {stalled[2]:,.0f} tokens/s against {stalled[1]:,.0f} at 2" in flat
+    assert f"call 2 timed 4 at {good[2]:,.0f}" in flat and ours(copy, "lora")["micro_batch"] == 2
+    assert f"bf16 DoRA / LoRA there ({dora(copy)[0]:.3f})" in flat
+    a, b = fp8["throughput"], fp8c["throughput"]
+    assert f"ran FP8 LoRA {a / b:.3f}x ({a:,.0f} against {b:,.0f} tokens/s)" in flat
+    assert f"ran {ours(h200, 'dora')['throughput']:,.0f} and {ours(copy, 'dora')['throughput']:,.0f}" in flat
+    recipe = json.loads((folder / "recipe" / "recipe.json").read_text())
+    peaks = {r["stack"]: r["peak_memory_gib"] for r in recipe["rows"]}
+    at = recipe["at_trainer_memory"]
+    assert (f"runs {recipe['ratio']:.2f}x the careful Trainer at {peaks['loralab']:.1f} GiB against its "
+            f"{peaks['trainer']:.1f} GiB, and {at['ratio']:.2f}x at {at['peak_memory_gib']:.1f} GiB") in flat
+    for sub in ("defaults", "h200budget", "h200budget-nocache", "recipe"):
+        assert "commit: 5698f96" in (folder / sub / "gpu.txt").read_text()

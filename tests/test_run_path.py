@@ -160,7 +160,7 @@ def test_make_step_on_cpu_resolves_prepares_and_steps():
                                   "micro_batch": 2, "reason": "not probed on cpu: the experiment's batch_size",
                                   "sizes": [], "peaks_gib": [], "tokens_per_second": [], "budget_gib": None,
                                   "memory_fraction": None, "min_gain": None, "row_tokens": None,
-                                  "optimizer_state_gib": None}, "loss_chunk_size": 1024}
+                                  "optimizer_state_gib": None, "retimed": []}, "loss_chunk_size": 1024}
     assert model._loralab_speed is speed  # prepared with the resolved settings
     assert step.optimizer is optimizer and step.micro_batch == 2 and step.packing and step.wrapped is None
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -232,7 +232,7 @@ def test_probe_record_keeps_sizes_peaks_rates_and_the_reason():
     record = probe_record(trials, decision, budget=30 * GIB, memory_fraction=0.25, row_tokens=512)
     assert record == {"micro_batch": 1, "reason": decision.reason, "sizes": [1, 2], "peaks_gib": [20.0, "oom"],
                       "tokens_per_second": [4000.0, None], "budget_gib": 30.0, "memory_fraction": 0.25,
-                      "min_gain": 0.05, "row_tokens": 512, "optimizer_state_gib": 0.0}
+                      "min_gain": 0.05, "row_tokens": 512, "optimizer_state_gib": 0.0, "retimed": []}
 
 
 def test_the_probe_builds_the_step_shape():

@@ -160,48 +160,47 @@ def tuned_micro_batch(model, w: Workload, feats: list[dict], pad_id: int, device
 def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, budget_gib: float | None,
                        limit: int, row_tokens: int, held: float = 0.0) -> tuple[int, dict]:
     """A peer's best micro-batch, found as loralab's probe finds its own
-    (``loralab.run.probe.decide_micro_batch``): one untimed and two timed forward+backward passes
-    (``model(**batch).loss`` under ``autocast``) of ``make_batch(m)`` (the worst case, on
-    ``device``) for m = 1, 2, 4, ... up to ``limit``; it stops when the peak passes ``budget_gib``
-    (loralab's measured peak; None: no cap), at an out-of-memory error, or when a doubling is not
-    faster (gain threshold 0), keeping the fastest size within the memory; ``held``: the bytes of
+    (``loralab.run.probe.probe_sizes``): one untimed and two timed forward+backward passes, the
+    fastest counting (``run.probe.time_passes``; ``model(**batch).loss`` under ``autocast``) of
+    ``make_batch(m)`` (the worst case, on ``device``) for m = 1, 2, 4, ... up to ``limit``, a size
+    ``run.probe.RETIME_DROP`` slower than the one before timed once more; it stops when the peak
+    passes ``budget_gib`` (loralab's measured peak; None: no cap), at an out-of-memory error, or
+    when a doubling is not faster (gain threshold 0), keeping the fastest size within the memory; ``held``: the bytes of
     optimizer state the peer's first step will add (``run.probe.pending_state_bytes``), counted
     beside each peak as loralab's probe counts its own. Peaks are measured on CUDA only; rates
     count real tokens (classification: samples). Gradients are dropped.
     Returns (micro-batch, ``probe_record`` with ``budget_from``)."""
-    from loralab.run.probe import Trial, decide_micro_batch, probe_record
+    from loralab.run.probe import Trial, probe_record, probe_sizes, time_passes
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     budget = None if budget_gib is None else budget_gib * 2**30
-    trials: list[Trial] = []
-    decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0, held=held)
-    while decision.micro_batch is None:
-        m = decision.next_size
+
+    def measure(m: int) -> Trial:
         batch = make_batch(m)
         labels = batch.get("labels")
         tokens = int(batch["attention_mask"].sum()) if labels is not None and labels.dim() == 2 else m
+
+        def run_pass():
+            with _autocast(device, autocast):
+                loss = model(**batch).loss
+            loss.backward()
+
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         try:
-            for i in range(3):
-                if i == 1:
-                    sync()
-                    start = time.perf_counter()
-                with _autocast(device, autocast):
-                    loss = model(**batch).loss
-                loss.backward()
-            sync()
-            rate = 2 * tokens / (time.perf_counter() - start)
-            trials.append(Trial(m, torch.cuda.max_memory_allocated() if cuda else None, rate))
+            seconds = time_passes(run_pass, sync)
+            trial = Trial(m, torch.cuda.max_memory_allocated() if cuda else None, tokens / seconds)
         except torch.OutOfMemoryError:
-            trials.append(Trial(m, float("inf"), None))
-        loss = batch = None
+            trial = Trial(m, float("inf"), None)
+        batch = None
         model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.empty_cache()
-        decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=0.0, held=held)
+        return trial
+
+    decision, trials, _, _ = probe_sizes(measure, limit=limit, budget=budget, held=held, min_gain=0.0)
     record = probe_record(trials, decision, budget=budget, memory_fraction=None, row_tokens=row_tokens, min_gain=0.0,
                           held=held)
     record["budget_from"] = "loralab's measured peak" if budget is not None else None

@@ -44,7 +44,14 @@ MIN_GAIN = 0.05
 one or two forwards on a busy GPU varies by 1-2 %). On the 8B LoRA shape 4 x 512 ran 15,837
 tokens/s at 26.9 GiB and 8 x 512 14,567 at 41.2 GiB on an H200 (results/bench/README.md)."""
 TIMED_REPEATS = 2
-"""Forward+backward passes timed per probed size, after one untimed pass (compile, allocator growth)."""
+"""Forward+backward passes timed per probed size, after one untimed pass (compile, allocator growth);
+the fastest counts (``time_passes``)."""
+RETIME_DROP = 0.2
+"""A doubled size whose tokens/s fall more than 20 % below the size before it is timed once more and
+the faster measurement kept (``Trial.retimed_from``): doubling a micro-batch does not cost a GPU a
+fifth of its rate per token unless something else ran. On an H100 (results/bench-fair-h100-1206/,
+call 4) the 8B LoRA row probed micro-batch 4 at 5,206 tokens/s against 9,294 at 2, where the same
+code on another H100 probed 14,855 at 4: the probe kept 2, and the run gave up 7 % of its speed."""
 
 
 SMALL_LOSS_CHUNK = 128
@@ -62,6 +69,9 @@ class Trial:
     size: int
     peak: float | None
     rate: float | None
+    retimed_from: float | None = None
+    """The rate of a first measurement that fell ``RETIME_DROP`` below the size before it (None:
+    measured once); ``rate`` is then the faster of the two."""
 
 
 @dataclass
@@ -178,13 +188,16 @@ def probe_record(trials: list[Trial], decision: Decision, *, budget: float | Non
     """What the record keeps of a micro-batch decision: the choice, the reason, each probed size
     with its peak (GiB, as measured; None: not measured, or out of memory as ``"oom"``) and
     tokens/s, the budget (GiB), the fraction it came from, the gain threshold, the tokens of one
-    probed row and ``optimizer_state_gib`` (``held``: counted against the budget beside each peak;
-    None without a budget)."""
+    probed row, ``optimizer_state_gib`` (``held``: counted against the budget beside each peak;
+    None without a budget) and ``retimed``: each size timed twice (``RETIME_DROP``) with its first
+    and kept tokens/s."""
     return {"micro_batch": decision.micro_batch, "reason": decision.reason, "sizes": [t.size for t in trials],
             "peaks_gib": [_peak_gib(t) for t in trials],
             "tokens_per_second": [None if t.rate is None else round(t.rate, 1) for t in trials],
             "budget_gib": None if budget is None else round(budget / 2**30, 2), "memory_fraction": memory_fraction,
-            "min_gain": min_gain, "row_tokens": row_tokens, "optimizer_state_gib": None if budget is None else round(held / 2**30, 2)}
+            "min_gain": min_gain, "row_tokens": row_tokens, "optimizer_state_gib": None if budget is None else round(held / 2**30, 2),
+            "retimed": [{"size": t.size, "tokens_per_second": [round(t.retimed_from, 1), None if t.rate is None else round(t.rate, 1)]}
+                        for t in trials if t.retimed_from is not None]}
 
 
 def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id: int) -> dict:
@@ -204,10 +217,38 @@ def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id
     return {"input_ids": ids, "labels": labels, "loss_weights": torch.full((m, width), 1.0 / (m * width))}
 
 
+def _implausibly_slow(before: Trial, last: Trial) -> bool:
+    """Whether ``last`` (a doubled size) ran more than ``RETIME_DROP`` below ``before``'s tokens/s."""
+    return None not in (before.rate, last.rate) and last.rate < before.rate * (1 - RETIME_DROP)
+
+
+def _faster(first: Trial, again: Trial) -> Trial:
+    """One size measured twice: the faster rate, the higher peak (an out-of-memory in either counts)."""
+    peaks = [p for p in (first.peak, again.peak) if p is not None]
+    rates = [r for r in (first.rate, again.rate) if r is not None]
+    return Trial(first.size, max(peaks) if peaks else None, max(rates) if rates else None, retimed_from=first.rate)
+
+
+def time_passes(run_pass: Callable[[], None], sync: Callable[[], None], repeats: int = TIMED_REPEATS) -> float:
+    """Seconds of the fastest of ``repeats`` timed calls of ``run_pass`` (each synchronised by
+    ``sync``), after one untimed call (compile, allocator growth, autotuning). The fastest, as
+    ``timeit`` advises: a stall (another process, a late recompile) only ever adds time."""
+    run_pass()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_pass()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | None, held: float = 0.0,
                 min_gain: float = MIN_GAIN, loss_chunk: Callable[[int], None] | None = None):
     """The probe's search over sizes, given ``measure(m)`` (one size's ``Trial`` as the model runs
-    now): 1, 2, 4, ... until ``decide_micro_batch`` settles; with ``loss_chunk`` (the fused loss's
+    now): 1, 2, 4, ... until ``decide_micro_batch`` settles, a size ``RETIME_DROP`` slower per token
+    than the one before it measured once more (``Trial.retimed_from``); with ``loss_chunk`` (the fused loss's
     chunk setter, ``speed.loss_chunk_size`` "auto") set to ``LOSS_CHUNK`` first, a size over the
     budget is measured again at ``SMALL_LOSS_CHUNK`` and ``decide_loss_chunk`` keeps one chunk,
     which is left set. Returns (decision, trials, chunk or None when fixed, the small-chunk trial
@@ -220,6 +261,8 @@ def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | 
     decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
     while decision.micro_batch is None:
         trials.append(measure(decision.next_size))
+        if len(trials) > 1 and _implausibly_slow(trials[-2], trials[-1]):
+            trials[-1] = _faster(trials[-1], measure(trials[-1].size))
         decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
         over = budget is not None and trials[-1].peak is not None and trials[-1].peak + held > budget
         if decision.micro_batch is not None and over and loss_chunk is not None:
@@ -259,19 +302,13 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         try:
-            for i in range(1 + TIMED_REPEATS):
-                if i == 1:
-                    torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                loss(model, batch)[0].backward()
-            torch.cuda.synchronize(device)
-            trial = Trial(m, torch.cuda.max_memory_allocated(device),
-                          TIMED_REPEATS * m * width / (time.perf_counter() - start))
+            seconds = time_passes(lambda: loss(model, batch)[0].backward(), lambda: torch.cuda.synchronize(device))
+            trial = Trial(m, torch.cuda.max_memory_allocated(device), m * width / seconds)
         except torch.OutOfMemoryError:
             trial = Trial(m, float("inf"), None)
         for p in params:
             p.grad = None
-        del batch
+        batch = None  # noqa: F841 (the closure above held it)
         torch.cuda.empty_cache()
         return trial
 
