@@ -346,16 +346,28 @@ def test_make_step_drops_the_probes_compiled_code_only_after_several_compiled_si
 LORA_0441 = {1: Trial(1, 17.76 * GIB, 5011.7), 2: Trial(2, 19.84 * GIB, 9294.1)}
 
 
-@pytest.mark.parametrize("case", ["stall", "slow", "flat"])
+RETIME_CASES = {  # micro-batch 4's measurements in turn, what is kept (rate, peak GiB), the micro-batch chosen
+    "stall": ([(5206.4, 23.51), (14855.1, 23.50)], (14855.1, 23.51), 4),
+    "slow": ([(5206.4, 23.51), (5300.0, 23.52)], (5300.0, 23.52), 2),
+    "slower-again": ([(5206.4, 23.51), (5100.0, 23.50)], (5206.4, 23.51), 2),
+    "oom-again": ([(5206.4, 23.51), (None, float("inf"))], (None, float("inf")), 2),
+    "at-the-line": ([(9294.1 * 0.8, 23.51)], (9294.1 * 0.8, 23.51), 2),
+    "over-budget": ([(5206.4, 36.0)], (5206.4, 36.0), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(RETIME_CASES))
 def test_a_size_far_slower_than_the_one_before_is_timed_again(case):
-    """A doubled size measured ``RETIME_DROP`` below the size before it is measured once more and the
-    faster kept (a stall in the timed passes made the probe keep micro-batch 2 at 7 % less speed);
-    one that is slow again stays slow, and one merely not faster is measured once."""
+    """A doubled size within the budget measured more than ``RETIME_DROP`` below the size before it is
+    measured once more (a stall in the timed passes made an H100's probe keep micro-batch 2 at 7 %
+    less speed): the faster rate and the higher peak are kept, or out of memory if either ran out,
+    and both measurements are recorded. A size at the line, or over the budget, is measured once."""
     from loralab.run.probe import RETIME_DROP, probe_record, probe_sizes
 
-    fours = {"stall": [Trial(4, 23.51 * GIB, 5206.4), Trial(4, 23.50 * GIB, 14855.1)],
-             "slow": [Trial(4, 23.51 * GIB, 5206.4), Trial(4, 23.52 * GIB, 5300.0)],
-             "flat": [Trial(4, 23.51 * GIB, 9294.1 * (1 - RETIME_DROP) + 1)]}[case]
+    assert RETIME_DROP == 0.2  # "at-the-line" sits on it
+    fours, (rate, peak), chosen = RETIME_CASES[case]
+    fours = [Trial(4, p * GIB, r) for r, p in fours]
+    first = list(fours)
     calls = []
 
     def measure(m):
@@ -364,23 +376,36 @@ def test_a_size_far_slower_than_the_one_before_is_timed_again(case):
 
     decision, trials, _, _ = probe_sizes(measure, limit=4, budget=34.92 * GIB, held=STATE)
     record = probe_record(trials, decision, budget=34.92 * GIB, memory_fraction=0.441, row_tokens=512, held=STATE)
-    assert calls == ([1, 2, 4] if case == "flat" else [1, 2, 4, 4])
-    assert decision.micro_batch == (4 if case == "stall" else 2), decision.reason
-    if case == "flat":
-        assert trials[-1].retimed_from is None and record["retimed"] == []
-    else:  # the faster rate and the higher peak kept, the first rate recorded
-        kept = 14855.1 if case == "stall" else 5300.0
-        assert (trials[-1].rate, trials[-1].peak, trials[-1].retimed_from) == (kept, 23.52 * GIB if case == "slow"
-                                                                               else 23.51 * GIB, 5206.4)
-        assert record["retimed"] == [{"size": 4, "tokens_per_second": [5206.4, kept]}]
-        assert record["tokens_per_second"][-1] == kept
+    assert calls == [1, 2] + [4] * len(first) and fours == []
+    assert decision.micro_batch == chosen, decision.reason
+    assert (trials[-1].rate, trials[-1].peak) == (rate, peak * GIB)
+    if len(first) == 1:
+        assert trials[-1].retimed is None and record["retimed"] == []
+    else:
+        assert trials[-1].retimed == tuple(first)
+        assert record["retimed"] == [{"size": 4, "tokens_per_second": [t.rate for t in first],
+                                      "peaks_gib": ["oom" if t.peak == float("inf") else round(t.peak / GIB, 2) for t in first]}]
+        assert record["tokens_per_second"][-1] == rate
+
+
+def test_an_out_of_memory_size_stops_the_search_without_a_budget():
+    """With no memory budget (the peers on CPU, ``trainer_row`` uncapped) an out-of-memory size still stops the
+    search at the size before it; it is never chosen at the optimizer batch."""
+    from loralab.run.probe import probe_sizes
+
+    trials = {1: Trial(1, None, 100.0), 2: Trial(2, None, 190.0), 4: Trial(4, float("inf"), None)}
+    decision, measured, _, _ = probe_sizes(lambda m: trials[m], limit=4, budget=None)
+    assert decision.micro_batch == 2 and decision.reason == "memory: micro-batch 4 out of memory"
+    decision, _, _, _ = probe_sizes(lambda m: Trial(1, float("inf"), None), limit=4, budget=None)
+    assert (decision.micro_batch, decision.reason) == (1, "memory: micro-batch 1 out of memory; 1 is the least")
 
 
 def test_time_passes_counts_the_fastest_timed_pass(monkeypatch):
-    """``time_passes``: the untimed first pass and a stalled timed pass do not count (a fake clock)."""
+    """``time_passes``: neither the untimed first pass nor a stalled timed pass counts, and not the last
+    or the mean either (a fake clock)."""
     from loralab.run import probe
 
-    clock, durations, syncs = [0.0], [30.0, 0.9, 0.3], []
+    clock, durations, syncs = [0.0], [0.1, 0.3, 0.9], []
 
     def run_pass():
         clock[0] += durations.pop(0)
@@ -388,3 +413,33 @@ def test_time_passes_counts_the_fastest_timed_pass(monkeypatch):
     monkeypatch.setattr(probe.time, "perf_counter", lambda: clock[0])
     assert probe.time_passes(run_pass, lambda: syncs.append(clock[0]), repeats=2) == pytest.approx(0.3)
     assert durations == [] and len(syncs) == 3  # every pass ran and was synchronised before its clock read
+
+
+def test_the_tuned_peers_search_rates_real_tokens_of_one_pass(monkeypatch):
+    """``bench.peers.search_micro_batch`` rates a size by the real (unpadded) tokens of one pass over the fastest pass's
+    seconds, as loralab's probe does, and drops the gradients of its passes."""
+    from types import SimpleNamespace
+
+    from loralab.bench.peers import search_micro_batch
+    from loralab.run import probe
+
+    class Counter(torch.nn.Module):  # a loss whose gradient shows whether the probe's passes left any behind
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, attention_mask, labels):
+            return SimpleNamespace(loss=self.w * attention_mask.sum())
+
+    passes = []
+    monkeypatch.setattr(probe, "time_passes", lambda run_pass, sync: (run_pass(), passes.append(1), 0.5)[-1])
+    model = Counter()
+
+    def make_batch(m):  # 3 real tokens of 4 in each row
+        mask = torch.tensor([[1, 1, 1, 0]] * m)
+        return {"input_ids": torch.zeros(m, 4, dtype=torch.long), "attention_mask": mask, "labels": mask.clone()}
+
+    micro, record = search_micro_batch(model, make_batch, device="cpu", autocast=None, budget_gib=None, limit=4,
+                                       row_tokens=4)
+    assert (micro, record["sizes"], record["tokens_per_second"]) == (4, [1, 2, 4], [6.0, 12.0, 24.0])
+    assert len(passes) == 3 and model.w.grad is None and record["retimed"] == []

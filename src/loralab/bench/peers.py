@@ -163,7 +163,8 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
     (``loralab.run.probe.probe_sizes``): one untimed and two timed forward+backward passes, the
     fastest counting (``run.probe.time_passes``; ``model(**batch).loss`` under ``autocast``) of
     ``make_batch(m)`` (the worst case, on ``device``) for m = 1, 2, 4, ... up to ``limit``, a size
-    ``run.probe.RETIME_DROP`` slower than the one before timed once more; it stops when the peak
+    with more than ``run.probe.RETIME_DROP`` fewer tokens/s than the one before measured once more;
+    it stops when the peak
     passes ``budget_gib`` (loralab's measured peak; None: no cap), at an out-of-memory error, or
     when a doubling is not faster (gain threshold 0), keeping the fastest size within the memory; ``held``: the bytes of
     optimizer state the peer's first step will add (``run.probe.pending_state_bytes``), counted

@@ -48,8 +48,9 @@ TIMED_REPEATS = 2
 the fastest counts (``time_passes``)."""
 RETIME_DROP = 0.2
 """A doubled size whose tokens/s fall more than 20 % below the size before it is timed once more and
-the faster measurement kept (``Trial.retimed_from``): doubling a micro-batch does not cost a GPU a
-fifth of its rate per token unless something else ran. On an H100 (results/bench-fair-h100-1206/,
+the faster measurement kept (``Trial.retimed``). 20 % is a judgement, not a measurement: the largest
+real drop we have seen from a doubling is 8 % (8 x 512 against 4 x 512 on an H200, ``MIN_GAIN``),
+and timing noise is 1-2 %, so a fall of a fifth means something else ran. On an H100 (results/bench-fair-h100-1206/,
 call 4) the 8B LoRA row probed micro-batch 4 at 5,206 tokens/s against 9,294 at 2, where the same
 code on another H100 probed 14,855 at 4: the probe kept 2, and the run gave up 7 % of its speed."""
 
@@ -69,9 +70,10 @@ class Trial:
     size: int
     peak: float | None
     rate: float | None
-    retimed_from: float | None = None
-    """The rate of a first measurement that fell ``RETIME_DROP`` below the size before it (None:
-    measured once); ``rate`` is then the faster of the two."""
+    retimed: tuple[Trial, Trial] | None = None
+    """A size measured twice (its first rate ``RETIME_DROP`` below the size before it): both
+    measurements as taken; ``rate`` and ``peak`` are then the faster rate and the higher peak, or
+    out of memory (``inf``, None) if either ran out. None: measured once."""
 
 
 @dataclass
@@ -121,6 +123,10 @@ def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None,
     if not trials:
         return Decision(None, 1, "")
     last, before = trials[-1], trials[-2] if len(trials) > 1 else None
+    if last.peak == float("inf") and budget is None:  # no budget: an out-of-memory error still stops the search
+        if before is None:
+            return Decision(1, None, "memory: micro-batch 1 out of memory; 1 is the least")
+        return Decision(before.size, None, f"memory: micro-batch {last.size} out of memory")
     if last.peak is not None and budget is not None and last.peak + held > budget:
         # as many decimals as tell the two apart (19.84 over 19.79 GiB read "19.8 over 19.8" at one)
         need = last.peak + held
@@ -189,15 +195,16 @@ def probe_record(trials: list[Trial], decision: Decision, *, budget: float | Non
     with its peak (GiB, as measured; None: not measured, or out of memory as ``"oom"``) and
     tokens/s, the budget (GiB), the fraction it came from, the gain threshold, the tokens of one
     probed row, ``optimizer_state_gib`` (``held``: counted against the budget beside each peak;
-    None without a budget) and ``retimed``: each size timed twice (``RETIME_DROP``) with its first
-    and kept tokens/s."""
+    None without a budget) and ``retimed``: each size measured twice (``RETIME_DROP``), with both
+    measurements' tokens/s and peaks as taken (``tokens_per_second`` and ``peaks_gib`` hold what was
+    kept)."""
     return {"micro_batch": decision.micro_batch, "reason": decision.reason, "sizes": [t.size for t in trials],
             "peaks_gib": [_peak_gib(t) for t in trials],
             "tokens_per_second": [None if t.rate is None else round(t.rate, 1) for t in trials],
             "budget_gib": None if budget is None else round(budget / 2**30, 2), "memory_fraction": memory_fraction,
             "min_gain": min_gain, "row_tokens": row_tokens, "optimizer_state_gib": None if budget is None else round(held / 2**30, 2),
-            "retimed": [{"size": t.size, "tokens_per_second": [round(t.retimed_from, 1), None if t.rate is None else round(t.rate, 1)]}
-                        for t in trials if t.retimed_from is not None]}
+            "retimed": [{"size": t.size, "tokens_per_second": [None if m.rate is None else round(m.rate, 1) for m in t.retimed],
+                         "peaks_gib": [_peak_gib(m) for m in t.retimed]} for t in trials if t.retimed is not None]}
 
 
 def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id: int) -> dict:
@@ -223,16 +230,21 @@ def _implausibly_slow(before: Trial, last: Trial) -> bool:
 
 
 def _faster(first: Trial, again: Trial) -> Trial:
-    """One size measured twice: the faster rate, the higher peak (an out-of-memory in either counts)."""
+    """One size measured twice: the faster rate and the higher peak (the cautious one: memory does not
+    stall), or out of memory (peak ``inf``, rate None) where either measurement ran out; both kept
+    in ``retimed``."""
+    if float("inf") in (first.peak, again.peak):
+        return Trial(first.size, float("inf"), None, retimed=(first, again))
     peaks = [p for p in (first.peak, again.peak) if p is not None]
     rates = [r for r in (first.rate, again.rate) if r is not None]
-    return Trial(first.size, max(peaks) if peaks else None, max(rates) if rates else None, retimed_from=first.rate)
+    return Trial(first.size, max(peaks) if peaks else None, max(rates) if rates else None, retimed=(first, again))
 
 
 def time_passes(run_pass: Callable[[], None], sync: Callable[[], None], repeats: int = TIMED_REPEATS) -> float:
     """Seconds of the fastest of ``repeats`` timed calls of ``run_pass`` (each synchronised by
     ``sync``), after one untimed call (compile, allocator growth, autotuning). The fastest, as
-    ``timeit`` advises: a stall (another process, a late recompile) only ever adds time."""
+    ``timeit`` advises: a stall (another process, a late recompile) only ever adds time. An error
+    of ``run_pass`` (``torch.OutOfMemoryError`` among them) reaches the caller."""
     run_pass()
     sync()
     best = float("inf")
@@ -247,9 +259,9 @@ def time_passes(run_pass: Callable[[], None], sync: Callable[[], None], repeats:
 def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | None, held: float = 0.0,
                 min_gain: float = MIN_GAIN, loss_chunk: Callable[[int], None] | None = None):
     """The probe's search over sizes, given ``measure(m)`` (one size's ``Trial`` as the model runs
-    now): 1, 2, 4, ... until ``decide_micro_batch`` settles, a size ``RETIME_DROP`` slower per token
-    than the one before it measured once more (``Trial.retimed_from``); with ``loss_chunk`` (the fused loss's
-    chunk setter, ``speed.loss_chunk_size`` "auto") set to ``LOSS_CHUNK`` first, a size over the
+    now): 1, 2, 4, ... until ``decide_micro_batch`` settles, a size within the budget with more than
+    ``RETIME_DROP`` fewer tokens/s than the one before it measured once more (``Trial.retimed``);
+    with ``loss_chunk`` (the fused loss's chunk setter, ``speed.loss_chunk_size`` "auto") set to ``LOSS_CHUNK`` first, a size over the
     budget is measured again at ``SMALL_LOSS_CHUNK`` and ``decide_loss_chunk`` keeps one chunk,
     which is left set. Returns (decision, trials, chunk or None when fixed, the small-chunk trial
     or None)."""
@@ -261,10 +273,11 @@ def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | 
     decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
     while decision.micro_batch is None:
         trials.append(measure(decision.next_size))
-        if len(trials) > 1 and _implausibly_slow(trials[-2], trials[-1]):
-            trials[-1] = _faster(trials[-1], measure(trials[-1].size))
-        decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
         over = budget is not None and trials[-1].peak is not None and trials[-1].peak + held > budget
+        if not over and len(trials) > 1 and _implausibly_slow(trials[-2], trials[-1]):
+            trials[-1] = _faster(trials[-1], measure(trials[-1].size))
+            over = budget is not None and trials[-1].peak is not None and trials[-1].peak + held > budget
+        decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
         if decision.micro_batch is not None and over and loss_chunk is not None:
             loss_chunk(SMALL_LOSS_CHUNK)
             small = measure(trials[-1].size)
