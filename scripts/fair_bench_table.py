@@ -22,6 +22,8 @@ def pick(rows: list[dict], method: str, stack: str) -> dict:
 
 
 STACK = {"peer": "docs", "liger": "Liger", "tuned": "tuned"}
+CAP = {"loralab's memory budget": "loralab's budget (`--peer-memory budget`)"}
+"""The tuned peer's cap in words where it is not loralab's measured peak (``bench.runner.tuned_cap``)."""
 
 
 def profile_sections(text: str) -> dict[str, tuple[float, list[tuple[str, float, int]]]]:
@@ -198,9 +200,10 @@ def main() -> None:
                              f"{cached['auto_headroom_gib']} GiB kept free).")
             if r["stack"] == "tuned":
                 p = r.get("micro_batch_probe") or {}
+                cap = CAP.get(p.get("budget_from"), "loralab's peak")
                 notes.append(f"- Tuned peer, {r['method']}: micro-batch {r.get('micro_batch')} of {p.get('sizes')} "
                              f"(peaks {p.get('peaks_gib')} GiB against a budget of {p.get('budget_gib')} GiB, "
-                             f"loralab's peak): {p.get('reason')}.")
+                             f"{cap}): {p.get('reason')}.")
     if (out / "fair8bcache.json").exists():  # the same rows with the FP8 rows' transposed codes cached
         from loralab.bench.runner import table
 

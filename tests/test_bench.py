@@ -192,3 +192,46 @@ def test_a_bench_row_records_whether_its_budgeted_partition_held(monkeypatch, re
     assert rows[0.6]["speed"]["activation_memory_budget"] == 0.6 and held["fell_back"] >= 1 and held["within_budget"] == 0
     assert "sdpa_flop_count" in held["error"]
     assert "activation_memory_budget_partitions" not in rows[1.0]  # nothing budgeted, nothing to say
+
+
+def test_the_tuned_peer_is_held_to_loralabs_peak_or_its_budget():
+    """``tuned_cap`` on an H100 row at an H200's budget (results/bench-fair-h100-1206/h200budget): loralab's measured
+    peak by default, its probe's budget with ``peer_memory="budget"``, the peak where nothing was probed, no cap
+    without loralab's row; an unknown choice is refused naming the allowed ones."""
+    from pathlib import Path
+
+    from loralab.bench.runner import tuned_cap
+    from loralab.bench.workloads import BenchError
+
+    rows = json.loads((Path(__file__).parents[1] / "results/bench-fair-h100-1206/h200budget/fair8b.json").read_text())
+    ours = next(r for r in rows if (r["method"], r["stack"]) == ("lora", "loralab"))
+    assert tuned_cap(ours) == (24.22, "loralab's measured peak") == tuned_cap(ours, "peak")
+    assert tuned_cap(ours, "budget") == (34.92, "loralab's memory budget")
+    explicit = {**ours, "speed": {**ours["speed"], "micro_batch_probe": None}}  # speed.micro_batch set: no probe
+    assert tuned_cap(explicit, "budget") == (24.22, "loralab's measured peak")
+    assert tuned_cap(None, "budget") == (None, None) == tuned_cap({**ours, "peak_memory_gib": None}, "budget")
+    with pytest.raises(BenchError, match="'trough' unknown; allowed: peak, budget"):
+        tuned_cap(ours, "trough")
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_peer_memory_is_for_preset_rows_and_the_table_names_the_cap(tmp_path):
+    """``--peer-memory`` with ``--experiment`` is refused naming it; the fair-bench table's tuned-peer note says which
+    cap the peer searched within (loralab's peak, or its budget with ``--peer-memory budget``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with pytest.raises(SystemExit, match="--peer-memory, which apply to the preset rows only"):
+        main(["bench", "--experiment", str(tmp_path), "--peer-memory", "budget"])
+    root = Path(__file__).parents[1]
+    rows = json.loads((root / "results/bench-fair-h100-1206/h200budget/fair8b.json").read_text())
+    for r in rows:
+        if r["stack"] == "tuned":
+            r["micro_batch_probe"]["budget_from"] = "loralab's memory budget"
+    (tmp_path / "fair8b.json").write_text(json.dumps(rows))
+    run = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(tmp_path)], capture_output=True, text=True,
+                         cwd=root, timeout=120)
+    assert run.returncode == 0, run.stderr
+    notes = [line for line in run.stdout.splitlines() if line.startswith("- Tuned peer")]
+    assert len(notes) == 2 and all("loralab's budget (`--peer-memory budget`)): " in line for line in notes)

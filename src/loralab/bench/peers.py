@@ -144,21 +144,23 @@ def tuned_step(model, opt, chunks: list[tuple[dict, float]], device: str, autoca
 
 
 def tuned_micro_batch(model, w: Workload, feats: list[dict], pad_id: int, device: str, autocast: str | None,
-                      budget_gib: float | None, limit: int, held: float = 0.0) -> tuple[int, dict]:
+                      budget_gib: float | None, limit: int, held: float = 0.0,
+                      budget_from: str | None = None) -> tuple[int, dict]:
     """The tuned peer's best micro-batch (``search_micro_batch``) for the longest sample in
     ``feats`` repeated m times, padded as the peer pads, m up to ``limit`` (the optimizer batch);
-    ``held``: its optimizer's state bytes still to come."""
+    ``held``: its optimizer's state bytes still to come; ``budget_from``: where ``budget_gib`` came from."""
     longest = max(feats, key=lambda f: len(f["input_ids"]))
 
     def make_batch(m):
         return {k: v.to(device) for k, v in peer_batch(w, [longest] * m, pad_id).items()}
 
     return search_micro_batch(model, make_batch, device=device, autocast=autocast, budget_gib=budget_gib,
-                              limit=limit, row_tokens=len(longest["input_ids"]), held=held)
+                              limit=limit, row_tokens=len(longest["input_ids"]), held=held, budget_from=budget_from)
 
 
 def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, budget_gib: float | None,
-                       limit: int, row_tokens: int, held: float = 0.0) -> tuple[int, dict]:
+                       limit: int, row_tokens: int, held: float = 0.0,
+                       budget_from: str | None = None) -> tuple[int, dict]:
     """A peer's best micro-batch, found as loralab's probe finds its own
     (``loralab.run.probe.probe_sizes``): one untimed and two timed forward+backward passes, the
     fastest counting (``run.probe.time_passes``; ``model(**batch).loss`` under ``autocast``) of
@@ -169,7 +171,8 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
     when a doubling is not faster (gain threshold 0), keeping the fastest size within the memory; ``held``: the bytes of
     optimizer state the peer's first step will add (``run.probe.pending_state_bytes``), counted
     beside each peak as loralab's probe counts its own. Peaks are measured on CUDA only; rates
-    count real tokens (classification: samples). Gradients are dropped.
+    count real tokens (classification: samples). Gradients are dropped. ``budget_from``: where the cap
+    came from, recorded (default "loralab's measured peak"; None without a cap).
     Returns (micro-batch, ``probe_record`` with ``budget_from``)."""
     from loralab.run.probe import Trial, probe_record, probe_sizes, time_passes
 
@@ -204,7 +207,7 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
     decision, trials, _, _ = probe_sizes(measure, limit=limit, budget=budget, held=held, min_gain=0.0)
     record = probe_record(trials, decision, budget=budget, memory_fraction=None, row_tokens=row_tokens, min_gain=0.0,
                           held=held)
-    record["budget_from"] = "loralab's measured peak" if budget is not None else None
+    record["budget_from"] = (budget_from or "loralab's measured peak") if budget is not None else None
     return decision.micro_batch, record
 
 

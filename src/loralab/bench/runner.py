@@ -2,7 +2,8 @@
 
 One row per workload x method x stack (``loralab.bench.workloads`` for the workloads,
 ``loralab.bench.peers`` for the peer stacks: the docs peer, Liger, and the tuned peer, which runs
-after loralab's row and searches its micro-batch within loralab's measured peak).
+after loralab's row and searches its micro-batch within loralab's measured peak, or with ``--peer-memory
+budget`` within loralab's memory budget: ``tuned_cap``).
 Ratios (``add_ratios``, the table) are loralab's throughput over the best peer row's (the fastest
 of docs peer, Liger and tuned on the same workload and method), with the docs peer's beside it.
 loralab: the same model, adapter and optimizer batches through what ``loralab run`` builds with
@@ -57,6 +58,25 @@ PEER_STACKS = ("peer", "liger", "tuned")
 """Rows that are peers of loralab's: the docs peer first (``ours/docs peer``), then the others."""
 STACKS = ("peer", "loralab", "liger", "tuned")
 """Every stack a preset row runs on, in the order they run (the tuned peer after loralab: its memory cap)."""
+PEER_MEMORY = ("peak", "budget")
+"""What the tuned peer's micro-batch search is held to (``tuned_cap``): loralab's measured peak on the same
+row (the default, issue 22's "within the same memory as loralab's run"), or the budget loralab's probe
+had (``speed.memory_fraction`` of the card), which leaves the peer as much room as loralab was given."""
+
+
+def tuned_cap(ours: dict | None, peer_memory: str = "peak") -> tuple[float | None, str | None]:
+    """The tuned peer's memory cap from loralab's row on the same workload and method (``ours``; None:
+    no such row, no cap): (GiB, where it came from). ``peer_memory`` "peak": loralab's measured peak;
+    "budget": its probe's budget, or its peak where nothing was probed (an explicit micro-batch, CPU).
+    Raises BenchError for a ``peer_memory`` not in ``PEER_MEMORY``."""
+    if peer_memory not in PEER_MEMORY:
+        raise BenchError(f"peer memory {peer_memory!r} unknown; allowed: {', '.join(PEER_MEMORY)}")
+    if ours is None or ours.get("peak_memory_gib") is None:
+        return None, None
+    budget = ((ours.get("speed") or {}).get("micro_batch_probe") or {}).get("budget_gib")
+    if peer_memory == "budget" and budget is not None:
+        return budget, "loralab's memory budget"
+    return ours["peak_memory_gib"], "loralab's measured peak"
 
 
 def matmul_params(model) -> int:
@@ -93,10 +113,12 @@ def loralab_step(model, features: list[list[dict]], *, kind: str, dtype: str, ma
 
 
 def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,
-            speed: dict | None = None, profile_to: list | None = None, budget_gib: float | None = None) -> dict:
+            speed: dict | None = None, profile_to: list | None = None, budget_gib: float | None = None,
+            budget_from: str | None = None) -> dict:
     """One row: build the model (the workload's dtype for every stack; float32 on CPU), adapt it,
     time ``steps`` optimizer steps after ``warmup`` ones. ``speed``: explicit loralab speed keys;
-    ``budget_gib``: the tuned peer's memory cap (loralab's peak on this workload and method)."""
+    ``budget_gib``: the tuned peer's memory cap (``tuned_cap``: loralab's peak or budget on this workload
+    and method), ``budget_from`` where it came from (recorded in the peer's ``micro_batch_probe``)."""
     dtype = "float32" if device == "cpu" else w.dtype
     clean(device)
     patches = contextlib.ExitStack()
@@ -118,7 +140,8 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
         patches.enter_context(liger_patched(base, **liger_options(model)))
     reserved = torch.cuda.memory_reserved() / 2**30 if device == "cuda" else None
     with patches:
-        row = _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to, budget_gib)
+        row = _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to, budget_gib,
+                         budget_from)
     row["reserved_gib_at_start"] = None if reserved is None else round(reserved, 2)
     return row
 
@@ -139,7 +162,8 @@ def clean(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to, budget_gib=None) -> dict:
+def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to, budget_gib=None,
+               budget_from=None) -> dict:
     seq_cls = is_seq_cls(w)
     model.train()
     spec = MODELS[w.model]
@@ -159,7 +183,8 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         micro, probe = tuned_micro_batch(model, w, [f for feats in data for f in feats], pad_id, device,
                                          tuned["autocast"], budget_gib, limit=w.batch_size,
-                                         held=pending_state_bytes(opt) if device == "cuda" else 0)
+                                         held=pending_state_bytes(opt) if device == "cuda" else 0,
+                                         budget_from=budget_from)
         tuned.update(micro_batch=micro, micro_batch_probe=probe)
         run = lambda chunks: tuned_step(model, opt, chunks, device, tuned["autocast"])
         shape_of = lambda chunks: tuple(tuple(tuple(v.shape) for v in b.values()) for b, _ in chunks)
@@ -236,13 +261,14 @@ def _profile(run, data, title: str) -> str:
 def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,
               only: str | None = None, speed: dict | None = None, profile: bool = False,
               log=print, on_row=None, methods: tuple[str, ...] | None = None,
-              stacks: tuple[str, ...] | None = None):
+              stacks: tuple[str, ...] | None = None, peer_memory: str = "peak"):
     """All rows of a preset; ``only`` keeps workloads whose name contains it, ``methods`` (names as in the
     preset, e.g. ``("fp8+lora",)``) the rows of those methods, ``stacks`` (of ``STACKS``) the rows of
     those stacks (the tuned peer is capped at loralab's peak only when loralab's row runs too); ``speed``
-    holds explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults.
-    Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack, or
-    in ``stacks`` that is not a stack.
+    holds explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults;
+    ``peer_memory`` (``PEER_MEMORY``) what the tuned peer is held to (``tuned_cap``).
+    Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack, in
+    ``stacks`` that is not a stack, or a ``peer_memory`` not allowed.
 
     cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
     which would charge padded batches of varying length (the peer's) seconds per step.
@@ -251,6 +277,7 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
 
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
+    tuned_cap(None, peer_memory)  # refused before any row runs
     kept = [w for w in presets(preset) if not only or only in w.name]
     known = sorted({m for w in kept for m in w.methods})
     unknown = [m for m in methods or () if m not in known]
@@ -271,9 +298,10 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
         try:
             n_steps = steps or (3 if preset == "tiny" else w.steps or 8)
             n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
-            budget = next((r.get("peak_memory_gib") for r in rows if (r["workload"], r["method"], r["stack"])
-                           == (w.name, method, "loralab")), None)  # the tuned peer's cap: loralab's peak
-            row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed, budget_gib=budget)
+            ours = next((r for r in rows if (r["workload"], r["method"], r["stack"]) == (w.name, method, "loralab")), None)
+            budget, budget_from = tuned_cap(ours, peer_memory)  # the tuned peer's cap
+            row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed, budget_gib=budget,
+                          budget_from=budget_from)
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
                    "peak_memory_gib": None, "mfu": None, "error": f"out of memory: {str(exc)[:120]}"}

@@ -41,6 +41,10 @@ def add_arguments(parser) -> None:
                              "for an A/B of --speed keys; the tuned peer is held to loralab's peak only beside its row; "
                              "--experiment: loralab, trainer (default both; the Trainer's search is capped at loralab's "
                              "peak only beside its row)")
+    parser.add_argument("--peer-memory", choices=("peak", "budget"), default=None,
+                        help="what the tuned peer's micro-batch search is held to: loralab's measured peak on the same "
+                             "row (peak, the default) or the budget loralab's probe had (budget: speed.memory_fraction "
+                             "of the card, as much room as loralab was given); preset rows only")
     parser.add_argument("--no-compile", action="store_true",
                         help="speed.compile = false for the loralab stack (default: loralab run's, on for causal LMs on cuda)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
@@ -108,7 +112,8 @@ def run(args) -> int:
     stacks = tuple(m.strip() for m in args.stacks.split(",")) if args.stacks else None
     try:
         rows, profiles = run_bench(args.preset or "tiny", device, steps=args.steps, warmup=args.warmup, only=args.only,
-                                   speed=speed, profile=args.profile, on_row=save, methods=methods, stacks=stacks)
+                                   speed=speed, profile=args.profile, on_row=save, methods=methods, stacks=stacks,
+                                   peer_memory=args.peer_memory or "peak")
     except BenchError as exc:  # refused before any row ran
         which = " ".join(f"--{k} {getattr(args, k)!r}" for k in ("methods", "stacks") if getattr(args, k)) or "bench"
         raise SystemExit(f"{which}: {exc}") from exc
@@ -156,11 +161,11 @@ def _run_experiment(args, device: str) -> int:
     from loralab.config import ConfigError
 
     if (args.preset or args.only or args.methods or args.profile or args.warmup or args.no_compile
-            or args.no_cuda_graphs):
+            or args.no_cuda_graphs or args.peer_memory):
         raise SystemExit("--experiment benches the folder's own method and settings (its adapter_config.json and "
                          "training_parameters.json; --speed sets speed keys over them for loralab's rows); remove "
-                         "--preset, --only, --methods, --profile, --warmup, --no-compile and --no-cuda-graphs, which "
-                         "apply to the preset rows only")
+                         "--preset, --only, --methods, --profile, --warmup, --no-compile, --no-cuda-graphs and "
+                         "--peer-memory, which apply to the preset rows only")
     stacks = tuple(s.strip() for s in args.stacks.split(",") if s.strip()) if args.stacks else ("loralab", "trainer")
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
