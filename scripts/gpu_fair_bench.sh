@@ -158,6 +158,9 @@
 #   21.9; one probe stalled at micro-batch 4, since timed as the fastest pass and retimed on a drop of 20 %): on an H200,
 #   (1) fp8check fair8b (the goals' own card; no H200 row has the code since 2026-12-04); (2) recipe. On an H100:
 #   fair8b with SPEED="memory_fraction=0.441" again (whether the retimed probe keeps bf16 LoRA at micro-batch 4), cdtune.
+#   Call 6 there: held to loralab's budget (`loralab bench --peer-memory budget`) the tuned peer runs micro-batch 4 at
+#   10,136 tokens/s, and loralab is 1.48x (bf16) and 1.79x (FP8 base) of it: the fairest reading of the goals is missed
+#   on an H100. On an H200, run fair8b beside `--peer-memory budget` rows too.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -667,3 +667,18 @@ def test_fair_h100_1206_section_is_its_files():
             f"{peaks['trainer']:.1f} GiB, and {at['ratio']:.2f}x at {at['peak_memory_gib']:.1f} GiB") in flat
     for sub in ("defaults", "h200budget", "h200budget-nocache", "recipe"):
         assert "commit: 5698f96" in (folder / sub / "gpu.txt").read_text()
+    from loralab.bench.runner import table
+
+    peer = json.loads((folder / "peerbudget" / "peerbudget.json").read_text())  # call 6: the tuned peer at the budget
+    assert set(table_rows(table(peer))) <= set(table_rows(section(heading)))
+    by = {(r["method"], r["stack"]): r for r in peer}
+    tuned = by[("lora", "tuned")]
+    assert tuned["micro_batch_probe"]["budget_from"] == "loralab's memory budget" and tuned["micro_batch"] == 4
+    assert tuned["micro_batch_probe"]["budget_gib"] == ours(by, "lora")["speed"]["micro_batch_probe"]["budget_gib"]
+    r1, r2 = ours(by, "lora")["ratio_best_peer"], ours(by, "fp8+lora")["ratio_best_peer"]
+    assert r1 < 1.5 and r2 < 2.0  # the reading says "under the goals'"
+    assert (f"that peer runs micro-batch 4 at {tuned['throughput']:,.0f} tokens/s and {tuned['peak_memory_gib']:.1f} GiB. "
+            f"loralab's bf16 LoRA is then **{r1:.2f}x** and FP8-base LoRA **{r2:.2f}x**, both at "
+            f"{ours(by, 'lora')['peak_memory_gib']:.1f} GiB: under the goals'") in flat
+    old = {(r["method"], r["stack"]): r for r in json.loads((RESULTS / "bench-fair" / "fair8b.json").read_text())}
+    assert old[("lora", "tuned")]["micro_batch"] == 4 and f"({old[('lora', 'tuned')]['throughput']:,.0f} tokens/s)" in flat
