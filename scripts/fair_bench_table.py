@@ -22,7 +22,7 @@ def pick(rows: list[dict], method: str, stack: str) -> dict:
 
 
 STACK = {"peer": "docs", "liger": "Liger", "tuned": "tuned"}
-CAP = {"loralab's memory budget": "loralab's budget (`--peer-memory budget`)"}
+CAP = {"loralab's memory budget": "loralab's budget"}
 """The tuned peer's cap in words where it is not loralab's measured peak (``bench.runner.tuned_cap``)."""
 
 

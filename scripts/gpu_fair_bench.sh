@@ -160,7 +160,7 @@
 #   fair8b with SPEED="memory_fraction=0.441" again (whether the retimed probe keeps bf16 LoRA at micro-batch 4), cdtune.
 #   Call 6 there: held to loralab's budget (`loralab bench --peer-memory budget`) the tuned peer runs micro-batch 4 at
 #   10,136 tokens/s, and loralab is 1.48x (bf16) and 1.79x (FP8 base) of it: the fairest reading of the goals is missed
-#   on an H100. On an H200, run fair8b beside `--peer-memory budget` rows too.
+#   on an H100. `loralab bench` now holds the tuned peer to loralab's budget by default, so fair8b's rows are against it.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

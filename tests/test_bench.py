@@ -195,8 +195,8 @@ def test_a_bench_row_records_whether_its_budgeted_partition_held(monkeypatch, re
 
 
 def test_the_tuned_peer_is_held_to_loralabs_peak_or_its_budget():
-    """``tuned_cap`` on an H100 row at an H200's budget (results/bench-fair-h100-1206/h200budget): loralab's measured
-    peak by default, its probe's budget with ``peer_memory="budget"``, the peak where nothing was probed, no cap
+    """``tuned_cap`` on an H100 row at an H200's budget (results/bench-fair-h100-1206/h200budget): loralab's probe's
+    budget by default, its measured peak with ``peer_memory="peak"`` or where nothing was probed, no cap
     without loralab's row; an unknown choice is refused naming the allowed ones."""
     from pathlib import Path
 
@@ -205,8 +205,8 @@ def test_the_tuned_peer_is_held_to_loralabs_peak_or_its_budget():
 
     rows = json.loads((Path(__file__).parents[1] / "results/bench-fair-h100-1206/h200budget/fair8b.json").read_text())
     ours = next(r for r in rows if (r["method"], r["stack"]) == ("lora", "loralab"))
-    assert tuned_cap(ours) == (24.22, "loralab's measured peak") == tuned_cap(ours, "peak")
-    assert tuned_cap(ours, "budget") == (34.92, "loralab's memory budget")
+    assert tuned_cap(ours, "peak") == (24.22, "loralab's measured peak")
+    assert tuned_cap(ours) == (34.92, "loralab's memory budget") == tuned_cap(ours, "budget")
     explicit = {**ours, "speed": {**ours["speed"], "micro_batch_probe": None}}  # speed.micro_batch set: no probe
     assert tuned_cap(explicit, "budget") == (24.22, "loralab's measured peak")
     assert tuned_cap(None, "budget") == (None, None) == tuned_cap({**ours, "peak_memory_gib": None}, "budget")
@@ -217,7 +217,8 @@ def test_the_tuned_peer_is_held_to_loralabs_peak_or_its_budget():
 @pytest.mark.slow  # runs the table script (imports torch, transformers)
 def test_peer_memory_is_for_preset_rows_and_the_table_names_the_cap(tmp_path):
     """``--peer-memory`` with ``--experiment`` is refused naming it; the fair-bench table's tuned-peer note says which
-    cap the peer searched within (loralab's peak, or its budget with ``--peer-memory budget``)."""
+    cap the peer searched within (loralab's budget, the default, or its peak: every fair-bench run in results/ before
+    results/bench-fair-h100-1206's call 6)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -234,4 +235,7 @@ def test_peer_memory_is_for_preset_rows_and_the_table_names_the_cap(tmp_path):
                          cwd=root, timeout=120)
     assert run.returncode == 0, run.stderr
     notes = [line for line in run.stdout.splitlines() if line.startswith("- Tuned peer")]
-    assert len(notes) == 2 and all("loralab's budget (`--peer-memory budget`)): " in line for line in notes)
+    assert len(notes) == 2 and all("loralab's budget): " in line for line in notes)
+    peak = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(root / "results/bench-fair-h100-1206/h200budget")],
+                          capture_output=True, text=True, cwd=root, timeout=120).stdout
+    assert "GiB, loralab's peak): " in peak and "loralab's budget" not in peak

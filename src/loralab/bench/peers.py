@@ -8,8 +8,9 @@ the strongest off-the-shelf stack issue 6 names.
 tuned (issue 22): what ``Trainer(bf16=True, optim="adamw_torch_fused", use_liger_kernel=True)``
 computes: bf16 autocast around the forward on CUDA (fp16 for an fp16 base; none on CPU, as
 ``bf16=False``), fused AdamW, Liger where ``liger_available``, and its best micro-batch within
-loralab's measured peak (``tuned_micro_batch``: doubling from 1 up to the optimizer batch, as
-loralab's probe does, until the peak passes loralab's or runs out of memory, keeping the fastest),
+loralab's memory budget, or its measured peak (``bench.runner.tuned_cap``; ``tuned_micro_batch``:
+doubling from 1 up to the optimizer batch, as loralab's probe does, until the peak passes the cap or
+runs out of memory, keeping the fastest),
 with gradient accumulation over the optimizer batch.
 trainer (``loralab bench --experiment``): transformers ``Trainer`` + peft with the recipe's
 optimisation and the tuned settings (``trainer_row``).
@@ -167,7 +168,7 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
     ``make_batch(m)`` (the worst case, on ``device``) for m = 1, 2, 4, ... up to ``limit``, a size
     with more than ``run.probe.RETIME_DROP`` fewer tokens/s than the one before measured once more;
     it stops when the peak
-    passes ``budget_gib`` (loralab's measured peak; None: no cap), at an out-of-memory error, or
+    passes ``budget_gib`` (loralab's budget or peak; None: no cap), at an out-of-memory error, or
     when a doubling is not faster (gain threshold 0), keeping the fastest size within the memory; ``held``: the bytes of
     optimizer state the peer's first step will add (``run.probe.pending_state_bytes``), counted
     beside each peak as loralab's probe counts its own. Peaks are measured on CUDA only; rates

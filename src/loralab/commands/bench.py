@@ -38,13 +38,14 @@ def add_arguments(parser) -> None:
                              "float method's peer rows in the same run")
     parser.add_argument("--stacks", default=None,
                         help="comma-separated stacks to keep (peer, loralab, liger, tuned; default all), e.g. loralab "
-                             "for an A/B of --speed keys; the tuned peer is held to loralab's peak only beside its row; "
+                             "for an A/B of --speed keys; the tuned peer is held to loralab's budget (or peak) only beside its row; "
                              "--experiment: loralab, trainer (default both; the Trainer's search is capped at loralab's "
                              "peak only beside its row)")
     parser.add_argument("--peer-memory", choices=("peak", "budget"), default=None,
-                        help="what the tuned peer's micro-batch search is held to: loralab's measured peak on the same "
-                             "row (peak, the default) or the budget loralab's probe had (budget: speed.memory_fraction "
-                             "of the card, as much room as loralab was given); preset rows only")
+                        help="what the tuned peer's micro-batch search is held to: the budget loralab's probe had "
+                             "(budget, the default: speed.memory_fraction of the card, as much room as loralab was "
+                             "given) or loralab's measured peak on the same row (peak, the rule of the fair-bench runs in results/ before 2026-12-06 call 6); "
+                             "preset rows only")
     parser.add_argument("--no-compile", action="store_true",
                         help="speed.compile = false for the loralab stack (default: loralab run's, on for causal LMs on cuda)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
@@ -113,7 +114,7 @@ def run(args) -> int:
     try:
         rows, profiles = run_bench(args.preset or "tiny", device, steps=args.steps, warmup=args.warmup, only=args.only,
                                    speed=speed, profile=args.profile, on_row=save, methods=methods, stacks=stacks,
-                                   peer_memory=args.peer_memory or "peak")
+                                   peer_memory=args.peer_memory or "budget")
     except BenchError as exc:  # refused before any row ran
         which = " ".join(f"--{k} {getattr(args, k)!r}" for k in ("methods", "stacks") if getattr(args, k)) or "bench"
         raise SystemExit(f"{which}: {exc}") from exc
