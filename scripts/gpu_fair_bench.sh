@@ -4,7 +4,8 @@
 #           fixed 4 x 512 tokens, LoRA r32 all-linear and DoRA, each also on an FP8 base (loralab only:
 #           fp8+lora, fp8+dora, against the float method's peers), loralab run's defaults (its micro-batch
 #           probed within speed.memory_fraction) against the docs peer, the Liger peer and the tuned peer
-#           (bf16 autocast, fused AdamW, Liger, its best micro-batch within loralab's measured peak; the
+#           (bf16 autocast, fused AdamW, Liger, its best micro-batch within loralab's memory budget, or its measured
+#           peak where that is higher; within the peak always before results/bench-fair-h100-1206's call 6; the
 #           sizes it tried, their peaks and rates are in each tuned row's micro_batch_probe). loralab's
 #           rows carry ratio_best_peer (and best_peer) and ratio_docs_peer. ~5-8 min (10 rows). SPEED="k=v ..."
 #           passes each as `--speed k=v` (loralab's rows; FP8-only keys reach the fp8+ rows only).

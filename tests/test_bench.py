@@ -210,6 +210,8 @@ def test_the_tuned_peer_is_held_to_loralabs_peak_or_its_budget():
     explicit = {**ours, "speed": {**ours["speed"], "micro_batch_probe": None}}  # speed.micro_batch set: no probe
     assert tuned_cap(explicit, "budget") == (24.22, "loralab's measured peak")
     assert tuned_cap(None, "budget") == (None, None) == tuned_cap({**ours, "peak_memory_gib": None}, "budget")
+    over = {**ours, "peak_memory_gib": 35.5}  # micro-batch 1 may run over the budget: the peer gets loralab's peak
+    assert tuned_cap(over, "budget") == (35.5, "loralab's measured peak")
     with pytest.raises(BenchError, match="'trough' unknown; allowed: peak, budget"):
         tuned_cap(ours, "trough")
 
@@ -239,3 +241,37 @@ def test_peer_memory_is_for_preset_rows_and_the_table_names_the_cap(tmp_path):
     peak = subprocess.run([sys.executable, "scripts/fair_bench_table.py", str(root / "results/bench-fair-h100-1206/h200budget")],
                           capture_output=True, text=True, cwd=root, timeout=120).stdout
     assert "GiB, loralab's peak): " in peak and "loralab's budget" not in peak
+
+
+@pytest.mark.parametrize("flag", [None, "peak", "budget"])
+def test_the_cli_holds_the_tuned_peer_to_loralabs_budget_by_default(monkeypatch, flag):
+    """``loralab bench`` hands the tuned peer's row the cap of ``--peer-memory`` (default: loralab's budget), from
+    loralab's row of the same workload and method, with where it came from (stand-in rows: no model is built)."""
+    from loralab.bench import runner
+
+    seen = {}
+
+    def fake_run_one(w, method, stack, device, steps, warmup, speed=None, budget_gib=None, budget_from=None):
+        seen[stack] = (budget_gib, budget_from)
+        probe = {"budget_gib": 19.79} if stack == "loralab" else None
+        return {"workload": w.name, "method": method, "stack": stack, "throughput": 1.0, "unit": "tokens/s",
+                "peak_memory_gib": 18.5, "mfu": None, "micro_batch": 1, "speed": {"micro_batch_probe": probe}}
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--only", "fixed-2x64", "--methods", "lora",
+            "--stacks", "loralab,tuned"] + (["--peer-memory", flag] if flag else [])
+    assert main(args) == 0
+    want = (18.5, "loralab's measured peak") if flag == "peak" else (19.79, "loralab's memory budget")
+    assert seen == {"loralab": (None, None), "tuned": want}
+
+
+def test_the_tuned_peer_records_where_its_cap_came_from():
+    """A tuned row run with a cap records it and its source in ``micro_batch_probe`` (tiny Llama on CPU: no peaks,
+    so the cap stops nothing)."""
+    from loralab.bench.runner import run_one
+
+    w = next(w for w in presets("tiny") if w.name == "tiny-llama/fixed-2x64")
+    row = run_one(w, "lora", "tuned", "cpu", 1, 1, budget_gib=5.0, budget_from="loralab's memory budget")
+    probe = row["micro_batch_probe"]
+    assert (probe["budget_gib"], probe["budget_from"]) == (5.0, "loralab's memory budget")
+    assert probe["sizes"] == [1, 2] and row["micro_batch"] == probe["micro_batch"]

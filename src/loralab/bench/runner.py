@@ -72,15 +72,17 @@ it to the peak."""
 def tuned_cap(ours: dict | None, peer_memory: str = "budget") -> tuple[float | None, str | None]:
     """The tuned peer's memory cap from loralab's row on the same workload and method (``ours``; None:
     no such row, no cap): (GiB, where it came from). ``peer_memory`` "peak": loralab's measured peak;
-    "budget" (the default): its probe's budget, or its peak where nothing was probed (an explicit
-    micro-batch, CPU).
+    "budget" (the default): its probe's budget, or its peak where that is higher (the probe times a
+    forward and backward, and micro-batch 1 may run over the budget) or nothing was probed (an
+    explicit micro-batch, CPU). An FP8-base row's peers are the float method's, capped by the float
+    method's loralab row, which runs before them.
     Raises BenchError for a ``peer_memory`` not in ``PEER_MEMORY``."""
     if peer_memory not in PEER_MEMORY:
         raise BenchError(f"peer memory {peer_memory!r} unknown; allowed: {', '.join(PEER_MEMORY)}")
     if ours is None or ours.get("peak_memory_gib") is None:
         return None, None
     budget = ((ours.get("speed") or {}).get("micro_batch_probe") or {}).get("budget_gib")
-    if peer_memory == "budget" and budget is not None:
+    if peer_memory == "budget" and budget is not None and budget >= ours["peak_memory_gib"]:
         return budget, "loralab's memory budget"
     return ours["peak_memory_gib"], "loralab's measured peak"
 

@@ -44,8 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--peer-memory", choices=("peak", "budget"), default=None,
                         help="what the tuned peer's micro-batch search is held to: the budget loralab's probe had "
                              "(budget, the default: speed.memory_fraction of the card, as much room as loralab was "
-                             "given) or loralab's measured peak on the same row (peak, the rule of the fair-bench runs in results/ before 2026-12-06 call 6); "
-                             "preset rows only")
+                             "given; loralab's peak where that is higher) or loralab's measured peak on the same row "
+                             "(peak, the older rule); preset rows only (--experiment's Trainer is held to loralab's peak)")
     parser.add_argument("--no-compile", action="store_true",
                         help="speed.compile = false for the loralab stack (default: loralab run's, on for causal LMs on cuda)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
