@@ -167,13 +167,13 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
     fastest counting (``run.probe.time_passes``; ``model(**batch).loss`` under ``autocast``) of
     ``make_batch(m)`` (the worst case, on ``device``) for m = 1, 2, 4, ... up to ``limit``, a size
     with more than ``run.probe.RETIME_DROP`` fewer tokens/s than the one before measured once more;
-    it stops when the peak
-    passes ``budget_gib`` (loralab's budget or peak; None: no cap), at an out-of-memory error, or
-    when a doubling is not faster (gain threshold 0), keeping the fastest size within the memory; ``held``: the bytes of
-    optimizer state the peer's first step will add (``run.probe.pending_state_bytes``), counted
-    beside each peak as loralab's probe counts its own. Peaks are measured on CUDA only; rates
-    count real tokens (classification: samples). Gradients are dropped. ``budget_from``: where the cap
-    came from, recorded (default "loralab's measured peak"; None without a cap).
+    it stops when the peak passes ``budget_gib`` (loralab's budget or peak; None: no cap), at an
+    out-of-memory error, or when a doubling is not faster (gain threshold 0), keeping the fastest
+    size within the memory; ``held``: the bytes of optimizer state the peer's first step will add
+    (``run.probe.pending_state_bytes``), counted beside each peak as loralab's probe counts its own.
+    Peaks are measured on CUDA only; rates count real tokens (classification: samples). Gradients
+    are dropped. ``budget_from``: where the cap came from, recorded (default "loralab's measured
+    peak"; None without a cap).
     Returns (micro-batch, ``probe_record`` with ``budget_from``)."""
     from loralab.run.probe import Trial, probe_record, probe_sizes, time_passes
 
