@@ -443,3 +443,25 @@ def test_the_tuned_peers_search_rates_real_tokens_of_one_pass(monkeypatch):
                                        row_tokens=4)
     assert (micro, record["sizes"], record["tokens_per_second"]) == (4, [1, 2, 4], [6.0, 12.0, 24.0])
     assert len(passes) == 3 and model.w.grad is None and record["retimed"] == []
+
+
+@pytest.mark.parametrize("again", [16200.0, 9100.0])
+def test_a_stalled_small_loss_chunk_trial_is_timed_again(again):
+    """The size over the budget, probed again with 128-token loss chunks, fits but measured far below the size
+    before it (a stall): it is measured once more and the faster kept, so a stall does not cost the run its
+    micro-batch (recorded FP8 trials of losschunk-*.json, the small-chunk rate stalled)."""
+    from loralab.run.probe import probe_sizes
+
+    trials = {(m, 1024): t for m, t in zip((1, 2, 4), FP8_1024)}
+    small = [Trial(4, 18.28 * GIB, 9000.0), Trial(4, 18.30 * GIB, again)]
+    chunks, calls = [], []
+
+    def measure(m):
+        calls.append((m, chunks[-1]))
+        return small.pop(0) if (m, chunks[-1]) == (4, 128) else trials[(m, chunks[-1])]
+
+    decision, _, chunk, kept = probe_sizes(measure, limit=4, held=STATE, loss_chunk=chunks.append, budget=BUDGET)
+    assert calls == [(1, 1024), (2, 1024), (4, 1024), (4, 128), (4, 128)] and small == []
+    assert kept.retimed is not None and (kept.rate, kept.peak) == (max(9000.0, again), 18.30 * GIB)
+    taken = again == 16200.0
+    assert (decision.micro_batch, chunk, chunks[-1]) == ((4, 128, 128) if taken else (2, 1024, 1024)), decision.reason

@@ -261,10 +261,11 @@ def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | 
     """The probe's search over sizes, given ``measure(m)`` (one size's ``Trial`` as the model runs
     now): 1, 2, 4, ... until ``decide_micro_batch`` settles, a size within the budget with more than
     ``RETIME_DROP`` fewer tokens/s than the one before it measured once more (``Trial.retimed``);
-    with ``loss_chunk`` (the fused loss's chunk setter, ``speed.loss_chunk_size`` "auto") set to ``LOSS_CHUNK`` first, a size over the
-    budget is measured again at ``SMALL_LOSS_CHUNK`` and ``decide_loss_chunk`` keeps one chunk,
-    which is left set. Returns (decision, trials, chunk or None when fixed, the small-chunk trial
-    or None)."""
+    with ``loss_chunk`` (the fused loss's chunk setter, ``speed.loss_chunk_size`` "auto") set to
+    ``LOSS_CHUNK`` first, a size over the budget is measured again at ``SMALL_LOSS_CHUNK`` (and once
+    more if it fits but falls ``RETIME_DROP`` below the size before it) and ``decide_loss_chunk``
+    keeps one chunk, which is left set. Returns (decision, trials, chunk or None when fixed, the
+    small-chunk trial or None)."""
     trials: list[Trial] = []
     chunk, small = None, None
     if loss_chunk is not None:
@@ -281,6 +282,9 @@ def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | 
         if decision.micro_batch is not None and over and loss_chunk is not None:
             loss_chunk(SMALL_LOSS_CHUNK)
             small = measure(trials[-1].size)
+            fits = small.peak is not None and small.peak + held <= budget
+            if fits and len(trials) > 1 and _implausibly_slow(trials[-2], small):  # a stall, as above
+                small = _faster(small, measure(small.size))
             taken, decision = decide_loss_chunk(decision, trials, small, budget=budget, held=held, min_gain=min_gain)
             chunk = SMALL_LOSS_CHUNK if taken else LOSS_CHUNK
             loss_chunk(chunk)
@@ -334,6 +338,10 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     if small is not None:  # the size over the budget, probed again with small loss chunks
         record["small_loss_chunk_trial"] = {"size": small.size, "peak_gib": _peak_gib(small),
                                             "tokens_per_second": None if small.rate is None else round(small.rate, 1)}
+        if small.retimed is not None:  # measured twice: both as taken
+            record["small_loss_chunk_trial"]["retimed"] = {
+                "tokens_per_second": [None if m.rate is None else round(m.rate, 1) for m in small.retimed],
+                "peaks_gib": [_peak_gib(m) for m in small.retimed]}
     log(f"micro-batch {decision.micro_batch} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
         f"probed {record['sizes']}, {decision.reason})")
     return decision.micro_batch, record
