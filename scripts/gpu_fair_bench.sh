@@ -157,7 +157,7 @@
 #   After 2026-12-06's fifteenth session (H100 only, results/bench-fair-h100-1206/: at 5698f96's defaults 1.58x / 2.08x,
 #   DoRA / LoRA 0.817 / 0.899; at an H200's budget "auto" keeps every FP8 code, 2.18x at 24.2 GiB over the tuned peer's
 #   21.9; one probe stalled at micro-batch 4, since timed as the fastest pass and retimed on a drop of 20 %): on an H200,
-#   (1) fp8check fair8b (the goals' own card; no H200 row has the code since 2026-12-04); (2) recipe. On an H100:
+#   (1) fp8check fair8b (the goals' own card; the last H200 rows are 9ebdbf4's, 2026-12-05); (2) recipe. On an H100:
 #   fair8b with SPEED="memory_fraction=0.441" again (whether the retimed probe keeps bf16 LoRA at micro-batch 4), cdtune.
 #   Call 6 there: held to loralab's budget (`loralab bench --peer-memory budget`) the tuned peer runs micro-batch 4 at
 #   10,136 tokens/s, and loralab is 1.48x (bf16) and 1.79x (FP8 base) of it: the fairest reading of the goals is missed
