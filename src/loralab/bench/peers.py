@@ -164,7 +164,7 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
                        budget_from: str | None = None) -> tuple[int, dict]:
     """A peer's best micro-batch, found as loralab's probe finds its own
     (``loralab.run.probe.probe_sizes``): one untimed and two timed forward+backward passes, the
-    fastest counting (``run.probe.time_passes``; ``model(**batch).loss`` under ``autocast``) of
+    fastest counting (``run.probe.measure_trial``; ``model(**batch).loss`` under ``autocast``) of
     ``make_batch(m)`` (the worst case, on ``device``) for m = 1, 2, 4, ... up to ``limit``, a size
     with more than ``run.probe.RETIME_DROP`` fewer tokens/s than the one before measured once more;
     it stops when the peak passes ``budget_gib`` (loralab's budget or peak; None: no cap), at an
@@ -175,10 +175,8 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
     are dropped. ``budget_from``: where the cap came from, recorded (default "loralab's measured
     peak"; None without a cap).
     Returns (micro-batch, ``probe_record`` with ``budget_from``)."""
-    from loralab.run.probe import Trial, probe_record, probe_sizes, time_passes
+    from loralab.run.probe import Trial, measure_trial, probe_record, probe_sizes
 
-    cuda = device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     budget = None if budget_gib is None else budget_gib * 2**30
 
     def measure(m: int) -> Trial:
@@ -191,17 +189,10 @@ def search_micro_batch(model, make_batch, *, device: str, autocast: str | None, 
                 loss = model(**batch).loss
             loss.backward()
 
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            seconds = time_passes(run_pass, sync)
-            trial = Trial(m, torch.cuda.max_memory_allocated() if cuda else None, tokens / seconds)
-        except torch.OutOfMemoryError:
-            trial = Trial(m, float("inf"), None)
+        trial = measure_trial(m, tokens, run_pass, device)
         batch = None
         model.zero_grad(set_to_none=True)
-        if cuda:
+        if device == "cuda":
             torch.cuda.empty_cache()
         return trial
 

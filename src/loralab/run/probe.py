@@ -109,6 +109,17 @@ def pending_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _over_budget(t: Trial, budget: float | None, held: float) -> bool:
+    """Whether ``t``'s peak with ``held`` bytes beside it passes ``budget`` (out of memory does; a peak
+    not measured, or no budget, does not)."""
+    return budget is not None and t.peak is not None and t.peak + held > budget
+
+
+def _fits_budget(t: Trial, budget: float, held: float) -> bool:
+    """Whether ``t``'s peak was measured and, with ``held`` beside it, stays within ``budget``."""
+    return t.peak is not None and not _over_budget(t, budget, held)
+
+
 def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None, min_gain: float = MIN_GAIN,
                        explicit: int | None = None, held: float = 0.0) -> Decision:
     """The auto micro-batch rule over the sizes measured so far (``trials``, in probing order:
@@ -127,7 +138,7 @@ def decide_micro_batch(trials: list[Trial], *, limit: int, budget: float | None,
         if before is None:
             return Decision(1, None, "memory: micro-batch 1 out of memory; 1 is the least")
         return Decision(before.size, None, f"memory: micro-batch {last.size} out of memory")
-    if last.peak is not None and budget is not None and last.peak + held > budget:
+    if _over_budget(last, budget, held):
         # as many decimals as tell the two apart (19.84 over 19.79 GiB read "19.8 over 19.8" at one)
         need = last.peak + held
         digits = next((d for d in (1, 2, 3) if f"{need / 2**30:.{d}f}" != f"{budget / 2**30:.{d}f}"), 4)
@@ -162,7 +173,7 @@ def decide_loss_chunk(decision: Decision, trials: list[Trial], small: Trial, *, 
     budget either way, the small chunks are taken when they peak lower (the least memory the run
     can take). Returns (small chunks taken, the decision with its reason)."""
     before = trials[-2] if len(trials) > 1 else None
-    fits = small.peak is not None and small.peak + held <= budget
+    fits = _fits_budget(small, budget, held)
     peak = ("out of memory" if small.peak == float("inf") else "not measured" if small.peak is None
             else f"peaked at {small.peak / 2**30:.2f} GiB" + (f" + {held / 2**30:.2f} GiB of optimizer state" if held else ""))
     what = f"micro-batch {small.size} with {SMALL_LOSS_CHUNK}-token loss chunks {peak}"
@@ -189,6 +200,16 @@ def _peak_gib(t: Trial) -> float | str | None:
     return "oom" if t.peak == float("inf") else None if t.peak is None else round(t.peak / 2**30, 2)
 
 
+def _rate(t: Trial) -> float | None:
+    """A trial's tokens/s as the record keeps it: to 1 place, or None (not timed)."""
+    return None if t.rate is None else round(t.rate, 1)
+
+
+def _retimed_record(t: Trial) -> dict:
+    """Both measurements of a size measured twice (``Trial.retimed``), as taken: tokens/s and peaks."""
+    return {"tokens_per_second": [_rate(m) for m in t.retimed], "peaks_gib": [_peak_gib(m) for m in t.retimed]}
+
+
 def probe_record(trials: list[Trial], decision: Decision, *, budget: float | None, memory_fraction: float | None,
                  row_tokens: int | None, min_gain: float | None = MIN_GAIN, held: float = 0.0) -> dict:
     """What the record keeps of a micro-batch decision: the choice, the reason, each probed size
@@ -200,11 +221,10 @@ def probe_record(trials: list[Trial], decision: Decision, *, budget: float | Non
     kept)."""
     return {"micro_batch": decision.micro_batch, "reason": decision.reason, "sizes": [t.size for t in trials],
             "peaks_gib": [_peak_gib(t) for t in trials],
-            "tokens_per_second": [None if t.rate is None else round(t.rate, 1) for t in trials],
+            "tokens_per_second": [_rate(t) for t in trials],
             "budget_gib": None if budget is None else round(budget / 2**30, 2), "memory_fraction": memory_fraction,
             "min_gain": min_gain, "row_tokens": row_tokens, "optimizer_state_gib": None if budget is None else round(held / 2**30, 2),
-            "retimed": [{"size": t.size, "tokens_per_second": [None if m.rate is None else round(m.rate, 1) for m in t.retimed],
-                         "peaks_gib": [_peak_gib(m) for m in t.retimed]} for t in trials if t.retimed is not None]}
+            "retimed": [{"size": t.size, **_retimed_record(t)} for t in trials if t.retimed is not None]}
 
 
 def worst_case_batch(longest: dict, m: int, *, packing: bool, width: int, pad_id: int) -> dict:
@@ -256,6 +276,24 @@ def time_passes(run_pass: Callable[[], None], sync: Callable[[], None], repeats:
     return best
 
 
+def measure_trial(size: int, units: int, run_pass: Callable[[], None], device: torch.device | str) -> Trial:
+    """One probed size: ``run_pass`` (a forward+backward) timed by ``time_passes``, ``units`` (real
+    tokens, or samples) per pass over the fastest pass's seconds, and on a CUDA ``device`` the peak
+    memory since the measurement began (None elsewhere); out of memory gives peak ``inf`` and no
+    rate. Shared by loralab's probe and the bench's tuned peer (``bench.peers.search_micro_batch``),
+    so both are measured alike. The caller drops gradients and frees the batch."""
+    cuda = torch.device(device).type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        seconds = time_passes(run_pass, sync)
+        return Trial(size, torch.cuda.max_memory_allocated(device) if cuda else None, units / seconds)
+    except torch.OutOfMemoryError:
+        return Trial(size, float("inf"), None)
+
+
 def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | None, held: float = 0.0,
                 min_gain: float = MIN_GAIN, loss_chunk: Callable[[int], None] | None = None):
     """The probe's search over sizes, given ``measure(m)`` (one size's ``Trial`` as the model runs
@@ -274,16 +312,14 @@ def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | 
     decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
     while decision.micro_batch is None:
         trials.append(measure(decision.next_size))
-        over = budget is not None and trials[-1].peak is not None and trials[-1].peak + held > budget
-        if not over and len(trials) > 1 and _implausibly_slow(trials[-2], trials[-1]):
+        if not _over_budget(trials[-1], budget, held) and len(trials) > 1 and _implausibly_slow(trials[-2], trials[-1]):
             trials[-1] = _faster(trials[-1], measure(trials[-1].size))
-            over = budget is not None and trials[-1].peak is not None and trials[-1].peak + held > budget
+        over = _over_budget(trials[-1], budget, held)
         decision = decide_micro_batch(trials, limit=limit, budget=budget, min_gain=min_gain, held=held)
         if decision.micro_batch is not None and over and loss_chunk is not None:
             loss_chunk(SMALL_LOSS_CHUNK)
             small = measure(trials[-1].size)
-            fits = small.peak is not None and small.peak + held <= budget
-            if fits and len(trials) > 1 and _implausibly_slow(trials[-2], small):  # a stall, as above
+            if _fits_budget(small, budget, held) and len(trials) > 1 and _implausibly_slow(trials[-2], small):  # a stall
                 small = _faster(small, measure(small.size))
             taken, decision = decide_loss_chunk(decision, trials, small, budget=budget, held=held, min_gain=min_gain)
             chunk = SMALL_LOSS_CHUNK if taken else LOSS_CHUNK
@@ -316,13 +352,7 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     def measure(m: int) -> Trial:
         batch = {k: v.to(device) for k, v in worst_case_batch(longest, m, packing=packing, width=width,
                                                                 pad_id=pad_id).items()}
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            seconds = time_passes(lambda: loss(model, batch)[0].backward(), lambda: torch.cuda.synchronize(device))
-            trial = Trial(m, torch.cuda.max_memory_allocated(device), m * width / seconds)
-        except torch.OutOfMemoryError:
-            trial = Trial(m, float("inf"), None)
+        trial = measure_trial(m, m * width, lambda: loss(model, batch)[0].backward(), device)
         for p in params:
             p.grad = None
         batch = None  # noqa: F841 (the closure above held it)
@@ -337,11 +367,9 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     record["loss_chunk_size"] = chunk
     if small is not None:  # the size over the budget, probed again with small loss chunks
         record["small_loss_chunk_trial"] = {"size": small.size, "peak_gib": _peak_gib(small),
-                                            "tokens_per_second": None if small.rate is None else round(small.rate, 1)}
+                                            "tokens_per_second": _rate(small)}
         if small.retimed is not None:  # measured twice: both as taken
-            record["small_loss_chunk_trial"]["retimed"] = {
-                "tokens_per_second": [None if m.rate is None else round(m.rate, 1) for m in small.retimed],
-                "peaks_gib": [_peak_gib(m) for m in small.retimed]}
+            record["small_loss_chunk_trial"]["retimed"] = _retimed_record(small)
     log(f"micro-batch {decision.micro_batch} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
         f"probed {record['sizes']}, {decision.reason})")
     return decision.micro_batch, record
