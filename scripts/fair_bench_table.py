@@ -124,8 +124,7 @@ def bench_goals(rows: list[dict]) -> list[tuple[str, str, str]]:
     fp8, fp8_dora = pick(rows, "fp8+lora", "loralab"), pick(rows, "fp8+dora", "loralab")
     tuned = pick(rows, "lora", "tuned")
     out = []
-    within = ("loralab's budget" if (tuned.get("micro_batch_probe") or {}).get("budget_from") == "loralab's memory budget"
-              else "loralab's memory")  # the older rule: loralab's measured peak
+    within = CAP.get((tuned.get("micro_batch_probe") or {}).get("budget_from"), "loralab's memory")  # older: its peak
     if lora.get("ratio_best_peer"):
         out.append((f"bf16 LoRA >= 1.5x the best peer (its best micro-batch within {within})",
                     f"{lora['ratio_best_peer']:.2f}x the {STACK[lora['best_peer']]} peer ({lora['throughput']:,.0f} tokens/s, "

@@ -11,7 +11,7 @@ codes kept (+6.5 GiB) ran FP8-base LoRA at 18,261 and 18,293 tokens/s against 17
 (1.055x), the MLP's alone (0.81, +5.25 GiB) 18,050, FP8-base DoRA 16,427 against 15,691 (1.047x); with
 ``memory_fraction`` 0.441 "auto" kept every layer's (17.28 GiB spare) and the run peaked at 24.2 GiB, 0.08 GiB over
 the probe's peak + the optimizer state + the cached bytes. At the default 0.25 of an 80 GB card the 8B FP8 LoRA
-probe leaves 2.15 GiB (results/bench-ratio-h100/fair8b.json): by this arithmetic "auto" keeps q and o only (not run).
+probe left 2.15 GiB and "auto" kept the q and o codes (64 layers, 1.00 GiB; results/bench-fair-h100-1206/defaults).
 
 The arithmetic, per run (``spare_bytes``, ``cache_spare_transposes``):
 
