@@ -310,6 +310,23 @@ def main() -> None:
             label = f"{b} ({fell_back} graph(s) fell back to 1.0)" if fell_back else b
             print(f"| {label} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.2f} GiB | {r.get('micro_batch')} | {vs} |")
         print()
+    variants = sorted(out.glob("speedab-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    if variants:  # speed variants side by side (gpu_fair_bench.sh speedab); ratios against the first variant
+        print("loralab's rows with each speed variant, in the order run (`speedab-*.json`; one call, one machine; "
+              "ratios against the first variant's row of the same method):\n\n| variant | method | tokens/s | peak memory | "
+              "micro-batch | tokens/s vs the first | peak vs the first |\n|---|---|--:|--:|--:|--:|--:|")
+        first: dict[str, dict] = {}
+        for path in variants:
+            name = path.with_suffix(".variant").read_text().strip() if path.with_suffix(".variant").exists() else path.stem
+            for r in json.loads(path.read_text()):
+                if not r.get("throughput"):
+                    print(f"| {name} | {r['method']} | failed: {str(r.get('error', ''))[:160]} | | | | |")
+                    continue
+                base = first.setdefault(r["method"], r)
+                print(f"| {name} | {r['method']} | {r['throughput']:,.0f} | {r['peak_memory_gib']:.2f} GiB | "
+                      f"{r.get('micro_batch')} | {r['throughput'] / base['throughput']:.3f}x | "
+                      f"{r['peak_memory_gib'] - base['peak_memory_gib']:+.2f} GiB |")
+        print()
     if (out / "probe8b.json").exists():  # loralab's 8B rows after the probe learnt the optimizer state and small loss chunks
         probe_table(out, notes)
     if (out / "peerdiag.json").exists():  # scripts/peer_diag.py: the peer's time per forward at two sizes

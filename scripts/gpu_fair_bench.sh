@@ -78,6 +78,12 @@
 #   probebudget LoRA on both bases, micro-batch probed, at `activation_memory_budget` $BUDGET (default 0.8). ~1.5 min.
 #   recipebudget the recipe's loralab row alone at `activation_memory_budget` $BUDGET (default 0.8), against the
 #           Trainer's peak of an earlier call. ~1 min.
+#   speedab loralab's rows alone (METHODS, default "lora,fp8+lora") once per variant of VARIANTS, on one machine, in
+#           order: a variant is "defaults" or `/`-joined items, each a speed key (`fp8_fast_accum=forward`), an
+#           environment variable (`env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1`) or the variant's own methods
+#           (`methods:lora,fp8+lora`; "defaults/methods:lora": the defaults for those methods); SPEED="k=v ..." goes to every
+#           variant (e.g. "memory_fraction=0.441 micro_batch=4": an H200's budget, one micro-batch). The first variant
+#           is the baseline of the table's ratios. ~1 min a row. Files: speedab-<n>.json/.log/.cmd (n from 1, in order).
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
 #           _scaled_mm) against its scaling rule written out in float32, at the 8B shape's projections.
 #           ~20 s; run it first in a call, so a broken kernel shows before minutes of bench rows.
@@ -307,11 +313,29 @@ for part in "${PARTS[@]}"; do
       step recipebudget 200 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --stacks loralab \
         --speed activation_memory_budget=${BUDGET:-0.8} --output "$OUT/recipebudget.json" ;;
+    speedab)  # speed variants side by side, loralab's rows alone
+      n=0
+      for variant in ${VARIANTS:-defaults}; do
+        n=$((n + 1)) extra=() envs=() methods=${METHODS:-lora,fp8+lora}
+        for kv in ${SPEED:-}; do extra+=(--speed "$kv"); done
+        for item in ${variant//\// }; do
+          case $item in
+            defaults) ;;
+            env:*) envs+=("${item#env:}") ;;
+            methods:*) methods=${item#methods:} ;;
+            *) extra+=(--speed "$item") ;;
+          esac
+        done
+        echo "$variant" > "$OUT/speedab-$n.variant"
+        step "speedab-$n" "${ROW_CAP:-150}" env "${envs[@]}" $PYTHON -m loralab bench --preset full --device cuda \
+          --only llama-3-8b/fixed --methods "$methods" --stacks loralab "${extra[@]}" \
+          --output "$OUT/speedab-$n.json"
+      done ;;
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget speedab fp8check fp8loss)"; exit 2 ;;
   esac
 done
 

@@ -243,6 +243,50 @@ def test_prepare_model_caches_the_transposes_the_speed_setting_asks_for():
     assert "fp8_transposes_cached" not in PLAIN.record()
 
 
+@pytest.mark.parametrize("mode,forward,backward", [("none", False, False), ("forward", True, False),
+                                                    ("all", True, True)])
+def test_fast_accum_reaches_the_gemms_its_mode_names_and_the_cpu_bits_stay(monkeypatch, mode, forward, backward):
+    """``speed.fp8_fast_accum`` reaches ``torch._scaled_mm``'s ``use_fast_accum`` for the output GEMM
+    ("forward", "all") and the input gradient's ("all") only; prepare_model sets it on every FP8 layer.
+    CPU's reference kernel accumulates in float32 either way, so outputs and gradients keep their bits."""
+    import dataclasses
+
+    from loralab.speed.step import PLAIN, prepare_model
+
+    def run(model, x):
+        x = x.clone().requires_grad_(True)
+        y = model(x)
+        y.backward(torch.ones_like(y))
+        return y.detach(), x.grad
+
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32))
+    quantize_linears(model, ["0", "1"])
+    x = torch.randn(5, 32)
+    y0, dx0 = run(model, x)
+    calls, real = [], torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("use_fast_accum", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    prepare_model(model, dataclasses.replace(PLAIN, fp8_fast_accum=mode))
+    assert [m.fast_accum for m in model] == [mode, mode]
+    y, dx = run(model, x)
+    assert calls == [forward, forward, backward, backward]  # two forwards, then two input gradients
+    assert torch.equal(y, y0) and torch.equal(dx, dx0)
+
+
+def test_use_fast_accum_refuses_an_unknown_mode_naming_the_allowed():
+    from loralab.speed.fp8 import use_fast_accum
+
+    model = nn.Sequential(nn.Linear(32, 48))
+    quantize_linears(model, ["0"])
+    with pytest.raises(ValueError, match="'fast'.*allowed: none, forward, all"):
+        use_fast_accum(model, "fast")
+    assert model[0].fast_accum == "none"
+
+
 def test_weight_times_is_as_precise_as_a_bf16_product_and_reads_fp8_codes():
     """W·aᵀ from the codes with a split into two FP8 terms: within bf16's error of the float32
     product (the bf16 path: codes and a in bf16, product rounded to bf16), far inside one FP8 term's."""

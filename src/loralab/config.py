@@ -52,21 +52,16 @@ def _calibration_defaults() -> dict[str, Any]:
 def _generation_defaults() -> dict[str, Any]:
     # None: the evaluation's source protocol (e.g. GSM8K 1,024 new tokens, commonsense 32); an
     # explicit value always wins over it (loralab.tasks.evaluations.generation_settings).
-    return {
-        "max_new_tokens": None,
-        "batch_size": 16,
-        "temperature": None,
-        "top_p": None,
-        "n_samples": None,
-        "backend": "auto",
-    }
+    return {"max_new_tokens": None, "batch_size": 16, "temperature": None, "top_p": None, "n_samples": None,
+            "backend": "auto"}
 
 
 GRAD_REDUCE = ("ddp", "after_backward")  # speed.grad_reduce's values (see Speed)
 FP8_QUANTIZE_KERNELS = ("torch", "triton")  # speed.fp8_quantize_kernel's: torch ops (speed/fp8.py) or speed/fp8_kernels
 FUSED_AND_RANK = ("'speed.lora_scale_at_rank' = true with 'speed.fused_lora' = true: both rewrite LoRA's forward; "
                   "set lora_scale_at_rank to \"auto\" or false, or fused_lora to false")
-FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel")  # Speed keys acting on an FP8 base only
+FP8_FAST_ACCUM = ("none", "forward", "all")  # speed.fp8_fast_accum's: which FP8 GEMMs accumulate fast (speed/fp8.py)
+FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel", "fp8_fast_accum")  # Speed keys acting on an FP8 base only
 
 
 ACTIVATION_BUDGET = 0.8  # speed.activation_memory_budget "auto" where layers compile: 8B shape, H100, 2 x 512 rows:
@@ -100,6 +95,7 @@ class Speed:
     # base: share of its weight bytes kept column-major for the backward, largest first (speed/fp8.py cache_transposes);
     # auto: what the probed micro-batch leaves of the budget (run/spare_memory.py; 1.055x FP8 LoRA, all cached, H100)
     fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: "torch" ops or speed/fp8_kernels
+    fp8_fast_accum: str = field(default="none", metadata={"added": True})  # FP8 base: GEMMs without Hopper's float32 promotion
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100
@@ -139,7 +135,7 @@ class Speed:
                             "= false: the budget acts on compiled layers; set compile to true, or the budget to \"auto\"")
         if not (type(cache := speed["fp8_transpose_cache"]) in (int, float) and 0 <= cache <= 1 or cache == "auto"):
             problems.append(f"'speed.fp8_transpose_cache' = {cache!r} must be \"auto\" or a number in [0, 1] (of the FP8 bytes)")
-        for key, allowed in (("grad_reduce", GRAD_REDUCE), ("fp8_quantize_kernel", FP8_QUANTIZE_KERNELS)):
+        for key, allowed in (("grad_reduce", GRAD_REDUCE), ("fp8_quantize_kernel", FP8_QUANTIZE_KERNELS), ("fp8_fast_accum", FP8_FAST_ACCUM)):
             if speed[key] not in allowed:
                 problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
         if speed["fused_lora"] is True and speed["lora_scale_at_rank"] is True:

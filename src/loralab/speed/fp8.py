@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loralab.config import FP8_QUANTIZE_KERNELS
+from loralab.config import FP8_FAST_ACCUM, FP8_QUANTIZE_KERNELS
 from loralab.speed.fp8_kernels import can_run_on, quantize_rows_triton
 from loralab.speed.streams import side_streams
 
@@ -129,14 +129,16 @@ def _kernel_dtype(device: torch.device, out_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else out_dtype
 
 
-def _scaled_mm(a, b, scale_a, scale_b, out_dtype, out=None):
+def _scaled_mm(a, b, scale_a, scale_b, out_dtype, out=None, fast_accum: bool = False):
     """``torch._scaled_mm`` written in ``out_dtype``: on CUDA taken in bfloat16 (``_kernel_dtype``) and
     cast, the same rounding a bf16 model's linear layers apply. ``out``: a tensor of the kernel's dtype
-    the product is written into in place (no new tensor, no cast); returned."""
+    the product is written into in place (no new tensor, no cast); returned. ``fast_accum``: torch's
+    ``use_fast_accum`` (``Fp8Linear.fast_accum``)."""
     kernel_dtype = _kernel_dtype(a.device, out_dtype)
     if out is not None:
-        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out.dtype, out=out)
-    y = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=kernel_dtype)
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out.dtype, out=out,
+                                use_fast_accum=fast_accum)
+    y = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=kernel_dtype, use_fast_accum=fast_accum)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
@@ -144,12 +146,12 @@ class _Fp8Matmul(torch.autograd.Function):
     """y = x Wᵀ with FP8 operands; backward gives dx only (module docstring: the formulas)."""
 
     @staticmethod
-    def forward(ctx, x, codes, scales, codes_colmajor, kernel):
+    def forward(ctx, x, codes, scales, codes_colmajor, kernel, fast_accum):
         out_dtype = _out_dtype(x)
         xq, sx = _quantize(x, None, kernel)
-        y = _scaled_mm(xq, codes.t(), sx, scales.view(1, -1), out_dtype)
+        y = _scaled_mm(xq, codes.t(), sx, scales.view(1, -1), out_dtype, fast_accum=fast_accum != "none")
         ctx.save_for_backward(codes, scales, codes_colmajor)  # codes_colmajor None: copied in the backward
-        ctx.in_dtype, ctx.kernel = x.dtype, kernel
+        ctx.in_dtype, ctx.kernel, ctx.fast_accum = x.dtype, kernel, fast_accum == "all"
         return y
 
     @staticmethod
@@ -159,24 +161,26 @@ class _Fp8Matmul(torch.autograd.Function):
         # (N, K) laid out column-major for the CUDA kernel: the cached copy, else one made now
         w_colmajor = cached if cached is not None else codes.t().contiguous().t()
         ones = torch.ones(1, codes.shape[1], device=codes.device, dtype=torch.float32)
-        dx = _scaled_mm(gq, w_colmajor, sg, ones, ctx.in_dtype)
-        return dx, None, None, None, None
+        dx = _scaled_mm(gq, w_colmajor, sg, ones, ctx.in_dtype, fast_accum=ctx.fast_accum)
+        return dx, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-               codes_colmajor: torch.Tensor | None = None, kernel: str = "torch") -> torch.Tensor:
+               codes_colmajor: torch.Tensor | None = None, kernel: str = "torch", fast_accum: str = "none") -> torch.Tensor:
     """``x @ Wᵀ`` for ``W ≈ codes.float() * scales[:, None]``.
 
     ``x`` (..., K) any float dtype; ``codes`` (N, K) float8_e4m3fn; ``scales`` (N,) float32;
     ``codes_colmajor``: the same codes laid out column-major ((N, K) with strides (1, N)), used by
     the input gradient instead of a copy made per backward (None: made per backward; the result
     is the same bits either way); ``kernel``: what quantises x and the gradient per row, "torch" or
-    "triton" (``speed.fp8_quantize_kernel``; the eager torch ops' bits, ``_quantize``). Returns (..., N) in the activation dtype (the autocast dtype
+    "triton" (``speed.fp8_quantize_kernel``; the eager torch ops' bits, ``_quantize``); ``fast_accum``: which of
+    the two GEMMs run with torch's ``use_fast_accum`` (``FP8_FAST_ACCUM``: "none", "forward" the output's, "all"
+    both; ``Fp8Linear.fast_accum``). Returns (..., N) in the activation dtype (the autocast dtype
     under autocast). Differentiable in ``x`` only. Raises RuntimeError from ``_scaled_mm`` on a
     device without an FP8 kernel (CUDA below compute capability 8.9) or, on CUDA, for K or N not
     divisible by 16."""
     lead = x.shape[:-1]
-    y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), codes, scales, codes_colmajor, kernel)
+    y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), codes, scales, codes_colmajor, kernel, fast_accum)
     return y.reshape(*lead, codes.shape[0])
 
 
@@ -247,9 +251,11 @@ class Fp8Linear(nn.Linear):
     the float8_e4m3fn codes (never requires grad); ``weight_scale``: (out,) float32;
     ``bias``: the original bias (float, frozen). ``forward(x)`` = ``fp8_linear(x, ...) + bias``.
     ``dequantize()`` returns the float32 weight the layer computes with: ``codes * scale``.
-    ``quantize_kernel``: what quantises its activations and gradients ("torch"; ``use_quantize_kernel``)."""
+    ``quantize_kernel``: what quantises its activations and gradients ("torch"; ``use_quantize_kernel``);
+    ``fast_accum``: which of its GEMMs accumulate fast ("none"; ``use_fast_accum``)."""
 
     quantize_kernel = "torch"
+    fast_accum = "none"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=torch.float32,
                  device=None):
@@ -312,7 +318,7 @@ class Fp8Linear(nn.Linear):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Wᵀ`` without the bias, as the layer computes it (its cached codes and quantisation kernel)."""
-        return fp8_linear(x, self.codes, self.weight_scale, self.codes_colmajor, self.quantize_kernel)
+        return fp8_linear(x, self.codes, self.weight_scale, self.codes_colmajor, self.quantize_kernel, self.fast_accum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.product(x)
@@ -365,4 +371,22 @@ def use_quantize_kernel(model: nn.Module, kernel: str) -> int:
         raise RuntimeError(f"'speed.fp8_quantize_kernel' = 'triton': {why}")
     for m in layers:
         m.quantize_kernel = kernel
+    return len(layers)
+
+
+def use_fast_accum(model: nn.Module, mode: str) -> int:
+    """Set which GEMMs of every FP8 layer of ``model`` run with ``torch._scaled_mm``'s ``use_fast_accum``
+    (``speed.fp8_fast_accum``): "none", "forward" (the output's, y = x·Wᵀ) or "all" (also the input
+    gradient's). On Hopper, FP8 tensor cores accumulate in a precision below float32 (about 14 bits,
+    DeepSeek-V3 report, section 3.3.2); without fast accumulation cuBLAS/CUTLASS promote the partial sums
+    to float32 every few K-blocks, which costs time; with it they do not. torchao's float8 training runs
+    the output GEMM with fast accumulation and the gradients' without (``Float8LinearConfig``'s
+    ``gemm_config_output`` / ``gemm_config_grad_input``), the "forward" mode here. CPU's reference
+    kernel accumulates in float32 either way. Returns how many layers it set. Raises ValueError for a
+    mode outside ``FP8_FAST_ACCUM``."""
+    if mode not in FP8_FAST_ACCUM:
+        raise ValueError(f"fp8 fast accumulation {mode!r}: allowed: {', '.join(FP8_FAST_ACCUM)}")
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    for m in layers:
+        m.fast_accum = mode
     return len(layers)

@@ -1,7 +1,8 @@
 """The step's kernels: what ``loralab.run.step`` applies to a model and calls for its losses.
 
 - ``prepare_model(model, speed)``: fast DoRA swap, the FP8 base's cached transposed codes
-  (``speed.fp8_transpose_cache``) and quantisation kernel (``speed.fp8_quantize_kernel``), fused
+  (``speed.fp8_transpose_cache``), quantisation kernel (``speed.fp8_quantize_kernel``) and fast
+  accumulation (``speed.fp8_fast_accum``), fused
   LoRA forward, LoRA's scaling at the rank (``speed.lora_scale_at_rank``), fp32 adapter weights,
   input casts off under autocast (so adapters read the bf16 activations instead of keeping fp32
   copies of them), and regional ``torch.compile`` of the decoder layers (off by default; parameter
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from loralab.config import FUSED_AND_RANK, LOSS_CHUNK, Speed
 from loralab.speed.fast_dora import enable_fast_dora
-from loralab.speed.fp8 import cache_transposes, use_quantize_kernel
+from loralab.speed.fp8 import cache_transposes, use_fast_accum, use_quantize_kernel
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
 from loralab.speed.rank_scaling import enable_rank_scaling, rank_scaling_summary
@@ -53,6 +54,8 @@ def prepare_model(model, options: Speed):
         options.fp8_transposes_cached = cache_transposes(model, options.fp8_transpose_cache)
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
+    if options.fp8_fast_accum != "none":
+        use_fast_accum(model, options.fp8_fast_accum)
     if options.fused_lora and options.lora_scale_at_rank:
         raise ValueError(FUSED_AND_RANK)
     if options.fused_lora:
