@@ -404,6 +404,11 @@ def main() -> None:
             notes.append(f"- The FP8-rounded weights alone, computing in bf16, moved from bf16 by up to "
                          f"{r['gap_fp8_weights_vs_bf16']:.4f} (first loss removed: {r['drift_fp8_weights_vs_bf16']:.4f}); "
                          f"the FP8 activations and gradients on top of them by up to {r['gap_fp8_vs_fp8_weights']:.4f}.")
+        if "gap_fp8_vs_fp8_exact" in r:  # newer files: the default's fast accumulation against none
+            notes.append(f"- FP8 with `fp8_fast_accum` \"none\" (every GEMM promoting its sums to float32) moved from bf16 by "
+                         f"up to {r['gap_fp8_exact_vs_bf16']:.4f} (first loss removed: {r['drift_fp8_exact_vs_bf16']:.4f}); "
+                         f"the default's fast accumulation moved FP8's curve from it by up to {r['gap_fp8_vs_fp8_exact']:.4f} "
+                         f"(first loss removed: {r['drift_fp8_vs_fp8_exact']:.4f}).")
     if (out / "fp8check.json").exists():
         r = json.loads((out / "fp8check.json").read_text())
         worst = max(max(q["forward_cuda_vs_rule"], q["grad_cuda_vs_rule"]) for q in r["rows"])

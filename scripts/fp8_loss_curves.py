@@ -17,7 +17,11 @@ device). The variants differ only in the base:
         gradients; ``gap_fp8_weights_vs_bf16`` against ``gap_fp8_vs_bf16`` says how much of FP8's gap the
         weights' 3 mantissa bits make, which no FP8 base of this rule (per-channel e4m3) can avoid;
   bf16_rerun  bf16 once more, the same in every setting: how far two identical runs move apart on this
-        device (nondeterministic kernels), the floor under every gap above (``gap_bf16_rerun``).
+        device (nondeterministic kernels), the floor under every gap above (``gap_bf16_rerun``);
+  fp8_exact  fp8 with ``speed.fp8_fast_accum: "none"`` (not in the default list; ``--variants``): every FP8 GEMM
+        promotes its partial sums to float32, so ``gap_fp8_vs_fp8_exact`` is what the default's fast
+        accumulation moves the curve.
+``--variants`` runs a subset (in the order given); a gap or drift is reported where both its curves ran.
 The criterion (issue 22): max_step |loss_fp8 - loss_bf16| is no larger than max_step
 |loss_bf16 - loss_fp32|; also reported with each curve's first loss removed (``drift_*``: how the
 runs move apart, without the offset each base's rounding adds before any step). Prints and writes
@@ -57,6 +61,14 @@ def batches(n_steps: int, batch: int, length: int) -> list[list[dict]]:
     return [rows[k * batch:(k + 1) * batch] for k in range(n_steps)]
 
 
+VARIANTS = ("fp32", "bf16", "fp8", "fp8_weights", "bf16_rerun")
+PAIRS = [("bf16", "fp32"), ("fp8", "bf16"), ("fp8", "fp32"), ("bf16_rerun", "bf16"), ("fp8_weights", "bf16"),
+         ("fp8", "fp8_weights"), ("fp8", "fp8_exact"), ("fp8_exact", "bf16")]
+"""The gaps reported, each where both curves ran."""
+DRIFTS = [("bf16", "fp32"), ("fp8", "bf16"), ("bf16_rerun", "bf16"), ("fp8_weights", "bf16"), ("fp8", "fp8_exact"),
+          ("fp8_exact", "bf16")]
+
+
 def run_variant(variant: str, args, data, device, fixed: dict | None = None) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -72,9 +84,9 @@ def run_variant(variant: str, args, data, device, fixed: dict | None = None) -> 
         quantize_linears(model, linear_names(model))
         dequantize_linears(model).to(torch.bfloat16)
     speed = dict(fixed or {})  # speed keys set rather than probed (the rerun's: the first bf16 run's choices)
-    if variant == "fp8":
+    if variant in ("fp8", "fp8_exact"):
         quantize_linears(model, linear_names(model))
-        speed.update(fast_dora=False, fused_lora=False)
+        speed.update(fast_dora=False, fused_lora=False, **({"fp8_fast_accum": "none"} if variant == "fp8_exact" else {}))
     torch.manual_seed(0)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=targets))
@@ -103,12 +115,14 @@ def main():
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=(*VARIANTS, "fp8_exact"),
+                        help="a subset, in order (bf16_rerun needs bf16 before it)")
     parser.add_argument("--output")
     args = parser.parse_args()
     device = torch.device(args.device)
     data = batches(args.steps, args.batch, args.length)
     curves = {}
-    for variant in ("fp32", "bf16", "fp8", "fp8_weights", "bf16_rerun"):
+    for variant in args.variants:
         # the rerun at the first bf16 run's micro-batch and loss chunk (an explicit micro-batch skips the probe, which
         # also picks the chunk), so only nondeterminism can move it
         first = curves["bf16"]["speed"] if variant == "bf16_rerun" else {}
@@ -120,6 +134,7 @@ def main():
             with open(args.output, "w") as fh:
                 json.dump({"partial": True, "curves": curves}, fh, indent=1)
     loss = {v: c["losses"] for v, c in curves.items()}
+    pairs = [(a, b) for a, b in PAIRS if a in loss and b in loss]
     gap = lambda a, b: max(abs(x - y) for x, y in zip(loss[a], loss[b]))  # noqa: E731
     # the same after removing each curve's first loss: how differently the runs *move*, apart from the
     # offset a base's rounding adds before any step (FP8's 3 mantissa bits against bf16's 7)
@@ -127,13 +142,16 @@ def main():
     result = {"shape": args.shape, "layers": args.layers, "steps": args.steps, "batch": args.batch, "length": args.length,
               "lr": args.lr, "device": args.device,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "tokens": sum(len(f["input_ids"]) for b in data for f in b), "curves": curves,
-              "gap_bf16_vs_fp32": gap("bf16", "fp32"), "gap_fp8_vs_bf16": gap("fp8", "bf16"),
-              "gap_fp8_vs_fp32": gap("fp8", "fp32"), "drift_bf16_vs_fp32": drift("bf16", "fp32"),
-              "drift_fp8_vs_bf16": drift("fp8", "bf16"), "gap_bf16_rerun": gap("bf16_rerun", "bf16"),
-              "drift_bf16_rerun": drift("bf16_rerun", "bf16"), "gap_fp8_weights_vs_bf16": gap("fp8_weights", "bf16"),
-              "gap_fp8_vs_fp8_weights": gap("fp8", "fp8_weights"), "drift_fp8_weights_vs_bf16": drift("fp8_weights", "bf16")}
-    result["fp8_within_bf16_gap"] = result["gap_fp8_vs_bf16"] <= result["gap_bf16_vs_fp32"]
+              "tokens": sum(len(f["input_ids"]) for b in data for f in b), "curves": curves}
+    for a, b in pairs:
+        result[f"gap_{a}_vs_{b}"] = gap(a, b)
+    for a, b in [p for p in DRIFTS if p in pairs]:
+        result[f"drift_{a}_vs_{b}"] = drift(a, b)
+    if "bf16_rerun" in loss:  # the names older files carry
+        result["gap_bf16_rerun"], result["drift_bf16_rerun"] = result.pop("gap_bf16_rerun_vs_bf16"), result.pop(
+            "drift_bf16_rerun_vs_bf16")
+    if {"fp32", "bf16", "fp8"} <= set(loss):
+        result["fp8_within_bf16_gap"] = result["gap_fp8_vs_bf16"] <= result["gap_bf16_vs_fp32"]
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:

@@ -90,7 +90,8 @@
 #   fp8loss scripts/fp8_loss_curves.py at the 8B shape: the same LoRA on 30 batches of 16 real GSM8K rows
 #           with an fp32, a bf16 and an FP8 base, the bf16 base with FP8-rounded weights (the weights' share of
 #           the gap), and a second identical bf16 run (the device's run-to-run floor); whether FP8 moves from
-#           bf16 no more than bf16 from fp32. ~6 min (five builds and compiles).
+#           bf16 no more than bf16 from fp32. ~6 min (five builds and compiles). FP8LOSS_VARIANTS="fp32 bf16 fp8
+#           fp8_exact": those variants (fp8_exact: FP8 with fp8_fast_accum "none"), ~5 min.
 # Usage: here, once:  bash scripts/gpu_fair_bench.sh prepare   (fills the ignored .devdata/ and .whl/:
 #           GSM8K train, SmolLM2's tokenizer folder, the gguf and liger-kernel 0.8.5 wheels)
 #   device call 1 (carry .devdata/gsm8k .devdata/smollm2-135m .whl):
@@ -334,7 +335,8 @@ for part in "${PARTS[@]}"; do
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
-      step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda --output "$OUT/fp8loss.json" ;;
+      step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda ${FP8LOSS_VARIANTS:+--variants $FP8LOSS_VARIANTS} \
+        --output "$OUT/fp8loss.json" ;;
     *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget speedab fp8check fp8loss)"; exit 2 ;;
   esac
 done

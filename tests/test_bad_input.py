@@ -163,10 +163,10 @@ def test_an_fp8_base_without_the_row_scaled_kernel_fails_at_build_naming_it(monk
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     real = torch._scaled_mm
 
-    def per_tensor_only(a, b, *, scale_a, scale_b, out_dtype):
+    def per_tensor_only(a, b, *, scale_a, scale_b, out_dtype, use_fast_accum=False):  # torch 2.11's signature
         if scale_a.numel() != 1 or scale_b.numel() != 1:  # torch 2.11's CPU kernel refuses row-wise scales
             raise RuntimeError("Invalid scaling configuration.\nFor TensorWise scaling, a and b should be float8")
-        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
 
     params = build_parameters({"quantization": "fp8"})
     model = copy.deepcopy(base)

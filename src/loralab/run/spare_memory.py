@@ -1,5 +1,7 @@
-"""``speed.fp8_transpose_cache`` "auto": what the probed micro-batch leaves of the memory budget, spent on the
-FP8 layers' column-major codes (issue 22: "the auto micro-batch spends the memory the run is allowed").
+"""What the probed micro-batch leaves of the memory budget, spent (issue 22: "the auto micro-batch spends the memory
+the run is allowed"): first ``speed.fp8_transpose_cache`` "auto" on the FP8 layers' column-major codes, then
+``speed.activation_memory_budget`` "auto" on the activations torch's default partition saves (``spend_spare_on_activations``:
+1.0 in place of ``config.ACTIVATION_BUDGET`` where the estimate of what it adds fits what is left).
 
 An FP8 layer's input gradient reads its codes with the reduced axis contiguous, so every backward copies them
 transposed (``speed/fp8.py``: 1 byte per weight read and written), unless the copy is kept once
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from loralab import distributed
 from loralab.run.probe import SMALL_LOSS_CHUNK
 from loralab.speed.fp8 import Fp8Linear, cache_transposes
+from loralab.speed.step import compile_layers
 
 HEADROOM = 0.05
 """Share of the budget "auto" leaves unspent: what the probe's peak does not see (the allocator's rounding and
@@ -97,3 +101,52 @@ def log_transposes(speed, log: Callable[[str], None] = print) -> None:
     nothing = "; nothing cached: not even the smallest layers' codes fit" if not cached["layers"] else ""
     log(f"speed.fp8_transpose_cache auto ({room}): {what}{nothing}")
 
+
+
+FULL_PARTITION_EXTRA = 0.43
+"""What torch's default partition (``activation_memory_budget`` 1.0) saves beyond ``config.ACTIVATION_BUDGET``'s (0.8),
+as a share of the bytes one more probed row adds to the peak at 0.8. On CPU a compiled Llama layer with LoRA saves ~20
+hidden sizes per token at 1.0 and ~14 at 0.8 (tests/test_speed_memory_budget.py): 6/14 = 0.43. On an H100 at the 8B
+shape a row added 1.83 GiB (bf16 LoRA's probe, micro-batch 2 to 4; results/bench-fair-h100-1206/probecheck) and 1.0
+peaked 2.89 GiB over 0.8 at micro-batch 4, 0.39 of four rows' 7.32 GiB (results/bench-speedab-h100), so the estimate
+errs high there by ~0.25 GiB; the same call ran 1.011x (bf16 LoRA) and 1.017x (FP8-base LoRA) the tokens/s at 1.0."""
+
+
+def row_bytes(probe: dict, micro_batch: int) -> int | None:
+    """Bytes one more row adds to the probed peak at ``micro_batch``: the slope between the two largest sizes up to it
+    with a measured peak (a size measured twice: its last peak). None with fewer than two such sizes."""
+    peaks = {size: p for size, p in zip(probe.get("sizes", []), probe.get("peaks_gib", []))
+             if size <= micro_batch and isinstance(p, (int, float))}
+    if len(peaks) < 2:
+        return None
+    (s1, p1), (s2, p2) = sorted(peaks.items())[-2:]
+    return int((p2 - p1) / (s2 - s1) * 2**30)
+
+
+def spend_spare_on_activations(model, speed, probe: dict, micro_batch: int, spare: int | None,
+                               log: Callable[[str], None] = print) -> bool:
+    """Settle ``speed.activation_memory_budget`` "auto" (resolved to ``config.ACTIVATION_BUDGET`` for the probe) after
+    the micro-batch probe and the transpose cache: where the layers compile and ``FULL_PARTITION_EXTRA`` · ``row_bytes``
+    · ``micro_batch`` fits in ``spare`` (``spare_bytes``, the least over ranks) less the codes "auto" cached less
+    ``HEADROOM`` of the budget, on every rank, the layers compile again at 1.0 (``speed/step.compile_layers``; the
+    probe's compiled code is already dropped where it probed more than one size, and with one size there is no
+    slope, so nothing switches). Sets ``speed.activation_memory_budget`` and ``probe["activation_memory_budget"]``
+    ({budget, extra_gib: the estimate, room_gib: what was left for it}); logs it. Returns whether it switched."""
+    extra = row_bytes(probe, micro_batch) if speed.compile and speed.activation_memory_budget < 1 else None
+    cached = speed.fp8_transposes_cached or {}
+    budget_gib = probe.get("budget_gib") or 0.0
+    room = None if spare is None or extra is None else (
+        spare - (cached.get("bytes", 0) if "auto_spare_gib" in cached else 0) - int(HEADROOM * budget_gib * 2**30))
+    extra = None if extra is None else int(FULL_PARTITION_EXTRA * max(extra, 0) * micro_batch)
+    switch = bool(distributed.min_over_ranks(int(room is not None and room >= extra)))  # every rank calls it
+    if room is None:
+        return False
+    probe["activation_memory_budget"] = {"budget": 1.0 if switch else speed.activation_memory_budget,
+                                         "extra_gib": round(extra / 2**30, 2), "room_gib": round(room / 2**30, 2)}
+    log(f"speed.activation_memory_budget auto: {1.0 if switch else speed.activation_memory_budget} (torch's default "
+        f"partition saves an estimated {extra / 2**30:.2f} GiB more at micro-batch {micro_batch}; "
+        f"{room / 2**30:.2f} GiB left in the budget {'holds' if switch else 'does not hold'} it)")
+    if switch:
+        speed.activation_memory_budget = 1.0
+        compile_layers(model, speed)
+    return switch

@@ -41,7 +41,7 @@ from loralab.config import LOSS_CHUNK, ConfigError, Speed
 from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
-from loralab.run.spare_memory import cache_spare_transposes, log_transposes, spare_bytes
+from loralab.run.spare_memory import cache_spare_transposes, log_transposes, spare_bytes, spend_spare_on_activations
 from loralab.speed.dora_refresh import refresh_dora_norms
 from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
 from loralab.speed.graphs import GraphedTraining, bucket_width
@@ -380,10 +380,12 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
         decision = decide_micro_batch([], limit=limit, budget=None, explicit=micro)
         probe = probe_record([], decision, budget=None, memory_fraction=None, row_tokens=None, min_gain=None)
         probe["reason"] = why
-    if resolved.fp8_transpose_cache == "auto":  # what the probed micro-batch leaves of the budget (least over ranks); a
-        # new buffer fails the compiled layers' guards, so a layer compiled by a one-size probe compiles again
-        spare = distributed.min_over_ranks(spare_bytes(probe, micro, resolved.loss_chunk_size) or -1)
+    spare = distributed.min_over_ranks(spare_bytes(probe, micro, resolved.loss_chunk_size) or -1)  # least over ranks
+    if resolved.fp8_transpose_cache == "auto":  # what the probed micro-batch leaves of the budget; a new buffer
+        # fails the compiled layers' guards, so a layer compiled by a one-size probe compiles again
         resolved.fp8_transpose_cache = cache_spare_transposes(model, resolved, spare, probe.get("budget_gib"), log)
+    if settings.activation_memory_budget == "auto":  # then what is left, on the activations of torch's default partition
+        spend_spare_on_activations(model, resolved, probe, micro, spare, log)
     if resolved.loss_chunk_size == "auto":  # not probed (explicit micro-batch, FSDP): the default chunk
         resolved.loss_chunk_size = LOSS_CHUNK
     resolved.micro_batch, resolved.micro_batch_probe = micro, probe

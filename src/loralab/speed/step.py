@@ -34,7 +34,8 @@ def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, activation_memory_budget=1.0, fp8_transpose_cache=0.0)
+PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, activation_memory_budget=1.0, fp8_transpose_cache=0.0,
+              fp8_fast_accum="none")
 """What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
 
 
@@ -54,8 +55,7 @@ def prepare_model(model, options: Speed):
         options.fp8_transposes_cached = cache_transposes(model, options.fp8_transpose_cache)
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
-    if options.fp8_fast_accum != "none":
-        use_fast_accum(model, options.fp8_fast_accum)
+    use_fast_accum(model, options.fp8_fast_accum)
     if options.fused_lora and options.lora_scale_at_rank:
         raise ValueError(FUSED_AND_RANK)
     if options.fused_lora:
@@ -71,13 +71,20 @@ def prepare_model(model, options: Speed):
         if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16) and "lora_" in name:
             param.data = param.data.float()
     if options.compile:
-        layers = _decoder_layers(model)
-        targets = layers if layers is not None else [model]
-        backend = budgeted_backend(options.compile_backend, options.activation_memory_budget)
-        for layer in targets:
-            layer.compile(backend=backend)
+        compile_layers(model, options)
     model._loralab_speed = options
     return model
+
+
+def compile_layers(model, options: Speed) -> None:
+    """Regional ``torch.compile`` of ``model``'s decoder layers (the whole model where none are found) with
+    ``options.compile_backend`` at ``options.activation_memory_budget`` (``budgeted_backend``). Called again
+    with another budget (``run/spare_memory.spend_spare_on_activations``) it replaces each layer's compiled
+    call: the layers compile anew at their next forward."""
+    layers = _decoder_layers(model)
+    backend = budgeted_backend(options.compile_backend, options.activation_memory_budget)
+    for layer in layers if layers is not None else [model]:
+        layer.compile(backend=backend)
 
 
 @functools.cache  # one wrapper per (backend, budget) for the process: see the docstring
