@@ -169,6 +169,11 @@
 #   Call 6 there: held to loralab's budget (`loralab bench --peer-memory budget`) the tuned peer runs micro-batch 4 at
 #   10,136 tokens/s, and loralab is 1.48x (bf16) and 1.79x (FP8 base) of it: the fairest reading of the goals is missed
 #   on an H100. `loralab bench` now holds the tuned peer to loralab's budget by default, so fair8b's rows are against it.
+#   After 2026-12-06's sixteenth session (H100 only, results/bench-speedab-h100/: at micro-batch 4 and an H200's budget,
+#   fp8_fast_accum "all" 1.053x FP8 LoRA, now the default; activation_memory_budget 1.0 1.011x / 1.017x for +2.89 GiB,
+#   now spent by "auto" where the probe leaves room; coordinate-descent tuning 1.009x, not taken): on an H200, fp8check
+#   fair8b, then recipe; on an H100, fair8b with SPEED="memory_fraction=0.441" (the goals against the budget-held tuned
+#   peer at the new defaults) and FP8LOSS_VARIANTS="fp32 bf16 fp8 fp8_exact" fp8loss (what fast accumulation moves).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
