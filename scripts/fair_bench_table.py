@@ -383,7 +383,7 @@ def main() -> None:
     if r is not None and r.get("partial"):  # stopped before its last variant: no gap to report
         notes.append(f"- `fp8loss.json` is partial: {', '.join(r['curves'])} ended before the script stopped; no gap "
                      "is computed from it.")
-    elif r is not None:
+    elif r is not None and "gap_bf16_vs_fp32" in r and "gap_fp8_vs_bf16" in r:
         goals.append((f"FP8 vs bf16 loss gap <= bf16 vs fp32 ({r['shape']} shape, {r['steps']} steps of {r['batch']} "
                       "GSM8K rows)", f"max gap {r['gap_fp8_vs_bf16']:.4f} vs {r['gap_bf16_vs_fp32']:.4f} (first loss "
                       f"removed: {r['drift_fp8_vs_bf16']:.4f} vs {r['drift_bf16_vs_fp32']:.4f})", yes(r["fp8_within_bf16_gap"])))
@@ -413,9 +413,12 @@ def main() -> None:
         r = json.loads((out / "fp8check.json").read_text())
         worst = max(max(q["forward_cuda_vs_rule"], q["grad_cuda_vs_rule"]) for q in r["rows"])
         far = max(max(q["forward_cuda_vs_float"], q["grad_cuda_vs_float"]) for q in r["rows"])
+        fast = [max(q["forward_fast_accum_vs_rule"], q["grad_fast_accum_vs_rule"]) for q in r["rows"]
+                if "forward_fast_accum_vs_rule" in q]  # files since a606af5
+        fast_text = f", {max(fast):.2e} with fast accumulation (`fp8_fast_accum` \"all\")" if fast else ""
         notes.append(f"- FP8 kernel on {r['device']}: the forward and input gradient through `_scaled_mm` against "
-                     f"the scaling rule in float32, worst relative error {worst:.2e} over {len(r['rows'])} shapes "
-                     f"(bf16 output rounding; tolerance {r['tol']}: {'ok' if r['ok'] else 'FAILED'}); against the "
+                     f"the scaling rule in float32, worst relative error {worst:.2e}{fast_text} over {len(r['rows'])} "
+                     f"shapes (bf16 output rounding; tolerance {r['tol']}: {'ok' if r['ok'] else 'FAILED'}); against the "
                      f"unquantised bf16 product, {far:.1e} (e4m3's 3-bit mantissa).")
     if (out / "fp8prof.profile.txt").exists():
         notes += profile_summary((out / "fp8prof.profile.txt").read_text())

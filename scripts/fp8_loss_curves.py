@@ -119,6 +119,9 @@ def main():
                         help="a subset, in order (bf16_rerun needs bf16 before it)")
     parser.add_argument("--output")
     args = parser.parse_args()
+    if "bf16_rerun" in args.variants and ("bf16" not in args.variants
+                                          or args.variants.index("bf16") > args.variants.index("bf16_rerun")):
+        parser.error("--variants: bf16_rerun repeats bf16 at its micro-batch, so bf16 must come before it")
     device = torch.device(args.device)
     data = batches(args.steps, args.batch, args.length)
     curves = {}

@@ -25,7 +25,6 @@ def test_row_bytes_is_the_slope_of_the_two_largest_measured_sizes_up_to_the_one_
     assert row_bytes(probe(), 4) == int((23.51 - 19.84) / 2 * GIB)
     assert row_bytes(probe(), 2) == int((19.84 - 17.76) * GIB)  # a rank running the common, smaller size
     assert row_bytes(probe(peaks_gib=[17.76, 19.84, "oom"]), 4) == int((19.84 - 17.76) * GIB)  # unmeasured: skipped
-    assert row_bytes(probe(sizes=[1, 2, 4, 4], peaks_gib=PEAKS + [23.0]), 4) == int((23.0 - 19.84) / 2 * GIB)  # retimed: last
     assert row_bytes(probe(sizes=[1], peaks_gib=[17.76]), 1) is None  # one size: no slope
     assert row_bytes(probe(sizes=[], peaks_gib=[]), 4) is None  # explicit micro-batch: nothing probed
 
@@ -139,3 +138,70 @@ def test_compile_layers_replaces_each_decoder_layers_compiled_call():
     assert all(a is not b and b is not None for a, b in zip(before, (layer._compiled_call_impl for layer in layers)))
     out = model(input_ids=torch.tensor([[1, 2, 3]])).logits  # the recompiled layers run
     assert out.shape == (1, 3, 64)
+
+
+def test_every_rank_votes_and_one_ranks_no_keeps_every_rank_at_the_resolved_budget(monkeypatch):
+    """The switch is the least vote over ranks (one all-reduce, called on every rank even where this rank has nothing
+    to weigh), so ranks never compile different partitions; a rank whose own room holds says that another's did not."""
+    from loralab import distributed
+    from loralab.run import spare_memory
+
+    votes = []
+    monkeypatch.setattr(spare_memory, "compile_layers", lambda model, speed: pytest.fail("compiled"))
+    monkeypatch.setattr(distributed, "min_over_ranks", lambda value: votes.append(value) or 0)
+    speed, record, lines = resolved(), probe(), []
+    assert not spend_spare_on_activations(object(), speed, record, 4, spare_bytes(record, 4, 1024), log=lines.append)
+    assert votes == [1] and speed.activation_memory_budget == ACTIVATION_BUDGET
+    assert record["activation_memory_budget"]["budget"] == ACTIVATION_BUDGET
+    assert lines[0].endswith("GiB left in the budget holds, another rank's does not hold it)")
+    for spare in (None, -GIB):  # nothing to weigh here: still one vote, a no
+        assert not spend_spare_on_activations(object(), resolved(), probe(), 4, spare, log=lambda line: None)
+    assert votes == [1, 0, 0]
+
+
+def tiny_fp8_llama():
+    """One Llama layer, FP8 base, LoRA on its seven projections: the MLP's codes 9,216 bytes (4 units of 2,304), all 12,288."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.methods.fp8base import quantize_linears
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    quantize_linears(base.model, [n for n, m in base.model.named_modules() if isinstance(m, nn.Linear)])
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(base, LoraConfig(r=4, target_modules=projections))
+
+
+@pytest.mark.parametrize("cache, switch", [("auto", False), (0.0, True)])
+def test_make_step_caches_the_transposes_first_and_gives_the_activations_what_is_left(monkeypatch, cache, switch):
+    """In units of 2,304 bytes: the probe leaves 5 beside micro-batch 4 (budget 20, peak 14, optimizer state 1), a row
+    adds 1, so the default partition needs 0.43 x 4 = 1.72; 1 is kept free. "auto" transposes take the MLP's codes (4)
+    first and leave 0: the layers stay at 0.8. With no cache the 4 units hold the 1.72: they compile at 1.0."""
+    from loralab.run import spare_memory
+    from loralab.run import step as run_step
+
+    unit, real_resolve = 2304 / GIB, Speed.resolve
+
+    def keep_auto(self, **kw):
+        out = real_resolve(self, **kw)
+        out.micro_batch = "auto"
+        out.fp8_transpose_cache = cache
+        return out
+
+    stand_in = {"micro_batch": 4, "sizes": [1, 2, 4], "peaks_gib": [12 * unit, 13 * unit, 14 * unit],
+                "budget_gib": 20 * unit, "optimizer_state_gib": 1 * unit, "reason": "stood in"}
+    monkeypatch.setattr(Speed, "resolve", keep_auto)
+    monkeypatch.setattr(run_step, "probe_micro_batch", lambda model, features, **kw: (4, dict(stand_in)))
+    monkeypatch.setattr(run_step, "forget_probe_compiles", lambda: True)
+    monkeypatch.setattr(spare_memory, "compile_layers", lambda model, speed: None)
+    model = tiny_fp8_llama()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    _, speed = run_step.make_step(model, optimizer, speed={"compile": True}, kind="causal_lm", dtype="float32",
+                                  device=torch.device("cpu"), features=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}],
+                                  batch_size=4, limit=4, max_length=8, pad_id=0, log=lambda line: None)
+    assert (speed.fp8_transposes_cached or {}).get("bytes", 0) == (9216 if cache == "auto" else 0)
+    assert speed.activation_memory_budget == (1.0 if switch else ACTIVATION_BUDGET)
+    assert speed.micro_batch_probe["activation_memory_budget"]["budget"] == speed.activation_memory_budget

@@ -96,7 +96,7 @@ class Speed:
     # auto: what the probed micro-batch leaves of the budget (run/spare_memory.py; 1.055x FP8 LoRA, all cached, H100)
     fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: "torch" ops or speed/fp8_kernels
     fp8_fast_accum: str = field(default="all", metadata={"added": True})  # FP8 base: GEMMs without Hopper's float32 promotion
-    # (speed/fp8.py use_fast_accum): 1.053x FP8 LoRA on an H100, <= 3.3e-3 from the rule (results/bench-speedab-h100)
+    # (speed/fp8.py use_fast_accum; not exact: <= 3.3e-3 from the rule): 1.053x FP8 LoRA on an H100 (results/bench-speedab-h100)
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100

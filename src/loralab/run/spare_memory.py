@@ -114,7 +114,7 @@ errs high there by ~0.25 GiB; the same call ran 1.011x (bf16 LoRA) and 1.017x (F
 
 def row_bytes(probe: dict, micro_batch: int) -> int | None:
     """Bytes one more row adds to the probed peak at ``micro_batch``: the slope between the two largest sizes up to it
-    with a measured peak (a size measured twice: its last peak). None with fewer than two such sizes."""
+    with a measured peak (out of memory and unmeasured sizes skipped). None with fewer than two such sizes."""
     peaks = {size: p for size, p in zip(probe.get("sizes", []), probe.get("peaks_gib", []))
              if size <= micro_batch and isinstance(p, (int, float))}
     if len(peaks) < 2:
@@ -143,9 +143,10 @@ def spend_spare_on_activations(model, speed, probe: dict, micro_batch: int, spar
         return False
     probe["activation_memory_budget"] = {"budget": 1.0 if switch else speed.activation_memory_budget,
                                          "extra_gib": round(extra / 2**30, 2), "room_gib": round(room / 2**30, 2)}
+    holds = "holds" if switch else "does not hold" if room < extra else "holds, another rank's does not hold"
     log(f"speed.activation_memory_budget auto: {1.0 if switch else speed.activation_memory_budget} (torch's default "
         f"partition saves an estimated {extra / 2**30:.2f} GiB more at micro-batch {micro_batch}; "
-        f"{room / 2**30:.2f} GiB left in the budget {'holds' if switch else 'does not hold'} it)")
+        f"{room / 2**30:.2f} GiB left in the budget {holds} it)")
     if switch:
         speed.activation_memory_budget = 1.0
         compile_layers(model, speed)

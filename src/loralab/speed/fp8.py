@@ -12,8 +12,9 @@ per-channel/per-token scales, written here from the rule, not copied):
 - the weight W (out N x in K) is quantised once, per output channel: ``W ≈ diag(s_w) · Wq``;
 - forward, per token: ``x ≈ diag(s_x) · xq`` and
   ``y = x Wᵀ ≈ diag(s_x) · (xq · Wqᵀ) · diag(s_w)``: one ``_scaled_mm(xq, Wqᵀ, scale_a=s_x (M,1),
-  scale_b=s_w (1,N))``, float32 accumulation, written in the activation dtype (bfloat16 on the
-  speed path; the autocast dtype under autocast);
+  scale_b=s_w (1,N))``, float32 accumulation (on Hopper with ``fast_accum`` the partial sums are not
+  promoted to float32: ``use_fast_accum``, ``speed.fp8_fast_accum``), written in the activation dtype
+  (bfloat16 on the speed path; the autocast dtype under autocast);
 - input gradient: ``dx = dy · W = dy · diag(s_w) · Wq``. Here s_w lies along the *reduced*
   axis (N), so it cannot be an output scale; it is folded into the gradient before that is
   quantised per row: ``G = dy · diag(s_w) ≈ diag(s_g) · Gq``, then
@@ -385,7 +386,7 @@ def use_fast_accum(model: nn.Module, mode: str) -> int:
     kernel accumulates in float32 either way. Returns how many layers it set. Raises ValueError for a
     mode outside ``FP8_FAST_ACCUM``."""
     if mode not in FP8_FAST_ACCUM:
-        raise ValueError(f"fp8 fast accumulation {mode!r}: allowed: {', '.join(FP8_FAST_ACCUM)}")
+        raise ValueError(f"'speed.fp8_fast_accum' = {mode!r}: allowed: {', '.join(FP8_FAST_ACCUM)}")
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     for m in layers:
         m.fast_accum = mode
