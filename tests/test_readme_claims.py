@@ -682,3 +682,39 @@ def test_fair_h100_1206_section_is_its_files():
             f"{ours(by, 'lora')['peak_memory_gib']:.1f} GiB: under the goals'") in flat
     old = {(r["method"], r["stack"]): r for r in json.loads((RESULTS / "bench-fair" / "fair8b.json").read_text())}
     assert old[("lora", "tuned")]["micro_batch"] == 4 and f"({old[('lora', 'tuned')]['throughput']:,.0f} tokens/s)" in flat
+
+
+def test_fair_h100_1206b_section_is_its_files():
+    """The 9628e48 H100 section holds every table row and note scripts/fair_bench_table.py prints from
+    results/bench-fair-h100-1206b/, and its reading's figures (the repeat, the ratios against the fastest tuned peer
+    measured on an H100, the switch to the default partition, the memory and DoRA lines) are those files'."""
+    heading = "### Training speed against the fairest peer, the defaults of commit 9628e48 (H100)"
+    folder = RESULTS / "bench-fair-h100-1206b"
+    flat, rows = _fair8b_section(folder, heading)
+    rep = {(r["method"], r["stack"]): r for r in json.loads((folder / "tunedrepeat" / "tunedrepeat.json").read_text())}
+    call6 = {(r["method"], r["stack"]): r
+             for r in json.loads((RESULTS / "bench-fair-h100-1206" / "peerbudget" / "peerbudget.json").read_text())}
+    lora, fp8, tuned = rows[("lora", "loralab")], rows[("fp8+lora", "loralab")], rows[("lora", "tuned")]
+    best = call6[("lora", "tuned")]["throughput"]
+    assert best > max(tuned["throughput"], rep[("lora", "tuned")]["throughput"])  # "the fastest ... on any H100"
+    assert (f"LoRA {rep[('lora', 'loralab')]['throughput']:,.0f} tokens/s against {lora['throughput']:,.0f}, and the tuned "
+            f"peer {rep[('lora', 'tuned')]['throughput']:,.0f} against {tuned['throughput']:,.0f} "
+            f"({rep[('lora', 'loralab')]['ratio_best_peer']:.2f}x)") in flat
+    assert f"({best:,.0f} tokens/s), this call's bf16 LoRA is **{lora['throughput'] / best:.3f}x** (goal 1.5x: just under)" in flat
+    assert lora["throughput"] / best < 1.5 and fp8["throughput"] / best < 2.0
+    assert f"FP8-base LoRA **{fp8['throughput'] / best:.2f}x** (goal 2.0x: not met)" in flat
+    assert f"both goals are met ({lora['ratio_best_peer']:.2f}x and {fp8['ratio_best_peer']:.2f}x)" in flat
+    old = {m: call6[(m, "loralab")]["throughput"] for m in ("lora", "fp8+lora")}
+    assert f"bf16 LoRA {lora['throughput']:,.0f} tokens/s against {old['lora']:,.0f} at 5698f96" in flat
+    assert f"FP8-base LoRA {fp8['throughput']:,.0f} against {old['fp8+lora']:,.0f} ({fp8['throughput'] / old['fp8+lora']:.3f}x)" in flat
+    switched = [rows[(m, "loralab")]["speed"] for m in ("lora", "dora", "fp8+lora", "fp8+dora")]
+    assert all(sp["activation_memory_budget"] == 1.0 and sp["fp8_fast_accum"] == "all" for sp in switched)
+    ab = lora["speed"]["micro_batch_probe"]["activation_memory_budget"]
+    assert f"estimated {ab['extra_gib']:.2f} GiB against {ab['room_gib']:.2f} GiB left" in flat
+    assert f"peak rose from {call6[('lora', 'loralab')]['peak_memory_gib']:.2f} GiB at 5698f96 to {lora['peak_memory_gib']:.2f} GiB" in flat
+    assert fp8["peak_memory_gib"] > tuned["peak_memory_gib"]
+    assert f"peaks at {fp8['peak_memory_gib']:.1f} GiB against the tuned peer's {tuned['peak_memory_gib']:.1f} GiB" in flat
+    d = [rows[(m, "loralab")]["throughput"] / rows[(m.replace("dora", "lora"), "loralab")]["throughput"]
+         for m in ("dora", "fp8+dora")]
+    assert d[0] >= 0.9 > d[1] and f"{d[0]:.3f} bf16 (met at this budget), {d[1]:.3f} on the FP8 base (not met" in flat
+    assert "commit: 9628e48" in (folder / "gpu.txt").read_text() and "9628e48" in (folder / "tunedrepeat" / "gpu.txt").read_text()
