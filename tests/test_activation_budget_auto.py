@@ -159,27 +159,13 @@ def test_every_rank_votes_and_one_ranks_no_keeps_every_rank_at_the_resolved_budg
     assert votes == [1, 0, 0]
 
 
-def tiny_fp8_llama():
-    """One Llama layer, FP8 base, LoRA on its seven projections: the MLP's codes 9,216 bytes (4 units of 2,304), all 12,288."""
-    from peft import LoraConfig, get_peft_model
-    from torch import nn
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loralab.methods.fp8base import quantize_linears
-
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
-    quantize_linears(base.model, [n for n, m in base.model.named_modules() if isinstance(m, nn.Linear)])
-    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return get_peft_model(base, LoraConfig(r=4, target_modules=projections))
-
-
 @pytest.mark.parametrize("cache, switch", [("auto", False), (0.0, True)])
 def test_make_step_caches_the_transposes_first_and_gives_the_activations_what_is_left(monkeypatch, cache, switch):
     """In units of 2,304 bytes: the probe leaves 5 beside micro-batch 4 (budget 20, peak 14, optimizer state 1), a row
     adds 1, so the default partition needs 0.43 x 4 = 1.72; 1 is kept free. "auto" transposes take the MLP's codes (4)
     first and leave 0: the layers stay at 0.8. With no cache the 4 units hold the 1.72: they compile at 1.0."""
+    from test_transpose_cache_auto import tiny_fp8_llama  # the MLP's codes 9,216 bytes (4 units), all 12,288
+
     from loralab.run import spare_memory
     from loralab.run import step as run_step
 
