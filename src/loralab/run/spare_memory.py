@@ -102,7 +102,6 @@ def log_transposes(speed, log: Callable[[str], None] = print) -> None:
     log(f"speed.fp8_transpose_cache auto ({room}): {what}{nothing}")
 
 
-
 FULL_PARTITION_EXTRA = 0.43
 """What torch's default partition (``activation_memory_budget`` 1.0) saves beyond ``config.ACTIVATION_BUDGET``'s (0.8),
 as a share of the bytes one more probed row adds to the peak at 0.8. On CPU a compiled Llama layer with LoRA saves ~20
