@@ -174,6 +174,9 @@
 #   now spent by "auto" where the probe leaves room; coordinate-descent tuning 1.009x, not taken): on an H200, fp8check
 #   fair8b, then recipe; on an H100, fair8b with SPEED="memory_fraction=0.441" (the goals against the budget-held tuned
 #   peer at the new defaults) and FP8LOSS_VARIANTS="fp32 bf16 fp8 fp8_exact" fp8loss (what fast accumulation moves).
+#   The fair8b ran (results/bench-fair-h100-1206b: 1.86x / 2.39x that card's tuned peer, which ran 8,171 and 6,954 tokens/s
+#   in two runs against 10,136 on another H100; every loralab row took the default partition). Still to run: on an H100,
+#   FP8LOSS_VARIANTS="fp32 bf16 fp8 fp8_exact" fp8loss (~5 min), then recipe at the new defaults; on an H200, fp8check fair8b.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
