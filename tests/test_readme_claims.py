@@ -705,16 +705,32 @@ def test_fair_h100_1206b_section_is_its_files():
     assert f"FP8-base LoRA **{fp8['throughput'] / best:.2f}x** (goal 2.0x: not met)" in flat
     assert f"both goals are met ({lora['ratio_best_peer']:.2f}x and {fp8['ratio_best_peer']:.2f}x)" in flat
     old = {m: call6[(m, "loralab")]["throughput"] for m in ("lora", "fp8+lora")}
-    assert f"bf16 LoRA {lora['throughput']:,.0f} tokens/s against {old['lora']:,.0f} at 5698f96" in flat
+    assert f"bf16 LoRA {lora['throughput']:,.0f} tokens/s against {old['lora']:,.0f} at 9f871a2" in flat
     assert f"FP8-base LoRA {fp8['throughput']:,.0f} against {old['fp8+lora']:,.0f} ({fp8['throughput'] / old['fp8+lora']:.3f}x)" in flat
     switched = [rows[(m, "loralab")]["speed"] for m in ("lora", "dora", "fp8+lora", "fp8+dora")]
     assert all(sp["activation_memory_budget"] == 1.0 and sp["fp8_fast_accum"] == "all" for sp in switched)
     ab = lora["speed"]["micro_batch_probe"]["activation_memory_budget"]
     assert f"estimated {ab['extra_gib']:.2f} GiB against {ab['room_gib']:.2f} GiB left" in flat
-    assert f"peak rose from {call6[('lora', 'loralab')]['peak_memory_gib']:.2f} GiB at 5698f96 to {lora['peak_memory_gib']:.2f} GiB" in flat
+    assert (f"peak rose from {call6[('lora', 'loralab')]['peak_memory_gib']:.2f} GiB at 9f871a2 (another card) to "
+            f"{lora['peak_memory_gib']:.2f} GiB") in flat
     assert fp8["peak_memory_gib"] > tuned["peak_memory_gib"]
     assert f"peaks at {fp8['peak_memory_gib']:.1f} GiB against the tuned peer's {tuned['peak_memory_gib']:.1f} GiB" in flat
+    fp8d, tunedd = rows[("fp8+dora", "loralab")], rows[("dora", "tuned")]
+    assert fp8d["peak_memory_gib"] > tunedd["peak_memory_gib"]
+    assert f"FP8-base DoRA's neither ({fp8d['peak_memory_gib']:.2f} against {tunedd['peak_memory_gib']:.2f} GiB)" in flat
+    assert f"before the switch, FP8-base LoRA peaked at {call6[('fp8+lora', 'loralab')]['peak_memory_gib']:.1f} GiB" in flat
     d = [rows[(m, "loralab")]["throughput"] / rows[(m.replace("dora", "lora"), "loralab")]["throughput"]
          for m in ("dora", "fp8+dora")]
     assert d[0] >= 0.9 > d[1] and f"{d[0]:.3f} bf16 (met at this budget), {d[1]:.3f} on the FP8 base (not met" in flat
     assert "commit: 9628e48" in (folder / "gpu.txt").read_text() and "9628e48" in (folder / "tunedrepeat" / "gpu.txt").read_text()
+    assert "commit: 9f871a2" in (RESULTS / "bench-fair-h100-1206" / "peerbudget" / "gpu.txt").read_text()  # call 6's commit
+    speedab = {(json.loads(p.read_text())[0]["method"], p.with_suffix(".variant").read_text().strip()): json.loads(p.read_text())
+               for p in (RESULTS / "bench-speedab-h100").glob("speedab-*.json")}
+    first = speedab[("lora", "defaults/methods:lora,fp8+lora")]
+    base, base_peak = {r["method"]: r["throughput"] for r in first}, {r["method"]: r["peak_memory_gib"] for r in first}
+    fast = speedab[("fp8+lora", "fp8_fast_accum=all")][0]["throughput"]
+    full = {r["method"]: r for r in speedab[("lora", "activation_memory_budget=1.0/methods:lora,fp8+lora")]}
+    assert (f"fast accumulation {fast / base['fp8+lora']:.3f}x FP8 LoRA; the default partition "
+            f"{full['lora']['throughput'] / base['lora']:.3f}x (bf16) and {full['fp8+lora']['throughput'] / base['fp8+lora']:.3f}x "
+            f"(FP8) for {full['lora']['peak_memory_gib'] - base_peak['lora']:.2f} GiB more") in flat
+    assert "commit: a606af5" in (RESULTS / "bench-speedab-h100" / "gpu.txt").read_text()
