@@ -32,7 +32,7 @@ from typing import Callable
 
 from loralab import distributed
 from loralab.run.probe import SMALL_LOSS_CHUNK
-from loralab.speed.fp8 import Fp8Linear, cache_transposes
+from loralab.speed.fp8 import cache_transposes, fp8_layers
 from loralab.speed.step import compile_layers
 
 HEADROOM = 0.05
@@ -40,6 +40,11 @@ HEADROOM = 0.05
 fragmentation, the first optimizer step's temporaries, CUDA graph pools) and the record's rounding of peaks to
 0.01 GiB. On an H100 the probe's peak plus AdamW's state came within 0.04 GiB of a run's peak
 (results/bench-probe-h100/)."""
+
+
+def headroom_bytes(budget_gib: float | None) -> int:
+    """``HEADROOM`` of a budget of ``budget_gib`` GiB, in bytes (0 without a budget)."""
+    return int(HEADROOM * (budget_gib or 0.0) * 2**30)
 
 
 def spare_bytes(probe: dict, micro_batch: int, loss_chunk: int | str | None) -> int | None:
@@ -71,10 +76,10 @@ def cache_spare_transposes(model, speed, spare: int | None, budget_gib: float | 
     it. Returns the share of the FP8 weight bytes cached (0.0 where the model has no FP8 layer or nothing fits),
     which an explicit ``fp8_transpose_cache`` of that value would not always repeat (it stops at the first
     group that does not fit)."""
-    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, Fp8Linear))
+    total = sum(m.weight.numel() for m in fp8_layers(model))
     if not total:
         return 0.0
-    headroom = int(HEADROOM * (budget_gib or 0.0) * 2**30)
+    headroom = headroom_bytes(budget_gib)
     room = 0 if spare is None else max(0, spare - headroom)
     cached = cache_transposes(model, min(1.0, room / total), fill=True)
     speed.fp8_transposes_cached = {**cached, "auto_spare_gib": None if spare is None else round(spare / 2**30, 2),
@@ -131,12 +136,11 @@ def spend_spare_on_activations(model, speed, probe: dict, micro_batch: int, spar
     probe's compiled code is already dropped where it probed more than one size, and with one size there is no
     slope, so nothing switches). Sets ``speed.activation_memory_budget`` and ``probe["activation_memory_budget"]``
     ({budget, extra_gib: the estimate, room_gib: what was left for it}); logs it. Returns whether it switched."""
-    extra = row_bytes(probe, micro_batch) if speed.compile and speed.activation_memory_budget < 1 else None
+    per_row = row_bytes(probe, micro_batch) if speed.compile and speed.activation_memory_budget < 1 else None
     cached = speed.fp8_transposes_cached or {}
-    budget_gib = probe.get("budget_gib") or 0.0
-    room = None if spare is None or extra is None else (
-        spare - (cached.get("bytes", 0) if "auto_spare_gib" in cached else 0) - int(HEADROOM * budget_gib * 2**30))
-    extra = None if extra is None else int(FULL_PARTITION_EXTRA * max(extra, 0) * micro_batch)
+    room = None if spare is None or per_row is None else (
+        spare - (cached.get("bytes", 0) if "auto_spare_gib" in cached else 0) - headroom_bytes(probe.get("budget_gib")))
+    extra = None if per_row is None else int(FULL_PARTITION_EXTRA * max(per_row, 0) * micro_batch)
     switch = bool(distributed.min_over_ranks(int(room is not None and room >= extra)))  # every rank calls it
     if room is None:
         return False

@@ -329,6 +329,11 @@ class Fp8Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3fn"
 
 
+def fp8_layers(model: nn.Module) -> list[Fp8Linear]:
+    """Every ``Fp8Linear`` of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, Fp8Linear)]
+
+
 def cache_transposes(model: nn.Module, share: float, fill: bool = False) -> dict:
     """Cache the column-major codes (``Fp8Linear.cache_transpose``) of ``model``'s largest FP8
     layers, largest first, while the cached bytes stay within ``share`` (0..1) of all FP8 weight
@@ -340,7 +345,7 @@ def cache_transposes(model: nn.Module, share: float, fill: bool = False) -> dict
     total_bytes} (counts over all FP8 layers). Raises ValueError for a share outside [0, 1]."""
     if not 0 <= share <= 1:
         raise ValueError(f"share = {share!r}: a fraction in [0, 1] of the FP8 weight bytes")
-    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    layers = fp8_layers(model)
     total = sum(m.weight.numel() for m in layers)
     by_size: dict[int, list[Fp8Linear]] = {}
     for m in layers:
@@ -366,7 +371,7 @@ def use_quantize_kernel(model: nn.Module, kernel: str) -> int:
     setting any, where "triton" cannot run on the layers' device (``fp8_kernels.can_run_on``)."""
     if kernel not in FP8_QUANTIZE_KERNELS:
         raise ValueError(f"fp8 quantize kernel {kernel!r}: allowed: {', '.join(FP8_QUANTIZE_KERNELS)}")
-    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    layers = fp8_layers(model)
     why = next((w for w in (can_run_on(m.weight.device) for m in layers) if w), None) if kernel == "triton" else None
     if why:
         raise RuntimeError(f"'speed.fp8_quantize_kernel' = 'triton': {why}")
@@ -387,7 +392,7 @@ def use_fast_accum(model: nn.Module, mode: str) -> int:
     mode outside ``FP8_FAST_ACCUM``."""
     if mode not in FP8_FAST_ACCUM:
         raise ValueError(f"'speed.fp8_fast_accum' = {mode!r}: allowed: {', '.join(FP8_FAST_ACCUM)}")
-    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    layers = fp8_layers(model)
     for m in layers:
         m.fast_accum = mode
     return len(layers)
