@@ -734,3 +734,19 @@ def test_fair_h100_1206b_section_is_its_files():
             f"{full['lora']['throughput'] / base['lora']:.3f}x (bf16) and {full['fp8+lora']['throughput'] / base['fp8+lora']:.3f}x "
             f"(FP8) for {full['lora']['peak_memory_gib'] - base_peak['lora']:.2f} GiB more") in flat
     assert "commit: a606af5" in (RESULTS / "bench-speedab-h100" / "gpu.txt").read_text()
+
+
+def test_every_results_path_the_readme_names_is_committed():
+    """Every ``results/...`` file or folder README.md names is in the repository (``git ls-files``; on disk where
+    there is no git), so a cited result cannot be left uncommitted (results/bench-speedab-h100/README.md once was)
+    and a renamed folder cannot leave a dangling citation. Patterns (``*``, ``<folder>``, ``{a,b}``) are skipped."""
+    text = (ROOT / "README.md").read_text()
+    listed = subprocess.run(["git", "ls-files", "results"], capture_output=True, text=True, cwd=ROOT)
+    if listed.returncode == 0 and listed.stdout:
+        files = set(listed.stdout.split())
+        known = files | {str(parent) for f in files for parent in Path(f).parents}
+    else:  # a tree without .git (the device's copy): what is on disk
+        known = {str(p.relative_to(ROOT)) for p in (ROOT / "results").rglob("*")} | {"results"}
+    cited = {ref.rstrip(".,);:/") for ref in re.findall(r"results/[\w./*<>{}-]+", text)}
+    cited = {ref for ref in cited if not set("*<>{}") & set(ref)}
+    assert len(cited) > 20 and not sorted(cited - known)
