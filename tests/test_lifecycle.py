@@ -77,7 +77,7 @@ def test_bf16_autocast_generation_mismatch_reproduced_then_fixed(smollm2_path, d
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16).to(device)
     model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    prepare_model(model, Speed(autocast="bfloat16", compile=False, lora_scale_at_rank=True))  # the run's default on CUDA
+    prepare_model(model, Speed(autocast="bfloat16", compile=False, lora_scale_at_rank=True, lora_shared_input=True))  # the run's default on CUDA
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     ids = tok("Question: 2 + 3 =", return_tensors="pt").to(device)
     with pytest.raises(RuntimeError, match="dtype"):

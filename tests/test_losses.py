@@ -46,7 +46,7 @@ def test_causal_lm_loss_chunked_equals_model_loss():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=400))
-    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=False, loss_chunk_size=5))
+    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False, loss_chunk_size=5))
     ids = torch.randint(0, 400, (2, 11))
     labels = ids.clone()
     labels[:, :3] = -100
@@ -105,7 +105,7 @@ def test_causal_lm_loss_with_an_adapted_head_equals_peft(targets, rank_scaling):
     base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=400))
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
-    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=rank_scaling, loss_chunk_size=5))
+    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=rank_scaling, lora_shared_input=False, loss_chunk_size=5))
     assert uses_fused_loss(model) is True
     ids = torch.randint(0, 400, (2, 11))
     labels = ids.clone()
@@ -128,9 +128,9 @@ def test_a_dora_or_merged_head_takes_the_full_logits():
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100)
-    speed = Speed(autocast=None, compile=False, lora_scale_at_rank=False)
+    speed = Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False)
     dora = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["lm_head"], use_dora=True))
-    prepare_model(dora, Speed(autocast=None, compile=False, lora_scale_at_rank=False, fast_dora=False))
+    prepare_model(dora, Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False, fast_dora=False))
     merged = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["lm_head"]))
     prepare_model(merged, speed)
     assert uses_fused_loss(merged) is True
@@ -152,7 +152,7 @@ def test_an_adapted_head_matches_peft_where_it_casts_or_drops_out(case):
     model = get_peft_model(base.to(torch.bfloat16) if bf16 else base,
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False,
                                       lora_dropout=0.0 if bf16 else 0.3))
-    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=False, loss_chunk_size=5))
+    prepare_model(model, Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False, loss_chunk_size=5))
     model.train()
     ids = torch.randint(0, 400, (2, 11))
     labels = ids.clone()

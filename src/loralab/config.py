@@ -58,8 +58,8 @@ def _generation_defaults() -> dict[str, Any]:
 
 GRAD_REDUCE = ("ddp", "after_backward")  # speed.grad_reduce's values (see Speed)
 FP8_QUANTIZE_KERNELS = ("torch", "triton")  # speed.fp8_quantize_kernel's: torch ops (speed/fp8.py) or speed/fp8_kernels
-FUSED_AND_RANK = ("'speed.lora_scale_at_rank' = true with 'speed.fused_lora' = true: both rewrite LoRA's forward; "
-                  "set lora_scale_at_rank to \"auto\" or false, or fused_lora to false")
+FUSED_AND = ("'speed.{key}' = true with 'speed.fused_lora' = true: both rewrite LoRA's forward; "
+             "set {key} to \"auto\" or false, or fused_lora to false")  # key: lora_scale_at_rank, lora_shared_input
 FP8_FAST_ACCUM = ("none", "forward", "all")  # speed.fp8_fast_accum's: which FP8 GEMMs accumulate fast (speed/fp8.py)
 FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel", "fp8_fast_accum")  # Speed keys acting on an FP8 base only
 
@@ -100,12 +100,16 @@ class Speed:
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100
+    lora_shared_input: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})  # one GEMM
+    # for the LoRA A's of the projections reading one input (q/k/v, gate/up: speed/shared_input; not bitwise: dx's terms
+    # sum in another order); auto: on CUDA for causal LMs unless fused_lora is
     dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm once per
     # optimizer step, not per micro-batch (speed/fast_dora refresh_dora_norms; bitwise without autocast, float32 products
     # under it; off under FSDP): 1.119x bf16, 1.035x FP8-base DoRA at the 8B shape, results/bench-dora-h100
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
+    lora_shared_inputs: dict | None = field(default=None, metadata={"code_only": True})  # groups it made, their layers
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     activation_memory_budget: float | str = field(default="auto", metadata={"added": True})  # compiled layers: torch's
     # memory-budget partitioner (speed/step.py; 1.0: its min-cut); auto: ACTIVATION_BUDGET; 1.0 where no layer compiles
@@ -139,8 +143,8 @@ class Speed:
         for key, allowed in (("grad_reduce", GRAD_REDUCE), ("fp8_quantize_kernel", FP8_QUANTIZE_KERNELS), ("fp8_fast_accum", FP8_FAST_ACCUM)):
             if speed[key] not in allowed:
                 problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
-        if speed["fused_lora"] is True and speed["lora_scale_at_rank"] is True:
-            problems.append(FUSED_AND_RANK)
+        problems += [FUSED_AND.format(key=k) for k in ("lora_scale_at_rank", "lora_shared_input")
+                     if speed["fused_lora"] is True and speed[k] is True]
         for k, unit in (("loss_chunk_size", " (tokens per chunk)"), ("micro_batch", "")):
             if not (speed[k] == "auto" or (isinstance(speed[k], int) and not isinstance(speed[k], bool) and speed[k] > 0)):
                 problems.append(f"'speed.{k}' = {speed[k]!r} must be \"auto\" or a positive integer{unit}")
@@ -163,12 +167,14 @@ class Speed:
             out.activation_memory_budget = ACTIVATION_BUDGET if out.compile else 1.0
         if out.lora_scale_at_rank == "auto":
             out.lora_scale_at_rank = out.fused_lora is not True and "float16" not in (base_dtype, out.autocast)
+        if out.lora_shared_input == "auto":
+            out.lora_shared_input = cuda and causal and out.fused_lora is not True
         return out
 
     def record(self) -> dict[str, Any]:
         """The experiment keys and values as the record holds them, plus what code set (``micro_batch_probe``,
-        ``fp8_transposes_cached``, ``lora_scaled_at_rank``) once set."""
-        found = {k: getattr(self, k) for k in ("micro_batch_probe", "fp8_transposes_cached", "lora_scaled_at_rank") if getattr(self, k)}
+        ``fp8_transposes_cached``, ``lora_scaled_at_rank``, ``lora_shared_inputs``) once set."""
+        found = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type == "dict | None" and getattr(self, f.name)}
         return {**{k: getattr(self, k) for k in self.experiment_keys()}, **found}
 
 
@@ -344,10 +350,9 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
         if not (values[name] is None and allow_none) and (values[name] is None or values[name] <= 0):
             problems.append(f"'{name}' = {values[name]!r} must be > 0")
 
-    for name in ("batch_size", "gradient_accumulation_steps", "learning_rate", "max_length", "eval_batch_size", "logging_steps"):
-        positive(name)
-    for name in ("max_steps", "max_train_samples", "max_eval_samples", "eval_steps"):
-        positive(name, allow_none=True)
+    for name in ("batch_size", "gradient_accumulation_steps", "learning_rate", "max_length", "eval_batch_size", "logging_steps",
+                 "max_steps", "max_train_samples", "max_eval_samples", "eval_steps"):  # the last four may be null
+        positive(name, allow_none=name in ("max_steps", "max_train_samples", "max_eval_samples", "eval_steps"))
     if values["num_epochs"] <= 0 and values["max_steps"] is None:
         problems.append(f"'num_epochs' = {values['num_epochs']!r} must be > 0 unless max_steps is set")
     if not 0 <= values["warmup_ratio"] < 1:
@@ -357,12 +362,10 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
     for name, allowed in (("dtype", DTYPES), ("lr_scheduler", SCHEDULERS), ("device", ("auto", "cpu", "cuda"))):
         problems.extend(not_allowed(values, name, allowed))
     cal = values["calibration"]
-    for key in ("num_samples", "batch_size"):
-        if not (isinstance(cal[key], int) and cal[key] > 0):
-            problems.append(f"'calibration.{key}' = {cal[key]!r} must be a positive integer")
-    for key, allowed in (("sampling", CALIBRATION_SAMPLING), ("format", ("llama2-chat", "training"))):
-        if cal[key] not in allowed:
-            problems.append(f"'calibration.{key}' = {cal[key]!r} is not allowed; allowed: {', '.join(allowed)}")
+    problems += [f"'calibration.{key}' = {cal[key]!r} must be a positive integer" for key in ("num_samples", "batch_size")
+                 if not (isinstance(cal[key], int) and cal[key] > 0)]
+    problems += [f"'calibration.{key}' = {cal[key]!r} is not allowed; allowed: {', '.join(allowed)}" for key, allowed
+                 in (("sampling", CALIBRATION_SAMPLING), ("format", ("llama2-chat", "training"))) if cal[key] not in allowed]
     problems += Speed.problems(values["speed"])
     problems.extend(not_allowed(values, "loss_normalization", LOSS_NORMALIZATIONS))
     if values["checkpoint_steps"] is not None and values["checkpoint_steps"] < 0:

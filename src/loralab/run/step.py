@@ -47,7 +47,7 @@ from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
-from loralab.speed.step import causal_lm_loss, prepare_model, seq_cls_loss, uses_fused_loss
+from loralab.speed.step import causal_lm_loss, prepare_model, rewrite_lines, seq_cls_loss, uses_fused_loss
 
 
 class MicroBatchOOM(RuntimeError):
@@ -327,13 +327,7 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
         distributed_speed(resolved, launch, rewrites_base=rewrites_base, log=log)
     prepare_model(model, resolved)
     log_transposes(resolved, log)
-    scaled = resolved.lora_scaled_at_rank
-    if scaled is not None:
-        line = f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {scaled['layers']} of {scaled['lora_layers']} LoRA layer(s)"
-        if scaled["layers"] == 0:  # NOTHING only where the experiment asked for it; "auto" just says why not
-            line += "; NOTHING: " if settings.lora_scale_at_rank is True else "; not applicable: "
-            line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
-                     "at the rank itself) or biases")
+    for line in rewrite_lines(resolved, settings):
         log(line)
     wrapped = None
     after_backward = multi and resolved.grad_reduce == "after_backward"

@@ -2,8 +2,9 @@
 
 - ``prepare_model(model, speed)``: fast DoRA swap, the FP8 base's cached transposed codes
   (``speed.fp8_transpose_cache``), quantisation kernel (``speed.fp8_quantize_kernel``) and fast
-  accumulation (``speed.fp8_fast_accum``), fused
-  LoRA forward, LoRA's scaling at the rank (``speed.lora_scale_at_rank``), fp32 adapter weights,
+  accumulation (``speed.fp8_fast_accum``), fused LoRA forward, LoRA's scaling at the rank
+  (``speed.lora_scale_at_rank``), one A product for the LoRA layers reading one input
+  (``speed.lora_shared_input``), fp32 adapter weights,
   input casts off under autocast (so adapters read the bf16 activations instead of keeping fp32
   copies of them), and regional ``torch.compile`` of the decoder layers (off by default; parameter
   names unchanged).
@@ -22,28 +23,30 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from loralab.config import FUSED_AND_RANK, LOSS_CHUNK, Speed
+from loralab.config import FUSED_AND, LOSS_CHUNK, Speed
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, use_fast_accum, use_quantize_kernel
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
 from loralab.speed.rank_scaling import enable_rank_scaling, rank_scaling_summary
+from loralab.speed.shared_input import enable_shared_input, shared_input_summary
 
 
 def _hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, activation_memory_budget=1.0, fp8_transpose_cache=0.0,
-              fp8_fast_accum="none")
+PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False, activation_memory_budget=1.0,
+              fp8_transpose_cache=0.0, fp8_fast_accum="none")
 """What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
 
 
 def prepare_model(model, options: Speed):
     """Apply resolved speed settings (``Speed.resolve``: no "auto" in autocast, compile, lora_scale_at_rank,
-    nor in activation_memory_budget where layers compile) to a (peft-wrapped) model in place and return
-    it. Raises ValueError for unresolved settings and for ``fused_lora`` with ``lora_scale_at_rank``."""
-    unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank", "activation_memory_budget")
+    lora_shared_input, nor in activation_memory_budget where layers compile) to a (peft-wrapped) model in place and return
+    it. Raises ValueError for unresolved settings and for ``fused_lora`` with ``lora_scale_at_rank`` or
+    ``lora_shared_input``."""
+    unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank", "lora_shared_input", "activation_memory_budget")
                   if getattr(options, k) == "auto" and (k != "activation_memory_budget" or options.compile)]
     if unresolved:
         raise ValueError(f"prepare_model needs resolved speed settings; {', '.join(unresolved)} still 'auto' "
@@ -56,13 +59,17 @@ def prepare_model(model, options: Speed):
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
     use_fast_accum(model, options.fp8_fast_accum)
-    if options.fused_lora and options.lora_scale_at_rank:
-        raise ValueError(FUSED_AND_RANK)
+    for key in ("lora_scale_at_rank", "lora_shared_input"):
+        if options.fused_lora and getattr(options, key):
+            raise ValueError(FUSED_AND.format(key=key))
     if options.fused_lora:
         enable_fused_lora(model)
     if options.lora_scale_at_rank:  # where it applies goes into the record (0 layers: rsLoRA, DoRA, ...)
         enable_rank_scaling(model)
         options.lora_scaled_at_rank = dict(zip(("layers", "lora_layers"), rank_scaling_summary(model)))
+    if options.lora_shared_input:  # after rank scaling, whose order its groups keep where it applies
+        enable_shared_input(model, scale_at_rank=bool(options.lora_scale_at_rank))
+        options.lora_shared_inputs = shared_input_summary(model)
     for module in model.modules():
         if hasattr(module, "lora_A"):
             # Keep activations in the autocast dtype; fp32 copies per adapter cost memory and time.
@@ -74,6 +81,28 @@ def prepare_model(model, options: Speed):
         compile_layers(model, options)
     model._loralab_speed = options
     return model
+
+
+def rewrite_lines(resolved: Speed, settings: Speed) -> list[str]:
+    """The run log's lines on where ``prepare_model``'s LoRA rewrites took (``resolved``: what it applied, with
+    its records; ``settings``: the experiment's, so a rewrite asked for explicitly that took nowhere says NOTHING)."""
+    lines = []
+    if (scaled := resolved.lora_scaled_at_rank) is not None:
+        line = f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {scaled['layers']} of {scaled['lora_layers']} LoRA layer(s)"
+        if scaled["layers"] == 0:  # NOTHING only where the experiment asked for it; "auto" just says why not
+            line += "; NOTHING: " if settings.lora_scale_at_rank is True else "; not applicable: "
+            line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
+                     "at the rank itself) or biases")
+        lines.append(line)
+    if (shared := resolved.lora_shared_inputs) is not None:
+        line = (f"speed.lora_shared_input: {shared['groups']} group(s) of LoRA layers reading one input "
+                f"({shared['layers']} layers) compute their A's as one GEMM")
+        if shared["groups"] == 0:
+            line += ("; NOTHING: " if settings.lora_shared_input is True else "; not applicable: ") + (
+                "no q/k/v or gate/up siblings hold peft's plain LoRA layers (DoRA, another rewrite), or the model "
+                "is an encoder-decoder")
+        lines.append(line)
+    return lines
 
 
 def compile_layers(model, options: Speed) -> None:
