@@ -75,6 +75,15 @@ def shareable_adapter(module: LoraLinear) -> str | None:
     return name
 
 
+def _plain_lora(module: LoraLinear) -> bool:
+    """Whether ``module`` holds one active plain LoRA adapter with a bias-free ``nn.Linear`` A now: a layer
+    that never could share (DoRA and other variants, merged, several adapters) joins no group, so the
+    record counts only layers that take the shared product (dropout, a mode of the moment, is left to
+    ``shareable_adapter`` at each forward)."""
+    name = plain_active_adapter(module)
+    return name is not None and type(module.lora_A[name]) is nn.Linear and module.lora_A[name].bias is None
+
+
 def _version(x: torch.Tensor) -> int | None:
     # Dynamo traces ``x._version`` as an unbacked integer and comparing two of them fails fullgraph compile
     # ("could not guard on data-dependent expression"), so it is left out of the key while compiling; a
@@ -177,7 +186,8 @@ def enable_shared_input(model: nn.Module, scale_at_rank: bool, siblings=DEFAULT_
     """Group the peft LoRA ``Linear`` children of each module named as in one ``siblings`` tuple (two or
     more found) and make them ``SharedInputLoraLinear``; returns the number of groups. Only layers of
     peft's own class or ``RankScaledLoraLinear`` without an instance ``forward`` (accelerate's hooks) are
-    taken, as ``fused_lora.install_lora_class`` takes them; groups made before are undone first, so a
+    taken, as ``fused_lora.install_lora_class`` takes them, and of those only layers holding one active plain
+    adapter (``_plain_lora``: DoRA's layers keep fast DoRA's own forward); groups made before are undone first, so a
     second call regroups. ``scale_at_rank``: put LoRA's scaling at the rank where exact (shared or not).
 
     Returns 0 and changes nothing for an encoder-decoder model (``config.is_encoder_decoder``): its
@@ -196,7 +206,8 @@ def enable_shared_input(model: nn.Module, scale_at_rank: bool, siblings=DEFAULT_
         children = dict(parent.named_children())
         for names in siblings:
             members = [children[n] for n in names if n in children]
-            members = [m for m in members if type(m) in _CONVERTIBLE and "forward" not in m.__dict__]
+            members = [m for m in members if type(m) in _CONVERTIBLE and "forward" not in m.__dict__
+                       and _plain_lora(m)]
             if len(members) < 2:
                 continue
             group = InputGroup(members, scale_at_rank)
