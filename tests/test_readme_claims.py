@@ -750,3 +750,78 @@ def test_every_results_path_the_readme_names_is_committed():
     cited = {ref.rstrip(".,);:/") for ref in re.findall(r"results/[\w./*<>{}-]+", text)}
     cited = {ref for ref in cited if not set("*<>{}") & set(ref)}
     assert len(cited) > 20 and not sorted(cited - known)
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_fair_h100_97c706e_section_is_its_files():
+    """The 97c706e H100 section holds every table row and note scripts/fair_bench_table.py prints from
+    results/bench-shared-input-h100/fair8b and .../recipe, and its reading's figures (the switch's A/B, the ratios
+    against this card's tuned peer, the fastest measured on an H100, loralab against 9628e48, memory, DoRA, the
+    recipe) are those files'; the H200 section's pointer quotes the same ratios."""
+    heading = "### Training speed against the fairest peer, the defaults of commit 97c706e (H100)"
+    folder = RESULTS / "bench-shared-input-h100"
+    flat, rows = _fair8b_section(folder / "fair8b", heading)
+    _printed_tables_in(folder / "recipe", heading, notes=True)
+    lora, fp8, tuned = rows[("lora", "loralab")], rows[("fp8+lora", "loralab")], rows[("lora", "tuned")]
+    call6 = {(r["method"], r["stack"]): r
+             for r in json.loads((RESULTS / "bench-fair-h100-1206" / "peerbudget" / "peerbudget.json").read_text())}
+    before = {(r["method"], r["stack"]): r for r in json.loads((RESULTS / "bench-fair-h100-1206b" / "fair8b.json").read_text())}
+    assert tuned["throughput"] > max(call6[("lora", "tuned")]["throughput"], before[("lora", "tuned")]["throughput"])
+    assert (f"This card's tuned peer ran {tuned['throughput']:,.0f} tokens/s**, the fastest tuned-peer run measured on any "
+            f"H100 ({call6[('lora', 'tuned')]['throughput']:,.0f} at 9f871a2 before)") in flat
+    assert lora["ratio_best_peer"] < 1.5 and fp8["ratio_best_peer"] < 2.0 and lora["best_peer"] == fp8["best_peer"] == "tuned"
+    assert (f"bf16 LoRA is **{lora['ratio_best_peer']:.2f}x** (goal 1.5x) and FP8-base LoRA **{fp8['ratio_best_peer']:.2f}x** "
+            "(goal 2.0x): both goals are **not met**") in flat
+    rates = tuned["micro_batch_probe"]["tokens_per_second"]
+    assert "(" + ", ".join(f"{x:,.0f}" for x in rates[:-1]) + f" and {rates[-1]:,.0f} tokens/s at micro-batch 1, 2 and 4" in flat
+    for name, m in (("bf16 LoRA", "lora"), ("LoRA", "fp8+lora")):
+        new, old = rows[(m, "loralab")]["throughput"], before[(m, "loralab")]["throughput"]
+        assert f"{name} {new:,.0f} tokens/s against {old:,.0f} at 9628e48 ({new / old:.3f}x)" in flat or \
+            f"{name} {new:,.0f} against {old:,.0f} ({new / old:.3f}x)" in flat
+    fp8d, tunedd = rows[("fp8+dora", "loralab")], rows[("dora", "tuned")]
+    assert fp8["peak_memory_gib"] > tuned["peak_memory_gib"] and fp8d["peak_memory_gib"] > tunedd["peak_memory_gib"]
+    assert f"FP8-base DoRA at {fp8d['peak_memory_gib']:.2f} against {tunedd['peak_memory_gib']:.2f} GiB" in flat
+    d = [rows[(m, "loralab")]["throughput"] / rows[(m.replace("dora", "lora"), "loralab")]["throughput"] for m in ("dora", "fp8+dora")]
+    d_before = before[("fp8+dora", "loralab")]["throughput"] / before[("fp8+lora", "loralab")]["throughput"]
+    assert d[0] >= 0.9 > d[1] and f"{d[0]:.3f} bf16 (met), {d[1]:.3f} on the FP8 base (not met; {d_before:.3f} at 9628e48)" in flat
+    recipe = json.loads((folder / "recipe" / "recipe.json").read_text())
+    at = recipe["at_trainer_memory"]
+    assert (f"{recipe['ratio']:.2f}x the careful Trainer at" in flat and f"{at['ratio']:.2f}x with loralab held within the "
+            f"Trainer's peak ({at['peak_memory_gib']:.1f} GiB)" in flat and at["within"])
+    ab = {p.with_suffix(".variant").read_text().strip(): {r["method"]: r for r in json.loads(p.read_text())}
+          for p in (folder / "speedab").glob("speedab-*.json")}
+    gain = {m: ab["defaults"][m]["throughput"] / ab["lora_shared_input=false"][m]["throughput"] for m in ("lora", "fp8+lora")}
+    assert f"it gave {gain['lora']:.3f}x on bf16 LoRA and {gain['fp8+lora']:.3f}x on FP8-base LoRA" in flat
+    assert all(ab["defaults"][m]["speed"]["lora_shared_input"] is True for m in gain)
+    assert all(ab["lora_shared_input=false"][m]["speed"]["lora_shared_input"] is False for m in gain)
+    table = " ".join(README.split())
+    assert (f"bf16 LoRA {ab['lora_shared_input=false']['lora']['throughput']:,.0f} against "
+            f"{ab['defaults']['lora']['throughput']:,.0f} tokens/s ({gain['lora']:.3f}x), FP8-base LoRA "
+            f"{ab['lora_shared_input=false']['fp8+lora']['throughput']:,.0f} against {ab['defaults']['fp8+lora']['throughput']:,.0f} "
+            f"({gain['fp8+lora']:.3f}x)") in table
+    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    assert (f"tuned peer ran {tuned['throughput']:,.0f} tokens/s, the fastest tuned-peer run measured on any H100, and loralab is "
+            f"{lora['ratio_best_peer']:.2f}x (bf16) and {fp8['ratio_best_peer']:.2f}x (FP8 base) of it") in h200
+    for sub in ("speedab", "fair8b", "recipe"):
+        assert "commit: 97c706e" in (folder / sub / "gpu.txt").read_text()
+
+
+@pytest.mark.slow  # runs the table script
+def test_fp8_fast_accum_loss_curves_are_their_file():
+    """The FP8 loss-curve section holds what scripts/fair_bench_table.py prints from results/fp8loss-fastaccum-h100,
+    its reading's figures are that file's, and the Methods table's and the speed row's quotes agree."""
+    folder = RESULTS / "fp8loss-fastaccum-h100"
+    _, text = _printed_tables_in(folder, "### An FP8 base's loss curve at the 8B shape (H100)", notes=True)
+    flat = " ".join(text.split())
+    r = json.loads((folder / "fp8loss.json").read_text())
+    fast, exact, apart = r["gap_fp8_vs_bf16"], r["gap_fp8_exact_vs_bf16"], r["gap_fp8_vs_fp8_exact"]
+    assert fast < exact and r["curves"]["fp8"]["speed"]["fp8_fast_accum"] == "all"
+    assert r["curves"]["fp8_exact"]["speed"]["fp8_fast_accum"] == "none"
+    assert f"did not take FP8's curve farther from bf16 ({fast:.4f} with it, {exact:.4f} without)" in flat
+    assert f"about {apart / r['gap_bf16_rerun']:.0f} times the floor of two bf16 runs" in flat
+    methods = " ".join(section("### Methods").split())
+    assert (f"{fast / r['gap_bf16_vs_fp32']:.1f} times, and {exact / r['gap_bf16_vs_fp32']:.1f} times without fast "
+            "accumulation in the same call") in methods
+    speed_row = " ".join(README.split())
+    assert f"by up to {fast:.4f} with it and {exact:.4f} without, one run each, the two FP8 curves up to {apart:.4f} apart" in speed_row
+    assert "commit: 97c706e" in (folder / "gpu.txt").read_text()
