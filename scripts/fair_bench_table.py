@@ -119,6 +119,16 @@ def yes(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def exact_ratio(rows: list[dict], row: dict) -> float:
+    """loralab ``row``'s throughput over its best peer row's (``best_peer``: same workload and run, the float
+    method), unrounded: the JSON's ``ratio_best_peer`` is rounded to 3 decimals, and a goal decided on it would
+    read 1.4996 as 1.5, met. The rounded value where the peer row is not among ``rows``."""
+    method = row["method"].removeprefix("fp8+")
+    peer = next((p for p in rows if p["stack"] == row["best_peer"] and p["method"] == method and p.get("throughput")
+                 and (p["workload"], p.get("run")) == (row["workload"], row.get("run"))), None)
+    return row["throughput"] / peer["throughput"] if peer else row["ratio_best_peer"]
+
+
 def bench_goals(rows: list[dict]) -> list[tuple[str, str, str]]:
     lora, dora = pick(rows, "lora", "loralab"), pick(rows, "dora", "loralab")
     fp8, fp8_dora = pick(rows, "fp8+lora", "loralab"), pick(rows, "fp8+dora", "loralab")
@@ -128,10 +138,10 @@ def bench_goals(rows: list[dict]) -> list[tuple[str, str, str]]:
     if lora.get("ratio_best_peer"):
         out.append((f"bf16 LoRA >= 1.5x the best peer (its best micro-batch within {within})",
                     f"{lora['ratio_best_peer']:.2f}x the {STACK[lora['best_peer']]} peer ({lora['throughput']:,.0f} tokens/s, "
-                    f"{lora['peak_memory_gib']:.1f} GiB)", yes(lora["ratio_best_peer"] >= 1.5)))
+                    f"{lora['peak_memory_gib']:.1f} GiB)", yes(exact_ratio(rows, lora) >= 1.5)))
     if fp8.get("ratio_best_peer"):
         out.append(("FP8-base LoRA >= 2.0x the best peer", f"{fp8['ratio_best_peer']:.2f}x the {STACK[fp8['best_peer']]} peer "
-                    f"({fp8['throughput']:,.0f} tokens/s)", yes(fp8["ratio_best_peer"] >= 2.0)))
+                    f"({fp8['throughput']:,.0f} tokens/s)", yes(exact_ratio(rows, fp8) >= 2.0)))
         for name, ours, peer in (("LoRA", fp8, tuned), ("DoRA", fp8_dora, pick(rows, "dora", "tuned"))):
             if ours.get("peak_memory_gib") and peer.get("peak_memory_gib"):
                 out.append((f"FP8-base {name} at <= the tuned peer's {name} memory", f"{ours['peak_memory_gib']:.1f} GiB "
@@ -144,7 +154,7 @@ def bench_goals(rows: list[dict]) -> list[tuple[str, str, str]]:
     for name, d in (("bf16", dora), ("FP8 base", fp8_dora)):
         if d.get("ratio_best_peer"):
             out.append((f"DoRA ({name}) >= 2x the best peer's DoRA", f"{d['ratio_best_peer']:.2f}x the "
-                        f"{STACK[d['best_peer']]} peer", yes(d["ratio_best_peer"] >= 2.0)))
+                        f"{STACK[d['best_peer']]} peer", yes(exact_ratio(rows, d) >= 2.0)))
     return out
 
 

@@ -275,3 +275,25 @@ def test_the_tuned_peer_records_where_its_cap_came_from():
     probe = row["micro_batch_probe"]
     assert (probe["budget_gib"], probe["budget_from"]) == (5.0, "loralab's memory budget")
     assert probe["sizes"] == [1, 2] and row["micro_batch"] == probe["micro_batch"]
+
+
+def test_bench_goals_are_decided_on_the_unrounded_ratio(load_script):
+    """A loralab row 1.4996x its tuned peer is stored as ratio_best_peer 1.5 (3 decimals); the goal line must still
+    read "not met", and met where the quotient itself reaches the goal."""
+    script = load_script("fair_bench_table")
+    w = "llama-3-8b/fixed-4x512"
+
+    def rows(ours):
+        peer = {"workload": w, "method": "lora", "stack": "tuned", "throughput": 10000.0, "peak_memory_gib": 20.0}
+        fp8 = {"workload": w, "method": "fp8+lora", "stack": "loralab", "throughput": 2 * ours, "peak_memory_gib": 19.0,
+               "best_peer": "tuned", "ratio_best_peer": round(2 * ours / 10000, 3)}
+        lora = {"workload": w, "method": "lora", "stack": "loralab", "throughput": ours, "peak_memory_gib": 21.0,
+                "best_peer": "tuned", "ratio_best_peer": round(ours / 10000, 3)}
+        return [peer, lora, fp8]
+
+    under = {goal: verdict for goal, _, verdict in script.bench_goals(rows(14996.0))}
+    assert rows(14996.0)[1]["ratio_best_peer"] == 1.5
+    assert under["bf16 LoRA >= 1.5x the best peer (its best micro-batch within loralab's memory)"] == "**not met**"
+    assert under["FP8-base LoRA >= 2.0x the best peer"] == "met"  # 29,992 / 10,000 = 2.9992
+    met = {goal: verdict for goal, _, verdict in script.bench_goals(rows(15000.0))}
+    assert met["bf16 LoRA >= 1.5x the best peer (its best micro-batch within loralab's memory)"] == "met"
