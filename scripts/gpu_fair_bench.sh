@@ -177,6 +177,11 @@
 #   The fair8b ran (results/bench-fair-h100-1206b: 1.86x / 2.39x that card's tuned peer, which ran 8,171 and 6,954 tokens/s
 #   in two runs against 10,136 on another H100; every loralab row took the default partition). Still to run: on an H100,
 #   FP8LOSS_VARIANTS="fp32 bf16 fp8 fp8_exact" fp8loss (~5 min), then recipe at the new defaults; on an H200, fp8check fair8b.
+#   After 2026-12-06's seventeenth session (H100 only: results/bench-shared-input-h100/, `speed.lora_shared_input` 1.025x bf16
+#   and 1.043x FP8 LoRA at micro-batch 4, on by default; at 97c706e 1.43x / 1.88x the fastest tuned peer yet, 10,798
+#   tokens/s, in one run; recipe 12.12x; results/fp8loss-fastaccum-h100/: fast accumulation 0.0345 from bf16 against 0.0418
+#   without, kept): on an H200, fp8check fair8b, recipe (no H200 row since 9ebdbf4); on an H100, VARIANTS="lora_shared_input=false
+#   defaults" speedab (the A/B in the other order, ~100 s), then fair8b twice in one call (the tuned peer's spread).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
