@@ -795,9 +795,11 @@ def test_fair_h100_97c706e_section_is_its_files():
     assert all(ab["defaults"][m]["speed"]["lora_shared_input"] is True for m in gain)
     assert all(ab["lora_shared_input=false"][m]["speed"]["lora_shared_input"] is False for m in gain)
     table = " ".join(README.split())
-    assert (f"bf16 LoRA {ab['lora_shared_input=false']['lora']['throughput']:,.0f} against "
-            f"{ab['defaults']['lora']['throughput']:,.0f} tokens/s ({gain['lora']:.3f}x), FP8-base LoRA "
-            f"{ab['lora_shared_input=false']['fp8+lora']['throughput']:,.0f} against {ab['defaults']['fp8+lora']['throughput']:,.0f} "
+    order = [p.read_text().strip() for p in sorted((folder / "speedab").glob("speedab-*.variant"))]
+    assert order == ["defaults", "lora_shared_input=false"] and "one run each, on then off" in table
+    assert (f"bf16 LoRA {ab['defaults']['lora']['throughput']:,.0f} against "
+            f"{ab['lora_shared_input=false']['lora']['throughput']:,.0f} tokens/s ({gain['lora']:.3f}x), FP8-base LoRA "
+            f"{ab['defaults']['fp8+lora']['throughput']:,.0f} against {ab['lora_shared_input=false']['fp8+lora']['throughput']:,.0f} "
             f"({gain['fp8+lora']:.3f}x)") in table
     h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
     assert (f"tuned peer ran {tuned['throughput']:,.0f} tokens/s, the fastest tuned-peer run measured on any H100, and loralab is "
@@ -818,6 +820,9 @@ def test_fp8_fast_accum_loss_curves_are_their_file():
     assert fast < exact and r["curves"]["fp8"]["speed"]["fp8_fast_accum"] == "all"
     assert r["curves"]["fp8_exact"]["speed"]["fp8_fast_accum"] == "none"
     assert f"did not take FP8's curve farther from bf16 ({fast:.4f} with it, {exact:.4f} without)" in flat
+    assert r["drift_fp8_vs_bf16"] > r["drift_fp8_exact_vs_bf16"]  # the other measure disagrees, and the text says so
+    assert (f"by the gap with the first loss removed it did ({r['drift_fp8_vs_bf16']:.4f} against "
+            f"{r['drift_fp8_exact_vs_bf16']:.4f}). The two measures disagree") in flat
     assert f"about {apart / r['gap_bf16_rerun']:.0f} times the floor of two bf16 runs" in flat
     methods = " ".join(section("### Methods").split())
     assert (f"{fast / r['gap_bf16_vs_fp32']:.1f} times, and {exact / r['gap_bf16_vs_fp32']:.1f} times without fast "

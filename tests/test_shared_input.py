@@ -21,12 +21,13 @@ from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.rank_scaling import RankScaledLoraLinear, enable_rank_scaling
 from loralab.speed.shared_input import (
     SharedInputLoraLinear,
+    clear_input_groups,
     disable_shared_input,
     enable_shared_input,
     input_groups,
     shared_input_summary,
 )
-from loralab.speed.step import prepare_model
+from loralab.speed.step import prepare_model, rewrite_lines
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
 FEATURES = [{"input_ids": list(range(1, 1 + n))} for n in (5, 9, 3, 7)]  # make_step's samples
@@ -208,7 +209,7 @@ def _fallback(case):
     fast = copy.deepcopy(ref)
     # a layer that never could share joins no group, so the record counts none (DoRA's rows once recorded 64 groups
     # that took nothing); the states set below (several active, merged, disabled) come after grouping
-    never = case in ("dora", "lora_A bias")
+    never = case in ("dora", "lora_A bias", "dropout")
     assert enable_shared_input(fast, scale_at_rank=True) == (0 if never else 4)
     assert shared_input_summary(fast) == ({"groups": 0, "layers": 0} if never else {"groups": 4, "layers": 10})
     for model in (ref, fast):
@@ -243,10 +244,10 @@ def test_where_it_does_not_apply_each_member_computes_alone_as_peft(case, takes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_inference_mode_eval_dropout_and_float16_share_and_give_peft_bits(dtype, takes):
-    """Dropout is the identity in eval (sharing applies); inference tensors have no version counter;
-    float16 keeps peft's order of the scaling even with ``scale_at_rank`` (rank_scaling.py: not exact there)."""
-    ref = _llama(alpha=16, lora_dropout=0.1).to(dtype).eval()
+def test_inference_mode_and_float16_share_and_give_peft_bits(dtype, takes):
+    """Inference tensors have no version counter; float16 keeps peft's order of the scaling even with
+    ``scale_at_rank`` (rank_scaling.py: not exact there)."""
+    ref = _llama(alpha=16).to(dtype).eval()
     fast = copy.deepcopy(ref)
     enable_shared_input(fast, scale_at_rank=True)
     with torch.inference_mode():
@@ -332,18 +333,64 @@ def test_a_member_whose_adapter_computes_in_another_dtype_computes_alone(takes):
     assert takes == {"shared": 2, "alone": 1} and _cache_empty(fast)
 
 
-def test_deepcopy_and_pickle_keep_the_groups_working(takes):
+def test_a_copy_or_pickle_has_no_groups_computes_as_peft_and_groups_again(takes):
+    """A deep copy of one member (the generation engine merges one of each projection) must not copy its siblings
+    through the group, base weights and all; a copied or unpickled model computes as peft and can be grouped again."""
     ref, fast = _pair()
-    input_groups(fast)[0].x = torch.zeros(1)  # a forward's cache is never copied
+    q = _layers(fast)[0].self_attn.q_proj
+    input_groups(fast)[0].x = torch.zeros(1)
+    alone = copy.deepcopy(q)
+    assert sum(p.numel() for p in alone.parameters()) == sum(p.numel() for p in q.parameters())
+    assert alone.__dict__[si._GROUP] is None and not any(isinstance(v, torch.Tensor) and v.numel() == 1 and v.sum() == 0
+                                                       for v in vars(alone).values())
     for copied in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
-        assert shared_input_summary(copied) == {"groups": 4, "layers": 10}
-        attn = _layers(copied)[0].self_attn
-        assert input_groups(copied)[0].members == (attn.q_proj, attn.k_proj, attn.v_proj)
-        assert input_groups(copied)[0].x is None
+        assert shared_input_summary(copied) == {"groups": 0, "layers": 0}
         takes.clear()
         with torch.no_grad():
             assert torch.equal(copied(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+        assert takes == {}
+        assert enable_shared_input(copied, scale_at_rank=False) == 4
+        attn = _layers(copied)[0].self_attn
+        assert input_groups(copied)[0].members == (attn.q_proj, attn.k_proj, attn.v_proj)
+        with torch.no_grad():
+            assert torch.equal(copied(input_ids=IDS).logits, ref(input_ids=IDS).logits)
         assert takes == {"shared": 10} and _cache_empty(copied)
+
+
+def test_groups_make_no_reference_cycle():
+    """``del model`` frees the base weights at once, without the cyclic garbage collector: the group holds its
+    members weakly (with strong references each grouped layer was a cycle, base weights pinned until a collection)."""
+    import gc
+    import weakref
+
+    _, fast = _pair()
+    probe = weakref.ref(_layers(fast)[0].self_attn.q_proj.base_layer.weight)
+    gc.collect()
+    gc.disable()
+    try:
+        del fast
+        assert probe() is None
+    finally:
+        gc.enable()
+
+
+def test_clear_input_groups_releases_the_input_of_a_forward_that_raised():
+    """A forward that raised between a group's first and last member (an out-of-memory in gate_proj's base, say)
+    leaves the group holding its input and with it the autograd graph of every layer before; the run's retry and
+    the probe clear it."""
+    _, fast = _pair()
+    gate = _layers(fast)[0].mlp.gate_proj  # it takes its slice, leaving up_proj's pending, then its base raises
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (test)")
+
+    gate.base_layer.forward = boom
+    with pytest.raises(torch.OutOfMemoryError):
+        fast(input_ids=IDS, labels=IDS, use_cache=False)
+    held = [g for g in input_groups(fast) if g.x is not None]
+    assert held and held[0].x.grad_fn is not None
+    clear_input_groups(fast)
+    assert _cache_empty(fast)
 
 
 def test_an_encoder_decoder_model_is_left_alone():
@@ -422,7 +469,7 @@ def test_make_step_groups_records_and_logs_and_the_step_trains_as_peft():
     assert "lora_shared_inputs" not in ref_speed.record()
     assert any(line.startswith("speed.lora_shared_input: 4 group(s)") for line in lines)
     assert not any("lora_shared_input" in line for line in ref_lines)
-    assert _cache_empty(fast)
+    assert _cache_empty(fast) and all(g.scale_at_rank for g in input_groups(fast))  # lora_scale_at_rank's "auto": on
     want = {n: p for n, p in ref.named_parameters() if "lora_" in n}
     for name, p in fast.named_parameters():
         if "lora_" in name:
@@ -433,3 +480,43 @@ def test_prepare_model_refuses_it_beside_fused_lora():
     with pytest.raises(ValueError, match="'speed.lora_shared_input' = true with 'speed.fused_lora' = true"):
         prepare_model(_llama(), Speed(autocast=None, compile=False, fused_lora=True, lora_scale_at_rank=False,
                                       lora_shared_input=True, activation_memory_budget=1.0))
+
+
+def test_the_out_of_memory_retry_clears_the_groups_before_its_smaller_micro_batch(monkeypatch):
+    """``Step`` catches an out-of-memory raised mid-group, halves the micro-batch and retries: by the retry the
+    groups hold nothing of the failed forward (``clear_input_groups``), and the step completes."""
+    import loralab.run.step as run_step
+
+    model = _llama()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    step, _ = make_step(model, optimizer, speed={"lora_shared_input": True, "micro_batch": 2}, kind="causal_lm",
+                        dtype="float32", device=torch.device("cpu"), features=FEATURES, batch_size=4, limit=4,
+                        max_length=16, pad_id=0, log=lambda s: None)
+    gate = _layers(model)[1].mlp.gate_proj.base_layer
+    calls, held = [], []
+    real = gate.forward
+
+    def once(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return real(*args, **kwargs)
+
+    def spy(m):
+        held.append(any(g.x is not None for g in input_groups(m)))
+        clear_input_groups(m)
+
+    monkeypatch.setattr(gate, "forward", once)
+    monkeypatch.setattr(run_step, "clear_input_groups", spy)
+    stats = step(FEATURES)
+    assert held == [True] and step.micro_batch == 1 and torch.isfinite(stats.loss) and _cache_empty(model)
+
+
+@pytest.mark.parametrize(("asked", "word"), [(True, "NOTHING"), ("auto", "not applicable")])
+def test_the_log_says_when_no_group_was_made_and_whether_it_was_asked_for(asked, word):
+    """A DoRA model has no layer that can share: the log line says 0 groups, and NOTHING only where the experiment
+    set the key true ("auto" on CUDA just says why not)."""
+    resolved = Speed(lora_shared_input=True, lora_shared_inputs={"groups": 0, "layers": 0})
+    (line,) = [x for x in rewrite_lines(resolved, Speed(lora_shared_input=asked)) if "lora_shared_input" in x]
+    assert line.startswith("speed.lora_shared_input: 0 group(s)") and f"; {word}: " in line and "DoRA" in line
+    assert not [x for x in rewrite_lines(Speed(lora_shared_input=False), Speed()) if "lora_shared_input" in x]

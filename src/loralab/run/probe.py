@@ -37,6 +37,7 @@ import torch
 from loralab.config import LOSS_CHUNK
 from loralab.data import collate
 from loralab.speed.losses import IGNORE_INDEX
+from loralab.speed.shared_input import clear_input_groups
 from loralab.speed.step import causal_lm_loss, seq_cls_loss
 
 MIN_GAIN = 0.05
@@ -355,6 +356,7 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
         trial = measure_trial(m, m * width, lambda: loss(model, batch)[0].backward(), device)
         for p in params:
             p.grad = None
+        clear_input_groups(model)  # an out-of-memory pass that raised mid-group keeps its input's graph otherwise
         batch = None  # noqa: F841 (the closure above held it)
         torch.cuda.empty_cache()
         return trial

@@ -47,6 +47,7 @@ from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
+from loralab.speed.shared_input import clear_input_groups
 from loralab.speed.step import causal_lm_loss, prepare_model, rewrite_lines, seq_cls_loss, uses_fused_loss
 
 
@@ -227,6 +228,7 @@ class Step:
 
     def _shrink(self, features: list[dict], exc: Exception) -> None:
         self.trainer.zero_grad()
+        clear_input_groups(self.model)  # a forward that raised mid-group keeps its input's graph otherwise
         torch.cuda.empty_cache()
         current = self.micro_batch or len(features)
         longest = max(len(f["input_ids"]) for f in features)

@@ -16,10 +16,13 @@ while the graph is traced: each compiled layer enters and leaves with an empty g
 recompiles). A member called with another input (cross-attention's q(x), k(y), v(y)) finds a cache for
 another tensor and replaces it, computing for itself and the members not yet called; a cache left by a
 forward that raised midway is replaced the same way by the next forward's first caller, so no forward
-takes a stale product. (Not promised: where a module calls its siblings out of the siblings' order, k
-before q say, after such a forward, later forwards may each leave products behind until the next one
-replaces them: outputs stay right, one input per group is held between steps. The cache cannot tell a
-new forward from a later call in the same one without keeping the input alive.)
+takes a product of another input; until then it holds that input and its autograd graph, which the run's
+out-of-memory retry and the micro-batch probe drop (``clear_input_groups``). (Not promised: where a module
+calls its siblings out of the siblings' order, k before q say, after such a forward, later forwards may
+each leave products behind until the next one replaces them: outputs stay right, one input per group is
+held between steps. The cache cannot tell a new forward from a later call in the same one without keeping
+the input alive. Nor is the key the A weights: a member taking its slice after they changed in place within
+one forward, between its siblings' calls, would take the product of the old ones; no step does that.)
 
 Exactness: forward outputs equal peft's bit for bit (each slice is its own columns of one GEMM, the
 same dot products; the tests check it). Gradients are not bitwise: autograd of the split hands the
@@ -31,20 +34,24 @@ on CPU. The scaling goes at the rank (``lora_B(s·u)``, ``rank_scaling.py``) whe
 A member computes alone (``RankScaledLoraLinear``'s forward where ``scale_at_rank`` and rank scaling
 apply, peft's otherwise) for extra forward arguments (``adapter_names``, variant kwargs), anything but
 one active plain adapter (DoRA and other variants, several active, merged, disabled), a ``lora_A`` that
-is not a bias-free ``nn.Linear``, dropout while training (each member draws its own mask; in eval it is
-the identity), ``lora_A`` dtypes, devices or input casts that differ, or no other member to share with.
+is not a bias-free ``nn.Linear``, dropout (each member draws its own mask: such layers join no group),
+``lora_A`` dtypes, devices or input casts that differ, or no other member to share with. A deep copy or
+pickle of a member gets no group (``InputGroup.__reduce__``) and computes as peft does.
 
 What it shares with peft: everything but the ``lora_A`` product: base layer, ``lora_B``, dropout, the
 input cast, parameters, names, state dict and the saved adapter. ``enable_shared_input`` installs it as
 ``fused_lora.py``'s docstring says (the class becomes ``SharedInputLoraLinear``, peft's class with this
 forward, because a class pickles, deep-copies and is guarded by torch.compile as one type for every
 layer, where per-instance forwards either do not pickle or recompile per layer); the group is a plain
-object in each member's ``__dict__``, not a submodule, so names and the state dict are untouched. It
+object in each member's ``__dict__`` (holding its members weakly: no reference cycle), not a submodule,
+so names and the state dict are untouched. It
 rewrites the same forward as ``fused_lora`` and is refused beside it; it replaces ``rank_scaling``'s
 class on the members (``scale_at_rank`` keeps that rewrite) and remembers it for ``disable_shared_input``.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -76,12 +83,17 @@ def shareable_adapter(module: LoraLinear) -> str | None:
 
 
 def _plain_lora(module: LoraLinear) -> bool:
-    """Whether ``module`` holds one active plain LoRA adapter with a bias-free ``nn.Linear`` A now: a layer
-    that never could share (DoRA and other variants, merged, several adapters) joins no group, so the
-    record counts only layers that take the shared product (dropout, a mode of the moment, is left to
-    ``shareable_adapter`` at each forward)."""
+    """Whether ``module`` holds one active plain LoRA adapter with a bias-free ``nn.Linear`` A and no dropout
+    now: a layer that could not share in training (DoRA and other variants, merged, several adapters, dropout,
+    which draws a mask per layer) joins no group, so the record and the log count only layers that take the
+    shared product. ``shareable_adapter`` checks again at each forward (adapters set or merged since)."""
     name = plain_active_adapter(module)
-    return name is not None and type(module.lora_A[name]) is nn.Linear and module.lora_A[name].bias is None
+    return (name is not None and type(module.lora_A[name]) is nn.Linear and module.lora_A[name].bias is None
+            and isinstance(module.lora_dropout[name], nn.Identity))
+
+
+def _detached():
+    return None
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -101,17 +113,25 @@ class InputGroup:
     members put LoRA's scaling at the rank where ``rank_scaling.py`` would."""
 
     def __init__(self, members, scale_at_rank: bool):
-        self.members = tuple(members)
+        # weak: each member holds the group, so strong references back would make every grouped layer (base
+        # weights included) a reference cycle, freed only by the cyclic garbage collector after ``del model``
+        self._members = tuple(weakref.ref(m) for m in members)
         self.scale_at_rank = bool(scale_at_rank)
         self.clear()
+
+    @property
+    def members(self) -> tuple:
+        """The member layers, in sibling order (None for one no longer alive)."""
+        return tuple(ref() for ref in self._members)
 
     def clear(self) -> None:
         self.x = self.version = self.parts = self.pending = None
 
-    def __getstate__(self):  # a copy or pickle never carries a forward's tensors
-        state = dict(self.__dict__)
-        state.update(x=None, version=None, parts=None, pending=None)
-        return state
+    def __reduce__(self):
+        # A deep copy or pickle of a member (the generation engine merges a deep copy of each projection) gets
+        # no group and computes as peft does: copying the group would copy its siblings, base weights and all,
+        # with each member, and never a forward's tensors. ``enable_shared_input`` groups a copied model again.
+        return (_detached, ())
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s ``lora_A`` product of ``x`` (cast as peft casts it, shape (..., r)), or None
@@ -127,19 +147,20 @@ class InputGroup:
             else:
                 self.clear()
             return part
-        callers = range(len(self.members)) if self.x is None else (index, *self.pending)
+        callers = range(len(self._members)) if self.x is None else (index, *self.pending)
         self.clear()
-        names = [shareable_adapter(m) if i in callers else None for i, m in enumerate(self.members)]
+        members = self.members
+        names = [shareable_adapter(m) if i in callers and m is not None else None for i, m in enumerate(members)]
         if names[index] is None:
             return None
-        me = self.members[index]
+        me = members[index]
         weight = me.lora_A[names[index]].weight
-        share = [i for i, n in enumerate(names) if n is not None and _compatible(self.members[i], n, me, weight)]
+        share = [i for i, n in enumerate(names) if n is not None and _compatible(members[i], n, me, weight)]
         if len(share) < 2:
             return None
-        weights = [self.members[i].lora_A[names[i]].weight for i in share]
+        weights = [members[i].lora_A[names[i]].weight for i in share]
         products = F.linear(me._cast_input_dtype(x, weight.dtype), torch.cat(weights, dim=0))
-        parts = [None] * len(self.members)
+        parts = [None] * len(members)
         for i, part in zip(share, products.split([w.shape[0] for w in weights], dim=-1)):
             parts[i] = part
         self.x, self.version, self.parts = x, version, tuple(parts)
@@ -232,6 +253,15 @@ def disable_shared_input(model: nn.Module) -> int:
             module.__class__ = module.__dict__.pop(_PREVIOUS, LoraLinear)
             count += 1
     return count
+
+
+def clear_input_groups(model: nn.Module) -> None:
+    """Empty every group's cache. For callers that catch an exception out of a forward (an out-of-memory retry
+    at a smaller micro-batch, the micro-batch probe): in eager mode a forward that raised between a group's
+    first and last member leaves that group holding its input, whose autograd graph keeps every earlier
+    layer's saved activations alive until the next forward replaces it."""
+    for group in input_groups(model):
+        group.clear()
 
 
 def input_groups(model: nn.Module) -> list[InputGroup]:
