@@ -830,3 +830,16 @@ def test_fp8_fast_accum_loss_curves_are_their_file():
     speed_row = " ".join(README.split())
     assert f"by up to {fast:.4f} with it and {exact:.4f} without, one run each, the two FP8 curves up to {apart:.4f} apart" in speed_row
     assert "commit: 97c706e" in (folder / "gpu.txt").read_text()
+
+
+def test_shared_input_loss_sentence_is_its_file():
+    """The speed row's loss figures for ``lora_shared_input`` are results/shared-input-loss-cpu's, and its reading
+    (the bf16 move well under bf16's own gap from float32; equal first losses) holds there."""
+    r = json.loads((RESULTS / "shared-input-loss-cpu" / "shared-input-loss.json").read_text())
+    flat = " ".join(README.split())
+    ratio = r["gap_shared_vs_peft_bf16"] / r["gap_bf16_vs_fp32"]
+    assert (f"the bf16 loss curve moved by up to {r['gap_shared_vs_peft_bf16']:.4f} with it on, {ratio:.2f} times bf16's own "
+            f"gap from float32 ({r['gap_bf16_vs_fp32']:.4f}), and the float32 curve by {r['gap_shared_vs_peft_fp32']:.1e}") in flat
+    assert ratio < 1 and r["first_losses_equal"] and r["steps"] == 20 and r["batch"] == 8 and r["layers"] == 30
+    assert all(r["curves"][f"{d}_shared"]["speed"]["lora_shared_inputs"]["groups"] > 0 for d in ("fp32", "bf16"))
+    assert all(r["curves"][f"{d}_peft"]["speed"]["lora_shared_input"] is False for d in ("fp32", "bf16"))
