@@ -6,7 +6,8 @@
 gradient sums over the joined rank of q/k/v (gate/up) in one GEMM where peft sums three products. This runs the same
 LoRA (r 16, alpha 16, every linear layer of the decoder, seed 0) on SmolLM2-135M-Instruct's pretrained weights
 (``packaged:smollm2-135m``) over the same optimizer batches of real GSM8K training problems (``--steps`` steps of
-``--batch``, at most ``--length`` tokens each, AdamW at 2e-4), through ``loralab run``'s step (``run.step.make_step``),
+``--batch``, at most ``--length`` tokens each, from ``$LORALAB_DATA_DIR/gsm8k/train.jsonl`` as
+``fp8_loss_curves.batches`` reads them; AdamW at 2e-4), through ``loralab run``'s step (``run.step.make_step``),
 four times: float32 and bf16 (bf16 weights under bf16 autocast, as the step runs a bf16 base on CUDA), each with the
 shared product off and on. It reports the largest loss difference at one step between
 
@@ -26,19 +27,7 @@ import os
 import time
 
 import torch
-
-
-def problems(n: int, length: int, tokenizer) -> list[dict]:
-    path = os.path.join(os.environ.get("LORALAB_DATA_DIR", "../shared/data"), "gsm8k", "train.jsonl")
-    rows = []
-    with open(path) as fh:
-        for line in fh:
-            item = json.loads(line)
-            ids = tokenizer(f"Question: {item['question']}\nAnswer: {item['answer']}")["input_ids"][:length]
-            rows.append({"input_ids": ids, "labels": list(ids)})
-            if len(rows) == n:
-                return rows
-    raise SystemExit(f"{path}: {len(rows)} rows, {n} needed")
+from fp8_loss_curves import batches  # scripts/ is on sys.path: the same GSM8K rows and tokenizer
 
 
 def curve(dtype: str, shared: bool, rows: list[dict], args, pad_id: int) -> dict:
@@ -83,7 +72,7 @@ def main():
     from loralab.models import load_tokenizer
 
     tokenizer = load_tokenizer("packaged:smollm2-135m")
-    rows = problems(args.steps * args.batch, args.length, tokenizer)
+    rows = [row for step in batches(args.steps, args.batch, args.length) for row in step]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     curves = {}
     for dtype in ("float32", "bfloat16"):

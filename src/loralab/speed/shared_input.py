@@ -90,9 +90,8 @@ def _plain_lora(module: LoraLinear) -> bool:
     now: a layer that could not share in training (DoRA and other variants, merged, several adapters, dropout,
     which draws a mask per layer) joins no group, so the record and the log count only layers that take the
     shared product. ``shareable_adapter`` checks again at each forward (adapters set or merged since)."""
-    name = plain_active_adapter(module)
-    return (name is not None and type(module.lora_A[name]) is nn.Linear and module.lora_A[name].bias is None
-            and isinstance(module.lora_dropout[name], nn.Identity))
+    name = shareable_adapter(module)
+    return name is not None and isinstance(module.lora_dropout[name], nn.Identity)
 
 
 def _detached():
