@@ -304,8 +304,10 @@ for part in "${PARTS[@]}"; do
           --output "$OUT/doraab-$tree.json"
       done ;;
     profld)  # loralab's bf16 LoRA and DoRA rows, each profiled (60 kernels by self time): DoRA's kernels beside LoRA's
+      speed_args=()
+      for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done  # SPEED="memory_fraction=0.441": an H200's budget
       step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
-        --methods "${METHODS:-lora,dora}" --stacks loralab --profile --output "$OUT/profld.json" ;;
+        --methods "${METHODS:-lora,dora}" --stacks loralab --profile "${speed_args[@]}" --output "$OUT/profld.json" ;;
     refreshgemm)  # the FP8 refresh's W·Aᵀ and Gram products, each in two forms, alone
       step refreshgemm 120 $PYTHON scripts/fp8_refresh_gemm_bench.py --output "$OUT/refreshgemm.json" ;;
     doraabl)  # fast DoRA by ablation at one micro-batch: LoRA, DoRA, DoRA with frozen magnitudes; the refresh alone
