@@ -262,7 +262,8 @@ def _profile(run, data, title: str) -> str:
         torch.cuda.synchronize()
     # by self time, 60 rows: each kernel once (not again under every op that launched it), enough to set one
     # method's kernels beside another's (e.g. DoRA's beside LoRA's)
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS)
+    # names 120 wide: inductor's fused kernels are told apart by their tails (torch's default cuts at 55)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS, max_name_column_width=120)
     return f"== profile: {title} (2 steps) ==\n{table}"
 
 
