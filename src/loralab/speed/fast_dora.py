@@ -46,6 +46,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
 from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times
+from loralab.speed.shared_input import register_sharing_variant, regroup_shared_input
 
 _EPS = 1e-12
 _REUSE_NORMS = False
@@ -191,21 +192,26 @@ class _DoraCombine(torch.autograd.Function):
         return grad_base, grad_lora, grad_mag, None, None
 
 
-def _lora(lora_A, lora_B, x, scaling):
-    """``s·B(A x)`` computed as ``B(s·(A x))``: the scaling multiplies the r-wide intermediate, so the backward
+def _lora(lora_A, lora_B, x, scaling, a_x=None):
+    """``s·B(A x)`` computed as ``B(s·(A x))`` (``a_x``: ``A x`` (..., r) where the caller has it already, else
+    computed here): the scaling multiplies the r-wide intermediate, so the backward
     hands ``lora_B`` the combine's gradient as it is, where ``B(A x)·s`` would make one more (tokens × out) tensor,
     ``s·grad``, per layer in every backward (at Llama-3-8B's shapes, 2,048 tokens, 176 MB per decoder layer of 7
     adapted projections). The same values as the output-side scaling in float32 and bfloat16 where s is a power of
     two (e.g. 16/8; ``speed/rank_scaling.py`` says why); otherwise, and in float16, the one rounding of s·(...)
     falls on the intermediate instead of the output."""
-    return lora_B(lora_A(x) * scaling)
+    return lora_B((lora_A(x) if a_x is None else a_x) * scaling)
 
 
 class FastDoraLinearVariant(DoraLinearVariant):
-    """peft's DoRA linear variant with the fast norm; init, merge and unmerge are inherited."""
+    """peft's DoRA linear variant with the fast norm; init, merge and unmerge are inherited. ``forward``: peft's
+    arguments (``x`` as peft casts it for ``lora_A``, ``result`` the base layer's output) and ``lora_a_x``, the
+    (..., r) product ``lora_A(x)`` where the layer's ``shared_input.InputGroup`` computed it, or None: computed here.
+    Raises ValueError for ``lora_a_x`` where dropout applies (the product is of x, not of dropout(x))."""
 
     @staticmethod
-    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                lora_a_x: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
@@ -217,8 +223,11 @@ class FastDoraLinearVariant(DoraLinearVariant):
         ratio = getattr(holder, "_loralab_ratio", None) if stored is not None else None
         if isinstance(dropout, nn.Identity) or not module.training:
             base = result if bias is None else result - bias
-            out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm, ratio)
+            out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling, lora_a_x), magnitude, norm, ratio)
             return out if bias is None else out + bias
+        if lora_a_x is not None:
+            raise ValueError("fast DoRA: a shared lora_A product (lora_a_x) was passed to a layer whose dropout "
+                             "applies (training); such layers compute lora_A(dropout(x)) themselves")
         # With dropout peft rescales W·dropout(x), not the layer's own output: same here.
         x = dropout(x)
         fp8 = _fp8_base(module)
@@ -229,6 +238,9 @@ class FastDoraLinearVariant(DoraLinearVariant):
             base = F.linear(x.to(weight.dtype), weight).to(result.dtype)
         out = _DoraCombine.apply(base, _lora(lora_A, lora_B, x, scaling), magnitude, norm, ratio)
         return result + out - base
+
+
+register_sharing_variant(FastDoraLinearVariant)  # its layers may join speed.lora_shared_input's groups
 
 
 def _fast_dora_adapters(model: nn.Module):
@@ -260,7 +272,9 @@ def reusing_dora_norms():
 
 
 def enable_fast_dora(model: nn.Module) -> int:
-    """Swap every linear DoRA variant in ``model`` for the fast one; returns how many were swapped.
+    """Swap every linear DoRA variant in ``model`` for the fast one; returns how many were swapped. Where
+    ``shared_input.enable_shared_input`` grouped ``model`` (or a module in it) before, it groups it again, so the
+    fast DoRA layers join (``regroup_shared_input``).
 
     Raises ValueError, before swapping any, when a DoRA layer's base weight is neither a float
     tensor nor an FP8 layer (e.g. bitsandbytes' packed NF4): the norm needs W's values."""
@@ -278,12 +292,17 @@ def enable_fast_dora(model: nn.Module) -> int:
                 module.lora_variant[name] = FastDoraLinearVariant()
                 _cached_weight_sq(module, name)
                 swapped += 1
+    if swapped:
+        regroup_shared_input(model)
     return swapped
 
 
 def disable_fast_dora(model: nn.Module) -> int:
-    """Undo ``enable_fast_dora`` (peft's own DoRA forward again); returns how many were swapped."""
+    """Undo ``enable_fast_dora`` (peft's own DoRA forward again, its layers out of any shared-input group:
+    ``regroup_shared_input``); returns how many were swapped."""
     swapped = list(_fast_dora_adapters(model))
     for module, name in swapped:
         module.lora_variant[name] = DoraLinearVariant()
+    if swapped:
+        regroup_shared_input(model)
     return len(swapped)

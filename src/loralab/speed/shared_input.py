@@ -61,20 +61,46 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from loralab.speed.fused_lora import FusedLoraLinear, plain_active_adapter
+from loralab.speed.fused_lora import FusedLoraLinear
 from loralab.speed.rank_scaling import RankScaledLoraLinear, takes_rank_scaling
 
 DEFAULT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _GROUP = "_loralab_input_group"  # keys in each member's __dict__
 _INDEX = "_loralab_input_index"
 _PREVIOUS = "_loralab_input_previous_class"
+_SETTINGS = "_loralab_input_settings"  # key in the __dict__ of the module enable_shared_input grouped
 _CONVERTIBLE = (LoraLinear, RankScaledLoraLinear)
+_SHARING_VARIANTS: tuple = ()
+"""The peft variant classes whose layers may join groups (``register_sharing_variant``), matched by exact type."""
+
+
+def register_sharing_variant(cls: type) -> None:
+    """Let a layer whose one active adapter holds a variant of exactly class ``cls`` join groups. ``cls.forward``
+    takes peft's variant arguments and ``lora_a_x``: the (..., r) product ``lora_A(x)`` of the ``x`` it is given
+    (as peft casts it), to use in place of its own, or None (compute it); it is passed only where no dropout
+    applies. ``fast_dora.py`` registers ``FastDoraLinearVariant`` on import (no layer holds one before).
+    Raises TypeError where ``cls`` is not a class."""
+    global _SHARING_VARIANTS
+    if not isinstance(cls, type):
+        raise TypeError(f"register_sharing_variant needs a variant class, got {cls!r}")
+    if cls not in _SHARING_VARIANTS:
+        _SHARING_VARIANTS = (*_SHARING_VARIANTS, cls)
+
+
+def _active_adapter(module: LoraLinear) -> str | None:
+    """The one active adapter of ``module`` (enabled, unmerged) where it has no variant or a registered one
+    (fast DoRA), else None (several active, merged, disabled, peft's DoRA or another variant)."""
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
+    if module.disable_adapters or module.merged or len(adapters) != 1:
+        return None
+    variant = module.lora_variant.get(adapters[0])
+    return adapters[0] if variant is None or type(variant) in _SHARING_VARIANTS else None
 
 
 def shareable_adapter(module: LoraLinear) -> str | None:
     """The adapter whose ``lora_A`` product ``module`` may take from its group now, or None where it
     computes alone (the module docstring's cases, bar forward arguments and the group-wide checks)."""
-    name = plain_active_adapter(module)
+    name = _active_adapter(module)
     if name is None:
         return None
     lora_a = module.lora_A[name]
@@ -85,11 +111,11 @@ def shareable_adapter(module: LoraLinear) -> str | None:
     return name
 
 
-def _plain_lora(module: LoraLinear) -> bool:
-    """Whether ``module`` holds one active plain LoRA adapter with a bias-free ``nn.Linear`` A and no dropout
-    now: a layer that could not share in training (DoRA and other variants, merged, several adapters, dropout,
-    which draws a mask per layer) joins no group, so the record and the log count only layers that take the
-    shared product. ``shareable_adapter`` checks again at each forward (adapters set or merged since)."""
+def _joins(module: LoraLinear) -> bool:
+    """Whether ``module`` holds one active plain LoRA or fast DoRA adapter with a bias-free ``nn.Linear`` A and no
+    dropout now: a layer that could not share in training (peft's DoRA and other variants, merged, several
+    adapters, dropout, which draws a mask per layer) joins no group, so the record and the log count only layers
+    that take the shared product. ``shareable_adapter`` checks again at each forward (adapters set or merged since)."""
     name = shareable_adapter(module)
     return name is not None and isinstance(module.lora_dropout[name], nn.Identity)
 
@@ -178,9 +204,9 @@ def _compatible(module: LoraLinear, name: str, me: LoraLinear, weight: torch.Ten
 
 
 class SharedInputLoraLinear(LoraLinear):
-    """peft ``lora.Linear`` taking its ``lora_A`` product from its ``InputGroup`` where that applies;
-    otherwise ``RankScaledLoraLinear``'s forward (group's ``scale_at_rank`` and rank scaling exact here)
-    or peft's own."""
+    """peft ``lora.Linear`` taking its ``lora_A`` product from its ``InputGroup`` where that applies (a fast DoRA
+    layer hands it to its variant's forward as ``lora_a_x``); otherwise ``RankScaledLoraLinear``'s forward
+    (group's ``scale_at_rank`` and rank scaling exact here) or peft's own."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         group = self.__dict__.get(_GROUP)
@@ -190,11 +216,16 @@ class SharedInputLoraLinear(LoraLinear):
             if at_rank:  # not a subclass: its forward is called as a function, on the path that takes no super()
                 return RankScaledLoraLinear.forward(self, x)
             return super().forward(x, *args, **kwargs)
-        name = plain_active_adapter(self)
+        name = _active_adapter(self)
         result = self.base_layer(x)
         result_dtype = result.dtype
-        lora_B, s = self.lora_B[name], self.scaling[name]
-        result = result + (lora_B(u * s) if at_rank else lora_B(u) * s)
+        variant = self.lora_variant.get(name)
+        if variant is not None:  # fast DoRA: peft's call of the variant (its input cast too), with the product
+            x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
+            result = variant.forward(self, active_adapter=name, x=x, result=result, lora_a_x=u)
+        else:
+            lora_B, s = self.lora_B[name], self.scaling[name]
+            result = result + (lora_B(u * s) if at_rank else lora_B(u) * s)
         return result.to(result_dtype)
 
 
@@ -210,8 +241,10 @@ def enable_shared_input(model: nn.Module, scale_at_rank: bool, siblings=DEFAULT_
     more found) and make them ``SharedInputLoraLinear``; returns the number of groups. Only layers of
     peft's own class or ``RankScaledLoraLinear`` without an instance ``forward`` (accelerate's hooks) are
     taken, as ``fused_lora.install_lora_class`` takes them, and of those only layers holding one active plain
-    adapter (``_plain_lora``: DoRA's layers keep fast DoRA's own forward); groups made before are undone first, so a
-    second call regroups. ``scale_at_rank``: put LoRA's scaling at the rank where exact (shared or not).
+    LoRA or fast DoRA adapter without dropout (``_joins``; peft's own DoRA joins none); groups made before are undone
+    first, so a second call regroups. ``scale_at_rank``: put LoRA's scaling at the rank where exact (shared or not).
+    The settings stay on ``model`` (not in a copy or pickle) for ``regroup_shared_input``: ``enable_fast_dora``
+    and ``disable_fast_dora`` call it, so the fast DoRA layers are grouped whichever is enabled first.
 
     Returns 0 and changes nothing for an encoder-decoder model (``config.is_encoder_decoder``): its
     decoder's cross-attention feeds k/v another input than q. Raises ValueError where a LoRA layer is a
@@ -230,7 +263,7 @@ def enable_shared_input(model: nn.Module, scale_at_rank: bool, siblings=DEFAULT_
         for names in siblings:
             members = [children[n] for n in names if n in children]
             members = [m for m in members if type(m) in _CONVERTIBLE and "forward" not in m.__dict__
-                       and _plain_lora(m)]
+                       and _joins(m)]
             if len(members) < 2:
                 continue
             group = InputGroup(members, scale_at_rank)
@@ -238,15 +271,37 @@ def enable_shared_input(model: nn.Module, scale_at_rank: bool, siblings=DEFAULT_
                 member.__dict__.update({_PREVIOUS: type(member), _GROUP: group, _INDEX: index})
                 member.__class__ = SharedInputLoraLinear
             groups += 1
+    model.__dict__[_SETTINGS] = _Settings(scale_at_rank, siblings)
     return groups
+
+
+class _Settings:
+    """``enable_shared_input``'s arguments, kept on the model it grouped; a copy or pickle gets None (no group)."""
+
+    def __init__(self, scale_at_rank: bool, siblings):
+        self.scale_at_rank, self.siblings = bool(scale_at_rank), siblings
+
+    def __reduce__(self):
+        return (_detached, ())
+
+
+def regroup_shared_input(model: nn.Module) -> int:
+    """Call ``enable_shared_input`` again, with its settings, on each module of ``model`` (itself included) that it
+    grouped and no ``disable_shared_input`` undid since: for changes to which layers can join (fast DoRA swapped in
+    or out). Returns the number of groups made; 0 where no such module exists (a module grouped as an ancestor
+    of ``model`` is not found)."""
+    marked = [(m, m.__dict__[_SETTINGS]) for m in model.modules() if m.__dict__.get(_SETTINGS) is not None]
+    return sum(enable_shared_input(m, s.scale_at_rank, s.siblings) for m, s in marked)
 
 
 def disable_shared_input(model: nn.Module) -> int:
     """Give each ``SharedInputLoraLinear`` of ``model`` its class from before ``enable_shared_input`` and
     drop its group; returns how many layers. A layer given an instance ``forward`` since (accelerate's
-    hooks call the bound rewrite) keeps both, as ``fused_lora.remove_lora_class`` leaves such layers."""
+    hooks call the bound rewrite) keeps both, as ``fused_lora.remove_lora_class`` leaves such layers. The settings
+    kept for ``regroup_shared_input`` are dropped too."""
     count = 0
     for module in model.modules():
+        module.__dict__.pop(_SETTINGS, None)
         if type(module) is SharedInputLoraLinear and "forward" not in module.__dict__:
             group = module.__dict__.pop(_GROUP, None)
             if group is not None:
