@@ -90,6 +90,28 @@ def cases(tokens: int, device: str):
         yield group, "fp8", "backward fused +cat", lambda: bwd_fused(cat=True)
 
 
+def agreement(tokens: int, device: str, shapes=None) -> dict:
+    """Max relative difference, per (group, base, direction), between the fused form's result and the separate
+    forms' (forward: the separate outputs side by side; backward: their sum): the forms time the same product."""
+    global SHAPES
+    saved, SHAPES = SHAPES, shapes or SHAPES
+    try:
+        results = {}
+        for group, base, form, fn in cases(tokens, device):
+            if base == "fp8" and device == "cpu" and "backward" in form:
+                continue  # fast accumulation on a column-major operand: CUDA's kernel only
+            out = fn()
+            results[(group, base, form)] = torch.cat(out, dim=1) if isinstance(out, list) else out
+    finally:
+        SHAPES = saved
+    diffs = {}
+    for (group, base, form), out in results.items():
+        direction = form.split()[0]
+        sep = results[(group, base, f"{direction} separate")].float()
+        diffs[(group, base, form)] = float((out.float() - sep).abs().max() / sep.abs().max())
+    return diffs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)

@@ -130,3 +130,14 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     assert (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS) == shipped
     monkeypatch.setattr(forms, "weights_times_codes_left", lambda codes, scales, a: codes_left(codes, scales, a) * 0)
     assert forms.time_forms(model, "cpu", None, forms=["codes-left"], repeats=1)["codes-left"]["max_rel_diff"] > 1e-3
+
+
+def test_the_fused_projection_bench_times_the_same_products(load_script):
+    """scripts/fused_proj_bench.py's fused forms give the separate forms' values: the forward exactly (each output
+    column is the same dot product), the input gradient within bf16's rounding of one sum against three."""
+    bench = load_script("fused_proj_bench")
+    diffs = bench.agreement(32, "cpu", {"qkv": (64, (64, 16, 16)), "gate_up": (64, (128, 128))})
+    assert {k for k in diffs if k[2] == "forward fused"} == {("qkv", "bf16", "forward fused"), ("qkv", "fp8", "forward fused"),
+                                                             ("gate_up", "bf16", "forward fused"), ("gate_up", "fp8", "forward fused")}
+    for (group, base, form), diff in diffs.items():
+        assert diff <= (0.0 if form.startswith("forward") else 2 ** -7), (group, base, form, diff)

@@ -11,12 +11,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
 from loralab.config import ConfigError, Speed, build_parameters
 from loralab.run.step import make_step
 from loralab.speed import shared_input as si
+from loralab.speed.dora_refresh import refresh_dora_norms
+from loralab.speed.fast_dora import FastDoraLinearVariant, disable_fast_dora, enable_fast_dora, reusing_dora_norms
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.rank_scaling import RankScaledLoraLinear, enable_rank_scaling
 from loralab.speed.shared_input import (
@@ -514,9 +517,87 @@ def test_the_out_of_memory_retry_clears_the_groups_before_its_smaller_micro_batc
 
 @pytest.mark.parametrize(("asked", "word"), [(True, "NOTHING"), ("auto", "not applicable")])
 def test_the_log_says_when_no_group_was_made_and_whether_it_was_asked_for(asked, word):
-    """A DoRA model has no layer that can share: the log line says 0 groups, and NOTHING only where the experiment
-    set the key true ("auto" on CUDA just says why not)."""
+    """A model with no layer that can share (peft's DoRA, fast DoRA off, say): the log line says 0 groups, and NOTHING
+    only where the experiment set the key true ("auto" on CUDA just says why not)."""
     resolved = Speed(lora_shared_input=True, lora_shared_inputs={"groups": 0, "layers": 0})
     (line,) = [x for x in rewrite_lines(resolved, Speed(lora_shared_input=asked)) if "lora_shared_input" in x]
     assert line.startswith("speed.lora_shared_input: 0 group(s)") and f"; {word}: " in line and "DoRA" in line
     assert not [x for x in rewrite_lines(Speed(lora_shared_input=False), Speed()) if "lora_shared_input" in x]
+
+
+# ---- fast DoRA (speed/fast_dora.py) takes the shared product too -------------------------------------------------
+
+DORA_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _dora_llama(dropout=0.0, fast=True):
+    """A tiny Llama with DoRA r4 (s = 2) on q/k/v/gate/up/down, B random (so each norm differs from its magnitude),
+    fast DoRA's forward unless ``fast`` is False (peft's own DoraLinearVariant)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, use_dora=True, lora_dropout=dropout,
+                                                             target_modules=DORA_TARGETS))
+    _randomise_b(model)
+    if fast:
+        assert enable_fast_dora(model) == 12
+    return model
+
+
+def _dora_pair(scale_at_rank=True):
+    ref = _dora_llama()
+    fast = copy.deepcopy(ref)
+    assert enable_shared_input(fast, scale_at_rank) == 4
+    return ref, fast
+
+
+def _variants(model):
+    return Counter(type(v).__name__ for m in model.modules() for v in getattr(m, "lora_variant", {}).values())
+
+
+def test_fast_dora_layers_join_groups_whichever_is_enabled_first():
+    """q/k/v and gate/up of each layer make 4 groups of 10 layers (down_proj reads another input), with
+    ``enable_shared_input`` called after ``enable_fast_dora`` (the run path's order) or before it; peft's DoRA
+    variant (fast DoRA swapped out again) leaves them; a copy keeps no settings to group by."""
+    after = _dora_pair()[1]
+    assert shared_input_summary(after) == {"groups": 4, "layers": 10} and _variants(after) == {"FastDoraLinearVariant": 12}
+    attn = _layers(after)[1].self_attn
+    assert input_groups(after)[2].members == (attn.q_proj, attn.k_proj, attn.v_proj)
+    before = _dora_llama(fast=False)
+    assert enable_shared_input(before, scale_at_rank=True) == 0 and shared_input_summary(before)["groups"] == 0
+    assert enable_fast_dora(before) == 12 and shared_input_summary(before) == {"groups": 4, "layers": 10}
+    assert all(g.scale_at_rank for g in input_groups(before))  # regrouped with the settings it was called with
+    assert [n for n, _ in before.named_modules()] == [n for n, _ in after.named_modules()]
+    assert before.state_dict().keys() == _dora_llama().state_dict().keys()
+    assert disable_fast_dora(before) == 12 and shared_input_summary(before) == {"groups": 0, "layers": 0}
+    copied = copy.deepcopy(after)
+    assert shared_input_summary(copied)["groups"] == 0
+    assert disable_fast_dora(copied) == 12 and enable_fast_dora(copied) == 12
+    assert shared_input_summary(copied)["groups"] == 0  # no settings in a copy: groups only where asked for again
+    assert disable_shared_input(after) == 10 and disable_fast_dora(after) == 12 and enable_fast_dora(after) == 12
+    assert shared_input_summary(after)["groups"] == 0  # disabled: the settings went with the groups
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_dora_logits_are_the_unshared_bits_and_gradients_within_1e_5(train, reuse, takes):
+    """Every q/k/v/gate/up call takes its slice; outputs equal the same fast DoRA model without sharing bit for bit,
+    in train (dropout 0) and eval mode, with each forward's own norm or the norms ``refresh_dora_norms`` kept;
+    lora_A, lora_B and magnitude gradients within 1e-5."""
+    ref, fast = _dora_pair()
+    for model in (ref, fast):
+        model.train(train)
+        assert not reuse or refresh_dora_norms(model) == 12
+    with reusing_dora_norms() if reuse else torch.no_grad() if False else _nothing():
+        want_logits, want = _step(ref)
+        got_logits, got = _step(fast)
+    assert torch.equal(got_logits, want_logits)
+    _assert_grads_close(got, want)
+    assert {n.split(".")[-2] for n in want if "lora_magnitude_vector" in n or "lora_B" in n} >= {"default"}
+    assert sum("lora_magnitude_vector" in n for n in want) == 12 and sum("lora_B" in n for n in want) == 12
+    assert takes == {"shared": 10} and _cache_empty(fast)
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
