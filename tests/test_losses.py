@@ -5,7 +5,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loralab.config import Speed
-from loralab.speed.losses import chunked_linear_cross_entropy, plain_linear_cross_entropy
+from loralab.speed.losses import (
+    chunk_loss_and_grad,
+    chunked_linear_cross_entropy,
+    compiled_chunk_loss,
+    plain_linear_cross_entropy,
+)
 from loralab.speed.step import causal_lm_loss, prepare_model
 
 
@@ -40,6 +45,70 @@ def test_chunked_cross_entropy_frozen_head_and_bf16():
     (g_chunked,) = torch.autograd.grad(chunked, [h])
     torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(g_chunked.float(), g_plain.float(), rtol=2e-2, atol=2e-3)
+
+
+def _frozen_head_case(dtype):
+    torch.manual_seed(1)
+    h = torch.randn(2, 37, 32, dtype=dtype, requires_grad=True)
+    w = torch.randn(700, 32, dtype=dtype) / 4
+    y = torch.randint(0, 700, (2, 37))
+    y[0, :6] = -100
+    weights = torch.rand(2, 37)
+    return h, w, y, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("token_weights", [False, True])
+def test_the_fused_chunk_gives_the_loops_loss_and_gradient(dtype, token_weights):
+    """A frozen, bias-free head's chunks through ``chunk_loss_and_grad`` (logits kept in the head's dtype, one call
+    for loss and gradient) give the float32 loop's loss and input gradient: the same products, the softmax in float32
+    either way; only the exponentials' order of summation differs."""
+    h, w, y, weights = _frozen_head_case(dtype)
+    tw = weights if token_weights else None
+    loop = chunked_linear_cross_entropy(h, w, y, chunk_size=16, token_weights=tw)
+    (g_loop,) = torch.autograd.grad(loop * 0.5, [h])
+    fused = chunked_linear_cross_entropy(h, w, y, chunk_size=16, token_weights=tw, chunk_fn=chunk_loss_and_grad)
+    (g_fused,) = torch.autograd.grad(fused * 0.5, [h])
+    assert fused.dtype == torch.float32 and g_fused.dtype == dtype
+    torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(g_fused.float(), g_loop.float(), **tol)
+    assert (g_fused[0, :6] == 0).all()  # ignored labels get no gradient
+
+
+def test_the_fused_chunk_is_not_taken_where_the_head_trains_or_is_adapted():
+    """A trained head (its weight's gradient), a bias or a LoRA head keep the float32 loop: ``chunk_fn`` is never called."""
+    h, w, y, _ = _frozen_head_case(torch.float32)
+    calls = []
+
+    def spy(*args):
+        calls.append(1)
+        return chunk_loss_and_grad(*args)
+
+    trained = w.clone().requires_grad_(True)
+    chunked_linear_cross_entropy(h, trained, y, chunk_size=16, chunk_fn=spy).backward()
+    chunked_linear_cross_entropy(h, w, y, bias=torch.zeros(700), chunk_size=16, chunk_fn=spy)
+    chunked_linear_cross_entropy(h, w, y, chunk_size=16, chunk_fn=spy, low_rank=(torch.randn(2, 37, 4), torch.randn(700, 4), 2.0))
+    assert calls == []
+    chunked_linear_cross_entropy(h, w, y, chunk_size=16, chunk_fn=spy)
+    assert len(calls) == 5  # 74 tokens in chunks of 16
+
+
+@pytest.mark.slow  # one inductor compile on CPU (~10-20 s)
+def test_the_compiled_chunk_equals_the_eager_one():
+    """What the step runs on CUDA with compiled layers (``compiled_chunk_loss``, here inductor on CPU) computes the eager
+    function's loss and bf16 gradient, across chunk lengths (one dynamic graph)."""
+    compiled = compiled_chunk_loss("inductor")
+    for rows in (16, 5):
+        torch.manual_seed(rows)
+        logits = (torch.randn(rows, 700) * 3).to(torch.bfloat16)
+        target = torch.randint(0, 700, (rows,))
+        weights = torch.rand(rows)
+        want = chunk_loss_and_grad(logits, target, weights)
+        got = compiled(logits, target, weights)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-5)
+        assert got[1].dtype == torch.bfloat16
+        torch.testing.assert_close(got[1].float(), want[1].float(), rtol=1e-2, atol=1e-4)
 
 
 def test_causal_lm_loss_chunked_equals_model_loss():

@@ -25,7 +25,7 @@ def test_experiment_speed_defaults_are_unchanged():
     (``memory_fraction``, ``grad_reduce``, ``dora_norm_per_step``, ...) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
                                  "fp8_transpose_cache": "auto", "fp8_quantize_kernel": "torch", "fp8_fast_accum": "all",
-                                 "lora_scale_at_rank": "auto", "lora_shared_input": "auto",
+                                 "fp8_fused_qkv": True, "lora_scale_at_rank": "auto", "lora_shared_input": "auto",
                                  "dora_norm_per_step": True, "activation_memory_budget": "auto", "loss_chunk_size": "auto"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "compile_backend" not in build_parameters({}).speed  # code-only settings stay out of experiments
@@ -259,7 +259,7 @@ def test_every_fp8_only_speed_key_set_away_from_its_default_needs_the_fp8_base()
     from loralab import methods
     from loralab.config import FP8_ONLY_SPEED
 
-    values = {"fp8_transpose_cache": 0.5, "fp8_quantize_kernel": "triton", "fp8_fast_accum": "none"}
+    values = {"fp8_transpose_cache": 0.5, "fp8_quantize_kernel": "triton", "fp8_fast_accum": "none", "fp8_fused_qkv": False}
     assert set(values) == set(FP8_ONLY_SPEED)
     cfg = LoraConfig(r=4, target_modules=["query"])
     for key, value in values.items():

@@ -164,7 +164,7 @@ def test_fsdp_turns_auto_off_quietly_and_an_explicit_share_off_with_a_line():
     for value, said in (("auto", False), (0.81, True)):
         speed, lines = Speed(fp8_transpose_cache=value, compile=False, cuda_graphs=False), []
         distributed_speed(speed, fsdp, rewrites_base=None, log=lines.append)
-        assert speed.fp8_transpose_cache == 0.0
+        assert speed.fp8_transpose_cache == 0.0 and speed.fp8_fused_qkv is False  # one unsharded buffer each
         assert any("fp8_transpose_cache off under FSDP" in line for line in lines) is said
 
 

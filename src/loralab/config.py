@@ -34,12 +34,9 @@ class ConfigError(ValueError):
 def _calibration_defaults() -> dict[str, Any]:
     return {
         # None: sample from the task's own training split (seed 000: 256 random task samples).
-        "dataset": None,
-        "num_samples": 256,
-        "seed": 0,
+        "dataset": None, "num_samples": 256, "seed": 0,
         # "random" (seed 000's README) or "first" (what seed 000's code actually did).
-        "sampling": "random",
-        "batch_size": 8,
+        "sampling": "random", "batch_size": 8,
         # where CorDA sources disagree (loralab.decomposition.corda.DEFAULTS): normalisation,
         # scaling, cov_dtype, ...; {} keeps the official code's choices
         "corda_options": {},
@@ -61,7 +58,7 @@ FP8_QUANTIZE_KERNELS = ("torch", "triton")  # speed.fp8_quantize_kernel's: torch
 FUSED_AND = ("'speed.{key}' = true with 'speed.fused_lora' = true: both rewrite LoRA's forward; "
              "set {key} to \"auto\" or false, or fused_lora to false")  # key: lora_scale_at_rank, lora_shared_input
 FP8_FAST_ACCUM = ("none", "forward", "all")  # speed.fp8_fast_accum's: which FP8 GEMMs accumulate fast (speed/fp8.py)
-FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel", "fp8_fast_accum")  # Speed keys acting on an FP8 base only
+FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel", "fp8_fast_accum", "fp8_fused_qkv")  # on an FP8 base only
 
 
 ACTIVATION_BUDGET = 0.8  # speed.activation_memory_budget "auto" where layers compile: 8B shape, H100, 2 x 512 rows:
@@ -97,6 +94,8 @@ class Speed:
     fp8_quantize_kernel: str = field(default="torch", metadata={"added": True})  # FP8 base: "torch" ops or speed/fp8_kernels
     fp8_fast_accum: str = field(default="all", metadata={"added": True})  # FP8 base: GEMMs without Hopper's float32 promotion
     # (speed/fp8.py use_fast_accum; not exact: <= 3.3e-3 from the rule): 1.053x FP8 LoRA on an H100 (results/bench-speedab-h100)
+    fp8_fused_qkv: bool = field(default=True, metadata={"added": True})  # FP8 base: q/k/v as one GEMM (speed/fp8_qkv.py;
+    # not bitwise: the input gradient's rows quantise as one)
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100
@@ -110,6 +109,7 @@ class Speed:
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
     lora_shared_inputs: dict | None = field(default=None, metadata={"code_only": True})  # groups it made, their layers
+    fp8_qkv_trios: dict | None = field(default=None, metadata={"code_only": True})  # q/k/v trios fp8_fused_qkv fused
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     activation_memory_budget: float | str = field(default="auto", metadata={"added": True})  # compiled layers: torch's
     # memory-budget partitioner (speed/step.py; 1.0: its min-cut); auto: ACTIVATION_BUDGET; 1.0 where no layer compiles

@@ -44,6 +44,7 @@ from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.run.spare_memory import cache_spare_transposes, log_transposes, spare_bytes, spend_spare_on_activations
 from loralab.speed.dora_refresh import refresh_dora_norms
 from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
+from loralab.speed.fp8_qkv import clear_fp8_qkv
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
@@ -229,6 +230,7 @@ class Step:
     def _shrink(self, features: list[dict], exc: Exception) -> None:
         self.trainer.zero_grad()
         clear_input_groups(self.model)  # a forward that raised mid-group keeps its input's graph otherwise
+        clear_fp8_qkv(self.model)
         torch.cuda.empty_cache()
         current = self.micro_batch or len(features)
         longest = max(len(f["input_ids"]) for f in features)
@@ -287,6 +289,7 @@ def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: C
     if speed.fp8_transpose_cache not in (0, "auto"):
         log("speed.fp8_transpose_cache off under FSDP (the cached codes are a buffer, which FSDP does not shard)")
     speed.fp8_transpose_cache = 0.0
+    speed.fp8_fused_qkv = False  # quietly, as its default is on for every base: a trio's codes are one unsharded buffer
     log("no mid-run checkpoints under FSDP: the adapter/model is gathered and written at the end")
 
 

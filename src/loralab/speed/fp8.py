@@ -56,8 +56,7 @@ from loralab.speed.fp8_kernels import can_run_on, quantize_rows_triton
 from loralab.speed.streams import side_streams
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-"""float8_e4m3fn's largest finite value."""
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 EPS = 1e-12
 """Floor of a row's amax, so an all-zero row gets a finite scale (and codes 0)."""
 ALIGN = 16
@@ -65,10 +64,8 @@ ALIGN = 16
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise FP8 quantisation of ``x`` (M, K), any float dtype; rows are along the last axis, so a
-    stack (L, M, K) quantises each of its L·M rows alike (``weights_times``).
-
-    Returns ``(codes, scales)``: codes (M, K) float8_e4m3fn = fp8(x / s) (round to nearest even,
+    """Row-wise FP8 quantisation of ``x`` (M, K), any float dtype; rows along the last axis (a stack (L, M, K)
+    quantises its L·M rows alike: ``weights_times``). Returns ``(codes, scales)``: codes (M, K) float8_e4m3fn = fp8(x / s) (round to nearest even,
     saturated at ±448) and scales (M, 1) float32, ``s = max(amax_row, EPS) · (1/448)``, so that
     ``x ≈ codes.float() * scales``."""
     xf = x.float()
@@ -195,10 +192,9 @@ def weight_times(codes: torch.Tensor, scales: torch.Tensor, a: torch.Tensor) -> 
     of ``hi + lo`` is within amax/784 ≈ 2⁻⁹·⁶ of ``a``'s row maximum (EPS aside). For rows of
     similar magnitudes, as a LoRA A, that is as precise as a bf16 copy of ``a`` (measured against
     float32: 6.7e-4 vs the bf16 path's 2.8e-3 with float32 output); it is worse than bf16 for rows
-    whose mass sits in a few entries (bf16 keeps 8 bits on every element). Both products come
-    from one ``_scaled_mm`` of ``[hi; lo]`` (2r rows) by the codes, on CUDA written in bfloat16 (its
-    row-wise kernel's only output) and summed in float32. Used by fast DoRA's norm on an FP8 base, where
-    converting the codes to bf16 would read and write 3 bytes per weight more in every forward.
+    whose mass sits in a few entries (bf16 keeps 8 bits on every element). Both products come from one
+    ``_scaled_mm`` of ``[hi; lo]`` (2r rows) by the codes (bf16 on CUDA), summed in float32: fast DoRA's norm on
+    an FP8 base, where a bf16 copy of the codes would move 3 bytes per weight more in every forward.
     Raises RuntimeError from ``_scaled_mm`` where the kernel refuses the shapes (CUDA: N, K and 2r
     divisible by 16)."""
     return weights_times([codes], [scales], a[None])[0]
@@ -317,6 +313,10 @@ class Fp8Linear(nn.Linear):
         self.register_buffer("codes_t_bits", self.weight.detach().t().contiguous(), persistent=False)
         return self.codes_t_bits.numel()
 
+    def transpose_unit(self) -> tuple:
+        """Layers ``cache_transposes`` caches with this one, whole or not at all: itself; a q/k/v trio (speed/fp8_qkv.py)."""
+        return (self,)
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Wᵀ`` without the bias, as the layer computes it (its cached codes and quantisation kernel)."""
         return fp8_linear(x, self.codes, self.weight_scale, self.codes_colmajor, self.quantize_kernel, self.fast_accum)
@@ -339,7 +339,8 @@ def cache_transposes(model: nn.Module, share: float, fill: bool = False) -> dict
     layers, largest first, while the cached bytes stay within ``share`` (0..1) of all FP8 weight
     bytes (``speed.fp8_transpose_cache``). Layers of equal size are taken together or not at
     all, and the first group that does not fit ends the choice (``fill``: it is skipped and smaller
-    groups are tried, as "auto" does to fill the memory a run leaves spare). Llama-3-8B's MLP projections are
+    groups are tried, as "auto" does to fill the memory a run leaves spare; a fused q/k/v trio, ``transpose_unit``, is
+    one layer of their summed size here). Llama-3-8B's MLP projections are
     80.8 % of its linear weight bytes: 0.81 caches exactly those (at Llama-3.2-1B's 82.7 %, 0.81
     caches nothing: take 0.83); 1 caches every layer (1 byte more per weight). Returns {layers, bytes,
     total_bytes} (counts over all FP8 layers). Raises ValueError for a share outside [0, 1]."""
@@ -347,9 +348,10 @@ def cache_transposes(model: nn.Module, share: float, fill: bool = False) -> dict
         raise ValueError(f"share = {share!r}: a fraction in [0, 1] of the FP8 weight bytes")
     layers = fp8_layers(model)
     total = sum(m.weight.numel() for m in layers)
-    by_size: dict[int, list[Fp8Linear]] = {}
-    for m in layers:
-        by_size.setdefault(m.weight.numel(), []).append(m)
+    units = {id(u[0]): u for u in (m.transpose_unit() for m in layers)}  # a fused q/k/v trio caches as one
+    by_size: dict[int, list[tuple]] = {}
+    for unit in units.values():
+        by_size.setdefault(sum(m.weight.numel() for m in unit), []).append(unit)
     cached = count = 0
     for size in sorted(by_size, reverse=True):
         group = by_size[size]
@@ -357,10 +359,10 @@ def cache_transposes(model: nn.Module, share: float, fill: bool = False) -> dict
             if fill:
                 continue
             break
-        for m in group:
-            m.cache_transpose()
+        for unit in group:
+            unit[0].cache_transpose()
         cached += size * len(group)
-        count += len(group)
+        count += sum(len(unit) for unit in group)
     return {"layers": count, "bytes": cached, "total_bytes": total}
 
 

@@ -1,6 +1,7 @@
 """The step's kernels: what ``loralab.run.step`` applies to a model and calls for its losses.
 
-- ``prepare_model(model, speed)``: fast DoRA swap, the FP8 base's cached transposed codes
+- ``prepare_model(model, speed)``: fast DoRA swap, the FP8 base's q/k/v as one GEMM (``speed.fp8_fused_qkv``),
+  its cached transposed codes
   (``speed.fp8_transpose_cache``), quantisation kernel (``speed.fp8_quantize_kernel``) and fast
   accumulation (``speed.fp8_fast_accum``), fused LoRA forward, LoRA's scaling at the rank
   (``speed.lora_scale_at_rank``), one A product for the LoRA layers reading one input
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 
 from loralab.config import FUSED_AND, LOSS_CHUNK, Speed
 from loralab.speed.fast_dora import enable_fast_dora
-from loralab.speed.fp8 import cache_transposes, use_fast_accum, use_quantize_kernel
+from loralab.speed.fp8 import cache_transposes, fp8_layers, use_fast_accum, use_quantize_kernel
+from loralab.speed.fp8_qkv import fuse_fp8_qkv
 from loralab.speed.fused_lora import enable_fused_lora
-from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy
+from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy, compiled_chunk_loss
 from loralab.speed.rank_scaling import enable_rank_scaling, rank_scaling_summary
 from loralab.speed.shared_input import enable_shared_input, shared_input_summary
 
@@ -37,7 +39,7 @@ def _hf_model(model):
 
 
 PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False, activation_memory_budget=1.0,
-              fp8_transpose_cache=0.0, fp8_fast_accum="none")
+              fp8_transpose_cache=0.0, fp8_fast_accum="none", fp8_fused_qkv=False)
 """What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
 
 
@@ -53,6 +55,9 @@ def prepare_model(model, options: Speed):
                          "(Speed.resolve)")
     if options.fast_dora:
         enable_fast_dora(model)
+    if options.fp8_fused_qkv and fp8_layers(model):  # before any transpose is cached: a trio caches them as one
+        trios = fuse_fp8_qkv(model)
+        options.fp8_qkv_trios = {"trios": trios, "layers": 3 * trios}
     if options.fp8_transpose_cache not in (0, "auto"):  # what it cached goes into the record (0 layers: the share fits
         # no group); "auto" is settled after the micro-batch probe (loralab.run.step.make_step)
         options.fp8_transposes_cached = cache_transposes(model, options.fp8_transpose_cache)
@@ -94,6 +99,8 @@ def rewrite_lines(resolved: Speed, settings: Speed) -> list[str]:
             line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
                      "at the rank itself) or biases")
         lines.append(line)
+    if (resolved.fp8_qkv_trios or {}).get("trios"):
+        lines.append(f"speed.fp8_fused_qkv: {resolved.fp8_qkv_trios['trios']} q/k/v trio(s) of FP8 layers compute as one GEMM")
     if (shared := resolved.lora_shared_inputs) is not None:
         line = (f"speed.lora_shared_input: {shared['groups']} group(s) of LoRA layers reading one input "
                 f"({shared['layers']} layers) compute their A's as one GEMM")
@@ -328,8 +335,10 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
             hidden = full[:, :-1]
             chunk = LOSS_CHUNK if options.loss_chunk_size == "auto" else options.loss_chunk_size
             linear, low_rank = _head_terms(head, full)
+            # compiled layers on CUDA: the chunk's loss and gradient compile too (losses.chunk_loss_and_grad)
+            fn = compiled_chunk_loss(options.compile_backend) if options.compile and hidden.is_cuda else None
             loss_sum = chunked_linear_cross_entropy(hidden, linear.weight, target, linear.bias, chunk, low_rank=low_rank,
-                                                    token_weights=weights)
+                                                    token_weights=weights, chunk_fn=fn)
         else:
             logits = model(**inputs, use_cache=False).logits[:, :-1]
             per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
