@@ -28,19 +28,22 @@ CAP = {"loralab's memory budget": "loralab's budget"}
 
 def profile_sections(text: str) -> dict[str, tuple[float, list[tuple[str, float, int]]]]:
     """{section title: (its whole CUDA time in ms, [(kernel or op name, self CUDA ms, calls) per table row])} of
-    a ``loralab bench --profile`` file (torch.profiler's table: a 55-character name column, then ten columns)."""
+    a ``loralab bench --profile`` file (torch.profiler's table: a name column as wide as the first run of dashes of
+    its rule, 55 characters before 2026-12-06's 120, then ten columns)."""
     sections = {}
     for part in text.split("== profile: ")[1:]:
         title = part.split(" ==", 1)[0]
+        rule = next((r for r in part.splitlines() if r.startswith("-")), "-" * 55)
+        width = len(rule.split()[0])
         rows = []
         for row in part.splitlines():
-            cells = row[55:].split()
+            cells = row[width:].split()
             if len(cells) < 10 or row.startswith(("-", "Self C")) or not cells[-1].isdigit():
                 continue
             unit = cells[5]  # Self CUDA
             ms = float(unit[:-2]) if unit.endswith("ms") else float(unit[:-2]) / 1000 if unit.endswith("us") else None
             if ms is not None:
-                rows.append((row[:55].strip(), ms, int(cells[-1])))
+                rows.append((row[:width].strip(), ms, int(cells[-1])))
         sections[title] = (float(part.split("Self CUDA time total: ")[1].split("ms")[0]), rows)
     return sections
 

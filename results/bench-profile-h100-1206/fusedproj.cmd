@@ -1,0 +1,1 @@
+python3 scripts/fused_proj_bench.py --output /root/out/fusedproj.json
