@@ -83,7 +83,8 @@
 #   speedab loralab's rows alone (METHODS, default "lora,fp8+lora") once per variant of VARIANTS, on one machine, in
 #           order: a variant is "defaults" or `/`-joined items, each a speed key (`fp8_fast_accum=forward`), an
 #           environment variable (`env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1`) or the variant's own methods
-#           (`methods:lora,fp8+lora`; "defaults/methods:lora": the defaults for those methods); SPEED="k=v ..." goes to every
+#           (`methods:lora,fp8+lora`; "defaults/methods:lora": the defaults for those methods) or `src:old` (the source of
+#           another commit, carried as .devdata/oldsrc as for doraab); SPEED="k=v ..." goes to every
 #           variant (e.g. "memory_fraction=0.441 micro_batch=4": an H200's budget, one micro-batch). The first variant
 #           is the baseline of the table's ratios. ~1 min a row. Files: speedab-<n>.json/.log/.cmd (n from 1, in order).
 #   fp8check scripts/fp8_cuda_check.py: the FP8 linear's CUDA path (forward and input gradient through
@@ -341,6 +342,7 @@ for part in "${PARTS[@]}"; do
         for item in ${variant//\// }; do
           case $item in
             defaults) ;;
+            src:old) envs+=("PYTHONPATH=.devdata/oldsrc/src:/tmp/site") ;;  # the carried tree of another commit (doraab)
             env:*) envs+=("${item#env:}") ;;
             methods:*) methods=${item#methods:} ;;
             *) extra+=(--speed "$item") ;;
