@@ -66,6 +66,8 @@
 #           as bench rows; and the norm refresh timed alone: which part of DoRA's step beyond LoRA's to work on. ~2 min on
 #           an H100 (8 rows). ABL_ARGS passes options (e.g. "--bases fp8 --profile lora dora": doraabl.profile.txt).
 #           Files: doraabl.json/.log (.profile.txt).
+#   sdpa    scripts/sdpa_backend_bench.py: causal GQA attention (32/8 heads of 128) at 4x512, 1x2048, 8x512 by torch's
+#           flash, cuDNN and efficient SDPA backends, forward + backward, each checked against float32 math. ~15 s.
 #   fusedproj scripts/fused_proj_bench.py: q/k/v and gate/up at the 8B shapes as separate GEMMs and as one against the
 #           concatenated weight, bf16 and FP8, forward and input gradient: what a fused base projection would pay. ~30 s.
 #   refreshgemm scripts/fp8_refresh_gemm_bench.py: the FP8 DoRA refresh's W·Aᵀ as _scaled_mm(codes, termsᵀ) (shipped through 22cac1c)
@@ -311,6 +313,8 @@ for part in "${PARTS[@]}"; do
       for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done  # SPEED="memory_fraction=0.441": an H200's budget
       step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods "${METHODS:-lora,dora}" --stacks loralab --profile "${speed_args[@]}" --output "$OUT/profld.json" ;;
+    sdpa)  # causal attention at the bench's shapes by each SDPA backend (flash, cuDNN, efficient), fwd + bwd, alone
+      step sdpa 90 $PYTHON scripts/sdpa_backend_bench.py --output "$OUT/sdpa.json" ;;
     fusedproj)  # q/k/v and gate/up as one GEMM against separate ones, bf16 and FP8, forward and input gradient
       step fusedproj 120 $PYTHON scripts/fused_proj_bench.py --output "$OUT/fusedproj.json" ;;
     refreshgemm)  # the FP8 refresh's W·Aᵀ and Gram products, each in two forms, alone
