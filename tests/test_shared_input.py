@@ -3,6 +3,7 @@
 layers make 3 forward and 6 backward matmuls fewer per layer with no graph breaks or recompiles, the
 per-forward cache never outlives a forward, and every case it does not cover is peft's own forward."""
 
+import contextlib
 import copy
 import pickle
 from collections import Counter
@@ -11,12 +12,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
 from loralab.config import ConfigError, Speed, build_parameters
 from loralab.run.step import make_step
+from loralab.speed import fast_dora
 from loralab.speed import shared_input as si
 from loralab.speed.dora_refresh import refresh_dora_norms
 from loralab.speed.fast_dora import FastDoraLinearVariant, disable_fast_dora, enable_fast_dora, reusing_dora_norms
@@ -525,6 +526,7 @@ def test_the_log_says_when_no_group_was_made_and_whether_it_was_asked_for(asked,
     assert not [x for x in rewrite_lines(Speed(lora_shared_input=False), Speed()) if "lora_shared_input" in x]
 
 
+
 # ---- fast DoRA (speed/fast_dora.py) takes the shared product too -------------------------------------------------
 
 DORA_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
@@ -545,6 +547,7 @@ def _dora_llama(dropout=0.0, fast=True):
 
 
 def _dora_pair(scale_at_rank=True):
+    """A fast DoRA model and a copy with shared inputs, grouped in the run path's order (fast DoRA first)."""
     ref = _dora_llama()
     fast = copy.deepcopy(ref)
     assert enable_shared_input(fast, scale_at_rank) == 4
@@ -560,7 +563,8 @@ def test_fast_dora_layers_join_groups_whichever_is_enabled_first():
     ``enable_shared_input`` called after ``enable_fast_dora`` (the run path's order) or before it; peft's DoRA
     variant (fast DoRA swapped out again) leaves them; a copy keeps no settings to group by."""
     after = _dora_pair()[1]
-    assert shared_input_summary(after) == {"groups": 4, "layers": 10} and _variants(after) == {"FastDoraLinearVariant": 12}
+    assert shared_input_summary(after) == {"groups": 4, "layers": 10}
+    assert _variants(after) == {"FastDoraLinearVariant": 12}
     attn = _layers(after)[1].self_attn
     assert input_groups(after)[2].members == (attn.q_proj, attn.k_proj, attn.v_proj)
     before = _dora_llama(fast=False)
@@ -573,31 +577,127 @@ def test_fast_dora_layers_join_groups_whichever_is_enabled_first():
     copied = copy.deepcopy(after)
     assert shared_input_summary(copied)["groups"] == 0
     assert disable_fast_dora(copied) == 12 and enable_fast_dora(copied) == 12
-    assert shared_input_summary(copied)["groups"] == 0  # no settings in a copy: groups only where asked for again
+    assert shared_input_summary(copied)["groups"] == 0  # no settings in a copy: grouped only where asked again
     assert disable_shared_input(after) == 10 and disable_fast_dora(after) == 12 and enable_fast_dora(after) == 12
     assert shared_input_summary(after)["groups"] == 0  # disabled: the settings went with the groups
 
 
 @pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("train", [True, False])
-def test_fast_dora_logits_are_the_unshared_bits_and_gradients_within_1e_5(train, reuse, takes):
+def test_fast_dora_logits_are_the_unshared_bits_and_gradients_within_1e_5(train, reuse, takes, monkeypatch):
     """Every q/k/v/gate/up call takes its slice; outputs equal the same fast DoRA model without sharing bit for bit,
-    in train (dropout 0) and eval mode, with each forward's own norm or the norms ``refresh_dora_norms`` kept;
-    lora_A, lora_B and magnitude gradients within 1e-5."""
+    in train (dropout 0) and eval mode, with each forward's own norm or (``reuse``) the norms ``refresh_dora_norms``
+    kept; lora_A, lora_B and magnitude gradients within 1e-5."""
     ref, fast = _dora_pair()
     for model in (ref, fast):
         model.train(train)
         assert not reuse or refresh_dora_norms(model) == 12
-    with reusing_dora_norms() if reuse else torch.no_grad() if False else _nothing():
+    norms = Counter()
+    per_forward = fast_dora._norm
+    monkeypatch.setattr(fast_dora, "_norm", lambda *a: norms.update(n=1) or per_forward(*a))
+    with reusing_dora_norms() if reuse else contextlib.nullcontext():
         want_logits, want = _step(ref)
         got_logits, got = _step(fast)
     assert torch.equal(got_logits, want_logits)
     _assert_grads_close(got, want)
-    assert {n.split(".")[-2] for n in want if "lora_magnitude_vector" in n or "lora_B" in n} >= {"default"}
-    assert sum("lora_magnitude_vector" in n for n in want) == 12 and sum("lora_B" in n for n in want) == 12
+    kinds = Counter(n.split(".")[-3] for n in want)  # ...q_proj.lora_A.default.weight
+    assert {k: kinds[k] for k in ("lora_A", "lora_B", "lora_magnitude_vector")} == dict.fromkeys(
+        ("lora_A", "lora_B", "lora_magnitude_vector"), 12)
     assert takes == {"shared": 10} and _cache_empty(fast)
+    assert norms["n"] == (0 if reuse else 2 * 12)  # the kept norms read, or each forward's own computed
 
 
-def _nothing():
-    import contextlib
-    return contextlib.nullcontext()
+@pytest.mark.parametrize("case", ["dropout", "peft dora"])
+def test_dora_layers_that_cannot_share_join_no_group_and_compute_alone(case, takes):
+    """DoRA with dropout (each layer draws its own mask) and peft's own DoRA (``speed.fast_dora: false``: its
+    forward is peft's) join no group; their outputs and gradients are the ungrouped model's bits."""
+    ref = _dora_llama(dropout=0.1) if case == "dropout" else _dora_llama(fast=False)
+    fast = copy.deepcopy(ref)
+    assert enable_shared_input(fast, scale_at_rank=True) == 0
+    assert shared_input_summary(fast) == {"groups": 0, "layers": 0}
+    assert _variants(fast) == {"FastDoraLinearVariant" if case == "dropout" else "DoraLinearVariant": 12}
+    want_logits, want = _step(ref)
+    got_logits, got = _step(fast)
+    assert torch.equal(got_logits, want_logits) and all(torch.equal(got[n], want[n]) for n in want)
+    assert not takes
+
+
+@pytest.mark.parametrize("case", ["merged", "disabled", "two active"])
+def test_grouped_fast_dora_layers_compute_alone_where_sharing_does_not_apply_now(case, takes):
+    """States set after grouping: a merged adapter (added again), disabled adapters, a second active adapter (the
+    DoRA norm and the other adapter dropped) would each differ if a member took a shared product."""
+    ref = _dora_llama()
+    if case == "two active":
+        ref.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=DORA_TARGETS))
+        _randomise_b(ref, seed=5)
+    fast = copy.deepcopy(ref)
+    assert enable_shared_input(fast, scale_at_rank=True) == 4
+    for model in (ref, fast):
+        model.eval()
+        if case == "merged":
+            model.merge_adapter()
+        elif case == "two active":
+            model.base_model.set_adapter(["default", "other"])
+    with torch.no_grad(), (ref.disable_adapter() if case == "disabled" else contextlib.nullcontext()), (
+            fast.disable_adapter() if case == "disabled" else contextlib.nullcontext()):
+        assert torch.equal(fast(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+    assert takes["shared"] == 0 and not any(g.x is not None for g in input_groups(fast))
+
+
+def test_a_shared_product_where_dropout_applies_is_refused():
+    layer = _layers(_dora_llama(dropout=0.1))[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="lora_a_x"):
+        FastDoraLinearVariant.forward(layer, active_adapter="default", x=x, result=layer.base_layer(x),
+                                      lora_a_x=layer.lora_A["default"](x))
+
+
+@pytest.mark.slow  # ~6 s: two models' layers compiled
+def test_compiled_fast_dora_layers_fullgraph_fewer_matmuls_no_recompiles_and_eager_gradients():
+    """As the LoRA test above: layers compile whole, once each kind (the first layer's input needs no gradient),
+    with 3 forward and 6 backward matmuls fewer per layer than without sharing (4 in the first), and equal the
+    eager forward."""
+    from torch._dynamo.utils import counters
+
+    ref, fast = _dora_pair()
+    eager_logits, eager = _step(copy.deepcopy(fast))
+    matmuls = {}
+    for name, model in (("alone", ref), ("shared", fast)):
+        torch._dynamo.reset()
+        counters.clear()
+        counts = matmuls[name] = Counter()
+        for layer in _layers(model):
+            layer.compile(backend=_counting_backend(counts), fullgraph=True)
+        for step in range(3):
+            logits, grads = _step(model)
+            assert name == "alone" or _cache_empty(model)
+            if step == 0:
+                graphs = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs == 2 and not counters["graph_break"]
+    assert torch.equal(logits, eager_logits)
+    _assert_grads_close(grads, eager, rel=1e-6)
+    assert matmuls["alone"]["forward"] - matmuls["shared"]["forward"] == 3 * 2
+    assert matmuls["alone"]["backward"] - matmuls["shared"]["backward"] == 6 + 4
+
+
+def test_make_step_groups_fast_dora_and_the_step_trains_as_without_sharing():
+    """The run path (speed/step.prepare_model: fast DoRA, then the groups; norms once per step by default): the record
+    counts the DoRA layers in groups, and one SGD step moves every adapter weight as without sharing (float32)."""
+    def run(shared):
+        model = _dora_llama(fast=False)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        step, speed = make_step(model, optimizer, speed={"lora_shared_input": shared}, kind="causal_lm", dtype="float32",
+                                device=torch.device("cpu"), features=FEATURES, batch_size=2, limit=4, max_length=16,
+                                pad_id=0, log=lambda s: None)
+        step(FEATURES)
+        return model, speed
+
+    fast, speed = run(True)
+    ref, _ = run(False)
+    assert speed.record()["lora_shared_inputs"] == {"groups": 4, "layers": 10}
+    assert _variants(fast) == {"FastDoraLinearVariant": 12} and _cache_empty(fast)
+    initial = dict(_dora_llama(fast=False).named_parameters())
+    want = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, initial[name]) and torch.allclose(p, want[name], rtol=1e-5, atol=1e-6), name

@@ -31,6 +31,12 @@ Once per optimizer step (``speed.dora_norm_per_step``, on by default) the step c
 in one refresh (``speed/dora_refresh.refresh_dora_norms``), and inside ``reusing_dora_norms()`` the forwards read
 them; outside it every forward computes its own.
 
+With ``speed.lora_shared_input`` a layer without dropout (in training) whose one active adapter is fast DoRA joins
+its siblings' group (``speed/shared_input.py``): its ``lora_A(x)`` comes as a column slice of one GEMM over the
+concatenated A's of q/k/v (or gate/up), passed to ``FastDoraLinearVariant.forward`` as ``lora_a_x``; nothing else of
+this forward changes (norm, kept norms, combine, bias, FP8 base). peft's ``DoraLinearVariant`` never takes it.
+``enable_fast_dora`` and ``disable_fast_dora`` regroup a model grouped before (``regroup_shared_input``).
+
 What it shares with peft: everything but the forward. After ``get_peft_model(..., use_dora=True)`` (or
 ``PeftModel.from_pretrained``) ``enable_fast_dora(model)`` swaps each linear layer's ``DoraLinearVariant`` for
 ``FastDoraLinearVariant``; parameters, names, init, merge and the saved adapter are peft's own, so the adapter loads

@@ -1,5 +1,6 @@
 """Shared-input LoRA: sibling layers that read one input (q/k/v of an attention module, gate/up of an
 MLP) compute their ``lora_A`` products as one GEMM, ``x @ cat(A_q, A_k, A_v)ᵀ`` (``speed.lora_shared_input``).
+Plain LoRA layers and fast DoRA layers (``fast_dora.py``) join groups, side by side; peft's own DoRA does not.
 
 Why: peft computes each adapter's ``lora_A(x)`` on its own. Per Llama decoder layer that is five thin
 GEMMs reading the same two inputs five times in the forward, and in the backward five ``dA`` GEMMs
@@ -36,10 +37,22 @@ on CPU. The scaling goes at the rank (``lora_B(s·u)``, ``rank_scaling.py``) whe
 
 A member computes alone (``RankScaledLoraLinear``'s forward where ``scale_at_rank`` and rank scaling
 apply, peft's otherwise) for extra forward arguments (``adapter_names``, variant kwargs), anything but
-one active plain adapter (DoRA and other variants, several active, merged, disabled), a ``lora_A`` that
-is not a bias-free ``nn.Linear``, dropout (each member draws its own mask: such layers join no group),
-``lora_A`` dtypes, devices or input casts that differ, or no other member to share with. A deep copy or
+one active plain or fast DoRA adapter (peft's DoRA and other variants, several active, merged, disabled), a
+``lora_A`` that is not a bias-free ``nn.Linear``, dropout (each member draws its own mask: such layers join no
+group), ``lora_A`` dtypes, devices or input casts that differ, or no other member to share with. A deep copy or
 pickle of a member gets no group (``InputGroup.__reduce__``) and computes as peft does.
+
+Fast DoRA: a layer whose one active adapter's variant is exactly ``fast_dora.FastDoraLinearVariant`` (registered
+by that module, ``register_sharing_variant``) takes its slice ``u`` as a LoRA member does, and
+``SharedInputLoraLinear`` calls the variant's forward as peft's ``lora.Linear.forward`` does (base output, input
+cast for ``lora_A``) with ``lora_a_x=u``, which fast DoRA uses in place of ``lora_A(x)`` in its adapter term
+``lora_B(s·u)``. Shared: that product alone (forward and, through the concatenation, its ``dA`` and ``dx``
+GEMMs; the compiled tiny Llama's counts drop by the same 3 and 6 per layer as LoRA's). Not shared: each layer's
+weight norm (its own ``W·Aᵀ`` and ``A·Aᵀ``, or the norm ``refresh_dora_norms`` kept), the combine, magnitude,
+``lora_B``, bias and base layer (FP8 included), all fast DoRA's own; outputs are the ungrouped fast DoRA's bits,
+gradients within ~1e-6 (float32, CPU) as for LoRA. Its scaling is at the rank whatever ``scale_at_rank`` says
+(fast DoRA's ``_lora``). Either may be enabled first: ``enable_fast_dora`` and ``disable_fast_dora`` group a model
+that ``enable_shared_input`` grouped again (``regroup_shared_input``), so peft's DoRA layers leave the groups.
 
 What it shares with peft: everything but the ``lora_A`` product: base layer, ``lora_B``, dropout, the
 input cast, parameters, names, state dict and the saved adapter. ``enable_shared_input`` installs it as
@@ -288,10 +301,12 @@ class _Settings:
 def regroup_shared_input(model: nn.Module) -> int:
     """Call ``enable_shared_input`` again, with its settings, on each module of ``model`` (itself included) that it
     grouped and no ``disable_shared_input`` undid since: for changes to which layers can join (fast DoRA swapped in
-    or out). Returns the number of groups made; 0 where no such module exists (a module grouped as an ancestor
-    of ``model`` is not found)."""
+    or out). Returns the number of groups in ``model`` then; 0 where no such module exists (a module grouped as
+    an ancestor of ``model`` is not found). Raises ValueError as ``enable_shared_input`` does (fused LoRA since)."""
     marked = [(m, m.__dict__[_SETTINGS]) for m in model.modules() if m.__dict__.get(_SETTINGS) is not None]
-    return sum(enable_shared_input(m, s.scale_at_rank, s.siblings) for m, s in marked)
+    for module, settings in marked:
+        enable_shared_input(module, settings.scale_at_rank, settings.siblings)
+    return len(input_groups(model)) if marked else 0
 
 
 def disable_shared_input(model: nn.Module) -> int:
@@ -332,7 +347,7 @@ def input_groups(model: nn.Module) -> list[InputGroup]:
 
 
 def shared_input_summary(model: nn.Module) -> dict:
-    """``{"groups": n, "layers": m}``: the groups and the layers in them, for the run record (0 and 0 where
-    the setting applies nowhere: no sibling names matched, an encoder-decoder model)."""
+    """``{"groups": n, "layers": m}``: the groups and the layers in them (plain LoRA and fast DoRA), for the run
+    record (0 and 0 where the setting applies nowhere: no sibling names matched, an encoder-decoder model)."""
     groups = input_groups(model)
     return {"groups": len(groups), "layers": sum(len(g.members) for g in groups)}
