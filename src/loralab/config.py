@@ -100,7 +100,7 @@ class Speed:
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100
     lora_shared_input: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})  # one GEMM
-    # for the LoRA A's of the projections reading one input (q/k/v, gate/up: speed/shared_input; not bitwise: dx's terms
+    # for the LoRA/fast DoRA A's of the projections reading one input (q/k/v, gate/up: speed/shared_input; not bitwise: dx's terms
     # sum in another order); auto: on CUDA for causal LMs unless fused_lora is
     dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm once per
     # optimizer step, not per micro-batch (speed/fast_dora refresh_dora_norms; bitwise without autocast, float32 products

@@ -106,8 +106,8 @@ def rewrite_lines(resolved: Speed, settings: Speed) -> list[str]:
                 f"({shared['layers']} layers) compute their A's as one GEMM")
         if shared["groups"] == 0:
             line += ("; NOTHING: " if settings.lora_shared_input is True else "; not applicable: ") + (
-                "no q/k/v or gate/up siblings hold peft's plain LoRA layers without dropout (DoRA, another rewrite), "
-                "or the model is an encoder-decoder")
+                "no q/k/v or gate/up siblings hold plain LoRA or fast DoRA layers without dropout (peft's own DoRA, "
+                "another rewrite), or the model is an encoder-decoder")
         lines.append(line)
     return lines
 
