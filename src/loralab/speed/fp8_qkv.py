@@ -18,7 +18,7 @@ their parent (the attention module: moved with it, not in its state dict) and ma
 ``scale_bits`` views of its rows, so the fusion holds no extra memory. The members become ``FusedQkvFp8Linear``
 (``Fp8Linear`` with a group): the first member called with ``x`` computes the whole product and leaves the
 others their column slices, keyed on the identity (and, eagerly, the version) of ``x``; the last one clears the
-cache, as ``speed/shared_input.py``'s groups do for LoRA's A products (the same rules: a member called with
+cache, as ``speed/shared_input.py``'s groups do for LoRA's A products (``SiblingCache``, the same rules: a member called with
 another input computes the trio again, a forward that raised midway is cleared by ``clear_fp8_qkv``, copies
 and pickles get no group). The column-major codes for the backward (``Fp8Linear.cache_transpose``) are kept
 for the trio at once (``transpose_unit``), one (K, N) buffer of the parent.
@@ -38,57 +38,28 @@ import torch
 from torch import nn
 
 from loralab.speed.fp8 import Fp8Linear, fp8_linear
+from loralab.speed.shared_input import SiblingCache
 
 SIBLINGS = ("q_proj", "k_proj", "v_proj")
 _GROUP, _INDEX = "_loralab_qkv_group", "_loralab_qkv_index"
 _CODES, _SCALES, _CODES_T = "loralab_qkv_codes", "loralab_qkv_scale_bits", "loralab_qkv_codes_t_bits"
 
 
-def _detached():
-    return None
-
-
-def _version(x: torch.Tensor) -> int | None:
-    # as speed/shared_input.py keys its cache: no version counter while compiling (dynamo cannot compare two) or
-    # for inference tensors
-    if torch.compiler.is_compiling() or x.is_inference():
-        return None
-    return x._version
-
-
-class QkvGroup:
+class QkvGroup(SiblingCache):
     """One q/k/v trio: its parent (holding the concatenated codes, scales and, once cached, their column-major
-    copy), members (weakly, in q, k, v order), their output sizes, and the forward-scoped cache: ``x`` (None
-    outside a forward), ``version``, ``parts`` (each member's (..., N_i) product) and ``pending`` (members yet to
-    take theirs)."""
+    copy), members (``SiblingCache``: weakly, in q, k, v order, with the forward-scoped cache of their (..., N_i)
+    products) and their output sizes."""
 
     def __init__(self, parent: nn.Module, members):
+        super().__init__(members)
         self._parent = weakref.ref(parent)
-        self._members = tuple(weakref.ref(m) for m in members)
         self.sizes = tuple(m.out_features for m in members)
-        self.clear()
-
-    def clear(self) -> None:
-        self.x = self.version = self.parts = self.pending = None
-
-    def __reduce__(self):  # a copy or pickle of a member computes alone (speed/shared_input.py says why)
-        return (_detached, ())
-
-    @property
-    def members(self) -> tuple:
-        return tuple(ref() for ref in self._members)
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s product ``x @ W_iᵀ`` (no bias; (..., N_i) in the activation dtype), or None where the
         trio cannot compute together (a member or the parent gone, settings that differ)."""
-        version = _version(x)
-        if self.x is not None and x is self.x and version == self.version and index in self.pending:
-            part = self.parts[index]
-            rest = tuple(i for i in self.pending if i != index)
-            if rest:
-                self.pending = rest
-            else:
-                self.clear()
+        part = self.cached(index, x)
+        if part is not None:
             return part
         self.clear()
         parent, members = self._parent(), self.members
@@ -102,8 +73,7 @@ class QkvGroup:
         colmajor = None if t_bits is None else t_bits.view(torch.float8_e4m3fn).t()
         y = fp8_linear(x, codes, scales, colmajor, first.quantize_kernel, first.fast_accum)
         parts = y.split(self.sizes, dim=-1)
-        self.x, self.version, self.parts = x, version, parts
-        self.pending = tuple(i for i in range(len(parts)) if i != index)
+        self.keep(x, parts, (i for i in range(len(parts)) if i != index))
         return parts[index]
 
     @torch.no_grad()

@@ -146,18 +146,16 @@ def _version(x: torch.Tensor) -> int | None:
     return x._version
 
 
-class InputGroup:
-    """LoRA layers reading one input (``members``, in the order of the siblings tuple) and the
-    forward-scoped cache of their ``lora_A`` products: ``x`` (the input it belongs to, None outside a
-    forward), ``version`` (x's version counter then), ``parts`` (per member index: its (..., r) product
-    or None) and ``pending`` (indices of the members yet to take theirs). ``scale_at_rank``: the
-    members put LoRA's scaling at the rank where ``rank_scaling.py`` would."""
+class SiblingCache:
+    """The forward-scoped cache of a group of sibling layers reading one input (held weakly, ``members``, in
+    sibling order): ``x`` (the input it belongs to, None outside a forward), ``version`` (x's version counter
+    then), ``parts`` (per member index: its product or None) and ``pending`` (indices of the members yet to take
+    theirs). ``InputGroup`` caches LoRA's A products, ``speed/fp8_qkv.QkvGroup`` an FP8 q/k/v trio's outputs."""
 
-    def __init__(self, members, scale_at_rank: bool):
+    def __init__(self, members):
         # weak: each member holds the group, so strong references back would make every grouped layer (base
         # weights included) a reference cycle, freed only by the cyclic garbage collector after ``del model``
         self._members = tuple(weakref.ref(m) for m in members)
-        self.scale_at_rank = bool(scale_at_rank)
         self.clear()
 
     @property
@@ -170,23 +168,43 @@ class InputGroup:
 
     def __reduce__(self):
         # A deep copy or pickle of a member (the generation engine merges a deep copy of each projection) gets
-        # no group and computes as peft does: copying the group would copy its siblings, base weights and all,
-        # with each member, and never a forward's tensors. ``enable_shared_input`` groups a copied model again.
+        # no group and computes alone: copying the group would copy its siblings, base weights and all,
+        # with each member, and never a forward's tensors. Grouping the copied model again groups it.
         return (_detached, ())
+
+    def cached(self, index: int, x: torch.Tensor):
+        """Member ``index``'s part of ``x`` where this forward's first caller left it (the last taker clears the
+        cache), else None."""
+        if self.x is None or x is not self.x or _version(x) != self.version or index not in self.pending:
+            return None
+        part = self.parts[index]
+        rest = tuple(i for i in self.pending if i != index)
+        if rest:
+            self.pending = rest
+        else:
+            self.clear()
+        return part
+
+    def keep(self, x: torch.Tensor, parts, pending) -> None:
+        """Cache ``parts`` (per member index) of ``x`` for the members ``pending``."""
+        self.x, self.version, self.parts, self.pending = x, _version(x), tuple(parts), tuple(pending)
+
+
+class InputGroup(SiblingCache):
+    """LoRA layers reading one input and the forward-scoped cache of their ``lora_A`` products (``SiblingCache``,
+    parts (..., r)). ``scale_at_rank``: the members put LoRA's scaling at the rank where ``rank_scaling.py`` would."""
+
+    def __init__(self, members, scale_at_rank: bool):
+        super().__init__(members)
+        self.scale_at_rank = bool(scale_at_rank)
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s ``lora_A`` product of ``x`` (cast as peft casts it, shape (..., r)), or None
         where it computes alone. The first caller of ``x`` computes the products of every member that can
         share them (where a cache for another tensor is found: of itself and the members still pending,
         the others having run in this forward) and caches them; later callers take theirs."""
-        version = _version(x)
-        if self.x is not None and x is self.x and version == self.version and index in self.pending:
-            part = self.parts[index]
-            rest = tuple(i for i in self.pending if i != index)
-            if rest:
-                self.pending = rest
-            else:
-                self.clear()
+        part = self.cached(index, x)
+        if part is not None:
             return part
         callers = range(len(self._members)) if self.x is None else (index, *self.pending)
         self.clear()
@@ -204,8 +222,7 @@ class InputGroup:
         parts = [None] * len(members)
         for i, part in zip(share, products.split([w.shape[0] for w in weights], dim=-1)):
             parts[i] = part
-        self.x, self.version, self.parts = x, version, tuple(parts)
-        self.pending = tuple(i for i in share if i != index)
+        self.keep(x, parts, (i for i in share if i != index))
         return parts[index]
 
 
