@@ -162,13 +162,15 @@ def _counting_backend(counts):
     return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
 
 
-def test_compiled_layers_fullgraph_fewer_matmuls_no_recompiles_and_eager_gradients():
+def _compiled_matmuls(ref, fast) -> dict:
+    """Each model's layers compiled fullgraph, three steps: two graphs (the first layer's input needs no gradient),
+    no breaks, no recompiles, the shared cache empty after each step, and the shared model's logits and gradients
+    its eager ones; returns the matmuls counted in the compiled forward and backward, {"alone": ..., "shared": ...}."""
     from torch._dynamo.utils import counters
 
-    ref, fast = _pair(scale_at_rank=True, alpha=16)
     eager_logits, eager = _step(copy.deepcopy(fast))
     matmuls = {}
-    for name, model in (("peft", ref), ("shared", fast)):
+    for name, model in (("alone", ref), ("shared", fast)):
         torch._dynamo.reset()
         counters.clear()
         counts = matmuls[name] = Counter()
@@ -176,16 +178,21 @@ def test_compiled_layers_fullgraph_fewer_matmuls_no_recompiles_and_eager_gradien
             layer.compile(backend=_counting_backend(counts), fullgraph=True)
         for step in range(3):
             logits, grads = _step(model)
-            assert name == "peft" or _cache_empty(model)
+            assert name == "alone" or _cache_empty(model)
             if step == 0:
                 graphs = counters["stats"]["unique_graphs"]
         assert counters["stats"]["unique_graphs"] == graphs == 2 and not counters["graph_break"]
     assert torch.equal(logits, eager_logits)
     _assert_grads_close(grads, eager, rel=1e-6)
-    assert matmuls["peft"]["forward"] - matmuls["shared"]["forward"] == 3 * 2  # per layer: 5 A products -> 2
+    return matmuls
+
+
+def test_compiled_layers_fullgraph_fewer_matmuls_no_recompiles_and_eager_gradients():
+    matmuls = _compiled_matmuls(*_pair(scale_at_rank=True, alpha=16))
+    assert matmuls["alone"]["forward"] - matmuls["shared"]["forward"] == 3 * 2  # per layer: 5 A products -> 2
     # per layer: 5 dA and 5 dx products -> 2 and 2; the first layer's q/k/v need no input gradient (its
     # input comes from the frozen embedding), so there 3 dA -> 1 only
-    assert matmuls["peft"]["backward"] - matmuls["shared"]["backward"] == 6 + 4
+    assert matmuls["alone"]["backward"] - matmuls["shared"]["backward"] == 6 + 4
 
 
 def test_gradient_checkpointing_recomputes_and_leaves_no_cache(takes):
@@ -657,25 +664,7 @@ def test_compiled_fast_dora_layers_fullgraph_fewer_matmuls_no_recompiles_and_eag
     """As the LoRA test above: layers compile whole, once each kind (the first layer's input needs no gradient),
     with 3 forward and 6 backward matmuls fewer per layer than without sharing (4 in the first), and equal the
     eager forward."""
-    from torch._dynamo.utils import counters
-
-    ref, fast = _dora_pair()
-    eager_logits, eager = _step(copy.deepcopy(fast))
-    matmuls = {}
-    for name, model in (("alone", ref), ("shared", fast)):
-        torch._dynamo.reset()
-        counters.clear()
-        counts = matmuls[name] = Counter()
-        for layer in _layers(model):
-            layer.compile(backend=_counting_backend(counts), fullgraph=True)
-        for step in range(3):
-            logits, grads = _step(model)
-            assert name == "alone" or _cache_empty(model)
-            if step == 0:
-                graphs = counters["stats"]["unique_graphs"]
-        assert counters["stats"]["unique_graphs"] == graphs == 2 and not counters["graph_break"]
-    assert torch.equal(logits, eager_logits)
-    _assert_grads_close(grads, eager, rel=1e-6)
+    matmuls = _compiled_matmuls(*_dora_pair())
     assert matmuls["alone"]["forward"] - matmuls["shared"]["forward"] == 3 * 2
     assert matmuls["alone"]["backward"] - matmuls["shared"]["backward"] == 6 + 4
 

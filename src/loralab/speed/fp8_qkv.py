@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from loralab.speed.fp8 import Fp8Linear, fp8_linear
-from loralab.speed.shared_input import SiblingCache
+from loralab.speed.shared_input import SiblingCache, input_groups
 
 SIBLINGS = ("q_proj", "k_proj", "v_proj")
 _GROUP, _INDEX = "_loralab_qkv_group", "_loralab_qkv_index"
@@ -163,12 +163,7 @@ def fuse_fp8_qkv(model: nn.Module) -> int:
 
 def fp8_qkv_groups(model: nn.Module) -> list[QkvGroup]:
     """The distinct ``QkvGroup`` objects of ``model``'s layers, in module order."""
-    seen = {}
-    for module in model.modules():
-        group = module.__dict__.get(_GROUP)
-        if group is not None:
-            seen.setdefault(id(group), group)
-    return list(seen.values())
+    return input_groups(model, _GROUP)
 
 
 def clear_fp8_qkv(model: nn.Module) -> None:

@@ -353,11 +353,12 @@ def clear_input_groups(model: nn.Module) -> None:
         group.clear()
 
 
-def input_groups(model: nn.Module) -> list[InputGroup]:
-    """The distinct ``InputGroup`` objects of ``model``'s layers, in module order."""
+def input_groups(model: nn.Module, key: str = _GROUP) -> list:
+    """The distinct groups ``model``'s layers hold under ``key`` in their ``__dict__`` (``InputGroup`` objects; another
+    key: another kind of ``SiblingCache``, e.g. ``speed/fp8_qkv.py``'s trios), in module order."""
     seen = {}
     for module in model.modules():
-        group = module.__dict__.get(_GROUP)
+        group = module.__dict__.get(key)
         if group is not None:
             seen.setdefault(id(group), group)
     return list(seen.values())
