@@ -187,6 +187,12 @@
 #   tokens/s, in one run; recipe 12.12x; results/fp8loss-fastaccum-h100/: fast accumulation 0.0345 from bf16 against 0.0418
 #   without, kept): on an H200, fp8check fair8b, recipe (no H200 row since 9ebdbf4); on an H100, VARIANTS="lora_shared_input=false
 #   defaults" speedab (the A/B in the other order, ~100 s), then fair8b twice in one call (the tuned peer's spread).
+#   After 2026-12-06's eighteenth session (H100 only: results/bench-profile-h100-1206/, the step profiled; results/
+#   bench-fusedqkv-h100/: at 880d936 FP8 LoRA 2.02x the tuned peer and both FP8 memory goals met, bf16 1.486x, FP8 DoRA /
+#   LoRA 0.893; cuDNN's SDPA kernel 0.62 of flash's time alone at 4 x 512): on an H200, fp8check fair8b, recipe; on an
+#   H100, the three changes' shares in one call (carry .devdata/oldsrc = git archive 36a2c53 src): METHODS=lora,fp8+lora
+#   VARIANTS="defaults src:old fp8_fused_qkv=false/methods:fp8+lora" SPEED="memory_fraction=0.441" ROW_CAP=200 speedab;
+#   then cuDNN attention in the step (to build: an option choosing SDPA's backend order) against flash.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
