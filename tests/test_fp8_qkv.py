@@ -131,15 +131,26 @@ def test_compiled_layers_fullgraph_without_recompiles():
     model = _llama()
     fuse_fp8_qkv(model)
     eager_logits, eager = _step(copy.deepcopy(model))
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    gemms = []
+
+    def counting(gm, example_inputs):
+        gemms.append(sum(n.op == "call_function" and n.target == torch.ops.aten._scaled_mm.default for n in gm.graph.nodes))
+        return make_boxed_func(gm.forward)
+
     torch._dynamo.reset()
     counters.clear()
     for layer in model.base_model.model.model.layers:
-        layer.compile(backend="aot_eager", fullgraph=True)
+        layer.compile(backend=aot_autograd(fw_compiler=counting, bw_compiler=counting), fullgraph=True)
     for step in range(2):
         logits, grads = _step(model)
         if step == 0:
             graphs = counters["stats"]["unique_graphs"]
-    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == graphs == 2 and not counters["graph_break"]
+    # forward graphs: the trio, o, gate, up, down (7 unfused); backward: 5 input gradients, 4 in the first layer
+    assert sorted(gemms) == [4, 5, 5, 5]
     assert all(g.x is None for g in fp8_qkv_groups(model))
     torch.testing.assert_close(logits, eager_logits, rtol=1e-6, atol=1e-6)
     for name in eager:  # the compiled backward adds x's four gradient terms (the trio's, three LoRA A's) in another
@@ -173,12 +184,21 @@ def test_what_cannot_compute_together_computes_alone():
         layer.cache_transpose()
         cached.add_module(name, layer)
     assert fuse_fp8_qkv(cached) == 0
-    dora_ref = _llama(layers=1, dora=True)
+    dora_ref = _llama(layers=2, dora=True)
     dora = copy.deepcopy(dora_ref)
-    assert fuse_fp8_qkv(dora) == 1
-    want_logits, _ = _step(dora_ref)
-    got_logits, _ = _step(dora)
+    assert fuse_fp8_qkv(dora) == 2
+    want_logits, want = _step(dora_ref)
+    took = []
+    original = fp8_qkv.QkvGroup.take
+    fp8_qkv.QkvGroup.take = lambda self, i, x: took.append(i) or original(self, i, x)
+    try:
+        got_logits, got = _step(dora)
+    finally:
+        fp8_qkv.QkvGroup.take = original
+    assert took == [0, 1, 2, 0, 1, 2]  # DoRA's base output comes from the trio in both layers
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    for name in want:  # the second layer's trio backward reaches the first layer's gradients
+        torch.testing.assert_close(got[name], want[name], rtol=0.05, atol=0.05 * float(want[name].abs().max()), msg=name)
 
 
 def test_the_speed_setting_fuses_records_and_logs_and_false_leaves_the_layers():
@@ -197,3 +217,38 @@ def test_the_speed_setting_fuses_records_and_logs_and_false_leaves_the_layers():
     assert not fp8_qkv_groups(model) and off.fp8_qkv_trios is None
     assert not any(isinstance(m, FusedQkvFp8Linear) for m in model.modules())
     assert Speed().fp8_fused_qkv is True
+
+
+def test_a_trio_copied_apart_computes_alone_and_unfuse_or_dequantize_drops_its_buffers():
+    """Weights assigned one by one (``load_state_dict(assign=True)``) part the views from the trio's buffer: the trio
+    then computes from the layers' own codes (what the state dict holds); ``unfuse_fp8_qkv`` gives each layer its own
+    storage back and drops the buffers, as ``dequantize_linears`` does first; an encoder-decoder model is not fused."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from loralab.methods.fp8base import dequantize_linears
+    from loralab.speed.fp8_qkv import unfuse_fp8_qkv
+
+    ref = _llama()
+    fused = copy.deepcopy(ref)
+    fuse_fp8_qkv(fused)
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    q = next(k for k in state if k.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
+    state[q] = torch.zeros_like(state[q])
+    ref.load_state_dict(state)
+    fused.load_state_dict(state, assign=True)
+    assert torch.equal(fused(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+    model = _llama()
+    fuse_fp8_qkv(model)
+    want = model(input_ids=IDS).logits
+    assert unfuse_fp8_qkv(model) == 6 and not fp8_qkv_groups(model)
+    assert not any(n.startswith("loralab_qkv") for m in model.modules() for n in m._buffers)
+    assert not any(isinstance(m, FusedQkvFp8Linear) for m in model.modules())
+    assert torch.equal(model(input_ids=IDS).logits, want)
+    fuse_fp8_qkv(model)
+    dequantize_linears(model)
+    assert not any(n.startswith("loralab_qkv") for m in model.modules() for n in m._buffers)
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32))
+    quantize_linears(bart, [n for n, m in bart.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n])
+    assert fuse_fp8_qkv(bart) == 0

@@ -77,7 +77,8 @@ def test_the_fused_chunk_gives_the_loops_loss_and_gradient(dtype, token_weights)
 
 
 def test_the_fused_chunk_is_not_taken_where_the_head_trains_or_is_adapted():
-    """A trained head (its weight's gradient), a bias or a LoRA head keep the float32 loop: ``chunk_fn`` is never called."""
+    """A trained head (its weight's gradient), a bias, a LoRA head or no gradient at all keep the float32 loop:
+    ``chunk_fn`` is never called."""
     h, w, y, _ = _frozen_head_case(torch.float32)
     calls = []
 
@@ -89,6 +90,9 @@ def test_the_fused_chunk_is_not_taken_where_the_head_trains_or_is_adapted():
     chunked_linear_cross_entropy(h, trained, y, chunk_size=16, chunk_fn=spy).backward()
     chunked_linear_cross_entropy(h, w, y, bias=torch.zeros(700), chunk_size=16, chunk_fn=spy)
     chunked_linear_cross_entropy(h, w, y, chunk_size=16, chunk_fn=spy, low_rank=(torch.randn(2, 37, 4), torch.randn(700, 4), 2.0))
+    assert calls == []
+    with torch.no_grad():  # evaluation: no gradient to compute, so the loop (which skips it)
+        chunked_linear_cross_entropy(h, w, y, chunk_size=16, chunk_fn=spy)
     assert calls == []
     chunked_linear_cross_entropy(h, w, y, chunk_size=16, chunk_fn=spy)
     assert len(calls) == 5  # 74 tokens in chunks of 16

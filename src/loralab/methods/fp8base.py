@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from loralab.speed.fp8 import Fp8Linear, fits
+from loralab.speed.fp8_qkv import unfuse_fp8_qkv
 
 RESIDUAL_REASON = (
     "the residual base W − s·B₀A₀ would have to be quantised after the init, and plain "
@@ -64,7 +65,9 @@ def quantize_linears(model: nn.Module, names: list[str]) -> dict[str, list[int]]
 @torch.no_grad()
 def dequantize_linears(model: nn.Module) -> nn.Module:
     """In place: every ``Fp8Linear`` of ``model`` becomes a float32 nn.Linear holding its
-    dequantised weight (codes · scale), on the same device. Returns ``model``."""
+    dequantised weight (codes · scale), on the same device; fused q/k/v trios are undone first (their buffers
+    dropped: ``speed/fp8_qkv.unfuse_fp8_qkv``). Returns ``model``."""
+    unfuse_fp8_qkv(model)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Fp8Linear)]:
         weight = module.dequantize()
         lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,

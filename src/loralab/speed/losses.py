@@ -33,11 +33,12 @@ def chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, w: torch.Ten
     float32 scalar and the gradient (T, V) in ``logits``' dtype; every step between is in float32, as the eager
     path computes it (``_ChunkedLinearCrossEntropy``), to float32 rounding of the exponentials' sums.
 
-    Why a function of its own: the step compiles it (``compiled_chunk_loss``) into one reduction (the row's
-    max and sum of exponentials) and one elementwise kernel (the gradient, written in the head's dtype), which
-    read the 16-bit logits three times in all. Eager, the chunk's float32 copy, log-sum-exp, softmax, one-hot
+    Why a function of its own: the step compiles it (``compiled_chunk_loss``), so inductor fuses the row's
+    log-sum-exp and the gradient, written in the head's dtype, into a few kernels over the 16-bit logits (their
+    count not profiled). Eager, the chunk's float32 copy, log-sum-exp, softmax, one-hot
     and weighting each pass over a float32 (T, V) tensor: at Llama-3's 128,256-word vocabulary, 1,024-token
-    chunks and 2,048 tokens, ~6 ms of an H100's 132 ms bf16 LoRA step (results/bench-lossfuse-h100)."""
+    chunks and 2,048 tokens, ~6 ms of an H100's 132 ms bf16 LoRA step by its kernels' names (results/bench-profile-h100-1206;
+    the compiled form's saving is not measured alone)."""
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
     picked = x.gather(1, target[:, None]).squeeze(1)
@@ -73,7 +74,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         low_rank = u is not None
         need_u, need_lb = low_rank and ctx.needs_input_grad[6], low_rank and ctx.needs_input_grad[7]
-        if chunk_fn is not None and not (need_w or bias is not None or low_rank) and acc == torch.float32:
+        if chunk_fn is not None and need_h and not (need_w or bias is not None or low_rank) and acc == torch.float32:
             return _ChunkedLinearCrossEntropy._fused(ctx, hidden, weight, labels, chunk_size, token_weights, chunk_fn)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -162,8 +163,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     (module docstring). Returns an fp32 scalar: ``Σ_t w_t · CE_t`` over valid tokens (w = 1 when
     ``token_weights`` is None, so divide by the number of valid labels for the mean). ``chunk_fn``:
     ``chunk_loss_and_grad`` or its compiled form (``compiled_chunk_loss``), which a frozen, bias-free head
-    without ``low_rank`` in a 16-bit or float32 dtype uses per chunk instead of float32 logits (the same
-    values to float32 rounding); None, or any other head: the float32 loop.
+    without ``low_rank`` in a 16-bit or float32 dtype uses per chunk, where ``hidden`` needs a gradient, instead of
+    float32 logits (the same values to float32 rounding); None, any other head, or no gradient (evaluation): the
+    float32 loop, which computes no gradient there.
     Raises ValueError when the shapes disagree or ``chunk_size`` < 1.
     """
     if chunk_size < 1:
@@ -176,6 +178,8 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         token_weights = token_weights.reshape(-1)
         if token_weights.shape[0] != labels.shape[0]:
             raise ValueError(f"token_weights has {token_weights.shape[0]} entries but labels has {labels.shape[0]}")
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        chunk_fn = None  # no gradient wanted (the Function's forward cannot tell: it runs with grad mode off)
     if low_rank is None:
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, token_weights, None, None,
                                                 1.0, chunk_fn)

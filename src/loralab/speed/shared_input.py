@@ -259,7 +259,7 @@ class SharedInputLoraLinear(LoraLinear):
         return result.to(result_dtype)
 
 
-def _is_encoder_decoder(model: nn.Module) -> bool:
+def is_encoder_decoder(model: nn.Module) -> bool:
     """``config.is_encoder_decoder`` on ``model``, its ``base_model`` or that one's ``model`` (peft's wrappers)."""
     candidates = [model, getattr(model, "base_model", None)]
     candidates.append(getattr(candidates[1], "model", None))
@@ -284,7 +284,7 @@ def enable_shared_input(model: nn.Module, scale_at_rank: bool, siblings=DEFAULT_
         raise ValueError(f"speed.lora_shared_input cannot be combined with speed.fused_lora: {len(fused)} LoRA "
                          f"layers (first {fused[0]!r}) are FusedLoraLinear and both rewrite the LoRA forward; "
                          "turn one of them off")
-    if _is_encoder_decoder(model):
+    if is_encoder_decoder(model):
         return 0
     disable_shared_input(model)
     groups = 0

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from loralab.config import FUSED_AND, LOSS_CHUNK, Speed
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, fp8_layers, use_fast_accum, use_quantize_kernel
-from loralab.speed.fp8_qkv import fuse_fp8_qkv
+from loralab.speed.fp8_qkv import fp8_qkv_groups, fuse_fp8_qkv
 from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy, compiled_chunk_loss
 from loralab.speed.rank_scaling import enable_rank_scaling, rank_scaling_summary
@@ -56,7 +56,8 @@ def prepare_model(model, options: Speed):
     if options.fast_dora:
         enable_fast_dora(model)
     if options.fp8_fused_qkv and fp8_layers(model):  # before any transpose is cached: a trio caches them as one
-        trios = fuse_fp8_qkv(model)
+        fuse_fp8_qkv(model)
+        trios = len(fp8_qkv_groups(model))  # a model fused before counts too
         options.fp8_qkv_trios = {"trios": trios, "layers": 3 * trios}
     if options.fp8_transpose_cache not in (0, "auto"):  # what it cached goes into the record (0 layers: the share fits
         # no group); "auto" is settled after the micro-batch probe (loralab.run.step.make_step)
