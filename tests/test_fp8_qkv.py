@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from loralab.methods.fp8base import quantize_linears
 from loralab.speed import fp8_qkv
 from loralab.speed.fp8 import Fp8Linear, cache_transposes, quantize_rows
-from loralab.speed.fp8_qkv import FusedQkvFp8Linear, clear_fp8_qkv, fp8_qkv_groups, fuse_fp8_qkv
+from loralab.speed.fp8_qkv import FusedQkvFp8Linear, fp8_qkv_groups, fuse_fp8_qkv
+from loralab.speed.shared_input import clear_input_groups
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -162,7 +163,7 @@ def test_compiled_layers_fullgraph_without_recompiles():
 
 def test_what_cannot_compute_together_computes_alone():
     """Another input for one member recomputes the trio (right values); a copy or pickle has no group; a forward that
-    raised midway leaves a cache that ``clear_fp8_qkv`` empties; layers with a cached transpose or of other kinds are
+    raised midway leaves a cache that ``clear_input_groups`` empties; layers with a cached transpose or of other kinds are
     not fused; DoRA on the FP8 base takes the trio's products."""
     torch.manual_seed(0)
     layers = [Fp8Linear.from_linear(torch.nn.Linear(64, n, bias=True)) for n in (64, 32, 32)]
@@ -174,7 +175,7 @@ def test_what_cannot_compute_together_computes_alone():
     assert torch.equal(parent.q_proj(x), layers[0](x))
     assert torch.equal(parent.k_proj(y), layers[1](y))  # cross-input: its own product of y, with its bias
     assert fp8_qkv_groups(parent)[0].x is y
-    clear_fp8_qkv(parent)
+    clear_input_groups(parent)
     assert fp8_qkv_groups(parent)[0].x is None
     clone = pickle.loads(pickle.dumps(parent.v_proj))
     assert clone.__dict__[fp8_qkv._GROUP] is None and torch.equal(clone(x), layers[2](x))
@@ -237,6 +238,14 @@ def test_a_trio_copied_apart_computes_alone_and_unfuse_or_dequantize_drops_its_b
     ref.load_state_dict(state)
     fused.load_state_dict(state, assign=True)
     assert torch.equal(fused(input_ids=IDS).logits, ref(input_ids=IDS).logits)
+    # the same kind of fault one layer at a time: a layer's codes replaced in place of its view
+    fused = copy.deepcopy(_llama())
+    fuse_fp8_qkv(fused)
+    k = fused.base_model.model.model.layers[1].self_attn.k_proj.base_layer
+    alone = Fp8Linear.from_linear(torch.nn.Linear(64, 32, bias=False))
+    k.weight.data, k.scale_bits = alone.weight.data.clone(), alone.scale_bits.clone()
+    x = torch.randn(3, 64)
+    assert torch.equal(k(x), alone(x))
     model = _llama()
     fuse_fp8_qkv(model)
     want = model(input_ids=IDS).logits

@@ -36,7 +36,6 @@ import torch
 
 from loralab.config import LOSS_CHUNK
 from loralab.data import collate
-from loralab.speed.fp8_qkv import clear_fp8_qkv
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.shared_input import clear_input_groups
 from loralab.speed.step import causal_lm_loss, seq_cls_loss
@@ -358,7 +357,6 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
         for p in params:
             p.grad = None
         clear_input_groups(model)  # an out-of-memory pass that raised mid-group keeps its input's graph otherwise
-        clear_fp8_qkv(model)
         batch = None  # noqa: F841 (the closure above held it)
         torch.cuda.empty_cache()
         return trial

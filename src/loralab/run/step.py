@@ -44,7 +44,6 @@ from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.run.spare_memory import cache_spare_transposes, log_transposes, spare_bytes, spend_spare_on_activations
 from loralab.speed.dora_refresh import refresh_dora_norms
 from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
-from loralab.speed.fp8_qkv import clear_fp8_qkv
 from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
@@ -229,8 +228,7 @@ class Step:
 
     def _shrink(self, features: list[dict], exc: Exception) -> None:
         self.trainer.zero_grad()
-        clear_input_groups(self.model)  # a forward that raised mid-group keeps its input's graph otherwise
-        clear_fp8_qkv(self.model)
+        clear_input_groups(self.model)  # a forward that raised mid-group keeps its input's graph otherwise (LoRA A's, FP8 trios)
         torch.cuda.empty_cache()
         current = self.micro_batch or len(features)
         longest = max(len(f["input_ids"]) for f in features)

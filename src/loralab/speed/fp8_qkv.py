@@ -25,7 +25,7 @@ by autograd, where the separate layer allowed it. The members become ``FusedQkvF
 (``Fp8Linear`` with a group): the first member called with ``x`` computes the whole product and leaves the
 others their column slices, keyed on the identity (and, eagerly, the version) of ``x``; the last one clears the
 cache, as ``speed/shared_input.py``'s groups do for LoRA's A products (``SiblingCache``, the same rules: a member called with
-another input computes the trio again, a forward that raised midway is cleared by ``clear_fp8_qkv``, copies
+another input computes the trio again, a forward that raised midway is cleared by ``shared_input.clear_input_groups``, copies
 and pickles get no group). The column-major codes for the backward (``Fp8Linear.cache_transpose``) are kept
 for the trio at once (``transpose_unit``), one (K, N) buffer of the parent.
 
@@ -211,9 +211,3 @@ def unfuse_fp8_qkv(model: nn.Module) -> int:
 def fp8_qkv_groups(model: nn.Module) -> list[QkvGroup]:
     """The distinct ``QkvGroup`` objects of ``model``'s layers, in module order."""
     return input_groups(model, _GROUP)
-
-
-def clear_fp8_qkv(model: nn.Module) -> None:
-    """Empty every trio's cache (after a forward that raised midway: the out-of-memory retry, the probe)."""
-    for group in fp8_qkv_groups(model):
-        group.clear()

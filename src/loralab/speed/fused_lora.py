@@ -93,13 +93,20 @@ def fused_lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.
     return _FusedLoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling)
 
 
-def plain_active_adapter(module: LoraLinear) -> str | None:
-    """The one active adapter of peft LoRA layer ``module`` where the LoRA forward rewrites may apply:
-    adapters enabled and unmerged, exactly one active, no variant (DoRA) on it. None otherwise."""
+def one_active_adapter(module: LoraLinear) -> str | None:
+    """The one active adapter of peft LoRA layer ``module`` (adapters enabled and unmerged, exactly one active,
+    with or without a variant), else None."""
     adapters = [a for a in module.active_adapters if a in module.lora_A]
-    if module.disable_adapters or module.merged or len(adapters) != 1 or adapters[0] in module.lora_variant:
+    if module.disable_adapters or module.merged or len(adapters) != 1:
         return None
     return adapters[0]
+
+
+def plain_active_adapter(module: LoraLinear) -> str | None:
+    """The one active adapter of peft LoRA layer ``module`` where the LoRA forward rewrites may apply:
+    ``one_active_adapter`` with no variant (DoRA) on it. None otherwise."""
+    name = one_active_adapter(module)
+    return None if name is None or name in module.lora_variant else name
 
 
 class FusedLoraLinear(LoraLinear):

@@ -59,6 +59,16 @@ def compiled_chunk_loss(backend="inductor"):
     return _COMPILED[backend]
 
 
+def _targets_and_weights(y: torch.Tensor, token_weights: torch.Tensor | None, start: int, dtype: torch.dtype):
+    """A chunk's labels ``y`` (T,) starting at token ``start``: the targets (ignored labels -> 0, any valid index)
+    and each token's weight in ``dtype`` (0 where ignored, else ``token_weights``' entry or 1)."""
+    valid = y != IGNORE_INDEX
+    w = valid.to(dtype)
+    if token_weights is not None:
+        w = w * token_weights[start:start + y.shape[0]].to(dtype)
+    return torch.where(valid, y, torch.zeros_like(y)), w
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, token_weights, u=None, lora_b=None, scale=1.0,
@@ -93,13 +103,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits.addmm_(u_c, b_acc.T, alpha=scale)
             if bias is not None:
                 logits = logits + bias.to(acc)
-            valid = y != IGNORE_INDEX
-            target = torch.where(valid, y, torch.zeros_like(y))
+            target, w = _targets_and_weights(y, token_weights, start, acc)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, target[:, None]).squeeze(1)
-            w = valid.to(acc)
-            if token_weights is not None:
-                w = w * token_weights[start:start + chunk_size].to(acc)
             total += ((lse - picked) * w).sum()
             if need_h or need_w or need_b or need_u or need_lb:
                 # d(sum loss)/d logits = softmax - onehot on valid rows, 0 on ignored rows.
@@ -132,10 +138,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(weight.dtype)
-            y = labels[start:start + chunk_size]
-            valid = y != IGNORE_INDEX
-            w = valid.float() if token_weights is None else valid.float() * token_weights[start:start + chunk_size].float()
-            part, g = chunk_fn(h @ weight.T, torch.where(valid, y, torch.zeros_like(y)), w)
+            target, w = _targets_and_weights(labels[start:start + chunk_size], token_weights, start, torch.float32)
+            part, g = chunk_fn(h @ weight.T, target, w)
             total += part
             if grad_h is not None:
                 grad_h[start:start + chunk_size] = (g @ weight).to(hidden.dtype)

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from loralab.speed.fused_lora import FusedLoraLinear
+from loralab.speed.fused_lora import FusedLoraLinear, one_active_adapter
 from loralab.speed.rank_scaling import RankScaledLoraLinear, takes_rank_scaling
 
 DEFAULT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -103,11 +103,11 @@ def register_sharing_variant(cls: type) -> None:
 def _active_adapter(module: LoraLinear) -> str | None:
     """The one active adapter of ``module`` (enabled, unmerged) where it has no variant or a registered one
     (fast DoRA), else None (several active, merged, disabled, peft's DoRA or another variant)."""
-    adapters = [a for a in module.active_adapters if a in module.lora_A]
-    if module.disable_adapters or module.merged or len(adapters) != 1:
+    name = one_active_adapter(module)
+    if name is None:
         return None
-    variant = module.lora_variant.get(adapters[0])
-    return adapters[0] if variant is None or type(variant) in _SHARING_VARIANTS else None
+    variant = module.lora_variant.get(name)
+    return name if variant is None or type(variant) in _SHARING_VARIANTS else None
 
 
 def shareable_adapter(module: LoraLinear) -> str | None:
@@ -345,12 +345,15 @@ def disable_shared_input(model: nn.Module) -> int:
 
 
 def clear_input_groups(model: nn.Module) -> None:
-    """Empty every group's cache. For callers that catch an exception out of a forward (an out-of-memory retry
+    """Empty the cache of every sibling group ``model``'s layers hold (each ``SiblingCache``: ``InputGroup``,
+    ``speed/fp8_qkv.py``'s trios). For callers that catch an exception out of a forward (an out-of-memory retry
     at a smaller micro-batch, the micro-batch probe): in eager mode a forward that raised between a group's
     first and last member leaves that group holding its input, whose autograd graph keeps every earlier
     layer's saved activations alive until the next forward replaces it."""
-    for group in input_groups(model):
-        group.clear()
+    for module in model.modules():
+        for value in module.__dict__.values():
+            if isinstance(value, SiblingCache):
+                value.clear()
 
 
 def input_groups(model: nn.Module, key: str = _GROUP) -> list:
