@@ -115,7 +115,7 @@ def test_length_grouped_batches_and_dynamic_padding():
 def test_plain_causal_batches_use_unmasked_causal_attention(smollm2, data_dir):
     """A batch with neither padding nor packing runs through SDPA's is_causal path (no mask built,
     also inside a CUDA graph capture) and gives the loss of the masked computation."""
-    from loralab.speed.step import CAUSAL_SDPA
+    from loralab.speed.attention import CAUSAL_SDPA
 
     model, tokenizer = smollm2
     features = _gsm8k_features(data_dir, tokenizer, n=2)

@@ -34,15 +34,12 @@ class ConfigError(ValueError):
 def _calibration_defaults() -> dict[str, Any]:
     return {
         # None: sample from the task's own training split (seed 000: 256 random task samples).
-        "dataset": None, "num_samples": 256, "seed": 0,
-        # "random" (seed 000's README) or "first" (what seed 000's code actually did).
-        "sampling": "random", "batch_size": 8,
+        # sampling: "random" (seed 000's README) or "first" (what seed 000's code actually did).
+        "dataset": None, "num_samples": 256, "seed": 0, "sampling": "random", "batch_size": 8,
         # where CorDA sources disagree (loralab.decomposition.corda.DEFAULTS): normalisation,
         # scaling, cov_dtype, ...; {} keeps the official code's choices
         "corda_options": {},
-        # named calibration sets (seed 001): prompt format and sequence length
-        "format": "llama2-chat",
-        "seqlen": 2048,
+        "format": "llama2-chat", "seqlen": 2048,  # named calibration sets (seed 001): prompt format and sequence length
     }
 
 
@@ -102,6 +99,8 @@ class Speed:
     lora_shared_input: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})  # one GEMM
     # for the LoRA/fast DoRA A's of the projections reading one input (q/k/v, gate/up: speed/shared_input; not bitwise: dx's terms
     # sum in another order); auto: on CUDA for causal LMs unless fused_lora is
+    cudnn_attention: bool | str = field(default="auto", metadata={"added": True})  # causal batches without a mask: cuDNN's
+    # SDPA kernel first (speed/attention.py: why, and where not); auto: on Hopper with cuDNN >= 9.15.1, off elsewhere
     dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm once per
     # optimizer step, not per micro-batch (speed/fast_dora refresh_dora_norms; bitwise without autocast, float32 products
     # under it; off under FSDP): 1.119x bf16, 1.035x FP8-base DoRA at the 8B shape, results/bench-dora-h100
@@ -150,9 +149,10 @@ class Speed:
                 problems.append(f"'speed.{k}' = {speed[k]!r} must be \"auto\" or a positive integer{unit}")
         return problems
 
-    def resolve(self, *, device_type: str, kind: str, base_dtype: str) -> Speed:
+    def resolve(self, *, device_type: str, kind: str, base_dtype: str, cudnn_pays: bool = False) -> Speed:
         """A copy with every ``"auto"`` replaced for this run: ``device_type`` ``cuda``/``cpu``, task
-        ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``. ``micro_batch`` stays "auto" on CUDA, and with
+        ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``, ``cudnn_pays`` (the device's
+        ``speed.attention.cudnn_attention_pays``). ``micro_batch`` stays "auto" on CUDA, and with
         it a causal LM's ``loss_chunk_size`` and ``fp8_transpose_cache`` "auto": only a memory probe with the built
         model settles them (``loralab.run.step.make_step``)."""
         cuda, causal = device_type == "cuda", kind == "causal_lm"
@@ -161,6 +161,7 @@ class Speed:
                 "fp8_transpose_cache": "auto" if cuda and self.micro_batch == "auto" else 0.0}  # no probe: nothing spare
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
+        out.cudnn_attention = bool(cuda and causal and (out.cudnn_attention is True or out.cudnn_attention == "auto" and cudnn_pays))
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):
             out.loss_chunk_size = LOSS_CHUNK  # else the probe settles it (loralab.run.step.make_step)
         if out.activation_memory_budget == "auto" or not out.compile:  # no compiled layer: nothing to partition
@@ -370,8 +371,7 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
     problems.extend(not_allowed(values, "loss_normalization", LOSS_NORMALIZATIONS))
     if values["checkpoint_steps"] is not None and values["checkpoint_steps"] < 0:
         problems.append(f"'checkpoint_steps' = {values['checkpoint_steps']!r} must be >= 0 (0: only on SIGINT/SIGTERM; null: every 10 % of the run)")
-    if values["keep_checkpoints"] < 1:
-        problems.append(f"'keep_checkpoints' = {values['keep_checkpoints']!r} must be >= 1")
+    problems += [f"'keep_checkpoints' = {values['keep_checkpoints']!r} must be >= 1"] if values["keep_checkpoints"] < 1 else []
     if not isinstance(cal["corda_options"], dict):  # its keys: loralab.experiment checks them
         problems.append(f"'calibration.corda_options' = {cal['corda_options']!r} must be a JSON object")
     problems.extend(trackers.report_to_problems(values["report_to"]))

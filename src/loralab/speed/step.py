@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from loralab.config import FUSED_AND, LOSS_CHUNK, Speed
+from loralab.speed.attention import plain_causal_attention
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, fp8_layers, use_fast_accum, use_quantize_kernel
 from loralab.speed.fp8_qkv import fp8_qkv_groups, fuse_fp8_qkv
@@ -39,7 +40,7 @@ def _hf_model(model):
 
 
 PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False, activation_memory_budget=1.0,
-              fp8_transpose_cache=0.0, fp8_fast_accum="none", fp8_fused_qkv=False)
+              fp8_transpose_cache=0.0, fp8_fast_accum="none", fp8_fused_qkv=False, cudnn_attention=False)
 """What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
 
 
@@ -100,6 +101,8 @@ def rewrite_lines(resolved: Speed, settings: Speed) -> list[str]:
             line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
                      "at the rank itself) or biases")
         lines.append(line)
+    if resolved.cudnn_attention:
+        lines.append("speed.cudnn_attention: causal batches without a mask compute attention with cuDNN's SDPA kernel first")
     if (resolved.fp8_qkv_trios or {}).get("trios"):
         lines.append(f"speed.fp8_fused_qkv: {resolved.fp8_qkv_trios['trios']} q/k/v trio(s) of FP8 layers compute as one GEMM")
     if (shared := resolved.lora_shared_inputs) is not None:
@@ -120,6 +123,8 @@ def compile_layers(model, options: Speed) -> None:
     call: the layers compile anew at their next forward."""
     layers = _decoder_layers(model)
     backend = budgeted_backend(options.compile_backend, options.activation_memory_budget)
+    if options.cudnn_attention:  # its own backend identity: torch.compile does not guard on SDPA's kernel order
+        backend = cudnn_keyed_backend(backend)
     for layer in layers if layers is not None else [model]:
         layer.compile(backend=backend)
 
@@ -168,6 +173,24 @@ def budgeted_backend(name, budget: float):
 
     backend.__name__ = f"{getattr(name, '__name__', name)}@activation_memory_budget={budget}"
     return backend
+
+
+@functools.cache  # one per backend for the process, as budgeted_backend
+def cudnn_keyed_backend(backend):
+    """``backend`` (a name or a backend callable) under another identity, for layers traced with cuDNN's attention
+    first (``speed.attention.plain_causal_attention``). torch.compile keys compiled code by its backend but does not
+    guard on SDPA's kernel order, which is read when an op is traced: without this a model with
+    ``speed.cudnn_attention`` false, in a process where another traced the same layer code with it (a sweep), would
+    run cuDNN's kernel from the other's compiled code, and the other way round."""
+    from torch._dynamo import lookup_backend
+
+    compile_fn = lookup_backend(backend) if isinstance(backend, str) else backend
+
+    def keyed(gm, example_inputs):
+        return compile_fn(gm, example_inputs)
+
+    keyed.__name__ = f"{getattr(backend, '__name__', backend)}@cudnn_attention"
+    return keyed
 
 
 _PARTITIONS: list[str | None] = []
@@ -269,46 +292,6 @@ def _decoder_and_head(model):
     return decoder, head
 
 
-CAUSAL_SDPA = "loralab_causal_sdpa"
-
-
-def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention called without a mask, i.e. with SDPA's ``is_causal`` (flash)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-
-
-@contextlib.contextmanager
-def plain_causal_attention(hf_model):
-    """For batches with neither padding nor packing: attention through SDPA's causal flash kernel.
-
-    transformers picks ``is_causal`` itself only after checking the data on the host, which it
-    skips inside a CUDA graph capture (and so in our warm-up, see ``graphs.py``); it then builds an
-    explicit causal mask, which sends SDPA to the slower masked kernel (13 % of a Llama-3-8B step
-    in our H100 profile). When the batch carries no mask and no position ids the mask is causal by
-    construction, so we say so: an attention implementation registered without a mask function
-    makes transformers build none. Only for plain SDPA models without sliding windows.
-    """
-    config = getattr(hf_model, "config", None)
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    usable = (config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
-              and getattr(config, "is_causal", True) and getattr(config, "sliding_window", None) is None
-              and layer_types == {"full_attention"} and not getattr(config, "sub_configs", None))
-    if not usable:
-        yield
-        return
-    from transformers import AttentionInterface
-
-    if CAUSAL_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
-    config._attn_implementation_internal = CAUSAL_SDPA
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = "sdpa"
-
-
 def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
     """Next-token cross-entropy over labelled tokens, and their number (a tensor).
 
@@ -328,7 +311,9 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
     n_tokens = (target != IGNORE_INDEX).sum()
     parts = _decoder_and_head(model) if chunked else None
     plain = "attention_mask" not in inputs and "position_ids" not in inputs
-    attention = plain_causal_attention(_hf_model(model)) if plain else contextlib.nullcontext()
+    # cuDNN's kernel first only without a mask (speed/attention.py says why); PLAIN's False for unprepared models
+    attention = plain_causal_attention(_hf_model(model), cudnn_first=options.cudnn_attention is True) if plain \
+        else contextlib.nullcontext()
     with autocast_context(model, labels.device.type), attention:
         if parts is not None:
             decoder, head = parts
