@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -10,8 +11,8 @@ from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from loralab.config import ConfigError, Speed, build_parameters
-from loralab.speed.attention import CAUSAL_SDPA, cudnn_attention_pays
-from loralab.speed.step import PLAIN, causal_lm_loss, cudnn_keyed_backend, prepare_model
+from loralab.speed.attention import CAUSAL_SDPA, CAUSAL_SDPA_CUDNN, cudnn_attention_pays
+from loralab.speed.step import PLAIN, causal_lm_loss, prepare_model
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +33,50 @@ def _first_backend_seen(model, batch):
     return seen[0][0], seen[0][1], loss.item()
 
 
-def test_cudnn_goes_first_only_for_batches_without_a_mask_and_the_order_is_restored(smollm2):
-    """With the setting on, an unmasked causal batch's attention runs with cuDNN's kernel first; a masked batch
-    (padding) keeps torch's order, as does a model with the setting off; after each call torch's order is back."""
+def test_cudnn_goes_first_only_for_unmasked_batches_of_lengths_divisible_by_128_and_the_order_is_restored(smollm2):
+    """With the setting on, an unmasked causal batch 128 tokens wide runs attention under its own implementation name
+    with cuDNN's kernel first; a batch 130 wide, a masked batch (padding), a model with the setting off and a process
+    that switched cuDNN's SDPA off keep torch's order; after each call torch's order is back; the losses agree."""
     model = smollm2
-    ids = torch.tensor([[1, 504, 1115, 314, 253, 1437, 30, 198, 504, 1115], [1, 2066, 314, 253, 1437, 30, 198, 504, 1115, 314]])
-    plain_batch = {"input_ids": ids, "labels": ids}
-    masked_batch = {**plain_batch, "attention_mask": torch.ones_like(ids)}
+    ids = torch.arange(1, 1 + 2 * 130).reshape(2, 130) % 1000 + 200
+    wide, aligned = {"input_ids": ids, "labels": ids}, {"input_ids": ids[:, :128], "labels": ids[:, :128]}
     before = _cur_sdpa_kernel_backends(with_priority=True)
     assert before[0] != SDPBackend.CUDNN_ATTENTION  # torch's own order on CPU
     try:
         model._loralab_speed = dataclasses.replace(PLAIN, cudnn_attention=True)
-        first, implementation, plain_loss = _first_backend_seen(model, plain_batch)
-        assert (first, implementation) == (SDPBackend.CUDNN_ATTENTION, CAUSAL_SDPA)
+        first, implementation, on_loss = _first_backend_seen(model, aligned)
+        assert (first, implementation) == (SDPBackend.CUDNN_ATTENTION, CAUSAL_SDPA_CUDNN)
         assert _cur_sdpa_kernel_backends(with_priority=True) == before
-        first, implementation, masked_loss = _first_backend_seen(model, masked_batch)
+        assert _first_backend_seen(model, wide)[:2] == (before[0], CAUSAL_SDPA)  # 130: not a multiple of 128
+        first, implementation, masked_loss = _first_backend_seen(model, {**aligned, "attention_mask": torch.ones_like(ids[:, :128])})
         assert (first, implementation) == (before[0], "sdpa")
+        with torch.nn.attention.sdpa_kernel([b for b in before if b != SDPBackend.CUDNN_ATTENTION]):  # switched off
+            assert _first_backend_seen(model, aligned)[:2] == (before[0], CAUSAL_SDPA)
         model._loralab_speed = PLAIN
-        first, _, off_loss = _first_backend_seen(model, plain_batch)
-        assert first == before[0]
+        first, implementation, off_loss = _first_backend_seen(model, aligned)
+        assert (first, implementation) == (before[0], CAUSAL_SDPA)
     finally:
         del model._loralab_speed
-    assert plain_loss == pytest.approx(masked_loss, rel=1e-5) and plain_loss == pytest.approx(off_loss, rel=1e-6)
+    assert on_loss == pytest.approx(masked_loss, rel=1e-5) and on_loss == pytest.approx(off_loss, rel=1e-6)
+
+
+def test_auto_takes_cudnn_on_compute_capability_9_0_only(monkeypatch):
+    """"auto" resolves on only for a CUDA device of compute capability 9.0 with cuDNN's SDPA on, and not where
+    TORCH_CUDNN_SDPA_DEPRIORITIZED is set."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    monkeypatch.delenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", raising=False)
+    for capability, expected in (((9, 0), True), ((8, 0), False), ((10, 0), False), ((12, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert cudnn_attention_pays(cuda) is expected, capability
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", "1")
+    assert cudnn_attention_pays(cuda) is False
+    monkeypatch.delenv("TORCH_CUDNN_SDPA_DEPRIORITIZED")
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
+    assert cudnn_attention_pays(cuda) is False
+    assert cudnn_attention_pays(torch.device("cpu")) is False
 
 
 def test_the_setting_resolves_per_device_and_task_and_bad_values_are_named():
@@ -69,30 +92,46 @@ def test_the_setting_resolves_per_device_and_task_and_bad_values_are_named():
     assert resolved("auto", device="cpu") is False and resolved(True, device="cpu") is False  # nothing to choose on CPU
     assert resolved(True, kind="seq_cls") is False  # classification batches carry masks
     assert cudnn_attention_pays(torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="cudnn_attention still 'auto'"):  # a model is prepared with resolved settings
+        prepare_model(torch.nn.Linear(2, 2), dataclasses.replace(PLAIN, cudnn_attention="auto"))
     with pytest.raises(ConfigError, match=r"'speed.cudnn_attention' = 'yes' must be true, false or \"auto\""):
         build_parameters({"speed": {"cudnn_attention": "yes"}})
 
 
-def test_compiled_layers_with_cudnn_first_get_their_own_backend_identity(monkeypatch):
-    """Layers compiled with cuDNN's attention first compile with another backend object than layers without it, the
-    same one for every such model in the process: torch.compile keys compiled code by its backend, not by SDPA's
-    kernel order, so neither model reuses code traced under the other's order."""
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64)
-    backends = []
-    monkeypatch.setattr(torch, "compile", lambda fn, *args, backend=None, **kwargs: backends.append(backend) or fn)
-    for cudnn in (False, True, True):
-        prepare_model(LlamaForCausalLM(config), dataclasses.replace(PLAIN, compile=True, cudnn_attention=cudnn,
-                                                                    compile_backend="eager"))
-    assert backends[:2] == ["eager", "eager"] and len(backends) == 6
-    assert backends[2] is backends[4] is cudnn_keyed_backend("eager") and backends[2].__name__ == "eager@cudnn_attention"
+def test_compiled_layers_trace_again_for_batches_that_take_cudnn():
+    """Compiled layers keep apart the code traced with cuDNN's kernel first and the code traced without: a batch that
+    takes it after one that did not (the same shape) makes the layers trace again, and code traced with it is reused
+    by the next such batch. torch.compile does not guard on SDPA's kernel order; it does on the implementation name."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 64, (1, 128))
+    torch._dynamo.reset()
+    try:
+        model.model.layers[0].compile(backend=counting)
+        counts = []
+        for cudnn in (False, True, True, False):
+            model._loralab_speed = dataclasses.replace(PLAIN, cudnn_attention=cudnn)
+            with torch.no_grad():
+                causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+            counts.append(len(graphs))
+    finally:
+        torch._dynamo.reset()
+    assert counts == [1, 2, 2, 2]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's attention kernel needs a GPU")
 def test_compiled_layers_run_cudnn_attention_and_match_flash():
     """On CUDA, compiled Llama layers traced with cuDNN first run cuDNN's attention kernels (the profiler's names),
-    and the loss and the adapters' gradients match the flash kernel's run within bf16 rounding."""
+    and the loss and a projection's weight gradient match a run with cuDNN switched off (flash) within bf16 rounding."""
     from torch.profiler import ProfilerActivity, profile
 
     from loralab.speed.step import compile_layers
@@ -108,7 +147,9 @@ def test_compiled_layers_run_cudnn_attention_and_match_flash():
         options = dataclasses.replace(PLAIN, compile=True, autocast="bfloat16", cudnn_attention=cudnn)
         model._loralab_speed = options
         compile_layers(model, options)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # newer torch puts it first
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, \
+                torch.nn.attention.sdpa_kernel(no_cudnn) if not cudnn else contextlib.nullcontext():
             loss, _ = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
             loss.backward()
             torch.cuda.synchronize()

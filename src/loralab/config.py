@@ -99,8 +99,8 @@ class Speed:
     lora_shared_input: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})  # one GEMM
     # for the LoRA/fast DoRA A's of the projections reading one input (q/k/v, gate/up: speed/shared_input; not bitwise: dx's terms
     # sum in another order); auto: on CUDA for causal LMs unless fused_lora is
-    cudnn_attention: bool | str = field(default="auto", metadata={"added": True})  # causal batches without a mask: cuDNN's
-    # SDPA kernel first (speed/attention.py: why, and where not); auto: on Hopper with cuDNN >= 9.15.1, off elsewhere
+    cudnn_attention: bool | str = field(default="auto", metadata={"added": True})  # causal batches without a mask, of a length
+    # divisible by 128: cuDNN's SDPA kernel first (speed/attention.py: why, where not); auto: on compute capability 9.0
     dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm once per
     # optimizer step, not per micro-batch (speed/fast_dora refresh_dora_norms; bitwise without autocast, float32 products
     # under it; off under FSDP): 1.119x bf16, 1.035x FP8-base DoRA at the 8B shape, results/bench-dora-h100

@@ -49,7 +49,8 @@ def prepare_model(model, options: Speed):
     lora_shared_input, nor in activation_memory_budget where layers compile) to a (peft-wrapped) model in place and return
     it. Raises ValueError for unresolved settings and for ``fused_lora`` with ``lora_scale_at_rank`` or
     ``lora_shared_input``."""
-    unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank", "lora_shared_input", "activation_memory_budget")
+    unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank", "lora_shared_input", "activation_memory_budget",
+                              "cudnn_attention")
                   if getattr(options, k) == "auto" and (k != "activation_memory_budget" or options.compile)]
     if unresolved:
         raise ValueError(f"prepare_model needs resolved speed settings; {', '.join(unresolved)} still 'auto' "
@@ -102,7 +103,8 @@ def rewrite_lines(resolved: Speed, settings: Speed) -> list[str]:
                      "at the rank itself) or biases")
         lines.append(line)
     if resolved.cudnn_attention:
-        lines.append("speed.cudnn_attention: causal batches without a mask compute attention with cuDNN's SDPA kernel first")
+        lines.append("speed.cudnn_attention: causal batches without a mask, of a length divisible by 128, compute "
+                     "attention with cuDNN's SDPA kernel first, where the model's attention is SDPA's")
     if (resolved.fp8_qkv_trios or {}).get("trios"):
         lines.append(f"speed.fp8_fused_qkv: {resolved.fp8_qkv_trios['trios']} q/k/v trio(s) of FP8 layers compute as one GEMM")
     if (shared := resolved.lora_shared_inputs) is not None:
@@ -123,8 +125,6 @@ def compile_layers(model, options: Speed) -> None:
     call: the layers compile anew at their next forward."""
     layers = _decoder_layers(model)
     backend = budgeted_backend(options.compile_backend, options.activation_memory_budget)
-    if options.cudnn_attention:  # its own backend identity: torch.compile does not guard on SDPA's kernel order
-        backend = cudnn_keyed_backend(backend)
     for layer in layers if layers is not None else [model]:
         layer.compile(backend=backend)
 
@@ -173,24 +173,6 @@ def budgeted_backend(name, budget: float):
 
     backend.__name__ = f"{getattr(name, '__name__', name)}@activation_memory_budget={budget}"
     return backend
-
-
-@functools.cache  # one per backend for the process, as budgeted_backend
-def cudnn_keyed_backend(backend):
-    """``backend`` (a name or a backend callable) under another identity, for layers traced with cuDNN's attention
-    first (``speed.attention.plain_causal_attention``). torch.compile keys compiled code by its backend but does not
-    guard on SDPA's kernel order, which is read when an op is traced: without this a model with
-    ``speed.cudnn_attention`` false, in a process where another traced the same layer code with it (a sweep), would
-    run cuDNN's kernel from the other's compiled code, and the other way round."""
-    from torch._dynamo import lookup_backend
-
-    compile_fn = lookup_backend(backend) if isinstance(backend, str) else backend
-
-    def keyed(gm, example_inputs):
-        return compile_fn(gm, example_inputs)
-
-    keyed.__name__ = f"{getattr(backend, '__name__', backend)}@cudnn_attention"
-    return keyed
 
 
 _PARTITIONS: list[str | None] = []
@@ -312,8 +294,8 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
     parts = _decoder_and_head(model) if chunked else None
     plain = "attention_mask" not in inputs and "position_ids" not in inputs
     # cuDNN's kernel first only without a mask (speed/attention.py says why); PLAIN's False for unprepared models
-    attention = plain_causal_attention(_hf_model(model), cudnn_first=options.cudnn_attention is True) if plain \
-        else contextlib.nullcontext()
+    attention = plain_causal_attention(_hf_model(model), cudnn_first=options.cudnn_attention is True,
+                                       length=labels.shape[-1]) if plain else contextlib.nullcontext()
     with autocast_context(model, labels.device.type), attention:
         if parts is not None:
             decoder, head = parts
