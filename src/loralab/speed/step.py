@@ -49,8 +49,7 @@ def prepare_model(model, options: Speed):
     lora_shared_input, nor in activation_memory_budget where layers compile) to a (peft-wrapped) model in place and return
     it. Raises ValueError for unresolved settings and for ``fused_lora`` with ``lora_scale_at_rank`` or
     ``lora_shared_input``."""
-    unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank", "lora_shared_input", "activation_memory_budget",
-                              "cudnn_attention")
+    unresolved = [k for k in ("autocast", "compile", "lora_scale_at_rank", "lora_shared_input", "activation_memory_budget")
                   if getattr(options, k) == "auto" and (k != "activation_memory_budget" or options.compile)]
     if unresolved:
         raise ValueError(f"prepare_model needs resolved speed settings; {', '.join(unresolved)} still 'auto' "
@@ -293,7 +292,7 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
     n_tokens = (target != IGNORE_INDEX).sum()
     parts = _decoder_and_head(model) if chunked else None
     plain = "attention_mask" not in inputs and "position_ids" not in inputs
-    # cuDNN's kernel first only without a mask (speed/attention.py says why); PLAIN's False for unprepared models
+    # cuDNN's kernel first only without a mask (speed/attention.py says why); an unresolved "auto" does not take it
     attention = plain_causal_attention(_hf_model(model), cudnn_first=options.cudnn_attention is True,
                                        length=labels.shape[-1]) if plain else contextlib.nullcontext()
     with autocast_context(model, labels.device.type), attention:
