@@ -1,5 +1,5 @@
 """``speed.activation_memory_budget`` "auto": after the micro-batch probe and the transpose cache, the layers compile
-at torch's default partition (1.0) where the estimate of what it saves beyond ``config.ACTIVATION_BUDGET`` fits what
+at torch's default partition (1.0) where the estimate of what it saves beyond ``speed_settings.ACTIVATION_BUDGET`` fits what
 the budget has left (run/spare_memory.py ``row_bytes``, ``spend_spare_on_activations``; run/step.py ``make_step``).
 The probe needs CUDA, so it is stood in for with the peaks an H100 probed for bf16 LoRA at the 8B shape
 (results/bench-fair-h100-1206/probecheck: 17.76, 19.84, 23.51 GiB at micro-batch 1, 2, 4; AdamW's state 0.63 GiB)."""
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loralab.config import ACTIVATION_BUDGET, Speed
 from loralab.run.spare_memory import FULL_PARTITION_EXTRA, HEADROOM, row_bytes, spare_bytes, spend_spare_on_activations
+from loralab.speed_settings import ACTIVATION_BUDGET, Speed
 
 GIB = 2**30
 PEAKS = [17.76, 19.84, 23.51]

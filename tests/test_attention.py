@@ -10,9 +10,10 @@ import torch
 from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from loralab.config import ConfigError, Speed, build_parameters
+from loralab.config import ConfigError, build_parameters
 from loralab.speed.attention import CAUSAL_SDPA, CAUSAL_SDPA_CUDNN, cudnn_attention_pays
 from loralab.speed.step import PLAIN, causal_lm_loss
+from loralab.speed_settings import Speed
 
 
 @pytest.fixture(scope="module")

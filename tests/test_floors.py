@@ -3,7 +3,8 @@
 Where a new file goes (from the ground up; a module may import from its own floor and below, never
 from above, function-local imports included):
 
-- floor 0, the ground: ``config`` (training parameters, their defaults and checks), ``results``
+- floor 0, the ground: ``config`` (training parameters, their defaults and checks), ``speed_settings``
+  (the ``speed`` key's settings), ``results``
   (the result record, its writer, content hashes), ``models`` (loading models, the shape table),
   ``data`` (batching and collation), ``distributed`` (the launch and collectives only),
   ``trackers`` (W&B / TensorBoard back-ends), ``checkpoint`` (saving and restoring run state).
@@ -38,6 +39,7 @@ FLOORS = {
     # longest key wins. "loralab" (the package's own __init__: the version string) covers itself only.
     "loralab": 0,
     "loralab.config": 0,
+    "loralab.speed_settings": 0,
     "loralab.results": 0,
     "loralab.models": 0,
     "loralab.shapes": 0,

@@ -205,8 +205,8 @@ def test_what_cannot_compute_together_computes_alone():
 def test_the_speed_setting_fuses_records_and_logs_and_false_leaves_the_layers():
     import dataclasses
 
-    from loralab.config import Speed
     from loralab.speed.step import PLAIN, prepare_model, rewrite_lines
+    from loralab.speed_settings import Speed
 
     on = dataclasses.replace(PLAIN, fp8_fused_qkv=True)
     model = prepare_model(_llama(), on)

@@ -72,8 +72,8 @@ def test_bf16_autocast_generation_mismatch_reproduced_then_fixed(smollm2_path, d
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loralab.config import Speed
     from loralab.speed.step import autocast_context, prepare_model
+    from loralab.speed_settings import Speed
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16).to(device)
     model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

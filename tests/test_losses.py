@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loralab.config import Speed
 from loralab.speed.losses import (
     chunk_loss_and_grad,
     chunked_linear_cross_entropy,
@@ -12,6 +11,7 @@ from loralab.speed.losses import (
     plain_linear_cross_entropy,
 )
 from loralab.speed.step import causal_lm_loss, prepare_model
+from loralab.speed_settings import Speed
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])

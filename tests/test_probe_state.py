@@ -121,9 +121,9 @@ def test_the_probe_counts_the_state_and_tries_small_loss_chunks_on_cuda(fraction
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loralab.config import Speed
     from loralab.run.probe import probe_micro_batch
     from loralab.speed.step import prepare_model
+    from loralab.speed_settings import Speed
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -225,8 +225,8 @@ def test_only_a_fused_loss_has_chunks_to_shrink():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loralab.config import Speed
     from loralab.speed.step import prepare_model, uses_fused_loss
+    from loralab.speed_settings import Speed
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100)
@@ -314,8 +314,8 @@ def test_make_step_drops_the_probes_compiled_code_only_after_several_compiled_si
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loralab.config import Speed
     from loralab.run import step as run_step
+    from loralab.speed_settings import Speed
 
     real_resolve, dropped = Speed.resolve, []
 

@@ -389,7 +389,7 @@ def test_probe_section_is_the_scripts_output():
 def test_activation_budget_section_is_the_scripts_output():
     """The activation-budget section holds what scripts/fair_bench_table.py prints from
     results/bench-actbudget-h100/, and the speed-defaults row and the default quote its files."""
-    from loralab.config import ACTIVATION_BUDGET
+    from loralab.speed_settings import ACTIVATION_BUDGET
 
     folder = RESULTS / "bench-actbudget-h100"
     printed, text = _printed_tables_in(folder, "### Activations recomputed within a memory budget (H100)")

@@ -1,5 +1,5 @@
 """The run path's own pieces (``loralab.run``): the speed settings' defaults and auto resolution
-(``config.Speed``), the one step factory (``run.step.make_step``) and the outcome of a run as a value."""
+(``speed_settings.Speed``), the one step factory (``run.step.make_step``) and the outcome of a run as a value."""
 
 import itertools
 
@@ -8,11 +8,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loralab.config import ConfigError, Speed, _speed_defaults, build_parameters
+from loralab.config import ConfigError, build_parameters
 from loralab.experiment import hashed_parameters
 from loralab.methods.lora import ADAMW
 from loralab.run.record import Cancelled, Outcome
 from loralab.run.step import make_step
+from loralab.speed_settings import Speed, _speed_defaults
 
 HASHED_SPEED_DEFAULTS = {"fast_dora": True, "chunked_loss": True, "cuda_graphs": "auto", "fused_lora": False,
                          "autocast": "auto", "compile": "auto", "packing": "auto", "micro_batch": "auto",
@@ -257,7 +258,7 @@ def test_every_fp8_only_speed_key_set_away_from_its_default_needs_the_fp8_base()
     from peft import LoraConfig
 
     from loralab import methods
-    from loralab.config import FP8_ONLY_SPEED
+    from loralab.speed_settings import FP8_ONLY_SPEED
 
     values = {"fp8_transpose_cache": 0.5, "fp8_quantize_kernel": "triton", "fp8_fast_accum": "none", "fp8_fused_qkv": False}
     assert set(values) == set(FP8_ONLY_SPEED)

@@ -15,7 +15,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
-from loralab.config import ConfigError, Speed, build_parameters
+from loralab.config import ConfigError, build_parameters
 from loralab.run.step import make_step
 from loralab.speed import fast_dora
 from loralab.speed import shared_input as si
@@ -32,6 +32,7 @@ from loralab.speed.shared_input import (
     shared_input_summary,
 )
 from loralab.speed.step import prepare_model, rewrite_lines
+from loralab.speed_settings import Speed
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
 FEATURES = [{"input_ids": list(range(1, 1 + n))} for n in (5, 9, 3, 7)]  # make_step's samples

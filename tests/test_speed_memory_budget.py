@@ -4,7 +4,8 @@ memory-budget partitioner, with the same loss and gradients; its checks at the e
 import pytest
 import torch
 
-from loralab.config import ConfigError, Speed, build_parameters
+from loralab.config import ConfigError, build_parameters
+from loralab.speed_settings import Speed
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -118,7 +119,7 @@ def test_bad_budgets_are_refused_naming_the_key(speed, message):
 
 
 def test_auto_is_the_budget_where_layers_compile_and_an_explicit_value_wins():
-    from loralab.config import ACTIVATION_BUDGET
+    from loralab.speed_settings import ACTIVATION_BUDGET
 
     def resolved(device_type, **speed):
         return Speed(**speed).resolve(device_type=device_type, kind="causal_lm", base_dtype="bfloat16").activation_memory_budget

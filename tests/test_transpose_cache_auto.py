@@ -11,12 +11,13 @@ from peft import LoraConfig
 from torch import nn
 
 from loralab import methods
-from loralab.config import ConfigError, Speed
+from loralab.config import ConfigError
 from loralab.experiment import build_parameters, hashed_parameters
 from loralab.methods.fp8base import quantize_linears
 from loralab.run.probe import SMALL_LOSS_CHUNK
 from loralab.run.spare_memory import HEADROOM, cache_spare_transposes, spare_bytes
 from loralab.speed.fp8 import Fp8Linear
+from loralab.speed_settings import Speed
 
 GIB = 2**30
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from loralab import methods
-from loralab.config import ConfigError, Speed, TrainingParameters, build_parameters, not_allowed, suggest
+from loralab.config import ConfigError, TrainingParameters, build_parameters, not_allowed, suggest
 from loralab.decomposition.corda import check_options
 from loralab.models import check_model_id
 from loralab.results import sha256_json
+from loralab.speed_settings import Speed
 
 ADAPTER_FILE = "adapter_config.json"
 PARAMS_FILE = "training_parameters.json"

@@ -47,11 +47,11 @@ from loralab.bench.workloads import (
     presets,
     step_features,
 )
-from loralab.config import FP8_ONLY_SPEED
 from loralab.run.probe import pending_state_bytes
 from loralab.run.step import Step, make_step
 from loralab.shapes import MODELS
 from loralab.speed.step import _hf_model, budget_partitions, partitions_since
+from loralab.speed_settings import FP8_ONLY_SPEED
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
 PEER_STACKS = ("peer", "liger", "tuned")
@@ -102,7 +102,7 @@ def loralab_step(model, features: list[list[dict]], *, kind: str, dtype: str, ma
     """The step ``loralab run`` builds, for an adapted ``model``: ``loralab.run.step.make_step``.
 
     ``speed`` holds explicit ``speed`` keys (the experiment's; the bench's --no-compile /
-    --no-cuda-graphs); every other key is ``loralab.config.Speed``'s default, resolved for this
+    --no-cuda-graphs); every other key is ``loralab.speed_settings.Speed``'s default, resolved for this
     device, task kind and base dtype. The optimizer is the ``adamw`` optimizer part's (fused AdamW
     on CUDA, weight decay 0); then, as in ``loralab run``: ``prepare_model``, the micro-batch probe
     when it is "auto" (over all the row's samples, limit = the optimizer batch), ``Step`` with

@@ -136,8 +136,8 @@ def run(args) -> int:
 def parse_speed(items: list[str]) -> dict:
     """``--speed KEY=VALUE`` options as a speed dict (VALUE parsed as JSON, else taken as a string).
     Raises SystemExit naming the item for a missing ``=``, an unknown key (with the allowed ones) or
-    a value ``config.Speed`` refuses (its message)."""
-    from loralab.config import Speed
+    a value ``speed_settings.Speed`` refuses (its message)."""
+    from loralab.speed_settings import Speed
 
     out, keys = {}, Speed.experiment_keys()
     for item in items:

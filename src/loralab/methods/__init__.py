@@ -32,7 +32,6 @@ import dataclasses
 import itertools
 import time
 
-from loralab.config import FP8_ONLY_SPEED, Speed
 from loralab.methods import (
     corda,
     dora,
@@ -52,6 +51,7 @@ from loralab.methods import (
     svd_lorafa,
 )
 from loralab.methods.parts import option_problems
+from loralab.speed_settings import FP8_ONLY_SPEED, Speed
 
 LAYERS = {p.name: p for p in (lora.LAYER, rslora.LAYER, dora.LAYER, dora.MAGNITUDE_ONLY)}
 INITS = {

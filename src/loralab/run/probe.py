@@ -16,7 +16,7 @@ is the rule, a pure function of those measurements:
 - stop at the optimizer batch (``limit``): a forward never holds more than one optimizer batch.
 
 The budget is a share of the whole card, so it shrinks with the card: the default 0.25
-(``config.Speed.memory_fraction``: 35.1 GiB on an H200, under the tuned peer's 37.7 GiB) is 20 GiB
+(``speed_settings.Speed.memory_fraction``: 35.1 GiB on an H200, under the tuned peer's 37.7 GiB) is 20 GiB
 on an 80 GB H100, where the 8B LoRA shape (26.9 GiB at 4 x 512) gets a smaller micro-batch than the
 fixed 2,048-token target gave it; set ``speed.memory_fraction`` to 0.35 or more there.
 With ``speed.loss_chunk_size`` "auto" (a causal LM's fused loss), a size over the budget is probed
@@ -34,11 +34,11 @@ from typing import Callable
 
 import torch
 
-from loralab.config import LOSS_CHUNK
 from loralab.data import collate
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.shared_input import clear_input_groups
 from loralab.speed.step import causal_lm_loss, seq_cls_loss
+from loralab.speed_settings import LOSS_CHUNK
 
 MIN_GAIN = 0.05
 """Auto micro-batch: a doubling that gains less than 5 % tokens/s is not worth its memory (timing

@@ -1,7 +1,7 @@
 """What the probed micro-batch leaves of the memory budget, spent (issue 22: "the auto micro-batch spends the memory
 the run is allowed"): first ``speed.fp8_transpose_cache`` "auto" on the FP8 layers' column-major codes, then
 ``speed.activation_memory_budget`` "auto" on the activations torch's default partition saves (``spend_spare_on_activations``:
-1.0 in place of ``config.ACTIVATION_BUDGET`` where the estimate of what it adds fits what is left).
+1.0 in place of ``speed_settings.ACTIVATION_BUDGET`` where the estimate of what it adds fits what is left).
 
 An FP8 layer's input gradient reads its codes with the reduced axis contiguous, so every backward copies them
 transposed (``speed/fp8.py``: 1 byte per weight read and written), unless the copy is kept once
@@ -22,7 +22,7 @@ The arithmetic, per run (``spare_bytes``, ``cache_spare_transposes``):
 
 The probed peak already holds one layer's per-backward copy, which caching removes, so the run's peak grows by
 at most the cached bytes. Where nothing was probed (CPU, an explicit ``speed.micro_batch``, FSDP) "auto" is 0
-(``config.Speed.resolve``, ``run.step.distributed_speed``). The cache gives the same bits as the copies
+(``speed_settings.Speed.resolve``, ``run.step.distributed_speed``). The cache gives the same bits as the copies
 (``tests/test_fp8.py``).
 """
 
@@ -108,7 +108,7 @@ def log_transposes(speed, log: Callable[[str], None] = print) -> None:
 
 
 FULL_PARTITION_EXTRA = 0.43
-"""What torch's default partition (``activation_memory_budget`` 1.0) saves beyond ``config.ACTIVATION_BUDGET``'s (0.8),
+"""What torch's default partition (``activation_memory_budget`` 1.0) saves beyond ``speed_settings.ACTIVATION_BUDGET``'s (0.8),
 as a share of the bytes one more probed row adds to the peak at 0.8. On CPU a compiled Llama layer with LoRA saves ~20
 hidden sizes per token at 1.0 and ~14 at 0.8 (tests/test_speed_memory_budget.py): 6/14 = 0.43. On an H100 at the 8B
 shape a row added 1.83 GiB (bf16 LoRA's probe, micro-batch 2 to 4; results/bench-fair-h100-1206/probecheck) and 1.0
@@ -129,7 +129,7 @@ def row_bytes(probe: dict, micro_batch: int) -> int | None:
 
 def spend_spare_on_activations(model, speed, probe: dict, micro_batch: int, spare: int | None,
                                log: Callable[[str], None] = print) -> bool:
-    """Settle ``speed.activation_memory_budget`` "auto" (resolved to ``config.ACTIVATION_BUDGET`` for the probe) after
+    """Settle ``speed.activation_memory_budget`` "auto" (resolved to ``speed_settings.ACTIVATION_BUDGET`` for the probe) after
     the micro-batch probe and the transpose cache: where the layers compile and ``FULL_PARTITION_EXTRA`` · ``row_bytes``
     · ``micro_batch`` fits in ``spare`` (``spare_bytes``, the least over ranks) less the codes "auto" cached less
     ``HEADROOM`` of the budget, on every rank, the layers compile again at 1.0 (``speed/step.compile_layers``; the

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from loralab import distributed
-from loralab.config import LOSS_CHUNK, ConfigError, Speed
+from loralab.config import ConfigError
 from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
@@ -50,6 +50,7 @@ from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
 from loralab.speed.shared_input import clear_input_groups
 from loralab.speed.step import causal_lm_loss, prepare_model, rewrite_lines, seq_cls_loss, uses_fused_loss
+from loralab.speed_settings import LOSS_CHUNK, Speed
 
 
 class MicroBatchOOM(RuntimeError):

@@ -51,9 +51,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loralab.config import FP8_FAST_ACCUM, FP8_QUANTIZE_KERNELS
 from loralab.speed.fp8_kernels import can_run_on, quantize_rows_triton
 from loralab.speed.streams import side_streams
+from loralab.speed_settings import FP8_FAST_ACCUM, FP8_QUANTIZE_KERNELS
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value

@@ -13,7 +13,7 @@
   over labelled tokens and their count, with the LM head fused into a chunked cross-entropy
   (``losses.py``) so no full logits are built.
 - ``seq_cls_loss(model, batch)``: the classification loss under the same autocast.
-Packing and micro-batching live in ``loralab.run.step.Step``; settings in ``loralab.config.Speed``.
+Packing and micro-batching live in ``loralab.run.step.Step``; settings in ``loralab.speed_settings.Speed``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from loralab.config import FUSED_AND, LOSS_CHUNK, Speed
 from loralab.speed.attention import plain_causal_attention
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, fp8_layers, use_fast_accum, use_quantize_kernel
@@ -33,6 +32,7 @@ from loralab.speed.fused_lora import enable_fused_lora
 from loralab.speed.losses import IGNORE_INDEX, chunked_linear_cross_entropy, compiled_chunk_loss
 from loralab.speed.rank_scaling import enable_rank_scaling, rank_scaling_summary
 from loralab.speed.shared_input import enable_shared_input, shared_input_summary
+from loralab.speed_settings import FUSED_AND, LOSS_CHUNK, Speed
 
 
 def _hf_model(model):
