@@ -226,7 +226,7 @@ PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(fair8b recipe)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-$PYTHON -c "import importlib.util as u, torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'liger_kernel', 'yes' if u.find_spec('liger_kernel') else 'NOT importable: no Liger rows')" | tee -a "$OUT/gpu.txt"
+$PYTHON -c "import importlib.util as u, torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cudnn', torch.backends.cudnn.version(), 'liger_kernel', 'yes' if u.find_spec('liger_kernel') else 'NOT importable: no Liger rows')" | tee -a "$OUT/gpu.txt"
 echo "commit: ${LORALAB_GIT_COMMIT:-unknown (the tree travels without .git; the launcher names it)}" | tee -a "$OUT/gpu.txt"
 nvidia-smi --query-gpu=uuid --format=csv,noheader | sed 's/^/card: /' | tee -a "$OUT/gpu.txt"  # which card: compare calls on one
 
