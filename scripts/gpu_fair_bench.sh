@@ -193,10 +193,10 @@
 #   H100, the three changes' shares in one call (carry .devdata/oldsrc = git archive 36a2c53 src): METHODS=lora,fp8+lora
 #   VARIANTS="defaults src:old fp8_fused_qkv=false/methods:fp8+lora" SPEED="memory_fraction=0.441" ROW_CAP=200 speedab;
 #   then cuDNN attention in the step (to build: an option choosing SDPA's backend order) against flash.
-#   After 2026-12-07's first session (`speed.cudnn_attention`, c97e553: cuDNN's SDPA kernel first for causal batches
-#   without a mask; auto on Hopper with cuDNN >= 9.15.1): on any card, its A/B (print torch.backends.cudnn.version():
-#   below 91501 "auto" is off): METHODS=lora,fp8+lora VARIANTS="cudnn_attention=false cudnn_attention=true" speedab
-#   (SPEED="memory_fraction=0.441" on an H100), with tests/test_attention.py's GPU test; then on an H200 fp8check fair8b, recipe.
+#   After 2026-12-07's first session (results/bench-cudnn-h100/: torch 2.11 with cuDNN 9.19 already runs cuDNN's
+#   attention in `loralab run`; `loralab bench` had switched cuDNN's SDPA off for every row since 3631578, now only for
+#   the peers of workloads whose lengths vary): on an H200, fp8check fair8b (both stacks with cuDNN's attention at the
+#   fixed shape), recipe; on an H100, fair8b with SPEED="memory_fraction=0.441".
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -58,8 +58,6 @@ class Speed:
     lora_shared_input: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})  # one GEMM
     # for the LoRA/fast DoRA A's of the projections reading one input (q/k/v, gate/up: speed/shared_input; not bitwise: dx's terms
     # sum in another order); auto: on CUDA for causal LMs unless fused_lora is
-    cudnn_attention: bool | str = field(default="auto", metadata={"added": True})  # causal batches without a mask, of a length
-    # divisible by 128: cuDNN's SDPA kernel first (speed/attention.py: why, where not); auto: on compute capability 9.0
     dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm once per
     # optimizer step, not per micro-batch (speed/fast_dora refresh_dora_norms; bitwise without autocast, float32 products
     # under it; off under FSDP): 1.119x bf16, 1.035x FP8-base DoRA at the 8B shape, results/bench-dora-h100
@@ -108,10 +106,9 @@ class Speed:
                 problems.append(f"'speed.{k}' = {speed[k]!r} must be \"auto\" or a positive integer{unit}")
         return problems
 
-    def resolve(self, *, device_type: str, kind: str, base_dtype: str, cudnn_pays: bool = False) -> Speed:
+    def resolve(self, *, device_type: str, kind: str, base_dtype: str) -> Speed:
         """A copy with every ``"auto"`` replaced for this run: ``device_type`` ``cuda``/``cpu``, task
-        ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``, ``cudnn_pays`` (the device's
-        ``speed.attention.cudnn_attention_pays``). ``micro_batch`` stays "auto" on CUDA, and with
+        ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``. ``micro_batch`` stays "auto" on CUDA, and with
         it a causal LM's ``loss_chunk_size`` and ``fp8_transpose_cache`` "auto": only a memory probe with the built
         model settles them (``loralab.run.step.make_step``)."""
         cuda, causal = device_type == "cuda", kind == "causal_lm"
@@ -120,7 +117,6 @@ class Speed:
                 "fp8_transpose_cache": "auto" if cuda and self.micro_batch == "auto" else 0.0}  # no probe: nothing spare
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
-        out.cudnn_attention = bool(cuda and causal and (out.cudnn_attention is True or out.cudnn_attention == "auto" and cudnn_pays))
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):
             out.loss_chunk_size = LOSS_CHUNK  # else the probe settles it (loralab.run.step.make_step)
         if out.activation_memory_budget == "auto" or not out.compile:  # no compiled layer: nothing to partition

@@ -279,13 +279,11 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack, in
     ``stacks`` that is not a stack, or a ``peer_memory`` not allowed.
 
-    cuDNN attention is switched off for both stacks: it builds a new plan for every new shape,
-    which would charge padded batches of varying length (the peer's) seconds per step.
+    Attention runs torch's kernel order, as ``loralab run`` and a careful user get it, except for the peers' rows
+    of a workload whose lengths vary (``peer_attention``).
     """
     from tqdm import tqdm
 
-    if device == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
     tuned_cap(None, peer_memory)  # refused before any row runs
     kept = [w for w in presets(preset) if not only or only in w.name]
     known = sorted({m for w in kept for m in w.methods})
@@ -309,8 +307,9 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
             n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
             ours = next((r for r in rows if (r["workload"], r["method"], r["stack"]) == (w.name, method, "loralab")), None)
             budget, budget_from = tuned_cap(ours, peer_memory)  # the tuned peer's cap
-            row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed, budget_gib=budget,
-                          budget_from=budget_from)
+            with peer_attention(w, stack, device):
+                row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed, budget_gib=budget,
+                              budget_from=budget_from)
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
                    "peak_memory_gib": None, "mfu": None, "error": f"out of memory: {str(exc)[:120]}"}
@@ -333,6 +332,19 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
         for w, method, stack in [p for p in plan if p[2] == "loralab"]:
             run_one(w, method, stack, device, 2, warmup or w.warmup or 3, speed=speed, profile_to=profiles)
     return rows, profiles
+
+
+def peer_attention(w: Workload, stack: str, device: str):
+    """cuDNN's SDPA kernel switched off while a peer's row of a workload whose lengths vary runs on CUDA: cuDNN
+    builds a plan for every new shape, which charges the peers' padded batches of changing width seconds a step
+    (loralab's packed rows keep a few widths). Elsewhere torch's order stands: where torch puts cuDNN first
+    (cuDNN above 9.15 on Hopper) a fixed-shape peer runs it as its user would, and loralab's rows run what
+    ``loralab run`` does. Until 2026-12-07 cuDNN's kernel was off for every row (results/bench-cudnn-h100)."""
+    if device != "cuda" or stack == "loralab" or w.lengths == "fixed":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def format_row(row: dict) -> str:

@@ -42,7 +42,6 @@ from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.run.spare_memory import cache_spare_transposes, log_transposes, spare_bytes, spend_spare_on_activations
-from loralab.speed.attention import cudnn_attention_pays
 from loralab.speed.dora_refresh import refresh_dora_norms
 from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
 from loralab.speed.graphs import GraphedTraining, bucket_width
@@ -326,7 +325,7 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     Returns (step, resolved settings, no "auto" left).
     """
     settings = speed if isinstance(speed, Speed) else Speed(**speed)
-    resolved = settings.resolve(device_type=device.type, kind=kind, base_dtype=dtype, cudnn_pays=cudnn_attention_pays(device))
+    resolved = settings.resolve(device_type=device.type, kind=kind, base_dtype=dtype)
     multi = launch is not None and launch.distributed
     if multi:
         distributed_speed(resolved, launch, rewrites_base=rewrites_base, log=log)

@@ -40,7 +40,7 @@ def _hf_model(model):
 
 
 PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False, activation_memory_budget=1.0,
-              fp8_transpose_cache=0.0, fp8_fast_accum="none", fp8_fused_qkv=False, cudnn_attention=False)
+              fp8_transpose_cache=0.0, fp8_fast_accum="none", fp8_fused_qkv=False)
 """What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
 
 
@@ -101,9 +101,6 @@ def rewrite_lines(resolved: Speed, settings: Speed) -> list[str]:
             line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
                      "at the rank itself) or biases")
         lines.append(line)
-    if resolved.cudnn_attention:
-        lines.append("speed.cudnn_attention: causal batches without a mask, of a length divisible by 128, compute "
-                     "attention with cuDNN's SDPA kernel first, where the model's attention is SDPA's")
     if (resolved.fp8_qkv_trios or {}).get("trios"):
         lines.append(f"speed.fp8_fused_qkv: {resolved.fp8_qkv_trios['trios']} q/k/v trio(s) of FP8 layers compute as one GEMM")
     if (shared := resolved.lora_shared_inputs) is not None:
@@ -292,9 +289,7 @@ def causal_lm_loss(model, batch: dict, *, chunked: bool | None = None):
     n_tokens = (target != IGNORE_INDEX).sum()
     parts = _decoder_and_head(model) if chunked else None
     plain = "attention_mask" not in inputs and "position_ids" not in inputs
-    # cuDNN's kernel first only without a mask (speed/attention.py says why); an unresolved "auto" does not take it
-    attention = plain_causal_attention(_hf_model(model), cudnn_first=options.cudnn_attention is True,
-                                       length=labels.shape[-1]) if plain else contextlib.nullcontext()
+    attention = plain_causal_attention(_hf_model(model)) if plain else contextlib.nullcontext()
     with autocast_context(model, labels.device.type), attention:
         if parts is not None:
             decoder, head = parts
