@@ -1,0 +1,1 @@
+env python3 -m loralab bench --preset full --device cuda --only llama-3-8b/fixed --methods lora,fp8+lora --stacks loralab --speed memory_fraction=0.441 --speed cudnn_attention=false --output /root/out/speedab-1.json
