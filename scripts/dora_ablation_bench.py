@@ -246,8 +246,6 @@ def main(argv=None) -> int:
     if args.profile and (args.device != "cuda" or not args.output):
         print("--profile: the profile is taken on CUDA only and written beside --output; none will be written",
               file=sys.stderr)
-    if args.device == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # as run_bench: no cuDNN plan per new shape
     rows = run(args)
     print(table(rows))
     return 0

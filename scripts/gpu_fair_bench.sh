@@ -192,11 +192,15 @@
 #   LoRA 0.893; cuDNN's SDPA kernel 0.62 of flash's time alone at 4 x 512): on an H200, fp8check fair8b, recipe; on an
 #   H100, the three changes' shares in one call (carry .devdata/oldsrc = git archive 36a2c53 src): METHODS=lora,fp8+lora
 #   VARIANTS="defaults src:old fp8_fused_qkv=false/methods:fp8+lora" SPEED="memory_fraction=0.441" ROW_CAP=200 speedab;
-#   then cuDNN attention in the step (to build: an option choosing SDPA's backend order) against flash.
+#   then cuDNN attention in the step (to build: an option choosing SDPA's backend order) against flash (built and
+#   taken out on 2026-12-07: see the next paragraph).
 #   After 2026-12-07's first session (results/bench-cudnn-h100/: torch 2.11 with cuDNN 9.19 already runs cuDNN's
 #   attention in `loralab run`; `loralab bench` had switched cuDNN's SDPA off for every row since 3631578, now only for
-#   the peers of workloads whose lengths vary): on an H200, fp8check fair8b (both stacks with cuDNN's attention at the
-#   fixed shape), recipe; on an H100, fair8b with SPEED="memory_fraction=0.441".
+#   the peers of workloads whose lengths vary): first fair8b with `--profile` (PROFILE=1 is not a switch: run
+#   `loralab bench ... --profile` by hand) to see cuDNN's kernels in loralab's graphed rows at the 8B shape (if gpu.txt's
+#   cuDNN is above 9.15.0; below it torch keeps flash first); on an H200, fp8check fair8b, recipe; on an H100, fair8b
+#   with SPEED="memory_fraction=0.441"; a peer row of a varying-length workload with and without cuDNN's SDPA (whether
+#   peer_attention's switch still pays the peer).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -24,3 +24,23 @@ def test_the_bench_switches_cudnn_off_only_for_peers_of_varying_lengths():
         assert torch.backends.cuda.cudnn_sdp_enabled()
     assert seen == {(True, "tuned"): True, (True, "loralab"): True, (False, "loralab"): True, (False, "tuned"): False,
                     (False, "peer"): False}
+
+
+def test_run_bench_runs_each_row_with_cudnn_as_peer_attention_says_and_records_it(monkeypatch):
+    """Through ``run_bench`` (stand-in rows, no model built): on CUDA the peers of the varying-length workload run with
+    cuDNN's SDPA off and their rows say so; loralab's rows and the fixed-shape peers run with it on and say nothing."""
+    from loralab.bench import runner
+
+    seen = {}
+
+    def fake_run_one(w, method, stack, device, steps, warmup, speed=None, budget_gib=None, budget_from=None):
+        seen[(w.name, stack)] = torch.backends.cuda.cudnn_sdp_enabled()
+        return {"workload": w.name, "method": method, "stack": stack, "throughput": 1.0, "unit": "tokens/s",
+                "peak_memory_gib": 1.0, "mfu": None}
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    rows, _ = runner.run_bench("tiny", "cuda", methods=("lora",), stacks=("loralab", "peer"), log=lambda s: None)
+    off = {(r["workload"], r["stack"]) for r in rows if r.get("cudnn_sdpa") == "off"}
+    assert off == {k for k, on in seen.items() if not on} == {("tiny-llama/gsm8k", "peer"), ("tiny-roberta/sst2", "peer")}
+    assert seen[("tiny-llama/fixed-2x64", "peer")] and seen[("tiny-llama/gsm8k", "loralab")]
+    assert torch.backends.cuda.cudnn_sdp_enabled()

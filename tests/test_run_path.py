@@ -253,7 +253,7 @@ def test_the_probe_builds_the_step_shape():
 
 
 def test_every_fp8_only_speed_key_set_away_from_its_default_needs_the_fp8_base():
-    """The refusal follows config.FP8_ONLY_SPEED: a key added there is refused without the FP8 base
+    """The refusal follows speed_settings.FP8_ONLY_SPEED: a key added there is refused without the FP8 base
     with no other change (a non-default value per key here; the test fails for a key it lacks)."""
     from peft import LoraConfig
 

@@ -35,12 +35,15 @@ class ConfigError(ValueError):
 def _calibration_defaults() -> dict[str, Any]:
     return {
         # None: sample from the task's own training split (seed 000: 256 random task samples).
-        # sampling: "random" (seed 000's README) or "first" (what seed 000's code actually did).
-        "dataset": None, "num_samples": 256, "seed": 0, "sampling": "random", "batch_size": 8,
+        "dataset": None, "num_samples": 256, "seed": 0,
+        # "random" (seed 000's README) or "first" (what seed 000's code actually did).
+        "sampling": "random", "batch_size": 8,
         # where CorDA sources disagree (loralab.decomposition.corda.DEFAULTS): normalisation,
         # scaling, cov_dtype, ...; {} keeps the official code's choices
         "corda_options": {},
-        "format": "llama2-chat", "seqlen": 2048,  # named calibration sets (seed 001): prompt format and sequence length
+        # named calibration sets (seed 001): prompt format and sequence length
+        "format": "llama2-chat",
+        "seqlen": 2048,
     }
 
 
@@ -239,7 +242,8 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
     problems.extend(not_allowed(values, "loss_normalization", LOSS_NORMALIZATIONS))
     if values["checkpoint_steps"] is not None and values["checkpoint_steps"] < 0:
         problems.append(f"'checkpoint_steps' = {values['checkpoint_steps']!r} must be >= 0 (0: only on SIGINT/SIGTERM; null: every 10 % of the run)")
-    problems += [f"'keep_checkpoints' = {values['keep_checkpoints']!r} must be >= 1"] if values["keep_checkpoints"] < 1 else []
+    if values["keep_checkpoints"] < 1:
+        problems.append(f"'keep_checkpoints' = {values['keep_checkpoints']!r} must be >= 1")
     if not isinstance(cal["corda_options"], dict):  # its keys: loralab.experiment checks them
         problems.append(f"'calibration.corda_options' = {cal['corda_options']!r} must be a JSON object")
     problems.extend(trackers.report_to_problems(values["report_to"]))

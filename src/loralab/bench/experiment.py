@@ -224,7 +224,9 @@ def run_experiment_bench(path, *, steps: int = 3, random_weights: bool = False, 
             require_causal_lm(params.task)
         from loralab.run.build import pick_device
 
-        dev = pick_device(params.device)  # attention backends as torch picks them (no cuDNN switch, unlike the preset rows)
+        # attention kernels as torch picks them for both stacks; the preset rows switch cuDNN's SDPA off for the peers of
+        # workloads whose lengths vary (bench.runner.peer_attention), the Trainer's padded batches here are not (unmeasured)
+        dev = pick_device(params.device)
         rows = []
         for name in stacks:
             clean(dev.type)

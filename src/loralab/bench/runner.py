@@ -307,9 +307,11 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
             n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
             ours = next((r for r in rows if (r["workload"], r["method"], r["stack"]) == (w.name, method, "loralab")), None)
             budget, budget_from = tuned_cap(ours, peer_memory)  # the tuned peer's cap
-            with peer_attention(w, stack, device):
+            with peer_attention(w, stack, device) as cudnn_off:
                 row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed, budget_gib=budget,
                               budget_from=budget_from)
+            if cudnn_off is not None:
+                row["cudnn_sdpa"] = "off"  # peer_attention: this row ran without cuDNN's attention kernel
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
                    "peak_memory_gib": None, "mfu": None, "error": f"out of memory: {str(exc)[:120]}"}
@@ -341,7 +343,7 @@ def peer_attention(w: Workload, stack: str, device: str):
     (cuDNN above 9.15 on Hopper) a fixed-shape peer runs it as its user would, and loralab's rows run what
     ``loralab run`` does. Until 2026-12-07 cuDNN's kernel was off for every row (results/bench-cudnn-h100)."""
     if device != "cuda" or stack == "loralab" or w.lengths == "fixed":
-        return contextlib.nullcontext()
+        return contextlib.nullcontext()  # enters as None; sdpa_kernel's as {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

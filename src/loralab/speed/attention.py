@@ -2,9 +2,10 @@
 
 Which of torch's SDPA kernels computes it is torch's choice: with cuDNN above 9.15 on Hopper torch puts cuDNN's
 kernel first itself (``check_prefer_cudnn_attention`` in torch's ``sdp_utils.cpp``; torch 2.11 with cuDNN 9.19 on
-an H100 ran cuDNN's kernels in our step, results/bench-cudnn-h100). A setting that put cuDNN first for these
-batches was built and taken out again on 2026-12-07 (results/bench-cudnn-h100/README.md says why: it changed
-nothing where torch already prefers cuDNN, and torch's compile caches, which key on the traced graph and not on
+an H100 ran cuDNN's kernels in ``causal_lm_loss`` on a small Llama, eager and with compiled layers, without CUDA
+graphs: results/bench-cudnn-h100, call 3). A setting that put cuDNN first for these batches was built and taken
+out again on 2026-12-07 (results/bench-cudnn-h100/README.md says why: it changed nothing where torch already
+prefers cuDNN, and probably, not verified, torch's compile caches, which key on the traced graph and not on
 SDPA's kernel order, handed code traced with one order to layers traced under another).
 """
 
