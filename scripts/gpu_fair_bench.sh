@@ -9,6 +9,8 @@
 #           sizes it tried, their peaks and rates are in each tuned row's micro_batch_probe). loralab's
 #           rows carry ratio_best_peer (and best_peer) and ratio_docs_peer. ~5-8 min (10 rows). SPEED="k=v ..."
 #           passes each as `--speed k=v` (loralab's rows; FP8-only keys reach the fp8+ rows only).
+#   fairprof loralab's rows (METHODS, default "lora,fp8+lora") and the tuned peer's of fair8b, loralab's profiled
+#           (fairprof.profile.txt): which attention kernels the graphed step runs, and the ratio, in ~4 min.
 #   fair8bcache  fair8b again with `--speed fp8_transpose_cache=0.81`: the FP8 rows keep the column-major
 #           codes of the MLP projections (the largest 81 % of the FP8 weight bytes) instead of copying them in
 #           every backward (the kernels that hold those copies, fused with gradient quantisation, took ~4.4 ms of a ~106 ms FP8
@@ -244,6 +246,11 @@ for part in "${PARTS[@]}"; do
       for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done  # SPEED="k=v k=v": explicit loralab speed keys
       step fair8b 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         "${speed_args[@]}" --output "$OUT/fair8b.json" ;;
+    fairprof)  # loralab's rows (METHODS, default lora,fp8+lora) and the tuned peer's, with loralab's profiled
+      speed_args=()
+      for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done
+      step fairprof 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+        --methods "${METHODS:-lora,fp8+lora}" --stacks loralab,tuned --profile "${speed_args[@]}" --output "$OUT/fairprof.json" ;;
     fair8bcache)
       step fair8bcache 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --speed fp8_transpose_cache=0.81 --output "$OUT/fair8bcache.json" ;;
@@ -376,7 +383,7 @@ for part in "${PARTS[@]}"; do
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda ${FP8LOSS_VARIANTS:+--variants $FP8LOSS_VARIANTS} \
         --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget speedab fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fairprof fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget speedab fp8check fp8loss)"; exit 2 ;;
   esac
 done
 
