@@ -198,8 +198,8 @@
 #   taken out on 2026-12-07: see the next paragraph).
 #   After 2026-12-07's first session (results/bench-cudnn-h100/: torch 2.11 with cuDNN 9.19 already runs cuDNN's
 #   attention in `loralab run`; `loralab bench` had switched cuDNN's SDPA off for every row since 3631578, now only for
-#   the peers of workloads whose lengths vary): first fair8b with `--profile` (PROFILE=1 is not a switch: run
-#   `loralab bench ... --profile` by hand) to see cuDNN's kernels in loralab's graphed rows at the 8B shape (if gpu.txt's
+#   the peers of workloads whose lengths vary): first fairprof (SPEED="memory_fraction=0.441" on an H100) to see
+#   cuDNN's kernels in loralab's graphed rows at the 8B shape, and the ratio with cuDNN in both stacks (if gpu.txt's
 #   cuDNN is above 9.15.0; below it torch keeps flash first); on an H200, fp8check fair8b, recipe; on an H100, fair8b
 #   with SPEED="memory_fraction=0.441"; a peer row of a varying-length workload with and without cuDNN's SDPA (whether
 #   peer_attention's switch still pays the peer).
