@@ -22,6 +22,14 @@ def test_the_bench_switches_cudnn_off_only_for_peers_of_varying_lengths():
         assert torch.backends.cuda.cudnn_sdp_enabled()
     with peer_attention(varying, "tuned", "cpu"):
         assert torch.backends.cuda.cudnn_sdp_enabled()
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(False)  # a kernel the user switched off stays off: only cuDNN's switch moves
+    try:
+        with peer_attention(varying, "tuned", "cuda") as off:
+            assert off and not torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
     assert seen == {(True, "tuned"): True, (True, "loralab"): True, (False, "loralab"): True, (False, "tuned"): False,
                     (False, "peer"): False}
 

@@ -310,7 +310,7 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
             with peer_attention(w, stack, device) as cudnn_off:
                 row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed, budget_gib=budget,
                               budget_from=budget_from)
-            if cudnn_off is not None:
+            if cudnn_off:
                 row["cudnn_sdpa"] = "off"  # peer_attention: this row ran without cuDNN's attention kernel
         except torch.OutOfMemoryError as exc:
             row = {"workload": w.name, "method": method, "stack": stack, "throughput": None, "unit": None,
@@ -336,17 +336,22 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     return rows, profiles
 
 
+@contextlib.contextmanager
 def peer_attention(w: Workload, stack: str, device: str):
     """cuDNN's SDPA kernel switched off while a peer's row of a workload whose lengths vary runs on CUDA: cuDNN
     builds a plan for every new shape, which charges the peers' padded batches of changing width seconds a step
     (loralab's packed rows keep a few widths). Elsewhere torch's order stands: where torch puts cuDNN first
     (cuDNN above 9.15 on Hopper) a fixed-shape peer runs it as its user would, and loralab's rows run what
-    ``loralab run`` does. Until 2026-12-07 cuDNN's kernel was off for every row (results/bench-cudnn-h100)."""
-    if device != "cuda" or stack == "loralab" or w.lengths == "fixed":
-        return contextlib.nullcontext()  # enters as None; sdpa_kernel's as {}
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    ``loralab run`` does. Until 2026-12-07 cuDNN's kernel was off for every row (results/bench-cudnn-h100).
+    Yields whether it is off for this row; only cuDNN's switch is touched, and it is restored after."""
+    off = device == "cuda" and stack != "loralab" and w.lengths != "fixed"
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    if off:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield off
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 def format_row(row: dict) -> str:
