@@ -1,4 +1,5 @@
-"""Training parameters: the one place where defaults live, and the checks made at the edge.
+"""Training parameters: the one place where defaults live, and the checks made at the edge (the ``speed`` key's
+settings: ``loralab.speed_settings``, checked from here).
 
 An experiment's ``training_parameters.json`` holds only what differs from these defaults
 (seed 004's format). Nested dicts (``calibration``, ``generation``, ``eval_options``) merge key by
@@ -35,9 +36,12 @@ class ConfigError(ValueError):
 def _calibration_defaults() -> dict[str, Any]:
     return {
         # None: sample from the task's own training split (seed 000: 256 random task samples).
-        "dataset": None, "num_samples": 256, "seed": 0,
+        "dataset": None,
+        "num_samples": 256,
+        "seed": 0,
         # "random" (seed 000's README) or "first" (what seed 000's code actually did).
-        "sampling": "random", "batch_size": 8,
+        "sampling": "random",
+        "batch_size": 8,
         # where CorDA sources disagree (loralab.decomposition.corda.DEFAULTS): normalisation,
         # scaling, cov_dtype, ...; {} keeps the official code's choices
         "corda_options": {},
