@@ -137,9 +137,9 @@ _VIEWS = {"select", "t", "transpose", "view", "unbind", "unsqueeze", "expand", "
           "_unsafe_view", "as_strided", "permute"}
 
 
-def _sized_dora_llama(layers: int, dtype=torch.bfloat16, base: str = "fp8", r: int = 8):
+def _sized_dora_llama(layers: int, dtype=torch.bfloat16, base: str = "fp8", r: int = 8, rank_pattern=None):
     """A ``layers``-layer DoRA Llama in ``dtype`` (peft's DoRA forward: ``enable_fast_dora`` is the caller's),
-    its linear layers on an FP8 base unless ``base`` is "bf16"."""
+    its linear layers on an FP8 base unless ``base`` is "bf16"; ``rank_pattern``: peft's, beside rank ``r``."""
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256)
@@ -150,7 +150,7 @@ def _sized_dora_llama(layers: int, dtype=torch.bfloat16, base: str = "fp8", r: i
 
         quantize_linears(llama, linear_names(llama))
     return get_peft_model(llama, LoraConfig(r=r, lora_alpha=2 * r, use_dora=True, init_lora_weights=False,
-                                            target_modules="all-linear"))
+                                            target_modules="all-linear", rank_pattern=rank_pattern or {}))
 
 
 def _refresh_kernels(layers: int, base: str) -> tuple[int, int]:
@@ -306,3 +306,38 @@ def test_the_compiled_refresh_is_a_few_graphs_for_every_layer_and_equals_eager(b
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     assert 1 <= len(graphs) <= 4, f"{len(graphs)} graphs for {7 * layers} layer adapters ({base})"
+
+
+@pytest.mark.parametrize("ranks", [{}, {"k_proj": 16}])
+def test_a_fused_qkv_trio_refreshes_in_one_fp8_gemm_with_the_separate_layers_norms(ranks):
+    """FP8 q/k/v fused into one matrix (speed/fp8_qkv.py): the refresh takes each trio's W·Aᵀ from one FP8 GEMM
+    ([A_q; A_k; A_v] by the trio's codes, each layer its diagonal block), 5 GEMMs a decoder layer where the
+    separate layers took 7, and every norm is the separate layers' bit for bit (CPU). A trio whose ranks differ
+    (rank_pattern) keeps a GEMM per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from loralab.speed.fp8_qkv import fuse_fp8_qkv
+
+    class Gemms(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Gemms.calls += func.overloadpacket.__name__ == "_scaled_mm"
+            return func(*args, **(kwargs or {}))
+
+    def refresh(model):
+        Gemms.calls = 0
+        with Gemms():
+            assert dora_refresh.refresh_dora_norms(model) == 14
+        return Gemms.calls, {(id(module), name): module.lora_magnitude_vector[name]._loralab_norm.clone()
+                             for module, name in fast_dora._fast_dora_adapters(model)}
+
+    model = _sized_dora_llama(2, rank_pattern=ranks)
+    fast_dora.enable_fast_dora(model)
+    separate_gemms, separate = refresh(model)
+    assert fuse_fp8_qkv(model) == 2
+    fused_gemms, fused = refresh(model)
+    assert separate_gemms == 14
+    assert fused_gemms == (14 if ranks else 10)
+    for key, norm in separate.items():
+        assert torch.equal(fused[key], norm)
