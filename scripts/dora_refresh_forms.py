@@ -23,6 +23,8 @@ blocks over a long K). The forms:
                (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
   streams-2, streams-8
                the shipped form with the products spread over 2 or 8 streams (shipped: ``PRODUCT_STREAMS``)
+  separate-qkv the shipped form with a GEMM per layer for fused FP8 q/k/v trios too (as before 2589084; shipped:
+               one GEMM per trio, ``dora_refresh._trio_products``)
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
@@ -47,7 +49,7 @@ from loralab.speed import streams as streams_mod
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
-         "streams-8")
+         "streams-8", "separate-qkv")
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -109,10 +111,12 @@ def form(name: str):
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
     saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
-             dora_refresh.refresh_dora_norms)
+             dora_refresh.refresh_dora_norms, dora_refresh._trio_products)
     try:
         if name == "per-group-gram":
             dora_refresh.refresh_dora_norms = refresh_per_group
+        if name == "separate-qkv":
+            dora_refresh._trio_products = lambda groups: {}
         if name == "codes-left":
             dora_refresh.weights_times = weights_times_codes_left
         if name == "cast-stack":
@@ -124,7 +128,7 @@ def form(name: str):
         yield
     finally:
         dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
-        dora_refresh.refresh_dora_norms = saved[4]
+        dora_refresh.refresh_dora_norms, dora_refresh._trio_products = saved[4], saved[5]
         dora_refresh._COMPILED_NORMS.clear()
         dora_refresh._COMPILED_NORMS.update(saved[2])
 
