@@ -68,6 +68,9 @@
 #           as bench rows; and the norm refresh timed alone: which part of DoRA's step beyond LoRA's to work on. ~2 min on
 #           an H100 (8 rows). ABL_ARGS passes options (e.g. "--bases fp8 --profile lora dora": doraabl.profile.txt).
 #           Files: doraabl.json/.log (.profile.txt).
+#   cudnnmask scripts/cudnn_mask_nan.py: masked causal SDPA's gradients at key lengths of 64 modulo 128 with every row's
+#           logsumexp near -120 (pytorch/pytorch#196678's conditions), by torch's default order, cuDNN and the efficient
+#           kernel, and at the width the training step pads such batches to (speed/attention.py). ~10 s.
 #   sdpa    scripts/sdpa_backend_bench.py: causal GQA attention (32/8 heads of 128) at 4x512, 1x2048, 8x512 by torch's
 #           flash, cuDNN and efficient SDPA backends, forward + backward, each checked against float32 math. ~15 s.
 #   fusedproj scripts/fused_proj_bench.py: q/k/v and gate/up at the 8B shapes as separate GEMMs and as one against the
@@ -334,6 +337,8 @@ for part in "${PARTS[@]}"; do
       for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done  # SPEED="memory_fraction=0.441": an H200's budget
       step profld 330 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods "${METHODS:-lora,dora}" --stacks loralab --profile "${speed_args[@]}" --output "$OUT/profld.json" ;;
+    cudnnmask)  # masked SDPA's grad_q at widths of 64 modulo 128 (pytorch/pytorch#196678) and at the step's guarded widths
+      step cudnnmask 90 $PYTHON scripts/cudnn_mask_nan.py --output "$OUT/cudnn_mask_nan.json" ;;
     sdpa)  # causal attention at the bench's shapes by each SDPA backend (flash, cuDNN, efficient), fwd + bwd, alone
       step sdpa 90 $PYTHON scripts/sdpa_backend_bench.py --output "$OUT/sdpa.json" ;;
     fusedproj)  # q/k/v and gate/up as one GEMM against separate ones, bf16 and FP8, forward and input gradient

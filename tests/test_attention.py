@@ -1,7 +1,9 @@
-"""Attention in ``loralab bench``: which rows run with cuDNN's SDPA kernel switched off (bench/runner.py)."""
+"""Attention in ``loralab bench`` (which rows run with cuDNN's SDPA kernel switched off: bench/runner.py) and in the
+training step (masked batches padded off the widths where cuDNN's SDPA backward gives NaN: speed/attention.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -52,3 +54,122 @@ def test_run_bench_runs_each_row_with_cudnn_as_peer_attention_says_and_records_i
     assert off == {k for k, on in seen.items() if not on} == {("tiny-llama/gsm8k", "peer"), ("tiny-roberta/sst2", "peer")}
     assert seen[("tiny-llama/fixed-2x64", "peer")] and seen[("tiny-llama/gsm8k", "loralab")]
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_masked_widths_step_off_64_modulo_128_on_their_grid():
+    """pytorch/pytorch#196678: cuDNN's masked SDPA backward gives NaN at key lengths of 64 modulo 128. Such widths move
+    one grid step up (16 up to 128 tokens, 64 above on the CUDA-graph buckets), every other width stays."""
+    from loralab.speed.attention import masked_width
+    from loralab.speed.graphs import bucket_width
+
+    assert [masked_width(w, 16) for w in (64, 80, 128, 192, 2112, 2113)] == [80, 80, 128, 208, 2128, 2113]
+    assert [masked_width(w, 64) for w in (192, 256, 320, 448, 960)] == [256, 256, 384, 512, 1024]
+    for n in range(1, 3000):  # the bucket grid: every guarded width is a bucket width and off the remainder
+        width = bucket_width(n)
+        guarded = masked_width(width, 64 if width > 128 else 16)
+        assert guarded % 128 != 64 and guarded >= width and bucket_width(guarded) == guarded, (n, width, guarded)
+
+
+def test_the_guard_is_off_on_cpu_and_where_cudnn_sdpa_is_switched_off(monkeypatch):
+    """Only CUDA with cuDNN's SDPA on (compute capability 9.x/10.x, cuDNN >= 9.15) is guarded: elsewhere widths are
+    left as they are, so CPU runs (and CI) pad exactly as before."""
+    from loralab.speed import attention
+
+    assert not attention.cudnn_masked_width_risk(torch.device("cpu"))
+    widths = attention.MaskedWidths(torch.device("cpu"), True, log=lambda line: None)
+    assert [widths(w) for w in (64, 192, 320)] == [64, 192, 320] and widths.widened == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    assert attention.cudnn_masked_width_risk(torch.device("cuda"))
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91400)  # torch keeps flash/efficient first
+    assert not attention.cudnn_masked_width_risk(torch.device("cuda"))
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not attention.cudnn_masked_width_risk(torch.device("cuda"))
+
+
+def _guarded_step(monkeypatch, packing: bool, graphs: bool, max_length: int, lines: list, model=None):
+    from loralab.run.step import Step
+    from loralab.speed import attention
+
+    monkeypatch.setattr(attention, "cudnn_masked_width_risk", lambda device: True)  # as on an H100 with cuDNN 9.19
+    return Step(model or torch.nn.Module(), None, kind="causal_lm", normalization="tokens", micro_batch=None,
+                packing=packing, max_length=max_length, pad_to=None, pad_id=0, device=torch.device("cpu"),
+                graphs=graphs, max_grad_norm=0.0, log=lines.append)
+
+
+def test_the_step_pads_masked_batches_off_the_nan_widths_and_says_so_once(monkeypatch):
+    """Guarded, the training step's padded rows of a 180-token sample (bucket 192) are 256 wide, unbucketed ones of a
+    192-token sample 208 (180 stays), and packed rows of max_length 320 are 384 wide: the padding is masked and takes no loss weight; a step logs it once."""
+    features = [{"input_ids": list(range(1, 181)), "labels": list(range(1, 181))},
+                {"input_ids": list(range(1, 61)), "labels": list(range(1, 61))}]
+    lines = []
+    step = _guarded_step(monkeypatch, False, True, 512, lines)
+    (batch,) = step.plan(features)
+    assert batch["input_ids"].shape == (2, 256) and batch["attention_mask"].sum() == 240
+    assert batch["loss_weights"][:, 192:].abs().sum() == 0
+    step.plan(features)
+    assert len(lines) == 1 and step._guarded.widened == 2  # logged once per step, counted each time
+    (batch,) = _guarded_step(monkeypatch, False, False, 512, lines).plan(features)  # unbucketed: the longest, 180
+    assert batch["input_ids"].shape == (2, 180)
+    (batch,) = _guarded_step(monkeypatch, False, False, 512, lines).plan(
+        [{"input_ids": list(range(1, 193)), "labels": list(range(1, 193))}])
+    assert batch["input_ids"].shape == (1, 208)
+    (batch,) = _guarded_step(monkeypatch, True, True, 320, lines).plan(features)
+    assert batch["input_ids"].shape[1] == 384 and batch["loss_weights"][:, 320:].abs().sum() == 0
+    assert len(lines) == 3 and "pytorch/pytorch#196678" in lines[0] and "192 tokens wide padded to 256" in lines[0]
+
+
+def test_a_guarded_width_trains_the_same_loss_and_gradients(monkeypatch):
+    """The widened padded batch gives the narrower batch's loss and gradients (float32, CPU: the masked columns add
+    exact zeros; within 1e-6 for the summation order)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.run.step import Step
+    from loralab.speed.step import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa"))
+    g = torch.Generator().manual_seed(1)
+    features = [{"input_ids": ids, "labels": ids} for ids in
+                (torch.randint(1, 128, (n,), generator=g).tolist() for n in (180, 150))]
+    results = []
+    for guarded in (False, True):
+        lines = []
+        step = _guarded_step(monkeypatch, False, True, 512, lines) if guarded else Step(
+            torch.nn.Module(), None, kind="causal_lm", normalization="tokens", micro_batch=None, packing=False,
+            max_length=512, pad_to=None, pad_id=0, device=torch.device("cpu"), graphs=True, max_grad_norm=0.0)
+        (batch,) = step.plan(features)
+        model.zero_grad()
+        loss, _ = causal_lm_loss(model, batch, chunked=False)
+        loss.backward()
+        results.append((batch["input_ids"].shape[1], loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (narrow, loss_a, grads_a), (wide, loss_b, grads_b) = results
+    assert (narrow, wide) == (192, 256)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_the_nan_check_script_counts_grads_and_the_guarded_width(load_script):
+    """scripts/cudnn_mask_nan.py (the device's evidence for the guard) on CPU: torch's math kernel gives finite
+    gradients at every width, and each row names the width the step would pad it to."""
+    script = load_script("cudnn_mask_nan")
+    result = script.run("cpu", widths=(192, 256))
+    assert [(r["width"], r["guarded_width"]) for r in result["rows"]] == [(192, 256), (256, 256)]
+    assert all(r["non_finite"] == {"q": 0, "k": 0, "v": 0} == r["guarded_non_finite"] for r in result["rows"])
+    assert "| 192 | default | q 0, k 0, v 0 | 256 |" in script.table(result)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's SDPA needs a GPU")
+def test_where_the_guard_is_on_the_guarded_widths_train_finite_on_cuda(load_script):
+    """On a GPU the guard flags (compute capability 9.x/10.x, cuDNN >= 9.15), torch's default kernel at the widths the
+    step pads to gives finite gradients under the report's conditions (pytorch/pytorch#196678)."""
+    from loralab.speed.attention import cudnn_masked_width_risk
+
+    if not cudnn_masked_width_risk(torch.device("cuda")):
+        pytest.skip("this GPU or cuDNN is not one the guard flags")
+    result = load_script("cudnn_mask_nan").run("cuda", kernels=["default"])
+    assert all(r["guarded_non_finite"] == {"q": 0, "k": 0, "v": 0} for r in result["rows"]), result

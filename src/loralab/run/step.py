@@ -42,6 +42,7 @@ from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.run.spare_memory import cache_spare_transposes, log_transposes, spare_bytes, spend_spare_on_activations
+from loralab.speed.attention import MaskedWidths
 from loralab.speed.dora_refresh import refresh_dora_norms
 from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
 from loralab.speed.graphs import GraphedTraining, bucket_width
@@ -113,6 +114,7 @@ class Step:
         self.max_length, self.pad_to, self.pad_id, self.device = max_length, pad_to, pad_id, device
         self.bucket = graphs
         self.log = log
+        self._guarded = MaskedWidths(device, graphs, log)  # off the widths where cuDNN's SDPA gives NaN
         self.wrapped, self.reduce_after_backward = wrapped, reduce_after_backward
         self.data_parallel = wrapped is not None or reduce_after_backward  # each rank runs its shard
         self.dora_norms = dora_norms
@@ -141,7 +143,8 @@ class Step:
 
     def _padded(self, feats: list[dict], weights: list[float]) -> dict:
         longest = max(len(f["input_ids"]) for f in feats)
-        batch = collate(feats, self.pad_id, self.pad_to or (bucket_width(longest) if self.bucket else longest))
+        width = self.pad_to or (bucket_width(longest) if self.bucket else longest)
+        batch = collate(feats, self.pad_id, self._guarded(width) if longest <= width else width)
         w = torch.tensor(weights, dtype=torch.float32)
         # per-token weights over each row's tokens (token labels), else one weight per sample
         batch["loss_weights"] = batch["attention_mask"] * w[:, None] if batch["labels"].dim() == 2 else w
@@ -162,6 +165,7 @@ class Step:
                 row_width, n_rows = width, 1 << (len(chunk) - 1).bit_length()
             else:
                 row_width, n_rows = longest, len(chunk)
+            row_width = self._guarded(row_width)
             ids = torch.full((n_rows, row_width), self.pad_id, dtype=torch.long)
             labels = torch.full((n_rows, row_width), IGNORE_INDEX, dtype=torch.long)
             positions = torch.arange(row_width).repeat(n_rows, 1)  # filler: its own positions, no loss
