@@ -4,7 +4,8 @@ clean? (pytorch/pytorch#196678; the guard is ``speed/attention.py``'s ``masked_w
 The report's conditions: an explicit mask (here causal, boolean), a key length of 64 modulo 128, and query rows whose
 logsumexp is below about -88.7 (every logit near -120: q's first channel 1, k's -120·sqrt(D)). For each width and
 each kernel choice (torch's default order, cuDNN forced, the efficient kernel forced) this counts the non-finite
-elements of grad_q, grad_k and grad_v, and does the same at ``masked_width(width)``. Prints a table; ``--output``
+elements of grad_q, grad_k and grad_v, and does the same at the widths the training step pads it to
+(``step_width``: with CUDA graphs' buckets and without). Prints a table; ``--output``
 writes JSON. On a GPU, seconds; on CPU (torch's math kernel) every count is 0, a check that the script runs.
 
     python scripts/cudnn_mask_nan.py --output $OUT/cudnn_mask_nan.json
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from loralab.speed.attention import cudnn_masked_width_risk, masked_width
+from loralab.speed.attention import cudnn_masked_width_risk, step_width
 
 WIDTHS = (64, 192, 320, 704, 128, 256, 768)
 KERNELS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -50,11 +51,12 @@ def run(device: str, widths=WIDTHS, kernels=None) -> dict:
     kernels = kernels or (list(KERNELS) if device == "cuda" else ["default"])
     rows = []
     for width in widths:
-        guarded = masked_width(width, 64 if width > 128 else 16)
         for name in kernels:
-            rows.append({"width": width, "kernel": name, "non_finite": non_finite_grads(width, device, KERNELS[name]),
-                         "guarded_width": guarded,
-                         "guarded_non_finite": non_finite_grads(guarded, device, KERNELS[name])})
+            unguarded = non_finite_grads(width, device, KERNELS[name])
+            for bucketed in (True, False):  # the step's widths with CUDA graphs (bucketed) and without
+                guarded = step_width(width, bucketed)
+                rows.append({"width": width, "kernel": name, "non_finite": unguarded, "bucketed": bucketed,
+                             "guarded_width": guarded, "guarded_non_finite": non_finite_grads(guarded, device, KERNELS[name])})
     info = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "guarded_here": cudnn_masked_width_risk(torch.device(device))}
@@ -66,8 +68,8 @@ def table(result: dict) -> str:
         return v.get("error", f"q {v['q']}, k {v['k']}, v {v['v']}")
     lines = [f"{result['info']}", "", "| width | kernel | non-finite grads | guarded width | non-finite there |",
              "|--:|---|---|--:|---|"]
-    lines += [f"| {r['width']} | {r['kernel']} | {cell(r['non_finite'])} | {r['guarded_width']} | "
-              f"{cell(r['guarded_non_finite'])} |" for r in result["rows"]]
+    lines += [f"| {r['width']} | {r['kernel']} | {cell(r['non_finite'])} | {r['guarded_width']}"
+              f"{' (bucketed)' if r['bucketed'] else ''} | {cell(r['guarded_non_finite'])} |" for r in result["rows"]]
     return "\n".join(lines)
 
 

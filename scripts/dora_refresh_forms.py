@@ -90,15 +90,18 @@ def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS, contiguous: bool = Fa
 @torch.no_grad()
 def refresh_per_group(model, compile_backend=None) -> int:
     """``dora_refresh.refresh_dora_norms`` as at 10f2552: group after group, the group's Gram on the aside stream beside
-    that group's products only, its norms kept before the next group starts. The same values as the shipped form."""
+    that group's products only, its norms kept before the next group starts (fused q/k/v trios' products taken first,
+    as shipped since 2589084). The same values as the shipped form."""
     tail = dora_refresh._norms_tail(compile_backend)
     count = 0
-    for (*_, scaling), members in dora_refresh._refresh_groups(model).items():
-        a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
+    groups = [(scaling, members, torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members]))
+              for (*_, scaling), members in dora_refresh._refresh_groups(model).items()]
+    known = dora_refresh._trio_products(groups)  # the fused trios' products as shipped: only the Gram's order differs
+    for scaling, members, a in groups:
         with streams_mod.aside(a.device) as run_aside:
             with run_aside():
                 gram = fast_dora._gram(a.float())
-            wa = dora_refresh._group_products(members, a)
+            wa = dora_refresh._group_products(members, a, known)
         dora_refresh._keep_group(members, a, wa, gram, scaling, tail)
         count += len(members)
     return count

@@ -82,7 +82,10 @@ def test_the_guard_is_off_on_cpu_and_where_cudnn_sdpa_is_switched_off(monkeypatc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
     assert attention.cudnn_masked_width_risk(torch.device("cuda"))
-    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91400)  # torch keeps flash/efficient first
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)  # the user switched cuDNN's SDPA off
+    assert not attention.cudnn_masked_width_risk(torch.device("cuda"))
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91500)  # torch keeps flash/efficient first
     assert not attention.cudnn_masked_width_risk(torch.device("cuda"))
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -116,9 +119,27 @@ def test_the_step_pads_masked_batches_off_the_nan_widths_and_says_so_once(monkey
     (batch,) = _guarded_step(monkeypatch, False, False, 512, lines).plan(
         [{"input_ids": list(range(1, 193)), "labels": list(range(1, 193))}])
     assert batch["input_ids"].shape == (1, 208)
-    (batch,) = _guarded_step(monkeypatch, True, True, 320, lines).plan(features)
+    (batch,) = _guarded_step(monkeypatch, True, True, 320, lines).plan(features)  # one row of two samples: masked
     assert batch["input_ids"].shape[1] == 384 and batch["loss_weights"][:, 320:].abs().sum() == 0
+    single = [{"input_ids": list(range(1, n)), "labels": list(range(1, n))} for n in (300, 200)]
+    (batch,) = _guarded_step(monkeypatch, True, True, 320, lines).plan(single)  # a sample a row: no mask, no widening
+    assert batch["input_ids"].shape == (2, 320) and "position_ids" not in batch
     assert len(lines) == 3 and "pytorch/pytorch#196678" in lines[0] and "192 tokens wide padded to 256" in lines[0]
+
+
+def test_a_set_pad_to_still_cuts_there_when_the_guard_pads_wider(monkeypatch):
+    """``pad_to`` (``pad_to_max_length``) of 192 with a longer sample: the sample is cut at 192 tokens, as collate cuts,
+    and the batch is padded to the guarded 256 (the 64 tokens past 192 masked)."""
+    from loralab.run.step import Step
+    from loralab.speed import attention
+
+    monkeypatch.setattr(attention, "cudnn_masked_width_risk", lambda device: True)
+    step = Step(torch.nn.Module(), None, kind="causal_lm", normalization="tokens", micro_batch=None, packing=False,
+                max_length=192, pad_to=192, pad_id=0, device=torch.device("cpu"), graphs=True, max_grad_norm=0.0,
+                log=lambda line: None)
+    (batch,) = step.plan([{"input_ids": list(range(1, 301)), "labels": list(range(1, 301))}])
+    assert batch["input_ids"].shape == (1, 256) and batch["attention_mask"].sum() == 192
+    assert batch["input_ids"][0, 191] == 192 and batch["input_ids"][0, 192:].eq(0).all()
 
 
 def test_a_guarded_width_trains_the_same_loss_and_gradients(monkeypatch):
@@ -158,9 +179,10 @@ def test_the_nan_check_script_counts_grads_and_the_guarded_width(load_script):
     gradients at every width, and each row names the width the step would pad it to."""
     script = load_script("cudnn_mask_nan")
     result = script.run("cpu", widths=(192, 256))
-    assert [(r["width"], r["guarded_width"]) for r in result["rows"]] == [(192, 256), (256, 256)]
+    assert [(r["width"], r["bucketed"], r["guarded_width"]) for r in result["rows"]] == [
+        (192, True, 256), (192, False, 208), (256, True, 256), (256, False, 256)]
     assert all(r["non_finite"] == {"q": 0, "k": 0, "v": 0} == r["guarded_non_finite"] for r in result["rows"])
-    assert "| 192 | default | q 0, k 0, v 0 | 256 |" in script.table(result)
+    assert "| 192 | default | q 0, k 0, v 0 | 256 (bucketed) |" in script.table(result)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's SDPA needs a GPU")

@@ -13,7 +13,7 @@ def collate(features: list[dict], pad_id: int, pad_to: int | None = None, *, mul
 
     Width: ``pad_to`` when given (longer samples are cut there), else the longest sample rounded up
     to ``multiple_of``. ``input_ids`` pad with ``pad_id``; ``attention_mask`` is 1 over each sample's
-    tokens; ``token_type_ids`` (when the features have them) pad with 0; token labels (a list per
+    tokens, or the sample's own ``attention_mask`` where it has one (a tokenizer that padded it already); ``token_type_ids`` (when the features have them) pad with 0; token labels (a list per
     sample) pad with -100; scalar labels stack (float32 for regression, int64 otherwise).
     Returns int64 tensors of shape (batch, width), scalar labels of shape (batch,)."""
     longest = max(len(f["input_ids"]) for f in features)
@@ -30,7 +30,8 @@ def collate(features: list[dict], pad_id: int, pad_to: int | None = None, *, mul
     for row, f in enumerate(features):
         k = min(len(f["input_ids"]), width)
         batch["input_ids"][row, :k] = torch.tensor(f["input_ids"][:k])
-        batch["attention_mask"][row, :k] = 1
+        mask = f.get("attention_mask")  # a tokenizer's own (padding="max_length": 0 over its pad tokens)
+        batch["attention_mask"][row, :k] = 1 if mask is None else torch.tensor(mask[:k])
         if "token_type_ids" in batch:
             batch["token_type_ids"][row, :k] = torch.tensor(f["token_type_ids"][:k])
         if token_labels:

@@ -50,13 +50,21 @@ class MethodContext:
     def calibration_batches(self, device=None, labels: bool = False) -> list[dict]:
         """``calibration_samples`` in batches of ``calibration.batch_size`` (longest rows first, so
         little is padded), padded by the training collate; tensors on ``device``. Pads carry
-        attention_mask 0 and never enter a statistic."""
+        attention_mask 0 and never enter a statistic. Where masked attention on ``device`` may run cuDNN's kernel, a
+        batch 64 modulo 128 tokens wide is padded 16 further (``speed.attention``, pytorch/pytorch#196678: LoRA-GA
+        backpropagates through these batches)."""
+        import torch
+
         from loralab.data import collate, pad_id
+        from loralab.speed.attention import cudnn_masked_width_risk, step_width
 
         rows = self.calibration_samples(labels=labels)
         rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
         size = self.params.calibration["batch_size"]
-        batches = [collate(rows[i : i + size], pad_id(self.tokenizer)) for i in range(0, len(rows), size)]
+        guard = device is not None and cudnn_masked_width_risk(torch.device(device))  # LoRA-GA's backward: no NaN
+        batches = [collate(rows[i : i + size], pad_id(self.tokenizer),
+                           step_width(len(rows[i]["input_ids"]), False) if guard else None)
+                   for i in range(0, len(rows), size)]
         if device is not None:
             batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         return batches

@@ -144,7 +144,9 @@ class Step:
     def _padded(self, feats: list[dict], weights: list[float]) -> dict:
         longest = max(len(f["input_ids"]) for f in feats)
         width = self.pad_to or (bucket_width(longest) if self.bucket else longest)
-        batch = collate(feats, self.pad_id, self._guarded(width) if longest <= width else width)
+        if longest > width:  # cut at the set width (pad_to) before any wider guarded padding
+            feats = [{k: v[:width] if isinstance(v, (list, tuple)) else v for k, v in f.items()} for f in feats]
+        batch = collate(feats, self.pad_id, self._guarded(width))
         w = torch.tensor(weights, dtype=torch.float32)
         # per-token weights over each row's tokens (token labels), else one weight per sample
         batch["loss_weights"] = batch["attention_mask"] * w[:, None] if batch["labels"].dim() == 2 else w
@@ -165,7 +167,7 @@ class Step:
                 row_width, n_rows = width, 1 << (len(chunk) - 1).bit_length()
             else:
                 row_width, n_rows = longest, len(chunk)
-            row_width = self._guarded(row_width)
+            row_width = self._guarded(row_width) if any(len(row) > 1 for row in chunk) else row_width  # masked rows
             ids = torch.full((n_rows, row_width), self.pad_id, dtype=torch.long)
             labels = torch.full((n_rows, row_width), IGNORE_INDEX, dtype=torch.long)
             positions = torch.arange(row_width).repeat(n_rows, 1)  # filler: its own positions, no loss

@@ -56,7 +56,7 @@ def plain_causal_attention(hf_model):
 
 
 # Batches with an explicit mask (padded rows, packed rows whose samples restart their positions): SDPA's cuDNN
-# kernel, which torch puts first on compute capability 9.x and 10.x with cuDNN >= 9.15, returns NaN in grad_q when
+# kernel, which torch puts first on compute capability 9.x and 10.x with cuDNN above 9.15, returns NaN in grad_q when
 # the key length is 64 modulo 128 and some query row's logsumexp is below about -88.7 (pytorch/pytorch#196678, a
 # regression since torch 2.11, reported on H100/H200; also huggingface/trl#7181 on torch 2.13: the last 128-wide key
 # tile's padded half is scored 0 instead of -inf). Other widths, is_causal without a mask, and the flash, efficient
@@ -68,11 +68,11 @@ CUDNN_NAN_WIDTH = (128, 64)  # (modulus, remainder) of the key lengths the repor
 def cudnn_masked_width_risk(device: torch.device) -> bool:
     """Whether a masked SDPA call on ``device`` may run cuDNN's kernel with the NaN of pytorch/pytorch#196678: CUDA,
     cuDNN's SDPA switched on (``torch.backends.cuda.cudnn_sdp_enabled()``), a GPU of compute capability 9.x or 10.x and
-    cuDNN >= 9.15 (where torch prefers cuDNN's kernel). Conservative: no torch or cuDNN version is known to be fixed."""
+    cuDNN above 9.15.0 (where torch prefers cuDNN's kernel: ``check_prefer_cudnn_attention``). Conservative: no torch or cuDNN version is known to be fixed."""
     if device.type != "cuda" or not torch.cuda.is_available() or not torch.backends.cuda.cudnn_sdp_enabled():
         return False
     major = torch.cuda.get_device_capability(device)[0]
-    return major in (9, 10) and (torch.backends.cudnn.version() or 0) >= 91500
+    return major in (9, 10) and (torch.backends.cudnn.version() or 0) > 91500
 
 
 def masked_width(width: int, step: int) -> int:
@@ -80,6 +80,12 @@ def masked_width(width: int, step: int) -> int:
     (16 or 64: the bucket's granularity) keeps the result on the bucket grid and off that remainder."""
     modulus, remainder = CUDNN_NAN_WIDTH
     return width + step if width % modulus == remainder else width
+
+
+def step_width(width: int, bucketed: bool) -> int:
+    """``masked_width`` on the training step's grid: 64 tokens a step above 128 where ``bucketed`` (CUDA graphs:
+    ``graphs.bucket_width``'s multiples of 64), else 16."""
+    return masked_width(width, 64 if bucketed and width > 128 else 16)
 
 
 class MaskedWidths:
@@ -91,7 +97,7 @@ class MaskedWidths:
         self.on, self.bucketed, self.log, self.widened = cudnn_masked_width_risk(device), bucketed, log, 0
 
     def __call__(self, width: int) -> int:
-        wider = masked_width(width, 64 if self.bucketed and width > 128 else 16) if self.on else width
+        wider = step_width(width, self.bucketed) if self.on else width
         if wider != width and not self.widened:
             self.log(f"masked batches {width} tokens wide padded to {wider}: cuDNN's SDPA backward can give NaN at "
                      "widths of 64 modulo 128 (pytorch/pytorch#196678; speed/attention.py)")

@@ -88,17 +88,17 @@ def _trio_products(groups: list) -> dict:
         stored = trio.stored() if len(slots) == len(trio.sizes) else None
         if stored is None or len({(a.shape, a.dtype) for _, a in slots.values()}) != 1:
             continue
-        a_cat = torch.cat([slots[i][1] for i in range(len(trio.sizes))])  # (3r, in): q's rows, k's, v's
-        by_shape.setdefault((stored[0].shape, a_cat.shape, a_cat.dtype), []).append((trio, name, slots, stored, a_cat))
+        a = slots[0][1]
+        by_shape.setdefault((stored[0].shape, a.shape, a.dtype), []).append((trio, name, slots, stored))
     found = {}
-    for entries in by_shape.values():
-        products = weights_times([e[3][0] for e in entries], [e[3][1] for e in entries],
-                                 torch.stack([e[4] for e in entries]))  # (T, N_q + N_k + N_v, 3r)
-        for product, (trio, name, slots, _, _) in zip(products.unbind(0), entries, strict=True):
+    for (_, (r, k), _), entries in by_shape.items():
+        # one stack of every trio's A's, q's rows, k's, v's: (T, 3r, in)
+        a = torch.stack([slots[i][1] for _, _, slots, _ in entries for i in range(len(slots))]).view(len(entries), -1, k)
+        products = weights_times([e[3][0] for e in entries], [e[3][1] for e in entries], a)  # (T, N_q + N_k + N_v, 3r)
+        for product, (trio, name, slots, _) in zip(products.unbind(0), entries, strict=True):
             start = 0
             for i, size in enumerate(trio.sizes):
-                module, a = slots[i]
-                r = a.shape[0]
+                module = slots[i][0]
                 found[(id(module), name)] = product[start:start + size, i * r:(i + 1) * r]
                 start += size
     return found
@@ -116,7 +116,7 @@ def _group_products(members: list, a: torch.Tensor, known: dict | None = None) -
         if len(rest) == len(members):
             return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
         computed = iter(weights_times([members[j][2][1] for j in rest], [members[j][2][3] for j in rest],
-                                      a[rest]).unbind(0) if rest else ())
+                                      torch.stack([a[j] for j in rest])).unbind(0) if rest else ())
         each = [known.get((id(module), name)) for module, name, _ in members]
         each = [next(computed) if product is None else product for product in each]
         # stacked as (L, r, out) and viewed (L, out, r): weights_times' strides, so a compiled tail keeps its graph
@@ -149,7 +149,8 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     on one more stream beside all of them: speed/streams.py), one copy into the kept norms and ratios. Every
     group's W·Aᵀ (L, out, r) float32 is alive until the norms are taken (~176 MB at Llama-3-8B, r 32; the largest
     group's alone, ~117 MB, before every Gram went first: results/bench-gramfirst-h100, where the step's peak did
-    not move). Layer by layer each norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B;
+    not move); the fused trios' products (~75 MB float32 at 8B, r 32, and their bf16 kernel output, ~38 MB) until
+    they are copied into the groups' stacks. Layer by layer each norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B;
     stacked, one op per layer (two where an FP8 base's codes are converted) plus about 21 per group (39 on an FP8
     base), counted on CPU by tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``)
     up to the batched matmuls' summation order: on CPU bitwise at the tests' small widths, within 1.5e-7 relative
@@ -166,6 +167,7 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
             grams = [fast_dora._gram(a.float()) for *_, a in groups]
         known = _trio_products(groups)
         products = [_group_products(members, a, known) for _, members, a in groups]
+        del known  # the trios' products (copied into the groups' stacks) freed before the norms
     for (scaling, members, a), gram, wa in zip(groups, grams, products, strict=True):
         _keep_group(members, a, wa, gram, scaling, from_products)
     return sum(len(members) for _, members, _ in groups)
