@@ -23,8 +23,6 @@ blocks over a long K). The forms:
                (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
   streams-2, streams-8
                the shipped form with the products spread over 2 or 8 streams (shipped: ``PRODUCT_STREAMS``)
-  separate-qkv the shipped form with a GEMM per layer for fused FP8 q/k/v trios too (as before 2589084; shipped:
-               one GEMM per trio, ``dora_refresh._trio_products``)
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
@@ -49,7 +47,7 @@ from loralab.speed import streams as streams_mod
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
-         "streams-8", "separate-qkv")
+         "streams-8")
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -90,18 +88,15 @@ def gram_split(a: torch.Tensor, chunks: int = GRAM_CHUNKS, contiguous: bool = Fa
 @torch.no_grad()
 def refresh_per_group(model, compile_backend=None) -> int:
     """``dora_refresh.refresh_dora_norms`` as at 10f2552: group after group, the group's Gram on the aside stream beside
-    that group's products only, its norms kept before the next group starts (fused q/k/v trios' products taken first,
-    as shipped since 2589084). The same values as the shipped form."""
+    that group's products only, its norms kept before the next group starts. The same values as the shipped form."""
     tail = dora_refresh._norms_tail(compile_backend)
     count = 0
-    groups = [(scaling, members, torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members]))
-              for (*_, scaling), members in dora_refresh._refresh_groups(model).items()]
-    known = dora_refresh._trio_products(groups)  # the fused trios' products as shipped: only the Gram's order differs
-    for scaling, members, a in groups:
+    for (*_, scaling), members in dora_refresh._refresh_groups(model).items():
+        a = torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members])
         with streams_mod.aside(a.device) as run_aside:
             with run_aside():
                 gram = fast_dora._gram(a.float())
-            wa = dora_refresh._group_products(members, a, known)
+            wa = dora_refresh._group_products(members, a)
         dora_refresh._keep_group(members, a, wa, gram, scaling, tail)
         count += len(members)
     return count
@@ -114,12 +109,10 @@ def form(name: str):
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
     saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
-             dora_refresh.refresh_dora_norms, dora_refresh._trio_products)
+             dora_refresh.refresh_dora_norms)
     try:
         if name == "per-group-gram":
             dora_refresh.refresh_dora_norms = refresh_per_group
-        if name == "separate-qkv":
-            dora_refresh._trio_products = lambda groups: {}
         if name == "codes-left":
             dora_refresh.weights_times = weights_times_codes_left
         if name == "cast-stack":
@@ -131,7 +124,7 @@ def form(name: str):
         yield
     finally:
         dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
-        dora_refresh.refresh_dora_norms, dora_refresh._trio_products = saved[4], saved[5]
+        dora_refresh.refresh_dora_norms = saved[4]
         dora_refresh._COMPILED_NORMS.clear()
         dora_refresh._COMPILED_NORMS.update(saved[2])
 

@@ -112,7 +112,7 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     fast_dora.enable_fast_dora(model)
     from loralab.speed import streams
 
-    shipped = (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS, dora_refresh._trio_products)
+    shipped = (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS)
     codes_left, calls = forms.weights_times_codes_left, {}
     alternatives = ("weights_times_cast_stack", "weights_times_codes_left", "gram_split")
     for attr in alternatives:  # each form's own product, counted
@@ -127,7 +127,7 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     assert all(v["max_rel_diff"] < 1e-5 for v in got.values()), got
     # each form: 4 groups (q/o, k/v, gate/up, down) x (1 checked + 2 timed) calls of its product
     assert calls == {**dict.fromkeys(alternatives, 4 * 3), "gram_split": 2 * 4 * 3}, calls  # two Gram forms
-    assert (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS, dora_refresh._trio_products) == shipped
+    assert (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS) == shipped
     monkeypatch.setattr(forms, "weights_times_codes_left", lambda codes, scales, a: codes_left(codes, scales, a) * 0)
     assert forms.time_forms(model, "cpu", None, forms=["codes-left"], repeats=1)["codes-left"]["max_rel_diff"] > 1e-3
 

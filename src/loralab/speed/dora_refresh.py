@@ -30,7 +30,6 @@ from torch import nn
 
 from loralab.speed import fast_dora
 from loralab.speed.fp8 import weights_times
-from loralab.speed.fp8_qkv import trio_of
 from loralab.speed.streams import aside, side_streams
 
 _COMPILED_NORMS: dict = {}
@@ -65,62 +64,13 @@ def _refresh_groups(model: nn.Module) -> dict:
     return groups
 
 
-def _trio_products(groups: list) -> dict:
-    """``W·Aᵀ`` of the fused FP8 q/k/v trios (``speed/fp8_qkv.py``) whose three layers all refresh from their codes
-    with one adapter's A's of one shape and dtype: one FP8 GEMM per trio, ``[A_q; A_k; A_v]·W_qkvᵀ`` (3r,
-    N_q + N_k + N_v), of which each layer takes its diagonal block, where each layer took its own GEMM.
-    ``groups``: ``refresh_dora_norms``'s (scaling, members, stacked A's). Returns {(id(module), adapter): (N_i, r)
-    float32 view}; {} where no trio qualifies.
-
-    Why: the refresh's products are tiny GEMMs (2r = 64 output rows) that read the codes once; k's and v's read
-    a 1024-row weight each, so their launches and tails, not bytes, set their time; one GEMM over the trio's 6144
-    rows reads the same bytes in one call, at 3x the FLOPs of the diagonal (still tiny). Each layer's values are
-    the same dot products of the same FP8 terms and codes (A's terms are quantised per row, so stacking rows changes
-    none of them); on CPU bitwise (tests/test_dora_norm_per_step.py), on CUDA the one GEMM may take another kernel."""
-    trios: dict = {}
-    for _, members, a in groups:
-        for j, (module, name, parts) in enumerate(members):
-            found = trio_of(module.get_base_layer()) if parts[4] else None
-            if found is not None:
-                trios.setdefault((found[0], name), {})[found[1]] = (module, a[j])
-    by_shape: dict = {}
-    for (trio, name), slots in trios.items():
-        stored = trio.stored() if len(slots) == len(trio.sizes) else None
-        if stored is None or len({(a.shape, a.dtype) for _, a in slots.values()}) != 1:
-            continue
-        a = slots[0][1]
-        by_shape.setdefault((stored[0].shape, a.shape, a.dtype), []).append((trio, name, slots, stored))
-    found = {}
-    for (_, (r, k), _), entries in by_shape.items():
-        # one stack of every trio's A's, q's rows, k's, v's: (T, 3r, in)
-        a = torch.stack([slots[i][1] for _, _, slots, _ in entries for i in range(len(slots))]).view(len(entries), -1, k)
-        products = weights_times([e[3][0] for e in entries], [e[3][1] for e in entries], a)  # (T, N_q + N_k + N_v, 3r)
-        for product, (trio, name, slots, _) in zip(products.unbind(0), entries, strict=True):
-            start = 0
-            for i, size in enumerate(trio.sizes):
-                module = slots[i][0]
-                found[(id(module), name)] = product[start:start + size, i * r:(i + 1) * r]
-                start += size
-    return found
-
-
-def _group_products(members: list, a: torch.Tensor, known: dict | None = None) -> torch.Tensor:
+def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
     """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer, from
     their A's stacked (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer (an FP8
-    base's codes converted per layer where it does not read them as FP8: one copy alive at a time). ``known``:
-    products already taken (``_trio_products``), keyed (id(module), adapter); those layers take no GEMM here."""
+    base's codes converted per layer where it does not read them as FP8: one copy alive at a time)."""
     _, weight, dtype, row_scale, from_codes = members[0][2]
     if from_codes:
-        known = known or {}
-        rest = [j for j, (module, name, _) in enumerate(members) if (id(module), name) not in known]
-        if len(rest) == len(members):
-            return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
-        computed = iter(weights_times([members[j][2][1] for j in rest], [members[j][2][3] for j in rest],
-                                      torch.stack([a[j] for j in rest])).unbind(0) if rest else ())
-        each = [known.get((id(module), name)) for module, name, _ in members]
-        each = [next(computed) if product is None else product for product in each]
-        # stacked as (L, r, out) and viewed (L, out, r): weights_times' strides, so a compiled tail keeps its graph
-        return torch.stack([product.transpose(-1, -2) for product in each]).transpose(-1, -2)
+        return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
     a = a.to(dtype or weight.dtype)
     wa = torch.empty(len(members), weight.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
     # each product in place, beside the others on side streams (speed/streams.py) unless it converts the codes
@@ -144,13 +94,11 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     first micro-batch). Not under FSDP: it needs every rank's whole W, A and B outside the forward.
 
     Layers of one shape are computed together (``_refresh_groups``): A's and B's stacked, the small products
-    batched, one GEMM per layer for W·Aᵀ (one per fused FP8 q/k/v trio: ``_trio_products``; on CUDA spread over
-    side streams, every group's Gram A·Aᵀ taken first
+    batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, every group's Gram A·Aᵀ taken first
     on one more stream beside all of them: speed/streams.py), one copy into the kept norms and ratios. Every
     group's W·Aᵀ (L, out, r) float32 is alive until the norms are taken (~176 MB at Llama-3-8B, r 32; the largest
     group's alone, ~117 MB, before every Gram went first: results/bench-gramfirst-h100, where the step's peak did
-    not move); the fused trios' products (~75 MB float32 at 8B, r 32, and their bf16 kernel output, ~38 MB) until
-    they are copied into the groups' stacks. Layer by layer each norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B;
+    not move). Layer by layer each norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B;
     stacked, one op per layer (two where an FP8 base's codes are converted) plus about 21 per group (39 on an FP8
     base), counted on CPU by tests/test_dora_norm_per_step.py. The values are the layer-by-layer ones (``_norm_of``)
     up to the batched matmuls' summation order: on CPU bitwise at the tests' small widths, within 1.5e-7 relative
@@ -165,9 +113,7 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     with aside(groups[0][2].device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
         with run_aside():
             grams = [fast_dora._gram(a.float()) for *_, a in groups]
-        known = _trio_products(groups)
-        products = [_group_products(members, a, known) for _, members, a in groups]
-        del known  # the trios' products (copied into the groups' stacks) freed before the norms
+        products = [_group_products(members, a) for _, members, a in groups]
     for (scaling, members, a), gram, wa in zip(groups, grams, products, strict=True):
         _keep_group(members, a, wa, gram, scaling, from_products)
     return sum(len(members) for _, members, _ in groups)

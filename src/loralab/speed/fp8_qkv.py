@@ -89,14 +89,6 @@ class QkvGroup(SiblingCache):
         self.keep(x, parts, (i for i in range(len(parts)) if i != index))
         return parts[index]
 
-    def stored(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The trio's codes (N_q + N_k + N_v, K) float8_e4m3fn and scales (N,) float32 as one matrix, or None where
-        the trio cannot compute together (a member or the parent gone, a member's codes copied apart)."""
-        parent, members = self._parent(), self.members
-        if parent is None or any(m is None for m in members) or not _views_of(getattr(parent, _CODES), members):
-            return None
-        return getattr(parent, _CODES).view(torch.float8_e4m3fn), getattr(parent, _SCALES).view(torch.float32)
-
     @torch.no_grad()
     def cache_transposes(self) -> int:
         """Keep the trio's column-major codes once (a (K, N) buffer of the parent; each member's ``codes_t_bits``
@@ -214,12 +206,6 @@ def unfuse_fp8_qkv(model: nn.Module) -> int:
             module.__class__ = Fp8Linear
             count += 1
     return count
-
-
-def trio_of(layer: nn.Module) -> tuple[QkvGroup, int] | None:
-    """(its trio, its index in q, k, v order) for a fused member ``layer``; None for any other layer."""
-    group = layer.__dict__.get(_GROUP)
-    return None if group is None else (group, layer.__dict__[_INDEX])
 
 
 def fp8_qkv_groups(model: nn.Module) -> list[QkvGroup]:
