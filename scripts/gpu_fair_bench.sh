@@ -206,6 +206,11 @@
 #   cuDNN is above 9.15.0; below it torch keeps flash first); on an H200, fp8check fair8b, recipe; on an H100, fair8b
 #   with SPEED="memory_fraction=0.441"; a peer row of a varying-length workload with and without cuDNN's SDPA (whether
 #   peer_attention's switch still pays the peer).
+#   After 2026-12-07's second session (results/bench-fair-h100-1207: the first fair8b with cuDNN's attention in both
+#   stacks; its FP8 DoRA row was cut by the deadline; the tuned peer ran 27 % below 880d936's card, not because of
+#   cuDNN): fair8b alone with DEADLINE=575 (all ten rows), twice on one machine if time allows (the tuned peer's spread);
+#   gpu.txt now names the host CPU. The trio refresh (branch trio-refresh): doraab with .devdata/oldsrc from
+#   `git archive trio-refresh src`, METHODS=fp8+dora SPEED=micro_batch=4 DEADLINE>=200 ("old" is the trio there).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -238,6 +243,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PYTHON -c "import importlib.util as u, torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cudnn', torch.backends.cudnn.version(), 'liger_kernel', 'yes' if u.find_spec('liger_kernel') else 'NOT importable: no Liger rows')" | tee -a "$OUT/gpu.txt"
 echo "commit: ${LORALAB_GIT_COMMIT:-unknown (the tree travels without .git; the launcher names it)}" | tee -a "$OUT/gpu.txt"
 nvidia-smi --query-gpu=uuid --format=csv,noheader | sed 's/^/card: /' | tee -a "$OUT/gpu.txt"  # which card: compare calls on one
+# the host CPU: the eager peers launch their kernels one by one (results/bench-fair-h100-1207: the tuned peer 27 % off)
+{ grep -m1 "model name" /proc/cpuinfo | sed 's/^.*: /cpu: /'; echo "cpus: $(nproc), load: $(cut -d' ' -f1-3 /proc/loadavg)"; } | tee -a "$OUT/gpu.txt"
 
 STEP_MIN_S=30
 source "$(dirname "$0")/gpu_step.sh"  # step NAME CAP_SECONDS CMD...

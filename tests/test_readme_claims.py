@@ -886,3 +886,52 @@ def test_shared_input_loss_sentence_is_its_file():
     assert ratio < 1 and r["first_losses_equal"] and r["steps"] == 20 and r["batch"] == 8 and r["layers"] == 30
     assert all(r["curves"][f"{d}_shared"]["speed"]["lora_shared_inputs"]["groups"] > 0 for d in ("fp32", "bf16"))
     assert all(r["curves"][f"{d}_peft"]["speed"]["lora_shared_input"] is False for d in ("fp32", "bf16"))
+
+
+@pytest.mark.slow  # runs the table script
+def test_fair_h100_cudnn_both_stacks_section_is_its_files():
+    """The e7f1c5a H100 section (cuDNN's attention in both stacks) holds every table row and note the table script
+    prints from results/bench-fair-h100-1207, and its reading's figures are those files' and 880d936's: the tuned
+    peer's drop, loralab's and the docs peer's moves, the tuned rows alone with cuDNN off and on, bf16 LoRA against
+    each tuned figure, DoRA / LoRA; the H200 section's pointer quotes the same drop."""
+    heading = "### Training speed against the fairest peer, cuDNN's attention in both stacks, commit e7f1c5a (H100)"
+    folder = RESULTS / "bench-fair-h100-1207"
+    flat, rows = _fair8b_section(folder, heading)
+    before = {(r["method"], r["stack"]): r for r in json.loads((RESULTS / "bench-fusedqkv-h100" / "fair8b.json").read_text())}
+    alone = {c: json.loads((folder / "tuned-cudnn" / f"tuned-cudnn-{c}.json").read_text())[0]["throughput"]
+             for c in ("off", "on")}
+    tuned, old_tuned = rows[("lora", "tuned")]["throughput"], before[("lora", "tuned")]["throughput"]
+    lora, old_lora = rows[("lora", "loralab")]["throughput"], before[("lora", "loralab")]["throughput"]
+    docs, old_docs = rows[("lora", "peer")]["throughput"], before[("lora", "peer")]["throughput"]
+    drop = 100 * (1 - tuned / old_tuned)
+    assert (f"The tuned peer ran {tuned:,.0f} tokens/s, {drop:.1f} % below the {old_tuned:,.0f} of 880d936's card**") in flat
+    assert (f"bf16 LoRA row ran {100 * (lora / old_lora - 1):.1f} % above that card's, and the docs peer "
+            f"{100 * (docs / old_docs - 1):.1f} % above") in flat
+    assert alone["on"] > alone["off"]  # "cuDNN's attention is not the reason"
+    assert f"tuned peer alone ran {alone['off']:,.0f} tokens/s with cuDNN's SDPA off and {alone['on']:,.0f} with it on" in flat
+    assert f"({tuned:,.0f} in the bench, {alone['off']:,.0f} and {alone['on']:,.0f} alone)" in flat
+    lo, hi = sorted(lora / alone[c] for c in ("off", "on"))
+    assert f"bf16 LoRA is {lo:.2f}x to {hi:.2f}x against this machine's standalone tuned rows, and {lora / old_tuned:.2f}x" in flat
+    assert min(lo, lora / old_tuned, rows[("lora", "loralab")]["ratio_best_peer"]) > 1.5
+    lora_r, fp8_r = rows[("lora", "loralab")]["ratio_best_peer"], rows[("fp8+lora", "loralab")]["ratio_best_peer"]
+    assert f"(bf16 LoRA {lora_r:.2f}x and FP8-base LoRA {fp8_r:.2f}x the best peer, here the Liger row)" in flat
+    assert rows[("lora", "loralab")]["best_peer"] == "liger" and ("fp8+dora", "loralab") not in rows
+    ratio = rows[("dora", "loralab")]["throughput"] / lora
+    assert ratio >= 0.9 and f"DoRA / LoRA {ratio:.3f} bf16 (met)" in flat
+    assert "commit: e7f1c5a" in (folder / "gpu.txt").read_text()
+    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    assert f"found the tuned peer {drop:.1f} % slower than at 880d936" in h200
+
+
+def test_the_masked_width_guard_sentence_is_its_measurement():
+    """The README's sentence on the masked-width guard names the widths where torch's default kernel gave NaN in every
+    grad_q element on the H100 (cudnn_mask_nan.json) and that the step's padded widths gave none."""
+    result = json.loads((RESULTS / "bench-fair-h100-1207" / "cudnn_mask_nan.json").read_text())
+    default = [r for r in result["rows"] if r["kernel"] == "default"]
+    bad = sorted({r["width"] for r in default if r["non_finite"]["q"]})
+    assert bad == [64, 192, 320, 704] and result["info"]["cudnn"] == 91900
+    assert all(r["non_finite"]["q"] == r["width"] * 64 for r in default if r["width"] in bad)  # every element (1 x 1 x L x 64)
+    assert all(r["guarded_non_finite"] == {"q": 0, "k": 0, "v": 0} for r in result["rows"])
+    flat = " ".join(README.split())
+    assert ("torch's default kernel gave NaN in every grad_q element at widths 64, 192, 320 and 704, and none at the "
+            "widths the step pads them to") in flat
