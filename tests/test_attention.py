@@ -71,7 +71,7 @@ def test_masked_widths_step_off_64_modulo_128_on_their_grid():
 
 
 def test_the_guard_is_off_on_cpu_and_where_cudnn_sdpa_is_switched_off(monkeypatch):
-    """Only CUDA with cuDNN's SDPA on (compute capability 9.x/10.x, cuDNN >= 9.15) is guarded: elsewhere widths are
+    """Only CUDA with cuDNN's SDPA on (compute capability 9.x/10.x, cuDNN above 9.15.0) is guarded: elsewhere widths are
     left as they are, so CPU runs (and CI) pad exactly as before."""
     from loralab.speed import attention
 
@@ -103,28 +103,33 @@ def _guarded_step(monkeypatch, packing: bool, graphs: bool, max_length: int, lin
 
 
 def test_the_step_pads_masked_batches_off_the_nan_widths_and_says_so_once(monkeypatch):
-    """Guarded, the training step's padded rows of a 180-token sample (bucket 192) are 256 wide, unbucketed ones of a
-    192-token sample 208 (180 stays), and packed rows of max_length 320 are 384 wide: the padding is masked and takes no loss weight; a step logs it once."""
+    """Guarded, the training step's padded rows of a 180-token sample (bucket 192) are 256 wide; unbucketed (eager),
+    a 192-token sample beside a shorter one pads to 208, a lone full 192-token row stays (no padding: transformers
+    drops an all-ones mask and runs SDPA's causal path); packed rows of max_length 320 holding two samples (masked)
+    are 384 wide, rows of one sample each (no mask) stay 320. The padding is masked and takes no loss weight; the
+    guard is logged once, as the step is built, and counts what it widened."""
     features = [{"input_ids": list(range(1, 181)), "labels": list(range(1, 181))},
                 {"input_ids": list(range(1, 61)), "labels": list(range(1, 61))}]
     lines = []
     step = _guarded_step(monkeypatch, False, True, 512, lines)
+    assert len(lines) == 1 and "pytorch/pytorch#196678" in lines[0] and "masked-width guard on" in lines[0]
     (batch,) = step.plan(features)
     assert batch["input_ids"].shape == (2, 256) and batch["attention_mask"].sum() == 240
     assert batch["loss_weights"][:, 192:].abs().sum() == 0
     step.plan(features)
     assert len(lines) == 1 and step._guarded.widened == 2  # logged once per step, counted each time
-    (batch,) = _guarded_step(monkeypatch, False, False, 512, lines).plan(features)  # unbucketed: the longest, 180
-    assert batch["input_ids"].shape == (2, 180)
-    (batch,) = _guarded_step(monkeypatch, False, False, 512, lines).plan(
-        [{"input_ids": list(range(1, 193)), "labels": list(range(1, 193))}])
-    assert batch["input_ids"].shape == (1, 208)
+    full = {"input_ids": list(range(1, 193)), "labels": list(range(1, 193))}
+    eager = _guarded_step(monkeypatch, False, False, 512, lines)
+    assert eager.plan(features)[0]["input_ids"].shape == (2, 180)  # unbucketed: the longest, 180, not at risk
+    assert eager.plan([full, features[1]])[0]["input_ids"].shape == (2, 208)
+    assert eager.plan([full, full])[0]["input_ids"].shape == (2, 192) and eager._guarded.widened == 1
+    assert step.plan([full, full])[0]["input_ids"].shape == (2, 256)  # graphed: the mask is explicit, so widened
     (batch,) = _guarded_step(monkeypatch, True, True, 320, lines).plan(features)  # one row of two samples: masked
     assert batch["input_ids"].shape[1] == 384 and batch["loss_weights"][:, 320:].abs().sum() == 0
     single = [{"input_ids": list(range(1, n)), "labels": list(range(1, n))} for n in (300, 200)]
     (batch,) = _guarded_step(monkeypatch, True, True, 320, lines).plan(single)  # a sample a row: no mask, no widening
     assert batch["input_ids"].shape == (2, 320) and "position_ids" not in batch
-    assert len(lines) == 3 and "pytorch/pytorch#196678" in lines[0] and "192 tokens wide padded to 256" in lines[0]
+    assert len(lines) == 4  # one line per step built
 
 
 def test_a_set_pad_to_still_cuts_there_when_the_guard_pads_wider(monkeypatch):
@@ -187,7 +192,7 @@ def test_the_nan_check_script_counts_grads_and_the_guarded_width(load_script):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's SDPA needs a GPU")
 def test_where_the_guard_is_on_the_guarded_widths_train_finite_on_cuda(load_script):
-    """On a GPU the guard flags (compute capability 9.x/10.x, cuDNN >= 9.15), torch's default kernel at the widths the
+    """On a GPU the guard flags (compute capability 9.x/10.x, cuDNN above 9.15.0), torch's default kernel at the widths the
     step pads to gives finite gradients under the report's conditions (pytorch/pytorch#196678)."""
     from loralab.speed.attention import cudnn_masked_width_risk
 
@@ -195,3 +200,26 @@ def test_where_the_guard_is_on_the_guarded_widths_train_finite_on_cuda(load_scri
         pytest.skip("this GPU or cuDNN is not one the guard flags")
     result = load_script("cudnn_mask_nan").run("cuda", kernels=["default"])
     assert all(r["guarded_non_finite"] == {"q": 0, "k": 0, "v": 0} for r in result["rows"]), result
+
+
+def test_the_run_records_whether_the_guard_was_on(monkeypatch):
+    """``make_step`` records the guard in the resolved speed settings (``train_info.speed.masked_width_guard``): off on
+    CPU, on where cuDNN's masked SDPA may run (patched here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.run.step import make_step
+    from loralab.speed import attention
+
+    def resolved_guard():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        features = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}]
+        _, resolved = make_step(model, torch.optim.SGD(model.parameters(), lr=0.1), speed={"micro_batch": 1},
+                                kind="causal_lm", dtype="float32", device=torch.device("cpu"), features=features,
+                                batch_size=1, limit=1, max_length=8, pad_id=0, log=lambda line: None)
+        return resolved.masked_width_guard
+
+    assert resolved_guard() is False
+    monkeypatch.setattr(attention, "cudnn_masked_width_risk", lambda device: True)
+    assert resolved_guard() is True

@@ -66,6 +66,7 @@ class Speed:
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
     lora_shared_inputs: dict | None = field(default=None, metadata={"code_only": True})  # groups it made, their layers
     fp8_qkv_trios: dict | None = field(default=None, metadata={"code_only": True})  # q/k/v trios fp8_fused_qkv fused
+    masked_width_guard: bool | None = field(default=None, metadata={"code_only": True})  # speed/attention.MaskedWidths
     compile_backend: str = field(default="inductor", metadata={"code_only": True})  # set by code, not by experiments
     activation_memory_budget: float | str = field(default="auto", metadata={"added": True})  # compiled layers: torch's
     # memory-budget partitioner (speed/step.py; 1.0: its min-cut); auto: ACTIVATION_BUDGET; 1.0 where no layer compiles

@@ -62,9 +62,12 @@ class MethodContext:
         rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
         size = self.params.calibration["batch_size"]
         guard = device is not None and cudnn_masked_width_risk(torch.device(device))  # LoRA-GA's backward: no NaN
+        # a batch with padding carries a mask (rows sorted longest first: its first row is the longest)
+        padded = [len(rows[min(i + size, len(rows)) - 1]["input_ids"]) < len(rows[i]["input_ids"])
+                  for i in range(0, len(rows), size)]
         batches = [collate(rows[i : i + size], pad_id(self.tokenizer),
-                           step_width(len(rows[i]["input_ids"]), False) if guard else None)
-                   for i in range(0, len(rows), size)]
+                           step_width(len(rows[i]["input_ids"]), False) if guard and pads else None)
+                   for i, pads in zip(range(0, len(rows), size), padded)]
         if device is not None:
             batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         return batches

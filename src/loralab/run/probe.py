@@ -36,6 +36,7 @@ import torch
 
 from loralab.data import collate
 from loralab.speed.attention import cudnn_masked_width_risk, step_width
+from loralab.speed.graphs import bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.shared_input import clear_input_groups
 from loralab.speed.step import causal_lm_loss, seq_cls_loss
@@ -346,7 +347,8 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
         raise ValueError("probe_micro_batch needs a CUDA device")
     longest = max(features, key=lambda f: len(f["input_ids"]))
     width = max_length if packing else len(longest["input_ids"])
-    width = step_width(width, True) if cudnn_masked_width_risk(device) else width  # as wide as the step may pad it
+    if cudnn_masked_width_risk(device):  # as wide as a graphed step pads it (speed/attention.py), bucketed first
+        width = step_width(width if packing else bucket_width(width), True)
     budget = memory_fraction * torch.cuda.get_device_properties(device).total_memory
     loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
     params = [p for p in model.parameters() if p.requires_grad]

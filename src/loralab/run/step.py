@@ -112,8 +112,7 @@ class Step:
         self.model, self.optimizer, self.kind = model, optimizer, kind
         self.normalization, self.micro_batch, self.packing = normalization, micro_batch, packing and kind == "causal_lm"
         self.max_length, self.pad_to, self.pad_id, self.device = max_length, pad_to, pad_id, device
-        self.bucket = graphs
-        self.log = log
+        self.bucket, self.log = graphs, log
         self._guarded = MaskedWidths(device, graphs, log)  # off the widths where cuDNN's SDPA gives NaN
         self.wrapped, self.reduce_after_backward = wrapped, reduce_after_backward
         self.data_parallel = wrapped is not None or reduce_after_backward  # each rank runs its shard
@@ -146,7 +145,7 @@ class Step:
         width = self.pad_to or (bucket_width(longest) if self.bucket else longest)
         if longest > width:  # cut at the set width (pad_to) before any wider guarded padding
             feats = [{k: v[:width] if isinstance(v, (list, tuple)) else v for k, v in f.items()} for f in feats]
-        batch = collate(feats, self.pad_id, self._guarded(width))
+        batch = collate(feats, self.pad_id, self._guarded(width, any(len(f["input_ids"]) < width for f in feats)))
         w = torch.tensor(weights, dtype=torch.float32)
         # per-token weights over each row's tokens (token labels), else one weight per sample
         batch["loss_weights"] = batch["attention_mask"] * w[:, None] if batch["labels"].dim() == 2 else w
@@ -397,4 +396,5 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
                 max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,
                 max_grad_norm=max_grad_norm, log=log, wrapped=wrapped, reduce_after_backward=after_backward,
                 dora_norms=dora_layers > 0, dora_norms_backend=norms_backend if dora_layers else None)
+    resolved.masked_width_guard = step._guarded.on  # speed/attention.py (pytorch/pytorch#196678)
     return step, resolved

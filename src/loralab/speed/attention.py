@@ -89,17 +89,21 @@ def step_width(width: int, bucketed: bool) -> int:
 
 
 class MaskedWidths:
-    """``widths(width) -> width``: a batch's padded width (tokens), or ``masked_width``'s wider one where a masked batch
-    on ``device`` may run cuDNN's kernel (``cudnn_masked_width_risk``). ``bucketed``: widths on ``graphs.bucket_width``'s
-    grid (16 up to 128 tokens, 64 above), else 16. The first widening is logged (``log``); ``widened`` counts them."""
+    """``widths(width, padded=True) -> width``: a batch's padded width (tokens), or ``step_width``'s wider one where a
+    masked batch on ``device`` may run cuDNN's kernel (``cudnn_masked_width_risk``; ``on``). ``bucketed``: widths on
+    ``graphs.bucket_width``'s grid (CUDA graphs; a graphed step's padded batches always carry an explicit mask). A batch
+    whose rows all fill ``width`` (``padded`` False) outside CUDA graphs stays as it is: transformers then finds its mask
+    all ones and runs SDPA's causal path without one. When on, one line is logged (``log``) as the step is built;
+    ``widened`` counts the batches widened."""
 
     def __init__(self, device: torch.device, bucketed: bool, log=print):
-        self.on, self.bucketed, self.log, self.widened = cudnn_masked_width_risk(device), bucketed, log, 0
+        self.on, self.bucketed, self.widened = cudnn_masked_width_risk(device), bucketed, 0
+        if self.on:
+            log("masked-width guard on: torch may run cuDNN's SDPA here, whose masked backward gives NaN gradients at "
+                "key widths of 64 modulo 128 (pytorch/pytorch#196678), so masked batches of such widths are padded a "
+                "step further (speed/attention.py)")
 
-    def __call__(self, width: int) -> int:
-        wider = step_width(width, self.bucketed) if self.on else width
-        if wider != width and not self.widened:
-            self.log(f"masked batches {width} tokens wide padded to {wider}: cuDNN's SDPA backward can give NaN at "
-                     "widths of 64 modulo 128 (pytorch/pytorch#196678; speed/attention.py)")
+    def __call__(self, width: int, padded: bool = True) -> int:
+        wider = step_width(width, self.bucketed) if self.on and (padded or self.bucketed) else width
         self.widened += wider != width
         return wider
