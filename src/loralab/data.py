@@ -13,8 +13,9 @@ def collate(features: list[dict], pad_id: int, pad_to: int | None = None, *, mul
 
     Width: ``pad_to`` when given (longer samples are cut there), else the longest sample rounded up
     to ``multiple_of``. ``input_ids`` pad with ``pad_id``; ``attention_mask`` is 1 over each sample's
-    tokens, or the sample's own ``attention_mask`` where it has one (a tokenizer that padded it already); ``token_type_ids`` (when the features have them) pad with 0; token labels (a list per
-    sample) pad with -100; scalar labels stack (float32 for regression, int64 otherwise).
+    tokens, or the sample's own ``attention_mask`` where it has one (a tokenizer that padded it already:
+    ``pad_to_max_length``); ``token_type_ids`` (when the features have them) pad with 0; token labels (a list
+    per sample) pad with -100; scalar labels stack (float32 for regression, int64 otherwise).
     Returns int64 tensors of shape (batch, width), scalar labels of shape (batch,)."""
     longest = max(len(f["input_ids"]) for f in features)
     width = pad_to if pad_to is not None else -(-longest // multiple_of) * multiple_of

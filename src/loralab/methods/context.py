@@ -51,7 +51,7 @@ class MethodContext:
         """``calibration_samples`` in batches of ``calibration.batch_size`` (longest rows first, so
         little is padded), padded by the training collate; tensors on ``device``. Pads carry
         attention_mask 0 and never enter a statistic. Where masked attention on ``device`` may run cuDNN's kernel, a
-        batch 64 modulo 128 tokens wide is padded 16 further (``speed.attention``, pytorch/pytorch#196678: LoRA-GA
+        padded batch 64 modulo 128 tokens wide is padded 16 further (``speed.attention``, pytorch/pytorch#196678: LoRA-GA
         backpropagates through these batches)."""
         import torch
 

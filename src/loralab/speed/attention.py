@@ -1,4 +1,5 @@
-"""Attention for the step's batches without a mask (``speed.step.causal_lm_loss``): SDPA's causal path.
+"""Attention for the step's batches without a mask (``speed.step.causal_lm_loss``): SDPA's causal path; and, for
+batches with one, the widths the step pads them to where cuDNN's masked kernel gives NaN (``MaskedWidths``, below).
 
 Which of torch's SDPA kernels computes it is torch's choice: with cuDNN above 9.15 on Hopper torch puts cuDNN's
 kernel first itself (``check_prefer_cudnn_attention`` in torch's ``sdp_utils.cpp``; torch 2.11 with cuDNN 9.19 on
@@ -68,7 +69,9 @@ CUDNN_NAN_WIDTH = (128, 64)  # (modulus, remainder) of the key lengths the repor
 def cudnn_masked_width_risk(device: torch.device) -> bool:
     """Whether a masked SDPA call on ``device`` may run cuDNN's kernel with the NaN of pytorch/pytorch#196678: CUDA,
     cuDNN's SDPA switched on (``torch.backends.cuda.cudnn_sdp_enabled()``), a GPU of compute capability 9.x or 10.x and
-    cuDNN above 9.15.0 (where torch prefers cuDNN's kernel: ``check_prefer_cudnn_attention``). Conservative: no torch or cuDNN version is known to be fixed."""
+    cuDNN above 9.15.0 (where torch prefers cuDNN's kernel: ``check_prefer_cudnn_attention``). Conservative: no
+    torch or cuDNN version is known to be fixed. Measured on an H100, torch 2.11, cuDNN 9.19: every grad_q element NaN
+    at widths 64, 192, 320 and 704, none at the guarded widths (results/bench-fair-h100-1207)."""
     if device.type != "cuda" or not torch.cuda.is_available() or not torch.backends.cuda.cudnn_sdp_enabled():
         return False
     major = torch.cuda.get_device_capability(device)[0]
