@@ -92,14 +92,17 @@ def test_the_guard_is_off_on_cpu_and_where_cudnn_sdpa_is_switched_off(monkeypatc
     assert not attention.cudnn_masked_width_risk(torch.device("cuda"))
 
 
-def _guarded_step(monkeypatch, packing: bool, graphs: bool, max_length: int, lines: list, model=None):
+def _guarded_step(monkeypatch, packing: bool, graphs: bool, max_length: int, lines: list, pad_to=None,
+                  guarded: bool = True, kind: str = "causal_lm"):
+    """The training step's batching on CPU, with the guard on as on an H100 with cuDNN 9.19 (``guarded``), or off."""
     from loralab.run.step import Step
     from loralab.speed import attention
 
-    monkeypatch.setattr(attention, "cudnn_masked_width_risk", lambda device: True)  # as on an H100 with cuDNN 9.19
-    return Step(model or torch.nn.Module(), None, kind="causal_lm", normalization="tokens", micro_batch=None,
-                packing=packing, max_length=max_length, pad_to=None, pad_id=0, device=torch.device("cpu"),
-                graphs=graphs, max_grad_norm=0.0, log=lines.append)
+    if guarded:
+        monkeypatch.setattr(attention, "cudnn_masked_width_risk", lambda device: True)
+    return Step(torch.nn.Module(), None, kind=kind, normalization="tokens", micro_batch=None, packing=packing,
+                max_length=max_length, pad_to=pad_to, pad_id=0, device=torch.device("cpu"), graphs=graphs,
+                max_grad_norm=0.0, log=lines.append)
 
 
 def test_the_step_pads_masked_batches_off_the_nan_widths_and_says_so_once(monkeypatch):
@@ -135,16 +138,46 @@ def test_the_step_pads_masked_batches_off_the_nan_widths_and_says_so_once(monkey
 def test_a_set_pad_to_still_cuts_there_when_the_guard_pads_wider(monkeypatch):
     """``pad_to`` (``pad_to_max_length``) of 192 with a longer sample: the sample is cut at 192 tokens, as collate cuts,
     and the batch is padded to the guarded 256 (the 64 tokens past 192 masked)."""
-    from loralab.run.step import Step
-    from loralab.speed import attention
-
-    monkeypatch.setattr(attention, "cudnn_masked_width_risk", lambda device: True)
-    step = Step(torch.nn.Module(), None, kind="causal_lm", normalization="tokens", micro_batch=None, packing=False,
-                max_length=192, pad_to=192, pad_id=0, device=torch.device("cpu"), graphs=True, max_grad_norm=0.0,
-                log=lambda line: None)
+    step = _guarded_step(monkeypatch, False, True, 192, [], pad_to=192)
     (batch,) = step.plan([{"input_ids": list(range(1, 301)), "labels": list(range(1, 301))}])
     assert batch["input_ids"].shape == (1, 256) and batch["attention_mask"].sum() == 192
     assert batch["input_ids"][0, 191] == 192 and batch["input_ids"][0, 192:].eq(0).all()
+
+
+def test_samples_a_tokenizer_padded_keep_their_mask_and_are_guarded_eagerly(monkeypatch):
+    """Classification features padded by the tokenizer (``pad_to_max_length``: 192 tokens, their own mask 0 past the
+    text) fill the width, yet carry a mask with zeros: the training step keeps those zeros (they were ones before
+    36c98e3) and, guarded, pads such a batch off the NaN width even without CUDA graphs; a batch of unpadded full
+    rows stays."""
+    padded = [{"input_ids": list(range(1, 101)) + [0] * 92, "attention_mask": [1] * 100 + [0] * 92, "labels": 1}]
+    full = [{"input_ids": list(range(1, 193)), "attention_mask": [1] * 192, "labels": 0}]
+    for guarded, width in ((False, 192), (True, 208)):
+        (batch,) = _guarded_step(monkeypatch, False, False, 192, [], pad_to=192, guarded=guarded, kind="seq_cls").plan(padded)
+        assert batch["input_ids"].shape == (1, width) and batch["attention_mask"].sum() == 100
+    (batch,) = _guarded_step(monkeypatch, False, False, 192, [], pad_to=192, kind="seq_cls").plan(full)
+    assert batch["input_ids"].shape == (1, 192)
+
+
+def test_calibration_batches_with_padding_are_guarded(monkeypatch, minilm_path):
+    """LoRA-GA backpropagates through the calibration batches (``MethodContext.calibration_batches``): guarded, a batch
+    padded to 64 tokens is 80 wide, a batch whose rows all fill 64 tokens stays; unguarded (CPU) nothing moves."""
+    from loralab.config import build_parameters
+    from loralab.methods.context import MethodContext
+    from loralab.models import load_tokenizer
+    from loralab.speed import attention
+
+    rows = [{"input_ids": [1] * 64, "attention_mask": [1] * 64}, {"input_ids": [1] * 40, "attention_mask": [1] * 40},
+            {"input_ids": [1] * 64, "attention_mask": [1] * 64}, {"input_ids": [1] * 64, "attention_mask": [1] * 64}]
+    params = build_parameters({"task": "glue/sst2", "calibration": {"num_samples": 4, "batch_size": 2,
+                                                                    "sampling": "first"}})
+    context = MethodContext(params, rows, load_tokenizer(minilm_path))
+
+    def widths():
+        return [batch["input_ids"].shape[1] for batch in context.calibration_batches(device="cpu")]
+
+    assert widths() == [64, 64]
+    monkeypatch.setattr(attention, "cudnn_masked_width_risk", lambda device: True)
+    assert widths() == [64, 80]  # longest first: (64, 64) full, then (64, 40) padded
 
 
 def test_a_guarded_width_trains_the_same_loss_and_gradients(monkeypatch):
@@ -152,7 +185,6 @@ def test_a_guarded_width_trains_the_same_loss_and_gradients(monkeypatch):
     exact zeros; within 1e-6 for the summation order)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loralab.run.step import Step
     from loralab.speed.step import causal_lm_loss
 
     torch.manual_seed(0)
@@ -163,11 +195,7 @@ def test_a_guarded_width_trains_the_same_loss_and_gradients(monkeypatch):
                 (torch.randint(1, 128, (n,), generator=g).tolist() for n in (180, 150))]
     results = []
     for guarded in (False, True):
-        lines = []
-        step = _guarded_step(monkeypatch, False, True, 512, lines) if guarded else Step(
-            torch.nn.Module(), None, kind="causal_lm", normalization="tokens", micro_batch=None, packing=False,
-            max_length=512, pad_to=None, pad_id=0, device=torch.device("cpu"), graphs=True, max_grad_norm=0.0)
-        (batch,) = step.plan(features)
+        (batch,) = _guarded_step(monkeypatch, False, True, 512, [], guarded=guarded).plan(features)
         model.zero_grad()
         loss, _ = causal_lm_loss(model, batch, chunked=False)
         loss.backward()

@@ -55,19 +55,18 @@ class MethodContext:
         backpropagates through these batches)."""
         import torch
 
-        from loralab.data import collate, pad_id
+        from loralab.data import carries_padding, collate, pad_id
         from loralab.speed.attention import cudnn_masked_width_risk, step_width
 
         rows = self.calibration_samples(labels=labels)
         rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
         size = self.params.calibration["batch_size"]
         guard = device is not None and cudnn_masked_width_risk(torch.device(device))  # LoRA-GA's backward: no NaN
-        # a batch with padding carries a mask (rows sorted longest first: its first row is the longest)
-        padded = [len(rows[min(i + size, len(rows)) - 1]["input_ids"]) < len(rows[i]["input_ids"])
-                  for i in range(0, len(rows), size)]
-        batches = [collate(rows[i : i + size], pad_id(self.tokenizer),
-                           step_width(len(rows[i]["input_ids"]), False) if guard and pads else None)
-                   for i, pads in zip(range(0, len(rows), size), padded)]
+        batches = []
+        for chunk in (rows[i : i + size] for i in range(0, len(rows), size)):
+            width = len(chunk[0]["input_ids"])  # longest first
+            padded = guard and carries_padding(chunk, width)  # a mask with zeros: the guard's case
+            batches.append(collate(chunk, pad_id(self.tokenizer), step_width(width, False) if padded else None))
         if device is not None:
             batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         return batches

@@ -95,8 +95,8 @@ class MaskedWidths:
     """``widths(width, padded=True) -> width``: a batch's padded width (tokens), or ``step_width``'s wider one where a
     masked batch on ``device`` may run cuDNN's kernel (``cudnn_masked_width_risk``; ``on``). ``bucketed``: widths on
     ``graphs.bucket_width``'s grid (CUDA graphs; a graphed step's padded batches always carry an explicit mask). A batch
-    whose rows all fill ``width`` (``padded`` False) outside CUDA graphs stays as it is: transformers then finds its mask
-    all ones and runs SDPA's causal path without one. When on, one line is logged (``log``) as the step is built;
+    with no padded position (``padded`` False: ``data.carries_padding``) outside CUDA graphs stays as it is:
+    transformers then finds its mask all ones and runs SDPA's causal path without one. When on, one line is logged (``log``) as the step is built;
     ``widened`` counts the batches widened."""
 
     def __init__(self, device: torch.device, bucketed: bool, log=print):
