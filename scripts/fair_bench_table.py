@@ -161,6 +161,30 @@ def bench_goals(rows: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
+def window_notes(rows: list[dict]) -> list[str]:
+    """Notes on rows timed in several windows (``loralab bench --windows``): each row's slowest and fastest window,
+    and the bf16 and FP8 LoRA goals' ratios taken at the two extremes (loralab's slowest window over the best
+    peer's fastest, and the reverse): how far the timing's own spread reaches."""
+    timed = [r for r in rows if len(r.get("window_throughputs") or ()) > 1]
+    if not timed:
+        return []
+    n = len(timed[0]["window_throughputs"])
+    spans = "; ".join(f"{r['method']} {r['stack']} {min(r['window_throughputs']):,.0f} to {max(r['window_throughputs']):,.0f}"
+                      f" ({max(r['window_throughputs']) / min(r['window_throughputs']) - 1:.1%})" for r in timed)
+    out = [f"- Each row timed its steps {n} times back to back and counts its median window. Slowest to fastest window, "
+           f"tokens/s (spread): {spans}."]
+    for method in ("lora", "fp8+lora"):
+        ours = pick(rows, method, "loralab")
+        peer = pick(rows, "lora", ours.get("best_peer")) if ours.get("best_peer") else {}
+        if ours.get("window_throughputs") and peer.get("window_throughputs"):
+            low = min(ours["window_throughputs"]) / max(peer["window_throughputs"])
+            high = max(ours["window_throughputs"]) / min(peer["window_throughputs"])
+            out.append(f"- {method} over the {STACK[ours['best_peer']]} peer, window against window: {low:.2f}x "
+                       f"(loralab's slowest over the peer's fastest) to {high:.2f}x; the median windows give "
+                       f"{exact_ratio(rows, ours):.2f}x.")
+    return out
+
+
 def probe_table(out: Path, notes: list[str]) -> None:
     """``probe8b.json`` (gpu_fair_bench.sh probe8b) beside the loralab rows before, when present:
     ``probe8b-before.json`` (the same part at the defaults before), else ``fair8b.json``'s."""
@@ -188,7 +212,7 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "results/bench-fair")
     goals, notes = [], []
     if (out / "fair8b.json").exists():
-        from loralab.bench.runner import table
+        from loralab.bench.rows import table
 
         rows = json.loads((out / "fair8b.json").read_text())
         print("Llama-3-8B shape, random bf16 weights, LoRA/DoRA r32 on all linear layers, fixed 4 x 512 tokens "
@@ -196,6 +220,7 @@ def main() -> None:
               "kernels, `tuned` the careful user's; MFU is against the card's dense bf16 peak on every row, the FP8 "
               "rows' too:\n\n" + table(rows) + "\n")
         goals += bench_goals(rows)
+        notes += window_notes(rows)
         for r in rows:
             if r["stack"] == "loralab" and r["method"] == "fp8+dora" and not r["speed"].get("fast_dora"):
                 notes.append("- The FP8-base DoRA row ran peft's DoRA forward (`speed.fast_dora` was refused on an FP8 "
@@ -219,7 +244,7 @@ def main() -> None:
                              f"(peaks {p.get('peaks_gib')} GiB against a budget of {p.get('budget_gib')} GiB, "
                              f"{cap}): {p.get('reason')}.")
     if (out / "fair8bcache.json").exists():  # the same rows with the FP8 rows' transposed codes cached
-        from loralab.bench.runner import table
+        from loralab.bench.rows import table
 
         rows = json.loads((out / "fair8bcache.json").read_text())
         share = next((r["speed"].get("fp8_transpose_cache") for r in rows if r["method"].startswith("fp8+")

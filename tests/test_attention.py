@@ -43,7 +43,7 @@ def test_run_bench_runs_each_row_with_cudnn_as_peer_attention_says_and_records_i
 
     seen = {}
 
-    def fake_run_one(w, method, stack, device, steps, warmup, speed=None, budget_gib=None, budget_from=None):
+    def fake_run_one(w, method, stack, device, steps, warmup, speed=None, budget_gib=None, budget_from=None, windows=1):
         seen[(w.name, stack)] = torch.backends.cuda.cudnn_sdp_enabled()
         return {"workload": w.name, "method": method, "stack": stack, "throughput": 1.0, "unit": "tokens/s",
                 "peak_memory_gib": 1.0, "mfu": None}

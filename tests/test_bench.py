@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from loralab.bench.runner import add_ratios, table
+from loralab.bench.rows import add_ratios, table
 from loralab.bench.workloads import presets
 from loralab.cli import main
 from loralab.speed.lengths import sample_lengths
@@ -251,7 +251,7 @@ def test_the_cli_holds_the_tuned_peer_to_loralabs_budget_by_default(monkeypatch,
 
     seen = {}
 
-    def fake_run_one(w, method, stack, device, steps, warmup, speed=None, budget_gib=None, budget_from=None):
+    def fake_run_one(w, method, stack, device, steps, warmup, speed=None, budget_gib=None, budget_from=None, windows=1):
         seen[stack] = (budget_gib, budget_from)
         probe = {"budget_gib": 19.79} if stack == "loralab" else None
         return {"workload": w.name, "method": method, "stack": stack, "throughput": 1.0, "unit": "tokens/s",
@@ -297,3 +297,49 @@ def test_bench_goals_are_decided_on_the_unrounded_ratio(load_script):
     assert under["FP8-base LoRA >= 2.0x the best peer"] == "met"  # 29,992 / 10,000 = 2.9992
     met = {goal: verdict for goal, _, verdict in script.bench_goals(rows(15000.0))}
     assert met["bf16 LoRA >= 1.5x the best peer (its best micro-batch within loralab's memory)"] == "met"
+
+
+def test_a_stall_in_one_timing_window_does_not_move_the_row(monkeypatch):
+    """Each row times its steps ``windows`` times and counts the median window: a host stall inside one window
+    (here 0.3 s slept in the second window's first step of a tiny peer row) shows in ``window_throughputs`` and
+    leaves the row's throughput at an unstalled window's."""
+    import time as time_module
+
+    from loralab.bench import runner
+
+    calls, real_step = [], runner.peer_step
+
+    def stalling_step(model, opt, batch):
+        calls.append(1)
+        if len(calls) == 5:  # warm-up and first-of-shape: calls 1-2; windows of 2 steps: 3-4, 5-6, 7-8
+            time_module.sleep(0.3)
+        real_step(model, opt, batch)
+
+    monkeypatch.setattr(runner, "peer_step", stalling_step)
+    w = next(w for w in presets("tiny") if w.name == "tiny-llama/fixed-2x64")
+    row = runner.run_one(w, "lora", "peer", "cpu", 2, 1, windows=3)
+    rates = row["window_throughputs"]
+    assert len(calls) == 8 and len(rates) == 3
+    assert rates[1] == min(rates) and rates[1] < 0.5 * max(rates)  # the stall shows where it happened
+    assert row["throughput"] == sorted(rates)[1] and row["throughput"] > 2 * rates[1]  # and does not move the row
+    assert "window_throughputs" not in runner.run_one(w, "lora", "peer", "cpu", 2, 1)  # one window: as before
+
+
+@pytest.mark.parametrize("args, says", [(["--windows", "0"], "--windows = 0: must be a positive integer"),
+                                        (["--windows", "2", "--eval"], "--windows 2: goes with a preset's rows")])
+def test_windows_must_be_positive_and_go_with_preset_rows(args, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--device", "cpu"] + args)
+    assert says in str(exc.value)
+
+
+def test_the_table_script_gives_each_rows_window_spread_and_the_ratio_at_its_extremes(load_script):
+    script = load_script("fair_bench_table")
+    w = "llama-3-8b/fixed-4x512"
+    rows = [{"workload": w, "method": "lora", "stack": "tuned", "throughput": 8000.0, "window_throughputs": [7000.0, 8000.0, 9000.0]},
+            {"workload": w, "method": "lora", "stack": "loralab", "throughput": 15000.0, "best_peer": "tuned",
+             "window_throughputs": [14000.0, 15000.0, 15400.0]}]
+    notes = script.window_notes(rows)
+    assert "lora tuned 7,000 to 9,000 (28.6%)" in notes[0] and "lora loralab 14,000 to 15,400 (10.0%)" in notes[0]
+    assert "1.56x (loralab's slowest over the peer's fastest) to 2.20x; the median windows give 1.88x" in notes[1]
+    assert script.window_notes([{**r, "window_throughputs": None} for r in rows]) == []

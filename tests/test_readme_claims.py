@@ -667,7 +667,7 @@ def test_fair_h100_1206_section_is_its_files():
             f"{peaks['trainer']:.1f} GiB, and {at['ratio']:.2f}x at {at['peak_memory_gib']:.1f} GiB") in flat
     for sub in ("defaults", "h200budget", "h200budget-nocache", "recipe"):
         assert "commit: 5698f96" in (folder / sub / "gpu.txt").read_text()
-    from loralab.bench.runner import table
+    from loralab.bench.rows import table
 
     peer = json.loads((folder / "peerbudget" / "peerbudget.json").read_text())  # call 6: the tuned peer at the budget
     assert set(table_rows(table(peer))) <= set(table_rows(section(heading)))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import statistics
 import time
 
 import torch
@@ -37,6 +38,7 @@ from loralab.bench.peers import (
     tuned_step,
     wrap,
 )
+from loralab.bench.rows import add_ratios, format_row
 from loralab.bench.workloads import (
     FP8,
     BenchError,
@@ -54,8 +56,6 @@ from loralab.speed.step import _hf_model, budget_partitions, partitions_since
 from loralab.speed_settings import FP8_ONLY_SPEED
 
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
-PEER_STACKS = ("peer", "liger", "tuned")
-"""Rows that are peers of loralab's: the docs peer first (``ours/docs peer``), then the others."""
 STACKS = ("peer", "loralab", "liger", "tuned")
 """Every stack a preset row runs on, in the order they run (the tuned peer after loralab: its memory cap)."""
 PEER_MEMORY = ("peak", "budget")
@@ -122,9 +122,9 @@ def loralab_step(model, features: list[list[dict]], *, kind: str, dtype: str, ma
 
 def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,
             speed: dict | None = None, profile_to: list | None = None, budget_gib: float | None = None,
-            budget_from: str | None = None) -> dict:
+            budget_from: str | None = None, windows: int = 1) -> dict:
     """One row: build the model (the workload's dtype for every stack; float32 on CPU), adapt it,
-    time ``steps`` optimizer steps after ``warmup`` ones. ``speed``: explicit loralab speed keys;
+    time ``steps`` optimizer steps after ``warmup`` ones, ``windows`` times over (``run_bench``). ``speed``: explicit loralab speed keys;
     ``budget_gib``: the tuned peer's memory cap (``tuned_cap``: loralab's peak or budget on this workload
     and method), ``budget_from`` where it came from (recorded in the peer's ``micro_batch_probe``)."""
     dtype = "float32" if device == "cpu" else w.dtype
@@ -149,7 +149,7 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     reserved = torch.cuda.memory_reserved() / 2**30 if device == "cuda" else None
     with patches:
         row = _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to, budget_gib,
-                         budget_from)
+                         budget_from, windows)
     row["reserved_gib_at_start"] = None if reserved is None else round(reserved, 2)
     return row
 
@@ -171,7 +171,7 @@ def clean(device: str) -> None:
 
 
 def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, profile_to, budget_gib=None,
-               budget_from=None) -> dict:
+               budget_from=None, windows=1) -> dict:
     seq_cls = is_seq_cls(w)
     model.train()
     spec = MODELS[w.model]
@@ -216,12 +216,15 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
         torch.cuda.reset_peak_memory_stats()
     for item in inputs[:warmup] + first_of_shape:
         run(item)
-    sync()
-    start = time.perf_counter()
-    for item in inputs[warmup:]:
-        run(item)
-    sync()
-    seconds = time.perf_counter() - start
+    window_seconds = []
+    for _ in range(windows):  # the median window counts (``run_bench``'s ``windows``)
+        sync()
+        start = time.perf_counter()
+        for item in inputs[warmup:]:
+            run(item)
+        sync()
+        window_seconds.append(time.perf_counter() - start)
+    seconds = statistics.median(window_seconds)
     timed = data[warmup:]
     tokens = sum(len(f["input_ids"]) for feats in timed for f in feats)
     units = sum(len(feats) for feats in timed) if seq_cls else tokens
@@ -238,6 +241,8 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
            "step_ms": round(1000 * seconds / steps, 2), "dtype": dtype,
            "compile": bool(resolved and resolved["compile"]),
            "cuda_graphs": bool(runner is not None and runner.trainer.graphed and runner.trainer.graphs > 0)}
+    if windows > 1:
+        row["window_throughputs"] = [round(units / s, 2) for s in window_seconds]
     if resolved is not None:
         row["speed"] = resolved
         row["micro_batch"] = runner.micro_batch
@@ -270,12 +275,15 @@ def _profile(run, data, title: str) -> str:
 def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,
               only: str | None = None, speed: dict | None = None, profile: bool = False,
               log=print, on_row=None, methods: tuple[str, ...] | None = None,
-              stacks: tuple[str, ...] | None = None, peer_memory: str = "budget"):
+              stacks: tuple[str, ...] | None = None, peer_memory: str = "budget", windows: int | None = None):
     """All rows of a preset; ``only`` keeps workloads whose name contains it, ``methods`` (names as in the
     preset, e.g. ``("fp8+lora",)``) the rows of those methods, ``stacks`` (of ``STACKS``) the rows of
     those stacks (the tuned peer is capped at loralab's budget or peak only when loralab's row runs too); ``speed``
     holds explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults;
-    ``peer_memory`` (``PEER_MEMORY``) what the tuned peer is held to (``tuned_cap``).
+    ``peer_memory`` (``PEER_MEMORY``) what the tuned peer is held to (``tuned_cap``); ``windows`` (tiny 1, full 3):
+    how many times each row times its steps, back to back, its throughput the median window's, each window's in
+    ``window_throughputs``: a tuned-peer row once ran 16 % below its own probe's rate at the same micro-batch in
+    one process (results/bench-fair-h100-1207), a spread one timing window cannot show or damp.
     Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack, in
     ``stacks`` that is not a stack, or a ``peer_memory`` not allowed.
 
@@ -305,11 +313,12 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
         try:
             n_steps = steps or (3 if preset == "tiny" else w.steps or 8)
             n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
+            n_windows = windows or (1 if preset == "tiny" else 3)
             ours = next((r for r in rows if (r["workload"], r["method"], r["stack"]) == (w.name, method, "loralab")), None)
             budget, budget_from = tuned_cap(ours, peer_memory)  # the tuned peer's cap
             with peer_attention(w, stack, device) as cudnn_off:
                 row = run_one(w, method, stack, device, n_steps, n_warmup, speed=speed, budget_gib=budget,
-                              budget_from=budget_from)
+                              budget_from=budget_from, windows=n_windows)
             if cudnn_off:
                 row["cudnn_sdpa"] = "off"  # peer_attention: this row ran without cuDNN's attention kernel
         except torch.OutOfMemoryError as exc:
@@ -352,46 +361,3 @@ def peer_attention(w: Workload, stack: str, device: str):
         yield off
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)
-
-
-def format_row(row: dict) -> str:
-    thr = "—" if row.get("throughput") is None else f"{row['throughput']:,.0f} {row['unit']}"
-    mem = "—" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.1f} GiB"
-    mfu = "—" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
-    return f"{row['workload']:<26} {row['method']:<5} {row['stack']:<8} {thr:>20} {mem:>10} {mfu:>7}" + (
-        f"  {row['error']}" if row.get("error") else "")
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """Set, on every loralab row with a throughput, ``best_peer`` (the peer stack with the highest
-    throughput on the same workload, method and run; an FP8-base row: the float method's peers),
-    ``ratio_best_peer`` (loralab / that peer) and ``ratio_docs_peer`` (loralab / the docs peer); None
-    where that peer has no throughput."""
-    for r in rows:
-        if r["stack"] != "loralab":
-            continue
-        same = [p for p in rows if p["stack"] in PEER_STACKS and p.get("throughput")
-                and (p["workload"], p["method"], p.get("run")) == (r["workload"], float_method(r["method"]), r.get("run"))]
-        best = max(same, key=lambda p: p["throughput"], default=None)
-        docs = next((p for p in same if p["stack"] == "peer"), None)
-        ok = bool(r.get("throughput"))
-        r["best_peer"] = best["stack"] if best else None
-        r["ratio_best_peer"] = round(r["throughput"] / best["throughput"], 3) if ok and best else None
-        r["ratio_docs_peer"] = round(r["throughput"] / docs["throughput"], 3) if ok and docs else None
-
-
-def table(rows: list[dict]) -> str:
-    """Markdown table, one line per row, with the micro-batch of the rows that choose one and, on
-    loralab's rows, ours / best peer (which one in brackets) and ours / docs peer (``add_ratios``)."""
-    add_ratios(rows)
-    lines = ["| workload | method | stack | throughput | peak memory | MFU | micro-batch | ours/best peer | ours/docs peer |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
-    for r in rows:
-        best = f"{r['ratio_best_peer']:.2f}x ({r['best_peer']})" if r.get("ratio_best_peer") else ""
-        docs = f"{r['ratio_docs_peer']:.2f}x" if r.get("ratio_docs_peer") else ""
-        thr = "—" if r.get("throughput") is None else f"{r['throughput']:,.0f} {r['unit']}"
-        mem = "—" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f} GiB"
-        mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-        micro = "" if r.get("micro_batch") is None else str(r["micro_batch"])
-        lines.append(f"| {r['workload']} | {r['method']} | {r['stack']} | {thr} | {mem} | {mfu} | {micro} | {best} | {docs} |")
-    return "\n".join(lines)

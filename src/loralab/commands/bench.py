@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per row (tiny 3, full 8); --experiment: optimizer steps per stack (default 3, at least 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (tiny 1, full 3)")
+    parser.add_argument("--windows", type=int, default=None,
+                        help="preset rows: time the steps this many times back to back, the median window counting, "
+                             "each window's rate in the row's window_throughputs (tiny 1, full 3)")
     parser.add_argument("--only", default=None, help="keep workloads whose name contains this")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods to keep (e.g. fp8+lora,lora); an FP8-base row's ratios need its "
@@ -81,15 +84,18 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from loralab.bench.runner import run_bench, table
+    from loralab.bench.rows import table
+    from loralab.bench.runner import run_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    for key in ("steps", "warmup"):
+    for key in ("steps", "warmup", "windows"):
         value = getattr(args, key)
         if value is not None and value < 1:
             raise SystemExit(f"--{key} = {value}: must be a positive integer")
+    if args.windows is not None and (args.eval or args.experiment is not None):
+        raise SystemExit(f"--windows {args.windows}: goes with a preset's rows, not --eval or --experiment")
     if args.eval or any(getattr(args, key) is not None for key in _EVAL_ONLY):
         return _run_eval(args, device)
     if args.experiment is not None:
@@ -114,7 +120,7 @@ def run(args) -> int:
     try:
         rows, profiles = run_bench(args.preset or "tiny", device, steps=args.steps, warmup=args.warmup, only=args.only,
                                    speed=speed, profile=args.profile, on_row=save, methods=methods, stacks=stacks,
-                                   peer_memory=args.peer_memory or "budget")
+                                   peer_memory=args.peer_memory or "budget", windows=args.windows)
     except BenchError as exc:  # refused before any row ran
         which = " ".join(f"--{k} {getattr(args, k)!r}" for k in ("methods", "stacks") if getattr(args, k)) or "bench"
         raise SystemExit(f"{which}: {exc}") from exc
