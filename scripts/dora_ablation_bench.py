@@ -148,7 +148,7 @@ def run(args) -> list[dict]:
             try:
                 row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,
                                      speed={**args.speed, "micro_batch": args.micro_batch},
-                                     profile_to=profiles if variant in args.profile else None)
+                                     profile_to=profiles if variant in args.profile else None, windows=args.windows)
             finally:
                 runner.wrap = original_wrap
                 run_step.refresh_dora_norms = original_refresh
@@ -225,6 +225,8 @@ def main(argv=None) -> int:
                    help="samples per forward, every row alike; auto: each row probes its own, as loralab run's default")
     p.add_argument("--steps", type=_positive, default=8, help="timed optimizer steps per row")
     p.add_argument("--warmup", type=_positive, default=3, help="untimed steps before them")
+    p.add_argument("--windows", type=_positive, default=3,
+                   help="times each row's steps are timed back to back, the median window counting (loralab bench's full preset)")
     p.add_argument("--profile", nargs="*", default=[], choices=list(VARIANTS),
                    help="variants whose row also writes a torch.profiler table (<output>.profile.txt), taken right "
                         "after the row's timing: rows timed after a profiled one may run slower (bench.runner.run_bench "

@@ -108,6 +108,8 @@
 #           LORALAB_GIT_COMMIT=<the commit measured> OUT=$OUT bash scripts/gpu_fair_bench.sh fair8b
 #   device call 2 (same carry): ... bash scripts/gpu_fair_bench.sh recipe fp8loss
 #   (fair8b takes most of a call since the FP8 rows joined it; the deadline guard skips what no longer fits.)
+#   (Since 1ca45d8 every `--preset full` row times its steps 3 times (`loralab bench --windows`), about 50 s more for
+#   fair8b's ten rows; ~450 s in all on an H100.)
 #   After 2026-12-05's CPU-only session (fast DoRA on FP8, the transpose cache, the recipe's row within the
 #   Trainer's memory, the Trainer peer's head adapter under Liger), the calls to make, in this order:
 #   fair8b | fair8bcache | recipe | profdora (four calls, each alone; fp8check first in the first call).

@@ -322,15 +322,47 @@ def test_a_stall_in_one_timing_window_does_not_move_the_row(monkeypatch):
     assert len(calls) == 8 and len(rates) == 3
     assert rates[1] == min(rates) and rates[1] < 0.5 * max(rates)  # the stall shows where it happened
     assert row["throughput"] == sorted(rates)[1] and row["throughput"] > 2 * rates[1]  # and does not move the row
-    assert "window_throughputs" not in runner.run_one(w, "lora", "peer", "cpu", 2, 1)  # one window: as before
+    one = runner.run_one(w, "lora", "peer", "cpu", 2, 1)  # one window: timed as before
+    assert one["throughput"] == one["window_throughputs"][0]
+
+
+def test_an_even_window_count_counts_a_window_of_its_own(monkeypatch):
+    """Two windows: the row's throughput is one window's (the slower), not the mean of two, which no window ran."""
+    from loralab.bench import runner
+
+    w = next(w for w in presets("tiny") if w.name == "tiny-llama/fixed-2x64")
+    row = runner.run_one(w, "lora", "peer", "cpu", 2, 1, windows=2)
+    assert row["throughput"] == min(row["window_throughputs"])
+
+
+def test_the_window_count_defaults_by_preset_and_an_explicit_one_wins(monkeypatch):
+    from loralab.bench import runner
+    from loralab.bench.workloads import BenchError
+
+    seen = []
+    monkeypatch.setattr(runner, "run_one", lambda *a, windows=1, **k: seen.append(windows) or {
+        "workload": a[0].name, "method": a[1], "stack": a[2], "throughput": 1.0, "unit": "tokens/s",
+        "peak_memory_gib": None, "mfu": None})
+    for preset, windows, want in (("tiny", None, 1), ("full", None, 3), ("full", 5, 5), ("tiny", 2, 2)):
+        seen.clear()
+        runner.run_bench(preset, "cpu", only="fixed", methods=("lora",), stacks=("peer",), windows=windows, log=lambda s: None)
+        assert seen and set(seen) == {want}
+    with pytest.raises(BenchError, match="windows 0: must be a positive integer"):
+        runner.run_bench("tiny", "cpu", windows=0)
 
 
 @pytest.mark.parametrize("args, says", [(["--windows", "0"], "--windows = 0: must be a positive integer"),
-                                        (["--windows", "2", "--eval"], "--windows 2: goes with a preset's rows")])
+                                        (["--windows", "2", "--eval"], "--windows is a training-bench option"),
+                                        (["--windows", "2", "--experiment", "x"], "remove --preset, --only, --methods, "
+                                                                                  "--profile, --warmup, --windows")])
 def test_windows_must_be_positive_and_go_with_preset_rows(args, says, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--device", "cpu"] + args)
-    assert says in str(exc.value)
+    try:
+        code = main(["bench", "--device", "cpu"] + args)
+    except SystemExit as exc:
+        code, message = 2, str(exc)
+    else:
+        message = capsys.readouterr().err
+    assert code != 0 and says in message
 
 
 def test_the_table_script_gives_each_rows_window_spread_and_the_ratio_at_its_extremes(load_script):

@@ -3,8 +3,9 @@ call loralab's public entry points and the peers' as a user would, and record wh
 
 - ``generation``: ``loralab bench --eval``, loralab's generation engine against transformers
   ``generate`` (batched) and ``generate_batch`` (continuous batching), side by side on one device.
-- ``workloads``, ``peers``, ``runner``: ``loralab bench [--preset]``, the peer stacks (transformers +
-  peft as their docs show, Liger) against the step ``loralab run`` builds, on random-weight shapes.
+- ``workloads``, ``peers``, ``runner``, ``rows``: ``loralab bench [--preset]``, the peer stacks (transformers +
+  peft as their docs show, Liger, the tuned peer) against the step ``loralab run`` builds, on random-weight
+  shapes; ``rows`` holds the rows' text and ratios.
 - ``experiment``: ``loralab bench --experiment DIR``, one recipe through ``loralab run`` and through
   transformers ``Trainer`` + peft.
 

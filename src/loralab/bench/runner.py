@@ -4,7 +4,7 @@ One row per workload x method x stack (``loralab.bench.workloads`` for the workl
 ``loralab.bench.peers`` for the peer stacks: the docs peer, Liger, and the tuned peer, which runs
 after loralab's row and searches its micro-batch within the memory budget loralab's probe had, or with
 ``--peer-memory peak`` within loralab's measured peak: ``tuned_cap``).
-Ratios (``add_ratios``, the table) are loralab's throughput over the best peer row's (the fastest
+Ratios (``loralab.bench.rows``: ``add_ratios``, the table) are loralab's throughput over the best peer row's (the fastest
 of docs peer, Liger and tuned on the same workload and method), with the docs peer's beside it.
 loralab: the same model, adapter and optimizer batches through what ``loralab run`` builds with
 no ``speed`` keys (``loralab_step``, through ``loralab.run.step.make_step``): ``Speed``'s defaults
@@ -217,6 +217,8 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
     for item in inputs[:warmup] + first_of_shape:
         run(item)
     window_seconds = []
+    if windows < 1:
+        raise ValueError(f"windows {windows}: must be a positive integer")
     for _ in range(windows):  # the median window counts (``run_bench``'s ``windows``)
         sync()
         start = time.perf_counter()
@@ -224,7 +226,7 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
             run(item)
         sync()
         window_seconds.append(time.perf_counter() - start)
-    seconds = statistics.median(window_seconds)
+    seconds = statistics.median_high(window_seconds)  # a window's own time: an even count's slower middle one
     timed = data[warmup:]
     tokens = sum(len(f["input_ids"]) for feats in timed for f in feats)
     units = sum(len(feats) for feats in timed) if seq_cls else tokens
@@ -241,11 +243,11 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
            "step_ms": round(1000 * seconds / steps, 2), "dtype": dtype,
            "compile": bool(resolved and resolved["compile"]),
            "cuda_graphs": bool(runner is not None and runner.trainer.graphed and runner.trainer.graphs > 0)}
-    if windows > 1:
-        row["window_throughputs"] = [round(units / s, 2) for s in window_seconds]
+    row["window_throughputs"] = [round(units / s, 2) for s in window_seconds]
     if resolved is not None:
         row["speed"] = resolved
         row["micro_batch"] = runner.micro_batch
+        row["oom_retries"] = runner.oom_retries  # > 0: the micro-batch was halved, maybe between windows
         if resolved["compile"] and resolved["activation_memory_budget"] < 1:  # as loralab run records: did it hold?
             row["activation_memory_budget_partitions"] = partitions_since(partitions)
     if tuned is not None:
@@ -281,11 +283,13 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     those stacks (the tuned peer is capped at loralab's budget or peak only when loralab's row runs too); ``speed``
     holds explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults;
     ``peer_memory`` (``PEER_MEMORY``) what the tuned peer is held to (``tuned_cap``); ``windows`` (tiny 1, full 3):
-    how many times each row times its steps, back to back, its throughput the median window's, each window's in
-    ``window_throughputs``: a tuned-peer row once ran 16 % below its own probe's rate at the same micro-batch in
-    one process (results/bench-fair-h100-1207), a spread one timing window cannot show or damp.
+    how many times each row times its steps, back to back, its throughput the median window's (an even count: the
+    slower of the two middle ones), each window's in ``window_throughputs``: a stall of the host within one window
+    (the eager peers launch every kernel from it) shows there and does not move the row; a slowdown that lasts the
+    whole row shows in every window. (A tuned-peer row once ran 11 to 12 % below the same peer run alone on the card,
+    results/bench-fair-h100-1207; one window could not tell which of the two it was.)
     Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack, in
-    ``stacks`` that is not a stack, or a ``peer_memory`` not allowed.
+    ``stacks`` that is not a stack, a ``peer_memory`` not allowed, or ``windows`` below 1.
 
     Attention runs torch's kernel order, as ``loralab run`` and a careful user get it, except for the peers' rows
     of a workload whose lengths vary (``peer_attention``).
@@ -293,6 +297,8 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     from tqdm import tqdm
 
     tuned_cap(None, peer_memory)  # refused before any row runs
+    if windows is not None and windows < 1:
+        raise BenchError(f"windows {windows}: must be a positive integer")
     kept = [w for w in presets(preset) if not only or only in w.name]
     known = sorted({m for w in kept for m in w.methods})
     unknown = [m for m in methods or () if m not in known]
@@ -313,7 +319,7 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
         try:
             n_steps = steps or (3 if preset == "tiny" else w.steps or 8)
             n_warmup = warmup or (1 if preset == "tiny" else w.warmup or 3)
-            n_windows = windows or (1 if preset == "tiny" else 3)
+            n_windows = windows if windows is not None else 1 if preset == "tiny" else 3
             ours = next((r for r in rows if (r["workload"], r["method"], r["stack"]) == (w.name, method, "loralab")), None)
             budget, budget_from = tuned_cap(ours, peer_memory)  # the tuned peer's cap
             with peer_attention(w, stack, device) as cudnn_off:

@@ -33,8 +33,9 @@ def add_arguments(parser) -> None:
                         help="timed steps per row (tiny 3, full 8); --experiment: optimizer steps per stack (default 3, at least 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (tiny 1, full 3)")
     parser.add_argument("--windows", type=int, default=None,
-                        help="preset rows: time the steps this many times back to back, the median window counting, "
-                             "each window's rate in the row's window_throughputs (tiny 1, full 3)")
+                        help="preset rows: time the steps this many times back to back, the median window counting "
+                             "(an even count: the slower middle one), each window's rate in the row's "
+                             "window_throughputs (tiny 1, full 3)")
     parser.add_argument("--only", default=None, help="keep workloads whose name contains this")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods to keep (e.g. fp8+lora,lora); an FP8-base row's ratios need its "
@@ -94,8 +95,6 @@ def run(args) -> int:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise SystemExit(f"--{key} = {value}: must be a positive integer")
-    if args.windows is not None and (args.eval or args.experiment is not None):
-        raise SystemExit(f"--windows {args.windows}: goes with a preset's rows, not --eval or --experiment")
     if args.eval or any(getattr(args, key) is not None for key in _EVAL_ONLY):
         return _run_eval(args, device)
     if args.experiment is not None:
@@ -167,12 +166,12 @@ def _run_experiment(args, device: str) -> int:
     from loralab.bench.workloads import BenchError
     from loralab.config import ConfigError
 
-    if (args.preset or args.only or args.methods or args.profile or args.warmup or args.no_compile
+    if (args.preset or args.only or args.methods or args.profile or args.warmup or args.windows or args.no_compile
             or args.no_cuda_graphs or args.peer_memory):
         raise SystemExit("--experiment benches the folder's own method and settings (its adapter_config.json and "
                          "training_parameters.json; --speed sets speed keys over them for loralab's rows); remove "
-                         "--preset, --only, --methods, --profile, --warmup, --no-compile, --no-cuda-graphs and "
-                         "--peer-memory, which apply to the preset rows only")
+                         "--preset, --only, --methods, --profile, --warmup, --windows, --no-compile, --no-cuda-graphs "
+                         "and --peer-memory, which apply to the preset rows only")
     stacks = tuple(s.strip() for s in args.stacks.split(",") if s.strip()) if args.stacks else ("loralab", "trainer")
     try:
         result = run_experiment_bench(args.experiment, steps=args.steps or 3, random_weights=args.random_weights,
@@ -189,7 +188,7 @@ def _run_experiment(args, device: str) -> int:
 
 _EVAL_ONLY = ("model", "rows", "num_prompts", "max_new_tokens", "stopping", "batch_sizes", "peer_prompts", "slots",
               "rank", "dtype", "data_dir")
-_TRAINING_ONLY = ("preset", "experiment", "task", "steps", "warmup", "only", "methods", "stacks")
+_TRAINING_ONLY = ("preset", "experiment", "task", "steps", "warmup", "windows", "only", "methods", "stacks")
 _TRAINING_SWITCHES = ("random_weights", "no_compile", "no_cuda_graphs", "profile", "speed")
 DTYPES = ("float32", "bfloat16", "float16")
 
