@@ -213,6 +213,10 @@
 #   cuDNN): fair8b alone with DEADLINE=575 (all ten rows), twice on one machine if time allows (the tuned peer's spread);
 #   gpu.txt now names the host CPU. The trio refresh (branch trio-refresh): doraab with .devdata/oldsrc from
 #   `git archive trio-refresh src`, METHODS=fp8+dora SPEED=micro_batch=4 DEADLINE>=200 ("old" is the trio there).
+#   After 2026-12-07's third session (no machine started in ten tries; 1ca45d8 times every full-preset row in 3
+#   windows, the median counting): the same calls. fair8b now takes ~50 s more (WINDOWS=1 for the old timing); the
+#   trio lives on branch trio2 (main + the revert of e7f1c5a): `git archive trio2 src tests/test_dora_norm_per_step.py
+#   tests/conftest.py | tar -x -C .devdata/oldsrc`, then its GPU tests with PYTHONPATH=.devdata/oldsrc/src and doraab.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
