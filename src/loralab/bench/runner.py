@@ -126,7 +126,10 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     """One row: build the model (the workload's dtype for every stack; float32 on CPU), adapt it,
     time ``steps`` optimizer steps after ``warmup`` ones, ``windows`` times over (``run_bench``). ``speed``: explicit loralab speed keys;
     ``budget_gib``: the tuned peer's memory cap (``tuned_cap``: loralab's peak or budget on this workload
-    and method), ``budget_from`` where it came from (recorded in the peer's ``micro_batch_probe``)."""
+    and method), ``budget_from`` where it came from (recorded in the peer's ``micro_batch_probe``).
+    Raises ValueError for ``windows`` below 1, before the model is built."""
+    if windows < 1:
+        raise ValueError(f"windows {windows}: must be a positive integer")
     dtype = "float32" if device == "cpu" else w.dtype
     clean(device)
     patches = contextlib.ExitStack()
@@ -217,8 +220,6 @@ def _run_built(w, model, method, stack, device, dtype, steps, warmup, speed, pro
     for item in inputs[:warmup] + first_of_shape:
         run(item)
     window_seconds = []
-    if windows < 1:
-        raise ValueError(f"windows {windows}: must be a positive integer")
     for _ in range(windows):  # the median window counts (``run_bench``'s ``windows``)
         sync()
         start = time.perf_counter()
