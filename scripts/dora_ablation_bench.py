@@ -40,7 +40,7 @@ which part to work on. The frozen variant also leaves the magnitudes out of Adam
 compiled layers save; ``refresh_python_calls`` counts the Python calls of the patched refresh (a CUDA graph's
 replay makes none), of which only the first computes.
 
-    python scripts/dora_ablation_bench.py --output $OUT/doraabl.json          # on an H100, ~2 min (8 rows)
+    python scripts/dora_ablation_bench.py --output $OUT/doraabl.json          # on an H100, ~2 min (8 rows; timed in one window before 1ca45d8)
     python scripts/dora_ablation_bench.py --bases fp8 --variants lora dora --refresh-forms   # and the refresh's forms
     python scripts/dora_ablation_bench.py --device cpu --preset tiny --only tiny-llama/fixed --micro-batch 2
     python scripts/dora_ablation_bench.py --bases bf16 --variants lora dora --micro-batch auto --speed memory_fraction=0.441
@@ -112,8 +112,8 @@ def _workload(preset: str, only: str):
 
 def run(args) -> list[dict]:
     workload = _workload(args.preset, args.only)
-    print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, {args.device}", flush=True)
+    print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps x {args.windows} windows "
+          f"after {args.warmup} warm-up, {args.device}", flush=True)
     original_wrap, original_refresh, original_forget = runner.wrap, run_step.refresh_dora_norms, run_step.forget_probe_compiles
     original_keep = dora_refresh._keep_norms
     rows, profiles = [], []
@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=_positive, default=8, help="timed optimizer steps per row")
     p.add_argument("--warmup", type=_positive, default=3, help="untimed steps before them")
     p.add_argument("--windows", type=_positive, default=3,
-                   help="times each row's steps are timed back to back, the median window counting (loralab bench's full preset)")
+                   help="times each row's steps are timed back to back, the median window counting (an even count: the "
+                        "slower middle one; loralab bench's full preset: 3)")
     p.add_argument("--profile", nargs="*", default=[], choices=list(VARIANTS),
                    help="variants whose row also writes a torch.profiler table (<output>.profile.txt), taken right "
                         "after the row's timing: rows timed after a profiled one may run slower (bench.runner.run_bench "

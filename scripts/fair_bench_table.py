@@ -171,7 +171,8 @@ def window_notes(rows: list[dict]) -> list[str]:
     n = len(timed[0]["window_throughputs"])
     spans = "; ".join(f"{r['method']} {r['stack']} {min(r['window_throughputs']):,.0f} to {max(r['window_throughputs']):,.0f}"
                       f" ({max(r['window_throughputs']) / min(r['window_throughputs']) - 1:.1%})" for r in timed)
-    out = [f"- Each row timed its steps {n} times back to back and counts its median window. Slowest to fastest window, "
+    out = [f"- Each row timed its steps {n} times back to back and counts its median window (an even count: the slower "
+           f"middle one). Slowest to fastest window, "
            f"tokens/s (spread): {spans}."]
     for method in ("lora", "fp8+lora"):
         ours = pick(rows, method, "loralab")
@@ -180,7 +181,7 @@ def window_notes(rows: list[dict]) -> list[str]:
             low = min(ours["window_throughputs"]) / max(peer["window_throughputs"])
             high = max(ours["window_throughputs"]) / min(peer["window_throughputs"])
             out.append(f"- {method} over the {STACK[ours['best_peer']]} peer, window against window: {low:.2f}x "
-                       f"(loralab's slowest over the peer's fastest) to {high:.2f}x; the median windows give "
+                       f"(loralab's slowest over the peer's fastest) to {high:.2f}x; the counted windows give "
                        f"{exact_ratio(rows, ours):.2f}x.")
     return out
 

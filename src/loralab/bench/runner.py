@@ -128,8 +128,8 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     ``budget_gib``: the tuned peer's memory cap (``tuned_cap``: loralab's peak or budget on this workload
     and method), ``budget_from`` where it came from (recorded in the peer's ``micro_batch_probe``).
     Raises ValueError for ``windows`` below 1, before the model is built."""
-    if windows < 1:
-        raise ValueError(f"windows {windows}: must be a positive integer")
+    if not isinstance(windows, int) or windows < 1:
+        raise ValueError(f"windows {windows!r}: must be a positive integer")
     dtype = "float32" if device == "cpu" else w.dtype
     clean(device)
     patches = contextlib.ExitStack()
@@ -285,8 +285,8 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     holds explicit loralab speed keys (e.g. ``{"compile": False}``), the rest are ``loralab run``'s defaults;
     ``peer_memory`` (``PEER_MEMORY``) what the tuned peer is held to (``tuned_cap``); ``windows`` (tiny 1, full 3):
     how many times each row times its steps, back to back, its throughput the median window's (an even count: the
-    slower of the two middle ones), each window's in ``window_throughputs``: a stall of the host within one window
-    (the eager peers launch every kernel from it) shows there and does not move the row; a slowdown that lasts the
+    slower of the two middle ones), each window's in ``window_throughputs``: with 3 or more, a stall of the host within
+    one window (the eager peers launch every kernel from it) shows there and does not move the row; a slowdown that lasts the
     whole row shows in every window. (A tuned-peer row once ran 11 to 12 % below the same peer run alone on the card,
     results/bench-fair-h100-1207; one window could not tell which of the two it was.)
     Raises BenchError (before any row runs) for a name in ``methods`` that the kept workloads lack, in
@@ -298,8 +298,8 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     from tqdm import tqdm
 
     tuned_cap(None, peer_memory)  # refused before any row runs
-    if windows is not None and windows < 1:
-        raise BenchError(f"windows {windows}: must be a positive integer")
+    if windows is not None and (not isinstance(windows, int) or windows < 1):
+        raise BenchError(f"windows {windows!r}: must be a positive integer")
     kept = [w for w in presets(preset) if not only or only in w.name]
     known = sorted({m for w in kept for m in w.methods})
     unknown = [m for m in methods or () if m not in known]
