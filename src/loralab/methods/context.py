@@ -55,18 +55,16 @@ class MethodContext:
         backpropagates through these batches)."""
         import torch
 
-        from loralab.data import carries_padding, collate, pad_id
-        from loralab.speed.attention import cudnn_masked_width_risk, step_width
+        from loralab.data import collate, pad_id
+        from loralab.speed.attention import MaskedWidths
 
         rows = self.calibration_samples(labels=labels)
         rows = sorted(rows, key=lambda r: -len(r["input_ids"]))
         size = self.params.calibration["batch_size"]
-        guard = device is not None and cudnn_masked_width_risk(torch.device(device))  # LoRA-GA's backward: no NaN
-        batches = []
-        for chunk in (rows[i : i + size] for i in range(0, len(rows), size)):
-            width = len(chunk[0]["input_ids"])  # longest first
-            padded = guard and carries_padding(chunk, width)  # a mask with zeros: the guard's case
-            batches.append(collate(chunk, pad_id(self.tokenizer), step_width(width, False) if padded else None))
+        # LoRA-GA's backward: no NaN; eager widths (no CUDA graphs here), the longest row first in each chunk
+        widths = MaskedWidths(torch.device(device or "cpu"), False, log=lambda line: None)
+        batches = [collate(chunk, pad_id(self.tokenizer), widths(len(chunk[0]["input_ids"]), chunk))
+                   for chunk in (rows[i : i + size] for i in range(0, len(rows), size))]
         if device is not None:
             batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         return batches

@@ -38,7 +38,7 @@ import torch
 
 from loralab import distributed
 from loralab.config import ConfigError
-from loralab.data import carries_padding, collate
+from loralab.data import collate
 from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
 from loralab.run.spare_memory import cache_spare_transposes, log_transposes, spare_bytes, spend_spare_on_activations
@@ -144,7 +144,7 @@ class Step:
         longest = max(len(f["input_ids"]) for f in feats)
         width = self.pad_to or (bucket_width(longest) if self.bucket else longest)
         # cut at the set width (pad_to) even where the guard pads wider
-        batch = collate(feats, self.pad_id, self._guarded(width, carries_padding(feats, width)), cut=width)
+        batch = collate(feats, self.pad_id, self._guarded(width, feats), cut=width)
         w = torch.tensor(weights, dtype=torch.float32)
         # per-token weights over each row's tokens (token labels), else one weight per sample
         batch["loss_weights"] = batch["attention_mask"] * w[:, None] if batch["labels"].dim() == 2 else w

@@ -16,6 +16,8 @@ import contextlib
 
 import torch
 
+from loralab.data import carries_padding
+
 CAUSAL_SDPA = "loralab_causal_sdpa"
 
 
@@ -92,11 +94,12 @@ def step_width(width: int, bucketed: bool) -> int:
 
 
 class MaskedWidths:
-    """``widths(width, padded=True) -> width``: a batch's padded width (tokens), or ``step_width``'s wider one where a
+    """``widths(width, feats=None) -> width``: a batch's padded width (tokens), or ``step_width``'s wider one where a
     masked batch on ``device`` may run cuDNN's kernel (``cudnn_masked_width_risk``; ``on``). ``bucketed``: widths on
-    ``graphs.bucket_width``'s grid (CUDA graphs; a graphed step's padded batches always carry an explicit mask). A batch
-    with no padded position (``padded`` False: ``data.carries_padding``) outside CUDA graphs stays as it is:
-    transformers then finds its mask all ones and runs SDPA's causal path without one. When on, one line is logged (``log``) as the step is built;
+    ``graphs.bucket_width``'s grid (CUDA graphs; a graphed step's padded batches always carry an explicit mask). Outside
+    CUDA graphs a batch of samples ``feats`` with no padded position at ``width`` (``data.carries_padding``, asked only
+    then) stays as it is: transformers then finds its mask all ones and runs SDPA's causal path without one; None:
+    a batch with a mask. When on, one line is logged (``log``) as the step is built;
     ``widened`` counts the batches widened."""
 
     def __init__(self, device: torch.device, bucketed: bool, log=print):
@@ -106,7 +109,8 @@ class MaskedWidths:
                 "key widths of 64 modulo 128 (pytorch/pytorch#196678), so masked batches of such widths are padded a "
                 "step further (speed/attention.py)")
 
-    def __call__(self, width: int, padded: bool = True) -> int:
-        wider = step_width(width, self.bucketed) if self.on and (padded or self.bucketed) else width
+    def __call__(self, width: int, feats: list[dict] | None = None) -> int:
+        masked = self.on and (self.bucketed or feats is None or carries_padding(feats, width))
+        wider = step_width(width, self.bucketed) if masked else width
         self.widened += wider != width
         return wider
