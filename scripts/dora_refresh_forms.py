@@ -2,7 +2,7 @@
 costly products (issue 22: "DoRA within 10 % of LoRA"; used by ``dora_ablation_bench.py --refresh-forms``).
 
 The refresh (``speed/dora_refresh.refresh_dora_norms``) was 9.2 ms of an 8B FP8 DoRA step's 17.4 ms over LoRA's on
-an H100 (results/bench-doraabl-h100). Its profile: ~20 us per layer for ``W·Aᵀ`` (``speed/fp8_products.weights_times``)
+an H100 (results/bench-doraabl-h100). Its profile: ~20 us per layer for ``W·Aᵀ`` (``speed/fp8.weights_times``)
 and ~210 us per group for the float32 Gram bmm ``A·Aᵀ`` ((L, r, K) x (L, K, r): L x r x r outputs, few thread
 blocks over a long K). The forms:
 
@@ -41,7 +41,7 @@ import contextlib
 import torch
 from kernel_timing import median_ms
 
-from loralab.speed import dora_refresh, fast_dora, fp8_products
+from loralab.speed import dora_refresh, fast_dora
 from loralab.speed import fp8 as fp8_mod
 from loralab.speed import streams as streams_mod
 
@@ -53,20 +53,20 @@ STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
 
 def weights_times_cast_stack(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
-    """``speed.fp8_products.weights_times``'s values as a7d0194 computed them: per layer a product cast to float32 (on
+    """``speed.fp8.weights_times``'s values as a7d0194 computed them: per layer a product cast to float32 (on
     CUDA; the CPU kernel writes float32), the products stacked, then the two terms summed."""
     r = a.shape[-2]
-    terms, term_scales = fp8_products.split_rows(a)
+    terms, term_scales = fp8_mod.split_rows(a)
     y = torch.stack([fp8_mod._scaled_mm(c, terms[i].t(), s.view(-1, 1), term_scales[i].view(1, -1), torch.float32)
                      for i, (c, s) in enumerate(zip(codes, scales, strict=True))])
     return y[..., :r] + y[..., r:]
 
 
 def weights_times_codes_left(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
-    """``speed.fp8_products.weights_times``'s (L, N, r) float32 values, each layer's product taken with the codes on the
+    """``speed.fp8.weights_times``'s (L, N, r) float32 values, each layer's product taken with the codes on the
     left, (N, 2r), in place into one (L, N, 2r) buffer of the kernel's dtype, the two terms summed in float32."""
     r = a.shape[-2]
-    terms, term_scales = fp8_products.split_rows(a)
+    terms, term_scales = fp8_mod.split_rows(a)
     dtype = fp8_mod._kernel_dtype(a.device, torch.float32)
     y = torch.empty(len(codes), codes[0].shape[0], 2 * r, dtype=dtype, device=a.device)
     for i, (c, s) in enumerate(zip(codes, scales, strict=True)):

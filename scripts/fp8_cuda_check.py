@@ -22,8 +22,7 @@ import sys
 
 import torch
 
-from loralab.speed.fp8 import fp8_linear, quantize_rows
-from loralab.speed.fp8_products import weight_times
+from loralab.speed.fp8 import fp8_linear, quantize_rows, weight_times
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 """The FP8 DoRA norm refresh's two costly products, each in two forms, timed alone on CUDA (issue 22).
 
 The refresh (``speed/dora_refresh.refresh_dora_norms``) takes, per layer, ``W·Aᵀ`` from the FP8 codes through
-``speed/fp8_products.weights_times`` (through 22cac1c ``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``, an (N x 2r) output,
+``speed/fp8.weights_times`` (through 22cac1c ``_scaled_mm(codes (N, K), [hi; lo]ᵀ (K, 2r))``, an (N x 2r) output,
 2r = 64 at r32; since bbd7c40 the terms-left form below) and, per group of L layers, the Gram matrices ``A·Aᵀ``
 by one float32 bmm ((L, r, K) x (L, K, r)). In the profile of results/bench-doraabl-h100 (H100, Llama-3-8B shape, FP8 base) the first ran ~20 us per layer
 (224 a step: ~4.5 ms, where reading the 7.0 GB of codes takes ~2.1 ms at 3.35 TB/s) and the second ~210 us per
@@ -22,7 +22,6 @@ GEMM on an H100 against ~20 us inside the step's CUDA graph, results/bench-refre
 ``dora_ablation_bench.py --refresh-forms`` times the forms graphed, as the step runs them.
 
     python scripts/fp8_refresh_gemm_bench.py --output $OUT/refreshgemm.json     # on a GPU, ~20 s
-    python scripts/fp8_refresh_gemm_bench.py --splits 1 2 4 --output ...         # and the K split per group
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ import torch
 from dora_refresh_forms import gram_split
 from kernel_timing import median_ms
 
-from loralab.speed.fp8 import FP8
-from loralab.speed.fp8_products import split_rows, weights_times
+from loralab.speed.fp8 import FP8, split_rows
 
 SHAPES = {"q, o": (4096, 4096), "k, v": (1024, 4096), "gate, up": (14336, 4096), "down": (4096, 14336)}
 BACK_TO_BACK = 10
@@ -99,51 +97,12 @@ def bench(rank: int, layers: int, repeats: int, device: str = "cuda", shapes: di
     return rows
 
 
-GROUPS = {"q, o": (64, 4096, 4096), "k, v": (64, 1024, 4096), "gate, up": (64, 14336, 4096), "down": (32, 4096, 14336)}
-"""The refresh's groups at Llama-3-8B: {name: (layers, N, K)} (``dora_refresh._refresh_groups``)."""
-
-
-def bench_splits(rank: int, splits: list[int], repeats: int, device: str = "cuda", groups: dict = GROUPS) -> list[dict]:
-    """``weights_times`` for each group of ``groups`` as the refresh runs it (its layers' products on side streams),
-    at each K split of ``splits`` (``speed/fp8_products.k_split``; 1: none), captured in a CUDA graph and timed by
-    replays (on CPU: called, to check the values). One row per group and split: microseconds per group, the codes'
-    read bandwidth, and the largest difference from split 1 relative to its largest value."""
-    rows = []
-    for name, (layers, n, k) in groups.items():
-        torch.manual_seed(0)
-        codes = [(torch.randn(n, k, device=device) * 100).clamp(-448, 448).to(FP8) for _ in range(layers)]
-        scales = [torch.rand(n, device=device) + 0.5 for _ in range(layers)]
-        a = torch.randn(layers, rank, k, device=device) / k ** 0.5
-        one = weights_times(codes, scales, a, split=1)
-        for split in splits:
-            if k % (split * 16):
-                continue
-            got = weights_times(codes, scales, a, split=split)  # eager first: the side streams made outside capture
-            if device == "cuda":
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    got = weights_times(codes, scales, a, split=split)
-                us = _time_us(graph.replay, repeats, device)
-            else:
-                us = _time_us(lambda split=split: weights_times(codes, scales, a, split=split), repeats, device)
-            rows.append({"group": name, "layers": layers, "N": n, "K": k, "rank": rank, "split": split,
-                         "us": round(us, 1), "tb_s": round(layers * n * k / 1e9 / us * 1e3, 3),
-                         "max_rel_diff_vs_split_1": _rel(got, one)})
-            del got
-        codes = one = None  # freed before the next group is made
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--layers", type=int, default=64,
                    help="layers per Gram group, every shape alike (8B: 64 for q and o, k and v, gate and up; 32 for down)")
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--splits", nargs="*", type=int, default=[],
-                   help="also time weights_times per refresh group, graphed, at these K splits (e.g. 1 2 4)")
     p.add_argument("--output")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -158,21 +117,9 @@ def main(argv=None) -> int:
         print(f"| {r['layers']} | {r['N']} x {r['K']} | {r['codes_left_us']} | {r['codes_left_tb_s']} | "
               f"{r['terms_left_us']} | {r['terms_left_tb_s']} | {r['product_max_rel_diff']:.1e} | {r['gram_bmm_us']} | "
               f"{r['gram_split_us']} | {r['gram_max_rel_diff']:.1e} |")
-    split_rows_ = bench_splits(args.rank, args.splits, args.repeats) if args.splits else []
-    if split_rows_:
-        print("\nweights_times per refresh group, graphed (side streams as the refresh runs them); us per group")
-        print("| group | layers | N x K | K split | us | TB/s | max rel diff vs split 1 |")
-        print("|---|--:|---|--:|--:|--:|--:|")
-        for r in split_rows_:
-            print(f"| {r['group']} | {r['layers']} | {r['N']} x {r['K']} | {r['split']} | {r['us']} | {r['tb_s']} | "
-                  f"{r['max_rel_diff_vs_split_1']:.1e} |")
-        totals = {}
-        for r in split_rows_:
-            totals[r["split"]] = totals.get(r["split"], 0.0) + r["us"]
-        print("all groups, us: " + ", ".join(f"split {k}: {v:.0f}" for k, v in sorted(totals.items())))
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"products": rows, "splits": split_rows_} if split_rows_ else rows, f, indent=1)
+            json.dump(rows, f, indent=1)
     return 0
 
 

@@ -12,13 +12,12 @@ import torch
 from loralab.bench import runner
 from loralab.run import step as run_step
 from loralab.speed import dora_refresh, fast_dora
-from loralab.speed.fp8 import FP8
-from loralab.speed.fp8_products import split_rows, weights_times
+from loralab.speed.fp8 import FP8, split_rows, weights_times
 
 
 def test_the_refresh_products_alternative_forms_give_the_shipped_values(load_script):
     """The W·Aᵀ product with the terms on the left is the codes-left form transposed, bit for bit (same products,
-    one rounding to bf16 each), and that form is ``speed.fp8_products.weights_times``'s product up to its bf16 output; the
+    one rounding to bf16 each), and that form is ``speed.fp8.weights_times``'s product up to its bf16 output; the
     Gram matrix split over K is the whole bmm up to summation order."""
     bench = load_script("fp8_refresh_gemm_bench")
     rows = bench.bench(rank=4, layers=3, repeats=1, device="cpu", shapes={"small": (48, 64), "wide": (32, 128)})

@@ -286,7 +286,7 @@ def test_the_compiled_refresh_is_a_few_graphs_for_every_layer_and_equals_eager(b
         ranks = {f"model.layers.{i}.mlp.down_proj": 4 + 4 * i for i in range(layers)}
         model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
                                                                  target_modules="all-linear", rank_pattern=ranks))
-    if base == "fp8":  # the bf16 model's FP8 path: W·Aᵀ from the codes (speed/fp8_products.weight_times)
+    if base == "fp8":  # the bf16 model's FP8 path: W·Aᵀ from the codes (speed/fp8.weight_times)
         model = _sized_dora_llama(2)
     assert fast_dora.enable_fast_dora(model) == 7 * layers
     graphs = []

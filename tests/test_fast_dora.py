@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 from loralab.speed.fast_dora import FastDoraLinearVariant, dora_weight_norm, enable_fast_dora
-from loralab.speed.fp8_products import weight_times
+from loralab.speed.fp8 import weight_times
 
 
 def _tiny_llama():
@@ -217,7 +217,7 @@ def test_fast_dora_refuses_a_packed_base_weight_before_swapping_any():
 
 
 def test_fast_dora_on_a_bf16_fp8_base_stays_close_to_peft_dora_on_it(monkeypatch):
-    """The FP8 layers of a bf16 model take W·Aᵀ from their codes read as FP8 (speed/fp8_products.weight_times,
+    """The FP8 layers of a bf16 model take W·Aᵀ from their codes read as FP8 (speed/fp8.weight_times,
     A split in two FP8 terms): the fast norm matches the dense float32 norm of the dequantised weight
     to bf16 rounding, and the logits stay as close to peft's DoRA on the same layers as bf16 allows."""
     from loralab.speed import fast_dora

@@ -13,7 +13,6 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from loralab.methods.fp8base import dequantize_linears, quantize_linears
-from loralab.speed import fp8_products
 from loralab.speed.fp8 import Fp8Linear, quantize_rows
 
 
@@ -291,24 +290,25 @@ def test_use_fast_accum_refuses_an_unknown_mode_naming_the_allowed():
 def test_weight_times_is_as_precise_as_a_bf16_product_and_reads_fp8_codes():
     """W·aᵀ from the codes with a split into two FP8 terms: within bf16's error of the float32
     product (the bf16 path: codes and a in bf16, product rounded to bf16), far inside one FP8 term's."""
+    from loralab.speed import fp8
+
     torch.manual_seed(5)
     layer = Fp8Linear.from_linear(nn.Linear(256, 96))
     a = torch.randn(16, 256) * 0.05
     exact = layer.dequantize().double() @ a.double().T
     seen = []
-    kernel = fp8_products._scaled_mm
+    kernel = fp8._scaled_mm
 
     def spy(x, y, *rest, **kw):
-        seen.append((x.dtype, y.dtype, tuple(y.shape), y.stride(), y.data_ptr()))
+        seen.append((x.dtype, y.dtype, tuple(y.shape), y.stride()))
         return kernel(x, y, *rest, **kw)
 
-    fp8_products._scaled_mm = spy
+    fp8._scaled_mm = spy
     try:
-        got = fp8_products.weight_times(layer.codes, layer.weight_scale, a)
+        got = fp8.weight_times(layer.codes, layer.weight_scale, a)
     finally:
-        fp8_products._scaled_mm = kernel
-    # one FP8 GEMM: [hi; lo] by the codes themselves, K cut in 4 (k_split(32, 256)): (96·4, 64) seen column-major
-    assert seen == [(torch.float8_e4m3fn, torch.float8_e4m3fn, (64, 384), (1, 64), layer.codes.data_ptr())]
+        fp8._scaled_mm = kernel
+    assert seen == [(torch.float8_e4m3fn, torch.float8_e4m3fn, (256, 96), (1, 256))]  # one FP8 GEMM: [hi; lo] by the codes
     assert got.shape == (96, 16) and got.dtype == torch.float32
 
     def err(x):
@@ -328,7 +328,9 @@ def test_weights_times_writes_each_layer_in_place_where_the_kernel_writes_bf16(m
     CUDA's dtype rule is put in place on CPU here, whose kernel writes any dtype."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(fp8_products, "_kernel_dtype", lambda device, out_dtype: torch.bfloat16)
+    from loralab.speed import fp8
+
+    monkeypatch.setattr(fp8, "_kernel_dtype", lambda device, out_dtype: torch.bfloat16)
 
     class Count(TorchDispatchMode):
         names: list = []
@@ -345,63 +347,18 @@ def test_weights_times_writes_each_layer_in_place_where_the_kernel_writes_bf16(m
         codes, scales = [m.codes for m in layers[:n]], [m.weight_scale for m in layers[:n]]
         Count.names = []
         with Count():
-            got = fp8_products.weights_times(codes, scales, a[:n], split=1)
+            got = fp8.weights_times(codes, scales, a[:n])
         kernels[n] = [name for name in Count.names if name not in ("view", "t", "select", "slice", "alias")]
         assert got.shape == (n, 48, 8) and got.dtype == torch.float32
         for i in range(n):  # the terms by the codes, (2r, N) in bf16, the two terms summed in float32
-            terms, scales = fp8_products.split_rows(a[i])
+            terms, scales = fp8.split_rows(a[i])
             y = torch._scaled_mm(terms, layers[i].codes.t(), scale_a=scales,
                                  scale_b=layers[i].weight_scale.view(1, -1), out_dtype=torch.bfloat16).float()
             assert torch.equal(got[i], (y[:8] + y[8:]).T)
     assert len(kernels[6]) - len(kernels[2]) == 4 and kernels[6].count("_scaled_mm") == 6, kernels
     assert kernels[6].count("_to_copy") == kernels[2].count("_to_copy") and "stack" not in kernels[6]  # no cast a layer
     with pytest.raises(ValueError, match="3 A's"):
-        fp8_products.weights_times([m.codes for m in layers[:2]], [m.weight_scale for m in layers[:2]], a[:3])
-
-
-def test_k_split_fills_the_tile_with_chunks_of_k_and_keeps_the_products_precision(monkeypatch):
-    """``weights_times`` cuts K into S chunks (``k_split``: 2r·S rows up to the 128-row tile, chunks a multiple of
-    16): the codes are viewed (N·S, K/S), never copied, still one ``_scaled_mm`` a layer, and the S partial
-    products summed give the product: within float32 summation order of split 1 where the kernel writes float32,
-    within twice split 1's error from the exact product where it writes bf16 (CUDA's rule, put in place here)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    assert [fp8_products.k_split(rows, k) for rows, k in ((64, 4096), (32, 4096), (128, 4096), (64, 48), (16, 96),
-                                                           (256, 4096))] == [2, 4, 1, 1, 2, 1]
-    torch.manual_seed(3)
-    layers = [Fp8Linear.from_linear(nn.Linear(256, 48, bias=False)) for _ in range(3)]
-    codes, scales = [m.codes for m in layers], [m.weight_scale for m in layers]
-    a = torch.randn(3, 8, 256) * 0.05
-    exact = torch.stack([m.dequantize().double() @ ai.double().T for m, ai in zip(layers, a)])
-
-    def err(x):
-        return ((x.double() - exact).abs().max() / exact.abs().max()).item()
-
-    one = fp8_products.weights_times(codes, scales, a, split=1)
-    assert fp8_products.k_split(16, 256) == 8
-    for split in (None, 2, 4, 8):
-        got = fp8_products.weights_times(codes, scales, a, split=split)
-        assert got.shape == (3, 48, 8) and (got - one).abs().max() <= 1e-6 * one.abs().max()
-    assert torch.equal(fp8_products.weight_times(codes[1], scales[1], a[1]), fp8_products.weights_times(
-        codes, scales, a)[1])  # the per-forward norm's product is the refresh's
-    monkeypatch.setattr(fp8_products, "_kernel_dtype", lambda device, out_dtype: torch.bfloat16)
-
-    class Count(TorchDispatchMode):
-        calls: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ == "_scaled_mm":
-                Count.calls.append((args[1].shape, args[1].data_ptr()))
-            return func(*args, **(kwargs or {}))
-
-    bf16_one = fp8_products.weights_times(codes, scales, a, split=1)
-    with Count():
-        bf16_split = fp8_products.weights_times(codes, scales, a, split=4)
-    assert Count.calls == [((64, 192), c.data_ptr()) for c in codes]  # (K/4, N·4): a view of each layer's codes
-    assert err(bf16_split) <= 2 * err(bf16_one) and err(bf16_split) < 2**-8, (err(bf16_split), err(bf16_one))
-    for split in (0, 3, 32):
-        with pytest.raises(ValueError, match=f"split = {split} must be a positive number of chunks of K = 256"):
-            fp8_products.weights_times(codes, scales, a, split=split)
+        fp8.weights_times([m.codes for m in layers[:2]], [m.weight_scale for m in layers[:2]], a[:3])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -410,20 +367,20 @@ def test_weights_times_on_side_streams_gives_the_one_stream_bits_eagerly_and_in_
     """``PRODUCT_STREAMS`` spreads the per-layer products over side streams: the same values bit for bit as one
     stream, eagerly and replayed from a captured CUDA graph (the fork and join make the graph's branches), and
     a replay after A changed in place reads the new A."""
-    from loralab.speed import streams
+    from loralab.speed import fp8, streams
 
     torch.manual_seed(2)
     layers = [Fp8Linear.from_linear(nn.Linear(256, 512, bias=False).cuda().bfloat16()) for _ in range(6)]
     codes, scales = [m.codes for m in layers], [m.weight_scale for m in layers]
     a = torch.randn(6, 32, 256, device="cuda") * 0.05
     monkeypatch.setattr(streams, "PRODUCT_STREAMS", 1)
-    one = fp8_products.weights_times(codes, scales, a)
+    one = fp8.weights_times(codes, scales, a)
     monkeypatch.setattr(streams, "PRODUCT_STREAMS", 4)
-    assert torch.equal(fp8_products.weights_times(codes, scales, a), one)
+    assert torch.equal(fp8.weights_times(codes, scales, a), one)
     assert len(streams._STREAMS[(a.device, "products")]) >= 4  # the products did go to side streams
     graph, out = torch.cuda.CUDAGraph(), None
     with torch.cuda.graph(graph):
-        out = fp8_products.weights_times(codes, scales, a)
+        out = fp8.weights_times(codes, scales, a)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, one)
@@ -431,4 +388,4 @@ def test_weights_times_on_side_streams_gives_the_one_stream_bits_eagerly_and_in_
     graph.replay()
     torch.cuda.synchronize()
     monkeypatch.setattr(streams, "PRODUCT_STREAMS", 1)
-    assert torch.equal(out, fp8_products.weights_times(codes, scales, a)) and not torch.equal(out, one)
+    assert torch.equal(out, fp8.weights_times(codes, scales, a)) and not torch.equal(out, one)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from loralab.speed import fast_dora
-from loralab.speed.fp8_products import weights_times
+from loralab.speed.fp8 import weights_times
 from loralab.speed.streams import aside, side_streams
 
 _COMPILED_NORMS: dict = {}

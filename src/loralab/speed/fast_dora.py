@@ -19,7 +19,7 @@ r-wide intermediate (``_lora``), so the backward makes one activation-sized grad
 On an FP8 base (``loralab.speed.fp8.Fp8Linear``, ``quantization: "fp8"``) the weight is ``W = diag(s_w)·Wq`` with
 float8_e4m3fn codes ``Wq``: ``||W_i||²`` is taken once from the dequantised weight, and ``W Aᵀ = diag(s_w)·(Wq Aᵀ)``:
 in a bf16 model from the codes read as FP8 by one ``_scaled_mm`` with A split into two FP8 terms
-(``speed/fp8_products.weight_times``: as precise as a bf16 base's product, 1 byte read per weight instead of 5 for a bf16 copy
+(``speed/fp8.weight_times``: as precise as a bf16 base's product, 1 byte read per weight instead of 5 for a bf16 copy
 of the codes and its product), in an fp16 or float32 model (and for ranks the kernel cannot take) with the codes
 converted to that dtype (exact for the codes). No float copy of the weight outlives the call. peft's DoRA on that base
 multiplies the float32 dequantised weight and builds ``W + s·BA`` in float32 per forward. With dropout in training,
@@ -51,8 +51,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
-from loralab.speed.fp8 import ALIGN, Fp8Linear
-from loralab.speed.fp8_products import weight_times
+from loralab.speed.fp8 import ALIGN, Fp8Linear, weight_times
 from loralab.speed.shared_input import register_sharing_variant, regroup_shared_input
 
 _EPS = 1e-12
@@ -105,7 +104,7 @@ def _weight_parts(module, adapter: str, lora_A: torch.Tensor) -> tuple:
     fp8 = _fp8_base(module)
     weight_sq = _cached_weight_sq(module, adapter)
     if fp8 is not None and fp8.compute_dtype == torch.bfloat16 and (2 * lora_A.shape[0]) % ALIGN == 0:
-        # a bf16 model: W·Aᵀ from the FP8 codes read once (speed/fp8_products.weight_times), as precise as bf16's
+        # a bf16 model: W·Aᵀ from the FP8 codes read once (speed/fp8.weight_times), as precise as bf16's
         # (an fp16 model keeps the fp16 product, which is ~8x more precise than the two-term split)
         return weight_sq, fp8.codes, None, fp8.weight_scale, True
     if fp8 is not None:

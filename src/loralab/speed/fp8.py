@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from loralab.speed.fp8_kernels import can_run_on, quantize_rows_triton
+from loralab.speed.streams import side_streams
 from loralab.speed_settings import FP8_FAST_ACCUM, FP8_QUANTIZE_KERNELS
 
 FP8 = torch.float8_e4m3fn
@@ -179,6 +180,65 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     lead = x.shape[:-1]
     y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), codes, scales, codes_colmajor, kernel, fast_accum)
     return y.reshape(*lead, codes.shape[0])
+
+
+def weight_times(codes: torch.Tensor, scales: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``W·aᵀ`` for ``W = diag(scales)·codes``, reading the codes once as FP8 (no wider copy of them).
+
+    ``codes`` (N, K) float8_e4m3fn; ``scales`` (N,) float32; ``a`` (r, K) any float dtype. Returns
+    (N, r) float32. ``a`` is split into two row-scaled FP8 terms, ``a ≈ hi + lo`` with ``hi`` =
+    ``quantize_rows(a)`` and ``lo`` = ``quantize_rows(a − hi)``. Each term's rounding error is at
+    most 1/28 of its row's largest value (half a step at the top of e4m3's range), so every element
+    of ``hi + lo`` is within amax/784 ≈ 2⁻⁹·⁶ of ``a``'s row maximum (EPS aside). For rows of
+    similar magnitudes, as a LoRA A, that is as precise as a bf16 copy of ``a`` (measured against
+    float32: 6.7e-4 vs the bf16 path's 2.8e-3 with float32 output); it is worse than bf16 for rows
+    whose mass sits in a few entries (bf16 keeps 8 bits on every element). Both products come from one
+    ``_scaled_mm`` of ``[hi; lo]`` (2r rows) by the codes (bf16 on CUDA), summed in float32: fast DoRA's norm on
+    an FP8 base, where a bf16 copy of the codes would move 3 bytes per weight more in every forward.
+    Raises RuntimeError from ``_scaled_mm`` where the kernel refuses the shapes (CUDA: N, K and 2r
+    divisible by 16)."""
+    return weights_times([codes], [scales], a[None])[0]
+
+
+def split_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (..., r, K), any float dtype, as two row-scaled FP8 terms stacked on the row axis (``weight_times``
+    gives their precision): ``terms`` (..., 2r, K) float8_e4m3fn, rows ``[hi; lo]`` with ``hi, s_hi =
+    quantize_rows(a)`` and ``lo, s_lo = quantize_rows(a − hi·s_hi)``, and ``scales`` (..., 2r, 1) float32
+    ``[s_hi; s_lo]``, so that ``a ≈ (terms·scales)[..., :r, :] + (terms·scales)[..., r:, :]``."""
+    hi, s_hi = quantize_rows(a)
+    lo, s_lo = quantize_rows(a.float() - hi.float() * s_hi)
+    terms = torch.cat([hi.view(torch.uint8), lo.view(torch.uint8)], dim=-2).view(FP8)
+    return terms, torch.cat([s_hi, s_lo], dim=-2)
+
+
+def weights_times(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    """``weight_times`` for L layers of one shape at once: ``codes`` L tensors (N, K) float8_e4m3fn,
+    ``scales`` L tensors (N,) float32, ``a`` (L, r, K) (layer i's A is ``a[i]``). Returns (L, N, r)
+    float32 (a transposed view of an (L, r, N) tensor), layer i's the values of
+    ``weight_times(codes[i], scales[i], a[i])``. The split of A into two FP8 terms is row-wise, so it runs
+    once over the whole stack; then one ``_scaled_mm`` per layer (on CUDA spread over side streams:
+    speed/streams.py), the terms on the left, ``[hi; lo]·codesᵀ`` (2r, N), written in place into one
+    (L, 2r, N) buffer of the kernel's dtype (bfloat16 on CUDA), and one
+    reduction sums each layer's two terms in float32: one kernel a layer beside the split's and the sum's
+    few, where a product per layer cast to float32 and stacked took two a layer and a copy. The 8B FP8 DoRA
+    refresh, captured in a CUDA graph on two H100s: 8.89-8.91 ms cast and stacked, 7.88-7.89 ms in place
+    with the codes on the left (N, 2r), 7.75 ms with the terms on the left (results/bench-refreshforms-h100);
+    7.73 ms on one stream against 5.11 ms on 4 side streams, on another H100 (results/bench-streams-h100).
+    Used by fast DoRA's once-a-step norm refresh (``speed/dora_refresh.refresh_dora_norms``). Raises
+    ValueError when ``codes``, ``scales`` and ``a`` do not count the same L layers."""
+    if not len(codes) == len(scales) == a.shape[0]:
+        raise ValueError(f"weights_times: {len(codes)} codes, {len(scales)} scales and {a.shape[0]} A's; "
+                         "one of each per layer is needed")
+    r = a.shape[-2]
+    terms, term_scales = split_rows(a)
+    dtype = _kernel_dtype(a.device, torch.float32)
+    y = torch.empty(len(codes), 2 * r, codes[0].shape[0], dtype=dtype, device=a.device)
+    with side_streams(a.device, len(codes)) as stream_of:
+        for i, (c, s) in enumerate(zip(codes, scales)):
+            with stream_of(i):
+                # terms[i] (2r, K) row-major first, c.t() (K, N) column-major second: the layouts the kernel wants
+                _scaled_mm(terms[i], c.t(), term_scales[i], s.view(1, -1), dtype, out=y[i])
+    return y.view(len(codes), 2, r, -1).sum(dim=1, dtype=torch.float32).transpose(-1, -2)
 
 
 class Fp8Linear(nn.Linear):

@@ -1,7 +1,7 @@
 """Independent small GEMMs side by side on CUDA streams: fast DoRA's once-a-step norm refresh.
 
 The refresh (``speed/dora_refresh.refresh_dora_norms``) takes ``W·Aᵀ`` for every adapted layer: a product with
-r (bf16 base) or 2r (FP8 base, ``speed/fp8_products.weights_times``) rows or columns, so one row of output tiles, N/128
+r (bf16 base) or 2r (FP8 base, ``speed/fp8.weights_times``) rows or columns, so one row of output tiles, N/128
 thread blocks: 32 for a 4096-wide Llama-3-8B layer, 8 for its k and v, on a GPU of 132 multiprocessors (H100).
 One product at a time leaves most of them idle while it reads its weight; products of different layers, and
 the Gram matrix ``A·Aᵀ`` that needs no weight, are independent, so they can run at once on different streams
