@@ -19,7 +19,7 @@ differ only in what the variant changes:
                   DoRA's either): its gap to ``dora`` is what the once-per-step refresh costs inside the step
                   (compiled and, on CUDA, graphed as the step runs it).
   lora-probe-dynamic, dora-probe-dynamic
-                  LoRA and DoRA with ``run.step.forget_probe_compiles`` patched to keep the probe's compiled
+                  LoRA and DoRA with ``run.micro_batch.forget_probe_compiles`` patched to keep the probe's compiled
                   code: with ``--micro-batch auto`` (the probe) the step then captures its graphs from the
                   layers' dynamic-shape compile, as before that reset was added; the same as lora and dora
                   at an explicit micro-batch (no probe, nothing to forget).
@@ -61,6 +61,7 @@ from kernel_timing import median_ms
 from loralab.bench import runner
 from loralab.bench.workloads import FP8, presets
 from loralab.commands.bench import parse_speed
+from loralab.run import micro_batch as run_micro
 from loralab.run import step as run_step
 from loralab.speed import dora_refresh
 from loralab.speed.dora_refresh import refresh_dora_norms
@@ -114,7 +115,7 @@ def run(args) -> list[dict]:
     workload = _workload(args.preset, args.only)
     print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps x {args.windows} windows "
           f"after {args.warmup} warm-up, {args.device}", flush=True)
-    original_wrap, original_refresh, original_forget = runner.wrap, run_step.refresh_dora_norms, run_step.forget_probe_compiles
+    original_wrap, original_refresh, original_forget = runner.wrap, run_step.refresh_dora_norms, run_micro.forget_probe_compiles
     original_keep = dora_refresh._keep_norms
     rows, profiles = [], []
     for base in args.bases:
@@ -144,7 +145,7 @@ def run(args) -> list[dict]:
             if variant == "dora-ratio-in-forward":
                 dora_refresh._keep_norms = keep_norms_only
             if variant.endswith("-probe-dynamic"):
-                run_step.forget_probe_compiles = lambda: False
+                run_micro.forget_probe_compiles = lambda: False
             try:
                 row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,
                                      speed={**args.speed, "micro_batch": args.micro_batch},
@@ -152,7 +153,7 @@ def run(args) -> list[dict]:
             finally:
                 runner.wrap = original_wrap
                 run_step.refresh_dora_norms = original_refresh
-                run_step.forget_probe_compiles = original_forget
+                run_micro.forget_probe_compiles = original_forget
                 dora_refresh._keep_norms = original_keep
             if variant == "dora-norm-once":
                 row["refresh_python_calls"] = len(calls)

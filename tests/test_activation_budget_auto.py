@@ -96,6 +96,7 @@ def test_make_step_spends_what_the_probe_left_unless_the_budget_is_explicit(monk
     """make_step's wiring: "auto" settles after the probe (stood in for: it needs CUDA) on what its micro-batch left;
     an explicit budget always wins. The layers' compiled calls are replaced only where it switches (no forward runs
     here, so nothing compiles)."""
+    from loralab.run import micro_batch as run_micro
     from loralab.run import spare_memory
     from loralab.run import step as run_step
 
@@ -107,8 +108,8 @@ def test_make_step_spends_what_the_probe_left_unless_the_budget_is_explicit(monk
         return out
 
     monkeypatch.setattr(Speed, "resolve", keep_auto)
-    monkeypatch.setattr(run_step, "probe_micro_batch", lambda model, features, **kw: (4, probe(budget_gib)))
-    monkeypatch.setattr(run_step, "forget_probe_compiles", lambda: True)
+    monkeypatch.setattr(run_micro, "probe_micro_batch", lambda model, features, **kw: (4, probe(budget_gib)))
+    monkeypatch.setattr(run_micro, "forget_probe_compiles", lambda: True)
     monkeypatch.setattr(spare_memory, "compile_layers",
                         lambda model, speed: (compiled.append(speed.activation_memory_budget), real_compile(model, speed)))
     model = tiny_llama()
@@ -166,6 +167,7 @@ def test_make_step_caches_the_transposes_first_and_gives_the_activations_what_is
     first and leave 0: the layers stay at 0.8. With no cache the 4 units hold the 1.72: they compile at 1.0."""
     from test_transpose_cache_auto import tiny_fp8_llama  # the MLP's codes 9,216 bytes (4 units), all 12,288
 
+    from loralab.run import micro_batch as run_micro
     from loralab.run import spare_memory
     from loralab.run import step as run_step
 
@@ -180,8 +182,8 @@ def test_make_step_caches_the_transposes_first_and_gives_the_activations_what_is
     stand_in = {"micro_batch": 4, "sizes": [1, 2, 4], "peaks_gib": [12 * unit, 13 * unit, 14 * unit],
                 "budget_gib": 20 * unit, "optimizer_state_gib": 1 * unit, "reason": "stood in"}
     monkeypatch.setattr(Speed, "resolve", keep_auto)
-    monkeypatch.setattr(run_step, "probe_micro_batch", lambda model, features, **kw: (4, dict(stand_in)))
-    monkeypatch.setattr(run_step, "forget_probe_compiles", lambda: True)
+    monkeypatch.setattr(run_micro, "probe_micro_batch", lambda model, features, **kw: (4, dict(stand_in)))
+    monkeypatch.setattr(run_micro, "forget_probe_compiles", lambda: True)
     monkeypatch.setattr(spare_memory, "compile_layers", lambda model, speed: None)
     model = tiny_fp8_llama()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])

@@ -274,7 +274,7 @@ def test_after_a_probe_over_several_sizes_the_step_compiles_its_own_size_statica
     batch dimension and that graph then serves the chosen size too (no new compile), so without a reset the
     step's CUDA graphs would capture the dynamic-shape kernels. ``forget_probe_compiles`` drops them: the chosen
     size compiles again with every dimension static, as with an explicit micro-batch."""
-    from loralab.run.step import forget_probe_compiles
+    from loralab.run.micro_batch import forget_probe_compiles
 
     compiles = []
 
@@ -314,6 +314,7 @@ def test_make_step_drops_the_probes_compiled_code_only_after_several_compiled_si
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from loralab.run import micro_batch as run_micro
     from loralab.run import step as run_step
     from loralab.speed_settings import Speed
 
@@ -325,9 +326,9 @@ def test_make_step_drops_the_probes_compiled_code_only_after_several_compiled_si
         return out
 
     monkeypatch.setattr(Speed, "resolve", keep_auto)
-    monkeypatch.setattr(run_step, "probe_micro_batch", lambda model, features, **kw: (
+    monkeypatch.setattr(run_micro, "probe_micro_batch", lambda model, features, **kw: (
         sizes[-1], {"micro_batch": sizes[-1], "sizes": list(sizes), "reason": "stood in", "loss_chunk_size": None}))
-    monkeypatch.setattr(run_step, "forget_probe_compiles", lambda: dropped.append(1) or True)
+    monkeypatch.setattr(run_micro, "forget_probe_compiles", lambda: dropped.append(1) or True)
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64)),

@@ -90,15 +90,16 @@ def test_cache_spare_transposes_keeps_the_largest_layers_within_the_spare_memory
     assert cache_spare_transposes(float_model, speed, GIB, 20.0, print) == 0.0 and speed.fp8_transposes_cached is None
 
 
-def tiny_fp8_llama():
+def tiny_fp8_llama(device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A one-layer Llama with an FP8 base and LoRA on its seven projections: codes of 9,216 bytes in the MLP
-    (gate, up, down: 96 x 32 each), 3,072 in attention (q, o: 32 x 32; k, v: 16 x 32)."""
+    (gate, up, down: 96 x 32 each), 3,072 in attention (q, o: 32 x 32; k, v: 16 x 32); on ``device`` in
+    ``dtype`` before the base is quantised."""
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64)).to(device, dtype)
     quantize_linears(base.model, [n for n, m in base.model.named_modules() if isinstance(m, nn.Linear)])
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return get_peft_model(base, LoraConfig(r=4, target_modules=projections))
@@ -121,6 +122,7 @@ def test_make_step_settles_auto_at_the_size_and_loss_chunk_every_rank_runs(monke
     and what is cached is what is recorded. The stand-in probe speaks in units of 2,304 bytes (the MLP's codes
     are 4 units, everything 5.33), written as GiB in the record as the real probe writes them."""
     from loralab import distributed
+    from loralab.run import micro_batch as run_micro
     from loralab.run import step as run_step
 
     unit = 2304 / GIB
@@ -141,8 +143,8 @@ def test_make_step_settles_auto_at_the_size_and_loss_chunk_every_rank_runs(monke
                      "small_loss_chunk_trial": {"size": 4, "peak_gib": 16.5 * unit, "tokens_per_second": None}}
 
     monkeypatch.setattr(Speed, "resolve", keep_auto)
-    monkeypatch.setattr(run_step, "probe_micro_batch", stand_in_probe)
-    monkeypatch.setattr(run_step, "uses_fused_loss", lambda model: small_chunk)
+    monkeypatch.setattr(run_micro, "probe_micro_batch", stand_in_probe)
+    monkeypatch.setattr(run_micro, "uses_fused_loss", lambda model: small_chunk)
     monkeypatch.setattr(distributed, "min_over_ranks", lambda value: common if value == own else value)
     model = tiny_fp8_llama()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
@@ -169,8 +171,10 @@ def test_fsdp_turns_auto_off_quietly_and_an_explicit_share_off_with_a_line():
         assert any("fp8_transpose_cache off under FSDP" in line for line in lines) is said
 
 
-def test_auto_caches_nothing_where_nothing_is_probed():
-    for device, micro, want in (("cpu", "auto", 0.0), ("cuda", 4, 0.0), ("cuda", "auto", "auto")):
+def test_auto_is_settled_by_a_measurement_on_cuda_and_caches_nothing_on_cpu():
+    """"auto" stays for the run to settle on CUDA, probed or explicit micro-batch alike (``run/micro_batch.py``
+    measures an explicit size once); on CPU nothing is measured, so nothing is spare."""
+    for device, micro, want in (("cpu", "auto", 0.0), ("cpu", 4, 0.0), ("cuda", 4, "auto"), ("cuda", "auto", "auto")):
         resolved = Speed(micro_batch=micro, fp8_transpose_cache="auto").resolve(device_type=device, kind="causal_lm",
                                                                                 base_dtype="bfloat16")
         assert resolved.fp8_transpose_cache == want, (device, micro)
@@ -219,3 +223,70 @@ def test_plain_settings_leave_no_auto_that_prepare_model_acts_on():
                 "fp8_quantize_kernel", "fused_lora", "fast_dora")
     assert [k for k in acted_on if getattr(PLAIN, k) == "auto"] == []
     assert set(acted_on) <= {f.name for f in dataclasses.fields(PLAIN)}
+
+
+def test_an_explicit_micro_batch_is_measured_once_and_kept_where_auto_would_cache_fp8_codes(monkeypatch):
+    """``settle_micro_batch`` with an explicit ``speed.micro_batch`` on CUDA (stood in: the measurement needs a GPU):
+    where "auto" would cache an FP8 base's codes, that one size is measured (the probe's measurement, the step's
+    optimizer state counted), kept whatever it peaks at, and what it leaves of the budget is spent as after a
+    probe; the record says why it was measured. Not measured: no FP8 layer, an explicit share, CPU. The stand-in
+    speaks in the units of ``test_make_step_settles_auto_at_the_size_and_loss_chunk_every_rank_runs``."""
+    from loralab.run import micro_batch as run_micro
+
+    unit, measured, real = 2304 / GIB, [], run_micro.measure_micro_batch
+
+    def stand_in(model, features, *, size, why, **kw):
+        measured.append((size, why, kw["optimizer"] is not None, kw["memory_fraction"]))
+        return {"micro_batch": size, "reason": f"explicit: speed.micro_batch; measured once: {why}", "sizes": [size],
+                "peaks_gib": [13.8 * unit], "budget_gib": 20 * unit, "optimizer_state_gib": 1 * unit,
+                "loss_chunk_size": None}
+
+    monkeypatch.setattr(run_micro, "measure_micro_batch", stand_in)
+    features = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}]
+
+    def settle(model, device="cuda", **speed):
+        settings = Speed(compile=False, **speed)
+        resolved = settings.resolve(device_type=device, kind="causal_lm", base_dtype="bfloat16")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        lines = []
+        micro = run_micro.settle_micro_batch(model, resolved, settings, kind="causal_lm", features=features,
+                                             batch_size=4, limit=4, max_length=8, pad_id=0, device=torch.device(device),
+                                             optimizer=optimizer, dora_layers=0, log=lines.append)
+        return micro, resolved, lines
+
+    model = tiny_fp8_llama()
+    micro, resolved, lines = settle(model, micro_batch=2)
+    assert micro == resolved.micro_batch == 2 and measured == [(2, run_micro.MEASURED_FOR_CACHE, True, 0.25)]
+    assert cached_projections(model) == {"gate", "up", "down"}  # 5.2 units spare, 1 of headroom: the MLP's 4
+    assert resolved.fp8_transpose_cache == round(9216 / 12288, 4) and resolved.loss_chunk_size == 1024
+    assert resolved.micro_batch_probe["reason"].startswith("explicit: speed.micro_batch; measured once: ")
+    assert lines[0].startswith("micro-batch 2 (explicit; measured once: peak ")
+    assert any(line.startswith("speed.fp8_transpose_cache auto (") for line in lines)
+    for model, speed, device in ((tiny_fp8_llama(), {"fp8_transpose_cache": 0.81}, "cuda"),
+                                 (tiny_fp8_llama(), {}, "cpu"), (nn.Sequential(nn.Linear(32, 32)), {}, "cuda")):
+        measured.clear()
+        micro, resolved, _ = settle(model, device=device, micro_batch=2, **speed)
+        assert micro == 2 and not measured and resolved.micro_batch_probe["reason"] == "explicit: speed.micro_batch"
+    with pytest.raises(ValueError, match="needs a CUDA device"):  # the real measurement, off CUDA
+        real(tiny_fp8_llama(), features, size=2, kind="causal_lm", packing=True, max_length=8,
+             pad_id=0, device=torch.device("cpu"), memory_fraction=0.25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="the FP8 kernel and the measurement need an FP8 GPU")
+def test_make_step_on_cuda_measures_an_explicit_micro_batch_and_caches_within_its_budget():
+    """On a GPU: an explicit micro-batch's one measurement is in the record (one size, its peak, the budget) and
+    "auto" caches the tiny model's codes within the budget it leaves."""
+    from loralab.run.step import make_step
+
+    model = tiny_fp8_llama("cuda", torch.bfloat16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    features = [{"input_ids": list(range(1, 9)), "labels": list(range(1, 9))}] * 4
+    _, resolved = make_step(model, optimizer, speed={"micro_batch": 2, "compile": False, "cuda_graphs": False},
+                            kind="causal_lm", dtype="bfloat16", device=torch.device("cuda"), features=features,
+                            batch_size=4, limit=4, max_length=8, pad_id=0, log=print)
+    probe = resolved.micro_batch_probe
+    assert resolved.micro_batch == 2 and probe["sizes"] == [2] and isinstance(probe["peaks_gib"][0], float)
+    cached = resolved.record()["fp8_transposes_cached"]
+    assert probe["budget_gib"] > probe["peaks_gib"][0] and resolved.fp8_transpose_cache == 1.0
+    assert cached["bytes"] == cached["total_bytes"] == 12288  # every layer's codes: the budget dwarfs the model

@@ -110,12 +110,12 @@ class Speed:
     def resolve(self, *, device_type: str, kind: str, base_dtype: str) -> Speed:
         """A copy with every ``"auto"`` replaced for this run: ``device_type`` ``cuda``/``cpu``, task
         ``kind`` ``causal_lm``/``seq_cls``, the experiment's ``dtype``. ``micro_batch`` stays "auto" on CUDA, and with
-        it a causal LM's ``loss_chunk_size`` and ``fp8_transpose_cache`` "auto": only a memory probe with the built
-        model settles them (``loralab.run.step.make_step``)."""
+        it a causal LM's ``loss_chunk_size``; ``fp8_transpose_cache`` stays "auto" on CUDA (an explicit micro-batch is
+        measured once for it): only a memory probe with the built model settles them (``loralab.run.micro_batch``)."""
         cuda, causal = device_type == "cuda", kind == "causal_lm"
         auto = {"cuda_graphs": cuda, "autocast": base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None,
                 "compile": cuda and causal, "packing": causal, **({} if cuda else {"micro_batch": None}),
-                "fp8_transpose_cache": "auto" if cuda and self.micro_batch == "auto" else 0.0}  # no probe: nothing spare
+                "fp8_transpose_cache": "auto" if cuda else 0.0}  # CPU: no measured memory, nothing spare
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):

@@ -22,8 +22,10 @@ fixed 2,048-token target gave it; set ``speed.memory_fraction`` to 0.35 or more 
 With ``speed.loss_chunk_size`` "auto" (a causal LM's fused loss), a size over the budget is probed
 once more with ``SMALL_LOSS_CHUNK``-token chunks of the loss (``decide_loss_chunk``): the loss's
 logits chunk is the one transient on the step's peak that shrinks without changing a number.
-An explicit ``speed.micro_batch`` is never probed. The choice, the reason and every measurement go
-into the record (``train_info.speed.micro_batch_probe``, ``probe_record``).
+An explicit ``speed.micro_batch`` is never changed. Where ``speed.fp8_transpose_cache`` is "auto" on an FP8
+base, that size alone is measured once (``run/micro_batch.measure_micro_batch``) for what it leaves of
+the budget. The choice, the reason and every measurement go into the record
+(``train_info.speed.micro_batch_probe``, ``probe_record``).
 """
 
 from __future__ import annotations
@@ -330,6 +332,33 @@ def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | 
     return decision, trials, chunk, small
 
 
+def worst_case_measurer(model, features: list[dict], *, kind: str, packing: bool, max_length: int, pad_id: int,
+              device: torch.device) -> tuple[Callable[[int], Trial], int]:
+    """``measure(m)``: one ``Trial`` of the worst case of ``features`` at micro-batch ``m`` as the model runs now
+    (gradients dropped, the batch freed), and the row width it runs. Raises ValueError off CUDA."""
+    if device.type != "cuda":
+        raise ValueError("the micro-batch probe needs a CUDA device")
+    longest = max(features, key=lambda f: len(f["input_ids"]))
+    width = max_length if packing else len(longest["input_ids"])
+    if cudnn_masked_width_risk(device):  # as wide as a graphed step pads it (speed/attention.py), bucketed first
+        width = step_width(width if packing else bucket_width(width), True)
+    loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def measure(m: int) -> Trial:
+        batch = {k: v.to(device) for k, v in worst_case_batch(longest, m, packing=packing, width=width,
+                                                                pad_id=pad_id).items()}
+        trial = measure_trial(m, m * width, lambda: loss(model, batch)[0].backward(), device)
+        for p in params:
+            p.grad = None
+        clear_input_groups(model)  # an out-of-memory pass that raised mid-group keeps its input's graph otherwise
+        batch = None  # noqa: F841 (the closure above held it)
+        torch.cuda.empty_cache()
+        return trial
+
+    return measure, width
+
+
 def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,
                       pad_id: int, device: torch.device, memory_fraction: float, min_gain: float = MIN_GAIN,
                       optimizer: torch.optim.Optimizer | None = None, loss_chunk: Callable[[int], None] | None = None,
@@ -343,28 +372,10 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     are not changed (gradients dropped, RNG restored). Returns (micro-batch, ``probe_record``, with
     ``loss_chunk_size`` the chunk chosen, None when fixed).
     Raises ValueError off CUDA (nothing to measure there)."""
-    if device.type != "cuda":
-        raise ValueError("probe_micro_batch needs a CUDA device")
-    longest = max(features, key=lambda f: len(f["input_ids"]))
-    width = max_length if packing else len(longest["input_ids"])
-    if cudnn_masked_width_risk(device):  # as wide as a graphed step pads it (speed/attention.py), bucketed first
-        width = step_width(width if packing else bucket_width(width), True)
+    measure, width = worst_case_measurer(model, features, kind=kind, packing=packing, max_length=max_length, pad_id=pad_id,
+                               device=device)
     budget = memory_fraction * torch.cuda.get_device_properties(device).total_memory
-    loss = causal_lm_loss if kind == "causal_lm" else seq_cls_loss
-    params = [p for p in model.parameters() if p.requires_grad]
     held = 0 if optimizer is None else pending_state_bytes(optimizer)
-
-    def measure(m: int) -> Trial:
-        batch = {k: v.to(device) for k, v in worst_case_batch(longest, m, packing=packing, width=width,
-                                                                pad_id=pad_id).items()}
-        trial = measure_trial(m, m * width, lambda: loss(model, batch)[0].backward(), device)
-        for p in params:
-            p.grad = None
-        clear_input_groups(model)  # an out-of-memory pass that raised mid-group keeps its input's graph otherwise
-        batch = None  # noqa: F841 (the closure above held it)
-        torch.cuda.empty_cache()
-        return trial
-
     with torch.random.fork_rng(devices=[device]):
         decision, trials, chunk, small = probe_sizes(measure, limit=limit, budget=budget, held=held, min_gain=min_gain,
                                                      loss_chunk=loss_chunk)
@@ -379,3 +390,4 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     log(f"micro-batch {decision.micro_batch} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
         f"probed {record['sizes']}, {decision.reason})")
     return decision.micro_batch, record
+

@@ -21,8 +21,9 @@ The arithmetic, per run (``spare_bytes``, ``cache_spare_transposes``):
     cached bytes ≤ spare − HEADROOM · budget        (the least spare over ranks, so every rank caches alike)
 
 The probed peak already holds one layer's per-backward copy, which caching removes, so the run's peak grows by
-at most the cached bytes. Where nothing was probed (CPU, an explicit ``speed.micro_batch``, FSDP) "auto" is 0
-(``speed_settings.Speed.resolve``, ``run.step.distributed_speed``). The cache gives the same bits as the copies
+at most the cached bytes. An explicit ``speed.micro_batch`` on CUDA is measured once for its peak
+(``run/micro_batch.py``). Where nothing is measured (CPU, FSDP) "auto" is 0 (``speed_settings.Speed.resolve``,
+``run.step.distributed_speed``). The cache gives the same bits as the copies
 (``tests/test_fp8.py``).
 """
 

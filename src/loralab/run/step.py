@@ -39,9 +39,9 @@ import torch
 from loralab import distributed
 from loralab.config import ConfigError
 from loralab.data import collate
-from loralab.run.probe import decide_micro_batch, probe_micro_batch, probe_record
+from loralab.run.micro_batch import settle_micro_batch
 from loralab.run.reduce import all_reduce_grads, broadcast_parameters
-from loralab.run.spare_memory import cache_spare_transposes, log_transposes, spare_bytes, spend_spare_on_activations
+from loralab.run.spare_memory import log_transposes
 from loralab.speed.attention import MaskedWidths
 from loralab.speed.dora_refresh import refresh_dora_norms
 from loralab.speed.fast_dora import fast_dora_layers, reusing_dora_norms
@@ -49,8 +49,8 @@ from loralab.speed.graphs import GraphedTraining, bucket_width
 from loralab.speed.losses import IGNORE_INDEX
 from loralab.speed.packing import pack_groups
 from loralab.speed.shared_input import clear_input_groups
-from loralab.speed.step import causal_lm_loss, prepare_model, rewrite_lines, seq_cls_loss, uses_fused_loss
-from loralab.speed_settings import LOSS_CHUNK, Speed
+from loralab.speed.step import causal_lm_loss, prepare_model, rewrite_lines, seq_cls_loss
+from loralab.speed_settings import Speed
 
 
 class MicroBatchOOM(RuntimeError):
@@ -296,21 +296,6 @@ def distributed_speed(speed: Speed, launch, *, rewrites_base: str | None, log: C
     log("no mid-run checkpoints under FSDP: the adapter/model is gathered and written at the end")
 
 
-def forget_probe_compiles() -> bool:
-    """Drop every compiled graph (``torch.compiler.reset``) after a micro-batch probe that ran more than one
-    size through the compiled layers; returns True (False where a diagnostic patches it out). Why: dynamo's
-    automatic dynamic shapes compile a layer again for the second size it sees with the batch dimension
-    symbolic, and that graph then serves every size, the chosen one included, so the step would capture its
-    CUDA graphs from it: on an H100 the 8B FP8 DoRA step ran 140.4 ms against 134.6 ms after the reset
-    (one row each, results/bench-probereset-h100; which kernels slow down was not profiled). Reset, the step
-    compiles its micro-batch's shape statically, as a run with an explicit ``speed.micro_batch`` does; the
-    price is one more compile of the layers (the probe's two, the step's one). Global: compiled code of other
-    models in the process (a sweep's earlier experiments, ``fast_dora``'s compiled norm) compiles again on
-    its next call."""
-    torch.compiler.reset()
-    return True
-
-
 def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, device: torch.device, features: list[dict],
               batch_size: int, limit: int, max_length: int, pad_id: int, normalization: str = "tokens",
               pad_to: int | None = None, max_grad_norm: float = 0.0, launch=None, rewrites_base: str | None = None,
@@ -319,10 +304,11 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     ``dtype`` (``Speed.resolve``; a dict holds an experiment's ``speed`` keys), turn off what more
     than one process cannot do (``distributed_speed``), prepare the model (``speed.step.prepare_model``),
     wrap it under DDP/FSDP2 (``launch``: a ``distributed.Launch``; None or one process: no wrap),
-    settle ``micro_batch`` (CUDA "auto": ``run.probe.probe_micro_batch`` over ``features`` up to
-    ``limit`` samples within ``memory_fraction`` of the GPU with ``optimizer``'s state to come counted,
-    the smallest over ranks; None:
-    ``batch_size``; the choice and why in ``resolved.micro_batch_probe``) and build the ``Step``.
+    settle ``micro_batch`` and spend what it leaves of the budget (``run.micro_batch.settle_micro_batch``: CUDA
+    "auto" probed over ``features`` up to ``limit`` samples within ``memory_fraction`` of the GPU with
+    ``optimizer``'s state to come counted, the smallest over ranks; an explicit size kept, measured once where
+    ``fp8_transpose_cache`` "auto" needs its peak; None: ``batch_size``; the choice and why in
+    ``resolved.micro_batch_probe``) and build the ``Step``.
 
     ``optimizer`` is the method's optimizer; under FSDP the parameters change (DTensors) and
     ``remake_optimizer()`` builds it again (``Step.optimizer`` is then the new one).
@@ -355,42 +341,9 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     if dora_layers:
         log(f"speed.dora_norm_per_step: DoRA's weight norm computed once per optimizer step, not per micro-batch, "
             f"for {dora_layers} layer adapter(s)")
-    micro = resolved.micro_batch
-    if micro == "auto":  # CUDA: probed with the built model
-        # a causal LM's fused loss: the probe may shrink its chunk (a head it does not take, e.g. DoRA's, has none)
-        auto_chunk = resolved.loss_chunk_size == "auto" and kind == "causal_lm" and uses_fused_loss(model)
-        with reusing_dora_norms() if dora_layers else contextlib.nullcontext():  # the forwards the step will run
-            micro, probe = probe_micro_batch(
-                model, features, kind=kind, packing=resolved.packing, max_length=max_length, limit=limit, pad_id=pad_id,
-                device=device, memory_fraction=resolved.memory_fraction, optimizer=optimizer, log=log,
-                loss_chunk=(lambda n: setattr(resolved, "loss_chunk_size", n)) if auto_chunk else None)
-        probe["compiled_code_reset"] = bool(resolved.compile and len(probe["sizes"]) > 1 and forget_probe_compiles())
-        if probe["compiled_code_reset"]:
-            log(f"the probe's compiled code (sizes {probe['sizes']}) dropped: the step compiles micro-batch {micro} "
-                "again, with no symbolic size")
-        own = micro
-        micro = distributed.min_over_ranks(micro)  # one micro-batch for every rank
-        probe["micro_batch"] = micro
-        if auto_chunk:  # a rank whose own size is larger measured the common one at the default chunk, within budget
-            chunk = resolved.loss_chunk_size if own == micro else LOSS_CHUNK
-            resolved.loss_chunk_size = probe["loss_chunk_size"] = distributed.min_over_ranks(chunk)
-    else:
-        why = "explicit: speed.micro_batch" if micro is not None else (
-            f"not probed on {device.type}: the experiment's batch_size" if device.type != "cuda"
-            else "not probed under FSDP: the experiment's batch_size")
-        micro = batch_size if micro is None else micro
-        decision = decide_micro_batch([], limit=limit, budget=None, explicit=micro)
-        probe = probe_record([], decision, budget=None, memory_fraction=None, row_tokens=None, min_gain=None)
-        probe["reason"] = why
-    spare = distributed.min_over_ranks(spare_bytes(probe, micro, resolved.loss_chunk_size) or -1)  # least over ranks
-    if resolved.fp8_transpose_cache == "auto":  # what the probed micro-batch leaves of the budget; a new buffer
-        # fails the compiled layers' guards, so a layer compiled by a one-size probe compiles again
-        resolved.fp8_transpose_cache = cache_spare_transposes(model, resolved, spare, probe.get("budget_gib"), log)
-    if settings.activation_memory_budget == "auto":  # then what is left, on the activations of torch's default partition
-        spend_spare_on_activations(model, resolved, probe, micro, spare, log)
-    if resolved.loss_chunk_size == "auto":  # not probed (explicit micro-batch, FSDP): the default chunk
-        resolved.loss_chunk_size = LOSS_CHUNK
-    resolved.micro_batch, resolved.micro_batch_probe = micro, probe
+    micro = settle_micro_batch(model, resolved, settings, kind=kind, features=features, batch_size=batch_size,
+                               limit=limit, max_length=max_length, pad_id=pad_id, device=device, optimizer=optimizer,
+                               dora_layers=dora_layers, log=log)
     step = Step(model, optimizer, kind=kind, normalization=normalization, micro_batch=micro, packing=resolved.packing,
                 max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,
                 max_grad_norm=max_grad_norm, log=log, wrapped=wrapped, reduce_after_backward=after_backward,
