@@ -217,6 +217,14 @@
 #   windows, the median counting): the same calls. fair8b now takes ~50 s more (WINDOWS=1 for the old timing); the
 #   trio lives on branch trio2 (main + the revert of e7f1c5a): `git archive trio2 src tests/test_dora_norm_per_step.py
 #   tests/conftest.py | tar -x -C .devdata/oldsrc`, then its GPU tests with PYTHONPATH=.devdata/oldsrc/src and doraab.
+#   After 2026-12-07's fourth session (H100 only, results/bench-fair-h100-1207c: every goal met at an H200's budget
+#   but FP8 DoRA / LoRA 0.890; the ablation puts DoRA's 11.7 ms at ~5.1 refresh + ~5.7 magnitude gradient; the K split
+#   of the refresh's products slower, reverted; the trio saves nothing and fails its own GPU test): (1) on an H100 at
+#   SPEED="memory_fraction=0.441 micro_batch=4", doraab with .devdata/oldsrc = `git archive de2f614 src` and
+#   METHODS="fp8+lora,fp8+dora" (211b4f3: an explicit micro-batch is measured once and "auto" caches the FP8 codes;
+#   old ran 20,314 / 18,203 at 16.5 GiB), first `PYTHONPATH=src:scripts python3 -m pytest -q -p no:cacheprovider
+#   tests/test_transpose_cache_auto.py -k cuda` (its GPU test, never run yet); (2) on an H200, fair8b and recipe.
+#   A call returns at most 8 files: tar $OUT's files into one (call 2 of 1207c lost its test log that way).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
