@@ -128,10 +128,40 @@ def test_the_budget_within_the_trainers_memory_from_the_h200_recipe_rows():
     # nothing to do when loralab already fits, or when its micro-batch was set (not probed)
     assert peer_memory_budget({**rows["loralab"], "peak_memory_gib": 25.0}, rows["trainer"], total)["fits"] is True
     explicit = {**rows["loralab"], "speed": {**rows["loralab"]["speed"], "micro_batch_probe": None}}
-    assert "not probed" in peer_memory_budget(explicit, rows["trainer"], total)["reason"]
+    assert "not measured" in peer_memory_budget(explicit, rows["trainer"], total)["reason"]
     assert peer_memory_budget({**rows["loralab"], "error": "OOM"}, rows["trainer"], total)["run"] is False
     small = peer_memory_budget(rows["loralab"], {**rows["trainer"], "peak_memory_gib": 19.0}, total)  # 19 - 1.56 < 18.76
     assert small["run"] is False and "no micro-batch fits" in small["reason"]
+
+
+
+def test_the_budget_within_the_trainers_memory_leaves_auto_cached_fp8_codes_to_the_capped_run():
+    """FP8 codes "auto" kept are not part of the margin the capped run subtracts (it caches within its own budget);
+    an explicit share's are. An explicit micro-batch measured once (run/micro_batch.py) is capped like a probed
+    one where its measured peak fits what the Trainer's peak leaves, and skipped with the reason where it does not:
+    only the codes would shrink, and the measurement holds none."""
+    from loralab.bench.experiment import peer_memory_budget
+
+    total = 80 * 2**30
+    probe = {"sizes": [1, 2], "peaks_gib": [12.0, 14.0], "optimizer_state_gib": 0.5, "loss_chunk_size": None,
+             "reason": "memory: ..."}
+    ours = {"peak_memory_gib": 21.0, "micro_batch": 2, "speed": {"micro_batch_probe": probe, "fp8_transposes_cached": {
+        "layers": 7, "bytes": 6 * 2**30, "total_bytes": 6 * 2**30, "auto_spare_gib": 9.0, "auto_headroom_gib": 1.0}}}
+    trainer = {"peak_memory_gib": 18.0}
+    plan = peer_memory_budget(ours, trainer, total)
+    assert plan["run"] and plan["margin_gib"] == pytest.approx(21.0 - 14.0 - 0.5 - 6.0)
+    assert plan["budget_gib"] == pytest.approx(18.0 - 0.5)
+    share = {**ours, "speed": {**ours["speed"], "fp8_transposes_cached": {"layers": 7, "bytes": 6 * 2**30,
+                                                                           "total_bytes": 6 * 2**30}}}
+    assert peer_memory_budget(share, {"peak_memory_gib": 20.0}, total)["margin_gib"] == pytest.approx(6.5)  # a share stays
+    explicit = {**ours, "speed": {**ours["speed"], "micro_batch_probe": {
+        **probe, "sizes": [2], "peaks_gib": [14.0], "reason": "explicit: speed.micro_batch; measured once: ..."}}}
+    assert peer_memory_budget(explicit, trainer, total)["run"] is True  # 14.0 + 0.5 within 17.5
+    tight = peer_memory_budget(explicit, {"peak_memory_gib": 14.8}, total)  # 14.3 left: 14.5 does not fit
+    assert tight["run"] is False and "explicit micro-batch 2 measured 14.00 GiB + 0.50 GiB" in tight["reason"]
+    oom = {**explicit, "speed": {**explicit["speed"], "micro_batch_probe": {**explicit["speed"]["micro_batch_probe"],
+                                                                           "peaks_gib": ["oom"]}}}
+    assert "not measured" in peer_memory_budget(oom, trainer, total)["reason"]
 
 
 @pytest.mark.slow  # builds and runs the Liger peer's loss (3-5 s)

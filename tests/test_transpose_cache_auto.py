@@ -38,7 +38,7 @@ def test_spare_bytes_is_the_budget_left_beside_the_size_the_step_runs():
     assert spare_bytes(probe(sizes=[1], peaks_gib=[22.0]), 1, 1024) == -3 * GIB  # over the budget anyway
     assert spare_bytes(probe(sizes=[1], peaks_gib=["oom"]), 1, 1024) is None
     assert spare_bytes(probe(sizes=[1], peaks_gib=[None]), 1, 1024) is None
-    assert spare_bytes(probe(budget_gib=None), 2, 1024) is None  # explicit micro-batch: nothing probed
+    assert spare_bytes(probe(budget_gib=None), 2, 1024) is None  # nothing measured (CPU, FSDP): no budget
     assert spare_bytes(probe(), 8, 1024) is None
 
 
@@ -260,8 +260,12 @@ def test_an_explicit_micro_batch_is_measured_once_and_kept_where_auto_would_cach
     assert cached_projections(model) == {"gate", "up", "down"}  # 5.2 units spare, 1 of headroom: the MLP's 4
     assert resolved.fp8_transpose_cache == round(9216 / 12288, 4) and resolved.loss_chunk_size == 1024
     assert resolved.micro_batch_probe["reason"].startswith("explicit: speed.micro_batch; measured once: ")
-    assert lines[0].startswith("micro-batch 2 (explicit; measured once: peak ")
+    assert lines[0].startswith("micro-batch 2 (explicit; measured once for speed.fp8_transpose_cache auto: peak ")
     assert any(line.startswith("speed.fp8_transpose_cache auto (") for line in lines)
+    measured.clear()  # an explicit size above the optimizer batch: measured at the batch, kept as set
+    micro, resolved, _ = settle(tiny_fp8_llama(), micro_batch=8)
+    assert micro == resolved.micro_batch_probe["micro_batch"] == 8 and measured[0][0] == 4
+    assert resolved.fp8_transpose_cache == round(9216 / 12288, 4)  # the spare of the size measured
     for model, speed, device in ((tiny_fp8_llama(), {"fp8_transpose_cache": 0.81}, "cuda"),
                                  (tiny_fp8_llama(), {}, "cpu"), (nn.Sequential(nn.Linear(32, 32)), {}, "cuda")):
         measured.clear()

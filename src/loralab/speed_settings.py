@@ -119,7 +119,7 @@ class Speed:
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):
-            out.loss_chunk_size = LOSS_CHUNK  # else the probe settles it (loralab.run.step.make_step)
+            out.loss_chunk_size = LOSS_CHUNK  # else the probe settles it (loralab.run.micro_batch)
         if out.activation_memory_budget == "auto" or not out.compile:  # no compiled layer: nothing to partition
             out.activation_memory_budget = ACTIVATION_BUDGET if out.compile else 1.0
         if out.lora_scale_at_rank == "auto":

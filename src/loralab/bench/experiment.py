@@ -153,9 +153,11 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
     ``ours``/``trainer``: rows of ``run_experiment_bench`` (GiB figures; ours with ``speed``'s
     ``micro_batch_probe``). Returns {run, fits, reason, budget_gib, margin_gib, memory_fraction}:
     ``run`` False with the reason when there is nothing to do (``fits``: loralab already within; else
-    no probe: an explicit micro-batch or no GPU, a failed row; or micro-batch 1 probed over the
-    budget where the probe could not shrink the loss's chunks: records before ``loss_chunk_size``
-    "auto", or an explicit chunk)."""
+    nothing measured: an explicit micro-batch without an FP8 base's "auto" codes, or no GPU, a failed row; an
+    explicit micro-batch whose measured peak is over the budget (only the codes "auto" cached would shrink, and
+    they are left out of the margin); or micro-batch 1 probed over the budget where the probe could not shrink
+    the loss's chunks: records before ``loss_chunk_size`` "auto", or an explicit chunk). The FP8 codes "auto"
+    cached (``fp8_transposes_cached``) are not counted in the margin: the capped run caches within its own budget."""
     skip = {"run": False, "fits": False, "budget_gib": None, "margin_gib": None, "memory_fraction": None}
     if ours.get("error") or trainer.get("error") or ours.get("peak_memory_gib") is None \
             or trainer.get("peak_memory_gib") is None:
@@ -163,15 +165,23 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
     if ours["peak_memory_gib"] <= trainer["peak_memory_gib"]:
         return {**skip, "fits": True, "reason": f"loralab's peak {ours['peak_memory_gib']:.2f} GiB is within the Trainer's "
                                   f"{trainer['peak_memory_gib']:.2f} GiB"}
-    probe = (ours.get("speed") or {}).get("micro_batch_probe") or {}
+    speed = ours.get("speed") or {}
+    probe = speed.get("micro_batch_probe") or {}
     sizes, peaks = probe.get("sizes") or [], probe.get("peaks_gib") or []
     chosen = ours.get("micro_batch")
-    if chosen not in sizes or peaks[sizes.index(chosen)] is None:
-        return {**skip, "reason": "loralab's micro-batch was not probed (an explicit speed.micro_batch): "
+    if chosen not in sizes or not isinstance(peaks[sizes.index(chosen)], (int, float)):
+        return {**skip, "reason": "loralab's micro-batch was not measured (an explicit speed.micro_batch): "
                                   "nothing to cap"}
     state = probe.get("optimizer_state_gib") or 0.0  # the probe counts it against the budget itself
-    margin = max(0.0, ours["peak_memory_gib"] - peaks[sizes.index(chosen)] - state)
+    cached = speed.get("fp8_transposes_cached") or {}  # FP8 codes "auto" kept: the capped run decides them again
+    codes = cached.get("bytes", 0) / 2**30 if "auto_spare_gib" in cached else 0.0
+    margin = max(0.0, ours["peak_memory_gib"] - peaks[sizes.index(chosen)] - state - codes)
     budget = trainer["peak_memory_gib"] - margin
+    if str(probe.get("reason", "")).startswith("explicit") and budget < peaks[sizes.index(chosen)] + state:
+        return {**skip, "reason": f"loralab's explicit micro-batch {chosen} measured {peaks[sizes.index(chosen)]:.2f} GiB"
+                                  f"{f' + {state:.2f} GiB of optimizer state' if state else ''}, over the "
+                                  f"{budget:.2f} GiB the Trainer's peak leaves: only the cached FP8 codes shrink "
+                                  "under a smaller budget, and they are not in that measurement"}
     shrinks = probe.get("loss_chunk_size") is not None  # "auto": the probe may shrink the loss's chunks to fit
     if sizes[0] == 1 and peaks[0] is not None and budget < peaks[0] + state and not shrinks:
         return {**skip, "reason": f"the Trainer's peak {trainer['peak_memory_gib']:.2f} GiB less loralab's unprobed "

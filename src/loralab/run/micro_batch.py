@@ -9,10 +9,14 @@ FSDP, the experiment's ``batch_size``. Then it spends what the chosen size leave
 An explicit size on CUDA is measured once where "auto" would cache FP8 codes (``measure_micro_batch``): without a
 measured peak nothing is spare, and "auto" cached nothing, so a run that only fixed its micro-batch lost the cache's
 speed. On one H100 at the Llama-3-8B shape, FP8-base LoRA at an explicit micro-batch 4 ran 20,314 tokens/s at 16.5
-GiB, and probed to the same size, with every layer's codes kept, 21,852 at 25.9 GiB (the same card, two processes;
-results/bench-fair-h100-1207c, calls 2 and 1); the cache alone, at one micro-batch, 1.054x and 1.056x
-(results/bench-transposecache-h100). The measurement is one untimed and two timed forward+backward passes at that
-size through the compiled layers, which the step then reuses (one size: no symbolic shape, nothing dropped).
+GiB, and probed to the same size 21,852 at 25.9 GiB (the same card, two processes; results/bench-fair-h100-1207c,
+calls 2 and 1); the probed run also kept every layer's codes and ran ``activation_memory_budget`` 1.0, where the
+explicit one ran neither. One size measured gives no slope per row, so ``spend_spare_on_activations`` leaves the
+budget at 0.8 here: the cache alone is what this measurement buys, 1.054x and 1.056x at one micro-batch
+(results/bench-transposecache-h100), and 1.017x of the 1.076x above is the other setting's (results/bench-speedab-h100).
+The measurement is one untimed and two timed forward+backward passes at that size (capped at the optimizer batch,
+as the probe is) through the compiled layers; where codes are then cached, the new buffer fails the layers'
+guards and they compile once more, as after a one-size probe.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def settle_micro_batch(model, resolved: Speed, settings: Speed, *, kind: str, fe
     "auto", else ``LOSS_CHUNK``), ``fp8_transpose_cache`` and ``activation_memory_budget`` where "auto" (``settings``:
     the experiment's values before resolving). ``dora_layers``: fast DoRA layers whose norms the step refreshes once a
     step (the measured forwards read them, as the step's do). Returns the micro-batch."""
-    micro = resolved.micro_batch
+    micro, measured = resolved.micro_batch, None  # measured: the size measured for an explicit one larger than a forward
     norms = reusing_dora_norms() if dora_layers else contextlib.nullcontext()  # the forwards the step will run
     if micro == "auto":  # CUDA: probed with the built model
         # a causal LM's fused loss: the probe may shrink its chunk (a head it does not take, e.g. DoRA's, has none)
@@ -105,13 +109,14 @@ def settle_micro_batch(model, resolved: Speed, settings: Speed, *, kind: str, fe
             chunk = resolved.loss_chunk_size if own == micro else LOSS_CHUNK
             resolved.loss_chunk_size = probe["loss_chunk_size"] = distributed.min_over_ranks(chunk)
     elif micro is not None and device.type == "cuda" and resolved.fp8_transpose_cache == "auto" and fp8_layers(model):
-        with norms:
-            probe = measure_micro_batch(model, features, size=micro, kind=kind, packing=resolved.packing,
+        with norms:  # no larger than a forward ever runs (the step takes at most the optimizer batch)
+            probe = measure_micro_batch(model, features, size=min(micro, limit), kind=kind, packing=resolved.packing,
                                         max_length=max_length, pad_id=pad_id, device=device,
                                         memory_fraction=resolved.memory_fraction, optimizer=optimizer,
                                         why=MEASURED_FOR_CACHE)
-        log(f"micro-batch {micro} (explicit; measured once: peak {probe['peaks_gib'][0]} GiB against a budget of "
-            f"{probe['budget_gib']} GiB, for speed.fp8_transpose_cache auto)")
+        probe["micro_batch"], measured, peak = micro, min(micro, limit), probe["peaks_gib"][0]
+        log(f"micro-batch {micro} (explicit; measured once for speed.fp8_transpose_cache auto: "
+            f"{'out of memory' if peak == 'oom' else f'peak {peak} GiB'} against a budget of {probe['budget_gib']} GiB)")
     else:
         why = "explicit: speed.micro_batch" if micro is not None else (
             f"not probed on {device.type}: the experiment's batch_size" if device.type != "cuda"
@@ -120,7 +125,7 @@ def settle_micro_batch(model, resolved: Speed, settings: Speed, *, kind: str, fe
         decision = decide_micro_batch([], limit=limit, budget=None, explicit=micro)
         probe = probe_record([], decision, budget=None, memory_fraction=None, row_tokens=None, min_gain=None)
         probe["reason"] = why
-    spare = distributed.min_over_ranks(spare_bytes(probe, micro, resolved.loss_chunk_size) or -1)  # least over ranks
+    spare = distributed.min_over_ranks(spare_bytes(probe, measured or micro, resolved.loss_chunk_size) or -1)  # least over ranks
     if resolved.fp8_transpose_cache == "auto":  # what the micro-batch leaves of the budget; a new buffer fails the
         # compiled layers' guards, so a layer compiled by a one-size probe compiles again
         resolved.fp8_transpose_cache = cache_spare_transposes(model, resolved, spare, probe.get("budget_gib"), log)

@@ -333,7 +333,7 @@ def probe_sizes(measure: Callable[[int], Trial], *, limit: int, budget: float | 
 
 
 def worst_case_measurer(model, features: list[dict], *, kind: str, packing: bool, max_length: int, pad_id: int,
-              device: torch.device) -> tuple[Callable[[int], Trial], int]:
+                        device: torch.device) -> tuple[Callable[[int], Trial], int]:
     """``measure(m)``: one ``Trial`` of the worst case of ``features`` at micro-batch ``m`` as the model runs now
     (gradients dropped, the batch freed), and the row width it runs. Raises ValueError off CUDA."""
     if device.type != "cuda":
@@ -372,8 +372,8 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     are not changed (gradients dropped, RNG restored). Returns (micro-batch, ``probe_record``, with
     ``loss_chunk_size`` the chunk chosen, None when fixed).
     Raises ValueError off CUDA (nothing to measure there)."""
-    measure, width = worst_case_measurer(model, features, kind=kind, packing=packing, max_length=max_length, pad_id=pad_id,
-                               device=device)
+    measure, width = worst_case_measurer(model, features, kind=kind, packing=packing, max_length=max_length,
+                                         pad_id=pad_id, device=device)
     budget = memory_fraction * torch.cuda.get_device_properties(device).total_memory
     held = 0 if optimizer is None else pending_state_bytes(optimizer)
     with torch.random.fork_rng(devices=[device]):
@@ -390,4 +390,3 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     log(f"micro-batch {decision.micro_batch} ({'rows of ' + str(width) + ' tokens' if packing else 'samples'}; "
         f"probed {record['sizes']}, {decision.reason})")
     return decision.micro_batch, record
-

@@ -61,7 +61,7 @@ def prepare_model(model, options: Speed):
         trios = len(fp8_qkv_groups(model))  # a model fused before counts too
         options.fp8_qkv_trios = {"trios": trios, "layers": 3 * trios}
     if options.fp8_transpose_cache not in (0, "auto"):  # what it cached goes into the record (0 layers: the share fits
-        # no group); "auto" is settled after the micro-batch probe (loralab.run.step.make_step)
+        # no group); "auto" is settled after the micro-batch is (loralab.run.micro_batch.settle_micro_batch)
         options.fp8_transposes_cached = cache_transposes(model, options.fp8_transpose_cache)
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
