@@ -23,6 +23,9 @@ blocks over a long K). The forms:
                (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
   streams-2, streams-8
                the shipped form with the products spread over 2 or 8 streams (shipped: ``PRODUCT_STREAMS``)
+  triton-product  every group's ``W·Aᵀ`` in one Triton kernel (``speed.fp8_kernels.weights_times_triton``: N/64 x L
+               programs reading the codes once, A in float32 on TF32 tensor cores), in place of one ``_scaled_mm`` a
+               layer: the shipped products read the 7.0 GB of 8B codes at 1.6 TB/s on an H100 (results/bench-fair-h100-1207c)
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
@@ -44,10 +47,11 @@ from kernel_timing import median_ms
 from loralab.speed import dora_refresh, fast_dora
 from loralab.speed import fp8 as fp8_mod
 from loralab.speed import streams as streams_mod
+from loralab.speed.fp8_kernels import weights_times_triton
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
-         "streams-8")
+         "streams-8", "triton-product")
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -117,6 +121,8 @@ def form(name: str):
             dora_refresh.weights_times = weights_times_codes_left
         if name == "cast-stack":
             dora_refresh.weights_times = weights_times_cast_stack
+        if name == "triton-product":
+            dora_refresh.weights_times = weights_times_triton
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
             fast_dora._gram = lambda a, _how=GRAM_CHUNKS_OF[name]: gram_split(a, *_how)
         streams_mod.PRODUCT_STREAMS = STREAMS.get(name, saved[3])

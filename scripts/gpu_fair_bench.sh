@@ -223,7 +223,11 @@
 #   SPEED="memory_fraction=0.441 micro_batch=4", doraab with .devdata/oldsrc = `git archive de2f614 src` and
 #   METHODS="fp8+lora,fp8+dora" (211b4f3: an explicit micro-batch is measured once and "auto" caches the FP8 codes;
 #   old ran 20,314 / 18,203 at 16.5 GiB), first `PYTHONPATH=src:scripts python3 -m pytest -q -p no:cacheprovider
-#   tests/test_transpose_cache_auto.py -k cuda` (its GPU test, never run yet); (2) on an H200, fair8b and recipe.
+#   tests/test_transpose_cache_auto.py -k cuda` (its GPU test, never run yet); (2) the refresh's product in one Triton
+#   kernel a group (speed/fp8_kernels.weights_times_triton, never run on a GPU): `PYTHONPATH=src:scripts python3 -m
+#   pytest -q -p no:cacheprovider tests/test_fp8_kernels.py -k refresh_product`, then ABL_ARGS="--bases fp8 --variants
+#   lora dora dora-triton-product --micro-batch auto --speed memory_fraction=0.441 --refresh-forms shipped
+#   triton-product" doraabl (~3 min: the step with it, and the refresh alone graphed); (3) on an H200, fair8b, recipe.
 #   A call returns at most 8 files: tar $OUT's files into one (call 2 of 1207c lost its test log that way).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit

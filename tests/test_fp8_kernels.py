@@ -188,3 +188,35 @@ def test_triton_is_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(RuntimeError, match="'speed.fp8_quantize_kernel' = 'triton': .*runs on CUDA"):
         use_quantize_kernel(model, "triton")
     assert model[0].quantize_kernel == "torch"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_refresh_product_kernel_is_w_times_a_of_every_layer(device):
+    """``weights_times_triton`` (fast DoRA's refresh product in one Triton kernel a group): each layer's
+    ``diag(scales)·codes·Aᵀ`` from the layers' own tensors (a pointer table, never a stacked copy), for shapes that
+    fill its tiles and ones that do not (N not a multiple of 64, K of 128, ranks below 16), as close to the exact
+    product as float32 accumulation allows (TF32 inputs on CUDA: A to 10 bits), and closer than the shipped
+    ``weights_times``, whose A is two FP8 terms. Refused: layers that do not match, a non-contiguous scale."""
+    from loralab.speed.fp8 import Fp8Linear, weights_times
+    from loralab.speed.fp8_kernels import weights_times_triton
+
+    torch.manual_seed(0)
+    tol = 2e-6 if device == "cpu" else 2e-3
+    for n, k, r, count in ((96, 256, 16, 3), (48, 200, 8, 2), (128, 384, 32, 2)):
+        layers = [Fp8Linear.from_linear(nn.Linear(k, n, bias=False)).to(device) for _ in range(count)]
+        codes, scales = [m.codes for m in layers], [m.weight_scale for m in layers]
+        a = torch.randn(count, r, k, device=device) * 0.05
+        exact = torch.stack([m.dequantize().double() @ ai.double().T for m, ai in zip(layers, a)])
+        got = weights_times_triton(codes, scales, a)
+        assert got.shape == (count, n, r) and got.dtype == torch.float32
+
+        def err(x):
+            return ((x.double() - exact).abs().max() / exact.abs().max()).item()
+
+        assert err(got) < tol, (n, k, r, err(got))
+        if (2 * r) % 16 == 0 or device == "cpu":  # CUDA's _scaled_mm takes 2r divisible by 16
+            assert err(got) < err(weights_times(codes, scales, a)), (n, k, r)
+    with pytest.raises(ValueError, match="2 codes, 2 scales and 3 A's"):
+        weights_times_triton(codes[:2], scales[:2], torch.randn(3, r, k, device=device))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        weights_times_triton(codes, [torch.ones(2 * n, device=device)[::2]] * count, a)

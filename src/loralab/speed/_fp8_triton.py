@@ -84,3 +84,31 @@ def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride
             y = clamp_448(tl.math.div_rn(x, scale))
             tl.store(out_row + offs, encode_e4m3(y).to(tl.uint8), mask=mask)
     tl.store(scales_ptr + row, scale)
+
+
+@triton.jit
+def weights_times_kernel(codes_table, scales_table, a_ptr, out_ptr, N, K, R, R_PAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``out[l] = diag(scales[l]) · codes[l] · a[l]ᵀ`` ((N, R) float32) for the layer ``l`` of program axis 1 and the
+    ``BLOCK_N`` weight rows of axis 0: ``codes_table``/``scales_table`` hold each layer's data pointers (int64: the
+    layers' own tensors, never stacked), ``a`` is (L, R, K) float32 contiguous. The codes are read once, as bytes,
+    and widened to float32 in registers (exact: every e4m3 value is a float32)."""
+    block, layer = tl.program_id(0), tl.program_id(1)
+    codes = tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8))
+    scales = tl.load(scales_table + layer).to(tl.pointer_type(tl.float32))
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, R_PAD)
+    row_ok, rank_ok = rows < N, ranks < R
+    a_layer = a_ptr + layer.to(tl.int64) * R * K
+    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        c = tl.load(codes + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0)
+        w = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        a = tl.load(a_layer + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = tl.dot(w, a, acc, input_precision=PRECISION)
+    s = tl.load(scales + rows, mask=row_ok, other=0.0)
+    out = out_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + ranks[None, :]
+    tl.store(out, acc * s[:, None], mask=row_ok[:, None] & rank_ok[None, :])

@@ -1,4 +1,5 @@
-"""Row-wise FP8 quantisation as one Triton kernel (``speed.fp8_quantize_kernel: "triton"``).
+"""Row-wise FP8 quantisation as one Triton kernel (``speed.fp8_quantize_kernel: "triton"``); and ``weights_times_triton``,
+fast DoRA's refresh product from an FP8 base's codes in one Triton kernel per group of layers (its docstring says why).
 
 Why our own kernel: the FP8 base quantises every activation it multiplies (``speed/fp8.py``,
 ``quantize_rows``: a row amax, a division, a saturating cast). Written as torch ops, inductor
@@ -67,14 +68,14 @@ def can_run_on(device: torch.device) -> str | None:
 def _kernel():
     import triton
 
-    from loralab.speed._fp8_triton import quantize_rows_kernel
+    from loralab.speed._fp8_triton import quantize_rows_kernel, weights_times_kernel
 
-    return triton, quantize_rows_kernel
+    return triton, quantize_rows_kernel, weights_times_kernel
 
 
 @torch.library.custom_op("loralab::fp8_quantize_rows", mutates_args=())
 def _quantize_rows_op(x: torch.Tensor, col_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    triton, kernel = _kernel()
+    triton, kernel, _ = _kernel()
     if x.stride(-1) != 1:  # the kernel reads unit column strides (rows may be strided)
         x = x.contiguous()
     rows, cols = x.shape
@@ -110,3 +111,56 @@ def quantize_rows_triton(x: torch.Tensor, col_scale: torch.Tensor | None = None)
     col = None if col_scale is None else col_scale.to(torch.float32).contiguous()
     codes, scales = _quantize_rows_op(x, col)
     return codes.view(torch.float8_e4m3fn), scales
+
+
+_TABLES: dict = {}
+WA_BLOCK_N, WA_BLOCK_K = 64, 128
+"""``weights_times_triton``'s tile: 64 weight rows by 128 columns of K a step (untuned: not yet measured)."""
+
+
+def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    """``speed.fp8.weights_times``'s product, ``W·Aᵀ`` of L layers of one shape with ``W = diag(scales)·codes``, in
+    one Triton kernel: ``codes`` L tensors (N, K) float8_e4m3fn, ``scales`` L tensors (N,) float32, ``a`` (L, r, K).
+    Returns (L, N, r) float32.
+
+    Why: the refresh's cuBLAS products have 2r = 64 rows, so their 128-row output tiles are half empty and there
+    are N/128 of them a layer (8 thread blocks for Llama-3-8B's k and v), one launch per layer; graphed on 4 side
+    streams, the 8B groups read their 7.0 GB of codes in 4,426 us on an H100 (1.6 TB/s; results/bench-fair-h100-1207c,
+    ksplit), where reading them takes ~2.1 ms at 3.35 TB/s. Here one launch covers a group: N/64 x L programs (1,024
+    for k and v), each reading its rows' codes once and widening them in registers. Precision: A in float32 against
+    the codes (exact in float32), products on TF32 tensor cores on CUDA (A rounded to 10 mantissa bits, finer than
+    ``split_rows``' two FP8 terms) and in IEEE float32 under Triton's interpreter (the CPU tests), accumulated in
+    float32, so no bf16 rounding of the output as ``_scaled_mm``'s row-wise kernel has. Not measured yet: a
+    diagnostic refresh form (scripts/dora_refresh_forms.py, "triton-product"), not the refresh's default. Raises
+    ValueError when ``codes``, ``scales`` and ``a`` do not count the same L layers, RuntimeError where the kernel
+    cannot run (``can_run_on``'s reason)."""
+    if not len(codes) == len(scales) == a.shape[0]:
+        raise ValueError(f"weights_times_triton: {len(codes)} codes, {len(scales)} scales and {a.shape[0]} A's; "
+                         "one of each per layer is needed")
+    why = can_run_on(a.device)
+    if why:
+        raise RuntimeError(f"FP8 refresh product kernel: {why}")
+    triton, _, kernel = _kernel()
+    layers, r, k = a.shape
+    n = codes[0].shape[0]
+    a = a.float().contiguous()
+    if any(not c.is_contiguous() for c in codes) or any(s.dtype != torch.float32 or not s.is_contiguous() for s in scales):
+        raise ValueError("weights_times_triton: the codes and float32 scales must be contiguous (a layer's own)")
+    table = _pointer_table(codes, scales, a.device)
+    out = torch.empty(layers, n, r, dtype=torch.float32, device=a.device)
+    interpreted = a.device.type != "cuda"
+    kernel[(triton.cdiv(n, WA_BLOCK_N), layers)](
+        table[0], table[1], a, out, n, k, r, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_N=WA_BLOCK_N,
+        BLOCK_K=WA_BLOCK_K, PRECISION="ieee" if interpreted else "tf32", num_warps=4, num_stages=3)
+    return out
+
+
+def _pointer_table(codes: list[torch.Tensor], scales: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(2, L) int64 on ``device``: the layers' codes and scales data pointers, made once per set of tensors and kept
+    (a host-to-device copy cannot run inside a CUDA graph capture: the refresh's first call, eager, makes it). The
+    kept table holds no reference to the tensors; a layer freed and another allocated at its address reads the new
+    one, as any kept pointer would."""
+    key = (device, tuple(c.data_ptr() for c in codes), tuple(s.data_ptr() for s in scales))
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor([list(key[1]), list(key[2])], dtype=torch.int64).to(device)
+    return _TABLES[key]
