@@ -23,9 +23,10 @@ blocks over a long K). The forms:
                (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
   streams-2, streams-8
                the shipped form with the products spread over 2 or 8 streams (shipped: ``PRODUCT_STREAMS``)
-  triton-product  every group's ``W·Aᵀ`` in one Triton kernel (``speed.fp8_kernels.weights_times_triton``: N/64 x L
-               programs reading the codes once, A in float32 on TF32 tensor cores), in place of one ``_scaled_mm`` a
-               layer: the shipped products read the 7.0 GB of 8B codes at 1.6 TB/s on an H100 (results/bench-fair-h100-1207c)
+  triton-product  every group's ``W·Aᵀ`` in one Triton kernel (``speed.fp8_kernels.weights_times_triton``: N/128 x L
+               programs reading the codes once, A scaled and rounded to float16, float32 accumulation), in place of one
+               ``_scaled_mm`` a layer: the shipped products read the 7.0 GB of 8B codes at 1.6 TB/s on an H100
+               (results/bench-fair-h100-1207c)
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.

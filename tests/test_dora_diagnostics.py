@@ -135,7 +135,7 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     got = forms.time_forms(model, "cpu", None, repeats=1)
     assert list(got) == list(forms.FORMS) and all(v["calls"] == 14 for v in got.values())
     assert all(v["max_rel_diff"] < 1e-5 for k, v in got.items() if k != "triton-product"), got
-    # the Triton product takes A in float32, not as two FP8 terms: it moves from the shipped norms by about the
+    # the Triton product takes A in float16, not as two FP8 terms: it moves from the shipped norms by about the
     # shipped form's own distance from the exact norm (the float64 row norms of W + s·BA), and lands closer to it
     exact = [(m.get_base_layer().dequantize().double() + m.scaling[n] * m.lora_B[n].weight.double()
               @ m.lora_A[n].weight.double()).norm(dim=1) for m, n in fast_dora._fast_dora_adapters(model)]

@@ -87,14 +87,16 @@ def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride
 
 
 @triton.jit
-def weights_times_kernel(codes_table, scales_table, a_ptr, out_ptr, N, K, R, R_PAD: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """``out[l] = diag(scales[l]) · codes[l] · a[l]ᵀ`` ((N, R) float32) for the layer ``l`` of program axis 1 and the
-    ``BLOCK_N`` weight rows of axis 0: ``codes_table``/``scales_table`` hold each layer's data pointers (int64: the
-    layers' own tensors, never stacked), ``a`` is (L, R, K) float32 contiguous. The codes are read once, as bytes,
-    and widened to float32 in registers (exact: every e4m3 value is a float32)."""
+def weights_times_kernel(codes_table, scales_table, a_ptr, a_scale_ptr, out_ptr, N, K, R, R_PAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[l] = diag(scales[l]) · codes[l] · (a[l] · diag(a_scale[l]))ᵀ`` ((N, R) float32) for the layer ``l`` of
+    program axis 1 and the ``BLOCK_N`` weight rows of axis 0: ``codes_table``/``scales_table`` hold each layer's data
+    pointers (int64: the layers' own tensors, never stacked; 16-byte aligned, which the wrapper checks, so the codes
+    load in vectors and pipeline), ``a`` is (L, R, K) float16 (each row of A divided by a power of two, ``a_scale``
+    (L, R) float32, to sit high in float16's range). The codes are read once, as bytes, and widened to float16 in
+    registers (exact: every e4m3 value is a float16); float16 tensor cores, float32 accumulation."""
     block, layer = tl.program_id(0), tl.program_id(1)
-    codes = tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8))
+    codes = tl.multiple_of(tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8)), 16)
     scales = tl.load(scales_table + layer).to(tl.pointer_type(tl.float32))
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, R_PAD)
@@ -106,9 +108,10 @@ def weights_times_kernel(codes_table, scales_table, a_ptr, out_ptr, N, K, R, R_P
         col_ok = cols < K
         c = tl.load(codes + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0)
-        w = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        w = c.to(tl.float8e4nv, bitcast=True).to(tl.float16)
         a = tl.load(a_layer + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(w, a, acc, input_precision=PRECISION)
+        acc = tl.dot(w, a, acc)
     s = tl.load(scales + rows, mask=row_ok, other=0.0)
+    a_scale = tl.load(a_scale_ptr + layer.to(tl.int64) * R + ranks, mask=rank_ok, other=0.0)
     out = out_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + ranks[None, :]
-    tl.store(out, acc * s[:, None], mask=row_ok[:, None] & rank_ok[None, :])
+    tl.store(out, acc * s[:, None] * a_scale[None, :], mask=row_ok[:, None] & rank_ok[None, :])

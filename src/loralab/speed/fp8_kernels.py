@@ -114,8 +114,12 @@ def quantize_rows_triton(x: torch.Tensor, col_scale: torch.Tensor | None = None)
 
 
 _TABLES: dict = {}
-WA_BLOCK_N, WA_BLOCK_K = 64, 128
-"""``weights_times_triton``'s tile: 64 weight rows by 128 columns of K a step (untuned: not yet measured)."""
+WA_BLOCK_N, WA_BLOCK_K, WA_WARPS, WA_STAGES = 128, 128, 8, 3
+"""``weights_times_triton``'s tile and launch: 128 weight rows by 128 columns of K a step, 8 warps, 3 stages (chosen by
+reading the sm90 build's registers, spills and instructions a loop, not by timing: not yet measured on a GPU)."""
+A_TOP = 14
+"""Each row of A is divided by the power of two that puts its largest entry in [2^14, 2^15) before it is rounded to
+float16 (whose largest finite value is 65,504): any magnitude fits, and the division is exact."""
 
 
 def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
@@ -126,41 +130,50 @@ def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], 
     Why: the refresh's cuBLAS products have 2r = 64 rows, so their 128-row output tiles are half empty and there
     are N/128 of them a layer (8 thread blocks for Llama-3-8B's k and v), one launch per layer; graphed on 4 side
     streams, the 8B groups read their 7.0 GB of codes in 4,426 us on an H100 (1.6 TB/s; results/bench-fair-h100-1207c,
-    ksplit), where reading them takes ~2.1 ms at 3.35 TB/s. Here one launch covers a group: N/64 x L programs (1,024
-    for k and v), each reading its rows' codes once and widening them in registers. Precision: A in float32 against
-    the codes (exact in float32), products on TF32 tensor cores on CUDA (A rounded to 10 mantissa bits, finer than
-    ``split_rows``' two FP8 terms) and in IEEE float32 under Triton's interpreter (the CPU tests), accumulated in
-    float32, so no bf16 rounding of the output as ``_scaled_mm``'s row-wise kernel has. Not measured yet: a
-    diagnostic refresh form (scripts/dora_refresh_forms.py, "triton-product"), not the refresh's default. Raises
-    ValueError when ``codes``, ``scales`` and ``a`` do not count the same L layers, RuntimeError where the kernel
-    cannot run (``can_run_on``'s reason)."""
+    ksplit), where reading them takes ~2.1 ms at 3.35 TB/s. Here one launch covers a group: N/128 x L programs (512
+    for k and v), each reading its rows' codes once, in vectors (the layers' tensors are 16-byte aligned, checked
+    here), and widening them to float16 in registers (exact). Precision: each row of A scaled by a power of two
+    (``A_TOP``) and rounded to float16 (11 significant bits: half an ulp is 2^-11 of an entry, finer than
+    ``split_rows``' two FP8 terms, whose error is up to 2^-9.6 of the row's largest entry), float32 accumulation,
+    no bf16 rounding of the output as ``_scaled_mm``'s row-wise kernel has. Not measured yet: a diagnostic refresh
+    form (scripts/dora_refresh_forms.py, "triton-product"), not the refresh's default. Raises ValueError for layers
+    that do not match (count, shapes, dtypes, devices, 16-byte alignment), RuntimeError where the kernel cannot run
+    (``can_run_on``'s reason) or a CUDA graph capture meets tensors it has no pointer table for."""
     if not len(codes) == len(scales) == a.shape[0]:
         raise ValueError(f"weights_times_triton: {len(codes)} codes, {len(scales)} scales and {a.shape[0]} A's; "
                          "one of each per layer is needed")
+    layers, r, k = a.shape
+    n = codes[0].shape[0]
+    bad = [i for i, (c, s) in enumerate(zip(codes, scales)) if c.shape != (n, k) or c.dtype != torch.float8_e4m3fn
+           or not c.is_contiguous() or c.data_ptr() % 16 or s.shape != (n,) or s.dtype != torch.float32
+           or not s.is_contiguous() or c.device != a.device or s.device != a.device]
+    if bad:
+        raise ValueError(f"weights_times_triton: layer {bad[0]}'s codes must be contiguous, 16-byte aligned "
+                         f"float8_e4m3fn ({n}, {k}) and its scales contiguous float32 ({n},), on {a.device}")
     why = can_run_on(a.device)
     if why:
         raise RuntimeError(f"FP8 refresh product kernel: {why}")
     triton, _, kernel = _kernel()
-    layers, r, k = a.shape
-    n = codes[0].shape[0]
-    a = a.float().contiguous()
-    if any(not c.is_contiguous() for c in codes) or any(s.dtype != torch.float32 or not s.is_contiguous() for s in scales):
-        raise ValueError("weights_times_triton: the codes and float32 scales must be contiguous (a layer's own)")
     table = _pointer_table(codes, scales, a.device)
+    amax = a.detach().abs().amax(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)  # (L, r)
+    a_scale = torch.exp2(torch.floor(torch.log2(amax)) - A_TOP)
+    a16 = (a.detach().float() / a_scale[..., None]).to(torch.float16).contiguous()
     out = torch.empty(layers, n, r, dtype=torch.float32, device=a.device)
-    interpreted = a.device.type != "cuda"
     kernel[(triton.cdiv(n, WA_BLOCK_N), layers)](
-        table[0], table[1], a, out, n, k, r, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_N=WA_BLOCK_N,
-        BLOCK_K=WA_BLOCK_K, PRECISION="ieee" if interpreted else "tf32", num_warps=4, num_stages=3)
+        table[0], table[1], a16, a_scale, out, n, k, r, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_N=WA_BLOCK_N,
+        BLOCK_K=WA_BLOCK_K, num_warps=WA_WARPS, num_stages=WA_STAGES)
     return out
 
 
 def _pointer_table(codes: list[torch.Tensor], scales: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """(2, L) int64 on ``device``: the layers' codes and scales data pointers, made once per set of tensors and kept
-    (a host-to-device copy cannot run inside a CUDA graph capture: the refresh's first call, eager, makes it). The
-    kept table holds no reference to the tensors; a layer freed and another allocated at its address reads the new
-    one, as any kept pointer would."""
+    (a host-to-device copy cannot run inside a CUDA graph capture: the refresh's first call, eager, makes it; a
+    capture that meets tensors without a table raises RuntimeError). The kept table holds no reference to the
+    tensors; a layer freed and another allocated at its address reads the new one, as any kept pointer would."""
     key = (device, tuple(c.data_ptr() for c in codes), tuple(s.data_ptr() for s in scales))
     if key not in _TABLES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("weights_times_triton: first called inside a CUDA graph capture for these layers; "
+                               "call it once eagerly first (the step's first refresh is eager)")
         _TABLES[key] = torch.tensor([list(key[1]), list(key[2])], dtype=torch.int64).to(device)
     return _TABLES[key]
