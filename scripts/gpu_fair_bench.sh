@@ -228,6 +228,9 @@
 #   pytest -q -p no:cacheprovider tests/test_fp8_kernels.py -k refresh_product`, then ABL_ARGS="--bases fp8 --variants
 #   lora dora dora-triton-product --micro-batch auto --speed memory_fraction=0.441 --refresh-forms shipped
 #   triton-product" doraabl (~3 min: the step with it, and the refresh alone graphed); (3) on an H200, fair8b, recipe.
+#   In one call: `OUT=$OUT ABL_ARGS="..." SPEED="memory_fraction=0.441 micro_batch=4" METHODS="fp8+lora,fp8+dora"
+#   DEADLINE=560 bash scripts/gpu_fair_bench.sh gputests doraabl doraab bundle` (carry .devdata/oldsrc from de2f614):
+#   `gputests` runs the GPU-only tests of both, `bundle` leaves one archive under $OUT.
 #   A call returns at most 8 files: tar $OUT's files into one (call 2 of 1207c lost its test log that way).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
@@ -408,12 +411,18 @@ for part in "${PARTS[@]}"; do
           --only llama-3-8b/fixed --methods "$methods" --stacks loralab "${extra[@]}" \
           --output "$OUT/speedab-$n.json"
       done ;;
+    gputests)  # the GPU-only tests of what was built without a GPU (TESTS: pytest arguments; default the 2026-12-07 ones)
+      step gputests 180 env PYTHONPATH=src:scripts:/tmp/site $PYTHON -m pytest -q -p no:cacheprovider \
+        ${TESTS:-tests/test_fp8_kernels.py tests/test_transpose_cache_auto.py -k "cuda or refresh_product"} ;;
+    bundle)  # last: every file under $OUT in one archive, $OUT/bundle.tgz (a device call returns at most 8 files)
+      tar -czf /tmp/bundle.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/bundle.tgz "$OUT/bundle.tgz"
+      ls -la "$OUT" ;;
     fp8check)
       step fp8check 90 $PYTHON scripts/fp8_cuda_check.py --output "$OUT/fp8check.json" ;;
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda ${FP8LOSS_VARIANTS:+--variants $FP8LOSS_VARIANTS} \
         --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fairprof fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget speedab fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fairprof fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm doraabl probe8b actbudget probebudget recipebudget speedab gputests bundle fp8check fp8loss)"; exit 2 ;;
   esac
 done
 
