@@ -26,7 +26,8 @@ blocks over a long K). The forms:
   triton-product  every group's ``W·Aᵀ`` in one Triton kernel (``speed.fp8_kernels.weights_times_triton``: N/128 x L
                programs reading the codes once, A scaled and rounded to float16, float32 accumulation), in place of one
                ``_scaled_mm`` a layer: the shipped products read the 7.0 GB of 8B codes at 1.6 TB/s on an H100
-               (results/bench-fair-h100-1207c)
+               (results/bench-fair-h100-1207c); triton-product-256x64: the same with 256-row tiles over 64 columns of K,
+               8 warps, 4 stages (the kernel's default: 128 x 128, 8 warps, 3 stages)
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
@@ -45,14 +46,14 @@ import contextlib
 import torch
 from kernel_timing import median_ms
 
-from loralab.speed import dora_refresh, fast_dora
+from loralab.speed import dora_refresh, fast_dora, fp8_kernels
 from loralab.speed import fp8 as fp8_mod
 from loralab.speed import streams as streams_mod
 from loralab.speed.fp8_kernels import weights_times_triton
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
-         "streams-8", "triton-product")
+         "streams-8", "triton-product", "triton-product-256x64")
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -115,6 +116,7 @@ def form(name: str):
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
     saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
              dora_refresh.refresh_dora_norms)
+    tile = (fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES)
     try:
         if name == "per-group-gram":
             dora_refresh.refresh_dora_norms = refresh_per_group
@@ -122,8 +124,10 @@ def form(name: str):
             dora_refresh.weights_times = weights_times_codes_left
         if name == "cast-stack":
             dora_refresh.weights_times = weights_times_cast_stack
-        if name == "triton-product":
+        if name.startswith("triton-product"):
             dora_refresh.weights_times = weights_times_triton
+        if name == "triton-product-256x64":  # the other tile the sm90 build held without spills (read, not timed)
+            fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = 256, 64, 8, 4
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
             fast_dora._gram = lambda a, _how=GRAM_CHUNKS_OF[name]: gram_split(a, *_how)
         streams_mod.PRODUCT_STREAMS = STREAMS.get(name, saved[3])
@@ -132,6 +136,7 @@ def form(name: str):
     finally:
         dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
         dora_refresh.refresh_dora_norms = saved[4]
+        fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = tile
         dora_refresh._COMPILED_NORMS.clear()
         dora_refresh._COMPILED_NORMS.update(saved[2])
 

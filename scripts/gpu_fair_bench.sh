@@ -227,7 +227,8 @@
 #   kernel a group (speed/fp8_kernels.weights_times_triton, never run on a GPU): `PYTHONPATH=src:scripts python3 -m
 #   pytest -q -p no:cacheprovider tests/test_fp8_kernels.py -k refresh_product`, then ABL_ARGS="--bases fp8 --variants
 #   lora dora dora-triton-product --micro-batch auto --speed memory_fraction=0.441 --refresh-forms shipped
-#   triton-product" doraabl (~3 min: the step with it, and the refresh alone graphed); (3) on an H200, fair8b, recipe.
+#   triton-product triton-product-256x64" doraabl (~3 min: the step with it, and the refresh alone graphed, two tiles);
+#   (3) on an H200, fair8b, recipe.
 #   In one call: `OUT=$OUT ABL_ARGS="..." SPEED="memory_fraction=0.441 micro_batch=4" METHODS="fp8+lora,fp8+dora"
 #   DEADLINE=560 bash scripts/gpu_fair_bench.sh gputests doraabl doraab bundle` (carry .devdata/oldsrc from de2f614):
 #   `gputests` runs the GPU-only tests of both, `bundle` leaves one archive under $OUT.
