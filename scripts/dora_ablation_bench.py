@@ -32,7 +32,7 @@ differ only in what the variant changes:
                   combine's scale m / n itself, as before the refresh kept it (one small kernel per layer-adapter)
   dora-triton-product
                   fast DoRA whose refresh takes every group's ``W·Aᵀ`` in one Triton kernel
-                  (``speed.fp8_kernels.weights_times_triton``, the refresh form "triton-product") in place of one
+                  (``speed.fp8_kernels.weights_times_triton``, inside ``dora_refresh_forms.form("triton-product")``) in place of one
                   ``_scaled_mm`` a layer (FP8 base only: a float base has no codes to read)
 
 each on the float base (``bf16``: bf16 on a GPU; the bench runs float32 on CPU, as the dtype column says) and
@@ -55,11 +55,12 @@ Prints a table (ms per step, tokens/s, peak) and writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
 import torch
-from dora_refresh_forms import FORMS, refresh_per_group, time_forms
+from dora_refresh_forms import FORMS, form, refresh_per_group, time_forms
 from kernel_timing import median_ms
 
 from loralab.bench import runner
@@ -69,7 +70,6 @@ from loralab.run import micro_batch as run_micro
 from loralab.run import step as run_step
 from loralab.speed import dora_refresh
 from loralab.speed.dora_refresh import refresh_dora_norms
-from loralab.speed.fp8_kernels import weights_times_triton
 
 VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic",
             "dora-per-group-gram", "dora-ratio-in-forward", "dora-triton-product")
@@ -121,7 +121,7 @@ def run(args) -> list[dict]:
     print(f"workload {workload.name}, micro-batch {args.micro_batch}, {args.steps} timed steps x {args.windows} windows "
           f"after {args.warmup} warm-up, {args.device}", flush=True)
     original_wrap, original_refresh, original_forget = runner.wrap, run_step.refresh_dora_norms, run_micro.forget_probe_compiles
-    original_keep, original_times = dora_refresh._keep_norms, dora_refresh.weights_times
+    original_keep = dora_refresh._keep_norms
     rows, profiles = [], []
     for base in args.bases:
         for variant in args.variants:
@@ -151,17 +151,17 @@ def run(args) -> list[dict]:
                 dora_refresh._keep_norms = keep_norms_only
             if variant.endswith("-probe-dynamic"):
                 run_micro.forget_probe_compiles = lambda: False
-            if variant == "dora-triton-product":
-                dora_refresh.weights_times = weights_times_triton
+            product = form("triton-product") if variant == "dora-triton-product" else contextlib.nullcontext()
             try:
-                row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,
-                                     speed={**args.speed, "micro_batch": args.micro_batch},
-                                     profile_to=profiles if variant in args.profile else None, windows=args.windows)
+                with product:  # the refresh form's product, put back after the row
+                    row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,
+                                         speed={**args.speed, "micro_batch": args.micro_batch},
+                                         profile_to=profiles if variant in args.profile else None, windows=args.windows)
             finally:
                 runner.wrap = original_wrap
                 run_step.refresh_dora_norms = original_refresh
                 run_micro.forget_probe_compiles = original_forget
-                dora_refresh._keep_norms, dora_refresh.weights_times = original_keep, original_times
+                dora_refresh._keep_norms = original_keep
             if variant == "dora-norm-once":
                 row["refresh_python_calls"] = len(calls)
             row.update(variant=variant, base=base, frozen_magnitudes=built.get("frozen", 0))

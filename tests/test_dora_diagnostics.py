@@ -77,7 +77,7 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
                            if "lora_" in n}
         assert run_step.refresh_dora_norms is counted_refresh and runner.wrap is kept_wrap  # put back
         assert dora_refresh._keep_norms is real_keep and dora_refresh.weights_times is real_times
-        assert products[-1] is (ablation.weights_times_triton if variant == "dora-triton-product" else real_times)
+        assert products[-1] is (fp8_kernels.weights_times_triton if variant == "dora-triton-product" else real_times)
         ratios[variant] = sum(hasattr(m.lora_magnitude_vector["default"], "_loralab_ratio")
                               for m, _ in fast_dora._fast_dora_adapters(models[-1]))
     row = rows["dora-norm-once"]

@@ -169,16 +169,17 @@ def peer_memory_budget(ours: dict, trainer: dict, total_bytes: int) -> dict:
     probe = speed.get("micro_batch_probe") or {}
     sizes, peaks = probe.get("sizes") or [], probe.get("peaks_gib") or []
     chosen = ours.get("micro_batch")
-    if chosen not in sizes or not isinstance(peaks[sizes.index(chosen)], (int, float)):
+    peak = peaks[sizes.index(chosen)] if chosen in sizes else None
+    if not isinstance(peak, (int, float)):
         return {**skip, "reason": "loralab's micro-batch was not measured (an explicit speed.micro_batch): "
                                   "nothing to cap"}
     state = probe.get("optimizer_state_gib") or 0.0  # the probe counts it against the budget itself
     cached = speed.get("fp8_transposes_cached") or {}  # FP8 codes "auto" kept: the capped run decides them again
     codes = cached.get("bytes", 0) / 2**30 if "auto_spare_gib" in cached else 0.0
-    margin = max(0.0, ours["peak_memory_gib"] - peaks[sizes.index(chosen)] - state - codes)
+    margin = max(0.0, ours["peak_memory_gib"] - peak - state - codes)
     budget = trainer["peak_memory_gib"] - margin
-    if str(probe.get("reason", "")).startswith("explicit") and budget < peaks[sizes.index(chosen)] + state:
-        return {**skip, "reason": f"loralab's explicit micro-batch {chosen} measured {peaks[sizes.index(chosen)]:.2f} GiB"
+    if str(probe.get("reason", "")).startswith("explicit") and budget < peak + state:
+        return {**skip, "reason": f"loralab's explicit micro-batch {chosen} measured {peak:.2f} GiB"
                                   f"{f' + {state:.2f} GiB of optimizer state' if state else ''}, over the "
                                   f"{budget:.2f} GiB the Trainer's peak leaves: only the cached FP8 codes shrink "
                                   "under a smaller budget, and they are not in that measurement"}

@@ -120,6 +120,12 @@ def loralab_step(model, features: list[list[dict]], *, kind: str, dtype: str, ma
     return runner, resolved.record()
 
 
+def check_windows(windows) -> None:
+    """Raise BenchError unless ``windows`` (how many times a row times its steps) is a positive int."""
+    if not isinstance(windows, int) or windows < 1:
+        raise BenchError(f"windows {windows!r}: must be a positive integer")
+
+
 def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmup: int,
             speed: dict | None = None, profile_to: list | None = None, budget_gib: float | None = None,
             budget_from: str | None = None, windows: int = 1) -> dict:
@@ -127,9 +133,8 @@ def run_one(w: Workload, method: str, stack: str, device: str, steps: int, warmu
     time ``steps`` optimizer steps after ``warmup`` ones, ``windows`` times over (``run_bench``). ``speed``: explicit loralab speed keys;
     ``budget_gib``: the tuned peer's memory cap (``tuned_cap``: loralab's peak or budget on this workload
     and method), ``budget_from`` where it came from (recorded in the peer's ``micro_batch_probe``).
-    Raises ValueError for ``windows`` below 1, before the model is built."""
-    if not isinstance(windows, int) or windows < 1:
-        raise ValueError(f"windows {windows!r}: must be a positive integer")
+    Raises BenchError (a ValueError) for ``windows`` below 1, before the model is built."""
+    check_windows(windows)
     dtype = "float32" if device == "cpu" else w.dtype
     clean(device)
     patches = contextlib.ExitStack()
@@ -298,8 +303,8 @@ def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | 
     from tqdm import tqdm
 
     tuned_cap(None, peer_memory)  # refused before any row runs
-    if windows is not None and (not isinstance(windows, int) or windows < 1):
-        raise BenchError(f"windows {windows!r}: must be a positive integer")
+    if windows is not None:
+        check_windows(windows)
     kept = [w for w in presets(preset) if not only or only in w.name]
     known = sorted({m for w in kept for m in w.methods})
     unknown = [m for m in methods or () if m not in known]

@@ -29,8 +29,8 @@ import torch
 from loralab import distributed
 from loralab.run.probe import (
     Decision,
+    budget_and_state,
     decide_micro_batch,
-    pending_state_bytes,
     probe_micro_batch,
     probe_record,
     worst_case_measurer,
@@ -69,8 +69,7 @@ def measure_micro_batch(model, features: list[dict], *, size: int, kind: str, pa
     chunk is fixed). Weights are not changed (gradients dropped, RNG restored). Raises ValueError off CUDA."""
     measure, width = worst_case_measurer(model, features, kind=kind, packing=packing, max_length=max_length,
                                          pad_id=pad_id, device=device)
-    budget = memory_fraction * torch.cuda.get_device_properties(device).total_memory
-    held = 0 if optimizer is None else pending_state_bytes(optimizer)
+    budget, held = budget_and_state(device, memory_fraction, optimizer)
     with torch.random.fork_rng(devices=[device]):
         trial = measure(size)
     decision = Decision(size, None, "explicit: speed.micro_batch" + (f"; measured once: {why}" if why else ""))

@@ -359,6 +359,13 @@ def worst_case_measurer(model, features: list[dict], *, kind: str, packing: bool
     return measure, width
 
 
+def budget_and_state(device: torch.device, memory_fraction: float, optimizer) -> tuple[float, int]:
+    """(bytes a forward may peak at: ``memory_fraction`` of the CUDA ``device``'s memory, bytes ``optimizer``'s state
+    will add at its first step: ``pending_state_bytes``, 0 without one)."""
+    held = 0 if optimizer is None else pending_state_bytes(optimizer)
+    return memory_fraction * torch.cuda.get_device_properties(device).total_memory, held
+
+
 def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, max_length: int, limit: int,
                       pad_id: int, device: torch.device, memory_fraction: float, min_gain: float = MIN_GAIN,
                       optimizer: torch.optim.Optimizer | None = None, loss_chunk: Callable[[int], None] | None = None,
@@ -374,8 +381,7 @@ def probe_micro_batch(model, features: list[dict], *, kind: str, packing: bool, 
     Raises ValueError off CUDA (nothing to measure there)."""
     measure, width = worst_case_measurer(model, features, kind=kind, packing=packing, max_length=max_length,
                                          pad_id=pad_id, device=device)
-    budget = memory_fraction * torch.cuda.get_device_properties(device).total_memory
-    held = 0 if optimizer is None else pending_state_bytes(optimizer)
+    budget, held = budget_and_state(device, memory_fraction, optimizer)
     with torch.random.fork_rng(devices=[device]):
         decision, trials, chunk, small = probe_sizes(measure, limit=limit, budget=budget, held=held, min_gain=min_gain,
                                                      loss_chunk=loss_chunk)
