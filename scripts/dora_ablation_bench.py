@@ -34,6 +34,9 @@ differ only in what the variant changes:
                   fast DoRA whose refresh takes every group's ``W·Aᵀ`` in one Triton kernel
                   (``speed.fp8_kernels.weights_times_triton``, inside ``dora_refresh_forms.form("triton-product")``) in place of one
                   ``_scaled_mm`` a layer (FP8 base only: a float base has no codes to read)
+  dora-cublas-product
+                  the same with one ``_scaled_mm`` a layer (``dora_refresh_forms.form("cublas-product")``): since
+                  ``speed.fp8_refresh_kernel`` "auto" takes the Triton kernel on CUDA, the shipped product before it
 
 each on the float base (``bf16``: bf16 on a GPU; the bench runs float32 on CPU, as the dtype column says) and
 on the FP8 base (``--bases``). After the ``dora`` row on each base the script also times
@@ -72,7 +75,7 @@ from loralab.speed import dora_refresh
 from loralab.speed.dora_refresh import refresh_dora_norms
 
 VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic",
-            "dora-per-group-gram", "dora-ratio-in-forward", "dora-triton-product")
+            "dora-per-group-gram", "dora-ratio-in-forward", "dora-triton-product", "dora-cublas-product")
 
 
 def keep_norms_only(members: list, norms: torch.Tensor) -> None:
@@ -151,7 +154,8 @@ def run(args) -> list[dict]:
                 dora_refresh._keep_norms = keep_norms_only
             if variant.endswith("-probe-dynamic"):
                 run_micro.forget_probe_compiles = lambda: False
-            product = form("triton-product") if variant == "dora-triton-product" else contextlib.nullcontext()
+            product = (form(variant.removeprefix("dora-")) if variant in ("dora-triton-product", "dora-cublas-product")
+                       else contextlib.nullcontext())
             try:
                 with product:  # the refresh form's product, put back after the row
                     row = runner.run_one(workload, method, "loralab", args.device, args.steps, args.warmup,

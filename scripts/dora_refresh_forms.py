@@ -6,7 +6,8 @@ an H100 (results/bench-doraabl-h100). Its profile: ~20 us per layer for ``W·A�
 and ~210 us per group for the float32 Gram bmm ``A·Aᵀ`` ((L, r, K) x (L, K, r): L x r x r outputs, few thread
 blocks over a long K). The forms:
 
-  shipped      the code as it is: ``W·Aᵀ`` as ``(terms · codesᵀ)ᵀ``, ``_scaled_mm(terms (2r, K), codesᵀ (K, N))`` per
+  shipped      the code as it is (on CUDA since 2026-12-07 the Triton kernel below, as triton-product; before it and
+               on CPU): ``W·Aᵀ`` as ``(terms · codesᵀ)ᵀ``, ``_scaled_mm(terms (2r, K), codesᵀ (K, N))`` per
                layer (since bbd7c40: "terms-left" measured faster at ac59585), in place into one buffer, terms summed
   cast-stack   ``W·Aᵀ`` as before 2b6954e: ``_scaled_mm(codes, termsᵀ)`` per layer, cast to float32, the L products
                stacked (a cast kernel per layer and a copy per group)
@@ -28,11 +29,15 @@ blocks over a long K). The forms:
                ``_scaled_mm`` a layer: the shipped products read the 7.0 GB of 8B codes at 1.6 TB/s on an H100
                (results/bench-fair-h100-1207c); triton-product-256x64: the same with 256-row tiles over 64 columns of K,
                8 warps, 4 stages (the kernel's default: 128 x 128, 8 warps, 3 stages)
+  cublas-product  every ``W·Aᵀ`` by ``speed/fp8.weights_times`` (one ``_scaled_mm`` a layer), whatever kernel the layers
+               were set to take (``speed.fp8_refresh_kernel``: "auto" takes the Triton kernel on CUDA since it was
+               measured 1.27x the refresh, results/bench-tritonproduct-h100; "shipped" is then that kernel)
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
 
-Each form is put in place by patching module globals (``speed.dora_refresh``'s ``weights_times`` and
+Each form is put in place by patching module globals (``speed.dora_refresh``'s ``weights_times``,
+``weights_times_triton`` and
 ``refresh_dora_norms``, ``speed.fast_dora``'s ``_gram``, ``speed.streams``' ``PRODUCT_STREAMS``; the refresh's
 compiled copies cleared) for the time of its measure, then put back.
 ``time_forms`` times ``refresh_dora_norms(model, backend)`` captured in one CUDA graph and replayed (median of
@@ -53,7 +58,7 @@ from loralab.speed.fp8_kernels import weights_times_triton
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
-         "streams-8", "triton-product", "triton-product-256x64")
+         "streams-8", "triton-product", "triton-product-256x64", "cublas-product")
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -115,17 +120,16 @@ def form(name: str):
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
     saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
-             dora_refresh.refresh_dora_norms)
+             dora_refresh.refresh_dora_norms, dora_refresh.weights_times_triton)
     tile = (fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES)
     try:
         if name == "per-group-gram":
             dora_refresh.refresh_dora_norms = refresh_per_group
-        if name == "codes-left":
-            dora_refresh.weights_times = weights_times_codes_left
-        if name == "cast-stack":
-            dora_refresh.weights_times = weights_times_cast_stack
-        if name.startswith("triton-product"):
-            dora_refresh.weights_times = weights_times_triton
+        products = {"codes-left": weights_times_codes_left, "cast-stack": weights_times_cast_stack,
+                    "cublas-product": fp8_mod.weights_times, "triton-product": weights_times_triton,
+                    "triton-product-256x64": weights_times_triton}
+        if name in products:  # in both of the refresh's places, whichever kernel the layers were set to take
+            dora_refresh.weights_times = dora_refresh.weights_times_triton = products[name]
         if name == "triton-product-256x64":  # the other tile the sm90 build held without spills (read, not timed)
             fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = 256, 64, 8, 4
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
@@ -135,7 +139,7 @@ def form(name: str):
         yield
     finally:
         dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
-        dora_refresh.refresh_dora_norms = saved[4]
+        dora_refresh.refresh_dora_norms, dora_refresh.weights_times_triton = saved[4], saved[5]
         fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = tile
         dora_refresh._COMPILED_NORMS.clear()
         dora_refresh._COMPILED_NORMS.update(saved[2])

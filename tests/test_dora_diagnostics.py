@@ -46,7 +46,7 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
     real_run_one = runner.run_one
 
     def seen_run_one(*args, **kwargs):  # the refresh product each row's step reads (a bf16 FP8 base's; CPU runs float32)
-        products.append(dora_refresh.weights_times)
+        products.append((dora_refresh.weights_times, dora_refresh.weights_times_triton))
         return real_run_one(*args, **kwargs)
 
     monkeypatch.setattr(runner, "run_one", seen_run_one)
@@ -66,7 +66,7 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
     out = tmp_path / "abl.json"
     rows = {}
     for variant in ("dora", "dora-frozen-m", "dora-norm-once", "dora-per-group-gram", "dora-ratio-in-forward",
-                    "dora-triton-product"):
+                    "dora-triton-product", "dora-cublas-product"):
         refreshes.clear()
         ablation.main(["--device", "cpu", "--preset", "tiny", "--only", "tiny-llama/fixed", "--bases", "fp8",
                        "--variants", variant, "--micro-batch", "2", "--steps", "2", "--warmup", "1",
@@ -77,7 +77,10 @@ def test_the_ablation_freezes_magnitudes_and_refreshes_once_only_where_asked(tmp
                            if "lora_" in n}
         assert run_step.refresh_dora_norms is counted_refresh and runner.wrap is kept_wrap  # put back
         assert dora_refresh._keep_norms is real_keep and dora_refresh.weights_times is real_times
-        assert products[-1] is (fp8_kernels.weights_times_triton if variant == "dora-triton-product" else real_times)
+        triton = fp8_kernels.weights_times_triton
+        assert products[-1] == {"dora-triton-product": (triton, triton), "dora-cublas-product": (real_times, real_times)
+                                }.get(variant, (real_times, triton))  # both of the refresh's products, per form
+        assert (dora_refresh.weights_times, dora_refresh.weights_times_triton) == (real_times, triton)  # put back
         ratios[variant] = sum(hasattr(m.lora_magnitude_vector["default"], "_loralab_ratio")
                               for m, _ in fast_dora._fast_dora_adapters(models[-1]))
     row = rows["dora-norm-once"]

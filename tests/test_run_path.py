@@ -26,7 +26,7 @@ def test_experiment_speed_defaults_are_unchanged():
     (``memory_fraction``, ``grad_reduce``, ``dora_norm_per_step``, ...) is hashed only when an experiment sets it away from its default."""
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
                                  "fp8_transpose_cache": "auto", "fp8_quantize_kernel": "torch", "fp8_fast_accum": "all",
-                                 "fp8_fused_qkv": True, "lora_scale_at_rank": "auto", "lora_shared_input": "auto",
+                                 "fp8_fused_qkv": True, "fp8_refresh_kernel": "auto", "lora_scale_at_rank": "auto", "lora_shared_input": "auto",
                                  "dora_norm_per_step": True, "activation_memory_budget": "auto", "loss_chunk_size": "auto"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "compile_backend" not in build_parameters({}).speed  # code-only settings stay out of experiments
@@ -160,7 +160,7 @@ def test_make_step_on_cpu_resolves_prepares_and_steps():
     assert speed.record() == {**_speed_defaults(), "cuda_graphs": False, "autocast": None, "compile": False,
                               "packing": True, "micro_batch": 2, "lora_scale_at_rank": True, "lora_shared_input": False,
                               "activation_memory_budget": 1.0,
-                              "fp8_transpose_cache": 0.0,
+                              "fp8_transpose_cache": 0.0, "fp8_refresh_kernel": "cublas",
                               "lora_scaled_at_rank": {"layers": 4, "lora_layers": 4}, "micro_batch_probe": {
                                   "micro_batch": 2, "reason": "not probed on cpu: the experiment's batch_size",
                                   "sizes": [], "peaks_gib": [], "tokens_per_second": [], "budget_gib": None,
@@ -260,7 +260,8 @@ def test_every_fp8_only_speed_key_set_away_from_its_default_needs_the_fp8_base()
     from loralab import methods
     from loralab.speed_settings import FP8_ONLY_SPEED
 
-    values = {"fp8_transpose_cache": 0.5, "fp8_quantize_kernel": "triton", "fp8_fast_accum": "none", "fp8_fused_qkv": False}
+    values = {"fp8_transpose_cache": 0.5, "fp8_quantize_kernel": "triton", "fp8_fast_accum": "none", "fp8_fused_qkv": False,
+              "fp8_refresh_kernel": "cublas"}
     assert set(values) == set(FP8_ONLY_SPEED)
     cfg = LoraConfig(r=4, target_modules=["query"])
     for key, value in values.items():

@@ -14,7 +14,9 @@ FP8_QUANTIZE_KERNELS = ("torch", "triton")  # speed.fp8_quantize_kernel's: torch
 FUSED_AND = ("'speed.{key}' = true with 'speed.fused_lora' = true: both rewrite LoRA's forward; "
              "set {key} to \"auto\" or false, or fused_lora to false")  # key: lora_scale_at_rank, lora_shared_input
 FP8_FAST_ACCUM = ("none", "forward", "all")  # speed.fp8_fast_accum's: which FP8 GEMMs accumulate fast (speed/fp8.py)
-FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel", "fp8_fast_accum", "fp8_fused_qkv")  # on an FP8 base only
+FP8_REFRESH_KERNELS = ("cublas", "triton")  # speed.fp8_refresh_kernel's (besides "auto"): speed/dora_refresh.use_refresh_kernel
+FP8_ONLY_SPEED = ("fp8_transpose_cache", "fp8_quantize_kernel", "fp8_fast_accum", "fp8_fused_qkv",
+                  "fp8_refresh_kernel")  # on an FP8 base only
 
 
 ACTIVATION_BUDGET = 0.8  # speed.activation_memory_budget "auto" where layers compile: 8B shape, H100, 2 x 512 rows:
@@ -52,6 +54,9 @@ class Speed:
     # (speed/fp8.py use_fast_accum; not exact: <= 3.3e-3 from the rule): 1.053x FP8 LoRA on an H100 (results/bench-speedab-h100)
     fp8_fused_qkv: bool = field(default=True, metadata={"added": True})  # FP8 base: q/k/v as one GEMM (speed/fp8_qkv.py;
     # not bitwise: the input gradient's rows quantise as one)
+    fp8_refresh_kernel: str = field(default="auto", metadata={"added": True})  # FP8 base, fast DoRA: the norm refresh's
+    # W·Aᵀ by "cublas" (speed/fp8.weights_times) or "triton" (speed/fp8_kernels.weights_times_triton: 1.27x the refresh,
+    # 1.014x FP8 DoRA's step, H100); auto: triton on CUDA where it runs (speed/dora_refresh.use_refresh_kernel)
     lora_scale_at_rank: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})
     # exact: B(s·Ax) for B(Ax)·s (speed/rank_scaling); auto: on unless fused_lora is, or the adapters compute in
     # float16 (where it would take peft's forward); 1.028x, 1.027x FP8 LoRA at the 8B shape: results/bench-fair-h100
@@ -97,7 +102,8 @@ class Speed:
                             "= false: the budget acts on compiled layers; set compile to true, or the budget to \"auto\"")
         if not (type(cache := speed["fp8_transpose_cache"]) in (int, float) and 0 <= cache <= 1 or cache == "auto"):
             problems.append(f"'speed.fp8_transpose_cache' = {cache!r} must be \"auto\" or a number in [0, 1] (of the FP8 bytes)")
-        for key, allowed in (("grad_reduce", GRAD_REDUCE), ("fp8_quantize_kernel", FP8_QUANTIZE_KERNELS), ("fp8_fast_accum", FP8_FAST_ACCUM)):
+        for key, allowed in (("grad_reduce", GRAD_REDUCE), ("fp8_quantize_kernel", FP8_QUANTIZE_KERNELS),
+                             ("fp8_fast_accum", FP8_FAST_ACCUM), ("fp8_refresh_kernel", ("auto", *FP8_REFRESH_KERNELS))):
             if speed[key] not in allowed:
                 problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
         problems += [FUSED_AND.format(key=k) for k in ("lora_scale_at_rank", "lora_shared_input")
@@ -115,7 +121,8 @@ class Speed:
         cuda, causal = device_type == "cuda", kind == "causal_lm"
         auto = {"cuda_graphs": cuda, "autocast": base_dtype if cuda and base_dtype in ("bfloat16", "float16") else None,
                 "compile": cuda and causal, "packing": causal, **({} if cuda else {"micro_batch": None}),
-                "fp8_transpose_cache": "auto" if cuda else 0.0}  # CPU: no measured memory, nothing spare
+                "fp8_transpose_cache": "auto" if cuda else 0.0,  # CPU: no measured memory, nothing spare
+                "fp8_refresh_kernel": "auto" if cuda else "cublas"}  # CUDA: prepare_model settles it from the layers
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):

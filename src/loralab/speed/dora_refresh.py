@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from loralab.speed import fast_dora
-from loralab.speed.fp8 import weights_times
+from loralab.speed.fp8 import Fp8Linear, weights_times
+from loralab.speed.fp8_kernels import can_run_on, weights_times_triton
 from loralab.speed.streams import aside, side_streams
+from loralab.speed_settings import FP8_REFRESH_KERNELS
 
 _COMPILED_NORMS: dict = {}
 
@@ -47,10 +49,39 @@ def _norms_tail(backend):
     return _COMPILED_NORMS[backend]
 
 
+def use_refresh_kernel(model: nn.Module, kernel: str) -> str:
+    """Set what takes the refresh's ``W·Aᵀ`` from the codes of every FP8 layer of ``model`` (``speed.fp8_refresh_kernel``;
+    the layer's ``refresh_kernel``, read by ``_group_products``): "cublas", one ``_scaled_mm`` a layer with A as two FP8
+    terms (``speed/fp8.weights_times``), or "triton", one kernel a group with A in float16
+    (``speed/fp8_kernels.weights_times_triton``: closer to the exact product, 2.6e-4 against 7e-4; the whole refresh
+    4.045 ms against 5.143 at the 8B shape, FP8 DoRA's step 1.014x, H100, results/bench-tritonproduct-h100). "auto":
+    "triton" where every FP8 layer is on CUDA, Triton runs there and each layer's codes are contiguous and 16-byte
+    aligned (the kernel's vector loads), else "cublas". A forward outside the step's refresh (evaluation) takes its own
+    norm by cuBLAS either way. Returns the kernel set ("cublas" where there is no FP8 layer). Raises ValueError for a
+    kernel outside "auto" and ``FP8_REFRESH_KERNELS``, or for "triton" with a layer's codes it cannot read (the layer
+    named); RuntimeError for "triton" where it cannot run (``fp8_kernels.can_run_on``'s reason)."""
+    if kernel not in ("auto", *FP8_REFRESH_KERNELS):
+        raise ValueError(f"'speed.fp8_refresh_kernel' = {kernel!r}: allowed: auto, {', '.join(FP8_REFRESH_KERNELS)}")
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
+    why = next((w for w in (can_run_on(m.weight.device) for _, m in named) if w), None)
+    unaligned = next((name for name, m in named if not m.codes.is_contiguous() or m.codes.data_ptr() % 16), None)
+    if kernel == "triton" and why:
+        raise RuntimeError(f"'speed.fp8_refresh_kernel' = 'triton': {why}")
+    if kernel == "triton" and unaligned:
+        raise ValueError(f"'speed.fp8_refresh_kernel' = 'triton': layer {unaligned}'s codes are not contiguous and "
+                         "16-byte aligned, as the kernel reads them; set it to \"cublas\" or \"auto\"")
+    if kernel == "auto":
+        on_cuda = bool(named) and all(m.weight.device.type == "cuda" for _, m in named)
+        kernel = "triton" if on_cuda and why is None and unaligned is None else "cublas"
+    for _, m in named:
+        m.refresh_kernel = kernel
+    return kernel
+
+
 def _refresh_groups(model: nn.Module) -> dict:
     """The fast DoRA layer-adapters of ``model`` grouped so each group's norms stack into one computation:
-    {(weight shape, stored and product dtypes, device, how W·Aᵀ is taken, A's shape and dtype, B's dtype,
-    scaling): [(module, adapter, _weight_parts)]}. The groups hold the layers' own weights, never a converted
+    {(weight shape, stored and product dtypes, device, how W·Aᵀ is taken and by what kernel, A's shape and dtype,
+    B's dtype, scaling): [(module, adapter, _weight_parts)]}. The groups hold the layers' own weights, never a converted
     copy (``_group_products`` converts one layer at a time). Llama-3-8B's 224 layer-adapters make 4 groups
     (q and o, k and v, gate and up, down)."""
     groups: dict = {}
@@ -58,19 +89,26 @@ def _refresh_groups(model: nn.Module) -> dict:
         a, b = module.lora_A[name].weight, module.lora_B[name].weight
         parts = fast_dora._weight_parts(module, name, a)
         _, weight, dtype, row_scale, from_codes = parts
-        key = (tuple(weight.shape), weight.dtype, dtype, weight.device, row_scale is None, from_codes, tuple(a.shape),
-               a.dtype, b.dtype, float(module.scaling[name]))
+        key = (tuple(weight.shape), weight.dtype, dtype, weight.device, row_scale is None, from_codes, _kernel_of(module),
+               tuple(a.shape), a.dtype, b.dtype, float(module.scaling[name]))
         groups.setdefault(key, []).append((module, name, parts))
     return groups
 
 
+def _kernel_of(module) -> str:
+    """The layer's ``refresh_kernel`` (``use_refresh_kernel``; "cublas" for a base it never set)."""
+    return getattr(fast_dora._fp8_base(module), "refresh_kernel", "cublas")
+
+
 def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
-    """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer, from
-    their A's stacked (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer (an FP8
+    """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer (read from
+    FP8 codes by the layers' ``refresh_kernel``: Triton's within A's float16 rounding of it), from their A's stacked
+    (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer or one Triton kernel a group (an FP8
     base's codes converted per layer where it does not read them as FP8: one copy alive at a time)."""
     _, weight, dtype, row_scale, from_codes = members[0][2]
-    if from_codes:
-        return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
+    if from_codes:  # looked up at each call: scripts/dora_refresh_forms.py replaces either
+        product = weights_times_triton if _kernel_of(members[0][0]) == "triton" else weights_times
+        return product([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
     a = a.to(dtype or weight.dtype)
     wa = torch.empty(len(members), weight.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
     # each product in place, beside the others on side streams (speed/streams.py) unless it converts the codes

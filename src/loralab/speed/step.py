@@ -2,8 +2,8 @@
 
 - ``prepare_model(model, speed)``: fast DoRA swap, the FP8 base's q/k/v as one GEMM (``speed.fp8_fused_qkv``),
   its cached transposed codes
-  (``speed.fp8_transpose_cache``), quantisation kernel (``speed.fp8_quantize_kernel``) and fast
-  accumulation (``speed.fp8_fast_accum``), fused LoRA forward, LoRA's scaling at the rank
+  (``speed.fp8_transpose_cache``), quantisation kernel (``speed.fp8_quantize_kernel``), fast
+  accumulation (``speed.fp8_fast_accum``) and fast DoRA's refresh kernel (``speed.fp8_refresh_kernel``), fused LoRA forward, LoRA's scaling at the rank
   (``speed.lora_scale_at_rank``), one A product for the LoRA layers reading one input
   (``speed.lora_shared_input``), fp32 adapter weights,
   input casts off under autocast (so adapters read the bf16 activations instead of keeping fp32
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from loralab.speed.attention import plain_causal_attention
+from loralab.speed.dora_refresh import use_refresh_kernel
 from loralab.speed.fast_dora import enable_fast_dora
 from loralab.speed.fp8 import cache_transposes, fp8_layers, use_fast_accum, use_quantize_kernel
 from loralab.speed.fp8_qkv import fp8_qkv_groups, fuse_fp8_qkv
@@ -66,6 +67,8 @@ def prepare_model(model, options: Speed):
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
     use_fast_accum(model, options.fp8_fast_accum)
+    if fp8_layers(model):  # "auto" settles from the layers' device (Speed.resolve leaves it on CUDA)
+        options.fp8_refresh_kernel = use_refresh_kernel(model, options.fp8_refresh_kernel)
     for key in ("lora_scale_at_rank", "lora_shared_input"):
         if options.fused_lora and getattr(options, key):
             raise ValueError(FUSED_AND.format(key=key))

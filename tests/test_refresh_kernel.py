@@ -1,0 +1,105 @@
+"""``speed.fp8_refresh_kernel``: what takes fast DoRA's refresh product ``W·Aᵀ`` from an FP8 base's codes
+(speed/dora_refresh.use_refresh_kernel). On CPU the Triton kernel runs in Triton's interpreter (tests/conftest.py)."""
+
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loralab.methods.common import linear_names
+from loralab.methods.fp8base import quantize_linears
+from loralab.speed import dora_refresh, fast_dora
+from loralab.speed.fp8 import fp8_layers
+from loralab.speed.step import prepare_model
+from loralab.speed_settings import Speed
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter (no CUDA)")
+
+
+def _fp8_dora(layers=2):
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    llama = llama.to(torch.bfloat16)
+    quantize_linears(llama, linear_names(llama))
+    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
+                                             target_modules="all-linear"))
+    fast_dora.enable_fast_dora(model)
+    return model
+
+
+def _kept_and_exact(model):
+    """Each layer-adapter's refreshed norm, and the float64 row norm of W + s·BA it stands for."""
+    dora_refresh.refresh_dora_norms(model)
+    kept, exact = [], []
+    for m, n in fast_dora._fast_dora_adapters(model):
+        kept.append(m.lora_magnitude_vector[n]._loralab_norm.double())
+        w = m.get_base_layer().dequantize().double()
+        exact.append((w + m.scaling[n] * m.lora_B[n].weight.double() @ m.lora_A[n].weight.double()).norm(dim=1))
+    return kept, exact
+
+
+def _worst(kept, exact):
+    return max(((a - e).abs() / e).max().item() for a, e in zip(kept, exact))
+
+
+@interpreted
+def test_the_triton_refresh_lands_on_the_exact_norms_and_auto_keeps_cublas_off_cuda():
+    """"triton" refreshes every layer (its groups apart from cuBLAS's) within 1e-6 of the exact norms, where the
+    cuBLAS product's two FP8 terms of A leave them ~1e-4 away; "auto" picks cuBLAS on CPU even where the
+    interpreter could run the kernel (it is for CUDA); the choice is set on every FP8 layer."""
+    model = _fp8_dora()
+    assert dora_refresh.use_refresh_kernel(model, "auto") == "cublas"
+    assert {m.refresh_kernel for m in fp8_layers(model)} == {"cublas"}
+    cublas = _worst(*_kept_and_exact(model))
+    assert dora_refresh.use_refresh_kernel(model, "triton") == "triton"
+    assert all(key[6] == "triton" for key in dora_refresh._refresh_groups(model))
+    triton = _worst(*_kept_and_exact(model))
+    assert triton < 1e-6 < 1e-5 < cublas < 1e-3, (triton, cublas)
+
+
+@interpreted
+def test_prepare_model_records_the_kernel_it_set_and_an_explicit_one_wins():
+    """``prepare_model`` settles "auto" from the layers (cuBLAS for CPU layers, whatever the device Speed was
+    resolved for) and writes the kernel into the settings the record keeps; an explicit value wins; a model
+    without FP8 layers keeps what it was given."""
+    model = _fp8_dora()
+    for device, given, kept in (("cpu", "auto", "cublas"), ("cuda", "auto", "cublas"), ("cpu", "triton", "triton")):
+        speed = Speed(fp8_refresh_kernel=given, compile=False).resolve(device_type=device, kind="causal_lm",
+                                                                       base_dtype="bfloat16")
+        assert speed.fp8_refresh_kernel == ("auto" if (device, given) == ("cuda", "auto") else given if given != "auto"
+                                            else "cublas")
+        prepare_model(model, speed)
+        assert speed.fp8_refresh_kernel == kept and speed.record()["fp8_refresh_kernel"] == kept
+        assert {m.refresh_kernel for m in fp8_layers(model)} == {kept}
+    plain = nn.Sequential(nn.Linear(4, 4))
+    speed = Speed(compile=False).resolve(device_type="cuda", kind="causal_lm", base_dtype="bfloat16")
+    prepare_model(plain, speed)
+    assert speed.fp8_refresh_kernel == "auto"
+
+
+def test_a_refresh_kernel_that_cannot_run_is_refused_with_the_key_the_value_and_the_way_out(monkeypatch):
+    """A value outside the allowed ones, a layer the kernel cannot read (named), a device it cannot run on: each
+    refused with the key and value, and no layer's kernel changed."""
+    model = _fp8_dora(layers=1)
+    assert dora_refresh.use_refresh_kernel(model, "cublas") == "cublas"
+    with pytest.raises(ValueError, match="'speed.fp8_refresh_kernel' = 'cuda': allowed: auto, cublas, triton"):
+        dora_refresh.use_refresh_kernel(model, "cuda")
+    assert Speed.problems({**Speed().record(), "fp8_refresh_kernel": "fast"}) == [
+        "'speed.fp8_refresh_kernel' = 'fast' is not allowed; allowed: auto, cublas, triton"]
+    layer = fp8_layers(model)[1]
+    shifted = torch.empty(layer.weight.numel() + 1, dtype=torch.uint8)[1:].view(layer.weight.shape)
+    shifted.copy_(layer.weight)
+    layer.weight = nn.Parameter(shifted, requires_grad=False)
+    name = next(n for n, m in model.named_modules() if m is layer)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with pytest.raises(ValueError, match=f"layer {name}'s codes are not contiguous and 16-byte aligned"):
+            dora_refresh.use_refresh_kernel(model, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="'speed.fp8_refresh_kernel' = 'triton': the Triton kernel runs on CUDA"):
+        dora_refresh.use_refresh_kernel(model, "triton")
+    assert {m.refresh_kernel for m in fp8_layers(model)} == {"cublas"}
+    assert dora_refresh.use_refresh_kernel(model, "auto") == "cublas"  # auto falls back, never refuses
