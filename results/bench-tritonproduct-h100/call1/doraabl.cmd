@@ -1,0 +1,1 @@
+python3 scripts/dora_ablation_bench.py --bases fp8 --variants lora dora dora-triton-product --micro-batch auto --speed memory_fraction=0.441 --refresh-forms shipped triton-product triton-product-256x64 --output /root/out/doraabl.json
