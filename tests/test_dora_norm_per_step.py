@@ -328,7 +328,7 @@ def test_graphed_fp8_dora_step_with_fused_trios_captures_its_refresh():
     assert step.trainer._begin_graph is not None and resolved.fp8_refresh_kernel == "triton"  # "auto" on CUDA
     step.trainer.begin()  # a replay, reading the trained A, B and m
     for module, name in fast_dora._fast_dora_adapters(model):  # the kernel's A in float16: near the exact norm (an
-        # H100 at 8d3c5e0: 1.28e-5 at most, the refresh's float32 Gram products included; cuBLAS's two FP8 terms of A
+        # H100 at de89128: 1.28e-5 at most, the refresh's float32 Gram products included; cuBLAS's two FP8 terms of A
         # put the CPU's norms 9e-5 away at this width, tests/test_refresh_kernel.py)
         a, b = module.lora_A[name].weight.double(), module.lora_B[name].weight.double()
         w = module.get_base_layer().dequantize().double()
