@@ -1,0 +1,1 @@
+python3 scripts/refresh_product_sweep.py --output /root/out/sweep.json
