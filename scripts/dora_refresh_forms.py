@@ -31,13 +31,17 @@ blocks over a long K). The forms:
                8 warps, 4 stages (the kernel's default: 128 x 128, 8 warps, 3 stages)
   cublas-product  every ``W·Aᵀ`` by ``speed/fp8.weights_times`` (one ``_scaled_mm`` a layer), whatever kernel the layers
                were set to take (``speed.fp8_refresh_kernel``: "auto" takes the Triton kernel on CUDA since it was
-               measured 1.27x the refresh, results/bench-tritonproduct-h100; "shipped" is then that kernel)
+               measured 1.27x the refresh, results/bench-tritonproduct-h100; "shipped" is then that kernel), every
+               Gram by the float32 bmm beside them
+  triton-separate-gram  every ``W·Aᵀ`` by the Triton kernel and every Gram by the float32 bmm beside them, as
+               triton-product was measured in results/bench-tritonproduct-h100 (since, the kernel takes each
+               group's Gram in the same launch, one more program a layer: triton-product and, on CUDA, shipped)
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
 
 Each form is put in place by patching module globals (``speed.dora_refresh``'s ``weights_times``,
-``weights_times_triton`` and
+``KERNEL_OVERRIDE`` and
 ``refresh_dora_norms``, ``speed.fast_dora``'s ``_gram``, ``speed.streams``' ``PRODUCT_STREAMS``; the refresh's
 compiled copies cleared) for the time of its measure, then put back.
 ``time_forms`` times ``refresh_dora_norms(model, backend)`` captured in one CUDA graph and replayed (median of
@@ -58,7 +62,9 @@ from loralab.speed.fp8_kernels import weights_times_triton
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
-         "streams-8", "triton-product", "triton-product-256x64", "cublas-product")
+         "streams-8", "triton-product", "triton-product-256x64", "cublas-product", "triton-separate-gram")
+KERNEL_OF = {"codes-left": "cublas", "cast-stack": "cublas", "cublas-product": "cublas", "triton-separate-gram": "cublas",
+             "triton-product": "triton", "triton-product-256x64": "triton"}  # speed.dora_refresh.KERNEL_OVERRIDE per form
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -120,16 +126,16 @@ def form(name: str):
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
     saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
-             dora_refresh.refresh_dora_norms, dora_refresh.weights_times_triton)
+             dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE)
     tile = (fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES)
     try:
         if name == "per-group-gram":
             dora_refresh.refresh_dora_norms = refresh_per_group
         products = {"codes-left": weights_times_codes_left, "cast-stack": weights_times_cast_stack,
-                    "cublas-product": fp8_mod.weights_times, "triton-product": weights_times_triton,
-                    "triton-product-256x64": weights_times_triton}
-        if name in products:  # in both of the refresh's places, whichever kernel the layers were set to take
-            dora_refresh.weights_times = dora_refresh.weights_times_triton = products[name]
+                    "triton-separate-gram": weights_times_triton}
+        if name in products:  # in the cuBLAS path's place (the override below takes every group there)
+            dora_refresh.weights_times = products[name]
+        dora_refresh.KERNEL_OVERRIDE = KERNEL_OF.get(name)  # whichever kernel the layers were set to take
         if name == "triton-product-256x64":  # the other tile the sm90 build held without spills (read, not timed)
             fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = 256, 64, 8, 4
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
@@ -139,7 +145,7 @@ def form(name: str):
         yield
     finally:
         dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
-        dora_refresh.refresh_dora_norms, dora_refresh.weights_times_triton = saved[4], saved[5]
+        dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE = saved[4], saved[5]
         fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = tile
         dora_refresh._COMPILED_NORMS.clear()
         dora_refresh._COMPILED_NORMS.update(saved[2])

@@ -196,6 +196,7 @@ def test_the_refresh_product_kernel_is_w_times_a_of_every_layer(device):
     ``diag(scales)·codes·Aᵀ`` from the layers' own tensors (a pointer table, never a stacked copy), for shapes that
     fill its tiles and ones that do not (N not a multiple of 128, K of 128, ranks below 16), within A's float16
     rounding of the exact product, and closer to it than the shipped ``weights_times``, whose A is two FP8 terms;
+    with ``gram``, the same product bit for bit and each layer's A·Aᵀ as precise as a float32 product;
     a row of A far outside float16's range keeps that precision (its power-of-two scale). Refused: layers that do
     not match, a non-contiguous scale, a misaligned layer."""
     from loralab.speed.fp8 import Fp8Linear, weights_times
@@ -215,6 +216,10 @@ def test_the_refresh_product_kernel_is_w_times_a_of_every_layer(device):
             return ((x.double() - exact).abs().max() / exact.abs().max()).item()
 
         assert err(got) < tol, (n, k, r, err(got))
+        both, gram = weights_times_triton(codes, scales, a, gram=True)  # one more program a layer: its A·Aᵀ
+        exact_gram = a.double() @ a.double().transpose(-1, -2)
+        assert torch.equal(both, got) and gram.shape == (count, r, r) and gram.dtype == torch.float32
+        assert ((gram.double() - exact_gram).abs().max() / exact_gram.abs().max()).item() < 2e-6  # hi + lo: ~fp32
         if (2 * r) % 16 == 0 and k % 16 == 0 or device == "cpu":  # CUDA's _scaled_mm: 2r and K multiples of 16
             assert err(got) < err(weights_times(codes, scales, a)), (n, k, r)
     with pytest.raises(ValueError, match="2 codes, 2 scales and 3 A's"):

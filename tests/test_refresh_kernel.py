@@ -48,8 +48,9 @@ def _worst(kept, exact):
 
 @interpreted
 def test_the_triton_refresh_lands_on_the_exact_norms_and_auto_keeps_cublas_off_cuda():
-    """"triton" refreshes every layer (its groups apart from cuBLAS's) within 1e-6 of the exact norms, where the
-    cuBLAS product's two FP8 terms of A leave them ~1e-4 away; "auto" picks cuBLAS on CPU even where the
+    """"triton" refreshes every layer (its groups apart from cuBLAS's; each group's Gram taken by the product's
+    launch, no float32 bmm beside it) within 1e-6 of the exact norms, where the cuBLAS product's two FP8 terms of A
+    leave them ~1e-4 away; "auto" picks cuBLAS on CPU even where the
     interpreter could run the kernel (it is for CUDA); the choice is set on every FP8 layer."""
     model = _fp8_dora()
     assert dora_refresh.use_refresh_kernel(model, "auto") == "cublas"
@@ -57,7 +58,13 @@ def test_the_triton_refresh_lands_on_the_exact_norms_and_auto_keeps_cublas_off_c
     cublas = _worst(*_kept_and_exact(model))
     assert dora_refresh.use_refresh_kernel(model, "triton") == "triton"
     assert all(key[6] == "triton" for key in dora_refresh._refresh_groups(model))
-    triton = _worst(*_kept_and_exact(model))
+    grams, gram = [], fast_dora._gram
+    fast_dora._gram = lambda a: grams.append(a.shape) or gram(a)
+    try:
+        triton = _worst(*_kept_and_exact(model))  # each group's Gram from the product's own launch, none apart
+    finally:
+        fast_dora._gram = gram
+    assert grams == []
     assert triton < 1e-6 < 1e-5 < cublas < 1e-3, (triton, cublas)
 
 

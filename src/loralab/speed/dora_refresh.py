@@ -95,20 +95,34 @@ def _refresh_groups(model: nn.Module) -> dict:
     return groups
 
 
+KERNEL_OVERRIDE: str | None = None
+"""A kernel every FP8 layer's refresh takes whatever its ``refresh_kernel`` (scripts/dora_refresh_forms.py sets it for
+the time of a form's measure); None: each layer's own."""
+
+
 def _kernel_of(module) -> str:
-    """The layer's ``refresh_kernel`` (``use_refresh_kernel``; "cublas" for a base it never set)."""
-    return getattr(fast_dora._fp8_base(module), "refresh_kernel", "cublas")
+    """The layer's ``refresh_kernel`` (``use_refresh_kernel``; "cublas" for a base it never set), or
+    ``KERNEL_OVERRIDE``."""
+    return KERNEL_OVERRIDE or getattr(fast_dora._fp8_base(module), "refresh_kernel", "cublas")
+
+
+def _fused_gram(members: list) -> bool:
+    """Whether the group's product kernel also takes its Gram matrix (the Triton kernel reading FP8 codes)."""
+    return bool(members[0][2][4]) and _kernel_of(members[0][0]) == "triton"
 
 
 def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
     """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer (read from
     FP8 codes by the layers' ``refresh_kernel``: Triton's within A's float16 rounding of it), from their A's stacked
     (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer or one Triton kernel a group (an FP8
-    base's codes converted per layer where it does not read them as FP8: one copy alive at a time)."""
+    base's codes converted per layer where it does not read them as FP8: one copy alive at a time). Where
+    ``_fused_gram``: (W·Aᵀ, A·Aᵀ (L, r, r) fp32), both from the one launch."""
     _, weight, dtype, row_scale, from_codes = members[0][2]
-    if from_codes:  # looked up at each call: scripts/dora_refresh_forms.py replaces either
-        product = weights_times_triton if _kernel_of(members[0][0]) == "triton" else weights_times
-        return product([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
+    if _fused_gram(members):  # (W·Aᵀ, A·Aᵀ) from one launch: refresh_dora_norms takes the Gram from it
+        return weights_times_triton([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a,
+                                    gram=True)
+    if from_codes:  # looked up at each call: scripts/dora_refresh_forms.py replaces it
+        return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
     a = a.to(dtype or weight.dtype)
     wa = torch.empty(len(members), weight.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
     # each product in place, beside the others on side streams (speed/streams.py) unless it converts the codes
@@ -133,7 +147,9 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
 
     Layers of one shape are computed together (``_refresh_groups``): A's and B's stacked, the small products
     batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, every group's Gram A·Aᵀ taken first
-    on one more stream beside all of them: speed/streams.py), one copy into the kept norms and ratios. Every
+    on one more stream beside all of them: speed/streams.py), or, where a group's ``refresh_kernel`` is "triton"
+    (``use_refresh_kernel``: on CUDA by default), one Triton launch for the group's W·Aᵀ and Gram together, one copy
+    into the kept norms and ratios. Every
     group's W·Aᵀ (L, out, r) float32 is alive until the norms are taken (~176 MB at Llama-3-8B, r 32; the largest
     group's alone, ~117 MB, before every Gram went first: results/bench-gramfirst-h100, where the step's peak did
     not move). Layer by layer each norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B;
@@ -148,11 +164,13 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
               for (*_, scaling), members in _refresh_groups(model).items()]
     if not groups:
         return 0
+    fused = [_fused_gram(members) for _, members, _ in groups]
     with aside(groups[0][2].device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
         with run_aside():
-            grams = [fast_dora._gram(a.float()) for *_, a in groups]
+            grams = [None if f else fast_dora._gram(a.float()) for f, (*_, a) in zip(fused, groups, strict=True)]
         products = [_group_products(members, a) for _, members, a in groups]
-    for (scaling, members, a), gram, wa in zip(groups, grams, products, strict=True):
+    for (scaling, members, a), f, gram, wa in zip(groups, fused, grams, products, strict=True):
+        wa, gram = wa if f else (wa, gram)  # a fused group's product came with its Gram
         _keep_group(members, a, wa, gram, scaling, from_products)
     return sum(len(members) for _, members, _ in groups)
 

@@ -124,10 +124,15 @@ A_TOP = 14
 float16 (whose largest finite value is 65,504): any magnitude fits, and the division is exact."""
 
 
-def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor,
+                         gram: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``speed.fp8.weights_times``'s product, ``W·Aᵀ`` of L layers of one shape with ``W = diag(scales)·codes``, in
     one Triton kernel: ``codes`` L tensors (N, K) float8_e4m3fn, ``scales`` L tensors (N,) float32, ``a`` (L, r, K).
-    Returns (L, N, r) float32.
+    Returns (L, N, r) float32; with ``gram``, also each layer's Gram matrix ``A·Aᵀ`` (L, r, r) float32, which the
+    norm refresh needs beside the product (``fast_dora._norm_from_products``), taken by one more program a layer in
+    the same launch from A in two float16 parts (hi + lo, ~22 bits: within ~1e-6 of float32's ``A·Aᵀ``), where the
+    refresh's own float32 bmm ((L, r, K) x (L, K, r): few thread blocks over a long K) ran 0.56 ms a group on an
+    H100 beside the products (results/bench-fair-h100-1207c, doraabl's profile: 4.48 ms of CUDA time in 2 steps).
 
     Why: the refresh's cuBLAS products have 2r = 64 rows, so their 128-row output tiles are half empty and there
     are N/128 of them a layer (8 thread blocks for Llama-3-8B's k and v), one launch per layer; graphed on 4 side
@@ -161,12 +166,16 @@ def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], 
     table = _pointer_table(codes, scales, a.device)
     amax = a.detach().abs().amax(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)  # (L, r)
     a_scale = torch.exp2(torch.floor(torch.log2(amax)) - A_TOP)
-    a16 = (a.detach().float() / a_scale[..., None]).to(torch.float16).contiguous()
+    scaled = a.detach().float() / a_scale[..., None]
+    a16 = scaled.to(torch.float16).contiguous()
+    a_lo = (scaled - a16.float()).to(torch.float16).contiguous() if gram else a16  # the part float16 dropped
     out = torch.empty(layers, n, r, dtype=torch.float32, device=a.device)
-    kernel[(triton.cdiv(n, WA_BLOCK_N), layers)](
-        table[0], table[1], a16, a_scale, out, n, k, r, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_N=WA_BLOCK_N,
-        BLOCK_K=WA_BLOCK_K, num_warps=WA_WARPS, num_stages=WA_STAGES)
-    return out
+    grams = torch.empty(layers, r, r, dtype=torch.float32, device=a.device) if gram else out
+    blocks = triton.cdiv(n, WA_BLOCK_N)
+    kernel[(blocks + bool(gram), layers)](
+        table[0], table[1], a16, a_lo, a_scale, out, grams, n, k, r, blocks, R_PAD=max(16, triton.next_power_of_2(r)),
+        BLOCK_N=WA_BLOCK_N, BLOCK_K=WA_BLOCK_K, GRAM=bool(gram), num_warps=WA_WARPS, num_stages=WA_STAGES)
+    return (out, grams) if gram else out
 
 
 def _pointer_table(codes: list[torch.Tensor], scales: list[torch.Tensor], device: torch.device) -> torch.Tensor:
