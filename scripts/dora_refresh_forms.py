@@ -33,6 +33,9 @@ blocks over a long K). The forms:
                were set to take (``speed.fp8_refresh_kernel``: "auto" takes the Triton kernel on CUDA since it was
                measured 1.27x the refresh, results/bench-tritonproduct-h100; "shipped" is then that kernel), every
                Gram by the float32 bmm beside them
+  triton-group-streams  triton-product with each group's launch on a side stream of its own
+               (``speed.dora_refresh.GROUP_STREAMS``): the four 8B launches overlap instead of queueing; alone, k and
+               v's launch read its codes at 1.1 TB/s against 1.9-2.4 for the others (results/bench-tritonproduct-h100)
   triton-separate-gram  every ``W·Aᵀ`` by the Triton kernel and every Gram by the float32 bmm beside them, as
                triton-product was measured in results/bench-tritonproduct-h100 (since, the kernel takes each
                group's Gram in the same launch, one more program a layer: triton-product and, on CUDA, shipped)
@@ -62,9 +65,10 @@ from loralab.speed.fp8_kernels import weights_times_triton
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
-         "streams-8", "triton-product", "triton-product-256x64", "cublas-product", "triton-separate-gram")
+         "streams-8", "triton-product", "triton-product-256x64", "cublas-product", "triton-separate-gram",
+         "triton-group-streams")
 KERNEL_OF = {"codes-left": "cublas", "cast-stack": "cublas", "cublas-product": "cublas", "triton-separate-gram": "cublas",
-             "triton-product": "triton", "triton-product-256x64": "triton"}  # speed.dora_refresh.KERNEL_OVERRIDE per form
+             "triton-product": "triton", "triton-product-256x64": "triton", "triton-group-streams": "triton"}  # speed.dora_refresh.KERNEL_OVERRIDE per form
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -126,7 +130,7 @@ def form(name: str):
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
     saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
-             dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE)
+             dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE, dora_refresh.GROUP_STREAMS)
     tile = (fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES)
     try:
         if name == "per-group-gram":
@@ -136,6 +140,7 @@ def form(name: str):
         if name in products:  # in the cuBLAS path's place (the override below takes every group there)
             dora_refresh.weights_times = products[name]
         dora_refresh.KERNEL_OVERRIDE = KERNEL_OF.get(name)  # whichever kernel the layers were set to take
+        dora_refresh.GROUP_STREAMS = name == "triton-group-streams"
         if name == "triton-product-256x64":  # the other tile the sm90 build held without spills (read, not timed)
             fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = 256, 64, 8, 4
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
@@ -145,7 +150,7 @@ def form(name: str):
         yield
     finally:
         dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
-        dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE = saved[4], saved[5]
+        dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE, dora_refresh.GROUP_STREAMS = saved[4:7]
         fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = tile
         dora_refresh._COMPILED_NORMS.clear()
         dora_refresh._COMPILED_NORMS.update(saved[2])

@@ -110,3 +110,27 @@ def test_a_refresh_kernel_that_cannot_run_is_refused_with_the_key_the_value_and_
         dora_refresh.use_refresh_kernel(model, "triton")
     assert {m.refresh_kernel for m in fp8_layers(model)} == {"cublas"}
     assert dora_refresh.use_refresh_kernel(model, "auto") == "cublas"  # auto falls back, never refuses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 layers on CUDA need compute capability >= 8.9")
+def test_on_cuda_auto_takes_the_kernel_and_group_streams_give_the_same_bits_eagerly_and_captured(monkeypatch):
+    """On an FP8 GPU "auto" takes the Triton kernel; its norms (Gram from the same launch) sit near the exact ones;
+    with each group's launch on a side stream (``GROUP_STREAMS``, a refresh form) the norms are the same bits,
+    eagerly and replayed from a CUDA graph (the streams' fork and join are the graph's branches)."""
+    model = _fp8_dora().cuda()
+    assert dora_refresh.use_refresh_kernel(model, "auto") == "triton"
+    kept, exact = _kept_and_exact(model)
+    assert _worst(kept, exact) < 4e-5
+    monkeypatch.setattr(dora_refresh, "GROUP_STREAMS", True)
+    again, _ = _kept_and_exact(model)
+    assert all(torch.equal(a, b) for a, b in zip(kept, again, strict=True))
+    for m, n in fast_dora._fast_dora_adapters(model):
+        m.lora_magnitude_vector[n]._loralab_norm.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dora_refresh.refresh_dora_norms(model)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [m.lora_magnitude_vector[n]._loralab_norm.double() for m, n in fast_dora._fast_dora_adapters(model)]
+    assert all(torch.equal(a, b) for a, b in zip(kept, replayed, strict=True))

@@ -95,6 +95,10 @@ def _refresh_groups(model: nn.Module) -> dict:
     return groups
 
 
+GROUP_STREAMS = False
+"""Where every group's product is one Triton launch: each group's launch on a side stream of its own, so the groups'
+launches overlap (the last thread blocks of one beside the next's) instead of running one after another. Not
+measured: a refresh form (scripts/dora_refresh_forms.py, "triton-group-streams") sets it for the time of a measure."""
 KERNEL_OVERRIDE: str | None = None
 """A kernel every FP8 layer's refresh takes whatever its ``refresh_kernel`` (scripts/dora_refresh_forms.py sets it for
 the time of a form's measure); None: each layer's own."""
@@ -164,11 +168,15 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
               for (*_, scaling), members in _refresh_groups(model).items()]
     if not groups:
         return 0
-    fused = [_fused_gram(members) for _, members, _ in groups]
-    with aside(groups[0][2].device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
+    fused, device = [_fused_gram(members) for _, members, _ in groups], groups[0][2].device
+    with aside(device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
         with run_aside():
             grams = [None if f else fast_dora._gram(a.float()) for f, (*_, a) in zip(fused, groups, strict=True)]
-        products = [_group_products(members, a) for _, members, a in groups]
+        with side_streams(device, len(groups) if GROUP_STREAMS and all(fused) else 1) as stream_of:
+            products = []
+            for i, (_, members, a) in enumerate(groups):
+                with stream_of(i):
+                    products.append(_group_products(members, a))
     for (scaling, members, a), f, gram, wa in zip(groups, fused, grams, products, strict=True):
         wa, gram = wa if f else (wa, gram)  # a fused group's product came with its Gram
         _keep_group(members, a, wa, gram, scaling, from_products)
