@@ -235,6 +235,17 @@
 #   DEADLINE=560 bash scripts/gpu_fair_bench.sh gputests doraabl doraab bundle` (carry .devdata/oldsrc from de2f614):
 #   `gputests` runs the GPU-only tests of both, `bundle` leaves one archive under $OUT.
 #   A call returns at most 8 files: tar $OUT's files into one (call 2 of 1207c lost its test log that way).
+#   After 2026-12-07's fifth session (H100 only, results/bench-tritonproduct-h100: the explicit micro-batch measured once
+#   1.062x / 1.046x; the Triton refresh product, now the default (`speed.fp8_refresh_kernel` "auto"), 1.011x / 1.009x FP8
+#   DoRA, DoRA / LoRA 0.898 / 0.896, still under 0.9; its launches swept, the default within 2 % of the fastest): since
+#   697b5a0 the kernel also takes each group's Gram (the refresh's float32 bmm, 0.56 ms a group, is gone), unmeasured;
+#   GROUP_STREAMS (each group's launch on its own stream) is a form, unmeasured. In one call on an H100, with
+#   .devdata/oldsrc = `git archive 525cf5a src` (the Triton product, Gram apart):
+#   `OUT=$OUT ABL_ARGS="--bases fp8 --variants lora dora --micro-batch auto --speed memory_fraction=0.441 --refresh-forms
+#   shipped triton-separate-gram triton-group-streams cublas-product" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441"
+#   DEADLINE=560 bash scripts/gpu_fair_bench.sh gputests doraabl doraab bundle` (carry .devdata/oldsrc too): the GPU tests
+#   of the fused Gram and the streams, the refresh graphed in each form, and the A/B at the defaults (old, new, old).
+#   If GROUP_STREAMS pays, make it the default. Then on an H200: fp8check fair8b, recipe (no H200 row since 9ebdbf4).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -416,9 +427,12 @@ for part in "${PARTS[@]}"; do
           --only llama-3-8b/fixed --methods "$methods" --stacks loralab "${extra[@]}" \
           --output "$OUT/speedab-$n.json"
       done ;;
-    gputests)  # the GPU-only tests of what was built without a GPU (TESTS: pytest arguments; default the 2026-12-07 ones)
+    gputests)  # the GPU-only tests of what was built without a GPU (TESTS: test files; K: the -k expression, which
+      # may hold spaces; defaults: the 2026-12-07 ones. The device's torch 2.11 refuses row-wise FP8 on CPU, so CPU-device
+      # FP8 tests fail there: results/bench-tritonproduct-h100, call 2)
       step gputests 180 env PYTHONPATH=src:scripts:/tmp/site $PYTHON -m pytest -q -p no:cacheprovider \
-        ${TESTS:-tests/test_fp8_kernels.py tests/test_transpose_cache_auto.py -k "cuda or refresh_product"} ;;
+        ${TESTS:-tests/test_fp8_kernels.py tests/test_refresh_kernel.py tests/test_dora_norm_per_step.py tests/test_transpose_cache_auto.py} \
+        -k "${K:-cuda or refresh_product or fp8_dora_step}" ;;
     bundle)  # last: every file under $OUT in one archive, $OUT/bundle.tgz (a device call returns at most 8 files)
       tar -czf /tmp/bundle.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/bundle.tgz "$OUT/bundle.tgz"
       ls -la "$OUT" ;;
