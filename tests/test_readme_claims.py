@@ -1009,3 +1009,49 @@ def test_fair_h100_three_windows_section_is_its_files():
     assert (f"there loralab is {lora['ratio_best_peer']:.2f}x (bf16) and {fp8['ratio_best_peer']:.2f}x (FP8 base) of that "
             f"card's tuned peer, every memory goal is met, and FP8-base DoRA is {dora[1]:.3f} of LoRA") in h200
 
+
+
+def test_triton_refresh_product_section_is_its_files():
+    """The ec5bc74-525cf5a H100 section's table rows are the A/B files of results/bench-tritonproduct-h100 (calls 2
+    and 3, which kernel each row took as its record says), and its reading's figures are theirs: the Triton product's
+    gain on FP8 DoRA in each call, DoRA / LoRA under the goal, the peak saved, the sweep's default and fastest launch,
+    and call 1's explicit micro-batch A/B (new against the mean of old and old again); the H200 section quotes the
+    same figures."""
+    folder = RESULTS / "bench-tritonproduct-h100"
+    heading = "### FP8-base DoRA's refresh product in one Triton kernel, commits ec5bc74 to 525cf5a (H100)"
+    text = section(heading)
+    flat, rows = " ".join(text.split()), table_rows(text)
+    runs = {}
+    for call in (2, 3):
+        for n in (1, 2):
+            got = {r["method"]: r for r in json.loads((folder / f"call{call}" / f"speedab-{n}.json").read_text())}
+            lora, dora = got["fp8+lora"], got["fp8+dora"]
+            kernel = dora["speed"]["fp8_refresh_kernel"]
+            runs[(call, kernel)] = (lora, dora)
+            assert lora["micro_batch"] == dora["micro_batch"] == 4
+            cells = [f"{lora['throughput']:,.0f}", f"{dora['throughput']:,.0f}",
+                     f"{dora['throughput'] / lora['throughput']:.3f}",
+                     f"{lora['peak_memory_gib']:.2f}, {dora['peak_memory_gib']:.2f}"]
+            assert any(r.startswith(f"| {call} |") and f"`{kernel}`" in r and all(f"| {c} |" in r for c in cells)
+                       for r in rows), (call, kernel)
+    gains = [runs[(c, "triton")][1]["throughput"] / runs[(c, "cublas")][1]["throughput"] for c in (2, 3)]
+    ratios = [runs[(c, "triton")][1]["throughput"] / runs[(c, "triton")][0]["throughput"] for c in (2, 3)]
+    assert max(ratios) < 0.9 and min(gains) > 1
+    saved = runs[(2, "cublas")][1]["peak_memory_gib"] - runs[(2, "triton")][1]["peak_memory_gib"]
+    assert (f"made FP8-base DoRA {gains[0]:.3f}x and {gains[1]:.3f}x faster, for {saved:.2f} GiB less peak. DoRA / LoRA "
+            f"is {ratios[0]:.3f} and {ratios[1]:.3f}") in flat
+    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    assert (f"made FP8-base DoRA {gains[0]:.3f}x and {gains[1]:.3f}x, and DoRA / LoRA {ratios[0]:.3f} and "
+            f"{ratios[1]:.3f}") in h200
+    sweep = json.loads((folder / "call2" / "sweep.json").read_text())
+    default = next(r for r in sweep["launches"] if r["launch"] == sweep["default"])
+    fastest = sweep["launches"][0]
+    assert (f"in {default['total_ms']:.2f} ms ({default['tb_s']:.1f} TB/s); the fastest of {len(sweep['launches'])} "
+            f"launches swept was {default['total_ms'] / fastest['total_ms'] - 1:.1%} faster").replace("%", " %") in flat
+    ab = {t: {r["method"]: r for r in json.loads((folder / "call1" / f"doraab-{t}.json").read_text())}
+          for t in ("old", "new", "old2")}
+    for method, word in (("fp8+lora", "LoRA"), ("fp8+dora", "DoRA")):
+        old = (ab["old"][method]["throughput"] + ab["old2"][method]["throughput"]) / 2
+        assert f"FP8-base {word} {ab['new'][method]['throughput'] / old:.3f}x" in flat, method
+    peaks = [ab[t][m]["peak_memory_gib"] for t in ("new", "old") for m in ("fp8+lora", "fp8+dora")]
+    assert "at {:.1f} and {:.1f} GiB against {:.1f} and {:.1f}".format(*peaks) in flat
