@@ -19,7 +19,7 @@ blocks over a long K). The forms:
                streams (results/bench-doraprof-h100), few thread blocks each over a long K
   per-group-gram  the refresh as at 10f2552 (``refresh_per_group``): each group's Gram beside that group's products
                only, the group's norms kept before the next group's products start (shipped since: every Gram first,
-               beside all the products, the norms after them)
+               beside all the products, the norms after them); cuBLAS's products, as then
   one-stream   the shipped form with every ``W·Aᵀ`` product and the Gram on the current stream
                (``speed.streams.PRODUCT_STREAMS`` 1, as before they were spread over side streams)
   streams-2, streams-8
@@ -67,7 +67,7 @@ GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
          "streams-8", "triton-product", "triton-product-256x64", "cublas-product", "triton-separate-gram",
          "triton-group-streams")
-KERNEL_OF = {"codes-left": "cublas", "cast-stack": "cublas", "cublas-product": "cublas", "triton-separate-gram": "cublas",
+KERNEL_OF = {"per-group-gram": "cublas", "codes-left": "cublas", "cast-stack": "cublas", "cublas-product": "cublas", "triton-separate-gram": "cublas",
              "triton-product": "triton", "triton-product-256x64": "triton", "triton-group-streams": "triton"}  # speed.dora_refresh.KERNEL_OVERRIDE per form
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}

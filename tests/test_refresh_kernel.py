@@ -58,14 +58,35 @@ def test_the_triton_refresh_lands_on_the_exact_norms_and_auto_keeps_cublas_off_c
     cublas = _worst(*_kept_and_exact(model))
     assert dora_refresh.use_refresh_kernel(model, "triton") == "triton"
     assert all(key[6] == "triton" for key in dora_refresh._refresh_groups(model))
-    grams, gram = [], fast_dora._gram
+    grams, gram, given, products = [], fast_dora._gram, [], dora_refresh._group_products
     fast_dora._gram = lambda a: grams.append(a.shape) or gram(a)
+    dora_refresh._group_products = lambda members, a: given.append(a) or products(members, a)
     try:
         triton = _worst(*_kept_and_exact(model))  # each group's Gram from the product's own launch, none apart
     finally:
-        fast_dora._gram = gram
-    assert grams == []
+        fast_dora._gram, dora_refresh._group_products = gram, products
+    assert grams == [] and len(given) == 4  # q/o, k/v, gate/up, down: the layers' own A's, not a stacked copy
+    assert all(isinstance(a, list) and all(t.untyped_storage().data_ptr() == m.lora_A[n].weight.untyped_storage()
+                                           .data_ptr() for t, (m, n, _) in zip(a, members))
+               for a, members in zip(given, dora_refresh._refresh_groups(model).values()))
     assert triton < 1e-6 < 1e-5 < cublas < 1e-3, (triton, cublas)
+
+
+@interpreted
+def test_bfloat16_lora_a_is_stacked_for_the_kernel_and_refreshes_alike():
+    """A's the kernel cannot read where they are (bfloat16 adapters) are stacked as float32 for it, as the cuBLAS
+    path stacks them; the norms still land near the exact ones."""
+    model = _fp8_dora()
+    for m, n in fast_dora._fast_dora_adapters(model):
+        m.lora_A[n].to(torch.bfloat16)
+    dora_refresh.use_refresh_kernel(model, "triton")
+    given, products = [], dora_refresh._group_products
+    dora_refresh._group_products = lambda members, a: given.append(a) or products(members, a)
+    try:
+        worst = _worst(*_kept_and_exact(model))
+    finally:
+        dora_refresh._group_products = products
+    assert all(isinstance(a, torch.Tensor) for a in given) and len(given) == 4 and worst < 1e-6
 
 
 @interpreted

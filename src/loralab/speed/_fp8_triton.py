@@ -87,6 +87,38 @@ def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride
 
 
 @triton.jit
+def scale_rows_kernel(a_ptr, a_table, hi_ptr, lo_ptr, scale_ptr, R, K, A_TOP: tl.constexpr, FROM_TABLE: tl.constexpr,
+                      LO: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``rank`` of layer ``layer``'s A (program axes 0 and 1; K float32, from the stacked ``a_ptr`` (L, R, K) or,
+    with ``FROM_TABLE``, the layer's own tensor whose address ``a_table`` holds) divided by the power of two
+    ``scale`` that puts its largest magnitude in [2^A_TOP, 2^(A_TOP + 1)), from the float's exponent bits (exact:
+    a power of two, applied as a multiplication by its exact inverse); writes the quotient rounded to float16
+    (``hi``, round to nearest even), with ``LO`` also what that rounding dropped, rounded to float16 (``lo``), and
+    ``scale`` (float32). Reads the row twice (the second time from L2 at these widths)."""
+    layer, rank = tl.program_id(0), tl.program_id(1)
+    if FROM_TABLE:
+        row = tl.load(a_table + layer).to(tl.pointer_type(tl.float32)) + rank * K
+    else:
+        row = a_ptr + (layer.to(tl.int64) * R + rank) * K
+    top = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        top = tl.maximum(top, tl.abs(tl.load(row + cols, mask=cols < K, other=0.0)))
+    bits = tl.maximum(tl.max(top, axis=0), 1.1754943508222875e-38).to(tl.int32, bitcast=True)  # at least 2^-126
+    e = tl.minimum(tl.maximum((bits >> 23) - 127 - A_TOP, -126), 126)  # the scale's exponent: normal, inverse too
+    scale, inverse = ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
+    out = (layer.to(tl.int64) * R + rank) * K
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        scaled = tl.load(row + cols, mask=cols < K, other=0.0) * inverse
+        hi = scaled.to(tl.float16)
+        tl.store(hi_ptr + out + cols, hi, mask=cols < K)
+        if LO:
+            tl.store(lo_ptr + out + cols, (scaled - hi.to(tl.float32)).to(tl.float16), mask=cols < K)
+    tl.store(scale_ptr + layer.to(tl.int64) * R + rank, scale)
+
+
+@triton.jit
 def weights_times_kernel(codes_table, scales_table, a_ptr, a_lo_ptr, a_scale_ptr, out_ptr, gram_ptr, N, K, R,
                          n_blocks, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GRAM: tl.constexpr):

@@ -115,12 +115,13 @@ def _fused_gram(members: list) -> bool:
     return bool(members[0][2][4]) and _kernel_of(members[0][0]) == "triton"
 
 
-def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
+def _group_products(members: list, a: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer (read from
     FP8 codes by the layers' ``refresh_kernel``: Triton's within A's float16 rounding of it), from their A's stacked
     (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer or one Triton kernel a group (an FP8
     base's codes converted per layer where it does not read them as FP8: one copy alive at a time). Where
-    ``_fused_gram``: (W·Aᵀ, A·Aᵀ (L, r, r) fp32), both from the one launch."""
+    ``_fused_gram``: (W·Aᵀ, A·Aᵀ (L, r, r) fp32), both from the one launch, and ``a`` may be the layers' own A's
+    (a list of L (r, in) float32 tensors, read where they are)."""
     _, weight, dtype, row_scale, from_codes = members[0][2]
     if _fused_gram(members):  # (W·Aᵀ, A·Aᵀ) from one launch: refresh_dora_norms takes the Gram from it
         return weights_times_triton([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a,
@@ -164,11 +165,15 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     a compiled forward (``_norms_tail``); eager, the layer-by-layer refresh had cost more than
     the forward's norm it saved at micro-batch 2 of an 8B FP8 base (0.946x, results/bench-dora-h100/eager-dorab-*)."""
     from_products = _norms_tail(compile_backend)
-    groups = [(scaling, members, torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members]))
-              for (*_, scaling), members in _refresh_groups(model).items()]
+    groups, fused = [], []
+    for (*_, scaling), members in _refresh_groups(model).items():
+        weights = [module.lora_A[name].weight.detach() for module, name, _ in members]
+        fused.append(_fused_gram(members))  # its kernel reads the layers' own float32 A's: no stacked copy
+        own = fused[-1] and all(w.dtype == torch.float32 and w.is_contiguous() and not w.data_ptr() % 16 for w in weights)
+        groups.append((scaling, members, weights if own else torch.stack(weights)))
+        device = weights[0].device
     if not groups:
         return 0
-    fused, device = [_fused_gram(members) for _, members, _ in groups], groups[0][2].device
     with aside(device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
         with run_aside():
             grams = [None if f else fast_dora._gram(a.float()) for f, (*_, a) in zip(fused, groups, strict=True)]
@@ -178,15 +183,16 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
                 with stream_of(i):
                     products.append(_group_products(members, a))
     for (scaling, members, a), f, gram, wa in zip(groups, fused, grams, products, strict=True):
-        wa, gram = wa if f else (wa, gram)  # a fused group's product came with its Gram
-        _keep_group(members, a, wa, gram, scaling, from_products)
+        wa, gram = wa if f else (wa, gram)  # a fused group's product came with its Gram (A no longer needed)
+        _keep_group(members, None if f else a, wa, gram, scaling, from_products)
     return sum(len(members) for _, members, _ in groups)
 
 
 def _keep_group(members: list, a: torch.Tensor, wa: torch.Tensor, gram: torch.Tensor, scaling: float,
                 from_products) -> None:
-    """One group's norms from its products (``a`` (L, r, in) stacked A's, ``wa`` (L, out, r), ``gram`` (L, r, r)),
-    through ``from_products`` (``fast_dora._norm_from_products`` or its compiled copy), kept on its layers."""
+    """One group's norms from its products (``a`` (L, r, in) stacked A's, or None where ``gram`` is given; ``wa``
+    (L, out, r), ``gram`` (L, r, r) or None: taken from ``a``), through ``from_products``
+    (``fast_dora._norm_from_products`` or its compiled copy), kept on its layers."""
     weight_sq = torch.stack([parts[0] for *_, parts in members])
     b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
     _keep_norms(members, from_products(weight_sq, wa, a, b, scaling, gram))
