@@ -148,7 +148,7 @@ def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], 
     more small kernel (``scale_rows_kernel``: one read of A, the float16 parts written once), where the torch ops it
     replaced (amax, log2, exp2, division, casts, the split's subtraction) made ~12 passes over a float32 copy of A
     stacked for the purpose, ~2 GB a step at the 8B shape (an estimate from the shapes; not measured alone). Measured on an H100 (results/bench-
-    tritonproduct-h100): the four 8B groups in 3.30 ms alone (2.1 TB/s), the whole refresh graphed in 4.045 ms against
+    tritonproduct-h100): the four 8B groups in 3.30 ms alone, A's torch preparation included (2.1 TB/s), the whole refresh graphed in 4.045 ms against
     cuBLAS's 5.143, FP8 DoRA's step 1.009x-1.014x; the refresh's default on CUDA (``speed.fp8_refresh_kernel``,
     speed/dora_refresh.use_refresh_kernel). Raises ValueError for layers
     that do not match (count, shapes, dtypes, devices, 16-byte alignment), RuntimeError where the kernel cannot run
