@@ -238,9 +238,10 @@
 #   After 2026-12-07's fifth session (H100 only, results/bench-tritonproduct-h100: the explicit micro-batch measured once
 #   1.062x / 1.046x; the Triton refresh product, now the default (`speed.fp8_refresh_kernel` "auto"), 1.011x / 1.009x FP8
 #   DoRA, DoRA / LoRA 0.898 / 0.896, still under 0.9; its launches swept, the default within 2 % of the fastest): since
-#   697b5a0 the kernel also takes each group's Gram (the refresh's float32 bmm, 0.56 ms a group, is gone), unmeasured;
-#   GROUP_STREAMS (each group's launch on its own stream) is a form, unmeasured. In one call on an H100, with
-#   .devdata/oldsrc = `git archive 525cf5a src` (the Triton product, Gram apart):
+#   697b5a0 the kernel also takes each group's Gram (the refresh's float32 bmm, 0.56 ms a group, is gone) and since
+#   684a733 A is scaled by one small kernel reading each layer's own A (no stacked float32 copy, no ~12 torch passes),
+#   both unmeasured; GROUP_STREAMS (each group's launch on its own stream) is a form, unmeasured. In one call on an
+#   H100, with .devdata/oldsrc = `git archive 525cf5a src` (the Triton product, Gram apart, A prepared by torch ops):
 #   `OUT=$OUT ABL_ARGS="--bases fp8 --variants lora dora --micro-batch auto --speed memory_fraction=0.441 --refresh-forms
 #   shipped triton-separate-gram triton-group-streams cublas-product" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441"
 #   DEADLINE=560 bash scripts/gpu_fair_bench.sh gputests doraabl doraab bundle` (carry .devdata/oldsrc too): the GPU tests
