@@ -237,16 +237,18 @@
 #   A call returns at most 8 files: tar $OUT's files into one (call 2 of 1207c lost its test log that way).
 #   After 2026-12-07's fifth session (H100 only, results/bench-tritonproduct-h100: the explicit micro-batch measured once
 #   1.062x / 1.046x; the Triton refresh product, now the default (`speed.fp8_refresh_kernel` "auto"), 1.011x / 1.009x FP8
-#   DoRA, DoRA / LoRA 0.898 / 0.896, still under 0.9; its launches swept, the default within 2 % of the fastest): since
-#   697b5a0 the kernel also takes each group's Gram (the refresh's float32 bmm, 0.56 ms a group, is gone) and since
-#   684a733 A is scaled by one small kernel reading each layer's own A (no stacked float32 copy, no ~12 torch passes),
-#   both unmeasured; GROUP_STREAMS (each group's launch on its own stream) is a form, unmeasured. In one call on an
-#   H100, with .devdata/oldsrc = `git archive 525cf5a src` (the Triton product, Gram apart, A prepared by torch ops):
-#   `OUT=$OUT ABL_ARGS="--bases fp8 --variants lora dora --micro-batch auto --speed memory_fraction=0.441 --refresh-forms
-#   shipped triton-separate-gram triton-group-streams cublas-product" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441"
-#   DEADLINE=560 bash scripts/gpu_fair_bench.sh gputests doraabl doraab bundle` (carry .devdata/oldsrc too): the GPU tests
-#   of the fused Gram and the streams, the refresh graphed in each form, and the A/B at the defaults (old, new, old).
-#   If GROUP_STREAMS pays, make it the default. Then on an H200: fp8check fair8b, recipe (no H200 row since 9ebdbf4).
+#   DoRA, DoRA / LoRA 0.898 / 0.896, still under 0.9; its launches swept, the default within 2 % of the fastest): built
+#   since, off by default, never run on a GPU: `speed.dora_refresh.FUSED_GRAM` (the kernel's launch also takes each
+#   group's Gram, where the float32 bmm took 0.56 ms a group, and reads each layer's own A through one small scaling
+#   kernel, where torch ops make ~12 passes over a stacked copy) and GROUP_STREAMS (each fused group's launch on its own
+#   stream). In one call on an H100:
+#   `OUT=$OUT ABL_ARGS="--bases fp8 --variants lora dora dora-triton-fused --micro-batch auto --speed memory_fraction=0.441
+#   --refresh-forms shipped triton-fused triton-fused-streams cublas-product" DEADLINE=560 bash scripts/gpu_fair_bench.sh
+#   gputests sweep doraabl bundle`: the GPU tests (the fused Gram at K 4096 and 14336 against float64, the forms'
+#   capture), the sweep's "fused" row, the refresh graphed in each form and the step with it. If triton-fused pays, make
+#   FUSED_GRAM the default (and GROUP_STREAMS if its form pays too), then doraab against `git archive <that commit>^ src`
+#   at METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441". Then on an H200: fp8check fair8b, recipe (no H200
+#   row since 9ebdbf4).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).

@@ -1037,6 +1037,8 @@ def test_triton_refresh_product_section_is_its_files():
     gains = [runs[(c, "triton")][1]["throughput"] / runs[(c, "cublas")][1]["throughput"] for c in (2, 3)]
     ratios = [runs[(c, "triton")][1]["throughput"] / runs[(c, "triton")][0]["throughput"] for c in (2, 3)]
     assert max(ratios) < 0.9 and min(gains) > 1
+    short = [runs[(c, "triton")][1]["step_ms"] - runs[(c, "triton")][0]["step_ms"] / 0.9 for c in (2, 3)]
+    assert f"by {short[0]:.2f} and {short[1]:.2f} ms of a 104 ms step" in flat
     saved = runs[(2, "cublas")][1]["peak_memory_gib"] - runs[(2, "triton")][1]["peak_memory_gib"]
     assert (f"made FP8-base DoRA {gains[0]:.3f}x and {gains[1]:.3f}x faster, for {saved:.2f} GiB less peak. DoRA / LoRA "
             f"is {ratios[0]:.3f} and {ratios[1]:.3f}") in flat

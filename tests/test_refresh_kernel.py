@@ -47,45 +47,46 @@ def _worst(kept, exact):
 
 
 @interpreted
-def test_the_triton_refresh_lands_on_the_exact_norms_and_auto_keeps_cublas_off_cuda():
-    """"triton" refreshes every layer (its groups apart from cuBLAS's; each group's Gram taken by the product's
-    launch, no float32 bmm beside it) within 1e-6 of the exact norms, where the cuBLAS product's two FP8 terms of A
-    leave them ~1e-4 away; "auto" picks cuBLAS on CPU even where the
-    interpreter could run the kernel (it is for CUDA); the choice is set on every FP8 layer."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_triton_refresh_lands_on_the_exact_norms_and_auto_keeps_cublas_off_cuda(monkeypatch, fused):
+    """"triton" refreshes every layer (its groups apart from cuBLAS's) within 1e-6 of the exact norms, where the
+    cuBLAS product's two FP8 terms of A leave them ~1e-4 away: by default with A stacked and the Gram a float32 bmm
+    beside the products, with ``FUSED_GRAM`` from the layers' own A's and the Gram in the product's launch (no bmm);
+    "auto" picks cuBLAS on CPU even where the interpreter could run the kernel (it is for CUDA); the choice is set
+    on every FP8 layer."""
+    monkeypatch.setattr(dora_refresh, "FUSED_GRAM", fused)
     model = _fp8_dora()
     assert dora_refresh.use_refresh_kernel(model, "auto") == "cublas"
     assert {m.refresh_kernel for m in fp8_layers(model)} == {"cublas"}
     cublas = _worst(*_kept_and_exact(model))
     assert dora_refresh.use_refresh_kernel(model, "triton") == "triton"
     assert all(key[6] == "triton" for key in dora_refresh._refresh_groups(model))
-    grams, gram, given, products = [], fast_dora._gram, [], dora_refresh._group_products
-    fast_dora._gram = lambda a: grams.append(a.shape) or gram(a)
-    dora_refresh._group_products = lambda members, a: given.append(a) or products(members, a)
-    try:
-        triton = _worst(*_kept_and_exact(model))  # each group's Gram from the product's own launch, none apart
-    finally:
-        fast_dora._gram, dora_refresh._group_products = gram, products
-    assert grams == [] and len(given) == 4  # q/o, k/v, gate/up, down: the layers' own A's, not a stacked copy
-    assert all(isinstance(a, list) and all(t.untyped_storage().data_ptr() == m.lora_A[n].weight.untyped_storage()
-                                           .data_ptr() for t, (m, n, _) in zip(a, members))
-               for a, members in zip(given, dora_refresh._refresh_groups(model).values()))
+    grams, given, products = [], [], dora_refresh._group_products
+    monkeypatch.setattr(fast_dora, "_gram", lambda a, _gram=fast_dora._gram: grams.append(a.shape) or _gram(a))
+    monkeypatch.setattr(dora_refresh, "_group_products", lambda members, a: given.append(a) or products(members, a))
+    triton = _worst(*_kept_and_exact(model))
     assert triton < 1e-6 < 1e-5 < cublas < 1e-3, (triton, cublas)
+    assert len(given) == 4 and len(grams) == (0 if fused else 4)  # q/o, k/v, gate/up, down
+    if not fused:
+        assert all(isinstance(a, torch.Tensor) for a in given)
+        return
+    for a, members in zip(given, dora_refresh._refresh_groups(model).values(), strict=True):  # the layers' own A's
+        assert isinstance(a, list) and all(t.untyped_storage().data_ptr() == m.lora_A[n].weight.untyped_storage()
+                                           .data_ptr() for t, (m, n, _) in zip(a, members, strict=True))
 
 
 @interpreted
-def test_bfloat16_lora_a_is_stacked_for_the_kernel_and_refreshes_alike():
-    """A's the kernel cannot read where they are (bfloat16 adapters) are stacked as float32 for it, as the cuBLAS
-    path stacks them; the norms still land near the exact ones."""
+def test_bfloat16_lora_a_is_stacked_for_the_kernel_and_refreshes_alike(monkeypatch):
+    """Under ``FUSED_GRAM``, A's the kernel cannot read where they are (bfloat16 adapters) are stacked for it, as
+    the default path stacks them; the norms still land near the exact ones."""
     model = _fp8_dora()
     for m, n in fast_dora._fast_dora_adapters(model):
         m.lora_A[n].to(torch.bfloat16)
     dora_refresh.use_refresh_kernel(model, "triton")
     given, products = [], dora_refresh._group_products
-    dora_refresh._group_products = lambda members, a: given.append(a) or products(members, a)
-    try:
-        worst = _worst(*_kept_and_exact(model))
-    finally:
-        dora_refresh._group_products = products
+    monkeypatch.setattr(dora_refresh, "FUSED_GRAM", True)
+    monkeypatch.setattr(dora_refresh, "_group_products", lambda members, a: given.append(a) or products(members, a))
+    worst = _worst(*_kept_and_exact(model))
     assert all(isinstance(a, torch.Tensor) for a in given) and len(given) == 4 and worst < 1e-6
 
 
@@ -93,7 +94,7 @@ def test_bfloat16_lora_a_is_stacked_for_the_kernel_and_refreshes_alike():
 def test_prepare_model_records_the_kernel_it_set_and_an_explicit_one_wins():
     """``prepare_model`` settles "auto" from the layers (cuBLAS for CPU layers, whatever the device Speed was
     resolved for) and writes the kernel into the settings the record keeps; an explicit value wins; a model
-    without FP8 layers keeps what it was given."""
+    without FP8 layers records "cublas" (no "auto" left in a record)."""
     model = _fp8_dora()
     for device, given, kept in (("cpu", "auto", "cublas"), ("cuda", "auto", "cublas"), ("cpu", "triton", "triton")):
         speed = Speed(fp8_refresh_kernel=given, compile=False).resolve(device_type=device, kind="causal_lm",
@@ -105,8 +106,9 @@ def test_prepare_model_records_the_kernel_it_set_and_an_explicit_one_wins():
         assert {m.refresh_kernel for m in fp8_layers(model)} == {kept}
     plain = nn.Sequential(nn.Linear(4, 4))
     speed = Speed(compile=False).resolve(device_type="cuda", kind="causal_lm", base_dtype="bfloat16")
+    assert speed.fp8_refresh_kernel == "auto"  # on CUDA only the layers settle it
     prepare_model(plain, speed)
-    assert speed.fp8_refresh_kernel == "auto"
+    assert speed.fp8_refresh_kernel == "cublas"
 
 
 def test_a_refresh_kernel_that_cannot_run_is_refused_with_the_key_the_value_and_the_way_out(monkeypatch):
@@ -135,17 +137,21 @@ def test_a_refresh_kernel_that_cannot_run_is_refused_with_the_key_the_value_and_
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 layers on CUDA need compute capability >= 8.9")
-def test_on_cuda_auto_takes_the_kernel_and_group_streams_give_the_same_bits_eagerly_and_captured(monkeypatch):
-    """On an FP8 GPU "auto" takes the Triton kernel; its norms (Gram from the same launch) sit near the exact ones;
-    with each group's launch on a side stream (``GROUP_STREAMS``, a refresh form) the norms are the same bits,
-    eagerly and replayed from a CUDA graph (the streams' fork and join are the graph's branches)."""
+def test_on_cuda_auto_takes_the_kernel_and_its_forms_keep_the_norms_eagerly_and_captured(monkeypatch):
+    """On an FP8 GPU "auto" takes the Triton kernel and its norms sit near the exact ones; so do ``FUSED_GRAM``'s
+    (the Gram in the product's launch: each tile's products summed apart, at the 8B widths' K too), and with each
+    group's launch on a side stream (``GROUP_STREAMS``) they are the same bits, eagerly and replayed from a CUDA
+    graph (the streams' fork and join are the graph's branches)."""
     model = _fp8_dora().cuda()
     assert dora_refresh.use_refresh_kernel(model, "auto") == "triton"
     kept, exact = _kept_and_exact(model)
     assert _worst(kept, exact) < 4e-5
+    monkeypatch.setattr(dora_refresh, "FUSED_GRAM", True)
+    fused, _ = _kept_and_exact(model)
+    assert _worst(fused, exact) < 4e-5
     monkeypatch.setattr(dora_refresh, "GROUP_STREAMS", True)
     again, _ = _kept_and_exact(model)
-    assert all(torch.equal(a, b) for a, b in zip(kept, again, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fused, again, strict=True))
     for m, n in fast_dora._fast_dora_adapters(model):
         m.lora_magnitude_vector[n]._loralab_norm.zero_()
     graph = torch.cuda.CUDAGraph()
@@ -154,4 +160,12 @@ def test_on_cuda_auto_takes_the_kernel_and_group_streams_give_the_same_bits_eage
     graph.replay()
     torch.cuda.synchronize()
     replayed = [m.lora_magnitude_vector[n]._loralab_norm.double() for m, n in fast_dora._fast_dora_adapters(model)]
-    assert all(torch.equal(a, b) for a, b in zip(kept, replayed, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fused, replayed, strict=True))
+    from loralab.speed.fp8_kernels import weights_times_triton
+
+    for k in (4096, 14336):  # the fused Gram at the 8B widths, against float64
+        a = torch.randn(2, 32, k, device="cuda") / k ** 0.5
+        codes = [torch.zeros(128, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(2)]
+        _, gram = weights_times_triton(codes, [torch.ones(128, device="cuda")] * 2, list(a), gram=True)
+        exact_gram = a.double() @ a.double().transpose(-1, -2)
+        assert ((gram.double() - exact_gram).abs().max() / exact_gram.abs().max()).item() < 2e-6, k

@@ -220,7 +220,7 @@ def test_plain_settings_leave_no_auto_that_prepare_model_acts_on():
     from loralab.speed.step import PLAIN
 
     acted_on = ("autocast", "compile", "lora_scale_at_rank", "activation_memory_budget", "fp8_transpose_cache",
-                "fp8_quantize_kernel", "fused_lora", "fast_dora")
+                "fp8_quantize_kernel", "fused_lora", "fast_dora", "fp8_refresh_kernel")
     assert [k for k in acted_on if getattr(PLAIN, k) == "auto"] == []
     assert set(acted_on) <= {f.name for f in dataclasses.fields(PLAIN)}
 

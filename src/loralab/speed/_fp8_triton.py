@@ -87,24 +87,22 @@ def quantize_rows_kernel(x_ptr, col_ptr, codes_ptr, scales_ptr, n_cols, x_stride
 
 
 @triton.jit
-def scale_rows_kernel(a_ptr, a_table, hi_ptr, lo_ptr, scale_ptr, R, K, A_TOP: tl.constexpr, FROM_TABLE: tl.constexpr,
-                      LO: tl.constexpr, BLOCK: tl.constexpr):
-    """Row ``rank`` of layer ``layer``'s A (program axes 0 and 1; K float32, from the stacked ``a_ptr`` (L, R, K) or,
-    with ``FROM_TABLE``, the layer's own tensor whose address ``a_table`` holds) divided by the power of two
-    ``scale`` that puts its largest magnitude in [2^A_TOP, 2^(A_TOP + 1)), from the float's exponent bits (exact:
-    a power of two, applied as a multiplication by its exact inverse); writes the quotient rounded to float16
-    (``hi``, round to nearest even), with ``LO`` also what that rounding dropped, rounded to float16 (``lo``), and
-    ``scale`` (float32). Reads the row twice (the second time from L2 at these widths)."""
+def scale_rows_kernel(a_table, hi_ptr, lo_ptr, scale_ptr, R, K, A_TOP: tl.constexpr, LO: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Row ``rank`` of layer ``layer``'s A (program axes 0 and 1; K float32 in the layer's own (R, K) tensor, whose
+    address ``a_table`` holds) divided by the power of two ``scale`` that puts its largest magnitude in
+    [2^A_TOP, 2^(A_TOP + 1)), from the float's exponent bits (exact: a power of two, applied as a multiplication by its
+    exact inverse; at least 2^-126, so a row below 2^-112 keeps its smaller quotient); writes the quotient rounded to
+    float16 (``hi``, round to nearest even), with ``LO`` also what that rounding dropped, rounded to float16 (``lo``),
+    and ``scale`` (float32). A NaN or infinite entry stays one in ``hi`` (whatever the scale), so the products it
+    enters are not finite. Reads the row twice (the second time from L2 at these widths)."""
     layer, rank = tl.program_id(0), tl.program_id(1)
-    if FROM_TABLE:
-        row = tl.load(a_table + layer).to(tl.pointer_type(tl.float32)) + rank * K
-    else:
-        row = a_ptr + (layer.to(tl.int64) * R + rank) * K
+    row = tl.load(a_table + layer).to(tl.pointer_type(tl.float32)) + rank.to(tl.int64) * K
     top = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, K, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         top = tl.maximum(top, tl.abs(tl.load(row + cols, mask=cols < K, other=0.0)))
-    bits = tl.maximum(tl.max(top, axis=0), 1.1754943508222875e-38).to(tl.int32, bitcast=True)  # at least 2^-126
+    bits = tl.maximum(tl.max(top, axis=0).to(tl.int32, bitcast=True), 0x00800000)  # at least 2^-126's bits
     e = tl.minimum(tl.maximum((bits >> 23) - 127 - A_TOP, -126), 126)  # the scale's exponent: normal, inverse too
     scale, inverse = ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
     out = (layer.to(tl.int64) * R + rank) * K
@@ -140,14 +138,17 @@ def weights_times_kernel(codes_table, scales_table, a_ptr, a_lo_ptr, a_scale_ptr
     if GRAM and block == n_blocks:
         lo_layer = a_lo_ptr + layer.to(tl.int64) * R * K
         gram = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+        cross = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             offsets, ok = ranks[:, None] * K + cols[None, :], rank_ok[:, None] & (cols < K)[None, :]
             hi = tl.load(a_layer + offsets, mask=ok, other=0.0)
             lo = tl.load(lo_layer + offsets, mask=ok, other=0.0)
-            gram = tl.dot(hi, tl.trans(hi), gram)
-            gram = tl.dot(hi, tl.trans(lo), gram)
-            gram = tl.dot(lo, tl.trans(hi), gram)
+            # each tile's products summed from zero and added in float32: a tensor core's accumulation inside one
+            # MMA need not round to nearest, so the running sums stay out of it; the small cross terms apart
+            gram += tl.dot(hi, tl.trans(hi))
+            cross += tl.dot(hi, tl.trans(lo)) + tl.dot(lo, tl.trans(hi))
+        gram += cross
         out = gram_ptr + layer.to(tl.int64) * R * R + ranks[:, None] * R + ranks[None, :]
         tl.store(out, gram * a_scale[:, None] * a_scale[None, :], mask=rank_ok[:, None] & rank_ok[None, :])
     else:

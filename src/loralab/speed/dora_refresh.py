@@ -53,11 +53,13 @@ def use_refresh_kernel(model: nn.Module, kernel: str) -> str:
     """Set what takes the refresh's ``W·Aᵀ`` from the codes of every FP8 layer of ``model`` (``speed.fp8_refresh_kernel``;
     the layer's ``refresh_kernel``, read by ``_group_products``): "cublas", one ``_scaled_mm`` a layer with A as two FP8
     terms (``speed/fp8.weights_times``), or "triton", one kernel a group with A in float16
-    (``speed/fp8_kernels.weights_times_triton``: closer to the exact product, 2.6e-4 against 7e-4; the whole refresh
-    4.045 ms against 5.143 at the 8B shape, FP8 DoRA's step 1.014x, H100, results/bench-tritonproduct-h100). "auto":
+    (``speed/fp8_kernels.weights_times_triton``: the refreshed norms closer to the exact ones, ~1e-7 against ~1e-4 at
+    the tests' width under Triton's interpreter, tests/test_refresh_kernel.py, and 1.28e-5 on an H100's GPU test; the
+    whole refresh 4.045 ms against 5.143 at the 8B shape, FP8 DoRA's step 1.009x-1.014x, H100s,
+    results/bench-tritonproduct-h100). "auto":
     "triton" where every FP8 layer is on CUDA, Triton runs there and each layer's codes are contiguous and 16-byte
     aligned (the kernel's vector loads), else "cublas". A forward outside the step's refresh (evaluation) takes its own
-    norm by cuBLAS either way. Returns the kernel set ("cublas" where there is no FP8 layer). Raises ValueError for a
+    norm by cuBLAS either way. Returns the kernel set ("auto" gives "cublas" where there is no FP8 layer). Raises ValueError for a
     kernel outside "auto" and ``FP8_REFRESH_KERNELS``, or for "triton" with a layer's codes it cannot read (the layer
     named); RuntimeError for "triton" where it cannot run (``fp8_kernels.can_run_on``'s reason)."""
     if kernel not in ("auto", *FP8_REFRESH_KERNELS):
@@ -95,10 +97,17 @@ def _refresh_groups(model: nn.Module) -> dict:
     return groups
 
 
+FUSED_GRAM = False
+"""Where a group's W·Aᵀ is the Triton kernel's: the same launch also takes its Gram matrix A·Aᵀ (one more program a
+layer, ``fp8_kernels.weights_times_triton``'s ``gram``), reading the layers' own A's (no stacked float32 copy; A scaled
+by one small kernel instead of torch ops), where by default the Gram is a float32 bmm beside the products (0.56 ms of
+an H100's CUDA time a group in results/bench-fair-h100-1207c's doraabl profile) and A is stacked and scaled by torch
+ops. Off until measured on a GPU: refresh forms (scripts/dora_refresh_forms.py, "triton-fused",
+"triton-fused-streams") set it for the time of a measure."""
 GROUP_STREAMS = False
-"""Where every group's product is one Triton launch: each group's launch on a side stream of its own, so the groups'
+"""Where every group is ``FUSED_GRAM``'s one launch: each group's launch on a side stream of its own, so the groups'
 launches overlap (the last thread blocks of one beside the next's) instead of running one after another. Not
-measured: a refresh form (scripts/dora_refresh_forms.py, "triton-group-streams") sets it for the time of a measure."""
+measured: the refresh form "triton-fused-streams" sets it for the time of a measure."""
 KERNEL_OVERRIDE: str | None = None
 """A kernel every FP8 layer's refresh takes whatever its ``refresh_kernel`` (scripts/dora_refresh_forms.py sets it for
 the time of a form's measure); None: each layer's own."""
@@ -111,7 +120,13 @@ def _kernel_of(module) -> str:
 
 
 def _fused_gram(members: list) -> bool:
-    """Whether the group's product kernel also takes its Gram matrix (the Triton kernel reading FP8 codes)."""
+    """Whether the group's product kernel also takes its Gram matrix (``FUSED_GRAM`` and the Triton kernel reading
+    FP8 codes)."""
+    return FUSED_GRAM and _triton_codes(members)
+
+
+def _triton_codes(members: list) -> bool:
+    """Whether the group's W·Aᵀ is the Triton kernel's, from FP8 codes."""
     return bool(members[0][2][4]) and _kernel_of(members[0][0]) == "triton"
 
 
@@ -123,11 +138,11 @@ def _group_products(members: list, a: torch.Tensor | list[torch.Tensor]) -> torc
     ``_fused_gram``: (W·Aᵀ, A·Aᵀ (L, r, r) fp32), both from the one launch, and ``a`` may be the layers' own A's
     (a list of L (r, in) float32 tensors, read where they are)."""
     _, weight, dtype, row_scale, from_codes = members[0][2]
-    if _fused_gram(members):  # (W·Aᵀ, A·Aᵀ) from one launch: refresh_dora_norms takes the Gram from it
-        return weights_times_triton([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a,
-                                    gram=True)
-    if from_codes:  # looked up at each call: scripts/dora_refresh_forms.py replaces it
-        return weights_times([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
+    if from_codes:  # looked up at each call: scripts/dora_refresh_forms.py replaces weights_times
+        codes, scales = [parts[1] for *_, parts in members], [parts[3] for *_, parts in members]
+        if _fused_gram(members):  # (W·Aᵀ, A·Aᵀ) from one launch: refresh_dora_norms takes the Gram from it
+            return weights_times_triton(codes, scales, a, gram=True)
+        return (weights_times_triton if _triton_codes(members) else weights_times)(codes, scales, a)
     a = a.to(dtype or weight.dtype)
     wa = torch.empty(len(members), weight.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
     # each product in place, beside the others on side streams (speed/streams.py) unless it converts the codes
@@ -153,8 +168,8 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     Layers of one shape are computed together (``_refresh_groups``): A's and B's stacked, the small products
     batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, every group's Gram A·Aᵀ taken first
     on one more stream beside all of them: speed/streams.py), or, where a group's ``refresh_kernel`` is "triton"
-    (``use_refresh_kernel``: on CUDA by default), one Triton launch for the group's W·Aᵀ and Gram together, one copy
-    into the kept norms and ratios. Every
+    (``use_refresh_kernel``: on CUDA by default), one Triton launch for the group's W·Aᵀ (with ``FUSED_GRAM``, its
+    Gram too, from the layers' own A's), one copy into the kept norms and ratios. Every
     group's W·Aᵀ (L, out, r) float32 is alive until the norms are taken (~176 MB at Llama-3-8B, r 32; the largest
     group's alone, ~117 MB, before every Gram went first: results/bench-gramfirst-h100, where the step's peak did
     not move). Layer by layer each norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B;

@@ -118,21 +118,24 @@ WA_BLOCK_N, WA_BLOCK_K, WA_WARPS, WA_STAGES = 128, 128, 8, 3
 """``weights_times_triton``'s tile and launch: 128 weight rows by 128 columns of K a step, 8 warps, 3 stages (chosen by
 reading the sm90 build's registers, spills and instructions a loop; timed since among 54 launches on an H100,
 scripts/refresh_product_sweep.py: 3.298 ms for the 8B groups, the fastest 3.236 ms at 64 x 256, 4 warps, 3 stages,
-seven within 2 % of it; results/bench-tritonproduct-h100, call 2)."""
+five others within 2 % of it; results/bench-tritonproduct-h100, call 2)."""
 A_TOP = 14
-SCALE_BLOCK = 1024  # columns of A a program of scale_rows_kernel takes a step
 """Each row of A is divided by the power of two that puts its largest entry in [2^14, 2^15) before it is rounded to
 float16 (whose largest finite value is 65,504): any magnitude fits, and the division is exact."""
+SCALE_BLOCK = 1024
+"""Columns of A a program of ``scale_rows_kernel`` takes a step."""
 
 
 def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor | list[torch.Tensor],
                          gram: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``speed.fp8.weights_times``'s product, ``W·Aᵀ`` of L layers of one shape with ``W = diag(scales)·codes``, in
     one Triton kernel: ``codes`` L tensors (N, K) float8_e4m3fn, ``scales`` L tensors (N,) float32, ``a`` (L, r, K)
-    any float dtype, or L tensors (r, K) float32, the layers' own A's (read where they are: no stacked copy; the
-    refresh's case). Returns (L, N, r) float32; with ``gram``, also each layer's Gram matrix ``A·Aᵀ`` (L, r, r) float32, which the
-    norm refresh needs beside the product (``fast_dora._norm_from_products``), taken by one more program a layer in
-    the same launch from A in two float16 parts (hi + lo, ~22 bits: within ~1e-6 of float32's ``A·Aᵀ``), where the
+    any float dtype (scaled by torch ops: the refresh's default), or L tensors (r, K) float32, the layers' own A's
+    (read where they are by one more small kernel: no stacked copy; ``speed.dora_refresh.FUSED_GRAM``'s path, not
+    measured yet). Returns (L, N, r) float32; with ``gram``, also each layer's Gram matrix ``A·Aᵀ`` (L, r, r) float32,
+    which the norm refresh needs beside the product (``fast_dora._norm_from_products``), taken by one more program a
+    layer in the same launch from A in two float16 parts (hi + lo, ~22 bits; each 128-column tile's products summed
+    apart and added in float32: within 2e-6 of float64's under Triton's interpreter, not measured on a GPU), where the
     refresh's own float32 bmm ((L, r, K) x (L, K, r): few thread blocks over a long K) ran 0.56 ms a group on an
     H100 beside the products (results/bench-fair-h100-1207c, doraabl's profile: 4.48 ms of CUDA time in 2 steps).
 
@@ -144,13 +147,14 @@ def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], 
     here), and widening them to float16 in registers (exact). Precision: each row of A scaled by a power of two
     (``A_TOP``) and rounded to float16 (11 significant bits: half an ulp is 2^-11 of an entry, finer than
     ``split_rows``' two FP8 terms, whose error is up to 2^-9.6 of the row's largest entry), float32 accumulation,
-    no bf16 rounding of the output as ``_scaled_mm``'s row-wise kernel has. A's rows are scaled and split by one
-    more small kernel (``scale_rows_kernel``: one read of A, the float16 parts written once), where the torch ops it
-    replaced (amax, log2, exp2, division, casts, the split's subtraction) made ~12 passes over a float32 copy of A
-    stacked for the purpose, ~2 GB a step at the 8B shape (an estimate from the shapes; not measured alone). Measured on an H100 (results/bench-
-    tritonproduct-h100): the four 8B groups in 3.30 ms alone, A's torch preparation included (2.1 TB/s), the whole refresh graphed in 4.045 ms against
-    cuBLAS's 5.143, FP8 DoRA's step 1.009x-1.014x; the refresh's default on CUDA (``speed.fp8_refresh_kernel``,
-    speed/dora_refresh.use_refresh_kernel). Raises ValueError for layers
+    no bf16 rounding of the output as ``_scaled_mm``'s row-wise kernel has. Given the layers' own A's, their rows
+    are scaled and split by one more small kernel (``scale_rows_kernel``: one read of A, the float16 parts written
+    once), where the torch ops of the stacked form (amax, log2, exp2, division, casts, the split's subtraction) make
+    ~12 passes over a float32 copy of A stacked for the purpose, ~2 GB a step at the 8B shape (an estimate from the
+    shapes; not measured alone). Measured on an H100 (results/bench-tritonproduct-h100), stacked A without the Gram:
+    the four 8B groups in 3.30 ms alone, A's torch preparation included (2.1 TB/s), the whole refresh graphed in
+    4.045 ms against cuBLAS's 5.143, FP8 DoRA's step 1.009x-1.014x; the refresh's default on CUDA
+    (``speed.fp8_refresh_kernel``, speed/dora_refresh.use_refresh_kernel). Raises ValueError for layers
     that do not match (count, shapes, dtypes, devices, 16-byte alignment), RuntimeError where the kernel cannot run
     (``can_run_on``'s reason) or a CUDA graph capture meets tensors it has no pointer table for."""
     stacked = isinstance(a, torch.Tensor)
@@ -176,12 +180,18 @@ def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], 
         raise RuntimeError(f"FP8 refresh product kernel: {why}")
     triton, _, (scale_rows, kernel) = _kernel()
     table = _pointer_table(device, codes, scales, *([] if stacked else [[t.detach() for t in a]]))
-    source = a.detach().float().contiguous() if stacked else table  # (the table: an unused pointer when stacked)
-    hi = torch.empty(count, r, k, dtype=torch.float16, device=device)
-    lo = torch.empty_like(hi) if gram else hi
-    a_scale = torch.empty(count, r, dtype=torch.float32, device=device)
-    scale_rows[(count, r)](source, table[-1], hi, lo, a_scale, r, k, A_TOP=A_TOP, FROM_TABLE=not stacked,
-                           LO=bool(gram), BLOCK=SCALE_BLOCK, num_warps=4)
+    if stacked:  # torch ops, as measured (results/bench-tritonproduct-h100): the refresh's default path
+        amax = a.detach().abs().amax(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)  # (L, r)
+        a_scale = torch.exp2(torch.floor(torch.log2(amax)) - A_TOP)
+        scaled = a.detach().float() / a_scale[..., None]
+        hi = scaled.to(torch.float16).contiguous()
+        lo = (scaled - hi.float()).to(torch.float16).contiguous() if gram else hi  # the part float16 dropped
+    else:  # the layers' own A's: one kernel reads each once (speed.dora_refresh.FUSED_GRAM's path; not measured)
+        hi = torch.empty(count, r, k, dtype=torch.float16, device=device)
+        lo = torch.empty_like(hi) if gram else hi
+        a_scale = torch.empty(count, r, dtype=torch.float32, device=device)
+        scale_rows[(count, r)](table[-1], hi, lo, a_scale, r, k, A_TOP=A_TOP, LO=bool(gram), BLOCK=SCALE_BLOCK,
+                               num_warps=4)
     out = torch.empty(count, n, r, dtype=torch.float32, device=device)
     grams = torch.empty(count, r, r, dtype=torch.float32, device=device) if gram else out
     blocks = triton.cdiv(n, WA_BLOCK_N)

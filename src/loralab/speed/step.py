@@ -41,7 +41,7 @@ def _hf_model(model):
 
 
 PLAIN = Speed(autocast=None, compile=False, lora_scale_at_rank=False, lora_shared_input=False, activation_memory_budget=1.0,
-              fp8_transpose_cache=0.0, fp8_fast_accum="none", fp8_fused_qkv=False)
+              fp8_transpose_cache=0.0, fp8_fast_accum="none", fp8_fused_qkv=False, fp8_refresh_kernel="cublas")
 """What a model not prepared by ``prepare_model`` computes with: no autocast, chunked loss."""
 
 
@@ -67,8 +67,7 @@ def prepare_model(model, options: Speed):
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
     use_fast_accum(model, options.fp8_fast_accum)
-    if fp8_layers(model):  # "auto" settles from the layers' device (Speed.resolve leaves it on CUDA)
-        options.fp8_refresh_kernel = use_refresh_kernel(model, options.fp8_refresh_kernel)
+    options.fp8_refresh_kernel = use_refresh_kernel(model, options.fp8_refresh_kernel)  # "auto": from the FP8 layers
     for key in ("lora_scale_at_rank", "lora_shared_input"):
         if options.fused_lora and getattr(options, key):
             raise ValueError(FUSED_AND.format(key=key))
