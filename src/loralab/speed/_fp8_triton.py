@@ -121,51 +121,71 @@ def weights_times_kernel(codes_table, scales_table, a_ptr, a_lo_ptr, a_scale_ptr
                          n_blocks, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GRAM: tl.constexpr):
     """``out[l] = diag(scales[l]) · codes[l] · (a[l] · diag(a_scale[l]))ᵀ`` ((N, R) float32) for the layer ``l`` of
-    program axis 1 and the ``BLOCK_N`` weight rows of axis 0: ``codes_table``/``scales_table`` hold each layer's data
-    pointers (int64: the layers' own tensors, never stacked; 16-byte aligned, which the wrapper checks, so the codes
-    load in vectors and pipeline), ``a`` is (L, R, K) float16 (each row of A divided by a power of two, ``a_scale``
-    (L, R) float32, to sit high in float16's range). The codes are read once, as bytes, and widened to float16 in
-    registers (exact: every e4m3 value is a float16); float16 tensor cores, float32 accumulation. With ``GRAM`` the
-    program after the ``n_blocks`` row blocks of a layer takes its Gram matrix instead, ``gram[l] = A·Aᵀ`` (R, R)
-    float32, from ``a`` and ``a_lo`` (L, R, K) float16, the remainder of the scaled A after ``a`` (so hi + lo holds
-    ~22 of its bits): hi·hiᵀ + hi·loᵀ + lo·hiᵀ, each product of two float16 exact in float32, lo·loᵀ (2^-22 of
-    the whole) left out."""
+    program axis 1 and the ``BLOCK_N`` weight rows of axis 0 (``_product_block``). With ``GRAM`` (a compile-time
+    choice: without it the kernel is the product alone, as measured in results/bench-tritonproduct-h100) the program
+    after the ``n_blocks`` row blocks of a layer takes its Gram matrix instead (``_gram_block``)."""
     block, layer = tl.program_id(0), tl.program_id(1)
+    if GRAM:
+        if block == n_blocks:
+            _gram_block(a_ptr, a_lo_ptr, a_scale_ptr, gram_ptr, layer, K, R, R_PAD, BLOCK_K)
+        else:
+            _product_block(codes_table, scales_table, a_ptr, a_scale_ptr, out_ptr, block, layer, N, K, R, R_PAD,
+                           BLOCK_N, BLOCK_K)
+    else:
+        _product_block(codes_table, scales_table, a_ptr, a_scale_ptr, out_ptr, block, layer, N, K, R, R_PAD, BLOCK_N,
+                       BLOCK_K)
+
+
+@triton.jit
+def _product_block(codes_table, scales_table, a_ptr, a_scale_ptr, out_ptr, block, layer, N, K, R, R_PAD: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``weights_times_kernel``'s product for one block of ``BLOCK_N`` weight rows: ``codes_table``/``scales_table``
+    hold each layer's data pointers (int64: the layers' own tensors, never stacked; 16-byte aligned, which the wrapper
+    checks, so the codes load in vectors and pipeline), ``a`` is (L, R, K) float16 (each row of A divided by a power
+    of two, ``a_scale`` (L, R) float32, to sit high in float16's range). The codes are read once, as bytes, and
+    widened to float16 in registers (exact: every e4m3 value is a float16); float16 tensor cores, float32
+    accumulation."""
+    codes = tl.multiple_of(tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8)), 16)
+    scales = tl.load(scales_table + layer).to(tl.pointer_type(tl.float32))
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, R_PAD)
+    row_ok, rank_ok = rows < N, ranks < R
+    a_layer = a_ptr + layer.to(tl.int64) * R * K
+    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        c = tl.load(codes + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0)
+        w = c.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        a = tl.load(a_layer + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = tl.dot(w, a, acc)
+    s = tl.load(scales + rows, mask=row_ok, other=0.0)
+    a_scale = tl.load(a_scale_ptr + layer.to(tl.int64) * R + ranks, mask=rank_ok, other=0.0)
+    out = out_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + ranks[None, :]
+    tl.store(out, acc * s[:, None] * a_scale[None, :], mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def _gram_block(a_ptr, a_lo_ptr, a_scale_ptr, gram_ptr, layer, K, R, R_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``gram[l] = A·Aᵀ`` (R, R) float32 of one layer from ``a`` and ``a_lo`` (L, R, K) float16, the remainder of the
+    scaled A after ``a`` (so hi + lo holds ~22 of its bits): hi·hiᵀ + (hi·loᵀ + lo·hiᵀ), each product of two float16
+    exact in float32, lo·loᵀ (2^-22 of the whole) left out; each tile's products summed from zero and added in
+    float32 (a tensor core's accumulation inside one MMA need not round to nearest, so the running sums stay out of
+    it), the small cross terms apart."""
     ranks = tl.arange(0, R_PAD)
     rank_ok = ranks < R
-    a_layer = a_ptr + layer.to(tl.int64) * R * K
+    a_layer, lo_layer = a_ptr + layer.to(tl.int64) * R * K, a_lo_ptr + layer.to(tl.int64) * R * K
+    gram = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    cross = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        offsets, ok = ranks[:, None] * K + cols[None, :], rank_ok[:, None] & (cols < K)[None, :]
+        hi = tl.load(a_layer + offsets, mask=ok, other=0.0)
+        lo = tl.load(lo_layer + offsets, mask=ok, other=0.0)
+        gram += tl.dot(hi, tl.trans(hi))
+        cross += tl.dot(hi, tl.trans(lo)) + tl.dot(lo, tl.trans(hi))
+    gram += cross
     a_scale = tl.load(a_scale_ptr + layer.to(tl.int64) * R + ranks, mask=rank_ok, other=0.0)
-    if GRAM and block == n_blocks:
-        lo_layer = a_lo_ptr + layer.to(tl.int64) * R * K
-        gram = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
-        cross = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            offsets, ok = ranks[:, None] * K + cols[None, :], rank_ok[:, None] & (cols < K)[None, :]
-            hi = tl.load(a_layer + offsets, mask=ok, other=0.0)
-            lo = tl.load(lo_layer + offsets, mask=ok, other=0.0)
-            # each tile's products summed from zero and added in float32: a tensor core's accumulation inside one
-            # MMA need not round to nearest, so the running sums stay out of it; the small cross terms apart
-            gram += tl.dot(hi, tl.trans(hi))
-            cross += tl.dot(hi, tl.trans(lo)) + tl.dot(lo, tl.trans(hi))
-        gram += cross
-        out = gram_ptr + layer.to(tl.int64) * R * R + ranks[:, None] * R + ranks[None, :]
-        tl.store(out, gram * a_scale[:, None] * a_scale[None, :], mask=rank_ok[:, None] & rank_ok[None, :])
-    else:
-        codes = tl.multiple_of(tl.load(codes_table + layer).to(tl.pointer_type(tl.uint8)), 16)
-        scales = tl.load(scales_table + layer).to(tl.pointer_type(tl.float32))
-        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            c = tl.load(codes + rows[:, None].to(tl.int64) * K + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0)
-            w = c.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-            a = tl.load(a_layer + ranks[None, :] * K + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(w, a, acc)
-        s = tl.load(scales + rows, mask=row_ok, other=0.0)
-        out = out_ptr + layer.to(tl.int64) * N * R + rows[:, None] * R + ranks[None, :]
-        tl.store(out, acc * s[:, None] * a_scale[None, :], mask=row_ok[:, None] & rank_ok[None, :])
+    out = gram_ptr + layer.to(tl.int64) * R * R + ranks[:, None] * R + ranks[None, :]
+    tl.store(out, gram * a_scale[:, None] * a_scale[None, :], mask=rank_ok[:, None] & rank_ok[None, :])
