@@ -25,6 +25,7 @@ One call (``Engine.generate``):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ import torch
 from loralab.engine.cache import SlotCache, bytes_per_token, cache_budget, plan_slots
 from loralab.engine.model import DecoderRunner, rope_is_static
 from loralab.engine.sampling import Sampling, choose, request_seed
+from loralab.speed.dora_refresh import refresh_dora_norms
+from loralab.speed.fast_dora import reusing_dora_norms
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +99,11 @@ class Engine:
     ``memory_fraction``: of the device's free memory for the cache (``cache.cache_budget``);
     ``prefill_tokens``: tokens per prefill forward; ``cuda_graphs``: None = on CUDA when the
     model's position tables allow; ``merge``: adapters merged into copies of the projections for
-    the call (``DecoderRunner.merge_copies``; the model itself is never changed). Raises ValueError for a model the engine cannot run
-    (``model.unsupported_reason``)."""
+    the call (``DecoderRunner.merge_copies``; the model itself is never changed). Fast DoRA layers it calls as modules
+    (a base the copies do not take, FP8 or NF4, or ``merge=False``) read weight norms computed once per call
+    (``speed/dora_refresh.refresh_dora_norms``; ``stats["dora_norms_once"]`` counts them), where each forward would
+    read W again for its own; the same tokens on CPU (tests/test_engine_dora_norms.py), the speed not measured.
+    Raises ValueError for a model the engine cannot run (``model.unsupported_reason``)."""
 
     def __init__(self, model, *, max_slots: int = 512, memory_fraction: float = 0.9, prefill_tokens: int = 8192,
                  cuda_graphs: bool | None = None, merge: bool = True):
@@ -145,8 +151,14 @@ class Engine:
             # outlives; the engine computes in the model's own dtype (merged copies in the base's)
             with torch.no_grad(), torch.autocast(runner.device.type, enabled=False):
                 merged = self.runner.merge_copies() if self.merge else 0
-                self.stats = {"merged_projections": merged}
-                return self._generate(prompts, budgets, sampling, n_samples, set(eos_ids), stop, request_ids, on_finish)
+                # fast DoRA layers called as modules (a base the copies do not merge: FP8, NF4; or merge=False): their
+                # weight norms once for the call, as the training step takes them once per optimizer step, where
+                # every forward (each decode step) would read W again for its norm (speed/dora_refresh.py)
+                norms = refresh_dora_norms(model)
+                self.stats = {"merged_projections": merged, "dora_norms_once": norms}
+                with reusing_dora_norms() if norms else contextlib.nullcontext():
+                    return self._generate(prompts, budgets, sampling, n_samples, set(eos_ids), stop, request_ids,
+                                          on_finish)
         finally:
             model.train(was_training)
             self.stats["seconds"] = time.perf_counter() - started
