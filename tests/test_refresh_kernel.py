@@ -131,6 +131,17 @@ def test_a_refresh_kernel_that_cannot_run_is_refused_with_the_key_the_value_and_
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="'speed.fp8_refresh_kernel' = 'triton': the Triton kernel runs on CUDA"):
         dora_refresh.use_refresh_kernel(model, "triton")
+    speed = Speed(fp8_refresh_kernel="triton", compile=False).resolve(device_type="cpu", kind="causal_lm",
+                                                                      base_dtype="bfloat16")
+    with pytest.raises(RuntimeError, match="runs on CUDA"):  # prepare_model refuses it for fast DoRA layers...
+        prepare_model(model, speed)
+    torch.manual_seed(0)  # ... and keeps it, unused, where nothing refreshes (FP8-base LoRA)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    quantize_linears(llama, linear_names(llama))
+    lora = get_peft_model(llama, LoraConfig(r=8, target_modules="all-linear"))
+    prepare_model(lora, speed)
+    assert speed.fp8_refresh_kernel == "triton"
     assert {m.refresh_kernel for m in fp8_layers(model)} == {"cublas"}
     assert dora_refresh.use_refresh_kernel(model, "auto") == "cublas"  # auto falls back, never refuses
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from loralab.speed.attention import plain_causal_attention
 from loralab.speed.dora_refresh import use_refresh_kernel
-from loralab.speed.fast_dora import enable_fast_dora
+from loralab.speed.fast_dora import enable_fast_dora, fast_dora_layers
 from loralab.speed.fp8 import cache_transposes, fp8_layers, use_fast_accum, use_quantize_kernel
 from loralab.speed.fp8_qkv import fp8_qkv_groups, fuse_fp8_qkv
 from loralab.speed.fused_lora import enable_fused_lora
@@ -67,7 +67,10 @@ def prepare_model(model, options: Speed):
     if options.fp8_quantize_kernel != "torch":
         use_quantize_kernel(model, options.fp8_quantize_kernel)
     use_fast_accum(model, options.fp8_fast_accum)
-    options.fp8_refresh_kernel = use_refresh_kernel(model, options.fp8_refresh_kernel)  # "auto": from the FP8 layers
+    if fast_dora_layers(model):  # "auto": from the FP8 layers; refused where an explicit kernel cannot run
+        options.fp8_refresh_kernel = use_refresh_kernel(model, options.fp8_refresh_kernel)
+    elif options.fp8_refresh_kernel == "auto":  # no fast DoRA layer: nothing refreshes (an explicit value is kept)
+        options.fp8_refresh_kernel = "cublas"
     for key in ("lora_scale_at_rank", "lora_shared_input"):
         if options.fused_lora and getattr(options, key):
             raise ValueError(FUSED_AND.format(key=key))
