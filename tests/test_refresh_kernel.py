@@ -180,3 +180,24 @@ def test_on_cuda_auto_takes_the_kernel_and_its_forms_keep_the_norms_eagerly_and_
         _, gram = weights_times_triton(codes, [torch.ones(128, device="cuda")] * 2, list(a), gram=True)
         exact_gram = a.double() @ a.double().transpose(-1, -2)
         assert ((gram.double() - exact_gram).abs().max() / exact_gram.abs().max()).item() < 2e-6, k
+
+
+def test_an_explicit_triton_kernel_without_cuda_is_refused_before_the_build(monkeypatch):
+    """Either FP8 Triton kernel named explicitly for a run on CPU ('device' "cpu", or "auto" where there is no
+    CUDA) is a problem of the training parameters, with the key, the device and the way out, unless Triton's CPU
+    interpreter is on; on CUDA, and for "auto" values, nothing is said."""
+    from loralab.config import ConfigError, build_parameters
+
+    speed = {"fp8_refresh_kernel": "triton", "fp8_quantize_kernel": "triton"}
+    assert build_parameters({"device": "cpu", "speed": speed}).speed["fp8_refresh_kernel"] == "triton"  # interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        build_parameters({"device": "cpu", "speed": speed})
+    text = str(err.value)
+    assert "'speed.fp8_refresh_kernel' = 'triton' runs on CUDA and 'device' = 'cpu': set it to 'auto'" in text
+    assert "'speed.fp8_quantize_kernel' = 'triton' runs on CUDA and 'device' = 'cpu': set it to 'torch'" in text
+    assert build_parameters({"device": "cuda", "speed": speed}).device == "cuda"
+    assert build_parameters({"device": "cpu"}).speed["fp8_refresh_kernel"] == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="'device' = 'auto', which finds none here"):
+        build_parameters({"speed": {"fp8_refresh_kernel": "triton"}})

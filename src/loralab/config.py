@@ -209,6 +209,22 @@ def not_allowed(values: dict[str, Any], name: str, allowed) -> list[str]:
     return [f"'{name}' = {values[name]!r} is not allowed{hint}; allowed: {shown}"]
 
 
+def _triton_off_cuda(values: dict[str, Any]) -> list[str]:
+    """An explicit Triton kernel (``speed.fp8_quantize_kernel``, ``speed.fp8_refresh_kernel``) where the run will have
+    no CUDA ('device' "cpu", or "auto" on a machine without it), refused before anything is built; Triton's CPU
+    interpreter (``TRITON_INTERPRET=1``, the tests') runs it."""
+    import torch
+
+    device, speed = values["device"], values["speed"]
+    if os.environ.get("TRITON_INTERPRET") == "1" or device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return []
+    where = "" if device == "cpu" else ", which finds none here"
+    return [f"'speed.{key}' = 'triton' runs on CUDA and 'device' = {device!r}{where}: set it to {other!r} (or run "
+            "with TRITON_INTERPRET=1, Triton's slow CPU interpreter)"
+            for key, other in (("fp8_quantize_kernel", "torch"), ("fp8_refresh_kernel", "auto"))
+            if isinstance(speed, dict) and speed.get(key) == "triton"]
+
+
 def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], list[str]]] = ()) -> list[str]:
     """Every type and range problem of a merged parameter dict, one line each. Type problems
     alone when there are any; otherwise the value checks here, then ``checks``: functions of the
@@ -242,7 +258,7 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
                  if not (isinstance(cal[key], int) and cal[key] > 0)]
     problems += [f"'calibration.{key}' = {cal[key]!r} is not allowed; allowed: {', '.join(allowed)}" for key, allowed
                  in (("sampling", CALIBRATION_SAMPLING), ("format", ("llama2-chat", "training"))) if cal[key] not in allowed]
-    problems += Speed.problems(values["speed"])
+    problems += Speed.problems(values["speed"]) + _triton_off_cuda(values)
     problems.extend(not_allowed(values, "loss_normalization", LOSS_NORMALIZATIONS))
     if values["checkpoint_steps"] is not None and values["checkpoint_steps"] < 0:
         problems.append(f"'checkpoint_steps' = {values['checkpoint_steps']!r} must be >= 0 (0: only on SIGINT/SIGTERM; null: every 10 % of the run)")
