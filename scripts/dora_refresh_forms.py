@@ -127,6 +127,23 @@ def refresh_per_group(model, compile_backend=None) -> int:
     return count
 
 
+def current_launch() -> tuple[int, int, int, int]:
+    """``fp8_kernels.weights_times_triton``'s tile and launch now: (BLOCK_N, BLOCK_K, warps, stages)."""
+    return fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES
+
+
+@contextlib.contextmanager
+def launch(tile: tuple[int, int, int, int]):
+    """``fp8_kernels.weights_times_triton`` at ``tile`` (BLOCK_N, BLOCK_K, warps, stages) inside the block; its
+    tile and launch as they were after it (scripts/refresh_product_sweep.py, the form triton-product-256x64)."""
+    saved = current_launch()
+    fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = tile
+    try:
+        yield
+    finally:
+        fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = saved
+
+
 @contextlib.contextmanager
 def form(name: str):
     """``speed.fast_dora`` computing its refresh in form ``name`` (``FORMS``) inside the block; its functions
@@ -136,7 +153,6 @@ def form(name: str):
     saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
              dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE, dora_refresh.GROUP_STREAMS,
              dora_refresh.FUSED_GRAM)
-    tile = (fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES)
     try:
         if name == "per-group-gram":
             dora_refresh.refresh_dora_norms = refresh_per_group
@@ -146,18 +162,17 @@ def form(name: str):
         dora_refresh.KERNEL_OVERRIDE = KERNEL_OF.get(name)  # whichever kernel the layers were set to take
         dora_refresh.FUSED_GRAM = name.startswith("triton-fused")
         dora_refresh.GROUP_STREAMS = name == "triton-fused-streams"
-        if name == "triton-product-256x64":  # the other tile the sm90 build held without spills (read, not timed)
-            fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = 256, 64, 8, 4
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
             fast_dora._gram = lambda a, _how=GRAM_CHUNKS_OF[name]: gram_split(a, *_how)
         streams_mod.PRODUCT_STREAMS = STREAMS.get(name, saved[3])
         dora_refresh._COMPILED_NORMS.clear()
-        yield
+        # triton-product-256x64: the other tile the sm90 build held without spills (read, not timed)
+        with launch((256, 64, 8, 4)) if name == "triton-product-256x64" else contextlib.nullcontext():
+            yield
     finally:
         dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
         (dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE, dora_refresh.GROUP_STREAMS,
          dora_refresh.FUSED_GRAM) = saved[4:8]
-        fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = tile
         dora_refresh._COMPILED_NORMS.clear()
         dora_refresh._COMPILED_NORMS.update(saved[2])
 

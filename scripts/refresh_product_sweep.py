@@ -21,6 +21,7 @@ import json
 import sys
 
 import torch
+from dora_refresh_forms import current_launch, launch
 from kernel_timing import median_ms
 
 from loralab.speed import fp8_kernels
@@ -53,7 +54,7 @@ def _group(n: int, k: int, layers: int, rank: int, device: str):
 def sweep(grid: list[tuple], rank: int, repeats: int, device: str = "cuda", groups: dict = GROUPS) -> dict:
     """{"shipped": {group: ms}, "launches": [{launch, ms per group, total_ms, tb_s, max_rel_diff or error}]},
     sorted fastest first. Sets ``fp8_kernels``' launch globals for each and restores them after."""
-    saved = (fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES)
+    default = current_launch()
     data = {name: _group(*shape, rank, device) for name, shape in groups.items()}
     gb = sum(n * k * layers for n, k, layers in groups.values()) / 1e9
     shipped = {name: _time_ms(lambda d=d: weights_times(*d), repeats, device) for name, d in data.items()}
@@ -63,26 +64,23 @@ def sweep(grid: list[tuple], rank: int, repeats: int, device: str = "cuda", grou
                             device) for name, d in data.items()}
     reference = {name: fp8_kernels.weights_times_triton(*d) for name, d in data.items()}
     rows = []
-    try:
-        for launch in grid:
-            fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = launch
-            row = {"launch": list(launch)}
-            try:
+    for tile in grid:
+        row = {"launch": list(tile)}
+        try:
+            with launch(tile):
                 diff = max(float((fp8_kernels.weights_times_triton(*d) - reference[name]).abs().max()
                                  / reference[name].abs().max()) for name, d in data.items())
                 per = {name: _time_ms(lambda d=d: fp8_kernels.weights_times_triton(*d), repeats, device)
                        for name, d in data.items()}
-                row.update(ms=per, total_ms=sum(per.values()), tb_s=gb / sum(per.values()), max_rel_diff=diff)
-            except Exception as exc:  # a launch the card cannot hold (shared memory, registers): listed, not fatal
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            rows.append(row)
-            print(_line(row), flush=True)
-    finally:
-        fp8_kernels.WA_BLOCK_N, fp8_kernels.WA_BLOCK_K, fp8_kernels.WA_WARPS, fp8_kernels.WA_STAGES = saved
+            row.update(ms=per, total_ms=sum(per.values()), tb_s=gb / sum(per.values()), max_rel_diff=diff)
+        except Exception as exc:  # a launch the card cannot hold (shared memory, registers): listed, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        rows.append(row)
+        print(_line(row), flush=True)
     rows.sort(key=lambda r: r.get("total_ms", float("inf")))
     return {"shipped": shipped, "shipped_total_ms": sum(shipped.values()), "shipped_tb_s": gb / sum(shipped.values()),
             "fused": fused, "fused_total_ms": sum(fused.values()),
-            "default": list(saved), "codes_gb": gb, "rank": rank, "launches": rows}
+            "default": list(default), "codes_gb": gb, "rank": rank, "launches": rows}
 
 
 def _line(row: dict) -> str:
