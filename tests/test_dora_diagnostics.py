@@ -5,6 +5,7 @@ scripts/fp8_refresh_gemm_bench.py; issue 22's DoRA goal)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -157,6 +158,39 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     assert (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS) == shipped
     monkeypatch.setattr(forms, "weights_times_codes_left", lambda codes, scales, a: codes_left(codes, scales, a) * 0)
     assert forms.time_forms(model, "cpu", None, forms=["codes-left"], repeats=1)["codes-left"]["max_rel_diff"] > 1e-3
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter (no CUDA)")
+def test_every_refresh_form_runs_where_the_layers_take_the_triton_kernel(load_script):
+    """The forms on a model whose FP8 layers take the Triton refresh product (``speed.fp8_refresh_kernel``, CUDA's
+    default): each one runs (a form that reached the library's products through another path, as per-group-gram's
+    own refresh did, must not meet a tuple or a list it does not expect) and lands near the exact norms; the
+    layers' kernel is as it was after them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loralab.methods.common import linear_names
+    from loralab.methods.fp8base import quantize_linears
+    from loralab.speed.fp8 import fp8_layers
+
+    forms = load_script("dora_refresh_forms")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).to(torch.bfloat16)
+    quantize_linears(llama, linear_names(llama))
+    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
+                                             target_modules="all-linear"))
+    fast_dora.enable_fast_dora(model)
+    assert dora_refresh.use_refresh_kernel(model, "triton") == "triton"
+    exact = [(m.get_base_layer().dequantize().double() + m.scaling[n] * m.lora_B[n].weight.double()
+              @ m.lora_A[n].weight.double()).norm(dim=1) for m, n in fast_dora._fast_dora_adapters(model)]
+    for name in forms.FORMS:
+        with forms.form(name):
+            assert dora_refresh.refresh_dora_norms(model, None) == 7, name
+        worst = max(((g.double() - e).abs().max() / e.abs().max()).item()
+                    for g, e in zip(forms._norms(model), exact, strict=True))
+        assert worst < 1e-3, (name, worst)
+    assert {m.refresh_kernel for m in fp8_layers(model)} == {"triton"} and dora_refresh.KERNEL_OVERRIDE is None
 
 
 def test_the_fused_projection_bench_times_the_same_products(load_script):
