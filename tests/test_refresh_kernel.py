@@ -201,3 +201,18 @@ def test_an_explicit_triton_kernel_without_cuda_is_refused_before_the_build(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="'device' = 'auto', which finds none here"):
         build_parameters({"speed": {"fp8_refresh_kernel": "triton"}})
+
+
+def test_bench_refuses_an_explicit_triton_kernel_without_cuda_before_its_first_row(monkeypatch):
+    """``loralab bench --device cpu --speed fp8_refresh_kernel=triton`` exits naming the key, --device and the way
+    out before any row is built (it had run the bf16 rows, then failed the FP8 row with a traceback)."""
+    from loralab.bench import runner
+    from loralab.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("a row ran"))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--device", "cpu", "--methods", "dora,fp8+dora", "--stacks", "loralab",
+              "--speed", "fp8_refresh_kernel=triton"])
+    assert str(exc.value) == ("--speed: 'speed.fp8_refresh_kernel' = 'triton' runs on CUDA and --device = 'cpu': "
+                              "set it to 'auto' (or run with TRITON_INTERPRET=1, Triton's slow CPU interpreter)")

@@ -209,13 +209,13 @@ def not_allowed(values: dict[str, Any], name: str, allowed) -> list[str]:
     return [f"'{name}' = {values[name]!r} is not allowed{hint}; allowed: {shown}"]
 
 
-def _triton_off_cuda(values: dict[str, Any]) -> list[str]:
+def triton_off_cuda(device: str, speed: Any) -> list[str]:
     """An explicit Triton kernel (``speed.fp8_quantize_kernel``, ``speed.fp8_refresh_kernel``) where the run will have
-    no CUDA ('device' "cpu", or "auto" on a machine without it), refused before anything is built; Triton's CPU
-    interpreter (``TRITON_INTERPRET=1``, the tests') runs it."""
+    no CUDA (``device`` "cpu", or "auto" on a machine without it): one problem line per such key, naming it, the
+    device and the way out; [] where CUDA runs it, or Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests').
+    ``loralab run`` refuses these before anything is built; ``loralab bench`` before its first row."""
     import torch
 
-    device, speed = values["device"], values["speed"]
     if os.environ.get("TRITON_INTERPRET") == "1" or device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return []
     where = "" if device == "cpu" else ", which finds none here"
@@ -258,7 +258,7 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
                  if not (isinstance(cal[key], int) and cal[key] > 0)]
     problems += [f"'calibration.{key}' = {cal[key]!r} is not allowed; allowed: {', '.join(allowed)}" for key, allowed
                  in (("sampling", CALIBRATION_SAMPLING), ("format", ("llama2-chat", "training"))) if cal[key] not in allowed]
-    problems += Speed.problems(values["speed"]) + _triton_off_cuda(values)
+    problems += Speed.problems(values["speed"]) + triton_off_cuda(values["device"], values["speed"])
     problems.extend(not_allowed(values, "loss_normalization", LOSS_NORMALIZATIONS))
     if values["checkpoint_steps"] is not None and values["checkpoint_steps"] < 0:
         problems.append(f"'checkpoint_steps' = {values['checkpoint_steps']!r} must be >= 0 (0: only on SIGINT/SIGTERM; null: every 10 % of the run)")

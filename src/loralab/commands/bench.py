@@ -108,6 +108,11 @@ def run(args) -> int:
             args.output.write_text(json.dumps(rows, indent=1) + "\n")
 
     speed = parse_speed(args.speed)  # explicit keys win over loralab run's defaults
+    from loralab.config import triton_off_cuda
+
+    off_cuda = triton_off_cuda(device, speed)  # refused before the first row, as loralab run refuses it
+    if off_cuda:
+        raise SystemExit("--speed: " + "; ".join(off_cuda).replace("'device'", "--device"))
     if args.no_compile:
         speed["compile"] = False
     if args.no_cuda_graphs:
