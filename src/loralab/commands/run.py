@@ -73,7 +73,9 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return _run_all(args, experiments, launch)
+        code = _run_all(args, experiments, launch)
+        distributed.barrier()  # every rank done before the group goes (a rare abort at exit: results/ci-times.md)
+        return code
     finally:
         distributed.shutdown()
 
