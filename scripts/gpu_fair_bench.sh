@@ -75,6 +75,9 @@
 #           flash, cuDNN and efficient SDPA backends, forward + backward, each checked against float32 math. ~15 s.
 #   fusedproj scripts/fused_proj_bench.py: q/k/v and gate/up at the 8B shapes as separate GEMMs and as one against the
 #           concatenated weight, bf16 and FP8, forward and input gradient: what a fused base projection would pay. ~30 s.
+#   piggy   scripts/piggyback_gemm_bench.py: the forward's FP8 GEMM at each 8B projection shape with r and 2r more rows
+#           (A's FP8 terms stacked under the activations): what the refresh's W·Aᵀ would cost carried on the forward's
+#           own read of the codes, summed over one forward, beside the refresh's ~4 ms. ~15 s.
 #   sweep   scripts/refresh_product_sweep.py: the refresh's W·Aᵀ at the 8B groups by cuBLAS and by the Triton kernel at
 #           54 tiles and launches (BLOCK_N x BLOCK_K, warps, stages), alone: the fastest launch. ~3 min.
 #   refreshgemm scripts/fp8_refresh_gemm_bench.py: the FP8 DoRA refresh's W·Aᵀ as _scaled_mm(codes, termsᵀ) (shipped through 22cac1c)
@@ -390,6 +393,8 @@ for part in "${PARTS[@]}"; do
       step fusedproj 120 $PYTHON scripts/fused_proj_bench.py --output "$OUT/fusedproj.json" ;;
     refreshgemm)  # the FP8 refresh's W·Aᵀ and Gram products, each in two forms, alone
       step refreshgemm 120 $PYTHON scripts/fp8_refresh_gemm_bench.py --output "$OUT/refreshgemm.json" ;;
+    piggy)  # the forward's FP8 GEMMs with A's terms stacked under the activations: the refresh carried on them
+      step piggy 90 $PYTHON scripts/piggyback_gemm_bench.py --output "$OUT/piggyback.json" ;;
     sweep)  # the refresh's W·Aᵀ by cuBLAS and by the Triton kernel at a grid of tiles and launches, alone
       step sweep 300 $PYTHON scripts/refresh_product_sweep.py --output "$OUT/sweep.json" ;;
     doraabl)  # fast DoRA by ablation at one micro-batch: LoRA, DoRA, DoRA with frozen magnitudes; the refresh alone
@@ -444,7 +449,7 @@ for part in "${PARTS[@]}"; do
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda ${FP8LOSS_VARIANTS:+--variants $FP8LOSS_VARIANTS} \
         --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fairprof fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm sweep doraabl probe8b actbudget probebudget recipebudget speedab gputests bundle fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fairprof fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm piggy sweep doraabl probe8b actbudget probebudget recipebudget speedab gputests bundle fp8check fp8loss)"; exit 2 ;;
   esac
 done
 

@@ -202,3 +202,23 @@ def test_the_fused_projection_bench_times_the_same_products(load_script):
                                                              ("gate_up", "bf16", "forward fused"), ("gate_up", "fp8", "forward fused")}
     for (group, base, form), diff in diffs.items():
         assert diff <= (0.0 if form.startswith("forward") else 2 ** -7), (group, base, form, diff)
+
+
+def test_the_piggyback_bench_stacks_the_terms_without_changing_the_layers_output(load_script):
+    """scripts/piggyback_gemm_bench.py's premise: A's FP8 terms stacked under the activations' codes, with their own
+    row scales, leave the layer's output rows as the plain GEMM gives them and give the terms' own product with W
+    in the rows below (on CPU each output is its own dot product: bitwise)."""
+    from loralab.speed.fp8 import quantize_rows
+
+    bench = load_script("piggyback_gemm_bench")
+    torch.manual_seed(0)
+    codes, scales = quantize_rows(torch.randn(48, 64, dtype=torch.bfloat16))
+    xq, sx = quantize_rows(torch.randn(16, 64, dtype=torch.bfloat16))
+    tq, st = quantize_rows(torch.randn(8, 64, dtype=torch.bfloat16) * 0.02)
+    sw = scales.view(1, -1)
+    both = bench.stacked_product(xq, sx, tq, st, codes, sw)
+    assert both.shape == (24, 48)
+    assert torch.equal(both[:16], bench._mm(xq, codes.t(), sx, sw))
+    assert torch.equal(both[16:], bench._mm(tq, codes.t(), st, sw))
+    exact = (tq.double() * st.double()) @ (codes.double() * scales.double()).t()
+    assert ((both[16:].double() - exact).abs().max() / exact.abs().max()).item() < 2 ** -8  # bf16 out
