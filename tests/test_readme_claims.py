@@ -1057,3 +1057,62 @@ def test_triton_refresh_product_section_is_its_files():
         assert f"FP8-base {word} {ab['new'][method]['throughput'] / old:.3f}x" in flat, method
     peaks = [ab[t][m]["peak_memory_gib"] for t in ("new", "old") for m in ("fp8+lora", "fp8+dora")]
     assert "at {:.1f} and {:.1f} GiB against {:.1f} and {:.1f}".format(*peaks) in flat
+
+
+@pytest.mark.slow  # runs the table script (imports torch, transformers)
+def test_fair_h100_6d8976e_section_is_its_files():
+    """The 6d8976e H100 section holds every table row and note the table script prints from
+    results/bench-fair-h100-1207e, and its reading's figures are those files': the LoRA ratios to the tuned peer and at
+    the windows' extremes, the spreads, the ratios against 97c706e's fastest tuned peer, DoRA / LoRA and the time
+    the goal needs, the fused refresh's times, the piggyback's extra milliseconds and the cut recipe's two rows; the
+    H200 section's pointer quotes the same figures."""
+    heading = "### Training speed against the fairest peer, the defaults of commit 6d8976e (H100)"
+    folder = RESULTS / "bench-fair-h100-1207e"
+    flat, rows = _fair8b_section(folder, heading)
+    lora, fp8, tuned = rows[("lora", "loralab")], rows[("fp8+lora", "loralab")], rows[("lora", "tuned")]
+    assert lora["best_peer"] == fp8["best_peer"] == "tuned"
+    assert (f"bf16 LoRA is {lora['ratio_best_peer']:.2f}x and FP8-base LoRA {fp8['ratio_best_peer']:.2f}x the tuned peer, "
+            f"the best peer here ({tuned['throughput']:,.0f} tokens/s)") in flat
+    extremes = [(min(r["window_throughputs"]) / max(tuned["window_throughputs"]),
+                 max(r["window_throughputs"]) / min(tuned["window_throughputs"])) for r in (lora, fp8)]
+    assert (f"the ratios run from {extremes[0][0]:.2f}x to {extremes[0][1]:.2f}x and from {extremes[1][0]:.2f}x to "
+            f"{extremes[1][1]:.2f}x") in flat
+
+    def spread(row):
+        return max(row["window_throughputs"]) / min(row["window_throughputs"]) - 1
+
+    assert (f"The tuned peer's windows spread {spread(tuned):.1%} ({min(tuned['window_throughputs']):,.0f} to "
+            f"{max(tuned['window_throughputs']):,.0f} tokens/s), the widest yet; loralab's LoRA rows spread "
+            f"{spread(lora):.1%} (bf16) and {spread(fp8):.1%} (FP8)").replace("%", " %") in flat
+    fastest = {(r["method"], r["stack"]): r["throughput"] for r in json.loads(
+        (RESULTS / "bench-shared-input-h100" / "fair8b" / "fair8b.json").read_text())}[("lora", "tuned")]
+    assert fp8["throughput"] / fastest < 2.0
+    assert (f"97c706e's card's {fastest:,.0f} tokens/s (a different run), the same rows would be "
+            f"{lora['throughput'] / fastest:.2f}x and {fp8['throughput'] / fastest:.4f}x") in flat
+    dora, fp8_dora = rows[("dora", "loralab")], rows[("fp8+dora", "loralab")]
+    ratios = (dora["throughput"] / lora["throughput"], fp8_dora["throughput"] / fp8["throughput"])
+    assert ratios[0] >= 0.9 > ratios[1]
+    short = fp8_dora["step_ms"] - fp8["step_ms"] / 0.9
+    assert (f"DoRA is {ratios[0]:.3f} of LoRA on bf16 (met) and {ratios[1]:.4f} on the FP8 base (**not met**): "
+            f"FP8-base DoRA's step took {fp8_dora['step_ms']:.2f} ms, {short:.2f} ms more than LoRA's "
+            f"{fp8['step_ms']:.2f} ms over 0.9") in flat
+    ablation = {r["variant"]: r for r in json.loads((folder / "ablation" / "doraabl.json").read_text())}
+    forms = ablation["dora"]["refresh_forms"]
+    assert (f"made the refresh alone, graphed, {forms['triton-fused']['ms']:.3f} ms against {forms['shipped']['ms']:.3f} "
+            f"ms, and the step {ablation['dora-triton-fused']['step_ms']:.2f} ms against {ablation['dora']['step_ms']:.2f} ms")\
+        in flat
+    assert "2.15e-5" in flat and "assert 2.1501235131036786e-05 < 2e-06" in (folder / "ablation" / "gputests.log").read_text()
+    extra = json.loads((folder / "ablation" / "piggyback.json").read_text())["extra_ms_per_forward"]
+    assert (f"{extra['+64']:.2f} ms more a forward with 64 extra rows, already stacked ({extra['+64 cat']:.2f} ms with the "
+            f"copy that stacks them), against the refresh's {forms['shipped']['ms']:.2f} ms: at most about "
+            f"{forms['shipped']['ms'] - extra['+64']:.1f} ms a step") in flat
+    log = (folder / "recipe" / "recipe.log").read_text()
+    assert "loralab     640 samples   118,972 tokens    12,141 tokens/s   19.7 GiB" in log
+    assert "trainer     640 samples   118,972 tokens       540 tokens/s   19.0 GiB" in log
+    assert not (folder / "recipe" / "recipe.json").exists() and "exit 124" in (folder / "recipe" / "summary.txt").read_text()
+    assert "loralab at 12,141 tokens/s (19.7 GiB) and the careful Trainer at 540 (19.0 GiB)" in flat
+    assert "commit: 6d8976e" in (folder / "gpu.txt").read_text()
+    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    assert (f"there loralab is {lora['ratio_best_peer']:.2f}x (bf16) and {fp8['ratio_best_peer']:.2f}x (FP8 base) of that "
+            f"card's tuned peer, whose windows spread {spread(tuned):.1%}, every memory goal is met, and FP8-base DoRA is "
+            f"{ratios[1]:.4f} of LoRA (goal 0.9: not met, by {short:.2f} ms of a 105 ms step)").replace("%", " %") in h200

@@ -1,0 +1,1 @@
+python3 scripts/dora_ablation_bench.py --bases fp8 --variants lora dora dora-triton-fused --micro-batch auto --speed memory_fraction=0.441 --refresh-forms shipped triton-fused triton-fused-streams cublas-product --output /root/out/doraabl.json

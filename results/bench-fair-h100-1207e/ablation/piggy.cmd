@@ -1,0 +1,1 @@
+python3 scripts/piggyback_gemm_bench.py --output /root/out/piggyback.json
