@@ -34,9 +34,6 @@ differ only in what the variant changes:
                   fast DoRA whose refresh takes every group's ``W·Aᵀ`` in one Triton kernel
                   (``speed.fp8_kernels.weights_times_triton``, inside ``dora_refresh_forms.form("triton-product")``) in place of one
                   ``_scaled_mm`` a layer (FP8 base only: a float base has no codes to read)
-  dora-triton-fused
-                  the same with each group's Gram in the product's launch and A read where it is
-                  (``dora_refresh_forms.form("triton-fused")``: ``speed.dora_refresh.FUSED_GRAM``, not yet measured)
   dora-cublas-product
                   the same with one ``_scaled_mm`` a layer (``dora_refresh_forms.form("cublas-product")``): since
                   ``speed.fp8_refresh_kernel`` "auto" takes the Triton kernel on CUDA, the shipped product before it
@@ -78,10 +75,9 @@ from loralab.speed import dora_refresh
 from loralab.speed.dora_refresh import refresh_dora_norms
 
 VARIANTS = ("lora", "dora", "dora-frozen-m", "dora-norm-once", "lora-probe-dynamic", "dora-probe-dynamic",
-            "dora-per-group-gram", "dora-ratio-in-forward", "dora-triton-product", "dora-cublas-product",
-            "dora-triton-fused")
-FORM_OF = {"dora-triton-product": "triton-product", "dora-cublas-product": "cublas-product",
-           "dora-triton-fused": "triton-fused"}  # the variants that run the step's refresh in a refresh form
+            "dora-per-group-gram", "dora-ratio-in-forward", "dora-triton-product", "dora-cublas-product")
+FORM_OF = {"dora-triton-product": "triton-product",
+           "dora-cublas-product": "cublas-product"}  # the variants that run the step's refresh in a refresh form
 
 
 def keep_norms_only(members: list, norms: torch.Tensor) -> None:

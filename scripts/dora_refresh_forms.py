@@ -33,16 +33,10 @@ blocks over a long K). The forms:
                were set to take (``speed.fp8_refresh_kernel``: "auto" takes the Triton kernel on CUDA since it was
                measured 1.27x the refresh, results/bench-tritonproduct-h100; "shipped" is then that kernel), every
                Gram by the float32 bmm beside them
-  triton-fused  the Triton product taking each group's Gram in the same launch from the layers' own A's, scaled by one
-               small kernel (``speed.dora_refresh.FUSED_GRAM``, not yet measured): no float32 bmm beside the products
-               (0.56 ms a group of an H100's CUDA time, results/bench-fair-h100-1207c) and no stacked float32 copy of A
-  triton-fused-streams  triton-fused with each group's launch on a side stream of its own
-               (``speed.dora_refresh.GROUP_STREAMS``): the four 8B launches overlap instead of queueing; alone, k and
-               v's launch read its codes at 1.1 TB/s against 1.9-2.4 for the others (results/bench-tritonproduct-h100)
 
 With the Triton product (on CUDA by default since de89128) each group's W·Aᵀ is one launch on the current stream:
 one-stream, streams-2 and streams-8 then move only the Gram's stream (and the products of layers the kernel does not
-read), and gram-split, gram-split-32 the Gram beside it, as before; under triton-fused there is no separate Gram.
+read), and gram-split, gram-split-32 the Gram beside it, as before.
 
 At ac59585 (results/bench-refreshforms-h100) the shipped form was codes-left, and the forms measured were
 named shipped (codes-left), cast-stack, terms-left (today's shipped), gram-split and both.
@@ -68,11 +62,9 @@ from loralab.speed import streams as streams_mod
 
 GRAM_CHUNKS = 8
 FORMS = ("shipped", "cast-stack", "codes-left", "gram-split", "gram-split-32", "per-group-gram", "one-stream", "streams-2",
-         "streams-8", "triton-product", "triton-product-256x64", "cublas-product", "triton-fused",
-         "triton-fused-streams")
+         "streams-8", "triton-product", "triton-product-256x64", "cublas-product")
 KERNEL_OF = {"per-group-gram": "cublas", "codes-left": "cublas", "cast-stack": "cublas", "cublas-product": "cublas",
-             "triton-product": "triton", "triton-product-256x64": "triton", "triton-fused": "triton",
-             "triton-fused-streams": "triton"}  # speed.dora_refresh.KERNEL_OVERRIDE per form
+             "triton-product": "triton", "triton-product-256x64": "triton"}  # speed.dora_refresh.KERNEL_OVERRIDE per form
 GRAM_CHUNKS_OF = {"gram-split": (GRAM_CHUNKS, False), "gram-split-32": (32, True)}  # (chunks, made contiguous)
 STREAMS = {"one-stream": 1, "streams-2": 2, "streams-8": 8}
 
@@ -151,8 +143,7 @@ def form(name: str):
     if name not in FORMS:
         raise ValueError(f"refresh form {name!r}: one of {', '.join(FORMS)}")
     saved = (dora_refresh.weights_times, fast_dora._gram, dict(dora_refresh._COMPILED_NORMS), streams_mod.PRODUCT_STREAMS,
-             dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE, dora_refresh.GROUP_STREAMS,
-             dora_refresh.FUSED_GRAM)
+             dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE)
     try:
         if name == "per-group-gram":
             dora_refresh.refresh_dora_norms = refresh_per_group
@@ -160,8 +151,6 @@ def form(name: str):
         if name in products:  # in the cuBLAS path's place (the override below takes every group there)
             dora_refresh.weights_times = products[name]
         dora_refresh.KERNEL_OVERRIDE = KERNEL_OF.get(name)  # whichever kernel the layers were set to take
-        dora_refresh.FUSED_GRAM = name.startswith("triton-fused")
-        dora_refresh.GROUP_STREAMS = name == "triton-fused-streams"
         if name in GRAM_CHUNKS_OF:  # looked up at each call (a test counts the calls)
             fast_dora._gram = lambda a, _how=GRAM_CHUNKS_OF[name]: gram_split(a, *_how)
         streams_mod.PRODUCT_STREAMS = STREAMS.get(name, saved[3])
@@ -171,8 +160,7 @@ def form(name: str):
             yield
     finally:
         dora_refresh.weights_times, fast_dora._gram, streams_mod.PRODUCT_STREAMS = saved[0], saved[1], saved[3]
-        (dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE, dora_refresh.GROUP_STREAMS,
-         dora_refresh.FUSED_GRAM) = saved[4:8]
+        dora_refresh.refresh_dora_norms, dora_refresh.KERNEL_OVERRIDE = saved[4], saved[5]
         dora_refresh._COMPILED_NORMS.clear()
         dora_refresh._COMPILED_NORMS.update(saved[2])
 

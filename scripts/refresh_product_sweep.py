@@ -7,8 +7,7 @@ kernel at 128 x 128, 8 warps, 3 stages (the tile chosen by reading the sm90 buil
 shipped 5.143 ms; at 256 x 64, 4 stages, 5.394 ms. This times the product alone, per group and summed over the step's
 groups (q and o, k and v, gate and up: 64 layers each; down: 32), each sample ``BACK_TO_BACK`` calls queued back to back
 (``kernel_timing.median_ms``), and checks every launch gives the default's values (largest difference relative to
-the largest value); the default launch also as ``speed.dora_refresh.FUSED_GRAM`` runs it (the layers' own A's, the
-Gram in the same launch: "fused"). A launch that does not fit the card (shared memory, registers) is listed with its error.
+the largest value). A launch that does not fit the card (shared memory, registers) is listed with its error.
 
     python scripts/refresh_product_sweep.py --output $OUT/sweep.json     # on a GPU, ~3 min (one compile a launch)
 """
@@ -58,10 +57,6 @@ def sweep(grid: list[tuple], rank: int, repeats: int, device: str = "cuda", grou
     data = {name: _group(*shape, rank, device) for name, shape in groups.items()}
     gb = sum(n * k * layers for n, k, layers in groups.values()) / 1e9
     shipped = {name: _time_ms(lambda d=d: weights_times(*d), repeats, device) for name, d in data.items()}
-    # the default launch as speed.dora_refresh.FUSED_GRAM runs it: the layers' own A's (scaled by the small kernel)
-    # and each layer's Gram taken in the same launch
-    fused = {name: _time_ms(lambda d=d: fp8_kernels.weights_times_triton(d[0], d[1], list(d[2]), gram=True), repeats,
-                            device) for name, d in data.items()}
     reference = {name: fp8_kernels.weights_times_triton(*d) for name, d in data.items()}
     rows = []
     for tile in grid:
@@ -79,7 +74,6 @@ def sweep(grid: list[tuple], rank: int, repeats: int, device: str = "cuda", grou
         print(_line(row), flush=True)
     rows.sort(key=lambda r: r.get("total_ms", float("inf")))
     return {"shipped": shipped, "shipped_total_ms": sum(shipped.values()), "shipped_tb_s": gb / sum(shipped.values()),
-            "fused": fused, "fused_total_ms": sum(fused.values()),
             "default": list(default), "codes_gb": gb, "rank": rank, "launches": rows}
 
 
@@ -107,8 +101,6 @@ def main(argv=None) -> int:
     out = sweep(launches(), args.rank, args.repeats)
     print("| shipped cuBLAS | | | " + " | ".join(f"{v:.3f}" for v in out["shipped"].values())
           + f" | {out['shipped_total_ms']:.3f} | {out['shipped_tb_s']:.2f} | | |")
-    print("| fused (default launch, own A's, Gram in the launch) | | | " + " | ".join(f"{v:.3f}" for v in out["fused"].values())
-          + f" | {out['fused_total_ms']:.3f} | {out['codes_gb'] / out['fused_total_ms']:.2f} | | |")
     print("fastest first:")
     for row in out["launches"][:8]:
         print(_line(row))

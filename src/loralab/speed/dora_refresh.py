@@ -97,17 +97,6 @@ def _refresh_groups(model: nn.Module) -> dict:
     return groups
 
 
-FUSED_GRAM = False
-"""Where a group's W·Aᵀ is the Triton kernel's: the same launch also takes its Gram matrix A·Aᵀ (one more program a
-layer, ``fp8_kernels.weights_times_triton``'s ``gram``), reading the layers' own A's (no stacked float32 copy; A scaled
-by one small kernel instead of torch ops), where by default the Gram is a float32 bmm beside the products (0.56 ms of
-an H100's CUDA time a group in results/bench-fair-h100-1207c's doraabl profile) and A is stacked and scaled by torch
-ops. Off until measured on a GPU: refresh forms (scripts/dora_refresh_forms.py, "triton-fused",
-"triton-fused-streams") set it for the time of a measure."""
-GROUP_STREAMS = False
-"""Where every group is ``FUSED_GRAM``'s one launch: each group's launch on a side stream of its own, so the groups'
-launches overlap (the last thread blocks of one beside the next's) instead of running one after another. Not
-measured: the refresh form "triton-fused-streams" sets it for the time of a measure."""
 KERNEL_OVERRIDE: str | None = None
 """A kernel every FP8 layer's refresh takes whatever its ``refresh_kernel`` (scripts/dora_refresh_forms.py sets it for
 the time of a form's measure); None: each layer's own."""
@@ -119,30 +108,15 @@ def _kernel_of(module) -> str:
     return KERNEL_OVERRIDE or getattr(fast_dora._fp8_base(module), "refresh_kernel", "cublas")
 
 
-def _fused_gram(members: list) -> bool:
-    """Whether the group's product kernel also takes its Gram matrix (``FUSED_GRAM`` and the Triton kernel reading
-    FP8 codes)."""
-    return FUSED_GRAM and _triton_codes(members)
-
-
-def _triton_codes(members: list) -> bool:
-    """Whether the group's W·Aᵀ is the Triton kernel's, from FP8 codes."""
-    return bool(members[0][2][4]) and _kernel_of(members[0][0]) == "triton"
-
-
-def _group_products(members: list, a: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+def _group_products(members: list, a: torch.Tensor) -> torch.Tensor:
     """``W·Aᵀ`` (L, out, r) fp32 of one group's layers, each the value ``_norm_of`` takes for that layer (read from
     FP8 codes by the layers' ``refresh_kernel``: Triton's within A's float16 rounding of it), from their A's stacked
     (``a``, (L, r, in)): cast (or split into FP8 terms) once, one GEMM per layer or one Triton kernel a group (an FP8
-    base's codes converted per layer where it does not read them as FP8: one copy alive at a time). Where
-    ``_fused_gram``: (W·Aᵀ, A·Aᵀ (L, r, r) fp32), both from the one launch, and ``a`` may be the layers' own A's
-    (a list of L (r, in) float32 tensors, read where they are)."""
+    base's codes converted per layer where it does not read them as FP8: one copy alive at a time)."""
     _, weight, dtype, row_scale, from_codes = members[0][2]
     if from_codes:  # looked up at each call: scripts/dora_refresh_forms.py replaces weights_times
-        codes, scales = [parts[1] for *_, parts in members], [parts[3] for *_, parts in members]
-        if _fused_gram(members):  # (W·Aᵀ, A·Aᵀ) from one launch: refresh_dora_norms takes the Gram from it
-            return weights_times_triton(codes, scales, a, gram=True)
-        return (weights_times_triton if _triton_codes(members) else weights_times)(codes, scales, a)
+        product = weights_times_triton if _kernel_of(members[0][0]) == "triton" else weights_times
+        return product([parts[1] for *_, parts in members], [parts[3] for *_, parts in members], a)
     a = a.to(dtype or weight.dtype)
     wa = torch.empty(len(members), weight.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
     # each product in place, beside the others on side streams (speed/streams.py) unless it converts the codes
@@ -168,8 +142,8 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     Layers of one shape are computed together (``_refresh_groups``): A's and B's stacked, the small products
     batched, one GEMM per layer for W·Aᵀ (on CUDA spread over side streams, every group's Gram A·Aᵀ taken first
     on one more stream beside all of them: speed/streams.py), or, where a group's ``refresh_kernel`` is "triton"
-    (``use_refresh_kernel``: on CUDA by default), one Triton launch for the group's W·Aᵀ (with ``FUSED_GRAM``, its
-    Gram too, from the layers' own A's), one copy into the kept norms and ratios. Every
+    (``use_refresh_kernel``: on CUDA by default), one Triton launch for the group's W·Aᵀ, one copy into the kept
+    norms and ratios. Every
     group's W·Aᵀ (L, out, r) float32 is alive until the norms are taken (~176 MB at Llama-3-8B, r 32; the largest
     group's alone, ~117 MB, before every Gram went first: results/bench-gramfirst-h100, where the step's peak did
     not move). Layer by layer each norm was 16 eager aten ops (34 on an FP8 base), thousands a step at 8B;
@@ -180,34 +154,23 @@ def refresh_dora_norms(model: nn.Module, compile_backend=None) -> int:
     a compiled forward (``_norms_tail``); eager, the layer-by-layer refresh had cost more than
     the forward's norm it saved at micro-batch 2 of an 8B FP8 base (0.946x, results/bench-dora-h100/eager-dorab-*)."""
     from_products = _norms_tail(compile_backend)
-    groups, fused = [], []
-    for (*_, scaling), members in _refresh_groups(model).items():
-        weights = [module.lora_A[name].weight.detach() for module, name, _ in members]
-        fused.append(_fused_gram(members))  # its kernel reads the layers' own float32 A's: no stacked copy
-        own = fused[-1] and all(w.dtype == torch.float32 and w.is_contiguous() and not w.data_ptr() % 16 for w in weights)
-        groups.append((scaling, members, weights if own else torch.stack(weights)))
-        device = weights[0].device
+    groups = [(scaling, members, torch.stack([module.lora_A[name].weight.detach() for module, name, _ in members]))
+              for (*_, scaling), members in _refresh_groups(model).items()]
     if not groups:
         return 0
-    with aside(device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
+    with aside(groups[0][2].device) as run_aside:  # every Gram first, beside all the products (speed/streams.py)
         with run_aside():
-            grams = [None if f else fast_dora._gram(a.float()) for f, (*_, a) in zip(fused, groups, strict=True)]
-        with side_streams(device, len(groups) if GROUP_STREAMS and all(fused) else 1) as stream_of:
-            products = []
-            for i, (_, members, a) in enumerate(groups):
-                with stream_of(i):
-                    products.append(_group_products(members, a))
-    for (scaling, members, a), f, gram, wa in zip(groups, fused, grams, products, strict=True):
-        wa, gram = wa if f else (wa, gram)  # a fused group's product came with its Gram (A no longer needed)
-        _keep_group(members, None if f else a, wa, gram, scaling, from_products)
+            grams = [fast_dora._gram(a.float()) for *_, a in groups]
+        products = [_group_products(members, a) for _, members, a in groups]
+    for (scaling, members, a), gram, wa in zip(groups, grams, products, strict=True):
+        _keep_group(members, a, wa, gram, scaling, from_products)
     return sum(len(members) for _, members, _ in groups)
 
 
 def _keep_group(members: list, a: torch.Tensor, wa: torch.Tensor, gram: torch.Tensor, scaling: float,
                 from_products) -> None:
-    """One group's norms from its products (``a`` (L, r, in) stacked A's, or None where ``gram`` is given; ``wa``
-    (L, out, r), ``gram`` (L, r, r) or None: taken from ``a``), through ``from_products``
-    (``fast_dora._norm_from_products`` or its compiled copy), kept on its layers."""
+    """One group's norms from its products (``a`` (L, r, in) stacked A's, ``wa`` (L, out, r), ``gram`` (L, r, r)),
+    through ``from_products`` (``fast_dora._norm_from_products`` or its compiled copy), kept on its layers."""
     weight_sq = torch.stack([parts[0] for *_, parts in members])
     b = torch.stack([module.lora_B[name].weight.detach() for module, name, _ in members])
     _keep_norms(members, from_products(weight_sq, wa, a, b, scaling, gram))

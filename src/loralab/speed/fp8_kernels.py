@@ -68,9 +68,9 @@ def can_run_on(device: torch.device) -> str | None:
 def _kernel():
     import triton
 
-    from loralab.speed._fp8_triton import quantize_rows_kernel, scale_rows_kernel, weights_times_kernel
+    from loralab.speed._fp8_triton import quantize_rows_kernel, weights_times_kernel
 
-    return triton, quantize_rows_kernel, (scale_rows_kernel, weights_times_kernel)
+    return triton, quantize_rows_kernel, weights_times_kernel
 
 
 @torch.library.custom_op("loralab::fp8_quantize_rows", mutates_args=())
@@ -122,22 +122,12 @@ five others within 2 % of it; results/bench-tritonproduct-h100, call 2)."""
 A_TOP = 14
 """Each row of A is divided by the power of two that puts its largest entry in [2^14, 2^15) before it is rounded to
 float16 (whose largest finite value is 65,504): any magnitude fits, and the division is exact."""
-SCALE_BLOCK = 1024
-"""Columns of A a program of ``scale_rows_kernel`` takes a step."""
 
 
-def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor | list[torch.Tensor],
-                         gram: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
     """``speed.fp8.weights_times``'s product, ``W·Aᵀ`` of L layers of one shape with ``W = diag(scales)·codes``, in
     one Triton kernel: ``codes`` L tensors (N, K) float8_e4m3fn, ``scales`` L tensors (N,) float32, ``a`` (L, r, K)
-    any float dtype (scaled by torch ops: the refresh's default), or L tensors (r, K) float32, the layers' own A's
-    (read where they are by one more small kernel: no stacked copy; ``speed.dora_refresh.FUSED_GRAM``'s path, not
-    measured yet). Returns (L, N, r) float32; with ``gram``, also each layer's Gram matrix ``A·Aᵀ`` (L, r, r) float32,
-    which the norm refresh needs beside the product (``fast_dora._norm_from_products``), taken by one more program a
-    layer in the same launch from A in two float16 parts (hi + lo, ~22 bits; each 128-column tile's products summed
-    apart and added in float32: within 2e-6 of float64's under Triton's interpreter, not measured on a GPU), where the
-    refresh's own float32 bmm ((L, r, K) x (L, K, r): few thread blocks over a long K) ran 0.56 ms a group on an
-    H100 beside the products (results/bench-fair-h100-1207c, doraabl's profile: 4.48 ms of CUDA time in 2 steps).
+    any float dtype. Returns (L, N, r) float32.
 
     Why: the refresh's cuBLAS products have 2r = 64 rows, so their 128-row output tiles are half empty and there
     are N/128 of them a layer (8 thread blocks for Llama-3-8B's k and v), one launch per layer; graphed on 4 side
@@ -147,70 +137,47 @@ def weights_times_triton(codes: list[torch.Tensor], scales: list[torch.Tensor], 
     here), and widening them to float16 in registers (exact). Precision: each row of A scaled by a power of two
     (``A_TOP``) and rounded to float16 (11 significant bits: half an ulp is 2^-11 of an entry, finer than
     ``split_rows``' two FP8 terms, whose error is up to 2^-9.6 of the row's largest entry), float32 accumulation,
-    no bf16 rounding of the output as ``_scaled_mm``'s row-wise kernel has. Given the layers' own A's, their rows
-    are scaled and split by one more small kernel (``scale_rows_kernel``: one read of A, the float16 parts written
-    once), where the torch ops of the stacked form (amax, log2, exp2, division, casts, the split's subtraction) make
-    ~12 passes over a float32 copy of A stacked for the purpose, ~2 GB a step at the 8B shape (an estimate from the
-    shapes; not measured alone). Measured on an H100 (results/bench-tritonproduct-h100), stacked A without the Gram:
-    the four 8B groups in 3.30 ms alone, A's torch preparation included (2.1 TB/s), the whole refresh graphed in
-    4.045 ms against cuBLAS's 5.143, FP8 DoRA's step 1.009x-1.014x; the refresh's default on CUDA
-    (``speed.fp8_refresh_kernel``, speed/dora_refresh.use_refresh_kernel). Raises ValueError for layers
-    that do not match (count, shapes, dtypes, devices, 16-byte alignment), RuntimeError where the kernel cannot run
-    (``can_run_on``'s reason) or a CUDA graph capture meets tensors it has no pointer table for."""
-    stacked = isinstance(a, torch.Tensor)
-    count = a.shape[0] if stacked else len(a)
-    if not len(codes) == len(scales) == count:
-        raise ValueError(f"weights_times_triton: {len(codes)} codes, {len(scales)} scales and {count} A's; "
+    no bf16 rounding of the output as ``_scaled_mm``'s row-wise kernel has. Measured on an H100
+    (results/bench-tritonproduct-h100): the four 8B groups in 3.30 ms alone, A's torch preparation included
+    (2.1 TB/s), the whole refresh graphed in 4.045 ms against cuBLAS's 5.143, FP8 DoRA's step 1.009x-1.014x; the
+    refresh's default on CUDA (``speed.fp8_refresh_kernel``, speed/dora_refresh.use_refresh_kernel). Raises ValueError
+    for layers that do not match (count, shapes, dtypes, devices, 16-byte alignment), RuntimeError where the kernel
+    cannot run (``can_run_on``'s reason) or a CUDA graph capture meets tensors it has no pointer table for."""
+    if not len(codes) == len(scales) == a.shape[0]:
+        raise ValueError(f"weights_times_triton: {len(codes)} codes, {len(scales)} scales and {a.shape[0]} A's; "
                          "one of each per layer is needed")
-    r, k = a.shape[1:] if stacked else a[0].shape
-    device, n = (a if stacked else a[0]).device, codes[0].shape[0]
+    layers, r, k = a.shape
+    n = codes[0].shape[0]
     bad = [i for i, (c, s) in enumerate(zip(codes, scales)) if c.shape != (n, k) or c.dtype != torch.float8_e4m3fn
            or not c.is_contiguous() or c.data_ptr() % 16 or s.shape != (n,) or s.dtype != torch.float32
-           or not s.is_contiguous() or c.device != device or s.device != device]
+           or not s.is_contiguous() or c.device != a.device or s.device != a.device]
     if bad:
         raise ValueError(f"weights_times_triton: layer {bad[0]}'s codes must be contiguous, 16-byte aligned "
-                         f"float8_e4m3fn ({n}, {k}) and its scales contiguous float32 ({n},), on {device}")
-    bad = [] if stacked else [i for i, t in enumerate(a) if t.shape != (r, k) or t.dtype != torch.float32
-                              or not t.is_contiguous() or t.data_ptr() % 16 or t.device != device]
-    if bad:
-        raise ValueError(f"weights_times_triton: layer {bad[0]}'s A must be a contiguous, 16-byte aligned float32 "
-                         f"({r}, {k}) on {device}, as the first; pass them stacked otherwise")
-    why = can_run_on(device)
+                         f"float8_e4m3fn ({n}, {k}) and its scales contiguous float32 ({n},), on {a.device}")
+    why = can_run_on(a.device)
     if why:
         raise RuntimeError(f"FP8 refresh product kernel: {why}")
-    triton, _, (scale_rows, kernel) = _kernel()
-    table = _pointer_table(device, codes, scales, *([] if stacked else [[t.detach() for t in a]]))
-    if stacked:  # torch ops, as measured (results/bench-tritonproduct-h100): the refresh's default path
-        amax = a.detach().abs().amax(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)  # (L, r)
-        a_scale = torch.exp2(torch.floor(torch.log2(amax)) - A_TOP)
-        scaled = a.detach().float() / a_scale[..., None]
-        hi = scaled.to(torch.float16).contiguous()
-        lo = (scaled - hi.float()).to(torch.float16).contiguous() if gram else hi  # the part float16 dropped
-    else:  # the layers' own A's: one kernel reads each once (speed.dora_refresh.FUSED_GRAM's path; not measured)
-        hi = torch.empty(count, r, k, dtype=torch.float16, device=device)
-        lo = torch.empty_like(hi) if gram else hi
-        a_scale = torch.empty(count, r, dtype=torch.float32, device=device)
-        scale_rows[(count, r)](table[-1], hi, lo, a_scale, r, k, A_TOP=A_TOP, LO=bool(gram), BLOCK=SCALE_BLOCK,
-                               num_warps=4)
-    out = torch.empty(count, n, r, dtype=torch.float32, device=device)
-    grams = torch.empty(count, r, r, dtype=torch.float32, device=device) if gram else out
-    blocks = triton.cdiv(n, WA_BLOCK_N)
-    kernel[(blocks + bool(gram), count)](
-        table[0], table[1], hi, lo, a_scale, out, grams, n, k, r, blocks, R_PAD=max(16, triton.next_power_of_2(r)),
-        BLOCK_N=WA_BLOCK_N, BLOCK_K=WA_BLOCK_K, GRAM=bool(gram), num_warps=WA_WARPS, num_stages=WA_STAGES)
-    return (out, grams) if gram else out
+    triton, _, kernel = _kernel()
+    table = _pointer_table(codes, scales, a.device)
+    amax = a.detach().abs().amax(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)  # (L, r)
+    a_scale = torch.exp2(torch.floor(torch.log2(amax)) - A_TOP)
+    a16 = (a.detach().float() / a_scale[..., None]).to(torch.float16).contiguous()
+    out = torch.empty(layers, n, r, dtype=torch.float32, device=a.device)
+    kernel[(triton.cdiv(n, WA_BLOCK_N), layers)](
+        table[0], table[1], a16, a_scale, out, n, k, r, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_N=WA_BLOCK_N,
+        BLOCK_K=WA_BLOCK_K, num_warps=WA_WARPS, num_stages=WA_STAGES)
+    return out
 
 
-def _pointer_table(device: torch.device, *tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(len(tensors), L) int64 on ``device``: the data pointers of each list of L tensors (the layers' codes, scales
-    and, where given, A's), made once per set of tensors and kept (a host-to-device copy cannot run inside a CUDA
-    graph capture: the refresh's first call, eager, makes it; a capture that meets tensors without a table raises
-    RuntimeError). The kept table holds no reference to the tensors; a layer freed and another allocated at its
-    address reads the new one, as any kept pointer would."""
-    key = (device, *(tuple(t.data_ptr() for t in group) for group in tensors))
+def _pointer_table(codes: list[torch.Tensor], scales: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(2, L) int64 on ``device``: the layers' codes and scales data pointers, made once per set of tensors and kept
+    (a host-to-device copy cannot run inside a CUDA graph capture: the refresh's first call, eager, makes it; a
+    capture that meets tensors without a table raises RuntimeError). The kept table holds no reference to the
+    tensors; a layer freed and another allocated at its address reads the new one, as any kept pointer would."""
+    key = (device, tuple(c.data_ptr() for c in codes), tuple(s.data_ptr() for s in scales))
     if key not in _TABLES:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("weights_times_triton: first called inside a CUDA graph capture for these layers; "
                                "call it once eagerly first (the step's first refresh is eager)")
-        _TABLES[key] = torch.tensor([list(ptrs) for ptrs in key[1:]], dtype=torch.int64).to(device)
+        _TABLES[key] = torch.tensor([list(key[1]), list(key[2])], dtype=torch.int64).to(device)
     return _TABLES[key]
