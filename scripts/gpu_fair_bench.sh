@@ -252,6 +252,12 @@
 #   FUSED_GRAM the default (and GROUP_STREAMS if its form pays too), then doraab against `git archive <that commit>^ src`
 #   at METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441". Then on an H200: fp8check fair8b, recipe (no H200
 #   row since 9ebdbf4).
+#   After 2026-12-07's sixth session (H100 only, results/bench-fair-h100-1207e: at 6d8976e's defaults bf16 LoRA 1.97x and
+#   FP8 LoRA 2.65x that card's tuned peer, FP8 DoRA / LoRA 0.8996, 0.05 ms of a 105 ms step short; FUSED_GRAM saved 0.28 ms
+#   of the refresh alone and nothing in the step, removed; the refresh carried on the forward's GEMMs (`piggy`) costs 3.26
+#   ms a forward against the refresh's 4.05, not built; `recipe` was cut at its old 330 s cap, now 450): on an H200,
+#   (1) fp8check fair8b (the goals' own card; no H200 row since 9ebdbf4), DEADLINE=575; (2) recipe alone, DEADLINE=560.
+#   On an H100: fair8b twice in one call if a machine is held long enough (whether 0.8996 is the card or the code).
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -309,7 +315,7 @@ for part in "${PARTS[@]}"; do
       step profdora 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         --methods dora,fp8+dora --profile --output "$OUT/profdora.json" ;;
     recipe)
-      step recipe 330 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
+      step recipe 450 $PYTHON -m loralab bench --experiment experiments/llm/seed000-llama3-8b-math/lora \
         --random-weights --task gsm8k --steps 5 --device cuda --output "$OUT/recipe.json" ;;
     recipeours)  # the recipe's loralab row alone (--stacks loralab): against a Trainer peak measured in an earlier call;
       # SPEED="memory_fraction=0.2390": capped as the bench's rerun within that Trainer's peak would be
