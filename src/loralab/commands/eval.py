@@ -125,9 +125,7 @@ def run(args) -> int:
         return _run(args, main=True)
     launch = distributed.init(args.device)  # one process: nothing happens
     try:
-        code = _run(args, main=launch.is_main)
-        distributed.barrier()  # every rank done before the group goes (a rare abort at exit: results/ci-times.md)
-        return code
+        return _run(args, main=launch.is_main)
     finally:
         distributed.shutdown()
 

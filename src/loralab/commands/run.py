@@ -73,9 +73,7 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        code = _run_all(args, experiments, launch)
-        distributed.barrier()  # every rank done before the group goes (a rare abort at exit: results/ci-times.md)
-        return code
+        return _run_all(args, experiments, launch)
     finally:
         distributed.shutdown()
 
