@@ -15,6 +15,10 @@ sum over a step's 32 decoder layers, against the refresh's time measured beside 
   +E cat  also the copy that stacks the activations' codes on the terms (where the quantisation cannot write
           into the stacked buffer)
 
+Summed over one forward two ways: q, k and v as separate GEMMs, and fused as the FP8 base runs them by default
+(``speed.fp8_fused_qkv``), where the three layers' A's would need three times the rows (timed with E only). The
+stacked terms' products come out in bf16, against the refresh kernel's float32 (a precision loss not measured).
+
 Each sample is 10 calls back to back (kernel_timing.median_ms over them). Prints microseconds per call, the extra
 per shape and the sum for one forward of the 8B model; ``--output`` writes JSON. Measurement only: nothing in
 loralab takes this path.
@@ -33,9 +37,10 @@ from kernel_timing import median_ms
 
 from loralab.speed.fp8 import FP8, quantize_rows
 
-# (name, out features N, in features K, layers of that shape in one Llama-3-8B decoder layer)
-SHAPES = (("q / o", 4096, 4096, 2), ("k / v", 1024, 4096, 2), ("qkv fused", 6144, 4096, 0),
-          ("gate / up", 14336, 4096, 2), ("down", 4096, 14336, 1))
+# (name, out features N, in features K, GEMMs of that shape in one Llama-3-8B decoder layer: q, k, v apart; with the
+# base's q/k/v fused as loralab's FP8 default runs them, ``speed.fp8_fused_qkv``)
+SHAPES = (("q / o", 4096, 4096, 2, 1), ("k / v", 1024, 4096, 2, 0), ("qkv fused", 6144, 4096, 0, 1),
+          ("gate / up", 14336, 4096, 2, 2), ("down", 4096, 14336, 1, 1))
 LAYERS = 32
 BACK_TO_BACK = 10
 
@@ -44,7 +49,7 @@ def _mm(a, b, sa, sb):
     return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True)
 
 
-def stacked_product(xq, sx, tq, st, codes, sw, cat: bool = True):
+def stacked_product(xq, sx, tq, st, codes, sw):
     """``[x; t]·Wᵀ`` (T + E, N) bf16 from the activations' codes ``xq`` (T, K) and row scales ``sx`` (T, 1), the
     terms' codes ``tq`` (E, K) and scales ``st`` (E, 1), the weight's codes (N, K) and channel scales ``sw`` (1, N):
     its first T rows are the layer's output, the last E the terms' products with W (``(W·tᵀ)ᵀ``)."""
@@ -52,8 +57,8 @@ def stacked_product(xq, sx, tq, st, codes, sw, cat: bool = True):
 
 
 def cases(tokens: int, extras, device: str):
-    """(shape, form, extra rows, fn, first-rows fn) for every timed call."""
-    for name, n, k, _ in SHAPES:
+    """(shape, form, extra rows, fn) for every timed call: fn() returns the GEMM's (tokens + extra rows, N) output."""
+    for name, n, k, *_ in SHAPES:
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k ** 0.5
         codes, scales = quantize_rows(w)
         sw = scales.view(1, -1)
@@ -65,6 +70,17 @@ def cases(tokens: int, extras, device: str):
             yield name, f"+{e}", e, (lambda a=stacked, s=s_stacked, c=codes, sw=sw: _mm(a, c.t(), s, sw))
             yield name, f"+{e} cat", e, (lambda xq=xq, tq=tq, sx=sx, st=st, c=codes, sw=sw:
                                          stacked_product(xq, sx, tq, st, c, sw))
+
+
+def forward_sums(rows: list[dict]) -> dict:
+    """{"separate q/k/v" | "fused q/k/v": {form: extra ms}}: each form's extra microseconds per GEMM (``rows``, as
+    main writes them) summed over one forward of the 8B model's ``LAYERS`` decoder layers, in milliseconds."""
+    sums = {}
+    for layout, column in (("separate q/k/v", 3), ("fused q/k/v", 4)):
+        per_layer = {shape[0]: shape[column] for shape in SHAPES}
+        sums[layout] = {form: round(LAYERS * sum(per_layer[r["shape"]] * r["extra_us"] for r in rows if r["form"] == form)
+                                    / 1000, 3) for form in sorted({r["form"] for r in rows if r["form"] != "plain"})}
+    return sums
 
 
 def main(argv=None) -> int:
@@ -89,12 +105,11 @@ def main(argv=None) -> int:
     for r in rows:
         r["extra_us"] = round(r["us"] - plain[r["shape"]], 2)
         print(f"| {r['shape']} | {r['form']} | {r['us']:.1f} | {r['extra_us']:+.1f} | {r['first_rows_bitwise']} |")
-    per_layer = {name: count for name, _, _, count in SHAPES}
-    sums = {}
-    for form in sorted({r["form"] for r in rows if r["form"] != "plain"}):
-        sums[form] = round(LAYERS * sum(per_layer[r["shape"]] * r["extra_us"] for r in rows if r["form"] == form) / 1000, 3)
-    print(f"one forward of the 8B model ({LAYERS} layers of q, k, v, o, gate, up, down), extra ms: "
-          + ", ".join(f"{form} {ms:.3f}" for form, ms in sums.items()))
+    sums = forward_sums(rows)
+    for layout in sums:
+        print(f"one forward of the 8B model ({LAYERS} layers, {layout}), extra ms: "
+              + ", ".join(f"{form} {ms:.3f}" for form, ms in sums[layout].items()))
+    print("(fused q/k/v: the three layers' A's would need 3 x the extra rows in that GEMM; timed with the same count)")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"tokens": args.tokens, "fp8_dtype": str(FP8), "device": torch.cuda.get_device_name(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,16 @@ def test_the_piggyback_bench_stacks_the_terms_without_changing_the_layers_output
     assert torch.equal(both[16:], bench._mm(tq, codes.t(), st, sw))
     exact = (tq.double() * st.double()) @ (codes.double() * scales.double()).t()
     assert ((both[16:].double() - exact).abs().max() / exact.abs().max()).item() < 2 ** -8  # bf16 out
+
+
+def test_the_piggyback_sums_weight_each_shape_by_its_gemms_in_a_decoder_layer(load_script):
+    """forward_sums over the stored H100 rows (results/bench-fair-h100-1207e) gives the sums the bench printed then
+    for separate q/k/v, and with the base's q/k/v fused one 6144-wide GEMM in place of q, k and v."""
+    bench = load_script("piggyback_gemm_bench")
+    stored = json.loads((Path(__file__).parents[1] / "results/bench-fair-h100-1207e/ablation/piggyback.json").read_text())
+    sums = bench.forward_sums(stored["rows"])
+    assert sums["separate q/k/v"] == stored["extra_ms_per_forward"]
+    extra = {(r["shape"], r["form"]): r["extra_us"] for r in stored["rows"]}
+    fused = 32 * (extra[("qkv fused", "+64")] + extra[("q / o", "+64")] + 2 * extra[("gate / up", "+64")]
+                  + extra[("down", "+64")]) / 1000
+    assert sums["fused q/k/v"]["+64"] == round(fused, 3)
