@@ -39,6 +39,7 @@ from loralab.bench.peers import (
     wrap,
 )
 from loralab.bench.rows import add_ratios, format_row
+from loralab.bench.timeline import timeline, timeline_text
 from loralab.bench.workloads import (
     FP8,
     BenchError,
@@ -277,7 +278,10 @@ def _profile(run, data, title: str) -> str:
     # method's kernels beside another's (e.g. DoRA's beside LoRA's)
     # names 120 wide: inductor's fused kernels are told apart by their tails (torch's default cuts at 55)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS, max_name_column_width=120)
-    return f"== profile: {title} (2 steps) ==\n{table}"
+    device = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA]
+    gaps = timeline_text(timeline(device), len(data)) if device else "GPU timeline: the profile holds no device events"
+    return f"== profile: {title} ({len(data)} steps) ==\n{table}\n{gaps}"
 
 
 def run_bench(preset: str, device: str, steps: int | None = None, warmup: int | None = None,

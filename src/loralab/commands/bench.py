@@ -59,7 +59,9 @@ def add_arguments(parser) -> None:
                              "fp8_transpose_cache=0.81; FP8-only keys apply to the FP8-base rows, and those rows run "
                              "fused_lora off whatever is given (loralab run refuses it on an FP8 base); with "
                              "--experiment, over the recipe's speed keys for loralab's rows")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda), in a second pass after all rows are timed")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each loralab row (cuda), in a second pass after all rows are timed; "
+                             "under each table the GPU's busy and idle time a step and its longest idle gaps "
+                             "(loralab.bench.timeline)")
     group = parser.add_argument_group("generation (--eval)")
     group.add_argument("--eval", action="store_true",
                        help="generation bench: loralab's engine vs transformers generate (batched) and generate_batch on GSM8K prompts")
