@@ -278,8 +278,9 @@ def _profile(run, data, title: str) -> str:
     # method's kernels beside another's (e.g. DoRA's beside LoRA's)
     # names 120 wide: inductor's fused kernels are told apart by their tails (torch's default cuts at 55)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS, max_name_column_width=120)
-    device = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-              if e.device_type == torch.autograd.DeviceType.CUDA]
+    device = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()  # kernels, copies, sets: not
+              if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation  # annotated ranges,
+              and getattr(e, "activity_type", None) != "gpu_user_annotation"]  # which span idle time too
     gaps = timeline_text(timeline(device), len(data)) if device else "GPU timeline: the profile holds no device events"
     return f"== profile: {title} ({len(data)} steps) ==\n{table}\n{gaps}"
 
