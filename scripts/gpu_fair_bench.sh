@@ -258,7 +258,10 @@
 #   of the refresh alone and nothing in the step, removed; the refresh carried on the forward's GEMMs (`piggy`) costs 3.26
 #   ms a forward against the refresh's 4.05, not built; `recipe` was cut at its old 330 s cap, now 450): on an H200,
 #   (1) fp8check fair8b (the goals' own card; no H200 row since 9ebdbf4), DEADLINE=575; (2) recipe alone, DEADLINE=560.
-#   On an H100: fair8b twice in one call if a machine is held long enough (whether 0.8996 is the card or the code).
+#   On an H100: ABL_ARGS="--bases fp8 --variants lora dora --micro-batch auto --speed memory_fraction=0.441 --profile lora
+#   dora" doraabl (~3 min): since 7438e5d each profile ends with the GPU timeline of its two steps (busy and idle ms a
+#   step, the longest gaps): whether the graphed DoRA step leaves the GPU idle, which would explain a refresh 0.28 ms
+#   faster alone and a step not faster; then fair8b twice in one call if a machine is held long enough.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
