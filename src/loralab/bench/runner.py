@@ -39,7 +39,7 @@ from loralab.bench.peers import (
     wrap,
 )
 from loralab.bench.rows import add_ratios, format_row
-from loralab.bench.timeline import timeline, timeline_text
+from loralab.bench.timeline import device_intervals, timeline, timeline_text
 from loralab.bench.workloads import (
     FP8,
     BenchError,
@@ -278,10 +278,12 @@ def _profile(run, data, title: str) -> str:
     # method's kernels beside another's (e.g. DoRA's beside LoRA's)
     # names 120 wide: inductor's fused kernels are told apart by their tails (torch's default cuts at 55)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS, max_name_column_width=120)
-    device = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()  # kernels, copies, sets: not
-              if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation  # annotated ranges,
-              and getattr(e, "activity_type", None) != "gpu_user_annotation"]  # which span idle time too
-    gaps = timeline_text(timeline(device), len(data)) if device else "GPU timeline: the profile holds no device events"
+    device, dropped = device_intervals(prof.events())
+    try:  # a note under the table: it never costs the table or the rows
+        gaps = timeline_text(timeline(device), len(data)) + (f"\n  ({dropped} device event(s) ending before they "
+                                                             "start left out)" if dropped else "")
+    except ValueError as exc:
+        gaps = f"GPU timeline: none ({exc})"
     return f"== profile: {title} ({len(data)} steps) ==\n{table}\n{gaps}"
 
 
