@@ -244,7 +244,7 @@
 #   since, off by default, never run on a GPU: `speed.dora_refresh.FUSED_GRAM` (the kernel's launch also takes each
 #   group's Gram, where the float32 bmm took 0.56 ms a group, and reads each layer's own A through one small scaling
 #   kernel, where torch ops make ~12 passes over a stacked copy) and GROUP_STREAMS (each fused group's launch on its own
-#   stream). [Superseded: run in results/bench-fair-h100-1207e, no gain in the step; FUSED_GRAM, GROUP_STREAMS, the
+#   stream). [Superseded: run in results/bench-fair-h100-1207e, no gain the step shows; FUSED_GRAM, GROUP_STREAMS, the
 #   variant dora-triton-fused and the forms triton-fused* were removed, so this command no longer runs.] In one call on an H100:
 #   `OUT=$OUT ABL_ARGS="--bases fp8 --variants lora dora dora-triton-fused --micro-batch auto --speed memory_fraction=0.441
 #   --refresh-forms shipped triton-fused triton-fused-streams cublas-product" DEADLINE=560 bash scripts/gpu_fair_bench.sh

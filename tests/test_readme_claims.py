@@ -1097,6 +1097,12 @@ def test_fair_h100_6d8976e_section_is_its_files(load_script):
     assert (f"made the refresh alone, graphed, {forms['triton-fused']['ms']:.3f} ms against {forms['shipped']['ms']:.3f} "
             f"ms, and the step {ablation['dora-triton-fused']['step_ms']:.2f} ms against {ablation['dora']['step_ms']:.2f} ms")\
         in flat
+    windows = {v: ablation[v]["window_throughputs"] for v in ("dora", "dora-triton-fused")}
+    means = [sum(w) / len(w) for w in windows.values()]
+    spreads = [_window_spread({"window_throughputs": w}) for w in windows.values()]
+    assert means[1] / means[0] - 1 < min(spreads) and means[1] > means[0]  # in its favour, inside each row's spread
+    assert (f"the three windows' means are {means[1] / means[0] - 1:.2%} apart in its favour, inside each row's own "
+            f"spread of {spreads[0]:.2%} and {spreads[1]:.2%}").replace("%", " %") in flat
     assert "2.15e-5" in flat and "assert 2.1501235131036786e-05 < 2e-06" in (folder / "ablation" / "gputests.log").read_text()
     piggy = json.loads((folder / "ablation" / "piggyback.json").read_text())
     fused = load_script("piggyback_gemm_bench").forward_sums(piggy["rows"])["fused q/k/v"]

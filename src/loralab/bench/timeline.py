@@ -2,7 +2,7 @@
 
 A saving measured on a kernel alone reaches the step only where the GPU is busy end to end: if the step waits on the
 host between graph replays, a faster kernel may only lengthen a gap (results/bench-fair-h100-1207e: the DoRA refresh
-0.28 ms faster alone, graphed, and the step not 0.01 ms faster). ``loralab bench --profile`` (``runner._profile``)
+0.28 ms faster alone, graphed, and the step's median window 0.01 ms slower). ``loralab bench --profile`` (``runner._profile``)
 prints this summary under each row's kernel table, from the profiler's device events (kernels, copies, sets) on
 every stream, overlapping ones merged.
 """
