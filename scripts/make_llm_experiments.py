@@ -7,7 +7,8 @@ place where the source's code and its documentation disagree.
 
     python scripts/make_llm_experiments.py [--out experiments/llm] [--check]
 
-``--check`` rewrites nothing and exits 1 if a folder on disk differs from what this script makes.
+``--check`` rewrites nothing and exits 1 if a folder on disk differs from what this script makes (an
+adapter_config.json: as a configuration the installed peft reads, not byte for byte, ``adapter_configs_agree``).
 """
 
 from __future__ import annotations
@@ -283,6 +284,25 @@ def adapter_config_json(lora_kwargs: dict) -> dict:
     return data
 
 
+def adapter_configs_agree(stored: str, made: str) -> bool:
+    """Whether two adapter_config.json texts are the same configuration as the installed peft reads them: each
+    loaded by ``LoraConfig.from_pretrained`` (so fields a newer peft adds take their defaults on both sides), compared
+    without ``peft_version`` (the version that wrote the file, not a setting: peft 0.22's release made every stored
+    file differ by it alone) and with ``target_modules`` as a set."""
+    from peft import LoraConfig
+
+    def read(text: str) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "adapter_config.json").write_text(text)
+            data = LoraConfig.from_pretrained(tmp).to_dict()
+        data.pop("peft_version", None)
+        if isinstance(data.get("target_modules"), (list, set)):
+            data["target_modules"] = sorted(data["target_modules"])
+        return data
+
+    return read(stored) == read(made)
+
+
 def render(exp: dict) -> dict[str, str]:
     """File name -> text for one experiment folder."""
     return {
@@ -303,7 +323,8 @@ def main(argv=None) -> int:
         for name, text in render(exp).items():
             path = folder / name
             if args.check:
-                if not path.exists() or path.read_text() != text:
+                same = adapter_configs_agree if name == "adapter_config.json" else str.__eq__
+                if not path.exists() or not same(path.read_text(), text):
                     stale.append(str(path))
             else:
                 folder.mkdir(parents=True, exist_ok=True)

@@ -223,3 +223,9 @@ def test_shipped_llm_experiments_validate_and_are_up_to_date(tmp_path, monkeypat
     script = load_script("make_llm_experiments")
     assert script.main(["--check"]) == 0, "experiments/llm is out of date: run scripts/make_llm_experiments.py"
     assert script.main(["--check", "--out", str(tmp_path)]) == 1  # the check can fail
+    shipped = (REPO / "experiments/llm/seed000-llama3-8b-math/lora/adapter_config.json").read_text()
+    data = json.loads(shipped)
+    assert script.adapter_configs_agree(shipped, json.dumps({**data, "peft_version": "9.9.9"}))  # who wrote it
+    assert script.adapter_configs_agree(shipped, json.dumps({k: v for k, v in data.items() if k != "use_dora"}))  # a default
+    assert not script.adapter_configs_agree(shipped, json.dumps({**data, "r": data["r"] + 1}))
+    assert not script.adapter_configs_agree(shipped, json.dumps({**data, "target_modules": data["target_modules"][1:]}))
