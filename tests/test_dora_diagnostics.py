@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fp8_dora_models import exact_dora_norms, fp8_dora_llama
 
 from loralab.bench import runner
 from loralab.run import step as run_step
@@ -110,21 +111,10 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     """Each refresh form of ``dora_refresh_forms`` runs its own products (counted) on a bf16 DoRA Llama on an FP8
     base (W·Aᵀ read from the codes), gives the shipped norms up to summation order, and leaves ``speed.fast_dora``
     as it was; a form computing wrong values shows as a large difference."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loralab.methods.common import linear_names
-    from loralab.methods.fp8base import quantize_linears
+    from loralab.speed import streams
 
     forms = load_script("dora_refresh_forms")
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).to(torch.bfloat16)
-    quantize_linears(llama, linear_names(llama))
-    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
-                                             target_modules="all-linear"))
-    fast_dora.enable_fast_dora(model)
-    from loralab.speed import streams
+    model = fp8_dora_llama(2)
 
     shipped = (dora_refresh.weights_times, fast_dora._gram, streams.PRODUCT_STREAMS)
     codes_left, calls = forms.weights_times_codes_left, {}
@@ -141,8 +131,7 @@ def test_the_refresh_forms_compute_the_shipped_norms_in_their_own_form_and_are_p
     assert all(v["max_rel_diff"] < 1e-5 for k, v in got.items() if not k.startswith("triton")), got
     # the Triton product takes A in float16, not as two FP8 terms: it moves from the shipped norms by about the
     # shipped form's own distance from the exact norm (the float64 row norms of W + s·BA), and lands closer to it
-    exact = [(m.get_base_layer().dequantize().double() + m.scaling[n] * m.lora_B[n].weight.double()
-              @ m.lora_A[n].weight.double()).norm(dim=1) for m, n in fast_dora._fast_dora_adapters(model)]
+    exact = exact_dora_norms(model)
 
     def off(name):
         with forms.form(name):
@@ -167,24 +156,12 @@ def test_every_refresh_form_runs_where_the_layers_take_the_triton_kernel(load_sc
     default): each one runs (a form that reached the library's products through another path, as per-group-gram's
     own refresh did, must not meet a tuple or a list it does not expect) and lands near the exact norms; the
     layers' kernel is as it was after them."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loralab.methods.common import linear_names
-    from loralab.methods.fp8base import quantize_linears
     from loralab.speed.fp8 import fp8_layers
 
     forms = load_script("dora_refresh_forms")
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).to(torch.bfloat16)
-    quantize_linears(llama, linear_names(llama))
-    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
-                                             target_modules="all-linear"))
-    fast_dora.enable_fast_dora(model)
+    model = fp8_dora_llama(1)
     assert dora_refresh.use_refresh_kernel(model, "triton") == "triton"
-    exact = [(m.get_base_layer().dequantize().double() + m.scaling[n] * m.lora_B[n].weight.double()
-              @ m.lora_A[n].weight.double()).norm(dim=1) for m, n in fast_dora._fast_dora_adapters(model)]
+    exact = exact_dora_norms(model)
     for name in forms.FORMS:
         with forms.form(name):
             assert dora_refresh.refresh_dora_norms(model, None) == 7, name

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from fp8_dora_models import exact_dora_norms, fp8_dora_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,27 +20,11 @@ from loralab.speed_settings import Speed
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter (no CUDA)")
 
 
-def _fp8_dora(layers=2):
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
-    llama = llama.to(torch.bfloat16)
-    quantize_linears(llama, linear_names(llama))
-    model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights=False,
-                                             target_modules="all-linear"))
-    fast_dora.enable_fast_dora(model)
-    return model
-
-
 def _kept_and_exact(model):
     """Each layer-adapter's refreshed norm, and the float64 row norm of W + s·BA it stands for."""
     dora_refresh.refresh_dora_norms(model)
-    kept, exact = [], []
-    for m, n in fast_dora._fast_dora_adapters(model):
-        kept.append(m.lora_magnitude_vector[n]._loralab_norm.double())
-        w = m.get_base_layer().dequantize().double()
-        exact.append((w + m.scaling[n] * m.lora_B[n].weight.double() @ m.lora_A[n].weight.double()).norm(dim=1))
-    return kept, exact
+    kept = [m.lora_magnitude_vector[n]._loralab_norm.double() for m, n in fast_dora._fast_dora_adapters(model)]
+    return kept, exact_dora_norms(model)
 
 
 def _worst(kept, exact):
@@ -52,7 +37,7 @@ def test_the_triton_refresh_lands_on_the_exact_norms_and_auto_keeps_cublas_off_c
     cuBLAS product's two FP8 terms of A leave them ~1e-4 away, with A stacked and the Gram a float32 bmm beside the
     products; "auto" picks cuBLAS on CPU even where the interpreter could run the kernel (it is for CUDA); the choice
     is set on every FP8 layer."""
-    model = _fp8_dora()
+    model = fp8_dora_llama()
     assert dora_refresh.use_refresh_kernel(model, "auto") == "cublas"
     assert {m.refresh_kernel for m in fp8_layers(model)} == {"cublas"}
     cublas = _worst(*_kept_and_exact(model))
@@ -71,7 +56,7 @@ def test_the_triton_refresh_lands_on_the_exact_norms_and_auto_keeps_cublas_off_c
 def test_bfloat16_lora_a_is_stacked_for_the_kernel_and_refreshes_alike(monkeypatch):
     """bfloat16 adapters' A's are stacked for the kernel as float32 ones are; the norms still land near the exact
     ones."""
-    model = _fp8_dora()
+    model = fp8_dora_llama()
     for m, n in fast_dora._fast_dora_adapters(model):
         m.lora_A[n].to(torch.bfloat16)
     dora_refresh.use_refresh_kernel(model, "triton")
@@ -86,7 +71,7 @@ def test_prepare_model_records_the_kernel_it_set_and_an_explicit_one_wins():
     """``prepare_model`` settles "auto" from the layers (cuBLAS for CPU layers, whatever the device Speed was
     resolved for) and writes the kernel into the settings the record keeps; an explicit value wins; a model
     without FP8 layers records "cublas" (no "auto" left in a record)."""
-    model = _fp8_dora()
+    model = fp8_dora_llama()
     for device, given, kept in (("cpu", "auto", "cublas"), ("cuda", "auto", "cublas"), ("cpu", "triton", "triton")):
         speed = Speed(fp8_refresh_kernel=given, compile=False).resolve(device_type=device, kind="causal_lm",
                                                                        base_dtype="bfloat16")
@@ -105,7 +90,7 @@ def test_prepare_model_records_the_kernel_it_set_and_an_explicit_one_wins():
 def test_a_refresh_kernel_that_cannot_run_is_refused_with_the_key_the_value_and_the_way_out(monkeypatch):
     """A value outside the allowed ones, a layer the kernel cannot read (named), a device it cannot run on: each
     refused with the key and value, and no layer's kernel changed."""
-    model = _fp8_dora(layers=1)
+    model = fp8_dora_llama(layers=1)
     assert dora_refresh.use_refresh_kernel(model, "cublas") == "cublas"
     with pytest.raises(ValueError, match="'speed.fp8_refresh_kernel' = 'cuda': allowed: auto, cublas, triton"):
         dora_refresh.use_refresh_kernel(model, "cuda")
@@ -142,7 +127,7 @@ def test_a_refresh_kernel_that_cannot_run_is_refused_with_the_key_the_value_and_
 def test_on_cuda_auto_takes_the_kernel_and_keeps_the_norms_eagerly_and_captured():
     """On an FP8 GPU "auto" takes the Triton kernel and its norms sit near the exact ones; replayed from a CUDA
     graph they are the eager refresh's bits."""
-    model = _fp8_dora().cuda()
+    model = fp8_dora_llama().cuda()
     assert dora_refresh.use_refresh_kernel(model, "auto") == "triton"
     kept, exact = _kept_and_exact(model)
     assert _worst(kept, exact) < 4e-5
