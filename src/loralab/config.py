@@ -209,17 +209,18 @@ def not_allowed(values: dict[str, Any], name: str, allowed) -> list[str]:
     return [f"'{name}' = {values[name]!r} is not allowed{hint}; allowed: {shown}"]
 
 
-def triton_off_cuda(device: str, speed: Any) -> list[str]:
+def triton_off_cuda(device: str, speed: Any, device_setting: str = "'device'") -> list[str]:
     """An explicit Triton kernel (``speed.fp8_quantize_kernel``, ``speed.fp8_refresh_kernel``) where the run will have
     no CUDA (``device`` "cpu", or "auto" on a machine without it): one problem line per such key, naming it, the
-    device and the way out; [] where CUDA runs it, or Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests').
-    ``loralab run`` refuses these before anything is built; ``loralab bench`` before its first row."""
+    device (as ``device_setting``: the training parameter, or a command's flag) and the way out; [] where CUDA runs
+    it, or Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests'). ``loralab run`` refuses these before
+    anything is built; ``loralab bench`` before its first row."""
     import torch
 
     if os.environ.get("TRITON_INTERPRET") == "1" or device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return []
     where = "" if device == "cpu" else ", which finds none here"
-    return [f"'speed.{key}' = 'triton' runs on CUDA and 'device' = {device!r}{where}: set it to {other!r} (or run "
+    return [f"'speed.{key}' = 'triton' runs on CUDA and {device_setting} = {device!r}{where}: set it to {other!r} (or run "
             "with TRITON_INTERPRET=1, Triton's slow CPU interpreter)"
             for key, other in (("fp8_quantize_kernel", "torch"), ("fp8_refresh_kernel", "auto"))
             if isinstance(speed, dict) and speed.get(key) == "triton"]

@@ -112,9 +112,9 @@ def run(args) -> int:
     speed = parse_speed(args.speed)  # explicit keys win over loralab run's defaults
     from loralab.config import triton_off_cuda
 
-    off_cuda = triton_off_cuda(device, speed)  # refused before the first row, as loralab run refuses it
+    off_cuda = triton_off_cuda(device, speed, "--device")  # refused before the first row, as loralab run refuses it
     if off_cuda:
-        raise SystemExit("--speed: " + "; ".join(off_cuda).replace("'device'", "--device"))
+        raise SystemExit("--speed: " + "; ".join(off_cuda))
     if args.no_compile:
         speed["compile"] = False
     if args.no_cuda_graphs:
