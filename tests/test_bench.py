@@ -377,3 +377,14 @@ def test_the_table_script_gives_each_rows_window_spread_and_the_ratio_at_its_ext
     assert "lora tuned 7,000 to 9,000 (28.6%)" in notes[0] and "lora loralab 14,000 to 15,400 (10.0%)" in notes[0]
     assert "1.56x (loralab's slowest over the peer's fastest) to 2.20x; the counted windows give 1.88x" in notes[1]
     assert script.window_notes([{**r, "window_throughputs": None} for r in rows]) == []
+
+
+def test_a_goal_ratio_is_printed_on_the_side_of_the_goal_it_falls(load_script):
+    """scripts/fair_bench_table.py ``shown``: a ratio prints at its usual digits unless rounding carries it across the
+    goal, either way; then with as many more digits as it takes (results/bench-fair-h100-1207e: 0.89957 had read
+    "0.900" beside "not met")."""
+    shown = load_script("fair_bench_table").shown
+    assert shown(0.899566, 0.9, 3) == "0.8996"  # under the goal: never "0.900"
+    assert shown(0.914, 0.9, 3) == "0.914"
+    assert shown(1.5001, 1.5, 2, printed=1.494) == "1.500"  # over it while the printed figure reads under
+    assert shown(3.9253, 2.0, 2, printed=3.925) == "3.92"  # far from it: the table's own rounded figure
