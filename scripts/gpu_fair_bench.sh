@@ -380,11 +380,11 @@ for part in "${PARTS[@]}"; do
       done ;;
     doraab)  # another commit's source tree (.devdata/oldsrc, carried) against this one, old, new, old again: DoRA on
       # both bases at the probed micro-batch, loralab's rows alone; METHODS="fp8+dora": those rows only; SPEED="k=v ..."
-      # passes each as `--speed k=v` to every run (micro_batch=4: one micro-batch for all)
+      # passes each as `--speed k=v` to every run (micro_batch=4: one micro-batch for all); TREES="new old": those runs only
       [ -d .devdata/oldsrc/src ] || { echo "doraab: carry .devdata/oldsrc (git archive <commit> src | tar -x -C .devdata/oldsrc)"; continue; }
       speed_args=()
       for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done
-      for tree in old new old2; do
+      for tree in ${TREES:-old new old2}; do
         src=src; [ "$tree" != new ] && src=.devdata/oldsrc/src
         step "doraab-$tree" 170 env PYTHONPATH=$src:/tmp/site $PYTHON -m loralab bench --preset full --device cuda \
           --only llama-3-8b/fixed --methods "${METHODS:-dora,fp8+dora}" --stacks loralab "${speed_args[@]}" \
