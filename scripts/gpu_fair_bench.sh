@@ -451,7 +451,9 @@ for part in "${PARTS[@]}"; do
       step gputests 180 env PYTHONPATH=src:scripts:/tmp/site $PYTHON -m pytest -q -p no:cacheprovider \
         ${TESTS:-tests/test_fp8_kernels.py tests/test_refresh_kernel.py tests/test_dora_norm_per_step.py tests/test_transpose_cache_auto.py} \
         -k "${K:-cuda or refresh_product or fp8_dora_step}" ;;
-    bundle)  # last: every file under $OUT in one archive, $OUT/bundle.tgz (a device call returns at most 8 files)
+    bundle)  # last: every file under $OUT in one archive, $OUT/bundle.tgz (a device call returns at most 8 files);
+      # the tables first, into the archive (printed after it, they read an emptied $OUT: 2026-12-07's seventh session)
+      $PYTHON scripts/fair_bench_table.py "$OUT" > "$OUT/tables.md" 2>&1
       tar -czf /tmp/bundle.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/bundle.tgz "$OUT/bundle.tgz"
       ls -la "$OUT" ;;
     fp8check)
@@ -463,5 +465,6 @@ for part in "${PARTS[@]}"; do
   esac
 done
 
-$PYTHON scripts/fair_bench_table.py "$OUT" 2>&1 | tee "$OUT/tables.md"
+if [ -f "$OUT/bundle.tgz" ]; then tar -xzOf "$OUT/bundle.tgz" ./tables.md; else
+  $PYTHON scripts/fair_bench_table.py "$OUT" 2>&1 | tee "$OUT/tables.md"; fi
 echo "total $((SECONDS - START))s" | tee -a "$OUT/summary.txt"

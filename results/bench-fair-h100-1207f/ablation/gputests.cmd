@@ -1,0 +1,1 @@
+env PYTHONPATH=src:scripts:/tmp/site python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kernels.py tests/test_refresh_kernel.py tests/test_dora_norm_per_step.py tests/test_transpose_cache_auto.py -k cuda or refresh_product or fp8_dora_step
