@@ -262,6 +262,17 @@
 #   dora" doraabl (~3 min): since 7438e5d each profile ends with the GPU timeline of its two steps (busy and idle ms a
 #   step, the longest gaps): whether the graphed DoRA step leaves the GPU idle, which would explain a refresh 0.28 ms
 #   faster alone and a step not faster; then fair8b twice in one call if a machine is held long enough.
+#   After 2026-12-07's seventh session (H100 only, results/bench-fair-h100-1207f: fair8b twice on one card, the tuned
+#   peer 10,161 then 7,105 tokens/s, FP8 DoRA / LoRA 0.899 and 0.897; the recipe 16.92x within the Trainer's memory; the
+#   first GPU timelines: the graphed DoRA step is 95.7 % busy, and autograd adds each of its 676 gradients into the fixed
+#   buffers with a kernel of its own, 1.39 ms a step against LoRA's 452 and 1.06 ms): (1) on an H100, the A/B of branch
+#   grad-foreach (one torch._foreach_add_ after torch.autograd.grad, speed/graphs.backward_into), carried as the "old"
+#   tree: `rm -rf .devdata/oldsrc && mkdir -p .devdata/oldsrc && git archive grad-foreach src | tar -x -C .devdata/oldsrc`,
+#   then in one call `OUT=$OUT TREES="old new old2" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441 micro_batch=4"
+#   DEADLINE=560 bash scripts/gpu_fair_bench.sh doraab bundle` (carry .devdata/oldsrc too; here "old" is the branch and
+#   "new" main), after `PYTHONPATH=.devdata/oldsrc/src:scripts:/tmp/site python3 -m pytest -q -p no:cacheprovider
+#   tests/test_graphs.py -k cuda` (the branch's graphed step against eager, on the GPU). If it pays, merge the branch
+#   and rerun fair8b. (2) On an H200, if one is lent: fp8check fair8b, recipe.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
