@@ -178,6 +178,6 @@ def test_bench_refuses_an_explicit_triton_kernel_without_cuda_before_its_first_r
     assert str(exc.value) == ("--speed: 'speed.fp8_refresh_kernel' = 'triton' runs on CUDA and --device = 'cpu': "
                               "set it to 'auto' (or run with TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the other Triton key, no --device, no GPU
-    with pytest.raises(SystemExit, match="'speed.fp8_quantize_kernel' = 'triton' runs on CUDA and --device = 'cpu': "
-                                         "set it to 'torch'"):
+    with pytest.raises(SystemExit, match=r"'speed.fp8_quantize_kernel' = 'triton' runs on CUDA and the device found \(no "
+                                         r"--device\) = 'cpu': set it to 'torch'"):
         main(["bench", "--methods", "fp8+lora", "--stacks", "loralab", "--speed", "fp8_quantize_kernel=triton"])

@@ -112,7 +112,8 @@ def run(args) -> int:
     speed = parse_speed(args.speed)  # explicit keys win over loralab run's defaults
     from loralab.config import triton_off_cuda
 
-    off_cuda = triton_off_cuda(device, speed, "--device")  # refused before the first row, as loralab run refuses it
+    # refused before the first row, as loralab run refuses it; naming --device only where it was given
+    off_cuda = triton_off_cuda(device, speed, "--device" if args.device is not None else "the device found (no --device)")
     if off_cuda:
         raise SystemExit("--speed: " + "; ".join(off_cuda))
     if args.no_compile:
