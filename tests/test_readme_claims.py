@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
 RESULTS = ROOT / "results"
+# the README and the history of earlier speed measurements it links (moved out of the README, checked the same way)
+HISTORY = RESULTS / "speed-history.md"
+README = (ROOT / "README.md").read_text() + "\n" + HISTORY.read_text()
 HEADLINE = {"glue/mrpc": "accuracy", "glue/rte": "accuracy", "glue/stsb": "pearson", "glue/cola": "matthews_correlation"}
 
 
@@ -740,7 +742,7 @@ def test_every_results_path_the_readme_names_is_committed():
     """Every ``results/...`` file or folder README.md names is in the repository (``git ls-files``; on disk where
     there is no git), so a cited result cannot be left uncommitted (results/bench-speedab-h100/README.md once was)
     and a renamed folder cannot leave a dangling citation. Patterns (``*``, ``<folder>``, ``{a,b}``) are skipped."""
-    text = (ROOT / "README.md").read_text()
+    text = README  # and results/speed-history.md, whose citations are written from the repository's root too
     listed = subprocess.run(["git", "ls-files", "results"], capture_output=True, text=True, cwd=ROOT)
     if listed.returncode == 0 and listed.stdout:
         files = set(listed.stdout.split())
@@ -750,6 +752,32 @@ def test_every_results_path_the_readme_names_is_committed():
     cited = {ref.rstrip(".,);:/") for ref in re.findall(r"results/[\w./*<>{}-]+", text)}
     cited = {ref for ref in cited if not set("*<>{}") & set(ref)}
     assert len(cited) > 20 and not sorted(cited - known)
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a markdown text's headings: lower case, punctuation but hyphens dropped, spaces hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#{1,6} (.+)$", markdown, re.M)}
+
+
+@pytest.mark.parametrize("doc", ["README.md", "results/speed-history.md"])
+def test_every_link_of_the_readme_and_the_speed_history_resolves(doc):
+    """Each relative link of the README and of the speed history it links (the earlier H100 sections, moved out of
+    the README) names a file or folder that exists, relative to the linking file, and each #anchor a heading of the
+    file it points into: a moved or renamed section cannot leave a dangling link."""
+    path = ROOT / doc
+    text = path.read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    local = [link for link in links if not re.match(r"[a-z]+://", link)]
+    assert len(local) > 10
+    broken = []
+    for link in local:
+        target, _, fragment = link.partition("#")
+        file = (path.parent / target).resolve() if target else path
+        if not file.exists():
+            broken.append(link)
+        elif fragment and fragment not in _anchors(file.read_text()):
+            broken.append(link)
+    assert not broken, broken
 
 
 @pytest.mark.slow  # runs the table script (imports torch, transformers)
