@@ -1158,6 +1158,7 @@ def test_fair_h100_51ead9e_section_is_its_files():
     assert (f"busy {dora_t['share']:.1f} % of its span ({dora_t['busy']:.2f} of {dora_t['span']:.2f} ms), LoRA's "
             f"{lora_t['share']:.1f} % ({lora_t['busy']:.2f} of {lora_t['span']:.2f} ms") in flat
     assert f"its busy time is {dora_t['busy'] - lora_t['busy']:.2f} ms over LoRA's" in flat
+    assert f"little idle time to win back ({dora_t['idle']:.2f} ms a step, read high under the profiler)" in flat
     assert "gap 2.255 ms after" in profile and "its longest gap, 2.255 ms" in flat
     adds = [line.split() for line in profile.splitlines() if "CUDAFunctor_add<float>" in line]
     (lora_ms, lora_n), (dora_ms, dora_n) = [(float(a[-3].removesuffix("ms")), int(a[-1])) for a in adds]
