@@ -272,7 +272,9 @@
 #   DEADLINE=560 bash scripts/gpu_fair_bench.sh doraab bundle` (carry .devdata/oldsrc too; here "old" is the branch and
 #   "new" main), after `PYTHONPATH=.devdata/oldsrc/src:scripts:/tmp/site python3 -m pytest -q -p no:cacheprovider
 #   tests/test_graphs.py -k cuda` (the branch's graphed step against eager, on the GPU). If it pays, merge the branch
-#   and rerun fair8b. (2) On an H200, if one is lent: fp8check fair8b, recipe.
+#   and rerun fair8b. (2) cdtune with METHODS="fp8+lora,fp8+dora" (never run yet): whether inductor's tuned block sizes
+#   speed the step's reductions (the FP8 quantisations; DoRA's magnitude gradients, ~2.7 ms a step for gate and up at
+#   ~2.1 TB/s by the 1207f profile). (3) On an H200, if one is lent: fp8check fair8b, recipe.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
