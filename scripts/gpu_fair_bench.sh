@@ -267,12 +267,14 @@
 #   first GPU timelines: the graphed DoRA step is 95.7 % busy, and autograd adds each of its 676 gradients into the fixed
 #   buffers with a kernel of its own, 1.39 ms a step against LoRA's 452 and 1.06 ms): (1) on an H100, the A/B of branch
 #   grad-foreach (one torch._foreach_add_ after torch.autograd.grad, speed/graphs.backward_into), carried as the "old"
-#   tree: `rm -rf .devdata/oldsrc && mkdir -p .devdata/oldsrc && git archive grad-foreach src | tar -x -C .devdata/oldsrc`,
-#   then in one call `OUT=$OUT TREES="old new old2" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441 micro_batch=4"
-#   DEADLINE=560 bash scripts/gpu_fair_bench.sh doraab bundle` (carry .devdata/oldsrc too; here "old" is the branch and
-#   "new" main), after `PYTHONPATH=.devdata/oldsrc/src:scripts:/tmp/site python3 -m pytest -q -p no:cacheprovider
-#   tests/test_graphs.py -k cuda` (the branch's graphed step against eager, on the GPU). If it pays, merge the branch
-#   and rerun fair8b. (2) cdtune with METHODS="fp8+lora,fp8+dora" (never run yet): whether inductor's tuned block sizes
+#   tree: `rm -rf .devdata/oldsrc && mkdir -p .devdata/oldsrc && git archive grad-foreach src tests/test_graphs.py
+#   tests/conftest.py | tar -x -C .devdata/oldsrc`, then in one call (carry .devdata/oldsrc too; here "old" is the
+#   branch and "new" main): `PYTHONPATH=.devdata/oldsrc/src:scripts:/tmp/site python3 -m pytest -q -p no:cacheprovider
+#   .devdata/oldsrc/tests/test_graphs.py -k "cuda"` (the branch's graphed step against eager, and backward_into's bits
+#   against backward(), on the GPU), then `OUT=$OUT TREES="old new old2" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441
+#   micro_batch=4" DEADLINE=540 bash scripts/gpu_fair_bench.sh doraab bundle`, best with METHODS' rows profiled once
+#   (profld with PYTHONPATH at the branch: the CUDAFunctor_add count must fall). Branch and main differ by that change
+#   alone (the branch is main at 134bd77 plus it). If it pays, merge the branch and rerun fair8b. (2) cdtune with METHODS="fp8+lora,fp8+dora" (never run yet): whether inductor's tuned block sizes
 #   speed the step's reductions (the FP8 quantisations; DoRA's magnitude gradients, ~2.7 ms a step for gate and up at
 #   ~2.1 TB/s by the 1207f profile). (3) On an H200, if one is lent: fp8check fair8b, recipe.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
