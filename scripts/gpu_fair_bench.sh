@@ -272,9 +272,11 @@
 #   branch and "new" main): `PYTHONPATH=.devdata/oldsrc/src:scripts:/tmp/site python3 -m pytest -q -p no:cacheprovider
 #   .devdata/oldsrc/tests/test_graphs.py -k "cuda"` (the branch's graphed step against eager, and backward_into's bits
 #   against backward(), on the GPU), then `OUT=$OUT TREES="old new old2" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441
-#   micro_batch=4" DEADLINE=540 bash scripts/gpu_fair_bench.sh doraab bundle`, best with METHODS' rows profiled once
-#   (profld with PYTHONPATH at the branch: the CUDAFunctor_add count must fall). Branch and main differ by that change
-#   alone (the branch is main at 134bd77 plus it). If it pays, merge the branch and rerun fair8b. (2) cdtune with METHODS="fp8+lora,fp8+dora" (never run yet): whether inductor's tuned block sizes
+#   micro_batch=4" DEADLINE=540 bash scripts/gpu_fair_bench.sh doraab bundle`; if time is left, the branch's rows
+#   profiled, where the CUDAFunctor_add count must fall: `PYTHONPATH=.devdata/oldsrc/src:/tmp/site python3
+#   scripts/dora_ablation_bench.py --bases fp8 --variants lora dora --micro-batch 4 --profile lora dora --output
+#   $OUT/abl-branch.json` (before `bundle`). Branch and main differ by that change alone (the branch is main at 134bd77
+#   plus it). If it pays, merge the branch and rerun fair8b. (2) cdtune with METHODS="fp8+lora,fp8+dora" (never run yet): whether inductor's tuned block sizes
 #   speed the step's reductions (the FP8 quantisations; DoRA's magnitude gradients, ~2.7 ms a step for gate and up at
 #   ~2.1 TB/s by the 1207f profile). (3) On an H200, if one is lent: fp8check fair8b, recipe.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
