@@ -789,7 +789,7 @@ def test_fair_h100_97c706e_section_is_its_files():
     """The 97c706e H100 section holds every table row and note scripts/fair_bench_table.py prints from
     results/bench-shared-input-h100/fair8b and .../recipe, and its reading's figures (the switch's A/B, the ratios
     against this card's tuned peer, the fastest measured on an H100, loralab against 9628e48, memory, DoRA, the
-    recipe) are those files'; the H200 section's pointer quotes the same ratios."""
+    recipe) are those files'; the README's summary of earlier measurements quotes the same ratios."""
     heading = "### Training speed against the fairest peer, the defaults of commit 97c706e (H100)"
     folder = RESULTS / "bench-shared-input-h100"
     flat, rows = _fair8b_section(folder / "fair8b", heading)
@@ -833,7 +833,7 @@ def test_fair_h100_97c706e_section_is_its_files():
             f"{ab['lora_shared_input=false']['lora']['throughput']:,.0f} tokens/s ({gain['lora']:.3f}x), FP8-base LoRA "
             f"{ab['defaults']['fp8+lora']['throughput']:,.0f} against {ab['lora_shared_input=false']['fp8+lora']['throughput']:,.0f} "
             f"({gain['fp8+lora']:.3f}x)") in table
-    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    h200 = " ".join(section("### Earlier speed measurements (H100)").split())
     assert (f"tuned peer ran {tuned['throughput']:,.0f} tokens/s, the fastest tuned-peer run measured on any H100, and loralab was "
             f"{lora['ratio_best_peer']:.2f}x and {fp8['ratio_best_peer']:.2f}x of it") in h200
     for sub in ("speedab", "fair8b", "recipe"):
@@ -877,7 +877,7 @@ def test_fair_h100_880d936_section_is_its_files():
     assert all(rows[(m, "loralab")]["speed"].get("fp8_qkv_trios") is None for m in ("lora", "dora"))
     assert dora["speed"]["lora_shared_inputs"] == {"groups": 64, "layers": 160}
     assert "commit: 880d936" in (folder / "gpu.txt").read_text()
-    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    h200 = " ".join(section("### Earlier speed measurements (H100)").split())
     assert (f"At 880d936 loralab was {lora['ratio_best_peer']:.2f}x (bf16, goal 1.5x: not met) and {fp8['ratio_best_peer']:.2f}x "
             f"(FP8 base, goal 2.0x: met in one run by {margin:.1f} %, within the peer's spread between cards) of that card's "
             "tuned peer.") in h200
@@ -925,7 +925,7 @@ def test_fair_h100_cudnn_both_stacks_section_is_its_files():
     """The e7f1c5a H100 section (cuDNN's attention in both stacks) holds every table row and note the table script
     prints from results/bench-fair-h100-1207, and its reading's figures are those files' and 880d936's: the tuned
     peer's drop, loralab's and the docs peer's moves, the tuned rows alone with cuDNN off and on, bf16 LoRA against
-    each tuned figure, DoRA / LoRA; the H200 section's pointer quotes the same drop."""
+    each tuned figure, DoRA / LoRA; the README's summary of earlier measurements quotes the same drop."""
     heading = "### Training speed against the fairest peer, cuDNN's attention in both stacks, commit e7f1c5a (H100)"
     folder = RESULTS / "bench-fair-h100-1207"
     flat, rows = _fair8b_section(folder, heading)
@@ -960,7 +960,7 @@ def test_fair_h100_cudnn_both_stacks_section_is_its_files():
     ratio = rows[("dora", "loralab")]["throughput"] / lora
     assert ratio >= 0.9 and f"DoRA / LoRA {ratio:.3f} bf16 (met)" in flat
     assert "commit: e7f1c5a" in (folder / "gpu.txt").read_text()
-    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    h200 = " ".join(section("### Earlier speed measurements (H100)").split())
     assert f"found the tuned peer {drop:.1f} % slower than at 880d936" in h200
 
 
@@ -1012,7 +1012,7 @@ def test_fair_h100_three_windows_section_is_its_files():
     results/bench-fair-h100-1207c and its recipe, and its reading's figures are those files': the LoRA ratios to the
     tuned peer and at the windows' extremes, the window spreads, the ratios against 97c706e's fastest tuned peer,
     DoRA / LoRA, the ablation's parts and the time the goal needs, the K split's totals, the trio's A/B and the
-    recipe's rows; the H200 section's pointer quotes the same ratios."""
+    recipe's rows; the README's summary of earlier measurements quotes the same ratios."""
     heading = "### Training speed against the fairest peer, three windows a row, commit de2f614 (H100)"
     folder = RESULTS / "bench-fair-h100-1207c"
     flat, rows = _windowed_lora_reading(folder, heading)
@@ -1047,7 +1047,7 @@ def test_fair_h100_three_windows_section_is_its_files():
             f"micro-batch {trainer['micro_batch']} x 128), and {ours['tokens_per_second'] / trainer['tokens_per_second']:.2f}x "
             f"at loralab's own probe, at {ours['peak_memory_gib']:.1f} GiB") in flat
     assert "commit: de2f614" in (folder / "gpu.txt").read_text()
-    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    h200 = " ".join(section("### Earlier speed measurements (H100)").split())
     assert (f"there loralab is {lora['ratio_best_peer']:.2f}x (bf16) and {fp8['ratio_best_peer']:.2f}x (FP8 base) of that "
             f"card's tuned peer, every memory goal is met, and FP8-base DoRA is {dora[1]:.3f} of LoRA") in h200
 
@@ -1057,7 +1057,7 @@ def test_triton_refresh_product_section_is_its_files():
     """The ec5bc74-525cf5a H100 section's table rows are the A/B files of results/bench-tritonproduct-h100 (calls 2
     and 3, which kernel each row took as its record says), and its reading's figures are theirs: the Triton product's
     gain on FP8 DoRA in each call, DoRA / LoRA under the goal, the peak saved, the sweep's default and fastest launch,
-    and call 1's explicit micro-batch A/B (new against the mean of old and old again); the H200 section quotes the
+    and call 1's explicit micro-batch A/B (new against the mean of old and old again); the README's summary of earlier measurements quotes the
     same figures."""
     folder = RESULTS / "bench-tritonproduct-h100"
     heading = "### FP8-base DoRA's refresh product in one Triton kernel, commits ec5bc74 to 525cf5a (H100)"
@@ -1084,7 +1084,7 @@ def test_triton_refresh_product_section_is_its_files():
     saved = runs[(2, "cublas")][1]["peak_memory_gib"] - runs[(2, "triton")][1]["peak_memory_gib"]
     assert (f"made FP8-base DoRA {gains[0]:.3f}x and {gains[1]:.3f}x faster, for {saved:.2f} GiB less peak. DoRA / LoRA "
             f"is {ratios[0]:.3f} and {ratios[1]:.3f}") in flat
-    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    h200 = " ".join(section("### Earlier speed measurements (H100)").split())
     assert (f"made FP8-base DoRA {gains[0]:.3f}x and {gains[1]:.3f}x, and DoRA / LoRA {ratios[0]:.3f} and "
             f"{ratios[1]:.3f}") in h200
     sweep = json.loads((folder / "call2" / "sweep.json").read_text())
@@ -1228,7 +1228,7 @@ def test_fair_h100_6d8976e_section_is_its_files(load_script):
     results/bench-fair-h100-1207e, and its reading's figures are those files': the LoRA ratios to the tuned peer and at
     the windows' extremes, the spreads, the ratios against 97c706e's fastest tuned peer, DoRA / LoRA and the time
     the goal needs, the fused refresh's times, the piggyback's extra milliseconds and the cut recipe's two rows; the
-    H200 section's pointer quotes the same figures."""
+    README's summary of earlier measurements quotes the same figures."""
     heading = "### Training speed against the fairest peer, the defaults of commit 6d8976e (H100)"
     folder = RESULTS / "bench-fair-h100-1207e"
     flat, rows = _windowed_lora_reading(folder, heading, spread_note=", wider than at de2f614", fp8_digits=4)
@@ -1272,7 +1272,7 @@ def test_fair_h100_6d8976e_section_is_its_files(load_script):
     assert not (folder / "recipe" / "recipe.json").exists() and "exit 124" in (folder / "recipe" / "summary.txt").read_text()
     assert "loralab at 12,141 tokens/s (19.7 GiB) and the careful Trainer at 540 (19.0 GiB)" in flat
     assert "commit: 6d8976e" in (folder / "gpu.txt").read_text()
-    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
+    h200 = " ".join(section("### Earlier speed measurements (H100)").split())
     assert (f"there loralab is {lora['ratio_best_peer']:.2f}x (bf16) and {fp8['ratio_best_peer']:.2f}x (FP8 base) of that "
             f"card's tuned peer, whose windows spread {_window_spread(tuned):.1%}, every memory goal is met, and FP8-base DoRA is "
             f"{ratios[1]:.4f} of LoRA (goal 0.9: not met, by {short:.2f} ms of a 105 ms step)").replace("%", " %") in h200
