@@ -1135,7 +1135,7 @@ def test_fair_h100_51ead9e_section_is_its_files():
     those files': the LoRA ratios of both runs, the tuned peer's rows on the card and the sampled utilization, the
     goals' verdicts (FP8 over 2.0x even against 97c706e's fastest tuned peer, bf16 under 1.5x against it), DoRA /
     LoRA in both runs and the ablation, the GPU timelines and the per-parameter adds of the profile, the recipe's
-    ratio; the H200 section's pointer quotes the same figures."""
+    ratio (the summary at a glance has its own test)."""
     heading = "### Training speed against the fairest peer, the defaults of commit 51ead9e, two runs (H100)"
     folder = RESULTS / "bench-fair-h100-1207f"
     flat, rows = _windowed_lora_reading(folder, heading, fp8_digits=3)
@@ -1211,15 +1211,55 @@ def test_fair_h100_51ead9e_section_is_its_files():
     assert ratio >= 5 and f"loralab is {ratio:.2f}x it ({capped['tokens_per_second']:,.0f} against " \
         f"{trainer['tokens_per_second']:,.0f} tokens/s" in flat
     assert all("commit: 51ead9e" in (folder / d / "gpu.txt").read_text() for d in (".", "run2", "recipe", "ablation"))
-    h200 = " ".join(section("### Training speed against the fairest peer (H200)").split())
-    assert (f"the tuned peer ran {rows[('lora', 'tuned')]['throughput']:,.0f} and then {tuned2['throughput']:,.0f} "
-            f"tokens/s while loralab's LoRA rows moved under 0.4 %. bf16 LoRA was {rows[('lora', 'loralab')]['ratio_best_peer']:.2f}x "
-            f"and {lora2['ratio_best_peer']:.2f}x the best peer, FP8-base LoRA {rows[('fp8+lora', 'loralab')]['ratio_best_peer']:.2f}x "
-            f"and {fp82['ratio_best_peer']:.2f}x ({rows[('lora', 'loralab')]['throughput'] / fastest:.2f}x and "
-            f"{rows[('fp8+lora', 'loralab')]['throughput'] / fastest:.3f}x the fastest tuned peer measured on any H100: not "
-            "settled across H100s), every memory goal of the fair bench is met, FP8-base DoRA was "
-            f"{dora['fp8+lora'][0]:.3f} and {dora['fp8+lora'][1]:.3f} of LoRA (goal 0.9: not met), and the seed 000 recipe "
-            f"was {ratio:.2f}x the careful Trainer within its memory (goal 5x: met)") in h200
+
+
+def test_speed_at_a_glance_is_its_files():
+    """The README's speed summary: each run's row (the fastest peer and its stack, loralab's ratios to it, DoRA /
+    LoRA on each base) from its fair8b.json, the goals' readings (bf16 and FP8 LoRA not settled against the fastest
+    tuned peer measured on any H100, FP8 not met on the H200, FP8 DoRA not met, the memory, the recipe) from the
+    same files."""
+    text = section("### Training speed at a glance")
+    flat = " ".join(text.split())
+    runs = {"H200, 9ebdbf4": "bench-fair/fair8b.json", "H100, 51ead9e, run 1": "bench-fair-h100-1207f/fair8b.json",
+            "H100, 51ead9e, run 2": "bench-fair-h100-1207f/run2/fair8b.json"}
+    loaded = {}
+    for label, path in runs.items():
+        rows = {(r["method"], r["stack"]): r for r in json.loads((RESULTS / path).read_text())}
+        loaded[label] = rows
+        lora, fp8 = rows[("lora", "loralab")], rows[("fp8+lora", "loralab")]
+        peer = rows[("lora", lora["best_peer"])]
+        assert peer["throughput"] == max(r["throughput"] for (m, st), r in rows.items() if m == "lora" and st != "loralab")
+        dora = [rows[(m, "loralab")]["throughput"] / rows[(m.replace("dora", "lora"), "loralab")]["throughput"]
+                for m in ("dora", "fp8+dora")]
+        row = (f"| {label} | {peer['throughput']:,.0f} ({lora['best_peer']}) | {lora['ratio_best_peer']:.2f}x | "
+               f"{fp8['ratio_best_peer']:.2f}x | {dora[0]:.3f} | {dora[1]:.3f} |")
+        assert row in text, row
+        assert fp8["peak_memory_gib"] <= rows[("lora", "tuned")]["peak_memory_gib"]  # "Memory: ... at or below"
+        assert rows[("fp8+dora", "loralab")]["peak_memory_gib"] <= rows[("dora", "tuned")]["peak_memory_gib"]
+    h100 = [loaded["H100, 51ead9e, run 1"], loaded["H100, 51ead9e, run 2"]]
+    assert all(r[("lora", "loralab")]["ratio_best_peer"] >= 1.5 for r in loaded.values())  # "met in every run above"
+    assert loaded["H200, 9ebdbf4"][("fp8+lora", "loralab")]["ratio_best_peer"] < 2.0
+    assert all(r[("fp8+lora", "loralab")]["ratio_best_peer"] >= 2.0 for r in h100)
+    fastest = max(_h100_tuned_lora_rows().values())
+    first = h100[0]
+    assert (f"the tuned peer ran {first[('lora', 'tuned')]['throughput']:,.0f} and then "
+            f"{h100[1][('lora', 'tuned')]['throughput']:,.0f} tokens/s, loralab's rows within 0.4 %") in flat
+    assert all(abs(h100[0][(m, "loralab")]["throughput"] / h100[1][(m, "loralab")]["throughput"] - 1) < 0.004
+               for m in ("lora", "fp8+lora"))
+    assert (f"({fastest:,.0f} tokens/s, on another card) the first run's bf16 row is "
+            f"{first[('lora', 'loralab')]['throughput'] / fastest:.2f}x") in flat
+    assert first[("lora", "loralab")]["throughput"] / fastest < 1.5 <= 2.0 <= first[("fp8+lora", "loralab")]["throughput"] / fastest
+    assert f"and {first[('fp8+lora', 'loralab')]['throughput'] / fastest:.3f}x against that fastest H100 peer" in flat
+    assert flat.count("**not settled**") == 2 and "**not met** on the FP8 base (0.899 and 0.897; the DoRA ablation on the same card gave 0.901)" in flat
+    ablation = {r["variant"]: r["throughput"] for r in json.loads(
+        (RESULTS / "bench-fair-h100-1207f" / "ablation" / "doraabl.json").read_text())}
+    assert f"{ablation['dora'] / ablation['lora']:.3f})" in flat
+    recipe = {r["stack"]: r for r in json.loads((RESULTS / "bench-fair-h100-1207f/recipe/recipe.json").read_text())["rows"]}
+    capped, trainer, own = recipe["loralab@trainer-memory"], recipe["trainer"], recipe["loralab"]
+    assert capped["peak_memory_gib"] <= trainer["peak_memory_gib"] < own["peak_memory_gib"]
+    assert (f"{capped['tokens_per_second'] / trainer['tokens_per_second']:.2f}x a careful Trainer held to the same memory"
+            in flat and f"within {trainer['peak_memory_gib']:.1f} GiB was 1 x 128" in flat
+            and f"its peak, {own['peak_memory_gib']:.1f} GiB, is over the Trainer's" in flat)
 
 
 @pytest.mark.slow  # runs the table script (imports torch, transformers)
