@@ -46,6 +46,9 @@
 #           2026-12-05 compared different micro-batches). ~1 min a row. Files: cacheab-<share>-<repeat>.json/.log.
 #   cdtune  FP8-base LoRA (METHODS) at micro-batch 4 with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING 0, then 1: whether
 #           tuning the block sizes of inductor's kernels (the quantisation reductions among them) pays. ~3 min.
+#   combo   loralab's FP8 rows (METHODS, default "fp8+lora,fp8+dora") at micro-batch 4 with inductor's combo kernels off,
+#           then on (`torch._inductor.config.combo_kernels`, set in the bench's process): whether fusing independent small
+#           kernels into one launch pays (DoRA's magnitude reductions among them). ~4 min. Files: combo-{0,1}.json/.log.
 #   dorab   DoRA on both bases (`--methods dora,fp8+dora --stacks loralab`, the micro-batch probed) with
 #           `dora_norm_per_step` false, then true beside LoRA's rows (`lora,dora,fp8+lora,fp8+dora`), REPEATS times
 #           (default 1): what computing DoRA's weight norm once per optimizer step instead of in every micro-batch
@@ -278,7 +281,8 @@
 #   $OUT/abl-branch.json` (before `bundle`). Branch and main differ by that change alone (the branch is main at 134bd77
 #   plus it). If it pays, merge the branch and rerun fair8b. (2) cdtune with METHODS="fp8+lora,fp8+dora" (never run yet): whether inductor's tuned block sizes
 #   speed the step's reductions (the FP8 quantisations; DoRA's magnitude gradients, ~2.7 ms a step for gate and up at
-#   ~2.1 TB/s by the 1207f profile). (3) On an H200, if one is lent: fp8check fair8b, recipe.
+#   ~2.1 TB/s by the 1207f profile). (3) combo (never run): inductor's combo kernels on both FP8 rows, the same
+#   question for the many small reductions. (4) On an H200, if one is lent: fp8check fair8b, recipe.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -379,6 +383,14 @@ for part in "${PARTS[@]}"; do
           --device cuda --only llama-3-8b/fixed --methods "${METHODS:-fp8+lora}" --stacks loralab --speed micro_batch=4 \
           --output "$OUT/cdtune-$on.json"
       done ;;
+    combo)  # inductor's combo kernels (independent kernels fused side by side into one launch: DoRA's many small
+      # magnitude reductions, ~13 us each, 96 + 64 a step in the 1207f profile) off, then on, one micro-batch; loralab
+      # has no setting for it: the flag is set in the bench's own process before anything compiles
+      for on in 0 1; do
+        step "combo-$on" 240 $PYTHON -c "import sys, torch._inductor.config as c; c.combo_kernels = bool($on); \
+from loralab.cli import main; sys.exit(main(sys.argv[1:]))" bench --preset full --device cuda --only llama-3-8b/fixed \
+          --methods "${METHODS:-fp8+lora,fp8+dora}" --stacks loralab --speed micro_batch=4 --output "$OUT/combo-$on.json"
+      done ;;
     dorab)
       for rep in $(seq 1 "${REPEATS:-1}"); do  # DoRA's norm once per step off, then on (with LoRA's rows beside)
         extra=()
@@ -478,7 +490,7 @@ for part in "${PARTS[@]}"; do
     fp8loss)
       step fp8loss 480 $PYTHON scripts/fp8_loss_curves.py --device cuda ${FP8LOSS_VARIANTS:+--variants $FP8LOSS_VARIANTS} \
         --output "$OUT/fp8loss.json" ;;
-    *) echo "unknown part $part (known: prepare fair8b fairprof fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune dorab losschunk doraab profld refreshgemm piggy sweep doraabl probe8b actbudget probebudget recipebudget speedab gputests bundle fp8check fp8loss)"; exit 2 ;;
+    *) echo "unknown part $part (known: prepare fair8b fairprof fair8bcache profdora recipe recipeours fp8quant fp8kernel rankab cacheab cdtune combo dorab losschunk doraab profld refreshgemm piggy sweep doraabl probe8b actbudget probebudget recipebudget speedab gputests bundle fp8check fp8loss)"; exit 2 ;;
   esac
 done
 
