@@ -388,3 +388,5 @@ def test_a_goal_ratio_is_printed_on_the_side_of_the_goal_it_falls(load_script):
     assert shown(0.914, 0.9, 3) == "0.914"
     assert shown(1.5001, 1.5, 2, printed=1.494) == "1.500"  # over it while the printed figure reads under
     assert shown(3.9253, 2.0, 2, printed=3.925) == "3.92"  # far from it: the table's own rounded figure
+    assert shown(0.89999997, 0.9, 3) == "0.89999997"  # within 5e-7 of it: more than 6 decimals, still under
+    assert shown(0.9 - 2 ** -52, 0.9, 3).startswith("0.8999999999999") and float(shown(0.9 - 2 ** -52, 0.9, 3)) < 0.9
