@@ -125,8 +125,8 @@ def yes(ok: bool) -> str:
 def shown(value: float, goal: float, digits: int, printed: float | None = None) -> str:
     """``printed`` (default ``value``: e.g. the JSON's rounded ratio the table prints) at ``digits`` decimals where
     that falls on the same side of ``goal`` as ``value`` itself, else ``value`` at as many more decimals as it takes
-    (up to 17, where a float's decimal text always falls on its own side): 0.89955 against 0.9 reads "0.8996", not
-    "0.900" beside "not met"."""
+    (up to 17, enough for a ratio one ulp from a goal near 1): 0.89955 against 0.9 reads "0.8996", not "0.900"
+    beside "not met"."""
     tries = [(value if printed is None else printed, digits)] + [(value, d) for d in range(digits + 1, 18)]
     for number, d in tries:
         text = f"{number:.{d}f}"
