@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 
 from loralab.config import build_parameters
 from loralab.data import collate
-from loralab.speed.graphs import GraphedTraining, bucket_width
+from loralab.speed.graphs import GraphedTraining, backward_into, bucket_width
 from loralab.speed.step import PLAIN, prepare_model, seq_cls_loss
 
 
@@ -124,6 +124,39 @@ def test_step_object_follows_the_plain_loop(minilm_path, data_dir, prepare_state
         torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=name)
         moved += a.requires_grad
     assert moved > 0
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_backward_into_adds_the_same_bits_as_autograds_accumulation(minilm_path, data_dir, dora):
+    """The graphed step's gradient add (one foreach add into the fixed buffers) against ``backward()`` over two
+    weighted micro-batches: every parameter's gradient bitwise the same (DoRA's magnitudes among them); a
+    parameter the loss never reaches keeps its buffer untouched; a reached parameter without a buffer is named."""
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    params = build_parameters({"task": "glue/sst2"})
+    feats = sst2_features(data_dir, tok, 12, offset=200)
+    batches = [micro_batch(feats[:8], "seq_cls", params, tok.pad_token_id, None, "cpu"),
+               micro_batch(feats[8:], "seq_cls", params, tok.pad_token_id, None, "cpu")]
+    ref = lora_minilm(minilm_path, dora=dora, dropout=0.0).train()
+    ours = copy.deepcopy(ref)
+    unused = torch.nn.Parameter(torch.full((3,), 0.25))  # a trainable tensor the loss does not read
+    ours_params = [p for p in ours.parameters() if p.requires_grad] + [unused]
+    for p in ours_params:
+        p.grad = torch.zeros_like(p)
+    unused.grad.fill_(7.0)  # what an earlier micro-batch would have left there
+    for batch, weight in zip(batches, (8 / 12, 4 / 12)):
+        (seq_cls_loss(ref, batch)[0] * weight).backward()
+        backward_into(seq_cls_loss(ours, batch)[0] * weight, ours_params)
+    compared = 0
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+        if a.requires_grad:
+            assert a.grad is not None and torch.equal(b.grad, a.grad), name
+            compared += 1
+    assert compared == len(ours_params) - 1 and (not dora or any("magnitude" in n for n, _ in ref.named_parameters()))
+    assert torch.equal(unused.grad, torch.full((3,), 7.0))
+    first = next(p for p in ours.parameters() if p.requires_grad)
+    first.grad = None
+    with pytest.raises(ValueError, match=r"no gradient buffer"):
+        backward_into(seq_cls_loss(ours, batches[0])[0], [first])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
