@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 
 from loralab.config import build_parameters
 from loralab.data import collate
-from loralab.speed.graphs import GraphedTraining, backward_into, bucket_width
+from loralab.speed.graphs import FOREACH_GRAD_SHARE, GraphedTraining, backward_into, bucket_width, takes_foreach_grads
 from loralab.speed.step import PLAIN, prepare_model, seq_cls_loss
 
 
@@ -157,6 +157,46 @@ def test_backward_into_adds_the_same_bits_as_autograds_accumulation(minilm_path,
     first.grad = None
     with pytest.raises(ValueError, match=r"no gradient buffer"):
         backward_into(seq_cls_loss(ours, batches[0])[0], [first])
+
+
+def test_foreach_grads_only_where_the_trainable_tensors_are_small(minilm_path):
+    """The graphed step holds a micro-batch's gradients together (``backward_into``) for adapters, not for full
+    fine-tuning, whose gradients alive together would double their memory."""
+    lora = lora_minilm(minilm_path)
+    lora_params = [p for p in lora.parameters() if p.requires_grad]
+    assert takes_foreach_grads(lora, lora_params)
+    full = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2, dtype=torch.float32)
+    assert not takes_foreach_grads(full, list(full.parameters()))
+    # the rule is the share of bytes: LoRA's factors and the classifier sit far under it, a layer's worth over it
+    share = sum(p.numel() for p in lora_params) / sum(p.numel() for p in lora.parameters())
+    assert share < FOREACH_GRAD_SHARE < 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_cuda_backward_into_adds_the_same_bits_as_autograds_accumulation(minilm_path, data_dir, dora):
+    """On the GPU, where the grouped foreach add runs multi-tensor kernels: the same gradients, bitwise, as
+    ``backward()`` over two weighted micro-batches (attention by the math kernel: flash and efficient attention's
+    backward may add in a varying order, so two backward passes would differ before any gradient is added)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    params = build_parameters({"task": "glue/sst2"})
+    feats = sst2_features(data_dir, tok, 12, offset=200)
+    batches = [micro_batch(feats[:8], "seq_cls", params, tok.pad_token_id, None, "cuda"),
+               micro_batch(feats[8:], "seq_cls", params, tok.pad_token_id, None, "cuda")]
+    ref = lora_minilm(minilm_path, dora=dora, dropout=0.0).cuda().train()
+    ours = copy.deepcopy(ref)
+    ours_params = [p for p in ours.parameters() if p.requires_grad]
+    for p in ours_params:
+        p.grad = torch.zeros_like(p)
+    with sdpa_kernel(SDPBackend.MATH):
+        for batch, weight in zip(batches, (8 / 12, 4 / 12)):
+            (seq_cls_loss(ref, batch)[0] * weight).backward()
+            backward_into(seq_cls_loss(ours, batch)[0] * weight, ours_params)
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+        if a.requires_grad:
+            assert torch.equal(b.grad, a.grad), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -9,8 +9,8 @@ call. Large models gain less but still lose the gaps between launches (11 % idle
 
 How it stays exact:
 - gradients live in fixed buffers (allocated once, zeroed by the captured optimizer step) and
-  each micro-batch's gradients are added into them (``backward_into``: one foreach add, where
-  autograd's own accumulation launches one add per parameter), so gradient accumulation works unchanged;
+  each micro-batch's gradients are added into them (for adapters ``backward_into``: one foreach add,
+  where autograd's own accumulation launches one add per parameter), so gradient accumulation works unchanged;
 - the micro-batch weight (``len(batch) / samples in the step``) is a device scalar filled before
   each replay, not a constant baked into the graph;
 - the optimizer is made ``capturable`` with its learning rate held in a device tensor, which
@@ -80,6 +80,21 @@ def _shape_key(batch: dict) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
 
 
+# The largest share of the model's bytes (parameters and buffers) that its trainable tensors may hold for the
+# graphed step to take their gradients together (``backward_into``): adapters hold ~1 % at Llama-3-8B, r 32; full
+# fine-tuning holds all of it, and its gradients alive together until the add would double their memory.
+FOREACH_GRAD_SHARE = 1 / 8
+
+
+def takes_foreach_grads(model: torch.nn.Module, params: list[torch.Tensor]) -> bool:
+    """Whether the trainable ``params`` hold at most ``FOREACH_GRAD_SHARE`` of ``model``'s parameter and buffer
+    bytes: then ``backward_into`` may hold their gradients alive together (the graphed step's choice)."""
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    total = sum(t.numel() * t.element_size() for t in model.parameters())
+    total += sum(t.numel() * t.element_size() for t in model.buffers())
+    return trainable <= FOREACH_GRAD_SHARE * total
+
+
 def backward_into(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
     """Add ``d loss / d p`` into each ``p.grad`` of ``params`` (every one a tensor already: the fixed buffers of a
     graphed run), as ``loss.backward()`` accumulates into existing gradients: the same float sums, bitwise, and
@@ -89,21 +104,24 @@ def backward_into(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
     Why not ``backward()``: autograd adds each parameter's gradient into its buffer with its own kernel as the
     gradient is made, one launch per parameter (676 a micro-batch for DoRA at Llama-3-8B, r 32, all-linear:
     ~2 us each, 1.4 ms of a 105 ms FP8-base step in results/bench-fair-h100-1207f's profile); here the
-    gradients are returned (``torch.autograd.grad``) and added by one ``torch._foreach_add_``, a few
-    multi-tensor kernels. The gradients are then alive together until the add (at most the adapters' size:
-    ~0.34 GB fp32 at that shape, at the end of the backward, below the step's peak).
+    gradients are returned (``torch.autograd.grad``) and added by one ``torch._foreach_add_`` per device and
+    dtype (the multi-tensor kernels take one device and dtype a launch), a few kernels in all. The gradients
+    are then alive together until the add: the graphed step does this only where the trainable tensors are
+    small (``takes_foreach_grads``; ~0.34 GB fp32 at that shape, at the end of the backward, below the
+    step's peak).
     """
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    buffers, added = [], []
+    groups: dict[tuple, tuple[list, list]] = {}
     for p, grad in zip(params, grads, strict=True):
         if grad is None:
             continue
         if p.grad is None:
             raise ValueError(f"backward_into: a parameter of shape {tuple(p.shape)} has no gradient buffer "
                              "(p.grad is None); it adds into existing buffers only")
+        buffers, added = groups.setdefault((p.grad.device, p.grad.dtype), ([], []))
         buffers.append(p.grad)
         added.append(grad)
-    if buffers:
+    for buffers, added in groups.values():
         torch._foreach_add_(buffers, added)
 
 
@@ -132,6 +150,7 @@ class GraphedTraining:
         device = self.params[0].device if self.params else torch.device("cpu")
         self.graphed = bool(enabled and device.type == "cuda" and self.params)
         self.graph_optimizer = self.graphed and type(optimizer) in CAPTURABLE_OPTIMIZERS
+        self.foreach_grads = self.graphed and takes_foreach_grads(model, self.params)
         self._micro: dict[tuple, tuple] = {}
         self._step_graph = None
         if self.graphed:
@@ -219,7 +238,7 @@ class GraphedTraining:
     # -- micro-steps -------------------------------------------------------------------------
     def _eager_micro(self, batch: dict, weight) -> torch.Tensor:
         loss = self.loss_fn(self.model, batch)
-        if self.graphed:  # the fixed buffers: one foreach add (backward_into says why)
+        if self.foreach_grads:  # the fixed buffers: one foreach add (backward_into says why)
             backward_into(loss * weight, self.params)
         else:
             (loss * weight).backward()
