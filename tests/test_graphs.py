@@ -174,29 +174,43 @@ def test_foreach_grads_only_where_the_trainable_tensors_are_small(minilm_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_cuda_backward_into_adds_the_same_bits_as_autograds_accumulation(minilm_path, data_dir, dora):
+def test_cuda_backward_into_adds_the_same_bits_as_autograds_accumulation(dora):
     """On the GPU, where the grouped foreach add runs multi-tensor kernels: the same gradients, bitwise, as
-    ``backward()`` over two weighted micro-batches (attention by the math kernel: flash and efficient attention's
-    backward may add in a varying order, so two backward passes would differ before any gradient is added)."""
+    ``backward()`` over two weighted micro-batches of a small random Llama with LoRA or DoRA on every linear layer
+    (bf16 base, fp32 adapters, as the step trains them; attention by the math kernel: flash and efficient
+    attention's backward may add in a varying order, so two backward passes would differ before any add)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    params = build_parameters({"task": "glue/sst2"})
-    feats = sst2_features(data_dir, tok, 12, offset=200)
-    batches = [micro_batch(feats[:8], "seq_cls", params, tok.pad_token_id, None, "cuda"),
-               micro_batch(feats[8:], "seq_cls", params, tok.pad_token_id, None, "cuda")]
-    ref = lora_minilm(minilm_path, dora=dora, dropout=0.0).cuda().train()
+    from loralab.speed.step import causal_lm_loss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, attn_implementation="sdpa")
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    ref = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora))
+    for p in ref.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    ref = ref.cuda().train()
     ours = copy.deepcopy(ref)
     ours_params = [p for p in ours.parameters() if p.requires_grad]
+    assert len({p.dtype for p in ours.parameters()}) == 2  # two dtypes: the foreach add's groups
     for p in ours_params:
         p.grad = torch.zeros_like(p)
-    with sdpa_kernel(SDPBackend.MATH):
-        for batch, weight in zip(batches, (8 / 12, 4 / 12)):
-            (seq_cls_loss(ref, batch)[0] * weight).backward()
-            backward_into(seq_cls_loss(ours, batch)[0] * weight, ours_params)
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": (ids := torch.randint(3, 500, (n, 32), generator=gen).cuda()), "labels": ids.clone()}
+               for n in (3, 2)]
+    with sdpa_kernel(SDPBackend.MATH), torch.autocast("cuda", dtype=torch.bfloat16):
+        for batch, weight in zip(batches, (3 / 5, 2 / 5)):
+            (causal_lm_loss(ref, batch)[0] * weight).backward()
+            backward_into(causal_lm_loss(ours, batch)[0] * weight, ours_params)
+    compared = 0
     for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
         if a.requires_grad:
-            assert torch.equal(b.grad, a.grad), name
+            assert a.grad is not None and torch.equal(b.grad, a.grad), name
+            compared += 1
+    assert compared == len(ours_params) and (not dora or any("magnitude" in n for n, _ in ref.named_parameters()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
