@@ -172,6 +172,26 @@ def test_foreach_grads_only_where_the_trainable_tensors_are_small(minilm_path):
     assert share < FOREACH_GRAD_SHARE < 1
 
 
+def test_foreach_grad_add_setting_is_checked_and_resolved():
+    """``speed.foreach_grad_add``: true, false or "auto"; true refused beside cuda_graphs false (naming both keys);
+    nothing graphed (CPU, or graphs off) resolves it to false; on CUDA an explicit value stays and "auto" waits for
+    the model (make_step settles it by ``takes_foreach_grads``)."""
+    from loralab.speed_settings import Speed
+
+    base = Speed().record()
+    assert Speed.problems({**base, "foreach_grad_add": "auto"}) == []
+    assert Speed.problems({**base, "foreach_grad_add": "yes"}) == [
+        "'speed.foreach_grad_add' = 'yes' must be true, false or \"auto\""]
+    (problem,) = Speed.problems({**base, "foreach_grad_add": True, "cuda_graphs": False})
+    assert "'speed.foreach_grad_add' = true with 'speed.cuda_graphs' = false" in problem
+    resolve = {"kind": "causal_lm", "base_dtype": "bfloat16"}
+    for value in (True, "auto"):
+        assert Speed(foreach_grad_add=value).resolve(device_type="cpu", **resolve).foreach_grad_add is False
+        assert Speed(foreach_grad_add=value).resolve(device_type="cuda", **resolve).foreach_grad_add == value
+    assert Speed(foreach_grad_add=True, cuda_graphs=False).resolve(device_type="cuda", **resolve).foreach_grad_add is False
+    assert Speed().resolve(device_type="cuda", **resolve).foreach_grad_add is False  # the default until measured
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_cuda_backward_into_adds_the_same_bits_as_autograds_accumulation(dora):
@@ -244,10 +264,12 @@ def test_cuda_graph_replay_equals_eager(minilm_path, data_dir, dora):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("foreach", [False, True], ids=["autograd-adds", "foreach-add"])
 @pytest.mark.parametrize("layout", ["plain", "packed"])
-def test_cuda_graph_replay_equals_eager_causal_lm(layout):
+def test_cuda_graph_replay_equals_eager_causal_lm(layout, foreach):
     """Causal LM (a small random Llama, LoRA): plain fixed-length batches (SDPA's causal path) and
-    packed rows (block-diagonal masks) replay to the same losses and weights as eager steps."""
+    packed rows (block-diagonal masks) replay to the same losses and weights as eager steps, with autograd adding
+    the gradients into the fixed buffers and with one foreach add (``speed.foreach_grad_add``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loralab.run.step import Step
@@ -279,14 +301,15 @@ def test_cuda_graph_replay_equals_eager_causal_lm(layout):
         model = model.cuda().train()
         prepare_model(model, PLAIN)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        trainer = GraphedTraining(model, opt, make_loss("causal_lm"), max_grad_norm=1.0, enabled=enabled)
+        trainer = GraphedTraining(model, opt, make_loss("causal_lm"), max_grad_norm=1.0, enabled=enabled,
+                                  foreach_grads=foreach)
         losses = []
         for batch in batches * 2:
             losses.append(trainer.micro(batch, 1.0))
             trainer.step()
         results.append((model, trainer, torch.stack(losses)))
-    (eager, _, l_eager), (graphed, t_graphed, l_graphed) = results
-    assert t_graphed.graphs == 1
+    (eager, t_eager, l_eager), (graphed, t_graphed, l_graphed) = results
+    assert t_graphed.graphs == 1 and t_graphed.foreach_grads is foreach and not t_eager.foreach_grads
     assert torch.isfinite(l_eager).all()
     torch.testing.assert_close(l_graphed, l_eager, atol=1e-4, rtol=1e-4)
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):

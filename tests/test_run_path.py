@@ -27,7 +27,8 @@ def test_experiment_speed_defaults_are_unchanged():
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
                                  "fp8_transpose_cache": "auto", "fp8_quantize_kernel": "torch", "fp8_fast_accum": "all",
                                  "fp8_fused_qkv": True, "fp8_refresh_kernel": "auto", "lora_scale_at_rank": "auto", "lora_shared_input": "auto",
-                                 "dora_norm_per_step": True, "activation_memory_budget": "auto", "loss_chunk_size": "auto"}
+                                 "dora_norm_per_step": True, "foreach_grad_add": False, "activation_memory_budget": "auto",
+                                 "loss_chunk_size": "auto"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "compile_backend" not in build_parameters({}).speed  # code-only settings stay out of experiments
     assert "micro_batch_probe" not in build_parameters({}).speed

@@ -66,6 +66,11 @@ class Speed:
     dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm once per
     # optimizer step, not per micro-batch (speed/fast_dora refresh_dora_norms; bitwise without autocast, float32 products
     # under it; off under FSDP): 1.119x bf16, 1.035x FP8-base DoRA at the 8B shape, results/bench-dora-h100
+    foreach_grad_add: bool | str = field(default=False, metadata={"added": True})  # exact (bitwise): the graphed
+    # step takes a micro-batch's gradients by torch.autograd.grad and adds them into its fixed buffers with one foreach
+    # add per dtype, where autograd adds each with a kernel of its own (speed/graphs.backward_into); auto: where the
+    # trainable tensors hold at most 1/8 of the model's bytes (adapters, not full fine-tuning, whose gradients would be
+    # alive together until the add); off until measured on a GPU (676 adds a step for 8B DoRA, 1.39 ms: issue 22)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
@@ -106,6 +111,10 @@ class Speed:
                              ("fp8_fast_accum", FP8_FAST_ACCUM), ("fp8_refresh_kernel", ("auto", *FP8_REFRESH_KERNELS))):
             if speed[key] not in allowed:
                 problems.append(f"'speed.{key}' = {speed[key]!r} is not allowed; allowed: {', '.join(allowed)}")
+        if speed["foreach_grad_add"] is True and speed["cuda_graphs"] is False:
+            problems.append("'speed.foreach_grad_add' = true with 'speed.cuda_graphs' = false: it adds into the graphed "
+                            "step's fixed gradient buffers; set cuda_graphs to true or \"auto\", or foreach_grad_add "
+                            "to false or \"auto\"")
         problems += [FUSED_AND.format(key=k) for k in ("lora_scale_at_rank", "lora_shared_input")
                      if speed["fused_lora"] is True and speed[k] is True]
         for k, unit in (("loss_chunk_size", " (tokens per chunk)"), ("micro_batch", "")):
@@ -125,6 +134,8 @@ class Speed:
                 "fp8_refresh_kernel": "auto" if cuda else "cublas"}  # CUDA: prepare_model settles it from the layers
         out = dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})
         out.cuda_graphs = bool(out.cuda_graphs and cuda)  # an explicit true on CPU: nothing to capture
+        if not out.cuda_graphs:  # no graphed step: autograd's own accumulation (else make_step settles "auto")
+            out.foreach_grad_add = False
         if out.loss_chunk_size == "auto" and not (cuda and causal and out.chunked_loss and out.micro_batch == "auto"):
             out.loss_chunk_size = LOSS_CHUNK  # else the probe settles it (loralab.run.micro_batch)
         if out.activation_memory_budget == "auto" or not out.compile:  # no compiled layer: nothing to partition

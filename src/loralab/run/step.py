@@ -101,12 +101,14 @@ class Step:
     ``graphs`` may stay on. ``dora_norms``: fast DoRA's weight norms are computed once per step, before
     its first micro-batch, and read by every micro-batch (``speed.dora_norm_per_step``,
     ``speed/dora_refresh.refresh_dora_norms``; ``dora_norms_backend``: its torch.compile backend, None: eager).
+    ``foreach_grads``: ``GraphedTraining``'s (``speed.foreach_grad_add``).
     """
 
     def __init__(self, model, optimizer, *, kind: str, normalization: str, micro_batch: int | None,
                  packing: bool, max_length: int, pad_to: int | None, pad_id: int, device: torch.device,
                  graphs: bool, max_grad_norm: float, log: Callable[[str], None] = print, wrapped=None,
-                 reduce_after_backward: bool = False, dora_norms: bool = False, dora_norms_backend=None):
+                 reduce_after_backward: bool = False, dora_norms: bool = False, dora_norms_backend=None,
+                 foreach_grads: bool | str = False):
         if wrapped is not None and reduce_after_backward:
             raise ValueError("Step: a DDP/FSDP wrapper reduces gradients itself; reduce_after_backward needs none")
         self.model, self.optimizer, self.kind = model, optimizer, kind
@@ -124,7 +126,8 @@ class Step:
         else:
             loss = loss_function(kind)
             self.trainer = GraphedTraining(model, optimizer, lambda m, b: loss(m, b)[0],
-                                           max_grad_norm=max_grad_norm, enabled=graphs, before_step=before)
+                                           max_grad_norm=max_grad_norm, enabled=graphs, before_step=before,
+                                           foreach_grads=foreach_grads)
         self.oom_retries = 0
 
     # -- building micro-batches ------------------------------------------------------------
@@ -347,6 +350,8 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
     step = Step(model, optimizer, kind=kind, normalization=normalization, micro_batch=micro, packing=resolved.packing,
                 max_length=max_length, pad_to=pad_to, pad_id=pad_id, device=device, graphs=resolved.cuda_graphs,
                 max_grad_norm=max_grad_norm, log=log, wrapped=wrapped, reduce_after_backward=after_backward,
-                dora_norms=dora_layers > 0, dora_norms_backend=norms_backend if dora_layers else None)
+                dora_norms=dora_layers > 0, dora_norms_backend=norms_backend if dora_layers else None,
+                foreach_grads=resolved.foreach_grad_add)
+    resolved.foreach_grad_add = step.trainer.foreach_grads  # "auto" settled by the model's sizes; False unless graphed
     resolved.masked_width_guard = step._guarded.on  # speed/attention.py (pytorch/pytorch#196678)
     return step, resolved

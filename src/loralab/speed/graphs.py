@@ -135,13 +135,15 @@ class GraphedTraining:
     ones replay. ``micro(batch, weight)`` backpropagates ``weight * loss`` (accumulating) and returns the loss,
     detached, without a host sync; ``step()`` clips (``max_grad_norm`` > 0), steps the optimizer
     and zeroes the gradients. With ``enabled`` False or on CPU the same calls run eagerly;
-    ``graphed`` says which.
+    ``graphed`` says which. ``foreach_grads`` (graphed only; ``speed.foreach_grad_add``): True adds each
+    micro-batch's gradients by ``backward_into``, "auto" where ``takes_foreach_grads``, False by ``backward()``;
+    ``self.foreach_grads`` says which.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], *, max_grad_norm: float = 0.0,
                  enabled: bool = True, max_graphs: int = 32, warmup: int = 2,
-                 before_step: Callable[[], object] | None = None):
+                 before_step: Callable[[], object] | None = None, foreach_grads: bool | str = False):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.before_step, self._begin_graph, self._begun = before_step, None, False
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -150,7 +152,8 @@ class GraphedTraining:
         device = self.params[0].device if self.params else torch.device("cpu")
         self.graphed = bool(enabled and device.type == "cuda" and self.params)
         self.graph_optimizer = self.graphed and type(optimizer) in CAPTURABLE_OPTIMIZERS
-        self.foreach_grads = self.graphed and takes_foreach_grads(model, self.params)
+        self.foreach_grads = self.graphed and (takes_foreach_grads(model, self.params) if foreach_grads == "auto"
+                                               else bool(foreach_grads))
         self._micro: dict[tuple, tuple] = {}
         self._step_graph = None
         if self.graphed:
