@@ -38,9 +38,26 @@ def table_rows(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.startswith("| ") and not line.startswith("|---")]
 
 
+def _tracked_results() -> set[Path] | None:
+    """The files under results/ that git tracks (the README describes those), or None outside a git checkout. A
+    user's own run after the README's set-up (its quickstart writes a record into results/) is not among them."""
+    try:
+        run = subprocess.run(["git", "ls-files", "-z", "--", "results"], cwd=ROOT, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [n for n in run.stdout.decode().split("\0") if n]
+    return {ROOT / n for n in names} if run.returncode == 0 and names else None
+
+
+TRACKED_RESULTS = _tracked_results()
+
+
 def records(folder: Path) -> list[dict]:
+    """Every run record (a JSON object with ``run_info``) under ``folder`` that git tracks, where it does."""
     out = []
     for path in sorted(folder.rglob("*.json")):
+        if TRACKED_RESULTS is not None and path not in TRACKED_RESULTS:
+            continue
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "run_info" in data:
             out.append({**data, "_path": path})
