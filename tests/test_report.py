@@ -384,3 +384,20 @@ def test_generation_settings_do_not_split_classification_seeds(tmp_path):
     write(tmp_path, "c.json", make_record(seed=2, params={"learning_rate": 1e-3}, stamp="2026-11-22T23:02:00+00:00"))
     (t,) = build_report([tmp_path]).tables
     assert len(t.rows) == 2
+
+
+def test_peft_versions_own_head_names_do_not_split_a_variant(tmp_path):
+    """peft adds its classification-head names to ``modules_to_save`` itself (0.21: "classifier", "score", appended
+    even where present; 0.22 also "pre_classifier"): the same experiment recorded under both versions is one variant
+    (seeds of one label), while a module the experiment itself saves still names a variant."""
+    from loralab.report.records import load_runs
+
+    peft_021 = ["classifier", "pooler", "classifier", "score"]
+    peft_022 = ["classifier", "pooler", "pre_classifier", "score"]
+    for i, (saved, seed) in enumerate(((peft_021, 1), (peft_022, 2), (["classifier", "score"], 3))):
+        write(tmp_path, f"r{i}.json", make_record(seed=seed, adapter={"modules_to_save": saved, "task_type": "SEQ_CLS"}))
+    runs, problems = load_runs([tmp_path])
+    assert not problems
+    labels = {r.config["training_parameters"]["seed"]: r.label for r in runs}
+    assert labels[1] == labels[2] and "pre_classifier" not in labels[1] and "score" not in labels[1]
+    assert labels[3] != labels[1] and "modules_to_save" in labels[3]  # without the pooler: another variant

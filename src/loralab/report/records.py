@@ -55,6 +55,10 @@ IGNORED_KEYS = {
     "generation.batch_size", "generation.backend",
 }
 IGNORED_PREFIXES: tuple[str, ...] = ()
+PEFT_HEAD_NAMES = frozenset({"classifier", "score", "pre_classifier"})
+"""Names peft itself adds to a classification adapter's ``modules_to_save`` (peft/peft_model.py: "classifier" and
+"score" in peft 0.21, with "pre_classifier" since 0.22, 0.21 appending them even where present): which of them a
+record lists tells the peft version, not the variant, so ``flat_config`` leaves them out of the comparison."""
 GENERATIVE_KEYS = ("generation.", "eval_tasks", "eval_options")
 """Keys that only steer generative evaluation: ignored for classification runs (``glue/...``), where
 no text is generated, so GLUE runs that differ only there stay seeds of one variant."""
@@ -314,7 +318,8 @@ def _normalise(value):
 def flat_config(run: Run) -> dict:
     """training_parameters and adapter_config flattened to dotted keys (adapter keys prefixed
     ``adapter.`` only where they clash), minus ``IGNORED_KEYS`` (and ``GENERATIVE_KEYS`` for a
-    classification run); values normalised (sets sorted)."""
+    classification run); values normalised (sets sorted; a classification adapter's ``modules_to_save`` without
+    ``PEFT_HEAD_NAMES``)."""
     out = {}
     ignored = IGNORED_PREFIXES + (GENERATIVE_KEYS if run.task.startswith("glue/") else ())
 
@@ -334,6 +339,8 @@ def flat_config(run: Run) -> dict:
     saved, out = out, {}
     walk(adapter, "")
     flat_adapter, out = out, saved
+    if adapter.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and isinstance(flat_adapter.get("modules_to_save"), tuple):
+        flat_adapter["modules_to_save"] = tuple(sorted(set(flat_adapter["modules_to_save"]) - PEFT_HEAD_NAMES))
     for k, v in flat_adapter.items():
         out[f"adapter.{k}" if k in out else k] = v
     return out
