@@ -58,11 +58,17 @@ def test_every_problem_reported_at_once():
     text = str(err.value)
     assert "'learning_rat'" in text and "did you mean 'learning_rate'" in text
     assert "'calibration.n'" in text and "num_samples" in text
-    # type/range checks run once the keys are known; fix the keys and the rest show up together
+    # unknown keys, wrong types and bad values together: nothing waits for another problem's fix
+    assert "'batch_size' = '32' has the wrong type" in text and "'warmup_ratio' = 1.5" in text
+    assert "'optimizer' = 'adamv'" in text and len(err.value.problems) == 5
     with pytest.raises(ConfigError) as err:
         checked_parameters({"batch_size": "32", "warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin"})
     problems = err.value.problems
-    assert any("'batch_size'" in p and "wrong type" in p for p in problems)
+    assert any("'batch_size'" in p and "wrong type" in p for p in problems) and len(problems) == 4
+    # a key of the wrong type is checked no further: no line of a check across keys that reads its default
+    with pytest.raises(ConfigError) as err:
+        checked_parameters({"max_steps": "10", "num_epochs": 0})
+    assert err.value.problems == ["'max_steps' = '10' has the wrong type; expected int | None"]
     checked_parameters({"warmup_ratio": 0.1})  # a valid one passes
     with pytest.raises(ConfigError) as err:
         checked_parameters({"warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin", "max_steps": 0})
@@ -87,10 +93,13 @@ BASE = {"task": "glue/rte", "max_train_samples": 8, "max_eval_samples": 8, "max_
          None, ["'batch_size' = -4 must be > 0", "'optimizer' = 'adamv' is not allowed (did you mean 'adamw'?); allowed: adamw,",
                 "'init' = 'milorra' is not allowed (did you mean 'milora'?); allowed: None,", "'calibration.corda_options': "]),
         ({**BASE, "task": "glue/rtee"}, None, ["'task' = 'glue/rtee' is unknown", "did you mean 'glue/rte'"]),
+        ({**BASE, "task": "glue/sst3", "optimizer": "adamx", "dtype": "fp16"}, None,
+         ["'task' = 'glue/sst3' is unknown", "'optimizer' = 'adamx' is not allowed", "'dtype' = 'fp16' is not allowed"]),
         ({**BASE, "model_id": "./no/such/model"}, None, ["'model_id' = './no/such/model': no such local folder"]),
         ({**BASE, "data_dir": "/nonexistent/data"}, None, ["'data_dir' = '/nonexistent/data': no such folder"]),
     ],
-    ids=["unknown-key", "wrong-type", "impossible-value", "unregistered-values", "unknown-task", "missing-model-folder",
+    ids=["unknown-key", "wrong-type", "impossible-value", "unregistered-values", "unknown-task",
+         "unknown-task-beside-bad-values", "missing-model-folder",
          "missing-data-dir"],
 )
 def test_bad_experiment_exits_2_without_result(tmp_path, params, adapter, expected, data_dir):

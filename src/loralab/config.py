@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,17 +228,28 @@ def triton_off_cuda(device: str, speed: Any, device_setting: str = "'device'") -
 
 
 def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], list[str]]] = ()) -> list[str]:
-    """Every type and range problem of a merged parameter dict, one line each. Type problems
-    alone when there are any; otherwise the value checks here, then ``checks``: functions of the
-    merged dict returning problems, by which a floor above adds what needs its registries
-    (``loralab.experiment``: 'init', 'optimizer', 'calibration.corda_options')."""
-    problems = []
+    """Every type and range problem of a merged parameter dict, one line each: the type problems, then the value
+    checks here, then ``checks``: functions of the merged dict returning problems, by which a floor above adds what
+    needs its registries (``loralab.experiment``: 'init', 'optimizer', 'calibration.corda_options'). A key of the
+    wrong type is checked no further: the value checks see its default there, and a line of theirs that names it
+    (a check across keys) is left out, so every line is about what the user wrote."""
+    typed = []
     for f in dataclasses.fields(TrainingParameters):
         value = values[f.name]
         if not _type_ok(value, str(f.type)):
-            problems.append(f"'{f.name}' = {value!r} has the wrong type; expected {f.type}")
-    if problems:
-        return problems
+            typed.append(f"'{f.name}' = {value!r} has the wrong type; expected {f.type}")
+    if typed:
+        wrong = [f.name for f in dataclasses.fields(TrainingParameters) if not _type_ok(values[f.name], str(f.type))]
+        defaults = default_parameters()
+        values = {**values, **{name: defaults[name] for name in wrong}}
+        named = re.compile(r"\b(" + "|".join(map(re.escape, wrong)) + r")\b")
+        return typed + [line for line in _value_problems(values, checks) if not named.search(line)]
+    return _value_problems(values, checks)
+
+
+def _value_problems(values: dict[str, Any], checks: Sequence[Callable[[dict], list[str]]]) -> list[str]:
+    """``check_parameters``'s value checks of a dict whose every value has its field's type."""
+    problems = []
 
     def positive(name, allow_none=False):
         if not (values[name] is None and allow_none) and (values[name] is None or values[name] <= 0):
@@ -283,8 +295,7 @@ def build_parameters(overrides: dict[str, Any], source: str = "training_paramete
     by the ``checks`` given (``check_parameters``): ``loralab.experiment.checked_parameters``
     passes them, as reading an experiment does."""
     merged, problems = merge_parameters(overrides)
-    if not problems:
-        problems = check_parameters(merged, checks)
+    problems += check_parameters(merged, checks)  # an unknown key is left out of merged: the rest is still checked
     if problems:
         raise ConfigError(problems, source)
     merged["report_to"] = trackers.backends(merged["report_to"])  # always a list inside

@@ -179,18 +179,21 @@ def read_experiment(path) -> Experiment:
         if peft_data is not None:
             peft_config = load_peft_config(peft_data, problems)
     params = None
+    from loralab.tasks import TASKS
+
+    def unknown_task(task) -> list[str]:
+        return [] if task in TASKS else [f"'task' = {task!r} is unknown{suggest(task, TASKS)}; known: {', '.join(sorted(TASKS))}"]
+
     try:
         params = checked_parameters(overrides, source=str(params_path))
     except ConfigError as exc:
         problems.extend(exc.problems)
+        task = overrides.get("task")  # the parameters' other problems do not hide an unknown task
+        if isinstance(task, str) and not any(p.startswith("'task'") for p in exc.problems):
+            problems.extend(unknown_task(task))
     if params is not None:
         problems.extend(check_model_id(params.model_id))
-        from loralab.tasks import TASKS
-
-        if params.task not in TASKS:
-            problems.append(f"'task' = {params.task!r} is unknown{suggest(params.task, TASKS)}; known: {', '.join(sorted(TASKS))}")
-        else:
-            problems.extend(TASKS[params.task].check(params))
+        problems.extend(unknown_task(params.task) or TASKS[params.task].check(params))
         if not any(p.startswith("adapter_config.json") for p in problems):
             from loralab.methods import choose_method  # the registry knows which parts compose
 
