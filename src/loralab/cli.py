@@ -22,8 +22,9 @@ COMMANDS = {
 }
 
 DESCRIPTION = """\
-Train, evaluate and compare low-rank adaptation methods (LoRA, rsLoRA, DoRA, PiSSA, OLoRA, CorDA,
-LoRA-FA and SVD-initialised LoRA-FA) on one protocol. An experiment is a folder holding an
+Train, evaluate and compare low-rank adaptation methods on one protocol: LoRA, rsLoRA, DoRA, PiSSA,
+OLoRA, CorDA, MiLoRA, EVA, LoRA-GA, LoftQ, LoRA-FA (SVD-initialised too), LoRA+, on a float, NF4
+(QLoRA) or FP8 base; 'loralab methods' lists every part and how they compose. An experiment is a folder holding an
 adapter_config.json (any peft LoRA config; absent = full fine-tuning) and a
 training_parameters.json (only what differs from the defaults). Each run writes a result JSON
 file (results/, temporary_results/ or cancelled_results/) and a plain peft adapter (outputs/)."""

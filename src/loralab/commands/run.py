@@ -18,7 +18,8 @@ import sys
 
 def add_arguments(parser):
     parser.add_argument("experiments", nargs="+", metavar="DIR", help="experiment folder(s); a shell glob runs a whole table")
-    parser.add_argument("-v", "--verbose", action="store_true", help="progress bars on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the training progress bar on stderr (the bars of generation, "
+                        "tokenization and model loading show without it)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint of each experiment whose configuration matches "
                              "(refused, naming the changed keys, when it changed); no checkpoint: start afresh")

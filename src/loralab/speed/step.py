@@ -100,7 +100,9 @@ def rewrite_lines(resolved: Speed, settings: Speed) -> list[str]:
     its records; ``settings``: the experiment's, so a rewrite asked for explicitly that took nowhere says NOTHING)."""
     lines = []
     if (scaled := resolved.lora_scaled_at_rank) is not None:
-        line = f"speed.lora_scale_at_rank: LoRA's scaling at the rank in {scaled['layers']} of {scaled['lora_layers']} LoRA layer(s)"
+        line = (f"speed.lora_scale_at_rank: LoRA's scaling alpha/r applied to the rank-r product, B(s·Ax) for "
+                f"peft's B(Ax)·s (the same numbers, one gradient tensor fewer a layer), in {scaled['layers']} of "
+                f"{scaled['lora_layers']} LoRA layer(s)")
         if scaled["layers"] == 0:  # NOTHING only where the experiment asked for it; "auto" just says why not
             line += "; NOTHING: " if settings.lora_scale_at_rank is True else "; not applicable: "
             line += ("no scaling alpha/r is a power of two, or the layers hold variants (DoRA's fast combine scales "
