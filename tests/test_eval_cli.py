@@ -74,3 +74,43 @@ def test_a_failing_task_keeps_the_others(monkeypatch, tmp_path, capsys, data_dir
     assert metrics["boolq"]["n"] == 1 and metrics["boolq"]["generation"]["backend"] == "engine"
     assert (tmp_path / "gen.jsonl").read_text().count('"task": "boolq"') == 1
     assert "1 of 2 evaluation(s) failed (piqa)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a short MiniLM run, then its adapter scored again
+def test_a_glue_adapter_scores_as_its_run_recorded(tmp_path, data_dir, capsys):
+    """``loralab eval --adapter DIR --tasks glue/stsb`` (the base named by the adapter, its trained regression head
+    loaded with it) gives the dev correlations ``loralab run`` recorded for that adapter, on the same rows (a
+    newcomer found GLUE adapters could not be scored again). STS-B: a continuous output, whose Pearson correlation
+    another head (a fresh random one, say) would not reproduce, and one label, where the run's default is two."""
+    from peft import LoraConfig
+
+    folder = tmp_path / "experiments" / "lora" / "stsb"
+    folder.mkdir(parents=True)
+    LoraConfig(r=2, target_modules=["query", "value"]).save_pretrained(folder)
+    (folder / "training_parameters.json").write_text(json.dumps(
+        {"task": "glue/stsb", "max_train_samples": 32, "max_eval_samples": 48, "batch_size": 8, "max_steps": 4,
+         "learning_rate": 5e-3, "data_dir": str(data_dir)}))
+    assert main(["run", str(folder)]) == 0
+    (path,) = (tmp_path / "loralab-results").rglob("*.json")
+    record = json.loads(path.read_text())
+    capsys.readouterr()
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--adapter", record["train_info"]["adapter_path"], "--tasks", "glue/stsb", "--max-samples",
+                 "48", "--data-dir", str(data_dir), "--output", str(out)]) == 0
+    scores = json.loads(out.read_text())["glue/stsb"]
+    assert scores["rows"] == 48 and scores["headline"] == "pearson"
+    assert 0 < abs(record["eval"]["pearson"]) < 1
+    for metric in ("pearson", "spearmanr"):
+        assert scores[metric] == pytest.approx(record["eval"][metric], abs=1e-6), metric
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "glue/rte,gsm8k"], "score them in separate calls"),
+    (["--tasks", "glue/rte", "--temperature", "0.5"], "--temperature steer generation"),
+    (["--tasks", "glue/rte", "--generations", "x.jsonl"], "score a model's predictions"),
+    (["--tasks", "glue/rte", "--options", '{"glue/rte": {"a": 1}}'], "--options names glue/rte, which takes no options"),
+])
+def test_glue_tasks_refuse_what_only_generation_takes(capsys, argv, message):
+    model = [] if "--generations" in argv else ["--model", "packaged:minilm-l6"]
+    assert main(["eval", *model, *argv]) == 2
+    assert message in capsys.readouterr().err

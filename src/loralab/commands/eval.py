@@ -10,7 +10,9 @@ writes the output and generation files. Greedy completions are the one-process c
                  [--output metrics.json] [--generations-out FILE.jsonl]
     loralab eval --tasks gsm8k,humaneval --generations FILE.jsonl --output metrics.json
 
-``--tasks`` takes evaluation names and groups (``commonsense`` = its eight tasks). The output maps
+``--tasks`` takes evaluation names and groups (``commonsense`` = its eight tasks), or GLUE tasks
+(``glue/sst2``, ...: a call of their own, the dev split scored by a sequence-classification model, an
+adapter's trained head loaded with it, ``tasks.glue.score_dev``). The output maps
 task -> {metric: value, ...} plus ``headline`` (the metric a table shows) and ``seconds`` (load,
 generate, score, total); a live run adds ``generation`` (the effective
 settings: the source protocol, overridden by every flag given), and a scorer may add ``warnings``
@@ -28,7 +30,8 @@ import time
 
 
 def add_arguments(parser):
-    parser.add_argument("--tasks", required=True, help="comma-separated evaluations or groups, e.g. gsm8k,math,humaneval,mbpp,commonsense")
+    parser.add_argument("--tasks", required=True, help="comma-separated evaluations or groups, e.g. gsm8k,math,humaneval,mbpp,commonsense; "
+                        "or GLUE tasks alone (glue/sst2,glue/rte: dev split, a classification model)")
     parser.add_argument("--model", help="hub id, local folder, .gguf file or packaged:<name> (not with --generations); "
                         "default with --adapter: the adapter's base_model_name_or_path (packaged:<name> resolved)")
     parser.add_argument("--adapter", help="peft adapter folder to load on top of --model")
@@ -52,11 +55,38 @@ def add_arguments(parser):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
+GENERATION_FLAGS = ("max_new_tokens", "slots", "n_samples", "temperature", "top_p", "top_k", "seed")
+"""The flags that steer generation only: refused beside GLUE tasks, which classify."""
+
+
+def _glue_problems(args, glue: list[str], others: list[str], options: dict) -> list[str]:
+    """What cannot go with GLUE tasks (scored by a sequence-classification model's predictions, ``_run_glue``)."""
+    if not glue:
+        return []
+    shown = ", ".join(glue)
+    problems = []
+    if others:
+        problems.append(f"--tasks mixes {shown} (a sequence-classification model's predictions) with generative "
+                        f"evaluations ({', '.join(others)}): score them in separate calls")
+    if args.generations:
+        problems.append(f"--generations re-scores saved completions; {shown} score a model's predictions: give --model "
+                        "or --adapter")
+    given = [f"--{k.replace('_', '-')}" for k in GENERATION_FLAGS if getattr(args, k, None) is not None]
+    if given:
+        problems.append(f"{', '.join(given)} steer generation; {shown} classify (--max-samples and --batch-size apply)")
+    problems += [f"--options names {k}, which takes no options" for k in options if k in glue]
+    return problems
+
+
 def _problems(args, names, options) -> list[str]:
     from loralab.tasks.evaluate import expand, validate_options
+    from loralab.tasks.glue import TASKS as GLUE
 
-    problems = validate_options(names, options)
-    names = expand(names)
+    glue = [n for n in names if n in GLUE]
+    others = [n for n in names if n not in GLUE]
+    problems = validate_options(others, {k: v for k, v in options.items() if k not in GLUE})
+    problems += _glue_problems(args, glue, others, options)
+    names = expand(others) + glue
     if args.generations and (args.model or args.adapter):
         problems.append("--generations re-scores saved completions: give no --model/--adapter with it")
     if not args.generations and not args.model:
@@ -148,8 +178,12 @@ def _run(args, main: bool) -> int:
     if problems:
         print("error: " + "\n  - ".join(["loralab eval has problem(s):"] + problems), file=sys.stderr)
         return 2
-    names = expand(names)
     data_dir = args.data_dir or os.environ.get("LORALAB_DATA_DIR")
+    from loralab.tasks.glue import TASKS as GLUE
+
+    if names[0] in GLUE:  # GLUE alone (_glue_problems): a classification model's predictions
+        return _run_glue(args, names, data_dir, main)
+    names = expand(names)
     start = time.time()
     failed: list[str] = []
     if args.generations:
@@ -194,6 +228,11 @@ def _run(args, main: bool) -> int:
         if failed and main:
             print(f"error: {len(failed)} of {len(names)} evaluation(s) failed ({', '.join(failed)}); "
                   "the others are in the output", file=sys.stderr)
+    return _emit(args, metrics, failed, start, main)
+
+
+def _emit(args, metrics: dict, failed: list[str], start: float, main: bool) -> int:
+    """The metrics printed (and written to ``--output``) by the main process; the exit code: 1 if a task failed."""
     if not main:
         return 1 if failed else 0
     text = json.dumps(metrics, indent=2)
@@ -204,6 +243,40 @@ def _run(args, main: bool) -> int:
             fh.write(text + "\n")
     print(f"done in {time.time() - start:.0f}s", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
+    """GLUE tasks' dev splits scored by a sequence-classification model (``--model``, with ``--adapter`` loaded on
+    it: its trained head comes with it, peft's ``modules_to_save``), loaded once a task (its label count), then
+    ``tasks.glue.score_dev``; prints and writes as the generative path does."""
+    from peft import PeftModel
+
+    from loralab import distributed
+    from loralab.models import Unreachable, load_model, load_tokenizer
+    from loralab.tasks.glue import TASKS as GLUE
+    from loralab.tasks.glue import score_dev
+
+    start, metrics, failed = time.time(), {}, []
+    limits = parse_max_samples(args.max_samples, names)
+    try:
+        tokenizer = load_tokenizer(args.model)
+        for name in names:
+            task = GLUE[name]
+            model = load_model(args.model, "seq_cls", num_labels=task.num_labels, dtype=args.dtype)
+            if args.adapter:
+                model = PeftModel.from_pretrained(model, args.adapter)
+            model = model.to(distributed.device_for(args.device)).eval()
+            try:
+                metrics[name] = score_dev(task, model, tokenizer, data_dir, limits.get(name), args.batch_size)
+            except OSError as exc:  # this task's data: the others still run
+                failed.append(name)
+                metrics[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            if main:
+                print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
+    except Unreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return _emit(args, metrics, failed, start, main)
 
 
 def _not_a_generator(model_id: str, names: list[str]) -> str | None:

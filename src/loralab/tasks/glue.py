@@ -150,6 +150,32 @@ class GlueTask:
 EVAL_SPLITS = ("dev", "holdout")
 
 
+def score_dev(task: GlueTask, model, tokenizer, data_dir, max_samples: int | None = None,
+              batch_size: int | None = None) -> dict:
+    """``loralab eval``'s GLUE scoring of a sequence-classification ``model`` (a peft adapter loaded on it or not):
+    ``task``'s dev split (its first ``max_samples`` rows; None: all; from ``data_dir``'s GLUE TSVs, or the hub's
+    validation split where ``data_dir`` is None), tokenized as ``loralab run`` does at its defaults (``config``'s
+    ``max_length`` 128, no padding to it), ``batch_size`` rows a forward (None: ``eval_batch_size``'s default).
+    Returns the task's metrics (``compute_metrics``) plus ``headline`` (its first metric), ``rows`` and ``seconds``
+    (read, predict, total). Raises OSError where the dev file is missing."""
+    import time
+
+    from loralab.config import build_parameters  # config is the floor below tasks
+
+    start = time.perf_counter()
+    params = build_parameters({"task": task.name, **({"eval_batch_size": batch_size} if batch_size else {})})
+    rows, _ = task.read("dev", data_dir)
+    rows = rows[:max_samples] if max_samples else rows
+    features = task.tokenize(rows, tokenizer, params)
+    read = time.perf_counter()
+    outputs = predict(model, tokenizer, features, params)
+    preds = outputs[:, 0] if task.num_labels == 1 else outputs.argmax(-1)
+    metrics = task.score(preds, [f["labels"] for f in features])
+    done = time.perf_counter()
+    return {**metrics, "headline": task.metrics[0], "rows": len(rows),
+            "seconds": {"read": read - start, "predict": done - read, "total": done - start}}
+
+
 def check_holdout(params) -> list[str]:
     """Problems of ``eval_split`` / ``holdout_fraction`` / ``holdout_seed`` (read with defaults
     dev / 0.1 / 0 while config.py does not declare them)."""
