@@ -126,6 +126,16 @@ def test_step_object_follows_the_plain_loop(minilm_path, data_dir, prepare_state
     assert moved > 0
 
 
+def _bitwise_same_gradients(ref, ours) -> int:
+    """How many trainable parameters of ``ref`` there are, each asserted to hold a gradient bitwise ``ours``'s."""
+    compared = 0
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+        if a.requires_grad:
+            assert a.grad is not None and torch.equal(b.grad, a.grad), name
+            compared += 1
+    return compared
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_backward_into_adds_the_same_bits_as_autograds_accumulation(minilm_path, data_dir, dora):
     """The graphed step's gradient add (one foreach add into the fixed buffers) against ``backward()`` over two
@@ -146,11 +156,7 @@ def test_backward_into_adds_the_same_bits_as_autograds_accumulation(minilm_path,
     for batch, weight in zip(batches, (8 / 12, 4 / 12)):
         (seq_cls_loss(ref, batch)[0] * weight).backward()
         backward_into(seq_cls_loss(ours, batch)[0] * weight, ours_params)
-    compared = 0
-    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
-        if a.requires_grad:
-            assert a.grad is not None and torch.equal(b.grad, a.grad), name
-            compared += 1
+    compared = _bitwise_same_gradients(ref, ours)
     assert compared == len(ours_params) - 1 and (not dora or any("magnitude" in n for n, _ in ref.named_parameters()))
     assert torch.equal(unused.grad, torch.full((3,), 7.0))
     first = next(p for p in ours.parameters() if p.requires_grad)
@@ -225,11 +231,7 @@ def test_cuda_backward_into_adds_the_same_bits_as_autograds_accumulation(dora):
         for batch, weight in zip(batches, (3 / 5, 2 / 5)):
             (causal_lm_loss(ref, batch)[0] * weight).backward()
             backward_into(causal_lm_loss(ours, batch)[0] * weight, ours_params)
-    compared = 0
-    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
-        if a.requires_grad:
-            assert a.grad is not None and torch.equal(b.grad, a.grad), name
-            compared += 1
+    compared = _bitwise_same_gradients(ref, ours)
     assert compared == len(ours_params) and (not dora or any("magnitude" in n for n, _ in ref.named_parameters()))
 
 
