@@ -199,6 +199,7 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
                 checkpoint.save_init_state(ckpt_root, init_tensors(model))  # resume without redoing the decomposition
             state["init_state"] = True
     state.update(train_params_sha=exp.train_params_sha, peft_config_sha=exp.peft_config_sha, config=config_of(exp),
+                 experiment_path=str(exp.path.resolve()),  # find_resume: this folder's checkpoints, not a namesake's
                  trainable_names=[n for n, p in model.named_parameters() if p.requires_grad])
     if resume_from is not None:
         checkpoint.load_rng(resume_from)  # last: nothing between here and the next step draws

@@ -124,13 +124,19 @@ def config_of(exp: Experiment) -> dict:
 
 def find_resume(exp: Experiment, out_root: Path) -> tuple[Path | None, Path | None]:
     """(run output dir, checkpoint) of the newest checkpoint of this experiment whose configuration
-    hashes match; (None, None) when there is none. Raises ConfigError naming the changed keys when
-    checkpoints exist but none matches, or when the newest matching run already finished."""
+    hashes match; (None, None) when there is none. Only the checkpoints this experiment folder wrote count
+    (each records its folder's absolute path; older ones, recording none, count by name): two folders of one
+    name (``experiment_name`` outside an ``experiments`` folder is the last folder's name, e.g. two ``seed0``)
+    share their output folders' prefix, and one must not resume, or be refused by, the other's checkpoint.
+    Raises ConfigError naming the changed keys when checkpoints exist but none matches, or when the newest
+    matching run already finished."""
     stem = exp.name.replace("/", "--") + "--"
+    here = str(exp.path.resolve())
     found = []
     for run_dir in out_root.glob(stem + "*") if out_root.is_dir() else []:
         for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
-            found.append((ckpt.stat().st_mtime, run_dir, ckpt))
+            if checkpoint.read_state(ckpt).get("experiment_path", here) == here:
+                found.append((ckpt.stat().st_mtime, run_dir, ckpt))
     if not found:
         return None, None
     found.sort(key=lambda t: t[0])
