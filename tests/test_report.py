@@ -224,6 +224,25 @@ def test_failed_cancelled_and_diverged_runs_are_listed_apart(tmp_path):
     assert "| failed | s/lora/mrpc | 1 | train | RuntimeError: CUDA out of memory |" in md
 
 
+def test_a_run_resumed_to_its_end_is_not_listed_as_unfinished(tmp_path):
+    """An interrupted run (its record: cancelled, naming its checkpoint) that ``--resume`` finished (the success
+    record names that checkpoint as ``resumed_from``) is one finished run: the cancelled record is left out with
+    the reason, not counted beside the cell; another cancelled run (its own folder) is still listed."""
+    folder = "/out/s--lora--mrpc--2026-11-22T23-00-00Z"
+    write(tmp_path, "cancelled.json", make_record(name="s/lora/mrpc", status="cancelled", stamp="2026-11-22T23:00:00+00:00",
+                                                  train_info={"checkpoint": f"{folder}/checkpoints/step-28"}))
+    write(tmp_path, "resumed.json", make_record(name="s/lora/mrpc", stamp="2026-11-22T23:30:00+00:00", train_info={
+        "resumed_from": f"{folder}/checkpoints/step-28", "checkpoint": f"{folder}/checkpoints/step-63"}))
+    write(tmp_path, "other.json", make_record(name="s/lora/mrpc", seed=5, status="cancelled", train_info={
+        "checkpoint": "/out/s--lora--mrpc--2026-11-24T10-00-00Z/checkpoints/step-3"}))
+    report = build_report([tmp_path])
+    (t,) = report.tables
+    assert t.cells[("LoRA", "glue/mrpc")].excluded == {"cancelled": 1}  # the other one only
+    assert [r.source.name for r in report.not_success] == ["other.json"]
+    assert [(o.source.name, n.source.name) for o, n in report.superseded] == [("cancelled.json", "resumed.json")]
+    assert "cancelled.json (2026-11-22T23:00:00+00:00): cancelled, then resumed to its end by --resume: " in to_markdown(report)
+
+
 # --- formats and options -------------------------------------------------------------------------
 
 def test_json_and_csv_hold_every_cell(tmp_path, capsys):
@@ -364,7 +383,7 @@ def test_terminal_lists_five_superseded_runs_and_counts_the_rest():
 
     from loralab.report.render import problem_lines
 
-    runs = [(SimpleNamespace(source=f"old{i}.json", created_at="t"), SimpleNamespace(source=f"new{i}.json"))
+    runs = [(SimpleNamespace(source=f"old{i}.json", created_at="t", status="success"), SimpleNamespace(source=f"new{i}.json"))
             for i in range(8)]
     report = SimpleNamespace(unreadable=[], superseded=runs, problems=[])
     lines = problem_lines(report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loralab.report.records import Problem, Run, load_runs
 from loralab.report.tables import ReportError, Table, build_tables, split_pair
@@ -14,14 +15,17 @@ class Report:
     inputs: list[str]
     runs: list[Run]  # every readable record
     used: list[Run]  # successful, one per (set, label, task, seed): the newest
-    superseded: list[tuple[Run, Run]]  # (older run left out, the newer run used instead)
+    superseded: list[tuple[Run, Run]]  # (older run left out, the newer run used instead; or an interrupted run
+    # and the success record of its --resume, run_folder)
     problems: list[Problem]
     tables: list[Table]
     options: dict = field(default_factory=dict)
 
     @property
     def not_success(self) -> list[Run]:
-        return [r for r in self.runs if r.status != "success"]
+        """Runs that did not finish: not successful, and not resumed to their end since (those are superseded)."""
+        resumed = {id(old) for old, _ in self.superseded}
+        return [r for r in self.runs if r.status != "success" and id(r) not in resumed]
 
     @property
     def unreadable(self) -> list[Problem]:
@@ -37,6 +41,21 @@ def created(run) -> str:
         return ""
 
 
+def left_out(old: Run, new: Run) -> str:
+    """Why ``old`` is not used, as text naming ``new``: a newer run of the same seed, or its own --resume."""
+    if old.status != "success":
+        return f"{old.status}, then resumed to its end by --resume: {new.source}"
+    return f"superseded by the newer run {new.source}"
+
+
+def run_folder(run, key: str = "checkpoint") -> str | None:
+    """The output folder (``outputs/<experiment>--<time>``) of the checkpoint a record names under ``key``
+    (``train_info.checkpoint``: its newest, ``.../checkpoints/step-N``; ``resumed_from``: the one a ``--resume``
+    continued), or None. A resumed run goes on in the folder it was interrupted in."""
+    path = run.train_info.get(key)
+    return str(Path(path).parents[1]) if isinstance(path, str) and path else None
+
+
 def build_report(paths, by: str = "method,task", metrics=None, compare=None, baseline=None) -> Report:
     """Read ``paths`` (files or folders) and build every table.
 
@@ -50,7 +69,14 @@ def build_report(paths, by: str = "method,task", metrics=None, compare=None, bas
             superseded.append((newest[key], r))
         newest[key] = r
     used = sorted(newest.values(), key=lambda r: str(r.source))
-    tables = build_tables(used, [r for r in runs if r.status != "success"], by=by, metrics=metrics,
+    finished = {folder: r for r in runs if r.status == "success" and (folder := run_folder(r, "resumed_from"))}
+    unfinished = []
+    for r in (r for r in runs if r.status != "success"):
+        if run_folder(r) in finished:  # interrupted, then resumed to its end (--resume): the success record counts
+            superseded.append((r, finished[run_folder(r)]))
+        else:
+            unfinished.append(r)
+    tables = build_tables(used, unfinished, by=by, metrics=metrics,
                           compare=compare, baseline=baseline)
     for spec in compare or []:
         a, _, b = split_pair(spec)

@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from html import escape
 
-from loralab.report.build import Report, created
+from loralab.report.build import Report, created, left_out
 from loralab.report.render import (
     COMPARISON_HEADER,
     COST_HEADER,
@@ -165,8 +165,8 @@ def to_html(report: Report, command: str = "loralab report") -> str:
     if others or report.superseded:
         parts.append('<h2 id="not-used">Other files not used</h2><ul>'
                      + "".join(f"<li><code>{escape(str(p.path))}</code>: {escape(p.reason)}</li>" for p in others)
-                     + "".join(f"<li><code>{escape(str(o.source))}</code>: superseded by the newer run "
-                               f"<code>{escape(str(n.source))}</code></li>" for o, n in report.superseded)
+                     + "".join(f"<li><code>{escape(str(o.source))}</code>: {escape(left_out(o, n))}</li>"
+                               for o, n in report.superseded)
                      + "</ul>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>loralab report</title>"
             f"<style>{CSS}</style></head><body>" + "\n".join(parts) + f"<script>{SCRIPT}</script></body></html>\n")

@@ -7,7 +7,7 @@ import io
 import json
 import math
 
-from loralab.report.build import Report
+from loralab.report.build import Report, left_out
 from loralab.report.stats import CONFIDENCE, MIN_SEEDS, N_RESAMPLES
 from loralab.report.tables import Table, cost_rows, task_name
 
@@ -180,7 +180,8 @@ def problem_lines(report: Report, markdown: bool = False) -> list[str]:
         out.append(f"skipped {p.path}: {p.reason}")
     shown = report.superseded if markdown else report.superseded[:5]  # the terminal gets a count
     for old, new in shown:
-        out.append(f"superseded {old.source} ({old.created_at}) by the newer run {new.source}")
+        out.append(f"superseded {old.source} ({old.created_at}) by the newer run {new.source}" if old.status == "success"
+                   else f"{old.source} ({old.created_at}): {left_out(old, new)}")
     if len(report.superseded) > len(shown):
         out.append(f"... and {len(report.superseded) - len(shown)} more superseded runs (all listed in the "
                    "Markdown report's 'Files not used')")
