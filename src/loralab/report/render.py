@@ -81,10 +81,10 @@ def _legend(t: Table) -> str:
         return (f"Cells pool every run with the row's {t.row_field} and the column's {t.col_field} (methods, "
                 f"seeds and anything else the table does not split by): mean ± sd over those runs [{pct} % "
                 f"percentile-bootstrap interval] (n runs); {FEW} fewer than {MIN_SEEDS} runs; bold: {best} mean "
-                f"{where}; avg: mean of the cell means.")
+                f"{where}" + ("; avg: mean of the cell means." if t.avg else "."))
     return (f"Cells: mean ± sd over seeds [{pct} % percentile-bootstrap interval of the mean, {N_RESAMPLES:,} "
             f"resamples] (n seeds); {FEW} fewer than {MIN_SEEDS} seeds (interval missing or unreliable); "
-            f"bold: {best} mean {where}; avg: mean over the columns per seed.")
+            f"bold: {best} mean {where}" + ("; avg: mean over the columns per seed." if t.avg else "."))
 
 
 def comparison_rows(t: Table) -> list[list[str]]:
