@@ -179,9 +179,9 @@ def test_foreach_grads_only_where_the_trainable_tensors_are_small(minilm_path):
 
 
 def test_foreach_grad_add_setting_is_checked_and_resolved():
-    """``speed.foreach_grad_add``: true, false or "auto"; true refused beside cuda_graphs false (naming both keys);
-    nothing graphed (CPU, or graphs off) resolves it to false; on CUDA an explicit value stays and "auto" waits for
-    the model (make_step settles it by ``takes_foreach_grads``)."""
+    """``speed.foreach_grad_add``: true, false or "auto" (the default); true refused beside cuda_graphs false (naming
+    both keys); nothing graphed (CPU, or graphs off) resolves it to false; on CUDA an explicit value stays and "auto"
+    waits for the model (make_step settles it by ``takes_foreach_grads``)."""
     from loralab.speed_settings import Speed
 
     base = Speed().record()
@@ -195,7 +195,14 @@ def test_foreach_grad_add_setting_is_checked_and_resolved():
         assert Speed(foreach_grad_add=value).resolve(device_type="cpu", **resolve).foreach_grad_add is False
         assert Speed(foreach_grad_add=value).resolve(device_type="cuda", **resolve).foreach_grad_add == value
     assert Speed(foreach_grad_add=True, cuda_graphs=False).resolve(device_type="cuda", **resolve).foreach_grad_add is False
-    assert Speed().resolve(device_type="cuda", **resolve).foreach_grad_add is False  # the default until measured
+    assert Speed().resolve(device_type="cuda", **resolve).foreach_grad_add == "auto"  # the default: the size rule
+    # the old default (false) hashes as the new one, so an experiment that set it keeps its train_params_sha
+    from loralab.config import build_parameters
+    from loralab.experiment import hashed_parameters
+
+    for value, hashed_as in ((False, None), ("auto", None), (True, True)):
+        assert hashed_parameters(build_parameters({"speed": {"foreach_grad_add": value}}))["speed"].get(
+            "foreach_grad_add") == hashed_as
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -1341,3 +1341,38 @@ def test_fair_h100_6d8976e_section_is_its_files(load_script):
     assert (f"there loralab is {lora['ratio_best_peer']:.2f}x (bf16) and {fp8['ratio_best_peer']:.2f}x (FP8 base) of that "
             f"card's tuned peer, whose windows spread {_window_spread(tuned):.1%}, every memory goal is met, and FP8-base DoRA is "
             f"{ratios[1]:.4f} of LoRA (goal 0.9: not met, by {short:.2f} ms of a 105 ms step)").replace("%", " %") in h200
+
+
+def test_foreach_grad_add_figures_are_its_files():
+    """The speed table's `foreach_grad_add` row and results/bench-foreach-h100/README.md: each figure recomputed
+    from the six loralab row pairs (off, on, off; on, off, on), whose JSON names the resolved setting."""
+    folder = RESULTS / "bench-foreach-h100"
+    rows = {True: {"fp8+lora": [], "fp8+dora": []}, False: {"fp8+lora": [], "fp8+dora": []}}
+    pairs = {True: [], False: []}
+    for call, n in (("call1", 3), ("call2", 3)):
+        for i in range(1, n + 1):
+            got = {r["method"]: r for r in json.loads((folder / call / f"speedab-{i}.json").read_text())}
+            (on,) = {r["speed"]["foreach_grad_add"] for r in got.values()}
+            for method, r in got.items():
+                rows[on][method].append(r["throughput"])
+                assert r["micro_batch"] == 4 and r["peak_memory_gib"] == {"fp8+lora": 23.06, "fp8+dora": 24.26}[method]
+            pairs[on].append(got["fp8+dora"]["throughput"] / got["fp8+lora"]["throughput"])
+    assert [len(pairs[True]), len(pairs[False])] == [3, 3]
+    mean = {on: {m: sum(v) / len(v) for m, v in rows[on].items()} for on in rows}
+    gain = {m: f"{mean[True][m] / mean[False][m]:.3f}x" for m in ("fp8+lora", "fp8+dora")}
+    ratio = {on: f"{mean[on]['fp8+dora'] / mean[on]['fp8+lora']:.5f}" for on in rows}
+    row = next(line for line in DOCS[0].splitlines() if line.startswith("| `foreach_grad_add` ("))
+    assert (f"{gain['fp8+lora']} FP8-base LoRA and {gain['fp8+dora']} FP8-base DoRA" in row
+            and f"FP8 DoRA / LoRA {ratio[True]} on against {ratio[False]} off" in row)
+    note = " ".join((folder / "README.md").read_text().split())
+    for on, label in ((False, "off"), (True, "on")):
+        readings = "; ".join(f"{p:.4f}" for p in pairs[on])
+        lora = "; ".join(f"{v:,.0f}" for v in rows[on]["fp8+lora"])
+        dora = "; ".join(f"{v:,.0f}" for v in rows[on]["fp8+dora"])
+        assert f"| {lora} | {dora} | {readings} |" in note, label
+    assert f"| mean on / mean off | {gain['fp8+lora']} | {gain['fp8+dora']} | |" in note
+    assert f"from a mean of {ratio[False]} to {ratio[True]}" in note
+    assert sum(p >= 0.9 for p in pairs[True]) == 3 and sum(p >= 0.9 for p in pairs[False]) == 1  # "all three ... one of three"
+    glance = " ".join(section("### Training speed at a glance").split())
+    assert ("FP8 DoRA / LoRA was " + ", ".join(f"{p:.4f}" for p in pairs[True][:2]) + f" and {pairs[True][2]:.4f} with it, "
+            + ", ".join(f"{p:.4f}" for p in pairs[False][:2]) + f" and {pairs[False][2]:.4f} without") in glance

@@ -27,7 +27,7 @@ def test_experiment_speed_defaults_are_unchanged():
     assert _speed_defaults() == {**HASHED_SPEED_DEFAULTS, "memory_fraction": 0.25, "grad_reduce": "ddp",
                                  "fp8_transpose_cache": "auto", "fp8_quantize_kernel": "torch", "fp8_fast_accum": "all",
                                  "fp8_fused_qkv": True, "fp8_refresh_kernel": "auto", "lora_scale_at_rank": "auto", "lora_shared_input": "auto",
-                                 "dora_norm_per_step": True, "foreach_grad_add": False, "activation_memory_budget": "auto",
+                                 "dora_norm_per_step": True, "foreach_grad_add": "auto", "activation_memory_budget": "auto",
                                  "loss_chunk_size": "auto"}
     assert list(_speed_defaults()) == Speed.experiment_keys()
     assert "compile_backend" not in build_parameters({}).speed  # code-only settings stay out of experiments
@@ -160,7 +160,7 @@ def test_make_step_on_cpu_resolves_prepares_and_steps():
                             features=features, batch_size=2, limit=4, max_length=16, pad_id=0, log=lambda s: None)
     assert speed.record() == {**_speed_defaults(), "cuda_graphs": False, "autocast": None, "compile": False,
                               "packing": True, "micro_batch": 2, "lora_scale_at_rank": True, "lora_shared_input": False,
-                              "activation_memory_budget": 1.0,
+                              "activation_memory_budget": 1.0, "foreach_grad_add": False,  # nothing graphed on CPU
                               "fp8_transpose_cache": 0.0, "fp8_refresh_kernel": "cublas",
                               "lora_scaled_at_rank": {"layers": 4, "lora_layers": 4}, "micro_batch_probe": {
                                   "micro_batch": 2, "reason": "not probed on cpu: the experiment's batch_size",

@@ -66,11 +66,12 @@ class Speed:
     dora_norm_per_step: bool = field(default=True, metadata={"added": True})  # fast DoRA's weight norm once per
     # optimizer step, not per micro-batch (speed/fast_dora refresh_dora_norms; bitwise without autocast, float32 products
     # under it; off under FSDP): 1.119x bf16, 1.035x FP8-base DoRA at the 8B shape, results/bench-dora-h100
-    foreach_grad_add: bool | str = field(default=False, metadata={"added": True})  # exact (bitwise): the graphed
-    # step takes a micro-batch's gradients by torch.autograd.grad and adds them into its fixed buffers with one foreach
-    # add per dtype, where autograd adds each with a kernel of its own (speed/graphs.backward_into); auto: where the
-    # trainable tensors hold at most 1/8 of the model's bytes (adapters, not full fine-tuning, whose gradients would be
-    # alive together until the add); off until measured on a GPU (676 adds a step for 8B DoRA, 1.39 ms: issue 22)
+    foreach_grad_add: bool | str = field(default="auto", metadata={"added": True, "old_defaults": (False,)})  # exact
+    # (bitwise): the graphed step takes a micro-batch's gradients by torch.autograd.grad and adds them into its fixed
+    # buffers with one foreach add per dtype, where autograd adds each with a kernel of its own (speed/graphs.backward_into);
+    # auto: where the trainable tensors hold at most 1/8 of the model's bytes (adapters, not full fine-tuning, whose
+    # gradients would be alive together until the add): 1.005x FP8 LoRA, 1.007x FP8 DoRA at the 8B shape, micro-batch 4,
+    # one H100, three alternating readings each (results/bench-foreach-h100)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)
