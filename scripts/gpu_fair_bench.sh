@@ -286,16 +286,15 @@
 #   speed the step's reductions (the FP8 quantisations; DoRA's magnitude gradients, ~2.7 ms a step for gate and up at
 #   ~2.1 TB/s by the 1207f profile). (3) combo (never run): inductor's combo kernels on both FP8 rows, the same
 #   question for the many small reductions. (4) On an H200, if one is lent: fp8check fair8b, recipe.
-#   After 2026-12-07's eighth session (no machine started in six tries; branch grad-foreach did not survive the new
-#   checkout, so its change landed on main as `speed.foreach_grad_add`, off by default, true/false/"auto"): in one call
-#   on whatever card comes (carry .devdata/gsm8k .devdata/smollm2-135m .whl; no oldsrc: the A/B is a speed key):
-#   `(PYTHONPATH=src:/tmp/site timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py -k "cuda and
-#   (backward_into or causal_lm)") > $OUT/gputests.log 2>&1; OUT=$OUT VARIANTS="defaults foreach_grad_add=true defaults
-#   foreach_grad_add=true/env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1" METHODS="fp8+lora,fp8+dora"
-#   SPEED="memory_fraction=0.441 micro_batch=4" ROW_CAP=150 DEADLINE=490 bash scripts/gpu_fair_bench.sh speedab bundle`
-#   (the bitwise CUDA tests of the foreach add, then off / on / off again, then on with inductor's coordinate-descent
-#   tuning, which the deadline may cut). If on pays on both rows, make "auto" the default (old_defaults=(False,)),
-#   then fair8b; on an H200 fp8check fair8b and recipe first.
+#   After 2026-12-07's eighth session (results/bench-foreach-h100: one H100 after many refused tries; the branch
+#   grad-foreach did not survive the new checkout, so its change landed as `speed.foreach_grad_add`, measured off/on
+#   alternating three times each: 1.005x FP8 LoRA, 1.007x FP8 DoRA, FP8 DoRA / LoRA 0.90168 on against 0.89997 off,
+#   now the default "auto"; its bitwise CUDA tests passed; the coordinate-descent row hit its 150 s cap while still
+#   compiling): (1) fair8b at HEAD, on an H200 if one comes (fp8check first; no H200 row since 9ebdbf4), else on an
+#   H100 with SPEED="memory_fraction=0.441", DEADLINE=575: the first fair bench with the foreach add, whose FP8 DoRA
+#   / LoRA is the goal's reading; (2) recipe, DEADLINE=560; (3) cdtune with a cap of 300 s a row (`cdtune` part's 240
+#   s, or speedab with ROW_CAP=300 and VARIANTS="defaults env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1") and METHODS=
+#   "fp8+lora,fp8+dora"; (4) combo.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
