@@ -69,6 +69,10 @@ def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as err:
         checked_parameters({"max_steps": "10", "num_epochs": 0})
     assert err.value.problems == ["'max_steps' = '10' has the wrong type; expected int | None"]
+    # ... but a nested key of the same last name is another key: still checked
+    with pytest.raises(ConfigError) as err:
+        checked_parameters({"batch_size": "32", "calibration": {"batch_size": 0}})
+    assert len(err.value.problems) == 2 and "'calibration.batch_size' = 0" in str(err.value)
     checked_parameters({"warmup_ratio": 0.1})  # a valid one passes
     with pytest.raises(ConfigError) as err:
         checked_parameters({"warmup_ratio": 1.5, "optimizer": "adamv", "lr_scheduler": "cosin", "max_steps": 0})
@@ -93,8 +97,9 @@ BASE = {"task": "glue/rte", "max_train_samples": 8, "max_eval_samples": 8, "max_
          None, ["'batch_size' = -4 must be > 0", "'optimizer' = 'adamv' is not allowed (did you mean 'adamw'?); allowed: adamw,",
                 "'init' = 'milorra' is not allowed (did you mean 'milora'?); allowed: None,", "'calibration.corda_options': "]),
         ({**BASE, "task": "glue/rtee"}, None, ["'task' = 'glue/rtee' is unknown", "did you mean 'glue/rte'"]),
-        ({**BASE, "task": "glue/sst3", "optimizer": "adamx", "dtype": "fp16"}, None,
-         ["'task' = 'glue/sst3' is unknown", "'optimizer' = 'adamx' is not allowed", "'dtype' = 'fp16' is not allowed"]),
+        ({**BASE, "task": "glue/sst3", "optimizer": "adamx", "dtype": "fp16", "model_id": "./no/such/model"}, None,
+         ["'task' = 'glue/sst3' is unknown", "'optimizer' = 'adamx' is not allowed", "'dtype' = 'fp16' is not allowed",
+          "'model_id' = './no/such/model': no such local folder"]),
         ({**BASE, "model_id": "./no/such/model"}, None, ["'model_id' = './no/such/model': no such local folder"]),
         ({**BASE, "data_dir": "/nonexistent/data"}, None, ["'data_dir' = '/nonexistent/data': no such folder"]),
     ],

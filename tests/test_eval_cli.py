@@ -102,6 +102,19 @@ def test_a_glue_adapter_scores_as_its_run_recorded(tmp_path, data_dir, capsys):
     assert 0 < abs(record["eval"]["pearson"]) < 1
     for metric in ("pearson", "spearmanr"):
         assert scores[metric] == pytest.approx(record["eval"][metric], abs=1e-6), metric
+    # its one-label head on a two-label task: that task fails, naming the label count, and the call exits 1
+    capsys.readouterr()
+    assert main(["eval", "--adapter", record["train_info"]["adapter_path"], "--tasks", "glue/rte", "--max-samples", "4",
+                 "--data-dir", str(data_dir)]) == 1
+    assert "error: glue/rte (2 label(s)): RuntimeError" in capsys.readouterr().err
+
+
+def test_an_adapter_without_a_classification_head_is_refused_for_glue(tmp_path, capsys):
+    from peft import LoraConfig
+
+    LoraConfig(r=2, target_modules=["query"], task_type="CAUSAL_LM").save_pretrained(tmp_path)
+    assert main(["eval", "--model", "packaged:minilm-l6", "--adapter", str(tmp_path), "--tasks", "glue/sst2"]) == 2
+    assert "its task_type is CAUSAL_LM, not SEQ_CLS" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -109,6 +122,8 @@ def test_a_glue_adapter_scores_as_its_run_recorded(tmp_path, data_dir, capsys):
     (["--tasks", "glue/rte", "--temperature", "0.5"], "--temperature steer generation"),
     (["--tasks", "glue/rte", "--generations", "x.jsonl"], "score a model's predictions"),
     (["--tasks", "glue/rte", "--options", '{"glue/rte": {"a": 1}}'], "--options names glue/rte, which takes no options"),
+    (["--tasks", "glue/rte", "--generations-out", "g.jsonl"], "--generations-out steer generation"),
+    (["--tasks", "gsm8k", "--max-length", "64"], "--max-length = 64: applies to GLUE tasks only"),
 ])
 def test_glue_tasks_refuse_what_only_generation_takes(capsys, argv, message):
     model = [] if "--generations" in argv else ["--model", "packaged:minilm-l6"]

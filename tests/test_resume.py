@@ -204,15 +204,18 @@ def test_pissa_resumes_from_saved_init_without_svd_and_refuses_a_changed_config(
     env = env_for(root, data_dir)
     kill_at(folder, env, root, 2)
     assert list((root / "out").glob("*/checkpoints/init_state.safetensors"))
-    # a namesake (another tree's experiments/pissa/stsb, the same configuration, the same output folder) finds none
-    # of these checkpoints: only the folder that wrote them resumes from them
+    # a namesake (another tree's experiments/pissa/stsb, the same output folder) with another configuration finds
+    # none of these checkpoints, where it was refused by them; the same experiment moved (its configuration
+    # unchanged) still resumes them
     from loralab.experiment import read_experiment
     from loralab.run.record import find_resume
 
-    namesake = make(tmp_path / "elsewhere", "pissa/stsb", params, adapter)
+    namesake = make(tmp_path / "elsewhere", "pissa/stsb", {**params, "learning_rate": 5e-4}, adapter)
     assert read_experiment(namesake).name == read_experiment(folder).name
     assert find_resume(read_experiment(namesake), root / "out") == (None, None)
-    assert find_resume(read_experiment(folder), root / "out")[1] is not None
+    own = find_resume(read_experiment(folder), root / "out")
+    assert own[1] is not None
+    assert find_resume(read_experiment(make(tmp_path / "moved", "pissa/stsb", params, adapter)), root / "out") == own
     (folder / "training_parameters.json").write_text(json.dumps({**params, "learning_rate": 5e-4}))
     code, err = run_here(folder, env, monkeypatch, capsys, "--resume")
     assert code == 2

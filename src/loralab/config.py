@@ -242,7 +242,7 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
         wrong = [f.name for f in dataclasses.fields(TrainingParameters) if not _type_ok(values[f.name], str(f.type))]
         defaults = default_parameters()
         values = {**values, **{name: defaults[name] for name in wrong}}
-        named = re.compile(r"\b(" + "|".join(map(re.escape, wrong)) + r")\b")
+        named = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, wrong)) + r")\b")  # not 'calibration.<key>'
         return typed + [line for line in _value_problems(values, checks) if not named.search(line)]
     return _value_problems(values, checks)
 

@@ -188,9 +188,11 @@ def read_experiment(path) -> Experiment:
         params = checked_parameters(overrides, source=str(params_path))
     except ConfigError as exc:
         problems.extend(exc.problems)
-        task = overrides.get("task")  # the parameters' other problems do not hide an unknown task
+        task = overrides.get("task")  # the parameters' other problems hide neither an unknown task nor a missing model
         if isinstance(task, str) and not any(p.startswith("'task'") for p in exc.problems):
             problems.extend(unknown_task(task))
+        if isinstance(model_id := overrides.get("model_id"), str) and not any(p.startswith("'model_id'") for p in exc.problems):
+            problems.extend(check_model_id(model_id))
     if params is not None:
         problems.extend(check_model_id(params.model_id))
         problems.extend(unknown_task(params.task) or TASKS[params.task].check(params))

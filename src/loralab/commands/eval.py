@@ -42,7 +42,10 @@ def add_arguments(parser):
     parser.add_argument("--data-dir", help="local data folder (layout of shared/data); default $LORALAB_DATA_DIR, else the hub")
     parser.add_argument("--options", default="{}", help='eval options as JSON, e.g. \'{"gsm8k": {"parser": "method_comparison"}}\'')
     parser.add_argument("--max-new-tokens", help="override the source generation length: N for every task, or per task, e.g. gsm8k=64,humaneval=96")
-    parser.add_argument("--batch-size", type=int, help="the transformers backend's generation batch (default 16)")
+    parser.add_argument("--batch-size", type=int, help="the transformers backend's generation batch (default 16); "
+                        "GLUE tasks: rows a forward (default 64)")
+    parser.add_argument("--max-length", type=int, help="GLUE tasks: tokens a row is truncated to, as the run's max_length "
+                        "(default 128, loralab run's)")
     parser.add_argument("--slots", type=int, help="the engine's slots: sequences decoded together (default 512, fewer when the KV cache budget holds fewer)")
     parser.add_argument("--n-samples", type=int, help="completions per problem (pass@k; give --temperature > 0 too)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, every task's default unless its source samples)")
@@ -72,8 +75,10 @@ def _glue_problems(args, glue: list[str], others: list[str], options: dict) -> l
         problems.append(f"--generations re-scores saved completions; {shown} score a model's predictions: give --model "
                         "or --adapter")
     given = [f"--{k.replace('_', '-')}" for k in GENERATION_FLAGS if getattr(args, k, None) is not None]
+    given += ["--generations-out"] * bool(args.generations_out) + [f"--backend {args.backend}"] * (args.backend != "auto")
     if given:
-        problems.append(f"{', '.join(given)} steer generation; {shown} classify (--max-samples and --batch-size apply)")
+        problems.append(f"{', '.join(given)} steer generation; {shown} classify (--max-samples, --batch-size and "
+                        "--max-length apply)")
     problems += [f"--options names {k}, which takes no options" for k in options if k in glue]
     return problems
 
@@ -86,6 +91,8 @@ def _problems(args, names, options) -> list[str]:
     others = [n for n in names if n not in GLUE]
     problems = validate_options(others, {k: v for k, v in options.items() if k not in GLUE})
     problems += _glue_problems(args, glue, others, options)
+    if args.max_length is not None and (not glue or args.max_length <= 0):
+        problems.append(f"--max-length = {args.max_length}: " + ("must be > 0" if glue else "applies to GLUE tasks only"))
     names = expand(others) + glue
     if args.generations and (args.model or args.adapter):
         problems.append("--generations re-scores saved completions: give no --model/--adapter with it")
@@ -256,21 +263,36 @@ def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
     from loralab.tasks.glue import TASKS as GLUE
     from loralab.tasks.glue import score_dev
 
+    if args.adapter:  # an adapter trained without a classification head would be scored by a random one
+        from peft import PeftConfig
+
+        try:
+            task_type = PeftConfig.from_pretrained(args.adapter).task_type
+        except (ValueError, OSError) as exc:
+            print(f"error: --adapter {args.adapter}: no readable adapter_config.json ({exc})", file=sys.stderr)
+            return 2
+        if str(task_type) not in ("SEQ_CLS", "TaskType.SEQ_CLS"):
+            print(f"error: --adapter {args.adapter}: its task_type is {task_type}, not SEQ_CLS: it holds no trained "
+                  f"classification head for {', '.join(names)}", file=sys.stderr)
+            return 2
     start, metrics, failed = time.time(), {}, []
     limits = parse_max_samples(args.max_samples, names)
     try:
         tokenizer = load_tokenizer(args.model)
         for name in names:
             task = GLUE[name]
-            model = load_model(args.model, "seq_cls", num_labels=task.num_labels, dtype=args.dtype)
-            if args.adapter:
-                model = PeftModel.from_pretrained(model, args.adapter)
-            model = model.to(distributed.device_for(args.device)).eval()
             try:
-                metrics[name] = score_dev(task, model, tokenizer, data_dir, limits.get(name), args.batch_size)
-            except OSError as exc:  # this task's data: the others still run
+                model = load_model(args.model, "seq_cls", num_labels=task.num_labels, dtype=args.dtype)
+                if args.adapter:
+                    model = PeftModel.from_pretrained(model, args.adapter)
+                model = model.to(distributed.device_for(args.device)).eval()
+                metrics[name] = score_dev(task, model, tokenizer, data_dir, limits.get(name), args.batch_size,
+                                          args.max_length)
+            except (OSError, RuntimeError) as exc:  # this task's data, or a head of another label count: the others run
                 failed.append(name)
-                metrics[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                metrics[name] = {"error": f"{type(exc).__name__}: {first}"}
+                print(f"error: {name} ({task.num_labels} label(s)): {type(exc).__name__}: {first}", file=sys.stderr)
             if main:
                 print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
     except Unreachable as exc:

@@ -340,7 +340,7 @@ def flat_config(run: Run) -> dict:
     walk(adapter, "")
     flat_adapter, out = out, saved
     if adapter.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and isinstance(flat_adapter.get("modules_to_save"), tuple):
-        flat_adapter["modules_to_save"] = tuple(sorted(set(flat_adapter["modules_to_save"]) - PEFT_HEAD_NAMES))
+        flat_adapter["modules_to_save"] = tuple(sorted(set(flat_adapter["modules_to_save"]) - PEFT_HEAD_NAMES)) or None
     for k, v in flat_adapter.items():
         out[f"adapter.{k}" if k in out else k] = v
     return out

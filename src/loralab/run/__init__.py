@@ -100,6 +100,10 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     run_dir, resume_from = find_resume(exp, out_root) if resume else (None, None)
     if resume and resume_from is None:
         say("--resume: no checkpoint of this experiment yet; starting from the beginning")
+    elif resume_from is not None and (writer := checkpoint.read_state(resume_from).get("experiment_path")) not in (
+            None, str(exp.path.resolve())):
+        say(f"--resume: the checkpoint was written by the experiment folder {writer} (the same name and configuration: "
+            "taken as this one, moved)")
     out_dir = run_dir or output_dir(exp, created_at)
     ckpt_root = out_dir / "checkpoints"
     life = Lifecycle(log=say)

@@ -124,25 +124,35 @@ def config_of(exp: Experiment) -> dict:
 
 def find_resume(exp: Experiment, out_root: Path) -> tuple[Path | None, Path | None]:
     """(run output dir, checkpoint) of the newest checkpoint of this experiment whose configuration
-    hashes match; (None, None) when there is none. Only the checkpoints this experiment folder wrote count
-    (each records its folder's absolute path; older ones, recording none, count by name): two folders of one
-    name (``experiment_name`` outside an ``experiments`` folder is the last folder's name, e.g. two ``seed0``)
-    share their output folders' prefix, and one must not resume, or be refused by, the other's checkpoint.
-    Raises ConfigError naming the changed keys when checkpoints exist but none matches, or when the newest
-    matching run already finished."""
+    hashes match; (None, None) when there is none. Raises ConfigError naming the changed keys when this folder's
+    checkpoints exist but none matches, or when the newest matching run already finished.
+
+    Which output folders are this experiment's: those whose newest checkpoint records this folder's absolute path
+    (``experiment_path``), or none (written before checkpoints recorded it). Two folders of one name
+    (``experiment_name`` outside an ``experiments`` folder is the last folder's name, e.g. two ``seed0``) share
+    their output folders' prefix, and one must not be refused by the other's checkpoint. Where only other paths
+    wrote checkpoints of this name, those whose configuration hashes match are taken (the same experiment, its
+    folder moved, re-cloned or mounted elsewhere: the caller says so); with none matching, none is this
+    experiment's, and the run starts afresh."""
     stem = exp.name.replace("/", "--") + "--"
     here = str(exp.path.resolve())
-    found = []
+    own, others = [], []
     for run_dir in out_root.glob(stem + "*") if out_root.is_dir() else []:
-        for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
-            if checkpoint.read_state(ckpt).get("experiment_path", here) == here:
-                found.append((ckpt.stat().st_mtime, run_dir, ckpt))
+        ckpts = checkpoint.list_checkpoints(run_dir / "checkpoints")  # oldest first
+        if ckpts:
+            writer = checkpoint.read_state(ckpts[-1]).get("experiment_path")
+            (own if writer in (None, here) else others).extend((c.stat().st_mtime, run_dir, c) for c in ckpts)
+
+    def matches(ckpt: Path) -> bool:
+        state = checkpoint.read_state(ckpt)
+        return state.get("train_params_sha") == exp.train_params_sha and state.get("peft_config_sha") == exp.peft_config_sha
+
+    found = own or [t for t in others if matches(t[2])]
     if not found:
         return None, None
     found.sort(key=lambda t: t[0])
     for _, run_dir, ckpt in reversed(found):
-        state = checkpoint.read_state(ckpt)
-        if state.get("train_params_sha") == exp.train_params_sha and state.get("peft_config_sha") == exp.peft_config_sha:
+        if matches(ckpt):
             done = run_dir / "checkpoints" / FINISHED
             if done.exists():
                 raise ConfigError([f"--resume: the newest run of this experiment ({run_dir}) already finished; its result is "

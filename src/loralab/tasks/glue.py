@@ -151,19 +151,24 @@ EVAL_SPLITS = ("dev", "holdout")
 
 
 def score_dev(task: GlueTask, model, tokenizer, data_dir, max_samples: int | None = None,
-              batch_size: int | None = None) -> dict:
+              batch_size: int | None = None, max_length: int | None = None) -> dict:
     """``loralab eval``'s GLUE scoring of a sequence-classification ``model`` (a peft adapter loaded on it or not):
     ``task``'s dev split (its first ``max_samples`` rows; None: all; from ``data_dir``'s GLUE TSVs, or the hub's
-    validation split where ``data_dir`` is None), tokenized as ``loralab run`` does at its defaults (``config``'s
-    ``max_length`` 128, no padding to it), ``batch_size`` rows a forward (None: ``eval_batch_size``'s default).
-    Returns the task's metrics (``compute_metrics``) plus ``headline`` (its first metric), ``rows`` and ``seconds``
-    (read, predict, total). Raises OSError where the dev file is missing."""
+    validation split where ``data_dir`` is None), tokenized as ``loralab run`` does (truncated to ``max_length``
+    tokens, None: ``config``'s default 128; no padding to it), ``batch_size`` rows a forward (None:
+    ``eval_batch_size``'s default). A model without ``config.pad_token_id`` gets the tokenizer's, as ``loralab run``
+    gives it (decoder bases' classification heads read it to find each row's last token). Returns the task's
+    metrics (``compute_metrics``) plus ``headline`` (its first metric), ``rows`` and ``seconds`` (read, predict,
+    total). Raises OSError where the dev file is missing."""
     import time
 
     from loralab.config import build_parameters  # config is the floor below tasks
 
     start = time.perf_counter()
-    params = build_parameters({"task": task.name, **({"eval_batch_size": batch_size} if batch_size else {})})
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id(tokenizer)
+    params = build_parameters({"task": task.name, **({"eval_batch_size": batch_size} if batch_size else {}),
+                               **({"max_length": max_length} if max_length else {})})
     rows, _ = task.read("dev", data_dir)
     rows = rows[:max_samples] if max_samples else rows
     features = task.tokenize(rows, tokenizer, params)
