@@ -233,14 +233,22 @@ def test_a_run_resumed_to_its_end_is_not_listed_as_unfinished(tmp_path):
                                                   train_info={"checkpoint": f"{folder}/checkpoints/step-28"}))
     write(tmp_path, "resumed.json", make_record(name="s/lora/mrpc", stamp="2026-11-22T23:30:00+00:00", train_info={
         "resumed_from": f"{folder}/checkpoints/step-28", "checkpoint": f"{folder}/checkpoints/step-63"}))
-    write(tmp_path, "other.json", make_record(name="s/lora/mrpc", seed=5, status="cancelled", train_info={
-        "checkpoint": "/out/s--lora--mrpc--2026-11-24T10-00-00Z/checkpoints/step-3"}))
+    other = "/out/s--lora--mrpc--2026-11-24T10-00-00Z/checkpoints"
+    write(tmp_path, "other.json", make_record(name="s/lora/mrpc", seed=5, status="cancelled", stamp="2026-11-24T10:00:00+00:00",
+                                              train_info={"checkpoint": f"{other}/step-3"}))
+    write(tmp_path, "other-again.json", make_record(name="s/lora/mrpc", seed=5, status="failed", stamp="2026-11-24T11:00:00+00:00",
+                                                    train_info={"checkpoint": f"{other}/step-9", "resumed_from": f"{other}/step-3"}))
+    write(tmp_path, "odd.json", make_record(name="s/lora/mrpc", seed=6, status="cancelled", train_info={"checkpoint": "step-3"}))
     report = build_report([tmp_path])
     (t,) = report.tables
-    assert t.cells[("LoRA", "glue/mrpc")].excluded == {"cancelled": 1}  # the other one only
-    assert [r.source.name for r in report.not_success] == ["other.json"]
-    assert [(o.source.name, n.source.name) for o, n in report.superseded] == [("cancelled.json", "resumed.json")]
-    assert "cancelled.json (2026-11-22T23:00:00+00:00): cancelled, then resumed to its end by --resume: " in to_markdown(report)
+    # the other run, stopped twice, once (its newest record); a record whose checkpoint names no folder stands alone
+    assert t.cells[("LoRA", "glue/mrpc")].excluded == {"failed": 1, "cancelled": 1}
+    assert sorted(r.source.name for r in report.not_success) == ["odd.json", "other-again.json"]
+    assert sorted((o.source.name, n.source.name) for o, n in report.superseded) == [
+        ("cancelled.json", "resumed.json"), ("other.json", "other-again.json")]
+    md = to_markdown(report)
+    assert "cancelled.json (2026-11-22T23:00:00+00:00): cancelled, then resumed to its end by --resume: " in md
+    assert "other.json (2026-11-24T10:00:00+00:00): cancelled, then resumed by --resume and failed again: " in md
 
 
 # --- formats and options -------------------------------------------------------------------------

@@ -70,8 +70,9 @@ class Speed:
     # (bitwise): the graphed step takes a micro-batch's gradients by torch.autograd.grad and adds them into its fixed
     # buffers with one foreach add per dtype, where autograd adds each with a kernel of its own (speed/graphs.backward_into);
     # auto: where the trainable tensors hold at most 1/8 of the model's bytes (adapters, not full fine-tuning, whose
-    # gradients would be alive together until the add): 1.005x FP8 LoRA, 1.007x FP8 DoRA at the 8B shape, micro-batch 4,
-    # one H100, three alternating readings each (results/bench-foreach-h100)
+    # gradients would be alive together until the add; the micro-batch probe's trial does not hold them): 1.005x FP8
+    # LoRA (within the readings' spread), 1.007x FP8 DoRA at the 8B shape, micro-batch 4, one H100, three alternating
+    # readings each (results/bench-foreach-h100; other bases not measured)
     micro_batch_probe: dict | None = field(default=None, metadata={"code_only": True})  # what make_step chose and why
     fp8_transposes_cached: dict | None = field(default=None, metadata={"code_only": True})  # what prepare_model cached
     lora_scaled_at_rank: dict | None = field(default=None, metadata={"code_only": True})  # layers it took (of all)

@@ -15,8 +15,8 @@ class Report:
     inputs: list[str]
     runs: list[Run]  # every readable record
     used: list[Run]  # successful, one per (set, label, task, seed): the newest
-    superseded: list[tuple[Run, Run]]  # (older run left out, the newer run used instead; or an interrupted run
-    # and the success record of its --resume, run_folder)
+    superseded: list[tuple[Run, Run]]  # (older run left out, the newer run used instead; or a stopped run's record
+    # and the record of its --resume, run_folder)
     problems: list[Problem]
     tables: list[Table]
     options: dict = field(default_factory=dict)
@@ -42,10 +42,13 @@ def created(run) -> str:
 
 
 def left_out(old: Run, new: Run) -> str:
-    """Why ``old`` is not used, as text naming ``new``: a newer run of the same seed, or its own --resume."""
-    if old.status != "success":
+    """Why ``old`` is not used, as text naming ``new``: a newer run of the same seed, or its own --resume (finished
+    or stopped again)."""
+    if old.status == "success":
+        return f"superseded by the newer run {new.source}"
+    if new.status == "success":
         return f"{old.status}, then resumed to its end by --resume: {new.source}"
-    return f"superseded by the newer run {new.source}"
+    return f"{old.status}, then resumed by --resume and {new.status} again: {new.source}"
 
 
 def run_folder(run, key: str = "checkpoint") -> str | None:
@@ -53,7 +56,8 @@ def run_folder(run, key: str = "checkpoint") -> str | None:
     (``train_info.checkpoint``: its newest, ``.../checkpoints/step-N``; ``resumed_from``: the one a ``--resume``
     continued), or None. A resumed run goes on in the folder it was interrupted in."""
     path = run.train_info.get(key)
-    return str(Path(path).parents[1]) if isinstance(path, str) and path else None
+    parents = Path(path).parents if isinstance(path, str) and path else ()
+    return str(parents[1]) if len(parents) > 1 else None  # a malformed path names no folder
 
 
 def build_report(paths, by: str = "method,task", metrics=None, compare=None, baseline=None) -> Report:
@@ -70,11 +74,18 @@ def build_report(paths, by: str = "method,task", metrics=None, compare=None, bas
         newest[key] = r
     used = sorted(newest.values(), key=lambda r: str(r.source))
     finished = {folder: r for r in runs if r.status == "success" and (folder := run_folder(r, "resumed_from"))}
-    unfinished = []
-    for r in (r for r in runs if r.status != "success"):
-        if run_folder(r) in finished:  # interrupted, then resumed to its end (--resume): the success record counts
-            superseded.append((r, finished[run_folder(r)]))
+    unfinished, stopped = [], {}
+    for r in sorted((r for r in runs if r.status != "success"), key=created):
+        folder = run_folder(r)
+        if folder in finished:  # stopped, then resumed to its end (--resume): the success record counts
+            superseded.append((r, finished[folder]))
+        elif folder is not None and folder in stopped:  # stopped again after a resume: one run, its newest record
+            superseded.append((stopped[folder], r))
+            unfinished.remove(stopped[folder])
+            stopped[folder] = r
+            unfinished.append(r)
         else:
+            stopped[folder] = r
             unfinished.append(r)
     tables = build_tables(used, unfinished, by=by, metrics=metrics,
                           compare=compare, baseline=baseline)

@@ -242,5 +242,5 @@ def as_dict(report: Report) -> dict:
         "not_finished": [{"status": r.status, "experiment": r.experiment, "seed": r.seed, "task": r.task,
                           "error": r.error, "file": str(r.source)} for r in report.not_success],
         "problems": [{"file": str(p.path), "reason": p.reason, "kind": p.kind} for p in report.problems],
-        "superseded": [{"file": str(o.source), "by": str(n.source)} for o, n in report.superseded],
+        "superseded": [{"file": str(o.source), "by": str(n.source), "reason": left_out(o, n)} for o, n in report.superseded],
     }

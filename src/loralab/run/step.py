@@ -353,5 +353,9 @@ def make_step(model, optimizer, *, speed: dict | Speed, kind: str, dtype: str, d
                 dora_norms=dora_layers > 0, dora_norms_backend=norms_backend if dora_layers else None,
                 foreach_grads=resolved.foreach_grad_add)
     resolved.foreach_grad_add = step.trainer.foreach_grads  # "auto" settled by the model's sizes; False unless graphed
+    if step.trainer.foreach_grads or settings.foreach_grad_add is True:
+        log("speed.foreach_grad_add: " + (f"each micro-batch's gradients added with one foreach add per dtype "
+            f"({len(step.trainer.params)} trainable tensors)" if step.trainer.foreach_grads else
+            "NOTHING: no graphed step here (CPU, or a DDP/FSDP wrapper), so autograd adds the gradients"))
     resolved.masked_width_guard = step._guarded.on  # speed/attention.py (pytorch/pytorch#196678)
     return step, resolved
