@@ -233,13 +233,10 @@ def check_parameters(values: dict[str, Any], checks: Sequence[Callable[[dict], l
     needs its registries (``loralab.experiment``: 'init', 'optimizer', 'calibration.corda_options'). A key of the
     wrong type is checked no further: the value checks see its default there, and a line of theirs that names it
     (a check across keys) is left out, so every line is about what the user wrote."""
-    typed = []
-    for f in dataclasses.fields(TrainingParameters):
-        value = values[f.name]
-        if not _type_ok(value, str(f.type)):
-            typed.append(f"'{f.name}' = {value!r} has the wrong type; expected {f.type}")
+    wrong = [f for f in dataclasses.fields(TrainingParameters) if not _type_ok(values[f.name], str(f.type))]
+    typed = [f"'{f.name}' = {values[f.name]!r} has the wrong type; expected {f.type}" for f in wrong]
     if typed:
-        wrong = [f.name for f in dataclasses.fields(TrainingParameters) if not _type_ok(values[f.name], str(f.type))]
+        wrong = [f.name for f in wrong]
         defaults = default_parameters()
         values = {**values, **{name: defaults[name] for name in wrong}}
         named = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, wrong)) + r")\b")  # not 'calibration.<key>'

@@ -271,7 +271,7 @@ def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
         except (ValueError, OSError) as exc:
             print(f"error: --adapter {args.adapter}: no readable adapter_config.json ({exc})", file=sys.stderr)
             return 2
-        if str(task_type) not in ("SEQ_CLS", "TaskType.SEQ_CLS"):
+        if task_type != "SEQ_CLS":  # a str, or peft's TaskType (a str enum)
             print(f"error: --adapter {args.adapter}: its task_type is {task_type}, not SEQ_CLS: it holds no trained "
                   f"classification head for {', '.join(names)}", file=sys.stderr)
             return 2

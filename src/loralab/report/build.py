@@ -74,20 +74,17 @@ def build_report(paths, by: str = "method,task", metrics=None, compare=None, bas
         newest[key] = r
     used = sorted(newest.values(), key=lambda r: str(r.source))
     finished = {folder: r for r in runs if r.status == "success" and (folder := run_folder(r, "resumed_from"))}
-    unfinished, stopped = [], {}
+    unfinished: dict = {}  # output folder (or the record itself, naming none) -> the run's newest record
     for r in sorted((r for r in runs if r.status != "success"), key=created):
         folder = run_folder(r)
         if folder in finished:  # stopped, then resumed to its end (--resume): the success record counts
             superseded.append((r, finished[folder]))
-        elif folder is not None and folder in stopped:  # stopped again after a resume: one run, its newest record
-            superseded.append((stopped[folder], r))
-            unfinished.remove(stopped[folder])
-            stopped[folder] = r
-            unfinished.append(r)
-        else:
-            stopped[folder] = r
-            unfinished.append(r)
-    tables = build_tables(used, unfinished, by=by, metrics=metrics,
+            continue
+        key = folder if folder is not None else id(r)
+        if key in unfinished:  # stopped again after a resume: one run, its newest record
+            superseded.append((unfinished[key], r))
+        unfinished[key] = r
+    tables = build_tables(used, list(unfinished.values()), by=by, metrics=metrics,
                           compare=compare, baseline=baseline)
     for spec in compare or []:
         a, _, b = split_pair(spec)

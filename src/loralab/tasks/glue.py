@@ -141,10 +141,14 @@ class GlueTask:
         return compute_metrics(self.metrics, np.asarray(predictions), np.asarray(references))
 
     def evaluate(self, model, tokenizer, data, params, out_dir=None) -> dict:
-        outputs = predict(model, tokenizer, data.eval, params)
+        return self.score_features(model, tokenizer, data.eval, params)
+
+    def score_features(self, model, tokenizer, features, params) -> dict:
+        """The task's metrics of ``model``'s predictions over tokenized ``features`` (their ``labels`` the references):
+        the regression output for one label, else the argmax class."""
+        outputs = predict(model, tokenizer, features, params)
         preds = outputs[:, 0] if self.num_labels == 1 else outputs.argmax(-1)
-        refs = [f["labels"] for f in data.eval]
-        return self.score(preds, refs)
+        return self.score(preds, [f["labels"] for f in features])
 
 
 EVAL_SPLITS = ("dev", "holdout")
@@ -173,9 +177,7 @@ def score_dev(task: GlueTask, model, tokenizer, data_dir, max_samples: int | Non
     rows = rows[:max_samples] if max_samples else rows
     features = task.tokenize(rows, tokenizer, params)
     read = time.perf_counter()
-    outputs = predict(model, tokenizer, features, params)
-    preds = outputs[:, 0] if task.num_labels == 1 else outputs.argmax(-1)
-    metrics = task.score(preds, [f["labels"] for f in features])
+    metrics = task.score_features(model, tokenizer, features, params)
     done = time.perf_counter()
     return {**metrics, "headline": task.metrics[0], "rows": len(rows),
             "seconds": {"read": read - start, "predict": done - read, "total": done - start}}
