@@ -162,6 +162,49 @@ def test_git_tree_is_measured_and_given_values_ignored(tmp_path, no_given, monke
     assert route("success", git_state(repo, experiment=tmp_path)).name == "temporary_results"
 
 
+def test_untracked_files_in_the_code_or_the_experiment_keep_a_run_off_main(tmp_path, no_given):
+    """A new module nobody committed can be imported by the code that ran, and a new file in the experiment folder
+    can be one of its inputs: either keeps the run out of results/, and the reason names the file. Ignored files and
+    untracked files elsewhere in the tree (a record the quickstart wrote) do not."""
+    from loralab.results import not_main_run
+
+    repo = tmp_path / "repo"
+    (repo / "code").mkdir(parents=True)
+    (repo / "exp").mkdir()
+    (repo / "code" / "a.py").write_text("x = 1\n")
+    (repo / "exp" / "adapter_config.json").write_text("{}")
+    (repo / ".gitignore").write_text("outputs/\n")
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "x")
+    (repo / "results").mkdir()
+    (repo / "results" / "record.json").write_text("{}")  # untracked, outside the code and the experiment
+    (repo / "exp" / "outputs").mkdir()
+    (repo / "exp" / "outputs" / "adapter.bin").write_text("")  # ignored
+    git = git_state(repo / "code", experiment=repo / "exp")
+    assert git["dirty"] is False and git["experiment_committed"] is True and "untracked" not in git
+    assert route("success", git).name == "results"
+
+    (repo / "code" / "b.py").write_text("y = 2\n")
+    git = git_state(repo / "code", experiment=repo / "exp")
+    assert git["dirty"] is True and git["untracked"] == ["code/b.py"]
+    assert not_main_run(git) == "the code's folder has files git does not track (code/b.py)"
+    assert route("success", git).name == "temporary_results"
+
+    (repo / "code" / "b.py").unlink()
+    (repo / "exp" / "training_parameters.json").write_text('{"seed": 1}')
+    git = git_state(repo / "code", experiment=repo / "exp")
+    assert git["dirty"] is False and git["experiment_committed"] is False
+    assert git["experiment_untracked"] == ["exp/training_parameters.json"]
+    assert "files git does not track (exp/training_parameters.json)" in not_main_run(git)
+    assert route("success", git).name == "temporary_results"
+
+    for i in range(12):
+        (repo / "code" / f"m{i:02d}.py").write_text("")
+    listed = git_state(repo / "code")["untracked"]
+    assert len(listed) == 11 and listed[-1] == "... and 2 more"
+
+
 def test_code_sha256_measures_the_code(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     first = results.code_sha256(tmp_path)

@@ -43,16 +43,22 @@ def git_state(where: Path | None = None, experiment: Path | None = None) -> dict
     the variables it took (``"source": "given by LORALAB_GIT_COMMIT"``); what is not given stays
     unknown, so such a run goes to ``results/`` only when the launcher stated main and a clean tree.
     ``code_sha256`` (of the package's ``.py`` files) is always measured, so a given commit can be
-    checked against the code that ran. With ``experiment`` (a folder) a measured state also says
-    whether that folder is committed in the same tree (``experiment_committed``): only then is a
-    run a main run (``route``).
+    checked against the code that ran. A measured tree is dirty where a tracked file changed or a file
+    under ``where`` is neither tracked nor ignored (listed as ``untracked``: a new module the code may
+    import). With ``experiment`` (a folder) a measured state also says whether that folder is committed
+    in the same tree with no untracked file in it (``experiment_committed``; such files are listed as
+    ``experiment_untracked``): only then is a run a main run (``route``).
     """
     where = Path(where) if where is not None else CODE_TREE
     state = _measured(where)
     if state is not None and experiment is not None:
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(Path(experiment).resolve())], cwd=where,
+        folder = str(Path(experiment).resolve())
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", folder], cwd=where,
                                  capture_output=True, text=True, timeout=30)
-        state["experiment_committed"] = tracked.returncode == 0
+        loose = _untracked(where, folder) if tracked.returncode == 0 else []
+        state["experiment_committed"] = tracked.returncode == 0 and not loose
+        if loose:
+            state["experiment_untracked"] = loose
     if state is None:
         state = {"commit": UNKNOWN, "branch": UNKNOWN, "dirty": UNKNOWN,
                  "source": f"unknown: no git work tree at {where}"}
@@ -79,12 +85,35 @@ def _measured(where: Path) -> dict | None:
             return None
         status = git("status", "--porcelain", "--untracked-files=no")
         branch = git("rev-parse", "--abbrev-ref", "HEAD")
+        loose = _untracked(where, str(where.resolve()))
     except (FileNotFoundError, NotADirectoryError, subprocess.TimeoutExpired):
         return None
-    if status.returncode != 0 or branch.returncode != 0:
+    if status.returncode != 0 or branch.returncode != 0 or loose is None:
         return None
-    return {"commit": head.stdout.strip(), "branch": branch.stdout.strip(), "dirty": bool(status.stdout.strip()),
-            "source": "measured"}
+    state = {"commit": head.stdout.strip(), "branch": branch.stdout.strip(),
+             "dirty": bool(status.stdout.strip()) or bool(loose), "source": "measured"}
+    if loose:
+        state["untracked"] = loose
+    return state
+
+
+UNTRACKED_LISTED = 10
+"""How many untracked paths a record lists (``untracked``, ``experiment_untracked``); the rest are counted."""
+
+
+def _untracked(where: Path, folder: str) -> list[str] | None:
+    """Files under ``folder`` that git neither tracks nor ignores, as paths relative to the work tree's
+    root (the first ``UNTRACKED_LISTED``, then "... and N more"); None when git cannot list them.
+    A tracked change is dirt anywhere in the tree; an untracked file only under the code's own folder
+    (a new module the code may import) or the experiment's (a new input file), so a record the
+    quickstart writes into ``results/`` does not make the next run's tree dirty."""
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--full-name", "--", folder],
+                            cwd=where, capture_output=True, text=True, timeout=30)
+    if listed.returncode != 0:
+        return None
+    paths = listed.stdout.splitlines()
+    more = len(paths) - UNTRACKED_LISTED
+    return paths[:UNTRACKED_LISTED] + ([f"... and {more} more"] if more > 0 else [])
 
 
 def code_sha256(root: Path) -> str:
@@ -129,9 +158,13 @@ def not_main_run(git: dict) -> str | None:
     if git.get("branch") != "main":
         return f"the code is on branch {git.get('branch')}, not main"
     if git.get("dirty") is not False:
-        return "the code has uncommitted changes"
+        loose = git.get("untracked")
+        return ("the code has uncommitted changes" if not loose
+                else f"the code's folder has files git does not track ({', '.join(loose[:3])})")
     if git.get("experiment_committed") is False:
-        return "the experiment folder is not committed in loralab's tree"
+        loose = git.get("experiment_untracked")
+        return ("the experiment folder is not committed in loralab's tree" if not loose
+                else f"the experiment folder has files git does not track ({', '.join(loose[:3])})")
     return None
 
 
