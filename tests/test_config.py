@@ -117,6 +117,36 @@ def test_bad_experiment_exits_2_without_result(tmp_path, params, adapter, expect
     assert no_results(results)
 
 
+def test_task_and_method_checks_are_not_hidden_by_a_bad_value(tmp_path, data_dir):
+    """A bad value no longer stops the data folder's and the method's checks: a user fixes every problem in one
+    pass. A line of those checks that would read a bad key's default is left out."""
+    from loralab.experiment import read_experiment
+
+    count = iter(range(100))
+
+    def problems(params, adapter=None):
+        with pytest.raises(ConfigError) as err:
+            read_experiment(write_exp(tmp_path, params, adapter, name=f"exp{next(count)}"))
+        return err.value.problems
+
+    got = problems({**BASE, "batch_size": -4, "data_dir": "/nonexistent/data"})
+    assert got[0] == "'batch_size' = -4 must be > 0" and "'data_dir' = '/nonexistent/data': no such folder" in got[1]
+    assert len(got) == 2
+    got = problems({**BASE, "data_dir": str(data_dir), "warmup_ratio": 2, "magnitude_only_modules": ["query"]})
+    assert got == ["'warmup_ratio' = 2 must be in [0, 1)",
+                   "'magnitude_only_modules' needs a DoRA adapter (adapter_config.json 'use_dora': true)"]
+    # the task named wrongly typed: its data check waits (it would check the default task's files)
+    got = problems({**BASE, "task": 3, "data_dir": "/nonexistent/data"})
+    assert len(got) == 1 and got[0].startswith("'task' = 3 has the wrong type")
+    # a wrongly typed 'quantization' is back at null for the method's check; its line "'speed.fp8_transpose_cache'
+    # ... needs 'quantization': 'fp8' (here null)" would be about that default, not what the user wrote: left out
+    adapter = {"peft_type": "LORA", "r": 4, "target_modules": ["query"], "task_type": "SEQ_CLS"}
+    got = problems({**BASE, "data_dir": str(data_dir), "quantization": 8, "speed": {"fp8_transpose_cache": 0.5}}, adapter)
+    assert len(got) == 1 and got[0].startswith("'quantization' = 8 has the wrong type")
+    got = problems({**BASE, "data_dir": str(data_dir), "seed": "0", "speed": {"fp8_transpose_cache": 0.5}}, adapter)
+    assert len(got) == 2 and got[1].startswith("'speed.fp8_transpose_cache' = 0.5 acts on an FP8 base only")
+
+
 def test_missing_data_file_named(tmp_path, data_dir):
     fake = tmp_path / "data" / "glue" / "RTE"
     fake.mkdir(parents=True)

@@ -4,13 +4,15 @@
 can be checked without loading a model and raises one ConfigError listing every problem.
 
 The checks that need the registries (the methods' inits and optimizers, CorDA's options, the
-tasks) are made here, a floor above them, and reported together with config's own problems.
+tasks) are made here, a floor above them, and reported together with config's own problems. A bad value
+does not hide them: they run with every key a problem names back at its default (``read_experiment``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,19 @@ def checked_parameters(overrides: dict[str, Any], source: str = PARAMS_FILE) -> 
     registry checks (``registry_problems``) reported together with config's own problems; raises
     ConfigError naming every problem (``source`` names the file)."""
     return build_parameters(overrides, source=source, checks=(registry_problems,))
+
+
+_NAMED_KEY = re.compile(r"^(?:unknown key )?'([A-Za-z_]+)")
+"""The top-level parameter a problem line is about: config's lines begin with it quoted (``'batch_size' = ...``,
+``'calibration.num_samples' = ...``, ``unknown key 'lerning_rate'``)."""
+
+
+def _checked_without(overrides: dict[str, Any], keys: set[str]) -> TrainingParameters | None:
+    """``checked_parameters`` of ``overrides`` less ``keys`` (back at their defaults); None where that still fails."""
+    try:
+        return checked_parameters({k: v for k, v in overrides.items() if k not in keys})
+    except ConfigError:
+        return None
 
 
 def experiment_name(path: Path) -> str:
@@ -178,31 +193,37 @@ def read_experiment(path) -> Experiment:
         peft_data = _read_json(path / ADAPTER_FILE, problems)
         if peft_data is not None:
             peft_config = load_peft_config(peft_data, problems)
-    params = None
     from loralab.tasks import TASKS
 
     def unknown_task(task) -> list[str]:
         return [] if task in TASKS else [f"'task' = {task!r} is unknown{suggest(task, TASKS)}; known: {', '.join(sorted(TASKS))}"]
 
+    bad: set[str] = set()
     try:
         params = checked_parameters(overrides, source=str(params_path))
     except ConfigError as exc:
         problems.extend(exc.problems)
-        task = overrides.get("task")  # the parameters' other problems hide neither an unknown task nor a missing model
-        if isinstance(task, str) and not any(p.startswith("'task'") for p in exc.problems):
-            problems.extend(unknown_task(task))
-        if isinstance(model_id := overrides.get("model_id"), str) and not any(p.startswith("'model_id'") for p in exc.problems):
-            problems.extend(check_model_id(model_id))
-    if params is not None:
+        # the rest of the parameters still meet the task's and the method's checks, with every key a problem
+        # names back at its default; a line of theirs that names such a key is left out (it would be about a
+        # value the user did not write), and the task's own check waits for a valid task and data folder
+        bad = {m.group(1) for line in exc.problems if (m := _NAMED_KEY.search(line))}
+        params = _checked_without(overrides, bad)
+        if params is None:  # pragma: no cover - the defaults pass their own checks
+            raise ConfigError(problems, str(path)) from None
+    if "model_id" not in bad:
         problems.extend(check_model_id(params.model_id))
-        problems.extend(unknown_task(params.task) or TASKS[params.task].check(params))
-        if not any(p.startswith("adapter_config.json") for p in problems):
-            from loralab.methods import choose_method  # the registry knows which parts compose
+    rest = [] if "task" in bad else unknown_task(params.task)
+    if not rest and not bad & {"task", "data_dir", "eval_split", "holdout_fraction", "holdout_seed"}:
+        rest = TASKS[params.task].check(params)
+    if not any(p.startswith("adapter_config.json") for p in problems):
+        from loralab.methods import choose_method  # the registry knows which parts compose
 
-            try:
-                problems.extend(choose_method(peft_config, params).conflicts(peft_config, params))
-            except ConfigError as exc:
-                problems.extend(exc.problems)
+        try:
+            rest += choose_method(peft_config, params).conflicts(peft_config, params)
+        except ConfigError as exc:
+            rest += exc.problems
+    named = re.compile(r"(?<![\w.])'?(" + "|".join(map(re.escape, sorted(bad))) + r")\b") if bad else None
+    problems.extend(line for line in rest if named is None or not named.search(line))
     if problems:
         raise ConfigError(problems, str(path))
     return Experiment(
