@@ -129,7 +129,8 @@ def _md_table(header, body) -> list[str]:
 COST_HEADER = ["experiments", "row", "runs", "init s, mean [min, max]", "init peak", "train s, mean [min, max]", "train peak"]
 COST_LEGEND = ("Cost per run, over the row's tasks and seeds: the adapter init (decomposition, calibration "
                "included) and training; peaks are the largest over the runs (CUDA max allocated, or CPU peak "
-               "resident set). Runs that shared a GPU (`--runs-per-gpu`) measure seconds under that contention.")
+               "resident set). Seconds are wall time: runs that shared a GPU (`--runs-per-gpu`), or ran on a busy machine, "
+               "measure them under that contention.")
 
 
 def _gib(n: int | None) -> str:
