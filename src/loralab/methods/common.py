@@ -15,6 +15,8 @@ import copy
 import torch
 from torch import nn
 
+from loralab.config import ConfigError, suggest
+
 HEAD_NAMES = ("classifier", "score", "pooler")
 OUTPUT_NAMES = ("lm_head",)
 
@@ -45,15 +47,34 @@ def linear_names(model, exclude_heads: bool = True) -> list[str]:
     return out
 
 
+def peft_default_targets(model) -> list[str]:
+    """What peft adapts where ``target_modules`` is null: its table by model type
+    (``peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``; Llama: q_proj, v_proj; BERT and
+    RoBERTa: query, value), as ``get_peft_model`` reads it. Raises ConfigError naming the model type where the
+    table has none (peft raises there too)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULTS:
+        raise ConfigError([f"adapter_config.json 'target_modules' is null and peft has no default for model type "
+                           f"{model_type!r}: name the modules, e.g. \"all-linear\" or [\"q_proj\", \"v_proj\"]"],
+                          "adapter_config.json")
+    return list(DEFAULTS[model_type])
+
+
 def resolve_config(model, peft_config, kind: str):
     """A copy of the peft config with ``all-linear`` expanded to explicit names and the head saved.
 
-    Explicit names are needed anyway by peft's CorDA preprocessing, and they make the saved
-    adapter_config say exactly which layers were adapted.
+    ``target_modules`` null means what it means to peft: peft's default modules for the model type
+    (``peft_default_targets``), not every linear layer. Explicit names are needed anyway by peft's CorDA
+    preprocessing, and they make the saved adapter_config say exactly which layers were adapted. Raises
+    ConfigError where ``target_modules`` is null and peft has no default for the model.
     """
     cfg = copy.deepcopy(peft_config)
-    if cfg.target_modules in ("all-linear", None) or cfg.target_modules == {"all-linear"}:
+    if cfg.target_modules in ("all-linear", {"all-linear"}):
         cfg.target_modules = linear_names(model)
+    elif cfg.target_modules is None:
+        cfg.target_modules = peft_default_targets(model)
     if kind == "seq_cls":
         heads = head_modules(model)
         cfg.modules_to_save = sorted(set(list(cfg.modules_to_save or []) + heads))
@@ -74,6 +95,23 @@ def targeted_linears(model, cfg) -> dict[str, nn.Linear]:
     }
 
 
+def unmatched_targets(model, cfg) -> list[str]:
+    """One problem per name of a ``target_modules`` list that matches no module of the model (a typo such as
+    "querry" beside "value" would otherwise leave that layer unadapted in silence; peft raises only where no name
+    matches). A regex string is peft's own rule and is not split. Names as peft matches them: a module's full name
+    or its suffix after a dot."""
+    if isinstance(cfg.target_modules, str):
+        return []
+    names = [name for name, _ in model.named_modules()]
+    leaves = sorted({n.split(".")[-1] for n in names if n})
+    problems = []
+    for target in sorted(cfg.target_modules):
+        if not any(n == target or n.endswith("." + target) for n in names):
+            problems.append(f"adapter_config.json 'target_modules' names {target!r}, which matches no module of the "
+                            f"model{suggest(target, leaves)}")
+    return problems
+
+
 def rank_for(cfg, name: str) -> int:
     from peft.utils.other import get_pattern_key
 
@@ -90,6 +128,8 @@ def check_ranks(model, cfg) -> list[str]:
     targets = targeted_linears(model, cfg)
     if not targets:
         problems.append(f"adapter_config.json 'target_modules' = {cfg.target_modules!r} matches no nn.Linear of the model")
+    else:
+        problems += unmatched_targets(model, cfg)
     bad = {}
     for name, module in targets.items():
         r = rank_for(cfg, name)
