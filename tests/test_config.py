@@ -147,6 +147,27 @@ def test_task_and_method_checks_are_not_hidden_by_a_bad_value(tmp_path, data_dir
     assert len(got) == 2 and got[1].startswith("'speed.fp8_transpose_cache' = 0.5 acts on an FP8 base only")
 
 
+def test_calibration_generation_and_corda_values_are_checked_before_the_model_loads(tmp_path):
+    """Values that used to fail only after the model loaded (an unknown calibration set, a zero seqlen's reshape
+    error, a string temperature's TypeError, CorDA's 'kpa' for 'kpm') are problems of the configuration."""
+    from loralab.experiment import read_experiment
+
+    folder = write_exp(tmp_path, {**BASE, "calibration": {"dataset": "nq-open", "seqlen": 0},
+                                  "generation": {"temperature": "hot", "top_p": 1.5, "n_samples": True}},
+                       {"r": 4, "init_lora_weights": "corda", "corda_config": {"corda_method": "kpa"},
+                        "target_modules": ["query"]})
+    with pytest.raises(ConfigError) as err:
+        read_experiment(folder)
+    got = err.value.problems
+    for line in ("adapter_config.json 'corda_config.corda_method' = 'kpa' must be 'ipm'",
+                 "'calibration.seqlen' = 0 must be a positive integer",
+                 "'calibration.dataset' = 'nq-open': calibration dataset 'nq-open' is unknown (did you mean 'nqopen'?)",
+                 "'generation.temperature' = 'hot' must be >= 0", "'generation.top_p' = 1.5 must be in (0, 1]",
+                 "'generation.n_samples' = True must be a positive whole number"):
+        assert sum(p.startswith(line) for p in got) == 1, (line, got)
+    assert len(got) == 6
+
+
 def test_missing_data_file_named(tmp_path, data_dir):
     fake = tmp_path / "data" / "glue" / "RTE"
     fake.mkdir(parents=True)

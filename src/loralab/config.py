@@ -277,9 +277,11 @@ def _value_problems(values: dict[str, Any], checks: Sequence[Callable[[dict], li
     if not isinstance(cal["corda_options"], dict):  # its keys: loralab.experiment checks them
         problems.append(f"'calibration.corda_options' = {cal['corda_options']!r} must be a JSON object")
     problems.extend(trackers.report_to_problems(values["report_to"]))
-    gen = values["generation"]
+    gen = values["generation"]  # its other values: loralab.experiment (tasks.generation.RULES)
     if gen["max_new_tokens"] is not None and not (isinstance(gen["max_new_tokens"], int) and gen["max_new_tokens"] > 0):
         problems.append(f"'generation.max_new_tokens' = {gen['max_new_tokens']!r} must be a positive integer")
+    if not (isinstance(cal["seqlen"], int) and not isinstance(cal["seqlen"], bool) and cal["seqlen"] > 0):
+        problems.append(f"'calibration.seqlen' = {cal['seqlen']!r} must be a positive integer (tokens per calibration sample)")
     for check in checks:
         problems.extend(check(values))
     return problems

@@ -19,10 +19,12 @@ from typing import Any
 
 from loralab import methods
 from loralab.config import ConfigError, TrainingParameters, build_parameters, not_allowed, suggest
+from loralab.decomposition.calibration import canonical_name
 from loralab.decomposition.corda import check_options
 from loralab.models import check_model_id
 from loralab.results import sha256_json
 from loralab.speed_settings import Speed
+from loralab.tasks.generation import setting_problems
 
 ADAPTER_FILE = "adapter_config.json"
 PARAMS_FILE = "training_parameters.json"
@@ -73,6 +75,14 @@ def registry_problems(values: dict[str, Any]) -> list[str]:
             check_options(values["calibration"]["corda_options"])
         except ValueError as exc:
             problems.append(f"'calibration.corda_options': {exc}")
+    dataset = values["calibration"]["dataset"]
+    if dataset is not None:
+        try:
+            canonical_name(str(dataset))
+        except ValueError as exc:
+            problems.append(f"'calibration.dataset' = {dataset!r}: {exc}")
+    generation = {k: v for k, v in values["generation"].items() if v is not None and k != "max_new_tokens"}  # config's
+    problems += [f"'generation.{name}' = {value!r} {rule}" for name, value, rule in setting_problems(generation)]
     return problems
 
 
@@ -156,6 +166,11 @@ def load_peft_config(data: dict, problems: list[str]):
         for flag in ("use_dora", "use_rslora"):
             if not isinstance(kwargs.get(flag, False), bool):
                 problems.append(f"adapter_config.json '{flag}' = {kwargs[flag]!r} must be true or false")
+        if kwargs.get("init_lora_weights") == "corda":
+            method = (kwargs.get("corda_config") or {}).get("corda_method") if isinstance(kwargs.get("corda_config") or {}, dict) else None
+            if method not in ("ipm", "kpm"):
+                problems.append(f"adapter_config.json 'corda_config.corda_method' = {method!r} must be 'ipm' (IPA: "
+                                "instruction-previewed) or 'kpm' (KPA: knowledge-preserved)")
         task_type = kwargs.get("task_type")
         if task_type is not None and not isinstance(task_type, str):
             problems.append(f"adapter_config.json 'task_type' = {task_type!r} must be a string such as CAUSAL_LM or SEQ_CLS")

@@ -80,7 +80,7 @@ class GenerationSettings:
             raise ValueError("generation settings: " + "; ".join(problems))
 
 
-_POSITIVE = (lambda v: v >= 1, "must be a positive whole number")
+_POSITIVE = (lambda v: isinstance(v, int) and v >= 1, "must be a positive whole number")
 RULES = {
     "max_new_tokens": _POSITIVE,
     "max_length": (lambda v: v is None or v >= 2, "must be None or >= 2"),
@@ -100,8 +100,17 @@ RULES = {
 
 
 def setting_problems(values: dict) -> list[tuple[str, object, str]]:
-    """``(field, value, rule)`` for each value in ``values`` (field -> value) that ``RULES`` refuses."""
-    return [(name, value, RULES[name][1]) for name, value in values.items() if name in RULES and not RULES[name][0](value)]
+    """``(field, value, rule)`` for each value in ``values`` (field -> value) that ``RULES`` refuses, a value of
+    the wrong type included (a string where a number goes, true/false where a count goes)."""
+    def ok(name, value):
+        if isinstance(value, bool) and name != "stop":
+            return False
+        try:
+            return bool(RULES[name][0](value))
+        except TypeError:
+            return False
+
+    return [(name, value, RULES[name][1]) for name, value in values.items() if name in RULES and not ok(name, value)]
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> str:
