@@ -43,6 +43,20 @@ def test_perplexity_matches_the_models_own_loss(smol, data_dir):
     assert sliding < ppl
 
 
+def test_max_samples_scores_the_first_windows_and_says_so(smol, data_dir, capsys):
+    """``loralab eval --tasks wikitext2 --max-samples N`` used to score the whole corpus (the option was dropped,
+    and no bar showed): N windows now, and the metrics say how many of how many, and how many tokens."""
+    from loralab.tasks.evaluate import run_eval
+
+    model, tok = smol
+    metrics, _ = run_eval("wikitext2", model, tok, data_dir=data_dir, options={"wikitext2": {"seq_len": 64}},
+                          max_samples=2)
+    ids = tok(load_corpus("wikitext2", data_dir), return_tensors="pt").input_ids[0]
+    assert metrics["windows"] == 2 and metrics["windows_total"] == ids.numel() // 64 and metrics["tokens"] == 2 * 63
+    assert metrics["perplexity"] == pytest.approx(perplexity(model, tok, ids, seq_len=64, max_windows=2), rel=1e-6)
+    assert "wikitext2 perplexity" in capsys.readouterr().err  # the bar
+
+
 @pytest.mark.slow
 def test_full_decompose_r0_reproduces_base_and_r_hurts(smol, data_dir):
     base, tok = smol

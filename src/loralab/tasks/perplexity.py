@@ -45,7 +45,18 @@ def perplexity(
 ) -> float:
     """exp(mean token NLL) of ``model`` on ``text`` (a string, or its 1-D token ids tensor); ``inf``
     where that overflows a float, NaN for a NaN loss (``tasks.metrics.settle`` turns both into the
-    degenerate convention before a record sees them)."""
+    degenerate convention before a record sees them). ``perplexity_counts`` also says what was scored."""
+    return perplexity_counts(model, tokenizer, text, seq_len, stride, batch_size, max_windows, progress)[0]
+
+
+@torch.no_grad()
+def perplexity_counts(
+    model, tokenizer, text: str, seq_len: int = 2048, stride: int | None = None, batch_size: int = 1,
+    max_windows: int | None = None, progress: bool | str = False,
+) -> tuple[float, int, int, int]:
+    """``(perplexity, windows scored, windows in the text, tokens scored)``: ``perplexity``'s value and what it
+    covers (``max_windows`` takes the text's first windows). ``progress``: a bar on stderr (a string: its label).
+    Raises ValueError for a text shorter than one window."""
     ids = text if isinstance(text, torch.Tensor) else tokenizer(text, return_tensors="pt").input_ids[0]
     device = next(model.parameters()).device
     windows = []  # (start, end, number of leading tokens not scored)
@@ -59,6 +70,7 @@ def perplexity(
             prev_end = end
             if end == ids.numel():
                 break
+    available = len(windows)
     if max_windows is not None:
         windows = windows[:max_windows]
     if not windows:
@@ -66,7 +78,8 @@ def perplexity(
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
-    for b in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
+    label = progress if isinstance(progress, str) else "perplexity"
+    for b in tqdm(range(0, len(windows), batch_size), desc=label, unit="batch", disable=not progress):
         group = windows[b : b + batch_size]
         width = max(e - s for s, e, _ in group)
         x = torch.stack([torch.nn.functional.pad(ids[s:e], (0, width - (e - s))) for s, e, _ in group]).to(device)
@@ -80,4 +93,5 @@ def perplexity(
             count += scored.numel()
     model.train(was_training)
     mean = nll / count
-    return math.inf if mean > LOG_FLOAT_MAX else math.exp(mean)  # math.exp raises OverflowError past it
+    value = math.inf if mean > LOG_FLOAT_MAX else math.exp(mean)  # math.exp raises OverflowError past it
+    return value, len(windows), available, count
