@@ -20,11 +20,14 @@ from loralab.methods.parts import Optimizer, decayed, settings
 
 def _make(model, cfg, params):
     from peft.optimizers import create_lorafa_optimizer
+    from peft.optimizers import lorafa as peft_lorafa
     from peft.optimizers.lorafa import LoraFAOptimizer
 
     s = settings(params)
-    peft_group = create_lorafa_optimizer(model, r=cfg.r, lora_alpha=cfg.lora_alpha, lr=s.lr,
-                                         weight_decay=s.weight_decay).param_groups[0]
+    # peft >= 0.18 reads r and lora_alpha from the LoraConfig and warns (FutureWarning, an error in peft 1.2) when
+    # they are passed; earlier versions (pyproject allows 0.17) need them
+    legacy = {} if hasattr(peft_lorafa, "_create_lorafa_optimizer_legacy") else {"r": cfg.r, "lora_alpha": cfg.lora_alpha}
+    peft_group = create_lorafa_optimizer(model, lr=s.lr, weight_decay=s.weight_decay, **legacy).param_groups[0]
     decay = decayed(model, s.no_decay)
     groups: dict = {}
     for p, name, scaling in zip(peft_group["params"], peft_group["names"], peft_group["scaling_factors"]):

@@ -190,7 +190,8 @@ class InstructTask:
                 hub = self._hub_name()
                 problems.append(
                     f"'data_dir' = {params.data_dir!r} holds none of {', '.join(self.local_files)} for task "
-                    f"'{self.name}'; put the file there, or set data_dir to null to download {hub!r}"
+                    f"'{self.name}'; put the file there, or leave data_dir null with LORALAB_DATA_DIR unset to "
+                    f"download {hub!r} from the hub"
                 )
         elif importlib.util.find_spec("datasets") is None:
             problems.append(
