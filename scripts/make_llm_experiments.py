@@ -47,11 +47,17 @@ Known differences between the seed's README and what its script actually ran:
 - Effective batch: the script never passes per_device_train_batch_size, so the HF Trainer
   default of 8 applied: it ran 8 x 128 = 1,024 sequences per optimizer step (~97 steps over
   100k rows), not the documented 1 x 128 = 128. This folder uses the documented 128; set
-  batch_size 8 to reproduce the script (a plausible cause of its low GSM8K 34.34).
+  batch_size 8 to reproduce the script's batch (a plausible cause of its low GSM8K 34.34). Its
+  loss is then still not the script's: transformers < 4.46 took the token mean of each
+  micro-batch of 8 and averaged those, which neither loss_normalization "samples" nor
+  "tokens" is.
 - The script's CLI defaults are r=128, alpha=128; the README and its output paths say r32.
 - The Trainer was not given a seed (HF default 42); the README says seed 0, used here.
 - max_grad_norm 1.0 is the HF Trainer default the script inherited.
 - Gradient checkpointing was on in the script (memory only; loralab has no switch for it).
+- Scoring: where loralab's default rules differ from the seed's (CorDA's evaluation code,
+  bigcode's harness), ../../README.md ("Where a shipped recipe scores differently from its
+  seed's harness") says how, and which option applies the seed's rule.
 {extra}"""
 
 SEED000_EVAL = {
