@@ -3,8 +3,9 @@ tables with statistics over seeds, curves, Pareto plots and a self-contained HTM
 
 Without ``--out`` the chosen format goes to stdout (markdown by default); with ``--out DIR`` the
 page and the tables are written to ``DIR/report.{html,md,csv,json}`` (or only ``--format``'s file).
-Unreadable files are named on stderr and skipped; the exit code is 0 when there is something to
-report, 1 when no result record was found, 2 for bad options or a missing path.
+Unreadable files are named on stderr and skipped, and so is what the tables leave out (a ``--metric`` some
+groups did not record); the exit code is 0 when there is something to report, 1 when no result record was
+found, 2 for bad options (a ``--metric`` no record holds among them) or a missing path.
 """
 
 import shlex
@@ -17,12 +18,15 @@ FORMATS = ("md", "csv", "html", "json")
 def add_arguments(parser):
     parser.add_argument("paths", nargs="+", metavar="RESULTS", help="result files or folders (searched recursively for *.json)")
     parser.add_argument("--by", default="method,task", metavar="ROWS,COLUMNS",
-                        help="table rows and columns, two of method, task, set, seed, model, layer, init, optimizer "
-                             "(default method,task; seeds are pooled into each cell unless seed is one of them)")
+                        help="table rows and columns, two of method, task, set, seed, model, layer, init, optimizer, "
+                             "evaluation (default method,task; seeds are pooled into each cell unless seed is one of "
+                             "them; evaluation: one column per evaluation an SFT run's record holds, e.g. commonsense170k's "
+                             "eight, with their average)")
     parser.add_argument("--metric", action="append", metavar="NAME|TASK=NAME",
                         help="metric to tabulate: NAME for every task (repeat for more tables) or TASK=NAME to replace "
                              "one task's headline (default: the headline each run recorded; older records: CoLA "
-                             "matthews_correlation, STS-B pearson, else accuracy)")
+                             "matthews_correlation, STS-B pearson, else accuracy); a name no record holds is an error "
+                             "naming the ones they hold")
     parser.add_argument("--compare", action="append", metavar="A,B",
                         help="paired comparison of two table rows over shared tasks and seeds (repeatable; default: "
                              "every row against --baseline)")
@@ -57,6 +61,8 @@ def run(args) -> int:
     for line in problem_lines(report):
         if args.verbose or not line.startswith("ignored"):
             print(line, file=sys.stderr)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     if not report.runs:
         print(f"no result records found in {', '.join(args.paths)}", file=sys.stderr)
         return 1

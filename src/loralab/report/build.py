@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loralab.report.checks import check_metrics
 from loralab.report.records import Problem, Run, load_runs
 from loralab.report.tables import ReportError, Table, build_tables, split_pair
 from loralab.results import stamp
@@ -14,12 +15,13 @@ from loralab.results import stamp
 class Report:
     inputs: list[str]
     runs: list[Run]  # every readable record
-    used: list[Run]  # successful, one per (set, label, task, seed): the newest
+    used: list[Run]  # successful, one per (experiment, label, task, seed, model): the newest
     superseded: list[tuple[Run, Run]]  # (older run left out, the newer run used instead; or a stopped run's record
     # and the record of its --resume, run_folder)
     problems: list[Problem]
     tables: list[Table]
     options: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the tables leave out and why (a --metric some runs lack)
 
     @property
     def not_success(self) -> list[Run]:
@@ -41,11 +43,14 @@ def created(run) -> str:
         return ""
 
 
+RERUN = "a re-run of the same experiment, task, seed and configuration"
+
+
 def left_out(old: Run, new: Run) -> str:
-    """Why ``old`` is not used, as text naming ``new``: a newer run of the same seed, or its own --resume (finished
-    or stopped again)."""
+    """Why ``old`` is not used, as text naming ``new``: a newer run of the same experiment and seed, or its own
+    --resume (finished or stopped again)."""
     if old.status == "success":
-        return f"superseded by the newer run {new.source}"
+        return f"superseded by the newer run {new.source} ({RERUN})"
     if new.status == "success":
         return f"{old.status}, then resumed to its end by --resume: {new.source}"
     return f"{old.status}, then resumed by --resume and {new.status} again: {new.source}"
@@ -68,7 +73,7 @@ def build_report(paths, by: str = "method,task", metrics=None, compare=None, bas
     newest: dict = {}
     superseded = []
     for r in sorted((r for r in runs if r.status == "success"), key=created):
-        key = (r.experiment_set, r.label, r.task, r.seed, r.model)
+        key = (r.experiment, r.label, r.task, r.seed, r.model)  # one experiment folder's run (identity.py)
         if key in newest:
             superseded.append((newest[key], r))
         newest[key] = r
@@ -86,6 +91,7 @@ def build_report(paths, by: str = "method,task", metrics=None, compare=None, bas
         unfinished[key] = r
     tables = build_tables(used, list(unfinished.values()), by=by, metrics=metrics,
                           compare=compare, baseline=baseline)
+    notes = check_metrics(used, metrics, by)
     for spec in compare or []:
         a, _, b = split_pair(spec)
         if not any(c.a.lower().startswith(a.strip().lower()) and c.b.lower().startswith(b.strip().lower())
@@ -93,4 +99,4 @@ def build_report(paths, by: str = "method,task", metrics=None, compare=None, bas
             rows = sorted({str(row) for t in tables for row in t.rows})
             raise ReportError(f"--compare {spec!r}: no table has both rows with shared seeds; rows are: {', '.join(rows)}")
     return Report([str(p) for p in paths], runs, used, superseded, problems, tables,
-                  {"by": by, "metrics": metrics or [], "compare": compare or [], "baseline": baseline})
+                  {"by": by, "metrics": metrics or [], "compare": compare or [], "baseline": baseline}, notes)

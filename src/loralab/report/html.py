@@ -13,10 +13,10 @@ from html import escape
 
 from loralab.report.build import Report, created, left_out
 from loralab.report.render import (
-    COMPARISON_HEADER,
     COST_HEADER,
     COST_LEGEND,
     FEW,
+    comparison_header,
     comparison_intro,
     comparison_rows,
     cost_table_rows,
@@ -104,6 +104,9 @@ def to_html(report: Report, command: str = "loralab report") -> str:
         parts.append('<div class="warn" id="unreadable"><b>Files that could not be read</b><ul>'
                      + "".join(f"<li><code>{escape(str(p.path))}</code>: {escape(p.reason)}</li>" for p in report.unreadable)
                      + "</ul></div>")
+    if report.notes:
+        parts.append('<div class="warn" id="notes"><b>Notes</b><ul>'
+                     + "".join(f"<li>{escape(note)}</li>" for note in report.notes) + "</ul></div>")
     parts.append('<h2 id="tables">Tables</h2>')
     if not report.tables:
         parts.append("<p>No successful run to tabulate.</p>")
@@ -111,7 +114,7 @@ def to_html(report: Report, command: str = "loralab report") -> str:
         parts.append(f"<h3>{escape(t.title)}</h3>{_results_table(t)}<p class='legend'>{escape(legend(t))}</p>")
         if t.comparisons:
             parts.append(f"<p>{escape(comparison_intro(t))}</p>")
-            parts.append(_table_html(COMPARISON_HEADER, comparison_rows(t), css="comparison"))
+            parts.append(_table_html(comparison_header(t), comparison_rows(t), css="comparison"))
     if used:
         from loralab.report.plots import colours, curves_svg, efficiency_svg
 

@@ -17,7 +17,8 @@ Reading order for each field (newer records first, then the fallback every older
 Two runs of the same method label and task whose configurations differ in anything other than
 bookkeeping (``IGNORED_KEYS``: seed, task, data folder, logging cadence, ...) are different
 *variants*: the keys that differ are appended to the label (``SVD LoRA-FA (r=4, lr=0.0004)``), so
-they are never averaged together as if they were seeds.
+they are never averaged together as if they were seeds. Two experiment folders that ran the same
+label, task and seed are told apart by their names (``identity.py``: ``LoRA [lora-long]``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loralab.report.identity import qualify_experiments
 from loralab.tasks.metrics import DEGENERATE, convention
 
 STATUSES = ("success", "failed", "cancelled", "diverged")
@@ -105,14 +107,15 @@ class Run:
     degenerate: frozenset = frozenset()
 
     def axis(self, name: str):
-        """The value of a grouping field (``--by``): method, task, set, seed, model, layer, init, optimizer."""
+        """The value of a grouping field (``--by``): method, task, set, seed, model, layer, init, optimizer (an
+        ``evaluation`` is a metric's, not a run's: ``evals.eval_points``)."""
         if name in ("layer", "init", "optimizer"):
             return str(self.parts.get(name) or "default")
         return {"method": self.label, "task": self.task, "set": self.experiment_set, "seed": self.seed,
                 "model": self.model}[name]
 
 
-AXES = ("method", "task", "set", "seed", "model", "layer", "init", "optimizer")
+AXES = ("method", "task", "set", "seed", "model", "layer", "init", "optimizer", "evaluation")
 
 
 @dataclass
@@ -148,7 +151,8 @@ def load_runs(paths) -> tuple[list[Run], list[Problem]]:
     """Read every result file under ``paths``. A file that is not valid JSON, or a result record
     with a missing/ill-typed field, becomes a ``Problem`` naming it; the others are still read.
     JSON files that are not result records (bench tables, eval scores) are ``Problem(kind="not a record")``.
-    Labels (with variant qualifiers) are assigned before returning."""
+    Labels (with variant qualifiers, and experiment names where two experiments ran the same) are assigned before
+    returning."""
     runs, problems = [], []
     for f in find_files(paths):
         try:
@@ -167,6 +171,7 @@ def load_runs(paths) -> tuple[list[Run], list[Problem]]:
         except RecordError as exc:
             problems.append(Problem(f, f"invalid result record: {exc}", "unreadable"))
     assign_labels(runs)
+    qualify_experiments(runs)
     return runs, problems
 
 

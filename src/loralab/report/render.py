@@ -7,12 +7,14 @@ import io
 import json
 import math
 
-from loralab.report.build import Report, left_out
+from loralab.report.build import RERUN, Report, left_out
+from loralab.report.cost import cost_rows
 from loralab.report.stats import CONFIDENCE, MIN_SEEDS, N_RESAMPLES
-from loralab.report.tables import Table, cost_rows, task_name
+from loralab.report.tables import Table, task_name
 
 FEW = "†"
 DEGENERATE = "‡"  # some seed's score is degenerate (loralab.tasks.metrics): a convention, not a measurement
+SUBSET = "§"  # scored on the first k examples of the evaluation set (max_eval_samples), not the whole set
 
 
 def num(x: float | None, scaled: bool = True) -> str:
@@ -38,12 +40,25 @@ def cell_text(t: Table, row, col, *, bold_md: bool = True) -> str:
         core = _summary_text(c.summary, t.scaled)
         if c.degenerate:
             core += f" {DEGENERATE}{c.degenerate}"
+        core += subset_mark(t, c)
         if c.excluded:
             core += " (+" + ", ".join(f"{n} {status}" for status, n in sorted(c.excluded.items())) + ")"
     mean, _, rest = core.partition(" ")
     if bold_md and (row, col) in t.best:
         mean = f"**{mean}**"
     return f"{mean} {rest}".strip()
+
+
+def subset_mark(t: Table, c) -> str:
+    """`` §k`` when the cell's runs scored k examples under the table's ``max_eval_samples`` (``§≤k`` where the record
+    holds no count, ``§j–k`` where its runs differ); empty for a whole evaluation set (a count below the cap)."""
+    cap = t.max_eval_samples
+    if cap is None or all(n is not None and n < cap for n in c.examples):
+        return ""
+    known = sorted({n for n in c.examples if n is not None})
+    if not known:
+        return f" {SUBSET}≤{cap:,}"
+    return f" {SUBSET}{known[0]:,}" + (f"–{known[-1]:,}" if len(known) > 1 else "")
 
 
 def _summary_text(s, scaled) -> str:
@@ -55,7 +70,12 @@ def _summary_text(s, scaled) -> str:
 
 
 def col_name(t: Table, col) -> str:
-    return task_name(col) if t.col_field == "task" else f"seed {col}" if t.col_field == "seed" else str(col)
+    """A column's header: a task column showing one evaluation's metric of several (an SFT run's headline,
+    ``boolq/accuracy``) names that metric, so it does not read as the task's score."""
+    if t.col_field == "task":
+        evaluated = [m for m in t.col_metrics.get(col, ()) if "/" in m]
+        return task_name(col) + (f" ({'/'.join(evaluated)})" if evaluated else "")
+    return f"seed {col}" if t.col_field == "seed" else str(col)
 
 
 def row_name(t: Table, row) -> str:
@@ -63,7 +83,14 @@ def row_name(t: Table, row) -> str:
 
 
 def legend(t: Table) -> str:
-    return _legend(t) + (degenerate_note(t) if any(c.degenerate for c in t.cells.values()) else "")
+    return (_legend(t) + (degenerate_note(t) if any(c.degenerate for c in t.cells.values()) else "")
+            + (subset_note(t) if any(subset_mark(t, c) for c in t.cells.values()) else ""))
+
+
+def subset_note(t: Table) -> str:
+    return (f" {SUBSET}k: each run scored on k examples, the first k of the evaluation set (max_eval_samples "
+            f"{t.max_eval_samples}), not the whole set: not a full-set score, and kept apart from runs with another "
+            f"cap (≤k: the record holds no count).")
 
 
 def degenerate_note(t: Table) -> str:
@@ -87,6 +114,10 @@ def _legend(t: Table) -> str:
             f"bold: {best} mean {where}" + ("; avg: mean over the columns per seed." if t.avg else "."))
 
 
+def notes_lines(report: Report) -> list[str]:
+    return ["### Notes", ""] + [f"- {note}" for note in report.notes] + [""] if report.notes else []
+
+
 def comparison_rows(t: Table) -> list[list[str]]:
     rows = []
     for c in t.comparisons:
@@ -101,13 +132,17 @@ def comparison_rows(t: Table) -> list[list[str]]:
 COMPARISON_HEADER = ["A − B", "pairs (tasks × seeds)", "mean difference", "95 % interval", "wins/losses/ties", "sign test p"]
 
 
+def comparison_header(t: Table) -> list[str]:
+    return [h.replace("tasks", f"{t.col_field}s") for h in COMPARISON_HEADER]
+
+
 def comparison_intro(t: Table) -> str:
     n = max(c.n for c in t.comparisons)
-    text = (f"Paired comparison (A − B) over the (task, seed) pairs both rows have: mean difference, "
+    text = (f"Paired comparison (A − B) over the ({t.col_field}, seed) pairs both rows have: mean difference, "
             f"{int(CONFIDENCE * 100)} % percentile-bootstrap interval over the pairs, two-sided sign test "
             f"(ties dropped; with {n} pair{'s' if n != 1 else ''} no p can be below {min(1.0, 2 * 0.5 ** n):.3g}).")
     if all(len({k[1] for k in c.keys}) == 1 for c in t.comparisons):
-        text += " One seed: the pairs are tasks, so the interval shows spread across tasks, not seed noise."
+        text += f" One seed: the pairs are {t.col_field}s, so the interval shows spread across {t.col_field}s, not seed noise."
     return text
 
 
@@ -153,9 +188,10 @@ def to_markdown(report: Report) -> str:
         out += [f"### {t.title}", ""] + _md_table(header, body) + ["", legend(t), ""]
         if t.comparisons:
             out += [comparison_intro(t), ""]
-            out += _md_table(COMPARISON_HEADER, comparison_rows(t)) + [""]
+            out += _md_table(comparison_header(t), comparison_rows(t)) + [""]
     if report.used:
         out += ["### Cost", ""] + _md_table(COST_HEADER, cost_table_rows(report)) + ["", COST_LEGEND, ""]
+    out += notes_lines(report)
     if report.not_success:
         out += ["### Runs that did not finish", ""]
         out += _md_table(["status", "experiment", "seed", "phase", "error", "file"], [
@@ -181,7 +217,8 @@ def problem_lines(report: Report, markdown: bool = False) -> list[str]:
         out.append(f"skipped {p.path}: {p.reason}")
     shown = report.superseded if markdown else report.superseded[:5]  # the terminal gets a count
     for old, new in shown:
-        out.append(f"superseded {old.source} ({old.created_at}) by the newer run {new.source}" if old.status == "success"
+        out.append(f"superseded {old.source} ({old.created_at}) by the newer run {new.source} ({RERUN})"
+                   if old.status == "success"
                    else f"{old.source} ({old.created_at}): {left_out(old, new)}")
     if len(report.superseded) > len(shown):
         out.append(f"... and {len(report.superseded) - len(shown)} more superseded runs (all listed in the "
@@ -199,14 +236,15 @@ def to_csv(report: Report) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["table", "row", "column", "metric", "scale", "mean", "sd", "ci_low", "ci_high", "n", "seeds",
-                "values", "trainable_params", "excluded_runs", "degenerate_seeds"])
+                "values", "trainable_params", "excluded_runs", "degenerate_seeds", "eval_examples", "max_eval_samples"])
     for t in report.tables:
         for (row, col), c in sorted(t.cells.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
             s = c.summary
             w.writerow([t.title, row, col, c.metric, "x100" if t.scaled else "x1", s.mean, s.sd, s.low, s.high, s.n,
                         " ".join(str(r.seed) for r in c.runs), " ".join(f"{v:.6g}" for v in c.values),
                         t.params.get(row), " ".join(f"{k}={v}" for k, v in sorted(c.excluded.items())),
-                        " ".join(str(r.seed) for r in c.runs if c.metric in r.degenerate)])
+                        " ".join(str(r.seed) for r in c.runs if c.metric in r.degenerate),
+                        " ".join("?" if n is None else str(n) for n in c.examples), t.max_eval_samples])
     return buf.getvalue()
 
 
@@ -220,11 +258,13 @@ def as_dict(report: Report) -> dict:
         tables.append({
             "title": t.title, "split": t.split, "rows_by": t.row_field, "columns_by": t.col_field,
             "rows": [str(r) for r in t.rows], "columns": [str(c) for c in t.cols],
+            "column_names": [col_name(t, c) for c in t.cols], "max_eval_samples": t.max_eval_samples,
             "scale": 100 if t.scaled else 1, "lower_is_better": t.lower_better,
             "cells": [{"row": str(row), "column": str(col), "metric": c.metric, **c.summary.to_dict(),
                        "values": c.values, "seeds": [r.seed for r in c.runs], "files": [str(r.source) for r in c.runs],
                        "excluded_runs": c.excluded, "fewer_than_min_seeds": c.few_seeds,
-                       "degenerate_seeds": [r.seed for r in c.runs if c.metric in r.degenerate]}
+                       "degenerate_seeds": [r.seed for r in c.runs if c.metric in r.degenerate],
+                       "eval_examples": c.examples}
                       for (row, col), c in t.cells.items()],
             "trainable_params": {str(k): v for k, v in t.params.items()},
             "average": {str(k): (v.to_dict() if v else None) for k, v in t.avg.items()},
@@ -244,4 +284,5 @@ def as_dict(report: Report) -> dict:
                           "error": r.error, "file": str(r.source)} for r in report.not_success],
         "problems": [{"file": str(p.path), "reason": p.reason, "kind": p.kind} for p in report.problems],
         "superseded": [{"file": str(o.source), "by": str(n.source), "reason": left_out(o, n)} for o, n in report.superseded],
+        "notes": report.notes,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from loralab.report.evals import eval_cap, eval_count, eval_points, evaluations, headline_evaluations
 from loralab.report.records import AXES, DISPLAY, Run
 from loralab.report.stats import MIN_SEEDS, Paired, Summary, paired, summarize
 
@@ -94,6 +95,7 @@ class Cell:
     metric: str
     summary: Summary
     excluded: dict = field(default_factory=dict)  # status -> count of non-success runs for this cell
+    examples: list = field(default_factory=list)  # per run: how many examples the metric was scored on (None: unrecorded)
 
     @property
     def degenerate(self) -> int:
@@ -121,13 +123,15 @@ class Table:
     scaled: bool
     pooled: bool = False  # some cell pools runs that are not seed replicates (n counts runs)
     comparisons: list = field(default_factory=list)  # Paired
+    max_eval_samples: int | None = None  # the cap every run of the table was evaluated under (None: whole sets)
+    col_metrics: dict = field(default_factory=dict)  # column -> the metric names its cells show
 
 
 def _sort_rows(rows):
     def key(r):
         s = str(r)
         for i, m in enumerate(METHOD_ORDER):
-            if s == m or s.startswith(m + " ("):
+            if s == m or s.startswith((m + " (", m + " [")):
                 return (i, s)
         return (len(METHOD_ORDER), s)
 
@@ -151,21 +155,33 @@ def build_tables(runs: list[Run], excluded_runs: list[Run], by: str = "method,ta
                  compare: list[str] | None = None, baseline: str | None = None) -> list[Table]:
     """Tables from successful runs (``runs``); ``excluded_runs`` (failed, cancelled, diverged)
     are counted in the cells they would have filled. One table per experiment set (unless ``set``
-    is an axis), per task (unless ``task`` is an axis) and per ``--metric NAME``.
+    is an axis), per task (unless ``task`` is an axis: an evaluation belongs to its task's runs), per evaluation cap
+    (``max_eval_samples``: subset scores never share a table with full ones) and per ``--metric NAME``.
+    With tasks as columns, a task whose runs hold several evaluations of their headline metric
+    (commonsense170k's eight accuracies) also gets a table by evaluation, after its set's table.
 
     Raises ReportError for a bad ``by``, metric spec or compared row name."""
     row_field, col_field = parse_by(by)
     names, overrides = parse_metrics(metrics)
-    split_fields = [f for f in ("set", "task") if f not in (row_field, col_field)]
+    axes = (row_field, col_field)
+    split_fields = [f for f in ("set", "task") if f not in axes]
     groups = defaultdict(list)
     for r in runs:
-        groups[tuple(r.axis(f) for f in split_fields)].append(r)
+        groups[(*(r.axis(f) for f in split_fields), eval_cap(r))].append(r)
     failed = defaultdict(lambda: defaultdict(int))
-    for r in excluded_runs:
-        key = tuple(r.axis(f) for f in split_fields)
-        failed[(key, r.axis(row_field), r.axis(col_field))][r.status] += 1
+    for r in excluded_runs:  # a run that did not finish counts in every evaluation column of its row
+        key = (*(r.axis(f) for f in split_fields), eval_cap(r))
+        failed[(key, *(None if f == "evaluation" else r.axis(f) for f in axes))][r.status] += 1
+    by_evaluation = []
+    if col_field == "task" and names == [None]:
+        multi = {r.task for r in runs
+                 if len(headline_evaluations(r, overrides.get(r.task) or headline_metric(r.task, r.metrics, r.headline))) > 1}
+        if multi:  # that metric (an override's too) of each evaluation
+            per_eval = [f"{task}={metric.rpartition('/')[2]}" for task, metric in overrides.items()]
+            by_evaluation = build_tables([r for r in runs if r.task in multi], [r for r in excluded_runs if r.task in multi],
+                                         f"{row_field},evaluation", per_eval, compare, baseline)
     tables = []
-    for split_key in sorted(groups, key=str):
+    for split_key in sorted(groups, key=lambda k: (str(k[:-1]), k[-1] is not None, k[-1] or 0)):  # whole sets first
         members = groups[split_key]
         for name in names:
             t = _one_table(members, dict(zip(split_fields, split_key)), row_field, col_field, name, overrides,
@@ -173,23 +189,38 @@ def build_tables(runs: list[Run], excluded_runs: list[Run], by: str = "method,ta
             if t.cells:
                 t.comparisons = _comparisons(t, compare, baseline)
                 tables.append(t)
-    return tables
+        if by_evaluation and "set" in split_fields:  # the set's tables by evaluation follow its table
+            tables += [t for t in by_evaluation if (t.split["set"], t.max_eval_samples) == (split_key[0], split_key[-1])]
+    placed = {id(t) for t in tables}
+    return tables + [t for t in by_evaluation if id(t) not in placed]
 
 
 def _one_table(members, split, row_field, col_field, name, overrides, failed, split_key) -> Table:
     by_cell = defaultdict(list)
+    axes = (row_field, col_field)
     for r in members:
-        metric = overrides.get(r.task) or name or headline_metric(r.task, r.metrics, r.headline)
-        if metric in r.metrics:
-            by_cell[(r.axis(row_field), r.axis(col_field), metric)].append(r)
+        want = overrides.get(r.task) or name
+        if "evaluation" in axes:
+            points = eval_points(r, want, headline_metric(r.task, r.metrics, r.headline), task_name(r.task))
+        else:
+            points = [(None, want or headline_metric(r.task, r.metrics, r.headline))]
+        for evaluation, metric in points:
+            if metric in r.metrics:
+                row, col = (evaluation if f == "evaluation" else r.axis(f) for f in axes)
+                by_cell[(row, col, metric)].append(r)
     cells, metric_of_col = {}, defaultdict(set)
     for (row, col, metric), rs in by_cell.items():
         rs = sorted(rs, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0))
         values = [r.metrics[metric] * scale(metric) for r in rs]
-        cells[(row, col)] = Cell(values, rs, metric, summarize(values), dict(failed.get((split_key, row, col), {})))
+        excluded = defaultdict(int)
+        for key in {(row, col), tuple(None if f == "evaluation" else v for f, v in zip(axes, (row, col)))}:
+            for status, n in failed.get((split_key, *key), {}).items():
+                excluded[status] += n
+        cells[(row, col)] = Cell(values, rs, metric, summarize(values), dict(excluded),
+                                 [eval_count(r, metric) for r in rs])
         metric_of_col[col].add(metric)
-    rows = (_sort_cols if row_field == "task" else _sort_rows)({k[0] for k in cells})
-    cols = (_sort_rows if col_field == "method" else _sort_cols)({k[1] for k in cells})
+    order = {e: i for i, e in enumerate(dict.fromkeys(p for c in cells.values() for r in c.runs for p in evaluations(r)))}
+    rows, cols = (_sort_axis(f, {k[i] for k in cells}, order) for i, f in enumerate(axes))
     metrics_used = sorted({c.metric for c in cells.values()})
     lower = all(lower_is_better(m) for m in metrics_used)
     scaled = all(scale(m) != 1.0 for m in metrics_used)
@@ -221,6 +252,8 @@ def _one_table(members, split, row_field, col_field, name, overrides, failed, sp
                 best |= {(row, col) for row, v in vals.items() if v == target}
     if col_field == "task":
         described = ", ".join(f"{task_name(col)} {'/'.join(sorted(metric_of_col[col]))}" for col in cols)
+    elif "evaluation" in axes:
+        described = "/".join(sorted({m.rpartition("/")[2] for m in metrics_used})) + " by evaluation"
     else:
         described = "/".join(metrics_used)
     where = " · ".join(task_name(v) if k == "task" else str(v) for k, v in split.items())
@@ -229,8 +262,17 @@ def _one_table(members, split, row_field, col_field, name, overrides, failed, sp
     if splits - {"dev", None}:  # scores not on the dev split (a learning-rate sweep's held-out part of train)
         named = {"holdout": "the held-out part of train (eval_split holdout)"}
         title += f", scored on {' / '.join(sorted(named.get(str(s), str(s)) for s in splits))}"
+    cap = split_key[-1]
+    if cap is not None:
+        title += f", each evaluation scored on at most its first {cap:,} examples (max_eval_samples {cap})"
     return Table(title, {**split, "metric": name}, row_field, col_field, rows, cols, cells, params, avg, best, lower,
-                 scaled, pooled)
+                 scaled, pooled, max_eval_samples=cap, col_metrics={c: sorted(metric_of_col[c]) for c in cols})
+
+
+def _sort_axis(field_name, values, order):
+    if field_name == "evaluation":  # the order the runs recorded them (the paper's column order)
+        return sorted(values, key=lambda v: (order.get(v, len(order)), str(v)))
+    return (_sort_cols if field_name == "task" else _sort_rows)(values)
 
 
 def _average(cells, row, cols, pooled: bool = False) -> Summary | None:
@@ -314,44 +356,4 @@ def _comparisons(t: Table, compare, baseline) -> list[Paired]:
         res = paired(str(a), va, str(b), vb, da, db)
         if res is not None:
             out.append(res)
-    return out
-
-
-@dataclass
-class CostRow:
-    """What one table row's runs cost (all tasks and seeds pooled): the adapter init's seconds
-    (calibration and decomposition included; ``run_info.init_cost``), its peak memory, the train
-    time and the training peak memory, as mean and range over the runs."""
-
-    experiment_set: str
-    label: str
-    n: int
-    init_seconds: tuple[float, float, float] | None  # (mean, min, max)
-    init_peak_bytes: int | None  # the largest over the runs
-    train_seconds: tuple[float, float, float] | None
-    peak_bytes: int | None
-    memory_kind: str | None
-
-
-def _spread(values) -> tuple[float, float, float] | None:
-    values = [float(v) for v in values if v is not None]
-    return (sum(values) / len(values), min(values), max(values)) if values else None
-
-
-def cost_rows(runs: list[Run]) -> list[CostRow]:
-    """One ``CostRow`` per (experiment set, row label) of the successful ``runs``, rows in table order."""
-    groups: dict = defaultdict(list)
-    for r in runs:
-        groups[r.experiment_set, r.label].append(r)
-    out = []
-    for name in sorted({k[0] for k in groups}):
-        for label in _sort_rows({k[1] for k in groups if k[0] == name}):
-            rs = groups[name, label]
-            init = [r.init_cost for r in rs if r.init_cost]
-            init_peaks = [c.get("peak_memory_bytes", c.get("peak_rss_bytes")) for c in init]
-            peaks = [r.peak_memory for r in rs if r.peak_memory is not None]
-            out.append(CostRow(name, label, len(rs), _spread(c.get("seconds") for c in init),
-                               max((p for p in init_peaks if p is not None), default=None),
-                               _spread(r.train_time for r in rs), max(peaks, default=None),
-                               next((r.memory_kind for r in rs if r.memory_kind), None)))
     return out
