@@ -24,7 +24,7 @@ import torch
 
 from loralab.data import collate, pad_id
 from loralab.results import sha256_file
-from loralab.tasks.metrics import score_all
+from loralab.tasks.metrics import score_all, settle
 
 HUB_ID = "nyu-mll/glue"
 
@@ -145,10 +145,12 @@ class GlueTask:
 
     def score_features(self, model, tokenizer, features, params) -> dict:
         """The task's metrics of ``model``'s predictions over tokenized ``features`` (their ``labels`` the references):
-        the regression output for one label, else the argmax class."""
+        the regression output for one label, else the argmax class; and ``loss``, the loss the model's head trains
+        with over the same rows (seed 003's validation-loss curve; ``dev_loss``)."""
         outputs = predict(model, tokenizer, features, params)
         preds = outputs[:, 0] if self.num_labels == 1 else outputs.argmax(-1)
-        return self.score(preds, [f["labels"] for f in features])
+        refs = [f["labels"] for f in features]
+        return settle({**self.score(preds, refs), "loss": dev_loss(outputs, refs, self.num_labels)})
 
 
 EVAL_SPLITS = ("dev", "holdout")
@@ -226,6 +228,16 @@ def predict(model, tokenizer, features, params) -> np.ndarray:
         out.append(model(**batch).logits.float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy()
+
+
+def dev_loss(logits: np.ndarray, refs, num_labels: int) -> float:
+    """Mean loss of ``logits`` (N, num_labels) float32 against ``refs`` (N labels), as transformers' sequence
+    classification heads compute it in training: mean squared error of the single output for one label (STS-B's
+    regression), else cross-entropy of the logits (nats). The seed 003 notebooks log it per epoch as ``val_loss``."""
+    out = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    if num_labels == 1:
+        return float(torch.nn.functional.mse_loss(out[:, 0], torch.as_tensor(np.asarray(refs), dtype=torch.float32)))
+    return float(torch.nn.functional.cross_entropy(out, torch.as_tensor(np.asarray(refs), dtype=torch.long)))
 
 
 def compute_metrics(names, preds, refs) -> dict:
