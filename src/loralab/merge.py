@@ -104,6 +104,36 @@ def _check_adapter(adapter: str) -> tuple[dict, dict]:
     return config, weights
 
 
+def residual_base_problem(adapter, base: str | None, flag: str = "--base") -> str | None:
+    """Why ``base``, the base an adapter records (``base_model_name_or_path``, the default of
+    ``loralab merge``/``eval``), is not the model a CorDA adapter belongs to, or None.
+
+    An adapter whose config still carries ``corda_config`` (CorDA's initial adapter, or one trained
+    from it) belongs to the residual model W - s·B0·A0 the decomposition saved; on the original model
+    it silently gives another model (SmolLM2-135M: logits off by up to 28). ``loralab decompose``
+    marks its residual folder (``decompose.json``) and records it as the adapter's base; a base
+    without the mark (peft's CorDA example records the original model, as loralab did before) is
+    refused. Converted adapters (``--to-lora``, ``loralab run``'s) carry no ``corda_config``."""
+    from loralab.decomposition.build import RESIDUAL_MARKER
+
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # not an adapter folder: the loaders say so
+    if not config.get("corda_config"):
+        return None
+    if base and (Path(base).expanduser() / RESIDUAL_MARKER).is_file():
+        return None
+    parent = Path(adapter).resolve().parent
+    hint = f" (here: {flag} {parent})" if (parent / RESIDUAL_MARKER).is_file() else ""
+    return (f"the adapter in {str(adapter)!r} carries 'corda_config': CorDA's decomposition made it for the residual "
+            f"model it saved (loralab decompose --save-path DIR: DIR; peft's CorDA example: its save_path), but its "
+            f"base_model_name_or_path {base!r} is not such a model (no {RESIDUAL_MARKER} there); on the original model "
+            f"the adapter gives another model, not the decomposed one. Pass {flag} with the residual model's folder"
+            f"{hint}")
+
+
 def _model_class(task_type: str | None, path: str):
     """The transformers class to load the base with: the task type's, or (no task type, no saved
     modules) the base checkpoint's own architecture, which keeps every weight the base has."""

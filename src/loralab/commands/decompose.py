@@ -1,8 +1,18 @@
-"""``loralab decompose``: CorDA adapters (KPA/IPA) and the full-decompose perplexity study."""
+"""``loralab decompose``: CorDA adapters (KPA/IPA) and the full-decompose perplexity study.
+
+Bad arguments (a rank a targeted layer cannot hold, a calibration set that is neither local nor
+reachable, ...) stop before any calibration with exit 2 and every problem at once. The study writes
+each row as it finishes to ``--out`` (default ``<$LORALAB_OUTPUT_DIR or outputs>/corda-study``,
+outside git's tracked files); SIGINT or SIGTERM stops it with exit 130 keeping the finished rows,
+and the same command again scores only the missing ones. Result files of other settings in
+``--out`` are not overwritten without ``--force``."""
 
 from __future__ import annotations
 
 import json
+import sys
+
+STUDY_FOLDER = "corda-study"
 
 
 def add_arguments(p) -> None:
@@ -22,7 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (pads are masked)")
     p.add_argument("--seed", type=int, default=233)
     p.add_argument("--use-cache", action="store_true", help="cache calibration set, covariances and eigens on disk")
-    p.add_argument("--save-path", default=None, help="residual model -> DIR, initial adapter -> DIR/adapter")
+    p.add_argument("--save-path", default=None, help="residual model -> DIR, initial adapter -> DIR/adapter "
+                   "(its base_model_name_or_path: DIR, the model it belongs to)")
     p.add_argument("--target-modules", nargs="+", default=None, help="default: the seven Llama projections")
     p.add_argument("--normalisation", default="constant", choices=["constant", "count"],
                    help="covariance / 256 (official) or / number of samples (peft)")
@@ -33,13 +44,61 @@ def add_arguments(p) -> None:
                    choices=["cov-aware", "act-aware", "plain"], help="full-decompose methods")
     p.add_argument("--seq-len", type=int, default=2048, help="perplexity window (full-decompose)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows per corpus")
-    p.add_argument("--out", default="results/corda", help="full-decompose report folder")
+    p.add_argument("--out", default=None,
+                   help=f"full-decompose report folder (default: <$LORALAB_OUTPUT_DIR or outputs>/{STUDY_FOLDER}); "
+                        "a folder holding this study's rows is resumed, one holding other settings' files refused")
+    p.add_argument("--force", action="store_true",
+                   help="full-decompose: overwrite result files of other settings in --out instead of refusing")
     p.add_argument("--data-dir", default=None, help="local data folder (default: $LORALAB_DATA_DIR)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
+def study_out(args) -> str:
+    """``--out``, or the default study folder under the run output folder (not tracked by git)."""
+    from loralab.run.build import output_root
+
+    return args.out or str(output_root() / STUDY_FOLDER)
+
+
+def _stop_on_sigterm():
+    """SIGTERM raises KeyboardInterrupt as SIGINT does, so the study stops the same way; returns the
+    handler it replaced (None off the main thread, where no handler can be set)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args) -> int:
+    """0 on success; 2 with every problem when the arguments or the data cannot work; 130 when interrupted."""
+    import signal
+
+    from loralab.config import ConfigError
+
+    previous = _stop_on_sigterm() if args.mode == "full-decompose" else None
+    try:
+        return _run(args)
+    except ConfigError as exc:  # Unreachable (hub data or model offline) included
+        print(f"error: {exc}", file=sys.stderr)  # it begins "loralab decompose has N problem(s)"
+        return 2
+    except KeyboardInterrupt:
+        if args.mode != "full-decompose":
+            raise
+        print(f"interrupted: the finished rows are in {study_out(args)}; run the same command again to score the "
+              "rest", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     import os
 
     import torch
@@ -53,13 +112,13 @@ def run(args) -> int:
         run_study(args.model, args.r, args.method, calib_dataset=args.calib_dataset or "alpaca",
                   calib_size=args.calib_size, seed=args.seed, calib_seqlen=args.calib_seqlen,
                   batch_size=args.batch_size, seq_len=args.seq_len, max_windows=args.max_windows, data_dir=data_dir,
-                  out_dir=args.out, use_cache=args.use_cache, dtype=args.dtype, device=device, fmt=args.calib_format)
+                  out_dir=study_out(args), use_cache=args.use_cache, dtype=args.dtype, device=device,
+                  fmt=args.calib_format, force=args.force)
         return 0
-    if len(args.r) != 1:
-        raise SystemExit(f"--r takes one rank in mode {mode!r}, got {args.r}")
     options = {"normalisation": args.normalisation, "scaling": args.scaling, "cov_dtype": args.cov_dtype,
                "solver": args.solver}
-    info = build_adapter(args.model, args.r[0], mode=mode, calib_dataset=args.calib_dataset or "nqopen",
+    info = build_adapter(args.model, args.r, mode=mode,
+                         calib_dataset=args.calib_dataset or "nqopen",
                          calib_size=args.calib_size, seed=args.seed, seqlen=args.calib_seqlen,
                          batch_size=args.batch_size, save_path=args.save_path, use_cache=args.use_cache,
                          target_modules=args.target_modules, data_dir=data_dir, fmt=args.calib_format,

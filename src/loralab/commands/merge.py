@@ -2,7 +2,8 @@
 task kind, head included), or a trained PiSSA/CorDA adapter into a rank-2r LoRA for the original
 base (``--to-lora``). The merge is into the base the adapter trained on (its ``loralab_base.json``:
 an NF4 base is re-quantised, checked and dequantised), with tied weights it touches untied. Exit 2
-with the reason when it cannot be done faithfully (e.g. bitsandbytes missing for an NF4 adapter)."""
+with the reason when it cannot be done faithfully (e.g. bitsandbytes missing for an NF4 adapter, or a CorDA
+adapter whose recorded base is not the residual model it belongs to: ``merge.residual_base_problem``)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,16 @@ def run(args) -> int:
     """0 on success; 2 with a message on stderr when the adapter cannot be merged or converted."""
     import sys
 
-    from loralab.merge import MergeError, convert_to_lora, merge_adapter
+    from loralab.merge import MergeError, convert_to_lora, merge_adapter, residual_base_problem
     from loralab.models import Unreachable, adapter_base_id
 
     if not args.to_lora and not args.base:
         args.base = adapter_base_id(args.adapter)
+        if args.base:  # the recorded base: a CorDA adapter's must be its residual model
+            problem = residual_base_problem(args.adapter, args.base)
+            if problem:
+                print(f"error: loralab merge: {problem}", file=sys.stderr)
+                return 2
     if not args.to_lora and not args.base:
         print("error: --base is required to merge when the adapter's adapter_config.json names no base model "
               "(or pass --to-lora INITIAL_ADAPTER to convert)", file=sys.stderr)

@@ -9,9 +9,15 @@ alpaca, or a local .json/.jsonl file): ``random.sample(rows, n)`` (rows with a n
 the official code (``fmt="llama2-chat"``) or in the MetaMath training prompt (``fmt="training"``).
 ``sampling="first"`` takes the first n instead (seed (a)'s choice). Seed 233 is the official one.
 
-Local copies in ``data_dir`` are used where they exist, otherwise the hub (``datasets``, imported
-lazily): nq_open dev (the official code samples train), alpaca_5000, wikitext-2 test (train
-is not local), PTB valid (train is not local). The substitution is logged in ``provenance``.
+Local copies in ``data_dir`` are used where they exist (``_LOCAL``: the first existing candidate),
+otherwise the hub (``datasets``, imported lazily), which serves the split the official code
+samples (``_HUB``: train, for every set). Locally only other splits exist of three sets: NQ-open
+dev (the ``nq_open`` evaluation's questions), WikiText-2 test (the text the ``wikitext2``
+perplexity scores) and PTB valid. The provenance names the file and its ``split`` beside the
+official one, and says so in a ``note`` where they differ; ``overlap.evaluation_overlap`` tells
+whether the calibration text is what an evaluation scores. MetaMathQA, CodeFeedback and WizardLM
+are looked for under the names the training tasks use (``tasks/instruct.py``); with ``data_dir``
+set and the hub unreachable, a missing file is a ``ConfigError`` naming the files looked for.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import random
 from pathlib import Path
 
 import torch
+
+from loralab.config import ConfigError
 
 LLAMA2_CHAT = (
     '<s>[INST] <<SYS>>\n"Below is an instruction that describes a task. Write a response that appropriately '
@@ -35,13 +43,19 @@ INSTRUCTION_SETS = ("MetaMATH", "codefeedback", "WizLMinstruct", "alpaca")
 ALIASES = {"traivia_qa": "triviaqa", "trivia_qa": "triviaqa", "nq_open": "nqopen", "metamath": "MetaMATH"}
 NAMES = CORPORA + INSTRUCTION_SETS
 
-# name -> (local file under data_dir, hub (path, config, split, field)) ; fields of instruction rows
+# name -> candidate local files under data_dir, each with its split (the first existing one wins)
 _LOCAL = {
-    "nqopen": "nq_open/NQ-open.dev.jsonl",
-    "alpaca": "alpaca/alpaca_5000.json",
-    "wikitext2": "wikitext-2/wiki.test.raw",
-    "ptb": "ptb/ptb.valid.txt",
+    "nqopen": (("nq_open/NQ-open.dev.jsonl", "dev"),),
+    "alpaca": (("alpaca/alpaca_data.json", "train"), ("alpaca/alpaca_5000.json", "train (a random 5,000-row subset)")),
+    "wikitext2": (("wikitext-2/wiki.test.raw", "test"),),
+    "ptb": (("ptb/ptb.valid.txt", "valid"),),
+    "MetaMATH": (("metamath/MetaMathQA-395K.json", "train"), ("metamath/MetaMathQA-395K.jsonl", "train"),
+                 ("metamath/train.jsonl", "train")),
+    "codefeedback": (("codefeedback/CodeFeedback-Filtered-Instruction.jsonl", "train"), ("codefeedback/train.jsonl", "train")),
+    "WizLMinstruct": (("wizardlm/WizardLM_evol_instruct_V2_143k.jsonl", "train"),
+                      ("wizardlm/WizardLM_evol_instruct_V2_143k.json", "train")),
 }
+# name -> hub (path, config, split, field): the official code's source (field None: instruction rows)
 _HUB = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
     "ptb": ("ptb_text_only", "penn_treebank", "train", "sentence"),
@@ -89,23 +103,92 @@ def _pair(row: dict) -> tuple[str, str] | None:
     raise ValueError(f"instruction row has none of the known field pairs: {sorted(row)}")
 
 
+def local_file(name: str, data_dir) -> tuple[Path, str] | None:
+    """The first existing local copy of the named set under ``data_dir`` and its split, or None."""
+    for rel, split in _LOCAL.get(name, ()) if data_dir is not None else ():
+        if (Path(data_dir) / rel).is_file():
+            return Path(data_dir) / rel, split
+    return None
+
+
+def _missing(name: str, data_dir, reason: str) -> ConfigError:
+    folder = Path(data_dir)
+    looked = ", ".join(str(folder / rel) for rel, _ in _LOCAL[name])
+    sub = folder / Path(_LOCAL[name][0][0]).parent
+    held = sorted(p.name for p in sub.iterdir()) if sub.is_dir() else []
+    held = f"; {sub} holds only {', '.join(held)}" if held else ""
+    hub, _, split, _ = _HUB[name]
+    return ConfigError([f"calibration dataset {name!r}: no local copy in data_dir {str(folder)!r} (looked for {looked}"
+                        f"{held}), and the hub ({hub!r}, {split} split) cannot be used: {reason}. Put the file there "
+                        f"(the official code reads {_LOCAL[name][0][0].split('/')[-1]}), or pass another "
+                        "--calib-dataset (a named set with a local copy, or a .json/.jsonl file)"],
+                       f"calibration dataset {name!r}")
+
+
+def source_problem(name: str, data_dir=None) -> str | None:
+    """Why the calibration set cannot be read here, found without reading it (an unknown name, a
+    set with no local copy while the hub is unreachable), or None."""
+    try:
+        name = canonical_name(name)
+    except ValueError as exc:
+        return str(exc)
+    if Path(name).exists() or local_file(name, data_dir) is not None:
+        return None
+    from loralab import models
+
+    reason = models.hub_offline_reason()
+    if reason is None or reason.startswith("HF_HUB_OFFLINE"):  # reachable, or maybe in the local cache
+        return None
+    if data_dir is not None and name in _LOCAL:
+        return _missing(name, data_dir, reason).problems[0]
+    hub, config, split, _ = _HUB[name]
+    where = f"data_dir {str(data_dir)!r} holds no local copy of it" if data_dir is not None else "no data_dir is set"
+    return f"calibration dataset {name!r} comes from the hub ({hub!r}, {split} split), which cannot be used: {reason}; {where}"
+
+
+def source_of(name: str, data_dir=None) -> str:
+    """The ``source`` ``load_source`` will record for the set, found without reading it."""
+    name = canonical_name(name)
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    found = local_file(name, data_dir)
+    if found is not None:
+        return str(found[0].resolve())
+    hub, config, split, _ = _HUB[name]
+    return f"hub:{hub}/{config}/{split}"
+
+
 def load_source(name: str, data_dir=None) -> tuple[list, dict]:
-    """Raw rows (strings for corpora, dicts for instruction sets) and their provenance."""
+    """Raw rows (strings for corpora, dicts for instruction sets) and their provenance: ``source``
+    (the file, or ``hub:path/config/split``), ``split`` and, for a named set, ``official_split``
+    (the one the official code samples) with a ``note`` where a local file has another split."""
     path = Path(name)
     if path.exists():
-        return _read_rows(path), {"source": str(path)}
-    if data_dir is not None and name in _LOCAL and (Path(data_dir) / _LOCAL[name]).exists():
-        local = Path(data_dir) / _LOCAL[name]
+        return _read_rows(path), {"source": str(path.resolve())}
+    from loralab.models import Unreachable, hub_dataset  # Unreachable: exit 2, naming the local alternatives
+
+    hub, config, split, field = _HUB[name]
+    found = local_file(name, data_dir)
+    if found is not None:
+        local, local_split = found
         rows = _read_rows(local)
         if name == "nqopen":
             rows = [r["question"] for r in rows]
-        return rows, {"source": str(local), "note": "local substitute for the hub split"}
-    from loralab.models import hub_dataset  # Unreachable (exit 2, naming the local alternatives) when offline
+        provenance = {"source": str(local.resolve()), "split": local_split, "official_split": split}
+        if not local_split.startswith(split):
+            provenance["note"] = (f"local substitute: the {local_split} split, not the {split} split the official "
+                                  f"code samples (not local)")
+        return rows, provenance
+    try:
+        ds = hub_dataset(hub, config, split=split, what="calibration dataset")
+    except Unreachable as exc:
+        if data_dir is not None and name in _LOCAL:
+            from loralab import models
 
-    hub, config, split, field = _HUB[name]
-    ds = hub_dataset(hub, config, split=split, what="calibration dataset")
+            raise _missing(name, data_dir, models.hub_offline_reason() or "it is not in the Hugging Face cache") from exc
+        raise
     rows = list(ds[field]) if field else [dict(r) for r in ds]
-    return rows, {"source": f"hub:{hub}/{config}/{split}"}
+    return rows, {"source": f"hub:{hub}/{config}/{split}", "split": split, "official_split": split}
 
 
 def is_corpus(name: str, rows: list) -> bool:

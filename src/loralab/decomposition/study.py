@@ -8,13 +8,11 @@ For each method the weight W of every nn.Linear is factored as U diag(S) V^T = W
 and replaced by U[:, :k] diag(S[:k]) V[:, :k]^T with k = min(out, in) - r. One calibration pass
 collects both the covariances and the abs-means; a tied output layer is untied first so that the
 input embeddings stay intact. WikiText-2 and PTB perplexity are measured per (method, r); the
-paper's finding is that cov-aware degrades least.
+paper's finding is that cov-aware degrades least. The study's files (written row by row, resumed
+by a later run of the same settings) are study_report.py's; the run itself is build.run_study.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -94,9 +92,11 @@ def truncated(U, S, V, r: int) -> torch.Tensor:
 
 
 def full_decompose(model: nn.Module, stats: dict, method: str, rs: list[int], evaluate, *, solver: str = "gram",
-                   names=None, progress: bool = True) -> dict[int, dict]:
+                   names=None, progress: bool = True, on_result=None) -> dict[int, dict]:
     """For each r in ``rs``: discard the r smallest components of every linear layer (or of the
-    layers in ``names``), call ``evaluate(model)``, and restore the original weights at the end."""
+    layers in ``names``), call ``evaluate(model)`` (then ``on_result(r, result)`` if given: the
+    study writes each row as it finishes), and restore the original weights at the end, also when
+    interrupted."""
     layers = {n: m for n, m in linear_layers(model).items() if names is None or n in names}
     originals = {n: m.weight.data.clone() for n, m in layers.items()}
     factors = {}
@@ -109,50 +109,9 @@ def full_decompose(model: nn.Module, stats: dict, method: str, rs: list[int], ev
                 U, S, V = factors[name]
                 module.weight.data = truncated(U, S, V, r).to(originals[name].dtype)
             results[r] = evaluate(model)
+            if on_result is not None:
+                on_result(r, results[r])
     finally:
         for name, module in layers.items():
             module.weight.data = originals[name]
     return results
-
-
-def markdown_table(rows: list[dict], corpora: list[str]) -> str:
-    head = "| method | r | " + " | ".join(f"{c} ppl" for c in corpora) + " |\n|---|---|" + "---|" * len(corpora) + "\n"
-    body = "".join(
-        f"| {row['method']} | {row['r']} | " + " | ".join(f"{row[c]:.3f}" for c in corpora) + " |\n" for row in rows
-    )
-    return head + body
-
-
-def plot(rows: list[dict], corpora: list[str], path: Path) -> Path | None:
-    """Fig. 2-style plot (perplexity against r, one line per method); None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4))
-    axes = [axes] if len(corpora) == 1 else axes
-    for ax, corpus in zip(axes, corpora):
-        for method in dict.fromkeys(row["method"] for row in rows if row["method"] != "base"):
-            pts = sorted((row["r"], row[corpus]) for row in rows if row["method"] in (method, "base"))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        ax.set_yscale("log")
-        ax.set_xlabel("r (smallest components discarded per layer)")
-        ax.set_ylabel(f"{corpus} perplexity")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(rows: list[dict], corpora: list[str], out_dir, meta: dict) -> dict:
-    """results JSON + markdown table + PNG plot (if matplotlib is importable) under ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "full_decompose.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "full_decompose.md").write_text(markdown_table(rows, corpora))
-    png = plot(rows, corpora, out / "full_decompose.png")
-    return {"json": str(out / "full_decompose.json"), "md": str(out / "full_decompose.md"), "png": str(png) if png else None}

@@ -1,0 +1,72 @@
+"""Whether a calibration set is text an evaluation scores: CorDA's covariances taken on the
+evaluation's own data make that evaluation look better than it is (a researcher's full-decompose
+run on SmolLM2-135M, CorDA r=32: WikiText-2 perplexity 43.9 calibrated on 8 windows of WikiText-2
+test, where results/corda has 53.5 calibrated on 32 alpaca rows).
+
+The official code samples every calibration set from a train split (``calibration._HUB``); the local
+copies of NQ-open (dev) and WikiText-2 (test) are the files the ``nq_open`` evaluation and the
+``wikitext2`` perplexity score. ``EVAL_FILES`` lists, per evaluation, the files under ``data_dir``
+whose text it scores (its loader in ``tasks/``; files holding the same questions in another format
+count too); ``evaluation_overlap`` matches a calibration provenance against them. A hub split
+(always train) overlaps nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_COMMONSENSE = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa")
+_GSM8K = ("gsm8k/test.jsonl", "metamath/GSM8K_test.jsonl", "metamath/GSM8K_Backward.jsonl",
+          "llm-adapters/dataset/gsm8k/test.json")
+_MATH = ("math/MATH/test.jsonl", "math/MATH-500/test.jsonl")  # MATH-500 is a subset of MATH test
+_MBPP = ("mbpp/mbpp.jsonl", "mbpp/sanitized-mbpp.json")
+_NQ = ("nq_open/NQ-open.dev.jsonl",)  # lm-eval's nq_open (hub validation) asks the same questions
+
+EVAL_FILES: dict[str, tuple[str, ...]] = {
+    "gsm8k": _GSM8K, "math": _MATH, "math500": _MATH, "humaneval": ("humaneval/HumanEval.jsonl.gz",),
+    "mbpp": _MBPP, "mbpp_sanitized": _MBPP, "nq_open": _NQ, "nq_open_lm_eval": _NQ,
+    "wikitext2": ("wikitext-2/wiki.test.raw",), "ptb": ("ptb/ptb.test.txt",),
+    **{name: (f"llm-adapters/dataset/{name}/test.json",) for name in _COMMONSENSE},
+}
+"""Evaluation name -> files (relative to ``data_dir``) holding the text it scores."""
+
+
+def eval_file(name: str, data_dir) -> str | None:
+    """The local file the evaluation ``name`` reads first, if ``data_dir`` holds it."""
+    for rel in EVAL_FILES.get(name, ())[:1]:
+        if data_dir is not None and (Path(data_dir) / rel).is_file():
+            return str((Path(data_dir) / rel).resolve())
+    return None
+
+
+def evaluation_overlap(provenance: dict, evaluations, data_dir=None) -> list[str]:
+    """The evaluations among ``evaluations`` whose scored text the calibration set (its
+    ``provenance["source"]``) was drawn from: the same file under ``data_dir``, or a file of the
+    same relative path (``<set>/<file>``) in another data folder."""
+    source = str(provenance.get("source") or "")
+    if not source or source.startswith("hub:"):
+        return []
+    path = Path(source).resolve()
+    hits = []
+    for name in evaluations:
+        for rel in EVAL_FILES.get(name, ()):
+            same = data_dir is not None and (Path(data_dir) / rel).resolve() == path
+            if same or path.as_posix().endswith("/" + rel):
+                hits.append(name)
+                break
+    return hits
+
+
+def overlap_note(provenance: dict, overlap: list[str]) -> str:
+    """One sentence for logs, records and captions."""
+    return (f"the calibration text ({provenance.get('source')}) is what {', '.join(overlap)} score(s): "
+            "calibrating on the evaluation data inflates those scores")
+
+
+def warn_overlap(provenance: dict, overlap: list[str], where: str) -> None:
+    """Print the warning to stderr (one process of a distributed launch: the main one)."""
+    from loralab import distributed
+
+    if overlap and distributed.is_main():
+        print(f"warning: {where}: {overlap_note(provenance, overlap)}", file=sys.stderr, flush=True)
