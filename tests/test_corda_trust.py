@@ -88,6 +88,9 @@ def test_an_adapter_recorded_on_the_original_model_is_refused(ipa, smollm2_cut_p
     assert f"--model {old.resolve()}" in residual_base_problem(old / "adapter", smollm2_cut_path, flag="--model")
     assert residual_base_problem(ipa / "adapter", str(ipa)) is None  # the recorded residual: fine
     assert main(["merge", "--adapter", str(old / "adapter"), "--base", str(ipa), "--out", str(tmp_path / "m")]) == 0
+    # loralab eval refuses it too, before any model loads, naming --model
+    assert main(["eval", "--adapter", str(old / "adapter"), "--tasks", "gsm8k", "--max-samples", "1"]) == 2
+    assert f"--model {old.resolve()}" in capsys.readouterr().err
 
 
 def test_a_run_keeps_its_calibration_provenance_and_warns_of_overlap(smollm2_cut_path, data_dir, capsys):

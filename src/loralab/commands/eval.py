@@ -16,16 +16,26 @@ adapter's trained head loaded with it, ``tasks.glue.score_dev``). The output map
 task -> {metric: value, ...} plus ``headline`` (the metric a table shows) and ``seconds`` (load,
 generate, score, total); a live run adds ``generation`` (the effective
 settings: the source protocol, overridden by every flag given), and a scorer may add ``warnings``
-(e.g. code: most programs do not compile, likely another harness's protocol). Generation lines are
-``{"task", "id", "completion", "prompt"}``; ``prompt`` (the exact text the completion continues) is
-optional in a file to re-score, and code builds its programs from it when present.
+(e.g. code: most programs do not compile, with the likely cause). Generation lines are
+``{"task", "id", "completion", "prompt"}`` plus the scorer's verdict (``tasks.verdicts``); ``prompt``
+(the exact text the completion continues) is optional in a file to re-score, and code builds its
+programs from it when present. Re-scoring (``tasks.rescore``) also reads bigcode's generations.json,
+honours ``--max-samples``, adds ``coverage`` and warns when problems have no rows.
+
+Every evaluation's data is loaded before the model (``tasks.data_check``: all that are missing named
+at once, exit 2). An evaluation that fails later is reported and the others still run (exit 1).
+SIGINT/SIGTERM stop the call: the finished evaluations are printed and written with
+``interrupted`` {signal, finished, unfinished}, exit 130/143.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 
@@ -35,8 +45,11 @@ def add_arguments(parser):
     parser.add_argument("--model", help="hub id, local folder, .gguf file or packaged:<name> (not with --generations); "
                         "default with --adapter: the adapter's base_model_name_or_path (packaged:<name> resolved)")
     parser.add_argument("--adapter", help="peft adapter folder to load on top of --model")
-    parser.add_argument("--generations", help="re-score this JSONL of saved generations instead of running a model")
-    parser.add_argument("--generations-out", help="write the live run's generations to this JSONL")
+    parser.add_argument("--generations", help="re-score saved generations instead of running a model: a JSONL of "
+                        "{task, id, completion[, prompt]} rows, or bigcode's generations.json (a list of programs per "
+                        "problem, for one code task, as its --load_generations_path)")
+    parser.add_argument("--generations-out", help="write the generations with the scorer's verdict on each (answer, "
+                        "reference, correct; code: passed, status, error) to this JSONL")
     parser.add_argument("--output", help="write the metrics JSON here (default: print only)")
     parser.add_argument("--max-samples", help="evaluate only the first N problems: N for every task, or per task, e.g. gsm8k=200,mbpp=100")
     parser.add_argument("--data-dir", help="local data folder (layout of shared/data); default $LORALAB_DATA_DIR, else the hub")
@@ -99,7 +112,9 @@ def _problems(args, names, options) -> list[str]:
     if not args.generations and not args.model:
         problems.append("give --model (live run), --adapter whose adapter_config.json names its base model, "
                         "or --generations (re-score)")
+    from loralab.merge import residual_base_problem  # a CorDA adapter on the original model is another model
     from loralab.tasks.generation import setting_problems
+    problems += [p for p in [args.adapter and residual_base_problem(args.adapter, args.model, flag="--model")] if p]
 
     problems += [f"--{name.replace('_', '-')} = {value}: {rule}" for name, value, rule in setting_problems(_flags(args))]
     if not names:
@@ -169,7 +184,11 @@ def run(args) -> int:
 
 def _run(args, main: bool) -> int:
     """``run``'s body; ``main``: this process prints the metrics and writes the files (rank 0)."""
-    from loralab.tasks.evaluate import expand, read_records, run_eval, score_generations, write_records
+    from loralab.config import ConfigError
+    from loralab.models import Unreachable
+    from loralab.tasks.data_check import data_problems
+    from loralab.tasks.evaluate import expand, run_eval
+    from loralab.tasks.rescore import prepare, read_generations, score_job
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.adapter and not args.model and not args.generations:
@@ -191,65 +210,118 @@ def _run(args, main: bool) -> int:
     if names[0] in GLUE:  # GLUE alone (_glue_problems): a classification model's predictions
         return _run_glue(args, names, data_dir, main)
     names = expand(names)
-    start = time.time()
-    failed: list[str] = []
-    if args.generations:
-        records = [r for r in read_records(args.generations) if r["task"] in names]
-        metrics = score_generations(records, data_dir=data_dir, options=options)
-    else:
-        generation = _flags(args)
-        problem = _not_a_generator(args.model, names)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
-        from loralab.models import Unreachable
-
+    limits = parse_max_samples(args.max_samples, names)
+    missing = data_problems(names, data_dir, limits)  # before any model loads or anything generates
+    if missing:
+        print("error: " + "\n  - ".join([f"the data of {len(missing)} evaluation(s) cannot be found (nothing was "
+                                        "loaded or generated):"] + missing), file=sys.stderr)
+        return 2
+    if args.generations:  # every bad row named at once, then each task in turn (tasks.rescore)
         try:
-            model, tokenizer = _load(args)
-        except Unreachable as exc:
+            rows, where = read_generations(args.generations, names, data_dir=data_dir, options=options)
+            jobs = {job.task: job for job in prepare(rows, where, names, data_dir=data_dir, options=options,
+                                                     max_samples=limits, source=f"generations {args.generations}")}
+        except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        metrics, records = {}, []
-        limits = parse_max_samples(args.max_samples, names)
-        tokens = parse_max_samples(args.max_new_tokens, names)
+        return _each(args, names, lambda name: score_job(jobs[name], options), main=True)
+    problem = _not_a_generator(args.model, names)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = _load(args)
+    except Unreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    generation, tokens = _flags(args), parse_max_samples(args.max_new_tokens, names)
+    return _each(args, names, lambda name: run_eval(
+        name, model, tokenizer, data_dir=data_dir, options=options, max_samples=limits.get(name),
+        generation={**generation, **({"max_new_tokens": tokens[name]} if name in tokens else {})}), main)
+
+
+def _each(args, names: list[str], step, main: bool) -> int:
+    """``step(name) -> (metrics, generation rows)`` for each evaluation in turn. One that fails (its data,
+    a missing optional package, a setting) is reported and the others still run (exit 1); SIGINT or
+    SIGTERM stops, and the finished ones are still printed and written (``_emit``). The rows go to
+    ``--generations-out`` after every evaluation, so an interrupted run keeps what it generated."""
+    from loralab.tasks.evaluate import write_records
+
+    start, metrics, failed, rows = time.time(), {}, [], []
+    with _stop_on_signals() as stop:
         for name in names:
-            task_generation = {**generation, **({"max_new_tokens": tokens[name]} if name in tokens else {})}
             try:
-                metrics[name], recs = run_eval(name, model, tokenizer, data_dir=data_dir, generation=task_generation,
-                                               options=options, max_samples=limits.get(name))
-            except Unreachable as exc:  # offline: every hub task would wait and fail alike; exit 2 as loralab run
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            except (ValueError, OSError, ConnectionError) as exc:  # one task's data or setting: the others still run
+                metrics[name], recs = step(name)
+            except _Interrupted:
+                break
+            except (ValueError, OSError, ConnectionError, ImportError) as exc:  # Unreachable is a ValueError
                 failed.append(name)
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 metrics[name] = {"error": f"{type(exc).__name__}: {message}"}
                 print(f"error: {name}: {type(exc).__name__}: {message}", file=sys.stderr)
                 continue
-            records += recs
-            if not main:
-                continue
-            print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
-            if args.generations_out:  # after every task, so an interrupted run keeps what it generated
-                write_records(args.generations_out, records)
-        if failed and main:
-            print(f"error: {len(failed)} of {len(names)} evaluation(s) failed ({', '.join(failed)}); "
-                  "the others are in the output", file=sys.stderr)
-    return _emit(args, metrics, failed, start, main)
+            rows += recs
+            if main:
+                print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
+                if args.generations_out:
+                    write_records(args.generations_out, rows)
+    return _emit(args, metrics, failed, start, main, names, stop)
 
 
-def _emit(args, metrics: dict, failed: list[str], start: float, main: bool) -> int:
-    """The metrics printed (and written to ``--output``) by the main process; the exit code: 1 if a task failed."""
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during ``loralab eval`` (``_stop_on_signals``)."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM raise ``_Interrupted`` in the main thread while inside; yields a dict whose
+    ``"signal"`` is set to the one received. A signal ignored when loralab started (SIGINT of a job a
+    non-interactive shell put in the background) stays ignored, as that shell asked."""
+    got: dict = {}
+
+    def handle(signum, frame):
+        got["signal"] = signal.Signals(signum)
+        raise _Interrupted(got["signal"].name)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handle)
+    try:
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _emit(args, metrics: dict, failed: list[str], start: float, main: bool, names: list[str] = (),
+          stop: dict | None = None) -> int:
+    """The metrics printed (and written to ``--output``) by the main process; the exit code: 1 if a task
+    failed; 128 + the signal's number after SIGINT (130) or SIGTERM (143), the output then holding the
+    finished tasks and ``interrupted`` {signal, finished, unfinished}."""
+    received = (stop or {}).get("signal")
+    if received is not None:
+        metrics = {**metrics, "interrupted": {"signal": received.name, "finished": list(metrics),
+                                              "unfinished": [n for n in names if n not in metrics]}}
+    elif failed and main:
+        print(f"error: {len(failed)} of {len(metrics)} evaluation(s) failed ({', '.join(failed)}); "
+              "the others are in the output", file=sys.stderr)
+    code = 128 + int(received) if received is not None else (1 if failed else 0)
     if not main:
-        return 1 if failed else 0
+        return code
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
+    if received is not None:
+        said = metrics["interrupted"]
+        print(f"interrupted by {received.name}: finished {', '.join(said['finished']) or 'nothing'}; not finished "
+              f"{', '.join(said['unfinished'])}" + (f"; written to {args.output}" if args.output else ""), file=sys.stderr)
     print(f"done in {time.time() - start:.0f}s", file=sys.stderr)
-    return 1 if failed else 0
+    return code
 
 
 def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
@@ -279,26 +351,29 @@ def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
     limits = parse_max_samples(args.max_samples, names)
     try:
         tokenizer = load_tokenizer(args.model)
-        for name in names:
-            task = GLUE[name]
-            try:
-                model = load_model(args.model, "seq_cls", num_labels=task.num_labels, dtype=args.dtype)
-                if args.adapter:
-                    model = PeftModel.from_pretrained(model, args.adapter)
-                model = model.to(distributed.device_for(args.device)).eval()
-                metrics[name] = score_dev(task, model, tokenizer, data_dir, limits.get(name), args.batch_size,
-                                          args.max_length)
-            except (OSError, RuntimeError) as exc:  # this task's data, or a head of another label count: the others run
-                failed.append(name)
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                metrics[name] = {"error": f"{type(exc).__name__}: {first}"}
-                print(f"error: {name} ({task.num_labels} label(s)): {type(exc).__name__}: {first}", file=sys.stderr)
-            if main:
-                print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
+        with _stop_on_signals() as stop:
+            for name in names:
+                task = GLUE[name]
+                try:
+                    model = load_model(args.model, "seq_cls", num_labels=task.num_labels, dtype=args.dtype)
+                    if args.adapter:
+                        model = PeftModel.from_pretrained(model, args.adapter)
+                    model = model.to(distributed.device_for(args.device)).eval()
+                    metrics[name] = score_dev(task, model, tokenizer, data_dir, limits.get(name), args.batch_size,
+                                              args.max_length)
+                except _Interrupted:
+                    break
+                except (OSError, RuntimeError) as exc:  # this task's data, or a head of another label count: the others run
+                    failed.append(name)
+                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                    metrics[name] = {"error": f"{type(exc).__name__}: {first}"}
+                    print(f"error: {name} ({task.num_labels} label(s)): {type(exc).__name__}: {first}", file=sys.stderr)
+                if main:
+                    print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
     except Unreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return _emit(args, metrics, failed, start, main)
+    return _emit(args, metrics, failed, start, main, names, stop)
 
 
 def _not_a_generator(model_id: str, names: list[str]) -> str | None:

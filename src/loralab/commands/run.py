@@ -139,8 +139,8 @@ def _run_all(args, experiments, launch) -> int:
 
 
 def _number(key: str, value) -> str:
-    """A metric for the closing line: counts (``gsm8k/n``) as integers, scores to four decimals."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    count = key == "n" or key.endswith("/n")
-    return str(int(value)) if count and float(value).is_integer() else f"{value:.4f}"
+    """A metric for the closing line: counts (``gsm8k/n``, ``humaneval/programs``) as integers, scores to four
+    decimals (``tasks.evaluate.format_metric``, as ``loralab eval`` prints them)."""
+    from loralab.tasks.evaluate import format_metric
+
+    return format_metric(key, value)

@@ -30,7 +30,10 @@ Protocol (issue 12): the program continues the prompt the completion was generat
 generation row may carry ``"prompt"``, the exact text its completion continues; then that text is
 used (so openai/human-eval's completions, which continue the *unstripped* prompt, re-score
 correctly). Without it, the bigcode protocol above applies. When more than half of the programs
-do not compile, the result's ``warnings`` names the likely protocol mismatch.
+do not compile, the result's ``warnings`` names the cause that fits (``protocol_warning``):
+completions that reached the ``max_new_tokens`` budget (a live run marks them, problem field
+``at_budget``), so cut off; rows without a prompt, so likely another harness's protocol; else the
+completions themselves.
 """
 
 from __future__ import annotations
@@ -167,19 +170,18 @@ def score_problem(name: str, problem: dict, completions: list[str], options: dic
 
 def aggregate(name: str, problems: list[dict], outcomes: list[list[tuple]], options: dict) -> dict:
     """``score``'s metrics from ``score_problem``'s outcomes (in problem order), after re-running
-    each timed-out program once alone (that result kept, ``Result.rerun``)."""
+    each timed-out program once alone (that result kept, ``Result.rerun``, and put in the outcome)."""
     from loralab.tasks.sandbox import run_program
 
     limits = _limits(options)
     by_id: dict = {}
     for p, outcome in zip(problems, outcomes):
-        results = []
-        for program, test, res in outcome:
+        for j, (program, test, res) in enumerate(outcome):
             if res.status == "timeout":
                 res = run_program(program, limits, test)
                 res.rerun = True
-            results.append(res)
-        by_id[p["id"]] = results
+                outcome[j] = (program, test, res)  # the outcome says what was counted (a row's verdict reads it)
+        by_id[p["id"]] = [res for _, _, res in outcome]
     return metrics_from_results(name, problems, by_id, options)
 
 
@@ -190,15 +192,29 @@ def does_not_compile(result) -> bool:
         and 'File "program.py"' in result.stderr
 
 
-def protocol_warning(name: str, n_programs: int, n_not_compiling: int) -> str | None:
-    """The warning for a run where most programs do not compile (None: no warning)."""
+def protocol_warning(name: str, n_programs: int, n_not_compiling: int, without_prompt: int = 0,
+                     at_budget: int | None = None) -> str | None:
+    """The warning for a run where most programs do not compile (None: no warning), naming the cause
+    that fits what is known of the programs that do not compile: ``at_budget`` of them continue a
+    completion that reached the ``max_new_tokens`` budget (a live run knows; None: unknown, as when
+    re-scoring), so they were cut off; ``without_prompt`` of them come from rows without a prompt, so
+    they may follow another harness's protocol; neither: the completions themselves are not Python."""
     if n_programs == 0 or n_not_compiling * 2 <= n_programs:
         return None
-    return (f"{name}: {n_not_compiling} of {n_programs} programs do not compile. The completions likely follow "
-            "another harness's protocol: loralab (as bigcode) runs prompt.strip() + completion, so a completion must "
-            "begin with the newline after the signature, while openai/human-eval appends completions to the "
-            "unstripped prompt. Give each generation row a \"prompt\" (the exact text its completion continues) "
-            "to re-score it under its own protocol.")
+    head = f"{name}: {n_not_compiling} of {n_programs} programs do not compile."
+    if at_budget:
+        return (f"{head} {at_budget} of them are completions that reached the max_new_tokens budget, so they were "
+                "likely cut off mid-program: give a larger budget (--max-new-tokens, generation.max_new_tokens; "
+                "the source's is 512 tokens, prompt included).")
+    if without_prompt:
+        return (f"{head} The completions likely follow another harness's protocol: loralab (as bigcode) runs "
+                "prompt.strip() + completion, so a completion must begin with the newline after the signature, while "
+                "openai/human-eval appends completions to the unstripped prompt. Give each generation row a \"prompt\" "
+                "(the exact text its completion continues) to re-score it under its own protocol.")
+    cut = ("none of them reached the max_new_tokens budget" if at_budget is not None else
+           "a completion cut off at the generating run's token budget looks the same")
+    return (f"{head} Every row carries the prompt its completion continues, so this is not a protocol mismatch: the "
+            f"completions themselves are not valid Python ({cut}); the rows' \"error\" says why each failed.")
 
 
 def score(name: str, problems: list[dict], completions: dict, options: dict) -> dict:
@@ -221,14 +237,31 @@ def metrics_from_results(name: str, problems: list[dict], by_id: dict, options: 
         metrics["pass@1"] = float(np.mean([c / n if n else 0.0 for n, c in counts])) if counts else 0.0
     metrics["n"] = len(problems)
     results = [r for rs in by_id.values() for r in rs]
-    not_compiling = sum(does_not_compile(r) for r in results)
+    not_compiling, without_prompt, at_budget = _not_compiling(problems, by_id)
     metrics.update(programs=len(results), failed=sum(r.status == "failed" for r in results),
                    timed_out=sum(r.status == "timeout" for r in results), reruns=sum(r.rerun for r in results),
                    not_compiling=not_compiling)
-    warning = protocol_warning(name, len(results), not_compiling)
+    warning = protocol_warning(name, len(results), not_compiling, without_prompt, at_budget)
     if warning:
         metrics["warnings"] = [warning]
     return metrics
+
+
+def _not_compiling(problems: list[dict], by_id: dict) -> tuple[int, int, int | None]:
+    """Programs that do not compile: how many, how many of them from a row without a prompt (a
+    problem's ``"prompts"``, one per completion, None where unknown), and how many of them continue a
+    completion that reached its token budget (a problem's ``"at_budget"``, one bool per completion, set
+    by a live run; None when no problem says)."""
+    count, without, at_budget, known = 0, 0, 0, False
+    for p in problems:
+        prompts, budget = p.get("prompts") or [], p.get("at_budget")
+        known = known or budget is not None
+        for j, res in enumerate(by_id.get(p["id"], [])):
+            if does_not_compile(res):
+                count += 1
+                without += j >= len(prompts) or prompts[j] is None
+                at_budget += bool(budget is not None and j < len(budget) and budget[j])
+    return count, without, at_budget if known else None
 
 
 def _eval(name: str, description: str) -> Eval:

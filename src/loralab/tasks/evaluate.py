@@ -1,5 +1,5 @@
-"""Evaluations of causal LMs: the registry (name -> ``Eval``, built from the family files' exports)
-and one loop per output type.
+"""Evaluations of causal LMs: one loop per output type, over the registry (name -> ``Eval``, built
+from the family files' exports, ``registry``; its names are importable from here too).
 
 Families and what they export (``EVALS``, a tuple of ``base.Eval`` records; groups in ``GROUPS``):
 ``gsm8k``; ``competition_math`` (math, math500); ``code`` (humaneval, mbpp, mbpp_sanitized);
@@ -37,16 +37,18 @@ drops (so a training record's flat ``eval`` holds only numbers):
   ``{"total"}`` for the others; kept out of the numbers because it is not a property of the model;
 - ``generation``: the effective settings (``generation_record``), generate only;
 - ``warnings``: a list of text, only when a scorer has something to say (code: most programs do
-  not compile, likely another harness's protocol).
+  not compile, with the likely cause: cut off at the token budget, or another harness's protocol).
 
-Generation records (``{"task", "id", "completion", "prompt"}``) always hold the exact prompt the
-completion continues, so any harness can re-score them; ``score_generations`` hands a record's
-``prompt`` to the scorer (code builds its program from it), and takes records without one under
-the evaluation's documented default protocol.
+Generation records (``{"task", "id", "completion", "prompt"}`` plus the scorer's verdict on that
+completion, ``verdicts``: ``answer``/``reference``/``correct``, or code's ``passed``/``status``/``error``)
+always hold the exact prompt the completion continues, so any harness can re-score them, and each
+number can be checked row by row. ``rescore`` (``score_generations``, ``loralab eval --generations``)
+hands a record's ``prompt`` to the scorer (code builds its program from it), takes records without
+one under the evaluation's documented default protocol, and computes the verdicts again.
 
-Options: ``options`` maps option names to values (a name applies to every selected evaluation that
-has it, e.g. ``{"prompt": "seed000"}``), or an evaluation name to that evaluation's own options
-(``{"gsm8k": {"parser": "method_comparison"}}``); the latter wins.
+Options (``registry``): ``options`` maps option names to values (a name applies to every selected
+evaluation that has it, e.g. ``{"prompt": "seed000"}``), or an evaluation name to that evaluation's
+own options (``{"gsm8k": {"parser": "method_comparison"}}``); the latter wins.
 """
 
 from __future__ import annotations
@@ -58,97 +60,19 @@ import time
 from pathlib import Path
 
 from loralab import distributed
-from loralab.tasks import code, commonsense, competition_math, gsm8k, language_modeling, nqopen
 from loralab.tasks.base import Eval
 from loralab.tasks.metrics import settle
+from loralab.tasks.registry import (  # noqa: F401  (re-exported: the registry's home was this module)
+    EVALS,
+    FAMILIES,
+    GROUPS,
+    expand,
+    resolve_options,
+    validate_options,
+)
+from loralab.tasks.rescore import read_records, score_generations  # noqa: F401  (re-exported)
 from loralab.tasks.scoring import ScoringPool, score, score_workers  # noqa: F401  (re-exported)
-
-FAMILIES = (gsm8k, competition_math, code, commonsense, nqopen, language_modeling)
-
-
-def _registry(families) -> dict[str, Eval]:
-    out: dict[str, Eval] = {}
-    for family in families:
-        for ev in family.EVALS:
-            if ev.name in out:
-                raise ValueError(f"evaluation {ev.name!r} is exported by both {out[ev.name].family} and {ev.family}")
-            out[ev.name] = ev
-    return out
-
-
-EVALS: dict[str, Eval] = _registry(FAMILIES)
-GROUPS: dict[str, tuple[str, ...]] = {**commonsense.GROUPS}
-
-
-def expand(names) -> list[str]:
-    """Evaluation names with each group replaced by its members; order kept, repeats dropped."""
-    out: list[str] = []
-    for n in names:
-        for member in GROUPS.get(n, (n,)):
-            if member not in out:
-                out.append(member)
-    return out
-
-
-def _suggest(name, known) -> str:
-    from loralab.config import suggest  # config is the floor below tasks
-
-    return suggest(name, known)
-
-
-def validate_options(names, options: dict | None) -> list[str]:
-    """Every problem with evaluation names (groups allowed) and options ("did you mean" for unknown names)."""
-    known_names = [*EVALS, *GROUPS]
-    problems = [f"evaluation '{n}' is unknown{_suggest(n, known_names)}; known: {', '.join(known_names)}"
-                for n in names if n not in EVALS and n not in GROUPS]
-    known = expand(n for n in names if n in EVALS or n in GROUPS)
-    for key, value in (options or {}).items():
-        if key in GROUPS:  # a group's options apply to each of its members
-            if not isinstance(value, dict):
-                problems.append(f"eval option '{key}' must be a dict of options for {key}'s evaluations, got {value!r}")
-                continue
-            for member in GROUPS[key]:
-                for sub, sub_value in value.items():
-                    problems += _check_option(member, sub, sub_value, f"{key}.{sub}")
-        elif key in EVALS:
-            if not isinstance(value, dict):
-                problems.append(f"eval option '{key}' must be a dict of {key}'s options, got {value!r}")
-                continue
-            for sub, sub_value in value.items():
-                problems += _check_option(key, sub, sub_value, f"{key}.{sub}")
-        else:
-            owners = [n for n in known if key in EVALS[n].options]
-            if not owners:
-                all_keys = sorted({k for n in known for k in EVALS[n].options})
-                problems.append(f"eval option '{key}' is not an option of {', '.join(known) or 'any selected evaluation'}"
-                                f"{_suggest(key, all_keys)}; valid: {', '.join(all_keys) or 'none'}")
-            for n in owners:
-                problems += _check_option(n, key, value, key)
-    return problems
-
-
-def _check_option(name: str, key: str, value, label: str) -> list[str]:
-    spec = EVALS[name].options
-    if key not in spec:
-        return [f"eval option '{label}' is unknown for {name}{_suggest(key, spec)}; valid: {', '.join(spec) or 'none'}"]
-    allowed = spec[key][1]
-    if allowed is not None and value not in allowed:
-        return [f"eval option '{label}' = {value!r} is not allowed for {name}; allowed: {', '.join(map(repr, allowed))}"]
-    return []
-
-
-def resolve_options(name: str, options: dict | None) -> dict:
-    """Defaults of ``name``'s options updated by the flat options, then by the options of a group
-    holding ``name`` (e.g. ``{"commonsense": {"num_beams": 1}}``), then by ``options[name]``."""
-    spec = EVALS[name].options
-    resolved = {k: v[0] for k, v in spec.items()}
-    options = options or {}
-    resolved.update({k: v for k, v in options.items() if k in spec})
-    for group, members in GROUPS.items():
-        if name in members and isinstance(options.get(group), dict):
-            resolved.update(options[group])
-    resolved.update((options.get(name) or {}) if isinstance(options.get(name), dict) else {})
-    return resolved
+from loralab.tasks.verdicts import recording, verdicts
 
 
 def generation_settings(name: str, generation: dict | None, options: dict):
@@ -186,11 +110,27 @@ def numeric(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+COUNTS = ("n", "programs", "failed", "timed_out", "reruns", "not_compiling", "rows")
+"""Metrics that count things (problems, programs, rows): whole numbers, whatever a record stored them as."""
+
+
+def format_metric(key: str, value) -> str:
+    """A metric for a summary line (``gsm8k/accuracy=0.1000 humaneval/programs=4``): a count (an int,
+    or a metric named in ``COUNTS``, also as ``<evaluation>/<name>``, holding a whole number) as an
+    integer, any other number to four decimals, anything else as text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or (key.rpartition("/")[2] in COUNTS and float(value).is_integer()):
+        return str(int(value))
+    return f"{value:.4f}"
+
+
 # ----------------------------------------------------------------------------- the loops
 
 
 def run_eval(name, model, tokenizer, *, data_dir=None, generation=None, options=None, max_samples=None, out_dir=None):
-    """Evaluate an in-memory model; returns (metrics, generation records ``{"task", "id", "completion", "prompt"}``).
+    """Evaluate an in-memory model; returns (metrics, generation records ``{"task", "id", "completion", "prompt"}``
+    with the scorer's verdict on each completion, ``verdicts``).
 
     ``metrics`` holds the numbers plus ``headline``, ``seconds`` and, for generate, ``generation``
     (see the module docstring). With ``out_dir``, the records are also written to
@@ -226,22 +166,28 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     settings = generation_settings(ev.name, generation, opts)
     prompts = [ev.build_prompt(ev.name, p, opts) for p in items]
     t1 = time.perf_counter()
-    with ScoringPool(ev, items, opts) as pool:
+    extra: dict[int, dict] = {}  # what the scorer learns once generation is done: each row's prompt, budget hits
+    recorded, outcomes = recording(ev, extra)
+    with ScoringPool(recorded, items, opts) as pool:
         # a test may replace ``generate`` with one that has no on_complete
         params = inspect.signature(gen.generate).parameters
         engine_stats: dict = {}
-        extra = {"on_complete": pool.submit} if "on_complete" in params else {}
-        extra.update({"stats": engine_stats} if "stats" in params else {})
-        outputs = gen.generate(model, tokenizer, prompts, settings, progress=f"{ev.name} generation", **extra)
+        call = {"on_complete": pool.submit} if "on_complete" in params else {}
+        call.update({"stats": engine_stats} if "stats" in params else {})
+        outputs = gen.generate(model, tokenizer, prompts, settings, progress=f"{ev.name} generation", **call)
         t2 = time.perf_counter()
         for i, outs in enumerate(outputs):  # no-op for what on_complete already handed over unchanged
             pool.submit(i, outs)
+        budget = _at_budget(tokenizer, prompts, outputs, settings)
+        extra.update({i: {"prompts": [prompt] * len(outs), **({"at_budget": budget[i]} if budget else {})}
+                      for i, (prompt, outs) in enumerate(zip(prompts, outputs))})
         if ev.pool is not None:  # sandboxes / math-verify may still be running: say what the wait is
             gen.note(f"scoring {len(items)} problems ({ev.pool} pool of {pool.workers})", f"{ev.name} generation")
         metrics = pool.result()
         t3 = time.perf_counter()  # the pool's shutdown counts in total only
-    records = [{"task": ev.name, "id": p["id"], "completion": c, "prompt": prompt}
-               for p, prompt, outs in zip(items, prompts, outputs) for c in outs]
+    records = [{"task": ev.name, "id": p["id"], "completion": c, "prompt": prompt, **verdict}
+               for p, prompt, outs, outcome in zip(items, prompts, outputs, outcomes)
+               for c, verdict in zip(outs, verdicts(ev, p, outs, outcome, opts))]
     metrics["generation"] = generation_record(settings, model)
     counters = {k: v for k, v in engine_stats.items() if isinstance(v, (int, float, bool))}
     ranks = _every_rank(counters)
@@ -251,6 +197,23 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     elif counters:  # what the engine did: problems, new tokens, slots, steps, seconds
         metrics["engine"] = counters
     return metrics, records, {"load": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
+
+
+def _at_budget(tokenizer, prompts: list[str], outputs: list[list[str]], settings) -> list[list[bool]] | None:
+    """For each prompt, whether each of its completions reached the token budget (``max_new_tokens``,
+    less the prompt under a prompt-inclusive ``max_length``), so was cut off rather than stopped by
+    EOS or a stop string: its text re-encoded has at least the budget's tokens (a model writes the
+    tokenizer's own spelling of a text but rarely otherwise, so this is rarely wrong either way; it only
+    steers a warning's wording). None without a tokenizer (a test's stand-in generator)."""
+    if tokenizer is None or not callable(tokenizer):
+        return None
+    from loralab.tasks.generation import _budget  # the one rule the backends apply
+
+    out = []
+    for prompt, outs in zip(prompts, outputs):
+        budget = _budget(len(tokenizer(prompt, add_special_tokens=True)["input_ids"]), settings)
+        out.append([len(tokenizer(c, add_special_tokens=False)["input_ids"]) >= budget for c in outs])
+    return out
 
 
 def _every_rank(counters: dict) -> list[dict]:
@@ -276,54 +239,9 @@ def _warn(metrics: dict) -> None:
         print(f"warning: {text}", file=sys.stderr)
 
 
-def score_generations(records, *, data_dir=None, options=None) -> dict[str, dict]:
-    """Re-score saved generations without a model (bigcode's ``--load_generations_path``).
-
-    Each task is scored on exactly the problems that have records, so re-scoring a run made with
-    ``max_samples`` gives the live numbers. A record's ``prompt`` (the exact text its completion
-    continues) is handed to the scorer; records without one follow the evaluation's default.
-    Returns task -> metrics (numbers, ``headline``, ``seconds`` {load, score, total}, ``warnings``)."""
-    by_task: dict[str, dict] = {}
-    prompts: dict[str, dict] = {}
-    for r in records:
-        by_task.setdefault(r["task"], {}).setdefault(str(r["id"]), []).append(r["completion"])
-        prompts.setdefault(r["task"], {}).setdefault(str(r["id"]), []).append(r.get("prompt"))
-    problems = validate_options(list(by_task), options)
-    problems += [f"evaluation '{t}' has no saved generations to score (it runs on a model)"
-                 for t in by_task if t in EVALS and not EVALS[t].scores_generations]
-    if problems:
-        from loralab.config import ConfigError
-
-        raise ConfigError(problems, "generations file")
-    results = {}
-    for task, completions in by_task.items():
-        t0 = time.perf_counter()
-        ev, opts = EVALS[task], resolve_options(task, options)
-        items = {str(p["id"]): p for p in ev.load(task, data_dir, None)}
-        missing = sorted(set(completions) - set(items))
-        if missing:
-            raise ValueError(f"{task}: {len(missing)} generation id(s) not in the dataset, e.g. {missing[:3]}")
-        chosen = []
-        for i in items:
-            if i in completions:
-                given = prompts[task][i]
-                chosen.append({**items[i], "prompts": given} if any(g is not None for g in given) else items[i])
-        t1 = time.perf_counter()
-        results[task] = score(ev, chosen, {p["id"]: completions[str(p["id"])] for p in chosen}, opts)
-        t2 = time.perf_counter()
-        results[task]["headline"] = ev.headline
-        results[task]["seconds"] = {"load": t1 - t0, "score": t2 - t1, "total": t2 - t0}
-        _warn(results[task])
-    return results
-
-
-def read_records(path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def write_records(path, records) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+

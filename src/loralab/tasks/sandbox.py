@@ -105,6 +105,25 @@ class Result:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def reason(self, limit: int = 160) -> str:
+        """Why the program did not pass, in one short line (at most ``limit`` characters): the last
+        line of its traceback (``AssertionError``, ``SyntaxError: ...``), the wall-clock limit, a
+        signal, or an exit without the harness's report; ``""`` when it passed."""
+        if self.passed:
+            return ""
+        lines = [line.strip() for line in self.stderr.strip().splitlines() if line.strip()]
+        if self.status == "timeout":
+            text = f"timed out after {self.duration_s:.1f} s" + (" (re-run alone)" if self.rerun else "")
+        elif lines:
+            text = lines[-1]
+        elif self.returncode is not None and self.returncode < 0:
+            text = f"killed by signal {-self.returncode}"
+        elif self.returncode == 0:
+            text = "exited before its tests finished (no report from the harness)"
+        else:
+            text = f"exit status {self.returncode}"
+        return text if len(text) <= limit else text[:limit - 3] + "..."
+
 
 # --- Landlock (constants from linux/landlock.h) -----------------------------------------------
 _SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
