@@ -135,6 +135,9 @@ def test_task_and_method_checks_are_not_hidden_by_a_bad_value(tmp_path, data_dir
     got = problems({**BASE, "data_dir": str(data_dir), "warmup_ratio": 2, "magnitude_only_modules": ["query"]})
     assert got == ["'warmup_ratio' = 2 must be in [0, 1)",
                    "'magnitude_only_modules' needs a DoRA adapter (adapter_config.json 'use_dora': true)"]
+    # an unknown key that is no identifier ('learning-rate') still leaves the task and the model checked
+    got = problems({**BASE, "learning-rate": 1e-4, "task": "glue/rtee"})
+    assert any("unknown key 'learning-rate'" in p for p in got) and any("'task' = 'glue/rtee' is unknown" in p for p in got)
     # the task named wrongly typed: its data check waits (it would check the default task's files)
     got = problems({**BASE, "task": 3, "data_dir": "/nonexistent/data"})
     assert len(got) == 1 and got[0].startswith("'task' = 3 has the wrong type")

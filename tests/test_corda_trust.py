@@ -72,7 +72,7 @@ def test_merge_without_base_writes_the_decomposed_model(ipa, smollm2_cut_path, t
 
 
 @pytest.mark.slow
-def test_an_adapter_recorded_on_the_original_model_is_refused(ipa, smollm2_cut_path, tmp_path, capsys):
+def test_an_adapter_recorded_on_the_original_model_is_refused(ipa, smollm2_cut_path, tmp_path, capsys, data_dir):
     from loralab.merge import residual_base_problem
 
     old = tmp_path / "old"  # what decompose wrote before: the residual's adapter naming the original model
@@ -91,6 +91,9 @@ def test_an_adapter_recorded_on_the_original_model_is_refused(ipa, smollm2_cut_p
     # loralab eval refuses it too, before any model loads, naming --model
     assert main(["eval", "--adapter", str(old / "adapter"), "--tasks", "gsm8k", "--max-samples", "1"]) == 2
     assert f"--model {old.resolve()}" in capsys.readouterr().err
+    # an explicit --model is the user's word, as merge's --base: trusted (a residual saved by peft's own example)
+    assert main(["eval", "--adapter", str(old / "adapter"), "--model", str(ipa), "--tasks", "gsm8k", "--max-samples",
+                 "1", "--max-new-tokens", "1", "--data-dir", str(data_dir)]) == 0
 
 
 def test_a_run_keeps_its_calibration_provenance_and_warns_of_overlap(smollm2_cut_path, data_dir, capsys):

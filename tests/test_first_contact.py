@@ -237,6 +237,6 @@ def test_opening_line_counts_what_is_scored_and_says_where_the_result_goes_and_w
         assert git["experiment_committed"] is False and path.parent.name == "temporary_results"
         assert reason in ("the experiment folder is not committed in loralab's tree",
                           "the code has uncommitted changes") or reason.startswith(
-            ("the code is on branch", "the code's folder has files git does not track"))
+            ("the code is on branch", "the code has files git does not track", "the code has uncommitted changes, and"))
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "random:tiny-llama"

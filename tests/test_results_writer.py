@@ -188,8 +188,12 @@ def test_untracked_files_in_the_code_or_the_experiment_keep_a_run_off_main(tmp_p
     (repo / "code" / "b.py").write_text("y = 2\n")
     git = git_state(repo / "code", experiment=repo / "exp")
     assert git["dirty"] is True and git["untracked"] == ["code/b.py"]
-    assert not_main_run(git) == "the code's folder has files git does not track (code/b.py)"
+    assert not_main_run(git) == "the code has files git does not track in its folder (code/b.py)"
     assert route("success", git).name == "temporary_results"
+    (repo / "code" / "a.py").write_text("x = 3\n")  # both causes at once: both named
+    assert not_main_run(git_state(repo / "code")) == ("the code has uncommitted changes, and files git does not "
+                                                      "track in its folder (code/b.py)")
+    _git(repo, "checkout", "-q", "--", "code/a.py")
 
     (repo / "code" / "b.py").unlink()
     (repo / "exp" / "training_parameters.json").write_text('{"seed": 1}')

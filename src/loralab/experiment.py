@@ -93,7 +93,7 @@ def checked_parameters(overrides: dict[str, Any], source: str = PARAMS_FILE) -> 
     return build_parameters(overrides, source=source, checks=(registry_problems,))
 
 
-_NAMED_KEY = re.compile(r"^(?:unknown key )?'([A-Za-z_]+)")
+_NAMED_KEY = re.compile(r"^(?:unknown key )?'([^'.]+)")
 """The top-level parameter a problem line is about: config's lines begin with it quoted (``'batch_size' = ...``,
 ``'calibration.num_samples' = ...``, ``unknown key 'lerning_rate'``)."""
 
@@ -223,7 +223,10 @@ def read_experiment(path) -> Experiment:
         # value the user did not write), and the task's own check waits for a valid task and data folder
         bad = {m.group(1) for line in exc.problems if (m := _NAMED_KEY.search(line))}
         params = _checked_without(overrides, bad)
-        if params is None:  # pragma: no cover - the defaults pass their own checks
+        if params is None:  # a problem line this reading did not place: the task and the model are still checked
+            task, model_id = overrides.get("task"), overrides.get("model_id")
+            problems += unknown_task(task) if isinstance(task, str) and "task" not in bad else []
+            problems += check_model_id(model_id) if isinstance(model_id, str) and "model_id" not in bad else []
             raise ConfigError(problems, str(path)) from None
     if "model_id" not in bad:
         problems.extend(check_model_id(params.model_id))

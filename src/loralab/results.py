@@ -94,6 +94,7 @@ def _measured(where: Path) -> dict | None:
              "dirty": bool(status.stdout.strip()) or bool(loose), "source": "measured"}
     if loose:
         state["untracked"] = loose
+        state["tracked_changes"] = bool(status.stdout.strip())
     return state
 
 
@@ -159,8 +160,10 @@ def not_main_run(git: dict) -> str | None:
         return f"the code is on branch {git.get('branch')}, not main"
     if git.get("dirty") is not False:
         loose = git.get("untracked")
-        return ("the code has uncommitted changes" if not loose
-                else f"the code's folder has files git does not track ({', '.join(loose[:3])})")
+        if not loose:
+            return "the code has uncommitted changes"
+        changed = "uncommitted changes, and " if git.get("tracked_changes") else ""
+        return f"the code has {changed}files git does not track in its folder ({', '.join(loose[:3])})"
     if git.get("experiment_committed") is False:
         loose = git.get("experiment_untracked")
         return ("the experiment folder is not committed in loralab's tree" if not loose

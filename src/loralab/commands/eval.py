@@ -114,7 +114,8 @@ def _problems(args, names, options) -> list[str]:
                         "or --generations (re-score)")
     from loralab.merge import residual_base_problem  # a CorDA adapter on the original model is another model
     from loralab.tasks.generation import setting_problems
-    problems += [p for p in [args.adapter and residual_base_problem(args.adapter, args.model, flag="--model")] if p]
+    problems += [p for p in [getattr(args, "model_from_adapter", False)  # an explicit --model is trusted, as merge's --base
+                             and residual_base_problem(args.adapter, args.model, flag="--model")] if p]
 
     problems += [f"--{name.replace('_', '-')} = {value}: {rule}" for name, value, rule in setting_problems(_flags(args))]
     if not names:
@@ -185,16 +186,14 @@ def run(args) -> int:
 def _run(args, main: bool) -> int:
     """``run``'s body; ``main``: this process prints the metrics and writes the files (rank 0)."""
     from loralab.config import ConfigError
-    from loralab.models import Unreachable
+    from loralab.models import Unreachable, adapter_base_id
     from loralab.tasks.data_check import data_problems
     from loralab.tasks.evaluate import expand, run_eval
     from loralab.tasks.rescore import prepare, read_generations, score_job
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.adapter and not args.model and not args.generations:
-        from loralab.models import adapter_base_id
-
-        args.model = adapter_base_id(args.adapter)  # the id the run recorded (packaged:<name>, hub id, folder)
+        args.model, args.model_from_adapter = adapter_base_id(args.adapter), True  # the id the run recorded
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as exc:

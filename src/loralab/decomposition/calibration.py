@@ -46,7 +46,8 @@ NAMES = CORPORA + INSTRUCTION_SETS
 # name -> candidate local files under data_dir, each with its split (the first existing one wins)
 _LOCAL = {
     "nqopen": (("nq_open/NQ-open.dev.jsonl", "dev"),),
-    "alpaca": (("alpaca/alpaca_data.json", "train"), ("alpaca/alpaca_5000.json", "train (a random 5,000-row subset)")),
+    # the 5,000-row subset first, as before (results/corda calibrated on it); the full file where only it is there
+    "alpaca": (("alpaca/alpaca_5000.json", "train (a random 5,000-row subset)"), ("alpaca/alpaca_data.json", "train")),
     "wikitext2": (("wikitext-2/wiki.test.raw", "test"),),
     "ptb": (("ptb/ptb.valid.txt", "valid"),),
     "MetaMATH": (("metamath/MetaMathQA-395K.json", "train"), ("metamath/MetaMathQA-395K.jsonl", "train"),
