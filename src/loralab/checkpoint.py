@@ -4,7 +4,10 @@ A checkpoint is a folder ``<output dir>/checkpoints/step-<N>/`` holding
 - ``trainable.safetensors``: every trainable tensor (adapter factors, DoRA magnitudes, heads);
 - ``optimizer.pt``: optimizer and LR-scheduler state;
 - ``state.json``: step, samples and tokens seen, data position (epoch, optimizer batch), the
-  metrics history so far, train time, the effective configuration and its hashes;
+  metrics history so far, train time, the run's parts so far (one per process: its wall time and
+  train time; ``run.record.Record.parts``), the adapter init's cost, the effective configuration
+  and its hashes; ``trained`` (the adapter's sha256) in the checkpoint written once training
+  finished and the adapter was saved, so that ``--resume`` evaluates without training again;
 - ``rng.pt``: Python, NumPy, torch CPU and CUDA random states.
 It is written into ``step-<N>.tmp`` and renamed when complete (a kill mid-write leaves no
 half checkpoint), and only the newest ``keep_checkpoints`` are kept.
@@ -99,6 +102,15 @@ def prune(root: Path, keep: int) -> None:
     for leftover in root.glob("step-*"):
         if leftover.is_dir() and (leftover.suffix in (".tmp", ".del") or not (leftover / STATE).exists()):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically (a temporary file renamed over it): a kill mid-write leaves the old
+    file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

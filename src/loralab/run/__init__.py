@@ -8,7 +8,10 @@
   normalisation, packing, CUDA graphs).
 - ``loop`` (``run.loop``): the optimizer steps, logging, evaluation and checkpoints every N steps.
 - save first, evaluate second: adapter and tokenizer are on disk before any evaluation, which
-  runs in the precision training used.
+  runs in the precision training used; then a checkpoint marks training complete, so that a
+  ``--resume`` after a stop in the evaluation does not train again.
+- evaluate (``run.evaluation``): one evaluation at a time; a signal stops after the current one,
+  and ``--resume`` reuses those that finished on the same adapter.
 - record (``run.record``): one result file for every ending, returned as an ``Outcome``.
 
 Under ``torchrun`` / ``accelerate launch`` (``loralab.distributed``) every rank builds the model and
@@ -33,7 +36,7 @@ from loralab.experiment import Experiment
 from loralab.methods.common import embeddings_trained
 from loralab.methods.qlora import write_base_record
 from loralab.models import portable_model_id
-from loralab.run import build, loop
+from loralab.run import build, evaluation, loop
 from loralab.run.build import (
     Built,
     count_trainable,
@@ -57,7 +60,6 @@ from loralab.run.record import (
 )
 from loralab.run.step import make_step
 from loralab.speed.step import autocast_context, budget_partitions, partitions_since
-from loralab.tasks.base import eval_count
 from loralab.trackers import Trackers
 
 __all__ = ["run_experiment", "Outcome", "output_dir"]
@@ -107,7 +109,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     out_dir = run_dir or output_dir(exp, created_at)
     ckpt_root = out_dir / "checkpoints"
     life = Lifecycle(log=say)
-    record = Record(checkpoint=str(resume_from) if resume_from else None,
+    record = Record(created_at=created_at, start=start, checkpoint=str(resume_from) if resume_from else None,
                     resumed_from=str(resume_from) if resume_from else None)
     error = None
     trackers = Trackers()  # none until built; ranks other than 0 keep none
@@ -120,9 +122,16 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
                                 init_state=init_state if resume_state and resume_state.get("init_state") else None,
                                 trainable_names=resume_state.get("trainable_names") if resume_state else None)
             record.method, record.cfg, record.provenance = built.method, built.cfg, built.data.provenance
+            # the run's init happened in its first process: a resumed one (which may skip it) carries its cost over
+            record.init_cost = (resume_state or {}).get("init_cost") or built.method.init_cost
+            calibration = (resume_state or {}).get("calibration") or built.calibration  # the same: the first's
+            if calibration:
+                record.provenance = {**record.provenance, "calibration": calibration}
             if launch.is_main:
                 trackers = Trackers.open(params, out_dir, config_of(exp), (resume_state or {}).get("step", 0))
-            n_eval = eval_count(built.task, built.data, params) if evaluate else 0
+            evals = evaluation.names(built.task, params) if evaluate else []
+            counted = evaluation.counts(built.task, built.data, params, evals)
+            n_eval = sum(counted.values())
             say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
                 f"({len(built.data.train)} train / {n_eval} eval examples), method {built.method.NAME}, "
                 f"device {built.device}; adapter -> {_shown(out_dir / 'adapter')}, result -> "
@@ -131,30 +140,40 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
                    if built.task.kind == "seq_cls" else "")
                 + ("; an FP8 base on the CPU runs torch's reference _scaled_mm, slower than float matmuls (FP8 pays on "
                    "GPUs with FP8 tensor cores)" if params.quantization == "fp8" and built.device.type == "cpu" else ""))
-            _train(exp, built, life, say, trackers, record, ckpt_root, resume_from, verbose)
+            state, save_checkpoint = _train(exp, built, life, say, trackers, record, ckpt_root, resume_from, verbose)
             with life.enter("save"):
                 _save(built, out_dir / "adapter", record, params.model_id)
                 say(f"adapter saved to {_shown(out_dir / 'adapter')}")
-            if evaluate and params.eval_tasks == [] and n_eval == 0:
-                say("no evaluation: eval_tasks is [] (leave the key out for the task's default evaluations)")
-            elif evaluate:
+                adapter_sha = evaluation.adapter_sha256(out_dir / "adapter") if evals and launch.is_main else None
+                if evals and not state.get("trained"):  # training complete: a --resume evaluates, it does not train
+                    state["trained"] = {"adapter_sha256": adapter_sha}
+                    save_checkpoint(state["step"])
+                life.stop_if_requested()  # a signal while saving
+            if evaluate and not evals:
+                say("no evaluation: " + ("eval_tasks is [] (leave the key out for the task's default evaluations)"
+                                         if params.eval_tasks == [] else f"task {params.task} has none by default (set eval_tasks)"))
+            elif evals:
                 with life.enter("evaluate"):
-                    say(f"evaluating {params.task} ({n_eval} examples)")
                     t0 = time.perf_counter()
-                    metrics = _evaluate(built, params, out_dir)
+                    metrics = evaluation.run(
+                        evals, counted, lambda name, folder: _evaluate(built, evaluation.narrowed(built.task, params, name), folder),
+                        root=ckpt_root, out_dir=out_dir, adapter_sha=adapter_sha, life=life, record=record, trackers=trackers,
+                        say=say)
                     record.timing["final_eval_s"] = time.perf_counter() - t0
-                    record.final = metrics
-                    trackers.log({f"eval/{k}": v for k, v in metrics.items()}, record.step)
                     record.history.append({"step": record.step, "train samples": record.samples,
                                            **{f"final {k}": v for k, v in metrics.items()}})
         except ConfigError:
             raise
-        except Cancelled as exc:
-            record.end("cancelled", {"type": "Cancelled", "message": str(exc) or "SIGINT", "phase": life.phase})
-            error = exc
-        except KeyboardInterrupt:
-            record.end("cancelled", {"type": "KeyboardInterrupt", "message": "SIGINT", "phase": life.phase})
-            error = Cancelled("SIGINT")
+        except KeyboardInterrupt as exc:  # Cancelled (our handlers) or a plain one (raised by another handler)
+            cancelled = isinstance(exc, Cancelled)
+            record.end("cancelled", {"type": type(exc).__name__, "message": (str(exc) if cancelled else "") or "SIGINT",
+                                     "phase": life.phase})
+            error = exc if cancelled else Cancelled("SIGINT")
+            if life.phase == "evaluate" and record.evaluations:
+                done = [n for n in evals if n not in record.evaluations["not_run"]]
+                left = record.evaluations["not_run"]
+                say(f"stopped in the evaluation: {', '.join(done) or 'none'} finished (their metrics are in the record)"
+                    + (f"; not run: {', '.join(left)} (--resume runs those alone)" if left else ""))
         except Diverged as exc:
             last = checkpoint.list_checkpoints(ckpt_root)
             record.end("diverged", {**error_info(exc, life.phase), "step": exc.step,
@@ -165,7 +184,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             error = exc
         finally:
             trackers.close(record.status)
-    result = record.result(exp, created_at, git, start)
+    result = record.result(exp, git)
     path = results.write_result(result, git) if launch.is_main else None
     if record.status == "success" and launch.is_main and ckpt_root.is_dir():
         (ckpt_root / FINISHED).write_text(json.dumps({"result": str(path)}))  # --resume: nothing left
@@ -173,8 +192,9 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
 
 
 def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Trackers, record: Record, ckpt_root: Path,
-           resume_from: Path | None, verbose: bool) -> None:
-    """Make the step, restore a checkpoint, run the loop; the record learns what happened."""
+           resume_from: Path | None, verbose: bool):
+    """Make the step, restore a checkpoint, run the loop; the record learns what happened. Returns the
+    checkpoint state and ``save_checkpoint(step)``, which writes it with the weights."""
     params, model, launch = exp.params, built.model, distributed.current()
     record.trainable, record.total_steps = count_trainable(model), built.total_steps
     opt_batch = params.batch_size * params.gradient_accumulation_steps
@@ -193,7 +213,12 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
         state = checkpoint.load(resume_from, model=model, optimizer=built.optimizer, scheduler=built.scheduler)
         if launch.is_main:
             checkpoint.prune(ckpt_root, params.keep_checkpoints)
-        say(f"resumed from {resume_from} (step {state['step']} of {built.total_steps})")
+        say(f"resumed from {resume_from} (step {state['step']} of {built.total_steps})"
+            + ("; training had finished: the final adapter is restored, not trained again" if state.get("trained") else ""))
+        record.first_step, record.train_time_start = state["step"], state["train_time"]
+        record.earlier = state.get("parts") or [{  # a checkpoint written before checkpoints kept the run's parts
+            "created_at": None, "total_time": state["train_time"], "train_time": state["train_time"],
+            "steps": [0, state["step"]], "evaluations": [], "note": "its wall time was not kept: its train time stands in"}]
     else:
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "history": [],
                  "running": [], "train_time": 0.0, "warmup_time": 0.0, "steady_time": 0.0, "steady_tokens": 0,
@@ -203,6 +228,7 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
                 checkpoint.save_init_state(ckpt_root, init_tensors(model))  # resume without redoing the decomposition
             state["init_state"] = True
     state.update(train_params_sha=exp.train_params_sha, peft_config_sha=exp.peft_config_sha, config=config_of(exp),
+                 init_cost=record.init_cost, calibration=record.provenance.get("calibration"),
                  experiment_path=str(exp.path.resolve()),  # find_resume: this folder's checkpoints, not a namesake's
                  trainable_names=[n for n, p in model.named_parameters() if p.requires_grad])
     if resume_from is not None:
@@ -216,6 +242,7 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
         if launch.distributed and launch.sharding == "fsdp":
             return  # not written under FSDP (logged at start)
         if launch.is_main:  # DDP: every rank holds the same weights and optimizer state
+            state["parts"] = record.parts(step, state["train_time"])  # the run's time so far, for a --resume
             record.checkpoint = str(checkpoint.save(ckpt_root, step, model=model, optimizer=built.optimizer,
                                                     scheduler=built.scheduler, state=state, keep=params.keep_checkpoints))
         distributed.barrier()
@@ -237,6 +264,7 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
         if speed.compile and speed.activation_memory_budget < 1:  # did torch's budgeted partition hold?
             record.timing["activation_memory_budget_partitions"] = partitions_since(partitions)
         record.launch = launch.record(step_fn.micro_batch, opt_batch)
+    return state, save_checkpoint
 
 
 def _save(built: Built, path: Path, record: Record, model_id: str) -> None:

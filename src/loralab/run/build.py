@@ -101,6 +101,9 @@ class Built:
     total_steps: int
     wrapped: object = None
     """The model and its loss under DDP/FSDP2 (``distributed.wrap``) when more than one process trains."""
+    calibration: dict | None = None
+    """Where a data-driven init's calibration rows came from (``MethodContext.calibration_provenance``: file,
+    split, overlap with the run's evaluations); None where no calibration ran (a resumed run carries its first's)."""
 
     def make_optimizer(self, params):
         """A fresh optimizer of the method's optimizer part (FSDP: over the sharded parameters)."""
@@ -151,14 +154,16 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         for name, p in model.named_parameters():
             p.requires_grad_(name in wanted)
         saver = ResidualSaver(model)
+        calibration = None
     else:
         ctx = MethodContext(params, data.train, tokenizer)
         with life.enter("calibrate"):
             model, saver = method.apply(model, cfg, params, ctx)
+        calibration = ctx.calibration_provenance
     optimizer = method.make_optimizer(model, cfg, params)
     total_steps = total_steps_of(params, len(data.train))
     return Built(task, tokenizer, data, model, saver, method, cfg, device, optimizer,
-                 make_scheduler(optimizer, params, total_steps), total_steps)
+                 make_scheduler(optimizer, params, total_steps), total_steps, calibration=calibration)
 
 
 def init_tensors(model) -> dict[str, torch.Tensor]:

@@ -79,16 +79,19 @@ def train(name: str, params, built, step_fn, state: dict, *, life, meter, tracke
                 while state["batch_in_epoch"] < len(batches) and state["step"] < total:
                     meter.start(step_fn)
                     stats = step_fn([train_set[j] for j in batches[state["batch_in_epoch"]]])
+                    step = state["step"] + 1
+                    log_now = step % params.logging_steps == 0 or step == total
+                    # the rate this step's update used, read before the scheduler sets the next step's (a device
+                    # tensor under CUDA graphs: read at logging steps only, which synchronise anyway)
+                    lr = float(scheduler.get_last_lr()[0]) if log_now else None
                     scheduler.step()
                     meter.memory.sample()
-                    state["step"] += 1
+                    state["step"] = step
                     state["batch_in_epoch"] += 1
-                    step = state["step"]
                     watch.see(stats.loss, step)
                     running.append(stats.loss.detach())
                     state["samples"] += stats.samples
                     state["tokens"] += stats.tokens
-                    log_now = step % params.logging_steps == 0 or step == total
                     eval_now = bool(params.eval_steps) and step % params.eval_steps == 0 and step != total
                     ckpt_now = ckpt_every > 0 and step % ckpt_every == 0 and step != total
                     stop_now = bool(life.stop_requested)
@@ -101,7 +104,7 @@ def train(name: str, params, built, step_fn, state: dict, *, life, meter, tracke
                     bar.update(1)
                     if log_now or eval_now or ckpt_now or stop_now:
                         if log_now:
-                            entry = _log_entry(step, state, running, scheduler, meter, trackers)
+                            entry = _log_entry(step, state, running, lr, meter, trackers)
                             running = []
                         else:
                             entry = {"step": step, "train samples": state["samples"]}
@@ -123,9 +126,10 @@ def train(name: str, params, built, step_fn, state: dict, *, life, meter, tracke
         bar.close()
 
 
-def _log_entry(step: int, state: dict, running: list, scheduler, meter, trackers) -> dict:
-    """The history entry of a logging step (mean train loss since the last one), sent to the trackers."""
-    entry = {"step": step, "train loss": float(torch.stack(running).mean()), "lr": float(scheduler.get_last_lr()[0]),
+def _log_entry(step: int, state: dict, running: list, lr: float, meter, trackers) -> dict:
+    """The history entry of a logging step (mean train loss since the last one; ``lr``: the learning
+    rate of this step's optimizer update), sent to the trackers."""
+    entry = {"step": step, "train loss": float(torch.stack(running).mean()), "lr": lr,
              "train samples": state["samples"], "train tokens": state["tokens"]}
     trackers.log({"train/loss": entry["train loss"], "train/learning_rate": entry["lr"],
                   "train/tokens_per_second": meter.tokens_per_second()}, step)

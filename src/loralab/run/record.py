@@ -7,12 +7,18 @@ returns every ending as an ``Outcome`` value; ``loralab run`` maps it to its exi
 
 Signals: loralab installs its own handlers whatever the inherited disposition (a job started in
 the background, under nohup or by a scheduler may inherit SIGINT as *ignored*, and Python then
-installs no KeyboardInterrupt handler at all). During training the first signal asks the loop to
-stop after the current optimizer step, write a checkpoint and a ``cancelled`` record; a second one,
-or a signal in any other phase, interrupts at once (``Cancelled``, a KeyboardInterrupt caught by
-the run and turned into its ``cancelled`` outcome).
+installs no KeyboardInterrupt handler at all). The first signal is acknowledged on stderr and asks
+the run to stop at the next point where nothing is lost (``Lifecycle.DEFERRED``): in training after
+the current optimizer step (a checkpoint, then a ``cancelled`` record), while saving once the
+adapter and the checkpoint marking training complete are written, in the final evaluation after the
+current evaluation (the finished ones' metrics go into the record). A second one, or a signal while
+building, interrupts at once (``Cancelled``, a KeyboardInterrupt caught by the run and turned into
+its ``cancelled`` outcome).
 
-Resume: ``find_resume`` picks the newest checkpoint whose configuration hashes match.
+Resume: ``find_resume`` picks the newest checkpoint whose configuration hashes match. A run that
+goes on over several processes (interrupted, then ``--resume``) counts its time over all of them:
+each checkpoint and each finished evaluation carries the run's ``parts`` so far (``Record.parts``),
+and the record's ``total_time`` and ``train_time`` are their sums.
 """
 
 from __future__ import annotations
@@ -52,6 +58,13 @@ class Lifecycle:
     """Tracks the phase and the stop request; use as a context manager around a run (it installs
     the SIGINT/SIGTERM handlers on the main thread and restores the previous ones on exit)."""
 
+    DEFERRED = {  # phase -> where its first signal stops (the phase's code checks ``stop_requested``)
+        "train": "after this step (checkpoint, then a cancelled record)",
+        "save": "once the adapter is saved (then a cancelled record)",
+        "evaluate": "after this evaluation (the finished evaluations' metrics go into a cancelled record; "
+                    "--resume runs the others)",
+    }
+
     def __init__(self, log=print):
         self.phase = "build"
         self.stop_requested: str | None = None
@@ -72,11 +85,16 @@ class Lifecycle:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.phase == "train" and self.stop_requested is None:
+        if self.phase in self.DEFERRED and self.stop_requested is None:
             self.stop_requested = name
-            self.log(f"{name}: stopping after this step (checkpoint, then a cancelled record); again to stop at once")
+            self.log(f"{name}: stopping {self.DEFERRED[self.phase]}; again to stop at once")
             return
         raise Cancelled(name)
+
+    def stop_if_requested(self) -> None:
+        """Raise ``Cancelled`` where a signal asked to stop (every rank alike: a collective under torchrun)."""
+        if distributed.any_rank(self.stop_requested is not None):
+            raise Cancelled(self.stop_requested or "SIGTERM")
 
     @contextlib.contextmanager
     def enter(self, phase: str):
@@ -171,6 +189,20 @@ class Record:
     """What a run learns about itself, filled as it goes; ``result`` turns it into the result
     record (``loralab.results`` schema) once, at the end."""
 
+    created_at: str = ""
+    start: float = field(default_factory=time.perf_counter)
+    """This process's ``time.perf_counter()`` at its beginning."""
+    earlier: list = field(default_factory=list)
+    """The parts of the run that earlier processes ran (``--resume``), as the newest checkpoint or
+    finished evaluation this one continues recorded them (``parts``)."""
+    first_step: int = 0
+    train_time_start: float = 0.0
+    """The step and the run's train time where this process took over."""
+    init_cost: dict | None = None
+    """The adapter init's cost (``Method.init_cost``), carried over checkpoints by a resumed run."""
+    evaluations: dict | None = None
+    """The final evaluation's names: ``ran`` (in this process), ``reused`` (finished by an earlier
+    process on the same adapter), ``not_run`` (a stop or a failure came first)."""
     checkpoint: str | None = None
     resumed_from: str | None = None
     status: str = "success"
@@ -199,10 +231,22 @@ class Record:
         """Set the ending (``success``, ``failed``, ``cancelled``, ``diverged``) and its error entry."""
         self.status, self.error = status, error
 
-    def result(self, exp: Experiment, created_at: str, git: dict, start: float) -> dict:
-        """The result record: run_info, train_info, eval, meta_info. ``start`` is the run's
-        ``time.perf_counter()`` at its beginning (``total_time`` in seconds)."""
+    def parts(self, step: int, train_time: float) -> list[dict]:
+        """The run's parts up to now, one per process, this one last (at ``step``, with the run's
+        ``train_time`` so far): each its ``created_at``, ``total_time`` and ``train_time`` (seconds, up to the
+        last checkpoint or finished evaluation it left), ``steps`` [from, to] and the evaluations it ran.
+        Written into every checkpoint and finished evaluation, so that a resumed run counts them."""
+        ran = (self.evaluations or {}).get("ran", [])
+        return [*self.earlier, {"created_at": self.created_at, "total_time": time.perf_counter() - self.start,
+                                "train_time": train_time - self.train_time_start, "steps": [self.first_step, step],
+                                "evaluations": list(ran)}]
+
+    def result(self, exp: Experiment, git: dict) -> dict:
+        """The result record: run_info, train_info, eval, meta_info. ``total_time`` and ``train_time``
+        count the whole run (seconds): over several processes (``--resume``), ``run_info.resumed`` lists
+        the parts they sum (``parts``); a run in one process has ``resumed`` null."""
         params = exp.params
+        parts = self.parts(self.step, self.train_time)
         timing = self.timing
         steady = timing.get("steady_s") or 0.0
         method = self.method
@@ -228,20 +272,23 @@ class Record:
             **(self.meter.summary() if self.meter is not None else {}),
             "metrics": self.history,
         }
+        if self.evaluations is not None:
+            train_info["evaluations"] = self.evaluations
         if self.error is not None:
             train_info["error"] = self.error
-        parts = getattr(method, "parts", None)
+        method_parts = getattr(method, "parts", None)
         return {
             "run_info": {
-                "created_at": created_at,
-                "total_time": time.perf_counter() - start,
+                "created_at": self.created_at,
+                "total_time": sum(p["total_time"] for p in parts),
+                "resumed": parts if self.earlier else None,
                 "experiment_name": exp.name,
                 "git": git,
                 "train_params_sha": exp.train_params_sha,
                 "peft_config_sha": exp.peft_config_sha,
                 "method": method.NAME if method is not None else None,
-                "method_parts": dict(parts) if parts else None,
-                "init_cost": getattr(method, "init_cost", None),
+                "method_parts": dict(method_parts) if method_parts else None,
+                "init_cost": self.init_cost if self.init_cost is not None else getattr(method, "init_cost", None),
                 "task": params.task,
                 "seed": params.seed,
                 "config": {
