@@ -12,17 +12,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from peft import LoraConfig
+from test_resume import make  # an experiment folder under <root>/experiments
 
 from loralab.cli import main
-
-
-def make(tmp_path: Path, name: str, params: dict, adapter: dict) -> Path:
-    folder = tmp_path / "experiments" / name
-    folder.mkdir(parents=True)
-    LoraConfig(**adapter).save_pretrained(folder)
-    (folder / "training_parameters.json").write_text(json.dumps(params))
-    return folder
 
 
 def newest(tmp_path: Path, status: str) -> dict:

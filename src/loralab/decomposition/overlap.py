@@ -24,12 +24,13 @@ _MBPP = ("mbpp/mbpp.jsonl", "mbpp/sanitized-mbpp.json")
 _NQ = ("nq_open/NQ-open.dev.jsonl",)  # lm-eval's nq_open (hub validation) asks the same questions
 
 EVAL_FILES: dict[str, tuple[str, ...]] = {
-    "gsm8k": _GSM8K, "math": _MATH, "math500": _MATH, "humaneval": ("humaneval/HumanEval.jsonl.gz",),
-    "mbpp": _MBPP, "mbpp_sanitized": _MBPP, "nq_open": _NQ, "nq_open_lm_eval": _NQ,
+    "gsm8k": _GSM8K, "math": _MATH, "math500": _MATH[::-1], "humaneval": ("humaneval/HumanEval.jsonl.gz",),
+    "mbpp": _MBPP, "mbpp_sanitized": _MBPP[::-1], "nq_open": _NQ, "nq_open_lm_eval": _NQ,
     "wikitext2": ("wikitext-2/wiki.test.raw",), "ptb": ("ptb/ptb.test.txt",),
     **{name: (f"llm-adapters/dataset/{name}/test.json",) for name in _COMMONSENSE},
 }
-"""Evaluation name -> files (relative to ``data_dir``) holding the text it scores."""
+"""Evaluation name -> files (relative to ``data_dir``) holding the text it scores, the file its loader reads first
+(``tasks.data_check.SOURCES`` names the same: tests/test_data_paths.py)."""
 
 
 def eval_file(name: str, data_dir) -> str | None:
