@@ -9,10 +9,11 @@ from collections import defaultdict
 
 from loralab.report.evals import evaluations, is_count
 from loralab.report.tables import ReportError, parse_by, parse_metrics, task_name
+from loralab.tasks.evaluate import COUNTS  # metrics that count things, not scores
 
 
 def _held(runs) -> list[str]:
-    return sorted({k for r in runs for k in r.metrics if not is_count(k)})
+    return sorted({k for r in runs for k in r.metrics if not is_count(k) and k.rpartition("/")[2] not in COUNTS})
 
 
 def did_you_mean(name: str, known) -> str:

@@ -110,7 +110,7 @@ def numeric(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-COUNTS = ("n", "programs", "failed", "timed_out", "reruns", "not_compiling", "rows")
+COUNTS = ("n", "programs", "failed", "timed_out", "reruns", "not_compiling", "rows", "windows", "windows_total", "tokens")
 """Metrics that count things (problems, programs, rows): whole numbers, whatever a record stored them as."""
 
 
