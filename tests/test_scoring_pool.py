@@ -194,3 +194,33 @@ def test_dead_scoring_workers_fall_back_to_this_process_with_a_warning(capsys):
             pool.submit(i, ["x"] if i % 2 else [])
         assert pool.result() == {"accuracy": 0.5, "n": 4}
     assert "scoring workers stopped" in capsys.readouterr().err
+
+
+def _slow_score(name, problem, completions, options):
+    time.sleep(0.3)
+    return bool(completions)
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_at_the_process_group_leaves_scoring_workers_running(capsys):
+    """Ctrl-C in a terminal signals every process of the group: a worker that took it printed a KeyboardInterrupt
+    traceback and broke the pool. Workers ignore SIGINT; the run or ``loralab eval`` decides what a signal stops."""
+    import signal
+
+    from loralab.tasks.base import Eval, fraction_correct
+
+    ev = Eval("slow", family="test", output_type="generate", headline="accuracy", load=len, build_prompt=len,
+              source_generation=len, score_problem=_slow_score, aggregate=fraction_correct("accuracy"),
+              pool="process")
+    with evals.ScoringPool(ev, [{"id": i} for i in range(4)], {}, workers=1) as pool:
+        pool.submit(0, ["x"])
+        concurrent.futures.wait([pool._futures[0]], timeout=120)  # the worker is up: it has scored a problem
+        workers = list(pool._pool()._processes)
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
+        for i in range(1, 4):
+            pool.submit(i, ["x"] if i % 2 else [])
+        assert pool.result() == {"accuracy": 0.75, "n": 4}
+    err = capsys.readouterr().err
+    assert "KeyboardInterrupt" not in err and "scoring workers stopped" not in err

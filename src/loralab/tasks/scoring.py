@@ -25,6 +25,15 @@ def score_workers(ev: Eval, options: dict) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // max(1, distributed.current().world_size) - 1))
 
 
+def _ignore_sigint() -> None:
+    """A scoring worker's start: Ctrl-C in a terminal reaches the whole process group, and the run (or
+    ``loralab eval``) decides what a signal stops; a worker that took it printed a KeyboardInterrupt traceback and
+    broke the pool, whose problems were then scored again in the main process."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ScoringPool:
     """Scores the problems of one evaluation as their completions arrive.
 
@@ -54,7 +63,8 @@ class ScoringPool:
             if self.ev.pool == "process":
                 import multiprocessing
 
-                self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=_ignore_sigint)
             else:
                 self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"score-{self.ev.name}")
         return self._executor
