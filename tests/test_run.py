@@ -55,7 +55,7 @@ def test_short_run_lowers_loss_and_writes_valid_result(tmp_path, data_dir, monke
     assert record["train_info"]["status"] == "success"
     losses = [m["train loss"] for m in record["train_info"]["metrics"] if "train loss" in m]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert set(record["eval"]) == {"pearson", "spearmanr"}
+    assert set(record["eval"]) == {"pearson", "spearmanr", "loss"}  # loss: the dev MSE
     assert record["eval"]["pearson"] > 0.3  # a real regressor learned something on real STS-B
     assert any("eval pearson" in m for m in record["train_info"]["metrics"])
     assert record["meta_info"]["dataset"]["train"]["sha256"]
