@@ -130,6 +130,9 @@ def test_resumed_record_counts_every_part_and_keeps_init_cost(tmp_path, data_dir
     assert calibration["source"] == "task" and calibration["split"] == "train" and calibration["num_samples"] == 8
     assert record["meta_info"]["dataset"]["calibration"] == calibration
     parts = assert_parts_add_up(record, [[0, 3], [3, 6]])
+    # the peak is the whole run's: the largest any part reached (it was the last process's alone)
+    assert all(isinstance(p["peak_memory"], int) for p in parts)
+    assert record["train_info"]["peak_rss"] == max(p["peak_memory"] for p in parts) >= parts[0]["peak_memory"]
     assert parts[0]["total_time"] <= cancelled["run_info"]["total_time"]
     assert parts[0]["train_time"] == pytest.approx(cancelled["train_info"]["train_time"])
     capsys.readouterr()
