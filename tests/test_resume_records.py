@@ -122,6 +122,8 @@ def test_resumed_record_counts_every_part_and_keeps_init_cost(tmp_path, data_dir
     assert main(["run", str(folder)]) == 130
     cancelled = newest(tmp_path, "cancelled")
     assert cancelled["train_info"]["steps"] == 3 and cancelled["run_info"]["init_cost"]["seconds"] > 0
+    # stopped in training: the record still names the evaluations that did not run
+    assert cancelled["train_info"]["evaluations"] == {"ran": [], "reused": [], "not_run": ["glue/rte"]}
     assert main(["run", str(folder), "--resume"]) == 0
     record = newest(tmp_path, "success")
     assert record["train_info"]["resumed_from"].endswith("step-3")

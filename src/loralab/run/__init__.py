@@ -111,7 +111,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     life = Lifecycle(log=say)
     record = Record(created_at=created_at, start=start, checkpoint=str(resume_from) if resume_from else None,
                     resumed_from=str(resume_from) if resume_from else None)
-    error = None
+    error, evals = None, []  # evals: the final evaluations, named once the run is built
     trackers = Trackers()  # none until built; ranks other than 0 keep none
     with life:
         try:
@@ -169,6 +169,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             record.end("cancelled", {"type": type(exc).__name__, "message": (str(exc) if cancelled else "") or "SIGINT",
                                      "phase": life.phase})
             error = exc if cancelled else Cancelled("SIGINT")
+            if record.evaluations is None and evals:  # stopped before the evaluation: none of them ran
+                record.evaluations = {"ran": [], "reused": [], "not_run": list(evals)}
             if life.phase == "evaluate" and record.evaluations:
                 done = [n for n in evals if n not in record.evaluations["not_run"]]
                 left = record.evaluations["not_run"]
