@@ -16,21 +16,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_COMMONSENSE = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa")
-_GSM8K = ("gsm8k/test.jsonl", "metamath/GSM8K_test.jsonl", "metamath/GSM8K_Backward.jsonl",
-          "llm-adapters/dataset/gsm8k/test.json")
-_MATH = ("math/MATH/test.jsonl", "math/MATH-500/test.jsonl")  # MATH-500 is a subset of MATH test
-_MBPP = ("mbpp/mbpp.jsonl", "mbpp/sanitized-mbpp.json")
-_NQ = ("nq_open/NQ-open.dev.jsonl",)  # lm-eval's nq_open (hub validation) asks the same questions
+from loralab.tasks.registry import EVALS
 
-EVAL_FILES: dict[str, tuple[str, ...]] = {
-    "gsm8k": _GSM8K, "math": _MATH, "math500": _MATH[::-1], "humaneval": ("humaneval/HumanEval.jsonl.gz",),
-    "mbpp": _MBPP, "mbpp_sanitized": _MBPP[::-1], "nq_open": _NQ, "nq_open_lm_eval": _NQ,
-    "wikitext2": ("wikitext-2/wiki.test.raw",), "ptb": ("ptb/ptb.test.txt",),
-    **{name: (f"llm-adapters/dataset/{name}/test.json",) for name in _COMMONSENSE},
+_ALSO = {  # files holding the same questions in another format, after the one the loader reads
+    "gsm8k": ("metamath/GSM8K_test.jsonl", "metamath/GSM8K_Backward.jsonl", "llm-adapters/dataset/gsm8k/test.json"),
+    "math": ("math/MATH-500/test.jsonl",), "math500": ("math/MATH/test.jsonl",),  # MATH-500 is a subset of MATH test
+    "mbpp": ("mbpp/sanitized-mbpp.json",), "mbpp_sanitized": ("mbpp/mbpp.jsonl",),
 }
-"""Evaluation name -> files (relative to ``data_dir``) holding the text it scores, the file its loader reads first
-(``tasks.data_check.SOURCES`` names the same: tests/test_data_paths.py)."""
+EVAL_FILES: dict[str, tuple[str, ...]] = {
+    name: (ev.source.local, *_ALSO.get(name, ())) for name, ev in EVALS.items() if ev.source is not None}
+EVAL_FILES["nq_open_lm_eval"] = EVAL_FILES["nq_open"]  # lm-eval's nq_open (hub validation) asks the same questions
+"""Evaluation name -> files (relative to ``data_dir``) holding the text it scores: first the file its loader reads
+(its record's ``Eval.source``, declared in its family file), then ``_ALSO``."""
 
 
 def eval_file(name: str, data_dir) -> str | None:

@@ -4,7 +4,8 @@ Training tasks, one line each in ``TASKS``: ``glue`` (GLUE classification/regres
 ``instruct`` (SFT of causal LMs, templates in ``instruct_templates``). Evaluations of causal LMs,
 one ``base.Eval`` record each, exported by their family file (``EVALS``) and gathered with one loop
 per output type in ``evaluate``: ``gsm8k``, ``competition_math`` (MATH, MATH-500), ``code``
-(HumanEval, MBPP), ``commonsense``, ``nqopen``, ``language_modeling`` + ``perplexity`` (corpora).
+(HumanEval, MBPP), ``commonsense``, ``nqopen``, ``language_modeling`` (its corpora's files in
+``corpora``, the scoring in ``perplexity``).
 What they share sits beside them: ``base`` (the records), ``numeric`` (one reader of numeric
 answers), ``generation`` (batched generation) and ``sandbox`` (running generated programs).
 Nothing here imports a floor above (run, train, bench, report, commands); a training task's

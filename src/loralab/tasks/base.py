@@ -2,9 +2,11 @@
 ``Eval`` (one evaluation: what a family file exports, one record per evaluation name).
 
 An evaluation is one declarative unit, as an lm-eval task is: its name, its family (the file that
-defines it), how its output is produced (``output_type``), its options, its prompt and source
-generation protocol, its scorer and its headline metric. ``loralab.tasks.evaluate`` runs any
-record with the loop of its output type; nothing there asks a module what it happens to define.
+defines it), how its output is produced (``output_type``), where its data lives (``source``: the
+file under the data folder its loader opens, and the hub copy used without one), its options, its
+prompt and source generation protocol, its scorer and its headline metric.
+``loralab.tasks.evaluate`` runs any record with the loop of its output type; nothing there asks a
+module what it happens to define.
 
 Scoring is split in two so that it can run beside generation (``loralab.tasks.evaluate``):
 ``score_problem(name, problem, completions, options)`` judges one problem from its completions
@@ -17,6 +19,7 @@ same numbers by construction, and ``tests/test_scoring_pool.py`` checks it on re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 OUTPUT_TYPES = ("generate", "classify", "perplexity", "lm_eval")
@@ -65,6 +68,22 @@ def eval_count(task, data: TaskData, params) -> int:
 
 
 @dataclass(frozen=True)
+class Source:
+    """Where an evaluation's data comes from, declared once in its family file: the loader opens
+    ``path(data_dir)``; ``tasks.data_check`` names both places when loading fails, and
+    ``decomposition.overlap`` matches calibration text against ``local``."""
+
+    local: str
+    """The file under the data folder that the loader opens (relative, ``/``-separated)."""
+    hub: str
+    """What stands in without a data folder (hub dataset, config, split), as messages name it."""
+
+    def path(self, data_dir) -> Path:
+        """``data_dir / local``: the one file the loader opens in the data folder ``data_dir``."""
+        return Path(data_dir) / self.local
+
+
+@dataclass(frozen=True)
 class Eval:
     """One evaluation. Callables take the evaluation ``name`` first, so one family function can
     serve several records (``code.load`` serves humaneval, mbpp and mbpp_sanitized)."""
@@ -97,6 +116,9 @@ class Eval:
     """Perplexity / lm_eval: ``(name, model, tokenizer, *, data_dir, options, generation,
     max_samples) -> dict`` of metrics."""
     description: str = ""
+    source: Source | None = None
+    """Where ``load`` (generate) or ``run`` (perplexity) finds the data, the path it opens; None for
+    an evaluation that fetches its own (lm_eval)."""
 
     def __post_init__(self):
         if self.output_type not in OUTPUT_TYPES:

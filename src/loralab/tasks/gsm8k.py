@@ -37,10 +37,9 @@ from __future__ import annotations
 import json
 import re
 from fractions import Fraction
-from pathlib import Path
 
 from loralab.models import hub_dataset
-from loralab.tasks.base import Eval, fraction_correct
+from loralab.tasks.base import Eval, Source, fraction_correct
 from loralab.tasks.numeric import first_number, numbers_equal
 
 PROMPT_CORDA = (
@@ -64,14 +63,16 @@ OPTIONS = {
     "corda_number_regex": (False, (False, True)),
 }
 
+SOURCE = Source("gsm8k/test.jsonl", "openai/gsm8k (main, test)")
+
 CORDA_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
 MC_DELIMITERS = ["The answer is: ", "The answer is ", "The final answer is: ", "The final answer is ", "#### "]
 
 
 def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
-    """Test problems with ``id`` = 0-based row of ``gsm8k/test.jsonl`` (hub: openai/gsm8k main test)."""
+    """Test problems with ``id`` = 0-based row of ``SOURCE`` (``gsm8k/test.jsonl``; hub: openai/gsm8k main test)."""
     if data_dir is not None:
-        with open(Path(data_dir) / "gsm8k" / "test.jsonl", encoding="utf-8") as fh:
+        with open(SOURCE.path(data_dir), encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
     else:
         rows = list(hub_dataset("openai/gsm8k", "main", split="test", what="evaluation data"))
@@ -171,5 +172,6 @@ def score(name: str, problems: list[dict], completions: dict, options: dict) -> 
 EVALS = (
     Eval("gsm8k", family="gsm8k", output_type="generate", headline="accuracy", options=OPTIONS, load=load,
          build_prompt=build_prompt, source_generation=source_generation, score_problem=score_problem,
-         aggregate=aggregate, pool=None, description="GSM8K test (1,319), CorDA's prompt and answer extraction"),
+         aggregate=aggregate, pool=None, description="GSM8K test (1,319), CorDA's prompt and answer extraction",
+         source=SOURCE),
 )

@@ -1,6 +1,7 @@
 """Perplexity on WikiText-2 (test) and PTB, CorDA's sanity check that a decomposition keeps the model
 (``cordalib/evaluate_utils.py``: 2,048-token windows). The corpus loading and the sliding-window
-computation live in ``loralab.tasks.perplexity``; this module only registers them as evaluations.
+computation live in ``loralab.tasks.corpora`` (where each corpus's file is declared) and
+``loralab.tasks.perplexity``; this module only registers them as evaluations.
 Options: ``seq_len`` (2048), ``stride`` (None: non-overlapping windows), ``batch_size`` (1). ``max_samples``
 (``loralab eval --max-samples``, ``max_eval_samples``) scores the corpus's first N windows; the metrics say how many
 windows of how many, and how many tokens, were scored.
@@ -9,6 +10,7 @@ windows of how many, and how many tokens, were scored.
 from __future__ import annotations
 
 from loralab.tasks.base import Eval
+from loralab.tasks.corpora import SOURCES
 from loralab.tasks.metrics import settle
 
 OPTIONS = {"seq_len": (2048, None), "stride": (None, None), "batch_size": (1, None)}
@@ -30,5 +32,6 @@ def run(name: str, model, tokenizer, *, data_dir, options: dict, max_samples: in
 
 
 EVALS = tuple(Eval(name, family="language_modeling", output_type="perplexity", headline="perplexity", options=OPTIONS,
-                   run=run, description=f"{label} test perplexity, CorDA's 2,048-token windows")
+                   run=run, description=f"{label} test perplexity, CorDA's 2,048-token windows",
+                   source=SOURCES[name])
               for name, label in (("wikitext2", "WikiText-2"), ("ptb", "PTB")))

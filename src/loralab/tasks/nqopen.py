@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import re
 import string
-from pathlib import Path
 
-from loralab.tasks.base import Eval, fraction_correct
+from loralab.tasks.base import Eval, Source, fraction_correct
 
 DESCRIPTION = "Answer these questions:\n\n"
 TEMPLATE = "Q: {question}?\nA:"
@@ -27,11 +26,12 @@ UNTIL = ["\n", ".", ","]
 IGNORE = r"\b(?:The |the |An |A |The |a |an )"
 OPTIONS: dict = {}
 LM_EVAL_TASKS = {"nq_open_lm_eval": "nq_open", "triviaqa_lm_eval": "triviaqa"}
+SOURCE = Source("nq_open/NQ-open.dev.jsonl", "google-research-datasets/nq_open (validation)")
 
 
 def load(name: str, data_dir, max_samples: int | None) -> list[dict]:
     if data_dir is not None:
-        with open(Path(data_dir) / "nq_open" / "NQ-open.dev.jsonl", encoding="utf-8") as fh:
+        with open(SOURCE.path(data_dir), encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
     else:
         from loralab.models import hub_dataset  # Unreachable (exit 2) at once when offline
@@ -88,7 +88,8 @@ def run_lm_eval(name: str, model, tokenizer, *, generation: dict | None = None, 
 EVALS = (
     Eval("nq_open", family="nqopen", output_type="generate", headline="exact_match", options=OPTIONS, load=load,
          build_prompt=build_prompt, source_generation=source_generation, score_problem=score_problem,
-         aggregate=aggregate, pool=None, description="NQ-open dev (3,610), lm-eval 0.4's protocol, our scorer"),
+         aggregate=aggregate, pool=None, description="NQ-open dev (3,610), lm-eval 0.4's protocol, our scorer",
+         source=SOURCE),
     *(Eval(name, family="nqopen", output_type="lm_eval", headline="exact_match", run=run_lm_eval,
            description=f"lm-eval's {task} task (optional dependency lm-eval)") for name, task in LM_EVAL_TASKS.items()),
 )

@@ -6,34 +6,19 @@ seq_len 2048), each scored with the causal-LM loss on its shifted tokens, and
 ppl = exp(sum of NLL / number of predicted tokens). With ``stride`` the windows slide by
 ``stride`` tokens and only the tokens new to each window are scored (the Hugging Face recipe),
 which gives every scored token more context. ``max_windows`` scores only the first windows
-(a cheaper estimate on CPU; say so when reporting it).
+(a cheaper estimate on CPU; say so when reporting it). The corpora themselves (files, hub copies,
+``load_corpus``) are ``loralab.tasks.corpora``'s.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-_LOCAL = {"wikitext2": "wikitext-2/wiki.test.raw", "ptb": "ptb/ptb.test.txt"}
-_HUB = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"), "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence")}
-
-
-def load_corpus(name: str, data_dir=None) -> str:
-    """The test text of ``wikitext2`` or ``ptb``: local files in ``data_dir`` if present, else the hub."""
-    if name not in _LOCAL:
-        raise ValueError(f"perplexity corpus {name!r} is unknown; known: {', '.join(_LOCAL)}")
-    if data_dir is not None and (Path(data_dir) / _LOCAL[name]).exists():
-        lines = (Path(data_dir) / _LOCAL[name]).read_text(encoding="utf-8").splitlines()
-        return "\n\n".join(line.strip() if name == "ptb" else line for line in lines if line.strip())
-    from loralab.models import hub_dataset  # Unreachable (exit 2) at once when offline
-
-    hub, config, split, field = _HUB[name]
-    return "\n\n".join(hub_dataset(hub, config, split=split)[field])
-
+from loralab.tasks.corpora import load_corpus  # noqa: F401  (the corpora's files and hub copies live there)
 
 LOG_FLOAT_MAX = math.log(sys.float_info.max)
 
