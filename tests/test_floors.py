@@ -12,7 +12,8 @@ from above, function-local imports included):
   (calibration statistics, CorDA, ASVD), ``speed/`` (kernels and graph capture), ``tasks/``
   (datasets, prompts, scorers, evaluation loops), ``engine/`` (the generation engine), ``merge``.
 - floor 2: ``experiment`` (reads an experiment folder and validates it against the registries of
-  floor 1: methods, tasks, decomposition options).
+  floor 1: methods, tasks, decomposition options), ``init_adapter`` (reads, checks and loads the saved
+  adapter a run starts from).
 - floor 3: ``run/`` (the run path: build, step, loop, meter, record).
 - floor 4: ``bench/``, ``report/``, ``sweep`` (drive runs or read their records).
 - floor 5: ``commands/``, ``cli``, ``__main__`` (each subcommand calls one function).
@@ -54,6 +55,7 @@ FLOORS = {
     "loralab.engine": 1,
     "loralab.merge": 1,
     "loralab.experiment": 2,
+    "loralab.init_adapter": 2,
     "loralab.run": 3,
     "loralab.bench": 4,
     "loralab.report": 4,

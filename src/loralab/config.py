@@ -121,6 +121,18 @@ class TrainingParameters:
     """``adamw``, ``lorafa`` (peft's LoRA-FA optimizer) or ``loraplus`` (peft's LoRA+ optimizer)."""
     init: str | None = None
     """Inits peft lacks: milora, svd_lorafa (seed 003 as written), svd_lorafa_corrected, lorafa_qr."""
+    init_adapter: str | None = None
+    """A local peft adapter folder (``adapter_config.json`` + weights) whose weights start the adapter in place of
+    the method's init, which does not run (no calibration, no SVD): ``loralab decompose --save-path DIR``'s
+    ``DIR/adapter`` (seed 001's step 2), a downloaded decomposition's adapter, or any saved adapter to go on
+    training (a path as ``model_id``'s: relative to the working folder). Its adapter_config.json is the adapter's
+    config: the experiment's may be left out; where given, a key it sets (not null) wins if it leaves the weights'
+    meaning alone (``lora_dropout``), and one that shapes or scales them (``r``, ``lora_alpha``, ``target_modules``,
+    ``use_dora``, ...) is refused where it differs from the folder's, naming both values; an init
+    (``init_lora_weights``, ``init``) is refused. Unset
+    ``model_id`` defaults to the adapter's ``base_model_name_or_path``; a CorDA adapter (its config carries
+    ``corda_config``) trains on its residual model only (a folder marked ``decompose.json``), and that model only
+    with such an adapter. The record's ``run_info.init_adapter`` names the folder and its weights' sha256."""
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     """Options of the optimizer part (``loralab.methods.parts``): ``betas`` (default [0.9, 0.999]),
     ``eps`` (1e-8), ``no_decay`` (``["bias"]``, ``["norm"]`` or both: parameters left out of weight
@@ -272,6 +284,8 @@ def _value_problems(values: dict[str, Any], checks: Sequence[Callable[[dict], li
     problems.extend(not_allowed(values, "loss_normalization", LOSS_NORMALIZATIONS))
     if values["checkpoint_steps"] is not None and values["checkpoint_steps"] < 0:
         problems.append(f"'checkpoint_steps' = {values['checkpoint_steps']!r} must be >= 0 (0: only on SIGINT/SIGTERM; null: every 10 % of the run)")
+    if values["init_adapter"] == "":  # its folder and config: loralab.experiment, which reads them
+        problems.append("'init_adapter' = '' must name a peft adapter folder, or be null (the method's own init)")
     if values["keep_checkpoints"] < 1:
         problems.append(f"'keep_checkpoints' = {values['keep_checkpoints']!r} must be >= 1")
     if not isinstance(cal["corda_options"], dict):  # its keys: loralab.experiment checks them

@@ -6,6 +6,10 @@ can be checked without loading a model and raises one ConfigError listing every 
 The checks that need the registries (the methods' inits and optimizers, CorDA's options, the
 tasks) are made here, a floor above them, and reported together with config's own problems. A bad value
 does not hide them: they run with every key a problem names back at its default (``read_experiment``).
+
+A run from a saved adapter (training_parameters ``init_adapter``, seed 001's step 2) trains with the
+folder's adapter_config.json (``init_adapter_config``: the experiment's own may only add what leaves the
+weights' meaning alone) on the base the adapter belongs to (``init_adapter_base_problems``), checked here too.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,13 @@ from loralab import methods
 from loralab.config import ConfigError, TrainingParameters, build_parameters, not_allowed, suggest
 from loralab.decomposition.calibration import canonical_name
 from loralab.decomposition.corda import check_options
+from loralab.init_adapter import (
+    TASK_TYPES,
+    init_adapter_base_problems,
+    init_adapter_config,
+    named_config,
+    read_init_adapter,
+)
 from loralab.models import check_model_id
 from loralab.results import sha256_json
 from loralab.speed_settings import Speed
@@ -34,6 +46,11 @@ NOT_HASHED = ("report_to", "logging_dir", "wandb_project")
 turning a tracker on neither blocks ``--resume`` nor reruns a sweep's finished experiments."""
 
 
+ADDED = {"init_adapter": None}
+"""Top-level parameters added after experiments were hashed, with their defaults: left out of
+``train_params_sha`` at the default, so an existing experiment's hash (``--resume``, sweeps) is unchanged."""
+
+
 def hashed_parameters(params: TrainingParameters) -> dict[str, Any]:
     """The parameters ``train_params_sha`` covers: all but ``NOT_HASHED``.
 
@@ -45,6 +62,9 @@ def hashed_parameters(params: TrainingParameters) -> dict[str, Any]:
     added = {f.name: (f.default, *f.metadata.get("old_defaults", ())) for f in dataclasses.fields(Speed)
              if f.metadata.get("added")}
     out["speed"] = {k: v for k, v in out["speed"].items() if not (k in added and any(v == d for d in added[k]))}
+    for key, default in ADDED.items():  # a key added later is hashed only away from its default, as speed's
+        if out.get(key) == default:
+            out.pop(key, None)
     if out.get("eval_tasks") is None:
         out["eval_tasks"] = []
     elif out["eval_tasks"] == []:
@@ -208,6 +228,12 @@ def read_experiment(path) -> Experiment:
         peft_data = _read_json(path / ADAPTER_FILE, problems)
         if peft_data is not None:
             peft_config = load_peft_config(peft_data, problems)
+    init_value, init_data, before = overrides.get("init_adapter"), None, len(problems)
+    if isinstance(init_value, str) and init_value:
+        init_data = read_init_adapter(init_value, problems)
+        if init_data is not None and "model_id" not in overrides and init_data.get("base_model_name_or_path"):
+            overrides = {**overrides, "model_id": init_data["base_model_name_or_path"]}  # the base it names
+    init_broken = len(problems) > before  # the method is not checked against a config that could not be read
     from loralab.tasks import TASKS
 
     def unknown_task(task) -> list[str]:
@@ -233,11 +259,29 @@ def read_experiment(path) -> Experiment:
     rest = [] if "task" in bad else unknown_task(params.task)
     if not rest and not bad & {"task", "data_dir", "eval_split", "holdout_fraction", "holdout_seed"}:
         rest = TASKS[params.task].check(params)
-    if not any(p.startswith("adapter_config.json") for p in problems):
+    from_folder = init_data is not None and params.init_adapter is not None  # the run trains the folder's adapter
+    if from_folder:
+        peft_data = init_adapter_config(init_data, peft_data, init_value, problems)
+        with warnings.catch_warnings():  # peft: "corda_config ... ignored" without the corda init: as meant here
+            warnings.filterwarnings("ignore", message=".*corda_config.* will be ignored", category=UserWarning)
+            peft_config = load_peft_config(peft_data, own := [])
+        problems += [f"'init_adapter' = {init_value!r}: {line}" for line in own]
+        init_broken |= bool(own)
+        problems += init_adapter_base_problems(init_value, init_data, params.model_id) if "model_id" not in bad else []
+        if params.init is not None:
+            problems.append(f"'init' = {params.init!r} with 'init_adapter' = {init_value!r}: two initialisations (the "
+                            "folder's weights are the init); set one of them")
+        wanted, kind = init_data.get("task_type"), getattr(TASKS.get(params.task), "kind", None)
+        if wanted in TASK_TYPES.values() and TASK_TYPES.get(kind, wanted) != wanted:
+            problems.append(f"'init_adapter' = {init_value!r} is a {wanted} adapter and 'task' = {params.task!r} trains "
+                            f"a {TASK_TYPES[kind]} model: its weights (and head) belong to another model class")
+    if not init_broken and not any(p.startswith("adapter_config.json") for p in problems):
         from loralab.methods import choose_method  # the registry knows which parts compose
 
+        chosen = named_config(peft_config) if from_folder else peft_config
+        checked = dataclasses.replace(params, init=None) if from_folder else params  # its 'init': refused above
         try:
-            rest += choose_method(peft_config, params).conflicts(peft_config, params)
+            rest += choose_method(chosen, checked).conflicts(chosen, checked)
         except ConfigError as exc:
             rest += exc.problems
     named = re.compile(r"(?<![\w.])'?(" + "|".join(map(re.escape, sorted(bad))) + r")\b") if bad else None

@@ -104,7 +104,8 @@ def _check_adapter(adapter: str) -> tuple[dict, dict]:
     return config, weights
 
 
-def residual_base_problem(adapter, base: str | None, flag: str = "--base") -> str | None:
+def residual_base_problem(adapter, base: str | None, flag: str = "--base",
+                          named: str = "its base_model_name_or_path") -> str | None:
     """Why ``base``, the base an adapter records (``base_model_name_or_path``, the default of
     ``loralab merge``/``eval``), is not the model a CorDA adapter belongs to, or None.
 
@@ -113,7 +114,8 @@ def residual_base_problem(adapter, base: str | None, flag: str = "--base") -> st
     it silently gives another model (SmolLM2-135M: logits off by up to 28). ``loralab decompose``
     marks its residual folder (``decompose.json``) and records it as the adapter's base; a base
     without the mark (peft's CorDA example records the original model, as loralab did before) is
-    refused. Converted adapters (``--to-lora``, ``loralab run``'s) carry no ``corda_config``."""
+    refused. Converted adapters (``--to-lora``, ``loralab run``'s) carry no ``corda_config``. ``named`` says
+    where ``base`` came from in the message (``loralab run``'s ``init_adapter``: "'model_id'")."""
     from loralab.decomposition.build import RESIDUAL_MARKER
 
     path = Path(adapter) / "adapter_config.json"
@@ -128,8 +130,8 @@ def residual_base_problem(adapter, base: str | None, flag: str = "--base") -> st
     parent = Path(adapter).resolve().parent
     hint = f" (here: {flag} {parent})" if (parent / RESIDUAL_MARKER).is_file() else ""
     return (f"the adapter in {str(adapter)!r} carries 'corda_config': CorDA's decomposition made it for the residual "
-            f"model it saved (loralab decompose --save-path DIR: DIR; peft's CorDA example: its save_path), but its "
-            f"base_model_name_or_path {base!r} is not such a model (no {RESIDUAL_MARKER} there); on the original model "
+            f"model it saved (loralab decompose --save-path DIR: DIR; peft's CorDA example: its save_path), but "
+            f"{named} {base!r} is not such a model (no {RESIDUAL_MARKER} there); on the original model "
             f"the adapter gives another model, not the decomposed one. Pass {flag} with the residual model's folder"
             f"{hint}")
 

@@ -121,7 +121,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             built = build.build(exp, life,
                                 init_state=init_state if resume_state and resume_state.get("init_state") else None,
                                 trainable_names=resume_state.get("trainable_names") if resume_state else None)
-            record.method, record.cfg, record.provenance = built.method, built.cfg, built.data.provenance
+            record.method, record.cfg, record.provenance = built.named or built.method, built.cfg, built.data.provenance
+            record.init_adapter = _init_adapter(exp, built, resume_state)
             # the run's init happened in its first process: a resumed one (which may skip it) carries its cost over
             record.init_cost = (resume_state or {}).get("init_cost") or built.method.init_cost
             calibration = (resume_state or {}).get("calibration") or built.calibration  # the same: the first's
@@ -133,8 +134,9 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             counted = evaluation.counts(built.task, built.data, params, evals)
             n_eval = sum(counted.values())
             say(f"{exp.name}: {params.model_id} ({params.dtype}) on {params.task} "
-                f"({len(built.data.train)} train / {n_eval} eval examples), method {built.method.NAME}, "
-                f"device {built.device}; adapter -> {_shown(out_dir / 'adapter')}, result -> "
+                f"({len(built.data.train)} train / {n_eval} eval examples), method {record.method.NAME}"
+                + (f" from the adapter in {_shown(params.init_adapter)} (no init runs)" if params.init_adapter else "")
+                + f", device {built.device}; adapter -> {_shown(out_dir / 'adapter')}, result -> "
                 f"{_shown(results.route('success', git))}/ on success ({results.route_reason(git)})"
                 + ("; the classification head starts from random weights and trains with the adapter"
                    if built.task.kind == "seq_cls" else "")
@@ -193,6 +195,18 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
     return Outcome(record.status, result, path, error)
 
 
+def _init_adapter(exp: Experiment, built: Built, resume_state: dict | None) -> dict | None:
+    """The saved adapter the run started from (``Built.init_adapter``), the first process's on a ``--resume``;
+    raises ConfigError where the folder's weights are no longer those the run started from."""
+    first = (resume_state or {}).get("init_adapter")
+    if first and built.init_adapter and first["sha256"] != built.init_adapter["sha256"]:
+        raise ConfigError([f"--resume: 'init_adapter' = {exp.params.init_adapter!r} changed since the run began: its "
+                           f"{first['weights']} had sha256 {first['sha256'][:12]}..., now {built.init_adapter['sha256'][:12]}... "
+                           "(a new decomposition writes a new residual model too); restore it, or run without --resume "
+                           "to start afresh"], str(exp.path))
+    return first or built.init_adapter
+
+
 def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Trackers, record: Record, ckpt_root: Path,
            resume_from: Path | None, verbose: bool):
     """Make the step, restore a checkpoint, run the loop; the record learns what happened. Returns the
@@ -231,6 +245,7 @@ def _train(exp: Experiment, built: Built, life: Lifecycle, say, trackers: Tracke
             state["init_state"] = True
     state.update(train_params_sha=exp.train_params_sha, peft_config_sha=exp.peft_config_sha, config=config_of(exp),
                  init_cost=record.init_cost, calibration=record.provenance.get("calibration"),
+                 init_adapter=record.init_adapter,
                  experiment_path=str(exp.path.resolve()),  # find_resume: this folder's checkpoints, not a namesake's
                  trainable_names=[n for n, p in model.named_parameters() if p.requires_grad])
     if resume_from is not None:

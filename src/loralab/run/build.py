@@ -2,8 +2,10 @@
 the optimizer (always the method's optimizer part) and the learning-rate schedule.
 
 Method-specific checks that need the model's layer shapes run here, before any training; data
-that cannot be read is bad input (``ConfigError``). Then ``run.step.make_step`` turns the built
-model and optimizer into the run's step.
+that cannot be read is bad input (``ConfigError``). A run from a saved adapter (``init_adapter``) builds
+the adapter with the folder's config and a plain init, then writes the folder's tensors into it
+(``loralab.init_adapter``). Then ``run.step.make_step`` turns the built model and optimizer into the
+run's step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loralab import checkpoint, results
+from loralab import checkpoint, init_adapter, results
 from loralab.config import ConfigError
 from loralab.data import pad_id as _pad_id
 from loralab.experiment import Experiment
@@ -101,6 +103,12 @@ class Built:
     total_steps: int
     wrapped: object = None
     """The model and its loss under DDP/FSDP2 (``distributed.wrap``) when more than one process trains."""
+    init_adapter: dict | None = None
+    """The saved adapter the run started from (``init_adapter.provenance``: path, weights' sha256, ...); None
+    where the method's init made it."""
+    named: object = None
+    """The method the record names where that is not ``method`` (a run from a CorDA adapter: CorDA's,
+    ``init_adapter.named_config``); None: ``method``."""
     calibration: dict | None = None
     """Where a data-driven init's calibration rows came from (``MethodContext.calibration_provenance``: file,
     split, overlap with the run's evaluations); None where no calibration ran (a resumed run carries its first's)."""
@@ -160,10 +168,16 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         with life.enter("calibrate"):
             model, saver = method.apply(model, cfg, params, ctx)
         calibration = ctx.calibration_provenance
+    source = named = None
+    if params.init_adapter is not None:  # the folder's tensors replace the plain init (a --resume's checkpoint, them)
+        init_adapter.load_weights(model, params.init_adapter)
+        source = init_adapter.provenance(params.init_adapter, params.model_id)
+        named = choose_method(init_adapter.named_config(cfg), params)
     optimizer = method.make_optimizer(model, cfg, params)
     total_steps = total_steps_of(params, len(data.train))
     return Built(task, tokenizer, data, model, saver, method, cfg, device, optimizer,
-                 make_scheduler(optimizer, params, total_steps), total_steps, calibration=calibration)
+                 make_scheduler(optimizer, params, total_steps), total_steps, calibration=calibration,
+                 init_adapter=source, named=named)
 
 
 def init_tensors(model) -> dict[str, torch.Tensor]:

@@ -200,6 +200,9 @@ class Record:
     """The step and the run's train time where this process took over."""
     init_cost: dict | None = None
     """The adapter init's cost (``Method.init_cost``), carried over checkpoints by a resumed run."""
+    init_adapter: dict | None = None
+    """The saved adapter the run started from (training_parameters ``init_adapter``; ``init_adapter.provenance``:
+    path, weights' sha256, ...), carried over checkpoints; None where the method's init made the adapter."""
     evaluations: dict | None = None
     """The final evaluation's names: ``ran`` (in this process), ``reused`` (finished by an earlier
     process on the same adapter), ``not_run`` (a stop or a failure came first)."""
@@ -291,6 +294,7 @@ class Record:
                 "method": method.NAME if method is not None else None,
                 "method_parts": dict(method_parts) if method_parts else None,
                 "init_cost": self.init_cost if self.init_cost is not None else getattr(method, "init_cost", None),
+                **({"init_adapter": self.init_adapter} if self.init_adapter is not None else {}),
                 "task": params.task,
                 "seed": params.seed,
                 "config": {
