@@ -129,3 +129,59 @@ def test_glue_tasks_refuse_what_only_generation_takes(capsys, argv, message):
     model = [] if "--generations" in argv else ["--model", "packaged:minilm-l6"]
     assert main(["eval", *model, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """``load_model`` fails the test: the command must stop before it."""
+    import loralab.models
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(loralab.models, "load_model", load_model)
+
+
+def test_a_glue_task_without_its_dev_file_stops_before_the_model_loads(tmp_path, data_dir, no_model, capsys):
+    """Before: the model loaded, glue/sst2 was scored, then glue/rte failed (exit 1, a model load for nothing)."""
+    (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+    (tmp_path / "glue" / "SST-2" / "dev.tsv").write_bytes((data_dir / "glue" / "SST-2" / "dev.tsv").read_bytes())
+    assert main(["eval", "--model", "packaged:minilm-l6", "--tasks", "glue/sst2,glue/rte", "--max-samples", "4",
+                 "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the dev data of 1 GLUE task(s) cannot be read (no model was loaded)" in err, err
+    assert f"glue/rte: FileNotFoundError: [Errno 2] No such file or directory: '{tmp_path / 'glue' / 'RTE' / 'dev.tsv'}'" in err
+
+
+def test_glue_data_from_an_unreachable_hub_is_exit_2_before_the_model_loads(monkeypatch, no_model, capsys):
+    import loralab.models
+
+    monkeypatch.delenv("LORALAB_DATA_DIR", raising=False)
+    monkeypatch.setattr(loralab.models, "hub_offline_reason", lambda: "the Hugging Face Hub (test) is unreachable")
+    assert main(["eval", "--model", "packaged:minilm-l6", "--tasks", "glue/sst2,glue/rte", "--max-samples", "4"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: the dev data of 2 GLUE task(s) cannot be read (no model was loaded):", lines
+    assert lines[1] == ("  - glue/sst2: Unreachable: cannot fetch dataset 'nyu-mll/glue sst2': the Hugging Face Hub "
+                        "(test) is unreachable")  # the advice that follows is said once, on the last line
+    assert lines[2].startswith("  - glue/rte: Unreachable: cannot fetch dataset 'nyu-mll/glue rte'") and "Work offline" in lines[2]
+
+
+def test_an_unreachable_task_mid_run_says_why_in_one_line(capsys):
+    """A ``ConfigError`` (``Unreachable``) from one evaluation is reported by its first problem, not by the
+    "has 1 problem(s):" header its message starts with, and the others still run (exit 1)."""
+    from types import SimpleNamespace
+
+    from loralab.commands import eval as eval_command
+    from loralab.models import Unreachable
+
+    def step(name):
+        if name == "nq_open_lm_eval":
+            raise Unreachable("dataset", "nq_open", "the Hugging Face Hub (test) is unreachable")
+        return {"n": 1}, []
+
+    args = SimpleNamespace(generations_out=None, output=None)
+    assert eval_command._each(args, ["nq_open_lm_eval", "boolq"], step, main=True) == 1
+    out, err = capsys.readouterr()
+    why = "Unreachable: cannot fetch dataset 'nq_open': the Hugging Face Hub (test) is unreachable"
+    assert json.loads(out)["nq_open_lm_eval"]["error"].startswith(why) and json.loads(out)["boolq"] == {"n": 1}
+    assert f"error: nq_open_lm_eval: {why}" in err

@@ -7,7 +7,8 @@ from above, function-local imports included):
   (the ``speed`` key's settings), ``results``
   (the result record, its writer, content hashes), ``models`` (loading models, the shape table),
   ``data`` (batching and collation), ``distributed`` (the launch and collectives only),
-  ``trackers`` (W&B / TensorBoard back-ends), ``checkpoint`` (saving and restoring run state).
+  ``trackers`` (W&B / TensorBoard back-ends), ``checkpoint`` (saving and restoring run state),
+  ``signals`` (a command's stop on SIGINT / SIGTERM).
 - floor 1, the parts: ``methods/`` (one file per adapter method and its parts), ``decomposition/``
   (calibration statistics, CorDA, ASVD), ``speed/`` (kernels and graph capture), ``tasks/``
   (datasets, prompts, scorers, evaluation loops), ``engine/`` (the generation engine), ``merge``.
@@ -48,6 +49,7 @@ FLOORS = {
     "loralab.distributed": 0,
     "loralab.trackers": 0,
     "loralab.checkpoint": 0,
+    "loralab.signals": 0,
     "loralab.methods": 1,
     "loralab.decomposition": 1,
     "loralab.speed": 1,

@@ -1,7 +1,9 @@
 """``loralab decompose``: CorDA adapters (KPA/IPA) and the full-decompose perplexity study.
 
-Bad arguments (a rank a targeted layer cannot hold, a calibration set that is neither local nor
-reachable, ...) stop before any calibration with exit 2 and every problem at once. The study writes
+Bad arguments (a flag of the other mode, a rank a targeted layer cannot hold, target modules that
+match nothing, a calibration set or study corpus that is neither local nor reachable, a --save-path
+that is a file or a folder not empty without --force, a --device not here, ...) stop before any
+weights load with exit 2 and every problem at once (``problems``: the model is read from its config). The study writes
 each row as it finishes to ``--out`` (default ``<$LORALAB_OUTPUT_DIR or outputs>/corda-study``,
 outside git's tracked files); SIGINT or SIGTERM stops it with exit 130 keeping the finished rows,
 and the same command again scores only the missing ones. Result files of other settings in
@@ -48,7 +50,8 @@ def add_arguments(p) -> None:
                    help=f"full-decompose report folder (default: <$LORALAB_OUTPUT_DIR or outputs>/{STUDY_FOLDER}); "
                         "a folder holding this study's rows is resumed, one holding other settings' files refused")
     p.add_argument("--force", action="store_true",
-                   help="full-decompose: overwrite result files of other settings in --out instead of refusing")
+                   help="full-decompose: overwrite result files of other settings in --out instead of refusing; "
+                        "kpa/ipa: write into a --save-path folder that is not empty")
     p.add_argument("--data-dir", default=None, help="local data folder (default: $LORALAB_DATA_DIR)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -61,41 +64,71 @@ def study_out(args) -> str:
     return args.out or str(output_root() / STUDY_FOLDER)
 
 
-def _stop_on_sigterm():
-    """SIGTERM raises KeyboardInterrupt as SIGINT does, so the study stops the same way; returns the
-    handler it replaced (None off the main thread, where no handler can be set)."""
-    import signal
-    import threading
+STUDY_ONLY = ("method", "seq_len", "max_windows", "out")
+"""Flags only the full-decompose study reads."""
+ADAPTER_ONLY = ("first_eigen", "save_path", "target_modules", "calib_sampling", "normalisation", "scaling",
+                "cov_dtype", "solver")
+"""Flags only kpa/ipa (the adapter) read."""
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, interrupt)
+def problems(args) -> list[str]:
+    """Every problem that the arguments, the model's config (no weights) and the data folder show: a flag
+    of the other mode (given with a value other than its default), the numbers and the calibration set
+    (``checks.argument_problems``), ``--save-path``, ``--device``, the model id and, for kpa/ipa, the rank
+    against every targeted layer (``checks.model_problems``); the study's perplexity corpora."""
+    import argparse
+    import os
+
+    from loralab.decomposition import checks
+
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    full = args.mode == "full-decompose"
+    other = ("kpa/ipa", ADAPTER_ONLY) if full else ("full-decompose", STUDY_ONLY)
+    found = [f"'--{dest.replace('_', '-')}' = {getattr(args, dest)!r} applies to --mode {other[0]} only, not "
+             f"--mode {args.mode} (allowed: leave it out)" for dest in other[1]
+             if getattr(args, dest) != defaults.get_default(dest)]
+    data_dir = args.data_dir or os.environ.get("LORALAB_DATA_DIR")
+    found += checks.argument_problems(
+        mode=args.mode, rs=args.r, calib_dataset=args.calib_dataset or ("alpaca" if full else "nqopen"),
+        calib_size=args.calib_size, calib_seqlen=args.calib_seqlen, batch_size=args.batch_size, data_dir=data_dir,
+        **({"seq_len": args.seq_len, "max_windows": args.max_windows} if full else {}))
+    found += checks.save_path_problems(args.save_path, args.force) + checks.device_problems(args.device)
+    rank = args.r[0] if not full and len(args.r) == 1 and args.r[0] >= 1 else None
+    from loralab.decomposition.build import PROJECTIONS
+
+    found += checks.model_problems(args.model, rank=rank, target_modules=args.target_modules or PROJECTIONS)
+    if full:
+        from loralab.tasks.data_check import data_problems
+
+        found += [f"'--data-dir': the study's perplexity corpus {line}" for line in data_problems(["wikitext2", "ptb"], data_dir)]
+    return found
 
 
 def run(args) -> int:
-    """0 on success; 2 with every problem when the arguments or the data cannot work; 130 when interrupted."""
+    """0 on success; 2 with every problem when the arguments or the data cannot work, before any weights load
+    (``problems``); 130 when the study is interrupted (SIGINT, or SIGTERM: ``signals.stop_on_signals``)."""
     import signal
 
     from loralab.config import ConfigError
+    from loralab.signals import stop_on_signals
 
-    previous = _stop_on_sigterm() if args.mode == "full-decompose" else None
+    full = args.mode == "full-decompose"
     try:
-        return _run(args)
+        found = problems(args)
+        if found:
+            raise ConfigError(found, "loralab decompose")
+        with stop_on_signals((signal.SIGTERM,) if full else ()):  # SIGTERM stops the study as SIGINT does
+            return _run(args)
     except ConfigError as exc:  # Unreachable (hub data or model offline) included
         print(f"error: {exc}", file=sys.stderr)  # it begins "loralab decompose has N problem(s)"
         return 2
     except KeyboardInterrupt:
-        if args.mode != "full-decompose":
+        if not full:
             raise
         print(f"interrupted: the finished rows are in {study_out(args)}; run the same command again to score the "
               "rest", file=sys.stderr)
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args) -> int:

@@ -22,21 +22,20 @@ settings: the source protocol, overridden by every flag given), and a scorer may
 programs from it when present. Re-scoring (``tasks.rescore``) also reads bigcode's generations.json,
 honours ``--max-samples``, adds ``coverage`` and warns when problems have no rows.
 
-Every evaluation's data is loaded before the model (``tasks.data_check``: all that are missing named
-at once, exit 2). An evaluation that fails later is reported and the others still run (exit 1).
+Every evaluation's data is loaded before the model (``tasks.data_check``; GLUE tasks' dev splits too:
+all that are missing named at once with the reason, exit 2). An evaluation that fails later is reported and the others still run (exit 1).
 SIGINT/SIGTERM stop the call: the finished evaluations are printed and written with
 ``interrupted`` {signal, finished, unfinished}, exit 130/143.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
+
+from loralab.signals import stop_on_signals
 
 
 def add_arguments(parser):
@@ -247,7 +246,7 @@ def _each(args, names: list[str], step, main: bool) -> int:
     from loralab.tasks.evaluate import write_records
 
     start, metrics, failed, rows = time.time(), {}, [], []
-    with _stop_on_signals() as stop:
+    with stop_on_signals(raising=_Interrupted) as stop:
         for name in names:
             try:
                 metrics[name], recs = step(name)
@@ -255,9 +254,8 @@ def _each(args, names: list[str], step, main: bool) -> int:
                 break
             except (ValueError, OSError, ConnectionError, ImportError) as exc:  # Unreachable is a ValueError
                 failed.append(name)
-                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                metrics[name] = {"error": f"{type(exc).__name__}: {message}"}
-                print(f"error: {name}: {type(exc).__name__}: {message}", file=sys.stderr)
+                metrics[name] = {"error": _reason(exc)}
+                print(f"error: {name}: {_reason(exc)}", file=sys.stderr)
                 continue
             rows += recs
             if main:
@@ -267,31 +265,14 @@ def _each(args, names: list[str], step, main: bool) -> int:
     return _emit(args, metrics, failed, start, main, names, stop)
 
 
+def _reason(exc: BaseException) -> str:
+    """``Type: first line`` of an error: a ``ConfigError``'s first problem (``Unreachable``: what, why, the way out)."""
+    lines = getattr(exc, "problems", None) or str(exc).strip().splitlines() or [""]
+    return f"{type(exc).__name__}: {lines[0]}" if lines[0] else type(exc).__name__
+
+
 class _Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during ``loralab eval`` (``_stop_on_signals``)."""
-
-
-@contextlib.contextmanager
-def _stop_on_signals():
-    """SIGINT and SIGTERM raise ``_Interrupted`` in the main thread while inside; yields a dict whose
-    ``"signal"`` is set to the one received. A signal ignored when loralab started (SIGINT of a job a
-    non-interactive shell put in the background) stays ignored, as that shell asked."""
-    got: dict = {}
-
-    def handle(signum, frame):
-        got["signal"] = signal.Signals(signum)
-        raise _Interrupted(got["signal"].name)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, handle)
-    try:
-        yield got
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    """SIGINT or SIGTERM during ``loralab eval`` (``signals.stop_on_signals``)."""
 
 
 def _emit(args, metrics: dict, failed: list[str], start: float, main: bool, names: list[str] = (),
@@ -346,11 +327,23 @@ def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
             print(f"error: --adapter {args.adapter}: its task_type is {task_type}, not SEQ_CLS: it holds no trained "
                   f"classification head for {', '.join(names)}", file=sys.stderr)
             return 2
+    unreadable = []
+    for name in names:  # every dev split read before any model loads, as tasks.data_check does for the others
+        try:
+            GLUE[name].read("dev", data_dir)
+        except (OSError, ValueError) as exc:  # a missing TSV; Unreachable (the hub without --data-dir) is a ValueError
+            unreadable.append(f"{name}: {_reason(exc)}")
+    for i in [i for i, line in enumerate(unreadable) if ". Work offline" in line][:-1]:  # Unreachable's advice: once
+        unreadable[i] = unreadable[i].split(". Work offline")[0]
+    if unreadable:
+        print("error: " + "\n  - ".join([f"the dev data of {len(unreadable)} GLUE task(s) cannot be read (no model was "
+                                        "loaded):"] + unreadable), file=sys.stderr)
+        return 2
     start, metrics, failed = time.time(), {}, []
     limits = parse_max_samples(args.max_samples, names)
     try:
         tokenizer = load_tokenizer(args.model)
-        with _stop_on_signals() as stop:
+        with stop_on_signals(raising=_Interrupted) as stop:
             for name in names:
                 task = GLUE[name]
                 try:
@@ -362,11 +355,10 @@ def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
                                               args.max_length)
                 except _Interrupted:
                     break
-                except (OSError, RuntimeError) as exc:  # this task's data, or a head of another label count: the others run
+                except (OSError, RuntimeError) as exc:  # a head of another label count: the others run
                     failed.append(name)
-                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                    metrics[name] = {"error": f"{type(exc).__name__}: {first}"}
-                    print(f"error: {name} ({task.num_labels} label(s)): {type(exc).__name__}: {first}", file=sys.stderr)
+                    metrics[name] = {"error": _reason(exc)}
+                    print(f"error: {name} ({task.num_labels} label(s)): {_reason(exc)}", file=sys.stderr)
                 if main:
                     print(f"{name}: {json.dumps(metrics[name])}", file=sys.stderr)
     except Unreachable as exc:
