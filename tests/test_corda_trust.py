@@ -135,7 +135,7 @@ def test_the_study_warns_and_captions_calibration_on_its_scored_text(smollm2_cut
     md = (out / "full_decompose.md").read_text()
     caption = md.split("| method |")[0]
     assert f"from `{wiki}`, test split" in caption and "not the train split" in caption
-    assert "Calibrated on the evaluation data" in caption and str((data_dir / "ptb" / "ptb.test.txt").resolve()) in caption
+    assert "Calibrated on the evaluation data" in caption and str((data_dir / "ptb" / "ptb.valid.txt").resolve()) in caption
     meta = json.loads((out / "full_decompose.json").read_text())["meta"]
     assert meta["overlap"] == ["wikitext2"] and meta["calibration"]["split"] == "test"
 

@@ -98,5 +98,5 @@ def test_the_studys_missing_corpora_stop_before_the_model_loads(smollm2_cut_path
     err = capsys.readouterr().err
     assert "has 2 problem(s)" in err, err
     assert f"perplexity corpus wikitext2: {local / 'wikitext-2' / 'wiki.test.raw'} is not there" in err
-    assert f"perplexity corpus ptb: {local / 'ptb' / 'ptb.test.txt'} is not there" in err
+    assert f"perplexity corpus ptb: {local / 'ptb' / 'ptb.valid.txt'} is not there" in err
     assert not (tmp_path / "s").exists()

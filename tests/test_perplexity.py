@@ -23,7 +23,7 @@ def test_load_corpus_reads_local_files(data_dir):
     wiki = load_corpus("wikitext2", data_dir)
     ptb = load_corpus("ptb", data_dir)
     assert "Robert Boulter" in wiki[:200] and "\n\n" in wiki
-    assert len(ptb) > 400_000 and not ptb.startswith(" ")
+    assert len(ptb) > 350_000 and not ptb.startswith(" ")
     with pytest.raises(ValueError, match="known: wikitext2, ptb"):
         load_corpus("c5", data_dir)
 
@@ -100,3 +100,13 @@ def test_calibration_names_and_formats(smol, data_dir):
     assert "[INST] <<SYS>>" in tok.decode(chat[0]) and "### Response:" in tok.decode(train[0])
     batch = make_batches(chat + train, 3, tok.pad_token_id, "left")[0]
     assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
+
+
+def test_ptb_scores_the_validation_split_as_cordas_study_does(data_dir):
+    """CorDA's evaluate_model scores PTB's validation split (seed 001's Fig. 2 / Table 6), not test; a calibration
+    on the local PTB file reads test, so calibrating and scoring never share text."""
+    from loralab.decomposition.calibration import _LOCAL
+
+    valid = (data_dir / "ptb" / "ptb.valid.txt").read_text().splitlines()
+    assert load_corpus("ptb", data_dir) == "\n\n".join(line.strip() for line in valid if line.strip())
+    assert _LOCAL["ptb"][0][0] != "ptb/ptb.valid.txt"

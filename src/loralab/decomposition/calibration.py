@@ -49,7 +49,8 @@ _LOCAL = {
     # the 5,000-row subset first, as before (results/corda calibrated on it); the full file where only it is there
     "alpaca": (("alpaca/alpaca_5000.json", "train (a random 5,000-row subset)"), ("alpaca/alpaca_data.json", "train")),
     "wikitext2": (("wikitext-2/wiki.test.raw", "test"),),
-    "ptb": (("ptb/ptb.valid.txt", "valid"),),
+    # the train split the official code reads is not local; the test file, because ``ptb`` evaluations score valid
+    "ptb": (("ptb/ptb.test.txt", "test"),),
     "MetaMATH": (("metamath/MetaMathQA-395K.json", "train"), ("metamath/MetaMathQA-395K.jsonl", "train"),
                  ("metamath/train.jsonl", "train")),
     "codefeedback": (("codefeedback/CodeFeedback-Filtered-Instruction.jsonl", "train"), ("codefeedback/train.jsonl", "train")),
