@@ -6,6 +6,7 @@ from above, function-local imports included):
 - floor 0, the ground: ``config`` (training parameters, their defaults and checks), ``speed_settings``
   (the ``speed`` key's settings), ``results``
   (the result record, its writer, content hashes), ``models`` (loading models, the shape table),
+  ``skeleton`` (a model built on the meta device from its config, no weights),
   ``data`` (batching and collation), ``distributed`` (the launch and collectives only),
   ``trackers`` (W&B / TensorBoard back-ends), ``checkpoint`` (saving and restoring run state),
   ``signals`` (a command's stop on SIGINT / SIGTERM).
@@ -45,6 +46,7 @@ FLOORS = {
     "loralab.results": 0,
     "loralab.models": 0,
     "loralab.shapes": 0,
+    "loralab.skeleton": 0,
     "loralab.data": 0,
     "loralab.distributed": 0,
     "loralab.trackers": 0,

@@ -10,6 +10,10 @@ does not hide them: they run with every key a problem names back at its default 
 A run from a saved adapter (training_parameters ``init_adapter``, seed 001's step 2) trains with the
 folder's adapter_config.json (``init_adapter_config``: the experiment's own may only add what leaves the
 weights' meaning alone) on the base the adapter belongs to (``init_adapter_base_problems``), checked here too.
+
+What needs the model's module names and layer shapes (``target_modules`` typos, ``null`` and ``all-linear``, ranks,
+``modules_to_save``, ``magnitude_only_modules``) is checked on its weightless skeleton (``skeleton_problems``), so
+those problems come with the others, before ``loralab run`` downloads or loads any weights.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from loralab.init_adapter import (
 )
 from loralab.models import check_model_id
 from loralab.results import sha256_json
+from loralab.skeleton import build_skeleton
 from loralab.speed_settings import Speed
 from loralab.tasks.generation import setting_problems
 
@@ -206,6 +211,33 @@ def load_peft_config(data: dict, problems: list[str]):
     return config
 
 
+def skeleton_problems(peft_config, params: TrainingParameters, task) -> list[str]:
+    """The checks ``loralab.run.build`` makes on the loaded model, made on its skeleton (``skeleton.build_skeleton``:
+    meta device, no weights) instead: ``target_modules`` null or "all-linear" resolved (``methods.common.resolve_config``),
+    each listed name matched ("'target_modules' names 'querry', which matches no module of the model (did you mean
+    'query'?)"), the method's checks on the layers (ranks, square layers, tied weights; ``Method.check`` less its
+    ``conflicts``, which ``read_experiment`` reports), and ``modules_to_save`` / ``magnitude_only_modules`` names
+    (``methods.common.name_problems``). ``task``: the training task (its ``kind`` and ``num_labels`` pick the model
+    class). [] where there is no skeleton (a GGUF file not converted yet, a hub id offline and not cached): the
+    load checks then, as before."""
+    from loralab.methods import choose_method
+    from loralab.methods.common import name_problems, resolve_config
+
+    model = build_skeleton(params.model_id, task.kind, getattr(task, "num_labels", 2))
+    if model is None:
+        return []
+    try:
+        cfg = resolve_config(model, peft_config, task.kind)
+        method = choose_method(cfg, params)
+        conflicts = method.conflicts(cfg, params)
+        found = [p for p in method.check(model, cfg, params) if p not in conflicts]
+    except ConfigError as exc:  # target_modules null and peft has no default for the model type
+        return exc.problems
+    except Exception:  # noqa: BLE001 - whatever else the layers' checks raise, the loaded model's check raises
+        return []
+    return found + [p for p in name_problems(model, cfg, params) if p not in found]
+
+
 def read_experiment(path) -> Experiment:
     """Read and check an experiment folder; raises ConfigError with every problem found."""
     path = Path(path)
@@ -254,8 +286,9 @@ def read_experiment(path) -> Experiment:
             problems += unknown_task(task) if isinstance(task, str) and "task" not in bad else []
             problems += check_model_id(model_id) if isinstance(model_id, str) and "model_id" not in bad else []
             raise ConfigError(problems, str(path)) from None
-    if "model_id" not in bad:
-        problems.extend(check_model_id(params.model_id))
+    model_problems = [] if "model_id" in bad else check_model_id(params.model_id)
+    problems.extend(model_problems)
+    model_known = "model_id" not in bad and not model_problems
     rest = [] if "task" in bad else unknown_task(params.task)
     if not rest and not bad & {"task", "data_dir", "eval_split", "holdout_fraction", "holdout_seed"}:
         rest = TASKS[params.task].check(params)
@@ -281,9 +314,14 @@ def read_experiment(path) -> Experiment:
         chosen = named_config(peft_config) if from_folder else peft_config
         checked = dataclasses.replace(params, init=None) if from_folder else params  # its 'init': refused above
         try:
-            rest += choose_method(chosen, checked).conflicts(chosen, checked)
+            conflicts = choose_method(chosen, checked).conflicts(chosen, checked)
         except ConfigError as exc:
-            rest += exc.problems
+            conflicts = exc.problems
+        rest += conflicts
+        # the model's own checks, where the method composes and the model, task and starting adapter are sound
+        if peft_config is not None and model_known and params.task in TASKS and "task" not in bad and not conflicts \
+                and not any(p.startswith("'init_adapter'") for p in problems):
+            rest += skeleton_problems(peft_config, checked, TASKS[params.task])
     named = re.compile(r"(?<![\w.])'?(" + "|".join(map(re.escape, sorted(bad))) + r")\b") if bad else None
     problems.extend(line for line in rest if named is None or not named.search(line))
     if problems:

