@@ -83,7 +83,8 @@ def test_rescored_rows_written_with_each_familys_verdict(tmp_path, data_dir, hum
                   str(_write(tmp_path / "g.jsonl", rows)), "--generations-out", str(out), "--data-dir", str(data_dir)])
     assert code_ == 0
     got = {(r["task"], str(r["id"])): r for r in _rows(out)}
-    assert got["gsm8k", "0"] == {**rows[0], "answer": 18.0, "reference": 18.0, "correct": True}
+    assert got["gsm8k", "0"] == {**rows[0], "answer": 18.0, "reference": 18.0, "correct": True,
+                                 "finish_reason": "unknown", "stop_reason": None, "new_tokens": None}  # an old row
     assert (got["gsm8k", "1"]["answer"], got["gsm8k", "1"]["correct"]) == (None, False)
     assert (got["math500", math_problem["id"]]["reference"], got["math500", math_problem["id"]]["correct"]) == (gold_math, True)
     boolq = got["boolq", "0"]

@@ -5,8 +5,8 @@ wraps it as the ``engine`` backend (text in, stop strings, DDP shards). See ``en
 why it exists and how a call runs.
 """
 
-from loralab.engine.engine import Engine, StopStrings
+from loralab.engine.engine import Ending, Engine, StopStrings
 from loralab.engine.model import unsupported_reason
 from loralab.engine.sampling import Sampling, request_seed
 
-__all__ = ["Engine", "Sampling", "StopStrings", "request_seed", "unsupported_reason"]
+__all__ = ["Ending", "Engine", "Sampling", "StopStrings", "request_seed", "unsupported_reason"]

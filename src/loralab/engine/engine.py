@@ -19,7 +19,9 @@ One call (``Engine.generate``):
    attending to ``L`` cache positions (the longest live sequence, bucketed); a sequence ends at an
    end-of-sequence token (not kept), at its budget, or when a stop string appears in its generated
    text (checked on a window of the last tokens; the caller cuts the text at the stop string);
-4. ``on_finish(request, samples)`` runs as soon as all samples of a request are done.
+4. ``on_finish(request, samples)`` runs as soon as all samples of a request are done; by then
+   ``engine.endings[request]`` says how each sample ended (``Ending``: recorded where the host loop
+   already decides to end it, so no device sync is added).
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ class StopStrings:
         return any(s in text for s in self.stops)
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How one sample ended: ``reason`` "eos" (``eos`` the end-of-sequence id generated, not kept in
+    the tokens), "stop" (a stop string seen by ``StopStrings.hit``, checked before the budget) or
+    "length" (its budget of new tokens reached)."""
+    reason: str
+    eos: int | None = None
+
+
 @dataclass
 class _Seq:
     request: int
@@ -117,6 +128,7 @@ class Engine:
         on_cuda = self.runner.device.type == "cuda"
         self.cuda_graphs = (on_cuda and rope_is_static(model)) if cuda_graphs is None else (cuda_graphs and on_cuda)
         self.stats: dict = {}
+        self.endings: list[list[Ending | None]] = []
 
     # -- the public call ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], budgets: list[int], *, sampling: Sampling = Sampling(),
@@ -129,7 +141,8 @@ class Engine:
         tokens per prompt (>= 1); ``request_ids``: each prompt's index in the whole evaluation (seeds
         sampling, default ``0..N-1``); ``on_finish(i, samples)`` with ``i`` an index into ``prompts``.
         Raises ValueError for mismatched lengths or a budget < 1, MemoryError when the cache cannot
-        hold the longest sequence."""
+        hold the longest sequence. How each sample ended: ``self.endings`` ``[len(prompts)][n_samples]``
+        of ``Ending`` (a request's are set before its ``on_finish``)."""
         if len(budgets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
         empty = [i for i, p in enumerate(prompts) if len(p) == 0]
@@ -193,13 +206,15 @@ class Engine:
             for i in range(len(prompts)) for s in range(n_samples))
         live: list[_Seq | None] = [None] * slots
         results: list[list[list[int] | None]] = [[None] * n_samples for _ in prompts]
+        self.endings = [[None] * n_samples for _ in prompts]
         remaining = [n_samples] * len(prompts)
         refill_at = max(1, slots // REFILL_FRACTION)
 
-        def finish(slot: int) -> None:
+        def finish(slot: int, ending: Ending) -> None:
             seq = live[slot]
             live[slot] = None
             results[seq.request][seq.sample] = seq.out
+            self.endings[seq.request][seq.sample] = ending
             self.stats["new_tokens"] += len(seq.out)
             remaining[seq.request] -= 1
             if remaining[seq.request] == 0 and on_finish is not None:
@@ -209,11 +224,14 @@ class Engine:
             """Add ``token`` to the sequence in ``slot``; end it when it is done."""
             seq = live[slot]
             if token in eos_ids:
-                finish(slot)
+                finish(slot, Ending("eos", token))
                 return
             seq.out.append(token)
-            if len(seq.out) >= seq.budget or (stop is not None and stop.hit(seq.out)):
-                finish(slot)
+            # the stop string first (vLLM's order): a stop in the last token of the budget is a stop
+            if stop is not None and stop.hit(seq.out):
+                finish(slot, Ending("stop"))
+            elif len(seq.out) >= seq.budget:
+                finish(slot, Ending("length"))
 
         while queue or any(s is not None for s in live):
             free = [i for i, s in enumerate(live) if s is None]

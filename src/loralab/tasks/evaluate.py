@@ -36,10 +36,13 @@ drops (so a training record's flat ``eval`` holds only numbers):
   prompts overlapping it; ``score``: from the end of generation until the metrics were ready),
   ``{"total"}`` for the others; kept out of the numbers because it is not a property of the model;
 - ``generation``: the effective settings (``generation_record``), generate only;
+- ``finish_reasons``: generate only, the rows per ``finish_reason`` (``{"stop", "length"[, "unknown"]}``,
+  every sample counted): ``length`` is the number of rows cut off at the token budget;
 - ``warnings``: a list of text, only when a scorer has something to say (code: most programs do
   not compile, with the likely cause: cut off at the token budget, or another harness's protocol).
 
-Generation records (``{"task", "id", "completion", "prompt"}`` plus the scorer's verdict on that
+Generation records (``{"task", "id", "completion", "prompt"}``, why the completion ended, ``finish``:
+``finish_reason`` "stop"/"length", ``stop_reason``, ``new_tokens``, plus the scorer's verdict on that
 completion, ``verdicts``: ``answer``/``reference``/``correct``, or code's ``passed``/``status``/``error``)
 always hold the exact prompt the completion continues, so any harness can re-score them, and each
 number can be checked row by row. ``rescore`` (``score_generations``, ``loralab eval --generations``)
@@ -61,6 +64,7 @@ from pathlib import Path
 
 from loralab import distributed
 from loralab.tasks.base import Eval
+from loralab.tasks.finish import UNKNOWN, at_budget, finish_counts
 from loralab.tasks.metrics import settle
 from loralab.tasks.registry import (  # noqa: F401  (re-exported: the registry's home was this module)
     EVALS,
@@ -167,6 +171,7 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     prompts = [ev.build_prompt(ev.name, p, opts) for p in items]
     t1 = time.perf_counter()
     extra: dict[int, dict] = {}  # what the scorer learns once generation is done: each row's prompt, budget hits
+    finish: list = []  # why each completion ended, [prompt][sample] (the generator fills it)
     recorded, outcomes = recording(ev, extra)
     with ScoringPool(recorded, items, opts) as pool:
         # a test may replace ``generate`` with one that has no on_complete
@@ -174,21 +179,26 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
         engine_stats: dict = {}
         call = {"on_complete": pool.submit} if "on_complete" in params else {}
         call.update({"stats": engine_stats} if "stats" in params else {})
+        call.update({"finish": finish} if "finish" in params else {})
         outputs = gen.generate(model, tokenizer, prompts, settings, progress=f"{ev.name} generation", **call)
         t2 = time.perf_counter()
         for i, outs in enumerate(outputs):  # no-op for what on_complete already handed over unchanged
             pool.submit(i, outs)
-        budget = _at_budget(tokenizer, prompts, outputs, settings)
-        extra.update({i: {"prompts": [prompt] * len(outs), **({"at_budget": budget[i]} if budget else {})}
+        if len(finish) != len(outputs):  # a generator that does not say (a test's stand-in)
+            finish[:] = [[dict(UNKNOWN) for _ in outs] for outs in outputs]
+        # code's "cut off at the budget" warning counts the rows that say "length"
+        budget = [at_budget(f) for f in finish]
+        extra.update({i: {"prompts": [prompt] * len(outs), **({"at_budget": budget[i]} if budget[i] is not None else {})}
                       for i, (prompt, outs) in enumerate(zip(prompts, outputs))})
         if ev.pool is not None:  # sandboxes / math-verify may still be running: say what the wait is
             gen.note(f"scoring {len(items)} problems ({ev.pool} pool of {pool.workers})", f"{ev.name} generation")
         metrics = pool.result()
         t3 = time.perf_counter()  # the pool's shutdown counts in total only
-    records = [{"task": ev.name, "id": p["id"], "completion": c, "prompt": prompt, **verdict}
-               for p, prompt, outs, outcome in zip(items, prompts, outputs, outcomes)
-               for c, verdict in zip(outs, verdicts(ev, p, outs, outcome, opts))]
+    records = [{"task": ev.name, "id": p["id"], "completion": c, "prompt": prompt, **ended, **verdict}
+               for p, prompt, outs, ends, outcome in zip(items, prompts, outputs, finish, outcomes)
+               for c, ended, verdict in zip(outs, ends, verdicts(ev, p, outs, outcome, opts))]
     metrics["generation"] = generation_record(settings, model)
+    metrics["finish_reasons"] = finish_counts(records)
     counters = {k: v for k, v in engine_stats.items() if isinstance(v, (int, float, bool))}
     ranks = _every_rank(counters)
     if len(ranks) > 1 and any(ranks):  # data-parallel: each rank's counters, new tokens summed (nested: not a score)
@@ -197,23 +207,6 @@ def _generate_loop(ev: Eval, model, tokenizer, opts: dict, *, data_dir, generati
     elif counters:  # what the engine did: problems, new tokens, slots, steps, seconds
         metrics["engine"] = counters
     return metrics, records, {"load": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
-
-
-def _at_budget(tokenizer, prompts: list[str], outputs: list[list[str]], settings) -> list[list[bool]] | None:
-    """For each prompt, whether each of its completions reached the token budget (``max_new_tokens``,
-    less the prompt under a prompt-inclusive ``max_length``), so was cut off rather than stopped by
-    EOS or a stop string: its text re-encoded has at least the budget's tokens (a model writes the
-    tokenizer's own spelling of a text but rarely otherwise, so this is rarely wrong either way; it only
-    steers a warning's wording). None without a tokenizer (a test's stand-in generator)."""
-    if tokenizer is None or not callable(tokenizer):
-        return None
-    from loralab.tasks.generation import _budget  # the one rule the backends apply
-
-    out = []
-    for prompt, outs in zip(prompts, outputs):
-        budget = _budget(len(tokenizer(prompt, add_special_tokens=True)["input_ids"]), settings)
-        out.append([len(tokenizer(c, add_special_tokens=False)["input_ids"]) >= budget for c in outs])
-    return out
 
 
 def _every_rank(counters: dict) -> list[dict]:

@@ -22,6 +22,12 @@ request's index and the sample's); the transformers backend seeds inside ``torch
 Neither reads or advances the caller's global random state, so evaluating during training
 (``eval_steps``) leaves the training run as it would have been without it.
 
+Why each completion ended (``finish``: ``finish_reason`` "stop" / "length", ``stop_reason``,
+``new_tokens``; ``loralab.tasks.finish``) comes from what each backend knows at the end, by one rule
+on the uncut text: the engine's ``Ending`` per sample; transformers' first EOS in the row, or the step
+its stop criterion first fired; vLLM's own ``finish_reason``. Greedy rows of the engine and
+transformers carry identical values.
+
 ``max_length`` (bigcode's ``max_length_generation``: prompt + completion tokens) gives each prompt
 its own budget of ``max_length - len(prompt)`` new tokens.
 
@@ -36,7 +42,8 @@ import time
 from dataclasses import dataclass, field
 
 from loralab import distributed
-from loralab.tasks.progress import Progress, new_tokens, note  # noqa: F401  (note: re-exported for evaluate)
+from loralab.tasks.finish import eos_text, finish_fields, row_ending, vllm_finish
+from loralab.tasks.progress import Progress, note  # noqa: F401  (note: re-exported for evaluate)
 
 BACKENDS = ("auto", "engine", "transformers", "vllm")
 
@@ -157,7 +164,7 @@ def auto_reason(model, settings: GenerationSettings | None) -> str | None:
 
 
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings, progress: str | None = None,
-             on_complete=None, stats: dict | None = None) -> list[list[str]]:
+             on_complete=None, stats: dict | None = None, finish: list | None = None) -> list[list[str]]:
     """``settings.n_samples`` completions for each prompt, stop strings applied: ``[len(prompts)][n_samples]``.
 
     ``on_complete(i, completions)``, when given, is called once per prompt ``i`` (an index into
@@ -165,6 +172,8 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     order prompts finish; transformers: batch by batch; under DDP only for this rank's prompts).
     ``stats``, when given, receives the engine's counters of this rank (``new_tokens``, ``slots``,
     ``decode_steps``, ``prefill_tokens``, ``prefill_s``, ``decode_s``, ``graphs``, ...).
+    ``finish``, when given (a list), is set to why each completion ended, ``[len(prompts)][n_samples]`` dicts
+    ``{"finish_reason", "stop_reason", "new_tokens"}`` (``loralab.tasks.finish``), every rank's under DDP.
     Raises ValueError for an unknown backend or one that cannot run the model (``resolve_backend``)."""
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
@@ -178,10 +187,13 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     run = {"engine": _generate_engine, "vllm": _generate_vllm, "transformers": _generate_transformers}[backend]
     done = None
     if on_complete is not None:
-        def done(i, completions):
-            on_complete(i, [truncate_at_stop(c, settings.stop) for c in completions])
+        def done(i, pairs):
+            on_complete(i, [truncate_at_stop(c, settings.stop) for c, _ in pairs])
+    # each backend: [prompt][sample] -> (text not yet cut at the stop strings, its finish fields)
     outputs = run(model, tokenizer, prompts, settings, progress, done, **({"stats": stats} if backend == "engine" else {}))
-    return [[truncate_at_stop(c, settings.stop) for c in sample] for sample in outputs]
+    if finish is not None:
+        finish[:] = [[f for _, f in sample] for sample in outputs]
+    return [[truncate_at_stop(c, settings.stop) for c, _ in sample] for sample in outputs]
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -197,12 +209,12 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, progress, done, stats=None):
-    """The engine on this rank's share of ``prompts``; every rank returns all completions."""
+    """The engine on this rank's share of ``prompts``; every rank returns all (text, finish) pairs."""
     from loralab.engine import Engine, Sampling, StopStrings
 
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     mine = distributed.share(list(range(len(prompts))))
-    results: list[list[str]] = [[] for _ in prompts]
+    results: list[list[tuple]] = [[] for _ in prompts]
     if stats is not None:
         stats["problems"] = len(mine)  # this rank's share (all of them for one process)
     if not mine:
@@ -228,7 +240,9 @@ def _generate_engine(model, tokenizer, prompts, settings: GenerationSettings, pr
     with Progress(len(mine), progress, distributed.is_main(), live=live) as bar:
         def finished(k, samples):
             i = mine[k]
-            results[i] = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
+            texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
+            results[i] = [(t, finish_fields(t, settings.stop, eos_text(tokenizer, e.eos), len(s)))
+                          for t, s, e in zip(texts, samples, engine.endings[k])]
             bar.done(1, sum(len(s) for s in samples))
             if done is not None:
                 done(i, results[i])
@@ -251,7 +265,7 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
         tokenizer.pad_token = tokenizer.eos_token
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    results: list[list[str]] = [[] for _ in prompts]
+    results: list[list[tuple]] = [[] for _ in prompts]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -277,17 +291,22 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
                 current["batch"] = number
                 budgets = [_budget(len(encoded[i]), settings) for i in batch]
                 padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
+                stopped: dict[int, int] = {}  # output row -> its generated length when a stop string was first seen
                 if settings.stop:
-                    kwargs["stopping_criteria"] = _generated_stop(tokenizer, settings.stop, padded["input_ids"].shape[1])
+                    kwargs["stopping_criteria"] = _generated_stop(tokenizer, settings.stop, padded["input_ids"].shape[1],
+                                                                  stopped if settings.num_beams == 1 else None)
                 with torch.no_grad():
                     out = model.generate(**padded, max_new_tokens=max(budgets), **kwargs)
                 new = out[:, padded["input_ids"].shape[1]:]
                 generated = 0
                 for row, i in enumerate(batch):
                     for s in range(settings.n_samples):
-                        tokens = new[row * settings.n_samples + s][: budgets[row]]
-                        generated += new_tokens(tokens.tolist(), eos)
-                        results[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
+                        tokens = new[row * settings.n_samples + s][: budgets[row]].tolist()
+                        count, end = row_ending(tokens, eos, stopped.get(row * settings.n_samples + s),
+                                                 tokenizer.pad_token_id if settings.stop and settings.num_beams > 1 else None)
+                        generated += count
+                        text = tokenizer.decode(tokens, skip_special_tokens=True)
+                        results[i].append((text, finish_fields(text, settings.stop, eos_text(tokenizer, end), count)))
                     if done is not None:
                         done(i, results[i])
                 bar.done(len(batch), generated)
@@ -296,10 +315,10 @@ def _generate_transformers(model, tokenizer, prompts, settings: GenerationSettin
     return distributed.merge_shared(results)
 
 
-def _generated_stop(tokenizer, stops: list[str], prompt_width: int):
+def _generated_stop(tokenizer, stops: list[str], prompt_width: int, stopped: dict | None = None):
     """A transformers ``StoppingCriteriaList`` ending each row once a stop string is in the text it
     generated (the tokens past the padded prompt, ``prompt_width`` wide), never matching across the
-    prompt's end."""
+    prompt's end. ``stopped`` (row -> generated length), when given, gets each row's length at its first hit."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -310,7 +329,12 @@ def _generated_stop(tokenizer, stops: list[str], prompt_width: int):
     class GeneratedStop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             rows = input_ids[:, prompt_width:].tolist()
-            return torch.tensor([checker.hit(r) for r in rows], dtype=torch.bool, device=input_ids.device)
+            hits = [checker.hit(r) for r in rows]
+            if stopped is not None:
+                for r, hit in enumerate(hits):
+                    if hit:
+                        stopped.setdefault(r, len(rows[r]))
+            return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([GeneratedStop()])
 
@@ -348,4 +372,5 @@ def _generate_vllm(model, tokenizer, prompts, settings: GenerationSettings, prog
         if settings.num_beams > 1:
             raise ValueError("beam search (num_beams > 1) is only implemented in the transformers backend")
         outputs = llm.generate(prompts, params)
-        return [[o.text for o in out.outputs] for out in outputs]
+        eos = eos_ids(model, tokenizer)
+        return [[(o.text, vllm_finish(o, eos, tokenizer)) for o in out.outputs] for out in outputs]

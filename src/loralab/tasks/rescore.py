@@ -4,7 +4,11 @@
 Files read (``read_generations``):
 - JSON Lines, one row per completion: ``{"task", "id", "completion"}`` and optionally ``"prompt"`` (the
   exact text the completion continues; code builds its program from it). Other keys (a live run's
-  verdicts, ``verdicts.VERDICT_KEYS``) are ignored: the verdicts are computed again.
+  verdicts, ``verdicts.VERDICT_KEYS``) are ignored: the verdicts are computed again. Why a completion
+  ended (``finish.FINISH_KEYS``: ``finish_reason``, ``stop_reason``, ``new_tokens``) is kept as the
+  generating run wrote it; a row without it (a file written before it existed, bigcode's) says
+  ``finish_reason`` "unknown". The result's ``finish_reasons`` counts the rows per reason, and code's
+  "cut off at the budget" warning counts the rows that say "length".
 - bigcode-evaluation-harness's ``generations.json``: a JSON list with one list of strings per problem,
   in the dataset's order from its first problem, each string the whole program (bigcode saves prompt
   + completion). It names no task, so it is read for one code evaluation (``humaneval``, ``mbpp``,
@@ -29,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 from loralab.config import ConfigError
+from loralab.tasks.finish import REASONS, at_budget, finish_counts, row_finish
 from loralab.tasks.registry import EVALS, GROUPS, resolve_options, validate_options
 from loralab.tasks.scoring import ScoringPool
 from loralab.tasks.verdicts import recording, verdicts
@@ -124,17 +129,24 @@ def _row_problems(row, where: str) -> list[str]:
                     ("prompt", lambda v: v is None or isinstance(v, str))):
         if key in row and not ok(row[key]):
             out.append(f"{where}: '{key}' = {row[key]!r:.60} is not allowed; {shape}")
+    for key, ok, allowed in (("finish_reason", lambda v: v in REASONS, f"one of {', '.join(REASONS)}"),
+                             ("stop_reason", lambda v: v is None or isinstance(v, str), "a string or null"),
+                             ("new_tokens", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                                   and v >= 0), "a whole number >= 0 or null")):
+        if key in row and not ok(row[key]):
+            out.append(f"{where}: '{key}' = {row[key]!r:.60} is not allowed; allowed: {allowed}")
     return out
 
 
 @dataclass
 class Job:
     """One task's re-scoring, checked and ready: the problems with rows (dataset order, each with the
-    rows' ``prompts`` where given) and their completions by id."""
+    rows' ``prompts`` where given) and their completions by id, with why each ended (``finish.row_finish``)."""
 
     task: str
     problems: list[dict]
     completions: dict
+    finishes: dict
     total: int
     """The task's problems (the whole test set)."""
     max_samples: int | None
@@ -170,6 +182,7 @@ def prepare(rows: list, where: list[str], names: list[str] | None, *, data_dir=N
         kept = {str(p["id"]) for p in items[:limit]} if limit else ids
         completions: dict[str, list] = {}
         prompts: dict[str, list] = {}
+        finishes: dict[str, list] = {}
         beyond = 0
         for i in held[task]:
             key, w = str(rows[i]["id"]), where[i]
@@ -181,13 +194,17 @@ def prepare(rows: list, where: list[str], names: list[str] | None, *, data_dir=N
             else:
                 completions.setdefault(key, []).append(rows[i]["completion"])
                 prompts.setdefault(key, []).append(rows[i].get("prompt"))
+                finishes.setdefault(key, []).append(row_finish(rows[i]))
         if beyond:
             print(f"note: {task}: {beyond} row(s) past the first {limit} problems (max_samples) are not scored",
                   file=sys.stderr)
-        chosen = [{**p, "prompts": prompts[str(p["id"])]} if any(g is not None for g in prompts[str(p["id"])]) else p
-                  for p in items if str(p["id"]) in completions]
-        jobs.append(Job(task, chosen, {p["id"]: completions[str(p["id"])] for p in chosen}, len(items), limit,
-                        time.perf_counter() - t0))
+        chosen = []
+        for p in (p for p in items if str(p["id"]) in completions):
+            given, budget = prompts[str(p["id"])], at_budget(finishes[str(p["id"])])
+            chosen.append({**p, **({"prompts": given} if any(g is not None for g in given) else {}),
+                           **({"at_budget": budget} if budget is not None else {})})
+        jobs.append(Job(task, chosen, {p["id"]: completions[str(p["id"])] for p in chosen},
+                        {p["id"]: finishes[str(p["id"])] for p in chosen}, len(items), limit, time.perf_counter() - t0))
     if problems:
         _fail(problems, source)
     return jobs
@@ -219,11 +236,12 @@ def score_job(job: Job, options=None) -> tuple[dict, list[dict]]:
     rows = []
     for p, outcome in zip(job.problems, outcomes):
         given = p.get("prompts") or []
-        outs = job.completions[p["id"]]
-        for j, (completion, verdict) in enumerate(zip(outs, verdicts(ev, p, outs, outcome, opts))):
+        outs, ends = job.completions[p["id"]], job.finishes[p["id"]]
+        for j, (completion, ended, verdict) in enumerate(zip(outs, ends, verdicts(ev, p, outs, outcome, opts))):
             prompt = given[j] if j < len(given) else None
             rows.append({"task": job.task, "id": p["id"], "completion": completion,
-                         **({"prompt": prompt} if prompt is not None else {}), **verdict})
+                         **({"prompt": prompt} if prompt is not None else {}), **ended, **verdict})
+    metrics["finish_reasons"] = finish_counts(rows)
     return metrics, rows
 
 

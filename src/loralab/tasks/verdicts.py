@@ -12,7 +12,9 @@ order), and ``verdicts`` turns one problem's outcome into one dict per completio
 - code: ``passed``, the sandbox's ``status`` (passed, failed, timeout) and, unless passed, ``error``
   (a short reason: the traceback's last line, the time limit, a signal), ``rerun`` after a timeout.
 
-A row read for re-scoring may hold these keys: they are ignored there and computed again.
+A row read for re-scoring may hold these keys: they are ignored there and computed again. Why the
+completion ended (``finish_reason``, ``stop_reason``, ``new_tokens``: ``loralab.tasks.finish``) is no
+verdict but a fact of the generation: a row keeps it, and the scorer's "cut off" warning reads it.
 """
 
 from __future__ import annotations
