@@ -346,6 +346,21 @@ def test_cost_table_pools_a_rows_runs_init_seconds_and_peaks(tmp_path):
     assert "| set | LoRA | 1 | – | – |" in md  # a record without init_cost (older files) shows none
 
 
+def test_a_run_from_a_saved_decomposition_costs_the_decomposition_too(tmp_path):
+    """init_adapter on a decompose --save-path folder only loads the adapter (0.5 s); the decomposition that made it
+    took 40 s (decompose.json, carried in run_info.init_adapter): the cost table counts both, as for a run that
+    calibrated in-process."""
+    write(tmp_path, "corda.json", make_record(
+        "corda", "mrpc", name="set/corda/mrpc", seed=0, metrics={"accuracy": 0.7},
+        run_info={"init_cost": {"seconds": 0.5, "device": "cpu"},
+                  "init_adapter": {"path": "/d/adapter", "decomposition": {"r": 8, "mode": "ipa", "seconds": 40.0}}},
+        train_info={"train_time": 10.0}))
+    md = to_markdown(build_report([tmp_path]))
+    assert "| 40.50 [40.50, 40.50] |" in md
+    (run,) = build_report([tmp_path]).runs
+    assert run.init_cost["decomposition_seconds"] == 40.0
+
+
 def test_compare_rows_whose_labels_hold_commas(tmp_path):
     for task, init, r, lr, acc in [("mrpc", "svd_lorafa", 4, 4e-4, 0.70), ("mrpc", "svd_lorafa", 2, 1e-4, 0.66),
                                    ("rte", "svd_lorafa", 4, 4e-4, 0.55), ("rte", "svd_lorafa", 2, 1e-4, 0.52)]:

@@ -13,7 +13,8 @@ from loralab.report.tables import _sort_rows
 @dataclass
 class CostRow:
     """What one table row's runs cost (all tasks and seeds pooled): the adapter init's seconds
-    (calibration and decomposition included; ``run_info.init_cost``), its peak memory, the train
+    (calibration and decomposition included; ``run_info.init_cost``, plus a saved decomposition's seconds for a
+    run that started from its folder: ``records._init_cost``), its peak memory, the train
     time and the training peak memory, as mean and range over the runs."""
 
     experiment_set: str

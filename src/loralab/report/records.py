@@ -261,9 +261,24 @@ def parse_record(record: dict, source: Path) -> Run:
         total_time=_number(run_info.get("total_time"), "run_info.total_time"),
         peak_memory=memory, memory_kind=kind, config=config, git=run_info.get("git") or {},
         environment=meta, train_info=train_info, error=error if isinstance(error, dict) else None,
-        init_cost=run_info.get("init_cost") if isinstance(run_info.get("init_cost"), dict) else None,
+        init_cost=_init_cost(run_info),
         headline=headline, degenerate=frozenset(degenerate),
     )
+
+
+def _init_cost(run_info: dict) -> dict | None:
+    """``run_info.init_cost``, where the run started from a decomposition's saved folder (``init_adapter`` on a
+    ``decompose --save-path`` residual model) with the decomposition's seconds added (``decomposition_seconds``
+    says how many): the run itself only loaded the adapter, and a cost table without them would show such a
+    CorDA run as cheaper than one that calibrated in-process. None where the record has no init cost."""
+    cost = run_info.get("init_cost")
+    if not isinstance(cost, dict):
+        return None
+    folder = run_info.get("init_adapter")
+    seconds = ((folder or {}).get("decomposition") or {}).get("seconds") if isinstance(folder, dict) else None
+    if not isinstance(seconds, int | float) or not isinstance(cost.get("seconds"), int | float):
+        return cost
+    return {**cost, "seconds": cost["seconds"] + seconds, "decomposition_seconds": seconds}
 
 
 def derive_parts(method: str, params: dict, adapter: dict | None) -> dict:
