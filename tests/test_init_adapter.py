@@ -258,3 +258,70 @@ def test_the_folders_config_is_the_adapters_and_a_setting_that_leaves_its_weight
     assert hashed_parameters(exp.params)["init_adapter"] == str(residual / "adapter")
     alone = read_experiment(experiment(tmp_path, "none", {**RUN, "data_dir": str(data_dir)}, {"r": 4}))
     assert "init_adapter" not in hashed_parameters(alone.params)  # unset: every earlier experiment's hash holds
+
+
+# ---- a newcomer's reproduction of seed 001 on the CPU ------------------------------------------------------
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_a_mismatched_target_modules_names_the_difference_and_the_closest_name(tmp_path, smollm2_cut_path, data_dir):
+    """The folder adapted all 7 projections; the experiment's adapter_config.json lists 7 names in another order
+    with one typo: the problem names that one name, the folder's closest name, and the name only the folder has
+    (it printed both 7-name lists)."""
+    folder = tmp_path / "residual"
+    folder.mkdir()
+    shutil.copy(Path(smollm2_cut_path) / "config.json", folder / "config.json")
+    (folder / "decompose.json").write_text(json.dumps({"model_id": smollm2_cut_path, "r": 4, "mode": "kpa"}))
+    adapter_folder(folder, "adapter", r=4, lora_alpha=4, target_modules=SEVEN, task_type="CAUSAL_LM",
+                   corda_config={"corda_method": "kpm"}, base_model_name_or_path=str(folder))
+    mine = ["down_proj", "up_proj", "gate_proj", "o_proj", "v_proj", "k_proj", "q_prj"]
+    found = problems(experiment(tmp_path, "typo", {**RUN, "data_dir": str(data_dir), "init_adapter": str(folder / "adapter")},
+                                {"r": 4, "target_modules": mine}))
+    (line,) = [p for p in found if "'target_modules'" in p]
+    assert line.startswith("adapter_config.json 'target_modules' differs from the 'target_modules' of the adapter in")
+    assert "only adapter_config.json names 'q_prj' (did you mean 'q_proj'?); only the folder names 'q_proj';" in line
+    assert "'down_proj'" not in line  # the names both have are not listed
+
+
+def test_calibration_provenance_checks_the_decompositions_file_against_this_runs_evaluations(tmp_path, residual,
+                                                                                              data_dir, capsys):
+    """decompose.json's calibration (the local NQ-open dev file, as ``decompose --calib-dataset nqopen`` records
+    it) against the run's evaluations: nq_open scores that file (a warning and overlaps_evaluations), gsm8k does not;
+    the decomposition's own overlaps_evaluations (computed against other evaluations) is not taken."""
+    from loralab.init_adapter import calibration_provenance, provenance
+
+    nq = str(data_dir / "nq_open" / "NQ-open.dev.jsonl")
+    cal = {"source": nq, "split": "dev", "official_split": "train", "name": "nqopen", "num_samples": 2,
+           "overlaps_evaluations": ["wikitext2"]}
+    (residual / "decompose.json").write_text(json.dumps({"model_id": "m", "r": 4, "mode": "kpa", "calibration": cal}))
+    source = provenance(residual / "adapter", str(residual))
+    got = calibration_provenance(source, ["gsm8k", "nq_open"], str(data_dir), "dir/adapter")
+    assert got["source"] == nq and got["split"] == "dev" and got["num_samples"] == 2
+    assert got["decomposition"] == str((residual / "decompose.json").resolve())
+    assert got["overlaps_evaluations"] == ["nq_open"] and "nq_open" in got["overlap_note"]
+    err = capsys.readouterr().err
+    assert "warning: 'init_adapter' = 'dir/adapter' (its decomposition calibrated on 'nqopen'): the calibration " \
+           f"text ({nq}) is what nq_open score(s)" in err
+    clean = calibration_provenance(source, ["gsm8k"], str(data_dir), "dir/adapter")
+    assert clean["overlaps_evaluations"] == [] and "overlap_note" not in clean
+    assert capsys.readouterr().err == ""
+    (residual / "decompose.json").write_text(json.dumps({"model_id": "m", "r": 4, "mode": "kpa"}))
+    assert calibration_provenance(provenance(residual / "adapter", str(residual)), ["nq_open"], None, "x") is None
+
+
+@pytest.mark.slow
+def test_a_run_from_a_decomposition_calibrated_on_nq_open_dev_records_and_warns_the_overlap(decomposed, data_dir,
+                                                                                            tmp_path, capsys):
+    """``decompose --calib-dataset nqopen`` offline reads NQ-open dev, the file ``nq_open`` scores: a run from its
+    adapter with eval_tasks ["nq_open"] warns and records the decomposition's calibration in
+    meta_info.dataset.calibration (it was null, the fact only in a note under run_info.init_adapter)."""
+    params = {**RUN, "data_dir": str(data_dir), "init_adapter": str(decomposed / "adapter"), "max_steps": 1,
+              "eval_tasks": ["nq_open"], "max_eval_samples": 1, "generation": {"max_new_tokens": 4}}
+    assert main(["run", str(experiment(tmp_path, "nq", params))]) == 0
+    err = capsys.readouterr().err
+    nq = (data_dir / "nq_open" / "NQ-open.dev.jsonl").resolve()
+    assert f"warning: 'init_adapter' = {str(decomposed / 'adapter')!r} (its decomposition calibrated on 'nqopen')" in err
+    calibration = record(tmp_path)["meta_info"]["dataset"]["calibration"]
+    assert calibration["source"] == str(nq) and calibration["split"] == "dev"
+    assert calibration["overlaps_evaluations"] == ["nq_open"] and calibration["overlap_note"]
+    assert calibration["decomposition"] == str((decomposed / "decompose.json").resolve())

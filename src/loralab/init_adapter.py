@@ -9,7 +9,9 @@ tensors (``load_weights``), so no init runs (no calibration, no SVD). The base i
 to (``init_adapter_base_problems``: a CorDA adapter, whose config carries ``corda_config``, on the residual
 model ``loralab decompose --save-path`` marked, as ``merge.residual_base_problem`` rules). The trained adapter
 is saved as any LoRA run's: plain peft, on the same base. The record names the folder and its weights' sha256
-(``provenance``), and a CorDA folder's run is recorded as CorDA's (``named_config``).
+(``provenance``), and a CorDA folder's run is recorded as CorDA's (``named_config``), with its decomposition's
+calibration as the run's (``calibration_provenance``: meta_info.dataset.calibration, checked against the run's own
+evaluations and warned of, as an in-process calibration is).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import copy
 import json
 from pathlib import Path
 
-from loralab.config import ConfigError
+from loralab.config import ConfigError, suggest
 from loralab.results import sha256_file
 
 ADAPTER_FILE = "adapter_config.json"
@@ -77,12 +79,30 @@ def _same(key: str, a, b) -> bool:
     return a == b
 
 
+def _mismatch(key: str, mine, theirs, value: str) -> str:
+    """The problem line of a ``SHAPING_KEYS`` key the experiment's adapter_config.json sets to ``mine`` where the
+    folder has ``theirs``. Two name lists (``target_modules``, ``modules_to_save``: 7 names in different orders hide
+    one typo) are told by their difference: the names only adapter_config.json has, each with the folder's closest
+    name, and those only the folder has."""
+    fix = f"leave '{key}' out of adapter_config.json (the folder's config is the adapter's) or set it to the folder's"
+    if not (isinstance(mine, list | set | tuple) and isinstance(theirs, list | set | tuple)):
+        return (f"adapter_config.json '{key}' = {mine!r} but the adapter in 'init_adapter' = {value!r} has '{key}' = "
+                f"{theirs!r}, which its weights were made with: {fix}")
+    ours, folder = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    said = ["only adapter_config.json names " + ", ".join(f"{n!r}{suggest(n, sorted(set(theirs)))}" for n in ours)] \
+        if ours else []
+    said += [f"only the folder names {', '.join(map(repr, folder))}"] if folder else []
+    return (f"adapter_config.json '{key}' differs from the '{key}' of the adapter in 'init_adapter' = {value!r} "
+            f"({len(set(theirs))} names, which its weights were made with): {'; '.join(said)}; {fix}")
+
+
 def init_adapter_config(data: dict, own: dict | None, value: str, problems: list[str]) -> dict:
     """The adapter_config.json data a run from the ``init_adapter`` folder ``value`` trains with: the folder's
     ``data`` less ``FOLDER_ONLY``, ``init_lora_weights`` true (no init runs), and every key the experiment's
     own adapter_config.json (``own``, or None) sets (to anything but null: peft's "its default") laid over it. A
     ``SHAPING_KEYS`` key set to another value than the folder's (``r`` 8 where the folder has 4, even if 8 is peft's
-    default), or an init (``init_lora_weights`` other than true), is a problem naming both values. ``target_modules``
+    default), or an init (``init_lora_weights`` other than true), is a problem naming both values (two name lists:
+    their difference, with "did you mean"). ``target_modules``
     "all-linear" is left to the weights' load (``load_weights``), which names any module that differs."""
     from peft import LoraConfig
 
@@ -100,9 +120,7 @@ def init_adapter_config(data: dict, own: dict | None, value: str, problems: list
         elif key not in SHAPING_KEYS or key == "target_modules" and mine == "all-linear":  # all-linear: at the load
             merged[key] = mine
         elif not _same(key, mine, theirs):
-            problems.append(f"adapter_config.json '{key}' = {mine!r} but the adapter in 'init_adapter' = {value!r} has "
-                            f"'{key}' = {theirs!r}, which its weights were made with: leave '{key}' out of "
-                            "adapter_config.json (the folder's config is the adapter's) or set it to the folder's")
+            problems.append(_mismatch(key, mine, theirs, value))
     return {**merged, "init_lora_weights": True}
 
 
@@ -162,7 +180,7 @@ def provenance(folder, model_id: str) -> dict:
     """``run_info.init_adapter``: ``path`` (absolute), ``weights`` (the weight file's name) and its ``sha256``,
     ``config_sha256`` (the folder's adapter_config.json bytes), the ``base_model_name_or_path`` it records, and,
     where ``model_id`` is a decomposition's residual model, ``decomposition``: what its ``decompose.json`` says
-    (model, rank, mode, calibration, seconds). Raises OSError where a file cannot be read."""
+    (model, rank, mode, calibration, seconds) and ``file``, its path. Raises OSError where a file cannot be read."""
     from loralab.decomposition.build import RESIDUAL_MARKER
 
     folder = Path(folder).expanduser().resolve()
@@ -174,4 +192,30 @@ def provenance(folder, model_id: str) -> dict:
     if marker.is_file():
         info = json.loads(marker.read_text())
         out["decomposition"] = {k: info[k] for k in ("model_id", "r", "mode", "calibration", "seconds") if k in info}
+        out["decomposition"]["file"] = str(marker.resolve())
+    return out
+
+
+def calibration_provenance(source: dict | None, evaluations, data_dir, value: str) -> dict | None:
+    """``meta_info.dataset.calibration`` of a run from the ``init_adapter`` folder ``value`` (``source``: its
+    ``provenance``): the calibration its decomposition ran, as decompose.json records it (``source``: the file or
+    ``hub:`` split, ``split``, ``official_split``, ``note``, ``name``, ``num_samples``, ``seed``, ``seqlen``, ...),
+    with ``decomposition`` (that decompose.json's path) and, as an in-process calibration records its own
+    (``MethodContext.calibration_provenance``), ``overlaps_evaluations``: those of ``evaluations`` (this run's names)
+    that score that very text (``decomposition.overlap.evaluation_overlap`` under ``data_dir``; computed here, not
+    taken from the decomposition, which knew other evaluations) and, when not empty, ``overlap_note``, also printed as
+    a warning on stderr. None where the folder's base records no decomposition."""
+    from loralab.decomposition.overlap import evaluation_overlap, overlap_note, warn_overlap
+
+    decomposition = (source or {}).get("decomposition") or {}
+    calibration = decomposition.get("calibration")
+    if not isinstance(calibration, dict):
+        return None
+    out = {k: v for k, v in calibration.items() if k not in ("overlaps_evaluations", "overlap_note")}
+    overlap = evaluation_overlap(out, evaluations, data_dir)
+    out.update(decomposition=decomposition.get("file"), overlaps_evaluations=overlap)
+    if overlap:
+        out["overlap_note"] = overlap_note(out, overlap)
+        warn_overlap(out, overlap, f"'init_adapter' = {value!r} (its decomposition calibrated on "
+                                   f"{calibration.get('name')!r})")
     return out

@@ -54,6 +54,7 @@ from loralab.run.record import (
     Lifecycle,
     Outcome,
     Record,
+    calibration_entry,
     config_of,
     error_info,
     find_resume,
@@ -77,6 +78,18 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path.resolve())
+
+
+def _dropped(provenance: dict, max_length: int) -> str:
+    """The opening line's clause on training rows the tokenisation dropped (``dropped_without_target``: the
+    prompt filled all ``max_length`` tokens, so truncation cut off the whole target and nothing was left to learn);
+    "" where none was."""
+    dropped = provenance.get("dropped_without_target") or 0
+    if not dropped:
+        return ""
+    rows = dropped + (provenance.get("train_examples") or 0)
+    return (f"; {dropped} of {rows} training rows dropped: their target falls beyond max_length = {max_length} tokens "
+            "after truncation (the prompt fills them), leaving nothing to learn; raise 'max_length' to keep them")
 
 
 def _say(line: str) -> None:
@@ -126,8 +139,8 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
             # the run's init happened in its first process: a resumed one (which may skip it) carries its cost over
             record.init_cost = (resume_state or {}).get("init_cost") or built.method.init_cost
             calibration = (resume_state or {}).get("calibration") or built.calibration  # the same: the first's
-            if calibration:
-                record.provenance = {**record.provenance, "calibration": calibration}
+            record.provenance = {**record.provenance, **calibration_entry(calibration, record.method.NAME,
+                                                                          params.init_adapter, resume_state)}
             if launch.is_main:
                 trackers = Trackers.open(params, out_dir, config_of(exp), (resume_state or {}).get("step", 0))
             evals = evaluation.names(built.task, params) if evaluate else []
@@ -138,6 +151,7 @@ def run_experiment(exp: Experiment, verbose: bool = False, resume: bool = False,
                 + (f" from the adapter in {_shown(params.init_adapter)} (no init runs)" if params.init_adapter else "")
                 + f", device {built.device}; adapter -> {_shown(out_dir / 'adapter')}, result -> "
                 f"{_shown(results.route('success', git))}/ on success ({results.route_reason(git)})"
+                + _dropped(built.data.provenance, params.max_length)
                 + ("; the classification head starts from random weights and trains with the adapter"
                    if built.task.kind == "seq_cls" else "")
                 + ("; an FP8 base on the CPU runs torch's reference _scaled_mm, slower than float matmuls (FP8 pays on "

@@ -112,7 +112,9 @@ class Built:
     ``init_adapter.named_config``); None: ``method``."""
     calibration: dict | None = None
     """Where a data-driven init's calibration rows came from (``MethodContext.calibration_provenance``: file,
-    split, overlap with the run's evaluations); None where no calibration ran (a resumed run carries its first's)."""
+    split, overlap with the run's evaluations), or, for a run from a decomposition's adapter (``init_adapter``), the
+    decomposition's (``init_adapter.calibration_provenance``); None where no calibration ran (a resumed run carries
+    its first's)."""
 
     def make_optimizer(self, params):
         """A fresh optimizer of the method's optimizer part (FSDP: over the sharded parameters)."""
@@ -155,6 +157,7 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         raise ConfigError(problems, str(exp.path))
     device = pick_device(params.device)
     model.to(device)
+    ctx = MethodContext(params, data.train, tokenizer)
     if init_state is not None:
         plain = copy.deepcopy(cfg)
         plain.init_lora_weights = True
@@ -166,7 +169,6 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
         saver = ResidualSaver(model)
         calibration = None
     else:
-        ctx = MethodContext(params, data.train, tokenizer)
         with life.enter("calibrate"):
             model, saver = method.apply(model, cfg, params, ctx)
         calibration = ctx.calibration_provenance
@@ -174,6 +176,9 @@ def build(exp: Experiment, life: Lifecycle | None = None, init_state: Path | Non
     if params.init_adapter is not None:  # the folder's tensors replace the plain init (a --resume's checkpoint, them)
         init_adapter.load_weights(model, params.init_adapter)
         source = init_adapter.provenance(params.init_adapter, params.model_id)
+        # its decomposition's calibration, checked against this run's evaluations (none ran here)
+        calibration = init_adapter.calibration_provenance(source, ctx.evaluations(), params.data_dir,
+                                                          params.init_adapter) or calibration
         named = choose_method(init_adapter.named_config(cfg), params)
     optimizer = method.make_optimizer(model, cfg, params)
     total_steps = total_steps_of(params, len(data.train))

@@ -140,6 +140,26 @@ def config_of(exp: Experiment) -> dict:
             "adapter_config": exp.peft_config.to_dict() if exp.peft_config is not None else None}
 
 
+def calibration_entry(calibration: dict | None, method_name: str, init_adapter: str | None,
+                      resume_state: dict | None = None) -> dict:
+    """``meta_info.dataset``'s calibration keys: ``calibration``, where the calibration rows came from (an in-process
+    init's ``MethodContext.calibration_provenance``, or a decomposition's for a run from its adapter:
+    ``init_adapter.calibration_provenance``); where none ran, ``calibration`` null and ``calibration_note`` saying so
+    and why. A record keeps the full training parameters (seed 004's format), so their ``calibration`` block (256
+    samples, seqlen 2048 by default) is there either way: the note says nothing read it."""
+    if calibration:
+        return {"calibration": calibration}
+    if resume_state is not None and "calibration" not in resume_state:
+        why = "the run resumed from a checkpoint that does not record its first process's calibration"
+    elif init_adapter is not None:
+        why = (f"the run started from the adapter in 'init_adapter' = {init_adapter!r} (no init runs), whose base "
+               "records no decomposition (decompose.json)")
+    else:
+        why = f"method {method_name}'s init reads no data"
+    return {"calibration": None, "calibration_note": f"no calibration ran: {why}; the 'calibration' block of "
+                                                     "run_info.config.training_parameters was not used"}
+
+
 def find_resume(exp: Experiment, out_root: Path) -> tuple[Path | None, Path | None]:
     """(run output dir, checkpoint) of the newest checkpoint of this experiment whose configuration
     hashes match; (None, None) when there is none. Raises ConfigError naming the changed keys when this folder's
