@@ -295,6 +295,10 @@
 #   / LoRA is the goal's reading; (2) recipe, DEADLINE=560; (3) cdtune with a cap of 300 s a row (`cdtune` part's 240
 #   s, or speedab with ROW_CAP=300 and VARIANTS="defaults env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1") and METHODS=
 #   "fp8+lora,fp8+dora"; (4) combo.
+#   After 2026-12-07's ninth and tenth sessions (no machine in 16 tries over both; ~1,000 s of device time spent on starts
+#   that failed): the same calls, run from `bash scripts/gpu_fair_bench.sh head` (HEAD's files alone, so helpers' edits in
+#   the working tree are not measured), e.g. `cd .devdata/head && OUT=$OUT DEADLINE=560 bash scripts/gpu_fair_bench.sh
+#   fp8check fair8b bundle` carrying [".devdata/head"].
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
@@ -326,6 +330,19 @@ save_file({k: v.half() for k, v in load_file(src / "model.safetensors").items()}
           metadata={"format": "pt"})
 PY
   du -sh .devdata/gsm8k .devdata/smollm2-135m .devdata/minilm-l6 .devdata/glue/SST-2 .whl
+  exit 0
+fi
+
+if [ "${1:-}" = head ]; then
+  # The device copies the working tree, uncommitted edits included (a helper's half-done file would be measured).
+  # This writes HEAD's files and the carried data into .devdata/head (~17 MB), to carry alone and run from:
+  #   run: cd .devdata/head && LORALAB_GIT_COMMIT="<sha> (git archive of HEAD; no .git there)" OUT=$OUT bash
+  #        scripts/gpu_fair_bench.sh fp8check fair8b bundle        carry: [".devdata/head"]
+  set -e
+  rm -rf .devdata/head && mkdir -p .devdata/head/.devdata
+  git archive HEAD src scripts pyproject.toml experiments benchmarks | tar -x -C .devdata/head
+  cp -r .devdata/gsm8k .devdata/smollm2-135m .devdata/head/.devdata/ && cp -r .whl .devdata/head/
+  git rev-parse --short HEAD > .devdata/head/COMMIT && du -sh .devdata/head && cat .devdata/head/COMMIT
   exit 0
 fi
 
