@@ -130,14 +130,20 @@ def test_the_study_warns_and_captions_calibration_on_its_scored_text(smollm2_cut
                           "--calib-dataset", "wikitext2", "--seq-len", "32", "--max-windows", "1", "--out", str(out))
     assert main(argv) == 0
     wiki = str((data_dir / "wikitext-2" / "wiki.test.raw").resolve())
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "warning: full-decompose study" in err and wiki in err and "wikitext2" in err
     md = (out / "full_decompose.md").read_text()
     caption = md.split("| method |")[0]
     assert f"from `{wiki}`, test split" in caption and "not the train split" in caption
     assert "Calibrated on the evaluation data" in caption and str((data_dir / "ptb" / "ptb.valid.txt").resolve()) in caption
-    meta = json.loads((out / "full_decompose.json").read_text())["meta"]
+    assert "(plain text, random, seed 233)" in caption and "llama2-chat" not in caption  # a corpus has no prompt format
+    study = json.loads((out / "full_decompose.json").read_text())
+    rows, meta = study["rows"], study["meta"]
     assert meta["overlap"] == ["wikitext2"] and meta["calibration"]["split"] == "test"
+    log = captured.out  # each row one readable line, not a Python dict
+    assert f"base model: wikitext2 perplexity {rows[0]['wikitext2']:,.3f}, ptb perplexity {rows[0]['ptb']:,.3f}\n" in log
+    assert "{'method'" not in log and f"study written: json {out / 'full_decompose.json'}, md " in log, log
 
 
 @pytest.mark.slow
@@ -236,7 +242,8 @@ def test_a_local_metamathqa_file_is_the_metamath_calibration_set(smollm2_cut_pat
                       "and 3 more of the 14 targeted layers"]),
     (["--r", "0", "--calib-size", "0"], ["'--r' = 0: the adapter rank must be at least 1",
                                          "'--calib-size' = 0 must be a positive integer"]),
-    (["--r", "4", "--target-modules", "q_porj"], ["'--target-modules': no nn.Linear/Conv1D module matches"]),
+    (["--r", "4", "--target-modules", "q_porj"], ["'--target-modules' names 'q_porj', which matches no module of "
+                                                 "the model (did you mean 'q_proj'?)"]),
 ])
 def test_bad_ranks_and_arguments_exit_2_before_any_calibration(smollm2_cut_path, data_dir, monkeypatch, capsys,
                                                                  extra, messages):

@@ -37,7 +37,8 @@ def decompose(model, data_dir, *extra):
                                                   "(did you mean 'nqopen'?)"]),
     (["--r", "200"], ["'--r' = 200 is larger than layer model.layers.0.self_attn.k_proj (576->192) allows (at most 192)",
                       "and 3 more of the 14 targeted layers"]),
-    (["--r", "4", "--target-modules", "q_porj"], ["'--target-modules': no nn.Linear/Conv1D module matches"]),
+    (["--r", "4", "--target-modules", "q_porj"], ["'--target-modules' names 'q_porj', which matches no module of "
+                                                 "the model (did you mean 'q_proj'?)"]),
 ], ids=["two-ranks", "calib-size", "calib-dataset", "rank-above-layer", "target-modules"])
 def test_argument_and_rank_problems_stop_before_the_model_loads(smollm2_cut_path, data_dir, no_weights, capsys,
                                                                  extra, messages):

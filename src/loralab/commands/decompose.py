@@ -1,8 +1,9 @@
 """``loralab decompose``: CorDA adapters (KPA/IPA) and the full-decompose perplexity study.
 
-Bad arguments (a flag of the other mode, a rank a targeted layer cannot hold, target modules that
-match nothing, a calibration set or study corpus that is neither local nor reachable, a --save-path
-that is a file or a folder not empty without --force, a --device not here, ...) stop before any
+Bad arguments (a flag of the other mode, a rank a targeted layer cannot hold, a target module name
+that matches no module, named with the closest one, a calibration set or study corpus that is neither
+local nor reachable, a --save-path that is a file or a folder not empty without --force, a --device
+not here, ...) stop before any
 weights load with exit 2 and every problem at once (``problems``: the model is read from its config). The study writes
 each row as it finishes to ``--out`` (default ``<$LORALAB_OUTPUT_DIR or outputs>/corda-study``,
 outside git's tracked files); SIGINT or SIGTERM stops it with exit 130 keeping the finished rows,
@@ -74,12 +75,12 @@ ADAPTER_ONLY = ("first_eigen", "save_path", "target_modules", "calib_sampling", 
 def problems(args) -> list[str]:
     """Every problem that the arguments, the model's config (no weights) and the data folder show: a flag
     of the other mode (given with a value other than its default), the numbers and the calibration set
-    (``checks.argument_problems``), ``--save-path``, ``--device``, the model id and, for kpa/ipa, the rank
+    (``arguments.argument_problems``), ``--save-path``, ``--device``, the model id and, for kpa/ipa, the rank
     against every targeted layer (``checks.model_problems``); the study's perplexity corpora."""
     import argparse
     import os
 
-    from loralab.decomposition import checks
+    from loralab.decomposition import arguments, checks
 
     defaults = argparse.ArgumentParser()
     add_arguments(defaults)
@@ -89,7 +90,7 @@ def problems(args) -> list[str]:
              f"--mode {args.mode} (allowed: leave it out)" for dest in other[1]
              if getattr(args, dest) != defaults.get_default(dest)]
     data_dir = args.data_dir or os.environ.get("LORALAB_DATA_DIR")
-    found += checks.argument_problems(
+    found += arguments.argument_problems(
         mode=args.mode, rs=args.r, calib_dataset=args.calib_dataset or ("alpaca" if full else "nqopen"),
         calib_size=args.calib_size, calib_seqlen=args.calib_seqlen, batch_size=args.batch_size, data_dir=data_dir,
         **({"seq_len": args.seq_len, "max_windows": args.max_windows} if full else {}))

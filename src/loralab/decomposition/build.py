@@ -10,7 +10,7 @@ adapter names the residual folder (absolute path), the model it belongs to, so p
 ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_name_or_path), adapter)``,
 ``loralab merge`` and ``loralab eval --adapter`` without ``--base``/``--model`` reproduce the
 original model. ``run_study``: the full-decompose perplexity study (study.py), written row by
-row and resumed (study_report.py). Both check every argument (checks.py), the rank against each
+row and resumed (study_report.py). Both check every argument (arguments.py), the rank against each
 targeted layer included, before any calibration.
 """
 
@@ -25,9 +25,17 @@ import torch
 from loralab import distributed
 from loralab.config import ConfigError
 from loralab.decomposition import cache
+from loralab.decomposition.arguments import argument_problems, rank_problems
 from loralab.decomposition.calibration import calibration_samples, canonical_name, make_batches, source_of
-from loralab.decomposition.checks import argument_problems, rank_problems
-from loralab.decomposition.overlap import eval_file, evaluation_overlap, overlap_note, warn_overlap
+from loralab.decomposition.overlap import (
+    EVAL_FILES,
+    eval_file,
+    evaluation_overlap,
+    overlap_note,
+    overlap_provenance,
+    warn_overlap,
+)
+from loralab.decomposition.study_report import row_line
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESIDUAL_MARKER = "decompose.json"
@@ -92,6 +100,7 @@ def build_adapter(model_id: str, r: int | list[int], *, mode: str = "kpa", calib
     _raise(problems + (rank_problems(model, config) if len(rs) == 1 else []))  # every problem at once
     batches, provenance = calibration_batches(path, tokenizer, calib_dataset, calib_size, seed, seqlen, batch_size,
                                               data_dir, fmt, sampling, use_cache)
+    provenance = overlap_provenance(provenance, list(EVAL_FILES), data_dir, f"decompose --mode {mode}")  # any evaluation
     options = dict(options or {})
     if use_cache:
         options.setdefault("cache_dir", str(cache.default_cache_dir()))
@@ -193,7 +202,7 @@ def run_study(model_id: str, rs: list[int], methods: list[str], *, calib_dataset
 
     def record(row: dict) -> None:
         rows.append(row)
-        say(str(row))
+        say(row_line(row, corpora))
         if out_dir is not None and distributed.is_main():
             write_report(rows, corpora, out_dir, meta, with_plot=False)
 
@@ -206,5 +215,6 @@ def run_study(model_id: str, rs: list[int], methods: list[str], *, calib_dataset
             full_decompose(model, stats, method, left, lambda m: evaluate(m, f"{method} r={next(it)}"), solver=solver,
                            on_result=lambda r, ppl: record({"method": method, "r": r, **ppl}))
     if out_dir is not None and distributed.is_main():
-        say(str(write_report(rows, corpora, out_dir, meta)))
+        files = write_report(rows, corpora, out_dir, meta)
+        say("study written: " + ", ".join(f"{kind} {path}" for kind, path in files.items() if path))
     return sort_rows(rows)

@@ -201,7 +201,8 @@ def calibration_samples(
     name: str, tokenizer, num_samples: int = 256, *, seed: int = 233, seqlen: int = 2048, data_dir=None,
     fmt: str = "llama2-chat", sampling: str = "random",
 ) -> tuple[list[torch.Tensor], dict]:
-    """Token-id tensors (1-D, no padding), one per calibration sample, and their provenance."""
+    """Token-id tensors (1-D, no padding), one per calibration sample, and their provenance (``load_source``'s,
+    with the arguments and ``kind``: ``corpus`` for joined text, where ``fmt`` plays no part, or ``instructions``)."""
     if fmt not in ("llama2-chat", "training"):
         raise ValueError(f"calibration format {fmt!r}; allowed: 'llama2-chat', 'training'")
     if sampling not in ("random", "first"):
@@ -210,7 +211,8 @@ def calibration_samples(
     rows, provenance = load_source(name, data_dir)
     rng = random.Random(seed)
     samples = []
-    if is_corpus(name, rows):
+    corpus = is_corpus(name, rows)
+    if corpus:
         text = "\n\n".join(rows)
         for i in range(num_samples):
             start = i * seqlen * 10 % max(1, len(text) - seqlen) if sampling == "first" else rng.randint(0, len(text) - seqlen - 1)
@@ -227,7 +229,8 @@ def calibration_samples(
                 response = response + (tokenizer.eos_token or "")
             text = template.format(instruction=instruction, response=response)
             samples.append(tokenizer(text, return_tensors="pt").input_ids[0][:seqlen])
-    provenance.update(name=name, num_samples=num_samples, seed=seed, seqlen=seqlen, fmt=fmt, sampling=sampling)
+    provenance.update(name=name, kind="corpus" if corpus else "instructions", num_samples=num_samples, seed=seed,
+                      seqlen=seqlen, fmt=fmt, sampling=sampling)  # fmt shapes instruction rows only (kind)
     return samples, provenance
 
 

@@ -1,87 +1,75 @@
-"""``loralab decompose``'s input checks, all made before any calibration (which costs minutes on a
-large model): the numeric arguments, the calibration set (``calibration.source_problem``), and the
-rank against every targeted layer (peft's ``corda_init`` would fail after the calibration with
-"Matrix U size mismatch"). Each returns every problem it finds; the caller raises one
-``ConfigError`` (exit 2) naming them all.
+"""``loralab decompose``'s checks of the model and the output, made before any weights load (and so before any
+calibration, which costs minutes on a large model): the model id and its config, the ``--target-modules``
+names (each must match a module: peft skips a typo in silence where another name matches) and the rank
+against every targeted layer (peft's ``corda_init`` would fail after the calibration with "Matrix U size
+mismatch"), the last two on the model's meta-device skeleton; ``--save-path`` and ``--device``. The numeric
+arguments and the calibration set are ``arguments.argument_problems``. Each returns every problem it finds;
+the caller raises one ``ConfigError`` (exit 2) naming them all.
 """
 
 from __future__ import annotations
 
-from loralab.decomposition.calibration import source_problem
-
-
-def _positive(name: str, value) -> list[str]:
-    return [] if value is None or value > 0 else [f"'{name}' = {value!r} must be a positive integer"]
-
-
-def argument_problems(*, mode: str, rs: list[int], calib_dataset: str, calib_size: int, calib_seqlen: int,
-                      batch_size: int, data_dir=None, seq_len: int | None = None, max_windows: int | None = None) -> list[str]:
-    """Every problem of the arguments that needs no model."""
-    problems = []
-    if mode == "full-decompose":
-        problems += [f"'--r' = {r} must be 0 or more (components discarded per layer)" for r in rs if r < 0]
-        problems += _positive("--seq-len", seq_len) + _positive("--max-windows", max_windows)
-    elif len(rs) != 1:
-        problems.append(f"'--r' takes one rank in mode {mode!r}, got {rs}")
-    elif rs[0] < 1:
-        problems.append(f"'--r' = {rs[0]}: the adapter rank must be at least 1")
-    problems += _positive("--calib-size", calib_size) + _positive("--calib-seqlen", calib_seqlen)
-    problems += _positive("--batch-size", batch_size)
-    problem = source_problem(calib_dataset, data_dir)
-    return problems + ([f"'--calib-dataset': {problem}"] if problem else [])
-
-
-def rank_problems(model, lora_config) -> list[str]:
-    """The adapter rank against every layer CorDA targets: it must not exceed min(in, out). Names the
-    first layer too small and how many others are."""
-    from loralab.decomposition.attach import _rank, _weight_out_in, corda_targets
-
-    try:
-        targets = corda_targets(model, lora_config)
-    except ValueError as exc:
-        return [f"'--target-modules': {exc}"]
-    bad = []
-    for name, module in targets.items():
-        out_f, in_f = _weight_out_in(module).shape
-        r = _rank(lora_config, name)
-        if r > min(out_f, in_f):
-            bad.append((name, r, in_f, out_f))
-    if not bad:
-        return []
-    name, r, in_f, out_f = bad[0]
-    more = f" (and {len(bad) - 1} more of the {len(targets)} targeted layers)" if len(bad) > 1 else ""
-    return [f"'--r' = {r} is larger than layer {name} ({in_f}->{out_f}) allows (at most {min(in_f, out_f)}){more}"]
+from loralab.decomposition.arguments import rank_problems
 
 
 def model_problems(model_id: str, *, rank: int | None = None, target_modules=()) -> list[str]:
     """What the model's config alone shows, no weight read: an id naming no model (``models.check_model_id``),
-    a config that cannot be read (``models.Unreachable``'s line for a hub id offline), and with ``rank``
-    (kpa/ipa) ``rank_problems`` against ``target_modules``, on the model built from its config on the meta
-    device (its modules and weight shapes, no memory). One line per problem, flags named as ``--model``."""
-    import torch
+    a config that cannot be read or built into a causal LM (``models.Unreachable``'s line for a hub id offline
+    and not cached), and with ``rank`` (kpa/ipa) every name of ``target_modules`` that matches no module, with the
+    closest name (``methods.common.unmatched_names``, the check ``loralab run`` makes: peft adapts the names that
+    match and skips a typo in silence where another name matches), then ``arguments.rank_problems``. All on the
+    model's skeleton (``skeleton.build_skeleton``: built from its config on the meta device, as ``loralab run``'s
+    checks are; module names and weight shapes, no memory). One line per problem, flags named as ``--model``,
+    ``--target-modules``, ``--r``."""
     from peft import LoraConfig
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from loralab import models
+    from loralab.methods.common import unmatched_names
 
     problems = [p.replace("'model_id'", "'--model'", 1) for p in models.check_model_id(model_id)]
     if problems:
         return problems
+    skeleton, problems = _skeleton(model_id)
+    if skeleton is None or rank is None:
+        return problems
+    unmatched = unmatched_names(skeleton, target_modules, "'--target-modules'")
+    if target_modules and len(unmatched) == len(set(target_modules)):  # none matches: no layer to rank
+        return unmatched
+    return unmatched + rank_problems(skeleton, LoraConfig(r=rank, target_modules=list(target_modules)))
+
+
+def _skeleton(model_id: str):
+    """(the causal LM's skeleton, []), or (None, why it has none: one line per problem; [] where the load will
+    tell). A GGUF file is converted first (the load right after reads the conversion anyway)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loralab import models
+    from loralab.skeleton import build_skeleton
+
+    def unbuildable(exc: Exception) -> list[str]:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        return [f"'--model' = {model_id!r}: no causal language model can be built from its config ({lines[0][:300]})"]
+
     try:
+        models.resolve_model_path(model_id)
+    except (OSError, ValueError, KeyError) as exc:  # a GGUF file that does not convert
+        return None, unbuildable(exc)
+    skeleton = build_skeleton(model_id, "causal_lm")
+    if skeleton is not None:
+        return skeleton, []
+    try:  # build_skeleton never raises: read and build again, for the reason
         if model_id.startswith(models.RANDOM_PREFIX):
             config = models.random_config(model_id, "causal_lm")
         else:
             config = models._from_pretrained(AutoConfig.from_pretrained, model_id, "config")
-        if rank is None:
-            return []
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            AutoModelForCausalLM.from_config(config)
     except models.Unreachable as exc:
-        return exc.problems
+        return None, exc.problems
     except (OSError, ValueError, KeyError) as exc:  # no config.json, an unknown model_type, not a causal LM
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        return [f"'--model' = {model_id!r}: no causal language model can be built from its config ({lines[0][:300]})"]
-    return rank_problems(model, LoraConfig(r=rank, target_modules=list(target_modules)))
+        return None, unbuildable(exc)
+    return None, []
 
 
 def save_path_problems(save_path, force: bool) -> list[str]:

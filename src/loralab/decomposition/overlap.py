@@ -8,7 +8,10 @@ copies of NQ-open (dev) and WikiText-2 (test) are the files the ``nq_open`` eval
 ``wikitext2`` perplexity score. ``EVAL_FILES`` lists, per evaluation, the files under ``data_dir``
 whose text it scores (its loader in ``tasks/``; files holding the same questions in another format
 count too); ``evaluation_overlap`` matches a calibration provenance against them. A hub split
-(always train) overlaps nothing.
+(always train) overlaps nothing. ``overlap_provenance`` records the match in the provenance and warns:
+``loralab decompose`` (kpa/ipa) matches its calibration against every evaluation here (the adapter is
+trained and scored later, on any of them), the full-decompose study against the corpora it scores, and a
+run against its own evaluations.
 """
 
 from __future__ import annotations
@@ -68,3 +71,16 @@ def warn_overlap(provenance: dict, overlap: list[str], where: str) -> None:
 
     if overlap and distributed.is_main():
         print(f"warning: {where}: {overlap_note(provenance, overlap)}", file=sys.stderr, flush=True)
+
+
+def overlap_provenance(provenance: dict, evaluations, data_dir, where: str) -> dict:
+    """``provenance`` (a calibration set's, ``calibration.calibration_samples``) with ``overlaps_evaluations``: the
+    evaluations among ``evaluations`` that score its text ([] for none; ``evaluation_overlap``), and where there
+    are any ``overlap_note``, the warning printed too (``warn_overlap``, naming ``where`` and the file): the fields
+    a run records for its calibration (``methods.context``). A new dict; JSON-ready where ``provenance`` is."""
+    overlap = evaluation_overlap(provenance, evaluations, data_dir)
+    out = {**provenance, "overlaps_evaluations": overlap}
+    if overlap:
+        out["overlap_note"] = overlap_note(provenance, overlap)
+        warn_overlap(provenance, overlap, where)
+    return out

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from loralab.config import ConfigError
+from loralab.decomposition.calibration import CORPORA
 
 FILES = ("full_decompose.json", "full_decompose.md", "full_decompose.png")
 SETTINGS = ("model_id", "seq_len", "max_windows", "corpora", "solver", "dtype")
@@ -62,17 +63,37 @@ def sort_rows(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def prompted(calibration: dict) -> bool:
+    """Whether the calibration samples were instruction rows put in its prompt format (``fmt``); a corpus
+    (wikitext2, ptb, c4, nqopen, triviaqa: joined text) has none. Its provenance's ``kind``, or for a
+    provenance written before ``kind`` was recorded, its name."""
+    if calibration.get("kind"):
+        return calibration["kind"] == "instructions"
+    return calibration.get("name") not in CORPORA
+
+
+def row_line(row: dict, corpora: list[str]) -> str:
+    """A finished row as one line for the log: ``plain r=4: wikitext2 perplexity 1,234.568, ptb perplexity ...``;
+    a perplexity that overflowed (recorded as the float maximum by the degenerate rule, ``tasks.metrics.settle``)
+    reads "overflowed"."""
+    label = "base model" if row["method"] == "base" else f"{row['method']} r={row['r']}"
+    degenerate = row.get("degenerate") or []
+    return f"{label}: " + ", ".join(f"{c} perplexity " + ("overflowed" if c in degenerate else f"{row[c]:,.3f}")
+                                    for c in corpora)
+
+
 def caption(meta: dict) -> str:
     """What the table measured, above it in the md file: model, windows, scored files, calibration."""
     cal = meta.get("calibration") or {}
     windows = f"first {meta['max_windows']} " if meta.get("max_windows") else "all "
     scored = ", ".join(f"{c} `{(meta.get('scored_files') or {}).get(c) or 'hub test split'}`" for c in meta["corpora"])
     split = f", {cal['split']} split" if cal.get("split") else ""
+    fmt = f"{cal.get('fmt')} prompts" if prompted(cal) else "plain text"
     lines = [
         f"Full-decompose study: `{meta['model_id']}` ({meta.get('dtype')}), perplexity over the {windows}non-overlapping "
         f"{meta['seq_len']}-token windows of {scored}.",
         f"Calibration: {cal.get('name')}, {cal.get('num_samples')} samples of at most {cal.get('seqlen')} tokens "
-        f"({cal.get('fmt')}, {cal.get('sampling')}, seed {cal.get('seed')}) from `{cal.get('source')}`{split}"
+        f"({fmt}, {cal.get('sampling')}, seed {cal.get('seed')}) from `{cal.get('source')}`{split}"
         + (f" ({cal['note']})" if cal.get("note") else "") + ".",
     ]
     if meta.get("overlap"):
