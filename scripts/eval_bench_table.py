@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from loralab.bench.generation_table import table
+from loralab.tasks.eval_output import task_metrics
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/eval-bench")
 
@@ -39,7 +40,7 @@ gsm8k = json.loads((root / "h200-gsm8k-1024.json").read_text())["gsm8k"]
 gsm8k_wall = done_in(root / "h200-gsm8k-1024.log")
 print(f"| GSM8K test, 1,024-token budgets (seed 000's), CorDA prompt, its stop strings | {gsm8k['n']:,} | {gsm8k['generation']['max_new_tokens']:,} | {gsm8k_wall} s | "
       f"{gsm8k['seconds']['generate']:.1f} |")
-commonsense = json.loads((root / "h200-commonsense.json").read_text())
+commonsense = task_metrics(json.loads((root / "h200-commonsense.json").read_text()))  # without meta_info
 cs_n = sum(v["n"] for v in commonsense.values())
 cs_wall = done_in(root / "h200-commonsense.log")
 cs_generate = sum(v["seconds"]["generate"] for v in commonsense.values())

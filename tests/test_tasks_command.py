@@ -42,3 +42,31 @@ def test_a_task_line_says_kind_data_and_default_evaluation_with_metric(capsys):
     assert "nothing by default" in row["alpaca"]
     (commonsense,) = groups[1:]
     assert commonsense.split()[1] == "accuracy" and "boolq" in commonsense and "openbookqa" in commonsense
+
+
+SPLITS = {"test": "test", "validation": "validation", "valid": "validation", "dev": "validation", "train": "train"}
+
+
+def splits_named(text: str) -> set[str]:
+    """The dataset splits a text names (``ptb.valid.txt``, ``(penn_treebank, validation)``, ``NQ-open dev``)."""
+    return {SPLITS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in SPLITS}
+
+
+def test_ptb_is_listed_as_the_validation_split_it_scores(capsys):
+    """``ptb`` scores PTB's validation split (CorDA's: ``tasks.corpora``) but was listed as "PTB test perplexity"."""
+    _, evals, _ = sections(capsys)
+    row = {line.split()[0]: line for line in evals[1:]}
+    assert "PTB validation perplexity" in row["ptb"] and "test" not in row["ptb"]
+    assert "WikiText-2 test perplexity" in row["wikitext2"]
+
+
+def test_no_description_names_a_split_its_source_does_not_read():
+    """Every evaluation's line in ``loralab tasks`` against ``Eval.source`` (the file its loader opens and the hub
+    split that stands in for it): a split the description names must be the one the source names, where it names one."""
+    wrong = {}
+    for name, ev in EVALS.items():
+        read = splits_named(ev.source.local + " " + ev.source.hub) if ev.source else set()
+        if read and not splits_named(ev.description) <= read:
+            wrong[name] = (ev.description, sorted(read))
+    assert wrong == {}
+    assert splits_named(EVALS["ptb"].source.local) == {"validation"}  # the rule sees PTB's file for what it is

@@ -10,16 +10,16 @@ writes the output and generation files. Greedy completions are the one-process c
                  [--output metrics.json] [--generations-out FILE.jsonl]
     loralab eval --tasks gsm8k,humaneval --generations FILE.jsonl --output metrics.json
 
-``--tasks`` takes evaluation names and groups (``commonsense`` = its eight tasks), or GLUE tasks
-(``glue/sst2``, ...: a call of their own, the dev split scored by a sequence-classification model, an
-adapter's trained head loaded with it, ``tasks.glue.score_dev``). The output maps
-task -> {metric: value, ...} plus ``headline`` (the metric a table shows) and ``seconds`` (load,
-generate, score, total); a live run adds ``generation`` (the effective
-settings: the source protocol, overridden by every flag given), and a scorer may add ``warnings``
-(e.g. code: most programs do not compile, with the likely cause). Generation lines are
-``{"task", "id", "completion", "prompt"}`` plus the scorer's verdict (``tasks.verdicts``); ``prompt``
-(the exact text the completion continues) is optional in a file to re-score, and code builds its
-programs from it when present. Re-scoring (``tasks.rescore``) also reads bigcode's generations.json,
+``--tasks`` takes evaluation names and groups (``commonsense`` = its eight tasks), or GLUE tasks (``glue/sst2``,
+...: a call of their own, the dev split scored by a sequence-classification model, an adapter's trained head loaded
+with it, ``tasks.glue.score_dev``). The output maps task -> {metric: value, ...} plus ``headline`` (the metric a
+table shows) and ``seconds`` (load, generate, score, total); a live run adds ``generation`` (the effective settings:
+the source protocol, overridden by every flag given), and a scorer may add ``warnings`` (e.g. code: most programs
+do not compile, with the likely cause). Its ``meta_info`` says what was scored (model, adapter with its weights'
+sha256, each evaluation's data file or hub split, every flag: ``tasks.eval_output``, whose ``task_metrics`` readers
+use). Generation lines are ``{"task", "id", "completion", "prompt"}`` plus the scorer's verdict (``tasks.verdicts``);
+``prompt`` (the exact text the completion continues) is optional in a file to re-score, and code builds its programs
+from it when present. Re-scoring (``tasks.rescore``) also reads bigcode's generations.json,
 honours ``--max-samples``, adds ``coverage`` and warns when problems have no rows.
 
 Every evaluation's data is loaded before the model (``tasks.data_check``; GLUE tasks' dev splits too:
@@ -159,6 +159,7 @@ def parse_max_samples(value: str | None, names: list[str]) -> dict[str, int | No
 
 def _load(args):
     from loralab import distributed
+    from loralab.merge import quiet_corda_config
     from loralab.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -166,7 +167,8 @@ def _load(args):
     if args.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter)
+        with quiet_corda_config():  # a saved CorDA adapter's corda_config is its record, nothing to apply
+            model = PeftModel.from_pretrained(model, args.adapter)
     return model.to(distributed.device_for(args.device)).eval(), tokenizer  # cuda: this rank's GPU
 
 
@@ -290,6 +292,8 @@ def _emit(args, metrics: dict, failed: list[str], start: float, main: bool, name
     code = 128 + int(received) if received is not None else (1 if failed else 0)
     if not main:
         return code
+    from loralab.tasks.eval_output import META_KEY, meta_info_of_call
+    metrics[META_KEY] = meta_info_of_call(args, names)  # what was scored: model, adapter, data; rank 0 only
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:
@@ -311,6 +315,7 @@ def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
     from peft import PeftModel
 
     from loralab import distributed
+    from loralab.merge import quiet_corda_config
     from loralab.models import Unreachable, load_model, load_tokenizer
     from loralab.tasks.glue import TASKS as GLUE
     from loralab.tasks.glue import score_dev
@@ -319,7 +324,8 @@ def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
         from peft import PeftConfig
 
         try:
-            task_type = PeftConfig.from_pretrained(args.adapter).task_type
+            with quiet_corda_config():
+                task_type = PeftConfig.from_pretrained(args.adapter).task_type
         except (ValueError, OSError) as exc:
             print(f"error: --adapter {args.adapter}: no readable adapter_config.json ({exc})", file=sys.stderr)
             return 2
@@ -349,7 +355,8 @@ def _run_glue(args, names: list[str], data_dir, main: bool) -> int:
                 try:
                     model = load_model(args.model, "seq_cls", num_labels=task.num_labels, dtype=args.dtype)
                     if args.adapter:
-                        model = PeftModel.from_pretrained(model, args.adapter)
+                        with quiet_corda_config():
+                            model = PeftModel.from_pretrained(model, args.adapter)
                     model = model.to(distributed.device_for(args.device)).eval()
                     metrics[name] = score_dev(task, model, tokenizer, data_dir, limits.get(name), args.batch_size,
                                               args.max_length)

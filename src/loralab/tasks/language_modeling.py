@@ -1,4 +1,4 @@
-"""Perplexity on WikiText-2 (test) and PTB, CorDA's sanity check that a decomposition keeps the model
+"""Perplexity on WikiText-2 (test) and PTB (validation), CorDA's sanity check that a decomposition keeps the model
 (``cordalib/evaluate_utils.py``: 2,048-token windows). The corpus loading and the sliding-window
 computation live in ``loralab.tasks.corpora`` (where each corpus's file is declared) and
 ``loralab.tasks.perplexity``; this module only registers them as evaluations.
@@ -10,7 +10,7 @@ windows of how many, and how many tokens, were scored.
 from __future__ import annotations
 
 from loralab.tasks.base import Eval
-from loralab.tasks.corpora import SOURCES
+from loralab.tasks.corpora import _HUB, SOURCES
 from loralab.tasks.metrics import settle
 
 OPTIONS = {"seq_len": (2048, None), "stride": (None, None), "batch_size": (1, None)}
@@ -32,6 +32,6 @@ def run(name: str, model, tokenizer, *, data_dir, options: dict, max_samples: in
 
 
 EVALS = tuple(Eval(name, family="language_modeling", output_type="perplexity", headline="perplexity", options=OPTIONS,
-                   run=run, description=f"{label} test perplexity, CorDA's 2,048-token windows",
-                   source=SOURCES[name])
+                   run=run, description=f"{label} {_HUB[name][2]} perplexity (CorDA's split), 2,048-token windows",
+                   source=SOURCES[name])  # the split load_corpus reads (corpora._HUB), so the line cannot drift from it
               for name, label in (("wikitext2", "WikiText-2"), ("ptb", "PTB")))
