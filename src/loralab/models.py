@@ -22,6 +22,7 @@ import socket
 from pathlib import Path
 
 from loralab.config import ConfigError
+from loralab.results import content_sha256
 from loralab.shapes import MODELS
 
 PACKAGED = {
@@ -289,13 +290,8 @@ def model_provenance(model_id: str) -> dict:
         except Exception as exc:  # offline: record why there is no revision
             info["revision"] = f"unavailable ({type(exc).__name__})"
         return info
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}):
-        digest.update(file.name.encode())
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return {"model_id": model_id, "path": str(path), "content_sha256": digest.hexdigest()}
+    files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"})
+    return {"model_id": model_id, "path": str(path), "content_sha256": content_sha256(files, cache_root() / "content-sha256")}
 
 
 def load_tokenizer(model_id: str):

@@ -138,6 +138,35 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def content_sha256(files: list[Path], cache_dir: Path) -> str:
+    """sha256 over each file's name and bytes, in order. Why cached: every run record and eval output hashes its
+    local model folder, ~16 GB (8-16 s) for an 8B model at every ``loralab eval``; the digest is kept in
+    ``cache_dir`` (``models.model_provenance``: ``<LORALAB_CACHE>/content-sha256``), keyed by each file's absolute
+    path, size and mtime in ns (a rewritten file has a new mtime, so a new key: it is hashed again). A cache that
+    cannot be written is skipped. Raises OSError where a file cannot be read."""
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(repr(stats).encode()).hexdigest()
+    entry = Path(cache_dir) / key
+    try:
+        return entry.read_text().strip()
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest.hexdigest())
+        os.replace(tmp, entry)
+    except OSError:
+        pass
+    return digest.hexdigest()
+
+
 def sha256_json(obj) -> str:
     """Hex sha256 of ``json.dumps(obj, sort_keys=True)``: the record's ``train_params_sha`` and
     ``peft_config_sha`` (key order does not change it; resume matches runs by it, so the
