@@ -9,6 +9,8 @@
 #           sizes it tried, their peaks and rates are in each tuned row's micro_batch_probe). loralab's
 #           rows carry ratio_best_peer (and best_peer) and ratio_docs_peer. ~5-8 min (10 rows). SPEED="k=v ..."
 #           passes each as `--speed k=v` (loralab's rows; FP8-only keys reach the fp8+ rows only).
+#   fair8btuned fair8b's loralab rows and tuned-peer rows only, one timing window each (WINDOWS), ~5 min: the goals'
+#           readings when the device budget left is short.
 #   fairprof loralab's rows (METHODS, default "lora,fp8+lora") and the tuned peer's of fair8b, loralab's profiled
 #           (fairprof.profile.txt): which attention kernels the graphed step runs, and the ratio, in ~4 min.
 #   fair8bcache  fair8b again with `--speed fp8_transpose_cache=0.81`: the FP8 rows keep the column-major
@@ -376,6 +378,11 @@ for part in "${PARTS[@]}"; do
       for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done  # SPEED="k=v k=v": explicit loralab speed keys
       step fair8b 560 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
         ${WINDOWS:+--windows "$WINDOWS"} "${speed_args[@]}" --output "$OUT/fair8b.json" ;;  # WINDOWS=1: ~50 s less
+    fair8btuned)  # fair8b less the docs and Liger peers (6 rows, one timing window each): for a short device budget
+      speed_args=()
+      for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done
+      step fair8btuned 400 $PYTHON -m loralab bench --preset full --device cuda --only llama-3-8b/fixed \
+        --stacks loralab,tuned --windows "${WINDOWS:-1}" "${speed_args[@]}" --output "$OUT/fair8btuned.json" ;;
     fairprof)  # loralab's rows (METHODS, default lora,fp8+lora) and the tuned peer's, with loralab's profiled
       speed_args=()
       for kv in ${SPEED:-}; do speed_args+=(--speed "$kv"); done
