@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module, one-line help). A new subcommand is one module plus one line here.
@@ -62,8 +63,24 @@ class _KnownNoise(logging.Filter):
         return "gemm_4bit_forward" not in str(record.msg)
 
 
+LOG_BAR_INTERVAL = "30"
+"""Seconds between a progress bar's updates where stderr is not a terminal (a log file, a job's output): tqdm's
+0.1 s default rewrote every bar ten times a second into such logs (a newcomer's 1-minute CorDA run left
+thousands of bar lines). tqdm reads ``TQDM_MININTERVAL``, so every bar (loralab's, transformers', peft's) follows;
+a ``TQDM_MININTERVAL`` the user set wins."""
+
+
+def quiet_bars_in_logs(stream=None) -> None:
+    """Set ``TQDM_MININTERVAL`` to ``LOG_BAR_INTERVAL`` where ``stream`` (stderr) is not a terminal and the user did
+    not set it."""
+    stream = sys.stderr if stream is None else stream
+    if not getattr(stream, "isatty", lambda: False)():
+        os.environ.setdefault("TQDM_MININTERVAL", LOG_BAR_INTERVAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KnownNoise())
+    quiet_bars_in_logs()
     args = build_parser().parse_args(argv)
     return int(importlib.import_module(args._module).run(args) or 0)
 
