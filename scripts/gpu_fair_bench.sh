@@ -297,10 +297,12 @@
 #   / LoRA is the goal's reading; (2) recipe, DEADLINE=560; (3) cdtune with a cap of 300 s a row (`cdtune` part's 240
 #   s, or speedab with ROW_CAP=300 and VARIANTS="defaults env:TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1") and METHODS=
 #   "fp8+lora,fp8+dora"; (4) combo.
-#   After 2026-12-07's ninth and tenth sessions (no machine in 16 tries over both; ~1,000 s of device time spent on starts
-#   that failed): the same calls, run from `bash scripts/gpu_fair_bench.sh head` (HEAD's files alone, so helpers' edits in
+#   After 2026-12-07's ninth and tenth sessions (no machine in the ninth's 5 tries; in the tenth, 20 tries then one H100
+#   with 51 s left after it: results/bench-fair-h100-1208, fair8btuned at the 0.25 default budget, FP8 DoRA / LoRA
+#   0.905): the same calls, run from `bash scripts/gpu_fair_bench.sh head` (HEAD's files alone, so helpers' edits in
 #   the working tree are not measured), e.g. `cd .devdata/head && OUT=$OUT DEADLINE=560 bash scripts/gpu_fair_bench.sh
-#   fp8check fair8b bundle` carrying [".devdata/head"].
+#   fp8check fair8b bundle` carrying [".devdata/head"]. On an H100, fair8btuned needs SPEED="memory_fraction=0.441":
+#   at 0.25 the tuned peer is held to micro-batch 1 and the docs and Liger peers, left out, are the fastest.
 # Files under $OUT, for results/bench-fair/: gpu.txt (card, versions, commit), fair8b.json and fair8b.log,
 # recipe.json and recipe.log (each log starts with its exact command), summary.txt (each part's exit
 # status and seconds; 124: stopped by the deadline) and tables.md (the printed tables and the goals).
