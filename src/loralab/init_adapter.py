@@ -73,8 +73,13 @@ def read_init_adapter(value: str, problems: list[str]) -> dict | None:
     return data
 
 
+AS_SETS = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform")
+"""Name (or layer index) lists whose order means nothing: peft keeps target/exclude_modules as sets and saves them as
+``list(set)``, whose order follows PYTHONHASHSEED."""
+
+
 def _same(key: str, a, b) -> bool:
-    if key in ("target_modules", "modules_to_save") and isinstance(a, list | set) and isinstance(b, list | set):
+    if key in AS_SETS and isinstance(a, list | set) and isinstance(b, list | set):
         return set(a) == set(b)
     return a == b
 
