@@ -168,6 +168,7 @@ def load_weights(peft_model, folder) -> None:
     "all-linear" where the folder adapted fewer layers)."""
     from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
+    folder = Path(folder).expanduser()  # as read_init_adapter read it: peft takes "~/..." for a hub id
     weights = load_peft_weights(str(folder), device="cpu")
     expected = get_peft_model_state_dict(peft_model)
     problems = [f"{what} {len(names)} tensor(s), e.g. {', '.join(names[:3])}" for what, names in (
