@@ -45,3 +45,20 @@ def test_an_unwritable_cache_still_gives_the_hash(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     assert model_provenance(str(folder))["content_sha256"] == _plain(folder)
+
+
+def test_links_to_the_same_files_under_other_names_hash_as_their_names(tmp_path, monkeypatch):
+    """The digest covers each file's name (a Hugging Face snapshot's links), so the cache key must too: two folders
+    linking the same blobs under other names have different hashes, cached or not."""
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "a").write_text('{"model_type": "llama"}')
+    (blobs / "b").write_bytes(b"w" * 64)
+    for folder, weights in (("one", "model.safetensors"), ("two", "model-00001-of-00001.safetensors")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").symlink_to(blobs / "a")
+        (tmp_path / folder / weights).symlink_to(blobs / "b")
+    one = model_provenance(str(tmp_path / "one"))["content_sha256"]
+    two = model_provenance(str(tmp_path / "two"))["content_sha256"]
+    assert (one, two) == (_plain(tmp_path / "one"), _plain(tmp_path / "two")) and one != two

@@ -141,10 +141,11 @@ def sha256_file(path) -> str:
 def content_sha256(files: list[Path], cache_dir: Path) -> str:
     """sha256 over each file's name and bytes, in order. Why cached: every run record and eval output hashes its
     local model folder, ~16 GB (8-16 s) for an 8B model at every ``loralab eval``; the digest is kept in
-    ``cache_dir`` (``models.model_provenance``: ``<LORALAB_CACHE>/content-sha256``), keyed by each file's absolute
-    path, size and mtime in ns (a rewritten file has a new mtime, so a new key: it is hashed again). A cache that
+    ``cache_dir`` (``models.model_provenance``: ``<LORALAB_CACHE>/content-sha256``), keyed by each file's name (which
+    the digest covers; a snapshot's links name shared blobs), absolute path (links resolved), size and mtime in ns (a
+    rewritten file has a new mtime, so a new key: it is hashed again). A cache that
     cannot be written is skipped. Raises OSError where a file cannot be read."""
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [(f.name, str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = hashlib.sha256(repr(stats).encode()).hexdigest()
     entry = Path(cache_dir) / key
     try:
