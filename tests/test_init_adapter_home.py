@@ -24,3 +24,15 @@ def test_an_init_adapter_under_home_loads_its_weights(minilm_path, tmp_path, mon
     for name, p in fresh.named_parameters():
         if "lora_" in name:
             assert torch.equal(p, want[name]), name
+
+
+def test_provenance_of_a_folder_whose_weights_went_raises_oserror(tmp_path):
+    """The weights removed between reading the experiment and the build: an OSError naming the folder (the
+    docstring's promise; a bare StopIteration escaped before)."""
+    import pytest
+
+    from loralab.init_adapter import provenance
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(OSError, match="adapter_model.safetensors"):
+        provenance(tmp_path, "packaged:minilm-l6")

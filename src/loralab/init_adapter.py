@@ -190,7 +190,9 @@ def provenance(folder, model_id: str) -> dict:
     from loralab.decomposition.build import RESIDUAL_MARKER
 
     folder = Path(folder).expanduser().resolve()
-    weights = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:  # gone since the experiment was read
+        raise FileNotFoundError(f"{folder} holds no {' nor '.join(WEIGHT_FILES)} (any more)")
     config = json.loads((folder / ADAPTER_FILE).read_text())
     out = {"path": str(folder), "weights": weights.name, "sha256": sha256_file(weights),
            "config_sha256": sha256_file(folder / ADAPTER_FILE), "base_model_name_or_path": config.get("base_model_name_or_path")}
