@@ -128,3 +128,19 @@ def test_without_a_skeleton_the_loaded_model_gets_the_same_name_checks(tmp_path,
         "adapter_config.json 'target_modules' names 'querry', which matches no module of the model (did you mean 'query'?)",
         "adapter_config.json 'modules_to_save' names 'classifer', which matches no module of the model "
         "(did you mean 'classifier'?)"]
+
+
+def test_a_layer_check_the_skeleton_cannot_answer_still_leaves_the_name_checks(tmp_path, data_dir, monkeypatch):
+    """A method's layer check that raises on the meta device (one that would read weight values) is left to the
+    load; the target and modules_to_save typos, which need names only, are still reported at read time."""
+    from loralab.methods import Method
+
+    def needs_values(self, model, cfg, params):
+        raise RuntimeError("Cannot copy out of meta tensor; no data!")
+
+    monkeypatch.setattr(Method, "check", needs_values)
+    folder = make(tmp_path, "meta", {"task": "glue/rte", "data_dir": str(data_dir), "max_train_samples": 8},
+                  {"r": 4, "target_modules": ["querry", "value"], "modules_to_save": ["classifer"]})
+    found = problems_of(folder)
+    assert any("'querry'" in p and "did you mean 'query'" in p for p in found), found
+    assert any("'classifer'" in p for p in found), found

@@ -221,21 +221,30 @@ def skeleton_problems(peft_config, params: TrainingParameters, task) -> list[str
     class). [] where there is no skeleton (a GGUF file not converted yet, a hub id offline and not cached): the
     load checks then, as before."""
     from loralab.methods import choose_method
-    from loralab.methods.common import name_problems, resolve_config
+    from loralab.methods.common import name_problems, resolve_config, unmatched_targets
 
     model = build_skeleton(params.model_id, task.kind, getattr(task, "num_labels", 2))
     if model is None:
         return []
     try:
         cfg = resolve_config(model, peft_config, task.kind)
+    except ConfigError as exc:  # target_modules null and peft has no default for the model type
+        return exc.problems
+    except Exception:  # noqa: BLE001 - whatever else it raises, the loaded model's resolution raises
+        return []
+    try:
         method = choose_method(cfg, params)
         conflicts = method.conflicts(cfg, params)
         found = [p for p in method.check(model, cfg, params) if p not in conflicts]
-    except ConfigError as exc:  # target_modules null and peft has no default for the model type
-        return exc.problems
-    except Exception:  # noqa: BLE001 - whatever else the layers' checks raise, the loaded model's check raises
-        return []
-    return found + [p for p in name_problems(model, cfg, params) if p not in found]
+    except ConfigError as exc:
+        found = exc.problems
+    except Exception:  # noqa: BLE001 - a layer check the meta device cannot answer: the load runs it; the names still
+        found = unmatched_targets(model, cfg)  # are checked here, since a typo needs no weights
+    try:
+        names = name_problems(model, cfg, params)
+    except Exception:  # noqa: BLE001 - as above: the loaded model's check
+        names = []
+    return found + [p for p in names if p not in found]
 
 
 def read_experiment(path) -> Experiment:
