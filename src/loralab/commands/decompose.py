@@ -2,8 +2,9 @@
 
 Bad arguments (a flag of the other mode, a rank a targeted layer cannot hold, a target module name
 that matches no module, named with the closest one, a calibration set or study corpus that is neither
-local nor reachable, a --save-path that is a file or a folder not empty without --force, a --device
-not here, ...) stop before any
+local nor reachable, a --calib-seqlen beyond the model's max_position_embeddings, a study --r that
+empties every layer or a --seq-len longer than a study corpus, a --save-path that is a file or a folder
+not empty without --force, a --device not here, ...) stop before any
 weights load with exit 2 and every problem at once (``problems``: the model is read from its config). The study writes
 each row as it finishes to ``--out`` (default ``<$LORALAB_OUTPUT_DIR or outputs>/corda-study``,
 outside git's tracked files); SIGINT or SIGTERM stops it with exit 130 keeping the finished rows,
@@ -16,6 +17,8 @@ import json
 import sys
 
 STUDY_FOLDER = "corda-study"
+STUDY_CORPORA = ("wikitext2", "ptb")
+"""The corpora the study scores (``build.run_study``'s default)."""
 
 
 def add_arguments(p) -> None:
@@ -75,8 +78,10 @@ ADAPTER_ONLY = ("first_eigen", "save_path", "target_modules", "calib_sampling", 
 def problems(args) -> list[str]:
     """Every problem that the arguments, the model's config (no weights) and the data folder show: a flag
     of the other mode (given with a value other than its default), the numbers and the calibration set
-    (``arguments.argument_problems``), ``--save-path``, ``--device``, the model id and, for kpa/ipa, the rank
-    against every targeted layer (``checks.model_problems``); the study's perplexity corpora."""
+    (``arguments.argument_problems``), ``--save-path``, ``--device``, the model id, ``--calib-seqlen`` against its
+    trained positions and, for kpa/ipa, the rank against every targeted layer, for the study an ``--r`` that
+    empties every layer (``checks.model_problems``); the study's perplexity corpora, there and at least
+    ``--seq-len`` tokens long with the model's tokenizer (``checks.corpus_problems``)."""
     import argparse
     import os
 
@@ -98,11 +103,17 @@ def problems(args) -> list[str]:
     rank = args.r[0] if not full and len(args.r) == 1 and args.r[0] >= 1 else None
     from loralab.decomposition.build import PROJECTIONS
 
-    found += checks.model_problems(args.model, rank=rank, target_modules=args.target_modules or PROJECTIONS)
+    model = checks.model_problems(args.model, rank=rank, target_modules=args.target_modules or PROJECTIONS,
+                                  calib_seqlen=args.calib_seqlen, study_rs=args.r if full else ())
+    found += model
     if full:
         from loralab.tasks.data_check import data_problems
 
-        found += [f"'--data-dir': the study's perplexity corpus {line}" for line in data_problems(["wikitext2", "ptb"], data_dir)]
+        corpora = data_problems(list(STUDY_CORPORA), data_dir)
+        found += [f"'--data-dir': the study's perplexity corpus {line}" for line in corpora]
+        model_ok = all(line.startswith(("'--calib-seqlen'", "'--r'")) for line in model)  # not the id or config
+        if model_ok and not corpora and args.seq_len > 0:  # the tokenizer loads, the corpora are there
+            found += checks.corpus_problems(args.model, args.seq_len, STUDY_CORPORA, data_dir)
     return found
 
 

@@ -1,6 +1,6 @@
 """The checks ``decomposition.build`` makes again for a library caller (``build_adapter``, ``run_study``): the
-numeric arguments and the calibration set (``argument_problems``), and the rank against every layer CorDA targets
-on the loaded model (``rank_problems``). ``loralab decompose`` makes them before any weights load, with the rest
+numeric arguments and the calibration set (``argument_problems``), the rank against every layer CorDA targets
+on the loaded model (``rank_problems``) and the study's window against its tokenized corpora (``window_problems``). ``loralab decompose`` makes them before any weights load, with the rest
 of its checks (``checks``: the model's skeleton, target names, --save-path, --device). Apart from ``checks``
 because that imports ``methods.common`` for the target names, and ``methods.common`` reaches ``build`` (through
 ``merge``): ``build`` importing ``checks`` would close a circle.
@@ -52,3 +52,15 @@ def rank_problems(model, lora_config) -> list[str]:
     name, r, in_f, out_f = bad[0]
     more = f" (and {len(bad) - 1} more of the {len(targets)} targeted layers)" if len(bad) > 1 else ""
     return [f"'--r' = {r} is larger than layer {name} ({in_f}->{out_f}) allows (at most {min(in_f, out_f)}){more}"]
+
+
+CORPUS_NAMES = {"wikitext2": "WikiText-2 test", "ptb": "PTB validation"}
+"""How messages name the study's scored corpora (``tasks.corpora.SOURCES``' keys)."""
+
+
+def window_problems(counts: dict[str, int], seq_len: int) -> list[str]:
+    """``--seq-len`` against each scored corpus's token count (``counts``: corpus name -> tokens with the model's
+    tokenizer): a corpus shorter than one window has nothing to score."""
+    return [f"'--seq-len' = {seq_len} is longer than corpus {name} ({CORPUS_NAMES.get(name, name)}: {n} tokens with "
+            f"this model's tokenizer): no window to score; allowed: at most {n}"
+            for name, n in counts.items() if n < seq_len]

@@ -10,13 +10,16 @@ adapter names the residual folder (absolute path), the model it belongs to, so p
 ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_name_or_path), adapter)``,
 ``loralab merge`` and ``loralab eval --adapter`` without ``--base``/``--model`` reproduce the
 original model. ``run_study``: the full-decompose perplexity study (study.py), written row by
-row and resumed (study_report.py). Both check every argument (arguments.py), the rank against each
-targeted layer included, before any calibration.
+row and resumed (study_report.py). Both check every argument (arguments.py) and what the model's config
+shows (checks.model_problems: the target names and the rank against each targeted layer, the calibration
+length against the trained positions; the study's --r against every layer), and the study its windows against
+the tokenized corpora, before any weights load.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +28,9 @@ import torch
 from loralab import distributed
 from loralab.config import ConfigError
 from loralab.decomposition import cache
-from loralab.decomposition.arguments import argument_problems, rank_problems
+from loralab.decomposition.arguments import argument_problems, rank_problems, window_problems
 from loralab.decomposition.calibration import calibration_samples, canonical_name, make_batches, source_of
+from loralab.decomposition.checks import model_problems, study_warnings
 from loralab.decomposition.overlap import (
     EVAL_FILES,
     eval_file,
@@ -35,11 +39,10 @@ from loralab.decomposition.overlap import (
     overlap_provenance,
     warn_overlap,
 )
+from loralab.decomposition.residual import RESIDUAL_MARKER  # noqa: F401 - read here by older callers
 from loralab.decomposition.study_report import row_line
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESIDUAL_MARKER = "decompose.json"
-"""Written into ``--save-path`` beside the residual model: what was decomposed, how, and from what."""
 
 
 def _raise(problems: list[str]) -> None:
@@ -88,16 +91,20 @@ def build_adapter(model_id: str, r: int | list[int], *, mode: str = "kpa", calib
     from loralab.decomposition.attach import attach_corda_eigens
 
     rs = list(r) if isinstance(r, (list, tuple)) else [r]  # the command passes its --r list: one rank expected
+    targets = list(target_modules or PROJECTIONS)
     problems = argument_problems(mode=mode, rs=rs, calib_dataset=calib_dataset, calib_size=calib_size,
                                  calib_seqlen=seqlen, batch_size=batch_size, data_dir=data_dir)
+    rank = rs[0] if len(rs) == 1 and rs[0] >= 1 else None
+    # the model id, the target names and the rank on its meta-device skeleton, as the command checks them
+    _raise(problems + model_problems(model_id, rank=rank, target_modules=targets, calib_seqlen=seqlen))
     r = rs[0]
     torch.manual_seed(seed)
     start = time.time()
-    model, tokenizer, path = _load(model_id, dtype, device)  # the ranks are checked against its layers
+    model, tokenizer, path = _load(model_id, dtype, device)
     config = LoraConfig(r=max(r, 1), lora_alpha=max(r, 1), lora_dropout=0.0, init_lora_weights="corda",
-                        target_modules=list(target_modules or PROJECTIONS), task_type="CAUSAL_LM",
+                        target_modules=targets, task_type="CAUSAL_LM",
                         corda_config=CordaConfig(corda_method="ipm" if mode == "ipa" else "kpm"))
-    _raise(problems + (rank_problems(model, config) if len(rs) == 1 else []))  # every problem at once
+    _raise(rank_problems(model, config))  # where the model had no skeleton (a GGUF file, ...): on its layers
     batches, provenance = calibration_batches(path, tokenizer, calib_dataset, calib_size, seed, seqlen, batch_size,
                                               data_dir, fmt, sampling, use_cache)
     provenance = overlap_provenance(provenance, list(EVAL_FILES), data_dir, f"decompose --mode {mode}")  # any evaluation
@@ -150,15 +157,17 @@ def run_study(model_id: str, rs: list[int], methods: list[str], *, calib_dataset
     """Base perplexity plus one row per (method, r). With ``out_dir`` each row is written as it
     finishes; rows a previous run of the same settings left there are kept and not scored again
     (other settings' files: refused unless ``force``, see study_report.finished_rows)."""
-    from loralab.decomposition.study import full_decompose, untie_output
+    from loralab.decomposition.study import corpus_tokens, full_decompose, untie_output
     from loralab.decomposition.study_report import finished_rows, sort_rows, write_report
+    from loralab.models import load_tokenizer
     from loralab.tasks.metrics import settle
-    from loralab.tasks.perplexity import load_corpus, perplexity
+    from loralab.tasks.perplexity import perplexity
 
     corpora = list(corpora)
     _raise(argument_problems(mode="full-decompose", rs=rs, calib_dataset=calib_dataset, calib_size=calib_size,
                              calib_seqlen=calib_seqlen, batch_size=batch_size, data_dir=data_dir, seq_len=seq_len,
-                             max_windows=max_windows))
+                             max_windows=max_windows)
+           + model_problems(model_id, calib_seqlen=calib_seqlen, study_rs=rs))
     name = canonical_name(calib_dataset)
     meta = {"model_id": model_id, "calibration": {"name": name, "source": source_of(name, data_dir),
             "num_samples": calib_size, "seed": seed, "seqlen": calib_seqlen, "fmt": fmt, "sampling": "random"},
@@ -174,11 +183,13 @@ def run_study(model_id: str, rs: list[int], methods: list[str], *, calib_dataset
     if not todo:
         return sort_rows(rows)
 
-    model, tokenizer, path = _load(model_id, dtype, device)
+    for line in study_warnings(model_id, rs) if distributed.is_main() else []:
+        print(f"warning: full-decompose study: {line}", file=sys.stderr, flush=True)
+    tokenizer = load_tokenizer(model_id)  # the corpora are windowed before any weights load
+    texts = corpus_tokens(tokenizer, corpora, data_dir)
+    _raise(window_problems({c: t.numel() for c, t in texts.items()}, seq_len))
+    model, _, path = _load(model_id, dtype, device)
     untie_output(model)
-    texts = {c: tokenizer(load_corpus(c, data_dir), return_tensors="pt").input_ids[0] for c in corpora}
-    _raise([f"'--seq-len' = {seq_len} is longer than corpus {c} ({t.numel()} tokens): no window to score"
-            for c, t in texts.items() if t.numel() < seq_len])
     batches, provenance = calibration_batches(path, tokenizer, name, calib_size, seed, calib_seqlen,
                                               batch_size, data_dir, fmt, "random", use_cache)
     meta["calibration"] = provenance

@@ -31,6 +31,16 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def corpus_tokens(tokenizer, corpora, data_dir=None, texts=None) -> dict[str, torch.Tensor]:
+    """Each scored corpus (``tasks.corpora.load_corpus``, or its text in ``texts``) as one 1-D tensor of token
+    ids, as ``perplexity`` windows it."""
+    from loralab.tasks.perplexity import load_corpus
+
+    texts = texts or {}
+    return {name: tokenizer(texts[name] if name in texts else load_corpus(name, data_dir),
+                            return_tensors="pt").input_ids[0] for name in corpora}
+
+
 def untie_output(model: nn.Module) -> None:
     """Give the output layer its own weight so that changing it leaves the input embeddings alone."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()

@@ -131,7 +131,7 @@ def residual_base_problem(adapter, base: str | None, flag: str = "--base",
     without the mark (peft's CorDA example records the original model, as loralab did before) is
     refused. Converted adapters (``--to-lora``, ``loralab run``'s) carry no ``corda_config``. ``named`` says
     where ``base`` came from in the message (``loralab run``'s ``init_adapter``: "'model_id'")."""
-    from loralab.decomposition.build import RESIDUAL_MARKER
+    from loralab.decomposition.residual import RESIDUAL_MARKER
 
     path = Path(adapter) / "adapter_config.json"
     try:
