@@ -215,8 +215,7 @@ def test_data_dir_from_environment(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("LORALAB_DATA_DIR", str(data_dir))
     assert build_parameters({}).data_dir == str(data_dir)
     assert build_parameters({"data_dir": "/x"}).data_dir == "/x"
-
-
+@pytest.mark.slow  # over 2 s on 2 cores: the full suite runs it (the fast subset's 2-minute budget)
 def test_shipped_glue_experiments_validate(monkeypatch):
     """Every shipped GLUE folder (seed 000 tables, seed 003 study, quickstart) reads cleanly."""
     from loralab.experiment import read_experiment

@@ -181,8 +181,7 @@ def test_the_study_keeps_finished_rows_through_sigterm_and_resumes(smollm2_cut_p
     rows = json.loads((out / "full_decompose.json").read_text())["rows"]
     assert rows[0] == first[0] and [(r["method"], r["r"]) for r in rows] == [("base", 0), ("plain", 4)]
     assert (out / "full_decompose.png").exists()
-
-
+@pytest.mark.slow  # over 2 s on 2 cores: the full suite runs it (the fast subset's 2-minute budget)
 def test_the_study_writes_outside_results_and_overwrites_nothing_unasked(smollm2_cut_path, data_dir, tmp_path,
                                                                          capsys):
     from loralab.commands import decompose

@@ -5,6 +5,7 @@ trio, compiled layers trace it without breaks or recompiles, and whatever cannot
 import copy
 import pickle
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -124,8 +125,7 @@ def test_transposes_cache_per_trio_and_give_the_same_gradient():
         attn = model.base_model.model.model.layers[0].self_attn
         assert (getattr(attn, fp8_qkv._CODES_T, None) is not None) == trios
         assert (attn.o_proj.base_layer.codes_colmajor is not None) != trios
-
-
+@pytest.mark.slow  # over 2 s on 2 cores: the full suite runs it (the fast subset's 2-minute budget)
 def test_compiled_layers_fullgraph_without_recompiles():
     from torch._dynamo.utils import counters
 

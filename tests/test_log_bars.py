@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from loralab.cli import LOG_BAR_INTERVAL, quiet_bars_in_logs
 
 BARS = "import time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(20)):\n    time.sleep(0.05)\n"
@@ -18,8 +20,7 @@ def _bar_updates(env: dict) -> int:
     code = "from loralab.cli import quiet_bars_in_logs\nquiet_bars_in_logs()\n" + BARS
     err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
     return err.count("\r") + err.count("\n")
-
-
+@pytest.mark.slow  # over 2 s on 2 cores: the full suite runs it (the fast subset's 2-minute budget)
 def test_a_bar_in_a_log_draws_itself_a_few_times_not_every_tenth_of_a_second():
     env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
     assert _bar_updates(env) <= 3  # the first draw, the last, the close

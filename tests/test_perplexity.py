@@ -41,8 +41,7 @@ def test_perplexity_matches_the_models_own_loss(smol, data_dir):
     assert perplexity(model, tok, ids, seq_len=64, max_windows=2, batch_size=2) == pytest.approx(ppl, rel=1e-4)
     sliding = perplexity(model, tok, ids[: 2 * 64], seq_len=64, stride=32)
     assert sliding < ppl
-
-
+@pytest.mark.slow  # over 2 s on 2 cores: the full suite runs it (the fast subset's 2-minute budget)
 def test_max_samples_scores_the_first_windows_and_says_so(smol, data_dir, capsys):
     """``loralab eval --tasks wikitext2 --max-samples N`` used to score the whole corpus (the option was dropped,
     and no bar showed): N windows now, and the metrics say how many of how many, and how many tokens."""

@@ -186,8 +186,7 @@ def _compiled_matmuls(ref, fast) -> dict:
     assert torch.equal(logits, eager_logits)
     _assert_grads_close(grads, eager, rel=1e-6)
     return matmuls
-
-
+@pytest.mark.slow  # over 2 s on 2 cores: the full suite runs it (the fast subset's 2-minute budget)
 def test_compiled_layers_fullgraph_fewer_matmuls_no_recompiles_and_eager_gradients():
     matmuls = _compiled_matmuls(*_pair(scale_at_rank=True, alpha=16))
     assert matmuls["alone"]["forward"] - matmuls["shared"]["forward"] == 3 * 2  # per layer: 5 A products -> 2

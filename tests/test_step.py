@@ -112,8 +112,7 @@ def test_sample_weights_definition():
     assert sample_weights(feats, "samples") == pytest.approx([1 / (2 * 2), 1 / (2 * 3), 0.0])
     with pytest.raises(ValueError, match="tokens, samples"):
         sample_weights(feats, "mean")
-
-
+@pytest.mark.slow  # over 2 s on 2 cores: the full suite runs it (the fast subset's 2-minute budget)
 def test_classification_step_equals_mean_over_samples(minilm_path, data_dir):
     """MiniLM on real RTE pairs (token_type_ids kept): a 3+2+2 cut equals one batch of 7."""
 
