@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decompose_cli import decompose_argv
 
 from loralab.cli import main
 
@@ -29,10 +30,6 @@ pytest.importorskip("attr", reason="peft's corda module imports the attrs packag
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = "the Hugging Face Hub (test) is unreachable from here"
 
-
-def decompose_argv(model, data_dir, *extra):
-    return ["decompose", "--model", str(model), "--calib-size", "2", "--calib-seqlen", "16", "--batch-size", "2",
-            "--data-dir", str(data_dir), "--device", "cpu", *extra]
 
 
 def logits(model_dir, adapter=None):

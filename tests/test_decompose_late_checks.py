@@ -15,27 +15,13 @@ max_position_embeddings 8192), real data; ``models.load_model`` fails the test w
 """
 
 import pytest
+from decompose_cli import decompose, no_weights  # noqa: F401 - no_weights is a fixture
 
-from loralab.cli import main
 from loralab.config import ConfigError
 
 pytest.importorskip("attr", reason="peft's corda module imports the attrs package")
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """``load_model`` fails the test: the check must come before it."""
-    import loralab.models
-
-    def load_model(*args, **kwargs):
-        raise AssertionError("the model's weights were loaded before the arguments were checked")
-
-    monkeypatch.setattr(loralab.models, "load_model", load_model)
-
-
-def decompose(model, data_dir, *extra):
-    return main(["decompose", "--model", str(model), "--calib-size", "2", "--calib-seqlen", "16", "--batch-size",
-                 "2", "--data-dir", str(data_dir), "--device", "cpu", *extra])
 
 
 @pytest.fixture

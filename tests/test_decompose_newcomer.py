@@ -15,6 +15,7 @@ Real SmolLM2-135M (whole, and cut to two decoder layers: ``smollm2_cut_path``), 
 import json
 
 import pytest
+from decompose_cli import decompose_argv, no_weights  # noqa: F401 - no_weights is a fixture
 
 from loralab.cli import main
 
@@ -23,20 +24,6 @@ pytest.importorskip("attr", reason="peft's corda module imports the attrs packag
 TYPO = "'--target-modules' names 'q_prj', which matches no module of the model (did you mean 'q_proj'?)"
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """``load_model`` fails the test: the command must stop before it."""
-    import loralab.models
-
-    def load_model(*args, **kwargs):
-        raise AssertionError("the model's weights were loaded before the arguments were checked")
-
-    monkeypatch.setattr(loralab.models, "load_model", load_model)
-
-
-def decompose_argv(model, data_dir, *extra):
-    return ["decompose", "--model", str(model), "--calib-size", "2", "--calib-seqlen", "16", "--batch-size", "2",
-            "--data-dir", str(data_dir), "--device", "cpu", *extra]
 
 
 @pytest.mark.parametrize("targets", [["q_prj", "v_proj"], ["q_prj"]], ids=["beside-a-valid-name", "alone"])
