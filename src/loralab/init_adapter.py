@@ -213,17 +213,12 @@ def calibration_provenance(source: dict | None, evaluations, data_dir, value: st
     that score that very text (``decomposition.overlap.evaluation_overlap`` under ``data_dir``; computed here, not
     taken from the decomposition, which knew other evaluations) and, when not empty, ``overlap_note``, also printed as
     a warning on stderr. None where the folder's base records no decomposition."""
-    from loralab.decomposition.overlap import evaluation_overlap, overlap_note, warn_overlap
+    from loralab.decomposition.overlap import overlap_provenance
 
     decomposition = (source or {}).get("decomposition") or {}
     calibration = decomposition.get("calibration")
     if not isinstance(calibration, dict):
         return None
-    out = {k: v for k, v in calibration.items() if k not in ("overlaps_evaluations", "overlap_note")}
-    overlap = evaluation_overlap(out, evaluations, data_dir)
-    out.update(decomposition=decomposition.get("file"), overlaps_evaluations=overlap)
-    if overlap:
-        out["overlap_note"] = overlap_note(out, overlap)
-        warn_overlap(out, overlap, f"'init_adapter' = {value!r} (its decomposition calibrated on "
-                                   f"{calibration.get('name')!r})")
-    return out
+    kept = {k: v for k, v in calibration.items() if k not in ("overlaps_evaluations", "overlap_note")}
+    return overlap_provenance({**kept, "decomposition": decomposition.get("file")}, evaluations, data_dir,
+                              f"'init_adapter' = {value!r} (its decomposition calibrated on {calibration.get('name')!r})")

@@ -73,13 +73,10 @@ class MethodContext:
             return list(self.params.eval_tasks or [])
 
     def _keep_provenance(self, provenance: dict) -> None:
-        from loralab.decomposition.overlap import evaluation_overlap, overlap_note, warn_overlap
+        from loralab.decomposition.overlap import overlap_provenance
 
-        overlap = evaluation_overlap(provenance, self.evaluations(), self.params.data_dir)
-        self.calibration_provenance = {**provenance, "overlaps_evaluations": overlap}
-        if overlap:
-            self.calibration_provenance["overlap_note"] = overlap_note(provenance, overlap)
-            warn_overlap(provenance, overlap, f"calibration.dataset {self.params.calibration['dataset']!r}")
+        self.calibration_provenance = overlap_provenance(
+            provenance, self.evaluations(), self.params.data_dir, f"calibration.dataset {self.params.calibration['dataset']!r}")
 
     def calibration_batches(self, device=None, labels: bool = False) -> list[dict]:
         """``calibration_samples`` in batches of ``calibration.batch_size`` (longest rows first, so
