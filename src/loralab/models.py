@@ -336,27 +336,29 @@ def _random_tokenizer_id(model_id: str) -> str:
     return RANDOM_TOKENIZERS[random_shapes()[model_id[len(RANDOM_PREFIX):]]["model_type"]]
 
 
-def random_config(model_id: str, kind: str, num_labels: int = 2):
+def random_config(model_id: str, kind: str, num_labels: int = 2, fit_tokenizer: bool = True):
     """The transformers config of a ``random:<shape>`` id, fitted to its tokenizer.
 
     The shape's vocabulary is kept when the tokenizer's ids fit in it (Llama-3 shapes: 128,256 >
     SmolLM2's 49,152, so the embedding and LM-head cost stay the real model's); otherwise it grows
     to the tokenizer's size (``tiny-llama``'s 512, Llama-2's 32,000). Special token ids are the
     tokenizer's; encoder shapes get two token types (BERT tokenizers emit segment ids).
-    Raises ValueError for an unknown shape.
+    ``fit_tokenizer`` False skips the tokenizer (``skeleton.model_config``: the vocabulary and special ids shape
+    no layer a name or rank check reads). Raises ValueError for an unknown shape.
     """
     from transformers import AutoConfig
 
-    tokenizer = load_tokenizer(_random_tokenizer_id(model_id))
     spec = dict(random_shapes()[model_id[len(RANDOM_PREFIX):]])
     model_type = spec.pop("model_type")
-    spec["vocab_size"] = max(spec["vocab_size"], len(tokenizer))
-    spec["pad_token_id"] = tokenizer.pad_token_id
-    for key, first, second in (("bos_token_id", tokenizer.bos_token_id, tokenizer.cls_token_id),
-                               ("eos_token_id", tokenizer.eos_token_id, tokenizer.sep_token_id)):
-        token_id = first if first is not None else second
-        if token_id is not None:
-            spec[key] = token_id
+    if fit_tokenizer:
+        tokenizer = load_tokenizer(_random_tokenizer_id(model_id))
+        spec["vocab_size"] = max(spec["vocab_size"], len(tokenizer))
+        spec["pad_token_id"] = tokenizer.pad_token_id
+        for key, first, second in (("bos_token_id", tokenizer.bos_token_id, tokenizer.cls_token_id),
+                                   ("eos_token_id", tokenizer.eos_token_id, tokenizer.sep_token_id)):
+            token_id = first if first is not None else second
+            if token_id is not None:
+                spec[key] = token_id
     if model_type == "roberta":
         spec["type_vocab_size"] = max(spec.get("type_vocab_size", 1), 2)
     if kind == "seq_cls":

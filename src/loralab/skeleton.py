@@ -14,7 +14,7 @@ fits to the tokenizer, shape no layer a check reads (embeddings and ``lm_head`` 
 
 from __future__ import annotations
 
-from loralab.models import RANDOM_PREFIX, hub_offline_reason, is_hub_id, random_shapes, resolve_model_path
+from loralab.models import RANDOM_PREFIX, hub_offline_reason, is_hub_id, random_config, resolve_model_path
 
 
 def model_config(model_id: str, kind: str, num_labels: int = 2):
@@ -27,11 +27,7 @@ def model_config(model_id: str, kind: str, num_labels: int = 2):
         "num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
     try:
         if model_id.startswith(RANDOM_PREFIX):
-            spec = dict(random_shapes()[model_id[len(RANDOM_PREFIX):]])
-            model_type = spec.pop("model_type")
-            if model_type == "roberta":
-                spec["type_vocab_size"] = max(spec.get("type_vocab_size", 1), 2)
-            return AutoConfig.for_model(model_type, **spec, **labels)
+            return random_config(model_id, kind, num_labels, fit_tokenizer=False)
         path = resolve_model_path(model_id, convert=False)
         if path is None:
             return None
