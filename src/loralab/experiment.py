@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from loralab.init_adapter import (
     named_config,
     read_init_adapter,
 )
+from loralab.merge import quiet_corda_config
 from loralab.models import check_model_id
 from loralab.results import sha256_json
 from loralab.skeleton import build_skeleton
@@ -304,8 +304,7 @@ def read_experiment(path) -> Experiment:
     from_folder = init_data is not None and params.init_adapter is not None  # the run trains the folder's adapter
     if from_folder:
         peft_data = init_adapter_config(init_data, peft_data, init_value, problems)
-        with warnings.catch_warnings():  # peft: "corda_config ... ignored" without the corda init: as meant here
-            warnings.filterwarnings("ignore", message=".*corda_config.* will be ignored", category=UserWarning)
+        with quiet_corda_config():  # peft: "corda_config ... ignored" without the corda init: as meant here
             peft_config = load_peft_config(peft_data, own := [])
         problems += [f"'init_adapter' = {init_value!r}: {line}" for line in own]
         init_broken |= bool(own)
